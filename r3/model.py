@@ -1,0 +1,490 @@
+"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5 and Mistral.
+
+One file, read in one sitting: RMSNorm, RoPE (default, linear and Llama-3 scaling), grouped-query
+attention through SDPA, SwiGLU, tied or untied embeddings, and a static, preallocated KV cache.
+
+Parameter names follow the Hugging Face state dict minus its ``model.`` prefix, so checkpoints map
+one to one (see ``r3.checkpoint``).
+
+KV cache convention (what the sampler relies on): a row's token at position ``p`` lives in cache
+slot ``p``. A forward with a cache takes explicit ``positions [B, T]``; it writes each token's
+keys/values at its position, then every query attends to the slots ``s <= p`` of its own row
+(and ``s > p - window`` for sliding-window layers). Rows are therefore independent: ragged prompts
+are simply right-padded (pad tokens sit at positions past the row's end, and are overwritten by the
+row's next real tokens before anything can attend to them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from r3.errors import R3Error
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture, as read from a Hugging Face ``config.json`` (see ``from_hf``)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...}; None = default
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    mlp_bias: bool = False
+    layer_windows: list = field(default_factory=list)  # per layer: None or sliding-window size
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a config.json dict; anything we don't implement is an R3Error naming it."""
+
+        def need(key):
+            if key not in cfg or cfg[key] is None:
+                raise R3Error(f"{source}: missing field '{key}'")
+            return cfg[key]
+
+        model_type = need("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise R3Error(
+                f"{source}: unsupported model_type '{model_type}' "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise R3Error(f"{source}: unsupported hidden_act '{act}' (only silu)")
+        n_layers = int(need("num_hidden_layers"))
+        n_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        head_dim = cfg.get("head_dim") or hidden // n_heads
+
+        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+        scaling = cfg.get("rope_scaling") or (rope if rope else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.pop("rope_theta", None)
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise R3Error(
+                    f"{source}: unsupported rope scaling type '{rope_type}' "
+                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                )
+            if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+                raise R3Error(f"{source}: unsupported partial_rotary_factor")
+            scaling["rope_type"] = rope_type
+            if rope_type == "default":
+                scaling = None
+
+        windows = _layer_windows(cfg, model_type, n_layers, source)
+        if model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            layer_windows=windows,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
+        )
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        """A config.json dict that transformers loads as the same architecture."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+        rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope_parameters.update(self.rope_scaling)
+        cfg = {
+            "architectures": [arch[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            # Both spellings, so transformers 4.x (rope_theta/rope_scaling) and 5.x read it.
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope_parameters,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
+            "use_cache": True,
+        }
+        windows = {w for w in self.layer_windows if w is not None}
+        if self.model_type == "llama":
+            cfg["attention_bias"] = self.qkv_bias
+            cfg["mlp_bias"] = self.mlp_bias
+        elif self.model_type == "mistral":
+            cfg["sliding_window"] = windows.pop() if windows else None
+        elif self.model_type == "qwen2":
+            cfg["use_sliding_window"] = bool(windows)
+            cfg["sliding_window"] = windows.pop() if windows else None
+            cfg["max_window_layers"] = next(
+                (i for i, w in enumerate(self.layer_windows) if w is not None), self.num_hidden_layers
+            )
+            cfg["layer_types"] = [
+                "full_attention" if w is None else "sliding_attention" for w in self.layer_windows
+            ]
+        return cfg
+
+
+def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> list:
+    """Per-layer sliding-window size (None = full attention), as transformers applies it."""
+    window = cfg.get("sliding_window")
+    if model_type == "llama":
+        return [None] * n_layers
+    if model_type == "mistral":
+        return [int(window) if window else None] * n_layers
+    # qwen2: windows apply only with use_sliding_window, to layers >= max_window_layers.
+    layer_types = cfg.get("layer_types")
+    if not cfg.get("use_sliding_window") or not window:
+        return [None] * n_layers
+    if layer_types:
+        if len(layer_types) != n_layers:
+            raise R3Error(f"{source}: layer_types has {len(layer_types)} entries, expected {n_layers}")
+        return [int(window) if t == "sliding_attention" else None for t in layer_types]
+    first = int(cfg.get("max_window_layers", n_layers))
+    return [int(window) if i >= first else None for i in range(n_layers)]
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: the order transformers uses.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in fp32, with linear or Llama-3 scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / float(s["factor"])
+    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly between.
+    factor = float(s["factor"])
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, 1, T, head_dim] for positions [B, T] (computed in fp32, cast like transformers)."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Static, preallocated keys/values: per layer ``[B, n_kv_heads, max_len, head_dim]``.
+
+    Slot ``p`` of a row holds that row's token at position ``p``. The cache owns no notion of
+    lengths: whoever drives it (the sampler) tracks each row's length and passes positions.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device) -> "KVCache":
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        n = cfg.num_hidden_layers
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "KVCache":
+        """A new cache holding the given rows (repeats allowed: forking a row into G copies)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k[0].device)
+        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
+
+    def grow(self, max_len: int) -> "KVCache":
+        """A copy with room for ``max_len`` positions (never shrinks)."""
+        if max_len <= self.max_len:
+            return self
+
+        def pad(t):
+            return F.pad(t, (0, 0, 0, max_len - t.shape[2]))
+
+        return KVCache([pad(t) for t in self.k], [pad(t) for t in self.v])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = window
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, layer_cache, positions, kv_len):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            rows = torch.arange(B, device=x.device)[:, None]
+            # cache[b, :, positions[b, t]] = k[b, :, t]  (advanced indices first -> [B, T, H, D])
+            k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, window)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, layer_cache=None, positions=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, positions, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """``model(tokens [B, T]) -> logits [B, T, V]`` (fp32), optionally driving a ``KVCache``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, w) for w in windows)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def inv_freq(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
+        return self._inv_freq[device]
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        return KVCache.empty(self.config, batch_size, max_len, dtype or self.dtype, device or self.device)
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, H]; the LM head is left to the caller.
+
+        Without a cache: a plain causal forward (positions default to 0..T-1; right padding is
+        harmless since no real token attends to a later one). With a cache: ``positions [B, T]``
+        are required, tokens are written at those slots, and ``kv_len`` (default
+        ``positions.max() + 1``) bounds the slots attention reads.
+        """
+        B, T = tokens.shape
+        dev = tokens.device
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a KV cache")
+            positions = torch.arange(T, device=dev).expand(B, T)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
+        if cache is not None and kv_len is None:
+            kv_len = int(positions.max()) + 1
+        masks = self._masks(positions, kv_len if cache is not None else None)
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, positions, kv_len)
+        return self.norm(x)
+
+    def _masks(self, positions: torch.Tensor, kv_len: int | None) -> dict:
+        """Boolean attention masks [B, 1, T, S] keyed by window size; None means plain causal."""
+        masks = {}
+        T = positions.shape[1]
+        for window in {layer.self_attn.window for layer in self.layers}:
+            if kv_len is None:
+                if window is None or window >= T:
+                    masks[window] = None
+                    continue
+                slots = torch.arange(T, device=positions.device)
+            else:
+                slots = torch.arange(kv_len, device=positions.device)
+            q = positions[:, None, :, None]
+            m = slots <= q
+            if window is not None:
+                m = m & (slots > q - window)
+            masks[window] = m
+        return masks
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len)
+        return self.lm_head(h).float()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def param_names_hf(cfg: ModelConfig) -> dict[str, tuple]:
+    """Our parameter name -> expected shape, for every tensor a checkpoint must provide."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for n in range(cfg.num_hidden_layers):
+        p = f"layers.{n}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (nq, h),
+                p + "self_attn.k_proj.weight": (nkv, h),
+                p + "self_attn.v_proj.weight": (nkv, h),
+                p + "self_attn.o_proj.weight": (h, nq),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (nq,), p + "self_attn.k_proj.bias": (nkv,), p + "self_attn.v_proj.bias": (nkv,)})
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="r3",
+    version="0.1.0",
+    description="Reflect, Retry, Reward: GRPO training of self-reflection, in pure PyTorch",
+    packages=find_packages(include=["r3", "r3.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    # torch must be installed first (pip install torch==2.13.0) so pip never pulls a CUDA build.
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=4.45",
+        "safetensors",
+        "sentencepiece",
+        "numpy",
+        "gguf>=0.10",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "triton": ["triton"],
+    },
+)
