@@ -18,7 +18,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # accelerate: transformers needs it to load GGUF files, which the tests use as reference.
+        # triton: the kernel tests run the Triton kernels in its CPU interpreter.
+        "test": ["pytest", "accelerate", "triton"],
         "triton": ["triton"],
     },
 )

