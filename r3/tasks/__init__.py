@@ -1,0 +1,92 @@
+"""Tasks: examples, first-attempt prompt, reflection and retry prompts, and a binary verifier.
+
+``get(name, **options)`` returns a task instance:
+
+* ``"countdown"`` -- :class:`r3.tasks.countdown.CountdownTask`
+* ``"function_calling"`` (also ``"function-calling"``, ``"xlam"``) --
+  :class:`r3.tasks.function_calling.FunctionCallingTask`
+* ``"package.module:Name"`` -- a user plug-in: the module is imported and ``Name`` (a
+  :class:`~r3.tasks.base.Task` subclass, or any callable returning an object with ``examples``,
+  ``messages``, ``verify``, ``reflection_prompt`` and ``retry_prompt``) is called with the options.
+
+Unknown names and unknown options raise :class:`r3.errors.R3Error`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from r3.errors import R3Error
+from r3.tasks.base import Task, option_names
+
+__all__ = ["Task", "get", "available", "TASKS", "ALIASES", "R3Error"]
+
+# canonical name -> "module:Class" (imported lazily)
+TASKS = {
+    "countdown": "r3.tasks.countdown:CountdownTask",
+    "function_calling": "r3.tasks.function_calling:FunctionCallingTask",
+}
+ALIASES = {"function-calling": "function_calling", "xlam": "function_calling"}
+
+_REQUIRED = ("examples", "messages", "verify", "reflection_prompt", "retry_prompt")
+
+
+def available() -> list[str]:
+    """Built-in task names (aliases excluded)."""
+    return sorted(TASKS)
+
+
+def _resolve(spec: str, task_name: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise R3Error(f"task {task_name!r}: a plug-in is written 'package.module:ClassName'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise R3Error(f"task {task_name!r}: cannot import module {module_name!r} ({e})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise R3Error(f"task {task_name!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise R3Error(f"task {task_name!r}: {attr!r} is not a class or a callable")
+    return obj
+
+
+def get(name: Any, **options: Any) -> Task:
+    """The task called ``name``, built with ``options`` (its keyword arguments)."""
+    if isinstance(name, Task) or (not isinstance(name, str) and all(hasattr(name, a) for a in _REQUIRED)):
+        if options:
+            raise R3Error(f"options {sorted(options)} given with an already-built task {name!r}")
+        return name
+    if not isinstance(name, str) or not name.strip():
+        raise R3Error(f"task name must be a non-empty string, got {name!r}")
+    key = name.strip()
+    canonical = ALIASES.get(key.lower(), key.lower())
+    if canonical in TASKS:
+        factory = _resolve(TASKS[canonical], name)
+    elif ":" in key:
+        factory = _resolve(key, name)
+    else:
+        valid = ", ".join(sorted(TASKS) + sorted(ALIASES))
+        raise R3Error(f"unknown task {name!r}; valid tasks: {valid}, or a plug-in 'package.module:ClassName'")
+    accepted = option_names(factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise R3Error(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for task "
+                          f"{name!r}; valid options: {', '.join(accepted) or '(none)'}")
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as e:  # e.g. a required option is missing
+        raise R3Error(f"task {name!r}: bad options: {e}") from None
+    except ValueError:  # no signature available: just call it
+        pass
+    task = factory(**options)
+    missing = [a for a in _REQUIRED if not hasattr(task, a)]
+    if missing:
+        raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")
+    return task

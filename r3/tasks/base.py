@@ -1,0 +1,303 @@
+"""The task interface shared by every task, plus small helpers for options and data files.
+
+A task is a prompt builder plus a binary verifier:
+
+* ``examples(split, n, seed)`` -- the problems, deterministic by seed; ``"train"`` and ``"test"``
+  never overlap;
+* ``messages(example)`` -- the chat messages of the first attempt;
+* ``reflection_message(example)`` / ``retry_message(example)`` -- the user turns that ask for a
+  self-reflection after a failed attempt and then for a second attempt (their text is the
+  ``reflection_prompt`` / ``retry_prompt`` options);
+* ``verify(example, completion_text) -> bool`` -- never raises, never executes model output;
+* ``diagnose(example, completion_text) -> str`` -- a short human-readable reason for the verdict.
+
+Options are keyword-only ``__init__`` arguments. :func:`r3.tasks.get` checks option names against
+the signature, so an unknown option is a clear :class:`~r3.errors.R3Error`. Numeric and boolean
+options also accept their string spelling (``"3"``, ``"0.1"``, ``"true"``) so CLIs can pass
+``--key value`` pairs through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import random
+from typing import Any, Iterator
+
+from r3.errors import R3Error
+
+SPLITS = ("train", "test")
+
+
+class Task:
+    """Base class of every task. Subclasses set ``name`` and the default prompts and implement
+    ``examples``, ``messages`` and ``_check``."""
+
+    name: str = "task"
+    default_reflection_prompt: str = (
+        "You tried performing the task and failed. Reflect on what went wrong and write a short "
+        "explanation that will help you do better next time."
+    )
+    default_retry_prompt: str = "Try again."
+    #: True when the examples come from data the project generated itself (not a user file).
+    synthetic: bool = False
+
+    def __init__(self, *, reflection_prompt: str | None = None, retry_prompt: str | None = None):
+        self.reflection_prompt = (
+            self.default_reflection_prompt
+            if reflection_prompt is None
+            else opt_str("reflection_prompt", reflection_prompt, allow_empty=False)
+        )
+        self.retry_prompt = (
+            self.default_retry_prompt
+            if retry_prompt is None
+            else opt_str("retry_prompt", retry_prompt, allow_empty=False)
+        )
+
+    # ---- data ---------------------------------------------------------------------------
+    def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+        raise NotImplementedError
+
+    # ---- prompts ------------------------------------------------------------------------
+    def messages(self, example: dict) -> list[dict]:
+        """Chat messages (``[{"role": "system"|"user", "content": str}, ...]``) of the first
+        attempt; the next turn is the model's answer."""
+        raise NotImplementedError
+
+    def reflection_message(self, example: dict | None = None) -> dict:
+        """The user turn appended after a failed attempt, asking for a self-reflection."""
+        return {"role": "user", "content": self.reflection_prompt}
+
+    def retry_message(self, example: dict | None = None) -> dict:
+        """The user turn appended after the reflection, asking for a second attempt."""
+        return {"role": "user", "content": self.retry_prompt}
+
+    # ---- verifier -----------------------------------------------------------------------
+    def verify(self, example: dict, completion_text: str) -> bool:
+        """True iff ``completion_text`` solves ``example``. Never raises; never executes it."""
+        try:
+            return bool(self._check(example, completion_text)[0])
+        except Exception:  # noqa: BLE001 -- the contract is "never raises"
+            return False
+
+    def diagnose(self, example: dict, completion_text: str) -> str:
+        """A short reason for the verdict ("correct" or what is wrong). Never raises."""
+        try:
+            ok, why = self._check(example, completion_text)
+            return "correct" if ok else why
+        except Exception as e:  # noqa: BLE001
+            return f"verifier error: {type(e).__name__}"
+
+    def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    # ---- introspection ------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Names of the keyword options ``__init__`` accepts."""
+        return option_names(cls) or []
+
+    def config(self) -> dict:
+        """The options in effect (defaults filled in), JSON-serialisable for run metadata;
+        ``r3.tasks.get(task.name, **task.config())`` rebuilds an equivalent task."""
+        return {k: getattr(self, k) for k in self.option_names() if hasattr(self, k)}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+# ---------------------------------------------------------------------------------------
+# option validation (accepts CLI strings)
+# ---------------------------------------------------------------------------------------
+def option_names(factory: Any) -> list[str] | None:
+    """Keyword names a callable accepts, or None if it takes ``**kwargs`` (anything goes)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    names = []
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    return names
+
+
+def opt_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise R3Error(f"option {name}: expected an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise R3Error(f"option {name}: expected an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise R3Error(f"option {name}: must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise R3Error(f"option {name}: must be <= {hi}, got {value}")
+    return value
+
+
+def opt_float(name: str, value: Any, *, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise R3Error(f"option {name}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise R3Error(f"option {name}: expected a number, got {value!r}")
+    value = float(value)
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "" if lo is None else f" >= {lo}"
+        hi_s = "" if hi is None else f" <= {hi}"
+        raise R3Error(f"option {name}: must be{lo_s}{' and' if lo_s and hi_s else ''}{hi_s}, got {value}")
+    return value
+
+
+def opt_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise R3Error(f"option {name}: expected true or false, got {value!r}")
+
+
+def opt_str(name: str, value: Any, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise R3Error(f"option {name}: expected a string, got {value!r}")
+    if not allow_empty and not value.strip():
+        raise R3Error(f"option {name}: must not be empty")
+    return value
+
+
+def opt_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise R3Error(f"option {name}: got {value!r}; valid values: {', '.join(choices)}")
+    return value.strip().lower()
+
+
+def opt_path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    value = opt_str(name, value, allow_empty=False)
+    if not os.path.isfile(value):
+        raise R3Error(f"option {name}: no such file: {value}")
+    return value
+
+
+def check_split(split: Any) -> str:
+    if split not in SPLITS:
+        raise R3Error(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    return split
+
+
+def check_n(n: Any) -> int | None:
+    if n is None:
+        return None
+    return opt_int("n", n, lo=0)
+
+
+# ---------------------------------------------------------------------------------------
+# deterministic splitting and sampling
+# ---------------------------------------------------------------------------------------
+def stable_unit(*parts: Any) -> float:
+    """A number in [0, 1) that depends only on ``parts`` (not on PYTHONHASHSEED or platform)."""
+    h = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def in_test_split(key: Any, *, split_seed: int, test_fraction: float) -> bool:
+    """Hash partition: the same key is always on the same side, whatever the sampling seed."""
+    return stable_unit("split", split_seed, key) < test_fraction
+
+
+def shuffled_prefix(items: list, n: int | None, seed: int, tag: str) -> list:
+    """A seeded shuffle of ``items`` truncated to ``n`` (prefix-stable: a smaller n gives a prefix
+    of a larger n with the same seed)."""
+    order = list(range(len(items)))
+    random.Random(f"{tag}:{seed}").shuffle(order)
+    if n is not None:
+        order = order[:n]
+    return [items[i] for i in order]
+
+
+# ---------------------------------------------------------------------------------------
+# record files: JSON list, JSONL, parquet
+# ---------------------------------------------------------------------------------------
+def read_records(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, record)`` for each record of a data file, ``where`` being e.g.
+    ``"data.jsonl, line 7"`` or ``"data.json, record 3"`` for error messages.
+
+    Formats by extension: ``.jsonl``/``.ndjson`` (one JSON object a line, blank lines skipped),
+    ``.parquet`` (needs pyarrow), anything else is read as one JSON list (and, if that fails with
+    extra data, as JSONL).
+    """
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        yield from _read_parquet(path)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise R3Error(f"{path}: cannot read: {e}") from None
+    if lower.endswith((".jsonl", ".ndjson")):
+        yield from _read_jsonl(path, text)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a .json file that is really JSONL
+            yield from _read_jsonl(path, text)
+            return
+        raise R3Error(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise R3Error(f"{path}: JSON nested too deeply") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}-style wrapper
+    if not isinstance(data, list):
+        raise R3Error(f"{path}: expected a JSON list of records (or JSONL), got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        yield f"{path}, record {i}", rec
+
+
+def _read_jsonl(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise R3Error(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise R3Error(f"{where}: JSON nested too deeply") from None
+        yield where, rec
+
+
+def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq  # optional: not a dependency of r3
+    except ImportError:
+        raise R3Error(
+            f"{path}: reading parquet files needs pyarrow, which r3 does not install: "
+            "pip install pyarrow (or convert the file to JSONL)"
+        ) from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises many types
+        raise R3Error(f"{path}: cannot read parquet: {e}".splitlines()[0]) from None
+    for i, rec in enumerate(rows):
+        yield f"{path}, row {i}", rec

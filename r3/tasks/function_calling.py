@@ -1,0 +1,445 @@
+"""Function calling in the APIGen / xlam-function-calling-60k format.
+
+Records (= examples) are ``{"id", "query", "tools", "answers"}`` where ``tools`` and ``answers`` are
+JSON strings: ``tools`` a list of ``{"name", "description", "parameters": {name: {"description",
+"type", "default"?}}}``, ``answers`` a list of calls ``{"name", "arguments": {...}}``.
+
+The real file (``xlam_function_calling_60k.json``, a JSON list; JSONL also accepted) is gated and not
+shipped: pass its path as ``data_path``. Without one the task uses a SYNTHETIC data set in the same
+format (:func:`r3.tasks.xlam_synthetic.synthetic_xlam`) and sets ``task.synthetic = True``.
+Write the synthetic set to a file with::
+
+    python -m r3.tasks.function_calling --synthetic 2000 --out xlam_synthetic.json
+
+Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
+
+* the answer is the first of: the whole completion parsed as JSON; the content of the LAST complete
+  ````` fence (an optional language tag such as ``json`` is dropped); the LAST JSON list/object
+  embedded in the text that is a call list. JSON is parsed with :mod:`json` only (NaN/Infinity are
+  rejected); nothing is executed;
+* a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
+  an object with a string ``"name"`` and an object ``"arguments"`` (a missing ``"arguments"`` means
+  no arguments; other keys are ignored);
+* correct iff the calls equal the reference calls as a multiset (order of calls does not matter):
+  same name and same arguments -- no missing or extra argument (even one equal to its default);
+  numbers compare by value (``100 == 100.0``) but booleans are not numbers (``true != 1``); strings
+  compare exactly; lists in order; objects recursively;
+* completions over ``MAX_COMPLETION_CHARS``, JSON candidates over ``MAX_JSON_CHARS`` or nested
+  deeper than ``MAX_DEPTH`` are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+from r3.errors import R3Error, cli_main
+from r3.tasks.base import (
+    Task,
+    check_n,
+    check_split,
+    in_test_split,
+    opt_float,
+    opt_int,
+    opt_path,
+    opt_str,
+    read_records,
+    shuffled_prefix,
+)
+from r3.tasks.xlam_synthetic import synthetic_xlam
+
+__all__ = ["FunctionCallingTask", "parse_calls", "calls_match", "values_equal", "load_file",
+           "synthetic_xlam", "write_synthetic"]
+
+MAX_COMPLETION_CHARS = 100_000
+MAX_JSON_CHARS = 20_000
+MAX_DEPTH = 32
+MAX_DECODE_ATTEMPTS = 256
+
+REFLECTION_PROMPT = (
+    "You tried performing the task, but failed in generating the correct tool call. Reflect on what "
+    "went wrong and write a short explanation that will help you do better next time."
+)
+RETRY_PROMPT = "Now try again. Answer with only the JSON list of function calls."
+SYSTEM_PROMPT = (
+    "You are an expert in composing function calls. You are given a question and a set of possible "
+    "functions. Based on the question, make one or more function calls to achieve the purpose. Use "
+    "only the functions listed below, give every required argument with a value of the right type, "
+    "and leave out optional arguments the question does not mention.\n\n"
+    "Available functions, one JSON object per line:\n{tools}\n\n"
+    'Answer with only a JSON list of the calls, in the format [{"name": "function_name", '
+    '"arguments": {"argument_name": value}}], one object per call, and nothing else.'
+)
+
+
+# ---------------------------------------------------------------------------------------
+# parsing model output
+# ---------------------------------------------------------------------------------------
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
+def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
+    """Normalise a parsed JSON value to ``[{"name": str, "arguments": dict}, ...]`` or None."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or (not value and not allow_empty):
+        return None
+    calls = []
+    for c in value:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            return None
+        args = c.get("arguments", {})
+        if not isinstance(args, dict):
+            return None
+        calls.append({"name": c["name"], "arguments": args})
+    return calls
+
+
+def _loads(s: str) -> Any:
+    """json.loads with NaN/Infinity rejected and size/depth bounds; raises ValueError."""
+    if len(s) > MAX_JSON_CHARS:
+        raise ValueError("too long")
+    value = _DECODER.decode(s)
+    if not _depth_ok(value):
+        raise ValueError("too deep")
+    return value
+
+
+def _try_calls(s: str) -> list[dict] | None:
+    s = s.strip()
+    if not s or s[0] not in "[{":
+        return None
+    try:
+        return _as_calls(_loads(s))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _last_fence(text: str) -> str | None:
+    parts = text.split("```")
+    complete = (len(parts) - 1) // 2
+    if complete == 0:
+        return None
+    block = parts[2 * complete - 1]
+    first, nl, rest = block.partition("\n")
+    tag = first.strip()
+    if nl and (not tag or (tag.isalnum() and len(tag) <= 16)):  # ```json\n...  or ```\n...
+        return rest
+    return block
+
+
+def _last_embedded(text: str) -> list[dict] | None:
+    found = None
+    i, attempts, n = 0, 0, len(text)
+    while i < n and attempts < MAX_DECODE_ATTEMPTS:
+        j1, j2 = text.find("[", i), text.find("{", i)
+        starts = [j for j in (j1, j2) if j >= 0]
+        if not starts:
+            break
+        j = min(starts)
+        attempts += 1
+        try:
+            value, end = _DECODER.raw_decode(text, j)
+        except (ValueError, RecursionError):
+            i = j + 1
+            continue
+        if end - j > MAX_JSON_CHARS:
+            i = end  # too big to be an answer; do not rescan its insides
+            continue
+        calls = _as_calls(value, allow_empty=False) if _depth_ok(value) else None
+        if calls is not None:
+            found = calls
+            i = end
+        else:
+            i = j + 1  # e.g. {"tool_calls": [...]}: look inside
+    return found
+
+
+def parse_calls(text: Any) -> list[dict] | None:
+    """The calls a completion makes, as ``[{"name", "arguments"}]``, or None if it has no
+    parseable call list (see the module docstring for the rules). Never raises."""
+    try:
+        if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
+            return None
+        calls = _try_calls(text)
+        if calls is not None:
+            return calls
+        fence = _last_fence(text)
+        if fence is not None:
+            calls = _try_calls(fence)
+            if calls is not None:
+                return calls
+        return _last_embedded(text)
+    except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# comparing calls
+# ---------------------------------------------------------------------------------------
+def values_equal(a: Any, b: Any, _depth: int = 0) -> bool:
+    """JSON value equality: numbers by value (``100 == 100.0``), bools only equal bools, strings
+    exactly, lists in order, objects with the same keys recursively."""
+    if _depth > MAX_DEPTH:
+        return False
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(values_equal(x, y, _depth + 1) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(values_equal(a[k], b[k], _depth + 1) for k in a)
+    return False
+
+
+def calls_match(predicted: list[dict], reference: list[dict]) -> bool:
+    """Multiset equality of calls by (name, arguments) under :func:`values_equal`."""
+    if len(predicted) != len(reference):
+        return False
+    unused = list(reference)
+    for p in predicted:
+        for k, r in enumerate(unused):
+            if p["name"] == r["name"] and values_equal(p["arguments"], r["arguments"]):
+                del unused[k]
+                break
+        else:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_json_cached(s: str) -> Any:
+    return json.loads(s)
+
+
+def _field(example: dict, key: str) -> Any:
+    v = example[key]
+    return _parse_json_cached(v) if isinstance(v, str) else v
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+def _parse_field(where: str, rec: dict, key: str) -> list:
+    if key not in rec:
+        raise R3Error(f"{where}: missing field {key!r}")
+    v = rec[key]
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except (ValueError, RecursionError) as e:
+            raise R3Error(f"{where}: field {key!r} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(v, list):
+        raise R3Error(f"{where}: field {key!r} must be a JSON list, got {type(v).__name__}")
+    return v
+
+
+def validate_record(where: str, rec: Any, index: int) -> dict:
+    """Check one xlam record; returns it with ``tools``/``answers`` as JSON strings and an ``id``
+    (the index when the file has none). Raises R3Error naming the record and field."""
+    if not isinstance(rec, dict):
+        raise R3Error(f"{where}: expected an object with fields id, query, tools, answers, "
+                      f"got {type(rec).__name__}")
+    if "id" in rec:
+        where = f"{where} (id {rec['id']!r})"
+        if isinstance(rec["id"], bool) or not isinstance(rec["id"], (int, str)):
+            raise R3Error(f"{where}: field 'id' must be an integer or a string")
+    if not isinstance(rec.get("query"), str) or not rec["query"].strip():
+        raise R3Error(f"{where}: field 'query' must be a non-empty string")
+    tools = _parse_field(where, rec, "tools")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+            raise R3Error(f"{where}: field 'tools', item {i}: expected an object with a string 'name'")
+        params = t.get("parameters", {})
+        if not isinstance(params, dict) or not all(isinstance(p, dict) for p in params.values()):
+            raise R3Error(f"{where}: field 'tools', tool {t['name']!r}: 'parameters' must map "
+                          "names to objects ({description, type, default?})")
+    answers = _parse_field(where, rec, "answers")
+    for i, a in enumerate(answers):
+        if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not isinstance(a.get("arguments"), dict):
+            raise R3Error(f"{where}: field 'answers', item {i}: expected {{\"name\": str, \"arguments\": object}}")
+    out = dict(rec)
+    out.setdefault("id", index)
+    for key, v in (("tools", tools), ("answers", answers)):
+        if not isinstance(rec[key], str):
+            out[key] = json.dumps(v, ensure_ascii=False)
+    return out
+
+
+def load_file(path: str) -> list[dict]:
+    """Validated xlam records from a JSON list, JSONL or parquet file."""
+    rows = [validate_record(where, rec, i) for i, (where, rec) in enumerate(read_records(path))]
+    if not rows:
+        raise R3Error(f"{path}: no records")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# the task
+# ---------------------------------------------------------------------------------------
+class FunctionCallingTask(Task):
+    """Tool calling on xlam records: the tools go in the system message, the query is the user
+    turn, and the model answers with a JSON list of calls.
+
+    Train/test partition: a hash of each record's id (with ``split_seed``) puts ``test_fraction``
+    of the records in "test", unless ``test_data_path`` gives the test split explicitly.
+    """
+
+    name = "function_calling"
+    default_reflection_prompt = REFLECTION_PROMPT
+    default_retry_prompt = RETRY_PROMPT
+
+    def __init__(
+        self,
+        *,
+        data_path: str | None = None,
+        test_data_path: str | None = None,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        synthetic_size: int = 5000,
+        synthetic_seed: int = 0,
+        system_prompt: str | None = None,
+        reflection_prompt: str | None = None,
+        retry_prompt: str | None = None,
+    ):
+        super().__init__(reflection_prompt=reflection_prompt, retry_prompt=retry_prompt)
+        self.data_path = opt_path("data_path", data_path)
+        self.test_data_path = opt_path("test_data_path", test_data_path)
+        if self.test_data_path and not self.data_path:
+            raise R3Error("option test_data_path needs data_path as well")
+        self.test_fraction = opt_float("test_fraction", test_fraction, lo=0.0, hi=1.0)
+        self.split_seed = opt_int("split_seed", split_seed)
+        self.synthetic_size = opt_int("synthetic_size", synthetic_size, lo=1)
+        self.synthetic_seed = opt_int("synthetic_seed", synthetic_seed)
+        self.system_prompt = SYSTEM_PROMPT if system_prompt is None else opt_str(
+            "system_prompt", system_prompt, allow_empty=False)
+        if "{tools}" not in self.system_prompt:
+            raise R3Error("option system_prompt: must contain the placeholder {tools}")
+        self.synthetic = self.data_path is None
+        self._splits: dict[str, list[dict]] | None = None
+
+    def _load(self) -> dict[str, list[dict]]:
+        if self._splits is None:
+            if self.test_data_path:
+                self._splits = {"train": load_file(self.data_path), "test": load_file(self.test_data_path)}
+            else:
+                rows = load_file(self.data_path) if self.data_path else synthetic_xlam(
+                    self.synthetic_size, self.synthetic_seed)
+                splits: dict[str, list[dict]] = {"train": [], "test": []}
+                for r in rows:
+                    t = in_test_split(("xlam", r["id"]), split_seed=self.split_seed,
+                                      test_fraction=self.test_fraction)
+                    splits["test" if t else "train"].append(r)
+                self._splits = splits
+        return self._splits
+
+    def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
+        """Records of ``split`` in a seeded order, truncated to ``n`` (all when None, or when
+        fewer exist); a smaller ``n`` gives a prefix of a larger one with the same seed."""
+        split = check_split(split)
+        n = check_n(n)
+        seed = opt_int("seed", seed)
+        rows = self._load()[split]
+        return [dict(r) for r in shuffled_prefix(rows, n, seed, f"xlam-{split}")]
+
+    def tools_text(self, example: dict) -> str:
+        return "\n".join(json.dumps(t, ensure_ascii=False) for t in _field(example, "tools"))
+
+    def messages(self, example: dict) -> list[dict]:
+        return [
+            {"role": "system", "content": self.system_prompt.replace("{tools}", self.tools_text(example))},
+            {"role": "user", "content": example["query"]},
+        ]
+
+    def reference_calls(self, example: dict) -> list[dict]:
+        return [{"name": c["name"], "arguments": c["arguments"]} for c in _field(example, "answers")]
+
+    def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
+        calls = parse_calls(completion_text)
+        if calls is None:
+            return False, "no parseable JSON list of calls"
+        ref = self.reference_calls(example)
+        if calls_match(calls, ref):
+            return True, "correct"
+        if sorted(c["name"] for c in calls) != sorted(c["name"] for c in ref):
+            return False, (f"called {sorted(c['name'] for c in calls)}, "
+                           f"expected {sorted(c['name'] for c in ref)}")
+        return False, "right functions, wrong arguments"
+
+
+# ---------------------------------------------------------------------------------------
+# CLI: write the synthetic data set, or check a file
+# ---------------------------------------------------------------------------------------
+def write_synthetic(path: str, n: int, seed: int = 0) -> int:
+    """Write ``n`` SYNTHETIC xlam-format records to ``path`` (JSONL if it ends in .jsonl, else a
+    JSON list like the real file). Returns n."""
+    records = synthetic_xlam(n, seed)
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            if path.lower().endswith((".jsonl", ".ndjson")):
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                json.dump(records, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+    except OSError as e:
+        raise R3Error(f"{path}: cannot write: {e}") from None
+    return n
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m r3.tasks.function_calling",
+        description="Write a SYNTHETIC data set in the xlam-function-calling-60k format (generated "
+                    "from r3's own small tool catalogue; not the real APIGen data, which is gated), "
+                    "or check that a data file loads.",
+        epilog="example: python -m r3.tasks.function_calling --synthetic 2000 --out xlam_synthetic.json",
+    )
+    ap.add_argument("--synthetic", type=int, metavar="N", help="number of synthetic records to write")
+    ap.add_argument("--out", metavar="FILE", help="output file (.json: a JSON list; .jsonl: one record a line)")
+    ap.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    ap.add_argument("--check", metavar="FILE", help="load and validate FILE, print the record count")
+    args = ap.parse_args(argv)
+    if args.check:
+        rows = load_file(args.check)
+        print(f"{args.check}: {len(rows)} valid records")
+        return 0
+    if args.synthetic is None or not args.out:
+        raise R3Error("give --synthetic N --out FILE (or --check FILE); see --help")
+    if args.synthetic < 1:
+        raise R3Error(f"--synthetic must be >= 1, got {args.synthetic}")
+    write_synthetic(args.out, args.synthetic, args.seed)
+    print(f"wrote {args.synthetic} SYNTHETIC xlam-format records (not the real APIGen data) to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

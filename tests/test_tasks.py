@@ -1,0 +1,530 @@
+"""Tasks: the registry, plug-ins, and the Countdown generator, solver, loader and verifier."""
+
+import itertools
+import json
+import random
+import sys
+import time
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+import r3.tasks as tasks
+from r3.errors import R3Error
+from r3.tasks import Task
+from r3.tasks.countdown import (
+    MAX_ANSWER_CHARS,
+    REFLECTION_PROMPT,
+    CountdownTask,
+    check_answer,
+    extract_answer,
+    reachable_targets,
+    solve,
+)
+
+
+def ans(expr: str) -> str:
+    return f"Let me think.\n<answer> {expr} </answer>"
+
+
+# ---------------------------------------------------------------------------------------
+# registry and plug-ins
+# ---------------------------------------------------------------------------------------
+def test_get_builtin_and_aliases():
+    assert isinstance(tasks.get("countdown"), CountdownTask)
+    assert isinstance(tasks.get(" Countdown "), CountdownTask)
+    from r3.tasks.function_calling import FunctionCallingTask
+
+    for name in ("function_calling", "function-calling", "xlam", "XLAM"):
+        assert isinstance(tasks.get(name), FunctionCallingTask)
+    assert tasks.available() == ["countdown", "function_calling"]
+
+
+def test_unknown_task_names_the_value_and_lists_valid_ones():
+    with pytest.raises(R3Error) as e:
+        tasks.get("countdwn")
+    msg = str(e.value)
+    assert "'countdwn'" in msg and "countdown" in msg and "function_calling" in msg
+    assert "\n" not in msg
+    with pytest.raises(R3Error):
+        tasks.get("")
+    with pytest.raises(R3Error):
+        tasks.get(None)
+
+
+def test_unknown_option_and_bad_values():
+    with pytest.raises(R3Error, match="unknown option colour.*valid options:.*difficulty"):
+        tasks.get("countdown", colour="red")
+    with pytest.raises(R3Error, match="difficulty"):
+        tasks.get("countdown", difficulty="hard")
+    with pytest.raises(R3Error, match="min_count"):
+        tasks.get("countdown", min_count=1)
+    with pytest.raises(R3Error, match="ops"):
+        tasks.get("countdown", ops="+^")
+    with pytest.raises(R3Error, match="max_num"):
+        tasks.get("countdown", min_num=50, max_num=10)
+    with pytest.raises(R3Error, match="test_fraction"):
+        tasks.get("countdown", test_fraction=1.5)
+    with pytest.raises(R3Error, match="no such file"):
+        tasks.get("countdown", data_path="/nonexistent/x.jsonl")
+    with pytest.raises(R3Error, match="placeholder"):
+        tasks.get("countdown", prompt_template="Reach {target}.")
+    with pytest.raises(R3Error, match="unknown split"):
+        tasks.get("countdown").examples("validation", n=1)
+
+
+def test_options_accept_cli_strings():
+    t = tasks.get("countdown", min_count="4", max_count="4", test_fraction="0.2", format_example="false")
+    assert (t.min_count, t.max_count, t.test_fraction, t.format_example) == (4, 4, 0.2, False)
+    assert all(len(e["nums"]) == 4 for e in t.examples("train", n=20))
+    with pytest.raises(R3Error, match="integer"):
+        tasks.get("countdown", min_count="four")
+    with pytest.raises(R3Error, match="integer"):
+        tasks.get("countdown", min_count=True)
+
+
+PLUGIN = '''
+from r3.tasks import Task
+
+class EchoTask(Task):
+    name = "echo"
+    default_reflection_prompt = "Why?"
+    default_retry_prompt = "Again."
+
+    def __init__(self, *, word="hi", reflection_prompt=None, retry_prompt=None):
+        super().__init__(reflection_prompt=reflection_prompt, retry_prompt=retry_prompt)
+        self.word = word
+
+    def examples(self, split="train", n=None, seed=0):
+        return [{"word": self.word}] * (n or 1)
+
+    def messages(self, example):
+        return [{"role": "user", "content": "Say " + example["word"]}]
+
+    def _check(self, example, completion_text):
+        return completion_text.strip() == example["word"], "wrong word"
+
+def make(**kw):
+    return EchoTask(**kw)
+
+NOT_CALLABLE = 3
+'''
+
+
+def test_plugin_loading(tmp_path, monkeypatch):
+    (tmp_path / "r3_test_plugin_mod.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    t = tasks.get("r3_test_plugin_mod:EchoTask", word="yo", retry_prompt="Once more.")
+    assert isinstance(t, Task) and t.word == "yo"
+    ex = t.examples("train", n=2)[0]
+    assert t.verify(ex, " yo ") is True and t.verify(ex, "no") is False
+    assert t.verify(ex, None) is False  # the base class turns exceptions into False
+    assert t.reflection_message() == {"role": "user", "content": "Why?"}
+    assert t.retry_message(ex) == {"role": "user", "content": "Once more."}
+    assert tasks.get("r3_test_plugin_mod:make", word="x").word == "x"  # a factory function works too
+    with pytest.raises(R3Error, match="unknown option wrd"):
+        tasks.get("r3_test_plugin_mod:EchoTask", wrd="yo")
+    with pytest.raises(R3Error, match="no attribute 'Nope'"):
+        tasks.get("r3_test_plugin_mod:Nope")
+    with pytest.raises(R3Error, match="not a class or a callable"):
+        tasks.get("r3_test_plugin_mod:NOT_CALLABLE")
+    with pytest.raises(R3Error, match="cannot import module 'r3_no_such_module_xyz'"):
+        tasks.get("r3_no_such_module_xyz:Task")
+    with pytest.raises(R3Error, match="package.module:ClassName"):
+        tasks.get("r3_test_plugin_mod:")
+
+
+def test_get_passes_through_a_built_task():
+    t = CountdownTask(difficulty="easy")
+    assert tasks.get(t) is t
+    with pytest.raises(R3Error):
+        tasks.get(t, difficulty="standard")
+
+
+# ---------------------------------------------------------------------------------------
+# Countdown verifier
+# ---------------------------------------------------------------------------------------
+CD = CountdownTask()
+E123 = {"nums": [1, 2, 3], "target": 1}
+
+
+@pytest.mark.parametrize(
+    "nums,target,completion,expected",
+    [
+        # correct answers
+        ([1, 2, 3], 1, ans("(1 + 2) / 3"), True),
+        ([1, 2, 3], 1, ans("(2+1)/3"), True),
+        ([1, 2, 3], 1, "<answer>\n(1 +\n 2)\t/ 3\n</answer>", True),  # whitespace and newlines
+        ([1, 2, 3], 1, ans("(1 + 2) / 3 = 1"), True),  # "= target" suffix accepted
+        ([1, 2, 3], 6, ans("((((1 + 2)))) + (3)"), True),  # redundant parentheses
+        ([3, 3, 8, 8], 24, ans("8 / (3 - 8 / 3)"), True),  # exact: floats give 23.999999999999993
+        ([1, 3, 3], 1, ans("1 / 3 * 3"), True),
+        ([0, 0, 1], 0, ans("1 * 0 * 0"), True),  # zero is a fine literal
+        ([9007199254740993, 1], 9007199254740992, ans("9007199254740993 - 1"), True),
+        # exact arithmetic: float division would round 2**53 + 1 to 2**53 and wrongly accept this
+        ([9007199254740993, 1], 9007199254740992, ans("9007199254740993 / 1"), False),
+        ([1, 2, 3], 1, ans("(1 + 2) / 3 = 2"), False),  # RHS is not the target
+        ([1, 2, 3], 1, ans("1 = (1 + 2) / 3"), False),
+        ([1, 2, 3], 1, ans("(1 + 2) / 3 = 1 = 1"), False),
+        ([1, 2, 3], 1, ans("(1 + 2) / 3 = 01"), False),
+        # wrong numbers
+        ([1, 2, 3], 3, ans("1 + 2"), False),  # missing 3
+        ([1, 2, 3], 6, ans("2 + 2 + 2"), False),  # reused 2
+        ([1, 2, 3], 6, ans("1 + 2 + 3 + 0"), False),  # extra literal
+        ([1, 2, 3], 9, ans("1 + 2 + 3 + 3"), False),  # 3 used twice
+        ([2, 2, 3], 7, ans("2 + 2 + 3"), True),  # duplicates in nums used as often as given
+        ([2, 2, 3], 5, ans("2 + 3"), False),
+        ([1, 2, 3], 7, ans("1 + 2 + 3"), False),  # wrong target
+        # forbidden syntax
+        ([2, 3, 1], 9, ans("2 ** 3 + 1"), False),
+        ([7, 2, 1], 4, ans("7 // 2 + 1"), False),
+        ([7, 2, 1], 2, ans("7 % 2 + 1"), False),
+        ([1, 2, 3], 6, ans("1.0 + 2 + 3"), False),
+        ([1, 2, 3], 4.5, ans("1.5 + 3"), False),
+        ([2000, 1, 2], 2003, ans("2e3 + 1 + 2"), False),
+        ([1, 2, 3], 0, ans("-1 - 2 + 3"), False),  # unary minus is rejected ...
+        ([1, 2, 3], 0, ans("3 - 2 - 1"), True),  # ... binary minus is fine
+        ([1, 2, 3], 0, ans("3 - (+2) - 1"), False),  # unary plus too
+        ([1, 2, 3], 0, ans("3 - -2 - 1 - 2"), False),
+        ([1, 2, 3], 6, ans("True + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("'1' + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("x + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("abs(1) + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("(1).real + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("(lambda: 1)() + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("[1][0] + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("1 + 2 + 3 if 1 else 0"), False),
+        ([1, 2, 3], 6, ans("__import__('os').system('true') or 1 + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("1 × 2 × 3"), False),  # only ASCII operators
+        ([1, 2, 3], 6, ans("１ + 2 + 3"), False),  # fullwidth digit
+        ([1, 2, 3], 6, ans("١ + ٢ + ٣"), False),  # Arabic-Indic digits
+        ([1, 2, 3], 6, ans("01 + 2 + 3"), False),  # leading zeros are rejected
+        ([0, 2, 4], 6, ans("00 + 2 + 4"), False),
+        ([1, 2, 3], 6, ans("0x1 + 2 + 3"), False),
+        ([10, 2, 3], 15, ans("1_0 + 2 + 3"), False),
+        ([1, 2, 3], 6, ans("1 + 2 + 3,"), False),
+        ([1, 2, 3], 6, ans("(1, 2, 3)"), False),
+        ([1, 2, 3], 6, ans(""), False),
+        ([1, 2, 3], 6, ans("1 + 2 + (3"), False),
+        # division by zero, even where it would "cancel"
+        ([1, 1, 2], 2, ans("2 / (1 - 1)"), False),
+        ([1, 0, 0], 0, ans("(1 / 0) * 0"), False),
+        ([1, 0, 0], 0, ans("0 * (1 / 0)"), False),
+        # answer extraction
+        ([1, 2, 3], 6, "1 + 2 + 3", False),  # no answer block
+        ([1, 2, 3], 6, "<answer> 1 + 2 + 3", False),  # unclosed
+        ([1, 2, 3], 6, "1 + 2 + 3 </answer>", False),
+        ([1, 2, 3], 6, "<answer> 1 + 2 + 3 </answer> then <answer> 1 * 2 * 4 </answer>", False),  # last wins
+        ([1, 2, 3], 6, "<answer> 1 + 2 </answer> no: <answer> 1 * 2 * 3 </answer> done", True),
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer> 7", True),  # last *complete* block
+        ([1, 2, 3], 6, "<Answer> 1 + 2 + 3 </Answer>", False),  # tags are case-sensitive
+    ],
+)
+def test_countdown_verifier_cases(nums, target, completion, expected):
+    ex = {"nums": nums, "target": target}
+    assert CD.verify(ex, completion) is expected
+
+
+def test_countdown_never_executes(tmp_path):
+    marker = tmp_path / "pwned"
+    for code in (f"open({str(marker)!r}, 'w')", f"__import__('pathlib').Path({str(marker)!r}).touch()"):
+        assert CD.verify({"nums": [1], "target": 1}, ans(code)) is False
+    assert not marker.exists()
+
+
+def test_countdown_never_raises_on_junk():
+    for text in (None, b"<answer> 1 </answer>", 42, ["<answer>1</answer>"], "", "<answer></answer>"):
+        assert CD.verify(E123, text) is False
+    for ex in ({}, {"nums": [1, 2, 3]}, {"nums": None, "target": 1}, None):
+        assert CD.verify(ex, ans("(1 + 2) / 3")) is False
+        assert isinstance(CD.diagnose(ex, ans("1")), str)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<answer>" + "1+" * 500_000 + "1</answer>",  # 1 MB answer
+        "x" * 1_000_000,  # 1 MB, no tags
+        "<answer>" * 125_000,  # many opening tags, no closing one
+        "<answer> 1 </answer>" * 50_000,  # 1 MB of blocks
+        "<answer>" + "(" * 10_000 + "1" + ")" * 10_000 + "</answer>",  # deep nesting
+        "<answer>" + "(" * 120 + "1" + ")" * 120 + "</answer>",  # nesting within the length bound
+        "<answer>" + "-" * 200 + "1</answer>",
+        "<answer>" + "+".join(["1"] * 120) + "</answer>",
+    ],
+    ids=["1MB-answer", "1MB-no-tags", "many-open-tags", "1MB-of-blocks", "nesting-10000", "nesting-120",
+         "many-minus", "many-literals"],
+)
+def test_countdown_huge_and_deep_inputs_fail_fast(completion):
+    t0 = time.perf_counter()
+    assert CD.verify({"nums": [1, 2, 3], "target": 6}, completion) is False
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_countdown_moderate_nesting_is_fine():
+    expr = "(" * 50 + "1 + 2" + ")" * 50 + " + 3"
+    assert len(expr) < MAX_ANSWER_CHARS
+    assert CD.verify({"nums": [1, 2, 3], "target": 6}, ans(expr)) is True
+    assert CD.verify({"nums": [1, 2, 3], "target": 6}, ans("1 + 2 + 3" + " " * (MAX_ANSWER_CHARS + 1))) is True
+    assert CD.verify({"nums": [1, 2, 3], "target": 6}, ans("1 +" + " " * MAX_ANSWER_CHARS + "2 + 3")) is False
+
+
+def test_countdown_diagnose_reasons():
+    ex = {"nums": [1, 2, 3], "target": 6}
+    assert CD.diagnose(ex, ans("1 + 2 + 3")) == "correct"
+    assert "no <answer>" in CD.diagnose(ex, "6")
+    assert "evaluates to 5" in CD.diagnose(ex, ans("1 * 2 + 3"))
+    assert "exactly once" in CD.diagnose(ex, ans("2 + 2 + 2"))
+    assert "division by zero" in CD.diagnose({"nums": [1, 1, 2], "target": 2}, ans("2 / (1 - 1)"))
+    assert "unary" in CD.diagnose(ex, ans("-1 + 2 + 3"))
+    assert "only + - * /" in CD.diagnose({"nums": [2, 3, 1], "target": 9}, ans("2 ** 3 + 1"))
+    assert "leading zero" in CD.diagnose(ex, ans("01 + 2 + 3"))
+
+
+def test_extract_answer():
+    assert extract_answer("a <answer>x</answer> b <answer>y</answer> c") == "y"
+    assert extract_answer("<answer>x</answer><answer>y") == "x"
+    assert extract_answer("nothing") is None
+    assert check_answer(" (1 + 2) / 3 ", [1, 2, 3], 1) == (True, "correct")
+
+
+# ---------------------------------------------------------------------------------------
+# solver and generator
+# ---------------------------------------------------------------------------------------
+def _brute_force(nums, ops):
+    """Every integer reachable by repeatedly combining two of the numbers (independent of the
+    subset DP in the solver)."""
+    out = set()
+
+    def rec(vals):
+        if len(vals) == 1:
+            if vals[0].denominator == 1:
+                out.add(int(vals[0]))
+            return
+        for i, j in itertools.permutations(range(len(vals)), 2):
+            a, b = vals[i], vals[j]
+            rest = [v for k, v in enumerate(vals) if k not in (i, j)]
+            for op in ops:
+                if op == "/" and b == 0:
+                    continue
+                rec(rest + [{"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0}[op]])
+
+    rec([Fraction(x) for x in nums])
+    return out
+
+
+def test_solver_matches_brute_force():
+    rng = random.Random(1234)
+    for _ in range(40):
+        nums = [rng.randint(0, 15) for _ in range(rng.choice([2, 3, 4]))]
+        ops = rng.choice(["+-*/", "+-", "*/", "+*", "-/", "/", "+"])
+        expected = _brute_force(nums, ops)
+        assert set(reachable_targets(nums, ops)) == expected, (nums, ops)
+        for t in sorted(expected)[:6]:
+            sol = solve(nums, t, ops)
+            assert sol is not None and check_answer(sol, nums, t)[0], (nums, t, sol)
+            assert set(sol) - set("0123456789 ()") <= set(ops)
+        assert solve(nums, max(expected) + 1, ops) is None
+
+
+def test_solver_known_cases():
+    assert check_answer(solve([3, 3, 8, 8], 24), [3, 3, 8, 8], 24)[0]
+    assert check_answer(solve([1, 5, 5, 5], 24), [1, 5, 5, 5], 24)[0]
+    assert solve([1, 1, 1, 1], 24) is None
+    assert solve([1, 1], 7) is None
+    assert solve([0, 0], 0) is not None
+
+
+@pytest.mark.parametrize("difficulty", ["standard", "easy"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_generated_examples_are_solvable_and_in_range(difficulty, seed):
+    t = CountdownTask(difficulty=difficulty)
+    for split in ("train", "test"):
+        exs = t.examples(split, n=150, seed=seed)
+        assert len(exs) == 150
+        keys = set()
+        for e in exs:
+            assert t.min_count <= len(e["nums"]) <= t.max_count
+            assert all(type(x) is int and t.min_num <= x <= t.max_num for x in e["nums"])
+            assert type(e["target"]) is int and t.min_target <= e["target"] <= t.max_target
+            assert t.verify(e, f"<answer> {e['solution']} </answer>"), e
+            assert set(e["solution"]) - set("0123456789 ()") <= set(t.ops)
+            keys.add((tuple(sorted(e["nums"])), e["target"]))
+        assert len(keys) == len(exs)  # no duplicate problems within a split
+
+
+def test_easy_preset():
+    t = CountdownTask(difficulty="easy")
+    exs = t.examples("train", n=300)
+    assert all(len(e["nums"]) == 3 and max(e["nums"]) <= 20 for e in exs)
+    assert all("*" not in e["solution"] and "/" not in e["solution"] for e in exs)
+    # explicit knobs override the preset
+    t2 = CountdownTask(difficulty="easy", max_num=5, max_target=10)
+    assert all(max(e["nums"]) <= 5 and e["target"] <= 10 for e in t2.examples("train", n=30))
+
+
+def test_generation_is_deterministic_and_prefix_stable():
+    a = CountdownTask().examples("train", n=60, seed=7)
+    b = CountdownTask().examples("train", n=60, seed=7)
+    assert a == b
+    assert CountdownTask().examples("train", n=20, seed=7) == a[:20]
+    c = CountdownTask().examples("train", n=60, seed=8)
+    assert [e["nums"] for e in a] != [e["nums"] for e in c]
+    assert CountdownTask().examples("test", n=10) == CountdownTask().examples("test", n=10)
+
+
+@pytest.mark.parametrize("difficulty", ["standard", "easy"])
+def test_train_and_test_are_disjoint(difficulty):
+    t = CountdownTask(difficulty=difficulty)
+    n_train = 1500 if difficulty == "easy" else 300
+    train = {tuple(sorted(e["nums"])) for s in (0, 1) for e in t.examples("train", n=n_train, seed=s)}
+    test = {tuple(sorted(e["nums"])) for s in (0, 1) for e in t.examples("test", n=150, seed=s)}
+    assert train and test and not train & test
+
+
+def test_exhausted_problem_space_is_a_clear_error():
+    t = CountdownTask(min_count=3, max_count=3, min_num=1, max_num=1, min_target=1, max_target=99,
+                      ops="+", test_fraction=0.0)
+    assert [e["target"] for e in t.examples("train", n=1)] == [3]
+    t0 = time.perf_counter()
+    with pytest.raises(R3Error, match="found only 1 distinct"):
+        t.examples("train", n=2)
+    assert time.perf_counter() - t0 < 2
+    with pytest.raises(R3Error, match="empty"):
+        t.examples("test", n=1)
+
+
+# ---------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------
+def test_countdown_messages_and_prompts():
+    ex = {"nums": [19, 36, 55, 7], "target": 65}
+    msgs = CountdownTask().messages(ex)
+    assert [m["role"] for m in msgs] == ["user"]
+    text = msgs[0]["content"]
+    assert "[19, 36, 55, 7]" in text and "65" in text and "<answer>" in text and "exactly once" in text
+    assert "<answer> (1 + 2) / 3 </answer>" in text
+    # the format example in the prompt is itself a correct answer
+    assert CD.verify({"nums": [1, 2, 3], "target": 1}, text)
+    plain = CountdownTask(format_example=False).messages(ex)[0]["content"]
+    assert "(1 + 2) / 3" not in plain and "[19, 36, 55, 7]" in plain
+    sys_msgs = CountdownTask(system_prompt="You are terse.").messages(ex)
+    assert sys_msgs[0] == {"role": "system", "content": "You are terse."} and sys_msgs[1]["role"] == "user"
+    custom = CountdownTask(prompt_template="Reach {target} from {nums}. JSON {\"a\": 1}").messages(ex)
+    assert custom[0]["content"] == "Reach 65 from [19, 36, 55, 7]. JSON {\"a\": 1}"
+
+
+def test_reflection_and_retry_prompts():
+    t = CountdownTask()
+    assert t.reflection_prompt == REFLECTION_PROMPT == (
+        "You tried solving the problem and got the wrong answer. Reflect on what went wrong and "
+        "write a short explanation that will help you do better next time.")
+    assert t.reflection_message({"nums": [1], "target": 1}) == {"role": "user", "content": REFLECTION_PROMPT}
+    assert "<answer>" in t.retry_prompt
+    t2 = tasks.get("countdown", reflection_prompt="Why?", retry_prompt="Again.")
+    assert t2.reflection_message()["content"] == "Why?" and t2.retry_message()["content"] == "Again."
+    with pytest.raises(R3Error, match="reflection_prompt"):
+        tasks.get("countdown", reflection_prompt="  ")
+
+
+# ---------------------------------------------------------------------------------------
+# loading the public export
+# ---------------------------------------------------------------------------------------
+def _rows(n=40):
+    t = CountdownTask()
+    return [{"target": e["target"], "nums": e["nums"]} for e in t.examples("train", n=n, seed=3)]
+
+
+def test_load_jsonl_and_json(tmp_path):
+    rows = _rows()
+    p = tmp_path / "cd.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    q = tmp_path / "cd.json"
+    q.write_text(json.dumps(rows))
+    for path in (p, q):
+        t = tasks.get("countdown", data_path=str(path), test_fraction=0.25)
+        assert t.synthetic is False
+        train, test = t.examples("train"), t.examples("test")
+        assert len(train) + len(test) == len(rows) and test and train
+        key = lambda e: (tuple(e["nums"]), e["target"])  # noqa: E731
+        assert sorted(map(key, train + test)) == sorted(map(key, rows))
+        assert not {key(e) for e in train} & {key(e) for e in test}
+        assert t.examples("train", n=5, seed=1) == t.examples("train", seed=1)[:5]
+        assert t.examples("train", n=5, seed=1) != t.examples("train", n=5, seed=2)
+        assert len(t.examples("train", n=10_000)) == len(train)
+        for e in train:  # generated rows are solvable: their solver answer verifies
+            assert t.verify(e, ans(solve(e["nums"], e["target"])))
+
+
+def test_load_explicit_test_file(tmp_path):
+    rows = _rows(20)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:15]))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows[15:]))
+    t = CountdownTask(data_path=str(tmp_path / "a.jsonl"), test_data_path=str(tmp_path / "b.jsonl"))
+    assert len(t.examples("train")) == 15 and len(t.examples("test")) == 5
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"target": 5, "nums": [1, 4]}\n{"nums": [1, 2]}\n', r"bad\.jsonl, line 2: missing field 'target'"),
+        ('{"target": 5, "nums": [1, 4]}\n{"target": 3}\n', r"line 2: missing field 'nums'"),
+        ('{"target": 5, "nums": [1, 4]}\n{"target": 5, "nums": "1 4"}\n', r"line 2: field 'nums'"),
+        ('{"target": "5", "nums": [1, 4]}\n', r"line 1: field 'target' must be an integer"),
+        ('{"target": 5, "nums": [1, -4]}\n', r"line 1: field 'nums' must hold non-negative"),
+        ('{"target": 5, "nums": [1, 4.5]}\n', r"line 1: field 'nums'"),
+        ('{"target": 5, "nums": [1, 4]}\n{"target": 5, "nums": [1, 4\n', r"line 2: not valid JSON"),
+        ('[1, 2]\n', r"line 1: expected an object"),
+        ('', r"no records"),
+    ],
+)
+def test_load_malformed_rows(tmp_path, content, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(R3Error, match=match):
+        CountdownTask(data_path=str(p)).examples("train")
+
+
+def test_load_malformed_json_list(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps([{"target": 5, "nums": [1, 4]}, {"target": 5, "nums": [True, 4]}]))
+    with pytest.raises(R3Error, match=r"bad\.json, record 1: field 'nums'"):
+        CountdownTask(data_path=str(p)).examples("train")
+    p.write_text('{"target": 5')
+    with pytest.raises(R3Error, match=r"bad\.json: not valid JSON"):
+        CountdownTask(data_path=str(p)).examples("train")
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    p = tmp_path / "cd.parquet"
+    p.write_bytes(b"PAR1 not really")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(R3Error, match=r"cd\.parquet.*pip install pyarrow"):
+        CountdownTask(data_path=str(p)).examples("train")
+
+
+def test_generated_rows_look_like_the_public_export():
+    e = CountdownTask().examples("train", n=1)[0]
+    assert set(e) == {"id", "nums", "target", "solution"}
+    assert Counter(type(x) for x in e["nums"]) == Counter({int: len(e["nums"])})
+
+
+def test_malformed_examples_are_false_not_truncated():
+    assert CD.verify({"nums": [1, 2, 3], "target": 6.0}, ans("1 + 2 + 3")) is True
+    assert CD.verify({"nums": [1, 2, 3], "target": 6.5}, ans("1 + 2 + 3")) is False  # not int(6.5) == 6
+    assert CD.verify({"nums": [1, 2, 3.5], "target": 6}, ans("1 + 2 + 3")) is False
+    assert CD.verify({"nums": [True, 2, 3], "target": 6}, ans("1 + 2 + 3")) is False
+
+
+@pytest.mark.parametrize("name,options", [("countdown", {"difficulty": "easy", "max_num": 12}),
+                                          ("xlam", {"synthetic_size": 50, "test_fraction": 0.2})])
+def test_config_round_trips(name, options):
+    t = tasks.get(name, **options)
+    cfg = t.config()
+    json.dumps(cfg)  # serialisable for run metadata
+    t2 = tasks.get(t.name, **cfg)
+    assert t2.config() == cfg
+    assert t2.examples("test", n=3, seed=1) == t.examples("test", n=3, seed=1)
+    assert t2.messages(t.examples("test", n=1)[0]) == t.messages(t.examples("test", n=1)[0])

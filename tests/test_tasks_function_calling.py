@@ -1,0 +1,431 @@
+"""Function calling (xlam format): parsing, multiset verifier, loading, synthetic data, CLI."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import r3.tasks as tasks
+from r3.errors import R3Error
+from r3.tasks.function_calling import (
+    REFLECTION_PROMPT,
+    FunctionCallingTask,
+    calls_match,
+    load_file,
+    main,
+    parse_calls,
+    values_equal,
+    write_synthetic,
+)
+from r3.tasks.xlam_synthetic import CATALOGUE, synthetic_xlam
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOOLS = [
+    {"name": "get_weather", "description": "Weather for a city.",
+     "parameters": {"city": {"description": "City.", "type": "str"},
+                    "units": {"description": "Units.", "type": "str, optional", "default": "celsius"}}},
+    {"name": "convert", "description": "Convert money.",
+     "parameters": {"amount": {"description": "Amount.", "type": "float"},
+                    "to": {"description": "Currency.", "type": "str"}}},
+]
+CALLS = [
+    {"name": "get_weather", "arguments": {"city": "Paris"}},
+    {"name": "get_weather", "arguments": {"city": "Tokyo"}},
+    {"name": "convert", "arguments": {"amount": 100.0, "to": "EUR"}},
+]
+EX = {"id": 1, "query": "Weather in Paris and Tokyo, and convert 100 to EUR.",
+      "tools": json.dumps(TOOLS), "answers": json.dumps(CALLS)}
+FC = FunctionCallingTask()
+
+
+def dumps(calls):
+    return json.dumps(calls)
+
+
+# ---------------------------------------------------------------------------------------
+# value equality and the multiset verifier
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "a,b,eq",
+    [
+        (100, 100.0, True), (0.5, 0.5, True), (1, 2, False),
+        (True, 1, False), (1, True, False), (False, 0, False), (True, True, True), (True, 1.0, False),
+        ("1", 1, False), ("a", "a", True), ("a", "A", False), ("a ", "a", False),
+        (None, None, True), (None, "None", False), (None, 0, False),
+        ([1, 2], [1, 2], True), ([1, 2], [2, 1], False), ([1], [1, 1], False), ([1, 2.0], [1.0, 2], True),
+        ({"a": [1, {"b": 2}]}, {"a": [1.0, {"b": 2.0}]}, True), ({"a": 1}, {"a": 1, "b": None}, False),
+        ({"a": {"b": True}}, {"a": {"b": 1}}, False), ([], {}, False), (float("nan"), float("nan"), False),
+    ],
+)
+def test_values_equal(a, b, eq):
+    assert values_equal(a, b) is eq
+    assert values_equal(b, a) is eq
+
+
+def test_multiset_of_calls():
+    assert FC.verify(EX, dumps(CALLS))
+    assert FC.verify(EX, dumps(CALLS[::-1]))  # call order does not matter
+    assert FC.verify(EX, dumps([CALLS[2], CALLS[0], CALLS[1]]))
+    assert not FC.verify(EX, dumps(CALLS[:2]))  # a call missing
+    assert not FC.verify(EX, dumps(CALLS + [CALLS[0]]))  # a call extra
+    assert not FC.verify(EX, dumps([CALLS[0], CALLS[0], CALLS[2]]))  # multiset, not set
+    # argument order inside a call does not matter; numbers by value
+    assert FC.verify(EX, dumps(CALLS[:2] + [{"arguments": {"to": "EUR", "amount": 100}, "name": "convert"}]))
+
+
+def test_duplicate_reference_calls():
+    ex = dict(EX, answers=dumps([CALLS[0], CALLS[0]]))
+    assert FC.verify(ex, dumps([CALLS[0], CALLS[0]]))
+    assert not FC.verify(ex, dumps([CALLS[0]]))
+    assert not FC.verify(ex, dumps([CALLS[0], CALLS[1]]))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"name": "convert", "arguments": {"amount": 100.0}},  # missing argument
+        {"name": "convert", "arguments": {"amount": 100.0, "to": "EUR", "fee": 0}},  # extra argument
+        {"name": "convert", "arguments": {"amount": "100", "to": "EUR"}},  # string, not number
+        {"name": "convert", "arguments": {"amount": 100.5, "to": "EUR"}},
+        {"name": "convert", "arguments": {"amount": 100.0, "to": "eur"}},  # strings are exact
+        {"name": "Convert", "arguments": {"amount": 100.0, "to": "EUR"}},  # names are exact
+        {"name": "convert_currency", "arguments": {"amount": 100.0, "to": "EUR"}},
+    ],
+)
+def test_wrong_call_fails(call):
+    assert not FC.verify(EX, dumps(CALLS[:2] + [call]))
+
+
+def test_default_valued_extra_argument_fails():
+    ex = dict(EX, answers=dumps([CALLS[0]]))
+    assert FC.verify(ex, dumps([CALLS[0]]))
+    assert not FC.verify(ex, dumps([{"name": "get_weather", "arguments": {"city": "Paris", "units": "celsius"}}]))
+
+
+def test_bool_is_not_a_number_in_calls():
+    ex = dict(EX, answers=dumps([{"name": "f", "arguments": {"flag": True, "n": 1}}]))
+    assert FC.verify(ex, '[{"name": "f", "arguments": {"flag": true, "n": 1.0}}]')
+    assert not FC.verify(ex, '[{"name": "f", "arguments": {"flag": 1, "n": 1}}]')
+    assert not FC.verify(ex, '[{"name": "f", "arguments": {"flag": true, "n": true}}]')
+    assert not FC.verify(ex, '[{"name": "f", "arguments": {"flag": "true", "n": 1}}]')
+
+
+def test_single_call_object_and_empty_list():
+    ex = dict(EX, answers=dumps([CALLS[0]]))
+    assert FC.verify(ex, json.dumps(CALLS[0]))  # a bare object counts as one call
+    assert FC.verify(ex, '[{"name": "get_weather", "arguments": {"city": "Paris"}}]')
+    noargs = dict(EX, answers=dumps([{"name": "ping", "arguments": {}}]))
+    assert FC.verify(noargs, '[{"name": "ping"}]')  # missing "arguments" means none
+    assert FC.verify(noargs, '[{"name": "ping", "arguments": {}, "id": "call_1"}]')  # extra keys ignored
+    none = dict(EX, answers="[]")
+    assert FC.verify(none, "[]")
+    assert not FC.verify(none, dumps([CALLS[0]]))
+
+
+# ---------------------------------------------------------------------------------------
+# extracting the answer from a completion
+# ---------------------------------------------------------------------------------------
+GOOD = dumps(CALLS)
+BAD = dumps(CALLS[:2])
+
+
+@pytest.mark.parametrize(
+    "completion,ok",
+    [
+        (GOOD, True),
+        ("  \n" + GOOD + "\n", True),
+        ("```json\n" + GOOD + "\n```", True),
+        ("```JSON\n" + GOOD + "\n```", True),
+        ("```\n" + GOOD + "\n```", True),
+        ("```" + GOOD + "```", True),
+        ("Here are the calls:\n```json\n" + GOOD + "\n```\nDone.", True),
+        ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", True),  # last fence wins
+        ("```json\n" + GOOD + "\n```\nActually:\n```json\n" + BAD + "\n```", False),
+        ("Sure! The calls are " + GOOD + " -- hope this helps.", True),  # prose around bare JSON
+        ("First " + BAD + " no, rather " + GOOD + ".", True),  # the last embedded call list wins
+        ("First " + GOOD + " no, rather " + BAD + ".", False),
+        ("I will call {\"name\": \"x\"} maybe [1, 2] and finally " + GOOD, True),
+        ('{"tool_calls": ' + GOOD + "}", True),  # found inside a wrapper object
+        ("<think>[not json]</think>" + GOOD, True),
+        ("", False),
+        ("I cannot help with that.", False),
+        ("[{'name': 'get_weather', 'arguments': {'city': 'Paris'}}]", False),  # Python, not JSON
+        (GOOD[:-1], False),  # truncated
+        ("[" + GOOD, True),  # a stray bracket before a valid list: the embedded list is found
+        ("42", False),
+        ('"' + GOOD.replace('"', '\\"') + '"', False),  # a JSON string, not a list
+        ("[1, 2, 3]", False),
+        ('[{"name": 5, "arguments": {}}]', False),
+        ('[{"name": "convert", "arguments": "{\\"to\\": \\"EUR\\"}"}]', False),  # arguments as a string
+        (GOOD.replace("100.0", "NaN"), False),
+        (GOOD.replace("100.0", "Infinity"), False),
+    ],
+)
+def test_completion_formats(completion, ok):
+    assert FC.verify(EX, completion) is ok
+
+
+def test_parse_calls_shape():
+    assert parse_calls(GOOD) == CALLS
+    assert parse_calls('{"name": "f", "arguments": {"a": 1}}') == [{"name": "f", "arguments": {"a": 1}}]
+    assert parse_calls("no calls here") is None
+    assert parse_calls(None) is None
+    assert calls_match(CALLS, CALLS[::-1]) and not calls_match(CALLS, CALLS[:1])
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "[" + ", ".join(['{"name": "f", "arguments": {"a": 1}}'] * 30_000) + "]",  # ~1 MB of JSON
+        "[" * 10_000 + "]" * 10_000,  # deep nesting
+        "[" * 100_000,
+        "{" * 10_000 + "}",
+        '{"a":' * 5_000 + "1" + "}" * 5_000,
+        "text [" * 10_000,
+        "```json\n" + "[" * 10_000 + "\n```",
+        '[{"name": "convert", "arguments": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}]",  # too deep arguments
+        "x" * 1_000_000 + GOOD,
+    ],
+    ids=["1MB-list", "deep-list", "open-brackets", "deep-object", "deep-dict", "prose-brackets",
+         "deep-fence", "deep-arguments", "1MB-prose"],
+)
+def test_huge_and_deep_json_fails_fast(completion):
+    t0 = time.perf_counter()
+    assert FC.verify(EX, completion) is False
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_verify_never_raises():
+    for text in (None, 3, b"[]", ["x"], {"name": "f"}):
+        assert FC.verify(EX, text) is False
+    for ex in ({}, {"answers": "not json"}, {"answers": None}, None, {"answers": "[1]"}):
+        assert FC.verify(ex, GOOD) is False
+        assert isinstance(FC.diagnose(ex, GOOD), str)
+
+
+def test_diagnose():
+    assert FC.diagnose(EX, GOOD) == "correct"
+    assert "no parseable" in FC.diagnose(EX, "hello")
+    assert "expected" in FC.diagnose(EX, dumps(CALLS[:2]))
+    wrong_arg = CALLS[:2] + [{"name": "convert", "arguments": {"amount": 1, "to": "EUR"}}]
+    assert "wrong arguments" in FC.diagnose(EX, dumps(wrong_arg))
+
+
+# ---------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------
+def test_messages():
+    msgs = FC.messages(EX)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[1]["content"] == EX["query"]
+    for tool in TOOLS:
+        assert json.dumps(tool) in msgs[0]["content"]
+    assert '"arguments"' in msgs[0]["content"]
+    assert FC.reflection_prompt == REFLECTION_PROMPT == (
+        "You tried performing the task, but failed in generating the correct tool call. Reflect on "
+        "what went wrong and write a short explanation that will help you do better next time.")
+    assert FC.retry_message(EX)["role"] == "user"
+    custom = FunctionCallingTask(system_prompt="Tools: {tools}. Reply in JSON like {\"name\": ...}.")
+    assert custom.messages(EX)[0]["content"].startswith("Tools: " + json.dumps(TOOLS[0]))
+    with pytest.raises(R3Error, match="placeholder"):
+        FunctionCallingTask(system_prompt="no tools here")
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+def _records(n=30):
+    return synthetic_xlam(n, seed=5)
+
+
+def test_load_json_list_and_jsonl(tmp_path):
+    recs = _records()
+    pj, pl = tmp_path / "x.json", tmp_path / "x.jsonl"
+    pj.write_text(json.dumps(recs))
+    pl.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    for p in (pj, pl):
+        assert load_file(str(p)) == recs
+        t = tasks.get("xlam", data_path=str(p), test_fraction=0.3)
+        assert t.synthetic is False
+        train, test = t.examples("train"), t.examples("test")
+        assert sorted(r["id"] for r in train + test) == list(range(30))
+        assert not {r["id"] for r in train} & {r["id"] for r in test}
+        assert t.examples("train", n=4, seed=2) == t.examples("train", seed=2)[:4]
+        for r in train:
+            assert t.verify(r, r["answers"])
+
+
+def test_records_with_parsed_fields_are_normalised(tmp_path):
+    rec = {"id": "a1", "query": "q", "tools": TOOLS, "answers": CALLS}
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps(rec) + "\n" + json.dumps({"query": "q2", "tools": "[]", "answers": "[]"}) + "\n")
+    rows = load_file(str(p))
+    assert isinstance(rows[0]["tools"], str) and json.loads(rows[0]["answers"]) == CALLS
+    assert rows[1]["id"] == 1  # a record without an id gets its index
+    assert FC.verify(rows[0], GOOD)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"id": 7, "query": "q", "tools": "[]", "answers": "[{oops"},
+         r"record 1 \(id 7\): field 'answers' is not valid JSON"),
+        ({"id": 7, "query": "q", "tools": "[]"}, r"record 1 \(id 7\): missing field 'answers'"),
+        ({"id": 7, "tools": "[]", "answers": "[]"}, r"record 1 \(id 7\): field 'query'"),
+        ({"id": 7, "query": "q", "tools": "{}", "answers": "[]"}, r"\(id 7\): field 'tools' must be a JSON list"),
+        ({"id": 7, "query": "q", "tools": '[{"description": "x"}]', "answers": "[]"},
+         r"\(id 7\): field 'tools', item 0"),
+        ({"id": 7, "query": "q", "tools": '[{"name": "f", "parameters": {"a": "int"}}]', "answers": "[]"},
+         r"\(id 7\): field 'tools', tool 'f'"),
+        ({"id": 7, "query": "q", "tools": "[]", "answers": '[{"name": "f"}]'}, r"\(id 7\): field 'answers', item 0"),
+        ({"id": 7, "query": "q", "tools": "[]", "answers": '[{"name": "f", "arguments": []}]'},
+         r"field 'answers', item 0"),
+        ({"id": [7], "query": "q", "tools": "[]", "answers": "[]"}, r"field 'id'"),
+        ("just a string", r"record 1: expected an object"),
+    ],
+)
+def test_malformed_record_names_file_record_and_field(tmp_path, bad, match):
+    p = tmp_path / "data.json"
+    p.write_text(json.dumps([_records(1)[0], bad]))
+    with pytest.raises(R3Error, match=match) as e:
+        load_file(str(p))
+    assert str(e.value).startswith(f"{p}, record 1") and "\n" not in str(e.value)
+    with pytest.raises(R3Error, match=match):
+        FunctionCallingTask(data_path=str(p)).examples("train")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "data.jsonl"
+    good = json.dumps(_records(1)[0])
+    p.write_text(good + "\n\n" + good[:-5] + "\n")
+    with pytest.raises(R3Error, match=r"data\.jsonl, line 3: not valid JSON"):
+        load_file(str(p))
+    q = tmp_path / "obj.json"
+    q.write_text(json.dumps({"a": 1}))
+    with pytest.raises(R3Error, match=r"obj\.json: expected a JSON list of records"):
+        load_file(str(q))
+
+
+# ---------------------------------------------------------------------------------------
+# synthetic data
+# ---------------------------------------------------------------------------------------
+def _reserialise(calls, rng):
+    """What a model might write: calls shuffled, keys reordered, integral floats as ints, spacing
+    changed, sometimes fenced or wrapped in prose."""
+    out = []
+    for c in rng.sample(calls, len(calls)):
+        args = {k: (int(v) if isinstance(v, float) and v.is_integer() else v) for k, v in c["arguments"].items()}
+        args = dict(rng.sample(list(args.items()), len(args)))
+        out.append({"arguments": args, "name": c["name"]})
+    text = json.dumps(out, indent=rng.choice([None, 2]), separators=rng.choice([None, (",", ":")]))
+    return rng.choice([text, f"```json\n{text}\n```", f"Calling the tools now: {text}"])
+
+
+def test_synthetic_answers_verify_and_corruptions_fail():
+    rng = random.Random(0)
+    recs = synthetic_xlam(600, seed=1)
+    for r in recs:
+        calls = json.loads(r["answers"])
+        assert FC.verify(r, r["answers"])
+        assert FC.verify(r, _reserialise(calls, rng))
+        # change one argument value -> wrong
+        bad = json.loads(r["answers"])
+        args = bad[0]["arguments"]
+        k = sorted(args)[0]
+        v = args[k]
+        args[k] = (not v) if isinstance(v, bool) else (v + 1) if isinstance(v, (int, float)) else \
+            (v + ["x"] if isinstance(v, list) else "x" + str(v))
+        assert not FC.verify(r, json.dumps(bad)), (r, bad)
+        assert not FC.verify(r, json.dumps(calls[1:]))
+
+
+def test_synthetic_records_are_well_typed():
+    recs = synthetic_xlam(800, seed=2)
+    assert len({r["id"] for r in recs}) == 800
+    n_calls = [len(json.loads(r["answers"])) for r in recs]
+    assert {1, 2, 3} <= set(n_calls)
+    names = [[c["name"] for c in json.loads(r["answers"])] for r in recs]
+    same_tool = sum(1 for ns in names if len(set(ns)) < len(ns))
+    diff_tools = sum(1 for ns in names if len(set(ns)) > 1)
+    assert same_tool > 20 and diff_tools > 20
+    distractors = 0
+    py_types = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    for r in recs:
+        tools = {t["name"]: t for t in json.loads(r["tools"])}
+        answers = json.loads(r["answers"])
+        distractors += len(tools) > len({c["name"] for c in answers})
+        assert r["query"].strip()
+        for c in answers:
+            params = tools[c["name"]]["parameters"]
+            assert set(c["arguments"]) <= set(params)
+            required = {p for p, spec in params.items() if "default" not in spec}
+            assert required <= set(c["arguments"])
+            for p, v in c["arguments"].items():
+                typ = params[p]["type"].replace(", optional", "")
+                if typ.startswith("List["):
+                    inner = py_types[typ[5:-1]]
+                    assert isinstance(v, list) and all(isinstance(x, inner) and not isinstance(x, bool) or
+                                                       inner is bool for x in v)
+                else:
+                    assert isinstance(v, py_types[typ]) and (typ == "bool" or not isinstance(v, bool)), (p, v, typ)
+    assert distractors > 100
+    assert 15 <= len(CATALOGUE) <= 40
+
+
+def test_synthetic_is_deterministic_and_extends():
+    assert synthetic_xlam(50, seed=3) == synthetic_xlam(50, seed=3)
+    assert synthetic_xlam(20, seed=3) == synthetic_xlam(50, seed=3)[:20]
+    assert synthetic_xlam(20, seed=3) != synthetic_xlam(20, seed=4)
+
+
+def test_default_task_uses_synthetic_data():
+    t = tasks.get("function_calling", synthetic_size=300)
+    assert t.synthetic is True
+    train, test = t.examples("train"), t.examples("test")
+    assert len(train) + len(test) == 300 and 10 < len(test) < 60
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    assert t.examples("test", n=5, seed=9) == tasks.get("xlam", synthetic_size=300).examples("test", n=5, seed=9)
+
+
+def test_write_synthetic_round_trips(tmp_path):
+    for name in ("s.json", "s.jsonl"):
+        p = tmp_path / "sub" / name
+        assert write_synthetic(str(p), 40, seed=2) == 40
+        assert load_file(str(p)) == synthetic_xlam(40, seed=2)
+    assert isinstance(json.loads((tmp_path / "sub" / "s.json").read_text()), list)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "syn.json"
+    assert main(["--synthetic", "25", "--out", str(out)]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().err
+    assert len(load_file(str(out))) == 25
+    assert main(["--check", str(out)]) == 0
+    assert "25 valid records" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{}]")
+    with pytest.raises(SystemExit) as e:
+        main(["--check", str(bad)])
+    assert e.value.code == 2
+    assert "bad.json, record 0" in capsys.readouterr().err
+
+
+def test_cli_as_module(tmp_path):
+    out = tmp_path / "syn.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "r3.tasks.function_calling", "--synthetic", "7", "--out", str(out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 7
+    r = subprocess.run([sys.executable, "-m", "r3.tasks.function_calling", "--help"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "SYNTHETIC" in r.stdout
