@@ -447,8 +447,14 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_len: int | None = None,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Logits [B, T, V] in fp32; or, with ``at=(rows, cols)``, only the logits at those
+        positions, [N, V] in the compute dtype (the loss needs a few positions, and reads them
+        through a fused kernel that upcasts per block: no [B, T, V] fp32 tensor is built)."""
         h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len)
+        if at is not None:
+            return self.lm_head(h[at])
         return self.lm_head(h).float()
 
     def num_params(self) -> int:

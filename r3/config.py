@@ -1,0 +1,224 @@
+"""The training configuration: one dataclass of every knob, a config file, and ``--key value``.
+
+Precedence: dataclass defaults < ``--config FILE`` (JSON or YAML) < command-line flags. Flags use
+the field name with dashes or underscores (``--group-size 4`` == ``--group_size 4``). Every value is
+checked; a mistake is an ``R3Error`` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from r3.errors import R3Error
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "smollm2-135m"
+    task: str = "countdown"
+    task_options: dict = field(default_factory=lambda: {"difficulty": "easy", "format_example": True})
+    failures: str | None = None  # a failure dataset (python -m r3.failures); None = fresh first attempts
+    out: str = "runs/r3"
+    # rollout
+    batch_size: int = 8  # failed queries per optimizer step (all ranks together)
+    group_size: int = 4  # reflections per failed query (the GRPO group)
+    candidates_per_failure: float = 2.0  # first attempts sampled per needed failure (fresh mode)
+    max_new_tokens: int | None = None  # sets the three limits below at once
+    max_attempt_tokens: int = 96
+    max_reflection_tokens: int = 64
+    max_retry_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # optimisation
+    lr: float = 2e-5  # the paper used 5e-7 on 1.5B-8B models; a 135M model on CPU needs more
+    warmup_steps: int = 2
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.999)
+    beta: float = 0.001  # KL coefficient (paper: 0.001)
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    agg: str = "token-mean"
+    scale_advantages: bool = True  # False = Dr. GRPO (r - mean)
+    micro_batch_size: int = 8  # sequences per forward/backward in the update
+    update_epochs: int = 1  # passes over each rollout batch (old log-probs from the rollout policy)
+    grad_clip: float = 1.0
+    skip_no_signal_groups: bool = True  # groups with all-equal rewards have zero advantage
+    # precision and runtime
+    dtype: str = "bf16"  # compute dtype; master weights and optimizer state stay fp32
+    seed: int = 0
+    max_steps: int = 20
+    save_every: int = 10
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = evaluate only before the first and after the last step
+    eval_n: int = 0  # held-out queries per evaluation (0 = no evaluation during training)
+    samples_every: int = 1  # write a few reflections to samples.jsonl every N steps
+    log_samples: int = 2
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens is not None:
+            self.max_attempt_tokens = self.max_reflection_tokens = self.max_retry_tokens = self.max_new_tokens
+
+    # ---------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        def positive(name, allow_zero=False):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+                raise R3Error(f"config: '{name}' must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+        for name in ("batch_size", "group_size", "max_attempt_tokens", "max_reflection_tokens",
+                     "max_retry_tokens", "micro_batch_size", "update_epochs", "max_steps",
+                     "save_every", "keep_last", "candidates_per_failure", "lr"):
+            positive(name)
+        for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
+                     "eval_every", "eval_n", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio"):
+            positive(name, allow_zero=True)
+        if self.group_size < 2:
+            raise R3Error(f"config: 'group_size' must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
+        if not 0 < self.top_p <= 1:
+            raise R3Error(f"config: 'top_p' must be in (0, 1], got {self.top_p}")
+        if self.eps_low >= 1:
+            raise R3Error(f"config: 'eps_low' must be < 1, got {self.eps_low}")
+        if self.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+            raise R3Error(f"config: 'agg' must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {self.agg!r}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise R3Error(f"config: 'dtype' must be bf16 or fp32, got {self.dtype!r}")
+        if not isinstance(self.task_options, dict):
+            raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    # Fields that may differ when resuming a run in the same --out (everything else must match).
+    RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_last", "eval_every", "eval_n",
+                         "samples_every", "log_samples", "compile", "out")
+
+    def incompatible_with(self, other: dict) -> list[str]:
+        mine = self.to_dict()
+        return sorted(k for k in set(mine) | set(other)
+                      if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, raw: Any, current: Any, source: str):
+    """Turn a string (from the command line) or a parsed value into the field's type."""
+    f = _FIELDS[name]
+    typ = str(f.type)
+    if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null") and "None" in typ):
+        if "None" in typ:
+            return None
+        raise R3Error(f"{source}: '{name}' cannot be empty")
+    try:
+        if typ.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ.startswith("int") and "float" not in typ:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+        if typ.startswith("float"):
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if typ.startswith("dict") or typ.startswith("tuple"):
+            value = json.loads(raw) if isinstance(raw, str) else raw
+            if typ.startswith("dict") and not isinstance(value, dict):
+                raise ValueError
+            if typ.startswith("tuple"):
+                value = tuple(float(v) for v in value)
+                if len(value) != len(current):
+                    raise ValueError
+            return value
+        return str(raw)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        kind = typ.split(" ")[0].split("|")[0]
+        raise R3Error(f"{source}: bad value {raw!r} for '{name}' (expected {kind})") from None
+
+
+def _read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise R3Error(f"config file '{path}' does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise R3Error(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise R3Error(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """``[--config FILE] [--key value ...]`` -> a validated TrainConfig."""
+    values: dict[str, Any] = {}
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(_help())
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise R3Error(f"unexpected argument {arg!r} (flags are --key value)")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise R3Error(f"flag '--{key}' needs a value")
+            val = argv[i + 1]
+            i += 1
+        pairs.append((key.replace("-", "_"), val))
+        i += 1
+    config_file = [v for k, v in pairs if k == "config"]
+    if config_file:
+        for k, v in _read_config_file(config_file[-1]).items():
+            key = str(k).replace("-", "_")
+            if key not in _FIELDS:
+                raise R3Error(f"{config_file[-1]}: unknown key '{k}' (see python -m r3.train --help)")
+            values[key] = (v, config_file[-1])
+    for k, v in pairs:
+        if k == "config":
+            continue
+        if k not in _FIELDS:
+            close = [f for f in _FIELDS if f.startswith(k[:4])]
+            hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{hint}")
+        values[k] = (v, "command line")
+    cfg = TrainConfig()
+    kwargs = {}
+    for k, (v, source) in values.items():
+        kwargs[k] = _coerce(k, v, getattr(cfg, k), source)
+    return TrainConfig(**kwargs).validate()
+
+
+def _help() -> str:
+    lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]", "", "keys (default):"]
+    d = TrainConfig().to_dict()
+    for name in _FIELDS:
+        lines.append(f"  --{name.replace('_', '-'):<26} {d[name]!r}")
+    return "\n".join(lines)

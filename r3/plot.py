@@ -1,0 +1,99 @@
+"""``python -m r3.plot DIR``: PNG curves from a run's ``metrics.jsonl`` (reward, KL, lengths, time).
+
+Writes ``DIR/curves.png`` (or ``--out FILE``). Several run directories can be overlaid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from r3.errors import R3Error, cli_main
+
+PANELS = (
+    ("retry_success", "retry success (reward)"),
+    ("first_try_success", "first-attempt success"),
+    ("kl", "KL to reference (k3)"),
+    ("reflection_len_mean", "reflection length (tokens)"),
+    ("loss", "loss"),
+    ("step_time_s", "step time (s)"),
+)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    if not path.is_file():
+        raise R3Error(f"{path}: no metrics.jsonl (is this an r3.train output directory?)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise R3Error(f"{path}: line {n} is not valid JSON") from None
+    if not rows:
+        raise R3Error(f"{path}: no rows yet")
+    return rows
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for run in runs:
+        rows = read_metrics(run)
+        for ax, (key, title) in zip(axes.flat, PANELS):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            line = ax.plot(xs, ys, alpha=0.35 if window > 1 else 1.0, label=run.name)
+            if window > 1:
+                ax.plot(xs, smooth(list(ys), window), color=line[0].get_color())
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes.flat[0].legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m r3.plot", description=__doc__)
+    ap.add_argument("runs", nargs="+", type=Path, help="r3.train output directories (or metrics.jsonl files)")
+    ap.add_argument("--out", type=Path, default=None, help="PNG path (default: FIRST_RUN/curves.png)")
+    ap.add_argument("--smooth", type=int, default=1, help="moving-average window")
+    args = ap.parse_args(argv)
+    for r in args.runs:
+        if not r.exists():
+            raise R3Error(f"run directory '{r}' does not exist")
+    first = args.runs[0]
+    out = args.out or ((first if first.is_dir() else first.parent) / "curves.png")
+    print(plot(args.runs, out, args.smooth))
+
+
+if __name__ == "__main__":
+    main()
