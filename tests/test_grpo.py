@@ -1,0 +1,416 @@
+"""Tests for r3.grpo: advantages, the clipped policy loss, KL, aggregation, global normalisation."""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from r3.grpo import AGGREGATIONS, aggregate, group_advantages, kl_k3, loss_denominator, policy_loss
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_hand_values():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    # group 0: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 1/sqrt(3)
+    # group 1: mean 0.25, unbiased std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5
+    a = group_advantages(r, eps=0.0)
+    s3 = math.sqrt(3.0)
+    expected = torch.tensor([[0.5 * s3, -0.5 * s3, -0.5 * s3, 0.5 * s3], [1.5, -0.5, -0.5, -0.5]])
+    torch.testing.assert_close(a, expected, rtol=1e-6, atol=1e-6)
+    # eps is added to the std
+    a_eps = group_advantages(r, eps=0.5)
+    torch.testing.assert_close(a_eps[1], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    # Dr. GRPO: no std division
+    torch.testing.assert_close(group_advantages(r, scale=False), r - r.mean(1, keepdim=True))
+
+
+def test_group_advantages_vs_statistics_module():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(7, 5, generator=g, dtype=torch.float64)
+    a = group_advantages(r, eps=1e-6)
+    for i, row in enumerate(r.tolist()):
+        mu, sd = statistics.fmean(row), statistics.stdev(row)  # stdev is the unbiased (n-1) one
+        for j, x in enumerate(row):
+            assert a[i, j].item() == pytest.approx((x - mu) / (sd + 1e-6), rel=1e-12, abs=1e-12)
+
+
+def test_group_advantages_all_equal_is_exactly_zero():
+    # mean(0.1, 0.1, 0.1) != 0.1 in floating point; the result must still be exactly 0
+    r = torch.full((3, 3), 0.1)
+    r[1] = 1.0
+    r[2] = 0.0
+    for scale in (True, False):
+        a = group_advantages(r, scale=scale)
+        assert torch.equal(a, torch.zeros_like(a))
+    assert torch.isfinite(group_advantages(r, eps=0.0)).all()
+
+
+def test_group_advantages_g1_and_int_rewards():
+    a = group_advantages(torch.tensor([[1.0], [0.0], [0.3]]))
+    assert torch.equal(a, torch.zeros(3, 1))
+    ai = group_advantages(torch.tensor([[1, 0], [0, 0]]))
+    assert ai.dtype == torch.float32
+    s = math.sqrt(0.5)  # unbiased std of (1, 0)
+    torch.testing.assert_close(ai, torch.tensor([[0.5 / (s + 1e-6), -0.5 / (s + 1e-6)], [0.0, 0.0]]))
+    ab = group_advantages(torch.tensor([[True, False, False]]), scale=False)
+    torch.testing.assert_close(ab, torch.tensor([[2 / 3, -1 / 3, -1 / 3]]))
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(4))
+
+
+# ----------------------------------------------------------------------------- hand examples
+
+
+def _hand_batch():
+    """Two sequences, T=3.
+
+    seq 0: tokens 0, 1 trained; token 0 has ratio 1, token 1 ratio 2; token 2 is padding with NaN.
+    seq 1: token 0 trained with ratio 0.5; tokens 1, 2 padding with -inf / inf.
+    """
+    old = torch.log(torch.tensor([[0.5, 0.125, 0.3], [0.4, 0.2, 0.2]], dtype=torch.float64))
+    logp = old.clone()
+    logp[0, 1] += LN2  # ratio 2
+    logp[1, 0] -= LN2  # ratio 0.5
+    logp[0, 2] = float("nan")
+    logp[1, 1] = float("-inf")
+    logp[1, 2] = float("inf")
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    return logp.requires_grad_(), old, mask
+
+
+@pytest.mark.parametrize(
+    "agg,loss_val,grads",
+    [
+        # per-token losses: seq 0 (A=+1): -1 (r=1), -1.2 (r=2 clipped); seq 1 (A=-1): 0.8 (r=0.5 clipped)
+        ("token-mean", (-1.0 - 1.2 + 0.8) / 3, [[-1 / 3, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        ("seq-mean-token-mean", ((-1.0 - 1.2) / 2 + 0.8) / 2, [[-0.25, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        ("seq-mean-token-sum-norm", (-1.0 - 1.2 + 0.8) / 6, [[-1 / 6, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+    ],
+)
+def test_policy_loss_hand_example(agg, loss_val, grads):
+    logp, old, mask = _hand_batch()
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss, met = policy_loss(logp, old, None, adv, mask, beta=0.5, agg=agg)
+    assert loss.item() == pytest.approx(loss_val, abs=1e-12)
+    loss.backward()
+    # grad of -A*r wrt logp is -A*r; only token (0,0) is unclipped; NaN/inf padding gives 0
+    assert torch.equal(logp.grad == 0, torch.tensor(grads) == 0)
+    torch.testing.assert_close(logp.grad, torch.tensor(grads, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert met["clip_frac_high"].item() == pytest.approx(1 / 3)
+    assert met["clip_frac_low"].item() == pytest.approx(1 / 3)
+    assert met["ratio_min"].item() == pytest.approx(0.5)
+    assert met["ratio_max"].item() == pytest.approx(2.0)
+    assert met["ratio_mean"].item() == pytest.approx(3.5 / 3)
+    assert met["tokens"].item() == 3 and met["sequences"].item() == 2
+    assert met["kl"].item() == 0.0
+    assert met["pg_loss"].item() == pytest.approx(loss_val, abs=1e-6)
+
+
+def test_policy_loss_hand_example_negative_advantage_and_kl():
+    # One sequence, A = -1: r=1 -> loss 1, grad -A*r = +1; r=2 -> -min(-2, -1.2) = 2, unclipped,
+    # grad +2.  KL: ref = logp + ln2 at token 0 -> k3 = 2 - ln2 - 1; ref = logp at token 1 -> 0.
+    logp, old, mask = _hand_batch()
+    logp, old, mask = logp[:1].detach().clone().requires_grad_(), old[:1], mask[:1]
+    ref = logp.detach().clone()
+    ref[0, 0] += LN2
+    beta = 0.1
+    loss, met = policy_loss(logp, old, ref, torch.tensor([-1.0], dtype=torch.float64), mask, beta=beta)
+    k3 = 1.0 - LN2
+    assert loss.item() == pytest.approx((1.0 + 2.0 + beta * k3) / 2, abs=1e-12)
+    loss.backward()
+    # dk3/dlogp = 1 - exp(ref - logp) = 1 - 2 = -1 at token 0, 0 at token 1
+    torch.testing.assert_close(
+        logp.grad, torch.tensor([[(1.0 - beta) / 2, 2.0 / 2, 0.0]], dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
+    assert met["kl"].item() == pytest.approx(k3 / 2, rel=1e-6)
+    assert met["clip_frac_low"].item() == 0.0 and met["clip_frac_high"].item() == 0.0
+    # beta = 0: KL is still reported but not in the loss
+    loss0, met0 = policy_loss(logp, old, ref, torch.tensor([-1.0], dtype=torch.float64), mask, beta=0.0)
+    assert loss0.item() == pytest.approx(1.5, abs=1e-12)
+    assert met0["kl"].item() == pytest.approx(k3 / 2, rel=1e-6)
+
+
+def test_asymmetric_clip():
+    # eps_low=0.1, eps_high=0.5: r=1.4 with A>0 is inside, r=0.85 with A<0 is clipped at 0.9
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    logp = torch.log(torch.tensor([[1.4, 0.85]], dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    loss, _ = policy_loss(logp, old, None, adv, torch.ones(1, 2), eps_low=0.1, eps_high=0.5, beta=0.0)
+    assert loss.item() == pytest.approx((-1.4 + 0.9) / 2, abs=1e-12)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.4 / 2, 0.0]], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- naive float64 reference
+
+
+def naive_loss_and_grad(logp, old, ref, adv, mask, *, eps_low, eps_high, beta, agg, max_len=None):
+    """Python-loop float64 loss and its analytic gradient w.r.t. logp."""
+    B, T = len(logp), len(logp[0])
+    per_tok = [[None] * T for _ in range(B)]
+    dtok = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            if not mask[b][t]:
+                continue
+            a = adv[b][t] if isinstance(adv[b], list) else adv[b]
+            r = math.exp(logp[b][t] - old[b][t])
+            c = min(max(r, 1 - eps_low), 1 + eps_high)
+            unclipped, clipped = r * a, c * a
+            loss = -min(unclipped, clipped)
+            binds = (a > 0 and r > 1 + eps_high) or (a < 0 and r < 1 - eps_low)
+            grad = 0.0 if binds else -a * r
+            if ref is not None and beta:
+                d = ref[b][t] - logp[b][t]
+                loss += beta * (math.exp(d) - d - 1)
+                grad += beta * (1 - math.exp(d))
+            per_tok[b][t], dtok[b][t] = loss, grad
+    counts = [sum(1 for t in range(T) if mask[b][t]) for b in range(B)]
+    n_tok, n_seq = sum(counts), sum(1 for c in counts if c)
+    L = T if max_len is None else max_len
+    grad = [[0.0] * T for _ in range(B)]
+    total = 0.0
+    for b in range(B):
+        for t in range(T):
+            if per_tok[b][t] is None:
+                continue
+            if agg == "token-mean":
+                w = 1.0 / n_tok
+            elif agg == "seq-mean-token-mean":
+                w = 1.0 / (counts[b] * n_seq)
+            else:
+                w = 1.0 / (B * L)
+            total += w * per_tok[b][t]
+            grad[b][t] = w * dtok[b][t]
+    return total, grad
+
+
+def _random_batch(seed, B=6, T=9, spread=1.5, dtype=torch.float64, per_token_adv=False):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=dtype) * 5
+    # log-ratios up to +-3*spread: ratios far outside [0.8, 1.2] in both directions
+    logp = old + torch.randn(B, T, generator=g, dtype=dtype) * spread
+    ref = logp + torch.randn(B, T, generator=g, dtype=dtype) * 0.7
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[2] = False  # a fully masked sequence
+    mask[0, :3] = True
+    if per_token_adv:
+        adv = torch.randn(B, T, generator=g, dtype=dtype)
+    else:
+        adv = torch.randn(B, generator=g, dtype=dtype)
+        adv[1] = 0.0
+    # garbage in masked-out positions must not matter
+    logp = torch.where(mask, logp, torch.tensor(float("nan"), dtype=dtype))
+    ref = torch.where(mask, ref, torch.tensor(float("inf"), dtype=dtype))
+    old = torch.where(mask, old, torch.tensor(float("-inf"), dtype=dtype))
+    return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("eps", [(0.2, 0.2), (0.2, 0.28)])
+def test_policy_loss_vs_naive(agg, per_token_adv, beta, eps):
+    logp, old, ref, adv, mask = _random_batch(1, per_token_adv=per_token_adv)
+    lp = logp.clone().requires_grad_()
+    loss, _ = policy_loss(lp, old, ref, adv, mask, eps_low=eps[0], eps_high=eps[1], beta=beta, agg=agg)
+    loss.backward()
+    want, want_grad = naive_loss_and_grad(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
+        eps_low=eps[0], eps_high=eps[1], beta=beta, agg=agg,
+    )
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(lp.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(lp.grad).all()
+
+
+def test_gradient_vanishes_exactly_where_clip_binds():
+    logp, old, _, adv, mask = _random_batch(2, B=8, T=16, spread=2.0, per_token_adv=True)
+    lp = logp.clone().requires_grad_()
+    loss, met = policy_loss(lp, old, None, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.0)
+    loss.backward()
+    r = torch.exp(logp - old)
+    binds = mask & (((adv > 0) & (r > 1.28)) | ((adv < 0) & (r < 0.8)))
+    free = mask & ~binds & (adv != 0)
+    assert binds.sum() >= 10 and free.sum() >= 10  # the example exercises both cases
+    assert torch.equal(lp.grad[binds], torch.zeros_like(lp.grad[binds]))
+    assert torch.equal(lp.grad[~mask], torch.zeros_like(lp.grad[~mask]))
+    assert (lp.grad[free] != 0).all()
+    n = mask.sum()
+    assert met["clip_frac_high"].item() == pytest.approx((mask & (adv > 0) & (r > 1.28)).sum().item() / n.item())
+    assert met["clip_frac_low"].item() == pytest.approx((mask & (adv < 0) & (r < 0.8)).sum().item() / n.item())
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_all_masked_batch(agg):
+    logp, old, ref, adv, _ = _random_batch(3)
+    mask = torch.zeros_like(logp, dtype=torch.bool)
+    lp = logp.clone().requires_grad_()
+    loss, met = policy_loss(lp, old, ref, adv, mask, agg=agg)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(lp.grad, torch.zeros_like(lp.grad))
+    for k, v in met.items():
+        assert v.item() == 0.0, k
+    # the same with a global denominator of 0
+    lp.grad = None
+    loss, _ = policy_loss(lp, old, ref, adv, mask, agg=agg, denominator=loss_denominator(mask, agg))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros_like(lp.grad))
+
+
+def test_all_equal_rewards_give_no_gradient():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    adv = group_advantages(rewards).reshape(-1)
+    logp, old, ref, _, mask = _random_batch(4, B=8, T=5)
+    lp = logp.clone().requires_grad_()
+    loss, _ = policy_loss(lp, old, ref, adv, mask, beta=0.0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(lp.grad, torch.zeros_like(lp.grad))
+
+
+def test_metrics_values():
+    logp, old, ref, adv, mask = _random_batch(5, per_token_adv=True)
+    _, met = policy_loss(logp, old, ref, adv, mask, beta=0.0)
+    r = torch.exp(logp - old)[mask]
+    d = (ref - logp)[mask]
+    assert met["tokens"].item() == mask.sum().item()
+    assert met["sequences"].item() == mask.any(1).sum().item()
+    assert met["ratio_min"].item() == pytest.approx(r.min().item(), rel=1e-6)
+    assert met["ratio_max"].item() == pytest.approx(r.max().item(), rel=1e-6)
+    assert met["ratio_mean"].item() == pytest.approx(r.mean().item(), rel=1e-6)
+    assert met["kl"].item() == pytest.approx((torch.exp(d) - d - 1).mean().item(), rel=1e-6)
+    for v in met.values():
+        assert v.dim() == 0 and not v.requires_grad and v.dtype == torch.float32
+
+
+def test_float32_and_bf16_inputs():
+    logp, old, ref, adv, mask = _random_batch(6, spread=0.3)
+    for dt in (torch.float32, torch.bfloat16):
+        lp = logp.to(dt).requires_grad_()
+        loss, _ = policy_loss(lp, old.to(dt), ref.to(dt), adv, mask)
+        assert loss.dtype == torch.float32
+        want, _ = policy_loss(lp.detach().double(), old.to(dt).double(), ref.to(dt).double(), adv, mask)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+        loss.backward()
+        assert lp.grad.dtype == dt and torch.isfinite(lp.grad.float()).all()
+
+
+def test_bad_arguments():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError):
+        policy_loss(x, x, None, torch.zeros(2), x.bool(), agg="mean")
+    with pytest.raises(ValueError):
+        policy_loss(x, x, None, torch.zeros(3), x.bool())
+    with pytest.raises(ValueError):
+        policy_loss(x, x[:, :2], None, torch.zeros(2), x.bool())
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+def test_kl_k3_accurate_for_small_and_large_differences():
+    d64 = torch.tensor([-3.0, -0.7, -0.49, -1e-2, -1e-4, -1e-6, 0.0, 1e-6, 1e-4, 1e-3, 0.3, 0.51, 2.0],
+                       dtype=torch.float64)
+    logp64 = torch.full_like(d64, -2.0)
+    lp32 = logp64.float()
+    ref32 = (logp64 + d64).float()
+    got = kl_k3(lp32, ref32)
+    d32 = (ref32.double() - lp32.double())  # the difference the fp32 inputs actually encode
+    want32 = torch.expm1(d32) - d32
+    torch.testing.assert_close(got.double(), want32, rtol=2e-6, atol=0)
+    assert (got >= 0).all()
+    ref64 = logp64 + d64
+    dd = ref64 - logp64
+    torch.testing.assert_close(kl_k3(logp64, ref64), torch.expm1(dd) - dd, rtol=1e-9, atol=0)
+    # the naive fp32 formula is garbage here (this is why the series exists)
+    naive = torch.exp(ref32 - lp32) - (ref32 - lp32) - 1
+    assert not torch.allclose(naive.double(), want32, rtol=1e-2, atol=0)
+
+
+def test_kl_k3_gradient():
+    lp = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.3, -1.95, -0.5, -0.2], dtype=torch.float64)
+    kl_k3(lp, ref).sum().backward()
+    torch.testing.assert_close(lp.grad, 1 - torch.exp(ref - lp.detach()), rtol=1e-9, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- global normalisation
+
+
+def _split_and_trim(x_list, rows, mask):
+    """Pick rows and trim to the last masked column + 1 (micro-batches padded differently)."""
+    width = int(mask[rows].any(0).nonzero().max()) + 1 if mask[rows].any() else 1
+    return [x[rows][:, :width] if x.dim() == 2 else x[rows] for x in x_list], width
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_micro_batch_and_rank_invariance(agg, per_token_adv):
+    B, T, L = 10, 12, 12
+    logp, old, ref, adv, mask = _random_batch(7, B=B, T=T, per_token_adv=per_token_adv)
+    mask[:, 9:] = False  # so that micro-batches can be trimmed to different widths
+    mask[5, :] = False
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.05, agg=agg, max_len=L)
+
+    lp_full = logp.clone().requires_grad_()
+    loss_full, _ = policy_loss(lp_full, old, ref, adv, mask, **kw)
+    loss_full.backward()
+
+    # 2 ranks x uneven micro-batches (one micro-batch holds only the fully masked row)
+    ranks = [[[0, 1, 2], [3, 4], [5]], [[6], [7, 8, 9]]]
+    all_mbs = [mb for rank in ranks for mb in rank]
+    den = sum(loss_denominator(_split_and_trim([mask], r, mask)[0][0], agg, max_len=L) for r in all_mbs)
+    widths = set()
+    grad = torch.zeros(B, T, dtype=torch.float64)
+    total = 0.0
+    for rank in ranks:
+        rank_grad = torch.zeros(B, T, dtype=torch.float64)  # what this rank's backward would accumulate
+        for rows in rank:
+            (lp, o, rf, a, m), w = _split_and_trim([logp, old, ref, adv, mask], rows, mask)
+            widths.add(w)
+            lp = lp.clone().requires_grad_()
+            loss, _ = policy_loss(lp, o, rf, a, m, denominator=den, **kw)
+            loss.backward()
+            total += loss.item()
+            rank_grad[rows, :w] += lp.grad
+        grad += rank_grad  # all-reduce SUM
+    assert len(widths) > 1
+    assert total == pytest.approx(loss_full.item(), rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(grad, lp_full.grad, rtol=1e-12, atol=1e-15)
+
+    # without the global denominator the split changes the gradient (so the test has teeth)
+    if agg != "seq-mean-token-sum-norm":
+        g2 = torch.zeros(B, T, dtype=torch.float64)
+        for rows in all_mbs:
+            (lp, o, rf, a, m), w = _split_and_trim([logp, old, ref, adv, mask], rows, mask)
+            lp = lp.clone().requires_grad_()
+            policy_loss(lp, o, rf, a, m, **kw)[0].backward()
+            g2[rows, :w] += lp.grad / len(all_mbs)
+        assert not torch.allclose(g2, lp_full.grad, rtol=1e-3)
+
+
+def test_loss_denominator_values():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]])
+    assert loss_denominator(mask, "token-mean").item() == 5
+    assert loss_denominator(mask, "seq-mean-token-mean").item() == 2
+    assert loss_denominator(mask, "seq-mean-token-sum-norm").item() == 12
+    assert loss_denominator(mask, "seq-mean-token-sum-norm", max_len=100).item() == 300
+    assert loss_denominator(mask).dtype == torch.float32
+
+
+def test_aggregate_ignores_garbage_outside_mask():
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), 3.0]], requires_grad=True)
+    m = torch.tensor([[True, False], [False, True]])
+    out = aggregate(x, m, "token-mean")
+    assert out.item() == 2.0
+    out.backward()
+    assert torch.equal(x.grad, torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+    assert aggregate(x, m, "seq-mean-token-sum-norm", denominator=8.0).item() == 0.5
