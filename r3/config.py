@@ -61,7 +61,7 @@ class TrainConfig:
     eval_n: int = 0  # held-out queries per evaluation (0 = no evaluation during training)
     samples_every: int = 1  # write a few reflections to samples.jsonl every N steps
     log_samples: int = 2
-    compile: bool = False
+    stop_after: int = 0  # end this process after that step, as if interrupted (0 = run to max_steps)
 
     def __post_init__(self):
         if self.max_new_tokens is not None:
@@ -79,7 +79,7 @@ class TrainConfig:
                      "save_every", "keep_last", "candidates_per_failure", "lr"):
             positive(name)
         for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
-                     "eval_every", "eval_n", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio"):
+                     "eval_every", "eval_n", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
             positive(name, allow_zero=True)
         if self.group_size < 2:
             raise R3Error(f"config: 'group_size' must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
@@ -102,7 +102,7 @@ class TrainConfig:
 
     # Fields that may differ when resuming a run in the same --out (everything else must match).
     RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_last", "eval_every", "eval_n",
-                         "samples_every", "log_samples", "compile", "out")
+                         "samples_every", "log_samples", "stop_after", "out")
 
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()

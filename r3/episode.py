@@ -1,0 +1,231 @@
+"""The Reflect-Retry-Reward episode: attempt, reflect (G samples), retry, verify.
+
+For a batch of queries: first attempts are sampled in one batch; each failed attempt's
+conversation gets the reflection prompt and is prefilled once, then forked into G rows that each
+sample a reflection; each reflection gets the retry prompt and one retry, continuing the same KV
+cache. The verifier's verdict on the retry is the reflection's reward (1 or 0).
+
+Sequences are built from token ids only (the chat template is rendered once per prompt, turn
+separators are tokenised once), never by re-rendering text, so there is no re-tokenisation drift:
+the ids the loss sees are exactly the ids the sampler produced. The reflection span of each row
+is ``[start, end)`` over exactly the reflection's generated tokens (its end-of-turn token
+included when sampled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from r3.errors import R3Error
+from r3.sampler import Session
+
+
+class ChatFormat:
+    """Token ids of a conversation under the tokenizer's chat template.
+
+    ``prompt(messages)`` renders the first turn with the generation prompt. ``user_turn(text,
+    closed)`` is what follows an assistant message the model produced: the end-of-turn token if
+    the model did not emit one (it hit its token limit), the template's text between turns, the
+    user message and the next assistant header — derived from the template itself by rendering a
+    conversation with and without the extra turn.
+    """
+
+    def __init__(self, tokenizer):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise R3Error("the tokenizer has no chat template (r3 needs one to build conversations)")
+        self.tok = tokenizer
+        eos = tokenizer.eos_token
+        self.eos_id = tokenizer.eos_token_id
+        if eos is None or self.eos_id is None:
+            raise R3Error("the tokenizer has no end-of-sequence token")
+        self.stop_ids = sorted({self.eos_id} | set(self._extra_stops()))
+        probe = [{"role": "user", "content": "PROBE_Q"}, {"role": "assistant", "content": "PROBE_A"}]
+        before = self._render(probe, generation=False)
+        after = self._render(probe + [{"role": "user", "content": "PROBE_U"}], generation=True)
+        if not after.startswith(before) or "PROBE_A" not in before:
+            raise R3Error("the chat template re-renders earlier turns; r3 cannot continue conversations with it")
+        end = before.rfind(eos)
+        if end < before.rfind("PROBE_A"):
+            raise R3Error(f"the chat template does not close assistant turns with {eos!r}")
+        self._between = before[end + len(eos):]  # e.g. "\n" after <|im_end|>
+        head, _, tail = after[len(before):].partition("PROBE_U")
+        self._user_head, self._user_tail = head, tail
+
+    def _extra_stops(self):
+        for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
+            i = self.tok.convert_tokens_to_ids(name)
+            if isinstance(i, int) and i != getattr(self.tok, "unk_token_id", None) and i >= 0:
+                yield i
+
+    def _render(self, messages, generation: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self._render(messages, generation=True))
+
+    def user_turn(self, text: str, closed: bool = True) -> list[int]:
+        ids = [] if closed else [self.eos_id]
+        return ids + self.encode(self._between + self._user_head + text + self._user_tail)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class EpisodeSampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_attempt_tokens: int = 256
+    max_reflection_tokens: int = 128
+    max_retry_tokens: int = 256
+
+
+@dataclass
+class Episode:
+    """One batch of episodes. Rows are group-major: row ``g * G + j`` is reflection ``j`` of
+    failed query ``g``."""
+
+    sequences: list[list[int]]  # whole conversation per reflection sample
+    spans: list[tuple[int, int]]  # reflection tokens [start, end) in each sequence
+    rewards: torch.Tensor  # [n_groups, G] float32, 1 = the retry passed
+    queries: int  # first attempts made (0 when starting from stored failures)
+    first_success: int  # of those, how many passed (no training signal; counted)
+    group_examples: list[dict]  # the failed example of each group
+    generated_tokens: int  # all tokens sampled (attempts, reflections, retries)
+    records: list[dict] = field(default_factory=list)  # texts for logging, one per row
+    # Index into ``examples`` of each group's example, and each group's failed attempt (token ids).
+    group_indices: list[int] = field(default_factory=list)
+    attempts: list[list[int]] = field(default_factory=list)
+    # Every first attempt made and its verdict, one per example (empty with ``failed_attempts``).
+    first_attempts: list[list[int]] = field(default_factory=list)
+    first_passed: list[bool] = field(default_factory=list)
+    # Per row: the sampler's log-prob of each reflection / retry token (see r3.sampler), and
+    # the retry tokens' span [start, end) in the sequence (the retry runs to the sequence's end).
+    reflection_logprobs: list[list[float]] = field(default_factory=list)
+    retry_logprobs: list[list[float]] = field(default_factory=list)
+    retry_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def group_size(self) -> int:
+        return self.rewards.shape[1] if self.rewards.numel() else 0
+
+    def reflection_mask(self, i: int) -> list[int]:
+        start, end = self.spans[i]
+        return [1 if start <= p < end else 0 for p in range(len(self.sequences[i]))]
+
+
+def _presize(prompts, sampling: EpisodeSampling, turn_budget: int) -> int:
+    return max(len(p) for p in prompts) + sampling.max_attempt_tokens + sampling.max_reflection_tokens + sampling.max_retry_tokens + turn_budget
+
+
+def run_episode(
+    model,
+    tokenizer,
+    task,
+    examples: list[dict],
+    *,
+    group_size: int,
+    max_failures: int | None = None,
+    sampling: EpisodeSampling | None = None,
+    seed: int | None = None,
+    failed_attempts: list[list[int]] | None = None,
+    chat: ChatFormat | None = None,
+) -> Episode:
+    """Attempt every example (or start from ``failed_attempts``, the stored attempt token ids of
+    each example), keep up to ``max_failures`` failures, sample ``group_size`` reflections per
+    failure and one retry per reflection; reward = the retry passes."""
+    sampling = sampling or EpisodeSampling()
+    chat = chat or ChatFormat(tokenizer)
+    vocab = len(tokenizer)
+    stops = chat.stop_ids
+    kw = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stops)
+    prompts = [chat.prompt(task.messages(ex)) for ex in examples]
+    reflect_ids = chat.user_turn(task.reflection_prompt)
+    retry_ids = chat.user_turn(task.retry_prompt)
+    turn_budget = len(reflect_ids) + len(retry_ids) + 2
+    generated = 0
+    empty = Episode([], [], torch.zeros((0, group_size)), 0, 0, [], 0)
+    if not examples:
+        return empty
+
+    if failed_attempts is None:
+        session = Session.start(model, prompts, max_len=_presize(prompts, sampling, turn_budget), vocab_size=vocab, seed=seed)
+        first = session.sample(sampling.max_attempt_tokens, **kw)
+        generated += first.new_tokens
+        passed = [task.verify(ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
+        failed = [i for i, ok in enumerate(passed) if not ok]
+        if max_failures is not None:
+            failed = failed[:max_failures]
+        queries, first_success = len(examples), sum(passed)
+        first_attempts, first_passed = [list(t) for t in first.tokens], passed
+        if not failed:
+            return Episode([], [], torch.zeros((0, group_size)), queries, first_success, [], generated,
+                           first_attempts=first_attempts, first_passed=first_passed)
+        attempts = [first.tokens[i] for i in failed]
+        closed = [first.finished[i] for i in failed]
+        session = session.select(failed)
+    else:
+        if len(failed_attempts) != len(examples):
+            raise ValueError("failed_attempts must match examples one to one")
+        failed = list(range(len(examples)))
+        if max_failures is not None:
+            failed = failed[:max_failures]
+        attempts = [list(failed_attempts[i]) for i in failed]
+        closed = [bool(a) and a[-1] in stops for a in attempts]
+        full = [prompts[i] + a for i, a in zip(failed, attempts)]
+        session = Session.start(model, full, max_len=_presize(full, sampling, turn_budget) - sampling.max_attempt_tokens,
+                                vocab_size=vocab, seed=seed)
+        queries, first_success = 0, 0
+        first_attempts, first_passed = [], []
+
+    # Reflect: one prefill of [task, failed attempt, reflection prompt] per failure, then G forks.
+    session.append([chat.user_turn(task.reflection_prompt, c) for c in closed])
+    session = session.fork(group_size)
+    starts = session.lengths
+    refl = session.sample(sampling.max_reflection_tokens, **kw)
+    generated += refl.new_tokens
+    spans = [(s, s + n) for s, n in zip(starts, refl.lengths)]
+
+    # Retry, continuing the same cache.
+    session.append([chat.user_turn(task.retry_prompt, f) for f in refl.finished])
+    retry_starts = session.lengths
+    retry = session.sample(sampling.max_retry_tokens, **kw)
+    generated += retry.new_tokens
+
+    group_examples = [examples[i] for i in failed]
+    rewards, records = [], []
+    for r, (toks, ref_toks) in enumerate(zip(retry.tokens, refl.tokens)):
+        ex = group_examples[r // group_size]
+        retry_text = chat.decode(toks)
+        ok = task.verify(ex, retry_text)
+        rewards.append(1.0 if ok else 0.0)
+        records.append({
+            "example": ex,
+            "attempt": chat.decode(attempts[r // group_size]),
+            "reflection": chat.decode(ref_toks),
+            "retry": retry_text,
+            "reward": 1.0 if ok else 0.0,
+        })
+    return Episode(
+        sequences=[list(t) for t in session.tokens],
+        spans=spans,
+        rewards=torch.tensor(rewards, dtype=torch.float32).view(len(failed), group_size),
+        queries=queries,
+        first_success=first_success,
+        group_examples=group_examples,
+        generated_tokens=generated,
+        records=records,
+        group_indices=list(failed),
+        attempts=attempts,
+        first_attempts=first_attempts,
+        first_passed=first_passed,
+        reflection_logprobs=refl.logprobs,
+        retry_logprobs=retry.logprobs,
+        retry_spans=[(s, s + n) for s, n in zip(retry_starts, retry.lengths)],
+    )

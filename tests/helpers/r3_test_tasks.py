@@ -1,0 +1,26 @@
+"""A plug-in task for tests: a deterministic coin flip on the completion text, so a tiny random
+model gets both rewards (real GRPO signal) without being able to solve anything."""
+
+import hashlib
+
+from r3.tasks.base import Task
+
+
+class CoinTask(Task):
+    name = "coin"
+
+    def __init__(self, *, size: int = 64, **kw):
+        super().__init__(**kw)
+        self.size = int(size)
+
+    def examples(self, split="train", n=None, seed=0):
+        base = 0 if split == "train" else 10_000
+        items = [{"id": f"{split}-{i}", "word": f"item{base + i}"} for i in range(self.size)]
+        return items[:n] if n else items
+
+    def messages(self, example):
+        return [{"role": "user", "content": f"Say something about {example['word']}."}]
+
+    def _check(self, example, completion_text):
+        h = hashlib.sha256((example["id"] + completion_text).encode()).digest()[0]
+        return h % 2 == 0, "coin"

@@ -1,0 +1,224 @@
+"""The training loop: rank and micro-batch invariance of the update, resume, export, NaN guard,
+bad input. Tiny random models with the built-in tokenizer; a coin-flip task gives real signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": f"{HERE / 'helpers'}{os.pathsep}{HERE.parent}", "OMP_NUM_THREADS": "1"}
+BASE = ["--task", "r3_test_tasks:CoinTask", "--task-options", "{}", "--batch-size", "2", "--group-size", "4",
+        "--max-new-tokens", "6", "--dtype", "fp32", "--lr", "1e-3", "--micro-batch-size", "3",
+        "--warmup-steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, builtin):
+    from conftest import make_tiny_hf
+
+    d = tmp_path_factory.mktemp("tinytrain") / "model"
+    make_tiny_hf(d, "llama", vocab_size=49152, num_hidden_layers=2)
+    builtin[1].save_pretrained(str(d))
+    return d
+
+
+def run_train(args, nproc=None, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+           if nproc else [sys.executable]) + ["-m", "r3.train"] + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+UPDATE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    import torch.distributed as dist
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+
+    model_dir, out, micro, agg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    d = T.init_distributed()
+    cfg = TrainConfig(model=model_dir, dtype="fp32", micro_batch_size=micro, agg=agg, lr=1e-3, beta=0.05,
+                      update_epochs=2, max_reflection_tokens=8).validate()
+    policy, _ = load(model_dir, tokenizer=False)
+    reference, _ = load(model_dir, tokenizer=False)
+    with torch.no_grad():  # a reference that differs, so the KL term has a gradient
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    T.shard(policy, d, torch.float32); T.shard(reference, d, torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    # 6 sequences of different lengths and reflection spans, fixed advantages
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (9, 14, 7, 12, 10, 16)]
+    spans = [(3, 8), (5, 14), (2, 7), (4, 6), (6, 10), (8, 16)]
+    adv = [1.0, -0.5, 0.25, -1.0, 0.75, 0.0]
+    per = len(seqs) // d.world
+    mine = slice(d.rank * per, (d.rank + 1) * per)
+    mbs = T.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device)
+    n_mb = T.all_max(len(mbs), d)
+    padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
+    T.score_micro_batches(padded, reference, policy, 1.0)
+    stats = T.update(policy, opt, padded, len(mbs), cfg, d)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.rank == 0:
+        torch.save({"sd": sd, "loss": T.all_sum([stats["loss"]], d)[0], "skipped": stats["skipped"]}, out)
+    else:
+        T.all_sum([stats["loss"]], d)
+    dist.barrier()  # gloo can hang if one rank tears down while another is still in a collective
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_path, agg):
+    script = tmp_path / "upd.py"
+    script.write_text(UPDATE_SCRIPT)
+    results = {}
+    for name, nproc, micro in (("r1m6", None, 6), ("r1m1", None, 1), ("r2m2", 2, 2)):
+        out = tmp_path / f"{name}.pt"
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+               if nproc else [sys.executable]) + [str(script), str(tiny_model), str(out), str(micro), agg]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = torch.load(out)
+    from r3.checkpoint import load
+
+    start, _ = load(tiny_model, tokenizer=False)
+    ref = results["r1m6"]
+    moved = max((ref["sd"][k] - v).abs().max().item() for k, v in start.state_dict().items())
+    assert moved > 1e-4  # the update did something
+    assert not ref["skipped"]
+    for name in ("r1m1", "r2m2"):
+        other = results[name]
+        assert abs(other["loss"] - ref["loss"]) < 1e-5
+        for k, v in ref["sd"].items():
+            assert torch.allclose(other["sd"][k], v, atol=2e-6, rtol=1e-5), (name, k)
+
+
+def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from r3.checkpoint import load
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = BASE + ["--model", str(tiny_model), "--save-every", "2"]
+    run_train(args + ["--out", str(full), "--max-steps", "4"])
+    run_train(args + ["--out", str(part), "--max-steps", "4", "--stop-after", "2"])
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step_000002"]
+    proc = run_train(args + ["--out", str(part), "--max-steps", "4"])
+    assert "resumed from" in proc.stdout
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    keys = ("loss", "kl", "retry_success", "groups_with_signal", "reflection_tokens", "grad_norm", "lr")
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    assert sum(r["groups_with_signal"] for r in a) > 0 and any(r["grad_norm"] > 0 for r in a)
+    for k in ("step", "loss", "kl", "retry_success", "first_try_success", "groups_with_signal",
+              "reflection_tokens", "step_time_s"):
+        assert k in a[0]
+    wa, wb = load_weights(full / "export"), load_weights(part / "export")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the export loads in transformers and in r3 with the same logits, and differs from the start
+    start = load_weights(tiny_model)
+    assert any(not torch.equal(wa[k], start[k]) for k in wa)
+    hf = AutoModelForCausalLM.from_pretrained(str(full / "export")).eval()
+    ours, tok = load(full / "export")
+    ids = torch.tensor([tok("hello there, how are you")["input_ids"]])
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
+    assert (full / "samples.jsonl").is_file() and (full / "config.json").is_file()
+
+
+def test_nan_guard_skips_the_step(tiny_model, tmp_path):
+    """A non-finite loss never reaches the weights (nor a checkpoint)."""
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+
+    d = T.init_distributed()
+    cfg = TrainConfig(model=str(tiny_model), dtype="fp32", lr=1e-2).validate()
+    policy, _ = load(tiny_model, tokenizer=False)
+    T.shard(policy, d, torch.float32)
+    before = {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    mbs = T.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [float("nan")], 4, 0, d.device)
+    stats = T.update(policy, opt, mbs, 1, cfg, d)
+    assert stats["skipped"]
+    after = policy.state_dict()
+    assert all(torch.equal(before[k], after[k].full_tensor()) for k in before)
+    mbs = T.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [1.0], 4, 0, d.device)
+    stats = T.update(policy, opt, mbs, 1, cfg, d)
+    assert not stats["skipped"]
+    assert any(not torch.equal(before[k], v.full_tensor()) for k, v in policy.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bogus-key", "1"], "unknown flag '--bogus-key'"),
+        (["--task", "no_such_task"], "no_such_task"),
+        (["--group-size", "1"], "'group_size' must be >= 2"),
+        (["--lr", "abc"], "bad value 'abc' for 'lr'"),
+        (["--agg", "mean"], "'agg' must be"),
+        (["--failures", "/no/such/failures.jsonl"], "failure dataset '/no/such/failures.jsonl' does not exist"),
+        (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
+        (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, extra, message):
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1"] + extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], proc.stderr
+
+
+def test_incompatible_out_dir_is_refused_and_untouched(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = {"model": "something-else", "task": "countdown"}
+    (out / "config.json").write_text(json.dumps(saved))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_train(BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "1"], check=False)
+    assert proc.returncode == 2 and "holds a run with a different config" in proc.stderr
+    assert json.loads((out / "config.json").read_text()) == saved
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_config_file_and_overrides(tmp_path):
+    from r3.config import parse_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("group_size: 6\nlr: 1.0e-6\ntask_options:\n  difficulty: standard\n")
+    cfg = parse_args(["--config", str(f), "--lr", "3e-6", "--max-new-tokens", "32"])
+    assert cfg.group_size == 6 and cfg.lr == 3e-6 and cfg.task_options == {"difficulty": "standard"}
+    assert cfg.max_attempt_tokens == cfg.max_reflection_tokens == cfg.max_retry_tokens == 32
+    f.write_text("grop_size: 6\n")
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match="unknown key 'grop_size'"):
+        parse_args(["--config", str(f)])
