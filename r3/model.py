@@ -28,6 +28,7 @@ from r3.errors import R3Error
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+KV_BUCKET = 64
 
 
 @dataclass
@@ -413,8 +414,13 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=dev).expand(B, T)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
-        if cache is not None and kv_len is None:
-            kv_len = int(positions.max()) + 1
+        if cache is not None:
+            if kv_len is None:
+                kv_len = int(positions.max()) + 1
+            # Round the slots read up to a multiple of KV_BUCKET (the mask hides the extra ones):
+            # attention then sees few distinct shapes, and CPU kernels (oneDNN) are built once per
+            # shape instead of once per decode step.
+            kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         masks = self._masks(positions, kv_len if cache is not None else None)
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
