@@ -528,3 +528,18 @@ def test_config_round_trips(name, options):
     assert t2.config() == cfg
     assert t2.examples("test", n=3, seed=1) == t.examples("test", n=3, seed=1)
     assert t2.messages(t.examples("test", n=1)[0]) == t.messages(t.examples("test", n=1)[0])
+
+
+def test_countdown_answer_tags_false_reads_the_last_bare_equation():
+    from r3.tasks import get
+
+    lenient = get("countdown", difficulty="easy", answer_tags=False)
+    strict = get("countdown", difficulty="easy")
+    ex = {"nums": [4, 3], "target": 7}
+    assert lenient.verify(ex, "so 4 + 3 = 7.") and lenient.verify(ex, "(3+4)")
+    assert not strict.verify(ex, "so 4 + 3 = 7.")
+    assert not lenient.verify(ex, "4 + 3 first, then 4 - 3")  # the last equation counts
+    assert not lenient.verify(ex, "7")  # a bare number is no equation
+    assert not lenient.verify(ex, "<answer> 4 - 3 </answer> and 4 + 3")  # a tag block still wins
+    assert not lenient.verify(ex, "__import__('os') 4 + 3 ** 2")
+    assert lenient.verify(ex, "x" * 100_000 + " 4 + 3") is True

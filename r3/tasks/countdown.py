@@ -164,10 +164,29 @@ def check_answer(answer: str, nums: list[int], target: int) -> tuple[bool, str]:
         return False, f"rejected ({type(e).__name__})"
 
 
-def check_completion(text: Any, nums: list[int], target: int) -> tuple[bool, str]:
+_BARE_EXPR = re.compile(r"[0-9(][0-9+\-*/() ]*[+\-*/][0-9+\-*/() ]*[0-9)]")
+
+
+def last_bare_expression(text: str) -> str | None:
+    """The last run of digits, operators, parentheses and spaces that holds an operator (e.g.
+    ``4 + 3`` in ``... so 4 + 3 = 7.``), or None. For ``answer_tags=False``: tiny models rarely
+    follow the tag format, and a lenient reader lets them get signal at all."""
+    if len(text) > 16 * MAX_ANSWER_CHARS * 8:
+        text = text[-16 * MAX_ANSWER_CHARS * 8:]
+    last = None
+    for m in _BARE_EXPR.finditer(text):
+        last = m.group(0)
+    return last
+
+
+def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = True) -> tuple[bool, str]:
     if not isinstance(text, str):
         return False, "completion is not a string"
     answer = extract_answer(text)
+    if answer is None and not tags:
+        answer = last_bare_expression(text)
+        if answer is None:
+            return False, "no <answer> </answer> block and no bare equation"
     if answer is None:
         return False, "no <answer> </answer> block"
     return check_answer(answer, nums, target)
@@ -428,6 +447,7 @@ class CountdownTask(Task):
         test_size: int | None = None,
         prompt_template: str | None = None,
         format_example: bool = True,
+        answer_tags: bool = True,
         system_prompt: str | None = None,
         reflection_prompt: str | None = None,
         retry_prompt: str | None = None,
@@ -461,6 +481,8 @@ class CountdownTask(Task):
         self.train_size = opt_int("train_size", p["train_size"], lo=0)
         self.test_size = opt_int("test_size", p["test_size"], lo=0)
         self.format_example = opt_bool("format_example", format_example)
+        # False: without an <answer> block, the last bare equation in the text is the answer.
+        self.answer_tags = opt_bool("answer_tags", answer_tags)
         self.prompt_template = PROMPT_TEMPLATE if prompt_template is None else opt_str(
             "prompt_template", prompt_template, allow_empty=False)
         for ph in ("{nums}", "{target}"):
@@ -555,7 +577,7 @@ class CountdownTask(Task):
     # ---- verifier -----------------------------------------------------------------------
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
         nums = [_strict_int(x) for x in example["nums"]]
-        return check_completion(completion_text, nums, _strict_int(example["target"]))
+        return check_completion(completion_text, nums, _strict_int(example["target"]), tags=self.answer_tags)
 
 
 def _strict_int(v: Any) -> int:
