@@ -1,0 +1,356 @@
+"""Evaluate: accuracy at the first attempt and after one reflection + retry (the paper's table).
+
+``python -m r3.evaluate --model M [--model M2 ...] --task T --n N --out F.json``
+
+For each test query the model answers (greedy by default); when the answer fails the verifier the
+conversation continues with the task's reflection prompt, the model writes one reflection, then the
+retry prompt, and the model answers again. ``second_attempt_accuracy`` counts a query as solved
+when either the first attempt or the retry passes. Uses :func:`r3.episode.run_episode` with
+``group_size=1``, so evaluation and training build exactly the same conversations.
+
+With several ``--model`` values each is evaluated on the same queries and a table
+``model | acc 1st | acc 2nd | delta`` is printed. The JSON output keeps ``first_attempt_accuracy``,
+``second_attempt_accuracy`` and ``n`` of the first model at the top level and one entry per model
+under ``models`` (with per-example ``records`` when ``--records`` is given).
+
+:func:`evaluate_examples` is the library entry point (the training loop calls it for held-out
+evaluation). This module also holds the helpers the r3 CLIs share: :class:`Progress`,
+:func:`parse_task_options`, :func:`load_model` and :class:`ArgumentParser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from r3.errors import R3Error, cli_main
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the CLIs
+# --------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are an R3Error (one line, exit 2 under ``cli_main``) instead of
+    usage text."""
+
+    def error(self, message):
+        raise R3Error(f"{self.prog}: {message} (see --help)")
+
+
+def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; a value is parsed as JSON when it is valid JSON (numbers,
+    booleans, null, lists, quoted strings), else kept as the string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise R3Error(f"--task-option expects key=value, got {item!r}")
+        if key in out:
+            raise R3Error(f"--task-option {key} given twice")
+        try:
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            out[key] = value
+    return out
+
+
+def load_task(name: str, options: dict):
+    from r3.tasks import get
+
+    return get(name, **options)
+
+
+def positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise R3Error(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def pick_device_dtype(device: str | None, dtype: str):
+    import torch
+
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise R3Error(f"--device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise R3Error("--device cuda: CUDA is not available")
+    if dtype not in DTYPES:
+        raise R3Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dev, getattr(torch, DTYPES[dtype])
+
+
+def load_model(spec: str, dtype, device):
+    """(model, tokenizer) via :func:`r3.checkpoint.load`; a model without a tokenizer is an error."""
+    from r3.checkpoint import load
+
+    model, tok = load(spec, dtype=dtype, device=device)
+    if tok is None:
+        raise R3Error(f"{spec}: no tokenizer")
+    return model, tok
+
+
+def format_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = round(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class Progress:
+    """A progress line on stderr: ``label: done/total unit | rate | ETA | extra``.
+
+    On a terminal the line is rewritten in place; otherwise (logs, pipes) one line per update.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self._open = False
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        if not self.enabled:
+            return
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"{self.label}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+                f"ETA {format_duration(eta)} | elapsed {format_duration(dt)}" + (f" | {extra}" if extra else ""))
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self._open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_path(out: str, what: str = "--out") -> Path:
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise R3Error(f"{what} {out}: is a directory, expected a file")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise R3Error(f"{what} {out}: {parent} is not a directory")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_examples(
+    model,
+    tokenizer,
+    task,
+    examples: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    max_reflection_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 16,
+    seed: int = 0,
+    records: bool = False,
+    progress: Progress | bool | None = None,
+    chat=None,
+) -> dict:
+    """First attempt, then (for failures) one reflection and one retry, for every example.
+
+    Greedy by default (``temperature=0``). ``max_new_tokens`` bounds the attempt and the retry,
+    ``max_reflection_tokens`` the reflection (default: ``max_new_tokens``). Examples are run in
+    batches of ``batch_size`` through :func:`r3.episode.run_episode` (``group_size=1``).
+
+    Returns ``{"n", "first_success", "second_success", "first_attempt_accuracy",
+    "second_attempt_accuracy", "delta", "generated_tokens", "time_s"}`` and, with
+    ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
+    it failed, the reflection, the retry and the retry's verdict. ``progress``: a
+    :class:`Progress`, True for a default one on stderr, or None/False for none.
+    """
+    from r3.episode import ChatFormat, EpisodeSampling, run_episode
+
+    batch_size = positive_int("batch_size", batch_size)
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+    max_reflection_tokens = positive_int("max_reflection_tokens", max_reflection_tokens or max_new_tokens)
+    chat = chat or ChatFormat(tokenizer)
+    sampling = EpisodeSampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                               max_attempt_tokens=max_new_tokens, max_reflection_tokens=max_reflection_tokens,
+                               max_retry_tokens=max_new_tokens)
+    if progress is True:
+        progress = Progress(len(examples), "evaluate")
+    t0 = time.perf_counter()
+    first = second = generated = 0
+    out_records: list[dict] = []
+    for b, lo in enumerate(range(0, len(examples), batch_size)):
+        batch = examples[lo: lo + batch_size]
+        ep = run_episode(model, tokenizer, task, batch, group_size=1, sampling=sampling,
+                         seed=None if seed is None else seed + b, chat=chat)
+        retry_ok = [bool(r) for r in ep.rewards[:, 0].tolist()] if ep.rewards.numel() else []
+        first += ep.first_success
+        second += ep.first_success + sum(retry_ok)
+        generated += ep.generated_tokens
+        if records:
+            by_index = {gi: g for g, gi in enumerate(ep.group_indices)}
+            for i, ex in enumerate(batch):
+                rec = {"example": ex, "attempt": chat.decode(ep.first_attempts[i]), "attempt_correct": ep.first_passed[i]}
+                if i in by_index:
+                    row = ep.records[by_index[i]]  # group_size 1: group g is row g
+                    rec.update(reflection=row["reflection"], retry=row["retry"], retry_correct=retry_ok[by_index[i]])
+                out_records.append(rec)
+        if progress:
+            progress.update(min(lo + batch_size, len(examples)),
+                            f"acc 1st {first / (lo + len(batch)):.3f}, 2nd {second / (lo + len(batch)):.3f}")
+    if progress:
+        progress.close()
+    n = len(examples)
+    result = {
+        "n": n,
+        "first_success": first,
+        "second_success": second,
+        "first_attempt_accuracy": first / n if n else 0.0,
+        "second_attempt_accuracy": second / n if n else 0.0,
+        "delta": (second - first) / n if n else 0.0,
+        "generated_tokens": generated,
+        "time_s": round(time.perf_counter() - t0, 3),
+    }
+    if records:
+        result["records"] = out_records
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """The paper's table: model | acc 1st | acc 2nd | delta (accuracies in percent)."""
+    names = [str(r["model"]) for r in rows]
+    w = max([len("model")] + [len(s) for s in names])
+    lines = [f"{'model':<{w}} | acc 1st | acc 2nd |   delta", f"{'-' * w}-+---------+---------+---------"]
+    for name, r in zip(names, rows):
+        lines.append(f"{name:<{w}} | {100 * r['first_attempt_accuracy']:6.1f}% | "
+                     f"{100 * r['second_attempt_accuracy']:6.1f}% | {100 * r['delta']:+6.1f}%")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m r3.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", default=None,
+                   help="HF directory, .gguf file or built-in name; repeat to compare (default: smollm2-135m)")
+    p.add_argument("--task", default="countdown", help="task name or plug-in 'package.module:Class' (default: countdown)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option (value parsed as JSON when possible); repeatable")
+    p.add_argument("--n", type=int, default=100, help="test queries (default: 100)")
+    p.add_argument("--split", default="test", help="default: test")
+    p.add_argument("--seed", type=int, default=0, help="which examples (and the sampling seed when --temperature > 0)")
+    p.add_argument("--out", required=True, help="the JSON result file")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="attempt and retry limit (default: 256)")
+    p.add_argument("--max-reflection-tokens", type=int, default=None, help="default: --max-new-tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default: 16)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default: bf16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--records", action="store_true", help="keep per-example texts and verdicts in the JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    models = args.model or ["smollm2-135m"]
+    positive_int("--n", args.n)
+    positive_int("--max-new-tokens", args.max_new_tokens)
+    positive_int("--max-reflection-tokens", args.max_reflection_tokens, allow_none=True)
+    positive_int("--batch-size", args.batch_size)
+    from r3.sampler import check_sampling_args
+
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    out = check_out_path(args.out)
+    options = parse_task_options(args.task_option)
+    task = load_task(args.task, options)
+    examples = task.examples(args.split, args.n, args.seed)
+    if len(examples) < args.n:
+        print(f"note: the {args.split} split has only {len(examples)} examples", file=sys.stderr)
+    if not examples:
+        raise R3Error(f"task {args.task!r}: no {args.split} examples")
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    from r3.checkpoint import resolve
+
+    for spec in models:  # every path checked before spending time on the first model
+        resolve(spec)
+    settings = {
+        "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
+        "max_reflection_tokens": args.max_reflection_tokens or args.max_new_tokens,
+        "dtype": args.dtype, "device": str(device), "batch_size": args.batch_size,
+        "reflection_prompt": task.reflection_prompt, "retry_prompt": task.retry_prompt,
+    }
+    results: list[dict] = []
+    for spec in models:
+        print(f"evaluating {spec} on {args.task} ({len(examples)} {args.split} queries)", file=sys.stderr)
+        model, tok = load_model(spec, dtype, device)
+        res = evaluate_examples(
+            model, tok, task, examples, max_new_tokens=args.max_new_tokens,
+            max_reflection_tokens=args.max_reflection_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, batch_size=args.batch_size, seed=args.seed, records=args.records,
+            progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
+        )
+        del model
+        results.append({"model": spec, **res})
+        head = results[0]
+        write_json_atomic(out, {
+            "model": head["model"], "task": args.task, "task_options": options,
+            "synthetic_data": bool(getattr(task, "synthetic", False)),
+            "n": head["n"], "first_attempt_accuracy": head["first_attempt_accuracy"],
+            "second_attempt_accuracy": head["second_attempt_accuracy"], "delta": head["delta"],
+            "settings": settings, "models": results,
+        })
+    print(format_table(results))
+    print(f"[{len(examples)} {args.split} queries of {args.task}; wrote {out}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

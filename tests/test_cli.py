@@ -1,0 +1,394 @@
+"""The r3.failures and r3.evaluate CLIs (and their library functions): output files and their
+consistency, resume, crash-truncated lines, and one-line errors with exit code 2.
+
+Most runs use a tiny random model with the SmolLM2 tokenizer and the coin-flip plug-in task
+(``tests/helpers/r3_test_tasks.py``); the built-in model runs once per CLI (tiny n and lengths).
+CLIs are called in-process (``main([...])``); two subprocess runs check the real exit path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r3 import evaluate as E
+from r3 import failures as F
+from r3.checkpoint import load
+from r3.episode import ChatFormat, EpisodeSampling, run_episode
+from r3.sampler import generate
+
+HERE = Path(__file__).parent
+COIN = "r3_test_tasks:CoinTask"
+
+
+@pytest.fixture(autouse=True)
+def _helpers_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "helpers"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, builtin):
+    from test_episode import build_tiny_chat_model
+
+    return str(build_tiny_chat_model(tmp_path_factory.mktemp("cli") / "model", builtin[1]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tok = load(tiny_dir)
+    return model, tok, ChatFormat(tok)
+
+
+def coin_task(**kw):
+    sys.path.insert(0, str(HERE / "helpers"))
+    from r3.tasks import get
+
+    return get(COIN, **kw)
+
+
+def run_main(main, argv, capsys):
+    """-> (exit code, stdout, stderr) of an in-process CLI call."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_lines_before_cut(path):
+    return [json.loads(line) for line in Path(path).read_bytes().split(b"\n")[:-1]]
+
+
+def one_line_error(rc, err, pattern):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# r3.failures
+# --------------------------------------------------------------------------------------------
+
+
+def test_failures_tiny_rounds_records_and_training_reads_them(tiny_dir, tiny, tmp_path, capsys):
+    model, tok, chat = tiny
+    out = tmp_path / "f.jsonl"
+    argv = ["--model", tiny_dir, "--task", COIN, "--samples", "6", "--n", "12", "--out", str(out),
+            "--max-new-tokens", "6", "--batch-size", "8", "--dtype", "fp32", "--seed", "1"]
+    rc, stdout, err = run_main(F.main, argv, capsys)
+    assert rc == 0, err
+    assert "failures: " in err and "ETA" in err  # the progress line
+    task = coin_task()
+    examples = task.examples("train", 12)
+    keys = [F.example_key(ex) for ex in examples]
+    fails = read_lines(out)
+    done = read_lines(F.done_path(out))
+    head, passed = done[0], done[1:]
+    assert head["r3_failures"] == 1 and head["settings"]["samples"] == 6 and head["settings"]["task"] == COIN
+    assert sorted(r["key"] for r in fails + passed) == sorted(keys)  # every query once
+    assert len(fails) >= 6
+    by_key = dict(zip(keys, examples))
+    for r in fails:
+        assert r["example"] == by_key[r["key"]]
+        assert r["attempt_text"] == chat.decode(r["attempt_tokens"])
+        assert not task.verify(r["example"], r["attempt_text"])
+        assert 0 <= r["attempts_before_failure"] < 6 and r["samples"] == r["attempts_before_failure"] + 1
+        toks = r["attempt_tokens"]
+        assert r["finished"] == (toks[-1] in chat.stop_ids) and (r["finished"] or len(toks) == 6)
+    assert any(r["attempts_before_failure"] > 0 for r in fails)  # later rounds ran
+    assert all(p["samples"] == 6 for p in passed)
+    needed = sum(r["samples"] for r in fails) + 6 * len(passed)
+    rate = len(fails) / 12
+    assert f"{len(fails)}/12 queries failed" in stdout and f"failure rate {100 * rate:.1f}%" in stdout
+    assert f"samples needed {needed}" in stdout
+
+    # what r3.train reads, and an episode started from it
+    from r3.train import load_failures
+
+    recs = load_failures(str(out))
+    assert [r["key"] for r in recs] == [r["key"] for r in fails]
+    ep = run_episode(model, tok, task, [r["example"] for r in recs[:3]], group_size=2, chat=chat,
+                     sampling=EpisodeSampling(max_reflection_tokens=4, max_retry_tokens=4), seed=0,
+                     failed_attempts=[r["attempt_tokens"] for r in recs[:3]])
+    for g, r in enumerate(recs[:3]):
+        prompt = chat.prompt(task.messages(r["example"]))
+        assert ep.sequences[2 * g][: len(prompt) + len(r["attempt_tokens"])] == prompt + r["attempt_tokens"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
+    """The round logic against a fake sampler whose k-th attempt at query i is the tokens
+    [i, k]: a query fails exactly at its ``fail_at``-th attempt (0-based), or never."""
+    from types import SimpleNamespace
+
+    import r3.sampler
+
+    K = 6
+    fail_at = [0, 1, 2, 3, 5, None, 4, 0, None, 2]
+    counter = {}
+    calls = []
+
+    def fake_generate(model, prompts, *, num_samples, **kw):
+        calls.append((len(prompts), num_samples))
+        tokens = []
+        for (i,) in prompts:
+            for _ in range(num_samples):
+                tokens.append([i, counter.get(i, 0)])
+                counter[i] = counter.get(i, 0) + 1
+        return SimpleNamespace(tokens=tokens, finished=[True] * len(tokens), new_tokens=2 * len(tokens))
+
+    class Task:
+        def messages(self, ex):
+            return [{"role": "user", "content": str(ex["i"])}]
+
+        def verify(self, ex, text):
+            return json.loads(text)[1] != ex["fail_at"]
+
+    chat = SimpleNamespace(prompt=lambda m: [int(m[0]["content"])], decode=lambda t: json.dumps(t), stop_ids=[0])
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
+    monkeypatch.setattr(r3.sampler, "generate", fake_generate)
+    examples = [{"i": i, "fail_at": f} for i, f in enumerate(fail_at)]
+    got = []
+    stats = F.find_failures(model, list(range(100)), Task(), examples, samples=K, batch_size=batch_size, chat=chat,
+                            on_batch=lambda fails, passes: got.append((fails, passes)))
+    fails = {r["example"]["i"]: r for batch in got for r in batch[0]}
+    passes = {r["key"]: r for batch in got for r in batch[1]}
+    assert {i: r["attempts_before_failure"] for i, r in fails.items()} == {i: f for i, f in enumerate(fail_at) if f is not None}
+    for i, r in fails.items():
+        assert r["attempt_tokens"] == [i, fail_at[i]] and r["samples"] == fail_at[i] + 1
+    assert sorted(passes) == sorted(F.example_key(examples[i]) for i, f in enumerate(fail_at) if f is None)
+    assert all(p["samples"] == K for p in passes.values())
+    assert stats["failed"] == 8 and stats["passed"] == 2 and stats["queries"] == 10
+    assert stats["samples_needed"] == sum(f + 1 for f in fail_at if f is not None) + 2 * K
+    # never more than K attempts per query; a query stops being sampled in the round it fails
+    assert max(counter.values()) == K and all(counter[i] == K for i, f in enumerate(fail_at) if f is None)
+    assert stats["samples_drawn"] == sum(counter.values()) == sum(n * m for n, m in calls)
+    assert all(n * m <= batch_size or n == 1 for n, m in calls)
+    # rounds of 1, 2, then the rest (capped by the batch): attempts drawn up to the failing round
+    rounds = [1, 2, 3] if batch_size >= 3 else [1] * K
+    bounds = [sum(rounds[: j + 1]) for j in range(len(rounds))]
+    for i, f in enumerate(fail_at):
+        if f is not None:
+            assert counter[i] == next(b for b in bounds if b > f)
+
+
+def test_failures_attempt_tokens_are_the_samplers(tiny_dir, tiny, tmp_path, capsys):
+    """Greedy, one sample: the stored attempt is exactly the sampler's continuation of
+    ChatFormat(tokenizer).prompt(task.messages(example))."""
+    model, tok, chat = tiny
+    out = tmp_path / "g.jsonl"
+    rc, _, err = run_main(F.main, ["--model", tiny_dir, "--task", COIN, "--samples", "1", "--temperature", "0",
+                                   "--n", "5", "--out", str(out), "--max-new-tokens", "7", "--dtype", "fp32"], capsys)
+    assert rc == 0, err
+    task = coin_task()
+    examples = task.examples("train", 5)
+    greedy = generate(model, [chat.prompt(task.messages(ex)) for ex in examples], max_new_tokens=7, temperature=0,
+                      stop_token_ids=chat.stop_ids).tokens
+    expect = {F.example_key(ex): g for ex, g in zip(examples, greedy) if not task.verify(ex, chat.decode(g))}
+    assert expect and {r["key"]: r["attempt_tokens"] for r in read_lines(out)} == expect
+    assert len(read_lines(F.done_path(out))) == 1 + 5 - len(expect)
+
+
+def test_failures_resume_and_truncated_last_line(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    base = ["--model", tiny_dir, "--task", COIN, "--samples", "3", "--out", str(out), "--max-new-tokens", "4",
+            "--dtype", "fp32"]
+    assert run_main(F.main, base + ["--n", "4"], capsys)[0] == 0
+    first, first_done = out.read_bytes(), F.done_path(out).read_bytes()
+    # the same run again: nothing new, and it says so
+    rc, stdout, err = run_main(F.main, base + ["--n", "4"], capsys)
+    assert rc == 0 and "resuming" in err and "4 of 4 queries already done" in err
+    assert "0 sampled in this run" in stdout and "4 resumed" in stdout
+    assert out.read_bytes() == first and F.done_path(out).read_bytes() == first_done
+    # a crash mid-write leaves a cut line: dropped with a warning, then the run goes on
+    with open(out, "ab") as f:
+        f.write(b'{"key": "0123456789abcdef", "example": {"id": "tr')
+    assert [r["key"] for r in F.read_failures(out)] == [r["key"] for r in read_lines_before_cut(out)]
+    assert "truncated last line" in capsys.readouterr().err
+    rc, stdout, err = run_main(F.main, base + ["--n", "7"], capsys)
+    assert rc == 0 and "truncated last line" in err and "3 to sample" in err
+    fails = read_lines(out)  # every line parses again
+    done = read_lines(F.done_path(out))[1:]
+    assert out.read_bytes().startswith(first)
+    keys = [F.example_key(ex) for ex in coin_task().examples("train", 7)]
+    assert sorted(r["key"] for r in fails + done) == sorted(keys)
+    assert "7 resumed" not in stdout and "3 sampled in this run" in stdout
+    # another task into the same file is refused
+    rc, _, err = run_main(F.main, base + ["--n", "2", "--task-option", "size=10"], capsys)
+    one_line_error(rc, err, "task_options")
+
+
+def test_failures_builtin_smoke(tmp_path, capsys):
+    """The built-in model on easy Countdown: it fails (almost) everything at the first sample."""
+    out = tmp_path / "cd.jsonl"
+    argv = ["--task", "countdown", "--task-option", "difficulty=easy", "--samples", "2", "--n", "3",
+            "--max-new-tokens", "12", "--dtype", "bf16", "--out", str(out)]
+    rc, stdout, err = run_main(F.main, argv, capsys)
+    assert rc == 0, err
+    fails = read_lines(out)
+    head = read_lines(F.done_path(out))[0]
+    assert head["settings"]["task_options"] == {"difficulty": "easy"}
+    assert len(fails) + len(read_lines(F.done_path(out))) - 1 == 3
+    for r in fails:
+        assert set(r["example"]) >= {"nums", "target"} and 1 <= len(r["attempt_tokens"]) <= 12
+    assert "queries failed at least once" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# r3.evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def test_evaluate_examples_counts_and_records(tiny):
+    model, tok, chat = tiny
+    task = coin_task()
+    examples = task.examples("test", 10)
+    res = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=10, records=True)
+    # the first attempts are the greedy continuations of the prompts
+    greedy = generate(model, [chat.prompt(task.messages(ex)) for ex in examples], max_new_tokens=6, temperature=0,
+                      stop_token_ids=chat.stop_ids).tokens
+    first = [task.verify(ex, chat.decode(g)) for ex, g in zip(examples, greedy)]
+    assert res["n"] == 10 and res["first_success"] == sum(first)
+    recs = res["records"]
+    assert [r["attempt_correct"] for r in recs] == first
+    assert [r["attempt"] for r in recs] == [chat.decode(g) for g in greedy]
+    for r, ok in zip(recs, first):
+        assert ("reflection" in r) == (not ok) and ("retry" in r) == (not ok)
+        if not ok:
+            assert r["retry_correct"] == task.verify(r["example"], r["retry"])
+    assert res["second_success"] == res["first_success"] + sum(r.get("retry_correct", False) for r in recs)
+    assert res["second_attempt_accuracy"] == pytest.approx(res["second_success"] / 10)
+    assert res["first_attempt_accuracy"] == pytest.approx(res["first_success"] / 10)
+    assert res["delta"] == pytest.approx(res["second_attempt_accuracy"] - res["first_attempt_accuracy"])
+    assert 0 < res["first_success"] < res["second_success"]  # this seed/model: both kinds of gain
+    # batching does not change greedy results
+    again = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=3)
+    assert {k: again[k] for k in ("first_success", "second_success")} == {k: res[k] for k in ("first_success", "second_success")}
+    assert "records" not in again
+
+
+def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "sub" / "eval.json"
+    argv = ["--model", "smollm2-135m", "--model", tiny_dir, "--task", "countdown", "--task-option", "difficulty=easy",
+            "--n", "3", "--max-new-tokens", "12", "--dtype", "bf16", "--out", str(out), "--records"]
+    rc, stdout, err = run_main(E.main, argv, capsys)
+    assert rc == 0, err
+    assert "evaluate smollm2-135m: 3/3" in err and "ETA" in err
+    data = json.loads(out.read_text())
+    assert {"first_attempt_accuracy", "second_attempt_accuracy", "n", "model", "task", "settings", "models"} <= set(data)
+    assert data["n"] == 3 and data["model"] == "smollm2-135m" and data["task"] == "countdown"
+    assert data["task_options"] == {"difficulty": "easy"} and data["settings"]["temperature"] == 0.0
+    assert [m["model"] for m in data["models"]] == ["smollm2-135m", tiny_dir]
+    assert data["first_attempt_accuracy"] == data["models"][0]["first_attempt_accuracy"]
+    assert data["second_attempt_accuracy"] == data["models"][0]["second_attempt_accuracy"]
+    from r3.tasks import get
+
+    task = get("countdown", difficulty="easy")
+    for m in data["models"]:
+        assert m["n"] == 3 and len(m["records"]) == 3
+        assert m["second_attempt_accuracy"] >= m["first_attempt_accuracy"]
+        assert m["first_success"] == sum(r["attempt_correct"] for r in m["records"])
+        assert m["second_success"] == m["first_success"] + sum(r.get("retry_correct", False) for r in m["records"])
+        for r in m["records"]:
+            assert task.verify(r["example"], r["attempt"]) == r["attempt_correct"]
+    # the table
+    lines = stdout.strip().splitlines()
+    assert lines[0].split("|")[1:] == [" acc 1st ", " acc 2nd ", "   delta"]
+    assert lines[2].startswith("smollm2-135m") and lines[3].startswith(tiny_dir)
+    first = data["models"][0]
+    assert f"{100 * first['first_attempt_accuracy']:6.1f}%" in lines[2]
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, exit 2
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_failures_for_training(tmp_path):
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match="does not exist"):
+        F.read_failures(tmp_path / "none.jsonl")
+    hand = tmp_path / "hand.jsonl"  # a hand-made file: no keys needed
+    hand.write_text('{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 2]}\n')
+    assert F.read_failures(hand) == [{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 2]}]
+    for bad in ('{"example": {}, "attempt_tokens": []}\n', '{"example": {}, "attempt_tokens": ["a"]}\n',
+                '{"attempt_tokens": [1]}\n', '[1, 2]\n', 'nonsense\n'):
+        hand.write_text(bad)
+        with pytest.raises(R3Error):
+            F.read_failures(hand)
+
+
+def test_parse_task_options():
+    assert E.parse_task_options(["a=3", "b=true", "c=easy", "d=0.5", 'e="7"', "f=[1, 2]", "g=", "h=x=y"]) == {
+        "a": 3, "b": True, "c": "easy", "d": 0.5, "e": "7", "f": [1, 2], "g": "", "h": "x=y"}
+
+
+@pytest.mark.parametrize("cli,args,pattern", [
+    ("failures", ["--task", "nope"], "unknown task 'nope'"),
+    ("evaluate", ["--task", "nope"], "unknown task 'nope'"),
+    ("failures", ["--task", "countdown", "--task-option", "colour=red"], "unknown option colour"),
+    ("evaluate", ["--task", "countdown", "--task-option", "difficulty=extreme"], "difficulty"),
+    ("evaluate", ["--task-option", "difficulty"], "key=value"),
+    ("failures", ["--n", "0"], "--n must be a positive integer"),
+    ("evaluate", ["--n", "-3"], "--n must be a positive integer"),
+    ("evaluate", ["--n", "many"], "invalid int value"),
+    ("failures", ["--samples", "0"], "--samples"),
+    ("failures", ["--samples", "4", "--temperature", "0"], "greedy"),
+    ("evaluate", ["--temperature", "-1"], "temperature"),
+    ("evaluate", ["--split", "dev"], "unknown split 'dev'"),
+    ("failures", ["--model", "/no/such/model", "--n", "2"], "does not exist"),
+    ("evaluate", ["--model", "/no/such/model", "--n", "2"], "does not exist"),
+    ("failures", ["--dtype", "int4"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2(cli, args, pattern, tmp_path, capsys):
+    out = str(tmp_path / ("f.jsonl" if cli == "failures" else "e.json"))
+    main = F.main if cli == "failures" else E.main
+    rc, _, err = run_main(main, ["--out", out] + args, capsys)
+    one_line_error(rc, err, pattern)
+
+
+@pytest.mark.parametrize("content,pattern", [
+    (b"hello world\n", "not valid JSON"),
+    (b'{"no_key": 1}\n', "expected a JSON object with a key"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not"),
+    (b'{"key": "a", "example": {}, "attempt_tokens": [1]}\ngarbage without newline', "last line is not a record"),
+])
+def test_failures_refuses_a_foreign_out_file(content, pattern, tmp_path, capsys):
+    out = tmp_path / "f.jsonl"
+    out.write_bytes(content)
+    rc, _, err = run_main(F.main, ["--out", str(out), "--n", "2"], capsys)
+    one_line_error(rc, err, pattern)
+    assert out.read_bytes() == content  # left untouched
+
+
+def test_out_is_a_directory(tmp_path, capsys):
+    for main in (F.main, E.main):
+        rc, _, err = run_main(main, ["--out", str(tmp_path), "--n", "2"], capsys)
+        one_line_error(rc, err, "is a directory")
+
+
+@pytest.mark.parametrize("module,args,pattern", [
+    ("r3.evaluate", ["--model", "/no/such/model", "--n", "2", "--out", "{tmp}/e.json"], "does not exist"),
+    ("r3.failures", ["--n", "2", "--out", "{tmp}/bad.jsonl"], "not valid JSON"),
+])
+def test_subprocess_exit_2_without_traceback(module, args, pattern, tmp_path):
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, "-m", module] + [a.format(tmp=tmp_path) for a in args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], proc.stderr

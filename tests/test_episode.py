@@ -1,0 +1,387 @@
+"""The attempt / reflect / retry episode (r3.episode) on a tiny random model with the SmolLM2
+tokenizer and chat template: token layout and reflection mask against the chat template rendered
+independently, continuation against fresh prefills and teacher-forced forwards, rewards against
+the verifier, group-major rows, first-attempt successes, stored failed attempts.
+
+The tiny model is random but shaped so that it sometimes ends its turn: residual dimension 0 is a
+constant (no layer writes to it) and the LM head's ``<|im_end|>`` row reads only that dimension, so
+``<|im_end|>`` gets a steady logit -- both closed turns and turns cut at the token limit occur.
+The task is a hash coin on the completion text, so both verdicts occur too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from r3.checkpoint import load
+from r3.episode import ChatFormat, EpisodeSampling, run_episode
+from r3.sampler import generate
+from r3.tasks.base import Task
+
+EOS = 2  # <|im_end|> in the SmolLM2 tokenizer
+REFLECT_TURN = "\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2's template, by hand
+
+
+class CoinTask(Task):
+    """Passes iff a hash of (example id, completion text) is even; ``always`` forces a verdict."""
+
+    name = "coin"
+    default_reflection_prompt = "Reflect on what went wrong."
+    default_retry_prompt = "Try again, briefly."
+
+    def __init__(self, *, always: bool | None = None, **kw):
+        super().__init__(**kw)
+        self.always = always
+
+    def examples(self, split="train", n=None, seed=0):
+        return [{"id": f"{split}-{seed}-{i}", "word": f"item{i}"} for i in range(n or 8)]
+
+    def messages(self, example):
+        return [{"role": "user", "content": f"Say something about {example['word']}."}]
+
+    def _check(self, example, completion_text):
+        if self.always is not None:
+            return self.always, "forced"
+        h = hashlib.sha256((example["id"] + "|" + completion_text).encode()).digest()[0]
+        return h % 2 == 0, "coin"
+
+
+def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0):
+    """Save a tiny random Llama (SmolLM2 vocabulary, untied head) plus ``tokenizer`` to ``path``;
+    ``<|im_end|>`` gets a logit of about ``eos_logit * 1.2`` at every position."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(path, "llama", seed=seed, vocab_size=49152, tie_word_embeddings=False,
+                      max_position_embeddings=1024)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.weight"):
+                p.mul_(10.0)  # context matters: attention and MLP outputs are not negligible
+        emb = hf.model.embed_tokens.weight
+        emb.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+        emb[:, 0] = 8.0
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight[0].zero_()
+            layer.mlp.down_proj.weight[0].zero_()
+        hf.model.norm.weight[0] = 1.0
+        hf.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
+        hf.lm_head.weight[EOS].zero_()
+        hf.lm_head.weight[EOS, 0] = eos_logit
+    hf.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, builtin):
+    path = build_tiny_chat_model(tmp_path_factory.mktemp("episode") / "model", builtin[1])
+    model, tok = load(str(path))
+    return model, tok, ChatFormat(tok)
+
+
+SAMPLING = EpisodeSampling(temperature=1.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def episode(tiny):
+    model, tok, chat = tiny
+    task = CoinTask()
+    examples = task.examples(n=10)
+    ep = run_episode(model, tok, task, examples, group_size=4, sampling=SAMPLING, seed=3, chat=chat)
+    return task, examples, ep
+
+
+def raw(tok, ids):
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def split_row(ep, chat, task, r):
+    """Cut row ``r`` of an episode into its parts, checking the layout on the way."""
+    G = ep.group_size
+    g = r // G
+    seq = ep.sequences[r]
+    prompt = chat.prompt(task.messages(ep.group_examples[g]))
+    attempt = ep.attempts[g]
+    a_end = len(prompt) + len(attempt)
+    (r0, r1), (t0, t1) = ep.spans[r], ep.retry_spans[r]
+    assert seq[: len(prompt)] == prompt
+    assert seq[len(prompt): a_end] == attempt
+    assert t1 == len(seq) and a_end < r0 <= r1 < t0
+    return dict(seq=seq, prompt=prompt, attempt=attempt, reflect_turn=seq[a_end:r0], reflection=seq[r0:r1],
+                retry_turn=seq[r1:t0], retry=seq[t0:t1])
+
+
+def closed(ids):
+    return bool(ids) and ids[-1] == EOS
+
+
+# --------------------------------------------------------------------------------------------
+# layout, mask, chat template
+# --------------------------------------------------------------------------------------------
+
+
+def test_first_attempts_counted_and_only_failures_form_groups(tiny, episode):
+    _, tok, chat = tiny
+    task, examples, ep = episode
+    assert ep.queries == len(examples) == len(ep.first_attempts) == len(ep.first_passed)
+    verdicts = [task.verify(ex, chat.decode(a)) for ex, a in zip(examples, ep.first_attempts)]
+    assert verdicts == ep.first_passed
+    assert ep.first_success == sum(verdicts)
+    assert 0 < ep.first_success < len(examples)  # both outcomes happen
+    failed = [i for i, ok in enumerate(verdicts) if not ok]
+    assert ep.group_indices == failed
+    assert ep.group_examples == [examples[i] for i in failed]
+    assert ep.attempts == [ep.first_attempts[i] for i in failed]
+    assert ep.rewards.shape == (len(failed), 4) and ep.group_size == 4
+    assert len(ep.sequences) == len(ep.spans) == len(ep.records) == len(failed) * 4
+    # a passed query's attempt appears in no sequence; every row starts from its own failure
+    for r, seq in enumerate(ep.sequences):
+        g = r // 4
+        prompt = chat.prompt(task.messages(examples[failed[g]]))
+        assert seq[: len(prompt) + len(ep.attempts[g])] == prompt + ep.attempts[g]
+    # attempts are what the sampler gives: closed by <|im_end|> or cut at the limit
+    lengths = [len(a) for a in ep.first_attempts]
+    assert all(closed(a) or len(a) == SAMPLING.max_attempt_tokens for a in ep.first_attempts)
+    assert any(closed(a) for a in ep.first_attempts) and SAMPLING.max_attempt_tokens in lengths
+
+
+def test_layout_turns_and_reflection_mask(tiny, episode):
+    _, tok, chat = tiny
+    task, _, ep = episode
+    refl_turn = chat.encode(REFLECT_TURN.format(task.reflection_prompt))
+    retry_turn = chat.encode(REFLECT_TURN.format(task.retry_prompt))
+    seen = {"closed": 0, "cut": 0}
+    for r in range(len(ep.sequences)):
+        p = split_row(ep, chat, task, r)
+        # the user turns: <|im_end|> only when the model did not write one, then the template's text
+        assert p["reflect_turn"] == ([] if closed(p["attempt"]) else [EOS]) + refl_turn
+        assert p["retry_turn"] == ([] if closed(p["reflection"]) else [EOS]) + retry_turn
+        seen["closed" if closed(p["reflection"]) else "cut"] += 1
+        # the mask covers exactly the reflection's tokens
+        mask = ep.reflection_mask(r)
+        assert len(mask) == len(p["seq"])
+        masked = [t for t, m in zip(p["seq"], mask) if m]
+        start, end = ep.spans[r]
+        assert sum(mask) == end - start == len(p["reflection"]) > 0
+        assert mask[start - 1] == 0 and all(mask[start:end]) and not any(mask[end:])
+        assert masked == p["reflection"]
+        assert chat.decode(masked) == ep.records[r]["reflection"]
+        assert chat.decode(p["retry"]) == ep.records[r]["retry"]
+        assert chat.decode(p["attempt"]) == ep.records[r]["attempt"]
+        assert len(p["reflection"]) <= SAMPLING.max_reflection_tokens
+        assert closed(p["reflection"]) or len(p["reflection"]) == SAMPLING.max_reflection_tokens
+    assert seen["closed"] and seen["cut"]  # both kinds of reflection turn are exercised
+
+
+def _render(tok, task, example, parts) -> str:
+    """The conversation rendered by the tokenizer's chat template (not r3's ChatFormat) with the
+    decoded texts as messages, up to the retry's assistant header, plus the retry text."""
+    def content(ids):
+        return raw(tok, ids[:-1] if closed(ids) else ids)
+
+    messages = task.messages(example) + [
+        {"role": "assistant", "content": content(parts["attempt"])},
+        {"role": "user", "content": task.reflection_prompt},
+        {"role": "assistant", "content": content(parts["reflection"])},
+        {"role": "user", "content": task.retry_prompt},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + raw(tok, parts["retry"])
+
+
+def test_sequences_equal_the_chat_template_rendering(tiny, episode):
+    _, tok, chat = tiny
+    task, _, ep = episode
+    for r in range(len(ep.sequences)):
+        p = split_row(ep, chat, task, r)
+        assert raw(tok, p["seq"]) == _render(tok, task, ep.group_examples[r // ep.group_size], p)
+
+
+def test_sequences_equal_the_tokenized_rendering_when_canonical(tiny):
+    """Token level: with canonical contents (a stored attempt written as text, one-token
+    reflections and retries), tokenising the template's rendering gives the sequence's ids."""
+    model, tok, chat = tiny
+    task = CoinTask(always=False)
+    examples = task.examples(n=6)
+    attempts = [chat.encode(f"Item {i} is a fine thing.") + ([EOS] if i % 2 else []) for i in range(6)]
+    sampling = EpisodeSampling(temperature=1.0, max_reflection_tokens=1, max_retry_tokens=1)
+    ep = run_episode(model, tok, task, examples, group_size=3, sampling=sampling, seed=1,
+                     failed_attempts=attempts, chat=chat)
+    checked = 0
+    for r in range(len(ep.sequences)):
+        p = split_row(ep, chat, task, r)
+        segs = [p["reflection"], p["retry"]]
+        if any(s != [EOS] and chat.encode(raw(tok, s)) != s for s in segs):
+            continue  # a single token that is not its text's canonical tokenisation
+        rendered = _render(tok, task, ep.group_examples[r // 3], p)
+        assert tok(rendered, add_special_tokens=False)["input_ids"] == p["seq"]
+        checked += 1
+    assert checked >= len(ep.sequences) // 2
+
+
+# --------------------------------------------------------------------------------------------
+# continuation consistency
+# --------------------------------------------------------------------------------------------
+
+
+def test_logprobs_equal_teacher_forced_forward(tiny, episode):
+    """The sampler's log-probs of every reflection and retry token (temperature 1, no filtering)
+    equal log_softmax of one fresh forward over the whole conversation."""
+    model, _, chat = tiny
+    task, _, ep = episode
+    assert len(ep.reflection_logprobs) == len(ep.retry_logprobs) == len(ep.sequences)
+    worst = 0.0
+    for r, seq in enumerate(ep.sequences):
+        with torch.no_grad():
+            logp = model(torch.tensor([seq]))[0].float().log_softmax(-1)
+        for (start, end), got in ((ep.spans[r], ep.reflection_logprobs[r]), (ep.retry_spans[r], ep.retry_logprobs[r])):
+            assert len(got) == end - start
+            ref = logp[torch.arange(start - 1, end - 1), torch.tensor(seq[start:end])]
+            diff = (ref - torch.tensor(got)).abs().max().item()
+            assert not math.isnan(diff), "NaN log-prob"
+            worst = max(worst, diff)
+    assert worst < 1e-4, worst
+
+
+def test_greedy_continuation_equals_fresh_prefill(tiny):
+    """Greedy: the reflection and the retry equal what a fresh prefill of the conversation so far
+    generates; the G rows of a group are identical."""
+    model, tok, chat = tiny
+    task = CoinTask(always=False)
+    examples = task.examples(n=5, seed=1)
+    sampling = EpisodeSampling(temperature=0.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+    ep = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, chat=chat)
+    assert ep.first_success == 0 and ep.group_indices == list(range(5))
+    for g in range(5):
+        assert ep.sequences[2 * g] == ep.sequences[2 * g + 1]
+    rows = range(0, 10, 2)
+    for limit, spans in ((8, ep.spans), (10, ep.retry_spans)):
+        prefixes = [ep.sequences[r][: spans[r][0]] for r in rows]
+        fresh = generate(model, prefixes, max_new_tokens=limit, temperature=0, stop_token_ids=chat.stop_ids)
+        assert fresh.tokens == [ep.sequences[r][spans[r][0]: spans[r][1]] for r in rows]
+    # the first attempts too
+    prompts = [chat.prompt(task.messages(ex)) for ex in examples]
+    assert generate(model, prompts, max_new_tokens=10, temperature=0, stop_token_ids=chat.stop_ids).tokens == ep.first_attempts
+
+
+# --------------------------------------------------------------------------------------------
+# rewards, groups
+# --------------------------------------------------------------------------------------------
+
+
+def test_rewards_are_the_verdicts_on_the_retries_group_major(tiny, episode):
+    _, tok, chat = tiny
+    task, _, ep = episode
+    G = ep.group_size
+    flat = ep.rewards.view(-1).tolist()
+    for r in range(len(ep.sequences)):
+        ex = ep.group_examples[r // G]  # row g * G + j belongs to group g
+        assert ep.records[r]["example"] == ex
+        retry = ep.sequences[r][ep.retry_spans[r][0]:]
+        ok = task.verify(ex, chat.decode(retry))
+        assert flat[r] == ep.records[r]["reward"] == (1.0 if ok else 0.0)
+        assert ep.rewards[r // G, r % G].item() == flat[r]
+    assert 0.0 in flat and 1.0 in flat
+    assert ep.rewards.dtype == torch.float32
+
+
+def test_group_reflections_differ_and_share_their_context(tiny, episode):
+    _, _, chat = tiny
+    task, _, ep = episode
+    G = ep.group_size
+    for g in range(len(ep.group_examples)):
+        parts = [split_row(ep, chat, task, g * G + j) for j in range(G)]
+        refl = [tuple(p["reflection"]) for p in parts]
+        assert len(set(refl)) == G  # temperature 1: G different reflections
+        starts = {ep.spans[g * G + j][0] for j in range(G)}
+        assert len(starts) == 1  # one shared prefix: prompt + attempt + reflection turn
+        assert len({tuple(p["seq"][: ep.spans[g * G][0]]) for p in parts}) == 1
+
+
+def test_generated_token_count(episode):
+    _, _, ep = episode
+    total = sum(len(a) for a in ep.first_attempts)
+    total += sum(e - s for s, e in ep.spans) + sum(e - s for s, e in ep.retry_spans)
+    assert ep.generated_tokens == total
+
+
+def test_max_failures_and_all_passed(tiny):
+    model, tok, chat = tiny
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=5), group_size=2, max_failures=2, sampling=SAMPLING,
+                     seed=0, chat=chat)
+    assert ep.queries == 5 and ep.first_success == 0
+    assert ep.group_indices == [0, 1] and ep.rewards.shape == (2, 2) and len(ep.sequences) == 4
+
+    ok = CoinTask(always=True)
+    ep = run_episode(model, tok, ok, ok.examples(n=3), group_size=2, sampling=SAMPLING, seed=0, chat=chat)
+    assert (ep.queries, ep.first_success) == (3, 3)
+    assert ep.sequences == [] and ep.group_examples == [] and ep.rewards.shape == (0, 2)
+    assert ep.first_passed == [True] * 3 and len(ep.first_attempts) == 3
+    assert ep.generated_tokens == sum(len(a) for a in ep.first_attempts)
+
+    assert run_episode(model, tok, ok, [], group_size=2, chat=chat).queries == 0
+
+
+# --------------------------------------------------------------------------------------------
+# starting from stored failed attempts
+# --------------------------------------------------------------------------------------------
+
+
+def test_failed_attempts_mode_builds_the_same_conversations(tiny):
+    """Greedy: an episode started from the stored attempts of an earlier episode builds exactly
+    the same sequences, spans, rewards and records (no first attempts are made or counted)."""
+    model, tok, chat = tiny
+    task = CoinTask()
+    examples = task.examples(n=8, seed=2)
+    sampling = EpisodeSampling(temperature=0.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+    fresh = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, chat=chat)
+    assert 0 < len(fresh.group_examples) < 8
+    stored = run_episode(model, tok, task, fresh.group_examples, group_size=2, sampling=sampling, chat=chat,
+                         failed_attempts=fresh.attempts)
+    assert (stored.queries, stored.first_success, stored.first_attempts) == (0, 0, [])
+    assert stored.group_indices == list(range(len(fresh.group_examples)))
+    assert stored.attempts == fresh.attempts
+    assert stored.sequences == fresh.sequences
+    assert stored.spans == fresh.spans and stored.retry_spans == fresh.retry_spans
+    assert torch.equal(stored.rewards, fresh.rewards)
+    assert stored.records == fresh.records
+    assert torch.allclose(torch.tensor([x for row in stored.reflection_logprobs for x in row]),
+                          torch.tensor([x for row in fresh.reflection_logprobs for x in row]), atol=1e-5)
+
+
+def test_failed_attempts_mode_layout_at_temperature_one(tiny):
+    """Stored attempts, closed or cut: the same layout as a sampled episode; max_failures keeps
+    the first ones; a count mismatch is an error."""
+    model, tok, chat = tiny
+    task = CoinTask()
+    examples = task.examples(n=4, seed=5)
+    attempts = [chat.encode("Something about it.") + [EOS], chat.encode("Half a"), [EOS], chat.encode("x y z")]
+    ep = run_episode(model, tok, task, examples, group_size=3, sampling=SAMPLING, seed=4, failed_attempts=attempts,
+                     max_failures=3, chat=chat)
+    assert ep.queries == 0 and ep.group_examples == examples[:3] and ep.attempts == attempts[:3]
+    refl_turn = chat.encode(REFLECT_TURN.format(task.reflection_prompt))
+    for r in range(len(ep.sequences)):
+        p = split_row(ep, chat, task, r)
+        assert p["reflect_turn"] == ([] if closed(p["attempt"]) else [EOS]) + refl_turn
+        assert raw(tok, p["seq"]) == _render(tok, task, ep.group_examples[r // 3], p)
+        assert ep.rewards.view(-1)[r].item() == float(task.verify(ep.group_examples[r // 3], chat.decode(p["retry"])))
+    with pytest.raises(ValueError, match="one to one"):
+        run_episode(model, tok, task, examples, group_size=2, failed_attempts=attempts[:2], chat=chat)
+
+
+def test_chat_format_rejects_a_tokenizer_without_template(tiny):
+    from r3.errors import R3Error
+
+    _, tok, _ = tiny
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(R3Error, match="chat template"):
+        ChatFormat(NoTemplate())
+    assert ChatFormat(tok).stop_ids == [EOS]
