@@ -59,6 +59,7 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # 0 = evaluate only before the first and after the last step
     eval_n: int = 0  # held-out queries per evaluation (0 = no evaluation during training)
+    eval_temperature: float = 0.0  # 0 = greedy first attempt, reflection and retry
     samples_every: int = 1  # write a few reflections to samples.jsonl every N steps
     log_samples: int = 2
     stop_after: int = 0  # end this process after that step, as if interrupted (0 = run to max_steps)
@@ -79,7 +80,7 @@ class TrainConfig:
                      "save_every", "keep_last", "candidates_per_failure", "lr"):
             positive(name)
         for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
-                     "eval_every", "eval_n", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
+                     "eval_every", "eval_n", "eval_temperature", "eval_temperature", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
             positive(name, allow_zero=True)
         if self.group_size < 2:
             raise R3Error(f"config: 'group_size' must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
@@ -201,8 +202,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
             if key not in _FIELDS:
                 raise R3Error(f"{config_file[-1]}: unknown key '{k}' (see python -m r3.train --help)")
             values[key] = (v, config_file[-1])
+    task_option_pairs = [v for k, v in pairs if k == "task_option"]
     for k, v in pairs:
-        if k == "config":
+        if k in ("config", "task_option"):
             continue
         if k not in _FIELDS:
             close = [f for f in _FIELDS if f.startswith(k[:4])]
@@ -213,11 +215,23 @@ def parse_args(argv: list[str]) -> TrainConfig:
     kwargs = {}
     for k, (v, source) in values.items():
         kwargs[k] = _coerce(k, v, getattr(cfg, k), source)
+    if task_option_pairs:  # --task-option key=value (repeatable), as in the other CLIs
+        opts = dict(kwargs.get("task_options", TrainConfig().task_options))
+        for pair in task_option_pairs:
+            key, eq, raw = pair.partition("=")
+            if not eq or not key:
+                raise R3Error(f"--task-option expects key=value, got {pair!r}")
+            try:
+                opts[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                opts[key] = raw
+        kwargs["task_options"] = opts
     return TrainConfig(**kwargs).validate()
 
 
 def _help() -> str:
-    lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]", "", "keys (default):"]
+    lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]",
+             "       [--task-option key=value ...]  (merged into task_options)", "", "keys (default):"]
     d = TrainConfig().to_dict()
     for name in _FIELDS:
         lines.append(f"  --{name.replace('_', '-'):<26} {d[name]!r}")

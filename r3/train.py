@@ -174,25 +174,6 @@ class QueryStream:
         return out
 
 
-def load_failures(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise R3Error(f"failure dataset '{path}' does not exist (make one with python -m r3.failures)")
-    records = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise R3Error(f"{path}: line {n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "example" not in rec or "attempt_tokens" not in rec:
-                raise R3Error(f"{path}: line {n}: expected a record with 'example' and 'attempt_tokens'")
-            records.append(rec)
-    return records
-
-
 # --------------------------------------------------------------------------------------------
 # Update
 # --------------------------------------------------------------------------------------------
@@ -447,6 +428,7 @@ def format_eta(seconds: float) -> str:
 
 def train(cfg: TrainConfig) -> dict:
     from r3.episode import EpisodeSampling, run_episode
+    from r3.failures import read_failures
     from r3.tasks import get as get_task
 
     d = init_distributed()
@@ -456,7 +438,7 @@ def train(cfg: TrainConfig) -> dict:
     from r3.checkpoint import resolve
 
     resolve(cfg.model)  # a bad model path fails before anything is written
-    failures = load_failures(cfg.failures) if cfg.failures else None
+    failures = read_failures(cfg.failures) if cfg.failures else None
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)
@@ -484,6 +466,7 @@ def train(cfg: TrainConfig) -> dict:
             p.unlink(missing_ok=True)
     elif d.main:
         _truncate_jsonl(metrics_path, start_step)
+        _truncate_jsonl(out / "eval.jsonl", start_step)
 
     sampling = EpisodeSampling(
         temperature=cfg.temperature,
@@ -496,6 +479,11 @@ def train(cfg: TrainConfig) -> dict:
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     local_q = cfg.batch_size // d.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if start_step == 0 and cfg.eval_n:
+        if d.main:
+            (out / "eval.jsonl").unlink(missing_ok=True)
+        sync_rollout_weights(policy, rollout_model)
+        held_out_eval(rollout_model, tokenizer, task, cfg, d, 0, out)
     run_start = time.time()
     last = {}
     for step in range(start_step, cfg.max_steps):
@@ -592,6 +580,9 @@ def train(cfg: TrainConfig) -> dict:
                 + (" | SKIPPED (non-finite)" if skipped else ""),
                 flush=True,
             )
+        if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
+            sync_rollout_weights(policy, rollout_model)
+            held_out_eval(rollout_model, tokenizer, task, cfg, d, step + 1, out)
         interrupted = cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < cfg.max_steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or interrupted:
             save_checkpoint(out, step + 1, policy, optimizer, scheduler, stream, cfg, d)
@@ -605,6 +596,29 @@ def train(cfg: TrainConfig) -> dict:
         print(f"done: metrics {metrics_path}, samples {samples_path}, checkpoints {out / 'checkpoints'}, "
               f"Hugging Face export {path}", flush=True)
     return last
+
+
+def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, step: int, out: Path) -> dict | None:
+    """First- and second-attempt accuracy on ``eval_n`` test queries (split over ranks)."""
+    from r3.evaluate import evaluate_examples
+
+    if not cfg.eval_n:
+        return None
+    examples = task.examples("test", n=cfg.eval_n, seed=cfg.seed)
+    mine = examples[d.rank::d.world]
+    res = evaluate_examples(
+        rollout_model, tokenizer, task, mine, max_new_tokens=max(cfg.max_attempt_tokens, cfg.max_retry_tokens),
+        max_reflection_tokens=cfg.max_reflection_tokens, temperature=cfg.eval_temperature, top_p=cfg.top_p,
+        top_k=cfg.top_k, seed=cfg.seed + 17, batch_size=32,
+    ) if mine else {"n": 0, "first_success": 0, "second_success": 0}
+    n, first, second = all_sum([res["n"], res["first_success"], res["second_success"]], d)
+    row = {"step": step, "n": int(n), "first_attempt_accuracy": first / max(n, 1),
+           "second_attempt_accuracy": second / max(n, 1)}
+    if d.main:
+        _append_jsonl(out / "eval.jsonl", row)
+        print(f"eval @ step {step}: first attempt {row['first_attempt_accuracy']:.3f}, "
+              f"second attempt {row['second_attempt_accuracy']:.3f} (n={int(n)})", flush=True)
+    return row
 
 
 def _finite_or_none(v):

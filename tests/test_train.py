@@ -124,7 +124,7 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     from r3.checkpoint import load
 
     full, part = tmp_path / "full", tmp_path / "part"
-    args = BASE + ["--model", str(tiny_model), "--save-every", "2"]
+    args = BASE + ["--model", str(tiny_model), "--save-every", "2", "--eval-n", "4"]
     run_train(args + ["--out", str(full), "--max-steps", "4"])
     run_train(args + ["--out", str(part), "--max-steps", "4", "--stop-after", "2"])
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step_000002"]
@@ -140,6 +140,9 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     for k in ("step", "loss", "kl", "retry_success", "first_try_success", "groups_with_signal",
               "reflection_tokens", "step_time_s"):
         assert k in a[0]
+    ea = [json.loads(x) for x in (full / "eval.jsonl").read_text().splitlines()]
+    eb = [json.loads(x) for x in (part / "eval.jsonl").read_text().splitlines()]
+    assert ea == eb and [r["step"] for r in ea] == [0, 4] and ea[0]["n"] == 4
     wa, wb = load_weights(full / "export"), load_weights(part / "export")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # the export loads in transformers and in r3 with the same logits, and differs from the start
@@ -217,6 +220,8 @@ def test_config_file_and_overrides(tmp_path):
     cfg = parse_args(["--config", str(f), "--lr", "3e-6", "--max-new-tokens", "32"])
     assert cfg.group_size == 6 and cfg.lr == 3e-6 and cfg.task_options == {"difficulty": "standard"}
     assert cfg.max_attempt_tokens == cfg.max_reflection_tokens == cfg.max_retry_tokens == 32
+    cfg = parse_args(["--config", str(f), "--task-option", "max_num=30", "--task-option", "ops=+-"])
+    assert cfg.task_options == {"difficulty": "standard", "max_num": 30, "ops": "+-"}
     f.write_text("grop_size: 6\n")
     from r3.errors import R3Error
 
