@@ -17,27 +17,42 @@ from typing import Any
 from r3.errors import R3Error
 
 
+DEFAULT_TASK_OPTIONS = {
+    "difficulty": "easy",
+    "answer_tags": False,
+    "min_count": 2,
+    "max_count": 2,
+    "max_num": 30,
+    "max_target": 60,
+    "train_size": 600,
+    "test_size": 90,
+    "prompt_template": "Write an equation that uses the numbers {nums} once each, with + or -, and equals {target}.",
+}
+
+
 @dataclass
 class TrainConfig:
     # what to train
     model: str = "smollm2-135m"
     task: str = "countdown"
-    task_options: dict = field(default_factory=lambda: {"difficulty": "easy", "format_example": True})
+    # The default task gives the built-in 135M model signal (it solves ~0% of standard Countdown):
+    # two numbers, + and -, a plain prompt, the last bare equation is the answer.
+    task_options: dict = field(default_factory=lambda: dict(DEFAULT_TASK_OPTIONS))
     failures: str | None = None  # a failure dataset (python -m r3.failures); None = fresh first attempts
     out: str = "runs/r3"
     # rollout
     batch_size: int = 8  # failed queries per optimizer step (all ranks together)
-    group_size: int = 4  # reflections per failed query (the GRPO group)
+    group_size: int = 8  # reflections per failed query (the GRPO group)
     candidates_per_failure: float = 2.0  # first attempts sampled per needed failure (fresh mode)
     max_new_tokens: int | None = None  # sets the three limits below at once
-    max_attempt_tokens: int = 96
-    max_reflection_tokens: int = 64
-    max_retry_tokens: int = 96
-    temperature: float = 1.0
+    max_attempt_tokens: int = 48
+    max_reflection_tokens: int = 48
+    max_retry_tokens: int = 48
+    temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
     # optimisation
-    lr: float = 2e-5  # the paper used 5e-7 on 1.5B-8B models; a 135M model on CPU needs more
+    lr: float = 3e-5  # the paper used 5e-7 on 1.5B-8B models; a 135M model on CPU needs more
     warmup_steps: int = 2
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
@@ -54,8 +69,8 @@ class TrainConfig:
     # precision and runtime
     dtype: str = "bf16"  # compute dtype; master weights and optimizer state stay fp32
     seed: int = 0
-    max_steps: int = 20
-    save_every: int = 10
+    max_steps: int = 40
+    save_every: int = 20
     keep_last: int = 2
     eval_every: int = 0  # 0 = evaluate only before the first and after the last step
     eval_n: int = 0  # held-out queries per evaluation (0 = no evaluation during training)
