@@ -541,7 +541,7 @@ def train(cfg: TrainConfig) -> dict:
         row = {
             "step": step + 1,
             "loss": loss_g,
-            "kl": kl_g / tok_g if tok_g else 0.0,
+            "kl": kl_g / tok_g if tok_g else None,  # None: no token trained this step
             "retry_success": rew_g / nrefl_g if nrefl_g else 0.0,
             "first_try_success": fs_g / q_g if (q_g and failures is None) else None,
             "groups": int(groups_g),
@@ -573,7 +573,7 @@ def train(cfg: TrainConfig) -> dict:
             eta = rate * (cfg.max_steps - step - 1)
             fts = "  n/a" if row["first_try_success"] is None else f"{row['first_try_success']:.2f}"
             print(
-                f"step {step + 1}/{cfg.max_steps} | loss {loss_g:+.4f} | kl {row['kl']:.2e} | "
+                f"step {step + 1}/{cfg.max_steps} | loss {loss_g:+.4f} | kl {row['kl'] or 0.0:.2e} | "
                 f"retry {row['retry_success']:.2f} | first {fts} | signal {int(sig_g)}/{int(groups_g)} | "
                 f"{step_time:.1f}s/step (rollout {row['rollout_time_s']:.1f}, ref {row['reference_time_s']:.1f}, "
                 f"update {row['update_time_s']:.1f}) | ETA {format_eta(eta)}"
