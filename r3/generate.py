@@ -1,0 +1,123 @@
+"""Chat with a model from the command line: ``python -m r3.generate --prompt "Hi"``.
+
+Applies the tokenizer's chat template (with the generation prompt), samples with
+:func:`r3.sampler.generate`, stops at the end-of-turn token, and prints each completion and the
+throughput. Mistakes (a bad model path, a bad flag value) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from r3.errors import R3Error, cli_main
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m r3.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--num-samples", type=int, default=1, help="completions to sample (one shared prefill)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    """Token ids of a chat with the generation prompt (transformers 4 returns a list, 5 may
+    return a BatchEncoding / dict)."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # no chat template, or a broken one
+        raise R3Error(f"cannot apply the tokenizer's chat template ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if hasattr(ids, "keys") and "input_ids" in ids:
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's eos, <|im_end|> / <|eot_id|> / <|endoftext|> when they exist, and the
+    model config's eos id(s)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"):
+        if name in vocab:
+            ids.add(int(vocab[name]))
+    eos = model.config.eos_token_id
+    for e in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if e is not None:
+            ids.add(int(e))
+    return sorted(i for i in ids if 0 <= i < len(tokenizer))
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise R3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
+    import torch
+
+    from r3.checkpoint import load
+    from r3.sampler import check_sampling_args, generate
+
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise R3Error(f"--device: unknown device '{args.device}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise R3Error("--device cuda: CUDA is not available")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+
+    model, tok = load(args.model, dtype=dtype, device=device)
+    if tok is None:
+        raise R3Error(f"{args.model}: no tokenizer")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    prompt = chat_ids(tok, messages)
+    stops = stop_ids(tok, model)
+    out = generate(
+        model,
+        [prompt],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        stop_token_ids=stops,
+        seed=args.seed,
+        vocab_size=min(len(tok), model.config.vocab_size),
+    )
+    for i, (toks, fin) in enumerate(zip(out.tokens, out.finished)):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}/{args.num_samples} ({len(toks)} tokens{'' if fin else ', truncated'}) ---")
+        print(tok.decode(toks, skip_special_tokens=True).strip())
+    print(
+        f"[{out.new_tokens} tokens, prompt {len(prompt)} tokens; prefill {out.prefill_s:.2f}s, "
+        f"decode {out.decode_s:.2f}s, {out.tokens_per_s:.1f} tokens/s; {args.model} {dtype_name} on {device}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""The KV-cache sampler against transformers' generate and against teacher-forced full forwards.
+
+Greedy comparisons allow a difference only at an exact near-tie of the two best logits (the
+reference and our model agree to ~1e-6 in fp32 on tiny models and ~1e-3 on the built-in GGUF, so
+a tie closer than that can legitimately flip); everything after the first such tie is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from r3.checkpoint import load
+from r3.errors import R3Error
+from r3.model import ModelConfig, Transformer
+from r3.sampler import FastStep, Session, SamplingError, _ModelStep, _top_p_candidates, generate, pick_tokens
+
+KINDS = ("llama", "qwen2", "mistral")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _rand_prompts(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    """kind -> (our model, transformers model) on the same tiny random weights (fp32)."""
+    return {k: (load(path, tokenizer=False)[0], hf) for k, (path, hf) in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def chat(builtin):
+    """Chat prompts of different lengths for the built-in model."""
+    _, tok = builtin
+    texts = ["What is 2+2?", "Write one sentence about the sea and the sky at night.", "Hi"]
+    out = []
+    for t in texts:
+        ids = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    assert len({len(p) for p in out}) == 3
+    return out
+
+
+def _hf_greedy(hf, prompt, n):
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    assert out.shape[1] == len(prompt) + n
+    return out[0, len(prompt):].tolist()
+
+
+def _assert_greedy_equal(model, prompt, ours, ref, tie_tol):
+    """Equal token for token, unless the first difference is at a near-tie of our logits."""
+    assert len(ours) == len(ref)
+    diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    if diff is None:
+        return
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ours[:diff]]))[0, -1].float()
+    top2 = logits.topk(2).values
+    gap = (top2[0] - top2[1]).item()
+    assert gap <= tie_tol, f"greedy differs at step {diff} with a logit gap of {gap} (not a near-tie)"
+
+
+def _teacher_forced(model, prompt, completion, temperature=1.0, top_k=0, top_p=1.0, vocab_size=None):
+    """Log-probs of ``completion`` after ``prompt`` from one full forward, under the filtered,
+    renormalised distribution (an independent implementation: full sort, per position)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion]))[0, len(prompt) - 1 : -1].float()
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    out = []
+    for row, t in zip(logits / temperature, completion):
+        keep = torch.ones_like(row, dtype=torch.bool)
+        if top_k:
+            keep &= row >= row.topk(top_k).values[-1]
+        if top_p < 1:
+            p = row.masked_fill(~keep, float("-inf")).softmax(-1)
+            order = p.argsort(descending=True)
+            before = p[order].cumsum(0) - p[order]
+            k2 = torch.zeros_like(keep)
+            k2[order[before < top_p]] = True
+            keep &= k2
+        out.append(row.masked_fill(~keep, float("-inf")).log_softmax(-1)[t].item())
+    return out
+
+
+def _stop_set_with_ragged_finish(seqs, n):
+    """Stop ids under which the given (unstopped) rows finish at >= 2 different steps and
+    at least one row runs to the limit."""
+    cands = sorted({t for s in seqs for t in s[1:n - 1]})
+    for a in cands:
+        for b in [None] + cands:
+            stops = {a} if b is None else {a, b}
+            ends = [next((i + 1 for i, t in enumerate(s) if t in stops), None) for s in seqs]
+            if None in ends and len({e for e in ends if e is not None}) >= 2:
+                return sorted(stops), ends
+    raise AssertionError("no stop set gives a ragged finish")
+
+
+# --------------------------------------------------------------------------------------------
+# greedy against transformers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "model-step"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_transformers_tiny(tiny, kind, fast):
+    model, hf = tiny[kind]
+    prompts = _rand_prompts(256, [5, 13, 9], seed=1)  # Mistral's window is 8: it matters here
+    out = generate(model, prompts, max_new_tokens=12, temperature=0, fast_decode=fast)
+    assert out.lengths == [12, 12, 12] and out.finished == [False] * 3
+    for p, ours in zip(prompts, out.tokens):
+        _assert_greedy_equal(model, p, ours, _hf_greedy(hf, p, 12), tie_tol=1e-5)
+
+
+def test_greedy_matches_transformers_builtin(builtin, builtin_hf, chat):
+    model, _ = builtin
+    out = generate(model, chat[:2], max_new_tokens=10, temperature=0)
+    for p, ours in zip(chat[:2], out.tokens):
+        _assert_greedy_equal(model, p, ours, _hf_greedy(builtin_hf, p, 10), tie_tol=5e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# batching, continuation, forks
+# --------------------------------------------------------------------------------------------
+
+
+def test_ragged_batch_rows_equal_alone(builtin, chat):
+    model, _ = builtin
+    batch = generate(model, chat, max_new_tokens=8, temperature=0)
+    for i, p in enumerate(chat):
+        alone = generate(model, [p], max_new_tokens=8, temperature=0)
+        assert batch.tokens[i] == alone.tokens[0]
+        assert torch.allclose(torch.tensor(batch.logprobs[i]), torch.tensor(alone.logprobs[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "model-step"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuation_equals_fresh_prefill(tiny, kind, fast):
+    """Sample (rows stopping at different steps), select + fork, append a ragged user turn
+    (growing the cache), sample again: identical to prefilling the whole conversation afresh,
+    and every sampled log-prob equals a teacher-forced forward of the final sequence."""
+    model, _ = tiny[kind]
+    prompts = _rand_prompts(256, [7, 3, 11], seed=2)
+    n1, n2 = 10, 6
+    # Stops do not change the random stream: a stopped run is the free run cut at its stops.
+    free = generate(model, prompts, max_new_tokens=n1, seed=0).tokens
+    stops, ends = _stop_set_with_ragged_finish(free, n1)
+
+    s = Session.start(model, prompts, seed=0, fast_decode=fast)  # cache sized to the prompts: grows
+    first = s.sample(n1, stop_token_ids=stops)
+    assert first.lengths == [e or n1 for e in ends]
+    assert first.finished == [e is not None for e in ends]
+    for got, full, e in zip(first.tokens, free, ends):
+        assert got == full[: e or n1]  # stop token included, nothing after it
+    s2 = s.select([2, 0, 1]).fork(2)  # row order changes; repeats
+    assert len(s2) == 6 and s2.tokens[0] == s.tokens[2] and s2.tokens[1] == s.tokens[2]
+    turns = _rand_prompts(256, [4, 1, 6, 2, 3, 5], seed=3)
+    s2.append(turns)
+    second = s2.sample(n2, temperature=0)
+
+    histories = [list(s2.tokens[i][: len(s2.tokens[i]) - n2]) for i in range(6)]
+    fresh = Session.start(model, histories, fast_decode=fast).sample(n2, temperature=0)
+    assert second.tokens == fresh.tokens
+    assert torch.allclose(second.logprob_tensor, fresh.logprob_tensor, atol=1e-5)
+    src = [2, 2, 0, 0, 1, 1]
+    for i in range(6):
+        p = prompts[src[i]]
+        comp = s2.tokens[i][len(p):]
+        got = first.logprobs[src[i]] + [None] * len(turns[i]) + second.logprobs[i]
+        ref = _teacher_forced(model, p, comp)
+        pairs = [(a, b) for a, b in zip(got, ref) if a is not None]
+        assert len(pairs) == first.lengths[src[i]] + n2
+        assert max(abs(a - b) for a, b in pairs) < 1e-4
+
+
+def test_continuation_sampled_equals_fresh_prefill(tiny):
+    """At temperature 1 with the same random stream, continuing from the cache draws the same
+    tokens as a fresh prefill, and log-probs are the teacher-forced ones."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [6, 2, 9, 4], seed=4)
+    s = Session.start(model, prompts, seed=0)
+    s.sample(8, stop_token_ids=[5, 17, 40, 99])
+    s.append(_rand_prompts(256, [3, 5, 1, 2], seed=5))
+    histories = [list(r) for r in s.tokens]
+    got = s.sample(7, generator=torch.Generator().manual_seed(9))
+    fresh = Session.start(model, histories).sample(7, generator=torch.Generator().manual_seed(9))
+    assert got.tokens == fresh.tokens
+    for h, t, lp in zip(histories, got.tokens, got.logprobs):
+        assert max(abs(a - b) for a, b in zip(lp, _teacher_forced(model, h, t))) < 1e-4
+
+
+def test_continuation_builtin_chat(builtin, chat):
+    """The episode's shape on the real model: answer, user turn, answer again."""
+    model, tok = builtin
+    s = Session.start(model, chat, vocab_size=len(tok))
+    first = s.sample(12, temperature=0, stop_token_ids=[tok.eos_token_id])
+    turn = tok.apply_chat_template([{"role": "user", "content": "Are you sure?"}], add_generation_prompt=True, tokenize=True)
+    turn = list(turn["input_ids"] if hasattr(turn, "keys") else turn)
+    # A row that hit the limit gets the turn's end-of-turn marker first; ragged on purpose.
+    s.append([([] if f else [tok.eos_token_id]) + tok("\n")["input_ids"] + turn for f in first.finished])
+    hist = [list(r) for r in s.tokens]
+    second = s.sample(6, temperature=0)
+    fresh = Session.start(model, hist).sample(6, temperature=0)
+    assert second.tokens == fresh.tokens
+    assert torch.allclose(second.logprob_tensor, fresh.logprob_tensor, atol=1e-4)
+    for h, t, lp in zip(hist, second.tokens, second.logprobs):
+        assert max(abs(a - b) for a, b in zip(lp, _teacher_forced(model, h, t))) < 1e-4
+
+
+def test_num_samples_greedy_all_equal_and_prompt_major(tiny):
+    model, _ = tiny["qwen2"]
+    prompts = _rand_prompts(256, [4, 8], seed=6)
+    single = generate(model, prompts, max_new_tokens=6, temperature=0)
+    grouped = generate(model, prompts, max_new_tokens=6, temperature=0, num_samples=3)
+    assert grouped.tokens == [single.tokens[0]] * 3 + [single.tokens[1]] * 3
+
+
+def test_num_samples_differ_at_temperature_one(tiny):
+    """Guard against forks sharing one draw: with a near-flat distribution (a random tiny model)
+    the G first tokens of one prompt must differ."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 3], seed=7)
+    out = generate(model, prompts, max_new_tokens=4, num_samples=8, seed=0)
+    for i in range(2):
+        group = out.tokens[8 * i : 8 * i + 8]
+        assert len({g[0] for g in group}) > 1
+        assert len({tuple(g) for g in group}) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# log-probs, seeds, stops, vocab
+# --------------------------------------------------------------------------------------------
+
+
+def test_logprobs_equal_teacher_forced_builtin(builtin, chat):
+    model, tok = builtin
+    out = generate(model, chat, max_new_tokens=8, seed=1, vocab_size=len(tok))
+    for p, t, lp in zip(chat, out.tokens, out.logprobs):
+        ref = _teacher_forced(model, p, t)
+        assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-4
+
+
+def test_greedy_logprobs_are_raw_log_softmax(tiny):
+    model, _ = tiny["mistral"]
+    prompts = _rand_prompts(256, [12], seed=8)
+    out = generate(model, prompts, max_new_tokens=6, temperature=0)
+    ref = _teacher_forced(model, prompts[0], out.tokens[0])
+    assert max(abs(a - b) for a, b in zip(out.logprobs[0], ref)) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.3), dict(temperature=0.7, top_k=20, top_p=0.5),
+                                dict(temperature=1.5)])
+def test_filtered_logprobs_are_renormalised(builtin, chat, kw):
+    model, tok = builtin
+    out = generate(model, chat[:2], max_new_tokens=6, seed=2, vocab_size=len(tok), **kw)
+    for p, t, lp in zip(chat, out.tokens, out.logprobs):
+        ref = _teacher_forced(model, p, t, **kw)
+        assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-4
+    if "top_k" in kw:  # renormalisation shows: log-probs above the unfiltered ones
+        plain = [_teacher_forced(model, p, t, temperature=kw.get("temperature", 1.0)) for p, t in zip(chat, out.tokens)]
+        assert all(a >= b - 1e-6 for r, q in zip(out.logprobs, plain) for a, b in zip(r, q))
+
+
+def test_seed_reproducible(tiny):
+    model, _ = tiny["qwen2"]
+    prompts = _rand_prompts(256, [3, 6, 2], seed=9)
+    a = generate(model, prompts, max_new_tokens=10, seed=123, num_samples=2)
+    b = generate(model, prompts, max_new_tokens=10, seed=123, num_samples=2)
+    c = generate(model, prompts, max_new_tokens=10, seed=124, num_samples=2)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    assert a.tokens != c.tokens
+
+
+def test_stop_tokens_end_rows_individually(tiny):
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 9, 6], seed=10)
+    free = generate(model, prompts, max_new_tokens=12, seed=5).tokens
+    stops, ends = _stop_set_with_ragged_finish(free, 12)
+    out = generate(model, prompts, max_new_tokens=12, seed=5, stop_token_ids=stops)
+    for got, full, e, fin in zip(out.tokens, free, ends, out.finished):
+        assert got == full[: e or 12] and fin == (e is not None)
+        if e is not None:
+            assert got[-1] in stops and not any(t in stops for t in got[:-1])
+    assert (out.token_tensor == -1).sum().item() == sum(12 - len(t) for t in out.tokens) - 12 * (12 - out.steps)
+    # every row stopping early ends the loop early
+    early = generate(model, prompts, max_new_tokens=50, seed=5,
+                     stop_token_ids=sorted(set(free[0][:3]) | set(free[1][:3]) | set(free[2][:3])))
+    assert early.steps <= 3 and all(early.finished)
+
+
+def test_padded_vocab_never_sampled():
+    """Padded embedding rows whose logits dwarf the real ones are never drawn."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=320, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = Transformer(cfg).eval()
+    real = 300
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.fill_(1.0)
+        model.embed_tokens.weight[:, 0] = 10.0  # residual stream dim 0 strongly positive
+        model.lm_head.weight[real:, 0] = 50.0  # -> the padded ids have by far the largest logits
+        assert (model(torch.tensor([[1, 2, 3]]))[0].argmax(-1) >= real).all()
+    prompts = _rand_prompts(real, [3, 5, 1, 4], seed=11)
+    for kw in (dict(), dict(temperature=0), dict(top_p=0.9), dict(top_k=400), dict(temperature=5.0)):
+        out = generate(model, prompts, max_new_tokens=16, num_samples=4, seed=0, vocab_size=real, **kw)
+        assert max(max(t) for t in out.tokens) < real
+    with pytest.raises(SamplingError):
+        generate(model, prompts, max_new_tokens=1, vocab_size=321)
+
+
+def test_topk1_and_tiny_topp_equal_greedy(builtin, chat):
+    model, _ = builtin
+    greedy = generate(model, chat, max_new_tokens=6, temperature=0)
+    k1 = generate(model, chat, max_new_tokens=6, top_k=1, seed=3)
+    p0 = generate(model, chat, max_new_tokens=6, top_p=1e-6, seed=4)
+    assert k1.tokens == greedy.tokens and p0.tokens == greedy.tokens
+    assert all(lp == 0.0 for r in k1.logprobs + p0.logprobs for lp in r)  # one token kept: prob 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_step_equals_model_forward(tiny_dirs, kind, dtype):
+    """FastStep (fused / prepacked weights) gives the model's own decode logits, ragged rows."""
+    model, _ = load(tiny_dirs[kind][0], dtype=dtype, tokenizer=False)
+    rows = _rand_prompts(256, [12, 5, 9], seed=12)
+    with torch.inference_mode():
+        caches = [model.new_cache(3, 16) for _ in range(2)]
+        toks = torch.tensor([r + [0] * (12 - len(r)) for r in rows])
+        for c in caches:
+            model.hidden_states(toks[:, :-1], positions=torch.arange(11).expand(3, 11), cache=c, kv_len=11)
+        last = torch.tensor([r[-1] for r in rows])
+        pos = torch.tensor([len(r) - 1 for r in rows])
+        ref = _ModelStep(model)(last, pos, caches[0], 12, 200)
+        got = FastStep.get(model)(last, pos, caches[1], 12, 200)
+    assert got.shape == ref.shape == (3, 200) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 0.05 * ref.float().abs().max().item()
+    assert (got.float() - ref.float()).abs().max().item() <= tol
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # same keys/values written
+        assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05)
+
+
+def test_fast_step_sees_weight_updates(tiny_dirs):
+    """An in-place update (an optimizer step) rebuilds FastStep's weight copies."""
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [6, 3], seed=13)
+    before = generate(model, prompts, max_new_tokens=8, temperature=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.down_proj.weight") or name.endswith("q_proj.bias"):
+                p.mul_(-3.0)
+    after = generate(model, prompts, max_new_tokens=8, temperature=0)
+    plain = generate(model, prompts, max_new_tokens=8, temperature=0, fast_decode=False)
+    assert after.tokens == plain.tokens
+    assert torch.allclose(after.logprob_tensor, plain.logprob_tensor, atol=1e-5)
+    assert (after.logprob_tensor - before.logprob_tensor).abs().max() > 1e-2
+
+
+def test_fast_step_cache_does_not_keep_models_alive(tiny_dirs):
+    import gc
+    import weakref
+
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+# --------------------------------------------------------------------------------------------
+# the token picker itself
+# --------------------------------------------------------------------------------------------
+
+
+def test_pick_tokens_distribution():
+    """Empirical frequencies over many rows match the target distribution."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).expand(40000, 5)
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (dict(), torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).softmax(0)),
+        (dict(temperature=2.0), torch.tensor([1.0, 0.5, 0.0, -0.5, -15.0]).softmax(0)),
+        (dict(top_k=2), torch.tensor([2.0, 1.0]).softmax(0)),
+        (dict(top_p=0.8), torch.tensor([2.0, 1.0]).softmax(0)),  # mass of top 1 is 0.64 < 0.8
+    ]
+    for kw, target in cases:
+        tok, lp = pick_tokens(logits, generator=g, **kw)
+        freq = torch.bincount(tok, minlength=5).float() / len(tok)
+        expect = torch.zeros(5)
+        expect[: len(target)] = target
+        assert (freq - expect).abs().max() < 0.01, (kw, freq, expect)
+        assert torch.allclose(lp, expect[tok].log(), atol=1e-5)
+
+
+def test_top_p_candidates_shortcut_equals_full_sort():
+    g = torch.Generator().manual_seed(0)
+    peaky = torch.randn(6, 10000, generator=g) * 4  # nucleus inside the top 256 / 4096
+    flat = torch.randn(3, 10000, generator=g) * 0.1  # needs the full sort
+    for x in (peaky, flat):
+        for p in (0.5, 0.9, 0.99):
+            vals, idx = _top_p_candidates(x, p)
+            kept = [set(i[torch.isfinite(v)].tolist()) for v, i in zip(vals, idx)]
+            ref_v, ref_i = torch.sort(x, -1, descending=True)
+            pr = ref_v.softmax(-1)
+            ref = [set(i[(c - q) < p].tolist()) for i, c, q in zip(ref_i, pr.cumsum(-1), pr)]
+            assert kept == ref
+
+
+def test_bad_arguments_are_clear_errors(tiny):
+    model, _ = tiny["llama"]
+    for kw in (dict(max_new_tokens=0), dict(max_new_tokens=2, temperature=-1), dict(max_new_tokens=2, top_p=0.0),
+               dict(max_new_tokens=2, top_k=-3), dict(max_new_tokens=2, num_samples=0)):
+        with pytest.raises(SamplingError):
+            generate(model, [[1, 2]], **kw)
+    with pytest.raises(R3Error, match="empty"):
+        generate(model, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside"):
+        generate(model, [[1, 256]], max_new_tokens=2)
+    s = Session.start(model, [[1, 2], [3]])
+    with pytest.raises(SamplingError):
+        s.append([[1]])
+    with pytest.raises(SamplingError):
+        s.select([2])
+
+
+# --------------------------------------------------------------------------------------------
+# dtype, CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_bf16_mostly_agrees_with_fp32(builtin, chat):
+    m32, _ = builtin
+    m16, _ = load("smollm2-135m", dtype=torch.bfloat16, tokenizer=False)
+    a = generate(m32, chat, max_new_tokens=4, temperature=0)
+    b = generate(m16, chat, max_new_tokens=4, temperature=0)
+    assert b.logprob_tensor.dtype == torch.float32 and all(len(t) == 4 for t in b.tokens)
+    assert sum(x[0] == y[0] for x, y in zip(a.tokens, b.tokens)) >= 2
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "r3.generate", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def test_cli_prints_a_completion():
+    r = _cli("--prompt", "What is the capital of France?", "--max-new-tokens", "6", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tokens/s" in r.stderr
+
+
+@pytest.mark.parametrize("args", [("--model", "/no/such/model", "--prompt", "hi"), ("--prompt", "hi", "--top-p", "2")])
+def test_cli_mistakes_exit_2_with_one_line(args):
+    r = _cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
