@@ -115,9 +115,9 @@ def test_failures_tiny_rounds_records_and_training_reads_them(tiny_dir, tiny, tm
     assert f"samples needed {needed}" in stdout
 
     # what r3.train reads, and an episode started from it
-    from r3.train import load_failures
+    from r3.failures import read_failures  # what r3.train calls
 
-    recs = load_failures(str(out))
+    recs = read_failures(str(out))
     assert [r["key"] for r in recs] == [r["key"] for r in fails]
     ep = run_episode(model, tok, task, [r["example"] for r in recs[:3]], group_size=2, chat=chat,
                      sampling=EpisodeSampling(max_reflection_tokens=4, max_retry_tokens=4), seed=0,
