@@ -90,6 +90,7 @@ UPDATE_SCRIPT = textwrap.dedent(
         T.all_sum([stats["loss"]], d)
     dist.barrier()  # gloo can hang if one rank tears down while another is still in a collective
     dist.destroy_process_group()
+    T._exit_hard(0)  # gloo threads can abort the interpreter's teardown
     """
 )
 
