@@ -46,6 +46,16 @@ Logits are computed in the model's dtype (as ``model(tokens)`` does) and the sof
 
 Never samples ids ``>= vocab_size`` (the tokenizer's real vocabulary, ``len(tokenizer)``):
 checkpoints often pad the embedding matrix, and the LM head is applied to the real rows only.
+
+Performance
+-----------
+The decode loop does no per-row Python work: tokens, positions and stop flags are tensors, the
+output buffers ``[B, max_new_tokens]`` are preallocated, and the host checks "all rows stopped"
+with one ``.item()``-style sync every ``sync_every`` steps (only when there are stop tokens).
+``kv_len`` is tracked as a Python int, so attention reads only the used cache slots. Sampling is
+an inverse-CDF draw (see :func:`pick_tokens`); top-k uses ``topk`` only when ``k > 0`` and top-p
+sorts only when ``top_p < 1``. On CPU the decode step is :class:`FastStep` (fused and, in bf16,
+oneDNN-prepacked weights); elsewhere it is the model's own forward.
 """
 
 from __future__ import annotations
@@ -312,7 +322,8 @@ class FastStep:
         return F.linear(x, w, b)
 
     def _rms(self, x, w):
-        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(self.dtype)
+        # F.rms_norm computes in fp32 and rounds once: the same values as the model's RMSNorm.
+        return w * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def head(self, vocab_size: int) -> torch.Tensor:
         if vocab_size not in self._heads:
@@ -335,7 +346,8 @@ class FastStep:
                 m = slots <= pos[:, None]
                 if w is not None:
                     m = m & (slots > pos[:, None] - w)
-                masks[w] = m[:, None, None, :]
+                # additive float mask, built once per step (SDPA would convert a bool one per layer)
+                masks[w] = torch.zeros(m.shape, dtype=self.dtype, device=dev).masked_fill_(~m, float("-inf"))[:, None, None, :]
         S = cache.max_len
         flat = ((torch.arange(B, device=dev) * nkv)[:, None] + torch.arange(nkv, device=dev)) * S + pos[:, None]
         flat = flat.reshape(-1)  # row (b, head) slot pos[b] of a [B * nkv * S, D] view
