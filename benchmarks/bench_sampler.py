@@ -95,6 +95,9 @@ def run_r3(model, prompts, n, G, device):
 def run_hf(hf, prompts, n, G, device):
     from transformers import GenerationConfig
 
+    # No eos at all (an unset eos in the config passed would be filled in from the model's, and
+    # rows that hit it would be padded): every row really decodes n tokens, as r3's do.
+    hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts, device=device)
     if G > 1:
         cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=G,

@@ -58,8 +58,13 @@ def _hf_greedy(hf, prompt, n):
 
     ids = torch.tensor([prompt])
     cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    saved = hf.generation_config.eos_token_id  # else generate fills the unset eos in from here
+    hf.generation_config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    finally:
+        hf.generation_config.eos_token_id = saved
     assert out.shape[1] == len(prompt) + n
     return out[0, len(prompt):].tolist()
 
