@@ -61,6 +61,7 @@ oneDNN-prepacked weights); elsewhere it is the model's own forward.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -260,12 +261,10 @@ class FastStep:
     dropped with the model (the cache holds the model weakly).
     """
 
-    _cache: "weakref.WeakKeyDictionary" = None  # model -> (key, FastStep)
+    _cache: weakref.WeakKeyDictionary | None = None  # model -> (key, FastStep)
 
     @classmethod
     def get(cls, model) -> "FastStep":
-        import weakref
-
         if cls._cache is None:
             cls._cache = weakref.WeakKeyDictionary()
         key = tuple((p.data_ptr(), _version(p)) for p in model.parameters())
@@ -597,7 +596,7 @@ class Session:
         CPU, every 8 on other devices; a check is one host sync).
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-        model, device = self.model, self.device
+        device = self.device
         gen = generator or self.generator
         B, N = len(self), max_new_tokens
         if sync_every is None:
