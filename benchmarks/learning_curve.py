@@ -3,12 +3,17 @@ Reflect-Retry-Reward training on CPU.
 
     python benchmarks/learning_curve.py --config configs/smollm2_countdown_tiny.yaml --out runs/lc
 
-1. Evaluate the untrained model on the task's held-out test queries: one sampled first attempt
-   per query, then ``--samples`` reflections + retries per failed query (the training
-   distribution: same temperature), and greedy first/second-attempt accuracy (r3.evaluate).
+1. The untrained model makes one sampled first attempt per held-out test query; its failures
+   (query + failed attempt) are stored. It then writes ``--samples`` reflections per stored
+   failure, each followed by a retry (the training distribution: same temperature, same
+   budgets). Greedy first/second-attempt accuracy comes from r3.evaluate.
 2. Train with ``torchrun -m r3.train --config ...`` (resumes if ``--out`` already holds the run).
-3. Evaluate the export the same way, with the same seeds.
-Writes ``OUT/learning_curve.json`` (numbers with standard errors) and ``OUT/run/curves.png``.
+3. The trained export makes its own first attempts, and reflects + retries on **the same stored
+   failures** with the same seeds (a paired comparison: identical inputs, so the change is not
+   confounded by which queries each model fails), and on its own failures.
+Writes ``OUT/learning_curve.json`` (rates with standard errors, the paired difference with its
+standard error over failures) and ``OUT/run/curves.png``. The untrained model's evaluation is
+kept in ``OUT/before.json`` and reused when config, seed and samples match.
 """
 
 from __future__ import annotations
@@ -26,50 +31,101 @@ import torch
 import yaml
 
 from r3.checkpoint import load
-from r3.episode import EpisodeSampling, run_episode
+from r3.episode import ChatFormat, EpisodeSampling, run_episode
 from r3.evaluate import evaluate_examples
+from r3.sampler import Session
 from r3.tasks import get
 
+CHUNK = 16  # failures (or queries) per batch
 
-def sampled_eval(spec: str, cfg: dict, samples: int, seed: int) -> dict:
-    """First-attempt success over queries, retry success over (failed query, reflection) pairs."""
+
+def rate(k: int, n: int) -> dict:
+    p = k / n if n else 0.0
+    return {"rate": p, "k": k, "n": n, "stderr": math.sqrt(p * (1 - p) / n) if n else None}
+
+
+def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tuple[list[int], bool]]:
+    """One sampled first attempt per example: (attempt token ids, passed)."""
+    out = []
+    for i in range(0, len(examples), CHUNK):
+        batch = examples[i:i + CHUNK]
+        s = Session.start(model, [chat.prompt(task.messages(ex)) for ex in batch], vocab_size=len(tok), seed=seed + i)
+        got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                       stop_token_ids=chat.stop_ids)
+        out += [(list(t), bool(task.verify(ex, chat.decode(t)))) for ex, t in zip(batch, got.tokens)]
+    return out
+
+
+def retries_on(model, tok, chat, task, examples, failures, samples, sampling, seed, label) -> list[int]:
+    """Reflect ``samples`` times on each stored failure ``{"index", "attempt"}`` and retry:
+    successes per failure. Seeds depend only on the chunk, so two models see the same draws
+    wherever their distributions agree."""
+    wins, t0 = [], time.time()
+    for i in range(0, len(failures), CHUNK):
+        chunk = failures[i:i + CHUNK]
+        ep = run_episode(model, tok, task, [examples[f["index"]] for f in chunk], group_size=samples,
+                         sampling=sampling, seed=seed + i, failed_attempts=[f["attempt"] for f in chunk], chat=chat)
+        wins += [int(x) for x in ep.rewards.sum(1).tolist()]
+        print(f"  {label}: {len(wins)}/{len(failures)} failures x {samples} reflections, {time.time() - t0:.0f}s",
+              file=sys.stderr, flush=True)
+    return wins
+
+
+def evaluate_model(spec: str, cfg: dict, samples: int, seed: int, base_failures: list[dict] | None) -> dict:
+    """First attempts, retries on the model's own failures, and (``base_failures``) on the
+    untrained model's stored failures."""
+    t0 = time.time()
     model, tok = load(spec, dtype=torch.bfloat16)
+    chat = ChatFormat(tok)
     task = get(cfg["task"], **cfg.get("task_options", {}))
     examples = task.examples("test", seed=0)
     mnt = int(cfg.get("max_new_tokens", 48))
-    sampling = EpisodeSampling(temperature=float(cfg.get("temperature", 1.0)), max_attempt_tokens=mnt,
-                               max_reflection_tokens=mnt, max_retry_tokens=mnt)
-    first = queries = retry_ok = retries = 0
-    t0 = time.time()
-    for i in range(0, len(examples), 16):
-        ep = run_episode(model, tok, task, examples[i:i + 16], group_size=samples, sampling=sampling, seed=seed + i)
-        first += ep.first_success
-        queries += ep.queries
-        retry_ok += int(ep.rewards.sum())
-        retries += ep.rewards.numel()
-        print(f"  {spec}: {queries}/{len(examples)} queries, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    greedy = evaluate_examples(model, tok, task, examples, max_new_tokens=mnt, temperature=0.0, batch_size=32)
-
-    def rate(k, n):
-        p = k / n if n else 0.0
-        return {"rate": p, "k": k, "n": n, "stderr": math.sqrt(p * (1 - p) / n) if n else None}
-
-    return {
+    sampling = EpisodeSampling(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
+                               max_attempt_tokens=mnt, max_reflection_tokens=mnt, max_retry_tokens=mnt)
+    attempts = first_attempts(model, tok, chat, task, examples, sampling, seed)
+    own = [{"index": i, "attempt": a} for i, (a, ok) in enumerate(attempts) if not ok]
+    own_wins = retries_on(model, tok, chat, task, examples, own, samples, sampling, seed + 100_000, f"{spec} own failures")
+    result = {
         "model": spec,
-        "sampled_first_attempt": rate(first, queries),
-        "sampled_retry_success": rate(retry_ok, retries),
-        "greedy_first_attempt_accuracy": greedy["first_attempt_accuracy"],
-        "greedy_second_attempt_accuracy": greedy["second_attempt_accuracy"],
-        "greedy_n": greedy["n"],
-        "time_s": time.time() - t0,
+        "sampled_first_attempt": rate(sum(ok for _, ok in attempts), len(attempts)),
+        "retry_success_own_failures": rate(sum(own_wins), samples * len(own)),
+        "own_failures": own,
+        "own_failure_wins": own_wins,
     }
+    if base_failures is not None:
+        base_wins = (own_wins if base_failures == own else
+                     retries_on(model, tok, chat, task, examples, base_failures, samples, sampling, seed + 100_000,
+                                f"{spec} base failures"))
+        result["retry_success_base_failures"] = rate(sum(base_wins), samples * len(base_failures))
+        result["base_failure_wins"] = base_wins
+    greedy = evaluate_examples(model, tok, task, examples, max_new_tokens=mnt, temperature=0.0, batch_size=32)
+    result.update(greedy_first_attempt_accuracy=greedy["first_attempt_accuracy"],
+                  greedy_second_attempt_accuracy=greedy["second_attempt_accuracy"], greedy_n=greedy["n"],
+                  time_s=time.time() - t0)
+    return result
+
+
+def paired_difference(before: list[int], after: list[int], samples: int) -> dict:
+    """Mean over failures of (after - before) success rate, with its standard error."""
+    d = [(a - b) / samples for a, b in zip(after, before)]
+    n = len(d)
+    mean = sum(d) / n if n else 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    se = math.sqrt(var / n) if n else None
+    return {"mean": mean, "stderr": se, "z": mean / se if se else None, "failures": n, "samples_per_failure": samples}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/smollm2_countdown_tiny.yaml")
     ap.add_argument("--out", default="runs/learning_curve")
-    ap.add_argument("--samples", type=int, default=8, help="reflections per failed held-out query")
+    ap.add_argument("--samples", type=int, default=16, help="reflections per failed held-out query")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--skip-train", action="store_true", help="only evaluate an existing run")
     args = ap.parse_args()
@@ -77,8 +133,17 @@ def main():
     out = Path(args.out)
     run = out / "run"
     out.mkdir(parents=True, exist_ok=True)
-    print("evaluating the untrained model", flush=True)
-    before = sampled_eval(cfg.get("model", "smollm2-135m"), cfg, args.samples, args.seed)
+    # what the untrained model's evaluation depends on (not the training knobs)
+    key = {k: cfg.get(k) for k in ("model", "task", "task_options", "temperature", "top_p", "max_new_tokens")}
+    key.update(samples=args.samples, seed=args.seed)
+    before_path = out / "before.json"
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    if before is None or before.get("key") != key:
+        print("evaluating the untrained model", flush=True)
+        before = evaluate_model(cfg.get("model", "smollm2-135m"), cfg, args.samples, args.seed, None)
+        before["key"] = key
+        _write_json(before_path, before)
+    base = before["own_failures"]
     t0 = time.time()
     if not args.skip_train:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -87,27 +152,35 @@ def main():
         subprocess.run(cmd, check=True)
     train_s = time.time() - t0
     print("evaluating the trained model", flush=True)
-    after = sampled_eval(str(run / "export"), cfg, args.samples, args.seed)
+    after = evaluate_model(str(run / "export"), cfg, args.samples, args.seed, base)
     subprocess.run([sys.executable, "-m", "r3.plot", str(run), "--smooth", "5"], check=True)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def mean(key, rows):
+        return sum(m[key] or 0 for m in rows) / max(1, len(rows))
+
+    paired = paired_difference(before["own_failure_wins"], after["base_failure_wins"], args.samples)
     result = {
         "command": " ".join(["python", "benchmarks/learning_curve.py"] + sys.argv[1:]),
         "config": cfg,
-        "before": before,
-        "after": after,
+        "samples_per_failure": args.samples,
+        "before": {k: v for k, v in before.items() if k not in ("own_failures", "key")},
+        "after": {k: v for k, v in after.items() if k != "own_failures"},
+        "paired_retry_gain_on_base_failures": paired,
         "train_wall_s": train_s if not args.skip_train else None,
         "train_step_time_s_total": sum(m["step_time_s"] for m in metrics),
         "train_steps": len(metrics),
-        "train_first_try_success_first_10": sum(m["first_try_success"] or 0 for m in metrics[:10]) / max(1, len(metrics[:10])),
-        "train_first_try_success_last_10": sum(m["first_try_success"] or 0 for m in metrics[-10:]) / max(1, len(metrics[-10:])),
-        "train_retry_success_first_10": sum(m["retry_success"] for m in metrics[:10]) / max(1, len(metrics[:10])),
-        "train_retry_success_last_10": sum(m["retry_success"] for m in metrics[-10:]) / max(1, len(metrics[-10:])),
+        "train_first_try_success_first_10": mean("first_try_success", metrics[:10]),
+        "train_first_try_success_last_10": mean("first_try_success", metrics[-10:]),
+        "train_retry_success_first_10": mean("retry_success", metrics[:10]),
+        "train_retry_success_last_10": mean("retry_success", metrics[-10:]),
     }
-    tmp = out / ".learning_curve.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "learning_curve.json")
-    b, a = before["sampled_retry_success"], after["sampled_retry_success"]
-    print(f"held-out retry success: {b['rate']:.3f} ± {b['stderr']:.3f} (n={b['n']}) -> "
+    _write_json(out / "learning_curve.json", result)
+    b, a, ab = before["retry_success_own_failures"], after["retry_success_own_failures"], after["retry_success_base_failures"]
+    print(f"held-out retry success on the untrained model's failures: {b['rate']:.3f} ± {b['stderr']:.3f} -> "
+          f"{ab['rate']:.3f} ± {ab['stderr']:.3f} (n={b['n']}; paired gain {paired['mean']:+.3f} ± "
+          f"{paired['stderr']:.3f}, z={paired['z'] or 0:.1f})")
+    print(f"held-out retry success on each model's own failures: {b['rate']:.3f} (n={b['n']}) -> "
           f"{a['rate']:.3f} ± {a['stderr']:.3f} (n={a['n']})")
     print(f"held-out first attempt (sampled): {before['sampled_first_attempt']['rate']:.3f} -> "
           f"{after['sampled_first_attempt']['rate']:.3f}")

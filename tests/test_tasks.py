@@ -543,3 +543,9 @@ def test_countdown_answer_tags_false_reads_the_last_bare_equation():
     assert not lenient.verify(ex, "<answer> 4 - 3 </answer> and 4 + 3")  # a tag block still wins
     assert not lenient.verify(ex, "__import__('os') 4 + 3 ** 2")
     assert lenient.verify(ex, "x" * 100_000 + " 4 + 3") is True
+    # glued to letters or decimals it is no equation over the numbers (a trained model wrote
+    # "x + 21 - 2x + 21" for 21 - 2 = 19 and was rewarded before this was fixed)
+    ex2 = {"nums": [2, 21], "target": 19}
+    assert not lenient.verify(ex2, "x + 21 - 2x + 21") and not lenient.verify(ex2, "21 - 2.0")
+    assert not lenient.verify(ex2, "a21 - 2") and not lenient.verify(ex2, "1.21 - 2")
+    assert lenient.verify(ex2, "The answer is 21 - 2.") and lenient.verify(ex2, "21-2=19, done")

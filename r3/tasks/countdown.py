@@ -164,7 +164,9 @@ def check_answer(answer: str, nums: list[int], target: int) -> tuple[bool, str]:
         return False, f"rejected ({type(e).__name__})"
 
 
-_BARE_EXPR = re.compile(r"[0-9(][0-9+\-*/() ]*[+\-*/][0-9+\-*/() ]*[0-9)]")
+# Not glued to a letter, a digit or a decimal point on either side: "21 - 2x" or "2.5 + 1" is no equation over
+# the numbers 21 and 2 (a trained model found that hole: it wrote "x + 21 - 2x + 21").
+_BARE_EXPR = re.compile(r"(?<!\w)(?<!\d\.)[0-9(][0-9+\-*/() ]*[+\-*/][0-9+\-*/() ]*[0-9)](?!\w|\.\d)")
 
 
 def last_bare_expression(text: str) -> str | None:
