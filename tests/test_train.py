@@ -230,3 +230,19 @@ def test_config_file_and_overrides(tmp_path):
 
     with pytest.raises(R3Error, match="unknown key 'grop_size'"):
         parse_args(["--config", str(f)])
+
+
+def test_checkpoint_io_runs_single_threaded_and_restores_threads():
+    """DCP runs under one intra-op thread (a second OpenMP team would make libgomp stop
+    spin-waiting for the rest of the run: rollouts were 1.5x slower after the first checkpoint);
+    the thread count comes back afterwards, also when the save fails."""
+    from r3.train import _one_intra_op_thread
+
+    before = torch.get_num_threads()
+    with _one_intra_op_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with _one_intra_op_thread():
+            raise RuntimeError("disk full")
+    assert torch.get_num_threads() == before
