@@ -80,7 +80,9 @@ def positive_int(name: str, value, allow_none: bool = False):
     return value
 
 
-def pick_device_dtype(device: str | None, dtype: str):
+def pick_device_dtype(device: str | None, dtype: str | None):
+    """The torch device and dtype of the ``--device`` / ``--dtype`` flags (device default: cuda if
+    available, else cpu; dtype ``None``: bf16 on CUDA, fp32 elsewhere)."""
     import torch
 
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +92,8 @@ def pick_device_dtype(device: str | None, dtype: str):
         raise R3Error(f"--device: unknown device {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise R3Error("--device cuda: CUDA is not available")
+    if dtype is None:
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in DTYPES:
         raise R3Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return dev, getattr(torch, DTYPES[dtype])

@@ -11,8 +11,7 @@ import argparse
 import sys
 
 from r3.errors import R3Error, cli_main
-
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+from r3.evaluate import DTYPES, pick_device_dtype
 
 
 def parse_args(argv=None):
@@ -71,21 +70,11 @@ def main(argv=None) -> int:
         raise R3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
-    import torch
-
     from r3.checkpoint import load
     from r3.sampler import check_sampling_args, generate
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise R3Error(f"--device: unknown device '{args.device}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise R3Error("--device cuda: CUDA is not available")
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = getattr(torch, DTYPES[dtype_name])
+    device, dtype = pick_device_dtype(args.device, args.dtype)
 
     model, tok = load(args.model, dtype=dtype, device=device)
     if tok is None:
@@ -113,7 +102,7 @@ def main(argv=None) -> int:
         print(tok.decode(toks, skip_special_tokens=True).strip())
     print(
         f"[{out.new_tokens} tokens, prompt {len(prompt)} tokens; prefill {out.prefill_s:.2f}s, "
-        f"decode {out.decode_s:.2f}s, {out.tokens_per_s:.1f} tokens/s; {args.model} {dtype_name} on {device}]",
+        f"decode {out.decode_s:.2f}s, {out.tokens_per_s:.1f} tokens/s; {args.model} {str(dtype).removeprefix('torch.')} on {device}]",
         file=sys.stderr,
     )
     return 0
