@@ -84,6 +84,7 @@ class EpisodeSampling:
     max_attempt_tokens: int = 256
     max_reflection_tokens: int = 128
     max_retry_tokens: int = 256
+    compile_decode: bool = False  # the sampler's decode step through torch.compile (see r3.decode)
 
 
 @dataclass
@@ -155,7 +156,8 @@ def run_episode(
         return empty
 
     if failed_attempts is None:
-        session = Session.start(model, prompts, max_len=_presize(prompts, sampling, turn_budget), vocab_size=vocab, seed=seed)
+        session = Session.start(model, prompts, max_len=_presize(prompts, sampling, turn_budget), vocab_size=vocab, seed=seed,
+                                compile_decode=sampling.compile_decode)
         first = session.sample(sampling.max_attempt_tokens, **kw)
         generated += first.new_tokens
         passed = [task.verify(ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
@@ -180,7 +182,8 @@ def run_episode(
         closed = [bool(a) and a[-1] in stops for a in attempts]
         full = [prompts[i] + a for i, a in zip(failed, attempts)]
         session = Session.start(model, full, max_len=_presize(full, sampling, turn_budget) - sampling.max_attempt_tokens,
-                                vocab_size=vocab, seed=seed)
+                                vocab_size=vocab, seed=seed,
+                                compile_decode=sampling.compile_decode)
         queries, first_success = 0, 0
         first_attempts, first_passed = [], []
 

@@ -493,6 +493,7 @@ def train(cfg: TrainConfig) -> dict:
         max_attempt_tokens=cfg.max_attempt_tokens,
         max_reflection_tokens=cfg.max_reflection_tokens,
         max_retry_tokens=cfg.max_retry_tokens,
+        compile_decode=cfg.compile_decode,
     )
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     local_q = cfg.batch_size // d.world

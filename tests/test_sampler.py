@@ -18,7 +18,8 @@ import torch
 from r3.checkpoint import load
 from r3.errors import R3Error
 from r3.model import ModelConfig, Transformer
-from r3.sampler import FastStep, Session, SamplingError, _ModelStep, _top_p_candidates, generate, pick_tokens
+from r3.decode import FastStep, ModelStep
+from r3.sampler import Session, SamplingError, _top_p_candidates, generate, pick_tokens
 
 KINDS = ("llama", "qwen2", "mistral")
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,7 +354,7 @@ def test_fast_step_equals_model_forward(tiny_dirs, kind, dtype):
             model.hidden_states(toks[:, :-1], positions=torch.arange(11).expand(3, 11), cache=c, kv_len=11)
         last = torch.tensor([r[-1] for r in rows])
         pos = torch.tensor([len(r) - 1 for r in rows])
-        ref = _ModelStep(model)(last, pos, caches[0], 12, 200)
+        ref = ModelStep(model)(last, pos, caches[0], 12, 200)
         got = FastStep.get(model)(last, pos, caches[1], 12, 200)
     assert got.shape == ref.shape == (3, 200) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 0.05 * ref.float().abs().max().item()
@@ -477,3 +478,61 @@ def test_cli_mistakes_exit_2_with_one_line(args):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# the compiled decode step (torch.compile; one compile per dtype, ~10-20 s each on tiny models)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_step_equals_model_forward_and_sees_updates(tiny_dirs, dtype):
+    """The compiled FastStep (bf16: packed matmuls through the r3::packed_linear op; fp32: plain
+    matmuls as graph inputs) gives the model's decode logits and cache writes, for ragged rows
+    and a later, larger batch (dynamic shapes), and after an in-place weight update it uses the
+    new weights without compiling again."""
+    from torch._dynamo.utils import counters
+
+    model, _ = load(tiny_dirs["qwen2"][0], dtype=dtype, tokenizer=False)  # q/k/v biases
+
+    def compare(rows, kv_len):
+        B = len(rows)
+        with torch.inference_mode():
+            caches = [model.new_cache(B, kv_len + 4) for _ in range(2)]
+            toks = torch.tensor([r + [0] * (kv_len - len(r)) for r in rows])
+            for c in caches:
+                model.hidden_states(toks[:, :-1], positions=torch.arange(kv_len - 1).expand(B, -1), cache=c,
+                                    kv_len=kv_len - 1)
+            last = torch.tensor([r[-1] for r in rows])
+            pos = torch.tensor([len(r) - 1 for r in rows])
+            ref = ModelStep(model)(last, pos, caches[0], kv_len, 200)
+            got = FastStep.get(model)(last, pos, caches[1], kv_len, 200, compiled=True)
+        tol = 1e-5 if dtype == torch.float32 else 0.05 * ref.float().abs().max().item()
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert (got.float() - ref.float()).abs().max().item() <= tol
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05)
+
+    compare(_rand_prompts(256, [12, 5, 9], seed=21), 12)
+    frames = counters["frames"]["ok"]
+    compare(_rand_prompts(256, [7, 15, 3, 11, 16], seed=22), 16)  # another batch size and cache length
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.down_proj.weight") or name.endswith("q_proj.bias"):
+                p.mul_(-3.0)
+    compare(_rand_prompts(256, [6, 10], seed=23), 10)
+    assert counters["frames"]["ok"] == frames, "the compiled step was compiled again"
+
+
+def test_compiled_generate_equals_eager(tiny_dirs):
+    """generate(compile_decode=True): greedy and seeded sampling (the pick fused into the graph)
+    give the eager sampler's tokens and log-probs; top-p falls back to the eager pick."""
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [9, 4, 13], seed=24)
+    for kw in (dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_p=0.9, seed=6)):
+        eager = generate(model, prompts, max_new_tokens=10, **kw)
+        comp = generate(model, prompts, max_new_tokens=10, compile_decode=True, **kw)
+        assert comp.tokens == eager.tokens, kw
+        assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
+    with pytest.raises(SamplingError, match="compile_decode"):
+        generate(model, prompts, max_new_tokens=2, compile_decode=True, fast_decode=False)
