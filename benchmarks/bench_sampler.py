@@ -8,6 +8,10 @@ process, alternating, best of ``--repeats`` after one warm-up. Rows:
 * G-sample groups: P prompts x G samples at temperature 1 (r3 prefills each prompt once and forks
   its cache; transformers ``num_return_sequences=G``, ``top_k=0``).
 
+r3 runs twice per repeat: the eager decode step and ``compile_decode=True`` (the same step through
+``torch.compile``, compiled in the warm-up; the first call's time is recorded as
+``r3c_first_call_s``). ``--no-compiled`` skips the latter.
+
 The model is the built-in SmolLM2-135M (transformers gets a dense ``LlamaForCausalLM`` holding the
 same weights), or a randomly initialised model of a real architecture's shape
 (``--model-shape qwen2.5-1.5b``, meant for a GPU).
@@ -82,10 +86,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_r3(model, prompts, n, G, device):
+def run_r3(model, prompts, n, G, device, compiled=False):
     _sync(device)
     t0 = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=n, temperature=1.0 if G > 1 else 0.0, num_samples=G, seed=0)
+    out = generate(model, prompts, max_new_tokens=n, temperature=1.0 if G > 1 else 0.0, num_samples=G, seed=0,
+                   compile_decode=compiled)
     _sync(device)
     dt = time.perf_counter() - t0
     assert all(len(t) == n for t in out.tokens)
@@ -114,21 +119,29 @@ def run_hf(hf, prompts, n, G, device):
     return dt, out
 
 
-def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab):
+def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab, compiled=True):
     g = torch.Generator().manual_seed(B * 1000 + G)
     prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
     rows = B * G
     run_r3(ours, prompts, min(n, 4), G, device)  # warm-up (allocators, oneDNN primitives)
+    t0 = time.perf_counter()
+    if compiled:  # warm-up; the first one compiles (or finds inductor's on-disk cache)
+        run_r3(ours, prompts, min(n, 4), G, device, compiled=True)
+    warm_compiled_s = time.perf_counter() - t0
     run_hf(hf, prompts, min(n, 4), G, device)
-    r3_times, hf_times, load = [], [], []
-    out = ref = None
+    r3_times, rc_times, hf_times, load = [], [], [], []
+    out = ref = outc = None
     for _ in range(repeats):
         dt, out = run_r3(ours, prompts, n, G, device)
         r3_times.append(dt)
+        if compiled:
+            dt, outc = run_r3(ours, prompts, n, G, device, compiled=True)
+            rc_times.append(dt)
         dt, ref = run_hf(hf, prompts, n, G, device)
         hf_times.append(dt)
         load.append(os.getloadavg()[0])
     r3_best, hf_best = min(r3_times), min(hf_times)
+    rc_best = min(rc_times) if rc_times else None
     agree = None
     if G == 1:  # sanity: greedy continuations agree (up to near-ties; bf16 rounding differs)
         ref_rows = ref[:, prompt_len:].tolist()
@@ -141,7 +154,12 @@ def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab):
         "r3_tok_s": rows * n / r3_best, "hf_tok_s": rows * n / hf_best, "ratio": hf_best / r3_best,
         "r3_prefill_s": out.prefill_s, "r3_decode_ms_per_step": 1e3 * out.decode_s / out.steps,
         "greedy_agreement": agree,
-        "r3_all_s": r3_times, "hf_all_s": hf_times, "loadavg_1m": load,
+        "r3c_s": rc_best, "r3c_tok_s": rows * n / rc_best if rc_best else None,
+        "ratio_compiled": hf_best / rc_best if rc_best else None,
+        "r3c_decode_ms_per_step": 1e3 * outc.decode_s / outc.steps if outc else None,
+        "r3c_first_call_s": warm_compiled_s if compiled else None,
+        "compiled_equals_eager": (outc.tokens == out.tokens) if outc else None,
+        "r3_all_s": r3_times, "r3c_all_s": rc_times, "hf_all_s": hf_times, "loadavg_1m": load,
     }
 
 
@@ -161,14 +179,20 @@ def markdown(results: dict) -> str:
         f"{meta['threads']} threads; 1-min load average before: {meta['loadavg_before']:.2f}, "
         f"after: {meta['loadavg_after']:.2f}.",
         "",
-        "| dtype | batch | G | rows | new tokens | mode | r3 tok/s | transformers tok/s | ratio | r3 decode ms/step | r3 prefill s | greedy agreement |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "r3 = eager decode step; r3 compiled = `compile_decode=True` (torch.compile of the same step, "
+        "compiled once before timing).",
+        "",
+        "| dtype | batch | G | rows | new tokens | mode | r3 tok/s | r3 compiled tok/s | transformers tok/s "
+        "| ratio | ratio compiled | r3 / compiled decode ms/step | r3 prefill s | greedy agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
+        rc = r.get("r3c_tok_s")
         lines.append(
             f"| {r['dtype']} | {r['batch']} | {r['group']} | {r['rows']} | {r['new_tokens']} | {r['mode']} | "
-            f"{r['r3_tok_s']:.1f} | {r['hf_tok_s']:.1f} | **{r['ratio']:.2f}x** | "
-            f"{r['r3_decode_ms_per_step']:.1f} | {r['r3_prefill_s']:.2f} | "
+            f"{r['r3_tok_s']:.1f} | {_fmt(rc, 1)} | {r['hf_tok_s']:.1f} | **{r['ratio']:.2f}x** | "
+            f"**{_fmt(r.get('ratio_compiled'), 2)}x** | "
+            f"{r['r3_decode_ms_per_step']:.1f} / {_fmt(r.get('r3c_decode_ms_per_step'), 1)} | {r['r3_prefill_s']:.2f} | "
             f"{_fmt(r['greedy_agreement'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -188,6 +212,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step (compile_decode)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write a markdown table here")
     args = p.parse_args(argv)
@@ -216,11 +241,12 @@ def main(argv=None):
         vocab = ours.config.vocab_size
         for B, G in cases:
             r = bench_case(ours, hf, B=B, G=G, n=args.new_tokens, prompt_len=args.prompt_len,
-                           repeats=args.repeats, device=device, vocab=vocab)
+                           repeats=args.repeats, device=device, vocab=vocab, compiled=not args.no_compiled)
             r["dtype"] = dname
             results["rows"].append(r)
             print(f"{dname:5s} B={B:<3d} G={G:<2d} rows={B * G:<3d} r3 {r['r3_tok_s']:8.1f} tok/s  "
-                  f"transformers {r['hf_tok_s']:8.1f} tok/s  ratio {r['ratio']:.2f}x  "
+                  f"compiled {_fmt(r['r3c_tok_s'], 1)} tok/s  "
+                  f"transformers {r['hf_tok_s']:8.1f} tok/s  ratio {r['ratio']:.2f}x / {_fmt(r['ratio_compiled'], 2)}x  "
                   f"(r3 {r['r3_decode_ms_per_step']:.1f} ms/step, prefill {r['r3_prefill_s']:.2f}s; "
                   f"greedy agreement {_fmt(r['greedy_agreement'])}; "
                   f"load {r['loadavg_1m'][-1]:.2f})", flush=True)

@@ -225,8 +225,13 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.max_attempt_tokens == cfg.max_reflection_tokens == cfg.max_retry_tokens == 32
     cfg = parse_args(["--config", str(f), "--task-option", "max_num=30", "--task-option", "ops=+-"])
     assert cfg.task_options == {"difficulty": "standard", "max_num": 30, "ops": "+-"}
+    assert cfg.compile_decode is False
+    assert parse_args(["--compile-decode", "true"]).compile_decode is True
     f.write_text("grop_size: 6\n")
     from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match="compile_decode"):
+        parse_args(["--compile-decode", "maybe"])
 
     with pytest.raises(R3Error, match="unknown key 'grop_size'"):
         parse_args(["--config", str(f)])
