@@ -155,7 +155,7 @@ def _decode(shape: _Shape, linear, dense: list, tok, pos, ks: list, vs: list, sl
     flat = ((torch.arange(B, device=dev) * nkv)[:, None] + torch.arange(nkv, device=dev)) * S + pos[:, None]
     flat = flat.reshape(-1)  # row (b, head) slot pos[b] of a [B * nkv * S, D] view
     contiguous = not compiled and all(t.is_contiguous() for t in ks + vs)
-    rows = torch.arange(B, device=dev)
+    rows = None if contiguous else torch.arange(B, device=dev)
     for i in range(shape.n_layers):
         h = rms(x, dense[3 + 2 * i])
         qkv = linear(h, 4 * i).view(B, nh + 2 * nkv, hd)
