@@ -77,7 +77,7 @@ class _Slots:
     functions that use them; the slots are freed with the last FastStep that holds this."""
 
     def __init__(self):
-        self.ids: dict[object, int] = {}  # (layer, matmul) or ("head", vocab) -> slot
+        self.ids: dict[object, int] = {}  # matmul index j (see _decode) or ("head", vocab) -> slot
         self.compiled: dict[tuple, object] = {}  # (vocab_size, pick) -> compiled step function
         weakref.finalize(self, _free_slots, self.ids)
 
@@ -263,7 +263,7 @@ class FastStep:
                     (torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias(m.gate_proj, m.up_proj)),
                     (m.down_proj.weight, _bias(m.down_proj)),
                 ]
-            self.mats = [(self._weight(w, b, (j // 4, j % 4)), b) for j, (w, b) in enumerate(mats)]
+            self.mats = [(self._weight(w, b, j), b) for j, (w, b) in enumerate(mats)]
             self.dense = [model.embed_tokens.weight.detach(), self.inv_freq, model.norm.weight.detach()]
             for layer in model.layers:
                 self.dense += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
@@ -299,7 +299,7 @@ class FastStep:
             if fn is None:
                 ids = None
                 if self.packed:
-                    keys = [(j // 4, j % 4) for j in range(len(self.mats))] + [("head", vocab_size)]
+                    keys = [*range(len(self.mats)), ("head", vocab_size)]
                     ids = tuple(self._slots.ids[k] for k in keys)
                 fn = self._slots.compiled[(vocab_size, pick)] = _compile_step(self.shape, ids, pick)
             flat = [] if self.packed else [t for wb in mats for t in wb]
