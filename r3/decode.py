@@ -56,9 +56,13 @@ _SLOT_IDS = itertools.count()
 _SLOT_LOCK = threading.Lock()
 
 
+# The resolved overload: ~1.5 us less per call than going through the op packet.
+_MKLDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
+
+
 def _packed_linear_impl(x: torch.Tensor, slot: int) -> torch.Tensor:
     w, b, _ = _SLOTS[slot]
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return _MKLDNN_LINEAR(x, w, b, "none", [], "")
 
 
 def _packed_linear_fake(x: torch.Tensor, slot: int) -> torch.Tensor:
@@ -313,7 +317,7 @@ class FastStep:
         if self.packed:
             def linear(x, j):
                 w, b = mats[j]
-                return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+                return _MKLDNN_LINEAR(x, w, b, "none", [], "")
         else:
             def linear(x, j):
                 w, b = mats[j]

@@ -279,6 +279,38 @@ def test_evaluate_examples_counts_and_records(tiny):
     assert "records" not in again
 
 
+def test_generate_cli_compile_times_the_compile_apart_and_decodes_the_same(tiny_dir, capsys):
+    from r3 import generate as G
+
+    args = ["--model", tiny_dir, "--prompt", "hello there", "--max-new-tokens", "8", "--temperature", "0",
+            "--dtype", "fp32"]
+    rc, plain_out, plain_err = run_main(G.main, args, capsys)
+    assert rc == 0, plain_err
+    rc, comp_out, comp_err = run_main(G.main, args + ["--compile"], capsys)
+    assert rc == 0, comp_err
+    assert comp_out == plain_out and comp_out.strip()  # fp32 greedy: the compiled step gives the same tokens
+    assert "compiled the decode step in" in comp_err and "compiled" not in plain_err
+    assert "tokens/s" in comp_err
+
+
+def test_evaluate_examples_compiled_decode_equals_eager(tiny, monkeypatch):
+    model, tok, _ = tiny
+    task = coin_task()
+    examples = task.examples("test", 6)
+    eager = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=6, records=True)
+    seen = []
+    import r3.episode as episode
+
+    real = episode.run_episode
+    monkeypatch.setattr(episode, "run_episode", lambda *a, **k: seen.append(k["sampling"].compile_decode) or real(*a, **k))
+    comp = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=6, records=True,
+                               compile_decode=True)
+    assert seen == [True]
+    keys = ("first_success", "second_success", "records")
+    assert {k: comp[k] for k in keys} == {k: eager[k] for k in keys}
+    assert E.parse_args(["--compile", "--out", "x.json"]).compile and not E.parse_args(["--out", "x.json"]).compile
+
+
 def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "eval.json"
     argv = ["--model", "smollm2-135m", "--model", tiny_dir, "--task", "countdown", "--task-option", "difficulty=easy",

@@ -19,7 +19,7 @@ from r3.checkpoint import load
 from r3.errors import R3Error
 from r3.model import ModelConfig, Transformer
 from r3.decode import FastStep, ModelStep
-from r3.sampler import Session, SamplingError, _top_p_candidates, generate, pick_tokens
+from r3.sampler import Session, SamplingError, _top_p_candidates, generate, pick_greedy, pick_tokens
 
 KINDS = ("llama", "qwen2", "mistral")
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +261,27 @@ def test_logprobs_equal_teacher_forced_builtin(builtin, chat):
     for p, t, lp in zip(chat, out.tokens, out.logprobs):
         ref = _teacher_forced(model, p, t)
         assert max(abs(a - b) for a, b in zip(lp, ref)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pick_greedy_first_max_and_log_softmax(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 300, generator=g) * 4).to(dtype)
+    logits[1, 7] = logits[1, 250] = logits[1].max() + 1  # a tie: the first index wins (as argmax)
+    logits[2] = 0.0  # all equal: id 0, log-prob -log(V)
+    logits[3, 17] = float("inf")  # an infinite logit can still be picked
+    tok, lp = pick_greedy(logits)
+    ref = logits.float().log_softmax(-1)
+    assert tok.tolist()[:3] == [int(logits[0].float().argmax()), 7, 0] and int(tok[3]) == 17
+    assert torch.allclose(lp[[0, 1, 2, 4]], ref[[0, 1, 2, 4]].gather(-1, tok[[0, 1, 2, 4], None])[:, 0], atol=1e-5)
+    assert abs(float(lp[2]) + torch.log(torch.tensor(300.0)).item()) < 1e-5
+
+
+def test_pick_greedy_nan_row_gives_a_valid_id():
+    logits = torch.randn(2, 50)
+    logits[1] = float("nan")
+    tok, lp = pick_greedy(logits)
+    assert 0 <= int(tok[1]) < 50 and torch.isnan(lp[1]) and int(tok[0]) == int(logits[0].argmax())
 
 
 def test_greedy_logprobs_are_raw_log_softmax(tiny):
