@@ -298,8 +298,9 @@ class Session:
         (shared by sessions made from this one with ``select``/``fork``). ``fast_decode``: decode
         with :class:`FastStep` (fused, prepacked weights) instead of the model's forward; default:
         on CPU yes, elsewhere no (its weight copies would cost GPU memory). ``compile_decode``:
-        run that step through ``torch.compile`` (see :mod:`r3.decode`: ~15-20% faster per step
-        on CPU, same logits bit for bit, a one-time compile of ~35 s; implies ``fast_decode``).
+        run that step through ``torch.compile`` (see :mod:`r3.decode`: ~1.3x faster per step on
+        CPU in bf16, the same logits up to rare one-ulp differences, a one-time compile of
+        ~35-70 s; implies ``fast_decode``).
         ``prefill_tokens``: padded tokens per prefill chunk.
         """
         rows = [list(map(int, p)) for p in prompts]
