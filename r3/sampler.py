@@ -155,7 +155,7 @@ def pick_tokens(
         return pick_greedy(logits)
     V = logits.shape[-1]
     u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
-    if not 0 < top_k < V and top_p >= 1:
+    if _unfiltered(top_k, top_p, V):
         return pick_sampled(logits, u, temperature)
     x = logits.float()
     x = x / temperature if temperature != 1 else x
@@ -167,6 +167,11 @@ def pick_tokens(
     elif top_p < 1:
         x, index = _top_p_candidates(x, top_p)
     return _draw(x.softmax(-1), u, index)
+
+
+def _unfiltered(top_k: int, top_p: float, vocab_size: int) -> bool:
+    """No top-k / top-p filtering applies: the draw is :func:`pick_sampled`."""
+    return not 0 < top_k < vocab_size and top_p >= 1
 
 
 def pick_greedy(logits: torch.Tensor, u=None, temperature=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +490,7 @@ class Session:
         # The compiled step picks the next token in its own graph when there is no top-k/top-p
         # (the same functions as pick_tokens, and the same random stream: one uniform per row).
         fused = None
-        if self.compile_decode and (temperature == 0 or (not 0 < top_k < self.vocab_size and top_p >= 1)):
+        if self.compile_decode and (temperature == 0 or _unfiltered(top_k, top_p, self.vocab_size)):
             fused = pick_greedy if temperature == 0 else pick_sampled
             temp_t = torch.tensor(float(temperature), dtype=torch.float32, device=device)
         for t in range(N):
