@@ -4,7 +4,6 @@ import itertools
 import json
 import random
 import sys
-import time
 from collections import Counter
 from fractions import Fraction
 
@@ -13,6 +12,7 @@ import pytest
 import r3.tasks as tasks
 from r3.errors import R3Error
 from r3.tasks import Task
+from r3.tasks.recheck import recheck
 from r3.tasks.countdown import (
     MAX_ANSWER_CHARS,
     REFLECTION_PROMPT,
@@ -224,6 +224,7 @@ E123 = {"nums": [1, 2, 3], "target": 1}
 def test_countdown_verifier_cases(nums, target, completion, expected):
     ex = {"nums": nums, "target": target}
     assert CD.verify(ex, completion) is expected
+    assert recheck(CD, ex, completion)[0] is expected
 
 
 def test_countdown_never_executes(tmp_path):
@@ -256,10 +257,10 @@ def test_countdown_never_raises_on_junk():
     ids=["1MB-answer", "1MB-no-tags", "many-open-tags", "1MB-of-blocks", "nesting-10000", "nesting-120",
          "many-minus", "many-literals"],
 )
-def test_countdown_huge_and_deep_inputs_fail_fast(completion):
-    t0 = time.perf_counter()
+def test_countdown_huge_and_deep_inputs_are_wrong(completion):
+    # their verify time is in benchmarks/fuzz_verifiers.py (tests assert no wall-clock time)
     assert CD.verify({"nums": [1, 2, 3], "target": 6}, completion) is False
-    assert time.perf_counter() - t0 < 0.5
+    assert LENIENT.verify({"nums": [1, 2, 3], "target": 6}, completion) is False
 
 
 def test_countdown_moderate_nesting_is_fine():
@@ -387,10 +388,8 @@ def test_exhausted_problem_space_is_a_clear_error():
     t = CountdownTask(min_count=3, max_count=3, min_num=1, max_num=1, min_target=1, max_target=99,
                       ops="+", test_fraction=0.0)
     assert [e["target"] for e in t.examples("train", n=1)] == [3]
-    t0 = time.perf_counter()
     with pytest.raises(R3Error, match="found only 1 distinct"):
         t.examples("train", n=2)
-    assert time.perf_counter() - t0 < 2
     with pytest.raises(R3Error, match="empty"):
         t.examples("test", n=1)
 
@@ -530,22 +529,117 @@ def test_config_round_trips(name, options):
     assert t2.messages(t.examples("test", n=1)[0]) == t.messages(t.examples("test", n=1)[0])
 
 
-def test_countdown_answer_tags_false_reads_the_last_bare_equation():
-    from r3.tasks import get
+# The default run's options (two numbers, + and -, no tags): the final equation is the answer.
+LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_count=2, max_num=30,
+                        max_target=60)
 
-    lenient = get("countdown", difficulty="easy", answer_tags=False)
-    strict = get("countdown", difficulty="easy")
+
+@pytest.mark.parametrize(
+    "nums,target,completion,expected",
+    [
+        # rewarded by the old reader on the default run (issue 12), all wrong
+        ([27, 10], 37, "27 + (27 - 10) = 37 \n-10 + 27 = 37", False),  # the last equation's minus
+        ([19, 17], 36, "The answer is 19 + 17 = 26.", False),  # a false written result
+        ([28, 12], 40, "28 + 12 = 40\nCorrected equation: 4x + 3 = 40", False),  # the final one counts
+        ([5, 23], 28, "Let me see. <answer> </answer>\nSo 5 + 23 = 28", True),  # echoed empty tags
+        ([6, 92], -86, "-6 - 92", False),
+        ([6, 92], -86, "6 - 92 = -86", True),  # a negative written result is fine
+        # prose around the final equation is fine
+        ([3, 4], 7, "so 4 + 3 = 7.", True),
+        ([3, 4], 7, "(3+4)", True),
+        ([3, 4], 7, "3 + 4 = 7, which is the target.", True),
+        ([3, 4], 7, "Sure! 3 + 4 = 7", True),
+        ([3, 4], 7, "3 + 4 = 7!", True),  # after a written result, '!' is an exclamation
+        ([3, 4], 7, "3 + 4!", False),  # ... after an expression, a factorial
+        ([3, 4], 7, "**Answer:** 3 + 4 = 7", True),
+        ([3, 4], 7, "**3 + 4 = 7**", True),
+        ([3, 4], 7, "**Answer: 3 + 4 = 7**", True),
+        ([3, 4], 7, "3 + 4 = 7 (using each number once)", True),
+        ([3, 4], 7, "Using each number exactly once \u2013 3 + 4 = 7", True),  # an en dash in prose
+        ([3, 4], 7, "3 + 4 = 7 \u2713", True),
+        ([3, 4], 7, "$3 + 4 = 7$", True),
+        ([3, 4], 7, "3 + 4 = 7\nThe target was 7.", True),  # a bare number is no equation
+        ([3, 4], 7, "4 - 3 = 1 is wrong.\n3 + 4 = 7", True),
+        ([3, 4], 7, "x" * 90_000 + " 4 + 3", True),
+        # the final equation is the last one, right or wrong
+        ([3, 4], 7, "3 + 4 = 7. Check: 7 - 4 = 3", False),
+        ([3, 4], 7, "4 + 3 first, then 4 - 3", False),
+        ([3, 4], 7, "3 + 4 = 7 and 28 = 28", False),
+        ([3, 4], 7, "7", False),
+        ([3, 4], 7, "", False),
+        # chained, reversed and malformed equations
+        ([3, 4], 7, "3 + 4 = 7 = 7", False),
+        ([3, 4], 7, "7 = 3 + 4", False),
+        ([3, 4], 7, "3 + 4 = 3 + 4", False),
+        ([3, 4], 7, "3 + 4 =", False),
+        ([3, 4], 7, "= 7", False),
+        ([3, 4], 7, "3 + 4 = +7", False),
+        ([3, 4], 7, "3 + 4 = 07", False),
+        ([3, 4], 7, "03 + 4 = 7", False),
+        ([3, 4], 7, "3 + 4 +", False),
+        ([3, 4], 7, "(3 + 4", False),
+        ([16, 9], 7, "16 + (-9) = 16 - 9 = 7", False),
+        # variables and letters glued to it
+        ([3, 4], 7, "3x + 4 = 7", False),
+        ([3, 4], 7, "x + 3 + 4", False),
+        ([3, 4], 7, "3 + 4y", False),
+        ([30, 10], 40, "The equation is: x = 30 + 10", False),
+        ([2, 21], 19, "x + 21 - 2x + 21", False),
+        ([2, 21], 19, "a21 - 2", False),
+        ([3, 4], 7, "3 + 4 = 7km", False),
+        # operators the task does not allow, next to the equation
+        ([3, 4], 7, "2^(3 + 4)", False),
+        ([3, 4], 7, "(3 + 4)^2", False),
+        ([3, 4], 7, "(3 + 4)**2", False),
+        ([3, 4], 7, "(3 + 4)!", False),
+        ([3, 4], 7, "(3 + 4)%", False),
+        ([3, 4], 7, "3 + 4 % 5", False),
+        ([3, 4], 7, "(3 + 4)\u00b2", False),
+        ([3, 4], 7, "\u221a(3 + 4)", False),
+        ([3, 4], 7, "log (3 + 4)", False),
+        ([3, 4], 7, "log(3 + 4)", False),
+        ([3, 4], 7, "3 + 4 mod 5", False),
+        ([3, 4], 7, "the square root of 3 + 4", False),
+        ([3, 4], 7, "2 to the power of (3 + 4)", False),
+        ([3, 4], 7, "(3 + 4) squared", False),
+        ([3, 4], 7, "negative 3 + 4 = 7", False),
+        ([3, 4], 7, "|3 - 4| + 6", False),
+        ([3, 4], 7, "[3 + 4 = 7]", False),
+        ([3, 4], 7, "3 + 4 \u2192 7", False),
+        ([3, 4], 7, "3 + 4 \u2265 7", False),
+        ([3, 4], 7, "3 \u00d7 4 = 7", False),
+        ([3, 4], 7, "3 + 4 \u2013 0", False),  # an en dash as a minus before a number
+        ([3, 4], 7, "\u20103 + 4", False),  # a dash glued before it
+        ([3, 4], 7, "5 x 3 + 4", False),
+        ([3, 4], 7, "3 + 4 times 1", False),
+        # decimals, digit grouping and numbers in other scripts
+        ([3, 4], 7, "3 + 4 = 7.0", False),
+        ([3, 4], 7, "3.0 + 4 = 7", False),
+        ([3, 4], 7, "1,3 + 4 = 7", False),
+        ([3, 4], 7, ".3 + 4", False),
+        ([3, 4], 7, "\uff13 + 4 = 7", False),  # fullwidth 3
+        ([3, 4], 7, "\u0663 + 4 = 7", False),  # Arabic-Indic 3
+        ([3, 4], 7, "3 + \u0664", False),
+        # operators outside the task's + and -
+        ([3, 4], 12, "3 * 4 = 12", False),
+        ([3, 4], 12, "3 * 4", False),
+        # the numbers, each exactly once
+        ([3, 4], 7, "3 + 4 + 0 = 7", False),
+        ([3, 4], 7, "3 + 3 + 1 = 7", False),
+        ([3, 3], 6, "3 + 3 = 6", True),
+    ],
+)
+def test_countdown_final_equation_rule(nums, target, completion, expected):
+    ex = {"nums": nums, "target": target}
+    assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
+    assert recheck(LENIENT, ex, completion)[0] is expected  # the independent implementation agrees
+
+
+def test_countdown_tags_off_has_no_tag_special_cases():
+    """Without tags, ``<answer>`` blocks are ordinary text: the final equation counts."""
     ex = {"nums": [4, 3], "target": 7}
-    assert lenient.verify(ex, "so 4 + 3 = 7.") and lenient.verify(ex, "(3+4)")
-    assert not strict.verify(ex, "so 4 + 3 = 7.")
-    assert not lenient.verify(ex, "4 + 3 first, then 4 - 3")  # the last equation counts
-    assert not lenient.verify(ex, "7")  # a bare number is no equation
-    assert not lenient.verify(ex, "<answer> 4 - 3 </answer> and 4 + 3")  # a tag block still wins
-    assert not lenient.verify(ex, "__import__('os') 4 + 3 ** 2")
-    assert lenient.verify(ex, "x" * 100_000 + " 4 + 3") is True
-    # glued to letters or decimals it is no equation over the numbers (a trained model wrote
-    # "x + 21 - 2x + 21" for 21 - 2 = 19 and was rewarded before this was fixed)
-    ex2 = {"nums": [2, 21], "target": 19}
-    assert not lenient.verify(ex2, "x + 21 - 2x + 21") and not lenient.verify(ex2, "21 - 2.0")
-    assert not lenient.verify(ex2, "a21 - 2") and not lenient.verify(ex2, "1.21 - 2")
-    assert lenient.verify(ex2, "The answer is 21 - 2.") and lenient.verify(ex2, "21-2=19, done")
+    assert LENIENT.verify(ex, "<answer> 4 - 3 </answer> and 4 + 3")
+    assert not LENIENT.verify(ex, "<answer> 4 + 3 </answer> and 4 - 3")
+    assert LENIENT.verify(ex, "<answer>4 + 3</answer>")
+    strict = CountdownTask(difficulty="easy")
+    assert not strict.verify(ex, "so 4 + 3 = 7.") and strict.verify(ex, "<answer>4 + 3</answer>")

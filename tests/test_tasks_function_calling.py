@@ -5,13 +5,13 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import r3.tasks as tasks
 from r3.errors import R3Error
+from r3.tasks.recheck import recheck
 from r3.tasks.function_calling import (
     REFLECTION_PROMPT,
     FunctionCallingTask,
@@ -157,7 +157,13 @@ BAD = dumps(CALLS[:2])
         ("I cannot help with that.", False),
         ("[{'name': 'get_weather', 'arguments': {'city': 'Paris'}}]", False),  # Python, not JSON
         (GOOD[:-1], False),  # truncated
-        ("[" + GOOD, True),  # a stray bracket before a valid list: the embedded list is found
+        ("[" + GOOD, False),  # inside a truncated structure: no answer
+        (GOOD + " [1, 2] {}", True),  # JSON that yields no calls does not replace the answer
+        (GOOD + " Or: " + BAD[:-5], True),  # a truncated later structure is not an answer
+        ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
+        ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing
+        ('see [the "list" below: ' + GOOD, False),  # an unclosed bracket in prose hides the rest
+        ("[note} " + GOOD, True),  # a mismatched bracket ends a broken structure
         ("42", False),
         ('"' + GOOD.replace('"', '\\"') + '"', False),  # a JSON string, not a list
         ("[1, 2, 3]", False),
@@ -169,6 +175,30 @@ BAD = dumps(CALLS[:2])
 )
 def test_completion_formats(completion, ok):
     assert FC.verify(EX, completion) is ok
+    assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
+
+
+def test_duplicate_keys_are_a_failed_parse():
+    one = dict(EX, answers=dumps([{"name": "f", "arguments": {"x": 1}}]))
+    assert FC.verify(one, '[{"name": "f", "arguments": {"x": 1}}]')
+    for text in ('[{"name": "f", "arguments": {"x": 2, "x": 1}}]',  # the last value would win
+                 '[{"name": "f", "name": "f", "arguments": {"x": 1}}]',
+                 '{"name": "f", "arguments": {"x": 1, "y": {"z": 1, "z": 1}}}'):
+        assert parse_calls(text) is None
+        assert not FC.verify(one, text) and not recheck(FC, one, text)[0]
+    # a duplicate anywhere in a structure hides every call inside it
+    two = '[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {"y": 1, "y": 2}}]'
+    assert parse_calls(two) is None and not FC.verify(one, two)
+
+
+@pytest.mark.parametrize("padding", [0, 255, 256, 5000])
+def test_the_last_list_wins_however_long_the_text(padding):
+    """A run of non-call JSON between an earlier and the last call list changes nothing (a cap of
+    256 decode attempts once let the earlier list win)."""
+    wrong, right = BAD, GOOD
+    assert FC.verify(EX, wrong + " [0]" * padding + " " + right)
+    assert not FC.verify(EX, right + " [0]" * padding + " " + wrong)
+    assert not recheck(FC, EX, right + " [0]" * padding + " " + wrong)[0]
 
 
 def test_parse_calls_shape():
@@ -195,10 +225,9 @@ def test_parse_calls_shape():
     ids=["1MB-list", "deep-list", "open-brackets", "deep-object", "deep-dict", "prose-brackets",
          "deep-fence", "deep-arguments", "1MB-prose"],
 )
-def test_huge_and_deep_json_fails_fast(completion):
-    t0 = time.perf_counter()
+def test_huge_and_deep_json_is_no_answer(completion):
+    # their verify time is in benchmarks/fuzz_verifiers.py (tests assert no wall-clock time)
     assert FC.verify(EX, completion) is False
-    assert time.perf_counter() - t0 < 0.5
 
 
 def test_verify_never_raises():

@@ -4,31 +4,18 @@ Example dicts: ``{"id": str, "nums": [int, ...], "target": int, "solution": str}
 problems (``solution`` is what the exhaustive solver found; it always verifies). Rows loaded from a
 file keep their fields; ``id`` is the file's own or the row index (an int).
 
-Verifier rules (see :func:`check_answer`):
-
-* the LAST complete ``<answer> ... </answer>`` block of the completion is the answer;
-* after whitespace (including newlines) is normalised to spaces, the answer may contain only ASCII
-  digits, ``+ - * /``, parentheses and spaces, at most ``MAX_ANSWER_CHARS`` characters; an optional
-  trailing ``= <target>`` is accepted (``(1 + 2) * 8 = 24``) when its right-hand side is exactly the
-  target written as a plain integer;
-* it is parsed with :mod:`ast` (never evaluated by Python) and must consist only of binary
-  ``+ - * /`` and non-negative decimal integer literals without leading zeros (``0`` is fine,
-  ``07``/``00`` are not); unary minus or plus, ``**``, ``//``, ``%``, floats, names, calls, ...
-  are all rejected;
-* the literals must be exactly the multiset ``nums`` (each number used exactly once, no others);
-* it is evaluated with exact :class:`fractions.Fraction` arithmetic (intermediate fractions are
-  fine; any division by zero, even in a sub-expression multiplied by 0, fails) and must equal
-  ``target`` exactly.
+The verifier (:mod:`r3.tasks.countdown_verify`) reads one answer: the content of the last
+``<answer>`` block with ``answer_tags=True`` (the default), or the final equation of the completion
+with ``answer_tags=False``. It is correct iff it is ``expression`` or ``expression = value`` that
+uses each number exactly once with only the task's operators (``ops``) and parentheses, evaluates
+exactly to the target, and whose written value, if any, is the target. The prompts ask for exactly
+that format: the ``<answer>`` tags are requested only when the verifier reads them.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import random
-import re
-from collections import Counter
-from fractions import Fraction
 from math import gcd
 from typing import Any
 
@@ -47,8 +34,14 @@ from r3.tasks.base import (
     read_records,
     shuffled_prefix,
 )
+from r3.tasks.countdown_verify import (  # noqa: F401 -- re-exported: the verifier's public names
+    MAX_ANSWER_CHARS,
+    check_answer,
+    check_completion,
+    extract_answer,
+    final_equation,
+)
 
-MAX_ANSWER_CHARS = 256
 MAX_NUMS = 6  # the exhaustive solver is exponential in the count: ~5 ms for 4 numbers, ~1 s for 6
 
 REFLECTION_PROMPT = (
@@ -59,15 +52,20 @@ RETRY_PROMPT = (
     "Now try again. Use each number exactly once and give the final equation inside "
     "<answer> </answer> tags."
 )
+RETRY_PROMPT_PLAIN = "Now try again. Use each number exactly once and end with the final equation."
 PROMPT_TEMPLATE = (
-    "Using the numbers {nums}, create an equation that equals {target}. You can use the basic "
-    "arithmetic operations +, -, * and /, and each number must be used exactly once. Think briefly, "
-    "then give the final equation inside <answer> </answer> tags."
+    "Using the numbers {nums}, create an equation that equals {target}. You can use the arithmetic "
+    "operations {ops}, and each number must be used exactly once. Think briefly, then give the "
+    "final equation inside <answer> </answer> tags."
 )
-FORMAT_EXAMPLE = (
-    " For example, with the numbers [1, 2, 3] and the target 1, the final answer is "
-    "<answer> (1 + 2) / 3 </answer>."
+PROMPT_TEMPLATE_PLAIN = (
+    "Using the numbers {nums}, create an equation that equals {target}. You can use the arithmetic "
+    "operations {ops}, and each number must be used exactly once. Think briefly, then end with the "
+    "final equation."
 )
+# the format example of the default templates: numbers [1, 2, 3] and a target each op set reaches
+_EXAMPLE_NUMS = [1, 2, 3]
+_EXAMPLE_TARGETS = (1, 2, 4, 5, 6, 7, 9, 0)
 
 # difficulty presets; explicit knobs override them
 PRESETS = {
@@ -79,120 +77,6 @@ PRESETS = {
     "easy": dict(min_count=3, max_count=3, min_num=1, max_num=20, min_target=1, max_target=50,
                  ops="+-", train_size=2000, test_size=200),
 }
-
-_ALLOWED_CHARS = re.compile(r"[0-9+\-*/() ]*")
-_INT = re.compile(r"[0-9]+")
-_WS = re.compile(r"\s")
-_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
-# ---------------------------------------------------------------------------------------
-# verifier
-# ---------------------------------------------------------------------------------------
-def extract_answer(text: str) -> str | None:
-    """The content of the last complete ``<answer>...</answer>`` block, or None. Linear time."""
-    end = text.rfind("</answer>")
-    if end < 0:
-        return None
-    start = text.rfind("<answer>", 0, end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>"): end]
-
-
-class _Reject(Exception):
-    pass
-
-
-def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
-    """Exact value of a whitelisted expression tree; collects its integer literals."""
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        left = _evaluate(node.left, literals)
-        right = _evaluate(node.right, literals)
-        op = type(node.op)
-        if op is ast.Add:
-            return left + right
-        if op is ast.Sub:
-            return left - right
-        if op is ast.Mult:
-            return left * right
-        if right == 0:
-            raise _Reject("division by zero")
-        return left / right
-    if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 0:
-        literals.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp):
-        raise _Reject("unary operators are not allowed")
-    if isinstance(node, ast.BinOp):
-        raise _Reject("only + - * / are allowed")
-    raise _Reject(f"{type(node).__name__} is not allowed")
-
-
-def check_answer(answer: str, nums: list[int], target: int) -> tuple[bool, str]:
-    """Check an extracted answer string; returns ``(ok, reason)``. Raises nothing."""
-    try:
-        if len(answer) > 16 * MAX_ANSWER_CHARS:  # cheap bound before any regex work
-            return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
-        expr = _WS.sub(" ", answer).strip()
-        if not expr:
-            return False, "empty answer"
-        if len(expr) > MAX_ANSWER_CHARS:
-            return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
-        if expr.count("=") == 1:
-            expr, rhs = (s.strip() for s in expr.split("="))
-            if rhs != str(target):
-                return False, "the right-hand side of '=' is not the target"
-        if not _ALLOWED_CHARS.fullmatch(expr):
-            return False, "the answer may contain only digits, + - * /, parentheses and spaces"
-        for tok in _INT.findall(expr):
-            if len(tok) > 1 and tok[0] == "0":
-                return False, f"number with a leading zero: {tok}"
-        tree = ast.parse(expr, mode="eval")
-        literals: list[int] = []
-        value = _evaluate(tree.body, literals)
-        if Counter(literals) != Counter(int(x) for x in nums):
-            return False, f"uses the numbers {sorted(literals)}, not each of {sorted(nums)} exactly once"
-        if value != target:
-            return False, f"evaluates to {value}, not {target}"
-        return True, "correct"
-    except _Reject as e:
-        return False, str(e)
-    except SyntaxError:
-        return False, "not a valid expression"
-    except Exception as e:  # noqa: BLE001 -- RecursionError, MemoryError, anything: just wrong
-        return False, f"rejected ({type(e).__name__})"
-
-
-# Not glued to a letter, a digit or a decimal point on either side: "21 - 2x" or "2.5 + 1" is no equation over
-# the numbers 21 and 2 (a trained model found that hole: it wrote "x + 21 - 2x + 21").
-_BARE_EXPR = re.compile(r"(?<!\w)(?<!\d\.)[0-9(][0-9+\-*/() ]*[+\-*/][0-9+\-*/() ]*[0-9)](?!\w|\.\d)")
-
-
-def last_bare_expression(text: str) -> str | None:
-    """The last run of digits, operators, parentheses and spaces that holds an operator (e.g.
-    ``4 + 3`` in ``... so 4 + 3 = 7.``), or None. For ``answer_tags=False``: tiny models rarely
-    follow the tag format, and a lenient reader lets them get signal at all."""
-    if len(text) > 16 * MAX_ANSWER_CHARS * 8:
-        text = text[-16 * MAX_ANSWER_CHARS * 8:]
-    last = None
-    for m in _BARE_EXPR.finditer(text):
-        last = m.group(0)
-    return last
-
-
-def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = True) -> tuple[bool, str]:
-    if not isinstance(text, str):
-        return False, "completion is not a string"
-    answer = extract_answer(text)
-    if answer is None and not tags:
-        answer = last_bare_expression(text)
-        if answer is None:
-            return False, "no <answer> </answer> block and no bare equation"
-    if answer is None:
-        return False, "no <answer> </answer> block"
-    return check_answer(answer, nums, target)
-
 
 # ---------------------------------------------------------------------------------------
 # solver
@@ -483,13 +367,16 @@ class CountdownTask(Task):
         self.train_size = opt_int("train_size", p["train_size"], lo=0)
         self.test_size = opt_int("test_size", p["test_size"], lo=0)
         self.format_example = opt_bool("format_example", format_example)
-        # False: without an <answer> block, the last bare equation in the text is the answer.
+        # False: the final equation of the completion is the answer (no <answer> tags).
         self.answer_tags = opt_bool("answer_tags", answer_tags)
-        self.prompt_template = PROMPT_TEMPLATE if prompt_template is None else opt_str(
+        default_template = PROMPT_TEMPLATE if self.answer_tags else PROMPT_TEMPLATE_PLAIN
+        self.prompt_template = default_template if prompt_template is None else opt_str(
             "prompt_template", prompt_template, allow_empty=False)
         for ph in ("{nums}", "{target}"):
             if ph not in self.prompt_template:
                 raise R3Error(f"option prompt_template: must contain the placeholder {ph}")
+        if retry_prompt is None:
+            self.retry_prompt = RETRY_PROMPT if self.answer_tags else RETRY_PROMPT_PLAIN
         self.system_prompt = None if system_prompt is None else opt_str("system_prompt", system_prompt)
         self.synthetic = self.data_path is None
         self._loaded: dict[str, list[dict]] | None = None
@@ -562,11 +449,29 @@ class CountdownTask(Task):
         return self._loaded
 
     # ---- prompts ------------------------------------------------------------------------
+    def ops_text(self) -> str:
+        """The allowed operations in words: ``+ and -`` or ``+, -, * and /``."""
+        ops = list(self.ops)
+        return ops[0] if len(ops) == 1 else ", ".join(ops[:-1]) + " and " + ops[-1]
+
+    def format_example_text(self) -> str:
+        """One worked example in the answer format the verifier reads, over the task's operations
+        (the prompt's own example must be a correct answer)."""
+        if self.ops == "+-*/":
+            expr, target = "(1 + 2) / 3", 1
+        else:
+            expr, target = next((e, t) for t in _EXAMPLE_TARGETS
+                                if (e := solve(_EXAMPLE_NUMS, t, self.ops)) is not None)
+        head = f" For example, with the numbers {_EXAMPLE_NUMS} and the target {target}, "
+        if self.answer_tags:
+            return head + f"the final answer is <answer> {expr} </answer>."
+        return head + f"the answer ends with the equation {expr} = {target}."
+
     def prompt(self, example: dict) -> str:
-        text = self.prompt_template.replace("{nums}", str(list(example["nums"]))).replace(
-            "{target}", str(example["target"]))
-        if self.format_example and self.prompt_template == PROMPT_TEMPLATE:
-            text += FORMAT_EXAMPLE
+        text = (self.prompt_template.replace("{nums}", str(list(example["nums"])))
+                .replace("{target}", str(example["target"])).replace("{ops}", self.ops_text()))
+        if self.format_example and self.prompt_template in (PROMPT_TEMPLATE, PROMPT_TEMPLATE_PLAIN):
+            text += self.format_example_text()
         return text
 
     def messages(self, example: dict) -> list[dict]:
@@ -579,7 +484,8 @@ class CountdownTask(Task):
     # ---- verifier -----------------------------------------------------------------------
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
         nums = [_strict_int(x) for x in example["nums"]]
-        return check_completion(completion_text, nums, _strict_int(example["target"]), tags=self.answer_tags)
+        return check_completion(completion_text, nums, _strict_int(example["target"]), tags=self.answer_tags,
+                                ops=self.ops)
 
 
 def _strict_int(v: Any) -> int:

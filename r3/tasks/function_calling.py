@@ -13,10 +13,18 @@ Write the synthetic set to a file with::
 
 Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 
-* the answer is the first of: the whole completion parsed as JSON; the content of the LAST complete
-  ````` fence (an optional language tag such as ``json`` is dropped); the LAST JSON list/object
-  embedded in the text that is a call list. JSON is parsed with :mod:`json` only (NaN/Infinity are
-  rejected); nothing is executed;
+* the answer is the whole completion when it parses as JSON and is a call list (``[]`` included);
+* otherwise it is the LAST call list embedded in the text, however long the text is. Scanning left
+  to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its matching bracket
+  (JSON strings, with their escapes, are skipped); a mismatched closing bracket ends it as broken,
+  and so does the end of the text (a truncated structure). A complete structure that parses as
+  JSON yields calls when it is a non-empty call list or a single call object, or, for an object, the
+  calls of the last of its values that yields any (``{"tool_calls": [...]}``). The answer is what
+  the last structure that yields calls yields. Nothing inside a broken or invalid structure is an
+  answer (``[{right call}, {broken call}]`` is no answer, not the right call alone), and a list is
+  not searched for calls (``[{call}, 5]`` is none). ````` fences are prose;
+* JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
+  "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
   an object with a string ``"name"`` and an object ``"arguments"`` (a missing ``"arguments"`` means
   no arguments; other keys are ignored);
@@ -24,8 +32,11 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
   numbers compare by value (``100 == 100.0``) but booleans are not numbers (``true != 1``); strings
   compare exactly; lists in order; objects recursively;
-* completions over ``MAX_COMPLETION_CHARS``, JSON candidates over ``MAX_JSON_CHARS`` or nested
-  deeper than ``MAX_DEPTH`` are wrong.
+* completions over ``MAX_COMPLETION_CHARS``, structures over ``MAX_JSON_CHARS`` or nested deeper
+  than ``MAX_DEPTH`` are wrong.
+
+The scan is one pass over the brackets and quotes of the text, and each complete structure is
+parsed once: time linear in the completion.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -58,7 +70,6 @@ __all__ = ["FunctionCallingTask", "parse_calls", "calls_match", "values_equal", 
 MAX_COMPLETION_CHARS = 100_000
 MAX_JSON_CHARS = 20_000
 MAX_DEPTH = 32
-MAX_DECODE_ATTEMPTS = 256
 
 REFLECTION_PROMPT = (
     "You tried performing the task, but failed in generating the correct tool call. Reflect on what "
@@ -83,7 +94,14 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate object key")
+    return out
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicate_keys)
 
 
 def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
@@ -115,7 +133,8 @@ def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
 
 
 def _loads(s: str) -> Any:
-    """json.loads with NaN/Infinity rejected and size/depth bounds; raises ValueError."""
+    """json.loads with NaN/Infinity and duplicate keys rejected and size/depth bounds; raises
+    ValueError."""
     if len(s) > MAX_JSON_CHARS:
         raise ValueError("too long")
     value = _DECODER.decode(s)
@@ -124,53 +143,71 @@ def _loads(s: str) -> Any:
     return value
 
 
-def _try_calls(s: str) -> list[dict] | None:
+def _try_calls(s: str, allow_empty: bool = True) -> list[dict] | None:
     s = s.strip()
     if not s or s[0] not in "[{":
         return None
     try:
-        return _as_calls(_loads(s))
+        return _as_calls(_loads(s), allow_empty)
     except (ValueError, RecursionError):
         return None
 
 
-def _last_fence(text: str) -> str | None:
-    parts = text.split("```")
-    complete = (len(parts) - 1) // 2
-    if complete == 0:
-        return None
-    block = parts[2 * complete - 1]
-    first, nl, rest = block.partition("\n")
-    tag = first.strip()
-    if nl and (not tag or (tag.isalnum() and len(tag) <= 16)):  # ```json\n...  or ```\n...
-        return rest
-    return block
+_MARKS = re.compile(r'[\[\]{}"]')
+_CLOSER = {"[": "]", "{": "}"}
+
+
+def _structures(text: str):
+    """``(start, end)`` of each complete top-level structure (see the module docstring), in
+    order; broken and truncated ones are skipped. One pass over the brackets and quotes."""
+    marks = _MARKS.finditer(text)
+    for m in marks:
+        if m.group() not in _CLOSER:
+            continue  # prose: quotes and closing brackets mean nothing here
+        start, stack, string_start = m.start(), [_CLOSER[m.group()]], -1
+        for m2 in marks:
+            pos, ch = m2.start(), m2.group()
+            if string_start >= 0:
+                if ch == '"':
+                    slashes = 0
+                    while pos - slashes - 1 > string_start and text[pos - slashes - 1] == "\\":
+                        slashes += 1
+                    if slashes % 2 == 0:
+                        string_start = -1
+            elif ch == '"':
+                string_start = pos
+            elif ch in _CLOSER:
+                stack.append(_CLOSER[ch])
+            elif ch != stack.pop():
+                break  # mismatched: broken, scanning goes on after it
+            elif not stack:
+                yield start, pos + 1
+                break
+
+
+def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
+    """The calls a parsed structure yields: itself as a non-empty call list or call object, or
+    for an object the calls of its last value that yields any."""
+    calls = _as_calls(value, allow_empty=False)
+    if calls is not None or not isinstance(value, dict) or depth > MAX_DEPTH:
+        return calls
+    found = None
+    for v in value.values():
+        found = _yielded_calls(v, depth + 1) or found
+    return found
 
 
 def _last_embedded(text: str) -> list[dict] | None:
+    """The calls of the last structure of ``text`` that yields any (see the module docstring)."""
     found = None
-    i, attempts, n = 0, 0, len(text)
-    while i < n and attempts < MAX_DECODE_ATTEMPTS:
-        j1, j2 = text.find("[", i), text.find("{", i)
-        starts = [j for j in (j1, j2) if j >= 0]
-        if not starts:
-            break
-        j = min(starts)
-        attempts += 1
+    for start, end in _structures(text):
+        if end - start > MAX_JSON_CHARS:
+            continue
         try:
-            value, end = _DECODER.raw_decode(text, j)
+            value = _loads(text[start:end])
         except (ValueError, RecursionError):
-            i = j + 1
             continue
-        if end - j > MAX_JSON_CHARS:
-            i = end  # too big to be an answer; do not rescan its insides
-            continue
-        calls = _as_calls(value, allow_empty=False) if _depth_ok(value) else None
-        if calls is not None:
-            found = calls
-            i = end
-        else:
-            i = j + 1  # e.g. {"tool_calls": [...]}: look inside
+        found = _yielded_calls(value) or found
     return found
 
 
@@ -183,11 +220,6 @@ def parse_calls(text: Any) -> list[dict] | None:
         calls = _try_calls(text)
         if calls is not None:
             return calls
-        fence = _last_fence(text)
-        if fence is not None:
-            calls = _try_calls(fence)
-            if calls is not None:
-                return calls
         return _last_embedded(text)
     except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
         return None

@@ -1,0 +1,376 @@
+"""Fuzz the verifiers: generated adversarial completions, each verdict checked three ways.
+
+For Countdown (with and without ``<answer>`` tags) and function calling, ``--n`` completions per
+verifier are generated from templates taken from real model output: prose around the answer,
+earlier and later equations or call lists, Markdown, tags, and corruptions (operators the task does
+not allow, unary minus, variables, decimals, Unicode digits and symbols, chained or reversed
+equations, duplicate JSON keys, truncation, padding between answers). Every completion is judged by
+
+* the task's verifier (``task.verify``, what training rewards),
+* the independent re-implementation in :mod:`r3.tasks.recheck` (shares no parsing code), and
+* the generator's own label: what the completion's final answer is by construction.
+
+"wrong verdicts" counts verifier != recheck (goal: 0). Against the construction label the table
+splits false positives (the verifier pays for a wrong answer: the worst bug r3 can have) from false
+negatives (a right answer unpaid: the rule is strict by design; examples are printed). Time per
+verify call: worst and p99 over the generated completions, and each verifier on long adversarial
+inputs (up to the completion cap), to show the time stays linear in the input.
+
+    python benchmarks/fuzz_verifiers.py                      # 10,000 per verifier, ~1 minute
+    python benchmarks/fuzz_verifiers.py --n 2000 --seed 1 --json out.json --md out.md
+
+What it does not show: that the generator covers every way a model can phrase an answer. Real
+model outputs are in ``tests/data/countdown_model_outputs.jsonl`` (hand-labelled, tested), and
+``python -m r3.audit RUN`` re-checks a run's rewarded samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import re
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from r3.tasks import get  # noqa: E402
+from r3.tasks.recheck import recheck  # noqa: E402
+
+# ---------------------------------------------------------------------------------------
+# Countdown
+# ---------------------------------------------------------------------------------------
+PROSE_BEFORE = [
+    "", "The answer is ", "So ", "Answer: ", "**Answer:** ", "Final equation:\n", "Here is the equation:\n\n",
+    "Circle: ", "Using each number exactly once \u2013 ", "Sure! ", "The equation would be ",
+    "Let me think step by step.\nFirst, {a} + {b} = {ab} is too small.\n", "Let's try again.\n\n",
+    "I made a mistake before. ", "We need {target}. ", "Magma: ", "1. Calculate: ",
+]
+PROSE_AFTER = [
+    "", ".", "!", " \u2713", ", which is the target.", "\n\nI hope this helps!", " (using both numbers)",
+    "\nThe target was {target}.", "\n\nTherefore the answer is {target}.", " is the final equation.",
+    "\n\nHowever, when the numbers are multiplied together, they should always equal {target}.",
+]
+# (text before, text after): each changes what the equation means, so the answer is wrong
+POISON = [
+    ("-", ""), ("x", ""), ("log(", ")"), ("\u221a(", ")"), ("2^(", ")"), ("\u2010", ""), ("[", "]"),
+    ("|", "|"), ("log ", ""), ("sqrt ", ""), ("the square root of ", ""), ("negative ", ""),
+    ("minus ", ""), ("2 to the power of (", ")"), ("half of ", ""), ("(", ")^2"), ("(", ")**2"),
+    ("(", ")!"), ("(", ")%"), ("(", ")\u00b2"), ("", " mod 5"), ("", " squared"), ("", " times 2"),
+    ("", " percent"), ("", " \u2013 3"), ("", " \u00d7 2"), ("", " \u2192 9"), ("", " \u2248 9"),
+    ("", "x"), ("", ".5"), ("", ",000"), ("0", ""), ("", "y"), ("", " \u00f7 2"),
+]
+UNICODE_DIGITS = ["\uff10", "\u0660", "\u09e6", "\u0966"]  # fullwidth, Arabic-Indic, Bengali, Devanagari zero
+
+
+def _value(expr: str) -> Fraction | None:
+    """Exact value of an expression the generator built (digits, + - * /, parentheses: our own
+    strings, never model output)."""
+    py = re.sub(r"\d+", lambda m: f"F({int(m.group())})", expr)
+    try:
+        return eval(py, {"__builtins__": {}, "F": Fraction})  # noqa: S307 -- generator-built string
+    except ZeroDivisionError:
+        return None
+
+
+def _numbers(expr: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", expr)]
+
+
+def _label(expr: str, written: int | None, nums, target, ops) -> bool:
+    if any(c in "+-*/" and c not in ops for c in expr):
+        return False
+    if written is not None and written != target:
+        return False
+    return sorted(_numbers(expr)) == sorted(nums) and _value(expr) == target
+
+
+def _mutate(rng: random.Random, ex: dict, ops: str) -> tuple[str, bool, bool]:
+    """(equation text, correct by construction, poison-free). The base is the solver's solution."""
+    nums, target, expr = ex["nums"], ex["target"], ex["solution"]
+    kind = rng.randrange(12)
+    written = None
+    if kind == 1:
+        written = target
+    elif kind == 2:
+        written = target + rng.choice([-2, -1, 1, 10])
+    elif kind == 3:  # a number changed
+        ns = _numbers(expr)
+        i = rng.randrange(len(ns))
+        it = iter(range(len(ns)))
+        expr = re.sub(r"\d+", lambda m: str(int(m.group()) + (1 if next(it) == i else 0)), expr)
+    elif kind == 4:  # an operator changed
+        spots = [m.start() for m in re.finditer(r"[+\-*/]", expr)]
+        if spots:
+            k = rng.choice(spots)
+            expr = expr[:k] + rng.choice("+-*/") + expr[k + 1:]
+    elif kind == 5:  # an extra number
+        expr = expr + rng.choice([" + 0", " * 1", " - 1", " + 3"])
+    elif kind == 6:  # a number dropped
+        ns = _numbers(expr)
+        if len(ns) > 2:
+            expr = re.sub(r"\s*[+\-*/]\s*\d+\s*$", "", expr) or expr
+    elif kind == 7:  # spacing
+        expr = expr.replace(" ", "") if rng.random() < 0.5 else re.sub(r"([+\-*/])", r"  \1\t", expr)
+    elif kind == 8:  # redundant parentheses
+        expr = f"({expr})"
+    ok = _label(expr, written, nums, target, ops)
+    eq = expr if written is None else f"{expr} = {written}"
+    clean = True
+    if kind == 9:  # malformed forms
+        eq, ok = rng.choice([(f"{target} = {expr}", False), (f"{expr} = {target} = {target}", False),
+                             (f"{expr} = 0{target}", False), (f"{expr} =", False), (f"{expr} +", False),
+                             (f"{expr} = +{target}", False)])
+    elif kind == 10:  # a number written in another script or as a decimal
+        d = rng.choice(UNICODE_DIGITS + [".0"])
+        eq = re.sub(r"\d+", lambda m: m.group() + d if d == ".0" else m.group()[:-1] + chr(ord(d) + int(m.group()[-1])),
+                    eq, count=1)
+        ok, clean = False, False
+    elif kind == 11:
+        before, after = rng.choice(POISON)
+        eq, ok, clean = before + eq + after, False, False
+    return eq, ok, clean
+
+
+def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, str, bool]:
+    ex = rng.choice(pool)
+    fmt = {"target": ex["target"], "a": ex["nums"][0], "b": ex["nums"][1], "ab": ex["nums"][0] + ex["nums"][1]}
+    eq, ok, clean = _mutate(rng, ex, task.ops)
+    before = rng.choice(PROSE_BEFORE).format(**fmt)
+    after = rng.choice(PROSE_AFTER).format(**fmt)
+    if eq.startswith("**") or "**" in before:  # keep Markdown markers pairing as written
+        before = before.replace("**", "")
+    if task.answer_tags:
+        if not clean:  # a decorated answer inside the block is wrong
+            answer = f"<answer> {eq} </answer>"
+        elif rng.random() < 0.2:
+            answer, ok = f"<answer> {before.strip()} {eq} </answer>", ok and not before.strip()
+        else:
+            answer = f"<answer> {eq} </answer>"
+        text = before + answer + after
+        r = rng.random()
+        if r < 0.15:  # an earlier block is superseded
+            text = f"<answer> {ex['solution']} </answer> no wait. " + text
+        elif r < 0.25:  # a later incomplete block does not count
+            text = text + " <answer> 1 + 1"
+        elif r < 0.35:  # a later complete block does
+            other, ok2, _ = _mutate(rng, ex, task.ops)
+            text, ok = text + f"\nActually: <answer> {other} </answer>", ok2 and "<" not in other
+        elif r < 0.4:
+            text, ok = before + eq + after, False  # no block at all
+        return ex, text, ok
+    text = before + eq + after
+    r = rng.random()
+    if r < 0.15:  # a later equation supersedes it
+        other, ok2, _ = _mutate(rng, ex, task.ops)
+        text, ok = text + "\nWait, let me redo it: " + other, ok2
+    elif r < 0.25:  # echoed tags are ordinary text
+        text = text + " <answer> </answer>" if rng.random() < 0.5 else "<answer></answer>\n" + text
+    elif r < 0.3:
+        text = "Sure. " * rng.randrange(1, 2000) + text
+    return ex, text, ok
+
+
+def countdown_pool(task, n: int, seed: int) -> list[dict]:
+    return task.examples("train", n=n, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Function calling
+# ---------------------------------------------------------------------------------------
+def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> tuple[str, bool, bool]:
+    """(JSON text, correct by construction, valid JSON call list). ``truncate=False``: the text is
+    always a balanced structure (a truncated one would swallow what follows it)."""
+    calls = json.loads(json.dumps(calls))
+    kind = rng.randrange(14)
+    if kind == 10 and not truncate:
+        kind = 0
+    ok, valid = True, True
+    if kind == 1 and len(calls) > 1:
+        rng.shuffle(calls)  # order does not matter
+    elif kind == 2:
+        for c in calls:
+            for k, v in c["arguments"].items():
+                if type(v) is int:
+                    c["arguments"][k] = float(v)  # 100 == 100.0
+    elif kind == 3:
+        calls = calls[:-1] if len(calls) > 1 else calls + calls
+        ok = False
+    elif kind == 4:
+        calls[0]["name"] += "_v2"
+        ok = False
+    elif kind == 5 and calls[0]["arguments"]:
+        k = next(iter(calls[0]["arguments"]))
+        v = calls[0]["arguments"][k]
+        new = v + 1 if type(v) in (int, float) else (not v) if type(v) is bool else str(v).upper() + "x"
+        calls[0]["arguments"][k] = new if new != v else "changed"
+        ok = False
+    elif kind == 6 and calls[0]["arguments"]:
+        del calls[0]["arguments"][next(iter(calls[0]["arguments"]))]
+        ok = False
+    elif kind == 7:
+        calls[0]["arguments"]["extra_flag"] = True
+        ok = False
+    elif kind == 8:
+        flips = [(c, k) for c in calls for k, v in c["arguments"].items() if type(v) is bool]
+        if flips:
+            c, k = rng.choice(flips)
+            c["arguments"][k] = int(c["arguments"][k])  # true -> 1
+            ok = False
+    text = json.dumps(calls, indent=None if kind == 9 else rng.choice([None, None, 2]))
+    if kind == 9 and calls[0]["arguments"]:  # a duplicate key: either value last
+        k, v = next(iter(calls[0]["arguments"].items()))
+        dup = f'"{k}": {json.dumps(v)}, "{k}": "other"' if rng.random() < 0.5 else f'"{k}": "other", "{k}": {json.dumps(v)}'
+        args = json.dumps(calls[0]["arguments"])
+        text = text.replace(args, "{" + dup + ("," + args[1:] if len(args) > 2 else "}"), 1)
+        ok, valid = False, False
+    elif kind == 10:  # truncated
+        text, ok, valid = text[: rng.randrange(1, len(text) - 1)], False, False
+    elif kind == 11:
+        text, ok, valid = text.replace(":", "=", 1), False, False
+    elif kind == 12 and len(calls) == 1:
+        text = json.dumps(calls[0])  # a bare call object
+    elif kind == 13:
+        text = text.replace('"arguments"', '"id": "call_1", "arguments"', 1)  # extra keys are ignored
+    return text, ok, valid
+
+
+FC_BEFORE = ["", "Sure! ", "Here are the calls:\n", "<tool_call>\n", "I'll call the tools.\n\n",
+             'He said "hi" and I answer: ', "[note] ", "{see below} ", "Let me think (step 1).\n"]
+FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)"]
+
+
+def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, str, bool]:
+    ex = rng.choice(pool)
+    ref = json.loads(ex["answers"])
+    final, ok, valid = _fc_mutate(rng, ref)
+    r = rng.random()
+    if r < 0.15:
+        final = '{"tool_calls": ' + final + "}"
+    elif r < 0.3:
+        final = "```json\n" + final + "\n```"
+    label = ok if valid else None  # None: the last valid call list is earlier (or there is none)
+    text = rng.choice(FC_BEFORE) + final + rng.choice(FC_AFTER)
+    r = rng.random()
+    if r < 0.35:  # an earlier call list (right or wrong), maybe far away
+        decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
+        pad = " [0]" * rng.choice([0, 0, 255, 256, 600])
+        text = decoy + pad + "\nWait, let me fix that. " + text
+        if label is None:
+            label = ok_d if valid_d else None
+    if label is None:
+        label = False
+    return ex, text, label
+
+
+# ---------------------------------------------------------------------------------------
+def long_inputs(kind: str) -> list[tuple[str, str]]:
+    """(name, text): long adversarial completions near the completion cap (100,000 characters)."""
+    if kind == "function_calling":
+        call = '{"name": "f", "arguments": {"a": 1}}'
+        return [("1MB-list", "[" + ", ".join([call] * 2500) + "]"), ("deep-list", "[" * 45_000 + "]" * 45_000),
+                ("open-brackets", "[" * 99_000), ("prose-brackets", "text [" * 16_000),
+                ("quotes", '["' * 49_000), ("padding", "[0] " * 24_000 + "[" + call + "]")]
+    return [("no-tags", "x" * 99_000), ("many-runs", "1 a " * 24_000), ("long-run", "1+" * 49_000 + "1"),
+            ("nested", "(" * 49_000 + "1" + ")" * 49_000), ("open-tags", "<answer>" * 12_000),
+            ("blocks", "<answer> 1 </answer>" * 4_900), ("plus-paren", "(+" * 49_000),
+            ("markdown", "**1 + 1** " * 9_000), ("words", "mod " * 24_000 + "1 + 2")]
+
+
+def run(name: str, task, gen, pool, n: int, seed: int) -> dict:
+    rng = random.Random(f"{name}:{seed}")
+    times, wrong, fp, fn, examples_fp, examples_fn, wrong_examples = [], 0, 0, 0, [], [], []
+    passes = 0
+    for _ in range(n):
+        ex, text, label = gen(rng, task, pool)
+        t0 = time.perf_counter()
+        got = task.verify(ex, text)
+        times.append(time.perf_counter() - t0)
+        other = recheck(task, ex, text)[0]
+        passes += got
+        if got != other:
+            wrong += 1
+            if len(wrong_examples) < 5:
+                wrong_examples.append({"text": text, "verifier": got, "recheck": other, "example": ex})
+        if got and not label:
+            fp += 1
+            if len(examples_fp) < 5:
+                examples_fp.append({"text": text, "reason": task.diagnose(ex, text), "example": ex})
+        if label and not got:
+            fn += 1
+            if len(examples_fn) < 5:
+                examples_fn.append({"text": text, "reason": task.diagnose(ex, text), "example": ex})
+    times.sort()
+    long_t = {}
+    for lname, text in long_inputs("function_calling" if name == "function_calling" else "countdown"):
+        ex = pool[0]
+        best = min(_timed(task, ex, text) for _ in range(3))
+        long_t[lname] = {"chars": len(text), "ms": round(best * 1e3, 3)}
+    return {
+        "verifier": name, "n": n, "passes": passes, "wrong_verdicts": wrong,
+        "false_positives_vs_label": fp, "false_negatives_vs_label": fn,
+        "worst_ms": round(times[-1] * 1e3, 3), "p99_ms": round(times[int(0.99 * (n - 1))] * 1e3, 3),
+        "median_ms": round(times[n // 2] * 1e3, 4), "long_inputs": long_t,
+        "wrong_examples": wrong_examples, "false_positive_examples": examples_fp,
+        "false_negative_examples": examples_fn,
+    }
+
+
+def _timed(task, ex, text) -> float:
+    t0 = time.perf_counter()
+    task.verify(ex, text)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10_000, help="completions per verifier (default 10,000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results as JSON")
+    ap.add_argument("--md", help="write the table as Markdown")
+    args = ap.parse_args(argv)
+    setups = []
+    for tags in (False, True):
+        for preset in (dict(difficulty="easy", min_count=2, max_count=2, max_num=30, max_target=60),
+                       dict(difficulty="standard")):
+            task = get("countdown", answer_tags=tags, **preset)
+            name = f"countdown ({'tags' if tags else 'final equation'}, {preset['difficulty']})"
+            setups.append((name, task, countdown_case, countdown_pool(task, 300, args.seed)))
+    fc = get("function_calling")
+    setups.append(("function_calling", fc, function_calling_case, fc.examples("train", n=500, seed=args.seed)))
+    rows = []
+    for name, task, gen, pool in setups:
+        n = args.n if name == "function_calling" else max(1, args.n // 2)
+        print(f"fuzzing {name}: {n} completions ...", file=sys.stderr, flush=True)
+        rows.append(run(name, task, gen, pool, n, args.seed))
+    head = ("| verifier | completions | passed | wrong verdicts (vs recheck) | false positives (vs label) | "
+            "false negatives (vs label) | p99 ms | worst ms | slowest long input (chars, ms) |")
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        slow = max(r["long_inputs"].items(), key=lambda kv: kv[1]["ms"])
+        lines.append(f"| {r['verifier']} | {r['n']} | {r['passes']} | {r['wrong_verdicts']} | "
+                     f"{r['false_positives_vs_label']} | {r['false_negatives_vs_label']} | {r['p99_ms']} | "
+                     f"{r['worst_ms']} | {slow[0]} ({slow[1]['chars']:,}, {slow[1]['ms']}) |")
+    table = "\n".join(lines)
+    print(table)
+    for r in rows:
+        for key in ("wrong_examples", "false_positive_examples", "false_negative_examples"):
+            for e in r[key][:3]:
+                print(f"[{r['verifier']}] {key}: {json.dumps(e)[:400]}")
+    meta = {"command": "python benchmarks/fuzz_verifiers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "python": platform.python_version(), "machine": platform.machine(), "seed": args.seed}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    if args.md:
+        Path(args.md).write_text(
+            "# Verifier fuzz results\n\n"
+            f"`{meta['command']}` (Python {meta['python']}, {meta['machine']}).\n\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
