@@ -54,7 +54,16 @@ PROSE_AFTER = [
     "", ".", "!", " \u2713", ", which is the target.", "\n\nI hope this helps!", " (using both numbers)",
     "\nThe target was {target}.", "\n\nTherefore the answer is {target}.", " is the final equation.",
     "\n\nHowever, when the numbers are multiplied together, they should always equal {target}.",
+    ", but I'm stuck.", " and that is my answer.",
 ]
+# a result written in words after a bare expression: (suffix, what it claims: "target", "other", "denied")
+RESULT_WORDS = [(" equals {target}", "target"), (" is {target}.", "target"), (", which is {target}", "target"),
+                (" gives a total of {target}", "target"), (" is equal to {target}!", "target"),
+                (" equals {other}", "other"), (" is {other}", "other"), (", which makes {other}.", "other"),
+                (" is not {target}", "denied"), (" isn't {target}", "denied"), (", which is not {other}", "denied"),
+                (" is not correct", "denied"), (" does not work", "denied"), (" is {target}.5", "other"),
+                (" is {target}%", "other")]
+DENIALS = ["It is not ", "The answer isn't ", "I can't use ", "Never ", "This is not "]
 # (text before, text after): each changes what the equation means, so the answer is wrong
 POISON = [
     ("-", ""), ("x", ""), ("log(", ")"), ("\u221a(", ")"), ("2^(", ")"), ("\u2010", ""), ("[", "]"),
@@ -163,6 +172,13 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
         elif r < 0.4:
             text, ok = before + eq + after, False  # no block at all
         return ex, text, ok
+    r = rng.random()
+    if clean and "=" not in eq and r < 0.25:  # the result written in words
+        suffix, claim = rng.choice(RESULT_WORDS)
+        after = suffix.format(target=ex["target"], other=ex["target"] + rng.choice([-3, 1, 7]))
+        ok = ok and claim == "target"
+    elif clean and r < 0.3:
+        before, ok = rng.choice(DENIALS), False
     text = before + eq + after
     r = rng.random()
     if r < 0.15:  # a later equation supersedes it

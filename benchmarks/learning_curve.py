@@ -1,19 +1,25 @@
-"""The proof the loop learns: held-out retry success of the built-in model before and after
-Reflect-Retry-Reward training on CPU.
+"""Does the main command teach the built-in model to reflect? Held-out numbers before and after.
 
-    python benchmarks/learning_curve.py --config configs/smollm2_countdown_tiny.yaml --out runs/lc
+    python benchmarks/learning_curve.py --out runs/lc                     # the main command's defaults
+    python benchmarks/learning_curve.py --out runs/lc -- --max-steps 60   # flags after -- go to r3.train
 
-1. The untrained model makes one sampled first attempt per held-out test query; its failures
-   (query + failed attempt) are stored. It then writes ``--samples`` reflections per stored
-   failure, each followed by a retry (the training distribution: same temperature, same
-   budgets). Greedy first/second-attempt accuracy comes from r3.evaluate.
-2. Train with ``torchrun -m r3.train --config ...`` (resumes if ``--out`` already holds the run).
-3. The trained export makes its own first attempts, and reflects + retries on **the same stored
+1. The untrained model makes one sampled first attempt per held-out test query of the run's task;
+   its failures (query + failed attempt) are stored. It then writes ``--samples`` reflections per
+   stored failure, each followed by a retry, with the training sampling settings (temperature,
+   top-p/top-k, the attempt / reflection / retry token limits). Greedy first- and second-attempt
+   accuracy over the whole test split comes from :func:`r3.evaluate.evaluate_examples`.
+2. Train with ``torchrun -m r3.train [flags]`` (resumes if ``--out`` already holds the run).
+3. The trained export makes its own first attempts, reflects + retries on **the same stored
    failures** with the same seeds (a paired comparison: identical inputs, so the change is not
-   confounded by which queries each model fails), and on its own failures.
-Writes ``OUT/learning_curve.json`` (rates with standard errors, the paired difference with its
-standard error over failures) and ``OUT/run/curves.png``. The untrained model's evaluation is
-kept in ``OUT/before.json`` and reused when config, seed and samples match.
+   confounded by which queries each model fails) and on its own failures, and is evaluated greedily
+   on the same queries (paired per query).
+
+Every rate comes with its standard error; the paired changes with the standard error of the
+per-failure (or per-query) difference. Writes ``OUT/learning_curve.json`` and ``OUT/run/curves.png``.
+The untrained model's evaluation is kept in ``OUT/before.json`` and reused when the settings it
+depends on match.
+
+What it does not show: anything about larger models or the paper's settings; one training seed.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from r3.checkpoint import load
-from r3.episode import ChatFormat, EpisodeSampling, run_episode
-from r3.evaluate import evaluate_examples
-from r3.sampler import Session
-from r3.tasks import get
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from r3.checkpoint import load  # noqa: E402
+from r3.config import parse_args as parse_train_args  # noqa: E402
+from r3.episode import ChatFormat, EpisodeSampling, run_episode  # noqa: E402
+from r3.evaluate import evaluate_examples, paired_difference  # noqa: E402
+from r3.sampler import Session  # noqa: E402
+from r3.tasks import get  # noqa: E402
 
 CHUNK = 16  # failures (or queries) per batch
 
@@ -44,6 +52,12 @@ def rate(k: int, n: int) -> dict:
     return {"rate": p, "k": k, "n": n, "stderr": math.sqrt(p * (1 - p) / n) if n else None}
 
 
+def sampling_of(cfg) -> EpisodeSampling:
+    return EpisodeSampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           max_attempt_tokens=cfg.max_attempt_tokens, max_reflection_tokens=cfg.max_reflection_tokens,
+                           max_retry_tokens=cfg.max_retry_tokens)
+
+
 def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tuple[list[int], bool]]:
     """One sampled first attempt per example: (attempt token ids, passed)."""
     out = []
@@ -51,7 +65,7 @@ def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tup
         batch = examples[i:i + CHUNK]
         s = Session.start(model, [chat.prompt(task.messages(ex)) for ex in batch], vocab_size=len(tok), seed=seed + i)
         got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                       stop_token_ids=chat.stop_ids)
+                       top_k=sampling.top_k, stop_token_ids=chat.stop_ids)
         out += [(list(t), bool(task.verify(ex, chat.decode(t)))) for ex, t in zip(batch, got.tokens)]
     return out
 
@@ -71,17 +85,15 @@ def retries_on(model, tok, chat, task, examples, failures, samples, sampling, se
     return wins
 
 
-def evaluate_model(spec: str, cfg: dict, samples: int, seed: int, base_failures: list[dict] | None) -> dict:
-    """First attempts, retries on the model's own failures, and (``base_failures``) on the
-    untrained model's stored failures."""
+def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[dict] | None) -> dict:
+    """First attempts, retries on the model's own failures and (``base_failures``) on the
+    untrained model's stored failures, and greedy accuracy on the whole test split."""
     t0 = time.time()
-    model, tok = load(spec, dtype=torch.bfloat16)
+    model, tok = load(spec, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     chat = ChatFormat(tok)
-    task = get(cfg["task"], **cfg.get("task_options", {}))
+    task = get(cfg.task, **cfg.task_options)
     examples = task.examples("test", seed=0)
-    mnt = int(cfg.get("max_new_tokens", 48))
-    sampling = EpisodeSampling(temperature=float(cfg.get("temperature", 1.0)), top_p=float(cfg.get("top_p", 1.0)),
-                               max_attempt_tokens=mnt, max_reflection_tokens=mnt, max_retry_tokens=mnt)
+    sampling = sampling_of(cfg)
     attempts = first_attempts(model, tok, chat, task, examples, sampling, seed)
     own = [{"index": i, "attempt": a} for i, (a, ok) in enumerate(attempts) if not ok]
     own_wins = retries_on(model, tok, chat, task, examples, own, samples, sampling, seed + 100_000, f"{spec} own failures")
@@ -98,14 +110,17 @@ def evaluate_model(spec: str, cfg: dict, samples: int, seed: int, base_failures:
                                 f"{spec} base failures"))
         result["retry_success_base_failures"] = rate(sum(base_wins), samples * len(base_failures))
         result["base_failure_wins"] = base_wins
-    greedy = evaluate_examples(model, tok, task, examples, max_new_tokens=mnt, temperature=0.0, batch_size=32)
-    result.update(greedy_first_attempt_accuracy=greedy["first_attempt_accuracy"],
-                  greedy_second_attempt_accuracy=greedy["second_attempt_accuracy"], greedy_n=greedy["n"],
+    greedy = evaluate_examples(model, tok, task, examples, max_new_tokens=cfg.max_attempt_tokens,
+                               max_reflection_tokens=cfg.max_reflection_tokens, max_retry_tokens=cfg.max_retry_tokens,
+                               temperature=0.0, batch_size=32)
+    result.update(greedy_first_attempt=rate(greedy["first_success"], greedy["n"]),
+                  greedy_second_attempt=rate(greedy["second_success"], greedy["n"]),
+                  greedy_first_correct=greedy["first_correct"], greedy_second_correct=greedy["second_correct"],
                   time_s=time.time() - t0)
     return result
 
 
-def paired_difference(before: list[int], after: list[int], samples: int) -> dict:
+def paired_over_failures(before: list[int], after: list[int], samples: int) -> dict:
     """Mean over failures of (after - before) success rate, with its standard error."""
     d = [(a - b) / samples for a, b in zip(after, before)]
     n = len(d)
@@ -121,33 +136,38 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _fmt(r: dict) -> str:
+    return f"{r['rate']:.3f} \u00b1 {r['stderr'] or 0:.3f} (n={r['n']})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/smollm2_countdown_tiny.yaml")
     ap.add_argument("--out", default="runs/learning_curve")
     ap.add_argument("--samples", type=int, default=16, help="reflections per failed held-out query")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--skip-train", action="store_true", help="only evaluate an existing run")
+    ap.add_argument("train_args", nargs="*", help="flags for r3.train, after --")
     args = ap.parse_args()
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = parse_train_args(list(args.train_args))
     out = Path(args.out)
     run = out / "run"
     out.mkdir(parents=True, exist_ok=True)
     # what the untrained model's evaluation depends on (not the training knobs)
-    key = {k: cfg.get(k) for k in ("model", "task", "task_options", "temperature", "top_p", "max_new_tokens")}
+    key = {k: getattr(cfg, k) for k in ("model", "task", "task_options", "temperature", "top_p", "top_k", "dtype",
+                                        "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")}
     key.update(samples=args.samples, seed=args.seed)
     before_path = out / "before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
-    if before is None or before.get("key") != key:
+    if before is None or before.get("key") != json.loads(json.dumps(key)):
         print("evaluating the untrained model", flush=True)
-        before = evaluate_model(cfg.get("model", "smollm2-135m"), cfg, args.samples, args.seed, None)
+        before = evaluate_model(cfg.model, cfg, args.samples, args.seed, None)
         before["key"] = key
         _write_json(before_path, before)
     base = before["own_failures"]
     t0 = time.time()
     if not args.skip_train:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "-m", "r3.train", "--config", args.config, "--out", str(run)]
+               "-m", "r3.train", *args.train_args, "--out", str(run)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     train_s = time.time() - t0
@@ -156,17 +176,22 @@ def main():
     subprocess.run([sys.executable, "-m", "r3.plot", str(run), "--smooth", "5"], check=True)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
-    def mean(key, rows):
-        return sum(m[key] or 0 for m in rows) / max(1, len(rows))
+    def mean(k, rows):
+        return sum(m[k] or 0 for m in rows) / max(1, len(rows))
 
-    paired = paired_difference(before["own_failure_wins"], after["base_failure_wins"], args.samples)
+    paired = paired_over_failures(before["own_failure_wins"], after["base_failure_wins"], args.samples)
+    greedy_paired = {
+        "first_attempt": paired_difference(before["greedy_first_correct"], after["greedy_first_correct"]),
+        "second_attempt": paired_difference(before["greedy_second_correct"], after["greedy_second_correct"]),
+    }
     result = {
         "command": " ".join(["python", "benchmarks/learning_curve.py"] + sys.argv[1:]),
-        "config": cfg,
+        "config": cfg.to_dict(),
         "samples_per_failure": args.samples,
         "before": {k: v for k, v in before.items() if k not in ("own_failures", "key")},
         "after": {k: v for k, v in after.items() if k != "own_failures"},
         "paired_retry_gain_on_base_failures": paired,
+        "paired_greedy_change": greedy_paired,
         "train_wall_s": train_s if not args.skip_train else None,
         "train_step_time_s_total": sum(m["step_time_s"] for m in metrics),
         "train_steps": len(metrics),
@@ -174,18 +199,20 @@ def main():
         "train_first_try_success_last_10": mean("first_try_success", metrics[-10:]),
         "train_retry_success_first_10": mean("retry_success", metrics[:10]),
         "train_retry_success_last_10": mean("retry_success", metrics[-10:]),
+        "train_reflection_len_first_10": mean("reflection_len_mean", metrics[:10]),
+        "train_reflection_len_last_10": mean("reflection_len_mean", metrics[-10:]),
     }
     _write_json(out / "learning_curve.json", result)
     b, a, ab = before["retry_success_own_failures"], after["retry_success_own_failures"], after["retry_success_base_failures"]
-    print(f"held-out retry success on the untrained model's failures: {b['rate']:.3f} ± {b['stderr']:.3f} -> "
-          f"{ab['rate']:.3f} ± {ab['stderr']:.3f} (n={b['n']}; paired gain {paired['mean']:+.3f} ± "
-          f"{paired['stderr']:.3f}, z={paired['z'] or 0:.1f})")
-    print(f"held-out retry success on each model's own failures: {b['rate']:.3f} (n={b['n']}) -> "
-          f"{a['rate']:.3f} ± {a['stderr']:.3f} (n={a['n']})")
-    print(f"held-out first attempt (sampled): {before['sampled_first_attempt']['rate']:.3f} -> "
-          f"{after['sampled_first_attempt']['rate']:.3f}")
-    print(f"greedy accuracy 1st/2nd: {before['greedy_first_attempt_accuracy']:.3f}/{before['greedy_second_attempt_accuracy']:.3f}"
-          f" -> {after['greedy_first_attempt_accuracy']:.3f}/{after['greedy_second_attempt_accuracy']:.3f}")
+    print(f"retry success on the untrained model's {paired['failures']} held-out failures: {_fmt(b)} -> {_fmt(ab)}; "
+          f"paired gain {paired['mean']:+.3f} \u00b1 {paired['stderr'] or 0:.3f} (z={paired['z'] or 0:.1f})")
+    print(f"retry success on each model's own failures: {_fmt(b)} -> {_fmt(a)}")
+    print(f"first attempt, sampled: {_fmt(before['sampled_first_attempt'])} -> {_fmt(after['sampled_first_attempt'])}")
+    g1, g2 = greedy_paired["first_attempt"], greedy_paired["second_attempt"]
+    print(f"greedy first attempt: {_fmt(before['greedy_first_attempt'])} -> {_fmt(after['greedy_first_attempt'])}; "
+          f"paired change {g1['mean']:+.3f} \u00b1 {g1['stderr']:.3f}")
+    print(f"greedy second attempt: {_fmt(before['greedy_second_attempt'])} -> {_fmt(after['greedy_second_attempt'])}; "
+          f"paired change {g2['mean']:+.3f} \u00b1 {g2['stderr']:.3f}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class TrainConfig:
     candidates_per_failure: float = 2.0  # first attempts sampled per needed failure (fresh mode)
     max_new_tokens: int | None = None  # sets the three limits below at once
     max_attempt_tokens: int = 48
-    max_reflection_tokens: int = 48
+    max_reflection_tokens: int = 96  # 48 cut almost every reflection of the built-in model short
     max_retry_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 1.0
@@ -76,7 +76,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = evaluate only before the first and after the last step
     eval_n: int = 0  # held-out queries per evaluation (0 = no evaluation during training)
     eval_temperature: float = 0.0  # 0 = greedy first attempt, reflection and retry
-    samples_every: int = 1  # write a few reflections to samples.jsonl every N steps
+    samples_every: int = 1  # samples.jsonl: every rewarded retry, plus log_samples others every N steps
     log_samples: int = 2
     stop_after: int = 0  # end this process after that step, as if interrupted (0 = run to max_steps)
 

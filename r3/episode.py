@@ -121,6 +121,18 @@ class Episode:
         return [1 if start <= p < end else 0 for p in range(len(self.sequences[i]))]
 
 
+def turn_text(task, kind: str, example: dict) -> str:
+    """The text of the user turn that asks for a reflection (``kind="reflection"``) or a retry
+    after ``example``'s failed attempt: ``task.reflection_message(example)`` /
+    ``task.retry_message(example)``, or the plain ``reflection_prompt`` / ``retry_prompt`` of a
+    plug-in that has no such method."""
+    method = getattr(task, f"{kind}_message", None)
+    if method is None:
+        return getattr(task, f"{kind}_prompt")
+    message = method(example)
+    return message["content"] if isinstance(message, dict) else str(message)
+
+
 def _presize(prompts, sampling: EpisodeSampling, turn_budget: int) -> int:
     return max(len(p) for p in prompts) + sampling.max_attempt_tokens + sampling.max_reflection_tokens + sampling.max_retry_tokens + turn_budget
 
@@ -146,14 +158,14 @@ def run_episode(
     vocab = len(tokenizer)
     stops = chat.stop_ids
     kw = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stops)
-    prompts = [chat.prompt(task.messages(ex)) for ex in examples]
-    reflect_ids = chat.user_turn(task.reflection_prompt)
-    retry_ids = chat.user_turn(task.retry_prompt)
-    turn_budget = len(reflect_ids) + len(retry_ids) + 2
-    generated = 0
-    empty = Episode([], [], torch.zeros((0, group_size)), 0, 0, [], 0)
     if not examples:
-        return empty
+        return Episode([], [], torch.zeros((0, group_size)), 0, 0, [], 0)
+    prompts = [chat.prompt(task.messages(ex)) for ex in examples]
+    reflect_text = [turn_text(task, "reflection", ex) for ex in examples]
+    retry_text = [turn_text(task, "retry", ex) for ex in examples]
+    turn_budget = (max(len(chat.user_turn(t)) for t in reflect_text)
+                   + max(len(chat.user_turn(t)) for t in retry_text) + 2)
+    generated = 0
 
     if failed_attempts is None:
         session = Session.start(model, prompts, max_len=_presize(prompts, sampling, turn_budget), vocab_size=vocab, seed=seed,
@@ -188,7 +200,7 @@ def run_episode(
         first_attempts, first_passed = [], []
 
     # Reflect: one prefill of [task, failed attempt, reflection prompt] per failure, then G forks.
-    session.append([chat.user_turn(task.reflection_prompt, c) for c in closed])
+    session.append([chat.user_turn(reflect_text[i], c) for i, c in zip(failed, closed)])
     session = session.fork(group_size)
     starts = session.lengths
     refl = session.sample(sampling.max_reflection_tokens, **kw)
@@ -196,7 +208,7 @@ def run_episode(
     spans = [(s, s + n) for s, n in zip(starts, refl.lengths)]
 
     # Retry, continuing the same cache.
-    session.append([chat.user_turn(task.retry_prompt, f) for f in refl.finished])
+    session.append([chat.user_turn(retry_text[failed[r // group_size]], f) for r, f in enumerate(refl.finished)])
     retry_starts = session.lengths
     retry = session.sample(sampling.max_retry_tokens, **kw)
     generated += retry.new_tokens

@@ -1,6 +1,7 @@
 """Evaluate: accuracy at the first attempt and after one reflection + retry (the paper's table).
 
 ``python -m r3.evaluate --model M [--model M2 ...] --task T --n N --out F.json``
+``python -m r3.evaluate --run DIR [--n N] --out F.json``
 
 For each test query the model answers (greedy by default); when the answer fails the verifier the
 conversation continues with the task's reflection prompt, the model writes one reflection, then the
@@ -9,9 +10,15 @@ when either the first attempt or the retry passes. Uses :func:`r3.episode.run_ep
 ``group_size=1``, so evaluation and training build exactly the same conversations.
 
 With several ``--model`` values each is evaluated on the same queries and a table
-``model | acc 1st | acc 2nd | delta`` is printed. The JSON output keeps ``first_attempt_accuracy``,
-``second_attempt_accuracy`` and ``n`` of the first model at the top level and one entry per model
-under ``models`` (with per-example ``records`` when ``--records`` is given).
+``model | acc 1st | acc 2nd | delta`` is printed (with standard errors), plus each later model's
+paired change against the first (mean and standard error of the per-query difference). The JSON
+output keeps ``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``n`` of the first model
+at the top level, one entry per model under ``models`` (with per-example ``records`` when
+``--records`` is given) and the paired changes under ``paired``.
+
+``--run DIR`` evaluates a training run's base model and its export (``DIR/export``) side by side on
+the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
+from ``DIR/config.json``.
 
 :func:`evaluate_examples` is the library entry point (the training loop calls it for held-out
 evaluation). This module also holds the helpers the r3 CLIs share: :class:`Progress`,
@@ -193,6 +200,7 @@ def evaluate_examples(
     *,
     max_new_tokens: int = 256,
     max_reflection_tokens: int | None = None,
+    max_retry_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -205,12 +213,15 @@ def evaluate_examples(
 ) -> dict:
     """First attempt, then (for failures) one reflection and one retry, for every example.
 
-    Greedy by default (``temperature=0``). ``max_new_tokens`` bounds the attempt and the retry,
-    ``max_reflection_tokens`` the reflection (default: ``max_new_tokens``). Examples are run in
-    batches of ``batch_size`` through :func:`r3.episode.run_episode` (``group_size=1``).
+    Greedy by default (``temperature=0``). ``max_new_tokens`` bounds the attempt (and the retry
+    unless ``max_retry_tokens`` is given), ``max_reflection_tokens`` the reflection (default:
+    ``max_new_tokens``). Examples are run in batches of ``batch_size`` through
+    :func:`r3.episode.run_episode` (``group_size=1``).
 
     Returns ``{"n", "first_success", "second_success", "first_attempt_accuracy",
-    "second_attempt_accuracy", "delta", "generated_tokens", "time_s"}`` and, with
+    "second_attempt_accuracy", "delta", "first_attempt_stderr", "second_attempt_stderr",
+    "first_correct", "second_correct", "generated_tokens", "time_s"}`` (``*_correct``: one
+    verdict per example, in order, for paired comparisons) and, with
     ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
     it failed, the reflection, the retry and the retry's verdict. ``progress``: a
     :class:`Progress`, True for a default one on stderr, or None/False for none.
@@ -222,14 +233,17 @@ def evaluate_examples(
     batch_size = positive_int("batch_size", batch_size)
     max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     max_reflection_tokens = positive_int("max_reflection_tokens", max_reflection_tokens or max_new_tokens)
+    max_retry_tokens = positive_int("max_retry_tokens", max_retry_tokens or max_new_tokens)
     chat = chat or ChatFormat(tokenizer)
     sampling = EpisodeSampling(temperature=temperature, top_p=top_p, top_k=top_k,
                                max_attempt_tokens=max_new_tokens, max_reflection_tokens=max_reflection_tokens,
-                               max_retry_tokens=max_new_tokens, compile_decode=compile_decode)
+                               max_retry_tokens=max_retry_tokens, compile_decode=compile_decode)
     if progress is True:
         progress = Progress(len(examples), "evaluate")
     t0 = time.perf_counter()
     first = second = generated = 0
+    first_correct: list[bool] = []
+    second_correct: list[bool] = []
     out_records: list[dict] = []
     for b, lo in enumerate(range(0, len(examples), batch_size)):
         batch = examples[lo: lo + batch_size]
@@ -239,8 +253,11 @@ def evaluate_examples(
         first += ep.first_success
         second += ep.first_success + sum(retry_ok)
         generated += ep.generated_tokens
+        by_index = {gi: g for g, gi in enumerate(ep.group_indices)}
+        for i in range(len(batch)):
+            first_correct.append(bool(ep.first_passed[i]))
+            second_correct.append(bool(ep.first_passed[i]) or (i in by_index and retry_ok[by_index[i]]))
         if records:
-            by_index = {gi: g for g, gi in enumerate(ep.group_indices)}
             for i, ex in enumerate(batch):
                 rec = {"example": ex, "attempt": chat.decode(ep.first_attempts[i]), "attempt_correct": ep.first_passed[i]}
                 if i in by_index:
@@ -260,6 +277,10 @@ def evaluate_examples(
         "first_attempt_accuracy": first / n if n else 0.0,
         "second_attempt_accuracy": second / n if n else 0.0,
         "delta": (second - first) / n if n else 0.0,
+        "first_attempt_stderr": binomial_stderr(first, n),
+        "second_attempt_stderr": binomial_stderr(second, n),
+        "first_correct": first_correct,
+        "second_correct": second_correct,
         "generated_tokens": generated,
         "time_s": round(time.perf_counter() - t0, 3),
     }
@@ -268,35 +289,67 @@ def evaluate_examples(
     return result
 
 
-def format_table(rows: list[dict]) -> str:
-    """The paper's table: model | acc 1st | acc 2nd | delta (accuracies in percent)."""
+def binomial_stderr(k: int, n: int) -> float:
+    """Standard error of the rate k/n: sqrt(p (1 - p) / n)."""
+    if not n:
+        return 0.0
+    p = k / n
+    return math.sqrt(p * (1 - p) / n)
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> dict:
+    """Mean and standard error of ``b - a`` over the same queries (a paired comparison: each query
+    is its own control, so the error is smaller than for two independent rates)."""
+    n = len(a)
+    if n != len(b):
+        raise ValueError("paired verdicts must have the same length")
+    diffs = [int(y) - int(x) for x, y in zip(a, b)]
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    se = math.sqrt(var / n) if n else 0.0
+    return {"mean": mean, "stderr": se, "n": n, "better": diffs.count(1), "worse": diffs.count(-1)}
+
+
+def format_table(rows: list[dict], paired: list[dict] | None = None) -> str:
+    """The paper's table: model | acc 1st | acc 2nd | delta (accuracies in percent, with their
+    standard errors), then each later model's paired change against the first."""
     names = [str(r["model"]) for r in rows]
     w = max([len("model")] + [len(s) for s in names])
-    lines = [f"{'model':<{w}} | acc 1st | acc 2nd |   delta", f"{'-' * w}-+---------+---------+---------"]
+    lines = [f"{'model':<{w}} |      acc 1st |      acc 2nd |   delta", f"{'-' * w}-+--------------+--------------+---------"]
     for name, r in zip(names, rows):
-        lines.append(f"{name:<{w}} | {100 * r['first_attempt_accuracy']:6.1f}% | "
-                     f"{100 * r['second_attempt_accuracy']:6.1f}% | {100 * r['delta']:+6.1f}%")
+        lines.append(f"{name:<{w}} | {100 * r['first_attempt_accuracy']:5.1f} \u00b1 {100 * r['first_attempt_stderr']:4.1f} | "
+                     f"{100 * r['second_attempt_accuracy']:5.1f} \u00b1 {100 * r['second_attempt_stderr']:4.1f} | "
+                     f"{100 * r['delta']:+6.1f}%")
+    for pr in paired or []:
+        f, sec = pr["first_attempt"], pr["second_attempt"]
+        lines.append(f"paired, {pr['model']} minus {pr['baseline']} (same {f['n']} queries): "
+                     f"1st {100 * f['mean']:+.1f} \u00b1 {100 * f['stderr']:.1f}, "
+                     f"2nd {100 * sec['mean']:+.1f} \u00b1 {100 * sec['stderr']:.1f} points")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m r3.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=None, metavar="DIR",
+                   help="a training run (--out of r3.train): evaluate its base model and its export on the run's "
+                        "own task, options, prompts and token limits")
     p.add_argument("--model", action="append", default=None,
                    help="HF directory, .gguf file or built-in name; repeat to compare (default: smollm2-135m)")
-    p.add_argument("--task", default="countdown", help="task name or plug-in 'package.module:Class' (default: countdown)")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--task", default=None, help="task name or plug-in 'package.module:Class' (default: countdown)")
+    p.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
                    help="a task option (value parsed as JSON when possible); repeatable")
     p.add_argument("--n", type=int, default=100, help="test queries (default: 100)")
     p.add_argument("--split", default="test", help="default: test")
     p.add_argument("--seed", type=int, default=0, help="which examples (and the sampling seed when --temperature > 0)")
     p.add_argument("--out", required=True, help="the JSON result file")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="attempt and retry limit (default: 256)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="attempt and retry limit (default: 256; with --run, the run's limits)")
     p.add_argument("--max-reflection-tokens", type=int, default=None, help="default: --max-new-tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=None, help="default: 1.0 (with --run, the run's)")
+    p.add_argument("--top-k", type=int, default=None, help="default: 0 (with --run, the run's)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default: 16)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default: bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--records", action="store_true", help="keep per-example texts and verdicts in the JSON")
     p.add_argument("--compile", action="store_true",
@@ -305,61 +358,110 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def read_run(run: str) -> dict:
+    """A training run's resolved config (``RUN/config.json``), with its export checked."""
+    path = Path(run)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise R3Error(f"--run {run}: no config.json (is it a directory written by r3.train?)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise R3Error(f"{cfg_path}: unreadable ({e})") from None
+    for field in ("model", "task", "task_options", "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
+        if field not in cfg:
+            raise R3Error(f"{cfg_path}: missing field {field!r}")
+    if not (path / "export" / "config.json").is_file():
+        raise R3Error(f"--run {run}: no export yet ({path / 'export'}); the run has not finished: rerun "
+                      f"r3.train with --out {run} to finish it")
+    return cfg
+
+
+def resolve_settings(args) -> dict:
+    """Models, task, options and limits from the flags, or from the run with ``--run``."""
+    if args.run is None:
+        return dict(models=args.model or ["smollm2-135m"], task=args.task or "countdown",
+                    options=parse_task_options(args.task_option),
+                    max_attempt=args.max_new_tokens or 256, max_retry=args.max_new_tokens or 256,
+                    max_reflection=args.max_reflection_tokens or args.max_new_tokens or 256,
+                    top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
+                    dtype=args.dtype or "bf16")
+    clashes = [flag for flag, v in (("--model", args.model), ("--task", args.task), ("--task-option", args.task_option))
+               if v is not None]
+    if clashes:
+        raise R3Error(f"--run takes the models, task and options from the run; drop {', '.join(clashes)}")
+    cfg = read_run(args.run)
+    return dict(models=[cfg["model"], str(Path(args.run) / "export")], task=cfg["task"], options=cfg["task_options"],
+                max_attempt=args.max_new_tokens or cfg["max_attempt_tokens"],
+                max_retry=args.max_new_tokens or cfg["max_retry_tokens"],
+                max_reflection=args.max_reflection_tokens or args.max_new_tokens or cfg["max_reflection_tokens"],
+                top_p=cfg.get("top_p", 1.0) if args.top_p is None else args.top_p,
+                top_k=cfg.get("top_k", 0) if args.top_k is None else args.top_k,
+                dtype=args.dtype or cfg.get("dtype", "bf16"))
+
+
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    models = args.model or ["smollm2-135m"]
     positive_int("--n", args.n)
-    positive_int("--max-new-tokens", args.max_new_tokens)
+    positive_int("--max-new-tokens", args.max_new_tokens, allow_none=True)
     positive_int("--max-reflection-tokens", args.max_reflection_tokens, allow_none=True)
     positive_int("--batch-size", args.batch_size)
+    out = check_out_path(args.out)
+    st = resolve_settings(args)
+    models = st["models"]
     from r3.sampler import check_sampling_args
 
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    out = check_out_path(args.out)
-    options = parse_task_options(args.task_option)
-    task = load_task(args.task, options)
+    check_sampling_args(max(st["max_attempt"], st["max_retry"]), args.temperature, st["top_k"], st["top_p"])
+    task = load_task(st["task"], st["options"])
     examples = task.examples(args.split, args.n, args.seed)
     if len(examples) < args.n:
         print(f"note: the {args.split} split has only {len(examples)} examples", file=sys.stderr)
     if not examples:
-        raise R3Error(f"task {args.task!r}: no {args.split} examples")
-    device, dtype = pick_device_dtype(args.device, args.dtype)
+        raise R3Error(f"task {st['task']!r}: no {args.split} examples")
+    device, dtype = pick_device_dtype(args.device, st["dtype"])
     from r3.checkpoint import resolve
 
     for spec in models:  # every path checked before spending time on the first model
         resolve(spec)
     settings = {
-        "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": args.top_p,
-        "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-        "max_reflection_tokens": args.max_reflection_tokens or args.max_new_tokens,
-        "dtype": args.dtype, "device": str(device), "batch_size": args.batch_size,
-        "reflection_prompt": task.reflection_prompt, "retry_prompt": task.retry_prompt,
-        "compile_decode": args.compile,
+        "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": st["top_p"],
+        "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
+        "max_reflection_tokens": st["max_reflection"], "dtype": st["dtype"], "device": str(device),
+        "batch_size": args.batch_size, "reflection_prompt": task.reflection_prompt,
+        "retry_prompt": task.retry_prompt, "compile_decode": args.compile,
     }
+    task_config = task.config() if hasattr(task, "config") else st["options"]
     results: list[dict] = []
+    paired: list[dict] = []
     for spec in models:
-        print(f"evaluating {spec} on {args.task} ({len(examples)} {args.split} queries)", file=sys.stderr)
+        print(f"evaluating {spec} on {st['task']} ({len(examples)} {args.split} queries)", file=sys.stderr)
         model, tok = load_model(spec, dtype, device)
         res = evaluate_examples(
-            model, tok, task, examples, max_new_tokens=args.max_new_tokens,
-            max_reflection_tokens=args.max_reflection_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, batch_size=args.batch_size, seed=args.seed, records=args.records,
+            model, tok, task, examples, max_new_tokens=st["max_attempt"],
+            max_reflection_tokens=st["max_reflection"], max_retry_tokens=st["max_retry"],
+            temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"], batch_size=args.batch_size,
+            seed=args.seed, records=args.records,
             progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
             compile_decode=args.compile,
         )
         del model
         results.append({"model": spec, **res})
+        if len(results) > 1:
+            base = results[0]
+            paired.append({"model": spec, "baseline": base["model"],
+                           "first_attempt": paired_difference(base["first_correct"], res["first_correct"]),
+                           "second_attempt": paired_difference(base["second_correct"], res["second_correct"])})
         head = results[0]
         write_json_atomic(out, {
-            "model": head["model"], "task": args.task, "task_options": options,
-            "synthetic_data": bool(getattr(task, "synthetic", False)),
+            "model": head["model"], "task": st["task"], "task_options": st["options"], "task_config": task_config,
+            "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
             "n": head["n"], "first_attempt_accuracy": head["first_attempt_accuracy"],
             "second_attempt_accuracy": head["second_attempt_accuracy"], "delta": head["delta"],
-            "settings": settings, "models": results,
+            "settings": settings, "models": results, "paired": paired,
         })
-    print(format_table(results))
-    print(f"[{len(examples)} {args.split} queries of {args.task}; wrote {out}]", file=sys.stderr)
+    print(format_table(results, paired))
+    print(f"[{len(examples)} {args.split} queries of {st['task']}; wrote {out}]", file=sys.stderr)
     return 0
 
 

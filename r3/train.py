@@ -89,6 +89,15 @@ def all_sum(values: list[float], d: Dist) -> list[float]:
     return t.cpu().tolist()
 
 
+def gather_to_main(items: list, d: Dist) -> list:
+    """Every rank's list, concatenated in rank order on rank 0 (other ranks get [])."""
+    if d.world == 1:
+        return list(items)
+    parts = [None] * d.world if d.main else None
+    dist.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if d.main else []
+
+
 def all_max(value: int, d: Dist) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=d.device if d.device.type == "cuda" else "cpu")
     if d.world > 1:
@@ -484,6 +493,7 @@ def train(cfg: TrainConfig) -> dict:
             p.unlink(missing_ok=True)
     elif d.main:
         _truncate_jsonl(metrics_path, start_step)
+        _truncate_jsonl(samples_path, start_step)
         _truncate_jsonl(out / "eval.jsonl", start_step)
 
     sampling = EpisodeSampling(
@@ -582,11 +592,11 @@ def train(cfg: TrainConfig) -> dict:
             "data_position": stream.position,
         }
         last = row
+        logged = gather_to_main(sample_records(ep, task, step + 1, cfg, d.rank), d)
         if d.main:
             _append_jsonl(metrics_path, row)
-            if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and cfg.log_samples:
-                for rec in ep.records[: cfg.log_samples]:
-                    _append_jsonl(samples_path, {"step": step + 1, **rec})
+            for rec in logged:
+                _append_jsonl(samples_path, rec)
             done_steps = step + 1 - start_step
             rate = (time.time() - run_start) / done_steps
             eta = rate * (cfg.max_steps - step - 1)
@@ -615,6 +625,22 @@ def train(cfg: TrainConfig) -> dict:
         print(f"done: metrics {metrics_path}, samples {samples_path}, checkpoints {out / 'checkpoints'}, "
               f"Hugging Face export {path}", flush=True)
     return last
+
+
+def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dict]:
+    """What ``samples.jsonl`` keeps of a rank's episode: every retry rewarded 1 (so that every
+    reward can be audited: ``python -m r3.audit``), plus the first ``log_samples`` others every
+    ``samples_every`` steps; each with the verifier's reason for its verdict."""
+    unrewarded = cfg.log_samples if cfg.samples_every and step % cfg.samples_every == 0 else 0
+    out = []
+    for row, rec in enumerate(ep.records):
+        if rec["reward"] <= 0:
+            if unrewarded <= 0:
+                continue
+            unrewarded -= 1
+        out.append({"step": step, "rank": rank, "row": row, **rec,
+                    "reason": task.diagnose(rec["example"], rec["retry"])})
+    return out
 
 
 def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, step: int, out: Path) -> dict | None:

@@ -337,10 +337,42 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
             assert task.verify(r["example"], r["attempt"]) == r["attempt_correct"]
     # the table
     lines = stdout.strip().splitlines()
-    assert lines[0].split("|")[1:] == [" acc 1st ", " acc 2nd ", "   delta"]
+    assert [c.strip() for c in lines[0].split("|")[1:]] == ["acc 1st", "acc 2nd", "delta"]
     assert lines[2].startswith("smollm2-135m") and lines[3].startswith(tiny_dir)
     first = data["models"][0]
-    assert f"{100 * first['first_attempt_accuracy']:6.1f}%" in lines[2]
+    assert f"{100 * first['first_attempt_accuracy']:5.1f} \u00b1 {100 * first['first_attempt_stderr']:4.1f}" in lines[2]
+    # standard errors and the paired change of the second model against the first
+    for m in data["models"]:
+        k, n = m["first_success"], m["n"]
+        assert m["first_attempt_stderr"] == pytest.approx(((k / n) * (1 - k / n) / n) ** 0.5)
+        assert len(m["first_correct"]) == len(m["second_correct"]) == n
+    (pair,) = data["paired"]
+    a, b = (data["models"][i]["first_correct"] for i in (0, 1))
+    assert pair["first_attempt"]["mean"] == pytest.approx((sum(b) - sum(a)) / 3)
+    assert lines[4].startswith(f"paired, {tiny_dir} minus smollm2-135m (same 3 queries)")
+
+
+def test_paired_difference_by_hand():
+    d = E.paired_difference([True, False, True, False], [True, True, False, True])
+    # differences 0, 1, -1, 1: mean 0.25, sample variance ((0.25^2 + 0.75^2 + 1.25^2 + 0.75^2) / 3)
+    assert d["mean"] == 0.25 and d["better"] == 2 and d["worse"] == 1
+    assert d["stderr"] == pytest.approx((((0.0625 + 0.5625 + 1.5625 + 0.5625) / 3) / 4) ** 0.5)
+    assert E.paired_difference([True] * 5, [True] * 5)["stderr"] == 0.0
+    assert E.binomial_stderr(1, 4) == pytest.approx((0.25 * 0.75 / 4) ** 0.5)
+
+
+def test_evaluate_run_refuses_flags_it_takes_from_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rc, _, err = run_main(E.main, ["--run", str(run), "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(rc, err, "no config.json")
+    (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
+                                                 "max_attempt_tokens": 8, "max_reflection_tokens": 8,
+                                                 "max_retry_tokens": 8}))
+    rc, _, err = run_main(E.main, ["--run", str(run), "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(rc, err, "no export yet")
+    rc, _, err = run_main(E.main, ["--run", str(run), "--task", "countdown", "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(rc, err, "drop --task")
 
 
 # --------------------------------------------------------------------------------------------

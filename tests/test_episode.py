@@ -385,3 +385,29 @@ def test_chat_format_rejects_a_tokenizer_without_template(tiny):
     with pytest.raises(R3Error, match="chat template"):
         ChatFormat(NoTemplate())
     assert ChatFormat(tok).stop_ids == [EOS]
+
+
+class PerExampleTurns(CoinTask):
+    """Reflection and retry turns that name the example (the Task interface's per-example
+    ``reflection_message`` / ``retry_message``)."""
+
+    def reflection_message(self, example=None):
+        return {"role": "user", "content": f"What went wrong with {example['word']}?"}
+
+    def retry_message(self, example=None):
+        return {"role": "user", "content": f"Again, {example['word']}."}
+
+
+def test_episode_asks_with_each_examples_own_turns(tiny):
+    model, tok, chat = tiny
+    task = PerExampleTurns(always=False)
+    examples = task.examples(n=3)
+    ep = run_episode(model, tok, task, examples, group_size=2, sampling=SAMPLING, seed=5, chat=chat)
+    assert len(ep.sequences) == 6
+    for r in range(len(ep.sequences)):
+        p = split_row(ep, chat, task, r)
+        word = ep.group_examples[r // 2]["word"]
+        refl = chat.encode(REFLECT_TURN.format(f"What went wrong with {word}?"))
+        retry = chat.encode(REFLECT_TURN.format(f"Again, {word}."))
+        assert p["reflect_turn"] == ([] if closed(p["attempt"]) else [EOS]) + refl
+        assert p["retry_turn"] == ([] if closed(p["reflection"]) else [EOS]) + retry

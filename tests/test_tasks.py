@@ -620,6 +620,23 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([3, 4], 7, "\uff13 + 4 = 7", False),  # fullwidth 3
         ([3, 4], 7, "\u0663 + 4 = 7", False),  # Arabic-Indic 3
         ([3, 4], 7, "3 + \u0664", False),
+        # a result written in words is the written result; a denied equation is no answer
+        ([26, 24], 50, "26 + 24 equals 50", True),
+        ([26, 24], 50, "26 + 24 is equal to 50!", True),
+        ([26, 24], 50, "26 + 24, which is 50.", True),
+        ([26, 24], 50, "26 + 24 gives a total of 50", True),
+        ([26, 24], 50, "26 + 24 is the answer", True),
+        ([22, 7], 29, "The equation 22 + 7 equals 30.", False),
+        ([26, 24], 50, "26 + 24 is not 50", False),
+        ([19, 16], 35, "I ended up with 19 + 16, which is not 35.", False),
+        ([26, 24], 50, "It is not 26 + 24", False),
+        ([26, 24], 50, "So, you can't add 26 + 24 to any equation.", False),
+        ([26, 24], 50, "26 + 24 isn\u2019t right", False),
+        ([26, 24], 50, "26 + 24 is 50.5", False),
+        ([26, 24], 50, "26 + 24 is 50%", False),
+        ([26, 24], 50, "26 + 24 is \u0665\u0660", False),
+        ([26, 24], 50, "26 + 24 = 50, not 51", True),
+        ([9, 7], 16, "But 16 is not a possible multiple of 7 + 9.", False),
         # operators outside the task's + and -
         ([3, 4], 12, "3 * 4 = 12", False),
         ([3, 4], 12, "3 * 4", False),
@@ -643,3 +660,22 @@ def test_countdown_tags_off_has_no_tag_special_cases():
     assert LENIENT.verify(ex, "<answer>4 + 3</answer>")
     strict = CountdownTask(difficulty="easy")
     assert not strict.verify(ex, "so 4 + 3 = 7.") and strict.verify(ex, "<answer>4 + 3</answer>")
+
+
+def _model_outputs():
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "countdown_model_outputs.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_countdown_real_model_outputs():
+    """Attempts and retries the built-in model wrote on the default run's task (two numbers, + and
+    -, no tags), each verdict read and labelled by hand; 14 of them were rewarded by the old
+    reader and are wrong."""
+    records = _model_outputs()
+    assert len(records) > 100 and sum(r["expected"] for r in records) > 20
+    for r in records:
+        ex = {"nums": r["nums"], "target": r["target"]}
+        assert LENIENT.verify(ex, r["completion"]) is r["expected"], (r, LENIENT.diagnose(ex, r["completion"]))
+        assert recheck(LENIENT, ex, r["completion"])[0] is r["expected"], r

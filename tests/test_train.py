@@ -156,7 +156,30 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     ids = torch.tensor([tok("hello there, how are you")["input_ids"]])
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
-    assert (full / "samples.jsonl").is_file() and (full / "config.json").is_file()
+    assert (full / "config.json").is_file()
+    # samples.jsonl: every rewarded retry of every step (and nothing repeated after the resume)
+    sa = [json.loads(x) for x in (full / "samples.jsonl").read_text().splitlines()]
+    sb = [json.loads(x) for x in (part / "samples.jsonl").read_text().splitlines()]
+    assert sa == sb
+    for row in a:
+        rewarded = round(row["retry_success"] * row["groups"] * 4)
+        logged = [s for s in sa if s["step"] == row["step"]]
+        assert sum(s["reward"] == 1.0 for s in logged) == rewarded
+        assert sum(s["reward"] == 0.0 for s in logged) <= 2 and all(s["reason"] == "coin" for s in logged)
+    assert sum(s["reward"] == 1.0 for s in sa) > 0
+    # the run's own evaluation (base model and export side by side) and its audit
+    ev = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(full), "--n", "4", "--out", str(ev),
+                           "--quiet"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(ev.read_text())
+    assert [m["model"] for m in data["models"]] == [str(tiny_model), str(full / "export")]
+    assert data["run"] == str(full) and data["task"] == "r3_test_tasks:CoinTask" and data["task_options"] == {}
+    assert data["settings"]["max_attempt_tokens"] == 6 and data["settings"]["dtype"] == "fp32"
+    assert data["paired"][0]["first_attempt"]["n"] == 4 and data["n"] == 4
+    proc = subprocess.run([sys.executable, "-m", "r3.audit", str(full)], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+    assert proc.returncode == 0 and "independent re-check: none for task" in proc.stdout, proc.stderr
 
 
 def test_nan_guard_skips_the_step(tiny_model, tmp_path):

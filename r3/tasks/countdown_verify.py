@@ -10,7 +10,8 @@ rejected (never skipped in favour of an earlier one) when
 
 * a letter is glued to it (``4x + 3``, ``log(3 + 4)``, ``21 - 2x``), or a word that is an
   operator (``mod``, ``log``, ``sqrt``, ``root``, ``power``, ``squared``, ``times``, ``minus``,
-  ``x``, ... see :data:`OPERATOR_WORDS`) is among the three words before or after it;
+  ``multiple``, ``x``, ... see :data:`OPERATOR_WORDS`) or a negation (``not``, ``isn't``, ...
+  :data:`NEGATIONS`) is among the three words before or after it (spaces apart);
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
   written result: ``= 7!``) or glued before it, any
@@ -19,7 +20,9 @@ rejected (never skipped in favour of an earlier one) when
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``).
 
 Markdown bold around it (``**5 + 23 = 28**``) and a parenthesis that opens or closes prose next to
-it (``5 + 23 = 28 (using both)``) are not part of it.
+it (``5 + 23 = 28 (using both)``) are not part of it. A result written in words after an
+expression is its written value: ``5 + 12 equals 17``, ``5 + 12 is 17``, ``5 + 12, which is 17``
+(up to five linking words, :data:`RESULT_LINKS`, then a number) read as ``5 + 12 = 17``.
 
 **Correct iff** the answer is ``expression`` or ``expression = value`` (exactly one ``=``, the
 value a plain integer, optionally negative) where the expression uses each given number exactly
@@ -49,7 +52,19 @@ OPERATOR_WORDS = frozenset("""
     mod modulo modulus log logs logarithm ln lg exp sqrt cbrt root roots radical sin cos tan abs
     absolute factorial squared cubed square cube power powers pow exponent exponents percent
     percentage negative minus plus times divided multiplied over x half twice double triple
-    inverse reciprocal floor ceil ceiling round rounded approximately approx roughly
+    inverse reciprocal floor ceil ceiling round rounded approximately approx roughly multiple
+    multiples factor factors product quotient remainder fraction
+""".split())
+#: Words that, within three words of the final equation, deny it ("26 + 24 is not 50").
+NEGATIONS = frozenset("""
+    not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
+    wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont
+""".split())
+#: Words that may link an expression to its result written in words ("5 + 12 equals 17").
+RESULT_LINKS = frozenset("""
+    is was equals equal equaling equalling to gives give giving makes make making yields yield
+    results result resulting in which that would will be get gets we you it so then this the a
+    becomes become comes out as sum total answer value of
 """.split())
 
 _RUN_CHARS = frozenset("0123456789+-*/()= \t")
@@ -129,23 +144,58 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     return None
 
 
+def _word_char(ch: str) -> bool:
+    return _is_letter(ch) or ch in "'\u2019"
+
+
 def _words(text: str, pos: int, step: int, n: int = 3) -> list[str]:
     """Up to ``n`` lower-cased words read from ``pos`` in direction ``step`` (-1 or +1), apart by
-    spaces or tabs only; stops at anything else, and at a word longer than any operator word."""
+    spaces or tabs only; stops at anything else, and at a word longer than any listed word. A word
+    is letters with inner apostrophes (``isn't``)."""
     out: list[str] = []
     i, size = pos, len(text)
     while len(out) < n:
         while 0 <= i < size and text[i] in _SPACE:
             i += step
+        if not (0 <= i < size and _is_letter(text[i])):
+            break
         j, length = i, 0
-        while 0 <= j < size and _is_letter(text[j]) and length <= _MAX_WORD:
+        while 0 <= j < size and _word_char(text[j]) and length <= _MAX_WORD:
             j += step
             length += 1
-        if length == 0 or length > _MAX_WORD:
+        if length > _MAX_WORD:
             break
-        out.append((text[i:j] if step > 0 else text[j + 1: i + 1]).lower())
+        word = text[i:j] if step > 0 else text[j + 1: i + 1]
+        out.append(word.strip("'\u2019").replace("\u2019", "'").lower())
         i = j
     return out
+
+
+def _result_in_words(text: str, pos: int) -> tuple[str | None, bool]:
+    """A result written in words after an expression (``5 + 12 equals 17``, ``is not 50``,
+    ``, which is 17``): ``(number, negated)`` when up to five linking words (commas allowed) lead
+    from ``pos`` to a number, ``(None, False)`` otherwise. A number that is not a plain integer
+    (``17.5``, ``17%``, ``17x``) comes back as ``"not an integer"``."""
+    i, size, links, negated = pos, len(text), 0, False
+    while True:
+        while i < size and (text[i] in _SPACE or text[i] == ","):
+            i += 1
+        if i < size and (text[i].isnumeric() or (text[i] == "-" and text[i + 1: i + 2].isnumeric())):
+            j = i + 1
+            while j < size and text[j].isnumeric():
+                j += 1
+            number, nxt = text[i:j], text[j: j + 1]
+            if not number.lstrip("-").isascii() or (nxt and (nxt.isalnum() or nxt in "%^" or unicodedata.category(nxt) == "Sm")) \
+                    or (nxt in (".", ",") and text[j + 1: j + 2].isdigit()):
+                return "not an integer", negated
+            return number, negated
+        words = _words(text, i, +1, 1) if links < 5 else []
+        if not words or (words[0] not in RESULT_LINKS and words[0] not in NEGATIONS):
+            return None, False
+        negated |= words[0] in NEGATIONS
+        links += 1
+        while i < size and _word_char(text[i]):
+            i += 1
 
 
 def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:
@@ -205,7 +255,16 @@ def final_equation(text: str) -> tuple[str | None, str]:
     for word in _words(text, start - 1, -1) + _words(text, end, +1):
         if word in OPERATOR_WORDS:
             return None, f"the word {word!r} next to the equation"
-    return text[a:b], ""
+        if word in NEGATIONS:
+            return None, f"the equation is denied ({word!r} next to it)"
+    equation = text[a:b]
+    if "=" not in equation:
+        result, negated = _result_in_words(text, end)
+        if negated:
+            return None, "the equation is denied (a negation before its result)"
+        if result is not None:
+            equation += " = " + result
+    return equation, ""
 
 
 # ---------------------------------------------------------------------------------------

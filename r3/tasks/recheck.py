@@ -22,7 +22,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["recheck", "recheck_countdown", "recheck_function_calling"]
+__all__ = ["has_recheck", "recheck", "recheck_countdown", "recheck_function_calling"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -36,6 +36,14 @@ _CD_OP_WORDS = {
     "double", "triple", "inverse", "reciprocal", "floor", "ceil", "ceiling", "round", "rounded",
     "approximately", "approx", "roughly",
 }
+_CD_OP_WORDS |= {"multiple", "multiples", "factor", "factors", "product", "quotient", "remainder", "fraction"}
+_CD_NOT = {"not", "no", "never", "nor", "neither", "cannot", "isn't", "wasn't", "aren't", "weren't", "doesn't",
+           "don't", "didn't", "can't", "won't", "wouldn't", "shouldn't", "couldn't", "isnt", "wasnt", "doesnt",
+           "dont", "didnt", "cant", "wont"}
+_CD_LINKS = {"is", "was", "equals", "equal", "equaling", "equalling", "to", "gives", "give", "giving", "makes",
+             "make", "making", "yields", "yield", "results", "result", "resulting", "in", "which", "that", "would",
+             "will", "be", "get", "gets", "we", "you", "it", "so", "then", "this", "the", "a", "becomes", "become",
+             "comes", "out", "as", "sum", "total", "answer", "value", "of"}
 _CD_BAD_ASCII = "^%|~\\[]{}<>"
 _CD_PUNCT = ".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
@@ -159,21 +167,61 @@ def _cd_final_run(text: str) -> tuple[int, int] | None:
     return best
 
 
+def _cd_read_word(text: str, i: int, step: int) -> tuple[str | None, int]:
+    """(word, index after it) for the word whose first character in reading order is at ``i``:
+    letters and apostrophes, starting with a letter; (None, i) when there is none or it is longer
+    than 32 characters."""
+    if not (0 <= i < len(text) and _letter(text[i])):
+        return None, i
+    chars = []
+    while 0 <= i < len(text) and (_letter(text[i]) or text[i] in "'\u2019"):
+        chars.append(text[i])
+        i += step
+        if len(chars) > 32:
+            return None, i
+    w = "".join(chars if step > 0 else reversed(chars))
+    return w.strip("'\u2019").replace("\u2019", "'").lower(), i
+
+
 def _cd_words(text: str, i: int, step: int) -> list[str]:
     words: list[str] = []
     while len(words) < 3:
         while 0 <= i < len(text) and text[i] in " \t":
             i += step
-        w = ""
-        while 0 <= i < len(text) and _letter(text[i]):
-            w = w + text[i] if step > 0 else text[i] + w
-            i += step
-            if len(w) > 32:
-                return words
-        if not w:
-            return words
-        words.append(w.lower())
+        w, i = _cd_read_word(text, i, step)
+        if w is None:
+            break
+        words.append(w)
     return words
+
+
+def _cd_result_words(text: str, i: int) -> tuple[str | None, bool]:
+    """(number, negated) of a result written after an expression, else (None, False)."""
+    negated = False
+    for links in range(6):
+        while i < len(text) and text[i] in " \t,":
+            i += 1
+        k = i + 1 if text[i:i + 1] == "-" else i
+        e = k
+        while e < len(text) and text[e].isnumeric():
+            e += 1
+        if e > k:
+            number = text[i:e]
+            after = text[e:e + 2]
+            bad = not all(c in "-0123456789" for c in number)
+            if after:
+                c = after[0]
+                bad |= c.isalnum() or c in "%^" or unicodedata.category(c) == "Sm"
+                bad |= c in ".," and len(after) > 1 and after[1].isdigit()
+            return ("not an integer" if bad else number), negated
+        if links == 5:
+            break
+        w, j = _cd_read_word(text, i, 1)
+        if w is None or (w not in _CD_LINKS and w not in _CD_NOT):
+            break
+        negated = negated or w in _CD_NOT
+        i = j
+    return None, False
 
 
 def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bool) -> str | None:
@@ -259,6 +307,14 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     for w in _cd_words(text, start - 1, -1) + _cd_words(text, end, 1):
         if w in _CD_OP_WORDS:
             return False, f"operator word {w}"
+        if w in _CD_NOT:
+            return False, f"negation {w}"
+    if "=" not in core:
+        result, negated = _cd_result_words(text, end)
+        if negated:
+            return False, "negated result"
+        if result is not None:
+            core = f"{core} = {result}"
     return _cd_check_equation(core, nums, target, ops)
 
 
@@ -409,6 +465,11 @@ def recheck_function_calling(text: Any, reference: list[dict]) -> tuple[bool, st
 
 
 # ---------------------------------------------------------------------------------------
+def has_recheck(task) -> bool:
+    """Whether :func:`recheck` has an independent implementation for ``task``."""
+    return getattr(task, "name", None) in ("countdown", "function_calling")
+
+
 def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
     """The independent verdict for a built-in task's example, or None for other tasks."""
     name = getattr(task, "name", None)

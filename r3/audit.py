@@ -1,0 +1,136 @@
+"""``python -m r3.audit RUN``: re-check every reward a training run handed out.
+
+A run's ``samples.jsonl`` holds every retry that was rewarded 1, plus a sample of the others, each
+with the verifier's reason. This reads them with the run's own task and options (``config.json``)
+and judges each retry again twice: with the task's verifier as it is now, and with an independent
+implementation of the same answer rule (:mod:`r3.tasks.recheck`, for the built-in tasks) that
+shares no parsing code with it. It prints how many rewarded retries each accepts, every
+disagreement with its text, and the last few rewarded retries, so that a person reads what was
+paid for.
+
+    python -m r3.audit runs/r3                      # summary, disagreements, 5 rewarded retries
+    python -m r3.audit runs/r3 --show 20 --out audit.json
+
+Exit status: 0 when every rewarded retry passes both checks, 1 when one does not (a reward to
+look at), 2 for bad input (no such run, a malformed file).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from r3.errors import R3Error, cli_main
+from r3.evaluate import ArgumentParser, check_out_path, write_json_atomic
+
+
+def read_run_task(run: Path):
+    """The task a run trained on, rebuilt from ``RUN/config.json``."""
+    from r3.tasks import get
+
+    cfg_path = run / "config.json"
+    if not run.is_dir():
+        raise R3Error(f"{run}: no such run directory")
+    if not cfg_path.is_file():
+        raise R3Error(f"{cfg_path}: missing (is {run} a directory written by r3.train?)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise R3Error(f"{cfg_path}: unreadable ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("task"), str) or not isinstance(cfg.get("task_options", {}), dict):
+        raise R3Error(f"{cfg_path}: no 'task' and 'task_options' fields")
+    return cfg, get(cfg["task"], **cfg.get("task_options", {}))
+
+
+def read_samples(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise R3Error(f"{path}: missing (the run has logged no samples yet)")
+    lines = path.read_text().splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):  # a run killed while writing: the cut last line is skipped
+                break
+            raise R3Error(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or any(f not in rec for f in ("example", "retry", "reward")):
+            raise R3Error(f"{path}, line {lineno}: expected an object with example, retry and reward")
+        rows.append(rec)
+    return rows
+
+
+def audit(task, samples: list[dict]) -> dict:
+    """Re-judge every sample; returns counts and the disagreements."""
+    from r3.tasks.recheck import has_recheck, recheck
+
+    independent = has_recheck(task)
+    rewarded = [s for s in samples if s["reward"] > 0]
+    others = [s for s in samples if s["reward"] <= 0]
+    out = {"rewarded": len(rewarded), "unrewarded_logged": len(others), "independent_checker": independent,
+           "rewarded_pass_verifier": 0, "rewarded_pass_recheck": 0, "unrewarded_pass_verifier": 0,
+           "unrewarded_pass_recheck": 0, "rewarded_failing": 0, "disagreements": []}
+    for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
+        for s in group:
+            now = bool(task.verify(s["example"], s["retry"]))
+            again = recheck(task, s["example"], s["retry"]) if independent else None
+            out[f"{key}_pass_verifier"] += now
+            out[f"{key}_pass_recheck"] += bool(again and again[0])
+            logged = s["reward"] > 0
+            out["rewarded_failing"] += logged and not (now and (again is None or again[0]))
+            if now != logged or (again is not None and again[0] != logged):
+                out["disagreements"].append({
+                    "step": s.get("step"), "row": s.get("row"), "logged_reward": s["reward"],
+                    "verifier_now": now, "recheck": None if again is None else again[0],
+                    "recheck_reason": None if again is None else again[1],
+                    "logged_reason": s.get("reason"), "example": s["example"], "retry": s["retry"],
+                })
+    return out
+
+
+def _rate(k: int, n: int) -> str:
+    return f"{k}/{n}" + (f" ({100 * k / n:.1f}%)" if n else "")
+
+
+@cli_main
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m r3.audit", description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a run directory (--out of r3.train)")
+    p.add_argument("--show", type=int, default=5, help="print the last N rewarded retries (default 5)")
+    p.add_argument("--out", help="write the audit as JSON")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    out_path = check_out_path(args.out) if args.out else None
+    cfg, task = read_run_task(run)
+    samples = read_samples(run / "samples.jsonl")
+    res = audit(task, samples)
+    steps = sorted({s.get("step") for s in samples if isinstance(s.get("step"), int)})
+    span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
+    print(f"run {run}: task {cfg['task']} {json.dumps(cfg.get('task_options', {}))}")
+    print(f"rewarded retries logged: {res['rewarded']} ({span})")
+    print(f"  pass the verifier now:         {_rate(res['rewarded_pass_verifier'], res['rewarded'])}")
+    if res["independent_checker"]:
+        print(f"  pass the independent re-check: {_rate(res['rewarded_pass_recheck'], res['rewarded'])}")
+    else:
+        print(f"  independent re-check: none for task {cfg['task']!r} (built-in tasks only)")
+    print(f"unrewarded samples logged: {res['unrewarded_logged']}; the re-check passes "
+          f"{res['unrewarded_pass_recheck'] if res['independent_checker'] else 'n/a'} of them")
+    for dis in res["disagreements"]:
+        print(f"DISAGREEMENT step {dis['step']} row {dis['row']}: logged reward {dis['logged_reward']}, verifier now "
+              f"{dis['verifier_now']}, re-check {dis['recheck']} ({dis['recheck_reason']})\n"
+              f"  example: {json.dumps(dis['example'])[:300]}\n  retry: {dis['retry']!r}")
+    shown = [s for s in samples if s["reward"] > 0][-args.show:] if args.show > 0 else []
+    for s in shown:
+        print(f"--- rewarded, step {s.get('step')}: {json.dumps(s['example'])[:200]}\n"
+              f"reflection: {s.get('reflection', '')!r}\nretry: {s['retry']!r}\nreason: {s.get('reason')}")
+    if out_path:
+        write_json_atomic(out_path, {"run": str(run), "task": cfg["task"], "task_options": cfg.get("task_options", {}),
+                                     **res})
+    return 1 if res["rewarded_failing"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

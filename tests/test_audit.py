@@ -1,0 +1,95 @@
+"""python -m r3.audit: every logged reward re-judged by the verifier and the independent re-check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r3 import audit as A
+
+OPTIONS = {"difficulty": "easy", "answer_tags": False, "min_count": 2, "max_count": 2, "max_num": 30,
+           "max_target": 60}
+EX = {"id": "x", "nums": [19, 17], "target": 36}
+
+
+def make_run(tmp_path, samples, task="countdown", options=OPTIONS):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": task, "task_options": options, "model": "m"}))
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return run
+
+
+def sample(step, retry, reward, example=EX):
+    return {"step": step, "rank": 0, "row": 0, "example": example, "attempt": "a", "reflection": "r",
+            "retry": retry, "reward": reward, "reason": "logged"}
+
+
+def run_main(argv, capsys):
+    try:
+        rc = A.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return (rc, *capsys.readouterr())
+
+
+def test_clean_run_passes(tmp_path, capsys):
+    run = make_run(tmp_path, [sample(1, "So 19 + 17 = 36.", 1.0), sample(1, "19 - 17", 0.0),
+                              sample(2, "**Answer:** 17 + 19", 1.0)])
+    out = tmp_path / "audit.json"
+    rc, stdout, err = run_main([str(run), "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "rewarded retries logged: 2 (steps 1-2)" in stdout
+    assert "pass the independent re-check: 2/2 (100.0%)" in stdout
+    assert "DISAGREEMENT" not in stdout and "17 + 19" in stdout  # the rewarded retries are shown
+    data = json.loads(out.read_text())
+    assert data["rewarded"] == 2 and data["rewarded_pass_recheck"] == 2 and data["disagreements"] == []
+
+
+def test_a_wrong_reward_is_reported_and_fails(tmp_path, capsys):
+    """A reward the old lenient reader paid (the written result is false) is caught."""
+    run = make_run(tmp_path, [sample(1, "The answer is 19 + 17 = 26.", 1.0), sample(1, "19 + 17 = 36", 0.0)])
+    rc, stdout, _ = run_main([str(run), "--show", "0"], capsys)
+    assert rc == 1
+    assert "pass the independent re-check: 0/1 (0.0%)" in stdout
+    dis = [line for line in stdout.splitlines() if line.startswith("DISAGREEMENT")]
+    assert len(dis) == 2  # the wrong reward, and the right answer that was not paid
+    assert "logged reward 1.0, verifier now False, re-check False" in dis[0]
+
+
+def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    run = make_run(tmp_path, [sample(1, "anything", 0.0, {"id": "train-0", "word": "w"})],
+                   task="r3_test_tasks:CoinTask", options={})
+    rc, stdout, _ = run_main([str(run)], capsys)
+    assert rc == 0 and "independent re-check: none for task" in stdout
+
+
+@pytest.mark.parametrize("setup,pattern", [
+    (lambda p: None, "no such run directory"),
+    (lambda p: p.mkdir(), "config.json: missing"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), "no 'task'"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}')),
+     "samples.jsonl: missing"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}'),
+                (p / "samples.jsonl").write_text('oops\n{"a": 1}\n')), "line 1: not valid JSON"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}'),
+                (p / "samples.jsonl").write_text('{"a": 1}\n')), "line 1: expected an object"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, setup, pattern):
+    run = tmp_path / "run"
+    setup(run)
+    rc, _, err = run_main([str(run)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and pattern in lines[0], err
+
+
+def test_a_cut_last_line_is_skipped(tmp_path, capsys):
+    run = make_run(tmp_path, [sample(1, "19 + 17", 1.0)])
+    with open(run / "samples.jsonl", "a") as f:
+        f.write('{"step": 2, "retry": "cut')
+    rc, stdout, _ = run_main([str(run)], capsys)
+    assert rc == 0 and "rewarded retries logged: 1" in stdout
