@@ -36,7 +36,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     task: str = "countdown"
     # The default task gives the built-in 135M model signal (it solves ~0% of standard Countdown):
-    # two numbers, + and -, a plain prompt, the last bare equation is the answer.
+    # two numbers, + and -, a plain prompt, the final equation of the completion is the answer.
     task_options: dict = field(default_factory=lambda: dict(DEFAULT_TASK_OPTIONS))
     failures: str | None = None  # a failure dataset (python -m r3.failures); None = fresh first attempts
     out: str = "runs/r3"

@@ -652,8 +652,8 @@ def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, ste
     examples = task.examples("test", n=cfg.eval_n, seed=cfg.seed)
     mine = examples[d.rank::d.world]
     res = evaluate_examples(
-        rollout_model, tokenizer, task, mine, max_new_tokens=max(cfg.max_attempt_tokens, cfg.max_retry_tokens),
-        max_reflection_tokens=cfg.max_reflection_tokens, temperature=cfg.eval_temperature, top_p=cfg.top_p,
+        rollout_model, tokenizer, task, mine, max_new_tokens=cfg.max_attempt_tokens,
+        max_reflection_tokens=cfg.max_reflection_tokens, max_retry_tokens=cfg.max_retry_tokens, temperature=cfg.eval_temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, seed=cfg.seed + 17, batch_size=32,
     ) if mine else {"n": 0, "first_success": 0, "second_success": 0}
     n, first, second = all_sum([res["n"], res["first_success"], res["second_success"]], d)

@@ -274,3 +274,11 @@ def test_checkpoint_io_runs_single_threaded_and_restores_threads():
         with _one_intra_op_thread():
             raise RuntimeError("disk full")
     assert torch.get_num_threads() == before
+
+
+def test_the_example_config_is_the_defaults():
+    """configs/smollm2_countdown_tiny.yaml documents the main command: it must not drift."""
+    from r3.config import TrainConfig, parse_args
+
+    path = Path(__file__).parents[1] / "configs" / "smollm2_countdown_tiny.yaml"
+    assert parse_args(["--config", str(path)]).to_dict() == TrainConfig().validate().to_dict()
