@@ -72,7 +72,16 @@ POISON = [
     ("(", ")!"), ("(", ")%"), ("(", ")\u00b2"), ("", " mod 5"), ("", " squared"), ("", " times 2"),
     ("", " percent"), ("", " \u2013 3"), ("", " \u00d7 2"), ("", " \u2192 9"), ("", " \u2248 9"),
     ("", "x"), ("", ".5"), ("", ",000"), ("0", ""), ("", "y"), ("", " \u00f7 2"),
+    # hidden by invisible or unusual characters, markup and entities
+    ("2\u00a0*\u00a0", ""), ("", "\u00a0-\u00a02"), ("2 *\u200b", ""), ("3 ti\u00admes ", ""),
+    ("3 \u0445 ", ""), ("3 _times_ ", ""), ("\u202e", ""), ("3 *\n", ""), ("3 times\n", ""),
+    ("3 &times; ", ""), ("", " &minus; 2"), ("3 \\cdot ", ""), ("It is _not_ ", ""), ("'not' ", ""),
+    ("50% of ", ""), ("1/2 of ", ""), ("A third of ", ""), ("4 added to ", ""), ("", " less 2"),
+    ("", " doubled"), ("", " (in base 8)"),
 ]
+# wrappers that do not change the equation
+BENIGN_WRAP = [("\\boxed{", "}"), ("\\(", "\\)"), ("\\[ ", " \\]"), ("<b>", "</b>"), ("</think>\n", ""),
+               ("\u00a0", "\u00a0"), ("**", "**"), ("(", ")"), ("\u200b", "")]
 UNICODE_DIGITS = ["\uff10", "\u0660", "\u09e6", "\u0966"]  # fullwidth, Arabic-Indic, Bengali, Devanagari zero
 
 
@@ -164,8 +173,8 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
         r = rng.random()
         if r < 0.15:  # an earlier block is superseded
             text = f"<answer> {ex['solution']} </answer> no wait. " + text
-        elif r < 0.25:  # a later incomplete block does not count
-            text = text + " <answer> 1 + 1"
+        elif r < 0.25:  # a later block was started: no answer
+            text, ok = text + " <answer> 1 + 1", False
         elif r < 0.35:  # a later complete block does
             other, ok2, _ = _mutate(rng, ex, task.ops)
             text, ok = text + f"\nActually: <answer> {other} </answer>", ok2 and "<" not in other
@@ -179,6 +188,10 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
         ok = ok and claim == "target"
     elif clean and r < 0.3:
         before, ok = rng.choice(DENIALS), False
+    elif clean and not task.answer_tags and "**" not in before and r < 0.45:
+        lo, hi = rng.choice(BENIGN_WRAP)
+        if lo != "(" or "=" in eq:
+            eq = lo + eq + hi
     text = before + eq + after
     r = rng.random()
     if r < 0.15:  # a later equation supersedes it
@@ -188,6 +201,10 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
         text = text + " <answer> </answer>" if rng.random() < 0.5 else "<answer></answer>\n" + text
     elif r < 0.3:
         text = "Sure. " * rng.randrange(1, 2000) + text
+    elif r < 0.4:  # a later answer, the target or not
+        n = rng.choice([ex["target"], ex["target"] + rng.choice([-2, 1, 5])])
+        text += rng.choice(["\nThe answer is {}.", " So the result is {}", "\n<answer>{}</answer>", " to get {}"]).format(n)
+        ok = ok and n == ex["target"]
     return ex, text, ok
 
 
@@ -260,7 +277,16 @@ FC_BEFORE = ["", "Sure! ", "Here are the calls:\n", "<tool_call>\n", "I'll call 
 FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)"]
 
 
+_NAME_KEY = re.compile(r"""["']name["']\s*:""")
+
+
+def _is_attempt(s: str) -> bool:
+    return bool(_NAME_KEY.search(s)) or s.strip() == "[]"
+
+
 def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, str, bool]:
+    """The label is the correctness of the last call attempt by construction (a broken or
+    truncated last attempt is no answer)."""
     ex = rng.choice(pool)
     ref = json.loads(ex["answers"])
     final, ok, valid = _fc_mutate(rng, ref)
@@ -269,18 +295,20 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         final = '{"tool_calls": ' + final + "}"
     elif r < 0.3:
         final = "```json\n" + final + "\n```"
-    label = ok if valid else None  # None: the last valid call list is earlier (or there is none)
+    label = (ok and valid) if _is_attempt(final) else None
     text = rng.choice(FC_BEFORE) + final + rng.choice(FC_AFTER)
     r = rng.random()
     if r < 0.35:  # an earlier call list (right or wrong), maybe far away
         decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
         pad = " [0]" * rng.choice([0, 0, 255, 256, 600])
         text = decoy + pad + "\nWait, let me fix that. " + text
-        if label is None:
-            label = ok_d if valid_d else None
-    if label is None:
-        label = False
-    return ex, text, label
+        if label is None and _is_attempt(decoy):
+            label = ok_d and valid_d
+    elif r < 0.45 and valid:  # a later attempt that is no answer, or no calls at all
+        text += rng.choice(["\nActually none of the tools apply: []",
+                            "\nOr: " + json.dumps(ref).replace('"', "'")])
+        label = not ref and text.endswith("[]")
+    return ex, text, bool(label)
 
 
 # ---------------------------------------------------------------------------------------

@@ -217,7 +217,10 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "1 + 2 + 3 </answer>", False),
         ([1, 2, 3], 6, "<answer> 1 + 2 + 3 </answer> then <answer> 1 * 2 * 4 </answer>", False),  # last wins
         ([1, 2, 3], 6, "<answer> 1 + 2 </answer> no: <answer> 1 * 2 * 3 </answer> done", True),
-        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer> 7", True),  # last *complete* block
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer> 7", False),  # a later answer was started
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer", True),  # ... a stray "<answer" is not one
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> is not right", False),  # denied
+        ([1, 2, 3], 6, "Not <answer> 1 * 2 * 3 </answer>", False),
         ([1, 2, 3], 6, "<Answer> 1 + 2 + 3 </Answer>", False),  # tags are case-sensitive
     ],
 )
@@ -637,6 +640,62 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "26 + 24 is \u0665\u0660", False),
         ([26, 24], 50, "26 + 24 = 50, not 51", True),
         ([9, 7], 16, "But 16 is not a possible multiple of 7 + 9.", False),
+        # text hidden from a plain reading: Unicode spaces, invisible characters, entities, markup
+        ([26, 24], 50, "2\u00a0*\u00a026 + 24 = 50", False),  # no-break spaces are spaces
+        ([26, 24], 50, "26 + 24 = 50\u00a0-\u00a02", False),
+        ([26, 24], 50, "2 *\u200b26 + 24 = 50", False),  # a zero-width space is nothing
+        ([26, 24], 50, "3 ti\u00admes 26 + 24 = 50", False),  # a soft hyphen is nothing
+        ([26, 24], 50, "log\u200b 26 + 24 = 50", False),
+        ([26, 24], 50, "3 \u0445 26 + 24 = 50", False),  # a Cyrillic x
+        ([26, 24], 50, "3 _times_ 26 + 24 = 50", False),  # Markdown emphasis around a word
+        ([26, 24], 50, "The answer is _not_ 26 + 24 = 50", False),
+        ([26, 24], 50, "'not' 26 + 24 = 50", False),
+        ([26, 24], 50, "3 times the sum of 26 + 24 = 50", False),  # four words away
+        ([26, 24], 50, "50% of 26 + 24 = 50", False),
+        ([26, 24], 50, "1/2 of 26 + 24 = 50", False),
+        ([26, 24], 50, "A third of 26 + 24 = 50", False),
+        ([26, 24], 50, "Subtract 2 from 26 + 24 = 50", False),
+        ([26, 24], 50, "26 + 24 = 50 less 2", False),
+        ([26, 24], 50, "26 + 24 = 50 (in base 8)", False),
+        ([26, 24], 50, "3 \\cdot 26 + 24 = 50", False),
+        ([26, 24], 50, "3 &times; 26 + 24 = 50", False),  # HTML entities are decoded
+        ([26, 24], 50, "26 + 24 = 50 &minus; 2", False),
+        ([26, 24], 2, "\u202e26 - 24 = 2", False),  # bidirectional overrides: wrong whatever they show
+        ([26, 24], 50, "3 *\n26 + 24 = 50", False),  # the line before ends in an operator
+        ([26, 24], 50, "3 times\n26 + 24 = 50", False),
+        ([26, 24], 50, "The answer is:\n26 + 24 = 50", True),
+        # a result in words that is not the target, or not a plain integer
+        ([26, 24], 48, "26 + 24 gives us 48.", False),
+        ([26, 24], 50, "26 + 24 gives us 48.", False),
+        ([26, 24], 50, "26 + 24 is: 48", False),
+        ([26, 24], 50, "So the equation is 26 + 24, which equals: 48.", False),
+        ([26, 24], 50, "26 + 24, that's 48.", False),
+        ([26, 24], 50, "26 + 24; that is 48.", False),
+        ([26, 24], 50, "26 + 24 is, in fact, 48", False),
+        ([26, 24], 50, "26 + 24 is exactly 48.", False),
+        ([26, 24], 50, "26 + 24 is ~48", False),
+        ([26, 24], 50, "26 + 24 is (48)", False),
+        ([26, 24], 50, "26 + 24 is '48'", False),
+        ([26, 24], 50, "26 + 24 is forty-eight.", False),
+        ([26, 24], 50, "26 + 24 is \u221250", False),
+        ([26, 24], 50, "26 + 24 is exactly 50.", True),
+        # a later answer contradicts the final equation
+        ([26, 24], 50, "26 + 24 = 50. The answer is 48.", False),
+        ([26, 24], 50, "26 + 24 = 50, then subtract 2 to get 48.", False),
+        ([26, 24], 50, "26 + 24 = 50\n<answer>48</answer>", False),
+        ([26, 24], 50, "Try 26 + 24 = 50? Hmm. Answer: 26 \u00d7 2 \u2212 2", False),
+        ([26, 24], 50, "26 + 24 = 50. Final answer: $26 \\times 24$", False),
+        ([26, 24], 50, "26 + 24 = 50. The answer is 50.", True),
+        ([26, 24], 50, "26 + 24 = 50. The answer is fifty.", True),
+        # wrappers that change nothing
+        ([26, 24], 50, "\\boxed{26 + 24 = 50}", True),
+        ([26, 24], 50, "\\(26 + 24 = 50\\)", True),
+        ([26, 24], 50, "(26 + 24 = 50)", True),
+        ([26, 24], 50, "<b>26 + 24 = 50</b>", True),
+        ([26, 24], 50, "</think> 26 + 24 = 50", True),
+        ([26, 24], 50, "**(26 + 24 = 50)** (using both)", True),
+        ([26, 24], 50, "I can't use \\boxed{26 + 24}", False),
+        ([26, 24], 50, "<b>26 + 24</b> is 48", False),
         # operators outside the task's + and -
         ([3, 4], 12, "3 * 4 = 12", False),
         ([3, 4], 12, "3 * 4", False),
@@ -679,3 +738,18 @@ def test_countdown_real_model_outputs():
         ex = {"nums": r["nums"], "target": r["target"]}
         assert LENIENT.verify(ex, r["completion"]) is r["expected"], (r, LENIENT.diagnose(ex, r["completion"]))
         assert recheck(LENIENT, ex, r["completion"])[0] is r["expected"], r
+
+
+def test_countdown_verifier_and_recheck_agree_on_edge_inputs():
+    """Cases where the two implementations once disagreed."""
+    tags = CountdownTask(difficulty="standard")
+    cases = [
+        (tags, {"nums": [26, 24], "target": 50}, "<answer>26 +" + " " * 300 + "24</answer>", False),
+        (LENIENT, {"nums": [26, 24], "target": 50}, "26 +" + " " * 300 + "24 = 50", False),
+        (tags, {"nums": [26, 24], "target": 50}, "<answer>26 + 24" + "\n" * 5000 + "</answer>", False),
+        (LENIENT, {"nums": ["26", "24"], "target": 50}, "26 + 24 = 50", False),  # malformed example
+        (LENIENT, {"nums": [26.0, 24], "target": 50.0}, "26 + 24 = 50", True),
+    ]
+    for task, ex, text, expected in cases:
+        assert task.verify(ex, text) is expected, (text[:40], task.diagnose(ex, text))
+        assert recheck(task, ex, text)[0] is expected, text[:40]

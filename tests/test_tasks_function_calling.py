@@ -159,7 +159,10 @@ BAD = dumps(CALLS[:2])
         (GOOD[:-1], False),  # truncated
         ("[" + GOOD, False),  # inside a truncated structure: no answer
         (GOOD + " [1, 2] {}", True),  # JSON that yields no calls does not replace the answer
-        (GOOD + " Or: " + BAD[:-5], True),  # a truncated later structure is not an answer
+        (GOOD + " Or: " + BAD[:-5], False),  # a truncated later attempt: no answer
+        (GOOD + "\nCorrection: " + BAD.replace('"', "'"), False),  # a later attempt in Python quotes
+        (GOOD + "\nActually none apply: []", False),  # a later empty list: no calls
+        (GOOD + " (done) [see above]", True),  # structures without a "name" key are prose
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing
         ('see [the "list" below: ' + GOOD, False),  # an unclosed bracket in prose hides the rest
@@ -458,3 +461,15 @@ def test_cli_as_module(tmp_path):
     r = subprocess.run([sys.executable, "-m", "r3.tasks.function_calling", "--help"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "SYNTHETIC" in r.stdout
+
+
+def test_reference_without_arguments_means_none():
+    ex = dict(EX, answers=json.dumps([{"name": "ping"}]))
+    assert FC.verify(ex, '[{"name": "ping"}]') and recheck(FC, ex, '[{"name": "ping"}]')[0]
+    assert not FC.verify(ex, '[{"name": "ping", "arguments": {"a": 1}}]')
+
+
+def test_a_wrapper_whose_last_value_is_no_calls():
+    wrapped = '{"wrong_calls": ' + GOOD + ', "right_calls": []}'
+    assert not FC.verify(EX, wrapped) and not recheck(FC, EX, wrapped)[0]
+    assert FC.verify(EX, '{"tool_calls": ' + GOOD + "}")

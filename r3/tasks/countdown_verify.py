@@ -1,32 +1,48 @@
 """The Countdown verifier: one answer rule, read in linear time, evaluated exactly.
 
-**The answer.** With ``answer_tags=True`` it is the content of the last complete ``<answer> ...
-</answer>`` block. With ``answer_tags=False`` it is the *final equation* of the completion: the
-last run of arithmetic text (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that
-holds a digit and one of ``+ - * / =``. Anything after it that is another equation makes the final
-equation that one; a line break ends a run; ``<answer>`` tags are ignored. Prose around it is fine
-("The answer is 5 + 23 = 28."), but not what would change its meaning, so the final equation is
-rejected (never skipped in favour of an earlier one) when
+**With tags** (``answer_tags=True``) the answer is the content of the last complete ``<answer> ...
+</answer>`` block; it is no answer when an unclosed ``<answer>`` follows it (a later answer was
+started) or a negation (``not``, ``isn't``, ...) is within four words of the block.
 
-* a letter is glued to it (``4x + 3``, ``log(3 + 4)``, ``21 - 2x``), or a word that is an
-  operator (``mod``, ``log``, ``sqrt``, ``root``, ``power``, ``squared``, ``times``, ``minus``,
-  ``multiple``, ``x``, ... see :data:`OPERATOR_WORDS`) or a negation (``not``, ``isn't``, ...
-  :data:`NEGATIONS`) is among the three words before or after it (spaces apart);
+**Without tags** (``answer_tags=False``) the answer is the *final equation* of the completion.
+The text is first read as a person sees it: Unicode spaces become spaces and line separators line
+breaks, invisible format characters (zero-width spaces, soft hyphens) are dropped, HTML entities
+are decoded, HTML-like tags become spaces (``<answer>`` reads as the word "answer"),
+``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces; bidirectional control
+characters make the completion wrong. The final equation is then the last run of arithmetic text
+(ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
+``+ - * / =``: anything after it that is another equation makes the final equation that one, and a
+line break ends a run. Prose around it is fine ("The answer is 5 + 23 = 28."), but not what would
+change its meaning, so the final equation is rejected (never skipped in favour of an earlier one)
+when
+
+* a letter is glued to it (``4x + 3``, ``log(3 + 4)``, ``21 - 2x``), or an operator word
+  (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
+  ``cdot``, ... :data:`OPERATOR_WORDS`) or a negation (``not``, ``isn't``, ... :data:`NEGATIONS`)
+  is among the four words before or after it (apart by spaces, quotes or Markdown emphasis), or
+  ``of`` right after a number (``50% of``, ``1/2 of``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
-  written result: ``= 7!``) or glued before it, any
-  Unicode math symbol (``× ÷ − √ ≥ ≈ →``), superscript or non-ASCII digit (``² ½ ٣``), or a dash
-  glued before it (``‐5``);
-* a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``).
+  written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``),
+  superscript or non-ASCII digit (``² ½ ٣``), a dash before it (``‐5``), or any other symbol
+  between it and a further number;
+* a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
+* it starts its line and the line before ends in an operator or an operator word (``3 *`` then
+  ``26 + 24 = 50`` on the next line);
+* a later answer contradicts it: a number after ``answer``, ``result``, ``solution``, ``total``,
+  ``equals``, ``gives``, ``makes``, ``get`` ... (:data:`ANSWER_CUES`, up to six linking words
+  apart) anywhere after it that is not the target (``26 + 24 = 50. The answer is 48.``).
 
-Markdown bold around it (``**5 + 23 = 28**``) and a parenthesis that opens or closes prose next to
-it (``5 + 23 = 28 (using both)``) are not part of it. A result written in words after an
-expression is its written value: ``5 + 12 equals 17``, ``5 + 12 is 17``, ``5 + 12, which is 17``
-(up to five linking words, :data:`RESULT_LINKS`, then a number) read as ``5 + 12 = 17``.
+Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
+(``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
+both)``) are not part of it. A result written in words after an expression is its written value:
+``5 + 12 equals 17``, ``5 + 12 is 17``, ``5 + 12, which is exactly 17`` read as ``5 + 12 = 17``
+(up to six linking words, :data:`RESULT_LINKS`); a negation among them, or a result that is not a
+plain integer (``17.5``, ``17%``, ``~17``, ``seventeen``), makes it wrong.
 
 **Correct iff** the answer is ``expression`` or ``expression = value`` (exactly one ``=``, the
 value a plain integer, optionally negative) where the expression uses each given number exactly
-once, only the allowed binary operators and parentheses (no unary minus or plus, no decimals, no
+once, only the task's binary operators and parentheses (no unary minus or plus, no decimals, no
 leading zeros), its exact value (:class:`fractions.Fraction`; a division by zero anywhere fails)
 equals the target, and the written value, when present, equals the target too. The expression is
 parsed with :mod:`ast` and a whitelist of node types: model output is never evaluated by Python.
@@ -38,6 +54,7 @@ completion is capped at :data:`MAX_COMPLETION_CHARS`.
 from __future__ import annotations
 
 import ast
+import html
 import re
 import unicodedata
 from collections import Counter
@@ -47,15 +64,17 @@ from typing import Any
 MAX_ANSWER_CHARS = 256
 MAX_COMPLETION_CHARS = 100_000
 
-#: Words that, within three words of the final equation, can change what it means.
+#: Words that, within four words of the final equation, can change what it means.
 OPERATOR_WORDS = frozenset("""
     mod modulo modulus log logs logarithm ln lg exp sqrt cbrt root roots radical sin cos tan abs
     absolute factorial squared cubed square cube power powers pow exponent exponents percent
-    percentage negative minus plus times divided multiplied over x half twice double triple
-    inverse reciprocal floor ceil ceiling round rounded approximately approx roughly multiple
-    multiples factor factors product quotient remainder fraction
+    percentage negative minus plus times divided multiplied over x \u0445 half twice double triple
+    thrice third quarter inverse reciprocal floor ceil ceiling round rounded approximately approx
+    roughly multiple multiples factor factors product quotient remainder fraction base from add
+    added subtract subtracted increased decreased increase decrease less more
+    doubled tripled halved cdot ast div frac pm mp fois mal
 """.split())
-#: Words that, within three words of the final equation, deny it ("26 + 24 is not 50").
+#: Words that, within four words of the final equation, deny it ("26 + 24 is not 50").
 NEGATIONS = frozenset("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
     wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont
@@ -63,23 +82,41 @@ NEGATIONS = frozenset("""
 #: Words that may link an expression to its result written in words ("5 + 12 equals 17").
 RESULT_LINKS = frozenset("""
     is was equals equal equaling equalling to gives give giving makes make making yields yield
-    results result resulting in which that would will be get gets we you it so then this the a
-    becomes become comes out as sum total answer value of
+    results result resulting in which that would will be get gets got we you it so then this the a
+    becomes become comes out as sum total answer value of us me exactly just about around indeed
+    actually fact now finally final also really clearly simply should must can could that's it's
+    thats its
+""".split())
+#: Words after which a number is an answer: a later one that is not the target contradicts the
+#: final equation.
+ANSWER_CUES = frozenset("answer answers result results solution total equals gives makes get gets got yields".split())
+NUMBER_WORDS = frozenset("""
+    zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
+    sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety
+    hundred thousand million
 """.split())
 
-_RUN_CHARS = frozenset("0123456789+-*/()= \t")
 _RUN = re.compile(r"[0-9+\-*/()= \t]+")
 _HAS_DIGIT = re.compile(r"[0-9]")
 _HAS_OP = re.compile(r"[+\-*/=]")
 _SPACE = " \t"
 _DISALLOWED_ASCII = frozenset("^%|~\\[]{}<>")
 _SENTENCE = frozenset(".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb")
+_DECORATION = "_'\u2019*\"`"  # quotes and Markdown emphasis around a word
+_LINK_PUNCT = frozenset(",:;(\"'\u2019\u201c\u201d*_`$")
 _EXPR_CHARS = re.compile(r"[0-9+\-*/() ]*")
 _INT = re.compile(r"[0-9]+")
 _VALUE = re.compile(r"-?[0-9]+")
 _WS = re.compile(r"\s")
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-_MAX_WORD = 32  # operator words are short; reading a longer word stops there
+_MAX_WORD = 32  # listed words are short; reading a longer word stops there
+_LINE_BREAKS = "\n\r\u2028\u2029\x85"
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
+_NON_ASCII_OR_CONTROL = re.compile(r"[^\x20-\x7e\n]")
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,20}>")
+_BOXED = re.compile(r"\\boxed\{([^{}\n]*)\}")
+_LATEX_DELIMITERS = re.compile(r"\\[()\[\]]")
+_WORD = re.compile(r"[A-Za-z]+")
 
 
 class _Reject(Exception):
@@ -87,7 +124,35 @@ class _Reject(Exception):
 
 
 # ---------------------------------------------------------------------------------------
-# finding the answer
+# reading the text as a person sees it (without tags)
+# ---------------------------------------------------------------------------------------
+def _visible(ch: str) -> str:
+    if ch in _LINE_BREAKS:
+        return "\n"
+    if ch.isspace():
+        return " "
+    if unicodedata.category(ch) in ("Cf", "Cc"):
+        return ""
+    return ch
+
+
+def normalise(text: str) -> tuple[str | None, str]:
+    """``(text as a person reads it, "")``, or ``(None, reason)`` (see the module docstring)."""
+    if _BIDI.search(text):
+        return None, "bidirectional control characters"
+    if "&" in text:
+        text = html.unescape(text)
+    text = _NON_ASCII_OR_CONTROL.sub(lambda m: _visible(m.group()), text)
+    text = text.replace("<answer>", " answer ").replace("</answer>", " ")
+    text = _TAG.sub(" ", text)
+    if "\\" in text:
+        text = _BOXED.sub(lambda m: " answer " + m.group(1) + " ", text)
+        text = _LATEX_DELIMITERS.sub(" ", text)
+    return text, ""
+
+
+# ---------------------------------------------------------------------------------------
+# tokens next to the equation
 # ---------------------------------------------------------------------------------------
 def extract_answer(text: str) -> str | None:
     """The content of the last complete ``<answer>...</answer>`` block, or None. Linear time."""
@@ -104,6 +169,111 @@ def _is_letter(ch: str) -> bool:
     return ch.isalpha() or ch == "_"
 
 
+def _wordish(ch: str) -> bool:
+    return ch.isalpha() or ch in _DECORATION
+
+
+def _token(text: str, i: int, step: int) -> tuple[str | None, str, int]:
+    """The token whose first character in reading direction ``step`` is at ``i`` (spaces and tabs
+    skipped first): ``("word", lower-cased word without quotes or emphasis, next index)``,
+    ``("skip", "", next)`` for bare quotes or emphasis, ``("number", text, next)`` for digits
+    (with ``. , % /`` inside), or ``(None, "", i)`` for anything else, a line end or a word longer
+    than any listed word."""
+    size = len(text)
+    while 0 <= i < size and text[i] in _SPACE:
+        i += step
+    if not 0 <= i < size:
+        return None, "", i
+    j, ch = i, text[i]
+    if _wordish(ch):
+        while 0 <= j < size and _wordish(text[j]) and abs(j - i) <= _MAX_WORD + 1:
+            j += step
+        if abs(j - i) > _MAX_WORD + 1:
+            return None, "", i
+        word = (text[i:j] if step > 0 else text[j + 1: i + 1]).strip(_DECORATION)
+        return ("word" if word else "skip"), word.replace("\u2019", "'").lower(), j
+    if ch.isnumeric() or (ch == "%" and 0 <= i + step < size and text[i + step].isnumeric()):
+        while 0 <= j < size and abs(j - i) <= 64:
+            c = text[j]
+            if c.isnumeric() or c == "%" or (c in ".,/" and text[j + step: j + step + 1].isnumeric()
+                                             and 0 <= j + step < size):
+                j += step
+            else:
+                break
+        return "number", text[min(i, j - step): max(i, j - step) + 1], j
+    return None, "", i
+
+
+def _words_problem(text: str, start: int, end: int) -> str | None:
+    """An operator word or negation among the four words on each side of ``text[start:end]``, or
+    ``of`` right after a number just before it."""
+    for pos, step in ((start - 1, -1), (end, +1)):
+        words, tokens, i = [], 0, pos
+        while len(words) < 4 and tokens < 8:
+            kind, value, i = _token(text, i, step)
+            tokens += 1
+            if kind == "skip":
+                continue
+            if kind == "number":
+                if step < 0 and words == ["of"]:
+                    return f"'{value} of' before the equation"
+                break
+            if kind is None:
+                break
+            if value in OPERATOR_WORDS:
+                return f"the word {value!r} next to the equation"
+            if value in NEGATIONS:
+                return f"the equation is denied ({value!r} next to it)"
+            words.append(value)
+    return None
+
+
+def _number_after(text: str, i: int, *, strict: bool) -> tuple[str | None, bool]:
+    """A number reached from ``i`` over up to six linking words (:data:`RESULT_LINKS`, negations,
+    quotes, commas, colons): ``(number, negated)``, ``("not an integer", negated)`` for a number
+    that is not a plain integer or (``strict``) a symbol or number word in its place, or
+    ``(None, False)``."""
+    negated, links = False, 0
+    while True:
+        while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _LINK_PUNCT):
+            i += 1
+        if not 0 <= i < len(text):
+            return None, False
+        ch = text[i]
+        if ch.isnumeric():
+            kind, value, j = _token(text, i, +1)
+            nxt = text[j: j + 1]
+            if not (value.isascii() and value.isdigit()) or (nxt and (_is_letter(nxt) or nxt.isnumeric())):
+                return "not an integer", negated
+            return value, negated
+        if strict and (ch in _DISALLOWED_ASCII or unicodedata.category(ch) == "Sm"):
+            return "not an integer", negated
+        kind, value, j = _token(text, i, +1)
+        if kind != "word" or links >= 6:
+            return None, False
+        if value in NUMBER_WORDS:
+            return ("not an integer", negated) if strict else (None, False)
+        if value not in RESULT_LINKS and value not in NEGATIONS:
+            return None, False
+        negated |= value in NEGATIONS
+        links += 1
+        i = j
+
+
+def _later_answer(text: str, end: int, target: int) -> str | None:
+    """A number after an answer cue (:data:`ANSWER_CUES`) anywhere after ``end`` that is not the
+    target, or None."""
+    for m in _WORD.finditer(text, end):
+        if m.group().lower() in ANSWER_CUES:
+            number, negated = _number_after(text, m.end(), strict=False)
+            if number is not None and not negated and number != str(target):
+                return f"a later answer ({m.group()} ... {number}) is not the target {target}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# the final equation
+# ---------------------------------------------------------------------------------------
 def _beyond(text: str, pos: int, step: int) -> str:
     """The first character after ``pos`` in direction ``step`` that is not a space or tab ("" at
     the end of the text)."""
@@ -133,10 +303,9 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
         return f"a math symbol the task does not allow next to the equation ({ch!r})"
     if ch == "!" and (after or glued) and not (after and written):
         return "a '!' next to the equation"
-    step = 1 if after else -1
     if ch in ".," and glued and text[pos + 1: pos + 2].isdigit():
         return f"a decimal point or digit grouping ({ch!r}) in a number of the equation"
-    beyond = _beyond(text, pos, step)
+    beyond = _beyond(text, pos, 1 if after else -1)
     if cat == "Pd" and not after and (glued or not _is_letter(beyond)):
         return f"a dash before the equation ({ch!r})"
     if ch not in _SENTENCE and beyond.isdigit():
@@ -144,83 +313,66 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     return None
 
 
-def _word_char(ch: str) -> bool:
-    return _is_letter(ch) or ch in "'\u2019"
-
-
-def _words(text: str, pos: int, step: int, n: int = 3) -> list[str]:
-    """Up to ``n`` lower-cased words read from ``pos`` in direction ``step`` (-1 or +1), apart by
-    spaces or tabs only; stops at anything else, and at a word longer than any listed word. A word
-    is letters with inner apostrophes (``isn't``)."""
-    out: list[str] = []
-    i, size = pos, len(text)
-    while len(out) < n:
-        while 0 <= i < size and text[i] in _SPACE:
-            i += step
-        if not (0 <= i < size and _is_letter(text[i])):
-            break
-        j, length = i, 0
-        while 0 <= j < size and _word_char(text[j]) and length <= _MAX_WORD:
-            j += step
-            length += 1
-        if length > _MAX_WORD:
-            break
-        word = text[i:j] if step > 0 else text[j + 1: i + 1]
-        out.append(word.strip("'\u2019").replace("\u2019", "'").lower())
-        i = j
-    return out
-
-
-def _result_in_words(text: str, pos: int) -> tuple[str | None, bool]:
-    """A result written in words after an expression (``5 + 12 equals 17``, ``is not 50``,
-    ``, which is 17``): ``(number, negated)`` when up to five linking words (commas allowed) lead
-    from ``pos`` to a number, ``(None, False)`` otherwise. A number that is not a plain integer
-    (``17.5``, ``17%``, ``17x``) comes back as ``"not an integer"``."""
-    i, size, links, negated = pos, len(text), 0, False
-    while True:
-        while i < size and (text[i] in _SPACE or text[i] == ","):
-            i += 1
-        if i < size and (text[i].isnumeric() or (text[i] == "-" and text[i + 1: i + 2].isnumeric())):
-            j = i + 1
-            while j < size and text[j].isnumeric():
-                j += 1
-            number, nxt = text[i:j], text[j: j + 1]
-            if not number.lstrip("-").isascii() or (nxt and (nxt.isalnum() or nxt in "%^" or unicodedata.category(nxt) == "Sm")) \
-                    or (nxt in (".", ",") and text[j + 1: j + 2].isdigit()):
-                return "not an integer", negated
-            return number, negated
-        words = _words(text, i, +1, 1) if links < 5 else []
-        if not words or (words[0] not in RESULT_LINKS and words[0] not in NEGATIONS):
-            return None, False
-        negated |= words[0] in NEGATIONS
-        links += 1
-        while i < size and _word_char(text[i]):
-            i += 1
+def _continues_from_previous_line(text: str, start: int) -> str | None:
+    """Why the equation starting its line at ``start`` continues the line before, or None."""
+    i = start - 1
+    while i >= 0 and text[i] in _SPACE:
+        i -= 1
+    if i >= 0 and text[i] != "\n":
+        return None  # the equation does not start its line
+    while i >= 0 and text[i].isspace():
+        i -= 1
+    if i < 0:
+        return None
+    ch = text[i]
+    if ch in "+-*/=(" or ch in _DISALLOWED_ASCII or unicodedata.category(ch) == "Sm":
+        return f"the equation continues the line before, which ends in {ch!r}"
+    kind, value, _ = _token(text, i, -1)
+    if kind == "word" and value in OPERATOR_WORDS:
+        return f"the equation continues the line before, which ends in {value!r}"
+    return None
 
 
 def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:
     """Shrink ``text[a:b]`` (the run without its outer spaces) by Markdown bold markers (``**``
-    that pair up with another on the same line) and by a parenthesis that opens or closes prose
-    next to it; returns the new bounds, spaces stripped."""
-    line_start = max(text.rfind("\n", 0, a), text.rfind("\r", 0, a)) + 1
-    ends = [k for k in (text.find("\n", b), text.find("\r", b)) if k >= 0]
-    line_end = min(ends) if ends else len(text)
+    that pair up with another on the same line), by parentheses around a whole equation and by a
+    parenthesis that opens or closes prose next to it; returns the new bounds, spaces stripped."""
+    line_start = text.rfind("\n", 0, a) + 1
+    line_end = text.find("\n", b)
+    line_end = len(text) if line_end < 0 else line_end
     total = text.count("**", line_start, line_end)
     paired = total - total % 2  # markers with index < paired have a partner
 
     def is_markup(k: int) -> bool:
         return text.count("**", line_start, k) < paired
 
-    if b - a >= 2 and text.startswith("**", a) and (a == 0 or not text[a - 1].isalnum()) and is_markup(a):
-        a += 2
-    if b - a >= 2 and text.startswith("**", b - 2) and (b >= len(text) or not text[b].isalnum()) and is_markup(b - 2):
-        b -= 2
-    a, b = _trim(text, a, b)
-    if b - a > 1 and text[a] == ")" and a > 0 and (_is_letter(text[a - 1]) or text[a - 1] in ".,:;!?'\""):
-        a += 1
-    if b - a > 1 and text[b - 1] == "(" and b < len(text) and _is_letter(text[b]):
-        b -= 1
-    return _trim(text, a, b)
+    for _ in range(3):  # each step can uncover the next: **(5 + 23 = 28)** (using both)
+        before = a, b
+        if b - a >= 2 and text.startswith("**", a) and (a == 0 or not text[a - 1].isalnum()) and is_markup(a):
+            a += 2
+        if b - a >= 2 and text.startswith("**", b - 2) and (b >= len(text) or not text[b].isalnum()) and is_markup(b - 2):
+            b -= 2
+        a, b = _trim(text, a, b)
+        if b - a > 1 and text[a] == ")" and a > 0 and (_is_letter(text[a - 1]) or text[a - 1] in ".,:;!?'\""):
+            a += 1
+        if b - a > 1 and text[b - 1] == "(" and b < len(text) and _is_letter(text[b]):
+            b -= 1
+        a, b = _trim(text, a, b)
+        if b - a > 2 and text[a] == "(" and text[b - 1] == ")" and "=" in text[a:b] and _outer_parens(text, a, b):
+            a, b = _trim(text, a + 1, b - 1)
+        if (a, b) == before:
+            break
+    return a, b
+
+
+def _outer_parens(text: str, a: int, b: int) -> bool:
+    """Whether the ``(`` at ``a`` is closed by the ``)`` at ``b - 1``."""
+    depth = 0
+    for k in range(a, b):
+        depth += {"(": 1, ")": -1}.get(text[k], 0)
+        if depth == 0:
+            return k == b - 1
+    return False
 
 
 def _trim(text: str, a: int, b: int) -> tuple[int, int]:
@@ -231,9 +383,11 @@ def _trim(text: str, a: int, b: int) -> tuple[int, int]:
     return a, b
 
 
-def final_equation(text: str) -> tuple[str | None, str]:
-    """``(equation, "")`` for the final equation of ``text`` (see the module docstring), or
-    ``(None, reason)`` when there is none or it is not a valid answer."""
+def final_equation(text: str, target: int | None = None) -> tuple[str | None, str]:
+    """``(equation, "")`` for the final equation of ``text`` (already :func:`normalise`-d; see
+    the module docstring), or ``(None, reason)`` when there is none or it is not a valid answer.
+    A result written in words is appended as ``= value``; ``target`` enables the check for a
+    later, contradicting answer."""
     last = None
     for m in _RUN.finditer(text):
         s = m.group()
@@ -245,25 +399,27 @@ def final_equation(text: str) -> tuple[str | None, str]:
     a, b = _strip_markup(text, *_trim(text, start, end))
     if a >= b:
         return None, "no equation"
+    equation = text[a:b]
     # The characters just outside the run; "glued" = no space between them and the equation.
     glued_left = not any(c in _SPACE for c in text[start:a])
     glued_right = not any(c in _SPACE for c in text[b:end])
     for pos, glued, after in ((start - 1, glued_left, False), (end, glued_right, True)):
-        why = _neighbour_problem(text, pos, glued, after, "=" in text[a:b])
+        why = _neighbour_problem(text, pos, glued, after, "=" in equation)
         if why:
             return None, why
-    for word in _words(text, start - 1, -1) + _words(text, end, +1):
-        if word in OPERATOR_WORDS:
-            return None, f"the word {word!r} next to the equation"
-        if word in NEGATIONS:
-            return None, f"the equation is denied ({word!r} next to it)"
-    equation = text[a:b]
+    why = _words_problem(text, start, end) or _continues_from_previous_line(text, start)
+    if why:
+        return None, why
     if "=" not in equation:
-        result, negated = _result_in_words(text, end)
+        result, negated = _number_after(text, end, strict=True)
         if negated:
             return None, "the equation is denied (a negation before its result)"
         if result is not None:
             equation += " = " + result
+    if target is not None:
+        why = _later_answer(text, end, target)
+        if why:
+            return None, why
     return equation, ""
 
 
@@ -363,11 +519,21 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
     if len(text) > MAX_COMPLETION_CHARS:
         return False, f"completion longer than {MAX_COMPLETION_CHARS} characters"
     if tags:
-        answer = extract_answer(text)
-        if answer is None:
+        close = text.rfind("</answer>")
+        opening = text.rfind("<answer>", 0, close) if close >= 0 else -1
+        if opening < 0:
             return False, "no <answer> </answer> block"
-        return check_answer(answer, nums, target, ops)
-    equation, why = final_equation(text.replace("<answer>", "\n").replace("</answer>", "\n"))
+        after = close + len("</answer>")
+        if text.find("<answer>", after) >= 0:
+            return False, "a later <answer> block is not closed"
+        why = _words_problem(text, opening, after)
+        if why:
+            return False, why
+        return check_answer(text[opening + len("<answer>"): close], nums, target, ops)
+    text, why = normalise(text)
+    if text is None:
+        return False, why
+    equation, why = final_equation(text, target)
     if equation is None:
         return False, why
     return check_answer(equation, nums, target, ops)

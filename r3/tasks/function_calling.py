@@ -14,15 +14,17 @@ Write the synthetic set to a file with::
 Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 
 * the answer is the whole completion when it parses as JSON and is a call list (``[]`` included);
-* otherwise it is the LAST call list embedded in the text, however long the text is. Scanning left
-  to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its matching bracket
-  (JSON strings, with their escapes, are skipped); a mismatched closing bracket ends it as broken,
-  and so does the end of the text (a truncated structure). A complete structure that parses as
-  JSON yields calls when it is a non-empty call list or a single call object, or, for an object, the
-  calls of the last of its values that yields any (``{"tool_calls": [...]}``). The answer is what
-  the last structure that yields calls yields. Nothing inside a broken or invalid structure is an
-  answer (``[{right call}, {broken call}]`` is no answer, not the right call alone), and a list is
-  not searched for calls (``[{call}, 5]`` is none). ````` fences are prose;
+* otherwise it is the LAST call attempt embedded in the text, however long the text is. Scanning
+  left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its matching
+  bracket (JSON strings, with their escapes, are skipped); a mismatched closing bracket ends it as
+  broken, and so does the end of the text (a truncated structure). A structure is a call attempt
+  when it holds a ``"name":`` key (either quote style) or is the empty list ``[]``; other
+  structures (``[1, 2]``, ``{}``, ``[see above]``) are prose. The last call attempt is the answer:
+  it must be complete valid JSON and be a call list (``[]`` included), a single call object, or an
+  object one of whose values is one (``{"tool_calls": [...]}``; the last such value counts).
+  A broken, truncated or invalid last attempt is no answer, even after a correct earlier list, and
+  nothing inside a structure is searched separately (``[{right call}, {broken call}]`` is no
+  answer, not the right call alone). ````` fences are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -35,8 +37,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 * completions over ``MAX_COMPLETION_CHARS``, structures over ``MAX_JSON_CHARS`` or nested deeper
   than ``MAX_DEPTH`` are wrong.
 
-The scan is one pass over the brackets and quotes of the text, and each complete structure is
-parsed once: time linear in the completion.
+The scan is one pass over the brackets and quotes of the text, and only the last call attempt
+is parsed: time linear in the completion.
 """
 
 from __future__ import annotations
@@ -158,8 +160,9 @@ _CLOSER = {"[": "]", "{": "}"}
 
 
 def _structures(text: str):
-    """``(start, end)`` of each complete top-level structure (see the module docstring), in
-    order; broken and truncated ones are skipped. One pass over the brackets and quotes."""
+    """``(start, end, complete)`` of each top-level structure (see the module docstring), in
+    order: complete ones end at their matching bracket, broken ones at the mismatched closing
+    bracket, truncated ones at the end of the text. One pass over the brackets and quotes."""
     marks = _MARKS.finditer(text)
     for m in marks:
         if m.group() not in _CLOSER:
@@ -179,36 +182,45 @@ def _structures(text: str):
             elif ch in _CLOSER:
                 stack.append(_CLOSER[ch])
             elif ch != stack.pop():
-                break  # mismatched: broken, scanning goes on after it
-            elif not stack:
-                yield start, pos + 1
+                yield start, pos + 1, False  # mismatched: broken; scanning goes on after it
                 break
+            elif not stack:
+                yield start, pos + 1, True
+                break
+        else:
+            yield start, len(text), False  # truncated
+            return
+
+
+_NAME_KEY = re.compile(r"""["']name["']\s*:""")
+_EMPTY_LIST = re.compile(r"\[\s*\]")
 
 
 def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
-    """The calls a parsed structure yields: itself as a non-empty call list or call object, or
-    for an object the calls of its last value that yields any."""
-    calls = _as_calls(value, allow_empty=False)
+    """The calls a parsed structure yields: itself as a call list or call object, or for an object
+    the calls of its last value that yields any."""
+    calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
     if calls is not None or not isinstance(value, dict) or depth > MAX_DEPTH:
         return calls
     found = None
     for v in value.values():
-        found = _yielded_calls(v, depth + 1) or found
+        calls = _yielded_calls(v, depth + 1)
+        found = found if calls is None else calls
     return found
 
 
 def _last_embedded(text: str) -> list[dict] | None:
-    """The calls of the last structure of ``text`` that yields any (see the module docstring)."""
-    found = None
-    for start, end in _structures(text):
-        if end - start > MAX_JSON_CHARS:
-            continue
-        try:
-            value = _loads(text[start:end])
-        except (ValueError, RecursionError):
-            continue
-        found = _yielded_calls(value) or found
-    return found
+    """The calls of the last call attempt in ``text`` (see the module docstring), or None."""
+    last = None
+    for start, end, complete in _structures(text):
+        if _NAME_KEY.search(text, start, end) or (complete and _EMPTY_LIST.fullmatch(text, start, end)):
+            last = (start, end, complete)
+    if last is None or not last[2] or last[1] - last[0] > MAX_JSON_CHARS:
+        return None
+    try:
+        return _yielded_calls(_loads(text[last[0]:last[1]]))
+    except (ValueError, RecursionError):
+        return None
 
 
 def parse_calls(text: Any) -> list[dict] | None:
@@ -408,7 +420,7 @@ class FunctionCallingTask(Task):
         ]
 
     def reference_calls(self, example: dict) -> list[dict]:
-        return [{"name": c["name"], "arguments": c["arguments"]} for c in _field(example, "answers")]
+        return [{"name": c["name"], "arguments": c.get("arguments", {})} for c in _field(example, "answers")]
 
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
         calls = parse_calls(completion_text)

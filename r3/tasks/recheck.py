@@ -8,13 +8,15 @@ compares the two on generated adversarial completions.
 * Countdown: the same rule as :mod:`r3.tasks.countdown_verify`, read with a regex tokenizer and
   evaluated by a recursive-descent parser over :class:`fractions.Fraction` (no :mod:`ast`).
 * Function calling: the same rule as :mod:`r3.tasks.function_calling`, with the top-level
-  structures found by a character-by-character JSON lexer (the verifier walks a regex's matches).
+  structures found by a character-by-character JSON lexer (the verifier walks a regex's matches)
+  and call attempts recognised by string search (the verifier uses a regular expression).
 
 These are written for clarity, not speed: use them to audit, not to reward.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import unicodedata
@@ -28,24 +30,34 @@ __all__ = ["has_recheck", "recheck", "recheck_countdown", "recheck_function_call
 # ---------------------------------------------------------------------------------------
 # Countdown
 # ---------------------------------------------------------------------------------------
-_CD_OP_WORDS = {
-    "mod", "modulo", "modulus", "log", "logs", "logarithm", "ln", "lg", "exp", "sqrt", "cbrt", "root",
-    "roots", "radical", "sin", "cos", "tan", "abs", "absolute", "factorial", "squared", "cubed",
-    "square", "cube", "power", "powers", "pow", "exponent", "exponents", "percent", "percentage",
-    "negative", "minus", "plus", "times", "divided", "multiplied", "over", "x", "half", "twice",
-    "double", "triple", "inverse", "reciprocal", "floor", "ceil", "ceiling", "round", "rounded",
-    "approximately", "approx", "roughly",
-}
-_CD_OP_WORDS |= {"multiple", "multiples", "factor", "factors", "product", "quotient", "remainder", "fraction"}
-_CD_NOT = {"not", "no", "never", "nor", "neither", "cannot", "isn't", "wasn't", "aren't", "weren't", "doesn't",
-           "don't", "didn't", "can't", "won't", "wouldn't", "shouldn't", "couldn't", "isnt", "wasnt", "doesnt",
-           "dont", "didnt", "cant", "wont"}
-_CD_LINKS = {"is", "was", "equals", "equal", "equaling", "equalling", "to", "gives", "give", "giving", "makes",
-             "make", "making", "yields", "yield", "results", "result", "resulting", "in", "which", "that", "would",
-             "will", "be", "get", "gets", "we", "you", "it", "so", "then", "this", "the", "a", "becomes", "become",
-             "comes", "out", "as", "sum", "total", "answer", "value", "of"}
+_CD_OP_WORDS = set("""
+    mod modulo modulus log logs logarithm ln lg exp sqrt cbrt root roots radical sin cos tan abs absolute
+    factorial squared cubed square cube power powers pow exponent exponents percent percentage negative
+    minus plus times divided multiplied over x half twice double triple thrice third quarter inverse
+    reciprocal floor ceil ceiling round rounded approximately approx roughly multiple multiples factor
+    factors product quotient remainder fraction base from add added subtract subtracted
+    increased decreased increase decrease less more doubled tripled halved cdot ast div frac
+    pm mp fois mal
+""".split()) | {"\u0445"}
+_CD_NOT = set("""
+    not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
+    wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont
+""".split())
+_CD_LINKS = set("""
+    is was equals equal equaling equalling to gives give giving makes make making yields yield results
+    result resulting in which that would will be get gets got we you it so then this the a becomes
+    become comes out as sum total answer value of us me exactly just about around indeed actually fact
+    now finally final also really clearly simply should must can could that's it's thats its
+""".split())
+_CD_CUES = {"answer", "answers", "result", "results", "solution", "total", "equals", "gives", "makes", "get",
+            "gets", "got", "yields"}
+_CD_NUMBER_WORDS = set("""
+    zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen
+    seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million
+""".split())
 _CD_BAD_ASCII = "^%|~\\[]{}<>"
 _CD_PUNCT = ".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
+_CD_DECOR = "_'\u2019*\"`"
 
 
 class _Bad(Exception):
@@ -58,6 +70,10 @@ def _letter(c: str) -> bool:
 
 def _arith(c: str) -> bool:
     return c in "0123456789+-*/()= \t"
+
+
+def _math_sign(c: str) -> bool:
+    return c in _CD_BAD_ASCII or unicodedata.category(c) == "Sm"
 
 
 class _Parser:
@@ -116,7 +132,9 @@ class _Parser:
 
 
 def _cd_check_equation(answer: str, nums: list[int], target: int, ops: str) -> tuple[bool, str]:
-    flat = " ".join(answer.split())
+    if len(answer) > 4096:
+        return False, "too long"
+    flat = "".join(" " if c.isspace() else c for c in answer).strip()
     if not flat:
         return False, "empty"
     if len(flat) > 256:
@@ -150,6 +168,67 @@ def _cd_check_equation(answer: str, nums: list[int], target: int, ops: str) -> t
     return True, "correct"
 
 
+def _cd_read(text: str) -> str | None:
+    """The text as a person reads it, or None (bidirectional controls)."""
+    if any("\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069" for c in text):
+        return None
+    if "&" in text:
+        text = html.unescape(text)
+    out = []
+    for c in text:
+        if c in "\n\r\u2028\u2029\x85":
+            out.append("\n")
+        elif " " <= c <= "~":
+            out.append(c)
+        elif c.isspace():
+            out.append(" ")
+        elif unicodedata.category(c) not in ("Cf", "Cc"):
+            out.append(c)
+    text = "".join(out)
+    # tags: <answer> reads as the word "answer", any other tag as a line break
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "<":
+            j = i + 1 + (text[i + 1:i + 2] == "/")
+            k = j
+            if k < len(text) and text[k].isascii() and text[k].isalpha():
+                k += 1
+                while k < len(text) and k - j <= 20 and (text[k].isascii() and (text[k].isalnum() or text[k] in "_-")):
+                    k += 1
+                if k < len(text) and text[k] == ">" and k - j <= 21:
+                    name = text[i:k + 1]
+                    out.append(" answer " if name == "<answer>" else " ")
+                    i = k + 1
+                    continue
+        out.append(text[i])
+        i += 1
+    text = "".join(out)
+    if "\\" in text:
+        out, i = [], 0
+        while i < len(text):
+            if text.startswith("\\boxed{", i):
+                k = i + 7
+                while k < len(text) and text[k] not in "{}\n":
+                    k += 1
+                if k < len(text) and text[k] == "}":
+                    out.append(" answer " + text[i + 7:k] + " ")
+                    i = k + 1
+                    continue
+            out.append(text[i])
+            i += 1
+        text = "".join(out)
+        out, i = [], 0
+        while i < len(text):
+            if text[i] == "\\" and text[i + 1:i + 2] in ("(", ")", "[", "]") and i + 1 < len(text):
+                out.append(" ")
+                i += 2
+                continue
+            out.append(text[i])
+            i += 1
+        text = "".join(out)
+    return text
+
+
 def _cd_final_run(text: str) -> tuple[int, int] | None:
     """Start and end of the last maximal arithmetic run holding a digit and an operator or '='."""
     best, i, n = None, 0, len(text)
@@ -167,58 +246,83 @@ def _cd_final_run(text: str) -> tuple[int, int] | None:
     return best
 
 
-def _cd_read_word(text: str, i: int, step: int) -> tuple[str | None, int]:
-    """(word, index after it) for the word whose first character in reading order is at ``i``:
-    letters and apostrophes, starting with a letter; (None, i) when there is none or it is longer
-    than 32 characters."""
-    if not (0 <= i < len(text) and _letter(text[i])):
-        return None, i
-    chars = []
-    while 0 <= i < len(text) and (_letter(text[i]) or text[i] in "'\u2019"):
-        chars.append(text[i])
+def _cd_tok(text: str, i: int, step: int):
+    """(kind, value, next index) of the token at i in direction step; kinds word/skip/number/None."""
+    n = len(text)
+    while 0 <= i < n and text[i] in " \t":
         i += step
-        if len(chars) > 32:
-            return None, i
-    w = "".join(chars if step > 0 else reversed(chars))
-    return w.strip("'\u2019").replace("\u2019", "'").lower(), i
+    if not 0 <= i < n:
+        return None, "", i
+    c = text[i]
+    if c.isalpha() or c in _CD_DECOR:
+        chars, j = [], i
+        while 0 <= j < n and (text[j].isalpha() or text[j] in _CD_DECOR):
+            chars.append(text[j])
+            j += step
+            if len(chars) >= 34:
+                return None, "", i
+        w = "".join(chars if step > 0 else chars[::-1]).strip(_CD_DECOR)
+        return ("word" if w else "skip"), w.replace("\u2019", "'").lower(), j
+    if c.isnumeric() or (c == "%" and 0 <= i + step < n and text[i + step].isnumeric()):
+        chars, j = [], i
+        while 0 <= j < n and len(chars) <= 64:
+            d = text[j]
+            nxt = j + step
+            if d.isnumeric() or d == "%" or (d in ".,/" and 0 <= nxt < n and text[nxt].isnumeric()):
+                chars.append(d)
+                j = nxt
+            else:
+                break
+        return "number", "".join(chars if step > 0 else chars[::-1]), j
+    return None, "", i
 
 
-def _cd_words(text: str, i: int, step: int) -> list[str]:
-    words: list[str] = []
-    while len(words) < 3:
-        while 0 <= i < len(text) and text[i] in " \t":
-            i += step
-        w, i = _cd_read_word(text, i, step)
-        if w is None:
-            break
-        words.append(w)
-    return words
+def _cd_words_problem(text: str, start: int, end: int) -> str | None:
+    for pos, step in ((start - 1, -1), (end, 1)):
+        words = []
+        i = pos
+        for _ in range(8):
+            if len(words) >= 4:
+                break
+            kind, w, i = _cd_tok(text, i, step)
+            if kind == "skip":
+                continue
+            if kind == "number":
+                if step < 0 and words == ["of"]:
+                    return "a fraction of it"
+                break
+            if kind is None:
+                break
+            if w in _CD_OP_WORDS:
+                return f"operator word {w}"
+            if w in _CD_NOT:
+                return f"negation {w}"
+            words.append(w)
+    return None
 
 
-def _cd_result_words(text: str, i: int) -> tuple[str | None, bool]:
-    """(number, negated) of a result written after an expression, else (None, False)."""
+def _cd_number_after(text: str, i: int, strict: bool) -> tuple[str | None, bool]:
     negated = False
-    for links in range(6):
-        while i < len(text) and text[i] in " \t,":
+    for links in range(7):
+        while i < len(text) and text[i] in " \t,:;(\"'\u2019\u201c\u201d*_`$":
             i += 1
-        k = i + 1 if text[i:i + 1] == "-" else i
-        e = k
-        while e < len(text) and text[e].isnumeric():
-            e += 1
-        if e > k:
-            number = text[i:e]
-            after = text[e:e + 2]
-            bad = not all(c in "-0123456789" for c in number)
-            if after:
-                c = after[0]
-                bad |= c.isalnum() or c in "%^" or unicodedata.category(c) == "Sm"
-                bad |= c in ".," and len(after) > 1 and after[1].isdigit()
-            return ("not an integer" if bad else number), negated
-        if links == 5:
-            break
-        w, j = _cd_read_word(text, i, 1)
-        if w is None or (w not in _CD_LINKS and w not in _CD_NOT):
-            break
+        if i >= len(text):
+            return None, False
+        c = text[i]
+        if c.isnumeric():
+            _, number, j = _cd_tok(text, i, 1)
+            nxt = text[j] if j < len(text) else ""
+            ok = all(d in "0123456789" for d in number) and not (nxt and (_letter(nxt) or nxt.isnumeric()))
+            return (number if ok else "not an integer"), negated
+        if strict and _math_sign(c):
+            return "not an integer", negated
+        kind, w, j = _cd_tok(text, i, 1)
+        if kind != "word" or links == 6:
+            return None, False
+        if w in _CD_NUMBER_WORDS:
+            return ("not an integer", negated) if strict else (None, False)
+        if w not in _CD_LINKS and w not in _CD_NOT:
+            return None, False
         negated = negated or w in _CD_NOT
         i = j
     return None, False
@@ -232,7 +336,7 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
         return "glued letters" if glued else None
     if c.isnumeric():
         return "foreign number"
-    if c in _CD_BAD_ASCII or unicodedata.category(c) == "Sm" or c == "\u00b7":
+    if _math_sign(c) or c == "\u00b7":
         return "operator symbol"
     if c == "!" and (glued or right) and not (right and has_result):
         return "factorial"
@@ -249,6 +353,24 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
     return None
 
 
+def _cd_previous_line(text: str, start: int) -> str | None:
+    k = start - 1
+    while k >= 0 and text[k] in " \t":
+        k -= 1
+    if k >= 0 and text[k] != "\n":
+        return None
+    while k >= 0 and text[k].isspace():
+        k -= 1
+    if k < 0:
+        return None
+    if text[k] in "+-*/=(" or _math_sign(text[k]):
+        return "continues the line before"
+    kind, w, _ = _cd_tok(text, k, -1)
+    if kind == "word" and w in _CD_OP_WORDS:
+        return "continues the line before"
+    return None
+
+
 def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = True,
                       ops: str = "+-*/") -> tuple[bool, str]:
     """The Countdown rule (see :mod:`r3.tasks.countdown_verify`), implemented separately."""
@@ -256,15 +378,21 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         return False, "not a string or too long"
     if tags:
         chunks = text.split("</answer>")
-        if len(chunks) < 2:
+        if len(chunks) < 2 or "<answer>" not in chunks[-2]:
+            # (a last </answer> whose block opened before an earlier </answer> holds a tag: never valid)
             return False, "no answer block"
-        head = chunks[-2]
-        if "<answer>" not in head:
-            # the last </answer> closes a block opened before an earlier </answer>: its content
-            # holds a tag, which is never a valid answer
-            return False, "no answer block"
-        return _cd_check_equation(head.split("<answer>")[-1], nums, target, ops)
-    text = text.replace("<answer>", "\n").replace("</answer>", "\n")
+        if "<answer>" in chunks[-1]:
+            return False, "a later block was started"
+        start = len("</answer>".join(chunks[:-2])) + (len("</answer>") if len(chunks) > 2 else 0)
+        start += chunks[-2].rfind("<answer>")
+        end = len(text) - len(chunks[-1])
+        why = _cd_words_problem(text, start, end)
+        if why:
+            return False, why
+        return _cd_check_equation(chunks[-2].split("<answer>")[-1], nums, target, ops)
+    text = _cd_read(text)
+    if text is None:
+        return False, "bidirectional controls"
     span = _cd_final_run(text)
     if span is None:
         return False, "no equation"
@@ -272,30 +400,43 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     body = text[start:end]
     a = start + len(body) - len(body.lstrip(" \t"))
     b = start + len(body.rstrip(" \t"))
-    # Markdown bold markers that pair up on the line, then a prose parenthesis.
-    line_lo = max(text.rfind("\n", 0, start), text.rfind("\r", 0, start)) + 1
-    line_hi = len(text)
-    for nl in ("\n", "\r"):
-        k = text.find(nl, end)
-        if k != -1:
-            line_hi = min(line_hi, k)
-    markers = [m.start() for m in re.finditer(r"\*\*", text[line_lo:line_hi])]
-    markers = [line_lo + m for m in markers]
+    # Markdown bold markers that pair up on the line, a prose parenthesis, parentheses around it all
+    line_lo = text.rfind("\n", 0, start) + 1
+    line_hi = text.find("\n", end)
+    line_hi = len(text) if line_hi == -1 else line_hi
+    markers = [line_lo + m.start() for m in re.finditer(r"\*\*", text[line_lo:line_hi])]
     paired = set(markers[: len(markers) // 2 * 2])
-    if b - a >= 2 and text[a:a + 2] == "**" and a in paired and (a == 0 or not text[a - 1].isalnum()):
-        a += 2
-    if b - a >= 2 and text[b - 2:b] == "**" and b - 2 in paired and (b == len(text) or not text[b].isalnum()):
-        b -= 2
-    core = text[a:b].strip(" \t")
-    a += len(text[a:b]) - len(text[a:b].lstrip(" \t"))
-    b = a + len(core)
-    if len(core) > 1 and core[0] == ")" and a > 0 and (_letter(text[a - 1]) or text[a - 1] in ".,:;!?'\""):
-        a += 1
-    if len(core) > 1 and core[-1] == "(" and b < len(text) and _letter(text[b]):
-        b -= 1
-    core = text[a:b].strip(" \t")
-    a += len(text[a:b]) - len(text[a:b].lstrip(" \t"))
-    b = a + len(core)
+    def trim(a, b):
+        while a < b and text[a] in " \t":
+            a += 1
+        while b > a and text[b - 1] in " \t":
+            b -= 1
+        return a, b
+
+    for _ in range(3):
+        old_ab = (a, b)
+        if b - a >= 2 and text[a:a + 2] == "**" and a in paired and (a == 0 or not text[a - 1].isalnum()):
+            a += 2
+        if b - a >= 2 and text[b - 2:b] == "**" and b - 2 in paired and (b == len(text) or not text[b].isalnum()):
+            b -= 2
+        a, b = trim(a, b)
+        if b - a > 1 and text[a] == ")" and a > 0 and (_letter(text[a - 1]) or text[a - 1] in ".,:;!?'\""):
+            a += 1
+        if b - a > 1 and text[b - 1] == "(" and b < len(text) and _letter(text[b]):
+            b -= 1
+        a, b = trim(a, b)
+        if b - a > 2 and text[a] == "(" and text[b - 1] == ")" and "=" in text[a:b]:
+            depth, closes_at = 0, None
+            for k in range(a, b):
+                depth += 1 if text[k] == "(" else -1 if text[k] == ")" else 0
+                if depth == 0:
+                    closes_at = k
+                    break
+            if closes_at == b - 1:
+                a, b = trim(a + 1, b - 1)
+        if (a, b) == old_ab:
+            break
+    core = text[a:b]
     if not core:
         return False, "no equation"
     glued_l = all(c not in " \t" for c in text[start:a])
@@ -304,17 +445,20 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         why = _cd_side_problem(text, k, glued, right, "=" in core)
         if why:
             return False, why
-    for w in _cd_words(text, start - 1, -1) + _cd_words(text, end, 1):
-        if w in _CD_OP_WORDS:
-            return False, f"operator word {w}"
-        if w in _CD_NOT:
-            return False, f"negation {w}"
+    why = _cd_words_problem(text, start, end) or _cd_previous_line(text, start)
+    if why:
+        return False, why
     if "=" not in core:
-        result, negated = _cd_result_words(text, end)
+        result, negated = _cd_number_after(text, end, strict=True)
         if negated:
             return False, "negated result"
         if result is not None:
             core = f"{core} = {result}"
+    for m in re.finditer(r"[A-Za-z]+", text[end:]):
+        if m.group().lower() in _CD_CUES:
+            number, negated = _cd_number_after(text, end + m.end(), strict=False)
+            if number is not None and not negated and number != str(target):
+                return False, f"later answer {number}"
     return _cd_check_equation(core, nums, target, ops)
 
 
@@ -380,8 +524,9 @@ def _fc_same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _fc_top_level(text: str) -> list[str]:
-    """The complete top-level bracketed structures of the text, char by char."""
+def _fc_top_level(text: str) -> list[tuple[str, bool]]:
+    """(text, complete) of each top-level bracketed structure, char by char: complete, broken at a
+    mismatched closing bracket, or truncated at the end of the text."""
     out, i, n = [], 0, len(text)
     while i < n:
         if text[i] not in "[{":
@@ -411,13 +556,27 @@ def _fc_top_level(text: str) -> list[str]:
                     ok = True
                     break
             j += 1
-        if ok:
-            out.append(text[start:j + 1])
+        out.append((text[start:j + 1], ok))
         i = j + 1
     return out
 
 
+def _fc_is_attempt(chunk: str, complete: bool) -> bool:
+    if complete and chunk[0] == "[" and chunk[-1] == "]" and not chunk[1:-1].strip():
+        return True
+    k = chunk.find("name")
+    while k != -1:
+        if k >= 1 and chunk[k - 1] in "\"'" and chunk[k + 4:k + 5] in ("\"", "'"):
+            rest = chunk[k + 5:].lstrip()
+            if rest.startswith(":"):
+                return True
+        k = chunk.find("name", k + 1)
+    return False
+
+
 def _fc_yield(v):
+    if isinstance(v, list) and not v:
+        return []
     calls = _fc_calls(v, allow_empty=False)
     if calls is not None:
         return calls
@@ -441,13 +600,12 @@ def recheck_function_calling(text: Any, reference: list[dict]) -> tuple[bool, st
         except (ValueError, RecursionError):
             pass
     if calls is None:
-        for chunk in reversed(_fc_top_level(text)):
+        attempts = [(chunk, ok) for chunk, ok in _fc_top_level(text) if _fc_is_attempt(chunk, ok)]
+        if attempts and attempts[-1][1]:
             try:
-                calls = _fc_yield(_fc_parse(chunk))
+                calls = _fc_yield(_fc_parse(attempts[-1][0]))
             except (ValueError, RecursionError):
-                continue
-            if calls is not None:
-                break
+                calls = None
     if calls is None:
         return False, "no call list"
     ref = [(c["name"], c.get("arguments", {})) for c in reference]
@@ -465,6 +623,13 @@ def recheck_function_calling(text: Any, reference: list[dict]) -> tuple[bool, st
 
 
 # ---------------------------------------------------------------------------------------
+def _whole(v) -> int:
+    """An int, or a float with an integral value; anything else (a string, a bool) is malformed."""
+    if type(v) is int or (type(v) is float and v.is_integer()):
+        return int(v)
+    raise TypeError(f"not an integer: {v!r}")
+
+
 def has_recheck(task) -> bool:
     """Whether :func:`recheck` has an independent implementation for ``task``."""
     return getattr(task, "name", None) in ("countdown", "function_calling")
@@ -475,7 +640,7 @@ def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
     name = getattr(task, "name", None)
     try:
         if name == "countdown":
-            return recheck_countdown(text, [int(x) for x in example["nums"]], int(example["target"]),
+            return recheck_countdown(text, [_whole(x) for x in example["nums"]], _whole(example["target"]),
                                      tags=task.answer_tags, ops=task.ops)
         if name == "function_calling":
             answers = example["answers"]
