@@ -22,24 +22,14 @@ import sys
 from pathlib import Path
 
 from r3.errors import R3Error, cli_main
-from r3.evaluate import ArgumentParser, check_out_path, write_json_atomic
+from r3.evaluate import ArgumentParser, check_out_path, read_run_config, write_json_atomic
 
 
 def read_run_task(run: Path):
     """The task a run trained on, rebuilt from ``RUN/config.json``."""
     from r3.tasks import get
 
-    cfg_path = run / "config.json"
-    if not run.is_dir():
-        raise R3Error(f"{run}: no such run directory")
-    if not cfg_path.is_file():
-        raise R3Error(f"{cfg_path}: missing (is {run} a directory written by r3.train?)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise R3Error(f"{cfg_path}: unreadable ({e})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("task"), str) or not isinstance(cfg.get("task_options", {}), dict):
-        raise R3Error(f"{cfg_path}: no 'task' and 'task_options' fields")
+    cfg = read_run_config(run)
     return cfg, get(cfg["task"], **cfg.get("task_options", {}))
 
 

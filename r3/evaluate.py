@@ -358,21 +358,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_run(run: str) -> dict:
-    """A training run's resolved config (``RUN/config.json``), with its export checked."""
+def read_run_config(run, fields=("task", "task_options")) -> dict:
+    """A training run's resolved config (``RUN/config.json``), with ``fields`` checked."""
     path = Path(run)
     cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise R3Error(f"{run}: no such run directory")
     if not cfg_path.is_file():
-        raise R3Error(f"--run {run}: no config.json (is it a directory written by r3.train?)")
+        raise R3Error(f"{cfg_path}: missing (is {run} a directory written by r3.train?)")
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise R3Error(f"{cfg_path}: unreadable ({e})") from None
-    for field in ("model", "task", "task_options", "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
+    if not isinstance(cfg, dict):
+        raise R3Error(f"{cfg_path}: not a JSON object")
+    for field in fields:
         if field not in cfg:
             raise R3Error(f"{cfg_path}: missing field {field!r}")
-    if not (path / "export" / "config.json").is_file():
-        raise R3Error(f"--run {run}: no export yet ({path / 'export'}); the run has not finished: rerun "
+    if not isinstance(cfg.get("task"), str) or not isinstance(cfg.get("task_options", {}), dict):
+        raise R3Error(f"{cfg_path}: 'task' must be a string and 'task_options' an object")
+    return cfg
+
+
+def read_run(run: str) -> dict:
+    """A training run's config for ``--run``, with its export checked."""
+    cfg = read_run_config(run, ("model", "task", "task_options", "max_attempt_tokens", "max_reflection_tokens",
+                                "max_retry_tokens"))
+    export = Path(run) / "export"
+    if not (export / "config.json").is_file():
+        raise R3Error(f"--run {run}: no export yet ({export}); the run has not finished: rerun "
                       f"r3.train with --out {run} to finish it")
     return cfg
 

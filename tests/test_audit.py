@@ -71,7 +71,7 @@ def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("setup,pattern", [
     (lambda p: None, "no such run directory"),
     (lambda p: p.mkdir(), "config.json: missing"),
-    (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), "no 'task'"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), "missing field 'task'"),
     (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}')),
      "samples.jsonl: missing"),
     (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}'),

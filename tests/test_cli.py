@@ -365,7 +365,7 @@ def test_evaluate_run_refuses_flags_it_takes_from_the_run(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     rc, _, err = run_main(E.main, ["--run", str(run), "--out", str(tmp_path / "e.json")], capsys)
-    one_line_error(rc, err, "no config.json")
+    one_line_error(rc, err, "config.json: missing")
     (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
                                                  "max_attempt_tokens": 8, "max_reflection_tokens": 8,
                                                  "max_retry_tokens": 8}))
