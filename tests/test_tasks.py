@@ -654,6 +654,8 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "50% of 26 + 24 = 50", False),
         ([26, 24], 50, "1/2 of 26 + 24 = 50", False),
         ([26, 24], 50, "A third of 26 + 24 = 50", False),
+        ([25, 10], 35, "the final equation:\n\nTwo-fifths of 25 + 10 = 35", False),  # rewarded once in a run
+        ([25, 10], 35, "Two of 25 + 10 = 35", False),
         ([26, 24], 50, "Subtract 2 from 26 + 24 = 50", False),
         ([26, 24], 50, "26 + 24 = 50 less 2", False),
         ([26, 24], 50, "26 + 24 = 50 (in base 8)", False),

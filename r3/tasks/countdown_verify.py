@@ -20,7 +20,7 @@ when
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, ... :data:`OPERATOR_WORDS`) or a negation (``not``, ``isn't``, ... :data:`NEGATIONS`)
   is among the four words before or after it (apart by spaces, quotes or Markdown emphasis), or
-  ``of`` right after a number (``50% of``, ``1/2 of``) comes just before it;
+  ``of`` right after a number (``50% of``, ``1/2 of``, ``two of``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
   written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``),
@@ -72,7 +72,8 @@ OPERATOR_WORDS = frozenset("""
     thrice third quarter inverse reciprocal floor ceil ceiling round rounded approximately approx
     roughly multiple multiples factor factors product quotient remainder fraction base from add
     added subtract subtracted increased decreased increase decrease less more
-    doubled tripled halved cdot ast div frac pm mp fois mal
+    doubled tripled halved cdot ast div frac pm mp fois mal halves thirds quarters fourth fourths
+    fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths
 """.split())
 #: Words that, within four words of the final equation, deny it ("26 + 24 is not 50").
 NEGATIONS = frozenset("""
@@ -220,6 +221,8 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                 break
             if kind is None:
                 break
+            if step < 0 and words == ["of"] and value in NUMBER_WORDS:
+                return f"'{value} of' before the equation"
             if value in OPERATOR_WORDS:
                 return f"the word {value!r} next to the equation"
             if value in NEGATIONS:

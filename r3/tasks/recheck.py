@@ -37,7 +37,8 @@ _CD_OP_WORDS = set("""
     reciprocal floor ceil ceiling round rounded approximately approx roughly multiple multiples factor
     factors product quotient remainder fraction base from add added subtract subtracted
     increased decreased increase decrease less more doubled tripled halved cdot ast div frac
-    pm mp fois mal
+    pm mp fois mal halves thirds quarters fourth fourths fifth fifths sixth sixths seventh sevenths eighth
+    eighths ninth ninths tenth tenths
 """.split()) | {"\u0445"}
 _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
@@ -293,6 +294,8 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 break
             if kind is None:
                 break
+            if step < 0 and words == ["of"] and w in _CD_NUMBER_WORDS:
+                return "a number word of it"
             if w in _CD_OP_WORDS:
                 return f"operator word {w}"
             if w in _CD_NOT:
