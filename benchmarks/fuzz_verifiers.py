@@ -278,11 +278,9 @@ FC_BEFORE = ["", "Sure! ", "Here are the calls:\n", "<tool_call>\n", "I'll call 
 FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)"]
 
 
-_NAME_KEY = re.compile(r"""["']name["']\s*:""")
-
-
 def _is_attempt(s: str) -> bool:
-    return bool(_NAME_KEY.search(s)) or s.strip() == "[]"
+    """A call attempt by construction: a key of any spelling, or the empty list."""
+    return ":" in s or "=" in s or s.strip() == "[]"
 
 
 def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, str, bool]:
@@ -296,8 +294,11 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         final = '{"tool_calls": ' + final + "}"
     elif r < 0.3:
         final = "```json\n" + final + "\n```"
-    label = (ok and valid) if _is_attempt(final) else None
-    text = rng.choice(FC_BEFORE) + final + rng.choice(FC_AFTER)
+    after = rng.choice(FC_AFTER)
+    # a truncated structure runs to the end of the text: what follows it is inside it
+    truncated = not valid and final.count("[") + final.count("{") > final.count("]") + final.count("}")
+    label = (ok and valid) if _is_attempt(final + after if truncated else final) else None
+    text = rng.choice(FC_BEFORE) + final + after
     r = rng.random()
     if r < 0.35:  # an earlier call list (right or wrong), maybe far away
         decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
@@ -306,8 +307,12 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         if label is None and _is_attempt(decoy):
             label = ok_d and valid_d
     elif r < 0.45 and valid:  # a later attempt that is no answer, or no calls at all
+        call = ref[0] if ref else {"name": "f", "arguments": {}}
+        args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
         text += rng.choice(["\nActually none of the tools apply: []",
-                            "\nOr: " + json.dumps(ref).replace('"', "'")])
+                            "\nOr: " + json.dumps(ref).replace('"', "'"),
+                            f"\nActually the correct call is {call['name']}({args})",
+                            '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]'])
         label = not ref and text.endswith("[]")
     return ex, text, bool(label)
 

@@ -218,9 +218,18 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer> 1 + 2 + 3 </answer> then <answer> 1 * 2 * 4 </answer>", False),  # last wins
         ([1, 2, 3], 6, "<answer> 1 + 2 </answer> no: <answer> 1 * 2 * 3 </answer> done", True),
         ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer> 7", False),  # a later answer was started
-        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer", True),  # ... a stray "<answer" is not one
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer", False),  # ... in any spelling
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer>!", True),
         ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> is not right", False),  # denied
         ([1, 2, 3], 6, "Not <answer> 1 * 2 * 3 </answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n<answer >1 + 2 + 3</answer >", False),  # a later block
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n<Answer>1 + 2 * 3</Answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> &lt;answer&gt;7", False),
+        ([1, 2, 3], 6, "2 * <answer>1 * 2 * 3</answer>", False),  # next to the block
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>^2", False),
+        ([1, 2, 3], 6, "n\u043et <answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> The answer is 7.", False),
+        ([1, 2, 3], 6, "So: <answer>1 * 2 * 3</answer>, which is 6.", True),
         ([1, 2, 3], 6, "<Answer> 1 + 2 + 3 </Answer>", False),  # tags are case-sensitive
     ],
 )
@@ -638,7 +647,7 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "26 + 24 is 50.5", False),
         ([26, 24], 50, "26 + 24 is 50%", False),
         ([26, 24], 50, "26 + 24 is \u0665\u0660", False),
-        ([26, 24], 50, "26 + 24 = 50, not 51", True),
+        ([26, 24], 50, "26 + 24 = 50, not 51", False),  # after it: only the given numbers and the target
         ([9, 7], 16, "But 16 is not a possible multiple of 7 + 9.", False),
         # text hidden from a plain reading: Unicode spaces, invisible characters, entities, markup
         ([26, 24], 50, "2\u00a0*\u00a026 + 24 = 50", False),  # no-break spaces are spaces
@@ -688,7 +697,8 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "Try 26 + 24 = 50? Hmm. Answer: 26 \u00d7 2 \u2212 2", False),
         ([26, 24], 50, "26 + 24 = 50. Final answer: $26 \\times 24$", False),
         ([26, 24], 50, "26 + 24 = 50. The answer is 50.", True),
-        ([26, 24], 50, "26 + 24 = 50. The answer is fifty.", True),
+        ([26, 24], 50, "26 + 24 = 50. The answer is fifty.", False),  # an answer in words is not read
+        ([26, 24], 50, "26 + 24 = 50. The answer is fifty.", False),
         # wrappers that change nothing
         ([26, 24], 50, "\\boxed{26 + 24 = 50}", True),
         ([26, 24], 50, "\\(26 + 24 = 50\\)", True),
@@ -698,6 +708,40 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "**(26 + 24 = 50)** (using both)", True),
         ([26, 24], 50, "I can't use \\boxed{26 + 24}", False),
         ([26, 24], 50, "<b>26 + 24</b> is 48", False),
+        # a second adversarial review: marks and blanks, look-alike letters, more operator words,
+        # later answers the earlier rules missed
+        ([26, 24], 50, "3 *\ufe0f 26 + 24 = 50", False),  # a variation selector is nothing
+        ([26, 24], 50, "2\u2800*\u2800(26 + 24)", False),  # a braille blank is a space
+        ([26, 24], 50, "26 + 24 = 50\u034f.5", False),
+        ([26, 24], 50, "3 *\u3164 26 + 24 = 50", False),
+        ([26, 24], 50, "3 *\u2800\n26 + 24 = 50", False),
+        ([26, 24], 50, "3 t\u0456mes 26 + 24 = 50", False),  # Cyrillic i: a word in another alphabet
+        ([26, 24], 50, "l\u03bfg (26 + 24)", False),
+        ([26, 24], 50, "26 + 24 is n\u043et 50", False),
+        ([26, 24], 50, "3 \uff58 26 + 24 = 50", False),
+        ([26, 24], 50, "3 \u03c7 26 + 24 = 50", False),
+        ([26, 24], 50, "Multiply 3 by 26 + 24 = 50", False),
+        ([26, 24], 50, "Divide 26 + 24 = 50 by 2", False),
+        ([26, 24], 50, "26 + 24 = 50 thousand", False),
+        ([26, 24], 50, "26 + 24 = 50\n26 \u2212 24", False),  # a later equation in Unicode signs
+        ([26, 24], 50, "26 + 24 = 50\n26 \u2013 24", False),
+        ([26, 24], 50, "26 + 24 = 50\nFinal: 2(25)", False),
+        ([26, 24], 50, "26 + 24 = 50. Final equation: 26 minus 24 plus 48", False),
+        ([26, 24], 50, "26 + 24 = 50. Final answer:\n\n48", False),
+        ([26, 24], 50, "26 + 24 = 50. **Final Answer**\n48", False),
+        ([26, 24], 50, "26 + 24 = 50. Answer -> 48", False),
+        ([26, 24], 50, "26 + 24 = 50. Answer: [48]", False),
+        ([26, 24], 50, "26 + 24 = 50. The answer is 50 minus 2", False),
+        ([26, 24], 50, "26 + 24 = 50. That would equal 48.", False),
+        ([26, 24], 50, "26 + 24 = 50\n<Answer>48</Answer>", False),
+        ([26, 24], 50, "26 + 24 = 50\n\\boxed{\\text{48}}", False),
+        ([26, 24], 50, "26 + 24 adds up to 48", False),
+        ([26, 24], 50, "26 + 24 evaluates to 48", False),
+        ([26, 24], 50, "26 + 24 is\n48", False),
+        ([26, 24], 50, "26 + 24 = 50, minus 2 is 48.", False),
+        ([26, 24], 50, "26 + 24 = 50. The answer is 24.", False),  # a given number, but after a cue
+        ([26, 24], 50, "26 + 24 = 50 is wrong", False),
+        ([26, 24], 50, "26 + 24 = 50. I used 26 and 24 to make 50.", True),
         # operators outside the task's + and -
         ([3, 4], 12, "3 * 4 = 12", False),
         ([3, 4], 12, "3 * 4", False),

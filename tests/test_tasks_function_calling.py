@@ -162,7 +162,13 @@ BAD = dumps(CALLS[:2])
         (GOOD + " Or: " + BAD[:-5], False),  # a truncated later attempt: no answer
         (GOOD + "\nCorrection: " + BAD.replace('"', "'"), False),  # a later attempt in Python quotes
         (GOOD + "\nActually none apply: []", False),  # a later empty list: no calls
-        (GOOD + " (done) [see above]", True),  # structures without a "name" key are prose
+        (GOOD + " (done) [see above]", True),  # structures without a key are prose
+        (GOOD + '\nActually: [{"n\\u0061me": "get_weather", "arguments": {"city": "Oslo"}}]', False),
+        (GOOD + '\nActually: [{name: "get_weather", arguments: {"city": "Oslo"}}]', False),
+        (GOOD + "\nFinal answer: [\u200b]", False),  # an empty list with a zero-width space
+        (GOOD + '\nActually: {"function": "convert", "args": {"to": "EUR"}}', False),
+        (GOOD + "\nActually the correct call is get_weather(city='Oslo')", False),
+        ('{"final_calls": ' + BAD + ', "calls": ' + GOOD + "}", False),  # two call lists: ambiguous
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing
         ('see [the "list" below: ' + GOOD, False),  # an unclosed bracket in prose hides the rest

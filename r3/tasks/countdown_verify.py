@@ -1,12 +1,16 @@
 """The Countdown verifier: one answer rule, read in linear time, evaluated exactly.
 
 **With tags** (``answer_tags=True``) the answer is the content of the last complete ``<answer> ...
-</answer>`` block; it is no answer when an unclosed ``<answer>`` follows it (a later answer was
-started) or a negation (``not``, ``isn't``, ...) is within four words of the block.
+</answer>`` block. It is no answer when a later answer tag follows it (an unclosed ``<answer>``, or
+one in another spelling: ``<Answer>``, ``< answer >``, ``&lt;answer&gt;``), or when what is next to
+the block or after it changes its meaning, by the same rules as the final equation's below
+(``3 * <answer>...``, ``<answer>...</answer>^2``, ``not <answer>...``, a later answer that is not
+the target).
 
 **Without tags** (``answer_tags=False``) the answer is the *final equation* of the completion.
-The text is first read as a person sees it: Unicode spaces become spaces and line separators line
-breaks, invisible format characters (zero-width spaces, soft hyphens) are dropped, HTML entities
+The text is first read as a person sees it: Unicode spaces and blank-looking characters become
+spaces and line separators line breaks, invisible format characters (zero-width spaces, soft
+hyphens) and combining marks are dropped, HTML entities
 are decoded, HTML-like tags become spaces (``<answer>`` reads as the word "answer"),
 ``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces; bidirectional control
 characters make the completion wrong. The final equation is then the last run of arithmetic text
@@ -18,20 +22,23 @@ when
 
 * a letter is glued to it (``4x + 3``, ``log(3 + 4)``, ``21 - 2x``), or an operator word
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
-  ``cdot``, ... :data:`OPERATOR_WORDS`) or a negation (``not``, ``isn't``, ... :data:`NEGATIONS`)
-  is among the four words before or after it (apart by spaces, quotes or Markdown emphasis), or
-  ``of`` right after a number (``50% of``, ``1/2 of``, ``two of``) comes just before it;
+  ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
+  :data:`NEGATIONS`) or a word in another alphabet is among the four words before or after it
+  (apart by spaces, quotes or Markdown emphasis), or ``of`` / ``by`` right after a number
+  (``50% of``, ``1/2 of``, ``two of``, ``3 by``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
   written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``),
   superscript or non-ASCII digit (``² ½ ٣``), a dash before it (``‐5``), or any other symbol
-  between it and a further number;
+  between it and more arithmetic (a number, an operator, a math sign);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
   ``26 + 24 = 50`` on the next line);
-* a later answer contradicts it: a number after ``answer``, ``result``, ``solution``, ``total``,
-  ``equals``, ``gives``, ``makes``, ``get`` ... (:data:`ANSWER_CUES`, up to six linking words
-  apart) anywhere after it that is not the target (``26 + 24 = 50. The answer is 48.``).
+* the text after it mentions a number that is neither a given number nor the target
+  (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a number after an answer cue
+  (``answer``, ``result``, ``total``, ``equals``, ``gives``, ``get``, ... :data:`ANSWER_CUES`)
+  that is not the target (``The answer is 24.``), a number in another script, a number next to an
+  operator sign or word (``26 \u2212 24``, ``I added 26``), or a number word after an answer cue.
 
 Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
@@ -73,12 +80,15 @@ OPERATOR_WORDS = frozenset("""
     roughly multiple multiples factor factors product quotient remainder fraction base from add
     added subtract subtracted increased decreased increase decrease less more
     doubled tripled halved cdot ast div frac pm mp fois mal halves thirds quarters fourth fourths
-    fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths
+    fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths multiply
+    multiplying multiplication divide dividing division negate negated halve raised reduced
+    deducted dozen hundred thousand million average mean max maximum min minimum
 """.split())
 #: Words that, within four words of the final equation, deny it ("26 + 24 is not 50").
 NEGATIONS = frozenset("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
-    wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont
+    wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false
+    invalid nope
 """.split())
 #: Words that may link an expression to its result written in words ("5 + 12 equals 17").
 RESULT_LINKS = frozenset("""
@@ -112,12 +122,13 @@ _WS = re.compile(r"\s")
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _MAX_WORD = 32  # listed words are short; reading a longer word stops there
 _LINE_BREAKS = "\n\r\u2028\u2029\x85"
+_BLANKS = "\u2800\u3164\u115f\u1160\uffa0"  # characters that print as nothing
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _NON_ASCII_OR_CONTROL = re.compile(r"[^\x20-\x7e\n]")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,20}>")
+_LATER_TAG = re.compile(r"(?i)(?:<|&lt;|\uff1c)\s*/?\s*answer|answer\s*(?:>|&gt;|\uff1e)")
 _BOXED = re.compile(r"\\boxed\{([^{}\n]*)\}")
 _LATEX_DELIMITERS = re.compile(r"\\[()\[\]]")
-_WORD = re.compile(r"[A-Za-z]+")
 
 
 class _Reject(Exception):
@@ -130,10 +141,10 @@ class _Reject(Exception):
 def _visible(ch: str) -> str:
     if ch in _LINE_BREAKS:
         return "\n"
-    if ch.isspace():
+    if ch.isspace() or ch in _BLANKS:
         return " "
-    if unicodedata.category(ch) in ("Cf", "Cc"):
-        return ""
+    if unicodedata.category(ch) in ("Cf", "Cc", "Mn", "Me"):
+        return ""  # invisible, or a mark on the character before it
     return ch
 
 
@@ -216,11 +227,13 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
             if kind == "skip":
                 continue
             if kind == "number":
-                if step < 0 and words == ["of"]:
-                    return f"'{value} of' before the equation"
+                if step < 0 and words in (["of"], ["by"]):
+                    return f"'{value} {words[0]}' before the equation"
                 break
             if kind is None:
                 break
+            if not value.isascii():
+                return f"a word in another alphabet next to the equation ({value!r})"
             if step < 0 and words == ["of"] and value in NUMBER_WORDS:
                 return f"'{value} of' before the equation"
             if value in OPERATOR_WORDS:
@@ -263,15 +276,54 @@ def _number_after(text: str, i: int, *, strict: bool) -> tuple[str | None, bool]
         i = j
 
 
-def _later_answer(text: str, end: int, target: int) -> str | None:
-    """A number after an answer cue (:data:`ANSWER_CUES`) anywhere after ``end`` that is not the
-    target, or None."""
-    for m in _WORD.finditer(text, end):
-        if m.group().lower() in ANSWER_CUES:
-            number, negated = _number_after(text, m.end(), strict=False)
-            if number is not None and not negated and number != str(target):
-                return f"a later answer ({m.group()} ... {number}) is not the target {target}"
+_REST_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+(?:'[A-Za-z]+)?|\S")
+
+
+def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:
+    """What after the final equation (from ``end``) changes or contradicts it: a number that is
+    neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
+    answer cue that is not the target (``The answer is 24``), a number in another script, a number
+    next to an operator sign or word (``26 \u2212 24``), or a number word after an answer cue
+    (``the answer is forty-eight``). One pass over the rest of the text."""
+    allowed = {str(n) for n in nums} | {str(target)}
+    prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
+    for m in _REST_TOKEN.finditer(text, end):
+        tok = m.group()
+        if tok[0] in "0123456789":
+            kind = "number"
+            if tok not in allowed:
+                return f"a number after the final equation ({tok[:12]}) is neither a given number nor the target"
+            if tok != str(target) and _after_cue(prev):
+                return f"a later answer ({tok}) is not the target {target}"
+        elif tok.isnumeric():
+            return f"a number in another script after the final equation ({tok!r})"
+        elif tok[0].isascii() and tok[0].isalpha():
+            kind, tok = "word", tok.lower()
+            if tok in NUMBER_WORDS and _after_cue(prev):
+                return f"an answer written as a word after the final equation ({tok!r})"
+        else:
+            kind = "sign" if (tok in "^%~" or unicodedata.category(tok) in ("Sm", "Pd")) else "other"
+        if prev and {kind, prev[-1][0]} == {"number", "sign"}:
+            return "more arithmetic after the final equation"
+        if prev and {kind, prev[-1][0]} == {"number", "word"}:
+            word = tok if kind == "word" else prev[-1][1]
+            if word in OPERATOR_WORDS:
+                return f"more arithmetic after the final equation ({word!r})"
+        prev.append((kind, tok))
+        if len(prev) > 8:
+            del prev[0]
     return None
+
+
+def _after_cue(prev: list[tuple[str, str]]) -> bool:
+    """Whether the tokens just read end in an answer cue followed only by linking words and
+    punctuation (``answer is:``)."""
+    for kind, value in reversed(prev):
+        if kind == "word" and value in ANSWER_CUES:
+            return True
+        if not ((kind == "word" and value in RESULT_LINKS) or (kind == "other" and value in ":,;\"'*")):
+            return False
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,8 +363,9 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     beyond = _beyond(text, pos, 1 if after else -1)
     if cat == "Pd" and not after and (glued or not _is_letter(beyond)):
         return f"a dash before the equation ({ch!r})"
-    if ch not in _SENTENCE and beyond.isdigit():
-        return f"a symbol between the equation and another number ({ch!r})"
+    if ch not in _SENTENCE and beyond and (beyond.isnumeric() or beyond in "+-*/=()" or beyond in _DISALLOWED_ASCII
+                                           or unicodedata.category(beyond) == "Sm"):
+        return f"a symbol between the equation and more arithmetic ({ch!r})"
     return None
 
 
@@ -386,11 +439,11 @@ def _trim(text: str, a: int, b: int) -> tuple[int, int]:
     return a, b
 
 
-def final_equation(text: str, target: int | None = None) -> tuple[str | None, str]:
+def final_equation(text: str, nums: list[int] | None = None, target: int | None = None) -> tuple[str | None, str]:
     """``(equation, "")`` for the final equation of ``text`` (already :func:`normalise`-d; see
     the module docstring), or ``(None, reason)`` when there is none or it is not a valid answer.
-    A result written in words is appended as ``= value``; ``target`` enables the check for a
-    later, contradicting answer."""
+    A result written in words is appended as ``= value``; ``nums`` and ``target`` enable the
+    checks of the text after it."""
     last = None
     for m in _RUN.finditer(text):
         s = m.group()
@@ -419,8 +472,8 @@ def final_equation(text: str, target: int | None = None) -> tuple[str | None, st
             return None, "the equation is denied (a negation before its result)"
         if result is not None:
             equation += " = " + result
-    if target is not None:
-        why = _later_answer(text, end, target)
+    if nums is not None:
+        why = _after_problem(text, end, nums, target)
         if why:
             return None, why
     return equation, ""
@@ -529,14 +582,27 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         after = close + len("</answer>")
         if text.find("<answer>", after) >= 0:
             return False, "a later <answer> block is not closed"
-        why = _words_problem(text, opening, after)
+        if _LATER_TAG.search(text, after):
+            return False, "a later answer tag in another spelling"
+        content = text[opening + len("<answer>"): close]
+        left = opening - 1
+        while left >= 0 and text[left] in _SPACE:
+            left -= 1
+        right = after
+        while right < len(text) and text[right] in _SPACE:
+            right += 1
+        for pos, glued, is_after in ((left, left == opening - 1, False), (right, right == after, True)):
+            why = _neighbour_problem(text, pos, glued, is_after, True)  # "!" after the closing tag is prose
+            if why:
+                return False, why.replace("the equation", "the answer block")
+        why = _words_problem(text, opening, after) or _after_problem(text, after, nums, target)
         if why:
             return False, why
-        return check_answer(text[opening + len("<answer>"): close], nums, target, ops)
+        return check_answer(content, nums, target, ops)
     text, why = normalise(text)
     if text is None:
         return False, why
-    equation, why = final_equation(text, target)
+    equation, why = final_equation(text, nums, target)
     if equation is None:
         return False, why
     return check_answer(equation, nums, target, ops)

@@ -18,13 +18,15 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its matching
   bracket (JSON strings, with their escapes, are skipped); a mismatched closing bracket ends it as
   broken, and so does the end of the text (a truncated structure). A structure is a call attempt
-  when it holds a ``"name":`` key (either quote style) or is the empty list ``[]``; other
-  structures (``[1, 2]``, ``{}``, ``[see above]``) are prose. The last call attempt is the answer:
-  it must be complete valid JSON and be a call list (``[]`` included), a single call object, or an
-  object one of whose values is one (``{"tool_calls": [...]}``; the last such value counts).
-  A broken, truncated or invalid last attempt is no answer, even after a correct earlier list, and
-  nothing inside a structure is searched separately (``[{right call}, {broken call}]`` is no
-  answer, not the right call alone). ````` fences are prose;
+  when it holds a ``:`` or ``=`` (a key of any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``,
+  ``'name' =``) or is an empty list (``[]``, blanks inside); other structures (``[1, 2]``, ``{}``,
+  ``[see above]``) are prose. The last call attempt is the answer: it must be complete valid JSON
+  and be a call list (``[]`` included), a single call object, or an object exactly one of whose
+  values is one (``{"tool_calls": [...]}``; two such values are ambiguous: no answer). A broken,
+  truncated or invalid last attempt is no answer, even after a correct earlier list, and nothing
+  inside a structure is searched separately (``[{right call}, {broken call}]`` is no answer, not
+  the right call alone). ````` fences are prose. A tool of the example named with call syntax
+  after the answer (``get_weather(city="Oslo")``) is a later attempt: no answer;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -66,7 +68,7 @@ from r3.tasks.base import (
 )
 from r3.tasks.xlam_synthetic import synthetic_xlam
 
-__all__ = ["FunctionCallingTask", "parse_calls", "calls_match", "values_equal", "load_file",
+__all__ = ["FunctionCallingTask", "answer_calls", "parse_calls", "calls_match", "values_equal", "load_file",
            "synthetic_xlam", "write_synthetic"]
 
 MAX_COMPLETION_CHARS = 100_000
@@ -192,49 +194,64 @@ def _structures(text: str):
             return
 
 
-_NAME_KEY = re.compile(r"""["']name["']\s*:""")
-_EMPTY_LIST = re.compile(r"\[\s*\]")
+_KEY_LIKE = re.compile(r"[:=]")
+_BLANK_LIST = re.compile(r"\[[\s\u200b-\u200f\u2060\ufeff]*\]")
 
 
 def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     """The calls a parsed structure yields: itself as a call list or call object, or for an object
-    the calls of its last value that yields any."""
+    the calls of the one value that yields any (several such values are ambiguous: none)."""
     calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
     if calls is not None or not isinstance(value, dict) or depth > MAX_DEPTH:
         return calls
-    found = None
-    for v in value.values():
-        calls = _yielded_calls(v, depth + 1)
-        found = found if calls is None else calls
-    return found
+    found = [c for c in (_yielded_calls(v, depth + 1) for v in value.values()) if c is not None]
+    return found[0] if len(found) == 1 else None
 
 
-def _last_embedded(text: str) -> list[dict] | None:
-    """The calls of the last call attempt in ``text`` (see the module docstring), or None."""
+def _last_embedded(text: str) -> tuple[list[dict] | None, int]:
+    """The calls of the last call attempt in ``text`` (see the module docstring), or None, and
+    where that attempt ends (0 when there is none)."""
     last = None
     for start, end, complete in _structures(text):
-        if _NAME_KEY.search(text, start, end) or (complete and _EMPTY_LIST.fullmatch(text, start, end)):
+        if _KEY_LIKE.search(text, start, end) or (complete and _BLANK_LIST.fullmatch(text, start, end)):
             last = (start, end, complete)
-    if last is None or not last[2] or last[1] - last[0] > MAX_JSON_CHARS:
-        return None
+    if last is None:
+        return None, 0
+    start, end, complete = last
+    if not complete or end - start > MAX_JSON_CHARS:
+        return None, end
     try:
-        return _yielded_calls(_loads(text[last[0]:last[1]]))
+        return _yielded_calls(_loads(text[start:end])), end
     except (ValueError, RecursionError):
-        return None
+        return None, end
+
+
+def answer_calls(text: Any) -> tuple[list[dict] | None, int]:
+    """The calls a completion makes (see the module docstring), or None, and the position where
+    the answer ends. Never raises."""
+    try:
+        if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
+            return None, 0
+        calls = _try_calls(text)
+        if calls is not None:
+            return calls, len(text)
+        return _last_embedded(text)
+    except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
+        return None, 0
 
 
 def parse_calls(text: Any) -> list[dict] | None:
     """The calls a completion makes, as ``[{"name", "arguments"}]``, or None if it has no
     parseable call list (see the module docstring for the rules). Never raises."""
-    try:
-        if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
-            return None
-        calls = _try_calls(text)
-        if calls is not None:
-            return calls
-        return _last_embedded(text)
-    except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
-        return None
+    return answer_calls(text)[0]
+
+
+def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
+    """A tool named with call syntax (``get_weather(city='Oslo')``) after the answer, or None."""
+    for name in tool_names:
+        if name and re.search(r"(?<![\w.])" + re.escape(name) + r"\s*\(", text[end:]):
+            return name
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,9 +440,12 @@ class FunctionCallingTask(Task):
         return [{"name": c["name"], "arguments": c.get("arguments", {})} for c in _field(example, "answers")]
 
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
-        calls = parse_calls(completion_text)
+        calls, end = answer_calls(completion_text)
         if calls is None:
             return False, "no parseable JSON list of calls"
+        later = called_later(completion_text, end, [t.get("name", "") for t in _field(example, "tools")])
+        if later:
+            return False, f"a later call of {later!r} in another syntax"
         ref = self.reference_calls(example)
         if calls_match(calls, ref):
             return True, "correct"

@@ -38,11 +38,12 @@ _CD_OP_WORDS = set("""
     factors product quotient remainder fraction base from add added subtract subtracted
     increased decreased increase decrease less more doubled tripled halved cdot ast div frac
     pm mp fois mal halves thirds quarters fourth fourths fifth fifths sixth sixths seventh sevenths eighth
-    eighths ninth ninths tenth tenths
+    eighths ninth ninths tenth tenths multiply multiplying multiplication divide dividing division negate
+    negated halve raised reduced deducted dozen hundred thousand million average mean max maximum min minimum
 """.split()) | {"\u0445"}
 _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
-    wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont
+    wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false invalid nope
 """.split())
 _CD_LINKS = set("""
     is was equals equal equaling equalling to gives give giving makes make making yields yield results
@@ -169,6 +170,30 @@ def _cd_check_equation(answer: str, nums: list[int], target: int, ops: str) -> t
     return True, "correct"
 
 
+def _cd_later_tag(rest: str) -> bool:
+    """Whether ``rest`` holds an answer tag in any spelling: <answer, < /Answer, &lt;answer,
+    answer>, answer &gt; (full-width brackets too)."""
+    low = rest.lower()
+    k = low.find("answer")
+    while k != -1:
+        j = k - 1
+        while j >= 0 and low[j].isspace():
+            j -= 1
+        if j >= 0 and low[j] == "/":
+            j -= 1
+            while j >= 0 and low[j].isspace():
+                j -= 1
+        if j >= 0 and (low[j] in "<\uff1c" or low[max(0, j - 3):j + 1] == "&lt;"):
+            return True
+        m = k + 6
+        while m < len(low) and low[m].isspace():
+            m += 1
+        if m < len(low) and (low[m] in ">\uff1e" or low.startswith("&gt;", m)):
+            return True
+        k = low.find("answer", k + 1)
+    return False
+
+
 def _cd_read(text: str) -> str | None:
     """The text as a person reads it, or None (bidirectional controls)."""
     if any("\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069" for c in text):
@@ -181,9 +206,9 @@ def _cd_read(text: str) -> str | None:
             out.append("\n")
         elif " " <= c <= "~":
             out.append(c)
-        elif c.isspace():
+        elif c.isspace() or c in "\u2800\u3164\u115f\u1160\uffa0":
             out.append(" ")
-        elif unicodedata.category(c) not in ("Cf", "Cc"):
+        elif unicodedata.category(c) not in ("Cf", "Cc", "Mn", "Me"):
             out.append(c)
     text = "".join(out)
     # tags: <answer> reads as the word "answer", any other tag as a line break
@@ -289,11 +314,13 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
             if kind == "skip":
                 continue
             if kind == "number":
-                if step < 0 and words == ["of"]:
-                    return "a fraction of it"
+                if step < 0 and len(words) == 1 and words[0] in ("of", "by"):
+                    return "a number of/by it"
                 break
             if kind is None:
                 break
+            if any(ord(ch) > 127 for ch in w):
+                return "non-ASCII word"
             if step < 0 and words == ["of"] and w in _CD_NUMBER_WORDS:
                 return "a number word of it"
             if w in _CD_OP_WORDS:
@@ -351,8 +378,8 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
     far = text[j] if 0 <= j < len(text) else ""
     if not right and unicodedata.category(c) == "Pd" and (glued or not _letter(far)):
         return "dash"
-    if c not in _CD_PUNCT and far.isdigit():
-        return "symbol before a number"
+    if c not in _CD_PUNCT and far and (far.isnumeric() or far in "+-*/=()" or _math_sign(far)):
+        return "symbol before more arithmetic"
     return None
 
 
@@ -384,15 +411,29 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         if len(chunks) < 2 or "<answer>" not in chunks[-2]:
             # (a last </answer> whose block opened before an earlier </answer> holds a tag: never valid)
             return False, "no answer block"
-        if "<answer>" in chunks[-1]:
+        rest = chunks[-1]
+        if "<answer>" in rest:
             return False, "a later block was started"
+        if _cd_later_tag(rest):
+            return False, "a later answer tag"
         start = len("</answer>".join(chunks[:-2])) + (len("</answer>") if len(chunks) > 2 else 0)
         start += chunks[-2].rfind("<answer>")
-        end = len(text) - len(chunks[-1])
-        why = _cd_words_problem(text, start, end)
+        end = len(text) - len(rest)
+        content = chunks[-2].split("<answer>")[-1]
+        k1 = start - 1
+        while k1 >= 0 and text[k1] in " \t":
+            k1 -= 1
+        k2 = end
+        while k2 < len(text) and text[k2] in " \t":
+            k2 += 1
+        for k, glued, right in ((k1, k1 == start - 1, False), (k2, k2 == end, True)):
+            why = _cd_side_problem(text, k, glued, right, True)
+            if why:
+                return False, why
+        why = _cd_words_problem(text, start, end) or _cd_after(text, end, nums, target)
         if why:
             return False, why
-        return _cd_check_equation(chunks[-2].split("<answer>")[-1], nums, target, ops)
+        return _cd_check_equation(content, nums, target, ops)
     text = _cd_read(text)
     if text is None:
         return False, "bidirectional controls"
@@ -457,12 +498,65 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             return False, "negated result"
         if result is not None:
             core = f"{core} = {result}"
-    for m in re.finditer(r"[A-Za-z]+", text[end:]):
-        if m.group().lower() in _CD_CUES:
-            number, negated = _cd_number_after(text, end + m.end(), strict=False)
-            if number is not None and not negated and number != str(target):
-                return False, f"later answer {number}"
+    why = _cd_after(text, end, nums, target)
+    if why:
+        return False, why
     return _cd_check_equation(core, nums, target, ops)
+
+
+def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
+    """The tokens after the final equation: only the given numbers and the target, no arithmetic,
+    no answer in words after a cue."""
+    allowed = {int(n) for n in nums} | {int(target)}
+    window: list[tuple[str, str]] = []
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+            continue
+        j = i + 1
+        if c in "0123456789":
+            while j < n and text[j] in "0123456789":
+                j += 1
+            tok = text[i:j]
+            if len(tok) > 12 or (tok[0] == "0" and tok != "0") or int(tok) not in allowed:
+                return f"later number {tok[:12]}"
+            if int(tok) != target:
+                for k2, v2 in reversed(window):
+                    if k2 == "word" and v2 in _CD_CUES:
+                        return "later answer"
+                    if not ((k2 == "word" and v2 in _CD_LINKS) or (k2 == "other" and v2 in ":,;\"'*")):
+                        break
+            kind = "number"
+        elif c.isnumeric():
+            return "later foreign number"
+        elif c.isascii() and c.isalpha():
+            while j < n and text[j].isascii() and text[j].isalpha():
+                j += 1
+            if j + 1 < n and text[j] == "'" and text[j + 1].isascii() and text[j + 1].isalpha():
+                j += 1
+                while j < n and text[j].isascii() and text[j].isalpha():
+                    j += 1
+            tok, kind = text[i:j].lower(), "word"
+            if tok in _CD_NUMBER_WORDS:
+                for k2, v2 in reversed(window):
+                    if k2 == "word" and v2 in _CD_CUES:
+                        return "later answer in words"
+                    if not ((k2 == "word" and v2 in _CD_LINKS) or (k2 == "other" and v2 in ":,;\"'*")):
+                        break
+        else:
+            tok = c
+            kind = "sign" if c in "^%~" or unicodedata.category(c) in ("Sm", "Pd") else "other"
+        if window:
+            pk, pv = window[-1]
+            if sorted((kind, pk)) == ["number", "sign"]:
+                return "later arithmetic"
+            if sorted((kind, pk)) == ["number", "word"] and (tok if kind == "word" else pv) in _CD_OP_WORDS:
+                return "later arithmetic (word)"
+        window = (window + [(kind, tok)])[-8:]
+        i = j
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -565,16 +659,11 @@ def _fc_top_level(text: str) -> list[tuple[str, bool]]:
 
 
 def _fc_is_attempt(chunk: str, complete: bool) -> bool:
-    if complete and chunk[0] == "[" and chunk[-1] == "]" and not chunk[1:-1].strip():
+    if ":" in chunk or "=" in chunk:
         return True
-    k = chunk.find("name")
-    while k != -1:
-        if k >= 1 and chunk[k - 1] in "\"'" and chunk[k + 4:k + 5] in ("\"", "'"):
-            rest = chunk[k + 5:].lstrip()
-            if rest.startswith(":"):
-                return True
-        k = chunk.find("name", k + 1)
-    return False
+    inner = chunk[1:-1] if len(chunk) >= 2 else "x"
+    return (complete and chunk[0] == "[" and chunk[-1] == "]"
+            and all(c.isspace() or "\u200b" <= c <= "\u200f" or c in "\u2060\ufeff" for c in inner))
 
 
 def _fc_yield(v):
@@ -584,18 +673,33 @@ def _fc_yield(v):
     if calls is not None:
         return calls
     if isinstance(v, dict):
-        for x in reversed(list(v.values())):
-            found = _fc_yield(x)
-            if found is not None:
-                return found
+        found = [f for f in (_fc_yield(x) for x in v.values()) if f is not None]
+        if len(found) == 1:
+            return found[0]
     return None
 
 
-def recheck_function_calling(text: Any, reference: list[dict]) -> tuple[bool, str]:
+def _fc_named_call_after(text: str, names: list[str]) -> bool:
+    for name in names:
+        if not name:
+            continue
+        k = text.find(name)
+        while k != -1:
+            before = text[k - 1] if k > 0 else ""
+            j = k + len(name)
+            while j < len(text) and text[j].isspace():
+                j += 1
+            if not (before.isalnum() or before in "_.") and text[j:j + 1] == "(":
+                return True
+            k = text.find(name, k + 1)
+    return False
+
+
+def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
-    calls = None
+    calls, rest = None, ""
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
         try:
@@ -603,14 +707,22 @@ def recheck_function_calling(text: Any, reference: list[dict]) -> tuple[bool, st
         except (ValueError, RecursionError):
             pass
     if calls is None:
-        attempts = [(chunk, ok) for chunk, ok in _fc_top_level(text) if _fc_is_attempt(chunk, ok)]
-        if attempts and attempts[-1][1]:
+        pos, attempt = 0, None
+        for chunk, ok in _fc_top_level(text):
+            at = text.find(chunk, pos)
+            pos = at + len(chunk)
+            if _fc_is_attempt(chunk, ok):
+                attempt = (chunk, ok, pos)
+        if attempt and attempt[1]:
+            rest = text[attempt[2]:]
             try:
-                calls = _fc_yield(_fc_parse(attempts[-1][0]))
+                calls = _fc_yield(_fc_parse(attempt[0]))
             except (ValueError, RecursionError):
                 calls = None
     if calls is None:
         return False, "no call list"
+    if _fc_named_call_after(rest, list(tool_names)):
+        return False, "a later call in another syntax"
     ref = [(c["name"], c.get("arguments", {})) for c in reference]
     if len(ref) != len(calls):
         return False, "wrong number of calls"
@@ -628,7 +740,7 @@ def recheck_function_calling(text: Any, reference: list[dict]) -> tuple[bool, st
 # ---------------------------------------------------------------------------------------
 def _whole(v) -> int:
     """An int, or a float with an integral value; anything else (a string, a bool) is malformed."""
-    if type(v) is int or (type(v) is float and v.is_integer()):
+    if type(v) is int or (isinstance(v, float) and v.is_integer()):
         return int(v)
     raise TypeError(f"not an integer: {v!r}")
 
@@ -646,8 +758,10 @@ def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
             return recheck_countdown(text, [_whole(x) for x in example["nums"]], _whole(example["target"]),
                                      tags=task.answer_tags, ops=task.ops)
         if name == "function_calling":
-            answers = example["answers"]
-            return recheck_function_calling(text, json.loads(answers) if isinstance(answers, str) else answers)
+            answers, tools = example["answers"], example.get("tools", "[]")
+            tools = json.loads(tools) if isinstance(tools, str) else tools
+            return recheck_function_calling(text, json.loads(answers) if isinstance(answers, str) else answers,
+                                            [t.get("name", "") for t in tools if isinstance(t, dict)])
     except (KeyError, TypeError, ValueError):
         return False, "malformed example"
     return None
