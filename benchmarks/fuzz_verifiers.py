@@ -79,6 +79,8 @@ POISON = [
     ("3 &times; ", ""), ("", " &minus; 2"), ("3 \\cdot ", ""), ("It is _not_ ", ""), ("'not' ", ""),
     ("50% of ", ""), ("1/2 of ", ""), ("A third of ", ""), ("4 added to ", ""), ("", " less 2"),
     ("", " doubled"), ("", " (in base 8)"),
+    # denied later on
+    ("", ", is indeed wrong."), ("", "\n\nWait, that isn\u2019t right."), ("", ". That is not the answer."),
 ]
 # wrappers that do not change the equation
 BENIGN_WRAP = [("\\boxed{", "}"), ("\\(", "\\)"), ("\\[ ", " \\]"), ("<b>", "</b>"), ("</think>\n", ""),

@@ -221,6 +221,7 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> oops <answer", False),  # ... in any spelling
         ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer>!", True),
         ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer> is not right", False),  # denied
+        ([1, 2, 3], 6, "<answer> 1 * 2 * 3 </answer>. Hmm, that is wrong.", False),
         ([1, 2, 3], 6, "Not <answer> 1 * 2 * 3 </answer>", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n<answer >1 + 2 + 3</answer >", False),  # a later block
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n<Answer>1 + 2 * 3</Answer>", False),
@@ -649,6 +650,11 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "26 + 24 is \u0665\u0660", False),
         ([26, 24], 50, "26 + 24 = 50, not 51", False),  # after it: only the given numbers and the target
         ([9, 7], 16, "But 16 is not a possible multiple of 7 + 9.", False),
+        # a denial anywhere after it (two retries a default run rewarded before this rule)
+        ([23, 11], 34, "The original equation I provided earlier, 23 + 11 = 34, is indeed wrong.", False),
+        ([6, 7], 13, 'Solve the equation 6 + 7 = 13.\n\nThere is no equation.\n\nThe answer is not "13"', False),
+        ([23, 11], 34, "23 + 11 = 34. That isn\u2019t right, sorry.", False),
+        ([23, 11], 34, "23 + 11 = 34. Done, the answer is 34!", True),
         # text hidden from a plain reading: Unicode spaces, invisible characters, entities, markup
         ([26, 24], 50, "2\u00a0*\u00a026 + 24 = 50", False),  # no-break spaces are spaces
         ([26, 24], 50, "26 + 24 = 50\u00a0-\u00a02", False),
@@ -777,7 +783,7 @@ def _model_outputs():
 def test_countdown_real_model_outputs():
     """Attempts and retries the built-in model wrote on the default run's task (two numbers, + and
     -, no tags), each verdict read and labelled by hand; 14 of them were rewarded by the old
-    reader and are wrong."""
+    reader and are wrong, and 21 disown their final equation in the text after it."""
     records = _model_outputs()
     assert len(records) > 100 and sum(r["expected"] for r in records) > 20
     for r in records:

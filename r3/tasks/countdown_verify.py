@@ -38,7 +38,8 @@ when
   (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a number after an answer cue
   (``answer``, ``result``, ``total``, ``equals``, ``gives``, ``get``, ... :data:`ANSWER_CUES`)
   that is not the target (``The answer is 24.``), a number in another script, a number next to an
-  operator sign or word (``26 \u2212 24``, ``I added 26``), or a number word after an answer cue.
+  operator sign or word (``26 \u2212 24``, ``I added 26``), a number word after an answer cue, or
+  a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``, ``No.``).
 
 Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
@@ -276,15 +277,16 @@ def _number_after(text: str, i: int, *, strict: bool) -> tuple[str | None, bool]
         i = j
 
 
-_REST_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+(?:'[A-Za-z]+)?|\S")
+_REST_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+(?:['\u2019][A-Za-z]+)?|\S")
 
 
 def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:
     """What after the final equation (from ``end``) changes or contradicts it: a number that is
     neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
     answer cue that is not the target (``The answer is 24``), a number in another script, a number
-    next to an operator sign or word (``26 \u2212 24``), or a number word after an answer cue
-    (``the answer is forty-eight``). One pass over the rest of the text."""
+    next to an operator sign or word (``26 \u2212 24``), a number word after an answer cue
+    (``the answer is forty-eight``), or a negation or denial (``..., is indeed wrong``, ``The answer
+    is not 13``). One pass over the rest of the text."""
     allowed = {str(n) for n in nums} | {str(target)}
     prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
     for m in _REST_TOKEN.finditer(text, end):
@@ -298,7 +300,9 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         elif tok.isnumeric():
             return f"a number in another script after the final equation ({tok!r})"
         elif tok[0].isascii() and tok[0].isalpha():
-            kind, tok = "word", tok.lower()
+            kind, tok = "word", tok.lower().replace("\u2019", "'")
+            if tok in NEGATIONS:
+                return f"a denial after the final equation ({tok!r})"
             if tok in NUMBER_WORDS and _after_cue(prev):
                 return f"an answer written as a word after the final equation ({tok!r})"
         else:

@@ -506,7 +506,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
 
 def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
     """The tokens after the final equation: only the given numbers and the target, no arithmetic,
-    no answer in words after a cue."""
+    no answer in words after a cue, no denial."""
     allowed = {int(n) for n in nums} | {int(target)}
     window: list[tuple[str, str]] = []
     n = len(text)
@@ -534,11 +534,13 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
         elif c.isascii() and c.isalpha():
             while j < n and text[j].isascii() and text[j].isalpha():
                 j += 1
-            if j + 1 < n and text[j] == "'" and text[j + 1].isascii() and text[j + 1].isalpha():
+            if j + 1 < n and text[j] in "'\u2019" and text[j + 1].isascii() and text[j + 1].isalpha():
                 j += 1
                 while j < n and text[j].isascii() and text[j].isalpha():
                     j += 1
-            tok, kind = text[i:j].lower(), "word"
+            tok, kind = text[i:j].lower().replace("\u2019", "'"), "word"
+            if tok in _CD_NOT:
+                return "later denial"
             if tok in _CD_NUMBER_WORDS:
                 for k2, v2 in reversed(window):
                     if k2 == "word" and v2 in _CD_CUES:
