@@ -655,6 +655,7 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([6, 7], 13, 'Solve the equation 6 + 7 = 13.\n\nThere is no equation.\n\nThe answer is not "13"', False),
         ([23, 11], 34, "23 + 11 = 34. That isn\u2019t right, sorry.", False),
         ([23, 11], 34, "23 + 11 = 34. Done, the answer is 34!", True),
+        ([10, 26], 36, "The correct way to solve the equation: \n(10 + 26) = 36\nThe equation is undefined.", False),
         # text hidden from a plain reading: Unicode spaces, invisible characters, entities, markup
         ([26, 24], 50, "2\u00a0*\u00a026 + 24 = 50", False),  # no-break spaces are spaces
         ([26, 24], 50, "26 + 24 = 50\u00a0-\u00a02", False),
@@ -783,7 +784,7 @@ def _model_outputs():
 def test_countdown_real_model_outputs():
     """Attempts and retries the built-in model wrote on the default run's task (two numbers, + and
     -, no tags), each verdict read and labelled by hand; 14 of them were rewarded by the old
-    reader and are wrong, and 21 disown their final equation in the text after it."""
+    reader and are wrong, and 23 disown their final equation in the text after it."""
     records = _model_outputs()
     assert len(records) > 100 and sum(r["expected"] for r in records) > 20
     for r in records:

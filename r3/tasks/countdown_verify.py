@@ -89,7 +89,7 @@ OPERATOR_WORDS = frozenset("""
 NEGATIONS = frozenset("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
     wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false
-    invalid nope
+    invalid nope untrue undefined impossible unsolvable incorrectly
 """.split())
 #: Words that may link an expression to its result written in words ("5 + 12 equals 17").
 RESULT_LINKS = frozenset("""

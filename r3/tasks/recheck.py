@@ -44,6 +44,7 @@ _CD_OP_WORDS = set("""
 _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
     wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false invalid nope
+    untrue undefined impossible unsolvable incorrectly
 """.split())
 _CD_LINKS = set("""
     is was equals equal equaling equalling to gives give giving makes make making yields yield results
