@@ -78,7 +78,7 @@ POISON = [
     ("3 \u0445 ", ""), ("3 _times_ ", ""), ("\u202e", ""), ("3 *\n", ""), ("3 times\n", ""),
     ("3 &times; ", ""), ("", " &minus; 2"), ("3 \\cdot ", ""), ("It is _not_ ", ""), ("'not' ", ""),
     ("50% of ", ""), ("1/2 of ", ""), ("A third of ", ""), ("4 added to ", ""), ("", " less 2"),
-    ("", " doubled"), ("", " (in base 8)"),
+    ("", " doubled"), ("", " (in base 8)"), ("Move 2 to ", ""), ("Take 1 from ", ""),
     # denied later on
     ("", ", is indeed wrong."), ("", "\n\nWait, that isn\u2019t right."), ("", ". That is not the answer."),
 ]

@@ -656,6 +656,9 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([23, 11], 34, "23 + 11 = 34. That isn\u2019t right, sorry.", False),
         ([23, 11], 34, "23 + 11 = 34. Done, the answer is 34!", True),
         ([10, 26], 36, "The correct way to solve the equation: \n(10 + 26) = 36\nThe equation is undefined.", False),
+        ([29, 13], 42, "When you add 29 + 13 to 29 + 13, you get 42, which is the result", False),
+        ([29, 13], 42, "Subtract 2 from 29 + 13 = 42", False),
+        ([29, 13], 42, "I tried 27 and then 29 + 13 = 42", True),
         # text hidden from a plain reading: Unicode spaces, invisible characters, entities, markup
         ([26, 24], 50, "2\u00a0*\u00a026 + 24 = 50", False),  # no-break spaces are spaces
         ([26, 24], 50, "26 + 24 = 50\u00a0-\u00a02", False),
