@@ -54,9 +54,10 @@ PROSE_BEFORE = [
 PROSE_AFTER = [
     "", ".", "!", " \u2713", ", which is the target.", "\n\nI hope this helps!", " (using both numbers)",
     "\nThe target was {target}.", "\n\nTherefore the answer is {target}.", " is the final equation.",
-    "\n\nHowever, when the numbers are multiplied together, they should always equal {target}.",
-    ", but I'm stuck.", " and that is my answer.",
+    " and that is my answer.",
 ]
+# prose after that makes a bare expression (no written result) a mention, not an answer
+PROSE_AFTER_EQUATION_ONLY = [", but I'm stuck.", " is a classic puzzle.", ", you might assume that it equals"]
 # a result written in words after a bare expression: (suffix, what it claims: "target", "other", "denied")
 RESULT_WORDS = [(" equals {target}", "target"), (" is {target}.", "target"), (", which is {target}", "target"),
                 (" gives a total of {target}", "target"), (" is equal to {target}!", "target"),
@@ -79,6 +80,9 @@ POISON = [
     ("3 &times; ", ""), ("", " &minus; 2"), ("3 \\cdot ", ""), ("It is _not_ ", ""), ("'not' ", ""),
     ("50% of ", ""), ("1/2 of ", ""), ("A third of ", ""), ("4 added to ", ""), ("", " less 2"),
     ("", " doubled"), ("", " (in base 8)"), ("Move 2 to ", ""), ("Take 1 from ", ""),
+    # arithmetic on the result, an unfinished operation
+    ("", "\n\nHowever, when the numbers are multiplied together, they should always equal 9."),
+    ("", ". Then double it."), ("", ". Then I added"), ("", ", +"), ("Next, I multiplied 3 by both sides of ", ""),
     # denied later on
     ("", ", is indeed wrong."), ("", "\n\nWait, that isn\u2019t right."), ("", ". That is not the answer."),
 ]
@@ -163,6 +167,10 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
     eq, ok, clean = _mutate(rng, ex, task.ops)
     before = rng.choice(PROSE_BEFORE).format(**fmt)
     after = rng.choice(PROSE_AFTER).format(**fmt)
+    mention = not task.answer_tags and rng.random() < 0.1
+    if mention:
+        after = rng.choice(PROSE_AFTER_EQUATION_ONLY)
+        ok = ok and "=" in eq
     if eq.startswith("**") or "**" in before:  # keep Markdown markers pairing as written
         before = before.replace("**", "")
     if task.answer_tags:
@@ -185,7 +193,7 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
             text, ok = before + eq + after, False  # no block at all
         return ex, text, ok
     r = rng.random()
-    if clean and "=" not in eq and r < 0.25:  # the result written in words
+    if clean and "=" not in eq and not mention and r < 0.25:  # the result written in words
         suffix, claim = rng.choice(RESULT_WORDS)
         after = suffix.format(target=ex["target"], other=ex["target"] + rng.choice([-3, 1, 7]))
         ok = ok and claim == "target"

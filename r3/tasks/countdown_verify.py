@@ -90,15 +90,42 @@ OPERATOR_WORDS = frozenset("""
 NEGATIONS = frozenset("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
     wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false
-    invalid nope untrue undefined impossible unsolvable incorrectly
+    invalid nope untrue undefined impossible unsolvable incorrectly hasn't haven't hadn't ain't hasnt
+    havent hadnt isn wasn doesn didn aren weren hasn haven hadn couldn wouldn shouldn contradiction
+    contradicts contradictory contradict
 """.split())
+#: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
+AFTER_DENIALS = frozenset("""
+    mistake mistakes mistaken mistakenly error errors erroneous erroneously fallacy
+""".split())
+#: Verbs and nouns of arithmetic that, after the final equation and followed by one of
+#: :data:`RESULT_OBJECTS`, do more arithmetic on it ("Then double it", "multiply the result").
+ARITHMETIC_ACTIONS = frozenset("""
+    add adds added adding subtract subtracts subtracted subtracting multiply multiplies multiplied
+    multiplying divide divides divided dividing double doubles doubled doubling triple triples
+    tripled tripling halve halves halved halving square squares squared squaring cube cubes cubed
+    cubing times plus minus increase increases increased decrease decreases decreased raise raises
+    raised negate negated reduce reduces reduced deduct deducts deducted multiplication division
+    subtraction addition
+""".split())
+RESULT_OBJECTS = frozenset("it itself themselves result answer sides equation together sum total".split())
+#: ... and, before it in its sentence, the objects that make it the operand ("multiplied 12 by
+#: both sides of 8 + 4 = 12", "Add 3 to it: 26 + 24 = 50").
+OPERAND_OBJECTS = frozenset("it itself themselves sides".split())
+#: Words that may follow a bare expression in its sentence ("5 + 23 is the answer."): anything
+#: else makes it a mention in prose, not an answer ("the equation 3 + 11 is a well-known puzzle").
+AFTER_BARE = frozenset("""
+    is was the my our final answer solution equation correct right indeed and that that's this it it's
+    here which target using both numbers number each once exactly
+""".split())
+_AFTER_BARE_ENDS = frozenset("answer solution equation correct right indeed here target numbers once".split())
 #: Words that may link an expression to its result written in words ("5 + 12 equals 17").
 RESULT_LINKS = frozenset("""
     is was equals equal equaling equalling to gives give giving makes make making yields yield
     results result resulting in which that would will be get gets got we you it so then this the a
     becomes become comes out as sum total answer value of us me exactly just about around indeed
     actually fact now finally final also really clearly simply should must can could that's it's
-    thats its
+    thats its turns turned gave equaled equalled came
 """.split())
 #: Words after which a number is an answer: a later one that is not the target contradicts the
 #: final equation.
@@ -286,8 +313,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
     answer cue that is not the target (``The answer is 24``), a number in another script, a number
     next to an operator sign or word (``26 \u2212 24``), a number word after an answer cue
-    (``the answer is forty-eight``), or a negation or denial (``..., is indeed wrong``, ``The answer
-    is not 13``). One pass over the rest of the text."""
+    (``the answer is forty-eight``), a negation or denial (``..., is indeed wrong``, ``The answer
+    is not 13``, ``I made an error``), more arithmetic on the result (``Then double it``, ``I
+    multiplied 12 by ...``), or an unfinished operation at the very end of the text (``... +``,
+    ``Then I added``). One pass over the rest of the text."""
     allowed = {str(n) for n in nums} | {str(target)}
     prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
     for m in _REST_TOKEN.finditer(text, end):
@@ -302,8 +331,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             return f"a number in another script after the final equation ({tok!r})"
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
-            if tok in NEGATIONS:
+            if tok in NEGATIONS or tok in AFTER_DENIALS:
                 return f"a denial after the final equation ({tok!r})"
+            if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
+                return f"more arithmetic on the result after the final equation ({tok!r})"
             if tok in NUMBER_WORDS and _after_cue(prev):
                 return f"an answer written as a word after the final equation ({tok!r})"
         else:
@@ -314,9 +345,15 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             word = tok if kind == "word" else prev[-1][1]
             if word in OPERATOR_WORDS:
                 return f"more arithmetic after the final equation ({word!r})"
+        if kind == "number" and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-3:]):
+            return "more arithmetic after the final equation (a number just after an operation word)"
         prev.append((kind, tok))
         if len(prev) > 8:
             del prev[0]
+    if prev and (prev[-1][0] == "sign" or prev[-1][1] in ("*", "/")):
+        return "the text ends in an unfinished operation"
+    if prev and prev[-1][0] == "word" and (prev[-1][1] in ARITHMETIC_ACTIONS or prev[-1][1] in OPERATOR_WORDS):
+        return f"the text ends in an unfinished operation ({prev[-1][1]!r})"
     return None
 
 
@@ -444,6 +481,45 @@ def _trim(text: str, a: int, b: int) -> tuple[int, int]:
     return a, b
 
 
+def _operand_problem(text: str, start: int) -> str | None:
+    """Earlier in its sentence, an operation on "it" / "both sides" makes the final equation an
+    operand, not the answer ("Next, I multiplied 12 by both sides of the equation 8 + 4 = 12")."""
+    sentence = max(text.rfind(c, 0, start) for c in ".!?" + _LINE_BREAKS) + 1
+    action_at = None
+    for k, m in enumerate(_REST_TOKEN.finditer(text, sentence, start)):
+        word = m.group().lower().replace("\u2019", "'")
+        if word in ARITHMETIC_ACTIONS:
+            action_at = k
+        elif word in OPERAND_OBJECTS and action_at is not None and k - action_at <= 5:
+            return f"an operation on {word!r} before the final equation makes it an operand"
+    return None
+
+
+def _bare_problem(text: str, i: int) -> str | None:
+    """A bare expression (no written result) is an answer only where its sentence ends: before
+    the sentence's end (or a number, which :func:`_after_problem` reads) only :data:`AFTER_BARE`
+    words and symbols may follow it ("5 + 23 is the answer."), and a text cut off after it ends
+    in one of :data:`_AFTER_BARE_ENDS` ("... 8 + 4 equals" is not)."""
+    last = None
+    while i < len(text):
+        ch = text[i]
+        if ch in ".!?;:" or ch in _LINE_BREAKS or ch.isnumeric():
+            return None
+        if not _wordish(ch):
+            i += 1
+            continue
+        kind, value, j = _token(text, i, +1)
+        if kind == "skip":  # quotes or emphasis
+            i = j
+            continue
+        if kind != "word" or value not in AFTER_BARE:
+            return f"the expression is mentioned in a sentence, not given as its answer ({text[i:i + 12]!r} after it)"
+        last, i = value, j
+    if last is not None and last not in _AFTER_BARE_ENDS:
+        return f"the text stops after the expression ('{last}'), before any result"
+    return None
+
+
 def final_equation(text: str, nums: list[int] | None = None, target: int | None = None) -> tuple[str | None, str]:
     """``(equation, "")`` for the final equation of ``text`` (already :func:`normalise`-d; see
     the module docstring), or ``(None, reason)`` when there is none or it is not a valid answer.
@@ -468,7 +544,8 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
         why = _neighbour_problem(text, pos, glued, after, "=" in equation)
         if why:
             return None, why
-    why = _words_problem(text, start, end) or _continues_from_previous_line(text, start)
+    why = (_words_problem(text, start, end) or _continues_from_previous_line(text, start)
+           or _operand_problem(text, start))
     if why:
         return None, why
     if "=" not in equation:
@@ -477,6 +554,10 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
             return None, "the equation is denied (a negation before its result)"
         if result is not None:
             equation += " = " + result
+        else:
+            why = _bare_problem(text, b)
+            if why:
+                return None, why
     if nums is not None:
         why = _after_problem(text, end, nums, target)
         if why:

@@ -45,12 +45,31 @@ _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
     wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false invalid nope
     untrue undefined impossible unsolvable incorrectly
+    hasn't haven't hadn't ain't hasnt havent hadnt isn wasn doesn didn aren weren hasn haven hadn
+    couldn wouldn shouldn contradiction contradicts contradictory contradict
 """.split())
+_CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
+                    "erroneously", "fallacy"}
+_CD_ACTIONS = set()
+for _stem, _forms in (("add", "s ed ing"), ("subtract", "s ed ing"), ("multipl", "y ies ied ying ication"),
+                      ("divid", "e es ed ing"), ("doubl", "e es ed ing"), ("tripl", "e es ed ing"),
+                      ("halv", "e es ed ing"), ("squar", "e es ed ing"), ("cub", "e es ed ing"),
+                      ("increas", "e es ed"), ("decreas", "e es ed"), ("rais", "e es ed"), ("negat", "e ed"),
+                      ("reduc", "e es ed"), ("deduct", " s ed")):
+    _CD_ACTIONS |= {_stem + f for f in _forms.split()}
+_CD_ACTIONS |= {"add", "subtract", "deduct", "times", "plus", "minus", "division", "subtraction", "addition"}
+_CD_OBJECTS = {"it", "itself", "themselves", "result", "answer", "sides", "equation", "together", "sum", "total"}
+_CD_OPERANDS = {"it", "itself", "themselves", "sides"}
+_CD_BARE_OK = {"is", "was", "the", "my", "our", "final", "answer", "solution", "equation", "correct", "right",
+               "indeed", "and", "that", "that's", "this", "it", "it's", "here", "which", "target", "using", "both",
+               "numbers", "number", "each", "once", "exactly"}
+_CD_BARE_LAST = {"answer", "solution", "equation", "correct", "right", "indeed", "here", "target", "numbers", "once"}
 _CD_LINKS = set("""
     is was equals equal equaling equalling to gives give giving makes make making yields yield results
     result resulting in which that would will be get gets got we you it so then this the a becomes
     become comes out as sum total answer value of us me exactly just about around indeed actually fact
     now finally final also really clearly simply should must can could that's it's thats its
+    turns turned gave equaled equalled came
 """.split())
 _CD_CUES = {"answer", "answers", "result", "results", "solution", "total", "equals", "gives", "makes", "get",
             "gets", "got", "yields"}
@@ -490,7 +509,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         why = _cd_side_problem(text, k, glued, right, "=" in core)
         if why:
             return False, why
-    why = _cd_words_problem(text, start, end) or _cd_previous_line(text, start)
+    why = _cd_words_problem(text, start, end) or _cd_previous_line(text, start) or _cd_operand(text, start)
     if why:
         return False, why
     if "=" not in core:
@@ -499,6 +518,10 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             return False, "negated result"
         if result is not None:
             core = f"{core} = {result}"
+        else:
+            why = _cd_bare(text, b)
+            if why:
+                return False, why
     why = _cd_after(text, end, nums, target)
     if why:
         return False, why
@@ -540,8 +563,10 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 while j < n and text[j].isascii() and text[j].isalpha():
                     j += 1
             tok, kind = text[i:j].lower().replace("\u2019", "'"), "word"
-            if tok in _CD_NOT:
+            if tok in _CD_NOT or tok in _CD_DENIED_LATER:
                 return "later denial"
+            if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
+                return "later arithmetic on the result"
             if tok in _CD_NUMBER_WORDS:
                 for k2, v2 in reversed(window):
                     if k2 == "word" and v2 in _CD_CUES:
@@ -557,8 +582,60 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 return "later arithmetic"
             if sorted((kind, pk)) == ["number", "word"] and (tok if kind == "word" else pv) in _CD_OP_WORDS:
                 return "later arithmetic (word)"
+        if kind == "number" and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-3:]):
+            return "later arithmetic (a number after an operation)"
         window = (window + [(kind, tok)])[-8:]
         i = j
+    if window:
+        k_last, v_last = window[-1]
+        if k_last == "sign" or v_last in ("*", "/"):
+            return "ends in an operator"
+        if k_last == "word" and (v_last in _CD_ACTIONS or v_last in _CD_OP_WORDS):
+            return "ends in an operation word"
+    return None
+
+
+def _cd_operand(text: str, start: int) -> str | None:
+    """An operation on it / both sides earlier in the equation's sentence."""
+    lo = start
+    while lo > 0 and text[lo - 1] not in ".!?\n\r\u2028\u2029\x85":
+        lo -= 1
+    words = re.findall(r"[0-9]+|[A-Za-z]+(?:['\u2019][A-Za-z]+)?|\S", text[lo:start])
+    seen = None
+    for k, w in enumerate(words):
+        w = w.lower().replace("\u2019", "'")
+        if w in _CD_ACTIONS:
+            seen = k
+        elif w in _CD_OPERANDS and seen is not None and k - seen <= 5:
+            return "operand of an earlier operation"
+    return None
+
+
+def _cd_bare(text: str, i: int) -> str | None:
+    """After an expression with no written result: only a few words up to the sentence's end."""
+    last = None
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c in ".!?;:\n\r\u2028\u2029\x85" or c.isnumeric():
+            return None
+        if not (c.isalpha() or c in "_'\u2019*\"`"):
+            i += 1
+            continue
+        j = i
+        while j < n and (text[j].isalpha() or text[j] in "_'\u2019*\"`"):
+            j += 1
+        if j - i > 33:
+            return "mentioned, not answered"
+        w = text[i:j].strip("_'\u2019*\"`").replace("\u2019", "'").lower()
+        if not w:
+            i = j
+            continue
+        if w not in _CD_BARE_OK:
+            return "mentioned, not answered"
+        last, i = w, j
+    if last is not None and last not in _CD_BARE_LAST:
+        return "cut off before a result"
     return None
 
 
