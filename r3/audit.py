@@ -99,7 +99,10 @@ def main(argv=None) -> int:
     res = audit(task, samples)
     steps = sorted({s.get("step") for s in samples if isinstance(s.get("step"), int)})
     span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
-    print(f"run {run}: task {cfg['task']} {json.dumps(cfg.get('task_options', {}))}")
+    from r3.tasks import resolve
+
+    _, options = resolve(cfg["task"], cfg.get("task_options", {}))
+    print(f"run {run}: task {cfg['task']} {json.dumps(options)}")
     print(f"rewarded retries logged: {res['rewarded']} ({span})")
     print(f"  pass the verifier now:         {_rate(res['rewarded_pass_verifier'], res['rewarded'])}")
     if res["independent_checker"]:

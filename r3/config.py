@@ -17,27 +17,14 @@ from typing import Any
 from r3.errors import R3Error
 
 
-DEFAULT_TASK_OPTIONS = {
-    "difficulty": "easy",
-    "answer_tags": False,
-    "min_count": 2,
-    "max_count": 2,
-    "max_num": 30,
-    "max_target": 60,
-    "train_size": 600,
-    "test_size": 90,
-    "prompt_template": "Write an equation that uses the numbers {nums} once each, with + or -, and equals {target}.",
-}
-
-
 @dataclass
 class TrainConfig:
     # what to train
     model: str = "smollm2-135m"
-    task: str = "countdown"
-    # The default task gives the built-in 135M model signal (it solves ~0% of standard Countdown):
-    # two numbers, + and -, a plain prompt, the final equation of the completion is the answer.
-    task_options: dict = field(default_factory=lambda: dict(DEFAULT_TASK_OPTIONS))
+    # A preset of Countdown that gives the built-in 135M model signal (it solves ~0% of standard
+    # Countdown): two numbers, + and -, a plain prompt, the final equation is the answer.
+    task: str = "countdown-tiny"
+    task_options: dict = field(default_factory=dict)  # merged over the task's own defaults
     failures: str | None = None  # a failure dataset (python -m r3.failures); None = fresh first attempts
     out: str = "runs/r3"
     # rollout

@@ -456,7 +456,7 @@ def format_eta(seconds: float) -> str:
 def train(cfg: TrainConfig) -> dict:
     from r3.episode import EpisodeSampling, run_episode
     from r3.failures import read_failures
-    from r3.tasks import get as get_task
+    from r3.tasks import get as get_task, resolve as resolve_task
 
     d = init_distributed()
     if cfg.batch_size % d.world:
@@ -471,6 +471,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)
         for k, v in cfg.to_dict().items():
             print(f"  {k}: {v}", flush=True)
+        base, options = resolve_task(cfg.task, cfg.task_options)
+        print(f"  (task {base!r} with options {options})", flush=True)
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     dtype = compute_dtype(cfg)

@@ -38,7 +38,29 @@ def test_get_builtin_and_aliases():
 
     for name in ("function_calling", "function-calling", "xlam", "XLAM"):
         assert isinstance(tasks.get(name), FunctionCallingTask)
-    assert tasks.available() == ["countdown", "function_calling"]
+    assert tasks.available() == ["countdown", "function_calling", "countdown-tiny"]
+
+
+def test_presets_and_each_task_owns_its_defaults():
+    """A preset is a built-in task with other default options; options given merge over them. The
+    training default is the preset, so another task gets only its own defaults."""
+    from r3.config import parse_args
+    from r3.tasks.function_calling import FunctionCallingTask
+
+    tiny = tasks.get("countdown-tiny")
+    assert isinstance(tiny, CountdownTask) and tiny.ops == "+-" and tiny.answer_tags is False
+    assert (tiny.min_count, tiny.max_count, tiny.max_num) == (2, 2, 30)
+    assert tasks.get("Countdown-Tiny", max_num=50).max_num == 50
+    assert tasks.get("countdown").answer_tags is True  # the task's own default
+    assert tasks.resolve("countdown-tiny", {"max_num": 50}) == ("countdown", {**tasks.PRESETS["countdown-tiny"][1], "max_num": 50})
+    assert tasks.resolve("function_calling", {"a": 1}) == ("function_calling", {"a": 1})
+    with pytest.raises(R3Error, match="unknown option colour"):
+        tasks.get("countdown-tiny", colour="red")
+    cfg = parse_args([])
+    assert (cfg.task, cfg.task_options) == ("countdown-tiny", {})
+    cfg = parse_args(["--task", "function_calling", "--task-option", "synthetic_size=10"])
+    assert cfg.task_options == {"synthetic_size": 10}
+    assert isinstance(tasks.get(cfg.task, **cfg.task_options), FunctionCallingTask)
 
 
 def test_unknown_task_names_the_value_and_lists_valid_ones():

@@ -183,6 +183,36 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     assert proc.returncode == 0 and "independent re-check: none for task" in proc.stdout, proc.stderr
 
 
+def test_function_calling_from_the_command_line(tiny_model, tmp_path):
+    """--task function_calling gets its own default options (none of Countdown's), with the
+    synthetic data and with data_path= an xlam-format file; evaluate --run and failures follow."""
+    from r3.tasks.function_calling import write_synthetic
+
+    data = tmp_path / "xlam.json"
+    write_synthetic(str(data), 30)
+    common = [a for a in BASE if a not in ("r3_test_tasks:CoinTask", "--task", "--task-options", "{}")]
+    for name, options in (("synthetic", ["--task-option", "synthetic_size=30"]),
+                          ("file", ["--task-option", f"data_path={data}"])):
+        out = tmp_path / name
+        proc = run_train(common + ["--task", "function_calling", *options, "--model", str(tiny_model),
+                                   "--out", str(out), "--max-steps", "1"])
+        assert "task 'function_calling' with options" in proc.stdout
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["task"] == "function_calling" and "difficulty" not in cfg["task_options"]
+        assert [r["step"] for r in read_metrics(out)] == [1]
+    ev = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(tmp_path / "file"), "--n", "2",
+                           "--out", str(ev), "--quiet"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(ev.read_text())["task_options"] == {"data_path": str(data)}
+    fails = tmp_path / "failures.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "r3.failures", "--model", str(tiny_model), "--task", "function_calling",
+                           "--task-option", f"data_path={data}", "--n", "2", "--samples", "2", "--max-new-tokens", "8",
+                           "--dtype", "fp32", "--out", str(fails)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert fails.is_file()
+
+
 def test_nan_guard_skips_the_step(tiny_model, tmp_path):
     """A non-finite loss never reaches the weights (nor a checkpoint)."""
     from r3 import train as T
@@ -281,5 +311,9 @@ def test_the_example_config_is_the_defaults():
     """configs/smollm2_countdown_tiny.yaml documents the main command: it must not drift."""
     from r3.config import TrainConfig, parse_args
 
+    from r3.tasks import resolve
+
     path = Path(__file__).parents[1] / "configs" / "smollm2_countdown_tiny.yaml"
-    assert parse_args(["--config", str(path)]).to_dict() == TrainConfig().validate().to_dict()
+    written, default = parse_args(["--config", str(path)]).to_dict(), TrainConfig().validate().to_dict()
+    assert resolve(written.pop("task"), written.pop("task_options")) == resolve(default.pop("task"), default.pop("task_options"))
+    assert written == default

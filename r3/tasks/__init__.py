@@ -5,11 +5,15 @@
 * ``"countdown"`` -- :class:`r3.tasks.countdown.CountdownTask`
 * ``"function_calling"`` (also ``"function-calling"``, ``"xlam"``) --
   :class:`r3.tasks.function_calling.FunctionCallingTask`
+* a preset (:data:`PRESETS`): a built-in task with other default options; ``"countdown-tiny"``,
+  the main command's task, is Countdown made for a 135M model (two numbers, + and -, a plain prompt,
+  the final equation is the answer)
 * ``"package.module:Name"`` -- a user plug-in: the module is imported and ``Name`` (a
   :class:`~r3.tasks.base.Task` subclass, or any callable returning an object with ``examples``,
   ``messages``, ``verify``, ``reflection_prompt`` and ``retry_prompt``) is called with the options.
 
-Unknown names and unknown options raise :class:`r3.errors.R3Error`.
+Each task owns its default options (its constructor's keyword defaults, or a preset's); the options
+passed are merged over them. Unknown names and unknown options raise :class:`r3.errors.R3Error`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 from r3.errors import R3Error
 from r3.tasks.base import Task, option_names
 
-__all__ = ["Task", "get", "available", "TASKS", "ALIASES", "R3Error"]
+__all__ = ["Task", "get", "resolve", "available", "TASKS", "ALIASES", "PRESETS", "R3Error"]
 
 # canonical name -> "module:Class" (imported lazily)
 TASKS = {
@@ -29,13 +33,37 @@ TASKS = {
     "function_calling": "r3.tasks.function_calling:FunctionCallingTask",
 }
 ALIASES = {"function-calling": "function_calling", "xlam": "function_calling"}
+# preset name -> (built-in task, its default options); options given with the preset merge over these
+PRESETS = {
+    "countdown-tiny": ("countdown", {
+        "difficulty": "easy",
+        "answer_tags": False,
+        "min_count": 2,
+        "max_count": 2,
+        "max_num": 30,
+        "max_target": 60,
+        "train_size": 600,
+        "test_size": 90,
+        "prompt_template": "Write an equation that uses the numbers {nums} once each, with + or -, and equals {target}.",
+    }),
+}
 
 _REQUIRED = ("examples", "messages", "verify", "reflection_prompt", "retry_prompt")
 
 
 def available() -> list[str]:
-    """Built-in task names (aliases excluded)."""
-    return sorted(TASKS)
+    """Built-in task and preset names (aliases excluded)."""
+    return sorted(TASKS) + sorted(PRESETS)
+
+
+def resolve(name: Any, options: dict | None = None) -> tuple[Any, dict]:
+    """``(task name, options)`` with a preset replaced by its task and its options merged under
+    ``options``; any other name is returned as it is."""
+    options = dict(options or {})
+    if isinstance(name, str) and name.strip().lower() in PRESETS:
+        base, defaults = PRESETS[name.strip().lower()]
+        return base, {**defaults, **options}
+    return name, options
 
 
 def _resolve(spec: str, task_name: str) -> Any:
@@ -57,7 +85,9 @@ def _resolve(spec: str, task_name: str) -> Any:
 
 
 def get(name: Any, **options: Any) -> Task:
-    """The task called ``name``, built with ``options`` (its keyword arguments)."""
+    """The task called ``name``, built with ``options`` (its keyword arguments, merged over a
+    preset's)."""
+    name, options = resolve(name, options)
     if isinstance(name, Task) or (not isinstance(name, str) and all(hasattr(name, a) for a in _REQUIRED)):
         if options:
             raise R3Error(f"options {sorted(options)} given with an already-built task {name!r}")
@@ -71,7 +101,7 @@ def get(name: Any, **options: Any) -> Task:
     elif ":" in key:
         factory = _resolve(key, name)
     else:
-        valid = ", ".join(sorted(TASKS) + sorted(ALIASES))
+        valid = ", ".join(sorted(TASKS) + sorted(PRESETS) + sorted(ALIASES))
         raise R3Error(f"unknown task {name!r}; valid tasks: {valid}, or a plug-in 'package.module:ClassName'")
     accepted = option_names(factory)
     if accepted is not None:
