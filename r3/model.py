@@ -1,10 +1,21 @@
-"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5 and Mistral.
+"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5, Qwen3 (dense),
+Mistral and Phi-3 / Phi-3.5.
 
-One file, read in one sitting: RMSNorm, RoPE (default, linear and Llama-3 scaling), grouped-query
-attention through SDPA, SwiGLU, tied or untied embeddings, and a static, preallocated KV cache.
+One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
+grouped-query attention through SDPA (with Qwen3's per-head RMSNorm on q and k), SwiGLU, tied or
+untied embeddings, and a static, preallocated KV cache.
 
 Parameter names follow the Hugging Face state dict minus its ``model.`` prefix, so checkpoints map
-one to one (see ``r3.checkpoint``).
+one to one (see ``r3.checkpoint``), except Phi-3's fused ``qkv_proj`` and ``gate_up_proj``: they are
+split into q/k/v and gate/up on load and fused again on export (:func:`split_fused`,
+:func:`fuse_for_hf`), so every family runs the same modules.
+
+LongRoPE (Phi-3.5): transformers picks the short or the long factors per forward from the largest
+position (long once it passes ``original_max_position_embeddings``) and scales cos/sin by the
+attention factor. Tokens cached with the short factors then sit beside tokens rotated with the
+long ones, which no KV cache can reproduce, so r3 runs these models up to
+``original_max_position_embeddings`` positions (4096 for Phi-3.5-mini) and refuses longer
+sequences with a clear error.
 
 KV cache convention (what the sampler relies on): a row's token at position ``p`` lives in cache
 slot ``p``. A forward with a cache takes explicit ``positions [B, T]``; it writes each token's
@@ -26,8 +37,10 @@ import torch.nn.functional as F
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
 KV_BUCKET = 64
 
 
@@ -45,12 +58,13 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...}; None = default
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"longrope", ...}; None = default
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     layer_windows: list = field(default_factory=list)  # per layer: None or sliding-window size
     bos_token_id: Any = None
     eos_token_id: Any = None
@@ -87,6 +101,8 @@ class ModelConfig:
             scaling = dict(scaling)
             scaling.pop("rope_theta", None)
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's earlier names for longrope
+                rope_type = "longrope"
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise R3Error(
                     f"{source}: unsupported rope scaling type '{rope_type}' "
@@ -95,12 +111,17 @@ class ModelConfig:
             if cfg.get("partial_rotary_factor", 1.0) != 1.0:
                 raise R3Error(f"{source}: unsupported partial_rotary_factor")
             scaling["rope_type"] = rope_type
+            scaling.pop("type", None)
             if rope_type == "default":
                 scaling = None
+            elif rope_type == "longrope":
+                scaling = _longrope(cfg, scaling, model_type, int(head_dim), source)
 
         windows = _layer_windows(cfg, model_type, n_layers, source)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
+        elif model_type == "phi3":
+            qkv_bias = o_bias = False
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -119,7 +140,8 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
+            qk_norm=model_type == "qwen3",
             layer_windows=windows,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
@@ -128,12 +150,11 @@ class ModelConfig:
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
         """A config.json dict that transformers loads as the same architecture."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
         rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope_parameters.update(self.rope_scaling)
         cfg = {
-            "architectures": [arch[self.model_type]],
+            "architectures": [_HF_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -161,9 +182,13 @@ class ModelConfig:
         if self.model_type == "llama":
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = self.mlp_bias
-        elif self.model_type == "mistral":
+        elif self.model_type in ("mistral", "phi3"):
             cfg["sliding_window"] = windows.pop() if windows else None
-        elif self.model_type == "qwen2":
+            if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
+                cfg["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
+        elif self.model_type in ("qwen2", "qwen3"):
+            if self.model_type == "qwen3":
+                cfg["attention_bias"] = self.qkv_bias
             cfg["use_sliding_window"] = bool(windows)
             cfg["sliding_window"] = windows.pop() if windows else None
             cfg["max_window_layers"] = next(
@@ -175,14 +200,38 @@ class ModelConfig:
         return cfg
 
 
+def _longrope(cfg: dict, scaling: dict, model_type: str, head_dim: int, source: str) -> dict:
+    """LongRoPE parameters as transformers resolves them: the original context length (Phi-3's
+    top-level field first), both factor lists, and the attention factor that scales cos/sin."""
+    max_pos = int(cfg.get("max_position_embeddings", 2048))
+    if cfg.get("original_max_position_embeddings") is not None:
+        original = int(cfg["original_max_position_embeddings"])
+    elif model_type == "phi3":
+        original = 4096  # Phi3Config's default, which transformers prefers to the rope dict's
+    else:
+        original = int(scaling.get("original_max_position_embeddings") or max_pos)
+    for key in ("short_factor", "long_factor"):
+        values = scaling.get(key)
+        if not isinstance(values, list) or len(values) != head_dim // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+            raise R3Error(f"{source}: rope scaling '{key}' must be a list of {head_dim // 2} numbers")
+    factor = scaling.get("factor") or max_pos / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
+            "long_factor": [float(x) for x in scaling["long_factor"]],
+            "original_max_position_embeddings": original, "attention_factor": float(attention)}
+
+
 def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> list:
     """Per-layer sliding-window size (None = full attention), as transformers applies it."""
     window = cfg.get("sliding_window")
     if model_type == "llama":
         return [None] * n_layers
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return [int(window) if window else None] * n_layers
-    # qwen2: windows apply only with use_sliding_window, to layers >= max_window_layers.
+    # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers.
     layer_types = cfg.get("layer_types")
     if not cfg.get("use_sliding_window") or not window:
         return [None] * n_layers
@@ -214,10 +263,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] in fp32, with linear or Llama-3 scaling applied."""
+    """Inverse frequencies [head_dim/2] in fp32, with linear, Llama-3 or LongRoPE (the short
+    factors: r3 stays within the original context) scaling applied."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     s = cfg.rope_scaling
+    if s and s["rope_type"] == "longrope":
+        ext = torch.tensor(s["short_factor"], dtype=torch.float32)
+        return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if not s:
         return inv_freq
     if s["rope_type"] == "linear":
@@ -235,11 +288,27 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin [B, 1, T, head_dim] for positions [B, T] (computed in fp32, cast like transformers)."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos/sin [B, 1, T, head_dim] for positions [B, T] (computed in fp32, scaled by the attention
+    factor of LongRoPE, cast like transformers)."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def rope_scale(cfg: ModelConfig) -> float:
+    """The factor cos/sin are scaled by (LongRoPE's attention factor; 1 otherwise)."""
+    s = cfg.rope_scaling
+    return float(s["attention_factor"]) if s and s["rope_type"] == "longrope" else 1.0
+
+
+def rope_max_positions(cfg: ModelConfig) -> int | None:
+    """The most positions a forward may use, where r3 cannot follow transformers past it."""
+    s = cfg.rope_scaling
+    return int(s["original_max_position_embeddings"]) if s and s["rope_type"] == "longrope" else None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -304,11 +373,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, layer_cache, positions, kv_len):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
@@ -412,8 +487,12 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("positions are required with a KV cache")
             positions = torch.arange(T, device=dev).expand(B, T)
+        limit = rope_max_positions(self.config)
+        if limit is not None and int(positions.max()) >= limit:
+            raise R3Error(f"this model's LongRoPE is followed up to original_max_position_embeddings = {limit} "
+                          f"positions; a sequence reached {int(positions.max()) + 1} (shorten the token limits)")
         x = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype, rope_scale(self.config))
         if cache is not None:
             if kv_len is None:
                 kv_len = int(positions.max()) + 1
@@ -495,7 +574,52 @@ def param_names_hf(cfg: ModelConfig) -> dict[str, tuple]:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if cfg.mlp_bias:
             shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)})
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
+
+
+_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def _fused_sizes(cfg: ModelConfig, suffix: str) -> list[int]:
+    d = cfg.head_dim
+    if suffix == "self_attn.qkv_proj.weight":
+        return [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
+    return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def split_fused(cfg: ModelConfig, name: str, tensor: torch.Tensor, source: str = "checkpoint") -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor)]`` in our layout: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` split in
+    the order transformers slices them; any other tensor as it is."""
+    suffix = next((f for f in _FUSED if name.endswith(f)), None)
+    if cfg.model_type != "phi3" or suffix is None:
+        return [(name, tensor)]
+    sizes = _fused_sizes(cfg, suffix)
+    if tensor.ndim != 2 or tensor.shape[0] != sum(sizes) or tensor.shape[1] != cfg.hidden_size:
+        raise R3Error(f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected ({sum(sizes)}, {cfg.hidden_size})")
+    prefix = name[: -len(suffix)]
+    return [(prefix + part, t) for part, t in zip(_FUSED[suffix], tensor.split(sizes, dim=0))]
+
+
+def fuse_for_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (any prefix) in the checkpoint's layout: Phi-3's q/k/v and gate/up fused
+    again; other families unchanged."""
+    if cfg.model_type != "phi3":
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        for fused, parts in _FUSED.items():
+            if name.endswith(parts[0]):
+                prefix = name[: -len(parts[0])]
+                out[prefix + fused] = torch.cat([tensors[prefix + p] for p in parts], dim=0)
+                break
+            if any(name.endswith(p) for p in parts[1:]):
+                break
+        else:
+            out[name] = t
+    return out
 
 
 def config_dict(cfg: ModelConfig) -> dict:

@@ -380,6 +380,11 @@ class Session:
         fast = self.fast_decode
         if fast is None:
             fast = self.device.type == "cpu" or self.compile_decode
+        if fast and not FastStep.supports(self.model.config):
+            if self.compile_decode or self.fast_decode:
+                raise SamplingError(f"the fast decode step does not implement model_type "
+                                    f"'{self.model.config.model_type}' yet: use compile_decode false")
+            fast = False
         if not fast:
             if self.compile_decode:
                 raise SamplingError("compile_decode compiles the fast decode step: it needs fast_decode (None or True)")

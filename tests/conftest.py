@@ -33,7 +33,7 @@ def builtin_hf():
 
 def tiny_hf_config(kind: str, **overrides):
     """A tiny random config of one of the supported families, made with transformers' classes."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=256,
@@ -62,6 +62,16 @@ def tiny_hf_config(kind: str, **overrides):
         cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
     elif kind == "mistral":  # sliding window that matters at the test lengths
         cfg = MistralConfig(**{**common, "head_dim": 24}, tie_word_embeddings=False, sliding_window=8)
+    elif kind == "qwen3":  # per-head q/k RMSNorm, an explicit head_dim unlike hidden / heads, tied
+        cfg = Qwen3Config(**{**common, "head_dim": 24}, tie_word_embeddings=True, rope_theta=1000000.0)
+    elif kind == "phi3":  # fused qkv / gate_up, LongRoPE as Phi-3.5 ships it (factor 4, attention factor)
+        g = torch.Generator().manual_seed(7)
+        half = common["hidden_size"] // common["num_attention_heads"] // 2
+        cfg = Phi3Config(**common, tie_word_embeddings=False, original_max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         rope_scaling={"type": "longrope",
+                                       "short_factor": (1 + 2 * torch.rand(half, generator=g)).tolist(),
+                                       "long_factor": (4 + 20 * torch.rand(half, generator=g)).tolist()})
     else:
         raise ValueError(kind)
     for k, v in overrides.items():
@@ -88,10 +98,10 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """kind -> (directory, transformers model) for llama, qwen2 (sharded) and mistral."""
+    """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3 and phi3."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "qwen2", "mistral"):
+    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

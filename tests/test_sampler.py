@@ -21,7 +21,7 @@ from r3.model import ModelConfig, Transformer
 from r3.decode import FastStep, ModelStep
 from r3.sampler import Session, SamplingError, _top_p_candidates, generate, pick_greedy, pick_tokens
 
-KINDS = ("llama", "qwen2", "mistral")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,6 +128,7 @@ def _stop_set_with_ragged_finish(seqs, n):
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_matches_transformers_tiny(tiny, kind, fast):
     model, hf = tiny[kind]
+    fast = fast if FastStep.supports(model.config) else None  # None: the step falls back to the model's
     prompts = _rand_prompts(256, [5, 13, 9], seed=1)  # Mistral's window is 8: it matters here
     out = generate(model, prompts, max_new_tokens=12, temperature=0, fast_decode=fast)
     assert out.lengths == [12, 12, 12] and out.finished == [False] * 3
@@ -163,6 +164,7 @@ def test_continuation_equals_fresh_prefill(tiny, kind, fast):
     (growing the cache), sample again: identical to prefilling the whole conversation afresh,
     and every sampled log-prob equals a teacher-forced forward of the final sequence."""
     model, _ = tiny[kind]
+    fast = fast if FastStep.supports(model.config) else None
     prompts = _rand_prompts(256, [7, 3, 11], seed=2)
     n1, n2 = 10, 6
     # Stops do not change the random stream: a stopped run is the free run cut at its stops.
@@ -362,7 +364,18 @@ def test_topk1_and_tiny_topp_equal_greedy(builtin, chat):
     assert all(lp == 0.0 for r in k1.logprobs + p0.logprobs for lp in r)  # one token kept: prob 1
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_fast_step_declines_what_it_does_not_implement(tiny):
+    """Qwen3 (q/k norms) and LongRoPE decode through the model's forward; asking for the fused
+    step by name is a clear error."""
+    for kind in ("qwen3", "phi3"):
+        model, _ = tiny[kind]
+        assert not FastStep.supports(model.config)
+        with pytest.raises(SamplingError, match=f"model_type '{kind}'"):
+            generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0, fast_decode=True)
+    assert all(FastStep.supports(tiny[k][0].config) for k in ("llama", "qwen2", "mistral"))
+
+
+@pytest.mark.parametrize("kind", ("llama", "qwen2", "mistral"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_step_equals_model_forward(tiny_dirs, kind, dtype):
     """FastStep (fused / prepacked weights) gives the model's own decode logits, ragged rows."""
