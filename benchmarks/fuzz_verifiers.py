@@ -82,7 +82,7 @@ POISON = [
     ("", " doubled"), ("", " (in base 8)"), ("Move 2 to ", ""), ("Take 1 from ", ""),
     # arithmetic on the result, an unfinished operation
     ("", "\n\nHowever, when the numbers are multiplied together, they should always equal 9."),
-    ("", ". Then double it."), ("", ". Then I added"), ("", ", +"), ("Next, I multiplied 3 by both sides of ", ""),
+    ("", ". Then double it."), ("", ". Then I add 2 to it."), ("", ", +"), ("Next, I multiplied 3 by both sides of ", ""),
     # denied later on
     ("", ", is indeed wrong."), ("", "\n\nWait, that isn\u2019t right."), ("", ". That is not the answer."),
 ]

@@ -2,6 +2,7 @@
 
     python benchmarks/learning_curve.py --out runs/lc                     # the main command's defaults
     python benchmarks/learning_curve.py --out runs/lc -- --max-steps 60   # flags after -- go to r3.train
+    python benchmarks/learning_curve.py --pool runs/lc/learning_curve.json runs/lc1/learning_curve.json
 
 1. The untrained model makes one sampled first attempt per held-out test query of the run's task;
    its failures (query + failed attempt) are stored. It then writes ``--samples`` reflections per
@@ -19,7 +20,12 @@ per-failure (or per-query) difference. Writes ``OUT/learning_curve.json`` and ``
 The untrained model's evaluation is kept in ``OUT/before.json`` and reused when the settings it
 depends on match.
 
-What it does not show: anything about larger models or the paper's settings; one training seed.
+``--pool`` combines runs that differ only in the training seed and share the untrained model's
+evaluation (copy ``before.json`` into each ``--out``): the paired gain per stored failure is the
+mean over the runs' trained models minus the untrained model, so the standard error is over the
+failures, and the greedy change likewise per query.
+
+What it does not show: anything about larger models or the paper's settings.
 """
 
 from __future__ import annotations
@@ -130,6 +136,29 @@ def paired_over_failures(before: list[int], after: list[int], samples: int) -> d
     return {"mean": mean, "stderr": se, "z": mean / se if se else None, "failures": n, "samples_per_failure": samples}
 
 
+def pool(paths: list[str]) -> dict:
+    """Paired changes of the mean trained model over runs that share one untrained evaluation."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    before = runs[0]["before"]
+    for p, r in zip(paths, runs):
+        if r["before"]["own_failure_wins"] != before["own_failure_wins"] or \
+                r["before"]["greedy_first_correct"] != before["greedy_first_correct"]:
+            raise SystemExit(f"{p}: its untrained evaluation differs from {paths[0]}'s (copy before.json)")
+    samples = runs[0]["samples_per_failure"]
+    wins = [sum(r["after"]["base_failure_wins"][i] for r in runs) / len(runs) for i in range(len(before["own_failure_wins"]))]
+    greedy = {}
+    for kind in ("first", "second"):
+        per_query = [sum(r["after"][f"greedy_{kind}_correct"][i] for r in runs) / len(runs) - b
+                     for i, b in enumerate(before[f"greedy_{kind}_correct"])]
+        n = len(per_query)
+        mean = sum(per_query) / n
+        se = math.sqrt(sum((x - mean) ** 2 for x in per_query) / (n - 1) / n)
+        greedy[f"{kind}_attempt"] = {"mean": mean, "stderr": se, "n": n}
+    return {"runs": paths, "seeds": [r["config"]["seed"] for r in runs],
+            "paired_retry_gain_on_base_failures": paired_over_failures(before["own_failure_wins"], wins, samples),
+            "paired_greedy_change": greedy}
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -146,8 +175,19 @@ def main():
     ap.add_argument("--samples", type=int, default=16, help="reflections per failed held-out query")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--skip-train", action="store_true", help="only evaluate an existing run")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", help="combine runs' learning_curve.json (see above)")
+    ap.add_argument("--json", help="with --pool: write the pooled result here")
     ap.add_argument("train_args", nargs="*", help="flags for r3.train, after --")
     args = ap.parse_args()
+    if args.pool:
+        res = pool(args.pool)
+        p, g = res["paired_retry_gain_on_base_failures"], res["paired_greedy_change"]["first_attempt"]
+        print(f"{len(args.pool)} runs (seeds {res['seeds']}): paired retry gain on the untrained model's "
+              f"{p['failures']} failures {p['mean']:+.3f} \u00b1 {p['stderr']:.3f} (z={p['z']:.1f}); "
+              f"greedy first attempt {g['mean']:+.3f} \u00b1 {g['stderr']:.3f}")
+        if args.json:
+            _write_json(Path(args.json), res)
+        return
     cfg = parse_train_args(list(args.train_args))
     out = Path(args.out)
     run = out / "run"

@@ -236,7 +236,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def _help() -> str:
     lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]",
-             "       [--task-option key=value ...]  (merged into task_options)", "", "keys (default):"]
+             "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults)", "", "keys (default):"]
     d = TrainConfig().to_dict()
     for name in _FIELDS:
         lines.append(f"  --{name.replace('_', '-'):<26} {d[name]!r}")

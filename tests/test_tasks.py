@@ -681,6 +681,7 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([29, 13], 42, "When you add 29 + 13 to 29 + 13, you get 42, which is the result", False),
         ([29, 13], 42, "Subtract 2 from 29 + 13 = 42", False),
         ([29, 13], 42, "I tried 27 and then 29 + 13 = 42", True),
+        ([21, 27], 48, "You used the incorrect formula for 48 = 21 * 2 for 21 + 27.", False),
         # unfinished: an operator at the very end, a result word with no result
         ([24, 13], 37, "Let's start with 24 and add 13 to it: 24 + 13 \u2013 ", False),
         ([5, 15], 20, "(like 5 + 15 = 20, +", False),

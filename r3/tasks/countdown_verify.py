@@ -24,8 +24,8 @@ when
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`) or a word in another alphabet is among the four words before or after it
-  (apart by spaces, quotes or Markdown emphasis), or ``of`` / ``by`` / ``to`` / ``from`` right
-  after a number (``50% of``, ``1/2 of``, ``two of``, ``3 by``, ``add 29 + 13 to``) comes just
+  (apart by spaces, quotes or Markdown emphasis), or ``of`` / ``by`` / ``to`` / ``from`` / ``for``
+  right after a number (``50% of``, ``1/2 of``, ``two of``, ``3 by``, ``add 29 + 13 to``) comes just
   before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
@@ -247,7 +247,7 @@ def _token(text: str, i: int, step: int) -> tuple[str | None, str, int]:
 
 def _words_problem(text: str, start: int, end: int) -> str | None:
     """An operator word or negation among the four words on each side of ``text[start:end]``, or
-    ``of``, ``by``, ``to`` or ``from`` right after a number just before it (``add 3 to 26 + 24``)."""
+    ``of``, ``by``, ``to``, ``from`` or ``for`` right after a number just before it (``add 3 to 26 + 24``)."""
     for pos, step in ((start - 1, -1), (end, +1)):
         words, tokens, i = [], 0, pos
         while len(words) < 4 and tokens < 8:
@@ -256,7 +256,7 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
             if kind == "skip":
                 continue
             if kind == "number":
-                if step < 0 and words in (["of"], ["by"], ["to"], ["from"]):
+                if step < 0 and words in (["of"], ["by"], ["to"], ["from"], ["for"]):
                     return f"'{value} {words[0]}' before the equation"
                 break
             if kind is None:

@@ -334,7 +334,7 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
             if kind == "skip":
                 continue
             if kind == "number":
-                if step < 0 and len(words) == 1 and words[0] in ("of", "by", "to", "from"):
+                if step < 0 and len(words) == 1 and words[0] in ("of", "by", "to", "from", "for"):
                     return "a number of/by it"
                 break
             if kind is None:

@@ -1,0 +1,50 @@
+"""benchmarks/learning_curve.py --pool: the paired change of the mean trained model over seeds,
+against hand-computed values."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import learning_curve as lc  # noqa: E402
+
+
+def _run(tmp_path, name, seed, after_wins, after_first, before_wins=(0, 2, 0), before_first=(True, False, False)):
+    res = {"config": {"seed": seed}, "samples_per_failure": 4,
+           "before": {"own_failure_wins": list(before_wins), "greedy_first_correct": list(before_first),
+                      "greedy_second_correct": list(before_first)},
+           "after": {"base_failure_wins": list(after_wins), "greedy_first_correct": list(after_first),
+                     "greedy_second_correct": list(after_first)}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(res))
+    return str(path)
+
+
+def test_pool_is_the_paired_change_of_the_mean_model(tmp_path):
+    a = _run(tmp_path, "a", 0, [1, 2, 0], [True, True, False])
+    b = _run(tmp_path, "b", 1, [3, 2, 2], [True, False, False])
+    res = lc.pool([a, b])
+    # per failure: mean wins (2, 2, 1) minus before (0, 2, 0), over 4 samples -> (0.5, 0, 0.25)
+    p = res["paired_retry_gain_on_base_failures"]
+    d = [0.5, 0.0, 0.25]
+    mean = sum(d) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 2 / 3)
+    assert p["mean"] == pytest.approx(mean) and p["stderr"] == pytest.approx(se) and p["failures"] == 3
+    # per query: mean correct (1, 0.5, 0) minus before (1, 0, 0) -> (0, 0.5, 0)
+    g = res["paired_greedy_change"]["first_attempt"]
+    assert g["mean"] == pytest.approx(0.5 / 3) and g["n"] == 3
+    assert g["stderr"] == pytest.approx(math.sqrt(((0 - 1 / 6) ** 2 * 2 + (0.5 - 1 / 6) ** 2) / 2 / 3))
+    assert res["seeds"] == [0, 1]
+    # one run pooled with itself is that run
+    assert lc.pool([a, a])["paired_retry_gain_on_base_failures"]["mean"] == pytest.approx((0.25 + 0 + 0) / 3)
+
+
+def test_pool_refuses_runs_with_different_untrained_evaluations(tmp_path):
+    a = _run(tmp_path, "a", 0, [1, 2, 0], [True, True, False])
+    b = _run(tmp_path, "b", 1, [1, 2, 0], [True, True, False], before_wins=(1, 2, 0))
+    with pytest.raises(SystemExit, match="copy before.json"):
+        lc.pool([a, b])
