@@ -716,6 +716,7 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([5, 23], 28, "5 + 23 and that is my answer.", True),
         ([9, 1], 10, "9 + 1, which turns out to be 10.", True),
         ([9, 1], 10, "So: 9 + 1\nThat's it.", True),
+        ([5, 23], 28, "Add them and it gives 5 + 23 = 28.", True),
         ([5, 23], 28, "**5 + 23** is the answer \u2713", True),
         ([5, 23], 28, '"5 + 23", which is the target.', True),
         # text hidden from a plain reading: Unicode spaces, invisible characters, entities, markup

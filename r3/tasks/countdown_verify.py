@@ -110,8 +110,8 @@ ARITHMETIC_ACTIONS = frozenset("""
 """.split())
 RESULT_OBJECTS = frozenset("it itself themselves result answer sides equation together sum total".split())
 #: ... and, before it in its sentence, the objects that make it the operand ("multiplied 12 by
-#: both sides of 8 + 4 = 12", "Add 3 to it: 26 + 24 = 50").
-OPERAND_OBJECTS = frozenset("it itself themselves sides".split())
+#: both sides of 8 + 4 = 12"; not "it", which is too common there: "Add them and it gives ...").
+OPERAND_OBJECTS = frozenset("itself themselves sides".split())
 #: Words that may follow a bare expression in its sentence ("5 + 23 is the answer."): anything
 #: else makes it a mention in prose, not an answer ("the equation 3 + 11 is a well-known puzzle").
 AFTER_BARE = frozenset("""
@@ -482,7 +482,7 @@ def _trim(text: str, a: int, b: int) -> tuple[int, int]:
 
 
 def _operand_problem(text: str, start: int) -> str | None:
-    """Earlier in its sentence, an operation on "it" / "both sides" makes the final equation an
+    """Earlier in its sentence, an operation on "both sides" / "itself" makes the final equation an
     operand, not the answer ("Next, I multiplied 12 by both sides of the equation 8 + 4 = 12")."""
     sentence = max(text.rfind(c, 0, start) for c in ".!?" + _LINE_BREAKS) + 1
     action_at = None

@@ -59,7 +59,7 @@ for _stem, _forms in (("add", "s ed ing"), ("subtract", "s ed ing"), ("multipl",
     _CD_ACTIONS |= {_stem + f for f in _forms.split()}
 _CD_ACTIONS |= {"add", "subtract", "deduct", "times", "plus", "minus", "division", "subtraction", "addition"}
 _CD_OBJECTS = {"it", "itself", "themselves", "result", "answer", "sides", "equation", "together", "sum", "total"}
-_CD_OPERANDS = {"it", "itself", "themselves", "sides"}
+_CD_OPERANDS = {"itself", "themselves", "sides"}
 _CD_BARE_OK = {"is", "was", "the", "my", "our", "final", "answer", "solution", "equation", "correct", "right",
                "indeed", "and", "that", "that's", "this", "it", "it's", "here", "which", "target", "using", "both",
                "numbers", "number", "each", "once", "exactly"}
@@ -596,7 +596,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
 
 
 def _cd_operand(text: str, start: int) -> str | None:
-    """An operation on it / both sides earlier in the equation's sentence."""
+    """An operation on both sides / itself earlier in the equation's sentence."""
     lo = start
     while lo > 0 and text[lo - 1] not in ".!?\n\r\u2028\u2029\x85":
         lo -= 1
