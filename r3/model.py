@@ -608,17 +608,12 @@ def fuse_for_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str,
     again; other families unchanged."""
     if cfg.model_type != "phi3":
         return tensors
-    out = {}
-    for name, t in tensors.items():
+    out = dict(tensors)
+    for name in tensors:
         for fused, parts in _FUSED.items():
             if name.endswith(parts[0]):
                 prefix = name[: -len(parts[0])]
-                out[prefix + fused] = torch.cat([tensors[prefix + p] for p in parts], dim=0)
-                break
-            if any(name.endswith(p) for p in parts[1:]):
-                break
-        else:
-            out[name] = t
+                out[prefix + fused] = torch.cat([out.pop(prefix + p) for p in parts], dim=0)
     return out
 
 
