@@ -1,7 +1,8 @@
 """Chat with a model from the command line: ``python -m r3.generate --prompt "Hi"``.
 
-Applies the tokenizer's chat template (with the generation prompt), samples with
-:func:`r3.sampler.generate`, stops at the end-of-turn token, and prints each completion and the
+Applies the tokenizer's chat template (with the generation prompt, through
+:class:`r3.episode.ChatFormat` as training does), samples with :func:`r3.sampler.generate`, stops
+at the template's end-of-turn token and the checkpoint's eos ids, and prints each completion and the
 throughput. Mistakes (a bad model path, a bad flag value) print one line and exit with code 2.
 """
 
@@ -33,39 +34,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def chat_ids(tokenizer, messages) -> list[int]:
-    """Token ids of a chat with the generation prompt (transformers 4 returns a list, 5 may
-    return a BatchEncoding / dict)."""
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # no chat template, or a broken one
-        raise R3Error(f"cannot apply the tokenizer's chat template ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if hasattr(ids, "keys") and "input_ids" in ids:
-        ids = ids["input_ids"]
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(t) for t in ids]
-
-
-def stop_ids(tokenizer, model) -> list[int]:
-    """The tokenizer's eos, <|im_end|> / <|eot_id|> / <|endoftext|> when they exist, and the
-    model config's eos id(s)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"):
-        if name in vocab:
-            ids.add(int(vocab[name]))
-    eos = model.config.eos_token_id
-    for e in eos if isinstance(eos, (list, tuple)) else [eos]:
-        if e is not None:
-            ids.add(int(e))
-    return sorted(i for i in ids if 0 <= i < len(tokenizer))
-
-
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -74,6 +42,7 @@ def main(argv=None) -> int:
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
     from r3.checkpoint import load
+    from r3.episode import ChatFormat
     from r3.sampler import check_sampling_args, generate
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -85,8 +54,9 @@ def main(argv=None) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
-    prompt = chat_ids(tok, messages)
-    stops = stop_ids(tok, model)
+    chat = ChatFormat(tok)
+    prompt = chat.prompt(messages)
+    stops = chat.stop_ids
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
               seed=args.seed, vocab_size=min(len(tok), model.config.vocab_size), compile_decode=args.compile)
     if args.compile:  # compile outside the timed run, so tokens/s is the decoding speed

@@ -1,0 +1,216 @@
+"""ChatFormat against the real chat templates of the paper's model families.
+
+Each template (``tests/data/chat_templates/*.jinja``, copied from the model's
+``tokenizer_config.json``; sources in that folder's README) is installed on a copy of the
+built-in model's byte-level BPE tokenizer with the family's special tokens added and a
+``generation_config.json`` beside it, so the checks run offline on real tokenizer machinery.
+
+The vocabulary is SmolLM2's, but the pre-tokenizer is the family's own split pattern where it
+decides where a prompt ends and an answer begins (Qwen2/2.5/3 and Llama 3 keep a run of
+newlines in one piece whatever follows; GPT-2's pattern, SmolLM2's, splits "\n\n" before a
+digit but not at the end of a text).
+
+The contract: the ids r3 builds (``prompt`` + the model's attempt + ``user_turn`` + reflection +
+``user_turn``) tokenise exactly as the template's rendering of that whole conversation, the
+end-of-turn token the template writes after an assistant message is a stop id, and so are the
+checkpoint's generation eos ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from r3.episode import ChatFormat
+from r3.errors import R3Error
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+# family -> special tokens to add, bos, eos (tokenizer_config.json), generation_config eos tokens
+FAMILIES = {
+    "qwen2": (["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"]),
+    "qwen25": (["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"]),
+    "qwen3": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"], None, "<|im_end|>",
+              ["<|im_end|>", "<|endoftext|>"]),
+    "llama31": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                 "<|eom_id|>", "<|python_tag|>"], "<|begin_of_text|>", "<|eot_id|>",
+                ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+    "llama32": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                 "<|eom_id|>", "<|python_tag|>"], "<|begin_of_text|>", "<|eot_id|>",
+                ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+    "phi35": (["<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"], "<s>", "<|endoftext|>",
+              ["<|end|>", "<|assistant|>", "<|endoftext|>"]),
+    "mistral_v03": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", ["</s>"]),
+}
+# What the template writes after an assistant message (the token r3 must stop at).
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "llama31": "<|eot_id|>",
+               "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>"}
+# Text the template writes between the generation prompt and the assistant's message (the model
+# writes it itself: Mistral puts a space before the answer).
+LEAD = {"mistral_v03": " "}
+# The families' pre-tokenizer split patterns (tokenizer.json), applied before byte-level BPE.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT = {"qwen2": QWEN_SPLIT, "qwen25": QWEN_SPLIT, "qwen3": QWEN_SPLIT, "llama31": LLAMA3_SPLIT,
+         "llama32": LLAMA3_SPLIT}
+
+QUERY = "Write an equation that uses 12 and 7 once each and equals 19."
+ATTEMPT = "12 - 7 = 5"
+REFLECT = "Your answer is wrong. Reflect on what went wrong."
+REFLECTION = "I subtracted instead of adding. The sum 12 + 7 is 19."
+RETRY = "Try again."
+
+
+def _install(tmp_path: Path, base_tok, family: str):
+    """A copy of ``base_tok`` with ``family``'s template, special tokens and generation config."""
+    from transformers import AutoTokenizer
+
+    specials, bos, eos, gen_eos = FAMILIES[family]
+    d = tmp_path / family
+    base_tok.save_pretrained(str(d))
+    tok = AutoTokenizer.from_pretrained(str(d))
+    if family in SPLIT:
+        from tokenizers import Regex, pre_tokenizers
+
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT[family]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.eos_token = eos
+    if bos is not None:
+        tok.bos_token = bos
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    tok.save_pretrained(str(d))
+    ids = [tok.convert_tokens_to_ids(t) for t in gen_eos]
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": ids if len(ids) > 1 else ids[0]}))
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(builtin, tmp_path_factory):
+    base = builtin[1]
+    root = tmp_path_factory.mktemp("templates")
+    toks = {f: _install(root, base, f) for f in FAMILIES}
+    toks["smollm2"] = base
+    return toks
+
+
+def _conversation(system: bool):
+    msgs = [{"role": "system", "content": "You are good at arithmetic."}] if system else []
+    return msgs + [{"role": "user", "content": QUERY}]
+
+
+def _r3_ids(chat: ChatFormat, family: str, messages, closed: bool) -> list[int]:
+    lead = LEAD.get(family, "")
+
+    def said(text):  # what the model generated: its text, and the end-of-turn token unless cut off
+        return chat.encode(lead + text) + ([chat.end_of_turn_id] if closed else [])
+
+    return (chat.prompt(messages) + said(ATTEMPT) + chat.user_turn(REFLECT, closed) + said(REFLECTION)
+            + chat.user_turn(RETRY, closed))
+
+
+def _template_text(tok, family: str, messages) -> str:
+    full = messages + [{"role": "assistant", "content": ATTEMPT}, {"role": "user", "content": REFLECT},
+                       {"role": "assistant", "content": REFLECTION}, {"role": "user", "content": RETRY}]
+    text = tok.apply_chat_template(full, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    if family == "qwen3":
+        # Qwen3 leaves the empty think block of its non-thinking generation prompt out of past
+        # assistant turns; the model saw it when it wrote them, and r3 keeps it there.
+        header = "<|im_start|>assistant\n"
+        parts = text.split(header)
+        text = parts[0] + "".join(header + ("" if p.startswith("<think>") else "<think>\n\n</think>\n\n") + p
+                                  for p in parts[1:])
+    return text
+
+
+CASES = [(f, s) for f in [*FAMILIES, "smollm2"] for s in (False, True) if not (f == "mistral_v03" and s)]
+
+
+@pytest.mark.parametrize("family,system", CASES)
+@pytest.mark.parametrize("closed", [True, False])
+def test_continuation_is_the_templates_rendering(tokenizers, family, system, closed):
+    tok = tokenizers[family]
+    chat = ChatFormat(tok)
+    messages = _conversation(system)
+    ours = _r3_ids(chat, family, messages, closed)
+    text = _template_text(tok, family, messages)
+    assert tok.decode(ours, skip_special_tokens=False) == text
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours
+    assert chat.prompt(messages) == tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                           enable_thinking=False, return_dict=False)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "smollm2"])
+def test_stop_ids_are_the_end_of_turn_token_and_the_generation_eos(tokenizers, family):
+    tok = tokenizers[family]
+    chat = ChatFormat(tok)
+    assert chat.end_of_turn_id == tok.convert_tokens_to_ids(END_OF_TURN[family])
+    gen = FAMILIES[family][3] if family in FAMILIES else []
+    expected = {chat.end_of_turn_id, tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in gen}
+    assert set(chat.stop_ids) == expected
+    if family == "llama31":  # a list in generation_config.json: all three stop generation
+        assert len(chat.stop_ids) == 3
+    if family == "phi35":  # eos is <|endoftext|>, the turn ends with <|end|>
+        assert tok.convert_tokens_to_ids("<|end|>") in chat.stop_ids
+
+
+def test_qwen3_non_thinking_prompt_and_history(tokenizers):
+    chat = ChatFormat(tokenizers["qwen3"])
+    text = chat.tok.decode(chat.prompt(_conversation(False)), skip_special_tokens=False)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert chat.history_drops == "<think>\n\n</think>\n\n"
+    thinking = ChatFormat(tokenizers["qwen3"], template_options={})
+    assert thinking.history_drops == "" and chat.tok.decode(thinking.prompt(_conversation(False))).endswith(
+        "assistant\n")
+
+
+def test_mistral_v03_system_message_is_refused_in_one_line(tokenizers):
+    chat = ChatFormat(tokenizers["mistral_v03"])
+    with pytest.raises(R3Error, match="moves the system message to the last user turn") as e:
+        chat.prompt(_conversation(True))
+    assert "\n" not in str(e.value) and "without a system message" in str(e.value)
+    assert chat.prompt(_conversation(False))  # no system message: fine
+
+
+def _with_template(tok, tmp_path, template: str):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(str(tmp_path))
+    t = AutoTokenizer.from_pretrained(str(tmp_path))
+    t.chat_template = template
+    return t
+
+
+def test_templates_that_cannot_be_continued_are_refused(builtin, tmp_path):
+    plain = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(R3Error, match="not with a special token"):
+        ChatFormat(_with_template(builtin[1], tmp_path / "a", plain))
+    marks_last = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if loop.last %} (latest){% endif %}\n"
+                  "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(R3Error, match="re-renders earlier turns"):
+        ChatFormat(_with_template(builtin[1], tmp_path / "b", marks_last))
+    numbered = ("{% for m in messages %}<|im_start|>{{ m.role }}{% if loop.index > 3 %} again{% endif %}\n"
+                "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(R3Error, match="second round"):
+        ChatFormat(_with_template(builtin[1], tmp_path / "c", numbered))
+    raises = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(R3Error, match="roles must alternate"):
+        ChatFormat(_with_template(builtin[1], tmp_path / "d", raises))
+
+
+def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizers["llama31"].save_pretrained(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "<|eot_id|>"}')
+    with pytest.raises(R3Error, match="generation_config.json: eos_token_id must be an integer"):
+        ChatFormat(AutoTokenizer.from_pretrained(str(tmp_path)))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, ')
+    with pytest.raises(R3Error, match="generation_config.json: cannot read"):
+        ChatFormat(AutoTokenizer.from_pretrained(str(tmp_path)))
