@@ -214,3 +214,64 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, ')
     with pytest.raises(R3Error, match="generation_config.json: cannot read"):
         ChatFormat(AutoTokenizer.from_pretrained(str(tmp_path)))
+
+
+@pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
+                                                   ("llama31", "llama", 9.0)])
+def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, family, kind, eos_logit):
+    """A whole Reflect-Retry episode on a tiny random model of the family, its tokenizer carrying
+    the real template: every sequence is the prompt, the attempt, the reflection turn, the
+    reflection, the retry turn and the retry, ids exactly as ChatFormat builds them; the
+    end-of-turn token closes turns; without trimming templates (Phi-3.5, Qwen3) the text equals
+    the template's rendering of the conversation (Qwen3 with its think blocks, as sampled)."""
+    from test_episode import CoinTask, build_tiny_chat_model
+
+    from r3.checkpoint import load
+    from r3.episode import EpisodeSampling, run_episode
+
+    tok = tokenizers[family]
+    eot = ChatFormat(tok).end_of_turn_id
+    extra = {"original_max_position_embeddings": 1024} if kind == "phi3" else {}
+    build_tiny_chat_model(tmp_path, tok, eos_logit=eos_logit, kind=kind, eos=eot, **extra)
+    gen = [tok.convert_tokens_to_ids(t) for t in FAMILIES[family][3]]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": gen}))
+    model, tok = load(str(tmp_path))
+    chat = ChatFormat(tok)
+    assert set(gen) <= set(chat.stop_ids) and eot in chat.stop_ids
+    task = CoinTask()
+    examples = task.examples(n=10)
+    sampling = EpisodeSampling(temperature=1.0, max_attempt_tokens=6, max_reflection_tokens=5, max_retry_tokens=5)
+    ep = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, seed=5, chat=chat)
+    assert ep.sequences
+    closed_turns = compared = 0
+    for r, seq in enumerate(ep.sequences):
+        g = r // 2
+        ex = ep.group_examples[g]
+        attempt = list(ep.attempts[g])
+        (s, e), (rs, re_) = ep.spans[r], ep.retry_spans[r]
+        refl, retry = seq[s:e], seq[rs:re_]
+        shut = [bool(t) and t[-1] in chat.stop_ids for t in (attempt, refl)]
+        closed_turns += sum(shut)
+        built = (chat.prompt(task.messages(ex)) + attempt + chat.user_turn(task.reflection_prompt, shut[0]) + refl
+                 + chat.user_turn(task.retry_prompt, shut[1]) + retry)
+        assert built == seq
+        if family == "llama31":
+            continue  # its template trims message text; random tokens have edge whitespace
+
+        def content(ids):
+            return tok.decode(ids[:-1] if ids and ids[-1] in chat.stop_ids else ids, skip_special_tokens=False)
+
+        messages = task.messages(ex) + [
+            {"role": "assistant", "content": content(attempt)}, {"role": "user", "content": task.reflection_prompt},
+            {"role": "assistant", "content": content(refl)}, {"role": "user", "content": task.retry_prompt}]
+        if any("<think>" in m["content"] or "</think>" in m["content"] for m in messages):
+            continue
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        if family == "qwen3":
+            text = text.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+            text = text.replace("<think>\n\n</think>\n\n<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n")
+        assert tok.decode(seq, skip_special_tokens=False) == text + tok.decode(retry, skip_special_tokens=False)
+        compared += 1
+    assert compared > 0 or family == "llama31"
+    assert closed_turns > 0  # both the closed and the cut-off path are exercised
+    assert closed_turns < 2 * len(ep.sequences)

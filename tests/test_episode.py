@@ -50,13 +50,15 @@ class CoinTask(Task):
         return h % 2 == 0, "coin"
 
 
-def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0):
-    """Save a tiny random Llama (SmolLM2 vocabulary, untied head) plus ``tokenizer`` to ``path``;
-    ``<|im_end|>`` gets a logit of about ``eos_logit * 1.2`` at every position."""
+def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0, *, kind: str = "llama",
+                          eos: int = EOS, **overrides):
+    """Save a tiny random model of ``kind`` (``tokenizer``'s vocabulary, untied head) plus
+    ``tokenizer`` to ``path``; token ``eos`` (SmolLM2's ``<|im_end|>`` by default) gets a logit of
+    about ``eos_logit * 1.2`` at every position."""
     from conftest import make_tiny_hf
 
-    hf = make_tiny_hf(path, "llama", seed=seed, vocab_size=49152, tie_word_embeddings=False,
-                      max_position_embeddings=1024)
+    hf = make_tiny_hf(path, kind, seed=seed, vocab_size=len(tokenizer), tie_word_embeddings=False,
+                      max_position_embeddings=1024, **overrides)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("proj.weight"):
@@ -69,8 +71,8 @@ def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0
             layer.mlp.down_proj.weight[0].zero_()
         hf.model.norm.weight[0] = 1.0
         hf.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
-        hf.lm_head.weight[EOS].zero_()
-        hf.lm_head.weight[EOS, 0] = eos_logit
+        hf.lm_head.weight[eos].zero_()
+        hf.lm_head.weight[eos, 0] = eos_logit
     hf.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
