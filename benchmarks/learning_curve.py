@@ -3,6 +3,7 @@
     python benchmarks/learning_curve.py --out runs/lc                     # the main command's defaults
     python benchmarks/learning_curve.py --out runs/lc -- --max-steps 60   # flags after -- go to r3.train
     python benchmarks/learning_curve.py --pool runs/lc/learning_curve.json runs/lc1/learning_curve.json
+    python benchmarks/learning_curve.py --out runs/fc --before-only -- --task function_calling
 
 1. The untrained model makes one sampled first attempt per held-out test query of the run's task;
    its failures (query + failed attempt) are stored. It then writes ``--samples`` reflections per
@@ -126,6 +127,20 @@ def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[
     return result
 
 
+def signal_estimate(wins: list[int], samples: int, group_size: int, batch_size: int) -> dict:
+    """How much GRPO signal the untrained model offers: with per-failure retry success p_i (from
+    ``samples`` reflections each), the chance that a group of ``group_size`` reflections has both
+    a passing and a failing retry, 1 - (1 - p_i)^G - p_i^G, averaged over failures, and the
+    expected number of such groups among ``batch_size`` failures per step. An all-equal group
+    has zero advantage and teaches nothing."""
+    p = [w / samples for w in wins]
+    per = [1 - (1 - x) ** group_size - x ** group_size for x in p]
+    mixed = sum(per) / len(per) if per else 0.0
+    return {"failures": len(p), "failures_with_any_success": sum(w > 0 for w in wins),
+            "group_size": group_size, "p_group_has_signal": mixed, "groups_with_signal_per_step": mixed * batch_size,
+            "batch_size": batch_size}
+
+
 def paired_over_failures(before: list[int], after: list[int], samples: int) -> dict:
     """Mean over failures of (after - before) success rate, with its standard error."""
     d = [(a - b) / samples for a, b in zip(after, before)]
@@ -175,6 +190,8 @@ def main():
     ap.add_argument("--samples", type=int, default=16, help="reflections per failed held-out query")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--skip-train", action="store_true", help="only evaluate an existing run")
+    ap.add_argument("--before-only", action="store_true",
+                    help="only evaluate the untrained model: base rates and the GRPO signal it offers")
     ap.add_argument("--pool", nargs="+", metavar="JSON", help="combine runs' learning_curve.json (see above)")
     ap.add_argument("--json", help="with --pool: write the pooled result here")
     ap.add_argument("train_args", nargs="*", help="flags for r3.train, after --")
@@ -204,6 +221,19 @@ def main():
         before["key"] = key
         _write_json(before_path, before)
     base = before["own_failures"]
+    sig = signal_estimate(before["own_failure_wins"], args.samples, cfg.group_size, cfg.batch_size)
+    print(f"untrained: first attempt, sampled {_fmt(before['sampled_first_attempt'])}; greedy "
+          f"{_fmt(before['greedy_first_attempt'])}; retry success on its {sig['failures']} failures "
+          f"{_fmt(before['retry_success_own_failures'])}, {sig['failures_with_any_success']} failures with any "
+          f"passing retry; expected groups with signal per step {sig['groups_with_signal_per_step']:.2f} of "
+          f"{cfg.batch_size} (G={cfg.group_size})", flush=True)
+    if args.before_only:
+        _write_json(out / "before_summary.json", {
+            "command": " ".join(["python", "benchmarks/learning_curve.py"] + sys.argv[1:]), "config": cfg.to_dict(),
+            "samples_per_failure": args.samples, "signal": sig,
+            **{k: before[k] for k in ("sampled_first_attempt", "greedy_first_attempt", "greedy_second_attempt",
+                                      "retry_success_own_failures", "time_s")}})
+        return
     t0 = time.time()
     if not args.skip_train:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -232,6 +262,7 @@ def main():
         "after": {k: v for k, v in after.items() if k != "own_failures"},
         "paired_retry_gain_on_base_failures": paired,
         "paired_greedy_change": greedy_paired,
+        "untrained_signal": sig,
         "train_wall_s": train_s if not args.skip_train else None,
         "train_step_time_s_total": sum(m["step_time_s"] for m in metrics),
         "train_steps": len(metrics),

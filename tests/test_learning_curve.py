@@ -48,3 +48,16 @@ def test_pool_refuses_runs_with_different_untrained_evaluations(tmp_path):
     b = _run(tmp_path, "b", 1, [1, 2, 0], [True, True, False], before_wins=(1, 2, 0))
     with pytest.raises(SystemExit, match="copy before.json"):
         lc.pool([a, b])
+
+
+def test_signal_estimate_against_hand_computed_values():
+    """Failures with 0/4, 2/4 and 4/4 passing retries, groups of 2: a group has signal with
+    probability 0, 1 - 0.25 - 0.25 = 0.5 and 0; mean 1/6, times 6 failures per step = 1."""
+    s = lc.signal_estimate([0, 2, 4], samples=4, group_size=2, batch_size=6)
+    assert s["failures"] == 3 and s["failures_with_any_success"] == 2
+    assert math.isclose(s["p_group_has_signal"], 0.5 / 3)
+    assert math.isclose(s["groups_with_signal_per_step"], 1.0)
+    # one success in 16 samples, G = 8: 1 - (15/16)^8 - (1/16)^8
+    one = lc.signal_estimate([1], samples=16, group_size=8, batch_size=8)
+    assert math.isclose(one["p_group_has_signal"], 1 - (15 / 16) ** 8 - (1 / 16) ** 8)
+    assert lc.signal_estimate([], samples=16, group_size=8, batch_size=8)["p_group_has_signal"] == 0.0
