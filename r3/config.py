@@ -40,7 +40,7 @@ class TrainConfig:
     top_k: int = 0
     compile_decode: bool = False  # rollouts decode through torch.compile (~1.3x per step on CPU in bf16; ~1 min to compile once)
     # optimisation
-    lr: float = 2e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
+    lr: float = 1.5e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
     warmup_steps: int = 2
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
