@@ -92,11 +92,12 @@ def retries_on(model, tok, chat, task, examples, failures, samples, sampling, se
     return wins
 
 
-def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[dict] | None) -> dict:
+def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[dict] | None,
+                   device: str = "cpu") -> dict:
     """First attempts, retries on the model's own failures and (``base_failures``) on the
     untrained model's stored failures, and greedy accuracy on the whole test split."""
     t0 = time.time()
-    model, tok = load(spec, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    model, tok = load(spec, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, device=device)
     chat = ChatFormat(tok)
     task = get(cfg.task, **cfg.task_options)
     examples = task.examples("test", seed=0)
@@ -190,6 +191,8 @@ def main():
     ap.add_argument("--samples", type=int, default=16, help="reflections per failed held-out query")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--skip-train", action="store_true", help="only evaluate an existing run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the evaluations run (default: cuda if available); training follows r3.train's own choice")
     ap.add_argument("--before-only", action="store_true",
                     help="only evaluate the untrained model: base rates and the GRPO signal it offers")
     ap.add_argument("--pool", nargs="+", metavar="JSON", help="combine runs' learning_curve.json (see above)")
@@ -217,7 +220,7 @@ def main():
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     if before is None or before.get("key") != json.loads(json.dumps(key)):
         print("evaluating the untrained model", flush=True)
-        before = evaluate_model(cfg.model, cfg, args.samples, args.seed, None)
+        before = evaluate_model(cfg.model, cfg, args.samples, args.seed, None, args.device)
         before["key"] = key
         _write_json(before_path, before)
     base = before["own_failures"]
@@ -242,7 +245,7 @@ def main():
         subprocess.run(cmd, check=True)
     train_s = time.time() - t0
     print("evaluating the trained model", flush=True)
-    after = evaluate_model(str(run / "export"), cfg, args.samples, args.seed, base)
+    after = evaluate_model(str(run / "export"), cfg, args.samples, args.seed, base, args.device)
     subprocess.run([sys.executable, "-m", "r3.plot", str(run), "--smooth", "5"], check=True)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
