@@ -338,7 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default=None, help="task name or plug-in 'package.module:Class' (default: countdown)")
     p.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
                    help="a task option (value parsed as JSON when possible); repeatable")
-    p.add_argument("--n", type=int, default=100, help="test queries (default: 100)")
+    p.add_argument("--n", type=int, default=None,
+                   help="test queries (default: the task's whole split, e.g. Countdown's test_size)")
     p.add_argument("--split", default="test", help="default: test")
     p.add_argument("--seed", type=int, default=0, help="which examples (and the sampling seed when --temperature > 0)")
     p.add_argument("--out", required=True, help="the JSON result file")
@@ -417,7 +418,7 @@ def resolve_settings(args) -> dict:
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    positive_int("--n", args.n)
+    positive_int("--n", args.n, allow_none=True)
     positive_int("--max-new-tokens", args.max_new_tokens, allow_none=True)
     positive_int("--max-reflection-tokens", args.max_reflection_tokens, allow_none=True)
     positive_int("--batch-size", args.batch_size)
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
     check_sampling_args(max(st["max_attempt"], st["max_retry"]), args.temperature, st["top_k"], st["top_p"])
     task = load_task(st["task"], st["options"])
     examples = task.examples(args.split, args.n, args.seed)
-    if len(examples) < args.n:
+    if args.n is not None and len(examples) < args.n:
         print(f"note: the {args.split} split has only {len(examples)} examples", file=sys.stderr)
     if not examples:
         raise R3Error(f"task {st['task']!r}: no {args.split} examples")

@@ -352,6 +352,17 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     assert lines[4].startswith(f"paired, {tiny_dir} minus smollm2-135m (same 3 queries)")
 
 
+def test_evaluate_without_n_takes_the_whole_split(tiny_dir, tmp_path, capsys):
+    """No --n: every query of the task's test split (a run made with test_size=90 is evaluated on
+    its 90 queries, not refused for lacking 100)."""
+    out = tmp_path / "eval.json"
+    argv = ["--model", tiny_dir, "--task", "countdown", "--task-option", "difficulty=easy",
+            "--task-option", "test_size=3", "--max-new-tokens", "4", "--dtype", "fp32", "--out", str(out)]
+    rc, _, err = run_main(E.main, argv, capsys)
+    assert rc == 0, err
+    assert json.loads(out.read_text())["n"] == 3
+
+
 def test_paired_difference_by_hand():
     d = E.paired_difference([True, False, True, False], [True, True, False, True])
     # differences 0, 1, -1, 1: mean 0.25, sample variance ((0.25^2 + 0.75^2 + 1.25^2 + 0.75^2) / 3)
