@@ -179,6 +179,31 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
     return _finish(model, loaded, str(path))
 
 
+def generation_eos_ids(tokenizer) -> list[int]:
+    """``eos_token_id`` (an int or a list) of the ``generation_config.json`` beside the
+    tokenizer's files, else of ``config.json`` (as transformers falls back); ``[]`` when neither
+    names one (a GGUF's cached tokenizer)."""
+    name = getattr(tokenizer, "name_or_path", None)
+    if not name:
+        return []
+    for fname in ("generation_config.json", "config.json"):
+        path = Path(name) / fname
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise R3Error(f"{path}: cannot read eos_token_id ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        value = data.get("eos_token_id") if isinstance(data, dict) else None
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise R3Error(f"{path}: eos_token_id must be an integer or a list of integers, got {value!r}")
+        return values
+    return []
+
+
 def _load_hf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -444,6 +469,9 @@ def save_hf(
 
         gen = {k: hf_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         if tokenizer is not None:
+            source_eos = generation_eos_ids(tokenizer)  # the base checkpoint's list (Llama 3.x, Phi-3.5, Qwen)
+            if source_eos:
+                gen["eos_token_id"] = source_eos if len(source_eos) > 1 else source_eos[0]
             tokenizer.save_pretrained(str(tmp))
             if gen["eos_token_id"] is None and tokenizer.eos_token_id is not None:
                 gen["eos_token_id"] = tokenizer.eos_token_id

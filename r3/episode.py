@@ -14,12 +14,11 @@ included when sampled).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from r3.checkpoint import generation_eos_ids
 from r3.errors import R3Error
 from r3.sampler import Session
 
@@ -83,7 +82,7 @@ class ChatFormat:
                           "r3 cannot continue conversations with it")
         self._system_problem = self._check_system(q, a, u)
         extra = set() if eos_token_ids is None else {int(i) for i in eos_token_ids}
-        ids = {self.end_of_turn_id, int(tokenizer.eos_token_id)} | extra | set(_generation_eos_ids(tokenizer))
+        ids = {self.end_of_turn_id, int(tokenizer.eos_token_id)} | extra | set(generation_eos_ids(tokenizer))
         self.stop_ids = sorted(i for i in ids if 0 <= i < len(tokenizer))
 
     def _probe(self, messages) -> str:
@@ -111,8 +110,9 @@ class ChatFormat:
             return f"the chat template does not take a system message ({_first_line(e)})"
         shape = _continuation(one, two)
         if isinstance(shape, str) or _PROBE_SYSTEM not in two[:two.index(_PROBE_A)]:
-            return ("the chat template moves the system message to the last user turn (as Mistral v0.3's does), "
-                    "so a conversation with one cannot be continued exactly; use the task without a system message")
+            return ("the chat template does not keep a system message at the start of the conversation (Mistral "
+                    "v0.3's moves it to the last user turn; some drop it), so a conversation with one cannot be "
+                    "continued exactly; use the task without a system message")
         return None
 
     def _render(self, messages, generation: bool) -> str:
@@ -126,6 +126,13 @@ class ChatFormat:
         if self._system_problem and any(m.get("role") == "system" for m in messages):
             raise R3Error(self._system_problem)
         return self.encode(self._render(messages, generation=True))
+
+    def ends_turn(self, ids) -> bool:
+        """Whether a generated turn ends with the end-of-turn token. A turn cut off by the token
+        limit, or stopped by another stop id (Qwen's ``<|endoftext|>``, Llama's ``<|eom_id|>``),
+        does not: ``user_turn(..., closed=False)`` then writes the end-of-turn token after it, so
+        every assistant turn is closed as the template closes it."""
+        return bool(ids) and ids[-1] == self.end_of_turn_id
 
     def user_turn(self, text: str, closed: bool = True) -> list[int]:
         ids = [] if closed else [self.end_of_turn_id]
@@ -161,27 +168,6 @@ def _continuation(one: str, two: str):
     else:
         return "re-renders earlier turns"
     return drops, lead, two[i + len(_PROBE_A):j], two[j + len(_PROBE_U):]
-
-
-def _generation_eos_ids(tokenizer) -> list[int]:
-    """``eos_token_id`` (an int or a list) of ``generation_config.json`` beside the tokenizer's
-    files, else of ``config.json``; nothing when neither is there (a GGUF's cached tokenizer)."""
-    name = getattr(tokenizer, "name_or_path", None)
-    if not name:
-        return []
-    for fname in ("generation_config.json", "config.json"):
-        path = Path(name) / fname
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError) as e:
-            raise R3Error(f"{path}: cannot read eos_token_id ({_first_line(e)})") from None
-        values = value if isinstance(value, list) else [value]
-        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
-            raise R3Error(f"{path}: eos_token_id must be an integer or a list of integers, got {value!r}")
-        return [v for v in values if v is not None]
-    return []
 
 
 @dataclass
@@ -290,7 +276,7 @@ def run_episode(
             return Episode([], [], torch.zeros((0, group_size)), queries, first_success, [], generated,
                            first_attempts=first_attempts, first_passed=first_passed)
         attempts = [first.tokens[i] for i in failed]
-        closed = [first.finished[i] for i in failed]
+        closed = [chat.ends_turn(first.tokens[i]) for i in failed]
         session = session.select(failed)
     else:
         if len(failed_attempts) != len(examples):
@@ -299,7 +285,7 @@ def run_episode(
         if max_failures is not None:
             failed = failed[:max_failures]
         attempts = [list(failed_attempts[i]) for i in failed]
-        closed = [bool(a) and a[-1] in stops for a in attempts]
+        closed = [chat.ends_turn(a) for a in attempts]
         full = [prompts[i] + a for i, a in zip(failed, attempts)]
         session = Session.start(model, full, max_len=_presize(full, sampling, turn_budget) - sampling.max_attempt_tokens,
                                 vocab_size=vocab, seed=seed,
@@ -316,7 +302,8 @@ def run_episode(
     spans = [(s, s + n) for s, n in zip(starts, refl.lengths)]
 
     # Retry, continuing the same cache.
-    session.append([chat.user_turn(retry_text[failed[r // group_size]], f) for r, f in enumerate(refl.finished)])
+    session.append([chat.user_turn(retry_text[failed[r // group_size]], chat.ends_turn(t))
+                    for r, t in enumerate(refl.tokens)])
     retry_starts = session.lengths
     retry = session.sample(sampling.max_retry_tokens, **kw)
     generated += retry.new_tokens

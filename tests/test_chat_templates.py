@@ -171,7 +171,7 @@ def test_qwen3_non_thinking_prompt_and_history(tokenizers):
 
 def test_mistral_v03_system_message_is_refused_in_one_line(tokenizers):
     chat = ChatFormat(tokenizers["mistral_v03"])
-    with pytest.raises(R3Error, match="moves the system message to the last user turn") as e:
+    with pytest.raises(R3Error, match="does not keep a system message at the start.*Mistral v0.3") as e:
         chat.prompt(_conversation(True))
     assert "\n" not in str(e.value) and "without a system message" in str(e.value)
     assert chat.prompt(_conversation(False))  # no system message: fine
@@ -250,7 +250,7 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
         attempt = list(ep.attempts[g])
         (s, e), (rs, re_) = ep.spans[r], ep.retry_spans[r]
         refl, retry = seq[s:e], seq[rs:re_]
-        shut = [bool(t) and t[-1] in chat.stop_ids for t in (attempt, refl)]
+        shut = [chat.ends_turn(t) for t in (attempt, refl)]
         closed_turns += sum(shut)
         built = (chat.prompt(task.messages(ex)) + attempt + chat.user_turn(task.reflection_prompt, shut[0]) + refl
                  + chat.user_turn(task.retry_prompt, shut[1]) + retry)
@@ -275,3 +275,42 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
     assert compared > 0 or family == "llama31"
     assert closed_turns > 0  # both the closed and the cut-off path are exercised
     assert closed_turns < 2 * len(ep.sequences)
+
+    # A turn stopped by another stop id (the tokenizer's eos here, or a generation-config id)
+    # is closed with the end-of-turn token after it, as the template closes every turn.
+    other = next(i for i in chat.stop_ids if i != eot)
+    said = chat.encode("Item 1 is fine.")
+    attempts = [said + [other], said + [eot], said]
+    ep = run_episode(model, tok, task, examples[:3], group_size=2, sampling=sampling, seed=5, chat=chat,
+                     failed_attempts=attempts)
+    for g, a in enumerate(attempts):
+        seq = ep.sequences[2 * g]
+        start = len(chat.prompt(task.messages(examples[g])))
+        turn = chat.user_turn(task.reflection_prompt, closed=a[-1] == eot)
+        assert seq[start:start + len(a) + len(turn)] == a + turn
+        assert (seq[start + len(a)] == eot) == (a[-1] != eot)
+
+    # The export keeps the base checkpoint's generation eos list, so it stops where the base did.
+    from r3.checkpoint import save_hf
+
+    save_hf(model, tok, tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "generation_config.json").read_text())["eos_token_id"]
+    assert saved == (gen if len(gen) > 1 else gen[0])
+    _, tok2 = load(str(tmp_path / "export"))
+    assert ChatFormat(tok2).stop_ids == chat.stop_ids
+
+
+def test_generation_eos_falls_back_to_config_json(tokenizers, tmp_path):
+    """A generation_config.json without eos_token_id defers to config.json, as transformers does."""
+    from transformers import AutoTokenizer
+
+    from r3.checkpoint import generation_eos_ids
+
+    tokenizers["qwen25"].save_pretrained(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text('{"bos_token_id": 1}')
+    (tmp_path / "config.json").write_text('{"eos_token_id": [0, 2]}')
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert generation_eos_ids(tok) == [0, 2]
+    assert {0, 2} <= set(ChatFormat(tok).stop_ids)
+    (tmp_path / "config.json").unlink()
+    assert generation_eos_ids(AutoTokenizer.from_pretrained(str(tmp_path))) == []
