@@ -54,11 +54,10 @@ def main(argv=None) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
-    chat = ChatFormat(tok)
+    eos = model.config.eos_token_id  # a GGUF's or a config-only checkpoint's eos ids stop it too
+    chat = ChatFormat(tok, eos_token_ids=[e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None])
     prompt = chat.prompt(messages)
-    eos = model.config.eos_token_id  # a GGUF's or a config-only checkpoint's eos, as the old CLI stopped
-    stops = sorted(set(chat.stop_ids) | {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
-                                         if e is not None and 0 <= int(e) < len(tok)})
+    stops = chat.stop_ids
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
               seed=args.seed, vocab_size=min(len(tok), model.config.vocab_size), compile_decode=args.compile)
     if args.compile:  # compile outside the timed run, so tokens/s is the decoding speed
