@@ -49,6 +49,32 @@ SHAPES = {
 }
 
 
+def random_pair(spec: dict, dtype, device, name: str = "random", seed: int = 0):
+    """-> (our model, transformers model) of a hub-style config ``spec`` with random weights.
+
+    Ours aliases transformers' tensors (no second copy of a big model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.for_model(**spec)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    return ours_from_hf(hf, name), hf
+
+
+def ours_from_hf(hf, name: str = "random"):
+    """Our model holding (aliasing) the tensors of the transformers model ``hf``."""
+    ours_cfg = ModelConfig.from_hf(hf.config.to_dict(), source=name)
+    with torch.device("meta"):
+        ours = Transformer(ours_cfg)
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    if ours_cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    ours.load_state_dict(sd, assign=True, strict=not ours_cfg.tie_word_embeddings)
+    ours.tie_weights()
+    return ours.eval()
+
+
 def build_models(args, dtype, device):
     """-> (our model, transformers model) sharing the same weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -57,20 +83,7 @@ def build_models(args, dtype, device):
         spec = dict(SHAPES[args.model_shape])
         if args.num_layers:
             spec["num_hidden_layers"] = args.num_layers
-        hf_cfg = AutoConfig.for_model(**spec)
-        torch.manual_seed(0)
-        with torch.device(device):
-            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
-        # Ours aliases transformers' tensors (no second copy of a big model).
-        ours_cfg = ModelConfig.from_hf(hf_cfg.to_dict(), source=args.model_shape)
-        with torch.device("meta"):
-            ours = Transformer(ours_cfg)
-        sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
-        if ours_cfg.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        ours.load_state_dict(sd, assign=True, strict=not ours_cfg.tie_word_embeddings)
-        ours.tie_weights()
-        return ours.eval(), hf
+        return random_pair(spec, dtype, device, name=args.model_shape)
     ours, _ = load(args.model, dtype=dtype, device=device, tokenizer=False)
     hf_cfg = AutoConfig.for_model(**ours.config.to_hf(dtype))
     with torch.device(device):

@@ -519,6 +519,8 @@ def train(cfg: TrainConfig) -> dict:
     last = {}
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
         sync_rollout_weights(policy, rollout_model)
 
         # 1. rollout -------------------------------------------------------------------------
@@ -592,6 +594,8 @@ def train(cfg: TrainConfig) -> dict:
             "rollout_tokens_per_s": gen_g / max(t_rollout - t0, 1e-9),
             "tokens_per_s": gen_g / max(step_time, 1e-9),
             "data_position": stream.position,
+            # this rank's peak allocated GPU memory during the step (None on CPU)
+            "peak_memory_gb": torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
         }
         last = row
         logged = gather_to_main(sample_records(ep, task, step + 1, cfg, d.rank), d)

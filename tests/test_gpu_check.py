@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.py in --smoke mode (tiny shapes, on this CPU): every section runs and
+writes its JSON and Markdown. It checks the script a GPU owner will run, not a GPU."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    import gpu_check
+
+    report = gpu_check.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--name", "check"])
+    sections = report["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    for name, sec in sections.items():
+        assert "error" not in sec, (name, sec["error"])
+    data = json.loads((tmp_path / "check.json").read_text())
+    assert data["sections"].keys() == sections.keys()
+    md = (tmp_path / "check.md").read_text()
+    for heading in ("Ceilings measured here", "Parity with transformers", "fused_logprob_kl", "Sampler:", "Training:"):
+        assert heading in md
+    # Same weights on the same CPU: our fp32 logits equal transformers' to rounding.
+    assert sections["parity"]["fp32_within_1e-4_of_scale"] is True
+    assert sections["parity"]["bf16_error_within_1.1x_of_transformers"] is True
+    assert all(r["greedy_prefix_agreement"] == 1.0 for r in sections["parity"]["rows"] if r["dtype"] == "fp32")
+    for r in sections["kernel"]["correctness"]:
+        assert r["logp_max_abs_diff"] < 1e-4 and r["grad_max_abs_diff"] <= 1e-5 * r["grad_max_abs"]
+    train = sections["train"]
+    assert train["returncode"] == 0, train["log_tail"]
+    assert [s["step"] for s in train["steps"]] == [1, 2] and train["export_written"]
+    assert all(s["peak_memory_gb"] is None for s in train["steps"])  # CPU: no GPU memory to report
+
+
+def test_gpu_check_rejects_unknown_section(tmp_path, capsys):
+    import gpu_check
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--smoke", "--out", str(tmp_path), "--sections", "env,gpu"])
+    assert e.value.code == 2
+    assert "unknown section 'gpu'" in capsys.readouterr().err
