@@ -135,7 +135,7 @@ def section_env(ctx: Ctx) -> dict:
     y = torch.empty_like(x)
     t = ctx.timed(lambda: y.copy_(x), repeats=3 if ctx.smoke else 10)
     out["copy_gbps"] = 2 * nbytes / t / 1e9  # read + write
-    del x, y
+
     n = 256 if ctx.smoke else 8192
     a = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)

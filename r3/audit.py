@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_atomic
 from r3.errors import R3Error, cli_main
-from r3.evaluate import ArgumentParser, check_out_path, read_run_config, write_json_atomic
 
 
 def read_run_task(run: Path):

@@ -37,8 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from r3.errors import R3Error, cli_main
-from r3.evaluate import (
+from r3.cli import (
     DTYPES,
     ArgumentParser,
     Progress,
@@ -49,6 +48,7 @@ from r3.evaluate import (
     pick_device_dtype,
     positive_int,
 )
+from r3.errors import R3Error, cli_main
 
 FORMAT_VERSION = 1
 _LINE_PREFIX = b'{"key": '  # every line r3.failures writes (the header line aside) starts so

@@ -12,8 +12,8 @@ import argparse
 import sys
 import time
 
+from r3.cli import DTYPES, pick_device_dtype
 from r3.errors import R3Error, cli_main
-from r3.evaluate import DTYPES, pick_device_dtype
 
 
 def parse_args(argv=None):

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from r3 import cli as C
 from r3 import evaluate as E
 from r3 import failures as F
+from r3 import stats as S
 from r3.checkpoint import load
 from r3.episode import ChatFormat, EpisodeSampling, run_episode
 from r3.sampler import generate
@@ -364,12 +366,12 @@ def test_evaluate_without_n_takes_the_whole_split(tiny_dir, tmp_path, capsys):
 
 
 def test_paired_difference_by_hand():
-    d = E.paired_difference([True, False, True, False], [True, True, False, True])
+    d = S.paired_difference([True, False, True, False], [True, True, False, True])
     # differences 0, 1, -1, 1: mean 0.25, sample variance ((0.25^2 + 0.75^2 + 1.25^2 + 0.75^2) / 3)
     assert d["mean"] == 0.25 and d["better"] == 2 and d["worse"] == 1
     assert d["stderr"] == pytest.approx((((0.0625 + 0.5625 + 1.5625 + 0.5625) / 3) / 4) ** 0.5)
-    assert E.paired_difference([True] * 5, [True] * 5)["stderr"] == 0.0
-    assert E.binomial_stderr(1, 4) == pytest.approx((0.25 * 0.75 / 4) ** 0.5)
+    assert S.paired_difference([True] * 5, [True] * 5)["stderr"] == 0.0
+    assert S.binomial_stderr(1, 4) == pytest.approx((0.25 * 0.75 / 4) ** 0.5)
 
 
 def test_evaluate_run_refuses_flags_it_takes_from_the_run(tmp_path, capsys):
@@ -407,7 +409,7 @@ def test_read_failures_for_training(tmp_path):
 
 
 def test_parse_task_options():
-    assert E.parse_task_options(["a=3", "b=true", "c=easy", "d=0.5", 'e="7"', "f=[1, 2]", "g=", "h=x=y"]) == {
+    assert C.parse_task_options(["a=3", "b=true", "c=easy", "d=0.5", 'e="7"', "f=[1, 2]", "g=", "h=x=y"]) == {
         "a": 3, "b": True, "c": "easy", "d": 0.5, "e": "7", "f": [1, 2], "g": "", "h": "x=y"}
 
 

@@ -1,0 +1,192 @@
+"""Helpers the r3 command-line tools share: argument parsing whose mistakes are one line, task
+options, device and dtype flags, model loading, a progress line, atomic JSON output, and reading
+a training run's directory. Library modules never import this one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from r3.errors import R3Error
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are an R3Error (one line, exit 2 under ``cli_main``) instead of
+    usage text."""
+
+    def error(self, message):
+        raise R3Error(f"{self.prog}: {message} (see --help)")
+
+
+def parse_task_options(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; a value is parsed as JSON when it is valid JSON (numbers,
+    booleans, null, lists, quoted strings), else kept as the string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise R3Error(f"--task-option expects key=value, got {item!r}")
+        if key in out:
+            raise R3Error(f"--task-option {key} given twice")
+        try:
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            out[key] = value
+    return out
+
+
+def load_task(name: str, options: dict):
+    from r3.tasks import get
+
+    return get(name, **options)
+
+
+def positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise R3Error(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def pick_device_dtype(device: str | None, dtype: str | None):
+    """The torch device and dtype of the ``--device`` / ``--dtype`` flags (device default: cuda if
+    available, else cpu; dtype ``None``: bf16 on CUDA, fp32 elsewhere)."""
+    import torch
+
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise R3Error(f"--device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise R3Error("--device cuda: CUDA is not available")
+    if dtype is None:
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise R3Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dev, getattr(torch, DTYPES[dtype])
+
+
+def load_model(spec: str, dtype, device):
+    """(model, tokenizer) via :func:`r3.checkpoint.load`; a model without a tokenizer is an error."""
+    from r3.checkpoint import load
+
+    model, tok = load(spec, dtype=dtype, device=device)
+    if tok is None:
+        raise R3Error(f"{spec}: no tokenizer")
+    return model, tok
+
+
+def format_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = round(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class Progress:
+    """A progress line on stderr: ``label: done/total unit | rate | ETA | extra``.
+
+    On a terminal the line is rewritten in place; otherwise (logs, pipes) one line per update.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self._open = False
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        if not self.enabled:
+            return
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"{self.label}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+                f"ETA {format_duration(eta)} | elapsed {format_duration(dt)}" + (f" | {extra}" if extra else ""))
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self._open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_path(out: str, what: str = "--out") -> Path:
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise R3Error(f"{what} {out}: is a directory, expected a file")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise R3Error(f"{what} {out}: {parent} is not a directory")
+    return path
+
+
+def read_run_config(run, fields=("task", "task_options")) -> dict:
+    """A training run's resolved config (``RUN/config.json``), with ``fields`` checked."""
+    path = Path(run)
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise R3Error(f"{run}: no such run directory")
+    if not cfg_path.is_file():
+        raise R3Error(f"{cfg_path}: missing (is {run} a directory written by r3.train?)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise R3Error(f"{cfg_path}: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise R3Error(f"{cfg_path}: not a JSON object")
+    for field in fields:
+        if field not in cfg:
+            raise R3Error(f"{cfg_path}: missing field {field!r}")
+    if not isinstance(cfg.get("task"), str) or not isinstance(cfg.get("task_options", {}), dict):
+        raise R3Error(f"{cfg_path}: 'task' must be a string and 'task_options' an object")
+    return cfg
+
+
+def read_run(run: str) -> dict:
+    """A training run's config for ``--run``, with its export checked."""
+    cfg = read_run_config(run, ("model", "task", "task_options", "max_attempt_tokens", "max_reflection_tokens",
+                                "max_retry_tokens"))
+    export = Path(run) / "export"
+    if not (export / "config.json").is_file():
+        raise R3Error(f"--run {run}: no export yet ({export}); the run has not finished: rerun "
+                      f"r3.train with --out {run} to finish it")
+    return cfg

@@ -1,0 +1,26 @@
+"""Standard errors for accuracies and for paired differences between two models on the same items."""
+
+from __future__ import annotations
+
+import math
+
+
+def binomial_stderr(k: int, n: int) -> float:
+    """Standard error of the rate k/n: sqrt(p (1 - p) / n)."""
+    if not n:
+        return 0.0
+    p = k / n
+    return math.sqrt(p * (1 - p) / n)
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> dict:
+    """Mean and standard error of ``b - a`` over the same queries (a paired comparison: each query
+    is its own control, so the error is smaller than for two independent rates)."""
+    n = len(a)
+    if n != len(b):
+        raise ValueError("paired verdicts must have the same length")
+    diffs = [int(y) - int(x) for x, y in zip(a, b)]
+    mean = sum(diffs) / n if n else 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    se = math.sqrt(var / n) if n else 0.0
+    return {"mean": mean, "stderr": se, "n": n, "better": diffs.count(1), "worse": diffs.count(-1)}
