@@ -20,7 +20,9 @@ setup(
     extras_require={
         # accelerate: transformers needs it to load GGUF files, which the tests use as reference.
         # triton: the kernel tests run the Triton kernels in its CPU interpreter.
-        "test": ["pytest", "accelerate", "triton"],
+        # pyarrow: r3.forgetting reads parquet benchmark files with it (the tests write one).
+        "test": ["pytest", "accelerate", "triton", "pyarrow"],
         "triton": ["triton"],
+        "parquet": ["pyarrow"],
     },
 )

@@ -24,3 +24,13 @@ def paired_difference(a: list[bool], b: list[bool]) -> dict:
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     se = math.sqrt(var / n) if n else 0.0
     return {"mean": mean, "stderr": se, "n": n, "better": diffs.count(1), "worse": diffs.count(-1)}
+
+
+def mean_stderr(values: list[float]) -> float:
+    """Standard error of a mean as lm-evaluation-harness reports it: the sample standard
+    deviation (n - 1) over sqrt(n); 0 for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

@@ -1,0 +1,331 @@
+"""GSM8K, MATH, MMLU-Pro and HellaSwag, prompted and scored as lm-evaluation-harness does.
+
+Each benchmark turns the records of its public file into documents (checking every field it
+reads), builds the k-shot prompt of a document, and scores the model's output. The rules, with
+the harness's task files they reproduce:
+
+* **HellaSwag** (``hellaswag``): 0-shot log-likelihood multiple choice. Query =
+  ``activity_label + ": " + ctx_a + " " + ctx_b.capitalize()``; query and endings are cleaned
+  (strip, ``" [title]"`` -> ``". "``, ``[...]`` removed, one pass of double spaces -> one space).
+  Each choice is the continuation ``" " + ending``; ``acc``: the highest summed log-likelihood is
+  the label; ``acc_norm``: the same after dividing by the ending's length in characters.
+* **GSM8K** (``gsm8k``): 5-shot ``Question: ...\\nAnswer:`` prompts (shots drawn from a train
+  file by a ``random.Random(seed)`` shared over the documents in order, the full answer as the
+  shot's target), greedy, stop at ``Question:``, at most 256 tokens. ``strict-match``: the first
+  ``#### (-?[0-9.,]+)``; ``flexible-extract``: the last number. Prediction and the reference
+  answer both lose ``,``, ``$``, everything up to ``#### ``, a trailing ``.``, and case.
+* **MATH** (``minerva_math``): the four Minerva examples, ``Problem:\\n...\\n\\nSolution:``,
+  greedy, stop at ``Problem:``, at most 256 tokens; the answer is X of "Final Answer: The final
+  answer is X. I hope it is correct.", normalised as Minerva's Appendix D; the gold answer is the
+  last ``\\boxed{}`` of the solution (or the ``answer`` field of the MATH-500 layout), normalised
+  the same way. ``exact_match`` is equality of the normalised strings. (The harness's own
+  ``exact_match`` asks sympy whether the two parse to equal expressions instead: it also credits
+  ``0.5`` for ``\\frac{1}{2}``, and refuses answers sympy cannot parse, such as intervals.)
+* **MMLU-Pro** (``mmlu_pro``): chain-of-thought, 5-shot from a validation file when one is given
+  (the first five validation questions of the same category, their ``cot_content`` as target),
+  0-shot otherwise; the answer is the first ``answer is \\(?([A-J])\\)?``; no match is wrong.
+  Stop at ``Question:``, at most 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from r3.errors import R3Error
+from r3.evals.data import field
+from r3.evals.minerva_fewshot import MINERVA_FEWSHOT
+
+DEFAULT_FEWSHOT_SEED = 1234  # lm-evaluation-harness's default few-shot seed
+
+
+@dataclass
+class Benchmark:
+    name: str
+    kind: str  # "loglikelihood" or "generate"
+    metrics: tuple[str, ...]
+    default_shots: int
+    fewshot_split: str | None = None  # what --fewshot-data gives it ("train", "validation"), if anything
+    until: tuple[str, ...] = ()
+    max_gen_toks: int = 256
+
+
+# ---------------------------------------------------------------------------------- HellaSwag
+
+
+def hellaswag_clean(text: str) -> str:
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_doc(record: dict, path, i: int) -> dict:
+    label = field(record, "label", (int, str), path, i)
+    endings = field(record, "endings", list, path, i)
+    if not endings or not all(isinstance(e, str) for e in endings):
+        raise R3Error(f"{path}: record {i}: field 'endings' must be a non-empty list of strings")
+    try:
+        gold = int(label)
+    except ValueError:
+        raise R3Error(f"{path}: record {i}: field 'label' must be an integer, got {label!r}") from None
+    if not 0 <= gold < len(endings):
+        raise R3Error(f"{path}: record {i}: label {gold} is not an index into its {len(endings)} endings")
+    ctx = field(record, "ctx_a", str, path, i) + " " + field(record, "ctx_b", str, path, i).capitalize()
+    return {"query": hellaswag_clean(field(record, "activity_label", str, path, i) + ": " + ctx),
+            "choices": [hellaswag_clean(e) for e in endings], "gold": gold}
+
+
+def hellaswag_scores(doc: dict, lls: list[float]) -> dict:
+    norm = [ll / max(len(c), 1) for ll, c in zip(lls, doc["choices"])]
+    pick = max(range(len(lls)), key=lambda j: (lls[j], -j))  # ties: the first, as numpy's argmax
+    pick_norm = max(range(len(norm)), key=lambda j: (norm[j], -j))
+    return {"acc": pick == doc["gold"], "acc_norm": pick_norm == doc["gold"], "prediction": pick}
+
+
+# ---------------------------------------------------------------------------------- GSM8K
+
+
+GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_GSM8K_IGNORE = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
+
+
+def gsm8k_doc(record: dict, path, i: int) -> dict:
+    answer = field(record, "answer", str, path, i)
+    if "#### " not in answer:
+        raise R3Error(f"{path}: record {i}: field 'answer' has no '#### N' final answer")
+    return {"question": field(record, "question", str, path, i), "answer": answer}
+
+
+def gsm8k_normalise(text: str) -> str:
+    for pattern in _GSM8K_IGNORE:
+        text = pattern.sub("", text)
+    return text.lower()
+
+
+def _regex_pick(pattern: re.Pattern, text: str, which: int) -> str:
+    """lm-eval's regex filter: ``findall``, the match at index ``which``, the first non-empty
+    group of a multi-group match, stripped; ``[invalid]`` when nothing matches."""
+    found = pattern.findall(text)
+    if not found:
+        return "[invalid]"
+    m = found[which]
+    if isinstance(m, tuple):
+        m = next((g for g in m if g), "[invalid]")
+    return m.strip()
+
+
+def gsm8k_scores(doc: dict, text: str) -> dict:
+    gold = gsm8k_normalise(doc["answer"])
+    strict = _regex_pick(GSM8K_STRICT, text, 0)
+    flexible = _regex_pick(GSM8K_FLEXIBLE, text, -1)
+    return {"exact_match,strict-match": gsm8k_normalise(strict) == gold,
+            "exact_match,flexible-extract": gsm8k_normalise(flexible) == gold,
+            "prediction": {"strict-match": strict, "flexible-extract": flexible}}
+
+
+# ---------------------------------------------------------------------------------- MATH
+
+
+def last_boxed_only_string(text: str) -> str | None:
+    idx = text.rfind("\\boxed")
+    if "\\boxed " in text:
+        return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
+    if idx < 0:
+        idx = text.rfind("\\fbox")
+        if idx < 0:
+            return None
+    depth = 0
+    for i in range(idx, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[idx: i + 1]
+    return None
+
+
+def remove_boxed(s: str) -> str | None:
+    if s.startswith("\\boxed "):
+        return s[len("\\boxed "):]
+    if s.startswith("\\boxed{") and s.endswith("}"):
+        return s[len("\\boxed{"):-1]
+    return None  # \fbox{...}: the harness fails an assertion here; we treat it as no answer
+
+
+_SUBSTITUTIONS = [("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+                  (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}")]
+_REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units", "\\ldots", "sue",
+            "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges",
+            "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2",
+            "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"',
+            "\\dots"]
+
+
+def normalize_final_answer(answer: str) -> str:
+    """Minerva's answer normalisation (Lewkowycz et al. 2022, Appendix D), step by step."""
+    answer = answer.split("=")[-1]
+    for before, after in _SUBSTITUTIONS:
+        answer = answer.replace(before, after)
+    for expr in _REMOVED:
+        answer = answer.replace(expr, "")
+    answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
+    answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
+    answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
+    answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
+    answer = answer.replace("$", "")
+    if answer.replace(",", "").isdigit():
+        answer = answer.replace(",", "")
+    return answer
+
+
+_FINAL_ANSWER = re.compile(r"Final Answer: The final answer is(.*?). I hope it is correct.")
+
+
+def minerva_answer(text: str) -> str:
+    m = _FINAL_ANSWER.search(text + "I hope it is correct.")
+    return m.group(1).strip() if m else "[invalidanswer]"
+
+
+def math_doc(record: dict, path, i: int) -> dict:
+    problem = field(record, "problem", str, path, i)
+    if "answer" in record:  # the MATH-500 layout
+        gold = field(record, "answer", str, path, i)
+    else:
+        boxed = last_boxed_only_string(field(record, "solution", str, path, i))
+        gold = remove_boxed(boxed) if boxed else None
+        if gold is None:
+            raise R3Error(f"{path}: record {i}: field 'solution' has no \\boxed{{}} answer")
+    return {"problem": problem, "answer": normalize_final_answer(gold)}
+
+
+def math_scores(doc: dict, text: str) -> dict:
+    pred = normalize_final_answer(minerva_answer(text))
+    return {"exact_match": pred == doc["answer"], "prediction": pred}
+
+
+# ---------------------------------------------------------------------------------- MMLU-Pro
+
+
+LETTERS = "ABCDEFGHIJ"
+MMLU_PRO_ANSWER = re.compile(r"answer is \(?([ABCDEFGHIJ])\)?")
+
+
+def mmlu_pro_doc(record: dict, path, i: int, *, with_cot: bool = False) -> dict:
+    options = field(record, "options", list, path, i)
+    if not 1 <= len(options) <= len(LETTERS) or not all(isinstance(o, str) for o in options):
+        raise R3Error(f"{path}: record {i}: field 'options' must be a list of 1 to 10 strings")
+    if "answer" in record:
+        letter = field(record, "answer", str, path, i).strip().upper()
+        if len(letter) != 1 or letter not in LETTERS[: len(options)]:
+            raise R3Error(f"{path}: record {i}: field 'answer' must be a letter A-{LETTERS[len(options) - 1]}, got {letter!r}")
+    else:
+        index = field(record, "answer_index", int, path, i)
+        if not 0 <= index < len(options):
+            raise R3Error(f"{path}: record {i}: answer_index {index} is not an index into its {len(options)} options")
+        letter = LETTERS[index]
+    doc = {"question": field(record, "question", str, path, i), "options": options, "answer": letter,
+           "category": field(record, "category", str, path, i)}
+    if with_cot:
+        doc["cot_content"] = field(record, "cot_content", str, path, i)
+    return doc
+
+
+def mmlu_pro_question(doc: dict) -> str:
+    text = "Question:\n" + doc["question"] + "\nOptions:\n"
+    for letter, option in zip(LETTERS, doc["options"]):
+        text += f"{letter}. {option.strip()}\n"
+    return text + "Answer: Let's think step by step."
+
+
+def mmlu_pro_header(category: str) -> str:
+    return (f"The following are multiple choice questions (with answers) about {category}. Think step by step and "
+            f'then finish your answer with "the answer is (X)" where X is the correct letter choice.\n')
+
+
+def mmlu_pro_scores(doc: dict, text: str) -> dict:
+    pred = _regex_pick(MMLU_PRO_ANSWER, text, 0)
+    return {"exact_match,custom-extract": pred.lower() == doc["answer"].lower(), "prediction": pred}
+
+
+# ---------------------------------------------------------------------------------- registry
+
+
+BENCHMARKS = {
+    "hellaswag": Benchmark("hellaswag", "loglikelihood", ("acc", "acc_norm"), 0, fewshot_split="train"),
+    "gsm8k": Benchmark("gsm8k", "generate", ("exact_match,strict-match", "exact_match,flexible-extract"), 5,
+                       fewshot_split="train", until=("Question:", "</s>", "<|im_end|>")),
+    "math": Benchmark("math", "generate", ("exact_match",), 4, until=("Problem:",)),
+    "mmlu_pro": Benchmark("mmlu_pro", "generate", ("exact_match,custom-extract",), 5, fewshot_split="validation",
+                          until=("Question:",), max_gen_toks=2048),
+}
+_DOC = {"hellaswag": hellaswag_doc, "gsm8k": gsm8k_doc, "math": math_doc, "mmlu_pro": mmlu_pro_doc}
+
+
+def get(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise R3Error(f"unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})")
+    return BENCHMARKS[name]
+
+
+def make_docs(name: str, records: list[dict], path: str | Path, *, fewshot: bool = False) -> list[dict]:
+    """The documents of ``records`` (from ``path``); ``fewshot``: the file holds few-shot examples
+    (MMLU-Pro's then need ``cot_content``)."""
+    if name == "mmlu_pro":
+        return [mmlu_pro_doc(r, path, i, with_cot=fewshot) for i, r in enumerate(records)]
+    return [_DOC[name](r, path, i) for i, r in enumerate(records)]
+
+
+def fewshot_indices(name: str, docs: list[dict], pool: list[dict], shots: int, seed: int) -> list[list[int]]:
+    """Indices into ``pool`` of each document's shots, chosen as the harness chooses them:
+    GSM8K ``Random(seed).sample`` per document in order; HellaSwag the same but drawing
+    ``shots + 1`` and keeping the first ``shots`` (its sampler excludes the document itself);
+    MMLU-Pro the first ``shots`` pool entries of the document's category. (MATH's are fixed.)"""
+    if shots == 0 or name == "math":
+        return [[] for _ in docs]
+    if name == "mmlu_pro":
+        by_cat: dict[str, list[int]] = {}
+        for j, d in enumerate(pool):
+            by_cat.setdefault(d["category"], []).append(j)
+        return [by_cat.get(d["category"], [])[:shots] for d in docs]
+    if shots > len(pool) - (name == "hellaswag"):
+        raise R3Error(f"{name}: {shots} shots need at least {shots + (name == 'hellaswag')} few-shot examples, "
+                      f"the file has {len(pool)}")
+    rnd = random.Random(seed)
+    extra = 1 if name == "hellaswag" else 0
+    return [rnd.sample(range(len(pool)), shots + extra)[:shots] for _ in docs]
+
+
+def prompt(name: str, doc: dict, shots: list[dict], n_shots: int) -> str:
+    """The text the model continues (for HellaSwag: the context its choices are scored after)."""
+    if name == "hellaswag":
+        return "".join(s["query"] + " " + s["choices"][s["gold"]] + "\n\n" for s in shots) + doc["query"]
+    if name == "gsm8k":
+        return "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots) + \
+            f"Question: {doc['question']}\nAnswer:"
+    if name == "math":
+        fixed = "".join(f"Problem:\n{p}\n\nSolution: {s}\n\n" for p, s in MINERVA_FEWSHOT[:n_shots])
+        return fixed + f"Problem:\n{doc['problem']}\n\nSolution:"
+    if name == "mmlu_pro":
+        shots_text = "".join(mmlu_pro_question(s) + " " + s["cot_content"].replace("A: Let's think step by step. ", "")
+                             + "\n\n" for s in shots)
+        return mmlu_pro_header(doc["category"]) + shots_text + mmlu_pro_question(doc)
+    raise R3Error(f"unknown benchmark {name!r}")
+
+
+def choices(name: str, doc: dict) -> list[str]:
+    """Continuations scored after the prompt (multiple choice by log-likelihood)."""
+    if name != "hellaswag":
+        raise R3Error(f"{name} is not a log-likelihood benchmark")
+    return [" " + c for c in doc["choices"]]
+
+
+def score_generation(name: str, doc: dict, text: str) -> dict:
+    return {"gsm8k": gsm8k_scores, "math": math_scores, "mmlu_pro": mmlu_pro_scores}[name](doc, text)

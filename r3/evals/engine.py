@@ -1,0 +1,156 @@
+"""The two request types every benchmark reduces to, run on our model with its KV cache.
+
+* :func:`loglikelihoods`: for each item, a context and several continuations (the choices of a
+  multiple-choice question). The context is encoded once per item into the cache; the cache rows
+  are then repeated for the item's choices, and all continuations are scored together. Returns,
+  per continuation, the summed log-probability of its tokens and whether each was the argmax.
+* :func:`generate_until`: greedy generation in batches with our sampler, each row ending at an
+  end-of-sequence id or at the first of its stop strings (the text is cut there, as
+  lm-evaluation-harness cuts it).
+
+Token ids in, numbers or token ids out: how text becomes tokens is the caller's
+(:func:`encode_pair` does it as the harness's Hugging Face backend does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from r3.sampler import Session
+
+
+@dataclass
+class Loglikelihood:
+    logprob: float  # sum of log p(token | everything before it) over the continuation
+    greedy: bool  # every continuation token was the argmax of its distribution
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids as the harness's Hugging Face backend makes them: the tokenizer's own default
+    special tokens (a BOS for Llama-style tokenizers), none when the text already starts with
+    the BOS text (a chat-formatted prompt)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids as the harness makes them: trailing whitespace of the context
+    moves to the continuation; the continuation's ids are those of ``context + continuation``
+    after the context's own ids."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        continuation = context[-n_space:] + continuation
+        context = context[:-n_space]
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def _score_rows(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor):
+    """Per row: summed log-prob of the valid targets and whether all were the argmax."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    is_max = logits.argmax(-1) == targets
+    return (tok * valid).sum(-1), (is_max | ~valid).all(-1)
+
+
+@torch.inference_mode()
+def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *, batch_size: int = 8,
+                   progress: Callable[[int], None] | None = None) -> list[list[Loglikelihood]]:
+    """``items``: ``(context_ids, [continuation_ids, ...])``; every context and continuation
+    non-empty. Returns one list of :class:`Loglikelihood` per item, in the order of its choices.
+
+    An item's context is prefilled once; its last position's logits score every choice's first
+    token, and the choices' remaining tokens are fed together on copies of the context's cache
+    rows (positions continue after the context, so each choice sees exactly context + itself).
+    """
+    for i, (ctx, conts) in enumerate(items):
+        if not ctx or not conts or any(not c for c in conts):
+            raise ValueError(f"item {i}: empty context or continuation")
+    device = model.device
+    out: list[list[Loglikelihood]] = []
+    for lo in range(0, len(items), batch_size):
+        batch = items[lo: lo + batch_size]
+        contexts = [list(c) for c, _ in batch]
+        C = max(len(c) for c in contexts)
+        L = max(len(k) for _, conts in batch for k in conts)
+        rows = [r for r, (_, conts) in enumerate(batch) for _ in conts]
+        # Prefill every context once (right-padded; a padded slot is never read by a real token).
+        cache = model.new_cache(len(batch), C + L)
+        toks = torch.tensor([c + [0] * (C - len(c)) for c in contexts], device=device)
+        pos = torch.arange(C, device=device).expand(len(batch), C)
+        h = model.hidden_states(toks, positions=pos, cache=cache, kv_len=C)
+        last = torch.tensor([len(c) - 1 for c in contexts], device=device)
+        first_logits = model.lm_head(h[torch.arange(len(batch), device=device), last])  # [items, V]
+        # One row per choice: feed its tokens but the last, at positions len(context)...
+        conts = [k for _, cs in batch for k in cs]
+        cache = cache.select(torch.tensor(rows, device=device))
+        starts = torch.tensor([len(contexts[r]) for r in rows], device=device)
+        T = max(len(k) for k in conts)
+        targets = torch.tensor([k + [0] * (T - len(k)) for k in conts], device=device)
+        valid = torch.arange(T, device=device)[None, :] < torch.tensor([len(k) for k in conts], device=device)[:, None]
+        logits = first_logits[torch.tensor(rows, device=device)][:, None, :]  # predicts token 0
+        if T > 1:
+            feed = targets[:, :-1]
+            fpos = starts[:, None] + torch.arange(T - 1, device=device)
+            h = model.hidden_states(feed, positions=fpos, cache=cache, kv_len=int(fpos.max()) + 1)
+            logits = torch.cat([logits, model.lm_head(h)], dim=1)  # [choices, T, V]
+        lp, greedy = _score_rows(logits, targets, valid)
+        k = 0
+        for _, cs in batch:
+            out.append([Loglikelihood(float(lp[k + j]), bool(greedy[k + j])) for j in range(len(cs))])
+            k += len(cs)
+        if progress:
+            progress(len(out))
+    return out
+
+
+def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.inference_mode()
+def generate_until(model, tokenizer, prompts: Sequence[list[int]], *, until: Sequence[str], max_new_tokens: int,
+                   stop_token_ids: Sequence[int] = (), batch_size: int = 16, chunk: int = 32,
+                   progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (token ids), decoded, each cut at the first of the
+    ``until`` strings (not included) or ended at a stop id, after at most ``max_new_tokens``.
+
+    Rows decode ``chunk`` tokens at a time; after each chunk, rows that reached a stop string,
+    a stop id or the limit leave the batch (their cache rows are dropped)."""
+    vocab = len(tokenizer)
+    stop_ids = set(int(i) for i in stop_token_ids)
+    texts: list[str] = [""] * len(prompts)
+    done = 0
+    for lo in range(0, len(prompts), batch_size):
+        idx = list(range(lo, min(len(prompts), lo + batch_size)))
+        longest = max(len(prompts[i]) for i in idx)
+        session = Session.start(model, [prompts[i] for i in idx], max_len=longest + max_new_tokens, vocab_size=vocab)
+        generated = {i: [] for i in idx}
+        live = list(idx)
+        while live:
+            remaining = max_new_tokens - len(generated[live[0]])
+            s = session.sample(min(chunk, remaining), temperature=0.0, stop_token_ids=sorted(stop_ids))
+            keep = []
+            for row, i in enumerate(live):
+                new = s.tokens[row]
+                ended_by_id = bool(new) and new[-1] in stop_ids
+                generated[i].extend(new[:-1] if ended_by_id else new)
+                text, cut = _cut(tokenizer.decode(generated[i], skip_special_tokens=True), until)
+                texts[i] = text
+                if not (ended_by_id or cut or len(generated[i]) >= max_new_tokens):
+                    keep.append(row)
+            if len(keep) < len(live):
+                if not keep:
+                    break
+                session = session.select(keep)
+                live = [live[r] for r in keep]
+        done += len(idx)
+        if progress:
+            progress(done)
+    return texts

@@ -1,0 +1,78 @@
+"""r3.evals.engine against naive references: full-sequence forwards for the log-likelihoods,
+and plain generation + cutting for generate_until."""
+
+import pytest
+import torch
+
+from r3.evals.engine import _cut, encode_pair, generate_until, loglikelihoods
+from r3.sampler import generate
+
+
+def naive_loglikelihood(model, ctx, cont):
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0].float(), -1)
+    pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    tok = logp[pos, torch.tensor(cont)]
+    greedy = bool((logp[pos].argmax(-1) == torch.tensor(cont)).all())
+    return float(tok.sum()), greedy
+
+
+def test_loglikelihoods_equal_full_forwards(builtin):
+    model, _ = builtin
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    items = []
+    for n_ctx, lens in ((5, [1, 3, 7]), (12, [2, 2]), (1, [4, 1, 1, 6]), (30, [9])):
+        ctx = torch.randint(0, V, (n_ctx,), generator=g).tolist()
+        items.append((ctx, [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]))
+    # The model's own greedy continuation of an item's context is "greedy" by construction.
+    ctx = items[1][0]
+    cont = generate(model, [ctx], max_new_tokens=4, temperature=0.0).tokens[0]
+    items.append((ctx, [cont, cont[:2]]))
+    for batch_size in (2, 8):
+        got = loglikelihoods(model, items, batch_size=batch_size)
+        assert [len(x) for x in got] == [len(c) for _, c in items]
+        for (ctx, conts), res in zip(items, got):
+            for cont, r in zip(conts, res):
+                ref, greedy = naive_loglikelihood(model, ctx, cont)
+                assert r.logprob == pytest.approx(ref, abs=2e-3, rel=1e-4)
+                assert r.greedy == greedy
+    assert got[-1][0].greedy and got[-1][1].greedy
+
+
+def test_loglikelihoods_reject_empty():
+    with pytest.raises(ValueError):
+        loglikelihoods(None, [([], [[1]])])
+
+
+def test_encode_pair_moves_trailing_spaces(builtin):
+    _, tok = builtin
+    ctx, cont = encode_pair(tok, "The answer is ", "blue")
+    assert tok.decode(ctx) == "The answer is"
+    assert tok.decode(cont) == " blue"
+    ctx2, cont2 = encode_pair(tok, "The answer is", " blue")
+    assert (ctx, cont) == (ctx2, cont2)
+
+
+def test_cut_at_first_stop_string():
+    assert _cut("a Question: b Question:", ["Question:"]) == ("a ", True)
+    assert _cut("x</s>y\n\nz", ["\n\n", "</s>"]) == ("x", True)
+    assert _cut("nothing here", ["Question:", ""]) == ("nothing here", False)
+
+
+def test_generate_until_equals_generate_then_cut(builtin):
+    model, tok = builtin
+    prompts = [tok.encode(t, add_special_tokens=False)
+               for t in ("Question: What is 2 + 3?\nAnswer:", "Once upon a time", "1, 2, 3, 4,", "The capital of France is")]
+    n = 24
+    full = generate(model, prompts, max_new_tokens=n, temperature=0.0).tokens
+    for until in ([","], ["\n"], ["Question:", "\n\n"], []):
+        got = generate_until(model, tok, prompts, until=until, max_new_tokens=n, batch_size=3, chunk=7)
+        want = [_cut(tok.decode(t, skip_special_tokens=True), until)[0] for t in full]
+        assert got == want, until
+    # A stop id ends a row: the text stops before it.
+    eos = full[1][5]
+    got = generate_until(model, tok, prompts[1:2], until=[], max_new_tokens=n, stop_token_ids=[eos], chunk=4)
+    k = full[1].index(eos)
+    assert got == [tok.decode(full[1][:k], skip_special_tokens=True)]

@@ -1,0 +1,256 @@
+"""The forgetting harness: each benchmark's file format, prompt and scoring rule against
+hand-computed cases (the rules of lm-evaluation-harness), and the CLI end to end on small files."""
+
+import hashlib
+import json
+import random
+
+import pytest
+
+from r3 import forgetting as FG
+from r3.errors import R3Error
+from r3.evals import benchmarks as B
+from r3.evals.data import read_records
+from r3.stats import mean_stderr
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def test_read_records_formats_and_errors(tmp_path):
+    recs = [{"a": 1}, {"a": 2}]
+    assert read_records(write_jsonl(tmp_path / "x.jsonl", recs)) == recs
+    (tmp_path / "x.json").write_text(json.dumps(recs))
+    assert read_records(tmp_path / "x.json") == recs
+    (tmp_path / "y.json").write_text(json.dumps({"rows": recs, "version": 1}))
+    assert read_records(tmp_path / "y.json") == recs
+    cases = [
+        ("missing.jsonl", None, "no such file"),
+        ("bad.jsonl", '{"a": 1}\n{"a": \n', "bad.jsonl:2: not valid JSON"),
+        ("list.jsonl", '[1, 2]\n', "record 0 is not an object"),
+        ("empty.jsonl", "\n", "no records"),
+        ("x.csv", "a,b\n", "unknown format '.csv'"),
+        ("two.json", json.dumps({"a": [], "b": []}), "exactly one list"),
+    ]
+    for name, text, msg in cases:
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(R3Error, match=msg):
+            read_records(tmp_path / name)
+
+
+def test_parquet_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    recs = [{"question": "q", "answer": "a\n#### 3"}]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "g.parquet")
+    assert read_records(tmp_path / "g.parquet") == recs
+
+
+@pytest.mark.parametrize("name,record,msg", [
+    ("gsm8k", {"question": "q"}, "record 0 has no field 'answer'"),
+    ("gsm8k", {"question": "q", "answer": "42"}, "no '#### N'"),
+    ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x"], "label": 3}, "label 3 is not an index"),
+    ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": "x", "label": 0}, "'endings' must be a list"),
+    ("math", {"problem": "p", "solution": "no box"}, "no \\\\boxed"),
+    ("mmlu_pro", {"question": "q", "options": ["a", "b"], "answer": "C", "category": "math"}, "must be a letter A-B"),
+    ("mmlu_pro", {"question": "q", "options": ["a", "b"], "answer_index": True, "category": "math"}, "must be an integer"),
+])
+def test_bad_records_name_file_record_and_field(name, record, msg, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(R3Error, match=msg) as e:
+        B.make_docs(name, read_records(path), path)
+    assert str(path) in str(e.value)
+
+
+# ----------------------------------------------------------------------------------- HellaSwag
+
+
+def test_hellaswag_query_cleaning_and_norm():
+    rec = {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow.",
+           "ctx_b": "then He starts [title] the car", "endings": [" a [step] b  c ", "xx"], "label": "1"}
+    doc = B.hellaswag_doc(rec, "f", 0)
+    # capitalize() lower-cases the rest; " [title]" -> ". "; [..] dropped; one pass of double spaces
+    assert doc["query"] == "Removing ice from car: Then, the man writes over the snow. Then he starts. the car"
+    assert doc["choices"] == ["a b c", "xx"] and doc["gold"] == 1
+    assert B.choices("hellaswag", doc) == [" a b c", " xx"]
+    # acc picks the larger sum (-5 > -6); acc_norm divides by characters: -6/5 = -1.2 > -5/2 = -2.5
+    s = B.hellaswag_scores(doc, [-6.0, -5.0])
+    assert s["acc"] is True and s["acc_norm"] is False and s["prediction"] == 1
+    s = B.hellaswag_scores({**doc, "gold": 0}, [-3.0, -3.0])  # ties go to the first choice
+    assert s["acc"] is True
+
+
+# ----------------------------------------------------------------------------------- GSM8K
+
+
+@pytest.mark.parametrize("output,strict,flexible", [
+    (" She has 9 * 2 = 18.\n#### 18", True, True),
+    (" 3 + 4 = 7.\n#### 7", False, False),
+    (" The answer is 18.", False, True),  # no '#### '; last number '18.' loses its trailing '.'
+    (" #### $1,000.", False, False),  # gold 18: wrong either way
+    (" 18 apples, then 20\n#### 18", True, True),
+    (" 18 apples, then 20", False, False),  # flexible takes the last number
+])
+def test_gsm8k_extraction(output, strict, flexible):
+    doc = {"question": "q", "answer": "so 9 * 2 = <<9*2=18>>18\n#### 18"}
+    s = B.gsm8k_scores(doc, output)
+    assert (s["exact_match,strict-match"], s["exact_match,flexible-extract"]) == (strict, flexible)
+
+
+def test_gsm8k_normalisation_drops_commas_dollars_and_final_period():
+    doc = {"question": "q", "answer": "...\n#### 1000"}
+    s = B.gsm8k_scores(doc, "total $1,000.\n#### $1,000.")
+    assert s["prediction"] == {"strict-match": "[invalid]", "flexible-extract": "$1,000."}
+    assert s["exact_match,flexible-extract"] is True and s["exact_match,strict-match"] is False
+    assert B.gsm8k_scores(doc, "#### 1,000.")["exact_match,strict-match"] is True
+
+
+def test_gsm8k_prompt_and_shot_sampling():
+    docs = [{"question": f"q{i}", "answer": f"a{i}\n#### {i}"} for i in range(3)]
+    pool = [{"question": f"t{i}", "answer": f"s{i}\n#### {i}"} for i in range(20)]
+    picks = B.fewshot_indices("gsm8k", docs, pool, 2, 1234)
+    rnd = random.Random(1234)  # one generator shared over the documents, in order
+    assert picks == [rnd.sample(range(20), 2) for _ in docs]
+    p = B.prompt("gsm8k", docs[0], [pool[j] for j in picks[0]], 2)
+    a, b = picks[0]
+    assert p == (f"Question: t{a}\nAnswer: s{a}\n#### {a}\n\nQuestion: t{b}\nAnswer: s{b}\n#### {b}\n\n"
+                 "Question: q0\nAnswer:")
+    # HellaSwag draws one more and keeps the first k
+    rnd = random.Random(5)
+    assert B.fewshot_indices("hellaswag", docs, pool, 2, 5) == [rnd.sample(range(20), 3)[:2] for _ in docs]
+    with pytest.raises(R3Error, match="need at least"):
+        B.fewshot_indices("gsm8k", docs, pool[:1], 2, 0)
+
+
+# ----------------------------------------------------------------------------------- MATH
+
+
+def test_minerva_prompt_is_the_harness_prompt_byte_for_byte():
+    p = B.prompt("math", {"problem": "What is $1+1$?"}, [], 4)
+    prefix, _, tail = p.rpartition("Problem:\n")
+    # sha256 of lm-evaluation-harness's minerva_math 4-shot prefix (1792 characters)
+    assert hashlib.sha256(prefix.encode()).hexdigest() == "d08a0ce44e131a3ba5b582b55cef653be21b141a0f4aaa7e5d56eb5b28d821b6"
+    assert tail == "What is $1+1$?\n\nSolution:"
+    assert B.prompt("math", {"problem": "x"}, [], 0) == "Problem:\nx\n\nSolution:"
+
+
+@pytest.mark.parametrize("raw,normalised", [
+    ("$\\frac{2}{3}$", "\\frac{2}{3}"),
+    ("x = 5", "5"),  # the part after the last '='
+    ("10,000 dollars", "10000"),
+    ("\\text{(A)}", "(A)"),
+    ("\\boxed{24}", "24"),
+    ("\\frac12", "\\frac{1}{2}"),
+    ("\\sqrt2", "\\sqrt{2}"),
+    ("90^\\circ", "90"),
+    ("a 5 units", "5"),
+    ("$[2,5)$", "[2,5)"),
+])
+def test_minerva_normalisation(raw, normalised):
+    assert B.normalize_final_answer(raw) == normalised
+
+
+def test_math_gold_and_answer_extraction():
+    doc = B.math_doc({"problem": "p", "solution": "so \\boxed{\\frac{1}{2}} and finally $\\boxed{\\frac{2}{3}}$."}, "f", 0)
+    assert doc["answer"] == "\\frac{2}{3}"  # the last \boxed{}, braces balanced
+    assert B.math_doc({"problem": "p", "answer": "\\frac{2}{3}"}, "f", 0)["answer"] == "\\frac{2}{3}"  # MATH-500
+    ok = "We get $x$.\nFinal Answer: The final answer is $\\frac{2}{3}$. I hope it is correct."
+    assert B.math_scores(doc, ok) == {"exact_match": True, "prediction": "\\frac{2}{3}"}
+    cut = "Final Answer: The final answer is $\\frac{2}{3}$"  # stopped before '. I hope': no answer
+    assert B.math_scores(doc, cut)["prediction"] == "[invalidanswer]"
+    assert B.math_scores(doc, "Final Answer: The final answer is $0.66$. I hope it is correct.")["exact_match"] is False
+    assert B.last_boxed_only_string("\\boxed 5$ and more") == "\\boxed 5"
+    assert B.remove_boxed("\\boxed 5") == "5"
+
+
+# ----------------------------------------------------------------------------------- MMLU-Pro
+
+
+def test_mmlu_pro_prompt_and_extraction():
+    shot = {"question": "Sq", "options": [" x ", "y"], "answer": "B", "category": "computer science",
+            "cot_content": "A: Let's think step by step. Because y. The answer is (B)."}
+    doc = {"question": "Q", "options": ["o1", "o2", "o3"], "answer": "C", "category": "computer science"}
+    p = B.prompt("mmlu_pro", doc, [shot], 1)
+    assert p == ("The following are multiple choice questions (with answers) about computer science. Think step by "
+                 'step and then finish your answer with "the answer is (X)" where X is the correct letter choice.\n'
+                 "Question:\nSq\nOptions:\nA. x\nB. y\nAnswer: Let's think step by step. Because y. The answer is (B).\n\n"
+                 "Question:\nQ\nOptions:\nA. o1\nB. o2\nC. o3\nAnswer: Let's think step by step.")
+    assert B.mmlu_pro_scores(doc, " so the answer is (C). Later the answer is A")["exact_match,custom-extract"] is True
+    assert B.mmlu_pro_scores(doc, "The Answer is C")["prediction"] == "[invalid]"  # case-sensitive
+    assert B.mmlu_pro_scores(doc, "the answer is C")["exact_match,custom-extract"] is True
+    pool = [dict(shot, category=c) for c in ("math", "computer science", "math", "computer science")]
+    assert B.fewshot_indices("mmlu_pro", [doc], pool, 5, 0) == [[1, 3]]  # first ones of its category
+    assert B.mmlu_pro_doc({"question": "q", "options": ["a", "b"], "answer_index": 1, "category": "law"}, "f", 0)["answer"] == "B"
+
+
+def test_mean_stderr_is_the_harness_formula():
+    v = [1.0, 0.0, 1.0, 1.0]
+    mu = 0.75
+    assert mean_stderr(v) == pytest.approx((sum((x - mu) ** 2 for x in v) / 3) ** 0.5 / 2)
+    assert mean_stderr([1.0]) == 0.0
+
+
+def test_summarise_pairs_the_same_items():
+    plan = {"bench": B.get("gsm8k")}
+    items = {"gsm8k": {"a": [{"scores": {m: s for m in B.get("gsm8k").metrics}} for s in (True, False, True, False)],
+                       "b": [{"scores": {m: s for m in B.get("gsm8k").metrics}} for s in (True, True, False, False)]}}
+    results, paired = FG.summarise([plan], ["a", "b"], items)
+    assert [(r["model"], r["score"], r["n"]) for r in results[:2]] == [("a", 0.5, 4), ("b", 0.5, 4)]
+    p = paired[0]
+    assert (p["difference"], p["better"], p["worse"]) == (0.0, 1, 1)
+    assert p["stderr"] == pytest.approx((2 / 3) ** 0.5 / 2)
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def test_cli_errors_before_loading_a_model(tmp_path, capsys):
+    g = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "a\n#### 1"}])
+    cases = [
+        ([], "no benchmark given"),
+        (["--data", "gsm9k=" + str(g)], "unknown benchmark 'gsm9k'"),
+        (["--data", "gsm8k=" + str(g)], "5-shot prompts need --fewshot-data gsm8k"),
+        (["--data", "gsm8k=" + str(g), "--data", "gsm8k=" + str(g)], "given twice"),
+        (["--data", "math=" + str(g), "--shots", "0"], "record 0 has no field 'problem'"),
+        (["--data", "gsm8k=" + str(g), "--fewshot-data", "math=" + str(g)], "no --data math"),
+        (["--data", "gsm8k=/no/such.jsonl"], "no such file"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            FG.main([*args, "--model", "/no/such/model", "--out", str(tmp_path / "o.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_cli_end_to_end_on_small_files(tmp_path):
+    hs = write_jsonl(tmp_path / "hs.jsonl", [
+        {"activity_label": "Cooking", "ctx_a": "A man cracks two eggs into a bowl.", "ctx_b": "he",
+         "endings": ["whisks them with a fork.", "drives a car to the moon.", "sings.", "is a bowl."], "label": 0},
+        {"activity_label": "Swimming", "ctx_a": "A girl jumps into the pool.", "ctx_b": "she",
+         "endings": ["swims to the other side.", "eats the water.", "flies.", "reads"], "label": 0},
+    ])
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    out = tmp_path / "f.json"
+    assert FG.main(["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "12",
+                    "--out", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    rows = {(r["benchmark"], r["metric"]): r for r in data["results"]}
+    assert set(rows) == {("hellaswag", "acc"), ("hellaswag", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
+                         ("gsm8k", "exact_match,flexible-extract")}
+    assert all(r["model"] == "smollm2-135m" and r["n"] == (2 if r["benchmark"] == "hellaswag" else 1) for r in rows.values())
+    hs_items = data["items"]["hellaswag"]["smollm2-135m"]
+    assert [len(i["loglikelihoods"]) for i in hs_items] == [4, 4]
+    assert all(i["prediction"] == max(range(4), key=lambda j: i["loglikelihoods"][j]) for i in hs_items)
+    assert rows[("hellaswag", "acc")]["score"] == sum(i["correct"] for i in hs_items) / 2
+    g = data["items"]["gsm8k"]["smollm2-135m"][0]
+    assert isinstance(g["output"], str) and "Question:" not in g["output"]
+    assert data["settings"]["benchmarks"]["gsm8k"]["shots"] == 0 and data["settings"]["chat"] is False
