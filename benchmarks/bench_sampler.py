@@ -132,6 +132,12 @@ def run_hf(hf, prompts, n, G, device):
     return dt, out
 
 
+def prefix_agreement(a: list[list[int]], b: list[list[int]], n: int) -> float:
+    """The fraction of the n tokens per row that are equal before the rows' first difference."""
+    same = [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), n) for r, s in zip(a, b)]
+    return sum(same) / (len(same) * n)
+
+
 def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab, compiled=True):
     g = torch.Generator().manual_seed(B * 1000 + G)
     prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
@@ -157,9 +163,7 @@ def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab, compile
     rc_best = min(rc_times) if rc_times else None
     agree = None
     if G == 1:  # sanity: greedy continuations agree (up to near-ties; bf16 rounding differs)
-        ref_rows = ref[:, prompt_len:].tolist()
-        prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), n) for x, y in zip(out.tokens, ref_rows)]
-        agree = sum(prefix) / (len(prefix) * n)
+        agree = prefix_agreement(out.tokens, ref[:, prompt_len:].tolist(), n)
     return {
         "batch": B, "group": G, "rows": rows, "prompt_len": prompt_len, "new_tokens": n,
         "mode": "sample T=1" if G > 1 else "greedy",

@@ -159,11 +159,6 @@ def _perturb(hf) -> None:
                 p.copy_((1 + 0.3 * noise) if "norm" in name else 0.3 * noise)
 
 
-def _prefix_agreement(a: list[list[int]], b: list[list[int]], n: int) -> float:
-    same = [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), n) for r, s in zip(a, b)]
-    return sum(same) / (len(same) * n)
-
-
 def _logits(model, ids, hf: bool) -> torch.Tensor:
     with torch.inference_mode():
         return (model(ids).logits if hf else model(ids)).float()
@@ -179,7 +174,7 @@ def _greedy_agreement(ours, hf, prompts: torch.Tensor, n: int) -> float:
     cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         ref = hf.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
-    return _prefix_agreement(mine, ref[:, prompts.shape[1]:].tolist(), n)
+    return bench_sampler.prefix_agreement(mine, ref[:, prompts.shape[1]:].tolist(), n)
 
 
 def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
