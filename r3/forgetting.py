@@ -111,22 +111,15 @@ def prepare(args) -> list[dict]:
     return plans
 
 
-def chat_wrap(tokenizer, text: str) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise R3Error("--chat: this model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-
-
-def stop_ids(tokenizer, chat: bool) -> list[int]:
+def stop_ids(tokenizer, chat) -> list[int]:
+    """The generation config's and tokenizer's eos ids; with a chat format, its stop ids."""
     from r3.checkpoint import generation_eos_ids
 
+    if chat is not None:
+        return chat.stop_ids
     ids = set(generation_eos_ids(tokenizer))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    if chat:
-        from r3.episode import ChatFormat
-
-        ids.update(ChatFormat(tokenizer).stop_ids)
     return sorted(ids)
 
 
@@ -135,7 +128,14 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
     from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
 
     bench, docs = plan["bench"], plan["docs"]
-    prompts = [chat_wrap(tokenizer, p) for p in plan["prompts"]] if args.chat else plan["prompts"]
+    chat = None
+    if args.chat:
+        from r3.episode import ChatFormat
+
+        if not getattr(tokenizer, "chat_template", None):
+            raise R3Error("--chat: this model's tokenizer has no chat template")
+        chat = ChatFormat(tokenizer)
+    prompts = [chat.prompt_text([{"role": "user", "content": p}]) for p in plan["prompts"]] if chat else plan["prompts"]
     progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet)
     try:
         if bench.kind == "loglikelihood":
@@ -152,7 +152,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
             return out
         limit = args.max_gen_toks or bench.max_gen_toks
         texts = generate_until(model, tokenizer, [encode(tokenizer, p) for p in prompts], until=bench.until,
-                               max_new_tokens=limit, stop_token_ids=stop_ids(tokenizer, args.chat),
+                               max_new_tokens=limit, stop_token_ids=stop_ids(tokenizer, chat),
                                batch_size=args.batch_size, progress=progress.update)
         out = []
         for d, text in zip(docs, texts):

@@ -21,9 +21,7 @@ def paired_difference(a: list[bool], b: list[bool]) -> dict:
         raise ValueError("paired verdicts must have the same length")
     diffs = [int(y) - int(x) for x, y in zip(a, b)]
     mean = sum(diffs) / n if n else 0.0
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    se = math.sqrt(var / n) if n else 0.0
-    return {"mean": mean, "stderr": se, "n": n, "better": diffs.count(1), "worse": diffs.count(-1)}
+    return {"mean": mean, "stderr": mean_stderr(diffs), "n": n, "better": diffs.count(1), "worse": diffs.count(-1)}
 
 
 def mean_stderr(values: list[float]) -> float:

@@ -77,7 +77,7 @@ def field(record: dict, name: str, kind, path, index: int) -> Any:
     if name not in record:
         raise R3Error(f"{path}: record {index} has no field {name!r}")
     value = record[name]
-    if isinstance(value, bool) and kind in (int, (int,)):
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise R3Error(f"{path}: record {index}: field {name!r} must be {_kind_name(kind)}, got {value!r}")
     if not isinstance(value, kind):
         raise R3Error(f"{path}: record {index}: field {name!r} must be {_kind_name(kind)}, got {type(value).__name__}")

@@ -87,12 +87,13 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         first_logits = model.lm_head(h[torch.arange(len(batch), device=device), last])  # [items, V]
         # One row per choice: feed its tokens but the last, at positions len(context)...
         conts = [k for _, cs in batch for k in cs]
-        cache = cache.select(torch.tensor(rows, device=device))
+        row_idx = torch.tensor(rows, device=device)
+        cache = cache.select(row_idx)
         starts = torch.tensor([len(contexts[r]) for r in rows], device=device)
         T = max(len(k) for k in conts)
         targets = torch.tensor([k + [0] * (T - len(k)) for k in conts], device=device)
         valid = torch.arange(T, device=device)[None, :] < torch.tensor([len(k) for k in conts], device=device)[:, None]
-        logits = first_logits[torch.tensor(rows, device=device)][:, None, :]  # predicts token 0
+        logits = first_logits[row_idx][:, None, :]  # predicts token 0
         if T > 1:
             feed = targets[:, :-1]
             fpos = starts[:, None] + torch.arange(T - 1, device=device)
