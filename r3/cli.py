@@ -135,18 +135,23 @@ class Progress:
             self._open = False
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_out_path(out: str, what: str = "--out") -> Path:
@@ -159,20 +164,27 @@ def check_out_path(out: str, what: str = "--out") -> Path:
     return path
 
 
+def read_json_object(path: Path, missing: str = "missing") -> dict:
+    """A JSON file that must hold one object; any problem is one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise R3Error(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise R3Error(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise R3Error(f"{path}: not a JSON object")
+    return data
+
+
 def read_run_config(run, fields=("task", "task_options")) -> dict:
     """A training run's resolved config (``RUN/config.json``), with ``fields`` checked."""
     path = Path(run)
     cfg_path = path / "config.json"
     if not path.is_dir():
         raise R3Error(f"{run}: no such run directory")
-    if not cfg_path.is_file():
-        raise R3Error(f"{cfg_path}: missing (is {run} a directory written by r3.train?)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise R3Error(f"{cfg_path}: unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise R3Error(f"{cfg_path}: not a JSON object")
+    cfg = read_json_object(cfg_path, f"missing (is {run} a directory written by r3.train?)")
     for field in fields:
         if field not in cfg:
             raise R3Error(f"{cfg_path}: missing field {field!r}")

@@ -82,7 +82,7 @@ def evaluate_examples(
     "first_correct", "second_correct", "generated_tokens", "time_s"}`` (``*_correct``: one
     verdict per example, in order, for paired comparisons) and, with
     ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
-    it failed, the reflection, the retry and the retry's verdict. ``progress``: a
+    it failed, the reflection (and its length in tokens), the retry and the retry's verdict. ``progress``: a
     :class:`Progress`, True for a default one on stderr, or None/False for none.
     ``compile_decode``: decode through ``torch.compile`` (see :mod:`r3.decode`; the first batch
     pays the compile).
@@ -121,7 +121,9 @@ def evaluate_examples(
                 rec = {"example": ex, "attempt": chat.decode(ep.first_attempts[i]), "attempt_correct": ep.first_passed[i]}
                 if i in by_index:
                     row = ep.records[by_index[i]]  # group_size 1: group g is row g
-                    rec.update(reflection=row["reflection"], retry=row["retry"], retry_correct=retry_ok[by_index[i]])
+                    start, end = ep.spans[by_index[i]]
+                    rec.update(reflection=row["reflection"], reflection_tokens=end - start, retry=row["retry"],
+                               retry_correct=retry_ok[by_index[i]])
                 out_records.append(rec)
         if progress:
             progress.update(min(lo + batch_size, len(examples)),

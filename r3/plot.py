@@ -72,11 +72,22 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
     if len(runs) > 1:
         axes.flat[0].legend()
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Save a matplotlib figure as a PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -81,12 +81,16 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local_rank, device, mesh)
 
 
-def all_sum(values: list[float], d: Dist) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def all_sum(values, d: Dist):
+    """Sum over ranks, in one collective: a list of numbers -> a list, a dict of numbers -> a dict
+    with the same keys."""
+    keys = list(values) if isinstance(values, dict) else None
+    t = torch.tensor([float(values[k]) for k in keys] if keys is not None else values, dtype=torch.float64)
     if d.world > 1:
         t = t.to(d.device if d.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
-    return t.cpu().tolist()
+    out = t.cpu().tolist()
+    return dict(zip(keys, out)) if keys is not None else out
 
 
 def gather_to_main(items: list, d: Dist) -> list:
@@ -98,11 +102,13 @@ def gather_to_main(items: list, d: Dist) -> list:
     return [x for part in parts for x in part] if d.main else []
 
 
-def all_max(value: int, d: Dist) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=d.device if d.device.type == "cuda" else "cpu")
+def all_max(value: int | float, d: Dist) -> int | float:
+    """The largest ``value`` over ranks (an int stays an int)."""
+    t = torch.tensor([value], dtype=torch.int64 if isinstance(value, int) else torch.float64,
+                     device=d.device if d.device.type == "cuda" else "cpu")
     if d.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(t.item()) if isinstance(value, int) else float(t.item())
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,9 +205,15 @@ class MicroBatch:
     targets: torch.Tensor  # [N]
     ref_logp: torch.Tensor | None = None  # [N]
     old_logp: torch.Tensor | None = None  # [N]
+    rollout_logp: torch.Tensor | None = None  # [N] the sampler's log-probs of the targets
 
 
-def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, device) -> list[MicroBatch]:
+def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, device,
+                       rollout_logprobs: list[list[float]] | None = None) -> list[MicroBatch]:
+    """Sequences -> padded micro-batches whose mask marks each reflection span. The targets are
+    flattened row by row, so ``rollout_logprobs`` (one list per sequence, one value per reflection
+    token, as :class:`r3.episode.Episode` holds them) line up with them."""
+
     out = []
     for i in range(0, len(sequences), size):
         seqs, sp = sequences[i : i + size], spans[i : i + size]
@@ -222,6 +234,8 @@ def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, dev
                 rows=rows.to(device),
                 cols=(cols - 1).to(device),
                 targets=tokens[rows, cols].to(device),
+                rollout_logp=None if rollout_logprobs is None else torch.tensor(
+                    [x for row in rollout_logprobs[i : i + size] for x in row], dtype=torch.float32).to(device),
             )
         )
     return out
@@ -263,7 +277,12 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
     """``cfg.update_epochs`` optimizer steps over the micro-batches (``mbs[n_real:]`` are dummies
     that keep this rank in step with the others). The loss of every micro-batch is divided by the
     step's global denominator, so the summed gradient is the whole batch's whatever the split over
-    micro-batches and ranks. A non-finite loss or gradient norm skips the step (on every rank)."""
+    micro-batches and ranks. A non-finite loss or gradient norm skips the step (on every rank).
+
+    Before the first optimizer step the policy's log-probs of the reflection tokens are those the
+    sampler drew them with (same weights); ``logp_diff_sum`` / ``logp_diff_max`` / ``logp_diff_tokens``
+    measure how far apart they are (precision of the rollout copy; a masking or alignment bug
+    shows up as a jump)."""
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     real = mbs[:n_real]
     den = sum((grpo.loss_denominator(mb.mask, cfg.agg, max_len=cfg.max_reflection_tokens).cpu() for mb in real), torch.zeros(()))
@@ -271,7 +290,8 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
         den = den.to(d.device)
         dist.all_reduce(den)
     stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0,
-             "grad_norm": float("nan"), "skipped": False}
+             "grad_norm": float("nan"), "skipped": False, "logp_diff_sum": 0.0, "logp_diff_max": 0.0,
+             "logp_diff_tokens": 0.0}
     for epoch in range(cfg.update_epochs):
         last = epoch == cfg.update_epochs - 1
         loss_total = 0.0
@@ -280,6 +300,11 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
             if i >= n_real:
                 (logp.sum() * 0.0).backward()
                 continue
+            if epoch == 0 and mb.rollout_logp is not None and mb.rollout_logp.numel():
+                gap = (logp.detach().float() - mb.rollout_logp).abs()
+                stats["logp_diff_sum"] += float(gap.sum())
+                stats["logp_diff_max"] = max(stats["logp_diff_max"], float(gap.max()))
+                stats["logp_diff_tokens"] += gap.numel()
             lp = scatter(logp, mb)
             old = scatter(mb.old_logp, mb) if mb.old_logp is not None else lp.detach()
             ref = scatter(mb.ref_logp, mb) if mb.ref_logp is not None else None
@@ -544,7 +569,8 @@ def train(cfg: TrainConfig) -> dict:
         seqs = [ep.sequences[i] for i in idx]
         spans = [ep.spans[i] for i in idx]
         seq_adv = [float(adv.view(-1)[i]) for i in idx]
-        mbs = make_micro_batches(seqs, spans, seq_adv, cfg.micro_batch_size, pad_id, d.device)
+        mbs = make_micro_batches(seqs, spans, seq_adv, cfg.micro_batch_size, pad_id, d.device,
+                                 rollout_logprobs=[ep.reflection_logprobs[i] for i in idx])
         n_mb = all_max(len(mbs), d)
         padded = mbs + [dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
 
@@ -554,8 +580,6 @@ def train(cfg: TrainConfig) -> dict:
 
         # 3. update ---------------------------------------------------------------------------
         upd = update(policy, optimizer, padded, len(mbs), cfg, d)
-        loss_sum, kl_sum, tokens = upd["loss"], upd["kl_sum"], upd["tokens"]
-        clip_low, clip_high, grad_norm, skipped = upd["clip_low_sum"], upd["clip_high_sum"], upd["grad_norm"], upd["skipped"]
         lr_now = scheduler.get_last_lr()[0]
         scheduler.step()
         t_update = time.time()
@@ -564,35 +588,41 @@ def train(cfg: TrainConfig) -> dict:
         n_groups = rewards.shape[0]
         signal = sum(1 for g in range(n_groups) if not (adv[g] == 0).all())
         refl_lens = [e - s for s, e in ep.spans]
-        sums = all_sum([
-            loss_sum, kl_sum, tokens, clip_low, clip_high, float(rewards.sum()), float(rewards.numel()),
-            float(ep.queries), float(ep.first_success), float(n_groups), float(signal),
-            float(sum(refl_lens)), float(ep.generated_tokens),
-        ], d)
-        (loss_g, kl_g, tok_g, cl_g, ch_g, rew_g, nrefl_g, q_g, fs_g, groups_g, sig_g, refl_tok_g, gen_g) = sums
+        g = all_sum({
+            "loss": upd["loss"], "kl": upd["kl_sum"], "tokens": upd["tokens"], "clip_low": upd["clip_low_sum"],
+            "clip_high": upd["clip_high_sum"], "logp_diff": upd["logp_diff_sum"], "logp_diff_tokens": upd["logp_diff_tokens"],
+            "rewards": float(rewards.sum()), "retries": float(rewards.numel()), "queries": ep.queries,
+            "first_success": ep.first_success, "groups": n_groups, "signal": signal,
+            "reflection_tokens": sum(refl_lens), "generated": ep.generated_tokens,
+        }, d)
+        logp_diff_max = all_max(upd["logp_diff_max"], d)
+        tok_g, nrefl_g = g["tokens"], g["retries"]
         step_time = t_update - t0
         row = {
             "step": step + 1,
-            "loss": loss_g,
-            "kl": kl_g / tok_g if tok_g else None,  # None: no token trained this step
-            "retry_success": rew_g / nrefl_g if nrefl_g else 0.0,
-            "first_try_success": fs_g / q_g if (q_g and failures is None) else None,
-            "groups": int(groups_g),
-            "groups_with_signal": int(sig_g),
-            "reflection_tokens": int(refl_tok_g),
+            "loss": g["loss"],
+            "kl": g["kl"] / tok_g if tok_g else None,  # None: no token trained this step
+            "retry_success": g["rewards"] / nrefl_g if nrefl_g else 0.0,
+            "first_try_success": g["first_success"] / g["queries"] if (g["queries"] and failures is None) else None,
+            "groups": int(g["groups"]),
+            "groups_with_signal": int(g["signal"]),
+            "reflection_tokens": int(g["reflection_tokens"]),
             "trained_tokens": int(tok_g),
-            "reflection_len_mean": refl_tok_g / nrefl_g if nrefl_g else 0.0,
-            "clip_frac_low": cl_g / tok_g if tok_g else 0.0,
-            "clip_frac_high": ch_g / tok_g if tok_g else 0.0,
-            "grad_norm": grad_norm,
+            "reflection_len_mean": g["reflection_tokens"] / nrefl_g if nrefl_g else 0.0,
+            "clip_frac_low": g["clip_low"] / tok_g if tok_g else 0.0,
+            "clip_frac_high": g["clip_high"] / tok_g if tok_g else 0.0,
+            # the sampler's vs the trainer's log-prob of each trained token, before the update
+            "logp_diff_mean": g["logp_diff"] / g["logp_diff_tokens"] if g["logp_diff_tokens"] else None,
+            "logp_diff_max": logp_diff_max if g["logp_diff_tokens"] else None,
+            "grad_norm": upd["grad_norm"],
             "lr": lr_now,
-            "skipped": skipped,
+            "skipped": upd["skipped"],
             "step_time_s": step_time,
             "rollout_time_s": t_rollout - t0,
             "reference_time_s": t_ref - t_rollout,
             "update_time_s": t_update - t_ref,
-            "rollout_tokens_per_s": gen_g / max(t_rollout - t0, 1e-9),
-            "tokens_per_s": gen_g / max(step_time, 1e-9),
+            "rollout_tokens_per_s": g["generated"] / max(t_rollout - t0, 1e-9),
+            "tokens_per_s": g["generated"] / max(step_time, 1e-9),
             "data_position": stream.position,
             # this rank's peak allocated GPU memory during the step (None on CPU)
             "peak_memory_gb": torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
@@ -608,11 +638,11 @@ def train(cfg: TrainConfig) -> dict:
             eta = rate * (cfg.max_steps - step - 1)
             fts = "  n/a" if row["first_try_success"] is None else f"{row['first_try_success']:.2f}"
             print(
-                f"step {step + 1}/{cfg.max_steps} | loss {loss_g:+.4f} | kl {row['kl'] or 0.0:.2e} | "
-                f"retry {row['retry_success']:.2f} | first {fts} | signal {int(sig_g)}/{int(groups_g)} | "
+                f"step {step + 1}/{cfg.max_steps} | loss {row['loss']:+.4f} | kl {row['kl'] or 0.0:.2e} | "
+                f"retry {row['retry_success']:.2f} | first {fts} | signal {row['groups_with_signal']}/{row['groups']} | "
                 f"{step_time:.1f}s/step (rollout {row['rollout_time_s']:.1f}, ref {row['reference_time_s']:.1f}, "
                 f"update {row['update_time_s']:.1f}) | ETA {format_eta(eta)}"
-                + (" | SKIPPED (non-finite)" if skipped else ""),
+                + (" | SKIPPED (non-finite)" if row["skipped"] else ""),
                 flush=True,
             )
         if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):

@@ -270,6 +270,7 @@ def test_evaluate_examples_counts_and_records(tiny):
         assert ("reflection" in r) == (not ok) and ("retry" in r) == (not ok)
         if not ok:
             assert r["retry_correct"] == task.verify(r["example"], r["retry"])
+            assert 1 <= r["reflection_tokens"] <= 6  # the reflection's span; max_new_tokens bounds it
     assert res["second_success"] == res["first_success"] + sum(r.get("retry_correct", False) for r in recs)
     assert res["second_attempt_accuracy"] == pytest.approx(res["second_success"] / 10)
     assert res["first_attempt_accuracy"] == pytest.approx(res["first_success"] / 10)

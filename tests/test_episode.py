@@ -11,6 +11,7 @@ The task is a hash coin on the completion text, so both verdicts occur too.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 
@@ -413,3 +414,42 @@ def test_episode_asks_with_each_examples_own_turns(tiny):
         retry = chat.encode(REFLECT_TURN.format(f"Again, {word}."))
         assert p["reflect_turn"] == ([] if closed(p["attempt"]) else [EOS]) + refl
         assert p["retry_turn"] == ([] if closed(p["reflection"]) else [EOS]) + retry
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-4), (torch.bfloat16, 0.15)])
+def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, bound):
+    """The trainer's path (make_micro_batches -> token_logprobs -> scatter, with its cols - 1 /
+    cols + 1 pair) gives each reflection token the log-prob the sampler drew it with (T = 0.7, so
+    the temperature is applied alike); update() reports the same gap as its logp_diff metric."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    model, tok, chat = tiny
+    model = copy.deepcopy(model).to(dtype)  # the fixture's fp32 weights stay as they are
+    task = CoinTask()
+    sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+    ep = run_episode(model, tok, task, task.examples(n=6), group_size=3, sampling=sampling, seed=5, chat=chat)
+    assert sum(e - s for s, e in ep.spans) > 20
+    mbs = T.make_micro_batches(ep.sequences, ep.spans, [1.0] * len(ep.sequences), 5, 0, "cpu",
+                               rollout_logprobs=ep.reflection_logprobs)
+    worst, r = 0.0, 0
+    for mb in mbs:
+        with torch.no_grad():
+            full = T.scatter(T.token_logprobs(model, mb, 0.7), mb)
+        for b in range(mb.tokens.shape[0]):
+            start, end = ep.spans[r]
+            got = full[b, start:end]
+            assert mb.mask[b, start:end].all() and int(mb.mask[b].sum()) == end - start
+            want = torch.tensor(ep.reflection_logprobs[r])
+            assert (got < 0).all() and len(want) == end - start
+            worst = max(worst, float((got - want).abs().max()))
+            r += 1
+    print(f"{dtype}: worst |trainer - sampler| log-prob {worst:.2e} over {r} rows")
+    assert r == len(ep.sequences) and worst < bound, worst
+    # the metric update() logs measures the same thing
+    cfg = TrainConfig(dtype="fp32", temperature=0.7, beta=0.0, max_reflection_tokens=8).validate()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    stats = T.update(model, opt, mbs, len(mbs), cfg, one_rank)
+    assert stats["logp_diff_tokens"] == sum(e - s for s, e in ep.spans)
+    assert stats["logp_diff_max"] == pytest.approx(worst, abs=1e-6)

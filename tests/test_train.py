@@ -140,6 +140,11 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
         for k in keys:
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     assert sum(r["groups_with_signal"] for r in a) > 0 and any(r["grad_norm"] > 0 for r in a)
+    for r in a:  # fp32: the rollout copy and the trainer agree on every trained token's log-prob
+        if r["trained_tokens"]:
+            assert 0 <= r["logp_diff_mean"] <= r["logp_diff_max"] < 1e-3, r
+        else:
+            assert r["logp_diff_mean"] is None and r["logp_diff_max"] is None
     for k in ("step", "loss", "kl", "retry_success", "first_try_success", "groups_with_signal",
               "reflection_tokens", "step_time_s"):
         assert k in a[0]

@@ -1,0 +1,392 @@
+"""``python -m r3.report RUN``: the paper's report of a training run, one Markdown page and its PNGs.
+
+    python -m r3.evaluate --run RUN --records --out RUN/evaluation.json
+    python -m r3.forgetting --run RUN --data gsm8k=test.jsonl --fewshot-data gsm8k=train.jsonl --out RUN/forgetting.json
+    python -m r3.report RUN [--forgetting RUN/forgetting.json] [--out RUN/report]
+
+Writes ``OUT/report.md`` with, as in the paper's Sections 5.1-5.2:
+
+- the accuracy table: first attempt and after one reflection + retry, untrained vs trained, with
+  standard errors and the paired changes (from ``r3.evaluate --run``);
+- training: steps, time, retry success and reflection length early vs late (``metrics.jsonl``),
+  with the curves of :mod:`r3.plot`;
+- reflection length before and after training: the reflections each model wrote on the queries
+  it failed (the evaluation's ``--records``), in tokens;
+- the forgetting table (``r3.forgetting``), when given: each benchmark's score for both models and
+  the paired change;
+- reflections before vs after: queries both models failed at first, the untrained and the trained
+  model's reflection and retry with their verdicts, taken in turn from each outcome (only the
+  trained retry passed, only the untrained one, both, neither) so the page does not show only
+  successes.
+
+The report reads files and runs no model; each missing or malformed input is one line naming the
+file. PNGs: ``accuracy.png``, ``reflection_length.png``, ``forgetting.png``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from r3.cli import (
+    ArgumentParser,
+    positive_int,
+    read_json_object,
+    read_run_config,
+    write_text_atomic,
+)
+from r3.errors import R3Error, cli_main
+from r3.plot import plot as plot_curves
+from r3.plot import read_metrics, save_figure
+
+OUTCOMES = (
+    ("trained_only", "only the trained model's retry passed"),
+    ("untrained_only", "only the untrained model's retry passed"),
+    ("both", "both retries passed"),
+    ("neither", "neither retry passed"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _same_path(a, b) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def read_evaluation(path: Path, run: Path) -> dict:
+    """An ``r3.evaluate`` JSON of this run: its first model the untrained one, its second the export."""
+    ev = read_json_object(path, f"missing: make it with python -m r3.evaluate --run {run} --records --out {path}")
+    models = ev.get("models")
+    if not isinstance(models, list) or len(models) < 2 or not all(isinstance(m, dict) for m in models):
+        raise R3Error(f"{path}: needs two evaluated models (untrained and trained); "
+                      f"make it with python -m r3.evaluate --run {run} --records")
+    for i, m in enumerate(models[:2]):
+        for key in ("model", "n", "first_attempt_accuracy", "second_attempt_accuracy",
+                    "first_attempt_stderr", "second_attempt_stderr", "first_correct", "second_correct"):
+            if key not in m:
+                raise R3Error(f"{path}: models[{i}] has no {key!r} (not an r3.evaluate output?)")
+    if ev.get("run") is not None:
+        if not _same_path(ev["run"], run):
+            raise R3Error(f"{path}: evaluates the run {ev['run']}, not {run}")
+    elif not _same_path(models[1]["model"], run / "export"):
+        raise R3Error(f"{path}: its second model is {models[1]['model']}, not {run / 'export'}; "
+                      f"evaluate with --run {run}")
+    if models[0]["n"] != models[1]["n"]:
+        raise R3Error(f"{path}: the two models were evaluated on different numbers of queries")
+    return ev
+
+
+def read_forgetting(path: Path) -> dict:
+    fg = read_json_object(path)
+    if not isinstance(fg.get("results"), list) or not isinstance(fg.get("paired", []), list):
+        raise R3Error(f"{path}: no 'results' list (not an r3.forgetting output?)")
+    for i, r in enumerate(fg["results"]):
+        if not isinstance(r, dict) or not {"model", "benchmark", "metric", "score", "stderr", "n"} <= set(r):
+            raise R3Error(f"{path}: results[{i}] is not a {{model, benchmark, metric, score, stderr, n}} row")
+    return fg
+
+
+# --------------------------------------------------------------------------------------------
+# What the report computes
+# --------------------------------------------------------------------------------------------
+
+
+def reflection_lengths(model_result: dict) -> list[int] | None:
+    """Token lengths of the reflections a model wrote in the evaluation (None without records)."""
+    records = model_result.get("records")
+    if records is None:
+        return None
+    return [int(r["reflection_tokens"]) for r in records if "reflection_tokens" in r]
+
+
+def length_summary(lengths: list[int], limit: int | None) -> dict:
+    n = len(lengths)
+    if not n:
+        return {"n": 0}
+    mean = sum(lengths) / n
+    sd = statistics.stdev(lengths) if n > 1 else 0.0
+    out = {"n": n, "mean": mean, "stderr": sd / n ** 0.5, "median": statistics.median(lengths)}
+    if limit:
+        out["at_limit"] = sum(1 for x in lengths if x >= limit) / n
+    return out
+
+
+def pair_outcomes(untrained: dict, trained: dict) -> dict[str, list[tuple[dict, dict]]]:
+    """The queries both models failed at first, grouped by which retry passed, in file order."""
+    groups: dict[str, list] = {key: [] for key, _ in OUTCOMES}
+    for a, b in zip(untrained.get("records") or [], trained.get("records") or []):
+        if a.get("attempt_correct") or b.get("attempt_correct") or "reflection" not in a or "reflection" not in b:
+            continue
+        ra, rb = bool(a.get("retry_correct")), bool(b.get("retry_correct"))
+        key = "both" if ra and rb else "trained_only" if rb else "untrained_only" if ra else "neither"
+        groups[key].append((a, b))
+    return groups
+
+
+def pick_examples(groups: dict[str, list], k: int) -> list[tuple[str, dict, dict]]:
+    """Up to ``k`` pairs, one from each outcome in turn (so every outcome present is shown)."""
+    out, depth = [], 0
+    while len(out) < k and any(depth < len(v) for v in groups.values()):
+        for key, _ in OUTCOMES:
+            if len(out) < k and depth < len(groups[key]):
+                out.append((key, *groups[key][depth]))
+        depth += 1
+    return out
+
+
+def training_summary(metrics: list[dict]) -> dict:
+    """Steps, time, and early vs late means of the per-step training metrics."""
+    w = max(1, min(10, len(metrics) // 2))
+
+    def mean(rows, key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    early, late = metrics[:w], metrics[-w:]
+    return {
+        "steps": metrics[-1].get("step", len(metrics)),
+        "window": w,
+        "step_time_s": sum(r.get("step_time_s") or 0.0 for r in metrics),
+        **{f"{key}_{part}": mean(rows, key) for key in ("retry_success", "first_try_success", "reflection_len_mean",
+                                                       "groups_with_signal", "kl")
+           for part, rows in (("early", early), ("late", late))},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def pct(x: float, se: float | None = None) -> str:
+    return f"{100 * x:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def fenced(text: str) -> str:
+    """``text`` in a code fence longer than any run of backticks inside it."""
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
+def label(model: str, run: Path, cfg: dict) -> str:
+    """"trained" for the run's export, "untrained" for its base model, else the model as given."""
+    if _same_path(model, run / "export"):
+        return "trained"
+    return "untrained" if model == cfg.get("model") else model
+
+
+def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict | None, pngs: dict,
+           examples: int) -> str:
+    base, trained = ev["models"][0], ev["models"][1]
+    st = ev.get("settings", {})
+    lines = [f"# r3 report: `{run}`", ""]
+    lines += [f"- untrained model: `{base['model']}`; trained: `{trained['model']}`",
+              f"- task: `{cfg['task']}`, options `{cfg.get('task_options', {})}`",
+              f"- training: lr {cfg.get('lr')}, {cfg.get('batch_size')} failed queries x G={cfg.get('group_size')} "
+              f"reflections per step, reflections up to {cfg.get('max_reflection_tokens')} tokens, seed {cfg.get('seed')}",
+              f"- evaluation: {base['n']} {st.get('split', 'test')} queries, temperature {st.get('temperature', 0.0)} "
+              f"({'greedy' if not st.get('temperature') else 'sampled'}), dtype {st.get('dtype', '?')}", ""]
+
+    lines += ["## Accuracy after one and two attempts", "",
+              "| model | first attempt (%) | after reflect + retry (%) | gain from the retry (points) |",
+              "| --- | --- | --- | --- |"]
+    for name, m in (("untrained", base), ("trained", trained)):
+        lines.append(f"| {name} | {pct(m['first_attempt_accuracy'], m['first_attempt_stderr'])} | "
+                     f"{pct(m['second_attempt_accuracy'], m['second_attempt_stderr'])} | "
+                     f"{100 * (m['second_attempt_accuracy'] - m['first_attempt_accuracy']):+.1f} |")
+    paired = [p for p in ev.get("paired", []) if _same_path(p.get("model", ""), trained["model"])]
+    if paired:
+        p = paired[0]
+        lines += [""] + [f"Paired change, trained minus untrained, {what} (same {p[key]['n']} queries): "
+                         f"{100 * p[key]['mean']:+.1f} ± {100 * p[key]['stderr']:.1f} points "
+                         f"({p[key]['better']} better, {p[key]['worse']} worse)."
+                         for key, what in (("first_attempt", "first attempt"), ("second_attempt", "after the retry"))]
+    lines += ["", f"![accuracy]({pngs['accuracy']})", ""]
+
+    lines += ["## Training", ""]
+    if metrics:
+        t = training_summary(metrics)
+
+        def fmt(key, scale=1.0, digits=3):
+            a, b = t[f"{key}_early"], t[f"{key}_late"]
+            return "n/a" if a is None or b is None else f"{scale * a:.{digits}f} -> {scale * b:.{digits}f}"
+
+        lines += [f"{t['steps']} steps, {t['step_time_s'] / 60:.1f} minutes of steps. Means over the first vs the "
+                  f"last {t['window']} steps:", "",
+                  f"- retry success (the reward): {fmt('retry_success')}",
+                  f"- first-attempt success while sampling failures: {fmt('first_try_success')}",
+                  f"- groups with signal per step: {fmt('groups_with_signal', digits=2)}",
+                  f"- reflection length (tokens): {fmt('reflection_len_mean', digits=1)}",
+                  f"- KL to the reference: {fmt('kl', digits=5)}", "", f"![training curves]({pngs['curves']})", ""]
+    else:
+        lines += [f"No `metrics.jsonl` in `{run}`.", ""]
+
+    lines += ["## Reflection length before and after training", ""]
+    limit = st.get("max_reflection_tokens") or cfg.get("max_reflection_tokens")
+    lens = {name: reflection_lengths(m) for name, m in (("untrained", base), ("trained", trained))}
+    if any(v is None or not v for v in lens.values()):
+        lines += ["Not available: the evaluation has no per-query records with reflection lengths "
+                  f"(rerun `python -m r3.evaluate --run {run} --records`).", ""]
+    else:
+        lines += ["Reflections each model wrote on the evaluation queries it failed at first (tokens):", "",
+                  f"| model | reflections | mean | median | at the {limit}-token limit |", "| --- | --- | --- | --- | --- |"]
+        for name, v in lens.items():
+            s = length_summary(v, limit)
+            lines.append(f"| {name} | {s['n']} | {s['mean']:.1f} ± {s['stderr']:.1f} | {s['median']:g} | "
+                         f"{100 * s.get('at_limit', 0.0):.0f}% |")
+        lines += ["", f"![reflection length]({pngs['reflection_length']})", ""]
+
+    lines += ["## Other skills (forgetting)", ""]
+    if fg is None:
+        lines += [f"Not measured: run `python -m r3.forgetting --run {run} --data gsm8k=FILE ... --out F.json` and "
+                  "pass `--forgetting F.json`.", ""]
+    else:
+        fs = fg.get("settings", {})
+        lines += [f"Scored by lm-evaluation-harness's rules ({'chat template' if fs.get('chat') else 'plain prompts'}, "
+                  f"dtype {fs.get('dtype', '?')}).", "",
+                  "| benchmark | metric | model | score (%) | n |", "| --- | --- | --- | --- | --- |"]
+        for r in fg["results"]:
+            lines.append(f"| {r['benchmark']} | {r['metric']} | {label(r['model'], run, cfg)} | {pct(r['score'], r['stderr'])} | {r['n']} |")
+        for p in fg.get("paired", []):
+            lines.append(f"\nPaired change on {p['benchmark']} {p['metric']}, {label(p['model'], run, cfg)} minus "
+                         f"{label(p['baseline'], run, cfg)}: {100 * p['difference']:+.1f} ± {100 * p['stderr']:.1f} points "
+                         f"(n = {p['n']}, {p['better']} better, {p['worse']} worse).")
+        lines += ["", f"![forgetting]({pngs['forgetting']})", ""]
+
+    lines += ["## Reflections before vs after training", ""]
+    groups = pair_outcomes(base, trained)
+    total = sum(len(v) for v in groups.values())
+    if not total:
+        lines += ["No query that both models failed at first has per-query records "
+                  f"(rerun `python -m r3.evaluate --run {run} --records`).", ""]
+    else:
+        lines += [f"Of the {total} queries both models failed at first: "
+                  + "; ".join(f"{text}: {len(groups[key])}" for key, text in OUTCOMES) + ".", ""]
+        for i, (key, a, b) in enumerate(pick_examples(groups, examples), 1):
+            text = dict(OUTCOMES)[key]
+            lines += [f"### Example {i} ({text})", "", "Query:", "", fenced(json.dumps(a["example"], ensure_ascii=False)), ""]
+            for name, rec in (("untrained", a), ("trained", b)):
+                verdict = "passed" if rec.get("retry_correct") else "failed"
+                lines += [f"**{name}**, first attempt (failed):", "", fenced(rec["attempt"]), "",
+                          "reflection:", "", fenced(rec["reflection"]), "",
+                          f"retry ({verdict}):", "", fenced(rec.get("retry", "")), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_accuracy(ev: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, trained = ev["models"][0], ev["models"][1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, (name, m) in enumerate((("untrained", base), ("trained", trained))):
+        xs = [0 + 0.38 * j, 1 + 0.38 * j]
+        ax.bar(xs, [100 * m["first_attempt_accuracy"], 100 * m["second_attempt_accuracy"]], width=0.36,
+               yerr=[100 * m["first_attempt_stderr"], 100 * m["second_attempt_stderr"]], capsize=4, label=name)
+    ax.set_xticks([0.19, 1.19], ["first attempt", "after reflect + retry"])
+    ax.set_ylabel(f"accuracy (%), n = {base['n']}")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_lengths(lens: dict[str, list[int]], limit: int | None, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top = max([limit or 0] + [max(v) for v in lens.values() if v])
+    bins = range(0, top + 2, max(1, (top + 1) // 24))
+    for name, v in lens.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n = {len(v)})")
+    if limit:
+        ax.axvline(limit, color="k", ls="--", lw=1, label="limit")
+    ax.set_xlabel("reflection length (tokens)")
+    ax.set_ylabel("reflections")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def plot_forgetting(fg: dict, run: Path, cfg: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["benchmark"], r["metric"]) for r in fg["results"]))
+    models = list(dict.fromkeys(r["model"] for r in fg["results"]))
+    by = {(r["benchmark"], r["metric"], r["model"]): r for r in fg["results"]}
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(keys)), 4))
+    width = 0.8 / max(1, len(models))
+    for j, m in enumerate(models):
+        xs = [i + width * j for i in range(len(keys))]
+        rows = [by.get((b, k, m)) for b, k in keys]
+        ax.bar(xs, [100 * r["score"] if r else 0 for r in rows], width=width * 0.95,
+               yerr=[100 * r["stderr"] if r else 0 for r in rows], capsize=3, label=label(m, run, cfg))
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(keys))],
+                  [f"{b}\n{k.split(',')[0]}" for b, k in keys], fontsize=8)
+    ax.set_ylabel("score (%)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def write_report(run: Path, evaluation: Path, forgetting: Path | None, out: Path, examples: int = 4) -> Path:
+    """Read the run and its evaluations, write ``out/report.md`` and its PNGs; returns the page."""
+    cfg = read_run_config(run, ("model", "task", "task_options"))
+    ev = read_evaluation(evaluation, run)
+    fg = read_forgetting(forgetting) if forgetting is not None else None
+    metrics = read_metrics(run) if (run / "metrics.jsonl").is_file() else None
+    pngs = {"accuracy": "accuracy.png", "curves": "curves.png", "reflection_length": "reflection_length.png",
+            "forgetting": "forgetting.png"}
+    plot_accuracy(ev, out / pngs["accuracy"])
+    if metrics:
+        plot_curves([run], out / pngs["curves"])
+    lens = {name: reflection_lengths(m) for name, m in zip(("untrained", "trained"), ev["models"][:2])}
+    if all(lens.values()):
+        limit = ev.get("settings", {}).get("max_reflection_tokens") or cfg.get("max_reflection_tokens")
+        plot_lengths(lens, limit, out / pngs["reflection_length"])
+    if fg is not None and fg["results"]:
+        plot_forgetting(fg, run, cfg, out / pngs["forgetting"])
+    page = out / "report.md"
+    write_text_atomic(page, render(run, cfg, ev, metrics, fg, pngs, examples))
+    return page
+
+
+@cli_main
+def main(argv=None) -> int:
+    ap = ArgumentParser(prog="python -m r3.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="an r3.train output directory")
+    ap.add_argument("--eval", type=Path, default=None,
+                    help="r3.evaluate --run RUN --records output (default: RUN/evaluation.json)")
+    ap.add_argument("--forgetting", type=Path, default=None, help="r3.forgetting --run RUN output")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: RUN/report)")
+    ap.add_argument("--examples", type=int, default=4, help="reflections before vs after to show")
+    args = ap.parse_args(argv)
+    positive_int("--examples", args.examples)
+    out = args.out or args.run / "report"
+    if out.exists() and not out.is_dir():
+        raise R3Error(f"--out {out}: exists and is not a directory")
+    page = write_report(args.run, args.eval or args.run / "evaluation.json", args.forgetting, out, args.examples)
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""r3.report: the paper's page from a run, its evaluation and its forgetting numbers (no model runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from r3 import report as R
+
+
+def record(i, first_ok, retry_ok=None, n_tokens=10, attempt="1 + 2 = 4"):
+    rec = {"example": {"id": f"q{i}", "nums": [1, 2], "target": 3}, "attempt": attempt, "attempt_correct": first_ok}
+    if not first_ok:
+        rec.update(reflection=f"reflection {i} with ``` inside", reflection_tokens=n_tokens,
+                   retry=f"retry {i}", retry_correct=retry_ok)
+    return rec
+
+
+def model_result(name, records):
+    n = len(records)
+    first = [r["attempt_correct"] for r in records]
+    second = [r["attempt_correct"] or bool(r.get("retry_correct")) for r in records]
+    return {"model": name, "n": n, "first_correct": first, "second_correct": second,
+            "first_attempt_accuracy": sum(first) / n, "second_attempt_accuracy": sum(second) / n,
+            "first_attempt_stderr": 0.1, "second_attempt_stderr": 0.1, "records": records}
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({
+        "model": "smollm2-135m", "task": "countdown-tiny", "task_options": {}, "lr": 1.5e-5, "batch_size": 8,
+        "group_size": 8, "max_attempt_tokens": 48, "max_reflection_tokens": 96, "max_retry_tokens": 48, "seed": 0}))
+    rows = [{"step": s + 1, "retry_success": 0.01 * (s + 1), "first_try_success": 0.1, "groups_with_signal": s % 2,
+             "reflection_len_mean": 90.0, "kl": 0.001, "loss": 0.0, "step_time_s": 30.0} for s in range(20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # queries 0-5 failed by both; outcomes: trained-only x2, untrained-only x1, both x1, neither x2
+    base = [record(0, False, False, 96), record(1, False, False, 96), record(2, False, True, 50),
+            record(3, False, True, 40), record(4, False, False, 96), record(5, False, False, 20),
+            record(6, True), record(7, False, False, 60)]
+    trained = [record(0, False, True, 30), record(1, False, True, 40), record(2, False, False, 50),
+               record(3, False, True, 60), record(4, False, False, 96), record(5, False, False, 70),
+               record(6, True), record(7, True)]
+    ev = {"run": str(run), "n": 8, "settings": {"split": "test", "temperature": 0.0, "dtype": "bf16",
+                                                 "max_reflection_tokens": 96},
+          "models": [model_result("smollm2-135m", base), model_result(str(run / "export"), trained)],
+          "paired": [{"model": str(run / "export"), "baseline": "smollm2-135m",
+                      "first_attempt": {"mean": 0.125, "stderr": 0.125, "n": 8, "better": 1, "worse": 0},
+                      "second_attempt": {"mean": 0.25, "stderr": 0.16, "n": 8, "better": 3, "worse": 1}}]}
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    fg = {"results": [{"model": "smollm2-135m", "benchmark": "gsm8k", "metric": "exact_match,strict-match",
+                       "score": 0.02, "stderr": 0.01, "n": 50},
+                      {"model": str(run / "export"), "benchmark": "gsm8k", "metric": "exact_match,strict-match",
+                       "score": 0.04, "stderr": 0.014, "n": 50}],
+          "paired": [{"model": str(run / "export"), "baseline": "smollm2-135m", "benchmark": "gsm8k",
+                      "metric": "exact_match,strict-match", "difference": 0.02, "stderr": 0.02, "n": 50,
+                      "better": 2, "worse": 1}],
+          "settings": {"chat": False, "dtype": "bf16"}}
+    (run / "forgetting.json").write_text(json.dumps(fg))
+    return run
+
+
+def test_report_page_numbers_and_files(run):
+    page = R.write_report(run, run / "evaluation.json", run / "forgetting.json", run / "report", examples=5)
+    text = page.read_text()
+    out = run / "report"
+    for png in ("accuracy.png", "curves.png", "reflection_length.png", "forgetting.png"):
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in text
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
+    # the paper's table: 2/8 and 3/8 -> 3/8 ... computed by hand
+    assert "| untrained | 12.5 ± 10.0 | 37.5 ± 10.0 | +25.0 |" in text
+    assert "| trained | 25.0 ± 10.0 | 62.5 ± 10.0 | +37.5 |" in text
+    assert "after the retry (same 8 queries): +25.0 ± 16.0 points (3 better, 1 worse)" in text
+    # training: first 10 steps' retry success 0.01..0.10 -> mean 0.055; last 10: 0.11..0.20 -> 0.155
+    assert "retry success (the reward): 0.055 -> 0.155" in text and "20 steps, 10.0 minutes" in text
+    # reflection lengths: untrained 7 reflections [96,96,50,40,96,20,60] mean 65.4, median 60, 3/7 at 96
+    assert "| untrained | 7 | 65.4 ± " in text and "| 60 | 43% |" in text
+    # trained 6 reflections [30,40,50,60,96,70]: mean 57.7, median 55, 1/6 at the limit
+    assert "| trained | 6 | 57.7 ± " in text and "| 55 | 17% |" in text
+    # forgetting rows labelled by role, the paired change in points
+    assert "| gsm8k | exact_match,strict-match | untrained | 2.0 ± 1.0 | 50 |" in text
+    assert "trained minus untrained: +2.0 ± 2.0 points (n = 50, 2 better, 1 worse)" in text
+    # outcomes counted over the 6 queries both failed at first (query 7: the trained model passed)
+    assert ("Of the 6 queries both models failed at first: only the trained model's retry passed: 2; only the "
+            "untrained model's retry passed: 1; both retries passed: 1; neither retry passed: 2.") in text
+    heads = [line for line in text.splitlines() if line.startswith("### Example")]
+    assert heads == ["### Example 1 (only the trained model's retry passed)",
+                     "### Example 2 (only the untrained model's retry passed)", "### Example 3 (both retries passed)",
+                     "### Example 4 (neither retry passed)", "### Example 5 (only the trained model's retry passed)"]
+    # texts holding ``` are fenced with a longer fence
+    assert "````\nreflection 0 with ``` inside\n````" in text
+
+
+def test_pick_examples_takes_each_outcome_in_turn():
+    groups = {"trained_only": ["t1", "t2", "t3"], "untrained_only": [], "both": ["b1"], "neither": ["n1", "n2"]}
+    groups = {k: [(x, x) for x in v] for k, v in groups.items()}
+    keys = [(k, a) for k, a, _ in R.pick_examples(groups, 5)]
+    assert keys == [("trained_only", "t1"), ("both", "b1"), ("neither", "n1"), ("trained_only", "t2"),
+                    ("neither", "n2")]
+    assert len(R.pick_examples(groups, 100)) == 6 and R.pick_examples({k: [] for k in groups}, 3) == []
+
+
+def test_report_without_records_or_forgetting_says_what_is_missing(run):
+    ev = json.loads((run / "evaluation.json").read_text())
+    for m in ev["models"]:
+        del m["records"]
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    (run / "metrics.jsonl").unlink()
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "Not measured: run `python -m r3.forgetting" in text
+    assert text.count(f"rerun `python -m r3.evaluate --run {run} --records`") == 2
+    assert "No `metrics.jsonl`" in text
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["accuracy.png", "report.md"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda run: (run / "evaluation.json").unlink(), "missing: make it with python -m r3.evaluate --run"),
+    (lambda run: (run / "evaluation.json").write_text("[1, 2"), "evaluation.json: unreadable"),
+    (lambda run: (run / "evaluation.json").write_text('{"models": [{"model": "m"}]}'), "needs two evaluated models"),
+    (lambda run: (run / "evaluation.json").write_text(
+        (run / "evaluation.json").read_text().replace(str(run), "/elsewhere/run")), "evaluates the run /elsewhere/run"),
+    (lambda run: (run / "forgetting.json").write_text('{"results": [{"model": "m"}]}'), "results[0] is not a"),
+    (lambda run: (run / "config.json").unlink(), "config.json: missing"),
+])
+def test_report_bad_input_is_one_line(run, capsys, change, message):
+    change(run)
+    with pytest.raises(SystemExit) as e:
+        R.main([str(run), "--forgetting", str(run / "forgetting.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (run / "report" / "report.md").exists()
+
+
+def test_report_cli_writes_the_page(run, capsys):
+    assert R.main([str(run), "--out", str(run / "rep"), "--examples", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "rep" / "report.md")
+    assert Path(run / "rep" / "report.md").read_text().count("### Example") == 1
