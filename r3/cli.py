@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
 from r3.errors import R3Error
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -25,24 +26,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise R3Error(f"{self.prog}: {message} (see --help)")
-
-
-def parse_task_options(items: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` -> dict; a value is parsed as JSON when it is valid JSON (numbers,
-    booleans, null, lists, quoted strings), else kept as the string."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise R3Error(f"--task-option expects key=value, got {item!r}")
-        if key in out:
-            raise R3Error(f"--task-option {key} given twice")
-        try:
-            out[key] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            out[key] = value
-    return out
 
 
 def load_task(name: str, options: dict):

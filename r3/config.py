@@ -8,6 +8,7 @@ checked; a mistake is an ``R3Error`` naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from r3.errors import R3Error
+from r3.grpo import AGGREGATIONS
 
 
 @dataclass
@@ -93,8 +95,8 @@ class TrainConfig:
             raise R3Error(f"config: 'top_p' must be in (0, 1], got {self.top_p}")
         if self.eps_low >= 1:
             raise R3Error(f"config: 'eps_low' must be < 1, got {self.eps_low}")
-        if self.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-            raise R3Error(f"config: 'agg' must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, got {self.agg!r}")
+        if self.agg not in AGGREGATIONS:
+            raise R3Error(f"config: 'agg' must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise R3Error(f"config: 'dtype' must be bf16 or fp32, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
@@ -117,6 +119,75 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+# One line per knob for ``--help`` (a test checks that every field has one).
+HELP = {
+    "model": "HF directory, .gguf file, or smollm2-135m (built in)",
+    "task": "countdown, countdown-tiny, function_calling, or module:Class of your own",
+    "task_options": "JSON object merged over the task's defaults (or repeat --task-option key=value)",
+    "failures": "a failure dataset from python -m r3.failures; unset = sample fresh first attempts",
+    "out": "run directory: config, metrics, samples, checkpoints, export; rerun with it to resume",
+    "batch_size": "failed queries per optimizer step, all ranks together",
+    "group_size": "reflections per failed query: the GRPO group (>= 2)",
+    "candidates_per_failure": "first attempts sampled per failure needed (fresh mode)",
+    "max_new_tokens": "sets the attempt, reflection and retry limits at once",
+    "max_attempt_tokens": "token limit of the first attempt",
+    "max_reflection_tokens": "token limit of a reflection (the trained tokens)",
+    "max_retry_tokens": "token limit of the retry",
+    "temperature": "sampling temperature of the rollouts",
+    "top_p": "nucleus sampling of the rollouts (1 = off)",
+    "top_k": "top-k sampling of the rollouts (0 = off)",
+    "compile_decode": "decode the rollouts through torch.compile (faster per step; compiles once)",
+    "lr": "peak learning rate (AdamW)",
+    "warmup_steps": "linear warmup steps, then cosine decay",
+    "min_lr_ratio": "the cosine decays to lr * min_lr_ratio",
+    "weight_decay": "AdamW weight decay",
+    "adam_betas": "AdamW betas, a JSON list of two numbers",
+    "beta": "KL coefficient against the frozen reference, on reflection tokens (0 = no reference)",
+    "eps_low": "PPO clip range below the ratio 1",
+    "eps_high": "PPO clip range above the ratio 1",
+    "agg": "loss aggregation: " + ", ".join(AGGREGATIONS),
+    "scale_advantages": "divide group advantages by their std (false = Dr. GRPO)",
+    "micro_batch_size": "sequences per forward/backward in the update",
+    "update_epochs": "optimizer steps per rollout batch",
+    "grad_clip": "gradient-norm clip (0 = none)",
+    "skip_no_signal_groups": "leave out groups whose rewards are all equal (zero advantage)",
+    "dtype": "compute dtype, bf16 or fp32; master weights and optimizer state stay fp32",
+    "seed": "seed of data order, sampling and initialisation",
+    "max_steps": "optimizer steps in all",
+    "save_every": "checkpoint every N steps (and at the end)",
+    "keep_last": "checkpoints kept",
+    "eval_every": "held-out evaluation every N steps (0 = before the first and after the last)",
+    "eval_n": "held-out queries per evaluation (0 = none)",
+    "eval_temperature": "temperature of the held-out evaluation (0 = greedy)",
+    "samples_every": "log --log-samples unrewarded samples every N steps (rewarded ones always)",
+    "log_samples": "unrewarded samples logged per logging step",
+    "stop_after": "end this process after that step, as if interrupted (0 = run to max_steps)",
+}
+
+
+def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; a value is parsed as JSON when it is valid JSON (numbers,
+    booleans, null, lists, quoted strings), else kept as the string. A key given twice is an error."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise R3Error(f"{flag} expects key=value, got {item!r}")
+        if key in out:
+            raise R3Error(f"{flag} {key} given twice")
+        try:
+            out[key] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            out[key] = value
+    return out
+
+
+def suggest(name: str, choices) -> str:
+    """`` (did you mean --x?)`` for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
 
 
 def _coerce(name: str, raw: Any, current: Any, source: str):
@@ -205,39 +276,31 @@ def parse_args(argv: list[str]) -> TrainConfig:
         for k, v in _read_config_file(config_file[-1]).items():
             key = str(k).replace("-", "_")
             if key not in _FIELDS:
-                raise R3Error(f"{config_file[-1]}: unknown key '{k}' (see python -m r3.train --help)")
+                raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])
     task_option_pairs = [v for k, v in pairs if k == "task_option"]
     for k, v in pairs:
         if k in ("config", "task_option"):
             continue
         if k not in _FIELDS:
-            close = [f for f in _FIELDS if f.startswith(k[:4])]
-            hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
-            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{hint}")
+            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{suggest(k, [*_FIELDS, 'config', 'task_option'])}")
         values[k] = (v, "command line")
     cfg = TrainConfig()
     kwargs = {}
     for k, (v, source) in values.items():
         kwargs[k] = _coerce(k, v, getattr(cfg, k), source)
     if task_option_pairs:  # --task-option key=value (repeatable), as in the other CLIs
-        opts = dict(kwargs.get("task_options", TrainConfig().task_options))
-        for pair in task_option_pairs:
-            key, eq, raw = pair.partition("=")
-            if not eq or not key:
-                raise R3Error(f"--task-option expects key=value, got {pair!r}")
-            try:
-                opts[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                opts[key] = raw
-        kwargs["task_options"] = opts
+        kwargs["task_options"] = {**kwargs.get("task_options", TrainConfig().task_options),
+                                  **parse_task_options(task_option_pairs)}
     return TrainConfig(**kwargs).validate()
 
 
 def _help() -> str:
     lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]",
-             "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults)", "", "keys (default):"]
+             "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults)",
+             "",
+             "--config FILE is JSON or YAML with the same keys; flags override it. Keys (default): what it sets"]
     d = TrainConfig().to_dict()
     for name in _FIELDS:
-        lines.append(f"  --{name.replace('_', '-'):<26} {d[name]!r}")
+        lines.append(f"  --{name.replace('_', '-'):<24} {d[name]!r:<16} {HELP[name]}")
     return "\n".join(lines)

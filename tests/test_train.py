@@ -292,8 +292,46 @@ def test_config_file_and_overrides(tmp_path):
     with pytest.raises(R3Error, match="compile_decode"):
         parse_args(["--compile-decode", "maybe"])
 
-    with pytest.raises(R3Error, match="unknown key 'grop_size'"):
+    with pytest.raises(R3Error, match=r"unknown key 'grop_size' \(did you mean --group-size\?\)"):
         parse_args(["--config", str(f)])
+
+
+@pytest.mark.parametrize("flag, hint", [
+    ("--max-step", "--max-steps"), ("--lrr", "--lr"), ("--group_sise", "--group-size"),
+    ("--max-reflection-token", "--max-reflection-tokens"), ("--task-opton", "--task-option"),
+    ("--zzzzzz", None),
+])
+def test_unknown_flag_suggests_the_closest_real_one(flag, hint):
+    from r3.config import parse_args
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error) as e:
+        parse_args([flag, "3"])
+    msg = str(e.value)
+    assert msg.startswith(f"unknown flag '{flag.replace('_', '-')}'")
+    assert (f"(did you mean {hint}?)" in msg) if hint else "did you mean" not in msg
+
+
+def test_help_describes_every_knob_on_one_line(capsys):
+    from r3.config import _FIELDS, HELP, TrainConfig, parse_args
+
+    assert set(HELP) == set(_FIELDS) and all(HELP.values())
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    defaults = TrainConfig().to_dict()
+    for name in _FIELDS:
+        lines = [x for x in out.splitlines() if x.split()[:1] == [f"--{name.replace('_', '-')}"]]
+        assert len(lines) == 1 and lines[0].rstrip().endswith(HELP[name]) and repr(defaults[name]) in lines[0]
+
+
+def test_task_options_from_flags_refuse_a_key_given_twice():
+    from r3.config import parse_args
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match="--task-option difficulty given twice"):
+        parse_args(["--task-option", "difficulty=easy", "--task-option", "difficulty=standard"])
 
 
 def test_checkpoint_io_runs_single_threaded_and_restores_threads():
