@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r3.checkpoint import load  # noqa: E402
 from r3.config import parse_args as parse_train_args  # noqa: E402
-from r3.episode import ChatFormat, EpisodeSampling, run_episode  # noqa: E402
+from r3.chat import ChatFormat  # noqa: E402
+from r3.episode import EpisodeSampling, run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
 from r3.sampler import Session  # noqa: E402
 from r3.stats import paired_difference  # noqa: E402

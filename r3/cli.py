@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
-from r3.errors import R3Error
+from r3.errors import R3Error, positive_int  # noqa: F401
+from r3.progress import Progress, format_duration  # noqa: F401
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -32,14 +29,6 @@ def load_task(name: str, options: dict):
     from r3.tasks import get
 
     return get(name, **options)
-
-
-def positive_int(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise R3Error(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def pick_device_dtype(device: str | None, dtype: str | None):
@@ -69,53 +58,6 @@ def load_model(spec: str, dtype, device):
     if tok is None:
         raise R3Error(f"{spec}: no tokenizer")
     return model, tok
-
-
-def format_duration(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = round(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
-
-
-class Progress:
-    """A progress line on stderr: ``label: done/total unit | rate | ETA | extra``.
-
-    On a terminal the line is rewritten in place; otherwise (logs, pipes) one line per update.
-    """
-
-    def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True):
-        self.total, self.label, self.unit = total, label, unit
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self._open = False
-
-    def update(self, done: int, extra: str = "") -> None:
-        self.done = done
-        if not self.enabled:
-            return
-        dt = time.perf_counter() - self.t0
-        rate = done / dt if dt > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (f"{self.label}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
-                f"ETA {format_duration(eta)} | elapsed {format_duration(dt)}" + (f" | {extra}" if extra else ""))
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self._open = True
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self._open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open = False
 
 
 def write_text_atomic(path: Path, text: str) -> None:

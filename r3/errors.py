@@ -28,3 +28,12 @@ def cli_main(fn):
             raise SystemExit(130)
 
     return wrapper
+
+
+def positive_int(name: str, value, allow_none: bool = False):
+    """``value`` when it is an int >= 1 (or None with ``allow_none``), else an R3Error naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise R3Error(f"{name} must be a positive integer, got {value!r}")
+    return value

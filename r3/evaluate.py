@@ -20,14 +20,13 @@ at the top level, one entry per model under ``models`` (with per-example ``recor
 the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
 from ``DIR/config.json``.
 
-:func:`evaluate_examples` is the library entry point (the training loop calls it for held-out
-evaluation); the helpers the CLIs share are in :mod:`r3.cli`.
+:func:`r3.heldout.evaluate_examples` is the library entry point (the training loop calls it for
+held-out evaluation); the helpers the CLIs share are in :mod:`r3.cli`.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from r3.cli import (
@@ -44,110 +43,12 @@ from r3.cli import (
     write_json_atomic,
 )
 from r3.errors import R3Error, cli_main
-from r3.stats import binomial_stderr, paired_difference
+from r3.heldout import evaluate_examples  # noqa: F401  (the library entry point, re-exported)
+from r3.stats import paired_difference
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def evaluate_examples(
-    model,
-    tokenizer,
-    task,
-    examples: list[dict],
-    *,
-    max_new_tokens: int = 256,
-    max_reflection_tokens: int | None = None,
-    max_retry_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    batch_size: int = 16,
-    seed: int = 0,
-    records: bool = False,
-    progress: Progress | bool | None = None,
-    chat=None,
-    compile_decode: bool = False,
-) -> dict:
-    """First attempt, then (for failures) one reflection and one retry, for every example.
-
-    Greedy by default (``temperature=0``). ``max_new_tokens`` bounds the attempt (and the retry
-    unless ``max_retry_tokens`` is given), ``max_reflection_tokens`` the reflection (default:
-    ``max_new_tokens``). Examples are run in batches of ``batch_size`` through
-    :func:`r3.episode.run_episode` (``group_size=1``).
-
-    Returns ``{"n", "first_success", "second_success", "first_attempt_accuracy",
-    "second_attempt_accuracy", "delta", "first_attempt_stderr", "second_attempt_stderr",
-    "first_correct", "second_correct", "generated_tokens", "time_s"}`` (``*_correct``: one
-    verdict per example, in order, for paired comparisons) and, with
-    ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
-    it failed, the reflection (and its length in tokens), the retry and the retry's verdict. ``progress``: a
-    :class:`Progress`, True for a default one on stderr, or None/False for none.
-    ``compile_decode``: decode through ``torch.compile`` (see :mod:`r3.decode`; the first batch
-    pays the compile).
-    """
-    from r3.episode import ChatFormat, EpisodeSampling, run_episode
-
-    batch_size = positive_int("batch_size", batch_size)
-    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-    max_reflection_tokens = positive_int("max_reflection_tokens", max_reflection_tokens or max_new_tokens)
-    max_retry_tokens = positive_int("max_retry_tokens", max_retry_tokens or max_new_tokens)
-    chat = chat or ChatFormat(tokenizer)
-    sampling = EpisodeSampling(temperature=temperature, top_p=top_p, top_k=top_k,
-                               max_attempt_tokens=max_new_tokens, max_reflection_tokens=max_reflection_tokens,
-                               max_retry_tokens=max_retry_tokens, compile_decode=compile_decode)
-    if progress is True:
-        progress = Progress(len(examples), "evaluate")
-    t0 = time.perf_counter()
-    first = second = generated = 0
-    first_correct: list[bool] = []
-    second_correct: list[bool] = []
-    out_records: list[dict] = []
-    for b, lo in enumerate(range(0, len(examples), batch_size)):
-        batch = examples[lo: lo + batch_size]
-        ep = run_episode(model, tokenizer, task, batch, group_size=1, sampling=sampling,
-                         seed=None if seed is None else seed + b, chat=chat)
-        retry_ok = [bool(r) for r in ep.rewards[:, 0].tolist()] if ep.rewards.numel() else []
-        first += ep.first_success
-        second += ep.first_success + sum(retry_ok)
-        generated += ep.generated_tokens
-        by_index = {gi: g for g, gi in enumerate(ep.group_indices)}
-        for i in range(len(batch)):
-            first_correct.append(bool(ep.first_passed[i]))
-            second_correct.append(bool(ep.first_passed[i]) or (i in by_index and retry_ok[by_index[i]]))
-        if records:
-            for i, ex in enumerate(batch):
-                rec = {"example": ex, "attempt": chat.decode(ep.first_attempts[i]), "attempt_correct": ep.first_passed[i]}
-                if i in by_index:
-                    row = ep.records[by_index[i]]  # group_size 1: group g is row g
-                    start, end = ep.spans[by_index[i]]
-                    rec.update(reflection=row["reflection"], reflection_tokens=end - start, retry=row["retry"],
-                               retry_correct=retry_ok[by_index[i]])
-                out_records.append(rec)
-        if progress:
-            progress.update(min(lo + batch_size, len(examples)),
-                            f"acc 1st {first / (lo + len(batch)):.3f}, 2nd {second / (lo + len(batch)):.3f}")
-    if progress:
-        progress.close()
-    n = len(examples)
-    result = {
-        "n": n,
-        "first_success": first,
-        "second_success": second,
-        "first_attempt_accuracy": first / n if n else 0.0,
-        "second_attempt_accuracy": second / n if n else 0.0,
-        "delta": (second - first) / n if n else 0.0,
-        "first_attempt_stderr": binomial_stderr(first, n),
-        "second_attempt_stderr": binomial_stderr(second, n),
-        "first_correct": first_correct,
-        "second_correct": second_correct,
-        "generated_tokens": generated,
-        "time_s": round(time.perf_counter() - t0, 3),
-    }
-    if records:
-        result["records"] = out_records
-    return result
 
 
 def format_table(rows: list[dict], paired: list[dict] | None = None) -> str:

@@ -130,7 +130,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
     bench, docs = plan["bench"], plan["docs"]
     chat = None
     if args.chat:
-        from r3.episode import ChatFormat
+        from r3.chat import ChatFormat
 
         if not getattr(tokenizer, "chat_template", None):
             raise R3Error("--chat: this model's tokenizer has no chat template")

@@ -1,7 +1,7 @@
 """Chat with a model from the command line: ``python -m r3.generate --prompt "Hi"``.
 
 Applies the tokenizer's chat template (with the generation prompt, through
-:class:`r3.episode.ChatFormat` as training does), samples with :func:`r3.sampler.generate`, stops
+:class:`r3.chat.ChatFormat` as training does), samples with :func:`r3.sampler.generate`, stops
 at the template's end-of-turn token and the checkpoint's eos ids, and prints each completion and the
 throughput. Mistakes (a bad model path, a bad flag value) print one line and exit with code 2.
 """
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
     from r3.checkpoint import load
-    from r3.episode import ChatFormat
+    from r3.chat import ChatFormat
     from r3.sampler import check_sampling_args, generate
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)

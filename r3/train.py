@@ -31,10 +31,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from kernels import fused_logprob_kl
 from r3 import grpo
+from r3.checkpoint import load, resolve, save_hf
 from r3.config import TrainConfig, parse_args
+from r3.episode import EpisodeSampling, run_episode
 from r3.errors import R3Error, cli_main
+from r3.failure_data import read_failures
+from r3.heldout import evaluate_examples
+from r3.model import Transformer
+from r3.progress import format_duration
+from r3.tasks import get as get_task
+from r3.tasks import resolve as resolve_task
 
 # --------------------------------------------------------------------------------------------
 # Distributed set-up
@@ -75,7 +92,6 @@ def init_distributed() -> Dist:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         # torchrun pins OMP threads to 1; share the cores among the local ranks instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
     return Dist(rank, world, local_rank, device, mesh)
@@ -122,8 +138,6 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def shard(model, d: Dist, dtype: torch.dtype):
     """FSDP2: ``fully_shard`` each transformer block, then the root (embeddings, norm, head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=d.mesh, mp_policy=mp)
@@ -133,9 +147,6 @@ def shard(model, d: Dist, dtype: torch.dtype):
 
 def build_models(cfg: TrainConfig, d: Dist):
     """-> (policy [FSDP, fp32 master weights], reference [FSDP, frozen], rollout copy, tokenizer)."""
-    from r3.checkpoint import load
-    from r3.model import Transformer
-
     dtype = compute_dtype(cfg)
     policy, tokenizer = load(cfg.model, dtype=torch.float32, device=d.device)
     policy.train()
@@ -249,8 +260,6 @@ def dummy_micro_batch(device) -> MicroBatch:
 
 
 def token_logprobs(model, mb: MicroBatch, temperature: float):
-    from kernels import fused_logprob_kl
-
     logits = model(mb.tokens, at=(mb.rows, mb.cols))
     logp, _ = fused_logprob_kl(logits, mb.targets, None, temperature=temperature)
     return logp
@@ -367,7 +376,6 @@ def _one_intra_op_thread():
 
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream: QueryStream, cfg: TrainConfig, d: Dist):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = out / "checkpoints"
     final = root / f"step_{step:06d}"
@@ -397,7 +405,6 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream: 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, stream: QueryStream) -> int:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -412,9 +419,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream: QueryStrea
 
 
 def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from r3.checkpoint import save_hf
 
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = None
@@ -471,23 +476,11 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     return out
 
 
-def format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def train(cfg: TrainConfig) -> dict:
-    from r3.episode import EpisodeSampling, run_episode
-    from r3.failures import read_failures
-    from r3.tasks import get as get_task, resolve as resolve_task
-
     d = init_distributed()
     if cfg.batch_size % d.world:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
     task = get_task(cfg.task, **cfg.task_options)
-    from r3.checkpoint import resolve
 
     resolve(cfg.model)  # a bad model path fails before anything is written
     failures = read_failures(cfg.failures) if cfg.failures else None
@@ -641,7 +634,7 @@ def train(cfg: TrainConfig) -> dict:
                 f"step {step + 1}/{cfg.max_steps} | loss {row['loss']:+.4f} | kl {row['kl'] or 0.0:.2e} | "
                 f"retry {row['retry_success']:.2f} | first {fts} | signal {row['groups_with_signal']}/{row['groups']} | "
                 f"{step_time:.1f}s/step (rollout {row['rollout_time_s']:.1f}, ref {row['reference_time_s']:.1f}, "
-                f"update {row['update_time_s']:.1f}) | ETA {format_eta(eta)}"
+                f"update {row['update_time_s']:.1f}) | ETA {format_duration(eta)}"
                 + (" | SKIPPED (non-finite)" if row["skipped"] else ""),
                 flush=True,
             )
@@ -681,8 +674,6 @@ def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dic
 
 def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, step: int, out: Path) -> dict | None:
     """First- and second-attempt accuracy on ``eval_n`` test queries (split over ranks)."""
-    from r3.evaluate import evaluate_examples
-
     if not cfg.eval_n:
         return None
     examples = task.examples("test", n=cfg.eval_n, seed=cfg.seed)

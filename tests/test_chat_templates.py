@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from r3.episode import ChatFormat
+from r3.chat import ChatFormat
 from r3.errors import R3Error
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"

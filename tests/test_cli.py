@@ -21,7 +21,8 @@ from r3 import evaluate as E
 from r3 import failures as F
 from r3 import stats as S
 from r3.checkpoint import load
-from r3.episode import ChatFormat, EpisodeSampling, run_episode
+from r3.chat import ChatFormat
+from r3.episode import EpisodeSampling, run_episode
 from r3.sampler import generate
 
 HERE = Path(__file__).parent
@@ -302,10 +303,10 @@ def test_evaluate_examples_compiled_decode_equals_eager(tiny, monkeypatch):
     examples = task.examples("test", 6)
     eager = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=6, records=True)
     seen = []
-    import r3.episode as episode
+    import r3.heldout as heldout
 
-    real = episode.run_episode
-    monkeypatch.setattr(episode, "run_episode", lambda *a, **k: seen.append(k["sampling"].compile_decode) or real(*a, **k))
+    real = heldout.run_episode
+    monkeypatch.setattr(heldout, "run_episode", lambda *a, **k: seen.append(k["sampling"].compile_decode) or real(*a, **k))
     comp = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=6, records=True,
                                compile_decode=True)
     assert seen == [True]

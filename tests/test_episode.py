@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from r3.checkpoint import load
-from r3.episode import ChatFormat, EpisodeSampling, run_episode
+from r3.chat import ChatFormat
+from r3.episode import EpisodeSampling, run_episode
 from r3.sampler import generate
 from r3.tasks.base import Task
 

@@ -1,0 +1,159 @@
+"""Conversations as token ids under a model's chat template: the first prompt, the turns that
+follow a sampled assistant message, and the stop ids, all derived from the template by rendering
+probe conversations. Training, evaluation, failure mining, forgetting (``--chat``) and
+``r3.generate`` build every conversation through :class:`ChatFormat`."""
+
+from __future__ import annotations
+
+from r3.checkpoint import generation_eos_ids
+from r3.errors import R3Error
+
+_PROBE_SYSTEM, _PROBE_Q, _PROBE_A, _PROBE_U, _PROBE_R, _PROBE_V = (
+    "PROBE_SYSTEM", "PROBE_QUERY", "PROBE_ATTEMPT", "PROBE_USER", "PROBE_REFLECTION", "PROBE_RETRY")
+
+
+class ChatFormat:
+    """Token ids of a conversation under the tokenizer's chat template.
+
+    ``prompt(messages)`` renders the first turn with the generation prompt. ``user_turn(text,
+    closed)`` is what follows an assistant message the model produced: the end-of-turn token if
+    the model did not emit one (it hit its token limit), the template's text between turns, the
+    user message and the next assistant header. All of it is derived from the template by
+    rendering probe conversations, never guessed from token names:
+
+    - the end-of-turn token is the special token the template puts right after an assistant
+      message (``<|im_end|>``, ``<|eot_id|>``, Phi-3's ``<|end|>``, Mistral's ``</s>``);
+    - ``stop_ids`` are that token, the tokenizer's eos and every ``eos_token_id`` of the
+      checkpoint's ``generation_config.json`` (``config.json`` when there is none), as
+      transformers' ``generate`` would stop;
+    - a template may add text only when ``add_generation_prompt`` is false (Phi-3.5 appends
+      eos): only renderings with the generation prompt are used;
+    - a template may render earlier assistant turns without part of its generation prompt (Qwen3
+      drops the empty ``<think></think>`` block of past turns): r3 keeps the conversation as the
+      model saw it when sampling, so the sequence differs from a re-rendering by exactly that
+      text in each past assistant turn (``history_drops``);
+    - a template that moves the system message to the last user turn (Mistral v0.3) cannot be
+      continued with a system message: ``prompt`` says so in one line.
+
+    ``template_options`` are passed to the template (default ``enable_thinking=False``: Qwen3's
+    non-thinking mode; templates that do not use it ignore it). ``eos_token_ids`` adds stop ids.
+    """
+
+    def __init__(self, tokenizer, *, eos_token_ids=None, template_options: dict | None = None):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise R3Error("the tokenizer has no chat template (r3 needs one to build conversations)")
+        self.tok = tokenizer
+        self.template_options = {"enable_thinking": False} if template_options is None else dict(template_options)
+        if tokenizer.eos_token_id is None:
+            raise R3Error("the tokenizer has no end-of-sequence token")
+        q, a, u = ({"role": "user", "content": _PROBE_Q}, {"role": "assistant", "content": _PROBE_A},
+                   {"role": "user", "content": _PROBE_U})
+        one = self._probe([q])
+        two = self._probe([q, a, u])
+        shape = _continuation(one, two)
+        if isinstance(shape, str):
+            raise R3Error(f"the chat template {shape}; r3 cannot continue conversations with it")
+        self.history_drops, lead, glue, self._tail = shape
+        self.end_of_turn_id, end_text = self._end_of_turn(glue)
+        self._between = glue[len(end_text):]  # e.g. "\n<|im_start|>user\n" after <|im_end|>
+        # A second round must render like the first (earlier turns as the template renders them).
+        three = self._probe([q, a, u, {"role": "assistant", "content": _PROBE_R},
+                             {"role": "user", "content": _PROBE_V}])
+        past_tail = self._tail[:len(self._tail) - len(self.history_drops)]
+        head = two[:two.index(_PROBE_A)]
+        expected = head + _PROBE_A + glue + _PROBE_U + past_tail + lead + _PROBE_R + glue + _PROBE_V + self._tail
+        if three != expected:
+            raise R3Error("the chat template renders a second round of turns differently from the first; "
+                          "r3 cannot continue conversations with it")
+        self._system_problem = self._check_system(q, a, u)
+        extra = set() if eos_token_ids is None else {int(i) for i in eos_token_ids}
+        ids = {self.end_of_turn_id, int(tokenizer.eos_token_id)} | extra | set(generation_eos_ids(tokenizer))
+        self.stop_ids = sorted(i for i in ids if 0 <= i < len(tokenizer))
+
+    def _probe(self, messages) -> str:
+        try:
+            return self._render(messages, generation=True)
+        except Exception as e:  # a template that raises on a plain user/assistant conversation
+            raise R3Error(f"cannot apply the tokenizer's chat template ({_first_line(e)})") from None
+
+    def _end_of_turn(self, glue: str) -> tuple[int, str]:
+        ids = self.encode(glue)
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        token = added.get(ids[0]) if ids else None
+        text = getattr(token, "content", str(token)) if token is not None else None
+        if text is None or not glue.startswith(text):
+            raise R3Error(f"the chat template ends an assistant turn with {glue[:40]!r}, not with a special "
+                          "token; r3 needs an end-of-turn token to stop generating at")
+        return ids[0], text
+
+    def _check_system(self, q, a, u) -> str | None:
+        s = {"role": "system", "content": _PROBE_SYSTEM}
+        try:
+            one = self._render([s, q], generation=True)
+            two = self._render([s, q, a, u], generation=True)
+        except Exception as e:
+            return f"the chat template does not take a system message ({_first_line(e)})"
+        shape = _continuation(one, two)
+        if isinstance(shape, str) or _PROBE_SYSTEM not in two[:two.index(_PROBE_A)]:
+            return ("the chat template does not keep a system message at the start of the conversation (Mistral "
+                    "v0.3's moves it to the last user turn; some drop it), so a conversation with one cannot be "
+                    "continued exactly; use the task without a system message")
+        return None
+
+    def _render(self, messages, generation: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                            **self.template_options)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        """The first turn(s) with the generation prompt, as text."""
+        if self._system_problem and any(m.get("role") == "system" for m in messages):
+            raise R3Error(self._system_problem)
+        return self._render(messages, generation=True)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.prompt_text(messages))
+
+    def ends_turn(self, ids) -> bool:
+        """Whether a generated turn ends with the end-of-turn token. A turn cut off by the token
+        limit, or stopped by another stop id (Qwen's ``<|endoftext|>``, Llama's ``<|eom_id|>``),
+        does not: ``user_turn(..., closed=False)`` then writes the end-of-turn token after it, so
+        every assistant turn is closed as the template closes it."""
+        return bool(ids) and ids[-1] == self.end_of_turn_id
+
+    def user_turn(self, text: str, closed: bool = True) -> list[int]:
+        ids = [] if closed else [self.end_of_turn_id]
+        return ids + self.encode(self._between + text + self._tail)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _continuation(one: str, two: str):
+    """How the rendering ``two`` of [Q, A, U] (generation prompt) continues ``one``, the rendering
+    of [Q] (generation prompt): ``(history_drops, lead, glue, tail)`` where lead is whitespace
+    the template puts before A, glue is the text between A and the user message U and tail
+    follows U; or a reason it does not.
+
+    Continuation means the model's A can follow ``one`` directly: ``two`` up to A is ``one`` plus
+    whitespace the model writes itself (Mistral's space before an answer), or ``one`` minus a
+    suffix of its generation prompt that the template leaves out of past turns (Qwen3's empty
+    think block)."""
+    i = two.find(_PROBE_A)
+    j = two.find(_PROBE_U, i + 1) if i >= 0 else -1
+    if _PROBE_Q not in one or i < 0 or j < 0:
+        return "drops messages of a plain user / assistant / user conversation"
+    before = two[:i]
+    if before.startswith(one) and not before[len(one):].strip():
+        drops, lead = "", before[len(one):]
+    elif one.startswith(before) and two.endswith(one[len(before):]):
+        drops, lead = one[len(before):], ""
+    else:
+        return "re-renders earlier turns"
+    return drops, lead, two[i + len(_PROBE_A):j], two[j + len(_PROBE_U):]

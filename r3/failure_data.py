@@ -1,0 +1,151 @@
+"""The failure dataset's files, what ``python -m r3.failures`` writes and ``r3.train --failures``
+reads (the format is described in :mod:`r3.failures`): reading with a cut-short last line
+tolerated, checking records, appending whole lines, and the pair ``F.jsonl`` + ``F.jsonl.done``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from r3.errors import R3Error
+
+FORMAT_VERSION = 1
+_LINE_PREFIX = b'{"key": '  # every line r3.failures writes (the header line aside) starts so
+
+
+def example_key(example: dict) -> str:
+    """A stable key of an example: sha256 of its canonical JSON (sorted keys), 16 hex digits."""
+    text = json.dumps(example, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
+
+
+def done_path(out: Path) -> Path:
+    return out.with_name(out.name + ".done")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and appending JSONL safely
+# --------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True) -> tuple[dict | None, list[dict], int | None]:
+    """-> (header record or None, records, where to cut the file or None) of a file this module
+    wrote.
+
+    Every complete line must be a JSON object with a ``key`` (unless not ``need_key``; or, as the
+    first line when ``header``, an object with ``r3_failures``); anything else is an R3Error naming the line. An
+    unterminated last line that starts like one of our records is what a crash mid-write leaves:
+    it is ignored with a warning (the third value is then its offset, to cut the file there)."""
+    if not path.exists():
+        return None, [], None
+    if not path.is_file():
+        raise R3Error(f"{path}: not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise R3Error(f"{path}: cannot read: {e.strerror or e}") from None
+    good = data.rfind(b"\n") + 1
+    tail = data[good:]
+    if tail:
+        if not (tail.startswith(_LINE_PREFIX) or (header and good == 0 and tail.startswith(b'{"r3_failures": '))):
+            raise R3Error(f"{path}: not a file written by r3.failures (its last line is not a record); "
+                          "use another --out")
+        print(f"warning: {path}: ignoring a truncated last line (an interrupted write)", file=sys.stderr)
+    head, records = None, []
+    for lineno, line in enumerate(data[:good].split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise R3Error(f"{where}: not valid JSON; not a file written by r3.failures (use another --out)") from None
+        if header and lineno == 1 and isinstance(rec, dict) and "r3_failures" in rec:
+            head = rec
+            continue
+        if not isinstance(rec, dict) or (need_key and not isinstance(rec.get("key"), str)):
+            raise R3Error(f"{where}: expected a JSON object{' with a key' if need_key else ''}; "
+                          "not a file written by r3.failures")
+        records.append(rec)
+    return head, records, good if tail else None
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append records as whole lines in one write, then flush and fsync: a crash can only cut the
+    last line short, never touch earlier ones."""
+    if not records:
+        return
+    blob = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records)
+    with open(path, "a", encoding="ascii") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_failures(path) -> list[dict]:
+    """The failure records of a file written by ``python -m r3.failures`` (what training needs:
+    ``example`` and ``attempt_tokens`` per record; ``key`` is optional here, so hand-made files
+    work too). A missing file or a line that is not such a record is an R3Error; a last line cut short by a crash is ignored with a
+    warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise R3Error(f"failure dataset '{path}' does not exist (make one with python -m r3.failures)")
+    return _checked(path, read_jsonl(path, need_key=False)[1])
+
+
+def _checked(path: Path, records: list[dict]) -> list[dict]:
+    for i, rec in enumerate(records):
+        toks = rec.get("attempt_tokens")
+        if not isinstance(rec.get("example"), dict) or not isinstance(toks, list) or not toks \
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks):
+            raise R3Error(f"{path}: record {i + 1} lacks an 'example' object or non-empty 'attempt_tokens' "
+                          "(token ids); not a file written by r3.failures")
+    return records
+
+
+class FailureFile:
+    """``F.jsonl`` (failures) plus ``F.jsonl.done`` (header + queries that never failed)."""
+
+    def __init__(self, out: Path):
+        self.out, self.done = out, done_path(out)
+        self.header, self.done_records, cut_done = read_jsonl(self.done, header=True)
+        _, failures, cut_out = read_jsonl(self.out)
+        self.failures = _checked(self.out, failures)
+        self._cuts = [(p, c) for p, c in ((self.done, cut_done), (self.out, cut_out)) if c is not None]
+
+    def open(self, settings: dict) -> None:
+        """Check ``settings`` against the header (the task must match), drop any truncated last
+        lines and write the header if there is none yet."""
+        if self.header is not None:
+            old = self.header.get("settings", {})
+            for k in ("task", "task_options", "split"):
+                if k in old and old[k] != settings[k]:
+                    raise R3Error(f"{self.out} holds {k} {old[k]!r}, not {settings[k]!r}; use another --out")
+            changed = [k for k in settings if k in old and old[k] != settings[k] and k != "n"]
+            if changed:
+                print(f"warning: {self.out} was started with other settings "
+                      f"({', '.join(f'{k}: {old[k]!r} -> {settings[k]!r}' for k in changed)}); "
+                      "queries already in it are not sampled again", file=sys.stderr)
+        for path, cut in self._cuts:  # drop what an interrupted write left
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+        self._cuts = []
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.header is None:  # a new file (or a header-less .done): put the header first
+            self.header = {"r3_failures": FORMAT_VERSION, "settings": settings}
+            body = self.done.read_bytes() if self.done.exists() else b""
+            tmp = self.done.with_name(self.done.name + ".tmp")
+            tmp.write_bytes((json.dumps(self.header, ensure_ascii=True) + "\n").encode("ascii") + body)
+            os.replace(tmp, self.done)
+
+    def keys(self) -> set[str]:
+        return {r["key"] for r in self.failures} | {r["key"] for r in self.done_records}
+
+    def add(self, failures: list[dict], passed: list[dict]) -> None:
+        append_lines(self.out, failures)  # failures first: on a crash between the two, both
+        append_lines(self.done, passed)  # kinds are still recognised as processed
+        self.failures.extend(failures)
+        self.done_records.extend(passed)

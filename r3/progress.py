@@ -1,0 +1,54 @@
+"""Progress of long work: a line on stderr with the rate and the time left."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+
+def format_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = round(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+class Progress:
+    """A progress line on stderr: ``label: done/total unit | rate | ETA | extra``.
+
+    On a terminal the line is rewritten in place; otherwise (logs, pipes) one line per update.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self._open = False
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        if not self.enabled:
+            return
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        line = (f"{self.label}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
+                f"ETA {format_duration(eta)} | elapsed {format_duration(dt)}" + (f" | {extra}" if extra else ""))
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self._open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
