@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from r3.checkpoint import load  # noqa: E402
 from r3.config import parse_args as parse_train_args  # noqa: E402
 from r3.chat import ChatFormat  # noqa: E402
-from r3.episode import EpisodeSampling, run_episode  # noqa: E402
+from r3.episode import run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
 from r3.sampler import Session  # noqa: E402
 from r3.stats import paired_difference  # noqa: E402
@@ -59,12 +59,6 @@ CHUNK = 16  # failures (or queries) per batch
 def rate(k: int, n: int) -> dict:
     p = k / n if n else 0.0
     return {"rate": p, "k": k, "n": n, "stderr": math.sqrt(p * (1 - p) / n) if n else None}
-
-
-def sampling_of(cfg) -> EpisodeSampling:
-    return EpisodeSampling(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                           max_attempt_tokens=cfg.max_attempt_tokens, max_reflection_tokens=cfg.max_reflection_tokens,
-                           max_retry_tokens=cfg.max_retry_tokens)
 
 
 def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tuple[list[int], bool]]:
@@ -103,7 +97,7 @@ def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[
     chat = ChatFormat(tok)
     task = get(cfg.task, **cfg.task_options)
     examples = task.examples("test", seed=0)
-    sampling = sampling_of(cfg)
+    sampling = cfg.sampling()
     attempts = first_attempts(model, tok, chat, task, examples, sampling, seed)
     own = [{"index": i, "attempt": a} for i, (a, ok) in enumerate(attempts) if not ok]
     own_wins = retries_on(model, tok, chat, task, examples, own, samples, sampling, seed + 100_000, f"{spec} own failures")
@@ -120,9 +114,7 @@ def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[
                                 f"{spec} base failures"))
         result["retry_success_base_failures"] = rate(sum(base_wins), samples * len(base_failures))
         result["base_failure_wins"] = base_wins
-    greedy = evaluate_examples(model, tok, task, examples, max_new_tokens=cfg.max_attempt_tokens,
-                               max_reflection_tokens=cfg.max_reflection_tokens, max_retry_tokens=cfg.max_retry_tokens,
-                               temperature=0.0, batch_size=32)
+    greedy = evaluate_examples(model, tok, task, examples, cfg.sampling(0.0), batch_size=32)
     result.update(greedy_first_attempt=rate(greedy["first_success"], greedy["n"]),
                   greedy_second_attempt=rate(greedy["second_success"], greedy["n"]),
                   greedy_first_correct=greedy["first_correct"], greedy_second_correct=greedy["second_correct"],

@@ -73,6 +73,16 @@ class TrainConfig:
         if self.max_new_tokens is not None:
             self.max_attempt_tokens = self.max_reflection_tokens = self.max_retry_tokens = self.max_new_tokens
 
+    def sampling(self, temperature: float | None = None):
+        """The rollouts' :class:`r3.episode.EpisodeSampling` (``temperature`` overrides, e.g. the
+        held-out evaluation's ``eval_temperature``)."""
+        from r3.episode import EpisodeSampling
+
+        return EpisodeSampling(temperature=self.temperature if temperature is None else temperature,
+                               top_p=self.top_p, top_k=self.top_k, max_attempt_tokens=self.max_attempt_tokens,
+                               max_reflection_tokens=self.max_reflection_tokens,
+                               max_retry_tokens=self.max_retry_tokens, compile_decode=self.compile_decode)
+
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         def positive(name, allow_zero=False):

@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 from r3.chat import ChatFormat
+from r3.errors import positive_int
 from r3.sampler import Session
 
 
 @dataclass
 class EpisodeSampling:
+    """How every part of an episode is sampled: one object for training's rollouts, its held-out
+    evaluation, ``r3.evaluate`` and the learning-curve benchmark (``TrainConfig.sampling()``)."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -31,6 +35,10 @@ class EpisodeSampling:
     max_reflection_tokens: int = 128
     max_retry_tokens: int = 256
     compile_decode: bool = False  # the sampler's decode step through torch.compile (see r3.decode)
+
+    def __post_init__(self):
+        for name in ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
+            positive_int(name, getattr(self, name))
 
 
 @dataclass

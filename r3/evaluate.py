@@ -42,6 +42,7 @@ from r3.cli import (
     read_run,
     write_json_atomic,
 )
+from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples  # noqa: F401  (the library entry point, re-exported)
 from r3.stats import paired_difference
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
 
     for spec in models:  # every path checked before spending time on the first model
         resolve(spec)
+    sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
+                               max_attempt_tokens=st["max_attempt"], max_reflection_tokens=st["max_reflection"],
+                               max_retry_tokens=st["max_retry"], compile_decode=args.compile)
     settings = {
         "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": st["top_p"],
         "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
@@ -161,12 +165,8 @@ def main(argv=None) -> int:
         print(f"evaluating {spec} on {st['task']} ({len(examples)} {args.split} queries)", file=sys.stderr)
         model, tok = load_model(spec, dtype, device)
         res = evaluate_examples(
-            model, tok, task, examples, max_new_tokens=st["max_attempt"],
-            max_reflection_tokens=st["max_reflection"], max_retry_tokens=st["max_retry"],
-            temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"], batch_size=args.batch_size,
-            seed=args.seed, records=args.records,
+            model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
             progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
-            compile_decode=args.compile,
         )
         del model
         results.append({"model": spec, **res})

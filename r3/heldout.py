@@ -13,32 +13,28 @@ from r3.errors import positive_int
 from r3.progress import Progress
 from r3.stats import binomial_stderr
 
+GREEDY = EpisodeSampling(temperature=0.0, max_attempt_tokens=256, max_reflection_tokens=256, max_retry_tokens=256)
+
 
 def evaluate_examples(
     model,
     tokenizer,
     task,
     examples: list[dict],
+    sampling: EpisodeSampling | None = None,
     *,
-    max_new_tokens: int = 256,
-    max_reflection_tokens: int | None = None,
-    max_retry_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
     batch_size: int = 16,
     seed: int = 0,
     records: bool = False,
     progress: Progress | bool | None = None,
     chat=None,
-    compile_decode: bool = False,
 ) -> dict:
     """First attempt, then (for failures) one reflection and one retry, for every example.
 
-    Greedy by default (``temperature=0``). ``max_new_tokens`` bounds the attempt (and the retry
-    unless ``max_retry_tokens`` is given), ``max_reflection_tokens`` the reflection (default:
-    ``max_new_tokens``). Examples are run in batches of ``batch_size`` through
-    :func:`r3.episode.run_episode` (``group_size=1``).
+    ``sampling``: the same settings object training uses (default :data:`GREEDY`: greedy, 256
+    tokens for each part; training evaluates with ``TrainConfig.sampling(eval_temperature)``).
+    Examples are run in batches of ``batch_size`` through :func:`r3.episode.run_episode`
+    (``group_size=1``).
 
     Returns ``{"n", "first_success", "second_success", "first_attempt_accuracy",
     "second_attempt_accuracy", "delta", "first_attempt_stderr", "second_attempt_stderr",
@@ -47,17 +43,10 @@ def evaluate_examples(
     ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
     it failed, the reflection (and its length in tokens), the retry and the retry's verdict. ``progress``: a
     :class:`Progress`, True for a default one on stderr, or None/False for none.
-    ``compile_decode``: decode through ``torch.compile`` (see :mod:`r3.decode`; the first batch
-    pays the compile).
     """
     batch_size = positive_int("batch_size", batch_size)
-    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-    max_reflection_tokens = positive_int("max_reflection_tokens", max_reflection_tokens or max_new_tokens)
-    max_retry_tokens = positive_int("max_retry_tokens", max_retry_tokens or max_new_tokens)
+    sampling = sampling or GREEDY
     chat = chat or ChatFormat(tokenizer)
-    sampling = EpisodeSampling(temperature=temperature, top_p=top_p, top_k=top_k,
-                               max_attempt_tokens=max_new_tokens, max_reflection_tokens=max_reflection_tokens,
-                               max_retry_tokens=max_retry_tokens, compile_decode=compile_decode)
     if progress is True:
         progress = Progress(len(examples), "evaluate")
     t0 = time.perf_counter()

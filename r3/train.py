@@ -44,7 +44,7 @@ from kernels import fused_logprob_kl
 from r3 import grpo
 from r3.checkpoint import load, resolve, save_hf
 from r3.config import TrainConfig, parse_args
-from r3.episode import EpisodeSampling, run_episode
+from r3.episode import run_episode
 from r3.errors import R3Error, cli_main
 from r3.failure_data import read_failures
 from r3.heldout import evaluate_examples
@@ -516,15 +516,7 @@ def train(cfg: TrainConfig) -> dict:
         _truncate_jsonl(samples_path, start_step)
         _truncate_jsonl(out / "eval.jsonl", start_step)
 
-    sampling = EpisodeSampling(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        max_attempt_tokens=cfg.max_attempt_tokens,
-        max_reflection_tokens=cfg.max_reflection_tokens,
-        max_retry_tokens=cfg.max_retry_tokens,
-        compile_decode=cfg.compile_decode,
-    )
+    sampling = cfg.sampling()
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     local_q = cfg.batch_size // d.world
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -679,9 +671,7 @@ def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, ste
     examples = task.examples("test", n=cfg.eval_n, seed=cfg.seed)
     mine = examples[d.rank::d.world]
     res = evaluate_examples(
-        rollout_model, tokenizer, task, mine, max_new_tokens=cfg.max_attempt_tokens,
-        max_reflection_tokens=cfg.max_reflection_tokens, max_retry_tokens=cfg.max_retry_tokens, temperature=cfg.eval_temperature, top_p=cfg.top_p,
-        top_k=cfg.top_k, seed=cfg.seed + 17, batch_size=32,
+        rollout_model, tokenizer, task, mine, cfg.sampling(cfg.eval_temperature), seed=cfg.seed + 17, batch_size=32,
     ) if mine else {"n": 0, "first_success": 0, "second_success": 0}
     n, first, second = all_sum([res["n"], res["first_success"], res["second_success"]], d)
     row = {"step": step, "n": int(n), "first_attempt_accuracy": first / max(n, 1),

@@ -8,6 +8,7 @@ CLIs are called in-process (``main([...])``); two subprocess runs check the real
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -254,11 +255,14 @@ def test_failures_builtin_smoke(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
+SIX = EpisodeSampling(temperature=0.0, max_attempt_tokens=6, max_reflection_tokens=6, max_retry_tokens=6)
+
+
 def test_evaluate_examples_counts_and_records(tiny):
     model, tok, chat = tiny
     task = coin_task()
     examples = task.examples("test", 10)
-    res = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=10, records=True)
+    res = E.evaluate_examples(model, tok, task, examples, SIX, batch_size=10, records=True)
     # the first attempts are the greedy continuations of the prompts
     greedy = generate(model, [chat.prompt(task.messages(ex)) for ex in examples], max_new_tokens=6, temperature=0,
                       stop_token_ids=chat.stop_ids).tokens
@@ -278,7 +282,7 @@ def test_evaluate_examples_counts_and_records(tiny):
     assert res["delta"] == pytest.approx(res["second_attempt_accuracy"] - res["first_attempt_accuracy"])
     assert 0 < res["first_success"] < res["second_success"]  # this seed/model: both kinds of gain
     # batching does not change greedy results
-    again = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=3)
+    again = E.evaluate_examples(model, tok, task, examples, SIX, batch_size=3)
     assert {k: again[k] for k in ("first_success", "second_success")} == {k: res[k] for k in ("first_success", "second_success")}
     assert "records" not in again
 
@@ -301,14 +305,14 @@ def test_evaluate_examples_compiled_decode_equals_eager(tiny, monkeypatch):
     model, tok, _ = tiny
     task = coin_task()
     examples = task.examples("test", 6)
-    eager = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=6, records=True)
+    eager = E.evaluate_examples(model, tok, task, examples, SIX, batch_size=6, records=True)
     seen = []
     import r3.heldout as heldout
 
     real = heldout.run_episode
     monkeypatch.setattr(heldout, "run_episode", lambda *a, **k: seen.append(k["sampling"].compile_decode) or real(*a, **k))
-    comp = E.evaluate_examples(model, tok, task, examples, max_new_tokens=6, batch_size=6, records=True,
-                               compile_decode=True)
+    comp = E.evaluate_examples(model, tok, task, examples, dataclasses.replace(SIX, compile_decode=True), batch_size=6,
+                               records=True)
     assert seen == [True]
     keys = ("first_success", "second_success", "records")
     assert {k: comp[k] for k in keys} == {k: eager[k] for k in keys}
