@@ -179,8 +179,8 @@ def pick_greedy(logits: torch.Tensor, u=None, temperature=None) -> tuple[torch.T
     x = logits.float()
     V = x.shape[-1]
     # Two passes with plain reductions (the max, then exp-sum and the first index at the max):
-    # ~1.5x faster than ``max(-1)`` + ``logsumexp`` on CPU, eager and compiled (index tracking in
-    # a vectorised max is slow). The clamp keeps the id valid if a row is all NaN.
+    # faster than ``max(-1)`` + ``logsumexp`` on CPU, eager and compiled (index tracking in a
+    # vectorised max is slow). The clamp keeps the id valid if a row is all NaN.
     best = x.amax(-1, keepdim=True)
     first = torch.where(x == best, torch.arange(V, device=x.device), V).amin(-1).clamp_max(V - 1)
     return first, -(x - best).exp().sum(-1).log()
@@ -303,9 +303,9 @@ class Session:
         (shared by sessions made from this one with ``select``/``fork``). ``fast_decode``: decode
         with :class:`FastStep` (fused, prepacked weights) instead of the model's forward; default:
         on CPU yes, elsewhere no (its weight copies would cost GPU memory). ``compile_decode``:
-        run that step through ``torch.compile`` (see :mod:`r3.decode`: ~1.3x faster per step on
-        CPU in bf16, the same logits up to rare one-ulp differences, a one-time compile of
-        ~35-70 s; implies ``fast_decode``).
+        run that step through ``torch.compile`` (see :mod:`r3.decode`; faster per step on CPU in
+        bf16, the same logits up to rare one-ulp differences, a one-time compile; implies
+        ``fast_decode``; speeds in ``benchmarks/results/sampler_cpu.md``).
         ``prefill_tokens``: padded tokens per prefill chunk.
         """
         rows = [list(map(int, p)) for p in prompts]

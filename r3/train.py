@@ -364,8 +364,8 @@ def _one_intra_op_thread():
     """Run torch.distributed.checkpoint with one intra-op thread. DCP does part of its work on
     another thread; with several threads that thread starts a second OpenMP team, and once
     libgomp manages more threads than there are CPUs it stops spin-waiting for good: every later
-    parallel op pays a futex wake-up. Measured on the 2-core CPU: bf16 matmuls 2.2x slower and
-    rollouts 1.5x slower for the rest of the run after the first checkpoint."""
+    parallel op pays a futex wake-up, and matmuls and rollouts stay slower for the rest of the run
+    after the first checkpoint."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
