@@ -195,6 +195,7 @@ def policy_loss(
     agg: str = "token-mean",
     denominator: torch.Tensor | float | None = None,
     max_len: int | None = None,
+    kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO policy loss plus ``beta`` * k3 KL, aggregated over the masked tokens.
 
@@ -211,6 +212,9 @@ def policy_loss(
         denominator: the global normaliser for this optimizer step (module docstring); None:
             this batch's own.
         max_len: the fixed length L of the Dr. GRPO normaliser B * L (default: T).
+        kl: ``[B, T]`` per-token k3 already computed with ``logp`` (what
+            ``kernels.fused_logprob_kl`` returns, differentiable through it); used instead of
+            computing k3 from ``ref_logp``, which must then be None.
 
     Returns ``(loss, metrics)``: ``loss`` a 0-d tensor in the computation dtype (float32, or
     float64 for float64 inputs); ``metrics`` 0-d detached float32 tensors (no host sync; call
@@ -229,7 +233,9 @@ def policy_loss(
     _check_agg(agg)
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+    if kl is not None and ref_logp is not None:
+        raise ValueError("give either ref_logp or a precomputed kl, not both")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("kl", kl)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logp.shape)}")
     B, T = logp.shape
@@ -257,8 +263,9 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     pg = -torch.minimum(ratio * adv, clipped * adv)
 
-    kl = None
-    if ref_logp is not None:
+    if kl is not None:
+        kl = torch.where(m, kl.to(dtype), zero)
+    elif ref_logp is not None:
         ref = torch.where(m, ref_logp.detach().to(dtype), zero)
         kl = kl_k3(lp, ref)
     per_token = pg + beta * kl if (kl is not None and beta != 0) else pg

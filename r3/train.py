@@ -6,8 +6,8 @@ One optimizer step:
    dtype, and each rank runs the attempt/reflect/retry episode on its own share of queries with
    our KV-cache sampler (no FSDP all-gather per decode step). A group never spans ranks.
 2. reference — the frozen reference model (sharded too) scores the reflection tokens.
-3. update — micro-batches through the FSDP policy; log-probs of the reflection tokens only, via
-   ``kernels.fused_logprob_kl``; the GRPO loss is normalised by the *global* token count of the
+3. update — micro-batches through the FSDP policy; log-probs of the reflection tokens only and
+   their k3 KL to the reference, in one pass of ``kernels.fused_logprob_kl``; the GRPO loss is normalised by the *global* token count of the
    step (all micro-batches, all ranks), so 1 rank and N ranks give the same update.
 
 Checkpoints (torch.distributed.checkpoint) hold model, optimizer, scheduler, step and data
@@ -259,10 +259,11 @@ def dummy_micro_batch(device) -> MicroBatch:
                       torch.zeros(1, device=device), z, z, z)
 
 
-def token_logprobs(model, mb: MicroBatch, temperature: float):
+def token_logprobs(model, mb: MicroBatch, temperature: float, ref_logp: torch.Tensor | None = None):
+    """``[N]`` log-probs of the micro-batch's targets (logits only at the masked positions) and,
+    given ``ref_logp``, their k3 KL to it from the same fused pass (else None)."""
     logits = model(mb.tokens, at=(mb.rows, mb.cols))
-    logp, _ = fused_logprob_kl(logits, mb.targets, None, temperature=temperature)
-    return logp
+    return fused_logprob_kl(logits, mb.targets, ref_logp, temperature=temperature)
 
 
 def scatter(values: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
@@ -277,9 +278,9 @@ def score_micro_batches(mbs: list[MicroBatch], reference, old_policy, temperatur
     log-probs (the ratio's denominator). Every rank scores the same number of micro-batches."""
     for mb in mbs:
         if reference is not None:
-            mb.ref_logp = token_logprobs(reference, mb, temperature)
+            mb.ref_logp = token_logprobs(reference, mb, temperature)[0]
         if old_policy is not None:
-            mb.old_logp = token_logprobs(old_policy, mb, temperature)
+            mb.old_logp = token_logprobs(old_policy, mb, temperature)[0]
 
 
 def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConfig, d: Dist) -> dict:
@@ -305,7 +306,7 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
         last = epoch == cfg.update_epochs - 1
         loss_total = 0.0
         for i, mb in enumerate(mbs):
-            logp = token_logprobs(policy, mb, temperature)
+            logp, kl = token_logprobs(policy, mb, temperature, mb.ref_logp if i < n_real else None)
             if i >= n_real:
                 (logp.sum() * 0.0).backward()
                 continue
@@ -316,11 +317,10 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
                 stats["logp_diff_tokens"] += gap.numel()
             lp = scatter(logp, mb)
             old = scatter(mb.old_logp, mb) if mb.old_logp is not None else lp.detach()
-            ref = scatter(mb.ref_logp, mb) if mb.ref_logp is not None else None
             loss, m = grpo.policy_loss(
-                lp, old, ref, mb.advantages, mb.mask,
+                lp, old, None, mb.advantages, mb.mask,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, agg=cfg.agg,
-                denominator=den, max_len=cfg.max_reflection_tokens,
+                denominator=den, max_len=cfg.max_reflection_tokens, kl=scatter(kl, mb) if kl is not None else None,
             )
             # FSDP averages gradients over ranks; the loss is already globally normalised.
             (loss * d.world).backward()

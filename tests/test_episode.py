@@ -436,7 +436,7 @@ def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, b
     worst, r = 0.0, 0
     for mb in mbs:
         with torch.no_grad():
-            full = T.scatter(T.token_logprobs(model, mb, 0.7), mb)
+            full = T.scatter(T.token_logprobs(model, mb, 0.7)[0], mb)
         for b in range(mb.tokens.shape[0]):
             start, end = ep.spans[r]
             got = full[b, start:end]

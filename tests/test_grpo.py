@@ -414,3 +414,39 @@ def test_aggregate_ignores_garbage_outside_mask():
     out.backward()
     assert torch.equal(x.grad, torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
     assert aggregate(x, m, "seq-mean-token-sum-norm", denominator=8.0).item() == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kl_from_the_kernel_equals_k3_from_ref_logp(dtype):
+    """Training takes the KL from ``fused_logprob_kl`` (one pass with the log-probs): the loss and
+    its gradient w.r.t. the logits equal those of policy_loss computing k3 from ref_logp."""
+    from kernels import fused_logprob_kl
+
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 3, 5, 11
+    mask = torch.rand(B, T, generator=g) > 0.3
+    rows, cols = mask.nonzero(as_tuple=True)
+    N = rows.numel()
+    logits0 = (2 * torch.randn(N, V, generator=g)).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    ref = torch.log_softmax(torch.randn(N, V, generator=g), -1)[torch.arange(N), targets]
+    old = torch.log_softmax(torch.randn(N, V, generator=g), -1)[torch.arange(N), targets]
+    adv = torch.tensor([1.0, -0.5, 2.0])
+
+    def full(v):
+        return torch.zeros(B, T, dtype=v.dtype).index_put((rows, cols), v)
+
+    results = []
+    for fused in (True, False):
+        logits = logits0.clone().requires_grad_(True)
+        logp, kl = fused_logprob_kl(logits, targets, ref if fused else None, temperature=0.7)
+        loss, m = policy_loss(full(logp), full(old), None if fused else full(ref), adv, mask, beta=0.1,
+                              kl=full(kl) if fused else None)
+        loss.backward()
+        results.append((loss.detach(), m["kl"], logits.grad.float(), logp.detach(), None if kl is None else kl.detach()))
+    (la, ka, ga, logp, kl), (lb, kb, gb, _, _) = results
+    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-7) and torch.allclose(ka, kb, rtol=1e-5, atol=1e-8)
+    assert ka > 0 and gb.abs().max() > 0
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        policy_loss(full(logp), full(old), full(ref), adv, mask, kl=full(kl))
