@@ -18,8 +18,8 @@ import math
 import pytest
 import torch
 
-from r3.checkpoint import load
 from r3.chat import ChatFormat
+from r3.checkpoint import load
 from r3.episode import EpisodeSampling, run_episode
 from r3.sampler import generate
 from r3.tasks.base import Task
@@ -422,6 +422,7 @@ def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, b
     """The trainer's path (make_micro_batches -> token_logprobs -> scatter, with its cols - 1 /
     cols + 1 pair) gives each reflection token the log-prob the sampler drew it with (T = 0.7, so
     the temperature is applied alike); update() reports the same gap as its logp_diff metric."""
+    from r3 import batch as B
     from r3 import train as T
     from r3.config import TrainConfig
 
@@ -431,12 +432,12 @@ def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, b
     sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
     ep = run_episode(model, tok, task, task.examples(n=6), group_size=3, sampling=sampling, seed=5, chat=chat)
     assert sum(e - s for s, e in ep.spans) > 20
-    mbs = T.make_micro_batches(ep.sequences, ep.spans, [1.0] * len(ep.sequences), 5, 0, "cpu",
+    mbs = B.make_micro_batches(ep.sequences, ep.spans, [1.0] * len(ep.sequences), 5, 0, "cpu",
                                rollout_logprobs=ep.reflection_logprobs)
     worst, r = 0.0, 0
     for mb in mbs:
         with torch.no_grad():
-            full = T.scatter(T.token_logprobs(model, mb, 0.7)[0], mb)
+            full = B.scatter(B.token_logprobs(model, mb, 0.7)[0], mb)
         for b in range(mb.tokens.shape[0]):
             start, end = ep.spans[r]
             got = full[b, start:end]

@@ -53,6 +53,7 @@ UPDATE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     import torch.distributed as dist
+    from r3 import batch as B
     from r3 import train as T
     from r3.checkpoint import load
     from r3.config import TrainConfig
@@ -77,7 +78,7 @@ UPDATE_SCRIPT = textwrap.dedent(
     adv = [1.0, -0.5, 0.25, -1.0, 0.75, 0.0]
     per = len(seqs) // d.world
     mine = slice(d.rank * per, (d.rank + 1) * per)
-    mbs = T.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device)
+    mbs = B.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device)
     n_mb = T.all_max(len(mbs), d)
     padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
     T.score_micro_batches(padded, reference, policy, 1.0)
@@ -220,6 +221,7 @@ def test_function_calling_from_the_command_line(tiny_model, tmp_path):
 
 def test_nan_guard_skips_the_step(tiny_model, tmp_path):
     """A non-finite loss never reaches the weights (nor a checkpoint)."""
+    from r3 import batch as B
     from r3 import train as T
     from r3.checkpoint import load
     from r3.config import TrainConfig
@@ -230,12 +232,12 @@ def test_nan_guard_skips_the_step(tiny_model, tmp_path):
     T.shard(policy, d, torch.float32)
     before = {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    mbs = T.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [float("nan")], 4, 0, d.device)
+    mbs = B.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [float("nan")], 4, 0, d.device)
     stats = T.update(policy, opt, mbs, 1, cfg, d)
     assert stats["skipped"]
     after = policy.state_dict()
     assert all(torch.equal(before[k], after[k].full_tensor()) for k in before)
-    mbs = T.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [1.0], 4, 0, d.device)
+    mbs = B.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [1.0], 4, 0, d.device)
     stats = T.update(policy, opt, mbs, 1, cfg, d)
     assert not stats["skipped"]
     assert any(not torch.equal(before[k], v.full_tensor()) for k, v in policy.state_dict().items())
@@ -338,7 +340,7 @@ def test_checkpoint_io_runs_single_threaded_and_restores_threads():
     """DCP runs under one intra-op thread (a second OpenMP team would make libgomp stop
     spin-waiting for the rest of the run: rollouts were 1.5x slower after the first checkpoint);
     the thread count comes back afterwards, also when the save fails."""
-    from r3.train import _one_intra_op_thread
+    from r3.rundir import _one_intra_op_thread
 
     before = torch.get_num_threads()
     with _one_intra_op_thread():

@@ -1,0 +1,102 @@
+"""The process group training runs in: torchrun's rendezvous (or one process), reductions over
+ranks, FSDP2 sharding, and a clean exit. One rank is one process; on CPU the cores are shared
+among the local ranks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    mesh: object
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun's env:// rendezvous, or a 1-process group when run as plain ``python -m``."""
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        else:
+            fd, path = tempfile.mkstemp(prefix="r3-pg-")
+            os.close(fd)
+            os.remove(path)
+            dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # torchrun pins OMP threads to 1; share the cores among the local ranks instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+    mesh = init_device_mesh(device.type, (world,))
+    return Dist(rank, world, local_rank, device, mesh)
+
+
+def all_sum(values, d: Dist):
+    """Sum over ranks, in one collective: a list of numbers -> a list, a dict of numbers -> a dict
+    with the same keys."""
+    keys = list(values) if isinstance(values, dict) else None
+    t = torch.tensor([float(values[k]) for k in keys] if keys is not None else values, dtype=torch.float64)
+    if d.world > 1:
+        t = t.to(d.device if d.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+    out = t.cpu().tolist()
+    return dict(zip(keys, out)) if keys is not None else out
+
+
+def gather_to_main(items: list, d: Dist) -> list:
+    """Every rank's list, concatenated in rank order on rank 0 (other ranks get [])."""
+    if d.world == 1:
+        return list(items)
+    parts = [None] * d.world if d.main else None
+    dist.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if d.main else []
+
+
+def all_max(value: int | float, d: Dist) -> int | float:
+    """The largest ``value`` over ranks (an int stays an int)."""
+    t = torch.tensor([value], dtype=torch.int64 if isinstance(value, int) else torch.float64,
+                     device=d.device if d.device.type == "cuda" else "cpu")
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) if isinstance(value, int) else float(t.item())
+
+
+def shard(model, d: Dist, dtype: torch.dtype):
+    """FSDP2: ``fully_shard`` each transformer block, then the root (embeddings, norm, head)."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=d.mesh, mp_policy=mp)
+    fully_shard(model, mesh=d.mesh, mp_policy=mp)
+    return model
+
+
+def _exit_hard(code) -> None:
+    """Leave without the interpreter's teardown: after a clean run, gloo's worker threads can
+    still abort it ("terminate called without an active exception"), which would turn a finished
+    run (or a clean exit code 2) into SIGABRT. Every file we write is closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))

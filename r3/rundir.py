@@ -1,0 +1,153 @@
+"""A run's directory: ``config.json`` (checked on resume), ``metrics.jsonl`` / ``samples.jsonl`` /
+``eval.jsonl`` (appended per step, trimmed back to the checkpoint on resume), checkpoints
+(torch.distributed.checkpoint, written to a temporary directory and renamed) and the Hugging
+Face export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from r3.checkpoint import save_hf
+from r3.config import TrainConfig
+from r3.distributed import Dist
+from r3.errors import R3Error
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """Run torch.distributed.checkpoint with one intra-op thread. DCP does part of its work on
+    another thread; with several threads that thread starts a second OpenMP team, and once
+    libgomp manages more threads than there are CPUs it stops spin-waiting for good: every later
+    parallel op pays a futex wake-up, and matmuls and rollouts stay slower for the rest of the run
+    after the first checkpoint."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, cfg: TrainConfig, d: Dist):
+    import torch.distributed.checkpoint as dcp
+
+    root = out / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    with _one_intra_op_thread():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if d.main:
+        state = {
+            "step": step,
+            "data_position": stream.position,
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[: -cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(path: Path, policy, optimizer, scheduler, stream) -> int:
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _one_intra_op_thread():
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    stream.position = trainer["data_position"]
+    torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
+    return trainer["step"]
+
+
+def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
+
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    path = None
+    if d.main:
+        path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
+    dist.barrier()
+    return path
+
+
+def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
+    """Create ``--out`` or check it holds a run with a compatible config (never overwrite)."""
+    out = Path(cfg.out)
+    saved = out / "config.json"
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())
+        except json.JSONDecodeError:
+            raise R3Error(f"{saved}: unreadable config of a previous run; use another --out") from None
+        diff = cfg.incompatible_with(previous)
+        if diff:
+            raise R3Error(
+                f"--out {out} holds a run with a different config ({', '.join(diff[:5])}); "
+                "use another --out or the same settings to resume"
+            )
+    elif out.exists() and any(p.name != "export" for p in out.iterdir()) and not (out / "metrics.jsonl").exists():
+        raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
+    dist.barrier()
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        os.replace(tmp, saved)
+    dist.barrier()
+    return out
+
+
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    row = {k: _finite_or_none(v) for k, v in row.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """On resume, drop metric rows past the checkpoint (steps that will be redone)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
