@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
 from r3.errors import R3Error, positive_int  # noqa: F401
+from r3.files import write_json_atomic, write_text_atomic  # noqa: F401
 from r3.progress import Progress, format_duration  # noqa: F401
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -58,25 +57,6 @@ def load_model(spec: str, dtype, device):
     if tok is None:
         raise R3Error(f"{spec}: no tokenizer")
     return model, tok
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_out_path(out: str, what: str = "--out") -> Path:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from r3.errors import R3Error
+from r3.files import write_text_atomic
 
 FORMAT_VERSION = 1
 _LINE_PREFIX = b'{"key": '  # every line r3.failures writes (the header line aside) starts so
@@ -136,10 +137,8 @@ class FailureFile:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         if self.header is None:  # a new file (or a header-less .done): put the header first
             self.header = {"r3_failures": FORMAT_VERSION, "settings": settings}
-            body = self.done.read_bytes() if self.done.exists() else b""
-            tmp = self.done.with_name(self.done.name + ".tmp")
-            tmp.write_bytes((json.dumps(self.header, ensure_ascii=True) + "\n").encode("ascii") + body)
-            os.replace(tmp, self.done)
+            body = self.done.read_text(encoding="utf-8") if self.done.exists() else ""
+            write_text_atomic(self.done, json.dumps(self.header, ensure_ascii=True) + "\n" + body)
 
     def keys(self) -> set[str]:
         return {r["key"] for r in self.failures} | {r["key"] for r in self.done_records}

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from r3.checkpoint import save_hf
 from r3.config import TrainConfig
 from r3.distributed import Dist
 from r3.errors import R3Error
+from r3.files import write_json_atomic, write_text_atomic
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -125,9 +127,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     dist.barrier()
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".config.json.tmp"
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        os.replace(tmp, saved)
+        write_json_atomic(saved, cfg.to_dict())
     dist.barrier()
     return out
 
@@ -144,10 +144,23 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """On resume, drop metric rows past the checkpoint (steps that will be redone)."""
+    """On resume, drop the rows past the checkpoint (steps that will be redone). A last line cut
+    short by a crash is dropped with a warning; any other line that is not JSON is an error
+    naming the file and line."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                print(f"warning: {path}: dropped the last line, cut short by an interrupted write", file=sys.stderr)
+                continue
+            raise R3Error(f"{path}: line {n} is not JSON; repair or remove the file to resume") from None
+        if not isinstance(row, dict):
+            raise R3Error(f"{path}: line {n} is not a JSON object; repair or remove the file to resume")
+        if row.get("step", 0) <= step:
+            rows.append(line)
+    write_text_atomic(path, "".join(r + "\n" for r in rows))

@@ -362,3 +362,19 @@ def test_the_example_config_is_the_defaults():
     written, default = parse_args(["--config", str(path)]).to_dict(), TrainConfig().validate().to_dict()
     assert resolve(written.pop("task"), written.pop("task_options")) == resolve(default.pop("task"), default.pop("task_options"))
     assert written == default
+
+
+def test_resume_trims_logs_and_survives_a_cut_short_last_line(tmp_path, capsys):
+    from r3.errors import R3Error
+    from r3.rundir import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    truncate_jsonl(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert "dropped the last line" in capsys.readouterr().err
+    path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(R3Error, match=r"metrics.jsonl: line 2 is not JSON"):
+        truncate_jsonl(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]
