@@ -52,7 +52,24 @@ def _one_intra_op_thread():
         torch.set_num_threads(n)
 
 
+def _write_failed(e: BaseException, where: Path) -> str:
+    """Why a checkpoint write failed, in one line: the first line of the innermost error, and the
+    free space left where it was written."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    try:
+        free = shutil.disk_usage(where).free
+        reason += f"; {free / 2**30:.2f} GiB free on that disk" + (" (full?)" if free < 2**30 else "")
+    except OSError:
+        pass
+    return reason
+
+
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, cfg: TrainConfig, d: Dist):
+    """Write ``OUT/checkpoints/step_N`` (to a temporary directory, renamed when complete), then
+    drop all but the last ``keep_last``. A failed write (a full disk) removes the partial
+    directory, keeps the earlier checkpoints, and is one line naming the path."""
     import torch.distributed.checkpoint as dcp
 
     root = out / "checkpoints"
@@ -63,16 +80,25 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(policy, optimizer)
-    with _one_intra_op_thread():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        with _one_intra_op_thread():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if d.main:
+            state = {
+                "step": step,
+                "data_position": stream.position,
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state().tolist(),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+    except Exception as e:  # noqa: BLE001  (DCP wraps the OS error in its own exception types)
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(out)
+        raise R3Error(f"could not write checkpoint {final} ({_write_failed(e, root)}); "
+                      + (f"the last complete one, {kept[-1].name}, is kept: free space and rerun with the same --out"
+                         if kept else "no earlier checkpoint")) from None
     if d.main:
-        state = {
-            "step": step,
-            "data_position": stream.position,
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state().tolist(),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

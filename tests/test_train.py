@@ -378,3 +378,44 @@ def test_resume_trims_logs_and_survives_a_cut_short_last_line(tmp_path, capsys):
         truncate_jsonl(path, 2)
     assert path.read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'  # untouched
     assert not [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """A full disk during a save (simulated: ENOSPC from torch.distributed.checkpoint) names the
+    checkpoint, leaves no partial directory and keeps the earlier complete checkpoint."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import checkpoint_dirs, save_checkpoint
+
+    d = T.init_distributed()
+    cfg = TrainConfig(model=str(tiny_model), dtype="fp32", keep_last=2).validate()
+    policy, _ = load(tiny_model, tokenizer=False)
+    T.shard(policy, d, torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
+    stream = T.QueryStream([1, 2, 3], seed=0)
+    save_checkpoint(tmp_path, 1, policy, opt, sched, stream, cfg, d)
+
+    real = dcp.save
+
+    def full_disk(state, checkpoint_id):
+        Path(checkpoint_id, "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(R3Error) as e:
+        save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "checkpoints" / "step_000002") in msg
+    assert "No space left on device" in msg and "step_000001, is kept" in msg and "GiB free" in msg
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    monkeypatch.setattr(dcp, "save", real)
+    save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)  # space freed: the next save works
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001", "step_000002"]
