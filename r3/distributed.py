@@ -5,6 +5,7 @@ among the local ranks."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -100,3 +101,37 @@ def _exit_hard(code) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+class StopSignals:
+    """SIGTERM (what Slurm and Kubernetes send before killing a job) and SIGINT ask the run to
+    stop at the end of the current step, after a checkpoint, instead of at once; a second SIGINT
+    interrupts immediately. Use as a context manager; ``requested(d)`` agrees over all ranks."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: stopping after this step's checkpoint "
+              "(SIGINT again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+    def requested(self, d: Dist) -> int:
+        """The signal number any rank received (0 if none), the same on every rank."""
+        return all_max(int(self.signum or 0), d)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from r3.checkpoint import load, resolve
 from r3.config import TrainConfig, parse_args
 from r3.distributed import (
     Dist,
+    StopSignals,
     _exit_hard,
     all_max,
     all_sum,
@@ -227,6 +229,20 @@ def step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + step * 7919 + rank * 104729) % (2**31)
 
 
+def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state made up front as its first step makes it (step 0, zero moments). Otherwise a
+    checkpoint saved before the first update (a step without signal) has
+    torch.distributed.checkpoint initialise the state by taking an empty step, which AdamW counts:
+    ``--save-every`` would change the weights."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 @dataclass
 class Run:
     """What every step uses, set up once (and restored from the latest checkpoint)."""
@@ -265,6 +281,7 @@ def set_up(cfg: TrainConfig) -> Run:
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    init_adamw_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     stream = QueryStream(failures if failures is not None else task.examples("train", seed=cfg.seed), cfg.seed)
 
@@ -341,31 +358,47 @@ def train(cfg: TrainConfig) -> dict:
         held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, 0, out)
     t_start = time.time()
     row: dict = {}
-    for step in range(run.start_step, cfg.max_steps):
-        row, ep = train_step(run, step)
-        logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
-        if d.main:
-            append_jsonl(out / "metrics.jsonl", row)
-            for rec in logged:
-                append_jsonl(out / "samples.jsonl", rec)
-            eta = (time.time() - t_start) / (step + 1 - run.start_step) * (cfg.max_steps - step - 1)
-            print(format_step_line(row, cfg.max_steps, eta), flush=True)
-        if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
-            sync_rollout_weights(run.policy, run.rollout_model)
-            held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, step + 1, out)
-        interrupted = cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < cfg.max_steps
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or interrupted:
-            save_checkpoint(out, step + 1, run.policy, run.optimizer, run.scheduler, run.stream, cfg, d)
-        if interrupted:
-            if d.main:
-                print(f"stopping after step {step + 1} (stop_after); run again with the same --out to resume", flush=True)
-            return row
+    with StopSignals() as signals:
+        for step in range(run.start_step, cfg.max_steps):
+            row, ep = train_step(run, step)
+            stopped = step_end(run, step, row, ep, t_start, signals.requested(d))
+            if stopped:
+                if stopped > 0:
+                    raise SystemExit(128 + stopped)
+                return row
 
     path = export(out, run.policy, run.tokenizer, d)
     if d.main:
         print(f"done: metrics {out / 'metrics.jsonl'}, samples {out / 'samples.jsonl'}, checkpoints "
               f"{out / 'checkpoints'}, Hugging Face export {path}", flush=True)
     return row
+
+
+def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) -> int:
+    """Log the step, evaluate and checkpoint when due. Returns 0 to go on, the signal number when
+    a signal stopped the run (after a checkpoint), or -1 for ``stop_after``."""
+    cfg, d, out = run.cfg, run.d, run.out
+    logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
+    if d.main:
+        append_jsonl(out / "metrics.jsonl", row)
+        for rec in logged:
+            append_jsonl(out / "samples.jsonl", rec)
+        eta = (time.time() - t_start) / (step + 1 - run.start_step) * (cfg.max_steps - step - 1)
+        print(format_step_line(row, cfg.max_steps, eta), flush=True)
+    if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
+        sync_rollout_weights(run.policy, run.rollout_model)
+        held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, step + 1, out)
+    last = step + 1 == cfg.max_steps
+    stop_after = bool(cfg.stop_after and step + 1 == cfg.stop_after and not last)
+    if (step + 1) % cfg.save_every == 0 or last or stop_after or signum:
+        save_checkpoint(out, step + 1, run.policy, run.optimizer, run.scheduler, run.stream, cfg, d)
+    if (stop_after or signum) and not last:
+        if d.main:
+            why = "stop_after" if stop_after else signal.Signals(signum).name
+            print(f"stopping after step {step + 1} ({why}); checkpoint saved: run again with the same --out "
+                  "to resume", flush=True)
+        return signum or -1
+    return 0
 
 
 def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dict]:

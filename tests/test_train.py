@@ -419,3 +419,59 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tin
     monkeypatch.setattr(dcp, "save", real)
     save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)  # space freed: the next save works
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001", "step_000002"]
+
+
+def test_a_checkpoint_before_the_first_update_does_not_count_as_an_adamw_step(tiny_model, tmp_path):
+    """--save-every must not change the weights: saving before any update (a first step without
+    signal) would have torch.distributed.checkpoint initialise AdamW's state with an empty step,
+    and the next real update would then use step 2's bias correction."""
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+    from r3.rundir import save_checkpoint
+
+    d = T.init_distributed()
+    cfg = TrainConfig(model=str(tiny_model), dtype="fp32", lr=1e-2).validate()
+    runs = []
+    for saved in (True, False):
+        policy, _ = load(tiny_model, tokenizer=False)
+        T.shard(policy, d, torch.float32)
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+        T.init_adamw_state(opt)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
+        if saved:
+            save_checkpoint(tmp_path, 0, policy, opt, sched, T.QueryStream([1], seed=0), cfg, d)
+        mbs = B.make_micro_batches([[5, 6, 7, 8, 9]], [(2, 5)], [1.0], 4, 0, d.device)
+        assert not T.update(policy, opt, mbs, 1, cfg, d)["skipped"]
+        steps = {float(st["step"]) for st in opt.state.values()}
+        runs.append(({k: v.full_tensor().clone() for k, v in policy.state_dict().items()}, steps))
+    (wa, sa), (wb, sb) = runs
+    assert sa == sb == {1.0}
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(tiny_model, tmp_path):
+    import signal
+    import time
+
+    args = BASE + ["--model", str(tiny_model), "--max-steps", "4", "--save-every", "10"]
+    run_train(args + ["--out", str(tmp_path / "full")])
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "r3.train"] + args + ["--out", str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while not ((part / "metrics.jsonl").is_file() and (part / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "received SIGTERM" in err and "checkpoint saved" in out and "Traceback" not in err
+    steps = [r["step"] for r in read_metrics(part)]
+    assert 1 <= len(steps) < 4 and (part / "checkpoints" / f"step_{steps[-1]:06d}").is_dir()
+    assert not (part / "export").exists()
+    run_train(args + ["--out", str(part)])
+    wa, wb = load_weights(tmp_path / "full" / "export"), load_weights(part / "export")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in read_metrics(part)] == [1, 2, 3, 4]
