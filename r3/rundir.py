@@ -6,15 +6,18 @@ Face export."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from r3.checkpoint import save_hf
 from r3.config import TrainConfig
-from r3.distributed import Dist
+from r3.distributed import Dist, all_max
 from r3.errors import R3Error
 from r3.files import write_json_atomic, write_text_atomic
 
@@ -52,12 +55,14 @@ def _one_intra_op_thread():
         torch.set_num_threads(n)
 
 
-def _write_failed(e: BaseException, where: Path) -> str:
-    """Why a checkpoint write failed, in one line: the first line of the innermost error, and the
-    free space left where it was written."""
+def _write_failed(e: BaseException, where: Path, free: bool = True) -> str:
+    """Why a checkpoint write (or read) failed, in one line: the last line of the innermost error,
+    and (``free``) the space left on the disk at ``where``."""
     while e.__cause__ is not None or e.__context__ is not None:
         e = e.__cause__ or e.__context__
     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if not free:
+        return reason
     try:
         free = shutil.disk_usage(where).free
         reason += f"; {free / 2**30:.2f} GiB free on that disk" + (" (full?)" if free < 2**30 else "")
@@ -91,7 +96,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
                 "torch_rng": torch.get_rng_state().tolist(),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
-    except Exception as e:  # noqa: BLE001  (DCP wraps the OS error in its own exception types)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP wraps the OS error; its type is a BaseException)
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoint_dirs(out)
@@ -122,6 +127,26 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream) -> int:
     return trainer["step"]
 
 
+def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
+    """Load the newest checkpoint that reads back whole and return its step (0: none, a fresh
+    start). A damaged newest one (a truncated file, say) is reported and the one before it used."""
+    dirs = checkpoint_dirs(out)
+    for path in reversed(dirs):
+        try:
+            step = load_checkpoint(path, policy, optimizer, scheduler, stream)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP and json raise many kinds; each is reported)
+            if d.main:
+                print(f"warning: checkpoint {path} cannot be read ({_write_failed(e, path, free=False)}); "
+                      "trying the one before it", file=sys.stderr, flush=True)
+            continue
+        if d.main:
+            print(f"resumed from {path} (step {step})", flush=True)
+        return step
+    if dirs:
+        raise R3Error(f"no checkpoint in {out / 'checkpoints'} can be read; move that directory away to start over")
+    return 0
+
+
 def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
 
 
@@ -133,10 +158,18 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
     return path
 
 
+_HELD_LOCKS: list = []  # open lock files: the OS releases their locks when the process ends
+
+
 def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
-    """Create ``--out`` or check it holds a run with a compatible config (never overwrite)."""
+    """Check that ``--out`` is new, empty, or holds a run with a compatible config (never
+    overwrite), and take its lock: one run per directory. The config is written by
+    :func:`write_config` once the models have loaded, so a failed start leaves nothing that a
+    corrected retry would be refused for."""
     out = Path(cfg.out)
     saved = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise R3Error(f"--out {out} is a file, not a directory")
     if saved.is_file():
         try:
             previous = json.loads(saved.read_text())
@@ -148,14 +181,36 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                 f"--out {out} holds a run with a different config ({', '.join(diff[:5])}); "
                 "use another --out or the same settings to resume"
             )
-    elif out.exists() and any(p.name != "export" for p in out.iterdir()) and not (out / "metrics.jsonl").exists():
+    elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
+            and not (out / "metrics.jsonl").exists():
         raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
-    dist.barrier()
+    holder = ""
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(saved, cfg.to_dict())
-    dist.barrier()
+        f = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+        else:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            _HELD_LOCKS.append(f)
+    if all_max(1 if holder else 0, d):
+        raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
+                      "wait for it to end or choose another --out")
     return out
+
+
+def write_config(cfg: TrainConfig, out: Path, d: Dist) -> None:
+    """``OUT/config.json``: what a resume is checked against."""
+    if d.main:
+        write_json_atomic(out / "config.json", cfg.to_dict())
+    dist.barrier()
 
 
 def _finite_or_none(v):

@@ -61,12 +61,12 @@ from r3.metrics import format_step_line, step_metrics
 from r3.model import Transformer
 from r3.rundir import (
     append_jsonl,
-    checkpoint_dirs,
     export,
-    load_checkpoint,
     prepare_out_dir,
+    resume,
     save_checkpoint,
     truncate_jsonl,
+    write_config,
 )
 from r3.tasks import get as get_task
 from r3.tasks import resolve as resolve_task
@@ -280,17 +280,13 @@ def set_up(cfg: TrainConfig) -> Run:
         print(f"  (task {base!r} with options {options})", flush=True)
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
+    write_config(cfg, out, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     init_adamw_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     stream = QueryStream(failures if failures is not None else task.examples("train", seed=cfg.seed), cfg.seed)
 
-    start_step = 0
-    done = checkpoint_dirs(out)
-    if done:
-        start_step = load_checkpoint(done[-1], policy, optimizer, scheduler, stream)
-        if d.main:
-            print(f"resumed from {done[-1]} (step {start_step})", flush=True)
+    start_step = resume(out, policy, optimizer, scheduler, stream, d)
     if d.main:
         for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
             if start_step == 0:

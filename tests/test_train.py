@@ -404,9 +404,14 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tin
 
     real = dcp.save
 
-    def full_disk(state, checkpoint_id):
+    def full_disk(state, checkpoint_id):  # as DCP reports it: the rank's error inside a CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
         Path(checkpoint_id, "__0_0.distcp").write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as err:
+            raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: _wrap_exception(err)}) from None
 
     monkeypatch.setattr(dcp, "save", full_disk)
     with pytest.raises(R3Error) as e:
@@ -475,3 +480,47 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     wa, wb = load_weights(tmp_path / "full" / "export"), load_weights(part / "export")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["step"] for r in read_metrics(part)] == [1, 2, 3, 4]
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import _HELD_LOCKS, prepare_out_dir
+
+    d = T.init_distributed()
+    cfg = TrainConfig(out=str(tmp_path / "run")).validate()
+    prepare_out_dir(cfg, d)
+    held = _HELD_LOCKS[-1]
+    try:
+        with pytest.raises(R3Error, match=r"is in use by another run \(pid \d+ on "):
+            prepare_out_dir(cfg, d)
+    finally:
+        _HELD_LOCKS.remove(held)
+        held.close()  # the first run ends: its lock goes with it
+    prepare_out_dir(cfg, d)
+    _HELD_LOCKS.pop().close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(R3Error, match="is a file, not a directory"):
+        prepare_out_dir(TrainConfig(out=str(tmp_path / "file")).validate(), d)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_config(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad_model"
+    bad.mkdir()
+    for f in Path(tiny_model).iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.safetensors").write_bytes(b"\0" * 64)
+    args = BASE + ["--max-steps", "4", "--save-every", "2", "--out", str(out)]
+    proc = run_train(args + ["--model", str(bad)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "config.json").exists()  # so the corrected retry below is not refused
+    run_train(args + ["--model", str(tiny_model), "--stop-after", "3"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    shard = next((out / "checkpoints" / "step_000003").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = run_train(args + ["--model", str(tiny_model)])
+    assert "checkpoint" in proc.stderr and "step_000003 cannot be read" in proc.stderr
+    assert "resumed from" in proc.stdout and "(step 2)" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4] and (out / "export").is_dir()
