@@ -21,8 +21,11 @@ setup(
         # accelerate: transformers needs it to load GGUF files, which the tests use as reference.
         # triton: the kernel tests run the Triton kernels in its CPU interpreter.
         # pyarrow: r3.forgetting reads parquet benchmark files with it (the tests write one).
-        "test": ["pytest", "accelerate", "triton", "pyarrow"],
+        # tensorboard: --report-to tensorboard (the tests read its event files back).
+        "test": ["pytest", "accelerate", "triton", "pyarrow", "tensorboard"],
         "triton": ["triton"],
         "parquet": ["pyarrow"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
 )

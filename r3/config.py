@@ -17,6 +17,7 @@ from typing import Any
 
 from r3.errors import R3Error
 from r3.grpo import AGGREGATIONS
+from r3.tracking import REPORT_TO
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     samples_every: int = 1  # samples.jsonl: every rewarded retry, plus log_samples others every N steps
     log_samples: int = 2
     stop_after: int = 0  # end this process after that step, as if interrupted (0 = run to max_steps)
+    report_to: str = "none"  # none | tensorboard | wandb (see r3.tracking)
 
     def __post_init__(self):
         if self.max_new_tokens is not None:
@@ -107,6 +109,8 @@ class TrainConfig:
             raise R3Error(f"config: 'eps_low' must be < 1, got {self.eps_low}")
         if self.agg not in AGGREGATIONS:
             raise R3Error(f"config: 'agg' must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
+        if self.report_to not in REPORT_TO:
+            raise R3Error(f"config: 'report_to' must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise R3Error(f"config: 'dtype' must be bf16 or fp32, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
@@ -120,7 +124,7 @@ class TrainConfig:
 
     # Fields that may differ when resuming a run in the same --out (everything else must match).
     RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_last", "eval_every", "eval_n",
-                         "samples_every", "log_samples", "stop_after", "out")
+                         "samples_every", "log_samples", "stop_after", "out", "report_to")
 
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()
@@ -173,6 +177,7 @@ HELP = {
     "samples_every": "log --log-samples unrewarded samples every N steps (rewarded ones always)",
     "log_samples": "unrewarded samples logged per logging step",
     "stop_after": "end this process after that step, as if interrupted (0 = run to max_steps)",
+    "report_to": "experiment tracking: none, tensorboard (OUT/tensorboard) or wandb (OUT/wandb, offline by default)",
 }
 
 

@@ -70,6 +70,7 @@ from r3.rundir import (
 )
 from r3.tasks import get as get_task
 from r3.tasks import resolve as resolve_task
+from r3.tracking import Tracker, make_tracker
 
 # --------------------------------------------------------------------------------------------
 # Models
@@ -260,6 +261,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     stream: QueryStream
     start_step: int
+    tracker: Tracker
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -293,8 +295,9 @@ def set_up(cfg: TrainConfig) -> Run:
                 (out / name).unlink(missing_ok=True)
             else:
                 truncate_jsonl(out / name, start_step)
+    tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, optimizer, scheduler, stream,
-               start_step)
+               start_step, tracker)
 
 
 def rollout(run: Run, step: int):
@@ -348,10 +351,17 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
 
 def train(cfg: TrainConfig) -> dict:
     run = set_up(cfg)
-    d, out = run.d, run.out
+    try:
+        return train_loop(run)
+    finally:
+        run.tracker.close()
+
+
+def train_loop(run: Run) -> dict:
+    cfg, d, out = run.cfg, run.d, run.out
     if run.start_step == 0 and cfg.eval_n:
         sync_rollout_weights(run.policy, run.rollout_model)
-        held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, 0, out)
+        run.tracker.log_metrics(held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, 0, out), 0, "eval")
     t_start = time.time()
     row: dict = {}
     with StopSignals() as signals:
@@ -381,9 +391,12 @@ def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) ->
             append_jsonl(out / "samples.jsonl", rec)
         eta = (time.time() - t_start) / (step + 1 - run.start_step) * (cfg.max_steps - step - 1)
         print(format_step_line(row, cfg.max_steps, eta), flush=True)
+        run.tracker.log_metrics(row, step + 1)
+        run.tracker.log_samples(logged, step + 1)
     if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
         sync_rollout_weights(run.policy, run.rollout_model)
-        held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, step + 1, out)
+        evaluation = held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, step + 1, out)
+        run.tracker.log_metrics(evaluation, step + 1, "eval")
     last = step + 1 == cfg.max_steps
     stop_after = bool(cfg.stop_after and step + 1 == cfg.stop_after and not last)
     if (step + 1) % cfg.save_every == 0 or last or stop_after or signum:

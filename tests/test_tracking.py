@@ -1,0 +1,88 @@
+"""--report-to: TensorBoard event files hold what metrics.jsonl holds (also across a resume);
+the W&B tracker's calls (checked against a stand-in module: wandb is not a test dependency)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from r3.errors import R3Error
+from r3.tracking import make_tracker, samples_markdown, scalars
+from test_train import BASE, read_metrics, run_train, tiny_model  # noqa: F401  (tiny_model: the fixture)
+
+
+def test_scalars_and_samples_markdown():
+    row = {"step": 3, "loss": 0.5, "kl": None, "skipped": False, "lr": 1e-5, "grad_norm": float("nan"), "x": "s"}
+    assert scalars(row) == {"loss": 0.5, "skipped": 0.0, "lr": 1e-5}
+    md = samples_markdown([{"reward": 1.0, "reason": "correct", "attempt": "a|b", "reflection": "r\nr", "retry": "1+2"}])
+    assert md.splitlines()[2] == "| 1.0 | correct | a\\|b | r<br>r | 1+2 |"
+
+
+def test_tensorboard_events_equal_the_metrics_across_a_resume(tiny_model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "3", "--save-every", "1",
+                   "--keep-last", "3", "--eval-n", "2", "--report-to", "tensorboard"]
+    run_train(args + ["--stop-after", "2"])
+    shutil.rmtree(out / "checkpoints" / "step_000002")  # resume from step 1: step 2 is redone
+    run_train(args)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "retry_success", "groups_with_signal", "lr"):
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [1, 2, 3], key  # the first run's step 2 was purged
+        assert [e.value for e in events] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("eval/first_attempt_accuracy")] == [r["step"] for r in evals] == [0, 3]
+    tags = acc.Tags()["tensors"]
+    assert "config/text_summary" in tags
+
+
+def test_wandb_tracker_runs_offline_and_resumes_the_same_run(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or FakeRun(),
+        Table=lambda columns, data: ("table", columns, data),
+        util=types.SimpleNamespace(generate_id=lambda: "abc123"),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    t = make_tracker("wandb", tmp_path, {"lr": 1e-5}, 0, main=True)
+    t.log_metrics({"step": 1, "loss": 0.25, "kl": None}, 1)
+    t.log_samples([{"reward": 1.0, "reason": "correct", "attempt": "a", "reflection": "b", "retry": "c"}], 1)
+    t.close()
+    init = calls[0][1]
+    assert init["mode"] == "offline" and init["id"] == "abc123" and init["resume"] == "allow"
+    assert init["config"] == {"lr": 1e-5} and init["dir"] == str(tmp_path)
+    assert calls[1] == ("log", {"train/loss": 0.25}, 1)
+    assert calls[2][1]["samples"][2] == [[1, 1.0, "correct", "a", "b", "c"]] and calls[-1] == ("finish",)
+    fake.util.generate_id = lambda: "other"
+    make_tracker("wandb", tmp_path, {}, 5, main=True)
+    assert calls[-1][1]["id"] == "abc123"  # a restart continues the same W&B run
+    assert type(make_tracker("wandb", tmp_path, {}, 0, main=False)).__name__ == "Tracker"  # other ranks: nothing
+
+
+def test_report_to_without_the_package_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(R3Error, match="needs the wandb package: pip install wandb"):
+        make_tracker("wandb", tmp_path, {}, 0, main=True)
+    with pytest.raises(R3Error, match="'report_to' must be one of none, tensorboard, wandb"):
+        make_tracker("mlflow", Path(tmp_path), {}, 0, main=True)
