@@ -44,6 +44,7 @@ __all__ = [
     "CPU_CHUNK_BYTES",
     "TRITON_CONFIG_OVERRIDE",
     "fused_logprob_kl",
+    "k3",
     "logprob_kl_reference",
     "triton_available",
     "uses_triton",
@@ -296,14 +297,18 @@ def _chunk_rows(V: int) -> int:
 _K3_COEFFS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880, 1 / 3628800)
 
 
-def _k3(d: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(d) - d - 1 with d = ref - logp; series for small |d| (as in the kernel)."""
+def k3(d: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(d) - d - 1 with d = ref - logp, the PyTorch form (the Triton kernel has its own):
+    the Taylor series for |d| < 0.5, where the closed form cancels, ``expm1(d) - d`` elsewhere.
+    Each branch only sees the values it is used for, so the unused one stays finite and its zero
+    gradient cannot become NaN. ``r3.grpo.kl_k3`` is this function of ``ref_logp - logp``."""
     small = d.abs() < _K3_TAYLOR_BELOW
-    ds = torch.where(small, d, 0.0)
+    ds = torch.where(small, d, torch.zeros_like(d))
     p = torch.full_like(ds, _K3_COEFFS[-1])
     for c in reversed(_K3_COEFFS[:-1]):
         p = p * ds + c
-    return torch.where(small, ds * ds * p, torch.exp(d) - d - 1)
+    dl = torch.where(small, torch.zeros_like(d), d)
+    return torch.where(small, ds * ds * p, torch.expm1(dl) - dl)
 
 
 def _dk3_dlogp(d: torch.Tensor) -> torch.Tensor:
@@ -336,7 +341,7 @@ def _torch_forward(logits, targets, ref, temperature):
     logp = torch.where(targets < 0, 0.0, torch.where(targets >= V, float("nan"), logp))
     kl = None
     if ref is not None:
-        kl = torch.where(targets < 0, 0.0, _k3(ref.to(torch.float32) - logp))
+        kl = torch.where(targets < 0, 0.0, k3(ref.to(torch.float32) - logp))
     return logp, kl, logp
 
 

@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.logprob_kl import k3
+
 __all__ = [
     "AGGREGATIONS",
     "aggregate",
@@ -70,12 +72,6 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-# Below this |ref - logp| the k3 KL is evaluated with its Taylor series (degree 10, relative
-# error < 1e-9 there): the closed form exp(d) - d - 1 cancels catastrophically for small d (in
-# fp32 it is pure rounding noise for |d| < 1e-3, and can even come out negative).
-_K3_TAYLOR_BELOW = 0.5
-_K3_COEFFS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880, 1 / 3628800)
 
 
 def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -108,18 +104,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     Non-negative, unbiased for the KL under samples from the policy, low variance (Schulman's
     "approximating KL divergence"). Small |d| (the usual case: the policy stays near the
     reference, |d| < 0.5) use the Taylor series d^2/2 + d^3/6 + ... + d^10/10!, exact to fp32
-    rounding where the closed form would cancel. Differentiable in both arguments.
+    rounding where the closed form would cancel (the closed form exp(d) - d - 1 is pure fp32
+    rounding noise for |d| < 1e-3, and can come out negative). Differentiable in both arguments.
+    The same function as ``kernels.fused_logprob_kl``'s PyTorch path (:func:`kernels.k3`).
     """
-    d = ref_logp - logp
-    small = d.abs() < _K3_TAYLOR_BELOW
-    # Each branch only sees the values it is used for, so the unused one stays finite and its
-    # (zero) gradient cannot turn into NaN.
-    ds = torch.where(small, d, torch.zeros_like(d))
-    p = torch.full_like(ds, _K3_COEFFS[-1])
-    for c in reversed(_K3_COEFFS[:-1]):
-        p = p * ds + c
-    dl = torch.where(small, torch.zeros_like(d), d)
-    return torch.where(small, ds * ds * p, torch.expm1(dl) - dl)
+    return k3(ref_logp - logp)
 
 
 def _check_agg(agg: str) -> None:

@@ -49,12 +49,21 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def _score_rows(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor):
-    """Per row: summed log-prob of the valid targets and whether all were the argmax."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    is_max = logits.argmax(-1) == targets
-    return (tok * valid).sum(-1), (is_max | ~valid).all(-1)
+SCORE_CHUNK = 256  # positions whose logits exist at once: [256, V] stays small beside the model
+
+
+def _score_positions(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position (``hidden`` ``[N, D]``, ``targets`` ``[N]``): the target's log-prob (float32) and
+    whether it is the argmax. The LM head runs on ``SCORE_CHUNK`` positions at a time, so the
+    ``[N, V]`` logits never exist together."""
+    lps, greedy = [], []
+    for lo in range(0, hidden.shape[0], SCORE_CHUNK):
+        logits = model.lm_head(hidden[lo: lo + SCORE_CHUNK]).float()
+        t = targets[lo: lo + SCORE_CHUNK]
+        tok = logits.gather(-1, t[:, None]).squeeze(-1)
+        lps.append(tok - torch.logsumexp(logits, dim=-1))
+        greedy.append(logits.argmax(-1) == t)
+    return torch.cat(lps), torch.cat(greedy)
 
 
 @torch.inference_mode()
@@ -71,9 +80,13 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         if not ctx or not conts or any(not c for c in conts):
             raise ValueError(f"item {i}: empty context or continuation")
     device = model.device
-    out: list[list[Loglikelihood]] = []
+    # Batches of similar lengths (longest first), so little of each batch is padding; results
+    # go back to the items' order.
+    order = sorted(range(len(items)), key=lambda i: (-(len(items[i][0]) + max(map(len, items[i][1]))), i))
+    by_item: dict[int, list[Loglikelihood]] = {}
     for lo in range(0, len(items), batch_size):
-        batch = items[lo: lo + batch_size]
+        ids = order[lo: lo + batch_size]
+        batch = [items[i] for i in ids]
         contexts = [list(c) for c, _ in batch]
         C = max(len(c) for c in contexts)
         L = max(len(k) for _, conts in batch for k in conts)
@@ -84,7 +97,7 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         pos = torch.arange(C, device=device).expand(len(batch), C)
         h = model.hidden_states(toks, positions=pos, cache=cache, kv_len=C)
         last = torch.tensor([len(c) - 1 for c in contexts], device=device)
-        first_logits = model.lm_head(h[torch.arange(len(batch), device=device), last])  # [items, V]
+        first_h = h[torch.arange(len(batch), device=device), last]  # [items, D]: predicts each choice's token 0
         # One row per choice: feed its tokens but the last, at positions len(context)...
         conts = [k for _, cs in batch for k in cs]
         row_idx = torch.tensor(rows, device=device)
@@ -93,20 +106,24 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         T = max(len(k) for k in conts)
         targets = torch.tensor([k + [0] * (T - len(k)) for k in conts], device=device)
         valid = torch.arange(T, device=device)[None, :] < torch.tensor([len(k) for k in conts], device=device)[:, None]
-        logits = first_logits[row_idx][:, None, :]  # predicts token 0
+        hidden = first_h[row_idx][:, None, :]
         if T > 1:
             feed = targets[:, :-1]
             fpos = starts[:, None] + torch.arange(T - 1, device=device)
             h = model.hidden_states(feed, positions=fpos, cache=cache, kv_len=int(fpos.max()) + 1)
-            logits = torch.cat([logits, model.lm_head(h)], dim=1)  # [choices, T, V]
-        lp, greedy = _score_rows(logits, targets, valid)
+            hidden = torch.cat([hidden, h], dim=1)  # [choices, T, D]
+        # score only the real (unpadded) positions
+        tok_lp, tok_greedy = _score_positions(model, hidden[valid], targets[valid])
+        row_of = torch.arange(len(conts), device=device)[:, None].expand(-1, T)[valid]
+        lp = torch.zeros(len(conts), device=device).index_add_(0, row_of, tok_lp)
+        greedy = torch.zeros(len(conts), device=device).index_add_(0, row_of, (~tok_greedy).float()).eq(0)
         k = 0
-        for _, cs in batch:
-            out.append([Loglikelihood(float(lp[k + j]), bool(greedy[k + j])) for j in range(len(cs))])
+        for i, (_, cs) in zip(ids, batch):
+            by_item[i] = [Loglikelihood(float(lp[k + j]), bool(greedy[k + j])) for j in range(len(cs))]
             k += len(cs)
         if progress:
-            progress(len(out))
-    return out
+            progress(len(by_item))
+    return [by_item[i] for i in range(len(items))]
 
 
 def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
