@@ -92,8 +92,8 @@ res = lm_eval.simple_evaluate(model="hf", model_args=args["model_args"], tasks=a
                               task_manager=TaskManager(include_path=args["include"]), bootstrap_iters=0)
 out = {"results": res["results"], "samples": {}}
 for task, samples in res["samples"].items():
-    out["samples"][task] = [{"doc_id": s["doc_id"], "resps": s["resps"], "filtered_resps": s["filtered_resps"],
-                             "exact_match": s.get("exact_match"), "acc": s.get("acc")} for s in samples]
+    out["samples"][task] = [{"doc_id": s["doc_id"], "filter": s.get("filter"), "resps": s["resps"],
+                             "filtered_resps": s["filtered_resps"]} for s in samples]
 json.dump(out, open(args["out"], "w"), default=str)
 """
 
@@ -147,7 +147,10 @@ def main() -> None:
         t_h = run_timed([sys.executable, "-c", HARNESS, json.dumps(spec)], env)
         mine, theirs = json.loads(r3_out.read_text()), json.loads(h_out.read_text())
         items = mine["items"][name][args.model]
-        samples = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        # one logged sample per document and filter: keep the first filter's (strict-match for GSM8K)
+        first_filter = theirs["samples"][task][0]["filter"]
+        samples = sorted((s for s in theirs["samples"][task] if s["filter"] == first_filter), key=lambda s: s["doc_id"])
+        assert [s["doc_id"] for s in samples] == list(range(n)), "the harness did not log one sample per document"
         row = {"benchmark": name, "n": n, "r3_s": t_r3, "harness_s": t_h, "speedup": t_h / t_r3}
         row["r3"] = {r["metric"]: r["score"] for r in mine["results"]}
         row["harness"] = {k: v for k, v in theirs["results"][task].items() if isinstance(v, (int, float))}
