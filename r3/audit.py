@@ -23,12 +23,12 @@ from pathlib import Path
 
 from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_atomic
 from r3.errors import R3Error, cli_main
+from r3.tasks import get, resolve
+from r3.tasks.recheck import has_recheck, recheck
 
 
 def read_run_task(run: Path):
     """The task a run trained on, rebuilt from ``RUN/config.json``."""
-    from r3.tasks import get
-
     cfg = read_run_config(run)
     return cfg, get(cfg["task"], **cfg.get("task_options", {}))
 
@@ -55,8 +55,6 @@ def read_samples(path: Path) -> list[dict]:
 
 def audit(task, samples: list[dict]) -> dict:
     """Re-judge every sample; returns counts and the disagreements."""
-    from r3.tasks.recheck import has_recheck, recheck
-
     independent = has_recheck(task)
     rewarded = [s for s in samples if s["reward"] > 0]
     others = [s for s in samples if s["reward"] <= 0]
@@ -99,8 +97,6 @@ def main(argv=None) -> int:
     res = audit(task, samples)
     steps = sorted({s.get("step") for s in samples if isinstance(s.get("step"), int)})
     span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
-    from r3.tasks import resolve
-
     _, options = resolve(cfg["task"], cfg.get("task_options", {}))
     print(f"run {run}: task {cfg['task']} {json.dumps(options)}")
     print(f"rewarded retries logged: {res['rewarded']} ({span})")

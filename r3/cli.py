@@ -8,10 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from r3.checkpoint import load
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
 from r3.errors import R3Error, positive_int  # noqa: F401
 from r3.files import write_json_atomic, write_text_atomic  # noqa: F401
 from r3.progress import Progress, format_duration  # noqa: F401
+from r3.tasks import get
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -25,16 +29,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def load_task(name: str, options: dict):
-    from r3.tasks import get
-
     return get(name, **options)
 
 
 def pick_device_dtype(device: str | None, dtype: str | None):
     """The torch device and dtype of the ``--device`` / ``--dtype`` flags (device default: cuda if
     available, else cpu; dtype ``None``: bf16 on CUDA, fp32 elsewhere)."""
-    import torch
-
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -51,8 +51,6 @@ def pick_device_dtype(device: str | None, dtype: str | None):
 
 def load_model(spec: str, dtype, device):
     """(model, tokenizer) via :func:`r3.checkpoint.load`; a model without a tokenizer is an error."""
-    from r3.checkpoint import load
-
     model, tok = load(spec, dtype=dtype, device=device)
     if tok is None:
         raise R3Error(f"{spec}: no tokenizer")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from r3.episode import EpisodeSampling
 from r3.errors import R3Error
 from r3.grpo import AGGREGATIONS
 from r3.tracking import REPORT_TO
@@ -78,8 +79,6 @@ class TrainConfig:
     def sampling(self, temperature: float | None = None):
         """The rollouts' :class:`r3.episode.EpisodeSampling` (``temperature`` overrides, e.g. the
         held-out evaluation's ``eval_temperature``)."""
-        from r3.episode import EpisodeSampling
-
         return EpisodeSampling(temperature=self.temperature if temperature is None else temperature,
                                top_p=self.top_p, top_k=self.top_k, max_attempt_tokens=self.max_attempt_tokens,
                                max_reflection_tokens=self.max_reflection_tokens,

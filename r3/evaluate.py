@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from r3.checkpoint import resolve
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -45,6 +46,7 @@ from r3.cli import (
 from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples  # noqa: F401  (the library entry point, re-exported)
+from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 
 # --------------------------------------------------------------------------------------------
@@ -134,8 +136,6 @@ def main(argv=None) -> int:
     out = check_out_path(args.out)
     st = resolve_settings(args)
     models = st["models"]
-    from r3.sampler import check_sampling_args
-
     check_sampling_args(max(st["max_attempt"], st["max_retry"]), args.temperature, st["top_k"], st["top_p"])
     task = load_task(st["task"], st["options"])
     examples = task.examples(args.split, args.n, args.seed)
@@ -144,8 +144,6 @@ def main(argv=None) -> int:
     if not examples:
         raise R3Error(f"task {st['task']!r}: no {args.split} examples")
     device, dtype = pick_device_dtype(args.device, st["dtype"])
-    from r3.checkpoint import resolve
-
     for spec in models:  # every path checked before spending time on the first model
         resolve(spec)
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],

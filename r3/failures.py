@@ -34,6 +34,8 @@ import hashlib
 import sys
 import time
 
+from r3.chat import ChatFormat
+from r3.checkpoint import resolve
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -55,6 +57,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
     read_failures,
     read_jsonl,
 )
+from r3.sampler import check_sampling_args, generate
 
 # --------------------------------------------------------------------------------------------
 # Sampling
@@ -90,9 +93,6 @@ def find_failures(
     "generated_tokens"}``; ``samples_needed`` counts attempts up to and including each first
     failure (``samples`` for queries that never failed), ``samples_drawn`` all attempts sampled
     (rounds of several samples per query may draw a few past the first failure)."""
-    from r3.chat import ChatFormat
-    from r3.sampler import generate
-
     samples = positive_int("samples", samples)
     batch_size = positive_int("batch_size", batch_size)
     chat = chat or ChatFormat(tokenizer)
@@ -185,8 +185,6 @@ def main(argv=None) -> int:
     positive_int("--n", args.n, allow_none=True)
     positive_int("--max-new-tokens", args.max_new_tokens)
     positive_int("--batch-size", args.batch_size)
-    from r3.sampler import check_sampling_args
-
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if args.temperature == 0 and args.samples > 1:
         raise R3Error("--temperature 0 is greedy: every sample of a query would be the same; use --samples 1")
@@ -197,8 +195,6 @@ def main(argv=None) -> int:
     if not examples:
         raise R3Error(f"task {args.task!r}: no {args.split} examples")
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    from r3.checkpoint import resolve
-
     resolve(args.model)  # a bad path is an error even when there is nothing left to sample
     store = FailureFile(out)
     settings = {"model": args.model, "task": args.task, "task_options": options, "split": args.split,

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from r3.chat import ChatFormat
+from r3.checkpoint import generation_eos_ids
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -38,6 +40,7 @@ from r3.cli import (
 from r3.errors import R3Error, cli_main
 from r3.evals import benchmarks as B
 from r3.evals.data import read_records
+from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
 from r3.stats import mean_stderr, paired_difference
 
 
@@ -113,8 +116,6 @@ def prepare(args) -> list[dict]:
 
 def stop_ids(tokenizer, chat) -> list[int]:
     """The generation config's and tokenizer's eos ids; with a chat format, its stop ids."""
-    from r3.checkpoint import generation_eos_ids
-
     if chat is not None:
         return chat.stop_ids
     ids = set(generation_eos_ids(tokenizer))
@@ -125,13 +126,9 @@ def stop_ids(tokenizer, chat) -> list[int]:
 
 def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
     """One model on one benchmark: an item record per document."""
-    from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
-
     bench, docs = plan["bench"], plan["docs"]
     chat = None
     if args.chat:
-        from r3.chat import ChatFormat
-
         if not getattr(tokenizer, "chat_template", None):
             raise R3Error("--chat: this model's tokenizer has no chat template")
         chat = ChatFormat(tokenizer)

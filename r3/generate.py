@@ -12,8 +12,11 @@ import argparse
 import sys
 import time
 
+from r3.chat import ChatFormat
+from r3.checkpoint import load
 from r3.cli import DTYPES, pick_device_dtype
 from r3.errors import R3Error, cli_main
+from r3.sampler import check_sampling_args, generate
 
 
 def parse_args(argv=None):
@@ -41,10 +44,6 @@ def main(argv=None) -> int:
         raise R3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
-    from r3.checkpoint import load
-    from r3.chat import ChatFormat
-    from r3.sampler import check_sampling_args, generate
-
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device, dtype = pick_device_dtype(args.device, args.dtype)
 

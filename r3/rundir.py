@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -75,8 +76,6 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     """Write ``OUT/checkpoints/step_N`` (to a temporary directory, renamed when complete), then
     drop all but the last ``keep_last``. A failed write (a full disk) removes the partial
     directory, keeps the earlier checkpoints, and is one line naming the path."""
-    import torch.distributed.checkpoint as dcp
-
     root = out / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -113,8 +112,6 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, stream) -> int:
-    import torch.distributed.checkpoint as dcp
-
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _one_intra_op_thread():

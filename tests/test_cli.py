@@ -137,8 +137,6 @@ def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
     [i, k]: a query fails exactly at its ``fail_at``-th attempt (0-based), or never."""
     from types import SimpleNamespace
 
-    import r3.sampler
-
     K = 6
     fail_at = [0, 1, 2, 3, 5, None, 4, 0, None, 2]
     counter = {}
@@ -162,7 +160,7 @@ def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
 
     chat = SimpleNamespace(prompt=lambda m: [int(m[0]["content"])], decode=lambda t: json.dumps(t), stop_ids=[0])
     model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
-    monkeypatch.setattr(r3.sampler, "generate", fake_generate)
+    monkeypatch.setattr(F, "generate", fake_generate)
     examples = [{"i": i, "fail_at": f} for i, f in enumerate(fail_at)]
     got = []
     stats = F.find_failures(model, list(range(100)), Task(), examples, samples=K, batch_size=batch_size, chat=chat,
