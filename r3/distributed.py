@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +35,8 @@ def init_distributed() -> Dist:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
         else:
-            fd, path = tempfile.mkstemp(prefix="r3-pg-")
-            os.close(fd)
-            os.remove(path)
-            dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+            # one process: an in-memory store (nothing on disk, no port)
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

@@ -145,11 +145,13 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
 
 
 def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
-
-
+    """The Hugging Face export, ``OUT/export`` (written whole, then renamed). What an export killed
+    half-way left behind is removed first (the run's lock guarantees no other writer)."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = None
     if d.main:
+        for stale in [*out.glob(".export.tmp-*"), *out.glob(".export.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
     dist.barrier()
     return path

@@ -154,6 +154,12 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     assert ea == eb and [r["step"] for r in ea] == [0, 4] and ea[0]["n"] == 4
     wa, wb = load_weights(full / "export"), load_weights(part / "export")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from r3.files import current_umask
+
+    mask = current_umask()  # the export and the logs are ordinary files, not private temp files
+    assert (full / "export").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (full / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(full.glob(".export*"))
     # the export loads in transformers and in r3 with the same logits, and differs from the start
     start = load_weights(tiny_model)
     assert any(not torch.equal(wa[k], start[k]) for k in wa)
