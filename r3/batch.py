@@ -93,7 +93,7 @@ def episode_micro_batches(ep, adv: torch.Tensor, size: int, pad_id: int, device,
     """The episode's rows as micro-batches, each with its advantage and the sampler's log-probs
     of its reflection tokens. ``adv``: ``[n_groups, G]``; with ``skip_no_signal`` the groups whose
     advantages are all zero (all-equal rewards: no policy gradient) are left out."""
-    G = adv.shape[1] if adv.dim() == 2 else 0
+    G = adv.shape[1]
     keep = [g for g in range(adv.shape[0]) if not (skip_no_signal and (adv[g] == 0).all())]
     idx = [g * G + j for g in keep for j in range(G)]
     flat = adv.reshape(-1)

@@ -45,7 +45,7 @@ from r3.cli import (
 )
 from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
-from r3.heldout import evaluate_examples  # noqa: F401  (the library entry point, re-exported)
+from r3.heldout import evaluate_examples
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 

@@ -49,12 +49,18 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for run in runs:
         rows = read_metrics(run)
@@ -77,8 +83,7 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
 
 def save_figure(fig, out: Path) -> Path:
     """Save a matplotlib figure as a PNG through a temporary file and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")

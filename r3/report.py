@@ -39,7 +39,7 @@ from r3.cli import (
 )
 from r3.errors import R3Error, cli_main
 from r3.plot import plot as plot_curves
-from r3.plot import read_metrics, save_figure
+from r3.plot import pyplot, read_metrics, save_figure
 
 OUTCOMES = (
     ("trained_only", "only the trained model's retry passed"),
@@ -283,11 +283,7 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
 
 
 def plot_accuracy(ev: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base, trained = ev["models"][0], ev["models"][1]
     fig, ax = plt.subplots(figsize=(6, 4))
     for j, (name, m) in enumerate((("untrained", base), ("trained", trained))):
@@ -303,11 +299,7 @@ def plot_accuracy(ev: dict, out: Path) -> Path:
 
 
 def plot_lengths(lens: dict[str, list[int]], limit: int | None, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     top = max([limit or 0] + [max(v) for v in lens.values() if v])
     bins = range(0, top + 2, max(1, (top + 1) // 24))
@@ -323,11 +315,7 @@ def plot_lengths(lens: dict[str, list[int]], limit: int | None, out: Path) -> Pa
 
 
 def plot_forgetting(fg: dict, run: Path, cfg: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = list(dict.fromkeys((r["benchmark"], r["metric"]) for r in fg["results"]))
     models = list(dict.fromkeys(r["model"] for r in fg["results"]))
     by = {(r["benchmark"], r["metric"], r["model"]): r for r in fg["results"]}

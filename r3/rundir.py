@@ -56,20 +56,20 @@ def _one_intra_op_thread():
         torch.set_num_threads(n)
 
 
-def _write_failed(e: BaseException, where: Path, free: bool = True) -> str:
-    """Why a checkpoint write (or read) failed, in one line: the last line of the innermost error,
-    and (``free``) the space left on the disk at ``where``."""
+def _error_line(e: BaseException) -> str:
+    """Why a checkpoint write or read failed, in one line: the last line of the innermost error
+    (DCP puts each rank's traceback in its message)."""
     while e.__cause__ is not None or e.__context__ is not None:
         e = e.__cause__ or e.__context__
-    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    if not free:
-        return reason
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+
+def _free_space(where: Path) -> str:
     try:
         free = shutil.disk_usage(where).free
-        reason += f"; {free / 2**30:.2f} GiB free on that disk" + (" (full?)" if free < 2**30 else "")
     except OSError:
-        pass
-    return reason
+        return ""
+    return f"; {free / 2**30:.2f} GiB free on that disk" + (" (full?)" if free < 2**30 else "")
 
 
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, cfg: TrainConfig, d: Dist):
@@ -99,7 +99,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoint_dirs(out)
-        raise R3Error(f"could not write checkpoint {final} ({_write_failed(e, root)}); "
+        raise R3Error(f"could not write checkpoint {final} ({_error_line(e)}{_free_space(root)}); "
                       + (f"the last complete one, {kept[-1].name}, is kept: free space and rerun with the same --out"
                          if kept else "no earlier checkpoint")) from None
     if d.main:
@@ -133,7 +133,7 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
             step = load_checkpoint(path, policy, optimizer, scheduler, stream)
         except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP and json raise many kinds; each is reported)
             if d.main:
-                print(f"warning: checkpoint {path} cannot be read ({_write_failed(e, path, free=False)}); "
+                print(f"warning: checkpoint {path} cannot be read ({_error_line(e)}); "
                       "trying the one before it", file=sys.stderr, flush=True)
             continue
         if d.main:

@@ -159,8 +159,8 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
         den = den.to(d.device)
         dist.all_reduce(den)
     stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0,
-             "grad_norm": float("nan"), "skipped": False, "logp_diff_sum": 0.0, "logp_diff_max": 0.0,
-             "logp_diff_tokens": 0.0}
+             "grad_norm": float("nan"), "skipped": False, "logp_diff_tokens": 0.0}
+    gap_sum = gap_max = torch.zeros((), device=d.device)  # read once, after the loop (no extra sync)
     for epoch in range(cfg.update_epochs):
         last = epoch == cfg.update_epochs - 1
         loss_total = 0.0
@@ -171,8 +171,7 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
                 continue
             if epoch == 0 and mb.rollout_logp is not None and mb.rollout_logp.numel():
                 gap = (logp.detach().float() - mb.rollout_logp).abs()
-                stats["logp_diff_sum"] += float(gap.sum())
-                stats["logp_diff_max"] = max(stats["logp_diff_max"], float(gap.max()))
+                gap_sum, gap_max = gap_sum + gap.sum(), torch.maximum(gap_max, gap.max())
                 stats["logp_diff_tokens"] += gap.numel()
             lp = scatter(logp, mb)
             old = scatter(mb.old_logp, mb) if mb.old_logp is not None else lp.detach()
@@ -202,12 +201,8 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
         stats["grad_norm"] = gn
         if last:
             stats["loss"] = loss_total
+    stats["logp_diff_sum"], stats["logp_diff_max"] = float(gap_sum), float(gap_max)
     return stats
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
