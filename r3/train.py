@@ -268,6 +268,8 @@ def set_up(cfg: TrainConfig) -> Run:
     task = get_task(cfg.task, **cfg.task_options)
     resolve(cfg.model)  # a bad model path fails before anything is written
     failures = read_failures(cfg.failures) if cfg.failures else None
+    for i, rec in enumerate(failures or []):
+        task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)

@@ -270,6 +270,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, extra, message):
     assert len(err) == 1 and message in err[0], proc.stderr
 
 
+@pytest.mark.parametrize("example, field", [({"target": 5}, "missing field 'nums'"),
+                                            ({"nums": [1, "2"], "target": 3}, "field 'nums' must hold"),
+                                            ({"query": "q", "tools": "[]", "answers": "[]"}, "missing field 'target'")])
+def test_a_failure_record_from_another_task_is_one_line_before_anything_is_written(tmp_path, example, field):
+    fails = tmp_path / "f.jsonl"
+    good = {"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 6]}
+    fails.write_text(json.dumps(good) + "\n" + json.dumps({"example": example, "attempt_tokens": [5, 6]}) + "\n")
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--failures", str(fails)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{fails}: record 2: 'example' (not a countdown-tiny example): {field}" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_incompatible_out_dir_is_refused_and_untouched(tiny_model, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -60,6 +60,11 @@ class Task:
     def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
         raise NotImplementedError
 
+    def check_example(self, where: str, example: Any) -> None:
+        """Raise R3Error naming ``where`` and the field when ``example`` is not one of this task's
+        examples (a stored failure from another task or a hand-edited file). Tasks whose examples
+        come from a file validate them with the same rules."""
+
     # ---- prompts ------------------------------------------------------------------------
     def messages(self, example: dict) -> list[dict]:
         """Chat messages (``[{"role": "system"|"user", "content": str}, ...]``) of the first

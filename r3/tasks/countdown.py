@@ -448,6 +448,9 @@ class CountdownTask(Task):
                 self._loaded = split
         return self._loaded
 
+    def check_example(self, where: str, example: Any) -> None:
+        validate_record(where, example, 0)
+
     # ---- prompts ------------------------------------------------------------------------
     def ops_text(self) -> str:
         """The allowed operations in words: ``+ and -`` or ``+, -, * and /``."""
@@ -497,34 +500,38 @@ def _strict_int(v: Any) -> int:
     return v
 
 
+def validate_record(where: str, rec: Any, index: int) -> dict:
+    """One Countdown row with integer ``target`` and ``nums`` (integral floats become ints) and an
+    ``id`` (the index when the record has none). Raises R3Error naming ``where`` and the field."""
+    if not isinstance(rec, dict):
+        raise R3Error(f"{where}: expected an object with fields target and nums, got {type(rec).__name__}")
+    for field in ("target", "nums"):
+        if field not in rec:
+            raise R3Error(f"{where}: missing field {field!r}")
+    target, nums = rec["target"], rec["nums"]
+    if isinstance(target, float) and target.is_integer():
+        target = int(target)
+    if type(target) is not int:
+        raise R3Error(f"{where}: field 'target' must be an integer, got {target!r}")
+    if not isinstance(nums, (list, tuple)) or not 1 <= len(nums) <= MAX_NUMS:
+        raise R3Error(f"{where}: field 'nums' must be a list of 1 to {MAX_NUMS} integers, got {nums!r}")
+    clean = []
+    for x in nums:
+        if isinstance(x, float) and x.is_integer():
+            x = int(x)
+        if type(x) is not int or x < 0:
+            raise R3Error(f"{where}: field 'nums' must hold non-negative integers, got {x!r}")
+        clean.append(x)
+    row = dict(rec)
+    row["nums"], row["target"] = clean, target
+    row.setdefault("id", index)
+    return row
+
+
 def load_file(path: str) -> list[dict]:
     """Countdown rows from a JSON list / JSONL / parquet file with fields ``target`` and ``nums``
     (the public Countdown-Tasks export); extra fields are kept."""
-    rows = []
-    for i, (where, rec) in enumerate(read_records(path)):
-        if not isinstance(rec, dict):
-            raise R3Error(f"{where}: expected an object with fields target and nums, got {type(rec).__name__}")
-        for field in ("target", "nums"):
-            if field not in rec:
-                raise R3Error(f"{where}: missing field {field!r}")
-        target, nums = rec["target"], rec["nums"]
-        if isinstance(target, float) and target.is_integer():
-            target = int(target)
-        if type(target) is not int:
-            raise R3Error(f"{where}: field 'target' must be an integer, got {target!r}")
-        if not isinstance(nums, (list, tuple)) or not 1 <= len(nums) <= MAX_NUMS:
-            raise R3Error(f"{where}: field 'nums' must be a list of 1 to {MAX_NUMS} integers, got {nums!r}")
-        clean = []
-        for x in nums:
-            if isinstance(x, float) and x.is_integer():
-                x = int(x)
-            if type(x) is not int or x < 0:
-                raise R3Error(f"{where}: field 'nums' must hold non-negative integers, got {x!r}")
-            clean.append(x)
-        row = dict(rec)
-        row["nums"], row["target"] = clean, target
-        row.setdefault("id", i)
-        rows.append(row)
+    rows = [validate_record(where, rec, i) for i, (where, rec) in enumerate(read_records(path))]
     if not rows:
         raise R3Error(f"{path}: no records")
     return rows

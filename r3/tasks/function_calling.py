@@ -427,6 +427,9 @@ class FunctionCallingTask(Task):
         rows = self._load()[split]
         return [dict(r) for r in shuffled_prefix(rows, n, seed, f"xlam-{split}")]
 
+    def check_example(self, where: str, example: Any) -> None:
+        validate_record(where, example, 0)
+
     def tools_text(self, example: dict) -> str:
         return "\n".join(json.dumps(t, ensure_ascii=False) for t in _field(example, "tools"))
 
