@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["r3-torchrun = r3.launch:main"]},
     extras_require={
         # accelerate: transformers needs it to load GGUF files, which the tests use as reference.
         # triton: the kernel tests run the Triton kernels in its CPU interpreter.

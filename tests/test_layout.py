@@ -9,7 +9,7 @@ import pytest
 
 R3 = Path(__file__).resolve().parents[1] / "r3"
 CLIS = {"r3.cli", "r3.evaluate", "r3.failures", "r3.generate", "r3.plot", "r3.audit", "r3.forgetting",
-        "r3.report", "r3.train"}
+        "r3.report", "r3.train", "r3.launch"}
 
 
 def module_name(path: Path) -> str:

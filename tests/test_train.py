@@ -544,3 +544,48 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_c
     assert "checkpoint" in proc.stderr and "step_000003 cannot be read" in proc.stderr
     assert "resumed from" in proc.stdout and "(step 2)" in proc.stdout
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4] and (out / "export").is_dir()
+
+
+LAUNCH = [sys.executable, "-m", "r3.launch", "--standalone"]
+
+
+def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path):
+    """Plain torchrun follows a worker's one-line error with ~30 lines of ChildFailedError and
+    exits 1; r3-torchrun exits 2 with the workers' lines only (one per rank)."""
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", "-m", "r3.train", "--lr", "abc",
+                                    "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"},
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line == "error: command line: bad value 'abc' for 'lr' (expected float)" for line in lines), lines
+
+
+def test_r3_torchrun_reports_a_crash_with_torchruns_summary_and_exit_1(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text("raise ValueError('boom')\n")
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "1", str(script)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 1
+    assert "ValueError: boom" in proc.stderr and f"{script} FAILED" in proc.stderr and "exitcode  : 1" in proc.stderr
+    assert "torch/distributed/run.py" not in proc.stderr and "r3/launch.py" not in proc.stderr  # no launcher traceback
+
+
+def test_sigterm_to_r3_torchrun_reaches_the_worker_which_saves_and_exits_143(tiny_model, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = BASE + ["--model", str(tiny_model), "--max-steps", "50", "--save-every", "100", "--out", str(out)]
+    proc = subprocess.Popen(LAUNCH + ["--nproc_per_node", "1", "-m", "r3.train"] + args,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "received SIGTERM" in err and "checkpoint saved" in stdout and "Traceback" not in err, err[-3000:]
+    steps = [r["step"] for r in read_metrics(out)]
+    assert 1 <= len(steps) < 50 and (out / "checkpoints" / f"step_{steps[-1]:06d}").is_dir()

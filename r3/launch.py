@@ -1,0 +1,75 @@
+"""``r3-torchrun``: torchrun whose output ends with r3's own message.
+
+The same flags as ``torchrun`` (this is torchrun's own parser and launcher), e.g.
+``r3-torchrun --nproc_per_node 4 -m r3.train --out runs/r3``. The difference is what happens when
+the workers stop on purpose:
+
+- a user error (a worker's one-line ``error: ...``, exit code 2) or a checkpoint after SIGTERM /
+  SIGINT (exit code 128 + the signal) ends the launcher with that exit code and nothing after the
+  workers' own lines: plain torchrun adds about 30 lines of ``ChildFailedError`` traceback and
+  exits 1;
+- any other failure (a crash) prints torchrun's failure summary (which rank, exit code, error
+  file) without the launcher's own traceback, and exits 1;
+- with several workers per node and no ``OMP_NUM_THREADS``, each gets this machine's CPUs divided
+  by the number of workers (torchrun sets 1 and prints a banner about it);
+- SIGTERM / SIGINT sent to the launcher reach the workers, which finish their step and save: the
+  launcher waits for them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default here 600, torchrun's
+  is 30) before killing them, then exits with 128 + the signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+#: Exit codes an r3 worker uses after saying why it stopped (see :mod:`r3.errors`, r3.train).
+QUIET_EXIT_CODES = frozenset({2, 128 + signal.SIGINT, 128 + signal.SIGTERM})
+SHUTDOWN_TIMEOUT_S = "600"
+
+
+class _DropQuietFailure(logging.Filter):
+    """Drop torchrun's "failed (exitcode: N) local_rank: ..." line for the codes above, and its
+    "Sending process P closing signal SIGTERM" lines (the workers say themselves why they stop;
+    a crash still gets the failure summary)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
+        if msg.startswith("Sending process") and "closing signal" in msg:
+            return False
+        return not (msg.startswith("failed (exitcode") and args and args[0] in QUIET_EXIT_CODES)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+    args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
+    nproc = torchrun.determine_local_world_size(args.nproc_per_node)
+    if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropQuietFailure())
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        _, first = e.get_first_failure()
+        if first.exitcode in QUIET_EXIT_CODES:
+            raise SystemExit(first.exitcode) from None
+        print(e.format_msg(), file=sys.stderr)
+        raise SystemExit(1) from None
+    except SignalException as e:
+        raise SystemExit(128 + int(e.sigval)) from None
+
+
+if __name__ == "__main__":
+    main()
