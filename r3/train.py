@@ -270,6 +270,9 @@ def set_up(cfg: TrainConfig) -> Run:
     failures = read_failures(cfg.failures) if cfg.failures else None
     for i, rec in enumerate(failures or []):
         task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
+    queries = failures if failures is not None else task.examples("train", seed=cfg.seed)  # a bad data file fails here
+    if cfg.eval_n:
+        task.examples("test", n=cfg.eval_n, seed=cfg.seed)
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)
@@ -283,7 +286,7 @@ def set_up(cfg: TrainConfig) -> Run:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     init_adamw_state(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    stream = QueryStream(failures if failures is not None else task.examples("train", seed=cfg.seed), cfg.seed)
+    stream = QueryStream(queries, cfg.seed)
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)
     if d.main:

@@ -284,6 +284,20 @@ def test_a_failure_record_from_another_task_is_one_line_before_anything_is_writt
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("which", ["data_path", "test_data_path"])
+def test_a_bad_task_data_file_is_one_line_before_anything_is_written(tmp_path, which):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
+    bad.write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n" + json.dumps({"nums": [4, 5]}) + "\n")
+    paths = {"data_path": bad, "test_data_path": good} if which == "data_path" else {"data_path": good, "test_data_path": bad}
+    opts = ["--task", "countdown"] + [x for k, v in paths.items() for x in ("--task-option", f"{k}={v}")]
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--eval-n", "4"] + opts, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{bad}" in err[0] and "line 2" in err[0] and "missing field 'target'" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_incompatible_out_dir_is_refused_and_untouched(tiny_model, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -474,6 +488,20 @@ def test_a_checkpoint_before_the_first_update_does_not_count_as_an_adamw_step(ti
     (wa, sa), (wb, sb) = runs
     assert sa == sb == {1.0}
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_frequency_does_not_change_the_export(tiny_model, tmp_path):
+    """Step 1 carries no signal (its 2 attempts and 8 retries fail on purpose), so --save-every 1
+    saves before AdamW's first update."""
+    args = BASE + ["--model", str(tiny_model), "--max-steps", "4", "--keep-last", "1",
+                   "--task-options", '{"fail_first": 10}']
+    for every in ("1", "3"):
+        run_train(args + ["--save-every", every, "--out", str(tmp_path / every)])
+    rows = read_metrics(tmp_path / "1")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["groups_with_signal"] == 0 and any(r["grad_norm"] > 0 for r in rows[1:])
+    wa, wb = load_weights(tmp_path / "1" / "export"), load_weights(tmp_path / "3" / "export")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(tiny_model, tmp_path):

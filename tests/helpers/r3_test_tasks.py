@@ -9,9 +9,11 @@ from r3.tasks.base import Task
 class CoinTask(Task):
     name = "coin"
 
-    def __init__(self, *, size: int = 64, **kw):
+    def __init__(self, *, size: int = 64, fail_first: int = 0, **kw):
         super().__init__(**kw)
         self.size = int(size)
+        self.fail_first = int(fail_first)  # the first N verdicts of this process are fails
+        self.calls = 0
 
     def examples(self, split="train", n=None, seed=0):
         base = 0 if split == "train" else 10_000
@@ -22,5 +24,8 @@ class CoinTask(Task):
         return [{"role": "user", "content": f"Say something about {example['word']}."}]
 
     def _check(self, example, completion_text):
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            return False, "coin (failed on purpose)"
         h = hashlib.sha256((example["id"] + completion_text).encode()).digest()[0]
         return h % 2 == 0, "coin"
