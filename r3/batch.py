@@ -1,6 +1,13 @@
 """From an episode's sequences to what the update consumes: padded micro-batches whose mask marks
 the reflection tokens, the targets' log-probs (logits only at those positions), and the reference
-(and pre-update) log-probs that the loss compares with."""
+(and pre-update) log-probs that the loss compares with.
+
+The G rows of a group share one long prefix (prompt + failed attempt + reflection prompt) and
+differ only in their reflection. With ``shared_prefix`` the forward pass encodes each distinct
+prefix of a micro-batch once: one packed row holds the prefix followed by the reflections of every
+row that shares it, each reflection attending to the prefix and to its own past only (positions
+restart after the prefix for each reflection). Logits, loss and gradients are those of the
+per-row layout, which the micro-batch keeps for the loss."""
 
 from __future__ import annotations
 
@@ -9,6 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from kernels import fused_logprob_kl
+
+
+@dataclass
+class Packed:
+    """The forward layout of a micro-batch with each shared prefix stored once."""
+
+    tokens: torch.Tensor  # [P, L]
+    positions: torch.Tensor  # [P, L] rotary positions: 0.. over the prefix, then per reflection from len(prefix)
+    segments: torch.Tensor  # [P, L] 0 = prefix, k >= 1 = the k-th reflection, -1 = padding
+    rows: torch.Tensor  # [N] packed row of each target's predicting position
+    cols: torch.Tensor  # [N] packed column of it
 
 
 @dataclass
@@ -22,13 +40,16 @@ class MicroBatch:
     ref_logp: torch.Tensor | None = None  # [N]
     old_logp: torch.Tensor | None = None  # [N]
     rollout_logp: torch.Tensor | None = None  # [N] the sampler's log-probs of the targets
+    packed: Packed | None = None  # the shared-prefix forward layout (None: per row)
 
 
 def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, device,
-                       rollout_logprobs: list[list[float]] | None = None) -> list[MicroBatch]:
+                       rollout_logprobs: list[list[float]] | None = None,
+                       shared_prefix: bool = False) -> list[MicroBatch]:
     """Sequences -> padded micro-batches whose mask marks each reflection span. The targets are
     flattened row by row, so ``rollout_logprobs`` (one list per sequence, one value per reflection
-    token, as :class:`r3.episode.Episode` holds them) line up with them."""
+    token, as :class:`r3.episode.Episode` holds them) line up with them. ``shared_prefix`` adds
+    the packed forward layout (rows whose tokens before their span are equal share one prefix)."""
 
     out = []
     for i in range(0, len(sequences), size):
@@ -52,9 +73,48 @@ def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, dev
                 targets=tokens[rows, cols].to(device),
                 rollout_logp=None if rollout_logprobs is None else torch.tensor(
                     [x for row in rollout_logprobs[i : i + size] for x in row], dtype=torch.float32).to(device),
+                packed=pack_shared_prefixes(seqs, sp, pad_id, device) if shared_prefix else None,
             )
         )
     return out
+
+
+def pack_shared_prefixes(seqs, spans, pad_id: int, device) -> Packed:
+    """Group the rows by their tokens before the span (in order of first appearance); each group
+    becomes one packed row ``prefix + span_1 + span_2 + ...``. The targets' predicting positions
+    are listed row by row, span position by span position, as ``mask.nonzero()`` lists them in the
+    per-row layout: the first target of a span is predicted by the prefix's last token, the others
+    by the span's own previous token."""
+    packs: dict[tuple, list[int]] = {}
+    for b, (s, (start, _)) in enumerate(zip(seqs, spans)):
+        if start < 1:
+            raise ValueError(f"row {b}: a span must start after at least one context token, got {start}")
+        packs.setdefault(tuple(s[:start]), []).append(b)
+    where: dict[int, tuple[int, int]] = {}  # row -> (packed row, column of its span's first token)
+    layouts = []
+    for p, (prefix, members) in enumerate(packs.items()):
+        toks, pos, seg = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+        for k, b in enumerate(members, start=1):
+            start, end = spans[b]
+            where[b] = (p, len(toks))
+            toks += seqs[b][start:end]
+            pos += range(start, end)
+            seg += [k] * (end - start)
+        layouts.append((toks, pos, seg))
+    L = max(len(t) for t, _, _ in layouts)
+    tokens = torch.full((len(layouts), L), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(layouts), L), dtype=torch.long)
+    segments = torch.full((len(layouts), L), -1, dtype=torch.long)
+    for p, (t, pos, seg) in enumerate(layouts):
+        tokens[p, : len(t)], positions[p, : len(t)], segments[p, : len(t)] = (
+            torch.tensor(t), torch.tensor(pos), torch.tensor(seg))
+    rows, cols = [], []
+    for b, (start, end) in enumerate(spans):
+        p, first = where[b]
+        rows += [p] * (end - start)
+        cols += [start - 1] + list(range(first, first + end - start - 1))
+    return Packed(tokens.to(device), positions.to(device), segments.to(device),
+                  torch.tensor(rows, dtype=torch.long).to(device), torch.tensor(cols, dtype=torch.long).to(device))
 
 
 def dummy_micro_batch(device) -> MicroBatch:
@@ -67,7 +127,11 @@ def dummy_micro_batch(device) -> MicroBatch:
 def token_logprobs(model, mb: MicroBatch, temperature: float, ref_logp: torch.Tensor | None = None):
     """``[N]`` log-probs of the micro-batch's targets (logits only at the masked positions) and,
     given ``ref_logp``, their k3 KL to it from the same fused pass (else None)."""
-    logits = model(mb.tokens, at=(mb.rows, mb.cols))
+    if mb.packed is not None:
+        p = mb.packed
+        logits = model(p.tokens, positions=p.positions, segments=p.segments, at=(p.rows, p.cols))
+    else:
+        logits = model(mb.tokens, at=(mb.rows, mb.cols))
     return fused_logprob_kl(logits, mb.targets, ref_logp, temperature=temperature)
 
 
@@ -89,7 +153,7 @@ def score_micro_batches(mbs: list[MicroBatch], reference, old_policy, temperatur
 
 
 def episode_micro_batches(ep, adv: torch.Tensor, size: int, pad_id: int, device, *,
-                          skip_no_signal: bool = True) -> list[MicroBatch]:
+                          skip_no_signal: bool = True, shared_prefix: bool = False) -> list[MicroBatch]:
     """The episode's rows as micro-batches, each with its advantage and the sampler's log-probs
     of its reflection tokens. ``adv``: ``[n_groups, G]``; with ``skip_no_signal`` the groups whose
     advantages are all zero (all-equal rewards: no policy gradient) are left out."""
@@ -99,5 +163,6 @@ def episode_micro_batches(ep, adv: torch.Tensor, size: int, pad_id: int, device,
     flat = adv.reshape(-1)
     return make_micro_batches([ep.sequences[i] for i in idx], [ep.spans[i] for i in idx],
                               [float(flat[i]) for i in idx], size, pad_id, device,
-                              rollout_logprobs=[ep.reflection_logprobs[i] for i in idx])
+                              rollout_logprobs=[ep.reflection_logprobs[i] for i in idx],
+                              shared_prefix=shared_prefix)
 

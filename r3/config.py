@@ -58,6 +58,7 @@ class TrainConfig:
     update_epochs: int = 1  # passes over each rollout batch (old log-probs from the rollout policy)
     grad_clip: float = 1.0
     skip_no_signal_groups: bool = True  # groups with all-equal rewards have zero advantage
+    shared_prefix: bool = True  # update and reference encode each group's shared prefix once
     # precision and runtime
     dtype: str = "bf16"  # compute dtype; master weights and optimizer state stay fp32
     seed: int = 0
@@ -98,8 +99,9 @@ class TrainConfig:
         for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
                      "eval_every", "eval_n", "eval_temperature", "eval_temperature", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
             positive(name, allow_zero=True)
-        if not isinstance(self.compile_decode, bool):
-            raise R3Error(f"config: 'compile_decode' must be true or false, got {self.compile_decode!r}")
+        for name in ("compile_decode", "scale_advantages", "skip_no_signal_groups", "shared_prefix"):
+            if not isinstance(getattr(self, name), bool):
+                raise R3Error(f"config: {name!r} must be true or false, got {getattr(self, name)!r}")
         if self.group_size < 2:
             raise R3Error(f"config: 'group_size' must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
         if not 0 < self.top_p <= 1:
@@ -123,7 +125,7 @@ class TrainConfig:
 
     # Fields that may differ when resuming a run in the same --out (everything else must match).
     RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_last", "eval_every", "eval_n",
-                         "samples_every", "log_samples", "stop_after", "out", "report_to")
+                         "samples_every", "log_samples", "stop_after", "out", "report_to", "shared_prefix")
 
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()
@@ -165,6 +167,7 @@ HELP = {
     "update_epochs": "optimizer steps per rollout batch",
     "grad_clip": "gradient-norm clip (0 = none)",
     "skip_no_signal_groups": "leave out groups whose rewards are all equal (zero advantage)",
+    "shared_prefix": "update and reference encode each group's shared prefix once (same loss and gradients)",
     "dtype": "compute dtype, bf16 or fp32; master weights and optimizer state stay fp32",
     "seed": "seed of data order, sampling and initialisation",
     "max_steps": "optimizer steps in all",

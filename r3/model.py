@@ -473,13 +473,17 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_len: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H]; the LM head is left to the caller.
 
         Without a cache: a plain causal forward (positions default to 0..T-1; right padding is
         harmless since no real token attends to a later one). With a cache: ``positions [B, T]``
         are required, tokens are written at those slots, and ``kv_len`` (default
-        ``positions.max() + 1``) bounds the slots attention reads.
+        ``positions.max() + 1``) bounds the slots attention reads. With ``segments [B, T]`` (no
+        cache; see :class:`r3.batch.Packed`): a token of segment 0 attends to the earlier tokens
+        of segment 0, a token of segment k >= 1 to segment 0 and to the earlier tokens of segment
+        k, by ``positions`` (sliding windows included); -1 marks padding.
         """
         B, T = tokens.shape
         dev = tokens.device
@@ -500,7 +504,12 @@ class Transformer(nn.Module):
             # attention then sees few distinct shapes, and CPU kernels (oneDNN) are built once per
             # shape instead of once per decode step.
             kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
-        masks = self._masks(positions, kv_len if cache is not None else None)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments are for a forward without a KV cache")
+            masks = self._segment_masks(positions, segments)
+        else:
+            masks = self._masks(positions, kv_len if cache is not None else None)
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, positions, kv_len)
@@ -525,6 +534,14 @@ class Transformer(nn.Module):
             masks[window] = m
         return masks
 
+    def _segment_masks(self, positions: torch.Tensor, segments: torch.Tensor) -> dict:
+        """Boolean masks [B, 1, T, T] of the packed shared-prefix layout, keyed by window size.
+        Padding attends to padding (never to real tokens, and no query row is empty)."""
+        qs, ks = segments[:, None, :, None], segments[:, None, None, :]
+        qp, kp = positions[:, None, :, None], positions[:, None, None, :]
+        base = ((ks == qs) | ((ks == 0) & (qs > 0))) & (kp <= qp)
+        return {w: base if w is None else base & (kp > qp - w) for w in {layer.self_attn.window for layer in self.layers}}
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -532,12 +549,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_len: int | None = None,
+        segments: torch.Tensor | None = None,
         at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in fp32; or, with ``at=(rows, cols)``, only the logits at those
         positions, [N, V] in the compute dtype (the loss needs a few positions, and reads them
         through a fused kernel that upcasts per block: no [B, T, V] fp32 tensor is built)."""
-        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len)
+        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len, segments=segments)
         if at is not None:
             return self.lm_head(h[at])
         return self.lm_head(h).float()

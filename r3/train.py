@@ -332,7 +332,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     adv = grpo.group_advantages(ep.rewards, scale=cfg.scale_advantages)  # [n_groups, G]
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     mbs = episode_micro_batches(ep, adv, cfg.micro_batch_size, pad_id, d.device,
-                                skip_no_signal=cfg.skip_no_signal_groups)
+                                skip_no_signal=cfg.skip_no_signal_groups, shared_prefix=cfg.shared_prefix)
     padded = mbs + [dummy_micro_batch(d.device) for _ in range(all_max(len(mbs), d) - len(mbs))]
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     score_micro_batches(padded, run.reference if cfg.beta > 0 else None,

@@ -58,7 +58,7 @@ UPDATE_SCRIPT = textwrap.dedent(
     from r3.checkpoint import load
     from r3.config import TrainConfig
 
-    model_dir, out, micro, agg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    model_dir, out, micro, agg, shared = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
     d = T.init_distributed()
     cfg = TrainConfig(model=model_dir, dtype="fp32", micro_batch_size=micro, agg=agg, lr=1e-3, beta=0.05,
                       update_epochs=2, max_reflection_tokens=8).validate()
@@ -71,14 +71,18 @@ UPDATE_SCRIPT = textwrap.dedent(
     # SGD: the update is linear in the gradient, so the comparison sees the gradient itself (Adam
     # would blow last-bit differences of near-zero gradients up to full-size steps).
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    # 6 sequences of different lengths and reflection spans, fixed advantages
+    # 6 sequences of different lengths and reflection spans, fixed advantages; rows 0-2 and 3-5
+    # share their tokens before the span (two groups, prefix lengths 4 and 6)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (9, 14, 7, 12, 10, 16)]
-    spans = [(3, 8), (5, 14), (2, 7), (4, 6), (6, 10), (8, 16)]
+    for rows in ((0, 1, 2), (3, 4, 5)):
+        for b in rows[1:]:
+            seqs[b][: 4 if rows[0] == 0 else 6] = seqs[rows[0]][: 4 if rows[0] == 0 else 6]
+    spans = [(4, 8), (4, 14), (4, 7), (6, 9), (6, 10), (6, 16)]
     adv = [1.0, -0.5, 0.25, -1.0, 0.75, 0.0]
     per = len(seqs) // d.world
     mine = slice(d.rank * per, (d.rank + 1) * per)
-    mbs = B.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device)
+    mbs = B.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device, shared_prefix=shared)
     n_mb = T.all_max(len(mbs), d)
     padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
     T.score_micro_batches(padded, reference, policy, 1.0)
@@ -101,10 +105,12 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_pat
     script = tmp_path / "upd.py"
     script.write_text(UPDATE_SCRIPT)
     results = {}
-    for name, nproc, micro in (("r1m6", None, 6), ("r1m1", None, 1), ("r2m2", 2, 2)):
+    runs = (("r1m6", None, 6, "0"), ("r1m1", None, 1, "0"), ("r2m2", 2, 2, "0"),  # per row
+            ("r1m6p", None, 6, "1"), ("r1m2p", None, 2, "1"), ("r2m3p", 2, 3, "1"))  # shared prefix
+    for name, nproc, micro, shared in runs:
         out = tmp_path / f"{name}.pt"
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-               if nproc else [sys.executable]) + [str(script), str(tiny_model), str(out), str(micro), agg]
+               if nproc else [sys.executable]) + [str(script), str(tiny_model), str(out), str(micro), agg, shared]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = torch.load(out)
@@ -115,7 +121,7 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_pat
     moved = max((ref["sd"][k] - v).abs().max().item() for k, v in start.state_dict().items())
     assert moved > 1e-4  # the update did something
     assert not ref["skipped"]
-    for name in ("r1m1", "r2m2"):
+    for name in ("r1m1", "r2m2", "r1m6p", "r1m2p", "r2m3p"):
         other = results[name]
         assert other["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
         for k, v in ref["sd"].items():
