@@ -1,0 +1,197 @@
+"""Where a training step's time goes, and what the shared-prefix forward saves: the reference pass
+and the update (forward + backward + clip) over the same groups with ``shared_prefix`` off and on,
+in one run, on the trainer's own models (FSDP2 policy with fp32 master weights, compute in the
+run's dtype). Prints a table; ``--json`` writes it.
+
+    python benchmarks/bench_train_step.py --json benchmarks/results/train_step_cpu.json
+
+Two shapes:
+
+* ``default``: one real rollout of the main command's settings (the built-in model, countdown-tiny,
+  8 failed queries x G=8, reflections up to 96 tokens); its time is reported once.
+* ``paper``: 4 groups x G=8 of random tokens shaped like the paper's runs: a prefix of 250-400
+  tokens (prompt + a failed attempt of up to 256 tokens + the reflection prompt) and reflections of
+  40-128 tokens.
+
+Every group is given non-zero advantages, so each one is trained (a real step trains only the
+groups whose rewards differ, 0-3 of 8 on the default run). Times are the median of ``--repeats``;
+the per-group numbers divide by the number of groups. The FLOPs lower bound counts 2 x (the
+blocks' parameters) per encoded token plus the LM head on the targets for a forward, 3x that for
+forward + backward, at this machine's measured rate for a matmul of the model's shape in the compute dtype; attention's score
+FLOPs are left out, so the bound is optimistic for long rows.
+
+It also reports, for the default rollout, the share of each decode batch's row-steps spent on rows
+that had already stopped (the most that dropping finished rows could save).
+
+What it does not show: the optimizer step (the same in both), rollout compaction or stop strings
+(not built), or a GPU (it runs there on CUDA when one is present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from r3 import batch as B  # noqa: E402
+from r3.config import TrainConfig  # noqa: E402
+from r3.distributed import init_distributed  # noqa: E402
+from r3.episode import run_episode  # noqa: E402
+from r3.files import write_json_atomic  # noqa: E402
+from r3.tasks import get as get_task  # noqa: E402
+from r3.train import build_models, compute_dtype, sync_rollout_weights, update  # noqa: E402
+
+
+def paper_groups(vocab: int, n_groups: int, G: int, seed: int):
+    rng = random.Random(seed)
+    seqs, spans = [], []
+    for _ in range(n_groups):
+        prefix = [rng.randrange(vocab) for _ in range(rng.randint(250, 400))]
+        for _ in range(G):
+            n = rng.randint(40, 128)
+            seqs.append(prefix + [rng.randrange(vocab) for _ in range(n + 20)])
+            spans.append((len(prefix), len(prefix) + n))
+    return seqs, spans
+
+
+def matmul_rate(hidden: int, inter: int, dtype, device, tokens: int = 2048) -> float:
+    """FLOP/s of an [tokens, hidden] x [hidden, inter] matmul (median of 10)."""
+    a = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, inter, dtype=dtype, device=device)
+    times = []
+    for i in range(13):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * tokens * hidden * inter / statistics.median(times)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> tuple[float, object]:
+    sync(device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def measure(name, seqs, spans, G, policy, reference, cfg, d, flops, rate, repeats):
+    rows = []
+    n_groups = len(seqs) // G
+    adv = [float(x) for x in torch.randn(len(seqs), generator=torch.Generator().manual_seed(0))]
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # the weights stay as they are
+    temperature = cfg.temperature
+    results = {}
+    for shared in (False, True):
+        ref_t, upd_t, losses, peak = [], [], [], 0
+        for _ in range(repeats):
+            mbs = B.make_micro_batches(seqs, spans, adv, cfg.micro_batch_size, 0, d.device, shared_prefix=shared)
+            t, _ = timed(lambda: B.score_micro_batches(mbs, reference, None, temperature), d.device)
+            ref_t.append(t)
+            t, stats = timed(lambda: update(policy, opt, mbs, len(mbs), cfg, d), d.device)
+            upd_t.append(t)
+            losses.append(stats["loss"])
+            if d.device.type == "cuda":
+                peak = max(peak, torch.cuda.max_memory_allocated())
+        if shared:
+            tokens = sum(int((mb.packed.segments >= 0).sum()) for mb in mbs)
+        else:
+            tokens = sum(end for _, end in spans)
+        ref_s, upd_s = statistics.median(ref_t), statistics.median(upd_t)
+        targets = sum(end - start for start, end in spans)
+        bound = 4 * flops(tokens, targets) / rate  # forward (reference) + forward and backward (update)
+        results[shared] = {"shape": name, "shared_prefix": shared, "groups": n_groups, "rows": len(seqs),
+                           "tokens_encoded": tokens, "reference_s": ref_s, "update_s": upd_s,
+                           "per_group_s": (ref_s + upd_s) / n_groups,
+                           "tokens_per_s": 2 * tokens / (ref_s + upd_s), "flops_bound_s": bound,
+                           "of_bound": (ref_s + upd_s) / bound, "loss": statistics.median(losses),
+                           "peak_memory_gib": peak / 2**30 if peak else None}
+        rows.append(results[shared])
+    a, b = results[False], results[True]
+    b["speedup"] = a["per_group_s"] / b["per_group_s"]
+    b["loss_diff"] = abs(a["loss"] - b["loss"])
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="default,paper", help="comma-separated: default, paper")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    d = init_distributed()
+    cfg = TrainConfig().validate()
+    dtype = compute_dtype(cfg)
+    policy, reference, rollout_model, tok = build_models(cfg, d)
+    sync_rollout_weights(policy, rollout_model)
+    mc = rollout_model.config
+    body = sum(p.numel() for n, p in rollout_model.named_parameters() if n.startswith("layers."))
+
+    def flops(tokens: int, targets: int) -> float:
+        """One forward's matmul FLOPs: the blocks on every token, the LM head on the targets."""
+        return 2 * body * tokens + 2 * mc.hidden_size * mc.vocab_size * targets
+
+    rate = matmul_rate(mc.hidden_size, mc.intermediate_size, dtype, d.device)
+    out = {"device": torch.cuda.get_device_name() if d.device.type == "cuda" else "cpu",
+           "dtype": str(dtype).replace("torch.", ""), "matmul_tflops": rate / 1e12, "rows": []}
+    shapes = args.shapes.split(",")
+    if "default" in shapes:
+        task = get_task(cfg.task, **cfg.task_options)
+        examples = task.examples("train", seed=0)
+        n = math.ceil(cfg.batch_size * cfg.candidates_per_failure)
+        t = time.perf_counter()
+        ep = run_episode(rollout_model, tok, task, examples[:n], group_size=cfg.group_size,
+                         max_failures=cfg.batch_size, sampling=cfg.sampling(), seed=0)
+        out["default_rollout_s"] = time.perf_counter() - t
+        # Row-steps of each decode batch spent on rows that had already stopped: an upper bound on
+        # what dropping finished rows could save (decode time is not linear in the rows).
+        lengths = {"attempt": [len(a) for a in ep.first_attempts],
+                   "reflection": [e - s for s, e in ep.spans],
+                   "retry": [e - s for s, e in ep.retry_spans]}
+        out["stopped_row_step_fraction"] = {k: 1 - sum(v) / (len(v) * max(v)) for k, v in lengths.items() if v}
+        out["mean_length"] = {k: sum(v) / len(v) for k, v in lengths.items() if v}
+        out["rows"] += measure("default", ep.sequences, ep.spans, cfg.group_size, policy, reference, cfg, d,
+                               flops, rate, args.repeats)
+    if "paper" in shapes:
+        seqs, spans = paper_groups(mc.vocab_size, 4, cfg.group_size, seed=0)
+        out["rows"] += measure("paper", seqs, spans, cfg.group_size, policy, reference, cfg, d, flops, rate,
+                               args.repeats)
+    print(f"device {out['device']}, {out['dtype']}, matmul {out['matmul_tflops']:.2f} TFLOP/s"
+          + (f", default rollout {out['default_rollout_s']:.1f} s" if "default_rollout_s" in out else ""))
+    for k, v in out.get("stopped_row_step_fraction", {}).items():
+        print(f"  {k}: mean length {out['mean_length'][k]:.1f} tokens; {v:.0%} of the decode batch's row-steps "
+              "are rows that already stopped")
+    head = ("shape", "shared prefix", "groups", "tokens", "reference s", "update s", "s / group",
+            "speed-up", "x FLOPs bound", "|loss diff|")
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for r in out["rows"]:
+        cells = (r["shape"], "on" if r["shared_prefix"] else "off", r["groups"], r["tokens_encoded"],
+                 f"{r['reference_s']:.2f}", f"{r['update_s']:.2f}", f"{r['per_group_s']:.2f}",
+                 f"{r['speedup']:.2f}x" if "speedup" in r else "", f"{r['of_bound']:.1f}",
+                 f"{r['loss_diff']:.1e}" if "loss_diff" in r else "")
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    if args.json:
+        write_json_atomic(Path(args.json), out)
+
+
+if __name__ == "__main__":
+    main()
