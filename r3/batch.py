@@ -52,8 +52,8 @@ def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, dev
     the packed forward layout (rows whose tokens before their span are equal share one prefix)."""
 
     out = []
-    for i in range(0, len(sequences), size):
-        seqs, sp = sequences[i : i + size], spans[i : i + size]
+    for i, j in _chunks(sequences, spans, size, shared_prefix):
+        seqs, sp = sequences[i:j], spans[i:j]
         # Only the prefix up to the reflection's end matters: the retry is never trained and,
         # by causality, cannot change the reflection tokens' log-probs.
         T = max(end for _, end in sp)
@@ -67,15 +67,40 @@ def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, dev
             MicroBatch(
                 tokens=tokens.to(device),
                 mask=mask.to(device),
-                advantages=torch.as_tensor(advantages[i : i + size], dtype=torch.float32).to(device),
+                advantages=torch.as_tensor(advantages[i:j], dtype=torch.float32).to(device),
                 rows=rows.to(device),
                 cols=(cols - 1).to(device),
                 targets=tokens[rows, cols].to(device),
                 rollout_logp=None if rollout_logprobs is None else torch.tensor(
-                    [x for row in rollout_logprobs[i : i + size] for x in row], dtype=torch.float32).to(device),
+                    [x for row in rollout_logprobs[i:j] for x in row], dtype=torch.float32).to(device),
                 packed=pack_shared_prefixes(seqs, sp, pad_id, device) if shared_prefix else None,
             )
         )
+    return out
+
+
+def _chunks(sequences, spans, size: int, shared_prefix: bool) -> list[tuple[int, int]]:
+    """Row ranges of the micro-batches: ``size`` rows each; with ``shared_prefix``, as many
+    consecutive rows as fit in the tokens that ``size`` padded rows of the per-row layout would
+    take (``size`` x the longest row), counting each distinct prefix once (at least one row)."""
+    n = len(sequences)
+    if not shared_prefix:
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+    budget = size * max((end for _, end in spans), default=1)
+    out, i = [], 0
+    while i < n:
+        seen, used, j = set(), 0, i
+        while j < n:
+            start, end = spans[j]
+            key = tuple(sequences[j][:start])
+            cost = (end - start) + (0 if key in seen else start)
+            if j > i and used + cost > budget:
+                break
+            seen.add(key)
+            used += cost
+            j += 1
+        out.append((i, j))
+        i = j
     return out
 
 

@@ -163,7 +163,7 @@ HELP = {
     "eps_high": "PPO clip range above the ratio 1",
     "agg": "loss aggregation: " + ", ".join(AGGREGATIONS),
     "scale_advantages": "divide group advantages by their std (false = Dr. GRPO)",
-    "micro_batch_size": "sequences per forward/backward in the update",
+    "micro_batch_size": "sequences per forward/backward in the update (with the shared prefix: as many as fit in that many padded sequences' tokens)",
     "update_epochs": "optimizer steps per rollout batch",
     "grad_clip": "gradient-norm clip (0 = none)",
     "skip_no_signal_groups": "leave out groups whose rewards are all equal (zero advantage)",

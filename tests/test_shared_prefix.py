@@ -1,6 +1,7 @@
 """The shared-prefix forward (each group's prefix encoded once, its reflections attending to it)
 gives the per-row path's log-probs, KL, loss and every parameter gradient: fp32 to 1e-5 relative
-on each supported family and on the built-in model, bf16 within a stated bound, for every
+on tiny models of each supported family; on the built-in model as closely as the per-row path
+agrees with itself under another micro-batching; bf16 within a stated bound; for every
 aggregation, whatever the micro-batching, with groups of different prefix and span lengths."""
 
 from __future__ import annotations
@@ -50,20 +51,19 @@ def compare(model, reference, seqs, spans, adv, agg, *, micro_packed: int, rtol:
     per_row = B.make_micro_batches(seqs, spans, adv, len(seqs), 0, "cpu")
     packed = B.make_micro_batches(seqs, spans, adv, micro_packed, 0, "cpu", shared_prefix=True)
     assert all(mb.packed is not None for mb in packed)
-    B.score_micro_batches(per_row, reference, None, 0.7)
-    B.score_micro_batches(packed, reference, None, 0.7)
-    ref_a, ref_b = torch.cat([m.ref_logp for m in per_row]), torch.cat([m.ref_logp for m in packed])
-    torch.testing.assert_close(ref_b, ref_a, rtol=rtol, atol=atol)
+    if reference is not None:
+        B.score_micro_batches(per_row, reference, None, 0.7)
+        B.score_micro_batches(packed, reference, None, 0.7)
+        ref_a, ref_b = torch.cat([m.ref_logp for m in per_row]), torch.cat([m.ref_logp for m in packed])
+        torch.testing.assert_close(ref_b, ref_a, rtol=rtol, atol=atol)
     la, lpa, ga = loss_and_grads(model, per_row, agg, beta=0.05)
     lb, lpb, gb = loss_and_grads(model, packed, agg, beta=0.05)
     torch.testing.assert_close(lpb, lpa, rtol=rtol, atol=atol)
     assert lb == pytest.approx(la, rel=rtol, abs=atol)
     assert ga.keys() == gb.keys() and len(ga) == len(list(model.parameters()))
-    for k in ga:
-        scale = ga[k].abs().max().clamp_min(1e-12)
-        err = (gb[k].float() - ga[k].float()).abs().max() / scale
-        assert err <= rtol, (k, float(err))
-    return per_row, packed
+    for k in ga:  # each gradient tensor: the largest difference relative to its largest entry
+        err = float((gb[k] - ga[k]).abs().max() / ga[k].abs().max().clamp_min(1e-12))
+        assert err <= rtol, (k, err)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
@@ -97,11 +97,26 @@ def test_shared_prefix_bf16_within_bound(tiny_dirs):
 
 
 def test_shared_prefix_equals_per_row_on_the_builtin_model():
+    """fp32, 30 layers: the per-row layout itself moves by up to ~5e-5 of a gradient tensor's
+    largest entry when only its micro-batching (padding, summation order) changes; the shared
+    prefix must stay within twice that and within 1e-4 (the tiny models above stay under 1e-6)."""
     model, _ = load("smollm2-135m", tokenizer=False)
     for p in model.parameters():
         p.requires_grad_(True)
     seqs, spans, adv = groups(model.config.vocab_size, seed=2)
-    compare(model, None, seqs, spans, adv, "token-mean", micro_packed=6, rtol=1e-5, atol=1e-6)
+
+    def grads(size, shared):
+        return loss_and_grads(model, B.make_micro_batches(seqs, spans, adv, size, 0, "cpu", shared_prefix=shared),
+                              "token-mean", 0.05)[2]
+
+    def worst(a, b):
+        return max(float((b[k] - a[k]).abs().max() / a[k].abs().max()) for k in a)
+
+    base = grads(12, False)
+    noise = worst(base, grads(3, False))
+    for size in (12, 5):
+        err = worst(base, grads(size, True))
+        assert err <= max(2 * noise, 1e-5) and err <= 1e-4, (err, noise)
 
 
 def test_rows_with_different_prefixes_are_packed_apart_and_spans_must_follow_context():
