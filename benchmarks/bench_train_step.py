@@ -112,7 +112,7 @@ def measure(name, seqs, spans, G, policy, reference, cfg, d, flops, rate, repeat
             if d.device.type == "cuda":
                 peak = max(peak, torch.cuda.max_memory_allocated())
         if shared:
-            tokens = sum(int(mb.packed.shared.prefix_len.sum()) for mb in mbs) + sum(e - s for s, e in spans)
+            tokens = sum(int((mb.packed.segments >= 0).sum()) for mb in mbs)
         else:
             tokens = sum(end for _, end in spans)
         ref_s, upd_s = statistics.median(ref_t), statistics.median(upd_t)

@@ -4,9 +4,10 @@ the reflection tokens, the targets' log-probs (logits only at those positions), 
 
 The G rows of a group share one long prefix (prompt + failed attempt + reflection prompt) and
 differ only in their reflection. With ``shared_prefix`` the forward pass encodes each distinct
-prefix of a micro-batch once and runs the reflections as their own rows that attend to their
-prefix's keys and values and to their own past (``r3.model.SharedPrefix``). Logits, loss and
-gradients are those of the per-row layout, which the micro-batch keeps for the loss."""
+prefix of a micro-batch once: one packed row holds the prefix followed by the reflections of every
+row that shares it, each reflection attending to the prefix and to its own past only (positions
+restart after the prefix for each reflection). Logits, loss and gradients are those of the
+per-row layout, which the micro-batch keeps for the loss."""
 
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from kernels import fused_logprob_kl
-from r3.model import SharedPrefix
 
 
 @dataclass
 class Packed:
     """The forward layout of a micro-batch with each shared prefix stored once."""
 
-    prefixes: torch.Tensor  # [P, Lp] the distinct prefixes, right-padded
-    shared: SharedPrefix  # each row's prefix and its own tokens after it
-    at: torch.Tensor  # [N] each target's predicting position (see Transformer.forward)
+    tokens: torch.Tensor  # [P, L]
+    positions: torch.Tensor  # [P, L] rotary positions: 0.. over the prefix, then per reflection from len(prefix)
+    segments: torch.Tensor  # [P, L] 0 = prefix, k >= 1 = the k-th reflection, -1 = padding
+    rows: torch.Tensor  # [N] packed row of each target's predicting position
+    cols: torch.Tensor  # [N] packed column of it
 
 
 @dataclass
@@ -103,33 +105,41 @@ def _chunks(sequences, spans, size: int, shared_prefix: bool) -> list[tuple[int,
 
 
 def pack_shared_prefixes(seqs, spans, pad_id: int, device) -> Packed:
-    """The distinct prefixes (the tokens before each span, in order of first appearance) and each
-    row's span after its prefix. The targets' predicting positions are listed row by row, span
-    position by span position, as ``mask.nonzero()`` lists them in the per-row layout: the first
-    target of a span is predicted by its prefix's last token, the others by the span's own
-    previous token."""
-    index: dict[tuple, int] = {}
-    group = []
+    """Group the rows by their tokens before the span (in order of first appearance); each group
+    becomes one packed row ``prefix + span_1 + span_2 + ...``. The targets' predicting positions
+    are listed row by row, span position by span position, as ``mask.nonzero()`` lists them in the
+    per-row layout: the first target of a span is predicted by the prefix's last token, the others
+    by the span's own previous token."""
+    packs: dict[tuple, list[int]] = {}
     for b, (s, (start, _)) in enumerate(zip(seqs, spans)):
         if start < 1:
             raise ValueError(f"row {b}: a span must start after at least one context token, got {start}")
-        group.append(index.setdefault(tuple(s[:start]), len(index)))
-    prefixes = list(index)
-    P, R = len(prefixes), len(seqs)
-    Lp = max(len(p) for p in prefixes)
-    Ls = max(end - start for start, end in spans)
-    ptok = torch.full((P, Lp), pad_id, dtype=torch.long)
-    for p, toks in enumerate(prefixes):
-        ptok[p, : len(toks)] = torch.tensor(toks)
-    stok = torch.full((R, Ls), pad_id, dtype=torch.long)
-    at = []
-    for r, (s, (start, end)) in enumerate(zip(seqs, spans)):
-        stok[r, : end - start] = torch.tensor(s[start:end])
-        at.append(group[r] * Lp + start - 1)
-        at += range(P * Lp + r * Ls, P * Lp + r * Ls + end - start - 1)
-    shared = SharedPrefix(torch.tensor([len(p) for p in prefixes]).to(device), stok.to(device),
-                          torch.tensor(group).to(device))
-    return Packed(ptok.to(device), shared, torch.tensor(at, dtype=torch.long).to(device))
+        packs.setdefault(tuple(s[:start]), []).append(b)
+    where: dict[int, tuple[int, int]] = {}  # row -> (packed row, column of its span's first token)
+    layouts = []
+    for p, (prefix, members) in enumerate(packs.items()):
+        toks, pos, seg = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+        for k, b in enumerate(members, start=1):
+            start, end = spans[b]
+            where[b] = (p, len(toks))
+            toks += seqs[b][start:end]
+            pos += range(start, end)
+            seg += [k] * (end - start)
+        layouts.append((toks, pos, seg))
+    L = max(len(t) for t, _, _ in layouts)
+    tokens = torch.full((len(layouts), L), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(layouts), L), dtype=torch.long)
+    segments = torch.full((len(layouts), L), -1, dtype=torch.long)
+    for p, (t, pos, seg) in enumerate(layouts):
+        tokens[p, : len(t)], positions[p, : len(t)], segments[p, : len(t)] = (
+            torch.tensor(t), torch.tensor(pos), torch.tensor(seg))
+    rows, cols = [], []
+    for b, (start, end) in enumerate(spans):
+        p, first = where[b]
+        rows += [p] * (end - start)
+        cols += [start - 1] + list(range(first, first + end - start - 1))
+    return Packed(tokens.to(device), positions.to(device), segments.to(device),
+                  torch.tensor(rows, dtype=torch.long).to(device), torch.tensor(cols, dtype=torch.long).to(device))
 
 
 def dummy_micro_batch(device) -> MicroBatch:
@@ -144,7 +154,7 @@ def token_logprobs(model, mb: MicroBatch, temperature: float, ref_logp: torch.Te
     given ``ref_logp``, their k3 KL to it from the same fused pass (else None)."""
     if mb.packed is not None:
         p = mb.packed
-        logits = model(p.prefixes, shared=p.shared, at=p.at)
+        logits = model(p.tokens, positions=p.positions, segments=p.segments, at=(p.rows, p.cols))
     else:
         logits = model(mb.tokens, at=(mb.rows, mb.cols))
     return fused_logprob_kl(logits, mb.targets, ref_logp, temperature=temperature)

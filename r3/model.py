@@ -317,17 +317,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-@dataclass
-class SharedPrefix:
-    """Rows that continue shared prefixes, for :meth:`Transformer.forward` (whose ``tokens`` are
-    then the distinct prefixes [P, Lp], right-padded): row r is prefix ``group[r]`` (its first
-    ``prefix_len[group[r]]`` tokens) followed by ``suffix[r]`` (right-padded)."""
-
-    prefix_len: torch.Tensor  # [P]
-    suffix: torch.Tensor  # [R, Ls]
-    group: torch.Tensor  # [R]
-
-
 class KVCache:
     """Static, preallocated keys/values: per layer ``[B, n_kv_heads, max_len, head_dim]``.
 
@@ -388,7 +377,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def _qkv(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask, layer_cache, positions, kv_len):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -396,26 +385,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def _attend(self, q, k, v, mask):
-        """SDPA over [B, H, T, D]; ``mask`` None means causal. Back to [B, T, hidden] via o_proj."""
-        B, _, T, _ = q.shape
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-    def forward(self, x, cos, sin, mask, layer_cache, positions, kv_len, group=None):
-        if group is not None:  # shared prefixes: x, cos, sin, mask are (prefixes, continuations) pairs
-            qp, kp, vp = self._qkv(x[0], cos[0], sin[0])
-            qs, ks, vs = self._qkv(x[1], cos[1], sin[1])
-            # each continuation reads its prefix's keys and values, then its own
-            k_all, v_all = torch.cat((kp[group], ks), dim=2), torch.cat((vp[group], vs), dim=2)
-            return self._attend(qp, kp, vp, mask[0]), self._attend(qs, k_all, v_all, mask[1])
-        B, T, _ = x.shape
-        q, k, v = self._qkv(x, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
             rows = torch.arange(B, device=x.device)[:, None]
@@ -423,7 +393,11 @@ class Attention(nn.Module):
             k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        return self._attend(q, k, v, mask)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -446,12 +420,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, layer_cache=None, positions=None, kv_len=None, group=None):
-        if group is not None:  # shared prefixes: x is (prefixes, continuations); see Transformer.forward
-            a = self.self_attn((self.input_layernorm(x[0]), self.input_layernorm(x[1])), cos, sin, mask,
-                               None, None, None, group)
-            xs = (x[0] + a[0], x[1] + a[1])
-            return tuple(h + self.mlp(self.post_attention_layernorm(h)) for h in xs)
+    def forward(self, x, cos, sin, mask, layer_cache=None, positions=None, kv_len=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, positions, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -504,13 +473,17 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_len: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H]; the LM head is left to the caller.
 
         Without a cache: a plain causal forward (positions default to 0..T-1; right padding is
         harmless since no real token attends to a later one). With a cache: ``positions [B, T]``
         are required, tokens are written at those slots, and ``kv_len`` (default
-        ``positions.max() + 1``) bounds the slots attention reads.
+        ``positions.max() + 1``) bounds the slots attention reads. With ``segments [B, T]`` (no
+        cache; see :class:`r3.batch.Packed`): a token of segment 0 attends to the earlier tokens
+        of segment 0, a token of segment k >= 1 to segment 0 and to the earlier tokens of segment
+        k, by ``positions`` (sliding windows included); -1 marks padding.
         """
         B, T = tokens.shape
         dev = tokens.device
@@ -518,7 +491,10 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("positions are required with a KV cache")
             positions = torch.arange(T, device=dev).expand(B, T)
-        self._check_positions(positions)
+        limit = rope_max_positions(self.config)
+        if limit is not None and int(positions.max()) >= limit:
+            raise R3Error(f"this model's LongRoPE is followed up to original_max_position_embeddings = {limit} "
+                          f"positions; a sequence reached {int(positions.max()) + 1} (shorten the token limits)")
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype, rope_scale(self.config))
         if cache is not None:
@@ -528,7 +504,12 @@ class Transformer(nn.Module):
             # attention then sees few distinct shapes, and CPU kernels (oneDNN) are built once per
             # shape instead of once per decode step.
             kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
-        masks = self._masks(positions, kv_len if cache is not None else None)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments are for a forward without a KV cache")
+            masks = self._segment_masks(positions, segments)
+        else:
+            masks = self._masks(positions, kv_len if cache is not None else None)
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, positions, kv_len)
@@ -553,40 +534,13 @@ class Transformer(nn.Module):
             masks[window] = m
         return masks
 
-    def _check_positions(self, positions: torch.Tensor) -> None:
-        limit = rope_max_positions(self.config)
-        if limit is not None and int(positions.max()) >= limit:
-            raise R3Error(f"this model's LongRoPE is followed up to original_max_position_embeddings = {limit} "
-                          f"positions; a sequence reached {int(positions.max()) + 1} (shorten the token limits)")
-
-    def shared_prefix_hidden_states(self, prefixes: torch.Tensor, shared: "SharedPrefix"):
-        """Final hidden states of prefixes [P, Lp] and of the rows continuing them [R, Ls]: the
-        prefixes run causally once; row r's tokens sit at positions ``prefix_len[group[r]] + i``
-        and attend to the real tokens of their prefix and to their own earlier tokens, exactly as
-        in the concatenated sequence (sliding windows included)."""
-        dev = prefixes.device
-        P, Lp = prefixes.shape
-        R, Ls = shared.suffix.shape
-        plen = shared.prefix_len[shared.group]  # [R]
-        pos_p = torch.arange(Lp, device=dev).expand(P, Lp)
-        pos_s = plen[:, None] + torch.arange(Ls, device=dev)  # [R, Ls]
-        self._check_positions(pos_s)
-        xp, xs = self.embed_tokens(prefixes), self.embed_tokens(shared.suffix)
-        inv, scale = self.inv_freq(dev), rope_scale(self.config)
-        cp, sp = rope_cos_sin(inv, pos_p, xp.dtype, scale)
-        cs, ss = rope_cos_sin(inv, pos_s, xs.dtype, scale)
-        masks_p = self._masks(pos_p, None)
-        # keys of row r: its prefix's Lp slots (the real ones valid), then its own Ls tokens
-        key_pos = torch.cat((pos_p[:1].expand(R, Lp), pos_s), dim=1)  # [R, Lp + Ls]
-        key_ok = torch.cat((pos_p[:1] < plen[:, None], torch.ones((R, Ls), dtype=torch.bool, device=dev)), dim=1)
-        q, k = pos_s[:, None, :, None], key_pos[:, None, None, :]
-        base = key_ok[:, None, None, :] & (k <= q)
-        masks_s = {w: base if w is None else base & (k > q - w) for w in masks_p}
-        x = (xp, xs)
-        for layer in self.layers:
-            w = layer.self_attn.window
-            x = layer(x, (cp, cs), (sp, ss), (masks_p[w], masks_s[w]), group=shared.group)
-        return self.norm(x[0]), self.norm(x[1])
+    def _segment_masks(self, positions: torch.Tensor, segments: torch.Tensor) -> dict:
+        """Boolean masks [B, 1, T, T] of the packed shared-prefix layout, keyed by window size.
+        Padding attends to padding (never to real tokens, and no query row is empty)."""
+        qs, ks = segments[:, None, :, None], segments[:, None, None, :]
+        qp, kp = positions[:, None, :, None], positions[:, None, None, :]
+        base = ((ks == qs) | ((ks == 0) & (qs > 0))) & (kp <= qp)
+        return {w: base if w is None else base & (kp > qp - w) for w in {layer.self_attn.window for layer in self.layers}}
 
     def forward(
         self,
@@ -595,20 +549,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_len: int | None = None,
-        at: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
-        shared: "SharedPrefix | None" = None,
+        segments: torch.Tensor | None = None,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in fp32; or, with ``at=(rows, cols)``, only the logits at those
         positions, [N, V] in the compute dtype (the loss needs a few positions, and reads them
-        through a fused kernel that upcasts per block: no [B, T, V] fp32 tensor is built).
-
-        With ``shared`` (:class:`SharedPrefix`), ``tokens`` are the prefixes and ``at`` is [N]
-        indices into the prefixes' positions (``p * Lp + t``) followed by the rows' (``P * Lp +
-        r * Ls + i``); the logits there come back as above. Each prefix is encoded once."""
-        if shared is not None:  # tokens are the prefixes; ``at`` indexes prefixes' positions, then the rows'
-            hp, hs = self.shared_prefix_hidden_states(tokens, shared)
-            return self.lm_head(torch.cat((hp.flatten(0, 1), hs.flatten(0, 1)))[at])
-        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len)
+        through a fused kernel that upcasts per block: no [B, T, V] fp32 tensor is built)."""
+        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len, segments=segments)
         if at is not None:
             return self.lm_head(h[at])
         return self.lm_head(h).float()

@@ -80,7 +80,7 @@ def test_shared_prefix_equals_per_row_fp32(tiny_dirs, kind, agg):
         compare(model, reference, seqs, spans, adv, agg, micro_packed=micro,
                                   rtol=1e-5, atol=1e-6)
     one = B.make_micro_batches(seqs, spans, adv, 12, 0, "cpu", shared_prefix=True)[0].packed
-    assert one.prefixes.shape == (3, 17) and one.shared.suffix.shape == (12, 10)  # each prefix once
+    assert one.tokens.shape == (3, 17 + 7 + 5 + 8 + 6)  # a row per group: its prefix once, then its spans
 
 
 def test_shared_prefix_bf16_within_bound(tiny_dirs):
@@ -120,13 +120,11 @@ def test_shared_prefix_equals_per_row_on_the_builtin_model():
 
 
 def test_rows_with_different_prefixes_are_packed_apart_and_spans_must_follow_context():
-    seqs = [[1, 2, 3, 4], [1, 2, 9, 9, 7], [1, 2, 3, 5]]
-    p = B.pack_shared_prefixes(seqs, [(3, 4), (3, 5), (3, 4)], 0, "cpu")
-    assert p.prefixes.tolist() == [[1, 2, 3], [1, 2, 9]]
-    assert p.shared.prefix_len.tolist() == [3, 3] and p.shared.group.tolist() == [0, 1, 0]
-    assert p.shared.suffix.tolist() == [[4, 0], [9, 7], [5, 0]]
-    # row 0: prefix 0's last token; row 1: prefix 1's last token, then its own first token
-    # (after the 2 x 3 prefix positions, row 1's suffix starts at 6 + 1 * 2); row 2: prefix 0 again
-    assert p.at.tolist() == [2, 5, 8, 2]
+    seqs = [[1, 2, 3, 4], [1, 2, 9, 9], [1, 2, 3, 5]]
+    p = B.pack_shared_prefixes(seqs, [(3, 4), (3, 4), (3, 4)], 0, "cpu")
+    assert p.tokens.tolist() == [[1, 2, 3, 4, 5], [1, 2, 9, 9, 0]]
+    assert p.segments.tolist() == [[0, 0, 0, 1, 2], [0, 0, 0, 1, -1]]
+    assert p.positions.tolist() == [[0, 1, 2, 3, 3], [0, 1, 2, 3, 0]]
+    assert p.rows.tolist() == [0, 1, 0] and p.cols.tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="must start after at least one context token"):
         B.pack_shared_prefixes([[1, 2]], [(0, 2)], 0, "cpu")
