@@ -80,27 +80,48 @@ def make_micro_batches(sequences, spans, advantages, size: int, pad_id: int, dev
 
 
 def _chunks(sequences, spans, size: int, shared_prefix: bool) -> list[tuple[int, int]]:
-    """Row ranges of the micro-batches: ``size`` rows each; with ``shared_prefix``, as many
-    consecutive rows as fit in the tokens that ``size`` padded rows of the per-row layout would
-    take (``size`` x the longest row), counting each distinct prefix once (at least one row)."""
+    """Row ranges of the micro-batches: ``size`` rows each; with ``shared_prefix``, whole runs of
+    rows that share a prefix, as many as fit in the tokens that ``size`` padded rows of the per-row
+    layout would take (``size`` x the longest row; each prefix counted once); a run that alone
+    exceeds that is split by rows (its prefix then counted in each part)."""
     n = len(sequences)
     if not shared_prefix:
         return [(i, min(i + size, n)) for i in range(0, n, size)]
     budget = size * max((end for _, end in spans), default=1)
-    out, i = [], 0
+    runs, i = [], 0  # [start, end) of consecutive rows with equal prefixes
     while i < n:
-        seen, used, j = set(), 0, i
-        while j < n:
-            start, end = spans[j]
-            key = tuple(sequences[j][:start])
-            cost = (end - start) + (0 if key in seen else start)
-            if j > i and used + cost > budget:
-                break
-            seen.add(key)
-            used += cost
+        j, key = i + 1, sequences[i][: spans[i][0]]
+        while j < n and spans[j][0] == spans[i][0] and sequences[j][: spans[j][0]] == key:
             j += 1
-        out.append((i, j))
+        runs.append((i, j))
         i = j
+
+    def cost(a: int, b: int) -> int:
+        return spans[a][0] + sum(end - start for start, end in spans[a:b])
+
+    out: list[tuple[int, int]] = []
+    lo, used = None, 0
+    for a, b in runs:
+        c = cost(a, b)
+        if lo is not None and used + c <= budget:
+            used += c
+            continue
+        if lo is not None:
+            out.append((lo, a))
+        if c <= budget:
+            lo, used = a, c
+            continue
+        lo = None  # a run over the budget on its own: by rows
+        start = a
+        while start < b:
+            stop, used_rows = start + 1, cost(start, start + 1)
+            while stop < b and used_rows + spans[stop][1] - spans[stop][0] <= budget:
+                used_rows += spans[stop][1] - spans[stop][0]
+                stop += 1
+            out.append((start, stop))
+            start = stop
+    if lo is not None:
+        out.append((lo, n))
     return out
 
 
