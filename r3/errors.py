@@ -21,7 +21,9 @@ def cli_main(fn):
         try:
             return fn(*args, **kwargs)
         except R3Error as e:
-            print(f"error: {e}", file=sys.stderr)
+            # one write call: ranks that fail together do not interleave their lines
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
             raise SystemExit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
