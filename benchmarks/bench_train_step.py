@@ -20,11 +20,14 @@ blocks' parameters) per encoded token plus the LM head on the targets for a forw
 forward + backward, at this machine's measured rate for a matmul of the model's shape in the compute dtype; attention's score
 FLOPs are left out, so the bound is optimistic for long rows.
 
-It also reports, for the default rollout, the share of each decode batch's row-steps spent on rows
-that had already stopped (the most that dropping finished rows could save).
+The rollout (``default`` shape) runs with ``compact_rollouts`` off and on, alternating, the same
+seed: the median time of each part (first attempts, reflections, retries; prefill + decode), and
+whether both gave the same samples. It also reports the share of each decode batch's row-steps
+spent on rows that had already stopped without compaction (the most that dropping them can save).
 
-What it does not show: the optimizer step (the same in both), rollout compaction or stop strings
-(not built), or a GPU (it runs there on CUDA when one is present).
+What it does not show: the optimizer step (the same in both), stop strings (the default task has
+none: without answer tags the final equation can come at any point), or a GPU (it runs there on
+CUDA when one is present).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -129,6 +133,32 @@ def measure(name, seqs, spans, G, policy, reference, cfg, d, flops, rate, repeat
     return [a, b]
 
 
+def measure_rollouts(model, tok, task, examples, cfg, repeats):
+    """The main command's rollout (one step's episode, seed 0) with ``compact_rollouts`` off and
+    on, alternating, ``repeats`` times each: the median time of each part, and whether both gave
+    the same samples (every sequence and reward)."""
+    times = {False: [], True: []}
+    eps = {}
+    for _ in range(repeats):
+        for compact in (False, True):
+            sampling = replace(cfg.sampling(), compact=compact)
+            t = time.perf_counter()
+            ep = run_episode(model, tok, task, examples, group_size=cfg.group_size, max_failures=cfg.batch_size,
+                             sampling=sampling, seed=0)
+            times[compact].append({"total": time.perf_counter() - t, **ep.times})
+            eps[compact] = ep
+    rows = []
+    for compact in (False, True):
+        med = {k: statistics.median(t[k] for t in times[compact]) for k in times[compact][0]}
+        rows.append({"compact_rollouts": compact, **{f"{k}_s": v for k, v in med.items()},
+                     "generated_tokens": eps[compact].generated_tokens})
+    a, b = eps[False], eps[True]
+    rows[1]["speedup"] = rows[0]["total_s"] / rows[1]["total_s"]
+    rows[1]["same_samples"] = a.sequences == b.sequences and torch.equal(a.rewards, b.rewards)
+    rows[1]["rows_differing"] = sum(x != y for x, y in zip(a.sequences, b.sequences))
+    return b, rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="default,paper", help="comma-separated: default, paper")
@@ -156,12 +186,9 @@ def main(argv=None) -> None:
         task = get_task(cfg.task, **cfg.task_options)
         examples = task.examples("train", seed=0)
         n = math.ceil(cfg.batch_size * cfg.candidates_per_failure)
-        t = time.perf_counter()
-        ep = run_episode(rollout_model, tok, task, examples[:n], group_size=cfg.group_size,
-                         max_failures=cfg.batch_size, sampling=cfg.sampling(), seed=0)
-        out["default_rollout_s"] = time.perf_counter() - t
-        # Row-steps of each decode batch spent on rows that had already stopped: an upper bound on
-        # what dropping finished rows could save (decode time is not linear in the rows).
+        ep, out["rollouts"] = measure_rollouts(rollout_model, tok, task, examples[:n], cfg, args.repeats)
+        # Row-steps of each decode batch spent on rows that had already stopped: what dropping
+        # finished rows can save at most (decode time is not linear in the rows).
         lengths = {"attempt": [len(a) for a in ep.first_attempts],
                    "reflection": [e - s for s, e in ep.spans],
                    "retry": [e - s for s, e in ep.retry_spans]}
@@ -173,8 +200,16 @@ def main(argv=None) -> None:
         seqs, spans = paper_groups(mc.vocab_size, 4, cfg.group_size, seed=0)
         out["rows"] += measure("paper", seqs, spans, cfg.group_size, policy, reference, cfg, d, flops, rate,
                                args.repeats)
-    print(f"device {out['device']}, {out['dtype']}, matmul {out['matmul_tflops']:.2f} TFLOP/s"
-          + (f", default rollout {out['default_rollout_s']:.1f} s" if "default_rollout_s" in out else ""))
+    print(f"device {out['device']}, {out['dtype']}, matmul {out['matmul_tflops']:.2f} TFLOP/s")
+    if "rollouts" in out:
+        head = ("compact rollouts", "attempt s", "reflection s", "retry s", "rollout s", "speed-up", "same samples")
+        print("| " + " | ".join(head) + " |")
+        print("|" + " --- |" * len(head))
+        for r in out["rollouts"]:
+            cells = ("on" if r["compact_rollouts"] else "off", f"{r['attempt_s']:.2f}", f"{r['reflection_s']:.2f}",
+                     f"{r['retry_s']:.2f}", f"{r['total_s']:.2f}", f"{r['speedup']:.2f}x" if "speedup" in r else "",
+                     ("yes" if r["same_samples"] else f"no ({r['rows_differing']} rows differ)") if "same_samples" in r else "")
+            print("| " + " | ".join(str(c) for c in cells) + " |")
     for k, v in out.get("stopped_row_step_fraction", {}).items():
         print(f"  {k}: mean length {out['mean_length'][k]:.1f} tokens; {v:.0%} of the decode batch's row-steps "
               "are rows that already stopped")

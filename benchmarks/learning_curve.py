@@ -49,7 +49,7 @@ from r3.config import parse_args as parse_train_args  # noqa: E402
 from r3.chat import ChatFormat  # noqa: E402
 from r3.episode import run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
-from r3.sampler import Session  # noqa: E402
+from r3.sampler import RANDOM_STREAMS, Session, StopStrings  # noqa: E402
 from r3.stats import paired_difference  # noqa: E402
 from r3.tasks import get  # noqa: E402
 
@@ -68,7 +68,8 @@ def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tup
         batch = examples[i:i + CHUNK]
         s = Session.start(model, [chat.prompt(task.messages(ex)) for ex in batch], vocab_size=len(tok), seed=seed + i)
         got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                       top_k=sampling.top_k, stop_token_ids=chat.stop_ids)
+                       top_k=sampling.top_k, stop_token_ids=chat.stop_ids,
+                       stop_strings=StopStrings(task.stop_strings, chat.decode) if task.stop_strings else None)
         out += [(list(t), bool(task.verify(ex, chat.decode(t)))) for ex, t in zip(batch, got.tokens)]
     return out
 
@@ -209,7 +210,7 @@ def main():
     # what the untrained model's evaluation depends on (not the training knobs)
     key = {k: getattr(cfg, k) for k in ("model", "task", "task_options", "temperature", "top_p", "top_k", "dtype",
                                         "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")}
-    key.update(samples=args.samples, seed=args.seed)
+    key.update(samples=args.samples, seed=args.seed, random_streams=RANDOM_STREAMS)
     before_path = out / "before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     if before is None or before.get("key") != json.loads(json.dumps(key)):

@@ -43,6 +43,7 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     compile_decode: bool = False  # rollouts decode through torch.compile (~1.3x per step on CPU in bf16; ~1 min to compile once)
+    compact_rollouts: bool = True  # decode batches drop rows that have stopped (the same samples)
     # optimisation
     lr: float = 1.5e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
     warmup_steps: int = 2
@@ -59,6 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     skip_no_signal_groups: bool = True  # groups with all-equal rewards have zero advantage
     shared_prefix: bool = True  # update and reference encode each group's shared prefix once
+    activation_checkpointing: bool = False  # the update recomputes each block's activations in backward
     # precision and runtime
     dtype: str = "bf16"  # compute dtype; master weights and optimizer state stay fp32
     seed: int = 0
@@ -83,7 +85,8 @@ class TrainConfig:
         return EpisodeSampling(temperature=self.temperature if temperature is None else temperature,
                                top_p=self.top_p, top_k=self.top_k, max_attempt_tokens=self.max_attempt_tokens,
                                max_reflection_tokens=self.max_reflection_tokens,
-                               max_retry_tokens=self.max_retry_tokens, compile_decode=self.compile_decode)
+                               max_retry_tokens=self.max_retry_tokens, compile_decode=self.compile_decode,
+                               compact=self.compact_rollouts)
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -99,7 +102,8 @@ class TrainConfig:
         for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
                      "eval_every", "eval_n", "eval_temperature", "eval_temperature", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
             positive(name, allow_zero=True)
-        for name in ("compile_decode", "scale_advantages", "skip_no_signal_groups", "shared_prefix"):
+        for name in ("compile_decode", "compact_rollouts", "scale_advantages", "skip_no_signal_groups", "shared_prefix",
+                     "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise R3Error(f"config: {name!r} must be true or false, got {getattr(self, name)!r}")
         if self.group_size < 2:
@@ -125,7 +129,8 @@ class TrainConfig:
 
     # Fields that may differ when resuming a run in the same --out (everything else must match).
     RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_last", "eval_every", "eval_n",
-                         "samples_every", "log_samples", "stop_after", "out", "report_to", "shared_prefix")
+                         "samples_every", "log_samples", "stop_after", "out", "report_to", "shared_prefix",
+                         "compact_rollouts", "activation_checkpointing")
 
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()
@@ -153,6 +158,7 @@ HELP = {
     "top_p": "nucleus sampling of the rollouts (1 = off)",
     "top_k": "top-k sampling of the rollouts (0 = off)",
     "compile_decode": "decode the rollouts through torch.compile (faster per step; compiles once)",
+    "compact_rollouts": "drop rows that have stopped from the rollouts' decode batches (the same samples, faster)",
     "lr": "peak learning rate (AdamW)",
     "warmup_steps": "linear warmup steps, then cosine decay",
     "min_lr_ratio": "the cosine decays to lr * min_lr_ratio",
@@ -168,6 +174,8 @@ HELP = {
     "grad_clip": "gradient-norm clip (0 = none)",
     "skip_no_signal_groups": "leave out groups whose rewards are all equal (zero advantage)",
     "shared_prefix": "update and reference encode each group's shared prefix once (same loss and gradients)",
+    "activation_checkpointing": "the update keeps only each block's input and recomputes the rest in backward "
+                                "(same gradients, less memory, ~1/3 more update compute)",
     "dtype": "compute dtype, bf16 or fp32; master weights and optimizer state stay fp32",
     "seed": "seed of data order, sampling and initialisation",
     "max_steps": "optimizer steps in all",

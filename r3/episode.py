@@ -20,7 +20,7 @@ import torch
 
 from r3.chat import ChatFormat
 from r3.errors import positive_int
-from r3.sampler import Session
+from r3.sampler import Session, StopStrings
 
 
 @dataclass
@@ -35,6 +35,7 @@ class EpisodeSampling:
     max_reflection_tokens: int = 128
     max_retry_tokens: int = 256
     compile_decode: bool = False  # the sampler's decode step through torch.compile (see r3.decode)
+    compact: bool = True  # drop stopped rows from decode batches (the same samples, less work)
 
     def __post_init__(self):
         for name in ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
@@ -65,6 +66,8 @@ class Episode:
     reflection_logprobs: list[list[float]] = field(default_factory=list)
     retry_logprobs: list[list[float]] = field(default_factory=list)
     retry_spans: list[tuple[int, int]] = field(default_factory=list)
+    # Wall seconds of each part: "attempt" / "reflection" / "retry" (prefill of its turn + decode).
+    times: dict = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:
@@ -112,6 +115,9 @@ def run_episode(
     vocab = len(tokenizer)
     stops = chat.stop_ids
     kw = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stops)
+    # Answer turns (attempt, retry) also end at the task's stop strings; reflections do not.
+    strings = tuple(getattr(task, "stop_strings", ()) or ())
+    answer_kw = dict(kw, stop_strings=StopStrings(strings, chat.decode) if strings else None)
     if not examples:
         return Episode([], [], torch.zeros((0, group_size)), 0, 0, [], 0)
     prompts = [chat.prompt(task.messages(ex)) for ex in examples]
@@ -120,11 +126,13 @@ def run_episode(
     turn_budget = (max(len(chat.user_turn(t)) for t in reflect_text)
                    + max(len(chat.user_turn(t)) for t in retry_text) + 2)
     generated = 0
+    times = {}
 
     if failed_attempts is None:
         session = Session.start(model, prompts, max_len=_presize(prompts, sampling, turn_budget), vocab_size=vocab, seed=seed,
-                                compile_decode=sampling.compile_decode)
-        first = session.sample(sampling.max_attempt_tokens, **kw)
+                                compile_decode=sampling.compile_decode, compact=sampling.compact)
+        first = session.sample(sampling.max_attempt_tokens, **answer_kw)
+        times["attempt"] = session.prefill_s + first.decode_s
         generated += first.new_tokens
         passed = [task.verify(ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
         failed = [i for i, ok in enumerate(passed) if not ok]
@@ -134,7 +142,7 @@ def run_episode(
         first_attempts, first_passed = [list(t) for t in first.tokens], passed
         if not failed:
             return Episode([], [], torch.zeros((0, group_size)), queries, first_success, [], generated,
-                           first_attempts=first_attempts, first_passed=first_passed)
+                           first_attempts=first_attempts, first_passed=first_passed, times=times)
         attempts = [first.tokens[i] for i in failed]
         closed = [chat.ends_turn(first.tokens[i]) for i in failed]
         session = session.select(failed)
@@ -149,15 +157,18 @@ def run_episode(
         full = [prompts[i] + a for i, a in zip(failed, attempts)]
         session = Session.start(model, full, max_len=_presize(full, sampling, turn_budget) - sampling.max_attempt_tokens,
                                 vocab_size=vocab, seed=seed,
-                                compile_decode=sampling.compile_decode)
+                                compile_decode=sampling.compile_decode, compact=sampling.compact)
+        times["attempt"] = session.prefill_s  # the stored attempts' prefill
         queries, first_success = 0, 0
         first_attempts, first_passed = [], []
 
     # Reflect: one prefill of [task, failed attempt, reflection prompt] per failure, then G forks.
+    t_prefill = session.prefill_s
     session.append([chat.user_turn(reflect_text[i], c) for i, c in zip(failed, closed)])
     session = session.fork(group_size)
     starts = session.lengths
     refl = session.sample(sampling.max_reflection_tokens, **kw)
+    times["reflection"] = session.prefill_s - t_prefill + refl.decode_s
     generated += refl.new_tokens
     spans = [(s, s + n) for s, n in zip(starts, refl.lengths)]
 
@@ -165,7 +176,9 @@ def run_episode(
     session.append([chat.user_turn(retry_text[failed[r // group_size]], chat.ends_turn(t))
                     for r, t in enumerate(refl.tokens)])
     retry_starts = session.lengths
-    retry = session.sample(sampling.max_retry_tokens, **kw)
+    t_prefill = session.prefill_s
+    retry = session.sample(sampling.max_retry_tokens, **answer_kw)
+    times["retry"] = session.prefill_s - t_prefill + retry.decode_s
     generated += retry.new_tokens
 
     group_examples = [examples[i] for i in failed]
@@ -198,4 +211,5 @@ def run_episode(
         reflection_logprobs=refl.logprobs,
         retry_logprobs=retry.logprobs,
         retry_spans=[(s, s + n) for s, n in zip(retry_starts, retry.lengths)],
+        times=times,
     )

@@ -33,7 +33,17 @@ A row that samples a stop token stops producing tokens while the batch goes on: 
 decode steps re-feed the stop token at the stop token's own position (``positions`` frozen), which
 writes that token's true keys/values to its own slot and touches nothing else; its outputs are
 ignored. The stop token stays pending, so a later ``append`` continues the conversation exactly
-as a fresh prefill of the whole history would.
+as a fresh prefill of the whole history would. Once a quarter of the decode batch has stopped,
+the batch is *compacted*: the live rows' cache rows are copied into a smaller cache, decoding goes
+on there, and what they decode is written back into the session's cache (at the next compaction
+or at the end). A row ended by a stop string keeps its tokens up to the one that completed it;
+that token is pending as a stop token would be.
+
+Random streams
+--------------
+Each :meth:`Session.sample` call draws one 62-bit key per row from the session's generator; row
+``b``'s uniform at step ``t`` is a hash of ``(key_b, t)`` (:func:`row_uniforms`). So a row's draws
+do not depend on which other rows share the decode batch: compaction, and stops, change no sample.
 
 Log-probabilities (float32)
 ---------------------------
@@ -50,8 +60,10 @@ checkpoints often pad the embedding matrix, and the LM head is applied to the re
 Performance
 -----------
 The decode loop does no per-row Python work: tokens, positions and stop flags are tensors, the
-output buffers ``[B, max_new_tokens]`` are preallocated, and the host checks "all rows stopped"
-with one ``.item()``-style sync every ``sync_every`` steps (only when there are stop tokens).
+output buffers ``[B, max_new_tokens]`` are preallocated, and the host counts the stopped rows
+with one ``.item()``-style sync every ``sync_every`` steps (only when there are stop tokens). Stop
+strings are the exception: at each such check, every live row's last few tokens are decoded to
+text (a tokenizer call per row, a few microseconds).
 ``kv_len`` is tracked as a Python int, so attention reads only the used cache slots. Sampling is
 an inverse-CDF draw (see :func:`pick_tokens`); top-k uses ``topk`` only when ``k > 0`` and top-p
 sorts only when ``top_p < 1``. On CPU the decode step is :class:`FastStep` (fused and, in bf16,
@@ -74,10 +86,37 @@ from r3.errors import R3Error
 PREFILL_TOKENS = 16384
 #: The tokens pad value in ``Samples.token_tensor``.
 PAD = -1
+#: A decode batch is compacted to its live rows once at least this fraction of it has stopped.
+COMPACT_FRACTION = 0.25
+#: Names how a seed becomes the sampler's uniforms (:func:`row_uniforms`). Results that pair
+#: samples across runs by seed (the learning-curve benchmark's stored untrained evaluation) record
+#: it, so a change of streams is not mistaken for the same draws.
+RANDOM_STREAMS = "per-row-fmix32-v1"
 
 
 class SamplingError(R3Error, ValueError):
     """A bad sampling argument (an R3Error, so CLIs print one line and exit 2)."""
+
+
+class StopStrings:
+    """Texts that end a row when its sampled tokens produce one (e.g. ``"</answer>"``): the row
+    keeps every token up to the one that completes the text, which may carry a few characters
+    after it. ``decode``: token ids -> text (the tokenizer's). Each step decodes only a row's last
+    ``window`` tokens (a text of n bytes spans at most n tokens, plus one for a character split
+    across tokens), so the check costs the same at any length."""
+
+    def __init__(self, strings: Sequence[str], decode):
+        self.strings = tuple(str(x) for x in strings)
+        if not self.strings or any(not x for x in self.strings):
+            raise SamplingError(f"stop strings must be non-empty texts, got {list(strings)!r}")
+        self.decode = decode
+        self.window = max(len(x.encode("utf-8")) for x in self.strings) + 1
+
+    def completed(self, tokens: Sequence[int]) -> bool:
+        """Whether ``tokens`` (a row's sampled tokens so far) end in a stop string's occurrence,
+        i.e. hold one that is not in ``tokens[:-1]``, given that ``tokens[:-1]`` holds none."""
+        text = self.decode(list(tokens[-self.window:]))
+        return any(x in text for x in self.strings)
 
 
 @dataclass
@@ -87,7 +126,8 @@ class Samples:
 
     ``tokens[i]`` -- the completion's token ids, the stop token included when one was hit.
     ``logprobs[i]`` -- float log-prob of each of those tokens (see the module docstring).
-    ``finished[i]`` -- True when the row ended on a stop token (False: it hit ``max_new_tokens``).
+    ``finished[i]`` -- True when the row ended on a stop token or stop string (False: it hit
+    ``max_new_tokens``).
     ``token_tensor`` / ``logprob_tensor`` -- the same, as ``[rows, steps]`` tensors on the model's
     device, padded with ``PAD`` (-1) / 0.0 past each row's ``lengths[i]``.
     Timing (seconds, wall clock, synchronised on CUDA): ``prefill_s`` (feeding prompts / appended
@@ -143,18 +183,21 @@ def pick_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens ``[B]`` (long) and their float32 log-probs ``[B]`` from ``logits [B, V]``.
 
-    Sampling is by inverse CDF with one uniform per row from ``generator`` (``cumsum`` +
-    ``searchsorted``): an exact draw, reproducible by seed, no host sync, and a few passes over
-    ``[B, V]`` -- several times cheaper on CPU than ``multinomial`` or exponential/Gumbel noise for
-    every logit. Filtered-out tokens have probability exactly 0 and can never be drawn.
+    Sampling is by inverse CDF with one uniform per row (``cumsum`` + ``searchsorted``): an exact
+    draw, reproducible by seed, no host sync, and a few passes over ``[B, V]`` -- several times
+    cheaper on CPU than ``multinomial`` or exponential/Gumbel noise for every logit. Filtered-out
+    tokens have probability exactly 0 and can never be drawn. ``u``: the uniforms ``[B, 1]`` in
+    [0, 1) (the sampler's per-row streams, :func:`row_uniforms`); None: drawn from ``generator``.
     """
     if temperature == 0:
         return pick_greedy(logits)
     V = logits.shape[-1]
-    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
+    if u is None:
+        u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
     if _unfiltered(top_k, top_p, V):
         return pick_sampled(logits, u, temperature)
     x = logits.float()
@@ -237,6 +280,44 @@ def _top_p_candidates(x: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
     return _nucleus(vals, log_norm, top_p), index
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``x * m mod 2**32`` for int64 ``x`` in [0, 2**32): in two 16-bit halves of ``m``, so no
+    intermediate leaves int64's range (signed overflow is not relied on)."""
+    lo = x * (m & 0xFFFF)
+    hi = ((x * (m >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser (a bijection of [0, 2**32) that mixes every bit)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def row_keys(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """``n`` random stream keys (int64 in [0, 2**62)) from ``generator``: one per row of a
+    :meth:`Session.sample` call."""
+    return torch.randint(0, 2 ** 62, (n,), dtype=torch.long, generator=generator, device=device)
+
+
+def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """The uniform ``[B, 1]`` float32 in [0, 1) that row ``b`` uses at decode step ``step``: a
+    hash of ``(keys[b], step)`` alone, so a row draws the same numbers whichever other rows share
+    its batch (rollouts can drop finished rows without changing any sample). Each row's stream is
+    a counter-based generator: two rounds of a 32-bit mix over the key's two halves and the step,
+    24 bits out (exact in float32)."""
+    lo, hi = keys & _M32, keys >> 32
+    h = _fmix32((_mul32(torch.full_like(keys, step & _M32), 0x9E3779B9) + lo) & _M32)
+    h = _fmix32(h ^ hi)
+    return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24)))[:, None]
+
+
 def make_generator(device, seed: int | None) -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
@@ -267,8 +348,9 @@ class Session:
 
     def __init__(self, model, cache, rows: list[list[int]], *, vocab_size: int, generator: torch.Generator,
                  prefill_tokens: int = PREFILL_TOKENS, fast_decode: bool | None = None,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, compact: bool = True):
         self.model = model
+        self.compact = compact
         self.fast_decode = fast_decode
         self.compile_decode = compile_decode
         self.cache = cache
@@ -293,6 +375,7 @@ class Session:
         prefill_tokens: int = PREFILL_TOKENS,
         fast_decode: bool | None = None,
         compile_decode: bool = False,
+        compact: bool = True,
     ) -> "Session":
         """Prefill ``prompts`` (ragged token-id lists, each non-empty) into a new cache.
 
@@ -306,7 +389,8 @@ class Session:
         run that step through ``torch.compile`` (see :mod:`r3.decode`; faster per step on CPU in
         bf16, the same logits up to rare one-ulp differences, a one-time compile; implies
         ``fast_decode``; speeds in ``benchmarks/results/sampler_cpu.md``).
-        ``prefill_tokens``: padded tokens per prefill chunk.
+        ``prefill_tokens``: padded tokens per prefill chunk. ``compact``: ``sample``'s default
+        (drop stopped rows from the decode batch).
         """
         rows = [list(map(int, p)) for p in prompts]
         if not rows:
@@ -328,7 +412,7 @@ class Session:
         model.inv_freq(device)  # cache RoPE frequencies outside inference mode (a normal tensor)
         cache = model.new_cache(len(rows), max(max_len or 0, longest))
         session = cls(model, cache, rows, vocab_size=vocab_size, generator=generator, prefill_tokens=prefill_tokens,
-                      fast_decode=fast_decode, compile_decode=compile_decode)
+                      fast_decode=fast_decode, compile_decode=compile_decode, compact=compact)
         session._feed([r[:-1] for r in rows])
         return session
 
@@ -336,7 +420,7 @@ class Session:
         cache = self.cache.select(rows)
         new = Session(self.model, cache, [list(self.rows[r]) for r in rows], vocab_size=self.vocab_size,
                       generator=self.generator, prefill_tokens=self.prefill_tokens, fast_decode=self.fast_decode,
-                      compile_decode=self.compile_decode)
+                      compile_decode=self.compile_decode, compact=self.compact)
         new.prefill_s = self.prefill_s
         return new
 
@@ -462,14 +546,24 @@ class Session:
         stop_token_ids: Sequence[int] = (),
         generator: torch.Generator | None = None,
         sync_every: int | None = None,
+        compact: bool | None = None,
+        stop_strings: StopStrings | None = None,
     ) -> Samples:
         """Sample up to ``max_new_tokens`` tokens for every row, append them to the rows (stop
-        token included) and return them. A row that samples one of ``stop_token_ids`` stops; the
-        loop ends when every row has stopped or after ``max_new_tokens`` steps.
+        token included) and return them. A row that samples one of ``stop_token_ids``, or whose
+        tokens complete one of ``stop_strings``, stops; the loop ends when every row has stopped
+        or after ``max_new_tokens`` steps. A row's tokens up to its stop do not depend on the stops
+        (the same seed gives the run without stops, cut there).
 
-        ``generator``: overrides the session's random stream for this call. ``sync_every``: how
-        often (in steps) the host checks whether every row has stopped (default: every step on
-        CPU, every 8 on other devices; a check is one host sync).
+        ``generator``: overrides the session's random stream for this call (it draws one key per
+        row; the row's uniforms are :func:`row_uniforms` of that key). ``sync_every``: how often
+        (in steps) the host checks whether rows have stopped (default: every step on CPU, every 8
+        on other devices; a check is one host sync). ``compact`` (default: the session's): at a
+        check where at least :data:`COMPACT_FRACTION` of the decode batch has stopped, go on with
+        the live rows only (their cache rows copied out, and written back at the end); the
+        samples are the same either way. Stop strings are checked at the same points (every step
+        on CPU), so with ``sync_every > 1`` a row may run a few steps past its stop string before
+        it is stopped; its tokens are cut at the stop all the same.
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         device = self.device
@@ -477,58 +571,92 @@ class Session:
         B, N = len(self), max_new_tokens
         if sync_every is None:
             sync_every = 1 if device.type == "cpu" else 8
+        compact = self.compact if compact is None else compact
         t0 = time.perf_counter()
         starts = [len(r) - 1 for r in self.rows]
         base = max(starts)
         self.reserve(base + N)
-        cache = self.cache
         step = self._step()
         stop = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=torch.long, device=device)
-        has_stop = stop.numel() > 0
+        has_ids = stop.numel() > 0
+        has_stop = has_ids or stop_strings is not None
+        # Stop strings: per row the tokens kept when one ended it; the steps checked so far, and
+        # which rows had stopped by then.
+        string_end, checked, was_done = [N + 1] * B, 0, torch.zeros(B, dtype=torch.bool, device=device)
+        stop_ids = set(stop.tolist())
+        keys = None if temperature == 0 else row_keys(B, gen, device)
 
         out_tok = torch.full((B, N), PAD, dtype=torch.long, device=device)
         out_lp = torch.zeros((B, N), dtype=torch.float32, device=device)
         tok = torch.tensor([r[-1] for r in self.rows], dtype=torch.long, device=device)
         pos = torch.tensor(starts, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        # The decode batch: ``live`` holds the session rows it runs (None: all, in the session's
+        # cache); after a compaction ``cache`` is a copy of those rows' cache (slots < ``top``).
+        live, cache, top = None, self.cache, base + N
+        first_slot = min(starts)
         steps = N
         # The compiled step picks the next token in its own graph when there is no top-k/top-p
-        # (the same functions as pick_tokens, and the same random stream: one uniform per row).
+        # (the same functions and uniforms as pick_tokens).
         fused = None
         if self.compile_decode and (temperature == 0 or _unfiltered(top_k, top_p, self.vocab_size)):
             fused = pick_greedy if temperature == 0 else pick_sampled
             temp_t = torch.tensor(float(temperature), dtype=torch.float32, device=device)
         for t in range(N):
+            u = None if keys is None else row_uniforms(keys, t)
             if fused is not None:
-                u = None if temperature == 0 else torch.rand(B, 1, device=device, generator=gen)
                 nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u, temperature=temp_t)
             else:
                 logits = step(tok, pos, cache, base + t + 1, self.vocab_size)
-                nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
             if has_stop:
                 # Stopped rows repeat their stop token at a frozen position (see module docstring).
                 nxt = torch.where(done, tok, nxt)
-                out_tok[:, t] = nxt
-                out_lp[:, t] = lp.masked_fill(done, 0.0)
+                lp = lp.masked_fill(done, 0.0)
+                if live is None:
+                    out_tok[:, t], out_lp[:, t] = nxt, lp
+                else:
+                    out_tok[live, t], out_lp[live, t] = nxt, lp
                 pos += ~done
-                done |= torch.isin(nxt, stop)
-                if (t + 1) % sync_every == 0 and t + 1 < N and bool(done.all()):
-                    steps = t + 1
-                    break
+                if has_ids:
+                    done |= torch.isin(nxt, stop)
+                if stop_strings is not None and ((t + 1) % sync_every == 0 or t + 1 == N):
+                    _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t + 1,
+                                       string_end)
+                    checked, was_done = t + 1, done.clone()
+                if (t + 1) % sync_every == 0 and t + 1 < N:
+                    n_done = int(done.sum())
+                    if n_done == len(done):
+                        steps = t + 1
+                        break
+                    if compact and n_done >= COMPACT_FRACTION * len(done):
+                        keep = (~done).nonzero()[:, 0]
+                        if live is not None:
+                            self._write_back(cache, live, first_slot, base + t + 1)
+                        src = cache if live is not None else _slots_view(cache, top)
+                        cache = src.select(keep)
+                        live = keep if live is None else live[keep]
+                        tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
+                        keys = None if keys is None else keys[keep]
             else:
                 out_tok[:, t] = nxt
                 out_lp[:, t] = lp
                 pos += 1
             tok = nxt
+        if live is not None:
+            self._write_back(cache, live, first_slot, base + steps)
 
         out_tok, out_lp = out_tok[:, :steps], out_lp[:, :steps]
         if has_stop:
             hit = torch.isin(out_tok, stop)
             lengths_t = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, steps)
+            by_string = torch.tensor(string_end, device=device)
+            finished_t = hit.any(-1) | (by_string <= lengths_t)
+            lengths_t = torch.minimum(lengths_t, by_string)
             keep = torch.arange(steps, device=device) < lengths_t[:, None]
             out_tok = out_tok.masked_fill(~keep, PAD)
             out_lp = out_lp.masked_fill(~keep, 0.0)
-            finished = hit.any(-1).tolist()
+            finished = finished_t.tolist()
         else:
             lengths_t = torch.full((B,), steps, device=device)
             finished = [False] * B
@@ -550,6 +678,40 @@ class Session:
             steps=steps,
             decode_s=time.perf_counter() - t0,
         )
+
+    def _write_back(self, cache, rows: torch.Tensor, lo: int, hi: int) -> None:
+        """Copy slots ``[lo, hi)`` of a compacted decode batch's ``cache`` (its row ``i`` is the
+        session's row ``rows[i]``) into the session's cache: what those rows decoded. Slots below
+        a row's own start hold its history, unchanged, so one range serves all rows."""
+        for dst, src in zip(self.cache.k + self.cache.v, cache.k + cache.v):
+            dst[rows, :, lo:hi] = src[:, :, lo:hi]
+
+
+def _find_stop_strings(strings: StopStrings, stop_ids: set, out_tok: torch.Tensor, live, done: torch.Tensor,
+                       was_done: torch.Tensor, lo: int, hi: int, string_end: list[int]) -> None:
+    """Stop the decode batch's rows whose tokens complete a stop string at a step in ``[lo, hi)``
+    (``done`` set, ``string_end`` = the tokens the row keeps). Checked: the rows that had not
+    stopped at the previous check (``was_done`` False), each up to its stop id if it sampled one
+    since. ``live``: the session rows of the decode batch (None: all)."""
+    cand = (~was_done).nonzero()[:, 0].tolist()
+    if not cand:
+        return
+    rows = cand if live is None else live[cand].tolist()
+    start = max(0, lo - strings.window)
+    block = out_tok[rows, start:hi].tolist()
+    for i, r, toks in zip(cand, rows, block):
+        for j in range(lo, hi):
+            if strings.completed(toks[: j + 1 - start]):
+                string_end[r] = j + 1
+                done[i] = True
+                break
+            if toks[j - start] in stop_ids:
+                break
+
+
+def _slots_view(cache, n: int):
+    """The first ``n`` slots of every row (views): what a compacted decode batch copies."""
+    return type(cache)([k[:, :, :n] for k in cache.k], [v[:, :, :n] for v in cache.v])
 
 
 def _rows_view(cache, lo: int, hi: int):
@@ -579,18 +741,20 @@ def generate(
     generator: torch.Generator | None = None,
     fast_decode: bool | None = None,
     compile_decode: bool = False,
+    compact: bool = True,
 ) -> Samples:
     """Sample ``num_samples`` completions per prompt (prompt-major: row ``i`` is prompt
     ``i // num_samples``). Each prompt is prefilled once and its cache forked ``num_samples``
-    times. ``temperature=0`` is greedy. See :class:`Samples` for the result and the module
-    docstring for the log-probs."""
+    times. ``temperature=0`` is greedy. ``compact``: drop stopped rows from the decode batch (see
+    :meth:`Session.sample`). See :class:`Samples` for the result and the module docstring for the
+    log-probs."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise SamplingError(f"num_samples must be a positive integer, got {num_samples!r}")
     longest = max((len(p) for p in prompts), default=0)
     session = Session.start(model, prompts, max_len=longest + max_new_tokens, vocab_size=vocab_size,
                             seed=seed, generator=generator, fast_decode=fast_decode,
-                            compile_decode=compile_decode)
+                            compile_decode=compile_decode, compact=compact)
     if num_samples > 1:
         t0 = time.perf_counter()
         session = session.fork(num_samples)

@@ -455,3 +455,43 @@ def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, b
     stats = T.update(model, opt, mbs, len(mbs), cfg, one_rank)
     assert stats["logp_diff_tokens"] == sum(e - s for s, e in ep.spans)
     assert stats["logp_diff_max"] == pytest.approx(worst, abs=1e-6)
+
+
+class StopAtETask(CoinTask):
+    """CoinTask whose answer turns end at the first letter "e" (a stand-in for ``</answer>``)."""
+
+    stop_strings = ("e",)
+
+
+def test_answer_turns_end_at_the_tasks_stop_strings(tiny):
+    """First attempts and retries end at the token that writes the first "e"; reflections run on.
+    The attempts are the free run's cut there (same seed), a cut attempt is closed by the
+    end-of-turn token before the reflection turn, and the verdict reads the cut retry."""
+    model, tok, chat = tiny
+    examples = CoinTask().examples(n=12, seed=4)
+    sampling = EpisodeSampling(temperature=1.0, max_attempt_tokens=24, max_reflection_tokens=24, max_retry_tokens=24)
+    free = run_episode(model, tok, CoinTask(), examples, group_size=2, sampling=sampling, seed=5, chat=chat)
+    task = StopAtETask()
+    ep = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, seed=5, chat=chat)
+
+    def cut(ids):
+        for j in range(1, len(ids) + 1):
+            if "e" in chat.decode(ids[:j]):
+                return ids[:j]
+        return ids
+
+    assert [cut(a) for a in free.first_attempts] == ep.first_attempts
+    n_cut = sum(cut(a) != a for a in free.first_attempts)
+    assert n_cut >= 3
+    for a in ep.first_attempts:
+        assert "e" not in chat.decode(a[:-1]) and ("e" in chat.decode(a) or closed(a) or len(a) == 24)
+    assert any("e" in r["reflection"] for r in ep.records)  # reflections are not cut
+    for r, rec in enumerate(ep.records):
+        parts = split_row(ep, chat, task, r)
+        retry = parts["retry"]
+        assert "e" not in chat.decode(retry[:-1])
+        assert rec["retry"] == chat.decode(retry)
+        assert ep.rewards.view(-1)[r] == float(task.verify(rec["example"], rec["retry"]))
+        attempt = parts["attempt"]
+        if not closed(attempt):  # cut (or at the limit): the template's end-of-turn comes first
+            assert parts["reflect_turn"][0] == EOS

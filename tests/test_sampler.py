@@ -19,7 +19,9 @@ from r3.checkpoint import load
 from r3.errors import R3Error
 from r3.model import ModelConfig, Transformer
 from r3.decode import FastStep, ModelStep
-from r3.sampler import Session, SamplingError, _top_p_candidates, generate, pick_greedy, pick_tokens
+from r3.sampler import (Session, SamplingError, StopStrings, _mul32, _top_p_candidates, generate, pick_greedy,
+                        pick_tokens,
+                        row_keys, row_uniforms)
 
 KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -570,3 +572,164 @@ def test_compiled_generate_equals_eager(tiny_dirs):
         assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
     with pytest.raises(SamplingError, match="compile_decode"):
         generate(model, prompts, max_new_tokens=2, compile_decode=True, fast_decode=False)
+
+
+# --------------------------------------------------------------------------------------------
+# per-row random streams and rollout compaction
+# --------------------------------------------------------------------------------------------
+
+
+def test_mul32_and_row_uniforms():
+    """The 32-bit multiply equals Python's; a row's uniforms depend on its key and the step only
+    (not on the other rows of the batch), lie in [0, 1) and look uniform and independent."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2 ** 32, (3000,), generator=g)
+    for m in (0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9, 1, 0xFFFFFFFF):
+        assert _mul32(x, m).tolist() == [(int(a) * m) % 2 ** 32 for a in x]
+    keys = row_keys(2048, g, "cpu")
+    assert keys.min() >= 0 and keys.max() < 2 ** 62
+    u = torch.cat([row_uniforms(keys, t) for t in range(32)], 1)  # [rows, steps]
+    idx = torch.tensor([7, 3, 2000, 3])
+    assert torch.equal(row_uniforms(keys[idx], 5), u[idx, 5:6])
+    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    expect = u.numel() / 16
+    assert ((counts - expect) ** 2 / expect).sum() < 45  # chi-square, 15 dof: p ~ 1e-4
+    assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]) < 0.02
+    assert abs(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1]) < 0.02
+    assert len(set(u[:, 0].tolist())) > 2000 * 0.99  # rows do not share draws
+
+
+class _BatchSizes:
+    """Wraps Session._step to record every decode step's batch size."""
+
+    def __init__(self, monkeypatch):
+        self.sizes = []
+        original = Session._step
+
+        def step(session):
+            inner = original(session)
+
+            def run(tok, *a, **kw):
+                self.sizes.append(tok.shape[0])
+                return inner(tok, *a, **kw)
+            return run
+
+        monkeypatch.setattr(Session, "_step", step)
+
+
+SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9),
+             dict(temperature=1.0, top_k=20)]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "model-step"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_compaction_gives_the_same_samples(tiny, kind, fast, monkeypatch):
+    """Rows stop at different steps; with compaction the decode batch shrinks, yet every token,
+    stop and log-prob (fp32, up to rounding) is the one the full batch gives, and so is the
+    cache: a second turn continued from it samples the same again."""
+    model, _ = tiny[kind]
+    fast = fast if FastStep.supports(model.config) else None
+    prompts = _rand_prompts(256, [5, 9, 2, 12, 7, 3], seed=30)
+    turns = _rand_prompts(256, [2, 6, 1, 4, 3, 5] * 3, seed=31)
+    stops = list(range(3, 256, 11))  # ~9% of the vocabulary ends a row
+    sizes = _BatchSizes(monkeypatch)
+    compacted = 0
+    for kw in SAMPLINGS:
+        out = {}
+        for compact in (False, True):
+            sizes.sizes.clear()
+            s = Session.start(model, prompts, seed=4, fast_decode=fast, compact=compact).fork(3)
+            a = s.sample(24, stop_token_ids=stops, **kw)
+            s.append(turns)
+            b = s.sample(16, stop_token_ids=stops, **kw)
+            out[compact] = (s, a, b, list(sizes.sizes))
+        (s0, a0, b0, n0), (s1, a1, b1, n1) = out[False], out[True]
+        assert set(n0) == {18}
+        early = sum(f and n < a0.steps for f, n in zip(a0.finished, a0.lengths))
+        if early >= 0.25 * 18:  # a quarter stopped before the last step: the batch must shrink
+            assert min(n1) < 18, "no compaction happened"
+        compacted += min(n1) < 18
+        for x, y in ((a0, a1), (b0, b1)):
+            assert y.tokens == x.tokens and y.finished == x.finished and y.steps == x.steps, kw
+            assert torch.equal(y.token_tensor, x.token_tensor)
+            assert torch.allclose(y.logprob_tensor, x.logprob_tensor, atol=1e-5), kw
+        assert s1.tokens == s0.tokens
+        for r, row in enumerate(s0.tokens):  # every cached slot of every row
+            n = len(row) - 1
+            for k0, k1 in zip(s0.cache.k + s0.cache.v, s1.cache.k + s1.cache.v):
+                assert torch.allclose(k0[r, :, :n], k1[r, :, :n], atol=1e-5)
+    assert compacted >= 3
+
+
+def test_compaction_with_the_compiled_step(tiny_dirs, monkeypatch):
+    """The compiled decode step takes the shrinking batch (batch size is dynamic) and samples
+    what the eager step without compaction samples."""
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [9, 4, 13, 6], seed=32)
+    stops = list(range(5, 256, 9))
+    sizes = _BatchSizes(monkeypatch)
+    eager = generate(model, prompts, max_new_tokens=16, temperature=0.9, seed=3, num_samples=4,
+                     stop_token_ids=stops, compact=False)
+    sizes.sizes.clear()
+    comp = generate(model, prompts, max_new_tokens=16, temperature=0.9, seed=3, num_samples=4,
+                    stop_token_ids=stops, compile_decode=True)
+    assert min(sizes.sizes) < 16
+    assert comp.tokens == eager.tokens
+    assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# stop strings
+# --------------------------------------------------------------------------------------------
+
+
+def _letters(ids):
+    """A stand-in tokenizer: token i is the letter chr(65 + i % 26) (token 255 is two letters)."""
+    return "".join("YZ" if i == 255 else chr(65 + i % 26) for i in ids)
+
+
+def _cut_at_string(tokens, strings):
+    for j in range(1, len(tokens) + 1):
+        if any(x in _letters(tokens[:j]) for x in strings):
+            return tokens[:j]
+    return None
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_stop_strings_cut_the_free_run(tiny, sync_every):
+    """A row ends at the token that completes a stop string; up to there its tokens are the
+    free run's (same seed), with or without compaction, whether the check runs every step or
+    every 4 (rows then run past their stop and are cut); a stop id earlier still wins; the
+    cache continues exactly (a second turn equals a fresh prefill)."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    strings = ["QZ", "AB", "YZ", "KE", "MM", "DO"]
+    stop = StopStrings(strings, _letters)
+    free = Session.start(model, prompts, seed=8).fork(4).sample(40, temperature=1.0)
+    want = [_cut_at_string(t, strings) for t in free.tokens]
+    assert sum(w is not None for w in want) >= 6 and sum(w is None for w in want) >= 1, [len(w or []) for w in want]
+    stop_id = free.tokens[3][2]
+    for compact in (False, True):
+        s = Session.start(model, prompts, seed=8, compact=compact).fork(4)
+        got = s.sample(40, temperature=1.0, stop_strings=stop, stop_token_ids=[stop_id], sync_every=sync_every)
+        for g, f, w, fin in zip(got.tokens, free.tokens, want, got.finished):
+            by_id = f[: f.index(stop_id) + 1] if stop_id in f else None
+            ends = [x for x in (w, by_id) if x is not None]
+            expect = min(ends, key=len) if ends else f
+            assert g == expect and fin == bool(ends)
+        assert got.tokens[3] == free.tokens[3][:3] or len(got.tokens[3]) < 3
+        turns = _rand_prompts(256, [3, 1, 4, 2] * 4, seed=34)
+        s.append(turns)
+        hist = [list(r) for r in s.tokens]
+        second = s.sample(6, temperature=0)
+        fresh = Session.start(model, hist).sample(6, temperature=0)
+        assert second.tokens == fresh.tokens
+        assert torch.allclose(second.logprob_tensor, fresh.logprob_tensor, atol=1e-5)
+
+
+def test_stop_strings_reject_empty_texts():
+    with pytest.raises(SamplingError, match="stop strings"):
+        StopStrings(["</answer>", ""], _letters)
+    with pytest.raises(SamplingError, match="stop strings"):
+        StopStrings([], _letters)

@@ -449,6 +449,23 @@ def test_countdown_messages_and_prompts():
     assert custom[0]["content"] == "Reach 65 from [19, 36, 55, 7]. JSON {\"a\": 1}"
 
 
+def test_countdown_stop_strings_follow_the_answer_format():
+    """With tags an answer turn ends at </answer> (unless stop_at_answer is off); without tags
+    there is no stop (a later equation would replace the answer); the option round-trips."""
+    assert tasks.get("countdown").stop_strings == ("</answer>",)
+    assert tasks.get("countdown", stop_at_answer=False).stop_strings == ()
+    assert tasks.get("countdown-tiny").stop_strings == ()
+    assert tasks.get("function_calling").stop_strings == ()
+    t = tasks.get("countdown", stop_at_answer="false")
+    assert tasks.get("countdown", **t.config()).stop_strings == ()
+    with pytest.raises(R3Error, match="stop_at_answer"):
+        tasks.get("countdown", stop_at_answer="maybe")
+    # what the first </answer> ends is what the verifier reads
+    ex = {"nums": [3, 5], "target": 8}
+    text = "Let me see. <answer> 3 + 5 </answer>"
+    assert tasks.get("countdown").verify(ex, text)
+
+
 def test_reflection_and_retry_prompts():
     t = CountdownTask()
     assert t.reflection_prompt == REFLECTION_PROMPT == (

@@ -43,6 +43,10 @@ class Task:
     default_retry_prompt: str = "Try again."
     #: True when the examples come from data the project generated itself (not a user file).
     synthetic: bool = False
+    #: Texts that end an answer turn (the first attempt, the retry) as soon as the model writes
+    #: one, e.g. Countdown's ``</answer>``: the verifier reads the turn up to there, and no time
+    #: is spent on what follows. Empty: an answer runs to the end-of-turn token or the limit.
+    stop_strings: tuple[str, ...] = ()
 
     def __init__(self, *, reflection_prompt: str | None = None, retry_prompt: str | None = None):
         self.reflection_prompt = (

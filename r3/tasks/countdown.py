@@ -10,6 +10,10 @@ with ``answer_tags=False``. It is correct iff it is ``expression`` or ``expressi
 uses each number exactly once with only the task's operators (``ops``) and parentheses, evaluates
 exactly to the target, and whose written value, if any, is the target. The prompts ask for exactly
 that format: the ``<answer>`` tags are requested only when the verifier reads them.
+
+With tags, an answer turn (first attempt, retry) ends at its first ``</answer>`` (the task's stop
+string; ``stop_at_answer=False`` lets it run on), so the block read is the first one written.
+Without tags there is no such point: a later equation would replace the answer.
 """
 
 from __future__ import annotations
@@ -334,6 +338,7 @@ class CountdownTask(Task):
         prompt_template: str | None = None,
         format_example: bool = True,
         answer_tags: bool = True,
+        stop_at_answer: bool = True,
         system_prompt: str | None = None,
         reflection_prompt: str | None = None,
         retry_prompt: str | None = None,
@@ -369,6 +374,8 @@ class CountdownTask(Task):
         self.format_example = opt_bool("format_example", format_example)
         # False: the final equation of the completion is the answer (no <answer> tags).
         self.answer_tags = opt_bool("answer_tags", answer_tags)
+        # With tags: an answer turn ends at its first </answer> (stop_strings).
+        self.stop_at_answer = opt_bool("stop_at_answer", stop_at_answer)
         default_template = PROMPT_TEMPLATE if self.answer_tags else PROMPT_TEMPLATE_PLAIN
         self.prompt_template = default_template if prompt_template is None else opt_str(
             "prompt_template", prompt_template, allow_empty=False)
@@ -380,6 +387,10 @@ class CountdownTask(Task):
         self.system_prompt = None if system_prompt is None else opt_str("system_prompt", system_prompt)
         self.synthetic = self.data_path is None
         self._loaded: dict[str, list[dict]] | None = None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return ("</answer>",) if self.answer_tags and self.stop_at_answer else ()
 
     # ---- data ---------------------------------------------------------------------------
     def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
