@@ -418,31 +418,37 @@ def section_train(ctx: Ctx) -> dict:
         del hf
         _tokenizer_dir(ctx, model_dir)
         steps = 2 if ctx.smoke else 3
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "r3.train",
-               "--model", str(model_dir), "--out", str(out_dir), "--max-steps", str(steps),
-               "--skip-no-signal-groups", "false", "--save-every", "1000"]
-        if ctx.smoke:
-            cmd += ["--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8"]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ctx.args.train_timeout)
-        wall = time.perf_counter() - t0
-        log = (proc.stdout + proc.stderr).splitlines()
-        out = {"model": f"qwen2.5-0.5b shape (random), {params / 1e9:.2f}B parameters", "params": params,
-               "command": " ".join(cmd[2:]).replace(str(work), "WORK"), "returncode": proc.returncode, "wall_s": wall,
-               "log_tail": log[-15:]}
-        metrics = out_dir / "metrics.jsonl"
         keys = ("step", "step_time_s", "rollout_time_s", "reference_time_s", "update_time_s", "rollout_tokens_per_s",
                 "tokens_per_s", "peak_memory_gb", "reflection_tokens", "trained_tokens", "loss", "kl", "grad_norm")
-        if metrics.is_file():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            out["steps"] = [{k: r.get(k) for k in keys} for r in rows]
-        out["export_written"] = (out_dir / "export" / "config.json").is_file()
-        for line in log:
-            if line.startswith("step "):
-                print("train: " + line, flush=True)
-        if proc.returncode:
-            print("train FAILED:\n" + "\n".join(log[-30:]), flush=True)
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+        def train(run_dir: Path, extra: list[str]) -> tuple[list[str], dict]:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "r3.train",
+                   "--model", str(model_dir), "--out", str(run_dir), "--max-steps", str(steps),
+                   "--skip-no-signal-groups", "false", "--save-every", "1000"] + extra
+            if ctx.smoke:
+                cmd += ["--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ctx.args.train_timeout)
+            res = {"command": " ".join(cmd[2:]).replace(str(work), "WORK"), "returncode": proc.returncode,
+                   "wall_s": time.perf_counter() - t0}
+            log = (proc.stdout + proc.stderr).splitlines()
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+                res["steps"] = [{k: r.get(k) for k in keys} for r in rows]
+            for line in log:
+                if line.startswith("step "):
+                    print("train: " + line, flush=True)
+            if proc.returncode:
+                print("train FAILED:\n" + "\n".join(log[-30:]), flush=True)
+            return log, res
+
+        log, first = train(out_dir, [])
+        out = {"model": f"qwen2.5-0.5b shape (random), {params / 1e9:.2f}B parameters", "params": params, **first,
+               "log_tail": log[-15:], "export_written": (out_dir / "export" / "config.json").is_file()}
+        # The same steps with activation checkpointing: the update's peak memory with and without.
+        _, out["activation_checkpointing"] = train(work / "run_ac", ["--activation-checkpointing", "true"])
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -530,6 +536,14 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {r['step']} | {_fmt(r['step_time_s'])} | {_fmt(r['rollout_time_s'])} | {_fmt(r['reference_time_s'])} | "
                              f"{_fmt(r['update_time_s'])} | {_fmt(r['rollout_tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_gb'])} |")
             lines.append("")
+        ac = tr.get("activation_checkpointing", {})
+        if ac.get("steps"):
+            peak = max((r["peak_memory_gb"] or 0) for r in tr["steps"])
+            peak_ac = max((r["peak_memory_gb"] or 0) for r in ac["steps"])
+            upd = sum(r["update_time_s"] for r in tr["steps"][1:]) / max(1, len(tr["steps"]) - 1)
+            upd_ac = sum(r["update_time_s"] for r in ac["steps"][1:]) / max(1, len(ac["steps"]) - 1)
+            lines += [f"With `--activation-checkpointing true` (exit {ac['returncode']}): peak memory {peak_ac:.2f} GB "
+                      f"against {peak:.2f} GB; update {upd_ac:.2f} s against {upd:.2f} s per step (steps after the first).", ""]
     return "\n".join(lines) + "\n"
 
 

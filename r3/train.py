@@ -86,6 +86,7 @@ def build_models(cfg: TrainConfig, d: Dist):
     dtype = compute_dtype(cfg)
     policy, tokenizer = load(cfg.model, dtype=torch.float32, device=d.device)
     policy.train()
+    policy.activation_checkpointing = cfg.activation_checkpointing
     reference, _ = load(cfg.model, dtype=dtype, device=d.device, tokenizer=False)
     reference.requires_grad_(False)
     with torch.device("meta"):

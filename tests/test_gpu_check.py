@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -32,11 +34,17 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert train["returncode"] == 0, train["log_tail"]
     assert [s["step"] for s in train["steps"]] == [1, 2] and train["export_written"]
     assert all(s["peak_memory_gb"] is None for s in train["steps"])  # CPU: no GPU memory to report
+    ac = train["activation_checkpointing"]
+    assert ac["returncode"] == 0 and "--activation-checkpointing true" in ac["command"]
+    assert [s["step"] for s in ac["steps"]] == [1, 2]
+    # recomputed activations are the same numbers: the same losses and gradient norms
+    for a, b in zip(ac["steps"], train["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-9)
 
 
 def test_gpu_check_rejects_unknown_section(tmp_path, capsys):
     import gpu_check
-    import pytest
 
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--smoke", "--out", str(tmp_path), "--sections", "env,gpu"])

@@ -59,6 +59,7 @@ UPDATE_SCRIPT = textwrap.dedent(
     from r3.config import TrainConfig
 
     model_dir, out, micro, agg, shared = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+    recompute = sys.argv[6] == "1"
     d = T.init_distributed()
     cfg = TrainConfig(model=model_dir, dtype="fp32", micro_batch_size=micro, agg=agg, lr=1e-3, beta=0.05,
                       update_epochs=2, max_reflection_tokens=8).validate()
@@ -67,6 +68,7 @@ UPDATE_SCRIPT = textwrap.dedent(
     with torch.no_grad():  # a reference that differs, so the KL term has a gradient
         for p in reference.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    policy.activation_checkpointing = recompute
     T.shard(policy, d, torch.float32); T.shard(reference, d, torch.float32)
     # SGD: the update is linear in the gradient, so the comparison sees the gradient itself (Adam
     # would blow last-bit differences of near-zero gradients up to full-size steps).
@@ -105,12 +107,14 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_pat
     script = tmp_path / "upd.py"
     script.write_text(UPDATE_SCRIPT)
     results = {}
-    runs = (("r1m6", None, 6, "0"), ("r1m1", None, 1, "0"), ("r2m2", 2, 2, "0"),  # per row
-            ("r1m6p", None, 6, "1"), ("r1m2p", None, 2, "1"), ("r2m3p", 2, 3, "1"))  # shared prefix
-    for name, nproc, micro, shared in runs:
+    runs = (("r1m6", None, 6, "0", "0"), ("r1m1", None, 1, "0", "0"), ("r2m2", 2, 2, "0", "0"),  # per row
+            ("r1m6p", None, 6, "1", "0"), ("r1m2p", None, 2, "1", "0"), ("r2m3p", 2, 3, "1", "0"),  # shared prefix
+            ("r1m2a", None, 2, "0", "1"), ("r2m3pa", 2, 3, "1", "1"))  # activation checkpointing
+    for name, nproc, micro, shared, recompute in runs:
         out = tmp_path / f"{name}.pt"
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-               if nproc else [sys.executable]) + [str(script), str(tiny_model), str(out), str(micro), agg, shared]
+               if nproc else [sys.executable]) + [str(script), str(tiny_model), str(out), str(micro), agg, shared,
+                                                  recompute]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = torch.load(out)
@@ -121,7 +125,7 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_pat
     moved = max((ref["sd"][k] - v).abs().max().item() for k, v in start.state_dict().items())
     assert moved > 1e-4  # the update did something
     assert not ref["skipped"]
-    for name in ("r1m1", "r2m2", "r1m6p", "r1m2p", "r2m3p"):
+    for name in ("r1m1", "r2m2", "r1m6p", "r1m2p", "r2m3p", "r1m2a", "r2m3pa"):
         other = results[name]
         assert other["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
         for k, v in ref["sd"].items():

@@ -1,0 +1,345 @@
+"""Per-rank memory of an r3 training run with FSDP2: a formula, and a measurement that checks it.
+
+    python benchmarks/memory_plan.py                                  # the plan: 1.5B, 7B, 8B on 8 ranks
+    python benchmarks/memory_plan.py --json F --markdown F.md
+    torchrun --nproc_per_node 2 benchmarks/memory_plan.py --measure   # check it: 0.5B shape, 2 CPU ranks
+
+What one rank holds (``P`` parameters, ``W`` ranks, compute in bf16, fp32 master weights). All the
+time:
+
+* policy: fp32 shards ``4P/W``; AdamW's two moments ``8P/W``;
+* reference: bf16 shards ``2P/W``;
+* rollout copy: the whole policy in bf16 on every rank, ``2P`` (the sampler runs unsharded).
+
+During the rollout, the KV cache (below). During the update:
+
+* gradients, fp32 shards ``4P/W`` (freed after the optimizer step);
+* parameters gathered for compute: bf16, the root module's (embeddings, final norm, LM head: FSDP2
+  keeps the root gathered through forward and backward) plus two blocks (the one computing and the
+  one prefetched), and their bf16 gradients before the reduce-scatter;
+* activations of one micro-batch (the update's forward saves them for the backward pass): per
+  token and layer, ``a`` bytes; with activation checkpointing every block keeps only its input
+  (``2h`` bytes per token) and one block's full activations exist at a time during backward. ``a``
+  is measured, not guessed: the bytes autograd saves in one block of the real shape on a few
+  tokens (``saved_tensors_hooks``), divided by the tokens;
+* logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
+  work (``kernels/``) -- small next to the rest.
+
+The rollout's KV cache: rows x slots x layers x 2 x kv heads x head dim x 2 bytes, at the rows of one
+rank's reflection batch (its failures x G) and the longest conversation. The peak is what is held
+all the time plus the larger of the two phases.
+
+``--measure`` builds the trainer's models for a Qwen2.5-0.5B-shaped random model on 2 CPU ranks
+(gloo), runs one update over a micro-batch of ``--tokens`` tokens with and without activation
+checkpointing, samples each rank's resident memory every 2 ms, and prints the measured growth of
+each phase next to the formula's terms: the models (policy, reference, rollout copy), then the
+update (gathered parameters, gradients, AdamW state, activations, logits). CPU resident memory is a
+proxy for allocated bytes: large tensors are mmapped and returned to the system when freed, the
+allocator keeps small ones. What it does not show: a GPU's caching allocator and NCCL buffers
+(add a few GB there), the rollout's KV cache (not allocated by ``--measure``), fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from r3.files import write_json_atomic  # noqa: E402
+from r3.model import ModelConfig, Transformer  # noqa: E402
+
+GiB = 2 ** 30
+
+# Public shapes (config.json fields); tied embeddings as the models ship.
+SHAPES = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True, hidden_act="silu"),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True, hidden_act="silu"),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=False, hidden_act="silu"),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         tie_word_embeddings=False, hidden_act="silu"),
+}
+
+# The paper-shaped run the plan is for: 256 failures per step over all ranks, G=8, attempts and
+# retries up to 256 tokens, reflections up to 128, a ~150-token prompt; micro-batches of 8 rows.
+PAPER = dict(batch_size=256, group_size=8, prompt=150, attempt=256, reflection=128, retry=256, micro_batch_size=8)
+
+
+def param_counts(mc: ModelConfig) -> dict:
+    """Parameter counts from a meta-device model: total, one block, the root (the rest)."""
+    with torch.device("meta"):
+        m = Transformer(mc)
+    total = sum(p.numel() for p in m.parameters())  # tied weights counted once
+    block = sum(p.numel() for p in m.layers[0].parameters())
+    return {"total": total, "block": block, "root": total - block * mc.num_hidden_layers}
+
+
+def activation_bytes_per_token(shape: dict, tokens: int, dtype=torch.bfloat16) -> float:
+    """Bytes autograd saves per token in one block of this shape, for one row of ``tokens``
+    tokens with a boolean attention mask as the shared-prefix layout passes (forward in
+    ``dtype``; the block's input left out: activation checkpointing keeps it, counted apart).
+    Per token, because attention may keep a ``tokens``-long row of probabilities per head."""
+    from r3.model import Block, rope_cos_sin, rope_inv_freq, rope_scale
+
+    mc = ModelConfig.from_hf(shape)
+    with torch.device("meta"):
+        block = Block(mc, None)
+    block = block.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.normal_(0, 0.02)
+    x = torch.randn(1, tokens, mc.hidden_size, dtype=dtype, requires_grad=True)
+    pos = torch.arange(tokens)[None]
+    cos, sin = rope_cos_sin(rope_inv_freq(mc), pos, dtype, rope_scale(mc))
+    saved = [0]
+    skip = {x.untyped_storage().data_ptr()} | {q.untyped_storage().data_ptr() for q in block.parameters()}
+
+    def pack(t):  # activations only: weights saved for the backward pass are the parameters' storage
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin, mask, None, pos, None)
+    return saved[0] / tokens
+
+
+def row_tokens(run: dict) -> int:
+    """One trained row: prompt, attempt, the reflection turn's ~20 tokens, the reflection."""
+    return run["prompt"] + run["attempt"] + run["reflection"] + 20
+
+
+def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float | None = None) -> dict:
+    """Bytes per rank, by part (see the module docstring)."""
+    mc = ModelConfig.from_hf(shape)
+    n = param_counts(mc)
+    P = n["total"]
+    L, h, V = mc.num_hidden_layers, mc.hidden_size, mc.vocab_size
+    if a_tok is None:
+        a_tok = activation_bytes_per_token(shape, row_tokens(run))
+    rows = run["batch_size"] // world * run["group_size"]
+    slots = run["prompt"] + run["attempt"] + run["reflection"] + run["retry"] + 40  # + the two user turns
+    mb_tokens = run["micro_batch_size"] * row_tokens(run)
+    targets = run["micro_batch_size"] * run["reflection"]
+    act = mb_tokens * L * 2 * h + mb_tokens * a_tok if checkpointing else mb_tokens * L * a_tok
+    parts = {
+        "policy fp32 shards": 4 * P / world,
+        "AdamW state": 8 * P / world,
+        "reference bf16 shards": 2 * P / world,
+        "rollout copy bf16": 2 * P,
+        "gradients fp32 shards": 4 * P / world,
+        "gathered params + their grads (bf16)": 2 * 2 * (n["root"] + 2 * n["block"]),
+        "rollout KV cache": rows * slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2,
+        "activations (one micro-batch)": act,
+        "logits (reflection positions)": targets * V * 2,
+    }
+    static = sum(parts[k] for k in STATIC)
+    rollout = parts["rollout KV cache"]
+    update = sum(v for k, v in parts.items() if k not in STATIC and k != "rollout KV cache")
+    return {"params": P, "activation_bytes_per_token_layer": a_tok, "rows_per_rank": rows, "slots": slots,
+            "micro_batch_tokens": mb_tokens, "parts": parts, "static": static, "rollout_phase": static + rollout,
+            "update_phase": static + update, "total": static + max(rollout, update)}
+
+
+#: What every rank holds all the time; the rollout's KV cache and the update's gradients,
+#: gathered parameters, activations and logits exist only during their phase of the step.
+STATIC = ("policy fp32 shards", "AdamW state", "reference bf16 shards", "rollout copy bf16")
+
+
+def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
+    rows, lines = [], []
+    lines.append(f"Per-rank memory (GiB), {world} ranks, FSDP2, bf16 compute, fp32 master weights and AdamW, the "
+                 f"paper-shaped run ({PAPER['batch_size']} failures x G={PAPER['group_size']} per step, attempts/"
+                 f"retries <= {PAPER['attempt']} tokens, reflections <= {PAPER['reflection']}, micro-batches of "
+                 f"{PAPER['micro_batch_size']} rows):")
+    lines.append("")
+    names = list(SHAPES)[1:]
+    results = {}
+    for name in names:
+        a = activation_bytes_per_token(SHAPES[name], row_tokens(PAPER))
+        for ckpt in (False, True):
+            results[(name, ckpt)] = plan(SHAPES[name], world, PAPER, ckpt, a)
+    head = "| part | " + " | ".join(f"{n} | {n} + AC" for n in names) + " |"
+    lines += [head, "|---|" + "---|" * (2 * len(names))]
+    for part in results[(names[0], False)]["parts"]:
+        cells = [f"{results[(n, c)]['parts'][part] / GiB:.1f}" for n in names for c in (False, True)]
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    for key, label in (("rollout_phase", "during the rollout (all the time + KV cache)"),
+                       ("update_phase", "during the update (all the time + the update's parts)")):
+        cells = [f"{results[(n, c)][key] / GiB:.1f}" for n in names for c in (False, True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [f"**{results[(n, c)]['total'] / GiB:.1f}**" for n in names for c in (False, True)]
+    lines.append("| **peak** | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name in names:
+        r = results[(name, False)]
+        fits = [c for c in (False, True) if results[(name, c)]["total"] <= 0.9 * gpu_gb * 1e9]
+        lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters; {r['activation_bytes_per_token_layer']:.0f} "
+                     f"bytes saved per token per block (measured); "
+                     + ("fits" if fits else "does not fit")
+                     + f" in 90% of {gpu_gb:.0f} GB" + (" only with activation checkpointing" if fits == [True] else "")
+                     + ".")
+        for c in (False, True):
+            rows.append({"model": name, "activation_checkpointing": c, "world": world,
+                         **{k: v for k, v in results[(name, c)].items() if k != "parts"},
+                         "parts_gib": {k: v / GiB for k, v in results[(name, c)]["parts"].items()}})
+    return rows, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ measure
+
+
+class RssPeak:
+    """Samples this process's resident memory every ``every`` seconds; ``peak`` since ``reset``."""
+
+    def __init__(self, every: float = 0.002):
+        self.every, self.peak, self._stop = every, 0, False
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def reset(self) -> int:
+        self.peak = self.now()
+        return self.peak
+
+    def stop(self):
+        self._stop = True
+
+
+def measure(args) -> None:
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.distributed import shard
+
+    d = T.init_distributed()
+    shape = SHAPES[args.shape]
+    mc = ModelConfig.from_hf(shape)
+    a_tok = activation_bytes_per_token(shape, args.tokens // 8)
+    rss = RssPeak()
+    out = {"shape": args.shape, "world": d.world, "tokens": args.tokens, "rank": d.rank, "phases": []}
+    base = rss.reset()
+    torch.manual_seed(0)
+    policy = Transformer(mc)
+    reference = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False)
+    with torch.device("meta"):
+        rollout = Transformer(mc)
+    rollout = rollout.to_empty(device="cpu").to(torch.bfloat16)
+    rollout.tie_weights()
+    rollout.requires_grad_(False)
+    policy.train()
+    shard(policy, d, torch.bfloat16)
+    shard(reference, d, torch.bfloat16)
+    import gc
+
+    gc.collect()
+    models = rss.now() - base
+    P = param_counts(mc)["total"]
+    out["models_measured_gib"] = models / GiB
+    out["models_formula_gib"] = (4 * P / d.world + 2 * P / d.world + 2 * P) / GiB
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    # one micro-batch: rows of --tokens / rows tokens, the last 128 of each trained
+    rows = 8
+    per = args.tokens // rows
+    g = torch.Generator().manual_seed(d.rank)
+    seqs = [torch.randint(0, mc.vocab_size, (per,), generator=g).tolist() for _ in range(rows)]
+    spans = [(per - 128, per)] * rows
+    cfg = TrainConfig(micro_batch_size=rows, max_reflection_tokens=128, beta=0.0).validate()
+    for ckpt in (False, True, False):  # the first run allocates AdamW's state; the next two compare
+        policy.activation_checkpointing = ckpt
+        mbs = B.make_micro_batches(seqs, spans, [1.0] * rows, rows, 0, d.device)
+        dist_barrier(d)
+        before = rss.reset()
+        t0 = time.perf_counter()
+        T.update(policy, opt, mbs, len(mbs), cfg, d)
+        dt = time.perf_counter() - t0
+        time.sleep(0.05)
+        out["phases"].append({"activation_checkpointing": ckpt, "update_peak_growth_gib": (rss.peak - before) / GiB,
+                              "update_s": dt})
+    rss.stop()
+    n = param_counts(mc)
+    L, h = mc.num_hidden_layers, mc.hidden_size
+    T_ = args.tokens
+    out["formula_update_gib"] = {
+        ckpt: (4 * P / d.world  # gradients (the AdamW state exists already after the first run)
+               + 2 * 2 * (n["root"] + 2 * n["block"])
+               + (T_ * L * 2 * h + T_ * a_tok if ckpt else T_ * L * a_tok)
+               + rows * 128 * mc.vocab_size * 2) / GiB for ckpt in (False, True)}
+    out["activation_bytes_per_token_layer"] = a_tok
+    gathered = [None] * d.world
+    import torch.distributed as dist
+
+    dist.all_gather_object(gathered, out)
+    if d.rank == 0:
+        print(json.dumps(gathered, indent=1))
+        for r in gathered:
+            print(f"rank {r['rank']}: models {r['models_measured_gib']:.2f} GiB (formula {r['models_formula_gib']:.2f}); "
+                  + "; ".join(f"update{' + AC' if p['activation_checkpointing'] else ''} +{p['update_peak_growth_gib']:.2f} GiB "
+                              f"in {p['update_s']:.1f} s" for p in r["phases"][1:])
+                  + f" (formula {r['formula_update_gib'][False]:.2f} / {r['formula_update_gib'][True]:.2f} GiB)")
+        if args.json:
+            write_json_atomic(Path(args.json), {"measured": gathered})
+    dist_barrier(d)
+    T._exit_hard(0)
+
+
+def dist_barrier(d):
+    import torch.distributed as dist
+
+    if d.world > 1:
+        dist.barrier()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--measure", action="store_true", help="measure on this machine (run under torchrun)")
+    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES), help="--measure's model shape")
+    ap.add_argument("--tokens", type=int, default=4096, help="--measure's micro-batch tokens")
+    ap.add_argument("--world", type=int, default=8, help="the plan's ranks")
+    ap.add_argument("--gpu-gb", type=float, default=80.0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args(argv)
+    if args.measure:
+        measure(args)
+        return
+    rows, text = plan_table(args.world, args.gpu_gb)
+    print(text)
+    if args.json:
+        write_json_atomic(Path(args.json), {"plan": rows, "run": PAPER})
+    if args.markdown:
+        Path(args.markdown).write_text("# Memory plan\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
