@@ -501,10 +501,10 @@ def test_a_checkpoint_before_the_first_update_does_not_count_as_an_adamw_step(ti
 
 
 def test_checkpoint_frequency_does_not_change_the_export(tiny_model, tmp_path):
-    """Step 1 carries no signal (its 2 attempts and 8 retries fail on purpose), so --save-every 1
+    """Step 1 carries no signal (its 4 attempts and 8 retries fail on purpose), so --save-every 1
     saves before AdamW's first update."""
     args = BASE + ["--model", str(tiny_model), "--max-steps", "4", "--keep-last", "1",
-                   "--task-options", '{"fail_first": 10}']
+                   "--task-options", '{"fail_first": 12}']
     for every in ("1", "3"):
         run_train(args + ["--save-every", every, "--out", str(tmp_path / every)])
     rows = read_metrics(tmp_path / "1")
