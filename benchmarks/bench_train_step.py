@@ -20,14 +20,18 @@ blocks' parameters) per encoded token plus the LM head on the targets for a forw
 forward + backward, at this machine's measured rate for a matmul of the model's shape in the compute dtype; attention's score
 FLOPs are left out, so the bound is optimistic for long rows.
 
-The rollout (``default`` shape) runs with ``compact_rollouts`` off and on, alternating, the same
-seed: the median time of each part (first attempts, reflections, retries; prefill + decode), and
-whether both gave the same samples. It also reports the share of each decode batch's row-steps
-spent on rows that had already stopped without compaction (the most that dropping them can save).
+Rollouts, the same seed, alternating: the default rollout with ``compact_rollouts`` off and on
+(the median time of each part: first attempts, reflections, retries, each prefill + decode; and
+whether both gave the same samples), with the share of each decode batch's row-steps spent on
+rows that had already stopped (the most that compaction can save); and a paper-shaped rollout
+(Countdown with answer tags, its own 3-4 number problems, attempts and retries up to 256 tokens,
+reflections up to 128; 8 failures x G=8) off, with compaction, and with compaction plus the
+task's stop string (answer turns end at ``</answer>``; the default task has none: without tags
+the final equation can come at any point). Stop strings change the samples (turns are cut), so
+that row is compared on time only.
 
-What it does not show: the optimizer step (the same in both), stop strings (the default task has
-none: without answer tags the final equation can come at any point), or a GPU (it runs there on
-CUDA when one is present).
+What it does not show: the optimizer step (the same in both), or a GPU (it runs there on CUDA
+when one is present).
 """
 
 from __future__ import annotations
@@ -133,36 +137,43 @@ def measure(name, seqs, spans, G, policy, reference, cfg, d, flops, rate, repeat
     return [a, b]
 
 
-def measure_rollouts(model, tok, task, examples, cfg, repeats):
-    """The main command's rollout (one step's episode, seed 0) with ``compact_rollouts`` off and
-    on, alternating, ``repeats`` times each: the median time of each part, and whether both gave
-    the same samples (every sequence and reward)."""
-    times = {False: [], True: []}
+def measure_rollouts(shape: str, model, tok, examples, cfg, variants, repeats):
+    """One step's episode (seed 0) under each of ``variants`` (``(label, task, sampling)``),
+    alternating, ``repeats`` times each: the median time of each part. The first two variants
+    differ only in compaction: whether they gave the same samples (every sequence and reward)."""
+    times = {label: [] for label, _, _ in variants}
     eps = {}
     for _ in range(repeats):
-        for compact in (False, True):
-            sampling = replace(cfg.sampling(), compact=compact)
+        for label, task, sampling in variants:
             t = time.perf_counter()
             ep = run_episode(model, tok, task, examples, group_size=cfg.group_size, max_failures=cfg.batch_size,
                              sampling=sampling, seed=0)
-            times[compact].append({"total": time.perf_counter() - t, **ep.times})
-            eps[compact] = ep
+            times[label].append({"total": time.perf_counter() - t, **ep.times})
+            eps[label] = ep
     rows = []
-    for compact in (False, True):
-        med = {k: statistics.median(t[k] for t in times[compact]) for k in times[compact][0]}
-        rows.append({"compact_rollouts": compact, **{f"{k}_s": v for k, v in med.items()},
-                     "generated_tokens": eps[compact].generated_tokens})
-    a, b = eps[False], eps[True]
-    rows[1]["speedup"] = rows[0]["total_s"] / rows[1]["total_s"]
+    for label, _, _ in variants:
+        med = {k: statistics.median(t[k] for t in times[label]) for k in times[label][0]}
+        rows.append({"shape": shape, "variant": label, **{f"{k}_s": v for k, v in med.items()},
+                     "generated_tokens": eps[label].generated_tokens, "mean_length": mean_lengths(eps[label])})
+    for r in rows[1:]:
+        r["speedup"] = rows[0]["total_s"] / r["total_s"]
+    a, b = eps[variants[0][0]], eps[variants[1][0]]
     rows[1]["same_samples"] = a.sequences == b.sequences and torch.equal(a.rewards, b.rewards)
     rows[1]["rows_differing"] = sum(x != y for x, y in zip(a.sequences, b.sequences))
-    return b, rows
+    return a, rows
+
+
+def mean_lengths(ep) -> dict:
+    lengths = {"attempt": [len(a) for a in ep.first_attempts], "reflection": [e - s for s, e in ep.spans],
+               "retry": [e - s for s, e in ep.retry_spans]}
+    return {k: sum(v) / len(v) for k, v in lengths.items() if v}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="default,paper", help="comma-separated: default, paper")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rollout-repeats", type=int, default=1, help="repeats of the paper-shaped rollouts")
     ap.add_argument("--micro-batch-size", type=int, default=None, help="default: the config's")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -186,9 +197,12 @@ def main(argv=None) -> None:
         task = get_task(cfg.task, **cfg.task_options)
         examples = task.examples("train", seed=0)
         n = math.ceil(cfg.batch_size * cfg.candidates_per_failure)
-        ep, out["rollouts"] = measure_rollouts(rollout_model, tok, task, examples[:n], cfg, args.repeats)
-        # Row-steps of each decode batch spent on rows that had already stopped: what dropping
-        # finished rows can save at most (decode time is not linear in the rows).
+        variants = [("off", task, replace(cfg.sampling(), compact=False)),
+                    ("compaction", task, replace(cfg.sampling(), compact=True))]
+        ep, rows = measure_rollouts("default", rollout_model, tok, examples[:n], cfg, variants, args.repeats)
+        out["rollouts"] = rows
+        # Row-steps of each decode batch spent on rows that had already stopped (without
+        # compaction): what dropping them can save at most (decode time is not linear in the rows).
         lengths = {"attempt": [len(a) for a in ep.first_attempts],
                    "reflection": [e - s for s, e in ep.spans],
                    "retry": [e - s for s, e in ep.retry_spans]}
@@ -197,17 +211,31 @@ def main(argv=None) -> None:
         out["rows"] += measure("default", ep.sequences, ep.spans, cfg.group_size, policy, reference, cfg, d,
                                flops, rate, args.repeats)
     if "paper" in shapes:
+        # Countdown with answer tags (its own defaults: 3-4 numbers, all four operators) at the
+        # paper's token limits; the answer turns may end at </answer>.
+        pcfg = replace(cfg, max_attempt_tokens=256, max_reflection_tokens=128, max_retry_tokens=256)
+        free, stopping = get_task("countdown", stop_at_answer=False), get_task("countdown")
+        examples = free.examples("train", seed=0)[:math.ceil(cfg.batch_size * cfg.candidates_per_failure)]
+        variants = [("off", free, replace(pcfg.sampling(), compact=False)),
+                    ("compaction", free, replace(pcfg.sampling(), compact=True)),
+                    ("compaction + stop strings", stopping, replace(pcfg.sampling(), compact=True))]
+        _, rows = measure_rollouts("paper", rollout_model, tok, examples, pcfg, variants, args.rollout_repeats)
+        out.setdefault("rollouts", []).extend(rows)
+    if "paper" in shapes:
         seqs, spans = paper_groups(mc.vocab_size, 4, cfg.group_size, seed=0)
         out["rows"] += measure("paper", seqs, spans, cfg.group_size, policy, reference, cfg, d, flops, rate,
                                args.repeats)
     print(f"device {out['device']}, {out['dtype']}, matmul {out['matmul_tflops']:.2f} TFLOP/s")
     if "rollouts" in out:
-        head = ("compact rollouts", "attempt s", "reflection s", "retry s", "rollout s", "speed-up", "same samples")
+        head = ("rollout", "variant", "attempt s", "reflection s", "retry s", "rollout s", "speed-up",
+                "mean attempt / retry tokens", "same samples")
         print("| " + " | ".join(head) + " |")
         print("|" + " --- |" * len(head))
         for r in out["rollouts"]:
-            cells = ("on" if r["compact_rollouts"] else "off", f"{r['attempt_s']:.2f}", f"{r['reflection_s']:.2f}",
+            ml = r["mean_length"]
+            cells = (r["shape"], r["variant"], f"{r['attempt_s']:.2f}", f"{r['reflection_s']:.2f}",
                      f"{r['retry_s']:.2f}", f"{r['total_s']:.2f}", f"{r['speedup']:.2f}x" if "speedup" in r else "",
+                     f"{ml.get('attempt', 0):.0f} / {ml.get('retry', 0):.0f}",
                      ("yes" if r["same_samples"] else f"no ({r['rows_differing']} rows differ)") if "same_samples" in r else "")
             print("| " + " | ".join(str(c) for c in cells) + " |")
     for k, v in out.get("stopped_row_step_fraction", {}).items():

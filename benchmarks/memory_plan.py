@@ -30,19 +30,21 @@ rank's reflection batch (its failures x G) and the longest conversation. The pea
 all the time plus the larger of the two phases.
 
 ``--measure`` builds the trainer's models for a Qwen2.5-0.5B-shaped random model on 2 CPU ranks
-(gloo), runs one update over a micro-batch of ``--tokens`` tokens with and without activation
-checkpointing, samples each rank's resident memory every 2 ms, and prints the measured growth of
-each phase next to the formula's terms: the models (policy, reference, rollout copy), then the
-update (gathered parameters, gradients, AdamW state, activations, logits). CPU resident memory is a
-proxy for allocated bytes: large tensors are mmapped and returned to the system when freed, the
-allocator keeps small ones. What it does not show: a GPU's caching allocator and NCCL buffers
-(add a few GB there), the rollout's KV cache (not allocated by ``--measure``), fragmentation.
+(gloo), runs one update over a micro-batch of ``--tokens`` tokens per rank with and without
+activation checkpointing, samples each rank's allocated bytes (glibc's ``mallinfo2``) every 2 ms,
+and prints the measured growth of each phase next to the formula's: the models (policy shards,
+reference shards, rollout copy), then the update (gradients, gathered parameters, activations,
+logits; AdamW's state is allocated by a first, unreported update). What it does not show: a GPU's
+caching allocator and NCCL buffers (add a few GB there), the rollout's KV cache (not allocated by
+``--measure``), fragmentation.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import json
 import os
 import sys
@@ -96,9 +98,10 @@ def param_counts(mc: ModelConfig) -> dict:
 
 def activation_bytes_per_token(shape: dict, tokens: int, dtype=torch.bfloat16) -> float:
     """Bytes autograd saves per token in one block of this shape, for one row of ``tokens``
-    tokens with a boolean attention mask as the shared-prefix layout passes (forward in
-    ``dtype``; the block's input left out: activation checkpointing keeps it, counted apart).
-    Per token, because attention may keep a ``tokens``-long row of probabilities per head."""
+    tokens, causal attention (forward in ``dtype``; each storage once; the block's input left
+    out: activation checkpointing keeps it, and it is counted apart). A fused attention kernel
+    keeps its output and log-sum-exp, not the ``tokens x tokens`` probabilities; the
+    shared-prefix layout adds one boolean mask per row, shared by all blocks."""
     from r3.model import Block, rope_cos_sin, rope_inv_freq, rope_scale
 
     mc = ModelConfig.from_hf(shape)
@@ -111,18 +114,18 @@ def activation_bytes_per_token(shape: dict, tokens: int, dtype=torch.bfloat16) -
     x = torch.randn(1, tokens, mc.hidden_size, dtype=dtype, requires_grad=True)
     pos = torch.arange(tokens)[None]
     cos, sin = rope_cos_sin(rope_inv_freq(mc), pos, dtype, rope_scale(mc))
-    saved = [0]
+    storages: dict[int, int] = {}
     skip = {x.untyped_storage().data_ptr()} | {q.untyped_storage().data_ptr() for q in block.parameters()}
 
-    def pack(t):  # activations only: weights saved for the backward pass are the parameters' storage
-        if t.untyped_storage().data_ptr() not in skip:
-            saved[0] += t.numel() * t.element_size()
+    def pack(t):  # activations only (weights saved for the backward pass are the parameters'
+        st = t.untyped_storage()  # storage); a tensor saved by several ops, or views of it, once
+        if st.data_ptr() not in skip:
+            storages[st.data_ptr()] = st.nbytes()
         return t
 
-    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin, mask, None, pos, None)
-    return saved[0] / tokens
+        block(x, cos, sin, None, None, pos, None)  # causal attention without a mask tensor
+    return sum(storages.values()) / tokens
 
 
 def row_tokens(run: dict) -> int:
@@ -210,18 +213,26 @@ def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
 # ------------------------------------------------------------------------------------ measure
 
 
-class RssPeak:
-    """Samples this process's resident memory every ``every`` seconds; ``peak`` since ``reset``."""
+class AllocatedPeak:
+    """Samples the bytes this process has allocated (glibc ``mallinfo2``: mmapped blocks plus the
+    heap in use; torch's CPU tensors come from malloc) every ``every`` seconds; ``peak`` since
+    ``reset``. Unlike resident memory it does not count what the allocator keeps after a free."""
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
 
     def __init__(self, every: float = 0.002):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallinfo2.restype = self._Info
+        self._mallinfo = libc.mallinfo2
         self.every, self.peak, self._stop = every, 0, False
-        self._page = os.sysconf("SC_PAGE_SIZE")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def now(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
+        m = self._mallinfo()
+        return m.hblkhd + m.uordblks
 
     def _run(self):
         while not self._stop:
@@ -246,7 +257,7 @@ def measure(args) -> None:
     shape = SHAPES[args.shape]
     mc = ModelConfig.from_hf(shape)
     a_tok = activation_bytes_per_token(shape, args.tokens // 8)
-    rss = RssPeak()
+    rss = AllocatedPeak()
     out = {"shape": args.shape, "world": d.world, "tokens": args.tokens, "rank": d.rank, "phases": []}
     base = rss.reset()
     torch.manual_seed(0)
