@@ -1,0 +1,61 @@
+"""benchmarks/memory_plan.py: the formula's parts add up, and its activation term is what
+autograd keeps (checked here against the bytes the forward pass actually allocates)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TINY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+            rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu")
+
+
+def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
+    import memory_plan as mp
+
+    run = dict(mp.PAPER, batch_size=16)
+    plain = mp.plan(TINY, 2, run, False)
+    ac = mp.plan(TINY, 2, run, True)
+    P = plain["params"]
+    assert plain["parts"]["policy fp32 shards"] == 4 * P / 2 and plain["parts"]["rollout copy bf16"] == 2 * P
+    assert plain["static"] == sum(plain["parts"][k] for k in mp.STATIC)
+    update = plain["update_phase"] - plain["static"]
+    assert plain["total"] == plain["static"] + max(plain["parts"]["rollout KV cache"], update)
+    # without checkpointing every block keeps its activations; with it, every block its input and
+    # one block all of its activations (during its recomputation)
+    n, a, L, h = plain["micro_batch_tokens"], plain["activation_bytes_per_token_layer"], 3, 64
+    assert plain["parts"]["activations (one micro-batch)"] == n * L * a
+    assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * a
+    assert ac["parts"]["rollout KV cache"] == plain["parts"]["rollout KV cache"]
+
+
+def test_activation_term_matches_the_bytes_a_forward_keeps():
+    """Whole tiny model, bf16: the per-token, per-block coefficient times tokens and blocks is
+    the memory the forward pass leaves allocated for backward, up to what lies outside the
+    blocks (embedding output, final norm) and the blocks' inputs."""
+    import memory_plan as mp
+    from r3.model import ModelConfig, Transformer
+
+    T = 256
+    a = mp.activation_bytes_per_token(TINY, T)
+    mc = ModelConfig.from_hf(TINY)
+    torch.manual_seed(0)
+    model = Transformer(mc).to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden_states(torch.randint(0, 512, (1, T)))
+    blocks = a * T * mc.num_hidden_layers
+    outside = sum(kept.values()) - blocks
+    assert 0 <= outside <= T * mc.hidden_size * 4 * (mc.num_hidden_layers + 2)
