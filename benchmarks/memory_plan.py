@@ -26,8 +26,9 @@ During the rollout, the KV cache (below). During the update:
   work (``kernels/``) -- small next to the rest.
 
 The rollout's KV cache: rows x slots x layers x 2 x kv heads x head dim x 2 bytes, at the rows of one
-rank's reflection batch (its failures x G) and the longest conversation. The peak is what is held
-all the time plus the larger of the two phases.
+rank's reflection batch (its failures x G) and the longest conversation, plus, with
+``compact_rollouts`` (the default), a copy of at most three quarters of it (the live rows once a
+quarter has stopped). The peak is what is held all the time plus the larger of the two phases.
 
 ``--measure`` builds the trainer's models for a Qwen2.5-0.5B-shaped random model on 2 CPU ranks
 (gloo), runs one update over a micro-batch of ``--tokens`` tokens per rank with and without
@@ -154,12 +155,13 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
         "gradients fp32 shards": 4 * P / world,
         "gathered params + their grads (bf16)": 2 * 2 * (n["root"] + 2 * n["block"]),
         "rollout KV cache": rows * slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2,
+        "its compacted copy (<= 3/4)": 0.75 * rows * slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2,
         "activations (one micro-batch)": act,
         "logits (reflection positions)": targets * V * 2,
     }
     static = sum(parts[k] for k in STATIC)
-    rollout = parts["rollout KV cache"]
-    update = sum(v for k, v in parts.items() if k not in STATIC and k != "rollout KV cache")
+    rollout = sum(parts[k] for k in ROLLOUT)
+    update = sum(v for k, v in parts.items() if k not in STATIC and k not in ROLLOUT)
     return {"params": P, "activation_bytes_per_token_layer": a_tok, "rows_per_rank": rows, "slots": slots,
             "micro_batch_tokens": mb_tokens, "parts": parts, "static": static, "rollout_phase": static + rollout,
             "update_phase": static + update, "total": static + max(rollout, update)}
@@ -168,6 +170,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
 #: What every rank holds all the time; the rollout's KV cache and the update's gradients,
 #: gathered parameters, activations and logits exist only during their phase of the step.
 STATIC = ("policy fp32 shards", "AdamW state", "reference bf16 shards", "rollout copy bf16")
+ROLLOUT = ("rollout KV cache", "its compacted copy (<= 3/4)")
 
 
 def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
@@ -188,7 +191,7 @@ def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
     for part in results[(names[0], False)]["parts"]:
         cells = [f"{results[(n, c)]['parts'][part] / GiB:.1f}" for n in names for c in (False, True)]
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
-    for key, label in (("rollout_phase", "during the rollout (all the time + KV cache)"),
+    for key, label in (("rollout_phase", "during the rollout (all the time + KV cache and its copy)"),
                        ("update_phase", "during the update (all the time + the update's parts)")):
         cells = [f"{results[(n, c)][key] / GiB:.1f}" for n in names for c in (False, True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -197,12 +200,19 @@ def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
     lines.append("")
     for name in names:
         r = results[(name, False)]
-        fits = [c for c in (False, True) if results[(name, c)]["total"] <= 0.9 * gpu_gb * 1e9]
+        budget = 0.9 * gpu_gb * 1e9
+        fits = [c for c in (False, True) if results[(name, c)]["total"] <= budget]
+        text = ("fits" if fits else "does not fit") + f" in 90% of {gpu_gb:.0f} GB"
+        text += " only with activation checkpointing" if fits == [True] else ""
+        if not fits:
+            # without compaction's copy of the KV cache?
+            ac = results[(name, True)]
+            no_copy = ac["static"] + max(ac["parts"]["rollout KV cache"], ac["update_phase"] - ac["static"])
+            if no_copy <= budget:
+                text += (f"; with activation checkpointing and --compact-rollouts false it needs "
+                         f"{no_copy / GiB:.1f} GiB and fits (or lower --batch-size)")
         lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters; {r['activation_bytes_per_token_layer']:.0f} "
-                     f"bytes saved per token per block (measured); "
-                     + ("fits" if fits else "does not fit")
-                     + f" in 90% of {gpu_gb:.0f} GB" + (" only with activation checkpointing" if fits == [True] else "")
-                     + ".")
+                     f"bytes saved per token per block (measured); {text}.")
         for c in (False, True):
             rows.append({"model": name, "activation_checkpointing": c, "world": world,
                          **{k: v for k, v in results[(name, c)].items() if k != "parts"},

@@ -35,8 +35,9 @@ writes that token's true keys/values to its own slot and touches nothing else; i
 ignored. The stop token stays pending, so a later ``append`` continues the conversation exactly
 as a fresh prefill of the whole history would. Once a quarter of the decode batch has stopped,
 the batch is *compacted*: the live rows' cache rows are copied into a smaller cache, decoding goes
-on there, and what they decode is written back into the session's cache (at the next compaction
-or at the end). A row ended by a stop string keeps its tokens up to the one that completed it;
+on there, and what they decode is written back into the session's cache (at the next compaction,
+which then copies from the session's cache, or at the end). So a rollout holds at most the
+session's cache plus a copy of three quarters of it. A row ended by a stop string keeps its tokens up to the one that completed it;
 that token is pending as a stop token would be.
 
 Random streams
@@ -204,7 +205,7 @@ def pick_tokens(
     x = x / temperature if temperature != 1 else x
     index = None  # when set, x is in sorted (descending) space: token id = index[b, j]
     if 0 < top_k < V:
-        x, index = torch.topk(x, top_k, dim=-1)
+        x, index = _ties_by_id(*torch.topk(x, top_k, dim=-1))
         if top_p < 1:
             x = _nucleus(x, x.logsumexp(-1, keepdim=True), top_p)
     elif top_p < 1:
@@ -272,12 +273,22 @@ def _top_p_candidates(x: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
         for k in (256, 4096):
             if k >= V:
                 break
-            vals, index = torch.topk(x, k, dim=-1)
+            vals, index = _ties_by_id(*torch.topk(x, k, dim=-1))
             mass = (vals - log_norm).exp().sum(-1)
             if bool((mass >= top_p + 1e-4).all()):  # a margin for the summation order
                 return _nucleus(vals, log_norm, top_p), index
-    vals, index = torch.sort(x, dim=-1, descending=True)
+    vals, index = torch.sort(x, dim=-1, descending=True, stable=True)
     return _nucleus(vals, log_norm, top_p), index
+
+
+def _ties_by_id(vals: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates from ``topk`` reordered by (logit descending, token id ascending), the order a
+    stable full sort gives: ``topk`` leaves tied logits in no set order, and which candidate set
+    a batch uses depends on its other rows, so without this a row's draw at a tie could change
+    with the rows beside it."""
+    index, by_id = index.sort(dim=-1)
+    vals, by_val = vals.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    return vals, index.gather(-1, by_val)
 
 
 _M32 = 0xFFFFFFFF
@@ -629,13 +640,14 @@ class Session:
                     if n_done == len(done):
                         steps = t + 1
                         break
-                    if compact and n_done >= COMPACT_FRACTION * len(done):
+                    # (at least 2 rows stay: a compiled step would specialise on a batch of 1)
+                    if compact and n_done >= COMPACT_FRACTION * len(done) and len(done) - n_done >= 2:
                         keep = (~done).nonzero()[:, 0]
-                        if live is not None:
+                        if live is not None:  # the session's cache gets what the copy decoded,
                             self._write_back(cache, live, first_slot, base + t + 1)
-                        src = cache if live is not None else _slots_view(cache, top)
-                        cache = src.select(keep)
+                            cache = None  # and the copy is freed before the next one is made
                         live = keep if live is None else live[keep]
+                        cache = _slots_view(self.cache, top).select(live)
                         tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
                         keys = None if keys is None else keys[keep]
             else:

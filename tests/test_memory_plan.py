@@ -24,7 +24,9 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     assert plain["parts"]["policy fp32 shards"] == 4 * P / 2 and plain["parts"]["rollout copy bf16"] == 2 * P
     assert plain["static"] == sum(plain["parts"][k] for k in mp.STATIC)
     update = plain["update_phase"] - plain["static"]
-    assert plain["total"] == plain["static"] + max(plain["parts"]["rollout KV cache"], update)
+    kv = plain["parts"]["rollout KV cache"]
+    assert plain["parts"]["its compacted copy (<= 3/4)"] == 0.75 * kv
+    assert plain["total"] == plain["static"] + max(1.75 * kv, update)
     # without checkpointing every block keeps its activations; with it, every block its input and
     # one block all of its activations (during its recomputation)
     n, a, L, h = plain["micro_batch_tokens"], plain["activation_bytes_per_token_layer"], 3, 64

@@ -733,3 +733,19 @@ def test_stop_strings_reject_empty_texts():
         StopStrings(["</answer>", ""], _letters)
     with pytest.raises(SamplingError, match="stop strings"):
         StopStrings([], _letters)
+
+
+def test_a_rows_draw_at_tied_logits_does_not_depend_on_its_batch():
+    """bf16-rounded logits tie often. With top-p the candidate set (top 256, top 4096, or a full
+    sort) is chosen for the whole batch, and with top-k ``topk`` orders ties as it likes: ties are
+    put in token-id order, so a row draws the same token alone or beside a flat row."""
+    g = torch.Generator().manual_seed(0)
+    V = 49152
+    tied = (torch.randn(V, generator=g) * 3).bfloat16().float()
+    flat = torch.zeros(V)  # its top 4096 hold less than top_p of its mass: the full sort
+    for kw in (dict(top_p=0.9), dict(top_k=2000), dict(top_k=3000, top_p=0.8)):
+        for _ in range(50):
+            u = torch.rand(1, 1, generator=g)
+            alone, _ = pick_tokens(tied[None], temperature=1.0, u=u, **kw)
+            both, _ = pick_tokens(torch.stack([tied, flat]), temperature=1.0, u=torch.cat([u, u]), **kw)
+            assert alone[0] == both[0], kw
