@@ -38,15 +38,12 @@ from r3.checkpoint import hf_state_dict, load  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
 from r3.sampler import generate  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_plan import SHAPES as PUBLIC_SHAPES  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
-SHAPES = {
-    "qwen2.5-1.5b": dict(
-        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
-    ),
-}
+SHAPES = {"qwen2.5-1.5b": PUBLIC_SHAPES["qwen2.5-1.5b"]}
 
 
 def random_pair(spec: dict, dtype, device, name: str = "random", seed: int = 0):

@@ -163,10 +163,15 @@ def measure_rollouts(shape: str, model, tok, examples, cfg, variants, repeats):
     return a, rows
 
 
-def mean_lengths(ep) -> dict:
+def part_lengths(ep) -> dict:
+    """Tokens of each first attempt, reflection and retry of an episode."""
     lengths = {"attempt": [len(a) for a in ep.first_attempts], "reflection": [e - s for s, e in ep.spans],
                "retry": [e - s for s, e in ep.retry_spans]}
-    return {k: sum(v) / len(v) for k, v in lengths.items() if v}
+    return {k: v for k, v in lengths.items() if v}
+
+
+def mean_lengths(ep) -> dict:
+    return {k: sum(v) / len(v) for k, v in part_lengths(ep).items()}
 
 
 def main(argv=None) -> None:
@@ -203,11 +208,8 @@ def main(argv=None) -> None:
         out["rollouts"] = rows
         # Row-steps of each decode batch spent on rows that had already stopped (without
         # compaction): what dropping them can save at most (decode time is not linear in the rows).
-        lengths = {"attempt": [len(a) for a in ep.first_attempts],
-                   "reflection": [e - s for s, e in ep.spans],
-                   "retry": [e - s for s, e in ep.retry_spans]}
-        out["stopped_row_step_fraction"] = {k: 1 - sum(v) / (len(v) * max(v)) for k, v in lengths.items() if v}
-        out["mean_length"] = {k: sum(v) / len(v) for k, v in lengths.items() if v}
+        out["stopped_row_step_fraction"] = {k: 1 - sum(v) / (len(v) * max(v)) for k, v in part_lengths(ep).items()}
+        out["mean_length"] = mean_lengths(ep)
         out["rows"] += measure("default", ep.sequences, ep.spans, cfg.group_size, policy, reference, cfg, d,
                                flops, rate, args.repeats)
     if "paper" in shapes:

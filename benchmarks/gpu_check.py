@@ -55,15 +55,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_kernels  # noqa: E402
 import bench_sampler  # noqa: E402
+from memory_plan import SHAPES  # noqa: E402
 
 SECTIONS = ("env", "parity", "kernel", "sampler", "train")
 DATASHEET_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
 
-QWEN_05B = dict(
-    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-    rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu",
-)
+QWEN_05B = SHAPES["qwen2.5-0.5b"]
 LLAMA_1B = dict(
     model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,

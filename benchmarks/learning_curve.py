@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from r3.checkpoint import load  # noqa: E402
 from r3.config import parse_args as parse_train_args  # noqa: E402
 from r3.chat import ChatFormat  # noqa: E402
-from r3.episode import run_episode  # noqa: E402
+from r3.episode import answer_stops, run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
-from r3.sampler import RANDOM_STREAMS, Session, StopStrings  # noqa: E402
+from r3.sampler import RANDOM_STREAMS, Session  # noqa: E402
 from r3.stats import paired_difference  # noqa: E402
 from r3.tasks import get  # noqa: E402
 
@@ -69,7 +69,7 @@ def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tup
         s = Session.start(model, [chat.prompt(task.messages(ex)) for ex in batch], vocab_size=len(tok), seed=seed + i)
         got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                        top_k=sampling.top_k, stop_token_ids=chat.stop_ids,
-                       stop_strings=StopStrings(task.stop_strings, chat.decode) if task.stop_strings else None)
+                       stop_strings=answer_stops(task, chat))
         out += [(list(t), bool(task.verify(ex, chat.decode(t)))) for ex, t in zip(batch, got.tokens)]
     return out
 

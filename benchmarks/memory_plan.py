@@ -47,7 +47,6 @@ import copy
 import ctypes
 import ctypes.util
 import json
-import os
 import sys
 import threading
 import time
@@ -266,7 +265,12 @@ def measure(args) -> None:
     d = T.init_distributed()
     shape = SHAPES[args.shape]
     mc = ModelConfig.from_hf(shape)
-    a_tok = activation_bytes_per_token(shape, args.tokens // 8)
+    # one micro-batch of 8 rows of --tokens / 8 tokens, the last 128 of each trained; as a run
+    # for plan(): its update terms are the formula checked here (no rollout is made)
+    rows, per = 8, args.tokens // 8
+    run = dict(batch_size=d.world, group_size=1, prompt=per - 128 - 20, attempt=0, reflection=128, retry=0,
+               micro_batch_size=rows)
+    formula = {ckpt: plan(shape, d.world, run, ckpt) for ckpt in (False, True)}
     rss = AllocatedPeak()
     out = {"shape": args.shape, "world": d.world, "tokens": args.tokens, "rank": d.rank, "phases": []}
     base = rss.reset()
@@ -285,13 +289,10 @@ def measure(args) -> None:
 
     gc.collect()
     models = rss.now() - base
-    P = param_counts(mc)["total"]
     out["models_measured_gib"] = models / GiB
-    out["models_formula_gib"] = (4 * P / d.world + 2 * P / d.world + 2 * P) / GiB
+    parts = formula[False]["parts"]
+    out["models_formula_gib"] = sum(parts[k] for k in STATIC if k != "AdamW state") / GiB
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    # one micro-batch: rows of --tokens / rows tokens, the last 128 of each trained
-    rows = 8
-    per = args.tokens // rows
     g = torch.Generator().manual_seed(d.rank)
     seqs = [torch.randint(0, mc.vocab_size, (per,), generator=g).tolist() for _ in range(rows)]
     spans = [(per - 128, per)] * rows
@@ -308,15 +309,10 @@ def measure(args) -> None:
         out["phases"].append({"activation_checkpointing": ckpt, "update_peak_growth_gib": (rss.peak - before) / GiB,
                               "update_s": dt})
     rss.stop()
-    n = param_counts(mc)
-    L, h = mc.num_hidden_layers, mc.hidden_size
-    T_ = args.tokens
-    out["formula_update_gib"] = {
-        ckpt: (4 * P / d.world  # gradients (the AdamW state exists already after the first run)
-               + 2 * 2 * (n["root"] + 2 * n["block"])
-               + (T_ * L * 2 * h + T_ * a_tok if ckpt else T_ * L * a_tok)
-               + rows * 128 * mc.vocab_size * 2) / GiB for ckpt in (False, True)}
-    out["activation_bytes_per_token_layer"] = a_tok
+    # the update's parts: gradients, gathered parameters, activations, logits (AdamW's state
+    # exists already after the first run)
+    out["formula_update_gib"] = {ckpt: (f["update_phase"] - f["static"]) / GiB for ckpt, f in formula.items()}
+    out["activation_bytes_per_token_layer"] = formula[False]["activation_bytes_per_token_layer"]
     gathered = [None] * d.world
     import torch.distributed as dist
 

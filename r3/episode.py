@@ -90,6 +90,13 @@ def turn_text(task, kind: str, example: dict) -> str:
     return message["content"] if isinstance(message, dict) else str(message)
 
 
+def answer_stops(task, chat: ChatFormat) -> StopStrings | None:
+    """What ends an answer turn besides the stop ids: the task's ``stop_strings`` (a plug-in
+    without the attribute has none)."""
+    strings = tuple(getattr(task, "stop_strings", ()) or ())
+    return StopStrings(strings, chat.decode) if strings else None
+
+
 def _presize(prompts, sampling: EpisodeSampling, turn_budget: int) -> int:
     return max(len(p) for p in prompts) + sampling.max_attempt_tokens + sampling.max_reflection_tokens + sampling.max_retry_tokens + turn_budget
 
@@ -116,8 +123,7 @@ def run_episode(
     stops = chat.stop_ids
     kw = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stops)
     # Answer turns (attempt, retry) also end at the task's stop strings; reflections do not.
-    strings = tuple(getattr(task, "stop_strings", ()) or ())
-    answer_kw = dict(kw, stop_strings=StopStrings(strings, chat.decode) if strings else None)
+    answer_kw = dict(kw, stop_strings=answer_stops(task, chat))
     if not examples:
         return Episode([], [], torch.zeros((0, group_size)), 0, 0, [], 0)
     prompts = [chat.prompt(task.messages(ex)) for ex in examples]
