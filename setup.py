@@ -23,10 +23,13 @@ setup(
         # triton: the kernel tests run the Triton kernels in its CPU interpreter.
         # pyarrow: r3.forgetting reads parquet benchmark files with it (the tests write one).
         # tensorboard: --report-to tensorboard (the tests read its event files back).
-        "test": ["pytest", "accelerate", "triton", "pyarrow", "tensorboard"],
+        # sympy + antlr4 4.11: r3.forgetting --math-equivalence sympy (sympy's LaTeX parser needs 4.11).
+        "test": ["pytest", "accelerate", "triton", "pyarrow", "tensorboard", "sympy",
+                 "antlr4-python3-runtime==4.11.*"],
         "triton": ["triton"],
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
+        "math": ["sympy", "antlr4-python3-runtime==4.11.*"],
         "wandb": ["wandb"],
     },
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,26 +37,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def hellaswag_file(gsm8k_test: Path, n: int, out: Path) -> Path:
-    """HellaSwag-format records from GSM8K questions: the context is a question's first sentence,
-    the endings are the first sentences' continuations of four questions (the right one first,
-    then rotated)."""
-    qs = [json.loads(line)["question"] for line in gsm8k_test.read_text().splitlines()[: n + 3]]
+def _sentences(text: str) -> list[str]:
+    return [x.strip() for x in re.split(r"(?<=[.?!])\s+", text) if x.strip()]
+
+
+def hellaswag_file(gsm8k_test: Path, n: int, out: Path, shape: str) -> Path:
+    """HellaSwag-format records written from GSM8K questions, the true ending at index ``i % 4``
+    and three other questions' endings beside it.
+
+    ``shape`` "long-endings": the context is a question's first sentence and the endings are the
+    rest of four questions (contexts ~20 tokens, endings ~50). "short-endings": the context is all
+    of a question but its last sentence and the endings are four questions' last sentences
+    (contexts ~48 tokens, endings ~18), closer to HellaSwag's own texts, where the context is the
+    longer part."""
+    qs = [json.loads(line)["question"] for line in gsm8k_test.read_text().splitlines()]
     rows = []
-    for i in range(n):
-        parts = [q.split(". ", 1) + [""] for q in qs[i: i + 4]]
-        ctx = parts[0][0]
-        endings = [(p[1] or p[0]).strip() for p in parts]
-        label = i % 4
+    for j in range(len(qs) - 3):
+        if len(rows) == n:
+            break
+        if shape == "long-endings":
+            parts = [q.split(". ", 1) + [""] for q in qs[j: j + 4]]
+            ctx, endings = parts[0][0] + ".", [(p[1] or p[0]).strip() for p in parts]
+        else:
+            sents = [_sentences(q) for q in qs[j: j + 4]]
+            if len(sents[0]) < 3:
+                continue
+            ctx, endings = " ".join(sents[0][:-1]), [x[-1] for x in sents]
+        label = len(rows) % 4
         endings = endings[4 - label:] + endings[: 4 - label]  # the true continuation at index `label`
-        rows.append({"ind": i, "activity_label": "Word problem", "ctx_a": ctx + ".", "ctx_b": "",
-                     "ctx": ctx + ".", "endings": endings, "label": str(label), "split": "val",
-                     "split_type": "indomain", "source_id": f"gsm8k-{i}"})
+        rows.append({"ind": len(rows), "activity_label": "Word problem", "ctx_a": ctx, "ctx_b": "",
+                     "ctx": ctx, "endings": endings, "label": str(label), "split": "val",
+                     "split_type": "indomain", "source_id": f"gsm8k-{j}"})
+    if len(rows) < n:
+        raise SystemExit(f"{gsm8k_test}: only {len(rows)} {shape} records can be written, {n} asked")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
-def harness_tasks(include: Path, gsm8k_test: Path, gsm8k_train: Path, hellaswag: Path) -> None:
+def harness_tasks(include: Path, gsm8k_test: Path, gsm8k_train: Path, hellaswag: dict[str, Path]) -> None:
+    """Task YAMLs for the harness: ``r3_gsm8k`` and one ``r3_<name>`` per HellaSwag-format file,
+    each including the harness's own task and changing only where the data comes from."""
     import lm_eval
 
     tasks = Path(lm_eval.__file__).parent / "tasks"
@@ -70,17 +91,18 @@ def harness_tasks(include: Path, gsm8k_test: Path, gsm8k_train: Path, hellaswag:
             test: {gsm8k_test}
         """))
     (include / "utils.py").write_text((tasks / "hellaswag" / "utils.py").read_text())
-    (include / "r3_hellaswag.yaml").write_text(textwrap.dedent(f"""\
-        include: {tasks / 'hellaswag' / 'hellaswag.yaml'}
-        task: r3_hellaswag
-        dataset_path: json
-        dataset_name: null
-        dataset_kwargs:
-          data_files:
-            train: {hellaswag}
-            validation: {hellaswag}
-        process_docs: !function utils.process_docs
-        """))
+    for name, path in hellaswag.items():
+        (include / f"r3_{name}.yaml").write_text(textwrap.dedent(f"""\
+            include: {tasks / 'hellaswag' / 'hellaswag.yaml'}
+            task: r3_{name}
+            dataset_path: json
+            dataset_name: null
+            dataset_kwargs:
+              data_files:
+                train: {path}
+                validation: {path}
+            process_docs: !function utils.process_docs
+            """))
 
 
 HARNESS = """
@@ -89,11 +111,12 @@ from lm_eval.tasks import TaskManager
 args = json.loads(sys.argv[1])
 res = lm_eval.simple_evaluate(model="hf", model_args=args["model_args"], tasks=args["tasks"], limit=args["limit"],
                               batch_size=args["batch_size"], device="cpu", log_samples=True,
+                              apply_chat_template=args["chat"],
                               task_manager=TaskManager(include_path=args["include"]), bootstrap_iters=0)
 out = {"results": res["results"], "samples": {}}
 for task, samples in res["samples"].items():
     out["samples"][task] = [{"doc_id": s["doc_id"], "filter": s.get("filter"), "resps": s["resps"],
-                             "filtered_resps": s["filtered_resps"]} for s in samples]
+                             "filtered_resps": s["filtered_resps"], "arguments": s.get("arguments")} for s in samples]
 json.dump(out, open(args["out"], "w"), default=str)
 """
 
@@ -115,13 +138,19 @@ def main() -> None:
     ap.add_argument("--n-hellaswag", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--chat", action="store_true",
+                    help="both sides apply the model's chat template (r3 --chat; the harness's apply_chat_template)")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only these rows: gsm8k, hellaswag_long_endings, hellaswag_short_endings")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     from r3.checkpoint import builtin_gguf
 
     work = Path(tempfile.mkdtemp(prefix="bench_forgetting-"))
-    hs = hellaswag_file(args.gsm8k_test, args.n_hellaswag, work / "hellaswag.jsonl")
+    shapes = {f"hellaswag_{shape.replace('-', '_')}": shape for shape in ("long-endings", "short-endings")}
+    hs = {name: hellaswag_file(args.gsm8k_test, args.n_hellaswag, work / f"{name}.jsonl", shape)
+          for name, shape in shapes.items()}
     harness_tasks(work, args.gsm8k_test.resolve(), args.gsm8k_train.resolve(), hs)
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     if args.model == "smollm2-135m":
@@ -136,17 +165,19 @@ def main() -> None:
     for name, r3_data, task, n in (
         ("gsm8k", ["--data", f"gsm8k={args.gsm8k_test}", "--fewshot-data", f"gsm8k={args.gsm8k_train}"], "r3_gsm8k",
          args.n_gsm8k),
-        ("hellaswag", ["--data", f"hellaswag={hs}"], "r3_hellaswag", args.n_hellaswag),
+        *((name, ["--data", f"hellaswag={path}"], f"r3_{name}", args.n_hellaswag) for name, path in hs.items()),
     ):
+        if args.only and name not in args.only:
+            continue
         r3_out, h_out = work / f"r3_{name}.json", work / f"harness_{name}.json"
         t_r3 = run_timed([sys.executable, "-m", "r3.forgetting", "--model", args.model, *r3_data, "--n", str(n),
                           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--device", "cpu", "--quiet",
-                          "--out", str(r3_out)], env)
+                          *(["--chat"] if args.chat else []), "--out", str(r3_out)], env)
         spec = {"model_args": model_args, "tasks": [task], "limit": n, "batch_size": args.batch_size,
-                "include": str(work), "out": str(h_out)}
+                "include": str(work), "out": str(h_out), "chat": args.chat}
         t_h = run_timed([sys.executable, "-c", HARNESS, json.dumps(spec)], env)
         mine, theirs = json.loads(r3_out.read_text()), json.loads(h_out.read_text())
-        items = mine["items"][name][args.model]
+        items = mine["items"]["gsm8k" if name == "gsm8k" else "hellaswag"][args.model]
         # one logged sample per document and filter: keep the first filter's (strict-match for GSM8K)
         first_filter = theirs["samples"][task][0]["filter"]
         samples = sorted((s for s in theirs["samples"][task] if s["filter"] == first_filter), key=lambda s: s["doc_id"])
@@ -181,7 +212,7 @@ def main() -> None:
         import importlib.metadata as md
 
         Path(args.json).write_text(json.dumps({
-            "rows": rows, "table": "\n".join(lines), "model": args.model, "dtype": args.dtype,
+            "rows": rows, "table": "\n".join(lines), "model": args.model, "dtype": args.dtype, "chat": args.chat,
             "batch_size": args.batch_size, "lm_eval_version": md.version("lm_eval"),
             "torch": md.version("torch"), "transformers": md.version("transformers"), "cpus": os.cpu_count(),
         }, indent=2) + "\n")

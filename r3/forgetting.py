@@ -8,8 +8,9 @@ file in its public format (JSONL, JSON or parquet; see :mod:`r3.evals.benchmarks
 and the scoring rules). ``--fewshot-data`` gives GSM8K's train file (its 5 shots come from it)
 and MMLU-Pro's validation file (5-shot chain of thought; 0-shot without it); MATH's four Minerva
 shots are built in; HellaSwag is 0-shot. ``--n`` takes the first N documents of each file (the
-harness's ``--limit``). ``--chat`` wraps each prompt as one user message in the model's chat
-template (instruct models); the JSON says which mode a number used.
+harness's ``--limit``). ``--chat`` (instruct models) sends the prompts through the model's chat
+template as the harness's ``--apply_chat_template`` does (each shot a user and an assistant
+turn); the JSON says which mode a number used.
 
 Every model sees the same documents; the table gives each score with its standard error, and for
 each later model the paired difference against the first (same items) with its standard error.
@@ -41,6 +42,7 @@ from r3.errors import R3Error, cli_main
 from r3.evals import benchmarks as B
 from r3.evals.data import read_records
 from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
+from r3.evals.math_equivalence import require as require_sympy
 from r3.stats import mean_stderr, paired_difference
 
 
@@ -59,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=B.DEFAULT_FEWSHOT_SEED, help="few-shot sampling seed (default: 1234, as the harness)")
     p.add_argument("--max-gen-toks", type=int, default=None, help="generation limit (default: gsm8k/math 256, mmlu_pro 2048)")
     p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default: 16)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template (instruct models)")
+    p.add_argument("--chat", action="store_true", help="prompts through the model's chat template, shots as turns (lm-eval's --apply_chat_template)")
+    p.add_argument("--math-equivalence", choices=("string", "sympy"), default="string",
+                   help="MATH exact_match: identical normalised answers (default), or also equal as sympy "
+                        "expressions, as the harness scores it (needs pip install 'r3[math]')")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", required=True, help="the JSON result file")
@@ -94,6 +99,8 @@ def prepare(args) -> list[dict]:
     n = positive_int("--n", args.n, allow_none=True)
     if args.shots is not None and args.shots < 0:
         raise R3Error(f"--shots must be >= 0, got {args.shots}")
+    if args.math_equivalence == "sympy" and "math" in data:
+        require_sympy()
     plans = []
     for name, path in data.items():
         bench = B.get(name)
@@ -109,8 +116,9 @@ def prepare(args) -> list[dict]:
                           f"or --shots 0")
         picks = B.fewshot_indices(name, docs, pool, shots, args.seed)
         prompts = [B.prompt(name, d, [pool[j] for j in pick], shots) for d, pick in zip(docs, picks)]
+        messages = [B.chat_messages(name, d, [pool[j] for j in pick], shots) for d, pick in zip(docs, picks)]
         plans.append({"bench": bench, "path": str(path), "fewshot_path": str(fewshot[name]) if name in fewshot else None,
-                      "shots": shots, "docs": docs, "prompts": prompts})
+                      "shots": shots, "docs": docs, "prompts": prompts, "messages": messages})
     return plans
 
 
@@ -132,13 +140,13 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
         if not getattr(tokenizer, "chat_template", None):
             raise R3Error("--chat: this model's tokenizer has no chat template")
         chat = ChatFormat(tokenizer)
-    prompts = [chat.prompt_text([{"role": "user", "content": p}]) for p in plan["prompts"]] if chat else plan["prompts"]
+    prompts = [chat.prompt_text(m) for m in plan["messages"]] if chat else plan["prompts"]
     progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet)
     try:
         if bench.kind == "loglikelihood":
             items = []
             for d, ctx in zip(docs, prompts):
-                pairs = [encode_pair(tokenizer, ctx, c) for c in B.choices(bench.name, d)]
+                pairs = [encode_pair(tokenizer, ctx, c) for c in B.choices(bench.name, d, chat=chat is not None)]
                 items.append((pairs[0][0], [cont for _, cont in pairs]))
             lls = loglikelihoods(model, items, batch_size=args.batch_size, progress=progress.update)
             out = []
@@ -153,7 +161,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
                                batch_size=args.batch_size, progress=progress.update)
         out = []
         for d, text in zip(docs, texts):
-            s = B.score_generation(bench.name, d, text)
+            s = B.score_generation(bench.name, d, text, math_equivalence=args.math_equivalence)
             out.append({"prediction": s["prediction"], "correct": s[bench.metrics[0]],
                         "scores": {m: s[m] for m in bench.metrics}, "output": text})
         return out
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
     write_json_atomic(out, {
         "results": results,
         "paired": paired,
-        "settings": {"models": models, "chat": args.chat, "n": args.n, "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
+        "settings": {"models": models, "chat": args.chat, "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
                      "device": str(device), "max_gen_toks": args.max_gen_toks,
                      "benchmarks": {p["bench"].name: {"file": p["path"], "fewshot_file": p["fewshot_path"], "shots": p["shots"],
                                                       "n": len(p["docs"])} for p in plans}},

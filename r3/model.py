@@ -525,17 +525,19 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def _masks(self, positions: torch.Tensor, kv_len: int | None) -> dict:
-        """Boolean attention masks [B, 1, T, S] keyed by window size; None means plain causal."""
+        """Boolean attention masks [B, 1, T, S] keyed by window size; None means plain causal
+        (query t attends to slots <= t). With a cache, a forward whose every row sits at
+        positions 0..T-1 (a prefill from the start) is plain causal too: the later slots it reads
+        hold nothing it may see, and SDPA's causal path skips them instead of masking them."""
         masks = {}
         T = positions.shape[1]
+        from_start = kv_len is not None and T > 1 and bool(
+            (positions == torch.arange(T, device=positions.device)).all())
         for window in {layer.self_attn.window for layer in self.layers}:
-            if kv_len is None:
-                if window is None or window >= T:
-                    masks[window] = None
-                    continue
-                slots = torch.arange(T, device=positions.device)
-            else:
-                slots = torch.arange(kv_len, device=positions.device)
+            if (kv_len is None or from_start) and (window is None or window >= T):
+                masks[window] = None
+                continue
+            slots = torch.arange(T if kv_len is None else kv_len, device=positions.device)
             q = positions[:, None, :, None]
             m = slots <= q
             if window is not None:

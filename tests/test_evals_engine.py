@@ -68,11 +68,11 @@ def test_generate_until_equals_generate_then_cut(builtin):
     n = 24
     full = generate(model, prompts, max_new_tokens=n, temperature=0.0).tokens
     for until in ([","], ["\n"], ["Question:", "\n\n"], []):
-        got = generate_until(model, tok, prompts, until=until, max_new_tokens=n, batch_size=3, chunk=7)
+        got = generate_until(model, tok, prompts, until=until, max_new_tokens=n, batch_size=3)
         want = [_cut(tok.decode(t, skip_special_tokens=True), until)[0] for t in full]
         assert got == want, until
     # A stop id ends a row: the text stops before it.
     eos = full[1][5]
-    got = generate_until(model, tok, prompts[1:2], until=[], max_new_tokens=n, stop_token_ids=[eos], chunk=4)
+    got = generate_until(model, tok, prompts[1:2], until=[], max_new_tokens=n, stop_token_ids=[eos])
     k = full[1].index(eos)
     assert got == [tok.decode(full[1][:k], skip_special_tokens=True)]

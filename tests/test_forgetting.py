@@ -170,6 +170,43 @@ def test_math_gold_and_answer_extraction():
     assert B.remove_boxed("\\boxed 5") == "5"
 
 
+def _sympy_or_skip():
+    from r3.evals import math_equivalence
+
+    try:
+        math_equivalence.require()
+    except R3Error as e:  # the test extra installs both
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    ("\\frac{1}{2}", "0.5", True), ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\frac{\\pi}{3}", "\\pi/3", True),
+    ("x+1", "1+x", True), ("[2,5)", "[2,5)", True),  # identical, though sympy cannot parse an interval
+    ("(1,2)", "(2,1)", False), ("2", "3", False), ("[invalidanswer]", "1", False), ("", "", False),
+    ("\\frac{2}{3}", "0.66", False),
+])
+def test_math_sympy_equivalence(pred, gold, same):
+    _sympy_or_skip()
+    doc = {"problem": "p", "answer": gold}
+    text = f"Final Answer: The final answer is ${pred}$. I hope it is correct."
+    assert B.math_scores(doc, text, "sympy")["exact_match"] is same
+    assert B.math_scores(doc, text)["exact_match"] is (pred == gold)  # the default: strings
+
+
+def test_math_sympy_needs_antlr_4_11(monkeypatch, tmp_path, capsys):
+    from r3.evals import math_equivalence
+
+    monkeypatch.setattr(math_equivalence, "version", lambda name: "4.13.2")
+    with pytest.raises(R3Error, match=r"antlr4-python3-runtime 4.11.*found antlr4-python3-runtime 4.13.2.*r3\[math\]"):
+        math_equivalence.require()
+    # the CLI says so before loading any model
+    f = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    with pytest.raises(SystemExit) as e:
+        FG.main(["--data", f"math={f}", "--math-equivalence", "sympy", "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "r3[math]" in err and len(err.splitlines()) == 1, err
+
+
 # ----------------------------------------------------------------------------------- MMLU-Pro
 
 
@@ -254,3 +291,64 @@ def test_cli_end_to_end_on_small_files(tmp_path):
     g = data["items"]["gsm8k"]["smollm2-135m"][0]
     assert isinstance(g["output"], str) and "Question:" not in g["output"]
     assert data["settings"]["benchmarks"]["gsm8k"]["shots"] == 0 and data["settings"]["chat"] is False
+
+
+# ----------------------------------------------------------------------------------- --chat
+
+
+def test_chat_messages_put_each_shot_in_its_own_turns():
+    docs = [{"question": "q0", "answer": "a0\n#### 0"}]
+    shots = [{"question": "t1", "answer": "s1\n#### 1"}, {"question": "t2", "answer": "s2\n#### 2"}]
+    assert B.chat_messages("gsm8k", docs[0], shots, 2) == [
+        {"role": "user", "content": "Question: t1\nAnswer:"}, {"role": "assistant", "content": "s1\n#### 1"},
+        {"role": "user", "content": "Question: t2\nAnswer:"}, {"role": "assistant", "content": "s2\n#### 2"},
+        {"role": "user", "content": "Question: q0\nAnswer:"}]
+    # MMLU-Pro: the category header is the system message; a shot's target is its chain of thought
+    shot = {"question": "Sq", "options": ["x", "y"], "answer": "B", "category": "law",
+            "cot_content": "A: Let's think step by step. Because y. The answer is (B)."}
+    doc = {"question": "Q", "options": ["o1", "o2"], "answer": "A", "category": "law"}
+    m = B.chat_messages("mmlu_pro", doc, [shot], 1)
+    assert [x["role"] for x in m] == ["system", "user", "assistant", "user"]
+    assert m[0]["content"] == B.mmlu_pro_header("law")
+    assert m[1]["content"] == "Question:\nSq\nOptions:\nA. x\nB. y\nAnswer: Let's think step by step."
+    assert m[2]["content"] == "Because y. The answer is (B)."
+    # MATH: the Minerva shots as turns; HellaSwag: the gold ending as the shot's answer
+    m = B.chat_messages("math", {"problem": "P", "answer": "1"}, [], 2)
+    assert m[0]["content"] == f"Problem:\n{B.MINERVA_FEWSHOT[0][0]}\n\nSolution:" and m[1]["content"] == B.MINERVA_FEWSHOT[0][1]
+    assert m[-1] == {"role": "user", "content": "Problem:\nP\n\nSolution:"} and len(m) == 5
+    hs = {"query": "Cooking: A man cracks eggs. He", "choices": ["whisks.", "flies."], "gold": 0}
+    assert B.chat_messages("hellaswag", hs, [dict(hs, gold=1)], 1)[1] == {"role": "assistant", "content": "flies."}
+    assert B.choices("hellaswag", hs) == [" whisks.", " flies."]
+    assert B.choices("hellaswag", hs, chat=True) == ["whisks.", "flies."]
+
+
+def test_chat_prompt_is_the_harness_prompt(builtin):
+    """The text lm-evaluation-harness 0.4.13 sends the built-in model for a GSM8K item with
+    --apply_chat_template (copied from its logged arguments, shortened to one shot)."""
+    from r3.chat import ChatFormat
+
+    _, tok = builtin
+    doc = {"question": "Janet has 3 ducks. How many?", "answer": "3\n#### 3"}
+    shot = {"question": "Jen did 16 flips. How many?", "answer": "Jen did 16 flips.\n#### 16"}
+    text = ChatFormat(tok).prompt_text(B.chat_messages("gsm8k", doc, [shot], 1))
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                    "<|im_start|>user\nQuestion: Jen did 16 flips. How many?\nAnswer:<|im_end|>\n"
+                    "<|im_start|>assistant\nJen did 16 flips.\n#### 16<|im_end|>\n"
+                    "<|im_start|>user\nQuestion: Janet has 3 ducks. How many?\nAnswer:<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+def test_cli_chat_end_to_end(tmp_path):
+    hs = write_jsonl(tmp_path / "hs.jsonl", [
+        {"activity_label": "Cooking", "ctx_a": "A man cracks two eggs into a bowl.", "ctx_b": "he",
+         "endings": ["whisks them with a fork.", "drives a car to the moon."], "label": 0}])
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    out = tmp_path / "f.json"
+    assert FG.main(["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "40",
+                    "--chat", "--out", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["chat"] is True
+    g = data["items"]["gsm8k"]["smollm2-135m"][0]["output"]
+    # the instruct model answers and ends its turn: nothing of the template is left in the text
+    assert g and "<|im_end|>" not in g and "<|im_start|>" not in g
+    assert len(data["items"]["hellaswag"]["smollm2-135m"][0]["loglikelihoods"]) == 2

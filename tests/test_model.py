@@ -163,6 +163,28 @@ def test_kv_cache_ragged_decode_equals_full_forward(tiny_dirs, kind):
             assert (got - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral"])  # mistral: a sliding window of 8 < T
+def test_prefill_from_the_start_is_plain_causal(tiny_dirs, kind):
+    """A cached forward whose rows all sit at positions 0..T-1 runs SDPA's causal path (no mask);
+    it must equal the masked path, which a forward starting at position 1 takes."""
+    path, hf = tiny_dirs[kind]
+    model, _ = load(path, tokenizer=False)
+    row = _tokens(hf.config.vocab_size, 2, 20)
+    pos = torch.arange(20).expand(2, 20)
+    masks = model._masks(pos, 64)
+    window = hf.config.sliding_window if kind == "mistral" else None
+    assert masks[window] is None if window is None else masks[window].shape == (2, 1, 20, 64)
+    assert all(m is not None for m in model._masks(pos + 1, 64).values())  # not from the start: masked
+    with torch.no_grad():
+        a = model(row, positions=pos, cache=model.new_cache(2, 64))
+        cache = model.new_cache(2, 64)
+        first = model(row[:, :1], positions=pos[:, :1], cache=cache)
+        rest = model(row[:, 1:], positions=pos[:, 1:], cache=cache)
+        b = torch.cat([first, rest], dim=1)
+        full = model(row)
+    assert (a - b).abs().max().item() <= 1e-5 and (a - full).abs().max().item() <= 1e-5
+
+
 def test_kv_cache_select_forks_rows(tiny_dirs):
     path, hf = tiny_dirs["llama"]
     model, _ = load(path, tokenizer=False)

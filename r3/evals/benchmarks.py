@@ -18,13 +18,18 @@ the harness's task files they reproduce:
   greedy, stop at ``Problem:``, at most 256 tokens; the answer is X of "Final Answer: The final
   answer is X. I hope it is correct.", normalised as Minerva's Appendix D; the gold answer is the
   last ``\\boxed{}`` of the solution (or the ``answer`` field of the MATH-500 layout), normalised
-  the same way. ``exact_match`` is equality of the normalised strings. (The harness's own
-  ``exact_match`` asks sympy whether the two parse to equal expressions instead: it also credits
-  ``0.5`` for ``\\frac{1}{2}``, and refuses answers sympy cannot parse, such as intervals.)
+  the same way. ``exact_match`` is equality of the normalised strings by default. The harness's
+  own ``exact_match`` also credits answers sympy finds equal (``0.5`` for ``\\frac{1}{2}``):
+  ``--math-equivalence sympy`` does the same (:mod:`r3.evals.math_equivalence`).
 * **MMLU-Pro** (``mmlu_pro``): chain-of-thought, 5-shot from a validation file when one is given
   (the first five validation questions of the same category, their ``cot_content`` as target),
   0-shot otherwise; the answer is the first ``answer is \\(?([A-J])\\)?``; no match is wrong.
   Stop at ``Question:``, at most 2048 tokens.
+
+With ``--chat`` the same texts go through the model's chat template as the harness's
+``apply_chat_template`` (with its default ``fewshot_as_multiturn``) sends them: each shot a user
+and an assistant turn, the question the last user turn (:func:`chat_messages`); HellaSwag's
+endings are then scored without the leading space.
 """
 
 from __future__ import annotations
@@ -206,9 +211,19 @@ def math_doc(record: dict, path, i: int) -> dict:
     return {"problem": problem, "answer": normalize_final_answer(gold)}
 
 
-def math_scores(doc: dict, text: str) -> dict:
+def math_scores(doc: dict, text: str, equivalence: str = "string") -> dict:
+    """``equivalence`` "string": the normalised answers are identical; "sympy": identical or equal
+    as sympy expressions (:mod:`r3.evals.math_equivalence`, the harness's rule)."""
     pred = normalize_final_answer(minerva_answer(text))
-    return {"exact_match": pred == doc["answer"], "prediction": pred}
+    if equivalence == "sympy":
+        from r3.evals.math_equivalence import is_equiv
+
+        same = is_equiv(pred, doc["answer"])
+    elif equivalence == "string":
+        same = pred == doc["answer"]
+    else:
+        raise R3Error(f"unknown MATH equivalence {equivalence!r} (string or sympy)")
+    return {"exact_match": same, "prediction": pred}
 
 
 # ---------------------------------------------------------------------------------- MMLU-Pro
@@ -320,12 +335,42 @@ def prompt(name: str, doc: dict, shots: list[dict], n_shots: int) -> str:
     raise R3Error(f"unknown benchmark {name!r}")
 
 
-def choices(name: str, doc: dict) -> list[str]:
-    """Continuations scored after the prompt (multiple choice by log-likelihood)."""
+def chat_messages(name: str, doc: dict, shots: list[dict], n_shots: int) -> list[dict]:
+    """The prompt as chat messages, as the harness builds it with ``apply_chat_template`` (its
+    default ``fewshot_as_multiturn``): the task's description (MMLU-Pro's header) as the system
+    message, each shot as a user turn (its question) and an assistant turn (its target), then the
+    document's question as the last user turn. No system message otherwise: the template adds
+    its own default, if it has one."""
+    if name == "hellaswag":
+        pairs = [(s["query"], s["choices"][s["gold"]]) for s in shots]
+        last, system = doc["query"], None
+    elif name == "gsm8k":
+        pairs = [(f"Question: {s['question']}\nAnswer:", s["answer"]) for s in shots]
+        last, system = f"Question: {doc['question']}\nAnswer:", None
+    elif name == "math":
+        pairs = [(f"Problem:\n{p}\n\nSolution:", s) for p, s in MINERVA_FEWSHOT[:n_shots]]
+        last, system = f"Problem:\n{doc['problem']}\n\nSolution:", None
+    elif name == "mmlu_pro":
+        pairs = [(mmlu_pro_question(s), s["cot_content"].replace("A: Let's think step by step. ", "")) for s in shots]
+        last, system = mmlu_pro_question(doc), mmlu_pro_header(doc["category"])
+    else:
+        raise R3Error(f"unknown benchmark {name!r}")
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in pairs:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": last}]
+
+
+def choices(name: str, doc: dict, *, chat: bool = False) -> list[str]:
+    """Continuations scored after the prompt (multiple choice by log-likelihood): ``" " + ending``,
+    or the bare ending after a chat prompt (the harness drops its target delimiter there, the
+    assistant header already separating it)."""
     if name != "hellaswag":
         raise R3Error(f"{name} is not a log-likelihood benchmark")
-    return [" " + c for c in doc["choices"]]
+    return list(doc["choices"]) if chat else [" " + c for c in doc["choices"]]
 
 
-def score_generation(name: str, doc: dict, text: str) -> dict:
-    return {"gsm8k": gsm8k_scores, "math": math_scores, "mmlu_pro": mmlu_pro_scores}[name](doc, text)
+def score_generation(name: str, doc: dict, text: str, *, math_equivalence: str = "string") -> dict:
+    if name == "math":
+        return math_scores(doc, text, math_equivalence)
+    return {"gsm8k": gsm8k_scores, "mmlu_pro": mmlu_pro_scores}[name](doc, text)

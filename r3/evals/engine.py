@@ -6,7 +6,7 @@
   per continuation, the summed log-probability of its tokens and whether each was the argmax.
 * :func:`generate_until`: greedy generation in batches with our sampler, each row ending at an
   end-of-sequence id or at the first of its stop strings (the text is cut there, as
-  lm-evaluation-harness cuts it).
+  lm-evaluation-harness cuts it); stopped rows leave the decode batch (the sampler's compaction).
 
 Token ids in, numbers or token ids out: how text becomes tokens is the caller's
 (:func:`encode_pair` does it as the harness's Hugging Face backend does).
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from r3.sampler import Session
+from r3.sampler import Session, StopStrings
 
 
 @dataclass
@@ -58,11 +58,15 @@ def _score_positions(model, hidden: torch.Tensor, targets: torch.Tensor) -> tupl
     ``[N, V]`` logits never exist together."""
     lps, greedy = [], []
     for lo in range(0, hidden.shape[0], SCORE_CHUNK):
-        logits = model.lm_head(hidden[lo: lo + SCORE_CHUNK]).float()
+        logits = model.lm_head(hidden[lo: lo + SCORE_CHUNK])
         t = targets[lo: lo + SCORE_CHUNK]
-        tok = logits.gather(-1, t[:, None]).squeeze(-1)
-        lps.append(tok - torch.logsumexp(logits, dim=-1))
-        greedy.append(logits.argmax(-1) == t)
+        top, argmax = logits.max(-1)  # the first index of the largest logit, as argmax gives it
+        tok = logits.gather(-1, t[:, None]).squeeze(-1).float()
+        # log-sum-exp in fp32, shifted by the row's largest logit
+        top = top.float()
+        lse = top + (logits.float() - top[:, None]).exp_().sum(-1).log_()
+        lps.append(tok - lse)
+        greedy.append(argmax == t)
     return torch.cat(lps), torch.cat(greedy)
 
 
@@ -134,41 +138,29 @@ def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 @torch.inference_mode()
 def generate_until(model, tokenizer, prompts: Sequence[list[int]], *, until: Sequence[str], max_new_tokens: int,
-                   stop_token_ids: Sequence[int] = (), batch_size: int = 16, chunk: int = 32,
+                   stop_token_ids: Sequence[int] = (), batch_size: int = 16,
                    progress: Callable[[int], None] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (token ids), decoded, each cut at the first of the
     ``until`` strings (not included) or ended at a stop id, after at most ``max_new_tokens``.
 
-    Rows decode ``chunk`` tokens at a time; after each chunk, rows that reached a stop string,
-    a stop id or the limit leave the batch (their cache rows are dropped)."""
-    vocab = len(tokenizer)
-    stop_ids = set(int(i) for i in stop_token_ids)
+    Prompts run longest first, ``batch_size`` at a time, so a batch's prompts have similar
+    lengths. A row stops at a stop id or once its tokens complete one of the ``until`` strings;
+    once a quarter of the batch has stopped, the sampler goes on with the live rows only."""
+    stop_ids = sorted(set(int(i) for i in stop_token_ids))
+    stops = StopStrings([u for u in until if u], lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) \
+        if any(until) else None
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
-    done = 0
     for lo in range(0, len(prompts), batch_size):
-        idx = list(range(lo, min(len(prompts), lo + batch_size)))
+        idx = order[lo: lo + batch_size]
         longest = max(len(prompts[i]) for i in idx)
-        session = Session.start(model, [prompts[i] for i in idx], max_len=longest + max_new_tokens, vocab_size=vocab)
-        generated = {i: [] for i in idx}
-        live = list(idx)
-        while live:
-            remaining = max_new_tokens - len(generated[live[0]])
-            s = session.sample(min(chunk, remaining), temperature=0.0, stop_token_ids=sorted(stop_ids))
-            keep = []
-            for row, i in enumerate(live):
-                new = s.tokens[row]
-                ended_by_id = bool(new) and new[-1] in stop_ids
-                generated[i].extend(new[:-1] if ended_by_id else new)
-                text, cut = _cut(tokenizer.decode(generated[i], skip_special_tokens=True), until)
-                texts[i] = text
-                if not (ended_by_id or cut or len(generated[i]) >= max_new_tokens):
-                    keep.append(row)
-            if len(keep) < len(live):
-                if not keep:
-                    break
-                session = session.select(keep)
-                live = [live[r] for r in keep]
-        done += len(idx)
+        session = Session.start(model, [prompts[i] for i in idx], max_len=longest + max_new_tokens,
+                                vocab_size=len(tokenizer))
+        s = session.sample(max_new_tokens, temperature=0.0, stop_token_ids=stop_ids, stop_strings=stops)
+        for i, new in zip(idx, s.tokens):
+            if new and new[-1] in stop_ids:
+                new = new[:-1]
+            texts[i] = _cut(tokenizer.decode(new, skip_special_tokens=True), until)[0]
         if progress:
-            progress(done)
+            progress(min(lo + batch_size, len(prompts)))
     return texts
