@@ -111,7 +111,7 @@ from lm_eval.tasks import TaskManager
 args = json.loads(sys.argv[1])
 res = lm_eval.simple_evaluate(model="hf", model_args=args["model_args"], tasks=args["tasks"], limit=args["limit"],
                               batch_size=args["batch_size"], device="cpu", log_samples=True,
-                              apply_chat_template=args["chat"],
+                              apply_chat_template=args["chat"], num_fewshot=args["num_fewshot"],
                               task_manager=TaskManager(include_path=args["include"]), bootstrap_iters=0)
 out = {"results": res["results"], "samples": {}}
 for task, samples in res["samples"].items():
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--chat", action="store_true",
                     help="both sides apply the model's chat template (r3 --chat; the harness's apply_chat_template)")
+    ap.add_argument("--hellaswag-shots", type=int, default=0,
+                    help="k-shot HellaSwag rows (shots drawn from the same file on both sides; default 0, the harness's)")
     ap.add_argument("--only", nargs="+", default=None,
                     help="run only these rows: gsm8k, hellaswag_long_endings, hellaswag_short_endings")
     ap.add_argument("--json", default=None)
@@ -165,7 +167,9 @@ def main() -> None:
     for name, r3_data, task, n in (
         ("gsm8k", ["--data", f"gsm8k={args.gsm8k_test}", "--fewshot-data", f"gsm8k={args.gsm8k_train}"], "r3_gsm8k",
          args.n_gsm8k),
-        *((name, ["--data", f"hellaswag={path}"], f"r3_{name}", args.n_hellaswag) for name, path in hs.items()),
+        *((name, ["--data", f"hellaswag={path}", *(["--shots", str(args.hellaswag_shots), "--fewshot-data",
+                                                     f"hellaswag={path}"] if args.hellaswag_shots else [])],
+           f"r3_{name}", args.n_hellaswag) for name, path in hs.items()),
     ):
         if args.only and name not in args.only:
             continue
@@ -174,7 +178,8 @@ def main() -> None:
                           "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--device", "cpu", "--quiet",
                           *(["--chat"] if args.chat else []), "--out", str(r3_out)], env)
         spec = {"model_args": model_args, "tasks": [task], "limit": n, "batch_size": args.batch_size,
-                "include": str(work), "out": str(h_out), "chat": args.chat}
+                "include": str(work), "out": str(h_out), "chat": args.chat,
+                "num_fewshot": args.hellaswag_shots if name != "gsm8k" and args.hellaswag_shots else None}
         t_h = run_timed([sys.executable, "-c", HARNESS, json.dumps(spec)], env)
         mine, theirs = json.loads(r3_out.read_text()), json.loads(h_out.read_text())
         items = mine["items"]["gsm8k" if name == "gsm8k" else "hellaswag"][args.model]
@@ -213,6 +218,7 @@ def main() -> None:
 
         Path(args.json).write_text(json.dumps({
             "rows": rows, "table": "\n".join(lines), "model": args.model, "dtype": args.dtype, "chat": args.chat,
+            "hellaswag_shots": args.hellaswag_shots,
             "batch_size": args.batch_size, "lm_eval_version": md.version("lm_eval"),
             "torch": md.version("torch"), "transformers": md.version("transformers"), "cpus": os.cpu_count(),
         }, indent=2) + "\n")

@@ -76,3 +76,18 @@ def test_generate_until_equals_generate_then_cut(builtin):
     got = generate_until(model, tok, prompts[1:2], until=[], max_new_tokens=n, stop_token_ids=[eos])
     k = full[1].index(eos)
     assert got == [tok.decode(full[1][:k], skip_special_tokens=True)]
+
+
+def test_generate_until_stops_at_a_special_token_given_as_text(builtin):
+    """``until=["<|im_end|>"]`` stops where the instruct model ends its turn, as the stop id
+    would: the token's text never appears in text decoded without special tokens."""
+    from r3.chat import ChatFormat
+
+    model, tok = builtin
+    prompts = [ChatFormat(tok).prompt([{"role": "user", "content": q}]) for q in ("What is 2 + 3?", "Say hi.")]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    free = generate(model, prompts, max_new_tokens=48, temperature=0.0).tokens
+    assert all(end in t and t.index(end) < 40 for t in free)  # it ends its turn, then goes on
+    by_text = generate_until(model, tok, prompts, until=["<|im_end|>"], max_new_tokens=48)
+    by_id = generate_until(model, tok, prompts, until=[], stop_token_ids=[end], max_new_tokens=48)
+    assert by_text == by_id == [tok.decode(t[:t.index(end)], skip_special_tokens=True) for t in free]

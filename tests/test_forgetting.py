@@ -125,6 +125,22 @@ def test_gsm8k_prompt_and_shot_sampling():
     # HellaSwag draws one more and keeps the first k
     rnd = random.Random(5)
     assert B.fewshot_indices("hellaswag", docs, pool, 2, 5) == [rnd.sample(range(20), 3)[:2] for _ in docs]
+    # ... and drops the document itself when the pool holds it (shots from the evaluated file)
+    rnd, want = random.Random(7), []
+    for i in range(20):
+        want.append([j for j in rnd.sample(range(20), 3) if j != i][:2])
+    got = B.fewshot_indices("hellaswag", pool, pool, 2, 7)
+    assert got == want and all(i not in g for i, g in enumerate(got))
+    r = random.Random(7)
+    assert any(i in r.sample(range(20), 3) for i in range(20))  # the case does occur here
+    # equal texts from different records (another "ind") are not the document: the harness keeps them
+    recs = [{"activity_label": "A", "ctx_a": "c", "ctx_b": "", "endings": ["x", "y"], "label": 0, "ind": i} for i in range(4)]
+    hs = B.make_docs("hellaswag", recs, "f")
+    rnd = random.Random(3)
+    assert B.fewshot_indices("hellaswag", hs[:1], hs, 2, 3) == [[j for j in rnd.sample(range(4), 3) if j != 0][:2]]
+    dup = B.make_docs("hellaswag", [recs[0]] * 3 + [recs[1]], "f")
+    with pytest.raises(R3Error, match="other than the document"):
+        B.fewshot_indices("hellaswag", dup[:1], dup, 2, 0)
     with pytest.raises(R3Error, match="need at least"):
         B.fewshot_indices("gsm8k", docs, pool[:1], 2, 0)
 
@@ -135,8 +151,9 @@ def test_gsm8k_prompt_and_shot_sampling():
 def test_minerva_prompt_is_the_harness_prompt_byte_for_byte():
     p = B.prompt("math", {"problem": "What is $1+1$?"}, [], 4)
     prefix, _, tail = p.rpartition("Problem:\n")
-    # sha256 of lm-evaluation-harness's minerva_math 4-shot prefix (1792 characters)
-    assert hashlib.sha256(prefix.encode()).hexdigest() == "d08a0ce44e131a3ba5b582b55cef653be21b141a0f4aaa7e5d56eb5b28d821b6"
+    # sha256 of lm-evaluation-harness 0.4.13's minerva_math 4-shot prefix (1793 characters)
+    assert len(prefix) == 1793
+    assert hashlib.sha256(prefix.encode()).hexdigest() == "57164f1d8a2f4b6c5e0aa036b5c048c81b16bfe8568f2aafd016e76bc69c000f"
     assert tail == "What is $1+1$?\n\nSolution:"
     assert B.prompt("math", {"problem": "x"}, [], 0) == "Problem:\nx\n\nSolution:"
 
@@ -150,6 +167,10 @@ def test_minerva_prompt_is_the_harness_prompt_byte_for_byte():
     ("\\frac12", "\\frac{1}{2}"),
     ("\\sqrt2", "\\sqrt{2}"),
     ("90^\\circ", "90"),
+    ("\\left(1,2\\right)", "\\left(1,2\\right)"),  # "ft" of \left is not a unit
+    ("2\\pi cm", "2\\pi"), ("5 feet", "5"),
+    ("\\sqrt[3]{8}", "\\sqrt[3]{8}"), ("\\sqrt[3]8", "\\sqrt[3]{8}"),
+    ("0,1", "0,1"), ("-1,234,567", "-1234567"),  # only thousands groups lose their commas
     ("a 5 units", "5"),
     ("$[2,5)$", "[2,5)"),
 ])

@@ -16,7 +16,8 @@ the harness's task files they reproduce:
   answer both lose ``,``, ``$``, everything up to ``#### ``, a trailing ``.``, and case.
 * **MATH** (``minerva_math``): the four Minerva examples, ``Problem:\\n...\\n\\nSolution:``,
   greedy, stop at ``Problem:``, at most 256 tokens; the answer is X of "Final Answer: The final
-  answer is X. I hope it is correct.", normalised as Minerva's Appendix D; the gold answer is the
+  answer is X. I hope it is correct.", normalised as Minerva's Appendix D (with the harness
+  0.4.13's corrections, :func:`normalize_final_answer`); the gold answer is the
   last ``\\boxed{}`` of the solution (or the ``answer`` field of the MATH-500 layout), normalised
   the same way. ``exact_match`` is equality of the normalised strings by default. The harness's
   own ``exact_match`` also credits answers sympy finds equal (``0.5`` for ``\\frac{1}{2}``):
@@ -80,7 +81,7 @@ def hellaswag_doc(record: dict, path, i: int) -> dict:
         raise R3Error(f"{path}: record {i}: label {gold} is not an index into its {len(endings)} endings")
     ctx = field(record, "ctx_a", str, path, i) + " " + field(record, "ctx_b", str, path, i).capitalize()
     return {"query": hellaswag_clean(field(record, "activity_label", str, path, i) + ": " + ctx),
-            "choices": [hellaswag_clean(e) for e in endings], "gold": gold}
+            "choices": [hellaswag_clean(e) for e in endings], "gold": gold, "record": record}
 
 
 def hellaswag_scores(doc: dict, lls: list[float]) -> dict:
@@ -172,21 +173,32 @@ _REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "ft", "hou
 
 
 def normalize_final_answer(answer: str) -> str:
-    """Minerva's answer normalisation (Lewkowycz et al. 2022, Appendix D), step by step."""
+    """Minerva's answer normalisation (Lewkowycz et al. 2022, Appendix D) with lm-evaluation-harness
+    0.4.13's corrections: unit words go only as whole words or outside LaTeX command names (so
+    ``\\left`` keeps its "ft"), ``\\sqrt[3]8`` becomes ``\\sqrt[3]{8}`` and an indexed root is
+    not rewritten further, and commas go only from thousands groups (``0,1`` stays a pair)."""
     answer = answer.split("=")[-1]
+    words = [w for w in _REMOVED if w.isalpha()]
+    for w in words:  # while spaces still separate words
+        answer = re.sub(rf"(?<!\\)\b{w}\b", "", answer)
     for before, after in _SUBSTITUTIONS:
         answer = answer.replace(before, after)
     for expr in _REMOVED:
-        answer = answer.replace(expr, "")
+        if expr.isalpha():  # units glued to their neighbours, outside \command names
+            parts = re.split(r"(\\[a-zA-Z]+)", answer)
+            answer = "".join(x if i % 2 else x.replace(expr, "") for i, x in enumerate(parts))
+        else:
+            answer = answer.replace(expr, "")
     answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
     answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
     answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
-    answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
+    answer = re.sub(r"(sqrt)(\[[^\]]*\])(\w)", "\\1\\2{\\3}", answer)
+    answer = re.sub(r"(sqrt)(?!\[)([^{])", "sqrt{\\2}", answer)
     answer = answer.replace("$", "")
-    if answer.replace(",", "").isdigit():
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+", answer):
         answer = answer.replace(",", "")
     return answer
 
@@ -298,11 +310,17 @@ def make_docs(name: str, records: list[dict], path: str | Path, *, fewshot: bool
     return [_DOC[name](r, path, i) for i, r in enumerate(records)]
 
 
+def _record(doc: dict):
+    """The file record a document came from (the document itself where none is kept)."""
+    return doc.get("record", doc)
+
+
 def fewshot_indices(name: str, docs: list[dict], pool: list[dict], shots: int, seed: int) -> list[list[int]]:
     """Indices into ``pool`` of each document's shots, chosen as the harness chooses them:
     GSM8K ``Random(seed).sample`` per document in order; HellaSwag the same but drawing
-    ``shots + 1`` and keeping the first ``shots`` (its sampler excludes the document itself);
-    MMLU-Pro the first ``shots`` pool entries of the document's category. (MATH's are fixed.)"""
+    ``shots + 1``, dropping any equal to the document and keeping the first ``shots`` (its
+    sampler excludes the document itself, since the task has no test split); MMLU-Pro the first
+    ``shots`` pool entries of the document's category. (MATH's are fixed.)"""
     if shots == 0 or name == "math":
         return [[] for _ in docs]
     if name == "mmlu_pro":
@@ -314,8 +332,20 @@ def fewshot_indices(name: str, docs: list[dict], pool: list[dict], shots: int, s
         raise R3Error(f"{name}: {shots} shots need at least {shots + (name == 'hellaswag')} few-shot examples, "
                       f"the file has {len(pool)}")
     rnd = random.Random(seed)
-    extra = 1 if name == "hellaswag" else 0
-    return [rnd.sample(range(len(pool)), shots + extra)[:shots] for _ in docs]
+    if name == "gsm8k":
+        return [rnd.sample(range(len(pool)), shots) for _ in docs]
+    picks = []
+    for d in docs:
+        # the harness compares whole records (a shot differing from the document in any field stays)
+        kept = [j for j in rnd.sample(range(len(pool)), shots + 1) if _record(pool[j]) != _record(d)][:shots]
+        if len(kept) < shots:  # the document is in the pool more than once: draw again without it
+            others = [j for j in range(len(pool)) if _record(pool[j]) != _record(d)]
+            if len(others) < shots:
+                raise R3Error(f"{name}: {shots} shots need {shots} few-shot examples other than the document, "
+                              f"the file has {len(others)}")
+            kept = rnd.sample(others, shots)
+        picks.append(kept)
+    return picks
 
 
 def prompt(name: str, doc: dict, shots: list[dict], n_shots: int) -> str:

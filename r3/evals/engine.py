@@ -146,7 +146,11 @@ def generate_until(model, tokenizer, prompts: Sequence[list[int]], *, until: Seq
     Prompts run longest first, ``batch_size`` at a time, so a batch's prompts have similar
     lengths. A row stops at a stop id or once its tokens complete one of the ``until`` strings;
     once a quarter of the batch has stopped, the sampler goes on with the live rows only."""
-    stop_ids = sorted(set(int(i) for i in stop_token_ids))
+    # An ``until`` string that is a special token's text (``<|im_end|>``) never shows in text
+    # decoded without special tokens: it stops as that token's id, as the harness's stopping
+    # criterion (which decodes with them) stops.
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    stop_ids = sorted(set(int(i) for i in stop_token_ids) | {int(added[u]) for u in until if u in added})
     stops = StopStrings([u for u in until if u], lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) \
         if any(until) else None
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
