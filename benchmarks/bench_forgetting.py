@@ -6,10 +6,13 @@ dtype and batch size, in one run. Prints a table; ``--json`` writes it.
         --gsm8k-train ../shared/data/gsm8k_train.jsonl --n-gsm8k 32 --n-hellaswag 200 --json F.json
 
 Benchmarks: GSM8K 5-shot (generation, greedy, up to 256 tokens) on the given files, and HellaSwag
-(0-shot log-likelihood over 4 endings) on a file in HellaSwag's format written by this script from
-the GSM8K test questions (no HellaSwag file is reachable here; the text does not matter for speed,
-and both sides score the same file). lm-evaluation-harness reads the same files through task YAMLs
-that include its own ``gsm8k`` / ``hellaswag`` tasks and only change where the data comes from.
+(0-shot log-likelihood over 4 endings, ``--hellaswag-shots K`` for k-shot) on two files in
+HellaSwag's format written by this script from the GSM8K test questions (no HellaSwag file is
+reachable here; the text does not matter for speed, and both sides score the same file): "long
+endings" (contexts ~20 tokens, endings ~50) and "short endings" (contexts ~48, endings ~18).
+lm-evaluation-harness reads the same files through task YAMLs that include its own ``gsm8k`` /
+``hellaswag`` tasks and only change where the data comes from. ``--chat``: both sides apply the
+model's chat template; ``--dtype``: both sides' dtype.
 
 Each side runs in its own process, timed from start to its JSON (model loading included), one
 after the other on an otherwise idle machine. Besides the time, the table compares the scores and
