@@ -115,10 +115,9 @@ def prepare(args) -> list[dict]:
             raise R3Error(f"{name}: {shots}-shot prompts need --fewshot-data {name}=FILE ({bench.fewshot_split} split), "
                           f"or --shots 0")
         picks = B.fewshot_indices(name, docs, pool, shots, args.seed)
-        prompts = [B.prompt(name, d, [pool[j] for j in pick], shots) for d, pick in zip(docs, picks)]
         messages = [B.chat_messages(name, d, [pool[j] for j in pick], shots) for d, pick in zip(docs, picks)]
         plans.append({"bench": bench, "path": str(path), "fewshot_path": str(fewshot[name]) if name in fewshot else None,
-                      "shots": shots, "docs": docs, "prompts": prompts, "messages": messages})
+                      "shots": shots, "docs": docs, "messages": messages})
     return plans
 
 
@@ -140,7 +139,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
         if not getattr(tokenizer, "chat_template", None):
             raise R3Error("--chat: this model's tokenizer has no chat template")
         chat = ChatFormat(tokenizer)
-    prompts = [chat.prompt_text(m) for m in plan["messages"]] if chat else plan["prompts"]
+    prompts = [chat.prompt_text(m) if chat else B.plain_text(m) for m in plan["messages"]]
     progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet)
     try:
         if bench.kind == "loglikelihood":

@@ -37,8 +37,8 @@ as a fresh prefill of the whole history would. Once a quarter of the decode batc
 the batch is *compacted*: the live rows' cache rows are copied into a smaller cache, decoding goes
 on there, and what they decode is written back into the session's cache (at the next compaction,
 which then copies from the session's cache, or at the end). So a rollout holds at most the
-session's cache plus a copy of three quarters of it. A row ended by a stop string keeps its tokens up to the one that completed it;
-that token is pending as a stop token would be.
+session's cache plus a copy of three quarters of it. A row ended by a stop string keeps its
+tokens up to the one that completed it; that token is pending as a stop token would be.
 
 Random streams
 --------------

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from r3.errors import R3Error
 from r3.evals.data import field
+from r3.evals.math_equivalence import is_equiv
 from r3.evals.minerva_fewshot import MINERVA_FEWSHOT
 
 DEFAULT_FEWSHOT_SEED = 1234  # lm-evaluation-harness's default few-shot seed
@@ -228,8 +229,6 @@ def math_scores(doc: dict, text: str, equivalence: str = "string") -> dict:
     as sympy expressions (:mod:`r3.evals.math_equivalence`, the harness's rule)."""
     pred = normalize_final_answer(minerva_answer(text))
     if equivalence == "sympy":
-        from r3.evals.math_equivalence import is_equiv
-
         same = is_equiv(pred, doc["answer"])
     elif equivalence == "string":
         same = pred == doc["answer"]
@@ -348,23 +347,6 @@ def fewshot_indices(name: str, docs: list[dict], pool: list[dict], shots: int, s
     return picks
 
 
-def prompt(name: str, doc: dict, shots: list[dict], n_shots: int) -> str:
-    """The text the model continues (for HellaSwag: the context its choices are scored after)."""
-    if name == "hellaswag":
-        return "".join(s["query"] + " " + s["choices"][s["gold"]] + "\n\n" for s in shots) + doc["query"]
-    if name == "gsm8k":
-        return "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots) + \
-            f"Question: {doc['question']}\nAnswer:"
-    if name == "math":
-        fixed = "".join(f"Problem:\n{p}\n\nSolution: {s}\n\n" for p, s in MINERVA_FEWSHOT[:n_shots])
-        return fixed + f"Problem:\n{doc['problem']}\n\nSolution:"
-    if name == "mmlu_pro":
-        shots_text = "".join(mmlu_pro_question(s) + " " + s["cot_content"].replace("A: Let's think step by step. ", "")
-                             + "\n\n" for s in shots)
-        return mmlu_pro_header(doc["category"]) + shots_text + mmlu_pro_question(doc)
-    raise R3Error(f"unknown benchmark {name!r}")
-
-
 def chat_messages(name: str, doc: dict, shots: list[dict], n_shots: int) -> list[dict]:
     """The prompt as chat messages, as the harness builds it with ``apply_chat_template`` (its
     default ``fewshot_as_multiturn``): the task's description (MMLU-Pro's header) as the system
@@ -389,6 +371,20 @@ def chat_messages(name: str, doc: dict, shots: list[dict], n_shots: int) -> list
     for question, answer in pairs:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages + [{"role": "user", "content": last}]
+
+
+def plain_text(messages: list[dict]) -> str:
+    """:func:`chat_messages` as the harness's plain (no chat template) prompt: the system text,
+    each shot's question and answer joined by a space and followed by a blank line, then the
+    last question."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = [m["content"] for m in messages if m["role"] != "system"]
+    return system + "".join(q + " " + a + "\n\n" for q, a in zip(turns[:-1:2], turns[1::2])) + turns[-1]
+
+
+def prompt(name: str, doc: dict, shots: list[dict], n_shots: int) -> str:
+    """The text the model continues (for HellaSwag: the context its choices are scored after)."""
+    return plain_text(chat_messages(name, doc, shots, n_shots))
 
 
 def choices(name: str, doc: dict, *, chat: bool = False) -> list[str]:
