@@ -8,7 +8,7 @@ process, alternating, best of ``--repeats`` after one warm-up. Rows:
 * G-sample groups: P prompts x G samples at temperature 1 (r3 prefills each prompt once and forks
   its cache; transformers ``num_return_sequences=G``, ``top_k=0``).
 
-r3 runs twice per repeat: the eager decode step and ``compile_decode=True`` (the same step through
+r3 runs twice per repeat: the eager decode step and ``decode="compiled"`` (the same step through
 ``torch.compile``, compiled in the warm-up; the first call's time is recorded as
 ``r3c_first_call_s``). ``--no-compiled`` skips the latter.
 
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r3.checkpoint import hf_state_dict, load  # noqa: E402
-from r3.model import ModelConfig, Transformer  # noqa: E402
+from r3.model import ModelConfig, Transformer, fuse_checkpoint_tensors  # noqa: E402
 from r3.sampler import generate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,11 +60,13 @@ def random_pair(spec: dict, dtype, device, name: str = "random", seed: int = 0):
 
 
 def ours_from_hf(hf, name: str = "random"):
-    """Our model holding (aliasing) the tensors of the transformers model ``hf``."""
+    """Our model holding the tensors of the transformers model ``hf`` (aliasing them, except the
+    projections we hold fused: q/k/v and gate/up are concatenated copies)."""
     ours_cfg = ModelConfig.from_hf(hf.config.to_dict(), source=name)
     with torch.device("meta"):
         ours = Transformer(ours_cfg)
     sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    sd = fuse_checkpoint_tensors(ours_cfg, sd)
     if ours_cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     ours.load_state_dict(sd, assign=True, strict=not ours_cfg.tie_word_embeddings)
@@ -105,7 +107,7 @@ def run_r3(model, prompts, n, G, device, compiled=False):
     _sync(device)
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=n, temperature=1.0 if G > 1 else 0.0, num_samples=G, seed=0,
-                   compile_decode=compiled)
+                   decode="compiled" if compiled else "eager")
     _sync(device)
     dt = time.perf_counter() - t0
     assert all(len(t) == n for t in out.tokens)
@@ -198,7 +200,7 @@ def markdown(results: dict) -> str:
         f"{meta['threads']} threads; 1-min load average before: {meta['loadavg_before']:.2f}, "
         f"after: {meta['loadavg_after']:.2f}.",
         "",
-        "r3 = eager decode step; r3 compiled = `compile_decode=True` (torch.compile of the same step, "
+        "r3 = eager decode step; r3 compiled = `decode=\"compiled\"` (torch.compile of the same step, "
         "compiled once before timing).",
         "",
         "| dtype | batch | G | rows | new tokens | mode | r3 tok/s | r3 compiled tok/s | transformers tok/s "
@@ -231,7 +233,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step (compile_decode)")
+    p.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step (decode=\"compiled\")")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write a markdown table here")
     args = p.parse_args(argv)

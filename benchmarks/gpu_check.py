@@ -15,9 +15,11 @@ after every section, so a run cut short keeps what it measured):
 * ``kernel``: ``kernels.fused_logprob_kl`` (Triton on CUDA) against the PyTorch reference: values
   and gradients in fp32 and bf16; then forward and forward + backward GB/s at V = 151,936 against
   torch eager, ``torch.compile`` of the reference, and the measured copy bandwidth.
-* ``sampler``: r3's sampler against transformers ``generate`` on a Qwen2.5-1.5B-shaped random
-  model in bf16 (B = 1, 16, 64 greedy; 8 prompts x G = 8 sampled), and against the bandwidth bound
-  of a decode step: (weight bytes + KV-cache bytes read) / measured copy bandwidth.
+* ``sampler``: r3's sampler, eager and ``decode="compiled"`` (the model's step through
+  torch.compile with CUDA graphs; ``--no-compiled`` skips it), against transformers ``generate``
+  on a Qwen2.5-1.5B-shaped random model in bf16 (B = 1, 16, 64 greedy; 8 prompts x G = 8
+  sampled), and against the bandwidth bound of a decode step: (weight bytes + KV-cache bytes
+  read) / measured copy bandwidth.
 * ``train``: three steps of ``torchrun --nproc_per_node 1 -m r3.train`` on a Qwen2.5-0.5B-shaped
   random model with the built-in model's tokenizer (``--tokenizer DIR`` for another), all groups
   trained (a random model never succeeds, so ``--skip-no-signal-groups false``): the step split
@@ -356,7 +358,7 @@ def section_sampler(ctx: Ctx) -> dict:
     gbps = ctx.copy_gbps
     rows = []
     for B, G in cases:
-        compiled = ctx.cuda and B == 1 and not ctx.args.no_compiled
+        compiled = ctx.cuda and not ctx.args.no_compiled  # CUDA graphs: one compile, a graph per shape
         kw = dict(B=B, G=G, n=n, prompt_len=prompt_len, repeats=1 if ctx.smoke else 2, device=str(ctx.device),
                   vocab=spec["vocab_size"])
         try:

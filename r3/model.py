@@ -5,10 +5,14 @@ One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongR
 grouped-query attention through SDPA (with Qwen3's per-head RMSNorm on q and k), SwiGLU, tied or
 untied embeddings, and a static, preallocated KV cache.
 
-Parameter names follow the Hugging Face state dict minus its ``model.`` prefix, so checkpoints map
-one to one (see ``r3.checkpoint``), except Phi-3's fused ``qkv_proj`` and ``gate_up_proj``: they are
-split into q/k/v and gate/up on load and fused again on export (:func:`split_fused`,
-:func:`fuse_for_hf`), so every family runs the same modules.
+Parameter names follow the Hugging Face state dict minus its ``model.`` prefix (see
+``r3.checkpoint``), with one difference: every family holds q/k/v as one fused ``qkv_proj`` and
+gate/up as one ``gate_up_proj`` (Phi-3's own layout), so a forward runs one matmul for each.
+Checkpoints with separate ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` are fused
+on load and split again on export (:func:`fuse_checkpoint_tensors`, :func:`split_for_checkpoint`).
+
+Every matmul is a :class:`Linear`: an ``nn.Linear`` whose product a CPU backend may take over
+while it holds a current prepacked copy of the weight (``r3.packed_linear``); the math stays here.
 
 LongRoPE (Phi-3.5): transformers picks the short or the long factors per forward from the largest
 position (long once it passes ``original_max_position_embeddings``) and scales cos/sin by the
@@ -257,10 +261,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the input dtype: the order transformers uses.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # (F.rms_norm is that in one op: it normalises in fp32 and rounds once, bit for bit)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -290,14 +292,17 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
-    """cos/sin [B, 1, T, head_dim] for positions [B, T] (computed in fp32, scaled by the attention
-    factor of LongRoPE, cast like transformers)."""
+    """cos and signed sin [B, T, 1, head_dim] for positions [B, T] (computed in fp32, scaled by the
+    attention factor of LongRoPE, cast like transformers); the sin's first half is negated, as
+    :func:`apply_rope` wants it."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
-    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    half = inv_freq.shape[0]
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
 
 def rope_scale(cfg: ModelConfig) -> float:
@@ -313,9 +318,9 @@ def rope_max_positions(cfg: ModelConfig) -> int | None:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """RoPE on ``x [B, T, heads, D]`` with :func:`rope_cos_sin`'s tables: transformers'
+    ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:
@@ -364,38 +369,63 @@ class KVCache:
         return KVCache([pad(t) for t in self.k], [pad(t) for t in self.v])
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose matmul ``r3.packed_linear`` can take over: while ``packed`` holds a slot
+    number, the product runs on that slot's prepacked copy of the weight (set only for the
+    duration of a decode step, when the copy is current)."""
+
+    packed: int | None = None
+    packed_eager = None  # r3.packed_linear's product without the op dispatch, for eager calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            if torch.compiler.is_compiling():
+                return torch.ops.r3.packed_linear(x, self.packed)
+            return Linear.packed_eager(x, self.packed)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = window
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.o_bias)
+        self.sizes = [self.n_heads * d, self.n_kv * d, self.n_kv * d]
+        self.qkv_proj = Linear(h, sum(self.sizes), bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, layer_cache, positions, kv_len):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        nh, nkv = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # [B, T, heads, D]
+        v = qkv[:, :, nh + nkv:]
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(self.q_norm(qkv[:, :, :nh]), cos, sin), apply_rope(self.k_norm(qkv[:, :, nh:nh + nkv]), cos, sin)
+        else:  # RoPE on q and k at once
+            qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)
+            q, k = qk[:, :, :nh], qk[:, :, nh:]
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
             rows = torch.arange(B, device=x.device)[:, None]
-            # cache[b, :, positions[b, t]] = k[b, :, t]  (advanced indices first -> [B, T, H, D])
-            k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+            # cache[b, :, positions[b, t]] = k[b, t]  (advanced indices first -> [B, T, H, D])
+            k_cache[rows, :, positions] = k.to(k_cache.dtype)
+            v_cache[rows, :, positions] = v.to(v_cache.dtype)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q = q.transpose(1, 2)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        elif T == 1 and self.n_kv != self.n_heads:
+            # One token per row (decode): the query heads sharing a kv head go in as that head's
+            # "query positions", which share the row's mask. The same math as enable_gqa, which
+            # expands the cache to every query head (a copy per step).
+            out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+            out = out.reshape(B, self.n_heads, 1, self.head_dim)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -405,12 +435,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(h, 2 * i, bias=cfg.mlp_bias)
+        self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -441,7 +471,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -495,10 +525,8 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("positions are required with a KV cache")
             positions = torch.arange(T, device=dev).expand(B, T)
-        limit = rope_max_positions(self.config)
-        if limit is not None and int(positions.max()) >= limit:
-            raise R3Error(f"this model's LongRoPE is followed up to original_max_position_embeddings = {limit} "
-                          f"positions; a sequence reached {int(positions.max()) + 1} (shorten the token limits)")
+        if rope_max_positions(self.config) is not None and not torch.compiler.is_compiling():
+            self.check_positions(int(positions.max()) + 1)  # (a compiled decode step: the sampler checks)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype, rope_scale(self.config))
         if cache is not None:
@@ -513,7 +541,7 @@ class Transformer(nn.Module):
                 raise ValueError("segments are for a forward without a KV cache")
             masks = self._segment_masks(positions, segments)
         else:
-            masks = self._masks(positions, kv_len if cache is not None else None)
+            masks = self._masks(positions, kv_len if cache is not None else None, x.dtype)
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:
@@ -524,11 +552,20 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, positions, kv_len)
         return self.norm(x)
 
-    def _masks(self, positions: torch.Tensor, kv_len: int | None) -> dict:
-        """Boolean attention masks [B, 1, T, S] keyed by window size; None means plain causal
-        (query t attends to slots <= t). With a cache, a forward whose every row sits at
-        positions 0..T-1 (a prefill from the start) is plain causal too: the later slots it reads
-        hold nothing it may see, and SDPA's causal path skips them instead of masking them."""
+    def check_positions(self, n: int) -> None:
+        """Refuse ``n`` positions where r3 cannot follow transformers (LongRoPE past its original
+        context; see the module docstring)."""
+        limit = rope_max_positions(self.config)
+        if limit is not None and n > limit:
+            raise R3Error(f"this model's LongRoPE is followed up to original_max_position_embeddings = {limit} "
+                          f"positions; a sequence reached {n} (shorten the token limits)")
+
+    def _masks(self, positions: torch.Tensor, kv_len: int | None, dtype: torch.dtype) -> dict:
+        """Additive attention masks [B, 1, T, S] (0 or -inf, in ``dtype``: SDPA would convert a
+        boolean one in every layer) keyed by window size; None means plain causal (query t attends
+        to slots <= t). With a cache, a forward whose every row sits at positions 0..T-1 (a
+        prefill from the start) is plain causal too: the later slots it reads hold nothing it may
+        see, and SDPA's causal path skips them instead of masking them."""
         masks = {}
         T = positions.shape[1]
         from_start = kv_len is not None and T > 1 and bool(
@@ -542,7 +579,7 @@ class Transformer(nn.Module):
             m = slots <= q
             if window is not None:
                 m = m & (slots > q - window)
-            masks[window] = m
+            masks[window] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
         return masks
 
     def _segment_masks(self, positions: torch.Tensor, segments: torch.Tensor) -> dict:
@@ -575,8 +612,8 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def param_names_hf(cfg: ModelConfig) -> dict[str, tuple]:
-    """Our parameter name -> expected shape, for every tensor a checkpoint must provide."""
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Our parameter name -> shape (tied ``lm_head`` left out)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
@@ -584,65 +621,133 @@ def param_names_hf(cfg: ModelConfig) -> dict[str, tuple]:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for n in range(cfg.num_hidden_layers):
         p = f"layers.{n}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (nq, h),
-                p + "self_attn.k_proj.weight": (nkv, h),
-                p + "self_attn.v_proj.weight": (nkv, h),
-                p + "self_attn.o_proj.weight": (h, nq),
-                p + "mlp.gate_proj.weight": (i, h),
-                p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            }
-        )
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.qkv_proj.weight": (nq + 2 * nkv, h),
+            p + "self_attn.o_proj.weight": (h, nq),
+            p + "mlp.gate_up_proj.weight": (2 * i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        })
         if cfg.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (nq,), p + "self_attn.k_proj.bias": (nkv,), p + "self_attn.v_proj.bias": (nkv,)})
+            shapes[p + "self_attn.qkv_proj.bias"] = (nq + 2 * nkv,)
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if cfg.mlp_bias:
-            shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)})
+            shapes.update({p + "mlp.gate_up_proj.bias": (2 * i,), p + "mlp.down_proj.bias": (h,)})
         if cfg.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
 
 
-_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+# Our fused projections and the checkpoint tensors they hold, in order (transformers' order for
+# Phi-3, whose checkpoints store them fused already).
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def _fused_sizes(cfg: ModelConfig, suffix: str) -> list[int]:
+def _checkpoint_fuses(cfg: ModelConfig) -> bool:
+    """Whether the family's checkpoints store q/k/v and gate/up fused (Phi-3) or apart."""
+    return cfg.model_type == "phi3"
+
+
+def _part_sizes(cfg: ModelConfig, fused: str) -> list[int]:
     d = cfg.head_dim
-    if suffix == "self_attn.qkv_proj.weight":
+    if fused == "self_attn.qkv_proj":
         return [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
     return [cfg.intermediate_size, cfg.intermediate_size]
 
 
-def split_fused(cfg: ModelConfig, name: str, tensor: torch.Tensor, source: str = "checkpoint") -> list[tuple[str, torch.Tensor]]:
-    """``[(name, tensor)]`` in our layout: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` split in
-    the order transformers slices them; any other tensor as it is."""
-    suffix = next((f for f in _FUSED if name.endswith(f)), None)
-    if cfg.model_type != "phi3" or suffix is None:
-        return [(name, tensor)]
-    sizes = _fused_sizes(cfg, suffix)
-    if tensor.ndim != 2 or tensor.shape[0] != sum(sizes) or tensor.shape[1] != cfg.hidden_size:
-        raise R3Error(f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected ({sum(sizes)}, {cfg.hidden_size})")
-    prefix = name[: -len(suffix)]
-    return [(prefix + part, t) for part, t in zip(_FUSED[suffix], tensor.split(sizes, dim=0))]
+def _split_name(name: str) -> tuple[str, str, str] | None:
+    """``layers.3.self_attn.qkv_proj.weight`` -> (``layers.3.``, ``self_attn.qkv_proj``, ``weight``)."""
+    for fused in _FUSED:
+        for kind in ("weight", "bias"):
+            tail = f"{fused}.{kind}"
+            if name.endswith(tail):
+                return name[: -len(tail)], fused, kind
+    return None
 
 
-def fuse_for_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict (any prefix) in the checkpoint's layout: Phi-3's q/k/v and gate/up fused
-    again; other families unchanged."""
-    if cfg.model_type != "phi3":
+def param_names_hf(cfg: ModelConfig) -> dict[str, tuple]:
+    """The tensors a checkpoint of this family must provide (names without ``model.``) -> shape:
+    ours, with the fused projections under the family's own names (apart except for Phi-3)."""
+    shapes = param_shapes(cfg)
+    if _checkpoint_fuses(cfg):
+        return shapes
+    out = {}
+    for name, shape in shapes.items():
+        split = _split_name(name)
+        if split is None:
+            out[name] = shape
+            continue
+        prefix, fused, kind = split
+        for part, size in zip(_FUSED[fused], _part_sizes(cfg, fused)):
+            out[f"{prefix}{part}.{kind}"] = (size, *shape[1:])
+    return out
+
+
+class CheckpointAssembler:
+    """Builds our parameters from checkpoint tensors given one at a time (shards in any order):
+    tensors of a fused projection wait until all its parts have come, then are concatenated."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """``[(our name, tensor)]`` completed by the checkpoint tensor ``name`` (maybe none yet)."""
+        target = fused_target(self.cfg, name)
+        if target is None:
+            return [(name, tensor)]
+        ours, part, parts = target
+        got = self.pending.setdefault(ours, {})
+        got[part] = tensor
+        if len(got) < len(parts):
+            return []
+        del self.pending[ours]
+        return [(ours, torch.cat([got[p] for p in parts], dim=0))]
+
+
+def fused_target(cfg: ModelConfig, name: str) -> tuple[str, str, tuple] | None:
+    """(our parameter name, the part, all parts in order) when the checkpoint tensor ``name`` is
+    one part of a projection we hold fused; None for any other tensor."""
+    if _checkpoint_fuses(cfg):
+        return None
+    for fused, parts in _FUSED.items():
+        for part in parts:
+            for kind in ("weight", "bias"):
+                tail = f"{part}.{kind}"
+                if name.endswith(tail):
+                    return f"{name[: -len(tail)]}{fused}.{kind}", part, parts
+    return None
+
+
+def split_for_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (any prefix) in the family's checkpoint layout: q/k/v and gate/up apart
+    again, except for Phi-3 (whose checkpoints hold them fused, as we do)."""
+    if _checkpoint_fuses(cfg):
         return tensors
-    out = dict(tensors)
-    for name in tensors:
-        for fused, parts in _FUSED.items():
-            if name.endswith(parts[0]):
-                prefix = name[: -len(parts[0])]
-                out[prefix + fused] = torch.cat([out.pop(prefix + p) for p in parts], dim=0)
+    out = {}
+    for name, t in tensors.items():
+        split = _split_name(name)
+        if split is None:
+            out[name] = t
+            continue
+        prefix, fused, kind = split
+        for part, piece in zip(_FUSED[fused], t.split(_part_sizes(cfg, fused), dim=0)):
+            out[f"{prefix}{part}.{kind}"] = piece.contiguous()
+    return out
+
+
+def fuse_checkpoint_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_for_checkpoint`: a state dict in the checkpoint layout (any
+    prefix) with q/k/v and gate/up fused as our model holds them."""
+    assembler = CheckpointAssembler(cfg)
+    out = {}
+    for name, t in tensors.items():
+        out.update(assembler.add(name, t))
+    if assembler.pending:
+        raise R3Error(f"incomplete fused projection '{next(iter(assembler.pending))}'")
     return out
 
 

@@ -124,11 +124,84 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream) -> int:
     return trainer["step"]
 
 
+def _legacy_layout(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds separate q/k/v and gate/up projections (written by r3
+    before the model fused them)."""
+    try:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001  (an unreadable checkpoint is reported by the load itself)
+        return False
+    return any(k.endswith((".self_attn.q_proj.weight", ".mlp.gate_proj.weight")) for k in keys)
+
+
+def upgrade_fused_layout(path: Path, cfg) -> None:
+    """Rewrite a checkpoint of the separate-projection layout in the fused one: the model's
+    weights and AdamW's moments concatenated as the model's fused projections are (element-wise
+    state, so exact). Written to a new directory that replaces the old one only when complete.
+    One process does it, holding the whole state in memory once."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from r3.model import fuse_checkpoint_tensors, fused_target
+
+    whole = path.parent / f".{path.name}.whole.pt"
+    try:
+        with _one_intra_op_thread():
+            dcp_to_torch_save(str(path), str(whole))
+        state = torch.load(str(whole), weights_only=False)  # (written just now, by DCP)
+    finally:
+        whole.unlink(missing_ok=True)
+    state["model"] = fuse_checkpoint_tensors(cfg, state["model"])
+    optim = state["optim"]
+    new_state: dict[str, dict] = {}
+    pieces: dict[str, tuple[tuple, dict]] = {}  # fused name -> (its parts in order, {part: state})
+    for name, st in optim["state"].items():
+        target = fused_target(cfg, name)
+        if target is None:
+            new_state[name] = st
+            continue
+        ours, part, parts = target
+        pieces.setdefault(ours, (parts, {}))[1][part] = st
+    for ours, (parts, got) in pieces.items():
+        if set(got) != set(parts):
+            raise R3Error(f"{path}: optimizer state of '{ours}' lacks {sorted(set(parts) - set(got))}")
+        ordered = [got[p] for p in parts]
+        # moments concatenated like the weights; a scalar (AdamW's step count) is the parts' own
+        new_state[ours] = {key: value if not torch.is_tensor(value) or value.dim() == 0
+                           else torch.cat([st[key] for st in ordered], dim=0)
+                           for key, value in ordered[0].items()}
+    optim["state"] = new_state
+    for group in optim["param_groups"]:
+        names = []
+        for name in group["params"]:
+            target = fused_target(cfg, name)
+            name = target[0] if target is not None else name
+            if name not in names:
+                names.append(name)
+        group["params"] = names
+    tmp = path.parent / f".{path.name}.fused.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _one_intra_op_thread():
+        dcp.save({"model": state["model"], "optim": optim}, checkpoint_id=str(tmp), no_dist=True)
+    shutil.copy2(path / "trainer_state.json", tmp / "trainer_state.json")
+    old = path.parent / f".{path.name}.unfused"
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
     """Load the newest checkpoint that reads back whole and return its step (0: none, a fresh
     start). A damaged newest one (a truncated file, say) is reported and the one before it used."""
     dirs = checkpoint_dirs(out)
     for path in reversed(dirs):
+        if _legacy_layout(path):  # written before q/k/v and gate/up were fused: rewritten once
+            if d.main:
+                print(f"rewriting {path} with fused q/k/v and gate/up projections", flush=True)
+                try:
+                    upgrade_fused_layout(path, policy.config)
+                except (Exception, CheckpointException) as e:  # noqa: BLE001  (the load below reports it)
+                    print(f"warning: could not rewrite {path} ({_error_line(e)})", file=sys.stderr, flush=True)
+            dist.barrier()
         try:
             step = load_checkpoint(path, policy, optimizer, scheduler, stream)
         except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP and json raise many kinds; each is reported)

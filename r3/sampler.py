@@ -67,20 +67,19 @@ strings are the exception: at each such check, every live row's last few tokens 
 text (a tokenizer call per row, a few microseconds).
 ``kv_len`` is tracked as a Python int, so attention reads only the used cache slots. Sampling is
 an inverse-CDF draw (see :func:`pick_tokens`); top-k uses ``topk`` only when ``k > 0`` and top-p
-sorts only when ``top_p < 1``. On CPU the decode step is :class:`FastStep` (fused and, in bf16,
-oneDNN-prepacked weights); elsewhere it is the model's own forward.
+sorts only when ``top_p < 1``. The decode step is the model's own forward, eager or compiled
+(:mod:`r3.decode`; on CPU in bf16 its matmuls run on oneDNN-prepacked weights).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from r3.decode import FastStep, ModelStep
+from r3.decode import DECODE_MODES, DecodeStep
 from r3.errors import R3Error
 
 #: Padded tokens per prefill chunk (rows are prefilled in groups of at most this many tokens).
@@ -358,12 +357,12 @@ class Session:
     """
 
     def __init__(self, model, cache, rows: list[list[int]], *, vocab_size: int, generator: torch.Generator,
-                 prefill_tokens: int = PREFILL_TOKENS, fast_decode: bool | None = None,
-                 compile_decode: bool = False, compact: bool = True):
+                 prefill_tokens: int = PREFILL_TOKENS, decode: str = "eager", compact: bool = True):
+        if decode not in DECODE_MODES:
+            raise SamplingError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.model = model
         self.compact = compact
-        self.fast_decode = fast_decode
-        self.compile_decode = compile_decode
+        self.decode = decode
         self.cache = cache
         self.rows = rows
         self.vocab_size = vocab_size
@@ -384,8 +383,7 @@ class Session:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
-        fast_decode: bool | None = None,
-        compile_decode: bool = False,
+        decode: str = "eager",
         compact: bool = True,
     ) -> "Session":
         """Prefill ``prompts`` (ragged token-id lists, each non-empty) into a new cache.
@@ -394,12 +392,10 @@ class Session:
         grows when ``append``/``sample`` need more, at the cost of a copy -- presize it for the
         whole conversation to avoid that). ``vocab_size``: the tokenizer's real vocabulary
         (default: the model's). ``seed`` / ``generator``: the random stream of ``sample``
-        (shared by sessions made from this one with ``select``/``fork``). ``fast_decode``: decode
-        with :class:`FastStep` (fused, prepacked weights) instead of the model's forward; default:
-        on CPU yes, elsewhere no (its weight copies would cost GPU memory). ``compile_decode``:
-        run that step through ``torch.compile`` (see :mod:`r3.decode`; faster per step on CPU in
-        bf16, the same logits up to rare one-ulp differences, a one-time compile; implies
-        ``fast_decode``; speeds in ``benchmarks/results/sampler_cpu.md``).
+        (shared by sessions made from this one with ``select``/``fork``). ``decode``: ``"eager"``
+        or ``"compiled"``, the model's decode step run as it is or through ``torch.compile`` (see
+        :mod:`r3.decode`: CUDA graphs on CUDA, inductor on CPU; a one-time compile; speeds in
+        ``benchmarks/results/sampler_cpu.md``).
         ``prefill_tokens``: padded tokens per prefill chunk. ``compact``: ``sample``'s default
         (drop stopped rows from the decode batch).
         """
@@ -423,15 +419,15 @@ class Session:
         model.inv_freq(device)  # cache RoPE frequencies outside inference mode (a normal tensor)
         cache = model.new_cache(len(rows), max(max_len or 0, longest))
         session = cls(model, cache, rows, vocab_size=vocab_size, generator=generator, prefill_tokens=prefill_tokens,
-                      fast_decode=fast_decode, compile_decode=compile_decode, compact=compact)
+                      decode=decode, compact=compact)
         session._feed([r[:-1] for r in rows])
         return session
 
     def _derive(self, rows: list[int]) -> "Session":
         cache = self.cache.select(rows)
         new = Session(self.model, cache, [list(self.rows[r]) for r in rows], vocab_size=self.vocab_size,
-                      generator=self.generator, prefill_tokens=self.prefill_tokens, fast_decode=self.fast_decode,
-                      compile_decode=self.compile_decode, compact=self.compact)
+                      generator=self.generator, prefill_tokens=self.prefill_tokens, decode=self.decode,
+                      compact=self.compact)
         new.prefill_s = self.prefill_s
         return new
 
@@ -470,22 +466,6 @@ class Session:
     @property
     def device(self) -> torch.device:
         return self.cache.k[0].device
-
-    def _step(self):
-        fast = self.fast_decode
-        if fast is None:
-            fast = self.device.type == "cpu" or self.compile_decode
-        if fast and not FastStep.supports(self.model.config):
-            if self.compile_decode or self.fast_decode:
-                raise SamplingError(f"the fast decode step does not implement model_type "
-                                    f"'{self.model.config.model_type}' yet: use compile_decode false")
-            fast = False
-        if not fast:
-            if self.compile_decode:
-                raise SamplingError("compile_decode compiles the fast decode step: it needs fast_decode (None or True)")
-            return ModelStep(self.model)
-        step = FastStep.get(self.model)
-        return functools.partial(step, compiled=True) if self.compile_decode else step
 
     def reserve(self, max_len: int) -> None:
         """Make sure every row has ``max_len`` cache slots (grows, by a copy, when needed)."""
@@ -587,7 +567,8 @@ class Session:
         starts = [len(r) - 1 for r in self.rows]
         base = max(starts)
         self.reserve(base + N)
-        step = self._step()
+        step = DecodeStep(self.model, self.decode)
+        self.model.check_positions(base + N)
         stop = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=torch.long, device=device)
         has_ids = stop.numel() > 0
         has_stop = has_ids or stop_strings is not None
@@ -610,53 +591,54 @@ class Session:
         # The compiled step picks the next token in its own graph when there is no top-k/top-p
         # (the same functions and uniforms as pick_tokens).
         fused = None
-        if self.compile_decode and (temperature == 0 or _unfiltered(top_k, top_p, self.vocab_size)):
+        if self.decode == "compiled" and (temperature == 0 or _unfiltered(top_k, top_p, self.vocab_size)):
             fused = pick_greedy if temperature == 0 else pick_sampled
             temp_t = torch.tensor(float(temperature), dtype=torch.float32, device=device)
-        for t in range(N):
-            u = None if keys is None else row_uniforms(keys, t)
-            if fused is not None:
-                nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u, temperature=temp_t)
-            else:
-                logits = step(tok, pos, cache, base + t + 1, self.vocab_size)
-                nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
-            if has_stop:
-                # Stopped rows repeat their stop token at a frozen position (see module docstring).
-                nxt = torch.where(done, tok, nxt)
-                lp = lp.masked_fill(done, 0.0)
-                if live is None:
-                    out_tok[:, t], out_lp[:, t] = nxt, lp
+        with step.active():  # (the prepacked matmuls, on CPU in bf16)
+            for t in range(N):
+                u = None if keys is None else row_uniforms(keys, t)
+                if fused is not None:
+                    nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u, temperature=temp_t)
                 else:
-                    out_tok[live, t], out_lp[live, t] = nxt, lp
-                pos += ~done
-                if has_ids:
-                    done |= torch.isin(nxt, stop)
-                if stop_strings is not None and ((t + 1) % sync_every == 0 or t + 1 == N):
-                    _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t + 1,
-                                       string_end)
-                    checked, was_done = t + 1, done.clone()
-                if (t + 1) % sync_every == 0 and t + 1 < N:
-                    n_done = int(done.sum())
-                    if n_done == len(done):
-                        steps = t + 1
-                        break
-                    # (at least 2 rows stay: a compiled step would specialise on a batch of 1)
-                    if compact and n_done >= COMPACT_FRACTION * len(done) and len(done) - n_done >= 2:
-                        keep = (~done).nonzero()[:, 0]
-                        if live is not None:  # the session's cache gets what the copy decoded,
-                            self._write_back(cache, live, first_slot, base + t + 1)
-                            cache = None  # and the copy is freed before the next one is made
-                        live = keep if live is None else live[keep]
-                        cache = _slots_view(self.cache, top).select(live)
-                        tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
-                        keys = None if keys is None else keys[keep]
-            else:
-                out_tok[:, t] = nxt
-                out_lp[:, t] = lp
-                pos += 1
-            tok = nxt
-        if live is not None:
-            self._write_back(cache, live, first_slot, base + steps)
+                    logits = step(tok, pos, cache, base + t + 1, self.vocab_size)
+                    nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
+                if has_stop:
+                    # Stopped rows repeat their stop token at a frozen position (see module docstring).
+                    nxt = torch.where(done, tok, nxt)
+                    lp = lp.masked_fill(done, 0.0)
+                    if live is None:
+                        out_tok[:, t], out_lp[:, t] = nxt, lp
+                    else:
+                        out_tok[live, t], out_lp[live, t] = nxt, lp
+                    pos += ~done
+                    if has_ids:
+                        done |= torch.isin(nxt, stop)
+                    if stop_strings is not None and ((t + 1) % sync_every == 0 or t + 1 == N):
+                        _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t + 1,
+                                           string_end)
+                        checked, was_done = t + 1, done.clone()
+                    if (t + 1) % sync_every == 0 and t + 1 < N:
+                        n_done = int(done.sum())
+                        if n_done == len(done):
+                            steps = t + 1
+                            break
+                        # (at least 2 rows stay: a compiled step would specialise on a batch of 1)
+                        if compact and n_done >= COMPACT_FRACTION * len(done) and len(done) - n_done >= 2:
+                            keep = (~done).nonzero()[:, 0]
+                            if live is not None:  # the session's cache gets what the copy decoded,
+                                self._write_back(cache, live, first_slot, base + t + 1)
+                                cache = None  # and the copy is freed before the next one is made
+                            live = keep if live is None else live[keep]
+                            cache = _slots_view(self.cache, top).select(live)
+                            tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
+                            keys = None if keys is None else keys[keep]
+                else:
+                    out_tok[:, t] = nxt
+                    out_lp[:, t] = lp
+                    pos += 1
+                tok = nxt
+            if live is not None:
+                self._write_back(cache, live, first_slot, base + steps)
 
         out_tok, out_lp = out_tok[:, :steps], out_lp[:, :steps]
         if has_stop:
@@ -751,8 +733,7 @@ def generate(
     seed: int | None = None,
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
-    fast_decode: bool | None = None,
-    compile_decode: bool = False,
+    decode: str = "eager",
     compact: bool = True,
 ) -> Samples:
     """Sample ``num_samples`` completions per prompt (prompt-major: row ``i`` is prompt
@@ -765,8 +746,7 @@ def generate(
         raise SamplingError(f"num_samples must be a positive integer, got {num_samples!r}")
     longest = max((len(p) for p in prompts), default=0)
     session = Session.start(model, prompts, max_len=longest + max_new_tokens, vocab_size=vocab_size,
-                            seed=seed, generator=generator, fast_decode=fast_decode,
-                            compile_decode=compile_decode, compact=compact)
+                            seed=seed, generator=generator, decode=decode, compact=compact)
     if num_samples > 1:
         t0 = time.perf_counter()
         session = session.fork(num_samples)

@@ -292,7 +292,7 @@ def test_generate_cli_compile_times_the_compile_apart_and_decodes_the_same(tiny_
             "--dtype", "fp32"]
     rc, plain_out, plain_err = run_main(G.main, args, capsys)
     assert rc == 0, plain_err
-    rc, comp_out, comp_err = run_main(G.main, args + ["--compile"], capsys)
+    rc, comp_out, comp_err = run_main(G.main, args + ["--decode", "compiled"], capsys)
     assert rc == 0, comp_err
     assert comp_out == plain_out and comp_out.strip()  # fp32 greedy: the compiled step gives the same tokens
     assert "compiled the decode step in" in comp_err and "compiled" not in plain_err
@@ -308,13 +308,15 @@ def test_evaluate_examples_compiled_decode_equals_eager(tiny, monkeypatch):
     import r3.heldout as heldout
 
     real = heldout.run_episode
-    monkeypatch.setattr(heldout, "run_episode", lambda *a, **k: seen.append(k["sampling"].compile_decode) or real(*a, **k))
-    comp = E.evaluate_examples(model, tok, task, examples, dataclasses.replace(SIX, compile_decode=True), batch_size=6,
+    monkeypatch.setattr(heldout, "run_episode", lambda *a, **k: seen.append(k["sampling"].decode) or real(*a, **k))
+    comp = E.evaluate_examples(model, tok, task, examples, dataclasses.replace(SIX, decode="compiled"), batch_size=6,
                                records=True)
-    assert seen == [True]
+    assert seen == ["compiled"]
     keys = ("first_success", "second_success", "records")
     assert {k: comp[k] for k in keys} == {k: eager[k] for k in keys}
-    assert E.parse_args(["--compile", "--out", "x.json"]).compile and not E.parse_args(["--out", "x.json"]).compile
+    assert E.parse_args(["--decode", "compiled", "--out", "x.json"]).decode == "compiled"
+    assert E.parse_args(["--compile", "--out", "x.json"]).decode == "compiled"  # the earlier flag
+    assert E.parse_args(["--out", "x.json"]).decode == "eager"
 
 
 def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):

@@ -36,7 +36,7 @@ def test_config_features_are_really_used(tiny_dirs):
     plain = ModelConfig(**{**llama.config.__dict__, "rope_scaling": None})
     assert not torch.allclose(rope_inv_freq(plain), rope_inv_freq(llama.config))
     qwen, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
-    assert qwen.layers[0].self_attn.q_proj.bias is not None and qwen.layers[0].self_attn.o_proj.bias is None
+    assert qwen.layers[0].self_attn.qkv_proj.bias is not None and qwen.layers[0].self_attn.o_proj.bias is None
     assert qwen.lm_head.weight is not qwen.embed_tokens.weight
     mistral, _ = load(tiny_dirs["mistral"][0], tokenizer=False)
     assert mistral.config.layer_windows == [8, 8] and mistral.config.head_dim == 24
@@ -171,10 +171,10 @@ def test_prefill_from_the_start_is_plain_causal(tiny_dirs, kind):
     model, _ = load(path, tokenizer=False)
     row = _tokens(hf.config.vocab_size, 2, 20)
     pos = torch.arange(20).expand(2, 20)
-    masks = model._masks(pos, 64)
+    masks = model._masks(pos, 64, torch.float32)
     window = hf.config.sliding_window if kind == "mistral" else None
     assert masks[window] is None if window is None else masks[window].shape == (2, 1, 20, 64)
-    assert all(m is not None for m in model._masks(pos + 1, 64).values())  # not from the start: masked
+    assert all(m is not None for m in model._masks(pos + 1, 64, torch.float32).values())  # not from the start: masked
     with torch.no_grad():
         a = model(row, positions=pos, cache=model.new_cache(2, 64))
         cache = model.new_cache(2, 64)

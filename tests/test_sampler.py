@@ -18,7 +18,8 @@ import torch
 from r3.checkpoint import load
 from r3.errors import R3Error
 from r3.model import ModelConfig, Transformer
-from r3.decode import FastStep, ModelStep
+from r3.decode import DecodeStep, step_logits
+from r3.packed_linear import PackedWeights
 from r3.sampler import (Session, SamplingError, StopStrings, _mul32, _top_p_candidates, generate, pick_greedy,
                         pick_tokens,
                         row_keys, row_uniforms)
@@ -126,13 +127,11 @@ def _stop_set_with_ragged_finish(seqs, n):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "model-step"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_matches_transformers_tiny(tiny, kind, fast):
+def test_greedy_matches_transformers_tiny(tiny, kind):
     model, hf = tiny[kind]
-    fast = fast if FastStep.supports(model.config) else None  # None: the step falls back to the model's
     prompts = _rand_prompts(256, [5, 13, 9], seed=1)  # Mistral's window is 8: it matters here
-    out = generate(model, prompts, max_new_tokens=12, temperature=0, fast_decode=fast)
+    out = generate(model, prompts, max_new_tokens=12, temperature=0)
     assert out.lengths == [12, 12, 12] and out.finished == [False] * 3
     for p, ours in zip(prompts, out.tokens):
         _assert_greedy_equal(model, p, ours, _hf_greedy(hf, p, 12), tie_tol=1e-5)
@@ -159,21 +158,19 @@ def test_ragged_batch_rows_equal_alone(builtin, chat):
         assert torch.allclose(torch.tensor(batch.logprobs[i]), torch.tensor(alone.logprobs[0]), atol=1e-5)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "model-step"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_continuation_equals_fresh_prefill(tiny, kind, fast):
+def test_continuation_equals_fresh_prefill(tiny, kind):
     """Sample (rows stopping at different steps), select + fork, append a ragged user turn
     (growing the cache), sample again: identical to prefilling the whole conversation afresh,
     and every sampled log-prob equals a teacher-forced forward of the final sequence."""
     model, _ = tiny[kind]
-    fast = fast if FastStep.supports(model.config) else None
     prompts = _rand_prompts(256, [7, 3, 11], seed=2)
     n1, n2 = 10, 6
     # Stops do not change the random stream: a stopped run is the free run cut at its stops.
     free = generate(model, prompts, max_new_tokens=n1, seed=0).tokens
     stops, ends = _stop_set_with_ragged_finish(free, n1)
 
-    s = Session.start(model, prompts, seed=0, fast_decode=fast)  # cache sized to the prompts: grows
+    s = Session.start(model, prompts, seed=0)  # cache sized to the prompts: grows
     first = s.sample(n1, stop_token_ids=stops)
     assert first.lengths == [e or n1 for e in ends]
     assert first.finished == [e is not None for e in ends]
@@ -186,7 +183,7 @@ def test_continuation_equals_fresh_prefill(tiny, kind, fast):
     second = s2.sample(n2, temperature=0)
 
     histories = [list(s2.tokens[i][: len(s2.tokens[i]) - n2]) for i in range(6)]
-    fresh = Session.start(model, histories, fast_decode=fast).sample(n2, temperature=0)
+    fresh = Session.start(model, histories).sample(n2, temperature=0)
     assert second.tokens == fresh.tokens
     assert torch.allclose(second.logprob_tensor, fresh.logprob_tensor, atol=1e-5)
     src = [2, 2, 0, 0, 1, 1]
@@ -366,65 +363,76 @@ def test_topk1_and_tiny_topp_equal_greedy(builtin, chat):
     assert all(lp == 0.0 for r in k1.logprobs + p0.logprobs for lp in r)  # one token kept: prob 1
 
 
-def test_fast_step_declines_what_it_does_not_implement(tiny):
-    """Qwen3 (q/k norms) and LongRoPE decode through the model's forward; asking for the fused
-    step by name is a clear error."""
-    for kind in ("qwen3", "phi3"):
-        model, _ = tiny[kind]
-        assert not FastStep.supports(model.config)
-        with pytest.raises(SamplingError, match=f"model_type '{kind}'"):
-            generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0, fast_decode=True)
-    assert all(FastStep.supports(tiny[k][0].config) for k in ("llama", "qwen2", "mistral"))
+def _prefilled(model, rows, kv_len, n_caches=2):
+    """``n_caches`` caches holding ``rows`` (ragged) but their last tokens, and the step inputs."""
+    B = len(rows)
+    caches = [model.new_cache(B, kv_len + 4) for _ in range(n_caches)]
+    toks = torch.tensor([r + [0] * (kv_len - len(r)) for r in rows])
+    for c in caches:
+        model.hidden_states(toks[:, :-1], positions=torch.arange(kv_len - 1).expand(B, -1), cache=c, kv_len=kv_len - 1)
+    return caches, torch.tensor([r[-1] for r in rows]), torch.tensor([len(r) - 1 for r in rows])
 
 
-@pytest.mark.parametrize("kind", ("llama", "qwen2", "mistral"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_step_equals_model_forward(tiny_dirs, kind, dtype):
-    """FastStep (fused / prepacked weights) gives the model's own decode logits, ragged rows."""
-    model, _ = load(tiny_dirs[kind][0], dtype=dtype, tokenizer=False)
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_matmuls_equal_the_plain_step(tiny_dirs, kind):
+    """On CPU in bf16 the decode step runs the model's matmuls on prepacked weights: the same
+    logits (up to bf16 rounding of a different kernel) and cache writes as the plain step."""
+    model, _ = load(tiny_dirs[kind][0], dtype=torch.bfloat16, tokenizer=False)
+    if not PackedWeights.available(model):
+        pytest.skip("no oneDNN packed matmul in this PyTorch build")
     rows = _rand_prompts(256, [12, 5, 9], seed=12)
     with torch.inference_mode():
-        caches = [model.new_cache(3, 16) for _ in range(2)]
-        toks = torch.tensor([r + [0] * (12 - len(r)) for r in rows])
-        for c in caches:
-            model.hidden_states(toks[:, :-1], positions=torch.arange(11).expand(3, 11), cache=c, kv_len=11)
-        last = torch.tensor([r[-1] for r in rows])
-        pos = torch.tensor([len(r) - 1 for r in rows])
-        ref = ModelStep(model)(last, pos, caches[0], 12, 200)
-        got = FastStep.get(model)(last, pos, caches[1], 12, 200)
-    assert got.shape == ref.shape == (3, 200) and got.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 0.05 * ref.float().abs().max().item()
-    assert (got.float() - ref.float()).abs().max().item() <= tol
+        caches, last, pos = _prefilled(model, rows, 12)
+        ref = step_logits(model, last, pos, caches[0], 12, 200)
+        step = DecodeStep(model, "eager")
+        assert step.packed is not None
+        with step.active():
+            assert model.layers[0].self_attn.qkv_proj.packed is not None
+            got = step(last, pos, caches[1], 12, 200)
+        assert model.layers[0].self_attn.qkv_proj.packed is None  # off again outside the block
+    assert got.shape == ref.shape == (3, 200) and got.dtype == torch.bfloat16
+    assert (got.float() - ref.float()).abs().max().item() <= 0.05 * ref.float().abs().max().item()
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # same keys/values written
-        assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.05)
+        assert (a.float() - b.float()).abs().max().item() <= 0.05
 
 
-def test_fast_step_sees_weight_updates(tiny_dirs):
-    """An in-place update (an optimizer step) rebuilds FastStep's weight copies."""
-    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+def test_packed_weights_see_weight_updates(tiny_dirs, monkeypatch):
+    """An in-place update (an optimizer step) repacks the weights: the sampler then gives what
+    the plain matmuls give."""
+    model, _ = load(tiny_dirs["qwen2"][0], dtype=torch.bfloat16, tokenizer=False)
+    if not PackedWeights.available(model):
+        pytest.skip("no oneDNN packed matmul in this PyTorch build")
     prompts = _rand_prompts(256, [6, 3], seed=13)
     before = generate(model, prompts, max_new_tokens=8, temperature=0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.down_proj.weight") or name.endswith("q_proj.bias"):
+            if name.endswith("mlp.down_proj.weight") or name.endswith("qkv_proj.bias"):
                 p.mul_(-3.0)
     after = generate(model, prompts, max_new_tokens=8, temperature=0)
-    plain = generate(model, prompts, max_new_tokens=8, temperature=0, fast_decode=False)
+    monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
+    plain = generate(model, prompts, max_new_tokens=8, temperature=0)
     assert after.tokens == plain.tokens
-    assert torch.allclose(after.logprob_tensor, plain.logprob_tensor, atol=1e-5)
+    assert (after.logprob_tensor - plain.logprob_tensor).abs().max() <= 0.05
     assert (after.logprob_tensor - before.logprob_tensor).abs().max() > 1e-2
 
 
-def test_fast_step_cache_does_not_keep_models_alive(tiny_dirs):
+def test_packed_weights_do_not_keep_models_alive(tiny_dirs):
     import gc
     import weakref
 
-    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    from r3 import packed_linear
+
+    model, _ = load(tiny_dirs["llama"][0], dtype=torch.bfloat16, tokenizer=False)
+    gc.collect()
+    slots = len(packed_linear._SLOTS)
     generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0)
+    if PackedWeights.available(model):
+        assert len(packed_linear._SLOTS) == slots + 2 * 4 + 1  # 4 matmuls per layer, the LM head
     ref = weakref.ref(model)
     del model
     gc.collect()
     assert ref() is None
+    assert len(packed_linear._SLOTS) == slots  # the packed copies went with the model
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,26 +531,22 @@ def test_cli_mistakes_exit_2_with_one_line(args):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_step_equals_model_forward_and_sees_updates(tiny_dirs, dtype):
-    """The compiled FastStep (bf16: packed matmuls through the r3::packed_linear op; fp32: plain
-    matmuls as graph inputs) gives the model's decode logits and cache writes, for ragged rows
-    and a later, larger batch (dynamic shapes), and after an in-place weight update it uses the
-    new weights without compiling again."""
+    """The compiled step (bf16: packed matmuls through the r3::packed_linear op; fp32: plain
+    matmuls) gives the eager step's logits and cache writes, for ragged rows and a later, larger
+    batch (dynamic shapes), and after an in-place weight update it uses the new weights without
+    compiling again."""
     from torch._dynamo.utils import counters
 
     model, _ = load(tiny_dirs["qwen2"][0], dtype=dtype, tokenizer=False)  # q/k/v biases
 
     def compare(rows, kv_len):
-        B = len(rows)
         with torch.inference_mode():
-            caches = [model.new_cache(B, kv_len + 4) for _ in range(2)]
-            toks = torch.tensor([r + [0] * (kv_len - len(r)) for r in rows])
-            for c in caches:
-                model.hidden_states(toks[:, :-1], positions=torch.arange(kv_len - 1).expand(B, -1), cache=c,
-                                    kv_len=kv_len - 1)
-            last = torch.tensor([r[-1] for r in rows])
-            pos = torch.tensor([len(r) - 1 for r in rows])
-            ref = ModelStep(model)(last, pos, caches[0], kv_len, 200)
-            got = FastStep.get(model)(last, pos, caches[1], kv_len, 200, compiled=True)
+            caches, last, pos = _prefilled(model, rows, kv_len)
+            eager, compiled = DecodeStep(model, "eager"), DecodeStep(model, "compiled")
+            with eager.active():
+                ref = eager(last, pos, caches[0], kv_len, 200)
+            with compiled.active():
+                got = compiled(last, pos, caches[1], kv_len, 200)
         tol = 1e-5 if dtype == torch.float32 else 0.05 * ref.float().abs().max().item()
         assert got.shape == ref.shape and got.dtype == dtype
         assert (got.float() - ref.float()).abs().max().item() <= tol
@@ -554,24 +558,52 @@ def test_compiled_step_equals_model_forward_and_sees_updates(tiny_dirs, dtype):
     compare(_rand_prompts(256, [7, 15, 3, 11, 16], seed=22), 16)  # another batch size and cache length
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.down_proj.weight") or name.endswith("q_proj.bias"):
+            if name.endswith("mlp.down_proj.weight") or name.endswith("qkv_proj.bias"):
                 p.mul_(-3.0)
     compare(_rand_prompts(256, [6, 10], seed=23), 10)
     assert counters["frames"]["ok"] == frames, "the compiled step was compiled again"
 
 
-def test_compiled_generate_equals_eager(tiny_dirs):
-    """generate(compile_decode=True): greedy and seeded sampling (the pick fused into the graph)
+def test_compiled_step_tells_models_apart_and_keeps_none_alive(tiny_dirs):
+    """One compiled function serves every model (the model is an argument): two models of the
+    same shape with different weights (bf16: each its own packed slots, constants of its graph)
+    each decode as their eager step does, and a model is freed when dropped."""
+    import gc
+    import weakref
+
+    a, _ = load(tiny_dirs["llama"][0], dtype=torch.bfloat16, tokenizer=False)
+    b, _ = load(tiny_dirs["llama"][0], dtype=torch.bfloat16, tokenizer=False)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-1.5)
+    prompts = _rand_prompts(256, [4, 2], seed=40)
+    tokens = {}
+    for name, m in (("a", a), ("b", b), ("a", a)):
+        eager = generate(m, prompts, max_new_tokens=6, temperature=0)
+        comp = generate(m, prompts, max_new_tokens=6, temperature=0, decode="compiled")
+        assert comp.tokens == eager.tokens, name
+        assert tokens.setdefault(name, comp.tokens) == comp.tokens
+    assert tokens["a"] != tokens["b"]
+    ref = weakref.ref(b)
+    del b
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("kind", ("llama", "qwen3", "phi3"))  # plain; q/k norms; LongRoPE
+def test_compiled_generate_equals_eager(tiny_dirs, kind):
+    """generate(decode="compiled"): greedy and seeded sampling (the pick fused into the graph)
     give the eager sampler's tokens and log-probs; top-p falls back to the eager pick."""
-    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    model, _ = load(tiny_dirs[kind][0], tokenizer=False)
     prompts = _rand_prompts(256, [9, 4, 13], seed=24)
-    for kw in (dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_p=0.9, seed=6)):
+    samplings = (dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_p=0.9, seed=6))
+    for kw in samplings if kind == "llama" else samplings[1:2]:
         eager = generate(model, prompts, max_new_tokens=10, **kw)
-        comp = generate(model, prompts, max_new_tokens=10, compile_decode=True, **kw)
+        comp = generate(model, prompts, max_new_tokens=10, decode="compiled", **kw)
         assert comp.tokens == eager.tokens, kw
         assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
-    with pytest.raises(SamplingError, match="compile_decode"):
-        generate(model, prompts, max_new_tokens=2, compile_decode=True, fast_decode=False)
+    with pytest.raises(SamplingError, match="decode must be one of eager, compiled"):
+        generate(model, prompts, max_new_tokens=2, decode="fast")
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,35 +633,29 @@ def test_mul32_and_row_uniforms():
 
 
 class _BatchSizes:
-    """Wraps Session._step to record every decode step's batch size."""
+    """Wraps DecodeStep.__call__ to record every decode step's batch size."""
 
     def __init__(self, monkeypatch):
         self.sizes = []
-        original = Session._step
+        original = DecodeStep.__call__
 
-        def step(session):
-            inner = original(session)
+        def run(step, tok, *a, **kw):
+            self.sizes.append(tok.shape[0])
+            return original(step, tok, *a, **kw)
 
-            def run(tok, *a, **kw):
-                self.sizes.append(tok.shape[0])
-                return inner(tok, *a, **kw)
-            return run
-
-        monkeypatch.setattr(Session, "_step", step)
+        monkeypatch.setattr(DecodeStep, "__call__", run)
 
 
 SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9),
              dict(temperature=1.0, top_k=20)]
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-step", "model-step"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_compaction_gives_the_same_samples(tiny, kind, fast, monkeypatch):
+def test_compaction_gives_the_same_samples(tiny, kind, monkeypatch):
     """Rows stop at different steps; with compaction the decode batch shrinks, yet every token,
     stop and log-prob (fp32, up to rounding) is the one the full batch gives, and so is the
     cache: a second turn continued from it samples the same again."""
     model, _ = tiny[kind]
-    fast = fast if FastStep.supports(model.config) else None
     prompts = _rand_prompts(256, [5, 9, 2, 12, 7, 3], seed=30)
     turns = _rand_prompts(256, [2, 6, 1, 4, 3, 5] * 3, seed=31)
     stops = list(range(3, 256, 11))  # ~9% of the vocabulary ends a row
@@ -639,7 +665,7 @@ def test_compaction_gives_the_same_samples(tiny, kind, fast, monkeypatch):
         out = {}
         for compact in (False, True):
             sizes.sizes.clear()
-            s = Session.start(model, prompts, seed=4, fast_decode=fast, compact=compact).fork(3)
+            s = Session.start(model, prompts, seed=4, compact=compact).fork(3)
             a = s.sample(24, stop_token_ids=stops, **kw)
             s.append(turns)
             b = s.sample(16, stop_token_ids=stops, **kw)
@@ -673,7 +699,7 @@ def test_compaction_with_the_compiled_step(tiny_dirs, monkeypatch):
                      stop_token_ids=stops, compact=False)
     sizes.sizes.clear()
     comp = generate(model, prompts, max_new_tokens=16, temperature=0.9, seed=3, num_samples=4,
-                    stop_token_ids=stops, compile_decode=True)
+                    stop_token_ids=stops, decode="compiled")
     assert min(sizes.sizes) < 16
     assert comp.tokens == eager.tokens
     assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5)

@@ -132,6 +132,45 @@ def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_pat
             assert torch.allclose(other["sd"][k], v, atol=2e-6, rtol=1e-5), (name, k)
 
 
+def _parts_of(name):
+    for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))):
+        if fused in name:
+            return [name.replace(fused, part) for part in parts]
+    return [name]
+
+
+def _unfuse_checkpoint(path, model_dir):
+    """Rewrite a training checkpoint in the layout of r3 before it fused q/k/v and gate/up:
+    separate projections in the model and in AdamW's state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from r3.model import ModelConfig, split_for_checkpoint
+
+    cfg = ModelConfig.from_hf(json.loads((Path(model_dir) / "config.json").read_text()))
+    whole = Path(str(path) + ".pt")
+    dcp_to_torch_save(str(path), str(whole))
+    state = torch.load(str(whole), weights_only=False)
+    whole.unlink()
+    model = split_for_checkpoint(cfg, state["model"])
+    assert "layers.0.self_attn.q_proj.weight" in model and "layers.0.self_attn.qkv_proj.weight" not in model
+    optim = state["optim"]
+    new = {}
+    for name, st in optim["state"].items():
+        moments = {k: split_for_checkpoint(cfg, {name: v}) for k, v in st.items() if k != "step"}
+        for part in moments["exp_avg"]:
+            new[part] = {"step": st["step"].clone(), **{k: m[part] for k, m in moments.items()}}
+    optim["state"] = new
+    for group in optim["param_groups"]:
+        group["params"] = [p for n in group["params"] for p in _parts_of(n)]
+    trainer = (Path(path) / "trainer_state.json").read_text()
+    import shutil
+
+    shutil.rmtree(path)
+    dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path), no_dist=True)
+    (Path(path) / "trainer_state.json").write_text(trainer)
+
+
 def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -142,8 +181,11 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     run_train(args + ["--out", str(full), "--max-steps", "4"])
     run_train(args + ["--out", str(part), "--max-steps", "4", "--stop-after", "2"])
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step_000002"]
+    # as an r3 that held q/k/v and gate/up apart wrote it: the resume rewrites it, exactly
+    _unfuse_checkpoint(part / "checkpoints" / "step_000002", tiny_model)
     proc = run_train(args + ["--out", str(part), "--max-steps", "4"])
-    assert "resumed from" in proc.stdout
+    assert "resumed from" in proc.stdout and "rewriting" in proc.stdout and "warning" not in proc.stderr
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     keys = ("loss", "kl", "retry_success", "groups_with_signal", "reflection_tokens", "grad_norm", "lr")
@@ -321,7 +363,7 @@ def test_incompatible_out_dir_is_refused_and_untouched(tiny_model, tmp_path):
 
 
 def test_config_file_and_overrides(tmp_path):
-    from r3.config import parse_args
+    from r3.config import TrainConfig, parse_args
 
     f = tmp_path / "c.yaml"
     f.write_text("group_size: 6\nlr: 1.0e-6\ntask_options:\n  difficulty: standard\n")
@@ -330,13 +372,23 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.max_attempt_tokens == cfg.max_reflection_tokens == cfg.max_retry_tokens == 32
     cfg = parse_args(["--config", str(f), "--task-option", "max_num=30", "--task-option", "ops=+-"])
     assert cfg.task_options == {"difficulty": "standard", "max_num": 30, "ops": "+-"}
-    assert cfg.compile_decode is False
-    assert parse_args(["--compile-decode", "true"]).compile_decode is True
+    assert cfg.decode == "eager"
+    assert parse_args(["--decode", "compiled"]).decode == "compiled"
+    # the earlier boolean key, from a flag, a config file, and a resumed run's config.json
+    assert parse_args(["--compile-decode", "true"]).decode == "compiled"
+    f.write_text("compile_decode: false\n")
+    assert parse_args(["--config", str(f)]).decode == "eager"
+    old = {**TrainConfig().to_dict(), "compile_decode": True}
+    del old["decode"]
+    assert TrainConfig().incompatible_with(old) == []  # decode may change on resume
+    assert TrainConfig(lr=1e-3).incompatible_with(old) == ["lr"]
     f.write_text("grop_size: 6\n")
     from r3.errors import R3Error
 
     with pytest.raises(R3Error, match="compile_decode"):
         parse_args(["--compile-decode", "maybe"])
+    with pytest.raises(R3Error, match="'decode' must be one of eager, compiled, got 'fast'"):
+        parse_args(["--decode", "fast"])
 
     with pytest.raises(R3Error, match=r"unknown key 'grop_size' \(did you mean --group-size\?\)"):
         parse_args(["--config", str(f)])
