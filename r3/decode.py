@@ -80,11 +80,13 @@ class DecodeStep:
     step): it repacks them.
     """
 
-    def __init__(self, model, mode: str = "eager"):
+    def __init__(self, model, mode: str = "eager", cuda_graphs: bool | None = None):
+        """``cuda_graphs``: compiled with CUDA graphs (default: on a CUDA device)."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
         self.model = model
         self.compiled = mode == "compiled"
+        self.cuda_graphs = cuda_graphs
         self.packed = PackedWeights.get(model) if PackedWeights.available(model) else None
 
     def active(self):
@@ -96,7 +98,7 @@ class DecodeStep:
             if pick is not None:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
             return step_logits(self.model, tok, pos, cache, kv_len, vocab_size)
-        cuda = tok.device.type == "cuda"
+        cuda = tok.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
         fn = _COMPILED.get((vocab_size, pick, cuda))
         if fn is None:
             fn = _COMPILED[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)

@@ -398,7 +398,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_cache, positions, kv_len):
+    def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len):
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # [B, T, heads, D]
@@ -410,10 +410,14 @@ class Attention(nn.Module):
             q, k = qk[:, :, :nh], qk[:, :, nh:]
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
-            rows = torch.arange(B, device=x.device)[:, None]
-            # cache[b, :, positions[b, t]] = k[b, t]  (advanced indices first -> [B, T, H, D])
-            k_cache[rows, :, positions] = k.to(k_cache.dtype)
-            v_cache[rows, :, positions] = v.to(v_cache.dtype)
+            rows, positions = write_at
+            if rows is None:  # one flat index into the contiguous cache's [B * n_kv * S] rows
+                d = self.head_dim
+                k_cache.view(-1, d).index_copy_(0, positions, k.reshape(-1, d).to(k_cache.dtype))
+                v_cache.view(-1, d).index_copy_(0, positions, v.reshape(-1, d).to(v_cache.dtype))
+            else:  # cache[b, :, positions[b, t]] = k[b, t]  (advanced indices first -> [B, T, H, D])
+                k_cache[rows, :, positions] = k.to(k_cache.dtype)
+                v_cache[rows, :, positions] = v.to(v_cache.dtype)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -451,8 +455,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, layer_cache=None, positions=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, positions, kv_len)
+    def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -542,15 +546,29 @@ class Transformer(nn.Module):
             masks = self._segment_masks(positions, segments)
         else:
             masks = self._masks(positions, kv_len if cache is not None else None, x.dtype)
+        write_at = self._cache_writes(cache, positions) if cache is not None else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, cos, sin, masks[layer.self_attn.window], None, positions, None,
+                x = checkpoint(layer, x, cos, sin, masks[layer.self_attn.window], None, None, None,
                                use_reentrant=False)
                 continue
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, positions, kv_len)
+            x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, write_at, kv_len)
         return self.norm(x)
+
+    def _cache_writes(self, cache: KVCache, positions: torch.Tensor) -> tuple:
+        """Where each layer writes the new keys/values: ``(rows [B, 1], positions)`` for indexing,
+        or, for a contiguous cache outside torch.compile, ``(None, flat)``: one index into the
+        cache's ``[B * n_kv * S]`` rows, in the order of ``k [B, T, n_kv, D]`` (built once per
+        forward; each layer's write is then one ``index_copy_``)."""
+        B, T = positions.shape
+        if torch.compiler.is_compiling() or not all(t.is_contiguous() for t in cache.k + cache.v):
+            return torch.arange(B, device=positions.device)[:, None], positions
+        n_kv, S = self.config.num_key_value_heads, cache.max_len
+        heads = torch.arange(n_kv, device=positions.device)
+        rows = torch.arange(B, device=positions.device)[:, None, None] * n_kv + heads  # [B, 1, n_kv]
+        return None, (rows * S + positions[:, :, None]).reshape(-1)
 
     def check_positions(self, n: int) -> None:
         """Refuse ``n`` positions where r3 cannot follow transformers (LongRoPE past its original

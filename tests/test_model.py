@@ -260,3 +260,29 @@ def test_transformer_from_config_runs_without_checkpoint():
     torch.manual_seed(0)
     model = Transformer(cfg)
     assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 32)
+
+
+def test_cache_writes_into_contiguous_and_strided_caches_alike(tiny_dirs):
+    """A contiguous cache takes each layer's keys/values through one flat index_copy_; any other
+    (here: views of the first slots of a longer cache) through indexing. Same logits, same slots."""
+    from r3.model import KVCache
+
+    path, hf = tiny_dirs["qwen2"]
+    model, _ = load(path, tokenizer=False)
+    rows = _tokens(hf.config.vocab_size, 3, 9)
+    flat = model.new_cache(3, 16)
+    big = model.new_cache(3, 24)
+    strided = KVCache([t[:, :, :16] for t in big.k], [t[:, :, :16] for t in big.v])
+    assert all(t.is_contiguous() for t in flat.k) and not any(t.is_contiguous() for t in strided.k)
+    assert model._cache_writes(flat, torch.zeros(3, 1, dtype=torch.long))[0] is None
+    assert model._cache_writes(strided, torch.zeros(3, 1, dtype=torch.long))[0] is not None
+    out = []
+    with torch.no_grad():
+        for cache in (flat, strided):
+            pos = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]])
+            first = model(rows[:, :6], positions=pos, cache=cache)
+            step = model(rows[:, 6:7], positions=pos[:, -1:] + 1, cache=cache)
+            out.append(torch.cat([first, step], dim=1))
+    assert torch.equal(out[0], out[1])
+    for a, b in zip(flat.k + flat.v, strided.k + strided.v):
+        assert torch.equal(a, b) and a.abs().sum() > 0

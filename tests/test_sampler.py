@@ -564,6 +564,25 @@ def test_compiled_step_equals_model_forward_and_sees_updates(tiny_dirs, dtype):
     assert counters["frames"]["ok"] == frames, "the compiled step was compiled again"
 
 
+def test_compiled_step_with_cuda_graph_options_on_cpu(tiny_dirs):
+    """The CUDA-graph form of the compiled step (the cache marked as static addresses, the step
+    boundary marked, outputs copied out of the graph's pool, the graph options) runs here too,
+    where inductor leaves the graphs out: the same logits and cache writes as the eager step."""
+    model, _ = load(tiny_dirs["mistral"][0], tokenizer=False)  # a sliding window
+    rows = _rand_prompts(256, [12, 5, 9], seed=41)
+    with torch.inference_mode():
+        caches, last, pos = _prefilled(model, rows, 12)
+        ref = DecodeStep(model, "eager")(last, pos, caches[0], 12, 200)
+        step = DecodeStep(model, "compiled", cuda_graphs=True)
+        got = step(last, pos, caches[1], 12, 200)
+        nxt, lp = step(last, pos, caches[1], 12, 200, pick=pick_greedy, u=None, temperature=torch.tensor(0.0))
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert nxt.tolist() == ref.argmax(-1).tolist() and lp.shape == (3,)
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in caches[1].k + caches[1].v)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
 def test_compiled_step_tells_models_apart_and_keeps_none_alive(tiny_dirs):
     """One compiled function serves every model (the model is an argument): two models of the
     same shape with different weights (bf16: each its own packed slots, constants of its graph)
