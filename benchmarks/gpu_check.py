@@ -361,6 +361,8 @@ def section_sampler(ctx: Ctx) -> dict:
         compiled = ctx.cuda and not ctx.args.no_compiled  # CUDA graphs: one compile, a graph per shape
         kw = dict(B=B, G=G, n=n, prompt_len=prompt_len, repeats=1 if ctx.smoke else 2, device=str(ctx.device),
                   vocab=spec["vocab_size"])
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats()
         try:
             r = bench_sampler.bench_case(ours, hf, compiled=compiled, **kw)
         except Exception as e:
@@ -371,6 +373,9 @@ def section_sampler(ctx: Ctx) -> dict:
             r["compiled_error"] = f"{type(e).__name__}: {str(e)[:500]}"
         for k in ("r3_all_s", "r3c_all_s", "hf_all_s", "loadavg_1m"):
             r.pop(k, None)
+        if ctx.cuda:  # (CUDA graphs are recorded again for each new cache: watch that memory stays put)
+            r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            r["memory_after_gb"] = torch.cuda.memory_allocated() / 2 ** 30
         if gbps:
             bound = decode_bound_tok_s(ours, B * G, prompt_len + n / 2, 2, gbps)
             r["bound_tok_s"] = bound
@@ -517,12 +522,16 @@ def markdown(report: dict) -> str:
     sp = s.get("sampler", {})
     if "rows" in sp:
         lines += [f"## Sampler: {sp['model']}, {sp['params'] / 1e9:.2f}B parameters", "",
-                  "| rows | mode | r3 tok/s | transformers tok/s | ratio | r3 decode ms/step | bound tok/s | % of bound | compiled % of bound |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| rows | mode | r3 tok/s | transformers tok/s | ratio | r3 decode ms/step | compiled ms/step "
+                  "| bound tok/s | % of bound | compiled % of bound | compiled = eager tokens | GiB after / peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sp["rows"]:
             lines.append(f"| {r['batch']}x{r['group']} | {r['mode']} | {r['r3_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['ratio']:.2f} | "
-                         f"{r['r3_decode_ms_per_step']:.2f} | {_fmt(r.get('bound_tok_s'), '.0f')} | "
-                         f"{_fmt(r.get('decode_pct_bound'), '.1f')} | {_fmt(r.get('decode_compiled_pct_bound'), '.1f')} |")
+                         f"{r['r3_decode_ms_per_step']:.2f} | {_fmt(r.get('r3c_decode_ms_per_step'))} | "
+                         f"{_fmt(r.get('bound_tok_s'), '.0f')} | "
+                         f"{_fmt(r.get('decode_pct_bound'), '.1f')} | {_fmt(r.get('decode_compiled_pct_bound'), '.1f')} | "
+                         f"{r.get('compiled_equals_eager', '-')} | "
+                         f"{_fmt(r.get('memory_after_gb'))} / {_fmt(r.get('peak_memory_gb'))} |")
         lines += ["", "Bound: (bf16 weight bytes + KV bytes read at the mean context) / measured copy bandwidth; "
                   "tokens/s columns are end to end (prefill + decode).", ""]
     tr = s.get("train", {})

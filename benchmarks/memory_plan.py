@@ -124,7 +124,7 @@ def activation_bytes_per_token(shape: dict, tokens: int, dtype=torch.bfloat16) -
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin, None, None, pos, None)  # causal attention without a mask tensor
+        block(x, cos, sin, None, None, None, None)  # causal attention without a mask tensor
     return sum(storages.values()) / tokens
 
 

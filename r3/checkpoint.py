@@ -90,7 +90,7 @@ def _place(model: Transformer, assembler: CheckpointAssembler, name: str, tensor
            source: str) -> None:
     """Put one checkpoint tensor (checkpoint layout, no ``model.`` prefix) into the meta-built
     model, checking its shape; parts of a fused projection are kept until all have come."""
-    expected = param_names_hf(model.config).get(name)
+    expected = assembler.expected.get(name)
     if expected is None:
         raise R3Error(f"{source}: unexpected tensor '{name}'")
     if tuple(tensor.shape) != expected:

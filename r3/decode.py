@@ -14,8 +14,14 @@
   intermediates to the model dtype where eager does.
 
 With no top-k/top-p, the sampler's next-token pick is fused into the same graph. Batch size and
-KV length are dynamic dimensions of one compiled graph (compiled once, ~30-70 s for the built-in
-model on 2 CPU cores; a batch of exactly one row is specialised once more).
+KV length are dynamic dimensions of one compiled graph (compiled once per process, ~50-80 s for
+the built-in model on 2 CPU cores; a batch of exactly one row is specialised once more). Each
+model has compiled functions of its own (the model is their argument, not a closure variable, so
+they keep no model alive), and so its own recompile budget; its packed slots are constants of
+its graphs.
+
+Not yet run on a GPU: the CUDA-graph form is tested on CPU (where inductor leaves the graphs
+out), and ``benchmarks/gpu_check.py`` measures it where a GPU is lent.
 
 On CPU in bf16 both modes run the model's matmuls on prepacked weights
 (:mod:`r3.packed_linear`): a matmul backend, not a second copy of the model's math.
@@ -24,6 +30,8 @@ On CPU in bf16 both modes run the model's matmuls on prepacked weights
 from __future__ import annotations
 
 import contextlib
+import types
+import weakref
 
 import torch
 
@@ -41,9 +49,9 @@ def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_
     return logits[:, :vocab_size] if vocab_size < logits.shape[-1] else logits
 
 
-# (vocab_size, pick, cuda) -> compiled function. The model is an argument, not a closure
-# variable: the functions hold no model alive, and dynamo's guards tell models apart.
-_COMPILED: dict[tuple, object] = {}
+# model -> {(vocab_size, pick, cuda): compiled function}. The model is the functions' argument,
+# not a closure variable: they hold no model alive (the dictionary holds models weakly).
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compile(vocab_size: int, pick, cuda: bool):
@@ -62,6 +70,12 @@ def _compile(vocab_size: int, pick, cuda: bool):
         def run_and_pick(model, tok, pos, ks, vs, slots, u, temperature):
             return pick(logits(model, tok, pos, ks, vs, slots), u, temperature)
         run = run_and_pick
+    # A code object of its own: dynamo keeps compiled graphs, and counts recompiles against its
+    # limit (8), per code object; shared by every model and vocabulary, the budget would run out
+    # (a model of another dtype, a batch of one, greedy and sampled picks) and the step would
+    # fall back to eager.
+    run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__,
+                             run.__closure__)
     options = {"emulate_precision_casts": True}
     if cuda:
         # mode="reduce-overhead", plus: no warning for the one graph per (batch, KV bucket) shape.
@@ -99,9 +113,11 @@ class DecodeStep:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
             return step_logits(self.model, tok, pos, cache, kv_len, vocab_size)
         cuda = tok.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
-        fn = _COMPILED.get((vocab_size, pick, cuda))
+        self.model.check_positions(kv_len)  # (the compiled forward leaves it to its caller)
+        fns = _COMPILED.setdefault(self.model, {})
+        fn = fns.get((vocab_size, pick, cuda))
         if fn is None:
-            fn = _COMPILED[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)
+            fn = fns[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         slots = torch.arange(kv_len, device=tok.device)

@@ -391,8 +391,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = window
         h, d = cfg.hidden_size, cfg.head_dim
-        self.sizes = [self.n_heads * d, self.n_kv * d, self.n_kv * d]
-        self.qkv_proj = Linear(h, sum(self.sizes), bias=cfg.qkv_bias)
+        self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -536,6 +535,8 @@ class Transformer(nn.Module):
         if cache is not None:
             if kv_len is None:
                 kv_len = int(positions.max()) + 1
+            if isinstance(kv_len, int) and kv_len > cache.max_len:  # (a cache write would land elsewhere)
+                raise ValueError(f"positions up to {kv_len} exceed the cache's {cache.max_len} slots")
             # Round the slots read up to a multiple of KV_BUCKET (the mask hides the extra ones):
             # attention then sees few distinct shapes, and CPU kernels (oneDNN) are built once per
             # shape instead of once per decode step.
@@ -708,13 +709,15 @@ class CheckpointAssembler:
     """Builds our parameters from checkpoint tensors given one at a time (shards in any order):
     tensors of a fused projection wait until all its parts have come, then are concatenated."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, always: bool = False):
         self.cfg = cfg
+        self.always = always
+        self.expected = param_names_hf(cfg)  # checkpoint tensor name -> shape
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """``[(our name, tensor)]`` completed by the checkpoint tensor ``name`` (maybe none yet)."""
-        target = fused_target(self.cfg, name)
+        target = fused_target(self.cfg, name, self.always)
         if target is None:
             return [(name, tensor)]
         ours, part, parts = target
@@ -726,10 +729,12 @@ class CheckpointAssembler:
         return [(ours, torch.cat([got[p] for p in parts], dim=0))]
 
 
-def fused_target(cfg: ModelConfig, name: str) -> tuple[str, str, tuple] | None:
+def fused_target(cfg: ModelConfig, name: str, always: bool = False) -> tuple[str, str, tuple] | None:
     """(our parameter name, the part, all parts in order) when the checkpoint tensor ``name`` is
-    one part of a projection we hold fused; None for any other tensor."""
-    if _checkpoint_fuses(cfg):
+    one part of a projection we hold fused; None for any other tensor. ``always``: for any family
+    (r3's own training checkpoints held the parts apart for Phi-3 too); else only for families
+    whose checkpoints hold them apart."""
+    if _checkpoint_fuses(cfg) and not always:
         return None
     for fused, parts in _FUSED.items():
         for part in parts:
@@ -740,10 +745,11 @@ def fused_target(cfg: ModelConfig, name: str) -> tuple[str, str, tuple] | None:
     return None
 
 
-def split_for_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def split_for_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor],
+                         always: bool = False) -> dict[str, torch.Tensor]:
     """Our state dict (any prefix) in the family's checkpoint layout: q/k/v and gate/up apart
-    again, except for Phi-3 (whose checkpoints hold them fused, as we do)."""
-    if _checkpoint_fuses(cfg):
+    again, except for Phi-3 (whose checkpoints hold them fused, as we do), unless ``always``."""
+    if _checkpoint_fuses(cfg) and not always:
         return tensors
     out = {}
     for name, t in tensors.items():
@@ -757,10 +763,12 @@ def split_for_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> 
     return out
 
 
-def fuse_checkpoint_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fuse_checkpoint_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor],
+                            always: bool = False) -> dict[str, torch.Tensor]:
     """The inverse of :func:`split_for_checkpoint`: a state dict in the checkpoint layout (any
-    prefix) with q/k/v and gate/up fused as our model holds them."""
-    assembler = CheckpointAssembler(cfg)
+    prefix) with q/k/v and gate/up fused as our model holds them (``always``: see
+    :func:`fused_target`)."""
+    assembler = CheckpointAssembler(cfg, always)
     out = {}
     for name, t in tensors.items():
         out.update(assembler.add(name, t))

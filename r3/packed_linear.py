@@ -61,8 +61,8 @@ def _free(slots: list[int]) -> None:
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
-    except RuntimeError:  # an inference tensor: it cannot be modified in place outside inference mode
-        return -1
+    except RuntimeError:  # an inference tensor has no version counter: a change in place inside
+        return -1  # inference mode goes unseen (r3 changes weights outside it: optimizer, weight sync)
 
 
 class PackedWeights:

@@ -150,12 +150,12 @@ def upgrade_fused_layout(path: Path, cfg) -> None:
         state = torch.load(str(whole), weights_only=False)  # (written just now, by DCP)
     finally:
         whole.unlink(missing_ok=True)
-    state["model"] = fuse_checkpoint_tensors(cfg, state["model"])
+    state["model"] = fuse_checkpoint_tensors(cfg, state["model"], always=True)
     optim = state["optim"]
     new_state: dict[str, dict] = {}
     pieces: dict[str, tuple[tuple, dict]] = {}  # fused name -> (its parts in order, {part: state})
     for name, st in optim["state"].items():
-        target = fused_target(cfg, name)
+        target = fused_target(cfg, name, always=True)
         if target is None:
             new_state[name] = st
             continue
@@ -173,7 +173,7 @@ def upgrade_fused_layout(path: Path, cfg) -> None:
     for group in optim["param_groups"]:
         names = []
         for name in group["params"]:
-            target = fused_target(cfg, name)
+            target = fused_target(cfg, name, always=True)
             name = target[0] if target is not None else name
             if name not in names:
                 names.append(name)
@@ -189,12 +189,37 @@ def upgrade_fused_layout(path: Path, cfg) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _recover_upgrades(out: Path) -> None:
+    """What an :func:`upgrade_fused_layout` cut short left: the original, ``.step_N.unfused``,
+    goes back to ``step_N`` unless the rewritten one is in place; partial files are removed."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return
+    for old in root.glob(".step_*.unfused"):
+        final = root / old.name[1: -len(".unfused")]
+        if (final / "trainer_state.json").is_file():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+    for stale in [*root.glob(".step_*.fused.tmp"), *root.glob(".step_*.whole.pt")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
     """Load the newest checkpoint that reads back whole and return its step (0: none, a fresh
     start). A damaged newest one (a truncated file, say) is reported and the one before it used."""
+    if d.main:
+        _recover_upgrades(out)
+    dist.barrier()
     dirs = checkpoint_dirs(out)
-    for path in reversed(dirs):
-        if _legacy_layout(path):  # written before q/k/v and gate/up were fused: rewritten once
+    legacy = [_legacy_layout(p) for p in dirs]
+    dist.barrier()  # every rank has listed and looked before rank 0 rewrites anything
+    for path, old_layout in reversed(list(zip(dirs, legacy))):
+        if old_layout:  # written before q/k/v and gate/up were fused: rewritten once
             if d.main:
                 print(f"rewriting {path} with fused q/k/v and gate/up projections", flush=True)
                 try:

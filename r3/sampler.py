@@ -566,9 +566,9 @@ class Session:
         t0 = time.perf_counter()
         starts = [len(r) - 1 for r in self.rows]
         base = max(starts)
+        self.model.check_positions(base + N)
         self.reserve(base + N)
         step = DecodeStep(self.model, self.decode)
-        self.model.check_positions(base + N)
         stop = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=torch.long, device=device)
         has_ids = stop.numel() > 0
         has_stop = has_ids or stop_strings is not None
