@@ -149,14 +149,19 @@ _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _RENAMED = {"compile_decode": ("decode", lambda v: "compiled" if _coerce_bool(v) else "eager")}
 
 
-def _coerce_bool(v) -> bool:
+def _parse_bool(v) -> bool | None:
+    """True / False from a bool or a flag's spelling of one; None when it is neither."""
     if isinstance(v, bool):
         return v
-    if str(v).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(v).lower() in ("0", "false", "no", "off"):
-        return False
-    raise R3Error(f"bad value {v!r} for 'compile_decode' (expected true or false; it is now --decode eager|compiled)")
+    return {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}.get(str(v).lower())
+
+
+def _coerce_bool(v) -> bool:
+    value = _parse_bool(v)
+    if value is None:
+        raise R3Error(f"bad value {v!r} for 'compile_decode' (expected true or false; it is now --decode eager|compiled)")
+    return value
 
 
 def upgrade_config_dict(d: dict) -> dict:
@@ -252,13 +257,10 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
         raise R3Error(f"{source}: '{name}' cannot be empty")
     try:
         if typ.startswith("bool"):
-            if isinstance(raw, bool):
-                return raw
-            if str(raw).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(raw).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            value = _parse_bool(raw)
+            if value is None:
+                raise ValueError
+            return value
         if typ.startswith("int") and "float" not in typ:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError

@@ -677,13 +677,15 @@ def _part_sizes(cfg: ModelConfig, fused: str) -> list[int]:
     return [cfg.intermediate_size, cfg.intermediate_size]
 
 
-def _split_name(name: str) -> tuple[str, str, str] | None:
-    """``layers.3.self_attn.qkv_proj.weight`` -> (``layers.3.``, ``self_attn.qkv_proj``, ``weight``)."""
-    for fused in _FUSED:
+def _checkpoint_parts(cfg: ModelConfig, name: str) -> list[tuple[str, int]] | None:
+    """``layers.3.self_attn.qkv_proj.weight`` -> the checkpoint names of its parts and their rows,
+    ``[("layers.3.self_attn.q_proj.weight", 1536), ...]``; None for a parameter we do not fuse."""
+    for fused, parts in _FUSED.items():
         for kind in ("weight", "bias"):
             tail = f"{fused}.{kind}"
             if name.endswith(tail):
-                return name[: -len(tail)], fused, kind
+                prefix = name[: -len(tail)]
+                return [(f"{prefix}{part}.{kind}", rows) for part, rows in zip(parts, _part_sizes(cfg, fused))]
     return None
 
 
@@ -695,13 +697,8 @@ def param_names_hf(cfg: ModelConfig) -> dict[str, tuple]:
         return shapes
     out = {}
     for name, shape in shapes.items():
-        split = _split_name(name)
-        if split is None:
-            out[name] = shape
-            continue
-        prefix, fused, kind = split
-        for part, size in zip(_FUSED[fused], _part_sizes(cfg, fused)):
-            out[f"{prefix}{part}.{kind}"] = (size, *shape[1:])
+        for part, rows in _checkpoint_parts(cfg, name) or [(name, shape[0])]:
+            out[part] = (rows, *shape[1:])
     return out
 
 
@@ -753,13 +750,12 @@ def split_for_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor],
         return tensors
     out = {}
     for name, t in tensors.items():
-        split = _split_name(name)
-        if split is None:
+        parts = _checkpoint_parts(cfg, name)
+        if parts is None:
             out[name] = t
             continue
-        prefix, fused, kind = split
-        for part, piece in zip(_FUSED[fused], t.split(_part_sizes(cfg, fused), dim=0)):
-            out[f"{prefix}{part}.{kind}"] = piece.contiguous()
+        for (part, _), piece in zip(parts, t.split([rows for _, rows in parts], dim=0)):
+            out[part] = piece.contiguous()
     return out
 
 
