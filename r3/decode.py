@@ -91,7 +91,8 @@ class DecodeStep:
 
     Use it inside ``with step.active():`` (the prepacked matmuls are on there, on CPU in bf16); the
     weights must not change inside that block. Make a new one after they change (an optimizer
-    step): it repacks them.
+    step): it repacks them. The compiled step leaves LongRoPE's position limit to its caller
+    (``Session.sample`` checks a whole request once: ``model.check_positions``).
     """
 
     def __init__(self, model, mode: str = "eager", cuda_graphs: bool | None = None):
@@ -102,6 +103,9 @@ class DecodeStep:
         self.compiled = mode == "compiled"
         self.cuda_graphs = cuda_graphs
         self.packed = PackedWeights.get(model) if PackedWeights.available(model) else None
+        self._fns: dict[tuple, object] = {}  # (vocab_size, pick, cuda) -> this model's compiled step
+        self._marked = None  # the cache whose tensors were last marked for the compiler (weakly:
+        # the sampler frees a compacted copy before making the next)
 
     def active(self):
         return self.packed.active() if self.packed is not None else contextlib.nullcontext()
@@ -113,21 +117,24 @@ class DecodeStep:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
             return step_logits(self.model, tok, pos, cache, kv_len, vocab_size)
         cuda = tok.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
-        self.model.check_positions(kv_len)  # (the compiled forward leaves it to its caller)
-        fns = _COMPILED.setdefault(self.model, {})
-        fn = fns.get((vocab_size, pick, cuda))
+        fn = self._fns.get((vocab_size, pick, cuda))
         if fn is None:
-            fn = fns[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)
+            fns = _COMPILED.setdefault(self.model, {})
+            if (vocab_size, pick, cuda) not in fns:
+                fns[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)
+            fn = self._fns[(vocab_size, pick, cuda)] = fns[(vocab_size, pick, cuda)]
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         slots = torch.arange(kv_len, device=tok.device)
         for t in (tok, pos, slots) if u is None else (tok, pos, slots, u):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        for t in cache.k + cache.v:  # [B, n_kv, max_len, D]
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-            if cuda:
-                torch._dynamo.mark_static_address(t, guard=False)
+        if self._marked is None or self._marked() is not cache:  # a new cache: mark it once
+            for t in cache.k + cache.v:  # [B, n_kv, max_len, D]
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+                if cuda:
+                    torch._dynamo.mark_static_address(t, guard=False)
+            self._marked = weakref.ref(cache)
         if not cuda:
             return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
         torch.compiler.cudagraph_mark_step_begin()

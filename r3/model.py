@@ -332,6 +332,7 @@ class KVCache:
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
         self.k, self.v = k, v
+        self.contiguous = all(t.is_contiguous() for t in k + v)  # (views of a cache may not be)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device) -> "KVCache":
@@ -564,7 +565,7 @@ class Transformer(nn.Module):
         cache's ``[B * n_kv * S]`` rows, in the order of ``k [B, T, n_kv, D]`` (built once per
         forward; each layer's write is then one ``index_copy_``)."""
         B, T = positions.shape
-        if torch.compiler.is_compiling() or not all(t.is_contiguous() for t in cache.k + cache.v):
+        if torch.compiler.is_compiling() or not cache.contiguous:
             return torch.arange(B, device=positions.device)[:, None], positions
         n_kv, S = self.config.num_key_value_heads, cache.max_len
         heads = torch.arange(n_kv, device=positions.device)

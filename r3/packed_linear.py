@@ -68,7 +68,7 @@ def _version(t: torch.Tensor) -> int:
 class PackedWeights:
     """Prepacked copies of one model's ``Linear`` weights (see the module docstring)."""
 
-    _cache: weakref.WeakKeyDictionary | None = None  # model -> PackedWeights
+    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PackedWeights
 
     @staticmethod
     def available(model) -> bool:
@@ -81,8 +81,6 @@ class PackedWeights:
     def get(cls, model) -> "PackedWeights":
         """The model's packed weights, repacked first if any of its weights changed since (checked
         by data pointer and in-place version counter, so an optimizer step is seen)."""
-        if cls._cache is None:
-            cls._cache = weakref.WeakKeyDictionary()
         packed = cls._cache.get(model)
         if packed is None:
             packed = cls._cache[model] = cls(model)
