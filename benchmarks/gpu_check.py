@@ -19,11 +19,13 @@ after every section, so a run cut short keeps what it measured):
   torch.compile with CUDA graphs; ``--no-compiled`` skips it), against transformers ``generate``
   on a Qwen2.5-1.5B-shaped random model in bf16 (B = 1, 16, 64 greedy; 8 prompts x G = 8
   sampled), and against the bandwidth bound of a decode step: (weight bytes + KV-cache bytes
-  read) / measured copy bandwidth.
+  read) / measured copy bandwidth. Then five rollout-shaped calls of the compiled sampler in new
+  sessions: the CUDA graphs held, ms/step and memory after each (they should stop growing).
 * ``train``: three steps of ``torchrun --nproc_per_node 1 -m r3.train`` on a Qwen2.5-0.5B-shaped
   random model with the built-in model's tokenizer (``--tokenizer DIR`` for another), all groups
   trained (a random model never succeeds, so ``--skip-no-signal-groups false``): the step split
-  (rollout / reference / update), tokens/s and peak GPU memory per step, from ``metrics.jsonl``.
+  (rollout / reference / update), tokens/s and peak GPU memory per step, from ``metrics.jsonl``;
+  then the same with activation checkpointing, and with ``--decode compiled``.
 
 Targets (issue 17): decode >= 70% of the bandwidth bound at B = 1; the kernel's forward >= 85% of
 HBM bandwidth and faster than ``torch.compile``. What it does not show: anything about trained
@@ -387,7 +389,82 @@ def section_sampler(ctx: Ctx) -> dict:
         print(f"sampler B={B} G={G}: r3 {r['r3_tok_s']:.0f} tok/s, transformers {r['hf_tok_s']:.0f} tok/s "
               f"({r['ratio']:.2f}x), decode {r['r3_decode_ms_per_step']:.2f} ms/step, "
               f"{r.get('decode_pct_bound', float('nan')):.1f}% of bound", flush=True)
-    return {"model": "qwen2.5-1.5b shape (random), bf16", "params": ours.num_params(), "rows": rows}
+    out = {"model": "qwen2.5-1.5b shape (random), bf16", "params": ours.num_params(), "rows": rows}
+    if (ctx.cuda or ctx.smoke) and not ctx.args.no_compiled:
+        try:
+            out["repeated_rollouts"] = repeated_rollouts(ours, spec["vocab_size"], n, prompt_len, 2 if ctx.smoke else 5)
+        except Exception as e:
+            out["repeated_rollouts"] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
+            print(f"repeated rollouts FAILED: {traceback.format_exc()}", flush=True)
+    return out
+
+
+def cuda_graphs_recorded(device_index: int = 0) -> int | None:
+    """The CUDA graphs cudagraph trees hold on this device (None if its internals have changed)."""
+    try:
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_manager(device_index, create_if_none_exists=False)
+        if manager is None or manager.roots is None:
+            return 0
+        nodes = [node for group in manager.roots.values() for node in group]
+        count = 0
+        while nodes:
+            node = nodes.pop()
+            count += 1
+            nodes.extend(child for group in node.children.values() for child in group)
+        return count
+    except Exception:
+        return None
+
+
+def repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) -> list[dict]:
+    """Rollout-shaped calls of the compiled (CUDA-graph) sampler, one after another: each a new
+    session of 16 prompts of other lengths, forked x2 and sampled at T = 1 with 1% of the
+    vocabulary as stop ids (so rows stop and batches are compacted), then a second turn. The
+    static cache should make later calls replay the first ones' graphs: the graph count should
+    stop growing and ms/step and memory stay put."""
+    import r3.decode
+    from r3.decode import static_cache
+    from r3.sampler import Session
+
+    cuda = model.device.type == "cuda"
+    forced = r3.decode.CUDA_GRAPHS
+    if not cuda:  # --smoke on CPU: the same code around the graphs (inductor leaves them out)
+        r3.decode.CUDA_GRAPHS = True
+    try:
+        return _repeated_rollouts(model, vocab, n, prompt_len, repeats, cuda, static_cache, Session)
+    finally:
+        r3.decode.CUDA_GRAPHS = forced
+
+
+def _repeated_rollouts(model, vocab, n, prompt_len, repeats, cuda, static_cache, Session) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    stops = torch.randperm(vocab, generator=g)[: vocab // 100].tolist()
+    rows = []
+    for rep in range(repeats):
+        lens = (prompt_len + (7 * rep + 3 * i) % 29 for i in range(16))
+        prompts = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
+        t0 = time.perf_counter()
+        s = Session.start(model, prompts, max_len=prompt_len + 29 + n + n // 2 + 8, seed=rep,
+                          decode="compiled").fork(2)
+        first = s.sample(n, temperature=1.0, stop_token_ids=stops)
+        s.append(torch.randint(0, vocab, (len(s), 4), generator=g).tolist())
+        second = s.sample(n // 2, temperature=1.0, stop_token_ids=stops)
+        if cuda:
+            torch.cuda.synchronize()
+        steps = first.steps + second.steps
+        sc = static_cache(model).full
+        row = {"call": rep + 1, "rows": len(s), "steps": steps, "wall_s": time.perf_counter() - t0,
+               "decode_ms_per_step": 1e3 * (first.decode_s + second.decode_s) / steps,
+               "stopped": sum(first.finished), "graphs": cuda_graphs_recorded() if cuda else None,
+               "static_cache": None if sc is None else [sc.batch_size, sc.max_len],
+               "memory_gb": torch.cuda.memory_allocated() / 2 ** 30 if cuda else None,
+               "reserved_gb": torch.cuda.memory_reserved() / 2 ** 30 if cuda else None}
+        rows.append(row)
+        print(f"repeated rollout {rep + 1}: {steps} steps, {row['decode_ms_per_step']:.2f} ms/step, "
+              f"{row['graphs']} graphs, {_fmt(row['memory_gb'])} GiB allocated", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------ train
@@ -453,6 +530,8 @@ def section_train(ctx: Ctx) -> dict:
                "log_tail": log[-15:], "export_written": (out_dir / "export" / "config.json").is_file()}
         # The same steps with activation checkpointing: the update's peak memory with and without.
         _, out["activation_checkpointing"] = train(work / "run_ac", ["--activation-checkpointing", "true"])
+        if ctx.cuda and not ctx.args.no_compiled:  # the rollouts through the CUDA-graph step
+            _, out["compiled_decode"] = train(work / "run_compiled", ["--decode", "compiled"])
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -534,6 +613,20 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r.get('memory_after_gb'))} / {_fmt(r.get('peak_memory_gb'))} |")
         lines += ["", "Bound: (bf16 weight bytes + KV bytes read at the mean context) / measured copy bandwidth; "
                   "tokens/s columns are end to end (prefill + decode).", ""]
+        rr = sp.get("repeated_rollouts")
+        if isinstance(rr, dict):
+            lines += [f"Repeated rollouts (compiled): FAILED: {rr['error']}", ""]
+        elif rr:
+            lines += ["Repeated rollouts through the compiled step, each a new session (16 prompts x 2, T = 1, 1% of "
+                      "the vocabulary stops a row, then a second turn): CUDA graphs held after each call should stop "
+                      "growing once the first calls have recorded every (rows, KV bucket) shape.", "",
+                      "| call | rows | steps | rows stopped | decode ms/step | CUDA graphs held | static cache rows x slots "
+                      "| GiB allocated / reserved |", "|---|---|---|---|---|---|---|---|"]
+            for r in rr:
+                sc = "x".join(map(str, r["static_cache"])) if r["static_cache"] else "-"
+                lines.append(f"| {r['call']} | {r['rows']} | {r['steps']} | {r['stopped']} | {r['decode_ms_per_step']:.2f} | "
+                             f"{_fmt(r['graphs'], 'd')} | {sc} | {_fmt(r['memory_gb'])} / {_fmt(r['reserved_gb'])} |")
+            lines.append("")
     tr = s.get("train", {})
     if "returncode" in tr:
         lines += [f"## Training: {tr['model']}, 1 rank on {env.get('device')}", "", f"`{tr['command']}`: exit {tr['returncode']}, "
@@ -552,6 +645,17 @@ def markdown(report: dict) -> str:
             upd_ac = sum(r["update_time_s"] for r in ac["steps"][1:]) / max(1, len(ac["steps"]) - 1)
             lines += [f"With `--activation-checkpointing true` (exit {ac['returncode']}): peak memory {peak_ac:.2f} GB "
                       f"against {peak:.2f} GB; update {upd_ac:.2f} s against {upd:.2f} s per step (steps after the first).", ""]
+        cd = tr.get("compiled_decode", {})
+        if cd.get("steps"):
+            lines += [f"With `--decode compiled` (exit {cd['returncode']}; the first rollout compiles and records "
+                      "the CUDA graphs):", "", "| step | rollout s (eager) | rollout s (compiled) | rollout tok/s (compiled) "
+                      "| peak GB (eager / compiled) |", "|---|---|---|---|---|"]
+            for e, c in zip(tr["steps"], cd["steps"]):
+                lines.append(f"| {c['step']} | {_fmt(e['rollout_time_s'])} | {_fmt(c['rollout_time_s'])} | "
+                             f"{_fmt(c['rollout_tokens_per_s'], '.0f')} | {_fmt(e['peak_memory_gb'])} / {_fmt(c['peak_memory_gb'])} |")
+            lines.append("")
+        elif cd:
+            lines += [f"With `--decode compiled`: exit {cd['returncode']}, no steps logged.", ""]
     return "\n".join(lines) + "\n"
 
 

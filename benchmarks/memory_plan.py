@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from r3.files import write_json_atomic  # noqa: E402
+from r3.decode import StaticKVCache, graph_rows  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
 
 GiB = 2 ** 30
@@ -133,8 +134,12 @@ def row_tokens(run: dict) -> int:
     return run["prompt"] + run["attempt"] + run["reflection"] + 20
 
 
-def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float | None = None) -> dict:
-    """Bytes per rank, by part (see the module docstring)."""
+def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float | None = None,
+         decode: str = "eager") -> dict:
+    """Bytes per rank, by part (see the module docstring). ``decode="compiled"``: the CUDA-graph
+    decode step's static cache (r3.decode.StaticKVCache: the reflection batch's rows padded to
+    ``graph_rows``, slots rounded up to 256) is held all the time, and compactions happen in it
+    (no separate copy)."""
     mc = ModelConfig.from_hf(shape)
     n = param_counts(mc)
     P = n["total"]
@@ -158,7 +163,11 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
         "activations (one micro-batch)": act,
         "logits (reflection positions)": targets * V * 2,
     }
-    static = sum(parts[k] for k in STATIC)
+    if decode == "compiled":
+        static_slots = -(-slots // StaticKVCache.SLOTS) * StaticKVCache.SLOTS
+        parts["its compacted copy (<= 3/4)"] = 0.0
+        parts["static decode cache"] = graph_rows(rows) * static_slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2
+    static = sum(parts.get(k, 0.0) for k in STATIC)
     rollout = sum(parts[k] for k in ROLLOUT)
     update = sum(v for k, v in parts.items() if k not in STATIC and k not in ROLLOUT)
     return {"params": P, "activation_bytes_per_token_layer": a_tok, "rows_per_rank": rows, "slots": slots,
@@ -168,7 +177,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
 
 #: What every rank holds all the time; the rollout's KV cache and the update's gradients,
 #: gathered parameters, activations and logits exist only during their phase of the step.
-STATIC = ("policy fp32 shards", "AdamW state", "reference bf16 shards", "rollout copy bf16")
+STATIC = ("policy fp32 shards", "AdamW state", "reference bf16 shards", "rollout copy bf16", "static decode cache")
 ROLLOUT = ("rollout KV cache", "its compacted copy (<= 3/4)")
 
 
@@ -212,10 +221,20 @@ def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
                          f"{no_copy / GiB:.1f} GiB and fits (or lower --batch-size)")
         lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters; {r['activation_bytes_per_token_layer']:.0f} "
                      f"bytes saved per token per block (measured); {text}.")
+        a = r["activation_bytes_per_token_layer"]
+        comp = {c: plan(SHAPES[name], world, PAPER, c, a, decode="compiled") for c in (False, True)}
+        fits = [c for c in (False, True) if comp[c]["total"] <= budget]
+        lines.append(f"  With `--decode compiled` on CUDA the static decode cache "
+                     f"({comp[False]['parts']['static decode cache'] / GiB:.1f} GiB) is held all the time, in place "
+                     f"of compaction's copy: peak {comp[False]['total'] / GiB:.1f} GiB, "
+                     f"{comp[True]['total'] / GiB:.1f} with activation checkpointing: "
+                     + ("fits" if fits == [False, True] else "fits only with activation checkpointing" if fits
+                        else "does not fit (lower --batch-size, or decode eager)") + ".")
         for c in (False, True):
-            rows.append({"model": name, "activation_checkpointing": c, "world": world,
-                         **{k: v for k, v in results[(name, c)].items() if k != "parts"},
-                         "parts_gib": {k: v / GiB for k, v in results[(name, c)]["parts"].items()}})
+            for decode, res in (("eager", results[(name, c)]), ("compiled", comp[c])):
+                rows.append({"model": name, "activation_checkpointing": c, "decode": decode, "world": world,
+                             **{k: v for k, v in res.items() if k != "parts"},
+                             "parts_gib": {k: v / GiB for k, v in res["parts"].items()}})
     return rows, "\n".join(lines)
 
 

@@ -4,11 +4,12 @@
 ``torch.compile``, as gpt-fast compiles its ``decode_one_token``:
 
 * on CUDA with CUDA graphs (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"``
-  sets): a step is one graph replay instead of hundreds of kernel launches from Python. The KV
-  cache is marked as a static address (the step writes into it in place); a cache that moved (a
-  new session, a compaction) is recorded again. Shapes are static per batch size and per
-  KV-length bucket (``r3.model.KV_BUCKET`` slots): one graph is recorded for each, and the step
-  has no host syncs.
+  sets): a step is one graph replay instead of hundreds of kernel launches from Python, and has no
+  host syncs. A graph bakes in the addresses it reads and writes, so the sampler decodes in one
+  :class:`StaticKVCache` per model (gpt-fast's static cache): it copies the decode batch's cache
+  rows in, decodes, and copies what was decoded back. Rows are padded to :func:`graph_rows` and
+  the KV length to a multiple of ``r3.model.KV_BUCKET`` slots: one graph is recorded for each
+  (padded rows, KV bucket), once per process, and replayed by every later rollout.
 * on CPU with inductor, which fuses each layer's small elementwise ops (RMSNorm, RoPE, cache
   writes, SiLU, residuals) into a few C++ loops; ``emulate_precision_casts`` rounds
   intermediates to the model dtype where eager does.
@@ -34,11 +35,16 @@ import types
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from r3.model import KV_BUCKET, KVCache
 from r3.packed_linear import PackedWeights
 
 DECODE_MODES = ("eager", "compiled")
+
+#: Whether the compiled step uses CUDA graphs: None means on CUDA devices. (Tests set it True on
+#: CPU, where inductor leaves the graphs out but everything around them runs.)
+CUDA_GRAPHS: bool | None = None
 
 
 def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len, vocab_size: int) -> torch.Tensor:
@@ -85,6 +91,113 @@ def _compile(vocab_size: int, pick, cuda: bool):
     return torch.compile(run, dynamic=None, options=options)
 
 
+def graph_rows(n: int) -> int:
+    """The rows a decode batch of ``n`` rows runs at with CUDA graphs: 2, 4, then multiples of 8
+    (at most 7 padding rows). A batch of one runs as two: a size-1 dimension would be compiled
+    again as a constant."""
+    return 2 if n <= 2 else 4 if n <= 4 else -(-n // 8) * 8
+
+
+class StaticKVCache:
+    """The KV cache the CUDA-graph decode step always runs in, one per model.
+
+    A CUDA graph replays the addresses it was recorded with. Recorded against each session's own
+    cache, the step would be recorded again for every new cache (each rollout, fork and
+    compaction), and cudagraph trees keep every recording without counting it against a limit:
+    graphs, their memory and the time to find the matching one would grow for as long as training
+    runs. So :meth:`r3.sampler.Session.sample` copies the decode batch's rows in here (rows
+    ``[0, n)``), decodes, and writes what was decoded back; the step pads the batch to
+    :func:`graph_rows` with rows that attend only to their own slot 0. It always shows the compiled
+    step all of its slots, so a graph's shape is (padded rows, KV bucket) and the first rollout's
+    graphs serve every later one.
+
+    It grows when a request needs more rows or slots (by at least a quarter, slots in multiples of
+    ``SLOTS``; sessions presized for a whole conversation, as episodes are, seldom make it grow); its graphs are then recorded once more. Memory: one decode batch's KV cache, held
+    from the first CUDA-graph decode for as long as the model lives, or until
+    :func:`release_static_cache`.
+    """
+
+    SLOTS = KV_BUCKET
+
+    def __init__(self):
+        self.full: KVCache | None = None
+        self._rows: dict[int, KVCache] = {}  # n -> views of rows [0, n), marked for the compiler
+
+    def reserve(self, cfg, rows: int, slots: int, dtype, device) -> None:
+        """Room for ``rows`` rows (padded: :func:`graph_rows`) of ``slots`` slots, in this dtype on
+        this device (a new cache otherwise)."""
+        rows = graph_rows(rows)
+        full = self.full
+        if full is not None and (full.k[0].dtype != dtype or full.k[0].device != torch.device(device)):
+            full = None
+        if full is not None and rows <= full.batch_size and slots <= full.max_len:
+            return
+        if full is not None:  # grow by at least a quarter: few re-recordings while sizes creep up
+            rows = max(rows, graph_rows(-(-5 * full.batch_size // 4)), full.batch_size)
+            slots = max(slots, -(-5 * full.max_len // 4), full.max_len)
+        slots = -(-slots // self.SLOTS) * self.SLOTS
+        self.full, self._rows = None, {}  # (the old one is freed before the new one is made)
+        self.full = KVCache.empty(cfg, rows, slots, dtype, device)
+
+    def holds(self, cache: KVCache) -> bool:
+        """Whether ``cache`` is rows ``[0, n)`` of this one (what :meth:`rows` returns)."""
+        return (self.full is not None and cache.k[0].data_ptr() == self.full.k[0].data_ptr()
+                and cache.max_len == self.full.max_len)
+
+    def rows(self, n: int) -> KVCache:
+        """Rows ``[0, n)``, every slot (views: writes go here)."""
+        view = self._rows.get(n)
+        if view is None:
+            if not 0 < n <= self.full.batch_size:
+                raise ValueError(f"StaticKVCache holds {self.full.batch_size} rows, asked for {n}")
+            view = self._rows[n] = KVCache([t[:n] for t in self.full.k], [t[:n] for t in self.full.v])
+            for t in view.k + view.v:
+                _mark(t, cuda=True)
+        return view
+
+    def copy_in(self, cache: KVCache, slots: int) -> KVCache:
+        """Copy slots ``[0, slots)`` of every row of ``cache`` into rows ``[0, B)``; returns them."""
+        dst = self.rows(cache.batch_size)
+        if slots > 0:
+            for d, s in zip(dst.k + dst.v, cache.k + cache.v):
+                d[:, :, :slots].copy_(s[:, :, :slots])
+        return dst
+
+    def keep_rows(self, keep: torch.Tensor, slots: int) -> KVCache:
+        """Move rows ``keep`` (ascending) to rows ``[0, len(keep))``, slots ``[0, slots)``; returns them."""
+        dst = self.rows(len(keep))
+        for d, s in zip(dst.k + dst.v, self.full.k + self.full.v):
+            d[:, :, :slots].copy_(s[:, :, :slots].index_select(0, keep))
+        return dst
+
+
+# model -> its StaticKVCache (held weakly, as _COMPILED).
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def static_cache(model) -> StaticKVCache:
+    """The model's :class:`StaticKVCache` (made empty on first use)."""
+    cache = _STATIC.get(model)
+    if cache is None:
+        cache = _STATIC[model] = StaticKVCache()
+    return cache
+
+
+def release_static_cache(model) -> None:
+    """Free the model's static cache. The next CUDA-graph decode makes a new one at other
+    addresses and records its graphs again (the old recordings stay with cudagraph trees)."""
+    _STATIC.pop(model, None)
+
+
+def _mark(t: torch.Tensor, cuda: bool) -> None:
+    """A cache tensor ``[B, n_kv, max_len, D]`` for the compiler: rows and slots dynamic; with CUDA
+    graphs, a static address (the step writes into it in place; no guard on the address)."""
+    torch._dynamo.maybe_mark_dynamic(t, 0)
+    torch._dynamo.maybe_mark_dynamic(t, 2)
+    if cuda:
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
 class DecodeStep:
     """``step(tok, pos, cache, kv_len, vocab_size)`` -> logits ``[B, vocab_size]``; compiled, it
     also takes ``pick=, u=, temperature=`` and returns ``pick(logits, u, temperature)``.
@@ -96,16 +209,23 @@ class DecodeStep:
     """
 
     def __init__(self, model, mode: str = "eager", cuda_graphs: bool | None = None):
-        """``cuda_graphs``: compiled with CUDA graphs (default: on a CUDA device)."""
+        """``cuda_graphs``: compiled with CUDA graphs (default :data:`CUDA_GRAPHS`: on CUDA)."""
         if mode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
         self.model = model
         self.compiled = mode == "compiled"
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = CUDA_GRAPHS if cuda_graphs is None else cuda_graphs
         self.packed = PackedWeights.get(model) if PackedWeights.available(model) else None
         self._fns: dict[tuple, object] = {}  # (vocab_size, pick, cuda) -> this model's compiled step
         self._marked = None  # the cache whose tensors were last marked for the compiler (weakly:
         # the sampler frees a compacted copy before making the next)
+
+    def uses_cuda_graphs(self, device) -> bool:
+        """Whether steps on ``device`` replay CUDA graphs (and so should decode in the model's
+        :class:`StaticKVCache`)."""
+        if not self.compiled:
+            return False
+        return torch.device(device).type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
 
     def active(self):
         return self.packed.active() if self.packed is not None else contextlib.nullcontext()
@@ -116,7 +236,7 @@ class DecodeStep:
             if pick is not None:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
             return step_logits(self.model, tok, pos, cache, kv_len, vocab_size)
-        cuda = tok.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
+        cuda = self.uses_cuda_graphs(tok.device)
         fn = self._fns.get((vocab_size, pick, cuda))
         if fn is None:
             fns = _COMPILED.setdefault(self.model, {})
@@ -126,19 +246,26 @@ class DecodeStep:
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         slots = torch.arange(kv_len, device=tok.device)
+        n = tok.shape[0]
+        static = _STATIC.get(self.model) if cuda else None
+        if static is not None and static.holds(cache) and graph_rows(n) != n:
+            # Padding rows: token 0 at position 0, so each attends only to the slot it writes.
+            pad = graph_rows(n) - n
+            tok, pos = F.pad(tok, (0, pad)), F.pad(pos, (0, pad))
+            u = None if u is None else F.pad(u, (0, 0, 0, pad))
+            cache = static.rows(n + pad)
         for t in (tok, pos, slots) if u is None else (tok, pos, slots, u):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         if self._marked is None or self._marked() is not cache:  # a new cache: mark it once
-            for t in cache.k + cache.v:  # [B, n_kv, max_len, D]
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-                if cuda:
-                    torch._dynamo.mark_static_address(t, guard=False)
+            if static is None or not static.holds(cache):  # (the static cache's rows are marked)
+                for t in cache.k + cache.v:
+                    _mark(t, cuda)
             self._marked = weakref.ref(cache)
         if not cuda:
             return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
         torch.compiler.cudagraph_mark_step_begin()
         out = fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
-        # The graph's outputs live in its memory pool and are overwritten by the next replay.
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        # The graph's outputs live in its memory pool and are overwritten by the next replay; the
+        # padding rows' are dropped.
+        return tuple(t[:n].clone() for t in out) if isinstance(out, tuple) else out[:n].clone()
 

@@ -40,6 +40,12 @@ which then copies from the session's cache, or at the end). So a rollout holds a
 session's cache plus a copy of three quarters of it. A row ended by a stop string keeps its
 tokens up to the one that completed it; that token is pending as a stop token would be.
 
+With CUDA graphs (``decode="compiled"`` on CUDA) every decode batch runs in the model's one
+static cache instead (:class:`r3.decode.StaticKVCache`, so that graphs are recorded once per
+process): ``sample`` copies the rows' cache in, a compaction moves the live rows to its first rows
+in place (only when that lowers the padded row count the graphs run at), and what was decoded is
+written back at each compaction and at the end. The samples are the same either way.
+
 Random streams
 --------------
 Each :meth:`Session.sample` call draws one 62-bit key per row from the session's generator; row
@@ -79,7 +85,7 @@ from typing import Sequence
 
 import torch
 
-from r3.decode import DECODE_MODES, DecodeStep
+from r3.decode import DECODE_MODES, DecodeStep, graph_rows, static_cache
 from r3.errors import R3Error
 
 #: Padded tokens per prefill chunk (rows are prefilled in groups of at most this many tokens).
@@ -587,6 +593,14 @@ class Session:
         # cache); after a compaction ``cache`` is a copy of those rows' cache (slots < ``top``).
         live, cache, top = None, self.cache, base + N
         first_slot = min(starts)
+        # With CUDA graphs the batch decodes in the model's static cache (see r3.decode), which
+        # compactions rearrange in place; ``staged``: the cache holds a copy to write back.
+        static = static_cache(self.model) if step.uses_cuda_graphs(device) else None
+        if static is not None:
+            ref = self.cache.k[0]
+            static.reserve(self.model.config, B, max(top, self.cache.max_len), ref.dtype, ref.device)
+            cache = static.copy_in(self.cache, base)
+        staged = static is not None
         steps = N
         # The compiled step picks the next token in its own graph when there is no top-k/top-p
         # (the same functions and uniforms as pick_tokens).
@@ -622,14 +636,21 @@ class Session:
                         if n_done == len(done):
                             steps = t + 1
                             break
-                        # (at least 2 rows stay: a compiled step would specialise on a batch of 1)
-                        if compact and n_done >= COMPACT_FRACTION * len(done) and len(done) - n_done >= 2:
+                        # (at least 2 rows stay: a compiled step would specialise on a batch of 1;
+                        # in the static cache, only a compaction to fewer padded rows saves work)
+                        n_live = len(done) - n_done
+                        if (compact and n_done >= COMPACT_FRACTION * len(done) and n_live >= 2
+                                and (static is None or graph_rows(n_live) < graph_rows(len(done)))):
                             keep = (~done).nonzero()[:, 0]
-                            if live is not None:  # the session's cache gets what the copy decoded,
+                            if staged:  # the session's cache gets what the copy decoded,
                                 self._write_back(cache, live, first_slot, base + t + 1)
                                 cache = None  # and the copy is freed before the next one is made
+                            if static is not None:
+                                cache = static.keep_rows(keep, base + t + 1)
                             live = keep if live is None else live[keep]
-                            cache = _slots_view(self.cache, top).select(live)
+                            if static is None:
+                                cache = _slots_view(self.cache, top).select(live)
+                            staged = True
                             tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
                             keys = None if keys is None else keys[keep]
                 else:
@@ -637,7 +658,7 @@ class Session:
                     out_lp[:, t] = lp
                     pos += 1
                 tok = nxt
-            if live is not None:
+            if staged:
                 self._write_back(cache, live, first_slot, base + steps)
 
         out_tok, out_lp = out_tok[:, :steps], out_lp[:, :steps]
@@ -673,12 +694,16 @@ class Session:
             decode_s=time.perf_counter() - t0,
         )
 
-    def _write_back(self, cache, rows: torch.Tensor, lo: int, hi: int) -> None:
-        """Copy slots ``[lo, hi)`` of a compacted decode batch's ``cache`` (its row ``i`` is the
-        session's row ``rows[i]``) into the session's cache: what those rows decoded. Slots below
-        a row's own start hold its history, unchanged, so one range serves all rows."""
+    def _write_back(self, cache, rows: torch.Tensor | None, lo: int, hi: int) -> None:
+        """Copy slots ``[lo, hi)`` of a decode batch's copy ``cache`` (its row ``i`` is the
+        session's row ``rows[i]``; None: row ``i``) into the session's cache: what those rows
+        decoded. Slots below a row's own start hold its history, unchanged, so one range serves
+        all rows."""
         for dst, src in zip(self.cache.k + self.cache.v, cache.k + cache.v):
-            dst[rows, :, lo:hi] = src[:, :, lo:hi]
+            if rows is None:
+                dst[:, :, lo:hi] = src[:, :, lo:hi]
+            else:
+                dst[rows, :, lo:hi] = src[:, :, lo:hi]
 
 
 def _find_stop_strings(strings: StopStrings, stop_ids: set, out_tok: torch.Tensor, live, done: torch.Tensor,

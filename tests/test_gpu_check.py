@@ -28,6 +28,11 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert sections["parity"]["fp32_within_1e-4_of_scale"] is True
     assert sections["parity"]["bf16_error_within_1.1x_of_transformers"] is True
     assert all(r["greedy_prefix_agreement"] == 1.0 for r in sections["parity"]["rows"] if r["dtype"] == "fp32")
+    # the compiled sampler's repeated rollouts ran through the static cache (graphs are CUDA only)
+    rr = sections["sampler"]["repeated_rollouts"]
+    assert [r["call"] for r in rr] == [1, 2] and all(r["steps"] > 0 and r["graphs"] is None for r in rr)
+    assert rr[0]["static_cache"] == rr[1]["static_cache"] and rr[0]["static_cache"][0] >= rr[0]["rows"]
+    assert "Repeated rollouts through the compiled step" in md
     for r in sections["kernel"]["correctness"]:
         assert r["logp_max_abs_diff"] < 1e-4 and r["grad_max_abs_diff"] <= 1e-5 * r["grad_max_abs"]
     train = sections["train"]

@@ -22,7 +22,7 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     ac = mp.plan(TINY, 2, run, True)
     P = plain["params"]
     assert plain["parts"]["policy fp32 shards"] == 4 * P / 2 and plain["parts"]["rollout copy bf16"] == 2 * P
-    assert plain["static"] == sum(plain["parts"][k] for k in mp.STATIC)
+    assert plain["static"] == sum(plain["parts"].get(k, 0) for k in mp.STATIC)
     update = plain["update_phase"] - plain["static"]
     kv = plain["parts"]["rollout KV cache"]
     assert plain["parts"]["its compacted copy (<= 3/4)"] == 0.75 * kv
@@ -33,6 +33,14 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     assert plain["parts"]["activations (one micro-batch)"] == n * L * a
     assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * a
     assert ac["parts"]["rollout KV cache"] == plain["parts"]["rollout KV cache"]
+    # compiled decode on CUDA: the static cache (64 rows; 830 slots rounded up to 832) is held all
+    # the time, and compactions happen in it
+    comp = mp.plan(TINY, 2, run, False, decode="compiled")
+    assert plain["rows_per_rank"] == 64 and plain["slots"] == 830
+    assert comp["parts"]["static decode cache"] == kv * 832 / 830
+    assert comp["parts"]["its compacted copy (<= 3/4)"] == 0
+    assert comp["static"] == plain["static"] + kv * 832 / 830
+    assert comp["total"] == comp["static"] + max(kv, update)
 
 
 def test_activation_term_matches_the_bytes_a_forward_keeps():

@@ -18,7 +18,8 @@ import torch
 from r3.checkpoint import load
 from r3.errors import R3Error
 from r3.model import ModelConfig, Transformer
-from r3.decode import DecodeStep, step_logits
+import r3.decode as decode_mod
+from r3.decode import DecodeStep, StaticKVCache, graph_rows, static_cache, step_logits
 from r3.packed_linear import PackedWeights
 from r3.sampler import (Session, SamplingError, StopStrings, _mul32, _top_p_candidates, generate, pick_greedy,
                         pick_tokens,
@@ -722,6 +723,90 @@ def test_compaction_with_the_compiled_step(tiny_dirs, monkeypatch):
     assert min(sizes.sizes) < 16
     assert comp.tokens == eager.tokens
     assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5)
+
+
+def test_graph_rows():
+    assert [graph_rows(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 300)] == [2, 2, 4, 4, 8, 8, 16, 16, 24, 304]
+    assert all(graph_rows(graph_rows(n)) == graph_rows(n) >= n for n in range(1, 200))
+
+
+def test_static_cache_grows_by_a_quarter_and_is_remade_for_another_dtype(tiny):
+    model, _ = tiny["llama"]
+    sc = StaticKVCache()
+    sc.reserve(model.config, 3, 100, torch.float32, "cpu")
+    assert (sc.full.batch_size, sc.full.max_len) == (4, 128)  # padded rows; slots in multiples of 64
+    ptr = sc.full.k[0].data_ptr()
+    sc.reserve(model.config, 4, 128, torch.float32, "cpu")  # fits: kept
+    assert sc.full.k[0].data_ptr() == ptr
+    v = sc.rows(3)
+    assert v.k[0].data_ptr() == ptr and v.k[0].shape[0] == 3 and v.max_len == 128 and sc.holds(v)
+    assert sc.rows(3) is v and getattr(v.k[0], "_dynamo_static_input_type", None) == "unguarded"
+    sc.reserve(model.config, 5, 129, torch.float32, "cpu")  # more of both: at least a quarter more
+    assert (sc.full.batch_size, sc.full.max_len) == (8, 192) and not sc.holds(v)
+    sc.reserve(model.config, 9, 10, torch.float32, "cpu")  # 9 rows pad to 16 (a quarter more: 10)
+    assert (sc.full.batch_size, sc.full.max_len) == (16, 256)
+    sc.reserve(model.config, 40, 10, torch.float32, "cpu")
+    assert (sc.full.batch_size, sc.full.max_len) == (40, 320)
+    sc.reserve(model.config, 2, 10, torch.bfloat16, "cpu")
+    assert sc.full.k[0].dtype == torch.bfloat16 and (sc.full.batch_size, sc.full.max_len) == (2, 64)
+    with pytest.raises(ValueError, match="holds 2 rows"):
+        sc.rows(3)
+
+
+def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
+    """With CUDA graphs (forced here, where inductor leaves them out) the sampler decodes every
+    session in the model's static cache: each compiled call sees the same addresses and slot
+    count and a padded row count, so a graph recorded once is replayed by every later rollout;
+    the samples, stops, log-probs and the session's cache equal the eager sampler's without
+    compaction, across turns, forks and compactions (in place, to fewer padded rows)."""
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    calls = []
+    compile_ = decode_mod._compile
+
+    def spy(vocab_size, pick, cuda):
+        assert cuda
+        fn = compile_(vocab_size, pick, cuda)
+
+        def run(model, tok, pos, ks, vs, slots, u, temperature):
+            calls.append((ks[0].data_ptr(), tuple(ks[0].shape), tok.shape[0], slots.shape[0]))
+            return fn(model, tok, pos, ks, vs, slots, u, temperature)
+        return run
+
+    monkeypatch.setattr(decode_mod, "_compile", spy)
+    sizes = _BatchSizes(monkeypatch)
+    model, _ = load(tiny_dirs["mistral"][0], tokenizer=False)  # (a sliding window)
+    stops = list(range(3, 256, 11))
+    compacted = 0
+    for prompts, fork, turn_rows in (([5, 9, 2, 12, 7], 3, 15), ([8, 3, 6], 1, 3)):
+        prompts = _rand_prompts(256, prompts, seed=len(prompts))
+        turns = _rand_prompts(256, [2, 6, 1, 4, 3, 5, 2, 1, 3, 4, 6, 2, 1, 5, 3][:turn_rows], seed=9)
+        for kw in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)):
+            out = {}
+            for decode in ("eager", "compiled"):
+                sizes.sizes.clear()
+                s = Session.start(model, prompts, max_len=64, seed=4, decode=decode,  # (presized, as episodes are)
+                                  compact=decode == "compiled").fork(fork)
+                a = s.sample(24, stop_token_ids=stops, **kw)
+                s.append(turns)
+                b = s.sample(12, stop_token_ids=stops, **kw)
+                out[decode] = (s, a, b)
+            compacted += min(sizes.sizes) < len(turns)
+            (s0, a0, b0), (s1, a1, b1) = out["eager"], out["compiled"]
+            for x, y in ((a0, a1), (b0, b1)):
+                assert y.tokens == x.tokens and y.finished == x.finished and y.steps == x.steps, kw
+                assert torch.allclose(y.logprob_tensor, x.logprob_tensor, atol=1e-5), kw
+            for r, row in enumerate(s0.tokens):  # every cached slot of every row
+                n = len(row) - 1
+                for k0, k1 in zip(s0.cache.k + s0.cache.v, s1.cache.k + s1.cache.v):
+                    assert torch.allclose(k0[r, :, :n], k1[r, :, :n], atol=1e-5)
+    assert compacted >= 2
+    sc = static_cache(model)
+    assert {c[0] for c in calls} == {sc.full.k[0].data_ptr()}
+    assert {c[1][2] for c in calls} == {sc.full.max_len} == {64}
+    assert all(c[1][0] == c[2] == graph_rows(c[2]) for c in calls)
+    assert {c[2] for c in calls} >= {16, 4} and max(c[2] for c in calls) == sc.full.batch_size
+    shapes = {(c[2], c[3]) for c in calls}  # (rows, KV bucket): a graph each
+    assert len(shapes) <= 8, shapes
 
 
 # --------------------------------------------------------------------------------------------
