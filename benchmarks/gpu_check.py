@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -375,7 +376,7 @@ def section_sampler(ctx: Ctx) -> dict:
             r["compiled_error"] = f"{type(e).__name__}: {str(e)[:500]}"
         for k in ("r3_all_s", "r3c_all_s", "hf_all_s", "loadavg_1m"):
             r.pop(k, None)
-        if ctx.cuda:  # (CUDA graphs are recorded again for each new cache: watch that memory stays put)
+        if ctx.cuda:
             r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             r["memory_after_gb"] = torch.cuda.memory_allocated() / 2 ** 30
         if gbps:
@@ -510,10 +511,20 @@ def section_train(ctx: Ctx) -> dict:
             if ctx.smoke:
                 cmd += ["--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8"]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ctx.args.train_timeout)
-            res = {"command": " ".join(cmd[2:]).replace(str(work), "WORK"), "returncode": proc.returncode,
+            # Its own process group: on a timeout torchrun and its worker are stopped together (the
+            # worker must not keep the GPU), and what the run logged so far is still read.
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            try:
+                stdout, stderr = proc.communicate(timeout=ctx.args.train_timeout)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+                code = "timeout"
+            res = {"command": " ".join(cmd[2:]).replace(str(work), "WORK"), "returncode": code,
                    "wall_s": time.perf_counter() - t0}
-            log = (proc.stdout + proc.stderr).splitlines()
+            log = ((stdout or "") + (stderr or "")).splitlines()
             metrics = run_dir / "metrics.jsonl"
             if metrics.is_file():
                 rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -521,8 +532,8 @@ def section_train(ctx: Ctx) -> dict:
             for line in log:
                 if line.startswith("step "):
                     print("train: " + line, flush=True)
-            if proc.returncode:
-                print("train FAILED:\n" + "\n".join(log[-30:]), flush=True)
+            if code:
+                print(f"train FAILED ({code}):\n" + "\n".join(log[-30:]), flush=True)
             return log, res
 
         log, first = train(out_dir, [])
@@ -638,7 +649,7 @@ def markdown(report: dict) -> str:
                              f"{_fmt(r['update_time_s'])} | {_fmt(r['rollout_tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_gb'])} |")
             lines.append("")
         ac = tr.get("activation_checkpointing", {})
-        if ac.get("steps"):
+        if ac.get("steps") and tr.get("steps"):
             peak = max((r["peak_memory_gb"] or 0) for r in tr["steps"])
             peak_ac = max((r["peak_memory_gb"] or 0) for r in ac["steps"])
             upd = sum(r["update_time_s"] for r in tr["steps"][1:]) / max(1, len(tr["steps"]) - 1)
@@ -650,9 +661,11 @@ def markdown(report: dict) -> str:
             lines += [f"With `--decode compiled` (exit {cd['returncode']}; the first rollout compiles and records "
                       "the CUDA graphs):", "", "| step | rollout s (eager) | rollout s (compiled) | rollout tok/s (compiled) "
                       "| peak GB (eager / compiled) |", "|---|---|---|---|---|"]
-            for e, c in zip(tr["steps"], cd["steps"]):
-                lines.append(f"| {c['step']} | {_fmt(e['rollout_time_s'])} | {_fmt(c['rollout_time_s'])} | "
-                             f"{_fmt(c['rollout_tokens_per_s'], '.0f')} | {_fmt(e['peak_memory_gb'])} / {_fmt(c['peak_memory_gb'])} |")
+            eager = tr.get("steps") or []
+            for i, c in enumerate(cd["steps"]):
+                e = eager[i] if i < len(eager) else {}
+                lines.append(f"| {c['step']} | {_fmt(e.get('rollout_time_s'))} | {_fmt(c['rollout_time_s'])} | "
+                             f"{_fmt(c['rollout_tokens_per_s'], '.0f')} | {_fmt(e.get('peak_memory_gb'))} / {_fmt(c['peak_memory_gb'])} |")
             lines.append("")
         elif cd:
             lines += [f"With `--decode compiled`: exit {cd['returncode']}, no steps logged.", ""]

@@ -28,7 +28,9 @@ During the rollout, the KV cache (below). During the update:
 The rollout's KV cache: rows x slots x layers x 2 x kv heads x head dim x 2 bytes, at the rows of one
 rank's reflection batch (its failures x G) and the longest conversation, plus, with
 ``compact_rollouts`` (the default), a copy of at most three quarters of it (the live rows once a
-quarter has stopped). The peak is what is held all the time plus the larger of the two phases.
+quarter has stopped). With ``--decode compiled`` on CUDA (CUDA graphs) the sampler instead decodes
+in a static cache of the same size that is held all the time (see :func:`plan`). The peak is
+what is held all the time plus the larger of the two phases.
 
 ``--measure`` builds the trainer's models for a Qwen2.5-0.5B-shaped random model on 2 CPU ranks
 (gloo), runs one update over a micro-batch of ``--tokens`` tokens per rank with and without
@@ -138,8 +140,10 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
          decode: str = "eager") -> dict:
     """Bytes per rank, by part (see the module docstring). ``decode="compiled"``: the CUDA-graph
     decode step's static cache (r3.decode.StaticKVCache: the reflection batch's rows padded to
-    ``graph_rows``, slots rounded up to 256) is held all the time, and compactions happen in it
-    (no separate copy)."""
+    ``graph_rows``, slots rounded up to a multiple of 64) is held all the time, and compactions
+    happen in it (no separate copy). Not counted: the cache grows by at least a quarter when a
+    request outgrows it (so it can end up to ~1.25x the rows and slots counted here, if sizes
+    creep up), and the memory pool of the recorded CUDA graphs."""
     mc = ModelConfig.from_hf(shape)
     n = param_counts(mc)
     P = n["total"]
