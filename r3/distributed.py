@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ class Dist:
     local_rank: int
     device: torch.device
     mesh: object
+    cpu_group: object = None  # gloo, long timeout: waits on rank 0's file work (see wait_for_main)
 
     @property
     def main(self) -> bool:
@@ -49,7 +51,20 @@ def init_distributed() -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     mesh = init_device_mesh(device.type, (world,))
-    return Dist(rank, world, local_rank, device, mesh)
+    cpu_group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT) if world > 1 else None
+    return Dist(rank, world, local_rank, device, mesh, cpu_group)
+
+
+#: How long the other ranks wait for rank 0's work on files (see :func:`wait_for_main`).
+MAIN_WORK_TIMEOUT = timedelta(hours=2)
+
+
+def wait_for_main(d: Dist) -> None:
+    """A barrier after work rank 0 does alone on files (writing the export, rewriting an old
+    checkpoint), which for a 7B+ model can outlast NCCL's 10-minute collective timeout: taken on a
+    gloo group with a timeout of :data:`MAIN_WORK_TIMEOUT`."""
+    if d.world > 1:
+        dist.barrier(group=d.cpu_group)
 
 
 def all_sum(values, d: Dist):

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from r3.checkpoint import save_hf
 from r3.config import TrainConfig
-from r3.distributed import Dist, all_max
+from r3.distributed import Dist, all_max, wait_for_main
 from r3.errors import R3Error
 from r3.files import write_json_atomic, write_text_atomic
 
@@ -226,7 +226,7 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
                     upgrade_fused_layout(path, policy.config)
                 except (Exception, CheckpointException) as e:  # noqa: BLE001  (the load below reports it)
                     print(f"warning: could not rewrite {path} ({_error_line(e)})", file=sys.stderr, flush=True)
-            dist.barrier()
+            wait_for_main(d)
         try:
             step = load_checkpoint(path, policy, optimizer, scheduler, stream)
         except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP and json raise many kinds; each is reported)
@@ -251,7 +251,7 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
         for stale in [*out.glob(".export.tmp-*"), *out.glob(".export.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
-    dist.barrier()
+    wait_for_main(d)
     return path
 
 

@@ -679,3 +679,32 @@ def test_sigterm_to_r3_torchrun_reaches_the_worker_which_saves_and_exits_143(tin
     assert "received SIGTERM" in err and "checkpoint saved" in stdout and "Traceback" not in err, err[-3000:]
     steps = [r["step"] for r in read_metrics(out)]
     assert 1 <= len(steps) < 50 and (out / "checkpoints" / f"step_{steps[-1]:06d}").is_dir()
+
+
+WAIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from r3.distributed import MAIN_WORK_TIMEOUT, init_distributed, wait_for_main
+
+    d = init_distributed()
+    assert d.cpu_group is not None and MAIN_WORK_TIMEOUT.total_seconds() >= 3600
+    done = Path(sys.argv[1]) / "done"
+    if d.main:
+        time.sleep(1.0)  # rank 0's file work
+        done.write_text("x")
+    wait_for_main(d)
+    assert done.read_text() == "x", d.rank  # nobody passes before rank 0 has finished
+    """
+)
+
+
+def test_wait_for_main_holds_the_other_ranks_on_a_gloo_group(tmp_path):
+    """Rank 0's long file work (an export, a checkpoint rewrite) is waited for on a gloo group
+    with a long timeout, not NCCL's 10 minutes; the other ranks pass only once it is done."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
