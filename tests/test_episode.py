@@ -495,3 +495,30 @@ def test_answer_turns_end_at_the_tasks_stop_strings(tiny):
         attempt = parts["attempt"]
         if not closed(attempt):  # cut (or at the limit): the template's end-of-turn comes first
             assert parts["reflect_turn"][0] == EOS
+
+
+def test_episode_with_the_cuda_graph_decode_equals_eager(tiny, monkeypatch):
+    """A whole episode (attempts cut at stop strings, select, a new session per failure, forks,
+    reflections, retries) decoded the CUDA-graph way -- in the model's static cache, rows padded,
+    compacted in place; forced here, where inductor leaves the graphs out -- samples what the
+    eager sampler samples: the same sequences, spans, rewards and log-probs."""
+    import dataclasses
+
+    import r3.decode
+
+    model, tok, chat = tiny
+    examples = CoinTask().examples(n=12, seed=6)
+    # (T = 0.7: at T = 1 this sharp model puts a few draws so near a boundary of the CDF that
+    # the compiled step's rounding -- any batch size, graphs or not -- flips them)
+    sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=16, max_reflection_tokens=12, max_retry_tokens=16)
+    eager = run_episode(model, tok, StopAtETask(), examples, group_size=3, sampling=sampling, seed=7, chat=chat)
+    monkeypatch.setattr(r3.decode, "CUDA_GRAPHS", True)
+    graphs = run_episode(model, tok, StopAtETask(), examples, group_size=3, seed=7, chat=chat,
+                         sampling=dataclasses.replace(sampling, decode="compiled"))
+    assert r3.decode.static_cache(model).full is not None  # it did decode in the static cache
+    assert len(eager.sequences) >= 6
+    assert graphs.first_attempts == eager.first_attempts
+    assert graphs.sequences == eager.sequences and graphs.spans == eager.spans
+    assert torch.equal(graphs.rewards, eager.rewards)
+    for a, b in zip(graphs.reflection_logprobs, eager.reflection_logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
