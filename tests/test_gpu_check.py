@@ -55,3 +55,17 @@ def test_gpu_check_rejects_unknown_section(tmp_path, capsys):
         gpu_check.main(["--smoke", "--out", str(tmp_path), "--sections", "env,gpu"])
     assert e.value.code == 2
     assert "unknown section 'gpu'" in capsys.readouterr().err
+
+
+def test_device_script_runs_the_check_into_out(tmp_path):
+    """benchmarks/gpu_check_device.sh (the one command for a lent GPU machine) writes the report
+    and its log into $OUT; here with the env section only, smoke-sized, on the CPU."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path), SECTIONS="env", EXTRA="--smoke --device cpu --name check")
+    proc = subprocess.run(["bash", "benchmarks/gpu_check_device.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "check.json").read_text())["sections"]["env"]
+    assert "wrote" in (tmp_path / "gpu_check.log").read_text()
