@@ -114,9 +114,9 @@ class StaticKVCache:
     (a warm-up and a capture) as compactions first reach it.
 
     It grows when a request needs more rows or slots (by at least a quarter, slots in multiples of
-    ``SLOTS``; sessions presized for a whole conversation, as episodes are, seldom make it grow); its graphs are then recorded once more. Memory: one decode batch's KV cache, held
-    from the first CUDA-graph decode for as long as the model lives, or until
-    :func:`release_static_cache`.
+    ``SLOTS``; sessions presized for a whole conversation, as episodes are, seldom make it grow);
+    its graphs are then recorded once more. Memory: one decode batch's KV cache, held from the
+    first CUDA-graph decode for as long as the model lives, or until :func:`release_static_cache`.
     """
 
     SLOTS = KV_BUCKET
@@ -128,9 +128,10 @@ class StaticKVCache:
     def reserve(self, cfg, rows: int, slots: int, dtype, device) -> None:
         """Room for ``rows`` rows (padded: :func:`graph_rows`) of ``slots`` slots, in this dtype on
         this device (a new cache otherwise)."""
-        rows = graph_rows(rows)
+        rows, device = graph_rows(rows), torch.device(device)
         full = self.full
-        if full is not None and (full.k[0].dtype != dtype or full.k[0].device != torch.device(device)):
+        if full is not None and (full.k[0].dtype != dtype or full.k[0].device.type != device.type
+                                 or device.index not in (None, full.k[0].device.index)):
             full = None
         if full is not None and rows <= full.batch_size and slots <= full.max_len:
             return
