@@ -189,7 +189,8 @@ HELP = {
     "temperature": "sampling temperature of the rollouts",
     "top_p": "nucleus sampling of the rollouts (1 = off)",
     "top_k": "top-k sampling of the rollouts (0 = off)",
-    "decode": "eager, or compiled: the rollouts' decode step through torch.compile (CUDA graphs on GPU; compiles once)",
+    "decode": "eager, or compiled: the rollouts' decode step through torch.compile (compiles once; on GPU with CUDA "
+              "graphs, in a static KV cache held for the whole run: see the README's memory plan)",
     "compact_rollouts": "drop rows that have stopped from the rollouts' decode batches (the same samples, faster)",
     "lr": "peak learning rate (AdamW)",
     "warmup_steps": "linear warmup steps, then cosine decay",
