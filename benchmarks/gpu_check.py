@@ -354,6 +354,9 @@ def decode_bound_tok_s(model, B: int, ctx_len: float, bytes_per: int, gbps: floa
 
 
 def section_sampler(ctx: Ctx) -> dict:
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # (so that the section's dynamo counts are its own)
     spec = shape(bench_sampler.SHAPES["qwen2.5-1.5b"], ctx.smoke)
     ours, hf = bench_sampler.random_pair(spec, torch.bfloat16, ctx.device, name="qwen2.5-1.5b")
     n, prompt_len = (8, 16) if ctx.smoke else (128, 64)
@@ -397,6 +400,9 @@ def section_sampler(ctx: Ctx) -> dict:
         except Exception as e:
             out["repeated_rollouts"] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
             print(f"repeated rollouts FAILED: {traceback.format_exc()}", flush=True)
+    # What dynamo made of the compiled step: a graph per pick function, no graph breaks.
+    out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
+                     "unique_graphs": counters["stats"].get("unique_graphs", 0)}
     return out
 
 
@@ -624,6 +630,10 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r.get('memory_after_gb'))} / {_fmt(r.get('peak_memory_gb'))} |")
         lines += ["", "Bound: (bf16 weight bytes + KV bytes read at the mean context) / measured copy bandwidth; "
                   "tokens/s columns are end to end (prefill + decode).", ""]
+        dyn = sp.get("dynamo")
+        if dyn:
+            lines += [f"Dynamo: {dyn['unique_graphs']} graphs compiled, frames {dyn['frames']}, graph breaks "
+                      f"{dyn['graph_breaks'] or 'none'}.", ""]
         rr = sp.get("repeated_rollouts")
         if isinstance(rr, dict):
             lines += [f"Repeated rollouts (compiled): FAILED: {rr['error']}", ""]

@@ -33,6 +33,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert [r["call"] for r in rr] == [1, 2] and all(r["steps"] > 0 and r["graphs"] is None for r in rr)
     assert rr[0]["static_cache"] == rr[1]["static_cache"] and rr[0]["static_cache"][0] >= rr[0]["rows"]
     assert "Repeated rollouts through the compiled step" in md
+    assert sections["sampler"]["dynamo"]["graph_breaks"] == {}  # the compiled step is one graph
+    assert sections["sampler"]["dynamo"]["unique_graphs"] >= 1
     for r in sections["kernel"]["correctness"]:
         assert r["logp_max_abs_diff"] < 1e-4 and r["grad_max_abs_diff"] <= 1e-5 * r["grad_max_abs"]
     train = sections["train"]
