@@ -432,20 +432,21 @@ def repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) 
     static cache should make later calls replay the first ones' graphs: the graph count should
     stop growing and ms/step and memory stay put."""
     import r3.decode
-    from r3.decode import static_cache
-    from r3.sampler import Session
 
-    cuda = model.device.type == "cuda"
     forced = r3.decode.CUDA_GRAPHS
-    if not cuda:  # --smoke on CPU: the same code around the graphs (inductor leaves them out)
+    if model.device.type != "cuda":  # --smoke on CPU: the code around the graphs (inductor leaves them out)
         r3.decode.CUDA_GRAPHS = True
     try:
-        return _repeated_rollouts(model, vocab, n, prompt_len, repeats, cuda, static_cache, Session)
+        return _repeated_rollouts(model, vocab, n, prompt_len, repeats)
     finally:
         r3.decode.CUDA_GRAPHS = forced
 
 
-def _repeated_rollouts(model, vocab, n, prompt_len, repeats, cuda, static_cache, Session) -> list[dict]:
+def _repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) -> list[dict]:
+    from r3.decode import static_cache
+    from r3.sampler import Session
+
+    cuda = model.device.type == "cuda"
     g = torch.Generator().manual_seed(1)
     stops = torch.randperm(vocab, generator=g)[: vocab // 100].tolist()
     rows = []
@@ -464,7 +465,7 @@ def _repeated_rollouts(model, vocab, n, prompt_len, repeats, cuda, static_cache,
         sc = static_cache(model).full
         row = {"call": rep + 1, "rows": len(s), "steps": steps, "wall_s": time.perf_counter() - t0,
                "decode_ms_per_step": 1e3 * (first.decode_s + second.decode_s) / steps,
-               "stopped": sum(first.finished), "graphs": cuda_graphs_recorded() if cuda else None,
+               "stopped": sum(first.finished), "graphs": cuda_graphs_recorded(model.device.index or 0) if cuda else None,
                "static_cache": None if sc is None else [sc.batch_size, sc.max_len],
                "memory_gb": torch.cuda.memory_allocated() / 2 ** 30 if cuda else None,
                "reserved_gb": torch.cuda.memory_reserved() / 2 ** 30 if cuda else None}
