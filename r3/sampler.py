@@ -423,7 +423,9 @@ class Session:
             generator = make_generator(device, seed)
         longest = max(len(r) for r in rows)
         model.inv_freq(device)  # cache RoPE frequencies outside inference mode (a normal tensor)
-        cache = model.new_cache(len(rows), max(max_len or 0, longest))
+        with torch.inference_mode():  # every cache is an inference tensor, wherever it is made: a
+            # compiled decode step would compile again for the other kind (dynamo guards on it)
+            cache = model.new_cache(len(rows), max(max_len or 0, longest))
         session = cls(model, cache, rows, vocab_size=vocab_size, generator=generator, prefill_tokens=prefill_tokens,
                       decode=decode, compact=compact)
         session._feed([r[:-1] for r in rows])
@@ -476,7 +478,8 @@ class Session:
     def reserve(self, max_len: int) -> None:
         """Make sure every row has ``max_len`` cache slots (grows, by a copy, when needed)."""
         if max_len > self.cache.max_len:
-            self.cache = self.cache.grow(max_len)
+            with torch.inference_mode():  # (an inference tensor, as in start)
+                self.cache = self.cache.grow(max_len)
 
     # ---- feeding tokens ----------------------------------------------------------------
 

@@ -725,6 +725,29 @@ def test_compaction_with_the_compiled_step(tiny_dirs, monkeypatch):
     assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5)
 
 
+def test_compiled_step_compiles_once_inside_and_outside_inference_mode(tiny_dirs):
+    """Sessions started inside and outside an inference-mode block (an evaluation harness, a
+    training loop) and their compacted and grown caches all hold inference tensors, so the
+    compiled step is not compiled again for the other kind of tensor (dynamo guards on it)."""
+    from torch._dynamo.utils import counters
+
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [5, 9, 2, 12, 4, 7, 3, 8, 6, 1, 10, 11], seed=50)
+    stops = list(range(3, 256, 11))
+    frames = None
+    for inside in (False, True, False):
+        with torch.inference_mode() if inside else torch.no_grad():
+            # (presized, as episodes are: the first sample decodes in the cache made here)
+            s = Session.start(model, prompts, max_len=40, seed=1, decode="compiled")
+        s.sample(10, temperature=1.0)  # in the cache made here
+        if frames is None:  # compiled once, for this first session's cache
+            frames = counters["frames"]["ok"]
+        s.append([[7, 8, 9, 10]] * len(s))
+        s.sample(20, temperature=1.0, stop_token_ids=stops)  # a grown cache, compacted copies
+        assert all(t.is_inference() for t in s.cache.k + s.cache.v)
+    assert counters["frames"]["ok"] == frames, "compiled again"
+
+
 def test_graph_rows():
     assert [graph_rows(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 300)] == [2, 2, 4, 4, 8, 8, 16, 16, 24, 304]
     assert all(graph_rows(graph_rows(n)) == graph_rows(n) >= n for n in range(1, 200))
