@@ -140,7 +140,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
          decode: str = "eager") -> dict:
     """Bytes per rank, by part (see the module docstring). ``decode="compiled"``: the CUDA-graph
     decode step's static cache (r3.decode.StaticKVCache: the reflection batch's rows padded to
-    ``graph_rows``, slots rounded up to a multiple of 64) is held all the time, and compactions
+    ``graph_rows``, slots rounded up to a multiple of 64, plus 64) is held all the time, and compactions
     happen in it (no separate copy). Not counted: the cache grows by at least a quarter when a
     request outgrows it (so it can end up to ~1.25x the rows and slots counted here, if sizes
     creep up), and the memory pool of the recorded CUDA graphs."""
@@ -168,7 +168,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
         "logits (reflection positions)": targets * V * 2,
     }
     if decode == "compiled":
-        static_slots = -(-slots // StaticKVCache.SLOTS) * StaticKVCache.SLOTS
+        static_slots = -(-slots // StaticKVCache.SLOTS) * StaticKVCache.SLOTS + StaticKVCache.SLOTS
         parts["its compacted copy (<= 3/4)"] = 0.0
         parts["static decode cache"] = graph_rows(rows) * static_slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2
     static = sum(parts.get(k, 0.0) for k in STATIC)

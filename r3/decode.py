@@ -91,6 +91,15 @@ def _compile(vocab_size: int, pick, cuda: bool):
     return torch.compile(run, dynamic=None, options=options)
 
 
+def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
+    """Whether a decode step of this mode replays CUDA graphs on ``device`` (``cuda_graphs``:
+    forced on or off; default :data:`CUDA_GRAPHS`, which by default means on CUDA devices)."""
+    if mode != "compiled":
+        return False
+    flag = CUDA_GRAPHS if cuda_graphs is None else cuda_graphs
+    return torch.device(device).type == "cuda" if flag is None else flag
+
+
 def graph_rows(n: int) -> int:
     """The rows a decode batch of ``n`` rows runs at with CUDA graphs: 2, 4, then multiples of 8
     (at most 7 padding rows). A batch of one runs as two: a size-1 dimension would be compiled
@@ -133,6 +142,10 @@ class StaticKVCache:
         if full is not None and (full.k[0].dtype != dtype or full.k[0].device.type != device.type
                                  or device.index not in (None, full.k[0].device.index)):
             full = None
+        # One bucket more than the slots asked for: the KV length a step reads (rounded up to the
+        # bucket) then always stays below the cache's length, as one compiled graph assumes (a step
+        # reading every slot would be compiled again: the slice of the cache is then contiguous).
+        slots = -(-slots // self.SLOTS) * self.SLOTS + self.SLOTS
         if full is not None and rows <= full.batch_size and slots <= full.max_len:
             return
         if full is not None:  # grow by at least a quarter: few re-recordings while sizes creep up
@@ -173,6 +186,17 @@ class StaticKVCache:
             d[:, :, :slots].copy_(s[:, :, :slots].index_select(0, keep))
         return dst
 
+
+
+def session_slots(mode: str, device, slots: int) -> int:
+    """The slots to allocate for a session cache that must hold ``slots``. A compiled step that
+    runs on the session's own cache (no CUDA graphs) is compiled again the first time it reads
+    every slot (the slice of the cache is then contiguous), so its sessions get slots rounded up
+    to the bucket plus one more bucket, as :class:`StaticKVCache` has; otherwise exactly
+    ``slots``."""
+    if mode != "compiled" or uses_cuda_graphs(mode, device):
+        return slots
+    return -(-slots // KV_BUCKET) * KV_BUCKET + KV_BUCKET
 
 # model -> its StaticKVCache (held weakly, as _COMPILED).
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -226,9 +250,7 @@ class DecodeStep:
     def uses_cuda_graphs(self, device) -> bool:
         """Whether steps on ``device`` replay CUDA graphs (and so should decode in the model's
         :class:`StaticKVCache`)."""
-        if not self.compiled:
-            return False
-        return torch.device(device).type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
+        return uses_cuda_graphs("compiled" if self.compiled else "eager", device, self.cuda_graphs)
 
     def active(self):
         return self.packed.active() if self.packed is not None else contextlib.nullcontext()

@@ -85,7 +85,7 @@ from typing import Sequence
 
 import torch
 
-from r3.decode import DECODE_MODES, DecodeStep, graph_rows, static_cache
+from r3.decode import DECODE_MODES, DecodeStep, graph_rows, session_slots, static_cache
 from r3.errors import R3Error
 
 #: Padded tokens per prefill chunk (rows are prefilled in groups of at most this many tokens).
@@ -396,7 +396,8 @@ class Session:
 
         ``max_len``: cache slots per row to allocate now (default: the longest prompt; the cache
         grows when ``append``/``sample`` need more, at the cost of a copy -- presize it for the
-        whole conversation to avoid that). ``vocab_size``: the tokenizer's real vocabulary
+        whole conversation to avoid that; a compiled session on CPU gets up to two KV buckets
+        more, see :func:`r3.decode.session_slots`). ``vocab_size``: the tokenizer's real vocabulary
         (default: the model's). ``seed`` / ``generator``: the random stream of ``sample``
         (shared by sessions made from this one with ``select``/``fork``). ``decode``: ``"eager"``
         or ``"compiled"``, the model's decode step run as it is or through ``torch.compile`` (see
@@ -425,7 +426,7 @@ class Session:
         model.inv_freq(device)  # cache RoPE frequencies outside inference mode (a normal tensor)
         with torch.inference_mode():  # every cache is an inference tensor, wherever it is made: a
             # compiled decode step would compile again for the other kind (dynamo guards on it)
-            cache = model.new_cache(len(rows), max(max_len or 0, longest))
+            cache = model.new_cache(len(rows), session_slots(decode, device, max(max_len or 0, longest)))
         session = cls(model, cache, rows, vocab_size=vocab_size, generator=generator, prefill_tokens=prefill_tokens,
                       decode=decode, compact=compact)
         session._feed([r[:-1] for r in rows])
@@ -479,7 +480,7 @@ class Session:
         """Make sure every row has ``max_len`` cache slots (grows, by a copy, when needed)."""
         if max_len > self.cache.max_len:
             with torch.inference_mode():  # (an inference tensor, as in start)
-                self.cache = self.cache.grow(max_len)
+                self.cache = self.cache.grow(session_slots(self.decode, self.device, max_len))
 
     # ---- feeding tokens ----------------------------------------------------------------
 
@@ -651,8 +652,9 @@ class Session:
                             if static is not None:
                                 cache = static.keep_rows(keep, base + t + 1)
                             live = keep if live is None else live[keep]
-                            if static is None:
-                                cache = _slots_view(self.cache, top).select(live)
+                            if static is None:  # (as many slots as a session cache for top would have)
+                                n_slots = min(self.cache.max_len, session_slots(self.decode, device, top))
+                                cache = _slots_view(self.cache, n_slots).select(live)
                             staged = True
                             tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
                             keys = None if keys is None else keys[keep]

@@ -748,6 +748,35 @@ def test_compiled_step_compiles_once_inside_and_outside_inference_mode(tiny_dirs
     assert counters["frames"]["ok"] == frames, "compiled again"
 
 
+def test_cuda_graph_decode_compiles_once_as_the_kv_length_grows(tiny_dirs, monkeypatch):
+    """The static cache holds a bucket more than asked for, so no step reads every slot: a
+    decode whose KV length crosses buckets up to the end of the request is one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    frames = counters["frames"]["ok"]
+    out = generate(model, _rand_prompts(256, [4, 8, 6], seed=51), max_new_tokens=70, temperature=0,
+                   decode="compiled")
+    assert out.steps == 70 and static_cache(model).full.max_len == 192  # 78 slots -> 128, + 64
+    assert counters["frames"]["ok"] - frames == 1
+
+
+def test_compiled_decode_compiles_once_as_the_kv_length_reaches_the_end(tiny_dirs):
+    """Without CUDA graphs the compiled step runs on the session's cache, which a compiled
+    session allocates a bucket longer than asked for: a decode up to the end of a presized
+    request is one compiled graph (a step reading every slot would be compiled again)."""
+    from torch._dynamo.utils import counters
+
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    frames = counters["frames"]["ok"]
+    s = Session.start(model, _rand_prompts(256, [4, 8, 6], seed=52), max_len=78, decode="compiled")
+    assert s.cache.max_len == 192  # 78 -> 128, + 64
+    assert Session.start(model, [[1, 2]], max_len=78).cache.max_len == 78  # (eager: as asked)
+    out = s.sample(70, temperature=0)
+    assert out.steps == 70 and counters["frames"]["ok"] - frames == 1
+
+
 def test_graph_rows():
     assert [graph_rows(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 300)] == [2, 2, 4, 4, 8, 8, 16, 16, 24, 304]
     assert all(graph_rows(graph_rows(n)) == graph_rows(n) >= n for n in range(1, 200))
@@ -757,21 +786,21 @@ def test_static_cache_grows_by_a_quarter_and_is_remade_for_another_dtype(tiny):
     model, _ = tiny["llama"]
     sc = StaticKVCache()
     sc.reserve(model.config, 3, 100, torch.float32, "cpu")
-    assert (sc.full.batch_size, sc.full.max_len) == (4, 128)  # padded rows; slots in multiples of 64
+    assert (sc.full.batch_size, sc.full.max_len) == (4, 192)  # padded rows; slots: 64s, one more
     ptr = sc.full.k[0].data_ptr()
     sc.reserve(model.config, 4, 128, torch.float32, "cpu")  # fits: kept
     assert sc.full.k[0].data_ptr() == ptr
     v = sc.rows(3)
-    assert v.k[0].data_ptr() == ptr and v.k[0].shape[0] == 3 and v.max_len == 128 and sc.holds(v)
+    assert v.k[0].data_ptr() == ptr and v.k[0].shape[0] == 3 and v.max_len == 192 and sc.holds(v)
     assert sc.rows(3) is v and getattr(v.k[0], "_dynamo_static_input_type", None) == "unguarded"
     sc.reserve(model.config, 5, 129, torch.float32, "cpu")  # more of both: at least a quarter more
-    assert (sc.full.batch_size, sc.full.max_len) == (8, 192) and not sc.holds(v)
+    assert (sc.full.batch_size, sc.full.max_len) == (8, 256) and not sc.holds(v)
     sc.reserve(model.config, 9, 10, torch.float32, "cpu")  # 9 rows pad to 16 (a quarter more: 10)
-    assert (sc.full.batch_size, sc.full.max_len) == (16, 256)
+    assert (sc.full.batch_size, sc.full.max_len) == (16, 320)
     sc.reserve(model.config, 40, 10, torch.float32, "cpu")
-    assert (sc.full.batch_size, sc.full.max_len) == (40, 320)
+    assert (sc.full.batch_size, sc.full.max_len) == (40, 448)
     sc.reserve(model.config, 2, 10, torch.bfloat16, "cpu")
-    assert sc.full.k[0].dtype == torch.bfloat16 and (sc.full.batch_size, sc.full.max_len) == (2, 64)
+    assert sc.full.k[0].dtype == torch.bfloat16 and (sc.full.batch_size, sc.full.max_len) == (2, 128)
     with pytest.raises(ValueError, match="holds 2 rows"):
         sc.rows(3)
 
@@ -798,6 +827,9 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     monkeypatch.setattr(decode_mod, "_compile", spy)
     sizes = _BatchSizes(monkeypatch)
     model, _ = load(tiny_dirs["mistral"][0], tokenizer=False)  # (a sliding window)
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]["ok"]
     stops = list(range(3, 256, 11))
     compacted = 0
     for prompts, fork, turn_rows in (([5, 9, 2, 12, 7], 3, 15), ([8, 3, 6], 1, 3)):
@@ -825,11 +857,13 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     assert compacted >= 2
     sc = static_cache(model)
     assert {c[0] for c in calls} == {sc.full.k[0].data_ptr()}
-    assert {c[1][2] for c in calls} == {sc.full.max_len} == {64}
+    assert {c[1][2] for c in calls} == {sc.full.max_len} == {128}
+    assert all(c[3] < c[1][2] for c in calls)  # a step never reads every slot (one graph)
     assert all(c[1][0] == c[2] == graph_rows(c[2]) for c in calls)
     assert {c[2] for c in calls} >= {16, 4} and max(c[2] for c in calls) == sc.full.batch_size
     shapes = {(c[2], c[3]) for c in calls}  # (rows, KV bucket): a graph each
     assert len(shapes) <= 8, shapes
+    assert counters["frames"]["ok"] - frames == 3  # compiled once per pick (greedy, sampled, logits)
 
 
 # --------------------------------------------------------------------------------------------
