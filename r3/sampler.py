@@ -477,10 +477,12 @@ class Session:
         return self.cache.k[0].device
 
     def reserve(self, max_len: int) -> None:
-        """Make sure every row has ``max_len`` cache slots (grows, by a copy, when needed)."""
-        if max_len > self.cache.max_len:
+        """Make sure every row has ``max_len`` cache slots (grows, by a copy, when needed; a
+        compiled session on CPU keeps the margin :func:`r3.decode.session_slots` adds)."""
+        need = session_slots(self.decode, self.device, max_len)
+        if need > self.cache.max_len:
             with torch.inference_mode():  # (an inference tensor, as in start)
-                self.cache = self.cache.grow(session_slots(self.decode, self.device, max_len))
+                self.cache = self.cache.grow(need)
 
     # ---- feeding tokens ----------------------------------------------------------------
 

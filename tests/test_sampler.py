@@ -775,6 +775,12 @@ def test_compiled_decode_compiles_once_as_the_kv_length_reaches_the_end(tiny_dir
     assert Session.start(model, [[1, 2]], max_len=78).cache.max_len == 78  # (eager: as asked)
     out = s.sample(70, temperature=0)
     assert out.steps == 70 and counters["frames"]["ok"] - frames == 1
+    # A later turn that would fit the cache, but read its last bucket, grows it first.
+    s = Session.start(model, _rand_prompts(256, [4, 15], seed=53), decode="compiled")
+    s.sample(10, temperature=0)
+    s.append([[5] * 40, [6] * 40])
+    assert s.sample(30, temperature=0).steps == 30 and s.cache.max_len == 192  # 15 + 10 + 40 + 30
+    assert counters["frames"]["ok"] - frames == 1
 
 
 def test_graph_rows():
