@@ -119,8 +119,8 @@ class StaticKVCache:
     :func:`graph_rows` with rows that attend only to their own slot 0. It always shows the compiled
     step all of its slots, so a graph's shape is (padded rows, KV bucket) and the first rollout's
     graphs serve every later one. The graphs of a training run are at most (padded row counts) x
-    (KV buckets) per pick function, e.g. 32 x 13 for 256 rows of 832 slots, each recorded once
-    (a warm-up and a capture) as compactions first reach it.
+    (KV buckets) per pick function, e.g. 32 x 13 for 256 rows of 896 slots (the last bucket is
+    never read), each recorded once (a warm-up and a capture) as compactions first reach it.
 
     It grows when a request needs more rows or slots (by at least a quarter, slots in multiples of
     ``SLOTS``; sessions presized for a whole conversation, as episodes are, seldom make it grow);
