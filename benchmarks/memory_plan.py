@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from r3.files import write_json_atomic  # noqa: E402
-from r3.decode import StaticKVCache, graph_rows  # noqa: E402
+from r3.decode import graph_rows, slots_with_margin  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
 
 GiB = 2 ** 30
@@ -168,7 +168,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
         "logits (reflection positions)": targets * V * 2,
     }
     if decode == "compiled":
-        static_slots = -(-slots // StaticKVCache.SLOTS) * StaticKVCache.SLOTS + StaticKVCache.SLOTS
+        static_slots = slots_with_margin(slots)
         parts["its compacted copy (<= 3/4)"] = 0.0
         parts["static decode cache"] = graph_rows(rows) * static_slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2
     static = sum(parts.get(k, 0.0) for k in STATIC)

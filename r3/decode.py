@@ -100,6 +100,14 @@ def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool
     return torch.device(device).type == "cuda" if flag is None else flag
 
 
+def slots_with_margin(slots: int) -> int:
+    """``slots`` rounded up to a multiple of ``KV_BUCKET``, plus one bucket: a cache this long is
+    never read whole by a step (the KV length read is rounded up to the bucket), which keeps a
+    compiled step one graph (reading every slot, the cache's slice is contiguous, and dynamo
+    compiles that case again)."""
+    return -(-slots // KV_BUCKET) * KV_BUCKET + KV_BUCKET
+
+
 def graph_rows(n: int) -> int:
     """The rows a decode batch of ``n`` rows runs at with CUDA graphs: 2, 4, then multiples of 8
     (at most 7 padding rows). A batch of one runs as two: a size-1 dimension would be compiled
@@ -122,13 +130,12 @@ class StaticKVCache:
     (KV buckets) per pick function, e.g. 32 x 13 for 256 rows of 896 slots (the last bucket is
     never read), each recorded once (a warm-up and a capture) as compactions first reach it.
 
-    It grows when a request needs more rows or slots (by at least a quarter, slots in multiples of
-    ``SLOTS``; sessions presized for a whole conversation, as episodes are, seldom make it grow);
-    its graphs are then recorded once more. Memory: one decode batch's KV cache, held from the
+    It holds one bucket more than asked for (:func:`slots_with_margin`), and grows when a request
+    needs more rows or slots (by at least a quarter, slots in multiples of ``KV_BUCKET``; sessions
+    presized for a whole conversation, as episodes are, seldom make it grow); its graphs are then
+    recorded once more. Memory: one decode batch's KV cache, held from the
     first CUDA-graph decode for as long as the model lives, or until :func:`release_static_cache`.
     """
-
-    SLOTS = KV_BUCKET
 
     def __init__(self):
         self.full: KVCache | None = None
@@ -142,16 +149,13 @@ class StaticKVCache:
         if full is not None and (full.k[0].dtype != dtype or full.k[0].device.type != device.type
                                  or device.index not in (None, full.k[0].device.index)):
             full = None
-        # One bucket more than the slots asked for: the KV length a step reads (rounded up to the
-        # bucket) then always stays below the cache's length, as one compiled graph assumes (a step
-        # reading every slot would be compiled again: the slice of the cache is then contiguous).
-        slots = -(-slots // self.SLOTS) * self.SLOTS + self.SLOTS
+        slots = slots_with_margin(slots)
         if full is not None and rows <= full.batch_size and slots <= full.max_len:
             return
         if full is not None:  # grow by at least a quarter: few re-recordings while sizes creep up
             rows = max(rows, graph_rows(-(-5 * full.batch_size // 4)), full.batch_size)
             slots = max(slots, -(-5 * full.max_len // 4), full.max_len)
-        slots = -(-slots // self.SLOTS) * self.SLOTS
+        slots = -(-slots // KV_BUCKET) * KV_BUCKET
         self.full, self._rows = None, {}  # (the old one is freed before the new one is made)
         self.full = KVCache.empty(cfg, rows, slots, dtype, device)
 
@@ -189,14 +193,12 @@ class StaticKVCache:
 
 
 def session_slots(mode: str, device, slots: int) -> int:
-    """The slots to allocate for a session cache that must hold ``slots``. A compiled step that
-    runs on the session's own cache (no CUDA graphs) is compiled again the first time it reads
-    every slot (the slice of the cache is then contiguous), so its sessions get slots rounded up
-    to the bucket plus one more bucket, as :class:`StaticKVCache` has; otherwise exactly
-    ``slots``."""
+    """The slots to allocate for a session cache that must hold ``slots``: with a margin
+    (:func:`slots_with_margin`) where the compiled step runs on the session's own cache (no CUDA
+    graphs), as :class:`StaticKVCache` has one; otherwise exactly ``slots``."""
     if mode != "compiled" or uses_cuda_graphs(mode, device):
         return slots
-    return -(-slots // KV_BUCKET) * KV_BUCKET + KV_BUCKET
+    return slots_with_margin(slots)
 
 # model -> its StaticKVCache (held weakly, as _COMPILED).
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -243,7 +245,8 @@ class DecodeStep:
         self.compiled = mode == "compiled"
         self.cuda_graphs = CUDA_GRAPHS if cuda_graphs is None else cuda_graphs
         self.packed = PackedWeights.get(model) if PackedWeights.available(model) else None
-        self._fns: dict[tuple, object] = {}  # (vocab_size, pick, cuda) -> this model's compiled step
+        self._fns: dict[tuple, object] = {}  # (vocab_size, pick) -> this model's compiled step
+        self._cuda = None  # whether the steps replay CUDA graphs (set at the first step: its device)
         self._marked = None  # the cache whose tensors were last marked for the compiler (weakly:
         # the sampler frees a compacted copy before making the next)
 
@@ -261,19 +264,22 @@ class DecodeStep:
             if pick is not None:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
             return step_logits(self.model, tok, pos, cache, kv_len, vocab_size)
-        cuda = self.uses_cuda_graphs(tok.device)
-        fn = self._fns.get((vocab_size, pick, cuda))
+        if self._cuda is None:
+            self._cuda = self.uses_cuda_graphs(tok.device)
+        cuda = self._cuda
+        fn = self._fns.get((vocab_size, pick))
         if fn is None:
             fns = _COMPILED.setdefault(self.model, {})
             if (vocab_size, pick, cuda) not in fns:
                 fns[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)
-            fn = self._fns[(vocab_size, pick, cuda)] = fns[(vocab_size, pick, cuda)]
+            fn = self._fns[(vocab_size, pick)] = fns[(vocab_size, pick, cuda)]
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         slots = torch.arange(kv_len, device=tok.device)
         n = tok.shape[0]
         static = _STATIC.get(self.model) if cuda else None
-        if static is not None and static.holds(cache) and graph_rows(n) != n:
+        in_static = static is not None and static.holds(cache)  # (its rows are marked already)
+        if in_static and graph_rows(n) != n:
             # Padding rows: token 0 at position 0, so each attends only to the slot it writes.
             pad = graph_rows(n) - n
             tok, pos = F.pad(tok, (0, pad)), F.pad(pos, (0, pad))
@@ -281,10 +287,9 @@ class DecodeStep:
             cache = static.rows(n + pad)
         for t in (tok, pos, slots) if u is None else (tok, pos, slots, u):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        if self._marked is None or self._marked() is not cache:  # a new cache: mark it once
-            if static is None or not static.holds(cache):  # (the static cache's rows are marked)
-                for t in cache.k + cache.v:
-                    _mark(t, cuda)
+        if not in_static and (self._marked is None or self._marked() is not cache):  # a new cache:
+            for t in cache.k + cache.v:  # mark it once
+                _mark(t, cuda)
             self._marked = weakref.ref(cache)
         if not cuda:
             return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)

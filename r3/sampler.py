@@ -604,7 +604,7 @@ class Session:
         static = static_cache(self.model) if step.uses_cuda_graphs(device) else None
         if static is not None:
             ref = self.cache.k[0]
-            static.reserve(self.model.config, B, max(top, self.cache.max_len), ref.dtype, ref.device)
+            static.reserve(self.model.config, B, self.cache.max_len, ref.dtype, ref.device)  # (>= top)
             cache = static.copy_in(self.cache, base)
         staged = static is not None
         steps = N
