@@ -322,16 +322,26 @@ def row_keys(n: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randint(0, 2 ** 62, (n,), dtype=torch.long, generator=generator, device=device)
 
 
-def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+def row_uniforms(keys: torch.Tensor, step) -> torch.Tensor:
     """The uniform ``[B, 1]`` float32 in [0, 1) that row ``b`` uses at decode step ``step``: a
     hash of ``(keys[b], step)`` alone, so a row draws the same numbers whichever other rows share
     its batch (rollouts can drop finished rows without changing any sample). Each row's stream is
     a counter-based generator: two rounds of a 32-bit mix over the key's two halves and the step,
-    24 bits out (exact in float32)."""
+    24 bits out (exact in float32). ``step`` may also be a ``[S]`` tensor of steps: then
+    ``[B, S]``, column ``j`` the uniforms of step ``step[j]``."""
+    keys = keys[:, None]
+    steps = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(1, -1) & _M32
     lo, hi = keys & _M32, keys >> 32
-    h = _fmix32((_mul32(torch.full_like(keys, step & _M32), 0x9E3779B9) + lo) & _M32)
+    h = _fmix32((_mul32(steps, 0x9E3779B9) + lo) & _M32)
     h = _fmix32(h ^ hi)
-    return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24)))[:, None]
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def uniform_table(keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """Every uniform a sampling call uses, in one pass: ``[steps, B]``, row ``t`` the rows'
+    uniforms at step ``t`` (:func:`row_uniforms`). The decode loop reads row ``t`` (contiguous)
+    instead of hashing ~50 tiny tensor ops per step, each a kernel launch on a GPU."""
+    return row_uniforms(keys, torch.arange(steps, device=keys.device)).t().contiguous()
 
 
 def make_generator(device, seed: int | None) -> torch.Generator:
@@ -588,7 +598,8 @@ class Session:
         # which rows had stopped by then.
         string_end, checked, was_done = [N + 1] * B, 0, torch.zeros(B, dtype=torch.bool, device=device)
         stop_ids = set(stop.tolist())
-        keys = None if temperature == 0 else row_keys(B, gen, device)
+        # [N, B]: row t holds the decode batch's uniforms at step t (None: greedy)
+        uniforms = None if temperature == 0 else uniform_table(row_keys(B, gen, device), N)
 
         out_tok = torch.full((B, N), PAD, dtype=torch.long, device=device)
         out_lp = torch.zeros((B, N), dtype=torch.float32, device=device)
@@ -616,7 +627,7 @@ class Session:
             temp_t = torch.tensor(float(temperature), dtype=torch.float32, device=device)
         with step.active():  # (the prepacked matmuls, on CPU in bf16)
             for t in range(N):
-                u = None if keys is None else row_uniforms(keys, t)
+                u = None if uniforms is None else uniforms[t][:, None]
                 if fused is not None:
                     nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u, temperature=temp_t)
                 else:
@@ -659,7 +670,7 @@ class Session:
                                 cache = _slots_view(self.cache, n_slots).select(live)
                             staged = True
                             tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
-                            keys = None if keys is None else keys[keep]
+                            uniforms = None if uniforms is None else uniforms[:, keep]
                 else:
                     out_tok[:, t] = nxt
                     out_lp[:, t] = lp

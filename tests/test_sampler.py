@@ -23,7 +23,7 @@ from r3.decode import DecodeStep, StaticKVCache, graph_rows, static_cache, step_
 from r3.packed_linear import PackedWeights
 from r3.sampler import (Session, SamplingError, StopStrings, _mul32, _top_p_candidates, generate, pick_greedy,
                         pick_tokens,
-                        row_keys, row_uniforms)
+                        RANDOM_STREAMS, row_keys, row_uniforms, uniform_table)
 
 KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -650,6 +650,62 @@ def test_mul32_and_row_uniforms():
     assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]) < 0.02
     assert abs(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1]) < 0.02
     assert len(set(u[:, 0].tolist())) > 2000 * 0.99  # rows do not share draws
+
+
+
+def test_row_uniforms_pinned_and_tabled():
+    """The streams RANDOM_STREAMS names, pinned to values (a change must rename them, or stored
+    pairings by seed would silently pair other draws); the table the decode loop reads holds the
+    same bits, row t contiguous."""
+    assert RANDOM_STREAMS == "per-row-fmix32-v1"
+    keys = torch.tensor([0, 1, 2 ** 62 - 1, 123456789012345678, 2 ** 32, 2 ** 32 - 1])
+    pinned = {1: [0.6650139689445496, 0.4412654638290405, 0.09421670436859131, 0.40354931354522705,
+                  0.4337639808654785, 0.5986602902412415],
+              2 ** 32 + 3: [0.6144896745681763, 0.6825252771377563, 0.01780080795288086, 0.5788301825523376,
+                            0.6471949815750122, 0.5010665655136108]}
+    for step, values in pinned.items():
+        assert row_uniforms(keys, step)[:, 0].tolist() == values
+    keys = row_keys(37, torch.Generator().manual_seed(3), "cpu")
+    table = uniform_table(keys, 300)
+    assert table.shape == (300, 37) and table.dtype == torch.float32
+    for t in (0, 1, 299):
+        assert table[t].is_contiguous() and torch.equal(table[t], row_uniforms(keys, t)[:, 0])
+    assert torch.equal(table.t(), row_uniforms(keys, torch.arange(300)))
+
+
+
+def test_decode_loop_host_ops_per_step(tiny, monkeypatch):
+    """Host overhead outside the model: the eager ATen ops one sampled decode step with stop ids
+    dispatches besides the forward (each one a kernel launch on a GPU; the uniforms used to be ~50
+    of them). A count, not a time: a guard against per-step work creeping back into the loop."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny["llama"][0]
+    inside = [False]
+    forward = decode_mod.step_logits
+
+    def counted_forward(*a, **kw):
+        inside[0] = True
+        try:
+            return forward(*a, **kw)
+        finally:
+            inside[0] = False
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not inside[0]
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(decode_mod, "step_logits", counted_forward)
+    n = 48
+    with torch.inference_mode():
+        session = Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, seed=0)
+        with Count() as count:
+            out = session.sample(n, temperature=1.0, stop_token_ids=[model.config.vocab_size - 1], sync_every=8)
+    assert out.steps == n  # (no row stopped: every step ran the full loop)
+    assert count.ops / n < 32
 
 
 class _BatchSizes:
