@@ -20,7 +20,9 @@ after every section, so a run cut short keeps what it measured):
   on a Qwen2.5-1.5B-shaped random model in bf16 (B = 1, 16, 64 greedy; 8 prompts x G = 8
   sampled), and against the bandwidth bound of a decode step: (weight bytes + KV-cache bytes
   read) / measured copy bandwidth. Then five rollout-shaped calls of the compiled sampler in new
-  sessions: the CUDA graphs held, ms/step and memory after each (they should stop growing).
+  sessions: the CUDA graphs held, ms/step and memory after each (they should stop growing). And
+  where a compiled step's time goes at B = 1 and 16: the sampler's loop, the step alone back to
+  back (wall, host issue time, device time between CUDA events), the bound.
 * ``train``: three steps of ``torchrun --nproc_per_node 1 -m r3.train`` on a Qwen2.5-0.5B-shaped
   random model with the built-in model's tokenizer (``--tokenizer DIR`` for another), all groups
   trained (a random model never succeeds, so ``--skip-no-signal-groups false``): the step split
@@ -400,6 +402,12 @@ def section_sampler(ctx: Ctx) -> dict:
         except Exception as e:
             out["repeated_rollouts"] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
             print(f"repeated rollouts FAILED: {traceback.format_exc()}", flush=True)
+        try:
+            out["step_timing"] = step_timing(ours, spec["vocab_size"], (1, 2) if ctx.smoke else (1, 16), n, prompt_len,
+                                             gbps)
+        except Exception as e:
+            out["step_timing"] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
+            print(f"step timing FAILED: {traceback.format_exc()}", flush=True)
     # What dynamo made of the compiled step: a graph per pick function, no graph breaks.
     out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
                      "unique_graphs": counters["stats"].get("unique_graphs", 0)}
@@ -440,6 +448,74 @@ def repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) 
         return _repeated_rollouts(model, vocab, n, prompt_len, repeats)
     finally:
         r3.decode.CUDA_GRAPHS = forced
+
+
+def step_timing(model, vocab: int, batches, n: int, prompt_len: int, gbps: float | None) -> list[dict]:
+    """Where a compiled (CUDA-graph) greedy decode step's time goes, per batch size: the sampler's
+    ms/step (its whole loop), the step alone called back to back in the static cache as the
+    sampler calls it (wall ms/step; the host's ms to issue it; the device's ms between CUDA events
+    around it), against the bandwidth bound. Issue ~= wall: the host cannot keep ahead (launch
+    bound); device >> bound: the graph itself is slow; sampler >> wall: the loop around the step."""
+    import r3.decode
+
+    forced = r3.decode.CUDA_GRAPHS
+    if model.device.type != "cuda":  # --smoke on CPU: the code around the graphs
+        r3.decode.CUDA_GRAPHS = True
+    try:
+        with torch.inference_mode():  # (as Session.sample runs: the static cache is an inference tensor)
+            return [_step_timing(model, vocab, B, n, prompt_len, gbps) for B in batches]
+    finally:
+        r3.decode.CUDA_GRAPHS = forced
+
+
+def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float | None) -> dict:
+    from r3.decode import DecodeStep, static_cache
+    from r3.sampler import Session, pick_greedy
+
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
+    session = Session.start(model, prompts, max_len=prompt_len + n, seed=0, decode="compiled")
+    sampler_s = []
+    for _ in range(2):  # the first call may record graphs
+        out = session.select(list(range(B))).sample(n, temperature=0)
+        sampler_s.append(out.decode_s / out.steps)
+    # The step alone, as Session.sample runs it with CUDA graphs: in the static cache.
+    step = DecodeStep(model, "compiled")
+    static = static_cache(model)
+    base = prompt_len - 1
+    ref = session.cache.k[0]
+    static.reserve(model.config, B, session.cache.max_len, ref.dtype, ref.device)
+    cache = static.copy_in(session.cache, base)
+    first = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=ref.device)
+    issue_s = wall_s = device_ms = None
+    with step.active():
+        for _ in range(2):  # the first records any graph the sampler calls did not
+            tok, pos = first.clone(), torch.full((B,), base, dtype=torch.long, device=ref.device)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * n)] if cuda else None
+            sync()
+            t0 = time.perf_counter()
+            for t in range(n):
+                if events:
+                    events[2 * t].record()
+                tok, _ = step(tok, pos, cache, base + t + 1, vocab, pick=pick_greedy)
+                pos += 1
+                if events:
+                    events[2 * t + 1].record()
+            t1 = time.perf_counter()
+            sync()
+            issue_s, wall_s = (t1 - t0) / n, (time.perf_counter() - t0) / n
+            if events:
+                device_ms = sum(events[2 * t].elapsed_time(events[2 * t + 1]) for t in range(n)) / n
+    bound = decode_bound_tok_s(model, B, prompt_len + n / 2, 2, gbps) if gbps else None
+    row = {"rows": B, "steps": n, "context": prompt_len + n / 2, "sampler_ms_per_step": 1e3 * sampler_s[-1],
+           "step_ms_per_step": 1e3 * wall_s, "issue_ms_per_step": 1e3 * issue_s, "device_ms_per_step": device_ms,
+           "bound_ms_per_step": None if bound is None else 1e3 * B / bound}
+    print(f"step timing B={B}: sampler {row['sampler_ms_per_step']:.3f} ms/step, step alone "
+          f"{row['step_ms_per_step']:.3f} (issue {row['issue_ms_per_step']:.3f}, device {_fmt(device_ms, '.3f')}), "
+          f"bound {_fmt(row['bound_ms_per_step'], '.3f')}", flush=True)
+    return row
 
 
 def _repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) -> list[dict]:
@@ -648,6 +724,24 @@ def markdown(report: dict) -> str:
                 sc = "x".join(map(str, r["static_cache"])) if r["static_cache"] else "-"
                 lines.append(f"| {r['call']} | {r['rows']} | {r['steps']} | {r['stopped']} | {r['decode_ms_per_step']:.2f} | "
                              f"{_fmt(r['graphs'], 'd')} | {sc} | {_fmt(r['memory_gb'])} / {_fmt(r['reserved_gb'])} |")
+            lines.append("")
+        st = sp.get("step_timing")
+        if isinstance(st, dict):
+            lines += [f"Compiled step timing: FAILED: {st['error']}", ""]
+        elif st:
+            lines += ["Where a compiled greedy decode step's time goes (ms per step): the sampler's whole loop; the "
+                      "step alone called back to back in the static cache (wall), the host's time to issue it, the "
+                      "device's time between CUDA events around it; the bandwidth bound. Issue close to wall: launch "
+                      "bound; device far above the bound: the graph itself is slow; sampler far above wall: the loop "
+                      "around the step.", "",
+                      "| rows | context | sampler | step alone (wall) | issue | device | bound | step % of bound |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in st:
+                pct = None if r["bound_ms_per_step"] is None else 100 * r["bound_ms_per_step"] / r["step_ms_per_step"]
+                lines.append(f"| {r['rows']} | {r['context']:.0f} | {r['sampler_ms_per_step']:.3f} | "
+                             f"{r['step_ms_per_step']:.3f} | {r['issue_ms_per_step']:.3f} | "
+                             f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
+                             f"{_fmt(pct, '.1f')} |")
             lines.append("")
     tr = s.get("train", {})
     if "returncode" in tr:

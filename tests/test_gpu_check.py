@@ -33,6 +33,11 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert [r["call"] for r in rr] == [1, 2] and all(r["steps"] > 0 and r["graphs"] is None for r in rr)
     assert rr[0]["static_cache"] == rr[1]["static_cache"] and rr[0]["static_cache"][0] >= rr[0]["rows"]
     assert "Repeated rollouts through the compiled step" in md
+    # the compiled step timed alone in the static cache, as the sampler runs it (no CUDA events here)
+    st = sections["sampler"]["step_timing"]
+    assert [r["rows"] for r in st] == [1, 2]
+    assert all(r["step_ms_per_step"] > 0 and r["issue_ms_per_step"] > 0 and r["device_ms_per_step"] is None for r in st)
+    assert "Where a compiled greedy decode step's time goes" in md
     assert sections["sampler"]["dynamo"]["graph_breaks"] == {}  # the compiled step is one graph
     assert sections["sampler"]["dynamo"]["unique_graphs"] >= 1
     for r in sections["kernel"]["correctness"]:
