@@ -247,6 +247,7 @@ class DecodeStep:
         self.packed = PackedWeights.get(model) if PackedWeights.available(model) else None
         self._fns: dict[tuple, object] = {}  # (vocab_size, pick) -> this model's compiled step
         self._cuda = None  # whether the steps replay CUDA graphs (set at the first step: its device)
+        self._slots = None  # arange(at least the longest kv_len so far): slots is a view of it
         self._marked = None  # the cache whose tensors were last marked for the compiler (weakly:
         # the sampler frees a compacted copy before making the next)
 
@@ -275,7 +276,10 @@ class DecodeStep:
             fn = self._fns[(vocab_size, pick)] = fns[(vocab_size, pick, cuda)]
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
-        slots = torch.arange(kv_len, device=tok.device)
+        if self._slots is None or self._slots.shape[0] < kv_len:  # (a view per step: no kernel launch)
+            self._slots = torch.arange(max(kv_len, 2 * (0 if self._slots is None else self._slots.shape[0])),
+                                       device=tok.device)
+        slots = self._slots[:kv_len]
         n = tok.shape[0]
         static = _STATIC.get(self.model) if cuda else None
         in_static = static is not None and static.holds(cache)  # (its rows are marked already)

@@ -674,22 +674,28 @@ def test_row_uniforms_pinned_and_tabled():
 
 
 
-def test_decode_loop_host_ops_per_step(tiny, monkeypatch):
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_decode_loop_host_ops_per_step(tiny, monkeypatch, decode):
     """Host overhead outside the model: the eager ATen ops one sampled decode step with stop ids
     dispatches besides the forward (each one a kernel launch on a GPU; the uniforms used to be ~50
-    of them). A count, not a time: a guard against per-step work creeping back into the loop."""
+    of them). Compiled: the CUDA-graph path (forced here), whose step is one graph replay, so
+    everything around it is what the host adds. A count, not a time: a guard against per-step work
+    creeping back into the loop."""
+    import weakref
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     model = tiny["llama"][0]
     inside = [False]
-    forward = decode_mod.step_logits
 
-    def counted_forward(*a, **kw):
-        inside[0] = True
-        try:
-            return forward(*a, **kw)
-        finally:
-            inside[0] = False
+    def counted(fn):
+        def run(*a, **kw):
+            inside[0] = True
+            try:
+                return fn(*a, **kw)
+            finally:
+                inside[0] = False
+        return run
 
     class Count(TorchDispatchMode):
         ops = 0
@@ -698,14 +704,22 @@ def test_decode_loop_host_ops_per_step(tiny, monkeypatch):
             self.ops += not inside[0]
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(decode_mod, "step_logits", counted_forward)
-    n = 48
+    if decode == "eager":
+        monkeypatch.setattr(decode_mod, "step_logits", counted(decode_mod.step_logits))
+    else:
+        compile_step = decode_mod._compile
+        monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+        monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())  # (compiled here, wrapped)
+        monkeypatch.setattr(decode_mod, "_compile", lambda *a: counted(compile_step(*a)))
+    n, stop = 48, [model.config.vocab_size - 1]
     with torch.inference_mode():
-        session = Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, seed=0)
+        Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, decode=decode).sample(2, temperature=1.0,
+                                                                                   stop_token_ids=stop)
+        session = Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, seed=0, decode=decode)
         with Count() as count:
-            out = session.sample(n, temperature=1.0, stop_token_ids=[model.config.vocab_size - 1], sync_every=8)
+            out = session.sample(n, temperature=1.0, stop_token_ids=stop, sync_every=8)
     assert out.steps == n  # (no row stopped: every step ran the full loop)
-    assert count.ops / n < 32
+    assert count.ops / n < (32 if decode == "eager" else 22)
 
 
 class _BatchSizes:
