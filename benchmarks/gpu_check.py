@@ -397,21 +397,25 @@ def section_sampler(ctx: Ctx) -> dict:
               f"{r.get('decode_pct_bound', float('nan')):.1f}% of bound", flush=True)
     out = {"model": "qwen2.5-1.5b shape (random), bf16", "params": ours.num_params(), "rows": rows}
     if (ctx.cuda or ctx.smoke) and not ctx.args.no_compiled:
-        try:
-            out["repeated_rollouts"] = repeated_rollouts(ours, spec["vocab_size"], n, prompt_len, 2 if ctx.smoke else 5)
-        except Exception as e:
-            out["repeated_rollouts"] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
-            print(f"repeated rollouts FAILED: {traceback.format_exc()}", flush=True)
-        try:
-            out["step_timing"] = step_timing(ours, spec["vocab_size"], (1, 2) if ctx.smoke else (1, 16), n, prompt_len,
-                                             gbps)
-        except Exception as e:
-            out["step_timing"] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
-            print(f"step timing FAILED: {traceback.format_exc()}", flush=True)
+        vocab = spec["vocab_size"]
+        out["repeated_rollouts"] = _or_error("repeated rollouts", lambda: repeated_rollouts(
+            ours, vocab, n, prompt_len, 2 if ctx.smoke else 5))
+        out["step_timing"] = _or_error("step timing", lambda: step_timing(
+            ours, vocab, (1, 2) if ctx.smoke else (1, 16), n, prompt_len, gbps))
     # What dynamo made of the compiled step: a graph per pick function, no graph breaks.
     out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
                      "unique_graphs": counters["stats"].get("unique_graphs", 0)}
     return out
+
+
+def _or_error(what: str, fn):
+    """``fn()``, or ``{"error": ...}`` if it raised (printed with its traceback): one part of a
+    section failing keeps the rest."""
+    try:
+        return fn()
+    except Exception as e:
+        print(f"{what} FAILED: {traceback.format_exc()}", flush=True)
+        return {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
 
 
 def cuda_graphs_recorded(device_index: int = 0) -> int | None:
@@ -640,6 +644,14 @@ def _fmt(x, spec=".2f"):
     return format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
+def _part(title: str, result, head: list[str], row) -> list[str]:
+    """Markdown lines of one part of a section: ``head`` then ``row(r)`` per result row, or the
+    error it failed with."""
+    if isinstance(result, dict):
+        return [f"{title}: FAILED: {result['error']}", ""]
+    return head + [row(r) for r in result] + [""] if result else []
+
+
 def markdown(report: dict) -> str:
     meta, s = report["meta"], report["sections"]
     env = s.get("env", {})
@@ -711,38 +723,27 @@ def markdown(report: dict) -> str:
         if dyn:
             lines += [f"Dynamo: {dyn['unique_graphs']} graphs compiled, frames {dyn['frames']}, graph breaks "
                       f"{dyn['graph_breaks'] or 'none'}.", ""]
-        rr = sp.get("repeated_rollouts")
-        if isinstance(rr, dict):
-            lines += [f"Repeated rollouts (compiled): FAILED: {rr['error']}", ""]
-        elif rr:
-            lines += ["Repeated rollouts through the compiled step, each a new session (16 prompts x 2, T = 1, 1% of "
-                      "the vocabulary stops a row, then a second turn): CUDA graphs held after each call should stop "
-                      "growing once the first calls have recorded every (rows, KV bucket) shape.", "",
-                      "| call | rows | steps | rows stopped | decode ms/step | CUDA graphs held | static cache rows x slots "
-                      "| GiB allocated / reserved |", "|---|---|---|---|---|---|---|---|"]
-            for r in rr:
-                sc = "x".join(map(str, r["static_cache"])) if r["static_cache"] else "-"
-                lines.append(f"| {r['call']} | {r['rows']} | {r['steps']} | {r['stopped']} | {r['decode_ms_per_step']:.2f} | "
-                             f"{_fmt(r['graphs'], 'd')} | {sc} | {_fmt(r['memory_gb'])} / {_fmt(r['reserved_gb'])} |")
-            lines.append("")
-        st = sp.get("step_timing")
-        if isinstance(st, dict):
-            lines += [f"Compiled step timing: FAILED: {st['error']}", ""]
-        elif st:
-            lines += ["Where a compiled greedy decode step's time goes (ms per step): the sampler's whole loop; the "
-                      "step alone called back to back in the static cache (wall), the host's time to issue it, the "
-                      "device's time between CUDA events around it; the bandwidth bound. Issue close to wall: launch "
-                      "bound; device far above the bound: the graph itself is slow; sampler far above wall: the loop "
-                      "around the step.", "",
-                      "| rows | context | sampler | step alone (wall) | issue | device | bound | step % of bound |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for r in st:
-                pct = None if r["bound_ms_per_step"] is None else 100 * r["bound_ms_per_step"] / r["step_ms_per_step"]
-                lines.append(f"| {r['rows']} | {r['context']:.0f} | {r['sampler_ms_per_step']:.3f} | "
-                             f"{r['step_ms_per_step']:.3f} | {r['issue_ms_per_step']:.3f} | "
-                             f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
-                             f"{_fmt(pct, '.1f')} |")
-            lines.append("")
+        lines += _part("Repeated rollouts (compiled)", sp.get("repeated_rollouts"), [
+            "Repeated rollouts through the compiled step, each a new session (16 prompts x 2, T = 1, 1% of the "
+            "vocabulary stops a row, then a second turn): CUDA graphs held after each call should stop growing once "
+            "the first calls have recorded every (rows, KV bucket) shape.", "",
+            "| call | rows | steps | rows stopped | decode ms/step | CUDA graphs held | static cache rows x slots "
+            "| GiB allocated / reserved |", "|---|---|---|---|---|---|---|---|"],
+            lambda r: f"| {r['call']} | {r['rows']} | {r['steps']} | {r['stopped']} | {r['decode_ms_per_step']:.2f} | "
+                      f"{_fmt(r['graphs'], 'd')} | "
+                      f"{'x'.join(map(str, r['static_cache'])) if r['static_cache'] else '-'} | "
+                      f"{_fmt(r['memory_gb'])} / {_fmt(r['reserved_gb'])} |")
+        lines += _part("Compiled step timing", sp.get("step_timing"), [
+            "Where a compiled greedy decode step's time goes (ms per step): the sampler's whole loop; the step alone "
+            "called back to back in the static cache (wall), the host's time to issue it, the device's time between "
+            "CUDA events around it; the bandwidth bound. Issue close to wall: launch bound; device far above the "
+            "bound: the graph itself is slow; sampler far above wall: the loop around the step.", "",
+            "| rows | context | sampler | step alone (wall) | issue | device | bound | step % of bound |",
+            "|---|---|---|---|---|---|---|---|"],
+            lambda r: f"| {r['rows']} | {r['context']:.0f} | {r['sampler_ms_per_step']:.3f} | "
+                      f"{r['step_ms_per_step']:.3f} | {r['issue_ms_per_step']:.3f} | "
+                      f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
+                      f"{_fmt(None if r['bound_ms_per_step'] is None else 100 * r['bound_ms_per_step'] / r['step_ms_per_step'], '.1f')} |")
     tr = s.get("train", {})
     if "returncode" in tr:
         lines += [f"## Training: {tr['model']}, 1 rank on {env.get('device')}", "", f"`{tr['command']}`: exit {tr['returncode']}, "
