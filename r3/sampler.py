@@ -330,6 +330,8 @@ def row_uniforms(keys: torch.Tensor, step) -> torch.Tensor:
     24 bits out (exact in float32). ``step`` may also be a ``[S]`` tensor of steps: then
     ``[B, S]``, column ``j`` the uniforms of step ``step[j]``."""
     keys = keys[:, None]
+    if isinstance(step, int):
+        step &= _M32
     steps = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(1, -1) & _M32
     lo, hi = keys & _M32, keys >> 32
     h = _fmix32((_mul32(steps, 0x9E3779B9) + lo) & _M32)

@@ -676,11 +676,13 @@ def test_row_uniforms_pinned_and_tabled():
 
 @pytest.mark.parametrize("decode", ["eager", "compiled"])
 def test_decode_loop_host_ops_per_step(tiny, monkeypatch, decode):
-    """Host overhead outside the model: the eager ATen ops one sampled decode step with stop ids
-    dispatches besides the forward (each one a kernel launch on a GPU; the uniforms used to be ~50
-    of them). Compiled: the CUDA-graph path (forced here), whose step is one graph replay, so
-    everything around it is what the host adds. A count, not a time: a guard against per-step work
-    creeping back into the loop."""
+    """Host overhead outside the model: the ATen ops other than views (each a kernel launch on a
+    GPU) that one sampled decode step with stop ids dispatches besides the forward; the uniforms
+    used to be ~50 of them. Compiled: the code around the compiled function on the CUDA-graph path
+    (forced here): the sampler's loop and DecodeStep's padding and output copies. (The compiled
+    function itself runs eagerly under the counting mode and is not counted; what cudagraph trees
+    add, copies of non-static inputs, exists only on CUDA.) A count, not a time: a guard against
+    per-step work creeping back into the loop."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -701,7 +703,7 @@ def test_decode_loop_host_ops_per_step(tiny, monkeypatch, decode):
         ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += not inside[0]
+            self.ops += not inside[0] and not func.is_view
             return func(*args, **(kwargs or {}))
 
     if decode == "eager":
@@ -711,15 +713,16 @@ def test_decode_loop_host_ops_per_step(tiny, monkeypatch, decode):
         monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
         monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())  # (compiled here, wrapped)
         monkeypatch.setattr(decode_mod, "_compile", lambda *a: counted(compile_step(*a)))
-    n, stop = 48, [model.config.vocab_size - 1]
+    n, stop = 48, [model.config.vocab_size]  # (a stop id never sampled: every step runs the whole loop)
     with torch.inference_mode():
         Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, decode=decode).sample(2, temperature=1.0,
                                                                                    stop_token_ids=stop)
         session = Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, seed=0, decode=decode)
         with Count() as count:
             out = session.sample(n, temperature=1.0, stop_token_ids=stop, sync_every=8)
-    assert out.steps == n  # (no row stopped: every step ran the full loop)
-    assert count.ops / n < (32 if decode == "eager" else 22)
+    assert out.steps == n and not any(out.finished)
+    # (measured 17.8 and 12.0: deterministic counts; one more op per step fails)
+    assert count.ops / n < (18.5 if decode == "eager" else 12.5)
 
 
 class _BatchSizes:
