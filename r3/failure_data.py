@@ -107,6 +107,52 @@ def _checked(path: Path, records: list[dict]) -> list[dict]:
     return records
 
 
+def recorded_settings(path) -> dict | None:
+    """The settings ``python -m r3.failures`` recorded for the failure file ``path`` (the header
+    line of ``path.done``: model, task, task options, split, sampling), or None where there is no
+    such header (a hand-made file)."""
+    done = done_path(Path(path))
+    try:
+        with open(done, "rb") as f:
+            header = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict) or "r3_failures" not in header or not isinstance(header.get("settings"), dict):
+        return None
+    return header["settings"]
+
+
+def check_made_for(path, task, model: str) -> None:
+    """Refuse to train on failures of another task: the records' examples and attempts are
+    judged with the run's task, so a file made for another task (other numbers, operators or
+    answer format) would reward against the wrong rule. Compares the task's name and every
+    option in effect with what ``r3.failures`` recorded; warns when the model differs (the
+    attempts are another model's, in its tokens) or the queries are not from the train split."""
+    from r3.tasks import get
+
+    settings = recorded_settings(path)
+    if settings is None or "task" not in settings:
+        return
+    try:
+        made = get(settings["task"], **settings.get("task_options", {}))
+    except R3Error as e:
+        raise R3Error(f"{path}: made for task {settings['task']!r}, which cannot be rebuilt here ({e})") from None
+    mine, theirs = task.config(), made.config()
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if type(made) is not type(task) or made.name != task.name or differ:
+        detail = (f"options differ: {', '.join(f'{k} {theirs.get(k)!r} there, {mine.get(k)!r} here' for k in differ[:3])}"
+                  f"{' ...' if len(differ) > 3 else ''}" if differ and type(made) is type(task) else
+                  f"task {made.name!r} there, {task.name!r} here")
+        raise R3Error(f"{path} was made for task {settings['task']!r} with options {settings.get('task_options', {})}, "
+                      f"not this run's task ({detail}); pass the same --task and --task-option to r3.train, "
+                      "or make the file again")
+    if settings.get("model") not in (None, model):
+        print(f"warning: {path} holds the first attempts of model {settings['model']!r}; this run trains {model!r}",
+              file=sys.stderr)
+    if settings.get("split", "train") != "train":
+        print(f"warning: {path} holds queries of the {settings['split']!r} split", file=sys.stderr)
+
+
 class FailureFile:
     """``F.jsonl`` (failures) plus ``F.jsonl.done`` (header + queries that never failed)."""
 

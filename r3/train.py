@@ -55,7 +55,7 @@ from r3.distributed import (
 )
 from r3.episode import run_episode
 from r3.errors import R3Error, cli_main
-from r3.failure_data import read_failures
+from r3.failure_data import check_made_for, read_failures
 from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
 from r3.model import Transformer
@@ -269,6 +269,8 @@ def set_up(cfg: TrainConfig) -> Run:
     task = get_task(cfg.task, **cfg.task_options)
     resolve(cfg.model)  # a bad model path fails before anything is written
     failures = read_failures(cfg.failures) if cfg.failures else None
+    if cfg.failures:
+        check_made_for(cfg.failures, task, cfg.model)
     for i, rec in enumerate(failures or []):
         task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
     queries = failures if failures is not None else task.examples("train", seed=cfg.seed)  # a bad data file fails here

@@ -336,6 +336,58 @@ def test_a_failure_record_from_another_task_is_one_line_before_anything_is_writt
     assert not (tmp_path / "o").exists()
 
 
+def _failures_made_for(path, task, options=None, **settings):
+    """A failure file as r3.failures writes it: records plus the .done header of its settings."""
+    from r3.failure_data import FailureFile
+
+    path.write_text(json.dumps({"key": "k", "example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 6]}) + "\n")
+    FailureFile(path).open({"model": "smollm2-135m", "task": task, "task_options": options or {}, "split": "train",
+                            **settings})
+    return path
+
+
+def test_failures_made_for_another_task_are_refused_before_anything_is_written(tmp_path):
+    """The README's workflow made failures with --task countdown, then trained with the default
+    task (2-number Countdown with + and -): the run judged 3-4-number records with the wrong rule.
+    The file's recorded task must be the run's."""
+    fails = _failures_made_for(tmp_path / "f.jsonl", "countdown")
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--failures", str(fails)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{fails} was made for task 'countdown' with options {{}}, not this run's task" in err[0]
+    assert "answer_tags True there, False here" in err[0] and "pass the same --task" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
+    from r3.errors import R3Error
+    from r3.failure_data import check_made_for
+    from r3.tasks import get, resolve
+
+    tiny = get("countdown-tiny")
+    # the preset, and the base task with the preset's options spelled out: the same task
+    check_made_for(_failures_made_for(tmp_path / "a.jsonl", "countdown-tiny"), tiny, "smollm2-135m")
+    base, options = resolve("countdown-tiny")
+    check_made_for(_failures_made_for(tmp_path / "b.jsonl", base, options), tiny, "smollm2-135m")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(R3Error, match="options differ: max_num 30 there, 50 here"):
+        check_made_for(tmp_path / "a.jsonl", get("countdown-tiny", max_num=50), "smollm2-135m")
+    with pytest.raises(R3Error, match="task 'countdown' there, 'function_calling' here"):
+        check_made_for(tmp_path / "a.jsonl", get("function_calling"), "smollm2-135m")
+    # another model's attempts, or test-split queries: allowed, said
+    check_made_for(_failures_made_for(tmp_path / "c.jsonl", "countdown-tiny"), tiny, "/models/other")
+    assert "holds the first attempts of model 'smollm2-135m'; this run trains '/models/other'" in capsys.readouterr().err
+    test_split = tmp_path / "d.jsonl"
+    _failures_made_for(test_split, "countdown-tiny")
+    done = test_split.with_name("d.jsonl.done")
+    done.write_text(done.read_text().replace('"split": "train"', '"split": "test"'))
+    check_made_for(test_split, tiny, "smollm2-135m")
+    assert "holds queries of the 'test' split" in capsys.readouterr().err
+    # a hand-made file (no .done header) is checked record by record only
+    (tmp_path / "e.jsonl").write_text("{}\n")
+    check_made_for(tmp_path / "e.jsonl", get("function_calling"), "smollm2-135m")
+
+
 @pytest.mark.parametrize("which", ["data_path", "test_data_path"])
 def test_a_bad_task_data_file_is_one_line_before_anything_is_written(tmp_path, which):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
