@@ -482,6 +482,10 @@ def save_hf(
                 gen["eos_token_id"] = tokenizer.eos_token_id
         gen = {k: v for k, v in gen.items() if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        mode = 0o666 & ~current_umask()  # ordinary files (safetensors' save_file makes them 0600)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, mode)
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

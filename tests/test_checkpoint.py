@@ -105,6 +105,24 @@ def test_sharded_save_and_load(tiny_dirs, tmp_path):
         assert torch.equal(back(tokens), model(tokens))
 
 
+def test_saved_files_get_the_umask_permissions(tiny_dirs, tmp_path):
+    """An export is for others to read: every file gets the umask's permissions (safetensors'
+    save_file alone makes its file 0600), sharded or not."""
+    from r3.files import current_umask
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    old = os.umask(0o022)
+    try:
+        for name, shard_bytes in (("one", 10 ** 9), ("sharded", 60_000)):
+            out = save_hf(model, None, tmp_path / name, max_shard_bytes=shard_bytes)
+            modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+            assert any(n.endswith(".safetensors") for n in modes) and set(modes.values()) == {0o644}, modes
+            assert out.stat().st_mode & 0o777 == 0o755
+        assert current_umask() == 0o022
+    finally:
+        os.umask(old)
+
+
 def test_save_is_atomic(tiny_dirs, tmp_path, monkeypatch):
     """A crash mid-save leaves the previous export intact and no partial directory."""
     import safetensors.torch
