@@ -15,6 +15,7 @@ few others) as text. Only rank 0 tracks.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -63,12 +64,20 @@ def samples_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tracker_module(report_to: str):
+    """The module ``--report-to`` needs (``torch.utils.tensorboard`` or ``wandb``), or an R3Error
+    saying which package to install. ``r3.train`` calls it before anything is written, so a missing
+    package does not cost a model load and leave a run directory behind."""
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    try:
+        return importlib.import_module("torch.utils.tensorboard" if report_to == "tensorboard" else "wandb")
+    except ImportError:
+        raise R3Error(f"--report-to {report_to} needs the {package} package: pip install {package}") from None
+
+
 class TensorBoardTracker(Tracker):
     def __init__(self, out: Path, config: dict, start_step: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise R3Error("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        SummaryWriter = tracker_module("tensorboard").SummaryWriter
         # purge_step: after a resume, events past the checkpoint's step are dropped
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if not start_step:
@@ -89,11 +98,7 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     def __init__(self, out: Path, config: dict, start_step: int):
-        try:
-            import wandb
-        except ImportError:
-            raise R3Error("--report-to wandb needs the wandb package: pip install wandb") from None
-        self.wandb = wandb
+        self.wandb = wandb = tracker_module("wandb")
         id_file = out / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")

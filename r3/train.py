@@ -70,7 +70,7 @@ from r3.rundir import (
 )
 from r3.tasks import get as get_task
 from r3.tasks import resolve as resolve_task
-from r3.tracking import Tracker, make_tracker
+from r3.tracking import Tracker, make_tracker, tracker_module
 
 # --------------------------------------------------------------------------------------------
 # Models
@@ -268,6 +268,8 @@ def set_up(cfg: TrainConfig) -> Run:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
     task = get_task(cfg.task, **cfg.task_options)
     resolve(cfg.model)  # a bad model path fails before anything is written
+    if cfg.report_to != "none":
+        tracker_module(cfg.report_to)  # (its package is installed; every rank checks, as for the rest)
     failures = read_failures(cfg.failures) if cfg.failures else None
     if cfg.failures:
         check_made_for(cfg.failures, task, cfg.model)

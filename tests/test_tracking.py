@@ -86,3 +86,20 @@ def test_report_to_without_the_package_is_one_line(tmp_path, monkeypatch):
         make_tracker("wandb", tmp_path, {}, 0, main=True)
     with pytest.raises(R3Error, match="'report_to' must be one of none, tensorboard, wandb"):
         make_tracker("mlflow", Path(tmp_path), {}, 0, main=True)
+
+
+def test_report_to_without_the_package_fails_before_anything_is_written(tmp_path, monkeypatch):
+    """A missing tracking package is found before the models load: one line, exit 2, and no run
+    directory (a lock and a config.json were left behind when the tracker was made last)."""
+    import test_train
+
+    blocker = tmp_path / "blocker" / "wandb"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('wandb is not installed here')\n")
+    env = dict(test_train.ENV, PYTHONPATH=f"{blocker.parent}:{test_train.ENV.get('PYTHONPATH', '')}")
+    monkeypatch.setattr(test_train, "ENV", env)
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--report-to", "wandb"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert err == ["error: --report-to wandb needs the wandb package: pip install wandb"], err
+    assert not (tmp_path / "o").exists() and "r3.train:" not in proc.stdout  # (nothing loaded or printed)
