@@ -12,9 +12,11 @@ when either the first attempt or the retry passes. Uses :func:`r3.episode.run_ep
 With several ``--model`` values each is evaluated on the same queries and a table
 ``model | acc 1st | acc 2nd | delta`` is printed (with standard errors), plus each later model's
 paired change against the first (mean and standard error of the per-query difference). The JSON
-output keeps ``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``n`` of the first model
-at the top level, one entry per model under ``models`` (with per-example ``records`` when
-``--records`` is given) and the paired changes under ``paired``.
+output holds one entry per model under ``models`` (with per-example ``records`` when ``--records``
+is given), the paired changes under ``paired``, and ``n``; with one model, also its ``model``,
+``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``delta`` at the top level (with
+several there are none: they would read as the first model's, which with ``--run`` is the
+untrained one).
 
 ``--run DIR`` evaluates a training run's base model and its export (``DIR/export``) side by side on
 the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
@@ -177,12 +179,11 @@ def main(argv=None) -> int:
                            "first_attempt": paired_difference(base["first_correct"], res["first_correct"]),
                            "second_attempt": paired_difference(base["second_correct"], res["second_correct"])})
         head = results[0]
+        one = {k: head[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
         write_json_atomic(out, {
-            "model": head["model"], "task": st["task"], "task_options": st["options"], "task_config": task_config,
-            "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
-            "n": head["n"], "first_attempt_accuracy": head["first_attempt_accuracy"],
-            "second_attempt_accuracy": head["second_attempt_accuracy"], "delta": head["delta"],
-            "settings": settings, "models": results, "paired": paired,
+            **(one if len(models) == 1 else {}), "task": st["task"], "task_options": st["options"],
+            "task_config": task_config, "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
+            "n": head["n"], "settings": settings, "models": results, "paired": paired,
         })
     print(format_table(results, paired))
     print(f"[{len(examples)} {args.split} queries of {st['task']}; wrote {out}]", file=sys.stderr)

@@ -327,12 +327,12 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     assert rc == 0, err
     assert "evaluate smollm2-135m: 3/3" in err and "ETA" in err
     data = json.loads(out.read_text())
-    assert {"first_attempt_accuracy", "second_attempt_accuracy", "n", "model", "task", "settings", "models"} <= set(data)
-    assert data["n"] == 3 and data["model"] == "smollm2-135m" and data["task"] == "countdown"
+    assert {"n", "task", "settings", "models", "paired"} <= set(data)
+    # several models: no accuracy at the top level (it would read as the first model's)
+    assert not {"model", "first_attempt_accuracy", "second_attempt_accuracy", "delta"} & set(data)
+    assert data["n"] == 3 and data["task"] == "countdown"
     assert data["task_options"] == {"difficulty": "easy"} and data["settings"]["temperature"] == 0.0
     assert [m["model"] for m in data["models"]] == ["smollm2-135m", tiny_dir]
-    assert data["first_attempt_accuracy"] == data["models"][0]["first_attempt_accuracy"]
-    assert data["second_attempt_accuracy"] == data["models"][0]["second_attempt_accuracy"]
     from r3.tasks import get
 
     task = get("countdown", difficulty="easy")
@@ -368,7 +368,11 @@ def test_evaluate_without_n_takes_the_whole_split(tiny_dir, tmp_path, capsys):
             "--task-option", "test_size=3", "--max-new-tokens", "4", "--dtype", "fp32", "--out", str(out)]
     rc, _, err = run_main(E.main, argv, capsys)
     assert rc == 0, err
-    assert json.loads(out.read_text())["n"] == 3
+    data = json.loads(out.read_text())
+    assert data["n"] == 3 and data["model"] == tiny_dir  # one model: its numbers at the top level too
+    m = data["models"][0]
+    assert [data[k] for k in ("first_attempt_accuracy", "second_attempt_accuracy", "delta")] == \
+        [m[k] for k in ("first_attempt_accuracy", "second_attempt_accuracy", "delta")]
 
 
 def test_paired_difference_by_hand():
