@@ -63,8 +63,9 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
 
 def format_step_line(row: dict, max_steps: int, eta_s: float) -> str:
     fts = "  n/a" if row["first_try_success"] is None else f"{row['first_try_success']:.2f}"
+    kl = "     n/a" if row["kl"] is None else f"{row['kl']:.2e}"  # None: no token trained this step
     return (
-        f"step {row['step']}/{max_steps} | loss {row['loss']:+.4f} | kl {row['kl'] or 0.0:.2e} | "
+        f"step {row['step']}/{max_steps} | loss {row['loss']:+.4f} | kl {kl} | "
         f"retry {row['retry_success']:.2f} | first {fts} | signal {row['groups_with_signal']}/{row['groups']} | "
         f"{row['step_time_s']:.1f}s/step (rollout {row['rollout_time_s']:.1f}, ref {row['reference_time_s']:.1f}, "
         f"update {row['update_time_s']:.1f}) | ETA {format_duration(eta_s)}"

@@ -20,6 +20,8 @@ PANELS = (
     ("loss", "loss"),
     ("step_time_s", "step time (s)"),
 )
+#: Panels with at most this many points get markers.
+MARKERS_UP_TO = 60
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -69,7 +71,10 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            line = ax.plot(xs, ys, alpha=0.35 if window > 1 else 1.0, label=run.name)
+            # markers while points are few: a metric logged on few steps (KL: only steps that
+            # trained a token) would otherwise be an invisible single point or short segments
+            line = ax.plot(xs, ys, alpha=0.35 if window > 1 else 1.0, label=run.name,
+                           marker="o" if len(pts) <= MARKERS_UP_TO else None, markersize=3)
             if window > 1:
                 ax.plot(xs, smooth(list(ys), window), color=line[0].get_color())
             ax.set_title(title)

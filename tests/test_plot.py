@@ -1,0 +1,46 @@
+"""The training progress line and r3.plot's curves: metrics a step did not produce (KL and
+first-attempt success are None when nothing was trained / no first attempt was made) show as
+n/a, not as zero, and sparse series are drawn with markers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r3 import plot
+from r3.metrics import format_step_line
+
+
+def _row(step, **kw):
+    row = {"step": step, "loss": 0.0, "kl": None, "retry_success": 0.0, "first_try_success": None,
+           "groups_with_signal": 0, "groups": 8, "step_time_s": 1.0, "rollout_time_s": 1.0, "reference_time_s": 0.0,
+           "update_time_s": 0.0, "skipped": False, "reflection_len_mean": 10.0}
+    row.update(kw)
+    return row
+
+
+def test_progress_line_says_n_a_for_what_a_step_did_not_measure():
+    line = format_step_line(_row(1), 3, 2.0)
+    assert "| kl      n/a |" in line and "| first   n/a |" in line
+    line = format_step_line(_row(2, kl=0.0123, first_try_success=0.5), 3, 1.0)
+    assert "| kl 1.23e-02 |" in line and "| first 0.50 |" in line
+    assert format_step_line(_row(3, kl=0.0), 3, 0.0).count("kl 0.00e+00") == 1  # a measured zero stays zero
+
+
+@pytest.mark.parametrize("steps, marked", [(5, True), (plot.MARKERS_UP_TO + 1, False)])
+def test_plot_marks_sparse_series(tmp_path, monkeypatch, steps, marked):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [_row(s, kl=0.01 if s == 2 else None, retry_success=s / steps) for s in range(1, steps + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    save = plot.save_figure
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out: (figures.append(fig), save(fig, out))[1])
+    out = plot.plot([run], tmp_path / "c.png")
+    assert out.is_file() and out.stat().st_size > 0
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    kl = axes["KL to reference (k3)"].lines
+    assert len(kl) == 1 and list(kl[0].get_xdata()) == [2] and kl[0].get_marker() == "o"  # one point, visible
+    retry = axes["retry success (reward)"].lines[0]
+    assert len(retry.get_xdata()) == steps and (retry.get_marker() == "o") == marked
