@@ -285,6 +285,17 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
         raise R3Error(f"{source}: bad value {raw!r} for '{name}' (expected {kind})") from None
 
 
+
+def _parse_problem(e: Exception) -> str:
+    """One line saying what is wrong where: YAML's problem and its line and column, or JSON's
+    message (which has them)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        context, at = getattr(e, "context", None), getattr(e, "context_mark", None)
+        return where + (f" ({context} at line {at.line + 1}, column {at.column + 1})" if context and at else "")
+    return str(e).splitlines()[0]
+
 def _read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -298,7 +309,7 @@ def _read_config_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:
-        raise R3Error(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+        raise R3Error(f"{path}: cannot parse ({_parse_problem(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -414,6 +414,22 @@ def test_incompatible_out_dir_is_refused_and_untouched(tiny_model, tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
+
+@pytest.mark.parametrize("name, text, where", [
+    ("c.yaml", "lr: [1, 2\nbatch_size: 8\n",
+     "line 2, column 11: expected ',' or ']', but got ':' (while parsing a flow sequence at line 1, column 5)"),
+    ("c.json", '{"lr": 1,\n "x": }', "Expecting value: line 2 column 7"),
+])
+def test_a_config_file_that_does_not_parse_names_the_line(tmp_path, name, text, where):
+    from r3.config import parse_args
+    from r3.errors import R3Error
+
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(R3Error) as e:
+        parse_args(["--config", str(f)])
+    assert str(e.value).startswith(f"{f}: cannot parse ({where}") and "\n" not in str(e.value)
+
 def test_config_file_and_overrides(tmp_path):
     from r3.config import TrainConfig, parse_args
 
