@@ -137,20 +137,38 @@ def check_made_for(path, task, model: str) -> None:
         made = get(settings["task"], **settings.get("task_options", {}))
     except R3Error as e:
         raise R3Error(f"{path}: made for task {settings['task']!r}, which cannot be rebuilt here ({e})") from None
-    mine, theirs = task.config(), made.config()
+    mine, theirs = _options_in_effect(task), _options_in_effect(made)
     differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if type(made) is not type(task) or made.name != task.name or differ:
+    same_kind = type(made) is type(task) and getattr(made, "name", None) == getattr(task, "name", None)
+    if not same_kind or differ:
         detail = (f"options differ: {', '.join(f'{k} {theirs.get(k)!r} there, {mine.get(k)!r} here' for k in differ[:3])}"
-                  f"{' ...' if len(differ) > 3 else ''}" if differ and type(made) is type(task) else
-                  f"task {made.name!r} there, {task.name!r} here")
+                  f"{' ...' if len(differ) > 3 else ''}" if same_kind else
+                  f"task {getattr(made, 'name', made)!r} there, {getattr(task, 'name', task)!r} here")
         raise R3Error(f"{path} was made for task {settings['task']!r} with options {settings.get('task_options', {})}, "
                       f"not this run's task ({detail}); pass the same --task and --task-option to r3.train, "
                       "or make the file again")
-    if settings.get("model") not in (None, model):
+    if settings.get("model") is not None and not _same_model(settings["model"], model):
         print(f"warning: {path} holds the first attempts of model {settings['model']!r}; this run trains {model!r}",
               file=sys.stderr)
     if settings.get("split", "train") != "train":
         print(f"warning: {path} holds queries of the {settings['split']!r} split", file=sys.stderr)
+
+
+def _options_in_effect(task) -> dict:
+    config = getattr(task, "config", None)  # (a plug-in need not have it: then only its kind is compared)
+    return config() if callable(config) else {}
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model specs (names or paths) are the same model files."""
+    from r3.checkpoint import resolve
+
+    if a == b:
+        return True
+    try:
+        return resolve(a)[1].resolve() == resolve(b)[1].resolve()
+    except R3Error:  # (one of them is not here: another model)
+        return False
 
 
 class FailureFile:

@@ -383,6 +383,11 @@ def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
     done.write_text(done.read_text().replace('"split": "train"', '"split": "test"'))
     check_made_for(test_split, tiny, "smollm2-135m")
     assert "holds queries of the 'test' split" in capsys.readouterr().err
+    # the same model named by its path is the same model
+    from r3.checkpoint import resolve
+
+    check_made_for(tmp_path / "a.jsonl", tiny, str(resolve("smollm2-135m")[1]))
+    assert capsys.readouterr().err == ""
     # a hand-made file (no .done header) is checked record by record only
     (tmp_path / "e.jsonl").write_text("{}\n")
     check_made_for(tmp_path / "e.jsonl", get("function_calling"), "smollm2-135m")
