@@ -69,6 +69,7 @@ from r3.rundir import (
     write_config,
 )
 from r3.tasks import get as get_task
+from r3.tasks.base import warn_verifier_errors
 from r3.tasks import resolve as resolve_task
 from r3.tracking import Tracker, make_tracker, tracker_module
 
@@ -332,6 +333,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
         torch.cuda.reset_peak_memory_stats(d.device)
     sync_rollout_weights(run.policy, run.rollout_model)
     ep = rollout(run, step)
+    warn_verifier_errors(run.task, f"in step {step + 1}" + (f" on rank {d.rank}" if d.world > 1 else ""))
     t_rollout = time.time()
 
     adv = grpo.group_advantages(ep.rewards, scale=cfg.scale_advantages)  # [n_groups, G]

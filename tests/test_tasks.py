@@ -886,3 +886,50 @@ def test_countdown_verifier_and_recheck_agree_on_edge_inputs():
     for task, ex, text, expected in cases:
         assert task.verify(ex, text) is expected, (text[:40], task.diagnose(ex, text))
         assert recheck(task, ex, text)[0] is expected, text[:40]
+
+
+class _ReturnsText(Task):
+    """A plug-in whose _check returns a bare string: truthy, but not a verdict."""
+
+    name = "returns_text"
+
+    def _check(self, example, completion_text):
+        return "yes"
+
+
+class _Raises(Task):
+    name = "raises"
+
+    def _check(self, example, completion_text):
+        raise ValueError("bad field")
+
+
+def test_a_verdict_must_be_a_bool_and_a_reason(capsys):
+    """A _check that returns anything but (bool, str) never pays a reward (a bare string read as
+    True rewarded every completion); numpy's bool is a bool."""
+    import numpy as np
+
+    t = _ReturnsText()
+    assert t.verify({}, "anything") is False
+    assert t.diagnose({}, "anything").startswith("verifier error: TypeError: _ReturnsText._check must return (bool, str)")
+    for out in (("yes", "r"), (1, "r"), (True,), None, [True, "ok", 3]):
+        t._check = lambda ex, s, out=out: out
+        assert t.verify({}, "x") is False
+    t._check = lambda ex, s: (np.bool_(True), "correct")
+    assert t.verify({}, "x") is True
+    t._check = lambda ex, s: [False, "wrong"]
+    assert t.verify({}, "x") is False and t.diagnose({}, "x") == "wrong"
+
+
+def test_verifier_errors_are_counted_and_warned_once(capsys):
+    from r3.tasks.base import warn_verifier_errors
+
+    t = _Raises()
+    assert [t.verify({}, str(i)) for i in range(3)] == [False] * 3
+    assert warn_verifier_errors(t, "in step 4") == 3
+    err = capsys.readouterr().err
+    assert err == ("warning: the task's verifier raised on 3 completions in step 4; they count as wrong "
+                   "(first: ValueError: bad field)\n")
+    assert warn_verifier_errors(t, "in step 5") == 0 and capsys.readouterr().err == ""  # reset
+    assert t.diagnose({}, "x") == "verifier error: ValueError: bad field"
+    assert warn_verifier_errors(object(), "anywhere") == 0  # a duck-typed task without the counter

@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import random
+import sys
 from typing import Any, Iterator
 
 from r3.errors import R3Error
@@ -85,19 +86,38 @@ class Task:
 
     # ---- verifier -----------------------------------------------------------------------
     def verify(self, example: dict, completion_text: str) -> bool:
-        """True iff ``completion_text`` solves ``example``. Never raises; never executes it."""
+        """True iff ``completion_text`` solves ``example``. Never raises; never executes it. A
+        verifier that raises (or returns something other than ``(bool, str)``) judges the
+        completion wrong, and is counted (:meth:`take_verifier_errors`)."""
         try:
-            return bool(self._check(example, completion_text)[0])
-        except Exception:  # noqa: BLE001 -- the contract is "never raises"
+            return self._verdict(example, completion_text)[0]
+        except Exception as e:  # noqa: BLE001 -- the contract is "never raises"
+            n, first = self.__dict__.get("_verifier_errors", (0, None))
+            self._verifier_errors = (n + 1, first or f"{type(e).__name__}: {e}"[:300])
             return False
 
     def diagnose(self, example: dict, completion_text: str) -> str:
         """A short reason for the verdict ("correct" or what is wrong). Never raises."""
         try:
-            ok, why = self._check(example, completion_text)
+            ok, why = self._verdict(example, completion_text)
             return "correct" if ok else why
         except Exception as e:  # noqa: BLE001
-            return f"verifier error: {type(e).__name__}"
+            return f"verifier error: {type(e).__name__}: {e}"[:300]
+
+    def take_verifier_errors(self) -> tuple[int, str | None]:
+        """``(n, first)``: how many :meth:`verify` calls raised since the last call, and the first
+        one's error; resets. Training and evaluation print it, so a broken verifier (every reward
+        0) does not pass unnoticed."""
+        return self.__dict__.pop("_verifier_errors", (0, None))
+
+    def _verdict(self, example: dict, completion_text: str) -> tuple[bool, str]:
+        """``_check``'s result, which must be ``(bool, str)``: anything else (a plug-in returning a
+        bare string would read as True) is an error, so it can never pay a reward."""
+        out = self._check(example, completion_text)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2
+                and (isinstance(out[0], bool) or type(out[0]).__name__ in ("bool", "bool_"))):  # (numpy)
+            raise TypeError(f"{type(self).__name__}._check must return (bool, str), got {out!r}"[:200])
+        return bool(out[0]), str(out[1])
 
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
         raise NotImplementedError
@@ -115,6 +135,17 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def warn_verifier_errors(task, during: str) -> int:
+    """Print one warning line if ``task``'s verifier raised since the last check (see
+    :meth:`Task.take_verifier_errors`); returns how many times."""
+    take = getattr(task, "take_verifier_errors", None)
+    n, first = take() if callable(take) else (0, None)
+    if n:
+        print(f"warning: the task's verifier raised on {n} completion{'s' if n > 1 else ''} {during}; they count "
+              f"as wrong (first: {first})", file=sys.stderr, flush=True)
+    return n
 
 
 # ---------------------------------------------------------------------------------------
