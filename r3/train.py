@@ -41,6 +41,7 @@ from r3.batch import (
     score_micro_batches,
     token_logprobs,
 )
+from r3.chat import ChatFormat
 from r3.checkpoint import load, resolve
 from r3.config import TrainConfig, parse_args
 from r3.distributed import (
@@ -288,6 +289,10 @@ def set_up(cfg: TrainConfig) -> Run:
         print(f"  (task {base!r} with options {options})", flush=True)
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
+    # the model's chat template renders the task's conversations (else a failed start would leave
+    # a config.json that a corrected retry is refused for)
+    first = queries[0]["example"] if failures is not None else queries[0]
+    ChatFormat(tokenizer).prompt(task.messages(first))
     write_config(cfg, out, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     init_adamw_state(optimizer)

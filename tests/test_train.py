@@ -709,6 +709,25 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_c
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4] and (out / "export").is_dir()
 
 
+
+def test_a_model_without_a_chat_template_fails_before_the_config_is_written(tiny_model, tmp_path):
+    """The template is checked on the task's first conversation before config.json is written,
+    so the corrected retry on the same --out is not refused as a different config."""
+    out, bare = tmp_path / "run", tmp_path / "no_template"
+    bare.mkdir()
+    for f in Path(tiny_model).iterdir():
+        (bare / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((bare / "tokenizer_config.json").read_text())
+    tok.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    args = BASE + ["--max-steps", "1", "--out", str(out)]
+    proc = run_train(args + ["--model", str(bare)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the tokenizer has no chat template" in proc.stderr
+    assert not (out / "config.json").exists()
+    run_train(args + ["--model", str(tiny_model)])
+
 LAUNCH = [sys.executable, "-m", "r3.launch", "--standalone"]
 
 
