@@ -63,6 +63,27 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
     raise R3Error(f"{path}: expected a Hugging Face directory or a .gguf file")
 
 
+def canonical_model(spec: str) -> str:
+    """How a run records its model: a built-in name as it is, a path absolute (so a resume or
+    ``r3.evaluate --run`` from another directory finds the same files, and another spelling of
+    the same path is the same model). Raises like :func:`resolve` when there is no such model."""
+    resolve(spec)
+    if isinstance(spec, str) and spec in BUILTIN_MODELS:
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model specs (names or paths, relative ones to the current directory) name
+    the same model files."""
+    if a == b:
+        return True
+    try:
+        return resolve(a)[1].resolve() == resolve(b)[1].resolve()
+    except R3Error:  # (one of them is not here)
+        return False
+
+
 def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: bool = True):
     """-> (model, tokenizer). ``spec``: HF directory, ``.gguf`` file, or a built-in name."""
     kind, path = resolve(spec)

@@ -138,8 +138,11 @@ class TrainConfig:
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()
         other = upgrade_config_dict(other)
+        from r3.checkpoint import same_model
+
         return sorted(k for k in set(mine) | set(other)
-                      if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k))
+                      if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k)
+                      and not (k == "model" and isinstance(other.get(k), str) and same_model(other[k], mine[k])))
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -128,6 +128,7 @@ def check_made_for(path, task, model: str) -> None:
     answer format) would reward against the wrong rule. Compares the task's name and every
     option in effect with what ``r3.failures`` recorded; warns when the model differs (the
     attempts are another model's, in its tokens) or the queries are not from the train split."""
+    from r3.checkpoint import same_model
     from r3.tasks import get
 
     settings = recorded_settings(path)
@@ -147,7 +148,7 @@ def check_made_for(path, task, model: str) -> None:
         raise R3Error(f"{path} was made for task {settings['task']!r} with options {settings.get('task_options', {})}, "
                       f"not this run's task ({detail}); pass the same --task and --task-option to r3.train, "
                       "or make the file again")
-    if settings.get("model") is not None and not _same_model(settings["model"], model):
+    if settings.get("model") is not None and not same_model(settings["model"], model):
         print(f"warning: {path} holds the first attempts of model {settings['model']!r}; this run trains {model!r}",
               file=sys.stderr)
     if settings.get("split", "train") != "train":
@@ -157,18 +158,6 @@ def check_made_for(path, task, model: str) -> None:
 def _options_in_effect(task) -> dict:
     config = getattr(task, "config", None)  # (a plug-in need not have it: then only its kind is compared)
     return config() if callable(config) else {}
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Whether two model specs (names or paths) are the same model files."""
-    from r3.checkpoint import resolve
-
-    if a == b:
-        return True
-    try:
-        return resolve(a)[1].resolve() == resolve(b)[1].resolve()
-    except R3Error:  # (one of them is not here: another model)
-        return False
 
 
 class FailureFile:

@@ -42,7 +42,7 @@ from r3.batch import (
     token_logprobs,
 )
 from r3.chat import ChatFormat
-from r3.checkpoint import load, resolve
+from r3.checkpoint import canonical_model, load
 from r3.config import TrainConfig, parse_args
 from r3.distributed import (
     Dist,
@@ -269,7 +269,7 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.batch_size % d.world:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
     task = get_task(cfg.task, **cfg.task_options)
-    resolve(cfg.model)  # a bad model path fails before anything is written
+    cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
     if cfg.report_to != "none":
         tracker_module(cfg.report_to)  # (its package is installed; every rank checks, as for the rest)
     failures = read_failures(cfg.failures) if cfg.failures else None

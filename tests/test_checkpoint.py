@@ -292,3 +292,30 @@ def test_cli_reports_bad_model_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_a_run_records_its_model_path_absolute(tiny_dirs, tmp_path, monkeypatch):
+    """config.json holds the model's absolute path (a built-in name as it is): a resume with another
+    spelling of the same path is the same run, and one from another directory with the same
+    relative spelling but other files is not."""
+    from r3.checkpoint import canonical_model, same_model
+    from r3.config import TrainConfig
+
+    src = tiny_dirs["llama"][0]
+    for d in ("a/model", "b/model"):
+        (tmp_path / d).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, tmp_path / d)
+    monkeypatch.chdir(tmp_path / "a")
+    assert canonical_model("smollm2-135m") == "smollm2-135m"
+    recorded = canonical_model("model")
+    assert recorded == str(tmp_path / "a" / "model")
+    assert canonical_model("./model/") == recorded == canonical_model(str(tmp_path / "b" / ".." / "a" / "model"))
+    with pytest.raises(R3Error, match="model path 'nope' does not exist"):
+        canonical_model("nope")
+    stored = TrainConfig(model=recorded).to_dict()
+    assert TrainConfig(model=canonical_model("./model")).incompatible_with(stored) == []
+    monkeypatch.chdir(tmp_path / "b")
+    assert TrainConfig(model=canonical_model("model")).incompatible_with(stored) == ["model"]
+    # a run recorded before paths were made absolute: its relative path is read from here
+    assert TrainConfig(model=canonical_model("model")).incompatible_with({**stored, "model": "model"}) == []
+    assert same_model("model", str(tmp_path / "b" / "model")) and not same_model("model", recorded)
