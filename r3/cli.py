@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -64,6 +66,13 @@ def check_out_path(out: str, what: str = "--out") -> Path:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise R3Error(f"{what} {out}: {parent} is not a directory")
+    existing = next(p for p in (parent.absolute(), *parent.absolute().parents) if p.exists())
+    try:  # a file can be made there (what os.access misses: a read-only file system, root)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".r3-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise R3Error(f"{what} {out}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
     return path
 
 

@@ -281,10 +281,16 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
             and not (out / "metrics.jsonl").exists():
         raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
-    holder = ""
+    holder, unwritable = "", ""
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            f = open(out / ".lock", "a+")
+        except OSError as e:
+            unwritable = e.strerror or type(e).__name__
+    if all_max(1 if unwritable else 0, d):
+        raise R3Error(f"--out {out}: cannot write there ({unwritable or 'see rank 0'})")
+    if d.main:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -479,3 +479,23 @@ def test_subprocess_exit_2_without_traceback(module, args, pattern, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], proc.stderr
+
+
+def test_an_out_file_that_cannot_be_written_fails_before_any_work(tmp_path, monkeypatch):
+    """check_out_path (every CLI's --out) makes a file where the output will go: a read-only file
+    system was found only after the whole evaluation had run."""
+    import errno
+    import tempfile
+
+    from r3.cli import check_out_path
+    from r3.errors import R3Error
+
+    assert check_out_path(str(tmp_path / "new" / "deeper" / "x.json")) == tmp_path / "new" / "deeper" / "x.json"
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # (the probe is gone)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(R3Error, match=f"--out {tmp_path}/x.json: cannot write in {tmp_path} \\(Read-only file system\\)"):
+        check_out_path(str(tmp_path / "x.json"))

@@ -686,6 +686,15 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(R3Error, match="is a file, not a directory"):
         prepare_out_dir(TrainConfig(out=str(tmp_path / "file")).validate(), d)
+    import errno
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with pytest.MonkeyPatch.context() as mp:  # an --out that cannot be made: one line, not a traceback
+        mp.setattr(Path, "mkdir", read_only)
+        with pytest.raises(R3Error, match=r"--out .*/ro: cannot write there \(Read-only file system\)"):
+            prepare_out_dir(TrainConfig(out=str(tmp_path / "ro")).validate(), d)
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_config(tiny_model, tmp_path):
