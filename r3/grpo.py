@@ -90,7 +90,7 @@ def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 
     if G == 0:
         return r.clone()
     centered = r - r.mean(dim=1, keepdim=True)
-    if scale and G > 1:
+    if scale and G > 1 and r.shape[0]:  # (no groups: torch warns on the std of nothing)
         std = r.std(dim=1, keepdim=True, unbiased=True)
         centered = centered / (std + eps)
     # Exact zeros for all-equal groups: mean(x, x, x) can differ from x in the last bit.

@@ -50,6 +50,17 @@ def test_group_advantages_all_equal_is_exactly_zero():
     assert torch.isfinite(group_advantages(r, eps=0.0)).all()
 
 
+
+def test_group_advantages_of_no_groups_is_quiet():
+    """A rank with no failures this step has no groups: an empty result and no torch warning on
+    the console (the std of nothing warned)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (True, False):
+            assert group_advantages(torch.zeros(0, 4), scale=scale).shape == (0, 4)
+
 def test_group_advantages_g1_and_int_rewards():
     a = group_advantages(torch.tensor([[1.0], [0.0], [0.3]]))
     assert torch.equal(a, torch.zeros(3, 1))
