@@ -51,6 +51,7 @@ from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
+from r3.tasks import examples_of
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     models = st["models"]
     check_sampling_args(max(st["max_attempt"], st["max_retry"]), args.temperature, st["top_k"], st["top_p"])
     task = load_task(st["task"], st["options"])
-    examples = task.examples(args.split, args.n, args.seed)
+    examples = examples_of(task, args.split, args.n, args.seed)
     if args.n is not None and len(examples) < args.n:
         print(f"note: the {args.split} split has only {len(examples)} examples", file=sys.stderr)
     if not examples:

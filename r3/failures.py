@@ -58,6 +58,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
     read_jsonl,
 )
 from r3.sampler import check_sampling_args, generate
+from r3.tasks import examples_of
 
 # --------------------------------------------------------------------------------------------
 # Sampling
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     out = check_out_path(args.out)
     options = parse_task_options(args.task_option)
     task = load_task(args.task, options)
-    examples = task.examples(args.split, args.n, args.seed)
+    examples = examples_of(task, args.split, args.n, args.seed)
     if not examples:
         raise R3Error(f"task {args.task!r}: no {args.split} examples")
     device, dtype = pick_device_dtype(args.device, args.dtype)

@@ -69,6 +69,7 @@ from r3.rundir import (
     truncate_jsonl,
     write_config,
 )
+from r3.tasks import examples_of
 from r3.tasks import get as get_task
 from r3.tasks.base import warn_verifier_errors
 from r3.tasks import resolve as resolve_task
@@ -277,9 +278,9 @@ def set_up(cfg: TrainConfig) -> Run:
         check_made_for(cfg.failures, task, cfg.model)
     for i, rec in enumerate(failures or []):
         task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
-    queries = failures if failures is not None else task.examples("train", seed=cfg.seed)  # a bad data file fails here
+    queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)  # a bad data file fails here
     if cfg.eval_n:
-        task.examples("test", n=cfg.eval_n, seed=cfg.seed)
+        examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)
@@ -442,7 +443,7 @@ def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, ste
     """First- and second-attempt accuracy on ``eval_n`` test queries (split over ranks)."""
     if not cfg.eval_n:
         return None
-    examples = task.examples("test", n=cfg.eval_n, seed=cfg.seed)
+    examples = examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
     mine = examples[d.rank::d.world]
     res = evaluate_examples(
         rollout_model, tokenizer, task, mine, cfg.sampling(cfg.eval_temperature), seed=cfg.seed + 17, batch_size=32,

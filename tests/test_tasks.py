@@ -933,3 +933,23 @@ def test_verifier_errors_are_counted_and_warned_once(capsys):
     assert warn_verifier_errors(t, "in step 5") == 0 and capsys.readouterr().err == ""  # reset
     assert t.diagnose({}, "x") == "verifier error: ValueError: bad field"
     assert warn_verifier_errors(object(), "anywhere") == 0  # a duck-typed task without the counter
+
+
+@pytest.mark.parametrize("made, message", [
+    (5, "examples('train') must return a list of dicts, got int"),
+    ([{"a": 1}, "text"], "train example 2 is a str, not a dict"),
+    ([{"x": {1, 2}}], "train example 1 cannot be written as JSON (Object of type set is not JSON serializable)"),
+])
+def test_a_plugins_examples_are_checked(made, message):
+    """What a plug-in's examples() returns is checked where training, evaluation and r3.failures
+    read it: one line, not a traceback (or a crash after the first step, when an example that
+    is not JSON was logged)."""
+    from r3.tasks import examples_of
+
+    class Made(_Raises):
+        def examples(self, split="train", n=None, seed=0):
+            return made
+
+    with pytest.raises(R3Error, match="^task 'raises': " + message.replace("(", r"\(").replace(")", r"\)")):
+        examples_of(Made(), "train")
+    assert examples_of(tasks.get("countdown-tiny"), "test", n=3) == tasks.get("countdown-tiny").examples("test", 3)

@@ -120,3 +120,24 @@ def get(name: Any, **options: Any) -> Task:
     if missing:
         raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")
     return task
+
+
+def examples_of(task, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """``task.examples(split, n, seed)``, checked: a list of JSON objects (a plug-in returning
+    anything else failed with a traceback, or after the first step when a run logged an example
+    it could not write as JSON). Any problem is one R3Error naming the task and the example."""
+    import json
+
+    name = getattr(task, "name", type(task).__name__)
+    examples = task.examples(split, n, seed)
+    if not isinstance(examples, (list, tuple)):
+        raise R3Error(f"task {name!r}: examples({split!r}) must return a list of dicts, got {type(examples).__name__}")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict):
+            raise R3Error(f"task {name!r}: {split} example {i + 1} is a {type(ex).__name__}, not a dict")
+        try:
+            json.dumps(ex)
+        except (TypeError, ValueError) as e:
+            raise R3Error(f"task {name!r}: {split} example {i + 1} cannot be written as JSON ({e}); "
+                          "examples are logged with every sample") from None
+    return list(examples)
