@@ -288,6 +288,9 @@ def set_up(cfg: TrainConfig) -> Run:
             print(f"  {k}: {v}", flush=True)
         base, options = resolve_task(cfg.task, cfg.task_options)
         print(f"  (task {base!r} with options {options})", flush=True)
+        if getattr(task, "synthetic", False):
+            print(f"note: task {base!r} has no data_path: it trains on generated examples, not on real data "
+                  "(pass the real file with --task-option data_path=FILE)", flush=True)
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     # the model's chat template renders the task's conversations (else a failed start would leave

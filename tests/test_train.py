@@ -261,6 +261,8 @@ def test_function_calling_from_the_command_line(tiny_model, tmp_path):
         proc = run_train(common + ["--task", "function_calling", *options, "--model", str(tiny_model),
                                    "--out", str(out), "--max-steps", "1"])
         assert "task 'function_calling' with options" in proc.stdout
+        # generated data is said to be so; a real file is not
+        assert ("note: task 'function_calling' has no data_path" in proc.stdout) == (name == "synthetic")
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["task"] == "function_calling" and "difficulty" not in cfg["task_options"]
         assert [r["step"] for r in read_metrics(out)] == [1]
