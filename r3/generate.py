@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     chat = ChatFormat(tok, eos_token_ids=[e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None])
     prompt = chat.prompt(messages)
     stops = chat.stop_ids
+    limit = model.config.max_position_embeddings
+    if len(prompt) + args.max_new_tokens > limit:
+        print(f"warning: the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} passes the "
+              f"model's {limit} positions (max_position_embeddings); text past them is unreliable", file=sys.stderr)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
               seed=args.seed, vocab_size=min(len(tok), model.config.vocab_size), decode=args.decode)
     if args.decode == "compiled":  # compile outside the timed run, so tokens/s is the decoding speed

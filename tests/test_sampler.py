@@ -514,7 +514,14 @@ def _cli(*args):
 def test_cli_prints_a_completion():
     r = _cli("--prompt", "What is the capital of France?", "--max-new-tokens", "6", "--temperature", "0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() and "tokens/s" in r.stderr
+    assert r.stdout.strip() and "tokens/s" in r.stderr and "warning" not in r.stderr
+
+
+def test_cli_warns_past_the_models_positions():
+    limit = load("smollm2-135m", tokenizer=False)[0].config.max_position_embeddings
+    r = _cli("--prompt", "What is the capital of France?", "--max-new-tokens", str(limit), "--temperature", "0")
+    assert r.returncode == 0, r.stderr  # (it stops at the end of its answer)
+    assert f"--max-new-tokens {limit} passes the model's {limit} positions" in r.stderr
 
 
 @pytest.mark.parametrize("args", [("--model", "/no/such/model", "--prompt", "hi"), ("--prompt", "hi", "--top-p", "2")])
