@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         print(f"note: the {args.split} split has only {len(examples)} examples", file=sys.stderr)
     if not examples:
         raise R3Error(f"task {st['task']!r}: no {args.split} examples")
-    if getattr(task, "synthetic", False):
+    if getattr(task, "stand_in_data", False):
         print(f"note: task {st['task']!r} has no data_path: these are generated examples, not real data",
               file=sys.stderr)
     device, dtype = pick_device_dtype(args.device, st["dtype"])

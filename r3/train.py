@@ -288,7 +288,7 @@ def set_up(cfg: TrainConfig) -> Run:
             print(f"  {k}: {v}", flush=True)
         base, options = resolve_task(cfg.task, cfg.task_options)
         print(f"  (task {base!r} with options {options})", flush=True)
-        if getattr(task, "synthetic", False):
+        if getattr(task, "stand_in_data", False):
             print(f"note: task {base!r} has no data_path: it trains on generated examples, not on real data "
                   "(pass the real file with --task-option data_path=FILE)", flush=True)
 

@@ -44,6 +44,10 @@ class Task:
     default_retry_prompt: str = "Try again."
     #: True when the examples come from data the project generated itself (not a user file).
     synthetic: bool = False
+    #: True when generated examples stand in for a real data set the user should pass (function
+    #: calling without ``data_path``): training and evaluation say so. (Countdown's generated
+    #: puzzles are the task itself.)
+    stand_in_data: bool = False
     #: Texts that end an answer turn (the first attempt, the retry) as soon as the model writes
     #: one, e.g. Countdown's ``</answer>``: the verifier reads the turn up to there, and no time
     #: is spent on what follows. Empty: an answer runs to the end-of-turn token or the limit.

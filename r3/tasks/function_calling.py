@@ -400,7 +400,7 @@ class FunctionCallingTask(Task):
             "system_prompt", system_prompt, allow_empty=False)
         if "{tools}" not in self.system_prompt:
             raise R3Error("option system_prompt: must contain the placeholder {tools}")
-        self.synthetic = self.data_path is None
+        self.synthetic = self.stand_in_data = self.data_path is None
         self._splits: dict[str, list[dict]] | None = None
 
     def _load(self) -> dict[str, list[dict]]:
