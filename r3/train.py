@@ -295,8 +295,8 @@ def set_up(cfg: TrainConfig) -> Run:
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     # the model's chat template renders the task's conversations (else a failed start would leave
     # a config.json that a corrected retry is refused for)
-    first = queries[0]["example"] if failures is not None else queries[0]
-    ChatFormat(tokenizer).prompt(task.messages(first))
+    if queries:
+        ChatFormat(tokenizer).prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
     write_config(cfg, out, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     init_adamw_state(optimizer)
