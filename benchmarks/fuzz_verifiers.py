@@ -322,6 +322,9 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         text += rng.choice(["\nActually none of the tools apply: []",
                             "\nOr: " + json.dumps(ref).replace('"', "'"),
                             f"\nActually the correct call is {call['name']}({args})",
+                            f"\nThen: functions.{call['name']}({args})",
+                            f"\n{call['name'].upper()} ({args})",
+                            f"\nCall {call['name']}\uff08{args}\uff09",
                             '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]'])
         label = not ref and text.endswith("[]")
     return ex, text, bool(label)

@@ -168,6 +168,14 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\nFinal answer: [\u200b]", False),  # an empty list with a zero-width space
         (GOOD + '\nActually: {"function": "convert", "args": {"to": "EUR"}}', False),
         (GOOD + "\nActually the correct call is get_weather(city='Oslo')", False),
+        # the same later call spelled otherwise (seen from a second reader): dotted, other case,
+        # a full-width parenthesis
+        (GOOD + "\nThen: functions.get_weather(city='Oslo')", False),
+        (GOOD + "\nThen: self.get_weather (city='Oslo')", False),
+        (GOOD + "\nGET_WEATHER(city='Oslo')", False),
+        (GOOD + "\nget_weather\uff08city='Oslo'\uff09", False),
+        (GOOD + "\nThe weather tool get_weather takes a city (see above).", True),  # named, not called
+        (GOOD + "\nmy_get_weather(city='Oslo')", True),  # another identifier
         ('{"final_calls": ' + BAD + ', "calls": ' + GOOD + "}", False),  # two call lists: ambiguous
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing

@@ -26,7 +26,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   truncated or invalid last attempt is no answer, even after a correct earlier list, and nothing
   inside a structure is searched separately (``[{right call}, {broken call}]`` is no answer, not
   the right call alone). ````` fences are prose. A tool of the example named with call syntax
-  after the answer (``get_weather(city="Oslo")``) is a later attempt: no answer;
+  after the answer (``get_weather(city="Oslo")``, also ``functions.get_weather(...)``, in any
+  letter case, or with a full-width parenthesis) is a later attempt: no answer;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -247,9 +248,10 @@ def parse_calls(text: Any) -> list[dict] | None:
 
 
 def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
-    """A tool named with call syntax (``get_weather(city='Oslo')``) after the answer, or None."""
+    """A tool named with call syntax after the answer (``get_weather(city='Oslo')``, also dotted
+    ``functions.get_weather(...)``, in any letter case, or with a full-width parenthesis), or None."""
     for name in tool_names:
-        if name and re.search(r"(?<![\w.])" + re.escape(name) + r"\s*\(", text[end:]):
+        if name and re.search(r"(?<!\w)" + re.escape(name) + r"\s*[(\uff08]", text[end:], re.IGNORECASE):
             return name
     return None
 

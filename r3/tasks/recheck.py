@@ -760,18 +760,22 @@ def _fc_yield(v):
 
 
 def _fc_named_call_after(text: str, names: list[str]) -> bool:
+    """A tool's name (any letter case; not inside a longer identifier, a dotted prefix allowed)
+    followed by blanks and an opening parenthesis, ASCII or full-width."""
+    folded = text.casefold()
     for name in names:
         if not name:
             continue
-        k = text.find(name)
+        key = name.casefold()
+        k = folded.find(key)
         while k != -1:
-            before = text[k - 1] if k > 0 else ""
-            j = k + len(name)
-            while j < len(text) and text[j].isspace():
+            before = folded[k - 1] if k > 0 else ""
+            j = k + len(key)
+            while j < len(folded) and folded[j].isspace():
                 j += 1
-            if not (before.isalnum() or before in "_.") and text[j:j + 1] == "(":
+            if not (before.isalnum() or before == "_") and folded[j:j + 1] in ("(", "\uff08"):
                 return True
-            k = text.find(name, k + 1)
+            k = folded.find(key, k + 1)
     return False
 
 
