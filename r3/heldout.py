@@ -42,7 +42,8 @@ def evaluate_examples(
     "first_correct", "second_correct", "generated_tokens", "time_s"}`` (``*_correct``: one
     verdict per example, in order, for paired comparisons) and, with
     ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
-    it failed, the reflection (and its length in tokens), the retry and the retry's verdict. ``progress``: a
+    it failed, the reflection (and its length in tokens), the retry and the retry's verdict, with
+    the verifier's reasons (``attempt_reason``, ``retry_reason``) where the task gives them. ``progress``: a
     :class:`Progress`, True for a default one on stderr, or None/False for none.
     """
     batch_size = positive_int("batch_size", batch_size)
@@ -68,13 +69,19 @@ def evaluate_examples(
             first_correct.append(bool(ep.first_passed[i]))
             second_correct.append(bool(ep.first_passed[i]) or (i in by_index and retry_ok[by_index[i]]))
         if records:
+            diagnose = getattr(task, "diagnose", None)  # the verifier's reason (a duck-typed task may not say)
             for i, ex in enumerate(batch):
-                rec = {"example": ex, "attempt": chat.decode(ep.first_attempts[i]), "attempt_correct": ep.first_passed[i]}
+                attempt = chat.decode(ep.first_attempts[i])
+                rec = {"example": ex, "attempt": attempt, "attempt_correct": ep.first_passed[i]}
+                if callable(diagnose):
+                    rec["attempt_reason"] = diagnose(ex, attempt)
                 if i in by_index:
                     row = ep.records[by_index[i]]  # group_size 1: group g is row g
                     start, end = ep.spans[by_index[i]]
                     rec.update(reflection=row["reflection"], reflection_tokens=end - start, retry=row["retry"],
                                retry_correct=retry_ok[by_index[i]])
+                    if callable(diagnose):
+                        rec["retry_reason"] = diagnose(ex, row["retry"])
                 out_records.append(rec)
         if progress:
             progress.update(min(lo + batch_size, len(examples)),

@@ -343,6 +343,11 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
         assert m["second_success"] == m["first_success"] + sum(r.get("retry_correct", False) for r in m["records"])
         for r in m["records"]:
             assert task.verify(r["example"], r["attempt"]) == r["attempt_correct"]
+            # the verifier's reasons, consistent with the verdicts
+            assert (r["attempt_reason"] == "correct") == r["attempt_correct"]
+            assert ("retry_reason" in r) == ("retry" in r)
+            if "retry" in r:
+                assert (r["retry_reason"] == "correct") == r["retry_correct"]
     # the table
     lines = stdout.strip().splitlines()
     assert [c.strip() for c in lines[0].split("|")[1:]] == ["acc 1st", "acc 2nd", "delta"]
