@@ -288,7 +288,6 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
         raise R3Error(f"{source}: bad value {raw!r} for '{name}' (expected {kind})") from None
 
 
-
 def _parse_problem(e: Exception) -> str:
     """One line saying what is wrong where: YAML's problem and its line and column, or JSON's
     message (which has them)."""
@@ -298,6 +297,7 @@ def _parse_problem(e: Exception) -> str:
         context, at = getattr(e, "context", None), getattr(e, "context_mark", None)
         return where + (f" ({context} at line {at.line + 1}, column {at.column + 1})" if context and at else "")
     return str(e).splitlines()[0]
+
 
 def _read_config_file(path: str) -> dict:
     p = Path(path)

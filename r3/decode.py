@@ -191,7 +191,6 @@ class StaticKVCache:
         return dst
 
 
-
 def session_slots(mode: str, device, slots: int) -> int:
     """The slots to allocate for a session cache that must hold ``slots``: with a margin
     (:func:`slots_with_margin`) where the compiled step runs on the session's own cache (no CUDA
@@ -199,6 +198,7 @@ def session_slots(mode: str, device, slots: int) -> int:
     if mode != "compiled" or uses_cuda_graphs(mode, device):
         return slots
     return slots_with_margin(slots)
+
 
 # model -> its StaticKVCache (held weakly, as _COMPILED).
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

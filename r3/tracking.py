@@ -68,11 +68,10 @@ def tracker_module(report_to: str):
     """The module ``--report-to`` needs (``torch.utils.tensorboard`` or ``wandb``), or an R3Error
     saying which package to install. ``r3.train`` calls it before anything is written, so a missing
     package does not cost a model load and leave a run directory behind."""
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
-    try:
-        return importlib.import_module("torch.utils.tensorboard" if report_to == "tensorboard" else "wandb")
+    try:  # (each is named after its package)
+        return importlib.import_module("torch.utils.tensorboard" if report_to == "tensorboard" else report_to)
     except ImportError:
-        raise R3Error(f"--report-to {report_to} needs the {package} package: pip install {package}") from None
+        raise R3Error(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}") from None
 
 
 class TensorBoardTracker(Tracker):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from typing import Any
 
 from r3.errors import R3Error
@@ -126,8 +127,6 @@ def examples_of(task, split: str, n: int | None = None, seed: int = 0) -> list[d
     """``task.examples(split, n, seed)``, checked: a list of JSON objects (a plug-in returning
     anything else failed with a traceback, or after the first step when a run logged an example
     it could not write as JSON). Any problem is one R3Error naming the task and the example."""
-    import json
-
     name = getattr(task, "name", type(task).__name__)
     examples = task.examples(split, n, seed)
     if not isinstance(examples, (list, tuple)):
