@@ -383,6 +383,25 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("R3_CACHE_DIR", Path.home() / ".cache" / "r3"))
 
 
+_GGUF_SPECIAL_TOKENS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+
+
+def _gguf_special_tokens(tok, path: Path):
+    """Set bos/eos/unk/pad to the tokens the GGUF file names by id. Some transformers versions
+    convert them wrongly (5.17 makes SmolLM2's eos ``<|im_start|>`` and its pad None), and eos
+    decides where generation stops."""
+    reader = _gguf_reader(path)
+    for attr, field in _GGUF_SPECIAL_TOKENS:
+        value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
+        if value is None or not 0 <= int(value) < len(tok):
+            continue
+        token = tok.convert_ids_to_tokens(int(value))
+        if getattr(tok, attr) != token:
+            setattr(tok, attr, token)
+    return tok
+
+
 def _load_gguf_tokenizer(path: Path):
     """transformers converts the GGUF vocabulary (seconds); cache the result by file identity."""
     from transformers import AutoTokenizer
@@ -392,11 +411,13 @@ def _load_gguf_tokenizer(path: Path):
     cached = _cache_dir() / "tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(cached))
+            return _gguf_special_tokens(AutoTokenizer.from_pretrained(str(cached)), path)
         except Exception:
             shutil.rmtree(cached, ignore_errors=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = _gguf_special_tokens(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
+    except R3Error:
+        raise
     except Exception as e:
         raise R3Error(f"{path}: cannot read the tokenizer from GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     try:
