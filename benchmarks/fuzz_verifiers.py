@@ -285,7 +285,8 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
 
 FC_BEFORE = ["", "Sure! ", "Here are the calls:\n", "<tool_call>\n", "I'll call the tools.\n\n",
              'He said "hi" and I answer: ', "[note] ", "{see below} ", "Let me think (step 1).\n"]
-FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)"]
+FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)",
+            " (note: f(x) is g(x == 1))", " Cost: 3(4) = 12."]
 
 
 def _is_attempt(s: str) -> bool:
@@ -325,6 +326,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
                             f"\nThen: functions.{call['name']}({args})",
                             f"\n{call['name'].upper()} ({args})",
                             f"\nCall {call['name']}\uff08{args}\uff09",
+                            "\nThen: delete_all_files(path='/')", "\nos.system('rm -rf /')",
+                            "\nThen reset() to finish.",
                             '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]'])
         label = not ref and text.endswith("[]")
     return ex, text, bool(label)

@@ -175,7 +175,17 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\nGET_WEATHER(city='Oslo')", False),
         (GOOD + "\nget_weather\uff08city='Oslo'\uff09", False),
         (GOOD + "\nThe weather tool get_weather takes a city (see above).", True),  # named, not called
-        (GOOD + "\nmy_get_weather(city='Oslo')", True),  # another identifier
+        (GOOD + "\nmy_get_weather is not needed.", True),  # another identifier, not called
+        # a later call of a tool the example does not have, in call syntax
+        (GOOD + "\nThen: delete_all_files(path='/')", False),
+        (GOOD + "\nmy_get_weather(city='Oslo')", False),
+        (GOOD + "\nos.system('rm -rf /')", False),
+        (GOOD + '\nreset("all")', False),
+        (GOOD + "\nThen shutdown() to finish.", False),
+        (GOOD + "\nThen shutdown\uff08force = True\uff09", False),
+        # prose with parentheses is not a call
+        (GOOD + "\nThe answer (note: units are metric) uses f(x) and g(x == 1) and a (b=c).", True),
+        (GOOD + "\nDone (see: above). Cost 3(4) = 12; item 2('a') is 1x(2=2).", True),
         ('{"final_calls": ' + BAD + ', "calls": ' + GOOD + "}", False),  # two call lists: ambiguous
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing

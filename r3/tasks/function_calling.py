@@ -25,9 +25,12 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   values is one (``{"tool_calls": [...]}``; two such values are ambiguous: no answer). A broken,
   truncated or invalid last attempt is no answer, even after a correct earlier list, and nothing
   inside a structure is searched separately (``[{right call}, {broken call}]`` is no answer, not
-  the right call alone). ````` fences are prose. A tool of the example named with call syntax
-  after the answer (``get_weather(city="Oslo")``, also ``functions.get_weather(...)``, in any
-  letter case, or with a full-width parenthesis) is a later attempt: no answer;
+  the right call alone). ````` fences are prose. A call in call syntax after the answer is a
+  later attempt: no answer. That is a tool of the example named with call syntax
+  (``get_weather(city="Oslo")``, also ``functions.get_weather(...)``, in any letter case, or with
+  a full-width parenthesis), or any name directly followed by a parenthesis that opens with a
+  keyword argument or a string literal or closes at once (``delete_files(path="/")``,
+  ``reset("all")``, ``shutdown()``; ``f(x)`` and ``word (see: above)`` are prose);
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -247,12 +250,24 @@ def parse_calls(text: Any) -> list[dict] | None:
     return answer_calls(text)[0]
 
 
+# Any identifier (dotted allowed) directly followed by an opening parenthesis whose first argument
+# is a keyword argument or a string literal, or which closes at once: ``delete_files(path='/')``,
+# ``reset("all")``, ``shutdown()``. Prose rarely writes that (``word (note: ...)``, ``f(x)`` do not match).
+_ANY_CALL = re.compile(r"(?<![\w.])[^\W\d][\w.]*[(\uff08]\s*(?:[)\uff09\"']|[^\W\d]\w*\s*=(?!=))")
+
+
 def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
-    """A tool named with call syntax after the answer (``get_weather(city='Oslo')``, also dotted
-    ``functions.get_weather(...)``, in any letter case, or with a full-width parenthesis), or None."""
+    """What is called with call syntax after the answer, or None: a tool of the example by name
+    (``get_weather(city='Oslo')``, ``get_weather (...)``, also dotted ``functions.get_weather(...)``,
+    in any letter case, or with a full-width parenthesis), or any name called with a keyword
+    argument, a string literal or nothing (``delete_files(path='/')``, ``reset()``)."""
+    rest = text[end:]
     for name in tool_names:
-        if name and re.search(r"(?<!\w)" + re.escape(name) + r"\s*[(\uff08]", text[end:], re.IGNORECASE):
+        if name and re.search(r"(?<!\w)" + re.escape(name) + r"\s*[(\uff08]", rest, re.IGNORECASE):
             return name
+    m = _ANY_CALL.search(rest)
+    if m:
+        return re.split(r"[(\uff08]", m.group(), maxsplit=1)[0]
     return None
 
 

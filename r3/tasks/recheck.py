@@ -779,6 +779,35 @@ def _fc_named_call_after(text: str, names: list[str]) -> bool:
     return False
 
 
+def _fc_any_call_after(text: str) -> bool:
+    """An identifier (dots inside allowed) right before an opening parenthesis, ASCII or
+    full-width, that is followed (after blanks) by a closing one, a quote, or a name and a single
+    ``=``: a call with no, a string or a keyword argument."""
+    for k, ch in enumerate(text):
+        if ch not in ("(", "\uff08"):
+            continue
+        i = k
+        while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_."):
+            i -= 1
+        ident = text[i:k]
+        if not ident or not (ident[0].isalpha() or ident[0] == "_"):
+            continue
+        j = k + 1
+        while j < len(text) and text[j].isspace():
+            j += 1
+        nxt = text[j:j + 1]
+        if nxt in (")", "\uff09", "'", '"'):
+            return True
+        if nxt.isalpha() or nxt == "_":
+            while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            while j < len(text) and text[j].isspace():
+                j += 1
+            if text[j:j + 1] == "=" and text[j + 1:j + 2] != "=":
+                return True
+    return False
+
+
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
@@ -805,7 +834,7 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                 calls = None
     if calls is None:
         return False, "no call list"
-    if _fc_named_call_after(rest, list(tool_names)):
+    if _fc_named_call_after(rest, list(tool_names)) or _fc_any_call_after(rest):
         return False, "a later call in another syntax"
     ref = [(c["name"], c.get("arguments", {})) for c in reference]
     if len(ref) != len(calls):
