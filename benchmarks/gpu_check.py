@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import platform
 import re
@@ -91,6 +92,13 @@ class Ctx:
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
         self.report = {"meta": {}, "sections": {}}
+        self.path: Path | None = None  # where the report is written (set by main)
+
+    def save_partial(self, section: str, data: dict) -> None:
+        """Write what a long section has so far: a run cut short keeps it."""
+        self.report["sections"][section] = dict(data, partial=True)
+        if self.path is not None:
+            write(self.report, self.path)
 
     def sync(self):
         if self.cuda:
@@ -359,6 +367,7 @@ def section_sampler(ctx: Ctx) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()  # (so that the section's dynamo counts are its own)
+    skips = _CudagraphSkips()
     spec = shape(bench_sampler.SHAPES["qwen2.5-1.5b"], ctx.smoke)
     ours, hf = bench_sampler.random_pair(spec, torch.bfloat16, ctx.device, name="qwen2.5-1.5b")
     n, prompt_len = (8, 16) if ctx.smoke else (128, 64)
@@ -402,10 +411,34 @@ def section_sampler(ctx: Ctx) -> dict:
             ours, vocab, n, prompt_len, 2 if ctx.smoke else 5))
         out["step_timing"] = _or_error("step timing", lambda: step_timing(
             ours, vocab, (1, 2) if ctx.smoke else (1, 16), n, prompt_len, gbps))
-    # What dynamo made of the compiled step: a graph per pick function, no graph breaks.
+    # What dynamo made of the compiled step: a graph per pick function, no graph breaks; and
+    # whether inductor ran any of it without CUDA graphs (a skip only logs a warning).
     out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
-                     "unique_graphs": counters["stats"].get("unique_graphs", 0)}
+                     "unique_graphs": counters["stats"].get("unique_graphs", 0),
+                     "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+                     "cudagraph_skip_reasons": skips.close()}
     return out
+
+
+class _CudagraphSkips(logging.Handler):
+    """Collects the reasons inductor gives for running a compiled graph without CUDA graphs
+    (warnings of its cudagraphs log), at most 10."""
+
+    LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+        logging.getLogger(self.LOGGER).addHandler(self)
+
+    def emit(self, record):
+        if len(self.reasons) < 10:
+            self.reasons.append(record.getMessage()[:300])
+
+    def close(self) -> list[str]:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+        super().close()
+        return self.reasons
 
 
 def _or_error(what: str, fn):
@@ -626,8 +659,10 @@ def section_train(ctx: Ctx) -> dict:
         log, first = train(out_dir, [])
         out = {"model": f"qwen2.5-0.5b shape (random), {params / 1e9:.2f}B parameters", "params": params, **first,
                "log_tail": log[-15:], "export_written": (out_dir / "export" / "config.json").is_file()}
+        ctx.save_partial("train", out)
         # The same steps with activation checkpointing: the update's peak memory with and without.
         _, out["activation_checkpointing"] = train(work / "run_ac", ["--activation-checkpointing", "true"])
+        ctx.save_partial("train", out)
         if ctx.cuda and not ctx.args.no_compiled:  # the rollouts through the CUDA-graph step
             _, out["compiled_decode"] = train(work / "run_compiled", ["--decode", "compiled"])
         return out
@@ -721,8 +756,11 @@ def markdown(report: dict) -> str:
                   "tokens/s columns are end to end (prefill + decode).", ""]
         dyn = sp.get("dynamo")
         if dyn:
+            skips = dyn.get("cudagraph_skips")
+            reasons = "; ".join(dyn.get("cudagraph_skip_reasons") or [])
             lines += [f"Dynamo: {dyn['unique_graphs']} graphs compiled, frames {dyn['frames']}, graph breaks "
-                      f"{dyn['graph_breaks'] or 'none'}.", ""]
+                      f"{dyn['graph_breaks'] or 'none'}; graphs inductor ran without CUDA graphs: "
+                      f"{skips if skips is not None else '-'}{f' ({reasons})' if reasons else ''}.", ""]
         lines += _part("Repeated rollouts (compiled)", sp.get("repeated_rollouts"), [
             "Repeated rollouts through the compiled step, each a new session (16 prompts x 2, T = 1, 1% of the "
             "vocabulary stops a row, then a second turn): CUDA graphs held after each call should stop growing once "
@@ -748,6 +786,8 @@ def markdown(report: dict) -> str:
     if "returncode" in tr:
         lines += [f"## Training: {tr['model']}, 1 rank on {env.get('device')}", "", f"`{tr['command']}`: exit {tr['returncode']}, "
                   f"{tr['wall_s']:.0f} s wall, export written: {tr['export_written']}", ""]
+        if tr.get("partial"):
+            lines += ["**The section was cut short**: what follows is the runs that finished.", ""]
         if tr.get("steps"):
             lines += ["| step | step s | rollout s | reference s | update s | rollout tok/s | peak GB |", "|---|---|---|---|---|---|---|"]
             for r in tr["steps"]:
@@ -805,7 +845,7 @@ def main(argv=None) -> dict:
     dev = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu"
     stem = args.name or "gpu_check_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_") + ("_smoke" if args.smoke else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / stem
+    path = ctx.path = args.out / stem
     ctx.report["meta"] = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": dev, "smoke": args.smoke}
     if "env" not in sections:  # the ceilings are needed for the percentages

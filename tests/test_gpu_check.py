@@ -40,10 +40,14 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert "Where a compiled greedy decode step's time goes" in md
     assert sections["sampler"]["dynamo"]["graph_breaks"] == {}  # the compiled step is one graph
     assert sections["sampler"]["dynamo"]["unique_graphs"] >= 1
+    # inductor on a CPU makes no CUDA graphs, so it skips none
+    assert sections["sampler"]["dynamo"]["cudagraph_skips"] == 0
+    assert sections["sampler"]["dynamo"]["cudagraph_skip_reasons"] == []
     for r in sections["kernel"]["correctness"]:
         assert r["logp_max_abs_diff"] < 1e-4 and r["grad_max_abs_diff"] <= 1e-5 * r["grad_max_abs"]
     train = sections["train"]
     assert train["returncode"] == 0, train["log_tail"]
+    assert "partial" not in train and "cut short" not in md  # the section finished
     assert [s["step"] for s in train["steps"]] == [1, 2] and train["export_written"]
     assert all(s["peak_memory_gb"] is None for s in train["steps"])  # CPU: no GPU memory to report
     ac = train["activation_checkpointing"]
@@ -53,6 +57,43 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     for a, b in zip(ac["steps"], train["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-9)
+
+
+def test_a_long_section_cut_short_keeps_what_finished(tmp_path):
+    """The train section saves after each training run: a device run killed at its time limit
+    still has the finished runs in its JSON and Markdown."""
+    import argparse
+
+    import gpu_check
+
+    ctx = gpu_check.Ctx(argparse.Namespace(smoke=True, device="cpu"))
+    ctx.path = tmp_path / "check"
+    ctx.report["meta"] = {"command": "x", "date": "d", "device": "cpu"}
+    run = {"command": "torch.distributed.run -m r3.train", "returncode": 0, "wall_s": 5.0,
+           "steps": [{"step": 1, "step_time_s": 1.0, "rollout_time_s": 0.5, "reference_time_s": 0.1,
+                      "update_time_s": 0.4, "rollout_tokens_per_s": 100.0, "peak_memory_gb": 2.0}]}
+    ctx.save_partial("train", dict(run, model="m", export_written=True))
+    data = json.loads((tmp_path / "check.json").read_text())
+    assert data["sections"]["train"]["partial"] is True and data["sections"]["train"]["steps"][0]["step"] == 1
+    md = (tmp_path / "check.md").read_text()
+    assert "cut short" in md and "| 1 | 1.00 | 0.50 |" in md
+
+
+def test_cudagraph_skips_are_collected():
+    """A graph inductor runs without CUDA graphs is only a warning on its cudagraphs log: the
+    sampler section collects the reasons for its JSON."""
+    import logging
+
+    import gpu_check
+    import torch._inductor.cudagraph_utils as cu
+
+    skips = gpu_check._CudagraphSkips()
+    assert cu.cudagraphs_log.name == skips.LOGGER  # (the logger inductor warns on)
+    cu.cudagraphs_log.warning("skipping cudagraphs due to mutated inputs (1 instances)")
+    logging.getLogger(skips.LOGGER).info("recording a graph")  # not a skip
+    assert skips.close() == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+    cu.cudagraphs_log.warning("skipping cudagraphs due to cpu device")
+    assert skips.reasons == ["skipping cudagraphs due to mutated inputs (1 instances)"]  # detached
 
 
 def test_gpu_check_rejects_unknown_section(tmp_path, capsys):
