@@ -32,20 +32,23 @@ class Dist:
 
 def init_distributed() -> Dist:
     """torchrun's env:// rendezvous, or a 1-process group when run as plain ``python -m``."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # The GPU is set before the process group exists and named to NCCL: its communicator and every
+    # barrier use this rank's GPU, not one guessed from the global rank.
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            if device.type == "cuda":
+                dist.init_process_group("nccl", device_id=device)
+            else:
+                dist.init_process_group("gloo")
         else:
             # one process: an in-memory store (nothing on disk, no port)
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         # torchrun pins OMP threads to 1; share the cores among the local ranks instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
