@@ -158,16 +158,18 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
     shows up as a jump)."""
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     real = mbs[:n_real]
-    den = sum((grpo.loss_denominator(mb.mask, cfg.agg, max_len=cfg.max_reflection_tokens).cpu() for mb in real), torch.zeros(()))
+    # Sums are kept on the device and read once per optimizer step: no host sync per micro-batch.
+    den = sum((grpo.loss_denominator(mb.mask, cfg.agg, max_len=cfg.max_reflection_tokens).to(d.device)
+               for mb in real), torch.zeros((), device=d.device))
     if d.world > 1:
-        den = den.to(d.device)
         dist.all_reduce(den)
-    stats = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0,
-             "grad_norm": float("nan"), "skipped": False, "logp_diff_tokens": 0.0}
-    gap_sum = gap_max = torch.zeros((), device=d.device)  # read once, after the loop (no extra sync)
+    stats = {"loss": 0.0, "grad_norm": float("nan"), "skipped": False, "logp_diff_tokens": 0.0}
+    zero = torch.zeros((), dtype=torch.float64, device=d.device)
+    sums = dict.fromkeys(("kl_sum", "clip_low_sum", "clip_high_sum", "tokens"), zero)
+    gap_sum = gap_max = torch.zeros((), device=d.device)
     for epoch in range(cfg.update_epochs):
         last = epoch == cfg.update_epochs - 1
-        loss_total = 0.0
+        loss_sum = zero
         for i, mb in enumerate(mbs):
             logp, kl = token_logprobs(policy, mb, temperature, mb.ref_logp if i < n_real else None)
             if i >= n_real:
@@ -186,13 +188,13 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
             )
             # FSDP averages gradients over ranks; the loss is already globally normalised.
             (loss * d.world).backward()
-            loss_total += float(loss.detach())
+            loss_sum = loss_sum + loss.detach().double()
             if last:
-                n = float(m["tokens"])
-                stats["kl_sum"] += float(m["kl"]) * n
-                stats["clip_low_sum"] += float(m["clip_frac_low"]) * n
-                stats["clip_high_sum"] += float(m["clip_frac_high"]) * n
-                stats["tokens"] += n
+                n = m["tokens"].double()
+                for key, metric in (("kl_sum", "kl"), ("clip_low_sum", "clip_frac_low"), ("clip_high_sum", "clip_frac_high")):
+                    sums[key] = sums[key] + m[metric].double() * n
+                sums["tokens"] = sums["tokens"] + n
+        loss_total = float(loss_sum)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -205,6 +207,7 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
         stats["grad_norm"] = gn
         if last:
             stats["loss"] = loss_total
+    stats.update({k: float(v) for k, v in sums.items()})
     stats["logp_diff_sum"], stats["logp_diff_max"] = float(gap_sum), float(gap_max)
     return stats
 
