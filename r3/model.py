@@ -530,7 +530,9 @@ class Transformer(nn.Module):
                 raise ValueError("positions are required with a KV cache")
             positions = torch.arange(T, device=dev).expand(B, T)
         if rope_max_positions(self.config) is not None and not torch.compiler.is_compiling():
-            self.check_positions(int(positions.max()) + 1)  # (a compiled decode step: the sampler checks)
+            # (a compiled decode step: the sampler checks; with a cache, kv_len bounds the positions
+            # without reading them back from the device)
+            self.check_positions(kv_len if cache is not None and isinstance(kv_len, int) else int(positions.max()) + 1)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype, rope_scale(self.config))
         if cache is not None:
