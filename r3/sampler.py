@@ -593,13 +593,16 @@ class Session:
         self.model.check_positions(base + N)
         self.reserve(base + N)
         step = DecodeStep(self.model, self.decode)
-        stop = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=torch.long, device=device)
-        has_ids = stop.numel() > 0
+        stop_ids = {int(t) for t in stop_token_ids if int(t) >= 0}  # (a negative id is never sampled)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        has_ids = bool(stop_ids)
         has_stop = has_ids or stop_strings is not None
+        # is_stop[token]: one gather per step (isin sorts, and syncs, once the stop ids are many)
+        is_stop = torch.zeros(max(self.vocab_size, max(stop_ids, default=-1) + 1), dtype=torch.bool, device=device)
+        is_stop[stop] = True
         # Stop strings: per row the tokens kept when one ended it; the steps checked so far, and
         # which rows had stopped by then.
         string_end, checked, was_done = [N + 1] * B, 0, torch.zeros(B, dtype=torch.bool, device=device)
-        stop_ids = set(stop.tolist())
         # [N, B]: row t holds the decode batch's uniforms at step t (None: greedy)
         uniforms = None if temperature == 0 else uniform_table(row_keys(B, gen, device), N)
 
@@ -645,7 +648,7 @@ class Session:
                         out_tok[live, t], out_lp[live, t] = nxt, lp
                     pos += ~done
                     if has_ids:
-                        done |= torch.isin(nxt, stop)
+                        done |= is_stop[nxt]
                     if stop_strings is not None and ((t + 1) % sync_every == 0 or t + 1 == N):
                         _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t + 1,
                                            string_end)

@@ -332,6 +332,12 @@ def test_stop_tokens_end_rows_individually(tiny):
     early = generate(model, prompts, max_new_tokens=50, seed=5,
                      stop_token_ids=sorted(set(free[0][:3]) | set(free[1][:3]) | set(free[2][:3])))
     assert early.steps <= 3 and all(early.finished)
+    # many stop ids (a table lookup per step), ids past the vocabulary, and negative ids (never
+    # sampled; -1 is the outputs' padding) do not change which rows stop where
+    rng = torch.Generator().manual_seed(3)
+    others = [t for t in torch.randperm(256, generator=rng).tolist() if t not in set(sum(free, []))][:40]
+    many = generate(model, prompts, max_new_tokens=12, seed=5, stop_token_ids=stops + others + [-1, -7, 10 ** 6])
+    assert many.tokens == out.tokens and many.finished == out.finished and many.steps == out.steps
 
 
 def test_padded_vocab_never_sampled():
