@@ -121,7 +121,7 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         row_of = torch.arange(len(conts), device=device)[:, None].expand(-1, T)[valid]
         lp = torch.zeros(len(conts), device=device).index_add_(0, row_of, tok_lp)
         greedy = torch.zeros(len(conts), device=device).index_add_(0, row_of, (~tok_greedy).float()).eq(0)
-        k = 0
+        k, lp, greedy = 0, lp.tolist(), greedy.tolist()  # (one read-back per batch)
         for i, (_, cs) in zip(ids, batch):
             by_item[i] = [Loglikelihood(float(lp[k + j]), bool(greedy[k + j])) for j in range(len(cs))]
             k += len(cs)
