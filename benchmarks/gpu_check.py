@@ -660,11 +660,11 @@ def section_train(ctx: Ctx) -> dict:
         out = {"model": f"qwen2.5-0.5b shape (random), {params / 1e9:.2f}B parameters", "params": params, **first,
                "log_tail": log[-15:], "export_written": (out_dir / "export" / "config.json").is_file()}
         ctx.save_partial("train", out)
-        # The same steps with activation checkpointing: the update's peak memory with and without.
-        _, out["activation_checkpointing"] = train(work / "run_ac", ["--activation-checkpointing", "true"])
-        ctx.save_partial("train", out)
         if ctx.cuda and not ctx.args.no_compiled:  # the rollouts through the CUDA-graph step
             _, out["compiled_decode"] = train(work / "run_compiled", ["--decode", "compiled"])
+            ctx.save_partial("train", out)
+        # The same steps with activation checkpointing: the update's peak memory with and without.
+        _, out["activation_checkpointing"] = train(work / "run_ac", ["--activation-checkpointing", "true"])
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
