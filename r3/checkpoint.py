@@ -387,10 +387,12 @@ _GGUF_SPECIAL_TOKENS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_
                         ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
 
 
-def _gguf_special_tokens(tok, path: Path):
-    """Set bos/eos/unk/pad to the tokens the GGUF file names by id. Some transformers versions
-    convert them wrongly (5.17 makes SmolLM2's eos ``<|im_start|>`` and its pad None), and eos
-    decides where generation stops."""
+def _gguf_tokenizer_settings(tok, path: Path):
+    """Set bos/eos/unk/pad to the tokens the GGUF file names by id, and decode without the
+    WordPiece space clean-up, as llama.cpp decodes. Some transformers versions convert them
+    otherwise (5.17 makes SmolLM2's eos ``<|im_start|>``, its pad None, and sets the clean-up,
+    which it then ignores with a warning at each decode), and eos decides where generation stops."""
+    tok.clean_up_tokenization_spaces = False
     reader = _gguf_reader(path)
     for attr, field in _GGUF_SPECIAL_TOKENS:
         value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
@@ -411,11 +413,11 @@ def _load_gguf_tokenizer(path: Path):
     cached = _cache_dir() / "tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
         try:
-            return _gguf_special_tokens(AutoTokenizer.from_pretrained(str(cached)), path)
+            return _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(cached)), path)
         except Exception:
             shutil.rmtree(cached, ignore_errors=True)
     try:
-        tok = _gguf_special_tokens(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
+        tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
     except R3Error:
         raise
     except Exception as e:

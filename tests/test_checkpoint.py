@@ -284,25 +284,29 @@ def test_truncated_gguf(tmp_path):
 
 
 def test_gguf_tokenizer_special_tokens_are_the_files(tmp_path, monkeypatch):
-    """bos/eos/unk/pad are the tokens the GGUF file names by id, whatever transformers' conversion
-    made of them (5.17 made SmolLM2's eos ``<|im_start|>``: every rollout would also stop there)
-    and also when a cached tokenizer was saved with them wrong."""
+    """bos/eos/unk/pad are the tokens the GGUF file names by id and decoding keeps the text's
+    spaces, whatever transformers' conversion made of them (5.17 made SmolLM2's eos
+    ``<|im_start|>``, so every rollout would also stop there, and set the WordPiece clean-up), also
+    when a cached tokenizer was saved with them wrong."""
     monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
     src = checkpoint.builtin_gguf("smollm2-135m")
     want = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
             "pad_token": "<|im_end|>"}
     _, tok = load("smollm2-135m")
     assert {k: getattr(tok, k) for k in want} == want and tok.eos_token_id == 2
+    assert tok.clean_up_tokenization_spaces is False
+    assert tok.decode(tok.encode("a , b . c")) == "a , b . c"  # byte-level BPE: the text as it was
     cached = next((tmp_path / "cache" / "tokenizers").iterdir())
     tok.eos_token, tok.pad_token = "<|im_start|>", None  # what transformers 5.17 converts
+    tok.clean_up_tokenization_spaces = True
     tok.save_pretrained(str(cached))
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(cached)).eos_token == "<|im_start|>"
     _, tok = load("smollm2-135m")
-    assert {k: getattr(tok, k) for k in want} == want
+    assert {k: getattr(tok, k) for k in want} == want and tok.clean_up_tokenization_spaces is False
     tok.eos_token = "<|endoftext|>"
-    assert checkpoint._gguf_special_tokens(tok, src).eos_token_id == 2
+    assert checkpoint._gguf_tokenizer_settings(tok, src).eos_token_id == 2
 
 
 def test_cli_reports_bad_model_in_one_line(tmp_path):
