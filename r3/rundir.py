@@ -96,10 +96,11 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
     except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP wraps the OS error; its type is a BaseException)
+        free = _free_space(root)  # (before the partial checkpoint is removed: what the write met)
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoint_dirs(out)
-        raise R3Error(f"could not write checkpoint {final} ({_error_line(e)}{_free_space(root)}); "
+        raise R3Error(f"could not write checkpoint {final} ({_error_line(e)}{free}); "
                       + (f"the last complete one, {kept[-1].name}, is kept: free space and rerun with the same --out"
                          if kept else "no earlier checkpoint")) from None
     if d.main:
