@@ -230,7 +230,7 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
     """(JSON text, correct by construction, valid JSON call list). ``truncate=False``: the text is
     always a balanced structure (a truncated one would swallow what follows it)."""
     calls = json.loads(json.dumps(calls))
-    kind = rng.randrange(14)
+    kind = rng.randrange(15)
     if kind == 10 and not truncate:
         kind = 0
     ok, valid = True, True
@@ -280,6 +280,10 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
         text = json.dumps(calls[0])  # a bare call object
     elif kind == 13:
         text = text.replace('"arguments"', '"id": "call_1", "arguments"', 1)  # extra keys are ignored
+    elif kind == 14:  # but not a structure beside the arguments (a call hidden there)
+        extra = rng.choice(['"then": {"name": "delete_all", "arguments": {}}', '"then": ' + json.dumps(calls),
+                            '"meta": [1]', '"options": {}'])
+        text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), False
     return text, ok, valid
 
 

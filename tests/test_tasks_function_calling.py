@@ -187,6 +187,13 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\nThe answer (note: units are metric) uses f(x) and g(x == 1) and a (b=c).", True),
         (GOOD + "\nDone (see: above). Cost 3(4) = 12; item 2('a') is 1x(2=2).", True),
         ('{"final_calls": ' + BAD + ', "calls": ' + GOOD + "}", False),  # two call lists: ambiguous
+        # keys beside name and arguments: scalars are ignored, a structure makes it no call (a
+        # call hidden in it, or one to unwrap from a call-shaped object, is never the answer)
+        (GOOD.replace('"arguments"', '"id": "call_1", "type": "function", "arguments"'), True),
+        (GOOD[:-2] + ', "then": {"name": "delete_all", "arguments": {}}}]', False),
+        (GOOD[:-2] + ', "meta": [1]}]', False),
+        ('{"name": "get_weather", "arguments": {"city": "Oslo"}, "then": ' + GOOD + "}", False),
+        ('{"name": "x", "calls": ' + GOOD + "}", False),
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing
         ('see [the "list" below: ' + GOOD, False),  # an unclosed bracket in prose hides the rest

@@ -35,7 +35,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
   an object with a string ``"name"`` and an object ``"arguments"`` (a missing ``"arguments"`` means
-  no arguments; other keys are ignored);
+  no arguments; other keys may hold a string, number, boolean or null and are ignored, as
+  ``"id": "call_1"``; an object or list there, as ``"then": {call}``, makes it no call). An object
+  with a ``"name"`` key is never a wrapper;
 * correct iff the calls equal the reference calls as a multiset (order of calls does not matter):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
   numbers compare by value (``100 == 100.0``) but booleans are not numbers (``true != 1``); strings
@@ -136,6 +138,8 @@ def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
         args = c.get("arguments", {})
         if not isinstance(args, dict):
             return None
+        if any(isinstance(v, (dict, list)) for k, v in c.items() if k not in ("name", "arguments")):
+            return None  # (an object or list beside the arguments: a call hidden in it, or ambiguous)
         calls.append({"name": c["name"], "arguments": args})
     return calls
 
@@ -206,8 +210,8 @@ def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     """The calls a parsed structure yields: itself as a call list or call object, or for an object
     the calls of the one value that yields any (several such values are ambiguous: none)."""
     calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
-    if calls is not None or not isinstance(value, dict) or depth > MAX_DEPTH:
-        return calls
+    if calls is not None or not isinstance(value, dict) or "name" in value or depth > MAX_DEPTH:
+        return calls  # (an object with a "name" is a call, right or wrong, never a wrapper)
     found = [c for c in (_yielded_calls(v, depth + 1) for v in value.values()) if c is not None]
     return found[0] if len(found) == 1 else None
 

@@ -676,6 +676,9 @@ def _fc_calls(v, allow_empty):
         args = c.get("arguments", {})
         if type(args) is not dict:
             return None
+        for key in c:
+            if key != "name" and key != "arguments" and type(c[key]) in (dict, list):
+                return None
         out.append((c["name"], args))
     return out
 
@@ -752,7 +755,7 @@ def _fc_yield(v):
     calls = _fc_calls(v, allow_empty=False)
     if calls is not None:
         return calls
-    if isinstance(v, dict):
+    if isinstance(v, dict) and "name" not in v:  # (a call-shaped object wraps nothing)
         found = [f for f in (_fc_yield(x) for x in v.values()) if f is not None]
         if len(found) == 1:
             return found[0]
