@@ -230,7 +230,7 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
     """(JSON text, correct by construction, valid JSON call list). ``truncate=False``: the text is
     always a balanced structure (a truncated one would swallow what follows it)."""
     calls = json.loads(json.dumps(calls))
-    kind = rng.randrange(15)
+    kind = rng.randrange(16)
     if kind == 10 and not truncate:
         kind = 0
     ok, valid = True, True
@@ -284,13 +284,17 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
         extra = rng.choice(['"then": {"name": "delete_all", "arguments": {}}', '"then": ' + json.dumps(calls),
                             '"meta": [1]', '"options": {}'])
         text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), False
+    elif kind == 15:  # a wrapper: scalars beside the calls are fine, a second structure is not
+        extra = rng.choice(['"thought": "ok"', '"n": 2', '"then": {"name": "delete_all", "arguments": {}}', '"meta": {}'])
+        text, ok = '{"tool_calls": ' + text + ", " + extra + "}", ok and not extra.endswith("}")
     return text, ok, valid
 
 
 FC_BEFORE = ["", "Sure! ", "Here are the calls:\n", "<tool_call>\n", "I'll call the tools.\n\n",
              'He said "hi" and I answer: ', "[note] ", "{see below} ", "Let me think (step 1).\n"]
 FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)",
-            " (note: f(x) is g(x == 1))", " Cost: 3(4) = 12."]
+            " (note: f(x) is g(x == 1))", " Cost: 3(4) = 12.", " See value(s), e.g. (this), v1.2(beta).",
+            "\n\u6211\u8c03\u7528\u4e86\u51fd\u6570\uff08city=\u5df4\u9ece\uff09\u3002"]
 
 
 def _is_attempt(s: str) -> bool:
@@ -331,7 +335,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
                             f"\n{call['name'].upper()} ({args})",
                             f"\nCall {call['name']}\uff08{args}\uff09",
                             "\nThen: delete_all_files(path='/')", "\nos.system('rm -rf /')",
-                            "\nThen reset() to finish.",
+                            "\nThen reset() to finish.", "\ndelete_user (42)", "\nos.remove(path)",
+                            "\n<function=delete_all_files>{}</function>", "\n\uff52\uff45\uff53\uff45\uff54\u200b()",
                             '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]'])
         label = not ref and text.endswith("[]")
     return ex, text, bool(label)

@@ -183,15 +183,45 @@ BAD = dumps(CALLS[:2])
         (GOOD + '\nreset("all")', False),
         (GOOD + "\nThen shutdown() to finish.", False),
         (GOOD + "\nThen shutdown\uff08force = True\uff09", False),
+        # (found by a second reader) blanks before the parenthesis, other string literals,
+        # positional arguments of code-like names, lookalike characters, Llama 3's syntax
+        (GOOD + "\ndelete_all_files (path='/')", False),
+        (GOOD + "\ndelete_all_files\n(path='/')", False),
+        (GOOD + "\nos.system(f'rm -rf {x}')", False),
+        (GOOD + "\nrun(`rm -rf /`)", False),
+        (GOOD + "\nreset(\u201call\u201d)", False),
+        (GOOD + "\ndelete_user(42)", False),
+        (GOOD + "\ndelete_user (42)", False),
+        (GOOD + "\nos.remove(path)", False),
+        (GOOD + '\ndelete_files(["/etc", "/home"])', False),
+        (GOOD + "\nawait reset({})", False),
+        (GOOD + "\nreset\ufe59\ufe5a", False),
+        (GOOD + "\nreset\u200b()", False),
+        (GOOD + "\n\uff47\uff45\uff54_weather(Oslo)", False),
+        (GOOD + '\nreset(path\uff1d"/")', False),
+        (GOOD + "\n<function=delete_all_files>{}</function>", False),
+        (GOOD + "\nnote(reset())", False),
+        (GOOD + "\n\u00e9get_weather(city='Oslo')", False),  # a non-ASCII letter is no part of a name
         # prose with parentheses is not a call
         (GOOD + "\nThe answer (note: units are metric) uses f(x) and g(x == 1) and a (b=c).", True),
         (GOOD + "\nDone (see: above). Cost 3(4) = 12; item 2('a') is 1x(2=2).", True),
+        (GOOD + "\nSee value(s), e.g.(this), e.g. (this), v1.2(beta), a sample (n=100).", True),
+        (GOOD + "\nSee my_notes (above).", False),  # a code-like name before a parenthesis: a call
+        (GOOD + "\n\u6211\u8c03\u7528\u4e86\u5929\u6c14\u51fd\u6570\uff08city=\u5df4\u9ece\uff09\u3002", True),  # CJK prose
+        (GOOD + "\n\u8c03\u7528\u51fd\u6570\uff08\uff09\u5373\u53ef\u3002", True),
         ('{"final_calls": ' + BAD + ', "calls": ' + GOOD + "}", False),  # two call lists: ambiguous
         # keys beside name and arguments: scalars are ignored, a structure makes it no call (a
         # call hidden in it, or one to unwrap from a call-shaped object, is never the answer)
         (GOOD.replace('"arguments"', '"id": "call_1", "type": "function", "arguments"'), True),
         (GOOD[:-2] + ', "then": {"name": "delete_all", "arguments": {}}}]', False),
         (GOOD[:-2] + ', "meta": [1]}]', False),
+        # a wrapper holds one structure: a second one beside the calls may hide another call
+        ('{"thought": "two calls", "n": 3, "ok": true, "x": null, "tool_calls": ' + GOOD + "}", True),
+        ('{"tool_calls": ' + GOOD + ', "then": {"name": "delete_all_files", "arguments": null}}', False),
+        ('{"tool_calls": ' + GOOD + ', "then": {"function": "delete_all_files", "args": {}}}', False),
+        ('{"tool_calls": ' + GOOD + ', "then": [{"name": "delete_all_files", "arguments": {}}, "now"]}', False),
+        ('{"tool_calls": ' + GOOD + ', "meta": {}}', False),
+        ('{"response": {"tool_calls": ' + GOOD + "}}", True),  # nested wrappers
         ('{"name": "get_weather", "arguments": {"city": "Oslo"}, "then": ' + GOOD + "}", False),
         ('{"name": "x", "calls": ' + GOOD + "}", False),
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls

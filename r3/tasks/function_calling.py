@@ -21,16 +21,18 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   when it holds a ``:`` or ``=`` (a key of any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``,
   ``'name' =``) or is an empty list (``[]``, blanks inside); other structures (``[1, 2]``, ``{}``,
   ``[see above]``) are prose. The last call attempt is the answer: it must be complete valid JSON
-  and be a call list (``[]`` included), a single call object, or an object exactly one of whose
-  values is one (``{"tool_calls": [...]}``; two such values are ambiguous: no answer). A broken,
+  and be a call list (``[]`` included), a single call object, or an object without a ``"name"``
+  whose one object-or-list value is one (``{"tool_calls": [...]}``, also nested; beside it only
+  strings, numbers, booleans and nulls: a second structure is ambiguous, no answer). A broken,
   truncated or invalid last attempt is no answer, even after a correct earlier list, and nothing
   inside a structure is searched separately (``[{right call}, {broken call}]`` is no answer, not
   the right call alone). ````` fences are prose. A call in call syntax after the answer is a
-  later attempt: no answer. That is a tool of the example named with call syntax
-  (``get_weather(city="Oslo")``, also ``functions.get_weather(...)``, in any letter case, or with
-  a full-width parenthesis), or any name directly followed by a parenthesis that opens with a
-  keyword argument or a string literal or closes at once (``delete_files(path="/")``,
-  ``reset("all")``, ``shutdown()``; ``f(x)`` and ``word (see: above)`` are prose);
+  later attempt: no answer (:func:`called_later`): a tool of the example named with a parenthesis
+  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
+  followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis
+  closes at once or opens with a string, list, object or keyword argument (``reset()``,
+  ``delete_files(path="/")``), ``<function=name>``; lookalike characters count as what they look
+  like, in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -57,6 +59,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from typing import Any
 
 from r3.errors import R3Error, cli_main
@@ -207,13 +210,15 @@ _BLANK_LIST = re.compile(r"\[[\s\u200b-\u200f\u2060\ufeff]*\]")
 
 
 def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
-    """The calls a parsed structure yields: itself as a call list or call object, or for an object
-    the calls of the one value that yields any (several such values are ambiguous: none)."""
+    """The calls a parsed structure yields: itself as a call list or call object, or for a
+    wrapper object the calls of its one value that is an object or a list, when that value yields
+    any (beside it only strings, numbers, booleans and nulls: another structure may hold another
+    call, so it is ambiguous: none)."""
     calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
     if calls is not None or not isinstance(value, dict) or "name" in value or depth > MAX_DEPTH:
         return calls  # (an object with a "name" is a call, right or wrong, never a wrapper)
-    found = [c for c in (_yielded_calls(v, depth + 1) for v in value.values()) if c is not None]
-    return found[0] if len(found) == 1 else None
+    inner = [v for v in value.values() if isinstance(v, (dict, list))]
+    return _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
 
 
 def _last_embedded(text: str) -> tuple[list[dict] | None, int]:
@@ -254,25 +259,54 @@ def parse_calls(text: Any) -> list[dict] | None:
     return answer_calls(text)[0]
 
 
-# Any identifier (dotted allowed) directly followed by an opening parenthesis whose first argument
-# is a keyword argument or a string literal, or which closes at once: ``delete_files(path='/')``,
-# ``reset("all")``, ``shutdown()``. Prose rarely writes that (``word (note: ...)``, ``f(x)`` do not match).
-_ANY_CALL = re.compile(r"(?<![\w.])[^\W\d][\w.]*[(\uff08]\s*(?:[)\uff09\"']|[^\W\d]\w*\s*=(?!=))")
+def _fold(text: str) -> str:
+    """``text`` as the later-call search reads it: NFKC (full-width and other lookalike letters,
+    parentheses and equals signs become ASCII), format characters (zero-width spaces) removed, case
+    folded."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf").casefold()
+
+
+# In folded text: an ASCII identifier (dotted parts allowed), blanks, an opening parenthesis, and
+# what opens its arguments.
+_ANY_CALL = re.compile(r"(?<![a-z0-9_.])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)(\s*)\(\s*")
+_CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
+
+
+def _any_call(folded: str) -> str | None:
+    """The first call in call syntax of any name in ``folded`` text (see :func:`called_later`)."""
+    if re.search(r"<function\s*=\s*[a-z_]", folded):
+        return "<function=...>"
+    for m in _ANY_CALL.finditer(folded):
+        name, blanks = m.group(1), m.group(2)
+        opener = _CALL_OPENER.match(folded, m.end())
+        code_like = "_" in name or "." in name
+        if code_like or (opener and not blanks):
+            return name
+    return None
 
 
 def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
-    """What is called with call syntax after the answer, or None: a tool of the example by name
-    (``get_weather(city='Oslo')``, ``get_weather (...)``, also dotted ``functions.get_weather(...)``,
-    in any letter case, or with a full-width parenthesis), or any name called with a keyword
-    argument, a string literal or nothing (``delete_files(path='/')``, ``reset()``)."""
-    rest = text[end:]
+    """What is called with call syntax after the answer, or None. Read after :func:`_fold`
+    (lookalike characters count as what they look like; any letter case):
+
+    * a tool of the example, by name (not inside a longer identifier; a dotted prefix allowed),
+      then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
+      ``functions.get_weather(...)``;
+    * any ASCII identifier with ``_`` or ``.`` in it, then blanks and a parenthesis:
+      ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``;
+    * any other ASCII identifier directly followed by a parenthesis that closes at once or opens
+      with a string (also ``f'``, ``r"``, backquoted or curly-quoted), a list, an object or a
+      keyword argument: ``reset()``, ``reset("all")``, ``reset({})``, ``shutdown(force=True)``;
+    * ``<function=name>`` (Llama 3's tool syntax).
+
+    Prose stays prose: ``f(x)``, ``value(s)``, ``g(x == 1)``, ``word (note: ...)``, ``3(4)``,
+    ``e.g. (this)``, and words in other scripts before a full-width parenthesis
+    (``函数（city=巴黎）``); ``my_notes (above)`` does not."""
+    rest = _fold(text[end:])
     for name in tool_names:
-        if name and re.search(r"(?<!\w)" + re.escape(name) + r"\s*[(\uff08]", rest, re.IGNORECASE):
+        if name and re.search(r"(?<![a-z0-9_])" + re.escape(_fold(name)) + r"\s*\(", rest):
             return name
-    m = _ANY_CALL.search(rest)
-    if m:
-        return re.split(r"[(\uff08]", m.group(), maxsplit=1)[0]
-    return None
+    return _any_call(rest)
 
 
 # ---------------------------------------------------------------------------------------

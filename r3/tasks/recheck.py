@@ -756,58 +756,98 @@ def _fc_yield(v):
     if calls is not None:
         return calls
     if isinstance(v, dict) and "name" not in v:  # (a call-shaped object wraps nothing)
-        found = [f for f in (_fc_yield(x) for x in v.values()) if f is not None]
-        if len(found) == 1:
-            return found[0]
+        structures = [x for x in v.values() if type(x) in (dict, list)]
+        if len(structures) == 1:  # (a second one might hold a second call)
+            return _fc_yield(structures[0])
     return None
 
 
-def _fc_named_call_after(text: str, names: list[str]) -> bool:
-    """A tool's name (any letter case; not inside a longer identifier, a dotted prefix allowed)
-    followed by blanks and an opening parenthesis, ASCII or full-width."""
-    folded = text.casefold()
+def _fc_fold(text: str) -> str:
+    """NFKC, without format characters (category Cf), case-folded."""
+    kept = [c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf"]
+    return "".join(kept).casefold()
+
+
+_FC_ID = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+_FC_ID_START = set("abcdefghijklmnopqrstuvwxyz_")
+
+
+def _fc_named_call_after(folded: str, names: list[str]) -> bool:
+    """A tool's folded name, not preceded by an ASCII identifier character (a dot is fine),
+    followed by blanks and an opening parenthesis."""
     for name in names:
         if not name:
             continue
-        key = name.casefold()
+        key = _fc_fold(name)
         k = folded.find(key)
         while k != -1:
             before = folded[k - 1] if k > 0 else ""
             j = k + len(key)
             while j < len(folded) and folded[j].isspace():
                 j += 1
-            if not (before.isalnum() or before == "_") and folded[j:j + 1] in ("(", "\uff08"):
+            if before not in _FC_ID and folded[j:j + 1] == "(":
                 return True
             k = folded.find(key, k + 1)
     return False
 
 
-def _fc_any_call_after(text: str) -> bool:
-    """An identifier (dots inside allowed) right before an opening parenthesis, ASCII or
-    full-width, that is followed (after blanks) by a closing one, a quote, or a name and a single
-    ``=``: a call with no, a string or a keyword argument."""
-    for k, ch in enumerate(text):
-        if ch not in ("(", "\uff08"):
+def _fc_opens_like_a_call(folded: str, j: int) -> bool:
+    """At ``j`` (after the parenthesis and blanks): a closing parenthesis, a bracket or brace, a
+    quote (straight, back or curly; after up to two of r/b/u/f), or a name and a single ``=``."""
+    c = folded[j:j + 1]
+    if c and c in ")[{'\"`\u2018\u201c":
+        return True
+    k = j
+    while k < len(folded) and k - j < 2 and folded[k] in "rbuf":
+        k += 1
+    if k > j and folded[k:k + 1] in ("'", '"'):
+        return True
+    if c and c in _FC_ID_START:
+        k = j
+        while k < len(folded) and folded[k] in _FC_ID:
+            k += 1
+        while k < len(folded) and folded[k].isspace():
+            k += 1
+        return folded[k:k + 1] == "=" and folded[k + 1:k + 2] != "="
+    return False
+
+
+def _fc_any_call_after(folded: str) -> bool:
+    """``<function=name`` or an ASCII identifier (dotted parts) before an opening parenthesis:
+    with ``_`` or ``.`` in it, blanks between allowed; without, directly before a parenthesis
+    that opens like a call (see :func:`_fc_opens_like_a_call`)."""
+    k = folded.find("<function")
+    while k != -1:
+        j = k + len("<function")
+        while j < len(folded) and folded[j].isspace():
+            j += 1
+        if folded[j:j + 1] == "=":
+            j += 1
+            while j < len(folded) and folded[j].isspace():
+                j += 1
+            if folded[j:j + 1] and folded[j] in _FC_ID_START:
+                return True
+        k = folded.find("<function", k + 1)
+    for k, ch in enumerate(folded):
+        if ch != "(":
             continue
-        i = k
-        while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_."):
+        e = k
+        while e > 0 and folded[e - 1].isspace():
+            e -= 1
+        i = e
+        while i > 0 and (folded[i - 1] in _FC_ID or folded[i - 1] == "."):
             i -= 1
-        ident = text[i:k]
-        if not ident or not (ident[0].isalpha() or ident[0] == "_"):
+        ident = folded[i:e]
+        parts = ident.split(".")
+        if not ident or not all(p and p[0] in _FC_ID_START for p in parts):
             continue
         j = k + 1
-        while j < len(text) and text[j].isspace():
+        while j < len(folded) and folded[j].isspace():
             j += 1
-        nxt = text[j:j + 1]
-        if nxt in (")", "\uff09", "'", '"'):
+        code_like = "_" in ident or "." in ident
+        opens = _fc_opens_like_a_call(folded, j)
+        if code_like or (opens and e == k):
             return True
-        if nxt.isalpha() or nxt == "_":
-            while j < len(text) and (text[j].isalnum() or text[j] == "_"):
-                j += 1
-            while j < len(text) and text[j].isspace():
-                j += 1
-            if text[j:j + 1] == "=" and text[j + 1:j + 2] != "=":
-                return True
     return False
 
 
@@ -837,7 +877,8 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                 calls = None
     if calls is None:
         return False, "no call list"
-    if _fc_named_call_after(rest, list(tool_names)) or _fc_any_call_after(rest):
+    folded = _fc_fold(rest)
+    if _fc_named_call_after(folded, list(tool_names)) or _fc_any_call_after(folded):
         return False, "a later call in another syntax"
     ref = [(c["name"], c.get("arguments", {})) for c in reference]
     if len(ref) != len(calls):
