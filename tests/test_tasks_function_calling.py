@@ -534,3 +534,25 @@ def test_a_wrapper_whose_last_value_is_no_calls():
     wrapped = '{"wrong_calls": ' + GOOD + ', "right_calls": []}'
     assert not FC.verify(EX, wrapped) and not recheck(FC, EX, wrapped)[0]
     assert FC.verify(EX, '{"tool_calls": ' + GOOD + "}")
+
+
+def test_later_call_search_agrees_with_the_recheck_on_random_text():
+    """The two implementations of the later-call search (see called_later) give the same verdict
+    on random strings built from the characters that matter: identifiers, dots, parentheses of
+    several alphabets, quotes, '=', blanks, format characters, lookalikes and case-folding traps."""
+    import random
+
+    from r3.tasks.function_calling import _fold, called_later
+    from r3.tasks.recheck import _fc_any_call_after, _fc_fold, _fc_named_call_after
+
+    alphabet = list("abcxyz_.() =\n\t'\"`{}[]<>fbru,:;!?0129") + [
+        "\u2018", "\u201c", "\uff08", "\uff09", "\ufe59", "\u200b", "\u00b2", "\u2167", "\u00df", "\ufb00",
+        "\u0130", "\u0345", "\u51fd", "\u00e9", "<function", "get_weather", "os.", "=="]
+    names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14)))
+        folded = _fc_fold(t)
+        assert _fold(t) == folded, repr(t)
+        assert (called_later(t, 0, names) is not None) == (
+            _fc_named_call_after(folded, names) or _fc_any_call_after(folded)), repr(t)
