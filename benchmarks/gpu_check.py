@@ -829,7 +829,8 @@ def write(report: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON and Markdown")
-    p.add_argument("--name", default=None, help="file stem (default gpu_check_<device>)")
+    p.add_argument("--name", default=None, help="file stem (default gpu_check_<device>, plus _<sections> "
+                                                  "when not all sections run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
@@ -843,7 +844,11 @@ def main(argv=None) -> dict:
         p.error(f"unknown section {bad[0]!r} (choose from {', '.join(SECTIONS)})")
     ctx = Ctx(args)
     dev = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu"
-    stem = args.name or "gpu_check_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_") + ("_smoke" if args.smoke else "")
+    # A run of some sections is named after them, so that two runs on one machine (a device lease
+    # split in two calls) do not overwrite each other.
+    part = "" if set(SECTIONS) <= set(sections) else "_" + "_".join([x for x in sections if x != "env"] or ["env"])
+    stem = args.name or ("gpu_check_" + re.sub(r"[^a-z0-9]+", "_", dev.lower()).strip("_") + part
+                         + ("_smoke" if args.smoke else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     path = ctx.path = args.out / stem
     ctx.report["meta"] = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),

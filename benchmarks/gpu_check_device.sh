@@ -8,6 +8,9 @@
 #
 # then run `bash benchmarks/gpu_check_device.sh` with carry [".gpu_tokenizer"] and a timeout_s of
 # about 590. The JSON, the Markdown and the log land in $OUT (benchmarks/results without it).
+# All sections may not fit in one 10-minute call; split them over two calls on the warm machine,
+# `SECTIONS=env,parity,sampler` then `SECTIONS=train` (each run's files are named after its
+# sections, and each keeps a log of its own).
 # SECTIONS (default: all), TRAIN_TIMEOUT (seconds per training run, default 200) and EXTRA (more
 # arguments) adjust it; each section's results are written as soon as it ends.
 set -uo pipefail
@@ -18,5 +21,6 @@ args=(--out "$out" --sections "${SECTIONS:-env,parity,kernel,sampler,train}" --t
 if [ -d .gpu_tokenizer ]; then args+=(--tokenizer .gpu_tokenizer); fi
 # shellcheck disable=SC2206  # EXTRA is split into words on purpose
 args+=(${EXTRA:-})
-(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv) 2>&1 | tee "$out/gpu_check.log"
-python3 benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee -a "$out/gpu_check.log"
+log="$out/gpu_check${SECTIONS:+_${SECTIONS//,/_}}.log"
+(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv) 2>&1 | tee "$log"
+python3 benchmarks/gpu_check.py "${args[@]}" 2>&1 | tee -a "$log"

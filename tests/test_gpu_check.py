@@ -118,4 +118,11 @@ def test_device_script_runs_the_check_into_out(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((tmp_path / "check.json").read_text())["sections"]["env"]
-    assert "wrote" in (tmp_path / "gpu_check.log").read_text()
+    assert "wrote" in (tmp_path / "gpu_check_env.log").read_text()
+    # without --name, a run of some sections is named after them (two calls on one machine
+    # do not overwrite each other)
+    env["EXTRA"] = "--smoke --device cpu"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check_device.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "gpu_check_cpu_env_smoke.json").is_file() and (tmp_path / "check.json").is_file()
