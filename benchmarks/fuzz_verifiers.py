@@ -283,7 +283,8 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
     elif kind == 14:  # but not a structure beside the arguments (a call hidden there)
         extra = rng.choice(['"then": {"name": "delete_all", "arguments": {}}', '"then": ' + json.dumps(calls),
                             '"meta": [1]', '"options": {}'])
-        text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), False
+        if '"arguments"' in text:  # (an empty reference list has no call to put it in)
+            text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), False
     elif kind == 15:  # a wrapper: scalars beside the calls are fine, a second structure is not
         extra = rng.choice(['"thought": "ok"', '"n": 2', '"then": {"name": "delete_all", "arguments": {}}', '"meta": {}'])
         text, ok = '{"tool_calls": ' + text + ", " + extra + "}", ok and not extra.endswith("}")
@@ -337,6 +338,7 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
                             "\nThen: delete_all_files(path='/')", "\nos.system('rm -rf /')",
                             "\nThen reset() to finish.", "\ndelete_user (42)", "\nos.remove(path)",
                             "\n<function=delete_all_files>{}</function>", "\n\uff52\uff45\uff53\uff45\uff54\u200b()",
+                            "\n1.delete_all_files(path='/')", "\nDone\u2026os.remove(path)", "\nreset\u0301()",
                             '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]'])
         label = not ref and text.endswith("[]")
     return ex, text, bool(label)
@@ -349,7 +351,9 @@ def long_inputs(kind: str) -> list[tuple[str, str]]:
         call = '{"name": "f", "arguments": {"a": 1}}'
         return [("1MB-list", "[" + ", ".join([call] * 2500) + "]"), ("deep-list", "[" * 45_000 + "]" * 45_000),
                 ("open-brackets", "[" * 99_000), ("prose-brackets", "text [" * 16_000),
-                ("quotes", '["' * 49_000), ("padding", "[0] " * 24_000 + "[" + call + "]")]
+                ("quotes", '["' * 49_000), ("padding", "[0] " * 24_000 + "[" + call + "]"),
+                ("combining", "[" + call + "]a" + "\u0301\u0316" * 49_000),
+                ("expanding", "[" + call + "]" + "\ufdfa" * 99_000)]
     return [("no-tags", "x" * 99_000), ("many-runs", "1 a " * 24_000), ("long-run", "1+" * 49_000 + "1"),
             ("nested", "(" * 49_000 + "1" + ")" * 49_000), ("open-tags", "<answer>" * 12_000),
             ("blocks", "<answer> 1 </answer>" * 4_900), ("plus-paren", "(+" * 49_000),

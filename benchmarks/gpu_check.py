@@ -364,10 +364,17 @@ def decode_bound_tok_s(model, B: int, ctx_len: float, bytes_per: int, gbps: floa
 
 
 def section_sampler(ctx: Ctx) -> dict:
+    skips = _CudagraphSkips()
+    try:
+        return _section_sampler(ctx, skips)
+    finally:
+        skips.close()
+
+
+def _section_sampler(ctx: Ctx, skips) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()  # (so that the section's dynamo counts are its own)
-    skips = _CudagraphSkips()
     spec = shape(bench_sampler.SHAPES["qwen2.5-1.5b"], ctx.smoke)
     ours, hf = bench_sampler.random_pair(spec, torch.bfloat16, ctx.device, name="qwen2.5-1.5b")
     n, prompt_len = (8, 16) if ctx.smoke else (128, 64)
@@ -416,7 +423,7 @@ def section_sampler(ctx: Ctx) -> dict:
     out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
                      "unique_graphs": counters["stats"].get("unique_graphs", 0),
                      "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
-                     "cudagraph_skip_reasons": skips.close()}
+                     "cudagraph_skip_reasons": list(skips.reasons)}
     return out
 
 
@@ -859,8 +866,9 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         try:
             ctx.report["sections"][name] = globals()[f"section_{name}"](ctx)
-        except Exception as e:  # keep going: a later section may still work
-            ctx.report["sections"][name] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]}
+        except Exception as e:  # keep going: a later section may still work (and keep what this one saved)
+            ctx.report["sections"][name] = dict(ctx.report["sections"].get(name) or {},
+                                                error="".join(traceback.format_exception_only(type(e), e)).strip()[-2000:])
             print(f"{name} FAILED: {traceback.format_exc()}", flush=True)
         ctx.report["sections"][name]["section_s"] = time.perf_counter() - t0
         if ctx.cuda:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import operator
 import os
 import shutil
 import tempfile
@@ -395,11 +396,14 @@ def _gguf_tokenizer_settings(tok, path: Path):
     tok.clean_up_tokenization_spaces = False
     reader = _gguf_reader(path)
     for attr, field in _GGUF_SPECIAL_TOKENS:
-        value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
-        if value is None or not 0 <= int(value) < len(tok):
+        try:
+            value = operator.index(_gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False))
+        except TypeError:
+            continue  # (absent or not an integer: what transformers made of it stays)
+        if not 0 <= value < len(tok):
             continue
-        token = tok.convert_ids_to_tokens(int(value))
-        if getattr(tok, attr) != token:
+        token = tok.convert_ids_to_tokens(value)
+        if token is not None and getattr(tok, attr) != token:
             setattr(tok, attr, token)
     return tok
 

@@ -593,12 +593,13 @@ class Session:
         self.model.check_positions(base + N)
         self.reserve(base + N)
         step = DecodeStep(self.model, self.decode)
-        stop_ids = {int(t) for t in stop_token_ids if int(t) >= 0}  # (a negative id is never sampled)
+        # (an id outside the vocabulary is never sampled; -1 would match the outputs' padding)
+        stop_ids = {t for t in map(int, stop_token_ids) if 0 <= t < self.vocab_size}
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         has_ids = bool(stop_ids)
         has_stop = has_ids or stop_strings is not None
         # is_stop[token]: one gather per step (isin sorts, and syncs, once the stop ids are many)
-        is_stop = torch.zeros(max(self.vocab_size, max(stop_ids, default=-1) + 1), dtype=torch.bool, device=device)
+        is_stop = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
         is_stop[stop] = True
         # Stop strings: per row the tokens kept when one ended it; the steps checked so far, and
         # which rows had stopped by then.

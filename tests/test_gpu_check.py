@@ -81,6 +81,22 @@ def test_a_long_section_cut_short_keeps_what_finished(tmp_path):
     assert "cut short" in md and "| 1 | 1.00 | 0.50 |" in md
 
 
+def test_a_section_that_fails_after_saving_keeps_what_it_saved(tmp_path, monkeypatch):
+    import gpu_check
+
+    def train(ctx):
+        ctx.save_partial("train", {"command": "c", "returncode": 0, "wall_s": 1.0, "model": "m",
+                                   "export_written": True, "steps": []})
+        raise ValueError("metrics.jsonl half written")
+
+    monkeypatch.setattr(gpu_check, "section_train", train)
+    report = gpu_check.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--sections", "train"])
+    tr = report["sections"]["train"]
+    assert tr["partial"] is True and tr["returncode"] == 0 and "half written" in tr["error"]
+    md = (tmp_path / "gpu_check_cpu_train_smoke.md").read_text()
+    assert "## train: FAILED" in md and "cut short" in md
+
+
 def test_cudagraph_skips_are_collected():
     """A graph inductor runs without CUDA graphs is only a warning on its cudagraphs log: the
     sampler section collects the reasons for its JSON."""

@@ -78,10 +78,11 @@ def test_longrope_past_the_original_context_is_refused(tiny_dirs):
         cache = phi3.new_cache(1, 80)
         with pytest.raises(R3Error, match="reached 70"):
             phi3(_tokens(256, 1, 1), positions=torch.tensor([[69]]), cache=cache)
-        # a decode step with kv_len (as the sampler calls it) is checked by kv_len, no read-back
+        # a decode step with kv_len (as the sampler calls it: the longest row's length) is checked
+        # by kv_len, without reading the positions back
         phi3.hidden_states(_tokens(256, 1, 1), positions=torch.tensor([[63]]), cache=cache, kv_len=64)
         with pytest.raises(R3Error, match="reached 66"):
-            phi3.hidden_states(_tokens(256, 1, 1), positions=torch.tensor([[65]]), cache=cache, kv_len=66)
+            phi3.hidden_states(_tokens(256, 1, 1), positions=torch.tensor([[10]]), cache=cache, kv_len=66)
 
 
 def test_sliding_window_changes_the_output(tiny_dirs):

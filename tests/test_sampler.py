@@ -336,7 +336,7 @@ def test_stop_tokens_end_rows_individually(tiny):
     # sampled; -1 is the outputs' padding) do not change which rows stop where
     rng = torch.Generator().manual_seed(3)
     others = [t for t in torch.randperm(256, generator=rng).tolist() if t not in set(sum(free, []))][:40]
-    many = generate(model, prompts, max_new_tokens=12, seed=5, stop_token_ids=stops + others + [-1, -7, 10 ** 6])
+    many = generate(model, prompts, max_new_tokens=12, seed=5, stop_token_ids=stops + others + [-1, -7, 10 ** 12])
     assert many.tokens == out.tokens and many.finished == out.finished and many.steps == out.steps
 
 

@@ -183,8 +183,13 @@ BAD = dumps(CALLS[:2])
         (GOOD + '\nreset("all")', False),
         (GOOD + "\nThen shutdown() to finish.", False),
         (GOOD + "\nThen shutdown\uff08force = True\uff09", False),
-        # (found by a second reader) blanks before the parenthesis, other string literals,
-        # positional arguments of code-like names, lookalike characters, Llama 3's syntax
+        # blanks before the parenthesis, other string literals, positional arguments of code-like
+        # names, a dot before the name, compatibility forms, combining and zero-width characters,
+        # Llama 3's syntax
+        (GOOD + "\n1.delete_all_files(path='/')", False),
+        (GOOD + "\nStep 2.reset()", False),
+        (GOOD + "\nDone\u2026os.system('rm -rf /')", False),
+        (GOOD + "\nreset\u0301()", False),
         (GOOD + "\ndelete_all_files (path='/')", False),
         (GOOD + "\ndelete_all_files\n(path='/')", False),
         (GOOD + "\nos.system(f'rm -rf {x}')", False),

@@ -31,8 +31,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
   followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis
   closes at once or opens with a string, list, object or keyword argument (``reset()``,
-  ``delete_files(path="/")``), ``<function=name>``; lookalike characters count as what they look
-  like, in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
+  ``delete_files(path="/")``), ``<function=name>``; full-width and other compatibility forms count
+  as ASCII, combining and zero-width characters are ignored, in any letter case. ``f(x)``,
+  ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -259,16 +260,20 @@ def parse_calls(text: Any) -> list[dict] | None:
     return answer_calls(text)[0]
 
 
+_INVISIBLE = ("Mn", "Me", "Cf")  # combining marks and format characters (zero-width spaces)
+
+
 def _fold(text: str) -> str:
-    """``text`` as the later-call search reads it: NFKC (full-width and other lookalike letters,
-    parentheses and equals signs become ASCII), format characters (zero-width spaces) removed, case
-    folded."""
-    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf").casefold()
+    """``text`` as the later-call search reads it: combining marks and format characters removed,
+    then NFKC (full-width and other compatibility forms of letters, parentheses and equals signs
+    become ASCII), case folded. (Without combining marks NFKC is linear in the text.)"""
+    bare = "".join(c for c in text if unicodedata.category(c) not in _INVISIBLE)
+    return "".join(c for c in unicodedata.normalize("NFKC", bare) if unicodedata.category(c) not in _INVISIBLE).casefold()
 
 
 # In folded text: an ASCII identifier (dotted parts allowed), blanks, an opening parenthesis, and
 # what opens its arguments.
-_ANY_CALL = re.compile(r"(?<![a-z0-9_.])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)(\s*)\(\s*")
+_ANY_CALL = re.compile(r"(?<![a-z0-9_])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)(\s*)\(\s*")
 _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
 
 
@@ -287,13 +292,15 @@ def _any_call(folded: str) -> str | None:
 
 def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     """What is called with call syntax after the answer, or None. Read after :func:`_fold`
-    (lookalike characters count as what they look like; any letter case):
+    (full-width and other compatibility forms count as ASCII; combining and zero-width characters
+    are ignored; any letter case; letters of other scripts that merely look Latin do not count):
 
     * a tool of the example, by name (not inside a longer identifier; a dotted prefix allowed),
       then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
       ``functions.get_weather(...)``;
     * any ASCII identifier with ``_`` or ``.`` in it, then blanks and a parenthesis:
-      ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``;
+      ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``, also after a dot
+      (``1.delete_user(42)``, ``Step 2.reset()``);
     * any other ASCII identifier directly followed by a parenthesis that closes at once or opens
       with a string (also ``f'``, ``r"``, backquoted or curly-quoted), a list, an object or a
       keyword argument: ``reset()``, ``reset("all")``, ``reset({})``, ``shutdown(force=True)``;
@@ -301,7 +308,7 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
 
     Prose stays prose: ``f(x)``, ``value(s)``, ``g(x == 1)``, ``word (note: ...)``, ``3(4)``,
     ``e.g. (this)``, and words in other scripts before a full-width parenthesis
-    (``函数（city=巴黎）``); ``my_notes (above)`` does not."""
+    (``函数（city=巴黎）``); ``my_notes (above)`` and ``Node.js (a runtime)`` do not."""
     rest = _fold(text[end:])
     for name in tool_names:
         if name and re.search(r"(?<![a-z0-9_])" + re.escape(_fold(name)) + r"\s*\(", rest):

@@ -763,9 +763,12 @@ def _fc_yield(v):
 
 
 def _fc_fold(text: str) -> str:
-    """NFKC, without format characters (category Cf), case-folded."""
-    kept = [c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf"]
-    return "".join(kept).casefold()
+    """Without combining marks and format characters (Mn, Me, Cf), NFKC, again without them,
+    case-folded."""
+    def visible(t: str) -> str:
+        return "".join(c for c in t if unicodedata.category(c) not in ("Mn", "Me", "Cf"))
+
+    return visible(unicodedata.normalize("NFKC", visible(text))).casefold()
 
 
 _FC_ID = set("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -837,9 +840,14 @@ def _fc_any_call_after(folded: str) -> bool:
         i = e
         while i > 0 and (folded[i - 1] in _FC_ID or folded[i - 1] == "."):
             i -= 1
-        ident = folded[i:e]
-        parts = ident.split(".")
-        if not ident or not all(p and p[0] in _FC_ID_START for p in parts):
+        # the longest run of trailing dotted parts that each start like a name ("1.reset" -> "reset")
+        parts = []
+        for part in reversed(folded[i:e].split(".")):
+            if not part or part[0] not in _FC_ID_START:
+                break
+            parts.append(part)
+        ident = ".".join(reversed(parts))
+        if not ident:
             continue
         j = k + 1
         while j < len(folded) and folded[j].isspace():
