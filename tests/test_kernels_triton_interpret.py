@@ -32,6 +32,14 @@ if not INTERPRETED_CHILD:
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
         out = proc.stdout[-8000:] + proc.stderr[-4000:]
+        if proc.returncode and "only 0-dimensional arrays can be converted to Python scalars" in out:
+            import numpy
+            import triton
+
+            # Triton 3.6's interpreter reads a loop bound with int() of a 1-element array, which
+            # NumPy >= 2.4 refuses (later Tritons squeeze it first): nothing the kernels can change.
+            pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound "
+                        f"with NumPy {numpy.__version__}")
         assert proc.returncode == 0, out
         assert " passed" in proc.stdout and "skipped" not in proc.stdout, out
 
