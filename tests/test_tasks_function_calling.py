@@ -541,6 +541,14 @@ def test_a_wrapper_whose_last_value_is_no_calls():
     assert FC.verify(EX, '{"tool_calls": ' + GOOD + "}")
 
 
+def test_a_tool_name_that_folds_to_nothing_matches_nothing():
+    from r3.tasks.function_calling import called_later
+
+    assert called_later(GOOD + " (see above)", len(GOOD), ["\u200b", "\u0301", ""]) is None
+    ex = dict(EX, tools=dumps(json.loads(EX["tools"]) + [{"name": "\u200b", "description": "", "parameters": {}}]))
+    assert FC.verify(ex, GOOD + " (see above)") and recheck(FC, ex, GOOD + " (see above)")[0]
+
+
 def test_later_call_search_agrees_with_the_recheck_on_random_text():
     """The two implementations of the later-call search (see called_later) give the same verdict
     on random strings built from the characters that matter: identifiers, dots, parentheses of

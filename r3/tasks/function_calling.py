@@ -311,7 +311,8 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     (``函数（city=巴黎）``); ``my_notes (above)`` and ``Node.js (a runtime)`` do not."""
     rest = _fold(text[end:])
     for name in tool_names:
-        if name and re.search(r"(?<![a-z0-9_])" + re.escape(_fold(name)) + r"\s*\(", rest):
+        key = _fold(name) if isinstance(name, str) else ""
+        if key and re.search(r"(?<![a-z0-9_])" + re.escape(key) + r"\s*\(", rest):
             return name
     return _any_call(rest)
 

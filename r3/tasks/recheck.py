@@ -779,9 +779,9 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     """A tool's folded name, not preceded by an ASCII identifier character (a dot is fine),
     followed by blanks and an opening parenthesis."""
     for name in names:
-        if not name:
+        key = _fc_fold(name) if type(name) is str else ""
+        if not key:
             continue
-        key = _fc_fold(name)
         k = folded.find(key)
         while k != -1:
             before = folded[k - 1] if k > 0 else ""
