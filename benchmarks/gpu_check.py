@@ -428,22 +428,26 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
 
 
 class _CudagraphSkips(logging.Handler):
-    """Collects the reasons inductor gives for running a compiled graph without CUDA graphs
-    (warnings of its cudagraphs log), at most 10."""
+    """Collects the reasons inductor gives for running a compiled graph without CUDA graphs, at
+    most 10: warnings of its cudagraphs log (torch 2.11+) or of its perf-hints log (before; off by
+    default there, so a skip was silent)."""
 
-    LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+    LOGGERS = ("torch._inductor.cudagraph_utils.__cudagraphs", "torch._inductor.cudagraph_utils.__perf_hints")
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.reasons: list[str] = []
-        logging.getLogger(self.LOGGER).addHandler(self)
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
 
     def emit(self, record):
-        if len(self.reasons) < 10:
-            self.reasons.append(record.getMessage()[:300])
+        message = record.getMessage()
+        if "cudagraph" in message and len(self.reasons) < 10:
+            self.reasons.append(message[:300])
 
     def close(self) -> list[str]:
-        logging.getLogger(self.LOGGER).removeHandler(self)
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
         super().close()
         return self.reasons
 
