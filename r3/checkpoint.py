@@ -389,12 +389,17 @@ _GGUF_SPECIAL_TOKENS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_
 
 
 def _gguf_tokenizer_settings(tok, path: Path):
-    """Set bos/eos/unk/pad to the tokens the GGUF file names by id, and decode without the
-    WordPiece space clean-up, as llama.cpp decodes. Some transformers versions convert them
-    otherwise (5.17 makes SmolLM2's eos ``<|im_start|>``, its pad None, and sets the clean-up,
-    which it then ignores with a warning at each decode), and eos decides where generation stops."""
+    """Set bos/eos/unk/pad to the tokens the GGUF file names by id, add bos/eos when encoding as
+    the file says, and decode without the WordPiece space clean-up, as llama.cpp does. Some
+    transformers versions convert them otherwise (5.17 makes SmolLM2's eos ``<|im_start|>``, its
+    pad None, and sets the clean-up, which it then ignores with a warning at each decode; 4.57
+    adds a bos the file says not to), and eos decides where generation stops."""
     tok.clean_up_tokenization_spaces = False
     reader = _gguf_reader(path)
+    for attr in ("add_bos_token", "add_eos_token"):
+        value = _gguf_field(reader, f"tokenizer.ggml.{attr}", path, required=False)
+        if isinstance(value, bool) and hasattr(tok, attr):
+            setattr(tok, attr, value)  # (also when it reads the same: the encoding may not follow it)
     for attr, field in _GGUF_SPECIAL_TOKENS:
         try:
             value = operator.index(_gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False))

@@ -286,8 +286,8 @@ def test_truncated_gguf(tmp_path):
 def test_gguf_tokenizer_special_tokens_are_the_files(tmp_path, monkeypatch):
     """bos/eos/unk/pad are the tokens the GGUF file names by id and decoding keeps the text's
     spaces, whatever transformers' conversion made of them (5.17 made SmolLM2's eos
-    ``<|im_start|>``, so every rollout would also stop there, and set the WordPiece clean-up), also
-    when a cached tokenizer was saved with them wrong."""
+    ``<|im_start|>``, so every rollout would also stop there, and set the WordPiece clean-up; 4.57
+    added a bos the file says not to), also when a cached tokenizer was saved with them wrong."""
     monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
     src = checkpoint.builtin_gguf("smollm2-135m")
     want = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
@@ -296,15 +296,18 @@ def test_gguf_tokenizer_special_tokens_are_the_files(tmp_path, monkeypatch):
     assert {k: getattr(tok, k) for k in want} == want and tok.eos_token_id == 2
     assert tok.clean_up_tokenization_spaces is False
     assert tok.decode(tok.encode("a , b . c")) == "a , b . c"  # byte-level BPE: the text as it was
+    assert tok.encode("hi") == tok("hi", add_special_tokens=False)["input_ids"]  # the file adds no bos
     cached = next((tmp_path / "cache" / "tokenizers").iterdir())
     tok.eos_token, tok.pad_token = "<|im_start|>", None  # what transformers 5.17 converts
     tok.clean_up_tokenization_spaces = True
+    tok.add_bos_token = True  # what transformers 4.57 converts
     tok.save_pretrained(str(cached))
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(cached)).eos_token == "<|im_start|>"
     _, tok = load("smollm2-135m")
     assert {k: getattr(tok, k) for k in want} == want and tok.clean_up_tokenization_spaces is False
+    assert tok.encode("hi") == tok("hi", add_special_tokens=False)["input_ids"]
     tok.eos_token = "<|endoftext|>"
     assert checkpoint._gguf_tokenizer_settings(tok, src).eos_token_id == 2
 
