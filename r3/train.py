@@ -71,8 +71,8 @@ from r3.rundir import (
 )
 from r3.tasks import examples_of
 from r3.tasks import get as get_task
-from r3.tasks.base import warn_verifier_errors
 from r3.tasks import resolve as resolve_task
+from r3.tasks.base import warn_verifier_errors
 from r3.tracking import Tracker, make_tracker, tracker_module
 
 # --------------------------------------------------------------------------------------------
