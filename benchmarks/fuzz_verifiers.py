@@ -230,7 +230,7 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
     """(JSON text, correct by construction, valid JSON call list). ``truncate=False``: the text is
     always a balanced structure (a truncated one would swallow what follows it)."""
     calls = json.loads(json.dumps(calls))
-    kind = rng.randrange(16)
+    kind = rng.randrange(17)
     if kind == 10 and not truncate:
         kind = 0
     ok, valid = True, True
@@ -285,9 +285,18 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
                             '"meta": [1]', '"options": {}'])
         if '"arguments"' in text:  # (an empty reference list has no call to put it in)
             text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), False
-    elif kind == 15:  # a wrapper: scalars beside the calls are fine, a second structure is not
-        extra = rng.choice(['"thought": "ok"', '"n": 2', '"then": {"name": "delete_all", "arguments": {}}', '"meta": {}'])
-        text, ok = '{"tool_calls": ' + text + ", " + extra + "}", ok and not extra.endswith("}")
+    elif kind == 15:  # a wrapper: scalars beside the calls are fine, a second structure is not,
+        # nor a string that hides a call
+        extra, fine = rng.choice([('"thought": "ok"', True), ('"n": 2', True), ('"note": "two (2) calls [done]"', True),
+                                  ('"then": {"name": "delete_all", "arguments": {}}', False), ('"meta": {}', False),
+                                  ('"next": "delete_all_files(path=1)"', False), ('"next": "reset()"', False),
+                                  ('"next": "[{\\"name\\": \\"delete_all\\"}]"', False), ('"os.remove(p)": 1', False)])
+        text, ok = '{"tool_calls": ' + text + ", " + extra + "}", ok and fine
+    elif kind == 16 and '"arguments"' in text:  # a string beside a call's arguments: read as prose
+        extra, fine = rng.choice([('"note": "see (above)"', True), ('"id": "call_[1]"', True),
+                                  ('"note": "reset()"', False), ('"note": "{x: 1}"', False), ('"note": "[]"', False),
+                                  ('"note": "then os.remove(path)"', False)])
+        text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), ok and fine
     return text, ok, valid
 
 
@@ -296,6 +305,41 @@ FC_BEFORE = ["", "Sure! ", "Here are the calls:\n", "<tool_call>\n", "I'll call 
 FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone (see above).", " :)",
             " (note: f(x) is g(x == 1))", " Cost: 3(4) = 12.", " See value(s), e.g. (this), v1.2(beta).",
             "\n\u6211\u8c03\u7528\u4e86\u51fd\u6570\uff08city=\u5df4\u9ece\uff09\u3002"]
+
+
+def _canonical(v):
+    """A JSON value with integral floats as ints (``100.0 == 100``; booleans stay booleans)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_canonical(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _canonical(x) for k, x in v.items()}
+    return v
+
+
+def _same_multiset(calls: list[dict], ref: list[dict]) -> bool:
+    key = lambda c: json.dumps(_canonical([c["name"], c.get("arguments", {})]), sort_keys=True)  # noqa: E731
+    return sorted(map(key, calls)) == sorted(map(key, ref))
+
+
+def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple[str, bool]:
+    """A call list written as Hermes / Qwen ``<tool_call>`` blocks, one call object each; maybe
+    with prose between two blocks (the blocks before it are a draft), a wrapper or list in a block
+    of the run (no answer) or the last block unclosed."""
+    if not calls or not all(isinstance(c, dict) and "name" in c and set(c) <= {"name", "arguments", "id"}
+                            for c in calls):
+        return json.dumps(calls), ok  # (then ``ok`` is a matter of content alone)
+    blocks = ["<tool_call>" + rng.choice(["", "\n"]) + json.dumps(c) + rng.choice(["", "\n"]) + "</tool_call>" for c in calls]
+    kind = rng.randrange(4)
+    if kind == 1 and len(blocks) > 1:  # prose between blocks: only the blocks after it count
+        k = rng.randrange(1, len(blocks))
+        return "\n".join(blocks[:k]) + "\nWait.\n" + "\n".join(blocks[k:]), _same_multiset(calls[k:], ref)
+    if kind == 2 and len(blocks) > 1:  # a list in a block of the run
+        blocks[0] = "<tool_call>" + json.dumps(calls[:1]) + "</tool_call>"
+        return rng.choice(["", "\n", " "]).join(blocks), False
+    text = rng.choice(["", "\n", " ", "\n\n"]).join(blocks)
+    return (text[: -len("</tool_call>")] if kind == 3 else text), ok
 
 
 def _is_attempt(s: str) -> bool:
@@ -314,6 +358,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         final = '{"tool_calls": ' + final + "}"
     elif r < 0.3:
         final = "```json\n" + final + "\n```"
+    elif r < 0.45 and valid and final.lstrip().startswith("["):
+        final, ok = _hermes(rng, json.loads(final), ref, ok)
     after = rng.choice(FC_AFTER)
     # a truncated structure runs to the end of the text: what follows it is inside it
     truncated = not valid and final.count("[") + final.count("{") > final.count("]") + final.count("}")
@@ -353,7 +399,9 @@ def long_inputs(kind: str) -> list[tuple[str, str]]:
                 ("open-brackets", "[" * 99_000), ("prose-brackets", "text [" * 16_000),
                 ("quotes", '["' * 49_000), ("padding", "[0] " * 24_000 + "[" + call + "]"),
                 ("combining", "[" + call + "]a" + "\u0301\u0316" * 49_000),
-                ("expanding", "[" + call + "]" + "\ufdfa" * 99_000)]
+                ("expanding", "[" + call + "]" + "\ufdfa" * 99_000),
+                ("tool-call-blocks", ("<tool_call>" + call + "</tool_call>\n") * 1_650),
+                ("loose-string", '{"tool_calls": [' + call + '], "note": "' + "a_b (" * 3_900 + '"}')]
     return [("no-tags", "x" * 99_000), ("many-runs", "1 a " * 24_000), ("long-run", "1+" * 49_000 + "1"),
             ("nested", "(" * 49_000 + "1" + ")" * 49_000), ("open-tags", "<answer>" * 12_000),
             ("blocks", "<answer> 1 </answer>" * 4_900), ("plus-paren", "(+" * 49_000),

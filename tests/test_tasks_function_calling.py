@@ -229,6 +229,33 @@ BAD = dumps(CALLS[:2])
         ('{"response": {"tool_calls": ' + GOOD + "}}", True),  # nested wrappers
         ('{"name": "get_weather", "arguments": {"city": "Oslo"}, "then": ' + GOOD + "}", False),
         ('{"name": "x", "calls": ' + GOOD + "}", False),
+        # Hermes / Qwen style: adjacent <tool_call> blocks of one call object each are one answer
+        ("\n".join("<tool_call>\n" + json.dumps(c) + "\n</tool_call>" for c in CALLS), True),
+        ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS) + "\nDone.", True),
+        ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS)[:-len("</tool_call>")], True),
+        ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
+        ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS + CALLS[:1]), False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n"  # prose ends the run: a draft
+         + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
+        ("<tool_call>" + json.dumps(CALLS[1]) + "</tool_call>\nWait.\n"
+         + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[::2]), False),
+        ("<tool_call>" + dumps(CALLS[:1]) + "</tool_call><tool_call>"  # a list in a block of the run
+         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
+        ("<tool_call>" + json.dumps(CALLS[0])[:-1] + "]</tool_call><tool_call>"  # a broken block
+         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
+        ("<tool_call>{}</tool_call><tool_call>" + GOOD + "</tool_call>", True),  # a list ends no run
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call> <tool_call>" + dumps(CALLS[1:]) + "</tool_call>", False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>" + json.dumps(CALLS[1]), False),  # not in a block
+        # a call hiding in a loose string (a key, or a string beside the calls) is no answer
+        ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
+        ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
+        ('{"tool_calls": ' + GOOD + ', "next": "then reset()"}', False),
+        ('{"tool_calls": ' + GOOD + ', "next": "[]"}', False),
+        ('{"tool_calls": ' + GOOD + ', "get_weather(city=\'Oslo\')": null}', False),
+        (GOOD.replace('"arguments"', '"note": "{city: Oslo}", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"note": "os.remove(path)", "arguments"', 1), False),
+        ('{"tool_calls": ' + GOOD + ', "thought": "two cities (Paris, Tokyo) [metric], then EUR"}', True),
+        (GOOD.replace('"arguments"', '"type": "function", "id": "call_1", "arguments"'), True),
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing
         ('see [the "list" below: ' + GOOD, False),  # an unclosed bracket in prose hides the rest
@@ -569,3 +596,29 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
         assert _fold(t) == folded, repr(t)
         assert (called_later(t, 0, names) is not None) == (
             _fc_named_call_after(folded, names) or _fc_any_call_after(folded)), repr(t)
+
+
+def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
+    """The verifier and the independent re-check give the same verdict on random completions
+    built from the pieces that matter: right and wrong call objects and lists, <tool_call> tags,
+    wrappers with loose strings (some hiding a call), broken and non-call structures, prose,
+    later calls, blanks."""
+    import random
+
+    calls = [json.dumps(c) for c in CALLS] + ['{"name": "convert", "arguments": {"amount": 1}}']
+    blocks = ["<tool_call>" + c + "</tool_call>" for c in calls]
+    pieces = calls * 2 + blocks * 6 + [
+        "<tool_call>", "</tool_call>", "<tool_call>\n", "\n</tool_call>", " ", "\n", "\u2003", "\u200b",
+        GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
+        '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
+        GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),
+        json.dumps(CALLS[0]).replace('"arguments"', '"why": "get_weather (x)", "arguments"', 1)]
+    rng = random.Random(0)
+    seen, hermes = {True: 0, False: 0}, 0
+    for _ in range(6_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))
+        ok = FC.verify(EX, text)
+        assert ok is recheck(FC, EX, text)[0], repr(text)
+        seen[ok] += 1
+        hermes += ok and GOOD not in text
+    assert seen[True] > 100 and seen[False] > 100 and hermes > 20  # (each kind of verdict is exercised)

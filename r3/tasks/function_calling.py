@@ -26,8 +26,17 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   strings, numbers, booleans and nulls: a second structure is ambiguous, no answer). A broken,
   truncated or invalid last attempt is no answer, even after a correct earlier list, and nothing
   inside a structure is searched separately (``[{right call}, {broken call}]`` is no answer, not
-  the right call alone). ````` fences are prose. A call in call syntax after the answer is a
-  later attempt: no answer (:func:`called_later`): a tool of the example named with a parenthesis
+  the right call alone). ````` fences are prose;
+* Hermes / Qwen style: when the last attempt is a call object right after ``<tool_call>`` (blanks
+  between), the adjacent blocks before it (``</tool_call>`` and ``<tool_call>`` with only blanks
+  between blocks) are part of the answer, one call each: ``<tool_call>{a}</tool_call>
+  <tool_call>{b}</tool_call>`` calls a and b. Each block of such a run must hold one complete call
+  object (a list, wrapper or broken block there: no answer); prose between blocks ends the run,
+  so blocks before it are drafts;
+* a call must not hide in the answer's loose strings: its keys and the strings beside its calls
+  (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt is no
+  answer, see :func:`hidden_call`);
+* a call in call syntax after the answer is a later attempt: no answer (:func:`called_later`): a tool of the example named with a parenthesis
   (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
   followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis
   closes at once or opens with a string, list, object or keyword argument (``reset()``,
@@ -39,7 +48,7 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
   an object with a string ``"name"`` and an object ``"arguments"`` (a missing ``"arguments"`` means
   no arguments; other keys may hold a string, number, boolean or null and are ignored, as
-  ``"id": "call_1"``; an object or list there, as ``"then": {call}``, makes it no call). An object
+  ``"id": "call_1"``, unless a call hides in them (above); an object or list there, as ``"then": {call}``, makes it no call). An object
   with a ``"name"`` key is never a wrapper;
 * correct iff the calls equal the reference calls as a multiset (order of calls does not matter):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
@@ -49,7 +58,7 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   than ``MAX_DEPTH`` are wrong.
 
 The scan is one pass over the brackets and quotes of the text, and only the last call attempt
-is parsed: time linear in the completion.
+(and the blocks of its run) is parsed: time linear in the completion.
 """
 
 from __future__ import annotations
@@ -159,16 +168,6 @@ def _loads(s: str) -> Any:
     return value
 
 
-def _try_calls(s: str, allow_empty: bool = True) -> list[dict] | None:
-    s = s.strip()
-    if not s or s[0] not in "[{":
-        return None
-    try:
-        return _as_calls(_loads(s), allow_empty)
-    except (ValueError, RecursionError):
-        return None
-
-
 _MARKS = re.compile(r'[\[\]{}"]')
 _CLOSER = {"[": "]", "{": "}"}
 
@@ -222,36 +221,117 @@ def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     return _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
 
 
-def _last_embedded(text: str) -> tuple[list[dict] | None, int]:
-    """The calls of the last call attempt in ``text`` (see the module docstring), or None, and
-    where that attempt ends (0 when there is none)."""
-    last = None
+_BLOCK_GAP = re.compile(r"\s*</tool_call>\s*<tool_call>\s*")
+
+
+def _opens_block(text: str, start: int) -> bool:
+    """Whether ``<tool_call>`` and blanks come right before ``start``."""
+    i = start
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    return text.endswith("<tool_call>", 0, i)
+
+
+def _block_run(text: str, found: list[tuple[int, int, bool]]) -> list[tuple[int, int]] | None:
+    """The spans of the run of adjacent ``<tool_call>`` blocks that ends with the last structure
+    in ``found`` (Hermes / Qwen style: one call object per block, only blanks between blocks), or
+    None when the last structure does not open a block or no block comes right before it."""
+    start, end, _ = found[-1]
+    if not _opens_block(text, start):
+        return None
+    run = [(start, end)]
+    for s0, e0, complete in reversed(found[:-1]):
+        if not _BLOCK_GAP.fullmatch(text, e0, run[0][0]):
+            break
+        if not complete:
+            return []  # a broken block in the run: no answer
+        run.insert(0, (s0, e0))
+    return run if len(run) > 1 else None
+
+
+def _parse_attempt(text: str, start: int, end: int) -> Any:
+    """The parsed structure ``text[start:end]``; raises ValueError (too long, invalid JSON)."""
+    if end - start > MAX_JSON_CHARS:
+        raise ValueError("too long")
+    return _loads(text[start:end])
+
+
+def _last_embedded(text: str) -> tuple[list[dict] | None, int, list]:
+    """The calls of the last call attempt in ``text`` (see the module docstring), or None, where
+    that attempt ends (0 when there is none), and the parsed structures it came from."""
+    found, last = [], -1
     for start, end, complete in _structures(text):
+        found.append((start, end, complete))
         if _KEY_LIKE.search(text, start, end) or (complete and _BLANK_LIST.fullmatch(text, start, end)):
-            last = (start, end, complete)
-    if last is None:
-        return None, 0
-    start, end, complete = last
-    if not complete or end - start > MAX_JSON_CHARS:
-        return None, end
+            last = len(found) - 1
+    if last < 0:
+        return None, 0, []
+    start, end, complete = found[last]
+    if not complete:
+        return None, end, []
     try:
-        return _yielded_calls(_loads(text[start:end])), end
+        value = _parse_attempt(text, start, end)
+        calls = _yielded_calls(value)
+        if not (isinstance(value, dict) and "name" in value and calls is not None):
+            return calls, end, [value]
+        run = _block_run(text, found[: last + 1])
+        if run is None:
+            return calls, end, [value]
+        values = [_parse_attempt(text, s0, e0) for s0, e0 in run]
+        run_calls = [_as_calls(v) if isinstance(v, dict) and "name" in v else None for v in values]
+        if not run or any(c is None for c in run_calls):
+            return None, end, []  # (every block of a run holds one call object)
+        return [c[0] for c in run_calls], end, values
     except (ValueError, RecursionError):
-        return None, end
+        return None, end, []
+
+
+def _loose_strings(values: list) -> list[str]:
+    """The strings of an answer's structures outside its calls' names and arguments: keys, and
+    the strings beside the calls in call objects and wrappers (``"id": "call_1"``). A call could
+    hide in one (``"next": "delete_all()"``)."""
+    out, stack = [], list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if "name" in v and k in ("name", "arguments"):
+                    continue
+                out.append(k)
+                if isinstance(x, str):
+                    out.append(x)
+                elif isinstance(x, (list, dict)):
+                    stack.append(x)
+    return out
+
+
+def _answer(text: Any) -> tuple[list[dict] | None, int, list[str]]:
+    """:func:`answer_calls` and the answer's loose strings (:func:`_loose_strings`)."""
+    try:
+        if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
+            return None, 0, []
+        s = text.strip()
+        if s[:1] in ("[", "{"):
+            try:
+                value = _loads(s)
+                calls = _as_calls(value)
+                if calls is not None:
+                    return calls, len(text), _loose_strings([value])
+            except (ValueError, RecursionError):
+                pass
+        calls, end, values = _last_embedded(text)
+        return calls, end, _loose_strings(values) if calls is not None else []
+    except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
+        return None, 0, []
 
 
 def answer_calls(text: Any) -> tuple[list[dict] | None, int]:
     """The calls a completion makes (see the module docstring), or None, and the position where
     the answer ends. Never raises."""
-    try:
-        if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
-            return None, 0
-        calls = _try_calls(text)
-        if calls is not None:
-            return calls, len(text)
-        return _last_embedded(text)
-    except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
-        return None, 0
+    calls, end, _ = _answer(text)
+    return calls, end
 
 
 def parse_calls(text: Any) -> list[dict] | None:
@@ -315,6 +395,20 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
         if key and re.search(r"(?<![a-z0-9_])" + re.escape(key) + r"\s*\(", rest):
             return name
     return _any_call(rest)
+
+
+def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:
+    """What a call could hide in among an answer's loose strings (keys and strings beside its
+    calls, see :func:`_loose_strings`), or None: a call attempt (a bracketed structure with a key,
+    or an empty list, as in the text) or a call in call syntax (:func:`called_later`)."""
+    for s in strings:
+        for start, end, complete in _structures(s):
+            if _KEY_LIKE.search(s, start, end) or (complete and _BLANK_LIST.fullmatch(s, start, end)):
+                return s[start:end]
+        name = called_later(s, 0, tool_names)
+        if name:
+            return name
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,19 +600,29 @@ class FunctionCallingTask(Task):
         return [{"name": c["name"], "arguments": c.get("arguments", {})} for c in _field(example, "answers")]
 
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
-        calls, end = answer_calls(completion_text)
+        calls, end, loose = _answer(completion_text)
         if calls is None:
             return False, "no parseable JSON list of calls"
-        later = called_later(completion_text, end, [t.get("name", "") for t in _field(example, "tools")])
+        names = [t.get("name", "") for t in _field(example, "tools")]
+        later = called_later(completion_text, end, names)
         if later:
-            return False, f"a later call of {later!r} in another syntax"
+            return False, f"a later call of {later[:60]!r} in another syntax"
+        hidden = hidden_call(loose, names)
+        if hidden:
+            return False, f"a call {hidden[:60]!r} in a string beside the calls"
         ref = self.reference_calls(example)
         if calls_match(calls, ref):
             return True, "correct"
         if sorted(c["name"] for c in calls) != sorted(c["name"] for c in ref):
-            return False, (f"called {sorted(c['name'] for c in calls)}, "
-                           f"expected {sorted(c['name'] for c in ref)}")
+            return False, f"called {_names(calls)}, expected {_names(ref)}"
         return False, "right functions, wrong arguments"
+
+
+def _names(calls: list[dict], most: int = 8) -> str:
+    """The sorted names of ``calls`` for a reason, at most ``most`` of them (a reply can hold
+    thousands of calls)."""
+    names = sorted(c["name"][:80] for c in calls)
+    return str(names) if len(names) <= most else f"{names[:most]} and {len(names) - most} more"
 
 
 # ---------------------------------------------------------------------------------------

@@ -859,35 +859,97 @@ def _fc_any_call_after(folded: str) -> bool:
     return False
 
 
+def _fc_beside(v, out: list) -> list:
+    """Every key and string of an answer's structures except call names and arguments."""
+    if isinstance(v, list):
+        for x in v:
+            _fc_beside(x, out)
+    elif isinstance(v, dict):
+        for k in v:
+            if "name" in v and (k == "name" or k == "arguments"):
+                continue
+            out.append(k)
+            if type(v[k]) is str:
+                out.append(v[k])
+            else:
+                _fc_beside(v[k], out)
+    return out
+
+
+def _fc_hermes(text: str, chunks: list, last: int) -> list | None:
+    """The parsed call objects of the adjacent ``<tool_call>`` blocks ending with chunk ``last``,
+    or None when that chunk is not in a block with another block right before it; raises
+    ValueError when a block of the run holds something other than one call object."""
+    chunk, ok, at = chunks[last]
+    if not text[:at].rstrip().endswith("<tool_call>"):
+        return None
+    members = [chunk]
+    k = last
+    while k > 0:
+        prev, prev_ok, prev_at = chunks[k - 1]
+        gap = text[prev_at + len(prev):chunks[k][2]]
+        if gap.replace("</tool_call>", " E ").replace("<tool_call>", " S ").split() != ["E", "S"]:
+            break
+        if not prev_ok:
+            raise ValueError("a broken block")
+        members.append(prev)
+        k -= 1
+    if len(members) == 1:
+        return None
+    out = []
+    for m in reversed(members):
+        v = _fc_parse(m)
+        if type(v) is not dict or "name" not in v or _fc_calls(v, allow_empty=False) is None:
+            raise ValueError("not a call object")
+        out.append(v)
+    return out
+
+
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
-    calls, rest = None, ""
+    calls, rest, parsed = None, "", []
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
         try:
-            calls = _fc_calls(_fc_parse(stripped), allow_empty=True)
+            whole = _fc_parse(stripped)
+            calls, parsed = _fc_calls(whole, allow_empty=True), [whole]
         except (ValueError, RecursionError):
             pass
     if calls is None:
-        pos, attempt = 0, None
+        chunks, pos, last = [], 0, -1
         for chunk, ok in _fc_top_level(text):
             at = text.find(chunk, pos)
             pos = at + len(chunk)
+            chunks.append((chunk, ok, at))
             if _fc_is_attempt(chunk, ok):
-                attempt = (chunk, ok, pos)
-        if attempt and attempt[1]:
-            rest = text[attempt[2]:]
+                last = len(chunks) - 1
+        if last >= 0 and chunks[last][1]:
+            chunk, _, at = chunks[last]
+            rest = text[at + len(chunk):]
             try:
-                calls = _fc_yield(_fc_parse(attempt[0]))
+                value = _fc_parse(chunk)
+                calls, parsed = _fc_yield(value), [value]
+                if calls is not None and type(value) is dict and "name" in value:
+                    blocks = _fc_hermes(text, chunks, last)
+                    if blocks is not None:
+                        parsed = blocks
+                        calls = [c for v in blocks for c in _fc_calls(v, allow_empty=False)]
             except (ValueError, RecursionError):
                 calls = None
     if calls is None:
         return False, "no call list"
+    names = list(tool_names)
     folded = _fc_fold(rest)
-    if _fc_named_call_after(folded, list(tool_names)) or _fc_any_call_after(folded):
+    if _fc_named_call_after(folded, names) or _fc_any_call_after(folded):
         return False, "a later call in another syntax"
+    for s in _fc_beside(parsed, []):
+        if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(s)):
+            return False, "a call attempt in a string beside the calls"
+        f = _fc_fold(s)
+        if _fc_named_call_after(f, names) or _fc_any_call_after(f):
+            return False, "a call in a string beside the calls"
     ref = [(c["name"], c.get("arguments", {})) for c in reference]
     if len(ref) != len(calls):
         return False, "wrong number of calls"
