@@ -323,23 +323,43 @@ def _same_multiset(calls: list[dict], ref: list[dict]) -> bool:
     return sorted(map(key, calls)) == sorted(map(key, ref))
 
 
+OPEN_TAGS = ["<tool_call>", "<tool_call>", "< Tool_Call >", "\uff1ctool_call\uff1e"]
+CLOSE_TAGS = ["</tool_call>", "</tool_call>", "</tool_call\u200b>", "\uff1c/tool_call\uff1e"]
+DELETE_ALL = '{"name": "delete_all", "arguments": {}}'
+
+
 def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple[str, bool]:
-    """A call list written as Hermes / Qwen ``<tool_call>`` blocks, one call object each; maybe
-    with prose between two blocks (the blocks before it are a draft), a wrapper or list in a block
-    of the run (no answer) or the last block unclosed."""
+    """A call list written as one run of call objects (one answer): Hermes / Qwen ``<tool_call>``
+    blocks (tags in any spelling) or bare objects between ``;``, ``,`` or blanks; or that run with
+    prose between two blocks (the blocks before it are a draft), an extra adjacent block of another
+    call, or a malformed run (prose in a block before it, an unclosed block, two objects in one
+    block): no answer."""
     if not calls or not all(isinstance(c, dict) and "name" in c and set(c) <= {"name", "arguments", "id"}
                             for c in calls):
         return json.dumps(calls), ok  # (then ``ok`` is a matter of content alone)
-    blocks = ["<tool_call>" + rng.choice(["", "\n"]) + json.dumps(c) + rng.choice(["", "\n"]) + "</tool_call>" for c in calls]
-    kind = rng.randrange(4)
+    objects = [json.dumps(c) for c in calls]
+    blocks = [rng.choice(OPEN_TAGS) + rng.choice(["", "\n"]) + o + rng.choice(["", "\n"]) + rng.choice(CLOSE_TAGS)
+              for o in objects]
+    sep = rng.choice(["", "\n", " ", "\n\n", "\u200b"])
+    kind = rng.randrange(7)
     if kind == 1 and len(blocks) > 1:  # prose between blocks: only the blocks after it count
         k = rng.randrange(1, len(blocks))
-        return "\n".join(blocks[:k]) + "\nWait.\n" + "\n".join(blocks[k:]), _same_multiset(calls[k:], ref)
-    if kind == 2 and len(blocks) > 1:  # a list in a block of the run
-        blocks[0] = "<tool_call>" + json.dumps(calls[:1]) + "</tool_call>"
-        return rng.choice(["", "\n", " "]).join(blocks), False
-    text = rng.choice(["", "\n", " ", "\n\n"]).join(blocks)
-    return (text[: -len("</tool_call>")] if kind == 3 else text), ok
+        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), _same_multiset(calls[k:], ref)
+    if kind == 2:  # bare objects in one run
+        return rng.choice(["; ", ",\n", "\n", " "]).join(objects), ok
+    if kind == 3:  # another call in an adjacent block
+        extra = "<tool_call>" + DELETE_ALL + "</tool_call>"
+        k = rng.randrange(len(blocks) + 1)
+        return sep.join(blocks[:k] + [extra] + blocks[k:]), False
+    if kind == 4:  # malformed: a block of prose right before, an unclosed block, two objects in a block
+        first, rest = rng.choice([("<tool_call>reset()</tool_call>" + sep, blocks),
+                                  ("<tool_call>" + DELETE_ALL + sep, blocks),
+                                  ("<tool_call>" + DELETE_ALL + " " + objects[0] + "</tool_call>" + sep, blocks[1:])])
+        return first + sep.join(rest), False
+    text = sep.join(blocks)
+    if kind == 5:  # the last block unclosed
+        text = text[: text.rindex("<") if text.endswith(">") else text.rindex("\uff1c")]
+    return text, ok
 
 
 def _is_attempt(s: str) -> bool:
@@ -353,18 +373,23 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     ex = rng.choice(pool)
     ref = json.loads(ex["answers"])
     final, ok, valid = _fc_mutate(rng, ref)
-    r = rng.random()
+    r, hermes = rng.random(), False
     if r < 0.15:
         final = '{"tool_calls": ' + final + "}"
     elif r < 0.3:
         final = "```json\n" + final + "\n```"
     elif r < 0.45 and valid and final.lstrip().startswith("["):
         final, ok = _hermes(rng, json.loads(final), ref, ok)
+        hermes = True
+    elif r < 0.55 and ok and valid and final.lstrip().startswith("[") and rng.random() < 0.5:
+        # an adjacent earlier attempt (blanks, ';' or ',' between): the same answer
+        decoy = rng.choice(["[]", DELETE_ALL] + ([json.dumps(ref[:1])] if ref else []))
+        final, ok = decoy + rng.choice(["\n", "; ", ", ", " "]) + final, decoy == "[]"
     after = rng.choice(FC_AFTER)
     # a truncated structure runs to the end of the text: what follows it is inside it
     truncated = not valid and final.count("[") + final.count("{") > final.count("]") + final.count("}")
     label = (ok and valid) if _is_attempt(final + after if truncated else final) else None
-    text = rng.choice(FC_BEFORE) + final + after
+    text = rng.choice([b for b in FC_BEFORE if not (hermes and "<tool_call>" in b)]) + final + after
     r = rng.random()
     if r < 0.35:  # an earlier call list (right or wrong), maybe far away
         decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
@@ -401,6 +426,8 @@ def long_inputs(kind: str) -> list[tuple[str, str]]:
                 ("combining", "[" + call + "]a" + "\u0301\u0316" * 49_000),
                 ("expanding", "[" + call + "]" + "\ufdfa" * 99_000),
                 ("tool-call-blocks", ("<tool_call>" + call + "</tool_call>\n") * 1_650),
+                ("dotted-run", "[" + call + "]\n" + "a." * 49_000),
+                ("spacing-marks", "[" + call + "]\n" + "\U0001d16d" * 24_000 + "\u1715" * 24_000),
                 ("loose-string", '{"tool_calls": [' + call + '], "note": "' + "a_b (" * 3_900 + '"}')]
     return [("no-tags", "x" * 99_000), ("many-runs", "1 a " * 24_000), ("long-run", "1+" * 49_000 + "1"),
             ("nested", "(" * 49_000 + "1" + ")" * 49_000), ("open-tags", "<answer>" * 12_000),

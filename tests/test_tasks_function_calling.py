@@ -229,23 +229,44 @@ BAD = dumps(CALLS[:2])
         ('{"response": {"tool_calls": ' + GOOD + "}}", True),  # nested wrappers
         ('{"name": "get_weather", "arguments": {"city": "Oslo"}, "then": ' + GOOD + "}", False),
         ('{"name": "x", "calls": ' + GOOD + "}", False),
-        # Hermes / Qwen style: adjacent <tool_call> blocks of one call object each are one answer
+        # one answer is the run of call attempts that ends with the last one: attempts and
+        # <tool_call> tags with only blanks, zero-width characters, commas or semicolons between
+        # them (Hermes / Qwen style blocks, Llama style "{a}; {b}"); all their calls count
         ("\n".join("<tool_call>\n" + json.dumps(c) + "\n</tool_call>" for c in CALLS), True),
         ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS) + "\nDone.", True),
         ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS)[:-len("</tool_call>")], True),
+        ("\u200b".join("< Tool_Call >" + json.dumps(c) + "</tool_call\u200b>" for c in CALLS), True),
+        ("\n".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS), True),
+        ("; ".join(json.dumps(c) for c in CALLS), True),
+        (dumps(CALLS[:1]) + ",\n" + dumps(CALLS[1:]), True),
+        ("<tool_call>" + dumps(CALLS[:1]) + "</tool_call><tool_call>"  # a list in a block
+         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", True),
         ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
         ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS + CALLS[:1]), False),
+        (BAD + "\n" + GOOD, False),  # adjacent: one answer with five calls
+        ("[]\n" + GOOD, True),  # (no calls and three calls)
         ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n"  # prose ends the run: a draft
          + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
         ("<tool_call>" + json.dumps(CALLS[1]) + "</tool_call>\nWait.\n"
          + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[::2]), False),
-        ("<tool_call>" + dumps(CALLS[:1]) + "</tool_call><tool_call>"  # a list in a block of the run
-         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
+        ("[note] " + GOOD, True),  # a structure without a key is prose
+        # a run must be well formed: a block holds one attempt, opens before it closes, is not
+        # opened twice, and a closing tag right before the run means the block before held prose
         ("<tool_call>" + json.dumps(CALLS[0])[:-1] + "]</tool_call><tool_call>"  # a broken block
          + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
-        ("<tool_call>{}</tool_call><tool_call>" + GOOD + "</tool_call>", True),  # a list ends no run
-        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call> <tool_call>" + dumps(CALLS[1:]) + "</tool_call>", False),
-        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>" + json.dumps(CALLS[1]), False),  # not in a block
+        ("<tool_call>{}</tool_call><tool_call>" + GOOD + "</tool_call>", False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + " " + json.dumps(CALLS[1]) + "</tool_call><tool_call>"
+         + json.dumps(CALLS[2]) + "</tool_call>", False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + "\n<tool_call>" + json.dumps(CALLS[1]) + "</tool_call><tool_call>"
+         + json.dumps(CALLS[2]) + "</tool_call>", False),  # an unclosed block
+        ("<tool_call>\n<tool_call>" + GOOD + "</tool_call>", False),
+        ("<tool_call>reset() " + json.dumps(CALLS[0]) + "</tool_call><tool_call>"  # prose inside a block
+         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
+        ("<tool_call>delete_all()</tool_call>\n<tool_call>" + GOOD + "</tool_call>", False),
+        ("Sure: os.remove(p) " + json.dumps(CALLS[0]) + "</tool_call><tool_call>"
+         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>" + json.dumps(CALLS[1]) + "; "
+         + json.dumps(CALLS[2]), True),  # a block, then bare attempts: one run
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
@@ -255,6 +276,17 @@ BAD = dumps(CALLS[:2])
         (GOOD.replace('"arguments"', '"note": "{city: Oslo}", "arguments"', 1), False),
         (GOOD.replace('"arguments"', '"note": "os.remove(path)", "arguments"', 1), False),
         ('{"tool_calls": ' + GOOD + ', "thought": "two cities (Paris, Tokyo) [metric], then EUR"}', True),
+        ('{"tool_calls": ' + GOOD + ', "next": "\uff5b\\"name\\"\uff1a \\"delete_all\\"\uff5d"}', False),
+        ('{"tool_calls": ' + GOOD + ', "next": "\uff3b\uff3d"}', False),
+        (GOOD.replace('"arguments"', '"id": "call_\u0130tems(1)", "arguments"', 1), False),  # İ folds to i + a mark
+        (GOOD + '\nThen: \uff5b"name"\uff1a "delete_all"\uff5d', False),  # a later attempt in full-width forms
+        (GOOD + "\nNote\uff1a see \uff3bthe list\uff3d above.", True),
+        # Llama 3's "parameters"; flat arguments are no call
+        (GOOD.replace('"arguments"', '"parameters"'), True),
+        (GOOD.replace('"arguments"', '"parameters"', 1).replace('"parameters"', '"arguments": {"city": "Paris"}, '
+                                                                '"parameters"', 1), False),
+        ('[{"name": "get_weather", "city": "Paris"}, {"name": "get_weather", "city": "Tokyo"}, '
+         '{"name": "convert", "amount": 100.0, "to": "EUR"}]', False),
         (GOOD.replace('"arguments"', '"type": "function", "id": "call_1", "arguments"'), True),
         ("Wait: " + GOOD[:-1] + ", " + BAD[1:], False),  # one list holding wrong calls
         ('"quoted" [prose] then ' + GOOD, True),  # quotes in prose mean nothing
@@ -292,9 +324,9 @@ def test_the_last_list_wins_however_long_the_text(padding):
     """A run of non-call JSON between an earlier and the last call list changes nothing (a cap of
     256 decode attempts once let the earlier list win)."""
     wrong, right = BAD, GOOD
-    assert FC.verify(EX, wrong + " [0]" * padding + " " + right)
-    assert not FC.verify(EX, right + " [0]" * padding + " " + wrong)
-    assert not recheck(FC, EX, right + " [0]" * padding + " " + wrong)[0]
+    assert FC.verify(EX, wrong + " [0]" * padding + "\nWait: " + right)
+    assert not FC.verify(EX, right + " [0]" * padding + "\nWait: " + wrong)
+    assert not recheck(FC, EX, right + " [0]" * padding + "\nWait: " + wrong)[0]
 
 
 def test_parse_calls_shape():
@@ -560,6 +592,10 @@ def test_reference_without_arguments_means_none():
     ex = dict(EX, answers=json.dumps([{"name": "ping"}]))
     assert FC.verify(ex, '[{"name": "ping"}]') and recheck(FC, ex, '[{"name": "ping"}]')[0]
     assert not FC.verify(ex, '[{"name": "ping", "arguments": {"a": 1}}]')
+    for flat in ('[{"name": "ping", "a": 1}]', '{"name": "ping", "id": "call_1"}'):  # flat arguments: no call
+        assert not FC.verify(ex, flat) and not recheck(FC, ex, flat)[0]
+    llama = '<|python_tag|>{"name": "ping", "parameters": {}}<|eom_id|>'
+    assert FC.verify(ex, llama) and recheck(FC, ex, llama)[0]
 
 
 def test_a_wrapper_whose_last_value_is_no_calls():
@@ -587,7 +623,8 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
 
     alphabet = list("abcxyz_.() =\n\t'\"`{}[]<>fbru,:;!?0129") + [
         "\u2018", "\u201c", "\uff08", "\uff09", "\ufe59", "\u200b", "\u00b2", "\u2167", "\u00df", "\ufb00",
-        "\u0130", "\u0345", "\u51fd", "\u00e9", "<function", "get_weather", "os.", "=="]
+        "\u0130", "\u0345", "\u51fd", "\u00e9", "<function", "get_weather", "os.", "==", "\U0001d16d", "\u1715",
+        "\uff9e", "\u0307"]
     names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
     rng = random.Random(0)
     for _ in range(20_000):
@@ -609,6 +646,9 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
     blocks = ["<tool_call>" + c + "</tool_call>" for c in calls]
     pieces = calls * 2 + blocks * 6 + [
         "<tool_call>", "</tool_call>", "<tool_call>\n", "\n</tool_call>", " ", "\n", "\u2003", "\u200b",
+        "; ", ",", "< Tool_Call >", "\uff1ctool_call\uff1e", "</tool_call\u200b>", "<tool_call", "<", ">",
+        "\uff1e", "<x>", '{"note": 1}', '"parameters": ', "\uff5b\"a\"\uff1a 1\uff5d", "\u0130",
+        '{"name": "convert", "parameters": {"amount": 100.0, "to": "EUR"}}', '{"name": "convert", "to": "EUR"}',
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

@@ -14,42 +14,47 @@ Write the synthetic set to a file with::
 Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 
 * the answer is the whole completion when it parses as JSON and is a call list (``[]`` included);
-* otherwise it is the LAST call attempt embedded in the text, however long the text is. Scanning
-  left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its matching
-  bracket (JSON strings, with their escapes, are skipped); a mismatched closing bracket ends it as
-  broken, and so does the end of the text (a truncated structure). A structure is a call attempt
-  when it holds a ``:`` or ``=`` (a key of any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``,
-  ``'name' =``) or is an empty list (``[]``, blanks inside); other structures (``[1, 2]``, ``{}``,
-  ``[see above]``) are prose. The last call attempt is the answer: it must be complete valid JSON
-  and be a call list (``[]`` included), a single call object, or an object without a ``"name"``
-  whose one object-or-list value is one (``{"tool_calls": [...]}``, also nested; beside it only
-  strings, numbers, booleans and nulls: a second structure is ambiguous, no answer). A broken,
-  truncated or invalid last attempt is no answer, even after a correct earlier list, and nothing
-  inside a structure is searched separately (``[{right call}, {broken call}]`` is no answer, not
-  the right call alone). ````` fences are prose;
-* Hermes / Qwen style: when the last attempt is a call object right after ``<tool_call>`` (blanks
-  between), the adjacent blocks before it (``</tool_call>`` and ``<tool_call>`` with only blanks
-  between blocks) are part of the answer, one call each: ``<tool_call>{a}</tool_call>
-  <tool_call>{b}</tool_call>`` calls a and b. Each block of such a run must hold one complete call
-  object (a list, wrapper or broken block there: no answer); prose between blocks ends the run,
-  so blocks before it are drafts;
+* otherwise it is the LAST RUN of call attempts embedded in the text, however long the text is.
+  Scanning left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its
+  matching bracket (JSON strings, with their escapes, are skipped); a mismatched closing bracket
+  ends it as broken, and so does the end of the text (a truncated structure). A structure is a
+  call attempt when it holds a ``:`` or ``=`` (a key of any spelling: ``"name":``, ``name:``,
+  ``"n\\u0061me":``, ``'name' =``) or is an empty list (``[]``, blanks inside); other structures
+  (``[1, 2]``, ``{}``, ``[see above]``) are prose. The run is the last call attempt and the
+  attempts and ``<tool_call>`` / ``</tool_call>`` tags (any blanks, letter case or full-width
+  form) before it with only blanks, zero-width characters, ``,`` or ``;`` between them: Hermes /
+  Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's
+  ``{a}; {b}``, or ``[a]\\n[b]``. Its answer is the calls of all its attempts, in order. Each must
+  be complete valid JSON and a call list (``[]`` included), a single call object, or an object
+  without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
+  nested; beside it only strings, numbers, booleans and nulls: a second structure is ambiguous, no
+  answer). Tags must pair up: a block opens, holds one attempt and closes (the last one may stay
+  open); a block opened twice or unclosed, holding two attempts, or a closing tag right before the
+  run (a block of prose before it) makes it no answer. A broken, truncated or invalid attempt in
+  the run is no answer, even after a correct earlier list, and nothing inside a structure is
+  searched separately (``[{right call}, {broken call}]`` is no answer, not the right call alone).
+  Prose ends a run: attempts before it are drafts. ````` fences are prose;
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
-  (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt is no
-  answer, see :func:`hidden_call`);
-* a call in call syntax after the answer is a later attempt: no answer (:func:`called_later`): a tool of the example named with a parenthesis
-  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
-  followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis
-  closes at once or opens with a string, list, object or keyword argument (``reset()``,
+  (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt, also
+  in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
+  answer (``\\uff5b"name"\\uff1a ...\\uff5d``);
+* a call in call syntax after the answer is a later attempt: no answer (:func:`called_later`): a
+  tool of the example named with a parenthesis (``get_weather(city="Oslo")``,
+  ``functions.get_weather (...)``), any name with ``_`` or ``.`` followed by one
+  (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis closes at once or
+  opens with a string, list, object or keyword argument (``reset()``,
   ``delete_files(path="/")``), ``<function=name>``; full-width and other compatibility forms count
   as ASCII, combining and zero-width characters are ignored, in any letter case. ``f(x)``,
   ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
-  an object with a string ``"name"`` and an object ``"arguments"`` (a missing ``"arguments"`` means
-  no arguments; other keys may hold a string, number, boolean or null and are ignored, as
-  ``"id": "call_1"``, unless a call hides in them (above); an object or list there, as ``"then": {call}``, makes it no call). An object
-  with a ``"name"`` key is never a wrapper;
+  an object with a string ``"name"`` and an object ``"arguments"`` (Llama 3's ``"parameters"``
+  when there is no ``"arguments"``). Beside them, other keys may hold a string, number, boolean or
+  null and are ignored, as ``"id": "call_1"``, unless a call hides in them (above); an object or
+  list there, as ``"then": {call}``, makes it no call. Without an arguments object the call has no
+  arguments and must have no other key (``{"name": "f", "city": "Paris"}`` is no call: flat
+  arguments). An object with a ``"name"`` key is never a wrapper;
 * correct iff the calls equal the reference calls as a multiset (order of calls does not matter):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
   numbers compare by value (``100 == 100.0``) but booleans are not numbers (``true != 1``); strings
@@ -57,8 +62,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 * completions over ``MAX_COMPLETION_CHARS``, structures over ``MAX_JSON_CHARS`` or nested deeper
   than ``MAX_DEPTH`` are wrong.
 
-The scan is one pass over the brackets and quotes of the text, and only the last call attempt
-(and the blocks of its run) is parsed: time linear in the completion.
+The scan is one pass over the brackets and quotes of the text, and only the attempts of the last
+run are parsed: time linear in the completion.
 """
 
 from __future__ import annotations
@@ -148,13 +153,22 @@ def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
     for c in value:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str):
             return None
-        args = c.get("arguments", {})
+        key = _arguments_key(c)
+        if key is None and len(c) > 1:
+            return None  # (no arguments object, other keys: flat arguments, ambiguous)
+        args = c[key] if key else {}
         if not isinstance(args, dict):
             return None
-        if any(isinstance(v, (dict, list)) for k, v in c.items() if k not in ("name", "arguments")):
+        if any(isinstance(v, (dict, list)) for k, v in c.items() if k not in ("name", key)):
             return None  # (an object or list beside the arguments: a call hidden in it, or ambiguous)
         calls.append({"name": c["name"], "arguments": args})
     return calls
+
+
+def _arguments_key(call: dict) -> str | None:
+    """Which key of a call object holds its arguments: ``"arguments"``, else Llama 3's
+    ``"parameters"``, else None (no arguments)."""
+    return "arguments" if "arguments" in call else "parameters" if "parameters" in call else None
 
 
 def _loads(s: str) -> Any:
@@ -221,69 +235,106 @@ def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     return _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
 
 
-_BLOCK_GAP = re.compile(r"\s*</tool_call>\s*<tool_call>\s*")
+_TAG_LIKE = re.compile("[<\ufe64\uff1c][^<>\ufe64\ufe65\uff1c\uff1e]{1,40}[>\ufe65\uff1e]")  # (and compatibility forms)
 
 
-def _opens_block(text: str, start: int) -> bool:
-    """Whether ``<tool_call>`` and blanks come right before ``start``."""
-    i = start
-    while i > 0 and text[i - 1].isspace():
-        i -= 1
-    return text.endswith("<tool_call>", 0, i)
+def _is_attempt(text: str, start: int, end: int, complete: bool) -> bool:
+    return bool(_KEY_LIKE.search(text, start, end) or (complete and _BLANK_LIST.fullmatch(text, start, end)))
 
 
-def _block_run(text: str, found: list[tuple[int, int, bool]]) -> list[tuple[int, int]] | None:
-    """The spans of the run of adjacent ``<tool_call>`` blocks that ends with the last structure
-    in ``found`` (Hermes / Qwen style: one call object per block, only blanks between blocks), or
-    None when the last structure does not open a block or no block comes right before it."""
-    start, end, _ = found[-1]
-    if not _opens_block(text, start):
-        return None
-    run = [(start, end)]
-    for s0, e0, complete in reversed(found[:-1]):
-        if not _BLOCK_GAP.fullmatch(text, e0, run[0][0]):
-            break
-        if not complete:
-            return []  # a broken block in the run: no answer
-        run.insert(0, (s0, e0))
-    return run if len(run) > 1 else None
+def _separator(c: str) -> bool:
+    """What may stand between the structures and tags of one answer: blanks, zero-width and other
+    format characters, commas and semicolons."""
+    return c.isspace() or c in ",;" or unicodedata.category(c) == "Cf"
 
 
-def _parse_attempt(text: str, start: int, end: int) -> Any:
-    """The parsed structure ``text[start:end]``; raises ValueError (too long, invalid JSON)."""
-    if end - start > MAX_JSON_CHARS:
-        raise ValueError("too long")
-    return _loads(text[start:end])
+def _tag(s: str) -> str | None:
+    """``"open"`` or ``"close"`` for a ``<tool_call>`` / ``</tool_call>`` tag in any spelling of
+    blanks, letter case and compatibility forms, else None."""
+    inner = _fold(s[1:-1])
+    inner = "".join(c for c in inner if not c.isspace())
+    return "open" if inner == "tool_call" else "close" if inner == "/tool_call" else None
+
+
+def _run_items(text: str, found: list[tuple[int, int, bool]], last: int) -> list[tuple[str, int, int]]:
+    """The items of the answer's run, in order: ``("call", start, end)`` for each call attempt and
+    ``("open" | "close", start, end)`` for each tool-call tag, from structure ``found[last]`` back
+    to the first thing that is neither, nor a separator (:func:`_separator`) between them."""
+    items = [("call", found[last][0], found[last][1])]
+    k = last
+    while True:
+        lo = found[k - 1][1] if k > 0 else 0
+        hi = items[0][1]
+        gap = [("tag", m.start(), m.end()) for m in _TAG_LIKE.finditer(text, lo, hi)]
+        pos = hi
+        for _, t0, t1 in reversed(gap):
+            if not all(_separator(c) for c in text[t1:pos]) or _tag(text[t0:t1]) is None:
+                return items
+            items.insert(0, (_tag(text[t0:t1]), t0, t1))
+            pos = t0
+        if not all(_separator(c) for c in text[lo:pos]) or k == 0:
+            return items
+        k -= 1
+        s0, e0, complete = found[k]
+        if not _is_attempt(text, s0, e0, complete):
+            return items  # (a structure without a key is prose)
+        items.insert(0, ("call", s0, e0))
+
+
+def _well_formed(items: list[tuple[str, int, int]]) -> bool:
+    """Tags in a run pair up: a block opens before it closes, holds one call attempt, and is not
+    opened twice; a closing tag without its opening one means the block before held prose."""
+    open_, held = False, 0
+    for kind, _, _ in items:
+        if kind == "open":
+            if open_:
+                return False
+            open_, held = True, 0
+        elif kind == "close":
+            if not open_ or held != 1:
+                return False
+            open_ = False
+        elif open_:
+            held += 1
+            if held > 1:
+                return False
+    return True
 
 
 def _last_embedded(text: str) -> tuple[list[dict] | None, int, list]:
-    """The calls of the last call attempt in ``text`` (see the module docstring), or None, where
-    that attempt ends (0 when there is none), and the parsed structures it came from."""
+    """The calls of the answer run in ``text`` (see the module docstring), or None, where the last
+    call attempt ends (0 when there is none), and the parsed structures of the run."""
     found, last = [], -1
     for start, end, complete in _structures(text):
         found.append((start, end, complete))
-        if _KEY_LIKE.search(text, start, end) or (complete and _BLANK_LIST.fullmatch(text, start, end)):
+        if _is_attempt(text, start, end, complete):
             last = len(found) - 1
     if last < 0:
         return None, 0, []
-    start, end, complete = found[last]
-    if not complete:
+    end = found[last][1]
+    if not found[last][2]:
+        return None, end, []  # truncated
+    items = _run_items(text, found, last)
+    if not _well_formed(items):
         return None, end, []
+    spans = [(s0, e0) for kind, s0, e0 in items if kind == "call"]
+    complete = {(s0, e0): c for s0, e0, c in found[: last + 1]}
+    if not all(complete[span] for span in spans):
+        return None, end, []  # a broken attempt in the run
+    calls, values = [], []
     try:
-        value = _parse_attempt(text, start, end)
-        calls = _yielded_calls(value)
-        if not (isinstance(value, dict) and "name" in value and calls is not None):
-            return calls, end, [value]
-        run = _block_run(text, found[: last + 1])
-        if run is None:
-            return calls, end, [value]
-        values = [_parse_attempt(text, s0, e0) for s0, e0 in run]
-        run_calls = [_as_calls(v) if isinstance(v, dict) and "name" in v else None for v in values]
-        if not run or any(c is None for c in run_calls):
-            return None, end, []  # (every block of a run holds one call object)
-        return [c[0] for c in run_calls], end, values
+        for s0, e0 in spans:
+            if e0 - s0 > MAX_JSON_CHARS:
+                return None, end, []
+            value = _loads(text[s0:e0])
+            got = _yielded_calls(value)
+            if got is None:
+                return None, end, []
+            calls += got
+            values.append(value)
     except (ValueError, RecursionError):
         return None, end, []
+    return calls, end, values
 
 
 def _loose_strings(values: list) -> list[str]:
@@ -297,7 +348,7 @@ def _loose_strings(values: list) -> list[str]:
             stack.extend(v)
         elif isinstance(v, dict):
             for k, x in v.items():
-                if "name" in v and k in ("name", "arguments"):
+                if "name" in v and k in ("name", _arguments_key(v)):
                     continue
                 out.append(k)
                 if isinstance(x, str):
@@ -343,26 +394,46 @@ def parse_calls(text: Any) -> list[dict] | None:
 _INVISIBLE = ("Mn", "Me", "Cf")  # combining marks and format characters (zero-width spaces)
 
 
+def _visible(text: str) -> str:
+    """``text`` without combining marks, format characters and any other character with a
+    combining class (some spacing marks have one, and NFKC reorders runs of them in quadratic
+    time)."""
+    return "".join(c for c in text if unicodedata.category(c) not in _INVISIBLE and not unicodedata.combining(c))
+
+
 def _fold(text: str) -> str:
-    """``text`` as the later-call search reads it: combining marks and format characters removed,
+    """``text`` as the later-call search reads it: invisible characters removed (:func:`_visible`),
     then NFKC (full-width and other compatibility forms of letters, parentheses and equals signs
-    become ASCII), case folded. (Without combining marks NFKC is linear in the text.)"""
-    bare = "".join(c for c in text if unicodedata.category(c) not in _INVISIBLE)
-    return "".join(c for c in unicodedata.normalize("NFKC", bare) if unicodedata.category(c) not in _INVISIBLE).casefold()
+    become ASCII), case folded, and what those two made invisible removed again (``İ`` folds to
+    ``i`` and a combining dot). Linear in the text."""
+    return _visible(unicodedata.normalize("NFKC", _visible(text)).casefold())
 
 
-# In folded text: an ASCII identifier (dotted parts allowed), blanks, an opening parenthesis, and
-# what opens its arguments.
-_ANY_CALL = re.compile(r"(?<![a-z0-9_])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)(\s*)\(\s*")
+# In folded text: a run of ASCII identifier characters and dots (matched only from its start, never
+# backtracked into: linear), blanks, an opening parenthesis; and what opens its arguments.
+_NAME_RUN = re.compile(r"(?<![a-z0-9_.])(?=([a-z0-9_.]+))\1(?=(\s*))\2\(\s*")  # ((?=(x))\1: atomic)
 _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
+
+
+def _trailing_name(run: str) -> str:
+    """The longest tail of dotted parts of ``run`` that each start like a name (``1.reset`` ->
+    ``reset``, ``a..b`` -> ``b``, ``x.1y`` -> nothing)."""
+    parts = []
+    for part in reversed(run.split(".")):
+        if not part or not (part[0] == "_" or "a" <= part[0] <= "z"):
+            break
+        parts.append(part)
+    return ".".join(reversed(parts))
 
 
 def _any_call(folded: str) -> str | None:
     """The first call in call syntax of any name in ``folded`` text (see :func:`called_later`)."""
     if re.search(r"<function\s*=\s*[a-z_]", folded):
         return "<function=...>"
-    for m in _ANY_CALL.finditer(folded):
-        name, blanks = m.group(1), m.group(2)
+    for m in _NAME_RUN.finditer(folded):
+        name, blanks = _trailing_name(m.group(1)), m.group(2)
+        if not name:
+            continue
         opener = _CALL_OPENER.match(folded, m.end())
         code_like = "_" in name or "." in name
         if code_like or (opener and not blanks):
@@ -389,25 +460,37 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     Prose stays prose: ``f(x)``, ``value(s)``, ``g(x == 1)``, ``word (note: ...)``, ``3(4)``,
     ``e.g. (this)``, and words in other scripts before a full-width parenthesis
     (``函数（city=巴黎）``); ``my_notes (above)`` and ``Node.js (a runtime)`` do not."""
-    rest = _fold(text[end:])
+    return _call_in(_fold(text[end:]), tool_names)
+
+
+def _call_in(folded: str, tool_names: list[str]) -> str | None:
+    """:func:`called_later` on text already folded."""
     for name in tool_names:
         key = _fold(name) if isinstance(name, str) else ""
-        if key and re.search(r"(?<![a-z0-9_])" + re.escape(key) + r"\s*\(", rest):
+        if key and re.search(r"(?<![a-z0-9_])" + re.escape(key) + r"\s*\(", folded):
             return name
-    return _any_call(rest)
+    return _any_call(folded)
+
+
+def _attempt_in(folded: str) -> str | None:
+    """The first call attempt (a structure with a key, or an empty list) in folded text, or None.
+    After the answer it is one that only shows once folded: full-width brackets, colons or quotes
+    (any ASCII one would have been the last attempt)."""
+    for start, end, complete in _structures(folded):
+        if _is_attempt(folded, start, end, complete):
+            return folded[start:end]
+    return None
 
 
 def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:
     """What a call could hide in among an answer's loose strings (keys and strings beside its
-    calls, see :func:`_loose_strings`), or None: a call attempt (a bracketed structure with a key,
-    or an empty list, as in the text) or a call in call syntax (:func:`called_later`)."""
+    calls, see :func:`_loose_strings`), or None: a call attempt (a structure with a key, or an
+    empty list, also in full-width forms) or a call in call syntax (:func:`called_later`)."""
     for s in strings:
-        for start, end, complete in _structures(s):
-            if _KEY_LIKE.search(s, start, end) or (complete and _BLANK_LIST.fullmatch(s, start, end)):
-                return s[start:end]
-        name = called_later(s, 0, tool_names)
-        if name:
-            return name
+        folded = _fold(s)
+        found = _attempt_in(folded) or _call_in(folded, tool_names)
+        if found:
+            return found
     return None
 
 
@@ -604,9 +687,13 @@ class FunctionCallingTask(Task):
         if calls is None:
             return False, "no parseable JSON list of calls"
         names = [t.get("name", "") for t in _field(example, "tools")]
-        later = called_later(completion_text, end, names)
+        rest = _fold(completion_text[end:])
+        later = _call_in(rest, names)
         if later:
             return False, f"a later call of {later[:60]!r} in another syntax"
+        disguised = _attempt_in(rest)
+        if disguised:
+            return False, f"a later call attempt {disguised[:60]!r} in compatibility forms"
         hidden = hidden_call(loose, names)
         if hidden:
             return False, f"a call {hidden[:60]!r} in a string beside the calls"

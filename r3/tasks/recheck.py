@@ -673,11 +673,19 @@ def _fc_calls(v, allow_empty):
     for c in v:
         if not isinstance(c, dict) or type(c.get("name")) is not str:
             return None
-        args = c.get("arguments", {})
+        if "arguments" in c:
+            akey = "arguments"
+        elif "parameters" in c:
+            akey = "parameters"
+        elif set(c) != {"name"}:
+            return None
+        else:
+            akey = None
+        args = c[akey] if akey else {}
         if type(args) is not dict:
             return None
         for key in c:
-            if key != "name" and key != "arguments" and type(c[key]) in (dict, list):
+            if key != "name" and key != akey and type(c[key]) in (dict, list):
                 return None
         out.append((c["name"], args))
     return out
@@ -763,12 +771,13 @@ def _fc_yield(v):
 
 
 def _fc_fold(text: str) -> str:
-    """Without combining marks and format characters (Mn, Me, Cf), NFKC, again without them,
-    case-folded."""
+    """Without combining marks, format characters (Mn, Me, Cf) and anything with a combining
+    class, NFKC, case-folded, again without them."""
     def visible(t: str) -> str:
-        return "".join(c for c in t if unicodedata.category(c) not in ("Mn", "Me", "Cf"))
+        return "".join(c for c in t if unicodedata.category(c) not in ("Mn", "Me", "Cf")
+                       and unicodedata.combining(c) == 0)
 
-    return visible(unicodedata.normalize("NFKC", visible(text))).casefold()
+    return visible(unicodedata.normalize("NFKC", visible(text)).casefold())
 
 
 _FC_ID = set("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -865,8 +874,9 @@ def _fc_beside(v, out: list) -> list:
         for x in v:
             _fc_beside(x, out)
     elif isinstance(v, dict):
+        akey = "arguments" if "arguments" in v else "parameters"
         for k in v:
-            if "name" in v and (k == "name" or k == "arguments"):
+            if "name" in v and (k == "name" or k == akey):
                 continue
             out.append(k)
             if type(v[k]) is str:
@@ -876,33 +886,47 @@ def _fc_beside(v, out: list) -> list:
     return out
 
 
-def _fc_hermes(text: str, chunks: list, last: int) -> list | None:
-    """The parsed call objects of the adjacent ``<tool_call>`` blocks ending with chunk ``last``,
-    or None when that chunk is not in a block with another block right before it; raises
-    ValueError when a block of the run holds something other than one call object."""
-    chunk, ok, at = chunks[last]
-    if not text[:at].rstrip().endswith("<tool_call>"):
-        return None
-    members = [chunk]
-    k = last
-    while k > 0:
-        prev, prev_ok, prev_at = chunks[k - 1]
-        gap = text[prev_at + len(prev):chunks[k][2]]
-        if gap.replace("</tool_call>", " E ").replace("<tool_call>", " S ").split() != ["E", "S"]:
-            break
-        if not prev_ok:
-            raise ValueError("a broken block")
-        members.append(prev)
+def _fc_sep(c: str) -> bool:
+    return c.isspace() or c == "," or c == ";" or unicodedata.category(c) == "Cf"
+
+
+def _fc_tag_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
+    """For ``text[i - 1]`` a ``>`` (or a compatibility form): the kind of the ``<...>`` tag that ends there (``"O"`` for
+    <tool_call>, ``"C"`` for </tool_call>, None for anything else) and where it starts."""
+    j = max(text.rfind(lt, max(lo, i - 42), i - 1) for lt in "<\ufe64\uff1c")
+    if j < 0:
+        return None, j
+    inner = text[j + 1:i - 1]
+    if not inner or len(inner) > 40 or any(gt in inner for gt in ">\ufe65\uff1e"):
+        return None, j
+    word = "".join(c for c in _fc_fold(inner) if not c.isspace())
+    return {"tool_call": "O", "/tool_call": "C"}.get(word), j
+
+
+def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int]]:
+    """The run that ends with chunk ``last``, walking back: one letter per item, ``S`` a call
+    attempt, ``O`` / ``C`` an opening / closing tool-call tag, plus the attempts' chunk indices."""
+    letters, idx = ["S"], [last]
+    k, i = last, chunks[last][2]
+    while True:
+        lo = chunks[k - 1][2] + len(chunks[k - 1][0]) if k > 0 else 0
+        while i > lo:
+            if text[i - 1] in ">\ufe65\uff1e":
+                kind, j = _fc_tag_ending_at(text, lo, i)
+                if kind is None:
+                    return "".join(reversed(letters)), idx
+                letters.append(kind)
+                i = j
+            elif _fc_sep(text[i - 1]):
+                i -= 1
+            else:
+                return "".join(reversed(letters)), idx
+        if k == 0 or not _fc_is_attempt(chunks[k - 1][0], chunks[k - 1][1]):
+            return "".join(reversed(letters)), idx
         k -= 1
-    if len(members) == 1:
-        return None
-    out = []
-    for m in reversed(members):
-        v = _fc_parse(m)
-        if type(v) is not dict or "name" not in v or _fc_calls(v, allow_empty=False) is None:
-            raise ValueError("not a call object")
-        out.append(v)
-    return out
+        letters.append("S")
+        idx.append(k)
+        i = chunks[k][2]
 
 
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
@@ -928,26 +952,33 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         if last >= 0 and chunks[last][1]:
             chunk, _, at = chunks[last]
             rest = text[at + len(chunk):]
-            try:
-                value = _fc_parse(chunk)
-                calls, parsed = _fc_yield(value), [value]
-                if calls is not None and type(value) is dict and "name" in value:
-                    blocks = _fc_hermes(text, chunks, last)
-                    if blocks is not None:
-                        parsed = blocks
-                        calls = [c for v in blocks for c in _fc_calls(v, allow_empty=False)]
-            except (ValueError, RecursionError):
-                calls = None
+            letters, idx = _fc_run(text, chunks, last)
+            # a block is <tool_call> one attempt </tool_call>; only the last may stay open
+            if re.fullmatch(r"(?:S|OSC)*O?S", letters) and all(chunks[j][1] for j in idx):
+                try:
+                    calls = []
+                    for j in reversed(idx):
+                        value = _fc_parse(chunks[j][0])
+                        got = _fc_yield(value)
+                        if got is None:
+                            calls = None
+                            break
+                        calls += got
+                        parsed.append(value)
+                except (ValueError, RecursionError):
+                    calls = None
     if calls is None:
         return False, "no call list"
     names = list(tool_names)
     folded = _fc_fold(rest)
     if _fc_named_call_after(folded, names) or _fc_any_call_after(folded):
         return False, "a later call in another syntax"
+    if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(folded)):
+        return False, "a later call attempt in compatibility forms"
     for s in _fc_beside(parsed, []):
-        if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(s)):
-            return False, "a call attempt in a string beside the calls"
         f = _fc_fold(s)
+        if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)):
+            return False, "a call attempt in a string beside the calls"
         if _fc_named_call_after(f, names) or _fc_any_call_after(f):
             return False, "a call in a string beside the calls"
     ref = [(c["name"], c.get("arguments", {})) for c in reference]
