@@ -385,6 +385,7 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         # an adjacent earlier attempt (blanks, ';' or ',' between): the same answer
         decoy = rng.choice(["[]", DELETE_ALL] + ([json.dumps(ref[:1])] if ref else []))
         final, ok = decoy + rng.choice(["\n", "; ", ", ", " "]) + final, decoy == "[]"
+        hermes = True  # (after an opening tag: one block holding two attempts, no answer)
     after = rng.choice(FC_AFTER)
     # a truncated structure runs to the end of the text: what follows it is inside it
     truncated = not valid and final.count("[") + final.count("{") > final.count("]") + final.count("}")
