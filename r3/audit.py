@@ -24,6 +24,7 @@ from pathlib import Path
 from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_atomic
 from r3.errors import R3Error, cli_main
 from r3.tasks import get, resolve
+from r3.tasks.base import passes
 from r3.tasks.recheck import has_recheck, recheck
 
 
@@ -63,7 +64,7 @@ def audit(task, samples: list[dict]) -> dict:
            "unrewarded_pass_recheck": 0, "rewarded_failing": 0, "disagreements": []}
     for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
         for s in group:
-            now = bool(task.verify(s["example"], s["retry"]))
+            now = passes(task, s["example"], s["retry"])
             again = recheck(task, s["example"], s["retry"]) if independent else None
             out[f"{key}_pass_verifier"] += now
             out[f"{key}_pass_recheck"] += bool(again and again[0])

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ class TrainConfig:
             raise R3Error(f"config: 'dtype' must be bf16 or fp32, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
             raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
+        self.task_options = absolute_paths(self.task_options)
         return self
 
     def to_dict(self) -> dict:
@@ -227,9 +229,25 @@ HELP = {
 }
 
 
+def absolute_paths(options: dict) -> dict:
+    """``options`` with each string value that names an existing file by a relative path made
+    absolute: the options are recorded (config.json, a failures file's header) and read again
+    from other directories (``r3.evaluate --run``, a resumed run)."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, str) and v and "\n" not in v and len(v) < 4096 and not os.path.isabs(v):
+            try:
+                v = os.path.abspath(v) if os.path.isfile(v) else v
+            except (OSError, ValueError):
+                pass
+        out[k] = v
+    return out
+
+
 def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> dict[str, Any]:
     """``["key=value", ...]`` -> dict; a value is parsed as JSON when it is valid JSON (numbers,
-    booleans, null, lists, quoted strings), else kept as the string. A key given twice is an error."""
+    booleans, null, lists, quoted strings), else kept as the string (a relative path to an existing
+    file made absolute, see :func:`absolute_paths`). A key given twice is an error."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, eq, value = item.partition("=")
@@ -242,7 +260,7 @@ def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> 
             out[key] = json.loads(value)
         except (json.JSONDecodeError, RecursionError):
             out[key] = value
-    return out
+    return absolute_paths(out)
 
 
 def suggest(name: str, choices) -> str:

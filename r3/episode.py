@@ -21,6 +21,7 @@ import torch
 from r3.chat import ChatFormat
 from r3.errors import positive_int
 from r3.sampler import Session, StopStrings
+from r3.tasks.base import passes
 
 
 @dataclass
@@ -140,7 +141,7 @@ def run_episode(
         first = session.sample(sampling.max_attempt_tokens, **answer_kw)
         times["attempt"] = session.prefill_s + first.decode_s
         generated += first.new_tokens
-        passed = [task.verify(ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
+        passed = [passes(task, ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
         failed = [i for i, ok in enumerate(passed) if not ok]
         if max_failures is not None:
             failed = failed[:max_failures]
@@ -192,7 +193,7 @@ def run_episode(
     for r, (toks, ref_toks) in enumerate(zip(retry.tokens, refl.tokens)):
         ex = group_examples[r // group_size]
         retry_text = chat.decode(toks)
-        ok = task.verify(ex, retry_text)
+        ok = passes(task, ex, retry_text)
         rewards.append(1.0 if ok else 0.0)
         records.append({
             "example": ex,

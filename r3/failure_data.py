@@ -144,7 +144,7 @@ def check_made_for(path, task, model: str) -> None:
     if not same_kind or differ:
         detail = (f"options differ: {', '.join(f'{k} {theirs.get(k)!r} there, {mine.get(k)!r} here' for k in differ[:3])}"
                   f"{' ...' if len(differ) > 3 else ''}" if same_kind else
-                  f"task {getattr(made, 'name', made)!r} there, {getattr(task, 'name', task)!r} here")
+                  f"task {_kind(made)} there, {_kind(task)} here")
         raise R3Error(f"{path} was made for task {settings['task']!r} with options {settings.get('task_options', {})}, "
                       f"not this run's task ({detail}); pass the same --task and --task-option to r3.train, "
                       "or make the file again")
@@ -153,6 +153,11 @@ def check_made_for(path, task, model: str) -> None:
               file=sys.stderr)
     if settings.get("split", "train") != "train":
         print(f"warning: {path} holds queries of the {settings['split']!r} split", file=sys.stderr)
+
+
+def _kind(task) -> str:
+    """A task's name, and its class where the name alone does not tell two tasks apart."""
+    return f"{getattr(task, 'name', '?')!r} ({type(task).__module__}.{type(task).__qualname__})"
 
 
 def _options_in_effect(task) -> dict:

@@ -59,6 +59,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
 )
 from r3.sampler import check_sampling_args, generate
 from r3.tasks import examples_of
+from r3.tasks.base import passes as task_passes
 
 # --------------------------------------------------------------------------------------------
 # Sampling
@@ -122,7 +123,7 @@ def find_failures(
                 for s in range(m):
                     toks = out.tokens[j * m + s]
                     text = chat.decode(toks)
-                    if not task.verify(ex, text):
+                    if not task_passes(task, ex, text):
                         k = passed_so_far + s
                         fails.append({"key": keys[i], "example": ex, "attempt_tokens": list(toks), "attempt_text": text,
                                       "attempts_before_failure": k, "samples": k + 1,

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from r3.checkpoint import save_hf
-from r3.config import TrainConfig
+from r3.config import TrainConfig, upgrade_config_dict
 from r3.distributed import Dist, all_max, wait_for_main
 from r3.errors import R3Error
 from r3.files import write_json_atomic, write_text_atomic
@@ -259,6 +259,11 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
 _HELD_LOCKS: list = []  # open lock files: the OS releases their locks when the process ends
 
 
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     """Check that ``--out`` is new, empty, or holds a run with a compatible config (never
     overwrite), and take its lock: one run per directory. The config is written by
@@ -275,8 +280,11 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             raise R3Error(f"{saved}: unreadable config of a previous run; use another --out") from None
         diff = cfg.incompatible_with(previous)
         if diff:
+            mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
+            diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))
+            shown = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} here" for k in diff[:3])
             raise R3Error(
-                f"--out {out} holds a run with a different config ({', '.join(diff[:5])}); "
+                f"--out {out} holds a run with a different config ({shown}{'; ...' if len(diff) > 3 else ''}); "
                 "use another --out or the same settings to resume"
             )
     elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \

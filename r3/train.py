@@ -72,7 +72,7 @@ from r3.rundir import (
 from r3.tasks import examples_of
 from r3.tasks import get as get_task
 from r3.tasks import resolve as resolve_task
-from r3.tasks.base import warn_verifier_errors
+from r3.tasks.base import report_verifier_errors, verifier_error_counts
 from r3.tracking import Tracker, make_tracker, tracker_module
 
 # --------------------------------------------------------------------------------------------
@@ -345,7 +345,13 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
         torch.cuda.reset_peak_memory_stats(d.device)
     sync_rollout_weights(run.policy, run.rollout_model)
     ep = rollout(run, step)
-    warn_verifier_errors(run.task, f"in step {step + 1}" + (f" on rank {d.rank}" if d.world > 1 else ""))
+    errors, calls, first = verifier_error_counts(run.task)
+    errors, calls = all_sum([errors, calls], d)  # (every rank stops together when all raised)
+    if errors:
+        firsts = gather_to_main([first] if first else [], d)
+        if d.main or errors >= calls:
+            report_verifier_errors(errors, calls, firsts[0] if firsts else first,
+                                   f"in step {step + 1}" + (" (all ranks)" if d.world > 1 else ""))
     t_rollout = time.time()
 
     adv = grpo.group_advantages(ep.rewards, scale=cfg.scale_advantages)  # [n_groups, G]

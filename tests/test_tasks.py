@@ -4,6 +4,7 @@ import itertools
 import json
 import random
 import sys
+from pathlib import Path
 from collections import Counter
 from fractions import Fraction
 
@@ -901,6 +902,8 @@ class _Raises(Task):
     name = "raises"
 
     def _check(self, example, completion_text):
+        if completion_text == "fine":
+            return False, "wrong"
         raise ValueError("bad field")
 
 
@@ -925,7 +928,7 @@ def test_verifier_errors_are_counted_and_warned_once(capsys):
     from r3.tasks.base import warn_verifier_errors
 
     t = _Raises()
-    assert [t.verify({}, str(i)) for i in range(3)] == [False] * 3
+    assert [t.verify({}, str(i)) for i in range(3)] + [t.verify({}, "fine")] == [False] * 4
     assert warn_verifier_errors(t, "in step 4") == 3
     err = capsys.readouterr().err
     assert err == ("warning: the task's verifier raised on 3 completions in step 4; they count as wrong "
@@ -933,6 +936,53 @@ def test_verifier_errors_are_counted_and_warned_once(capsys):
     assert warn_verifier_errors(t, "in step 5") == 0 and capsys.readouterr().err == ""  # reset
     assert t.diagnose({}, "x") == "verifier error: ValueError: bad field"
     assert warn_verifier_errors(object(), "anywhere") == 0  # a duck-typed task without the counter
+
+
+def test_a_verifier_that_raises_on_every_completion_stops_the_run():
+    """Every verdict an error: nothing can be rewarded or measured, so it is an error, not a warning
+    (a run and an evaluation went on at 0% with only a warning line)."""
+    from r3.tasks.base import warn_verifier_errors
+
+    t = _Raises()
+    for i in range(5):
+        t.verify({}, str(i))
+    with pytest.raises(R3Error, match=r"raised on all 5 completions in step 2 \(first: ValueError: bad field\)"):
+        warn_verifier_errors(t, "in step 2")
+    assert warn_verifier_errors(t, "in step 3") == 0  # (counts reset)
+
+
+class _VerifyReturnsTuple(Task):
+    """A plug-in overriding verify() instead of _check, returning _check's tuple: always truthy."""
+    name = "tuple"
+
+    def _check(self, example, completion_text):
+        return completion_text == "right", "why"
+
+    def verify(self, example, completion_text):
+        return self._check(example, completion_text)
+
+
+class _VerifyOnly(Task):
+    name = "verify-only"
+
+    def verify(self, example, completion_text):
+        return completion_text == "right"
+
+
+def test_a_verify_override_must_return_a_bool():
+    """r3 reads every verdict through passes(): a verify() returning (False, reason) paid reward 1
+    for wrong retries and the audit passed them."""
+    from r3.tasks.base import passes
+
+    with pytest.raises(R3Error, match=r"task 'tuple': verify\(\) returned tuple \(False, 'why'\), not a bool"):
+        passes(_VerifyReturnsTuple(), {}, "wrong")
+    import numpy as np
+
+    t = _VerifyOnly()
+    assert passes(t, {}, "right") is True and passes(t, {}, "wrong") is False
+    assert t.diagnose({}, "right") == "correct" and t.diagnose({}, "x") == "wrong (the task gives no reason)"
+    t.verify = lambda ex, s: np.bool_(True)
+    assert passes(t, {}, "x") is True
 
 
 @pytest.mark.parametrize("made, message", [
@@ -953,3 +1003,50 @@ def test_a_plugins_examples_are_checked(made, message):
     with pytest.raises(R3Error, match="^task 'raises': " + message.replace("(", r"\(").replace(")", r"\)")):
         examples_of(Made(), "train")
     assert examples_of(tasks.get("countdown-tiny"), "test", n=3) == tasks.get("countdown-tiny").examples("test", 3)
+
+
+def test_plug_in_options_passed_on_with_kw_are_checked_and_recorded(monkeypatch):
+    """A plug-in whose __init__ takes **kw and passes them to its base class accepts exactly the
+    options of the classes the **kw reaches: a misspelt one is a one-line error (it was a TypeError
+    traceback), and config() records every option in effect, also one kept under another
+    attribute name (it was {}, so a failures file made with other options was accepted)."""
+    from r3.tasks import get
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    with pytest.raises(R3Error, match=r"unknown option data_pth for task 'r3_test_tasks:KeywordsTask'; valid "
+                                      r"options: data_path, size, fail_first, reflection_prompt, retry_prompt"):
+        get("r3_test_tasks:KeywordsTask", data_pth="x.jsonl")
+    t = get("r3_test_tasks:KeywordsTask", data_path="mine.jsonl", size="8")
+    assert t.config() == {"data_path": "mine.jsonl", "size": 8, "fail_first": 0,
+                          "reflection_prompt": t.reflection_prompt, "retry_prompt": t.retry_prompt}
+    assert get("r3_test_tasks:KeywordsTask").config()["data_path"] == "default.jsonl"  # the default
+
+
+
+def test_the_readme_own_task_example_works(tmp_path, monkeypatch):
+    """The README's custom-task example, run as a user would: a plug-in module on the path."""
+    from r3.tasks import examples_of, get
+    from r3.tasks.base import passes
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("<!-- example:own-task -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mymodule.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = get("mymodule:AddTask", max_num="9")
+    train, test = examples_of(task, "train", n=50), examples_of(task, "test", n=50)
+    assert all(0 <= ex["a"] <= 9 for ex in train) and train != test
+    ex = {"a": 2, "b": 3}
+    assert passes(task, ex, "Let me add.\n5") and passes(task, ex, "2 + 3 =\n5.")
+    assert not passes(task, ex, "5\nor maybe 6") and not passes(task, ex, "6")
+    assert task.diagnose(ex, "6") == "6, expected 5" and task.diagnose(ex, "") == "no number on the last line"
+    with pytest.raises(R3Error, match="unknown option max_nun"):
+        get("mymodule:AddTask", max_nun=5)
+    data = tmp_path / "add.jsonl"
+    data.write_text('{"a": 1, "b": 1}\n{"a": 1, "b": }\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(R3Error, match=r"add.jsonl, line 2"):
+        examples_of(get("mymodule:AddTask", data_path="add.jsonl"), "train")
+    with pytest.raises(R3Error, match="an example needs integers 'a' and 'b'"):
+        task.check_example("failures.jsonl, record 1", {"a": "1"})
+    assert task.config() == {"data_path": None, "max_num": 9, "reflection_prompt": task.reflection_prompt,
+                             "retry_prompt": "Try again. End with the sum alone on the last line."}

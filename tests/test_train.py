@@ -279,6 +279,21 @@ def test_function_calling_from_the_command_line(tiny_model, tmp_path):
     assert fails.is_file()
 
 
+@pytest.mark.parametrize("task, message", [
+    ("RaisingTask", "error: the task's verifier raised on all 12 completions in step 1 (first: KeyError: 'answr')"),
+    ("TupleVerifyTask", "error: task 'tuple-verify': verify() returned tuple ("),
+])
+def test_a_broken_verifier_stops_training_in_one_line(tiny_model, tmp_path, task, message):
+    """A verifier that raises on every completion, or a verify() that returns a (bool, reason)
+    tuple (truthy: it paid every wrong retry), ends the run with one line and a non-zero exit."""
+    args = [a if a != "r3_test_tasks:CoinTask" else f"r3_test_tasks:{task}" for a in BASE]
+    proc = run_train(args + ["--model", str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "1"],
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_nan_guard_skips_the_step(tiny_model, tmp_path):
     """A non-finite loss never reaches the weights (nor a checkpoint)."""
     from r3 import batch as B
@@ -374,7 +389,8 @@ def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     with pytest.raises(R3Error, match="options differ: max_num 30 there, 50 here"):
         check_made_for(tmp_path / "a.jsonl", get("countdown-tiny", max_num=50), "smollm2-135m")
-    with pytest.raises(R3Error, match="task 'countdown' there, 'function_calling' here"):
+    with pytest.raises(R3Error, match=r"task 'countdown' \(r3.tasks.countdown.CountdownTask\) there, "
+                                      r"'function_calling' \(r3.tasks.function_calling.FunctionCallingTask\) here"):
         check_made_for(tmp_path / "a.jsonl", get("function_calling"), "smollm2-135m")
     # another model's attempts, or test-split queries: allowed, said
     check_made_for(_failures_made_for(tmp_path / "c.jsonl", "countdown-tiny"), tiny, "/models/other")
@@ -417,6 +433,9 @@ def test_incompatible_out_dir_is_refused_and_untouched(tiny_model, tmp_path):
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     proc = run_train(BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "1"], check=False)
     assert proc.returncode == 2 and "holds a run with a different config" in proc.stderr
+    # each difference with both values (the message named only the fields)
+    assert f"model: 'something-else' there, '{tiny_model}' here" in proc.stderr
+    assert "task: 'countdown' there, 'r3_test_tasks:CoinTask' here" in proc.stderr
     assert json.loads((out / "config.json").read_text()) == saved
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 

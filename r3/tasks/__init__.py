@@ -116,10 +116,17 @@ def get(name: Any, **options: Any) -> Task:
         raise R3Error(f"task {name!r}: bad options: {e}") from None
     except ValueError:  # no signature available: just call it
         pass
-    task = factory(**options)
+    try:
+        task = factory(**options)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise R3Error(f"task {name!r}: bad options: {e}") from None
     missing = [a for a in _REQUIRED if not hasattr(task, a)]
     if missing:
         raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")
+    if isinstance(task, Task):
+        task._options_given = dict(options)  # (config() reports options the task keeps under other names)
     return task
 
 

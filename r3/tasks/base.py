@@ -93,6 +93,7 @@ class Task:
         """True iff ``completion_text`` solves ``example``. Never raises; never executes it. A
         verifier that raises (or returns something other than ``(bool, str)``) judges the
         completion wrong, and is counted (:meth:`take_verifier_errors`)."""
+        self._verify_calls = self.__dict__.get("_verify_calls", 0) + 1
         try:
             return self._verdict(example, completion_text)[0]
         except Exception as e:  # noqa: BLE001 -- the contract is "never raises"
@@ -101,8 +102,11 @@ class Task:
             return False
 
     def diagnose(self, example: dict, completion_text: str) -> str:
-        """A short reason for the verdict ("correct" or what is wrong). Never raises."""
+        """A short reason for the verdict ("correct" or what is wrong). Never raises. A plug-in that
+        overrides :meth:`verify` but not ``_check`` gets "correct" / "wrong" from its verdict."""
         try:
+            if type(self)._check is Task._check and type(self).verify is not Task.verify:
+                return "correct" if passes(self, example, completion_text) else "wrong (the task gives no reason)"
             ok, why = self._verdict(example, completion_text)
             return "correct" if ok else why
         except Exception as e:  # noqa: BLE001
@@ -113,6 +117,10 @@ class Task:
         one's error; resets. Training and evaluation print it, so a broken verifier (every reward
         0) does not pass unnoticed."""
         return self.__dict__.pop("_verifier_errors", (0, None))
+
+    def take_verify_calls(self) -> int:
+        """How many times :meth:`verify` ran since the last call; resets."""
+        return self.__dict__.pop("_verify_calls", 0)
 
     def _verdict(self, example: dict, completion_text: str) -> tuple[bool, str]:
         """``_check``'s result, which must be ``(bool, str)``: anything else (a plug-in returning a
@@ -134,40 +142,117 @@ class Task:
 
     def config(self) -> dict:
         """The options in effect (defaults filled in), JSON-serialisable for run metadata;
-        ``r3.tasks.get(task.name, **task.config())`` rebuilds an equivalent task."""
-        return {k: getattr(self, k) for k in self.option_names() if hasattr(self, k)}
+        ``r3.tasks.get(task.name, **task.config())`` rebuilds an equivalent task. Each is the
+        attribute of the same name, else the value :func:`r3.tasks.get` passed, else the
+        constructor's default."""
+        given = self.__dict__.get("_options_given", {})
+        defaults = option_defaults(type(self))
+        out = {}
+        for k in self.option_names():
+            if hasattr(self, k):
+                out[k] = getattr(self, k)
+            elif k in given:
+                out[k] = given[k]
+            elif k in defaults:
+                out[k] = defaults[k]
+        return out
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-def warn_verifier_errors(task, during: str) -> int:
-    """Print one warning line if ``task``'s verifier raised since the last check (see
-    :meth:`Task.take_verifier_errors`); returns how many times."""
+def passes(task, example: dict, completion_text: str) -> bool:
+    """``task.verify(example, completion_text)``, which must be a bool: a plug-in's ``verify``
+    that returns anything else (a ``(False, reason)`` tuple is truthy) would pay every
+    completion, so that is an R3Error naming the task, never a reward."""
+    out = task.verify(example, completion_text)
+    if isinstance(out, bool) or type(out).__name__ in ("bool", "bool_"):  # (numpy's bool too)
+        return bool(out)
+    raise R3Error(f"task {getattr(task, 'name', type(task).__name__)!r}: verify() returned "
+                  f"{type(out).__name__} {out!r:.80}, not a bool; a Task subclass implements "
+                  "_check(example, text) -> (bool, reason) and leaves verify() to the base class")
+
+
+def verifier_error_counts(task) -> tuple[int, int, str | None]:
+    """``(errors, calls, first error)`` of ``task``'s verifier since the last look (see
+    :meth:`Task.take_verifier_errors`), reset; zeros for a duck-typed task without the counters."""
     take = getattr(task, "take_verifier_errors", None)
     n, first = take() if callable(take) else (0, None)
+    calls = getattr(task, "take_verify_calls", None)
+    return n, (calls() if callable(calls) else 0), first
+
+
+def report_verifier_errors(n: int, calls: int, first: str | None, during: str) -> int:
+    """Print one warning line when the verifier raised ``n`` times ``during`` something; raise
+    R3Error when it raised on every one of its ``calls`` (every verdict wrong by error: nothing can
+    be rewarded or measured). Returns ``n``."""
+    n, calls = int(n), int(calls)
+    if n and calls and n >= calls:
+        raise R3Error(f"the task's verifier raised on all {calls} completions {during} (first: {first}); "
+                      "fix the task's _check (it returns (bool, reason) and never raises)")
     if n:
         print(f"warning: the task's verifier raised on {n} completion{'s' if n > 1 else ''} {during}; they count "
               f"as wrong (first: {first})", file=sys.stderr, flush=True)
     return n
 
 
+def warn_verifier_errors(task, during: str) -> int:
+    """:func:`report_verifier_errors` for ``task``'s counts since the last check; returns how many
+    times its verifier raised."""
+    n, calls, first = verifier_error_counts(task)
+    return report_verifier_errors(n, calls, first, during)
+
+
 # ---------------------------------------------------------------------------------------
 # option validation (accepts CLI strings)
 # ---------------------------------------------------------------------------------------
-def option_names(factory: Any) -> list[str] | None:
-    """Keyword names a callable accepts, or None if it takes ``**kwargs`` (anything goes)."""
+def _init_chain(factory: Any) -> list[inspect.Signature] | None:
+    """The signatures that take ``factory``'s keyword options: its own, and for a Task subclass
+    whose ``__init__`` takes ``**kw``, those of the classes above it that the ``**kw`` reaches
+    (the usual ``super().__init__(**kw)``); None where ``**kwargs`` take anything."""
+    if inspect.isclass(factory) and issubclass(factory, Task):
+        chain = []
+        for cls in factory.__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or cls is object:
+                continue
+            try:
+                sig = inspect.signature(init)
+            except (TypeError, ValueError):
+                return None
+            chain.append(sig)
+            if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+                return chain
+        return chain
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
         return None
+    return None if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) else [sig]
+
+
+def option_names(factory: Any) -> list[str] | None:
+    """Keyword names a callable accepts, or None if it takes ``**kwargs`` (anything goes). A Task
+    subclass's ``**kw`` passed on to its base class accepts the base class's options."""
+    chain = _init_chain(factory)
+    if chain is None:
+        return None
     names = []
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            return None
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
-            names.append(p.name)
+    for sig in chain:
+        for p in sig.parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self" and p.name not in names:
+                names.append(p.name)
     return names
+
+
+def option_defaults(factory: Any) -> dict:
+    """The keyword options' defaults (the nearest class's), as :func:`option_names` finds them."""
+    out: dict = {}
+    for sig in _init_chain(factory) or []:
+        for p in sig.parameters.values():
+            if p.default is not p.empty and p.name != "self":
+                out.setdefault(p.name, p.default)
+    return out
 
 
 def opt_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:

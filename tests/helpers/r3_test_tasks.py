@@ -29,3 +29,28 @@ class CoinTask(Task):
             return False, "coin (failed on purpose)"
         h = hashlib.sha256((example["id"] + completion_text).encode()).digest()[0]
         return h % 2 == 0, "coin"
+
+
+class RaisingTask(CoinTask):
+    """A verifier that raises on every completion (a typo in a field name)."""
+    name = "raising"
+
+    def _check(self, example, completion_text):
+        return example["answr"] == completion_text, "exact"
+
+
+class TupleVerifyTask(CoinTask):
+    """A plug-in that overrides verify() and returns _check's (bool, reason) tuple: always truthy."""
+    name = "tuple-verify"
+
+    def verify(self, example, completion_text):
+        return self._check(example, completion_text)
+
+
+class KeywordsTask(CoinTask):
+    """Options taken as ``**kw`` and kept under another attribute name (``self.path``)."""
+    name = "keywords"
+
+    def __init__(self, *, data_path: str = "default.jsonl", **kw):
+        super().__init__(**kw)
+        self.path = data_path
