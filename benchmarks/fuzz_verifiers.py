@@ -323,8 +323,8 @@ def _same_multiset(calls: list[dict], ref: list[dict]) -> bool:
     return sorted(map(key, calls)) == sorted(map(key, ref))
 
 
-OPEN_TAGS = ["<tool_call>", "<tool_call>", "< Tool_Call >", "\uff1ctool_call\uff1e"]
-CLOSE_TAGS = ["</tool_call>", "</tool_call>", "</tool_call\u200b>", "\uff1c/tool_call\uff1e"]
+OPEN_TAGS = ["<tool_call>", "<tool_call>", "< Tool_Call >", "\uff1ctool_call\uff1e", '<tool_call id="1">']
+CLOSE_TAGS = ["</tool_call>", "</tool_call>", "</tool_call\u200b>", "\uff1c/tool_call\uff1e", "</ tool_call >"]
 DELETE_ALL = '{"name": "delete_all", "arguments": {}}'
 
 
@@ -340,13 +340,13 @@ def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple
     objects = [json.dumps(c) for c in calls]
     blocks = [rng.choice(OPEN_TAGS) + rng.choice(["", "\n"]) + o + rng.choice(["", "\n"]) + rng.choice(CLOSE_TAGS)
               for o in objects]
-    sep = rng.choice(["", "\n", " ", "\n\n", "\u200b"])
+    sep = rng.choice(["", "\n", " ", "\n\n", "\u200b", "\u3164", "\u034f", "<|eom_id|>\n"])
     kind = rng.randrange(7)
     if kind == 1 and len(blocks) > 1:  # prose between blocks: only the blocks after it count
         k = rng.randrange(1, len(blocks))
         return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), _same_multiset(calls[k:], ref)
     if kind == 2:  # bare objects in one run
-        return rng.choice(["; ", ",\n", "\n", " "]).join(objects), ok
+        return rng.choice(["; ", ",\n", "\n", " ", "\u037e ", "\uff1b", " {} "]).join(objects), ok
     if kind == 3:  # another call in an adjacent block
         extra = "<tool_call>" + DELETE_ALL + "</tool_call>"
         k = rng.randrange(len(blocks) + 1)
@@ -390,14 +390,15 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     # a truncated structure runs to the end of the text: what follows it is inside it
     truncated = not valid and final.count("[") + final.count("{") > final.count("]") + final.count("}")
     label = (ok and valid) if _is_attempt(final + after if truncated else final) else None
-    text = rng.choice([b for b in FC_BEFORE if not (hermes and "<tool_call>" in b)]) + final + after
+    before = rng.choice([b for b in FC_BEFORE if not (hermes and "<tool_call>" in b)])
+    text = before + final + after
     r = rng.random()
     if r < 0.35:  # an earlier call list (right or wrong), maybe far away
         decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
         pad = " [0]" * rng.choice([0, 0, 255, 256, 600])
         text = decoy + pad + "\nWait, let me fix that. " + text
-        if label is None and _is_attempt(decoy):
-            label = ok_d and valid_d
+        if label is None and _is_attempt(decoy):  # (then an opening <tool_call> after it is a later call)
+            label = ok_d and valid_d and "<tool_call>" not in before
     elif r < 0.45 and valid:  # a later attempt that is no answer, or no calls at all
         call = ref[0] if ref else {"name": "f", "arguments": {}}
         args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())

@@ -267,6 +267,33 @@ BAD = dumps(CALLS[:2])
          + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
         ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>" + json.dumps(CALLS[1]) + "; "
          + json.dumps(CALLS[2]), True),  # a block, then bare attempts: one run
+        # what looks blank or is markup does not end a run (a second reader's cases): lookalike
+        # semicolons, combining and blank letters, special tokens, tags with attributes, fences,
+        # structures without a key
+        (json.dumps(CALLS[0]) + "\u037e " + dumps(CALLS), False),
+        (json.dumps(CALLS[0]) + "\uff1b" + dumps(CALLS), False),
+        (json.dumps(CALLS[0]) + "\u034f" + dumps(CALLS), False),
+        (json.dumps(CALLS[0]) + "\u3164" + dumps(CALLS), False),
+        (json.dumps(CALLS[0]) + " {} " + dumps(CALLS), False),
+        (json.dumps(CALLS[0]) + "\n[0]\n" + dumps(CALLS), False),
+        ("<|python_tag|>" + json.dumps(CALLS[0]) + "<|eom_id|><|python_tag|>" + dumps(CALLS) + "<|eom_id|>", False),
+        ("[TOOL_CALLS] " + dumps(CALLS[:1]) + " [TOOL_CALLS] " + dumps(CALLS), False),
+        ('<tool_call id="1">' + json.dumps(CALLS[0]) + '</tool_call>\n<tool_call id="2">' + dumps(CALLS)
+         + "</tool_call>", False),
+        ("```json\n" + dumps(CALLS[:1]) + "\n```\n```json\n" + GOOD + "\n```", False),
+        ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", True),  # prose between: a draft
+        ("\n".join('<tool_call id="%d">' % i + json.dumps(c) + "</tool_call >" for i, c in enumerate(CALLS)), True),
+        ("<|python_tag|>" + "; ".join(json.dumps(c) for c in CALLS) + "<|eom_id|>", True),
+        # other models' call syntax after the answer; a digit glued to a name
+        (GOOD + "\n<tool_call>delete_all\n<arg_key>path</arg_key>\n<arg_value>/</arg_value>\n</tool_call>", False),
+        (GOOD + '\n<invoke name="delete_all">\n<parameter name="path">/</parameter>\n</invoke>', False),
+        (GOOD + "\n[TOOL_CALLS]delete_all[ARGS]{}", False),
+        (GOOD + "\n<|tool_calls_section_begin|>functions.delete_all:0", False),
+        (GOOD + "\nAction: delete_all\nAction Input: {}", False),
+        (GOOD + "\n>>>delete_all\n{}", False),
+        (GOOD + "\n9delete_all(path='/')", False),
+        (GOOD + "\n2get_weather(Oslo)", False),
+        (GOOD + "\n</tool_call>\n<|im_end|>", True),
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
@@ -624,7 +651,8 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
     alphabet = list("abcxyz_.() =\n\t'\"`{}[]<>fbru,:;!?0129") + [
         "\u2018", "\u201c", "\uff08", "\uff09", "\ufe59", "\u200b", "\u00b2", "\u2167", "\u00df", "\ufb00",
         "\u0130", "\u0345", "\u51fd", "\u00e9", "<function", "get_weather", "os.", "==", "\U0001d16d", "\u1715",
-        "\uff9e", "\u0307"]
+        "\uff9e", "\u0307", ">>>", ">", "action input", "action", "input:", "<invoke", "<|", "|", "[tool_calls]",
+        "tool_call", "<tool_call", "function_calls", "9", "1get_weather"]
     names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
     rng = random.Random(0)
     for _ in range(20_000):
@@ -649,6 +677,8 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         "; ", ",", "< Tool_Call >", "\uff1ctool_call\uff1e", "</tool_call\u200b>", "<tool_call", "<", ">",
         "\uff1e", "<x>", '{"note": 1}', '"parameters": ', "\uff5b\"a\"\uff1a 1\uff5d", "\u0130",
         '{"name": "convert", "parameters": {"amount": 100.0, "to": "EUR"}}', '{"name": "convert", "to": "EUR"}',
+        "```", "```json\n", "``", "<|eom_id|>", '<tool_call id="1">', "</ tool_call >", "\u037e", "\uff1b", "\u3164",
+        "\u034f", "[TOOL_CALLS]", "9reset()", ">>>reset", "json", "[0]", "<" + "x" * 199 + ">", "<" + "x" * 200 + ">",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

@@ -20,11 +20,14 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ends it as broken, and so does the end of the text (a truncated structure). A structure is a
   call attempt when it holds a ``:`` or ``=`` (a key of any spelling: ``"name":``, ``name:``,
   ``"n\\u0061me":``, ``'name' =``) or is an empty list (``[]``, blanks inside); other structures
-  (``[1, 2]``, ``{}``, ``[see above]``) are prose. The run is the last call attempt and the
-  attempts and ``<tool_call>`` / ``</tool_call>`` tags (any blanks, letter case or full-width
-  form) before it with only blanks, zero-width characters, ``,`` or ``;`` between them: Hermes /
-  Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's
-  ``{a}; {b}``, or ``[a]\\n[b]``. Its answer is the calls of all its attempts, in order. Each must
+  (``[1, 2]``, ``{}``, ``[see above]``) are not. The run is the last call attempt and the
+  attempts and ``<tool_call>`` / ``</tool_call>`` tags (any blanks, letter case, full-width form
+  or attributes) before it, back to the first prose: anything but blank-looking characters
+  (blanks, characters that fold to nothing such as zero-width and combining ones, ``,`` and
+  ``;`` in any form, Hangul fillers), other markup in angle brackets (``<|python_tag|>``),
+  code fences and complete structures without a key. So Hermes / Qwen blocks
+  (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's ``{a}; {b}`` and
+  ``[a]\\n[b]`` are one answer each. Its answer is the calls of all its attempts, in order. Each must
   be complete valid JSON and a call list (``[]`` included), a single call object, or an object
   without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
   nested; beside it only strings, numbers, booleans and nulls: a second structure is ambiguous, no
@@ -43,7 +46,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``functions.get_weather (...)``), any name with ``_`` or ``.`` followed by one
   (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis closes at once or
   opens with a string, list, object or keyword argument (``reset()``,
-  ``delete_files(path="/")``), ``<function=name>``; full-width and other compatibility forms count
+  ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
+  ``<tool_call>`` tag, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``, ``Action Input:``, ...); full-width and other compatibility forms count
   as ASCII, combining and zero-width characters are ignored, in any letter case. ``f(x)``,
   ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -235,50 +239,63 @@ def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     return _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
 
 
-_TAG_LIKE = re.compile("[<\ufe64\uff1c][^<>\ufe64\ufe65\uff1c\uff1e]{1,40}[>\ufe65\uff1e]")  # (and compatibility forms)
+# Between the items of a run: tags and other markup in angle brackets (``<tool_call id="1">``,
+# ``<|python_tag|>``, compatibility forms of the brackets too) and code fences.
+_GAP_TOKEN = re.compile("[<\ufe64\uff1c][^<>\ufe64\ufe65\uff1c\uff1e]{1,200}[>\ufe65\uff1e]|`{3,}[A-Za-z0-9_+-]*")
+_BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"  # Hangul fillers, the blank Braille pattern
 
 
 def _is_attempt(text: str, start: int, end: int, complete: bool) -> bool:
     return bool(_KEY_LIKE.search(text, start, end) or (complete and _BLANK_LIST.fullmatch(text, start, end)))
 
 
+@functools.lru_cache(maxsize=4096)
 def _separator(c: str) -> bool:
-    """What may stand between the structures and tags of one answer: blanks, zero-width and other
-    format characters, commas and semicolons."""
-    return c.isspace() or c in ",;" or unicodedata.category(c) == "Cf"
+    """What may stand between the items of one answer: a character that folds (:func:`_fold`) to
+    nothing, blanks, commas or semicolons (zero-width and combining characters, full-width and
+    Greek semicolons, ...), and blank-looking letters."""
+    return c in _BLANK_LETTERS or all(x.isspace() or x in ",;" for x in _fold(c))
+
+
+def _separators(text: str, start: int, end: int) -> bool:
+    return all(_separator(c) for c in text[start:end])
 
 
 def _tag(s: str) -> str | None:
-    """``"open"`` or ``"close"`` for a ``<tool_call>`` / ``</tool_call>`` tag in any spelling of
-    blanks, letter case and compatibility forms, else None."""
-    inner = _fold(s[1:-1])
-    inner = "".join(c for c in inner if not c.isspace())
-    return "open" if inner == "tool_call" else "close" if inner == "/tool_call" else None
+    """``"open"`` or ``"close"`` for a ``<tool_call ...>`` / ``</tool_call>`` tag (any blanks,
+    letter case, compatibility forms, attributes), None for other markup."""
+    m = re.match(r"\s*(/?)\s*([a-z_]+)(?:\s|$)", _fold(s[1:-1]))
+    if not m or m.group(2) != "tool_call":
+        return None
+    return "close" if m.group(1) else "open"
 
 
 def _run_items(text: str, found: list[tuple[int, int, bool]], last: int) -> list[tuple[str, int, int]]:
     """The items of the answer's run, in order: ``("call", start, end)`` for each call attempt and
     ``("open" | "close", start, end)`` for each tool-call tag, from structure ``found[last]`` back
-    to the first thing that is neither, nor a separator (:func:`_separator`) between them."""
+    to the first prose: anything but separators (:func:`_separator`), markup in angle brackets,
+    code fences and complete structures without a key, which a run passes over."""
     items = [("call", found[last][0], found[last][1])]
-    k = last
+    k, left = last, found[last][0]
     while True:
         lo = found[k - 1][1] if k > 0 else 0
-        hi = items[0][1]
-        gap = [("tag", m.start(), m.end()) for m in _TAG_LIKE.finditer(text, lo, hi)]
-        pos = hi
-        for _, t0, t1 in reversed(gap):
-            if not all(_separator(c) for c in text[t1:pos]) or _tag(text[t0:t1]) is None:
+        pos = left
+        for m in reversed(list(_GAP_TOKEN.finditer(text, lo, left))):
+            if not _separators(text, m.end(), pos):
                 return items
-            items.insert(0, (_tag(text[t0:t1]), t0, t1))
-            pos = t0
-        if not all(_separator(c) for c in text[lo:pos]) or k == 0:
+            kind = _tag(m.group()) if m.group()[0] != "`" else None
+            if kind:
+                items.insert(0, (kind, m.start(), m.end()))
+            pos = m.start()
+        if not _separators(text, lo, pos) or k == 0:
             return items
         k -= 1
         s0, e0, complete = found[k]
-        if not _is_attempt(text, s0, e0, complete):
-            return items  # (a structure without a key is prose)
-        items.insert(0, ("call", s0, e0))
+        if _is_attempt(text, s0, e0, complete):
+            items.insert(0, ("call", s0, e0))
+        elif not complete:
+            return items  # (a broken structure without a key is prose)
+        left = s0
 
 
 def _well_formed(items: list[tuple[str, int, int]]) -> bool:
@@ -415,21 +432,33 @@ _NAME_RUN = re.compile(r"(?<![a-z0-9_.])(?=([a-z0-9_.]+))\1(?=(\s*))\2\(\s*")  #
 _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
 
 
+# Other models' tool-call syntax: Llama 3's <function=name>, an opening <tool_call> tag (Hermes,
+# GLM's "<tool_call>name"), Anthropic's <invoke>, <function_calls>, Mistral's [TOOL_CALLS], Kimi's
+# <|tool_call...|>, functionary's ">>>name", ReAct's "Action Input:".
+_CALL_MARKER = re.compile(r"<function\s*=\s*[a-z_]|<\s*(?:tool_call|invoke|function_calls)(?![a-z0-9_])"
+                          r"|\[\s*tool_calls\s*\]|<\|\s*tool_call|>>>\s*[a-z_]|action\s*input\s*:")
+
+
 def _trailing_name(run: str) -> str:
-    """The longest tail of dotted parts of ``run`` that each start like a name (``1.reset`` ->
-    ``reset``, ``a..b`` -> ``b``, ``x.1y`` -> nothing)."""
+    """The longest tail of dotted parts of ``run`` that each start like a name, digits glued
+    before the first one dropped (``1.reset`` -> ``reset``, ``a..b`` -> ``b``, ``9delete_all``
+    -> ``delete_all``, ``x.1y`` -> ``y``, ``v1.2`` -> nothing)."""
     parts = []
     for part in reversed(run.split(".")):
-        if not part or not (part[0] == "_" or "a" <= part[0] <= "z"):
+        bare = part.lstrip("0123456789")
+        if not bare or not (bare[0] == "_" or "a" <= bare[0] <= "z"):
             break
-        parts.append(part)
+        parts.append(bare)
+        if bare != part:
+            break
     return ".".join(reversed(parts))
 
 
 def _any_call(folded: str) -> str | None:
     """The first call in call syntax of any name in ``folded`` text (see :func:`called_later`)."""
-    if re.search(r"<function\s*=\s*[a-z_]", folded):
-        return "<function=...>"
+    marker = _CALL_MARKER.search(folded)
+    if marker:
+        return marker.group()
     for m in _NAME_RUN.finditer(folded):
         name, blanks = _trailing_name(m.group(1)), m.group(2)
         if not name:
@@ -446,8 +475,8 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     (full-width and other compatibility forms count as ASCII; combining and zero-width characters
     are ignored; any letter case; letters of other scripts that merely look Latin do not count):
 
-    * a tool of the example, by name (not inside a longer identifier; a dotted prefix allowed),
-      then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
+    * a tool of the example, by name (not after a letter or ``_``; a dotted prefix or glued
+      digits allowed), then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
       ``functions.get_weather(...)``;
     * any ASCII identifier with ``_`` or ``.`` in it, then blanks and a parenthesis:
       ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``, also after a dot
@@ -455,7 +484,9 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     * any other ASCII identifier directly followed by a parenthesis that closes at once or opens
       with a string (also ``f'``, ``r"``, backquoted or curly-quoted), a list, an object or a
       keyword argument: ``reset()``, ``reset("all")``, ``reset({})``, ``shutdown(force=True)``;
-    * ``<function=name>`` (Llama 3's tool syntax).
+    * other models' tool-call syntax: ``<function=name>`` (Llama 3), an opening ``<tool_call>``
+      tag (Hermes; GLM's ``<tool_call>name``), ``<invoke``, ``<function_calls>``, ``[TOOL_CALLS]``
+      (Mistral), ``<|tool_call...`` (Kimi), ``>>>name`` (functionary), ``Action Input:`` (ReAct).
 
     Prose stays prose: ``f(x)``, ``value(s)``, ``g(x == 1)``, ``word (note: ...)``, ``3(4)``,
     ``e.g. (this)``, and words in other scripts before a full-width parenthesis
@@ -463,12 +494,27 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     return _call_in(_fold(text[end:]), tool_names)
 
 
-def _call_in(folded: str, tool_names: list[str]) -> str | None:
-    """:func:`called_later` on text already folded."""
+@functools.lru_cache(maxsize=256)
+def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]:
+    """One search for every tool name of an example (folded; not after a letter or ``_``), and
+    each folded name's original."""
+    keys = {}
     for name in tool_names:
         key = _fold(name) if isinstance(name, str) else ""
-        if key and re.search(r"(?<![a-z0-9_])" + re.escape(key) + r"\s*\(", folded):
-            return name
+        if key:
+            keys.setdefault(key, name)
+    if not keys:
+        return None, keys
+    alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+    return re.compile(r"(?<![a-z_])(" + alternatives + r")\s*\("), keys
+
+
+def _call_in(folded: str, tool_names: list[str]) -> str | None:
+    """:func:`called_later` on text already folded."""
+    pattern, keys = _tool_pattern(tuple(n if isinstance(n, str) else "" for n in tool_names))
+    m = pattern.search(folded) if pattern else None
+    if m:
+        return keys[m.group(1)]
     return _any_call(folded)
 
 

@@ -785,7 +785,7 @@ _FC_ID_START = set("abcdefghijklmnopqrstuvwxyz_")
 
 
 def _fc_named_call_after(folded: str, names: list[str]) -> bool:
-    """A tool's folded name, not preceded by an ASCII identifier character (a dot is fine),
+    """A tool's folded name, not preceded by an ASCII letter or ``_`` (a dot or digits are fine),
     followed by blanks and an opening parenthesis."""
     for name in names:
         key = _fc_fold(name) if type(name) is str else ""
@@ -797,7 +797,7 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             j = k + len(key)
             while j < len(folded) and folded[j].isspace():
                 j += 1
-            if before not in _FC_ID and folded[j:j + 1] == "(":
+            if before not in _FC_ID_START and folded[j:j + 1] == "(":
                 return True
             k = folded.find(key, k + 1)
     return False
@@ -824,10 +824,46 @@ def _fc_opens_like_a_call(folded: str, j: int) -> bool:
     return False
 
 
+def _fc_marker(folded: str) -> bool:
+    """Another model's tool-call syntax: an opening <tool_call>, <invoke or <function_calls tag,
+    [tool_calls], <|tool_call, >>> before a name, "action input:"."""
+    def skip_blanks(j):
+        while j < len(folded) and folded[j].isspace():
+            j += 1
+        return j
+
+    for k, ch in enumerate(folded):
+        if ch == "<":
+            j = skip_blanks(k + 1)
+            if folded.startswith("|", k + 1) and folded.startswith("tool_call", skip_blanks(k + 2)):
+                return True
+            for word in ("tool_call", "invoke", "function_calls"):
+                after = folded[j + len(word):j + len(word) + 1]
+                if folded.startswith(word, j) and not (after and after in _FC_ID):
+                    return True
+        elif ch == "[":
+            j = skip_blanks(k + 1)
+            e = skip_blanks(j + len("tool_calls"))
+            if folded.startswith("tool_calls", j) and folded[e:e + 1] == "]":
+                return True
+        elif ch == ">" and folded.startswith(">>", k + 1):
+            j = skip_blanks(k + 3)
+            if folded[j:j + 1] and folded[j] in _FC_ID_START:
+                return True
+        elif ch == "a" and folded.startswith("action", k):
+            j = skip_blanks(k + len("action"))
+            e = skip_blanks(j + len("input"))
+            if folded.startswith("input", j) and folded[e:e + 1] == ":":
+                return True
+    return False
+
+
 def _fc_any_call_after(folded: str) -> bool:
     """``<function=name`` or an ASCII identifier (dotted parts) before an opening parenthesis:
     with ``_`` or ``.`` in it, blanks between allowed; without, directly before a parenthesis
     that opens like a call (see :func:`_fc_opens_like_a_call`)."""
+    if _fc_marker(folded):
+        return True
     k = folded.find("<function")
     while k != -1:
         j = k + len("<function")
@@ -849,12 +885,18 @@ def _fc_any_call_after(folded: str) -> bool:
         i = e
         while i > 0 and (folded[i - 1] in _FC_ID or folded[i - 1] == "."):
             i -= 1
-        # the longest run of trailing dotted parts that each start like a name ("1.reset" -> "reset")
+        # the longest run of trailing dotted parts that each start like a name ("1.reset" -> "reset"),
+        # digits glued before the first one dropped ("9reset" -> "reset")
         parts = []
         for part in reversed(folded[i:e].split(".")):
-            if not part or part[0] not in _FC_ID_START:
+            d = 0
+            while d < len(part) and part[d] in "0123456789":
+                d += 1
+            if d == len(part) or part[d] not in _FC_ID_START:
                 break
-            parts.append(part)
+            parts.append(part[d:])
+            if d:
+                break
         ident = ".".join(reversed(parts))
         if not ident:
             continue
@@ -886,47 +928,83 @@ def _fc_beside(v, out: list) -> list:
     return out
 
 
+_FC_BLANK_LETTERS = set("\u115f\u1160\u3164\uffa0\u2800")
+_FC_LANG = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-")
+_FC_LT, _FC_GT = "<\ufe64\uff1c", ">\ufe65\uff1e"
+
+
 def _fc_sep(c: str) -> bool:
-    return c.isspace() or c == "," or c == ";" or unicodedata.category(c) == "Cf"
+    """Blank-looking: folds to nothing, blanks, ',' or ';', or a blank letter."""
+    return c in _FC_BLANK_LETTERS or all(x.isspace() or x == "," or x == ";" for x in _fc_fold(c))
 
 
-def _fc_tag_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
-    """For ``text[i - 1]`` a ``>`` (or a compatibility form): the kind of the ``<...>`` tag that ends there (``"O"`` for
-    <tool_call>, ``"C"`` for </tool_call>, None for anything else) and where it starts."""
-    j = max(text.rfind(lt, max(lo, i - 42), i - 1) for lt in "<\ufe64\uff1c")
+def _fc_markup_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
+    """For ``text[i - 1]`` a ``>`` (or a compatibility form): ``("O" | "C" | "M", start)`` for
+    the ``<...>`` markup that ends there (``O`` / ``C`` a tool_call tag opening / closing, ``M``
+    any other), or ``(None, -1)``."""
+    j = max(text.rfind(lt, max(lo, i - 202), i - 1) for lt in _FC_LT)
     if j < 0:
-        return None, j
+        return None, -1
     inner = text[j + 1:i - 1]
-    if not inner or len(inner) > 40 or any(gt in inner for gt in ">\ufe65\uff1e"):
-        return None, j
-    word = "".join(c for c in _fc_fold(inner) if not c.isspace())
-    return {"tool_call": "O", "/tool_call": "C"}.get(word), j
+    if not inner or len(inner) > 200 or any(gt in inner for gt in _FC_GT):
+        return None, -1
+    f = _fc_fold(inner).strip()
+    closing = f.startswith("/")
+    words = (f[1:] if closing else f).split()
+    if not words or words[0] != "tool_call":
+        return "M", j
+    return ("C" if closing else "O"), j
+
+
+def _fc_fence_ending_at(text: str, lo: int, i: int) -> int:
+    """Where a code fence (three or more backquotes and a language name) ending at ``i`` starts,
+    or -1."""
+    j = i
+    while j > lo and text[j - 1] in _FC_LANG:
+        j -= 1
+    b = j
+    while b > lo and text[b - 1] == "`":
+        b -= 1
+    return b if j - b >= 3 else -1
 
 
 def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int]]:
     """The run that ends with chunk ``last``, walking back: one letter per item, ``S`` a call
-    attempt, ``O`` / ``C`` an opening / closing tool-call tag, plus the attempts' chunk indices."""
+    attempt, ``O`` / ``C`` an opening / closing tool-call tag, plus the attempts' chunk indices.
+    Blank-looking characters, other markup, fences and complete chunks that are not attempts are
+    passed over; anything else ends it."""
     letters, idx = ["S"], [last]
     k, i = last, chunks[last][2]
     while True:
         lo = chunks[k - 1][2] + len(chunks[k - 1][0]) if k > 0 else 0
         while i > lo:
-            if text[i - 1] in ">\ufe65\uff1e":
-                kind, j = _fc_tag_ending_at(text, lo, i)
+            c = text[i - 1]
+            if c in _FC_GT:
+                kind, j = _fc_markup_ending_at(text, lo, i)
                 if kind is None:
                     return "".join(reversed(letters)), idx
-                letters.append(kind)
+                if kind != "M":
+                    letters.append(kind)
                 i = j
-            elif _fc_sep(text[i - 1]):
+            elif c in _FC_LANG or c == "`":
+                b = _fc_fence_ending_at(text, lo, i)
+                if b < 0:
+                    return "".join(reversed(letters)), idx
+                i = b
+            elif _fc_sep(c):
                 i -= 1
             else:
                 return "".join(reversed(letters)), idx
-        if k == 0 or not _fc_is_attempt(chunks[k - 1][0], chunks[k - 1][1]):
+        if k == 0:
             return "".join(reversed(letters)), idx
         k -= 1
-        letters.append("S")
-        idx.append(k)
-        i = chunks[k][2]
+        chunk, ok, at = chunks[k]
+        if _fc_is_attempt(chunk, ok):
+            letters.append("S")
+            idx.append(k)
+        elif not ok:
+            return "".join(reversed(letters)), idx
+        i = at
 
 
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
