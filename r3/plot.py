@@ -64,12 +64,17 @@ def pyplot():
 def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (_, title) in zip(axes.flat, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    drawn = set()
     for run in runs:
         rows = read_metrics(run)
         for ax, (key, title) in zip(axes.flat, PANELS):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if not pts:
                 continue
+            drawn.add(key)
             xs, ys = zip(*pts)
             # markers while points are few: a metric logged on few steps (KL: only steps that
             # trained a token) would otherwise be an invisible single point or short segments
@@ -80,6 +85,9 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
+    for ax, (key, _) in zip(axes.flat, PANELS):
+        if key not in drawn:  # (KL is logged only for steps that trained a token)
+            ax.text(0.5, 0.5, f"no {key} logged yet", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
     if len(runs) > 1:
         axes.flat[0].legend()
     fig.tight_layout()

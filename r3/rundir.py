@@ -91,6 +91,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
             state = {
                 "step": step,
                 "data_position": stream.position,
+                "data_sha256": stream.fingerprint,
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
             }
@@ -121,6 +122,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream) -> int:
     trainer = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
     stream.position = trainer["data_position"]
+    stream.resumed_fingerprint = trainer.get("data_sha256")  # (absent in checkpoints of older versions)
     torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
     return trainer["step"]
 
@@ -237,6 +239,11 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
             continue
         if d.main:
             print(f"resumed from {path} (step {step})", flush=True)
+            before = getattr(stream, "resumed_fingerprint", None)
+            if before is not None and before != stream.fingerprint:
+                print(f"warning: the training examples are not those {path} was written with (the task's data "
+                      f"file or its generator changed); training goes on at position {stream.position} of "
+                      "the new ones", file=sys.stderr, flush=True)
         return step
     if dirs:
         raise R3Error(f"no checkpoint in {out / 'checkpoints'} can be read; move that directory away to start over")

@@ -21,6 +21,8 @@ of :mod:`r3.rundir`. Process-group helpers are in :mod:`r3.distributed`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import signal
@@ -124,11 +126,22 @@ class QueryStream:
         if not items:
             raise R3Error("the task has no training examples")
         self.items, self.seed, self.position = items, seed, position
+        self._orders: dict[int, list[int]] = {}
+        self._fingerprint: str | None = None
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        random.Random(self.seed * 100003 + epoch).shuffle(order)
-        return order
+        if epoch not in self._orders:  # (once per epoch: a step takes hundreds of items of 60k)
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 100003 + epoch).shuffle(order)
+            self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e == epoch - 1}}
+        return self._orders[epoch]
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the items: a checkpoint records it, so resuming on other data is said."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(json.dumps(self.items, sort_keys=True).encode()).hexdigest()
+        return self._fingerprint
 
     def take(self, n_total: int, rank: int, world: int) -> list:
         """The next ``n_total`` items; this rank gets its contiguous slice of them."""

@@ -44,3 +44,19 @@ def test_plot_marks_sparse_series(tmp_path, monkeypatch, steps, marked):
     assert len(kl) == 1 and list(kl[0].get_xdata()) == [2] and kl[0].get_marker() == "o"  # one point, visible
     retry = axes["retry success (reward)"].lines[0]
     assert len(retry.get_xdata()) == steps and (retry.get_marker() == "o") == marked
+
+
+def test_a_panel_without_values_says_so(tmp_path, monkeypatch):
+    """KL is None on every step of a run that trained no token: its panel has its title and says
+    nothing was logged (it was an empty, untitled box)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_row(s)) + "\n" for s in (1, 2)))
+    figures = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out: figures.append(fig) or out)
+    plot.plot([run], tmp_path / "curves.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    assert [t.get_text() for t in axes["KL to reference (k3)"].texts] == ["no kl logged yet"]
+    assert axes["first-attempt success"].texts[0].get_text() == "no first_try_success logged yet"
+    assert not axes["loss"].texts and axes["loss"].lines
+    plot.pyplot().close(figures[0])

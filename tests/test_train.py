@@ -740,6 +740,23 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_c
 
 
 
+def test_resuming_on_other_training_examples_is_said(tiny_model, tmp_path):
+    """A checkpoint records a fingerprint of the training examples; resuming after the data file
+    changed goes on (at the same position of the new data) but says so."""
+    data = tmp_path / "words.txt"
+    data.write_text("alpha beta gamma delta epsilon zeta eta theta\n")
+    args = [a if a != "r3_test_tasks:CoinTask" else "r3_test_tasks:FileCoinTask" for a in BASE]
+    args = [a if a != "{}" else json.dumps({"data_path": str(data)}) for a in args]
+    args += ["--model", str(tiny_model), "--max-steps", "3", "--out", str(tmp_path / "run")]
+    run_train(args + ["--stop-after", "1"])
+    proc = run_train(args + ["--stop-after", "2"])
+    assert "resumed from" in proc.stdout and "warning" not in proc.stderr  # the same data: nothing said
+    data.write_text("alpha beta gamma delta epsilon zeta eta iota\n")
+    proc = run_train(args)
+    assert "warning: the training examples are not those" in proc.stderr and "(the task's data file" in proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_a_model_without_a_chat_template_fails_before_the_config_is_written(tiny_model, tmp_path):
     """The template is checked on the task's first conversation before config.json is written,
     so the corrected retry on the same --out is not refused as a different config."""

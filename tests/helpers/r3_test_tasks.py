@@ -54,3 +54,17 @@ class KeywordsTask(CoinTask):
     def __init__(self, *, data_path: str = "default.jsonl", **kw):
         super().__init__(**kw)
         self.path = data_path
+
+
+class FileCoinTask(CoinTask):
+    """CoinTask over the words of a data file (one per line)."""
+    name = "file-coin"
+
+    def __init__(self, *, data_path: str, **kw):
+        super().__init__(**kw)
+        self.data_path = data_path
+
+    def examples(self, split="train", n=None, seed=0):
+        words = open(self.data_path).read().split()
+        items = [{"id": f"{split}-{i}", "word": w} for i, w in enumerate(words)]
+        return items[:n] if n else items
