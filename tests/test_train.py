@@ -847,3 +847,31 @@ def test_wait_for_main_holds_the_other_ranks_on_a_gloo_group(tmp_path):
            str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_query_stream_order_is_one_seeded_permutation_per_epoch():
+    """The stream keeps each epoch's order (it shuffled the whole data set for every item): the
+    items taken equal a naive reading of the seeded permutations, across epochs and ranks."""
+    import random
+
+    from r3 import train as T
+
+    items = list(range(10))
+
+    def naive(position, n):
+        out = []
+        for i in range(position, position + n):
+            epoch, j = divmod(i, len(items))
+            order = list(range(len(items)))
+            random.Random(7 * 100003 + epoch).shuffle(order)
+            out.append(items[order[j]])
+        return out
+
+    streams = [T.QueryStream(items, seed=7) for _ in range(2)]
+    taken = []
+    for step in range(9):  # 9 x 4 items: almost four epochs
+        parts = [s.take(4, rank, 2) for rank, s in enumerate(streams)]
+        taken += parts[0] + parts[1]
+        assert streams[0].position == streams[1].position == 4 * (step + 1)
+    assert taken == naive(0, 36)
+    assert T.QueryStream(items, seed=7).fingerprint == streams[0].fingerprint != T.QueryStream(items[::-1], 7).fingerprint
