@@ -140,6 +140,8 @@ class TrainConfig:
     def incompatible_with(self, other: dict) -> list[str]:
         mine = self.to_dict()
         other = upgrade_config_dict(other)
+        if isinstance(other.get("task_options"), dict):  # (runs of older versions recorded relative paths)
+            other["task_options"] = absolute_paths(other["task_options"])
         from r3.checkpoint import same_model
 
         return sorted(k for k in set(mine) | set(other)

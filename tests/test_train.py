@@ -875,3 +875,21 @@ def test_query_stream_order_is_one_seeded_permutation_per_epoch():
         assert streams[0].position == streams[1].position == 4 * (step + 1)
     assert taken == naive(0, 36)
     assert T.QueryStream(items, seed=7).fingerprint == streams[0].fingerprint != T.QueryStream(items[::-1], 7).fingerprint
+
+
+def test_task_option_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    """A relative path to an existing file is recorded as an absolute one (r3.evaluate --run and a
+    resumed run read config.json from anywhere); a run recorded with the relative path by an older
+    version still resumes from the same directory, and other strings stay as they are."""
+    from r3.config import TrainConfig, parse_task_options
+
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(task_options={"data_path": "data.jsonl", "prompt_template": "Try {nums}", "n": 3}).validate()
+    assert cfg.task_options == {"data_path": str(tmp_path / "data.jsonl"), "prompt_template": "Try {nums}", "n": 3}
+    assert parse_task_options(["data_path=data.jsonl", "x=missing.jsonl"]) == {
+        "data_path": str(tmp_path / "data.jsonl"), "x": "missing.jsonl"}
+    old = {**cfg.to_dict(), "task_options": {"data_path": "data.jsonl", "prompt_template": "Try {nums}", "n": 3}}
+    assert cfg.incompatible_with(old) == []
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere, the old relative path names no file: another config
+    assert cfg.incompatible_with(old) == ["task_options"]
