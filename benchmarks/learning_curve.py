@@ -52,6 +52,7 @@ from r3.evaluate import evaluate_examples  # noqa: E402
 from r3.sampler import RANDOM_STREAMS, Session  # noqa: E402
 from r3.stats import paired_difference  # noqa: E402
 from r3.tasks import get  # noqa: E402
+from r3.tasks.base import passes  # noqa: E402
 
 CHUNK = 16  # failures (or queries) per batch
 
@@ -70,7 +71,7 @@ def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tup
         got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                        top_k=sampling.top_k, stop_token_ids=chat.stop_ids,
                        stop_strings=answer_stops(task, chat))
-        out += [(list(t), bool(task.verify(ex, chat.decode(t)))) for ex, t in zip(batch, got.tokens)]
+        out += [(list(t), passes(task, ex, chat.decode(t))) for ex, t in zip(batch, got.tokens)]
     return out
 
 

@@ -232,12 +232,14 @@ HELP = {
 
 
 def absolute_paths(options: dict) -> dict:
-    """``options`` with each string value that names an existing file by a relative path made
-    absolute: the options are recorded (config.json, a failures file's header) and read again
-    from other directories (``r3.evaluate --run``, a resumed run)."""
+    """``options`` with each path option (``path`` or a name ending in ``_path``, as
+    ``data_path``) that names an existing file by a relative path made absolute: the options are
+    recorded (config.json, a failures file's header) and read again from other directories
+    (``r3.evaluate --run``, a resumed run). Other options are never touched."""
     out = {}
     for k, v in options.items():
-        if isinstance(v, str) and v and "\n" not in v and len(v) < 4096 and not os.path.isabs(v):
+        is_path = k == "path" or str(k).endswith("_path")
+        if is_path and isinstance(v, str) and v and "\n" not in v and len(v) < 4096 and not os.path.isabs(v):
             try:
                 v = os.path.abspath(v) if os.path.isfile(v) else v
             except (OSError, ValueError):
@@ -248,8 +250,8 @@ def absolute_paths(options: dict) -> dict:
 
 def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> dict[str, Any]:
     """``["key=value", ...]`` -> dict; a value is parsed as JSON when it is valid JSON (numbers,
-    booleans, null, lists, quoted strings), else kept as the string (a relative path to an existing
-    file made absolute, see :func:`absolute_paths`). A key given twice is an error."""
+    booleans, null, lists, quoted strings), else kept as the string (a path option's relative path
+    to an existing file made absolute, see :func:`absolute_paths`). A key given twice is an error."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, eq, value = item.partition("=")

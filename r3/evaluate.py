@@ -52,6 +52,7 @@ from r3.heldout import evaluate_examples
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
+from r3.tasks.base import report_verifier_errors
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
             progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
         )
         del model
+        report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
+                               f"evaluating {spec}")
         results.append({"model": spec, **res})
         if len(results) > 1:
             base = results[0]

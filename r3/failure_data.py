@@ -129,13 +129,14 @@ def check_made_for(path, task, model: str) -> None:
     option in effect with what ``r3.failures`` recorded; warns when the model differs (the
     attempts are another model's, in its tokens) or the queries are not from the train split."""
     from r3.checkpoint import same_model
+    from r3.config import absolute_paths
     from r3.tasks import get
 
     settings = recorded_settings(path)
     if settings is None or "task" not in settings:
         return
-    try:
-        made = get(settings["task"], **settings.get("task_options", {}))
+    try:  # (files of older versions recorded relative paths: read from here, as the run's own are)
+        made = get(settings["task"], **absolute_paths(settings.get("task_options", {})))
     except R3Error as e:
         raise R3Error(f"{path}: made for task {settings['task']!r}, which cannot be rebuilt here ({e})") from None
     mine, theirs = _options_in_effect(task), _options_in_effect(made)

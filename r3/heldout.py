@@ -12,7 +12,7 @@ from r3.episode import EpisodeSampling, run_episode
 from r3.errors import positive_int
 from r3.progress import Progress
 from r3.stats import binomial_stderr
-from r3.tasks.base import warn_verifier_errors
+from r3.tasks.base import verifier_error_counts
 
 GREEDY = EpisodeSampling(temperature=0.0, max_attempt_tokens=256, max_reflection_tokens=256, max_retry_tokens=256)
 
@@ -37,7 +37,7 @@ def evaluate_examples(
     Examples are run in batches of ``batch_size`` through :func:`r3.episode.run_episode`
     (``group_size=1``).
 
-    Returns ``{"n", "verifier_errors", "first_success", "second_success", "first_attempt_accuracy",
+    Returns ``{"n", "verifier_errors", "verdicts", "first_verifier_error", "first_success", "second_success", "first_attempt_accuracy",
     "second_attempt_accuracy", "delta", "first_attempt_stderr", "second_attempt_stderr",
     "first_correct", "second_correct", "generated_tokens", "time_s"}`` (``*_correct``: one
     verdict per example, in order, for paired comparisons) and, with
@@ -89,9 +89,12 @@ def evaluate_examples(
     if progress:
         progress.close()
     n = len(examples)
+    errors, verdicts, first_error = verifier_error_counts(task)  # (the caller reports them)
     result = {
         "n": n,
-        "verifier_errors": warn_verifier_errors(task, "during the evaluation"),
+        "verifier_errors": errors,
+        "verdicts": verdicts,
+        "first_verifier_error": first_error,
         "first_success": first,
         "second_success": second,
         "first_attempt_accuracy": first / n if n else 0.0,

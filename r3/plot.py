@@ -89,7 +89,9 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
         if key not in drawn:  # (KL is logged only for steps that trained a token)
             ax.text(0.5, 0.5, f"no {key} logged yet", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
     if len(runs) > 1:
-        axes.flat[0].legend()
+        drawn_axes = [ax for ax, (key, _) in zip(axes.flat, PANELS) if key in drawn]
+        if drawn_axes:
+            drawn_axes[0].legend()
     fig.tight_layout()
     return save_figure(fig, out)
 

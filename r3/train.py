@@ -140,7 +140,14 @@ class QueryStream:
     def fingerprint(self) -> str:
         """SHA-256 of the items: a checkpoint records it, so resuming on other data is said."""
         if self._fingerprint is None:
-            self._fingerprint = hashlib.sha256(json.dumps(self.items, sort_keys=True).encode()).hexdigest()
+            h = hashlib.sha256()
+            for item in self.items:  # (one at a time: 60k stored failures are hundreds of MB as one text)
+                try:
+                    text = json.dumps(item, sort_keys=True)
+                except TypeError:  # (keys that do not sort: int and str mixed)
+                    text = json.dumps(item)
+                h.update(text.encode() + b"\n")
+            self._fingerprint = h.hexdigest()
         return self._fingerprint
 
     def take(self, n_total: int, rank: int, world: int) -> list:
@@ -472,8 +479,11 @@ def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, ste
     mine = examples[d.rank::d.world]
     res = evaluate_examples(
         rollout_model, tokenizer, task, mine, cfg.sampling(cfg.eval_temperature), seed=cfg.seed + 17, batch_size=32,
-    ) if mine else {"n": 0, "first_success": 0, "second_success": 0}
-    n, first, second = all_sum([res["n"], res["first_success"], res["second_success"]], d)
+    ) if mine else {"n": 0, "first_success": 0, "second_success": 0, "verifier_errors": 0, "verdicts": 0}
+    n, first, second, errors, verdicts = all_sum([res["n"], res["first_success"], res["second_success"],
+                                                  res["verifier_errors"], res["verdicts"]], d)
+    if errors and (d.main or errors >= verdicts):  # (every rank raises together)
+        report_verifier_errors(errors, verdicts, res.get("first_verifier_error"), f"in the evaluation at step {step}")
     row = {"step": step, "n": int(n), "first_attempt_accuracy": first / max(n, 1),
            "second_attempt_accuracy": second / max(n, 1)}
     if d.main:

@@ -927,11 +927,13 @@ def test_a_verdict_must_be_a_bool_and_a_reason(capsys):
 def test_verifier_errors_are_counted_and_warned_once(capsys):
     from r3.tasks.base import warn_verifier_errors
 
+    from r3.tasks.base import passes
+
     t = _Raises()
-    assert [t.verify({}, str(i)) for i in range(3)] + [t.verify({}, "fine")] == [False] * 4
+    assert [passes(t, {}, str(i)) for i in range(3)] + [passes(t, {}, "fine")] == [False] * 4
     assert warn_verifier_errors(t, "in step 4") == 3
     err = capsys.readouterr().err
-    assert err == ("warning: the task's verifier raised on 3 completions in step 4; they count as wrong "
+    assert err == ("warning: the task's verifier failed on 3 completions in step 4; they count as wrong "
                    "(first: ValueError: bad field)\n")
     assert warn_verifier_errors(t, "in step 5") == 0 and capsys.readouterr().err == ""  # reset
     assert t.diagnose({}, "x") == "verifier error: ValueError: bad field"
@@ -941,12 +943,12 @@ def test_verifier_errors_are_counted_and_warned_once(capsys):
 def test_a_verifier_that_raises_on_every_completion_stops_the_run():
     """Every verdict an error: nothing can be rewarded or measured, so it is an error, not a warning
     (a run and an evaluation went on at 0% with only a warning line)."""
-    from r3.tasks.base import warn_verifier_errors
+    from r3.tasks.base import passes, warn_verifier_errors
 
     t = _Raises()
     for i in range(5):
-        t.verify({}, str(i))
-    with pytest.raises(R3Error, match=r"raised on all 5 completions in step 2 \(first: ValueError: bad field\)"):
+        passes(t, {}, str(i))
+    with pytest.raises(R3Error, match=r"failed on all 5 completions in step 2 \(first: ValueError: bad field\)"):
         warn_verifier_errors(t, "in step 2")
     assert warn_verifier_errors(t, "in step 3") == 0  # (counts reset)
 
@@ -971,18 +973,27 @@ class _VerifyOnly(Task):
 
 def test_a_verify_override_must_return_a_bool():
     """r3 reads every verdict through passes(): a verify() returning (False, reason) paid reward 1
-    for wrong retries and the audit passed them."""
-    from r3.tasks.base import passes
-
-    with pytest.raises(R3Error, match=r"task 'tuple': verify\(\) returned tuple \(False, 'why'\), not a bool"):
-        passes(_VerifyReturnsTuple(), {}, "wrong")
+    for wrong retries and the audit passed them. Now such a verdict is wrong and a verifier error
+    (a run whose every verdict is one stops); numpy's bool and the integers 0 and 1 are verdicts."""
     import numpy as np
 
+    from r3.tasks.base import passes, warn_verifier_errors
+
+    t = _VerifyReturnsTuple()
+    assert passes(t, {}, "right") is False and passes(t, {}, "wrong") is False
+    with pytest.raises(R3Error, match=r"failed on all 2 completions in a test \(first: tuple: verify\(\) returned "
+                                      r"tuple \(True, 'why'\), not a bool"):
+        warn_verifier_errors(t, "in a test")
     t = _VerifyOnly()
     assert passes(t, {}, "right") is True and passes(t, {}, "wrong") is False
     assert t.diagnose({}, "right") == "correct" and t.diagnose({}, "x") == "wrong (the task gives no reason)"
-    t.verify = lambda ex, s: np.bool_(True)
-    assert passes(t, {}, "x") is True
+    for verdict, ok in ((np.bool_(True), True), (1, True), (0, False), (np.int64(1), True)):
+        t.verify = lambda ex, s, v=verdict: v
+        assert passes(t, {}, "x") is ok
+    for bad in (2, None, "yes", 1.0):
+        t.verify = lambda ex, s, v=bad: v
+        assert passes(t, {}, "x") is False
+    assert warn_verifier_errors(t, "in a test") == 4  # (and not all failed: a warning)
 
 
 @pytest.mark.parametrize("made, message", [
@@ -1020,6 +1031,11 @@ def test_plug_in_options_passed_on_with_kw_are_checked_and_recorded(monkeypatch)
     assert t.config() == {"data_path": "mine.jsonl", "size": 8, "fail_first": 0,
                           "reflection_prompt": t.reflection_prompt, "retry_prompt": t.retry_prompt}
     assert get("r3_test_tasks:KeywordsTask").config()["data_path"] == "default.jsonl"  # the default
+    # options popped from **kw are accepted, recorded as given, and a misspelt one still fails
+    t = get("r3_test_tasks:PopTask", source="file", size=4)
+    assert t.source == "file" and t.config()["source"] == "file" and t.config()["size"] == 4
+    with pytest.raises(R3Error, match="unknown option sauce for task 'r3_test_tasks:PopTask'"):
+        get("r3_test_tasks:PopTask", sauce="file")
 
 
 

@@ -280,8 +280,9 @@ def test_function_calling_from_the_command_line(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("task, message", [
-    ("RaisingTask", "error: the task's verifier raised on all 12 completions in step 1 (first: KeyError: 'answr')"),
-    ("TupleVerifyTask", "error: task 'tuple-verify': verify() returned tuple ("),
+    ("RaisingTask", "error: the task's verifier failed on all 12 completions in step 1 (first: KeyError: 'answr')"),
+    ("TupleVerifyTask", "error: the task's verifier failed on all 12 completions in step 1 (first: tuple-verify: "
+                        "verify() returned tuple ("),
 ])
 def test_a_broken_verifier_stops_training_in_one_line(tiny_model, tmp_path, task, message):
     """A verifier that raises on every completion, or a verify() that returns a (bool, reason)
@@ -887,9 +888,26 @@ def test_task_option_paths_are_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(task_options={"data_path": "data.jsonl", "prompt_template": "Try {nums}", "n": 3}).validate()
     assert cfg.task_options == {"data_path": str(tmp_path / "data.jsonl"), "prompt_template": "Try {nums}", "n": 3}
-    assert parse_task_options(["data_path=data.jsonl", "x=missing.jsonl"]) == {
-        "data_path": str(tmp_path / "data.jsonl"), "x": "missing.jsonl"}
+    # only path options (path, *_path): a file name meant for another directory stays as it is
+    assert parse_task_options(["data_path=data.jsonl", "x_path=missing.jsonl", "train_file=data.jsonl"]) == {
+        "data_path": str(tmp_path / "data.jsonl"), "x_path": "missing.jsonl", "train_file": "data.jsonl"}
     old = {**cfg.to_dict(), "task_options": {"data_path": "data.jsonl", "prompt_template": "Try {nums}", "n": 3}}
     assert cfg.incompatible_with(old) == []
     monkeypatch.chdir(tmp_path.parent)  # elsewhere, the old relative path names no file: another config
     assert cfg.incompatible_with(old) == ["task_options"]
+
+
+def test_a_failures_file_recorded_with_a_relative_path_is_read_from_here(tmp_path, monkeypatch):
+    """Failure files of older versions recorded --task-option paths as given; the run's own are
+    absolute now, so the file's are read from the current directory too (it was refused)."""
+    from r3.errors import R3Error
+    from r3.failure_data import check_made_for
+    from r3.tasks import get
+
+    (tmp_path / "cd.jsonl").write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    fails = _failures_made_for(tmp_path / "f.jsonl", "countdown", {"data_path": "cd.jsonl"})
+    check_made_for(fails, get("countdown", data_path=str(tmp_path / "cd.jsonl")), "smollm2-135m")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
+    with pytest.raises(R3Error, match="options differ: data_path"):
+        check_made_for(fails, get("countdown", data_path=str(tmp_path / "other.jsonl")), "smollm2-135m")

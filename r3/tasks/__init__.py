@@ -21,10 +21,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from typing import Any
 
 from r3.errors import R3Error
-from r3.tasks.base import Task, option_names
+from r3.tasks.base import Task, declared_options, option_names
 
 __all__ = ["Task", "get", "resolve", "available", "TASKS", "ALIASES", "PRESETS", "R3Error"]
 
@@ -118,10 +119,14 @@ def get(name: Any, **options: Any) -> Task:
         pass
     try:
         task = factory(**options)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise R3Error(f"task {name!r}: bad options: {e}") from None
+    except TypeError as e:  # (a **kw constructor that passes an unknown option on to one that rejects it)
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown and unknown.group(1) in options:
+            raise R3Error(f"unknown option {unknown.group(1)} for task {name!r}; valid options: "
+                          f"{', '.join(declared_options(factory)) or '(none)'}") from None
+        if "multiple values for keyword argument" in str(e):
+            raise R3Error(f"task {name!r}: bad options: {e}") from None
+        raise
     missing = [a for a in _REQUIRED if not hasattr(task, a)]
     if missing:
         raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import numbers
 import os
 import random
 import sys
@@ -92,8 +93,7 @@ class Task:
     def verify(self, example: dict, completion_text: str) -> bool:
         """True iff ``completion_text`` solves ``example``. Never raises; never executes it. A
         verifier that raises (or returns something other than ``(bool, str)``) judges the
-        completion wrong, and is counted (:meth:`take_verifier_errors`)."""
-        self._verify_calls = self.__dict__.get("_verify_calls", 0) + 1
+        completion wrong, and is counted (:func:`verifier_error_counts`)."""
         try:
             return self._verdict(example, completion_text)[0]
         except Exception as e:  # noqa: BLE001 -- the contract is "never raises"
@@ -106,21 +106,14 @@ class Task:
         overrides :meth:`verify` but not ``_check`` gets "correct" / "wrong" from its verdict."""
         try:
             if type(self)._check is Task._check and type(self).verify is not Task.verify:
-                return "correct" if passes(self, example, completion_text) else "wrong (the task gives no reason)"
+                ok = _as_verdict(self.verify(example, completion_text))
+                if ok is None:
+                    return "verifier error: verify() returned no bool"
+                return "correct" if ok else "wrong (the task gives no reason)"
             ok, why = self._verdict(example, completion_text)
             return "correct" if ok else why
         except Exception as e:  # noqa: BLE001
             return f"verifier error: {type(e).__name__}: {e}"[:300]
-
-    def take_verifier_errors(self) -> tuple[int, str | None]:
-        """``(n, first)``: how many :meth:`verify` calls raised since the last call, and the first
-        one's error; resets. Training and evaluation print it, so a broken verifier (every reward
-        0) does not pass unnoticed."""
-        return self.__dict__.pop("_verifier_errors", (0, None))
-
-    def take_verify_calls(self) -> int:
-        """How many times :meth:`verify` ran since the last call; resets."""
-        return self.__dict__.pop("_verify_calls", 0)
 
     def _verdict(self, example: dict, completion_text: str) -> tuple[bool, str]:
         """``_check``'s result, which must be ``(bool, str)``: anything else (a plug-in returning a
@@ -137,68 +130,99 @@ class Task:
     # ---- introspection ------------------------------------------------------------------
     @classmethod
     def option_names(cls) -> list[str]:
-        """Names of the keyword options ``__init__`` accepts."""
-        return option_names(cls) or []
+        """Names of the keyword options ``__init__`` declares (also those its ``**kw`` passes on
+        to the base class)."""
+        return declared_options(cls)
 
     def config(self) -> dict:
         """The options in effect (defaults filled in), JSON-serialisable for run metadata;
-        ``r3.tasks.get(task.name, **task.config())`` rebuilds an equivalent task. Each is the
-        attribute of the same name, else the value :func:`r3.tasks.get` passed, else the
-        constructor's default."""
+        ``r3.tasks.get(task.name, **task.config())`` rebuilds an equivalent task. Each declared
+        option and each one :func:`r3.tasks.get` passed: the attribute of the same name, else the
+        value passed, else the constructor's default."""
         given = self.__dict__.get("_options_given", {})
         defaults = option_defaults(type(self))
         out = {}
-        for k in self.option_names():
+        for k in self.option_names() + [k for k in given if k not in self.option_names()]:
             if hasattr(self, k):
                 out[k] = getattr(self, k)
             elif k in given:
                 out[k] = given[k]
             elif k in defaults:
                 out[k] = defaults[k]
+            else:
+                continue
+            try:
+                json.dumps(out[k])
+            except (TypeError, ValueError):
+                out[k] = str(out[k])  # (run metadata is JSON: a Path default is written as its text)
         return out
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-def passes(task, example: dict, completion_text: str) -> bool:
-    """``task.verify(example, completion_text)``, which must be a bool: a plug-in's ``verify``
-    that returns anything else (a ``(False, reason)`` tuple is truthy) would pay every
-    completion, so that is an R3Error naming the task, never a reward."""
-    out = task.verify(example, completion_text)
-    if isinstance(out, bool) or type(out).__name__ in ("bool", "bool_"):  # (numpy's bool too)
+def _note_error(task, error: str) -> None:
+    counters = getattr(task, "__dict__", None)
+    if counters is not None:
+        n, first = counters.get("_verifier_errors", (0, None))
+        counters["_verifier_errors"] = (n + 1, first or error[:300])
+
+
+def _as_verdict(out: Any) -> bool | None:
+    """A verdict as a bool: a bool (numpy's too) or the integer 0 or 1; None for anything else."""
+    if isinstance(out, bool) or type(out).__name__ in ("bool", "bool_"):
         return bool(out)
-    raise R3Error(f"task {getattr(task, 'name', type(task).__name__)!r}: verify() returned "
-                  f"{type(out).__name__} {out!r:.80}, not a bool; a Task subclass implements "
-                  "_check(example, text) -> (bool, reason) and leaves verify() to the base class")
+    if isinstance(out, numbers.Integral) and out in (0, 1):
+        return bool(out)
+    return None
+
+
+def passes(task, example: dict, completion_text: str) -> bool:
+    """``task.verify(example, completion_text)`` as r3 reads every verdict: counted, and it must
+    be a bool (or the integer 0 or 1). Anything else (a plug-in's ``verify`` returning
+    ``(False, reason)``, which is truthy, would pay every completion) is a wrong answer and a
+    verifier error, so a verifier that never returns a bool stops the run
+    (:func:`report_verifier_errors`)."""
+    counters = getattr(task, "__dict__", None)
+    if counters is not None:
+        counters["_verify_calls"] = counters.get("_verify_calls", 0) + 1
+    out = task.verify(example, completion_text)
+    ok = _as_verdict(out)
+    if ok is not None:
+        return ok
+    _note_error(task, f"{getattr(task, 'name', type(task).__name__)}: verify() returned {type(out).__name__} "
+                      f"{out!r:.80}, not a bool (a Task subclass implements _check(example, text) -> "
+                      "(bool, reason) and leaves verify() to the base class)")
+    return False
 
 
 def verifier_error_counts(task) -> tuple[int, int, str | None]:
-    """``(errors, calls, first error)`` of ``task``'s verifier since the last look (see
-    :meth:`Task.take_verifier_errors`), reset; zeros for a duck-typed task without the counters."""
-    take = getattr(task, "take_verifier_errors", None)
-    n, first = take() if callable(take) else (0, None)
-    calls = getattr(task, "take_verify_calls", None)
-    return n, (calls() if callable(calls) else 0), first
+    """``(errors, verdicts, first error)`` since the last look, reset: how many verdicts read
+    with :func:`passes` failed (the verifier raised, or returned no bool) out of how many."""
+    counters = getattr(task, "__dict__", None)
+    if counters is None:
+        return 0, 0, None
+    n, first = counters.pop("_verifier_errors", (0, None))
+    return n, counters.pop("_verify_calls", 0), first
 
 
 def report_verifier_errors(n: int, calls: int, first: str | None, during: str) -> int:
-    """Print one warning line when the verifier raised ``n`` times ``during`` something; raise
-    R3Error when it raised on every one of its ``calls`` (every verdict wrong by error: nothing can
-    be rewarded or measured). Returns ``n``."""
+    """Print one warning line when ``n`` verdicts failed ``during`` something; raise R3Error when
+    all of its ``calls`` did (every verdict wrong by error: nothing can be rewarded or measured).
+    Returns ``n``."""
     n, calls = int(n), int(calls)
     if n and calls and n >= calls:
-        raise R3Error(f"the task's verifier raised on all {calls} completions {during} (first: {first}); "
-                      "fix the task's _check (it returns (bool, reason) and never raises)")
+        raise R3Error(f"the task's verifier failed on all {calls} completions {during} (first: {first}); "
+                      "fix the task: its _check returns (bool, reason) and never raises")
     if n:
-        print(f"warning: the task's verifier raised on {n} completion{'s' if n > 1 else ''} {during}; they count "
+        print(f"warning: the task's verifier failed on {n} completion{'s' if n > 1 else ''} {during}; they count "
               f"as wrong (first: {first})", file=sys.stderr, flush=True)
     return n
 
 
 def warn_verifier_errors(task, during: str) -> int:
     """:func:`report_verifier_errors` for ``task``'s counts since the last check; returns how many
-    times its verifier raised."""
+    verdicts failed."""
     n, calls, first = verifier_error_counts(task)
     return report_verifier_errors(n, calls, first, during)
 
@@ -206,10 +230,10 @@ def warn_verifier_errors(task, during: str) -> int:
 # ---------------------------------------------------------------------------------------
 # option validation (accepts CLI strings)
 # ---------------------------------------------------------------------------------------
-def _init_chain(factory: Any) -> list[inspect.Signature] | None:
-    """The signatures that take ``factory``'s keyword options: its own, and for a Task subclass
-    whose ``__init__`` takes ``**kw``, those of the classes above it that the ``**kw`` reaches
-    (the usual ``super().__init__(**kw)``); None where ``**kwargs`` take anything."""
+def _init_chain(factory: Any) -> list[inspect.Signature]:
+    """The signatures that declare ``factory``'s keyword options: its own, and for a Task
+    subclass whose ``__init__`` takes ``**kw``, those of the classes above it (the usual
+    ``super().__init__(**kw)``)."""
     if inspect.isclass(factory) and issubclass(factory, Task):
         chain = []
         for cls in factory.__mro__:
@@ -219,26 +243,38 @@ def _init_chain(factory: Any) -> list[inspect.Signature] | None:
             try:
                 sig = inspect.signature(init)
             except (TypeError, ValueError):
-                return None
+                return chain
             chain.append(sig)
             if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
                 return chain
         return chain
     try:
-        sig = inspect.signature(factory)
+        return [inspect.signature(factory)]
     except (TypeError, ValueError):
-        return None
-    return None if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()) else [sig]
+        return []
 
 
 def option_names(factory: Any) -> list[str] | None:
-    """Keyword names a callable accepts, or None if it takes ``**kwargs`` (anything goes). A Task
-    subclass's ``**kw`` passed on to its base class accepts the base class's options."""
-    chain = _init_chain(factory)
-    if chain is None:
+    """Keyword names a callable accepts, or None if it takes ``**kwargs`` (anything goes: a
+    plug-in may pop its own options from them; a name nothing accepts fails when it is built)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
         return None
     names = []
-    for sig in chain:
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    return names
+
+
+def declared_options(factory: Any) -> list[str]:
+    """The keyword options ``factory`` and, through ``**kw``, the classes above it declare by
+    name (see :func:`_init_chain`)."""
+    names: list[str] = []
+    for sig in _init_chain(factory):
         for p in sig.parameters.values():
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self" and p.name not in names:
                 names.append(p.name)
@@ -246,9 +282,9 @@ def option_names(factory: Any) -> list[str] | None:
 
 
 def option_defaults(factory: Any) -> dict:
-    """The keyword options' defaults (the nearest class's), as :func:`option_names` finds them."""
+    """The declared keyword options' defaults (the nearest class's)."""
     out: dict = {}
-    for sig in _init_chain(factory) or []:
+    for sig in _init_chain(factory):
         for p in sig.parameters.values():
             if p.default is not p.empty and p.name != "self":
                 out.setdefault(p.name, p.default)

@@ -68,3 +68,12 @@ class FileCoinTask(CoinTask):
         words = open(self.data_path).read().split()
         items = [{"id": f"{split}-{i}", "word": w} for i, w in enumerate(words)]
         return items[:n] if n else items
+
+
+class PopTask(CoinTask):
+    """Options popped from **kw before the rest goes to the base class."""
+    name = "pop"
+
+    def __init__(self, **kw):
+        self.source = kw.pop("source", "built-in")
+        super().__init__(**kw)
