@@ -307,6 +307,10 @@ FC_AFTER = ["", " Hope this helps.", "\n</tool_call>", " [1, 2]", " {}", "\nDone
             "\n\u6211\u8c03\u7528\u4e86\u51fd\u6570\uff08city=\u5df4\u9ece\uff09\u3002"]
 
 
+# the call syntax the generator writes into JSON strings (kinds 15 and 16)
+CALL_SYNTAX = ("reset()", "delete_all_files(", "os.remove(")
+
+
 def _canonical(v):
     """A JSON value with integral floats as ints (``100.0 == 100``; booleans stay booleans)."""
     if isinstance(v, float) and v.is_integer():
@@ -342,9 +346,9 @@ def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple
               for o in objects]
     sep = rng.choice(["", "\n", " ", "\n\n", "\u200b", "\u3164", "\u034f", "<|eom_id|>\n"])
     kind = rng.randrange(7)
-    if kind == 1 and len(blocks) > 1:  # prose between blocks: only the blocks after it count
+    if kind == 1 and len(blocks) > 1:  # prose between blocks: the blocks before it are earlier calls
         k = rng.randrange(1, len(blocks))
-        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), _same_multiset(calls[k:], ref)
+        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), False
     if kind == 2:  # bare objects in one run
         return rng.choice(["; ", ",\n", "\n", " ", "\u037e ", "\uff1b", " {} "]).join(objects), ok
     if kind == 3:  # another call in an adjacent block
@@ -399,6 +403,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         text = decoy + pad + "\nWait, let me fix that. " + text
         if label is None and _is_attempt(decoy):  # (then an opening <tool_call> after it is a later call)
             label = ok_d and valid_d and "<tool_call>" not in before
+        if any(c in decoy for c in CALL_SYNTAX):  # call syntax in an earlier draft: an earlier call
+            label = False
     elif r < 0.45 and valid:  # a later attempt that is no answer, or no calls at all
         call = ref[0] if ref else {"name": "f", "arguments": {}}
         args = ", ".join(f"{k}={v!r}" for k, v in call["arguments"].items())
@@ -428,6 +434,7 @@ def long_inputs(kind: str) -> list[tuple[str, str]]:
                 ("combining", "[" + call + "]a" + "\u0301\u0316" * 49_000),
                 ("expanding", "[" + call + "]" + "\ufdfa" * 99_000),
                 ("tool-call-blocks", ("<tool_call>" + call + "</tool_call>\n") * 1_650),
+                ("empty-lists", "[]" * 49_000),
                 ("dotted-run", "[" + call + "]\n" + "a." * 49_000),
                 ("spacing-marks", "[" + call + "]\n" + "\U0001d16d" * 24_000 + "\u1715" * 24_000),
                 ("loose-string", '{"tool_calls": [' + call + '], "note": "' + "a_b (" * 3_900 + '"}')]

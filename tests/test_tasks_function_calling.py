@@ -294,6 +294,33 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\n9delete_all(path='/')", False),
         (GOOD + "\n2get_weather(Oslo)", False),
         (GOOD + "\n</tool_call>\n<|im_end|>", True),
+        # a third reader's cases. Calls in what a run passes over, or before it in call syntax:
+        (json.dumps(CALLS[0]) + "\n<function=delete_all>{}</function>\n" + dumps(CALLS[1:]), False),
+        (json.dumps(CALLS[0]) + "; [delete_all()]; " + dumps(CALLS[1:]), False),
+        ("[" + json.dumps(CALLS[0]) + "]\n[os.remove('/etc/passwd')]\n" + dumps(CALLS[1:]), False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + '</tool_call>\n<invoke name="delete_all"></invoke>\n<tool_call>'
+         + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
+        (json.dumps(CALLS[0]) + '; {"name"\uff1a "delete_all", "arguments"\uff1a {}}; ' + dumps(CALLS[1:]), False),
+        ("<function=delete_all>" + GOOD + "</function>", False),  # the answer as another function's arguments
+        ("[TOOL_CALLS]delete_all[ARGS]" + GOOD, False),
+        ("Action: delete_all\nAction Input: " + GOOD, False),
+        (">>>delete_all\n" + GOOD, False),
+        ('<tool_call name="delete_all">' + GOOD + "</tool_call>", False),
+        ("Then: delete_all_files(path='/')\n" + GOOD, False),  # an earlier call in call syntax
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n<tool_call>" + GOOD + "</tool_call>", False),
+        ("Wait, first " + BAD + "\nno:\n" + GOOD, True),  # an earlier JSON list before prose: a draft
+        ("[TOOL_CALLS] " + GOOD, True),  # Mistral's marker before its list
+        # a call in another schema is no wrapper; control characters are blank
+        (GOOD + '\n{"function": "delete_all", "args": []}', False),
+        ('{"recipient_name": "functions.delete_all", "parameters": []}\n' + GOOD, False),
+        ("<tool_call>" + '{"name": "delete_all", "arguments": {}}' + "</tool_call>\x00" + "<tool_call>" + GOOD
+         + "</tool_call>", False),
+        # more call syntax after the answer
+        (GOOD + "\n<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>delete_all", False),
+        (GOOD + "<|start|>assistant<|channel|>commentary to=functions.delete_all <|constrain|>json<|message|>{}", False),
+        (GOOD + "\n\u273fFUNCTION\u273f: delete_all\n\u273fARGS\u273f: {}", False),
+        (GOOD + "\nname: delete_all\narguments: {}", False),
+        (GOOD + '\n{"name"\u2236 "delete_all", "arguments"\u2236 {}}', False),
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
@@ -652,7 +679,8 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
         "\u2018", "\u201c", "\uff08", "\uff09", "\ufe59", "\u200b", "\u00b2", "\u2167", "\u00df", "\ufb00",
         "\u0130", "\u0345", "\u51fd", "\u00e9", "<function", "get_weather", "os.", "==", "\U0001d16d", "\u1715",
         "\uff9e", "\u0307", ">>>", ">", "action input", "action", "input:", "<invoke", "<|", "|", "[tool_calls]",
-        "tool_call", "<tool_call", "function_calls", "9", "1get_weather"]
+        "tool_call", "<tool_call", "function_calls", "9", "1get_weather", "tool\u2581call", "to=functions.", "to",
+        "\u273ffunction\u273f", "name:", "\narguments:", "parameters :", "\n"]
     names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
     rng = random.Random(0)
     for _ in range(20_000):
@@ -672,7 +700,7 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
 
     calls = [json.dumps(c) for c in CALLS] + ['{"name": "convert", "arguments": {"amount": 1}}']
     blocks = ["<tool_call>" + c + "</tool_call>" for c in calls]
-    pieces = calls * 2 + blocks * 6 + [
+    pieces = calls * 2 + blocks * 6 + [GOOD] * 4 + ["\n".join(blocks[:3])] * 4 + [
         "<tool_call>", "</tool_call>", "<tool_call>\n", "\n</tool_call>", " ", "\n", "\u2003", "\u200b",
         "; ", ",", "< Tool_Call >", "\uff1ctool_call\uff1e", "</tool_call\u200b>", "<tool_call", "<", ">",
         "\uff1e", "<x>", '{"note": 1}', '"parameters": ', "\uff5b\"a\"\uff1a 1\uff5d", "\u0130",

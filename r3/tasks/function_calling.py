@@ -23,31 +23,38 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (``[1, 2]``, ``{}``, ``[see above]``) are not. The run is the last call attempt and the
   attempts and ``<tool_call>`` / ``</tool_call>`` tags (any blanks, letter case, full-width form
   or attributes) before it, back to the first prose: anything but blank-looking characters
-  (blanks, characters that fold to nothing such as zero-width and combining ones, ``,`` and
-  ``;`` in any form, Hangul fillers), other markup in angle brackets (``<|python_tag|>``),
-  code fences and complete structures without a key. So Hermes / Qwen blocks
+  (blanks, control characters, characters that fold to nothing such as zero-width and combining
+  ones, ``,`` and ``;`` in any form, Hangul fillers), other markup in angle brackets
+  (``<|python_tag|>``), code fences and complete structures without a key; a call may not hide
+  in what the run passes over (as in loose strings, below; Mistral's ``[TOOL_CALLS]`` before its
+  list is fine). So Hermes / Qwen blocks
   (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's ``{a}; {b}`` and
   ``[a]\\n[b]`` are one answer each. Its answer is the calls of all its attempts, in order. Each must
   be complete valid JSON and a call list (``[]`` included), a single call object, or an object
   without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
   nested; beside it only strings, numbers, booleans and nulls: a second structure is ambiguous, no
-  answer). Tags must pair up: a block opens, holds one attempt and closes (the last one may stay
-  open); a block opened twice or unclosed, holding two attempts, or a closing tag right before the
-  run (a block of prose before it) makes it no answer. A broken, truncated or invalid attempt in
+  answer; an object that names a function under another key, as ``{"function": "f", "args":
+  []}``, is a call in another schema, never a wrapper). Tags must pair up: a block opens, holds one
+  attempt and closes (the last one may stay open); a block opened twice or unclosed, holding two
+  attempts, a closing tag right before the run (a block of prose before it), or a tag naming a
+  function (``<tool_call name="f">``) makes it no answer. A broken, truncated or invalid attempt in
   the run is no answer, even after a correct earlier list, and nothing inside a structure is
   searched separately (``[{right call}, {broken call}]`` is no answer, not the right call alone).
-  Prose ends a run: attempts before it are drafts. ````` fences are prose;
+  Prose ends a run: JSON attempts before it are drafts, but call syntax before the run (below)
+  makes it no answer. ````` fences are prose;
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
   (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt, also
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
   answer (``\\uff5b"name"\\uff1a ...\\uff5d``);
-* a call in call syntax after the answer is a later attempt: no answer (:func:`called_later`): a
+* a call in call syntax after the answer, or anywhere before its run, is another call: no answer
+  (:func:`called_later`): a
   tool of the example named with a parenthesis (``get_weather(city="Oslo")``,
   ``functions.get_weather (...)``), any name with ``_`` or ``.`` followed by one
   (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis closes at once or
   opens with a string, list, object or keyword argument (``reset()``,
   ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
-  ``<tool_call>`` tag, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``, ``Action Input:``, ...); full-width and other compatibility forms count
+  ``<tool_call>`` tag, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``, ``Action Input:``, DeepSeek's
+  and gpt-oss's markers, ``✿FUNCTION✿``, ``name:`` over ``arguments:`` lines, ...); full-width and other compatibility forms count
   as ASCII, combining and zero-width characters are ignored, in any letter case. ``f(x)``,
   ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -223,7 +230,9 @@ def _structures(text: str):
             return
 
 
-_KEY_LIKE = re.compile(r"[:=]")
+_KEY_LIKE = re.compile("[:=\u2236\ua789]")  # (and colons NFKC leaves alone)
+# Keys that name the function in other call schemas: an object with a string there is a call.
+_NAME_KEYS = ("function", "function_name", "tool", "tool_name", "action", "recipient_name", "api", "api_name")
 _BLANK_LIST = re.compile(r"\[[\s\u200b-\u200f\u2060\ufeff]*\]")
 
 
@@ -235,6 +244,8 @@ def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
     if calls is not None or not isinstance(value, dict) or "name" in value or depth > MAX_DEPTH:
         return calls  # (an object with a "name" is a call, right or wrong, never a wrapper)
+    if any(isinstance(value.get(k), str) for k in _NAME_KEYS):
+        return None  # (a call in another schema, {"function": "f", "args": []}: not a wrapper)
     inner = [v for v in value.values() if isinstance(v, (dict, list))]
     return _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
 
@@ -253,8 +264,8 @@ def _is_attempt(text: str, start: int, end: int, complete: bool) -> bool:
 def _separator(c: str) -> bool:
     """What may stand between the items of one answer: a character that folds (:func:`_fold`) to
     nothing, blanks, commas or semicolons (zero-width and combining characters, full-width and
-    Greek semicolons, ...), and blank-looking letters."""
-    return c in _BLANK_LETTERS or all(x.isspace() or x in ",;" for x in _fold(c))
+    Greek semicolons, ...), control characters and blank-looking letters."""
+    return c in _BLANK_LETTERS or unicodedata.category(c) == "Cc" or all(x.isspace() or x in ",;" for x in _fold(c))
 
 
 def _separators(text: str, start: int, end: int) -> bool:
@@ -263,38 +274,48 @@ def _separators(text: str, start: int, end: int) -> bool:
 
 def _tag(s: str) -> str | None:
     """``"open"`` or ``"close"`` for a ``<tool_call ...>`` / ``</tool_call>`` tag (any blanks,
-    letter case, compatibility forms, attributes), None for other markup."""
-    m = re.match(r"\s*(/?)\s*([a-z_]+)(?:\s|$)", _fold(s[1:-1]))
+    letter case, compatibility forms, attributes), ``"named"`` for one with a ``name``,
+    ``function`` or ``tool`` attribute (no answer), None for other markup."""
+    inner = _fold(s[1:-1])
+    m = re.match(r"\s*(/?)\s*([a-z_]+)(?:\s|$)", inner)
     if not m or m.group(2) != "tool_call":
         return None
+    if re.search(r"(?:^|\s)(?:name|function|tool)\s*=", inner[m.end():]):
+        return "named"  # (<tool_call name="f">: its block calls f, whatever it holds)
     return "close" if m.group(1) else "open"
 
 
-def _run_items(text: str, found: list[tuple[int, int, bool]], last: int) -> list[tuple[str, int, int]]:
+def _run_items(text: str, found: list[tuple[int, int, bool]], last: int) -> tuple[list[tuple[str, int, int]], int, list[str]]:
     """The items of the answer's run, in order: ``("call", start, end)`` for each call attempt and
     ``("open" | "close", start, end)`` for each tool-call tag, from structure ``found[last]`` back
     to the first prose: anything but separators (:func:`_separator`), markup in angle brackets,
-    code fences and complete structures without a key, which a run passes over."""
-    items = [("call", found[last][0], found[last][1])]
+    code fences and complete structures without a key, which a run passes over. Also where the
+    run starts and the texts it passed over (a call may not hide in them)."""
+    items = [("call", found[last][0], found[last][1])]  # (built backwards)
+    passed: list[str] = []
     k, left = last, found[last][0]
     while True:
         lo = found[k - 1][1] if k > 0 else 0
         pos = left
         for m in reversed(list(_GAP_TOKEN.finditer(text, lo, left))):
             if not _separators(text, m.end(), pos):
-                return items
+                return items[::-1], pos, passed
             kind = _tag(m.group()) if m.group()[0] != "`" else None
             if kind:
-                items.insert(0, (kind, m.start(), m.end()))
+                items.append((kind, m.start(), m.end()))
+            else:
+                passed.append(m.group())
             pos = m.start()
         if not _separators(text, lo, pos) or k == 0:
-            return items
+            return items[::-1], pos, passed
         k -= 1
         s0, e0, complete = found[k]
         if _is_attempt(text, s0, e0, complete):
-            items.insert(0, ("call", s0, e0))
-        elif not complete:
-            return items  # (a broken structure without a key is prose)
+            items.append(("call", s0, e0))
+        elif complete:
+            passed.append(text[s0:e0])
+        else:
+            return items[::-1], pos, passed  # (a broken structure without a key is prose)
         left = s0
 
 
@@ -303,6 +324,8 @@ def _well_formed(items: list[tuple[str, int, int]]) -> bool:
     opened twice; a closing tag without its opening one means the block before held prose."""
     open_, held = False, 0
     for kind, _, _ in items:
+        if kind == "named":
+            return False
         if kind == "open":
             if open_:
                 return False
@@ -318,40 +341,41 @@ def _well_formed(items: list[tuple[str, int, int]]) -> bool:
     return True
 
 
-def _last_embedded(text: str) -> tuple[list[dict] | None, int, list]:
-    """The calls of the answer run in ``text`` (see the module docstring), or None, where the last
-    call attempt ends (0 when there is none), and the parsed structures of the run."""
+def _last_embedded(text: str) -> tuple[list[dict] | None, int, list, int, list[str]]:
+    """The calls of the answer run in ``text`` (see the module docstring), or None; where the last
+    call attempt ends (0 when there is none); the parsed structures of the run; where the run
+    starts; the texts it passed over."""
     found, last = [], -1
     for start, end, complete in _structures(text):
         found.append((start, end, complete))
         if _is_attempt(text, start, end, complete):
             last = len(found) - 1
     if last < 0:
-        return None, 0, []
+        return None, 0, [], 0, []
     end = found[last][1]
     if not found[last][2]:
-        return None, end, []  # truncated
-    items = _run_items(text, found, last)
+        return None, end, [], 0, []  # truncated
+    items, start, passed = _run_items(text, found, last)
     if not _well_formed(items):
-        return None, end, []
+        return None, end, [], 0, []
     spans = [(s0, e0) for kind, s0, e0 in items if kind == "call"]
     complete = {(s0, e0): c for s0, e0, c in found[: last + 1]}
     if not all(complete[span] for span in spans):
-        return None, end, []  # a broken attempt in the run
+        return None, end, [], 0, []  # a broken attempt in the run
     calls, values = [], []
     try:
         for s0, e0 in spans:
             if e0 - s0 > MAX_JSON_CHARS:
-                return None, end, []
+                return None, end, [], 0, []
             value = _loads(text[s0:e0])
             got = _yielded_calls(value)
             if got is None:
-                return None, end, []
+                return None, end, [], 0, []
             calls += got
             values.append(value)
     except (ValueError, RecursionError):
-        return None, end, []
-    return calls, end, values
+        return None, end, [], 0, []
+    return calls, end, values, start, passed
 
 
 def _loose_strings(values: list) -> list[str]:
@@ -375,30 +399,33 @@ def _loose_strings(values: list) -> list[str]:
     return out
 
 
-def _answer(text: Any) -> tuple[list[dict] | None, int, list[str]]:
-    """:func:`answer_calls` and the answer's loose strings (:func:`_loose_strings`)."""
+def _answer(text: Any) -> tuple[list[dict] | None, int, list[str], int, list[str]]:
+    """:func:`answer_calls`, the answer's loose strings (:func:`_loose_strings`), where its run
+    starts and what the run passed over (:func:`_run_items`)."""
     try:
         if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
-            return None, 0, []
+            return None, 0, [], 0, []
         s = text.strip()
         if s[:1] in ("[", "{"):
             try:
                 value = _loads(s)
                 calls = _as_calls(value)
                 if calls is not None:
-                    return calls, len(text), _loose_strings([value])
+                    return calls, len(text), _loose_strings([value]), 0, []
             except (ValueError, RecursionError):
                 pass
-        calls, end, values = _last_embedded(text)
-        return calls, end, _loose_strings(values) if calls is not None else []
+        calls, end, values, start, passed = _last_embedded(text)
+        if calls is None:
+            return None, end, [], 0, []
+        return calls, end, _loose_strings(values), start, passed
     except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
-        return None, 0, []
+        return None, 0, [], 0, []
 
 
 def answer_calls(text: Any) -> tuple[list[dict] | None, int]:
     """The calls a completion makes (see the module docstring), or None, and the position where
     the answer ends. Never raises."""
-    calls, end, _ = _answer(text)
+    calls, end = _answer(text)[:2]
     return calls, end
 
 
@@ -434,9 +461,12 @@ _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-
 
 # Other models' tool-call syntax: Llama 3's <function=name>, an opening <tool_call> tag (Hermes,
 # GLM's "<tool_call>name"), Anthropic's <invoke>, <function_calls>, Mistral's [TOOL_CALLS], Kimi's
-# <|tool_call...|>, functionary's ">>>name", ReAct's "Action Input:".
+# <|tool_call...|>, functionary's ">>>name", ReAct's "Action Input:", DeepSeek's tool▁call, gpt-oss's
+# "to=functions.", Qwen-Agent's ✿FUNCTION✿, and "name: f" over "arguments:" lines (YAML).
 _CALL_MARKER = re.compile(r"<function\s*=\s*[a-z_]|<\s*(?:tool_call|invoke|function_calls)(?![a-z0-9_])"
-                          r"|\[\s*tool_calls\s*\]|<\|\s*tool_call|>>>\s*[a-z_]|action\s*input\s*:")
+                          r"|\[\s*tool_calls\s*\]|<\|\s*tool_call|>>>\s*[a-z_]|action\s*input\s*:"
+                          r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f"
+                          r"|(?:^|\n)[ \t]*name[ \t]*:[^\n]*\n[ \t]*(?:arguments|parameters)[ \t]*:")
 
 
 def _trailing_name(run: str) -> str:
@@ -500,7 +530,7 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     each folded name's original."""
     keys = {}
     for name in tool_names:
-        key = _fold(name) if isinstance(name, str) else ""
+        key = _fold(name).strip() if isinstance(name, str) else ""
         if key:
             keys.setdefault(key, name)
     if not keys:
@@ -526,6 +556,9 @@ def _attempt_in(folded: str) -> str | None:
         if _is_attempt(folded, start, end, complete):
             return folded[start:end]
     return None
+
+
+_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]")  # (Mistral's marker before its JSON list: part of the answer)
 
 
 def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:
@@ -729,7 +762,7 @@ class FunctionCallingTask(Task):
         return [{"name": c["name"], "arguments": c.get("arguments", {})} for c in _field(example, "answers")]
 
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
-        calls, end, loose = _answer(completion_text)
+        calls, end, loose, start, passed = _answer(completion_text)
         if calls is None:
             return False, "no parseable JSON list of calls"
         names = [t.get("name", "") for t in _field(example, "tools")]
@@ -737,6 +770,12 @@ class FunctionCallingTask(Task):
         later = _call_in(rest, names)
         if later:
             return False, f"a later call of {later[:60]!r} in another syntax"
+        earlier = _call_in(_fold(completion_text[:start]), names)
+        if earlier:
+            return False, f"an earlier call of {earlier[:60]!r} in call syntax"
+        within = hidden_call([t for t in passed if not _LEAD_IN.fullmatch(_fold(t))], names)
+        if within:
+            return False, f"a call {within[:60]!r} between the calls"
         disguised = _attempt_in(rest)
         if disguised:
             return False, f"a later call attempt {disguised[:60]!r} in compatibility forms"

@@ -750,7 +750,7 @@ def _fc_top_level(text: str) -> list[tuple[str, bool]]:
 
 
 def _fc_is_attempt(chunk: str, complete: bool) -> bool:
-    if ":" in chunk or "=" in chunk:
+    if any(c in chunk for c in (":", "=", "\u2236", "\ua789")):
         return True
     inner = chunk[1:-1] if len(chunk) >= 2 else "x"
     return (complete and chunk[0] == "[" and chunk[-1] == "]"
@@ -764,6 +764,9 @@ def _fc_yield(v):
     if calls is not None:
         return calls
     if isinstance(v, dict) and "name" not in v:  # (a call-shaped object wraps nothing)
+        if any(type(v.get(k)) is str for k in ("function", "function_name", "tool", "tool_name", "action",
+                                                 "recipient_name", "api", "api_name")):
+            return None  # (it names a function: a call in another schema)
         structures = [x for x in v.values() if type(x) in (dict, list)]
         if len(structures) == 1:  # (a second one might hold a second call)
             return _fc_yield(structures[0])
@@ -788,7 +791,7 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     """A tool's folded name, not preceded by an ASCII letter or ``_`` (a dot or digits are fine),
     followed by blanks and an opening parenthesis."""
     for name in names:
-        key = _fc_fold(name) if type(name) is str else ""
+        key = _fc_fold(name).strip() if type(name) is str else ""
         if not key:
             continue
         k = folded.find(key)
@@ -855,6 +858,22 @@ def _fc_marker(folded: str) -> bool:
             e = skip_blanks(j + len("input"))
             if folded.startswith("input", j) and folded[e:e + 1] == ":":
                 return True
+        elif ch == "t" and folded.startswith("tool\u2581call", k):
+            return True
+        elif ch == "t" and folded.startswith("to", k) and (k == 0 or not (folded[k - 1].isalnum() or folded[k - 1] == "_")):
+            j = skip_blanks(k + 2)
+            if folded[j:j + 1] == "=" and folded.startswith("functions.", skip_blanks(j + 1)):
+                return True
+        elif ch == "\u273f" and folded.startswith("\u273ffunction\u273f", k):
+            return True
+    # "name: f" on a line and "arguments:" or "parameters:" on the next (YAML)
+    lines = folded.split("\n")
+    for a, b in zip(lines, lines[1:]):
+        a, b = a.lstrip(" \t"), b.lstrip(" \t")
+        if a.startswith("name") and a[4:].lstrip(" \t").startswith(":"):
+            for word in ("arguments", "parameters"):
+                if b.startswith(word) and b[len(word):].lstrip(" \t").startswith(":"):
+                    return True
     return False
 
 
@@ -934,8 +953,10 @@ _FC_LT, _FC_GT = "<\ufe64\uff1c", ">\ufe65\uff1e"
 
 
 def _fc_sep(c: str) -> bool:
-    """Blank-looking: folds to nothing, blanks, ',' or ';', or a blank letter."""
-    return c in _FC_BLANK_LETTERS or all(x.isspace() or x == "," or x == ";" for x in _fc_fold(c))
+    """Blank-looking: folds to nothing, blanks, ',' or ';', a control character or a blank letter."""
+    if c in _FC_BLANK_LETTERS or unicodedata.category(c) == "Cc":
+        return True
+    return all(x.isspace() or x == "," or x == ";" for x in _fc_fold(c))
 
 
 def _fc_markup_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
@@ -953,6 +974,14 @@ def _fc_markup_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
     words = (f[1:] if closing else f).split()
     if not words or words[0] != "tool_call":
         return "M", j
+    attrs = " " + " ".join(words[1:])
+    for word in ("name", "function", "tool"):
+        k = attrs.find(" " + word)
+        while k != -1:
+            rest = attrs[k + 1 + len(word):].lstrip()
+            if rest.startswith("="):
+                return "X", j  # (a block that names its function: no answer)
+            k = attrs.find(" " + word, k + 1)
     return ("C" if closing else "O"), j
 
 
@@ -968,13 +997,15 @@ def _fc_fence_ending_at(text: str, lo: int, i: int) -> int:
     return b if j - b >= 3 else -1
 
 
-def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int]]:
+def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int], int, list[str]]:
     """The run that ends with chunk ``last``, walking back: one letter per item, ``S`` a call
-    attempt, ``O`` / ``C`` an opening / closing tool-call tag, plus the attempts' chunk indices.
+    attempt, ``O`` / ``C`` an opening / closing tool-call tag; the attempts' chunk indices; where
+    the run starts (its leftmost item); the markup, fences and chunks it passed over.
     Blank-looking characters, other markup, fences and complete chunks that are not attempts are
     passed over; anything else ends it."""
-    letters, idx = ["S"], [last]
+    letters, idx, passed = ["S"], [last], []
     k, i = last, chunks[last][2]
+    start = i
     while True:
         lo = chunks[k - 1][2] + len(chunks[k - 1][0]) if k > 0 else 0
         while i > lo:
@@ -982,36 +1013,41 @@ def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int]]:
             if c in _FC_GT:
                 kind, j = _fc_markup_ending_at(text, lo, i)
                 if kind is None:
-                    return "".join(reversed(letters)), idx
-                if kind != "M":
+                    return "".join(reversed(letters)), idx, start, passed
+                if kind == "M":
+                    passed.append(text[j:i])
+                else:
                     letters.append(kind)
-                i = j
+                i = start = j
             elif c in _FC_LANG or c == "`":
                 b = _fc_fence_ending_at(text, lo, i)
                 if b < 0:
-                    return "".join(reversed(letters)), idx
-                i = b
+                    return "".join(reversed(letters)), idx, start, passed
+                passed.append(text[b:i])
+                i = start = b
             elif _fc_sep(c):
                 i -= 1
             else:
-                return "".join(reversed(letters)), idx
+                return "".join(reversed(letters)), idx, start, passed
         if k == 0:
-            return "".join(reversed(letters)), idx
+            return "".join(reversed(letters)), idx, start, passed
         k -= 1
         chunk, ok, at = chunks[k]
         if _fc_is_attempt(chunk, ok):
             letters.append("S")
             idx.append(k)
-        elif not ok:
-            return "".join(reversed(letters)), idx
-        i = at
+        elif ok:
+            passed.append(chunk)
+        else:
+            return "".join(reversed(letters)), idx, start, passed
+        i = start = at
 
 
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
-    calls, rest, parsed = None, "", []
+    calls, rest, parsed, before, passed = None, "", [], "", []
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
         try:
@@ -1030,7 +1066,8 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         if last >= 0 and chunks[last][1]:
             chunk, _, at = chunks[last]
             rest = text[at + len(chunk):]
-            letters, idx = _fc_run(text, chunks, last)
+            letters, idx, run_start, passed = _fc_run(text, chunks, last)
+            before = text[:run_start]
             # a block is <tool_call> one attempt </tool_call>; only the last may stay open
             if re.fullmatch(r"(?:S|OSC)*O?S", letters) and all(chunks[j][1] for j in idx):
                 try:
@@ -1053,6 +1090,16 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         return False, "a later call in another syntax"
     if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(folded)):
         return False, "a later call attempt in compatibility forms"
+    earlier = _fc_fold(before)
+    if _fc_named_call_after(earlier, names) or _fc_any_call_after(earlier):
+        return False, "an earlier call in call syntax"
+    for p in passed:
+        f = _fc_fold(p)
+        if "".join(f.split()) == "[tool_calls]":
+            continue  # (Mistral's marker before its list)
+        if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)) or _fc_named_call_after(f, names) \
+                or _fc_any_call_after(f):
+            return False, "a call between the calls"
     for s in _fc_beside(parsed, []):
         f = _fc_fold(s)
         if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)):
