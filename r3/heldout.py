@@ -37,10 +37,12 @@ def evaluate_examples(
     Examples are run in batches of ``batch_size`` through :func:`r3.episode.run_episode`
     (``group_size=1``).
 
-    Returns ``{"n", "verifier_errors", "verdicts", "first_verifier_error", "first_success", "second_success", "first_attempt_accuracy",
-    "second_attempt_accuracy", "delta", "first_attempt_stderr", "second_attempt_stderr",
-    "first_correct", "second_correct", "generated_tokens", "time_s"}`` (``*_correct``: one
-    verdict per example, in order, for paired comparisons) and, with
+    Returns ``{"n", "verifier_errors", "verdicts", "first_verifier_error", "first_success",
+    "second_success", "first_attempt_accuracy", "second_attempt_accuracy", "delta",
+    "first_attempt_stderr", "second_attempt_stderr", "first_correct", "second_correct",
+    "generated_tokens", "time_s"}`` (``*_correct``: one verdict per example, in order, for paired
+    comparisons; ``verifier_errors`` of ``verdicts`` failed, for the caller to report with
+    :func:`r3.tasks.base.report_verifier_errors`) and, with
     ``records=True``, ``"records"``: one dict per example with the attempt, its verdict and, when
     it failed, the reflection (and its length in tokens), the retry and the retry's verdict, with
     the verifier's reasons (``attempt_reason``, ``retry_reason``) where the task gives them. ``progress``: a

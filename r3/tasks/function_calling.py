@@ -27,10 +27,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ones, ``,`` and ``;`` in any form, Hangul fillers), other markup in angle brackets
   (``<|python_tag|>``), code fences and complete structures without a key; a call may not hide
   in what the run passes over (as in loose strings, below; Mistral's ``[TOOL_CALLS]`` before its
-  list is fine). So Hermes / Qwen blocks
-  (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's ``{a}; {b}`` and
-  ``[a]\\n[b]`` are one answer each. Its answer is the calls of all its attempts, in order. Each must
-  be complete valid JSON and a call list (``[]`` included), a single call object, or an object
+  list is fine). So Hermes / Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}
+  </tool_call>``), Llama's ``{a}; {b}`` and ``[a]\\n[b]`` are one answer each. Its answer is the
+  calls of all its attempts, in order. Each must be complete valid JSON and a call list (``[]`` included), a single call object, or an object
   without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
   nested; beside it only strings, numbers, booleans and nulls: a second structure is ambiguous, no
   answer; an object that names a function under another key, as ``{"function": "f", "args":
@@ -47,16 +46,16 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
   answer (``\\uff5b"name"\\uff1a ...\\uff5d``);
 * a call in call syntax after the answer, or anywhere before its run, is another call: no answer
-  (:func:`called_later`): a
-  tool of the example named with a parenthesis (``get_weather(city="Oslo")``,
-  ``functions.get_weather (...)``), any name with ``_`` or ``.`` followed by one
+  (:func:`called_later`): a tool of the example named with a parenthesis
+  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
+  followed by one
   (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis closes at once or
   opens with a string, list, object or keyword argument (``reset()``,
   ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
   ``<tool_call>`` tag, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``, ``Action Input:``, DeepSeek's
-  and gpt-oss's markers, ``✿FUNCTION✿``, ``name:`` over ``arguments:`` lines, ...); full-width and other compatibility forms count
-  as ASCII, combining and zero-width characters are ignored, in any letter case. ``f(x)``,
-  ``value(s)`` and ``word (see: above)`` are prose;
+  and gpt-oss's markers, ``✿FUNCTION✿``, ``name:`` over ``arguments:`` lines, ...); full-width
+  and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
+  in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
   "x": 1}``) make a structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
@@ -285,7 +284,8 @@ def _tag(s: str) -> str | None:
     return "close" if m.group(1) else "open"
 
 
-def _run_items(text: str, found: list[tuple[int, int, bool]], last: int) -> tuple[list[tuple[str, int, int]], int, list[str]]:
+def _run_items(text: str, found: list[tuple[int, int, bool]],
+               last: int) -> tuple[list[tuple[str, int, int]], int, list[str]]:
     """The items of the answer's run, in order: ``("call", start, end)`` for each call attempt and
     ``("open" | "close", start, end)`` for each tool-call tag, from structure ``found[last]`` back
     to the first prose: anything but separators (:func:`_separator`), markup in angle brackets,
