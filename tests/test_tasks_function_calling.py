@@ -321,6 +321,34 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\n\u273fFUNCTION\u273f: delete_all\n\u273fARGS\u273f: {}", False),
         (GOOD + "\nname: delete_all\narguments: {}", False),
         (GOOD + '\n{"name"\u2236 "delete_all", "arguments"\u2236 {}}', False),
+        # a fourth reader's cases: wrappers of no calls that name a function; tag attributes; more
+        # call syntax; colon look-alikes; invisible unassigned characters between calls
+        (GOOD + '\n{"jsonrpc": "2.0", "method": "delete_all", "params": [], "id": 1}', False),
+        (GOOD + '\n{"functionName": "delete_all", "arguments": []}', False),
+        (GOOD + '\n{"Function": "delete_all", "args": []}', False),
+        (GOOD + '\n{"delete_all": []}', False),
+        (GOOD + '\n{"call": {"fn": "delete_all", "args": []}}', False),
+        ('{"tool_calls": []}\n' + GOOD, True),  # (no calls, then the calls)
+        ('<tool_call id="delete_all()">' + GOOD + "</tool_call>", False),
+        ('<tool_call note="x">' + GOOD + "</tool_call>", False),
+        ('<tool_call id="call_1">' + GOOD + "</tool_call>", True),
+        ("<tool_call>" + GOOD + "</tool_call reset()>", False),  # (a later call)
+        (GOOD + "\n- name: delete_all\n  arguments: {}", False),
+        (GOOD + "\nname: delete_all\n\narguments: {}", False),
+        (GOOD + '\n<function name="delete_all"></function>', False),
+        (GOOD + "\n<|from|>assistant\n<|recipient|>delete_all\n<|content|>{}", False),
+        (GOOD + '\n{"name"\u02d0 "delete_all", "arguments"\u02d0 {}}', False),
+        ('{"name": "delete_all", "arguments": {}}' + "\u2065" + GOOD, False),
+        ('{"name": "delete_all", "arguments": {}}' + "\ue000" + GOOD, False),
+        # reasoning that names the functions calls nothing; numbered and bulleted calls are one run
+        ("<think>The user wants get_weather(city='Paris') twice and convert(100, 'EUR').</think>\n" + GOOD, True),
+        ("<think>get_weather() then convert()</think>" + "\n".join("<tool_call>" + json.dumps(c) + "</tool_call>"
+                                                                     for c in CALLS), True),
+        ("<think>unclosed get_weather(city='Paris')\n" + GOOD, False),
+        ("\n".join(f"{i + 1}. " + json.dumps(c) for i, c in enumerate(CALLS)), True),
+        ("\n".join("- " + json.dumps(c) for c in CALLS), True),
+        ("Calls:\n" + "\n".join(f"{i + 1}) " + json.dumps(c) for i, c in enumerate(CALLS)), True),
+        ("1. " + json.dumps(CALLS[0]) + "\n2. " + dumps(CALLS), False),
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
@@ -680,7 +708,8 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
         "\u0130", "\u0345", "\u51fd", "\u00e9", "<function", "get_weather", "os.", "==", "\U0001d16d", "\u1715",
         "\uff9e", "\u0307", ">>>", ">", "action input", "action", "input:", "<invoke", "<|", "|", "[tool_calls]",
         "tool_call", "<tool_call", "function_calls", "9", "1get_weather", "tool\u2581call", "to=functions.", "to",
-        "\u273ffunction\u273f", "name:", "\narguments:", "parameters :", "\n"]
+        "\u273ffunction\u273f", "name:", "\narguments:", "parameters :", "\n", "- ", "function:", "args:", "<function",
+        "<|recipient", "input :", "\n  \n", "tool:"]
     names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
     rng = random.Random(0)
     for _ in range(20_000):
@@ -707,6 +736,9 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         '{"name": "convert", "parameters": {"amount": 100.0, "to": "EUR"}}', '{"name": "convert", "to": "EUR"}',
         "```", "```json\n", "``", "<|eom_id|>", '<tool_call id="1">', "</ tool_call >", "\u037e", "\uff1b", "\u3164",
         "\u034f", "[TOOL_CALLS]", "9reset()", ">>>reset", "json", "[0]", "<" + "x" * 199 + ">", "<" + "x" * 200 + ">",
+        "1. ", "2) ", "- ", "* ", "x-", "12345.", "7", "<think>get_weather(x)</think>", "<think>", "</think>",
+        '<tool_call id="x y">', '<tool_call id="a()">', '<tool_call name="f">', "</tool_call x>", "\u2065", "\ue000",
+        "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

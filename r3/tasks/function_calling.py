@@ -18,14 +18,15 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   Scanning left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its
   matching bracket (JSON strings, with their escapes, are skipped); a mismatched closing bracket
   ends it as broken, and so does the end of the text (a truncated structure). A structure is a
-  call attempt when it holds a ``:`` or ``=`` (a key of any spelling: ``"name":``, ``name:``,
-  ``"n\\u0061me":``, ``'name' =``) or is an empty list (``[]``, blanks inside); other structures
+  call attempt when it holds a ``:`` or ``=`` or a character that looks like a colon (a key of
+  any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``, ``'name' =``) or is an empty list (``[]``, blanks inside); other structures
   (``[1, 2]``, ``{}``, ``[see above]``) are not. The run is the last call attempt and the
   attempts and ``<tool_call>`` / ``</tool_call>`` tags (any blanks, letter case, full-width form
   or attributes) before it, back to the first prose: anything but blank-looking characters
-  (blanks, control characters, characters that fold to nothing such as zero-width and combining
-  ones, ``,`` and ``;`` in any form, Hangul fillers), other markup in angle brackets
-  (``<|python_tag|>``), code fences and complete structures without a key; a call may not hide
+  (blanks, control, unassigned and private-use characters, characters that fold to nothing such
+  as zero-width and combining ones, ``,`` and ``;`` in any form, Hangul fillers), other markup in
+  angle brackets (``<|python_tag|>``), code fences, list numbers and bullets (``1.``, ``2)``,
+  ``-``, ``*``) and complete structures without a key; a call may not hide
   in what the run passes over (as in loose strings, below; Mistral's ``[TOOL_CALLS]`` before its
   list is fine). So Hermes / Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}
   </tool_call>``), Llama's ``{a}; {b}`` and ``[a]\\n[b]`` are one answer each. Its answer is the
@@ -33,14 +34,15 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
   nested; beside it only strings, numbers, booleans and nulls: a second structure is ambiguous, no
   answer; an object that names a function under another key, as ``{"function": "f", "args":
-  []}``, is a call in another schema, never a wrapper). Tags must pair up: a block opens, holds one
+  []}`` or ``{"method": "f", "params": []}``, is a call in another schema, never a wrapper; a
+  wrapper yields no calls only as ``{"tool_calls": []}``). Tags must pair up: a block opens, holds one
   attempt and closes (the last one may stay open); a block opened twice or unclosed, holding two
-  attempts, a closing tag right before the run (a block of prose before it), or a tag naming a
-  function (``<tool_call name="f">``) makes it no answer. A broken, truncated or invalid attempt in
+  attempts, a closing tag right before the run (a block of prose before it), or a tag with an
+  attribute other than an ``id`` (``<tool_call name="f">``) makes it no answer. A broken, truncated or invalid attempt in
   the run is no answer, even after a correct earlier list, and nothing inside a structure is
   searched separately (``[{right call}, {broken call}]`` is no answer, not the right call alone).
-  Prose ends a run: JSON attempts before it are drafts, but call syntax before the run (below)
-  makes it no answer. ````` fences are prose;
+  Prose ends a run: JSON attempts before it are drafts, but call syntax before the run (below;
+  a closed ``<think>...</think>`` block is reasoning, not calls) makes it no answer;
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
   (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt, also
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
@@ -52,8 +54,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis closes at once or
   opens with a string, list, object or keyword argument (``reset()``,
   ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
-  ``<tool_call>`` tag, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``, ``Action Input:``, DeepSeek's
-  and gpt-oss's markers, ``✿FUNCTION✿``, ``name:`` over ``arguments:`` lines, ...); full-width
+  ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
+  ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
+  ``name:`` (or ``- name:``) over ``arguments:`` lines, ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -229,9 +232,17 @@ def _structures(text: str):
             return
 
 
-_KEY_LIKE = re.compile("[:=\u2236\ua789]")  # (and colons NFKC leaves alone)
-# Keys that name the function in other call schemas: an object with a string there is a call.
-_NAME_KEYS = ("function", "function_name", "tool", "tool_name", "action", "recipient_name", "api", "api_name")
+# ':' and '=' and what looks like a colon (NFKC leaves most of these alone)
+_COLONS = (":=\u02d0\u02d1\u02f8\u0589\u05c3\u0703\u0704\u0705\u0706\u0707\u0708\u0709\u1361\u1365\u1366"
+           "\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe55\uff1a"
+           "\U00010781\U00010782\U0001da8a")
+_KEY_LIKE = re.compile("[" + _COLONS + "]")
+# Keys (any letter case) that name the function in other call schemas: an object with a string
+# there is a call, never a wrapper.
+_NAME_KEYS = frozenset({"function", "function_name", "functionname", "func", "fn", "tool", "tool_name", "toolname",
+                        "action", "recipient_name", "api", "api_name", "method", "command"})
+# The keys a wrapper of no calls may have ({"tool_calls": []}).
+_EMPTY_WRAPPER_KEYS = frozenset({"tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools"})
 _BLANK_LIST = re.compile(r"\[[\s\u200b-\u200f\u2060\ufeff]*\]")
 
 
@@ -239,19 +250,25 @@ def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     """The calls a parsed structure yields: itself as a call list or call object, or for a
     wrapper object the calls of its one value that is an object or a list, when that value yields
     any (beside it only strings, numbers, booleans and nulls: another structure may hold another
-    call, so it is ambiguous: none)."""
+    call, so it is ambiguous: none). A wrapper yields no calls only as ``{"tool_calls": []}`` (or
+    another key of :data:`_EMPTY_WRAPPER_KEYS`) with nothing beside."""
     calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
     if calls is not None or not isinstance(value, dict) or "name" in value or depth > MAX_DEPTH:
         return calls  # (an object with a "name" is a call, right or wrong, never a wrapper)
-    if any(isinstance(value.get(k), str) for k in _NAME_KEYS):
+    if any(isinstance(v, str) and str(k).casefold() in _NAME_KEYS for k, v in value.items()):
         return None  # (a call in another schema, {"function": "f", "args": []}: not a wrapper)
     inner = [v for v in value.values() if isinstance(v, (dict, list))]
-    return _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
+    calls = _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
+    if calls == [] and not (len(value) == 1 and str(next(iter(value))).casefold() in _EMPTY_WRAPPER_KEYS):
+        return None  # (no calls through an object that says more: {"method": "f", "params": []})
+    return calls
 
 
 # Between the items of a run: tags and other markup in angle brackets (``<tool_call id="1">``,
-# ``<|python_tag|>``, compatibility forms of the brackets too) and code fences.
-_GAP_TOKEN = re.compile("[<\ufe64\uff1c][^<>\ufe64\ufe65\uff1c\uff1e]{1,200}[>\ufe65\uff1e]|`{3,}[A-Za-z0-9_+-]*")
+# ``<|python_tag|>``, compatibility forms of the brackets too), code fences, list numbers and
+# bullets (``1.``, ``2)``, ``-``).
+_GAP_TOKEN = re.compile("[<\ufe64\uff1c][^<>\ufe64\ufe65\uff1c\uff1e]{1,200}[>\ufe65\uff1e]|`{3,}[A-Za-z0-9_+-]*"
+                        "|(?<![A-Za-z0-9_+`-])[0-9]{1,3}[.)]|(?<![A-Za-z0-9_+`-])[-*\u2022]")
 _BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"  # Hangul fillers, the blank Braille pattern
 
 
@@ -263,8 +280,10 @@ def _is_attempt(text: str, start: int, end: int, complete: bool) -> bool:
 def _separator(c: str) -> bool:
     """What may stand between the items of one answer: a character that folds (:func:`_fold`) to
     nothing, blanks, commas or semicolons (zero-width and combining characters, full-width and
-    Greek semicolons, ...), control characters and blank-looking letters."""
-    return c in _BLANK_LETTERS or unicodedata.category(c) == "Cc" or all(x.isspace() or x in ",;" for x in _fold(c))
+    Greek semicolons, ...), control, unassigned and private-use characters and blank-looking
+    letters."""
+    return (c in _BLANK_LETTERS or unicodedata.category(c) in ("Cc", "Cn", "Co")
+            or all(x.isspace() or x in ",;" for x in _fold(c)))
 
 
 def _separators(text: str, start: int, end: int) -> bool:
@@ -273,14 +292,15 @@ def _separators(text: str, start: int, end: int) -> bool:
 
 def _tag(s: str) -> str | None:
     """``"open"`` or ``"close"`` for a ``<tool_call ...>`` / ``</tool_call>`` tag (any blanks,
-    letter case, compatibility forms, attributes), ``"named"`` for one with a ``name``,
-    ``function`` or ``tool`` attribute (no answer), None for other markup."""
+    letter case, compatibility forms, an ``id`` attribute), ``"named"`` for one with any other
+    attribute (``<tool_call name="f">``: no answer), None for other markup."""
     inner = _fold(s[1:-1])
     m = re.match(r"\s*(/?)\s*([a-z_]+)(?:\s|$)", inner)
     if not m or m.group(2) != "tool_call":
         return None
-    if re.search(r"(?:^|\s)(?:name|function|tool)\s*=", inner[m.end():]):
-        return "named"  # (<tool_call name="f">: its block calls f, whatever it holds)
+    attrs = inner[m.end():].strip()
+    if attrs and (m.group(1) or not re.fullmatch(r"id\s*=\s*(?:\"[^\"]*\"|'[^']*'|[a-z0-9_-]+)", attrs)):
+        return "named"  # (<tool_call name="f">: its block may call f; only an id is read past)
     return "close" if m.group(1) else "open"
 
 
@@ -300,9 +320,10 @@ def _run_items(text: str, found: list[tuple[int, int, bool]],
         for m in reversed(list(_GAP_TOKEN.finditer(text, lo, left))):
             if not _separators(text, m.end(), pos):
                 return items[::-1], pos, passed
-            kind = _tag(m.group()) if m.group()[0] != "`" else None
+            kind = _tag(m.group()) if m.group()[0] in "<\ufe64\uff1c" else None
             if kind:
                 items.append((kind, m.start(), m.end()))
+                passed.append(m.group()[1:-1].split(None, 1)[-1] if kind == "open" else "")  # (its id)
             else:
                 passed.append(m.group())
             pos = m.start()
@@ -459,14 +480,16 @@ _NAME_RUN = re.compile(r"(?<![a-z0-9_.])(?=([a-z0-9_.]+))\1(?=(\s*))\2\(\s*")  #
 _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
 
 
-# Other models' tool-call syntax: Llama 3's <function=name>, an opening <tool_call> tag (Hermes,
-# GLM's "<tool_call>name"), Anthropic's <invoke>, <function_calls>, Mistral's [TOOL_CALLS], Kimi's
-# <|tool_call...|>, functionary's ">>>name", ReAct's "Action Input:", DeepSeek's tool▁call, gpt-oss's
-# "to=functions.", Qwen-Agent's ✿FUNCTION✿, and "name: f" over "arguments:" lines (YAML).
-_CALL_MARKER = re.compile(r"<function\s*=\s*[a-z_]|<\s*(?:tool_call|invoke|function_calls)(?![a-z0-9_])"
-                          r"|\[\s*tool_calls\s*\]|<\|\s*tool_call|>>>\s*[a-z_]|action\s*input\s*:"
+# Other models' tool-call syntax: Llama 3's <function=name> (any <function ...> tag), an opening
+# <tool_call> or <tool_calls> tag (Hermes, GLM's "<tool_call>name"), Anthropic's <invoke>,
+# <function_calls>, Mistral's [TOOL_CALLS], Kimi's <|tool_call...|>, functionary's ">>>name" and
+# <|recipient|>, ReAct's "Action Input:", DeepSeek's tool▁call, gpt-oss's "to=functions.",
+# Qwen-Agent's ✿FUNCTION✿, and "name: f" over "arguments:" lines (YAML, also as a list item).
+_CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(?![a-z0-9_])"
+                          r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient)|>>>\s*[a-z_]|action\s*input\s*:"
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f"
-                          r"|(?:^|\n)[ \t]*name[ \t]*:[^\n]*\n[ \t]*(?:arguments|parameters)[ \t]*:")
+                          r"|(?:^|\n)[ \t]*(?:-[ \t]*)?(?:name|function|tool)[ \t]*:[^\n]*(?:\n[ \t]*)+"
+                          r"(?:arguments|args|parameters|params|input)[ \t]*:")
 
 
 def _trailing_name(run: str) -> str:
@@ -558,6 +581,7 @@ def _attempt_in(folded: str) -> str | None:
     return None
 
 
+_THINK = re.compile(r"<think>.*?</think>", re.S)  # (reasoning that names a function calls nothing)
 _LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]")  # (Mistral's marker before its JSON list: part of the answer)
 
 
@@ -770,7 +794,8 @@ class FunctionCallingTask(Task):
         later = _call_in(rest, names)
         if later:
             return False, f"a later call of {later[:60]!r} in another syntax"
-        earlier = _call_in(_fold(completion_text[:start]), names)
+        unthought = _THINK.sub(lambda m: " " * len(m.group()), completion_text)  # (positions kept)
+        earlier = _call_in(_fold(unthought[:start]), names)
         if earlier:
             return False, f"an earlier call of {earlier[:60]!r} in call syntax"
         within = hidden_call([t for t in passed if not _LEAD_IN.fullmatch(_fold(t))], names)

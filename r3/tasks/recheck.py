@@ -749,8 +749,13 @@ def _fc_top_level(text: str) -> list[tuple[str, bool]]:
     return out
 
 
+_FC_COLONS = set(":=\u02d0\u02d1\u02f8\u0589\u05c3\u0703\u0704\u0705\u0706\u0707\u0708\u0709\u1361\u1365"
+                 "\u1366\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe55"
+                 "\uff1a\U00010781\U00010782\U0001da8a")
+
+
 def _fc_is_attempt(chunk: str, complete: bool) -> bool:
-    if any(c in chunk for c in (":", "=", "\u2236", "\ua789")):
+    if any(c in _FC_COLONS for c in chunk):
         return True
     inner = chunk[1:-1] if len(chunk) >= 2 else "x"
     return (complete and chunk[0] == "[" and chunk[-1] == "]"
@@ -764,12 +769,18 @@ def _fc_yield(v):
     if calls is not None:
         return calls
     if isinstance(v, dict) and "name" not in v:  # (a call-shaped object wraps nothing)
-        if any(type(v.get(k)) is str for k in ("function", "function_name", "tool", "tool_name", "action",
-                                                 "recipient_name", "api", "api_name")):
-            return None  # (it names a function: a call in another schema)
+        for key, x in v.items():
+            if type(x) is str and key.casefold() in ("function", "function_name", "functionname", "func", "fn",
+                                                      "tool", "tool_name", "toolname", "action", "recipient_name",
+                                                      "api", "api_name", "method", "command"):
+                return None  # (it names a function: a call in another schema)
         structures = [x for x in v.values() if type(x) in (dict, list)]
         if len(structures) == 1:  # (a second one might hold a second call)
-            return _fc_yield(structures[0])
+            got = _fc_yield(structures[0])
+            if got == [] and not (len(v) == 1 and list(v)[0].casefold() in (
+                    "tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools")):
+                return None  # (no calls through an object that says more)
+            return got
     return None
 
 
@@ -838,9 +849,10 @@ def _fc_marker(folded: str) -> bool:
     for k, ch in enumerate(folded):
         if ch == "<":
             j = skip_blanks(k + 1)
-            if folded.startswith("|", k + 1) and folded.startswith("tool_call", skip_blanks(k + 2)):
+            if folded.startswith("|", k + 1) and (folded.startswith("tool_call", skip_blanks(k + 2))
+                                                   or folded.startswith("recipient", skip_blanks(k + 2))):
                 return True
-            for word in ("tool_call", "invoke", "function_calls"):
+            for word in ("tool_call", "tool_calls", "invoke", "function_calls", "function_call", "function"):
                 after = folded[j + len(word):j + len(word) + 1]
                 if folded.startswith(word, j) and not (after and after in _FC_ID):
                     return True
@@ -866,14 +878,19 @@ def _fc_marker(folded: str) -> bool:
                 return True
         elif ch == "\u273f" and folded.startswith("\u273ffunction\u273f", k):
             return True
-    # "name: f" on a line and "arguments:" or "parameters:" on the next (YAML)
-    lines = folded.split("\n")
-    for a, b in zip(lines, lines[1:]):
-        a, b = a.lstrip(" \t"), b.lstrip(" \t")
-        if a.startswith("name") and a[4:].lstrip(" \t").startswith(":"):
-            for word in ("arguments", "parameters"):
-                if b.startswith(word) and b[len(word):].lstrip(" \t").startswith(":"):
-                    return True
+    # "name: f" on a line (or "- name: f") and "arguments:" (or args, parameters, params, input)
+    # on the next line that is not blank (YAML)
+    def keyed(line, words):
+        return any(line.startswith(w) and line[len(w):].lstrip(" \t").startswith(":") for w in words)
+
+    lines = [line.lstrip(" \t") for line in folded.split("\n")]
+    for n, line in enumerate(lines):
+        if line.startswith("-"):
+            line = line[1:].lstrip(" \t")
+        if keyed(line, ("name", "function", "tool")):
+            later = next((x for x in lines[n + 1:] if x), None)
+            if later is not None and keyed(later, ("arguments", "args", "parameters", "params", "input")):
+                return True
     return False
 
 
@@ -953,8 +970,9 @@ _FC_LT, _FC_GT = "<\ufe64\uff1c", ">\ufe65\uff1e"
 
 
 def _fc_sep(c: str) -> bool:
-    """Blank-looking: folds to nothing, blanks, ',' or ';', a control character or a blank letter."""
-    if c in _FC_BLANK_LETTERS or unicodedata.category(c) == "Cc":
+    """Blank-looking: folds to nothing, blanks, ',' or ';', a control, unassigned or private-use
+    character, or a blank letter."""
+    if c in _FC_BLANK_LETTERS or unicodedata.category(c) in ("Cc", "Cn", "Co"):
         return True
     return all(x.isspace() or x == "," or x == ";" for x in _fc_fold(c))
 
@@ -974,14 +992,15 @@ def _fc_markup_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
     words = (f[1:] if closing else f).split()
     if not words or words[0] != "tool_call":
         return "M", j
-    attrs = " " + " ".join(words[1:])
-    for word in ("name", "function", "tool"):
-        k = attrs.find(" " + word)
-        while k != -1:
-            rest = attrs[k + 1 + len(word):].lstrip()
-            if rest.startswith("="):
-                return "X", j  # (a block that names its function: no answer)
-            k = attrs.find(" " + word, k + 1)
+    attrs = (f[1:] if closing else f).lstrip()[len("tool_call"):].strip()
+    if attrs:
+        value = attrs[2:].lstrip() if attrs.startswith("id") else ""
+        value = value[1:].lstrip() if value.startswith("=") else None
+        quoted = value is not None and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'" \
+            and value[0] not in value[1:-1]
+        bare = bool(value) and all(ch in "abcdefghijklmnopqrstuvwxyz0123456789_-" for ch in value)
+        if closing or not (quoted or bare):
+            return "X", j  # (a block that names its function, or says more than its id: no answer)
     return ("C" if closing else "O"), j
 
 
@@ -997,12 +1016,17 @@ def _fc_fence_ending_at(text: str, lo: int, i: int) -> int:
     return b if j - b >= 3 else -1
 
 
+def _fc_glued(text: str, at: int) -> bool:
+    """Whether a list number or bullet starting at ``at`` is glued to a word before it."""
+    return at > 0 and (text[at - 1] in _FC_LANG or text[at - 1] == "`")
+
+
 def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int], int, list[str]]:
     """The run that ends with chunk ``last``, walking back: one letter per item, ``S`` a call
     attempt, ``O`` / ``C`` an opening / closing tool-call tag; the attempts' chunk indices; where
     the run starts (its leftmost item); the markup, fences and chunks it passed over.
-    Blank-looking characters, other markup, fences and complete chunks that are not attempts are
-    passed over; anything else ends it."""
+    Blank-looking characters, other markup, fences, list numbers and bullets (not glued to a word)
+    and complete chunks that are not attempts are passed over; anything else ends it."""
     letters, idx, passed = ["S"], [last], []
     k, i = last, chunks[last][2]
     start = i
@@ -1018,7 +1042,22 @@ def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int], int, li
                     passed.append(text[j:i])
                 else:
                     letters.append(kind)
+                    if kind == "O":
+                        passed.append(text[j + 1:i - 1].split(None, 1)[-1])  # (its id may not hide a call)
                 i = start = j
+            elif c in ".)":
+                b = i - 1
+                while b > lo and i - 1 - b < 3 and text[b - 1] in "0123456789":
+                    b -= 1
+                if b == i - 1 or _fc_glued(text, b):
+                    return "".join(reversed(letters)), idx, start, passed
+                passed.append(text[b:i])
+                i = start = b
+            elif c in "-*\u2022" and _fc_fence_ending_at(text, lo, i) < 0:
+                if _fc_glued(text, i - 1):
+                    return "".join(reversed(letters)), idx, start, passed
+                passed.append(c)
+                i = start = i - 1
             elif c in _FC_LANG or c == "`":
                 b = _fc_fence_ending_at(text, lo, i)
                 if b < 0:
@@ -1090,7 +1129,16 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         return False, "a later call in another syntax"
     if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(folded)):
         return False, "a later call attempt in compatibility forms"
-    earlier = _fc_fold(before)
+    kept, i = [], 0
+    while True:  # (a closed reasoning block calls nothing, also one that closes inside the run)
+        a = text.find("<think>", i)
+        b = text.find("</think>", a + len("<think>")) if a >= 0 else -1
+        if b < 0 or a >= len(before):
+            kept.append(text[i:len(before)])
+            break
+        kept.append(text[i:a] + " " * (b + len("</think>") - a))
+        i = b + len("</think>")
+    earlier = _fc_fold("".join(kept)[:len(before)])
     if _fc_named_call_after(earlier, names) or _fc_any_call_after(earlier):
         return False, "an earlier call in call syntax"
     for p in passed:
