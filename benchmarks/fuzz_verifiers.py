@@ -434,7 +434,8 @@ def long_inputs(kind: str) -> list[tuple[str, str]]:
                 ("combining", "[" + call + "]a" + "\u0301\u0316" * 49_000),
                 ("expanding", "[" + call + "]" + "\ufdfa" * 99_000),
                 ("tool-call-blocks", ("<tool_call>" + call + "</tool_call>\n") * 1_650),
-                ("empty-lists", "[]" * 49_000),
+                ("empty-lists", "[]" * 49_000), ("bullets", "- " * 48_000 + "[" + call + "]"),
+                ("unclosed-think", "[" + call + "]" + "<think>" * 14_000),
                 ("dotted-run", "[" + call + "]\n" + "a." * 49_000),
                 ("spacing-marks", "[" + call + "]\n" + "\U0001d16d" * 24_000 + "\u1715" * 24_000),
                 ("loose-string", '{"tool_calls": [' + call + '], "note": "' + "a_b (" * 3_900 + '"}')]

@@ -349,6 +349,27 @@ BAD = dumps(CALLS[:2])
         ("\n".join("- " + json.dumps(c) for c in CALLS), True),
         ("Calls:\n" + "\n".join(f"{i + 1}) " + json.dumps(c) for i, c in enumerate(CALLS)), True),
         ("1. " + json.dumps(CALLS[0]) + "\n2. " + dumps(CALLS), False),
+        # a fifth reader's cases: the reasoning block is only a leading one, closed before the
+        # answer's run (a </think> inside the answer's JSON, or a block in mid-text, exempts
+        # nothing); an answer inside the reasoning is no answer; a draft in it is no part of the run
+        ('<think>delete_all()\n[{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "</think>"}]', False),
+        ("Sure. <think>delete_all()</think> " + GOOD, False),
+        ("<think>\n" + GOOD + "\n</think>\n\nI'm sorry, I can't help with that.", False),
+        ("<think>\nI need these:\n" + GOOD + "\n</think>\n" + GOOD, True),
+        ('Okay, so get_weather(city="Paris") it is.\n</think>\n\n' + GOOD, True),  # (<think> was in the prompt)
+        # markup that wraps JSON calls (Jamba, MiniMax, Granite) is part of the run
+        ("<tool_calls>" + GOOD + "</tool_calls>", True),
+        ("<tool_calls>\n" + "\n".join(json.dumps(c) for c in CALLS) + "\n</tool_calls>", True),
+        ("\n".join("<function_call> " + json.dumps(c) for c in CALLS), True),
+        ("<|tool_call|>" + GOOD, True),
+        ("<tool_calls>\nreset()\n" + GOOD, False),
+        # YAML calls in either order, as list items, across \r\n and blank lines
+        (GOOD + "\narguments:\n  confirm: true\nname: delete_all", False),
+        (GOOD + "\r\nname: delete_all\r\n\r\narguments: {}", False),
+        (GOOD + "\n* name: delete_all\n  arguments: {}", False),
+        (GOOD + "\n1. name: delete_all\n   arguments: {}", False),
+        (GOOD + "\nname: delete_all\u2028arguments: {}", False),
+        (GOOD + '\n{"name"\ufe30 "delete_all", "arguments"\ufe30 {}}', False),
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
@@ -739,6 +760,8 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         "1. ", "2) ", "- ", "* ", "x-", "12345.", "7", "<think>get_weather(x)</think>", "<think>", "</think>",
         '<tool_call id="x y">', '<tool_call id="a()">', '<tool_call name="f">', "</tool_call x>", "\u2065", "\ue000",
         "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
+        "<tool_calls>", "</tool_calls>", "<function_call>", "<|tool_call|>", "\r\n", "\u2028", "\n* name: f",
+        "\narguments: {}\nname: f", "\ufe30",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

@@ -26,9 +26,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (blanks, control, unassigned and private-use characters, characters that fold to nothing such
   as zero-width and combining ones, ``,`` and ``;`` in any form, Hangul fillers), other markup in
   angle brackets (``<|python_tag|>``), code fences, list numbers and bullets (``1.``, ``2)``,
-  ``-``, ``*``) and complete structures without a key; a call may not hide
-  in what the run passes over (as in loose strings, below; Mistral's ``[TOOL_CALLS]`` before its
-  list is fine). So Hermes / Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}
+  ``-``, ``*``) and complete structures without a key; a call may not hide in what the run
+  passes over (as in loose strings, below; markup that wraps JSON calls is fine: Mistral's
+  ``[TOOL_CALLS]``, ``<tool_calls>``, Granite's ``<function_call>`` and ``<|tool_call|>``). So Hermes / Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}
   </tool_call>``), Llama's ``{a}; {b}`` and ``[a]\\n[b]`` are one answer each. Its answer is the
   calls of all its attempts, in order. Each must be complete valid JSON and a call list (``[]`` included), a single call object, or an object
   without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
@@ -41,8 +41,10 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   attribute other than an ``id`` (``<tool_call name="f">``) makes it no answer. A broken, truncated or invalid attempt in
   the run is no answer, even after a correct earlier list, and nothing inside a structure is
   searched separately (``[{right call}, {broken call}]`` is no answer, not the right call alone).
-  Prose ends a run: JSON attempts before it are drafts, but call syntax before the run (below;
-  a closed ``<think>...</think>`` block is reasoning, not calls) makes it no answer;
+  Prose and ``<think>`` / ``</think>`` end a run: JSON attempts before it are drafts, but call
+  syntax before the run (below) makes it no answer. A leading reasoning block (the completion
+  opens with ``<think>``, or its ``<think>`` was in the prompt, up to the first ``</think>``) is
+  reasoning, not calls, when it closes before the run; an answer inside it is no answer;
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
   (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt, also
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
@@ -56,7 +58,7 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
   ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
-  ``name:`` (or ``- name:``) over ``arguments:`` lines, ...); full-width
+  ``name:`` and ``arguments:`` lines near each other (YAML), ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -234,8 +236,9 @@ def _structures(text: str):
 
 # ':' and '=' and what looks like a colon (NFKC leaves most of these alone)
 _COLONS = (":=\u02d0\u02d1\u02f8\u0589\u05c3\u0703\u0704\u0705\u0706\u0707\u0708\u0709\u1361\u1365\u1366"
-           "\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe55\uff1a"
-           "\U00010781\U00010782\U0001da8a")
+           "\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe30\ufe55\uff1a"
+           "\u0903\u0983\u0a03\u0a83\u0b03\u0c03\u0c83\u0d03\u0d83\u0f7f"
+           "\U00010781\U00010782\U00012471\U00012472\U0001da8a")
 _KEY_LIKE = re.compile("[" + _COLONS + "]")
 # Keys (any letter case) that name the function in other call schemas: an object with a string
 # there is a call, never a wrapper.
@@ -293,9 +296,12 @@ def _separators(text: str, start: int, end: int) -> bool:
 def _tag(s: str) -> str | None:
     """``"open"`` or ``"close"`` for a ``<tool_call ...>`` / ``</tool_call>`` tag (any blanks,
     letter case, compatibility forms, an ``id`` attribute), ``"named"`` for one with any other
-    attribute (``<tool_call name="f">``: no answer), None for other markup."""
+    attribute (``<tool_call name="f">``: no answer), ``"think"`` for ``<think>`` / ``</think>``
+    (which end a run), None for other markup."""
     inner = _fold(s[1:-1])
     m = re.match(r"\s*(/?)\s*([a-z_]+)(?:\s|$)", inner)
+    if m and m.group(2) == "think" and not inner[m.end():].strip():
+        return "think"
     if not m or m.group(2) != "tool_call":
         return None
     attrs = inner[m.end():].strip()
@@ -321,6 +327,8 @@ def _run_items(text: str, found: list[tuple[int, int, bool]],
             if not _separators(text, m.end(), pos):
                 return items[::-1], pos, passed
             kind = _tag(m.group()) if m.group()[0] in "<\ufe64\uff1c" else None
+            if kind == "think":
+                return items[::-1], pos, passed  # (reasoning is not part of the answer)
             if kind:
                 items.append((kind, m.start(), m.end()))
                 passed.append(m.group()[1:-1].split(None, 1)[-1] if kind == "open" else "")  # (its id)
@@ -484,12 +492,32 @@ _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-
 # <tool_call> or <tool_calls> tag (Hermes, GLM's "<tool_call>name"), Anthropic's <invoke>,
 # <function_calls>, Mistral's [TOOL_CALLS], Kimi's <|tool_call...|>, functionary's ">>>name" and
 # <|recipient|>, ReAct's "Action Input:", DeepSeek's tool▁call, gpt-oss's "to=functions.",
-# Qwen-Agent's ✿FUNCTION✿, and "name: f" over "arguments:" lines (YAML, also as a list item).
+# Qwen-Agent's ✿FUNCTION✿; and "name: f" and "arguments:" lines (YAML, :func:`_yaml_call`).
 _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(?![a-z0-9_])"
                           r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient)|>>>\s*[a-z_]|action\s*input\s*:"
-                          r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f"
-                          r"|(?:^|\n)[ \t]*(?:-[ \t]*)?(?:name|function|tool)[ \t]*:[^\n]*(?:\n[ \t]*)+"
-                          r"(?:arguments|args|parameters|params|input)[ \t]*:")
+                          r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
+_YAML_KEY = re.compile(r"[ \t]*(?:(?:[-*\u2022]|[0-9]{1,3}[.)])[ \t]*)?"
+                       r"(name|function|tool|arguments|args|parameters|params|input)[ \t]*:")
+_YAML_NAME_KEYS = ("name", "function", "tool")
+
+
+def _yaml_call(folded: str, window: int = 8) -> bool:
+    """A line keyed ``name:`` (or function, tool) and one keyed ``arguments:`` (or args,
+    parameters, params, input) within ``window`` lines that are not blank, in either order, also
+    as list items (YAML)."""
+    seen = {"name": -window - 1, "arguments": -window - 1}  # (the last line of each kind)
+    n = 0
+    for line in folded.splitlines():
+        if not line.strip(" \t"):
+            continue
+        n += 1
+        m = _YAML_KEY.match(line)
+        if m:
+            kind = "name" if m.group(1) in _YAML_NAME_KEYS else "arguments"
+            if n - seen["arguments" if kind == "name" else "name"] <= window:
+                return True
+            seen[kind] = n
+    return False
 
 
 def _trailing_name(run: str) -> str:
@@ -512,6 +540,8 @@ def _any_call(folded: str) -> str | None:
     marker = _CALL_MARKER.search(folded)
     if marker:
         return marker.group()
+    if _yaml_call(folded):
+        return "name: ... arguments: ..."
     for m in _NAME_RUN.finditer(folded):
         name, blanks = _trailing_name(m.group(1)), m.group(2)
         if not name:
@@ -581,8 +611,22 @@ def _attempt_in(folded: str) -> str | None:
     return None
 
 
-_THINK = re.compile(r"<think>.*?</think>", re.S)  # (reasoning that names a function calls nothing)
-_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]")  # (Mistral's marker before its JSON list: part of the answer)
+# Markup that wraps JSON calls and is part of the answer where a run passes over it: Mistral's
+# [TOOL_CALLS], Jamba's and MiniMax's <tool_calls>, Granite's <function_call> and <|tool_call|>.
+_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_calls?)\s*>|<\|\s*tool_call\s*\|>")
+
+
+def _reasoning_end(text: str) -> int:
+    """Where a leading reasoning block ends (just after its first ``</think>``), or 0: a block
+    that opens the completion (after blanks) with ``<think>``, or whose ``<think>`` was in the
+    prompt (no ``<think>`` before the first ``</think>``). Its text is reasoning, not calls."""
+    close = text.find("</think>")
+    if close < 0:
+        return 0
+    opening = text.find("<think>")
+    if opening < 0 or opening > close or not text[:opening].strip():
+        return close + len("</think>")
+    return 0
 
 
 def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:
@@ -794,8 +838,10 @@ class FunctionCallingTask(Task):
         later = _call_in(rest, names)
         if later:
             return False, f"a later call of {later[:60]!r} in another syntax"
-        unthought = _THINK.sub(lambda m: " " * len(m.group()), completion_text)  # (positions kept)
-        earlier = _call_in(_fold(unthought[:start]), names)
+        thought = _reasoning_end(completion_text)
+        if end <= thought:
+            return False, "the answer is inside the reasoning block"
+        earlier = _call_in(_fold(completion_text[thought if thought <= start else 0:start]), names)
         if earlier:
             return False, f"an earlier call of {earlier[:60]!r} in call syntax"
         within = hidden_call([t for t in passed if not _LEAD_IN.fullmatch(_fold(t))], names)

@@ -750,8 +750,9 @@ def _fc_top_level(text: str) -> list[tuple[str, bool]]:
 
 
 _FC_COLONS = set(":=\u02d0\u02d1\u02f8\u0589\u05c3\u0703\u0704\u0705\u0706\u0707\u0708\u0709\u1361\u1365"
-                 "\u1366\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe55"
-                 "\uff1a\U00010781\U00010782\U0001da8a")
+                 "\u1366\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe30\ufe55"
+                 "\uff1a\u0903\u0983\u0a03\u0a83\u0b03\u0c03\u0c83\u0d03\u0d83\u0f7f"
+                 "\U00010781\U00010782\U00012471\U00012472\U0001da8a")
 
 
 def _fc_is_attempt(chunk: str, complete: bool) -> bool:
@@ -878,19 +879,29 @@ def _fc_marker(folded: str) -> bool:
                 return True
         elif ch == "\u273f" and folded.startswith("\u273ffunction\u273f", k):
             return True
-    # "name: f" on a line (or "- name: f") and "arguments:" (or args, parameters, params, input)
-    # on the next line that is not blank (YAML)
-    def keyed(line, words):
-        return any(line.startswith(w) and line[len(w):].lstrip(" \t").startswith(":") for w in words)
-
-    lines = [line.lstrip(" \t") for line in folded.split("\n")]
-    for n, line in enumerate(lines):
-        if line.startswith("-"):
+    # a line keyed name (function, tool) and one keyed arguments (args, parameters, params, input)
+    # within 8 lines that are not blank, in either order, also as list items (YAML)
+    names_at, args_at, n = [], [], 0
+    for line in folded.splitlines():
+        line = line.lstrip(" \t")
+        if not line.rstrip(" \t"):
+            continue
+        n += 1
+        if line[:1] in ("-", "*", "\u2022"):
             line = line[1:].lstrip(" \t")
-        if keyed(line, ("name", "function", "tool")):
-            later = next((x for x in lines[n + 1:] if x), None)
-            if later is not None and keyed(later, ("arguments", "args", "parameters", "params", "input")):
-                return True
+        else:
+            d = 0
+            while d < len(line) and d < 3 and line[d] in "0123456789":
+                d += 1
+            if d and line[d:d + 1] in (".", ")"):
+                line = line[d + 1:].lstrip(" \t")
+        for word in ("name", "function", "tool", "arguments", "args", "parameters", "params", "input"):
+            if line.startswith(word) and line[len(word):].lstrip(" \t").startswith(":"):
+                mine, other = (names_at, args_at) if word in ("name", "function", "tool") else (args_at, names_at)
+                if other and n - other[-1] <= 8:
+                    return True
+                mine.append(n)
+                break
     return False
 
 
@@ -990,6 +1001,8 @@ def _fc_markup_ending_at(text: str, lo: int, i: int) -> tuple[str | None, int]:
     f = _fc_fold(inner).strip()
     closing = f.startswith("/")
     words = (f[1:] if closing else f).split()
+    if words == ["think"]:
+        return "T", j  # (reasoning: it ends a run)
     if not words or words[0] != "tool_call":
         return "M", j
     attrs = (f[1:] if closing else f).lstrip()[len("tool_call"):].strip()
@@ -1036,7 +1049,7 @@ def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int], int, li
             c = text[i - 1]
             if c in _FC_GT:
                 kind, j = _fc_markup_ending_at(text, lo, i)
-                if kind is None:
+                if kind is None or kind == "T":
                     return "".join(reversed(letters)), idx, start, passed
                 if kind == "M":
                     passed.append(text[j:i])
@@ -1129,22 +1142,26 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         return False, "a later call in another syntax"
     if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(folded)):
         return False, "a later call attempt in compatibility forms"
-    kept, i = [], 0
-    while True:  # (a closed reasoning block calls nothing, also one that closes inside the run)
-        a = text.find("<think>", i)
-        b = text.find("</think>", a + len("<think>")) if a >= 0 else -1
-        if b < 0 or a >= len(before):
-            kept.append(text[i:len(before)])
-            break
-        kept.append(text[i:a] + " " * (b + len("</think>") - a))
-        i = b + len("</think>")
-    earlier = _fc_fold("".join(kept)[:len(before)])
+    # a leading reasoning block (opened first, or opened in the prompt) is not calls; the answer
+    # may not be inside it, nor may the block end inside the answer
+    reasoning = 0
+    close = text.find("</think>")
+    if close >= 0:
+        opening = text.find("<think>")
+        if opening == -1 or opening > close or text[:opening].strip() == "":
+            reasoning = close + len("</think>")
+    if reasoning and len(text) - len(rest) <= reasoning:
+        return False, "the answer is inside the reasoning block"
+    if reasoning > len(before):
+        reasoning = 0
+    earlier = _fc_fold(before[reasoning:])
     if _fc_named_call_after(earlier, names) or _fc_any_call_after(earlier):
         return False, "an earlier call in call syntax"
     for p in passed:
         f = _fc_fold(p)
-        if "".join(f.split()) == "[tool_calls]":
-            continue  # (Mistral's marker before its list)
+        if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
+                                  "</function_call>", "<function_calls>", "</function_calls>", "<|tool_call|>"):
+            continue  # (markup that wraps JSON calls: part of the answer)
         if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)) or _fc_named_call_after(f, names) \
                 or _fc_any_call_after(f):
             return False, "a call between the calls"
