@@ -370,6 +370,23 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\n1. name: delete_all\n   arguments: {}", False),
         (GOOD + "\nname: delete_all\u2028arguments: {}", False),
         (GOOD + '\n{"name"\ufe30 "delete_all", "arguments"\ufe30 {}}', False),
+        # a sixth reader's cases: a call around the answer; more YAML spellings
+        ("repeat(" + GOOD + ", times=1000)", False),
+        ("schedule(```json\n" + GOOD + "\n```, delay=60)", False),
+        ("reset([1], 2)\n" + GOOD, False),
+        ("wipe({}, 0)\n" + GOOD, False),
+        ("Result (" + GOOD + ")", True),  # (prose: a word, a blank, a parenthesis)
+        (GOOD + "\n**name**: delete_all\n**arguments**: {}", False),
+        (GOOD + "\n`name`: delete_all\n`arguments`: {}", False),
+        (GOOD + "\n> name: delete_all\n> arguments: {}", False),
+        (GOOD + "\nmethod: delete_all\nparams: {}", False),
+        (GOOD + "\naction: delete_all\naction_input: {}", False),
+        (GOOD + "\nname\u2236 delete_all\narguments\u2236 {}", False),
+        (GOOD + "\nname: delete_all\n" + "\u2800\n" * 8 + "arguments: {}", False),
+        ("name: delete_all\n" + GOOD + "\narguments: {}", False),
+        # a pretty-printed JSON draft before prose is a draft, not YAML (quoted keys are JSON)
+        (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, True),
+        ("\n".join("<tool_call>\n" + json.dumps(c, indent=2) + "\n</tool_call>" for c in CALLS), True),
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "delete_all_files(path=\'/\')"}', False),
@@ -761,7 +778,7 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         '<tool_call id="x y">', '<tool_call id="a()">', '<tool_call name="f">', "</tool_call x>", "\u2065", "\ue000",
         "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
         "<tool_calls>", "</tool_calls>", "<function_call>", "<|tool_call|>", "\r\n", "\u2028", "\n* name: f",
-        "\narguments: {}\nname: f", "\ufe30",
+        "\narguments: {}\nname: f", "\ufe30", "repeat(", ", times=2)", "**name**:", "method: f", "\u2800",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

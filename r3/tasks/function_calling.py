@@ -49,7 +49,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt, also
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
   answer (``\\uff5b"name"\\uff1a ...\\uff5d``);
-* a call in call syntax after the answer, or anywhere before its run, is another call: no answer
+* a call in call syntax after the answer, anywhere before its run, or around it (the two read as
+  one text with ``[]`` for the answer: ``repeat([...], times=1000)``) is another call: no answer
   (:func:`called_later`): a tool of the example named with a parenthesis
   (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
   followed by one
@@ -58,7 +59,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
   ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
-  ``name:`` and ``arguments:`` lines near each other (YAML), ...); full-width
+  ``name:`` and ``arguments:`` lines near each other, also ``method:`` / ``params:`` and the like,
+  as list items, after a ``>`` or with the key in bold or backquotes (YAML; a quoted key is
+  JSON, read as such), ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -496,24 +499,42 @@ _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-
 _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(?![a-z0-9_])"
                           r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient)|>>>\s*[a-z_]|action\s*input\s*:"
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
-_YAML_KEY = re.compile(r"[ \t]*(?:(?:[-*\u2022]|[0-9]{1,3}[.)])[ \t]*)?"
-                       r"(name|function|tool|arguments|args|parameters|params|input)[ \t]*:")
-_YAML_NAME_KEYS = ("name", "function", "tool")
+_YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
+_YAML_KEY = re.compile("[*`]*([a-z_]+)[*`]*[ \t]*[" + _COLONS + "]")
+_YAML_NAME_KEYS = frozenset({"name", "function", "tool", "tool_name", "toolname", "function_name", "functionname",
+                             "method", "action", "recipient_name", "api", "api_name", "command", "fn", "func"})
+_YAML_ARGUMENT_KEYS = frozenset({"arguments", "args", "parameters", "params", "input", "action_input", "kwargs"})
+
+
+def _yaml_kind(line: str) -> str | None:
+    """``"name"`` or ``"arguments"`` for a line keyed so (after blanks, a list mark or quote, and
+    ``**`` / backquotes around the key), else None."""
+    i = 0
+    while i < len(line) and _separator(line[i]):
+        i += 1
+    mark = _YAML_MARK.match(line, i)
+    if mark:
+        i = mark.end()
+        while i < len(line) and _separator(line[i]):
+            i += 1
+    m = _YAML_KEY.match(line, i)
+    if not m:
+        return None
+    return "name" if m.group(1) in _YAML_NAME_KEYS else "arguments" if m.group(1) in _YAML_ARGUMENT_KEYS else None
 
 
 def _yaml_call(folded: str, window: int = 8) -> bool:
-    """A line keyed ``name:`` (or function, tool) and one keyed ``arguments:`` (or args,
-    parameters, params, input) within ``window`` lines that are not blank, in either order, also
-    as list items (YAML)."""
+    """A line keyed ``name:`` (or function, tool, method, ...) and one keyed ``arguments:`` (or
+    args, parameters, params, input, ...) within ``window`` lines that are not blank, in either
+    order (YAML, also as list items, quoted, or with the keys in bold or backquotes)."""
     seen = {"name": -window - 1, "arguments": -window - 1}  # (the last line of each kind)
     n = 0
     for line in folded.splitlines():
-        if not line.strip(" \t"):
+        if all(_separator(c) for c in line):
             continue
         n += 1
-        m = _YAML_KEY.match(line)
-        if m:
-            kind = "name" if m.group(1) in _YAML_NAME_KEYS else "arguments"
+        kind = _yaml_kind(line)
+        if kind:
             if n - seen["arguments" if kind == "name" else "name"] <= window:
                 return True
             seen[kind] = n
@@ -835,15 +856,15 @@ class FunctionCallingTask(Task):
             return False, "no parseable JSON list of calls"
         names = [t.get("name", "") for t in _field(example, "tools")]
         rest = _fold(completion_text[end:])
-        later = _call_in(rest, names)
-        if later:
-            return False, f"a later call of {later[:60]!r} in another syntax"
         thought = _reasoning_end(completion_text)
         if end <= thought:
             return False, "the answer is inside the reasoning block"
-        earlier = _call_in(_fold(completion_text[thought if thought <= start else 0:start]), names)
-        if earlier:
-            return False, f"an earlier call of {earlier[:60]!r} in call syntax"
+        # before and after the run, read as one text with the answer as "[]" in between: a call
+        # on either side, or one around the answer (repeat([...], times=1000))
+        before = _fold(completion_text[thought if thought <= start else 0:start])
+        other = _call_in(before + "[]" + rest, names)
+        if other:
+            return False, f"another call of {other[:60]!r} in call syntax"
         within = hidden_call([t for t in passed if not _LEAD_IN.fullmatch(_fold(t))], names)
         if within:
             return False, f"a call {within[:60]!r} between the calls"

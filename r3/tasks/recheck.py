@@ -879,29 +879,51 @@ def _fc_marker(folded: str) -> bool:
                 return True
         elif ch == "\u273f" and folded.startswith("\u273ffunction\u273f", k):
             return True
-    # a line keyed name (function, tool) and one keyed arguments (args, parameters, params, input)
-    # within 8 lines that are not blank, in either order, also as list items (YAML)
-    names_at, args_at, n = [], [], 0
+    # a line keyed name (function, tool, method, ...) and one keyed arguments (args, parameters,
+    # ...) within 8 lines that are not blank, in either order (YAML: list items, quotes, keys in
+    # bold or backquotes too)
+    name_keys = ("name", "function", "tool", "tool_name", "toolname", "function_name", "functionname", "method",
+                 "action", "recipient_name", "api", "api_name", "command", "fn", "func")
+    argument_keys = ("arguments", "args", "parameters", "params", "input", "action_input", "kwargs")
+    last_name = last_arguments = -100
+    n = 0
     for line in folded.splitlines():
-        line = line.lstrip(" \t")
-        if not line.rstrip(" \t"):
-            continue
+        k = 0
+        while k < len(line) and _fc_sep(line[k]):
+            k += 1
+        if k == len(line):
+            continue  # (a blank line)
         n += 1
-        if line[:1] in ("-", "*", "\u2022"):
-            line = line[1:].lstrip(" \t")
+        if line[k] in "-*+>\u2022":
+            k += 1
         else:
-            d = 0
-            while d < len(line) and d < 3 and line[d] in "0123456789":
+            d = k
+            while d < len(line) and d - k < 3 and line[d] in "0123456789":
                 d += 1
-            if d and line[d:d + 1] in (".", ")"):
-                line = line[d + 1:].lstrip(" \t")
-        for word in ("name", "function", "tool", "arguments", "args", "parameters", "params", "input"):
-            if line.startswith(word) and line[len(word):].lstrip(" \t").startswith(":"):
-                mine, other = (names_at, args_at) if word in ("name", "function", "tool") else (args_at, names_at)
-                if other and n - other[-1] <= 8:
-                    return True
-                mine.append(n)
-                break
+            if d > k and line[d:d + 1] in (".", ")"):
+                k = d + 1
+        while k < len(line) and _fc_sep(line[k]):
+            k += 1
+        while k < len(line) and line[k] in "*`":
+            k += 1
+        e = k
+        while e < len(line) and ("a" <= line[e] <= "z" or line[e] == "_"):
+            e += 1
+        key = line[k:e]
+        while e < len(line) and line[e] in "*`":
+            e += 1
+        while e < len(line) and line[e] in " \t":
+            e += 1
+        if not key or e >= len(line) or line[e] not in _FC_COLONS:
+            continue
+        if key in name_keys:
+            if n - last_arguments <= 8:
+                return True
+            last_name = n
+        elif key in argument_keys:
+            if n - last_name <= 8:
+                return True
+            last_arguments = n
     return False
 
 
@@ -1138,8 +1160,6 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         return False, "no call list"
     names = list(tool_names)
     folded = _fc_fold(rest)
-    if _fc_named_call_after(folded, names) or _fc_any_call_after(folded):
-        return False, "a later call in another syntax"
     if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(folded)):
         return False, "a later call attempt in compatibility forms"
     # a leading reasoning block (opened first, or opened in the prompt) is not calls; the answer
@@ -1154,9 +1174,11 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         return False, "the answer is inside the reasoning block"
     if reasoning > len(before):
         reasoning = 0
-    earlier = _fc_fold(before[reasoning:])
-    if _fc_named_call_after(earlier, names) or _fc_any_call_after(earlier):
-        return False, "an earlier call in call syntax"
+    # the text before and after the run as one, the answer standing in as "[]": a call on either
+    # side or around the answer
+    around = _fc_fold(before[reasoning:]) + "[]" + folded
+    if _fc_named_call_after(around, names) or _fc_any_call_after(around):
+        return False, "another call in call syntax"
     for p in passed:
         f = _fc_fold(p)
         if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
