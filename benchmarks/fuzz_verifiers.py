@@ -418,7 +418,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
                             "\nThen reset() to finish.", "\ndelete_user (42)", "\nos.remove(path)",
                             "\n<function=delete_all_files>{}</function>", "\n\uff52\uff45\uff53\uff45\uff54\u200b()",
                             "\n1.delete_all_files(path='/')", "\nDone\u2026os.remove(path)", "\nreset\u0301()",
-                            '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]'])
+                            '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]',
+                            '\n"name": "' + call["name"] + '",\n"arguments": {}'])
         label = not ref and text.endswith("[]")
     return ex, text, bool(label)
 

@@ -384,6 +384,11 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\nname\u2236 delete_all\narguments\u2236 {}", False),
         (GOOD + "\nname: delete_all\n" + "\u2800\n" * 8 + "arguments: {}", False),
         ("name: delete_all\n" + GOOD + "\narguments: {}", False),
+        # after the answer, quoted keys without braces are a call (JSON without its braces)
+        (GOOD + '\n"name": "delete_all",\n"arguments": {}', False),
+        (GOOD + "\n'name': 'delete_all'\n'arguments': {}", False),
+        (GOOD + '\n"method": "delete_all"\n"params": "x"', False),
+        (GOOD + '\nThe "name": field is the tool.', True),
         # a pretty-printed JSON draft before prose is a draft, not YAML (quoted keys are JSON)
         (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, True),
         ("\n".join("<tool_call>\n" + json.dumps(c, indent=2) + "\n</tool_call>" for c in CALLS), True),
@@ -779,6 +784,7 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
         "<tool_calls>", "</tool_calls>", "<function_call>", "<|tool_call|>", "\r\n", "\u2028", "\n* name: f",
         "\narguments: {}\nname: f", "\ufe30", "repeat(", ", times=2)", "**name**:", "method: f", "\u2800",
+        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n',
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

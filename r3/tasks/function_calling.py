@@ -60,8 +60,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
   ``name:`` and ``arguments:`` lines near each other, also ``method:`` / ``params:`` and the like,
-  as list items, after a ``>`` or with the key in bold or backquotes (YAML; a quoted key is
-  JSON, read as such), ...); full-width
+  as list items, after a ``>`` or with the key in bold or backquotes (YAML; after the answer
+  also with the keys in quotes, JSON without its braces), ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -501,14 +501,15 @@ _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
 _YAML_KEY = re.compile("[*`]*([a-z_]+)[*`]*[ \t]*[" + _COLONS + "]")
+_YAML_QUOTED_KEY = re.compile("[*`\"']*([a-z_]+)[*`\"']*[ \t]*[" + _COLONS + "]")
 _YAML_NAME_KEYS = frozenset({"name", "function", "tool", "tool_name", "toolname", "function_name", "functionname",
                              "method", "action", "recipient_name", "api", "api_name", "command", "fn", "func"})
 _YAML_ARGUMENT_KEYS = frozenset({"arguments", "args", "parameters", "params", "input", "action_input", "kwargs"})
 
 
-def _yaml_kind(line: str) -> str | None:
+def _yaml_kind(line: str, quoted: bool) -> str | None:
     """``"name"`` or ``"arguments"`` for a line keyed so (after blanks, a list mark or quote, and
-    ``**`` / backquotes around the key), else None."""
+    ``**`` / backquotes around the key; ``quoted``: quotes too), else None."""
     i = 0
     while i < len(line) and _separator(line[i]):
         i += 1
@@ -517,23 +518,24 @@ def _yaml_kind(line: str) -> str | None:
         i = mark.end()
         while i < len(line) and _separator(line[i]):
             i += 1
-    m = _YAML_KEY.match(line, i)
+    m = (_YAML_QUOTED_KEY if quoted else _YAML_KEY).match(line, i)
     if not m:
         return None
     return "name" if m.group(1) in _YAML_NAME_KEYS else "arguments" if m.group(1) in _YAML_ARGUMENT_KEYS else None
 
 
-def _yaml_call(folded: str, window: int = 8) -> bool:
+def _yaml_call(folded: str, quoted: bool, window: int = 8) -> bool:
     """A line keyed ``name:`` (or function, tool, method, ...) and one keyed ``arguments:`` (or
     args, parameters, params, input, ...) within ``window`` lines that are not blank, in either
-    order (YAML, also as list items, quoted, or with the keys in bold or backquotes)."""
+    order (YAML, also as list items, after a ``>``, or with the keys in bold or backquotes;
+    ``quoted``: also keys in quotes, JSON without its braces)."""
     seen = {"name": -window - 1, "arguments": -window - 1}  # (the last line of each kind)
     n = 0
     for line in folded.splitlines():
         if all(_separator(c) for c in line):
             continue
         n += 1
-        kind = _yaml_kind(line)
+        kind = _yaml_kind(line, quoted)
         if kind:
             if n - seen["arguments" if kind == "name" else "name"] <= window:
                 return True
@@ -556,12 +558,13 @@ def _trailing_name(run: str) -> str:
     return ".".join(reversed(parts))
 
 
-def _any_call(folded: str) -> str | None:
-    """The first call in call syntax of any name in ``folded`` text (see :func:`called_later`)."""
+def _any_call(folded: str, quoted: bool = True) -> str | None:
+    """The first call in call syntax of any name in ``folded`` text (see :func:`called_later`;
+    ``quoted``: a YAML call's keys may be in quotes)."""
     marker = _CALL_MARKER.search(folded)
     if marker:
         return marker.group()
-    if _yaml_call(folded):
+    if _yaml_call(folded, quoted):
         return "name: ... arguments: ..."
     for m in _NAME_RUN.finditer(folded):
         name, blanks = _trailing_name(m.group(1)), m.group(2)
@@ -613,13 +616,13 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     return re.compile(r"(?<![a-z_])(" + alternatives + r")\s*\("), keys
 
 
-def _call_in(folded: str, tool_names: list[str]) -> str | None:
-    """:func:`called_later` on text already folded."""
+def _call_in(folded: str, tool_names: list[str], quoted: bool = True) -> str | None:
+    """:func:`called_later` on text already folded (``quoted``: see :func:`_any_call`)."""
     pattern, keys = _tool_pattern(tuple(n if isinstance(n, str) else "" for n in tool_names))
     m = pattern.search(folded) if pattern else None
     if m:
         return keys[m.group(1)]
-    return _any_call(folded)
+    return _any_call(folded, quoted)
 
 
 def _attempt_in(folded: str) -> str | None:
@@ -860,9 +863,12 @@ class FunctionCallingTask(Task):
         if end <= thought:
             return False, "the answer is inside the reasoning block"
         # before and after the run, read as one text with the answer as "[]" in between: a call
-        # on either side, or one around the answer (repeat([...], times=1000))
+        # on either side, or one around the answer (repeat([...], times=1000)); quoted keys before
+        # it are JSON drafts, after it JSON without braces (a call)
         before = _fold(completion_text[thought if thought <= start else 0:start])
-        other = _call_in(before + "[]" + rest, names)
+        other = _call_in(before + "[]" + rest, names, quoted=False)
+        if not other and _yaml_call(rest, quoted=True):
+            other = "name: ... arguments: ..."
         if other:
             return False, f"another call of {other[:60]!r} in call syntax"
         within = hidden_call([t for t in passed if not _LEAD_IN.fullmatch(_fold(t))], names)

@@ -839,9 +839,10 @@ def _fc_opens_like_a_call(folded: str, j: int) -> bool:
     return False
 
 
-def _fc_marker(folded: str) -> bool:
+def _fc_marker(folded: str, quoted: bool) -> bool:
     """Another model's tool-call syntax: an opening <tool_call>, <invoke or <function_calls tag,
-    [tool_calls], <|tool_call, >>> before a name, "action input:"."""
+    [tool_calls], <|tool_call, >>> before a name, "action input:"; YAML keys (``quoted``: also in
+    quotes, as JSON without braces)."""
     def skip_blanks(j):
         while j < len(folded) and folded[j].isspace():
             j += 1
@@ -881,7 +882,8 @@ def _fc_marker(folded: str) -> bool:
             return True
     # a line keyed name (function, tool, method, ...) and one keyed arguments (args, parameters,
     # ...) within 8 lines that are not blank, in either order (YAML: list items, quotes, keys in
-    # bold or backquotes too)
+    # bold or backquotes too; in quotes where ``quoted``)
+    decoration = "*`\"'" if quoted else "*`"
     name_keys = ("name", "function", "tool", "tool_name", "toolname", "function_name", "functionname", "method",
                  "action", "recipient_name", "api", "api_name", "command", "fn", "func")
     argument_keys = ("arguments", "args", "parameters", "params", "input", "action_input", "kwargs")
@@ -904,13 +906,13 @@ def _fc_marker(folded: str) -> bool:
                 k = d + 1
         while k < len(line) and _fc_sep(line[k]):
             k += 1
-        while k < len(line) and line[k] in "*`":
+        while k < len(line) and line[k] in decoration:
             k += 1
         e = k
         while e < len(line) and ("a" <= line[e] <= "z" or line[e] == "_"):
             e += 1
         key = line[k:e]
-        while e < len(line) and line[e] in "*`":
+        while e < len(line) and line[e] in decoration:
             e += 1
         while e < len(line) and line[e] in " \t":
             e += 1
@@ -927,11 +929,12 @@ def _fc_marker(folded: str) -> bool:
     return False
 
 
-def _fc_any_call_after(folded: str) -> bool:
+def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
     """``<function=name`` or an ASCII identifier (dotted parts) before an opening parenthesis:
     with ``_`` or ``.`` in it, blanks between allowed; without, directly before a parenthesis
-    that opens like a call (see :func:`_fc_opens_like_a_call`)."""
-    if _fc_marker(folded):
+    that opens like a call (see :func:`_fc_opens_like_a_call`); other models' markers and YAML
+    (:func:`_fc_marker`)."""
+    if _fc_marker(folded, quoted):
         return True
     k = folded.find("<function")
     while k != -1:
@@ -1175,9 +1178,10 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     if reasoning > len(before):
         reasoning = 0
     # the text before and after the run as one, the answer standing in as "[]": a call on either
-    # side or around the answer
+    # side or around the answer (JSON keys before it are drafts; after it, braceless JSON is a call)
     around = _fc_fold(before[reasoning:]) + "[]" + folded
-    if _fc_named_call_after(around, names) or _fc_any_call_after(around):
+    if _fc_named_call_after(around, names) or _fc_any_call_after(around, quoted=False) \
+            or _fc_marker(folded, quoted=True):
         return False, "another call in call syntax"
     for p in passed:
         f = _fc_fold(p)
