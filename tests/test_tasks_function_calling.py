@@ -389,6 +389,20 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\n'name': 'delete_all'\n'arguments': {}", False),
         (GOOD + '\n"method": "delete_all"\n"params": "x"', False),
         (GOOD + '\nThe "name": field is the tool.', True),
+        # a seventh reader's cases: quoted keys outside braces before the answer are YAML or
+        # braceless JSON, a call; more key spellings; nested list items
+        ("- 'name': delete_all\n  'arguments': {}\n" + "".join("- " + json.dumps(c) + "\n" for c in CALLS), False),
+        ('- "name": delete_all\n  "arguments": {}\n' + "".join("- " + json.dumps(c) + "\n" for c in CALLS), False),
+        ('"name": "delete_all",\n"arguments": {}\n' + GOOD, False),
+        ('"name": "repeat",\n"arguments": {"times": 1000, "calls": ' + GOOD + "}", False),
+        ("{'name': 'get_weather',\n 'arguments': {}}\nNo, all three:\n" + GOOD, True),  # (a draft in braces)
+        (GOOD + "\ntool: delete_all\ntool_input: {}", False),
+        (GOOD + "\nname: delete_all\nargument: {}", False),
+        (GOOD + "\naction: delete_all\naction-input: {}", False),
+        (GOOD + "\ntoolName: delete_all\ntoolArgs: {}", False),
+        (GOOD + "\nfn_name: delete_all\nfn_args: {}", False),
+        (GOOD + "\n- - name: delete_all\n    arguments: {}", False),
+        (GOOD + "\n> - name: delete_all\n>   arguments: {}", False),
         # a pretty-printed JSON draft before prose is a draft, not YAML (quoted keys are JSON)
         (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, True),
         ("\n".join("<tool_call>\n" + json.dumps(c, indent=2) + "\n</tool_call>" for c in CALLS), True),
@@ -784,7 +798,7 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
         "<tool_calls>", "</tool_calls>", "<function_call>", "<|tool_call|>", "\r\n", "\u2028", "\n* name: f",
         "\narguments: {}\nname: f", "\ufe30", "repeat(", ", times=2)", "**name**:", "method: f", "\u2800",
-        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n',
+        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n', "\n- - ", "tool-input: 1\n", "\n'fn_name': ",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),
@@ -798,3 +812,23 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         seen[ok] += 1
         hermes += ok and GOOD not in text
     assert seen[True] > 100 and seen[False] > 100 and hermes > 20  # (each kind of verdict is exercised)
+
+
+def test_visible_removes_exactly_marks_format_and_combining_characters():
+    """The translate table behind _visible deletes what the per-character definition does, on
+    random text over all of Unicode and the characters that matter."""
+    import random
+    import unicodedata
+
+    from r3.tasks.function_calling import _visible
+
+    def reference(s):
+        return "".join(c for c in s if unicodedata.category(c) not in ("Mn", "Me", "Cf")
+                       and not unicodedata.combining(c))
+
+    rng = random.Random(0)
+    for _ in range(3_000):
+        s = "".join(chr(rng.randrange(0x110000)) if rng.random() < 0.5 else rng.choice("a\u0301\u200b\ufdfa\u0903\U0001d16d ")
+                    for _ in range(rng.randint(0, 40)))
+        assert _visible(s) == reference(s), repr(s)
+    assert _visible("plain ascii") == "plain ascii"

@@ -59,9 +59,11 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
   ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
-  ``name:`` and ``arguments:`` lines near each other, also ``method:`` / ``params:`` and the like,
-  as list items, after a ``>`` or with the key in bold or backquotes (YAML; after the answer
-  also with the keys in quotes, JSON without its braces), ...); full-width
+  ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
+  ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:`` and the like (``-`` read
+  as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
+  quotes outside the structures before the answer (YAML, or JSON without its braces; quoted
+  keys inside braces before the answer are a JSON draft), ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -470,11 +472,19 @@ def parse_calls(text: Any) -> list[dict] | None:
 _INVISIBLE = ("Mn", "Me", "Cf")  # combining marks and format characters (zero-width spaces)
 
 
+@functools.cache
+def _invisible_table() -> dict[int, None]:
+    """A :meth:`str.translate` table that deletes every character :func:`_visible` removes (built
+    once per process from :mod:`unicodedata`, a quarter of a second)."""
+    return {i: None for i in range(sys.maxunicode + 1)
+            if unicodedata.category(chr(i)) in _INVISIBLE or unicodedata.combining(chr(i))}
+
+
 def _visible(text: str) -> str:
     """``text`` without combining marks, format characters and any other character with a
     combining class (some spacing marks have one, and NFKC reorders runs of them in quadratic
     time)."""
-    return "".join(c for c in text if unicodedata.category(c) not in _INVISIBLE and not unicodedata.combining(c))
+    return text if text.isascii() else text.translate(_invisible_table())
 
 
 def _fold(text: str) -> str:
@@ -500,11 +510,17 @@ _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(
                           r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient)|>>>\s*[a-z_]|action\s*input\s*:"
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
-_YAML_KEY = re.compile("[*`]*([a-z_]+)[*`]*[ \t]*[" + _COLONS + "]")
-_YAML_QUOTED_KEY = re.compile("[*`\"']*([a-z_]+)[*`\"']*[ \t]*[" + _COLONS + "]")
+_YAML_KEY = re.compile("[*`]*([a-z_-]+)[*`]*[ \t]*[" + _COLONS + "]")
+_YAML_QUOTED_KEY = re.compile("[*`\"']*([a-z_-]+)[*`\"']*[ \t]*[" + _COLONS + "]")
+# (keys compared with "-" read as "_", in lower case: toolName is toolname)
 _YAML_NAME_KEYS = frozenset({"name", "function", "tool", "tool_name", "toolname", "function_name", "functionname",
-                             "method", "action", "recipient_name", "api", "api_name", "command", "fn", "func"})
-_YAML_ARGUMENT_KEYS = frozenset({"arguments", "args", "parameters", "params", "input", "action_input", "kwargs"})
+                             "method", "action", "recipient_name", "recipient", "api", "api_name", "command", "fn",
+                             "func", "fn_name", "fnname", "function_call", "tool_call", "call", "invoke",
+                             "operation"})
+_YAML_ARGUMENT_KEYS = frozenset({"arguments", "argument", "args", "parameters", "parameter", "params", "input",
+                                 "inputs", "action_input", "kwargs", "tool_input", "toolinput", "tool_args",
+                                 "toolargs", "tool_arguments", "toolarguments", "function_arguments",
+                                 "functionarguments", "fn_args", "fnargs", "arguments_json", "input_json"})
 
 
 def _yaml_kind(line: str, quoted: bool) -> str | None:
@@ -514,14 +530,16 @@ def _yaml_kind(line: str, quoted: bool) -> str | None:
     while i < len(line) and _separator(line[i]):
         i += 1
     mark = _YAML_MARK.match(line, i)
-    if mark:
+    while mark:  # (nested list items and quotes: "- - name:", "> - name:")
         i = mark.end()
         while i < len(line) and _separator(line[i]):
             i += 1
+        mark = _YAML_MARK.match(line, i)
     m = (_YAML_QUOTED_KEY if quoted else _YAML_KEY).match(line, i)
     if not m:
         return None
-    return "name" if m.group(1) in _YAML_NAME_KEYS else "arguments" if m.group(1) in _YAML_ARGUMENT_KEYS else None
+    key = m.group(1).replace("-", "_")
+    return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
 
 
 def _yaml_call(folded: str, quoted: bool, window: int = 8) -> bool:
@@ -541,6 +559,17 @@ def _yaml_call(folded: str, quoted: bool, window: int = 8) -> bool:
                 return True
             seen[kind] = n
     return False
+
+
+def _blank_structures(text: str) -> str:
+    """``text`` with every bracketed structure (:func:`_structures`) blanked but its line breaks."""
+    parts, at = [], 0
+    for start, end, _ in _structures(text):
+        parts.append(text[at:start])
+        parts.append(re.sub(r"[^\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", " ", text[start:end]))
+        at = end
+    parts.append(text[at:])
+    return "".join(parts)
 
 
 def _trailing_name(run: str) -> str:
@@ -863,11 +892,11 @@ class FunctionCallingTask(Task):
         if end <= thought:
             return False, "the answer is inside the reasoning block"
         # before and after the run, read as one text with the answer as "[]" in between: a call
-        # on either side, or one around the answer (repeat([...], times=1000)); quoted keys before
-        # it are JSON drafts, after it JSON without braces (a call)
+        # on either side, or one around the answer (repeat([...], times=1000)); YAML keys in
+        # quotes too, except inside the structures before the answer (JSON drafts)
         before = _fold(completion_text[thought if thought <= start else 0:start])
         other = _call_in(before + "[]" + rest, names, quoted=False)
-        if not other and _yaml_call(rest, quoted=True):
+        if not other and _yaml_call(_blank_structures(before) + "[]" + rest, quoted=True):
             other = "name: ... arguments: ..."
         if other:
             return False, f"another call of {other[:60]!r} in call syntax"

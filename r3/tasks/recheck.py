@@ -749,6 +749,37 @@ def _fc_top_level(text: str) -> list[tuple[str, bool]]:
     return out
 
 
+def _fc_without_structures(text: str) -> str:
+    """The text with each top-level bracketed structure blanked (spaces) but its line breaks."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        if text[i] not in "[{":
+            out.append(text[i])
+            i += 1
+            continue
+        want, j, in_str, esc = [], i, False, False
+        while j < n:
+            c = text[j]
+            if in_str:
+                if esc:
+                    esc = False
+                elif c == "\\":
+                    esc = True
+                elif c == '"':
+                    in_str = False
+            elif c == '"':
+                in_str = True
+            elif c in "[{":
+                want.append("]" if c == "[" else "}")
+            elif c in "]}":
+                if want.pop() != c or not want:
+                    break
+            j += 1
+        out.append("".join(c if c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029" else " " for c in text[i:j + 1]))
+        i = j + 1
+    return "".join(out)
+
+
 _FC_COLONS = set(":=\u02d0\u02d1\u02f8\u0589\u05c3\u0703\u0704\u0705\u0706\u0707\u0708\u0709\u1361\u1365"
                  "\u1366\u1804\u205a\u205d\u2236\u2254\u2255\u2982\u2af6\ua4fd\ua6f4\ua789\ufe13\ufe30\ufe55"
                  "\uff1a\u0903\u0983\u0a03\u0a83\u0b03\u0c03\u0c83\u0d03\u0d83\u0f7f"
@@ -885,8 +916,12 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
     # bold or backquotes too; in quotes where ``quoted``)
     decoration = "*`\"'" if quoted else "*`"
     name_keys = ("name", "function", "tool", "tool_name", "toolname", "function_name", "functionname", "method",
-                 "action", "recipient_name", "api", "api_name", "command", "fn", "func")
-    argument_keys = ("arguments", "args", "parameters", "params", "input", "action_input", "kwargs")
+                 "action", "recipient_name", "recipient", "api", "api_name", "command", "fn", "func", "fn_name",
+                 "fnname", "function_call", "tool_call", "call", "invoke", "operation")
+    argument_keys = ("arguments", "argument", "args", "parameters", "parameter", "params", "input", "inputs",
+                     "action_input", "kwargs", "tool_input", "toolinput", "tool_args", "toolargs", "tool_arguments",
+                     "toolarguments", "function_arguments", "functionarguments", "fn_args", "fnargs",
+                     "arguments_json", "input_json")
     last_name = last_arguments = -100
     n = 0
     for line in folded.splitlines():
@@ -896,22 +931,25 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
         if k == len(line):
             continue  # (a blank line)
         n += 1
-        if line[k] in "-*+>\u2022":
-            k += 1
-        else:
-            d = k
-            while d < len(line) and d - k < 3 and line[d] in "0123456789":
-                d += 1
-            if d > k and line[d:d + 1] in (".", ")"):
-                k = d + 1
-        while k < len(line) and _fc_sep(line[k]):
-            k += 1
+        while k < len(line):  # list marks and quotes, any number ("- - name:", "> - name:")
+            if line[k] in "-*+>\u2022":
+                k += 1
+            else:
+                d = k
+                while d < len(line) and d - k < 3 and line[d] in "0123456789":
+                    d += 1
+                if d > k and line[d:d + 1] in (".", ")"):
+                    k = d + 1
+                else:
+                    break
+            while k < len(line) and _fc_sep(line[k]):
+                k += 1
         while k < len(line) and line[k] in decoration:
             k += 1
         e = k
-        while e < len(line) and ("a" <= line[e] <= "z" or line[e] == "_"):
+        while e < len(line) and ("a" <= line[e] <= "z" or line[e] in "_-"):
             e += 1
-        key = line[k:e]
+        key = line[k:e].replace("-", "_")
         while e < len(line) and line[e] in decoration:
             e += 1
         while e < len(line) and line[e] in " \t":
@@ -1178,10 +1216,12 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     if reasoning > len(before):
         reasoning = 0
     # the text before and after the run as one, the answer standing in as "[]": a call on either
-    # side or around the answer (JSON keys before it are drafts; after it, braceless JSON is a call)
-    around = _fc_fold(before[reasoning:]) + "[]" + folded
+    # side or around the answer; YAML keys in quotes (braceless JSON) too, but not inside the
+    # structures before the answer (JSON drafts)
+    folded_before = _fc_fold(before[reasoning:])
+    around = folded_before + "[]" + folded
     if _fc_named_call_after(around, names) or _fc_any_call_after(around, quoted=False) \
-            or _fc_marker(folded, quoted=True):
+            or _fc_marker(_fc_without_structures(folded_before) + "[]" + folded, quoted=True):
         return False, "another call in call syntax"
     for p in passed:
         f = _fc_fold(p)
