@@ -712,9 +712,9 @@ def _fc_same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _fc_top_level(text: str) -> list[tuple[str, bool]]:
-    """(text, complete) of each top-level bracketed structure, char by char: complete, broken at a
-    mismatched closing bracket, or truncated at the end of the text."""
+def _fc_spans(text: str) -> list[tuple[int, int, bool]]:
+    """(start, end, complete) of each top-level bracketed structure, char by char: complete,
+    broken at a mismatched closing bracket, or truncated at the end of the text."""
     out, i, n = [], 0, len(text)
     while i < n:
         if text[i] not in "[{":
@@ -744,39 +744,24 @@ def _fc_top_level(text: str) -> list[tuple[str, bool]]:
                     ok = True
                     break
             j += 1
-        out.append((text[start:j + 1], ok))
+        out.append((start, min(j + 1, n), ok))
         i = j + 1
     return out
 
 
+def _fc_top_level(text: str) -> list[tuple[str, bool]]:
+    """(text, complete) of each top-level bracketed structure (see :func:`_fc_spans`)."""
+    return [(text[a:b], ok) for a, b, ok in _fc_spans(text)]
+
+
 def _fc_without_structures(text: str) -> str:
     """The text with each top-level bracketed structure blanked (spaces) but its line breaks."""
-    out, i, n = [], 0, len(text)
-    while i < n:
-        if text[i] not in "[{":
-            out.append(text[i])
-            i += 1
-            continue
-        want, j, in_str, esc = [], i, False, False
-        while j < n:
-            c = text[j]
-            if in_str:
-                if esc:
-                    esc = False
-                elif c == "\\":
-                    esc = True
-                elif c == '"':
-                    in_str = False
-            elif c == '"':
-                in_str = True
-            elif c in "[{":
-                want.append("]" if c == "[" else "}")
-            elif c in "]}":
-                if want.pop() != c or not want:
-                    break
-            j += 1
-        out.append("".join(c if c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029" else " " for c in text[i:j + 1]))
-        i = j + 1
+    out, at = [], 0
+    for a, b, _ in _fc_spans(text):
+        out.append(text[at:a])
+        out.append("".join(c if c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029" else " " for c in text[a:b]))
+        at = b
+    out.append(text[at:])
     return "".join(out)
 
 
