@@ -435,6 +435,7 @@ def long_inputs(kind: str) -> list[tuple[str, str]]:
                 ("combining", "[" + call + "]a" + "\u0301\u0316" * 49_000),
                 ("expanding", "[" + call + "]" + "\ufdfa" * 99_000),
                 ("expanding-markup", ("<" + "\ufdfa" * 198 + ">") * 490 + "[" + call + "]"),
+                ("single-quotes", "[" + ", '" * 33_000), ("quote-after-blanks", ("[" + " " * 1_000 + "'") * 98),
                 ("tool-call-blocks", ("<tool_call>" + call + "</tool_call>\n") * 1_650),
                 ("empty-lists", "[]" * 49_000), ("bullets", "- " * 48_000 + "[" + call + "]"),
                 ("unclosed-think", "[" + call + "]" + "<think>" * 14_000),

@@ -403,6 +403,15 @@ BAD = dumps(CALLS[:2])
         (GOOD + "\nfn_name: delete_all\nfn_args: {}", False),
         (GOOD + "\n- - name: delete_all\n    arguments: {}", False),
         (GOOD + "\n> - name: delete_all\n>   arguments: {}", False),
+        # a single-quoted string where a value or key starts is skipped like a JSON one, so a
+        # bracket inside it does not end the structure (Python or YAML would read one list)
+        ("[{'name': 'delete_all', 'arguments': {'glob': ']'}}, " + GOOD[1:], False),
+        ("[{name: delete_all, arguments: {glob: ']'}}, " + GOOD[1:], False),
+        ("{'name': 'repeat', 'arguments': {'sep': ']', 'calls': " + GOOD + "}}", False),
+        ("I'll check [what's needed] first.\n" + GOOD, True),
+        ("Use [the user's cities: Paris, Tokyo], that's it.\n" + GOOD, True),
+        ("[{'name': 'get_weather', 'arguments': {'note': 'it's', 'city': 'Paris'}}]\nNo, all three:\n" + GOOD, True),
+        ("{'city: Paris}\nLet me redo it.\n" + GOOD, False),  # (a string never closed: truncated)
         # a pretty-printed JSON draft before prose is a draft, not YAML (quoted keys are JSON)
         (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, True),
         ("\n".join("<tool_call>\n" + json.dumps(c, indent=2) + "\n</tool_call>" for c in CALLS), True),
@@ -798,7 +807,7 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
         "<tool_calls>", "</tool_calls>", "<function_call>", "<|tool_call|>", "\r\n", "\u2028", "\n* name: f",
         "\narguments: {}\nname: f", "\ufe30", "repeat(", ", times=2)", "**name**:", "method: f", "\u2800",
-        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n', "\n- - ", "tool-input: 1\n", "\n'fn_name': ",
+        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n', "\n- - ", "tool-input: 1\n", "\n'fn_name': ", "{'a': ']'}", "[{'x': ", "']", " '", "what's",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

@@ -16,7 +16,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 * the answer is the whole completion when it parses as JSON and is a call list (``[]`` included);
 * otherwise it is the LAST RUN of call attempts embedded in the text, however long the text is.
   Scanning left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its
-  matching bracket (JSON strings, with their escapes, are skipped); a mismatched closing bracket
+  matching bracket (strings, with their escapes, are skipped: ``"..."``, and ``'...'`` where a
+  value or key starts, after ``[``, ``{``, ``,`` or ``:``); a mismatched closing bracket
   ends it as broken, and so does the end of the text (a truncated structure). A structure is a
   call attempt when it holds a ``:`` or ``=`` or a character that looks like a colon (a key of
   any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``, ``'name' =``) or is an empty list (``[]``, blanks inside); other structures
@@ -202,30 +203,38 @@ def _loads(s: str) -> Any:
     return value
 
 
-_MARKS = re.compile(r'[\[\]{}"]')
+_MARKS = re.compile(r"""[\[\]{}"']""")
 _CLOSER = {"[": "]", "{": "}"}
 
 
 def _structures(text: str):
     """``(start, end, complete)`` of each top-level structure (see the module docstring), in
     order: complete ones end at their matching bracket, broken ones at the mismatched closing
-    bracket, truncated ones at the end of the text. One pass over the brackets and quotes."""
+    bracket, truncated ones at the end of the text. One pass over the brackets and quotes: a
+    string opens at ``"``, or at ``'`` where a value or key starts (after ``[``, ``{``, ``,`` or
+    ``:`` and blanks; ``[what's]`` is no string) and ends at the same quote, escapes skipped."""
     marks = _MARKS.finditer(text)
     for m in marks:
         if m.group() not in _CLOSER:
             continue  # prose: quotes and closing brackets mean nothing here
-        start, stack, string_start = m.start(), [_CLOSER[m.group()]], -1
+        start, stack, string_start, quote = m.start(), [_CLOSER[m.group()]], -1, ""
         for m2 in marks:
             pos, ch = m2.start(), m2.group()
             if string_start >= 0:
-                if ch == '"':
+                if ch == quote:
                     slashes = 0
                     while pos - slashes - 1 > string_start and text[pos - slashes - 1] == "\\":
                         slashes += 1
                     if slashes % 2 == 0:
                         string_start = -1
             elif ch == '"':
-                string_start = pos
+                string_start, quote = pos, ch
+            elif ch == "'":
+                k = pos - 1
+                while text[k].isspace():  # (never past the structure's opening bracket)
+                    k -= 1
+                if text[k] in "[{,:":
+                    string_start, quote = pos, ch
             elif ch in _CLOSER:
                 stack.append(_CLOSER[ch])
             elif ch != stack.pop():

@@ -714,25 +714,33 @@ def _fc_same(a, b) -> bool:
 
 def _fc_spans(text: str) -> list[tuple[int, int, bool]]:
     """(start, end, complete) of each top-level bracketed structure, char by char: complete,
-    broken at a mismatched closing bracket, or truncated at the end of the text."""
+    broken at a mismatched closing bracket, or truncated at the end of the text. Strings are
+    skipped: double-quoted, and single-quoted where a value or key starts."""
     out, i, n = [], 0, len(text)
     while i < n:
         if text[i] not in "[{":
             i += 1
             continue
         start, want, j, ok = i, [], i, False
-        in_str = esc = False
+        quote, esc = "", False
         while j < n:
             c = text[j]
-            if in_str:
+            if quote:
                 if esc:
                     esc = False
                 elif c == "\\":
                     esc = True
-                elif c == '"':
-                    in_str = False
+                elif c == quote:
+                    quote = ""
             elif c == '"':
-                in_str = True
+                quote = c
+            elif c == "'":
+                # a single-quoted string only where a value or key starts
+                k = j - 1
+                while k > start and text[k].isspace():
+                    k -= 1
+                if text[k] in "[{,:":
+                    quote = c
             elif c == "[":
                 want.append("]")
             elif c == "{":
