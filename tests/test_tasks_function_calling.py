@@ -412,6 +412,14 @@ BAD = dumps(CALLS[:2])
         ("Use [the user's cities: Paris, Tokyo], that's it.\n" + GOOD, True),
         ("[{'name': 'get_weather', 'arguments': {'note': 'it's', 'city': 'Paris'}}]\nNo, all three:\n" + GOOD, True),
         ("{'city: Paris}\nLet me redo it.\n" + GOOD, False),  # (a string never closed: truncated)
+        (GOOD + '\n"name": "delete_all", "arguments": {}', False),  # (braceless JSON on one line)
+        (GOOD + "\n'tool': 'delete_all', 'tool_input': 1", False),
+        ('"name": "delete_all", "arguments": {}\n' + GOOD, False),
+        # a call attempt in compatibility forms that opens before the answer and closes after it
+        ('\uff5b"name": "repeat", "arguments": \uff5b"times": 1000, "calls": ' + GOOD + "\uff5d\uff5d", False),
+        ('\uff3b\uff5b"name": "delete_all", "arguments": \uff5b\uff5d\uff5d, ' + GOOD[1:], False),
+        ("\uff3bnote\uff3d\n" + GOOD, True),
+        ("\uff3b" + GOOD + "\uff3d", True),  # (no key around the answer: no other call)
         # a pretty-printed JSON draft before prose is a draft, not YAML (quoted keys are JSON)
         (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, True),
         ("\n".join("<tool_call>\n" + json.dumps(c, indent=2) + "\n</tool_call>" for c in CALLS), True),
@@ -807,7 +815,7 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         "\u02d0", '{"method": "f", "params": []}', '{"tool_calls": []}', "\n- name: f\n  arguments: {}",
         "<tool_calls>", "</tool_calls>", "<function_call>", "<|tool_call|>", "\r\n", "\u2028", "\n* name: f",
         "\narguments: {}\nname: f", "\ufe30", "repeat(", ", times=2)", "**name**:", "method: f", "\u2800",
-        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n', "\n- - ", "tool-input: 1\n", "\n'fn_name': ", "{'a': ']'}", "[{'x': ", "']", " '", "what's",
+        '\n"name": "f"', "\n'arguments': {}", '"params": [1]\n', "\n- - ", "tool-input: 1\n", "\n'fn_name': ", "{'a': ']'}", "[{'x': ", "']", " '", "what's", "\uff5b\"a\": ", "\uff5d", "\uff3b",
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),

@@ -63,8 +63,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
   ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:`` and the like (``-`` read
   as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
-  quotes outside the structures before the answer (YAML, or JSON without its braces; quoted
-  keys inside braces before the answer are a JSON draft), ...); full-width
+  quotes anywhere in a line outside the structures before the answer (YAML, or JSON without its
+  braces; quoted keys inside braces before the answer are a JSON draft), a call attempt in
+  compatibility forms that opens before the answer and closes after it, ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -521,6 +522,7 @@ _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
 _YAML_KEY = re.compile("[*`]*([a-z_-]+)[*`]*[ \t]*[" + _COLONS + "]")
 _YAML_QUOTED_KEY = re.compile("[*`\"']*([a-z_-]+)[*`\"']*[ \t]*[" + _COLONS + "]")
+_QUOTED_KEY_IN_LINE = re.compile("[\"']([a-z_-]+)[\"'][ \t]*[" + _COLONS + "]")
 # (keys compared with "-" read as "_", in lower case: toolName is toolname)
 _YAML_NAME_KEYS = frozenset({"name", "function", "tool", "tool_name", "toolname", "function_name", "functionname",
                              "method", "action", "recipient_name", "recipient", "api", "api_name", "command", "fn",
@@ -530,6 +532,21 @@ _YAML_ARGUMENT_KEYS = frozenset({"arguments", "argument", "args", "parameters", 
                                  "inputs", "action_input", "kwargs", "tool_input", "toolinput", "tool_args",
                                  "toolargs", "tool_arguments", "toolarguments", "function_arguments",
                                  "functionarguments", "fn_args", "fnargs", "arguments_json", "input_json"})
+
+
+def _key_kind(key: str) -> str | None:
+    key = key.replace("-", "_")
+    return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
+
+
+def _yaml_kinds(line: str, quoted: bool) -> set[str]:
+    """The kinds of call key (``"name"``, ``"arguments"``) in a line: its own key (after blanks, a
+    list mark or quote, and ``**`` / backquotes around the key; ``quoted``: quotes too) and,
+    where ``quoted``, any quoted key in it (JSON without braces, on one line)."""
+    kinds = {_key_kind(m.group(1)) for m in _QUOTED_KEY_IN_LINE.finditer(line)} if quoted else set()
+    kinds.add(_yaml_kind(line, quoted))
+    kinds.discard(None)
+    return kinds
 
 
 def _yaml_kind(line: str, quoted: bool) -> str | None:
@@ -545,25 +562,21 @@ def _yaml_kind(line: str, quoted: bool) -> str | None:
             i += 1
         mark = _YAML_MARK.match(line, i)
     m = (_YAML_QUOTED_KEY if quoted else _YAML_KEY).match(line, i)
-    if not m:
-        return None
-    key = m.group(1).replace("-", "_")
-    return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
+    return _key_kind(m.group(1)) if m else None
 
 
 def _yaml_call(folded: str, quoted: bool, window: int = 8) -> bool:
     """A line keyed ``name:`` (or function, tool, method, ...) and one keyed ``arguments:`` (or
     args, parameters, params, input, ...) within ``window`` lines that are not blank, in either
     order (YAML, also as list items, after a ``>``, or with the keys in bold or backquotes;
-    ``quoted``: also keys in quotes, JSON without its braces)."""
+    ``quoted``: also keys in quotes, anywhere in a line: JSON without its braces)."""
     seen = {"name": -window - 1, "arguments": -window - 1}  # (the last line of each kind)
     n = 0
     for line in folded.splitlines():
         if all(_separator(c) for c in line):
             continue
         n += 1
-        kind = _yaml_kind(line, quoted)
-        if kind:
+        for kind in _yaml_kinds(line, quoted):
             if n - seen["arguments" if kind == "name" else "name"] <= window:
                 return True
             seen[kind] = n
@@ -915,6 +928,11 @@ class FunctionCallingTask(Task):
         disguised = _attempt_in(rest)
         if disguised:
             return False, f"a later call attempt {disguised[:60]!r} in compatibility forms"
+        around = before + "[]" + rest  # (a structure only folding makes, opened before and closed after)
+        wrapping = next((around[a:b] for a, b, complete in _structures(around)
+                         if a < len(before) and b > len(before) + 2 and _is_attempt(around, a, b, complete)), None)
+        if wrapping:
+            return False, f"a call attempt {wrapping[:60]!r} around the answer in compatibility forms"
         hidden = hidden_call(loose, names)
         if hidden:
             return False, f"a call {hidden[:60]!r} in a string beside the calls"

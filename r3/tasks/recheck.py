@@ -947,16 +947,30 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
             e += 1
         while e < len(line) and line[e] in " \t":
             e += 1
-        if not key or e >= len(line) or line[e] not in _FC_COLONS:
-            continue
-        if key in name_keys:
-            if n - last_arguments <= 8:
-                return True
-            last_name = n
-        elif key in argument_keys:
-            if n - last_name <= 8:
-                return True
-            last_arguments = n
+        keys = [key] if key and e < len(line) and line[e] in _FC_COLONS else []
+        if quoted:  # any quoted key in the line too (JSON without braces on one line)
+            for q in range(len(line)):
+                if line[q] not in "\"'":
+                    continue
+                e = q + 1
+                while e < len(line) and ("a" <= line[e] <= "z" or line[e] in "_-"):
+                    e += 1
+                if e == q + 1 or e >= len(line) or line[e] not in "\"'":
+                    continue
+                c = e + 1
+                while c < len(line) and line[c] in " \t":
+                    c += 1
+                if c < len(line) and line[c] in _FC_COLONS:
+                    keys.append(line[q + 1:e].replace("-", "_"))
+        for key in keys:
+            if key in name_keys:
+                if n - last_arguments <= 8:
+                    return True
+                last_name = n
+            elif key in argument_keys:
+                if n - last_name <= 8:
+                    return True
+                last_arguments = n
     return False
 
 
@@ -1216,6 +1230,10 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     if _fc_named_call_after(around, names) or _fc_any_call_after(around, quoted=False) \
             or _fc_marker(_fc_without_structures(folded_before) + "[]" + folded, quoted=True):
         return False, "another call in call syntax"
+    # a structure that opens before the answer and closes after it (only folding can make one)
+    for a, b, ok in _fc_spans(around):
+        if a < len(folded_before) and b > len(folded_before) + 2 and _fc_is_attempt(around[a:b], ok):
+            return False, "a call attempt around the answer"
     for p in passed:
         f = _fc_fold(p)
         if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
