@@ -411,10 +411,25 @@ BAD = dumps(CALLS[:2])
         ("I'll check [what's needed] first.\n" + GOOD, True),
         ("Use [the user's cities: Paris, Tokyo], that's it.\n" + GOOD, True),
         ("[{'name': 'get_weather', 'arguments': {'note': 'it's', 'city': 'Paris'}}]\nNo, all three:\n" + GOOD, True),
-        ("{'city: Paris}\nLet me redo it.\n" + GOOD, False),  # (a string never closed: truncated)
-        (GOOD + '\n"name": "delete_all", "arguments": {}', False),  # (braceless JSON on one line)
-        (GOOD + "\n'tool': 'delete_all', 'tool_input': 1", False),
-        ('"name": "delete_all", "arguments": {}\n' + GOOD, False),
+        ("{'city: Paris}\nLet me redo it.\n" + GOOD, True),  # (no closing quote on its line: no string)
+        # an eighth reader's cases: quoted keys in prose are prose (braceless JSON is a key per
+        # line); structures only folding makes hide nothing before the answer; an apostrophe
+        # opens no string unless one closes on its line; markup with brackets is no marker
+        (GOOD + '\nEach call has a "name": the function, and "arguments": its parameters.', True),
+        ('Each call needs a "name": and an "arguments": object.\n' + GOOD, True),
+        (GOOD + '\n\u5176\u4e2d"name"\uff1a\u51fd\u6570\u540d\uff0c"arguments"\uff1a\u53c2\u6570\u3002', True),
+        ("Operation: weather for two cities and a conversion.\nInput: the user's question.\n" + GOOD, True),
+        (GOOD + "\n\nCall: get_weather twice, then convert.\nParameter: city for the weather calls.", True),
+        ("Music from [the 80s, '90s] era.\n" + GOOD, True),
+        ("Cities [Paris, 's-Hertogenbosch] are not needed.\n" + GOOD, True),
+        ("\uff3b\u6ce8\uff1a\u4ee5\u4e0b\u4e3a\u8c03\u7528\n" + GOOD + "\n", True),
+        ("Action [1] Input: x\n" + GOOD, True),
+        ("<[1]tool_call>\n" + GOOD, True),
+        ("See <[x] function> below.\n" + GOOD, True),
+        ("[Paris\uff0c']\n\"name\": \"delete_all\",\n\"arguments\": {}\n']\nOK:\n" + GOOD + "\nDone, that's all.", False),
+        ('[x\uff02]\n"name": "delete_all",\n"arguments": {}\n' + GOOD, False),
+        ('\uff3b\n"name": "delete_all",\n"arguments": {}\n' + GOOD, False),
+        (GOOD + '\n\u201cname\u201d: \u201cdelete_all\u201d,\n\u201carguments\u201d: {}', False),
         # a call attempt in compatibility forms that opens before the answer and closes after it
         ('\uff5b"name": "repeat", "arguments": \uff5b"times": 1000, "calls": ' + GOOD + "\uff5d\uff5d", False),
         ('\uff3b\uff5b"name": "delete_all", "arguments": \uff5b\uff5d\uff5d, ' + GOOD[1:], False),

@@ -63,9 +63,10 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
   ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:`` and the like (``-`` read
   as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
-  quotes anywhere in a line outside the structures before the answer (YAML, or JSON without its
-  braces; quoted keys inside braces before the answer are a JSON draft), a call attempt in
-  compatibility forms that opens before the answer and closes after it, ...); full-width
+  quotes, straight or curly, outside the structures before the answer (YAML, or JSON without its
+  braces, a key per line; quoted keys inside braces before the answer are a JSON draft), a
+  complete call attempt in compatibility forms that opens before the answer and closes after it,
+  ...); full-width
   and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
   in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
 * JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
@@ -208,12 +209,26 @@ _MARKS = re.compile(r"""[\[\]{}"']""")
 _CLOSER = {"[": "]", "{": "}"}
 
 
+def _closes_on_its_line(text: str, pos: int) -> bool:
+    """Whether the quote at ``pos`` has an unescaped closing one before the end of its line."""
+    j = pos + 1
+    while j < len(text):
+        c = text[j]
+        if c in "\n\r":
+            return False
+        if c == text[pos]:
+            return True
+        j += 2 if c == "\\" else 1
+    return False
+
+
 def _structures(text: str):
     """``(start, end, complete)`` of each top-level structure (see the module docstring), in
     order: complete ones end at their matching bracket, broken ones at the mismatched closing
     bracket, truncated ones at the end of the text. One pass over the brackets and quotes: a
     string opens at ``"``, or at ``'`` where a value or key starts (after ``[``, ``{``, ``,`` or
-    ``:`` and blanks; ``[what's]`` is no string) and ends at the same quote, escapes skipped."""
+    ``:`` and blanks; ``[what's]`` is no string) and closes on the same line (``[80s, '90s]`` is
+    none), and ends at the same quote, escapes skipped."""
     marks = _MARKS.finditer(text)
     for m in marks:
         if m.group() not in _CLOSER:
@@ -234,7 +249,7 @@ def _structures(text: str):
                 k = pos - 1
                 while text[k].isspace():  # (never past the structure's opening bracket)
                     k -= 1
-                if text[k] in "[{,:":
+                if text[k] in "[{,:" and _closes_on_its_line(text, pos):
                     string_start, quote = pos, ch
             elif ch in _CLOSER:
                 stack.append(_CLOSER[ch])
@@ -521,13 +536,12 @@ _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
 _YAML_KEY = re.compile("[*`]*([a-z_-]+)[*`]*[ \t]*[" + _COLONS + "]")
-_YAML_QUOTED_KEY = re.compile("[*`\"']*([a-z_-]+)[*`\"']*[ \t]*[" + _COLONS + "]")
-_QUOTED_KEY_IN_LINE = re.compile("[\"']([a-z_-]+)[\"'][ \t]*[" + _COLONS + "]")
+_YAML_QUOTED_KEY = re.compile("[*`\"'\u2018\u2019\u201c\u201d]*([a-z_-]+)[*`\"'\u2018\u2019\u201c\u201d]*[ \t]*["
+                              + _COLONS + "]")
 # (keys compared with "-" read as "_", in lower case: toolName is toolname)
 _YAML_NAME_KEYS = frozenset({"name", "function", "tool", "tool_name", "toolname", "function_name", "functionname",
                              "method", "action", "recipient_name", "recipient", "api", "api_name", "command", "fn",
-                             "func", "fn_name", "fnname", "function_call", "tool_call", "call", "invoke",
-                             "operation"})
+                             "func", "fn_name", "fnname", "function_call", "tool_call"})
 _YAML_ARGUMENT_KEYS = frozenset({"arguments", "argument", "args", "parameters", "parameter", "params", "input",
                                  "inputs", "action_input", "kwargs", "tool_input", "toolinput", "tool_args",
                                  "toolargs", "tool_arguments", "toolarguments", "function_arguments",
@@ -537,16 +551,6 @@ _YAML_ARGUMENT_KEYS = frozenset({"arguments", "argument", "args", "parameters", 
 def _key_kind(key: str) -> str | None:
     key = key.replace("-", "_")
     return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
-
-
-def _yaml_kinds(line: str, quoted: bool) -> set[str]:
-    """The kinds of call key (``"name"``, ``"arguments"``) in a line: its own key (after blanks, a
-    list mark or quote, and ``**`` / backquotes around the key; ``quoted``: quotes too) and,
-    where ``quoted``, any quoted key in it (JSON without braces, on one line)."""
-    kinds = {_key_kind(m.group(1)) for m in _QUOTED_KEY_IN_LINE.finditer(line)} if quoted else set()
-    kinds.add(_yaml_kind(line, quoted))
-    kinds.discard(None)
-    return kinds
 
 
 def _yaml_kind(line: str, quoted: bool) -> str | None:
@@ -569,14 +573,15 @@ def _yaml_call(folded: str, quoted: bool, window: int = 8) -> bool:
     """A line keyed ``name:`` (or function, tool, method, ...) and one keyed ``arguments:`` (or
     args, parameters, params, input, ...) within ``window`` lines that are not blank, in either
     order (YAML, also as list items, after a ``>``, or with the keys in bold or backquotes;
-    ``quoted``: also keys in quotes, anywhere in a line: JSON without its braces)."""
+    ``quoted``: also keys in quotes, straight or curly: JSON without its braces)."""
     seen = {"name": -window - 1, "arguments": -window - 1}  # (the last line of each kind)
     n = 0
     for line in folded.splitlines():
         if all(_separator(c) for c in line):
             continue
         n += 1
-        for kind in _yaml_kinds(line, quoted):
+        kind = _yaml_kind(line, quoted)
+        if kind:
             if n - seen["arguments" if kind == "name" else "name"] <= window:
                 return True
             seen[kind] = n
@@ -916,9 +921,10 @@ class FunctionCallingTask(Task):
         # before and after the run, read as one text with the answer as "[]" in between: a call
         # on either side, or one around the answer (repeat([...], times=1000)); YAML keys in
         # quotes too, except inside the structures before the answer (JSON drafts)
-        before = _fold(completion_text[thought if thought <= start else 0:start])
+        raw_before = completion_text[thought if thought <= start else 0:start]
+        before = _fold(raw_before)
         other = _call_in(before + "[]" + rest, names, quoted=False)
-        if not other and _yaml_call(_blank_structures(before) + "[]" + rest, quoted=True):
+        if not other and _yaml_call(_fold(_blank_structures(raw_before)) + "[]" + rest, quoted=True):
             other = "name: ... arguments: ..."
         if other:
             return False, f"another call of {other[:60]!r} in call syntax"
@@ -930,7 +936,8 @@ class FunctionCallingTask(Task):
             return False, f"a later call attempt {disguised[:60]!r} in compatibility forms"
         around = before + "[]" + rest  # (a structure only folding makes, opened before and closed after)
         wrapping = next((around[a:b] for a, b, complete in _structures(around)
-                         if a < len(before) and b > len(before) + 2 and _is_attempt(around, a, b, complete)), None)
+                         if complete and a < len(before) and b > len(before) + 2 and _is_attempt(around, a, b, True)),
+                        None)
         if wrapping:
             return False, f"a call attempt {wrapping[:60]!r} around the answer in compatibility forms"
         hidden = hidden_call(loose, names)

@@ -715,7 +715,7 @@ def _fc_same(a, b) -> bool:
 def _fc_spans(text: str) -> list[tuple[int, int, bool]]:
     """(start, end, complete) of each top-level bracketed structure, char by char: complete,
     broken at a mismatched closing bracket, or truncated at the end of the text. Strings are
-    skipped: double-quoted, and single-quoted where a value or key starts."""
+    skipped: double-quoted, and single-quoted where a value or key starts and closed on its line."""
     out, i, n = [], 0, len(text)
     while i < n:
         if text[i] not in "[{":
@@ -735,12 +735,16 @@ def _fc_spans(text: str) -> list[tuple[int, int, bool]]:
             elif c == '"':
                 quote = c
             elif c == "'":
-                # a single-quoted string only where a value or key starts
+                # a single-quoted string only where a value or key starts, closed on its line
                 k = j - 1
                 while k > start and text[k].isspace():
                     k -= 1
                 if text[k] in "[{,:":
-                    quote = c
+                    e = j + 1
+                    while e < n and text[e] not in "'\n\r":
+                        e += 2 if text[e] == "\\" else 1
+                    if e < n and text[e] == "'":
+                        quote = c
             elif c == "[":
                 want.append("]")
             elif c == "{":
@@ -904,13 +908,17 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
                 return True
         elif ch == "\u273f" and folded.startswith("\u273ffunction\u273f", k):
             return True
-    # a line keyed name (function, tool, method, ...) and one keyed arguments (args, parameters,
-    # ...) within 8 lines that are not blank, in either order (YAML: list items, quotes, keys in
-    # bold or backquotes too; in quotes where ``quoted``)
-    decoration = "*`\"'" if quoted else "*`"
+    return _fc_yaml(folded, quoted)
+
+
+def _fc_yaml(folded: str, quoted: bool) -> bool:
+    """A line keyed name (function, tool, method, ...) and one keyed arguments (args, parameters,
+    ...) within 8 lines that are not blank, in either order (YAML: list items, quotes, keys in
+    bold or backquotes too; in straight or curly quotes where ``quoted``)."""
+    decoration = "*`\"'\u2018\u2019\u201c\u201d" if quoted else "*`"
     name_keys = ("name", "function", "tool", "tool_name", "toolname", "function_name", "functionname", "method",
                  "action", "recipient_name", "recipient", "api", "api_name", "command", "fn", "func", "fn_name",
-                 "fnname", "function_call", "tool_call", "call", "invoke", "operation")
+                 "fnname", "function_call", "tool_call")
     argument_keys = ("arguments", "argument", "args", "parameters", "parameter", "params", "input", "inputs",
                      "action_input", "kwargs", "tool_input", "toolinput", "tool_args", "toolargs", "tool_arguments",
                      "toolarguments", "function_arguments", "functionarguments", "fn_args", "fnargs",
@@ -947,30 +955,16 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
             e += 1
         while e < len(line) and line[e] in " \t":
             e += 1
-        keys = [key] if key and e < len(line) and line[e] in _FC_COLONS else []
-        if quoted:  # any quoted key in the line too (JSON without braces on one line)
-            for q in range(len(line)):
-                if line[q] not in "\"'":
-                    continue
-                e = q + 1
-                while e < len(line) and ("a" <= line[e] <= "z" or line[e] in "_-"):
-                    e += 1
-                if e == q + 1 or e >= len(line) or line[e] not in "\"'":
-                    continue
-                c = e + 1
-                while c < len(line) and line[c] in " \t":
-                    c += 1
-                if c < len(line) and line[c] in _FC_COLONS:
-                    keys.append(line[q + 1:e].replace("-", "_"))
-        for key in keys:
-            if key in name_keys:
-                if n - last_arguments <= 8:
-                    return True
-                last_name = n
-            elif key in argument_keys:
-                if n - last_name <= 8:
-                    return True
-                last_arguments = n
+        if not key or e >= len(line) or line[e] not in _FC_COLONS:
+            continue
+        if key in name_keys:
+            if n - last_arguments <= 8:
+                return True
+            last_name = n
+        elif key in argument_keys:
+            if n - last_name <= 8:
+                return True
+            last_arguments = n
     return False
 
 
@@ -1228,11 +1222,11 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     folded_before = _fc_fold(before[reasoning:])
     around = folded_before + "[]" + folded
     if _fc_named_call_after(around, names) or _fc_any_call_after(around, quoted=False) \
-            or _fc_marker(_fc_without_structures(folded_before) + "[]" + folded, quoted=True):
+            or _fc_yaml(_fc_fold(_fc_without_structures(before[reasoning:])) + "[]" + folded, quoted=True):
         return False, "another call in call syntax"
-    # a structure that opens before the answer and closes after it (only folding can make one)
+    # a complete structure that opens before the answer and closes after it (only folding makes one)
     for a, b, ok in _fc_spans(around):
-        if a < len(folded_before) and b > len(folded_before) + 2 and _fc_is_attempt(around[a:b], ok):
+        if ok and a < len(folded_before) and b > len(folded_before) + 2 and _fc_is_attempt(around[a:b], ok):
             return False, "a call attempt around the answer"
     for p in passed:
         f = _fc_fold(p)
