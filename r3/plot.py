@@ -70,7 +70,7 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
     drawn = set()
     for run in runs:
         rows = read_metrics(run)
-        for ax, (key, title) in zip(axes.flat, PANELS):
+        for ax, (key, _) in zip(axes.flat, PANELS):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if not pts:
                 continue
@@ -82,8 +82,6 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
                            marker="o" if len(pts) <= MARKERS_UP_TO else None, markersize=3)
             if window > 1:
                 ax.plot(xs, smooth(list(ys), window), color=line[0].get_color())
-            ax.set_title(title)
-            ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     for ax, (key, _) in zip(axes.flat, PANELS):
         if key not in drawn:  # (KL is logged only for steps that trained a token)

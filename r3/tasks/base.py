@@ -97,8 +97,7 @@ class Task:
         try:
             return self._verdict(example, completion_text)[0]
         except Exception as e:  # noqa: BLE001 -- the contract is "never raises"
-            n, first = self.__dict__.get("_verifier_errors", (0, None))
-            self._verifier_errors = (n + 1, first or f"{type(e).__name__}: {e}"[:300])
+            _note_error(self, f"{type(e).__name__}: {e}")
             return False
 
     def diagnose(self, example: dict, completion_text: str) -> str:

@@ -539,18 +539,11 @@ _YAML_KEY = re.compile("[*`]*([a-z_-]+)[*`]*[ \t]*[" + _COLONS + "]")
 _YAML_QUOTED_KEY = re.compile("[*`\"'\u2018\u2019\u201c\u201d]*([a-z_-]+)[*`\"'\u2018\u2019\u201c\u201d]*[ \t]*["
                               + _COLONS + "]")
 # (keys compared with "-" read as "_", in lower case: toolName is toolname)
-_YAML_NAME_KEYS = frozenset({"name", "function", "tool", "tool_name", "toolname", "function_name", "functionname",
-                             "method", "action", "recipient_name", "recipient", "api", "api_name", "command", "fn",
-                             "func", "fn_name", "fnname", "function_call", "tool_call"})
+_YAML_NAME_KEYS = _NAME_KEYS | {"name", "recipient", "fn_name", "fnname", "function_call", "tool_call"}
 _YAML_ARGUMENT_KEYS = frozenset({"arguments", "argument", "args", "parameters", "parameter", "params", "input",
                                  "inputs", "action_input", "kwargs", "tool_input", "toolinput", "tool_args",
                                  "toolargs", "tool_arguments", "toolarguments", "function_arguments",
                                  "functionarguments", "fn_args", "fnargs", "arguments_json", "input_json"})
-
-
-def _key_kind(key: str) -> str | None:
-    key = key.replace("-", "_")
-    return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
 
 
 def _yaml_kind(line: str, quoted: bool) -> str | None:
@@ -566,7 +559,8 @@ def _yaml_kind(line: str, quoted: bool) -> str | None:
             i += 1
         mark = _YAML_MARK.match(line, i)
     m = (_YAML_QUOTED_KEY if quoted else _YAML_KEY).match(line, i)
-    return _key_kind(m.group(1)) if m else None
+    key = m.group(1).replace("-", "_") if m else ""
+    return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
 
 
 def _yaml_call(folded: str, quoted: bool, window: int = 8) -> bool:
@@ -713,8 +707,12 @@ def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:
     """What a call could hide in among an answer's loose strings (keys and strings beside its
     calls, see :func:`_loose_strings`), or None: a call attempt (a structure with a key, or an
     empty list, also in full-width forms) or a call in call syntax (:func:`called_later`)."""
-    for s in strings:
-        folded = _fold(s)
+    return _hidden_in_folded([_fold(s) for s in strings], tool_names)
+
+
+def _hidden_in_folded(folded_strings: list[str], tool_names: list[str]) -> str | None:
+    """:func:`hidden_call` on strings already folded."""
+    for folded in folded_strings:
         found = _attempt_in(folded) or _call_in(folded, tool_names)
         if found:
             return found
@@ -923,18 +921,19 @@ class FunctionCallingTask(Task):
         # quotes too, except inside the structures before the answer (JSON drafts)
         raw_before = completion_text[thought if thought <= start else 0:start]
         before = _fold(raw_before)
-        other = _call_in(before + "[]" + rest, names, quoted=False)
+        around = before + "[]" + rest
+        other = _call_in(around, names, quoted=False)
         if not other and _yaml_call(_fold(_blank_structures(raw_before)) + "[]" + rest, quoted=True):
             other = "name: ... arguments: ..."
         if other:
             return False, f"another call of {other[:60]!r} in call syntax"
-        within = hidden_call([t for t in passed if not _LEAD_IN.fullmatch(_fold(t))], names)
+        within = _hidden_in_folded([f for f in map(_fold, passed) if not _LEAD_IN.fullmatch(f)], names)
         if within:
             return False, f"a call {within[:60]!r} between the calls"
         disguised = _attempt_in(rest)
         if disguised:
             return False, f"a later call attempt {disguised[:60]!r} in compatibility forms"
-        around = before + "[]" + rest  # (a structure only folding makes, opened before and closed after)
+        # a complete structure only folding makes, opened before the answer and closed after it
         wrapping = next((around[a:b] for a, b, complete in _structures(around)
                          if complete and a < len(before) and b > len(before) + 2 and _is_attempt(around, a, b, True)),
                         None)

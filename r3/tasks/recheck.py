@@ -712,6 +712,11 @@ def _fc_same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+# keys that name the function in other call schemas
+_FC_FUNCTION_KEYS = ("function", "function_name", "functionname", "func", "fn", "tool", "tool_name", "toolname",
+                     "action", "recipient_name", "api", "api_name", "method", "command")
+
+
 def _fc_spans(text: str) -> list[tuple[int, int, bool]]:
     """(start, end, complete) of each top-level bracketed structure, char by char: complete,
     broken at a mismatched closing bracket, or truncated at the end of the text. Strings are
@@ -799,9 +804,7 @@ def _fc_yield(v):
         return calls
     if isinstance(v, dict) and "name" not in v:  # (a call-shaped object wraps nothing)
         for key, x in v.items():
-            if type(x) is str and key.casefold() in ("function", "function_name", "functionname", "func", "fn",
-                                                      "tool", "tool_name", "toolname", "action", "recipient_name",
-                                                      "api", "api_name", "method", "command"):
+            if type(x) is str and key.casefold() in _FC_FUNCTION_KEYS:
                 return None  # (it names a function: a call in another schema)
         structures = [x for x in v.values() if type(x) in (dict, list)]
         if len(structures) == 1:  # (a second one might hold a second call)
@@ -916,9 +919,7 @@ def _fc_yaml(folded: str, quoted: bool) -> bool:
     ...) within 8 lines that are not blank, in either order (YAML: list items, quotes, keys in
     bold or backquotes too; in straight or curly quotes where ``quoted``)."""
     decoration = "*`\"'\u2018\u2019\u201c\u201d" if quoted else "*`"
-    name_keys = ("name", "function", "tool", "tool_name", "toolname", "function_name", "functionname", "method",
-                 "action", "recipient_name", "recipient", "api", "api_name", "command", "fn", "func", "fn_name",
-                 "fnname", "function_call", "tool_call")
+    name_keys = _FC_FUNCTION_KEYS + ("name", "recipient", "fn_name", "fnname", "function_call", "tool_call")
     argument_keys = ("arguments", "argument", "args", "parameters", "parameter", "params", "input", "inputs",
                      "action_input", "kwargs", "tool_input", "toolinput", "tool_args", "toolargs", "tool_arguments",
                      "toolarguments", "function_arguments", "functionarguments", "fn_args", "fnargs",
