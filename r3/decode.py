@@ -60,13 +60,23 @@ def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compile(vocab_size: int, pick, cuda: bool):
+def _compile(vocab_size: int, pick, cuda: bool, static: bool = False):
     """``run(model, tok, pos, ks, vs, slots, u, temperature)`` through torch.compile: the logits,
     or ``pick(logits, u, temperature)`` in the same graph when ``pick`` is given. ``slots``:
-    ``arange(kv_len)`` (a tensor, so that kv_len is a dynamic size, not a constant)."""
+    ``arange(kv_len)`` (a tensor, so that kv_len is a dynamic size, not a constant). ``static``:
+    ``ks``/``vs`` are a :class:`StaticKVCache`'s whole tensors, of static shapes, and the step
+    runs in their first ``len(tok)`` rows; otherwise the cache's rows are the batch's, and its
+    tensors are marked dynamic, each with symbolic-shape guards of its own (two tensors per layer,
+    checked in Python at every step)."""
 
-    def logits(model, tok, pos, ks, vs, slots):
-        return step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
+    if static:
+        def logits(model, tok, pos, ks, vs, slots):
+            B = tok.shape[0]
+            return step_logits(model, tok, pos, KVCache([k[:B] for k in ks], [v[:B] for v in vs]), slots.shape[0],
+                               vocab_size)
+    else:
+        def logits(model, tok, pos, ks, vs, slots):
+            return step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
 
     # Two functions, so the two kinds of graph do not share one code object's recompile budget.
     if pick is None:
@@ -89,6 +99,15 @@ def _compile(vocab_size: int, pick, cuda: bool):
     # Static shapes except those marked dynamic (rows, cache slots, kv_len): with everything
     # dynamic, head counts and sizes would become symbols and the fused loops much slower.
     return torch.compile(run, dynamic=None, options=options)
+
+
+#: Dynamo builds the compiled step's guards with this setting (read when a graph is compiled): a
+#: module whose ``__dict__`` and whose submodules' are unchanged since the last check skips its
+#: guards (its attributes, its parameters' metadata) as a whole. Those are most of a step's guard
+#: checks, host time at every step, which a CUDA-graph step at batch 1 has little of. Setting an
+#: attribute on a module or replacing a parameter changes a dict: the full guards run.
+#: (In-place weight updates change no guard.)
+_GUARD_CONFIG = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
 
 
 def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
@@ -139,7 +158,7 @@ class StaticKVCache:
 
     def __init__(self):
         self.full: KVCache | None = None
-        self._rows: dict[int, KVCache] = {}  # n -> views of rows [0, n), marked for the compiler
+        self._rows: dict[int, KVCache] = {}  # n -> views of rows [0, n)
 
     def reserve(self, cfg, rows: int, slots: int, dtype, device) -> None:
         """Room for ``rows`` rows (padded: :func:`graph_rows`) of ``slots`` slots, in this dtype on
@@ -158,6 +177,8 @@ class StaticKVCache:
         slots = -(-slots // KV_BUCKET) * KV_BUCKET
         self.full, self._rows = None, {}  # (the old one is freed before the new one is made)
         self.full = KVCache.empty(cfg, rows, slots, dtype, device)
+        for t in self.full.k + self.full.v:  # (the compiled step writes into them in place)
+            torch._dynamo.mark_static_address(t, guard=False)
 
     def holds(self, cache: KVCache) -> bool:
         """Whether ``cache`` is rows ``[0, n)`` of this one (what :meth:`rows` returns)."""
@@ -171,8 +192,6 @@ class StaticKVCache:
             if not 0 < n <= self.full.batch_size:
                 raise ValueError(f"StaticKVCache holds {self.full.batch_size} rows, asked for {n}")
             view = self._rows[n] = KVCache([t[:n] for t in self.full.k], [t[:n] for t in self.full.v])
-            for t in view.k + view.v:
-                _mark(t, cuda=True)
         return view
 
     def copy_in(self, cache: KVCache, slots: int) -> KVCache:
@@ -268,27 +287,31 @@ class DecodeStep:
         if self._cuda is None:
             self._cuda = self.uses_cuda_graphs(tok.device)
         cuda = self._cuda
-        fn = self._fns.get((vocab_size, pick))
+        n = tok.shape[0]
+        static = _STATIC.get(self.model) if cuda else None
+        in_static = static is not None and static.holds(cache)
+        fn = self._fns.get((vocab_size, pick, in_static))
         if fn is None:
             fns = _COMPILED.setdefault(self.model, {})
-            if (vocab_size, pick, cuda) not in fns:
-                fns[(vocab_size, pick, cuda)] = _compile(vocab_size, pick, cuda)
-            fn = self._fns[(vocab_size, pick)] = fns[(vocab_size, pick, cuda)]
+            key = (vocab_size, pick, cuda, in_static)
+            if key not in fns:
+                fns[key] = _compile(vocab_size, pick, cuda, in_static)
+            fn = self._fns[(vocab_size, pick, in_static)] = fns[key]
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         if self._slots is None or self._slots.shape[0] < kv_len:  # (a view per step: no kernel launch)
             self._slots = torch.arange(max(kv_len, 2 * (0 if self._slots is None else self._slots.shape[0])),
                                        device=tok.device)
         slots = self._slots[:kv_len]
-        n = tok.shape[0]
-        static = _STATIC.get(self.model) if cuda else None
-        in_static = static is not None and static.holds(cache)  # (its rows are marked already)
-        if in_static and graph_rows(n) != n:
-            # Padding rows: token 0 at position 0, so each attends only to the slot it writes.
-            pad = graph_rows(n) - n
-            tok, pos = F.pad(tok, (0, pad)), F.pad(pos, (0, pad))
-            u = None if u is None else F.pad(u, (0, 0, 0, pad))
-            cache = static.rows(n + pad)
+        if in_static:
+            # The whole static cache goes in (see _compile); the step runs in its first rows,
+            # padded to graph_rows: token 0 at position 0, so each padding row attends only to
+            # the slot it writes.
+            if graph_rows(n) != n:
+                pad = graph_rows(n) - n
+                tok, pos = F.pad(tok, (0, pad)), F.pad(pos, (0, pad))
+                u = None if u is None else F.pad(u, (0, 0, 0, pad))
+            cache = static.full
         for t in (tok, pos, slots) if u is None else (tok, pos, slots, u):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         if not in_static and (self._marked is None or self._marked() is not cache):  # a new cache:
@@ -296,9 +319,11 @@ class DecodeStep:
                 _mark(t, cuda)
             self._marked = weakref.ref(cache)
         if not cuda:
-            return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
+            with _GUARD_CONFIG:
+                return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
         torch.compiler.cudagraph_mark_step_begin()
-        out = fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
+        with _GUARD_CONFIG:
+            out = fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
         # The graph's outputs live in its memory pool and are overwritten by the next replay; the
         # padding rows' are dropped.
         return tuple(t[:n].clone() for t in out) if isinstance(out, tuple) else out[:n].clone()

@@ -884,7 +884,10 @@ def test_static_cache_grows_by_a_quarter_and_is_remade_for_another_dtype(tiny):
     assert sc.full.k[0].data_ptr() == ptr
     v = sc.rows(3)
     assert v.k[0].data_ptr() == ptr and v.k[0].shape[0] == 3 and v.max_len == 192 and sc.holds(v)
-    assert sc.rows(3) is v and getattr(v.k[0], "_dynamo_static_input_type", None) == "unguarded"
+    assert sc.rows(3) is v
+    # the whole cache is what the compiled step gets: a static address, static shapes
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in sc.full.k + sc.full.v)
+    assert not hasattr(sc.full.k[0], "_dynamo_weak_dynamic_indices")
     sc.reserve(model.config, 5, 129, torch.float32, "cpu")  # more of both: at least a quarter more
     assert (sc.full.batch_size, sc.full.max_len) == (8, 256) and not sc.holds(v)
     sc.reserve(model.config, 9, 10, torch.float32, "cpu")  # 9 rows pad to 16 (a quarter more: 10)
@@ -907,9 +910,9 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     calls = []
     compile_ = decode_mod._compile
 
-    def spy(vocab_size, pick, cuda):
-        assert cuda
-        fn = compile_(vocab_size, pick, cuda)
+    def spy(vocab_size, pick, cuda, static):
+        assert cuda and static
+        fn = compile_(vocab_size, pick, cuda, static)
 
         def run(model, tok, pos, ks, vs, slots, u, temperature):
             calls.append((ks[0].data_ptr(), tuple(ks[0].shape), tok.shape[0], slots.shape[0]))
@@ -951,7 +954,8 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     assert {c[0] for c in calls} == {sc.full.k[0].data_ptr()}
     assert {c[1][2] for c in calls} == {sc.full.max_len} == {128}
     assert all(c[3] < c[1][2] for c in calls)  # a step never reads every slot (one graph)
-    assert all(c[1][0] == c[2] == graph_rows(c[2]) for c in calls)
+    assert {c[1][0] for c in calls} == {sc.full.batch_size}  # (the whole cache, its first rows decoded)
+    assert all(c[2] == graph_rows(c[2]) for c in calls)
     assert {c[2] for c in calls} >= {16, 4} and max(c[2] for c in calls) == sc.full.batch_size
     shapes = {(c[2], c[3]) for c in calls}  # (rows, KV bucket): a graph each
     assert len(shapes) <= 8, shapes
@@ -1028,3 +1032,29 @@ def test_a_rows_draw_at_tied_logits_does_not_depend_on_its_batch():
             alone, _ = pick_tokens(tied[None], temperature=1.0, u=u, **kw)
             both, _ = pick_tokens(torch.stack([tied, flat]), temperature=1.0, u=torch.cat([u, u]), **kw)
             assert alone[0] == both[0], kw
+
+
+def test_compiled_step_follows_changes_to_the_model(tiny_dirs, monkeypatch):
+    """The compiled step's guards skip an unchanged module tree as a whole (dict tags): a model
+    changed after the step was compiled (its dtype changed in place, a parameter replaced, an
+    attribute the graph read set) decodes as the eager step does, never through the old graph."""
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)  # (the static cache's form of the step)
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [6, 3, 9], seed=61)
+
+    def same():
+        eager = generate(model, prompts, max_new_tokens=6, temperature=0)
+        comp = generate(model, prompts, max_new_tokens=6, temperature=0, decode="compiled")
+        assert comp.tokens == eager.tokens
+        assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=2e-2 if model.dtype != torch.float32 else 1e-5)
+        return comp.tokens
+
+    first = same()
+    with torch.no_grad():  # a parameter replaced by another of the same shape
+        w = model.layers[1].mlp.down_proj.weight
+        model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(-3.0 * w.detach().clone())
+    assert same() != first
+    model.layers[0].input_layernorm.eps = 0.5  # an attribute the graph reads (a constant in it)
+    same()
+    model.to(torch.bfloat16)  # in place: param.data swapped, no module dict changes
+    same()
