@@ -22,7 +22,9 @@ after every section, so a run cut short keeps what it measured):
   read) / measured copy bandwidth. Then five rollout-shaped calls of the compiled sampler in new
   sessions: the CUDA graphs held, ms/step and memory after each (they should stop growing). And
   where a compiled step's time goes at B = 1 and 16: the sampler's loop, the step alone back to
-  back (wall, host issue time, device time between CUDA events), the bound.
+  back (wall, host issue time, device time between CUDA events), the bound; and the kernels of a
+  step under ``torch.profiler`` (compiled at B = 1 and 16, replaying its CUDA graphs; eager at
+  B = 1): how many, their device time against the span they take, the time by kind, the costliest.
 * ``train``: three steps of ``torchrun --nproc_per_node 1 -m r3.train`` on a Qwen2.5-0.5B-shaped
   random model with the built-in model's tokenizer (``--tokenizer DIR`` for another), all groups
   trained (a random model never succeeds, so ``--skip-no-signal-groups false``): the step split
@@ -40,6 +42,7 @@ ones), multi-GPU runs, or the paper's model sizes in training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -375,6 +378,13 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()  # (so that the section's dynamo counts are its own)
+    if ctx.cuda:  # the profiler sees the kernels of CUDA graphs recorded after it was first set up
+        try:
+            from torch.profiler._utils import _init_for_cuda_graphs
+
+            _init_for_cuda_graphs()
+        except Exception as e:  # (a private helper: the kernel profile then says what it saw)
+            print(f"profiler set-up for CUDA graphs failed: {e}", flush=True)
     spec = shape(bench_sampler.SHAPES["qwen2.5-1.5b"], ctx.smoke)
     ours, hf = bench_sampler.random_pair(spec, torch.bfloat16, ctx.device, name="qwen2.5-1.5b")
     n, prompt_len = (8, 16) if ctx.smoke else (128, 64)
@@ -418,13 +428,21 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             ours, vocab, n, prompt_len, 2 if ctx.smoke else 5))
         out["step_timing"] = _or_error("step timing", lambda: step_timing(
             ours, vocab, (1, 2) if ctx.smoke else (1, 16), n, prompt_len, gbps))
+        ctx.save_partial("sampler", dict(out, dynamo=_dynamo_counts(counters, skips)))
+        out["kernel_profile"] = _or_error("kernel profile", lambda: kernel_profile(
+            ours, vocab, (("compiled", 1), ("compiled", 2), ("eager", 1)) if ctx.smoke
+            else (("compiled", 1), ("compiled", 16), ("eager", 1)), 8 if ctx.smoke else 32, prompt_len, gbps))
     # What dynamo made of the compiled step: a graph per pick function, no graph breaks; and
     # whether inductor ran any of it without CUDA graphs (a skip only logs a warning).
-    out["dynamo"] = {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
-                     "unique_graphs": counters["stats"].get("unique_graphs", 0),
-                     "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
-                     "cudagraph_skip_reasons": list(skips.reasons)}
+    out["dynamo"] = _dynamo_counts(counters, skips)
     return out
+
+
+def _dynamo_counts(counters, skips) -> dict:
+    return {"graph_breaks": dict(counters["graph_break"]), "frames": dict(counters["frames"]),
+            "unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+            "cudagraph_skip_reasons": list(skips.reasons)}
 
 
 class _CudagraphSkips(logging.Handler):
@@ -487,13 +505,23 @@ def repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) 
     vocabulary as stop ids (so rows stop and batches are compacted), then a second turn. The
     static cache should make later calls replay the first ones' graphs: the graph count should
     stop growing and ms/step and memory stay put."""
+    with _cuda_graph_decode(model, inference=False):  # (Session.sample enters inference mode itself)
+        return _repeated_rollouts(model, vocab, n, prompt_len, repeats)
+
+
+@contextlib.contextmanager
+def _cuda_graph_decode(model, inference: bool = True):
+    """The compiled decode step as it runs with CUDA graphs: on CPU (``--smoke``) CUDA graphs are
+    forced on, so the code around them runs (inductor leaves the graphs out); in inference mode, as
+    ``Session.sample`` runs (the static cache is an inference tensor)."""
     import r3.decode
 
     forced = r3.decode.CUDA_GRAPHS
-    if model.device.type != "cuda":  # --smoke on CPU: the code around the graphs (inductor leaves them out)
+    if model.device.type != "cuda":
         r3.decode.CUDA_GRAPHS = True
     try:
-        return _repeated_rollouts(model, vocab, n, prompt_len, repeats)
+        with torch.inference_mode() if inference else contextlib.nullcontext():
+            yield
     finally:
         r3.decode.CUDA_GRAPHS = forced
 
@@ -504,58 +532,78 @@ def step_timing(model, vocab: int, batches, n: int, prompt_len: int, gbps: float
     sampler calls it (wall ms/step; the host's ms to issue it; the device's ms between CUDA events
     around it), against the bandwidth bound. Issue ~= wall: the host cannot keep ahead (launch
     bound); device >> bound: the graph itself is slow; sampler >> wall: the loop around the step."""
-    import r3.decode
-
-    forced = r3.decode.CUDA_GRAPHS
-    if model.device.type != "cuda":  # --smoke on CPU: the code around the graphs
-        r3.decode.CUDA_GRAPHS = True
-    try:
-        with torch.inference_mode():  # (as Session.sample runs: the static cache is an inference tensor)
-            return [_step_timing(model, vocab, B, n, prompt_len, gbps) for B in batches]
-    finally:
-        r3.decode.CUDA_GRAPHS = forced
+    with _cuda_graph_decode(model):
+        return [_step_timing(model, vocab, B, n, prompt_len, gbps) for B in batches]
 
 
-def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float | None) -> dict:
-    from r3.decode import DecodeStep, static_cache
-    from r3.sampler import Session, pick_greedy
+class _StaticSteps:
+    """Greedy decode steps of ``B`` random prompts, called back to back in the model's static
+    cache as ``Session.sample`` calls them with CUDA graphs (or eagerly in the session's cache:
+    ``mode="eager"``). :meth:`reset` before each :meth:`run`: the static cache is shared."""
 
-    cuda = model.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    g = torch.Generator().manual_seed(2)
-    prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
-    session = Session.start(model, prompts, max_len=prompt_len + n, seed=0, decode="compiled")
-    sampler_s = []
-    for _ in range(2):  # the first call may record graphs
-        out = session.select(list(range(B))).sample(n, temperature=0)
-        sampler_s.append(out.decode_s / out.steps)
-    # The step alone, as Session.sample runs it with CUDA graphs: in the static cache.
-    step = DecodeStep(model, "compiled")
-    static = static_cache(model)
-    base = prompt_len - 1
-    ref = session.cache.k[0]
-    static.reserve(model.config, B, session.cache.max_len, ref.dtype, ref.device)
-    cache = static.copy_in(session.cache, base)
-    first = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=ref.device)
-    issue_s = wall_s = device_ms = None
-    with step.active():
-        for _ in range(2):  # the first records any graph the sampler calls did not
-            tok, pos = first.clone(), torch.full((B,), base, dtype=torch.long, device=ref.device)
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * n)] if cuda else None
-            sync()
-            t0 = time.perf_counter()
+    def __init__(self, model, vocab: int, B: int, prompt_len: int, max_len: int, mode: str = "compiled"):
+        from r3.decode import DecodeStep
+        from r3.sampler import Session
+
+        g = torch.Generator().manual_seed(2)
+        prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
+        self.session = Session.start(model, prompts, max_len=max_len, seed=0, decode="compiled")
+        self.model, self.vocab, self.B, self.mode = model, vocab, B, mode
+        self.step = DecodeStep(model, mode)
+        self.base = prompt_len - 1
+        self.first = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=self.session.cache.k[0].device)
+        self.cache = self.session.cache
+
+    def reset(self) -> None:
+        """The prompts' cache rows into the static cache (compiled), where the steps run."""
+        from r3.decode import static_cache
+
+        if self.mode == "compiled":
+            ref = self.session.cache.k[0]
+            static = static_cache(self.model)
+            static.reserve(self.model.config, self.B, self.session.cache.max_len, ref.dtype, ref.device)
+            self.cache = static.copy_in(self.session.cache, self.base)
+
+    def run(self, n: int, events=None) -> None:
+        """``n`` steps from the prompts' last tokens (``events``: 2n CUDA events recorded around each)."""
+        from r3.sampler import pick_greedy
+
+        tok = self.first.clone()
+        pos = torch.full((self.B,), self.base, dtype=torch.long, device=tok.device)
+        with self.step.active():
             for t in range(n):
                 if events:
                     events[2 * t].record()
-                tok, _ = step(tok, pos, cache, base + t + 1, vocab, pick=pick_greedy)
+                if self.mode == "compiled":
+                    tok, _ = self.step(tok, pos, self.cache, self.base + t + 1, self.vocab, pick=pick_greedy)
+                else:
+                    tok, _ = pick_greedy(self.step(tok, pos, self.cache, self.base + t + 1, self.vocab))
                 pos += 1
                 if events:
                     events[2 * t + 1].record()
-            t1 = time.perf_counter()
-            sync()
-            issue_s, wall_s = (t1 - t0) / n, (time.perf_counter() - t0) / n
-            if events:
-                device_ms = sum(events[2 * t].elapsed_time(events[2 * t + 1]) for t in range(n)) / n
+
+
+def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float | None) -> dict:
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    steps = _StaticSteps(model, vocab, B, prompt_len, prompt_len + n)
+    sampler_s = []
+    for _ in range(2):  # the first call may record graphs
+        out = steps.session.select(list(range(B))).sample(n, temperature=0)
+        sampler_s.append(out.decode_s / out.steps)
+    # The step alone, as Session.sample runs it with CUDA graphs: in the static cache.
+    steps.reset()
+    issue_s = wall_s = device_ms = None
+    for _ in range(2):  # the first records any graph the sampler calls did not
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * n)] if cuda else None
+        sync()
+        t0 = time.perf_counter()
+        steps.run(n, events)
+        t1 = time.perf_counter()
+        sync()
+        issue_s, wall_s = (t1 - t0) / n, (time.perf_counter() - t0) / n
+        if events:
+            device_ms = sum(events[2 * t].elapsed_time(events[2 * t + 1]) for t in range(n)) / n
     bound = decode_bound_tok_s(model, B, prompt_len + n / 2, 2, gbps) if gbps else None
     row = {"rows": B, "steps": n, "context": prompt_len + n / 2, "sampler_ms_per_step": 1e3 * sampler_s[-1],
            "step_ms_per_step": 1e3 * wall_s, "issue_ms_per_step": 1e3 * issue_s, "device_ms_per_step": device_ms,
@@ -564,6 +612,85 @@ def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float
           f"{row['step_ms_per_step']:.3f} (issue {row['issue_ms_per_step']:.3f}, device {_fmt(device_ms, '.3f')}), "
           f"bound {_fmt(row['bound_ms_per_step'], '.3f')}", flush=True)
     return row
+
+
+#: Kernel kinds by name (lower case), the first that matches.
+KERNEL_KINDS = (
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient")),
+    ("matmul", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|matmul|triton_tem|(^|[_:])b?mm(_|$)|addmm"
+                          r"|packed_linear")),
+    ("triton (fused)", re.compile(r"^triton")),
+    ("copy/fill", re.compile(r"memcpy|memset|copy|fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(low)), "other")
+
+
+def kernel_profile(model, vocab: int, cases, n: int, prompt_len: int, gbps: float | None) -> list[dict]:
+    """Which kernels a decode step runs and for how long, per (mode, rows) in ``cases``: the
+    compiled step replaying its CUDA graphs (in the static cache) and the eager step, ``n`` greedy
+    steps each under ``torch.profiler``. Kernels per step, their summed device time against the
+    time from the first kernel's start to the last one's end (the gaps between kernels: launch
+    latency inside a graph, host time between replays), the time by kind (matmul, attention, fused
+    Triton, ...) with the matmuls' rate over the weight bytes, and the costliest kernels by name.
+    On CPU (``--smoke``) the leaf CPU ops stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _cuda_graph_decode(model):
+        rows = []
+        for mode, B in cases:
+            cuda = model.device.type == "cuda"
+            steps = _StaticSteps(model, vocab, B, prompt_len, prompt_len + n, mode)
+            steps.reset()
+            steps.run(n)  # (records any graph not recorded yet, outside the profile)
+            steps.run(n)
+            if cuda:
+                torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                steps.run(n)
+                if cuda:
+                    torch.cuda.synchronize()
+            rows.append(_kernel_rows(prof.events(), mode, B, n, cuda, model, prompt_len, gbps))
+            r = rows[-1]
+            print(f"kernel profile {mode} B={B}: {r['kernels_per_step']:.1f} kernels/step, "
+                  f"{r['kernel_ms_per_step']:.3f} ms in kernels, {r['span_ms_per_step']:.3f} ms span, "
+                  f"bound {_fmt(r['bound_ms_per_step'], '.3f')}", flush=True)
+        return rows
+
+
+def _kernel_rows(events, mode: str, B: int, n: int, cuda: bool, model, prompt_len: int, gbps) -> dict:
+    from torch.autograd import DeviceType
+
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        kernels = [e for e in events if e.device_type == DeviceType.CPU and not e.cpu_children]
+    by_name: dict[str, list[float]] = {}
+    by_kind: dict[str, list[float]] = {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        for table, key in ((by_name, e.name), (by_kind, kernel_kind(e.name))):
+            entry = table.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += us
+    total_us = sum(v[1] for v in by_name.values())
+    span_us = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0.0
+    bound = decode_bound_tok_s(model, B, prompt_len + n / 2, 2, gbps) if gbps else None
+    matmul_us = by_kind.get("matmul", [0, 0.0])[1] / n
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+    return {
+        "mode": mode, "rows": B, "steps": n, "kernels_per_step": len(kernels) / n,
+        "kernel_ms_per_step": total_us / n / 1e3, "span_ms_per_step": span_us / n / 1e3,
+        "bound_ms_per_step": None if bound is None else 1e3 * B / bound,
+        "matmul_weight_gbps": model.num_params() * 2 / (matmul_us * 1e3) if matmul_us > 0 else None,
+        "by_kind": {k: {"kernels_per_step": c / n, "ms_per_step": us / n / 1e3} for k, (c, us) in
+                    sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+        "top": [{"name": name[:160], "kind": kernel_kind(name), "calls_per_step": c / n, "us_per_step": us / n,
+                 "pct": 100 * us / total_us if total_us else 0.0} for name, (c, us) in top],
+    }
 
 
 def _repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) -> list[dict]:
@@ -793,6 +920,7 @@ def markdown(report: dict) -> str:
                       f"{r['step_ms_per_step']:.3f} | {r['issue_ms_per_step']:.3f} | "
                       f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
                       f"{_fmt(None if r['bound_ms_per_step'] is None else 100 * r['bound_ms_per_step'] / r['step_ms_per_step'], '.1f')} |")
+        lines += _kernel_profile_lines(sp.get("kernel_profile"))
     tr = s.get("train", {})
     if "returncode" in tr:
         lines += [f"## Training: {tr['model']}, 1 rank on {env.get('device')}", "", f"`{tr['command']}`: exit {tr['returncode']}, "
@@ -827,6 +955,31 @@ def markdown(report: dict) -> str:
         elif cd:
             lines += [f"With `--decode compiled`: exit {cd['returncode']}, no steps logged.", ""]
     return "\n".join(lines) + "\n"
+
+
+def _kernel_profile_lines(result) -> list[str]:
+    lines = _part("Kernels of a decode step", result, [
+        "Kernels of a greedy decode step under torch.profiler (ms per step): their device time summed and the "
+        "time from the first one's start to the last one's end (the difference is gaps: launch latency, "
+        "host time between steps, which the profiler lengthens a little); the time by kind, and the matmuls' "
+        "rate over the weight bytes.", "",
+        "| step | rows | kernels | in kernels | span | bound | matmul | matmul GB/s over weights | attention "
+        "| fused Triton | copy/fill | other |", "|---|---|---|---|---|---|---|---|---|---|---|---|"],
+        lambda r: f"| {r['mode']} | {r['rows']} | {r['kernels_per_step']:.0f} | {r['kernel_ms_per_step']:.3f} | "
+                  f"{r['span_ms_per_step']:.3f} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
+                  + " | ".join(_fmt(r["by_kind"].get(k, {}).get("ms_per_step"), ".3f") if k != "gbps"
+                               else _fmt(r["matmul_weight_gbps"], ".0f")
+                               for k in ("matmul", "gbps", "attention", "triton (fused)", "copy/fill", "other")) + " |")
+    for r in result if isinstance(result, list) else []:
+        if not r["top"]:
+            lines += [f"No kernels recorded for the {r['mode']} step, {r['rows']} rows (the profiler did not see "
+                      "inside its CUDA graphs).", ""]
+        else:
+            lines += [f"Costliest kernels, {r['mode']} step, {r['rows']} rows:", "",
+                      "| kernel | kind | calls/step | us/step | % |", "|---|---|---|---|---|"]
+            lines += [f"| `{t['name'][:90]}` | {t['kind']} | {t['calls_per_step']:.1f} | {t['us_per_step']:.1f} | "
+                      f"{t['pct']:.1f} |" for t in r["top"][:8]] + [""]
+    return lines
 
 
 def write(report: dict, path: Path) -> None:

@@ -38,6 +38,14 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert [r["rows"] for r in st] == [1, 2]
     assert all(r["step_ms_per_step"] > 0 and r["issue_ms_per_step"] > 0 and r["device_ms_per_step"] is None for r in st)
     assert "Where a compiled greedy decode step's time goes" in md
+    # the kernels of a step under the profiler (here the CPU ops stand in for them)
+    kp = sections["sampler"]["kernel_profile"]
+    assert [(r["mode"], r["rows"]) for r in kp] == [("compiled", 1), ("compiled", 2), ("eager", 1)]
+    for r in kp:
+        assert r["kernels_per_step"] > 0 and 0 < r["kernel_ms_per_step"] and r["top"]
+        assert sum(k["ms_per_step"] for k in r["by_kind"].values()) == pytest.approx(r["kernel_ms_per_step"])
+        assert sum(t["pct"] for t in r["top"]) <= 100.0 + 1e-6
+    assert "Kernels of a greedy decode step under torch.profiler" in md and "Costliest kernels, eager step" in md
     assert sections["sampler"]["dynamo"]["graph_breaks"] == {}  # the compiled step is one graph
     assert sections["sampler"]["dynamo"]["unique_graphs"] >= 1
     # the step's graphs with CUDA graphs forced on a CPU: inductor counts them as skipped, and
@@ -142,3 +150,29 @@ def test_device_script_runs_the_check_into_out(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "gpu_check_cpu_env_smoke.json").is_file() and (tmp_path / "check.json").is_file()
+
+
+def test_kernel_kinds():
+    import gpu_check
+
+    kinds = {name: gpu_check.kernel_kind(name) for name in (
+        "nvjet_tst_128x8_64x12_2x1_v_bz_TNT", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>",
+        "triton_tem_fused_mm_0", "aten::mm", "aten::addmm", "gemv2T_kernel_val<int, int, float>",
+        "void pytorch_flash::flash_fwd_splitkv_kernel<...>", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "triton_poi_fused_index_put_1",
+        "Memcpy DtoD (Device -> Device)", "Memset (Device)", "void at::native::vectorized_elementwise_kernel<4, "
+        "at::native::FillFunctor<float>>", "void at::native::reduce_kernel<512, 1>", "aten::exp")}
+    assert kinds == {
+        "nvjet_tst_128x8_64x12_2x1_v_bz_TNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64": "matmul",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>": "matmul",
+        "triton_tem_fused_mm_0": "matmul", "aten::mm": "matmul", "aten::addmm": "matmul",
+        "gemv2T_kernel_val<int, int, float>": "matmul",
+        "void pytorch_flash::flash_fwd_splitkv_kernel<...>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "triton (fused)",
+        "triton_poi_fused_index_put_1": "triton (fused)",
+        "Memcpy DtoD (Device -> Device)": "copy/fill", "Memset (Device)": "copy/fill",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copy/fill",
+        "void at::native::reduce_kernel<512, 1>": "other", "aten::exp": "other"}
