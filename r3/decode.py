@@ -55,28 +55,22 @@ def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_
     return logits[:, :vocab_size] if vocab_size < logits.shape[-1] else logits
 
 
-# model -> {(vocab_size, pick, cuda): compiled function}. The model is the functions' argument,
-# not a closure variable: they hold no model alive (the dictionary holds models weakly).
+# model -> {(vocab_size, pick, cuda, static cache shape or None): compiled function}. The model is
+# the functions' argument, not a closure variable: they hold no model alive (the dictionary holds
+# models weakly).
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compile(vocab_size: int, pick, cuda: bool, static: bool = False):
+def _compile(vocab_size: int, pick, cuda: bool):
     """``run(model, tok, pos, ks, vs, slots, u, temperature)`` through torch.compile: the logits,
     or ``pick(logits, u, temperature)`` in the same graph when ``pick`` is given. ``slots``:
-    ``arange(kv_len)`` (a tensor, so that kv_len is a dynamic size, not a constant). ``static``:
-    ``ks``/``vs`` are a :class:`StaticKVCache`'s whole tensors, of static shapes, and the step
-    runs in their first ``len(tok)`` rows; otherwise the cache's rows are the batch's, and its
-    tensors are marked dynamic, each with symbolic-shape guards of its own (two tensors per layer,
-    checked in Python at every step)."""
+    ``arange(kv_len)`` (a tensor, so that kv_len is a dynamic size, not a constant). ``ks``/``vs``
+    may hold more rows than ``tok`` (a :class:`StaticKVCache`'s): the step runs in their first
+    ``len(tok)`` rows (the model writes rows ``arange(len(tok))`` and reads ``[:len(tok)]``; a
+    slice taken before the write would make inductor copy the cache out and back at every step)."""
 
-    if static:
-        def logits(model, tok, pos, ks, vs, slots):
-            B = tok.shape[0]
-            return step_logits(model, tok, pos, KVCache([k[:B] for k in ks], [v[:B] for v in vs]), slots.shape[0],
-                               vocab_size)
-    else:
-        def logits(model, tok, pos, ks, vs, slots):
-            return step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
+    def logits(model, tok, pos, ks, vs, slots):
+        return step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
 
     # Two functions, so the two kinds of graph do not share one code object's recompile budget.
     if pick is None:
@@ -99,15 +93,6 @@ def _compile(vocab_size: int, pick, cuda: bool, static: bool = False):
     # Static shapes except those marked dynamic (rows, cache slots, kv_len): with everything
     # dynamic, head counts and sizes would become symbols and the fused loops much slower.
     return torch.compile(run, dynamic=None, options=options)
-
-
-#: Dynamo builds the compiled step's guards with this setting (read when a graph is compiled): a
-#: module whose ``__dict__`` and whose submodules' are unchanged since the last check skips its
-#: guards (its attributes, its parameters' metadata) as a whole. Those are most of a step's guard
-#: checks, host time at every step, which a CUDA-graph step at batch 1 has little of. Setting an
-#: attribute on a module or replacing a parameter changes a dict: the full guards run.
-#: (In-place weight updates change no guard.)
-_GUARD_CONFIG = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
 
 
 def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
@@ -151,8 +136,9 @@ class StaticKVCache:
 
     It holds one bucket more than asked for (:func:`slots_with_margin`), and grows when a request
     needs more rows or slots (by at least a quarter, slots in multiples of ``KV_BUCKET``; sessions
-    presized for a whole conversation, as episodes are, seldom make it grow); its graphs are then
-    recorded once more. Memory: one decode batch's KV cache, held from the
+    presized for a whole conversation, as episodes are, seldom make it grow); the step is then
+    compiled once more for its new shape (see :func:`_compile`) and its graphs recorded once more.
+    Memory: one decode batch's KV cache, held from the
     first CUDA-graph decode for as long as the model lives, or until :func:`release_static_cache`.
     """
 
@@ -264,7 +250,7 @@ class DecodeStep:
         self.compiled = mode == "compiled"
         self.cuda_graphs = CUDA_GRAPHS if cuda_graphs is None else cuda_graphs
         self.packed = PackedWeights.get(model) if PackedWeights.available(model) else None
-        self._fns: dict[tuple, object] = {}  # (vocab_size, pick) -> this model's compiled step
+        self._fns: dict[tuple, object] = {}  # (vocab_size, pick, static shape) -> a compiled step
         self._cuda = None  # whether the steps replay CUDA graphs (set at the first step: its device)
         self._slots = None  # arange(at least the longest kv_len so far): slots is a view of it
         self._marked = None  # the cache whose tensors were last marked for the compiler (weakly:
@@ -290,13 +276,18 @@ class DecodeStep:
         n = tok.shape[0]
         static = _STATIC.get(self.model) if cuda else None
         in_static = static is not None and static.holds(cache)
-        fn = self._fns.get((vocab_size, pick, in_static))
+        # In the static cache the step gets its whole tensors, of static shapes (tensors marked
+        # dynamic bring symbolic-shape guards, two per layer, checked in Python at every step), and
+        # a function of its own per cache shape, so that they stay static after the cache grows.
+        shape = (static.full.batch_size, static.full.max_len) if in_static else None
+        fn = self._fns.get((vocab_size, pick, shape))
         if fn is None:
             fns = _COMPILED.setdefault(self.model, {})
-            key = (vocab_size, pick, cuda, in_static)
+            key = (vocab_size, pick, cuda, shape)
             if key not in fns:
-                fns[key] = _compile(vocab_size, pick, cuda, in_static)
-            fn = self._fns[(vocab_size, pick, in_static)] = fns[key]
+                self.model.inv_freq(tok.device)  # (made outside the graph: made inside, it would be compiled again)
+                fns[key] = _compile(vocab_size, pick, cuda)
+            fn = self._fns[(vocab_size, pick, shape)] = fns[key]
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
         kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
         if self._slots is None or self._slots.shape[0] < kv_len:  # (a view per step: no kernel launch)
@@ -304,9 +295,8 @@ class DecodeStep:
                                        device=tok.device)
         slots = self._slots[:kv_len]
         if in_static:
-            # The whole static cache goes in (see _compile); the step runs in its first rows,
-            # padded to graph_rows: token 0 at position 0, so each padding row attends only to
-            # the slot it writes.
+            # The step runs in the static cache's first rows, padded to graph_rows: token 0 at
+            # position 0, so each padding row attends only to the slot it writes.
             if graph_rows(n) != n:
                 pad = graph_rows(n) - n
                 tok, pos = F.pad(tok, (0, pad)), F.pad(pos, (0, pad))
@@ -319,11 +309,9 @@ class DecodeStep:
                 _mark(t, cuda)
             self._marked = weakref.ref(cache)
         if not cuda:
-            with _GUARD_CONFIG:
-                return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
+            return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
         torch.compiler.cudagraph_mark_step_begin()
-        with _GUARD_CONFIG:
-            out = fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
+        out = fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
         # The graph's outputs live in its memory pool and are overwritten by the next replay; the
         # padding rows' are dropped.
         return tuple(t[:n].clone() for t in out) if isinstance(out, tuple) else out[:n].clone()

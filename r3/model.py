@@ -418,7 +418,7 @@ class Attention(nn.Module):
             else:  # cache[b, :, positions[b, t]] = k[b, t]  (advanced indices first -> [B, T, H, D])
                 k_cache[rows, :, positions] = k.to(k_cache.dtype)
                 v_cache[rows, :, positions] = v.to(v_cache.dtype)
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            k, v = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # (a static cache holds more rows)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
