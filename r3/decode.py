@@ -16,7 +16,8 @@
 
 With no top-k/top-p, the sampler's next-token pick is fused into the same graph. Batch size and
 KV length are dynamic dimensions of one compiled graph (compiled once per process, ~50-80 s for
-the built-in model on 2 CPU cores; a batch of exactly one row is specialised once more). Each
+the built-in model on 2 CPU cores; a batch of exactly one row is specialised once more; with CUDA
+graphs, once per shape of the static cache, which rarely grows). Each
 model has compiled functions of its own (the model is their argument, not a closure variable, so
 they keep no model alive), and so its own recompile budget; its packed slots are constants of
 its graphs.
