@@ -617,9 +617,9 @@ def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float
 #: Kernel kinds by name (lower case), the first that matches.
 KERNEL_KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient")),
-    ("matmul", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|matmul|triton_tem|(^|[_:])b?mm(_|$)|addmm"
-                          r"|packed_linear")),
-    ("triton (fused)", re.compile(r"^triton")),
+    ("matmul", re.compile(r"^triton_tem")),  # (inductor's matmul templates)
+    ("triton (fused)", re.compile(r"^triton")),  # (pointwise and reductions, named after the ops fused: _addmm_ too)
+    ("matmul", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|matmul|(^|[_:])b?mm(_|$)|addmm|packed_linear")),
     ("copy/fill", re.compile(r"memcpy|memset|copy|fill")),
 )
 

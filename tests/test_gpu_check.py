@@ -160,7 +160,7 @@ def test_kernel_kinds():
         "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>",
         "triton_tem_fused_mm_0", "aten::mm", "aten::addmm", "gemv2T_kernel_val<int, int, float>",
         "void pytorch_flash::flash_fwd_splitkv_kernel<...>", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
-        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "triton_poi_fused_index_put_1",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "triton_poi_fused_index_put_1", "triton_poi_fused_addmm_2",
         "Memcpy DtoD (Device -> Device)", "Memset (Device)", "void at::native::vectorized_elementwise_kernel<4, "
         "at::native::FillFunctor<float>>", "void at::native::reduce_kernel<512, 1>", "aten::exp")}
     assert kinds == {
@@ -172,7 +172,7 @@ def test_kernel_kinds():
         "void pytorch_flash::flash_fwd_splitkv_kernel<...>": "attention",
         "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
         "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "triton (fused)",
-        "triton_poi_fused_index_put_1": "triton (fused)",
+        "triton_poi_fused_index_put_1": "triton (fused)", "triton_poi_fused_addmm_2": "triton (fused)",
         "Memcpy DtoD (Device -> Device)": "copy/fill", "Memset (Device)": "copy/fill",
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copy/fill",
         "void at::native::reduce_kernel<512, 1>": "other", "aten::exp": "other"}
