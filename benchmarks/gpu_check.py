@@ -639,10 +639,10 @@ def kernel_profile(model, vocab: int, cases, n: int, prompt_len: int, gbps: floa
     On CPU (``--smoke``) the leaf CPU ops stand in for kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = model.device.type == "cuda"
     with _cuda_graph_decode(model):
         rows = []
         for mode, B in cases:
-            cuda = model.device.type == "cuda"
             steps = _StaticSteps(model, vocab, B, prompt_len, prompt_len + n, mode)
             steps.reset()
             steps.run(n)  # (records any graph not recorded yet, outside the profile)

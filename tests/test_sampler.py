@@ -1060,7 +1060,7 @@ def test_compiled_step_follows_changes_to_the_model(tiny_dirs, monkeypatch):
     same()
 
 
-def test_cuda_graph_step_writes_the_static_cache_in_place(tiny_dirs):
+def test_cuda_graph_step_writes_the_static_cache_in_place(tiny_dirs, monkeypatch):
     """The CUDA-graph step gets the static cache's whole tensors and decodes in its first rows:
     inductor's code writes the new keys/values into them in place. (Rows sliced off before the
     write made it copy every layer's cache out and back at each step: ~20x slower here.) Its
@@ -1077,17 +1077,10 @@ def test_cuda_graph_step_writes_the_static_cache_in_place(tiny_dirs):
         assert (sc.full.batch_size, sc.full.max_len) == (16, 320)
         for t in sc.full.k + sc.full.v:
             t.fill_(7.0)
-        monkey = decode_mod._STATIC.get(model)
-        decode_mod._STATIC[model] = sc
-        try:
-            dst = sc.copy_in(caches[1], 11)
-            step = DecodeStep(model, "compiled", cuda_graphs=True)
-            got, codes = run_and_get_code(lambda: step(last, pos, dst, 12, 256))
-        finally:
-            if monkey is None:
-                decode_mod._STATIC.pop(model, None)
-            else:
-                decode_mod._STATIC[model] = monkey
+        monkeypatch.setitem(decode_mod._STATIC, model, sc)  # (the model's static cache)
+        dst = sc.copy_in(caches[1], 11)
+        step = DecodeStep(model, "compiled", cuda_graphs=True)
+        got, codes = run_and_get_code(lambda: step(last, pos, dst, 12, 256))
     assert (got - ref).abs().max().item() <= 1e-5
     call = codes[-1][codes[-1].index("def call"):]
     buffers = [line for line in call.splitlines() if "empty_strided" in line]
