@@ -1093,6 +1093,50 @@ def test_cuda_graph_step_writes_the_static_cache_in_place(tiny_dirs, monkeypatch
         assert (full[:3, :, 12:] == 7.0).all()
 
 
+def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs, monkeypatch):
+    """What a GPU would show only as a warning (the step then runs without CUDA graphs, or in
+    pieces), checked in inductor's graphs on the CPU: the step's only input mutations are the
+    static cache's writes (a mutated input without a static address skips CUDA graphs), no node
+    is unsafe for a graph (a host sync, a data-dependent shape: with graph partitioning, the graph
+    is cut there), no graph breaks. Greedy and sampled picks, a batch of 1 (padded) and of 3."""
+    import inspect
+
+    import torch._inductor.output_code as output_code
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    graphs = []
+    init = output_code.CompiledFxGraph.__init__
+    signature = inspect.signature(init)
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs).arguments
+        graphs.append((bound["gm"], set(bound["static_input_idxs"]), self))
+
+    monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recording_init)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # (a cache hit makes no new graph)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(decode_mod, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    breaks = sum(counters["graph_break"].values())
+    for temperature, lengths in ((0, [4, 7, 6]), (0, [5]), (1.0, [6, 2, 5]), (1.0, [3])):  # (one static cache shape)
+        prompts = _rand_prompts(256, lengths, seed=len(lengths))
+        with torch.inference_mode():
+            generate(model, prompts, max_new_tokens=6, temperature=temperature, decode="compiled", stop_token_ids=[7])
+    assert sum(counters["graph_break"].values()) == breaks
+    assert len(graphs) == 2  # (one per pick; batch size is dynamic)
+    for gm, static, compiled in graphs:
+        names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
+        assert get_first_incompatible_cudagraph_node(gm) is None
+        mutated = sorted(compiled.mutated_input_idxs)
+        assert [names[i] for i in mutated if i not in static] == []
+        assert len(mutated) == 2 * model.config.num_hidden_layers  # (each layer's keys and values)
+        # On the CPU inductor skips CUDA graphs for the device alone.
+        assert compiled.disabled_cudagraphs_reason is None or "device" in compiled.disabled_cudagraphs_reason
+
+
 def test_cuda_graph_step_compiles_once_per_static_cache_shape(tiny_dirs, monkeypatch):
     """When the static cache grows, the step is compiled once for its new shape and stays static
     in it (the cache's tensors are never marked dynamic; a batch of any padded row count shares
