@@ -911,9 +911,9 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     calls = []
     compile_ = decode_mod._compile
 
-    def spy(vocab_size, pick, cuda):
-        assert cuda
-        fn = compile_(vocab_size, pick, cuda)
+    def spy(vocab_size, pick, cuda, lean_guards):
+        assert cuda and lean_guards
+        fn = compile_(vocab_size, pick, cuda, lean_guards)
 
         def run(model, tok, pos, ks, vs, slots, u, temperature):
             calls.append((ks[0].data_ptr(), tuple(ks[0].shape), tok.shape[0], slots.shape[0]))
@@ -1135,6 +1135,50 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
         assert len(mutated) == 2 * model.config.num_hidden_layers  # (each layer's keys and values)
         # On the CPU inductor skips CUDA graphs for the device alone.
         assert compiled.disabled_cudagraphs_reason is None or "device" in compiled.disabled_cudagraphs_reason
+
+
+def test_cuda_graph_step_guards_tensors_and_values_not_the_structure(tiny_dirs, monkeypatch):
+    """The CUDA-graph step keeps dynamo's guards on tensors, shapes and the values it read, and
+    drops those on the model's structure (host time at every step): a parameter with other
+    strides compiles the step again, and its samples equal eager's (a changed attribute value:
+    test_compiled_step_follows_changes_to_the_model); a ``forward`` replaced on an instance
+    after compiling is not seen (r3 never does that). With prepacked weights (CPU, bf16) every
+    guard stays: the modules' attributes say which weights are current."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(decode_mod, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    model, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [6, 3, 8], seed=5)
+    eager = generate(model, prompts, max_new_tokens=8, temperature=0).tokens
+
+    def compiles(change=lambda: None):
+        change()
+        frames = counters["frames"]["ok"]
+        assert generate(model, prompts, max_new_tokens=8, temperature=0, decode="compiled").tokens == eager
+        return counters["frames"]["ok"] - frames
+
+    def strided_norm():  # the same values, every other element of a buffer
+        w = model.norm.weight.detach()
+        model.norm.weight = torch.nn.Parameter(torch.zeros(2 * w.numel()).view(-1, 2)[:, 0].copy_(w),
+                                               requires_grad=False)
+
+    assert compiles() == 1 and compiles() == 0
+    assert compiles(strided_norm) == 1
+    norm = model.norm
+    monkeypatch.setattr(norm, "forward", lambda x: 0 * x, raising=False)
+    assert generate(model, prompts, max_new_tokens=8, temperature=0).tokens != eager  # (eager runs it)
+    assert compiles() == 0  # (the compiled step still runs the class's forward)
+    # Prepacked weights: compiled with every guard.
+    bf16 = load(tiny_dirs["qwen3"][0], tokenizer=False, dtype=torch.bfloat16)[0]
+    step = DecodeStep(bf16, "compiled", cuda_graphs=True)
+    assert (step.packed is not None) == PackedWeights.available(bf16)
+    if step.packed is not None:
+        compiled = []
+        monkeypatch.setattr(decode_mod, "_compile", lambda *a: compiled.append(a) or (lambda *b: torch.zeros(2, 256)))
+        with step.active():
+            step(torch.tensor([1, 2]), torch.tensor([0, 0]), bf16.new_cache(2, 8), 1, 256)
+        assert compiled == [(256, None, True, False)]
 
 
 def test_cuda_graph_step_compiles_once_per_static_cache_shape(tiny_dirs, monkeypatch):
