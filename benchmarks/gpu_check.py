@@ -605,13 +605,49 @@ def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float
         if events:
             device_ms = sum(events[2 * t].elapsed_time(events[2 * t + 1]) for t in range(n)) / n
     bound = decode_bound_tok_s(model, B, prompt_len + n / 2, 2, gbps) if gbps else None
+    guards = _guard_check(steps)
     row = {"rows": B, "steps": n, "context": prompt_len + n / 2, "sampler_ms_per_step": 1e3 * sampler_s[-1],
            "step_ms_per_step": 1e3 * wall_s, "issue_ms_per_step": 1e3 * issue_s, "device_ms_per_step": device_ms,
-           "bound_ms_per_step": None if bound is None else 1e3 * B / bound}
+           "bound_ms_per_step": None if bound is None else 1e3 * B / bound, **guards}
     print(f"step timing B={B}: sampler {row['sampler_ms_per_step']:.3f} ms/step, step alone "
-          f"{row['step_ms_per_step']:.3f} (issue {row['issue_ms_per_step']:.3f}, device {_fmt(device_ms, '.3f')}), "
+          f"{row['step_ms_per_step']:.3f} (issue {row['issue_ms_per_step']:.3f}, of which guard check "
+          f"{_fmt(guards['guard_check_ms'], '.3f')}; device {_fmt(device_ms, '.3f')}), "
           f"bound {_fmt(row['bound_ms_per_step'], '.3f')}", flush=True)
     return row
+
+
+def _guard_check(steps: "_StaticSteps", repeats: int = 20, calls: int = 100) -> dict:
+    """The host's time to check dynamo's guards before each call of the compiled step (a part of
+    its issue time), and how many guards it runs: the step's compiled function is called once
+    more with its arguments recorded, then its guards are checked alone (best of ``repeats`` x
+    ``calls``). None where this torch's internals differ."""
+    none = {"guard_check_ms": None, "guards": None}
+    try:
+        key, fn = next((k, f) for k, f in steps.step._fns.items() if k[2] is not None)  # (in the static cache)
+        args = []
+        steps.step._fns[key] = lambda *a: args.append(a) or fn(*a)
+        try:
+            steps.reset()
+            steps.run(1)
+        finally:
+            steps.step._fns[key] = fn
+        inner = fn._torchdynamo_orig_callable
+        code = inner.__code__
+        frame = dict(zip(code.co_varnames[:code.co_argcount], args[-1]))
+        frame.update((name, cell.cell_contents) for name, cell in zip(code.co_freevars, inner.__closure__ or ()))
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(code)
+        with steps.step.active():  # (as the step is called: prepacked weights, on CPU in bf16, are guarded)
+            manager = next(e.guard_manager for e in entries if e.guard_manager.check(frame))
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    manager.check(frame)
+                best = min(best, (time.perf_counter() - t0) / calls)
+            return {"guard_check_ms": 1e3 * best, "guards": manager.check_verbose(frame).num_guards_executed}
+    except Exception as e:  # (private APIs: a measurement to skip, not a failure)
+        print(f"guard check not measured: {type(e).__name__}: {e}", flush=True)
+        return none
 
 
 #: Kernel kinds by name (lower case), the first that matches.
@@ -913,11 +949,13 @@ def markdown(report: dict) -> str:
             "Where a compiled greedy decode step's time goes (ms per step): the sampler's whole loop; the step alone "
             "called back to back in the static cache (wall), the host's time to issue it, the device's time between "
             "CUDA events around it; the bandwidth bound. Issue close to wall: launch bound; device far above the "
-            "bound: the graph itself is slow; sampler far above wall: the loop around the step.", "",
-            "| rows | context | sampler | step alone (wall) | issue | device | bound | step % of bound |",
-            "|---|---|---|---|---|---|---|---|"],
+            "bound: the graph itself is slow; sampler far above wall: the loop around the step. Guard check: the "
+            "part of the issue time dynamo spends checking the compiled step's guards (how many it runs).", "",
+            "| rows | context | sampler | step alone (wall) | issue | guard check (guards) | device | bound | step % of bound |",
+            "|---|---|---|---|---|---|---|---|---|"],
             lambda r: f"| {r['rows']} | {r['context']:.0f} | {r['sampler_ms_per_step']:.3f} | "
                       f"{r['step_ms_per_step']:.3f} | {r['issue_ms_per_step']:.3f} | "
+                      f"{_fmt(r.get('guard_check_ms'), '.3f')} ({_fmt(r.get('guards'), 'd')}) | "
                       f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
                       f"{_fmt(None if r['bound_ms_per_step'] is None else 100 * r['bound_ms_per_step'] / r['step_ms_per_step'], '.1f')} |")
         lines += _kernel_profile_lines(sp.get("kernel_profile"))

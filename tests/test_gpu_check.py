@@ -37,6 +37,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     st = sections["sampler"]["step_timing"]
     assert [r["rows"] for r in st] == [1, 2]
     assert all(r["step_ms_per_step"] > 0 and r["issue_ms_per_step"] > 0 and r["device_ms_per_step"] is None for r in st)
+    assert all(r["guard_check_ms"] > 0 and r["guards"] > 0 for r in st)  # (measured: no private API moved)
     assert "Where a compiled greedy decode step's time goes" in md
     # the kernels of a step under the profiler (here the CPU ops stand in for them)
     kp = sections["sampler"]["kernel_profile"]
