@@ -66,8 +66,9 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: The guards a step compiled with ``lean_guards`` keeps (see :func:`_tensor_and_state_guards`).
 KEPT_GUARDS = frozenset({
-    "TENSOR_MATCH", "DUPLICATE_INPUT", "NO_TENSOR_ALIASING", "SHAPE_ENV",  # tensors and shapes
+    "TENSOR_MATCH", "DUPLICATE_INPUT", "SHAPE_ENV",  # tensors (and, from their matches, aliasing) and shapes
     "CONSTANT_MATCH", "EQUALS_MATCH",  # Python values the step read (a norm's eps, a window size)
+    "DICT_CONTAINS",  # a cached tensor the step found, or made (the model's rotary frequencies per device)
     "GLOBAL_STATE", "GRAD_MODE", "DEFAULT_DEVICE", "TORCH_FUNCTION_STATE", "DETERMINISTIC_ALGORITHMS",
     "AUTOGRAD_SAVED_TENSORS_HOOKS", "EMPTY_NN_MODULE_HOOKS_DICT",
 })
