@@ -1115,16 +1115,17 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
         graphs.append((bound["gm"], set(bound["static_input_idxs"]), self))
 
     monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recording_init)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # (a cache hit makes no new graph)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
     monkeypatch.setattr(decode_mod, "_COMPILED", __import__("weakref").WeakKeyDictionary())
     model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
     breaks = sum(counters["graph_break"].values())
-    for temperature, lengths in ((0, [4, 7, 6]), (0, [5]), (1.0, [6, 2, 5]), (1.0, [3])):  # (one static cache shape)
-        prompts = _rand_prompts(256, lengths, seed=len(lengths))
-        with torch.inference_mode():
-            generate(model, prompts, max_new_tokens=6, temperature=temperature, decode="compiled", stop_token_ids=[7])
+    # (no cache hits: a graph from a cache is not built here. The config modules' own patch: pytest
+    # 9.2's monkeypatch deletes a config entry on undo, which hides it from every later compile.)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        for temperature, lengths in ((0, [4, 7, 6]), (0, [5]), (1.0, [6, 2, 5]), (1.0, [3])):  # (one cache shape)
+            prompts = _rand_prompts(256, lengths, seed=len(lengths))
+            with torch.inference_mode():
+                generate(model, prompts, max_new_tokens=6, temperature=temperature, decode="compiled", stop_token_ids=[7])
     assert sum(counters["graph_break"].values()) == breaks
     assert len(graphs) == 2  # (one per pick; batch size is dynamic)
     for gm, static, compiled in graphs:
