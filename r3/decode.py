@@ -81,9 +81,10 @@ def _tensor_and_state_guards(entries) -> list[bool]:
     and the global state. Dropped: the guards on the model's structure (the type of every module
     and object it went through, that no instance overrides its class's ``forward``, closures,
     list lengths): r3 never swaps a module or a method after loading, and each model has compiled
-    functions of its own. On a 28-layer model that is half the guards and half the guard check's
-    time, which runs on the host at every step; at small batches a CUDA-graph step's device work
-    is shorter than its host time (Qwen2.5-1.5B, B = 1: ~0.75 ms)."""
+    functions of its own. On a 28-layer model that is about half the guards and half the guard
+    check's time, which the host spends before every step; at small batches a CUDA-graph step's
+    device work is short (Qwen2.5-1.5B at B = 1: ~0.75 ms of weight reads on an H200), and the
+    host must issue each step in less."""
     return [e.guard_type in KEPT_GUARDS for e in entries]
 
 
@@ -312,8 +313,9 @@ class DecodeStep:
         fn = self._fns.get((vocab_size, pick, shape))
         if fn is None:
             fns = _COMPILED.setdefault(self.model, {})
-            # With CUDA graphs the step's guards are its host time's largest part; with prepacked
-            # weights (CPU) the model's Python attributes say which weights are current, and stay guarded.
+            # With CUDA graphs the host's time per step counts (see _tensor_and_state_guards); with
+            # prepacked weights (CPU) the model's Python attributes say which weights are current,
+            # and stay guarded.
             lean = cuda and self.packed is None
             key = (vocab_size, pick, cuda, shape, lean)
             if key not in fns:
