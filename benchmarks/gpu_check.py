@@ -621,7 +621,6 @@ def _guard_check(steps: "_StaticSteps", repeats: int = 20, calls: int = 100) -> 
     its issue time), and how many guards it runs: the step's compiled function is called once
     more with its arguments recorded, then its guards are checked alone (best of ``repeats`` x
     ``calls``). None where this torch's internals differ."""
-    none = {"guard_check_ms": None, "guards": None}
     try:
         key, fn = next((k, f) for k, f in steps.step._fns.items() if k[2] is not None)  # (in the static cache)
         args = []
@@ -647,7 +646,7 @@ def _guard_check(steps: "_StaticSteps", repeats: int = 20, calls: int = 100) -> 
             return {"guard_check_ms": 1e3 * best, "guards": manager.check_verbose(frame).num_guards_executed}
     except Exception as e:  # (private APIs: a measurement to skip, not a failure)
         print(f"guard check not measured: {type(e).__name__}: {e}", flush=True)
-        return none
+        return {"guard_check_ms": None, "guards": None}
 
 
 #: Kernel kinds by name (lower case), the first that matches.

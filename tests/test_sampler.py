@@ -1100,6 +1100,7 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
     is unsafe for a graph (a host sync, a data-dependent shape: with graph partitioning, the graph
     is cut there), no graph breaks. Greedy and sampled picks, a batch of 1 (padded) and of 3."""
     import inspect
+    import weakref
 
     import torch._inductor.output_code as output_code
     from torch._dynamo.utils import counters
@@ -1116,7 +1117,7 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
 
     monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recording_init)
     monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
-    monkeypatch.setattr(decode_mod, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())
     model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
     breaks = sum(counters["graph_break"].values())
     # (no cache hits: a graph from a cache is not built here. The config modules' own patch: pytest
@@ -1145,10 +1146,12 @@ def test_cuda_graph_step_guards_tensors_and_values_not_the_structure(tiny_dirs, 
     test_compiled_step_follows_changes_to_the_model); a ``forward`` replaced on an instance
     after compiling is not seen (r3 never does that). With prepacked weights (CPU, bf16) every
     guard stays: the modules' attributes say which weights are current."""
+    import weakref
+
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
-    monkeypatch.setattr(decode_mod, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())
     model, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
     prompts = _rand_prompts(256, [6, 3, 8], seed=5)
     eager = generate(model, prompts, max_new_tokens=8, temperature=0).tokens
