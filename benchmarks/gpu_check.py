@@ -405,6 +405,9 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             print(f"sampler B={B}: compiled decode failed ({type(e).__name__}: {e}); eager only", flush=True)
             r = bench_sampler.bench_case(ours, hf, compiled=False, **kw)
             r["compiled_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        if compiled and "compiled_error" not in r:
+            per_step = _or_error("per-step compiled decode", lambda: per_step_compiled(ours, B, G, n, prompt_len, kw))
+            r.update({"compiled_step_error": per_step["error"]} if "error" in per_step else per_step)
         for k in ("r3_all_s", "r3c_all_s", "hf_all_s", "loadavg_1m"):
             r.pop(k, None)
         if ctx.cuda:
@@ -417,6 +420,8 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             r["decode_pct_bound"] = 100 * r["decode_tok_s"] / bound
             if r.get("r3c_decode_ms_per_step"):
                 r["decode_compiled_pct_bound"] = 100 * B * G / (r["r3c_decode_ms_per_step"] / 1e3) / bound
+            if r.get("r3c_step_decode_ms_per_step"):
+                r["decode_compiled_step_pct_bound"] = 100 * B * G / (r["r3c_step_decode_ms_per_step"] / 1e3) / bound
         rows.append(r)
         print(f"sampler B={B} G={G}: r3 {r['r3_tok_s']:.0f} tok/s, transformers {r['hf_tok_s']:.0f} tok/s "
               f"({r['ratio']:.2f}x), decode {r['r3_decode_ms_per_step']:.2f} ms/step, "
@@ -426,6 +431,10 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
         vocab = spec["vocab_size"]
         out["repeated_rollouts"] = _or_error("repeated rollouts", lambda: repeated_rollouts(
             ours, vocab, n, prompt_len, 2 if ctx.smoke else 5))
+        if ctx.smoke:  # (the rows above run the compiled sampler on CUDA only: here with CUDA graphs forced)
+            with _cuda_graph_decode(ours, inference=False):
+                out["per_step_check"] = _or_error("per-step compiled decode", lambda: per_step_compiled(
+                    ours, 2, 1, n, prompt_len, dict(vocab=vocab, device=str(ctx.device), repeats=1)))
         out["step_timing"] = _or_error("step timing", lambda: step_timing(
             ours, vocab, (1, 2) if ctx.smoke else (1, 16), n, prompt_len, gbps))
         ctx.save_partial("sampler", dict(out, dynamo=_dynamo_counts(counters, skips)))
@@ -497,6 +506,26 @@ def cuda_graphs_recorded(device_index: int = 0) -> int | None:
         return count
     except Exception:
         return None
+
+
+def per_step_compiled(model, B: int, G: int, n: int, prompt_len: int, kw: dict) -> dict:
+    """The compiled sampler of the same case with one CUDA-graph replay per step (cudagraph trees;
+    ``r3.decode.GRAPH_RUN_STEPS = 0``) instead of graph runs: its decode ms/step, best of the
+    case's repeats, and whether its tokens equal the graph runs' (the same math)."""
+    import r3.decode
+
+    g = torch.Generator().manual_seed(B * 1000 + G)  # (bench_case's prompts)
+    prompts = torch.randint(0, kw["vocab"], (B, prompt_len), generator=g).tolist()
+    runs = r3.decode.GRAPH_RUN_STEPS
+    r3.decode.GRAPH_RUN_STEPS = 0
+    try:
+        bench_sampler.run_r3(model, prompts, min(n, 4), G, kw["device"], compiled=True)  # (compiles, records)
+        outs = [bench_sampler.run_r3(model, prompts, n, G, kw["device"], compiled=True)[1] for _ in range(kw["repeats"])]
+    finally:
+        r3.decode.GRAPH_RUN_STEPS = runs
+    ref = bench_sampler.run_r3(model, prompts, n, G, kw["device"], compiled=True)[1]
+    return {"r3c_step_decode_ms_per_step": min(1e3 * o.decode_s / o.steps for o in outs),
+            "compiled_step_equals_runs": outs[0].tokens == ref.tokens}
 
 
 def repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int) -> list[dict]:
@@ -606,14 +635,58 @@ def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float
             device_ms = sum(events[2 * t].elapsed_time(events[2 * t + 1]) for t in range(n)) / n
     bound = decode_bound_tok_s(model, B, prompt_len + n / 2, 2, gbps) if gbps else None
     guards = _guard_check(steps)
+    runs = _or_error("graph runs timing", lambda: _graph_run_timing(steps, n))
     row = {"rows": B, "steps": n, "context": prompt_len + n / 2, "sampler_ms_per_step": 1e3 * sampler_s[-1],
            "step_ms_per_step": 1e3 * wall_s, "issue_ms_per_step": 1e3 * issue_s, "device_ms_per_step": device_ms,
-           "bound_ms_per_step": None if bound is None else 1e3 * B / bound, **guards}
+           "bound_ms_per_step": None if bound is None else 1e3 * B / bound, **guards,
+           **({"runs_error": runs["error"]} if "error" in runs else runs)}
     print(f"step timing B={B}: sampler {row['sampler_ms_per_step']:.3f} ms/step, step alone "
           f"{row['step_ms_per_step']:.3f} (issue {row['issue_ms_per_step']:.3f}, of which guard check "
-          f"{_fmt(guards['guard_check_ms'], '.3f')}; device {_fmt(device_ms, '.3f')}), "
+          f"{_fmt(guards['guard_check_ms'], '.3f')}; device {_fmt(device_ms, '.3f')}), graph runs "
+          f"{_fmt(row.get('runs_ms_per_step'), '.3f')} (issue {_fmt(row.get('runs_issue_ms_per_step'), '.3f')}; "
+          f"device {_fmt(row.get('runs_device_ms_per_step'), '.3f')}), "
           f"bound {_fmt(row['bound_ms_per_step'], '.3f')}", flush=True)
     return row
+
+
+def _graph_run_timing(steps: "_StaticSteps", n: int) -> dict:
+    """Greedy decode steps in graph runs (r3.decode.GraphRuns, as ``Session.sample`` runs them),
+    back to back from the prompts' last tokens: one-step graphs up to a multiple of
+    ``GRAPH_RUN_STEPS``, then runs. Per step: wall ms, the host's ms to issue them, the device's
+    ms between CUDA events around each replay. The first pass records the graphs."""
+    import r3.decode
+    from r3.sampler import pick_greedy
+
+    model, cuda, K = steps.model, steps.model.device.type == "cuda", r3.decode.GRAPH_RUN_STEPS
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    no_stops = torch.zeros(steps.vocab, dtype=torch.bool, device=steps.first.device)
+    lean = steps.step.lean_guards(steps.first.device)
+    result = {}
+    for _ in range(2):
+        steps.reset()
+        runs = r3.decode.static_cache(model).graph_runs()
+        runs.start(model, steps.first, torch.full_like(steps.first, steps.base), no_stops, 0.0)
+        chunks, t = [], 0
+        while t < n:
+            k = K if K > 1 and (steps.base + t) % K == 0 and t + K <= n else 1
+            chunks.append((t, k))
+            t += k
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * len(chunks))] if cuda else None
+        sync()
+        t0 = time.perf_counter()
+        for i, (t, k) in enumerate(chunks):
+            if events:
+                events[2 * i].record()
+            runs.run(model, steps.vocab, pick_greedy, lean, steps.base + t + k, k, None)
+            if events:
+                events[2 * i + 1].record()
+        t1 = time.perf_counter()
+        sync()
+        result = {"runs_ms_per_step": 1e3 * (time.perf_counter() - t0) / n, "runs_issue_ms_per_step": 1e3 * (t1 - t0) / n,
+                  "runs_device_ms_per_step": sum(events[2 * i].elapsed_time(events[2 * i + 1])
+                                                 for i in range(len(chunks))) / n if events else None,
+                  "runs_of": K, "runs_graphs": len(runs.graphs)}
+    return result
 
 
 def _guard_check(steps: "_StaticSteps", repeats: int = 20, calls: int = 100) -> dict:
@@ -748,16 +821,19 @@ def _repeated_rollouts(model, vocab: int, n: int, prompt_len: int, repeats: int)
         if cuda:
             torch.cuda.synchronize()
         steps = first.steps + second.steps
-        sc = static_cache(model).full
+        static = static_cache(model)
+        sc = static.full
         row = {"call": rep + 1, "rows": len(s), "steps": steps, "wall_s": time.perf_counter() - t0,
                "decode_ms_per_step": 1e3 * (first.decode_s + second.decode_s) / steps,
                "stopped": sum(first.finished), "graphs": cuda_graphs_recorded(model.device.index or 0) if cuda else None,
+               "graph_runs": 0 if static.runs is None else len(static.runs.graphs),
                "static_cache": None if sc is None else [sc.batch_size, sc.max_len],
                "memory_gb": torch.cuda.memory_allocated() / 2 ** 30 if cuda else None,
                "reserved_gb": torch.cuda.memory_reserved() / 2 ** 30 if cuda else None}
         rows.append(row)
         print(f"repeated rollout {rep + 1}: {steps} steps, {row['decode_ms_per_step']:.2f} ms/step, "
-              f"{row['graphs']} graphs, {_fmt(row['memory_gb'])} GiB allocated", flush=True)
+              f"{row['graphs']} cudagraph trees graphs, {row['graph_runs']} graph runs, "
+              f"{_fmt(row['memory_gb'])} GiB allocated", flush=True)
     return rows
 
 
@@ -916,17 +992,21 @@ def markdown(report: dict) -> str:
     if "rows" in sp:
         lines += [f"## Sampler: {sp['model']}, {sp['params'] / 1e9:.2f}B parameters", "",
                   "| rows | mode | r3 tok/s | transformers tok/s | ratio | r3 decode ms/step | compiled ms/step "
-                  "| bound tok/s | % of bound | compiled % of bound | compiled = eager tokens | GiB after / peak |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| compiled per-step ms/step | bound tok/s | % of bound | compiled % of bound "
+                  "| compiled per-step % of bound | compiled = eager tokens | per-step = runs tokens | GiB after / peak |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sp["rows"]:
             lines.append(f"| {r['batch']}x{r['group']} | {r['mode']} | {r['r3_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {r['ratio']:.2f} | "
                          f"{r['r3_decode_ms_per_step']:.2f} | {_fmt(r.get('r3c_decode_ms_per_step'))} | "
-                         f"{_fmt(r.get('bound_tok_s'), '.0f')} | "
+                         f"{_fmt(r.get('r3c_step_decode_ms_per_step'))} | {_fmt(r.get('bound_tok_s'), '.0f')} | "
                          f"{_fmt(r.get('decode_pct_bound'), '.1f')} | {_fmt(r.get('decode_compiled_pct_bound'), '.1f')} | "
-                         f"{r.get('compiled_equals_eager', '-')} | "
+                         f"{_fmt(r.get('decode_compiled_step_pct_bound'), '.1f')} | "
+                         f"{r.get('compiled_equals_eager', '-')} | {r.get('compiled_step_equals_runs', '-')} | "
                          f"{_fmt(r.get('memory_after_gb'))} / {_fmt(r.get('peak_memory_gb'))} |")
         lines += ["", "Bound: (bf16 weight bytes + KV bytes read at the mean context) / measured copy bandwidth; "
-                  "tokens/s columns are end to end (prefill + decode).", ""]
+                  "tokens/s columns are end to end (prefill + decode). Compiled: the sampler as `decode=\"compiled\"` "
+                  "runs it (graph runs: one CUDA graph per `r3.decode.GRAPH_RUN_STEPS` steps); compiled per-step: one "
+                  "CUDA-graph replay per step (cudagraph trees, `GRAPH_RUN_STEPS = 0`).", ""]
         dyn = sp.get("dynamo")
         if dyn:
             skips = dyn.get("cudagraph_skips")
@@ -937,11 +1017,12 @@ def markdown(report: dict) -> str:
         lines += _part("Repeated rollouts (compiled)", sp.get("repeated_rollouts"), [
             "Repeated rollouts through the compiled step, each a new session (16 prompts x 2, T = 1, 1% of the "
             "vocabulary stops a row, then a second turn): CUDA graphs held after each call should stop growing once "
-            "the first calls have recorded every (rows, KV bucket) shape.", "",
-            "| call | rows | steps | rows stopped | decode ms/step | CUDA graphs held | static cache rows x slots "
-            "| GiB allocated / reserved |", "|---|---|---|---|---|---|---|---|"],
+            "the first calls have recorded every (rows, KV bucket) shape: cudagraph trees' (per-step replays, "
+            "top-k / top-p) and the graph runs'.", "",
+            "| call | rows | steps | rows stopped | decode ms/step | cudagraph trees graphs | graph runs' graphs "
+            "| static cache rows x slots | GiB allocated / reserved |", "|---|---|---|---|---|---|---|---|---|"],
             lambda r: f"| {r['call']} | {r['rows']} | {r['steps']} | {r['stopped']} | {r['decode_ms_per_step']:.2f} | "
-                      f"{_fmt(r['graphs'], 'd')} | "
+                      f"{_fmt(r['graphs'], 'd')} | {_fmt(r.get('graph_runs'), 'd')} | "
                       f"{'x'.join(map(str, r['static_cache'])) if r['static_cache'] else '-'} | "
                       f"{_fmt(r['memory_gb'])} / {_fmt(r['reserved_gb'])} |")
         lines += _part("Compiled step timing", sp.get("step_timing"), [
@@ -949,14 +1030,20 @@ def markdown(report: dict) -> str:
             "called back to back in the static cache (wall), the host's time to issue it, the device's time between "
             "CUDA events around it; the bandwidth bound. Issue close to wall: launch bound; device far above the "
             "bound: the graph itself is slow; sampler far above wall: the loop around the step. Guard check: the "
-            "part of the issue time dynamo spends checking the compiled step's guards (how many it runs).", "",
-            "| rows | context | sampler | step alone (wall) | issue | guard check (guards) | device | bound | step % of bound |",
-            "|---|---|---|---|---|---|---|---|---|"],
+            "part of the issue time dynamo spends checking the compiled step's guards (how many it runs). Graph "
+            "runs: the same steps as the sampler runs them, one CUDA graph per run of steps (wall, issue and device "
+            "ms per step; one-step graphs up to the first multiple of the run length).", "",
+            "| rows | context | sampler | step alone (wall) | issue | guard check (guards) | device | graph runs (wall) "
+            "| graph runs issue | graph runs device | bound | step % of bound | graph runs % of bound |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"],
             lambda r: f"| {r['rows']} | {r['context']:.0f} | {r['sampler_ms_per_step']:.3f} | "
                       f"{r['step_ms_per_step']:.3f} | {r['issue_ms_per_step']:.3f} | "
                       f"{_fmt(r.get('guard_check_ms'), '.3f')} ({_fmt(r.get('guards'), 'd')}) | "
-                      f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r['bound_ms_per_step'], '.3f')} | "
-                      f"{_fmt(None if r['bound_ms_per_step'] is None else 100 * r['bound_ms_per_step'] / r['step_ms_per_step'], '.1f')} |")
+                      f"{_fmt(r['device_ms_per_step'], '.3f')} | {_fmt(r.get('runs_ms_per_step'), '.3f')} | "
+                      f"{_fmt(r.get('runs_issue_ms_per_step'), '.3f')} | {_fmt(r.get('runs_device_ms_per_step'), '.3f')} | "
+                      f"{_fmt(r['bound_ms_per_step'], '.3f')} | "
+                      f"{_fmt(None if r['bound_ms_per_step'] is None else 100 * r['bound_ms_per_step'] / r['step_ms_per_step'], '.1f')} | "
+                      f"{_fmt(None if r['bound_ms_per_step'] is None or not r.get('runs_ms_per_step') else 100 * r['bound_ms_per_step'] / r['runs_ms_per_step'], '.1f')} |")
         lines += _kernel_profile_lines(sp.get("kernel_profile"))
     tr = s.get("train", {})
     if "returncode" in tr:

@@ -11,7 +11,10 @@
   the KV length to a multiple of ``r3.model.KV_BUCKET`` slots: one graph is recorded for each
   (padded rows, KV bucket), once per process, and replayed by every later rollout. Dynamo's
   guards, checked on the host before each replay, are cut to those on tensors, shapes and the
-  values the step read (:func:`_tensor_and_state_guards`).
+  values the step read (:func:`_tensor_and_state_guards`). With the pick fused (greedy, or
+  sampling without top-k / top-p) the sampler goes further: :class:`GraphRuns` records
+  :data:`GRAPH_RUN_STEPS` whole steps, bookkeeping included, as one CUDA graph of its own, and
+  replays it once per that many tokens, with no guard check or Python per step.
 * on CPU with inductor, which fuses each layer's small elementwise ops (RMSNorm, RoPE, cache
   writes, SiLU, residuals) into a few C++ loops; ``emulate_precision_casts`` rounds
   intermediates to the model dtype where eager does.
@@ -48,6 +51,12 @@ DECODE_MODES = ("eager", "compiled")
 #: Whether the compiled step uses CUDA graphs: None means on CUDA devices. (Tests set it True on
 #: CPU, where inductor leaves the graphs out but everything around them runs.)
 CUDA_GRAPHS: bool | None = None
+
+
+#: Decode steps per CUDA graph where the sampler's pick is fused into the step (greedy, or sampling
+#: without top-k / top-p): one replay per this many tokens (:class:`GraphRuns`). 0: one replay per
+#: step through inductor's cudagraph trees, as top-k / top-p decoding always runs. Divides KV_BUCKET.
+GRAPH_RUN_STEPS = 8
 
 
 def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len, vocab_size: int) -> torch.Tensor:
@@ -108,21 +117,48 @@ def _compile(vocab_size: int, pick, cuda: bool, lean_guards: bool = False):
         def run_and_pick(model, tok, pos, ks, vs, slots, u, temperature):
             return pick(logits(model, tok, pos, ks, vs, slots), u, temperature)
         run = run_and_pick
+    return _torch_compile(run, cuda, lean_guards)
+
+
+def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
+    """``fn`` through torch.compile with the decode step's options: inductor's CUDA graphs
+    (``cudagraphs``), :func:`_tensor_and_state_guards` (``lean_guards``)."""
     # A code object of its own: dynamo keeps compiled graphs, and counts recompiles against its
     # limit (8), per code object; shared by every model and vocabulary, the budget would run out
     # (a model of another dtype, a batch of one, greedy and sampled picks) and the step would
     # fall back to eager.
-    run = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__,
-                             run.__closure__)
+    fn = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     options = {"emulate_precision_casts": True}
-    if cuda:
+    if cudagraphs:
         # mode="reduce-overhead", plus: no warning for the one graph per (batch, KV bucket) shape.
         options.update({"triton.cudagraphs": True, "triton.cudagraph_dynamic_shape_warn_limit": None})
     if lean_guards and hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # (torch >= 2.8)
         options["guard_filter_fn"] = _tensor_and_state_guards
     # Static shapes except those marked dynamic (rows, cache slots, kv_len): with everything
     # dynamic, head counts and sizes would become symbols and the fused loops much slower.
-    return torch.compile(run, dynamic=None, options=options)
+    return torch.compile(fn, dynamic=None, options=options)
+
+
+def _compile_keep(vocab_size: int, pick, lean_guards: bool):
+    """``keep(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp)``
+    through torch.compile, without inductor's CUDA graphs (:class:`GraphRuns` records its own):
+    one decode step with ``pick`` fused, as :func:`_compile`'s, and the sampler's bookkeeping of
+    that step, in place: a stopped row (``done``) repeats its token at its frozen position with
+    log-prob 0; ``out_tok``/``out_lp`` get the step's tokens and log-probs; ``tok`` the next
+    tokens, ``pos`` advances for the rows that had not stopped, ``done`` adds the rows whose token
+    is a stop id (``is_stop[token]``)."""
+
+    def keep(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp):
+        logits = step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
+        nxt, lp = pick(logits, u, temperature)
+        nxt = torch.where(done, tok, nxt)
+        out_tok.copy_(nxt)
+        out_lp.copy_(lp.masked_fill(done, 0.0))
+        pos.add_((~done).long())
+        done.logical_or_(is_stop[nxt])
+        tok.copy_(nxt)
+
+    return _torch_compile(keep, False, lean_guards)
 
 
 def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
@@ -175,6 +211,7 @@ class StaticKVCache:
     def __init__(self):
         self.full: KVCache | None = None
         self._rows: dict[int, KVCache] = {}  # n -> views of rows [0, n)
+        self.runs: GraphRuns | None = None  # the graph runs recorded against this cache
 
     def reserve(self, cfg, rows: int, slots: int, dtype, device) -> None:
         """Room for ``rows`` rows (padded: :func:`graph_rows`) of ``slots`` slots, in this dtype on
@@ -191,10 +228,16 @@ class StaticKVCache:
             rows = max(rows, graph_rows(-(-5 * full.batch_size // 4)), full.batch_size)
             slots = max(slots, -(-5 * full.max_len // 4), full.max_len)
         slots = -(-slots // KV_BUCKET) * KV_BUCKET
-        self.full, self._rows = None, {}  # (the old one is freed before the new one is made)
+        self.full, self._rows, self.runs = None, {}, None  # (the old one, and its graphs, freed first)
         self.full = KVCache.empty(cfg, rows, slots, dtype, device)
         for t in self.full.k + self.full.v:  # (the compiled step writes into them in place)
             torch._dynamo.mark_static_address(t, guard=False)
+
+    def graph_runs(self) -> "GraphRuns":
+        """The :class:`GraphRuns` recorded against this cache (made on first use)."""
+        if self.runs is None:
+            self.runs = GraphRuns(self.full)
+        return self.runs
 
     def holds(self, cache: KVCache) -> bool:
         """Whether ``cache`` is rows ``[0, n)`` of this one (what :meth:`rows` returns)."""
@@ -224,6 +267,145 @@ class StaticKVCache:
         for d, s in zip(dst.k + dst.v, self.full.k + self.full.v):
             d[:, :, :slots].copy_(s[:, :, :slots].index_select(0, keep))
         return dst
+
+
+class GraphRuns:
+    """Decode runs of ``k`` steps, each run one CUDA graph, in a :class:`StaticKVCache`.
+
+    Per step, cudagraph trees leave the host a guard check, their replay path (checks of the
+    static inputs' addresses, copies of the others) and the sampler's dozen eager ops around it;
+    at small batches that can take longer than the step's device work (Qwen2.5-1.5B at B = 1:
+    ~0.75 ms of weight reads on an H200). Here a graph holds ``k`` whole steps: the compiled step
+    with the pick and the stopped rows' bookkeeping (:func:`_compile_keep`), its tokens and
+    log-probs written to a ring. The sampler replays one graph per ``k`` tokens
+    (:data:`GRAPH_RUN_STEPS`), reads the ring, and checks for stops between runs.
+
+    The state the graphs read and write is theirs, sized for the static cache's rows: tokens,
+    positions, stop flags (padding rows: token 0 at position 0, stopped), the stop table, the
+    temperature, a run's uniforms, the ring. A graph is recorded for each (vocabulary, pick,
+    padded rows, KV bucket, k) the first time it is needed: run once uncaptured (compiling and
+    autotuning; on CUDA on a side stream), the state put back, then captured into one memory pool
+    that all of them share (they never run at once). The run writes only cache slots the rows
+    have not reached, so running it once changes nothing that is read. A run of ``k`` steps
+    starts at a multiple of ``k``, so its steps read one KV bucket (``k`` divides ``KV_BUCKET``);
+    steps before and after it run as one-step graphs.
+
+    A graph replays the addresses it was recorded with: :meth:`start` checks the model's
+    parameters' addresses (an optimizer that updates them in place keeps the graphs; new tensors
+    drop them). On CPU, where tests force CUDA graphs, a recording is the steps run again.
+    """
+
+    def __init__(self, cache: KVCache):
+        rows, device = cache.batch_size, cache.k[0].device
+        self.ks, self.vs = cache.k, cache.v
+        self.cuda = device.type == "cuda"
+        # (the ring's and the uniforms' rows start 64-byte aligned: each step writes, or reads, one)
+        cols = -(-rows // 16) * 16
+        self.tok = torch.zeros(rows, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.done = torch.ones(rows, dtype=torch.bool, device=device)
+        self.u = torch.zeros(GRAPH_RUN_STEPS, cols, 1, dtype=torch.float32, device=device)
+        self.ring_tok = torch.zeros(GRAPH_RUN_STEPS, cols, dtype=torch.long, device=device)
+        self.ring_lp = torch.zeros(GRAPH_RUN_STEPS, cols, dtype=torch.float32, device=device)
+        self.temperature = torch.ones((), dtype=torch.float32, device=device)
+        self.slots = torch.arange(cache.max_len, device=device)
+        self.is_stop: dict[int, torch.Tensor] = {}  # vocab_size -> [vocab_size] bool
+        self.graphs: dict[tuple, object] = {}  # (vocab_size, pick, lean, rows, kv bucket, k) -> replay
+        self.addresses = None  # the model's parameters' addresses the graphs were recorded with
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self.n = 0  # the decode batch's rows
+
+    def start(self, model, tok: torch.Tensor, pos: torch.Tensor, is_stop: torch.Tensor, temperature: float):
+        """A decode batch of ``len(tok)`` rows at these tokens and positions, none stopped, with
+        this stop table (``is_stop[token]``, the vocabulary's size) and temperature; returns the
+        state's views (tokens, positions, stop flags) that the runs advance in place."""
+        addresses = [p.data_ptr() for p in model.parameters()] + [b.data_ptr() for b in model.buffers()]
+        if addresses != self.addresses:
+            self.graphs.clear()
+            self.addresses = addresses
+        n = len(tok)
+        self.tok[:n].copy_(tok)
+        self.pos[:n].copy_(pos)
+        self.done[:n].zero_()
+        table = self.is_stop.get(len(is_stop))
+        if table is None:
+            table = self.is_stop[len(is_stop)] = torch.zeros_like(is_stop)
+        table.copy_(is_stop)
+        self.temperature.fill_(float(temperature))
+        return self._rows(n)
+
+    def keep(self, keep: torch.Tensor):
+        """Go on with rows ``keep`` (ascending) only, moved to the first rows (as
+        :meth:`StaticKVCache.keep_rows` moves their cache); returns the state's new views."""
+        for t in (self.tok, self.pos, self.done):
+            t[:len(keep)].copy_(t.index_select(0, keep))
+        return self._rows(len(keep))
+
+    def _rows(self, n: int):
+        rows = graph_rows(n)
+        self.tok[n:rows].zero_()
+        self.pos[n:rows].zero_()
+        self.done[n:rows].fill_(True)
+        self.n = n
+        return self.tok[:n], self.pos[:n], self.done[:n]
+
+    def run(self, model, vocab_size: int, pick, lean_guards: bool, kv_len: int, k: int, u: torch.Tensor | None):
+        """Decode ``k`` steps; ``kv_len``: the last step's KV length; ``u``: the uniforms
+        ``[k, n]`` (None: greedy). Returns views of the steps' tokens and log-probs ``[n, k]``,
+        valid until the next run."""
+        n, rows = self.n, graph_rows(self.n)
+        kv = min(self.ks[0].shape[2], -(-kv_len // KV_BUCKET) * KV_BUCKET)
+        if u is not None:
+            self.u[:k, :n, 0].copy_(u)
+        key = (vocab_size, pick, lean_guards, rows, kv, k)
+        replay = self.graphs.get(key)
+        if replay is None:
+            replay = self.graphs[key] = self._record(model, key)
+        replay()
+        return self.ring_tok[:k, :n].t(), self.ring_lp[:k, :n].t()
+
+    def _record(self, model, key):
+        vocab_size, pick, lean, rows, kv, k = key
+        # A function of its own per cache shape, as DecodeStep's: the cache's shape stays static.
+        fns = _COMPILED.setdefault(model, {})
+        compiled_key = ("keep", vocab_size, pick, lean, tuple(self.ks[0].shape))
+        if compiled_key not in fns:
+            model.inv_freq(self.tok.device)  # (made outside the graph: made inside, it would be compiled again)
+            fns[compiled_key] = _compile_keep(vocab_size, pick, lean)
+        fn = fns[compiled_key]
+        state = self.tok[:rows], self.pos[:rows], self.done[:rows]
+        slots = self.slots[:kv]
+        steps = [state + (self.is_stop[vocab_size], self.ks, self.vs, slots, self.u[i, :rows], self.temperature,
+                          self.ring_tok[i, :rows], self.ring_lp[i, :rows]) for i in range(k)]
+        for t in (*state, slots, *(a for args in steps for a in (args[7], args[9], args[10]))):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        model_ref = weakref.ref(model)  # (the graphs are the model's: they hold no model alive)
+
+        def body():
+            m = model_ref()
+            for args in steps:
+                fn(m, *args)
+
+        saved = [t.clone() for t in state]
+        if self.cuda:
+            current = torch.cuda.current_stream(self.tok.device)
+            side = torch.cuda.Stream(self.tok.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                body()
+            current.wait_stream(side)
+        else:
+            body()
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        if not self.cuda:
+            return body
+        graph = torch.cuda.CUDAGraph()
+        # (thread_local: CUDA work of another thread, e.g. a checkpoint being written, does not
+        # invalidate the capture)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            body()
+        return graph.replay
 
 
 def session_slots(mode: str, device, slots: int) -> int:
@@ -291,6 +473,12 @@ class DecodeStep:
         :class:`StaticKVCache`)."""
         return uses_cuda_graphs("compiled" if self.compiled else "eager", device, self.cuda_graphs)
 
+    def lean_guards(self, device) -> bool:
+        """Whether the steps keep only :func:`_tensor_and_state_guards`: with CUDA graphs the
+        host's time per step counts; with prepacked weights (CPU) the model's Python attributes
+        say which weights are current, and stay guarded."""
+        return self.uses_cuda_graphs(device) and self.packed is None
+
     def active(self):
         return self.packed.active() if self.packed is not None else contextlib.nullcontext()
 
@@ -313,10 +501,7 @@ class DecodeStep:
         fn = self._fns.get((vocab_size, pick, shape))
         if fn is None:
             fns = _COMPILED.setdefault(self.model, {})
-            # With CUDA graphs the host's time per step counts (see _tensor_and_state_guards); with
-            # prepacked weights (CPU) the model's Python attributes say which weights are current,
-            # and stay guarded.
-            lean = cuda and self.packed is None
+            lean = self.lean_guards(tok.device)
             key = (vocab_size, pick, cuda, shape, lean)
             if key not in fns:
                 self.model.inv_freq(tok.device)  # (made outside the graph: made inside, it would be compiled again)

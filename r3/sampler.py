@@ -44,7 +44,11 @@ With CUDA graphs (``decode="compiled"`` on CUDA) every decode batch runs in the 
 static cache instead (:class:`r3.decode.StaticKVCache`, so that graphs are recorded once per
 process): ``sample`` copies the rows' cache in, a compaction moves the live rows to its first rows
 in place (only when that lowers the padded row count the graphs run at), and what was decoded is
-written back at each compaction and at the end. The samples are the same either way.
+written back at each compaction and at the end. With the pick fused into the step (greedy, or no
+top-k / top-p) it decodes in graph runs (:class:`r3.decode.GraphRuns`): one graph per
+``GRAPH_RUN_STEPS`` steps, stops checked between runs, so a batch whose rows have all stopped may
+run on to the end of a run (``Samples.steps`` counts those steps too). The samples are the same
+either way.
 
 Random streams
 --------------
@@ -85,6 +89,7 @@ from typing import Sequence
 
 import torch
 
+import r3.decode as decode_mod
 from r3.decode import DECODE_MODES, DecodeStep, graph_rows, session_slots, static_cache
 from r3.errors import R3Error
 
@@ -573,7 +578,8 @@ class Session:
         ``generator``: overrides the session's random stream for this call (it draws one key per
         row; the row's uniforms are :func:`row_uniforms` of that key). ``sync_every``: how often
         (in steps) the host checks whether rows have stopped (default: every step on CPU, every 8
-        on other devices; a check is one host sync). ``compact`` (default: the session's): at a
+        on other devices; a check is one host sync; in graph runs, at the end of the run that
+        reaches each multiple). ``compact`` (default: the session's): at a
         check where at least :data:`COMPACT_FRACTION` of the decode batch has stopped, go on with
         the live rows only (their cache rows copied out, and written back at the end); the
         samples are the same either way. Stop strings are checked at the same points (every step
@@ -631,57 +637,83 @@ class Session:
         if self.decode == "compiled" and (temperature == 0 or _unfiltered(top_k, top_p, self.vocab_size)):
             fused = pick_greedy if temperature == 0 else pick_sampled
             temp_t = torch.tensor(float(temperature), dtype=torch.float32, device=device)
+        # With CUDA graphs and the pick fused, runs of GRAPH_RUN_STEPS steps replay one graph each
+        # (r3.decode.GraphRuns), which advances its own tokens, positions and stop flags: these
+        # are views of them.
+        runs = None
+        if static is not None and fused is not None and decode_mod.GRAPH_RUN_STEPS > 1:
+            runs = static.graph_runs()
+            tok, pos, done = runs.start(self.model, tok, pos, is_stop, temperature)
+        t = 0  # the steps done
         with step.active():  # (the prepacked matmuls, on CPU in bf16)
-            for t in range(N):
-                u = None if uniforms is None else uniforms[t][:, None]
-                if fused is not None:
-                    nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u, temperature=temp_t)
+            while t < N:
+                if runs is not None:
+                    K = decode_mod.GRAPH_RUN_STEPS
+                    k = K if (base + t) % K == 0 and t + K <= N else 1
+                    toks, lps = runs.run(self.model, self.vocab_size, fused, step.lean_guards(device), base + t + k,
+                                         k, None if uniforms is None else uniforms[t:t + k])
+                    if live is None:
+                        out_tok[:, t:t + k], out_lp[:, t:t + k] = toks, lps
+                    else:
+                        out_tok[live, t:t + k], out_lp[live, t:t + k] = toks, lps
+                    t += k
                 else:
-                    logits = step(tok, pos, cache, base + t + 1, self.vocab_size)
-                    nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
-                if has_stop:
-                    # Stopped rows repeat their stop token at a frozen position (see module docstring).
-                    nxt = torch.where(done, tok, nxt)
-                    lp = lp.masked_fill(done, 0.0)
+                    k = 1
+                    u = None if uniforms is None else uniforms[t][:, None]
+                    if fused is not None:
+                        nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u,
+                                       temperature=temp_t)
+                    else:
+                        logits = step(tok, pos, cache, base + t + 1, self.vocab_size)
+                        nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
+                    if has_stop:
+                        # Stopped rows repeat their stop token at a frozen position (see module docstring).
+                        nxt = torch.where(done, tok, nxt)
+                        lp = lp.masked_fill(done, 0.0)
+                        pos += ~done
+                        if has_ids:
+                            done |= is_stop[nxt]
+                    else:
+                        pos += 1
                     if live is None:
                         out_tok[:, t], out_lp[:, t] = nxt, lp
                     else:
                         out_tok[live, t], out_lp[live, t] = nxt, lp
-                    pos += ~done
-                    if has_ids:
-                        done |= is_stop[nxt]
-                    if stop_strings is not None and ((t + 1) % sync_every == 0 or t + 1 == N):
-                        _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t + 1,
-                                           string_end)
-                        checked, was_done = t + 1, done.clone()
-                    if (t + 1) % sync_every == 0 and t + 1 < N:
-                        n_done = int(done.sum())
-                        if n_done == len(done):
-                            steps = t + 1
-                            break
-                        # (at least 2 rows stay: a compiled step would specialise on a batch of 1;
-                        # in the static cache, only a compaction to fewer padded rows saves work)
-                        n_live = len(done) - n_done
-                        if (compact and n_done >= COMPACT_FRACTION * len(done) and n_live >= 2
-                                and (static is None or graph_rows(n_live) < graph_rows(len(done)))):
-                            keep = (~done).nonzero()[:, 0]
-                            if staged:  # the session's cache gets what the copy decoded,
-                                self._write_back(cache, live, first_slot, base + t + 1)
-                                cache = None  # and the copy is freed before the next one is made
-                            if static is not None:
-                                cache = static.keep_rows(keep, base + t + 1)
-                            live = keep if live is None else live[keep]
-                            if static is None:  # (as many slots as a session cache for top would have)
-                                n_slots = min(self.cache.max_len, session_slots(self.decode, device, top))
-                                cache = _slots_view(self.cache, n_slots).select(live)
-                            staged = True
-                            tok, pos, done, nxt, was_done = tok[keep], pos[keep], done[keep], nxt[keep], was_done[keep]
-                            uniforms = None if uniforms is None else uniforms[:, keep]
-                else:
-                    out_tok[:, t] = nxt
-                    out_lp[:, t] = lp
-                    pos += 1
-                tok = nxt
+                    tok = nxt
+                    t += 1
+                if not has_stop:
+                    continue
+                checks = t // sync_every != (t - k) // sync_every  # (a multiple of sync_every reached)
+                if stop_strings is not None and (checks or t == N):
+                    _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t, string_end)
+                    checked, was_done = t, done.clone()
+                if checks and t < N:
+                    n_done = int(done.sum())
+                    if n_done == len(done):
+                        steps = t
+                        break
+                    # (at least 2 rows stay: a compiled step would specialise on a batch of 1;
+                    # in the static cache, only a compaction to fewer padded rows saves work)
+                    n_live = len(done) - n_done
+                    if (compact and n_done >= COMPACT_FRACTION * len(done) and n_live >= 2
+                            and (static is None or graph_rows(n_live) < graph_rows(len(done)))):
+                        keep = (~done).nonzero()[:, 0]
+                        if staged:  # the session's cache gets what the copy decoded,
+                            self._write_back(cache, live, first_slot, base + t)
+                            cache = None  # and the copy is freed before the next one is made
+                        if static is not None:
+                            cache = static.keep_rows(keep, base + t)
+                        live = keep if live is None else live[keep]
+                        if static is None:  # (as many slots as a session cache for top would have)
+                            n_slots = min(self.cache.max_len, session_slots(self.decode, device, top))
+                            cache = _slots_view(self.cache, n_slots).select(live)
+                        staged = True
+                        if runs is not None:
+                            tok, pos, done = runs.keep(keep)
+                        else:
+                            tok, pos, done = tok[keep], pos[keep], done[keep]
+                        was_done = was_done[keep]
+                        uniforms = None if uniforms is None else uniforms[:, keep]
             if staged:
                 self._write_back(cache, live, first_slot, base + steps)
 

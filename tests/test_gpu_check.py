@@ -31,6 +31,10 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     # the compiled sampler's repeated rollouts ran through the static cache (graphs are CUDA only)
     rr = sections["sampler"]["repeated_rollouts"]
     assert [r["call"] for r in rr] == [1, 2] and all(r["steps"] > 0 and r["graphs"] is None for r in rr)
+    assert all(r["graph_runs"] > 0 for r in rr)  # (recorded: on CPU a recording runs the steps again)
+    # the sampler with one replay per step against graph runs: the same tokens
+    check = sections["sampler"]["per_step_check"]
+    assert check["compiled_step_equals_runs"] is True and check["r3c_step_decode_ms_per_step"] > 0
     assert rr[0]["static_cache"] == rr[1]["static_cache"] and rr[0]["static_cache"][0] >= rr[0]["rows"]
     assert "Repeated rollouts through the compiled step" in md
     # the compiled step timed alone in the static cache, as the sampler runs it (no CUDA events here)
@@ -38,6 +42,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert [r["rows"] for r in st] == [1, 2]
     assert all(r["step_ms_per_step"] > 0 and r["issue_ms_per_step"] > 0 and r["device_ms_per_step"] is None for r in st)
     assert all(r["guard_check_ms"] > 0 and r["guards"] > 0 for r in st)  # (measured: no private API moved)
+    assert all(r["runs_ms_per_step"] > 0 and r["runs_issue_ms_per_step"] > 0 and r["runs_device_ms_per_step"] is None
+               and r["runs_of"] == 8 and r["runs_graphs"] >= 2 for r in st)  # (one-step graphs, then runs)
     assert "Where a compiled greedy decode step's time goes" in md
     # the kernels of a step under the profiler (here the CPU ops stand in for them)
     kp = sections["sampler"]["kernel_profile"]

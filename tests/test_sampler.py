@@ -688,15 +688,17 @@ def test_row_uniforms_pinned_and_tabled():
 
 
 
-@pytest.mark.parametrize("decode", ["eager", "compiled"])
+@pytest.mark.parametrize("decode", ["eager", "compiled", "runs"])
 def test_decode_loop_host_ops_per_step(tiny, monkeypatch, decode):
     """Host overhead outside the model: the ATen ops other than views (each a kernel launch on a
     GPU) that one sampled decode step with stop ids dispatches besides the forward; the uniforms
     used to be ~50 of them. Compiled: the code around the compiled function on the CUDA-graph path
     (forced here): the sampler's loop and DecodeStep's padding and output copies. (The compiled
     function itself runs eagerly under the counting mode and is not counted; what cudagraph trees
-    add, copies of non-static inputs, exists only on CUDA.) A count, not a time: a guard against
-    per-step work creeping back into the loop."""
+    add, copies of non-static inputs, exists only on CUDA.) Runs: graph runs of 8 steps, where
+    the step's bookkeeping is in the graph; what is left is per run (the uniforms in, the ring
+    out, the stop check). A count, not a time: a guard against per-step work creeping back into
+    the loop."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -722,21 +724,29 @@ def test_decode_loop_host_ops_per_step(tiny, monkeypatch, decode):
 
     if decode == "eager":
         monkeypatch.setattr(decode_mod, "step_logits", counted(decode_mod.step_logits))
-    else:
-        compile_step = decode_mod._compile
+    form = decode
+    if decode != "eager":
+        name = "_compile" if decode == "compiled" else "_compile_keep"
+        compile_step = getattr(decode_mod, name)
         monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+        monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 8 if decode == "runs" else 0)
         monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())  # (compiled here, wrapped)
-        monkeypatch.setattr(decode_mod, "_compile", lambda *a: counted(compile_step(*a)))
-    n, stop = 48, [model.config.vocab_size]  # (a stop id never sampled: every step runs the whole loop)
+        monkeypatch.setattr(decode_mod, name, lambda *a: counted(compile_step(*a)))
+        decode = "compiled"
+    n = 48
     with torch.inference_mode():
-        Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, decode=decode).sample(2, temperature=1.0,
+        # (a stop id the run never samples: every step runs the whole loop)
+        free = Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, seed=0).sample(n, temperature=1.0)
+        stop = [min(set(range(model.config.vocab_size)) - {t for row in free.tokens for t in row})]
+        Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, decode=decode).sample(n, temperature=1.0,
                                                                                    stop_token_ids=stop)
         session = Session.start(model, [[1, 2, 3]] * 4, max_len=3 + n, seed=0, decode=decode)
         with Count() as count:
             out = session.sample(n, temperature=1.0, stop_token_ids=stop, sync_every=8)
     assert out.steps == n and not any(out.finished)
-    # (measured 17.8 and 12.0: deterministic counts; one more op per step fails)
-    assert count.ops / n < (18.5 if decode == "eager" else 12.5)
+    # (measured 17.8, 12.0 and 3.0, the last mostly the call's set-up: deterministic counts; one
+    # more op per step, or per run, fails)
+    assert count.ops / n < {"eager": 18.5, "compiled": 12.5, "runs": 3.2}[form]
 
 
 class _BatchSizes:
@@ -908,6 +918,7 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     the samples, stops, log-probs and the session's cache equal the eager sampler's without
     compaction, across turns, forks and compactions (in place, to fewer padded rows)."""
     monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 0)  # (one replay per step; graph runs: below)
     calls = []
     compile_ = decode_mod._compile
 
@@ -961,6 +972,83 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     shapes = {(c[2], c[3]) for c in calls}  # (rows, KV bucket): a graph each
     assert len(shapes) <= 8, shapes
     assert counters["frames"]["ok"] - frames == 3  # compiled once per pick (greedy, sampled, logits)
+
+
+class _Runs:
+    """Records GraphRuns' recordings (their keys) and runs ((padded rows, first slot, k))."""
+
+    def __init__(self, monkeypatch):
+        self.recorded, self.runs = [], []
+        record, run = decode_mod.GraphRuns._record, decode_mod.GraphRuns.run
+
+        def spy_record(runs, model, key):
+            self.recorded.append(key)
+            return record(runs, model, key)
+
+        def spy_run(runs, model, vocab_size, pick, lean, kv_len, k, u):
+            self.runs.append((graph_rows(runs.n), kv_len - k, k))
+            return run(runs, model, vocab_size, pick, lean, kv_len, k, u)
+
+        monkeypatch.setattr(decode_mod.GraphRuns, "_record", spy_record)
+        monkeypatch.setattr(decode_mod.GraphRuns, "run", spy_run)
+
+
+def test_graph_runs_decode_as_the_eager_sampler_does(tiny_dirs, monkeypatch):
+    """With CUDA graphs (forced here; a recording is the steps run again) and the pick fused, the
+    sampler decodes in runs of GRAPH_RUN_STEPS steps, one graph each, starting at multiples of it
+    (one-step graphs before and after): the samples, stops (ids and strings), log-probs and the
+    session's cache equal the eager sampler's, across turns, forks and compactions (to fewer
+    padded rows); the same rollout again records no graph (each graph is recorded once); new
+    parameter tensors drop the graphs."""
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    K = decode_mod.GRAPH_RUN_STEPS
+    assert K == 8 and decode_mod.KV_BUCKET % K == 0
+    spy = _Runs(monkeypatch)
+    model, _ = load(tiny_dirs["mistral"][0], tokenizer=False)  # (a sliding window)
+    stops = list(range(3, 256, 11))
+    strings = StopStrings(["QZ", "KE"], _letters)
+
+    def rollouts():
+        for prompts, fork, turn_rows in (([5, 9, 2, 12, 7], 3, 15), ([8, 3, 6], 1, 3)):
+            prompts = _rand_prompts(256, prompts, seed=len(prompts))
+            turns = _rand_prompts(256, [2, 6, 1, 4, 3, 5, 2, 1, 3, 4, 6, 2, 1, 5, 3][:turn_rows], seed=9)
+            for kw in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, stop_strings=strings)):
+                out = {}
+                for decode in ("eager", "compiled"):
+                    s = Session.start(model, prompts, max_len=64, seed=4, decode=decode,
+                                      compact=decode == "compiled").fork(fork)
+                    a = s.sample(24, stop_token_ids=stops, **kw)
+                    s.append(turns)
+                    b = s.sample(12, stop_token_ids=stops, **kw)
+                    out[decode] = (s, a, b)
+                (s0, a0, b0), (s1, a1, b1) = out["eager"], out["compiled"]
+                for x, y in ((a0, a1), (b0, b1)):
+                    assert y.tokens == x.tokens and y.finished == x.finished, kw
+                    # (stops are seen between runs: the batch may run on to the end of one)
+                    assert x.steps <= y.steps < x.steps + K, kw
+                    assert torch.allclose(y.logprob_tensor[:, :x.steps], x.logprob_tensor, atol=1e-5), kw
+                    assert not y.logprob_tensor[:, x.steps:].any() and (y.token_tensor[:, x.steps:] == -1).all()
+                for r, row in enumerate(s0.tokens):  # every cached slot of every row
+                    n = len(row) - 1
+                    for k0, k1 in zip(s0.cache.k + s0.cache.v, s1.cache.k + s1.cache.v):
+                        assert torch.allclose(k0[r, :, :n], k1[r, :, :n], atol=1e-5)
+
+    rollouts()
+    sc = static_cache(model)
+    assert {k for *_, k in spy.runs} == {1, K}
+    assert all(first % K == 0 for _, first, k in spy.runs if k == K)
+    assert sum(k == K for *_, k in spy.runs) >= 10
+    rows = [r for r, *_ in spy.runs]
+    assert {16, 4} <= set(rows) and max(rows) == sc.full.batch_size and all(r == graph_rows(r) for r in rows)
+    assert len(spy.recorded) == len(set(spy.recorded)) == len(sc.runs.graphs)
+    assert {key[-1] for key in spy.recorded} == {1, K} and {key[-2] for key in spy.recorded} == {64}
+    recorded = len(spy.recorded)
+    rollouts()
+    assert len(spy.recorded) == recorded  # every graph replayed
+    with torch.no_grad():
+        model.embed_tokens.weight.data = model.embed_tokens.weight.data.clone()
+    generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0.0, decode="compiled")
+    assert len(sc.runs.graphs) == len(spy.recorded) - recorded > 0  # recorded again
 
 
 # --------------------------------------------------------------------------------------------
@@ -1093,12 +1181,15 @@ def test_cuda_graph_step_writes_the_static_cache_in_place(tiny_dirs, monkeypatch
         assert (full[:3, :, 12:] == 7.0).all()
 
 
-def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("run_steps", [0, 8])
+def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs, monkeypatch, run_steps):
     """What a GPU would show only as a warning (the step then runs without CUDA graphs, or in
     pieces), checked in inductor's graphs on the CPU: the step's only input mutations are the
     static cache's writes (a mutated input without a static address skips CUDA graphs), no node
     is unsafe for a graph (a host sync, a data-dependent shape: with graph partitioning, the graph
-    is cut there), no graph breaks. Greedy and sampled picks, a batch of 1 (padded) and of 3."""
+    is cut there), no graph breaks. Greedy and sampled picks, a batch of 1 (padded) and of 3.
+    In graph runs (``run_steps``; GraphRuns captures them itself, where a host sync would fail
+    the capture) the step also writes the runs' state and ring: five inputs more."""
     import inspect
     import weakref
 
@@ -1117,6 +1208,7 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
 
     monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recording_init)
     monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", run_steps)
     monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())
     model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
     breaks = sum(counters["graph_break"].values())
@@ -1133,10 +1225,14 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
         names = [node.name for node in gm.graph.find_nodes(op="placeholder")]
         assert get_first_incompatible_cudagraph_node(gm) is None
         mutated = sorted(compiled.mutated_input_idxs)
-        assert [names[i] for i in mutated if i not in static] == []
-        assert len(mutated) == 2 * model.config.num_hidden_layers  # (each layer's keys and values)
-        # On the CPU inductor skips CUDA graphs for the device alone.
-        assert compiled.disabled_cudagraphs_reason is None or "device" in compiled.disabled_cudagraphs_reason
+        cache = [i for i in mutated if i in static]
+        assert len(cache) == 2 * model.config.num_hidden_layers  # (each layer's keys and values)
+        if run_steps:  # (tokens, positions, stop flags; the ring's tokens and log-probs)
+            assert len(mutated) == len(cache) + 5
+        else:
+            assert mutated == cache
+            # On the CPU inductor skips CUDA graphs for the device alone.
+            assert compiled.disabled_cudagraphs_reason is None or "device" in compiled.disabled_cudagraphs_reason
 
 
 def test_cuda_graph_step_guards_tensors_and_values_not_the_structure(tiny_dirs, monkeypatch):
@@ -1185,13 +1281,16 @@ def test_cuda_graph_step_guards_tensors_and_values_not_the_structure(tiny_dirs, 
         assert compiled == [(256, None, True, False)]
 
 
-def test_cuda_graph_step_compiles_once_per_static_cache_shape(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("run_steps", [0, 8])
+def test_cuda_graph_step_compiles_once_per_static_cache_shape(tiny_dirs, monkeypatch, run_steps):
     """When the static cache grows, the step is compiled once for its new shape and stays static
     in it (the cache's tensors are never marked dynamic; a batch of any padded row count shares
-    one compiled graph per shape); the samples equal the eager sampler's throughout."""
+    one compiled graph per shape); the samples equal the eager sampler's throughout. Steps
+    replayed one by one and in graph runs."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", run_steps)
     model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
     frames = counters["frames"]["ok"]
     shapes = []
