@@ -292,7 +292,10 @@ class GraphRuns:
 
     A graph replays the addresses it was recorded with: :meth:`start` checks the model's
     parameters' addresses (an optimizer that updates them in place keeps the graphs; new tensors
-    drop them). On CPU, where tests force CUDA graphs, a recording is the steps run again.
+    drop them). It also replays the Python values the step read when it was recorded: a model
+    attribute changed afterwards (a norm's eps; r3 changes none) is seen only after
+    :func:`release_static_cache`. On CPU, where tests force CUDA graphs, a recording is the steps
+    run again (dynamo's guards checked at each).
     """
 
     def __init__(self, cache: KVCache):

@@ -1051,6 +1051,36 @@ def test_graph_runs_decode_as_the_eager_sampler_does(tiny_dirs, monkeypatch):
     assert len(sc.runs.graphs) == len(spy.recorded) - recorded > 0  # recorded again
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("run_steps", [0, 8])
+def test_cuda_graph_decode_on_a_gpu(tiny_dirs, monkeypatch, run_steps):
+    """On a GPU (skipped here): the compiled sampler with CUDA graphs, per-step replays and graph
+    runs, equals the eager one in fp32 (tokens, stops, log-probs) across a fork, a second turn and
+    compactions; a second rollout replays the graphs (graph runs: none recorded again)."""
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", run_steps)
+    spy = _Runs(monkeypatch)
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    model = model.cuda()
+    stops = list(range(3, 256, 13))
+    prompts = _rand_prompts(256, [5, 9, 2, 12, 7, 3], seed=2)
+    turns = _rand_prompts(256, [2, 6, 1, 4, 3, 5] * 3, seed=9)
+    for rollout in range(2):
+        for kw in (dict(temperature=0.0), dict(temperature=1.0)):
+            out = {}
+            for decode in ("eager", "compiled"):
+                s = Session.start(model, prompts, max_len=96, seed=4, decode=decode).fork(3)
+                a = s.sample(40, stop_token_ids=stops, **kw)
+                s.append(turns)
+                b = s.sample(24, stop_token_ids=stops, **kw)
+                out[decode] = (a, b)
+            for x, y in zip(out["eager"], out["compiled"]):
+                assert y.tokens == x.tokens and y.finished == x.finished, kw
+                assert torch.allclose(y.logprob_tensor[:, :x.steps], x.logprob_tensor, atol=1e-4), kw
+        if rollout == 0:
+            recorded = len(spy.recorded)
+    assert len(spy.recorded) == recorded and (recorded > 0) == (run_steps > 0)
+
+
 # --------------------------------------------------------------------------------------------
 # stop strings
 # --------------------------------------------------------------------------------------------
