@@ -404,9 +404,9 @@ class GraphRuns:
         if not self.cuda:
             return body
         graph = torch.cuda.CUDAGraph()
-        # (thread_local: CUDA work of another thread, e.g. a checkpoint being written, does not
-        # invalidate the capture)
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        # (captured on the side stream: one on this cache's device. thread_local: CUDA work of
+        # another thread, e.g. a checkpoint being written, does not invalidate the capture)
+        with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
             body()
         return graph.replay
 
