@@ -120,9 +120,10 @@ def _compile(vocab_size: int, pick, cuda: bool, lean_guards: bool = False):
     return _torch_compile(run, cuda, lean_guards)
 
 
-def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
+def _torch_compile(fn, cudagraphs: bool, lean_guards: bool, fullgraph: bool = False):
     """``fn`` through torch.compile with the decode step's options: inductor's CUDA graphs
-    (``cudagraphs``), :func:`_tensor_and_state_guards` (``lean_guards``)."""
+    (``cudagraphs``), :func:`_tensor_and_state_guards` (``lean_guards``), an error on a graph
+    break (``fullgraph``)."""
     # A code object of its own: dynamo keeps compiled graphs, and counts recompiles against its
     # limit (8), per code object; shared by every model and vocabulary, the budget would run out
     # (a model of another dtype, a batch of one, greedy and sampled picks) and the step would
@@ -136,7 +137,7 @@ def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
         options["guard_filter_fn"] = _tensor_and_state_guards
     # Static shapes except those marked dynamic (rows, cache slots, kv_len): with everything
     # dynamic, head counts and sizes would become symbols and the fused loops much slower.
-    return torch.compile(fn, dynamic=None, options=options)
+    return torch.compile(fn, dynamic=None, fullgraph=fullgraph, options=options)
 
 
 def _compile_keep(vocab_size: int, pick, lean_guards: bool):
@@ -146,7 +147,8 @@ def _compile_keep(vocab_size: int, pick, lean_guards: bool):
     that step, in place: a stopped row (``done``) repeats its token at its frozen position with
     log-prob 0; ``out_tok``/``out_lp`` get the step's tokens and log-probs; ``tok`` the next
     tokens, ``pos`` advances for the rows that had not stopped, ``done`` adds the rows whose token
-    is a stop id (``is_stop[token]``)."""
+    is a stop id (``is_stop[token]``). One graph (``fullgraph``): a graph break would put Python
+    between its pieces, which a CUDA graph would not replay."""
 
     def keep(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp):
         logits = step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
@@ -158,7 +160,7 @@ def _compile_keep(vocab_size: int, pick, lean_guards: bool):
         done.logical_or_(is_stop[nxt])
         tok.copy_(nxt)
 
-    return _torch_compile(keep, False, lean_guards)
+    return _torch_compile(keep, False, lean_guards, fullgraph=True)
 
 
 def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
@@ -315,6 +317,9 @@ class GraphRuns:
         self.is_stop: dict[int, torch.Tensor] = {}  # vocab_size -> [vocab_size] bool
         self.graphs: dict[tuple, object] = {}  # (vocab_size, pick, lean, rows, kv bucket, k) -> replay
         self.addresses = None  # the model's parameters' addresses the graphs were recorded with
+        # (one stream, on the cache's device, for every warm-up and capture: a stream keeps its own
+        # cuBLAS workspaces)
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.n = 0  # the decode batch's rows
 
@@ -390,24 +395,34 @@ class GraphRuns:
                 fn(m, *args)
 
         saved = [t.clone() for t in state]
-        if self.cuda:
-            current = torch.cuda.current_stream(self.tok.device)
-            side = torch.cuda.Stream(self.tok.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                body()
-            current.wait_stream(side)
-        else:
-            body()
-        for t, s in zip(state, saved):
-            t.copy_(s)
         if not self.cuda:
-            return body
-        graph = torch.cuda.CUDAGraph()
-        # (captured on the side stream: one on this cache's device. thread_local: CUDA work of
-        # another thread, e.g. a checkpoint being written, does not invalidate the capture)
-        with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
             body()
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            return body
+        device = self.tok.device
+        with torch.cuda.device(device):  # (the cache's device, whichever is current)
+            current = torch.cuda.current_stream(device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                body()
+            current.wait_stream(self.stream)
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            graph = torch.cuda.CUDAGraph()
+            # The capture's cuBLAS workspace is allocated in its pool and forgotten after it (as
+            # cudagraph trees do): otherwise a graph would bake in a workspace that later eager
+            # work, or a freed pool, owns. thread_local: CUDA work of another thread (a checkpoint
+            # being written) does not invalidate the capture. A recompile inside a capture would
+            # run host code the graph cannot replay: an error instead.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+            clear_workspaces()
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(
+                        graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    body()
+            finally:
+                clear_workspaces()
         return graph.replay
 
 

@@ -1051,6 +1051,23 @@ def test_graph_runs_decode_as_the_eager_sampler_does(tiny_dirs, monkeypatch):
     assert len(sc.runs.graphs) == len(spy.recorded) - recorded > 0  # recorded again
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_graph_runs_compile_every_architecture_as_one_graph(tiny_dirs, monkeypatch, kind):
+    """Graph runs compile each architecture's step with the bookkeeping as one graph (fullgraph:
+    a graph break raises) and sample as the eager sampler does (LongRoPE, q/k norms, a sliding
+    window, biases)."""
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    spy = _Runs(monkeypatch)
+    model, _ = load(tiny_dirs[kind][0], tokenizer=False)
+    prompts = _rand_prompts(256, [7, 3, 12], seed=5)
+    eager = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_token_ids=[9, 17])
+    comp = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=3, stop_token_ids=[9, 17],
+                    decode="compiled")
+    assert comp.tokens == eager.tokens and comp.finished == eager.finished
+    assert torch.allclose(comp.logprob_tensor[:, :eager.steps], eager.logprob_tensor, atol=1e-5)
+    assert {k for *_, k in spy.runs} == {1, 8}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("run_steps", [0, 8])
 def test_cuda_graph_decode_on_a_gpu(tiny_dirs, monkeypatch, run_steps):
