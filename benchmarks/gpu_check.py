@@ -16,13 +16,15 @@ after every section, so a run cut short keeps what it measured):
   and gradients in fp32 and bf16; then forward and forward + backward GB/s at V = 151,936 against
   torch eager, ``torch.compile`` of the reference, and the measured copy bandwidth.
 * ``sampler``: r3's sampler, eager and ``decode="compiled"`` (the model's step through
-  torch.compile with CUDA graphs; ``--no-compiled`` skips it), against transformers ``generate``
-  on a Qwen2.5-1.5B-shaped random model in bf16 (B = 1, 16, 64 greedy; 8 prompts x G = 8
-  sampled), and against the bandwidth bound of a decode step: (weight bytes + KV-cache bytes
-  read) / measured copy bandwidth. Then five rollout-shaped calls of the compiled sampler in new
-  sessions: the CUDA graphs held, ms/step and memory after each (they should stop growing). And
-  where a compiled step's time goes at B = 1 and 16: the sampler's loop, the step alone back to
-  back (wall, host issue time, device time between CUDA events), the bound; and the kernels of a
+  torch.compile with CUDA graphs, in graph runs of 8 steps; ``--no-compiled`` skips it), and the
+  compiled sampler with one CUDA-graph replay per step (``GRAPH_RUN_STEPS = 0``), against
+  transformers ``generate`` on a Qwen2.5-1.5B-shaped random model in bf16 (B = 1, 16, 64 greedy;
+  8 prompts x G = 8 sampled), and against the bandwidth bound of a decode step: (weight bytes +
+  KV-cache bytes read) / measured copy bandwidth. Then five rollout-shaped calls of the compiled
+  sampler in new sessions: the CUDA graphs held, ms/step and memory after each (they should stop
+  growing). And where a compiled step's time goes at B = 1 and 16: the sampler's loop, the step
+  alone back to back and the graph runs back to back (wall, host issue time, device time between
+  CUDA events), the bound; and the kernels of a
   step under ``torch.profiler`` (compiled at B = 1 and 16, replaying its CUDA graphs; eager at
   B = 1): how many, their device time against the span they take, the time by kind, the costliest.
 * ``train``: three steps of ``torchrun --nproc_per_node 1 -m r3.train`` on a Qwen2.5-0.5B-shaped
