@@ -120,10 +120,9 @@ def _compile(vocab_size: int, pick, cuda: bool, lean_guards: bool = False):
     return _torch_compile(run, cuda, lean_guards)
 
 
-def _torch_compile(fn, cudagraphs: bool, lean_guards: bool, fullgraph: bool = False):
+def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
     """``fn`` through torch.compile with the decode step's options: inductor's CUDA graphs
-    (``cudagraphs``), :func:`_tensor_and_state_guards` (``lean_guards``), an error on a graph
-    break (``fullgraph``)."""
+    (``cudagraphs``), :func:`_tensor_and_state_guards` (``lean_guards``)."""
     # A code object of its own: dynamo keeps compiled graphs, and counts recompiles against its
     # limit (8), per code object; shared by every model and vocabulary, the budget would run out
     # (a model of another dtype, a batch of one, greedy and sampled picks) and the step would
@@ -137,7 +136,7 @@ def _torch_compile(fn, cudagraphs: bool, lean_guards: bool, fullgraph: bool = Fa
         options["guard_filter_fn"] = _tensor_and_state_guards
     # Static shapes except those marked dynamic (rows, cache slots, kv_len): with everything
     # dynamic, head counts and sizes would become symbols and the fused loops much slower.
-    return torch.compile(fn, dynamic=None, fullgraph=fullgraph, options=options)
+    return torch.compile(fn, dynamic=None, options=options)
 
 
 def _compile_keep(vocab_size: int, pick, lean_guards: bool):
@@ -147,8 +146,9 @@ def _compile_keep(vocab_size: int, pick, lean_guards: bool):
     that step, in place: a stopped row (``done``) repeats its token at its frozen position with
     log-prob 0; ``out_tok``/``out_lp`` get the step's tokens and log-probs; ``tok`` the next
     tokens, ``pos`` advances for the rows that had not stopped, ``done`` adds the rows whose token
-    is a stop id (``is_stop[token]``). One graph (``fullgraph``): a graph break would put Python
-    between its pieces, which a CUDA graph would not replay."""
+    is a stop id (``is_stop[token]``). It must be one graph: a graph break would put Python
+    between its pieces, which a CUDA graph does not replay (tests check every architecture; not
+    ``fullgraph``, which raises where dynamo skips the frame, e.g. under a dispatch mode)."""
 
     def keep(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp):
         logits = step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
@@ -160,7 +160,7 @@ def _compile_keep(vocab_size: int, pick, lean_guards: bool):
         done.logical_or_(is_stop[nxt])
         tok.copy_(nxt)
 
-    return _torch_compile(keep, False, lean_guards, fullgraph=True)
+    return _torch_compile(keep, False, lean_guards)
 
 
 def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
