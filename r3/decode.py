@@ -22,7 +22,8 @@
 With no top-k/top-p, the sampler's next-token pick is fused into the same graph. Batch size and
 KV length are dynamic dimensions of one compiled graph (compiled once per process, ~50-80 s for
 the built-in model on 2 CPU cores; a batch of exactly one row is specialised once more; with CUDA
-graphs, once per shape of the static cache, which rarely grows). Each
+graphs, once per shape of the static cache, which rarely grows, and graph runs compile a function
+of their own per pick and cache shape). Each
 model has compiled functions of its own (the model is their argument, not a closure variable, so
 they keep no model alive), and so its own recompile budget; its packed slots are constants of
 its graphs.
@@ -54,8 +55,9 @@ CUDA_GRAPHS: bool | None = None
 
 
 #: Decode steps per CUDA graph where the sampler's pick is fused into the step (greedy, or sampling
-#: without top-k / top-p): one replay per this many tokens (:class:`GraphRuns`). 0: one replay per
-#: step through inductor's cudagraph trees, as top-k / top-p decoding always runs. Divides KV_BUCKET.
+#: without top-k / top-p): one replay per this many tokens (:class:`GraphRuns`). 0 or 1: one replay
+#: per step through inductor's cudagraph trees, as top-k / top-p decoding always runs. Must divide
+#: KV_BUCKET (a run reads one KV bucket).
 GRAPH_RUN_STEPS = 8
 
 
@@ -67,9 +69,10 @@ def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_
     return logits[:, :vocab_size] if vocab_size < logits.shape[-1] else logits
 
 
-# model -> {(vocab_size, pick, cuda, static cache shape or None, lean guards): compiled function}. The model is
-# the functions' argument, not a closure variable: they hold no model alive (the dictionary holds
-# models weakly).
+# model -> {(vocab_size, pick, cuda, static cache shape or None, lean guards): compiled function,
+# ("step_in_place", vocab_size, pick, lean guards, static cache shape): graph runs' compiled step}.
+# The model is the functions' argument, not a closure variable: they hold no model alive (the
+# dictionary holds models weakly).
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -139,8 +142,8 @@ def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
     return torch.compile(fn, dynamic=None, options=options)
 
 
-def _compile_keep(vocab_size: int, pick, lean_guards: bool):
-    """``keep(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp)``
+def _compile_step_in_place(vocab_size: int, pick, lean_guards: bool):
+    """``step_in_place(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp)``
     through torch.compile, without inductor's CUDA graphs (:class:`GraphRuns` records its own):
     one decode step with ``pick`` fused, as :func:`_compile`'s, and the sampler's bookkeeping of
     that step, in place: a stopped row (``done``) repeats its token at its frozen position with
@@ -150,7 +153,7 @@ def _compile_keep(vocab_size: int, pick, lean_guards: bool):
     between its pieces, which a CUDA graph does not replay (tests check every architecture; not
     ``fullgraph``, which raises where dynamo skips the frame, e.g. under a dispatch mode)."""
 
-    def keep(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp):
+    def step_in_place(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp):
         logits = step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
         nxt, lp = pick(logits, u, temperature)
         nxt = torch.where(done, tok, nxt)
@@ -160,7 +163,7 @@ def _compile_keep(vocab_size: int, pick, lean_guards: bool):
         done.logical_or_(is_stop[nxt])
         tok.copy_(nxt)
 
-    return _torch_compile(keep, False, lean_guards)
+    return _torch_compile(step_in_place, False, lean_guards)
 
 
 def uses_cuda_graphs(mode: str, device, cuda_graphs: bool | None = None) -> bool:
@@ -200,7 +203,9 @@ class StaticKVCache:
     step all of its slots, so a graph's shape is (padded rows, KV bucket) and the first rollout's
     graphs serve every later one. The graphs of a training run are at most (padded row counts) x
     (KV buckets) per pick function, e.g. 32 x 13 for 256 rows of 896 slots (the last bucket is
-    never read), each recorded once (a warm-up and a capture) as compactions first reach it.
+    never read), each recorded once (a warm-up and a capture) as compactions first reach it;
+    graph runs (:class:`GraphRuns`) record twice as many in a pool of their own (runs of one step
+    and of ``GRAPH_RUN_STEPS``).
 
     It holds one bucket more than asked for (:func:`slots_with_margin`), and grows when a request
     needs more rows or slots (by at least a quarter, slots in multiples of ``KV_BUCKET``; sessions
@@ -236,9 +241,11 @@ class StaticKVCache:
             torch._dynamo.mark_static_address(t, guard=False)
 
     def graph_runs(self) -> "GraphRuns":
-        """The :class:`GraphRuns` recorded against this cache (made on first use)."""
-        if self.runs is None:
-            self.runs = GraphRuns(self.full)
+        """The :class:`GraphRuns` recorded against this cache, of :data:`GRAPH_RUN_STEPS` steps
+        (made on first use, and again if that changed)."""
+        if self.runs is None or self.runs.run_steps != GRAPH_RUN_STEPS:
+            self.runs = None  # (the old one's graphs are freed first)
+            self.runs = GraphRuns(self.full, GRAPH_RUN_STEPS)
         return self.runs
 
     def holds(self, cache: KVCache) -> bool:
@@ -278,7 +285,7 @@ class GraphRuns:
     static inputs' addresses, copies of the others) and the sampler's dozen eager ops around it;
     at small batches that can take longer than the step's device work (Qwen2.5-1.5B at B = 1:
     ~0.75 ms of weight reads on an H200). Here a graph holds ``k`` whole steps: the compiled step
-    with the pick and the stopped rows' bookkeeping (:func:`_compile_keep`), its tokens and
+    with the pick and the stopped rows' bookkeeping (:func:`_compile_step_in_place`), its tokens and
     log-probs written to a ring. The sampler replays one graph per ``k`` tokens
     (:data:`GRAPH_RUN_STEPS`), reads the ring, and checks for stops between runs.
 
@@ -300,7 +307,10 @@ class GraphRuns:
     run again (dynamo's guards checked at each).
     """
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, run_steps: int):
+        if run_steps < 2 or KV_BUCKET % run_steps:
+            raise ValueError(f"GraphRuns: run_steps must be > 1 and divide KV_BUCKET ({KV_BUCKET}), got {run_steps}")
+        self.run_steps = run_steps
         rows, device = cache.batch_size, cache.k[0].device
         self.ks, self.vs = cache.k, cache.v
         self.cuda = device.type == "cuda"
@@ -309,9 +319,9 @@ class GraphRuns:
         self.tok = torch.zeros(rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.done = torch.ones(rows, dtype=torch.bool, device=device)
-        self.u = torch.zeros(GRAPH_RUN_STEPS, cols, 1, dtype=torch.float32, device=device)
-        self.ring_tok = torch.zeros(GRAPH_RUN_STEPS, cols, dtype=torch.long, device=device)
-        self.ring_lp = torch.zeros(GRAPH_RUN_STEPS, cols, dtype=torch.float32, device=device)
+        self.uniforms = torch.zeros(self.run_steps, cols, 1, dtype=torch.float32, device=device)
+        self.ring_tok = torch.zeros(self.run_steps, cols, dtype=torch.long, device=device)
+        self.ring_lp = torch.zeros(self.run_steps, cols, dtype=torch.float32, device=device)
         self.temperature = torch.ones((), dtype=torch.float32, device=device)
         self.slots = torch.arange(cache.max_len, device=device)
         self.is_stop: dict[int, torch.Tensor] = {}  # vocab_size -> [vocab_size] bool
@@ -364,7 +374,7 @@ class GraphRuns:
         n, rows = self.n, graph_rows(self.n)
         kv = min(self.ks[0].shape[2], -(-kv_len // KV_BUCKET) * KV_BUCKET)
         if u is not None:
-            self.u[:k, :n, 0].copy_(u)
+            self.uniforms[:k, :n, 0].copy_(u)
         key = (vocab_size, pick, lean_guards, rows, kv, k)
         replay = self.graphs.get(key)
         if replay is None:
@@ -376,14 +386,14 @@ class GraphRuns:
         vocab_size, pick, lean, rows, kv, k = key
         # A function of its own per cache shape, as DecodeStep's: the cache's shape stays static.
         fns = _COMPILED.setdefault(model, {})
-        compiled_key = ("keep", vocab_size, pick, lean, tuple(self.ks[0].shape))
+        compiled_key = ("step_in_place", vocab_size, pick, lean, tuple(self.ks[0].shape))
         if compiled_key not in fns:
             model.inv_freq(self.tok.device)  # (made outside the graph: made inside, it would be compiled again)
-            fns[compiled_key] = _compile_keep(vocab_size, pick, lean)
+            fns[compiled_key] = _compile_step_in_place(vocab_size, pick, lean)
         fn = fns[compiled_key]
         state = self.tok[:rows], self.pos[:rows], self.done[:rows]
         slots = self.slots[:kv]
-        steps = [state + (self.is_stop[vocab_size], self.ks, self.vs, slots, self.u[i, :rows], self.temperature,
+        steps = [state + (self.is_stop[vocab_size], self.ks, self.vs, slots, self.uniforms[i, :rows], self.temperature,
                           self.ring_tok[i, :rows], self.ring_lp[i, :rows]) for i in range(k)]
         for t in (*state, slots, *(a for args in steps for a in (args[7], args[9], args[10]))):
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -448,8 +458,9 @@ def static_cache(model) -> StaticKVCache:
 
 
 def release_static_cache(model) -> None:
-    """Free the model's static cache. The next CUDA-graph decode makes a new one at other
-    addresses and records its graphs again (the old recordings stay with cudagraph trees)."""
+    """Free the model's static cache and its graph runs' recordings. The next CUDA-graph decode
+    makes a new one at other addresses and records its graphs again (the old per-step recordings
+    stay with cudagraph trees)."""
     _STATIC.pop(model, None)
 
 

@@ -72,7 +72,8 @@ Performance
 -----------
 The decode loop does no per-row Python work: tokens, positions and stop flags are tensors, the
 output buffers ``[B, max_new_tokens]`` are preallocated, and the host counts the stopped rows
-with one ``.item()``-style sync every ``sync_every`` steps (only when there are stop tokens). Stop
+with one ``.item()``-style sync every ``sync_every`` steps (only when there are stop tokens; in
+graph runs, at the end of the run that reaches each multiple). Stop
 strings are the exception: at each such check, every live row's last few tokens are decoded to
 text (a tokenizer call per row, a few microseconds).
 ``kv_len`` is tracked as a Python int, so attention reads only the used cache slots. Sampling is
@@ -648,7 +649,7 @@ class Session:
         with step.active():  # (the prepacked matmuls, on CPU in bf16)
             while t < N:
                 if runs is not None:
-                    K = decode_mod.GRAPH_RUN_STEPS
+                    K = runs.run_steps
                     k = K if (base + t) % K == 0 and t + K <= N else 1
                     toks, lps = runs.run(self.model, self.vocab_size, fused, step.lean_guards(device), base + t + k,
                                          k, None if uniforms is None else uniforms[t:t + k])
