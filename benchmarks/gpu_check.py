@@ -25,7 +25,8 @@ after every section, so a run cut short keeps what it measured):
   growing). And where a compiled step's time goes at B = 1 and 16: the sampler's loop, the step
   alone back to back and the graph runs back to back (wall, host issue time, device time between
   CUDA events), the bound; and the kernels of a
-  step under ``torch.profiler`` (compiled at B = 1 and 16, replaying its CUDA graphs; eager at
+  step under ``torch.profiler`` (compiled at B = 1 and 16, replaying its CUDA graphs one per step
+  and in graph runs; eager at
   B = 1): how many, their device time against the span they take, the time by kind, the costliest.
 * ``train``: three steps of ``torchrun --nproc_per_node 1 -m r3.train`` on a Qwen2.5-0.5B-shaped
   random model with the built-in model's tokenizer (``--tokenizer DIR`` for another), all groups
@@ -389,7 +390,7 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             print(f"profiler set-up for CUDA graphs failed: {e}", flush=True)
     spec = shape(bench_sampler.SHAPES["qwen2.5-1.5b"], ctx.smoke)
     ours, hf = bench_sampler.random_pair(spec, torch.bfloat16, ctx.device, name="qwen2.5-1.5b")
-    n, prompt_len = (8, 16) if ctx.smoke else (128, 64)
+    n, prompt_len = (10, 16) if ctx.smoke else (128, 64)  # (smoke: 10 steps from 15 hold a graph run of 8)
     cases = [(1, 1), (2, 1)] if ctx.smoke else [(1, 1), (16, 1), (64, 1), (8, 8)]
     gbps = ctx.copy_gbps
     rows = []
@@ -441,8 +442,9 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             ours, vocab, (1, 2) if ctx.smoke else (1, 16), n, prompt_len, gbps))
         ctx.save_partial("sampler", dict(out, dynamo=_dynamo_counts(counters, skips)))
         out["kernel_profile"] = _or_error("kernel profile", lambda: kernel_profile(
-            ours, vocab, (("compiled", 1), ("compiled", 2), ("eager", 1)) if ctx.smoke
-            else (("compiled", 1), ("compiled", 16), ("eager", 1)), 8 if ctx.smoke else 32, prompt_len, gbps))
+            ours, vocab, (("compiled", 1), ("compiled", 2), ("runs", 2), ("eager", 1)) if ctx.smoke
+            else (("compiled", 1), ("compiled", 16), ("runs", 1), ("runs", 16), ("eager", 1)), 10 if ctx.smoke else 32,
+            prompt_len, gbps))
     # What dynamo made of the compiled step: a graph per pick function, no graph breaks; and
     # whether inductor ran any of it without CUDA graphs (a skip only logs a warning).
     out["dynamo"] = _dynamo_counts(counters, skips)
@@ -569,8 +571,10 @@ def step_timing(model, vocab: int, batches, n: int, prompt_len: int, gbps: float
 
 class _StaticSteps:
     """Greedy decode steps of ``B`` random prompts, called back to back in the model's static
-    cache as ``Session.sample`` calls them with CUDA graphs (or eagerly in the session's cache:
-    ``mode="eager"``). :meth:`reset` before each :meth:`run`: the static cache is shared."""
+    cache as ``Session.sample`` calls them with CUDA graphs: one replay per step (``"compiled"``),
+    or in graph runs (``"runs"``: one-step graphs up to a multiple of the run length, then runs);
+    or eagerly in the session's cache (``"eager"``). :meth:`reset` before each :meth:`run`: the
+    static cache is shared."""
 
     def __init__(self, model, vocab: int, B: int, prompt_len: int, max_len: int, mode: str = "compiled"):
         from r3.decode import DecodeStep
@@ -580,25 +584,51 @@ class _StaticSteps:
         prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
         self.session = Session.start(model, prompts, max_len=max_len, seed=0, decode="compiled")
         self.model, self.vocab, self.B, self.mode = model, vocab, B, mode
-        self.step = DecodeStep(model, mode)
+        self.step = DecodeStep(model, "eager" if mode == "eager" else "compiled")
         self.base = prompt_len - 1
         self.first = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=self.session.cache.k[0].device)
         self.cache = self.session.cache
 
     def reset(self) -> None:
-        """The prompts' cache rows into the static cache (compiled), where the steps run."""
+        """The prompts' cache rows into the static cache (compiled, runs), where the steps run."""
         from r3.decode import static_cache
 
-        if self.mode == "compiled":
+        if self.mode != "eager":
             ref = self.session.cache.k[0]
             static = static_cache(self.model)
             static.reserve(self.model.config, self.B, self.session.cache.max_len, ref.dtype, ref.device)
             self.cache = static.copy_in(self.session.cache, self.base)
 
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        """(first step, steps) of each call :meth:`run` makes for ``n`` steps: one step each, or
+        in graph runs one-step graphs up to a multiple of the run length, then runs."""
+        from r3.decode import GRAPH_RUN_STEPS as K
+
+        out, t = [], 0
+        while t < n:
+            k = K if self.mode == "runs" and (self.base + t) % K == 0 and t + K <= n else 1
+            out.append((t, k))
+            t += k
+        return out
+
     def run(self, n: int, events=None) -> None:
-        """``n`` steps from the prompts' last tokens (``events``: 2n CUDA events recorded around each)."""
+        """``n`` steps from the prompts' last tokens (``events``: 2 CUDA events recorded around each
+        of :meth:`chunks`)."""
+        from r3.decode import static_cache
         from r3.sampler import pick_greedy
 
+        if self.mode == "runs":
+            runs = static_cache(self.model).graph_runs()
+            no_stops = torch.zeros(self.vocab, dtype=torch.bool, device=self.first.device)
+            runs.start(self.model, self.first, torch.full_like(self.first, self.base), no_stops, 0.0)
+            lean = self.step.lean_guards(self.first.device)
+            for i, (t, k) in enumerate(self.chunks(n)):
+                if events:
+                    events[2 * i].record()
+                runs.run(self.model, self.vocab, pick_greedy, lean, self.base + t + k, k, None)
+                if events:
+                    events[2 * i + 1].record()
+            return
         tok = self.first.clone()
         pos = torch.full((self.B,), self.base, dtype=torch.long, device=tok.device)
         with self.step.active():
@@ -637,7 +667,7 @@ def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float
             device_ms = sum(events[2 * t].elapsed_time(events[2 * t + 1]) for t in range(n)) / n
     bound = decode_bound_tok_s(model, B, prompt_len + n / 2, 2, gbps) if gbps else None
     guards = _guard_check(steps)
-    runs = _or_error("graph runs timing", lambda: _graph_run_timing(steps, n))
+    runs = _or_error("graph runs timing", lambda: _graph_run_timing(model, vocab, B, n, prompt_len))
     row = {"rows": B, "steps": n, "context": prompt_len + n / 2, "sampler_ms_per_step": 1e3 * sampler_s[-1],
            "step_ms_per_step": 1e3 * wall_s, "issue_ms_per_step": 1e3 * issue_s, "device_ms_per_step": device_ms,
            "bound_ms_per_step": None if bound is None else 1e3 * B / bound, **guards,
@@ -651,43 +681,30 @@ def _step_timing(model, vocab: int, B: int, n: int, prompt_len: int, gbps: float
     return row
 
 
-def _graph_run_timing(steps: "_StaticSteps", n: int) -> dict:
+def _graph_run_timing(model, vocab: int, B: int, n: int, prompt_len: int) -> dict:
     """Greedy decode steps in graph runs (r3.decode.GraphRuns, as ``Session.sample`` runs them),
-    back to back from the prompts' last tokens: one-step graphs up to a multiple of
-    ``GRAPH_RUN_STEPS``, then runs. Per step: wall ms, the host's ms to issue them, the device's
-    ms between CUDA events around each replay. The first pass records the graphs."""
-    import r3.decode
-    from r3.sampler import pick_greedy
+    back to back from the prompts' last tokens. Per step: wall ms, the host's ms to issue them
+    (with the call's set-up: the state in, the parameters' addresses checked), the device's ms
+    between CUDA events around each replay. The first pass records the graphs."""
+    from r3.decode import static_cache
 
-    model, cuda = steps.model, steps.model.device.type == "cuda"
+    cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    no_stops = torch.zeros(steps.vocab, dtype=torch.bool, device=steps.first.device)
-    lean = steps.step.lean_guards(steps.first.device)
+    steps = _StaticSteps(model, vocab, B, prompt_len, prompt_len + n, "runs")
     result = {}
     for _ in range(2):
         steps.reset()
-        runs = r3.decode.static_cache(model).graph_runs()
-        runs.start(model, steps.first, torch.full_like(steps.first, steps.base), no_stops, 0.0)
-        chunks, t, K = [], 0, runs.run_steps
-        while t < n:
-            k = K if (steps.base + t) % K == 0 and t + K <= n else 1
-            chunks.append((t, k))
-            t += k
+        chunks = steps.chunks(n)
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2 * len(chunks))] if cuda else None
         sync()
         t0 = time.perf_counter()
-        for i, (t, k) in enumerate(chunks):
-            if events:
-                events[2 * i].record()
-            runs.run(model, steps.vocab, pick_greedy, lean, steps.base + t + k, k, None)
-            if events:
-                events[2 * i + 1].record()
+        steps.run(n, events)
         t1 = time.perf_counter()
         sync()
         result = {"runs_ms_per_step": 1e3 * (time.perf_counter() - t0) / n, "runs_issue_ms_per_step": 1e3 * (t1 - t0) / n,
                   "runs_device_ms_per_step": sum(events[2 * i].elapsed_time(events[2 * i + 1])
                                                  for i in range(len(chunks))) / n if events else None,
-                  "runs_of": K, "runs_graphs": len(runs.graphs)}
+                  "runs_of": max(k for _, k in chunks), "runs_graphs": len(static_cache(model).runs.graphs)}
     return result
 
 
@@ -741,7 +758,8 @@ def kernel_kind(name: str) -> str:
 
 def kernel_profile(model, vocab: int, cases, n: int, prompt_len: int, gbps: float | None) -> list[dict]:
     """Which kernels a decode step runs and for how long, per (mode, rows) in ``cases``: the
-    compiled step replaying its CUDA graphs (in the static cache) and the eager step, ``n`` greedy
+    compiled step replaying its CUDA graphs (in the static cache) one per step (``"compiled"``) or
+    in graph runs (``"runs"``), and the eager step, ``n`` greedy
     steps each under ``torch.profiler``. Kernels per step, their summed device time against the
     time from the first kernel's start to the last one's end (the gaps between kernels: launch
     latency inside a graph, host time between replays), the time by kind (matmul, attention, fused
@@ -1088,7 +1106,8 @@ def _kernel_profile_lines(result) -> list[str]:
         "Kernels of a greedy decode step under torch.profiler (ms per step): their device time summed and the "
         "time from the first one's start to the last one's end (the difference is gaps: launch latency, "
         "host time between steps, which the profiler lengthens a little); the time by kind, and the matmuls' "
-        "rate over the weight bytes.", "",
+        "rate over the weight bytes. compiled: one CUDA-graph replay per step; runs: graph runs, as the sampler "
+        "decodes greedy and plain sampling.", "",
         "| step | rows | kernels | in kernels | span | bound | matmul | matmul GB/s over weights | attention "
         "| fused Triton | copy/fill | other |", "|---|---|---|---|---|---|---|---|---|---|---|---|"],
         lambda r: f"| {r['mode']} | {r['rows']} | {r['kernels_per_step']:.0f} | {r['kernel_ms_per_step']:.3f} | "

@@ -47,7 +47,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert "Where a compiled greedy decode step's time goes" in md
     # the kernels of a step under the profiler (here the CPU ops stand in for them)
     kp = sections["sampler"]["kernel_profile"]
-    assert [(r["mode"], r["rows"]) for r in kp] == [("compiled", 1), ("compiled", 2), ("eager", 1)]
+    assert [(r["mode"], r["rows"]) for r in kp] == [("compiled", 1), ("compiled", 2), ("runs", 2), ("eager", 1)]
     for r in kp:
         assert r["kernels_per_step"] > 0 and 0 < r["kernel_ms_per_step"] and r["top"]
         assert sum(k["ms_per_step"] for k in r["by_kind"].values()) == pytest.approx(r["kernel_ms_per_step"])
