@@ -293,8 +293,8 @@ class GraphRuns:
     positions, stop flags (padding rows: token 0 at position 0, stopped), the stop table, the
     temperature, a run's uniforms, the ring. A graph is recorded for each (vocabulary, pick,
     padded rows, KV bucket, k) the first time it is needed: run once uncaptured (compiling and
-    autotuning; on CUDA on a side stream), the state put back, then captured into one memory pool
-    that all of them share (they never run at once). The run writes only cache slots the rows
+    autotuning; on CUDA on the stream the captures use), the state put back, then captured into
+    one memory pool that all of them share (they never run at once). The run writes only cache slots the rows
     have not reached, so running it once changes nothing that is read. A run of ``k`` steps
     starts at a multiple of ``k``, so its steps read one KV bucket (``k`` divides ``KV_BUCKET``);
     steps before and after it run as one-step graphs.
