@@ -142,9 +142,14 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]], n: int) -> float:
     return sum(same) / (len(same) * n)
 
 
-def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab, compiled=True):
+def case_prompts(B: int, G: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    """The random prompts of the case (B prompts, G samples each): the same in every run."""
     g = torch.Generator().manual_seed(B * 1000 + G)
-    prompts = torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
+    return torch.randint(0, vocab, (B, prompt_len), generator=g).tolist()
+
+
+def bench_case(ours, hf, *, B, G, n, prompt_len, repeats, device, vocab, compiled=True):
+    prompts = case_prompts(B, G, prompt_len, vocab)
     rows = B * G
     run_r3(ours, prompts, min(n, 4), G, device)  # warm-up (allocators, oneDNN primitives)
     t0 = time.perf_counter()

@@ -518,8 +518,7 @@ def per_step_compiled(model, B: int, G: int, n: int, prompt_len: int, kw: dict) 
     case's repeats, and whether its tokens equal the graph runs' (the same math)."""
     import r3.decode
 
-    g = torch.Generator().manual_seed(B * 1000 + G)  # (bench_case's prompts)
-    prompts = torch.randint(0, kw["vocab"], (B, prompt_len), generator=g).tolist()
+    prompts = bench_sampler.case_prompts(B, G, prompt_len, kw["vocab"])
     runs = r3.decode.GRAPH_RUN_STEPS
     r3.decode.GRAPH_RUN_STEPS = 0
     try:
@@ -601,12 +600,13 @@ class _StaticSteps:
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
         """(first step, steps) of each call :meth:`run` makes for ``n`` steps: one step each, or
-        in graph runs one-step graphs up to a multiple of the run length, then runs."""
-        from r3.decode import GRAPH_RUN_STEPS as K
+        in graph runs as the sampler makes them (``GraphRuns.run_length``)."""
+        from r3.decode import static_cache
 
+        runs = static_cache(self.model).graph_runs() if self.mode == "runs" else None
         out, t = [], 0
         while t < n:
-            k = K if self.mode == "runs" and (self.base + t) % K == 0 and t + K <= n else 1
+            k = 1 if runs is None else runs.run_length(self.base + t, n - t)
             out.append((t, k))
             t += k
         return out
@@ -620,12 +620,12 @@ class _StaticSteps:
         if self.mode == "runs":
             runs = static_cache(self.model).graph_runs()
             no_stops = torch.zeros(self.vocab, dtype=torch.bool, device=self.first.device)
-            runs.start(self.model, self.first, torch.full_like(self.first, self.base), no_stops, 0.0)
-            lean = self.step.lean_guards(self.first.device)
+            runs.start(self.model, self.first, torch.full_like(self.first, self.base), no_stops, 0.0, pick_greedy,
+                       self.step.lean_guards(self.first.device))
             for i, (t, k) in enumerate(self.chunks(n)):
                 if events:
                     events[2 * i].record()
-                runs.run(self.model, self.vocab, pick_greedy, lean, self.base + t + k, k, None)
+                runs.run(self.base + t + k, k, None)
                 if events:
                     events[2 * i + 1].record()
             return

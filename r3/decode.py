@@ -327,16 +327,19 @@ class GraphRuns:
         self.is_stop: dict[int, torch.Tensor] = {}  # vocab_size -> [vocab_size] bool
         self.graphs: dict[tuple, object] = {}  # (vocab_size, pick, lean, rows, kv bucket, k) -> replay
         self.addresses = None  # the model's parameters' addresses the graphs were recorded with
+        self.call = None  # this decode batch's (model, held weakly; vocab_size, pick, lean guards)
         # (one stream, on the cache's device, for every warm-up and capture: a stream keeps its own
         # cuBLAS workspaces)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.n = 0  # the decode batch's rows
 
-    def start(self, model, tok: torch.Tensor, pos: torch.Tensor, is_stop: torch.Tensor, temperature: float):
+    def start(self, model, tok: torch.Tensor, pos: torch.Tensor, is_stop: torch.Tensor, temperature: float, pick,
+              lean_guards: bool):
         """A decode batch of ``len(tok)`` rows at these tokens and positions, none stopped, with
-        this stop table (``is_stop[token]``, the vocabulary's size) and temperature; returns the
-        state's views (tokens, positions, stop flags) that the runs advance in place."""
+        this stop table (``is_stop[token]``, the vocabulary's size), temperature and pick, its step
+        compiled with ``lean_guards`` or not; returns the state's views (tokens, positions, stop
+        flags) that the runs advance in place."""
         addresses = [p.data_ptr() for p in model.parameters()] + [b.data_ptr() for b in model.buffers()]
         if addresses != self.addresses:
             self.graphs.clear()
@@ -350,6 +353,7 @@ class GraphRuns:
             table = self.is_stop[len(is_stop)] = torch.zeros_like(is_stop)
         table.copy_(is_stop)
         self.temperature.fill_(float(temperature))
+        self.call = weakref.ref(model), len(is_stop), pick, lean_guards
         return self._rows(n)
 
     def keep(self, keep: torch.Tensor):
@@ -367,23 +371,30 @@ class GraphRuns:
         self.n = n
         return self.tok[:n], self.pos[:n], self.done[:n]
 
-    def run(self, model, vocab_size: int, pick, lean_guards: bool, kv_len: int, k: int, u: torch.Tensor | None):
-        """Decode ``k`` steps; ``kv_len``: the last step's KV length; ``u``: the uniforms
-        ``[k, n]`` (None: greedy). Returns views of the steps' tokens and log-probs ``[n, k]``,
-        valid until the next run."""
+    def run_length(self, position: int, steps_left: int) -> int:
+        """The steps of the next run from ``position`` (the first step's): a whole run where one
+        starts (a multiple of the run length) and fits, else one step."""
+        return self.run_steps if position % self.run_steps == 0 and steps_left >= self.run_steps else 1
+
+    def run(self, kv_len: int, k: int, u: torch.Tensor | None):
+        """Decode ``k`` steps of the batch :meth:`start` began; ``kv_len``: the last step's KV
+        length; ``u``: the uniforms ``[k, n]`` (None: greedy). Returns views of the steps' tokens
+        and log-probs ``[n, k]``, valid until the next run."""
         n, rows = self.n, graph_rows(self.n)
         kv = min(self.ks[0].shape[2], -(-kv_len // KV_BUCKET) * KV_BUCKET)
         if u is not None:
             self.uniforms[:k, :n, 0].copy_(u)
+        model_ref, vocab_size, pick, lean_guards = self.call
         key = (vocab_size, pick, lean_guards, rows, kv, k)
         replay = self.graphs.get(key)
         if replay is None:
-            replay = self.graphs[key] = self._record(model, key)
+            replay = self.graphs[key] = self._record(model_ref, key)
         replay()
         return self.ring_tok[:k, :n].t(), self.ring_lp[:k, :n].t()
 
-    def _record(self, model, key):
+    def _record(self, model_ref, key):
         vocab_size, pick, lean, rows, kv, k = key
+        model = model_ref()
         # A function of its own per cache shape, as DecodeStep's: the cache's shape stays static.
         fns = _COMPILED.setdefault(model, {})
         compiled_key = ("step_in_place", vocab_size, pick, lean, tuple(self.ks[0].shape))
@@ -397,35 +408,41 @@ class GraphRuns:
                           self.ring_tok[i, :rows], self.ring_lp[i, :rows]) for i in range(k)]
         for t in (*state, slots, *(a for args in steps for a in (args[7], args[9], args[10]))):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        model_ref = weakref.ref(model)  # (the graphs are the model's: they hold no model alive)
 
-        def body():
+        def body():  # (the graphs are the model's: they hold no model alive)
             m = model_ref()
             for args in steps:
                 fn(m, *args)
 
         saved = [t.clone() for t in state]
+        self._warm_up(body)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        return self._capture(body) if self.cuda else body
+
+    def _warm_up(self, body) -> None:
+        """``body`` run uncaptured; on CUDA on the stream the captures use, on the cache's device."""
         if not self.cuda:
             body()
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            return body
+            return
         device = self.tok.device
-        with torch.cuda.device(device):  # (the cache's device, whichever is current)
+        with torch.cuda.device(device):
             current = torch.cuda.current_stream(device)
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
                 body()
             current.wait_stream(self.stream)
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            graph = torch.cuda.CUDAGraph()
-            # The capture's cuBLAS workspace is allocated in its pool and forgotten after it (as
-            # cudagraph trees do): otherwise a graph would bake in a workspace that later eager
-            # work, or a freed pool, owns. thread_local: CUDA work of another thread (a checkpoint
-            # being written) does not invalidate the capture. A recompile inside a capture would
-            # run host code the graph cannot replay: an error instead.
-            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+
+    def _capture(self, body):
+        """``body`` captured as a CUDA graph on the cache's device; returns its replay."""
+        graph = torch.cuda.CUDAGraph()
+        # The capture's cuBLAS workspace is allocated in its pool and forgotten after it (as
+        # cudagraph trees do): otherwise a graph would bake in a workspace that later eager work,
+        # or a freed pool, owns. thread_local: CUDA work of another thread (a checkpoint being
+        # written) does not invalidate the capture. A recompile inside a capture would run host
+        # code the graph cannot replay: an error instead.
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+        with torch.cuda.device(self.tok.device):
             clear_workspaces()
             try:
                 with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(

@@ -644,15 +644,13 @@ class Session:
         runs = None
         if static is not None and fused is not None and decode_mod.GRAPH_RUN_STEPS > 1:
             runs = static.graph_runs()
-            tok, pos, done = runs.start(self.model, tok, pos, is_stop, temperature)
+            tok, pos, done = runs.start(self.model, tok, pos, is_stop, temperature, fused, step.lean_guards(device))
         t = 0  # the steps done
         with step.active():  # (the prepacked matmuls, on CPU in bf16)
             while t < N:
                 if runs is not None:
-                    K = runs.run_steps
-                    k = K if (base + t) % K == 0 and t + K <= N else 1
-                    toks, lps = runs.run(self.model, self.vocab_size, fused, step.lean_guards(device), base + t + k,
-                                         k, None if uniforms is None else uniforms[t:t + k])
+                    k = runs.run_length(base + t, N - t)
+                    toks, lps = runs.run(base + t + k, k, None if uniforms is None else uniforms[t:t + k])
                     if live is None:
                         out_tok[:, t:t + k], out_lp[:, t:t + k] = toks, lps
                     else:

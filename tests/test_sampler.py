@@ -980,13 +980,13 @@ class _Runs:
         self.recorded, self.runs = [], []
         record, run = decode_mod.GraphRuns._record, decode_mod.GraphRuns.run
 
-        def spy_record(runs, model, key):
+        def spy_record(runs, model_ref, key):
             self.recorded.append(key)
-            return record(runs, model, key)
+            return record(runs, model_ref, key)
 
-        def spy_run(runs, model, vocab_size, pick, lean, kv_len, k, u):
+        def spy_run(runs, kv_len, k, u):
             self.runs.append((graph_rows(runs.n), kv_len - k, k))
-            return run(runs, model, vocab_size, pick, lean, kv_len, k, u)
+            return run(runs, kv_len, k, u)
 
         monkeypatch.setattr(decode_mod.GraphRuns, "_record", spy_record)
         monkeypatch.setattr(decode_mod.GraphRuns, "run", spy_run)
