@@ -394,6 +394,7 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
     cases = [(1, 1), (2, 1)] if ctx.smoke else [(1, 1), (16, 1), (64, 1), (8, 8)]
     gbps = ctx.copy_gbps
     rows = []
+    out = {"model": "qwen2.5-1.5b shape (random), bf16", "params": ours.num_params(), "rows": rows}
     for B, G in cases:
         compiled = ctx.cuda and not ctx.args.no_compiled  # CUDA graphs: one compile, a graph per shape
         kw = dict(B=B, G=G, n=n, prompt_len=prompt_len, repeats=1 if ctx.smoke else 2, device=str(ctx.device),
@@ -426,10 +427,14 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             if r.get("r3c_step_decode_ms_per_step"):
                 r["decode_compiled_step_pct_bound"] = 100 * B * G / (r["r3c_step_decode_ms_per_step"] / 1e3) / bound
         rows.append(r)
+        # (saved after each case: a device call cut at its time limit keeps the cases done, B = 1 first)
+        ctx.save_partial("sampler", dict(out, dynamo=_dynamo_counts(counters, skips)))
         print(f"sampler B={B} G={G}: r3 {r['r3_tok_s']:.0f} tok/s, transformers {r['hf_tok_s']:.0f} tok/s "
               f"({r['ratio']:.2f}x), decode {r['r3_decode_ms_per_step']:.2f} ms/step, "
-              f"{r.get('decode_pct_bound', float('nan')):.1f}% of bound", flush=True)
-    out = {"model": "qwen2.5-1.5b shape (random), bf16", "params": ours.num_params(), "rows": rows}
+              f"{r.get('decode_pct_bound', float('nan')):.1f}% of bound; compiled (graph runs) "
+              f"{_fmt(r.get('r3c_decode_ms_per_step'))} ms/step, {_fmt(r.get('decode_compiled_pct_bound'), '.1f')}%; "
+              f"compiled per step {_fmt(r.get('r3c_step_decode_ms_per_step'))} ms/step, "
+              f"{_fmt(r.get('decode_compiled_step_pct_bound'), '.1f')}%", flush=True)
     if (ctx.cuda or ctx.smoke) and not ctx.args.no_compiled:
         vocab = spec["vocab_size"]
         out["repeated_rollouts"] = _or_error("repeated rollouts", lambda: repeated_rollouts(
@@ -1010,8 +1015,10 @@ def markdown(report: dict) -> str:
             lines.append("")
     sp = s.get("sampler", {})
     if "rows" in sp:
-        lines += [f"## Sampler: {sp['model']}, {sp['params'] / 1e9:.2f}B parameters", "",
-                  "| rows | mode | r3 tok/s | transformers tok/s | ratio | r3 decode ms/step | compiled ms/step "
+        lines += [f"## Sampler: {sp['model']}, {sp['params'] / 1e9:.2f}B parameters", ""]
+        if sp.get("partial"):
+            lines += ["**The section was cut short**: what follows is what finished.", ""]
+        lines += ["| rows | mode | r3 tok/s | transformers tok/s | ratio | r3 decode ms/step | compiled ms/step "
                   "| compiled per-step ms/step | bound tok/s | % of bound | compiled % of bound "
                   "| compiled per-step % of bound | compiled = eager tokens | per-step = runs tokens (up to near-ties) | GiB after / peak |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

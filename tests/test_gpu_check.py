@@ -112,6 +112,31 @@ def test_a_section_that_fails_after_saving_keeps_what_it_saved(tmp_path, monkeyp
     assert "## train: FAILED" in md and "cut short" in md
 
 
+def test_the_sampler_section_keeps_each_case_done(tmp_path, monkeypatch):
+    """The sampler section saves after each case (B = 1 first): a device call cut at its time
+    limit in a later case keeps the rows measured before it."""
+    import bench_sampler
+    import gpu_check
+
+    real, calls = bench_sampler.bench_case, []
+
+    def bench_case(*args, **kw):
+        calls.append(kw["B"])
+        if len(calls) > 1:
+            raise RuntimeError("killed at the time limit")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench_sampler, "bench_case", bench_case)
+    report = gpu_check.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--sections", "sampler"])
+    sp = report["sections"]["sampler"]
+    assert calls == [1, 2] and sp["partial"] is True and "time limit" in sp["error"]
+    assert [(r["batch"], r["group"]) for r in sp["rows"]] == [(1, 1)]
+    saved = json.loads((tmp_path / "gpu_check_cpu_sampler_smoke.json").read_text())["sections"]["sampler"]
+    assert [r["batch"] for r in saved["rows"]] == [1]
+    md = (tmp_path / "gpu_check_cpu_sampler_smoke.md").read_text()
+    assert "## Sampler:" in md and "| 1x1 | greedy |" in md and "cut short" in md
+
+
 def test_cudagraph_skips_are_collected():
     """A graph inductor runs without CUDA graphs is only a warning on its cudagraphs log: the
     sampler section collects the reasons for its JSON."""
