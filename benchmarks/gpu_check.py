@@ -422,10 +422,10 @@ def _section_sampler(ctx: Ctx, skips) -> dict:
             r["bound_tok_s"] = bound
             r["decode_tok_s"] = B * G / (r["r3_decode_ms_per_step"] / 1e3)
             r["decode_pct_bound"] = 100 * r["decode_tok_s"] / bound
-            if r.get("r3c_decode_ms_per_step"):
-                r["decode_compiled_pct_bound"] = 100 * B * G / (r["r3c_decode_ms_per_step"] / 1e3) / bound
-            if r.get("r3c_step_decode_ms_per_step"):
-                r["decode_compiled_step_pct_bound"] = 100 * B * G / (r["r3c_step_decode_ms_per_step"] / 1e3) / bound
+            for ms, pct in (("r3c_decode_ms_per_step", "decode_compiled_pct_bound"),
+                            ("r3c_step_decode_ms_per_step", "decode_compiled_step_pct_bound")):
+                if r.get(ms):
+                    r[pct] = 100 * B * G / (r[ms] / 1e3) / bound
         rows.append(r)
         # (saved after each case: a device call cut at its time limit keeps the cases done, B = 1 first)
         ctx.save_partial("sampler", dict(out, dynamo=_dynamo_counts(counters, skips)))

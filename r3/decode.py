@@ -44,7 +44,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from r3.model import KV_BUCKET, KVCache
+from r3.model import KV_BUCKET, KVCache, kv_bucket_ceil
 from r3.packed_linear import PackedWeights
 
 DECODE_MODES = ("eager", "compiled")
@@ -180,7 +180,7 @@ def slots_with_margin(slots: int) -> int:
     never read whole by a step (the KV length read is rounded up to the bucket), which keeps a
     compiled step one graph (reading every slot, the cache's slice is contiguous, and dynamo
     compiles that case again)."""
-    return -(-slots // KV_BUCKET) * KV_BUCKET + KV_BUCKET
+    return kv_bucket_ceil(slots) + KV_BUCKET
 
 
 def graph_rows(n: int) -> int:
@@ -234,7 +234,7 @@ class StaticKVCache:
         if full is not None:  # grow by at least a quarter: few re-recordings while sizes creep up
             rows = max(rows, graph_rows(-(-5 * full.batch_size // 4)), full.batch_size)
             slots = max(slots, -(-5 * full.max_len // 4), full.max_len)
-        slots = -(-slots // KV_BUCKET) * KV_BUCKET
+        slots = kv_bucket_ceil(slots)
         self.full, self._rows, self.runs = None, {}, None  # (the old one, and its graphs, freed first)
         self.full = KVCache.empty(cfg, rows, slots, dtype, device)
         for t in self.full.k + self.full.v:  # (the compiled step writes into them in place)
@@ -381,7 +381,7 @@ class GraphRuns:
         length; ``u``: the uniforms ``[k, n]`` (None: greedy). Returns views of the steps' tokens
         and log-probs ``[n, k]``, valid until the next run."""
         n, rows = self.n, graph_rows(self.n)
-        kv = min(self.ks[0].shape[2], -(-kv_len // KV_BUCKET) * KV_BUCKET)
+        kv = min(self.ks[0].shape[2], kv_bucket_ceil(kv_len))
         if u is not None:
             self.uniforms[:k, :n, 0].copy_(u)
         model_ref, vocab_size, pick, lean_guards = self.call
@@ -554,7 +554,7 @@ class DecodeStep:
                 fns[key] = _compile(vocab_size, pick, cuda, lean)
             fn = self._fns[(vocab_size, pick, shape)] = fns[key]
         # The bucket the eager forward would round kv_len up to (see Transformer.hidden_states).
-        kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
+        kv_len = min(cache.max_len, kv_bucket_ceil(kv_len))
         if self._slots is None or self._slots.shape[0] < kv_len:  # (a view per step: no kernel launch)
             self._slots = torch.arange(max(kv_len, 2 * (0 if self._slots is None else self._slots.shape[0])),
                                        device=tok.device)

@@ -49,6 +49,11 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "
 KV_BUCKET = 64
 
 
+def kv_bucket_ceil(n):
+    """``n`` slots rounded up to a multiple of :data:`KV_BUCKET`: the KV lengths a step reads."""
+    return -(-n // KV_BUCKET) * KV_BUCKET
+
+
 @dataclass
 class ModelConfig:
     """The architecture, as read from a Hugging Face ``config.json`` (see ``from_hf``)."""
@@ -543,7 +548,7 @@ class Transformer(nn.Module):
             # Round the slots read up to a multiple of KV_BUCKET (the mask hides the extra ones):
             # attention then sees few distinct shapes, and CPU kernels (oneDNN) are built once per
             # shape instead of once per decode step.
-            kv_len = min(cache.max_len, -(-kv_len // KV_BUCKET) * KV_BUCKET)
+            kv_len = min(cache.max_len, kv_bucket_ceil(kv_len))
         if segments is not None:
             if cache is not None:
                 raise ValueError("segments are for a forward without a KV cache")
