@@ -56,7 +56,7 @@ from r3.distributed import init_distributed  # noqa: E402
 from r3.episode import run_episode  # noqa: E402
 from r3.files import write_json_atomic  # noqa: E402
 from r3.tasks import get as get_task  # noqa: E402
-from r3.train import build_models, compute_dtype, sync_rollout_weights, update  # noqa: E402
+from r3.train import build_models, compute_dtype, resolve_dtype, sync_rollout_weights, update  # noqa: E402
 
 
 def paper_groups(vocab: int, n_groups: int, G: int, seed: int):
@@ -184,6 +184,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     d = init_distributed()
     cfg = TrainConfig(**({"micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {})).validate()
+    resolve_dtype(cfg, d)
     dtype = compute_dtype(cfg)
     policy, reference, rollout_model, tok = build_models(cfg, d)
     sync_rollout_weights(policy, rollout_model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from r3.checkpoint import load
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
 from r3.errors import R3Error, positive_int  # noqa: F401
 from r3.files import write_json_atomic, write_text_atomic  # noqa: F401
+from r3.precision import resolve_dtype_name, slow_bf16_warning
 from r3.progress import Progress, format_duration  # noqa: F401
 from r3.tasks import get
 
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,7 +38,8 @@ def load_task(name: str, options: dict):
 
 def pick_device_dtype(device: str | None, dtype: str | None):
     """The torch device and dtype of the ``--device`` / ``--dtype`` flags (device default: cuda if
-    available, else cpu; dtype ``None``: bf16 on CUDA, fp32 elsewhere)."""
+    available, else cpu; dtype ``None``: bf16 on CUDA, fp32 elsewhere; ``auto``: bf16 where the
+    device multiplies bf16 natively, else fp32). bf16 where it is only emulated is a warning."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -48,7 +51,16 @@ def pick_device_dtype(device: str | None, dtype: str | None):
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in DTYPES:
         raise R3Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = resolve_dtype_name(dtype, dev)
+    warning = slow_bf16_warning(dev) if dtype == "bf16" else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return dev, getattr(torch, DTYPES[dtype])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``--dtype`` spelling of a torch dtype (``torch.bfloat16`` -> ``"bf16"``)."""
+    return {getattr(torch, v): k for k, v in DTYPES.items() if v}[dtype]
 
 
 def load_model(spec: str, dtype, device):

@@ -20,6 +20,7 @@ from r3.decode import DECODE_MODES
 from r3.episode import EpisodeSampling
 from r3.errors import R3Error
 from r3.grpo import AGGREGATIONS
+from r3.precision import DTYPE_NAMES
 from r3.tracking import REPORT_TO
 
 
@@ -64,7 +65,7 @@ class TrainConfig:
     shared_prefix: bool = True  # update and reference encode each group's shared prefix once
     activation_checkpointing: bool = False  # the update recomputes each block's activations in backward
     # precision and runtime
-    dtype: str = "bf16"  # compute dtype; master weights and optimizer state stay fp32
+    dtype: str = "auto"  # compute dtype (auto: bf16 where the hardware has it); master weights and optimizer state stay fp32
     seed: int = 0
     max_steps: int = 30  # the built-in model on a 2-core CPU: ~12 min with AMX, ~17 with AVX-512 bf16 only
     save_every: int = 20
@@ -120,8 +121,8 @@ class TrainConfig:
             raise R3Error(f"config: 'report_to' must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.decode not in DECODE_MODES:
             raise R3Error(f"config: 'decode' must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise R3Error(f"config: 'dtype' must be bf16 or fp32, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise R3Error(f"config: 'dtype' must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
             raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
         self.task_options = absolute_paths(self.task_options)
@@ -216,7 +217,8 @@ HELP = {
     "shared_prefix": "update and reference encode each group's shared prefix once (same loss and gradients)",
     "activation_checkpointing": "the update keeps only each block's input and recomputes the rest in backward "
                                 "(same gradients, less memory, ~1/3 more update compute)",
-    "dtype": "compute dtype, bf16 or fp32; master weights and optimizer state stay fp32",
+    "dtype": "compute dtype: bf16, fp32, or auto (bf16 where the GPU or CPU multiplies bf16 natively, else fp32; "
+             "a resumed run keeps its own); master weights and optimizer state stay fp32",
     "seed": "seed of data order, sampling and initialisation",
     "max_steps": "optimizer steps in all",
     "save_every": "checkpoint every N steps (and at the end)",

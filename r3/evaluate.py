@@ -38,6 +38,7 @@ from r3.cli import (
     ArgumentParser,
     Progress,
     check_out_path,
+    dtype_name,
     load_model,
     load_task,
     parse_task_options,
@@ -99,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="default: 1.0 (with --run, the run's)")
     p.add_argument("--top-k", type=int, default=None, help="default: 0 (with --run, the run's)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default: 16)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 (with --run, the run's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: auto, bf16 where the device multiplies it natively, else fp32 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--records", action="store_true", help="keep per-example texts and verdicts in the JSON")
     p.add_argument("--decode", choices=DECODE_MODES, default="eager",
@@ -118,7 +119,7 @@ def resolve_settings(args) -> dict:
                     max_attempt=args.max_new_tokens or 256, max_retry=args.max_new_tokens or 256,
                     max_reflection=args.max_reflection_tokens or args.max_new_tokens or 256,
                     top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
-                    dtype=args.dtype or "bf16")
+                    dtype=args.dtype or "auto")
     clashes = [flag for flag, v in (("--model", args.model), ("--task", args.task), ("--task-option", args.task_option))
                if v is not None]
     if clashes:
@@ -130,7 +131,7 @@ def resolve_settings(args) -> dict:
                 max_reflection=args.max_reflection_tokens or args.max_new_tokens or cfg["max_reflection_tokens"],
                 top_p=cfg.get("top_p", 1.0) if args.top_p is None else args.top_p,
                 top_k=cfg.get("top_k", 0) if args.top_k is None else args.top_k,
-                dtype=args.dtype or cfg.get("dtype", "bf16"))
+                dtype=args.dtype or cfg.get("dtype", "auto"))
 
 
 @cli_main
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     settings = {
         "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": st["top_p"],
         "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
-        "max_reflection_tokens": st["max_reflection"], "dtype": st["dtype"], "device": str(device),
+        "max_reflection_tokens": st["max_reflection"], "dtype": dtype_name(dtype), "device": str(device),
         "batch_size": args.batch_size, "reflection_prompt": task.reflection_prompt,
         "retry_prompt": task.retry_prompt, "decode": args.decode,
     }

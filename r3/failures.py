@@ -41,6 +41,7 @@ from r3.cli import (
     ArgumentParser,
     Progress,
     check_out_path,
+    dtype_name,
     load_model,
     load_task,
     parse_task_options,
@@ -174,7 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=256, help="attempt length limit (default: 256)")
     p.add_argument("--batch-size", type=int, default=16, help="sampled rows per batch (default: 16)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default: bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                   help="default: auto, bf16 where the device multiplies it natively, else fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
     store = FailureFile(out)
     settings = {"model": args.model, "task": args.task, "task_options": options, "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
+                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype)}
     store.open(settings)
     seen = store.keys()
     keys = [example_key(ex) for ex in examples]

@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from r3.model import Linear
+from r3.precision import bf16_is_native
 
 _SLOTS: dict[int, tuple[torch.Tensor, torch.Tensor | None, int]] = {}  # slot -> (packed w, bias, out features)
 _SLOT_IDS = itertools.count()
@@ -72,10 +73,11 @@ class PackedWeights:
 
     @staticmethod
     def available(model) -> bool:
-        """Whether this backend applies: a CPU model in bf16 with oneDNN's packed matmul (fp32
-        matmuls gain nothing from prepacking; on other devices the copies would cost memory)."""
+        """Whether this backend applies: a CPU model in bf16 with oneDNN's packed matmul, on a CPU
+        where oneDNN runs bf16 (fp32 matmuls gain nothing from prepacking; on other devices the
+        copies would cost memory)."""
         return (model.device.type == "cpu" and model.dtype == torch.bfloat16 and _MKLDNN_LINEAR is not None
-                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and bf16_is_native("cpu"))
 
     @classmethod
     def get(cls, model) -> "PackedWeights":

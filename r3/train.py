@@ -62,6 +62,7 @@ from r3.failure_data import check_made_for, read_failures
 from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
 from r3.model import Transformer
+from r3.precision import resolve_dtype_name, slow_bf16_warning
 from r3.rundir import (
     append_jsonl,
     export,
@@ -83,7 +84,23 @@ from r3.tracking import Tracker, make_tracker, tracker_module
 
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    """The torch dtype of a resolved ``cfg.dtype`` (see :func:`resolve_dtype`)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+
+
+def resolve_dtype(cfg: TrainConfig, d: Dist) -> None:
+    """Make ``dtype: auto`` concrete before anything compares or records it: a run being resumed
+    keeps the dtype its config.json recorded, a new one takes bf16 where this device multiplies
+    bf16 natively, else fp32. bf16 on a device that only emulates it is a warning."""
+    if cfg.dtype == "auto":
+        try:
+            recorded = json.loads((Path(cfg.out) / "config.json").read_text()).get("dtype")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        cfg.dtype = recorded if recorded in ("bf16", "fp32") else resolve_dtype_name("auto", d.device)
+    warning = slow_bf16_warning(d.device) if cfg.dtype == "bf16" else None
+    if warning and d.main:
+        print(warning, flush=True)
 
 
 def build_models(cfg: TrainConfig, d: Dist):
@@ -290,6 +307,7 @@ def set_up(cfg: TrainConfig) -> Run:
     """Check the inputs before writing anything, then the run directory, models, optimizer and
     data order; resume from the latest checkpoint when ``--out`` holds one."""
     d = init_distributed()
+    resolve_dtype(cfg, d)
     if cfg.batch_size % d.world:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
     task = get_task(cfg.task, **cfg.task_options)

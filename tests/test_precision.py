@@ -1,0 +1,91 @@
+"""dtype ``auto``: bf16 only where the hardware multiplies it natively (r3.precision), and every
+path that would run oneDNN's bf16 kernels stays off on a CPU without them."""
+
+import json
+
+import pytest
+import torch
+
+from r3 import precision
+from r3.config import TrainConfig
+from r3.distributed import Dist
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "emulated-bf16"])
+def native(request, monkeypatch):
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: request.param)
+    return request.param
+
+
+def test_the_cpu_check_is_onednns():
+    assert precision.bf16_is_native("cpu") == (torch.backends.mkldnn.is_available()
+                                               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_auto_is_bf16_only_where_native(native):
+    assert precision.resolve_dtype_name("auto", "cpu") == ("bf16" if native else "fp32")
+    assert precision.resolve_dtype_name("bf16", "cpu") == "bf16"
+    assert precision.resolve_dtype_name("fp32", "cpu") == "fp32"
+    warning = precision.slow_bf16_warning("cpu")
+    assert (warning is None) == native
+    if not native:
+        assert warning.startswith("warning: this CPU (") and "no native bf16 matmuls" in warning
+
+
+def _dist():
+    return Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None, cpu_group=None)
+
+
+def test_a_new_run_resolves_auto_and_a_resumed_one_keeps_its_dtype(native, tmp_path, capsys):
+    from r3.train import compute_dtype, resolve_dtype
+
+    cfg = TrainConfig(out=str(tmp_path / "new")).validate()
+    assert cfg.dtype == "auto"
+    resolve_dtype(cfg, _dist())
+    assert cfg.dtype == ("bf16" if native else "fp32")
+    assert compute_dtype(cfg) == (torch.bfloat16 if native else torch.float32)
+    assert capsys.readouterr().out == ""
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({**TrainConfig().to_dict(), "dtype": "bf16"}))
+    cfg = TrainConfig(out=str(old)).validate()
+    resolve_dtype(cfg, _dist())
+    assert cfg.dtype == "bf16"  # the run's own, also where bf16 is emulated
+    assert ("no native bf16 matmuls" in capsys.readouterr().out) == (not native)
+
+    cfg = TrainConfig(out=str(old), dtype="fp32").validate()  # an explicit dtype is never replaced
+    resolve_dtype(cfg, _dist())
+    assert cfg.dtype == "fp32"
+
+
+def test_compute_dtype_needs_a_resolved_dtype():
+    from r3.train import compute_dtype
+
+    with pytest.raises(KeyError):
+        compute_dtype(TrainConfig())
+
+
+def test_the_cli_flag(native, capsys):
+    from r3.cli import dtype_name, pick_device_dtype
+
+    device, dtype = pick_device_dtype("cpu", "auto")
+    assert dtype_name(dtype) == ("bf16" if native else "fp32")
+    assert pick_device_dtype("cpu", None)[1] == torch.float32
+    assert capsys.readouterr().err == ""
+    assert pick_device_dtype("cpu", "bf16")[1] == torch.bfloat16
+    assert ("no native bf16 matmuls" in capsys.readouterr().err) == (not native)
+
+
+def test_prepacked_weights_only_where_onednn_runs_bf16(monkeypatch):
+    from r3 import packed_linear
+    from r3.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=8)).to(torch.bfloat16)
+    monkeypatch.setattr(packed_linear, "bf16_is_native", lambda device: False)
+    assert not packed_linear.PackedWeights.available(model)
+    if packed_linear._MKLDNN_LINEAR is not None and precision.bf16_is_native("cpu"):
+        monkeypatch.setattr(packed_linear, "bf16_is_native", lambda device: True)
+        assert packed_linear.PackedWeights.available(model)
