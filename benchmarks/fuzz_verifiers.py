@@ -285,15 +285,17 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
                             '"meta": [1]', '"options": {}'])
         if '"arguments"' in text:  # (an empty reference list has no call to put it in)
             text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), False
-    elif kind == 15:  # a wrapper: scalars beside the calls are fine, a second structure is not,
-        # nor a string that hides a call
-        extra, fine = rng.choice([('"thought": "ok"', True), ('"n": 2', True), ('"note": "two (2) calls [done]"', True),
+    elif kind == 15:  # a wrapper: only id, role, type "function" and an empty content beside the calls
+        extra, fine = rng.choice([('"id": "call_1"', True), ('"role": "assistant"', True), ('"content": null', True),
+                                  ('"content": ""', True), ('"thought": "ok"', False), ('"n": 2', False),
+                                  ('"note": "two (2) calls [done]"', False), ('"dry_run": true', False),
                                   ('"then": {"name": "delete_all", "arguments": {}}', False), ('"meta": {}', False),
                                   ('"next": "delete_all_files(path=1)"', False), ('"next": "reset()"', False),
                                   ('"next": "[{\\"name\\": \\"delete_all\\"}]"', False), ('"os.remove(p)": 1', False)])
         text, ok = '{"tool_calls": ' + text + ", " + extra + "}", ok and fine
-    elif kind == 16 and '"arguments"' in text:  # a string beside a call's arguments: read as prose
-        extra, fine = rng.choice([('"note": "see (above)"', True), ('"id": "call_[1]"', True),
+    elif kind == 16 and '"arguments"' in text:  # beside a call's arguments only id, index, type "function"
+        extra, fine = rng.choice([('"id": "call_[1]"', True), ('"index": 0', True), ('"type": "function"', True),
+                                  ('"note": "see (above)"', False), ('"type": "tool"', False), ('"execute": false', False),
                                   ('"note": "reset()"', False), ('"note": "{x: 1}"', False), ('"note": "[]"', False),
                                   ('"note": "then os.remove(path)"', False)])
         text, ok = text.replace('"arguments"', extra + ', "arguments"', 1), ok and fine
@@ -333,11 +335,10 @@ DELETE_ALL = '{"name": "delete_all", "arguments": {}}'
 
 
 def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple[str, bool]:
-    """A call list written as one run of call objects (one answer): Hermes / Qwen ``<tool_call>``
-    blocks (tags in any spelling) or bare objects between ``;``, ``,`` or blanks; or that run with
-    prose between two blocks (the blocks before it are a draft), an extra adjacent block of another
-    call, or a malformed run (prose in a block before it, an unclosed block, two objects in one
-    block): no answer."""
+    """A call list written as Hermes / Qwen ``<tool_call>`` blocks (tags in any spelling) or bare
+    objects between ``;``, ``,`` or blanks, maybe with prose between two blocks (every block
+    counts); or with an extra block of another call, or a malformed run (prose in a block before
+    it, an unclosed block, two objects in one block): no answer."""
     if not calls or not all(isinstance(c, dict) and "name" in c and set(c) <= {"name", "arguments", "id"}
                             for c in calls):
         return json.dumps(calls), ok  # (then ``ok`` is a matter of content alone)
@@ -346,9 +347,9 @@ def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple
               for o in objects]
     sep = rng.choice(["", "\n", " ", "\n\n", "\u200b", "\u3164", "\u034f", "<|eom_id|>\n"])
     kind = rng.randrange(7)
-    if kind == 1 and len(blocks) > 1:  # prose between blocks: the blocks before it are earlier calls
+    if kind == 1 and len(blocks) > 1:  # prose between blocks: the blocks on both sides are the calls
         k = rng.randrange(1, len(blocks))
-        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), False
+        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), ok
     if kind == 2:  # bare objects in one run
         return rng.choice(["; ", ",\n", "\n", " ", "\u037e ", "\uff1b", " {} "]).join(objects), ok
     if kind == 3:  # another call in an adjacent block
@@ -372,8 +373,8 @@ def _is_attempt(s: str) -> bool:
 
 
 def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, str, bool]:
-    """The label is the correctness of the last call attempt by construction (a broken or
-    truncated last attempt is no answer)."""
+    """The label is the correctness by construction of all the call attempts together (a broken
+    or truncated attempt anywhere is no answer; an earlier attempt adds its calls)."""
     ex = rng.choice(pool)
     ref = json.loads(ex["answers"])
     final, ok, valid = _fc_mutate(rng, ref)
@@ -386,9 +387,10 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         final, ok = _hermes(rng, json.loads(final), ref, ok)
         hermes = True
     elif r < 0.55 and ok and valid and final.lstrip().startswith("[") and rng.random() < 0.5:
-        # an adjacent earlier attempt (blanks, ';' or ',' between): the same answer
+        # an adjacent earlier attempt (blanks, ';' or ',' between): its calls count too, and an
+        # empty one beside calls is no answer
         decoy = rng.choice(["[]", DELETE_ALL] + ([json.dumps(ref[:1])] if ref else []))
-        final, ok = decoy + rng.choice(["\n", "; ", ", ", " "]) + final, decoy == "[]"
+        final, ok = decoy + rng.choice(["\n", "; ", ", ", " "]) + final, decoy == "[]" and not ref
         hermes = True  # (after an opening tag: one block holding two attempts, no answer)
     after = rng.choice(FC_AFTER)
     # a truncated structure runs to the end of the text: what follows it is inside it
@@ -397,13 +399,15 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     before = rng.choice([b for b in FC_BEFORE if not (hermes and "<tool_call>" in b)])
     text = before + final + after
     r = rng.random()
-    if r < 0.35:  # an earlier call list (right or wrong), maybe far away
+    if r < 0.35:  # an earlier call list (right or wrong), maybe far away: its calls count too
         decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
         pad = " [0]" * rng.choice([0, 0, 255, 256, 600])
         text = decoy + pad + "\nWait, let me fix that. " + text
         if label is None and _is_attempt(decoy):  # (then an opening <tool_call> after it is a later call)
             label = ok_d and valid_d and "<tool_call>" not in before
-        if any(c in decoy for c in CALL_SYNTAX):  # call syntax in an earlier draft: an earlier call
+        elif _is_attempt(decoy):  # both count: right only if both are the empty list
+            label = label and ok_d and valid_d and not ref
+        if any(c in decoy for c in CALL_SYNTAX):  # call syntax in an earlier attempt: another call
             label = False
     elif r < 0.45 and valid:  # a later attempt that is no answer, or no calls at all
         call = ref[0] if ref else {"name": "f", "arguments": {}}

@@ -255,6 +255,22 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> The answer is 7.", False),
         ([1, 2, 3], 6, "So: <answer>1 * 2 * 3</answer>, which is 6.", True),
         ([1, 2, 3], 6, "<Answer> 1 + 2 + 3 </Answer>", False),  # tags are case-sensitive
+        # around the block, the text is read as a person sees it, by the final equation's rules
+        ([1, 2, 3], 6, "2\u2009*\u2009<answer>1 * 2 * 3</answer>", False),  # thin spaces
+        ([1, 2, 3], 6, "&minus;<answer>1 * 2 * 3</answer>", False),  # an entity
+        ([1, 2, 3], 6, "n\u200bot <answer>1 * 2 * 3</answer>", False),  # a zero-width space in a word
+        ([1, 2, 3], 6, "n\u00adot <answer>1 * 2 * 3</answer>", False),  # a soft hyphen
+        ([1, 2, 3], 6, "it is n&#111;t <answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> is n\u200bot right", False),
+        ([1, 2, 3], 6, "2 *\n<answer>1 * 2 * 3</answer>", False),  # the line before ends in an operator
+        ([1, 2, 3], 6, "2 times\n<answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "Wrong: <answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u274c", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>?", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>, which is fifty-seven", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>. The answer is 6.5", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u2713", True),
+        ([1, 2, 3], 6, "The answer is:\n<answer>1 * 2 * 3</answer>, which is six.", True),
     ],
 )
 def test_countdown_verifier_cases(nums, target, completion, expected):
@@ -830,6 +846,80 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "26 + 24 = 50. The answer is 24.", False),  # a given number, but after a cue
         ([26, 24], 50, "26 + 24 = 50 is wrong", False),
         ([26, 24], 50, "26 + 24 = 50. I used 26 and 24 to make 50.", True),
+        # a third review: a later answer after a cue, anywhere in an answer sentence
+        ([5, 23], 28, "5 + 23 = 28. The answer is therefore 23.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is obviously 23.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer here is 23.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is `23`.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is (23).", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is [23].", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is \u201c23\u201d.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is $23$.", False),
+        ([5, 23], 28, "5 + 23 = 28. Hmm, I think it's 23.", False),
+        ([5, 23], 28, "5 + 23 = 28.\n\n#### 23", False),  # GSM8K's answer marker
+        ([5, 23], 28, "5 + 23 = 28. Actually, the correct equation is 23", False),  # cut off
+        ([5, 23], 28, "5 + 23 = 28. Hmm, wait, the final equation should be 23", False),
+        ([5, 23], 28, "5 + 23 = 28\n\nHowever, a better equation is 23", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is therefore eighteen.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is 28, or 23.", False),
+        ([5, 23], 28, "5 + 23 = 28.\n\n#### 28", True),
+        ([5, 23], 28, "5 + 23 = 28. The answer is therefore 28.", True),
+        ([5, 23], 28, "5 + 23 = 28. The answer is 28.\nI used 5 and 23.", True),
+        # ... a number word that states another result
+        ([5, 23], 28, "5 + 23 = 28, which is thirty-two.", False),
+        ([5, 23], 28, "5 + 23 = 28 (eighteen)", False),
+        ([5, 23], 28, "5 + 23 = 28, or eighteen.", False),
+        ([5, 23], 28, "5 + 23 = 28, which is five.", False),
+        ([5, 23], 28, "5 + 23 = 28. Oops, I meant 23 take away 5, which is eighteen.", False),
+        ([5, 23], 28, "5 + 23 = 28. Oops, I meant 23 take away 5", False),
+        ([5, 23], 28, "5 + 23 = 28, which is twenty-eight.", True),
+        ([5, 23], 28, "5 + 23 = 28, using these two numbers. No other combination works.", False),  # 'no'
+        ([5, 23], 28, "5 + 23 = 28, using these two numbers in one equation.", True),
+        # ... decimals, LaTeX and symbols or words of other operations
+        ([5, 23], 28, "5 + 23 = 28. The answer is 28.5", False),
+        ([5, 23], 28, "5 + 23 = 28\n\\boxed{28.5}", False),
+        ([5, 23], 28, "5 + 23 = 28\n\\boxed{\\frac{23}{5}}", False),
+        ([5, 23], 28, "5 + 23 = 28. Final answer: $\\frac{23}{5}$", False),
+        ([5, 23], 28, "5 + 23 = 28\n\nFinal answer: \\( \\dfrac{23}{5} \\)", False),
+        ([5, 23], 28, "5 + 23 = 28\nSo \\boxed{{28}}", False),
+        ([5, 23], 28, "5 + 23 = 28. So I'll go with 23 \u00b7 5", False),
+        ([5, 23], 28, "5 + 23 = 28. So I'll go with 23 \u2715 5", False),
+        ([5, 23], 28, "5 + 23 = 28. So I'll go with 23 \u2796 5", False),
+        ([5, 23], 28, "5 + 23 = 28. Final answer: the difference of 23 and 5.", False),
+        ([5, 23], 28, "5 + 23 = 28. Final answer: the product of 23 and 5.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is 28 to the power of 5.", False),
+        ([18, 25], 43, "18 + 25 = 43 (addition with two respective factors of 43)", True),
+        # ... marks that negate or strike out what they touch, struck-through markup
+        ([5, 23], 28, "5 + 23 =\u0338 28", False),  # shows as 5 + 23 \u2260 28
+        ([5, 23], 28, "5\u0336 \u0336+\u0336 \u033623\u0336 \u0336=\u0336 \u033628\u0336", False),
+        ([5, 23], 28, "5 + 23 = 28\u0335", False),
+        ([5, 23], 28, "The answer is <del>5 + 23 = 28</del>", False),
+        ([5, 23], 28, "<s>5 + 23 = 28</s>", False),
+        ([5, 23], 28, "<strike>The answer is 5 + 23 = 28.</strike>", False),
+        ([5, 23], 28, "5 + 23 = 28 <del>5 - 23 = 18</del>", True),  # struck text is not read
+        ([5, 23], 28, "5 + 23 = 28\n5\u0336-\u0336", True),
+        # ... denials: cross marks, a label before it, more words after it
+        ([5, 23], 28, "5 + 23 = 28 \u274c", False),
+        ([5, 23], 28, "5 + 23 = 28 \u2717", False),
+        ([5, 23], 28, "\u274c 5 + 23 = 28", False),
+        ([5, 23], 28, "5 + 23 = 28 (using both) \u2718", False),
+        ([5, 23], 28, "Wrong: 5 + 23 = 28", False),
+        ([5, 23], 28, "This is false: 5 + 23 = 28", False),
+        ([5, 23], 28, "Incorrect answer: 5 + 23 = 28", False),
+        ([5, 23], 28, "5 + 23 = 28. Oops, I miscalculated.", False),
+        ([5, 23], 28, "5 + 23 = 28 is inaccurate.", False),
+        ([5, 23], 28, "5 + 23 = 28 is a typo.", False),
+        ([5, 23], 28, "5 + 23 = 28. Scratch that.", False),
+        ([5, 23], 28, "5 + 23 = 28. Please disregard that.", False),
+        ([5, 23], 28, "5 + 23 = 28 \u2705", True),
+        ([5, 23], 28, "Correct answer: 5 + 23 = 28", True),
+        # ... a question or a supposition
+        ([5, 23], 28, "5 + 23 = 28?", False),
+        ([5, 23], 28, "Is 5 + 23 = 28?", False),
+        ([5, 23], 28, "Could it be 5 + 23 = 28? I doubt it.", False),
+        ([5, 23], 28, "If 5 + 23 = 28, then what?", False),
+        ([5, 23], 28, "Suppose 5 + 23 = 28.", False),
+        ([28, 12], 40, 'I saw a sign that read "28 + 12 = 40" and I thought, "What does it mean?"', True),
         # operators outside the task's + and -
         ([3, 4], 12, "3 * 4 = 12", False),
         ([3, 4], 12, "3 * 4", False),

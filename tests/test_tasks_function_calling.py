@@ -133,6 +133,7 @@ def test_single_call_object_and_empty_list():
 # ---------------------------------------------------------------------------------------
 GOOD = dumps(CALLS)
 BAD = dumps(CALLS[:2])
+DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache"}})
 
 
 @pytest.mark.parametrize(
@@ -145,12 +146,13 @@ BAD = dumps(CALLS[:2])
         ("```\n" + GOOD + "\n```", True),
         ("```" + GOOD + "```", True),
         ("Here are the calls:\n```json\n" + GOOD + "\n```\nDone.", True),
-        ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", True),  # last fence wins
+        ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", False),  # every fence counts
         ("```json\n" + GOOD + "\n```\nActually:\n```json\n" + BAD + "\n```", False),
         ("Sure! The calls are " + GOOD + " -- hope this helps.", True),  # prose around bare JSON
-        ("First " + BAD + " no, rather " + GOOD + ".", True),  # the last embedded call list wins
+        ("First " + BAD + " no, rather " + GOOD + ".", False),  # every embedded call list counts
         ("First " + GOOD + " no, rather " + BAD + ".", False),
-        ("I will call {\"name\": \"x\"} maybe [1, 2] and finally " + GOOD, True),
+        ("I will call {\"name\": \"x\"} maybe [1, 2] and finally " + GOOD, False),  # (x() is a fourth call)
+        ("I will call [1, 2] maybe {} and finally " + GOOD, True),
         ('{"tool_calls": ' + GOOD + "}", True),  # found inside a wrapper object
         ("<think>[not json]</think>" + GOOD, True),
         ("", False),
@@ -220,13 +222,16 @@ BAD = dumps(CALLS[:2])
         (GOOD.replace('"arguments"', '"id": "call_1", "type": "function", "arguments"'), True),
         (GOOD[:-2] + ', "then": {"name": "delete_all", "arguments": {}}}]', False),
         (GOOD[:-2] + ', "meta": [1]}]', False),
-        # a wrapper holds one structure: a second one beside the calls may hide another call
-        ('{"thought": "two calls", "n": 3, "ok": true, "x": null, "tool_calls": ' + GOOD + "}", True),
+        # a wrapper holds one structure: a second one beside the calls may hide another call;
+        # beside it only id, type ("function"), role and content (null or "")
+        ('{"thought": "two calls", "n": 3, "ok": true, "x": null, "tool_calls": ' + GOOD + "}", False),
+        ('{"id": "m1", "role": "assistant", "content": null, "tool_calls": ' + GOOD + "}", True),
         ('{"tool_calls": ' + GOOD + ', "then": {"name": "delete_all_files", "arguments": null}}', False),
         ('{"tool_calls": ' + GOOD + ', "then": {"function": "delete_all_files", "args": {}}}', False),
         ('{"tool_calls": ' + GOOD + ', "then": [{"name": "delete_all_files", "arguments": {}}, "now"]}', False),
         ('{"tool_calls": ' + GOOD + ', "meta": {}}', False),
-        ('{"response": {"tool_calls": ' + GOOD + "}}", True),  # nested wrappers
+        ('{"response": {"tool_calls": ' + GOOD + "}}", False),  # ("response" is no wrapper key)
+        ('{"tool_calls": {"calls": ' + GOOD + "}}", True),  # nested wrappers
         ('{"name": "get_weather", "arguments": {"city": "Oslo"}, "then": ' + GOOD + "}", False),
         ('{"name": "x", "calls": ' + GOOD + "}", False),
         # one answer is the run of call attempts that ends with the last one: attempts and
@@ -244,11 +249,11 @@ BAD = dumps(CALLS[:2])
         ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
         ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS + CALLS[:1]), False),
         (BAD + "\n" + GOOD, False),  # adjacent: one answer with five calls
-        ("[]\n" + GOOD, True),  # (no calls and three calls)
-        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n"  # prose ends the run: a draft
-         + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
+        ("[]\n" + GOOD, False),  # (no calls and three calls: no answer)
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n"  # prose between runs: all count
+         + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), True),
         ("<tool_call>" + json.dumps(CALLS[1]) + "</tool_call>\nWait.\n"
-         + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[::2]), False),
+         + "".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[::2]), True),
         ("[note] " + GOOD, True),  # a structure without a key is prose
         # a run must be well formed: a block holds one attempt, opens before it closes, is not
         # opened twice, and a closing tag right before the run means the block before held prose
@@ -281,7 +286,7 @@ BAD = dumps(CALLS[:2])
         ('<tool_call id="1">' + json.dumps(CALLS[0]) + '</tool_call>\n<tool_call id="2">' + dumps(CALLS)
          + "</tool_call>", False),
         ("```json\n" + dumps(CALLS[:1]) + "\n```\n```json\n" + GOOD + "\n```", False),
-        ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", True),  # prose between: a draft
+        ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", False),  # prose between: five calls
         ("\n".join('<tool_call id="%d">' % i + json.dumps(c) + "</tool_call >" for i, c in enumerate(CALLS)), True),
         ("<|python_tag|>" + "; ".join(json.dumps(c) for c in CALLS) + "<|eom_id|>", True),
         # other models' call syntax after the answer; a digit glued to a name
@@ -308,7 +313,7 @@ BAD = dumps(CALLS[:2])
         ('<tool_call name="delete_all">' + GOOD + "</tool_call>", False),
         ("Then: delete_all_files(path='/')\n" + GOOD, False),  # an earlier call in call syntax
         ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n<tool_call>" + GOOD + "</tool_call>", False),
-        ("Wait, first " + BAD + "\nno:\n" + GOOD, True),  # an earlier JSON list before prose: a draft
+        ("Wait, first " + BAD + "\nno:\n" + GOOD, False),  # an earlier JSON list before prose: more calls
         ("[TOOL_CALLS] " + GOOD, True),  # Mistral's marker before its list
         # a call in another schema is no wrapper; control characters are blank
         (GOOD + '\n{"function": "delete_all", "args": []}', False),
@@ -328,7 +333,7 @@ BAD = dumps(CALLS[:2])
         (GOOD + '\n{"Function": "delete_all", "args": []}', False),
         (GOOD + '\n{"delete_all": []}', False),
         (GOOD + '\n{"call": {"fn": "delete_all", "args": []}}', False),
-        ('{"tool_calls": []}\n' + GOOD, True),  # (no calls, then the calls)
+        ('{"tool_calls": []}\n' + GOOD, False),  # (no calls, then the calls: no answer)
         ('<tool_call id="delete_all()">' + GOOD + "</tool_call>", False),
         ('<tool_call note="x">' + GOOD + "</tool_call>", False),
         ('<tool_call id="call_1">' + GOOD + "</tool_call>", True),
@@ -395,7 +400,7 @@ BAD = dumps(CALLS[:2])
         ('- "name": delete_all\n  "arguments": {}\n' + "".join("- " + json.dumps(c) + "\n" for c in CALLS), False),
         ('"name": "delete_all",\n"arguments": {}\n' + GOOD, False),
         ('"name": "repeat",\n"arguments": {"times": 1000, "calls": ' + GOOD + "}", False),
-        ("{'name': 'get_weather',\n 'arguments': {}}\nNo, all three:\n" + GOOD, True),  # (a draft in braces)
+        ("{'name': 'get_weather',\n 'arguments': {}}\nNo, all three:\n" + GOOD, False),  # (an invalid attempt)
         (GOOD + "\ntool: delete_all\ntool_input: {}", False),
         (GOOD + "\nname: delete_all\nargument: {}", False),
         (GOOD + "\naction: delete_all\naction-input: {}", False),
@@ -409,9 +414,10 @@ BAD = dumps(CALLS[:2])
         ("[{name: delete_all, arguments: {glob: ']'}}, " + GOOD[1:], False),
         ("{'name': 'repeat', 'arguments': {'sep': ']', 'calls': " + GOOD + "}}", False),
         ("I'll check [what's needed] first.\n" + GOOD, True),
-        ("Use [the user's cities: Paris, Tokyo], that's it.\n" + GOOD, True),
-        ("[{'name': 'get_weather', 'arguments': {'note': 'it's', 'city': 'Paris'}}]\nNo, all three:\n" + GOOD, True),
-        ("{'city: Paris}\nLet me redo it.\n" + GOOD, True),  # (no closing quote on its line: no string)
+        ("Use [the user's cities, Paris and Tokyo], that's it.\n" + GOOD, True),
+        ("Use [the user's cities: Paris, Tokyo], that's it.\n" + GOOD, False),  # (a key: an invalid attempt)
+        ("[{'name': 'get_weather', 'arguments': {'note': 'it's', 'city': 'Paris'}}]\nNo, all three:\n" + GOOD, False),
+        ("{'city: Paris}\nLet me redo it.\n" + GOOD, False),  # (no closing quote on its line: no string)
         # an eighth reader's cases: quoted keys in prose are prose (braceless JSON is a key per
         # line); structures only folding makes hide nothing before the answer; an apostrophe
         # opens no string unless one closes on its line; markup with brackets is no marker
@@ -435,8 +441,9 @@ BAD = dumps(CALLS[:2])
         ('\uff3b\uff5b"name": "delete_all", "arguments": \uff5b\uff5d\uff5d, ' + GOOD[1:], False),
         ("\uff3bnote\uff3d\n" + GOOD, True),
         ("\uff3b" + GOOD + "\uff3d", True),  # (no key around the answer: no other call)
-        # a pretty-printed JSON draft before prose is a draft, not YAML (quoted keys are JSON)
-        (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, True),
+        # a pretty-printed JSON attempt before prose is a call, not YAML (quoted keys are JSON)
+        (json.dumps(CALLS[:1], indent=2) + "\nWait, let me fix that.\n" + GOOD, False),
+        (json.dumps(CALLS[:1], indent=2) + "\nAnd the rest:\n" + dumps(CALLS[1:]), True),
         ("\n".join("<tool_call>\n" + json.dumps(c, indent=2) + "\n</tool_call>" for c in CALLS), True),
         # a call hiding in a loose string (a key, or a string beside the calls) is no answer
         ('{"tool_calls": ' + GOOD + ', "next": "[{\\"name\\": \\"delete_all\\", \\"arguments\\": {}}]"}', False),
@@ -446,7 +453,8 @@ BAD = dumps(CALLS[:2])
         ('{"tool_calls": ' + GOOD + ', "get_weather(city=\'Oslo\')": null}', False),
         (GOOD.replace('"arguments"', '"note": "{city: Oslo}", "arguments"', 1), False),
         (GOOD.replace('"arguments"', '"note": "os.remove(path)", "arguments"', 1), False),
-        ('{"tool_calls": ' + GOOD + ', "thought": "two cities (Paris, Tokyo) [metric], then EUR"}', True),
+        ('{"tool_calls": ' + GOOD + ', "thought": "two cities (Paris, Tokyo) [metric], then EUR"}', False),
+        ('{"tool_calls": ' + GOOD + ', "id": "two cities (Paris, Tokyo) [metric], then EUR"}', True),
         ('{"tool_calls": ' + GOOD + ', "next": "\uff5b\\"name\\"\uff1a \\"delete_all\\"\uff5d"}', False),
         ('{"tool_calls": ' + GOOD + ', "next": "\uff3b\uff3d"}', False),
         (GOOD.replace('"arguments"', '"id": "call_\u0130tems(1)", "arguments"', 1), False),  # İ folds to i + a mark
@@ -470,6 +478,82 @@ BAD = dumps(CALLS[:2])
         ('[{"name": "convert", "arguments": "{\\"to\\": \\"EUR\\"}"}]', False),  # arguments as a string
         (GOOD.replace("100.0", "NaN"), False),
         (GOOD.replace("100.0", "Infinity"), False),
+        # a ninth reader's cases. No drafts: every call attempt outside the leading reasoning
+        # block counts, prose between them or not; a broken one anywhere is no answer
+        ("Call 1:\n" + DELETE_ALL + "\nCall 2:\n" + GOOD, False),
+        ("**Step 1 - clear the cache**\n```json\n" + DELETE_ALL + "\n```\n**Step 2**\n```json\n" + GOOD + "\n```",
+         False),
+        ("[" + DELETE_ALL + "]\nand\n" + GOOD, False),
+        ("1. Delete the cache: " + DELETE_ALL + "\n2. The rest: " + GOOD, False),
+        ("Weather for Paris:\n" + json.dumps(CALLS[0]) + "\n\nAnd the rest:\n" + GOOD, False),
+        ("First, I'll get the weather:\n```json\n" + dumps(CALLS[:2]) + "\n```\nThen I'll convert the amount:\n"
+         "```json\n" + dumps(CALLS[2:]) + "\n```", True),
+        ("1. Weather in Paris: " + json.dumps(CALLS[0]) + "\n2. Weather in Tokyo: " + json.dumps(CALLS[1])
+         + "\n3. Convert: " + json.dumps(CALLS[2]), True),
+        ("**Paris weather:**\n```json\n" + json.dumps(CALLS[0]) + "\n```\n**Tokyo weather:**\n```json\n"
+         + json.dumps(CALLS[1]) + "\n```\n**Currency:**\n```json\n" + json.dumps(CALLS[2]) + "\n```", True),
+        ('<|python_tag|>{"name": "delete_all", "parameters": {}}<|eom_id|>\nDone. Now:\n<|python_tag|>' + GOOD
+         + "<|eom_id|>", False),
+        ('<|START_ACTION|>[{"tool_name": "delete_all", "parameters": {}}]<|END_ACTION|>\nNow the rest:\n' + GOOD,
+         False),
+        ("<|action_start|><|plugin|>\n" + DELETE_ALL + "<|action_end|>\nNext:\n" + GOOD, False),
+        ("<start_function_call>call:delete_all{path:<escape>/<escape>}<end_function_call>\nThen:\n" + GOOD, False),
+        ('{"name": "delete_all"]\nSorry, the calls:\n' + GOOD, False),  # a broken attempt before
+        (GOOD + "\n\nI'd write it as [" + DELETE_ALL + ", ...", False),  # a truncated one after
+        # a call object holds only name, arguments (or parameters) and id, index, type "function"
+        (GOOD.replace('"arguments"', '"units": "fahrenheit", "arguments"', 1), False),
+        (GOOD.replace('"name": "convert", ', '"name": "convert", "amount": 1000000, '), False),
+        (GOOD.replace('"arguments"', '"parameters": "city=Oslo", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"function": "delete_all", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"tool_name": "delete_all", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"method": "delete_all", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"recipient_name": "functions.delete_all", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"execute": false, "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"times": 1000, "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"status": "cancelled", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"type": "tool", "arguments"', 1), False),
+        (GOOD.replace('"arguments"', '"index": 0, "id": null, "arguments"', 1), True),
+        # a wrapper: a known key and beside it only id, type "function", role, content null or ""
+        ('{"dry_run": true, "tool_calls": ' + GOOD + "}", False),
+        ('{"tool_choice": "none", "tool_calls": ' + GOOD + "}", False),
+        ('{"do_not_call": ' + GOOD + "}", False),
+        ('{"rejected_calls": ' + GOOD + "}", False),
+        ('{"content": "Not yet.", "tool_calls": ' + GOOD + "}", False),
+        ('{"role": "assistant", "content": "", "Tool_Calls": ' + GOOD + "}", True),
+        (dumps(CALLS[:2]) + '\n{"type": "function", "function": ' + json.dumps(CALLS[2]) + "}", True),
+        (dumps(CALLS[:2]) + '\n{"type": "tool", "function": ' + json.dumps(CALLS[2]) + "}", False),
+        # a tag named as a tool of the example is a call (XML tool-call syntax), anywhere
+        (GOOD + "\n<get_weather>\n<city>Oslo</city>\n</get_weather>", False),
+        ("<convert><amount>1</amount></convert>\n" + GOOD, False),
+        (GOOD + '\n<convert amount="1"/>', False),
+        (GOOD + "\n< / Get_Weather >", False),
+        ("<convert/>" + GOOD, False),  # (markup a run passes over)
+        ('{"tool_calls": ' + GOOD + ', "id": "<convert>"}', False),
+        (GOOD + "\nSee <get_weathers> and <my_convert>.", True),
+        # escaped call syntax is read as it renders: HTML character references, markdown escapes
+        ("&lt;tool_call&gt;delete_all&lt;/tool_call&gt;\nThen\n" + GOOD, False),
+        (GOOD + "\n&lt;function=delete_all&gt;{}&lt;/function&gt;", False),
+        (GOOD + '\nreset\\("/"\\)', False),
+        (GOOD + '\nget_weather&#40;"Oslo"&#41;', False),
+        (GOOD + "\n&#x3C;convert/&#x3E;", False),
+        (GOOD + "\nTom &amp; Jerry (the show) is \\*not\\* a call &lt;3", True),
+        # a "</think>" inside a bracketed structure ends no reasoning block
+        ('delete_all(path="/")\n{"note": "</think>"}\nThen:\n' + GOOD, False),
+        ('Okay: reset()\n["</think>"]\n' + GOOD, False),
+        ('Okay: reset()\n["x"]</think>\n' + GOOD, True),  # (<think> was in the prompt)
+        # OpenAI's forms: lists of {"type": "function", "function": {call}}, JSON-encoded arguments
+        (json.dumps([{"type": "function", "function": c} for c in CALLS]), True),
+        (json.dumps({"tool_calls": [{"id": f"call_{i}", "type": "function", "function": c}
+                                    for i, c in enumerate(CALLS)]}), True),
+        (json.dumps(CALLS[:1] + [{"type": "function", "function": c} for c in CALLS[1:]]), True),
+        (json.dumps([{"type": "function", "function": c} for c in CALLS] + [{"tool_calls": []}]), False),
+        (json.dumps([{"type": "function", "function": c, "note": "x"} for c in CALLS]), False),
+        (json.dumps([{"name": c["name"], "arguments": json.dumps(c["arguments"])} for c in CALLS]), True),
+        (GOOD.replace('{"city": "Paris"}', '"[\\"Paris\\"]"'), False),  # (encoded arguments that are no object)
+        (GOOD.replace('{"city": "Paris"}', '"city=Paris"'), False),
+        # a number is what it says: more digits than a float holds is no answer
+        (GOOD.replace("100.0", "100.000000000000001"), False),
+        (GOOD.replace("100.0", "1.00e2"), True),
     ],
 )
 def test_completion_formats(completion, ok):
@@ -491,13 +575,14 @@ def test_duplicate_keys_are_a_failed_parse():
 
 
 @pytest.mark.parametrize("padding", [0, 255, 256, 5000])
-def test_the_last_list_wins_however_long_the_text(padding):
-    """A run of non-call JSON between an earlier and the last call list changes nothing (a cap of
-    256 decode attempts once let the earlier list win)."""
-    wrong, right = BAD, GOOD
-    assert FC.verify(EX, wrong + " [0]" * padding + "\nWait: " + right)
-    assert not FC.verify(EX, right + " [0]" * padding + "\nWait: " + wrong)
-    assert not recheck(FC, EX, right + " [0]" * padding + "\nWait: " + wrong)[0]
+def test_every_list_counts_however_long_the_text(padding):
+    """Every call list counts, however much non-call JSON stands between them: an earlier list is
+    never a draft that a later one replaces."""
+    for text, ok in ((BAD + " [0]" * padding + "\nWait: " + GOOD, False),
+                     (GOOD + " [0]" * padding + "\nWait: " + BAD, False),
+                     (BAD + " [0]" * padding + "\nAnd: " + dumps(CALLS[2:]), True)):
+        assert FC.verify(EX, text) is ok
+        assert recheck(FC, EX, text)[0] is ok
 
 
 def test_parse_calls_shape():
@@ -798,7 +883,8 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
         "\uff9e", "\u0307", ">>>", ">", "action input", "action", "input:", "<invoke", "<|", "|", "[tool_calls]",
         "tool_call", "<tool_call", "function_calls", "9", "1get_weather", "tool\u2581call", "to=functions.", "to",
         "\u273ffunction\u273f", "name:", "\narguments:", "parameters :", "\n", "- ", "function:", "args:", "<function",
-        "<|recipient", "input :", "\n  \n", "tool:"]
+        "<|recipient", "input :", "\n  \n", "tool:", "&lt;", "&gt;", "&#40;", "&#x28;", "&", "\\", "</", "<convert",
+        "<get_weather>", "/>", "&lt;tool_call&gt;"]
     names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
     rng = random.Random(0)
     for _ in range(20_000):
@@ -834,6 +920,12 @@ def test_whole_verdicts_agree_with_the_recheck_on_random_completions():
         GOOD, BAD, "[]", "{}", "[1]", "{", "]", "}", "Wait.", "x: ", '"', "reset()", "os.remove(p)",
         '{"tool_calls": ' + GOOD + ', "next": "reset()"}', '{"tool_calls": ' + GOOD + ', "n": "ok"}',
         GOOD.replace('"arguments"', '"id": "[]", "arguments"', 1),
+        "&lt;tool_call&gt;", "reset\\()", "reset&#40;)", "<get_weather>", "</convert>", '["</think>"]',
+        '{"note": "</think>"}', '{"dry_run": true, "tool_calls": []}', "Call 1:\n", '"units": "x", ',
+        "100.000000000000001", '{"type": "function", "function": ' + json.dumps(CALLS[2]) + "}",
+        json.dumps([{"type": "function", "function": CALLS[0]}]),
+        json.dumps({"name": "convert", "arguments": json.dumps(CALLS[2]["arguments"])}),
+        '{"role": "assistant", "content": null, "tool_calls": ', "}",
         json.dumps(CALLS[0]).replace('"arguments"', '"why": "get_weather (x)", "arguments"', 1)]
     rng = random.Random(0)
     seen, hermes = {True: 0, False: 0}, 0

@@ -3,15 +3,19 @@
 **With tags** (``answer_tags=True``) the answer is the content of the last complete ``<answer> ...
 </answer>`` block. It is no answer when a later answer tag follows it (an unclosed ``<answer>``, or
 one in another spelling: ``<Answer>``, ``< answer >``, ``&lt;answer&gt;``), or when what is next to
-the block or after it changes its meaning, by the same rules as the final equation's below
-(``3 * <answer>...``, ``<answer>...</answer>^2``, ``not <answer>...``, a later answer that is not
-the target).
+the block or after it changes its meaning, by the same rules as the final equation's below, the
+text around the block read as a person sees it (``3 * <answer>...``, ``<answer>...</answer>^2``,
+``not <answer>...``, ``n\u200bot <answer>...``, ``3 *`` ending the line before, a later answer
+that is not the target).
 
 **Without tags** (``answer_tags=False``) the answer is the *final equation* of the completion.
 The text is first read as a person sees it: Unicode spaces and blank-looking characters become
 spaces and line separators line breaks, invisible format characters (zero-width spaces, soft
-hyphens) and combining marks are dropped, HTML entities
-are decoded, HTML-like tags become spaces (``<answer>`` reads as the word "answer"),
+hyphens) and combining marks are dropped, except that a character struck through
+(U+0335, U+0336) is dropped with its mark and one overlaid with a solidus (U+0337, U+0338:
+``=\u0338``) reads as ``\u2260``, HTML entities are decoded, struck-through markup (``<del>``,
+``<s>``, ``<strike>`` up to its closing tag) becomes a space and other HTML-like tags become
+spaces (``<answer>`` reads as the word "answer"),
 ``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces; bidirectional control
 characters make the completion wrong. The final equation is then the last run of arithmetic text
 (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
@@ -24,23 +28,36 @@ when
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`) or a word in another alphabet is among the four words before or after it
-  (apart by spaces, quotes or Markdown emphasis), or ``of`` / ``by`` / ``to`` / ``from`` / ``for``
-  right after a number (``50% of``, ``1/2 of``, ``two of``, ``3 by``, ``add 29 + 13 to``) comes just
-  before it;
+  (apart by spaces, quotes or Markdown emphasis), a supposition (``if``, ``suppose``, ...
+  :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
+  false:``, :data:`LABEL_DENIALS`) is among the four words before a colon just before it, or
+  ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
+  ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
-  written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``),
-  superscript or non-ASCII digit (``² ½ ٣``), a dash before it (``‐5``), or any other symbol
-  between it and more arithmetic (a number, an operator, a math sign);
+  written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``) or
+  operator-like symbol (``· ✕ ➕ ➖``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
+  it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
+  sign); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after it; a ``?`` after it
+  (a question: ``Is 5 + 23 = 28?``);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
   ``26 + 24 = 50`` on the next line);
 * the text after it mentions a number that is neither a given number nor the target
   (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a number after an answer cue
-  (``answer``, ``result``, ``total``, ``equals``, ``gives``, ``get``, ... :data:`ANSWER_CUES`)
-  that is not the target (``The answer is 24.``), a number in another script, a number next to an
-  operator sign or word (``26 \u2212 24``, ``I added 26``), a number word after an answer cue, or
-  a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``, ``No.``).
+  (``answer``, ``result``, ``total``, ``equals``, ``gives``, ``get``, ``equation``, ``it's``,
+  ``####``, ... :data:`ANSWER_CUES`, over linking words, quotes and brackets) that is not the
+  target (``The answer is 24.``), a number that is not the target anywhere later in the sentence
+  and line of ``answer``, ``result``, ``solution`` or ``total`` (:data:`SENTENCE_CUES`: ``The answer
+  is therefore 24.``), a decimal (``50.5``), a number in another script, a number next to an
+  operator sign or word (``26 \u2212 24``, ``I added 26``, ``26 take away 24``) or after an
+  operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
+  ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
+  answer cue, a number word (``thirty-two`` is 32) whose value is not the target in such a
+  sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
+  eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
+  a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
+  ``No.``, ``I miscalculated``, ``Scratch that.``).
 
 Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
@@ -96,7 +113,8 @@ NEGATIONS = frozenset("""
 """.split())
 #: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
 AFTER_DENIALS = frozenset("""
-    mistake mistakes mistaken mistakenly error errors erroneous erroneously fallacy
+    mistake mistakes mistaken mistakenly error errors erroneous erroneously fallacy miscalculated
+    miscalculation miscalculate inaccurate typo typos disregard disregarded
 """.split())
 #: Verbs and nouns of arithmetic that, after the final equation and followed by one of
 #: :data:`RESULT_OBJECTS`, do more arithmetic on it ("Then double it", "multiply the result").
@@ -128,13 +146,45 @@ RESULT_LINKS = frozenset("""
     thats its turns turned gave equaled equalled came
 """.split())
 #: Words after which a number is an answer: a later one that is not the target contradicts the
-#: final equation.
-ANSWER_CUES = frozenset("answer answers result results solution total equals gives makes get gets got yields".split())
+#: final equation (``####`` is the answer marker of GSM8K-style text).
+ANSWER_CUES = frozenset("""
+    answer answers result results solution total equals gives makes get gets got yields equation it's ####
+""".split())
+#: Cues after which any number in the rest of the sentence is an answer (``The answer is therefore
+#: 23.``, ``The answer is `23`.``).
+SENTENCE_CUES = frozenset("answer answers result results solution total".split())
+#: Words just before a number word that make it a stated result (``, or eighteen``, ``which is
+#: five``); ``is``, ``was`` and ``be`` only after :data:`_STATING`.
+STATING_WORDS = frozenset("equals equal makes gives yields or".split())
+_STATING = frozenset("which that would will should must".split())
+#: Before the final equation, within four words, words that make it a supposition, not an answer.
+HYPOTHETICALS = frozenset("if whether suppose supposing assume assuming unless".split())
+#: Words that, among the four words before a colon just before the final equation, deny it
+#: (``Wrong:``, ``This is false:``).
+LABEL_DENIALS = frozenset("wrong incorrect incorrectly false invalid untrue not isn't wasn't".split())
+#: Words that, followed by ``of`` and a number after the final equation, name more arithmetic
+#: (``the difference of 23 and 5``, ``28 to the power of 5``).
+OF_OPERATIONS = frozenset("""
+    product products quotient difference differences ratio power powers square squares cube cubes
+    root roots half double triple twice reciprocal inverse log logarithm factorial remainder multiple
+    multiples exponent percent percentage fraction third quarter average mean max maximum min minimum
+""".split())
 NUMBER_WORDS = frozenset("""
     zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
     sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety
     hundred thousand million
 """.split())
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+          "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+#: The value of a number word, and of a tens word joined to a unit (``thirty-two``, ``thirty two``).
+_WORD_VALUE = {w: v for v, w in enumerate(_UNITS)} | {w: 20 + 10 * k for k, w in enumerate(_TENS)} | {
+    "hundred": 100, "thousand": 1000, "million": 1000000}
+_TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?(one|two|three|four|five|six|seven|eight|nine)\b", re.IGNORECASE)
+#: Marks that deny what they touch: a cross next to the final equation, or anywhere after it.
+DENIAL_MARKS = "\u274c\u274e\u2717\u2718\u2716"
+#: Symbols that read as an operation though they are not Unicode math symbols.
+_OPERATOR_SYMBOLS = "\u00b7\u2715\u2716\u2795\u2796\u2797"
 
 _RUN = re.compile(r"[0-9+\-*/()= \t]+")
 _HAS_DIGIT = re.compile(r"[0-9]")
@@ -143,6 +193,7 @@ _SPACE = " \t"
 _DISALLOWED_ASCII = frozenset("^%|~\\[]{}<>")
 _SENTENCE = frozenset(".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb")
 _DECORATION = "_'\u2019*\"`"  # quotes and Markdown emphasis around a word
+_CUE_PUNCT = frozenset(":,;\"'*`([$\u201c\u201d\u2018")  # between an answer cue and its number
 _LINK_PUNCT = frozenset(",:;(\"'\u2019\u201c\u201d*_`$")
 _EXPR_CHARS = re.compile(r"[0-9+\-*/() ]*")
 _INT = re.compile(r"[0-9]+")
@@ -156,6 +207,12 @@ _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _NON_ASCII_OR_CONTROL = re.compile(r"[^\x20-\x7e\n]")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,20}>")
 _LATER_TAG = re.compile(r"(?i)(?:<|&lt;|\uff1c)\s*/?\s*answer|answer\s*(?:>|&gt;|\uff1e)")
+_STRUCK_TAG = re.compile(r"(?i)<(/?)(del|s|strike)>")
+# A character overlaid with a stroke (U+0335, U+0336: struck through) or a solidus (U+0337,
+# U+0338: negated, ``=\u0338`` shows as ``\u2260``), with the marks on it.
+_OVERLAY_MARK = re.compile("[\u0335-\u0338]")
+_OVERLAID = re.compile("[^\u0335-\u0338\n\r\u2028\u2029\x85]?[\u0335-\u0338]+")
+_SOLIDUS = re.compile("[\u0337\u0338]")
 _BOXED = re.compile(r"\\boxed\{([^{}\n]*)\}")
 _LATEX_DELIMITERS = re.compile(r"\\[()\[\]]")
 
@@ -177,12 +234,31 @@ def _visible(ch: str) -> str:
     return ch
 
 
+def _unstruck(text: str) -> str:
+    """``text`` without struck-through spans: each ``<del>``, ``<s>`` or ``<strike>`` up to its
+    closing tag becomes a space (an unclosed one is left to the tag rule)."""
+    out, pos, opened = [], 0, None
+    for m in _STRUCK_TAG.finditer(text):
+        closing, name = m.group(1), m.group(2).lower()
+        if opened is None:
+            if not closing:
+                opened = (m.start(), name)
+        elif closing and name == opened[1]:
+            out += [text[pos:opened[0]], " "]
+            pos, opened = m.end(), None
+    return "".join(out) + text[pos:]
+
+
 def normalise(text: str) -> tuple[str | None, str]:
     """``(text as a person reads it, "")``, or ``(None, reason)`` (see the module docstring)."""
     if _BIDI.search(text):
         return None, "bidirectional control characters"
     if "&" in text:
         text = html.unescape(text)
+    if _OVERLAY_MARK.search(text):
+        text = _OVERLAID.sub(lambda m: "\u2260" if _SOLIDUS.search(m.group()) else "", text)
+    if "<" in text:
+        text = _unstruck(text)
     text = _NON_ASCII_OR_CONTROL.sub(lambda m: _visible(m.group()), text)
     text = text.replace("<answer>", " answer ").replace("</answer>", " ")
     text = _TAG.sub(" ", text)
@@ -269,6 +345,8 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                 return f"the word {value!r} next to the equation"
             if value in NEGATIONS:
                 return f"the equation is denied ({value!r} next to it)"
+            if step < 0 and value in HYPOTHETICALS:
+                return f"the equation is a supposition ({value!r} before it)"
             words.append(value)
     return None
 
@@ -305,48 +383,88 @@ def _number_after(text: str, i: int, *, strict: bool) -> tuple[str | None, bool]
         i = j
 
 
-_REST_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+(?:['\u2019][A-Za-z]+)?|\S")
+_REST_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+(?:['\u2019][A-Za-z]+)?|####|\S")
+_TAKE = frozenset("take takes took taking taken".split())
+_NESTED_BRACE = re.compile(r"\{[^{}]*\{")
 
 
 def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:
     """What after the final equation (from ``end``) changes or contradicts it: a number that is
     neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
-    answer cue that is not the target (``The answer is 24``), a number in another script, a number
-    next to an operator sign or word (``26 \u2212 24``), a number word after an answer cue
-    (``the answer is forty-eight``), a negation or denial (``..., is indeed wrong``, ``The answer
-    is not 13``, ``I made an error``), more arithmetic on the result (``Then double it``, ``I
-    multiplied 12 by ...``), or an unfinished operation at the very end of the text (``... +``,
-    ``Then I added``). One pass over the rest of the text."""
+    answer cue that is not the target (``The answer is 24``) or, after one of :data:`SENTENCE_CUES`,
+    anywhere in the rest of its sentence (``The answer is therefore 24``), a decimal (``50.5``), a
+    number in another script, a number next to an operator sign or word (``26 \u2212 24``, ``26 take
+    away 24``) or after an operator word and ``of`` (``the product of 26 and 24``), LaTeX
+    ``\\frac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an answer cue
+    (``the answer is forty-eight``), a number word whose value is not the target after a cue in its
+    sentence, after a word that states a result (``, or eighteen``, ``which is five``, ``(two)``)
+    or when it is 10 or more and not a given number (``thirty-two``), a negation, denial or cross
+    mark (``..., is indeed wrong``, ``The answer is not 13``, ``I made an error``, ``Scratch that``,
+    ``\u274c``), more arithmetic on the result (``Then double it``, ``I multiplied 12 by ...``), or
+    an unfinished operation at the very end of the text (``... +``, ``Then I added``). One pass over
+    the rest of the text."""
     allowed = {str(n) for n in nums} | {str(target)}
     prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
+    cue_sentence = False  # one of SENTENCE_CUES came earlier in the current sentence and line
+    gap_from, unit_until = end, -1
     for m in _REST_TOKEN.finditer(text, end):
         tok = m.group()
+        if any(c in _LINE_BREAKS for c in text[gap_from:m.start()]):
+            cue_sentence = False
+        gap_from = m.end()
         if tok[0] in "0123456789":
             kind = "number"
             if tok not in allowed:
                 return f"a number after the final equation ({tok[:12]}) is neither a given number nor the target"
-            if tok != str(target) and _after_cue(prev):
+            if tok != str(target) and (cue_sentence or _after_cue(prev)):
                 return f"a later answer ({tok}) is not the target {target}"
+            if text[m.end(): m.end() + 1] == "." and text[m.end() + 1: m.end() + 2].isdigit():
+                return f"a decimal number after the final equation ({tok}.)"
+            if _of_operation(prev):
+                return f"more arithmetic after the final equation ({prev[-2][1]!r} of {tok})"
         elif tok.isnumeric():
             return f"a number in another script after the final equation ({tok!r})"
+        elif tok == "####":
+            kind = "word"
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
-            if tok in NEGATIONS or tok in AFTER_DENIALS:
+            if tok in NEGATIONS or tok in AFTER_DENIALS or (tok == "that" and prev[-1:] == [("word", "scratch")]):
                 return f"a denial after the final equation ({tok!r})"
             if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
                 return f"more arithmetic on the result after the final equation ({tok!r})"
             if tok in NUMBER_WORDS and _after_cue(prev):
                 return f"an answer written as a word after the final equation ({tok!r})"
+            if tok == "away" and prev and prev[-1][1] in _TAKE:
+                tok = "take away"  # an operator phrase
+            if tok in ("frac", "dfrac", "tfrac", "div") and prev[-1:] == [("other", "\\")]:
+                return f"LaTeX \\{tok} after the final equation"
+            if tok == "boxed" and prev[-1:] == [("other", "\\")] and _NESTED_BRACE.match(text, m.end()):
+                return "a \\boxed{} holding braces after the final equation"
+            if tok in _WORD_VALUE and m.start() >= unit_until:
+                value = _WORD_VALUE[tok]
+                unit = _TENS_UNIT.match(text, m.end()) if tok in _TENS else None
+                if unit:
+                    value, unit_until = value + _WORD_VALUE[unit.group(1).lower()], unit.end()
+                if value != target and (cue_sentence or _stated(prev) or _of_operation(prev)
+                                        or (value >= 10 and value not in nums)):
+                    return f"a number written as a word after the final equation ({tok!r}) is not the target"
+        elif tok in DENIAL_MARKS:
+            return f"a denial after the final equation ({tok!r})"
         else:
-            kind = "sign" if (tok in "^%~" or unicodedata.category(tok) in ("Sm", "Pd")) else "other"
+            kind = "sign" if (tok in "^%~" or tok in _OPERATOR_SYMBOLS
+                              or unicodedata.category(tok) in ("Sm", "Pd")) else "other"
         if prev and {kind, prev[-1][0]} == {"number", "sign"}:
             return "more arithmetic after the final equation"
         if prev and {kind, prev[-1][0]} == {"number", "word"}:
             word = tok if kind == "word" else prev[-1][1]
-            if word in OPERATOR_WORDS:
+            if word in OPERATOR_WORDS or word == "take away":
                 return f"more arithmetic after the final equation ({word!r})"
         if kind == "number" and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-3:]):
             return "more arithmetic after the final equation (a number just after an operation word)"
+        if kind == "word" and tok in SENTENCE_CUES:
+            cue_sentence = True
+        elif tok in ".!?":
+            cue_sentence = False
         prev.append((kind, tok))
         if len(prev) > 8:
             del prev[0]
@@ -357,13 +475,37 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     return None
 
 
+def _of_operation(prev: list[tuple[str, str]]) -> bool:
+    """Whether the tokens just read end in an operator word and ``of`` (``the product of``)."""
+    return len(prev) >= 2 and prev[-1] == ("word", "of") and prev[-2][0] == "word" and prev[-2][1] in OF_OPERATIONS
+
+
+def _stated(prev: list[tuple[str, str]]) -> bool:
+    """Whether the tokens just read (quotes, emphasis and commas aside) end in ``(``, one of
+    :data:`STATING_WORDS`, or ``is`` / ``was`` / ``be`` after one of :data:`_STATING`."""
+    words: list[str] = []
+    for kind, value in reversed(prev):
+        if kind == "other" and value in ",\"'*_`\u201c\u201d":
+            continue
+        if kind == "other" and value == "(" and not words:
+            return True
+        if kind != "word":
+            break
+        words.append(value)
+        if len(words) == 2:
+            break
+    if not words:
+        return False
+    return words[0] in STATING_WORDS or (words[0] in ("is", "was", "be") and words[1:] != [] and words[1] in _STATING)
+
+
 def _after_cue(prev: list[tuple[str, str]]) -> bool:
     """Whether the tokens just read end in an answer cue followed only by linking words and
     punctuation (``answer is:``)."""
     for kind, value in reversed(prev):
         if kind == "word" and value in ANSWER_CUES:
             return True
-        if not ((kind == "word" and value in RESULT_LINKS) or (kind == "other" and value in ":,;\"'*")):
+        if not ((kind == "word" and value in RESULT_LINKS) or (kind == "other" and value in _CUE_PUNCT)):
             return False
     return False
 
@@ -395,8 +537,12 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
         return f"a number sign the task does not allow next to the equation ({ch!r})"
     if ch in _DISALLOWED_ASCII:
         return f"an operator the task does not allow next to the equation ({ch!r})"
+    if ch in DENIAL_MARKS:
+        return f"the equation is denied (a cross mark {ch!r} next to it)"
+    if ch == "?" and after:
+        return "the equation is a question ('?' after it)"
     cat = unicodedata.category(ch)
-    if cat == "Sm" or ch == "\u00b7":
+    if cat == "Sm" or ch in _OPERATOR_SYMBOLS:
         return f"a math symbol the task does not allow next to the equation ({ch!r})"
     if ch == "!" and (after or glued) and not (after and written):
         return "a '!' next to the equation"
@@ -428,6 +574,28 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
     kind, value, _ = _token(text, i, -1)
     if kind == "word" and value in OPERATOR_WORDS:
         return f"the equation continues the line before, which ends in {value!r}"
+    return None
+
+
+def _denied_label(text: str, start: int) -> str | None:
+    """A word of :data:`LABEL_DENIALS` among the four words before a colon just before the final
+    equation starting at ``start`` (``Wrong: 5 + 23 = 28``), or None."""
+    i = start - 1
+    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION):
+        i -= 1
+    if i < 0 or text[i] != ":":
+        return None
+    words, tokens, i = 0, 0, i - 1
+    while words < 4 and tokens < 8:
+        kind, value, i = _token(text, i, -1)
+        tokens += 1
+        if kind == "skip":
+            continue
+        if kind != "word":
+            return None
+        if value in LABEL_DENIALS:
+            return f"the equation is denied ({value!r} before it)"
+        words += 1
     return None
 
 
@@ -544,8 +712,8 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
         why = _neighbour_problem(text, pos, glued, after, "=" in equation)
         if why:
             return None, why
-    why = (_words_problem(text, start, end) or _continues_from_previous_line(text, start)
-           or _operand_problem(text, start))
+    why = (_words_problem(text, start, end) or _denied_label(text, start)
+           or _continues_from_previous_line(text, start) or _operand_problem(text, start))
     if why:
         return None, why
     if "=" not in equation:
@@ -671,19 +839,26 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         if _LATER_TAG.search(text, after):
             return False, "a later answer tag in another spelling"
         content = text[opening + len("<answer>"): close]
-        left = opening - 1
-        while left >= 0 and text[left] in _SPACE:
+        # The text around the block, read as a person sees it; the block is one NUL between them.
+        before, why = normalise(text[:opening])
+        rest, why_rest = normalise(text[after:])
+        if before is None or rest is None:
+            return False, why or why_rest
+        view, block, end = before + "\0" + rest, len(before), len(before) + 1
+        left = block - 1
+        while left >= 0 and view[left] in _SPACE:
             left -= 1
-        right = after
-        while right < len(text) and text[right] in _SPACE:
+        right = end
+        while right < len(view) and view[right] in _SPACE:
             right += 1
-        for pos, glued, is_after in ((left, left == opening - 1, False), (right, right == after, True)):
-            why = _neighbour_problem(text, pos, glued, is_after, True)  # "!" after the closing tag is prose
+        for pos, glued, is_after in ((left, left == block - 1, False), (right, right == end, True)):
+            why = _neighbour_problem(view, pos, glued, is_after, True)  # "!" after the closing tag is prose
             if why:
                 return False, why.replace("the equation", "the answer block")
-        why = _words_problem(text, opening, after) or _after_problem(text, after, nums, target)
+        why = (_words_problem(view, block, end) or _denied_label(view, block)
+               or _continues_from_previous_line(view, block) or _after_problem(view, end, nums, target))
         if why:
-            return False, why
+            return False, why.replace("the equation", "the answer block")
         return check_answer(content, nums, target, ops)
     text, why = normalise(text)
     if text is None:

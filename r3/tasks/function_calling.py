@@ -14,70 +14,84 @@ Write the synthetic set to a file with::
 Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 
 * the answer is the whole completion when it parses as JSON and is a call list (``[]`` included);
-* otherwise it is the LAST RUN of call attempts embedded in the text, however long the text is.
-  Scanning left to right, each ``[`` or ``{`` in prose starts a *structure* that runs to its
-  matching bracket (strings, with their escapes, are skipped: ``"..."``, and ``'...'`` where a
-  value or key starts, after ``[``, ``{``, ``,`` or ``:``); a mismatched closing bracket
-  ends it as broken, and so does the end of the text (a truncated structure). A structure is a
-  call attempt when it holds a ``:`` or ``=`` or a character that looks like a colon (a key of
-  any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``, ``'name' =``) or is an empty list (``[]``, blanks inside); other structures
-  (``[1, 2]``, ``{}``, ``[see above]``) are not. The run is the last call attempt and the
-  attempts and ``<tool_call>`` / ``</tool_call>`` tags (any blanks, letter case, full-width form
-  or attributes) before it, back to the first prose: anything but blank-looking characters
-  (blanks, control, unassigned and private-use characters, characters that fold to nothing such
-  as zero-width and combining ones, ``,`` and ``;`` in any form, Hangul fillers), other markup in
-  angle brackets (``<|python_tag|>``), code fences, list numbers and bullets (``1.``, ``2)``,
-  ``-``, ``*``) and complete structures without a key; a call may not hide in what the run
-  passes over (as in loose strings, below; markup that wraps JSON calls is fine: Mistral's
-  ``[TOOL_CALLS]``, ``<tool_calls>``, Granite's ``<function_call>`` and ``<|tool_call|>``). So Hermes / Qwen blocks (``<tool_call>{a}</tool_call>\\n<tool_call>{b}
-  </tool_call>``), Llama's ``{a}; {b}`` and ``[a]\\n[b]`` are one answer each. Its answer is the
-  calls of all its attempts, in order. Each must be complete valid JSON and a call list (``[]`` included), a single call object, or an object
-  without a ``"name"`` whose one object-or-list value is one (``{"tool_calls": [...]}``, also
-  nested; beside it only strings, numbers, booleans and nulls: a second structure is ambiguous, no
-  answer; an object that names a function under another key, as ``{"function": "f", "args":
-  []}`` or ``{"method": "f", "params": []}``, is a call in another schema, never a wrapper; a
-  wrapper yields no calls only as ``{"tool_calls": []}``). Tags must pair up: a block opens, holds one
-  attempt and closes (the last one may stay open); a block opened twice or unclosed, holding two
-  attempts, a closing tag right before the run (a block of prose before it), or a tag with an
-  attribute other than an ``id`` (``<tool_call name="f">``) makes it no answer. A broken, truncated or invalid attempt in
-  the run is no answer, even after a correct earlier list, and nothing inside a structure is
-  searched separately (``[{right call}, {broken call}]`` is no answer, not the right call alone).
-  Prose and ``<think>`` / ``</think>`` end a run: JSON attempts before it are drafts, but call
-  syntax before the run (below) makes it no answer. A leading reasoning block (the completion
-  opens with ``<think>``, or its ``<think>`` was in the prompt, up to the first ``</think>``) is
-  reasoning, not calls, when it closes before the run; an answer inside it is no answer;
+* otherwise it is EVERY call attempt embedded in the text after a leading reasoning block (below),
+  in order, however long the text is. Scanning left to right, each ``[`` or ``{`` in prose starts a
+  *structure* that runs to its matching bracket (strings, with their escapes, are skipped:
+  ``"..."``, and ``'...'`` where a value or key starts, after ``[``, ``{``, ``,`` or ``:``); a
+  mismatched closing bracket ends it as broken, and so does the end of the text (a truncated
+  structure). A structure is a call attempt when it holds a ``:`` or ``=`` or a character that
+  looks like a colon (a key of any spelling: ``"name":``, ``name:``, ``"n\\u0061me":``, ``'name' =``)
+  or is an empty list (``[]``, blanks inside); other structures (``[1, 2]``, ``{}``, ``[see
+  above]``) are not. There are no drafts: every attempt is a call (or calls), prose between
+  attempts or not, so ``Call 1: {a} Call 2: {b}`` or a first answer and its correction make both
+  calls, and labelled calls (``1. Paris: {a}\\n2. Tokyo: {b}``, fenced blocks under headings) are
+  one answer. The attempts group into *runs*: an attempt and the attempts and ``<tool_call>`` /
+  ``</tool_call>`` tags (any blanks, letter case, full-width form or attributes) before it, back
+  to the first prose: anything but blank-looking characters (blanks, control, unassigned and
+  private-use characters, characters that fold to nothing such as zero-width and combining ones,
+  ``,`` and ``;`` in any form, Hangul fillers), other markup in angle brackets
+  (``<|python_tag|>``), code fences, list numbers and bullets (``1.``, ``2)``, ``-``, ``*``) and
+  complete structures without a key; a call may not hide in what a run passes over (as in loose
+  strings, below; markup that wraps JSON calls is fine: Mistral's ``[TOOL_CALLS]``,
+  ``<tool_calls>``, Granite's ``<function_call>`` and ``<|tool_call|>``). So Hermes / Qwen blocks
+  (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's ``{a}; {b}`` and
+  ``[a]\\n[b]`` are one run each. The answer is the calls of all attempts, in order. Each must be
+  complete valid JSON and a call list (``[]`` included), a single call object, or a wrapper (an
+  object without a ``"name"`` whose one object-or-list value is one, under a key of
+  :data:`_WRAPPER_KEYS` in any letter case: ``{"tool_calls": [...]}``, ``{"type": "function",
+  "function": {call}}``, also nested; beside it only ``id`` and ``role`` with a string, number,
+  boolean or null, ``type`` as ``"function"`` and ``content`` as null or ``""``: any other key may
+  negate or change the calls, ``"dry_run": true``, ``"tool_choice": "none"``, or hold another call,
+  so it is no answer, as are ``{"do_not_call": [...]}`` and ``{"function": "f", "args": []}``; a
+  wrapper yields no calls only as ``{"tool_calls": []}``); a call list may hold wrappers that make
+  calls as items (OpenAI's ``[{"type": "function", "function": {call}}, ...]``). An attempt of no
+  calls (``[]``, ``{"tool_calls": []}``) beside one that makes calls is no answer. Tags must pair
+  up in each run: a block opens, holds one attempt and closes (the last one may stay open); a
+  block opened twice or unclosed, holding two attempts, a closing tag right before a run (a block
+  of prose before it), or a tag with an attribute other than an ``id`` (``<tool_call
+  name="f">``) makes it no answer. A broken, truncated or invalid attempt anywhere is no answer,
+  and nothing inside a structure is searched separately (``[{right call}, {broken call}]`` is no
+  answer, not the right call alone). A leading reasoning block (the completion opens with
+  ``<think>``, or its ``<think>`` was in the prompt, up to the first ``</think>`` outside the
+  bracketed structures: one inside a JSON string ends nothing) is reasoning, not calls: its
+  attempts are not read, so an answer only inside it is no answer;
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
-  (``"id": "call_1"`` is fine; ``"next": "delete_all()"`` or a string holding a call attempt, also
-  in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets after the
-  answer (``\\uff5b"name"\\uff1a ...\\uff5d``);
-* a call in call syntax after the answer, anywhere before its run, or around it (the two read as
-  one text with ``[]`` for the answer: ``repeat([...], times=1000)``) is another call: no answer
-  (:func:`called_later`): a tool of the example named with a parenthesis
-  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), any name with ``_`` or ``.``
-  followed by one
-  (``delete_user (42)``, ``os.remove(path)``), any name whose parenthesis closes at once or
-  opens with a string, list, object or keyword argument (``reset()``,
-  ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an opening
-  ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
+  (``"id": "call_1"`` is fine; ``"id": "delete_all()"`` or a string holding a call attempt, also
+  in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets outside
+  the runs (``\\uff5b"name"\\uff1a ...\\uff5d``: complete anywhere there, also opened before a run
+  and closed after it; broken or truncated too after the first run);
+* a call in call syntax anywhere outside the runs (after the reasoning block) or around a run
+  (before, between and after the runs read as one text with ``[]`` for each run:
+  ``repeat([...], times=1000)``) is another call: no answer (:func:`called_later`), the text read
+  after resolving HTML character references and markdown backslash escapes (``&lt;tool_call&gt;``,
+  ``&#40;``, ``delete_file\\("/"\\)``): a tool of the example named with a parenthesis
+  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``) or as a tag (XML tool calls:
+  ``<get_weather><city>Oslo</city></get_weather>``, ``<delete_file path="/"/>``), any name with
+  ``_`` or ``.`` followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose
+  parenthesis closes at once or opens with a string, list, object or keyword argument
+  (``reset()``, ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an
+  opening ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
   ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:`` and the like (``-`` read
   as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
-  quotes, straight or curly, outside the structures before the answer (YAML, or JSON without its
-  braces, a key per line; quoted keys inside braces before the answer are a JSON draft), a
-  complete call attempt in compatibility forms that opens before the answer and closes after it,
-  ...); full-width
-  and other compatibility forms count as ASCII, combining and zero-width characters are ignored,
-  in any letter case. ``f(x)``, ``value(s)`` and ``word (see: above)`` are prose;
-* JSON is parsed with :mod:`json` only: NaN/Infinity and duplicate object keys (``{"x": 2,
-  "x": 1}``) make a structure invalid; nothing is executed;
+  quotes, straight or curly, outside the structures before the first run (YAML, or JSON without
+  its braces, a key per line), ...); full-width and other compatibility forms count as ASCII,
+  combining and zero-width characters are ignored, in any letter case. ``f(x)``, ``value(s)`` and
+  ``word (see: above)`` are prose;
+* JSON is parsed with :mod:`json` only: NaN/Infinity, duplicate object keys (``{"x": 2, "x":
+  1}``) and a number with more digits than a float holds (``20240101.000000001``) make a
+  structure invalid; nothing is executed;
 * a call list is a JSON list of calls; a single call object is accepted as a list of one. A call is
-  an object with a string ``"name"`` and an object ``"arguments"`` (Llama 3's ``"parameters"``
-  when there is no ``"arguments"``). Beside them, other keys may hold a string, number, boolean or
-  null and are ignored, as ``"id": "call_1"``, unless a call hides in them (above); an object or
-  list there, as ``"then": {call}``, makes it no call. Without an arguments object the call has no
-  arguments and must have no other key (``{"name": "f", "city": "Paris"}`` is no call: flat
-  arguments). An object with a ``"name"`` key is never a wrapper;
+  an object with a string ``"name"`` and an object ``"arguments"`` (or a string of JSON that
+  parses to an object: OpenAI's encoding; Llama 3's ``"parameters"`` object when there is no
+  ``"arguments"``). Beside them it may hold only ``"id"`` and ``"index"`` with a string, number,
+  boolean or null and ``"type": "function"``; any other key makes it no call: flat arguments
+  (``"units": "fahrenheit"``, ``"parameters"`` beside ``"arguments"``), a second function name
+  (``"function": "f"``, ``"method": "f"``), a flag (``"execute": false``, ``"times": 1000``), a
+  structure (``"then": {call}``). Without an arguments object the call has no arguments and must
+  have no other key (``{"name": "f", "city": "Paris"}`` is no call). An object with a ``"name"``
+  key is never a wrapper;
 * correct iff the calls equal the reference calls as a multiset (order of calls does not matter):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
   numbers compare by value (``100 == 100.0``) but booleans are not numbers (``true != 1``); strings
@@ -85,14 +99,16 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
 * completions over ``MAX_COMPLETION_CHARS``, structures over ``MAX_JSON_CHARS`` or nested deeper
   than ``MAX_DEPTH`` are wrong.
 
-The scan is one pass over the brackets and quotes of the text, and only the attempts of the last
-run are parsed: time linear in the completion.
+The scan is one pass over the brackets and quotes of the text, and each attempt after the
+reasoning block is parsed once: time linear in the completion.
 """
 
 from __future__ import annotations
 
 import argparse
+import decimal
 import functools
+import html
 import json
 import os
 import re
@@ -152,7 +168,18 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicate_keys)
+def _exact_float(literal: str) -> float:
+    """A JSON number with a fraction or exponent as a float, when the float is that number as
+    written (its shortest decimal is the literal's value: ``1.50``, ``1e2``); a literal with more
+    digits than a float holds (``20240101.000000001``) is invalid."""
+    value = float(literal)
+    if decimal.Decimal(repr(value)) != decimal.Decimal(literal):
+        raise ValueError(f"{literal} is not exactly a float")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicate_keys,
+                            parse_float=_exact_float)
 
 
 def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
@@ -180,12 +207,24 @@ def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
         if key is None and len(c) > 1:
             return None  # (no arguments object, other keys: flat arguments, ambiguous)
         args = c[key] if key else {}
+        if key == "arguments" and isinstance(args, str):  # (OpenAI's JSON-encoded arguments)
+            try:
+                args = _loads(args)
+            except (ValueError, RecursionError):
+                return None
         if not isinstance(args, dict):
             return None
-        if any(isinstance(v, (dict, list)) for k, v in c.items() if k not in ("name", key)):
-            return None  # (an object or list beside the arguments: a call hidden in it, or ambiguous)
+        for k, v in c.items():
+            if k not in ("name", key) and (k not in _CALL_META or isinstance(v, (dict, list))
+                                           or (k == "type" and v != "function")):
+                return None  # (flat arguments, a second function name, a flag: another call, or ambiguous)
         calls.append({"name": c["name"], "arguments": args})
     return calls
+
+
+# What a call object may hold beside its name and arguments: metadata with a scalar value, "type"
+# only as "function".
+_CALL_META = frozenset({"id", "type", "index"})
 
 
 def _arguments_key(call: dict) -> str | None:
@@ -276,22 +315,39 @@ _NAME_KEYS = frozenset({"function", "function_name", "functionname", "func", "fn
                         "action", "recipient_name", "api", "api_name", "method", "command"})
 # The keys a wrapper of no calls may have ({"tool_calls": []}).
 _EMPTY_WRAPPER_KEYS = frozenset({"tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools"})
+# The keys (any letter case) a wrapper may hold its calls under ({"type": "function", "function": {call}}
+# too), and the keys beside them: scalars, "type" only as "function", "content" only null or "".
+_WRAPPER_KEYS = _EMPTY_WRAPPER_KEYS | {"function"}
+_WRAPPER_META = frozenset({"id", "type", "role", "content"})
 _BLANK_LIST = re.compile(r"\[[\s\u200b-\u200f\u2060\ufeff]*\]")
 
 
 def _yielded_calls(value: Any, depth: int = 0) -> list[dict] | None:
     """The calls a parsed structure yields: itself as a call list or call object, or for a
-    wrapper object the calls of its one value that is an object or a list, when that value yields
-    any (beside it only strings, numbers, booleans and nulls: another structure may hold another
+    wrapper object the calls of its one value that is an object or a list, under a key of
+    :data:`_WRAPPER_KEYS`, when that value yields any (beside it only the keys of
+    :data:`_WRAPPER_META`: another key may negate the calls, ``"dry_run": true``, or hold another
     call, so it is ambiguous: none). A wrapper yields no calls only as ``{"tool_calls": []}`` (or
     another key of :data:`_EMPTY_WRAPPER_KEYS`) with nothing beside."""
     calls = _as_calls(value, allow_empty=isinstance(value, list) and not value)
+    if calls is None and isinstance(value, list) and depth <= MAX_DEPTH:
+        calls = []  # a list of calls and wrappers ([{"type": "function", "function": {call}}, ...])
+        for item in value:
+            got = _yielded_calls(item, depth + 1) if isinstance(item, dict) else None
+            if not got:
+                return None
+            calls += got
+        return calls
     if calls is not None or not isinstance(value, dict) or "name" in value or depth > MAX_DEPTH:
         return calls  # (an object with a "name" is a call, right or wrong, never a wrapper)
-    if any(isinstance(v, str) and str(k).casefold() in _NAME_KEYS for k, v in value.items()):
-        return None  # (a call in another schema, {"function": "f", "args": []}: not a wrapper)
-    inner = [v for v in value.values() if isinstance(v, (dict, list))]
-    calls = _yielded_calls(inner[0], depth + 1) if len(inner) == 1 else None
+    inner = [k for k, v in value.items() if isinstance(v, (dict, list))]
+    if len(inner) != 1 or str(inner[0]).casefold() not in _WRAPPER_KEYS:
+        return None
+    for k, v in value.items():
+        if k != inner[0] and (k not in _WRAPPER_META or (k == "type" and v != "function")
+                              or (k == "content" and v not in (None, ""))):
+            return None  # ({"function": "f", "args": []}, {"tool_choice": "none", "tool_calls": [...]})
+    calls = _yielded_calls(value[inner[0]], depth + 1)
     if calls == [] and not (len(value) == 1 and str(next(iter(value))).casefold() in _EMPTY_WRAPPER_KEYS):
         return None  # (no calls through an object that says more: {"method": "f", "params": []})
     return calls
@@ -342,11 +398,12 @@ def _tag(s: str) -> str | None:
 
 def _run_items(text: str, found: list[tuple[int, int, bool]],
                last: int) -> tuple[list[tuple[str, int, int]], int, list[str]]:
-    """The items of the answer's run, in order: ``("call", start, end)`` for each call attempt and
-    ``("open" | "close", start, end)`` for each tool-call tag, from structure ``found[last]`` back
-    to the first prose: anything but separators (:func:`_separator`), markup in angle brackets,
-    code fences and complete structures without a key, which a run passes over. Also where the
-    run starts and the texts it passed over (a call may not hide in them)."""
+    """The items of the run that ends with structure ``found[last]``, in order: ``("call", start,
+    end)`` for each call attempt and ``("open" | "close", start, end)`` for each tool-call tag,
+    from that structure back to the first prose: anything but separators (:func:`_separator`),
+    markup in angle brackets, code fences and complete structures without a key, which a run
+    passes over. Also where the run starts and the texts it passed over (a call may not hide in
+    them)."""
     items = [("call", found[last][0], found[last][1])]  # (built backwards)
     passed: list[str] = []
     k, left = last, found[last][0]
@@ -400,41 +457,48 @@ def _well_formed(items: list[tuple[str, int, int]]) -> bool:
     return True
 
 
-def _last_embedded(text: str) -> tuple[list[dict] | None, int, list, int, list[str]]:
-    """The calls of the answer run in ``text`` (see the module docstring), or None; where the last
-    call attempt ends (0 when there is none); the parsed structures of the run; where the run
-    starts; the texts it passed over."""
-    found, last = [], -1
+def _embedded(text: str, thought: int) -> tuple[list[dict] | None, int, list, list[tuple[int, int]], list[str]]:
+    """The calls of every run of call attempts in ``text`` after the reasoning block that ends at
+    ``thought`` (see the module docstring), or None; where the last call attempt ends (0 when
+    there is none); the parsed structures of the runs; each run's start and end (of its last
+    attempt), in order; the texts the runs passed over."""
+    found, attempts = [], []
     for start, end, complete in _structures(text):
         found.append((start, end, complete))
-        if _is_attempt(text, start, end, complete):
-            last = len(found) - 1
-    if last < 0:
-        return None, 0, [], 0, []
-    end = found[last][1]
-    if not found[last][2]:
-        return None, end, [], 0, []  # truncated
-    items, start, passed = _run_items(text, found, last)
-    if not _well_formed(items):
-        return None, end, [], 0, []
-    spans = [(s0, e0) for kind, s0, e0 in items if kind == "call"]
-    complete = {(s0, e0): c for s0, e0, c in found[: last + 1]}
-    if not all(complete[span] for span in spans):
-        return None, end, [], 0, []  # a broken attempt in the run
-    calls, values = [], []
+        if start >= thought and _is_attempt(text, start, end, complete):
+            attempts.append(len(found) - 1)
+    if not attempts:
+        return None, 0, [], [], []
+    end = found[attempts[-1]][1]
+    if not all(found[k][2] for k in attempts):
+        return None, end, [], [], []  # a broken or truncated attempt
+    runs, passed, n = [], [], len(attempts)
+    while n:  # the runs, from the last one back
+        last = attempts[n - 1]
+        items, start, run_passed = _run_items(text, found, last)
+        if not _well_formed(items):
+            return None, end, [], [], []
+        n -= sum(kind == "call" for kind, _, _ in items)
+        runs.append((start, found[last][1]))
+        passed += run_passed
+    calls, values, empty = [], [], False
     try:
-        for s0, e0 in spans:
+        for k in attempts:
+            s0, e0, _ = found[k]
             if e0 - s0 > MAX_JSON_CHARS:
-                return None, end, [], 0, []
+                return None, end, [], [], []
             value = _loads(text[s0:e0])
             got = _yielded_calls(value)
             if got is None:
-                return None, end, [], 0, []
+                return None, end, [], [], []
             calls += got
+            empty = empty or not got
             values.append(value)
     except (ValueError, RecursionError):
-        return None, end, [], 0, []
-    return calls, end, values, start, passed
+        return None, end, [], [], []
+    if empty and calls:
+        return None, end, [], [], []  # ("no calls" beside calls: which is the answer?)
+    return calls, end, values, runs[::-1], passed
 
 
 def _loose_strings(values: list) -> list[str]:
@@ -458,27 +522,27 @@ def _loose_strings(values: list) -> list[str]:
     return out
 
 
-def _answer(text: Any) -> tuple[list[dict] | None, int, list[str], int, list[str]]:
-    """:func:`answer_calls`, the answer's loose strings (:func:`_loose_strings`), where its run
-    starts and what the run passed over (:func:`_run_items`)."""
+def _answer(text: Any) -> tuple[list[dict] | None, int, list[str], list[tuple[int, int]], list[str]]:
+    """:func:`answer_calls`, the answer's loose strings (:func:`_loose_strings`), where each of
+    its runs starts and ends and what the runs passed over (:func:`_run_items`)."""
     try:
         if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
-            return None, 0, [], 0, []
+            return None, 0, [], [], []
         s = text.strip()
         if s[:1] in ("[", "{"):
             try:
                 value = _loads(s)
                 calls = _as_calls(value)
                 if calls is not None:
-                    return calls, len(text), _loose_strings([value]), 0, []
+                    return calls, len(text), _loose_strings([value]), [(0, len(text))], []
             except (ValueError, RecursionError):
                 pass
-        calls, end, values, start, passed = _last_embedded(text)
+        calls, end, values, runs, passed = _embedded(text, _reasoning_end(text))
         if calls is None:
-            return None, end, [], 0, []
-        return calls, end, _loose_strings(values), start, passed
+            return None, end, [], [], []
+        return calls, end, _loose_strings(values), runs, passed
     except Exception:  # noqa: BLE001 -- e.g. MemoryError: no answer
-        return None, 0, [], 0, []
+        return None, 0, [], [], []
 
 
 def answer_calls(text: Any) -> tuple[list[dict] | None, int]:
@@ -630,11 +694,13 @@ def _any_call(folded: str, quoted: bool = True) -> str | None:
 def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
     """What is called with call syntax after the answer, or None. Read after :func:`_fold`
     (full-width and other compatibility forms count as ASCII; combining and zero-width characters
-    are ignored; any letter case; letters of other scripts that merely look Latin do not count):
+    are ignored; any letter case; letters of other scripts that merely look Latin do not count)
+    and with HTML character references and markdown backslash escapes resolved (:func:`_unescaped`):
 
     * a tool of the example, by name (not after a letter or ``_``; a dotted prefix or glued
       digits allowed), then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
-      ``functions.get_weather(...)``;
+      ``functions.get_weather(...)``; or as the name of a tag: ``<get_weather>``, ``</get_weather>``,
+      ``<get_weather city="Oslo"/>``;
     * any ASCII identifier with ``_`` or ``.`` in it, then blanks and a parenthesis:
       ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``, also after a dot
       (``1.delete_user(42)``, ``Step 2.reset()``);
@@ -653,8 +719,9 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]:
-    """One search for every tool name of an example (folded; not after a letter or ``_``), and
-    each folded name's original."""
+    """One search for every tool name of an example (folded) before a parenthesis (not after a
+    letter or ``_``) or as the name of a tag (``<delete_file>``, ``</delete_file>``,
+    ``<delete_file path="/"/>``: XML tool-call syntax), and each folded name's original."""
     keys = {}
     for name in tool_names:
         key = _fold(name).strip() if isinstance(name, str) else ""
@@ -663,22 +730,37 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     if not keys:
         return None, keys
     alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
-    return re.compile(r"(?<![a-z_])(" + alternatives + r")\s*\("), keys
+    return re.compile(r"(?<![a-z_])(" + alternatives + r")\s*\(|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"), keys
+
+
+# A markdown backslash escape: a backslash before ASCII punctuation.
+_MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def _unescaped(folded: str) -> str:
+    """Folded text with HTML character references (``&lt;``, ``&#40;``) and markdown backslash
+    escapes (``\\(``) read as what they render, folded again; unchanged without a ``&`` or a
+    backslash."""
+    if "&" not in folded and "\\" not in folded:
+        return folded
+    return _fold(_MD_ESCAPE.sub(r"\1", html.unescape(folded)))
 
 
 def _call_in(folded: str, tool_names: list[str], quoted: bool = True) -> str | None:
-    """:func:`called_later` on text already folded (``quoted``: see :func:`_any_call`)."""
+    """:func:`called_later` on text already folded (``quoted``: see :func:`_any_call`), its
+    escapes read first (:func:`_unescaped`)."""
+    folded = _unescaped(folded)
     pattern, keys = _tool_pattern(tuple(n if isinstance(n, str) else "" for n in tool_names))
     m = pattern.search(folded) if pattern else None
     if m:
-        return keys[m.group(1)]
+        return keys[m.group(1) or m.group(2)]
     return _any_call(folded, quoted)
 
 
 def _attempt_in(folded: str) -> str | None:
     """The first call attempt (a structure with a key, or an empty list) in folded text, or None.
-    After the answer it is one that only shows once folded: full-width brackets, colons or quotes
-    (any ASCII one would have been the last attempt)."""
+    Outside the runs it is one that only shows once folded: full-width brackets, colons or quotes
+    (any ASCII one would have been in a run)."""
     for start, end, complete in _structures(folded):
         if _is_attempt(folded, start, end, complete):
             return folded[start:end]
@@ -691,10 +773,18 @@ _LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_cal
 
 
 def _reasoning_end(text: str) -> int:
-    """Where a leading reasoning block ends (just after its first ``</think>``), or 0: a block
-    that opens the completion (after blanks) with ``<think>``, or whose ``<think>`` was in the
-    prompt (no ``<think>`` before the first ``</think>``). Its text is reasoning, not calls."""
+    """Where a leading reasoning block ends (just after its first ``</think>`` outside the
+    bracketed structures: one in a JSON string ends nothing), or 0: a block that opens the
+    completion (after blanks) with ``<think>``, or whose ``<think>`` was in the prompt (no
+    ``<think>`` before that ``</think>``). Its text is reasoning, not calls."""
     close = text.find("</think>")
+    for start, end, _ in _structures(text) if close >= 0 else ():
+        if close < start:
+            break
+        if close < end:
+            close = text.find("</think>", end)
+            if close < 0:
+                break
     if close < 0:
         return 0
     opening = text.find("<think>")
@@ -908,37 +998,40 @@ class FunctionCallingTask(Task):
         return [{"name": c["name"], "arguments": c.get("arguments", {})} for c in _field(example, "answers")]
 
     def _check(self, example: dict, completion_text: str) -> tuple[bool, str]:
-        calls, end, loose, start, passed = _answer(completion_text)
+        calls, _, loose, runs, passed = _answer(completion_text)
         if calls is None:
             return False, "no parseable JSON list of calls"
         names = [t.get("name", "") for t in _field(example, "tools")]
-        rest = _fold(completion_text[end:])
-        thought = _reasoning_end(completion_text)
-        if end <= thought:
-            return False, "the answer is inside the reasoning block"
-        # before and after the run, read as one text with the answer as "[]" in between: a call
-        # on either side, or one around the answer (repeat([...], times=1000)); YAML keys in
-        # quotes too, except inside the structures before the answer (JSON drafts)
-        raw_before = completion_text[thought if thought <= start else 0:start]
-        before = _fold(raw_before)
-        around = before + "[]" + rest
+        # the text outside the runs (after the reasoning block): before the first, between them
+        # and after the last, read as one text with each run as "[]": a call anywhere there, or
+        # one around a run (repeat([...], times=1000)); YAML keys in quotes too, except inside the
+        # structures before the first run
+        bounds = [_reasoning_end(completion_text)] + [x for run in runs for x in run] + [len(completion_text)]
+        raw = [completion_text[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
+        outside = [_fold(r) for r in raw]
+        around = "[]".join(outside)
         other = _call_in(around, names, quoted=False)
-        if not other and _yaml_call(_fold(_blank_structures(raw_before)) + "[]" + rest, quoted=True):
+        if not other and _yaml_call("[]".join([_fold(_blank_structures(raw[0]))] + outside[1:]), quoted=True):
             other = "name: ... arguments: ..."
         if other:
             return False, f"another call of {other[:60]!r} in call syntax"
         within = _hidden_in_folded([f for f in map(_fold, passed) if not _LEAD_IN.fullmatch(f)], names)
         if within:
             return False, f"a call {within[:60]!r} between the calls"
-        disguised = _attempt_in(rest)
+        disguised = next(filter(None, map(_attempt_in, outside[1:])), None)
         if disguised:
             return False, f"a later call attempt {disguised[:60]!r} in compatibility forms"
-        # a complete structure only folding makes, opened before the answer and closed after it
+        # a complete call attempt only folding makes anywhere outside the runs, also one opened
+        # before a run and closed after it (each "[]" standing for a run is none)
+        holes, at = set(), 0
+        for f in outside[:-1]:
+            at += len(f)
+            holes.add(at)
+            at += 2
         wrapping = next((around[a:b] for a, b, complete in _structures(around)
-                         if complete and a < len(before) and b > len(before) + 2 and _is_attempt(around, a, b, True)),
-                        None)
+                         if complete and a not in holes and _is_attempt(around, a, b, True)), None)
         if wrapping:
-            return False, f"a call attempt {wrapping[:60]!r} around the answer in compatibility forms"
+            return False, f"a call attempt {wrapping[:60]!r} outside the answer in compatibility forms"
         hidden = hidden_call(loose, names)
         if hidden:
             return False, f"a call {hidden[:60]!r} in a string beside the calls"

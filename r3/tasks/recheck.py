@@ -49,7 +49,12 @@ _CD_NOT = set("""
     couldn wouldn shouldn contradiction contradicts contradictory contradict
 """.split())
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
-                    "erroneously", "fallacy"}
+                    "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
+                    "typo", "typos", "disregard", "disregarded"}
+_CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless"}
+_CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
+_CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
+_CD_OP_SYMBOLS = set("\u00b7\u2715\u2716\u2795\u2796\u2797")
 _CD_ACTIONS = set()
 for _stem, _forms in (("add", "s ed ing"), ("subtract", "s ed ing"), ("multipl", "y ies ied ying ication"),
                       ("divid", "e es ed ing"), ("doubl", "e es ed ing"), ("tripl", "e es ed ing"),
@@ -72,11 +77,25 @@ _CD_LINKS = set("""
     turns turned gave equaled equalled came
 """.split())
 _CD_CUES = {"answer", "answers", "result", "results", "solution", "total", "equals", "gives", "makes", "get",
-            "gets", "got", "yields"}
+            "gets", "got", "yields", "equation", "it's", "####"}
+_CD_SENTENCE_CUES = {"answer", "answers", "result", "results", "solution", "total"}
+_CD_STATES = {"equals", "equal", "makes", "gives", "yields", "or"}
+_CD_STATES_BEFORE_IS = {"which", "that", "would", "will", "should", "must"}
+_CD_OF_OPS = set("""
+    product products quotient difference differences ratio power powers square squares cube cubes root roots
+    half double triple twice reciprocal inverse log logarithm factorial remainder multiple multiples exponent
+    percent percentage fraction third quarter average mean max maximum min minimum
+""".split())
 _CD_NUMBER_WORDS = set("""
     zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen
     seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million
 """.split())
+_CD_WORD_VALUES = {w: k for k, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_CD_TENS = {w: 20 + 10 * k for k, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
+_CD_WORD_VALUES.update(_CD_TENS)
+_CD_WORD_VALUES.update(hundred=100, thousand=1000, million=1000000)
 _CD_BAD_ASCII = "^%|~\\[]{}<>"
 _CD_PUNCT = ".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
 _CD_DECOR = "_'\u2019*\"`"
@@ -220,6 +239,25 @@ def _cd_read(text: str) -> str | None:
         return None
     if "&" in text:
         text = html.unescape(text)
+    if any("\u0335" <= c <= "\u0338" for c in text):
+        # a stroke over a character (U+0335, U+0336) strikes it out; a solidus (U+0337, U+0338) negates it: \u2260
+        out, i = [], 0
+        while i < len(text):
+            if not "\u0335" <= text[i] <= "\u0338":
+                out.append(text[i])
+                i += 1
+                continue
+            j = i
+            while j < len(text) and "\u0335" <= text[j] <= "\u0338":
+                j += 1
+            if out and out[-1] not in "\n\r\u2028\u2029\x85" and i > 0 and text[i - 1] == out[-1]:
+                out.pop()
+            if "\u0337" in text[i:j] or "\u0338" in text[i:j]:
+                out.append("\u2260")
+            i = j
+        text = "".join(out)
+    if "<" in text:
+        text = _cd_unstrike(text)
     out = []
     for c in text:
         if c in "\n\r\u2028\u2029\x85":
@@ -273,6 +311,23 @@ def _cd_read(text: str) -> str | None:
             i += 1
         text = "".join(out)
     return text
+
+
+def _cd_unstrike(text: str) -> str:
+    """Struck-through spans (<del>, <s>, <strike> to the same closing tag, any case) read as a space."""
+    names = {"<del>": "del", "<s>": "s", "<strike>": "strike"}
+    out, done, k, opened = [], 0, text.find("<"), None
+    while k != -1:
+        head = text[k:k + 9].lower()
+        tag = next((t for t in ("<del>", "<s>", "<strike>", "</del>", "</s>", "</strike>") if head.startswith(t)), None)
+        if tag and opened is None and tag[1] != "/":
+            opened = (k, names[tag])
+        elif tag and opened is not None and tag[1] == "/" and tag[2:-1] == opened[1]:
+            out.append(text[done:opened[0]] + " ")
+            done, opened = k + len(tag), None
+        k = text.find("<", k + 1)
+    out.append(text[done:])
+    return "".join(out)
 
 
 def _cd_final_run(text: str) -> tuple[int, int] | None:
@@ -347,6 +402,8 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 return f"operator word {w}"
             if w in _CD_NOT:
                 return f"negation {w}"
+            if step < 0 and w in _CD_IF:
+                return f"supposition {w}"
             words.append(w)
     return None
 
@@ -386,7 +443,11 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
         return "glued letters" if glued else None
     if c.isnumeric():
         return "foreign number"
-    if _math_sign(c) or c == "\u00b7":
+    if c in _CD_CROSSES:
+        return "a cross mark"
+    if c == "?" and right:
+        return "a question"
+    if _math_sign(c) or c in _CD_OP_SYMBOLS:
         return "operator symbol"
     if c == "!" and (glued or right) and not (right and has_result):
         return "factorial"
@@ -400,6 +461,28 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
         return "dash"
     if c not in _CD_PUNCT and far and (far.isnumeric() or far in "+-*/=()" or _math_sign(far)):
         return "symbol before more arithmetic"
+    return None
+
+
+def _cd_colon_label(text: str, start: int) -> str | None:
+    """``Wrong: 5 + 23 = 28``: a denial among the four words before a colon right before it."""
+    k = start - 1
+    while k >= 0 and text[k] in " \t" + _CD_DECOR:
+        k -= 1
+    if k < 0 or text[k] != ":":
+        return None
+    seen, k = 0, k - 1
+    for _ in range(8):
+        if seen == 4:
+            break
+        kind, w, k = _cd_tok(text, k, -1)
+        if kind == "skip":
+            continue
+        if kind != "word":
+            return None
+        if w in _CD_LABEL_NOT:
+            return f"denied by {w}"
+        seen += 1
     return None
 
 
@@ -440,17 +523,24 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         start += chunks[-2].rfind("<answer>")
         end = len(text) - len(rest)
         content = chunks[-2].split("<answer>")[-1]
+        # read what is around the block as a person does; the block itself stands as one NUL
+        head, tail = _cd_read(text[:start]), _cd_read(rest)
+        if head is None or tail is None:
+            return False, "bidirectional controls"
+        around = f"{head}\0{tail}"
+        start, end = len(head), len(head) + 1
         k1 = start - 1
-        while k1 >= 0 and text[k1] in " \t":
+        while k1 >= 0 and around[k1] in " \t":
             k1 -= 1
         k2 = end
-        while k2 < len(text) and text[k2] in " \t":
+        while k2 < len(around) and around[k2] in " \t":
             k2 += 1
         for k, glued, right in ((k1, k1 == start - 1, False), (k2, k2 == end, True)):
-            why = _cd_side_problem(text, k, glued, right, True)
+            why = _cd_side_problem(around, k, glued, right, True)
             if why:
                 return False, why
-        why = _cd_words_problem(text, start, end) or _cd_after(text, end, nums, target)
+        why = (_cd_words_problem(around, start, end) or _cd_colon_label(around, start)
+               or _cd_previous_line(around, start) or _cd_after(around, end, nums, target))
         if why:
             return False, why
         return _cd_check_equation(content, nums, target, ops)
@@ -509,7 +599,8 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         why = _cd_side_problem(text, k, glued, right, "=" in core)
         if why:
             return False, why
-    why = _cd_words_problem(text, start, end) or _cd_previous_line(text, start) or _cd_operand(text, start)
+    why = (_cd_words_problem(text, start, end) or _cd_colon_label(text, start) or _cd_previous_line(text, start)
+           or _cd_operand(text, start))
     if why:
         return False, why
     if "=" not in core:
@@ -529,14 +620,43 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
 
 
 def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
-    """The tokens after the final equation: only the given numbers and the target, no arithmetic,
-    no answer in words after a cue, no denial."""
+    """The tokens after the final equation: only the given numbers and the target, no decimals, no
+    arithmetic (signs, operator words, "<operation> of", LaTeX fractions), no other answer after a
+    cue (next to it, or later in an answer/result sentence), no number word stating another value,
+    no denial or cross mark."""
     allowed = {int(n) for n in nums} | {int(target)}
     window: list[tuple[str, str]] = []
     n = len(text)
+    answer_sentence = False
+    skip_to = -1  # the unit word of "thirty-two" was read with "thirty"
+
+    def after_cue() -> bool:
+        for k2, v2 in reversed(window):
+            if k2 == "word" and v2 in _CD_CUES:
+                return True
+            if not ((k2 == "word" and v2 in _CD_LINKS) or (k2 == "other" and v2 in ":,;\"'*`([$\u201c\u201d\u2018")):
+                return False
+        return False
+
+    def of_operation() -> bool:
+        return (len(window) >= 2 and window[-1] == ("word", "of") and window[-2][0] == "word"
+                and window[-2][1] in _CD_OF_OPS)
+
+    def states() -> bool:
+        seen = [(k2, v2) for k2, v2 in window if not (k2 == "other" and v2 in ",\"'*_`\u201c\u201d")][-2:]
+        if seen and seen[-1] == ("other", "("):
+            return True
+        if not seen or seen[-1][0] != "word":
+            return False
+        last = seen[-1][1]
+        return last in _CD_STATES or (last in ("is", "was", "be") and len(seen) == 2 and seen[0][0] == "word"
+                                      and seen[0][1] in _CD_STATES_BEFORE_IS)
+
     while i < n:
         c = text[i]
         if c.isspace():
+            if c in "\n\r\u2028\u2029\x85":
+                answer_sentence = False
             i += 1
             continue
         j = i + 1
@@ -546,15 +666,17 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             tok = text[i:j]
             if len(tok) > 12 or (tok[0] == "0" and tok != "0") or int(tok) not in allowed:
                 return f"later number {tok[:12]}"
-            if int(tok) != target:
-                for k2, v2 in reversed(window):
-                    if k2 == "word" and v2 in _CD_CUES:
-                        return "later answer"
-                    if not ((k2 == "word" and v2 in _CD_LINKS) or (k2 == "other" and v2 in ":,;\"'*")):
-                        break
+            if int(tok) != target and (answer_sentence or after_cue()):
+                return "later answer"
+            if j + 1 < n and text[j] == "." and text[j + 1].isdigit():
+                return "later decimal"
+            if of_operation():
+                return "later operation of a number"
             kind = "number"
         elif c.isnumeric():
             return "later foreign number"
+        elif text.startswith("####", i):
+            tok, kind, j = "####", "word", i + 4
         elif c.isascii() and c.isalpha():
             while j < n and text[j].isascii() and text[j].isalpha():
                 j += 1
@@ -563,27 +685,55 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 while j < n and text[j].isascii() and text[j].isalpha():
                     j += 1
             tok, kind = text[i:j].lower().replace("\u2019", "'"), "word"
-            if tok in _CD_NOT or tok in _CD_DENIED_LATER:
+            if tok in _CD_NOT or tok in _CD_DENIED_LATER or (tok == "that" and window[-1:] == [("word", "scratch")]):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
                 return "later arithmetic on the result"
-            if tok in _CD_NUMBER_WORDS:
-                for k2, v2 in reversed(window):
-                    if k2 == "word" and v2 in _CD_CUES:
-                        return "later answer in words"
-                    if not ((k2 == "word" and v2 in _CD_LINKS) or (k2 == "other" and v2 in ":,;\"'*")):
-                        break
+            if tok in _CD_NUMBER_WORDS and after_cue():
+                return "later answer in words"
+            if window[-1:] == [("other", "\\")]:
+                if tok in ("frac", "dfrac", "tfrac", "div"):
+                    return "later LaTeX operation"
+                if tok == "boxed" and j < n and text[j] == "{":
+                    k = j + 1
+                    while k < n and text[k] not in "{}":
+                        k += 1
+                    if k < n and text[k] == "{":
+                        return "later nested \\boxed"
+            if tok == "away" and window and window[-1][1] in ("take", "takes", "took", "taking", "taken"):
+                tok = "take away"
+            if tok in _CD_WORD_VALUES and i >= skip_to:
+                value = _CD_WORD_VALUES[tok]
+                if tok in _CD_TENS:
+                    k = j + 1 if j < n and text[j] in "-\u2010\u2011 " else j
+                    e = k
+                    while e < n and text[e].isascii() and text[e].isalpha():
+                        e += 1
+                    unit = text[k:e].lower()
+                    if 1 <= _CD_WORD_VALUES.get(unit, 0) <= 9 and not (e < n and (text[e].isalnum() or text[e] == "_")):
+                        value += _CD_WORD_VALUES[unit]
+                        skip_to = e
+                if value != target and (answer_sentence or states() or of_operation()
+                                        or (value >= 10 and value not in allowed)):
+                    return "later number word"
+        elif c in _CD_CROSSES:
+            return "later cross mark"
         else:
             tok = c
-            kind = "sign" if c in "^%~" or unicodedata.category(c) in ("Sm", "Pd") else "other"
+            kind = "sign" if c in "^%~" or c in _CD_OP_SYMBOLS or unicodedata.category(c) in ("Sm", "Pd") else "other"
         if window:
             pk, pv = window[-1]
             if sorted((kind, pk)) == ["number", "sign"]:
                 return "later arithmetic"
-            if sorted((kind, pk)) == ["number", "word"] and (tok if kind == "word" else pv) in _CD_OP_WORDS:
+            word = tok if kind == "word" else pv
+            if sorted((kind, pk)) == ["number", "word"] and (word in _CD_OP_WORDS or word == "take away"):
                 return "later arithmetic (word)"
         if kind == "number" and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-3:]):
             return "later arithmetic (a number after an operation)"
+        if kind == "word" and tok in _CD_SENTENCE_CUES:
+            answer_sentence = True
+        elif tok in (".", "!", "?"):
+            answer_sentence = False
         window = (window + [(kind, tok)])[-8:]
         i = j
     if window:
@@ -653,7 +803,16 @@ def _fc_const(name):
     raise ValueError(name)
 
 
-_FC_DECODER = json.JSONDecoder(object_pairs_hook=_fc_hook, parse_constant=_fc_const)
+def _fc_float(literal):
+    """The float of a JSON number literal with a fraction or exponent, only when its shortest
+    decimal has the literal's exact value (more digits than a float holds: invalid)."""
+    value = float(literal)
+    if Fraction(repr(value)) != Fraction(literal):  # (inf has no Fraction: invalid too)
+        raise ValueError(literal)
+    return value
+
+
+_FC_DECODER = json.JSONDecoder(object_pairs_hook=_fc_hook, parse_constant=_fc_const, parse_float=_fc_float)
 
 
 def _fc_depth(v, d=1):
@@ -682,10 +841,17 @@ def _fc_calls(v, allow_empty):
         else:
             akey = None
         args = c[akey] if akey else {}
+        if akey == "arguments" and type(args) is str:
+            args = _fc_parse(args)  # (JSON-encoded arguments; ValueError when not JSON)
         if type(args) is not dict:
             return None
         for key in c:
-            if key != "name" and key != akey and type(c[key]) in (dict, list):
+            if key == "name" or key == akey:
+                continue
+            # beside them only metadata: id and index with a scalar, type as "function"
+            if key not in ("id", "type", "index") or type(c[key]) in (dict, list):
+                return None
+            if key == "type" and c[key] != "function":
                 return None
         out.append((c["name"], args))
     return out
@@ -802,17 +968,38 @@ def _fc_yield(v):
     calls = _fc_calls(v, allow_empty=False)
     if calls is not None:
         return calls
+    if isinstance(v, list):  # items that are calls or wrappers of calls, each making some
+        out = []
+        for item in v:
+            got = _fc_yield(item) if isinstance(item, dict) else None
+            if not got:
+                return None
+            out += got
+        return out
     if isinstance(v, dict) and "name" not in v:  # (a call-shaped object wraps nothing)
+        structures = [key for key in v if type(v[key]) in (dict, list)]
+        if len(structures) != 1:  # (a second one might hold a second call)
+            return None
+        holder = structures[0]
+        if holder.casefold() not in ("tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools",
+                                     "function"):
+            return None  # ({"do_not_call": [...]}, {"rejected_calls": [...]}: not calls)
         for key, x in v.items():
-            if type(x) is str and key.casefold() in _FC_FUNCTION_KEYS:
-                return None  # (it names a function: a call in another schema)
-        structures = [x for x in v.values() if type(x) in (dict, list)]
-        if len(structures) == 1:  # (a second one might hold a second call)
-            got = _fc_yield(structures[0])
-            if got == [] and not (len(v) == 1 and list(v)[0].casefold() in (
-                    "tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools")):
-                return None  # (no calls through an object that says more)
-            return got
+            if key == holder:
+                continue
+            if key == "content":
+                fine = x is None or x == ""
+            elif key == "type":
+                fine = x == "function"
+            else:
+                fine = key in ("id", "role")
+            if not fine:
+                return None  # (a flag, a function name, a message: {"dry_run": true, ...})
+        got = _fc_yield(v[holder])
+        if got == [] and not (len(v) == 1 and holder.casefold() in (
+                "tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools")):
+            return None  # (no calls through an object that says more)
+        return got
     return None
 
 
@@ -830,9 +1017,28 @@ _FC_ID = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 _FC_ID_START = set("abcdefghijklmnopqrstuvwxyz_")
 
 
+def _fc_unescape(folded: str) -> str:
+    """HTML character references (``&lt;``, ``&#40;``) and markdown backslash escapes (``\\(``)
+    read as what they render, folded again; unchanged without a ``&`` or backslash."""
+    if "&" not in folded and "\\" not in folded:
+        return folded
+    s = html.unescape(folded)
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~":
+            out.append(s[i + 1])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return _fc_fold("".join(out))
+
+
 def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     """A tool's folded name, not preceded by an ASCII letter or ``_`` (a dot or digits are fine),
-    followed by blanks and an opening parenthesis."""
+    followed by blanks and an opening parenthesis; or a tag named so (``<delete_file>``,
+    ``</delete_file>``, ``<delete_file path="/"/>``). Escapes are read first (:func:`_fc_unescape`)."""
+    folded = _fc_unescape(folded)
     for name in names:
         key = _fc_fold(name).strip() if type(name) is str else ""
         if not key:
@@ -844,6 +1050,17 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             while j < len(folded) and folded[j].isspace():
                 j += 1
             if before not in _FC_ID_START and folded[j:j + 1] == "(":
+                return True
+            # a tag: "<", blanks, maybe "/" and blanks, then the name, not followed by a name character
+            b = k
+            while b > 0 and folded[b - 1].isspace():
+                b -= 1
+            if b > 0 and folded[b - 1] == "/":
+                b -= 1
+                while b > 0 and folded[b - 1].isspace():
+                    b -= 1
+            after = folded[k + len(key):k + len(key) + 1]
+            if b > 0 and folded[b - 1] == "<" and not (after and after in _FC_ID):
                 return True
             k = folded.find(key, k + 1)
     return False
@@ -973,7 +1190,8 @@ def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
     """``<function=name`` or an ASCII identifier (dotted parts) before an opening parenthesis:
     with ``_`` or ``.`` in it, blanks between allowed; without, directly before a parenthesis
     that opens like a call (see :func:`_fc_opens_like_a_call`); other models' markers and YAML
-    (:func:`_fc_marker`)."""
+    (:func:`_fc_marker`). Escapes are read first (:func:`_fc_unescape`)."""
+    folded = _fc_unescape(folded)
     if _fc_marker(folded, quoted):
         return True
     k = folded.find("<function")
@@ -1164,71 +1382,91 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
-    calls, rest, parsed, before, passed = None, "", [], "", []
-    stripped = text.strip()
-    if stripped[:1] in ("[", "{"):
-        try:
-            whole = _fc_parse(stripped)
-            calls, parsed = _fc_calls(whole, allow_empty=True), [whole]
-        except (ValueError, RecursionError):
-            pass
-    if calls is None:
-        chunks, pos, last = [], 0, -1
-        for chunk, ok in _fc_top_level(text):
-            at = text.find(chunk, pos)
-            pos = at + len(chunk)
-            chunks.append((chunk, ok, at))
-            if _fc_is_attempt(chunk, ok):
-                last = len(chunks) - 1
-        if last >= 0 and chunks[last][1]:
-            chunk, _, at = chunks[last]
-            rest = text[at + len(chunk):]
-            letters, idx, run_start, passed = _fc_run(text, chunks, last)
-            before = text[:run_start]
-            # a block is <tool_call> one attempt </tool_call>; only the last may stay open
-            if re.fullmatch(r"(?:S|OSC)*O?S", letters) and all(chunks[j][1] for j in idx):
-                try:
-                    calls = []
-                    for j in reversed(idx):
-                        value = _fc_parse(chunks[j][0])
-                        got = _fc_yield(value)
-                        if got is None:
-                            calls = None
-                            break
-                        calls += got
-                        parsed.append(value)
-                except (ValueError, RecursionError):
-                    calls = None
-    if calls is None:
-        return False, "no call list"
-    names = list(tool_names)
-    folded = _fc_fold(rest)
-    if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(folded)):
-        return False, "a later call attempt in compatibility forms"
-    # a leading reasoning block (opened first, or opened in the prompt) is not calls; the answer
-    # may not be inside it, nor may the block end inside the answer
+    calls, runs, parsed, passed = None, [], [], []
+    spans = _fc_spans(text)
+    # a leading reasoning block (opened first, or opened in the prompt) up to its first "</think>"
+    # outside the bracketed structures (one in a JSON string ends nothing) is not calls
     reasoning = 0
-    close = text.find("</think>")
+    close, k = text.find("</think>"), 0
+    while close >= 0 and k < len(spans):
+        a, b, _ = spans[k]
+        if close < a:
+            break
+        if close < b:
+            close = text.find("</think>", b)
+        k += 1
     if close >= 0:
         opening = text.find("<think>")
         if opening == -1 or opening > close or text[:opening].strip() == "":
             reasoning = close + len("</think>")
-    if reasoning and len(text) - len(rest) <= reasoning:
-        return False, "the answer is inside the reasoning block"
-    if reasoning > len(before):
-        reasoning = 0
-    # the text before and after the run as one, the answer standing in as "[]": a call on either
-    # side or around the answer; YAML keys in quotes (braceless JSON) too, but not inside the
-    # structures before the answer (JSON drafts)
-    folded_before = _fc_fold(before[reasoning:])
-    around = folded_before + "[]" + folded
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            whole = _fc_parse(stripped)
+            calls, parsed, runs = _fc_calls(whole, allow_empty=True), [whole], [(0, len(text))]
+        except (ValueError, RecursionError):
+            pass
+    if calls is None:
+        parsed, runs = [], []
+        chunks, attempts = [], []
+        for a, b, ok in spans:
+            chunks.append((text[a:b], ok, a))
+            if a >= reasoning and _fc_is_attempt(text[a:b], ok):
+                attempts.append(len(chunks) - 1)
+        # every attempt after the reasoning counts: each must be complete, each run well formed
+        # (a block is <tool_call> one attempt </tool_call>; only the last may stay open)
+        good = bool(attempts) and all(chunks[j][1] for j in attempts)
+        left = list(attempts)
+        while good and left:
+            last = left[-1]
+            letters, idx, run_start, run_passed = _fc_run(text, chunks, last)
+            good = re.fullmatch(r"(?:S|OSC)*O?S", letters) is not None
+            runs.insert(0, (run_start, chunks[last][2] + len(chunks[last][0])))
+            passed += run_passed
+            while left and left[-1] >= min(idx):
+                left.pop()
+        if good:
+            try:
+                calls, none_made = [], False
+                for j in attempts:
+                    value = _fc_parse(chunks[j][0])
+                    got = _fc_yield(value)
+                    if got is None:
+                        calls = None
+                        break
+                    none_made = none_made or got == []
+                    calls += got
+                    parsed.append(value)
+                if calls and none_made:
+                    calls = None  # ("no calls" and calls in one text)
+            except (ValueError, RecursionError):
+                calls = None
+    if calls is None:
+        return False, "no call list"
+    names = list(tool_names)
+    # the text outside the runs after the reasoning block, folded: before the first run, between
+    # runs, after the last
+    cuts = [reasoning] + [x for run in runs for x in run] + [len(text)]
+    outside = [_fc_fold(text[cuts[i]:cuts[i + 1]]) for i in range(0, len(cuts), 2)]
+    for f in outside[1:]:
+        if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)):
+            return False, "a later call attempt in compatibility forms"
+    # that text as one, each run standing in as "[]": a call anywhere in it or around a run; YAML
+    # keys in quotes (braceless JSON) too, but not inside the structures before the first run
+    around = "[]".join(outside)
     if _fc_named_call_after(around, names) or _fc_any_call_after(around, quoted=False) \
-            or _fc_yaml(_fc_fold(_fc_without_structures(before[reasoning:])) + "[]" + folded, quoted=True):
+            or _fc_yaml("[]".join([_fc_fold(_fc_without_structures(text[reasoning:runs[0][0]]))] + outside[1:]),
+                        quoted=True):
         return False, "another call in call syntax"
-    # a complete structure that opens before the answer and closes after it (only folding makes one)
+    # a complete call attempt there that only folding makes (opened before a run and closed after it
+    # too); the "[]" standing for a run is none
+    stand_ins, at = set(), 0
+    for f in outside[:-1]:
+        stand_ins.add(at + len(f))
+        at += len(f) + 2
     for a, b, ok in _fc_spans(around):
-        if ok and a < len(folded_before) and b > len(folded_before) + 2 and _fc_is_attempt(around[a:b], ok):
-            return False, "a call attempt around the answer"
+        if ok and a not in stand_ins and _fc_is_attempt(around[a:b], ok):
+            return False, "a call attempt outside the answer"
     for p in passed:
         f = _fc_fold(p)
         if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
