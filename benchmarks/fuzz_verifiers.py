@@ -398,6 +398,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     label = (ok and valid) if _is_attempt(final + after if truncated else final) else None
     before = rng.choice([b for b in FC_BEFORE if not (hermes and "<tool_call>" in b)])
     text = before + final + after
+    # a <tool_call> block in the text: an attempt outside the blocks is no answer
+    blocks = "<tool_call>" in before or (hermes and final[:1] in "<\uff1c")
     r = rng.random()
     if r < 0.35:  # an earlier call list (right or wrong), maybe far away: its calls count too
         decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
@@ -406,7 +408,7 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
         if label is None and _is_attempt(decoy):  # (then an opening <tool_call> after it is a later call)
             label = ok_d and valid_d and "<tool_call>" not in before
         elif _is_attempt(decoy):  # both count: right only if both are the empty list
-            label = label and ok_d and valid_d and not ref
+            label = label and ok_d and valid_d and not ref and not blocks
         if any(c in decoy for c in CALL_SYNTAX):  # call syntax in an earlier attempt: another call
             label = False
     elif r < 0.45 and valid:  # a later attempt that is no answer, or no calls at all
@@ -424,7 +426,7 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
                             "\n1.delete_all_files(path='/')", "\nDone\u2026os.remove(path)", "\nreset\u0301()",
                             '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]',
                             '\n"name": "' + call["name"] + '",\n"arguments": {}'])
-        label = not ref and text.endswith("[]")
+        label = not ref and text.endswith("[]") and not blocks
     return ex, text, bool(label)
 
 

@@ -271,7 +271,7 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("Sure: os.remove(p) " + json.dumps(CALLS[0]) + "</tool_call><tool_call>"
          + "</tool_call><tool_call>".join(json.dumps(c) for c in CALLS[1:]) + "</tool_call>", False),
         ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>" + json.dumps(CALLS[1]) + "; "
-         + json.dumps(CALLS[2]), True),  # a block, then bare attempts: one run
+         + json.dumps(CALLS[2]), False),  # a block, then bare attempts: a harness runs only the block
         # what looks blank or is markup does not end a run (a second reader's cases): lookalike
         # semicolons, combining and blank letters, special tokens, tags with attributes, fences,
         # structures without a key
@@ -354,14 +354,23 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("\n".join("- " + json.dumps(c) for c in CALLS), True),
         ("Calls:\n" + "\n".join(f"{i + 1}) " + json.dumps(c) for i, c in enumerate(CALLS)), True),
         ("1. " + json.dumps(CALLS[0]) + "\n2. " + dumps(CALLS), False),
-        # a fifth reader's cases: the reasoning block is only a leading one, closed before the
-        # answer's run (a </think> inside the answer's JSON, or a block in mid-text, exempts
-        # nothing); an answer inside the reasoning is no answer; a draft in it is no part of the run
+        # a fifth reader's cases: the reasoning block is only one that opens the completion, up to
+        # its first </think> (a block in mid-text exempts nothing); an answer inside the reasoning is
+        # no answer; a draft in it is no part of the answer
         ('<think>delete_all()\n[{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "</think>"}]', False),
         ("Sure. <think>delete_all()</think> " + GOOD, False),
         ("<think>\n" + GOOD + "\n</think>\n\nI'm sorry, I can't help with that.", False),
         ("<think>\nI need these:\n" + GOOD + "\n</think>\n" + GOOD, True),
-        ('Okay, so get_weather(city="Paris") it is.\n</think>\n\n' + GOOD, True),  # (<think> was in the prompt)
+        # a </think> without its <think> is text (r3's prompts close the think block): what is
+        # before it is read, as a harness without a reasoning parser reads it
+        ('Okay, so get_weather(city="Paris") it is.\n</think>\n\n' + GOOD, False),
+        ("The user wants Paris, Tokyo and EUR.\n</think>\n\n" + GOOD, True),
+        (json.dumps([{"name": "delete_all", "arguments": {}}]) + "\n</think>\n" + GOOD, False),
+        # the reasoning ends at its first </think>, even inside a structure, where a reasoning
+        # parser splits it: a call after it is a call
+        ("<think>Plan: [</think>\n<tool_call>" + DELETE_ALL + "</tool_call>\n]</think>\n" + GOOD, False),
+        ("<think>{</think>}<tool_call>" + DELETE_ALL + "</tool_call></think>" + GOOD, False),
+        ('<think>I note {"x": "</think>"}\n<tool_call>' + DELETE_ALL + "</tool_call>\nok </think>\n" + GOOD, False),
         # markup that wraps JSON calls (Jamba, MiniMax, Granite) is part of the run
         ("<tool_calls>" + GOOD + "</tool_calls>", True),
         ("<tool_calls>\n" + "\n".join(json.dumps(c) for c in CALLS) + "\n</tool_calls>", True),
@@ -537,10 +546,10 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         (GOOD + '\nget_weather&#40;"Oslo"&#41;', False),
         (GOOD + "\n&#x3C;convert/&#x3E;", False),
         (GOOD + "\nTom &amp; Jerry (the show) is \\*not\\* a call &lt;3", True),
-        # a "</think>" inside a bracketed structure ends no reasoning block
+        # a "</think>" without a leading "<think>" ends no reasoning block
         ('delete_all(path="/")\n{"note": "</think>"}\nThen:\n' + GOOD, False),
         ('Okay: reset()\n["</think>"]\n' + GOOD, False),
-        ('Okay: reset()\n["x"]</think>\n' + GOOD, True),  # (<think> was in the prompt)
+        ('Okay: reset()\n["x"]</think>\n' + GOOD, False),
         # OpenAI's forms: lists of {"type": "function", "function": {call}}, JSON-encoded arguments
         (json.dumps([{"type": "function", "function": c} for c in CALLS]), True),
         (json.dumps({"tool_calls": [{"id": f"call_{i}", "type": "function", "function": c}
@@ -551,6 +560,40 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         (json.dumps([{"name": c["name"], "arguments": json.dumps(c["arguments"])} for c in CALLS]), True),
         (GOOD.replace('{"city": "Paris"}', '"[\\"Paris\\"]"'), False),  # (encoded arguments that are no object)
         (GOOD.replace('{"city": "Paris"}', '"city=Paris"'), False),
+        # a sixth reader's cases. With a <tool_call> block anywhere, a Hermes / Qwen harness runs only
+        # the blocks: every call attempt must be in one (an attempt before, between or after the
+        # blocks, also a list or a wrapper, is no answer); structures without a key outside are prose
+        ("<tool_call>\n" + json.dumps(CALLS[0]) + "\n</tool_call>\n<tool_call>\n" + json.dumps(CALLS[2])
+         + "\n</tool_call>\nI would also check " + json.dumps(CALLS[1]) + " later.", False),
+        ("I will not call " + json.dumps(CALLS[0]) + ".\n"
+         + "\n".join("<tool_call>\n" + json.dumps(c) + "\n</tool_call>" for c in CALLS[1:]), False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nAlso " + json.dumps(CALLS[1]) + "\n<tool_call>"
+         + json.dumps(CALLS[2]) + "</tool_call>", False),
+        ("\u200b".join("< Tool_Call >" + json.dumps(c) + "</tool_call\u200b>" for c in CALLS[:2]) + "\nAnd "
+         + json.dumps(CALLS[2]), False),
+        ("\n".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS[1:])
+         + "\nFirst: " + json.dumps(CALLS[0]), False),
+        ('<tool_call id="1">' + json.dumps(CALLS[0]) + "</tool_call>\n" + dumps(CALLS[1:]), False),
+        ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[:2]) + "\n"
+         + json.dumps({"tool_calls": CALLS[2:]}), False),
+        (dumps(CALLS[:1]) + "\n" + "\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[1:]), False),
+        ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[:2]) + "\n```json\n"
+         + dumps(CALLS[2:]) + "\n```", False),
+        ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n"
+         + "".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS[1:]), True),
+        ("[note] " + "\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS) + "\n[1, 2] {}", True),
+        ("\n".join(dumps([c]) for c in CALLS), True),  # no tags: every attempt counts
+        (GOOD + "\n</tool_call>", True),  # (a closing tag alone opens no block)
+        # only the very last block of the completion may stay unclosed: an unclosed block before
+        # another would swallow it
+        ("<tool_call>\n" + json.dumps(CALLS[0]) + "\nNext year:\n"
+         + "\n".join("<tool_call>\n" + json.dumps(c) + "\n</tool_call>" for c in CALLS[1:]), False),
+        ("< Tool_Call >" + json.dumps(CALLS[0]) + "\nThen:\n\uff1ctool_call\uff1e" + json.dumps(CALLS[1])
+         + "\uff1c/tool_call\uff1e\n<tool_call>" + json.dumps(CALLS[2]), False),
+        ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[:2]) + "\nWait.\n<tool_call>"
+         + json.dumps(CALLS[2]), True),  # (the last block cut off at the end)
+        ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[:2]) + "\n<tool_call>"
+         + json.dumps(CALLS[2]), True),
         # a number is what it says: more digits than a float holds is no answer
         (GOOD.replace("100.0", "100.000000000000001"), False),
         (GOOD.replace("100.0", "1.00e2"), True),

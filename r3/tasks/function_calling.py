@@ -46,15 +46,22 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   wrapper yields no calls only as ``{"tool_calls": []}``); a call list may hold wrappers that make
   calls as items (OpenAI's ``[{"type": "function", "function": {call}}, ...]``). An attempt of no
   calls (``[]``, ``{"tool_calls": []}``) beside one that makes calls is no answer. Tags must pair
-  up in each run: a block opens, holds one attempt and closes (the last one may stay open); a
-  block opened twice or unclosed, holding two attempts, a closing tag right before a run (a block
-  of prose before it), or a tag with an attribute other than an ``id`` (``<tool_call
-  name="f">``) makes it no answer. A broken, truncated or invalid attempt anywhere is no answer,
-  and nothing inside a structure is searched separately (``[{right call}, {broken call}]`` is no
-  answer, not the right call alone). A leading reasoning block (the completion opens with
-  ``<think>``, or its ``<think>`` was in the prompt, up to the first ``</think>`` outside the
-  bracketed structures: one inside a JSON string ends nothing) is reasoning, not calls: its
-  attempts are not read, so an answer only inside it is no answer;
+  up in each run: a block opens, holds one attempt and closes; a block opened twice or unclosed,
+  holding two attempts, a closing tag right before a run (a block of prose before it), or a tag
+  with an attribute other than an ``id`` (``<tool_call name="f">``) makes it no answer. Only the
+  very last block of the completion may stay unclosed: the next tag after each run's last
+  attempt must close its block unless no tag follows (``<tool_call>{a}\\nNext:\\n<tool_call>{b}
+  </tool_call>`` is no answer). A Hermes / Qwen harness runs only the blocks, so when the text
+  opens one (after the reasoning block, outside the structures) every attempt must be in a block:
+  one before, between or after them (``<tool_call>{a}</tool_call> and {b}``) is no answer;
+  structures without a key, blocks apart with prose between, and text with no opening tag (a
+  bare list, ``{a}; {b}``, labelled calls; a stray ``</tool_call>``) are fine. A broken,
+  truncated or invalid attempt anywhere is no answer, and nothing inside a structure is searched
+  separately (``[{right call}, {broken call}]`` is no answer, not the right call alone). A
+  leading reasoning block (the completion opens with ``<think>``, up to its first ``</think>``,
+  where a reasoning parser splits it) is reasoning, not calls: its attempts are not read, so an
+  answer only inside it is no answer. A ``</think>`` without that opening is text (r3 renders
+  prompts with the think block closed);
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
   (``"id": "call_1"`` is fine; ``"id": "delete_all()"`` or a string holding a call attempt, also
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets outside
@@ -457,6 +464,43 @@ def _well_formed(items: list[tuple[str, int, int]]) -> bool:
     return True
 
 
+_ANGLED = re.compile("[<\ufe64\uff1c][^<>\ufe64\ufe65\uff1c\uff1e]{1,200}[>\ufe65\uff1e]")
+
+
+def _tool_call_tags(text: str, found: list[tuple[int, int, bool]], thought: int) -> list[tuple[int, str]]:
+    """``(start, kind)`` of each ``<tool_call>`` / ``</tool_call>`` tag (:func:`_tag`: ``"open"``,
+    ``"close"`` or ``"named"``) after the reasoning block that ends at ``thought`` and outside the
+    structures ``found``, in order."""
+    tags, lo = [], thought
+    for s0, e0, _ in found + [(len(text), len(text), True)]:
+        if s0 > lo:
+            for m in _ANGLED.finditer(text, lo, s0):
+                kind = _tag(m.group())
+                if kind in ("open", "close", "named"):
+                    tags.append((m.start(), kind))
+        lo = max(lo, e0)
+    return tags
+
+
+def _blocks_fit(runs: list[list[tuple[str, int, int]]], tags: list[tuple[int, str]]) -> bool:
+    """Where the completion opens a ``<tool_call>`` block (``tags``: :func:`_tool_call_tags`), a
+    harness reads only the blocks: then every call attempt of the runs (their items, in order, see
+    :func:`_run_items`) must stand right after an opening tag, and the next tag after each run's
+    last attempt must close its block: only the very last block of the completion (no tag after
+    it) may stay unclosed."""
+    if not any(kind == "open" for _, kind in tags):
+        return True
+    t = 0
+    for items in runs:
+        if any(kind == "call" and (j == 0 or items[j - 1][0] != "open") for j, (kind, _, _) in enumerate(items)):
+            return False  # (an attempt outside the blocks: a harness would not make its calls)
+        while t < len(tags) and tags[t][0] < items[-1][2]:
+            t += 1
+        if t < len(tags) and tags[t][1] != "close":
+            return False  # (an unclosed block before another block: it would swallow the next one)
+    return True
+
+
 def _embedded(text: str, thought: int) -> tuple[list[dict] | None, int, list, list[tuple[int, int]], list[str]]:
     """The calls of every run of call attempts in ``text`` after the reasoning block that ends at
     ``thought`` (see the module docstring), or None; where the last call attempt ends (0 when
@@ -472,7 +516,7 @@ def _embedded(text: str, thought: int) -> tuple[list[dict] | None, int, list, li
     end = found[attempts[-1]][1]
     if not all(found[k][2] for k in attempts):
         return None, end, [], [], []  # a broken or truncated attempt
-    runs, passed, n = [], [], len(attempts)
+    runs, passed, n, shapes = [], [], len(attempts), []
     while n:  # the runs, from the last one back
         last = attempts[n - 1]
         items, start, run_passed = _run_items(text, found, last)
@@ -480,7 +524,10 @@ def _embedded(text: str, thought: int) -> tuple[list[dict] | None, int, list, li
             return None, end, [], [], []
         n -= sum(kind == "call" for kind, _, _ in items)
         runs.append((start, found[last][1]))
+        shapes.append(items)
         passed += run_passed
+    if not _blocks_fit(shapes[::-1], _tool_call_tags(text, found, thought)):
+        return None, end, [], [], []
     calls, values, empty = [], [], False
     try:
         for k in attempts:
@@ -773,24 +820,14 @@ _LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_cal
 
 
 def _reasoning_end(text: str) -> int:
-    """Where a leading reasoning block ends (just after its first ``</think>`` outside the
-    bracketed structures: one in a JSON string ends nothing), or 0: a block that opens the
-    completion (after blanks) with ``<think>``, or whose ``<think>`` was in the prompt (no
-    ``<think>`` before that ``</think>``). Its text is reasoning, not calls."""
-    close = text.find("</think>")
-    for start, end, _ in _structures(text) if close >= 0 else ():
-        if close < start:
-            break
-        if close < end:
-            close = text.find("</think>", end)
-            if close < 0:
-                break
-    if close < 0:
+    """Where a leading reasoning block ends (just after its first ``</think>``, where a reasoning
+    parser splits it), or 0: the block must open the completion (after blanks) with ``<think>``
+    (r3 renders prompts with the think block closed, ``enable_thinking=False``, so a ``</think>``
+    without its ``<think>`` is text). Its text is reasoning, not calls."""
+    if not text.lstrip().startswith("<think>"):
         return 0
-    opening = text.find("<think>")
-    if opening < 0 or opening > close or not text[:opening].strip():
-        return close + len("</think>")
-    return 0
+    close = text.find("</think>")
+    return close + len("</think>") if close >= 0 else 0
 
 
 def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:

@@ -1378,27 +1378,35 @@ def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int], int, li
         i = start = at
 
 
+def _fc_tags(text: str, spans: list[tuple[int, int, bool]], reasoning: int) -> list[tuple[int, str]]:
+    """(where it starts, ``O`` / ``C`` / ``X``) for each tool_call tag (see
+    :func:`_fc_markup_ending_at`) from ``reasoning`` on, outside the bracketed ``spans``."""
+    out, gaps, at = [], [], reasoning
+    for a, b, _ in spans:
+        if a > at:
+            gaps.append((at, a))
+        at = max(at, b)
+    gaps.append((at, len(text)))
+    for lo, hi in gaps:
+        for i in range(lo, hi):
+            if text[i] in _FC_GT:
+                kind, j = _fc_markup_ending_at(text, lo, i + 1)
+                if kind in ("O", "C", "X"):
+                    out.append((j, kind))
+    return out
+
+
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
     calls, runs, parsed, passed = None, [], [], []
     spans = _fc_spans(text)
-    # a leading reasoning block (opened first, or opened in the prompt) up to its first "</think>"
-    # outside the bracketed structures (one in a JSON string ends nothing) is not calls
+    # a reasoning block that opens the completion (after blanks) up to its first "</think>", where a
+    # reasoning parser splits it, is not calls
     reasoning = 0
-    close, k = text.find("</think>"), 0
-    while close >= 0 and k < len(spans):
-        a, b, _ = spans[k]
-        if close < a:
-            break
-        if close < b:
-            close = text.find("</think>", b)
-        k += 1
-    if close >= 0:
-        opening = text.find("<think>")
-        if opening == -1 or opening > close or text[:opening].strip() == "":
-            reasoning = close + len("</think>")
+    if text.strip().startswith("<think>") and "</think>" in text:
+        reasoning = text.index("</think>") + len("</think>")
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
         try:
@@ -1414,17 +1422,30 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
             if a >= reasoning and _fc_is_attempt(text[a:b], ok):
                 attempts.append(len(chunks) - 1)
         # every attempt after the reasoning counts: each must be complete, each run well formed
-        # (a block is <tool_call> one attempt </tool_call>; only the last may stay open)
+        # (a block is <tool_call> one attempt </tool_call>; the last of a run may stay open here)
         good = bool(attempts) and all(chunks[j][1] for j in attempts)
-        left = list(attempts)
+        left, shapes = list(attempts), []
         while good and left:
             last = left[-1]
             letters, idx, run_start, run_passed = _fc_run(text, chunks, last)
             good = re.fullmatch(r"(?:S|OSC)*O?S", letters) is not None
             runs.insert(0, (run_start, chunks[last][2] + len(chunks[last][0])))
+            shapes.insert(0, letters)
             passed += run_passed
             while left and left[-1] >= min(idx):
                 left.pop()
+        # with a <tool_call> block anywhere (after the reasoning, outside the structures) a harness
+        # executes only the blocks: every attempt in one, and each run's last block closed by the
+        # next tag after it, unless no tag comes after it (the very last block, cut off)
+        tags = _fc_tags(text, spans, reasoning) if good else []
+        if "O" in [kind for _, kind in tags]:
+            k = 0
+            for (_, run_end), letters in zip(runs, shapes):
+                while k < len(tags) and tags[k][0] < run_end:
+                    k += 1
+                if not re.fullmatch(r"(?:OSC)*OS", letters) or (k < len(tags) and tags[k][1] != "C"):
+                    good = False
+                    break
         if good:
             try:
                 calls, none_made = [], False
