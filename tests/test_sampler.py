@@ -387,7 +387,7 @@ def test_packed_matmuls_equal_the_plain_step(tiny_dirs, kind):
     logits (up to bf16 rounding of a different kernel) and cache writes as the plain step."""
     model, _ = load(tiny_dirs[kind][0], dtype=torch.bfloat16, tokenizer=False)
     if not PackedWeights.available(model):
-        pytest.skip("no oneDNN packed matmul in this PyTorch build")
+        pytest.skip("no oneDNN bf16 packed matmul here (this PyTorch build or this CPU: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX needed)")
     rows = _rand_prompts(256, [12, 5, 9], seed=12)
     with torch.inference_mode():
         caches, last, pos = _prefilled(model, rows, 12)
@@ -409,7 +409,7 @@ def test_packed_weights_see_weight_updates(tiny_dirs, monkeypatch):
     the plain matmuls give."""
     model, _ = load(tiny_dirs["qwen2"][0], dtype=torch.bfloat16, tokenizer=False)
     if not PackedWeights.available(model):
-        pytest.skip("no oneDNN packed matmul in this PyTorch build")
+        pytest.skip("no oneDNN bf16 packed matmul here (this PyTorch build or this CPU: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX needed)")
     prompts = _rand_prompts(256, [6, 3], seed=13)
     before = generate(model, prompts, max_new_tokens=8, temperature=0)
     with torch.no_grad():
