@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r3.checkpoint import load  # noqa: E402
 from r3.config import parse_args as parse_train_args  # noqa: E402
+from r3.precision import resolve_dtype_name  # noqa: E402
 from r3.chat import ChatFormat  # noqa: E402
 from r3.episode import answer_stops, run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
@@ -205,6 +206,7 @@ def main():
             _write_json(Path(args.json), res)
         return
     cfg = parse_train_args(list(args.train_args))
+    cfg.dtype = resolve_dtype_name(cfg.dtype, args.device)  # (the run and both evaluations in one dtype)
     out = Path(args.out)
     run = out / "run"
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +238,7 @@ def main():
     t0 = time.time()
     if not args.skip_train:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "-m", "r3.train", *args.train_args, "--out", str(run)]
+               "-m", "r3.train", *args.train_args, "--dtype", cfg.dtype, "--out", str(run)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     train_s = time.time() - t0
