@@ -169,17 +169,13 @@ OF_OPERATIONS = frozenset("""
     root roots half double triple twice reciprocal inverse log logarithm factorial remainder multiple
     multiples exponent percent percentage fraction third quarter average mean max maximum min minimum
 """.split())
-NUMBER_WORDS = frozenset("""
-    zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
-    sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety
-    hundred thousand million
-""".split())
 _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
           "fifteen sixteen seventeen eighteen nineteen").split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 #: The value of a number word, and of a tens word joined to a unit (``thirty-two``, ``thirty two``).
 _WORD_VALUE = {w: v for v, w in enumerate(_UNITS)} | {w: 20 + 10 * k for k, w in enumerate(_TENS)} | {
     "hundred": 100, "thousand": 1000, "million": 1000000}
+NUMBER_WORDS = frozenset(_WORD_VALUE)
 _TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?(one|two|three|four|five|six|seven|eight|nine)\b", re.IGNORECASE)
 #: Marks that deny what they touch: a cross next to the final equation, or anywhere after it.
 DENIAL_MARKS = "\u274c\u274e\u2717\u2718\u2716"

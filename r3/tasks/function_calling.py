@@ -200,6 +200,11 @@ def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
     return True
 
 
+# What a call object may hold beside its name and arguments: metadata with a scalar value, "type"
+# only as "function".
+_CALL_META = frozenset({"id", "type", "index"})
+
+
 def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
     """Normalise a parsed JSON value to ``[{"name": str, "arguments": dict}, ...]`` or None."""
     if isinstance(value, dict):
@@ -227,11 +232,6 @@ def _as_calls(value: Any, allow_empty: bool = True) -> list[dict] | None:
                 return None  # (flat arguments, a second function name, a flag: another call, or ambiguous)
         calls.append({"name": c["name"], "arguments": args})
     return calls
-
-
-# What a call object may hold beside its name and arguments: metadata with a scalar value, "type"
-# only as "function".
-_CALL_META = frozenset({"id", "type", "index"})
 
 
 def _arguments_key(call: dict) -> str | None:

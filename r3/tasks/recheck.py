@@ -86,16 +86,13 @@ _CD_OF_OPS = set("""
     half double triple twice reciprocal inverse log logarithm factorial remainder multiple multiples exponent
     percent percentage fraction third quarter average mean max maximum min minimum
 """.split())
-_CD_NUMBER_WORDS = set("""
-    zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen
-    seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million
-""".split())
 _CD_WORD_VALUES = {w: k for k, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen".split())}
 _CD_TENS = {w: 20 + 10 * k for k, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
 _CD_WORD_VALUES.update(_CD_TENS)
 _CD_WORD_VALUES.update(hundred=100, thousand=1000, million=1000000)
+_CD_NUMBER_WORDS = set(_CD_WORD_VALUES)
 _CD_BAD_ASCII = "^%|~\\[]{}<>"
 _CD_PUNCT = ".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb"
 _CD_DECOR = "_'\u2019*\"`"
