@@ -216,7 +216,18 @@ def countdown_case(rng: random.Random, task, pool: list[dict]) -> tuple[dict, st
         n = rng.choice([ex["target"], ex["target"] + rng.choice([-2, 1, 5])])
         text += rng.choice(["\nThe answer is {}.", " So the result is {}", "\n<answer>{}</answer>", " to get {}"]).format(n)
         ok = ok and n == ex["target"]
-    return ex, text, ok
+    return ex, *_reasoning_lead(rng, text, ok, decoy=f"Maybe {ex['nums'][0]} * 7 = {ex['target']}?")
+
+
+def _reasoning_lead(rng: random.Random, text: str, ok: bool, decoy: str) -> tuple[str, bool]:
+    """Sometimes a leading reasoning block: closed, it is not read (the label stands, even with a
+    wrong answer inside it); never closed, the completion holds no answer."""
+    r = rng.random()
+    if r < 0.06:
+        return f"<think>\nLet me see. {decoy}\n</think>\n\n" + text, ok
+    if r < 0.1 and "</think>" not in text:
+        return "<think>\n" + text, False
+    return text, ok
 
 
 def countdown_pool(task, n: int, seed: int) -> list[dict]:
@@ -427,7 +438,7 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
                             '\nOr: [{"n\\u0061me": "' + call["name"] + '", "arguments": {}}]',
                             '\n"name": "' + call["name"] + '",\n"arguments": {}'])
         label = not ref and text.endswith("[]") and not blocks
-    return ex, text, bool(label)
+    return ex, *_reasoning_lead(rng, text, bool(label), decoy="Call delete_all_files(path='/') first?")
 
 
 # ---------------------------------------------------------------------------------------

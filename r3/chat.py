@@ -33,7 +33,12 @@ class ChatFormat:
       model saw it when sampling, so the sequence differs from a re-rendering by exactly that
       text in each past assistant turn (``history_drops``);
     - a template that moves the system message to the last user turn (Mistral v0.3) cannot be
-      continued with a system message: ``prompt`` says so in one line.
+      continued with a system message: ``prompt`` says so in one line;
+    - a generation prompt may open the assistant's reasoning block (DeepSeek-R1-Distill's ends in
+      ``<think>\n``): the model's reply then continues that block, so ``reply_prefix`` holds the
+      opening and ``decode`` puts it in front of the reply's text. Verifiers read the reply as the
+      assistant message it completes, reasoning block included, not as a fragment that starts
+      inside it.
 
     ``template_options`` are passed to the template (default ``enable_thinking=False``: Qwen3's
     non-thinking mode; templates that do not use it ignore it). ``eos_token_ids`` adds stop ids.
@@ -66,6 +71,8 @@ class ChatFormat:
             raise R3Error("the chat template renders a second round of turns differently from the first; "
                           "r3 cannot continue conversations with it")
         self._system_problem = self._check_system(q, a, u)
+        opened = self._tail.rfind("<think>")
+        self.reply_prefix = self._tail[opened:] if opened > self._tail.rfind("</think>") else ""
         extra = set() if eos_token_ids is None else {int(i) for i in eos_token_ids}
         ids = {self.end_of_turn_id, int(tokenizer.eos_token_id)} | extra | set(generation_eos_ids(tokenizer))
         self.stop_ids = sorted(i for i in ids if 0 <= i < len(tokenizer))
@@ -128,7 +135,9 @@ class ChatFormat:
         return ids + self.encode(self._between + text + self._tail)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        """The text of the assistant message that ``ids`` (a sampled reply) complete: the
+        ``reply_prefix`` the generation prompt opened, then the reply without special tokens."""
+        return self.reply_prefix + self.tok.decode(ids, skip_special_tokens=True)
 
 
 def _first_line(e: BaseException) -> str:

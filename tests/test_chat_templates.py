@@ -43,10 +43,15 @@ FAMILIES = {
     "phi35": (["<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"], "<s>", "<|endoftext|>",
               ["<|end|>", "<|assistant|>", "<|endoftext|>"]),
     "mistral_v03": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", ["</s>"]),
+    "deepseek_r1_distill": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+                            "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["<｜end▁of▁sentence｜>"]),
 }
+# Tokens added as plain (not special) tokens, as in the family's tokenizer: decoding keeps them.
+PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 # What the template writes after an assistant message (the token r3 must stop at).
 END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "llama31": "<|eot_id|>",
-               "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>"}
+               "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>",
+               "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
 # Text the template writes between the generation prompt and the assistant's message (the model
 # writes it itself: Mistral puts a space before the answer).
 LEAD = {"mistral_v03": " "}
@@ -56,7 +61,7 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT = {"qwen2": QWEN_SPLIT, "qwen25": QWEN_SPLIT, "qwen3": QWEN_SPLIT, "llama31": LLAMA3_SPLIT,
-         "llama32": LLAMA3_SPLIT}
+         "llama32": LLAMA3_SPLIT, "deepseek_r1_distill": QWEN_SPLIT}
 
 QUERY = "Write an equation that uses 12 and 7 once each and equals 19."
 ATTEMPT = "12 - 7 = 5"
@@ -80,6 +85,7 @@ def _install(tmp_path: Path, base_tok, family: str):
             pre_tokenizers.Split(Regex(SPLIT[family]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens(PLAIN_ADDED.get(family, []))
     tok.eos_token = eos
     if bos is not None:
         tok.bos_token = bos
@@ -125,6 +131,9 @@ def _template_text(tok, family: str, messages) -> str:
         parts = text.split(header)
         text = parts[0] + "".join(header + ("" if p.startswith("<think>") else "<think>\n\n</think>\n\n") + p
                                   for p in parts[1:])
+    if family == "deepseek_r1_distill":
+        # Its generation prompt opens the reasoning block, which past assistant turns leave out.
+        text = text.replace("<｜Assistant｜>", "<｜Assistant｜><think>\n").replace("<think>\n<think>\n", "<think>\n")
     return text
 
 
@@ -314,3 +323,60 @@ def test_generation_eos_falls_back_to_config_json(tokenizers, tmp_path):
     assert {0, 2} <= set(ChatFormat(tok).stop_ids)
     (tmp_path / "config.json").unlink()
     assert generation_eos_ids(AutoTokenizer.from_pretrained(str(tmp_path))) == []
+
+
+def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
+    """DeepSeek-R1-Distill's generation prompt ends in ``<think>\\n``: the reply continues the
+    reasoning block, so the text r3 verifies (``decode``) starts with that opening. Templates
+    whose prompt closes the block (Qwen3 non-thinking) or leaves it to the model add nothing."""
+    from r3.tasks.function_calling import FunctionCallingTask
+
+    chat = ChatFormat(tokenizers["deepseek_r1_distill"])
+    assert chat.tok.decode(chat.prompt(_conversation(True))).endswith("<｜Assistant｜><think>\n")
+    assert chat.reply_prefix == "<think>\n" and chat.history_drops == "<think>\n"
+    for family in ("qwen3", "qwen25", "llama31", "smollm2"):
+        assert ChatFormat(tokenizers[family]).reply_prefix == ""
+    assert ChatFormat(tokenizers["qwen3"], template_options={}).reply_prefix == ""
+
+    task = FunctionCallingTask()
+    tools = [{"name": "get_weather", "description": "Weather of a city.",
+              "parameters": {"city": {"type": "str", "description": "The city."}}},
+             {"name": "delete_all", "description": "Delete every file.", "parameters": {}}]
+    ex = {"id": 1, "query": "Weather in Paris?", "tools": tools,
+          "answers": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+    good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    reply = 'The user wants the weather; get_weather(city="Paris") it is, not delete_all().\n</think>\n\n' + good
+    ids = chat.encode(reply) + [chat.end_of_turn_id]
+    assert chat.decode(ids) == "<think>\n" + reply
+    assert task.verify(ex, chat.decode(ids))
+    assert not task.verify(ex, reply)  # read from inside the block, its mentions are call attempts
+    # An answer only inside the reasoning (cut off before </think>) is no answer.
+    assert not task.verify(ex, chat.decode(chat.encode("I will answer with " + good)))
+    assert not task.verify(ex, chat.decode(chat.encode('Plan: delete_all()\n</think>\n' + good.replace("Paris", "Rome"))))
+
+
+def test_episode_verifies_replies_with_the_opened_reasoning_block(tokenizers, tmp_path):
+    """Every text an R1-style episode verifies and records starts inside the opened block."""
+    from test_episode import CoinTask, build_tiny_chat_model
+
+    from r3.checkpoint import load
+    from r3.episode import EpisodeSampling, run_episode
+
+    tok = tokenizers["deepseek_r1_distill"]
+    eot = ChatFormat(tok).end_of_turn_id
+    build_tiny_chat_model(tmp_path, tok, eos_logit=9.0, kind="qwen2", eos=eot)
+    model, tok = load(str(tmp_path))
+    chat = ChatFormat(tok)
+    seen = []
+
+    class Recording(CoinTask):
+        def _check(self, example, completion_text):
+            seen.append(completion_text)
+            return super()._check(example, completion_text)
+
+    task = Recording()
+    sampling = EpisodeSampling(temperature=1.0, max_attempt_tokens=6, max_reflection_tokens=5, max_retry_tokens=5)
+    ep = run_episode(model, tok, task, task.examples(n=6), group_size=2, sampling=sampling, seed=3, chat=chat)
+    assert len(seen) >= 6 and all(t.startswith("<think>\n") for t in seen)
+    assert ep.records and all(rec[k].startswith("<think>\n") for rec in ep.records
+                              for k in ("attempt", "reflection", "retry"))

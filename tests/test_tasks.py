@@ -271,6 +271,12 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>. The answer is 6.5", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u2713", True),
         ([1, 2, 3], 6, "The answer is:\n<answer>1 * 2 * 3</answer>, which is six.", True),
+        # a leading reasoning block: only what follows its first </think> is read
+        ([1, 2, 3], 6, "<think>\n1 + 2 = 3, 3 * 2 = 6\n</think>\n<answer>1 * 2 * 3</answer>", True),
+        ([1, 2, 3], 6, "<think>\nIt is <answer>1 * 2 * 3</answer>\n</think>\nI give up.", False),
+        ([1, 2, 3], 6, "<think>\nIt is <answer>1 * 2 * 3</answer> for sure", False),  # never closed
+        ([1, 2, 3], 6, "<think>So <answer>1 + 2 + 4</answer></think> is wrong. <answer>1 * 2 * 3</answer>", True),
+        ([1, 2, 3], 6, "Hmm </think> <answer>1 * 2 * 3</answer>", True),  # no leading block: the tag is markup
     ],
 )
 def test_countdown_verifier_cases(nums, target, completion, expected):
@@ -927,6 +933,12 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([3, 4], 7, "3 + 4 + 0 = 7", False),
         ([3, 4], 7, "3 + 3 + 1 = 7", False),
         ([3, 3], 6, "3 + 3 = 6", True),
+        # a leading reasoning block: only what follows its first </think> is read; never closed, no answer
+        ([5, 23], 28, "<think>\n5 * 23 = 115, too big. 5 + 23 = 28.\n</think>\n\n5 + 23 = 28", True),
+        ([5, 23], 28, "<think>\n5 + 23 = 28\n</think>\n\nI cannot find one.", False),
+        ([5, 23], 28, "<think>\nTry 5 + 23 = 28", False),
+        ([5, 23], 28, "<think>\n5 + 23 = 28</think>The answer is 28.", False),
+        ([5, 23], 28, "<think>Not 5 * 23.</think> 5 + 23 = 28", True),
     ],
 )
 def test_countdown_final_equation_rule(nums, target, completion, expected):

@@ -350,6 +350,10 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("<think>get_weather() then convert()</think>" + "\n".join("<tool_call>" + json.dumps(c) + "</tool_call>"
                                                                      for c in CALLS), True),
         ("<think>unclosed get_weather(city='Paris')\n" + GOOD, False),
+        # a block never closed (cut off, or the reply of a prompt that opened it) is all reasoning
+        ("<think>\nThe user wants the weather and a conversion.\n" + GOOD, False),
+        ("  <think>" + GOOD, False),
+        ("<think>\nPlan: " + DELETE_ALL + "\n</think>\n" + GOOD, True),
         ("\n".join(f"{i + 1}. " + json.dumps(c) for i, c in enumerate(CALLS)), True),
         ("\n".join("- " + json.dumps(c) for c in CALLS), True),
         ("Calls:\n" + "\n".join(f"{i + 1}) " + json.dumps(c) for i, c in enumerate(CALLS)), True),

@@ -1,5 +1,11 @@
 """The Countdown verifier: one answer rule, read in linear time, evaluated exactly.
 
+**Reasoning.** A completion that opens (after blanks) with ``<think>`` starts with a reasoning
+block up to its first ``</think>``, where reasoning parsers split it: only the text after it is
+read, by the rules below; a block never closed leaves no answer. (Where a chat template's
+generation prompt opens the block, :meth:`r3.chat.ChatFormat.decode` puts the opening in front of
+the reply.)
+
 **With tags** (``answer_tags=True``) the answer is the content of the last complete ``<answer> ...
 </answer>`` block. It is no answer when a later answer tag follows it (an unclosed ``<answer>``, or
 one in another spelling: ``<Answer>``, ``< answer >``, ``&lt;answer&gt;``), or when what is next to
@@ -824,6 +830,11 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         return False, "completion is not a string"
     if len(text) > MAX_COMPLETION_CHARS:
         return False, f"completion longer than {MAX_COMPLETION_CHARS} characters"
+    if text.lstrip().startswith("<think>"):
+        close = text.find("</think>")
+        if close < 0:
+            return False, "the reasoning block (<think>) is never closed: no answer"
+        text = text[close + len("</think>"):]
     if tags:
         close = text.rfind("</answer>")
         opening = text.rfind("<answer>", 0, close) if close >= 0 else -1

@@ -60,8 +60,10 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   separately (``[{right call}, {broken call}]`` is no answer, not the right call alone). A
   leading reasoning block (the completion opens with ``<think>``, up to its first ``</think>``,
   where a reasoning parser splits it) is reasoning, not calls: its attempts are not read, so an
-  answer only inside it is no answer. A ``</think>`` without that opening is text (r3 renders
-  prompts with the think block closed);
+  answer only inside it is no answer, and a block never closed leaves no answer. A ``</think>``
+  without that opening is text (r3 renders Qwen3 prompts with the think block closed; where a
+  generation prompt opens it, as DeepSeek-R1-Distill's ``<think>\\n``, the reply's text starts
+  with that opening: :meth:`r3.chat.ChatFormat.decode`);
 * a call must not hide in the answer's loose strings: its keys and the strings beside its calls
   (``"id": "call_1"`` is fine; ``"id": "delete_all()"`` or a string holding a call attempt, also
   in full-width forms, is no answer, see :func:`hidden_call`); nor in full-width brackets outside
@@ -821,13 +823,14 @@ _LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_cal
 
 def _reasoning_end(text: str) -> int:
     """Where a leading reasoning block ends (just after its first ``</think>``, where a reasoning
-    parser splits it), or 0: the block must open the completion (after blanks) with ``<think>``
-    (r3 renders prompts with the think block closed, ``enable_thinking=False``, so a ``</think>``
-    without its ``<think>`` is text). Its text is reasoning, not calls."""
+    parser splits it; the end of the text when it is never closed), or 0: the block must open the
+    completion (after blanks) with ``<think>`` (a ``</think>`` without its ``<think>`` is text;
+    where the generation prompt opens the block, :meth:`r3.chat.ChatFormat.decode` puts the
+    opening in front of the reply). Its text is reasoning, not calls."""
     if not text.lstrip().startswith("<think>"):
         return 0
     close = text.find("</think>")
-    return close + len("</think>") if close >= 0 else 0
+    return close + len("</think>") if close >= 0 else len(text)
 
 
 def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:

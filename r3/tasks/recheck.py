@@ -506,6 +506,11 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     """The Countdown rule (see :mod:`r3.tasks.countdown_verify`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
+    if text.strip().startswith("<think>"):  # a leading reasoning block: only what follows it is read
+        head, closing, after = text.partition("</think>")
+        if not closing:
+            return False, "the reasoning block is never closed"
+        text = after
     if tags:
         chunks = text.split("</answer>")
         if len(chunks) < 2 or "<answer>" not in chunks[-2]:
@@ -1401,8 +1406,11 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     spans = _fc_spans(text)
     # a reasoning block that opens the completion (after blanks) up to its first "</think>", where a
     # reasoning parser splits it, is not calls
+    # (one never closed is all reasoning: no answer)
     reasoning = 0
-    if text.strip().startswith("<think>") and "</think>" in text:
+    if text.strip().startswith("<think>"):
+        if "</think>" not in text:
+            return False, "the reasoning block is never closed"
         reasoning = text.index("</think>") + len("</think>")
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
