@@ -93,9 +93,13 @@ def turn_text(task, kind: str, example: dict) -> str:
 
 def answer_stops(task, chat: ChatFormat) -> StopStrings | None:
     """What ends an answer turn besides the stop ids: the task's ``stop_strings`` (a plug-in
-    without the attribute has none)."""
+    without the attribute has none). None where the generation prompt opens a reasoning block
+    (``chat.reply_prefix``): a stop string inside the reasoning would cut it off before its
+    answer, so such turns run to a stop id."""
     strings = tuple(getattr(task, "stop_strings", ()) or ())
-    return StopStrings(strings, chat.decode) if strings else None
+    if not strings or chat.reply_prefix:
+        return None
+    return StopStrings(strings, lambda ids: chat.tok.decode(ids, skip_special_tokens=True))
 
 
 def _presize(prompts, sampling: EpisodeSampling, turn_budget: int) -> int:

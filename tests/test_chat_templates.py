@@ -354,6 +354,17 @@ def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
     assert not task.verify(ex, chat.decode(chat.encode("I will answer with " + good)))
     assert not task.verify(ex, chat.decode(chat.encode('Plan: delete_all()\n</think>\n' + good.replace("Paris", "Rome"))))
 
+    # Countdown's "</answer>" stop would cut the reasoning off: such answer turns run to a stop id.
+    from r3.episode import answer_stops
+    from r3.tasks.countdown import CountdownTask
+
+    tagged = CountdownTask(answer_tags=True)
+    assert answer_stops(tagged, chat) is None
+    stops = answer_stops(tagged, ChatFormat(tokenizers["qwen25"]))
+    assert stops is not None and stops.strings == ("</answer>",)
+    qwen = ChatFormat(tokenizers["qwen25"])
+    assert stops.completed(qwen.encode("x = 1 + 5 </answer>")) and not stops.completed(qwen.encode("x = 1 + 5"))
+
 
 def test_episode_verifies_replies_with_the_opened_reasoning_block(tokenizers, tmp_path):
     """Every text an R1-style episode verifies and records starts inside the opened block."""
