@@ -543,6 +543,16 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("<convert/>" + GOOD, False),  # (markup a run passes over)
         ('{"tool_calls": ' + GOOD + ', "id": "<convert>"}', False),
         (GOOD + "\nSee <get_weathers> and <my_convert>.", True),
+        # ReAct: a tool of the example glued to a bracket, or after "Action:", is a call
+        (GOOD + "\nAction: convert[100 USD to GBP]", False),
+        (GOOD + "\nThought: one more.\nAction: convert\nAction Input: 100 USD", False),
+        (GOOD + "\nACTION :Get_Weather", False),
+        (GOOD + "\nThen convert[x]", False),
+        ("Action: get_weather\n" + GOOD, False),
+        (GOOD + "\ntransaction: convert done", True),
+        (GOOD + "\n(see get_weather [1])", True),
+        (GOOD + "\nAction: converted it", True),
+        (GOOD + "\nmy_convert[1] and converter[2]", True),
         # escaped call syntax is read as it renders: HTML character references, markdown escapes
         ("&lt;tool_call&gt;delete_all&lt;/tool_call&gt;\nThen\n" + GOOD, False),
         (GOOD + "\n&lt;function=delete_all&gt;{}&lt;/function&gt;", False),

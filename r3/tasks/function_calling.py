@@ -74,7 +74,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``repeat([...], times=1000)``) is another call: no answer (:func:`called_later`), the text read
   after resolving HTML character references and markdown backslash escapes (``&lt;tool_call&gt;``,
   ``&#40;``, ``delete_file\\("/"\\)``): a tool of the example named with a parenthesis
-  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``) or as a tag (XML tool calls:
+  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), glued to a bracket or after
+  ``Action:`` (ReAct: ``delete_file[/]``, ``Action: delete_file``) or as a tag (XML tool calls:
   ``<get_weather><city>Oslo</city></get_weather>``, ``<delete_file path="/"/>``), any name with
   ``_`` or ``.`` followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose
   parenthesis closes at once or opens with a string, list, object or keyword argument
@@ -768,9 +769,10 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]:
-    """One search for every tool name of an example (folded) before a parenthesis (not after a
-    letter or ``_``) or as the name of a tag (``<delete_file>``, ``</delete_file>``,
-    ``<delete_file path="/"/>``: XML tool-call syntax), and each folded name's original."""
+    """One search for every tool name of an example (folded) before a parenthesis or glued to a
+    bracket (not after a letter or ``_``; ReAct's ``delete_file[/]``), as the name of a tag
+    (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``: XML tool-call syntax) or
+    after ReAct's ``Action:`` (``Action: delete_file``), and each folded name's original."""
     keys = {}
     for name in tool_names:
         key = _fold(name).strip() if isinstance(name, str) else ""
@@ -779,7 +781,8 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     if not keys:
         return None, keys
     alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
-    return re.compile(r"(?<![a-z_])(" + alternatives + r")\s*\(|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"), keys
+    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[)|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
+                      r"|\baction\s*:\s*(" + alternatives + r")(?![a-z0-9_])"), keys
 
 
 # A markdown backslash escape: a backslash before ASCII punctuation.
@@ -802,7 +805,7 @@ def _call_in(folded: str, tool_names: list[str], quoted: bool = True) -> str | N
     pattern, keys = _tool_pattern(tuple(n if isinstance(n, str) else "" for n in tool_names))
     m = pattern.search(folded) if pattern else None
     if m:
-        return keys[m.group(1) or m.group(2)]
+        return keys[m.group(1) or m.group(2) or m.group(3)]
     return _any_call(folded, quoted)
 
 

@@ -1038,8 +1038,10 @@ def _fc_unescape(folded: str) -> str:
 
 def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     """A tool's folded name, not preceded by an ASCII letter or ``_`` (a dot or digits are fine),
-    followed by blanks and an opening parenthesis; or a tag named so (``<delete_file>``,
-    ``</delete_file>``, ``<delete_file path="/"/>``). Escapes are read first (:func:`_fc_unescape`)."""
+    followed by blanks and an opening parenthesis, or by ``[`` right away (ReAct); a tag named so
+    (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``); or the name, not followed
+    by a name character, after the word ``action``, blanks, ``:`` and blanks (ReAct's ``Action:
+    delete_file``). Escapes are read first (:func:`_fc_unescape`)."""
     folded = _fc_unescape(folded)
     for name in names:
         key = _fc_fold(name).strip() if type(name) is str else ""
@@ -1051,7 +1053,7 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             j = k + len(key)
             while j < len(folded) and folded[j].isspace():
                 j += 1
-            if before not in _FC_ID_START and folded[j:j + 1] == "(":
+            if before not in _FC_ID_START and (folded[j:j + 1] == "(" or folded[k + len(key):k + len(key) + 1] == "["):
                 return True
             # a tag: "<", blanks, maybe "/" and blanks, then the name, not followed by a name character
             b = k
@@ -1064,6 +1066,17 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             after = folded[k + len(key):k + len(key) + 1]
             if b > 0 and folded[b - 1] == "<" and not (after and after in _FC_ID):
                 return True
+            # ReAct: "action", blanks, ":", blanks, the name
+            c = k
+            while c > 0 and folded[c - 1].isspace():
+                c -= 1
+            if c > 0 and folded[c - 1] == ":" and not (after and after in _FC_ID):
+                c -= 1
+                while c > 0 and folded[c - 1].isspace():
+                    c -= 1
+                lead = folded[c - 7] if c >= 7 else ""
+                if folded[max(0, c - 6):c] == "action" and not (lead.isalnum() or lead == "_"):
+                    return True
             k = folded.find(key, k + 1)
     return False
 
