@@ -933,6 +933,25 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([3, 4], 7, "3 + 4 + 0 = 7", False),
         ([3, 4], 7, "3 + 3 + 1 = 7", False),
         ([3, 3], 6, "3 + 3 = 6", True),
+        # an operator sign or a mistake among the four words before it; denials in other languages;
+        # a decimal comma in a later answer
+        ([5, 23], 28, "2 \u00d7 the sum of 5 + 23 = 28", False),
+        ([5, 23], 28, "So 3 + the sum of 5 + 23 = 28", False),
+        ([5, 23], 28, "2 \u00b7 both of 5 + 23 = 28", False),
+        ([5, 23], 28, "- So 5 + 23 = 28", True),  # a bullet
+        ([5, 23], 28, "* The answer is 5 + 23 = 28", True),
+        ([5, 23], 28, "Using addition/subtraction, 5 + 23 = 28", True),
+        ([5, 23], 28, "A common mistake would be 5 + 23 = 28", False),
+        ([5, 23], 28, "The error is 5 + 23 = 28", False),
+        ([5, 23], 28, "My mistake earlier. Now: 5 + 23 = 28", True),
+        ([5, 23], 28, "5 + 23 = 28 (falsch)", False),
+        ([5, 23], 28, "5 + 23 = 28. Das ist nicht richtig.", False),
+        ([5, 23], 28, "5 + 23 = 28, c'est faux.", False),
+        ([5, 23], 28, "5 + 23 = 28 \u00e8 sbagliato", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is 28,5", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer: 28,5.", False),
+        ([5, 23], 28, "5 + 23 = 28. The answer is 28,\n5 and 23 are used.", True),
+        ([5, 23], 28, "5 + 23 = 28 (I used 5,23 once each)", True),
         # a leading reasoning block: only what follows its first </think> is read; never closed, no answer
         ([5, 23], 28, "<think>\n5 * 23 = 115, too big. 5 + 23 = 28.\n</think>\n\n5 + 23 = 28", True),
         ([5, 23], 28, "<think>\n5 + 23 = 28\n</think>\n\nI cannot find one.", False),

@@ -33,10 +33,12 @@ when
 * a letter is glued to it (``4x + 3``, ``log(3 + 4)``, ``21 - 2x``), or an operator word
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
-  :data:`NEGATIONS`) or a word in another alphabet is among the four words before or after it
-  (apart by spaces, quotes or Markdown emphasis), a supposition (``if``, ``suppose``, ...
-  :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
-  false:``, :data:`LABEL_DENIALS`) is among the four words before a colon just before it, or
+  :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
+  among the four words before or after it (apart by spaces, quotes or Markdown emphasis), a
+  supposition (``if``, ``suppose``, ... :data:`HYPOTHETICALS`), a mistake (``A common mistake
+  is``, :data:`AFTER_DENIALS`) or an operator sign (``2 \u00d7 the sum of``, ``+``, not a bullet's
+  ``-`` or ``*``) is among the four words before it, a denial (``Wrong:``, ``This is false:``,
+  :data:`LABEL_DENIALS`) is among the four words before a colon just before it, or
   ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
@@ -55,7 +57,7 @@ when
   ``####``, ... :data:`ANSWER_CUES`, over linking words, quotes and brackets) that is not the
   target (``The answer is 24.``), a number that is not the target anywhere later in the sentence
   and line of ``answer``, ``result``, ``solution`` or ``total`` (:data:`SENTENCE_CUES`: ``The answer
-  is therefore 24.``), a decimal (``50.5``), a number in another script, a number next to an
+  is therefore 24.``), a decimal (``50.5``; after a cue also ``28,5``), a number in another script, a number next to an
   operator sign or word (``26 \u2212 24``, ``I added 26``, ``26 take away 24``) or after an
   operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
   ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
@@ -116,6 +118,8 @@ NEGATIONS = frozenset("""
     invalid nope untrue undefined impossible unsolvable incorrectly hasn't haven't hadn't ain't hasnt
     havent hadnt isn wasn doesn didn aren weren hasn haven hadn couldn wouldn shouldn contradiction
     contradicts contradictory contradict
+    falsch nicht kein keine faux pas incorrecto incorrecta incorreto incorreta errado errada erroneo
+    sbagliato sbagliata falso falsa fout niet nein
 """.split())
 #: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
 AFTER_DENIALS = frozenset("""
@@ -187,6 +191,9 @@ _TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?(one|two|three|four|five|six|seven|ei
 DENIAL_MARKS = "\u274c\u274e\u2717\u2718\u2716"
 #: Symbols that read as an operation though they are not Unicode math symbols.
 _OPERATOR_SYMBOLS = "\u00b7\u2715\u2716\u2795\u2796\u2797"
+#: Operator signs that, among the four words before the final equation, make it an operand
+#: (``2 \u00d7 the sum of 5 + 23 = 28``); ``-`` and ``*`` start Markdown bullets, ``/`` joins words.
+_OPERATORS_BEFORE = "+^\u00d7\u00f7\u2212\u2217\u22c5\u2219" + _OPERATOR_SYMBOLS
 
 _RUN = re.compile(r"[0-9+\-*/()= \t]+")
 _HAS_DIGIT = re.compile(r"[0-9]")
@@ -338,6 +345,8 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                     return f"'{value} {words[0]}' before the equation"
                 break
             if kind is None:
+                if step < 0 and words and 0 <= i < len(text) and text[i] in _OPERATORS_BEFORE:
+                    return f"an operator ({text[i]!r}) among the words before the equation"
                 break
             if not value.isascii():
                 return f"a word in another alphabet next to the equation ({value!r})"
@@ -349,6 +358,8 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                 return f"the equation is denied ({value!r} next to it)"
             if step < 0 and value in HYPOTHETICALS:
                 return f"the equation is a supposition ({value!r} before it)"
+            if step < 0 and value in AFTER_DENIALS:
+                return f"the equation is denied ({value!r} before it)"
             words.append(value)
     return None
 
@@ -422,6 +433,9 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
                 return f"a later answer ({tok}) is not the target {target}"
             if text[m.end(): m.end() + 1] == "." and text[m.end() + 1: m.end() + 2].isdigit():
                 return f"a decimal number after the final equation ({tok}.)"
+            if (text[m.end(): m.end() + 1] == "," and text[m.end() + 1: m.end() + 2].isdigit()
+                    and (cue_sentence or _after_cue(prev))):
+                return f"a decimal comma in a later answer ({tok},)"
             if _of_operation(prev):
                 return f"more arithmetic after the final equation ({prev[-2][1]!r} of {tok})"
         elif tok.isnumeric():

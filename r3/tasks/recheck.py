@@ -47,6 +47,8 @@ _CD_NOT = set("""
     untrue undefined impossible unsolvable incorrectly
     hasn't haven't hadn't ain't hasnt havent hadnt isn wasn doesn didn aren weren hasn haven hadn
     couldn wouldn shouldn contradiction contradicts contradictory contradict
+    falsch nicht kein keine faux pas incorrecto incorrecta incorreto incorreta errado errada erroneo
+    sbagliato sbagliata falso falsa fout niet nein
 """.split())
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
                     "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
@@ -55,6 +57,7 @@ _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless
 _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
 _CD_OP_SYMBOLS = set("\u00b7\u2715\u2716\u2795\u2796\u2797")
+_CD_SIGNS_BEFORE = _CD_OP_SYMBOLS | set("+^\u00d7\u00f7\u2212\u2217\u22c5\u2219")
 _CD_ACTIONS = set()
 for _stem, _forms in (("add", "s ed ing"), ("subtract", "s ed ing"), ("multipl", "y ies ied ying ication"),
                       ("divid", "e es ed ing"), ("doubl", "e es ed ing"), ("tripl", "e es ed ing"),
@@ -390,6 +393,9 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                     return "a number of/by it"
                 break
             if kind is None:
+                # an operator sign among the words before it: "2 × the sum of 5 + 23 = 28"
+                if step < 0 and words and 0 <= i < len(text) and text[i] in _CD_SIGNS_BEFORE:
+                    return "an operator sign among the words before"
                 break
             if any(ord(ch) > 127 for ch in w):
                 return "non-ASCII word"
@@ -401,6 +407,8 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 return f"negation {w}"
             if step < 0 and w in _CD_IF:
                 return f"supposition {w}"
+            if step < 0 and w in _CD_DENIED_LATER:
+                return f"a mistake before it ({w})"
             words.append(w)
     return None
 
@@ -672,6 +680,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 return "later answer"
             if j + 1 < n and text[j] == "." and text[j + 1].isdigit():
                 return "later decimal"
+            if j + 1 < n and text[j] == "," and text[j + 1].isdigit() and (answer_sentence or after_cue()):
+                return "later answer with a decimal comma"
             if of_operation():
                 return "later operation of a number"
             kind = "number"
