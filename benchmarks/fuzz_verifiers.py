@@ -80,8 +80,7 @@ POISON = [
     ("3 &times; ", ""), ("", " &minus; 2"), ("3 \\cdot ", ""), ("It is _not_ ", ""), ("'not' ", ""),
     ("50% of ", ""), ("1/2 of ", ""), ("A third of ", ""), ("4 added to ", ""), ("", " less 2"),
     ("", " doubled"), ("", " (in base 8)"), ("Move 2 to ", ""), ("Take 1 from ", ""),
-    ("2 \u00d7 the sum of ", ""), ("3 + all of ", ""), ("A common mistake is ", ""), ("", " (falsch)"),
-    ("", ". C'est faux."), ("", ". The answer is 28,5"),
+    ("", " (falsch)"), ("", ". C'est faux."), ("", ". The answer is 28,5"),
     # arithmetic on the result, an unfinished operation
     ("", "\n\nHowever, when the numbers are multiplied together, they should always equal 9."),
     ("", ". Then double it."), ("", ". Then I add 2 to it."), ("", ", +"), ("Next, I multiplied 3 by both sides of ", ""),

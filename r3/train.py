@@ -337,7 +337,12 @@ def set_up(cfg: TrainConfig) -> Run:
     # the model's chat template renders the task's conversations (else a failed start would leave
     # a config.json that a corrected retry is refused for)
     if queries:
-        ChatFormat(tokenizer).prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
+        chat = ChatFormat(tokenizer)
+        chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
+        if d.main and chat.reply_prefix:
+            print(f"note: the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r}): "
+                  "answers are read after its closing tag, and a turn cut off before it has none; turn budgets are "
+                  f"{cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
     write_config(cfg, out, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     init_adamw_state(optimizer)

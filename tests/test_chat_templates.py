@@ -338,6 +338,14 @@ def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
         assert ChatFormat(tokenizers[family]).reply_prefix == ""
     assert ChatFormat(tokenizers["qwen3"], template_options={}).reply_prefix == ""
 
+    # Reasoning tags a tokenizer marks special (this Qwen3 copy does) stay in the decoded reply;
+    # other special tokens do not.
+    qwen3 = ChatFormat(tokenizers["qwen3"], template_options={})
+    said = qwen3.encode("<think>\nx\n</think>\n\n5 + 23") + [qwen3.end_of_turn_id]
+    assert qwen3.tok.convert_tokens_to_ids("</think>") in qwen3.tok.all_special_ids
+    assert qwen3.decode(said) == "<think>\nx\n</think>\n\n5 + 23"
+    assert qwen3.decode(qwen3.encode("5 + 23") + [qwen3.end_of_turn_id]) == "5 + 23"
+
     task = FunctionCallingTask()
     tools = [{"name": "get_weather", "description": "Weather of a city.",
               "parameters": {"city": {"type": "str", "description": "The city."}}},
@@ -391,3 +399,11 @@ def test_episode_verifies_replies_with_the_opened_reasoning_block(tokenizers, tm
     assert len(seen) >= 6 and all(t.startswith("<think>\n") for t in seen)
     assert ep.records and all(rec[k].startswith("<think>\n") for rec in ep.records
                               for k in ("attempt", "reflection", "retry"))
+
+    # A training run says so when it starts, with the turn budgets that must fit the reasoning.
+    from test_train import BASE, run_train
+
+    proc = run_train(BASE + ["--model", str(tmp_path), "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    assert "opens a reasoning block ('<think>')" in proc.stdout and "6 (attempt) / 6 (retry)" in proc.stdout
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["retry"].startswith("<think>\n") for s in samples)

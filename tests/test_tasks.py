@@ -933,17 +933,15 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([3, 4], 7, "3 + 4 + 0 = 7", False),
         ([3, 4], 7, "3 + 3 + 1 = 7", False),
         ([3, 3], 6, "3 + 3 = 6", True),
-        # an operator sign or a mistake among the four words before it; denials in other languages;
-        # a decimal comma in a later answer
-        ([5, 23], 28, "2 \u00d7 the sum of 5 + 23 = 28", False),
-        ([5, 23], 28, "So 3 + the sum of 5 + 23 = 28", False),
-        ([5, 23], 28, "2 \u00b7 both of 5 + 23 = 28", False),
+        # a retry after a reflection names its operator and its mistake: fine; denials in other
+        # languages and a decimal comma in a later answer are not
+        ([5, 23], 28, "Switching to + gives 5 + 23 = 28", True),
+        ([5, 23], 28, "Using + instead of \u2212 gives 5 + 23 = 28", True),
+        ([5, 23], 28, "Fixing the mistake gives 5 + 23 = 28", True),
+        ([5, 23], 28, "Correcting that error yields 5 + 23 = 28", True),
         ([5, 23], 28, "- So 5 + 23 = 28", True),  # a bullet
-        ([5, 23], 28, "* The answer is 5 + 23 = 28", True),
-        ([5, 23], 28, "Using addition/subtraction, 5 + 23 = 28", True),
-        ([5, 23], 28, "A common mistake would be 5 + 23 = 28", False),
-        ([5, 23], 28, "The error is 5 + 23 = 28", False),
-        ([5, 23], 28, "My mistake earlier. Now: 5 + 23 = 28", True),
+        ([5, 23], 28, "5 + 23 = 28 ist falsche", False),
+        ([5, 23], 28, "5 + 23 = 28 est fausse", False),
         ([5, 23], 28, "5 + 23 = 28 (falsch)", False),
         ([5, 23], 28, "5 + 23 = 28. Das ist nicht richtig.", False),
         ([5, 23], 28, "5 + 23 = 28, c'est faux.", False),

@@ -553,6 +553,11 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         (GOOD + "\n(see get_weather [1])", True),
         (GOOD + "\nAction: converted it", True),
         (GOOD + "\nmy_convert[1] and converter[2]", True),
+        (GOOD + "\n**Action:** convert", False),
+        (GOOD + "\nAction 2: `functions.convert`", False),
+        (GOOD + '\nAction: "get_weather"', False),
+        (GOOD + "\nAction: functions.functions.convert", True),
+        (GOOD + "\nreaction 2: convert", True),
         # escaped call syntax is read as it renders: HTML character references, markdown escapes
         ("&lt;tool_call&gt;delete_all&lt;/tool_call&gt;\nThen\n" + GOOD, False),
         (GOOD + "\n&lt;function=delete_all&gt;{}&lt;/function&gt;", False),

@@ -35,10 +35,9 @@ when
   ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
   among the four words before or after it (apart by spaces, quotes or Markdown emphasis), a
-  supposition (``if``, ``suppose``, ... :data:`HYPOTHETICALS`), a mistake (``A common mistake
-  is``, :data:`AFTER_DENIALS`) or an operator sign (``2 \u00d7 the sum of``, ``+``, not a bullet's
-  ``-`` or ``*``) is among the four words before it, a denial (``Wrong:``, ``This is false:``,
-  :data:`LABEL_DENIALS`) is among the four words before a colon just before it, or
+  supposition (``if``, ``suppose``, ... :data:`HYPOTHETICALS`) is among the four words before it,
+  a denial (``Wrong:``, ``This is false:``, :data:`LABEL_DENIALS`) is among the four words before
+  a colon just before it, or
   ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
@@ -118,8 +117,9 @@ NEGATIONS = frozenset("""
     invalid nope untrue undefined impossible unsolvable incorrectly hasn't haven't hadn't ain't hasnt
     havent hadnt isn wasn doesn didn aren weren hasn haven hadn couldn wouldn shouldn contradiction
     contradicts contradictory contradict
-    falsch nicht kein keine faux pas incorrecto incorrecta incorreto incorreta errado errada erroneo
-    sbagliato sbagliata falso falsa fout niet nein
+    falsch falsche falscher falsches nicht kein keine faux fausse pas incorrecte incorrecto incorrecta
+    incorreto incorreta errado errada erroneo errato errata sbagliato sbagliata falso falsa fout niet
+    nein feil fel
 """.split())
 #: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
 AFTER_DENIALS = frozenset("""
@@ -191,9 +191,7 @@ _TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?(one|two|three|four|five|six|seven|ei
 DENIAL_MARKS = "\u274c\u274e\u2717\u2718\u2716"
 #: Symbols that read as an operation though they are not Unicode math symbols.
 _OPERATOR_SYMBOLS = "\u00b7\u2715\u2716\u2795\u2796\u2797"
-#: Operator signs that, among the four words before the final equation, make it an operand
-#: (``2 \u00d7 the sum of 5 + 23 = 28``); ``-`` and ``*`` start Markdown bullets, ``/`` joins words.
-_OPERATORS_BEFORE = "+^\u00d7\u00f7\u2212\u2217\u22c5\u2219" + _OPERATOR_SYMBOLS
+
 
 _RUN = re.compile(r"[0-9+\-*/()= \t]+")
 _HAS_DIGIT = re.compile(r"[0-9]")
@@ -345,8 +343,6 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                     return f"'{value} {words[0]}' before the equation"
                 break
             if kind is None:
-                if step < 0 and words and 0 <= i < len(text) and text[i] in _OPERATORS_BEFORE:
-                    return f"an operator ({text[i]!r}) among the words before the equation"
                 break
             if not value.isascii():
                 return f"a word in another alphabet next to the equation ({value!r})"
@@ -358,8 +354,6 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                 return f"the equation is denied ({value!r} next to it)"
             if step < 0 and value in HYPOTHETICALS:
                 return f"the equation is a supposition ({value!r} before it)"
-            if step < 0 and value in AFTER_DENIALS:
-                return f"the equation is denied ({value!r} before it)"
             words.append(value)
     return None
 

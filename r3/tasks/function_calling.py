@@ -772,7 +772,8 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     """One search for every tool name of an example (folded) before a parenthesis or glued to a
     bracket (not after a letter or ``_``; ReAct's ``delete_file[/]``), as the name of a tag
     (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``: XML tool-call syntax) or
-    after ReAct's ``Action:`` (``Action: delete_file``), and each folded name's original."""
+    after ReAct's ``Action:`` (``Action: delete_file``, ``**Action 2:** `functions.delete_file```),
+    and each folded name's original."""
     keys = {}
     for name in tool_names:
         key = _fold(name).strip() if isinstance(name, str) else ""
@@ -782,7 +783,8 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
         return None, keys
     alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
     return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[)|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
-                      r"|\baction\s*:\s*(" + alternatives + r")(?![a-z0-9_])"), keys
+                      r"|\baction(?:\s*\d+)?[\s*_`'\"]*:[\s*_`'\"]*(?:functions\.)?(" + alternatives
+                      + r")(?![a-z0-9_])"), keys
 
 
 # A markdown backslash escape: a backslash before ASCII punctuation.

@@ -47,8 +47,9 @@ _CD_NOT = set("""
     untrue undefined impossible unsolvable incorrectly
     hasn't haven't hadn't ain't hasnt havent hadnt isn wasn doesn didn aren weren hasn haven hadn
     couldn wouldn shouldn contradiction contradicts contradictory contradict
-    falsch nicht kein keine faux pas incorrecto incorrecta incorreto incorreta errado errada erroneo
-    sbagliato sbagliata falso falsa fout niet nein
+    falsch falsche falscher falsches nicht kein keine faux fausse pas incorrecte incorrecto incorrecta
+    incorreto incorreta errado errada erroneo errato errata sbagliato sbagliata falso falsa fout niet
+    nein feil fel
 """.split())
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
                     "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
@@ -57,7 +58,6 @@ _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless
 _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
 _CD_OP_SYMBOLS = set("\u00b7\u2715\u2716\u2795\u2796\u2797")
-_CD_SIGNS_BEFORE = _CD_OP_SYMBOLS | set("+^\u00d7\u00f7\u2212\u2217\u22c5\u2219")
 _CD_ACTIONS = set()
 for _stem, _forms in (("add", "s ed ing"), ("subtract", "s ed ing"), ("multipl", "y ies ied ying ication"),
                       ("divid", "e es ed ing"), ("doubl", "e es ed ing"), ("tripl", "e es ed ing"),
@@ -393,9 +393,6 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                     return "a number of/by it"
                 break
             if kind is None:
-                # an operator sign among the words before it: "2 × the sum of 5 + 23 = 28"
-                if step < 0 and words and 0 <= i < len(text) and text[i] in _CD_SIGNS_BEFORE:
-                    return "an operator sign among the words before"
                 break
             if any(ord(ch) > 127 for ch in w):
                 return "non-ASCII word"
@@ -407,8 +404,6 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 return f"negation {w}"
             if step < 0 and w in _CD_IF:
                 return f"supposition {w}"
-            if step < 0 and w in _CD_DENIED_LATER:
-                return f"a mistake before it ({w})"
             words.append(w)
     return None
 
@@ -1046,6 +1041,30 @@ def _fc_unescape(folded: str) -> str:
     return _fc_fold("".join(out))
 
 
+def _fc_after_action(folded: str, k: int) -> bool:
+    """Whether the name at ``k`` follows ReAct's action label, read backwards: an optional
+    ``functions.``, blanks / emphasis / quotes, ``:``, blanks / emphasis / quotes, optional digits
+    (blanks before them), then the word ``action`` (no word character before it)."""
+    decor = "*_`'\""
+    c = k - 10 if folded[max(0, k - 10):k] == "functions." else k
+    while c > 0 and (folded[c - 1].isspace() or folded[c - 1] in decor):
+        c -= 1
+    if c == 0 or folded[c - 1] != ":":
+        return False
+    c -= 1
+    while c > 0 and (folded[c - 1].isspace() or folded[c - 1] in decor):
+        c -= 1
+    if c > 0 and folded[c - 1].isdecimal():
+        while c > 0 and folded[c - 1].isdecimal():
+            c -= 1
+        while c > 0 and folded[c - 1].isspace():
+            c -= 1
+    if folded[max(0, c - 6):c] != "action":
+        return False
+    lead = folded[c - 7] if c >= 7 else ""
+    return not (lead.isalnum() or lead == "_")
+
+
 def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     """A tool's folded name, not preceded by an ASCII letter or ``_`` (a dot or digits are fine),
     followed by blanks and an opening parenthesis, or by ``[`` right away (ReAct); a tag named so
@@ -1077,16 +1096,8 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             if b > 0 and folded[b - 1] == "<" and not (after and after in _FC_ID):
                 return True
             # ReAct: "action", blanks, ":", blanks, the name
-            c = k
-            while c > 0 and folded[c - 1].isspace():
-                c -= 1
-            if c > 0 and folded[c - 1] == ":" and not (after and after in _FC_ID):
-                c -= 1
-                while c > 0 and folded[c - 1].isspace():
-                    c -= 1
-                lead = folded[c - 7] if c >= 7 else ""
-                if folded[max(0, c - 6):c] == "action" and not (lead.isalnum() or lead == "_"):
-                    return True
+            if not (after and after in _FC_ID) and _fc_after_action(folded, k):
+                return True
             k = folded.find(key, k + 1)
     return False
 
