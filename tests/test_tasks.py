@@ -941,6 +941,13 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([5, 23], 28, "Correcting that error yields 5 + 23 = 28", True),
         ([5, 23], 28, "- So 5 + 23 = 28", True),  # a bullet
         ([5, 23], 28, "5 + 23 = 28 ist falsche", False),
+        # a bare expression with a negation earlier in its clause is denied (a main run paid the first)
+        ([3, 11], 14, "However, the math doesn't factor into a simple sum of 3 + 11. It's actually a result", False),
+        ([3, 11], 14, "It never really comes down to the sum 3 + 11.", False),
+        ([3, 11], 14, "I didn't get it at first, but the answer is 3 + 11.", True),
+        ([3, 11], 14, "No doubt about it: 3 + 11.", True),
+        ([3, 11], 14, "It isn't hard to see the sum 3 + 11 = 14", True),  # a stated result: the four-word rule
+        ([12, 4], 16, "You don't have to write it out, but you can just add it: (12 + 4) = 16.", True),
         ([5, 23], 28, "5 + 23 = 28 est fausse", False),
         ([5, 23], 28, "5 + 23 = 28 (falsch)", False),
         ([5, 23], 28, "5 + 23 = 28. Das ist nicht richtig.", False),

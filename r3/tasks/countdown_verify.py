@@ -71,7 +71,10 @@ Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equati
 both)``) are not part of it. A result written in words after an expression is its written value:
 ``5 + 12 equals 17``, ``5 + 12 is 17``, ``5 + 12, which is exactly 17`` read as ``5 + 12 = 17``
 (up to six linking words, :data:`RESULT_LINKS`); a negation among them, or a result that is not a
-plain integer (``17.5``, ``17%``, ``~17``, ``seventeen``), makes it wrong.
+plain integer (``17.5``, ``17%``, ``~17``, ``seventeen``), makes it wrong. An expression with no
+result at all is an answer only where its sentence gives it as one (:func:`_bare_problem`), and
+not with a negation anywhere earlier in its clause (``the math doesn't factor into a simple sum
+of 3 + 11.``; the clause starts after the last ``. ! ? , ; :``, line break or ``but``).
 
 **Correct iff** the answer is ``expression`` or ``expression = value`` (exactly one ``=``, the
 value a plain integer, optionally negative) where the expression uses each given number exactly
@@ -698,6 +701,24 @@ def _bare_problem(text: str, i: int) -> str | None:
     return None
 
 
+_CLAUSE_MARKS = ".!?,;:" + _LINE_BREAKS
+
+
+def _bare_denied(text: str, start: int) -> str | None:
+    """A negation earlier in the clause of a bare expression starting at ``start`` (from the last
+    mark of :data:`_CLAUSE_MARKS` or the word ``but``) denies it: ``the math doesn't factor into a
+    simple sum of 3 + 11.`` gives no answer."""
+    lo = max(text.rfind(c, 0, start) for c in _CLAUSE_MARKS) + 1
+    denial = None
+    for m in _REST_TOKEN.finditer(text, lo, start):
+        word = m.group().lower().replace("\u2019", "'")
+        if word == "but":
+            denial = None
+        elif word in NEGATIONS:
+            denial = denial or word
+    return f"the expression is denied earlier in its clause ({denial!r})" if denial else None
+
+
 def final_equation(text: str, nums: list[int] | None = None, target: int | None = None) -> tuple[str | None, str]:
     """``(equation, "")`` for the final equation of ``text`` (already :func:`normalise`-d; see
     the module docstring), or ``(None, reason)`` when there is none or it is not a valid answer.
@@ -733,7 +754,7 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
         if result is not None:
             equation += " = " + result
         else:
-            why = _bare_problem(text, b)
+            why = _bare_problem(text, b) or _bare_denied(text, start)
             if why:
                 return None, why
     if nums is not None:

@@ -615,13 +615,26 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         if result is not None:
             core = f"{core} = {result}"
         else:
-            why = _cd_bare(text, b)
+            why = _cd_bare(text, b) or _cd_bare_denied(text, start)
             if why:
                 return False, why
     why = _cd_after(text, end, nums, target)
     if why:
         return False, why
     return _cd_check_equation(core, nums, target, ops)
+
+
+def _cd_bare_denied(text: str, start: int) -> str | None:
+    """A bare expression is denied by a negation anywhere earlier in its clause (after the last
+    sentence or clause mark, or the word "but")."""
+    k = start - 1
+    while k >= 0 and text[k] not in ".!?,;:\n\r\u2028\u2029\x85":
+        k -= 1
+    words = [w.lower().replace("\u2019", "'") for w in re.findall(r"[A-Za-z]+(?:['\u2019][A-Za-z]+)?", text[k + 1:start])]
+    if "but" in words:
+        words = words[len(words) - words[::-1].index("but"):]
+    denied = [w for w in words if w in _CD_NOT]
+    return f"bare expression denied in its clause ({denied[0]})" if denied else None
 
 
 def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
