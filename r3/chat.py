@@ -75,9 +75,7 @@ class ChatFormat:
         self.reply_prefix = self._tail[opened:] if opened > self._tail.rfind("</think>") else ""
         # Reasoning tags that a tokenizer marks special would vanish from the decoded reply; they
         # delimit what verifiers read, so decode keeps them.
-        self._special_ids = set(getattr(tokenizer, "all_special_ids", None) or [])
-        self._kept_ids = {i for t in ("<think>", "</think>") for i in [tokenizer.convert_tokens_to_ids(t)]
-                          if i in self._special_ids and tokenizer.convert_ids_to_tokens(i) == t}
+        self._kept = _special_think_tags(tokenizer)
         extra = set() if eos_token_ids is None else {int(i) for i in eos_token_ids}
         ids = {self.end_of_turn_id, int(tokenizer.eos_token_id)} | extra | set(generation_eos_ids(tokenizer))
         self.stop_ids = sorted(i for i in ids if 0 <= i < len(tokenizer))
@@ -143,10 +141,29 @@ class ChatFormat:
         """The text of the assistant message that ``ids`` (a sampled reply) complete: the
         ``reply_prefix`` the generation prompt opened, then the reply without special tokens
         (``<think>`` and ``</think>`` kept where the tokenizer marks them special)."""
-        if self._kept_ids and any(i in self._kept_ids for i in ids):
-            drop = self._special_ids - self._kept_ids
-            return self.reply_prefix + self.tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
-        return self.reply_prefix + self.tok.decode(ids, skip_special_tokens=True)
+        if not self._kept or not any(i in self._kept for i in ids):
+            return self.reply_prefix + self.tok.decode(ids, skip_special_tokens=True)
+        parts, piece = [self.reply_prefix], []
+        for i in ids:
+            if i in self._kept:
+                parts += [self.tok.decode(piece, skip_special_tokens=True), self._kept[i]]
+                piece = []
+            else:
+                piece.append(i)
+        return "".join(parts) + self.tok.decode(piece, skip_special_tokens=True)
+
+
+def _special_think_tags(tokenizer) -> dict[int, str]:
+    """``{id: text}`` of ``<think>`` / ``</think>`` where the tokenizer marks them special (as an
+    added token flagged special, or among its named special tokens), which decoding would drop."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    named = set(getattr(tokenizer, "all_special_ids", None) or [])
+    out = {}
+    for i, token in added.items():
+        text = getattr(token, "content", None)
+        if text in ("<think>", "</think>") and (getattr(token, "special", False) or i in named):
+            out[int(i)] = text
+    return out
 
 
 def _first_line(e: BaseException) -> str:

@@ -374,6 +374,19 @@ def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
     assert stops.completed(qwen.encode("x = 1 + 5 </answer>")) and not stops.completed(qwen.encode("x = 1 + 5"))
 
 
+def test_reasoning_tags_marked_special_only_as_added_tokens_are_kept(tokenizers, tmp_path):
+    """Tags flagged special in ``added_tokens_decoder`` but not among the named special tokens are
+    kept too, and every other special token (one the reply stopped on, say) is still dropped."""
+    tok = _with_template(tokenizers["qwen25"], tmp_path, tokenizers["qwen25"].chat_template)
+    tok.add_tokens(["<think>", "</think>", "<|eot_x|>"], special_tokens=True)
+    think, eot_x = tok.convert_tokens_to_ids("</think>"), tok.convert_tokens_to_ids("<|eot_x|>")
+    assert think not in tok.all_special_ids and tok.added_tokens_decoder[think].special
+    chat = ChatFormat(tok)
+    said = chat.encode("<think>\nThe answer is not 11 - 3\n</think>\n\n3 + 11") + [eot_x, chat.end_of_turn_id]
+    assert chat.decode(said) == "<think>\nThe answer is not 11 - 3\n</think>\n\n3 + 11"
+    assert chat.decode(chat.encode("3 + 11") + [eot_x]) == "3 + 11"
+
+
 def test_episode_verifies_replies_with_the_opened_reasoning_block(tokenizers, tmp_path):
     """Every text an R1-style episode verifies and records starts inside the opened block."""
     from test_episode import CoinTask, build_tiny_chat_model

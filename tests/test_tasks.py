@@ -948,6 +948,13 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([3, 11], 14, "No doubt about it: 3 + 11.", True),
         ([3, 11], 14, "It isn't hard to see the sum 3 + 11 = 14", True),  # a stated result: the four-word rule
         ([12, 4], 16, "You don't have to write it out, but you can just add it: (12 + 4) = 16.", True),
+        # ... unless the clause goes on to state it (a retry after a reflection writes these)
+        ([3, 11], 14, "My previous answer was wrong because I subtracted so the correct answer is 3 + 11.", True),
+        ([3, 11], 14, "The mistake was that 11 - 3 is not 14 and the correct answer is 3 + 11.", True),
+        ([3, 11], 14, "I shouldn't have subtracted and the right equation is 3 + 11.", True),
+        ([3, 11], 14, "Using each number once with no other operation the equation is 3 + 11.", True),
+        ([3, 11], 14, "That's not right \u2014 the answer is 3 + 11.", True),
+        ([3, 11], 14, "The correct expression (not 11 - 3) is 3 + 11.", True),
         ([5, 23], 28, "5 + 23 = 28 est fausse", False),
         ([5, 23], 28, "5 + 23 = 28 (falsch)", False),
         ([5, 23], 28, "5 + 23 = 28. Das ist nicht richtig.", False),

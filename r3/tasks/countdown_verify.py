@@ -73,8 +73,10 @@ both)``) are not part of it. A result written in words after an expression is it
 (up to six linking words, :data:`RESULT_LINKS`); a negation among them, or a result that is not a
 plain integer (``17.5``, ``17%``, ``~17``, ``seventeen``), makes it wrong. An expression with no
 result at all is an answer only where its sentence gives it as one (:func:`_bare_problem`), and
-not with a negation anywhere earlier in its clause (``the math doesn't factor into a simple sum
-of 3 + 11.``; the clause starts after the last ``. ! ? , ; :``, line break or ``but``).
+not with a negation earlier in its clause and no linking or answer word after the negation
+(``the math doesn't factor into a simple sum of 3 + 11.``, but not ``I did not subtract and the
+answer is 3 + 11.``; the clause starts after the last ``. ! ? , ; :`` or line break,
+:data:`CLAUSE_RESETS`).
 
 **Correct iff** the answer is ``expression`` or ``expression = value`` (exactly one ``=``, the
 value a plain integer, optionally negative) where the expression uses each given number exactly
@@ -189,7 +191,7 @@ _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _WORD_VALUE = {w: v for v, w in enumerate(_UNITS)} | {w: 20 + 10 * k for k, w in enumerate(_TENS)} | {
     "hundred": 100, "thousand": 1000, "million": 1000000}
 NUMBER_WORDS = frozenset(_WORD_VALUE)
-_TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?(one|two|three|four|five|six|seven|eight|nine)\b", re.IGNORECASE)
+_TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?([A-Za-z]+)\b")  # a unit word if its letters are one of _UNITS[1:10]
 #: Marks that deny what they touch: a cross next to the final equation, or anywhere after it.
 DENIAL_MARKS = "\u274c\u274e\u2717\u2718\u2716"
 #: Symbols that read as an operation though they are not Unicode math symbols.
@@ -216,8 +218,9 @@ _BLANKS = "\u2800\u3164\u115f\u1160\uffa0"  # characters that print as nothing
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _NON_ASCII_OR_CONTROL = re.compile(r"[^\x20-\x7e\n]")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,20}>")
-_LATER_TAG = re.compile(r"(?i)(?:<|&lt;|\uff1c)\s*/?\s*answer|answer\s*(?:>|&gt;|\uff1e)")
-_STRUCK_TAG = re.compile(r"(?i)<(/?)(del|s|strike)>")
+# (ASCII letters in any case only: Unicode case folding would read "\u017f" as "s", "\u212a" as "k")
+_LATER_TAG = re.compile(r"(?ai)(?:<|&lt;|\uff1c)\s*/?\s*answer|answer\s*(?:>|&gt;|\uff1e)")
+_STRUCK_TAG = re.compile(r"(?ai)<(/?)(del|s|strike)>")
 # A character overlaid with a stroke (U+0335, U+0336: struck through) or a solidus (U+0337,
 # U+0338: negated, ``=\u0338`` shows as ``\u2260``), with the marks on it.
 _OVERLAY_MARK = re.compile("[\u0335-\u0338]")
@@ -456,6 +459,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             if tok in _WORD_VALUE and m.start() >= unit_until:
                 value = _WORD_VALUE[tok]
                 unit = _TENS_UNIT.match(text, m.end()) if tok in _TENS else None
+                if unit and unit.group(1).lower() not in _UNITS[1:10]:
+                    unit = None
                 if unit:
                     value, unit_until = value + _WORD_VALUE[unit.group(1).lower()], unit.end()
                 if value != target and (cue_sentence or _stated(prev) or _of_operation(prev)
@@ -702,17 +707,23 @@ def _bare_problem(text: str, i: int) -> str | None:
 
 
 _CLAUSE_MARKS = ".!?,;:" + _LINE_BREAKS
+#: Words after which a negation earlier in the clause no longer governs a bare expression: a new
+#: clause, or the expression stated as the answer ("I did not subtract and the answer is 3 + 11").
+CLAUSE_RESETS = frozenset("""
+    but so and then now instead is was are be answer answers result results solution equation
+    expression correct right
+""".split())
 
 
 def _bare_denied(text: str, start: int) -> str | None:
-    """A negation earlier in the clause of a bare expression starting at ``start`` (from the last
-    mark of :data:`_CLAUSE_MARKS` or the word ``but``) denies it: ``the math doesn't factor into a
-    simple sum of 3 + 11.`` gives no answer."""
+    """A negation earlier in the clause of a bare expression starting at ``start`` (after the last
+    mark of :data:`_CLAUSE_MARKS`), with no word of :data:`CLAUSE_RESETS` after it, denies it:
+    ``the math doesn't factor into a simple sum of 3 + 11.`` gives no answer."""
     lo = max(text.rfind(c, 0, start) for c in _CLAUSE_MARKS) + 1
     denial = None
     for m in _REST_TOKEN.finditer(text, lo, start):
         word = m.group().lower().replace("\u2019", "'")
-        if word == "but":
+        if word in CLAUSE_RESETS:
             denial = None
         elif word in NEGATIONS:
             denial = denial or word

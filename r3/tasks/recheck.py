@@ -212,7 +212,7 @@ def _cd_check_equation(answer: str, nums: list[int], target: int, ops: str) -> t
 def _cd_later_tag(rest: str) -> bool:
     """Whether ``rest`` holds an answer tag in any spelling: <answer, < /Answer, &lt;answer,
     answer>, answer &gt; (full-width brackets too)."""
-    low = rest.lower()
+    low = "".join(c.lower() if c.isascii() else c for c in rest)  # ASCII letters in any case
     k = low.find("answer")
     while k != -1:
         j = k - 1
@@ -318,7 +318,7 @@ def _cd_unstrike(text: str) -> str:
     names = {"<del>": "del", "<s>": "s", "<strike>": "strike"}
     out, done, k, opened = [], 0, text.find("<"), None
     while k != -1:
-        head = text[k:k + 9].lower()
+        head = "".join(c.lower() if c.isascii() else c for c in text[k:k + 9])
         tag = next((t for t in ("<del>", "<s>", "<strike>", "</del>", "</s>", "</strike>") if head.startswith(t)), None)
         if tag and opened is None and tag[1] != "/":
             opened = (k, names[tag])
@@ -624,15 +624,20 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     return _cd_check_equation(core, nums, target, ops)
 
 
+_CD_RESETS = {"but", "so", "and", "then", "now", "instead", "is", "was", "are", "be", "answer", "answers", "result",
+              "results", "solution", "equation", "expression", "correct", "right"}
+
+
 def _cd_bare_denied(text: str, start: int) -> str | None:
-    """A bare expression is denied by a negation anywhere earlier in its clause (after the last
-    sentence or clause mark, or the word "but")."""
+    """A bare expression is denied by a negation earlier in its clause (after the last sentence or
+    clause mark) when no new clause or answer statement (:data:`_CD_RESETS`) follows the negation."""
     k = start - 1
     while k >= 0 and text[k] not in ".!?,;:\n\r\u2028\u2029\x85":
         k -= 1
     words = [w.lower().replace("\u2019", "'") for w in re.findall(r"[A-Za-z]+(?:['\u2019][A-Za-z]+)?", text[k + 1:start])]
-    if "but" in words:
-        words = words[len(words) - words[::-1].index("but"):]
+    resets = [j for j, w in enumerate(words) if w in _CD_RESETS]
+    if resets:
+        words = words[resets[-1] + 1:]
     denied = [w for w in words if w in _CD_NOT]
     return f"bare expression denied in its clause ({denied[0]})" if denied else None
 
