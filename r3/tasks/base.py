@@ -376,6 +376,17 @@ def check_n(n: Any) -> int | None:
 # ---------------------------------------------------------------------------------------
 # deterministic splitting and sampling
 # ---------------------------------------------------------------------------------------
+def leading_reasoning_end(text: str) -> int | None:
+    """Where the reasoning block that opens ``text`` (after blanks) with ``<think>`` ends: just
+    after its first ``</think>``, where reasoning parsers split it; 0 when ``text`` opens no such
+    block; None when it is never closed (the completion holds no answer). The built-in verifiers
+    read only what follows it."""
+    if not text.lstrip().startswith("<think>"):
+        return 0
+    close = text.find("</think>")
+    return close + len("</think>") if close >= 0 else None
+
+
 def stable_unit(*parts: Any) -> float:
     """A number in [0, 1) that depends only on ``parts`` (not on PYTHONHASHSEED or platform)."""
     h = hashlib.sha256(repr(parts).encode("utf-8")).digest()

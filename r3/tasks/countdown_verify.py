@@ -99,6 +99,8 @@ from collections import Counter
 from fractions import Fraction
 from typing import Any
 
+from r3.tasks.base import leading_reasoning_end
+
 MAX_ANSWER_CHARS = 256
 MAX_COMPLETION_CHARS = 100_000
 
@@ -459,9 +461,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             if tok in _WORD_VALUE and m.start() >= unit_until:
                 value = _WORD_VALUE[tok]
                 unit = _TENS_UNIT.match(text, m.end()) if tok in _TENS else None
-                if unit and unit.group(1).lower() not in _UNITS[1:10]:
-                    unit = None
-                if unit:
+                if unit and unit.group(1).lower() in _UNITS[1:10]:
                     value, unit_until = value + _WORD_VALUE[unit.group(1).lower()], unit.end()
                 if value != target and (cue_sentence or _stated(prev) or _of_operation(prev)
                                         or (value >= 10 and value not in nums)):
@@ -870,11 +870,10 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         return False, "completion is not a string"
     if len(text) > MAX_COMPLETION_CHARS:
         return False, f"completion longer than {MAX_COMPLETION_CHARS} characters"
-    if text.lstrip().startswith("<think>"):
-        close = text.find("</think>")
-        if close < 0:
-            return False, "the reasoning block (<think>) is never closed: no answer"
-        text = text[close + len("</think>"):]
+    thought = leading_reasoning_end(text)
+    if thought is None:
+        return False, "the reasoning block (<think>) is never closed: no answer"
+    text = text[thought:]
     if tags:
         close = text.rfind("</answer>")
         opening = text.rfind("<answer>", 0, close) if close >= 0 else -1

@@ -132,6 +132,7 @@ from r3.tasks.base import (
     check_n,
     check_split,
     in_test_split,
+    leading_reasoning_end,
     opt_float,
     opt_int,
     opt_path,
@@ -832,10 +833,8 @@ def _reasoning_end(text: str) -> int:
     completion (after blanks) with ``<think>`` (a ``</think>`` without its ``<think>`` is text;
     where the generation prompt opens the block, :meth:`r3.chat.ChatFormat.decode` puts the
     opening in front of the reply). Its text is reasoning, not calls."""
-    if not text.lstrip().startswith("<think>"):
-        return 0
-    close = text.find("</think>")
-    return close + len("</think>") if close >= 0 else len(text)
+    thought = leading_reasoning_end(text)
+    return len(text) if thought is None else thought
 
 
 def hidden_call(strings: list[str], tool_names: list[str]) -> str | None:
