@@ -732,7 +732,7 @@ def _guard_check(steps: "_StaticSteps", repeats: int = 20, calls: int = 100) -> 
         frame = dict(zip(code.co_varnames[:code.co_argcount], args[-1]))
         frame.update((name, cell.cell_contents) for name, cell in zip(code.co_freevars, inner.__closure__ or ()))
         entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(code)
-        with steps.step.active():  # (as the step is called: prepacked weights, on CPU in bf16, are guarded)
+        with steps.step.active():  # (as the step is called: prepacked weights, on CPU, are guarded)
             manager = next(e.guard_manager for e in entries if e.guard_manager.check(frame))
             best = float("inf")
             for _ in range(repeats):

@@ -31,8 +31,8 @@ its graphs.
 Not yet run on a GPU: the CUDA-graph form is tested on CPU (where inductor leaves the graphs
 out), and ``benchmarks/gpu_check.py`` measures it where a GPU is lent.
 
-On CPU in bf16 both modes run the model's matmuls on prepacked weights
-(:mod:`r3.packed_linear`): a matmul backend, not a second copy of the model's math.
+On CPU (fp32, and bf16 where oneDNN runs it natively) both modes run the model's matmuls on
+prepacked weights (:mod:`r3.packed_linear`): a matmul backend, not a second copy of the model's math.
 """
 
 from __future__ import annotations
@@ -494,7 +494,7 @@ class DecodeStep:
     """``step(tok, pos, cache, kv_len, vocab_size)`` -> logits ``[B, vocab_size]``; compiled, it
     also takes ``pick=, u=, temperature=`` and returns ``pick(logits, u, temperature)``.
 
-    Use it inside ``with step.active():`` (the prepacked matmuls are on there, on CPU in bf16); the
+    Use it inside ``with step.active():`` (the prepacked matmuls are on there, on CPU); the
     weights must not change inside that block. Make a new one after they change (an optimizer
     step): it repacks them. The compiled step leaves LongRoPE's position limit to its caller
     (``Session.sample`` checks a whole request once: ``model.check_positions``).

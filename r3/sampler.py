@@ -79,7 +79,7 @@ text (a tokenizer call per row, a few microseconds).
 ``kv_len`` is tracked as a Python int, so attention reads only the used cache slots. Sampling is
 an inverse-CDF draw (see :func:`pick_tokens`); top-k uses ``topk`` only when ``k > 0`` and top-p
 sorts only when ``top_p < 1``. The decode step is the model's own forward, eager or compiled
-(:mod:`r3.decode`; on CPU in bf16 its matmuls run on oneDNN-prepacked weights).
+(:mod:`r3.decode`; on CPU its matmuls run on oneDNN-prepacked weights).
 """
 
 from __future__ import annotations
@@ -646,7 +646,7 @@ class Session:
             runs = static.graph_runs()
             tok, pos, done = runs.start(self.model, tok, pos, is_stop, temperature, fused, step.lean_guards(device))
         t = 0  # the steps done
-        with step.active():  # (the prepacked matmuls, on CPU in bf16)
+        with step.active():  # (the prepacked matmuls, on CPU)
             while t < N:
                 if runs is not None:
                     k = runs.run_length(base + t, N - t)

@@ -505,6 +505,7 @@ def test_episode_with_the_cuda_graph_decode_equals_eager(tiny, monkeypatch):
     import dataclasses
 
     import r3.decode
+    from r3.packed_linear import PackedWeights
 
     model, tok, chat = tiny
     examples = CoinTask().examples(n=12, seed=6)
@@ -512,7 +513,8 @@ def test_episode_with_the_cuda_graph_decode_equals_eager(tiny, monkeypatch):
     # the compiled step's rounding -- any batch size, graphs or not -- flips them)
     sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=16, max_reflection_tokens=12, max_retry_tokens=16)
     eager = run_episode(model, tok, StopAtETask(), examples, group_size=3, sampling=sampling, seed=7, chat=chat)
-    monkeypatch.setattr(r3.decode, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(r3.decode, "CUDA_GRAPHS", True)  # (the decode path a GPU takes: no prepacked weights)
+    monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
     graphs = run_episode(model, tok, StopAtETask(), examples, group_size=3, seed=7, chat=chat,
                          sampling=dataclasses.replace(sampling, decode="compiled"))
     assert r3.decode.static_cache(model).full is not None  # it did decode in the static cache

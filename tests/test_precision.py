@@ -77,15 +77,18 @@ def test_the_cli_flag(native, capsys):
     assert ("no native bf16 matmuls" in capsys.readouterr().err) == (not native)
 
 
-def test_prepacked_weights_only_where_onednn_runs_bf16(monkeypatch):
+def test_prepacked_weights_in_fp32_and_where_onednn_runs_bf16(monkeypatch):
     from r3 import packed_linear
     from r3.model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    head_dim=8)).to(torch.bfloat16)
+                                    head_dim=8))
+    onednn = packed_linear._MKLDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
     monkeypatch.setattr(packed_linear, "bf16_is_native", lambda device: False)
+    assert packed_linear.PackedWeights.available(model) == onednn  # fp32: wherever oneDNN is built in
+    model = model.to(torch.bfloat16)
     assert not packed_linear.PackedWeights.available(model)
-    if packed_linear._MKLDNN_LINEAR is not None and precision.bf16_is_native("cpu"):
+    if onednn and precision.bf16_is_native("cpu"):
         monkeypatch.setattr(packed_linear, "bf16_is_native", lambda device: True)
         assert packed_linear.PackedWeights.available(model)

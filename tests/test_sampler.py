@@ -35,6 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 
 
+_PACKED_AVAILABLE = PackedWeights.available
+
+
+def as_on_a_gpu(monkeypatch):
+    """The decode path a GPU takes, run here: CUDA-graph steps (inductor leaves the graphs out on
+    CPU) on plain matmuls (prepacked weights are a CPU backend, off on a GPU)."""
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
+
+
 def _rand_prompts(vocab, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -381,13 +391,18 @@ def _prefilled(model, rows, kv_len, n_caches=2):
     return caches, torch.tensor([r[-1] for r in rows]), torch.tensor([len(r) - 1 for r in rows])
 
 
+PACKED_SKIP = "no oneDNN packed matmul for this dtype here (this PyTorch build; bf16 also needs AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX)"
+DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 0.05}  # packed against plain matmuls, relative to the largest logit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_packed_matmuls_equal_the_plain_step(tiny_dirs, kind):
-    """On CPU in bf16 the decode step runs the model's matmuls on prepacked weights: the same
-    logits (up to bf16 rounding of a different kernel) and cache writes as the plain step."""
-    model, _ = load(tiny_dirs[kind][0], dtype=torch.bfloat16, tokenizer=False)
+def test_packed_matmuls_equal_the_plain_step(tiny_dirs, kind, dtype):
+    """On CPU the decode step runs the model's matmuls on prepacked weights: the same logits (up
+    to rounding of a different kernel) and cache writes as the plain step."""
+    model, _ = load(tiny_dirs[kind][0], dtype=dtype, tokenizer=False)
     if not PackedWeights.available(model):
-        pytest.skip("no oneDNN bf16 packed matmul here (this PyTorch build or this CPU: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX needed)")
+        pytest.skip(PACKED_SKIP)
     rows = _rand_prompts(256, [12, 5, 9], seed=12)
     with torch.inference_mode():
         caches, last, pos = _prefilled(model, rows, 12)
@@ -398,18 +413,19 @@ def test_packed_matmuls_equal_the_plain_step(tiny_dirs, kind):
             assert model.layers[0].self_attn.qkv_proj.packed is not None
             got = step(last, pos, caches[1], 12, 200)
         assert model.layers[0].self_attn.qkv_proj.packed is None  # off again outside the block
-    assert got.shape == ref.shape == (3, 200) and got.dtype == torch.bfloat16
-    assert (got.float() - ref.float()).abs().max().item() <= 0.05 * ref.float().abs().max().item()
+    assert got.shape == ref.shape == (3, 200) and got.dtype == dtype
+    assert (got.float() - ref.float()).abs().max().item() <= DTYPE_TOL[dtype] * ref.float().abs().max().item()
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # same keys/values written
-        assert (a.float() - b.float()).abs().max().item() <= 0.05
+        assert (a.float() - b.float()).abs().max().item() <= DTYPE_TOL[dtype]
 
 
-def test_packed_weights_see_weight_updates(tiny_dirs, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_see_weight_updates(tiny_dirs, monkeypatch, dtype):
     """An in-place update (an optimizer step) repacks the weights: the sampler then gives what
     the plain matmuls give."""
-    model, _ = load(tiny_dirs["qwen2"][0], dtype=torch.bfloat16, tokenizer=False)
+    model, _ = load(tiny_dirs["qwen2"][0], dtype=dtype, tokenizer=False)
     if not PackedWeights.available(model):
-        pytest.skip("no oneDNN bf16 packed matmul here (this PyTorch build or this CPU: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX needed)")
+        pytest.skip(PACKED_SKIP)
     prompts = _rand_prompts(256, [6, 3], seed=13)
     before = generate(model, prompts, max_new_tokens=8, temperature=0)
     with torch.no_grad():
@@ -420,7 +436,7 @@ def test_packed_weights_see_weight_updates(tiny_dirs, monkeypatch):
     monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
     plain = generate(model, prompts, max_new_tokens=8, temperature=0)
     assert after.tokens == plain.tokens
-    assert (after.logprob_tensor - plain.logprob_tensor).abs().max() <= 0.05
+    assert (after.logprob_tensor - plain.logprob_tensor).abs().max() <= DTYPE_TOL[dtype]
     assert (after.logprob_tensor - before.logprob_tensor).abs().max() > 1e-2
 
 
@@ -430,7 +446,7 @@ def test_packed_weights_do_not_keep_models_alive(tiny_dirs):
 
     from r3 import packed_linear
 
-    model, _ = load(tiny_dirs["llama"][0], dtype=torch.bfloat16, tokenizer=False)
+    model, _ = load(tiny_dirs["llama"][0], dtype=torch.float32, tokenizer=False)
     gc.collect()
     slots = len(packed_linear._SLOTS)
     generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0)
@@ -549,8 +565,8 @@ def test_cli_mistakes_exit_2_with_one_line(args):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_step_equals_model_forward_and_sees_updates(tiny_dirs, dtype):
-    """The compiled step (bf16: packed matmuls through the r3::packed_linear op; fp32: plain
-    matmuls) gives the eager step's logits and cache writes, for ragged rows and a later, larger
+    """The compiled step (packed matmuls through the r3::packed_linear op where oneDNN runs the
+    dtype, else plain matmuls) gives the eager step's logits and cache writes, for ragged rows and a later, larger
     batch (dynamic shapes), and after an in-place weight update it uses the new weights without
     compiling again."""
     from torch._dynamo.utils import counters
@@ -603,7 +619,7 @@ def test_compiled_step_with_cuda_graph_options_on_cpu(tiny_dirs):
 
 def test_compiled_step_tells_models_apart_and_keeps_none_alive(tiny_dirs):
     """One compiled function serves every model (the model is an argument): two models of the
-    same shape with different weights (bf16: each its own packed slots, constants of its graph)
+    same shape with different weights (on CPU each its own packed slots, constants of its graph)
     each decode as their eager step does, and a model is freed when dropped."""
     import gc
     import weakref
@@ -731,7 +747,7 @@ def test_decode_loop_host_ops_per_step(tiny, monkeypatch, form):
     else:
         name = "_compile" if form == "compiled" else "_compile_step_in_place"
         compile_step = getattr(decode_mod, name)
-        monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+        as_on_a_gpu(monkeypatch)
         monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 8 if form == "runs" else 0)
         monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())  # (compiled here, wrapped)
         monkeypatch.setattr(decode_mod, name, lambda *a: counted(compile_step(*a)))
@@ -852,7 +868,7 @@ def test_cuda_graph_decode_compiles_once_as_the_kv_length_grows(tiny_dirs, monke
     decode whose KV length crosses buckets up to the end of the request is one compiled graph."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
     frames = counters["frames"]["ok"]
     out = generate(model, _rand_prompts(256, [4, 8, 6], seed=51), max_new_tokens=70, temperature=0,
@@ -919,7 +935,7 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
     count and a padded row count, so a graph recorded once is replayed by every later rollout;
     the samples, stops, log-probs and the session's cache equal the eager sampler's without
     compaction, across turns, forks and compactions (in place, to fewer padded rows)."""
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 0)  # (one replay per step; graph runs: below)
     calls = []
     compile_ = decode_mod._compile
@@ -1002,7 +1018,7 @@ def test_graph_runs_decode_as_the_eager_sampler_does(tiny_dirs, monkeypatch):
     session's cache equal the eager sampler's, across turns, forks and compactions (to fewer
     padded rows); the same rollout again records no graph (each graph is recorded once); new
     parameter tensors drop the graphs."""
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     K = decode_mod.GRAPH_RUN_STEPS
     assert K == 8 and decode_mod.KV_BUCKET % K == 0
     spy = _Runs(monkeypatch)
@@ -1059,7 +1075,7 @@ def test_graph_runs_where_they_meet_the_rest(tiny_dirs, monkeypatch, sync_every)
     crosses from one KV bucket to the next (no run spans two), stop checks every 5 or 8 steps
     (not at run ends) with compactions, a batch of one row (padded to two), a vocabulary smaller
     than the model's (never sampled past it)."""
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     spy = _Runs(monkeypatch)
     model, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
     stops = list(range(5, 200, 17))
@@ -1093,7 +1109,7 @@ def test_graph_runs_compile_every_architecture_as_one_graph(tiny_dirs, monkeypat
     the eager sampler does (LongRoPE, q/k norms, a sliding window, biases)."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     breaks, frames = sum(counters["graph_break"].values()), counters["frames"]["ok"]
     spy = _Runs(monkeypatch)
     model, _ = load(tiny_dirs[kind][0], tokenizer=False)
@@ -1212,7 +1228,7 @@ def test_a_rows_draw_at_tied_logits_does_not_depend_on_its_batch():
 def test_compiled_step_follows_changes_to_the_model(tiny_dirs, monkeypatch):
     """A model changed after its compiled step was made (a parameter replaced, an attribute the
     graph reads set, its dtype changed in place) decodes as the eager step does."""
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)  # (the static cache's form of the step)
+    as_on_a_gpu(monkeypatch)  # (the static cache's form of the step)
     model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
     prompts = _rand_prompts(256, [6, 3, 9], seed=61)
 
@@ -1293,7 +1309,7 @@ def test_cuda_graph_step_has_nothing_that_keeps_it_out_of_cuda_graphs(tiny_dirs,
         graphs.append((bound["gm"], set(bound["static_input_idxs"]), self))
 
     monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recording_init)
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", run_steps)
     monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())
     model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
@@ -1327,13 +1343,13 @@ def test_cuda_graph_step_guards_tensors_and_values_not_the_structure(tiny_dirs, 
     drops those on the model's structure (host time at every step): a parameter with other
     strides compiles the step again, and its samples equal eager's (a changed attribute value:
     test_compiled_step_follows_changes_to_the_model); a ``forward`` replaced on an instance
-    after compiling is not seen (r3 never does that). With prepacked weights (CPU, bf16) every
+    after compiling is not seen (r3 never does that). With prepacked weights (CPU) every
     guard stays: the modules' attributes say which weights are current."""
     import weakref
 
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     monkeypatch.setattr(decode_mod, "_COMPILED", weakref.WeakKeyDictionary())
     model, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
     prompts = _rand_prompts(256, [6, 3, 8], seed=5)
@@ -1357,14 +1373,15 @@ def test_cuda_graph_step_guards_tensors_and_values_not_the_structure(tiny_dirs, 
     assert generate(model, prompts, max_new_tokens=8, temperature=0).tokens != eager  # (eager runs it)
     assert compiles() == 0  # (the compiled step still runs the class's forward)
     # Prepacked weights: compiled with every guard.
-    bf16 = load(tiny_dirs["qwen3"][0], tokenizer=False, dtype=torch.bfloat16)[0]
-    step = DecodeStep(bf16, "compiled", cuda_graphs=True)
-    assert (step.packed is not None) == PackedWeights.available(bf16)
+    monkeypatch.setattr(PackedWeights, "available", staticmethod(_PACKED_AVAILABLE))
+    packed = load(tiny_dirs["qwen3"][0], tokenizer=False)[0]
+    step = DecodeStep(packed, "compiled", cuda_graphs=True)
+    assert (step.packed is not None) == PackedWeights.available(packed)
     if step.packed is not None:
         compiled = []
         monkeypatch.setattr(decode_mod, "_compile", lambda *a: compiled.append(a) or (lambda *b: torch.zeros(2, 256)))
         with step.active():
-            step(torch.tensor([1, 2]), torch.tensor([0, 0]), bf16.new_cache(2, 8), 1, 256)
+            step(torch.tensor([1, 2]), torch.tensor([0, 0]), packed.new_cache(2, 8), 1, 256)
         assert compiled == [(256, None, True, False)]
 
 
@@ -1376,7 +1393,7 @@ def test_cuda_graph_step_compiles_once_per_static_cache_shape(tiny_dirs, monkeyp
     replayed one by one and in graph runs."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    as_on_a_gpu(monkeypatch)
     monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", run_steps)
     model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
     frames = counters["frames"]["ok"]
