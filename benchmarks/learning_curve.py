@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from r3.checkpoint import load  # noqa: E402
 from r3.config import parse_args as parse_train_args  # noqa: E402
 from r3.precision import resolve_dtype_name  # noqa: E402
-from r3.chat import ChatFormat  # noqa: E402
+from r3.chat import ChatFormat, template_options  # noqa: E402
 from r3.episode import answer_stops, run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
 from r3.sampler import RANDOM_STREAMS, Session  # noqa: E402
@@ -97,7 +97,7 @@ def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[
     untrained model's stored failures, and greedy accuracy on the whole test split."""
     t0 = time.time()
     model, tok = load(spec, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, device=device)
-    chat = ChatFormat(tok)
+    chat = ChatFormat(tok, template_options=template_options(cfg.chat_template_options))
     task = get(cfg.task, **cfg.task_options)
     examples = task.examples("test", seed=0)
     sampling = cfg.sampling()
@@ -117,7 +117,7 @@ def evaluate_model(spec: str, cfg, samples: int, seed: int, base_failures: list[
                                 f"{spec} base failures"))
         result["retry_success_base_failures"] = rate(sum(base_wins), samples * len(base_failures))
         result["base_failure_wins"] = base_wins
-    greedy = evaluate_examples(model, tok, task, examples, cfg.sampling(0.0), batch_size=32)
+    greedy = evaluate_examples(model, tok, task, examples, cfg.sampling(0.0), batch_size=32, chat=chat)
     result.update(greedy_first_attempt=rate(greedy["first_success"], greedy["n"]),
                   greedy_second_attempt=rate(greedy["second_success"], greedy["n"]),
                   greedy_first_correct=greedy["first_correct"], greedy_second_correct=greedy["second_correct"],
@@ -214,6 +214,8 @@ def main():
     key = {k: getattr(cfg, k) for k in ("model", "task", "task_options", "temperature", "top_p", "top_k", "dtype",
                                         "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")}
     key.update(samples=args.samples, seed=args.seed, random_streams=RANDOM_STREAMS)
+    if cfg.chat_template_options:  # (only then: the cached evaluations of earlier runs stay valid)
+        key["chat_template_options"] = cfg.chat_template_options
     before_path = out / "before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     if before is None or before.get("key") != json.loads(json.dumps(key)):

@@ -8,6 +8,34 @@ from __future__ import annotations
 from r3.checkpoint import generation_eos_ids
 from r3.errors import R3Error
 
+DEFAULT_TEMPLATE_OPTIONS = {"enable_thinking": False}  # Qwen3's non-thinking mode; other templates ignore it
+
+
+# apply_chat_template's own arguments: r3 sets them, a template option may not.
+_RESERVED = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+             "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+             "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def user_template_options(options: dict | None, where: str = "chat_template_options") -> dict:
+    """A user's chat template options, checked (string keys, none of ``apply_chat_template``'s own
+    arguments) and without the keys that equal :data:`DEFAULT_TEMPLATE_OPTIONS`, so that two
+    spellings of the same rendering record and compare the same."""
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise R3Error(f"{where} must be a mapping with string keys, got {options!r}")
+    reserved = [k for k in options if k in _RESERVED]
+    if reserved:
+        raise R3Error(f"{where}: {reserved[0]!r} is an argument r3 gives the chat template itself, not a template option")
+    return {k: v for k, v in options.items() if k not in DEFAULT_TEMPLATE_OPTIONS or DEFAULT_TEMPLATE_OPTIONS[k] != v
+            or type(DEFAULT_TEMPLATE_OPTIONS[k]) is not type(v)}
+
+
+def template_options(user: dict | None = None) -> dict:
+    """The options r3 renders a chat template with: ``user``'s (``--chat-template-option``) over
+    :data:`DEFAULT_TEMPLATE_OPTIONS`."""
+    return {**DEFAULT_TEMPLATE_OPTIONS, **user_template_options(user or {})}
+
+
 _PROBE_SYSTEM, _PROBE_Q, _PROBE_A, _PROBE_U, _PROBE_R, _PROBE_V = (
     "PROBE_SYSTEM", "PROBE_QUERY", "PROBE_ATTEMPT", "PROBE_USER", "PROBE_REFLECTION", "PROBE_RETRY")
 
@@ -40,15 +68,16 @@ class ChatFormat:
       assistant message it completes, reasoning block included, not as a fragment that starts
       inside it.
 
-    ``template_options`` are passed to the template (default ``enable_thinking=False``: Qwen3's
-    non-thinking mode; templates that do not use it ignore it). ``eos_token_ids`` adds stop ids.
+    ``template_options`` are passed to the template (default :data:`DEFAULT_TEMPLATE_OPTIONS`,
+    ``enable_thinking=False``: Qwen3's non-thinking mode; templates that do not use it ignore it;
+    :func:`template_options` merges a user's over it). ``eos_token_ids`` adds stop ids.
     """
 
     def __init__(self, tokenizer, *, eos_token_ids=None, template_options: dict | None = None):
         if getattr(tokenizer, "chat_template", None) is None:
             raise R3Error("the tokenizer has no chat template (r3 needs one to build conversations)")
         self.tok = tokenizer
-        self.template_options = {"enable_thinking": False} if template_options is None else dict(template_options)
+        self.template_options = dict(DEFAULT_TEMPLATE_OPTIONS if template_options is None else template_options)
         if tokenizer.eos_token_id is None:
             raise R3Error("the tokenizer has no end-of-sequence token")
         q, a, u = ({"role": "user", "content": _PROBE_Q}, {"role": "assistant", "content": _PROBE_A},

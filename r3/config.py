@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from r3.chat import user_template_options
 from r3.decode import DECODE_MODES
 from r3.episode import EpisodeSampling
 from r3.errors import R3Error
@@ -32,6 +33,8 @@ class TrainConfig:
     # Countdown): two numbers, + and -, a plain prompt, the final equation is the answer.
     task: str = "countdown-tiny"
     task_options: dict = field(default_factory=dict)  # merged over the task's own defaults
+    # passed to the tokenizer's chat template, over enable_thinking=false (Qwen3: true = thinking mode)
+    chat_template_options: dict = field(default_factory=dict)
     failures: str | None = None  # a failure dataset (python -m r3.failures); None = fresh first attempts
     out: str = "runs/r3"
     # rollout
@@ -125,6 +128,7 @@ class TrainConfig:
             raise R3Error(f"config: 'dtype' must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
             raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
+        self.chat_template_options = user_template_options(self.chat_template_options, "config: 'chat_template_options'")
         self.task_options = absolute_paths(self.task_options)
         return self
 
@@ -178,6 +182,7 @@ def upgrade_config_dict(d: dict) -> dict:
     for old, (new, convert) in _RENAMED.items():
         if old in d:
             d[new] = convert(d.pop(old))
+    d.setdefault("chat_template_options", {})  # (runs before the option rendered with the default)
     return d
 
 # One line per knob for ``--help`` (a test checks that every field has one).
@@ -185,6 +190,8 @@ HELP = {
     "model": "HF directory, .gguf file, or smollm2-135m (built in)",
     "task": "countdown, countdown-tiny, function_calling, or module:Class of your own",
     "task_options": "JSON object merged over the task's defaults (or repeat --task-option key=value)",
+    "chat_template_options": "JSON object passed to the chat template, over enable_thinking=false (or repeat "
+                             "--chat-template-option key=value; Qwen3's thinking mode: enable_thinking=true)",
     "failures": "a failure dataset from python -m r3.failures; unset = sample fresh first attempts",
     "out": "run directory: config, metrics, samples, checkpoints, export; rerun with it to resume",
     "batch_size": "failed queries per optimizer step, all ranks together",
@@ -373,28 +380,31 @@ def parse_args(argv: list[str]) -> TrainConfig:
             if key not in _FIELDS:
                 raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])
-    task_option_pairs = [v for k, v in pairs if k == "task_option"]
+    repeated = ("task_option", "chat_template_option")  # key=value flags, merged into <name>s
     for k, v in pairs:
-        if k in ("config", "task_option"):
+        if k == "config" or k in repeated:
             continue
         if k in _RENAMED:
             k, v = _RENAMED[k][0], _RENAMED[k][1](v)
         if k not in _FIELDS:
-            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{suggest(k, [*_FIELDS, 'config', 'task_option'])}")
+            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{suggest(k, [*_FIELDS, 'config', *repeated])}")
         values[k] = (v, "command line")
     cfg = TrainConfig()
     kwargs = {}
     for k, (v, source) in values.items():
         kwargs[k] = _coerce(k, v, getattr(cfg, k), source)
-    if task_option_pairs:  # --task-option key=value (repeatable), as in the other CLIs
-        kwargs["task_options"] = {**kwargs.get("task_options", TrainConfig().task_options),
-                                  **parse_task_options(task_option_pairs)}
+    for flag in repeated:  # --task-option key=value (repeatable), as in the other CLIs
+        items = [v for k, v in pairs if k == flag]
+        if items:
+            kwargs[flag + "s"] = {**kwargs.get(flag + "s", getattr(cfg, flag + "s")),
+                                  **parse_task_options(items, "--" + flag.replace("_", "-"))}
     return TrainConfig(**kwargs).validate()
 
 
 def _help() -> str:
     lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]",
              "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults)",
+             "       [--chat-template-option key=value ...]  (merged into chat_template_options)",
              "",
              "--config FILE is JSON or YAML with the same keys; flags override it. Keys (default): what it sets"]
     d = TrainConfig().to_dict()

@@ -21,7 +21,7 @@ import torch
 from r3.chat import ChatFormat
 from r3.errors import positive_int
 from r3.sampler import Session, StopStrings
-from r3.tasks.base import passes
+from r3.tasks.base import leading_reasoning_end, passes
 
 
 @dataclass
@@ -93,13 +93,20 @@ def turn_text(task, kind: str, example: dict) -> str:
 
 def answer_stops(task, chat: ChatFormat) -> StopStrings | None:
     """What ends an answer turn besides the stop ids: the task's ``stop_strings`` (a plug-in
-    without the attribute has none). None where the generation prompt opens a reasoning block
-    (``chat.reply_prefix``): a stop string inside the reasoning would cut it off before its
-    answer, so such turns run to a stop id."""
+    without the attribute has none), read as the verifiers read the reply: where the assistant
+    message (``chat.decode``: the reply after any reasoning block the generation prompt opened)
+    opens a reasoning block, a stop string counts only after the block's first ``</think>``, so
+    one written inside the reasoning does not cut it off before its answer."""
     strings = tuple(getattr(task, "stop_strings", ()) or ())
-    if not strings or chat.reply_prefix:
+    if not strings:
         return None
-    return StopStrings(strings, lambda ids: chat.tok.decode(ids, skip_special_tokens=True))
+
+    def after_reasoning(ids: list[int]) -> bool:
+        text = chat.decode(ids)
+        end = leading_reasoning_end(text)
+        return end is not None and any(x in text[end:] for x in strings)
+
+    return StopStrings(strings, lambda ids: chat.tok.decode(ids, skip_special_tokens=True), confirm=after_reasoning)
 
 
 def _presize(prompts, sampling: EpisodeSampling, turn_budget: int) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import resolve
 from r3.decode import DECODE_MODES
 from r3.cli import (
@@ -78,6 +79,9 @@ def format_table(rows: list[dict], paired: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+FLAG = "--chat-template-option"
+
+
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m r3.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, metavar="DIR",
@@ -88,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--task", default=None, help="task name or plug-in 'package.module:Class' (default: countdown)")
     p.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
                    help="a task option (value parsed as JSON when possible); repeatable")
+    p.add_argument("--chat-template-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="passed to the chat template, over enable_thinking=false (Qwen3's thinking mode: "
+                        "enable_thinking=true); repeatable (with --run, the run's)")
     p.add_argument("--n", type=int, default=None,
                    help="test queries (default: the task's whole split, e.g. Countdown's test_size)")
     p.add_argument("--split", default="test", help="default: test")
@@ -116,16 +123,20 @@ def resolve_settings(args) -> dict:
     if args.run is None:
         return dict(models=args.model or ["smollm2-135m"], task=args.task or "countdown",
                     options=parse_task_options(args.task_option),
+                    chat_options=user_template_options(parse_task_options(args.chat_template_option, FLAG), FLAG),
                     max_attempt=args.max_new_tokens or 256, max_retry=args.max_new_tokens or 256,
                     max_reflection=args.max_reflection_tokens or args.max_new_tokens or 256,
                     top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
                     dtype=args.dtype or "auto")
-    clashes = [flag for flag, v in (("--model", args.model), ("--task", args.task), ("--task-option", args.task_option))
-               if v is not None]
+    clashes = [flag for flag, v in (("--model", args.model), ("--task", args.task), ("--task-option", args.task_option),
+                                    ("--chat-template-option", args.chat_template_option)) if v is not None]
     if clashes:
         raise R3Error(f"--run takes the models, task and options from the run; drop {', '.join(clashes)}")
     cfg = read_run(args.run)
+    chat_options = user_template_options(cfg.get("chat_template_options", {}),
+                                         f"{Path(args.run) / 'config.json'}: 'chat_template_options'")
     return dict(models=[cfg["model"], str(Path(args.run) / "export")], task=cfg["task"], options=cfg["task_options"],
+                chat_options=chat_options,
                 max_attempt=args.max_new_tokens or cfg["max_attempt_tokens"],
                 max_retry=args.max_new_tokens or cfg["max_retry_tokens"],
                 max_reflection=args.max_reflection_tokens or args.max_new_tokens or cfg["max_reflection_tokens"],
@@ -165,7 +176,7 @@ def main(argv=None) -> int:
         "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
         "max_reflection_tokens": st["max_reflection"], "dtype": dtype_name(dtype), "device": str(device),
         "batch_size": args.batch_size, "reflection_prompt": task.reflection_prompt,
-        "retry_prompt": task.retry_prompt, "decode": args.decode,
+        "retry_prompt": task.retry_prompt, "decode": args.decode, "chat_template_options": st["chat_options"],
     }
     task_config = task.config() if hasattr(task, "config") else st["options"]
     results: list[dict] = []
@@ -176,6 +187,7 @@ def main(argv=None) -> int:
         res = evaluate_examples(
             model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
             progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
+            chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
         )
         del model
         report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),

@@ -122,12 +122,14 @@ def recorded_settings(path) -> dict | None:
     return header["settings"]
 
 
-def check_made_for(path, task, model: str) -> None:
+def check_made_for(path, task, model: str, chat_template_options: dict | None = None) -> None:
     """Refuse to train on failures of another task: the records' examples and attempts are
     judged with the run's task, so a file made for another task (other numbers, operators or
     answer format) would reward against the wrong rule. Compares the task's name and every
-    option in effect with what ``r3.failures`` recorded; warns when the model differs (the
-    attempts are another model's, in its tokens) or the queries are not from the train split."""
+    option in effect with what ``r3.failures`` recorded, and the chat template options (the
+    stored attempts continue the conversation they were sampled in); warns when the model
+    differs (the attempts are another model's, in its tokens) or the queries are not from the
+    train split."""
     from r3.checkpoint import same_model
     from r3.config import absolute_paths
     from r3.tasks import get
@@ -149,11 +151,26 @@ def check_made_for(path, task, model: str) -> None:
         raise R3Error(f"{path} was made for task {settings['task']!r} with options {settings.get('task_options', {})}, "
                       f"not this run's task ({detail}); pass the same --task and --task-option to r3.train, "
                       "or make the file again")
+    theirs, mine = settings.get("chat_template_options") or {}, chat_template_options or {}
+    if _rendering(theirs) != _rendering(mine):
+        raise R3Error(f"{path} was sampled with chat template options {theirs}, not this run's {mine}: its attempts "
+                      "continue another conversation; pass the same --chat-template-option to r3.train, or make "
+                      "the file again")
     if settings.get("model") is not None and not same_model(settings["model"], model):
         print(f"warning: {path} holds the first attempts of model {settings['model']!r}; this run trains {model!r}",
               file=sys.stderr)
     if settings.get("split", "train") != "train":
         print(f"warning: {path} holds queries of the {settings['split']!r} split", file=sys.stderr)
+
+
+def _rendering(options):
+    """Chat template options as the template gets them (a file's, read as recorded if malformed)."""
+    from r3.chat import template_options
+
+    try:
+        return template_options(options)
+    except R3Error:
+        return options
 
 
 def _kind(task) -> str:
@@ -181,8 +198,9 @@ class FailureFile:
         lines and write the header if there is none yet."""
         if self.header is not None:
             old = self.header.get("settings", {})
-            for k in ("task", "task_options", "split"):
-                if k in old and old[k] != settings[k]:
+            old = {"chat_template_options": {}, **old}  # (files made before the option: the default)
+            for k in ("task", "task_options", "split", "chat_template_options"):
+                if k in old and k in settings and old[k] != settings[k]:
                     raise R3Error(f"{self.out} holds {k} {old[k]!r}, not {settings[k]!r}; use another --out")
             changed = [k for k in settings if k in old and old[k] != settings[k] and k != "n"]
             if changed:

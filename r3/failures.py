@@ -17,9 +17,9 @@ Files (all lines ASCII JSON, appended whole and flushed after every batch):
 
   ``attempt_tokens`` are the failed attempt's generated token ids (the stop token included when
   it was sampled), exactly as the sampler produced them after the prompt
-  ``ChatFormat(tokenizer).prompt(task.messages(example))``.
+  ``ChatFormat(tokenizer, template_options=...).prompt(task.messages(example))``.
 * ``F.jsonl.done`` -- a header line ``{"r3_failures": 1, "settings": {...}}`` (model, task, task
-  options, sampling settings of the first run), then one line ``{"key": "...", "samples": K}``
+  options, chat template options, sampling settings of the first run), then one line ``{"key": "...", "samples": K}``
   per query that passed all its K attempts.
 
 ``key`` is a hash of the example's canonical JSON. A rerun with the same ``--out`` skips every query
@@ -34,7 +34,7 @@ import hashlib
 import sys
 import time
 
-from r3.chat import ChatFormat
+from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import resolve
 from r3.cli import (
     DTYPES,
@@ -159,12 +159,18 @@ def find_failures(
 # --------------------------------------------------------------------------------------------
 
 
+FLAG = "--chat-template-option"
+
+
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m r3.failures", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
     p.add_argument("--task", default="countdown", help="task name or plug-in 'package.module:Class' (default: countdown)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a task option (value parsed as JSON when possible); repeatable")
+    p.add_argument("--chat-template-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the chat template, over enable_thinking=false (Qwen3's thinking mode: "
+                        "enable_thinking=true); repeatable; r3.train needs the same")
     p.add_argument("--samples", type=int, default=8, help="K: attempts per query at most (default: 8; the paper: up to 64)")
     p.add_argument("--out", required=True, help="the failure dataset (JSONL); F.jsonl.done lists queries that never failed")
     p.add_argument("--n", type=int, default=None, help="queries (default: the task's whole split)")
@@ -201,7 +207,9 @@ def main(argv=None) -> int:
     device, dtype = pick_device_dtype(args.device, args.dtype)
     resolve(args.model)  # a bad path is an error even when there is nothing left to sample
     store = FailureFile(out)
-    settings = {"model": args.model, "task": args.task, "task_options": options, "split": args.split,
+    chat_options = user_template_options(parse_task_options(args.chat_template_option, FLAG), FLAG)
+    settings = {"model": args.model, "task": args.task, "task_options": options, "chat_template_options": chat_options,
+                "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype)}
     store.open(settings)
@@ -218,7 +226,7 @@ def main(argv=None) -> int:
         drawn = find_failures(
             model, tok, task, todo, samples=args.samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,
-            seed=args.seed, on_batch=store.add,
+            seed=args.seed, on_batch=store.add, chat=ChatFormat(tok, template_options=template_options(chat_options)),
             progress=Progress(len(todo), "failures", enabled=not args.quiet),
         )["samples_drawn"]
     summary = summarize(store, set(keys), new=len(todo), drawn=drawn, elapsed=time.perf_counter() - t0)

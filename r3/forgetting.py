@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from r3.chat import ChatFormat
+from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import generation_eos_ids
 from r3.cli import (
     DTYPES,
@@ -33,6 +33,7 @@ from r3.cli import (
     Progress,
     check_out_path,
     load_model,
+    parse_task_options,
     pick_device_dtype,
     positive_int,
     read_run,
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--max-gen-toks", type=int, default=None, help="generation limit (default: gsm8k/math 256, mmlu_pro 2048)")
     p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default: 16)")
     p.add_argument("--chat", action="store_true", help="prompts through the model's chat template, shots as turns (lm-eval's --apply_chat_template)")
+    p.add_argument("--chat-template-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --chat: passed to the chat template, over enable_thinking=false; repeatable")
     p.add_argument("--math-equivalence", choices=("string", "sympy"), default="string",
                    help="MATH exact_match: identical normalised answers (default), or also equal as sympy "
                         "expressions, as the harness scores it (needs pip install 'r3[math]')")
@@ -138,7 +141,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise R3Error("--chat: this model's tokenizer has no chat template")
-        chat = ChatFormat(tokenizer)
+        chat = ChatFormat(tokenizer, template_options=template_options(args.chat_options))
     prompts = [chat.prompt_text(m) if chat else B.plain_text(m) for m in plan["messages"]]
     progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet)
     try:
@@ -205,6 +208,10 @@ def format_table(results: list[dict], paired: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = check_out_path(args.out)
+    flag = "--chat-template-option"
+    args.chat_options = user_template_options(parse_task_options(args.chat_template_option, flag), flag)
+    if args.chat_options and not args.chat:
+        raise R3Error("--chat-template-option is for --chat (the prompts through the chat template)")
     positive_int("--batch-size", args.batch_size)
     if args.max_gen_toks is not None:
         positive_int("--max-gen-toks", args.max_gen_toks)
@@ -231,7 +238,7 @@ def main(argv=None) -> int:
     write_json_atomic(out, {
         "results": results,
         "paired": paired,
-        "settings": {"models": models, "chat": args.chat, "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
+        "settings": {"models": models, "chat": args.chat, "chat_template_options": args.chat_options, "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
                      "device": str(device), "max_gen_toks": args.max_gen_toks,
                      "benchmarks": {p["bench"].name: {"file": p["path"], "fewshot_file": p["fewshot_path"], "shots": p["shots"],
                                                       "n": len(p["docs"])} for p in plans}},

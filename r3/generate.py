@@ -12,9 +12,9 @@ import argparse
 import sys
 import time
 
-from r3.chat import ChatFormat
+from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import load
-from r3.cli import DTYPES, pick_device_dtype
+from r3.cli import DTYPES, parse_task_options, pick_device_dtype
 from r3.decode import DECODE_MODES
 from r3.errors import R3Error, cli_main
 from r3.sampler import check_sampling_args, generate
@@ -25,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--chat-template-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the chat template, over enable_thinking=false (Qwen3's thinking mode: "
+                        "enable_thinking=true); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    flag = "--chat-template-option"
+    chat_options = template_options(user_template_options(parse_task_options(args.chat_template_option, flag), flag))
     device, dtype = pick_device_dtype(args.device, args.dtype)
 
     model, tok = load(args.model, dtype=dtype, device=device)
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
         {"role": "user", "content": args.prompt}
     ]
     eos = model.config.eos_token_id  # a GGUF's or a config-only checkpoint's eos ids stop it too
-    chat = ChatFormat(tok, eos_token_ids=[e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None])
+    chat = ChatFormat(tok, eos_token_ids=[e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None],
+                      template_options=chat_options)
     prompt = chat.prompt(messages)
     stops = chat.stop_ids
     limit = model.config.max_position_embeddings
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
     for i, (toks, fin) in enumerate(zip(out.tokens, out.finished)):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} ({len(toks)} tokens{'' if fin else ', truncated'}) ---")
-        print(tok.decode(toks, skip_special_tokens=True).strip())
+        print(chat.decode(toks).strip())  # (the assistant message: a reasoning block's tags kept)
     print(
         f"[{out.new_tokens} tokens, prompt {len(prompt)} tokens; prefill {out.prefill_s:.2f}s, "
         f"decode {out.decode_s:.2f}s, {out.tokens_per_s:.1f} tokens/s; {args.model} {str(dtype).removeprefix('torch.')} on {device}]",

@@ -190,7 +190,8 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
     st = ev.get("settings", {})
     lines = [f"# r3 report: `{run}`", ""]
     lines += [f"- untrained model: `{base['model']}`; trained: `{trained['model']}`",
-              f"- task: `{cfg['task']}`, options `{cfg.get('task_options', {})}`",
+              f"- task: `{cfg['task']}`, options `{cfg.get('task_options', {})}`"
+              + (f"; chat template options `{cfg['chat_template_options']}`" if cfg.get("chat_template_options") else ""),
               f"- training: lr {cfg.get('lr')}, {cfg.get('batch_size')} failed queries x G={cfg.get('group_size')} "
               f"reflections per step, reflections up to {cfg.get('max_reflection_tokens')} tokens, seed {cfg.get('seed')}",
               f"- evaluation: {base['n']} {st.get('split', 'test')} queries, temperature {st.get('temperature', 0.0)} "

@@ -115,20 +115,29 @@ class StopStrings:
     keeps every token up to the one that completes the text, which may carry a few characters
     after it. ``decode``: token ids -> text (the tokenizer's). Each step decodes only a row's last
     ``window`` tokens (a text of n bytes spans at most n tokens, plus one for a character split
-    across tokens), so the check costs the same at any length."""
+    across tokens), so the check costs the same at any length.
 
-    def __init__(self, strings: Sequence[str], decode):
+    ``confirm``: optional, the row's tokens so far -> whether a stop string it now completes
+    counts (a task's stop string written inside a reasoning block does not); asked only when the
+    window shows one."""
+
+    def __init__(self, strings: Sequence[str], decode, confirm=None):
         self.strings = tuple(str(x) for x in strings)
         if not self.strings or any(not x for x in self.strings):
             raise SamplingError(f"stop strings must be non-empty texts, got {list(strings)!r}")
         self.decode = decode
+        self.confirm = confirm
         self.window = max(len(x.encode("utf-8")) for x in self.strings) + 1
 
-    def completed(self, tokens: Sequence[int]) -> bool:
-        """Whether ``tokens`` (a row's sampled tokens so far) end in a stop string's occurrence,
-        i.e. hold one that is not in ``tokens[:-1]``, given that ``tokens[:-1]`` holds none."""
+    def completed(self, tokens: Sequence[int], whole=None) -> bool:
+        """Whether ``tokens`` (a row's sampled tokens so far, or at least their last ``window``)
+        end in a stop string's occurrence that counts, i.e. hold one that is not in
+        ``tokens[:-1]``, given that ``tokens[:-1]`` holds none that counted. ``whole``: a
+        function that returns all of the row's tokens, for ``confirm`` (default: ``tokens``)."""
         text = self.decode(list(tokens[-self.window:]))
-        return any(x in text for x in self.strings)
+        if not any(x in text for x in self.strings):
+            return False
+        return self.confirm is None or bool(self.confirm(list(tokens if whole is None else whole())))
 
 
 @dataclass
@@ -775,7 +784,7 @@ def _find_stop_strings(strings: StopStrings, stop_ids: set, out_tok: torch.Tenso
     block = out_tok[rows, start:hi].tolist()
     for i, r, toks in zip(cand, rows, block):
         for j in range(lo, hi):
-            if strings.completed(toks[: j + 1 - start]):
+            if strings.completed(toks[: j + 1 - start], lambda: out_tok[r, : j + 1].tolist()):
                 string_end[r] = j + 1
                 done[i] = True
                 break

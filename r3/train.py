@@ -43,7 +43,7 @@ from r3.batch import (
     score_micro_batches,
     token_logprobs,
 )
-from r3.chat import ChatFormat
+from r3.chat import ChatFormat, template_options
 from r3.checkpoint import canonical_model, load
 from r3.config import TrainConfig, parse_args
 from r3.distributed import (
@@ -296,6 +296,7 @@ class Run:
     reference: torch.nn.Module  # FSDP, frozen
     rollout_model: torch.nn.Module  # plain copy in the compute dtype, synced before each rollout
     tokenizer: object
+    chat: ChatFormat  # the conversations under the model's chat template and cfg.chat_template_options
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     stream: QueryStream
@@ -316,7 +317,7 @@ def set_up(cfg: TrainConfig) -> Run:
         tracker_module(cfg.report_to)  # (its package is installed; every rank checks, as for the rest)
     failures = read_failures(cfg.failures) if cfg.failures else None
     if cfg.failures:
-        check_made_for(cfg.failures, task, cfg.model)
+        check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
     for i, rec in enumerate(failures or []):
         task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
     queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)  # a bad data file fails here
@@ -336,13 +337,15 @@ def set_up(cfg: TrainConfig) -> Run:
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     # the model's chat template renders the task's conversations (else a failed start would leave
     # a config.json that a corrected retry is refused for)
+    chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
     if queries:
-        chat = ChatFormat(tokenizer)
         chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
-        if d.main and chat.reply_prefix:
-            print(f"note: the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r}): "
-                  "answers are read after its closing tag, and a turn cut off before it has none; turn budgets are "
-                  f"{cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
+        opens = (f"the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r})"
+                 if chat.reply_prefix else "enable_thinking is on: the model may open a reasoning block"
+                 if chat.template_options.get("enable_thinking") else None)
+        if d.main and opens:
+            print(f"note: {opens}: answers are read after its closing tag, and a turn cut off before it has none; turn "
+                  f"budgets are {cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
     write_config(cfg, out, d)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     init_adamw_state(optimizer)
@@ -357,7 +360,7 @@ def set_up(cfg: TrainConfig) -> Run:
             else:
                 truncate_jsonl(out / name, start_step)
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
-    return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, optimizer, scheduler, stream,
+    return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
                start_step, tracker)
 
 
@@ -375,7 +378,7 @@ def rollout(run: Run, step: int):
     return run_episode(
         run.rollout_model, run.tokenizer, run.task, examples,
         group_size=cfg.group_size, max_failures=local_q, sampling=cfg.sampling(),
-        seed=step_seed(cfg, step, d.rank), failed_attempts=attempts,
+        seed=step_seed(cfg, step, d.rank), failed_attempts=attempts, chat=run.chat,
     )
 
 
@@ -429,7 +432,7 @@ def train_loop(run: Run) -> dict:
     cfg, d, out = run.cfg, run.d, run.out
     if run.start_step == 0 and cfg.eval_n:
         sync_rollout_weights(run.policy, run.rollout_model)
-        run.tracker.log_metrics(held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, 0, out), 0, "eval")
+        run.tracker.log_metrics(held_out_eval(run, 0), 0, "eval")
     t_start = time.time()
     row: dict = {}
     with StopSignals() as signals:
@@ -463,7 +466,7 @@ def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) ->
         run.tracker.log_samples(logged, step + 1)
     if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
         sync_rollout_weights(run.policy, run.rollout_model)
-        evaluation = held_out_eval(run.rollout_model, run.tokenizer, run.task, cfg, d, step + 1, out)
+        evaluation = held_out_eval(run, step + 1)
         run.tracker.log_metrics(evaluation, step + 1, "eval")
     last = step + 1 == cfg.max_steps
     stop_after = bool(cfg.stop_after and step + 1 == cfg.stop_after and not last)
@@ -494,14 +497,16 @@ def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dic
     return out
 
 
-def held_out_eval(rollout_model, tokenizer, task, cfg: TrainConfig, d: Dist, step: int, out: Path) -> dict | None:
+def held_out_eval(run: Run, step: int) -> dict | None:
     """First- and second-attempt accuracy on ``eval_n`` test queries (split over ranks)."""
+    cfg, d, task, out = run.cfg, run.d, run.task, run.out
     if not cfg.eval_n:
         return None
     examples = examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
     mine = examples[d.rank::d.world]
     res = evaluate_examples(
-        rollout_model, tokenizer, task, mine, cfg.sampling(cfg.eval_temperature), seed=cfg.seed + 17, batch_size=32,
+        run.rollout_model, run.tokenizer, task, mine, cfg.sampling(cfg.eval_temperature), seed=cfg.seed + 17,
+        batch_size=32, chat=run.chat,
     ) if mine else {"n": 0, "first_success": 0, "second_success": 0, "verifier_errors": 0, "verdicts": 0}
     n, first, second, errors, verdicts = all_sum([res["n"], res["first_success"], res["second_success"],
                                                   res["verifier_errors"], res["verdicts"]], d)

@@ -19,6 +19,8 @@ checkpoint's generation eos ids.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,16 +364,30 @@ def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
     assert not task.verify(ex, chat.decode(chat.encode("I will answer with " + good)))
     assert not task.verify(ex, chat.decode(chat.encode('Plan: delete_all()\n</think>\n' + good.replace("Paris", "Rome"))))
 
-    # Countdown's "</answer>" stop would cut the reasoning off: such answer turns run to a stop id.
+    # Countdown's "</answer>" ends an answer turn only after the reasoning block closes: one
+    # written inside the reasoning does not cut it off before its answer.
     from r3.episode import answer_stops
     from r3.tasks.countdown import CountdownTask
 
+    def stop_at(stops, fmt, text):
+        """The decoded reply up to the token a sampler stops at (None: it runs on)."""
+        ids = fmt.encode(text)
+        k = next((k for k in range(1, len(ids) + 1) if stops.completed(ids[:k])), None)
+        return None if k is None else fmt.decode(ids[:k])
+
     tagged = CountdownTask(answer_tags=True)
-    assert answer_stops(tagged, chat) is None
-    stops = answer_stops(tagged, ChatFormat(tokenizers["qwen25"]))
+    stops = answer_stops(tagged, chat)
     assert stops is not None and stops.strings == ("</answer>",)
+    got = stop_at(stops, chat, "Maybe <answer>5 + 3</answer>? No.\n</think>\n\n<answer>5 + 23</answer> trailing")
+    assert got is not None and got.count("</answer>") == 2 and "trailing" not in got
+    assert stop_at(stops, chat, "Maybe <answer>5 + 3</answer>, cut off") is None  # never closed: no stop
     qwen = ChatFormat(tokenizers["qwen25"])
-    assert stops.completed(qwen.encode("x = 1 + 5 </answer>")) and not stops.completed(qwen.encode("x = 1 + 5"))
+    stops = answer_stops(tagged, qwen)
+    assert stop_at(stops, qwen, "x = 1 + 5 </answer> more") == "x = 1 + 5 </answer>"
+    # A reply that opens the block itself (a thinking model's) is read the same way.
+    got = stop_at(stops, qwen, "<think>Try <answer>1</answer></think><answer>5 + 23</answer> more")
+    assert got is not None and got.endswith("<answer>5 + 23</answer>")
+    assert stop_at(stops, qwen, "</think> x </answer>") == "</think> x </answer>"  # (no opening: text)
 
 
 def test_reasoning_tags_marked_special_only_as_added_tokens_are_kept(tokenizers, tmp_path):
@@ -420,3 +436,46 @@ def test_episode_verifies_replies_with_the_opened_reasoning_block(tokenizers, tm
     assert "opens a reasoning block ('<think>')" in proc.stdout and "6 (attempt) / 6 (retry)" in proc.stdout
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["retry"].startswith("<think>\n") for s in samples)
+
+
+def test_qwen3_thinking_mode_through_the_chat_template_option(tokenizers, tmp_path, monkeypatch):
+    """``--chat-template-option enable_thinking=true`` renders Qwen3's thinking mode: the prompt
+    leaves the reasoning block to the model. A training run records the option and resumes only
+    with it; ``r3.evaluate --run`` renders the run's conversations with it."""
+    from test_episode import build_tiny_chat_model
+    from test_train import BASE, run_train
+
+    import r3.evaluate
+    from r3.chat import template_options
+
+    tok = tokenizers["qwen3"]
+    assert template_options() == {"enable_thinking": False} == ChatFormat(tok).template_options
+    thinking = ChatFormat(tok, template_options=template_options({"enable_thinking": True}))
+    assert tok.decode(thinking.prompt(_conversation(False))).endswith("<|im_start|>assistant\n")
+    assert thinking.reply_prefix == "" and thinking.history_drops == ""
+
+    build_tiny_chat_model(tmp_path, tok, eos_logit=10.0, kind="qwen3", eos=thinking.end_of_turn_id)
+    run = tmp_path / "run"
+    args = BASE + ["--model", str(tmp_path), "--out", str(run)]
+    proc = run_train(args + ["--max-steps", "1", "--chat-template-option", "enable_thinking=true"])
+    assert "note: enable_thinking is on: the model may open a reasoning block" in proc.stdout
+    assert json.loads((run / "config.json").read_text())["chat_template_options"] == {"enable_thinking": True}
+    proc = run_train(args + ["--max-steps", "2"], check=False)  # (the default options: another conversation)
+    assert proc.returncode == 2 and "chat_template_options" in proc.stderr and "Traceback" not in proc.stderr
+
+    made = []
+
+    class Spy(ChatFormat):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self.template_options)
+
+    monkeypatch.setattr(r3.evaluate, "ChatFormat", Spy)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))  # (the run's plug-in task)
+    out = tmp_path / "eval.json"
+    assert r3.evaluate.main(["--run", str(run), "--n", "2", "--out", str(out), "--quiet"]) == 0
+    assert made == [{"enable_thinking": True}] * 2  # the base model and the export
+    assert json.loads(out.read_text())["settings"]["chat_template_options"] == {"enable_thinking": True}
+    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(run), "--out", str(out),
+                           "--chat-template-option", "enable_thinking=false"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "drop --chat-template-option" in proc.stderr

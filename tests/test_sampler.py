@@ -1202,6 +1202,38 @@ def test_stop_strings_cut_the_free_run(tiny, sync_every):
         assert torch.allclose(second.logprob_tensor, fresh.logprob_tensor, atol=1e-5)
 
 
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_stop_strings_count_only_where_confirm_says(tiny, sync_every):
+    """With ``confirm`` (the whole row -> whether its stop string counts; episodes use it to skip
+    stop strings inside a reasoning block) a row runs past an occurrence that does not count and
+    ends at the first that does: here one after the row's first Q, as ``</answer>`` counts only
+    after ``</think>``."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    strings = ["K", "MM", "DO"]
+
+    def after_q(ids):
+        text = _letters(ids)
+        return "Q" in text and any(x in text[text.index("Q") + 1:] for x in strings)
+
+    free = Session.start(model, prompts, seed=8).fork(4).sample(60, temperature=1.0)
+    want = []
+    for t in free.tokens:
+        cut = next((j for j in range(1, len(t) + 1) if after_q(t[:j])), None)
+        want.append(None if cut is None else t[:cut])
+    plain = [_cut_at_string(t, strings) for t in free.tokens]
+    assert sum(p is not None and (w is None or len(p) < len(w)) for p, w in zip(plain, want)) >= 3  # (it matters)
+    # (a quarter of the 16 rows stop well before the end, and more than two run on: the compacted
+    # decode batch maps its rows back to the session's for confirm)
+    assert sorted(len(w) for w in want if w is not None)[3] <= 40 and sum(w is None for w in want) >= 2
+    stop = StopStrings(strings, _letters, confirm=after_q)
+    for compact in (False, True):
+        got = Session.start(model, prompts, seed=8, compact=compact).fork(4).sample(
+            60, temperature=1.0, stop_strings=stop, sync_every=sync_every)
+        for g, f, w, fin in zip(got.tokens, free.tokens, want, got.finished):
+            assert g == (f if w is None else w) and fin == (w is not None)
+
+
 def test_stop_strings_reject_empty_texts():
     with pytest.raises(SamplingError, match="stop strings"):
         StopStrings(["</answer>", ""], _letters)

@@ -410,6 +410,19 @@ def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
     # a hand-made file (no .done header) is checked record by record only
     (tmp_path / "e.jsonl").write_text("{}\n")
     check_made_for(tmp_path / "e.jsonl", get("function_calling"), "smollm2-135m")
+    # attempts sampled under other chat template options continue another conversation
+    thinking = {"enable_thinking": True}
+    with pytest.raises(R3Error, match=r"sampled with chat template options \{\}, not this run's \{'enable_thinking': True\}"):
+        check_made_for(tmp_path / "a.jsonl", tiny, "smollm2-135m", thinking)
+    made = _failures_made_for(tmp_path / "g.jsonl", "countdown-tiny", chat_template_options=thinking)
+    check_made_for(made, tiny, "smollm2-135m", thinking)
+    with pytest.raises(R3Error, match="sampled with chat template options"):
+        check_made_for(made, tiny, "smollm2-135m")
+    from r3.failure_data import FailureFile
+
+    with pytest.raises(R3Error, match="holds chat_template_options"):  # adding to it with others
+        FailureFile(made).open({"model": "smollm2-135m", "task": "countdown-tiny", "task_options": {}, "split": "train",
+                                "chat_template_options": {}})
 
 
 @pytest.mark.parametrize("which", ["data_path", "test_data_path"])
@@ -477,8 +490,28 @@ def test_config_file_and_overrides(tmp_path):
     del old["decode"]
     assert TrainConfig().incompatible_with(old) == []  # decode may change on resume
     assert TrainConfig(lr=1e-3).incompatible_with(old) == ["lr"]
-    f.write_text("grop_size: 6\n")
     from r3.errors import R3Error
+
+    # chat template options: a config file's, merged with flags; a run of an earlier version had the default
+    f.write_text("chat_template_options:\n  enable_thinking: true\n")
+    assert parse_args(["--config", str(f)]).chat_template_options == {"enable_thinking": True}
+    assert parse_args(["--config", str(f), "--chat-template-option", "x=1"]).chat_template_options == {
+        "enable_thinking": True, "x": 1}
+    assert TrainConfig().chat_template_options == {}
+    del old["chat_template_options"]
+    assert TrainConfig().incompatible_with(old) == []
+    assert TrainConfig(chat_template_options={"enable_thinking": True}).incompatible_with(old) == ["chat_template_options"]
+    with pytest.raises(R3Error, match="--chat-template-option expects key=value, got 'thinking'"):
+        parse_args(["--chat-template-option", "thinking"])
+    assert parse_args(["--chat-template-option", "enable_thinking=false"]).chat_template_options == {}  # (the default)
+    with pytest.raises(R3Error, match="bad value '\\[1\\]' for 'chat_template_options'"):
+        parse_args(["--chat-template-options", "[1]"])
+    with pytest.raises(R3Error, match="'tokenize' is an argument r3 gives the chat template itself"):
+        parse_args(["--chat-template-option", "tokenize=true"])
+    f.write_text("chat_template_options:\n  1: x\n")
+    with pytest.raises(R3Error, match="'chat_template_options' must be a mapping with string keys"):
+        parse_args(["--config", str(f)])
+    f.write_text("grop_size: 6\n")
 
     with pytest.raises(R3Error, match="compile_decode"):
         parse_args(["--compile-decode", "maybe"])

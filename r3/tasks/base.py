@@ -51,7 +51,9 @@ class Task:
     stand_in_data: bool = False
     #: Texts that end an answer turn (the first attempt, the retry) as soon as the model writes
     #: one, e.g. Countdown's ``</answer>``: the verifier reads the turn up to there, and no time
-    #: is spent on what follows. Empty: an answer runs to the end-of-turn token or the limit.
+    #: is spent on what follows. In a reply that opens a reasoning block (``<think>``, written by
+    #: the model or opened by the generation prompt) one counts only after the block's first
+    #: ``</think>``. Empty: an answer runs to the end-of-turn token or the limit.
     stop_strings: tuple[str, ...] = ()
 
     def __init__(self, *, reflection_prompt: str | None = None, retry_prompt: str | None = None):
