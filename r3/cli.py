@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from r3.chat import user_template_options
 from r3.checkpoint import load
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
 from r3.errors import R3Error, positive_int  # noqa: F401
@@ -34,6 +35,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def load_task(name: str, options: dict):
     return get(name, **options)
+
+
+def parse_chat_template_options(items: list[str] | None) -> dict:
+    """``--chat-template-option key=value`` flags -> the checked options (see
+    :func:`r3.chat.user_template_options`)."""
+    flag = "--chat-template-option"
+    return user_template_options(parse_task_options(items, flag), flag)
 
 
 def pick_device_dtype(device: str | None, dtype: str | None):

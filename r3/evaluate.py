@@ -42,6 +42,7 @@ from r3.cli import (
     dtype_name,
     load_model,
     load_task,
+    parse_chat_template_options,
     parse_task_options,
     pick_device_dtype,
     positive_int,
@@ -77,9 +78,6 @@ def format_table(rows: list[dict], paired: list[dict] | None = None) -> str:
                      f"1st {100 * f['mean']:+.1f} \u00b1 {100 * f['stderr']:.1f}, "
                      f"2nd {100 * sec['mean']:+.1f} \u00b1 {100 * sec['stderr']:.1f} points")
     return "\n".join(lines)
-
-
-FLAG = "--chat-template-option"
 
 
 def parse_args(argv=None):
@@ -123,7 +121,7 @@ def resolve_settings(args) -> dict:
     if args.run is None:
         return dict(models=args.model or ["smollm2-135m"], task=args.task or "countdown",
                     options=parse_task_options(args.task_option),
-                    chat_options=user_template_options(parse_task_options(args.chat_template_option, FLAG), FLAG),
+                    chat_options=parse_chat_template_options(args.chat_template_option),
                     max_attempt=args.max_new_tokens or 256, max_retry=args.max_new_tokens or 256,
                     max_reflection=args.max_reflection_tokens or args.max_new_tokens or 256,
                     top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,

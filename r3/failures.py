@@ -34,7 +34,7 @@ import hashlib
 import sys
 import time
 
-from r3.chat import ChatFormat, template_options, user_template_options
+from r3.chat import ChatFormat, template_options
 from r3.checkpoint import resolve
 from r3.cli import (
     DTYPES,
@@ -44,6 +44,7 @@ from r3.cli import (
     dtype_name,
     load_model,
     load_task,
+    parse_chat_template_options,
     parse_task_options,
     pick_device_dtype,
     positive_int,
@@ -159,9 +160,6 @@ def find_failures(
 # --------------------------------------------------------------------------------------------
 
 
-FLAG = "--chat-template-option"
-
-
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m r3.failures", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
@@ -207,7 +205,7 @@ def main(argv=None) -> int:
     device, dtype = pick_device_dtype(args.device, args.dtype)
     resolve(args.model)  # a bad path is an error even when there is nothing left to sample
     store = FailureFile(out)
-    chat_options = user_template_options(parse_task_options(args.chat_template_option, FLAG), FLAG)
+    chat_options = parse_chat_template_options(args.chat_template_option)
     settings = {"model": args.model, "task": args.task, "task_options": options, "chat_template_options": chat_options,
                 "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from r3.chat import ChatFormat, template_options, user_template_options
+from r3.chat import ChatFormat, template_options
 from r3.checkpoint import generation_eos_ids
 from r3.cli import (
     DTYPES,
@@ -33,7 +33,7 @@ from r3.cli import (
     Progress,
     check_out_path,
     load_model,
-    parse_task_options,
+    parse_chat_template_options,
     pick_device_dtype,
     positive_int,
     read_run,
@@ -208,8 +208,7 @@ def format_table(results: list[dict], paired: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = check_out_path(args.out)
-    flag = "--chat-template-option"
-    args.chat_options = user_template_options(parse_task_options(args.chat_template_option, flag), flag)
+    args.chat_options = parse_chat_template_options(args.chat_template_option)
     if args.chat_options and not args.chat:
         raise R3Error("--chat-template-option is for --chat (the prompts through the chat template)")
     positive_int("--batch-size", args.batch_size)

@@ -12,9 +12,9 @@ import argparse
 import sys
 import time
 
-from r3.chat import ChatFormat, template_options, user_template_options
+from r3.chat import ChatFormat, template_options
 from r3.checkpoint import load
-from r3.cli import DTYPES, parse_task_options, pick_device_dtype
+from r3.cli import DTYPES, parse_chat_template_options, pick_device_dtype
 from r3.decode import DECODE_MODES
 from r3.errors import R3Error, cli_main
 from r3.sampler import check_sampling_args, generate
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    flag = "--chat-template-option"
-    chat_options = template_options(user_template_options(parse_task_options(args.chat_template_option, flag), flag))
+    chat_options = template_options(parse_chat_template_options(args.chat_template_option))
     device, dtype = pick_device_dtype(args.device, args.dtype)
 
     model, tok = load(args.model, dtype=dtype, device=device)
