@@ -10,7 +10,8 @@ and MMLU-Pro's validation file (5-shot chain of thought; 0-shot without it); MAT
 shots are built in; HellaSwag is 0-shot. ``--n`` takes the first N documents of each file (the
 harness's ``--limit``). ``--chat`` (instruct models) sends the prompts through the model's chat
 template as the harness's ``--apply_chat_template`` does (each shot a user and an assistant
-turn); the JSON says which mode a number used.
+turn), with ``--chat-template-option`` or, with ``--run``, the options the run trained with; the
+JSON says which mode and options a number used.
 
 Every model sees the same documents; the table gives each score with its standard error, and for
 each later model the paired difference against the first (same items) with its standard error.
@@ -25,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from r3.chat import ChatFormat, template_options
+from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import generation_eos_ids
 from r3.cli import (
     DTYPES,
@@ -64,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default: 16)")
     p.add_argument("--chat", action="store_true", help="prompts through the model's chat template, shots as turns (lm-eval's --apply_chat_template)")
     p.add_argument("--chat-template-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --chat: passed to the chat template, over enable_thinking=false; repeatable")
+                   help="with --chat: passed to the chat template, over enable_thinking=false; repeatable "
+                        "(with --run, the run's)")
     p.add_argument("--math-equivalence", choices=("string", "sympy"), default="string",
                    help="MATH exact_match: identical normalised answers (default), or also equal as sympy "
                         "expressions, as the harness scores it (needs pip install 'r3[math]')")
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = check_out_path(args.out)
     args.chat_options = parse_chat_template_options(args.chat_template_option)
-    if args.chat_options and not args.chat:
+    if args.chat_template_option and not args.chat:
         raise R3Error("--chat-template-option is for --chat (the prompts through the chat template)")
     positive_int("--batch-size", args.batch_size)
     if args.max_gen_toks is not None:
@@ -217,8 +219,13 @@ def main(argv=None) -> int:
     if args.run is not None:
         if args.model:
             raise R3Error("--run takes the models from the run; drop --model")
+        if args.chat_template_option:
+            raise R3Error("--run takes the chat template options from the run; drop --chat-template-option")
         cfg = read_run(args.run)
         models = [cfg["model"], str(Path(args.run) / "export")]
+        if args.chat:
+            args.chat_options = user_template_options(cfg.get("chat_template_options", {}),
+                                                      f"{Path(args.run) / 'config.json'}: 'chat_template_options'")
     else:
         models = args.model or ["smollm2-135m"]
     if len(set(models)) != len(models):

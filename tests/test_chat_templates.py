@@ -479,3 +479,19 @@ def test_qwen3_thinking_mode_through_the_chat_template_option(tokenizers, tmp_pa
     proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(run), "--out", str(out),
                            "--chat-template-option", "enable_thinking=false"], capture_output=True, text=True)
     assert proc.returncode == 2 and "drop --chat-template-option" in proc.stderr
+
+    # r3.forgetting --run --chat renders its prompts with the run's options too (both models).
+    import r3.forgetting
+
+    made.clear()
+    monkeypatch.setattr(r3.forgetting, "ChatFormat", Spy)
+    gs = tmp_path / "gs.jsonl"
+    gs.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    bench = ["--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "3", "--quiet"]
+    assert r3.forgetting.main(["--run", str(run), "--chat", *bench, "--out", str(out)]) == 0
+    assert made == [{"enable_thinking": True}] * 2
+    assert json.loads(out.read_text())["settings"]["chat_template_options"] == {"enable_thinking": True}
+    with pytest.raises(SystemExit) as e:
+        r3.forgetting.main(["--run", str(run), "--chat", "--chat-template-option", "enable_thinking=false", *bench,
+                            "--out", str(out)])
+    assert e.value.code == 2
