@@ -279,6 +279,7 @@ def test_cli_errors_before_loading_a_model(tmp_path, capsys):
         (["--data", "math=" + str(g), "--shots", "0"], "record 0 has no field 'problem'"),
         (["--data", "gsm8k=" + str(g), "--fewshot-data", "math=" + str(g)], "no --data math"),
         (["--data", "gsm8k=/no/such.jsonl"], "no such file"),
+        (["--data", "gsm8k=" + str(g), "--chat-template-option", "enable_thinking=false"], "is for --chat"),
     ]
     for args, msg in cases:
         with pytest.raises(SystemExit) as e:
