@@ -872,10 +872,9 @@ def _tokenizer_dir(ctx: Ctx, dest: Path) -> None:
             if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json")):
                 shutil.copy(f, dest / f.name)
         return
-    from r3.checkpoint import load
+    from r3.checkpoint import load_tokenizer
 
-    _, tok = load("smollm2-135m", tokenizer=True)
-    tok.save_pretrained(str(dest))
+    load_tokenizer("smollm2-135m").save_pretrained(str(dest))
 
 
 def section_train(ctx: Ctx) -> dict:

@@ -99,6 +99,12 @@ def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: b
     return model, tok
 
 
+def load_tokenizer(spec):
+    """The tokenizer alone of an HF directory, ``.gguf`` file or built-in name (no weights read)."""
+    kind, path = resolve(spec)
+    return _load_hf_tokenizer(path) if kind == "hf" else _load_gguf_tokenizer(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Building in place
 # --------------------------------------------------------------------------------------------

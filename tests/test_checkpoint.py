@@ -274,6 +274,20 @@ def test_missing_tokenizer(tiny_dirs, tmp_path):
         load(d)
 
 
+def test_load_tokenizer_is_loads_tokenizer(tiny_dirs, tmp_path, builtin):
+    """The tokenizer alone (gpu_check copies it into random models) is the one ``load`` gives."""
+    hf = _copy(tiny_dirs["qwen2"][0], tmp_path / "hf")
+    builtin[1].save_pretrained(str(hf))
+    for spec, want in ((hf, load(hf)[1]), ("smollm2-135m", builtin[1])):
+        tok = checkpoint.load_tokenizer(spec)
+        assert type(tok) is type(want) and tok.get_vocab() == want.get_vocab()
+        assert (tok.eos_token, tok.bos_token, tok.pad_token) == (want.eos_token, want.bos_token, want.pad_token)
+        assert tok.encode("Reflect: 3 + 4 = 7") == want.encode("Reflect: 3 + 4 = 7")
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    with pytest.raises(R3Error, match=r"no tokenizer files"):
+        checkpoint.load_tokenizer(d)
+
+
 def test_truncated_gguf(tmp_path):
     src = checkpoint.builtin_gguf("smollm2-135m")
     bad = tmp_path / "bad.gguf"

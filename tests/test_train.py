@@ -58,43 +58,44 @@ UPDATE_SCRIPT = textwrap.dedent(
     from r3.checkpoint import load
     from r3.config import TrainConfig
 
-    model_dir, out, micro, agg, shared = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
-    recompute = sys.argv[6] == "1"
-    d = T.init_distributed()
-    cfg = TrainConfig(model=model_dir, dtype="fp32", micro_batch_size=micro, agg=agg, lr=1e-3, beta=0.05,
-                      update_epochs=2, max_reflection_tokens=8).validate()
-    policy, _ = load(model_dir, tokenizer=False)
-    reference, _ = load(model_dir, tokenizer=False)
-    with torch.no_grad():  # a reference that differs, so the KL term has a gradient
-        for p in reference.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    policy.activation_checkpointing = recompute
-    T.shard(policy, d, torch.float32); T.shard(reference, d, torch.float32)
-    # SGD: the update is linear in the gradient, so the comparison sees the gradient itself (Adam
-    # would blow last-bit differences of near-zero gradients up to full-size steps).
-    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    # 6 sequences of different lengths and reflection spans, fixed advantages; rows 0-2 and 3-5
-    # share their tokens before the span (two groups, prefix lengths 4 and 6)
-    g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (9, 14, 7, 12, 10, 16)]
-    for rows in ((0, 1, 2), (3, 4, 5)):
-        for b in rows[1:]:
-            seqs[b][: 4 if rows[0] == 0 else 6] = seqs[rows[0]][: 4 if rows[0] == 0 else 6]
-    spans = [(4, 8), (4, 14), (4, 7), (6, 9), (6, 10), (6, 16)]
-    adv = [1.0, -0.5, 0.25, -1.0, 0.75, 0.0]
-    per = len(seqs) // d.world
-    mine = slice(d.rank * per, (d.rank + 1) * per)
-    mbs = B.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device, shared_prefix=shared)
-    n_mb = T.all_max(len(mbs), d)
-    padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
-    T.score_micro_batches(padded, reference, policy, 1.0)
-    stats = T.update(policy, opt, padded, len(mbs), cfg, d)
+    # Each run in argv[3] (JSON: name, micro-batch size, aggregation, shared prefix, activation
+    # checkpointing) updates fresh copies of the model in this one process group.
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.rank == 0:
-        torch.save({"sd": sd, "loss": T.all_sum([stats["loss"]], d)[0], "skipped": stats["skipped"]}, out)
-    else:
-        T.all_sum([stats["loss"]], d)
+    model_dir, out_dir, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    d = T.init_distributed()
+    for name, micro, agg, shared, recompute in runs:
+        cfg = TrainConfig(model=model_dir, dtype="fp32", micro_batch_size=micro, agg=agg, lr=1e-3, beta=0.05,
+                          update_epochs=2, max_reflection_tokens=8).validate()
+        policy, _ = load(model_dir, tokenizer=False)
+        reference, _ = load(model_dir, tokenizer=False)
+        with torch.no_grad():  # a reference that differs, so the KL term has a gradient
+            for p in reference.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        policy.activation_checkpointing = recompute
+        T.shard(policy, d, torch.float32); T.shard(reference, d, torch.float32)
+        # SGD: the update is linear in the gradient, so the comparison sees the gradient itself (Adam
+        # would blow last-bit differences of near-zero gradients up to full-size steps).
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        # 6 sequences of different lengths and reflection spans, fixed advantages; rows 0-2 and 3-5
+        # share their tokens before the span (two groups, prefix lengths 4 and 6)
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (9, 14, 7, 12, 10, 16)]
+        for rows in ((0, 1, 2), (3, 4, 5)):
+            for b in rows[1:]:
+                seqs[b][: 4 if rows[0] == 0 else 6] = seqs[rows[0]][: 4 if rows[0] == 0 else 6]
+        spans = [(4, 8), (4, 14), (4, 7), (6, 9), (6, 10), (6, 16)]
+        adv = [1.0, -0.5, 0.25, -1.0, 0.75, 0.0]
+        per = len(seqs) // d.world
+        mine = slice(d.rank * per, (d.rank + 1) * per)
+        mbs = B.make_micro_batches(seqs[mine], spans[mine], adv[mine], micro, 0, d.device, shared_prefix=shared)
+        n_mb = T.all_max(len(mbs), d)
+        padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
+        T.score_micro_batches(padded, reference, policy, 1.0)
+        stats = T.update(policy, opt, padded, len(mbs), cfg, d)
+        sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        loss = T.all_sum([stats["loss"]], d)[0]
+        if d.rank == 0:
+            torch.save({"sd": sd, "loss": loss, "skipped": stats["skipped"]}, f"{out_dir}/{name}.pt")
     dist.barrier()  # gloo can hang if one rank tears down while another is still in a collective
     dist.destroy_process_group()
     T._exit_hard(0)  # gloo threads can abort the interpreter's teardown
@@ -102,34 +103,42 @@ UPDATE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_path, agg):
+def test_update_same_on_1_and_2_ranks_and_any_micro_batching(tiny_model, tmp_path):
+    """Both loss aggregations: the update on one rank with 6, 1 or 2 sequences per micro-batch, on
+    two ranks, with shared-prefix micro-batches and with activation checkpointing is the same
+    update (the same weights after it, the same loss)."""
     script = tmp_path / "upd.py"
     script.write_text(UPDATE_SCRIPT)
-    results = {}
-    runs = (("r1m6", None, 6, "0", "0"), ("r1m1", None, 1, "0", "0"), ("r2m2", 2, 2, "0", "0"),  # per row
-            ("r1m6p", None, 6, "1", "0"), ("r1m2p", None, 2, "1", "0"), ("r2m3p", 2, 3, "1", "0"),  # shared prefix
-            ("r1m2a", None, 2, "0", "1"), ("r2m3pa", 2, 3, "1", "1"))  # activation checkpointing
-    for name, nproc, micro, shared, recompute in runs:
-        out = tmp_path / f"{name}.pt"
+    runs = {1: [], 2: []}  # ranks: [name, micro-batch size, aggregation, shared prefix, recompute]
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        for name, nproc, micro, shared, recompute in (
+                ("r1m6", 1, 6, 0, 0), ("r1m1", 1, 1, 0, 0), ("r2m2", 2, 2, 0, 0),  # per row
+                ("r1m6p", 1, 6, 1, 0), ("r1m2p", 1, 2, 1, 0), ("r2m3p", 2, 3, 1, 0),  # shared prefix
+                ("r1m2a", 1, 2, 0, 1), ("r2m3pa", 2, 3, 1, 1)):  # activation checkpointing
+            runs[nproc].append([f"{agg}-{name}", micro, agg, bool(shared), bool(recompute)])
+    for nproc, todo in runs.items():
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-               if nproc else [sys.executable]) + [str(script), str(tiny_model), str(out), str(micro), agg, shared,
-                                                  recompute]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+               if nproc > 1 else [sys.executable]) + [str(script), str(tiny_model), str(tmp_path), json.dumps(todo)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = torch.load(out)
     from r3.checkpoint import load
 
     start, _ = load(tiny_model, tokenizer=False)
-    ref = results["r1m6"]
-    moved = max((ref["sd"][k] - v).abs().max().item() for k, v in start.state_dict().items())
-    assert moved > 1e-4  # the update did something
-    assert not ref["skipped"]
-    for name in ("r1m1", "r2m2", "r1m6p", "r1m2p", "r2m3p", "r1m2a", "r2m3pa"):
-        other = results[name]
-        assert other["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
-        for k, v in ref["sd"].items():
-            assert torch.allclose(other["sd"][k], v, atol=2e-6, rtol=1e-5), (name, k)
+    losses = {}
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        results = {p.stem.split("-")[-1]: torch.load(p) for p in tmp_path.glob(f"{agg}-*.pt")}
+        assert len(results) == 8, sorted(results)
+        ref = results["r1m6"]
+        moved = max((ref["sd"][k] - v).abs().max().item() for k, v in start.state_dict().items())
+        assert moved > 1e-4  # the update did something
+        assert not ref["skipped"]
+        for name in ("r1m1", "r2m2", "r1m6p", "r1m2p", "r2m3p", "r1m2a", "r2m3pa"):
+            other = results[name]
+            assert other["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), (agg, name)
+            for k, v in ref["sd"].items():
+                assert torch.allclose(other["sd"][k], v, atol=2e-6, rtol=1e-5), (agg, name, k)
+        losses[agg] = ref["loss"]
+    assert losses["token-mean"] != pytest.approx(losses["seq-mean-token-mean"])  # two aggregations ran
 
 
 def _parts_of(name):
