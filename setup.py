@@ -24,7 +24,8 @@ setup(
         # pyarrow: r3.forgetting reads parquet benchmark files with it (the tests write one).
         # tensorboard: --report-to tensorboard (the tests read its event files back).
         # sympy + antlr4 4.11: r3.forgetting --math-equivalence sympy (sympy's LaTeX parser needs 4.11).
-        "test": ["pytest", "accelerate", "triton", "pyarrow", "tensorboard", "sympy",
+        # pytest-xdist: the README's test command runs the suite on two processes.
+        "test": ["pytest", "pytest-xdist", "accelerate", "triton", "pyarrow", "tensorboard", "sympy",
                  "antlr4-python3-runtime==4.11.*"],
         "triton": ["triton"],
         "parquet": ["pyarrow"],

@@ -544,7 +544,12 @@ def test_cli_prints_a_completion():
 
 
 def test_cli_warns_past_the_models_positions():
-    limit = load("smollm2-135m", tokenizer=False)[0].config.max_position_embeddings
+    from r3.checkpoint import builtin_gguf, gguf_config
+    from r3.gguf_file import read_gguf
+
+    path = builtin_gguf("smollm2-135m")
+    limit = gguf_config(read_gguf(path), path)["max_position_embeddings"]
+    assert limit == 8192
     r = _cli("--prompt", "What is the capital of France?", "--max-new-tokens", str(limit), "--temperature", "0")
     assert r.returncode == 0, r.stderr  # (it stops at the end of its answer)
     assert f"--max-new-tokens {limit} passes the model's {limit} positions" in r.stderr
