@@ -89,14 +89,9 @@ def same_model(a: str, b: str) -> bool:
 def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: bool = True):
     """-> (model, tokenizer). ``spec``: HF directory, ``.gguf`` file, or a built-in name."""
     kind, path = resolve(spec)
-    if kind == "hf":
-        model = _load_hf_model(path, dtype, device)
-        tok = _load_hf_tokenizer(path) if tokenizer else None
-    else:
-        model = _load_gguf_model(path, dtype, device)
-        tok = _load_gguf_tokenizer(path) if tokenizer else None
+    model = (_load_hf_model if kind == "hf" else _load_gguf_model)(path, dtype, device)
     model.eval()
-    return model, tok
+    return model, (load_tokenizer(path) if tokenizer else None)
 
 
 def load_tokenizer(spec):

@@ -127,8 +127,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         n_dims = cur.take("I")
         if n_dims > MAX_DIMS:
             raise GGUFError(f"tensor '{name}' has {n_dims} dimensions")
-        dims = cur.take("Q" * n_dims) if n_dims else ()
-        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        dims = tuple(cur.take("Q") for _ in range(n_dims))
         kind, offset = cur.take("IQ")
         infos.append((name, dims, kind, offset))
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
