@@ -89,9 +89,15 @@ def same_model(a: str, b: str) -> bool:
 def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: bool = True):
     """-> (model, tokenizer). ``spec``: HF directory, ``.gguf`` file, or a built-in name."""
     kind, path = resolve(spec)
-    model = (_load_hf_model if kind == "hf" else _load_gguf_model)(path, dtype, device)
+    if kind == "hf":
+        model = _load_hf_model(path, dtype, device)
+        tok = _load_hf_tokenizer(path) if tokenizer else None
+    else:
+        reader = _gguf_reader(path)  # (one header parse for the weights and the tokenizer settings)
+        model = _load_gguf_model(path, dtype, device, reader)
+        tok = _load_gguf_tokenizer(path, reader) if tokenizer else None
     model.eval()
-    return model, (load_tokenizer(path) if tokenizer else None)
+    return model, tok
 
 
 def load_tokenizer(spec):
@@ -349,8 +355,8 @@ def _gguf_tensor(t) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _load_gguf_model(path: Path, dtype, device) -> Transformer:
-    reader = _gguf_reader(path)
+def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) -> Transformer:
+    reader = reader or _gguf_reader(path)
     hf_cfg = gguf_config(reader, path)
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path))
     model = _empty_model(cfg)
@@ -388,14 +394,14 @@ _GGUF_SPECIAL_TOKENS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_
                         ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
 
 
-def _gguf_tokenizer_settings(tok, path: Path):
+def _gguf_tokenizer_settings(tok, path: Path, reader: GGUFFile | None = None):
     """Set bos/eos/unk/pad to the tokens the GGUF file names by id, add bos/eos when encoding as
     the file says, and decode without the WordPiece space clean-up, as llama.cpp does. Some
     transformers versions convert them otherwise (5.17 makes SmolLM2's eos ``<|im_start|>``, its
     pad None, and sets the clean-up, which it then ignores with a warning at each decode; 4.57
     adds a bos the file says not to), and eos decides where generation stops."""
     tok.clean_up_tokenization_spaces = False
-    reader = _gguf_reader(path)
+    reader = reader or _gguf_reader(path)
     for attr in ("add_bos_token", "add_eos_token"):
         value = _gguf_field(reader, f"tokenizer.ggml.{attr}", path, required=False)
         if isinstance(value, bool) and hasattr(tok, attr):
@@ -413,7 +419,7 @@ def _gguf_tokenizer_settings(tok, path: Path):
     return tok
 
 
-def _load_gguf_tokenizer(path: Path):
+def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
     """transformers converts the GGUF vocabulary (seconds); cache the result by file identity."""
     from transformers import AutoTokenizer
 
@@ -422,11 +428,11 @@ def _load_gguf_tokenizer(path: Path):
     cached = _cache_dir() / "tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
         try:
-            return _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(cached)), path)
+            return _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(cached)), path, reader)
         except Exception:
             shutil.rmtree(cached, ignore_errors=True)
     try:
-        tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
+        tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path, reader)
     except R3Error:
         raise
     except Exception as e:

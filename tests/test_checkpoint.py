@@ -306,7 +306,11 @@ def test_gguf_tokenizer_special_tokens_are_the_files(tmp_path, monkeypatch):
     src = checkpoint.builtin_gguf("smollm2-135m")
     want = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
             "pad_token": "<|im_end|>"}
+    parses = []
+    read_gguf = checkpoint.read_gguf
+    monkeypatch.setattr(checkpoint, "read_gguf", lambda path: parses.append(path) or read_gguf(path))
     _, tok = load("smollm2-135m")
+    assert parses == [src]  # one header parse serves the weights and the tokenizer settings
     assert {k: getattr(tok, k) for k in want} == want and tok.eos_token_id == 2
     assert tok.clean_up_tokenization_spaces is False
     assert tok.decode(tok.encode("a , b . c")) == "a , b . c"  # byte-level BPE: the text as it was
