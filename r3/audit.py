@@ -46,6 +46,7 @@ def read_samples(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             if lineno == len(lines):  # a run killed while writing: the cut last line is skipped
+                print(f"warning: {path}: skipping the last line, cut short by an interrupted write", file=sys.stderr)
                 break
             raise R3Error(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict) or any(f not in rec for f in ("example", "retry", "reward")):

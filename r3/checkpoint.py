@@ -100,6 +100,14 @@ def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: b
     return model, tok
 
 
+def load_config(spec) -> ModelConfig:
+    """The model's config alone: config.json or the GGUF header, no weights read."""
+    kind, path = resolve(spec)
+    if kind == "hf":
+        return ModelConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
+    return ModelConfig.from_hf(gguf_config(_gguf_reader(path), path), source=str(path))
+
+
 def load_tokenizer(spec):
     """The tokenizer alone of an HF directory, ``.gguf`` file or built-in name (no weights read)."""
     kind, path = resolve(spec)

@@ -116,6 +116,11 @@ class TrainConfig:
             raise R3Error(f"config: 'group_size' must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
         if not 0 < self.top_p <= 1:
             raise R3Error(f"config: 'top_p' must be in (0, 1], got {self.top_p}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise R3Error(f"config: 'adam_betas' must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.min_lr_ratio > 1:
+            raise R3Error(f"config: 'min_lr_ratio' must be <= 1 (the cosine decays from lr to lr * min_lr_ratio), "
+                          f"got {self.min_lr_ratio}")
         if self.eps_low >= 1:
             raise R3Error(f"config: 'eps_low' must be < 1, got {self.eps_low}")
         if self.agg not in AGGREGATIONS:
@@ -130,6 +135,7 @@ class TrainConfig:
             raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
         self.chat_template_options = user_template_options(self.chat_template_options, "config: 'chat_template_options'")
         self.task_options = absolute_paths(self.task_options)
+        self.failures = absolute_path(self.failures)  # (read again by a resume from another directory)
         return self
 
     def to_dict(self) -> dict:
@@ -147,6 +153,7 @@ class TrainConfig:
         other = upgrade_config_dict(other)
         if isinstance(other.get("task_options"), dict):  # (runs of older versions recorded relative paths)
             other["task_options"] = absolute_paths(other["task_options"])
+        other["failures"] = absolute_path(other.get("failures"))
         from r3.checkpoint import same_model
 
         return sorted(k for k in set(mine) | set(other)
@@ -233,11 +240,21 @@ HELP = {
     "eval_every": "held-out evaluation every N steps (0 = before the first and after the last)",
     "eval_n": "held-out queries per evaluation (0 = none)",
     "eval_temperature": "temperature of the held-out evaluation (0 = greedy)",
-    "samples_every": "log --log-samples unrewarded samples every N steps (rewarded ones always)",
+    "samples_every": "log --log-samples unrewarded samples every N steps, 0 = never (rewarded ones always)",
     "log_samples": "unrewarded samples logged per logging step",
     "stop_after": "end this process after that step, as if interrupted (0 = run to max_steps)",
     "report_to": "experiment tracking: none, tensorboard (OUT/tensorboard) or wandb (OUT/wandb, offline by default)",
 }
+
+
+def absolute_path(v):
+    """``v`` made absolute when it is a relative path naming an existing file; else ``v``."""
+    if isinstance(v, str) and v and "\n" not in v and len(v) < 4096 and not os.path.isabs(v):
+        try:
+            return os.path.abspath(v) if os.path.isfile(v) else v
+        except (OSError, ValueError):
+            pass
+    return v
 
 
 def absolute_paths(options: dict) -> dict:
@@ -245,16 +262,7 @@ def absolute_paths(options: dict) -> dict:
     ``data_path``) that names an existing file by a relative path made absolute: the options are
     recorded (config.json, a failures file's header) and read again from other directories
     (``r3.evaluate --run``, a resumed run). Other options are never touched."""
-    out = {}
-    for k, v in options.items():
-        is_path = k == "path" or str(k).endswith("_path")
-        if is_path and isinstance(v, str) and v and "\n" not in v and len(v) < 4096 and not os.path.isabs(v):
-            try:
-                v = os.path.abspath(v) if os.path.isfile(v) else v
-            except (OSError, ValueError):
-                pass
-        out[k] = v
-    return out
+    return {k: absolute_path(v) if k == "path" or str(k).endswith("_path") else v for k, v in options.items()}
 
 
 def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> dict[str, Any]:
@@ -332,9 +340,16 @@ def _parse_problem(e: Exception) -> str:
 
 def _read_config_file(path: str) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise R3Error(f"config file '{path}' is a directory")
     if not p.is_file():
         raise R3Error(f"config file '{path}' does not exist")
-    text = p.read_text()
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise R3Error(f"config file '{path}': expected a .yaml, .yml or .json file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise R3Error(f"config file '{path}': cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -365,7 +380,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
             raise R3Error(f"unexpected argument {arg!r} (flags are --key value)")
         key, eq, val = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and nxt[2:].partition("=")[0].replace("-", "_")
+                               in (*_FIELDS, "config", "task_option", "chat_template_option")):
                 raise R3Error(f"flag '--{key}' needs a value")
             val = argv[i + 1]
             i += 1

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from r3.chat import ChatFormat, template_options, user_template_options
-from r3.checkpoint import resolve
+from r3.checkpoint import load_config
 from r3.decode import DECODE_MODES
 from r3.cli import (
     DTYPES,
@@ -52,6 +52,7 @@ from r3.cli import (
 from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
+from r3.model import check_token_limits
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
@@ -164,8 +165,9 @@ def main(argv=None) -> int:
         print(f"note: task {st['task']!r} has no data_path: these are generated examples, not real data",
               file=sys.stderr)
     device, dtype = pick_device_dtype(args.device, st["dtype"])
-    for spec in models:  # every path checked before spending time on the first model
-        resolve(spec)
+    for spec in models:  # every path and its positions checked before spending time on the first model
+        check_token_limits(load_config(spec), spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
+                           retry=st["max_retry"])
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
                                max_attempt_tokens=st["max_attempt"], max_reflection_tokens=st["max_reflection"],
                                max_retry_tokens=st["max_retry"], decode=args.decode)

@@ -52,8 +52,7 @@ def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True) -> tu
     tail = data[good:]
     if tail:
         if not (tail.startswith(_LINE_PREFIX) or (header and good == 0 and tail.startswith(b'{"r3_failures": '))):
-            raise R3Error(f"{path}: not a file written by r3.failures (its last line is not a record); "
-                          "use another --out")
+            raise R3Error(f"{path}: not a file written by r3.failures (its last line is not a record)")
         print(f"warning: {path}: ignoring a truncated last line (an interrupted write)", file=sys.stderr)
     head, records = None, []
     for lineno, line in enumerate(data[:good].split(b"\n")[:-1], 1):
@@ -63,7 +62,7 @@ def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True) -> tu
         try:
             rec = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise R3Error(f"{where}: not valid JSON; not a file written by r3.failures (use another --out)") from None
+            raise R3Error(f"{where}: not valid JSON; not a file written by r3.failures") from None
         if header and lineno == 1 and isinstance(rec, dict) and "r3_failures" in rec:
             head = rec
             continue
@@ -188,9 +187,12 @@ class FailureFile:
 
     def __init__(self, out: Path):
         self.out, self.done = out, done_path(out)
-        self.header, self.done_records, cut_done = read_jsonl(self.done, header=True)
-        _, failures, cut_out = read_jsonl(self.out)
-        self.failures = _checked(self.out, failures)
+        try:
+            self.header, self.done_records, cut_done = read_jsonl(self.done, header=True)
+            _, failures, cut_out = read_jsonl(self.out)
+            self.failures = _checked(self.out, failures)
+        except R3Error as e:  # (r3.failures would append to it)
+            raise R3Error(f"{e}; use another --out") from None
         self._cuts = [(p, c) for p, c in ((self.done, cut_done), (self.out, cut_out)) if c is not None]
 
     def open(self, settings: dict) -> None:

@@ -35,7 +35,7 @@ import sys
 import time
 
 from r3.chat import ChatFormat, template_options
-from r3.checkpoint import resolve
+from r3.checkpoint import load_config
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -59,6 +59,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
     read_failures,
     read_jsonl,
 )
+from r3.model import check_token_limits
 from r3.sampler import check_sampling_args, generate
 from r3.tasks import examples_of
 from r3.tasks.base import passes as task_passes
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
     if not examples:
         raise R3Error(f"task {args.task!r}: no {args.split} examples")
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    resolve(args.model)  # a bad path is an error even when there is nothing left to sample
+    # a bad path or token limit is an error even when there is nothing left to sample
+    check_token_limits(load_config(args.model), args.model, attempt=args.max_new_tokens)
     store = FailureFile(out)
     chat_options = parse_chat_template_options(args.chat_template_option)
     settings = {"model": args.model, "task": args.task, "task_options": options, "chat_template_options": chat_options,
@@ -220,6 +222,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     drawn = 0
     if todo:
+        if args.n is None:
+            print(f"note: no --n: all {len(examples)} {args.split} queries of {args.task!r} (--n N takes the first N)",
+                  file=sys.stderr)
         model, tok = load_model(args.model, dtype, device)
         drawn = find_failures(
             model, tok, task, todo, samples=args.samples, max_new_tokens=args.max_new_tokens,

@@ -322,6 +322,17 @@ def rope_max_positions(cfg: ModelConfig) -> int | None:
     return int(s["original_max_position_embeddings"]) if s and s["rope_type"] == "longrope" else None
 
 
+def check_token_limits(cfg: ModelConfig, model: str, **limits: int) -> None:
+    """Refuse sampling limits whose sum alone passes the model's positions: the text past them is
+    not what the model was trained for, and the KV cache sized for them can exhaust memory before
+    anything else fails. ``limits``: what each limit is for -> tokens, e.g. ``reflection=96``."""
+    n = sum(limits.values())
+    if n > cfg.max_position_embeddings:
+        parts = " + ".join(f"{k} {v}" for k, v in limits.items())
+        raise R3Error(f"token limits {parts}{f' = {n}' if len(limits) > 1 else ''}, more than the {cfg.max_position_embeddings} positions of {model} "
+                      "(max_position_embeddings); lower them")
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on ``x [B, T, heads, D]`` with :func:`rope_cos_sin`'s tables: transformers'
     ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``."""

@@ -28,7 +28,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from r3.batch import (
     token_logprobs,
 )
 from r3.chat import ChatFormat, template_options
-from r3.checkpoint import canonical_model, load
+from r3.checkpoint import canonical_model, load, load_config
 from r3.config import TrainConfig, parse_args
 from r3.distributed import (
     Dist,
@@ -61,7 +61,7 @@ from r3.errors import R3Error, cli_main
 from r3.failure_data import check_made_for, read_failures
 from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
-from r3.model import Transformer
+from r3.model import Transformer, check_token_limits
 from r3.precision import resolve_dtype_name, slow_bf16_warning
 from r3.rundir import (
     append_jsonl,
@@ -302,6 +302,7 @@ class Run:
     stream: QueryStream
     start_step: int
     tracker: Tracker
+    steps_without_signal: list = field(default_factory=list)  # retry success of each step since one had signal
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -313,6 +314,8 @@ def set_up(cfg: TrainConfig) -> Run:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
     task = get_task(cfg.task, **cfg.task_options)
     cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
+    check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,
+                       reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
     if cfg.report_to != "none":
         tracker_module(cfg.report_to)  # (its package is installed; every rank checks, as for the rest)
     failures = read_failures(cfg.failures) if cfg.failures else None
@@ -435,6 +438,9 @@ def train_loop(run: Run) -> dict:
         run.tracker.log_metrics(held_out_eval(run, 0), 0, "eval")
     t_start = time.time()
     row: dict = {}
+    if d.main and run.start_step >= cfg.max_steps:
+        print(f"note: {out} is already at step {run.start_step} of --max-steps {cfg.max_steps}: nothing to train "
+              "(raise --max-steps to train on); writing the export", flush=True)
     with StopSignals() as signals:
         for step in range(run.start_step, cfg.max_steps):
             row, ep = train_step(run, step)
@@ -462,6 +468,7 @@ def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) ->
             append_jsonl(out / "samples.jsonl", rec)
         eta = (time.time() - t_start) / (step + 1 - run.start_step) * (cfg.max_steps - step - 1)
         print(format_step_line(row, cfg.max_steps, eta), flush=True)
+        warn_without_signal(run, row)
         run.tracker.log_metrics(row, step + 1)
         run.tracker.log_samples(logged, step + 1)
     if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
@@ -479,6 +486,30 @@ def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) ->
                   "to resume", flush=True)
         return signum or -1
     return 0
+
+
+SIGNAL_LESS_STEPS = 10
+
+
+def warn_without_signal(run: Run, row: dict) -> None:
+    """Say so once when ``SIGNAL_LESS_STEPS`` steps in a row trained nothing (no group had both a
+    passing and a failing retry): a task too hard or too easy for the model, or a verifier that
+    never pays, would otherwise run to the end with a zero loss."""
+    seen = run.steps_without_signal
+    if row.get("groups_with_signal"):
+        seen.clear()
+        return
+    seen.append(row.get("retry_success") or 0.0)
+    if len(seen) != SIGNAL_LESS_STEPS:
+        return
+    if any(seen):
+        why = ("some retries passed, but in each group all passed or all failed (GRPO learns from a group with "
+               "both; a larger --group-size makes one likelier)")
+    else:
+        why = ("no retry passed: the task may be too hard for this model, or its verifier never pays "
+               f"(read {run.out / 'samples.jsonl'} and the verifier's reasons)")
+    print(f"warning: no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps, so they trained "
+          f"nothing; {why}", file=sys.stderr, flush=True)
 
 
 def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dict]:

@@ -91,5 +91,6 @@ def test_a_cut_last_line_is_skipped(tmp_path, capsys):
     run = make_run(tmp_path, [sample(1, "19 + 17", 1.0)])
     with open(run / "samples.jsonl", "a") as f:
         f.write('{"step": 2, "retry": "cut')
-    rc, stdout, _ = run_main([str(run)], capsys)
+    rc, stdout, err = run_main([str(run)], capsys)
     assert rc == 0 and "rewarded retries logged: 1" in stdout
+    assert "skipping the last line, cut short by an interrupted write" in err

@@ -419,8 +419,9 @@ def test_read_failures_for_training(tmp_path):
     for bad in ('{"example": {}, "attempt_tokens": []}\n', '{"example": {}, "attempt_tokens": ["a"]}\n',
                 '{"attempt_tokens": [1]}\n', '[1, 2]\n', 'nonsense\n'):
         hand.write_text(bad)
-        with pytest.raises(R3Error):
+        with pytest.raises(R3Error) as e:
             F.read_failures(hand)
+        assert "--out" not in str(e.value)  # (training reads it: no advice meant for r3.failures)
 
 
 def test_parse_task_options():
@@ -444,6 +445,9 @@ def test_parse_task_options():
     ("failures", ["--model", "/no/such/model", "--n", "2"], "does not exist"),
     ("evaluate", ["--model", "/no/such/model", "--n", "2"], "does not exist"),
     ("failures", ["--dtype", "int4"], "invalid choice"),
+    ("failures", ["--max-new-tokens", "9000"], "token limits attempt 9000, more than the 8192 positions of smollm2-135m"),
+    ("evaluate", ["--max-reflection-tokens", "9000"],
+     "token limits attempt 256 + reflection 9000 + retry 256 = 9512, more than the 8192 positions of smollm2-135m"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, pattern, tmp_path, capsys):
     out = str(tmp_path / ("f.jsonl" if cli == "failures" else "e.json"))
@@ -463,6 +467,7 @@ def test_failures_refuses_a_foreign_out_file(content, pattern, tmp_path, capsys)
     out.write_bytes(content)
     rc, _, err = run_main(F.main, ["--out", str(out), "--n", "2"], capsys)
     one_line_error(rc, err, pattern)
+    assert err.rstrip().endswith("; use another --out")  # (r3.failures would append to it)
     assert out.read_bytes() == content  # left untouched
 
 

@@ -60,3 +60,17 @@ def test_a_panel_without_values_says_so(tmp_path, monkeypatch):
     assert axes["first-attempt success"].texts[0].get_text() == "no first_try_success logged yet"
     assert not axes["loss"].texts and axes["loss"].lines
     plot.pyplot().close(figures[0])
+
+
+def test_read_metrics_skips_a_cut_last_line_and_refuses_a_bad_earlier_one(tmp_path, capsys):
+    """A run killed mid-write leaves its last metrics line cut short: r3.train drops it when it
+    resumes, so r3.plot skips it too (with a warning); a bad line before the last is an error."""
+    from r3.errors import R3Error
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_row(1)) + "\n" + json.dumps(_row(2)) + "\n" + '{"step": 3, "lo')
+    assert [r["step"] for r in plot.read_metrics(tmp_path)] == [1, 2]
+    assert "metrics.jsonl: skipping the last line, cut short by an interrupted write" in capsys.readouterr().err
+    path.write_text(json.dumps(_row(1)) + "\n" + '{"step": 2, "lo\n' + json.dumps(_row(3)) + "\n\n")
+    with pytest.raises(R3Error, match="line 2 is not valid JSON"):
+        plot.read_metrics(tmp_path)

@@ -152,8 +152,12 @@ def test_plugin_loading(tmp_path, monkeypatch):
         tasks.get("r3_test_plugin_mod:Nope")
     with pytest.raises(R3Error, match="not a class or a callable"):
         tasks.get("r3_test_plugin_mod:NOT_CALLABLE")
-    with pytest.raises(R3Error, match="cannot import module 'r3_no_such_module_xyz'"):
+    with pytest.raises(R3Error, match=r"cannot import module 'r3_no_such_module_xyz' .*\(is its directory on PYTHONPATH\?\)$"):
         tasks.get("r3_no_such_module_xyz:Task")
+    (tmp_path / "r3_test_plugin_needs.py").write_text("import r3_no_such_dependency_xyz\n")
+    with pytest.raises(R3Error, match=r"cannot import module 'r3_test_plugin_needs' \(No module named "
+                                      r"'r3_no_such_dependency_xyz'\)$"):  # (its directory is on the path)
+        tasks.get("r3_test_plugin_needs:Task")
     with pytest.raises(R3Error, match="package.module:ClassName"):
         tasks.get("r3_test_plugin_mod:")
 
@@ -1190,6 +1194,8 @@ def test_the_readme_own_task_example_works(tmp_path, monkeypatch):
     assert task.diagnose(ex, "6") == "6, expected 5" and task.diagnose(ex, "") == "no number on the last line"
     with pytest.raises(R3Error, match="unknown option max_nun"):
         get("mymodule:AddTask", max_nun=5)
+    with pytest.raises(R3Error, match="option max_num: expected an integer, got 'abc'"):
+        get("mymodule:AddTask", max_num="abc")
     data = tmp_path / "add.jsonl"
     data.write_text('{"a": 1, "b": 1}\n{"a": 1, "b": }\n')
     monkeypatch.chdir(tmp_path)

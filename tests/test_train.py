@@ -339,6 +339,9 @@ def test_nan_guard_skips_the_step(tiny_model, tmp_path):
         (["--failures", "/no/such/failures.jsonl"], "failure dataset '/no/such/failures.jsonl' does not exist"),
         (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
         (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+        (["--adam-betas", "[0.9, 1.5]"], "'adam_betas' must be two numbers in [0, 1), got [0.9, 1.5]"),
+        (["--max-reflection-tokens", "100000"], "token limits attempt 48 + reflection 100000 + retry 48 = 100096, "
+                                                "more than the 8192 positions of smollm2-135m"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, extra, message):
@@ -347,6 +350,41 @@ def test_bad_input_is_one_line_exit_2(tmp_path, extra, message):
     assert "Traceback" not in proc.stderr
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], proc.stderr
+    assert not (tmp_path / "o").exists()  # (so the corrected command is not refused as another run's)
+
+
+def test_config_values_and_files_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    """Values the optimizer or schedule would refuse (or silently misuse) are config errors, a
+    config file must be one r3 reads, and a flag followed by another flag has no value."""
+    from r3.config import TrainConfig, parse_args
+    from r3.errors import R3Error
+
+    for betas in ("[0.9, 1.5]", "[-0.1, 0.9]", "[0.9, 1]", "[NaN, 0.9]"):
+        with pytest.raises(R3Error, match=r"'adam_betas' must be two numbers in \[0, 1\)"):
+            parse_args(["--adam-betas", betas])
+    assert parse_args(["--adam-betas", "[0, 0.95]"]).adam_betas == (0.0, 0.95)
+    with pytest.raises(R3Error, match="'min_lr_ratio' must be <= 1"):
+        parse_args(["--min-lr-ratio", "2"])
+    assert parse_args(["--min-lr-ratio", "1"]).min_lr_ratio == 1
+    with pytest.raises(R3Error, match=f"config file '{tmp_path}' is a directory"):
+        parse_args(["--config", str(tmp_path)])
+    (tmp_path / "c.toml").write_text("lr = 1e-6\n")
+    with pytest.raises(R3Error, match="expected a .yaml, .yml or .json file"):
+        parse_args(["--config", str(tmp_path / "c.toml")])
+    with pytest.raises(R3Error, match="flag '--config' needs a value"):
+        parse_args(["--config", "--out", "x"])
+    with pytest.raises(R3Error, match="flag '--lr' needs a value"):
+        parse_args(["--lr", "--task-option=max_num=9"])
+    assert parse_args(["--out", "--x"]).out == "--x"  # (not a flag: a value)
+
+    # a failures file is recorded by its absolute path, and a run that recorded it relative resumes
+    (tmp_path / "f.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(["--failures", "f.jsonl"])
+    assert cfg.failures == str(tmp_path / "f.jsonl")
+    assert cfg.incompatible_with({**cfg.to_dict(), "failures": "f.jsonl"}) == []
+    assert cfg.incompatible_with({**cfg.to_dict(), "failures": "g.jsonl"}) == ["failures"]
+    assert TrainConfig(failures="/no/such.jsonl").validate().failures == "/no/such.jsonl"
 
 
 @pytest.mark.parametrize("example, field", [({"target": 5}, "missing field 'nums'"),
@@ -780,6 +818,9 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_c
     assert "checkpoint" in proc.stderr and "step_000003 cannot be read" in proc.stderr
     assert "resumed from" in proc.stdout and "(step 2)" in proc.stdout
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4] and (out / "export").is_dir()
+    proc = run_train(args + ["--model", str(tiny_model)])  # (already done: said, not silently re-exported)
+    assert f"note: {out} is already at step 4 of --max-steps 4: nothing to train" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
 
@@ -953,3 +994,29 @@ def test_a_failures_file_recorded_with_a_relative_path_is_read_from_here(tmp_pat
     (tmp_path / "other.jsonl").write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
     with pytest.raises(R3Error, match="options differ: data_path"):
         check_made_for(fails, get("countdown", data_path=str(tmp_path / "other.jsonl")), "smollm2-135m")
+
+
+def test_steps_without_signal_are_reported_once(tmp_path, capsys):
+    """Ten steps in a row that trained nothing get one warning saying why (no retry passed, or
+    every group's retries agreed); a step with signal starts the count again."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+
+    run = SimpleNamespace(steps_without_signal=[], out=tmp_path)
+    quiet = {"groups_with_signal": 0, "retry_success": 0.0}
+    for _ in range(T.SIGNAL_LESS_STEPS - 1):
+        T.warn_without_signal(run, quiet)
+    assert capsys.readouterr().err == ""
+    T.warn_without_signal(run, quiet)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no group had a reward signal in the last {T.SIGNAL_LESS_STEPS} steps" in err
+    assert "no retry passed" in err and str(tmp_path / "samples.jsonl") in err
+    for _ in range(2 * T.SIGNAL_LESS_STEPS):  # once: not again at every later step
+        T.warn_without_signal(run, quiet)
+    assert capsys.readouterr().err == ""
+    T.warn_without_signal(run, {"groups_with_signal": 1, "retry_success": 0.25})
+    for i in range(T.SIGNAL_LESS_STEPS):
+        T.warn_without_signal(run, {"groups_with_signal": 0, "retry_success": 1.0 if i == 3 else 0.0})
+    err = capsys.readouterr().err
+    assert "some retries passed, but in each group all passed or all failed" in err and "no retry passed" not in err

@@ -75,7 +75,9 @@ def _resolve(spec: str, task_name: str) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise R3Error(f"task {task_name!r}: cannot import module {module_name!r} ({e})") from None
+        hint = (" (is its directory on PYTHONPATH?)" if isinstance(e, ModuleNotFoundError)
+                and e.name and module_name.split(".")[0] == e.name.split(".")[0] else "")
+        raise R3Error(f"task {task_name!r}: cannot import module {module_name!r} ({e}){hint}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
