@@ -322,15 +322,28 @@ def rope_max_positions(cfg: ModelConfig) -> int | None:
     return int(s["original_max_position_embeddings"]) if s and s["rope_type"] == "longrope" else None
 
 
+def position_limit(cfg: ModelConfig) -> tuple[int, str]:
+    """-> (the most positions a sequence should use, the config field that says so)."""
+    longrope = rope_max_positions(cfg)
+    if longrope is not None:  # (the forward refuses more: see check_positions)
+        return longrope, "original_max_position_embeddings, as far as r3 follows LongRoPE"
+    s = cfg.rope_scaling
+    if s and s["rope_type"] == "linear":  # (some checkpoints keep the unscaled length there)
+        n = int(cfg.max_position_embeddings * max(1.0, float(s["factor"])))
+        return n, "max_position_embeddings x the linear rope scaling factor"
+    return cfg.max_position_embeddings, "max_position_embeddings"
+
+
 def check_token_limits(cfg: ModelConfig, model: str, **limits: int) -> None:
     """Refuse sampling limits whose sum alone passes the model's positions: the text past them is
     not what the model was trained for, and the KV cache sized for them can exhaust memory before
     anything else fails. ``limits``: what each limit is for -> tokens, e.g. ``reflection=96``."""
     n = sum(limits.values())
-    if n > cfg.max_position_embeddings:
+    limit, field = position_limit(cfg)
+    if n > limit:
         parts = " + ".join(f"{k} {v}" for k, v in limits.items())
-        raise R3Error(f"token limits {parts}{f' = {n}' if len(limits) > 1 else ''}, more than the {cfg.max_position_embeddings} positions of {model} "
-                      "(max_position_embeddings); lower them")
+        raise R3Error(f"token limits {parts}{f' = {n}' if len(limits) > 1 else ''}, more than the {limit} positions "
+                      f"of {model} ({field}); lower them")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -302,7 +302,8 @@ class Run:
     stream: QueryStream
     start_step: int
     tracker: Tracker
-    steps_without_signal: list = field(default_factory=list)  # retry success of each step since one had signal
+    # (groups, retry success) of each step since one had signal; None once warn_without_signal has warned
+    steps_without_signal: list | None = field(default_factory=list)
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -492,24 +493,29 @@ SIGNAL_LESS_STEPS = 10
 
 
 def warn_without_signal(run: Run, row: dict) -> None:
-    """Say so once when ``SIGNAL_LESS_STEPS`` steps in a row trained nothing (no group had both a
-    passing and a failing retry): a task too hard or too easy for the model, or a verifier that
-    never pays, would otherwise run to the end with a zero loss."""
+    """Say so once when ``SIGNAL_LESS_STEPS`` steps in a row had no reward signal (no group had
+    both a passing and a failing retry, so the policy-gradient term was zero): a task too hard or
+    too easy for the model, or a verifier that never pays, would otherwise run to the end quietly."""
     seen = run.steps_without_signal
+    if seen is None:  # (said already)
+        return
     if row.get("groups_with_signal"):
         seen.clear()
         return
-    seen.append(row.get("retry_success") or 0.0)
-    if len(seen) != SIGNAL_LESS_STEPS:
+    seen.append((row.get("groups") or 0, row.get("retry_success") or 0.0))
+    if len(seen) < SIGNAL_LESS_STEPS:
         return
-    if any(seen):
+    if not any(groups for groups, _ in seen):
+        why = "no first attempt failed, so there was nothing to reflect on: the task may be too easy for this model"
+    elif any(success for _, success in seen):
         why = ("some retries passed, but in each group all passed or all failed (GRPO learns from a group with "
                "both; a larger --group-size makes one likelier)")
     else:
         why = ("no retry passed: the task may be too hard for this model, or its verifier never pays "
                f"(read {run.out / 'samples.jsonl'} and the verifier's reasons)")
-    print(f"warning: no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps, so they trained "
-          f"nothing; {why}", file=sys.stderr, flush=True)
+    print(f"warning: no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps; {why}",
+          file=sys.stderr, flush=True)
+    run.steps_without_signal = None
 
 
 def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dict]:

@@ -85,6 +85,33 @@ def test_longrope_past_the_original_context_is_refused(tiny_dirs):
             phi3.hidden_states(_tokens(256, 1, 1), positions=torch.tensor([[10]]), cache=cache, kv_len=66)
 
 
+def test_token_limits_are_checked_against_the_positions_the_model_has(tiny_dirs):
+    """The sampling limits' sum against the model's positions, before any sampling: LongRoPE's
+    original context (where the forward refuses more), a linear factor's scaled length (some
+    checkpoints keep the unscaled one in max_position_embeddings), else max_position_embeddings."""
+    from r3.checkpoint import load_config
+    from r3.errors import R3Error
+    from r3.model import check_token_limits
+
+    phi3 = load_config(tiny_dirs["phi3"][0])
+    assert phi3.max_position_embeddings == 256
+    check_token_limits(phi3, "phi3", attempt=32, reflection=32)
+    with pytest.raises(R3Error, match=r"^token limits attempt 32 \+ reflection 33 = 65, more than the 64 positions "
+                                      r"of phi3 \(original_max_position_embeddings, as far as r3 follows LongRoPE\)"):
+        check_token_limits(phi3, "phi3", attempt=32, reflection=33)
+    llama = load_config(tiny_dirs["llama"][0])
+    n = llama.max_position_embeddings
+    check_token_limits(llama, "llama", attempt=n)
+    with pytest.raises(R3Error, match=rf"^token limits attempt {n + 1}, more than the {n} positions of llama "
+                                      r"\(max_position_embeddings\); lower them$"):
+        check_token_limits(llama, "llama", attempt=n + 1)
+    llama.rope_scaling = {"rope_type": "linear", "factor": 4.0}
+    check_token_limits(llama, "llama", attempt=4 * n)
+    with pytest.raises(R3Error, match=rf"more than the {4 * n} positions of llama \(max_position_embeddings x the "
+                                      r"linear rope scaling factor\)"):
+        check_token_limits(llama, "llama", attempt=4 * n + 1)
+
+
 def test_sliding_window_changes_the_output(tiny_dirs):
     """Guard the parity test: without the window, Mistral's logits would differ past position 8."""
     path, hf = tiny_dirs["mistral"]

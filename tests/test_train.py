@@ -997,26 +997,27 @@ def test_a_failures_file_recorded_with_a_relative_path_is_read_from_here(tmp_pat
 
 
 def test_steps_without_signal_are_reported_once(tmp_path, capsys):
-    """Ten steps in a row that trained nothing get one warning saying why (no retry passed, or
-    every group's retries agreed); a step with signal starts the count again."""
+    """Ten steps in a row without reward signal get one warning saying why: no retry passed, every
+    group's retries agreed, or no first attempt failed; a step with signal starts the count again."""
     from types import SimpleNamespace
 
     from r3 import train as T
 
-    run = SimpleNamespace(steps_without_signal=[], out=tmp_path)
-    quiet = {"groups_with_signal": 0, "retry_success": 0.0}
-    for _ in range(T.SIGNAL_LESS_STEPS - 1):
-        T.warn_without_signal(run, quiet)
-    assert capsys.readouterr().err == ""
-    T.warn_without_signal(run, quiet)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no group had a reward signal in the last {T.SIGNAL_LESS_STEPS} steps" in err
+    def warnings(rows):
+        run = SimpleNamespace(steps_without_signal=[], out=tmp_path)
+        for row in rows:
+            T.warn_without_signal(run, row)
+        return capsys.readouterr().err
+
+    quiet = {"groups": 8, "groups_with_signal": 0, "retry_success": 0.0}
+    n = T.SIGNAL_LESS_STEPS
+    assert warnings([quiet] * (n - 1)) == ""
+    assert warnings([quiet] * (n - 1) + [{"groups": 8, "groups_with_signal": 1, "retry_success": 0.1}] + [quiet] * (n - 1)) == ""
+    err = warnings([quiet] * (3 * n))  # once, not again at every later step
+    assert err.count("\n") == 1 and f"no group had a reward signal in the last {n} steps" in err
     assert "no retry passed" in err and str(tmp_path / "samples.jsonl") in err
-    for _ in range(2 * T.SIGNAL_LESS_STEPS):  # once: not again at every later step
-        T.warn_without_signal(run, quiet)
-    assert capsys.readouterr().err == ""
-    T.warn_without_signal(run, {"groups_with_signal": 1, "retry_success": 0.25})
-    for i in range(T.SIGNAL_LESS_STEPS):
-        T.warn_without_signal(run, {"groups_with_signal": 0, "retry_success": 1.0 if i == 3 else 0.0})
-    err = capsys.readouterr().err
+    err = warnings([quiet] * 3 + [{**quiet, "retry_success": 1.0}] + [quiet] * (n - 4))
     assert "some retries passed, but in each group all passed or all failed" in err and "no retry passed" not in err
+    easy = {"groups": 0, "groups_with_signal": 0, "retry_success": 0.0, "first_try_success": 1.0}
+    err = warnings([easy] * n)  # every first attempt passed: no groups at all
+    assert "no first attempt failed, so there was nothing to reflect on: the task may be too easy" in err
