@@ -38,6 +38,7 @@ def read_samples(path: Path) -> list[dict]:
     if not path.is_file():
         raise R3Error(f"{path}: missing (the run has logged no samples yet)")
     lines = path.read_text().splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     rows = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -45,7 +46,7 @@ def read_samples(path: Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if lineno == len(lines):  # a run killed while writing: the cut last line is skipped
+            if lineno == last:  # a run killed while writing: the cut last line is skipped
                 print(f"warning: {path}: skipping the last line, cut short by an interrupted write", file=sys.stderr)
                 break
             raise R3Error(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None

@@ -90,7 +90,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, setup, pattern):
 def test_a_cut_last_line_is_skipped(tmp_path, capsys):
     run = make_run(tmp_path, [sample(1, "19 + 17", 1.0)])
     with open(run / "samples.jsonl", "a") as f:
-        f.write('{"step": 2, "retry": "cut')
+        f.write('{"step": 2, "retry": "cut\n\n')
     rc, stdout, err = run_main([str(run)], capsys)
     assert rc == 0 and "rewarded retries logged: 1" in stdout
     assert "skipping the last line, cut short by an interrupted write" in err
