@@ -23,6 +23,7 @@ from pathlib import Path
 
 from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_atomic
 from r3.errors import R3Error, cli_main
+from r3.files import read_json_lines
 from r3.tasks import get, resolve
 from r3.tasks.base import passes
 from r3.tasks.recheck import has_recheck, recheck
@@ -37,19 +38,8 @@ def read_run_task(run: Path):
 def read_samples(path: Path) -> list[dict]:
     if not path.is_file():
         raise R3Error(f"{path}: missing (the run has logged no samples yet)")
-    lines = path.read_text().splitlines()
-    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == last:  # a run killed while writing: the cut last line is skipped
-                print(f"warning: {path}: skipping the last line, cut short by an interrupted write", file=sys.stderr)
-                break
-            raise R3Error(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+    for lineno, rec in read_json_lines(path, lambda n, e: R3Error(f"{path}, line {n}: not valid JSON ({e.msg})")):
         if not isinstance(rec, dict) or any(f not in rec for f in ("example", "retry", "reward")):
             raise R3Error(f"{path}, line {lineno}: expected an object with example, retry and reward")
         rows.append(rec)

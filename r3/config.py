@@ -366,6 +366,10 @@ def _read_config_file(path: str) -> dict:
     return data
 
 
+_REPEATED = ("task_option", "chat_template_option")  # key=value flags, merged into <name>s
+_FLAGS = (*_FIELDS, "config", *_REPEATED)  # every flag name, as a key
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
     """``[--config FILE] [--key value ...]`` -> a validated TrainConfig."""
     values: dict[str, Any] = {}
@@ -382,7 +386,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and nxt[2:].partition("=")[0].replace("-", "_")
-                               in (*_FIELDS, "config", "task_option", "chat_template_option")):
+                               in _FLAGS):
                 raise R3Error(f"flag '--{key}' needs a value")
             val = argv[i + 1]
             i += 1
@@ -397,20 +401,19 @@ def parse_args(argv: list[str]) -> TrainConfig:
             if key not in _FIELDS:
                 raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])
-    repeated = ("task_option", "chat_template_option")  # key=value flags, merged into <name>s
     for k, v in pairs:
-        if k == "config" or k in repeated:
+        if k == "config" or k in _REPEATED:
             continue
         if k in _RENAMED:
             k, v = _RENAMED[k][0], _RENAMED[k][1](v)
         if k not in _FIELDS:
-            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{suggest(k, [*_FIELDS, 'config', *repeated])}")
+            raise R3Error(f"unknown flag '--{k.replace('_', '-')}'{suggest(k, _FLAGS)}")
         values[k] = (v, "command line")
     cfg = TrainConfig()
     kwargs = {}
     for k, (v, source) in values.items():
         kwargs[k] = _coerce(k, v, getattr(cfg, k), source)
-    for flag in repeated:  # --task-option key=value (repeatable), as in the other CLIs
+    for flag in _REPEATED:  # --task-option key=value (repeatable), as in the other CLIs
         items = [v for k, v in pairs if k == flag]
         if items:
             kwargs[flag + "s"] = {**kwargs.get(flag + "s", getattr(cfg, flag + "s")),

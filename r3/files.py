@@ -1,11 +1,13 @@
 """Files written whole: a temporary file in the same directory, then a rename, so a reader (or a
-crash) never sees half of one."""
+crash) never sees half of one; and JSON-lines logs read back after a crash may have cut their last line."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -33,3 +35,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json_lines(path: Path, bad_line: Callable[[int, json.JSONDecodeError], Exception]) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON-lines log. A last line that is not
+    JSON is what a run killed mid-write leaves: it is skipped with a warning; any other such line
+    raises ``bad_line(line number, error)``."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if n != last:
+                raise bad_line(n, e) from None
+            print(f"warning: {path}: skipping the last line, cut short by an interrupted write", file=sys.stderr)
+    return rows

@@ -6,12 +6,11 @@ Writes ``DIR/curves.png`` (or ``--out FILE``). Several run directories can be ov
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from pathlib import Path
 
 from r3.errors import R3Error, cli_main
+from r3.files import read_json_lines
 
 PANELS = (
     ("retry_success", "retry success (reward)"),
@@ -29,19 +28,7 @@ def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl" if run.is_dir() else run
     if not path.is_file():
         raise R3Error(f"{path}: no metrics.jsonl (is this an r3.train output directory?)")
-    rows = []
-    lines = path.read_text(errors="replace").splitlines()
-    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == last:  # a run killed while writing (r3.train drops this line when it resumes)
-                print(f"warning: {path}: skipping the last line, cut short by an interrupted write", file=sys.stderr)
-                continue
-            raise R3Error(f"{path}: line {n} is not valid JSON") from None
+    rows = [row for _, row in read_json_lines(path, lambda n, e: R3Error(f"{path}: line {n} is not valid JSON"))]
     if not rows:
         raise R3Error(f"{path}: no rows yet")
     return rows
