@@ -343,14 +343,14 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.flush()
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """On resume, drop the rows past the checkpoint (steps that will be redone). A last line cut
-    short by a crash is dropped with a warning; any other line that is not JSON is an error
-    naming the file and line."""
+def truncate_jsonl(path: Path, step: int) -> list[dict]:
+    """On resume, drop the rows past the checkpoint (steps that will be redone) and return the rows
+    kept. A last line cut short by a crash is dropped with a warning; any other line that is not
+    JSON is an error naming the file and line."""
     if not path.is_file():
-        return
+        return []
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    rows = []
+    rows, kept = [], []
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
@@ -363,4 +363,6 @@ def truncate_jsonl(path: Path, step: int) -> None:
             raise R3Error(f"{path}: line {n} is not a JSON object; repair or remove the file to resume")
         if row.get("step", 0) <= step:
             rows.append(line)
+            kept.append(row)
     write_text_atomic(path, "".join(r + "\n" for r in rows))
+    return kept

@@ -357,15 +357,19 @@ def set_up(cfg: TrainConfig) -> Run:
     stream = QueryStream(queries, cfg.seed)
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)
+    without_signal: list = []  # (the streak goes on across a resume)
     if d.main:
         for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
             if start_step == 0:
                 (out / name).unlink(missing_ok=True)
-            else:
-                truncate_jsonl(out / name, start_step)
+                continue
+            kept = truncate_jsonl(out / name, start_step)
+            if name == "metrics.jsonl":
+                for row in kept:
+                    count_without_signal(without_signal, row)
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
-               start_step, tracker)
+               start_step, tracker, without_signal)
 
 
 def rollout(run: Run, step: int):
@@ -492,6 +496,14 @@ def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) ->
 SIGNAL_LESS_STEPS = 10
 
 
+def count_without_signal(seen: list, row: dict) -> None:
+    """Extend the streak of steps without reward signal by a metrics row, or end it."""
+    if row.get("groups_with_signal"):
+        seen.clear()
+    else:
+        seen.append((row.get("groups") or 0, row.get("retry_success") or 0.0))
+
+
 def warn_without_signal(run: Run, row: dict) -> None:
     """Say so once when ``SIGNAL_LESS_STEPS`` steps in a row had no reward signal (no group had
     both a passing and a failing retry, so the policy-gradient term was zero): a task too hard or
@@ -499,10 +511,7 @@ def warn_without_signal(run: Run, row: dict) -> None:
     seen = run.steps_without_signal
     if seen is None:  # (said already)
         return
-    if row.get("groups_with_signal"):
-        seen.clear()
-        return
-    seen.append((row.get("groups") or 0, row.get("retry_success") or 0.0))
+    count_without_signal(seen, row)
     if len(seen) < SIGNAL_LESS_STEPS:
         return
     if not any(groups for groups, _ in seen):
@@ -513,6 +522,8 @@ def warn_without_signal(run: Run, row: dict) -> None:
     else:
         why = ("no retry passed: the task may be too hard for this model, or its verifier never pays "
                f"(read {run.out / 'samples.jsonl'} and the verifier's reasons)")
+    if any(groups for groups, _ in seen) and run.cfg.beta > 0 and not run.cfg.skip_no_signal_groups:
+        why += "; only the KL penalty trained on those steps (--skip-no-signal-groups false)"
     print(f"warning: no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps; {why}",
           file=sys.stderr, flush=True)
     run.steps_without_signal = None

@@ -641,7 +641,7 @@ def test_resume_trims_logs_and_survives_a_cut_short_last_line(tmp_path, capsys):
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    truncate_jsonl(path, 2)
+    assert truncate_jsonl(path, 2) == [{"step": 1}, {"step": 2}]
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert "dropped the last line" in capsys.readouterr().err
     path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
@@ -1003,8 +1003,9 @@ def test_steps_without_signal_are_reported_once(tmp_path, capsys):
 
     from r3 import train as T
 
-    def warnings(rows):
-        run = SimpleNamespace(steps_without_signal=[], out=tmp_path)
+    def warnings(rows, **cfg):
+        cfg = SimpleNamespace(**{"beta": 0.001, "skip_no_signal_groups": True, **cfg})
+        run = SimpleNamespace(steps_without_signal=[], out=tmp_path, cfg=cfg)
         for row in rows:
             T.warn_without_signal(run, row)
         return capsys.readouterr().err
@@ -1015,9 +1016,30 @@ def test_steps_without_signal_are_reported_once(tmp_path, capsys):
     assert warnings([quiet] * (n - 1) + [{"groups": 8, "groups_with_signal": 1, "retry_success": 0.1}] + [quiet] * (n - 1)) == ""
     err = warnings([quiet] * (3 * n))  # once, not again at every later step
     assert err.count("\n") == 1 and f"no group had a reward signal in the last {n} steps" in err
-    assert "no retry passed" in err and str(tmp_path / "samples.jsonl") in err
+    assert "no retry passed" in err and str(tmp_path / "samples.jsonl") in err and "KL" not in err
+    err = warnings([quiet] * n, skip_no_signal_groups=False)  # the groups stayed in: the KL term trained on them
+    assert "no retry passed" in err and "only the KL penalty trained on those steps" in err
+    assert "KL" not in warnings([quiet] * n, skip_no_signal_groups=False, beta=0.0)
     err = warnings([quiet] * 3 + [{**quiet, "retry_success": 1.0}] + [quiet] * (n - 4))
     assert "some retries passed, but in each group all passed or all failed" in err and "no retry passed" not in err
     easy = {"groups": 0, "groups_with_signal": 0, "retry_success": 0.0, "first_try_success": 1.0}
-    err = warnings([easy] * n)  # every first attempt passed: no groups at all
+    err = warnings([easy] * n, skip_no_signal_groups=False)  # every first attempt passed: no groups at all
     assert "no first attempt failed, so there was nothing to reflect on: the task may be too easy" in err
+    assert "KL" not in err
+
+
+def test_the_streak_without_signal_goes_on_across_a_resume(tiny_model, tmp_path):
+    """A run stopped after 5 steps without reward signal and resumed warns at its 10th such step,
+    in the resumed process, as an uninterrupted run would."""
+    from r3.train import SIGNAL_LESS_STEPS
+
+    args = BASE + ["--model", str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "11",
+                   "--save-every", "100", "--task-options", '{"fail_first": 1000000}']  # (no answer ever passes)
+    first = run_train(args + ["--stop-after", "5"])
+    assert "stopping after step 5" in first.stdout and "reward signal" not in first.stderr
+    second = run_train(args)
+    assert "resumed from" in second.stdout
+    assert second.stderr.count(f"no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps") == 1
+    assert "no retry passed" in second.stderr
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 12)) and not any(r["groups_with_signal"] for r in rows)
