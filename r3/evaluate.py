@@ -57,6 +57,7 @@ from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
 from r3.tasks.base import report_verifier_errors
+from r3.toolchain import check_toolchain
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
         print(f"note: task {st['task']!r} has no data_path: these are generated examples, not real data",
               file=sys.stderr)
     device, dtype = pick_device_dtype(args.device, st["dtype"])
+    check_toolchain(device, compiled_decode=args.decode == "compiled")
     for spec in models:  # every path and its positions checked before spending time on the first model
         check_token_limits(load_config(spec), spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
                            retry=st["max_retry"])

@@ -18,6 +18,7 @@ from r3.cli import DTYPES, parse_chat_template_options, pick_device_dtype
 from r3.decode import DECODE_MODES
 from r3.errors import R3Error, cli_main
 from r3.sampler import check_sampling_args, generate
+from r3.toolchain import check_toolchain
 
 
 def parse_args(argv=None):
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     chat_options = template_options(parse_chat_template_options(args.chat_template_option))
     device, dtype = pick_device_dtype(args.device, args.dtype)
+    check_toolchain(device, compiled_decode=args.decode == "compiled")
 
     model, tok = load(args.model, dtype=dtype, device=device)
     if tok is None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kernels.logprob_kl import uses_triton
 from r3 import grpo
 from r3.batch import (
     MicroBatch,
@@ -76,6 +77,7 @@ from r3.tasks import examples_of
 from r3.tasks import get as get_task
 from r3.tasks import resolve as resolve_task
 from r3.tasks.base import report_verifier_errors, verifier_error_counts
+from r3.toolchain import check_toolchain
 from r3.tracking import Tracker, make_tracker, tracker_module
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +315,7 @@ def set_up(cfg: TrainConfig) -> Run:
     resolve_dtype(cfg, d)
     if cfg.batch_size % d.world:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
+    check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=uses_triton(d.device))
     task = get_task(cfg.task, **cfg.task_options)
     cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
     check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,
