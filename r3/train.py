@@ -340,6 +340,9 @@ def set_up(cfg: TrainConfig) -> Run:
         if getattr(task, "stand_in_data", False):
             print(f"note: task {base!r} has no data_path: it trains on generated examples, not on real data "
                   "(pass the real file with --task-option data_path=FILE)", flush=True)
+        if cfg.decode == "compiled":
+            print("note: decode compiled: the first rollout also compiles the decode step, once per process "
+                  "(1-2 minutes for the built-in model on a 2-core CPU)", flush=True)
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     # the model's chat template renders the task's conversations (else a failed start would leave
@@ -444,7 +447,7 @@ def train_loop(run: Run) -> dict:
     if run.start_step == 0 and cfg.eval_n:
         sync_rollout_weights(run.policy, run.rollout_model)
         run.tracker.log_metrics(held_out_eval(run, 0), 0, "eval")
-    t_start = time.time()
+    clock = (time.time(), run.start_step)  # (time, steps done then): the ETA's start, moved past the first step
     row: dict = {}
     if d.main and run.start_step >= cfg.max_steps:
         print(f"note: {out} is already at step {run.start_step} of --max-steps {cfg.max_steps}: nothing to train "
@@ -452,7 +455,9 @@ def train_loop(run: Run) -> dict:
     with StopSignals() as signals:
         for step in range(run.start_step, cfg.max_steps):
             row, ep = train_step(run, step)
-            stopped = step_end(run, step, row, ep, t_start, signals.requested(d))
+            stopped = step_end(run, step, row, ep, clock, signals.requested(d))
+            if step == run.start_step:  # (it compiles, warms up and allocates: slower than the rest)
+                clock = (time.time(), step + 1)
             if stopped:
                 if stopped > 0:
                     raise SystemExit(128 + stopped)
@@ -465,16 +470,17 @@ def train_loop(run: Run) -> dict:
     return row
 
 
-def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) -> int:
+def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], signum: int) -> int:
     """Log the step, evaluate and checkpoint when due. Returns 0 to go on, the signal number when
-    a signal stopped the run (after a checkpoint), or -1 for ``stop_after``."""
+    a signal stopped the run (after a checkpoint), or -1 for ``stop_after``. ``clock``: (time,
+    steps done then), where the ETA's rate starts."""
     cfg, d, out = run.cfg, run.d, run.out
     logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
     if d.main:
         append_jsonl(out / "metrics.jsonl", row)
         for rec in logged:
             append_jsonl(out / "samples.jsonl", rec)
-        eta = (time.time() - t_start) / (step + 1 - run.start_step) * (cfg.max_steps - step - 1)
+        eta = eta_s(clock, step + 1, cfg.max_steps, time.time())
         print(format_step_line(row, cfg.max_steps, eta), flush=True)
         warn_without_signal(run, row)
         run.tracker.log_metrics(row, step + 1)
@@ -494,6 +500,11 @@ def step_end(run: Run, step: int, row: dict, ep, t_start: float, signum: int) ->
                   "to resume", flush=True)
         return signum or -1
     return 0
+
+
+def eta_s(clock: tuple[float, int], done: int, total: int, now: float) -> float:
+    """Seconds left at the rate of the steps since ``clock`` (time, steps done then)."""
+    return (now - clock[0]) / (done - clock[1]) * (total - done)
 
 
 SIGNAL_LESS_STEPS = 10

@@ -996,6 +996,16 @@ def test_a_failures_file_recorded_with_a_relative_path_is_read_from_here(tmp_pat
         check_made_for(fails, get("countdown", data_path=str(tmp_path / "other.jsonl")), "smollm2-135m")
 
 
+def test_the_eta_leaves_out_a_process_first_step():
+    """The first step of a process compiles and warms up (a compiled decode: minutes): the ETA uses
+    the rate of the steps after it once there are some."""
+    from r3.train import eta_s
+
+    assert eta_s((100.0, 0), 1, 30, 250.0) == 150.0 * 29  # one step done: its own rate
+    assert eta_s((250.0, 1), 3, 30, 310.0) == 30.0 * 27  # steps 2-3 at 30 s, not (310 - 100) / 3
+    assert eta_s((50.0, 10), 12, 12, 90.0) == 0.0  # a resumed run's clock starts at its checkpoint
+
+
 def test_steps_without_signal_are_reported_once(tmp_path, capsys):
     """Ten steps in a row without reward signal get one warning saying why: no retry passed, every
     group's retries agreed, or no first attempt failed; a step with signal starts the count again."""
