@@ -19,7 +19,9 @@ def format_duration(s: float) -> str:
 class Progress:
     """A progress line on stderr: ``label: done/total unit | rate | ETA | extra``.
 
-    On a terminal the line is rewritten in place; otherwise (logs, pipes) one line per update.
+    On a terminal the line is rewritten in place; otherwise (logs, pipes) one line per update. The
+    rate and ETA leave out the first update's work once there is more (it includes warm-up: a
+    compiled decode step compiles in the first batch).
     """
 
     def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True):
@@ -29,14 +31,20 @@ class Progress:
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self.done = 0
+        self._since = (self.t0, 0)  # (time, done): where the rate is measured from
         self._open = False
 
     def update(self, done: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        first = self.done == 0 and done > 0
         self.done = done
+        dt = now - self.t0
+        t_since, done_since = self._since
+        rate = (done - done_since) / (now - t_since) if now > t_since and done > done_since else 0.0
+        if first:
+            self._since = (now, done)
         if not self.enabled:
             return
-        dt = time.perf_counter() - self.t0
-        rate = done / dt if dt > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         line = (f"{self.label}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
                 f"ETA {format_duration(eta)} | elapsed {format_duration(dt)}" + (f" | {extra}" if extra else ""))

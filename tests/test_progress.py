@@ -1,0 +1,27 @@
+"""The progress line's rate and ETA."""
+
+from __future__ import annotations
+
+import io
+
+from r3 import progress as P
+
+
+def test_rate_and_eta_leave_out_the_first_updates_warm_up(monkeypatch):
+    clock = iter([0.0, 100.0, 110.0, 120.0, 121.0])  # start, then four updates
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = P.Progress(100, "evaluate", stream=out)
+    p.update(10)  # 100 s: a compile and 10 queries
+    p.update(20)  # 10 queries in 10 s
+    p.update(30)
+    p.update(30, "no new queries")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "evaluate: 10/100 queries | 0.10 queries/s | ETA 15m00s | elapsed 1m40s"
+    assert lines[1] == "evaluate: 20/100 queries | 1.00 queries/s | ETA 1m20s | elapsed 1m50s"
+    assert lines[2] == "evaluate: 30/100 queries | 1.00 queries/s | ETA 1m10s | elapsed 2m00s"
+    assert lines[3].startswith("evaluate: 30/100 queries | 0.95 queries/s | ETA 1m14s") and lines[3].endswith("| no new queries")
+
+
+def test_format_duration():
+    assert [P.format_duration(s) for s in (0.4, 59.6, 61, 3600 + 125, float("inf"))] == ["0s", "1m00s", "1m01s", "1h02m", "?"]
