@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -28,6 +29,15 @@ def cli_main(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # a full disk or quota: the machine's state, not a bug (runs and outputs are written
+            # atomically or resumably, so a rerun after freeing space loses nothing)
+            where = f" writing {e.filename}" if e.filename else ""
+            sys.stderr.write(f"error: {e.strerror}{where}; free space and run the command again\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
 
     return wrapper
 

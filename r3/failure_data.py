@@ -79,10 +79,15 @@ def append_lines(path: Path, records: list[dict]) -> None:
     if not records:
         return
     blob = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records)
-    with open(path, "a", encoding="ascii") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="ascii") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # (a write to the open file names none)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def read_failures(path) -> list[dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -258,7 +259,13 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
     if d.main:
         for stale in [*out.glob(".export.tmp-*"), *out.glob(".export.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
+        try:
+            path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
+        except (OSError, SafetensorError) as e:  # (save_hf removed what it had written)
+            kept = checkpoint_dirs(out)
+            raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space(out)}); "
+                          + (f"checkpoint {kept[-1].name} is kept: free space and rerun with the same --out "
+                             "to write the export" if kept else "no checkpoint was written")) from None
     wait_for_main(d)
     return path
 
@@ -314,22 +321,35 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             holder = f.read().strip() or "unknown"
             f.close()
         else:
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
-            _HELD_LOCKS.append(f)
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
+            except OSError as e:  # (a full disk)
+                unwritable = (e.strerror or type(e).__name__) + _free_space(out)
+                with contextlib.suppress(OSError):  # (closing flushes what is buffered again)
+                    f.close()
+            else:
+                _HELD_LOCKS.append(f)
     if all_max(1 if holder else 0, d):
         raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
                       "wait for it to end or choose another --out")
+    if all_max(1 if unwritable else 0, d):
+        raise R3Error(f"--out {out}: cannot write there ({unwritable or 'see rank 0'})")
     return out
 
 
 def write_config(cfg: TrainConfig, out: Path, d: Dist) -> None:
     """``OUT/config.json``: what a resume is checked against."""
+    failed = ""
     if d.main:
-        write_json_atomic(out / "config.json", cfg.to_dict())
-    dist.barrier()
+        try:
+            write_json_atomic(out / "config.json", cfg.to_dict())
+        except OSError as e:  # (a full disk; nothing is left half-written)
+            failed = (e.strerror or type(e).__name__) + _free_space(out)
+    if all_max(1 if failed else 0, d):
+        raise R3Error(f"could not write {out / 'config.json'} ({failed or 'see rank 0'})")
 
 
 def _finite_or_none(v):
@@ -337,10 +357,18 @@ def _finite_or_none(v):
 
 
 def append_jsonl(path: Path, row: dict) -> None:
+    """Append a row to a run's log. A failed write (a full disk) is one line: a resume drops the
+    rows past its checkpoint and a line cut short, so nothing is lost but the steps redone."""
     row = {k: _finite_or_none(v) for k, v in row.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+    except OSError as e:
+        kept = checkpoint_dirs(path.parent)
+        raise R3Error(f"could not write {path} ({e.strerror or e}{_free_space(path.parent)}); free space and rerun "
+                      "with the same --out: " + (f"it resumes from checkpoint {kept[-1].name}" if kept
+                                                  else "there is no checkpoint yet, so it starts again")) from None
 
 
 def truncate_jsonl(path: Path, step: int) -> list[dict]:

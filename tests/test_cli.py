@@ -509,3 +509,40 @@ def test_an_out_file_that_cannot_be_written_fails_before_any_work(tmp_path, monk
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(R3Error, match=f"--out {tmp_path}/x.json: cannot write in {tmp_path} \\(Read-only file system\\)"):
         check_out_path(str(tmp_path / "x.json"))
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """ENOSPC from any write of a CLI (an atomic output, an appended log) is one line naming the
+    file, exit 2, nothing half-written; other OS errors stay tracebacks."""
+    import errno
+    import io
+
+    from r3 import failure_data, files
+    from r3.errors import cli_main
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: (os.close(fd), Full())[1])
+    out = tmp_path / "result.json"
+    main = cli_main(lambda: files.write_json_atomic(out, {"n": 1}))
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: No space left on device writing {out}; free space and run the command again\n"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(files.os, "fdopen", real_fdopen)
+
+    monkeypatch.setattr(failure_data, "open", lambda *a, **k: Full(), raising=False)
+    with pytest.raises(SystemExit):
+        cli_main(lambda: failure_data.append_lines(tmp_path / "fails.jsonl", [{"key": "k"}]))()
+    assert capsys.readouterr().err == (f"error: No space left on device writing {tmp_path / 'fails.jsonl'}; "
+                                       "free space and run the command again\n")
+
+    def denied():
+        raise PermissionError(errno.EACCES, "Permission denied", "/x")
+
+    with pytest.raises(PermissionError):
+        cli_main(denied)()
