@@ -4,6 +4,7 @@ among the local ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from r3.errors import R3Error
 
 
 @dataclass
@@ -68,6 +71,26 @@ def wait_for_main(d: Dist) -> None:
     gloo group with a timeout of :data:`MAIN_WORK_TIMEOUT`."""
     if d.world > 1:
         dist.barrier(group=d.cpu_group)
+
+
+@contextlib.contextmanager
+def main_rank_writes(d: Dist):
+    """Around what rank 0 writes alone (logs, the export): an R3Error there (a full disk) stops
+    every rank together, rank 0 with its message and the others with exit code 2 and nothing
+    printed, instead of leaving them to crash with a traceback at the next collective. The others
+    wait as :func:`wait_for_main` does (on the gloo group: an export can outlast NCCL's timeout)."""
+    failed = None
+    try:
+        yield
+    except R3Error as e:
+        failed = e
+    flag = torch.tensor([1 if failed else 0])
+    if d.world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)
+    if flag.item():
+        if failed is not None:
+            raise failed
+        raise SystemExit(2)
 
 
 def all_sum(values, d: Dist):

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
-from r3.distributed import Dist, all_max, wait_for_main
+from r3.distributed import Dist, all_max, main_rank_writes, wait_for_main
 from r3.errors import R3Error
 from r3.files import write_json_atomic, write_text_atomic
 
@@ -256,17 +256,17 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
     half-way left behind is removed first (the run's lock guarantees no other writer)."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = None
-    if d.main:
-        for stale in [*out.glob(".export.tmp-*"), *out.glob(".export.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
-        except (OSError, SafetensorError) as e:  # (save_hf removed what it had written)
-            kept = checkpoint_dirs(out)
-            raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space(out)}); "
-                          + (f"checkpoint {kept[-1].name} is kept: free space and rerun with the same --out "
-                             "to write the export" if kept else "no checkpoint was written")) from None
-    wait_for_main(d)
+    with main_rank_writes(d):  # (a gloo collective: the export may outlast NCCL's timeout)
+        if d.main:
+            for stale in [*out.glob(".export.tmp-*"), *out.glob(".export.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
+            except (OSError, SafetensorError) as e:  # (save_hf removed what it had written)
+                kept = checkpoint_dirs(out)
+                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space(out)}); "
+                              + (f"checkpoint {kept[-1].name} is kept: free space and rerun with the same --out "
+                                 "to write the export" if kept else "no checkpoint was written")) from None
     return path
 
 

@@ -55,6 +55,7 @@ from r3.distributed import (
     all_sum,
     gather_to_main,
     init_distributed,
+    main_rank_writes,
     shard,
 )
 from r3.episode import run_episode
@@ -476,15 +477,16 @@ def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], signu
     steps done then), where the ETA's rate starts."""
     cfg, d, out = run.cfg, run.d, run.out
     logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
-    if d.main:
-        append_jsonl(out / "metrics.jsonl", row)
-        for rec in logged:
-            append_jsonl(out / "samples.jsonl", rec)
-        eta = eta_s(clock, step + 1, cfg.max_steps, time.time())
-        print(format_step_line(row, cfg.max_steps, eta), flush=True)
-        warn_without_signal(run, row)
-        run.tracker.log_metrics(row, step + 1)
-        run.tracker.log_samples(logged, step + 1)
+    with main_rank_writes(d):
+        if d.main:
+            append_jsonl(out / "metrics.jsonl", row)
+            for rec in logged:
+                append_jsonl(out / "samples.jsonl", rec)
+            eta = eta_s(clock, step + 1, cfg.max_steps, time.time())
+            print(format_step_line(row, cfg.max_steps, eta), flush=True)
+            warn_without_signal(run, row)
+            run.tracker.log_metrics(row, step + 1)
+            run.tracker.log_samples(logged, step + 1)
     if cfg.eval_n and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
         sync_rollout_weights(run.policy, run.rollout_model)
         evaluation = held_out_eval(run, step + 1)
@@ -576,10 +578,11 @@ def held_out_eval(run: Run, step: int) -> dict | None:
         report_verifier_errors(errors, verdicts, res.get("first_verifier_error"), f"in the evaluation at step {step}")
     row = {"step": step, "n": int(n), "first_attempt_accuracy": first / max(n, 1),
            "second_attempt_accuracy": second / max(n, 1)}
-    if d.main:
-        append_jsonl(out / "eval.jsonl", row)
-        print(f"eval @ step {step}: first attempt {row['first_attempt_accuracy']:.3f}, "
-              f"second attempt {row['second_attempt_accuracy']:.3f} (n={int(n)})", flush=True)
+    with main_rank_writes(d):
+        if d.main:
+            append_jsonl(out / "eval.jsonl", row)
+            print(f"eval @ step {step}: first attempt {row['first_attempt_accuracy']:.3f}, "
+                  f"second attempt {row['second_attempt_accuracy']:.3f} (n={int(n)})", flush=True)
     return row
 
 

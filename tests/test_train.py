@@ -933,6 +933,38 @@ def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path
     assert lines and all(line == "error: command line: bad value 'abc' for 'lr' (expected float)" for line in lines), lines
 
 
+MAIN_WRITE_FAILS = textwrap.dedent(
+    """
+    from r3.distributed import init_distributed, main_rank_writes
+    from r3.errors import R3Error, cli_main
+
+    @cli_main
+    def main():
+        d = init_distributed()
+        with main_rank_writes(d):  # rank 0 writes fine
+            pass
+        with main_rank_writes(d):
+            if d.main:
+                raise R3Error("could not write metrics.jsonl (No space left on device)")
+        raise AssertionError("not reached")
+
+    main()
+    """
+)
+
+
+def test_a_failed_write_on_rank_0_stops_every_rank_with_its_one_line(tmp_path):
+    """Without main_rank_writes rank 1 went on to the next collective and died with ~26 lines of
+    'Connection closed by peer' traceback under rank 0's one-line error (a run whose disk filled)."""
+    script = tmp_path / "main_write_fails.py"
+    script.write_text(MAIN_WRITE_FAILS)
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                          env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: could not write metrics.jsonl (No space left on device)"], lines
+
+
 def test_r3_torchrun_reports_a_crash_with_torchruns_summary_and_exit_1(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text("raise ValueError('boom')\n")
