@@ -85,6 +85,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(policy, optimizer)
+    failure = None
     try:
         with _one_intra_op_thread():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -98,11 +99,15 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
     except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP wraps the OS error; its type is a BaseException)
+        failure = e
+    if all_max(1 if failure is not None else 0, d):  # (rank 0's trainer state is its own write)
         free = _free_space(root)  # (before the partial checkpoint is removed: what the write met)
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise SystemExit(2)  # (the rank that failed says why)
         kept = checkpoint_dirs(out)
-        raise R3Error(f"could not write checkpoint {final} ({_error_line(e)}{free}); "
+        raise R3Error(f"could not write checkpoint {final} ({_error_line(failure)}{free}); "
                       + (f"the last complete one, {kept[-1].name}, is kept: free space and rerun with the same --out"
                          if kept else "no earlier checkpoint")) from None
     if d.main:

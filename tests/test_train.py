@@ -965,6 +965,58 @@ def test_a_failed_write_on_rank_0_stops_every_rank_with_its_one_line(tmp_path):
     assert lines == ["error: could not write metrics.jsonl (No space left on device)"], lines
 
 
+TRAINER_STATE_FAILS = textwrap.dedent(
+    """
+    import errno, sys
+    from pathlib import Path
+    import torch
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+    from r3.errors import cli_main
+    from r3.rundir import save_checkpoint
+
+    @cli_main
+    def main():
+        d = T.init_distributed()
+        cfg = TrainConfig(model=sys.argv[1], dtype="fp32").validate()
+        policy, _ = load(sys.argv[1], tokenizer=False)
+        T.shard(policy, d, torch.float32)
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
+        stream = T.QueryStream([1, 2, 3], seed=0)
+        save_checkpoint(Path(sys.argv[2]), 1, policy, opt, sched, stream, cfg, d)
+        real = Path.write_text
+
+        def full(self, *a, **k):  # rank 0's own part of a checkpoint meets a full disk
+            if self.name == "trainer_state.json":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, *a, **k)
+
+        Path.write_text = full
+        save_checkpoint(Path(sys.argv[2]), 2, policy, opt, sched, stream, cfg, d)
+
+    main()
+    """
+)
+
+
+def test_a_checkpoint_that_fails_on_rank_0_alone_stops_every_rank_with_its_one_line(tiny_model, tmp_path):
+    script = tmp_path / "trainer_state_fails.py"
+    script.write_text(TRAINER_STATE_FAILS)
+    out = tmp_path / "run"
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", str(script), str(tiny_model), str(out)],
+                          capture_output=True, text=True, env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"},
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "UserWarning" not in line
+             and not line.startswith("  ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write checkpoint {out / 'checkpoints' / 'step_000002'} "
+                                                   "([Errno 28] No space left on device;"), proc.stderr[-3000:]
+    assert lines[0].endswith("the last complete one, step_000001, is kept: free space and rerun with the same --out")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
+
+
 def test_r3_torchrun_reports_a_crash_with_torchruns_summary_and_exit_1(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text("raise ValueError('boom')\n")
