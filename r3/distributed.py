@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from r3.errors import R3Error
 
 
 @dataclass
@@ -75,16 +74,17 @@ def wait_for_main(d: Dist) -> None:
 
 @contextlib.contextmanager
 def main_rank_writes(d: Dist):
-    """Around what rank 0 writes alone (logs, the export): an R3Error there (a full disk) stops
-    every rank together, rank 0 with its message and the others with exit code 2 and nothing
-    printed, instead of leaving them to crash with a traceback at the next collective. The others
-    wait as :func:`wait_for_main` does (on the gloo group: an export can outlast NCCL's timeout)."""
+    """Around what rank 0 writes alone (logs, the export): an error there (a full disk) stops
+    every rank together, rank 0 with its own message or traceback and the others with exit code 2
+    and nothing printed, instead of leaving them to crash with a traceback at the next collective.
+    The others wait as :func:`wait_for_main` does (on the gloo group: an export can outlast
+    NCCL's timeout)."""
     failed = None
     try:
         yield
-    except R3Error as e:
+    except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks know)
         failed = e
-    flag = torch.tensor([1 if failed else 0])
+    flag = torch.tensor([1 if failed is not None else 0])
     if d.world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)
     if flag.item():

@@ -85,7 +85,7 @@ def append_lines(path: Path, records: list[dict]) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        if e.filename is None:  # (a write to the open file names none)
+        if e.errno is not None and e.filename is None:  # (a write to the open file names none)
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 

@@ -29,7 +29,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # (a write to the open file names none)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # (a write to the open file names none)
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 

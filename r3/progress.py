@@ -40,12 +40,15 @@ class Progress:
         self.done = done
         dt = now - self.t0
         t_since, done_since = self._since
-        rate = (done - done_since) / (now - t_since) if now > t_since and done > done_since else 0.0
+        if done > done_since and now > t_since:
+            rate = (done - done_since) / (now - t_since)
+        else:  # (nothing done since the first update yet: the overall rate)
+            rate = done / dt if dt > 0 else 0.0
         if first:
             self._since = (now, done)
         if not self.enabled:
             return
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta = 0.0 if done >= self.total else (self.total - done) / rate if rate > 0 else float("inf")
         line = (f"{self.label}: {done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | "
                 f"ETA {format_duration(eta)} | elapsed {format_duration(dt)}" + (f" | {extra}" if extra else ""))
         if self.tty:

@@ -6,6 +6,7 @@ Face export."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -65,6 +66,14 @@ def _error_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether a write failed for want of space (or quota): safetensors reports the OS error in
+    its message."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, SafetensorError) and any(f"os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+
+
 def _free_space(where: Path) -> str:
     try:
         free = shutil.disk_usage(where).free
@@ -80,10 +89,10 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     root = out / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    with main_rank_writes(d):  # (a full disk can refuse the directory too)
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     failure = None
     try:
@@ -268,10 +277,13 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
             try:
                 path = save_hf(policy, tokenizer, out / "export", state_dict=sd, dtype=torch.float32)
             except (OSError, SafetensorError) as e:  # (save_hf removed what it had written)
+                if not (isinstance(e, OSError) or _disk_full(e)):
+                    raise  # (a serialisation bug, not the disk)
                 kept = checkpoint_dirs(out)
-                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space(out)}); "
-                              + (f"checkpoint {kept[-1].name} is kept: free space and rerun with the same --out "
-                                 "to write the export" if kept else "no checkpoint was written")) from None
+                full = _disk_full(e)
+                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space(out) if full else ''}); "
+                              + (f"checkpoint {kept[-1].name} is kept: {'free space and ' if full else ''}rerun with the "
+                                 "same --out to write the export" if kept else "no checkpoint was written")) from None
     return path
 
 
@@ -371,9 +383,10 @@ def append_jsonl(path: Path, row: dict) -> None:
             f.flush()
     except OSError as e:
         kept = checkpoint_dirs(path.parent)
-        raise R3Error(f"could not write {path} ({e.strerror or e}{_free_space(path.parent)}); free space and rerun "
-                      "with the same --out: " + (f"it resumes from checkpoint {kept[-1].name}" if kept
-                                                  else "there is no checkpoint yet, so it starts again")) from None
+        fix = "free space and rerun" if _disk_full(e) else "rerun"
+        raise R3Error(f"could not write {path} ({e.strerror or e}{_free_space(path.parent) if _disk_full(e) else ''}); "
+                      f"{fix} with the same --out: " + (f"it resumes from checkpoint {kept[-1].name}" if kept
+                                                        else "there is no checkpoint yet, so it starts again")) from None
 
 
 def truncate_jsonl(path: Path, step: int) -> list[dict]:

@@ -24,7 +24,7 @@ def inductor_cxx() -> str | None:
 
     try:
         return cpp_builder.get_cpp_compiler()
-    except exc.InvalidCxxCompiler:
+    except (exc.InvalidCxxCompiler, OSError):  # (none found; CXX naming a file that does not run)
         return None
 
 

@@ -342,8 +342,9 @@ def set_up(cfg: TrainConfig) -> Run:
             print(f"note: task {base!r} has no data_path: it trains on generated examples, not on real data "
                   "(pass the real file with --task-option data_path=FILE)", flush=True)
         if cfg.decode == "compiled":
-            print("note: decode compiled: the first rollout also compiles the decode step, once per process "
-                  "(1-2 minutes for the built-in model on a 2-core CPU)", flush=True)
+            print("note: decode compiled: the first rollouts also compile the decode step, once per process" +
+                  (" (1-2 minutes for the built-in model on a 2-core CPU)" if d.device.type == "cpu" else ""),
+                  flush=True)
 
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     # the model's chat template renders the task's conversations (else a failed start would leave
@@ -365,15 +366,16 @@ def set_up(cfg: TrainConfig) -> Run:
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)
     without_signal: list = []  # (the streak goes on across a resume)
-    if d.main:
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
-            if start_step == 0:
-                (out / name).unlink(missing_ok=True)
-                continue
-            kept = truncate_jsonl(out / name, start_step)
-            if name == "metrics.jsonl":
-                for row in kept:
-                    count_without_signal(without_signal, row)
+    with main_rank_writes(d):  # (rewriting a log needs its size free again)
+        if d.main:
+            for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+                if start_step == 0:
+                    (out / name).unlink(missing_ok=True)
+                    continue
+                kept = truncate_jsonl(out / name, start_step)
+                if name == "metrics.jsonl":
+                    for row in kept:
+                        count_without_signal(without_signal, row)
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
                start_step, tracker, without_signal)
@@ -524,12 +526,12 @@ def warn_without_signal(run: Run, row: dict) -> None:
     """Say so once when ``SIGNAL_LESS_STEPS`` steps in a row had no reward signal (no group had
     both a passing and a failing retry, so the policy-gradient term was zero): a task too hard or
     too easy for the model, or a verifier that never pays, would otherwise run to the end quietly."""
-    seen = run.steps_without_signal
-    if seen is None:  # (said already)
+    if run.steps_without_signal is None:  # (said already)
         return
-    count_without_signal(seen, row)
-    if len(seen) < SIGNAL_LESS_STEPS:
+    count_without_signal(run.steps_without_signal, row)
+    if len(run.steps_without_signal) < SIGNAL_LESS_STEPS:
         return
+    seen = run.steps_without_signal[-SIGNAL_LESS_STEPS:]  # (a resumed run's streak can be longer)
     if not any(groups for groups, _ in seen):
         why = "no first attempt failed, so there was nothing to reflect on: the task may be too easy for this model"
     elif any(success for _, success in seen):

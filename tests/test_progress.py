@@ -23,5 +23,23 @@ def test_rate_and_eta_leave_out_the_first_updates_warm_up(monkeypatch):
     assert lines[3].startswith("evaluate: 30/100 queries | 0.95 queries/s | ETA 1m14s") and lines[3].endswith("| no new queries")
 
 
+def test_updates_without_progress_and_at_the_end(monkeypatch):
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0, 50.0])
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = P.Progress(8, "failures", stream=out)
+    p.update(0)  # a batch that resolved nothing: no rate yet
+    p.update(4)  # the first update with work
+    p.update(4)  # none since: the overall rate, not 0
+    p.update(8)
+    p.update(8)  # done: ETA 0, not '?'
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("failures: 0/8 queries | 0.00 queries/s | ETA ? |")
+    assert lines[1].startswith("failures: 4/8 queries | 0.20 queries/s | ETA 20s |")
+    assert lines[2].startswith("failures: 4/8 queries | 0.13 queries/s | ETA 30s |")
+    assert lines[3].startswith("failures: 8/8 queries | 0.20 queries/s | ETA 0s |")
+    assert lines[4].startswith("failures: 8/8 queries | 0.13 queries/s | ETA 0s |")  # (4 in the 30 s since the first)
+
+
 def test_format_duration():
     assert [P.format_duration(s) for s in (0.4, 59.6, 61, 3600 + 125, float("inf"))] == ["0s", "1m00s", "1m01s", "1h02m", "?"]

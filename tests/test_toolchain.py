@@ -33,6 +33,13 @@ def test_compiled_decode_on_cpu_needs_a_cxx_compiler(monkeypatch):
                                       r"install g\+\+ \(or set CXX to one\), or use --decode eager$"):
         check_toolchain("cpu", compiled_decode=True)
 
+    def not_executable():  # CXX naming a file that is not a program: inductor's search lets this through
+        raise PermissionError(13, "Permission denied", "/tmp/not-a-compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", not_executable)
+    with pytest.raises(R3Error, match="needs a C\\+\\+ compiler"):
+        check_toolchain("cpu", compiled_decode=True)
+
 
 def test_triton_on_cuda_needs_a_c_compiler(monkeypatch):
     """Triton's own rule (CC, else gcc, else clang), checked without a GPU: the device is only named."""

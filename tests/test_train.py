@@ -737,6 +737,13 @@ def test_a_full_disk_at_the_export_or_a_log_is_one_line_naming_the_kept_checkpoi
                                       r"to write the export$"):
         rundir.export(tmp_path, policy, tok, d)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+    def bug(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: a tensor that is not contiguous")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", bug)
+    with pytest.raises(SafetensorError, match="not contiguous"):  # a bug, not the disk: not a user error
+        rundir.export(tmp_path, policy, tok, d)
     monkeypatch.undo()
     assert (rundir.export(tmp_path, policy, tok, d) / "model.safetensors").is_file()
 
@@ -751,6 +758,14 @@ def test_a_full_disk_at_the_export_or_a_log_is_one_line_naming_the_kept_checkpoi
     assert msg.endswith("free space and rerun with the same --out: it resumes from checkpoint step_000001")
     with pytest.raises(R3Error, match="there is no checkpoint yet, so it starts again$"):
         rundir.append_jsonl(tmp_path / "new" / "metrics.jsonl", {"step": 1})
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(rundir, "open", denied, raising=False)  # not the disk: no advice to free space
+    with pytest.raises(R3Error, match=rf"^could not write {tmp_path / 'metrics.jsonl'} \(Permission denied\); rerun with "
+                                      "the same --out: it resumes from checkpoint step_000001$"):
+        rundir.append_jsonl(tmp_path / "metrics.jsonl", {"step": 2})
     monkeypatch.setattr(rundir, "write_json_atomic", no_space)  # a run's start on a full disk
     with pytest.raises(R3Error, match=rf"^could not write {tmp_path / 'config.json'} \(No space left on device; .* GiB free"):
         rundir.write_config(cfg, tmp_path, d)
@@ -935,6 +950,7 @@ def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path
 
 MAIN_WRITE_FAILS = textwrap.dedent(
     """
+    import errno, sys
     from r3.distributed import init_distributed, main_rank_writes
     from r3.errors import R3Error, cli_main
 
@@ -944,8 +960,10 @@ MAIN_WRITE_FAILS = textwrap.dedent(
         with main_rank_writes(d):  # rank 0 writes fine
             pass
         with main_rank_writes(d):
-            if d.main:
+            if d.main and sys.argv[1] == "r3error":
                 raise R3Error("could not write metrics.jsonl (No space left on device)")
+            if d.main:  # (e.g. the step line's print to a log on the same full disk)
+                raise OSError(errno.ENOSPC, "No space left on device", "train.log")
         raise AssertionError("not reached")
 
     main()
@@ -953,16 +971,20 @@ MAIN_WRITE_FAILS = textwrap.dedent(
 )
 
 
-def test_a_failed_write_on_rank_0_stops_every_rank_with_its_one_line(tmp_path):
+@pytest.mark.parametrize("kind,line", [
+    ("r3error", "error: could not write metrics.jsonl (No space left on device)"),
+    ("oserror", "error: No space left on device writing train.log; free space and run the command again"),
+])
+def test_a_failed_write_on_rank_0_stops_every_rank_with_its_one_line(tmp_path, kind, line):
     """Without main_rank_writes rank 1 went on to the next collective and died with ~26 lines of
     'Connection closed by peer' traceback under rank 0's one-line error (a run whose disk filled)."""
     script = tmp_path / "main_write_fails.py"
     script.write_text(MAIN_WRITE_FAILS)
-    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", str(script), kind], capture_output=True, text=True,
                           env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["error: could not write metrics.jsonl (No space left on device)"], lines
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert lines == [line], lines
 
 
 TRAINER_STATE_FAILS = textwrap.dedent(
@@ -1175,6 +1197,12 @@ def test_steps_without_signal_are_reported_once(tmp_path, capsys):
     assert "KL" not in warnings([quiet] * n, skip_no_signal_groups=False, beta=0.0)
     err = warnings([quiet] * 3 + [{**quiet, "retry_success": 1.0}] + [quiet] * (n - 4))
     assert "some retries passed, but in each group all passed or all failed" in err and "no retry passed" not in err
+    # a resumed run's streak (read back from metrics.jsonl) can be longer: the last 10 steps are judged
+    run = SimpleNamespace(steps_without_signal=[(8, 1.0)] * 6 + [(8, 0.0)] * (n - 1), out=tmp_path,
+                          cfg=SimpleNamespace(beta=0.001, skip_no_signal_groups=True))
+    T.warn_without_signal(run, quiet)
+    err = capsys.readouterr().err
+    assert "no retry passed" in err and "some retries passed" not in err
     easy = {"groups": 0, "groups_with_signal": 0, "retry_success": 0.0, "first_try_success": 1.0}
     err = warnings([easy] * n, skip_no_signal_groups=False)  # every first attempt passed: no groups at all
     assert "no first attempt failed, so there was nothing to reflect on: the task may be too easy" in err
