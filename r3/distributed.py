@@ -73,12 +73,12 @@ def wait_for_main(d: Dist) -> None:
 
 
 @contextlib.contextmanager
-def main_rank_writes(d: Dist):
-    """Around what rank 0 writes alone (logs, the export): an error there (a full disk) stops
-    every rank together, rank 0 with its own message or traceback and the others with exit code 2
-    and nothing printed, instead of leaving them to crash with a traceback at the next collective.
-    The others wait as :func:`wait_for_main` does (on the gloo group: an export can outlast
-    NCCL's timeout)."""
+def fail_together(d: Dist):
+    """Around work that can fail on some ranks only (what rank 0 writes alone: logs, the export;
+    a check of a node's own machine): an error there (a full disk) stops every rank together, the
+    failing ranks with their own message or traceback and the others with exit code 2 and nothing
+    printed, instead of leaving them to crash with a traceback at the next collective. The others
+    wait as :func:`wait_for_main` does (on the gloo group: an export can outlast NCCL's timeout)."""
     failed = None
     try:
         yield

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
-from r3.distributed import Dist, all_max, main_rank_writes, wait_for_main
+from r3.distributed import Dist, all_max, fail_together, wait_for_main
 from r3.errors import R3Error
 from r3.files import write_json_atomic, write_text_atomic
 
@@ -89,7 +89,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     root = out / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
-    with main_rank_writes(d):  # (a full disk can refuse the directory too)
+    with fail_together(d):  # (a full disk can refuse the directory too)
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -270,7 +270,7 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
     half-way left behind is removed first (the run's lock guarantees no other writer)."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     path = None
-    with main_rank_writes(d):  # (a gloo collective: the export may outlast NCCL's timeout)
+    with fail_together(d):  # (a gloo collective: the export may outlast NCCL's timeout)
         if d.main:
             for stale in [*out.glob(".export.tmp-*"), *out.glob(".export.old-*")]:
                 shutil.rmtree(stale, ignore_errors=True)

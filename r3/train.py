@@ -53,9 +53,9 @@ from r3.distributed import (
     _exit_hard,
     all_max,
     all_sum,
+    fail_together,
     gather_to_main,
     init_distributed,
-    main_rank_writes,
     shard,
 )
 from r3.episode import run_episode
@@ -316,7 +316,8 @@ def set_up(cfg: TrainConfig) -> Run:
     resolve_dtype(cfg, d)
     if cfg.batch_size % d.world:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
-    check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=uses_triton(d.device))
+    with fail_together(d):  # (each node checks its own compilers)
+        check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=uses_triton(d.device))
     task = get_task(cfg.task, **cfg.task_options)
     cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
     check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,
@@ -366,7 +367,7 @@ def set_up(cfg: TrainConfig) -> Run:
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)
     without_signal: list = []  # (the streak goes on across a resume)
-    with main_rank_writes(d):  # (rewriting a log needs its size free again)
+    with fail_together(d):  # (rewriting a log needs its size free again)
         if d.main:
             for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
                 if start_step == 0:
@@ -479,7 +480,7 @@ def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], signu
     steps done then), where the ETA's rate starts."""
     cfg, d, out = run.cfg, run.d, run.out
     logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
-    with main_rank_writes(d):
+    with fail_together(d):
         if d.main:
             append_jsonl(out / "metrics.jsonl", row)
             for rec in logged:
@@ -580,7 +581,7 @@ def held_out_eval(run: Run, step: int) -> dict | None:
         report_verifier_errors(errors, verdicts, res.get("first_verifier_error"), f"in the evaluation at step {step}")
     row = {"step": step, "n": int(n), "first_attempt_accuracy": first / max(n, 1),
            "second_attempt_accuracy": second / max(n, 1)}
-    with main_rank_writes(d):
+    with fail_together(d):
         if d.main:
             append_jsonl(out / "eval.jsonl", row)
             print(f"eval @ step {step}: first attempt {row['first_attempt_accuracy']:.3f}, "

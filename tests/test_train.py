@@ -951,15 +951,15 @@ def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path
 MAIN_WRITE_FAILS = textwrap.dedent(
     """
     import errno, sys
-    from r3.distributed import init_distributed, main_rank_writes
+    from r3.distributed import fail_together, init_distributed
     from r3.errors import R3Error, cli_main
 
     @cli_main
     def main():
         d = init_distributed()
-        with main_rank_writes(d):  # rank 0 writes fine
+        with fail_together(d):  # rank 0 writes fine
             pass
-        with main_rank_writes(d):
+        with fail_together(d):
             if d.main and sys.argv[1] == "r3error":
                 raise R3Error("could not write metrics.jsonl (No space left on device)")
             if d.main:  # (e.g. the step line's print to a log on the same full disk)
@@ -976,7 +976,7 @@ MAIN_WRITE_FAILS = textwrap.dedent(
     ("oserror", "error: No space left on device writing train.log; free space and run the command again"),
 ])
 def test_a_failed_write_on_rank_0_stops_every_rank_with_its_one_line(tmp_path, kind, line):
-    """Without main_rank_writes rank 1 went on to the next collective and died with ~26 lines of
+    """Without fail_together rank 1 went on to the next collective and died with ~26 lines of
     'Connection closed by peer' traceback under rank 0's one-line error (a run whose disk filled)."""
     script = tmp_path / "main_write_fails.py"
     script.write_text(MAIN_WRITE_FAILS)
