@@ -359,14 +359,13 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
 
 def write_config(cfg: TrainConfig, out: Path, d: Dist) -> None:
     """``OUT/config.json``: what a resume is checked against."""
-    failed = ""
-    if d.main:
-        try:
-            write_json_atomic(out / "config.json", cfg.to_dict())
-        except OSError as e:  # (a full disk; nothing is left half-written)
-            failed = (e.strerror or type(e).__name__) + _free_space(out)
-    if all_max(1 if failed else 0, d):
-        raise R3Error(f"could not write {out / 'config.json'} ({failed or 'see rank 0'})")
+    with fail_together(d):
+        if d.main:
+            try:
+                write_json_atomic(out / "config.json", cfg.to_dict())
+            except OSError as e:  # (a full disk; nothing is left half-written)
+                raise R3Error(f"could not write {out / 'config.json'} ({e.strerror or type(e).__name__}"
+                              f"{_free_space(out) if _disk_full(e) else ''})") from None
 
 
 def _finite_or_none(v):
