@@ -90,6 +90,10 @@ def fail_together(d: Dist):
     if flag.item():
         if failed is not None:
             raise failed
+        # Exit after the failing ranks (this barrier breaks when they are gone), so that the
+        # launcher reports their exit code and error first, not this rank's quiet one.
+        with contextlib.suppress(Exception):
+            dist.barrier(group=d.cpu_group)
         raise SystemExit(2)
 
 

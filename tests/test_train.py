@@ -962,6 +962,8 @@ MAIN_WRITE_FAILS = textwrap.dedent(
         with fail_together(d):
             if d.main and sys.argv[1] == "r3error":
                 raise R3Error("could not write metrics.jsonl (No space left on device)")
+            if d.main and sys.argv[1] == "crash":
+                raise ValueError("a bug in rank 0's writes")
             if d.main:  # (e.g. the step line's print to a log on the same full disk)
                 raise OSError(errno.ENOSPC, "No space left on device", "train.log")
         raise AssertionError("not reached")
@@ -985,6 +987,19 @@ def test_a_failed_write_on_rank_0_stops_every_rank_with_its_one_line(tmp_path, k
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert lines == [line], lines
+
+
+def test_a_crash_in_rank_0s_writes_is_reported_as_rank_0s_crash(tmp_path):
+    """The other ranks exit only once rank 0 has: the launcher's root cause is rank 0's exit 1, not
+    another rank's quiet exit 2 (before, that was a race: 1 run in 4 here ended with exit 2)."""
+    script = tmp_path / "main_write_fails.py"
+    script.write_text(MAIN_WRITE_FAILS)
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", str(script), "crash"], capture_output=True, text=True,
+                          env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "ValueError: a bug in rank 0's writes" in proc.stderr
+    root = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert "rank      : 0 (local_rank: 0)" in root and "exitcode  : 1" in root, proc.stderr[-3000:]
 
 
 TRAINER_STATE_FAILS = textwrap.dedent(
