@@ -321,39 +321,35 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
             and not (out / "metrics.jsonl").exists():
         raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
-    holder, unwritable = "", ""
-    if d.main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            f = open(out / ".lock", "a+")
-        except OSError as e:
-            unwritable = e.strerror or type(e).__name__
-    if all_max(1 if unwritable else 0, d):
-        raise R3Error(f"--out {out}: cannot write there ({unwritable or 'see rank 0'})")
-    if d.main:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-        else:
+    holder = ""
+    with fail_together(d):  # (rank 0's writes: the others exit quietly when they fail)
+        if d.main:
             try:
+                out.mkdir(parents=True, exist_ok=True)
+                f = open(out / ".lock", "a+")
+            except OSError as e:
+                raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 f.seek(0)
-                f.truncate()
-                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-                f.flush()
-            except OSError as e:  # (a full disk)
-                unwritable = (e.strerror or type(e).__name__) + _free_space(out)
-                with contextlib.suppress(OSError):  # (closing flushes what is buffered again)
-                    f.close()
+                holder = f.read().strip() or "unknown"
+                f.close()
             else:
+                try:
+                    f.seek(0)
+                    f.truncate()
+                    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                    f.flush()
+                except OSError as e:  # (a full disk)
+                    with contextlib.suppress(OSError):  # (closing flushes what is buffered again)
+                        f.close()
+                    raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}"
+                                  f"{_free_space(out) if _disk_full(e) else ''})") from None
                 _HELD_LOCKS.append(f)
     if all_max(1 if holder else 0, d):
         raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
                       "wait for it to end or choose another --out")
-    if all_max(1 if unwritable else 0, d):
-        raise R3Error(f"--out {out}: cannot write there ({unwritable or 'see rank 0'})")
     return out
 
 

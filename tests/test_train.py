@@ -872,6 +872,26 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
         with pytest.raises(R3Error, match=r"--out .*/ro: cannot write there \(Read-only file system\)"):
             prepare_out_dir(TrainConfig(out=str(tmp_path / "ro")).validate(), d)
 
+    import builtins
+
+    from r3 import rundir
+
+    class FullDisk:  # the lock file opens, but writing the holder's pid into it meets a full disk
+        def __init__(self, path, mode):
+            self.f = builtins.open(path, mode)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rundir, "open", FullDisk, raising=False)
+        with pytest.raises(R3Error, match=r"--out .*/full: cannot write there \(No space left on device; .* GiB free"):
+            prepare_out_dir(TrainConfig(out=str(tmp_path / "full")).validate(), d)
+    assert not any(lock.name == str(tmp_path / "full" / ".lock") for lock in _HELD_LOCKS)  # (not held)
+
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_config(tiny_model, tmp_path):
     out = tmp_path / "run"
