@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from r3.errors import R3Error
-from r3.files import write_text_atomic
+from r3.files import naming_os_errors, write_text_atomic
 
 FORMAT_VERSION = 1
 _LINE_PREFIX = b'{"key": '  # every line r3.failures writes (the header line aside) starts so
@@ -79,15 +79,10 @@ def append_lines(path: Path, records: list[dict]) -> None:
     if not records:
         return
     blob = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records)
-    try:
-        with open(path, "a", encoding="ascii") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.errno is not None and e.filename is None:  # (a write to the open file names none)
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
+    with naming_os_errors(path), open(path, "a", encoding="ascii") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_failures(path) -> list[dict]:

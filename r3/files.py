@@ -3,6 +3,7 @@ crash) never sees half of one; and JSON-lines logs read back after a crash may h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,20 +18,31 @@ def current_umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def naming_os_errors(path: Path):
+    """An OS error inside names ``path`` (one from a write to an open file names no file, so a
+    full disk would be reported without saying where)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would not
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as e:
+        with naming_os_errors(path):
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would not
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # (a write to the open file names none)
-            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -74,6 +74,11 @@ def _disk_full(e: BaseException) -> bool:
     return isinstance(e, SafetensorError) and any(f"os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
 
 
+def _free_space_if_full(e: BaseException, where: Path) -> str:
+    """:func:`_free_space` for a write that failed for want of space, else nothing."""
+    return _free_space(where) if _disk_full(e) else ""
+
+
 def _free_space(where: Path) -> str:
     try:
         free = shutil.disk_usage(where).free
@@ -281,7 +286,7 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
                     raise  # (a serialisation bug, not the disk)
                 kept = checkpoint_dirs(out)
                 full = _disk_full(e)
-                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space(out) if full else ''}); "
+                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space_if_full(e, out)}); "
                               + (f"checkpoint {kept[-1].name} is kept: {'free space and ' if full else ''}rerun with the "
                                  "same --out to write the export" if kept else "no checkpoint was written")) from None
     return path
@@ -345,7 +350,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                     with contextlib.suppress(OSError):  # (closing flushes what is buffered again)
                         f.close()
                     raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}"
-                                  f"{_free_space(out) if _disk_full(e) else ''})") from None
+                                  f"{_free_space_if_full(e, out)})") from None
                 _HELD_LOCKS.append(f)
     if all_max(1 if holder else 0, d):
         raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
@@ -361,7 +366,7 @@ def write_config(cfg: TrainConfig, out: Path, d: Dist) -> None:
                 write_json_atomic(out / "config.json", cfg.to_dict())
             except OSError as e:  # (a full disk; nothing is left half-written)
                 raise R3Error(f"could not write {out / 'config.json'} ({e.strerror or type(e).__name__}"
-                              f"{_free_space(out) if _disk_full(e) else ''})") from None
+                              f"{_free_space_if_full(e, out)})") from None
 
 
 def _finite_or_none(v):
@@ -379,7 +384,7 @@ def append_jsonl(path: Path, row: dict) -> None:
     except OSError as e:
         kept = checkpoint_dirs(path.parent)
         fix = "free space and rerun" if _disk_full(e) else "rerun"
-        raise R3Error(f"could not write {path} ({e.strerror or e}{_free_space(path.parent) if _disk_full(e) else ''}); "
+        raise R3Error(f"could not write {path} ({e.strerror or e}{_free_space_if_full(e, path.parent)}); "
                       f"{fix} with the same --out: " + (f"it resumes from checkpoint {kept[-1].name}" if kept
                                                         else "there is no checkpoint yet, so it starts again")) from None
 
