@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from collections import Counter
 from fractions import Fraction
+import re
 
 import pytest
 
@@ -160,6 +161,11 @@ def test_plugin_loading(tmp_path, monkeypatch):
         tasks.get("r3_test_plugin_needs:Task")
     with pytest.raises(R3Error, match="package.module:ClassName"):
         tasks.get("r3_test_plugin_mod:")
+    bad = tmp_path / "r3_test_plugin_syntax.py"
+    bad.write_text("class Task:\n    def f(self)\n        return 1\n")
+    with pytest.raises(R3Error, match=rf"task 'r3_test_plugin_syntax:Task': module 'r3_test_plugin_syntax' has a "
+                                      rf"syntax error: expected ':' \({re.escape(str(bad))}, line 2\)$"):
+        tasks.get("r3_test_plugin_syntax:Task")
 
 
 def test_get_passes_through_a_built_task():

@@ -78,6 +78,9 @@ def _resolve(spec: str, task_name: str) -> Any:
         hint = (" (is its directory on PYTHONPATH?)" if isinstance(e, ModuleNotFoundError)
                 and e.name and module_name.split(".")[0] == e.name.split(".")[0] else "")
         raise R3Error(f"task {task_name!r}: cannot import module {module_name!r} ({e}){hint}") from None
+    except SyntaxError as e:  # the plug-in's own code: where it is says all a traceback would
+        where = f"{e.filename}, line {e.lineno}" if e.filename else f"line {e.lineno}"
+        raise R3Error(f"task {task_name!r}: module {module_name!r} has a syntax error: {e.msg} ({where})") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
