@@ -22,6 +22,9 @@ untrained one).
 the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
 from ``DIR/config.json``.
 
+Each finished batch is appended to ``OUT.partial.jsonl`` (:mod:`r3.partial_results`): the same
+command run again after an interruption goes on from there; the file goes once ``OUT`` is written.
+
 :func:`r3.heldout.evaluate_examples` is the library entry point (the training loop calls it for
 held-out evaluation); the helpers the CLIs share are in :mod:`r3.cli`.
 """
@@ -53,6 +56,7 @@ from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.model import check_token_limits
+from r3.partial_results import PartialResults, fingerprint, model_files
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
@@ -181,6 +185,9 @@ def main(argv=None) -> int:
         "retry_prompt": task.retry_prompt, "decode": args.decode, "chat_template_options": st["chat_options"],
     }
     task_config = task.config() if hasattr(task, "config") else st["options"]
+    partial = PartialResults(out, {
+        "settings": settings, "task": st["task"], "task_options": st["options"], "task_config": task_config,
+        "examples": fingerprint(examples), "records": args.records, "models": [model_files(m) for m in models]})
     results: list[dict] = []
     paired: list[dict] = []
     for spec in models:
@@ -190,6 +197,7 @@ def main(argv=None) -> int:
             model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
             progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
             chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
+            finished=partial.of(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
         )
         del model
         report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
@@ -207,6 +215,7 @@ def main(argv=None) -> int:
             "task_config": task_config, "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
             "n": head["n"], "settings": settings, "models": results, "paired": paired,
         })
+    partial.finish()
     print(format_table(results, paired))
     print(f"[{len(examples)} {args.split} queries of {st['task']}; wrote {out}]", file=sys.stderr)
     return 0

@@ -18,6 +18,9 @@ each later model the paired difference against the first (same items) with its s
 The JSON has ``results`` (rows ``{model, benchmark, metric, score, stderr, n}``), ``paired`` and
 ``items`` (``{benchmark: {model: [{prediction, correct, scores, output | loglikelihoods}]}}`` in
 file order), so numbers can be compared item by item with another harness.
+
+Each finished batch is appended to ``OUT.partial.jsonl`` (:mod:`r3.partial_results`): the same
+command run again after an interruption goes on from there; the file goes once ``OUT`` is written.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from r3.evals import benchmarks as B
 from r3.evals.data import read_records
 from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
 from r3.evals.math_equivalence import require as require_sympy
+from r3.partial_results import PartialResults, fingerprint, model_files
 from r3.stats import mean_stderr, paired_difference
 
 
@@ -136,9 +140,13 @@ def stop_ids(tokenizer, chat) -> list[int]:
     return sorted(ids)
 
 
-def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
-    """One model on one benchmark: an item record per document."""
+def run_benchmark(model, tokenizer, plan: dict, args, label: str, partial: PartialResults | None = None,
+                  unit: str = "") -> list[dict]:
+    """One model on one benchmark: an item record per document. With ``partial``, the batches
+    ``unit`` finished in an interrupted run are read back and each batch run here is recorded."""
     bench, docs = plan["bench"], plan["docs"]
+    finished = partial.of(unit) if partial is not None else {}
+    resume = dict(finished=finished, on_batch=(lambda b, r: partial.add(unit, b, r)) if partial is not None else None)
     chat = None
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -146,13 +154,15 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
         chat = ChatFormat(tokenizer, template_options=template_options(args.chat_options))
     prompts = [chat.prompt_text(m) if chat else B.plain_text(m) for m in plan["messages"]]
     progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet)
+    if finished:
+        progress.resume(sum(len(r) for r in finished.values()))
     try:
         if bench.kind == "loglikelihood":
             items = []
             for d, ctx in zip(docs, prompts):
                 pairs = [encode_pair(tokenizer, ctx, c) for c in B.choices(bench.name, d, chat=chat is not None)]
                 items.append((pairs[0][0], [cont for _, cont in pairs]))
-            lls = loglikelihoods(model, items, batch_size=args.batch_size, progress=progress.update)
+            lls = loglikelihoods(model, items, batch_size=args.batch_size, progress=progress.update, **resume)
             out = []
             for d, ll in zip(docs, lls):
                 s = B.hellaswag_scores(d, [x.logprob for x in ll])
@@ -162,7 +172,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str) -> list[dict]:
         limit = args.max_gen_toks or bench.max_gen_toks
         texts = generate_until(model, tokenizer, [encode(tokenizer, p) for p in prompts], until=bench.until,
                                max_new_tokens=limit, stop_token_ids=stop_ids(tokenizer, chat),
-                               batch_size=args.batch_size, progress=progress.update)
+                               batch_size=args.batch_size, progress=progress.update, **resume)
         out = []
         for d, text in zip(docs, texts):
             s = B.score_generation(bench.name, d, text, math_equivalence=args.math_equivalence)
@@ -232,25 +242,34 @@ def main(argv=None) -> int:
         raise R3Error("the same --model is given twice")
     plans = prepare(args)
     device, dtype = pick_device_dtype(args.device, args.dtype)
+    settings = {
+        "models": models, "chat": args.chat, "chat_template_options": args.chat_options,
+        "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "max_gen_toks": args.max_gen_toks,
+        "benchmarks": {p["bench"].name: {"file": p["path"], "fewshot_file": p["fewshot_path"], "shots": p["shots"],
+                                         "n": len(p["docs"])} for p in plans}}
+    partial = PartialResults(out, {
+        "settings": settings, "batch_size": args.batch_size, "models": [model_files(m) for m in models],
+        "data": {p["bench"].name: fingerprint([p["docs"], p["messages"]]) for p in plans}})
     items: dict = {p["bench"].name: {} for p in plans}
     t0 = time.perf_counter()
     for m in models:
         model, tok = load_model(m, dtype, device)
         for plan in plans:
-            items[plan["bench"].name][m] = run_benchmark(model, tok, plan, args, label=Path(m).name or m)
+            name = plan["bench"].name
+            items[name][m] = run_benchmark(model, tok, plan, args, label=Path(m).name or m, partial=partial,
+                                           unit=f"{m} {name}")
         del model
     results, paired = summarise(plans, models, items)
     print(format_table(results, paired))
     write_json_atomic(out, {
         "results": results,
         "paired": paired,
-        "settings": {"models": models, "chat": args.chat, "chat_template_options": args.chat_options, "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
-                     "device": str(device), "max_gen_toks": args.max_gen_toks,
-                     "benchmarks": {p["bench"].name: {"file": p["path"], "fewshot_file": p["fewshot_path"], "shots": p["shots"],
-                                                      "n": len(p["docs"])} for p in plans}},
+        "settings": settings,
         "time_s": round(time.perf_counter() - t0, 1),
         "items": items,
     })
+    partial.finish()
     print(f"[wrote {out}]", file=sys.stderr)
     return 0
 

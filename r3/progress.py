@@ -30,20 +30,20 @@ class Progress:
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
-        self.done = 0
+        self.done = self._resumed = 0
         self._since = (self.t0, 0)  # (time, done): where the rate is measured from
         self._open = False
 
     def update(self, done: int, extra: str = "") -> None:
         now = time.perf_counter()
-        first = self.done == 0 and done > 0
+        first = self.done == self._resumed and done > self._resumed
         self.done = done
         dt = now - self.t0
         t_since, done_since = self._since
         if done > done_since and now > t_since:
             rate = (done - done_since) / (now - t_since)
         else:  # (nothing done since the first update yet: the overall rate)
-            rate = done / dt if dt > 0 else 0.0
+            rate = (done - self._resumed) / dt if dt > 0 else 0.0
         if first:
             self._since = (now, done)
         if not self.enabled:
@@ -57,6 +57,11 @@ class Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def resume(self, done: int) -> None:
+        """Count ``done`` as finished by an earlier, interrupted run: shown, left out of the rate."""
+        self.done = self._resumed = done
+        self._since = (time.perf_counter(), done)
 
     def close(self) -> None:
         if self._open:

@@ -319,6 +319,66 @@ def test_evaluate_examples_compiled_decode_equals_eager(tiny, monkeypatch):
     assert E.parse_args(["--out", "x.json"]).decode == "eager"
 
 
+def _without_times(data):
+    """An evaluation's JSON without what depends on the clock."""
+    return json.loads(json.dumps(data), object_hook=lambda d: {k: v for k, v in d.items() if k != "time_s"})
+
+
+def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Interrupted in the second model's second batch, a rerun of the same command evaluates only
+    the batches not finished and writes what an uninterrupted run writes; another command to the
+    same --out starts over; a line cut short by the crash is dropped."""
+    import r3.heldout as heldout
+
+    base = ["--model", tiny_dir, "--model", "smollm2-135m", "--task", COIN, "--n", "7", "--batch-size", "3",
+            "--max-new-tokens", "6", "--dtype", "fp32", "--records", "--quiet"]
+    rc, _, err = run_main(E.main, base + ["--out", str(tmp_path / "whole.json")], capsys)
+    assert rc == 0, err
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert not (tmp_path / "whole.json.partial.jsonl").exists()  # gone once the result is written
+
+    real, calls = heldout.evaluate_batch, []
+
+    def counting(*a, stop_at=None, **k):
+        calls.append(len(a[3]))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "e.json"
+    partial = tmp_path / "e.json.partial.jsonl"
+    monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, stop_at=5, **k))
+    rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
+    assert rc == 130 and "interrupted" in err
+    lines = read_lines(partial)
+    assert "r3_partial_results" in lines[0] and [(r["unit"], r["batch"]) for r in lines[1:]] == \
+        [(tiny_dir, 0), (tiny_dir, 1), (tiny_dir, 2), ("smollm2-135m", 0)]
+    # the crash cut its last line short
+    partial.write_bytes(partial.read_bytes()[:-9])
+    calls.clear()
+    monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, **k))
+    rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "dropping the last line, cut short" in err and "resuming: 3 finished batches" in err
+    assert calls == [3, 3, 1]  # the second model's batches only
+    assert _without_times(json.loads(out.read_text())) == _without_times(whole)
+    assert not partial.exists()
+    # an interrupted run of another command to the same --out: its batches are not reused
+    calls.clear()
+    monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, stop_at=2, **k))
+    assert run_main(E.main, base + ["--out", str(out), "--seed", "1"], capsys)[0] == 130
+    monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, **k))
+    calls.clear()
+    rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "holds batches of an evaluation with other inputs (settings.seed); starting over" in err, err
+    assert len(calls) == 6 and _without_times(json.loads(out.read_text())) == _without_times(whole)
+    # a file there that is not one of ours is refused, not overwritten
+    partial.write_text("hello\n")
+    rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
+    one_line_error(rc, err, "not a file of finished batches")
+
+
 def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "eval.json"
     argv = ["--model", "smollm2-135m", "--model", tiny_dir, "--task", "countdown", "--task-option", "difficulty=easy",

@@ -315,6 +315,47 @@ def test_cli_end_to_end_on_small_files(tmp_path):
     assert data["settings"]["benchmarks"]["gsm8k"]["shots"] == 0 and data["settings"]["chat"] is False
 
 
+def test_cli_resumes_from_the_finished_batches(tmp_path, monkeypatch, capsys):
+    """Interrupted after its third batch, a rerun of the same command runs only the fourth and
+    writes what an uninterrupted run writes (log-likelihoods and texts read back exactly)."""
+    from r3.partial_results import PartialResults
+
+    hs = write_jsonl(tmp_path / "hs.jsonl", [
+        {"activity_label": "Cooking", "ctx_a": f"A man cracks {k} eggs into a bowl.", "ctx_b": "he",
+         "endings": ["whisks them with a fork.", "drives a car to the moon.", "sings.", "is a bowl."], "label": k % 4}
+        for k in range(3)])
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": f"What is 2 + {k}?", "answer": f"#### {2 + k}"}
+                                             for k in range(3)])
+    argv = ["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "8",
+            "--batch-size", "2", "--dtype", "fp32", "--quiet", "--out"]
+    assert FG.main(argv + [str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    real, added = PartialResults.add, []
+
+    def add(self, unit, b, result, stop_after=None):
+        real(self, unit, b, result)
+        added.append((unit, b))
+        if len(added) == stop_after:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "f.json"
+    monkeypatch.setattr(PartialResults, "add", lambda *a: add(*a, stop_after=3))
+    with pytest.raises(SystemExit) as e:
+        FG.main(argv + [str(out)])
+    assert e.value.code == 130 and not out.exists()
+    assert added == [("smollm2-135m hellaswag", 0), ("smollm2-135m hellaswag", 1), ("smollm2-135m gsm8k", 0)]
+    added.clear()
+    monkeypatch.setattr(PartialResults, "add", lambda *a: add(*a))
+    capsys.readouterr()
+    assert FG.main(argv + [str(out)]) == 0
+    assert "resuming: 3 finished batches" in capsys.readouterr().err
+    assert added == [("smollm2-135m gsm8k", 1)]
+    data = json.loads(out.read_text())
+    assert data.pop("time_s") >= 0 and whole.pop("time_s") >= 0
+    assert data == whole
+    assert not (tmp_path / "f.json.partial.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------------- --chat
 
 

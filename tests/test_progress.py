@@ -41,5 +41,20 @@ def test_updates_without_progress_and_at_the_end(monkeypatch):
     assert lines[4].startswith("failures: 8/8 queries | 0.13 queries/s | ETA 0s |")  # (4 in the 30 s since the first)
 
 
+def test_resumed_work_is_shown_but_not_in_the_rate(monkeypatch):
+    clock = iter([0.0, 1.0, 61.0, 71.0, 81.0])  # start, resume, three updates
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = P.Progress(100, "evaluate", stream=out)
+    p.resume(50)  # read back from an interrupted run, in no time
+    p.update(60)  # 60 s: model warm-up and 10 queries
+    p.update(60)  # nothing since: 10 queries in 70 s overall, not 60
+    p.update(70)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("evaluate: 60/100 queries | 0.17 queries/s | ETA 4m00s |")
+    assert lines[1].startswith("evaluate: 60/100 queries | 0.14 queries/s |")
+    assert lines[2].startswith("evaluate: 70/100 queries | 0.50 queries/s | ETA 1m00s |")
+
+
 def test_format_duration():
     assert [P.format_duration(s) for s in (0.4, 59.6, 61, 3600 + 125, float("inf"))] == ["0s", "1m00s", "1m01s", "1h02m", "?"]

@@ -1,0 +1,121 @@
+"""The batches a long evaluation has finished, kept beside its result file so that a rerun of the
+same command (after a crash, a preemption or a full disk) goes on from there.
+
+``r3.evaluate`` and ``r3.forgetting`` write their JSON once, at the end; an hour of generation
+would otherwise be lost to an interruption a minute before it. Each finished batch is appended
+as one line to ``OUT.partial.jsonl``, whose first line records what the results depend on (the
+settings, the data, each model's files). A rerun with the same ``--out`` and the same inputs
+reads the finished batches back instead of computing them; batches run in the same order and
+composition as before, so the result equals an uninterrupted run's. A file recorded for other
+inputs is replaced (the result file it leads to would be too). The file goes once the result is
+written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from r3.checkpoint import BUILTIN_MODELS, resolve
+from r3.errors import R3Error
+from r3.failure_data import append_lines
+
+HEADER = "r3_partial_results"
+
+
+def fingerprint(value) -> str:
+    """A short hash of a JSON-able value (documents, prompts): equal inputs, equal hashes."""
+    blob = json.dumps(value, sort_keys=True, ensure_ascii=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_files(spec: str) -> dict:
+    """What identifies a model's weights without reading them: each file's size and modification
+    time (an export rewritten by more training is another model)."""
+    _, path = resolve(spec)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {"spec": spec if spec in BUILTIN_MODELS else str(Path(spec).expanduser().resolve()),
+            "files": {p.name: [st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]}}
+
+
+def _differences(old, new) -> list[str]:
+    """The keys whose values differ between two keys (``settings.seed``: one level down)."""
+    old = old if isinstance(old, dict) else {}
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            out += ([f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+                    if isinstance(a, dict) and isinstance(b, dict) else [k])
+    return out
+
+
+class PartialResults:
+    """Finished batches by ``(unit, batch)``: a unit is one model (on one benchmark), a batch its
+    index in the unit's fixed order. ``key``: everything the results depend on (JSON-able)."""
+
+    def __init__(self, out: Path, key: dict):
+        self.path = Path(out).with_name(Path(out).name + ".partial.jsonl")
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))  # (as it reads back)
+        self.done: dict[tuple[str, int], object] = {}
+        self._header_written = False
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        ours = b'{"' + HEADER.encode() + b'"'  # (how our first line starts; a crash may have cut even that)
+        if (data.startswith(ours) or ours.startswith(data)) and data and not data.endswith(b"\n"):  # a line cut short by a crash: appending would glue onto it
+            print(f"warning: {self.path}: dropping the last line, cut short by an interrupted write", file=sys.stderr)
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+        rows = []
+        for n, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise R3Error(f"{self.path}, line {n}: not valid JSON ({e.msg}); not a file of finished batches "
+                              "written by r3: delete it or use another --out") from None
+        if not rows:
+            self.path.unlink()
+            return
+        head = rows[0][1]
+        if not (isinstance(head, dict) and HEADER in head):
+            raise R3Error(f"{self.path}: not a file of finished batches (no {HEADER} header); delete it or use "
+                          "another --out")
+        if head.get("key") != self.key:
+            changed = _differences(head.get("key"), self.key)
+            print(f"note: {self.path} holds batches of an evaluation with other inputs "
+                  f"({', '.join(changed) or 'another version'}); starting over", file=sys.stderr)
+            self.path.unlink()
+            return
+        self._header_written = True
+        for n, row in rows[1:]:
+            if not (isinstance(row, dict) and isinstance(row.get("unit"), str) and isinstance(row.get("batch"), int)
+                    and "result" in row):
+                raise R3Error(f"{self.path}, line {n}: not a finished batch; delete the file to start over")
+            self.done[(row["unit"], row["batch"])] = row["result"]
+        if self.done:
+            print(f"resuming: {len(self.done)} finished batch{'es' if len(self.done) != 1 else ''} read from "
+                  f"{self.path}", file=sys.stderr)
+
+    def of(self, unit: str) -> dict[int, object]:
+        """The finished batches of ``unit``, by batch index."""
+        return {b: r for (u, b), r in self.done.items() if u == unit}
+
+    def add(self, unit: str, batch: int, result) -> None:
+        """Record one finished batch (a line appended and synced: a crash can only cut it short)."""
+        lines = [] if self._header_written else [{HEADER: 1, "key": self.key}]
+        if not self._header_written:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # (as the result file's write makes it)
+        append_lines(self.path, lines + [{"unit": unit, "batch": batch, "result": result}])
+        self._header_written = True
+        self.done[(unit, batch)] = result
+
+    def finish(self) -> None:
+        """The result file is written: the finished batches are no longer needed."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
