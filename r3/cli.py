@@ -46,8 +46,8 @@ def parse_chat_template_options(items: list[str] | None) -> dict:
 
 def pick_device_dtype(device: str | None, dtype: str | None):
     """The torch device and dtype of the ``--device`` / ``--dtype`` flags (device default: cuda if
-    available, else cpu; dtype ``None``: bf16 on CUDA, fp32 elsewhere; ``auto``: bf16 where the
-    device multiplies bf16 natively, else fp32). bf16 where it is only emulated is a warning."""
+    available, else cpu; dtype ``auto`` or None: bf16 where the device multiplies bf16 natively,
+    else fp32). bf16 where it is only emulated is a warning."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -55,8 +55,7 @@ def pick_device_dtype(device: str | None, dtype: str | None):
         raise R3Error(f"--device: unknown device {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise R3Error("--device cuda: CUDA is not available")
-    if dtype is None:
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    dtype = dtype or "auto"
     if dtype not in DTYPES:
         raise R3Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     dtype = resolve_dtype_name(dtype, dev)

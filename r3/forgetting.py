@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--math-equivalence", choices=("string", "sympy"), default="string",
                    help="MATH exact_match: identical normalised answers (default), or also equal as sympy "
                         "expressions, as the harness scores it (needs pip install 'r3[math]')")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: auto, bf16 where the device multiplies it natively, else fp32 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", required=True, help="the JSON result file")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -233,6 +234,7 @@ def main(argv=None) -> int:
             raise R3Error("--run takes the chat template options from the run; drop --chat-template-option")
         cfg = read_run(args.run)
         models = [cfg["model"], str(Path(args.run) / "export")]
+        args.dtype = args.dtype or cfg.get("dtype", "auto")
         if args.chat:
             args.chat_options = user_template_options(cfg.get("chat_template_options", {}),
                                                       f"{Path(args.run) / 'config.json'}: 'chat_template_options'")
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
     if len(set(models)) != len(models):
         raise R3Error("the same --model is given twice")
     plans = prepare(args)
-    device, dtype = pick_device_dtype(args.device, args.dtype)
+    device, dtype = pick_device_dtype(args.device, args.dtype or "auto")
     settings = {
         "models": models, "chat": args.chat, "chat_template_options": args.chat_options,
         "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed,

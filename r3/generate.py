@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--num-samples", type=int, default=1, help="completions to sample (one shared prefill)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                   help="default: auto, bf16 where the device multiplies it natively, else fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--decode", choices=DECODE_MODES, default="eager",
                    help="the decode step as it is, or through torch.compile (faster per token; CUDA graphs on GPU; "

@@ -490,7 +490,9 @@ def test_qwen3_thinking_mode_through_the_chat_template_option(tokenizers, tmp_pa
     bench = ["--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "3", "--quiet"]
     assert r3.forgetting.main(["--run", str(run), "--chat", *bench, "--out", str(out)]) == 0
     assert made == [{"enable_thinking": True}] * 2
-    assert json.loads(out.read_text())["settings"]["chat_template_options"] == {"enable_thinking": True}
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["chat_template_options"] == {"enable_thinking": True}
+    assert settings["dtype"] == "float32"  # the run's --dtype (auto would be bf16 on a CPU with AMX)
     with pytest.raises(SystemExit) as e:
         r3.forgetting.main(["--run", str(run), "--chat", "--chat-template-option", "enable_thinking=false", *bench,
                             "--out", str(out)])

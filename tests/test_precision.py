@@ -71,7 +71,7 @@ def test_the_cli_flag(native, capsys):
 
     device, dtype = pick_device_dtype("cpu", "auto")
     assert dtype_name(dtype) == ("bf16" if native else "fp32")
-    assert pick_device_dtype("cpu", None)[1] == torch.float32
+    assert pick_device_dtype("cpu", None)[1] == dtype  # (no --dtype: auto)
     assert capsys.readouterr().err == ""
     assert pick_device_dtype("cpu", "bf16")[1] == torch.bfloat16
     assert ("no native bf16 matmuls" in capsys.readouterr().err) == (not native)
