@@ -236,6 +236,12 @@ def uses_triton(device: torch.device | str) -> bool:
     return device.type == "cpu" and _INTERPRETED
 
 
+def triton_compiles(device: torch.device | str) -> bool:
+    """Whether the Triton path on ``device`` compiles its kernels (and launchers, with a C
+    compiler): on CUDA unless Triton's interpreter runs them."""
+    return uses_triton(device) and not _INTERPRETED
+
+
 def _launch_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 16 KB of logits per loop iteration, whole row if shorter."""
     block = min(triton.next_power_of_2(V), 16384 // torch.empty((), dtype=dtype).element_size())

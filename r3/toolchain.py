@@ -44,7 +44,8 @@ def triton_cc() -> str | None:
 def check_toolchain(device, *, compiled_decode: bool, triton_kernels: bool = False) -> None:
     """Refuse in one line when the work about to run needs a compiler the machine lacks:
     ``compiled_decode`` (``--decode compiled``) on ``device``, or ``triton_kernels`` (the
-    training step's fused log-prob kernel, which runs in Triton on CUDA)."""
+    training step's fused log-prob kernel, compiled by Triton on CUDA unless ``TRITON_INTERPRET``
+    runs it in Triton's interpreter: :func:`kernels.logprob_kl.triton_compiles`)."""
     device = torch.device(device)
     if compiled_decode and device.type == "cpu" and inductor_cxx() is None:
         from torch._inductor import config

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernels.logprob_kl import uses_triton
+from kernels.logprob_kl import triton_compiles
 from r3 import grpo
 from r3.batch import (
     MicroBatch,
@@ -317,7 +317,7 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.batch_size % d.world:
         raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
     with fail_together(d):  # (each node checks its own compilers)
-        check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=uses_triton(d.device))
+        check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=triton_compiles(d.device))
     task = get_task(cfg.task, **cfg.task_options)
     cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
     check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,

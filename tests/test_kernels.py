@@ -174,6 +174,12 @@ def test_empty_and_bad_arguments():
             fused_logprob_kl(logits, targets, backend="triton")
 
 
+def test_which_devices_compile_triton_kernels():
+    """Compiled (so a C compiler is needed) on CUDA only, and not when the interpreter runs them."""
+    assert not lk.triton_compiles("cpu")
+    assert lk.triton_compiles("cuda") == (lk.triton_available() and not lk._INTERPRETED)
+
+
 def test_package_exports():
     assert kernels.fused_logprob_kl is lk.fused_logprob_kl
     assert kernels.logprob_kl_reference is lk.logprob_kl_reference
