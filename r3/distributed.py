@@ -73,22 +73,25 @@ def wait_for_main(d: Dist) -> None:
 
 
 @contextlib.contextmanager
-def fail_together(d: Dist):
+def fail_together(d: Dist, *, alike: bool = False):
     """Around work that can fail on some ranks only (what rank 0 writes alone: logs, the export;
     a check of a node's own machine): an error there (a full disk) stops every rank together, the
     failing ranks with their own message or traceback and the others with exit code 2 and nothing
     printed, instead of leaving them to crash with a traceback at the next collective. The others
-    wait as :func:`wait_for_main` does (on the gloo group: an export can outlast NCCL's timeout)."""
+    wait as :func:`wait_for_main` does (on the gloo group: an export can outlast NCCL's timeout).
+
+    ``alike``: checks every rank makes of the same inputs (the config, the model's path, the
+    task): when rank 0 fails, it alone says why, instead of each rank printing the same line."""
     failed = None
     try:
         yield
     except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks know)
         failed = e
-    flag = torch.tensor([1 if failed is not None else 0])
+    flag = torch.tensor([1 if failed is not None else 0, 1 if failed is not None and d.main else 0])
     if d.world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)
-    if flag.item():
-        if failed is not None:
+    if flag[0].item():
+        if failed is not None and (d.main or not (alike and flag[1].item())):
             raise failed
         # Exit after the failing ranks (this barrier breaks when they are gone), so that the
         # launcher reports their exit code and error first, not this rank's quiet one.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -313,25 +314,27 @@ def set_up(cfg: TrainConfig) -> Run:
     """Check the inputs before writing anything, then the run directory, models, optimizer and
     data order; resume from the latest checkpoint when ``--out`` holds one."""
     d = init_distributed()
-    resolve_dtype(cfg, d)
-    if cfg.batch_size % d.world:
-        raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks ({d.world})")
-    with fail_together(d):  # (each node checks its own compilers)
+    with fail_together(d, alike=True):  # (every rank checks; rank 0 says what is wrong)
+        resolve_dtype(cfg, d)
+        if cfg.batch_size % d.world:
+            raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks "
+                          f"({d.world})")
         check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=triton_compiles(d.device))
-    task = get_task(cfg.task, **cfg.task_options)
-    cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
-    check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,
-                       reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
-    if cfg.report_to != "none":
-        tracker_module(cfg.report_to)  # (its package is installed; every rank checks, as for the rest)
-    failures = read_failures(cfg.failures) if cfg.failures else None
-    if cfg.failures:
-        check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
-    for i, rec in enumerate(failures or []):
-        task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
-    queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)  # a bad data file fails here
-    if cfg.eval_n:
-        examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
+        task = get_task(cfg.task, **cfg.task_options)
+        cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
+        check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,
+                           reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
+        if cfg.report_to != "none":
+            tracker_module(cfg.report_to)  # (its package is installed)
+        failures = read_failures(cfg.failures) if cfg.failures else None
+        if cfg.failures:
+            check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
+        for i, rec in enumerate(failures or []):
+            task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
+        # a bad data file fails here
+        queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)
+        if cfg.eval_n:
+            examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)
@@ -591,8 +594,14 @@ def held_out_eval(run: Run, step: int) -> dict | None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        try:
+            cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        except R3Error:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank read the same flags: rank 0 says it once
+                with fail_together(init_distributed(), alike=True):  # (meets set_up's on ranks that parsed them)
+                    raise
+            raise
         train(cfg)
     finally:
         if dist.is_initialized():

@@ -956,16 +956,55 @@ def test_a_model_without_a_chat_template_fails_before_the_config_is_written(tiny
 LAUNCH = [sys.executable, "-m", "r3.launch", "--standalone"]
 
 
-def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path):
+@pytest.mark.parametrize("flags,line", [
+    (["--lr", "abc"], "error: command line: bad value 'abc' for 'lr' (expected float)"),  # (parsing the flags)
+    (["--model", "/no/such/model"], "error: model path '/no/such/model' does not exist"),  # (set_up's checks)
+])
+def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path, flags, line):
     """Plain torchrun follows a worker's one-line error with ~30 lines of ChildFailedError and
-    exits 1; r3-torchrun exits 2 with the workers' lines only (one per rank)."""
-    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", "-m", "r3.train", "--lr", "abc",
-                                    "--out", str(tmp_path / "o")],
+    exits 1; r3-torchrun exits 2 with the error line only, said once by rank 0 (every rank made
+    the same check; each printed it before)."""
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", "-m", "r3.train", *flags, "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"},
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and all(line == "error: command line: bad value 'abc' for 'lr' (expected float)" for line in lines), lines
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+    assert not (tmp_path / "o").exists()
+
+
+ALIKE_CHECK_FAILS = textwrap.dedent(
+    """
+    import sys
+    from r3.distributed import fail_together, init_distributed
+    from r3.errors import R3Error, cli_main
+
+    @cli_main
+    def main():
+        d = init_distributed()
+        with fail_together(d, alike=True):
+            if sys.argv[1] == "every":
+                raise R3Error(f"the same check failed (rank {d.rank})")
+            if sys.argv[1] == "rank1" and d.rank == 1:
+                raise R3Error("a file missing on rank 1's node")
+        raise AssertionError("not reached")
+
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("kind,line", [
+    ("every", "error: the same check failed (rank 0)"),  # rank 0 speaks for all
+    ("rank1", "error: a file missing on rank 1's node"),  # a failure of its own: the rank says it
+])
+def test_checks_alike_on_every_rank_are_said_once(tmp_path, kind, line):
+    script = tmp_path / "alike.py"
+    script.write_text(ALIKE_CHECK_FAILS)
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", str(script), kind], capture_output=True, text=True,
+                          env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert [x for x in proc.stderr.splitlines() if x.strip()] == [line], proc.stderr[-3000:]
 
 
 MAIN_WRITE_FAILS = textwrap.dedent(
