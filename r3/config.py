@@ -378,7 +378,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(_help())
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun, once)
+                print(_help())
             raise SystemExit(0)
         if not arg.startswith("--"):
             raise R3Error(f"unexpected argument {arg!r} (flags are --key value)")

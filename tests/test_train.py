@@ -585,7 +585,7 @@ def test_unknown_flag_suggests_the_closest_real_one(flag, hint):
     assert (f"(did you mean {hint}?)" in msg) if hint else "did you mean" not in msg
 
 
-def test_help_describes_every_knob_on_one_line(capsys):
+def test_help_describes_every_knob_on_one_line(capsys, monkeypatch):
     from r3.config import _FIELDS, HELP, TrainConfig, parse_args
 
     assert set(HELP) == set(_FIELDS) and all(HELP.values())
@@ -597,6 +597,10 @@ def test_help_describes_every_knob_on_one_line(capsys):
     for name in _FIELDS:
         lines = [x for x in out.splitlines() if x.split()[:1] == [f"--{name.replace('_', '-')}"]]
         assert len(lines) == 1 and lines[0].rstrip().endswith(HELP[name]) and repr(defaults[name]) in lines[0]
+    monkeypatch.setenv("RANK", "1")  # under torchrun: rank 0 prints it, once
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out == ""
 
 
 def test_task_options_from_flags_refuse_a_key_given_twice():
