@@ -265,8 +265,9 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
                       f"file or its generator changed); training goes on at position {stream.position} of "
                       "the new ones", file=sys.stderr, flush=True)
         return step
-    if dirs:
-        raise R3Error(f"no checkpoint in {out / 'checkpoints'} can be read; move that directory away to start over")
+    with fail_together(d, alike=True):  # (every rank got here; rank 0 says it)
+        if dirs:
+            raise R3Error(f"no checkpoint in {out / 'checkpoints'} can be read; move that directory away to start over")
     return 0
 
 
@@ -307,25 +308,26 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     corrected retry would be refused for."""
     out = Path(cfg.out)
     saved = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise R3Error(f"--out {out} is a file, not a directory")
-    if saved.is_file():
-        try:
-            previous = json.loads(saved.read_text())
-        except json.JSONDecodeError:
-            raise R3Error(f"{saved}: unreadable config of a previous run; use another --out") from None
-        diff = cfg.incompatible_with(previous)
-        if diff:
-            mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
-            diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))
-            shown = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} here" for k in diff[:3])
-            raise R3Error(
-                f"--out {out} holds a run with a different config ({shown}{'; ...' if len(diff) > 3 else ''}); "
-                "use another --out or the same settings to resume"
-            )
-    elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
-            and not (out / "metrics.jsonl").exists():
-        raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
+    with fail_together(d, alike=True):  # (every rank checks; rank 0 says what is wrong)
+        if out.exists() and not out.is_dir():
+            raise R3Error(f"--out {out} is a file, not a directory")
+        if saved.is_file():
+            try:
+                previous = json.loads(saved.read_text())
+            except json.JSONDecodeError:
+                raise R3Error(f"{saved}: unreadable config of a previous run; use another --out") from None
+            diff = cfg.incompatible_with(previous)
+            if diff:
+                mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
+                diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))
+                shown = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} here" for k in diff[:3])
+                raise R3Error(
+                    f"--out {out} holds a run with a different config ({shown}{'; ...' if len(diff) > 3 else ''}); "
+                    "use another --out or the same settings to resume"
+                )
+        elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
+                and not (out / "metrics.jsonl").exists():
+            raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
     holder = ""
     with fail_together(d):  # (rank 0's writes: the others exit quietly when they fail)
         if d.main:
@@ -352,9 +354,11 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                     raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}"
                                   f"{_free_space_if_full(e, out)})") from None
                 _HELD_LOCKS.append(f)
-    if all_max(1 if holder else 0, d):
-        raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
-                      "wait for it to end or choose another --out")
+    in_use = all_max(1 if holder else 0, d)
+    with fail_together(d, alike=True):  # (rank 0's line only)
+        if in_use:
+            raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
+                          "wait for it to end or choose another --out")
     return out
 
 

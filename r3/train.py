@@ -353,9 +353,10 @@ def set_up(cfg: TrainConfig) -> Run:
     policy, reference, rollout_model, tokenizer = build_models(cfg, d)
     # the model's chat template renders the task's conversations (else a failed start would leave
     # a config.json that a corrected retry is refused for)
-    chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
-    if queries:
-        chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
+    with fail_together(d, alike=True):
+        chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
+        if queries:
+            chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
         opens = (f"the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r})"
                  if chat.reply_prefix else "enable_thinking is on: the model may open a reasoning block"
                  if chat.template_options.get("enable_thinking") else None)

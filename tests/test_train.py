@@ -963,18 +963,22 @@ LAUNCH = [sys.executable, "-m", "r3.launch", "--standalone"]
 @pytest.mark.parametrize("flags,line", [
     (["--lr", "abc"], "error: command line: bad value 'abc' for 'lr' (expected float)"),  # (parsing the flags)
     (["--model", "/no/such/model"], "error: model path '/no/such/model' does not exist"),  # (set_up's checks)
+    (["--task", "r3_test_tasks:CoinTask", "--task-options", "{}"], "error: --out {out} is a file"),  # (--out's)
 ])
 def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path, flags, line):
     """Plain torchrun follows a worker's one-line error with ~30 lines of ChildFailedError and
     exits 1; r3-torchrun exits 2 with the error line only, said once by rank 0 (every rank made
     the same check; each printed it before)."""
-    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", "-m", "r3.train", *flags, "--out", str(tmp_path / "o")],
+    out = tmp_path / "o"
+    if "is a file" in line:
+        out.write_text("")
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "2", "-m", "r3.train", *flags, "--out", str(out)],
                           capture_output=True, text=True, env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"},
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith(line), lines
-    assert not (tmp_path / "o").exists()
+    assert len(lines) == 1 and lines[0].startswith(line.format(out=out)), lines
+    assert out.is_file() if "is a file" in line else not out.exists()
 
 
 ALIKE_CHECK_FAILS = textwrap.dedent(
