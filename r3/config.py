@@ -378,7 +378,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            if os.environ.get("RANK", "0") == "0":  # (under torchrun, once)
+            if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK") == "0":  # (under torchrun, once)
                 print(_help())
             raise SystemExit(0)
         if not arg.startswith("--"):

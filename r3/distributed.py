@@ -81,7 +81,8 @@ def fail_together(d: Dist, *, alike: bool = False):
     wait as :func:`wait_for_main` does (on the gloo group: an export can outlast NCCL's timeout).
 
     ``alike``: checks every rank makes of the same inputs (the config, the model's path, the
-    task): when rank 0 fails, it alone says why, instead of each rank printing the same line."""
+    task): a rank whose error is rank 0's stays quiet, instead of each rank printing the same
+    line; an error of its own (a node without a compiler) it still says."""
     failed = None
     try:
         yield
@@ -91,7 +92,12 @@ def fail_together(d: Dist, *, alike: bool = False):
     if d.world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)
     if flag[0].item():
-        if failed is not None and (d.main or not (alike and flag[1].item())):
+        said_by_main = False
+        if alike and flag[1].item() and d.world > 1:  # (the same on every rank: all take part)
+            said = [None] * d.world
+            dist.all_gather_object(said, None if failed is None else str(failed), group=d.cpu_group)
+            said_by_main = not d.main and said[d.rank] == said[0]
+        if failed is not None and not said_by_main:
             raise failed
         # Exit after the failing ranks (this barrier breaks when they are gone), so that the
         # launcher reports their exit code and error first, not this rank's quiet one.

@@ -56,7 +56,7 @@ from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.model import check_token_limits
-from r3.partial_results import PartialResults, fingerprint, model_files
+from r3.partial_results import PartialResults, code_fingerprint, fingerprint, model_files
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     task_config = task.config() if hasattr(task, "config") else st["options"]
     partial = PartialResults(out, {
         "settings": settings, "task": st["task"], "task_options": st["options"], "task_config": task_config,
-        "examples": fingerprint(examples), "records": args.records, "models": [model_files(m) for m in models]})
+        "examples": fingerprint(examples), "records": args.records, "models": [model_files(m) for m in models],
+        "code": code_fingerprint(task)})
     results: list[dict] = []
     paired: list[dict] = []
     for spec in models:

@@ -48,7 +48,7 @@ from r3.evals import benchmarks as B
 from r3.evals.data import read_records
 from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
 from r3.evals.math_equivalence import require as require_sympy
-from r3.partial_results import PartialResults, fingerprint, model_files
+from r3.partial_results import PartialResults, code_fingerprint, fingerprint, model_files
 from r3.stats import mean_stderr, paired_difference
 
 
@@ -250,8 +250,9 @@ def main(argv=None) -> int:
         "dtype": str(dtype).replace("torch.", ""), "device": str(device), "max_gen_toks": args.max_gen_toks,
         "benchmarks": {p["bench"].name: {"file": p["path"], "fewshot_file": p["fewshot_path"], "shots": p["shots"],
                                          "n": len(p["docs"])} for p in plans}}
-    partial = PartialResults(out, {
-        "settings": settings, "batch_size": args.batch_size, "models": [model_files(m) for m in models],
+    partial = PartialResults(out, {  # (what the generated texts and log-likelihoods depend on; not the scoring)
+        "settings": {k: v for k, v in settings.items() if k != "math_equivalence"}, "batch_size": args.batch_size,
+        "models": [model_files(m) for m in models], "code": code_fingerprint(),
         "data": {p["bench"].name: fingerprint([p["docs"], p["messages"]]) for p in plans}})
     items: dict = {p["bench"].name: {} for p in plans}
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from typing import Callable
 
 from r3.chat import ChatFormat
 from r3.episode import EpisodeSampling, run_episode
-from r3.errors import positive_int
+from r3.errors import R3Error, positive_int
 from r3.progress import Progress
 from r3.stats import binomial_stderr
 from r3.tasks.base import verifier_error_counts
@@ -106,6 +106,11 @@ def evaluate_examples(
     for b, lo in enumerate(starts):
         batch = examples[lo: lo + batch_size]
         res = finished.get(b)
+        if res is not None and not (isinstance(res, dict) and all(
+                isinstance(res.get(k), list) and len(res[k]) == len(batch)
+                for k in ("first_correct", "second_correct", *(("records",) if records else ())))):
+            raise R3Error(f"finished batch {b} read back does not hold results for its {len(batch)} examples "
+                          "(a damaged partial results file?)")
         if res is None:
             res = evaluate_batch(model, tokenizer, task, batch, sampling, seed=None if seed is None else seed + b,
                                  chat=chat, records=records)

@@ -7,13 +7,15 @@ as one line to ``OUT.partial.jsonl``, whose first line records what the results 
 settings, the data, each model's files). A rerun with the same ``--out`` and the same inputs
 reads the finished batches back instead of computing them; batches run in the same order and
 composition as before, so the result equals an uninterrupted run's. A file recorded for other
-inputs is replaced (the result file it leads to would be too). The file goes once the result is
-written.
+inputs (settings, data, models, the task's code or r3's) is refused, naming what differs: it is
+deleted by hand, never by a mistyped command. The file goes once the result is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -26,10 +28,38 @@ from r3.failure_data import append_lines
 HEADER = "r3_partial_results"
 
 
+FORMAT = 1  # (a key of another format never matches)
+
+
+def _json(value) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=True, default=str)
+    except TypeError:  # (a dict whose keys cannot be sorted together, e.g. ints and strings)
+        return json.dumps(value, ensure_ascii=True, default=str)
+
+
 def fingerprint(value) -> str:
     """A short hash of a JSON-able value (documents, prompts): equal inputs, equal hashes."""
-    blob = json.dumps(value, sort_keys=True, ensure_ascii=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(_json(value).encode()).hexdigest()[:16]
+
+
+def code_fingerprint(*objects) -> str:
+    """A short hash of r3's own source and of the files defining ``objects``' classes (a plug-in
+    task and its bases): a fixed verifier or prompt, or another r3, is another evaluation."""
+    files = set(Path(__file__).resolve().parent.glob("**/*.py"))
+    for obj in objects:
+        for cls in type(obj).__mro__:
+            try:
+                source = inspect.getsourcefile(cls)
+            except TypeError:  # (a built-in class)
+                continue
+            if source:
+                files.add(Path(source).resolve())
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        with contextlib.suppress(OSError):
+            digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def model_files(spec: str) -> dict:
@@ -59,7 +89,7 @@ class PartialResults:
 
     def __init__(self, out: Path, key: dict):
         self.path = Path(out).with_name(Path(out).name + ".partial.jsonl")
-        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))  # (as it reads back)
+        self.key = json.loads(_json({"format": FORMAT, **key}))  # (as it reads back)
         self.done: dict[tuple[str, int], object] = {}
         self._header_written = False
         if not self.path.exists():
@@ -86,10 +116,9 @@ class PartialResults:
                           "another --out")
         if head.get("key") != self.key:
             changed = _differences(head.get("key"), self.key)
-            print(f"note: {self.path} holds batches of an evaluation with other inputs "
-                  f"({', '.join(changed) or 'another version'}); starting over", file=sys.stderr)
-            self.path.unlink()
-            return
+            raise R3Error(f"{self.path} holds {len(rows) - 1} finished batches of an evaluation with other inputs "
+                          f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}): rerun that command "
+                          "to finish it, or delete the file to start this one")
         self._header_written = True
         for n, row in rows[1:]:
             if not (isinstance(row, dict) and isinstance(row.get("unit"), str) and isinstance(row.get("batch"), int)

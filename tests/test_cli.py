@@ -326,15 +326,17 @@ def _without_times(data):
 
 def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, capsys, monkeypatch):
     """Interrupted in the second model's second batch, a rerun of the same command evaluates only
-    the batches not finished and writes what an uninterrupted run writes; another command to the
-    same --out starts over; a line cut short by the crash is dropped."""
+    the batches not finished and writes what an uninterrupted run writes (verdicts, verifier errors
+    and records); another command to the same --out is refused, naming what differs; a line cut
+    short by the crash is dropped."""
     import r3.heldout as heldout
 
-    base = ["--model", tiny_dir, "--model", "smollm2-135m", "--task", COIN, "--n", "7", "--batch-size", "3",
-            "--max-new-tokens", "6", "--dtype", "fp32", "--records", "--quiet"]
+    base = ["--model", tiny_dir, "--model", "smollm2-135m", "--task", "r3_test_tasks:FlakyTask", "--n", "7",
+            "--batch-size", "3", "--max-new-tokens", "6", "--dtype", "fp32", "--records", "--quiet"]
     rc, _, err = run_main(E.main, base + ["--out", str(tmp_path / "whole.json")], capsys)
     assert rc == 0, err
     whole = json.loads((tmp_path / "whole.json").read_text())
+    assert all(0 < m["verifier_errors"] < m["verdicts"] for m in whole["models"])  # (read back too)
     assert not (tmp_path / "whole.json.partial.jsonl").exists()  # gone once the result is written
 
     real, calls = heldout.evaluate_batch, []
@@ -363,15 +365,21 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     assert calls == [3, 3, 1]  # the second model's batches only
     assert _without_times(json.loads(out.read_text())) == _without_times(whole)
     assert not partial.exists()
-    # an interrupted run of another command to the same --out: its batches are not reused
+    # an interrupted run of another command to the same --out: its batches are neither reused nor
+    # thrown away by a mistyped command
     calls.clear()
     monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, stop_at=2, **k))
     assert run_main(E.main, base + ["--out", str(out), "--seed", "1"], capsys)[0] == 130
     monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, **k))
+    kept = partial.read_bytes()
+    rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
+    one_line_error(rc, err, "holds 1 finished batches of an evaluation with other inputs (settings.seed): rerun "
+                            "that command to finish it, or delete the file to start this one")
+    assert partial.read_bytes() == kept
+    partial.unlink()
     calls.clear()
     rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
     assert rc == 0, err
-    assert "holds batches of an evaluation with other inputs (settings.seed); starting over" in err, err
     assert len(calls) == 6 and _without_times(json.loads(out.read_text())) == _without_times(whole)
     # a file there that is not one of ours is refused, not overwritten
     partial.write_text("hello\n")

@@ -1,11 +1,12 @@
 """r3.partial_results: the finished batches of an interrupted evaluation, read back by a rerun."""
 
 import json
+import types
 
 import pytest
 
 from r3.errors import R3Error
-from r3.partial_results import PartialResults, fingerprint, model_files
+from r3.partial_results import PartialResults, code_fingerprint, fingerprint, model_files
 
 
 def test_batches_read_back_by_a_rerun_with_the_same_key(tmp_path, capsys):
@@ -27,12 +28,32 @@ def test_batches_read_back_by_a_rerun_with_the_same_key(tmp_path, capsys):
     again.finish()  # (nothing left to remove)
 
 
-def test_other_inputs_start_over_naming_what_changed(tmp_path, capsys):
+def test_other_inputs_are_refused_naming_what_changed(tmp_path):
     out = tmp_path / "r.json"
-    PartialResults(out, {"settings": {"seed": 0, "n": 4}, "models": ["a"]}).add("a", 0, 1)
-    p = PartialResults(out, {"settings": {"seed": 1, "n": 4}, "models": ["b"]})
-    assert p.of("a") == {} and not p.path.exists()
-    assert "other inputs (models, settings.seed); starting over" in capsys.readouterr().err
+    first = PartialResults(out, {"settings": {"seed": 0, "n": 4}, "models": ["a"]})
+    first.add("a", 0, 1)
+    kept = first.path.read_bytes()
+    with pytest.raises(R3Error, match=r"r.json.partial.jsonl holds 1 finished batches of an evaluation with other "
+                                      r"inputs \(models, settings.seed\): rerun that command to finish it, or delete "
+                                      r"the file to start this one$"):
+        PartialResults(out, {"settings": {"seed": 1, "n": 4}, "models": ["b"]})
+    assert first.path.read_bytes() == kept  # (never deleted by a mistyped command)
+    first.path.write_text(first.path.read_text().replace('"format": 1', '"format": 0'))
+    with pytest.raises(R3Error, match=r"other inputs \(format\)"):  # (a file of another r3)
+        PartialResults(out, {"settings": {"seed": 0, "n": 4}, "models": ["a"]})
+
+
+def test_code_fingerprint_covers_r3_and_the_tasks_own_files(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "r3_fp_task_mod.py").write_text("class T:\n    def verify(self):\n        return 1\n")
+    import r3_fp_task_mod
+
+    task = r3_fp_task_mod.T()
+    before = code_fingerprint(task)
+    assert code_fingerprint(task) == before and code_fingerprint() != before
+    (tmp_path / "r3_fp_task_mod.py").write_text("class T:\n    def verify(self):\n        return 2\n")
+    assert code_fingerprint(task) != before  # the verifier was fixed: another evaluation
+    assert fingerprint({1: "a", "b": 2}) == fingerprint({1: "a", "b": 2})  # (keys that do not sort together)
 
 
 def test_a_line_cut_short_is_dropped_and_appends_stay_whole(tmp_path, capsys):
@@ -57,7 +78,7 @@ def test_a_line_cut_short_is_dropped_and_appends_stay_whole(tmp_path, capsys):
     ("hello\n", "line 1: not valid JSON"),
     ("hello", "line 1: not valid JSON"),  # (not ours: not truncated)
     ('{"a": 1}\n', r"not a file of finished batches \(no r3_partial_results header\)"),
-    ('{"r3_partial_results": 1, "key": {"k": 1}}\n{"unit": "m"}\n', "line 2: not a finished batch"),
+    ('{"r3_partial_results": 1, "key": {"format": 1, "k": 1}}\n{"unit": "m"}\n', "line 2: not a finished batch"),
 ])
 def test_a_file_that_is_not_ours_is_refused_and_kept(tmp_path, text, message):
     path = tmp_path / "r.json.partial.jsonl"
@@ -79,3 +100,32 @@ def test_model_files_change_with_the_weights(tmp_path):
     assert model_files(str(d)) != before
     assert model_files("smollm2-135m")["spec"] == "smollm2-135m"
     assert fingerprint({"a": [1, 2]}) == fingerprint({"a": [1, 2]}) != fingerprint({"a": [2, 1]})
+
+
+def test_read_back_batches_of_the_wrong_size_are_an_error_not_a_short_result():
+    """A damaged file whose header still matches: a batch with fewer results than items would
+    otherwise be zipped short (a wrong n, or a KeyError later)."""
+    from r3.evals.engine import generate_until, loglikelihoods
+    from r3.heldout import evaluate_examples
+
+    class Tok:
+        def get_added_vocab(self):
+            return {}
+
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    texts = generate_until(None, Tok(), prompts, until=["\n"], max_new_tokens=4, batch_size=2,
+                           finished={0: ["a", "b"], 1: ["c"]})  # (nothing left to run: no model needed)
+    assert sorted(texts) == ["a", "b", "c"]
+    with pytest.raises(R3Error, match="finished batch 1 read back holds 2 results for its 1 items"):
+        generate_until(None, Tok(), prompts, until=["\n"], max_new_tokens=4, batch_size=2,
+                       finished={0: ["a", "b"], 1: ["c", "d"]})
+    items = [([1], [[2], [3]]), ([4], [[5]])]
+    lls = loglikelihoods(types.SimpleNamespace(device="cpu"), items, batch_size=2, finished={0: [[[-1.5, True], [-2.0, False]], [[-0.25, True]]]})
+    assert [[(x.logprob, x.greedy) for x in ll] for ll in lls] == [[(-1.5, True), (-2.0, False)], [(-0.25, True)]]
+    with pytest.raises(R3Error, match="finished batch 0 read back holds 1 results for its 2 items"):
+        loglikelihoods(types.SimpleNamespace(device="cpu"), items, batch_size=2, finished={0: [[[-1.5, True]]]})
+    batch = {"first_correct": [True], "second_correct": [True], "generated_tokens": 3, "verifier": [0, 1, None]}
+    res = evaluate_examples(None, None, None, [{"q": 1}], batch_size=1, finished={0: batch}, chat=object())
+    assert res["n"] == 1 and res["first_success"] == 1 and res["generated_tokens"] == 3
+    with pytest.raises(R3Error, match="finished batch 0 read back does not hold results for its 2 examples"):
+        evaluate_examples(None, None, None, [{"q": 1}, {"q": 2}], batch_size=2, finished={0: batch}, chat=object())

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from r3.errors import R3Error
 from r3.sampler import Session, StopStrings
 
 
@@ -47,6 +48,12 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = encode(tokenizer, context + continuation)
     ctx = encode(tokenizer, context)
     return ctx, whole[len(ctx):]
+
+
+def _check_finished(b: int, results, n: int) -> None:
+    if not isinstance(results, list) or len(results) != n:
+        raise R3Error(f"finished batch {b} read back holds {len(results) if isinstance(results, list) else 'no'} "
+                      f"results for its {n} items (a damaged partial results file?)")
 
 
 SCORE_CHUNK = 256  # positions whose logits exist at once: [256, V] stays small beside the model
@@ -97,6 +104,7 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
     for b, lo in enumerate(range(0, len(items), batch_size)):
         ids = order[lo: lo + batch_size]
         if b in finished:
+            _check_finished(b, finished[b], len(ids))
             for i, scores in zip(ids, finished[b]):
                 by_item[i] = [Loglikelihood(float(lp), bool(g)) for lp, g in scores]
             continue
@@ -174,6 +182,7 @@ def generate_until(model, tokenizer, prompts: Sequence[list[int]], *, until: Seq
     for b, lo in enumerate(range(0, len(prompts), batch_size)):
         idx = order[lo: lo + batch_size]
         if b in finished:
+            _check_finished(b, finished[b], len(idx))
             for i, text in zip(idx, finished[b]):
                 texts[i] = text
             continue

@@ -39,6 +39,16 @@ class RaisingTask(CoinTask):
         return example["answr"] == completion_text, "exact"
 
 
+class FlakyTask(CoinTask):
+    """A verifier that raises on about a third of the completions, a coin flip on the rest."""
+    name = "flaky"
+
+    def _check(self, example, completion_text):
+        if hashlib.sha256((example["id"] + completion_text).encode()).digest()[1] % 3 == 0:
+            raise KeyError("answr")
+        return super()._check(example, completion_text)
+
+
 class TupleVerifyTask(CoinTask):
     """A plug-in that overrides verify() and returns _check's (bool, reason) tuple: always truthy."""
     name = "tuple-verify"
