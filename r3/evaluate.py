@@ -201,8 +201,12 @@ def main(argv=None) -> int:
             finished=partial.of(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
         )
         del model
-        report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
-                               f"evaluating {spec}")
+        try:
+            report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
+                                   f"evaluating {spec}")
+        except R3Error:  # (every verdict an error: batches not worth keeping for a rerun with the task fixed)
+            partial.finish()
+            raise
         results.append({"model": spec, **res})
         if len(results) > 1:
             base = results[0]

@@ -387,6 +387,17 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     one_line_error(rc, err, "not a file of finished batches")
 
 
+def test_evaluate_with_a_verifier_that_always_raises_keeps_no_partial_results(tiny_dir, tmp_path, capsys):
+    """Every verdict an error: one line, and no finished batches kept that a rerun with the task
+    fixed would have to be told to delete."""
+    out = tmp_path / "e.json"
+    rc, _, err = run_main(E.main, ["--model", tiny_dir, "--task", "r3_test_tasks:RaisingTask", "--n", "3",
+                                   "--batch-size", "2", "--max-new-tokens", "4", "--dtype", "fp32", "--quiet",
+                                   "--out", str(out)], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith("error: the task's verifier failed on all 6 completions"), err
+    assert not out.exists() and not (tmp_path / "e.json.partial.jsonl").exists()
+
+
 def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "eval.json"
     argv = ["--model", "smollm2-135m", "--model", tiny_dir, "--task", "countdown", "--task-option", "difficulty=easy",
