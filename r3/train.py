@@ -608,7 +608,12 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_initialized():
             if sys.exc_info()[0] is None:
                 dist.barrier()  # gloo can hang if a rank tears down while another is in a collective
-            dist.destroy_process_group()
+                dist.destroy_process_group()
+            elif dist.get_world_size() == 1:  # (an in-process caller goes on)
+                dist.destroy_process_group()
+            # With more ranks the process ends now, its error not yet printed (that is cli_main's,
+            # outside): tearing the group down first would end the other ranks' wait for this one,
+            # and the launcher could stop this rank on their exit before its line is out.
 
 
 if __name__ == "__main__":
