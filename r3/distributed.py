@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -152,6 +153,20 @@ def _exit_hard(code) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+def run_and_exit(main) -> None:
+    """Run a rank's entry point and leave with :func:`_exit_hard`, a crash too (its traceback
+    printed, then exit 1 at once): a crashed rank is then gone before the ranks waiting for it in
+    :func:`fail_together` notice and exit 2, so the launcher reports the crash, not their exit."""
+    try:
+        main()
+    except SystemExit as e:
+        _exit_hard(e.code)
+    except BaseException:  # noqa: BLE001  (printed as the interpreter would, then a prompt exit)
+        traceback.print_exc()
+        _exit_hard(1)
+    _exit_hard(0)
 
 
 class StopSignals:

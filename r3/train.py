@@ -51,12 +51,12 @@ from r3.config import TrainConfig, parse_args
 from r3.distributed import (
     Dist,
     StopSignals,
-    _exit_hard,
     all_max,
     all_sum,
     fail_together,
     gather_to_main,
     init_distributed,
+    run_and_exit,
     shard,
 )
 from r3.episode import run_episode
@@ -617,8 +617,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        _exit_hard(e.code)
-    _exit_hard(0)
+    run_and_exit(main)

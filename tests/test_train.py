@@ -98,7 +98,8 @@ UPDATE_SCRIPT = textwrap.dedent(
             torch.save({"sd": sd, "loss": loss, "skipped": stats["skipped"]}, f"{out_dir}/{name}.pt")
     dist.barrier()  # gloo can hang if one rank tears down while another is still in a collective
     dist.destroy_process_group()
-    T._exit_hard(0)  # gloo threads can abort the interpreter's teardown
+    from r3.distributed import _exit_hard
+    _exit_hard(0)  # gloo threads can abort the interpreter's teardown
     """
 )
 
@@ -988,7 +989,7 @@ def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path
 ALIKE_CHECK_FAILS = textwrap.dedent(
     """
     import sys
-    from r3.distributed import fail_together, init_distributed
+    from r3.distributed import fail_together, init_distributed, run_and_exit
     from r3.errors import R3Error, cli_main
 
     @cli_main
@@ -1003,7 +1004,7 @@ ALIKE_CHECK_FAILS = textwrap.dedent(
                 raise R3Error("the model path is wrong" if d.main else "no C compiler on rank 1's node")
         raise AssertionError("not reached")
 
-    main()
+    run_and_exit(main)  # (as r3.train leaves)
     """
 )
 
@@ -1025,7 +1026,7 @@ def test_checks_alike_on_every_rank_are_said_once(tmp_path, kind, line):
 MAIN_WRITE_FAILS = textwrap.dedent(
     """
     import errno, sys
-    from r3.distributed import fail_together, init_distributed
+    from r3.distributed import fail_together, init_distributed, run_and_exit
     from r3.errors import R3Error, cli_main
 
     @cli_main
@@ -1042,7 +1043,7 @@ MAIN_WRITE_FAILS = textwrap.dedent(
                 raise OSError(errno.ENOSPC, "No space left on device", "train.log")
         raise AssertionError("not reached")
 
-    main()
+    run_and_exit(main)  # (as r3.train leaves)
     """
 )
 
@@ -1107,7 +1108,7 @@ TRAINER_STATE_FAILS = textwrap.dedent(
         Path.write_text = full
         save_checkpoint(Path(sys.argv[2]), 2, policy, opt, sched, stream, cfg, d)
 
-    main()
+    T.run_and_exit(main)  # (as r3.train leaves)
     """
 )
 
