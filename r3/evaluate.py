@@ -191,35 +191,36 @@ def main(argv=None) -> int:
         "code": code_fingerprint(task)})
     results: list[dict] = []
     paired: list[dict] = []
-    for spec in models:
-        print(f"evaluating {spec} on {st['task']} ({len(examples)} {args.split} queries)", file=sys.stderr)
-        model, tok = load_model(spec, dtype, device)
-        res = evaluate_examples(
-            model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
-            progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
-            chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
-            finished=partial.of(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
-        )
-        del model
-        try:
-            report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
-                                   f"evaluating {spec}")
-        except R3Error:  # (every verdict an error: batches not worth keeping for a rerun with the task fixed)
-            partial.finish()
-            raise
-        results.append({"model": spec, **res})
-        if len(results) > 1:
-            base = results[0]
-            paired.append({"model": spec, "baseline": base["model"],
-                           "first_attempt": paired_difference(base["first_correct"], res["first_correct"]),
-                           "second_attempt": paired_difference(base["second_correct"], res["second_correct"])})
-        head = results[0]
-        one = {k: head[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
-        write_json_atomic(out, {
-            **(one if len(models) == 1 else {}), "task": st["task"], "task_options": st["options"],
-            "task_config": task_config, "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
-            "n": head["n"], "settings": settings, "models": results, "paired": paired,
-        })
+    with partial.interrupted_note():  # (says that a rerun goes on from the finished batches)
+        for spec in models:
+            print(f"evaluating {spec} on {st['task']} ({len(examples)} {args.split} queries)", file=sys.stderr)
+            model, tok = load_model(spec, dtype, device)
+            res = evaluate_examples(
+                model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
+                progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
+                chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
+                finished=partial.of(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
+            )
+            del model
+            try:
+                report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
+                                       f"evaluating {spec}")
+            except R3Error:  # (every verdict an error: batches not worth keeping for a rerun with the task fixed)
+                partial.finish()
+                raise
+            results.append({"model": spec, **res})
+            if len(results) > 1:
+                base = results[0]
+                paired.append({"model": spec, "baseline": base["model"],
+                               "first_attempt": paired_difference(base["first_correct"], res["first_correct"]),
+                               "second_attempt": paired_difference(base["second_correct"], res["second_correct"])})
+            head = results[0]
+            one = {k: head[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
+            write_json_atomic(out, {
+                **(one if len(models) == 1 else {}), "task": st["task"], "task_options": st["options"],
+                "task_config": task_config, "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
+                "n": head["n"], "settings": settings, "models": results, "paired": paired,
+            })
     partial.finish()
     print(format_table(results, paired))
     print(f"[{len(examples)} {args.split} queries of {st['task']}; wrote {out}]", file=sys.stderr)

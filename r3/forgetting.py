@@ -256,13 +256,14 @@ def main(argv=None) -> int:
         "data": {p["bench"].name: fingerprint([p["docs"], p["messages"]]) for p in plans}})
     items: dict = {p["bench"].name: {} for p in plans}
     t0 = time.perf_counter()
-    for m in models:
-        model, tok = load_model(m, dtype, device)
-        for plan in plans:
-            name = plan["bench"].name
-            items[name][m] = run_benchmark(model, tok, plan, args, label=Path(m).name or m, partial=partial,
-                                           unit=f"{m} {name}")
-        del model
+    with partial.interrupted_note():  # (says that a rerun goes on from the finished batches)
+        for m in models:
+            model, tok = load_model(m, dtype, device)
+            for plan in plans:
+                name = plan["bench"].name
+                items[name][m] = run_benchmark(model, tok, plan, args, label=Path(m).name or m, partial=partial,
+                                               unit=f"{m} {name}")
+            del model
     results, paired = summarise(plans, models, items)
     print(format_table(results, paired))
     write_json_atomic(out, {

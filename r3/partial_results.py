@@ -96,7 +96,8 @@ class PartialResults:
             return
         data = self.path.read_bytes()
         ours = b'{"' + HEADER.encode() + b'"'  # (how our first line starts; a crash may have cut even that)
-        if (data.startswith(ours) or ours.startswith(data)) and data and not data.endswith(b"\n"):  # a line cut short by a crash: appending would glue onto it
+        # a line cut short by a crash: appending would glue onto it
+        if (data.startswith(ours) or ours.startswith(data)) and data and not data.endswith(b"\n"):
             print(f"warning: {self.path}: dropping the last line, cut short by an interrupted write", file=sys.stderr)
             with open(self.path, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
@@ -141,6 +142,19 @@ class PartialResults:
         append_lines(self.path, lines + [{"unit": unit, "batch": batch, "result": result}])
         self._header_written = True
         self.done[(unit, batch)] = result
+
+    @contextlib.contextmanager
+    def interrupted_note(self):
+        """On Ctrl-C inside: say where the finished batches are kept, then exit 130."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.done:
+                print(f"interrupted: {len(self.done)} finished batch{'es' if len(self.done) != 1 else ''} kept in "
+                      f"{self.path}; the same command goes on from them", file=sys.stderr)
+            else:
+                print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     def finish(self) -> None:
         """The result file is written: the finished batches are no longer needed."""

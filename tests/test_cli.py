@@ -351,7 +351,7 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     partial = tmp_path / "e.json.partial.jsonl"
     monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, stop_at=5, **k))
     rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
-    assert rc == 130 and "interrupted" in err
+    assert rc == 130 and f"interrupted: 4 finished batches kept in {partial}; the same command goes on" in err, err
     lines = read_lines(partial)
     assert "r3_partial_results" in lines[0] and [(r["unit"], r["batch"]) for r in lines[1:]] == \
         [(tiny_dir, 0), (tiny_dir, 1), (tiny_dir, 2), ("smollm2-135m", 0)]

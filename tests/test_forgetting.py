@@ -343,6 +343,7 @@ def test_cli_resumes_from_the_finished_batches(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         FG.main(argv + [str(out)])
     assert e.value.code == 130 and not out.exists()
+    assert "interrupted: 3 finished batches kept in" in capsys.readouterr().err
     assert added == [("smollm2-135m hellaswag", 0), ("smollm2-135m hellaswag", 1), ("smollm2-135m gsm8k", 0)]
     added.clear()
     monkeypatch.setattr(PartialResults, "add", lambda *a: add(*a))
