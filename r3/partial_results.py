@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def _differences(old, new) -> list[str]:
     return out
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the work is (as Ctrl-C raises KeyboardInterrupt)."""
+
+
 class PartialResults:
     """Finished batches by ``(unit, batch)``: a unit is one model (on one benchmark), a batch its
     index in the unit's fixed order. ``key``: everything the results depend on (JSON-able)."""
@@ -145,16 +150,28 @@ class PartialResults:
 
     @contextlib.contextmanager
     def interrupted_note(self):
-        """On Ctrl-C inside: say where the finished batches are kept, then exit 130."""
+        """On Ctrl-C or SIGTERM (a preemption) inside: say where the finished batches are kept,
+        then exit with 128 + the signal."""
+        def terminated(signum, frame):
+            raise _Terminated
+
+        try:
+            previous = signal.signal(signal.SIGTERM, terminated)
+        except ValueError:  # (not the main thread: no handler)
+            previous = None
         try:
             yield
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Terminated) as e:
+            what = "terminated" if isinstance(e, _Terminated) else "interrupted"
             if self.done:
-                print(f"interrupted: {len(self.done)} finished batch{'es' if len(self.done) != 1 else ''} kept in "
-                      f"{self.path}; the same command goes on from them", file=sys.stderr)
+                print(f"{what}: {len(self.done)} finished batch{'es' if len(self.done) != 1 else ''} kept in "
+                      f"{self.path}; the same command goes on from them", file=sys.stderr, flush=True)
             else:
-                print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+                print(what, file=sys.stderr, flush=True)
+            raise SystemExit(128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def finish(self) -> None:
         """The result file is written: the finished batches are no longer needed."""

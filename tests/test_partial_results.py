@@ -129,3 +129,21 @@ def test_read_back_batches_of_the_wrong_size_are_an_error_not_a_short_result():
     assert res["n"] == 1 and res["first_success"] == 1 and res["generated_tokens"] == 3
     with pytest.raises(R3Error, match="finished batch 0 read back does not hold results for its 2 examples"):
         evaluate_examples(None, None, None, [{"q": 1}, {"q": 2}], batch_size=2, finished={0: batch}, chat=object())
+
+
+def test_an_interruption_says_where_the_finished_batches_are(tmp_path, capsys):
+    import os
+    import signal
+
+    p = PartialResults(tmp_path / "r.json", {"k": 1})
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e, p.interrupted_note():
+        raise KeyboardInterrupt
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"  # (nothing kept yet)
+    p.add("m", 0, "a")
+    with pytest.raises(SystemExit) as e, p.interrupted_note():
+        os.kill(os.getpid(), signal.SIGTERM)  # a preemption: raised where the work is
+        raise AssertionError("not reached")
+    assert e.value.code == 143
+    assert capsys.readouterr().err == f"terminated: 1 finished batch kept in {p.path}; the same command goes on from them\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # (restored)
