@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     if len(set(models)) != len(models):
         raise R3Error("the same --model is given twice")
     plans = prepare(args)
-    device, dtype = pick_device_dtype(args.device, args.dtype or "auto")
+    device, dtype = pick_device_dtype(args.device, args.dtype)
     settings = {
         "models": models, "chat": args.chat, "chat_template_options": args.chat_options,
         "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed,

@@ -27,8 +27,6 @@ from r3.errors import R3Error
 from r3.failure_data import append_lines
 
 HEADER = "r3_partial_results"
-
-
 FORMAT = 1  # (a key of another format never matches)
 
 

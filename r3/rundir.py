@@ -328,8 +328,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
         elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
                 and not (out / "metrics.jsonl").exists():
             raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
-    holder = ""
-    with fail_together(d):  # (rank 0's writes: the others exit quietly when they fail)
+    with fail_together(d):  # (rank 0's lock and writes: the others exit quietly when they fail)
         if d.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +341,8 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                 f.seek(0)
                 holder = f.read().strip() or "unknown"
                 f.close()
+                raise R3Error(f"--out {out} is in use by another run ({holder}); "
+                              "wait for it to end or choose another --out") from None
             else:
                 try:
                     f.seek(0)
@@ -354,11 +355,6 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                     raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}"
                                   f"{_free_space_if_full(e, out)})") from None
                 _HELD_LOCKS.append(f)
-    in_use = all_max(1 if holder else 0, d)
-    with fail_together(d, alike=True):  # (rank 0's line only)
-        if in_use:
-            raise R3Error(f"--out {out} is in use by another run ({holder or 'see ' + str(out / '.lock')}); "
-                          "wait for it to end or choose another --out")
     return out
 
 
