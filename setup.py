@@ -9,8 +9,10 @@ setup(
     # torch must be installed first (pip install torch==2.13.0) so pip never pulls a CUDA build.
     install_requires=[
         "torch>=2.9",  # the suite passes on 2.11 and 2.13; on 2.9 all but the compiled bf16 CPU decode; 2.6 fails
-        # <5.25: 5.25 requires Hugging Face's `kernels` distribution, whose import name is our
-        # top-level `kernels` package (DESIGN.md's contract): transformers then imports ours and fails.
+        # <5.25: 5.25 requires Hugging Face's `kernels` distribution, whose import name is also the
+        # checkout's top-level `kernels/` (DESIGN.md's contract name): run from the checkout (the
+        # tests, benchmarks), transformers imports ours and fails to build a model. r3 itself
+        # imports `r3.kernels` and works next to it (tests/test_layout.py).
         "transformers>=4.45,<5.25",
         "safetensors",
         "sentencepiece",

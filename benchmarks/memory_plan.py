@@ -23,7 +23,7 @@ During the rollout, the KV cache (below). During the update:
   is measured, not guessed: the bytes autograd saves in one block of the real shape on a few
   tokens (``saved_tensors_hooks``), divided by the tokens;
 * logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
-  work (``kernels/``) -- small next to the rest.
+  work (``r3/kernels/``) -- small next to the rest.
 
 The rollout's KV cache: rows x slots x layers x 2 x kv heads x head dim x 2 bytes, at the rows of one
 rank's reflection batch (its failures x G) and the longest conversation, plus, with

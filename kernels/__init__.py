@@ -1,8 +1,11 @@
-"""Fused Triton kernels, each beside its plain-PyTorch reference.
+"""DESIGN.md's contract name for r3's fused kernels: ``kernels.fused_logprob_kl``.
 
-Importable without triton: the kernels then run their memory-lean PyTorch paths.
+The code lives in :mod:`r3.kernels` (``r3/kernels/logprob_kl.py``), and r3 imports it from there:
+``kernels`` is also the import name of Hugging Face's ``kernels`` distribution (transformers >= 5.25
+requires it), and where that one is installed, ``import kernels`` outside this checkout finds it,
+not this package.
 """
 
-from .logprob_kl import fused_logprob_kl, k3, logprob_kl_reference
+from r3.kernels import fused_logprob_kl, k3, logprob_kl, logprob_kl_reference
 
-__all__ = ["fused_logprob_kl", "k3", "logprob_kl_reference"]
+__all__ = ["fused_logprob_kl", "k3", "logprob_kl", "logprob_kl_reference"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import fused_logprob_kl
+from r3.kernels import fused_logprob_kl
 
 
 @dataclass

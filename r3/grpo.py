@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.logprob_kl import k3
+from r3.kernels.logprob_kl import k3
 
 __all__ = [
     "AGGREGATIONS",
@@ -106,7 +106,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     reference, |d| < 0.5) use the Taylor series d^2/2 + d^3/6 + ... + d^10/10!, exact to fp32
     rounding where the closed form would cancel (the closed form exp(d) - d - 1 is pure fp32
     rounding noise for |d| < 1e-3, and can come out negative). Differentiable in both arguments.
-    The same function as ``kernels.fused_logprob_kl``'s PyTorch path (:func:`kernels.k3`).
+    The same function as ``r3.kernels.fused_logprob_kl``'s PyTorch path (:func:`r3.kernels.k3`).
     """
     return k3(ref_logp - logp)
 
@@ -202,7 +202,7 @@ def policy_loss(
             this batch's own.
         max_len: the fixed length L of the Dr. GRPO normaliser B * L (default: T).
         kl: ``[B, T]`` per-token k3 already computed with ``logp`` (what
-            ``kernels.fused_logprob_kl`` returns, differentiable through it); used instead of
+            ``r3.kernels.fused_logprob_kl`` returns, differentiable through it); used instead of
             computing k3 from ``ref_logp``, which must then be None.
 
     Returns ``(loss, metrics)``: ``loss`` a 0-d tensor in the computation dtype (float32, or

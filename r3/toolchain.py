@@ -45,7 +45,7 @@ def check_toolchain(device, *, compiled_decode: bool, triton_kernels: bool = Fal
     """Refuse in one line when the work about to run needs a compiler the machine lacks:
     ``compiled_decode`` (``--decode compiled``) on ``device``, or ``triton_kernels`` (the
     training step's fused log-prob kernel, compiled by Triton on CUDA unless ``TRITON_INTERPRET``
-    runs it in Triton's interpreter: :func:`kernels.logprob_kl.triton_compiles`)."""
+    runs it in Triton's interpreter: :func:`r3.kernels.logprob_kl.triton_compiles`)."""
     device = torch.device(device)
     if compiled_decode and device.type == "cpu" and inductor_cxx() is None:
         from torch._inductor import config

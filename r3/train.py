@@ -7,7 +7,7 @@ One optimizer step:
    our KV-cache sampler (no FSDP all-gather per decode step). A group never spans ranks.
 2. reference — the frozen reference model (sharded too) scores the reflection tokens.
 3. update — micro-batches through the FSDP policy; log-probs of the reflection tokens only and
-   their k3 KL to the reference, in one pass of ``kernels.fused_logprob_kl``; the GRPO loss is normalised by the *global* token count of the
+   their k3 KL to the reference, in one pass of ``r3.kernels.fused_logprob_kl``; the GRPO loss is normalised by the *global* token count of the
    step (all micro-batches, all ranks), so 1 rank and N ranks give the same update.
 
 Checkpoints (torch.distributed.checkpoint) hold model, optimizer, scheduler, step and data
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernels.logprob_kl import triton_compiles
+from r3.kernels.logprob_kl import triton_compiles
 from r3 import grpo
 from r3.batch import (
     MicroBatch,

@@ -431,7 +431,7 @@ def test_aggregate_ignores_garbage_outside_mask():
 def test_fused_kl_from_the_kernel_equals_k3_from_ref_logp(dtype):
     """Training takes the KL from ``fused_logprob_kl`` (one pass with the log-probs): the loss and
     its gradient w.r.t. the logits equal those of policy_loss computing k3 from ref_logp."""
-    from kernels import fused_logprob_kl
+    from r3.kernels import fused_logprob_kl
 
     g = torch.Generator().manual_seed(3)
     B, T, V = 3, 5, 11

@@ -1,4 +1,4 @@
-"""Tests for kernels.fused_logprob_kl on its CPU (chunked PyTorch) path.
+"""Tests for r3.kernels.fused_logprob_kl (DESIGN.md's kernels.fused_logprob_kl) on its CPU (chunked PyTorch) path.
 
 The Triton kernels themselves are tested in test_kernels_triton_interpret.py (Triton's interpreter
 on CPU) and, on a GPU machine, by the same checks run through CUDA.
@@ -9,8 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
-import kernels.logprob_kl as lk
-from kernels import fused_logprob_kl, logprob_kl_reference
+import r3.kernels
+import r3.kernels.logprob_kl as lk
+from r3.kernels import fused_logprob_kl, logprob_kl_reference
 
 
 def make_case(N, V, dtype, seed=0, ref_spread=0.3, scale=3.0):
@@ -181,8 +182,13 @@ def test_which_devices_compile_triton_kernels():
 
 
 def test_package_exports():
-    assert kernels.fused_logprob_kl is lk.fused_logprob_kl
-    assert kernels.logprob_kl_reference is lk.logprob_kl_reference
+    """The code is r3.kernels'; the top-level ``kernels`` (DESIGN.md's contract name) is the same
+    functions."""
+    for mod in (r3.kernels, kernels):
+        assert mod.fused_logprob_kl is lk.fused_logprob_kl
+        assert mod.logprob_kl_reference is lk.logprob_kl_reference
+        assert mod.k3 is lk.k3
+    assert kernels.logprob_kl is lk
 
 
 class _RecordAllocations(TorchDispatchMode):

@@ -1,8 +1,8 @@
-"""The Triton kernels of kernels/logprob_kl.py, run by Triton's interpreter on CPU.
+"""The Triton kernels of r3/kernels/logprob_kl.py, run by Triton's interpreter on CPU.
 
-Triton decides "interpret or compile" when a kernel is decorated, i.e. when ``kernels`` is
+Triton decides "interpret or compile" when a kernel is decorated, i.e. when ``r3.kernels`` is
 imported, so TRITON_INTERPRET=1 must be set before that import. Other test files of the same
-pytest process import ``kernels`` normally; so in a normal run this file has a single test that
+pytest process import ``r3.kernels`` normally; so in a normal run this file has a single test that
 re-runs this same file in a fresh ``python -m pytest`` subprocess with TRITON_INTERPRET=1, where
 the real tests below are defined. Shapes are small: the interpreter executes each program in
 numpy. On a CUDA machine the same checks run through the compiled kernels
@@ -47,7 +47,7 @@ if not INTERPRETED_CHILD:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("V", [4099, 151936])
     def test_cuda_matches_float64(dtype, V):
-        from kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference, uses_triton
+        from r3.kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference, uses_triton
 
         assert uses_triton("cuda")
         g = torch.Generator().manual_seed(0)
@@ -68,8 +68,8 @@ if not INTERPRETED_CHILD:
         torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=rtol, atol=atol)
 
 else:
-    import kernels.logprob_kl as lk
-    from kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference
+    import r3.kernels.logprob_kl as lk
+    from r3.kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference
 
     GRAD_TOL = {torch.float32: (1e-4, 1e-6), torch.bfloat16: (1.6e-2, 1e-5)}
 

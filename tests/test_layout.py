@@ -1,8 +1,12 @@
-"""The library never imports a command-line module (the CLIs sit on top of it)."""
+"""The library never imports a command-line module (the CLIs sit on top of it), and r3 never
+imports the top-level ``kernels`` name, which Hugging Face's ``kernels`` distribution also uses."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,43 @@ def test_library_module_imports_no_cli(path):
 def test_every_cli_module_exists():
     assert all((R3 / f"{name.split('.')[1]}.py").is_file() for name in CLIS)
     assert len(LIBRARY) > 15
+
+
+@pytest.mark.parametrize("path", sorted(R3.rglob("*.py")), ids=lambda p: module_name(p))
+def test_r3_imports_its_kernels_as_r3_kernels(path):
+    """``kernels`` is DESIGN.md's contract name, but also the import name of Hugging Face's
+    ``kernels`` (transformers >= 5.25 requires it); r3 uses ``r3.kernels`` so it works next to it."""
+    top = {n.split(".")[0] for n in imported(path)}
+    assert "kernels" not in top, f"{module_name(path)} imports the top-level kernels package"
+
+
+def test_r3_runs_where_another_kernels_package_comes_first(tmp_path):
+    """Where Hugging Face's ``kernels`` is installed, ``import kernels`` outside this checkout finds
+    it. Every r3 module still imports, and the training loss's kernel runs (a stand-in package on
+    the path ahead of the checkout plays Hugging Face's)."""
+    foreign = tmp_path / "site" / "kernels"
+    foreign.mkdir(parents=True)
+    (foreign / "__init__.py").write_text("FOREIGN = True\ndef get_kernel(*args, **kwargs):\n    raise RuntimeError\n")
+    script = """
+import importlib, pkgutil, sys
+import torch
+import r3
+names = [m.name for m in pkgutil.walk_packages(r3.__path__, "r3.")]
+for name in names:
+    importlib.import_module(name)
+import kernels
+assert getattr(kernels, "FOREIGN", False), kernels.__file__
+from r3.batch import fused_logprob_kl
+logits = torch.randn(3, 7, requires_grad=True)
+logp, kl = fused_logprob_kl(logits, torch.tensor([0, 6, 2]), torch.zeros(3))
+(logp.sum() + kl.sum()).backward()
+ref = torch.log_softmax(logits.detach(), -1)[torch.arange(3), torch.tensor([0, 6, 2])]
+torch.testing.assert_close(logp.detach(), ref)
+print("imported", len(names))
+"""
+    repo = R3.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(foreign.parent), str(repo)]))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 30

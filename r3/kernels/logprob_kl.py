@@ -20,7 +20,7 @@ Three implementations, one contract (``fused_logprob_kl``):
 Triton's interpreter: if ``TRITON_INTERPRET=1`` is in the environment **when this module is
 imported** (Triton fixes compiled vs. interpreted when a kernel is decorated, i.e. at import), the
 kernels are interpreted and CPU tensors go through them too -- that is how the Triton code is
-tested on machines without a GPU. Set the variable before importing ``kernels`` (a subprocess is
+tested on machines without a GPU. Set the variable before importing ``r3.kernels`` (a subprocess is
 the reliable way inside a test suite).
 
 Targets: a negative target (the usual ``ignore_index``, e.g. -100) gives logp = 0, kl = 0 and no
@@ -486,7 +486,7 @@ def fused_logprob_kl(
         if not uses_triton(x.device):
             raise RuntimeError(
                 "Triton backend needs triton and a CUDA tensor, or TRITON_INTERPRET=1 set before "
-                "importing kernels (CPU)"
+                "importing r3.kernels (CPU)"
             )
         use_triton = True
     elif backend == "torch":
