@@ -1,10 +1,19 @@
+import sys
+
 from setuptools import find_packages, setup
+
+# The top-level `kernels` package (DESIGN.md's contract name; it re-exports r3.kernels) is installed
+# only by an editable install (the README's), which maps the name to this checkout and is consulted
+# only when nothing else on the path is called `kernels`. A built wheel would write
+# site-packages/kernels/__init__.py over Hugging Face's `kernels` distribution (transformers >= 5.25
+# requires it), so a regular install ships r3 alone: r3 itself imports only r3.kernels.
+EDITABLE = any(command in sys.argv for command in ("editable_wheel", "develop"))
 
 setup(
     name="r3",
     version="0.1.0",
     description="Reflect, Retry, Reward: GRPO training of self-reflection, in pure PyTorch",
-    packages=find_packages(include=["r3", "r3.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["r3", "r3.*"] + (["kernels", "kernels.*"] if EDITABLE else [])),
     python_requires=">=3.10",
     # torch must be installed first (pip install torch==2.13.0) so pip never pulls a CUDA build.
     install_requires=[

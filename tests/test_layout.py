@@ -83,3 +83,32 @@ print("imported", len(names))
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 30
+
+
+def test_only_an_editable_install_ships_the_top_level_kernels_name(tmp_path):
+    """A regular wheel holds r3 alone (its ``kernels/`` would overwrite Hugging Face's package in
+    site-packages); the README's editable install also maps ``kernels`` to the checkout."""
+    import json
+    import shutil
+
+    pytest.importorskip("setuptools.build_meta")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(R3.parent / name, src / name)
+    for name in ("r3", "kernels"):
+        shutil.copytree(R3.parent / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    script = """
+import json, zipfile
+from setuptools import build_meta
+wheel = zipfile.ZipFile("wheel/" + build_meta.build_wheel("wheel")).namelist()
+editable = zipfile.ZipFile("editable/" + build_meta.build_editable("editable"))
+finder = [editable.read(n).decode() for n in editable.namelist() if n.endswith("_finder.py")]
+print(json.dumps({"wheel": wheel, "finder": finder[0] if finder else ""}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    tops = {n.split("/")[0] for n in out["wheel"]}
+    assert "kernels" not in tops and "r3/kernels/logprob_kl.py" in out["wheel"], sorted(tops)
+    assert f"'kernels': '{src / 'kernels'}'" in out["finder"] and f"'r3': '{src / 'r3'}'" in out["finder"], out["finder"]
