@@ -19,9 +19,9 @@ setup(
     install_requires=[
         "torch>=2.9",  # the suite passes on 2.11 and 2.13; on 2.9 all but the compiled bf16 CPU decode; 2.6 fails
         # <5.25: 5.25 requires Hugging Face's `kernels` distribution, whose import name is also the
-        # checkout's top-level `kernels/` (DESIGN.md's contract name): run from the checkout (the
-        # tests, benchmarks), transformers imports ours and fails to build a model. r3 itself
-        # imports `r3.kernels` and works next to it (tests/test_layout.py).
+        # checkout's top-level `kernels/` (DESIGN.md's contract name): run from the checkout,
+        # transformers imports ours and fails to build a model or convert a GGUF tokenizer (the
+        # built-in model's first load). r3 itself imports `r3.kernels` (tests/test_layout.py).
         "transformers>=4.45,<5.25",
         "safetensors",
         "sentencepiece",

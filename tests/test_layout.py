@@ -92,6 +92,10 @@ def test_only_an_editable_install_ships_the_top_level_kernels_name(tmp_path):
     import shutil
 
     pytest.importorskip("setuptools.build_meta")
+    try:  # (setuptools >= 70.1 builds wheels itself; older ones need the wheel package)
+        import setuptools.command.bdist_wheel  # noqa: F401
+    except ImportError:
+        pytest.importorskip("wheel")
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "README.md"):
