@@ -253,7 +253,19 @@ def _load_hf_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for broken tokenizer files
-        raise R3Error(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise R3Error(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                      f"{_shadowed_kernels_hint(e)}") from None
+
+
+def _shadowed_kernels_hint(error: Exception) -> str:
+    """What to do when transformers (>= 5.25) imported this checkout's top-level ``kernels/``
+    (DESIGN.md's name for r3's kernel) in place of Hugging Face's ``kernels`` package."""
+    ours = Path(__file__).resolve().parents[1] / "kernels"
+    if isinstance(error, ImportError) and error.name == "kernels" and error.path \
+            and Path(error.path).resolve().parent == ours:
+        return (f": transformers wants Hugging Face's kernels package and found r3's {ours}; run from outside "
+                "the r3 checkout, or pip install 'transformers<5.25'")
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +456,8 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
     except R3Error:
         raise
     except Exception as e:
-        raise R3Error(f"{path}: cannot read the tokenizer from GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise R3Error(f"{path}: cannot read the tokenizer from GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                      f"{_shadowed_kernels_hint(e)}") from None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,3 +367,26 @@ def test_a_run_records_its_model_path_absolute(tiny_dirs, tmp_path, monkeypatch)
     # a run recorded before paths were made absolute: its relative path is read from here
     assert TrainConfig(model=canonical_model("model")).incompatible_with({**stored, "model": "model"}) == []
     assert same_model("model", str(tmp_path / "b" / "model")) and not same_model("model", recorded)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_transformers_finding_our_kernels_package_is_explained(tmp_path, monkeypatch, ours):
+    """transformers >= 5.25 imports Hugging Face's ``kernels``; run from the checkout it finds ours
+    (DESIGN.md's top-level name) and fails: the one-line error says what to do. Another package's
+    import error gets no such hint."""
+    import transformers
+
+    from r3.checkpoint import _load_hf_tokenizer
+
+    init = (Path(__file__).resolve().parents[1] / "kernels" if ours else tmp_path / "kernels") / "__init__.py"
+
+    def fails(*args, **kwargs):
+        raise ImportError(f"cannot import name 'CUDAProperties' from 'kernels' ({init})", name="kernels", path=str(init))
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fails)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(R3Error) as e:
+        _load_hf_tokenizer(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot import name 'CUDAProperties'" in msg
+    assert ("run from outside the r3 checkout, or pip install 'transformers<5.25'" in msg) == ours, msg
