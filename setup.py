@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 # only when nothing else on the path is called `kernels`. A built wheel would write
 # site-packages/kernels/__init__.py over Hugging Face's `kernels` distribution (transformers >= 5.25
 # requires it), so a regular install ships r3 alone: r3 itself imports only r3.kernels.
-EDITABLE = any(command in sys.argv for command in ("editable_wheel", "develop"))
+EDITABLE = any(command in sys.argv[1:] for command in ("editable_wheel", "develop"))
 
 setup(
     name="r3",

@@ -6,6 +6,10 @@ requires it), and where that one is installed, ``import kernels`` outside this c
 not this package.
 """
 
+import sys
+
 from r3.kernels import fused_logprob_kl, k3, logprob_kl, logprob_kl_reference
+
+sys.modules.setdefault(__name__ + ".logprob_kl", logprob_kl)  # (``import kernels.logprob_kl`` too)
 
 __all__ = ["fused_logprob_kl", "k3", "logprob_kl", "logprob_kl_reference"]

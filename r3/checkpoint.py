@@ -257,14 +257,20 @@ def _load_hf_tokenizer(path: Path):
                       f"{_shadowed_kernels_hint(e)}") from None
 
 
-def _shadowed_kernels_hint(error: Exception) -> str:
+def _shadowed_kernels_hint(error: BaseException) -> str:
     """What to do when transformers (>= 5.25) imported this checkout's top-level ``kernels/``
-    (DESIGN.md's name for r3's kernel) in place of Hugging Face's ``kernels`` package."""
+    (DESIGN.md's name for r3's kernel) in place of Hugging Face's ``kernels`` package; the
+    ImportError may be the cause of the one transformers raises."""
     ours = Path(__file__).resolve().parents[1] / "kernels"
-    if isinstance(error, ImportError) and error.name == "kernels" and error.path \
-            and Path(error.path).resolve().parent == ours:
-        return (f": transformers wants Hugging Face's kernels package and found r3's {ours}; run from outside "
-                "the r3 checkout, or pip install 'transformers<5.25'")
+    if not (ours.parent / "setup.py").is_file():  # (an installed r3: no checkout to shadow anything)
+        return ""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, ImportError) and error.name == "kernels" and error.path \
+                and Path(error.path).resolve().parent == ours:
+            return (f": transformers wants Hugging Face's kernels package and found r3's {ours}; run from "
+                    "outside the r3 checkout, or pip install 'transformers<5.25'")
+        error, seen = error.__cause__ or error.__context__, seen + 1
     return ""
 
 

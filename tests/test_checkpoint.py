@@ -369,11 +369,12 @@ def test_a_run_records_its_model_path_absolute(tiny_dirs, tmp_path, monkeypatch)
     assert same_model("model", str(tmp_path / "b" / "model")) and not same_model("model", recorded)
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
 @pytest.mark.parametrize("ours", [True, False])
-def test_transformers_finding_our_kernels_package_is_explained(tmp_path, monkeypatch, ours):
+def test_transformers_finding_our_kernels_package_is_explained(tmp_path, monkeypatch, ours, wrapped):
     """transformers >= 5.25 imports Hugging Face's ``kernels``; run from the checkout it finds ours
-    (DESIGN.md's top-level name) and fails: the one-line error says what to do. Another package's
-    import error gets no such hint."""
+    (DESIGN.md's top-level name) and fails: the one-line error says what to do, also where
+    transformers raises its own error from that one. Another package's import error gets no hint."""
     import transformers
 
     from r3.checkpoint import _load_hf_tokenizer
@@ -381,12 +382,17 @@ def test_transformers_finding_our_kernels_package_is_explained(tmp_path, monkeyp
     init = (Path(__file__).resolve().parents[1] / "kernels" if ours else tmp_path / "kernels") / "__init__.py"
 
     def fails(*args, **kwargs):
-        raise ImportError(f"cannot import name 'CUDAProperties' from 'kernels' ({init})", name="kernels", path=str(init))
+        error = ImportError(f"cannot import name 'CUDAProperties' from 'kernels' ({init})", name="kernels",
+                            path=str(init))
+        if not wrapped:
+            raise error
+        raise ModuleNotFoundError("Could not import module 'X'. Are this object's requirements defined correctly?") \
+            from error
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fails)
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(R3Error) as e:
         _load_hf_tokenizer(tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg and "cannot import name 'CUDAProperties'" in msg
+    assert "\n" not in msg and ("Could not import module" if wrapped else "cannot import name 'CUDAProperties'") in msg
     assert ("run from outside the r3 checkout, or pip install 'transformers<5.25'" in msg) == ours, msg

@@ -4,6 +4,7 @@ imports the top-level ``kernels`` name, which Hugging Face's ``kernels`` distrib
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -91,10 +92,10 @@ def test_only_an_editable_install_ships_the_top_level_kernels_name(tmp_path):
     import json
     import shutil
 
-    pytest.importorskip("setuptools.build_meta")
-    try:  # (setuptools >= 70.1 builds wheels itself; older ones need the wheel package)
-        import setuptools.command.bdist_wheel  # noqa: F401
-    except ImportError:
+    build_meta = pytest.importorskip("setuptools.build_meta")
+    if not hasattr(build_meta, "build_editable"):
+        pytest.skip("setuptools < 64 has no editable wheels")
+    if importlib.util.find_spec("setuptools.command.bdist_wheel") is None:  # (built in from setuptools 70.1)
         pytest.importorskip("wheel")
     src = tmp_path / "src"
     src.mkdir()
@@ -103,10 +104,12 @@ def test_only_an_editable_install_ships_the_top_level_kernels_name(tmp_path):
     for name in ("r3", "kernels"):
         shutil.copytree(R3.parent / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     script = """
-import json, zipfile
+import json, os, zipfile
 from setuptools import build_meta
 wheel = zipfile.ZipFile("wheel/" + build_meta.build_wheel("wheel")).namelist()
-editable = zipfile.ZipFile("editable/" + build_meta.build_editable("editable"))
+os.makedirs("metadata")
+metadata = build_meta.prepare_metadata_for_build_editable("metadata")  # (pip's sequence, PEP 660)
+editable = zipfile.ZipFile("editable/" + build_meta.build_editable("editable", None, "metadata/" + metadata))
 finder = [editable.read(n).decode() for n in editable.namelist() if n.endswith("_finder.py")]
 print(json.dumps({"wheel": wheel, "finder": finder[0] if finder else ""}))
 """
