@@ -199,9 +199,10 @@ def main(argv=None) -> int:
                 model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
                 progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
                 chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
-                finished=partial.of(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
+                finished=partial.start(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
             )
             del model
+            res["time_s"] = round(res["time_s"] + partial.seconds_before(spec), 3)  # (with the kept batches' time)
             try:
                 report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),
                                        f"evaluating {spec}")

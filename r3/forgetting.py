@@ -146,7 +146,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str, partial: Parti
     """One model on one benchmark: an item record per document. With ``partial``, the batches
     ``unit`` finished in an interrupted run are read back and each batch run here is recorded."""
     bench, docs = plan["bench"], plan["docs"]
-    finished = partial.of(unit) if partial is not None else {}
+    finished = partial.start(unit) if partial is not None else {}
     resume = dict(finished=finished, on_batch=(lambda b, r: partial.add(unit, b, r)) if partial is not None else None)
     chat = None
     if args.chat:
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         "results": results,
         "paired": paired,
         "settings": settings,
-        "time_s": round(time.perf_counter() - t0, 1),
+        "time_s": round(time.perf_counter() - t0 + partial.seconds_before(), 1),  # (with the kept batches' time)
         "items": items,
     })
     partial.finish()

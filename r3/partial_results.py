@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from r3.checkpoint import BUILTIN_MODELS, resolve
@@ -94,6 +95,8 @@ class PartialResults:
         self.path = Path(out).with_name(Path(out).name + ".partial.jsonl")
         self.key = json.loads(_json({"format": FORMAT, **key}))  # (as it reads back)
         self.done: dict[tuple[str, int], object] = {}
+        self.earlier_s: dict[tuple[str, int], float] = {}  # (each read-back batch's seconds in its run)
+        self._since: float | None = None
         self._header_written = False
         if not self.path.exists():
             return
@@ -129,6 +132,9 @@ class PartialResults:
                     and "result" in row):
                 raise R3Error(f"{self.path}, line {n}: not a finished batch; delete the file to start over")
             self.done[(row["unit"], row["batch"])] = row["result"]
+            seconds = row.get("s")
+            ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0
+            self.earlier_s[(row["unit"], row["batch"])] = float(seconds) if ok else 0.0
         if self.done:
             print(f"resuming: {len(self.done)} finished batch{'es' if len(self.done) != 1 else ''} read from "
                   f"{self.path}", file=sys.stderr)
@@ -137,12 +143,28 @@ class PartialResults:
         """The finished batches of ``unit``, by batch index."""
         return {b: r for (u, b), r in self.done.items() if u == unit}
 
+    def start(self, unit: str) -> dict[int, object]:
+        """The finished batches of ``unit`` (as :meth:`of`); the time of each batch run after this
+        call is kept with it (from here, then from the batch before)."""
+        self._since = time.perf_counter()
+        return self.of(unit)
+
+    def seconds_before(self, unit: str | None = None) -> float:
+        """The seconds the read-back batches (of ``unit``, or all) took in the runs that made them:
+        what a resumed evaluation's time adds to its own."""
+        return sum(s for (u, _), s in self.earlier_s.items() if unit is None or u == unit)
+
     def add(self, unit: str, batch: int, result) -> None:
         """Record one finished batch (a line appended and synced: a crash can only cut it short)."""
         lines = [] if self._header_written else [{HEADER: 1, "key": self.key}]
         if not self._header_written:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # (as the result file's write makes it)
-        append_lines(self.path, lines + [{"unit": unit, "batch": batch, "result": result}])
+        row = {"unit": unit, "batch": batch, "result": result}
+        now = time.perf_counter()
+        if self._since is not None:
+            row["s"] = round(now - self._since, 3)
+        self._since = now
+        append_lines(self.path, lines + [row])
         self._header_written = True
         self.done[(unit, batch)] = result
 

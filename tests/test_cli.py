@@ -355,6 +355,8 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     lines = read_lines(partial)
     assert "r3_partial_results" in lines[0] and [(r["unit"], r["batch"]) for r in lines[1:]] == \
         [(tiny_dir, 0), (tiny_dir, 1), (tiny_dir, 2), ("smollm2-135m", 0)]
+    assert all(r["s"] >= 0 for r in lines[1:])  # (each batch's time, for the rerun's time_s)
+    kept_s = sum(r["s"] for r in lines[1:4])
     # the crash cut its last line short
     partial.write_bytes(partial.read_bytes()[:-9])
     calls.clear()
@@ -363,7 +365,9 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     assert rc == 0, err
     assert "dropping the last line, cut short" in err and "resuming: 3 finished batches" in err
     assert calls == [3, 3, 1]  # the second model's batches only
-    assert _without_times(json.loads(out.read_text())) == _without_times(whole)
+    resumed = json.loads(out.read_text())
+    assert _without_times(resumed) == _without_times(whole)
+    assert resumed["models"][0]["time_s"] >= kept_s - 1e-3  # (read back, each batch's time counted)
     assert not partial.exists()
     # an interrupted run of another command to the same --out: its batches are neither reused nor
     # thrown away by a mistyped command

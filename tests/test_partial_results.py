@@ -147,3 +147,28 @@ def test_an_interruption_says_where_the_finished_batches_are(tmp_path, capsys):
     assert e.value.code == 143
     assert capsys.readouterr().err == f"terminated: 1 finished batch kept in {p.path}; the same command goes on from them\n"
     assert signal.getsignal(signal.SIGTERM) == before  # (restored)
+
+
+def test_each_batch_keeps_its_time_for_the_rerun(tmp_path, monkeypatch):
+    """A batch's line holds the seconds from ``start`` (or the batch before) to its ``add``; a rerun
+    sums those of the batches it reads back, per unit or in all. Lines without a time (or with a
+    bad one) count 0."""
+    import r3.partial_results as pr
+
+    clock = iter([10.0, 12.5, 13.0, 20.0, 20.25])
+    monkeypatch.setattr(pr.time, "perf_counter", lambda: next(clock))
+    out = tmp_path / "r.json"
+    p = PartialResults(out, {"k": 1})
+    assert p.start("m") == {}  # 10.0
+    p.add("m", 0, "a")  # 12.5
+    p.add("m", 1, "b")  # 13.0
+    assert p.start("n") == {}  # 20.0
+    p.add("n", 0, "c")  # 20.25
+    assert [json.loads(line).get("s") for line in p.path.read_text().splitlines()[1:]] == [2.5, 0.5, 0.25]
+    with open(p.path, "a") as f:
+        f.write(json.dumps({"unit": "n", "batch": 1, "result": "d"}) + "\n")
+        f.write(json.dumps({"unit": "n", "batch": 2, "result": "e", "s": "x"}) + "\n")
+    again = PartialResults(out, {"k": 1})
+    assert again.seconds_before("m") == 3.0 and again.seconds_before("n") == 0.25
+    assert again.seconds_before() == 3.25 and again.seconds_before("other") == 0
+    assert PartialResults(tmp_path / "fresh.json", {"k": 1}).seconds_before() == 0
