@@ -56,7 +56,7 @@ from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.model import check_token_limits
-from r3.partial_results import PartialResults, code_fingerprint, fingerprint, model_files
+from r3.partial_results import PartialResults, code_fingerprint, device_name, fingerprint, model_files
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     settings = {
         "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": st["top_p"],
         "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
-        "max_reflection_tokens": st["max_reflection"], "dtype": dtype_name(dtype), "device": str(device),
+        "max_reflection_tokens": st["max_reflection"], "dtype": dtype_name(dtype), "device": device_name(device),
         "batch_size": args.batch_size, "reflection_prompt": task.reflection_prompt,
         "retry_prompt": task.retry_prompt, "decode": args.decode, "chat_template_options": st["chat_options"],
     }

@@ -48,7 +48,7 @@ from r3.evals import benchmarks as B
 from r3.evals.data import read_records
 from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
 from r3.evals.math_equivalence import require as require_sympy
-from r3.partial_results import PartialResults, code_fingerprint, fingerprint, model_files
+from r3.partial_results import PartialResults, code_fingerprint, device_name, fingerprint, model_files
 from r3.stats import mean_stderr, paired_difference
 
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     settings = {
         "models": models, "chat": args.chat, "chat_template_options": args.chat_options,
         "math_equivalence": args.math_equivalence, "n": args.n, "seed": args.seed,
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "max_gen_toks": args.max_gen_toks,
+        "dtype": str(dtype).replace("torch.", ""), "device": device_name(device), "max_gen_toks": args.max_gen_toks,
         "benchmarks": {p["bench"].name: {"file": p["path"], "fewshot_file": p["fewshot_path"], "shots": p["shots"],
                                          "n": len(p["docs"])} for p in plans}}
     partial = PartialResults(out, {  # (what the generated texts and log-likelihoods depend on; not the scoring)

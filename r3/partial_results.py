@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from r3.checkpoint import BUILTIN_MODELS, resolve
 from r3.errors import R3Error
 from r3.failure_data import append_lines
@@ -41,6 +43,15 @@ def _json(value) -> str:
 def fingerprint(value) -> str:
     """A short hash of a JSON-able value (documents, prompts): equal inputs, equal hashes."""
     return hashlib.sha256(_json(value).encode()).hexdigest()[:16]
+
+
+def device_name(device) -> str:
+    """``device`` as the key records it: ``cuda`` with its index (``--device cuda`` and
+    ``--device cuda:0`` run on the same GPU, so they continue each other's batches)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 def code_fingerprint(*objects) -> str:

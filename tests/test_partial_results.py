@@ -172,3 +172,17 @@ def test_each_batch_keeps_its_time_for_the_rerun(tmp_path, monkeypatch):
     assert again.seconds_before("m") == 3.0 and again.seconds_before("n") == 0.25
     assert again.seconds_before() == 3.25 and again.seconds_before("other") == 0
     assert PartialResults(tmp_path / "fresh.json", {"k": 1}).seconds_before() == 0
+
+
+def test_cuda_without_an_index_is_keyed_as_the_current_gpu(monkeypatch):
+    """``--device cuda`` and ``--device cuda:0`` are the same GPU: one key, so either continues the
+    other's batches (CUDA is faked here: only the name is computed)."""
+    import torch
+
+    from r3.partial_results import device_name
+
+    assert device_name("cpu") == "cpu" and device_name(torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert device_name("cuda") == "cuda:1" and device_name("cuda:0") == "cuda:0"
+    assert device_name(torch.device("cuda")) == "cuda:1"
