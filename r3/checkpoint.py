@@ -253,8 +253,13 @@ def _load_hf_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for broken tokenizer files
-        raise R3Error(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                      f"{_shadowed_kernels_hint(e)}") from None
+        raise R3Error(f"{path}: cannot load tokenizer {_tokenizer_failure(e)}") from None
+
+
+def _tokenizer_failure(error: BaseException) -> str:
+    """Why transformers could not make a tokenizer, for a one-line error: ``(its first line)``,
+    then what to do if it imported this checkout's ``kernels/`` (:func:`_shadowed_kernels_hint`)."""
+    return f"({str(error).splitlines()[0] if str(error) else type(error).__name__}){_shadowed_kernels_hint(error)}"
 
 
 def _shadowed_kernels_hint(error: BaseException) -> str:
@@ -462,8 +467,7 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
     except R3Error:
         raise
     except Exception as e:
-        raise R3Error(f"{path}: cannot read the tokenizer from GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                      f"{_shadowed_kernels_hint(e)}") from None
+        raise R3Error(f"{path}: cannot read the tokenizer from GGUF {_tokenizer_failure(e)}") from None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
