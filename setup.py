@@ -18,11 +18,9 @@ setup(
     # torch must be installed first (pip install torch==2.13.0) so pip never pulls a CUDA build.
     install_requires=[
         "torch>=2.9",  # the suite passes on 2.11 and 2.13; on 2.9 all but the compiled bf16 CPU decode; 2.6 fails
-        # <5.25: 5.25 requires Hugging Face's `kernels` distribution, whose import name is also the
-        # checkout's top-level `kernels/` (DESIGN.md's contract name): run from the checkout,
-        # transformers imports ours and fails to build a model or convert a GGUF tokenizer (the
-        # built-in model's first load). r3 itself imports `r3.kernels` (tests/test_layout.py).
-        "transformers>=4.45,<5.25",
+        # From 5.25 on transformers imports Hugging Face's `kernels`, whose import name the checkout's
+        # top-level `kernels/` shares; run from the checkout, that package loads theirs in its place.
+        "transformers>=4.45",
         "safetensors",
         "sentencepiece",
         "numpy",

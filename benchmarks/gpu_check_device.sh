@@ -14,9 +14,6 @@
 # named after its sections, and each keeps a log of its own).
 # SECTIONS (default: all), TRAIN_TIMEOUT (seconds per training run, default 200) and EXTRA (more
 # arguments) adjust it; each section's results are written as soon as it ends.
-# On a machine with transformers >= 5.25 (and so Hugging Face's `kernels`), the checkout's top-level
-# kernels/ shadows that package here and the parity and train sections fail to build transformers
-# models; install transformers<5.25 there first (the lent machine had 5.17).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-benchmarks/results}"

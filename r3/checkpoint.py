@@ -257,26 +257,8 @@ def _load_hf_tokenizer(path: Path):
 
 
 def _tokenizer_failure(error: BaseException) -> str:
-    """Why transformers could not make a tokenizer, for a one-line error: ``(its first line)``,
-    then what to do if it imported this checkout's ``kernels/`` (:func:`_shadowed_kernels_hint`)."""
-    return f"({str(error).splitlines()[0] if str(error) else type(error).__name__}){_shadowed_kernels_hint(error)}"
-
-
-def _shadowed_kernels_hint(error: BaseException) -> str:
-    """What to do when transformers (>= 5.25) imported this checkout's top-level ``kernels/``
-    (DESIGN.md's name for r3's kernel) in place of Hugging Face's ``kernels`` package; the
-    ImportError may be the cause of the one transformers raises."""
-    ours = Path(__file__).resolve().parents[1] / "kernels"
-    if not (ours.parent / "setup.py").is_file():  # (an installed r3: no checkout to shadow anything)
-        return ""
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, ImportError) and error.name == "kernels" and error.path \
-                and Path(error.path).resolve().parent == ours:
-            return (f": transformers wants Hugging Face's kernels package and found r3's {ours}; run from "
-                    "outside the r3 checkout, or pip install 'transformers<5.25'")
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return ""
+    """Why transformers could not make a tokenizer, for a one-line error: ``(its first line)``."""
+    return f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,61 @@ print("imported", len(names))
     assert int(proc.stdout.split()[-1]) > 30
 
 
+def _foreign_kernels(site: Path, init: str) -> None:
+    """A stand-in for Hugging Face's ``kernels``: its __init__ imports a submodule by the absolute
+    name, as theirs does (``from kernels._internals... import``)."""
+    (site / "kernels" / "_internals").mkdir(parents=True)
+    (site / "kernels" / "_internals" / "__init__.py").write_text("")
+    (site / "kernels" / "_internals" / "layer.py").write_text("class CUDAProperties:\n    pass\n")
+    (site / "kernels" / "__init__.py").write_text(init)
+
+
+def test_from_the_checkout_another_kernels_package_is_what_import_kernels_gives(tmp_path):
+    """Run from the checkout (its root first on the path), ``import kernels`` finds DESIGN.md's
+    package here first. Where another ``kernels`` is installed (Hugging Face's, which transformers
+    >= 5.25 imports), that one is loaded in its place with r3's names added: transformers gets its
+    names, the contract's name still works, and a name of the other package's own is not replaced."""
+    site = tmp_path / "site"
+    _foreign_kernels(site, "from kernels._internals.layer import CUDAProperties\nk3 = 'theirs'\n")
+    script = """
+import sys
+import kernels
+from kernels import CUDAProperties
+import kernels.logprob_kl
+import r3.kernels
+from r3.kernels import logprob_kl
+assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__
+assert sys.modules["kernels"] is kernels and kernels.k3 == "theirs"
+assert kernels.fused_logprob_kl is r3.kernels.fused_logprob_kl
+assert kernels.logprob_kl_reference is r3.kernels.logprob_kl_reference
+assert kernels.logprob_kl is logprob_kl and sys.modules["kernels.logprob_kl"] is logprob_kl
+assert "installed_elsewhere" not in vars(kernels)
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(site)]))
+    proc = subprocess.run([sys.executable, "-c", script, str(site)], cwd=R3.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_from_the_checkout_a_broken_other_kernels_package_fails_as_itself(tmp_path):
+    """Where the other ``kernels`` cannot be imported, ``import kernels`` from the checkout raises
+    its error, as it would anywhere else, and leaves no half-made module behind."""
+    site = tmp_path / "site"
+    _foreign_kernels(site, "from kernels._internals.layer import Missing\n")
+    script = """
+import sys
+try:
+    import kernels
+except ImportError as e:
+    print("raised", e.name, "kernels" in sys.modules)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(site)]))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=R3.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.split()[-3:] == ["raised", "kernels._internals.layer", "False"], proc.stdout + proc.stderr
+
+
 def test_only_an_editable_install_ships_the_top_level_kernels_name(tmp_path):
     """A regular wheel holds r3 alone (its ``kernels/`` would overwrite Hugging Face's package in
     site-packages); the README's editable install also maps ``kernels`` to the checkout."""
