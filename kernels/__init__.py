@@ -10,7 +10,6 @@ the package it imports and ``kernels.fused_logprob_kl`` still works.
 
 import importlib.machinery
 import importlib.util
-import os
 import sys
 
 from r3.kernels import fused_logprob_kl, k3, logprob_kl, logprob_kl_reference
@@ -19,10 +18,25 @@ __all__ = ["fused_logprob_kl", "k3", "logprob_kl", "logprob_kl_reference"]
 
 
 def installed_elsewhere():
-    """The spec of a ``kernels`` package on ``sys.path`` outside this checkout, or None."""
-    checkout = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
-    path = [p for p in sys.path if isinstance(p, str) and os.path.realpath(p or os.curdir) != checkout]
-    return importlib.machinery.PathFinder.find_spec(__name__, path)
+    """The spec of the first ``kernels`` package on ``sys.path`` that is not this one, or None.
+    Every r3 checkout's copy of this file is passed over (two checkouts on one path would otherwise
+    load each other in turn)."""
+    for entry in sys.path:
+        spec = importlib.machinery.PathFinder.find_spec(__name__, [entry]) if isinstance(entry, str) else None
+        if spec is not None and spec.origin and not _is_r3s(spec.origin):
+            return spec
+    return None
+
+
+def _is_r3s(origin: str) -> bool:
+    try:
+        with open(origin, encoding="utf-8", errors="replace") as f:
+            return _MARK in f.read()
+    except OSError:
+        return False
+
+
+_MARK = "DESIGN.md's contract name for r3's fused kernels"
 
 
 _other = installed_elsewhere()

@@ -123,6 +123,31 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("foreign", [True, False])
+def test_two_checkouts_on_one_path_pass_each_other_over(tmp_path, foreign):
+    """Another r3 checkout's ``kernels/`` is not another package: the import goes on to Hugging
+    Face's if it is installed, and is this checkout's own if not (not an endless hand-over)."""
+    import shutil
+
+    other = tmp_path / "other_checkout"
+    (other / "kernels").mkdir(parents=True)
+    shutil.copy(R3.parent / "kernels" / "__init__.py", other / "kernels" / "__init__.py")
+    site = tmp_path / "site"
+    if foreign:
+        _foreign_kernels(site, "from kernels._internals.layer import CUDAProperties\n")
+    script = """
+import kernels
+from kernels import fused_logprob_kl
+print(kernels.__file__)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(other), str(site)]))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=R3.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    home = site if foreign else R3.parent
+    assert Path(proc.stdout.split()[-1]) == home / "kernels" / "__init__.py", proc.stdout
+
+
 def test_from_the_checkout_a_broken_other_kernels_package_fails_as_itself(tmp_path):
     """Where the other ``kernels`` cannot be imported, ``import kernels`` from the checkout raises
     its error, as it would anywhere else, and leaves no half-made module behind."""
