@@ -123,6 +123,32 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_another_kernels_package_found_by_an_import_hook_is_found(tmp_path):
+    """One that no ``sys.path`` entry holds but an import finder serves (an editable install of
+    Hugging Face's ``kernels``) is found too."""
+    site = tmp_path / "elsewhere"
+    _foreign_kernels(site, "from kernels._internals.layer import CUDAProperties\n")
+    script = """
+import importlib.util, os, sys
+import r3.kernels  # (torch and r3 imported; then no other kernels than the test's on the path)
+sys.path[:] = [p for p in sys.path if p == sys.argv[2] or not os.path.isdir(os.path.join(p or ".", "kernels"))]
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == "kernels":
+            init = os.path.join(sys.argv[1], "kernels", "__init__.py")
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+sys.meta_path.append(Finder())
+import kernels
+from kernels import CUDAProperties, fused_logprob_kl
+print(kernels.__file__)
+"""
+    env = dict(os.environ, PYTHONPATH=str(R3.parent))
+    proc = subprocess.run([sys.executable, "-c", script, str(site), str(R3.parent)], cwd=R3.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert Path(proc.stdout.split()[-1]) == site / "kernels" / "__init__.py", proc.stdout
+
+
 @pytest.mark.parametrize("foreign", [True, False])
 def test_two_checkouts_on_one_path_pass_each_other_over(tmp_path, foreign):
     """Another r3 checkout's ``kernels/`` is not another package: the import goes on to Hugging
@@ -136,16 +162,48 @@ def test_two_checkouts_on_one_path_pass_each_other_over(tmp_path, foreign):
     if foreign:
         _foreign_kernels(site, "from kernels._internals.layer import CUDAProperties\n")
     script = """
+import os, sys
+import r3.kernels  # (torch and r3 imported; then no other kernels than the test's on the path)
+sys.path[:] = [p for p in sys.path if p in sys.argv[1:] or not os.path.isdir(os.path.join(p or ".", "kernels"))]
 import kernels
 from kernels import fused_logprob_kl
 print(kernels.__file__)
 """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(other), str(site)]))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=R3.parent, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, str(R3.parent), str(other), str(site)], cwd=R3.parent,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     home = site if foreign else R3.parent
     assert Path(proc.stdout.split()[-1]) == home / "kernels" / "__init__.py", proc.stdout
+
+
+def test_another_thread_waits_for_the_other_kernels_package_to_finish(tmp_path):
+    """While the other package's __init__ runs in its place, an import of it in another thread
+    waits for it, as for any module being imported, instead of taking the unfinished module."""
+    site = tmp_path / "site"
+    _foreign_kernels(site, """
+import threading, time
+def _late():
+    try:
+        from kernels import LATE
+        RESULT.append(LATE)
+    except ImportError as e:
+        RESULT.append(repr(e))
+RESULT = []
+THREAD = threading.Thread(target=_late)
+THREAD.start()
+time.sleep(0.5)
+LATE = "finished"
+""")
+    script = """
+import kernels
+kernels.THREAD.join()
+print(kernels.RESULT)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(site)]))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=R3.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1:] == ["['finished']"], proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_from_the_checkout_a_broken_other_kernels_package_fails_as_itself(tmp_path):
