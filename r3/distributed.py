@@ -11,6 +11,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -100,11 +101,16 @@ def fail_together(d: Dist, *, alike: bool = False):
             said_by_main = not d.main and said[d.rank] == said[0]
         if failed is not None and not said_by_main:
             raise failed
-        # Exit after the failing ranks (this barrier breaks when they are gone), so that the
-        # launcher reports their exit code and error first, not this rank's quiet one.
-        with contextlib.suppress(Exception):
-            dist.barrier(group=d.cpu_group)
-        raise SystemExit(2)
+        exit_after_failing_ranks(d)
+
+
+def exit_after_failing_ranks(d: Dist) -> NoReturn:
+    """Leave with exit code 2 and nothing printed, once the ranks that failed are gone (this
+    barrier breaks when they exit): the launcher then reports their exit code and error first, and
+    does not stop them, on this rank's exit, before they have said why."""
+    with contextlib.suppress(Exception):
+        dist.barrier(group=d.cpu_group)
+    raise SystemExit(2)
 
 
 def all_sum(values, d: Dist):

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
-from r3.distributed import Dist, all_max, fail_together, wait_for_main
+from r3.distributed import Dist, all_max, exit_after_failing_ranks, fail_together, wait_for_main
 from r3.errors import R3Error
 from r3.files import write_json_atomic, write_text_atomic
 
@@ -119,7 +119,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         if failure is None:
-            raise SystemExit(2)  # (the rank that failed says why)
+            exit_after_failing_ranks(d)  # (the rank that failed says why)
         kept = checkpoint_dirs(out)
         raise R3Error(f"could not write checkpoint {final} ({_error_line(failure)}{free}); "
                       + (f"the last complete one, {kept[-1].name}, is kept: free space and rerun with the same --out"

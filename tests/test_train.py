@@ -1079,7 +1079,7 @@ def test_a_crash_in_rank_0s_writes_is_reported_as_rank_0s_crash(tmp_path):
 
 TRAINER_STATE_FAILS = textwrap.dedent(
     """
-    import errno, sys
+    import errno, shutil, sys, time
     from pathlib import Path
     import torch
     from r3 import train as T
@@ -1106,6 +1106,13 @@ TRAINER_STATE_FAILS = textwrap.dedent(
             return real(self, *a, **k)
 
         Path.write_text = full
+        real_rmtree = shutil.rmtree
+
+        def slow_rmtree(*a, **k):  # rank 0 takes its time removing the partial checkpoint (a large
+            time.sleep(3)          # model's): the others must not leave, and so have it stopped, first
+            return real_rmtree(*a, **k)
+
+        shutil.rmtree = slow_rmtree
         save_checkpoint(Path(sys.argv[2]), 2, policy, opt, sched, stream, cfg, d)
 
     T.run_and_exit(main)  # (as r3.train leaves)
