@@ -86,6 +86,22 @@ print("imported", len(names))
     assert int(proc.stdout.split()[-1]) > 30
 
 
+def _run_from_checkout(script: str, path: list[Path], *argv, only_these_kernels: bool = False):
+    """``script`` in a fresh interpreter in the checkout, with ``path`` first on ``sys.path``.
+    ``only_these_kernels``: once torch and r3 are imported, the path keeps no other directory
+    holding a ``kernels`` package than ``path``'s (site-packages may hold Hugging Face's)."""
+    if only_these_kernels:
+        script = """
+import os, sys
+import r3.kernels
+keep = set(sys.argv[1:])
+sys.path[:] = [p for p in sys.path if p in keep or not os.path.isdir(os.path.join(p or ".", "kernels"))]
+""" + script
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in path))
+    return subprocess.run([sys.executable, "-c", script, *map(str, argv)], cwd=R3.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
 def _foreign_kernels(site: Path, init: str) -> None:
     """A stand-in for Hugging Face's ``kernels``: its __init__ imports a submodule by the absolute
     name, as theirs does (``from kernels._internals... import``)."""
@@ -117,9 +133,7 @@ assert kernels.logprob_kl is logprob_kl and sys.modules["kernels.logprob_kl"] is
 assert "installed_elsewhere" not in vars(kernels)
 print("ok")
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(site)]))
-    proc = subprocess.run([sys.executable, "-c", script, str(site)], cwd=R3.parent, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _run_from_checkout(script, [R3.parent, site], site)
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -129,22 +143,18 @@ def test_another_kernels_package_found_by_an_import_hook_is_found(tmp_path):
     site = tmp_path / "elsewhere"
     _foreign_kernels(site, "from kernels._internals.layer import CUDAProperties\n")
     script = """
-import importlib.util, os, sys
-import r3.kernels  # (torch and r3 imported; then no other kernels than the test's on the path)
-sys.path[:] = [p for p in sys.path if p == sys.argv[2] or not os.path.isdir(os.path.join(p or ".", "kernels"))]
+import importlib.util
 class Finder:
     def find_spec(self, name, path=None, target=None):
         if name == "kernels":
-            init = os.path.join(sys.argv[1], "kernels", "__init__.py")
+            init = os.path.join(sys.argv[2], "kernels", "__init__.py")
             return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
 sys.meta_path.append(Finder())
 import kernels
 from kernels import CUDAProperties, fused_logprob_kl
 print(kernels.__file__)
 """
-    env = dict(os.environ, PYTHONPATH=str(R3.parent))
-    proc = subprocess.run([sys.executable, "-c", script, str(site), str(R3.parent)], cwd=R3.parent, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = _run_from_checkout(script, [R3.parent], R3.parent, site, only_these_kernels=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert Path(proc.stdout.split()[-1]) == site / "kernels" / "__init__.py", proc.stdout
 
@@ -162,16 +172,12 @@ def test_two_checkouts_on_one_path_pass_each_other_over(tmp_path, foreign):
     if foreign:
         _foreign_kernels(site, "from kernels._internals.layer import CUDAProperties\n")
     script = """
-import os, sys
-import r3.kernels  # (torch and r3 imported; then no other kernels than the test's on the path)
-sys.path[:] = [p for p in sys.path if p in sys.argv[1:] or not os.path.isdir(os.path.join(p or ".", "kernels"))]
 import kernels
 from kernels import fused_logprob_kl
 print(kernels.__file__)
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(other), str(site)]))
-    proc = subprocess.run([sys.executable, "-c", script, str(R3.parent), str(other), str(site)], cwd=R3.parent,
-                          env=env, capture_output=True, text=True, timeout=300)
+    path = [R3.parent, other, site]
+    proc = _run_from_checkout(script, path, *path, only_these_kernels=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     home = site if foreign else R3.parent
     assert Path(proc.stdout.split()[-1]) == home / "kernels" / "__init__.py", proc.stdout
@@ -200,9 +206,7 @@ import kernels
 kernels.THREAD.join()
 print(kernels.RESULT)
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(site)]))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=R3.parent, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = _run_from_checkout(script, [R3.parent, site])
     assert proc.stdout.strip().splitlines()[-1:] == ["['finished']"], proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -218,9 +222,7 @@ try:
 except ImportError as e:
     print("raised", e.name, "kernels" in sys.modules)
 """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(R3.parent), str(site)]))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=R3.parent, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = _run_from_checkout(script, [R3.parent, site])
     assert proc.stdout.split()[-3:] == ["raised", "kernels._internals.layer", "False"], proc.stdout + proc.stderr
 
 
