@@ -409,12 +409,14 @@ _GGUF_SPECIAL_TOKENS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_
 
 def _gguf_tokenizer_settings(tok, path: Path, reader: GGUFFile | None = None):
     """Set bos/eos/unk/pad to the tokens the GGUF file names by id, add bos/eos when encoding as
-    the file says, and decode without the WordPiece space clean-up, as llama.cpp does. Some
-    transformers versions convert them otherwise (5.17 makes SmolLM2's eos ``<|im_start|>``, its
-    pad None, and sets the clean-up, which it then ignores with a warning at each decode; 4.57
-    adds a bos the file says not to), and eos decides where generation stops."""
+    the file says, and decode as llama.cpp does: no WordPiece space clean-up, and a byte-level
+    vocabulary by its byte map alone. Some transformers versions convert them otherwise (5.17
+    makes SmolLM2's eos ``<|im_start|>``, its pad None, and sets the clean-up, which it then
+    ignores with a warning at each decode; 4.57 adds a bos the file says not to; both put
+    SentencePiece's decoder in front of the byte map), and eos decides where generation stops."""
     tok.clean_up_tokenization_spaces = False
     reader = reader or _gguf_reader(path)
+    _byte_level_decoding(tok, reader, path)
     for attr in ("add_bos_token", "add_eos_token"):
         value = _gguf_field(reader, f"tokenizer.ggml.{attr}", path, required=False)
         if isinstance(value, bool) and hasattr(tok, attr):
@@ -430,6 +432,21 @@ def _gguf_tokenizer_settings(tok, path: Path, reader: GGUFFile | None = None):
         if token is not None and getattr(tok, attr) != token:
             setattr(tok, attr, token)
     return tok
+
+
+def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
+    """A byte-level BPE vocabulary (``gpt2`` in GGUF) decodes by its byte map alone, as llama.cpp
+    does. transformers up to 5.17 converts it with SentencePiece's decoder in front (ByteFallback,
+    Fuse, Replace("▁", " "), then ByteLevel): fused with an added token whose text lies outside the
+    byte map (DeepSeek's ``<｜begin▁of▁sentence｜>``), a whole reply then decodes as raw marks
+    (``HelloĠworldĊ``), which no verifier can read, and the token's ``▁`` turns into spaces."""
+    from tokenizers import decoders
+
+    if _gguf_field(reader, "tokenizer.ggml.model", path, required=False) != "gpt2":
+        return
+    backend = tok.backend_tokenizer
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        backend.decoder = decoders.ByteLevel()
 
 
 def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):

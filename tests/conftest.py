@@ -12,6 +12,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*non-writable.*")
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+
+    names = ("torch", "transformers", "tokenizers", "huggingface_hub", "kernels", "triton", "gguf")
+    return "r3 versions: " + ", ".join(f"{n} {v(n)}" for n in names)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The versions a failure may depend on, next to the result line (also under ``-q``, in CI)."""
+    terminalreporter.write_line(_versions())
+
+
 @pytest.fixture(scope="session")
 def builtin():
     """(model, tokenizer) of the built-in smollm2-135m in fp32."""

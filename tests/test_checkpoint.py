@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -328,6 +329,61 @@ def test_gguf_tokenizer_special_tokens_are_the_files(tmp_path, monkeypatch):
     assert tok.encode("hi") == tok("hi", add_special_tokens=False)["input_ids"]
     tok.eos_token = "<|endoftext|>"
     assert checkpoint._gguf_tokenizer_settings(tok, src).eos_token_id == 2
+
+
+def test_gguf_byte_level_vocabulary_decodes_by_its_byte_map(tmp_path, monkeypatch):
+    """A byte-level BPE GGUF decodes by its byte map alone, also next to an added token whose text
+    lies outside the map. transformers up to 5.17 converts it with SentencePiece's decoder in
+    front (ByteFallback, Fuse, Replace("▁", " ")), and a DeepSeek-style reply then decoded as raw
+    marks (``HelloĠworldĊ``) with spaces for the token's ``▁``; a tokenizer cached by such a
+    version is mended when loaded."""
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    src = checkpoint.builtin_gguf("smollm2-135m")
+    text = "<｜begin▁of▁sentence｜>Hello world\n<think>\n12 + 7 = 19 ▁é</think>"
+
+    def round_trip(tok):
+        tok.add_special_tokens({"additional_special_tokens": ["<｜begin▁of▁sentence｜>"]})
+        tok.add_tokens(["<think>", "</think>"])
+        return tok.decode(tok.encode(text))
+
+    assert round_trip(checkpoint.load_tokenizer("smollm2-135m")) == text
+    cached = next((tmp_path / "cache" / "tokenizers").iterdir())
+    tok = AutoTokenizer.from_pretrained(str(cached))
+    tok.backend_tokenizer.decoder = decoders.Sequence([  # what transformers <= 5.17 converts
+        decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " "), decoders.ByteLevel()])
+    tok.save_pretrained(str(cached))
+    broken = round_trip(AutoTokenizer.from_pretrained(str(cached)))
+    assert broken.startswith("<｜begin of sentence｜>HelloĠworldĊ")  # the test's case is real
+    assert round_trip(checkpoint.load_tokenizer("smollm2-135m")) == text
+    tok = AutoTokenizer.from_pretrained(str(cached))
+    assert round_trip(checkpoint._gguf_tokenizer_settings(tok, src)) == text
+
+
+def test_gguf_sentencepiece_vocabulary_keeps_its_decoder(tmp_path):
+    """Only a byte-level (``gpt2``) GGUF vocabulary gets the byte-map decoder: a SentencePiece
+    one (``llama``) keeps what transformers made of it."""
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    src = checkpoint.builtin_gguf("smollm2-135m")
+    reader = checkpoint._gguf_reader(src)
+    tok = checkpoint.load_tokenizer("smollm2-135m")
+    tok.save_pretrained(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    spm = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.backend_tokenizer.decoder = spm
+
+    def settings(model):
+        fields = {**reader.fields, "tokenizer.ggml.model": model}
+        checkpoint._gguf_tokenizer_settings(tok, src, dataclasses.replace(reader, fields=fields))
+
+    settings("llama")
+    assert isinstance(tok.backend_tokenizer.decoder, decoders.Sequence)
+    settings("gpt2")
+    assert isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel)
 
 
 def test_cli_reports_bad_model_in_one_line(tmp_path):
