@@ -467,13 +467,17 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
         raise
     except Exception as e:
         raise R3Error(f"{path}: cannot read the tokenizer from GGUF {_tokenizer_failure(e)}") from None
+    tmp = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
         tok.save_pretrained(str(tmp))
         os.replace(tmp, cached)
     except OSError:
-        pass  # a cache is an optimisation; a read-only home must not break loading
+        # A cache is an optimisation: a read-only or full home, or another process that cached
+        # the file first, must not break loading, nor leave a half-written copy behind.
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,6 +361,28 @@ def test_gguf_byte_level_vocabulary_decodes_by_its_byte_map(tmp_path, monkeypatc
     assert round_trip(checkpoint.load_tokenizer("smollm2-135m")) == text
     tok = AutoTokenizer.from_pretrained(str(cached))
     assert round_trip(checkpoint._gguf_tokenizer_settings(tok, src)) == text
+
+
+def test_gguf_tokenizer_cache_that_cannot_be_replaced_leaves_no_copy(tmp_path, monkeypatch):
+    """When the converted tokenizer cannot take its place in the cache (another process put an
+    entry there first, or the disk is full), its temporary copy is removed, and loading works."""
+    cache = tmp_path / "cache" / "tokenizers"
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint.load_tokenizer("smollm2-135m")
+    (entry,) = cache.iterdir()
+    (entry / "tokenizer_config.json").unlink()  # an entry it will not read, that is in the way
+    tok = checkpoint.load_tokenizer("smollm2-135m")
+    assert tok.decode(tok.encode("a , b")) == "a , b"
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    shutil.rmtree(entry)
+
+    def disk_full(self, directory, *a, **k):
+        (Path(directory) / "tokenizer.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", disk_full)
+    assert checkpoint.load_tokenizer("smollm2-135m").decode([28]) == tok.decode([28])
+    assert list(cache.iterdir()) == []
 
 
 def test_gguf_sentencepiece_vocabulary_keeps_its_decoder(tmp_path):
