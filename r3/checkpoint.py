@@ -450,11 +450,16 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
 
 
 def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
-    """transformers converts the GGUF vocabulary (seconds); cache the result by file identity."""
+    """transformers converts the GGUF vocabulary (seconds); cache the result by file identity and
+    by the converting versions, so that upgrading transformers (whose conversions differ from
+    release to release) converts the file anew."""
+    import tokenizers
+    import transformers
     from transformers import AutoTokenizer
 
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{tokenizers.__version__}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     cached = _cache_dir() / "tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
         try:

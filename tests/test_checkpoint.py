@@ -385,6 +385,25 @@ def test_gguf_tokenizer_cache_that_cannot_be_replaced_leaves_no_copy(tmp_path, m
     assert list(cache.iterdir()) == []
 
 
+def test_gguf_tokenizer_cache_is_per_transformers_version(tmp_path, monkeypatch):
+    """Another transformers (or tokenizers) version converts the file anew rather than reuse what
+    an older one made of it: conversions differ from release to release."""
+    import tokenizers
+    import transformers
+
+    cache = tmp_path / "cache" / "tokenizers"
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint.load_tokenizer("smollm2-135m")
+    checkpoint.load_tokenizer("smollm2-135m")
+    assert len(list(cache.iterdir())) == 1
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    checkpoint.load_tokenizer("smollm2-135m")
+    assert len(list(cache.iterdir())) == 2
+    monkeypatch.setattr(tokenizers, "__version__", "0.22.2")
+    checkpoint.load_tokenizer("smollm2-135m")
+    assert len(list(cache.iterdir())) == 3
+
+
 def test_gguf_sentencepiece_vocabulary_keeps_its_decoder(tmp_path):
     """Only a byte-level (``gpt2``) GGUF vocabulary gets the byte-map decoder: a SentencePiece
     one (``llama``) keeps what transformers made of it."""
