@@ -12,7 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*non-writable.*")
 
 
-def _versions() -> str:
+def pytest_terminal_summary(terminalreporter):
+    """The versions a failure may depend on, next to the result line (also under ``-q``, in CI)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def v(name):
@@ -22,12 +23,7 @@ def _versions() -> str:
             return "-"
 
     names = ("torch", "transformers", "tokenizers", "huggingface_hub", "kernels", "triton", "gguf")
-    return "r3 versions: " + ", ".join(f"{n} {v(n)}" for n in names)
-
-
-def pytest_terminal_summary(terminalreporter):
-    """The versions a failure may depend on, next to the result line (also under ``-q``, in CI)."""
-    terminalreporter.write_line(_versions())
+    terminalreporter.write_line("r3 versions: " + ", ".join(f"{n} {v(n)}" for n in names))
 
 
 @pytest.fixture(scope="session")
