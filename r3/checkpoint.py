@@ -15,6 +15,7 @@ import operator
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -458,14 +459,21 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
     from transformers import AutoTokenizer
 
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{tokenizers.__version__}"
-    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    source = {"gguf": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    key = hashlib.sha256("|".join(map(str, source.values())).encode()).hexdigest()[:16]
     cached = _cache_dir() / "tokenizers" / key
     if (cached / "tokenizer_config.json").is_file():
         try:
-            return _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(cached)), path, reader)
+            tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(cached)), path, reader)
         except Exception:
             shutil.rmtree(cached, ignore_errors=True)
+        else:
+            try:
+                os.utime(cached)  # (when it was last used decides when it is pruned)
+            except OSError:
+                pass
+            return tok
     try:
         tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path, reader)
     except R3Error:
@@ -477,13 +485,55 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
         tok.save_pretrained(str(tmp))
+        (tmp / _CACHE_SOURCE).write_text(json.dumps(source))
         os.replace(tmp, cached)
     except OSError:
         # A cache is an optimisation: a read-only or full home, or another process that cached
         # the file first, must not break loading, nor leave a half-written copy behind.
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        _prune_tokenizer_cache(cached.parent, keep=cached)
     return tok
+
+
+_CACHE_SOURCE = "r3_source.json"
+_CACHE_UNUSED_S = 30 * 86400
+_CACHE_ABANDONED_TMP_S = 86400
+
+
+def _prune_tokenizer_cache(folder: Path, keep: Path) -> None:
+    """Each transformers upgrade, or a GGUF file that changes or moves, adds a converted copy
+    (megabytes) that nothing reads again. When a new one is written, remove the entries whose
+    GGUF file is gone or changed, those unused for 30 days (other transformers versions), those
+    from r3 versions that did not record their file, and temporary copies a killed process left."""
+    now = time.time()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry == keep or not entry.is_dir():
+                continue
+            age = now - entry.stat().st_mtime
+            if entry.name.startswith("."):
+                stale = entry.name.startswith(".tmp-") and age > _CACHE_ABANDONED_TMP_S
+            else:
+                stale = age > _CACHE_UNUSED_S or not _cache_source_unchanged(entry / _CACHE_SOURCE)
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _cache_source_unchanged(record: Path) -> bool:
+    try:
+        source = json.loads(record.read_text())
+        st = Path(source["gguf"]).stat()
+        return (st.st_size, st.st_mtime_ns) == (source["size"], source["mtime_ns"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -404,6 +404,57 @@ def test_gguf_tokenizer_cache_is_per_transformers_version(tmp_path, monkeypatch)
     assert len(list(cache.iterdir())) == 3
 
 
+def test_gguf_tokenizer_cache_prunes_what_nothing_reads_again(tmp_path, monkeypatch):
+    """Writing a new conversion removes entries whose GGUF file is gone or changed, entries
+    unused for 30 days, entries that do not record their file (older r3 versions), and temporary
+    copies a killed process left; it keeps other versions' recent entries and a writer's copy.
+    Reading an entry marks it used."""
+    import json
+    import os
+    import time
+
+    cache = tmp_path / "cache" / "tokenizers"
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    src = checkpoint.builtin_gguf("smollm2-135m")
+    st = src.stat()
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    month_ago = time.time() - 31 * 86400
+
+    def entry(name, source=None, age_s=0.0):
+        d = cache / name
+        d.mkdir(parents=True)
+        (d / "tokenizer_config.json").write_text("{}")
+        if source is not None:
+            (d / "r3_source.json").write_text(json.dumps(source))
+        os.utime(d, (time.time() - age_s, time.time() - age_s))
+
+    real = {"gguf": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "transformers": "4.57.6", "tokenizers": "0.22.2"}
+    entry("other_version", real, age_s=29 * 86400)
+    entry("unused", real, age_s=31 * 86400)
+    entry("unrecorded")
+    entry("file_gone", {**real, "gguf": str(tmp_path / "gone.gguf")})
+    entry("file_changed", {**real, "gguf": str(other), "size": 5})
+    entry("unreadable_record", None)
+    (cache / "unreadable_record" / "r3_source.json").write_text("{")
+    entry(".tmp-abandoned", age_s=2 * 86400)
+    entry(".tmp-being-written")
+    (cache / "notes.txt").write_text("kept")
+
+    tok = checkpoint.load_tokenizer("smollm2-135m")
+    new = {p.name for p in cache.iterdir()} - {"other_version", ".tmp-being-written", "notes.txt"}
+    assert len(new) == 1, sorted(new)
+    (key,) = new
+    record = json.loads((cache / key / "r3_source.json").read_text())
+    assert record["gguf"] == str(src.resolve()) and record["size"] == st.st_size
+
+    os.utime(cache / key, (month_ago, month_ago))
+    assert checkpoint.load_tokenizer("smollm2-135m").encode("a b") == tok.encode("a b")
+    assert (cache / key).stat().st_mtime > month_ago + 86400  # read: used again
+    assert (cache / "other_version").is_dir()  # a read alone prunes nothing
+
+
 def test_gguf_sentencepiece_vocabulary_keeps_its_decoder(tmp_path):
     """Only a byte-level (``gpt2``) GGUF vocabulary gets the byte-map decoder: a SentencePiece
     one (``llama``) keeps what transformers made of it."""
