@@ -281,6 +281,9 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>. The answer is 6.5", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u2713", True),
         ([1, 2, 3], 6, "The answer is:\n<answer>1 * 2 * 3</answer>, which is six.", True),
+        ([1, 2, 3], 6, "<answer>1 * 2<sup>3</sup></answer>", False),  # an exponent as markup
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> in binary", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 *\u20eb 3</answer>", False),
         # a leading reasoning block: only what follows its first </think> is read
         ([1, 2, 3], 6, "<think>\n1 + 2 = 3, 3 * 2 = 6\n</think>\n<answer>1 * 2 * 3</answer>", True),
         ([1, 2, 3], 6, "<think>\nIt is <answer>1 * 2 * 3</answer>\n</think>\nI give up.", False),
@@ -293,6 +296,23 @@ def test_countdown_verifier_cases(nums, target, completion, expected):
     ex = {"nums": nums, "target": target}
     assert CD.verify(ex, completion) is expected
     assert recheck(CD, ex, completion)[0] is expected
+
+
+def test_countdown_overlay_marks_are_unicodes_combining_class_1():
+    """Both readings of an overlaid character cover every overlay mark Unicode names (the verifier
+    lists them, the re-check asks unicodedata): none is dropped as a plain accent."""
+    import unicodedata
+
+    from r3.tasks.countdown_verify import OVERLAY_MARKS
+
+    overlays = {chr(c) for c in range(0x110000) if unicodedata.combining(chr(c)) == 1}
+    listed = {m.group() for c in map(chr, range(0x110000))
+              for m in [re.fullmatch(f"[{OVERLAY_MARKS}]", c)] if m}
+    assert listed == overlays
+    ex = {"nums": [26, 24], "target": 50}
+    for mark in sorted(overlays - {"\u0335", "\u0336"}):
+        text = f"26 + 24 ={mark} 50"
+        assert not LENIENT.verify(ex, text) and not recheck(LENIENT, ex, text)[0], hex(ord(mark))
 
 
 def test_countdown_never_executes(tmp_path):
@@ -904,6 +924,10 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([5, 23], 28, "5 + 23 = 28. Final answer: the difference of 23 and 5.", False),
         ([5, 23], 28, "5 + 23 = 28. Final answer: the product of 23 and 5.", False),
         ([5, 23], 28, "5 + 23 = 28. The answer is 28 to the power of 5.", False),
+        ([26, 24], 50, "26 + 24 = 50 in binary", False),  # another base
+        ([26, 24], 50, "26 + 24 = 50 (hex)", False),
+        ([26, 24], 50, "In octal 26 + 24 = 50", False),
+        ([26, 24], 50, "This binary puzzle took a while.\nSo 26 + 24 = 50", True),
         ([18, 25], 43, "18 + 25 = 43 (addition with two respective factors of 43)", True),
         # ... marks that negate or strike out what they touch, struck-through markup
         ([5, 23], 28, "5 + 23 =\u0338 28", False),  # shows as 5 + 23 \u2260 28
@@ -914,6 +938,16 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([5, 23], 28, "<strike>The answer is 5 + 23 = 28.</strike>", False),
         ([5, 23], 28, "5 + 23 = 28 <del>5 - 23 = 18</del>", True),  # struck text is not read
         ([5, 23], 28, "5 + 23 = 28\n5\u0336-\u0336", True),
+        # ... any other overlay mark (Unicode's combining class 1) makes what it covers unreadable
+        ([26, 24], 50, "26 + 24 =\u20eb 50", False),  # a double solidus: shows as \u2260
+        ([26, 24], 50, "26 + 24 =\u20d2 50", False),  # a vertical line
+        ([26, 24], 50, "26 + 24 =\u0334 50", False),  # a tilde
+        ([26, 24], 50, "26 + 24 = 5\U0001d1670", False),
+        ([26, 24], 50, "x\u20d2 is fine.\n26 + 24 = 50", True),
+        # ... superscript and subscript markup: raised or lowered text is another operation
+        ([26, 24], 50, "26<sup>+24</sup> = 50", False),
+        ([26, 24], 50, "26 + 24 = 50<SUB>10</SUB>", False),
+        ([26, 24], 50, "x<sup>2</sup> is another puzzle.\n26 + 24 = 50", True),
         # ... denials: cross marks, a label before it, more words after it
         ([5, 23], 28, "5 + 23 = 28 \u274c", False),
         ([5, 23], 28, "5 + 23 = 28 \u2717", False),

@@ -18,10 +18,11 @@ that is not the target).
 The text is first read as a person sees it: Unicode spaces and blank-looking characters become
 spaces and line separators line breaks, invisible format characters (zero-width spaces, soft
 hyphens) and combining marks are dropped, except that a character struck through
-(U+0335, U+0336) is dropped with its mark and one overlaid with a solidus (U+0337, U+0338:
-``=\u0338``) reads as ``\u2260``, HTML entities are decoded, struck-through markup (``<del>``,
-``<s>``, ``<strike>`` up to its closing tag) becomes a space and other HTML-like tags become
-spaces (``<answer>`` reads as the word "answer"),
+(U+0335, U+0336) is dropped with its mark and one under any other overlay mark (a solidus,
+U+0338: ``=\u0338``; a double solidus, a vertical line, a tilde) reads as ``\u2260``, HTML
+entities are decoded, struck-through markup (``<del>``, ``<s>``, ``<strike>`` up to its closing
+tag) becomes a space, superscript and subscript tags read as ``^`` and other HTML-like tags
+become spaces (``<answer>`` reads as the word "answer"),
 ``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces; bidirectional control
 characters make the completion wrong. The final equation is then the last run of arithmetic text
 (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
@@ -110,7 +111,8 @@ OPERATOR_WORDS = frozenset("""
     absolute factorial squared cubed square cube power powers pow exponent exponents percent
     percentage negative minus plus times divided multiplied over x \u0445 half twice double triple
     thrice third quarter inverse reciprocal floor ceil ceiling round rounded approximately approx
-    roughly multiple multiples factor factors product quotient remainder fraction base from add
+    roughly multiple multiples factor factors product quotient remainder fraction base radix
+    binary octal hex hexadecimal from add
     added subtract subtracted increased decreased increase decrease less more
     doubled tripled halved cdot ast div frac pm mp fois mal halves thirds quarters fourth fourths
     fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths multiply
@@ -223,11 +225,15 @@ _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,20}>")
 # (ASCII letters in any case only: Unicode case folding would read "\u017f" as "s", "\u212a" as "k")
 _LATER_TAG = re.compile(r"(?ai)(?:<|&lt;|\uff1c)\s*/?\s*answer|answer\s*(?:>|&gt;|\uff1e)")
 _STRUCK_TAG = re.compile(r"(?ai)<(/?)(del|s|strike)>")
-# A character overlaid with a stroke (U+0335, U+0336: struck through) or a solidus (U+0337,
-# U+0338: negated, ``=\u0338`` shows as ``\u2260``), with the marks on it.
-_OVERLAY_MARK = re.compile("[\u0335-\u0338]")
-_OVERLAID = re.compile("[^\u0335-\u0338\n\r\u2028\u2029\x85]?[\u0335-\u0338]+")
-_SOLIDUS = re.compile("[\u0337\u0338]")
+# A character overlaid with marks (Unicode's overlay marks, canonical combining class 1), with
+# the marks on it: struck through by a stroke (U+0335, U+0336) it is not read; under any other
+# overlay (a solidus, U+0338: ``=\u0338`` shows as ``\u2260``; a double solidus, a vertical line,
+# a tilde, a ring) it is no longer itself and reads as ``\u2260``.
+OVERLAY_MARKS = ("\u0334-\u0338\u1cd4\u1ce2-\u1ce8\u20d2\u20d3\u20d8-\u20da\u20e5\u20e6\u20ea\u20eb"
+                 "\U00010a39\U00016af0-\U00016af4\U0001bc9e\U0001d167-\U0001d169")
+_OVERLAY_MARK = re.compile(f"[{OVERLAY_MARKS}]")
+_OVERLAID = re.compile(f"[^{OVERLAY_MARKS}\n\r\u2028\u2029\x85]?[{OVERLAY_MARKS}]+")
+_STROKE_ONLY = re.compile("[\u0335\u0336]+")
 _BOXED = re.compile(r"\\boxed\{([^{}\n]*)\}")
 _LATEX_DELIMITERS = re.compile(r"\\[()\[\]]")
 
@@ -247,6 +253,20 @@ def _visible(ch: str) -> str:
     if unicodedata.category(ch) in ("Cf", "Cc", "Mn", "Me"):
         return ""  # invisible, or a mark on the character before it
     return ch
+
+
+def _read_tag(m: re.Match) -> str:
+    """A tag reads as a space, but superscript and subscript (``26<sup>2</sup>``) as ``^``: the
+    text in them is raised or lowered, another operation than the one written."""
+    return "^" if m.group().lower() in _RAISED_TAGS else " "
+
+
+_RAISED_TAGS = frozenset(("<sup>", "</sup>", "<sub>", "</sub>"))
+
+
+def _read_overlaid(m: re.Match) -> str:
+    marks = m.group() if _OVERLAY_MARK.match(m.group()) else m.group()[1:]
+    return "" if _STROKE_ONLY.fullmatch(marks) else "\u2260"
 
 
 def _unstruck(text: str) -> str:
@@ -271,12 +291,12 @@ def normalise(text: str) -> tuple[str | None, str]:
     if "&" in text:
         text = html.unescape(text)
     if _OVERLAY_MARK.search(text):
-        text = _OVERLAID.sub(lambda m: "\u2260" if _SOLIDUS.search(m.group()) else "", text)
+        text = _OVERLAID.sub(_read_overlaid, text)
     if "<" in text:
         text = _unstruck(text)
     text = _NON_ASCII_OR_CONTROL.sub(lambda m: _visible(m.group()), text)
     text = text.replace("<answer>", " answer ").replace("</answer>", " ")
-    text = _TAG.sub(" ", text)
+    text = _TAG.sub(_read_tag, text)
     if "\\" in text:
         text = _BOXED.sub(lambda m: " answer " + m.group(1) + " ", text)
         text = _LATEX_DELIMITERS.sub(" ", text)

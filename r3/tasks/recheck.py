@@ -35,7 +35,8 @@ _CD_OP_WORDS = set("""
     factorial squared cubed square cube power powers pow exponent exponents percent percentage negative
     minus plus times divided multiplied over x half twice double triple thrice third quarter inverse
     reciprocal floor ceil ceiling round rounded approximately approx roughly multiple multiples factor
-    factors product quotient remainder fraction base from add added subtract subtracted
+    factors product quotient remainder fraction base radix binary octal hex hexadecimal from add added
+    subtract subtracted
     increased decreased increase decrease less more doubled tripled halved cdot ast div frac
     pm mp fois mal halves thirds quarters fourth fourths fifth fifths sixth sixths seventh sevenths eighth
     eighths ninth ninths tenth tenths multiply multiplying multiplication divide dividing division negate
@@ -239,20 +240,21 @@ def _cd_read(text: str) -> str | None:
         return None
     if "&" in text:
         text = html.unescape(text)
-    if any("\u0335" <= c <= "\u0338" for c in text):
-        # a stroke over a character (U+0335, U+0336) strikes it out; a solidus (U+0337, U+0338) negates it: \u2260
+    if any(unicodedata.combining(c) == 1 for c in text):
+        # an overlay mark (combining class 1) on a character: strokes alone (U+0335, U+0336) strike
+        # it out; any other (a solidus, U+0338, a double solidus, a vertical line) negates it: \u2260
         out, i = [], 0
         while i < len(text):
-            if not "\u0335" <= text[i] <= "\u0338":
+            if unicodedata.combining(text[i]) != 1:
                 out.append(text[i])
                 i += 1
                 continue
             j = i
-            while j < len(text) and "\u0335" <= text[j] <= "\u0338":
+            while j < len(text) and unicodedata.combining(text[j]) == 1:
                 j += 1
             if out and out[-1] not in "\n\r\u2028\u2029\x85" and i > 0 and text[i - 1] == out[-1]:
                 out.pop()
-            if "\u0337" in text[i:j] or "\u0338" in text[i:j]:
+            if any(c not in "\u0335\u0336" for c in text[i:j]):
                 out.append("\u2260")
             i = j
         text = "".join(out)
@@ -281,7 +283,9 @@ def _cd_read(text: str) -> str | None:
                     k += 1
                 if k < len(text) and text[k] == ">" and k - j <= 21:
                     name = text[i:k + 1]
-                    out.append(" answer " if name == "<answer>" else " ")
+                    # superscript / subscript: raised or lowered text, another operation: "^"
+                    out.append(" answer " if name == "<answer>" else
+                               "^" if name.lower() in ("<sup>", "</sup>", "<sub>", "</sub>") else " ")
                     i = k + 1
                     continue
         out.append(text[i])
