@@ -283,6 +283,7 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "The answer is:\n<answer>1 * 2 * 3</answer>, which is six.", True),
         ([1, 2, 3], 6, "<answer>1 * 2<sup>3</sup></answer>", False),  # an exponent as markup
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> in binary", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n3 is the final answer.", False),
         ([1, 2, 3], 6, "<answer>1 * 2 *\u20eb 3</answer>", False),
         # a leading reasoning block: only what follows its first </think> is read
         ([1, 2, 3], 6, "<think>\n1 + 2 = 3, 3 * 2 = 6\n</think>\n<answer>1 * 2 * 3</answer>", True),
@@ -901,6 +902,15 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([5, 23], 28, "5 + 23 = 28.\n\n#### 28", True),
         ([5, 23], 28, "5 + 23 = 28. The answer is therefore 28.", True),
         ([5, 23], 28, "5 + 23 = 28. The answer is 28.\nI used 5 and 23.", True),
+        # ... or before its cue, as the subject of "is the answer", or after "final"
+        ([26, 24], 50, "26 + 24 = 50. Actually 24 is the final answer.", False),
+        ([26, 24], 50, "26 + 24 = 50, and 26 would then be the answer", False),
+        ([26, 24], 50, "26 + 24 = 50. **24** is *the* result.", False),
+        ([26, 24], 50, "26 + 24 = 50. Final: 24", False),
+        ([26, 24], 50, "26 + 24 = 50. 50 is the final answer.", True),
+        ([26, 24], 50, "26 + 24 = 50. Using 26 and 24, the answer is 50.", True),
+        ([26, 24], 50, "26 + 24 = 50. 24 is the second number; the answer is 50.", True),
+        ([26, 24], 50, "26 + 24 = 50\nFinal: 50", True),
         # ... a number word that states another result
         ([5, 23], 28, "5 + 23 = 28, which is thirty-two.", False),
         ([5, 23], 28, "5 + 23 = 28 (eighteen)", False),

@@ -54,10 +54,11 @@ when
 * the text after it mentions a number that is neither a given number nor the target
   (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a number after an answer cue
   (``answer``, ``result``, ``total``, ``equals``, ``gives``, ``get``, ``equation``, ``it's``,
-  ``####``, ... :data:`ANSWER_CUES`, over linking words, quotes and brackets) that is not the
-  target (``The answer is 24.``), a number that is not the target anywhere later in the sentence
-  and line of ``answer``, ``result``, ``solution`` or ``total`` (:data:`SENTENCE_CUES`: ``The answer
-  is therefore 24.``), a decimal (``50.5``; after a cue also ``28,5``), a number in another script, a number next to an
+  ``final``, ``####``, ... :data:`ANSWER_CUES`, over linking words, quotes and brackets) that is
+  not the target (``The answer is 24.``, ``Final: 24``), a number that is not the target anywhere
+  later in the sentence and line of ``answer``, ``result``, ``solution`` or ``total``
+  (:data:`SENTENCE_CUES`: ``The answer is therefore 24.``) or made one of them just before it
+  (``Actually 24 is the final answer.``, ``26 would then be the result``), a decimal (``50.5``; after a cue also ``28,5``), a number in another script, a number next to an
   operator sign or word (``26 \u2212 24``, ``I added 26``, ``26 take away 24``) or after an
   operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
   ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
@@ -167,11 +168,20 @@ RESULT_LINKS = frozenset("""
 #: Words after which a number is an answer: a later one that is not the target contradicts the
 #: final equation (``####`` is the answer marker of GSM8K-style text).
 ANSWER_CUES = frozenset("""
-    answer answers result results solution total equals gives makes get gets got yields equation it's ####
+    answer answers result results solution total equals gives makes get gets got yields equation it's final
+    ####
 """.split())
 #: Cues after which any number in the rest of the sentence is an answer (``The answer is therefore
 #: 23.``, ``The answer is `23`.``).
 SENTENCE_CUES = frozenset("answer answers result results solution total".split())
+#: Between a number and a later answer cue, the words that make the number the answer (``24 is
+#: the final answer``, ``24 would then be my answer``): a verb, up to two of these before it and
+#: up to four after it.
+_SUBJECT_VERBS = frozenset("is was be becomes remains".split())
+_SUBJECT_FILLERS = frozenset("""
+    the my our final correct right real true actual only new last proper exact intended then therefore
+    thus so actually really clearly indeed also will would should must could might
+""".split())
 #: Words just before a number word that make it a stated result (``, or eighteen``, ``which is
 #: five``); ``is``, ``was`` and ``be`` only after :data:`_STATING`.
 STATING_WORDS = frozenset("equals equal makes gives yields or".split())
@@ -500,6 +510,9 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         if kind == "number" and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-3:]):
             return "more arithmetic after the final equation (a number just after an operation word)"
         if kind == "word" and tok in SENTENCE_CUES:
+            subject = _answer_subject(prev)
+            if subject is not None and subject != str(target):
+                return f"a later answer ({subject}) is not the target {target}"
             cue_sentence = True
         elif tok in ".!?":
             cue_sentence = False
@@ -535,6 +548,24 @@ def _stated(prev: list[tuple[str, str]]) -> bool:
     if not words:
         return False
     return words[0] in STATING_WORDS or (words[0] in ("is", "was", "be") and words[1:] != [] and words[1] in _STATING)
+
+
+def _answer_subject(prev: list[tuple[str, str]]) -> str | None:
+    """The number the tokens just read make an answer before its cue word (``24 is the final``
+    before ``answer``; Markdown emphasis and quotes aside), or None."""
+    verb, fillers = False, 0
+    for kind, value in reversed(prev):
+        if kind == "other" and value in _DECORATION:
+            continue
+        if kind == "number":
+            return value if verb else None
+        if kind == "word" and value in _SUBJECT_VERBS and not verb:
+            verb, fillers = True, 0
+        elif kind == "word" and value in _SUBJECT_FILLERS and fillers < (2 if verb else 4):
+            fillers += 1
+        else:
+            return None
+    return None
 
 
 def _after_cue(prev: list[tuple[str, str]]) -> bool:

@@ -81,8 +81,13 @@ _CD_LINKS = set("""
     turns turned gave equaled equalled came
 """.split())
 _CD_CUES = {"answer", "answers", "result", "results", "solution", "total", "equals", "gives", "makes", "get",
-            "gets", "got", "yields", "equation", "it's", "####"}
+            "gets", "got", "yields", "equation", "it's", "final", "####"}
 _CD_SENTENCE_CUES = {"answer", "answers", "result", "results", "solution", "total"}
+# a number made the answer by the words before an answer word: "24 is the final answer", "24 would be my answer"
+_CD_FILLER = (r"(?:the|my|our|final|correct|right|real|true|actual|only|new|last|proper|exact|intended|then|"
+              r"therefore|thus|so|actually|really|clearly|indeed|also|will|would|should|must|could|might)")
+_CD_SUBJECT = re.compile(rf"(?i)(?<![0-9A-Za-z])([0-9]+)[*_'\u2019\"`\s]*(?:{_CD_FILLER}[*_'\u2019\"`\s]+){{0,2}}"
+                         rf"(?:is|was|be|becomes|remains)[*_'\u2019\"`\s]+(?:{_CD_FILLER}[*_'\u2019\"`\s]+){{0,4}}$")
 _CD_STATES = {"equals", "equal", "makes", "gives", "yields", "or"}
 _CD_STATES_BEFORE_IS = {"which", "that", "would", "will", "should", "must"}
 _CD_OF_OPS = set("""
@@ -654,6 +659,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
     allowed = {int(n) for n in nums} | {int(target)}
     window: list[tuple[str, str]] = []
     n = len(text)
+    begin = i
     answer_sentence = False
     skip_to = -1  # the unit word of "thirty-two" was read with "thirty"
 
@@ -760,6 +766,9 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
         if kind == "number" and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-3:]):
             return "later arithmetic (a number after an operation)"
         if kind == "word" and tok in _CD_SENTENCE_CUES:
+            subject = _CD_SUBJECT.search(text, max(begin, i - 200), i)
+            if subject and int(subject.group(1)) != target:
+                return "later answer before its cue"
             answer_sentence = True
         elif tok in (".", "!", "?"):
             answer_sentence = False
