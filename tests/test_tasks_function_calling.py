@@ -375,6 +375,13 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("<think>Plan: [</think>\n<tool_call>" + DELETE_ALL + "</tool_call>\n]</think>\n" + GOOD, False),
         ("<think>{</think>}<tool_call>" + DELETE_ALL + "</tool_call></think>" + GOOD, False),
         ('<think>I note {"x": "</think>"}\n<tool_call>' + DELETE_ALL + "</tool_call>\nok </think>\n" + GOOD, False),
+        # a bracket left open in the reasoning reaches no further than it: it neither swallows the
+        # answer ("[0, 100)") nor hides a broken or wrong attempt after the block (a sixth reader's)
+        ("<think>The range is [0, 100).</think>\n" + GOOD, True),
+        ("<think>Open { here, and '[' too</think>\n" + GOOD, True),
+        ("<think>[</think>" + DELETE_ALL[:-1] + "]\nok\n" + GOOD, False),
+        ("<think>[</think>[" + DELETE_ALL + "}]\nNow:\n" + GOOD, False),
+        ('<think>{"a": </think>}' + GOOD, True),
         # markup that wraps JSON calls (Jamba, MiniMax, Granite) is part of the run
         ("<tool_calls>" + GOOD + "</tool_calls>", True),
         ("<tool_calls>\n" + "\n".join(json.dumps(c) for c in CALLS) + "\n</tool_calls>", True),

@@ -60,7 +60,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   separately (``[{right call}, {broken call}]`` is no answer, not the right call alone). A
   leading reasoning block (the completion opens with ``<think>``, up to its first ``</think>``,
   where a reasoning parser splits it) is reasoning, not calls: its attempts are not read, so an
-  answer only inside it is no answer, and a block never closed leaves no answer. A ``</think>``
+  answer only inside it is no answer, a bracket left open in it (``[0, 100)``) reaches no further
+  than its end, and a block never closed leaves no answer. A ``</think>``
   without that opening is text (r3 renders Qwen3 prompts with the think block closed; where a
   generation prompt opens it, as DeepSeek-R1-Distill's ``<think>\\n``, the reply's text starts
   with that opening: :meth:`r3.chat.ChatFormat.decode`);
@@ -272,14 +273,15 @@ def _closes_on_its_line(text: str, pos: int) -> bool:
     return False
 
 
-def _structures(text: str):
-    """``(start, end, complete)`` of each top-level structure (see the module docstring), in
-    order: complete ones end at their matching bracket, broken ones at the mismatched closing
-    bracket, truncated ones at the end of the text. One pass over the brackets and quotes: a
+def _structures(text: str, begin: int = 0):
+    """``(start, end, complete)`` of each top-level structure from ``begin`` on (see the module
+    docstring), in order: complete ones end at their matching bracket, broken ones at the
+    mismatched closing bracket, truncated ones at the end of the text. One pass over the brackets
+    and quotes: a
     string opens at ``"``, or at ``'`` where a value or key starts (after ``[``, ``{``, ``,`` or
     ``:`` and blanks; ``[what's]`` is no string) and closes on the same line (``[80s, '90s]`` is
     none), and ends at the same quote, escapes skipped."""
-    marks = _MARKS.finditer(text)
+    marks = _MARKS.finditer(text, begin)
     for m in marks:
         if m.group() not in _CLOSER:
             continue  # prose: quotes and closing brackets mean nothing here
@@ -511,9 +513,11 @@ def _embedded(text: str, thought: int) -> tuple[list[dict] | None, int, list, li
     there is none); the parsed structures of the runs; each run's start and end (of its last
     attempt), in order; the texts the runs passed over."""
     found, attempts = [], []
-    for start, end, complete in _structures(text):
+    # (read from the block's end: a bracket left open in the reasoning, "[0, 100)", must not
+    # swallow the answer after it, nor hide a broken attempt there)
+    for start, end, complete in _structures(text, thought):
         found.append((start, end, complete))
-        if start >= thought and _is_attempt(text, start, end, complete):
+        if _is_attempt(text, start, end, complete):
             attempts.append(len(found) - 1)
     if not attempts:
         return None, 0, [], [], []

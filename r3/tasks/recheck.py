@@ -921,11 +921,12 @@ _FC_FUNCTION_KEYS = ("function", "function_name", "functionname", "func", "fn", 
                      "action", "recipient_name", "api", "api_name", "method", "command")
 
 
-def _fc_spans(text: str) -> list[tuple[int, int, bool]]:
-    """(start, end, complete) of each top-level bracketed structure, char by char: complete,
-    broken at a mismatched closing bracket, or truncated at the end of the text. Strings are
-    skipped: double-quoted, and single-quoted where a value or key starts and closed on its line."""
-    out, i, n = [], 0, len(text)
+def _fc_spans(text: str, begin: int = 0) -> list[tuple[int, int, bool]]:
+    """(start, end, complete) of each top-level bracketed structure from ``begin`` on, char by
+    char: complete, broken at a mismatched closing bracket, or truncated at the end of the text.
+    Strings are skipped: double-quoted, and single-quoted where a value or key starts and closed
+    on its line."""
+    out, i, n = [], begin, len(text)
     while i < n:
         if text[i] not in "[{":
             i += 1
@@ -1468,7 +1469,6 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
     calls, runs, parsed, passed = None, [], [], []
-    spans = _fc_spans(text)
     # a reasoning block that opens the completion (after blanks) up to its first "</think>", where a
     # reasoning parser splits it, is not calls
     # (one never closed is all reasoning: no answer)
@@ -1477,6 +1477,7 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         if "</think>" not in text:
             return False, "the reasoning block is never closed"
         reasoning = text.index("</think>") + len("</think>")
+    spans = _fc_spans(text, reasoning)  # (a bracket left open in the reasoning reaches no further)
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):
         try:
@@ -1489,7 +1490,7 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         chunks, attempts = [], []
         for a, b, ok in spans:
             chunks.append((text[a:b], ok, a))
-            if a >= reasoning and _fc_is_attempt(text[a:b], ok):
+            if _fc_is_attempt(text[a:b], ok):
                 attempts.append(len(chunks) - 1)
         # every attempt after the reasoning counts: each must be complete, each run well formed
         # (a block is <tool_call> one attempt </tool_call>; the last of a run may stay open here)
