@@ -281,6 +281,20 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>. The answer is 6.5", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u2713", True),
         ([1, 2, 3], 6, "The answer is:\n<answer>1 * 2 * 3</answer>, which is six.", True),
+        # Markdown emphasis around words or around the block is markup, not arithmetic (a sixth
+        # reader's: every "**Answer:** <answer>" reply was refused); stars that are not are read
+        ([1, 2, 3], 6, "**Answer:** <answer>1 * 2 * 3</answer>", True),
+        ([1, 2, 3], 6, "**Final Answer**\n<answer>1 * 2 * 3</answer>", True),
+        ([1, 2, 3], 6, "The answer is **<answer>1 * 2 * 3</answer>**.", True),
+        ([1, 2, 3], 6, "***Answer:*** <answer>1 * 2 * 3</answer>", True),
+        ([1, 2, 3], 6, "2 **<answer>1 * 2 * 3</answer>**", False),
+        ([1, 2, 3], 6, "2**<answer>1 * 2 * 3</answer>**", False),
+        ([1, 2, 3], 6, "2 * **<answer>1 * 2 * 3</answer>**", False),
+        ([1, 2, 3], 6, "** <answer>1 * 2 * 3</answer>**", False),
+        ([1, 2, 3], 6, "**2** <answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> **2**", False),
+        ([1, 2, 3], 6, "**Not** <answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> **times two**", False),
         ([1, 2, 3], 6, "<answer>1 * 2<sup>3</sup></answer>", False),  # an exponent as markup
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> in binary", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n3 is the final answer.", False),

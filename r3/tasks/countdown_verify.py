@@ -12,7 +12,8 @@ one in another spelling: ``<Answer>``, ``< answer >``, ``&lt;answer&gt;``), or w
 the block or after it changes its meaning, by the same rules as the final equation's below, the
 text around the block read as a person sees it (``3 * <answer>...``, ``<answer>...</answer>^2``,
 ``not <answer>...``, ``n\u200bot <answer>...``, ``3 *`` ending the line before, a later answer
-that is not the target).
+that is not the target). Markdown emphasis around words or around the block is left out of that
+text (``**Answer:** <answer>...``, :func:`_without_emphasis`).
 
 **Without tags** (``answer_tags=False``) the answer is the *final equation* of the completion.
 The text is first read as a person sees it: Unicode spaces and blank-looking characters become
@@ -626,6 +627,42 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     return None
 
 
+_STARS = re.compile(r"\*+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _without_emphasis(view: str) -> str:
+    """The text around an answer block (the block one NUL) without Markdown emphasis: a pair of
+    ``*``, ``**`` or ``***`` on one line around words (``**Answer:** <answer>``, ``**Final
+    Answer**`` on the line before) or around the block itself (``**<answer>...</answer>**``),
+    opening and closing as Markdown's do. Read as arithmetic, ``**`` next to the block rejected
+    every such reply. Consecutive runs of stars are paired left to right: linear time."""
+    runs = list(_STARS.finditer(view))
+    out, at, k = [], 0, 0
+    while k + 1 < len(runs):
+        a, b = runs[k], runs[k + 1]
+        if _emphasis_pair(view, a, b):
+            out += [view[at:a.start()], view[a.end():b.start()]]
+            at, k = b.end(), k + 2
+        else:
+            k += 1
+    out.append(view[at:])
+    return "".join(out)
+
+
+def _emphasis_pair(view: str, opening: re.Match, closing: re.Match) -> bool:
+    marker, inner = opening.group(), view[opening.end():closing.start()]
+    if len(marker) > 3 or closing.group() != marker or not inner or "\n" in inner:
+        return False
+    if inner[0].isspace() or inner[-1].isspace():
+        return False  # (a marker with a space inside does not open or close emphasis)
+    before = view[opening.start() - 1] if opening.start() else ""
+    after = view[closing.end()] if closing.end() < len(view) else ""
+    if (before and (before.isalnum() or before == "_")) or (after and (after.isalnum() or after == "_")):
+        return False  # (2**3**: digits or letters glued outside)
+    return inner == "\0" or _ASCII_LETTER.search(inner) is not None
+
+
 def _continues_from_previous_line(text: str, start: int) -> str | None:
     """Why the equation starting its line at ``start`` continues the line before, or None."""
     i = start - 1
@@ -941,7 +978,9 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         rest, why_rest = normalise(text[after:])
         if before is None or rest is None:
             return False, why or why_rest
-        view, block, end = before + "\0" + rest, len(before), len(before) + 1
+        view = _without_emphasis(before + "\0" + rest)
+        block = view.index("\0")
+        end = block + 1
         left = block - 1
         while left >= 0 and view[left] in _SPACE:
             left -= 1

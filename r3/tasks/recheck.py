@@ -513,6 +513,40 @@ def _cd_previous_line(text: str, start: int) -> str | None:
     return None
 
 
+def _cd_unemphasised(text: str) -> str:
+    """Markdown emphasis markers dropped: star runs of one to three, taken in order, where one
+    opens (no letter, digit or _ glued before it, no blank after it) and the next run on the same
+    line is the same and closes (no blank before it, no letter, digit or _ glued after it), with
+    an ASCII letter between them or only the answer block (the NUL)."""
+    stars = []  # (start, end) of each maximal run of "*"
+    i = 0
+    while i < len(text):
+        if text[i] == "*":
+            j = i
+            while j < len(text) and text[j] == "*":
+                j += 1
+            stars.append((i, j))
+            i = j
+        else:
+            i += 1
+    drop = set()
+    k = 0
+    while k + 1 < len(stars):
+        (a0, a1), (b0, b1) = stars[k], stars[k + 1]
+        inner = text[a1:b0]
+        glued_out = (a0 > 0 and (text[a0 - 1].isalnum() or text[a0 - 1] == "_")) or (
+            b1 < len(text) and (text[b1].isalnum() or text[b1] == "_"))
+        if (a1 - a0 == b1 - b0 <= 3 and inner and "\n" not in inner and not inner[0].isspace()
+                and not inner[-1].isspace() and not glued_out
+                and (inner == "\0" or any("a" <= c.lower() <= "z" for c in inner))):
+            drop.update(range(a0, a1))
+            drop.update(range(b0, b1))
+            k += 2
+        else:
+            k += 1
+    return "".join(c for n, c in enumerate(text) if n not in drop)
+
+
 def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = True,
                       ops: str = "+-*/") -> tuple[bool, str]:
     """The Countdown rule (see :mod:`r3.tasks.countdown_verify`), implemented separately."""
@@ -541,8 +575,9 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         head, tail = _cd_read(text[:start]), _cd_read(rest)
         if head is None or tail is None:
             return False, "bidirectional controls"
-        around = f"{head}\0{tail}"
-        start, end = len(head), len(head) + 1
+        around = _cd_unemphasised(f"{head}\0{tail}")
+        start = around.index("\0")
+        end = start + 1
         k1 = start - 1
         while k1 >= 0 and around[k1] in " \t":
             k1 -= 1
