@@ -295,6 +295,18 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> **2**", False),
         ([1, 2, 3], 6, "**Not** <answer>1 * 2 * 3</answer>", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> **times two**", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> *n*", False),  # one letter: maybe a variable
+        ([1, 2, 3], 6, "**\u212a** <answer>1 * 2 * 3</answer>", False),  # (the Kelvin sign is no ASCII letter)
+        # an operator next to the block with a number past it, quotes and number words too; "/" and a
+        # spaced "*" after it are arithmetic (a seventh reader's)
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> * two", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>/'2'", False),
+        ([1, 2, 3], 6, "two*<answer>1 * 2 * 3</answer>", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>. Then /3", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> and then * 2", False),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\nSo the result is **6**.", True),
+        ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u2014 one way to do it", True),
+        ([26, 24], 50, "<answer>26 + 24</answer>\n\"24\" would then be 'my' final answer.", False),
         ([1, 2, 3], 6, "<answer>1 * 2<sup>3</sup></answer>", False),  # an exponent as markup
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> in binary", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n3 is the final answer.", False),
@@ -920,6 +932,9 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "26 + 24 = 50. Actually 24 is the final answer.", False),
         ([26, 24], 50, "26 + 24 = 50, and 26 would then be the answer", False),
         ([26, 24], 50, "26 + 24 = 50. **24** is *the* result.", False),
+        ([26, 24], 50, "26 + 24 = 50. 24 is *the* **final** answer.", False),  # emphasis is no word
+        ([26, 24], 50, "26 + 24 = 50. Option24 is the answer.", False),
+        ([26, 24], 50, "26 + 24 = 50. 24" + " " * 300 + "is the answer.", False),
         ([26, 24], 50, "26 + 24 = 50. Final: 24", False),
         ([26, 24], 50, "26 + 24 = 50. 50 is the final answer.", True),
         ([26, 24], 50, "26 + 24 = 50. Using 26 and 24, the answer is 50.", True),

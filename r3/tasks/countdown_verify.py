@@ -47,7 +47,7 @@ when
   written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``) or
   operator-like symbol (``· ✕ ➕ ➖``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
-  sign); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after it; a ``?`` after it
+  sign), ``*`` or ``/`` with a number or number word past it, quotes apart (``* two``, ``/'2'``); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after it; a ``?`` after it
   (a question: ``Is 5 + 23 = 28?``);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
@@ -60,7 +60,8 @@ when
   later in the sentence and line of ``answer``, ``result``, ``solution`` or ``total``
   (:data:`SENTENCE_CUES`: ``The answer is therefore 24.``) or made one of them just before it
   (``Actually 24 is the final answer.``, ``26 would then be the result``), a decimal (``50.5``; after a cue also ``28,5``), a number in another script, a number next to an
-  operator sign or word (``26 \u2212 24``, ``I added 26``, ``26 take away 24``) or after an
+  operator sign or word (``26 \u2212 24``, ``/3``, a spaced `` * 2``, ``I added 26``, ``26 take
+  away 24``) or after an
   operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
   ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
   answer cue, a number word (``thirty-two`` is 32) whose value is not the target in such a
@@ -451,6 +452,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     the rest of the text."""
     allowed = {str(n) for n in nums} | {str(target)}
     prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
+    plain: list[tuple[str, str]] = []  # (the same, emphasis and quotes left out: a subject's words)
     cue_sentence = False  # one of SENTENCE_CUES came earlier in the current sentence and line
     gap_from, unit_until = end, -1
     for m in _REST_TOKEN.finditer(text, end):
@@ -500,8 +502,9 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         elif tok in DENIAL_MARKS:
             return f"a denial after the final equation ({tok!r})"
         else:
-            kind = "sign" if (tok in "^%~" or tok in _OPERATOR_SYMBOLS
-                              or unicodedata.category(tok) in ("Sm", "Pd")) else "other"
+            kind = "sign" if (tok in "^%~/" or tok in _OPERATOR_SYMBOLS or unicodedata.category(tok) in ("Sm", "Pd")
+                              or (tok == "*" and text[m.start() - 1: m.start()].isspace()
+                                  and text[m.end(): m.end() + 1].isspace())) else "other"  # (" * ": no emphasis)
         if prev and {kind, prev[-1][0]} == {"number", "sign"}:
             return "more arithmetic after the final equation"
         if prev and {kind, prev[-1][0]} == {"number", "word"}:
@@ -511,12 +514,16 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         if kind == "number" and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-3:]):
             return "more arithmetic after the final equation (a number just after an operation word)"
         if kind == "word" and tok in SENTENCE_CUES:
-            subject = _answer_subject(prev)
+            subject = _answer_subject(plain)
             if subject is not None and subject != str(target):
                 return f"a later answer ({subject}) is not the target {target}"
             cue_sentence = True
         elif tok in ".!?":
             cue_sentence = False
+        if tok not in _DECORATION:  # (a spaced " * " too: it is skipped, as emphasis is)
+            plain.append((kind, tok))
+            if len(plain) > 8:
+                del plain[0]
         prev.append((kind, tok))
         if len(prev) > 8:
             del prev[0]
@@ -552,12 +559,10 @@ def _stated(prev: list[tuple[str, str]]) -> bool:
 
 
 def _answer_subject(prev: list[tuple[str, str]]) -> str | None:
-    """The number the tokens just read make an answer before its cue word (``24 is the final``
-    before ``answer``; Markdown emphasis and quotes aside), or None."""
+    """The number the tokens just read (Markdown emphasis and quotes left out) make an answer
+    before its cue word (``24 is the final`` before ``answer``), or None."""
     verb, fillers = False, 0
     for kind, value in reversed(prev):
-        if kind == "other" and value in _DECORATION:
-            continue
         if kind == "number":
             return value if verb else None
         if kind == "word" and value in _SUBJECT_VERBS and not verb:
@@ -624,19 +629,42 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     if ch not in _SENTENCE and beyond and (beyond.isnumeric() or beyond in "+-*/=()" or beyond in _DISALLOWED_ASCII
                                            or unicodedata.category(beyond) == "Sm"):
         return f"a symbol between the equation and more arithmetic ({ch!r})"
+    if ch in "+*/" and _operand_beyond(text, pos, 1 if after else -1):
+        return f"an operation on the equation ({ch!r} and a number past it)"
     return None
 
 
+_QUOTES = "'\"`\u2018\u2019\u201c\u201d"
+
+
+def _operand_beyond(text: str, pos: int, step: int) -> bool:
+    """Whether past the operator at ``pos`` (spaces and quotes apart) comes a number, digits or a
+    number word (``* two``, ``/'2'``, ``two*``)."""
+    i = pos + step
+    while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _QUOTES):
+        i += step
+    if not 0 <= i < len(text):
+        return False
+    if text[i].isnumeric():
+        return True
+    j = i
+    while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
+        j += step
+    word = text[i:j] if step > 0 else text[j + 1:i + 1]
+    return word.lower() in _WORD_VALUE
+
+
 _STARS = re.compile(r"\*+")
-_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_ASCII_WORD = re.compile(r"[A-Za-z]{2}")
 
 
 def _without_emphasis(view: str) -> str:
     """The text around an answer block (the block one NUL) without Markdown emphasis: a pair of
     ``*``, ``**`` or ``***`` on one line around words (``**Answer:** <answer>``, ``**Final
     Answer**`` on the line before) or around the block itself (``**<answer>...</answer>**``),
-    opening and closing as Markdown's do. Read as arithmetic, ``**`` next to the block rejected
-    every such reply. Consecutive runs of stars are paired left to right: linear time."""
+    opening and closing as Markdown's do, with a word inside (two ASCII letters together). Read
+    as arithmetic, ``**`` next to the block rejected every such reply. Consecutive runs of stars
+    are paired left to right: linear time."""
     runs = list(_STARS.finditer(view))
     out, at, k = [], 0, 0
     while k + 1 < len(runs):
@@ -660,7 +688,7 @@ def _emphasis_pair(view: str, opening: re.Match, closing: re.Match) -> bool:
     after = view[closing.end()] if closing.end() < len(view) else ""
     if (before and (before.isalnum() or before == "_")) or (after and (after.isalnum() or after == "_")):
         return False  # (2**3**: digits or letters glued outside)
-    return inner == "\0" or _ASCII_LETTER.search(inner) is not None
+    return inner == "\0" or _ASCII_WORD.search(inner) is not None  # (*n* may be a variable)
 
 
 def _continues_from_previous_line(text: str, start: int) -> str | None:

@@ -83,11 +83,39 @@ _CD_LINKS = set("""
 _CD_CUES = {"answer", "answers", "result", "results", "solution", "total", "equals", "gives", "makes", "get",
             "gets", "got", "yields", "equation", "it's", "final", "####"}
 _CD_SENTENCE_CUES = {"answer", "answers", "result", "results", "solution", "total"}
-# a number made the answer by the words before an answer word: "24 is the final answer", "24 would be my answer"
-_CD_FILLER = (r"(?:the|my|our|final|correct|right|real|true|actual|only|new|last|proper|exact|intended|then|"
-              r"therefore|thus|so|actually|really|clearly|indeed|also|will|would|should|must|could|might)")
-_CD_SUBJECT = re.compile(rf"(?i)(?<![0-9A-Za-z])([0-9]+)[*_'\u2019\"`\s]*(?:{_CD_FILLER}[*_'\u2019\"`\s]+){{0,2}}"
-                         rf"(?:is|was|be|becomes|remains)[*_'\u2019\"`\s]+(?:{_CD_FILLER}[*_'\u2019\"`\s]+){{0,4}}$")
+# a number made the answer by the words before an answer word: "24 is the final answer", "24 would
+# then be my answer" (a verb, up to two of these before it and four after it)
+_CD_FILLERS = set("""
+    the my our final correct right real true actual only new last proper exact intended then therefore thus so
+    actually really clearly indeed also will would should must could might
+""".split())
+_CD_VERBS = {"is", "was", "be", "becomes", "remains"}
+
+
+def _cd_subject(text: str, begin: int, i: int) -> int | None:
+    """Reading back from ``i`` (an answer word) to ``begin``, over blanks, stars, underscores,
+    quotes and backticks: the number that the words between make the answer, or None."""
+    verb, fillers, k = False, 0, i
+    while True:
+        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2019\"`"):
+            k -= 1
+        if k <= begin:
+            return None
+        j = k
+        if text[k - 1] in "0123456789":
+            while j > begin and text[j - 1] in "0123456789":
+                j -= 1
+            return int(text[j:k]) if verb else None
+        while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
+            j -= 1
+        word = text[j:k].lower()
+        if not verb and word in _CD_VERBS:
+            verb, fillers = True, 0
+        elif word in _CD_FILLERS and fillers < (2 if verb else 4):
+            fillers += 1
+        else:
+            return None  # (also any other character: j == k, an empty word)
+        k = j
 _CD_STATES = {"equals", "equal", "makes", "gives", "yields", "or"}
 _CD_STATES_BEFORE_IS = {"which", "that", "would", "will", "should", "must"}
 _CD_OF_OPS = set("""
@@ -470,6 +498,19 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
         return "dash"
     if c not in _CD_PUNCT and far and (far.isnumeric() or far in "+-*/=()" or _math_sign(far)):
         return "symbol before more arithmetic"
+    if c in "+*/":  # an operator with a number past it, spaces and quotes apart: "* two", "/'2'", "two*"
+        step = 1 if right else -1
+        j = k + step
+        while 0 <= j < len(text) and text[j] in " \t'\"`\u2018\u2019\u201c\u201d":
+            j += step
+        if 0 <= j < len(text) and text[j].isnumeric():
+            return "operation on a number"
+        word = ""
+        while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
+            word = word + text[j] if right else text[j] + word
+            j += step
+        if word.lower() in _CD_WORD_VALUES:
+            return "operation on a number word"
     return None
 
 
@@ -517,7 +558,8 @@ def _cd_unemphasised(text: str) -> str:
     """Markdown emphasis markers dropped: star runs of one to three, taken in order, where one
     opens (no letter, digit or _ glued before it, no blank after it) and the next run on the same
     line is the same and closes (no blank before it, no letter, digit or _ glued after it), with
-    an ASCII letter between them or only the answer block (the NUL)."""
+    two ASCII letters in a row between them (a word; *n* may be a variable) or only the answer
+    block (the NUL)."""
     stars = []  # (start, end) of each maximal run of "*"
     i = 0
     while i < len(text):
@@ -538,7 +580,7 @@ def _cd_unemphasised(text: str) -> str:
             b1 < len(text) and (text[b1].isalnum() or text[b1] == "_"))
         if (a1 - a0 == b1 - b0 <= 3 and inner and "\n" not in inner and not inner[0].isspace()
                 and not inner[-1].isspace() and not glued_out
-                and (inner == "\0" or any("a" <= c.lower() <= "z" for c in inner))):
+                and (inner == "\0" or re.search("[a-zA-Z][a-zA-Z]", inner))):
             drop.update(range(a0, a1))
             drop.update(range(b0, b1))
             k += 2
@@ -790,7 +832,10 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             return "later cross mark"
         else:
             tok = c
-            kind = "sign" if c in "^%~" or c in _CD_OP_SYMBOLS or unicodedata.category(c) in ("Sm", "Pd") else "other"
+            # "/" is division; "*" with blanks on both sides is multiplication (Markdown emphasis never is)
+            spaced_star = c == "*" and 0 < i and text[i - 1].isspace() and j < n and text[j].isspace()
+            kind = "sign" if (c in "^%~/" or c in _CD_OP_SYMBOLS or unicodedata.category(c) in ("Sm", "Pd")
+                              or spaced_star) else "other"
         if window:
             pk, pv = window[-1]
             if sorted((kind, pk)) == ["number", "sign"]:
@@ -801,8 +846,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
         if kind == "number" and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-3:]):
             return "later arithmetic (a number after an operation)"
         if kind == "word" and tok in _CD_SENTENCE_CUES:
-            subject = _CD_SUBJECT.search(text, max(begin, i - 200), i)
-            if subject and int(subject.group(1)) != target:
+            subject = _cd_subject(text, begin, i)
+            if subject is not None and subject != target:
                 return "later answer before its cue"
             answer_sentence = True
         elif tok in (".", "!", "?"):
@@ -1535,11 +1580,14 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
             last = left[-1]
             letters, idx, run_start, run_passed = _fc_run(text, chunks, last)
             good = re.fullmatch(r"(?:S|OSC)*O?S", letters) is not None
-            runs.insert(0, (run_start, chunks[last][2] + len(chunks[last][0])))
-            shapes.insert(0, letters)
+            runs.append((run_start, chunks[last][2] + len(chunks[last][0])))
+            shapes.append(letters)
             passed += run_passed
-            while left and left[-1] >= min(idx):
+            lowest = min(idx)
+            while left and left[-1] >= lowest:
                 left.pop()
+        runs.reverse()  # (found from the last run back)
+        shapes.reverse()
         # with a <tool_call> block anywhere (after the reasoning, outside the structures) a harness
         # executes only the blocks: every attempt in one, and each run's last block closed by the
         # next tag after it, unless no tag comes after it (the very last block, cut off)
