@@ -934,6 +934,8 @@ LENIENT = CountdownTask(difficulty="easy", answer_tags=False, min_count=2, max_c
         ([26, 24], 50, "26 + 24 = 50. **24** is *the* result.", False),
         ([26, 24], 50, "26 + 24 = 50. 24 is *the* **final** answer.", False),  # emphasis is no word
         ([26, 24], 50, "26 + 24 = 50. Option24 is the answer.", False),
+        ([26, 24], 50, "26 + 24 = 50. \u201c24\u201d is definitely the answer.", False),
+        ([26, 24], 50, "26 + 24 = 50. The sum (26 + 24) is the answer.", True),
         ([26, 24], 50, "26 + 24 = 50. 24" + " " * 300 + "is the answer.", False),
         ([26, 24], 50, "26 + 24 = 50. Final: 24", False),
         ([26, 24], 50, "26 + 24 = 50. 50 is the final answer.", True),

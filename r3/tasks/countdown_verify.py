@@ -182,7 +182,8 @@ SENTENCE_CUES = frozenset("answer answers result results solution total".split()
 _SUBJECT_VERBS = frozenset("is was be becomes remains".split())
 _SUBJECT_FILLERS = frozenset("""
     the my our final correct right real true actual only new last proper exact intended then therefore
-    thus so actually really clearly indeed also will would should must could might
+    thus so actually really clearly indeed also definitely certainly surely probably will would should
+    must could might
 """.split())
 #: Words just before a number word that make it a stated result (``, or eighteen``, ``which is
 #: five``); ``is``, ``was`` and ``be`` only after :data:`_STATING`.
@@ -520,7 +521,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             cue_sentence = True
         elif tok in ".!?":
             cue_sentence = False
-        if tok not in _DECORATION:  # (a spaced " * " too: it is skipped, as emphasis is)
+        if tok not in _DECORATION and tok not in _QUOTES:  # (a spaced " * " is skipped, as emphasis is)
             plain.append((kind, tok))
             if len(plain) > 8:
                 del plain[0]

@@ -87,17 +87,17 @@ _CD_SENTENCE_CUES = {"answer", "answers", "result", "results", "solution", "tota
 # then be my answer" (a verb, up to two of these before it and four after it)
 _CD_FILLERS = set("""
     the my our final correct right real true actual only new last proper exact intended then therefore thus so
-    actually really clearly indeed also will would should must could might
+    actually really clearly indeed also definitely certainly surely probably will would should must could might
 """.split())
 _CD_VERBS = {"is", "was", "be", "becomes", "remains"}
 
 
 def _cd_subject(text: str, begin: int, i: int) -> int | None:
     """Reading back from ``i`` (an answer word) to ``begin``, over blanks, stars, underscores,
-    quotes and backticks: the number that the words between make the answer, or None."""
+    straight and curly quotes and backticks: the number that the words between make the answer, or None."""
     verb, fillers, k = False, 0, i
     while True:
-        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2019\"`"):
+        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2018\u2019\u201c\u201d\"`"):
             k -= 1
         if k <= begin:
             return None
