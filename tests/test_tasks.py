@@ -307,6 +307,13 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\nSo the result is **6**.", True),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> \u2014 one way to do it", True),
         ([26, 24], 50, "<answer>26 + 24</answer>\n\"24\" would then be 'my' final answer.", False),
+        ([26, 24], 50, "<answer>26 + 24</answer>. Actually, 24's the final answer.", False),
+        ([26, 24], 50, "n * <answer>26 + 24</answer>", False),  # a variable times the answer
+        ([26, 24], 50, "<answer>26 + 24</answer> / n", False),
+        ([26, 24], 50, "*n*<answer>26 + 24</answer>", False),
+        ([26, 24], 50, "<answer>26 + 24</answer>\n\n* 26 used once\n* 24 used once", True),  # bullets
+        ([26, 24], 50, "**Answer:** <answer>26 + 24</answer>\n\n*   26 and 24 are both used once.", True),
+        ([26, 24], 50, "<answer>26 + 24</answer>\n* 2 more", False),
         ([1, 2, 3], 6, "<answer>1 * 2<sup>3</sup></answer>", False),  # an exponent as markup
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer> in binary", False),
         ([1, 2, 3], 6, "<answer>1 * 2 * 3</answer>\n3 is the final answer.", False),

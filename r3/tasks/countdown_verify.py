@@ -179,7 +179,7 @@ SENTENCE_CUES = frozenset("answer answers result results solution total".split()
 #: Between a number and a later answer cue, the words that make the number the answer (``24 is
 #: the final answer``, ``24 would then be my answer``): a verb, up to two of these before it and
 #: up to four after it.
-_SUBJECT_VERBS = frozenset("is was be becomes remains".split())
+_SUBJECT_VERBS = frozenset("is was be becomes remains s".split())  # (s: "24's the answer")
 _SUBJECT_FILLERS = frozenset("""
     the my our final correct right real true actual only new last proper exact intended then therefore
     thus so actually really clearly indeed also definitely certainly surely probably will would should
@@ -503,9 +503,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         elif tok in DENIAL_MARKS:
             return f"a denial after the final equation ({tok!r})"
         else:
-            kind = "sign" if (tok in "^%~/" or tok in _OPERATOR_SYMBOLS or unicodedata.category(tok) in ("Sm", "Pd")
+            kind = ("sign" if (tok in "^%~/" or tok in _OPERATOR_SYMBOLS or unicodedata.category(tok) in ("Sm", "Pd")
                               or (tok == "*" and text[m.start() - 1: m.start()].isspace()
-                                  and text[m.end(): m.end() + 1].isspace())) else "other"  # (" * ": no emphasis)
+                                  and text[m.end(): m.end() + 1].isspace() and not _bullet(text, m.start())))
+                    else "other")  # (" * ": no emphasis; a "* " that starts its line is a bullet)
         if prev and {kind, prev[-1][0]} == {"number", "sign"}:
             return "more arithmetic after the final equation"
         if prev and {kind, prev[-1][0]} == {"number", "word"}:
@@ -631,16 +632,24 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
                                            or unicodedata.category(beyond) == "Sm"):
         return f"a symbol between the equation and more arithmetic ({ch!r})"
     if ch in "+*/" and _operand_beyond(text, pos, 1 if after else -1):
-        return f"an operation on the equation ({ch!r} and a number past it)"
+        return f"an operation on the equation ({ch!r} and a number or variable past it)"
     return None
 
 
 _QUOTES = "'\"`\u2018\u2019\u201c\u201d"
 
 
+def _bullet(text: str, pos: int) -> bool:
+    """Whether the character at ``pos`` starts its line (blanks apart): a list bullet."""
+    i = pos - 1
+    while i >= 0 and text[i] in _SPACE:
+        i -= 1
+    return i < 0 or text[i] == "\n"
+
+
 def _operand_beyond(text: str, pos: int, step: int) -> bool:
-    """Whether past the operator at ``pos`` (spaces and quotes apart) comes a number, digits or a
-    number word (``* two``, ``/'2'``, ``two*``)."""
+    """Whether past the operator at ``pos`` (spaces and quotes apart) comes a number, digits, a
+    number word or a one-letter variable (``* two``, ``/'2'``, ``two*``, ``n * ``)."""
     i = pos + step
     while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _QUOTES):
         i += step
@@ -652,7 +661,7 @@ def _operand_beyond(text: str, pos: int, step: int) -> bool:
     while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
         j += step
     word = text[i:j] if step > 0 else text[j + 1:i + 1]
-    return word.lower() in _WORD_VALUE
+    return word.lower() in _WORD_VALUE or len(word) == 1  # (one letter: a variable, ``n * ``)
 
 
 _STARS = re.compile(r"\*+")

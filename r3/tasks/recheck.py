@@ -89,7 +89,7 @@ _CD_FILLERS = set("""
     the my our final correct right real true actual only new last proper exact intended then therefore thus so
     actually really clearly indeed also definitely certainly surely probably will would should must could might
 """.split())
-_CD_VERBS = {"is", "was", "be", "becomes", "remains"}
+_CD_VERBS = {"is", "was", "be", "becomes", "remains", "s"}  # ("24's the answer")
 
 
 def _cd_subject(text: str, begin: int, i: int) -> int | None:
@@ -108,6 +108,10 @@ def _cd_subject(text: str, begin: int, i: int) -> int | None:
             return int(text[j:k]) if verb else None
         while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
             j -= 1
+        if j - 1 > begin and j < k and text[j - 1] in "'\u2019" and text[j - 2].isascii() and text[j - 2].isalpha():
+            j -= 1  # (one apostrophe between letters belongs to the word: "it's", "the'final")
+            while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
+                j -= 1
         word = text[j:k].lower()
         if not verb and word in _CD_VERBS:
             verb, fillers = True, 0
@@ -511,6 +515,8 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
             j += step
         if word.lower() in _CD_WORD_VALUES:
             return "operation on a number word"
+        if len(word) == 1:
+            return "operation on a variable"
     return None
 
 
@@ -834,6 +840,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             tok = c
             # "/" is division; "*" with blanks on both sides is multiplication (Markdown emphasis never is)
             spaced_star = c == "*" and 0 < i and text[i - 1].isspace() and j < n and text[j].isspace()
+            if spaced_star and text[text.rfind("\n", 0, i) + 1:i].strip(" \t") == "":
+                spaced_star = False  # a "* " that starts its line is a bullet
             kind = "sign" if (c in "^%~/" or c in _CD_OP_SYMBOLS or unicodedata.category(c) in ("Sm", "Pd")
                               or spaced_star) else "other"
         if window:
