@@ -47,8 +47,9 @@ when
   written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``) or
   operator-like symbol (``· ✕ ➕ ➖``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
-  sign), ``*`` or ``/`` with a number or number word past it, quotes apart (``* two``, ``/'2'``); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after it; a ``?`` after it
-  (a question: ``Is 5 + 23 = 28?``);
+  sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
+  (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after
+  it; a ``?`` after it (a question: ``Is 5 + 23 = 28?``);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
   ``26 + 24 = 50`` on the next line);
@@ -59,10 +60,10 @@ when
   not the target (``The answer is 24.``, ``Final: 24``), a number that is not the target anywhere
   later in the sentence and line of ``answer``, ``result``, ``solution`` or ``total``
   (:data:`SENTENCE_CUES`: ``The answer is therefore 24.``) or made one of them just before it
-  (``Actually 24 is the final answer.``, ``26 would then be the result``), a decimal (``50.5``; after a cue also ``28,5``), a number in another script, a number next to an
-  operator sign or word (``26 \u2212 24``, ``/3``, a spaced `` * 2``, ``I added 26``, ``26 take
-  away 24``) or after an
-  operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
+  (``Actually 24 is the final answer.``, ``26 would then be the result``), a decimal (``50.5``;
+  after a cue also ``28,5``), a number in another script, a number next to an operator sign or
+  word (``26 \u2212 24``, ``/3``, a spaced `` * 2``, ``I added 26``, ``26 take away 24``) or after
+  an operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
   ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
   answer cue, a number word (``thirty-two`` is 32) whose value is not the target in such a
   sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
@@ -222,6 +223,7 @@ _SPACE = " \t"
 _DISALLOWED_ASCII = frozenset("^%|~\\[]{}<>")
 _SENTENCE = frozenset(".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb")
 _DECORATION = "_'\u2019*\"`"  # quotes and Markdown emphasis around a word
+_QUOTES = "'\"`\u2018\u2019\u201c\u201d"
 _CUE_PUNCT = frozenset(":,;\"'*`([$\u201c\u201d\u2018")  # between an answer cue and its number
 _LINK_PUNCT = frozenset(",:;(\"'\u2019\u201c\u201d*_`$")
 _EXPR_CHARS = re.compile(r"[0-9+\-*/() ]*")
@@ -634,9 +636,6 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     if ch in "+*/" and _operand_beyond(text, pos, 1 if after else -1):
         return f"an operation on the equation ({ch!r} and a number or variable past it)"
     return None
-
-
-_QUOTES = "'\"`\u2018\u2019\u201c\u201d"
 
 
 def _bullet(text: str, pos: int) -> bool:

@@ -90,36 +90,6 @@ _CD_FILLERS = set("""
     actually really clearly indeed also definitely certainly surely probably will would should must could might
 """.split())
 _CD_VERBS = {"is", "was", "be", "becomes", "remains", "s"}  # ("24's the answer")
-
-
-def _cd_subject(text: str, begin: int, i: int) -> int | None:
-    """Reading back from ``i`` (an answer word) to ``begin``, over blanks, stars, underscores,
-    straight and curly quotes and backticks: the number that the words between make the answer, or None."""
-    verb, fillers, k = False, 0, i
-    while True:
-        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2018\u2019\u201c\u201d\"`"):
-            k -= 1
-        if k <= begin:
-            return None
-        j = k
-        if text[k - 1] in "0123456789":
-            while j > begin and text[j - 1] in "0123456789":
-                j -= 1
-            return int(text[j:k]) if verb else None
-        while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
-            j -= 1
-        if j - 1 > begin and j < k and text[j - 1] in "'\u2019" and text[j - 2].isascii() and text[j - 2].isalpha():
-            j -= 1  # (one apostrophe between letters belongs to the word: "it's", "the'final")
-            while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
-                j -= 1
-        word = text[j:k].lower()
-        if not verb and word in _CD_VERBS:
-            verb, fillers = True, 0
-        elif word in _CD_FILLERS and fillers < (2 if verb else 4):
-            fillers += 1
-        else:
-            return None  # (also any other character: j == k, an empty word)
-        k = j
 _CD_STATES = {"equals", "equal", "makes", "gives", "yields", "or"}
 _CD_STATES_BEFORE_IS = {"which", "that", "would", "will", "should", "must"}
 _CD_OF_OPS = set("""
@@ -732,6 +702,37 @@ def _cd_bare_denied(text: str, start: int) -> str | None:
         words = words[resets[-1] + 1:]
     denied = [w for w in words if w in _CD_NOT]
     return f"bare expression denied in its clause ({denied[0]})" if denied else None
+
+
+def _cd_subject(text: str, begin: int, i: int) -> int | None:
+    """Reading back from ``i`` (an answer word) to ``begin``, over blanks, stars, underscores,
+    straight and curly quotes and backticks: the number that the words between make the answer,
+    or None."""
+    verb, fillers, k = False, 0, i
+    while True:
+        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2018\u2019\u201c\u201d\"`"):
+            k -= 1
+        if k <= begin:
+            return None
+        j = k
+        if text[k - 1] in "0123456789":
+            while j > begin and text[j - 1] in "0123456789":
+                j -= 1
+            return int(text[j:k]) if verb else None
+        while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
+            j -= 1
+        if j - 1 > begin and j < k and text[j - 1] in "'\u2019" and text[j - 2].isascii() and text[j - 2].isalpha():
+            j -= 1  # (one apostrophe between letters belongs to the word: "it's", "the'final")
+            while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
+                j -= 1
+        word = text[j:k].lower()
+        if not verb and word in _CD_VERBS:
+            verb, fillers = True, 0
+        elif word in _CD_FILLERS and fillers < (2 if verb else 4):
+            fillers += 1
+        else:
+            return None  # (also any other character: j == k, an empty word)
+        k = j
 
 
 def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
