@@ -428,6 +428,26 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         (GOOD + "\nfn_name: delete_all\nfn_args: {}", False),
         (GOOD + "\n- - name: delete_all\n    arguments: {}", False),
         (GOOD + "\n> - name: delete_all\n>   arguments: {}", False),
+        # a ninth reader's cases: a name closed by emphasis, code or quotes before its parenthesis;
+        # keys of two or three words (LangChain's "Tool Input:"); more key spellings
+        (GOOD + '\nThen **get_weather**(city="Oslo")', False),
+        (GOOD + '\nThen `get_weather`(city="Oslo")', False),
+        (GOOD + "\nThen \"get_weather\"('Oslo')", False),
+        (GOOD + '\nThen **get_weather** (city="Oslo")', False),
+        (GOOD + "\nThen **reset**(force=True)", False),
+        (GOOD + "\nThen **reset** (force=True)", False),
+        (GOOD + "\nThen `delete_all`(42)", False),
+        (GOOD + "\nI used the `get_weather` (weather) tool twice.", True),
+        (GOOD + "\nI called 'get_weather' (with each city) and **convert** (once).", True),
+        (GOOD + "\nSee the **notes** (below).", True),
+        (GOOD + "\n\nTool Name: delete_all\nTool Input: confirm=true", False),
+        (GOOD + "\n\n**Function call:** delete_all\n**Arguments:** {}", False),
+        (GOOD + "\n\nfunction_name: delete_all\nfunction_args:\n  confirm: true", False),
+        (GOOD + "\n\nfunc_name: delete_all\nfunc_args: {}", False),
+        (GOOD + "\n\ntool: delete_all\ntool_parameters: {}", False),
+        ("Tool Name: get_weather, convert\n" + GOOD, True),  # (a name key alone)
+        ("<function _call>" + GOOD, False),  # (a blank inside a wrapper's word: no wrapper)
+        (GOOD + "\n\nThe tool name: get_weather\nThe city: Paris", True),  # (no call's keys)
         # a single-quoted string where a value or key starts is skipped like a JSON one, so a
         # bracket inside it does not end the structure (Python or YAML would read one list)
         ("[{'name': 'delete_all', 'arguments': {'glob': ']'}}, " + GOOD[1:], False),
@@ -681,6 +701,26 @@ def test_parse_calls_shape():
 def test_huge_and_deep_json_is_no_answer(completion):
     # their verify time is in benchmarks/fuzz_verifiers.py (tests assert no wall-clock time)
     assert FC.verify(EX, completion) is False
+
+
+def test_the_recheck_reads_huge_exponents_without_building_them(monkeypatch):
+    # Fraction("0e99999999") builds 10 ** 99999999 (minutes); the re-check answers such literals
+    # from their digits: zero is zero, anything else is beyond a float's range
+    import r3.tasks.recheck as recheck_module
+    exact = recheck_module.Fraction
+
+    def bounded(value, *args):
+        if isinstance(value, str) and "e" in value.lower():
+            assert abs(int(value.lower().partition("e")[2])) < 1000, value
+        return exact(value, *args)
+
+    monkeypatch.setattr(recheck_module, "Fraction", bounded)
+    ex = dict(EX, answers=dumps([{"name": "convert", "arguments": {"amount": 0.0, "to": "EUR"}}]))
+    for amount, ok in (("0e99999999", True), ("-0.000E+99999999", True), ("0.0e-9999999", True),
+                       ("1e-9999999", False), ("2.5e99999999", False), ("1e2", False), ("0e5", True)):
+        completion = '[{"name": "convert", "arguments": {"amount": ' + amount + ', "to": "EUR"}}]'
+        assert FC.verify(ex, completion) is ok, amount
+        assert recheck(FC, ex, completion)[0] is ok, amount
 
 
 def test_verify_never_raises():

@@ -75,7 +75,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``repeat([...], times=1000)``) is another call: no answer (:func:`called_later`), the text read
   after resolving HTML character references and markdown backslash escapes (``&lt;tool_call&gt;``,
   ``&#40;``, ``delete_file\\("/"\\)``): a tool of the example named with a parenthesis
-  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``), glued to a bracket or after
+  (``get_weather(city="Oslo")``, ``functions.get_weather (...)``, ``**get_weather**(...)``,
+  `` `get_weather` (city="Oslo")``), glued to a bracket or after
   ``Action:`` (ReAct: ``delete_file[/]``, ``Action: delete_file``) or as a tag (XML tool calls:
   ``<get_weather><city>Oslo</city></get_weather>``, ``<delete_file path="/"/>``), any name with
   ``_`` or ``.`` followed by one (``delete_user (42)``, ``os.remove(path)``), any name whose
@@ -84,8 +85,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   opening ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
-  ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:`` and the like (``-`` read
-  as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
+  ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:``, ``Tool Name:`` /
+  ``Tool Input:`` and the like (``-`` and one blank between words read as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
   quotes, straight or curly, outside the structures before the first run (YAML, or JSON without
   its braces, a key per line), ...); full-width and other compatibility forms count as ASCII,
   combining and zero-width characters are ignored, in any letter case. ``f(x)``, ``value(s)`` and
@@ -640,8 +641,10 @@ def _fold(text: str) -> str:
 
 
 # In folded text: a run of ASCII identifier characters and dots (matched only from its start, never
-# backtracked into: linear), blanks, an opening parenthesis; and what opens its arguments.
-_NAME_RUN = re.compile(r"(?<![a-z0-9_.])(?=([a-z0-9_.]+))\1(?=(\s*))\2\(\s*")  # ((?=(x))\1: atomic)
+# backtracked into: linear), up to three closing marks of Markdown emphasis, code or quotes
+# (``**reset**(``, `` `reset`(``), blanks, an opening parenthesis; and what opens its arguments.
+_NAME_CLOSE = "[*`'\"\u2019\u201d]"
+_NAME_RUN = re.compile(r"(?<![a-z0-9_.])(?=([a-z0-9_.]+))\1(?=(" + _NAME_CLOSE + r"{0,3}\s*))\2\(\s*")  # ((?=(x))\1: atomic)
 _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
 
 
@@ -654,15 +657,19 @@ _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(
                           r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient)|>>>\s*[a-z_]|action\s*input\s*:"
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
-_YAML_KEY = re.compile("[*`]*([a-z_-]+)[*`]*[ \t]*[" + _COLONS + "]")
-_YAML_QUOTED_KEY = re.compile("[*`\"'\u2018\u2019\u201c\u201d]*([a-z_-]+)[*`\"'\u2018\u2019\u201c\u201d]*[ \t]*["
-                              + _COLONS + "]")
-# (keys compared with "-" read as "_", in lower case: toolName is toolname)
-_YAML_NAME_KEYS = _NAME_KEYS | {"name", "recipient", "fn_name", "fnname", "function_call", "tool_call"}
+# (a key of up to three words with one space between them: "Tool Name:", LangChain's "Tool Input:")
+_YAML_KEY = re.compile("[*`]*([a-z_-]+(?: [a-z_-]+){0,2})[*`]*[ \t]*[" + _COLONS + "]")
+_YAML_QUOTED_KEY = re.compile("[*`\"'\u2018\u2019\u201c\u201d]*([a-z_-]+(?: [a-z_-]+){0,2})"
+                              "[*`\"'\u2018\u2019\u201c\u201d]*[ \t]*[" + _COLONS + "]")
+# (keys compared with "-" and " " read as "_", in lower case: toolName is toolname)
+_YAML_NAME_KEYS = _NAME_KEYS | {"name", "recipient", "fn_name", "fnname", "func_name", "funcname", "function_call",
+                                "tool_call"}
 _YAML_ARGUMENT_KEYS = frozenset({"arguments", "argument", "args", "parameters", "parameter", "params", "input",
                                  "inputs", "action_input", "kwargs", "tool_input", "toolinput", "tool_args",
-                                 "toolargs", "tool_arguments", "toolarguments", "function_arguments",
-                                 "functionarguments", "fn_args", "fnargs", "arguments_json", "input_json"})
+                                 "toolargs", "tool_arguments", "toolarguments", "tool_parameters", "toolparameters",
+                                 "tool_params", "toolparams", "function_arguments", "functionarguments",
+                                 "function_args", "functionargs", "function_parameters", "functionparameters",
+                                 "func_args", "funcargs", "fn_args", "fnargs", "arguments_json", "input_json"})
 
 
 def _yaml_kind(line: str, quoted: bool) -> str | None:
@@ -678,7 +685,7 @@ def _yaml_kind(line: str, quoted: bool) -> str | None:
             i += 1
         mark = _YAML_MARK.match(line, i)
     m = (_YAML_QUOTED_KEY if quoted else _YAML_KEY).match(line, i)
-    key = m.group(1).replace("-", "_") if m else ""
+    key = m.group(1).replace("-", "_").replace(" ", "_") if m else ""
     return "name" if key in _YAML_NAME_KEYS else "arguments" if key in _YAML_ARGUMENT_KEYS else None
 
 
@@ -736,12 +743,14 @@ def _any_call(folded: str, quoted: bool = True) -> str | None:
     if _yaml_call(folded, quoted):
         return "name: ... arguments: ..."
     for m in _NAME_RUN.finditer(folded):
-        name, blanks = _trailing_name(m.group(1)), m.group(2)
+        name, between = _trailing_name(m.group(1)), m.group(2)
         if not name:
             continue
         opener = _CALL_OPENER.match(folded, m.end())
         code_like = "_" in name or "." in name
-        if code_like or (opener and not blanks):
+        closed, blanks = bool(between.rstrip()), between != between.rstrip()
+        # (after a closing mark, ``**note** (see below)`` is prose: blanks need a call's opening)
+        if (opener or (code_like and not blanks)) if closed else (code_like or (opener and not blanks)):
             return name
     return None
 
@@ -756,6 +765,10 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
       digits allowed), then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
       ``functions.get_weather(...)``; or as the name of a tag: ``<get_weather>``, ``</get_weather>``,
       ``<get_weather city="Oslo"/>``;
+    * either of the two above (or a name of the third kind below) with up to three closing marks of
+      emphasis, code or quotes before its parenthesis: glued, ``**get_weather**(...)``,
+      `` `delete_user`(42)``; with blanks only where the parenthesis opens like a call (as in the
+      third kind): ``**get_weather** (city="Oslo")``, while `` `get_weather` (the tool)`` is prose;
     * any ASCII identifier with ``_`` or ``.`` in it, then blanks and a parenthesis:
       ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``, also after a dot
       (``1.delete_user(42)``, ``Step 2.reset()``);
@@ -774,8 +787,8 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]:
-    """One search for every tool name of an example (folded) before a parenthesis or glued to a
-    bracket (not after a letter or ``_``; ReAct's ``delete_file[/]``), as the name of a tag
+    """One search for every tool name of an example (folded) before a parenthesis (behind closing
+    marks too, see :func:`called_later`) or glued to a bracket (not after a letter or ``_``; ReAct's ``delete_file[/]``), as the name of a tag
     (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``: XML tool-call syntax) or
     after ReAct's ``Action:`` (``Action: delete_file``, ``**Action 2:** `functions.delete_file```),
     and each folded name's original."""
@@ -787,7 +800,7 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     if not keys:
         return None, keys
     alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
-    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[)|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
+    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[|" + _NAME_CLOSE + r"{1,3}(?:\(|\s+\(\s*(?=" + _CALL_OPENER.pattern + r")))|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
                       r"|\baction(?:\s*\d+)?[\s*_`'\"]*:[\s*_`'\"]*(?:functions\.)?(" + alternatives
                       + r")(?![a-z0-9_])"), keys
 

@@ -934,6 +934,13 @@ def _fc_float(literal):
     """The float of a JSON number literal with a fraction or exponent, only when its shortest
     decimal has the literal's exact value (more digits than a float holds: invalid)."""
     value = float(literal)
+    mantissa, _, exponent = literal.lower().partition("e")
+    if exponent and abs(int(exponent)) > 400 + len(mantissa):
+        # (Fraction would build 10 ** exponent: the literal is zero, or its leading digit lies
+        # beyond any float's, exact or not, whatever the mantissa)
+        if mantissa.strip("-+0.") == "":
+            return value
+        raise ValueError(literal)
     if Fraction(repr(value)) != Fraction(literal):  # (inf has no Fraction: invalid too)
         raise ValueError(literal)
     return value
@@ -1186,12 +1193,18 @@ def _fc_after_action(folded: str, k: int) -> bool:
     return not (lead.isalnum() or lead == "_")
 
 
+# What may close a name before its parenthesis: Markdown emphasis or code, quotes ("**reset**(")
+_FC_NAME_CLOSE = "*`'\"\u2019\u201d"
+
+
 def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     """A tool's folded name, not preceded by an ASCII letter or ``_`` (a dot or digits are fine),
     followed by blanks and an opening parenthesis, or by ``[`` right away (ReAct); a tag named so
     (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``); or the name, not followed
     by a name character, after the word ``action``, blanks, ``:`` and blanks (ReAct's ``Action:
-    delete_file``). Escapes are read first (:func:`_fc_unescape`)."""
+    delete_file``). Up to three closing marks (``*``, backquote, quotes) may stand between the name
+    and its parenthesis; with blanks after them the parenthesis must open like a call
+    (:func:`_fc_opens_like_a_call`). Escapes are read first (:func:`_fc_unescape`)."""
     folded = _fc_unescape(folded)
     for name in names:
         key = _fc_fold(name).strip() if type(name) is str else ""
@@ -1201,9 +1214,22 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
         while k != -1:
             before = folded[k - 1] if k > 0 else ""
             j = k + len(key)
+            while j < len(folded) and j - k - len(key) < 3 and folded[j] in _FC_NAME_CLOSE:
+                j += 1
+            closed, spaced = j > k + len(key), j
             while j < len(folded) and folded[j].isspace():
                 j += 1
-            if before not in _FC_ID_START and (folded[j:j + 1] == "(" or folded[k + len(key):k + len(key) + 1] == "["):
+            spaced = j > spaced
+            if before not in _FC_ID_START and folded[j:j + 1] == "(" and closed and spaced:
+                # ("`get_weather` (the tool)" is prose: after a closing mark and blanks, the
+                # parenthesis must open like a call)
+                a = j + 1
+                while a < len(folded) and folded[a].isspace():
+                    a += 1
+                if _fc_opens_like_a_call(folded, a):
+                    return True
+            elif before not in _FC_ID_START and (folded[j:j + 1] == "("
+                                                 or folded[k + len(key):k + len(key) + 1] == "["):
                 return True
             # a tag: "<", blanks, maybe "/" and blanks, then the name, not followed by a name character
             b = k
@@ -1290,13 +1316,17 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
 
 def _fc_yaml(folded: str, quoted: bool) -> bool:
     """A line keyed name (function, tool, method, ...) and one keyed arguments (args, parameters,
-    ...) within 8 lines that are not blank, in either order (YAML: list items, quotes, keys in
-    bold or backquotes too; in straight or curly quotes where ``quoted``)."""
+    ...; a key of up to three words, one blank between: ``tool name``) within 8 lines that are not
+    blank, in either order (YAML: list items, quotes, keys in bold or backquotes too; in straight
+    or curly quotes where ``quoted``)."""
     decoration = "*`\"'\u2018\u2019\u201c\u201d" if quoted else "*`"
-    name_keys = _FC_FUNCTION_KEYS + ("name", "recipient", "fn_name", "fnname", "function_call", "tool_call")
+    name_keys = _FC_FUNCTION_KEYS + ("name", "recipient", "fn_name", "fnname", "func_name", "funcname",
+                                     "function_call", "tool_call")
     argument_keys = ("arguments", "argument", "args", "parameters", "parameter", "params", "input", "inputs",
                      "action_input", "kwargs", "tool_input", "toolinput", "tool_args", "toolargs", "tool_arguments",
-                     "toolarguments", "function_arguments", "functionarguments", "fn_args", "fnargs",
+                     "toolarguments", "tool_parameters", "toolparameters", "tool_params", "toolparams",
+                     "function_arguments", "functionarguments", "function_args", "functionargs",
+                     "function_parameters", "functionparameters", "func_args", "funcargs", "fn_args", "fnargs",
                      "arguments_json", "input_json")
     last_name = last_arguments = -100
     n = 0
@@ -1322,10 +1352,16 @@ def _fc_yaml(folded: str, quoted: bool) -> bool:
                 k += 1
         while k < len(line) and line[k] in decoration:
             k += 1
-        e = k
-        while e < len(line) and ("a" <= line[e] <= "z" or line[e] in "_-"):
-            e += 1
-        key = line[k:e].replace("-", "_")
+        e, words = k, 1
+        while e < len(line):  # (up to three words, one space between: "tool name", "tool input")
+            if "a" <= line[e] <= "z" or line[e] in "_-":
+                e += 1
+            elif line[e] == " " and words < 3 and e > k and e + 1 < len(line) \
+                    and ("a" <= line[e + 1] <= "z" or line[e + 1] in "_-"):
+                e, words = e + 1, words + 1
+            else:
+                break
+        key = line[k:e].replace("-", "_").replace(" ", "_")
         while e < len(line) and line[e] in decoration:
             e += 1
         while e < len(line) and line[e] in " \t":
@@ -1346,8 +1382,10 @@ def _fc_yaml(folded: str, quoted: bool) -> bool:
 def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
     """``<function=name`` or an ASCII identifier (dotted parts) before an opening parenthesis:
     with ``_`` or ``.`` in it, blanks between allowed; without, directly before a parenthesis
-    that opens like a call (see :func:`_fc_opens_like_a_call`); other models' markers and YAML
-    (:func:`_fc_marker`). Escapes are read first (:func:`_fc_unescape`)."""
+    that opens like a call (see :func:`_fc_opens_like_a_call`); behind up to three closing marks
+    (``**reset**(``), a parenthesis that opens like a call, or glued to a name with ``_`` or ``.``;
+    other models' markers and YAML (:func:`_fc_marker`). Escapes are read first
+    (:func:`_fc_unescape`)."""
     folded = _fc_unescape(folded)
     if _fc_marker(folded, quoted):
         return True
@@ -1369,6 +1407,10 @@ def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
         e = k
         while e > 0 and folded[e - 1].isspace():
             e -= 1
+        spaced, marks = e < k, e
+        while e > 0 and marks - e < 3 and folded[e - 1] in _FC_NAME_CLOSE:
+            e -= 1
+        closed = e < marks
         i = e
         while i > 0 and (folded[i - 1] in _FC_ID or folded[i - 1] == "."):
             i -= 1
@@ -1392,7 +1434,9 @@ def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
             j += 1
         code_like = "_" in ident or "." in ident
         opens = _fc_opens_like_a_call(folded, j)
-        if code_like or (opens and e == k):
+        if closed and (opens or (code_like and not spaced)):
+            return True  # ("**reset**(force=True)"; "**note** (see below)" is prose)
+        if not closed and (code_like or (opens and not spaced)):
             return True
     return False
 
@@ -1654,8 +1698,9 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     for p in passed:
         f = _fc_fold(p)
         if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
-                                  "</function_call>", "<function_calls>", "</function_calls>", "<|tool_call|>"):
-            continue  # (markup that wraps JSON calls: part of the answer)
+                                  "</function_call>", "<function_calls>", "</function_calls>", "<|tool_call|>") \
+                and not re.search(r"[a-z_]\s+[a-z_]|<\s+\||\|\s+>", f):
+            continue  # (markup that wraps JSON calls, blanks never inside its words: part of the answer)
         if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)) or _fc_named_call_after(f, names) \
                 or _fc_any_call_after(f):
             return False, "a call between the calls"
