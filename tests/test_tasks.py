@@ -403,6 +403,12 @@ def test_countdown_diagnose_reasons():
     assert "unary" in CD.diagnose(ex, ans("-1 + 2 + 3"))
     assert "only + - * /" in CD.diagnose({"nums": [2, 3, 1], "target": 9}, ans("2 ** 3 + 1"))
     assert "leading zero" in CD.diagnose(ex, ans("01 + 2 + 3"))
+    # (a sample's reason names what stands next to the equation)
+    from r3.tasks.countdown_verify import check_completion
+    assert check_completion("The equation is [1, -1] + [2, 3] = 7 + 6 = 13.", [7, 6], 13, tags=False)[1] \
+        == "a bracket the task does not allow next to the equation (']')"
+    assert check_completion("So 7 + 6 = 13 ^ 2", [7, 6], 13, tags=False)[1] \
+        == "an operator the task does not allow next to the equation ('^')"
 
 
 def test_extract_answer():

@@ -615,7 +615,8 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     if ch.isdigit() or ch.isnumeric():
         return f"a number sign the task does not allow next to the equation ({ch!r})"
     if ch in _DISALLOWED_ASCII:
-        return f"an operator the task does not allow next to the equation ({ch!r})"
+        kind = "a bracket" if ch in "[]{}" else "an operator"
+        return f"{kind} the task does not allow next to the equation ({ch!r})"
     if ch in DENIAL_MARKS:
         return f"the equation is denied (a cross mark {ch!r} next to it)"
     if ch == "?" and after:
