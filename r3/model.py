@@ -89,6 +89,14 @@ class ModelConfig:
                 raise R3Error(f"{source}: missing field '{key}'")
             return cfg[key]
 
+        def integer(key, default=None):
+            value = need(key) if default is None else cfg.get(key)
+            return default if value is None else _positive(value, key, source, integral=True)
+
+        def number(key, default):
+            value = cfg.get(key)
+            return default if value is None else _positive(value, key, source, integral=False)
+
         model_type = need("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise R3Error(
@@ -98,14 +106,24 @@ class ModelConfig:
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise R3Error(f"{source}: unsupported hidden_act '{act}' (only silu)")
-        n_layers = int(need("num_hidden_layers"))
-        n_heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
-        head_dim = cfg.get("head_dim") or hidden // n_heads
+        n_layers = integer("num_hidden_layers")
+        n_heads = integer("num_attention_heads")
+        hidden = integer("hidden_size")
+        head_dim = integer("head_dim", hidden // n_heads) if cfg.get("head_dim") else hidden // n_heads
+        if head_dim < 1:
+            raise R3Error(f"{source}: hidden_size {hidden} is smaller than num_attention_heads {n_heads}")
+        n_kv_heads = integer("num_key_value_heads", n_heads) if cfg.get("num_key_value_heads") else n_heads
+        if n_heads % n_kv_heads:
+            raise R3Error(f"{source}: num_attention_heads {n_heads} is not a multiple of "
+                          f"num_key_value_heads {n_kv_heads}")
 
         # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
+        for key in ("rope_parameters", "rope_scaling"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise R3Error(f"{source}: field '{key}' must be an object, got {cfg[key]!r}")
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+        theta = _positive(theta, "rope_theta", source, integral=False)
         scaling = cfg.get("rope_scaling") or (rope if rope else None)
         if scaling is not None:
             scaling = dict(scaling)
@@ -126,6 +144,12 @@ class ModelConfig:
                 scaling = None
             elif rope_type == "longrope":
                 scaling = _longrope(cfg, scaling, model_type, int(head_dim), source)
+            else:  # linear, llama3: the fields rope_inv_freq reads
+                keys = ("factor",) if rope_type == "linear" else (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                for key in keys:
+                    scaling[key] = _positive(scaling.get(key), f"rope_scaling.{key}", source,
+                                             integral=key == "original_max_position_embeddings")
 
         windows = _layer_windows(cfg, model_type, n_layers, source)
         if model_type == "qwen2":
@@ -136,17 +160,17 @@ class ModelConfig:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=integer("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=integer("intermediate_size"),
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            num_key_value_heads=n_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
+            rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=integer("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -210,25 +234,40 @@ class ModelConfig:
         return cfg
 
 
+def _positive(value, key: str, source: str, integral: bool):
+    """A config field's value as a positive int (``integral``) or float, else an R3Error naming it
+    (a hand-edited config.json: ``"num_hidden_layers": "two"``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if integral and ok and not float(value).is_integer():
+        ok = False
+    if not ok:
+        kind = "a positive integer" if integral else "a positive number"
+        raise R3Error(f"{source}: field '{key}' must be {kind}, got {value!r}")
+    return int(value) if integral else float(value)
+
+
 def _longrope(cfg: dict, scaling: dict, model_type: str, head_dim: int, source: str) -> dict:
     """LongRoPE parameters as transformers resolves them: the original context length (Phi-3's
     top-level field first), both factor lists, and the attention factor that scales cos/sin."""
-    max_pos = int(cfg.get("max_position_embeddings", 2048))
+    max_pos = _positive(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source, True)
     if cfg.get("original_max_position_embeddings") is not None:
-        original = int(cfg["original_max_position_embeddings"])
+        original = _positive(cfg["original_max_position_embeddings"], "original_max_position_embeddings",
+                             source, True)
     elif model_type == "phi3":
         original = 4096  # Phi3Config's default, which transformers prefers to the rope dict's
     else:
-        original = int(scaling.get("original_max_position_embeddings") or max_pos)
+        original = _positive(scaling.get("original_max_position_embeddings") or max_pos,
+                             "rope_scaling.original_max_position_embeddings", source, True)
     for key in ("short_factor", "long_factor"):
         values = scaling.get(key)
         if not isinstance(values, list) or len(values) != head_dim // 2 or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
             raise R3Error(f"{source}: rope scaling '{key}' must be a list of {head_dim // 2} numbers")
-    factor = scaling.get("factor") or max_pos / original
+    factor = _positive(scaling.get("factor") or max_pos / original, "rope_scaling.factor", source, False)
     attention = scaling.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    attention = _positive(attention, "rope_scaling.attention_factor", source, False)
     return {"rope_type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
             "long_factor": [float(x) for x in scaling["long_factor"]],
             "original_max_position_embeddings": original, "attention_factor": float(attention)}
@@ -239,6 +278,8 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
     window = cfg.get("sliding_window")
     if model_type == "llama":
         return [None] * n_layers
+    if window:
+        window = _positive(window, "sliding_window", source, integral=True)
     if model_type in ("mistral", "phi3"):
         return [int(window) if window else None] * n_layers
     # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers.
@@ -249,7 +290,9 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
         if len(layer_types) != n_layers:
             raise R3Error(f"{source}: layer_types has {len(layer_types)} entries, expected {n_layers}")
         return [int(window) if t == "sliding_attention" else None for t in layer_types]
-    first = int(cfg.get("max_window_layers", n_layers))
+    first = cfg.get("max_window_layers", n_layers)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise R3Error(f"{source}: field 'max_window_layers' must be an integer >= 0, got {first!r}")
     return [int(window) if i >= first else None for i in range(n_layers)]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -284,6 +286,46 @@ def test_unsupported_options_are_clear_errors():
     qwen = ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True,
                                 "sliding_window": 4, "max_window_layers": 0})
     assert qwen.layer_windows == [4]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", "two", "field 'num_hidden_layers' must be a positive integer, got 'two'"),
+    ("vocab_size", -5, "field 'vocab_size' must be a positive integer, got -5"),
+    ("hidden_size", 8.5, "field 'hidden_size' must be a positive integer"),
+    ("num_attention_heads", 0, "field 'num_attention_heads' must be a positive integer, got 0"),
+    ("num_attention_heads", 16, "hidden_size 8 is smaller than num_attention_heads 16"),
+    ("num_key_value_heads", 3, "num_attention_heads 2 is not a multiple of num_key_value_heads 3"),
+    ("intermediate_size", True, "field 'intermediate_size' must be a positive integer, got True"),
+    ("rms_norm_eps", "x", "field 'rms_norm_eps' must be a positive number, got 'x'"),
+    ("rope_theta", "abc", "field 'rope_theta' must be a positive number"),
+    ("max_position_embeddings", "x", "field 'max_position_embeddings' must be a positive integer"),
+    ("rope_scaling", "linear", "field 'rope_scaling' must be an object, got 'linear'"),
+    ("rope_scaling", [1], "field 'rope_scaling' must be an object"),
+    ("rope_scaling", {"rope_type": "linear"}, "field 'rope_scaling.factor' must be a positive number, got None"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": "4"},
+     "field 'rope_scaling.high_freq_factor'"),
+])
+def test_hand_edited_config_fields_are_named(field, value, match):
+    # a config.json edited by hand: a one-line error naming the field, not a ValueError deep inside
+    from r3.errors import R3Error
+
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(R3Error, match=re.escape("config.json: " + match)):
+        ModelConfig.from_hf({**base, field: value})
+
+
+def test_hand_edited_window_fields_are_named():
+    from r3.errors import R3Error
+
+    base = dict(model_type="mistral", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(R3Error, match="field 'sliding_window' must be a positive integer, got 'x'"):
+        ModelConfig.from_hf({**base, "sliding_window": "x"})
+    with pytest.raises(R3Error, match="field 'max_window_layers' must be an integer >= 0"):
+        ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4,
+                             "max_window_layers": "1"})
+    assert ModelConfig.from_hf({**base, "sliding_window": 4.0}).layer_windows == [4]
 
 
 def test_transformer_from_config_runs_without_checkpoint():
