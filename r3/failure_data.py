@@ -91,6 +91,8 @@ def read_failures(path) -> list[dict]:
     work too). A missing file or a line that is not such a record is an R3Error; a last line cut short by a crash is ignored with a
     warning."""
     path = Path(path)
+    if path.is_dir():
+        raise R3Error(f"failure dataset '{path}' is a directory, not a file written by python -m r3.failures")
     if not path.is_file():
         raise R3Error(f"failure dataset '{path}' does not exist (make one with python -m r3.failures)")
     return _checked(path, read_jsonl(path, need_key=False)[1])

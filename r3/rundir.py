@@ -314,8 +314,11 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
         if saved.is_file():
             try:
                 previous = json.loads(saved.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise R3Error(f"{saved}: unreadable config of a previous run; use another --out") from None
+            if not isinstance(previous, dict):
+                raise R3Error(f"{saved}: not a config of a previous run (a JSON {type(previous).__name__}, not an "
+                              "object); use another --out")
             diff = cfg.incompatible_with(previous)
             if diff:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
@@ -325,8 +328,12 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                     f"--out {out} holds a run with a different config ({shown}{'; ...' if len(diff) > 3 else ''}); "
                     "use another --out or the same settings to resume"
                 )
-        elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()) \
-                and not (out / "metrics.jsonl").exists():
+        elif out.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+            # (config.json is written before the first step: without it nothing says which
+            # config these steps were trained with)
+            raise R3Error(f"--out {out} holds a run without its config.json, so whether this config may resume it "
+                          "is unknown; restore config.json or use another --out")
+        elif out.exists() and any(p.name not in ("export", ".lock") for p in out.iterdir()):
             raise R3Error(f"--out {out} exists and is not an r3 run directory; choose an empty or new directory")
     with fail_together(d):  # (rank 0's lock and writes: the others exit quietly when they fail)
         if d.main:

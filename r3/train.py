@@ -333,6 +333,9 @@ def set_up(cfg: TrainConfig) -> Run:
             task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
         # a bad data file fails here
         queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)
+        if not queries:
+            raise R3Error(f"{cfg.failures}: no failure records to train on" if failures is not None
+                          else f"task {cfg.task!r}: no training examples")
         if cfg.eval_n:
             examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
     out = prepare_out_dir(cfg, d)

@@ -425,6 +425,20 @@ def test_failures_made_for_another_task_are_refused_before_anything_is_written(t
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("kind", ["empty", "directory"])
+def test_an_empty_failures_file_is_refused_before_anything_is_written(tmp_path, kind):
+    """An empty file (every query solved) was refused only after the models loaded, by which time
+    config.json was written: the corrected retry with the same --out was then refused too."""
+    fails = tmp_path / "f.jsonl"
+    fails.write_text("") if kind == "empty" else fails.mkdir()
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--failures", str(fails)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    want = "no failure records to train on" if kind == "empty" else "is a directory, not a file"
+    assert len(err) == 1 and str(fails) in err[0] and want in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
     from r3.errors import R3Error
     from r3.failure_data import check_made_for
@@ -900,6 +914,36 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
         with pytest.raises(R3Error, match=r"--out .*/full: cannot write there \(No space left on device; .* GiB free"):
             prepare_out_dir(TrainConfig(out=str(tmp_path / "full")).validate(), d)
     assert not any(lock.name == str(tmp_path / "full" / ".lock") for lock in _HELD_LOCKS)  # (not held)
+
+
+def test_a_run_directory_without_a_readable_config_object_is_refused(tmp_path):
+    """Without config.json nothing says which config a run's steps were trained with: resuming
+    it under any config (another task, another lr) was accepted; a config.json holding a JSON
+    list was a TypeError traceback."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import _HELD_LOCKS, prepare_out_dir
+
+    d = T.init_distributed()
+    for name, files in (("metrics", {"metrics.jsonl": '{"step": 1}\n'}),
+                        ("checkpoints", {"checkpoints/step_000001/x": ""})):
+        run = tmp_path / name
+        for rel, text in files.items():
+            (run / rel).parent.mkdir(parents=True, exist_ok=True)
+            (run / rel).write_text(text)
+        with pytest.raises(R3Error, match=rf"--out {run} holds a run without its config.json"):
+            prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    for text, match in (("[1]", "a JSON list, not an object"), ("\udcff", "unreadable config")):
+        run = tmp_path / f"bad{len(text)}"
+        run.mkdir()
+        (run / "config.json").write_bytes(b"\xff" if text == "\udcff" else text.encode())
+        with pytest.raises(R3Error, match=match):
+            prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    empty = tmp_path / "empty"
+    (empty / "export").mkdir(parents=True)  # (an export alone is no run: still allowed)
+    prepare_out_dir(TrainConfig(out=str(empty)).validate(), d)
+    _HELD_LOCKS.pop().close()
 
 
 def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_config(tiny_model, tmp_path):
