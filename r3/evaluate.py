@@ -31,6 +31,7 @@ held-out evaluation); the helpers the CLIs share are in :mod:`r3.cli`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
             one = {k: head[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
             write_json_atomic(out, {
                 **(one if len(models) == 1 else {}), "task": st["task"], "task_options": st["options"],
-                "task_config": task_config, "run": args.run, "synthetic_data": bool(getattr(task, "synthetic", False)),
+                "task_config": task_config, "run": args.run, "cwd": os.getcwd(), "synthetic_data": bool(getattr(task, "synthetic", False)),
                 "n": head["n"], "settings": settings, "models": results, "paired": paired,
             })
     partial.finish()

@@ -25,6 +25,7 @@ command run again after an interruption goes on from there; the file goes once `
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -270,6 +271,7 @@ def main(argv=None) -> int:
         "results": results,
         "paired": paired,
         "settings": settings,
+        "cwd": os.getcwd(),  # (where relative model paths above are relative to)
         "time_s": round(time.perf_counter() - t0 + partial.seconds_before(), 1),  # (with the kept batches' time)
         "items": items,
     })

@@ -54,8 +54,13 @@ OUTCOMES = (
 # --------------------------------------------------------------------------------------------
 
 
-def _same_path(a, b) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+def _same_path(a, b, cwd: str | None = None) -> bool:
+    """Whether ``a`` (a path as an r3 command recorded it, relative to ``cwd``, the directory that
+    command ran in, where it recorded one) names the same place as ``b`` (relative to here)."""
+    a = Path(a).expanduser()
+    if cwd and not a.is_absolute():
+        a = Path(cwd) / a
+    return a.resolve() == Path(b).expanduser().resolve()
 
 
 def read_evaluation(path: Path, run: Path) -> dict:
@@ -70,10 +75,11 @@ def read_evaluation(path: Path, run: Path) -> dict:
                     "first_attempt_stderr", "second_attempt_stderr", "first_correct", "second_correct"):
             if key not in m:
                 raise R3Error(f"{path}: models[{i}] has no {key!r} (not an r3.evaluate output?)")
+    cwd = ev.get("cwd") if isinstance(ev.get("cwd"), str) else None
     if ev.get("run") is not None:
-        if not _same_path(ev["run"], run):
-            raise R3Error(f"{path}: evaluates the run {ev['run']}, not {run}")
-    elif not _same_path(models[1]["model"], run / "export"):
+        if not _same_path(ev["run"], run, cwd):
+            raise R3Error(f"{path}: evaluates the run {ev['run']}" + (f" (from {cwd})" if cwd else "") + f", not {run}")
+    elif not _same_path(models[1]["model"], run / "export", cwd):
         raise R3Error(f"{path}: its second model is {models[1]['model']}, not {run / 'export'}; "
                       f"evaluate with --run {run}")
     if models[0]["n"] != models[1]["n"]:
@@ -177,9 +183,10 @@ def fenced(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
-def label(model: str, run: Path, cfg: dict) -> str:
-    """"trained" for the run's export, "untrained" for its base model, else the model as given."""
-    if _same_path(model, run / "export"):
+def label(model: str, run: Path, cfg: dict, cwd: str | None = None) -> str:
+    """"trained" for the run's export, "untrained" for its base model, else the model as given
+    (``cwd``: where the command that recorded ``model`` ran)."""
+    if _same_path(model, run / "export", cwd):
         return "trained"
     return "untrained" if model == cfg.get("model") else model
 
@@ -252,14 +259,15 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
                   "pass `--forgetting F.json`.", ""]
     else:
         fs = fg.get("settings", {})
+        cwd = fg.get("cwd") if isinstance(fg.get("cwd"), str) else None
         lines += [f"Scored by lm-evaluation-harness's rules ({'chat template' if fs.get('chat') else 'plain prompts'}, "
                   f"dtype {fs.get('dtype', '?')}).", "",
                   "| benchmark | metric | model | score (%) | n |", "| --- | --- | --- | --- | --- |"]
         for r in fg["results"]:
-            lines.append(f"| {r['benchmark']} | {r['metric']} | {label(r['model'], run, cfg)} | {pct(r['score'], r['stderr'])} | {r['n']} |")
+            lines.append(f"| {r['benchmark']} | {r['metric']} | {label(r['model'], run, cfg, cwd)} | {pct(r['score'], r['stderr'])} | {r['n']} |")
         for p in fg.get("paired", []):
-            lines.append(f"\nPaired change on {p['benchmark']} {p['metric']}, {label(p['model'], run, cfg)} minus "
-                         f"{label(p['baseline'], run, cfg)}: {100 * p['difference']:+.1f} ± {100 * p['stderr']:.1f} points "
+            lines.append(f"\nPaired change on {p['benchmark']} {p['metric']}, {label(p['model'], run, cfg, cwd)} minus "
+                         f"{label(p['baseline'], run, cfg, cwd)}: {100 * p['difference']:+.1f} ± {100 * p['stderr']:.1f} points "
                          f"(n = {p['n']}, {p['better']} better, {p['worse']} worse).")
         lines += ["", f"![forgetting]({pngs['forgetting']})", ""]
 
@@ -326,7 +334,7 @@ def plot_forgetting(fg: dict, run: Path, cfg: dict, out: Path) -> Path:
         xs = [i + width * j for i in range(len(keys))]
         rows = [by.get((b, k, m)) for b, k in keys]
         ax.bar(xs, [100 * r["score"] if r else 0 for r in rows], width=width * 0.95,
-               yerr=[100 * r["stderr"] if r else 0 for r in rows], capsize=3, label=label(m, run, cfg))
+               yerr=[100 * r["stderr"] if r else 0 for r in rows], capsize=3, label=label(m, run, cfg, fg.get("cwd") if isinstance(fg.get("cwd"), str) else None))
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(keys))],
                   [f"{b}\n{k.split(',')[0]}" for b, k in keys], fontsize=8)
     ax.set_ylabel("score (%)")

@@ -3,6 +3,7 @@ hand-computed cases (the rules of lm-evaluation-harness), and the CLI end to end
 
 import hashlib
 import json
+import os
 import random
 
 import pytest
@@ -306,6 +307,7 @@ def test_cli_end_to_end_on_small_files(tmp_path):
     assert set(rows) == {("hellaswag", "acc"), ("hellaswag", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
                          ("gsm8k", "exact_match,flexible-extract")}
     assert all(r["model"] == "smollm2-135m" and r["n"] == (2 if r["benchmark"] == "hellaswag" else 1) for r in rows.values())
+    assert data["cwd"] == os.getcwd()  # (where relative model paths are relative to, for r3.report)
     hs_items = data["items"]["hellaswag"]["smollm2-135m"]
     assert [len(i["loglikelihoods"]) for i in hs_items] == [4, 4]
     assert all(i["prediction"] == max(range(4), key=lambda j: i["loglikelihoods"][j]) for i in hs_items)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from r3 import report as R
+from r3.errors import R3Error
 
 
 def record(i, first_ok, retry_ok=None, n_tokens=10, attempt="1 + 2 = 4"):
@@ -93,6 +94,26 @@ def test_report_page_numbers_and_files(run):
                      "### Example 4 (neither retry passed)", "### Example 5 (only the trained model's retry passed)"]
     # texts holding ``` are fenced with a longer fence
     assert "````\nreflection 0 with ``` inside\n````" in text
+
+
+def test_paths_recorded_relative_to_where_their_command_ran(run, tmp_path, monkeypatch):
+    """`cd work && python -m r3.evaluate --run runs/r3` recorded "runs/r3"; a report made from
+    another directory refused it as another run, and labelled forgetting rows by path."""
+    for name in ("evaluation.json", "forgetting.json"):
+        doc = json.loads((run / name).read_text().replace(str(run), "run"))
+        doc["cwd"] = str(tmp_path)
+        (run / name).write_text(json.dumps(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = R.write_report(run, run / "evaluation.json", run / "forgetting.json", run / "report").read_text()
+    assert "| gsm8k | exact_match,strict-match | trained | 4.0 ± 1.4 | 50 |" in text
+    assert "trained minus untrained: +2.0 ± 2.0 points" in text
+    doc = json.loads((run / "evaluation.json").read_text())
+    del doc["cwd"]  # (a file from before r3 recorded where it ran: read from here, as before)
+    (run / "evaluation.json").write_text(json.dumps(doc))
+    with pytest.raises(R3Error, match="evaluates the run run, not "):
+        R.write_report(run, run / "evaluation.json", None, run / "report2")
 
 
 def test_pick_examples_takes_each_outcome_in_turn():

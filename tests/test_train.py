@@ -250,6 +250,7 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     data = json.loads(ev.read_text())
     assert [m["model"] for m in data["models"]] == [str(tiny_model), str(full / "export")]
     assert data["run"] == str(full) and data["task"] == "r3_test_tasks:CoinTask" and data["task_options"] == {}
+    assert data["cwd"] == os.getcwd()  # (what a relative --run is relative to: r3.report reads it so)
     assert data["settings"]["max_attempt_tokens"] == 6 and data["settings"]["dtype"] == "fp32"
     assert data["paired"][0]["first_attempt"]["n"] == 4 and data["n"] == 4
     proc = subprocess.run([sys.executable, "-m", "r3.audit", str(full)], capture_output=True, text=True, env=ENV,
