@@ -6,6 +6,7 @@ Writes ``DIR/curves.png`` (or ``--out FILE``). Several run directories can be ov
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,7 +29,17 @@ def read_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl" if run.is_dir() else run
     if not path.is_file():
         raise R3Error(f"{path}: no metrics.jsonl (is this an r3.train output directory?)")
-    rows = [row for _, row in read_json_lines(path, lambda n, e: R3Error(f"{path}: line {n} is not valid JSON"))]
+    rows = []
+    for n, row in read_json_lines(path, lambda n, e: R3Error(f"{path}: line {n} is not valid JSON")):
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise R3Error(f"{path}: line {n} is not a metrics row (a JSON object with an integer 'step'); "
+                          "is this an r3.train metrics.jsonl?")
+        for key, _ in PANELS:
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise R3Error(f"{path}: line {n}: {key!r} is {value!r}, not a number")
+        rows.append(row)
     if not rows:
         raise R3Error(f"{path}: no rows yet")
     return rows
@@ -91,14 +102,19 @@ def save_figure(fig, out: Path) -> Path:
     """Save a matplotlib figure as a PNG through a temporary file and a rename, then close it."""
     plt = pyplot()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
+        if out.is_dir():
+            raise R3Error(f"{out}: is a directory; give the PNG's file name")
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, out)
+    except OSError as e:
+        raise R3Error(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -109,11 +125,18 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: FIRST_RUN/curves.png)")
     ap.add_argument("--smooth", type=int, default=1, help="moving-average window")
     args = ap.parse_args(argv)
+    if args.smooth < 1:
+        raise R3Error(f"--smooth must be a window of at least 1 step, got {args.smooth}")
     for r in args.runs:
         if not r.exists():
             raise R3Error(f"run directory '{r}' does not exist")
     first = args.runs[0]
     out = args.out or ((first if first.is_dir() else first.parent) / "curves.png")
+    if out.suffix.lower() != ".png":
+        raise R3Error(f"--out {out}: the curves are a PNG; give a file name ending in .png")
+    from r3.cli import check_out_path  # (here: r3.cli imports torch, which plotting needs not)
+
+    check_out_path(str(out))
     print(plot(args.runs, out, args.smooth))
 
 

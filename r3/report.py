@@ -32,6 +32,7 @@ from pathlib import Path
 
 from r3.cli import (
     ArgumentParser,
+    check_out_path,
     positive_int,
     read_json_object,
     read_run_config,
@@ -75,6 +76,17 @@ def read_evaluation(path: Path, run: Path) -> dict:
                     "first_attempt_stderr", "second_attempt_stderr", "first_correct", "second_correct"):
             if key not in m:
                 raise R3Error(f"{path}: models[{i}] has no {key!r} (not an r3.evaluate output?)")
+        for key in ("n", "first_attempt_accuracy", "second_attempt_accuracy", "first_attempt_stderr",
+                    "second_attempt_stderr"):
+            if isinstance(m[key], bool) or not isinstance(m[key], (int, float)):
+                raise R3Error(f"{path}: models[{i}].{key} is {m[key]!r}, not a number")
+        records = m.get("records")
+        if records is not None and not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
+            raise R3Error(f"{path}: models[{i}].records is not a list of records")
+        for j, r in enumerate(records or []):
+            t = r.get("reflection_tokens")
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
+                raise R3Error(f"{path}: models[{i}].records[{j}].reflection_tokens is {t!r}, not a token count")
     cwd = ev.get("cwd") if isinstance(ev.get("cwd"), str) else None
     if ev.get("run") is not None:
         if not _same_path(ev["run"], run, cwd):
@@ -352,6 +364,7 @@ def write_report(run: Path, evaluation: Path, forgetting: Path | None, out: Path
     metrics = read_metrics(run) if (run / "metrics.jsonl").is_file() else None
     pngs = {"accuracy": "accuracy.png", "curves": "curves.png", "reflection_length": "reflection_length.png",
             "forgetting": "forgetting.png"}
+    text = render(run, cfg, ev, metrics, fg, pngs, examples)  # (before any file: bad input writes nothing)
     plot_accuracy(ev, out / pngs["accuracy"])
     if metrics:
         plot_curves([run], out / pngs["curves"])
@@ -362,7 +375,7 @@ def write_report(run: Path, evaluation: Path, forgetting: Path | None, out: Path
     if fg is not None and fg["results"]:
         plot_forgetting(fg, run, cfg, out / pngs["forgetting"])
     page = out / "report.md"
-    write_text_atomic(page, render(run, cfg, ev, metrics, fg, pngs, examples))
+    write_text_atomic(page, text)
     return page
 
 
@@ -380,6 +393,7 @@ def main(argv=None) -> int:
     out = args.out or args.run / "report"
     if out.exists() and not out.is_dir():
         raise R3Error(f"--out {out}: exists and is not a directory")
+    check_out_path(str(out / "report.md"), "--out")  # (writable: a read-only place fails before anything)
     page = write_report(args.run, args.eval or args.run / "evaluation.json", args.forgetting, out, args.examples)
     print(page)
     return 0

@@ -74,3 +74,44 @@ def test_read_metrics_skips_a_cut_last_line_and_refuses_a_bad_earlier_one(tmp_pa
     path.write_text(json.dumps(_row(1)) + "\n" + '{"step": 2, "lo\n' + json.dumps(_row(3)) + "\n\n")
     with pytest.raises(R3Error, match="line 2 is not valid JSON"):
         plot.read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("lines, match", [
+    (["[1, 2]"], "line 1 is not a metrics row"),
+    (['{"nums": [3, 5], "target": 8}'], "line 1 is not a metrics row"),  # (a data file, not metrics)
+    (['{"step": "1"}'], "line 1 is not a metrics row"),
+    ([json.dumps(_row(1)), json.dumps(_row(2, loss="x"))], "line 2: 'loss' is 'x', not a number"),
+])
+def test_read_metrics_refuses_what_is_not_a_metrics_row(tmp_path, lines, match):
+    """A file of other rows was plotted as empty panels with exit 0, or was an AttributeError."""
+    from r3.errors import R3Error
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(R3Error, match=match):
+        plot.read_metrics(tmp_path)
+
+
+def test_plot_cli_bad_output_and_options_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_row(1)) + "\n")
+    (tmp_path / "a_dir.png").mkdir()
+    for args, message in ((["--smooth", "0"], "--smooth must be a window of at least 1 step, got 0"),
+                          (["--out", str(tmp_path / "c.txt")], "give a file name ending in .png"),
+                          (["--out", str(tmp_path / "a_dir.png")], "is a directory, expected a file")):
+        with pytest.raises(SystemExit) as e:
+            plot.main([str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "c.txt").exists()
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def read_only(self, *a, **k):  # (the place passed the probe, then the disk went read-only)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Figure, "savefig", read_only)
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{tmp_path / 'curves.png'}: cannot write (Read-only file system)" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -146,6 +146,12 @@ def test_report_without_records_or_forgetting_says_what_is_missing(run):
         (run / "evaluation.json").read_text().replace(str(run), "/elsewhere/run")), "evaluates the run /elsewhere/run"),
     (lambda run: (run / "forgetting.json").write_text('{"results": [{"model": "m"}]}'), "results[0] is not a"),
     (lambda run: (run / "config.json").unlink(), "config.json: missing"),
+    # records and numbers of another shape: a ValueError/TypeError after the PNGs were written
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][0]["records"][0].update(reflection_tokens="x")),
+     "models[0].records[0].reflection_tokens is 'x', not a token count"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][1].update(records=5)), "models[1].records is not a list"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][0].update(first_attempt_accuracy="x")),
+     "models[0].first_attempt_accuracy is 'x', not a number"),
 ])
 def test_report_bad_input_is_one_line(run, capsys, change, message):
     change(run)
@@ -153,7 +159,28 @@ def test_report_bad_input_is_one_line(run, capsys, change, message):
         R.main([str(run), "--forgetting", str(run / "forgetting.json")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1
-    assert not (run / "report" / "report.md").exists()
+    assert not (run / "report").exists()  # (nothing written: no page, no PNGs)
+
+
+def _edit_eval(run, edit):
+    ev = json.loads((run / "evaluation.json").read_text())
+    edit(ev)
+    (run / "evaluation.json").write_text(json.dumps(ev))
+
+
+def test_report_into_a_place_it_cannot_write_is_one_line(run, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(SystemExit) as e:
+        R.main([str(run), "--out", str(run / "rep")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--out {run / 'rep' / 'report.md'}: cannot write in {run} (Read-only" in err
+    assert err.count("\n") == 1 and not (run / "rep").exists()
 
 
 def test_report_cli_writes_the_page(run, capsys):
