@@ -99,7 +99,7 @@ class TrainConfig:
         def positive(name, allow_zero=False):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-                raise R3Error(f"config: '{name}' must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+                raise R3Error(f"config: '{name}' must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
         for name in ("batch_size", "group_size", "max_attempt_tokens", "max_reflection_tokens",
                      "max_retry_tokens", "micro_batch_size", "update_epochs", "max_steps",
@@ -384,6 +384,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if not arg.startswith("--"):
             raise R3Error(f"unexpected argument {arg!r} (flags are --key value)")
         key, eq, val = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in _FLAGS and name not in _RENAMED:  # (before asking for its value)
+            raise R3Error(f"unknown flag '--{key}'{suggest(name, _FLAGS)}")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and nxt[2:].partition("=")[0].replace("-", "_")

@@ -166,6 +166,17 @@ def test_plugin_loading(tmp_path, monkeypatch):
     with pytest.raises(R3Error, match=rf"task 'r3_test_plugin_syntax:Task': module 'r3_test_plugin_syntax' has a "
                                       rf"syntax error: expected ':' \({re.escape(str(bad))}, line 2\)$"):
         tasks.get("r3_test_plugin_syntax:Task")
+    # the base class, or a subclass that leaves methods unwritten: named, not a NotImplementedError
+    # traceback from the first rollout
+    with pytest.raises(R3Error, match=r"Task does not define examples, messages, _check; a task subclasses"):
+        tasks.get("r3.tasks.base:Task")
+    (tmp_path / "r3_test_plugin_half.py").write_text(
+        "from r3.tasks import Task\n\nclass Half(Task):\n    def examples(self, split='train', n=None, seed=0):\n"
+        "        return [{'a': 1}]\n\nclass ByVerify(Half):\n    def messages(self, ex):\n        return []\n\n"
+        "    def verify(self, ex, text):\n        return True\n")
+    with pytest.raises(R3Error, match=r"Half does not define messages, _check;"):
+        tasks.get("r3_test_plugin_half:Half")
+    assert tasks.get("r3_test_plugin_half:ByVerify").verify({}, "x") is True  # (verify stands in for _check)
 
 
 def test_get_passes_through_a_built_task():

@@ -378,6 +378,12 @@ def test_config_values_and_files_are_checked_before_anything_runs(tmp_path, monk
     with pytest.raises(R3Error, match="flag '--lr' needs a value"):
         parse_args(["--lr", "--task-option=max_num=9"])
     assert parse_args(["--out", "--x"]).out == "--x"  # (not a flag: a value)
+    for argv in (["--bogus"], ["--out", "x", "--resume"]):  # (an unknown last flag: unknown, not valueless)
+        with pytest.raises(R3Error, match=f"unknown flag '{argv[-1]}'"):
+            parse_args(argv)
+    for value in ("inf", "nan"):
+        with pytest.raises(R3Error, match=f"'lr' must be a finite number > 0, got {value}"):
+            parse_args(["--lr", value])
 
     # a failures file is recorded by its absolute path, and a run that recorded it relative resumes
     (tmp_path / "f.jsonl").write_text("")

@@ -136,6 +136,12 @@ def get(name: Any, **options: Any) -> Task:
     if missing:
         raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")
     if isinstance(task, Task):
+        # (Task's own methods raise NotImplementedError; verify may stand in for _check)
+        unwritten = [m for m in ("examples", "messages", "_check") if getattr(type(task), m) is getattr(Task, m)
+                     and not (m == "_check" and type(task).verify is not Task.verify)]
+        if unwritten:
+            raise R3Error(f"task {name!r}: {type(task).__name__} does not define {', '.join(unwritten)}; a task "
+                          "subclasses r3.tasks.Task and writes examples, messages and _check")
         task._options_given = dict(options)  # (config() reports options the task keeps under other names)
     return task
 
