@@ -649,6 +649,10 @@ def test_load_malformed_json_list(tmp_path):
     p.write_text('{"target": 5')
     with pytest.raises(R3Error, match=r"bad\.json: not valid JSON"):
         CountdownTask(data_path=str(p)).examples("train")
+    for name in ("empty.json", "empty.txt"):  # (was "not valid JSON (line 1, column 1: Expecting value)")
+        (tmp_path / name).write_text(" \n")
+        with pytest.raises(R3Error, match=rf"{name}: empty file, no records"):
+            CountdownTask(data_path=str(tmp_path / name)).examples("train")
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):

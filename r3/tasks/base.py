@@ -433,6 +433,8 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
     if lower.endswith((".jsonl", ".ndjson")):
         yield from _read_jsonl(path, text)
         return
+    if not text.strip():
+        raise R3Error(f"{path}: empty file, no records")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
