@@ -4,7 +4,6 @@ a training run's directory. Library modules never import this one."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,21 +15,13 @@ import torch
 from r3.chat import user_template_options
 from r3.checkpoint import load
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
-from r3.errors import R3Error, positive_int  # noqa: F401
+from r3.errors import ArgumentParser, R3Error, positive_int  # noqa: F401
 from r3.files import write_json_atomic, write_text_atomic  # noqa: F401
 from r3.precision import resolve_dtype_name, slow_bf16_warning
 from r3.progress import Progress, format_duration  # noqa: F401
 from r3.tasks import get
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are an R3Error (one line, exit 2 under ``cli_main``) instead of
-    usage text."""
-
-    def error(self, message):
-        raise R3Error(f"{self.prog}: {message} (see --help)")
 
 
 def load_task(name: str, options: dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import sys
@@ -40,6 +41,14 @@ def cli_main(fn):
             raise SystemExit(2)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are an R3Error (one line, exit 2 under :func:`cli_main`) instead of
+    usage text."""
+
+    def error(self, message):
+        raise R3Error(f"{self.prog}: {message} (see --help)")
 
 
 def positive_int(name: str, value, allow_none: bool = False):

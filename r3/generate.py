@@ -8,7 +8,6 @@ throughput. Mistakes (a bad model path, a bad flag value) print one line and exi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -16,13 +15,13 @@ from r3.chat import ChatFormat, template_options
 from r3.checkpoint import load
 from r3.cli import DTYPES, parse_chat_template_options, pick_device_dtype
 from r3.decode import DECODE_MODES
-from r3.errors import R3Error, cli_main
+from r3.errors import ArgumentParser, R3Error, cli_main
 from r3.sampler import check_sampling_args, generate
 from r3.toolchain import check_toolchain
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m r3.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m r3.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="an optional system message")

@@ -5,12 +5,11 @@ Writes ``DIR/curves.png`` (or ``--out FILE``). Several run directories can be ov
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from pathlib import Path
 
-from r3.errors import R3Error, cli_main
+from r3.errors import ArgumentParser, R3Error, cli_main
 from r3.files import read_json_lines
 
 PANELS = (
@@ -120,7 +119,7 @@ def save_figure(fig, out: Path) -> Path:
 
 @cli_main
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m r3.plot", description=__doc__)
+    ap = ArgumentParser(prog="python -m r3.plot", description=__doc__)
     ap.add_argument("runs", nargs="+", type=Path, help="r3.train output directories (or metrics.jsonl files)")
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: FIRST_RUN/curves.png)")
     ap.add_argument("--smooth", type=int, default=1, help="moving-average window")

@@ -539,6 +539,19 @@ def test_bad_input_is_one_line_exit_2(cli, args, pattern, tmp_path, capsys):
     one_line_error(rc, err, pattern)
 
 
+@pytest.mark.parametrize("module,args,pattern", [
+    ("r3.generate", [], "python -m r3.generate: the following arguments are required: --prompt (see --help)"),
+    ("r3.plot", [".", "--smooth", "x"], "python -m r3.plot: argument --smooth: invalid int value: 'x'"),
+    ("r3.tasks.function_calling", ["--synthetic", "x"], "argument --synthetic: invalid int value: 'x'"),
+])
+def test_argument_mistakes_are_one_line_in_every_cli(module, args, pattern, capsys):
+    # (these three printed argparse's usage text: up to 10 lines)
+    import importlib
+
+    rc, _, err = run_main(importlib.import_module(module).main, args, capsys)
+    one_line_error(rc, err, pattern)
+
+
 @pytest.mark.parametrize("content,pattern", [
     (b"hello world\n", "not valid JSON"),
     (b'{"no_key": 1}\n', "expected a JSON object with a key"),

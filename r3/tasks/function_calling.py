@@ -117,7 +117,6 @@ reasoning block is parsed once: time linear in the completion.
 
 from __future__ import annotations
 
-import argparse
 import decimal
 import functools
 import html
@@ -128,7 +127,7 @@ import sys
 import unicodedata
 from typing import Any
 
-from r3.errors import R3Error, cli_main
+from r3.errors import ArgumentParser, R3Error, cli_main
 from r3.tasks.base import (
     Task,
     check_n,
@@ -1135,7 +1134,7 @@ def write_synthetic(path: str, n: int, seed: int = 0) -> int:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m r3.tasks.function_calling",
         description="Write a SYNTHETIC data set in the xlam-function-calling-60k format (generated "
                     "from r3's own small tool catalogue; not the real APIGen data, which is gated), "
