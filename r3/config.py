@@ -386,7 +386,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         key, eq, val = arg[2:].partition("=")
         name = key.replace("-", "_")
         if name not in _FLAGS and name not in _RENAMED:  # (before asking for its value)
-            raise R3Error(f"unknown flag '--{key}'{suggest(name, _FLAGS)}")
+            raise R3Error(f"unknown flag '--{name.replace('_', '-')}'{suggest(name, _FLAGS)}")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and nxt[2:].partition("=")[0].replace("-", "_")
