@@ -440,6 +440,15 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         (GOOD + "\nI used the `get_weather` (weather) tool twice.", True),
         (GOOD + "\nI called 'get_weather' (with each city) and **convert** (once).", True),
         (GOOD + "\nSee the **notes** (below).", True),
+        # (a tenth reader's: after a closing mark, a parenthesis that opens with a quote, code or
+        # a bracket is prose; only one closing at once or opening with a keyword is a call)
+        (GOOD + '\n\nI converted 100 to "EUR" ("euro").', True),
+        (GOOD + "\n\nThe units default to `celsius` (`metric`).", True),
+        (GOOD + '\n\nParis is listed as **Paris** ("FR") and Tokyo as **Tokyo** ("JP").', True),
+        (GOOD + "\n\nSee the **docs** ([link](https://x.y)).", True),
+        (GOOD + '\n\nI called `get_weather` ("Paris" and "Tokyo") and `convert` (once).', True),
+        ('I will convert to "EUR" ("euro").\n' + GOOD, True),
+        (GOOD + "\nThen **reset**()", False),
         (GOOD + "\n\nTool Name: delete_all\nTool Input: confirm=true", False),
         (GOOD + "\n\n**Function call:** delete_all\n**Arguments:** {}", False),
         (GOOD + "\n\nfunction_name: delete_all\nfunction_args:\n  confirm: true", False),
@@ -717,10 +726,19 @@ def test_the_recheck_reads_huge_exponents_without_building_them(monkeypatch):
     monkeypatch.setattr(recheck_module, "Fraction", bounded)
     ex = dict(EX, answers=dumps([{"name": "convert", "arguments": {"amount": 0.0, "to": "EUR"}}]))
     for amount, ok in (("0e99999999", True), ("-0.000E+99999999", True), ("0.0e-9999999", True),
-                       ("1e-9999999", False), ("2.5e99999999", False), ("1e2", False), ("0e5", True)):
+                       ("1e-9999999", False), ("2.5e99999999", False), ("1e2", False), ("0e5", True),
+                       # (more than the 4,300 digits Python's int() takes, zeros included: the verifier
+                       # paid these, the re-check read no call list)
+                       ("0." + "0" * 4310, True), ("0e" + "0" * 5000 + "2", True), ("1e-" + "0" * 5000 + "400", False),
+                       ("1" + "0" * 4400 + "e-4400", False)):
         completion = '[{"name": "convert", "arguments": {"amount": ' + amount + ', "to": "EUR"}}]'
         assert FC.verify(ex, completion) is ok, amount
         assert recheck(FC, ex, completion)[0] is ok, amount
+    ex = dict(EX, answers=dumps([{"name": "convert", "arguments": {"amount": 100.0, "to": "EUR"}}]))
+    for amount in ("1" + "0" * 4400 + "e-4398", "1." + "0" * 4400 + "e2", "0." + "0" * 4400 + "1e4403",
+                   "100." + "0" * 4310):
+        completion = '[{"name": "convert", "arguments": {"amount": ' + amount + ', "to": "EUR"}}]'
+        assert FC.verify(ex, completion) is True and recheck(FC, ex, completion)[0] is True, amount[:20]
 
 
 def test_verify_never_raises():

@@ -645,6 +645,9 @@ def _fold(text: str) -> str:
 _NAME_CLOSE = "[*`'\"\u2019\u201d]"
 _NAME_RUN = re.compile(r"(?<![a-z0-9_.])(?=([a-z0-9_.]+))\1(?=(" + _NAME_CLOSE + r"{0,3}\s*))\2\(\s*")  # ((?=(x))\1: atomic)
 _CALL_OPENER = re.compile(r"[)\[{'\"`\u2018\u201c]|[rbuf]{1,2}['\"]|[a-z_][a-z0-9_]*\s*=(?!=)")
+# After a closing mark (``**Paris** ("FR")``, `` `celsius` (`metric`)``: prose) only a parenthesis
+# that closes at once or opens with a keyword argument reads as a call: ``**reset**(force=True)``.
+_KEYWORD_OPENER = re.compile(r"\)|[a-z_][a-z0-9_]*\s*=(?!=)")
 
 
 # Other models' tool-call syntax: Llama 3's <function=name> (any <function ...> tag), an opening
@@ -745,11 +748,12 @@ def _any_call(folded: str, quoted: bool = True) -> str | None:
         name, between = _trailing_name(m.group(1)), m.group(2)
         if not name:
             continue
-        opener = _CALL_OPENER.match(folded, m.end())
         code_like = "_" in name or "." in name
         closed, blanks = bool(between.rstrip()), between != between.rstrip()
-        # (after a closing mark, ``**note** (see below)`` is prose: blanks need a call's opening)
-        if (opener or (code_like and not blanks)) if closed else (code_like or (opener and not blanks)):
+        if closed:  # (``**note** (see below)``, ``"EUR" ("euro")``: prose)
+            if _KEYWORD_OPENER.match(folded, m.end()) or (code_like and not blanks):
+                return name
+        elif code_like or (_CALL_OPENER.match(folded, m.end()) and not blanks):
             return name
     return None
 
@@ -764,10 +768,11 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
       digits allowed), then blanks and an opening parenthesis: ``get_weather(city='Oslo')``, ``get_weather (Oslo)``,
       ``functions.get_weather(...)``; or as the name of a tag: ``<get_weather>``, ``</get_weather>``,
       ``<get_weather city="Oslo"/>``;
-    * either of the two above (or a name of the third kind below) with up to three closing marks of
-      emphasis, code or quotes before its parenthesis: glued, ``**get_weather**(...)``,
-      `` `delete_user`(42)``; with blanks only where the parenthesis opens like a call (as in the
-      third kind): ``**get_weather** (city="Oslo")``, while `` `get_weather` (the tool)`` is prose;
+    * a name of the first two kinds with up to three closing marks of emphasis, code or quotes
+      before its parenthesis, glued: ``**get_weather**(...)``, `` `delete_user`(42)``; any name so
+      closed, glued or with blanks, before a parenthesis that closes at once or opens with a
+      keyword argument: ``**get_weather** (city="Oslo")``, ``**reset**()``; while
+      `` `get_weather` (the tool)``, ``**Paris** ("FR")`` and ``"EUR" ("euro")`` are prose;
     * any ASCII identifier with ``_`` or ``.`` in it, then blanks and a parenthesis:
       ``delete_user(42)``, ``delete_user (42)``, ``os.remove(path)``, also after a dot
       (``1.delete_user(42)``, ``Step 2.reset()``);
@@ -799,7 +804,7 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     if not keys:
         return None, keys
     alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
-    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[|" + _NAME_CLOSE + r"{1,3}(?:\(|\s+\(\s*(?=" + _CALL_OPENER.pattern + r")))|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
+    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[|" + _NAME_CLOSE + r"{1,3}(?:\(|\s+\(\s*(?=" + _KEYWORD_OPENER.pattern + r")))|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
                       r"|\baction(?:\s*\d+)?[\s*_`'\"]*:[\s*_`'\"]*(?:functions\.)?(" + alternatives
                       + r")(?![a-z0-9_])"), keys
 

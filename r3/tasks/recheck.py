@@ -932,16 +932,29 @@ def _fc_const(name):
 
 def _fc_float(literal):
     """The float of a JSON number literal with a fraction or exponent, only when its shortest
-    decimal has the literal's exact value (more digits than a float holds: invalid)."""
+    decimal has the literal's exact value (more digits than a float holds: invalid). Built from
+    the literal's significant digits: Fraction(literal) would build 10 ** exponent for any
+    exponent, and Python refuses int() of more than 4,300 digits, zeros included."""
     value = float(literal)
     mantissa, _, exponent = literal.lower().partition("e")
-    if exponent and abs(int(exponent)) > 400 + len(mantissa):
-        # (Fraction would build 10 ** exponent: the literal is zero, or its leading digit lies
-        # beyond any float's, exact or not, whatever the mantissa)
-        if mantissa.strip("-+0.") == "":
-            return value
+    whole, _, frac = mantissa.lstrip("-").partition(".")
+    whole, frac = whole.lstrip("0"), frac.rstrip("0")
+    digits = (whole + frac).lstrip("0")
+    significant = digits.rstrip("0")
+    if not significant:
+        return value  # (zero, whatever its exponent: value is 0.0 or -0.0)
+    e_digits = exponent.lstrip("+-").lstrip("0") or "0"
+    if len(e_digits) > 6:  # (a leading digit beyond any float's)
         raise ValueError(literal)
-    if Fraction(repr(value)) != Fraction(literal):  # (inf has no Fraction: invalid too)
+    e = -int(e_digits) if exponent.startswith("-") else int(e_digits)
+    # (a leading digit beyond any float's, or more significant digits than a float's exact
+    # decimal has (at most 767): not a float's value)
+    if abs(e) > 400 + len(whole) + len(frac) or len(significant) > 800:
+        raise ValueError(literal)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(literal)
+    exact = Fraction(int(significant)) * Fraction(10) ** (e - len(frac) + len(digits) - len(significant))
+    if Fraction(repr(value)) != (-exact if mantissa.startswith("-") else exact):
         raise ValueError(literal)
     return value
 
@@ -1203,8 +1216,8 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
     (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``); or the name, not followed
     by a name character, after the word ``action``, blanks, ``:`` and blanks (ReAct's ``Action:
     delete_file``). Up to three closing marks (``*``, backquote, quotes) may stand between the name
-    and its parenthesis; with blanks after them the parenthesis must open like a call
-    (:func:`_fc_opens_like_a_call`). Escapes are read first (:func:`_fc_unescape`)."""
+    and its parenthesis; with blanks after them the parenthesis must open with a keyword or close
+    at once (:func:`_fc_opens_with_a_keyword`). Escapes are read first (:func:`_fc_unescape`)."""
     folded = _fc_unescape(folded)
     for name in names:
         key = _fc_fold(name).strip() if type(name) is str else ""
@@ -1226,7 +1239,7 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
                 a = j + 1
                 while a < len(folded) and folded[a].isspace():
                     a += 1
-                if _fc_opens_like_a_call(folded, a):
+                if _fc_opens_with_a_keyword(folded, a):
                     return True
             elif before not in _FC_ID_START and (folded[j:j + 1] == "("
                                                  or folded[k + len(key):k + len(key) + 1] == "["):
@@ -1247,6 +1260,22 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
                 return True
             k = folded.find(key, k + 1)
     return False
+
+
+def _fc_opens_with_a_keyword(folded: str, j: int) -> bool:
+    """At ``j`` (after the parenthesis and blanks): a closing parenthesis, or a name and a single
+    ``=`` (what must follow a name behind a closing mark: ``**reset**(force=True)``; ``**Paris**
+    ("FR")`` is prose)."""
+    if folded[j:j + 1] == ")":
+        return True
+    if not (folded[j:j + 1] and folded[j] in _FC_ID_START):
+        return False
+    k = j
+    while k < len(folded) and folded[k] in _FC_ID:
+        k += 1
+    while k < len(folded) and folded[k].isspace():
+        k += 1
+    return folded[k:k + 1] == "=" and folded[k + 1:k + 2] != "="
 
 
 def _fc_opens_like_a_call(folded: str, j: int) -> bool:
@@ -1383,9 +1412,9 @@ def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
     """``<function=name`` or an ASCII identifier (dotted parts) before an opening parenthesis:
     with ``_`` or ``.`` in it, blanks between allowed; without, directly before a parenthesis
     that opens like a call (see :func:`_fc_opens_like_a_call`); behind up to three closing marks
-    (``**reset**(``), a parenthesis that opens like a call, or glued to a name with ``_`` or ``.``;
-    other models' markers and YAML (:func:`_fc_marker`). Escapes are read first
-    (:func:`_fc_unescape`)."""
+    (``**reset**(``), a parenthesis that opens with a keyword or closes at once
+    (:func:`_fc_opens_with_a_keyword`), or glued to a name with ``_`` or ``.``; other models'
+    markers and YAML (:func:`_fc_marker`). Escapes are read first (:func:`_fc_unescape`)."""
     folded = _fc_unescape(folded)
     if _fc_marker(folded, quoted):
         return True
@@ -1433,10 +1462,9 @@ def _fc_any_call_after(folded: str, quoted: bool = True) -> bool:
         while j < len(folded) and folded[j].isspace():
             j += 1
         code_like = "_" in ident or "." in ident
-        opens = _fc_opens_like_a_call(folded, j)
-        if closed and (opens or (code_like and not spaced)):
-            return True  # ("**reset**(force=True)"; "**note** (see below)" is prose)
-        if not closed and (code_like or (opens and not spaced)):
+        if closed and (_fc_opens_with_a_keyword(folded, j) or (code_like and not spaced)):
+            return True  # ("**reset**(force=True)"; "**note** (see below)", '"EUR" ("euro")' are prose)
+        if not closed and (code_like or (_fc_opens_like_a_call(folded, j) and not spaced)):
             return True
     return False
 
