@@ -55,13 +55,13 @@ def _cpu_count() -> int:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    try:  # (torchrun: a ValueError or AssertionError traceback)
         nproc = torchrun.determine_local_world_size(args.nproc_per_node)
-    except ValueError:
-        nproc = 0
-    if nproc < 1:  # (torchrun: a ValueError or AssertionError traceback)
-        print(f"error: --nproc_per_node must be a positive number of workers, 'cpu', 'gpu' or 'auto'; "
-              f"got {args.nproc_per_node!r}", file=sys.stderr)
+        why = None if nproc >= 1 else "must be at least 1"
+    except ValueError as e:  # ("Unsupported nproc_per_node value: abc", "Cuda is not available.")
+        why = str(e).rstrip(".")
+    if why:
+        print(f"error: --nproc_per_node {args.nproc_per_node!r}: {why}", file=sys.stderr)
         raise SystemExit(2)
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))

@@ -56,12 +56,11 @@ OUTCOMES = (
 
 
 def _same_path(a, b, cwd: str | None = None) -> bool:
-    """Whether ``a`` (a path as an r3 command recorded it, relative to ``cwd``, the directory that
-    command ran in, where it recorded one) names the same place as ``b`` (relative to here)."""
-    a = Path(a).expanduser()
-    if cwd and not a.is_absolute():
-        a = Path(cwd) / a
-    return a.resolve() == Path(b).expanduser().resolve()
+    """Whether ``a`` (a path as an r3 command recorded it) names the same place as ``b`` (relative
+    to here): read from here, or, when relative, from ``cwd``, the directory that command ran in
+    (where it recorded one; a run copied elsewhere with its evaluation is read from here)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser().resolve()
+    return a.resolve() == b or bool(cwd and not a.is_absolute() and (Path(cwd) / a).resolve() == b)
 
 
 def read_evaluation(path: Path, run: Path) -> dict:

@@ -109,6 +109,16 @@ def test_paths_recorded_relative_to_where_their_command_ran(run, tmp_path, monke
     text = R.write_report(run, run / "evaluation.json", run / "forgetting.json", run / "report").read_text()
     assert "| gsm8k | exact_match,strict-match | trained | 4.0 ± 1.4 | 50 |" in text
     assert "trained minus untrained: +2.0 ± 2.0 points" in text
+    # a run copied elsewhere with its files: recorded "run" from a cwd that no longer holds it,
+    # read from here
+    monkeypatch.chdir(tmp_path)
+    for name in ("evaluation.json", "forgetting.json"):
+        doc = json.loads((run / name).read_text())
+        doc["cwd"] = "/nowhere/else"
+        (run / name).write_text(json.dumps(doc))
+    text = R.write_report(Path("run"), run / "evaluation.json", run / "forgetting.json", run / "report").read_text()
+    assert "| gsm8k | exact_match,strict-match | trained | 4.0 ± 1.4 | 50 |" in text
+    monkeypatch.chdir(elsewhere)
     doc = json.loads((run / "evaluation.json").read_text())
     del doc["cwd"]  # (a file from before r3 recorded where it ran: read from here, as before)
     (run / "evaluation.json").write_text(json.dumps(doc))

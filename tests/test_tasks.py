@@ -177,6 +177,13 @@ def test_plugin_loading(tmp_path, monkeypatch):
     with pytest.raises(R3Error, match=r"Half does not define messages, _check;"):
         tasks.get("r3_test_plugin_half:Half")
     assert tasks.get("r3_test_plugin_half:ByVerify").verify({}, "x") is True  # (verify stands in for _check)
+    (tmp_path / "r3_test_plugin_other.py").write_text(
+        "from r3.tasks import Task\n\nclass ByVerdict(Task):\n    def __init__(self, **kw):\n"
+        "        super().__init__(**kw)\n        self.examples = lambda split='train', n=None, seed=0: [{'a': 1}]\n"
+        "        self.messages = lambda ex: [{'role': 'user', 'content': 'hi'}]\n\n"
+        "    def _verdict(self, ex, text):\n        return True, 'correct'\n")
+    by_verdict = tasks.get("r3_test_plugin_other:ByVerdict")  # (_verdict stands in; instance methods count)
+    assert by_verdict.verify({}, "x") is True and by_verdict.examples() == [{"a": 1}]
 
 
 def test_get_passes_through_a_built_task():

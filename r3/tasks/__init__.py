@@ -136,9 +136,13 @@ def get(name: Any, **options: Any) -> Task:
     if missing:
         raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")
     if isinstance(task, Task):
-        # (Task's own methods raise NotImplementedError; verify may stand in for _check)
-        unwritten = [m for m in ("examples", "messages", "_check") if getattr(type(task), m) is getattr(Task, m)
-                     and not (m == "_check" and type(task).verify is not Task.verify)]
+        # (Task's own methods raise NotImplementedError; verify or _verdict may stand in for _check;
+        # a method may be an attribute of the instance)
+        def own(m):
+            return getattr(getattr(task, m), "__func__", None) is getattr(Task, m)
+
+        unwritten = [m for m in ("examples", "messages", "_check") if own(m)
+                     and not (m == "_check" and not (own("verify") and own("_verdict")))]
         if unwritten:
             raise R3Error(f"task {name!r}: {type(task).__name__} does not define {', '.join(unwritten)}; a task "
                           "subclasses r3.tasks.Task and writes examples, messages and _check")
