@@ -1235,7 +1235,7 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             spaced = j > spaced
             if before not in _FC_ID_START and folded[j:j + 1] == "(" and closed and spaced:
                 # ("`get_weather` (the tool)" is prose: after a closing mark and blanks, the
-                # parenthesis must open like a call)
+                # parenthesis must close at once or open with a keyword)
                 a = j + 1
                 while a < len(folded) and folded[a].isspace():
                     a += 1
@@ -1282,21 +1282,14 @@ def _fc_opens_like_a_call(folded: str, j: int) -> bool:
     """At ``j`` (after the parenthesis and blanks): a closing parenthesis, a bracket or brace, a
     quote (straight, back or curly; after up to two of r/b/u/f), or a name and a single ``=``."""
     c = folded[j:j + 1]
-    if c and c in ")[{'\"`\u2018\u201c":
+    if c and c in "[{'\"`\u2018\u201c":
         return True
     k = j
     while k < len(folded) and k - j < 2 and folded[k] in "rbuf":
         k += 1
     if k > j and folded[k:k + 1] in ("'", '"'):
         return True
-    if c and c in _FC_ID_START:
-        k = j
-        while k < len(folded) and folded[k] in _FC_ID:
-            k += 1
-        while k < len(folded) and folded[k].isspace():
-            k += 1
-        return folded[k:k + 1] == "=" and folded[k + 1:k + 2] != "="
-    return False
+    return _fc_opens_with_a_keyword(folded, j)
 
 
 def _fc_marker(folded: str, quoted: bool) -> bool:
