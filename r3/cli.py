@@ -5,9 +5,7 @@ a training run's directory. Library modules never import this one."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +14,7 @@ from r3.chat import user_template_options
 from r3.checkpoint import load
 from r3.config import parse_task_options  # noqa: F401  (re-exported for the CLIs)
 from r3.errors import ArgumentParser, R3Error, positive_int  # noqa: F401
-from r3.files import write_json_atomic, write_text_atomic  # noqa: F401
+from r3.files import check_out_path, write_json_atomic, write_text_atomic  # noqa: F401
 from r3.precision import resolve_dtype_name, slow_bf16_warning
 from r3.progress import Progress, format_duration  # noqa: F401
 from r3.tasks import get
@@ -67,23 +65,6 @@ def load_model(spec: str, dtype, device):
     if tok is None:
         raise R3Error(f"{spec}: no tokenizer")
     return model, tok
-
-
-def check_out_path(out: str, what: str = "--out") -> Path:
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise R3Error(f"{what} {out}: is a directory, expected a file")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise R3Error(f"{what} {out}: {parent} is not a directory")
-    existing = next(p for p in (parent.absolute(), *parent.absolute().parents) if p.exists())
-    try:  # a file can be made there (what os.access misses: a read-only file system, root)
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".r3-write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise R3Error(f"{what} {out}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
-    return path
 
 
 def read_json_object(path: Path, missing: str = "missing") -> dict:

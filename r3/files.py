@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from r3.errors import R3Error
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -68,3 +70,22 @@ def read_json_lines(path: Path, bad_line: Callable[[int, json.JSONDecodeError], 
                 raise bad_line(n, e) from None
             print(f"warning: {path}: skipping the last line, cut short by an interrupted write", file=sys.stderr)
     return rows
+
+
+def check_out_path(out: str, what: str = "--out") -> Path:
+    """``out`` as a Path when a file can be written there (not a directory; its nearest existing
+    parent writable), else an R3Error naming ``what``: checked before a command's work, not after."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise R3Error(f"{what} {out}: is a directory, expected a file")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise R3Error(f"{what} {out}: {parent} is not a directory")
+    existing = next(p for p in (parent.absolute(), *parent.absolute().parents) if p.exists())
+    try:  # a file can be made there (what os.access misses: a read-only file system, root)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".r3-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise R3Error(f"{what} {out}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
+    return path

@@ -281,7 +281,7 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
     if window:
         window = _positive(window, "sliding_window", source, integral=True)
     if model_type in ("mistral", "phi3"):
-        return [int(window) if window else None] * n_layers
+        return [window or None] * n_layers
     # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers.
     layer_types = cfg.get("layer_types")
     if not cfg.get("use_sliding_window") or not window:
@@ -289,11 +289,11 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
     if layer_types:
         if len(layer_types) != n_layers:
             raise R3Error(f"{source}: layer_types has {len(layer_types)} entries, expected {n_layers}")
-        return [int(window) if t == "sliding_attention" else None for t in layer_types]
+        return [window if t == "sliding_attention" else None for t in layer_types]
     first = cfg.get("max_window_layers", n_layers)
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise R3Error(f"{source}: field 'max_window_layers' must be an integer >= 0, got {first!r}")
-    return [int(window) if i >= first else None for i in range(n_layers)]
+    return [window if i >= first else None for i in range(n_layers)]
 
 
 # --------------------------------------------------------------------------------------------

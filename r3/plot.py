@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from r3.errors import ArgumentParser, R3Error, cli_main
-from r3.files import read_json_lines
+from r3.files import check_out_path, read_json_lines
 
 PANELS = (
     ("retry_success", "retry success (reward)"),
@@ -103,8 +103,6 @@ def save_figure(fig, out: Path) -> Path:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
-        if out.is_dir():
-            raise R3Error(f"{out}: is a directory; give the PNG's file name")
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, out)
@@ -133,8 +131,6 @@ def main(argv=None):
     out = args.out or ((first if first.is_dir() else first.parent) / "curves.png")
     if out.suffix.lower() != ".png":
         raise R3Error(f"--out {out}: the curves are a PNG; give a file name ending in .png")
-    from r3.cli import check_out_path  # (here: r3.cli imports torch, which plotting needs not)
-
     check_out_path(str(out))
     print(plot(args.runs, out, args.smooth))
 

@@ -55,6 +55,14 @@ OUTCOMES = (
 # --------------------------------------------------------------------------------------------
 
 
+def _recorded_cwd(path: Path, doc: dict) -> str | None:
+    """The directory the command that wrote ``doc`` ran in (``cwd``; None in files of older r3)."""
+    cwd = doc.get("cwd")
+    if cwd is not None and not isinstance(cwd, str):
+        raise R3Error(f"{path}: 'cwd' is {cwd!r}, not a directory")
+    return cwd
+
+
 def _same_path(a, b, cwd: str | None = None) -> bool:
     """Whether ``a`` (a path as an r3 command recorded it) names the same place as ``b`` (relative
     to here): read from here, or, when relative, from ``cwd``, the directory that command ran in
@@ -86,7 +94,7 @@ def read_evaluation(path: Path, run: Path) -> dict:
             t = r.get("reflection_tokens")
             if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
                 raise R3Error(f"{path}: models[{i}].records[{j}].reflection_tokens is {t!r}, not a token count")
-    cwd = ev.get("cwd") if isinstance(ev.get("cwd"), str) else None
+    cwd = _recorded_cwd(path, ev)
     if ev.get("run") is not None:
         if not _same_path(ev["run"], run, cwd):
             raise R3Error(f"{path}: evaluates the run {ev['run']}" + (f" (from {cwd})" if cwd else "") + f", not {run}")
@@ -105,6 +113,7 @@ def read_forgetting(path: Path) -> dict:
     for i, r in enumerate(fg["results"]):
         if not isinstance(r, dict) or not {"model", "benchmark", "metric", "score", "stderr", "n"} <= set(r):
             raise R3Error(f"{path}: results[{i}] is not a {{model, benchmark, metric, score, stderr, n}} row")
+    _recorded_cwd(path, fg)
     return fg
 
 
@@ -270,7 +279,7 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
                   "pass `--forgetting F.json`.", ""]
     else:
         fs = fg.get("settings", {})
-        cwd = fg.get("cwd") if isinstance(fg.get("cwd"), str) else None
+        cwd = fg.get("cwd")
         lines += [f"Scored by lm-evaluation-harness's rules ({'chat template' if fs.get('chat') else 'plain prompts'}, "
                   f"dtype {fs.get('dtype', '?')}).", "",
                   "| benchmark | metric | model | score (%) | n |", "| --- | --- | --- | --- | --- |"]
@@ -345,7 +354,7 @@ def plot_forgetting(fg: dict, run: Path, cfg: dict, out: Path) -> Path:
         xs = [i + width * j for i in range(len(keys))]
         rows = [by.get((b, k, m)) for b, k in keys]
         ax.bar(xs, [100 * r["score"] if r else 0 for r in rows], width=width * 0.95,
-               yerr=[100 * r["stderr"] if r else 0 for r in rows], capsize=3, label=label(m, run, cfg, fg.get("cwd") if isinstance(fg.get("cwd"), str) else None))
+               yerr=[100 * r["stderr"] if r else 0 for r in rows], capsize=3, label=label(m, run, cfg, fg.get("cwd")))
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(keys))],
                   [f"{b}\n{k.split(',')[0]}" for b, k in keys], fontsize=8)
     ax.set_ylabel("score (%)")

@@ -86,8 +86,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
   ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:``, ``Tool Name:`` /
-  ``Tool Input:`` and the like (``-`` and one blank between words read as ``_``), as (nested) list items, after a ``>``, with the key in bold or backquotes, or in
-  quotes, straight or curly, outside the structures before the first run (YAML, or JSON without
+  ``Tool Input:`` and the like (``-`` and one blank between words read as ``_``), as (nested)
+  list items, after a ``>``, with the key in bold or backquotes, or in quotes, straight or curly, outside the structures before the first run (YAML, or JSON without
   its braces, a key per line), ...); full-width and other compatibility forms count as ASCII,
   combining and zero-width characters are ignored, in any letter case. ``f(x)``, ``value(s)`` and
   ``word (see: above)`` are prose;
@@ -792,8 +792,8 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]:
     """One search for every tool name of an example (folded) before a parenthesis (behind closing
-    marks too, see :func:`called_later`) or glued to a bracket (not after a letter or ``_``; ReAct's ``delete_file[/]``), as the name of a tag
-    (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``: XML tool-call syntax) or
+    marks too, see :func:`called_later`) or glued to a bracket (not after a letter or ``_``;
+    ReAct's ``delete_file[/]``), as the name of a tag (``<delete_file>``, ``</delete_file>``, ``<delete_file path="/"/>``: XML tool-call syntax) or
     after ReAct's ``Action:`` (``Action: delete_file``, ``**Action 2:** `functions.delete_file```),
     and each folded name's original."""
     keys = {}
@@ -804,7 +804,9 @@ def _tool_pattern(tool_names: tuple) -> tuple[re.Pattern | None, dict[str, str]]
     if not keys:
         return None, keys
     alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
-    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[|" + _NAME_CLOSE + r"{1,3}(?:\(|\s+\(\s*(?=" + _KEYWORD_OPENER.pattern + r")))|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
+    closed = _NAME_CLOSE + r"{1,3}(?:\(|\s+\(\s*(?=" + _KEYWORD_OPENER.pattern + r"))"  # (see called_later)
+    return re.compile(r"(?<![a-z_])(" + alternatives + r")(?:\s*\(|\[|" + closed + r")"
+                      r"|<\s*/?\s*(" + alternatives + r")(?![a-z0-9_])"
                       r"|\baction(?:\s*\d+)?[\s*_`'\"]*:[\s*_`'\"]*(?:functions\.)?(" + alternatives
                       + r")(?![a-z0-9_])"), keys
 

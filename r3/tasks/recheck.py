@@ -1229,10 +1229,10 @@ def _fc_named_call_after(folded: str, names: list[str]) -> bool:
             j = k + len(key)
             while j < len(folded) and j - k - len(key) < 3 and folded[j] in _FC_NAME_CLOSE:
                 j += 1
-            closed, spaced = j > k + len(key), j
+            closed, marks_end = j > k + len(key), j
             while j < len(folded) and folded[j].isspace():
                 j += 1
-            spaced = j > spaced
+            spaced = j > marks_end
             if before not in _FC_ID_START and folded[j:j + 1] == "(" and closed and spaced:
                 # ("`get_weather` (the tool)" is prose: after a closing mark and blanks, the
                 # parenthesis must close at once or open with a keyword)
