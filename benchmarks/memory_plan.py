@@ -32,8 +32,10 @@ quarter has stopped). With ``--decode compiled`` on CUDA (CUDA graphs) the sampl
 in a static cache of the same size that is held all the time (see :func:`plan`). The peak is
 what is held all the time plus the larger of the two phases.
 
-``--measure`` builds the trainer's models for a Qwen2.5-0.5B-shaped random model on 2 CPU ranks
-(gloo), runs one update over a micro-batch of ``--tokens`` tokens per rank with and without
+``--measure`` builds the trainer's models for a Qwen2.5-0.5B-shaped random model (``--shape``: a
+name above or a config.json) on 2 CPU ranks (gloo), runs one update over ``--micro-batches``
+micro-batches of ``--tokens`` tokens per rank (2: from the second on, the first's gradients are
+held beside the activations, as in every update of more than one micro-batch) with and without
 activation checkpointing, samples each rank's allocated bytes (glibc's ``mallinfo2``) every 2 ms,
 and prints the measured growth of each phase next to the formula's: the models (policy shards,
 reference shards, rollout copy), then the update (gradients, gathered parameters, activations,
@@ -286,10 +288,12 @@ def measure(args) -> None:
     from r3.distributed import shard
 
     d = T.init_distributed()
-    shape = SHAPES[args.shape]
+    shape = SHAPES[args.shape] if args.shape in SHAPES else json.loads(Path(args.shape).read_text())
     mc = ModelConfig.from_hf(shape)
-    # one micro-batch of 8 rows of --tokens / 8 tokens, the last 128 of each trained; as a run
-    # for plan(): its update terms are the formula checked here (no rollout is made)
+    # --micro-batches micro-batches of 8 rows of --tokens / 8 tokens, the last 128 of each
+    # trained; as a run for plan(): its update terms are the formula checked here (no rollout is
+    # made). From the second micro-batch on, the gradients of the first (fp32 shards) are held
+    # while the activations are, as in a real update of many micro-batches.
     rows, per = 8, args.tokens // 8
     run = dict(batch_size=d.world, group_size=1, prompt=per - 128 - 20, attempt=0, reflection=128, retry=0,
                micro_batch_size=rows)
@@ -314,15 +318,17 @@ def measure(args) -> None:
     models = rss.now() - base
     out["models_measured_gib"] = models / GiB
     parts = formula[False]["parts"]
-    out["models_formula_gib"] = sum(parts[k] for k in STATIC if k != "AdamW state") / GiB
+    out["models_formula_gib"] = sum(parts.get(k, 0.0) for k in STATIC if k != "AdamW state") / GiB
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     g = torch.Generator().manual_seed(d.rank)
-    seqs = [torch.randint(0, mc.vocab_size, (per,), generator=g).tolist() for _ in range(rows)]
-    spans = [(per - 128, per)] * rows
+    n_rows = rows * args.micro_batches
+    seqs = [torch.randint(0, mc.vocab_size, (per,), generator=g).tolist() for _ in range(n_rows)]
+    spans = [(per - 128, per)] * n_rows
     cfg = TrainConfig(micro_batch_size=rows, max_reflection_tokens=128, beta=0.0).validate()
+    out["micro_batches"] = args.micro_batches
     for ckpt in (False, True, False):  # the first run allocates AdamW's state; the next two compare
         policy.activation_checkpointing = ckpt
-        mbs = B.make_micro_batches(seqs, spans, [1.0] * rows, rows, 0, d.device)
+        mbs = B.make_micro_batches(seqs, spans, [1.0] * n_rows, rows, 0, d.device)
         dist_barrier(d)
         before = rss.reset()
         t0 = time.perf_counter()
@@ -350,7 +356,6 @@ def measure(args) -> None:
         if args.json:
             write_json_atomic(Path(args.json), {"measured": gathered})
     dist_barrier(d)
-    T._exit_hard(0)
 
 
 def dist_barrier(d):
@@ -363,16 +368,20 @@ def dist_barrier(d):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--measure", action="store_true", help="measure on this machine (run under torchrun)")
-    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES), help="--measure's model shape")
+    ap.add_argument("--shape", default="qwen2.5-0.5b",
+                    help=f"--measure's model shape: one of {', '.join(SHAPES)}, or a config.json file")
     ap.add_argument("--tokens", type=int, default=4096, help="--measure's micro-batch tokens")
+    ap.add_argument("--micro-batches", type=int, default=2,
+                    help="--measure's micro-batches per update (from the second on, gradients are held too)")
     ap.add_argument("--world", type=int, default=8, help="the plan's ranks")
     ap.add_argument("--gpu-gb", type=float, default=80.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
     if args.measure:
-        measure(args)
-        return
+        from r3.distributed import run_and_exit
+
+        run_and_exit(lambda: measure(args))  # (leaves without gloo's teardown)
     rows, text = plan_table(args.world, args.gpu_gb)
     print(text)
     if args.json:

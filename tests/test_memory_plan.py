@@ -69,3 +69,28 @@ def test_activation_term_matches_the_bytes_a_forward_keeps():
     blocks = a * T * mc.num_hidden_layers
     outside = sum(kept.values()) - blocks
     assert 0 <= outside <= T * mc.hidden_size * 4 * (mc.num_hidden_layers + 2)
+
+
+def test_measure_runs_and_the_formula_matches_what_an_update_allocates(tmp_path):
+    """``--measure`` as a user runs it (one process here, a small shape given as a config.json):
+    the models and an update of two micro-batches (the second holds the first's gradients), with
+    and without activation checkpointing, allocate what the formula says, within a quarter."""
+    import json
+    import subprocess
+
+    shape = dict(TINY, vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4)
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    out = tmp_path / "measured.json"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--measure", "--shape",
+                           str(tmp_path / "config.json"), "--tokens", "2048", "--micro-batches", "2",
+                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["measured"]
+    assert r["world"] == 1 and r["micro_batches"] == 2 and len(r["phases"]) == 3
+    assert abs(r["models_measured_gib"] / r["models_formula_gib"] - 1) < 0.1
+    plain, ac = r["phases"][2], r["phases"][1]
+    assert not plain["activation_checkpointing"] and ac["activation_checkpointing"]
+    assert abs(plain["update_peak_growth_gib"] / r["formula_update_gib"]["false"] - 1) < 0.25
+    assert abs(ac["update_peak_growth_gib"] / r["formula_update_gib"]["true"] - 1) < 0.25
+    assert ac["update_peak_growth_gib"] < 0.6 * plain["update_peak_growth_gib"]
