@@ -54,7 +54,9 @@ Random streams
 --------------
 Each :meth:`Session.sample` call draws one 62-bit key per row from the session's generator; row
 ``b``'s uniform at step ``t`` is a hash of ``(key_b, t)`` (:func:`row_uniforms`). So a row's draws
-do not depend on which other rows share the decode batch: compaction, and stops, change no sample.
+do not depend on which other rows share the decode batch: compaction, and stops, change no draw.
+The tokens are the same too where a row's logits do not depend on the batch's size (matmul
+libraries may round differently at other sizes: bf16 oneDNN, and 1-2 row fp32 matmuls on CPU).
 
 Log-probabilities (float32)
 ---------------------------
