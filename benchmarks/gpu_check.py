@@ -237,6 +237,57 @@ def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
     return rows
 
 
+def fused_attention_only(ctx: Ctx) -> dict:
+    """The model's attention calls with SDPA's math kernel turned off (it holds fp32 scores of
+    every row, head and position pair): the update's forward and backward over a shared-prefix
+    micro-batch (a mask, grouped kv heads) and over plain rows (causal), and the sampler's prefill
+    into a longer cache then a continuation (masked). A call no fused kernel takes raises "No
+    available kernel"; each part says whether it ran."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from r3 import batch as B
+    from r3.model import ModelConfig, Transformer
+
+    mc = ModelConfig.from_hf(shape(QWEN_05B, ctx.smoke, num_hidden_layers=2))
+    torch.manual_seed(0)
+    model = Transformer(mc).to(ctx.device, torch.bfloat16)
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if hasattr(SDPBackend, "CUDNN_ATTENTION") and ctx.device.type == "cuda":
+        fused.append(SDPBackend.CUDNN_ATTENTION)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, mc.vocab_size, (200,), generator=g).tolist()
+    seqs = [prefix + torch.randint(0, mc.vocab_size, (40 + 8 * i,), generator=g).tolist() for i in range(4)]
+    spans = [(200, len(q)) for q in seqs]
+
+    def update(shared: bool):
+        mb = B.make_micro_batches(seqs, spans, [1.0, -1.0, 0.5, -0.5], 4, 0, ctx.device, shared_prefix=shared)[0]
+        model.zero_grad(set_to_none=True)
+        B.token_logprobs(model, mb, 1.0)[0].sum().backward()
+
+    @torch.inference_mode()
+    def prefill_then_continue():
+        rows = torch.tensor([q[:240] for q in seqs], device=ctx.device)
+        cache = model.new_cache(4, 320)
+        pos = torch.arange(240, device=ctx.device).expand(4, 240)
+        model(rows[:, :200], positions=pos[:, :200], cache=cache)  # from the start, into a longer cache
+        model(rows[:, 200:239], positions=pos[:, 200:239], cache=cache)  # a continuation: masked
+        model(rows[:, 239:], positions=pos[:, 239:], cache=cache)  # one decode step
+
+    out = {"gqa": f"{mc.num_attention_heads} query heads, {mc.num_key_value_heads} kv heads", "parts": {}}
+    for name, fn in (("update, shared prefix (mask)", lambda: update(True)), ("update, plain rows (causal)",
+                     lambda: update(False)), ("prefill into a longer cache, a masked continuation, a decode step",
+                                              prefill_then_continue)):
+        try:
+            with sdpa_kernel(fused):
+                fn()
+            out["parts"][name] = "fused kernels only"
+        except RuntimeError as e:
+            out["parts"][name] = "needs the math kernel: " + str(e).strip().splitlines()[0][:200]
+    out["ok"] = all(v == "fused kernels only" for v in out["parts"].values())
+    print(f"fused attention only: {out}", flush=True)
+    return out
+
+
 def section_parity(ctx: Ctx) -> dict:
     rows = []
     specs = [("qwen2.5-0.5b-shape (random)", shape(QWEN_05B, ctx.smoke)),
@@ -258,6 +309,7 @@ def section_parity(ctx: Ctx) -> dict:
     bf16 = [r for r in rows if r["dtype"] == "bf16"]
     return {
         "rows": rows,
+        "fused_attention": _or_error("fused attention check", lambda: fused_attention_only(ctx)),
         # fp32 should agree to rounding: 1e-4 of the logits' scale (SDPA kernels and matmul order differ).
         "fp32_within_1e-4_of_scale": all(r["logits_max_abs_diff"] <= 1e-4 * max(1.0, r["logits_max_abs"]) for r in fp32),
         # bf16: ours no further from the fp32 logits than transformers' own bf16 (10% slack).
@@ -990,7 +1042,14 @@ def markdown(report: dict) -> str:
                   f"- bf16 error against the fp32 logits within 1.1x of transformers' own bf16 error: "
                   f"{par['bf16_error_within_1.1x_of_transformers']}",
                   "- greedy decode agreement: the fraction of generated tokens equal before the first difference "
-                  "(ours through the KV cache against transformers `generate`); random weights have many near-ties.", ""]
+                  "(ours through the KV cache against transformers `generate`); random weights have many near-ties."]
+        fa = par.get("fused_attention") or {}
+        if "parts" in fa:
+            lines.append(f"- attention with SDPA's math kernel off ({fa['gqa']}, bf16): "
+                         + "; ".join(f"{k}: {v}" for k, v in fa["parts"].items()))
+        elif fa:
+            lines.append(f"- attention with SDPA's math kernel off: {fa}")
+        lines.append("")
     k = s.get("kernel", {})
     if "speed" in k:
         lines += [f"## fused_logprob_kl ({k['path']}), V = {k['V']}", "",

@@ -495,7 +495,7 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+            out = sdpa(q, k, v, None, causal=T > 1)
         elif T == 1 and self.n_kv != self.n_heads:
             # One token per row (decode): the query heads sharing a kv head go in as that head's
             # "query positions", which share the row's mask. The same math as enable_gqa, which
@@ -503,8 +503,34 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
             out = out.reshape(B, self.n_heads, 1, self.head_dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            out = sdpa(q, k, v, mask, causal=False)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def expands_kv_heads(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> bool:
+    """Whether :func:`sdpa` repeats the kv heads itself rather than pass ``enable_gqa``. On CUDA only
+    flash attention (bf16/fp16, no mask, a square causal mask, head dim <= 256) takes grouped kv
+    heads; the memory-efficient kernel wants one kv head per query head, and SDPA silently falls
+    back to the math kernel otherwise, which holds fp32 ``[rows, heads, T, S]`` scores (and keeps
+    them for the backward pass: tens of GB at the paper's shapes). CPU kernels take grouped heads
+    with a mask."""
+    if q.shape[1] == k.shape[1] or q.device.type == "cpu":
+        return False
+    flash = (mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+             and (not causal or q.shape[2] == k.shape[2]))
+    return not flash
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of ``q`` ``[B, heads, T, D]`` over ``k``/``v`` ``[B, kv
+    heads, S, D]`` (query head ``h`` reads kv head ``h // (heads / kv heads)``), on a fused kernel
+    where one applies (:func:`expands_kv_heads`). A causal mask with ``T < S`` is aligned at the
+    top left: query ``i`` sees keys ``0..i``."""
+    if expands_kv_heads(q, k, mask, causal):
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class MLP(nn.Module):

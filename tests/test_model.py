@@ -360,3 +360,62 @@ def test_cache_writes_into_contiguous_and_strided_caches_alike(tiny_dirs):
     assert torch.equal(out[0], out[1])
     for a, b in zip(flat.k + flat.v, strided.k + strided.v):
         assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_kv_heads_are_repeated_where_cuda_would_fall_back_to_the_math_kernel():
+    """On CUDA only flash attention takes grouped kv heads (bf16/fp16, no mask, square causal,
+    head dim <= 256); elsewhere ``sdpa`` repeats them so the memory-efficient kernel applies.
+    CPU kernels take grouped heads as they are. (Meta tensors stand in for a GPU's.)"""
+    from r3.model import expands_kv_heads
+
+    def qk(dtype=torch.bfloat16, T=16, S=16, heads=8, kv=2, D=64, device="meta"):
+        return (torch.empty(2, heads, T, D, dtype=dtype, device=device),
+                torch.empty(2, kv, S, D, dtype=dtype, device=device))
+
+    mask = torch.empty(2, 1, 16, 16, dtype=torch.bool, device="meta")
+    assert not expands_kv_heads(*qk(), None, causal=True)  # flash: the update's per-row forward
+    assert not expands_kv_heads(*qk(T=1, S=40), None, causal=False)
+    assert expands_kv_heads(*qk(), mask, causal=False)  # shared-prefix segments, ragged prefill
+    assert expands_kv_heads(*qk(T=16, S=64), None, causal=True)  # a prefill into a longer cache
+    assert expands_kv_heads(*qk(dtype=torch.float32), None, causal=True)  # flash has no fp32
+    assert expands_kv_heads(*qk(D=512), None, causal=True)
+    assert not expands_kv_heads(*qk(kv=8), mask, causal=False)  # one kv head per query head
+    assert not expands_kv_heads(*qk(device="cpu"), torch.zeros(2, 1, 16, 16, dtype=torch.bool), causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_kv_heads_give_the_grouped_attention(tiny_dirs, monkeypatch, dtype):
+    """The repeated-heads path (what CUDA runs with a mask) equals the grouped one: a causal
+    forward, a masked shared-prefix forward with gradients, and a prefill into a longer cache."""
+    import r3.model as M
+    from r3 import batch as B
+
+    model, _ = load(tiny_dirs["qwen2"][0], dtype=dtype, tokenizer=False)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    vocab = model.config.vocab_size
+    prefix = _tokens(vocab, 1, 12)[0].tolist()
+    seqs = [prefix + _tokens(vocab, 1, 6, seed=s)[0].tolist() for s in (1, 2, 3)]
+    mb = B.make_micro_batches(seqs, [(12, 18)] * 3, [1.0, -1.0, 0.5], 3, 0, "cpu", shared_prefix=True)[0]
+    rows = torch.tensor(seqs)
+    pos = torch.arange(18).expand(3, 18)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logp = B.token_logprobs(model, mb, 1.0)[0]
+        logp.sum().backward()
+        grads = [p.grad.float().clone() for p in model.parameters()]
+        with torch.no_grad():
+            causal = model(rows).float()
+            cached = model(rows, positions=pos, cache=model.new_cache(3, 64)).float()
+        return [logp.detach().float(), causal, cached], grads
+
+    calls = []
+    real = M.expands_kv_heads
+    grouped, g_grouped = run()
+    monkeypatch.setattr(M, "expands_kv_heads", lambda q, k, mask, causal: calls.append(mask is not None) or
+                        q.shape[1] != k.shape[1])
+    repeated, g_repeated = run()
+    assert True in calls and False in calls and real is not M.expands_kv_heads
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(grouped + g_grouped, repeated + g_repeated):
+        assert (a - b).abs().max().item() <= tol * max(1.0, a.abs().max().item())
