@@ -159,9 +159,33 @@ def section_env(ctx: Ctx) -> dict:
     b = torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16)
     t = ctx.timed(lambda: a @ b, repeats=3 if ctx.smoke else 10, warmup=1 if ctx.smoke else 3)
     out["bf16_matmul_tflops"] = 2 * n**3 / t / 1e12
-    print(f"env: {out['device']}, copy {out['copy_gbps']:.0f} GB/s, bf16 matmul {out['bf16_matmul_tflops']:.1f} TFLOP/s",
-          flush=True)
+    out["single_process_group"] = _or_error("single-process group", single_process_group)
+    print(f"env: {out['device']}, copy {out['copy_gbps']:.0f} GB/s, bf16 matmul {out['bf16_matmul_tflops']:.1f} TFLOP/s, "
+          f"plain `python -m` process group: {out['single_process_group']}", flush=True)
     return out
+
+
+_GROUP_PROBE = """
+import torch, torch.distributed as dist
+from r3.distributed import init_distributed
+d = init_distributed()
+t = torch.ones(4, device=d.device)
+dist.all_reduce(t)
+print(dist.get_backend(), d.device.type, float(t.sum()))
+"""
+
+
+def single_process_group() -> dict:
+    """The process group r3 makes when run as plain ``python -m r3.train`` (no torchrun), in a
+    fresh process: its backend (NCCL on a GPU, gloo on a CPU) and one all-reduce on the device."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", _GROUP_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["exit code " + str(proc.returncode)])[-1][:300]}
+    backend, device, total = proc.stdout.split()[-3:]
+    return {"backend": backend, "device": device, "all_reduce_ok": float(total) == 4.0}
 
 
 # ------------------------------------------------------------------------------------ parity
@@ -1026,7 +1050,9 @@ def markdown(report: dict) -> str:
         lines += ["## Ceilings measured here", "",
                   f"- device-to-device copy: {env['copy_gbps']:.0f} GB/s (read + write; datasheet "
                   f"{_fmt(env.get('datasheet_gbps'), '.0f')} GB/s)",
-                  f"- bf16 matmul 8192^3: {env['bf16_matmul_tflops']:.0f} TFLOP/s", ""]
+                  f"- bf16 matmul 8192^3: {env['bf16_matmul_tflops']:.0f} TFLOP/s",
+                  f"- the process group of a plain `python -m r3.train` (no torchrun): {env.get('single_process_group')}",
+                  ""]
     if "rows" in s.get("parity", {}):
         par = s["parity"]
         lines += ["## Parity with transformers (same weights)", "",

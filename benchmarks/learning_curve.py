@@ -216,6 +216,8 @@ def main():
     key.update(samples=args.samples, seed=args.seed, random_streams=RANDOM_STREAMS)
     if cfg.chat_template_options:  # (only then: the cached evaluations of earlier runs stay valid)
         key["chat_template_options"] = cfg.chat_template_options
+    if torch.device(args.device).type != "cpu":  # (a GPU draws other samples: its generator and kernels)
+        key["device"] = torch.device(args.device).type
     before_path = out / "before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     if before is None or before.get("key") != json.loads(json.dumps(key)):

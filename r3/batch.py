@@ -196,6 +196,10 @@ def score_micro_batches(mbs: list[MicroBatch], reference, old_policy, temperatur
             mb.ref_logp = token_logprobs(reference, mb, temperature)[0]
         if old_policy is not None:
             mb.old_logp = token_logprobs(old_policy, mb, temperature)[0]
+    if reference is not None and hasattr(reference, "reshard"):
+        # FSDP2 keeps the root module's parameters (embeddings, LM head) gathered after a forward,
+        # to be resharded after the backward, which never comes for the frozen reference
+        reference.reshard()
 
 
 def episode_micro_batches(ep, adv: torch.Tensor, size: int, pad_id: int, device, *,

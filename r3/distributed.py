@@ -49,8 +49,10 @@ def init_distributed() -> Dist:
             else:
                 dist.init_process_group("gloo")
         else:
-            # one process: an in-memory store (nothing on disk, no port)
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            # one process: an in-memory store (nothing on disk, no port); NCCL on a GPU, since
+            # FSDP2's collectives over gloo would take CUDA tensors through host memory
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -64,6 +66,13 @@ def init_distributed() -> Dist:
 
 #: How long the other ranks wait for rank 0's work on files (see :func:`wait_for_main`).
 MAIN_WORK_TIMEOUT = timedelta(hours=2)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a time taken next
+    counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def wait_for_main(d: Dist) -> None:

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -102,7 +101,9 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     failure = None
     try:
         with _one_intra_op_thread():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            # (DCP's own collectives on the gloo group: ranks wait there for the slowest writer,
+            # which on a slow file system can outlast NCCL's 10-minute timeout)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=d.cpu_group)
         if d.main:
             state = {
                 "step": step,
@@ -130,14 +131,15 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         os.replace(tmp, final)
         for old in checkpoint_dirs(out)[: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    wait_for_main(d)  # (rank 0 renamed it and removed old checkpoints alone)
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler, stream) -> int:
+def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, group=None) -> int:
+    """``group``: the process group of DCP's own collectives (the default one when None)."""
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with _one_intra_op_thread():
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
@@ -237,10 +239,10 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
     start). A damaged newest one (a truncated file, say) is reported and the one before it used."""
     if d.main:
         _recover_upgrades(out)
-    dist.barrier()
+    wait_for_main(d)
     dirs = checkpoint_dirs(out)
     legacy = [_legacy_layout(p) for p in dirs]
-    dist.barrier()  # every rank has listed and looked before rank 0 rewrites anything
+    wait_for_main(d)  # every rank has listed and looked before rank 0 rewrites anything
     for path, old_layout in reversed(list(zip(dirs, legacy))):
         if old_layout:  # written before q/k/v and gate/up were fused: rewritten once
             if d.main:
@@ -251,7 +253,7 @@ def resume(out: Path, policy, optimizer, scheduler, stream, d: Dist) -> int:
                     print(f"warning: could not rewrite {path} ({_error_line(e)})", file=sys.stderr, flush=True)
             wait_for_main(d)
         try:
-            step = load_checkpoint(path, policy, optimizer, scheduler, stream)
+            step = load_checkpoint(path, policy, optimizer, scheduler, stream, d.cpu_group)
         except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP and json raise many kinds; each is reported)
             if d.main:
                 print(f"warning: checkpoint {path} cannot be read ({_error_line(e)}); "

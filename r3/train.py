@@ -58,6 +58,8 @@ from r3.distributed import (
     init_distributed,
     run_and_exit,
     shard,
+    synchronize,
+    wait_for_main,
 )
 from r3.episode import run_episode
 from r3.errors import R3Error, cli_main
@@ -433,6 +435,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     score_micro_batches(padded, run.reference if cfg.beta > 0 else None,
                         run.policy if cfg.update_epochs > 1 else None, temperature)
+    synchronize(d.device)  # (the reference pass is queued work on a GPU until then)
     t_ref = time.time()
 
     upd = update(run.policy, run.optimizer, padded, len(mbs), cfg, d)
@@ -448,9 +451,11 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
 def train(cfg: TrainConfig) -> dict:
     run = set_up(cfg)
     try:
-        return train_loop(run)
+        result = train_loop(run)
     finally:
         run.tracker.close()
+    wait_for_main(run.d)  # (rank 0 closed the tracker alone: a W&B upload can outlast NCCL's timeout)
+    return result
 
 
 def train_loop(run: Run) -> dict:

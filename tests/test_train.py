@@ -61,6 +61,7 @@ UPDATE_SCRIPT = textwrap.dedent(
     # Each run in argv[3] (JSON: name, micro-batch size, aggregation, shared prefix, activation
     # checkpointing) updates fresh copies of the model in this one process group.
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    from torch.distributed.tensor import DTensor
     model_dir, out_dir, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     d = T.init_distributed()
     for name, micro, agg, shared, recompute in runs:
@@ -91,6 +92,8 @@ UPDATE_SCRIPT = textwrap.dedent(
         n_mb = T.all_max(len(mbs), d)
         padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(n_mb - len(mbs))]
         T.score_micro_batches(padded, reference, policy, 1.0)
+        # the frozen reference is all sharded again (FSDP2 would keep its root gathered)
+        assert all(isinstance(p, DTensor) for p in reference.parameters())
         stats = T.update(policy, opt, padded, len(mbs), cfg, d)
         sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         loss = T.all_sum([stats["loss"]], d)[0]
@@ -705,7 +708,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tin
 
     real = dcp.save
 
-    def full_disk(state, checkpoint_id):  # as DCP reports it: the rank's error inside a CheckpointException
+    def full_disk(state, checkpoint_id, process_group=None):  # as DCP reports it: the rank's error inside a CheckpointException
         from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
         Path(checkpoint_id, "__0_0.distcp").write_bytes(b"partial")
