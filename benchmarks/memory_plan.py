@@ -21,7 +21,11 @@ During the rollout, the KV cache (below). During the update:
   token and layer, ``a`` bytes; with activation checkpointing every block keeps only its input
   (``2h`` bytes per token) and one block's full activations exist at a time during backward. ``a``
   is measured, not guessed: the bytes autograd saves in one block of the real shape on a few
-  tokens (``saved_tensors_hooks``), divided by the tokens;
+  tokens (``saved_tensors_hooks``), divided by the tokens. Counted for the per-row layout (every
+  row its own prompt and attempt); the shared-prefix layout (the default) encodes each group's
+  prefix once (27% of the tokens in bench_train_step.s paper-shaped groups), and on CUDA keeps its kv heads
+  repeated for the memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16 values more
+  per token and block, 5% of ``a`` for Qwen2.5-7B): less in all, so the plan is the upper bound;
 * logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
   work (``r3/kernels/``) -- small next to the rest.
 
@@ -106,7 +110,7 @@ def activation_bytes_per_token(shape: dict, tokens: int, dtype=torch.bfloat16) -
     tokens, causal attention (forward in ``dtype``; each storage once; the block's input left
     out: activation checkpointing keeps it, and it is counted apart). A fused attention kernel
     keeps its output and log-sum-exp, not the ``tokens x tokens`` probabilities; the
-    shared-prefix layout adds one boolean mask per row, shared by all blocks."""
+    shared-prefix layout adds one additive mask per row, shared by all blocks."""
     from r3.model import Block, rope_cos_sin, rope_inv_freq, rope_scale
 
     mc = ModelConfig.from_hf(shape)
@@ -379,6 +383,9 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
     if args.measure:
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # (it counts host memory: the CPU, even where a GPU is)
         from r3.distributed import run_and_exit
 
         run_and_exit(lambda: measure(args))  # (leaves without gloo's teardown)

@@ -495,6 +495,8 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         q = q.transpose(1, 2)
         if mask is None:
+            if layer_cache is not None:  # a prefill from the start: no query may see a slot >= T,
+                k, v = k[:, :, :T], v[:, :, :T]  # so square (flash attention takes grouped heads then)
             out = sdpa(q, k, v, None, causal=T > 1)
         elif T == 1 and self.n_kv != self.n_heads:
             # One token per row (decode): the query heads sharing a kv head go in as that head's
@@ -645,7 +647,7 @@ class Transformer(nn.Module):
         if segments is not None:
             if cache is not None:
                 raise ValueError("segments are for a forward without a KV cache")
-            masks = self._segment_masks(positions, segments)
+            masks = self._segment_masks(positions, segments, x.dtype)
         else:
             masks = self._masks(positions, kv_len if cache is not None else None, x.dtype)
         write_at = self._cache_writes(cache, positions) if cache is not None else None
@@ -702,13 +704,19 @@ class Transformer(nn.Module):
             masks[window] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
         return masks
 
-    def _segment_masks(self, positions: torch.Tensor, segments: torch.Tensor) -> dict:
-        """Boolean masks [B, 1, T, T] of the packed shared-prefix layout, keyed by window size.
-        Padding attends to padding (never to real tokens, and no query row is empty)."""
+    def _segment_masks(self, positions: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Additive masks [B, 1, T, T] (0 or -inf, in ``dtype``: SDPA would convert a boolean one in
+        every layer, and keep each copy for the backward pass) of the packed shared-prefix layout,
+        keyed by window size. Padding attends to padding (never to real tokens, and no query row
+        is empty)."""
         qs, ks = segments[:, None, :, None], segments[:, None, None, :]
         qp, kp = positions[:, None, :, None], positions[:, None, None, :]
         base = ((ks == qs) | ((ks == 0) & (qs > 0))) & (kp <= qp)
-        return {w: base if w is None else base & (kp > qp - w) for w in {layer.self_attn.window for layer in self.layers}}
+        masks = {}
+        for w in {layer.self_attn.window for layer in self.layers}:
+            m = base if w is None else base & (kp > qp - w)
+            masks[w] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return masks
 
     def forward(
         self,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -28,7 +29,9 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert sections["parity"]["fp32_within_1e-4_of_scale"] is True
     assert sections["parity"]["bf16_error_within_1.1x_of_transformers"] is True
     assert sections["parity"]["fused_attention"]["ok"] is True  # (CPU kernels: no math fallback either)
-    assert sections["env"]["single_process_group"] == {"backend": "gloo", "device": "cpu", "all_reduce_ok": True}
+    # (the probe is a fresh process: it takes the GPU when there is one, whatever --device says)
+    expected = {"backend": "nccl", "device": "cuda"} if torch.cuda.is_available() else {"backend": "gloo", "device": "cpu"}
+    assert sections["env"]["single_process_group"] == dict(expected, all_reduce_ok=True)
     assert all(r["greedy_prefix_agreement"] == 1.0 for r in sections["parity"]["rows"] if r["dtype"] == "fp32")
     # the compiled sampler's repeated rollouts ran through the static cache (graphs are CUDA only)
     rr = sections["sampler"]["repeated_rollouts"]
