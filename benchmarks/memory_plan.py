@@ -23,9 +23,10 @@ During the rollout, the KV cache (below). During the update:
   is measured, not guessed: the bytes autograd saves in one block of the real shape on a few
   tokens (``saved_tensors_hooks``), divided by the tokens. Counted for the per-row layout (every
   row its own prompt and attempt); the shared-prefix layout (the default) encodes each group's
-  prefix once (27% of the tokens in bench_train_step.s paper-shaped groups), and on CUDA keeps its kv heads
-  repeated for the memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16 values more
-  per token and block, 5% of ``a`` for Qwen2.5-7B): less in all, so the plan is the upper bound;
+  prefix once (27% of the tokens in bench_train_step's paper-shaped groups), and on CUDA keeps
+  its kv heads repeated for the memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16
+  values more per token and block, 5% of ``a`` for Qwen2.5-7B): less in all, so the plan is the
+  upper bound;
 * logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
   work (``r3/kernels/``) -- small next to the rest.
 
