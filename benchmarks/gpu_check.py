@@ -311,8 +311,32 @@ def fused_attention_only(ctx: Ctx) -> dict:
         except Exception as e:  # noqa: BLE001  (another failure: said, and the other parts still run)
             out["parts"][name] = f"failed: {type(e).__name__}: {str(e).strip()[:200]}"
     out["ok"] = all(v == "fused kernels only" for v in out["parts"].values())
+    out["sdpa_choice"] = _or_error("SDPA's kernel choice", lambda: sdpa_choices(ctx.device, mc))
     print(f"fused attention only: {out}", flush=True)
     return out
+
+
+def sdpa_choices(device: torch.device, mc) -> dict:
+    """The kernel SDPA picks (``torch._fused_sdp_choice``) for the model's attention shapes in
+    bf16, with the kv heads grouped (``enable_gqa``) and repeated: whether r3's repeat
+    (``r3.model.expands_kv_heads``) is needed on this device, or a kernel (cuDNN) takes both."""
+    from torch.nn.attention import SDPBackend
+
+    names = {int(getattr(SDPBackend, n)): n.lower() for n in dir(SDPBackend) if n.isupper()}
+    H, KV, D, T = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, 256
+    q = torch.randn(2, H, T, D, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(2, KV, 2 * T, D, device=device, dtype=torch.bfloat16)
+    rep = kv.repeat_interleave(H // KV, dim=1)
+    mask = torch.zeros(2, 1, T, T, device=device, dtype=torch.bfloat16)
+
+    def choice(k, mask, causal):
+        return names.get(int(torch._fused_sdp_choice(q, k, k, mask, 0.0, causal, scale=None, enable_gqa=k.shape[1] != H)),
+                         "unknown")
+
+    return {"masked, grouped": choice(kv[:, :, :T], mask, False), "masked, repeated": choice(rep[:, :, :T], mask, False),
+            "causal square, grouped": choice(kv[:, :, :T], None, True),
+            "causal into a longer cache, grouped": choice(kv, None, True),
+            "causal into a longer cache, repeated": choice(rep, None, True)}
 
 
 def section_parity(ctx: Ctx) -> dict:
@@ -1076,6 +1100,8 @@ def markdown(report: dict) -> str:
         if "parts" in fa:
             lines.append(f"- attention with SDPA's math kernel off ({fa['gqa']}, bf16): "
                          + "; ".join(f"{k}: {v}" for k, v in fa["parts"].items()))
+            lines.append("- SDPA's kernel choice (kv heads grouped or repeated): "
+                         + "; ".join(f"{k}: {v}" for k, v in (fa.get("sdpa_choice") or {}).items()))
         elif fa:
             lines.append(f"- attention with SDPA's math kernel off: {fa}")
         lines.append("")

@@ -29,6 +29,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert sections["parity"]["fp32_within_1e-4_of_scale"] is True
     assert sections["parity"]["bf16_error_within_1.1x_of_transformers"] is True
     assert sections["parity"]["fused_attention"]["ok"] is True  # (CPU kernels: no math fallback either)
+    assert len(sections["parity"]["fused_attention"]["sdpa_choice"]) == 5
+    assert "SDPA's kernel choice" in (tmp_path / "check.md").read_text()
     # (the probe is a fresh process: it takes the GPU when there is one, whatever --device says)
     expected = {"backend": "nccl", "device": "cuda"} if torch.cuda.is_available() else {"backend": "gloo", "device": "cpu"}
     assert sections["env"]["single_process_group"] == dict(expected, all_reduce_ok=True)
