@@ -112,18 +112,21 @@ def resolve_dtype(cfg: TrainConfig, d: Dist) -> None:
 def build_models(cfg: TrainConfig, d: Dist):
     """-> (policy [FSDP, fp32 master weights], reference [FSDP, frozen], rollout copy, tokenizer)."""
     dtype = compute_dtype(cfg)
+    # Each model is sharded before the next one loads: at most one whole model (the fp32 policy,
+    # 4 bytes a parameter) sits on a device beside the shards, not all three (8 bytes a parameter).
     policy, tokenizer = load(cfg.model, dtype=torch.float32, device=d.device)
     policy.train()
     policy.activation_checkpointing = cfg.activation_checkpointing
+    config = policy.config
+    shard(policy, d, dtype)
     reference, _ = load(cfg.model, dtype=dtype, device=d.device, tokenizer=False)
     reference.requires_grad_(False)
+    shard(reference, d, dtype)
     with torch.device("meta"):
-        rollout = Transformer(policy.config)
+        rollout = Transformer(config)
     rollout = rollout.to_empty(device=d.device).to(dtype)
     rollout.tie_weights()
     rollout.requires_grad_(False).eval()
-    shard(policy, d, dtype)
-    shard(reference, d, dtype)
     return policy, reference, rollout, tokenizer
 
 
