@@ -999,6 +999,13 @@ def section_train(ctx: Ctx) -> dict:
         keys = ("step", "step_time_s", "rollout_time_s", "reference_time_s", "update_time_s", "rollout_tokens_per_s",
                 "tokens_per_s", "peak_memory_gb", "reflection_tokens", "trained_tokens", "loss", "kl", "grad_norm")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # r3.train takes the GPU of its local rank (0) or, with none, the CPU: show it --device's
+        if ctx.device.type == "cuda":
+            index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+            visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+            env["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
 
         def train(run_dir: Path, extra: list[str]) -> tuple[list[str], dict]:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "r3.train",

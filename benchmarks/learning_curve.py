@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r3.checkpoint import load  # noqa: E402
 from r3.config import parse_args as parse_train_args  # noqa: E402
+from r3.distributed import release_device_memory  # noqa: E402
 from r3.precision import resolve_dtype_name  # noqa: E402
 from r3.chat import ChatFormat, template_options  # noqa: E402
 from r3.episode import answer_stops, run_episode  # noqa: E402
@@ -223,6 +224,7 @@ def main():
     if before is None or before.get("key") != json.loads(json.dumps(key)):
         print("evaluating the untrained model", flush=True)
         before = evaluate_model(cfg.model, cfg, args.samples, args.seed, None, args.device)
+        release_device_memory(torch.device(args.device))  # (before the training process needs the GPU)
         before["key"] = key
         _write_json(before_path, before)
     base = before["own_failures"]

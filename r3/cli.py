@@ -5,6 +5,7 @@ a training run's directory. Library modules never import this one."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,16 @@ def parse_chat_template_options(items: list[str] | None) -> dict:
 def pick_device_dtype(device: str | None, dtype: str | None):
     """The torch device and dtype of the ``--device`` / ``--dtype`` flags (device default: cuda if
     available, else cpu; dtype ``auto`` or None: bf16 where the device multiplies bf16 natively,
-    else fp32). bf16 where it is only emulated is a warning."""
+    else fp32). bf16 where it is only emulated is a warning.
+
+    These commands run in one process on one device: under torchrun (``WORLD_SIZE`` > 1) every
+    process would load the model onto the same GPU and write the same output files, so that is
+    refused."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip().isdigit() and int(world) > 1:
+        raise R3Error(f"this command runs in one process on one device, not under torchrun with {int(world)} "
+                      "processes: run it with python (--device cuda:N picks a GPU; for several GPUs, one process "
+                      "each, each with its own --out)")
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -44,6 +54,10 @@ def pick_device_dtype(device: str | None, dtype: str | None):
         raise R3Error(f"--device: unknown device {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise R3Error("--device cuda: CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise R3Error(f"--device {name}: this machine has {n} CUDA device{'s' if n != 1 else ''} (cuda:0"
+                      + (f" to cuda:{n - 1})" if n > 1 else ")"))
     dtype = dtype or "auto"
     if dtype not in DTYPES:
         raise R3Error(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

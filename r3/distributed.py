@@ -5,6 +5,7 @@ among the local ranks."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -73,6 +74,18 @@ def synchronize(device: torch.device) -> None:
     counts it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release_device_memory(device: torch.device, compiled: bool = False) -> None:
+    """After a model is dropped (``del model``): collect it, and on a GPU hand the caching
+    allocator's free blocks back (and, after ``decode="compiled"``, the compiled code and its
+    CUDA-graph memory pools, which hold the old model's buffers), so that the next model, or
+    another process, finds the memory free."""
+    gc.collect()
+    if device.type == "cuda":
+        if compiled:
+            torch.compiler.reset()
+        torch.cuda.empty_cache()
 
 
 def wait_for_main(d: Dist) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import load_config
 from r3.decode import DECODE_MODES
+from r3.distributed import release_device_memory
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -203,6 +204,7 @@ def main(argv=None) -> int:
                 finished=partial.start(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
             )
             del model
+            release_device_memory(device, compiled=args.decode == "compiled")
             res["time_s"] = round(res["time_s"] + partial.seconds_before(spec), 3)  # (with the kept batches' time)
             try:
                 report_verifier_errors(res["verifier_errors"], res["verdicts"], res.pop("first_verifier_error"),

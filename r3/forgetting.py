@@ -45,6 +45,7 @@ from r3.cli import (
     write_json_atomic,
 )
 from r3.errors import R3Error, cli_main
+from r3.distributed import release_device_memory
 from r3.evals import benchmarks as B
 from r3.evals.data import read_records
 from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
                 items[name][m] = run_benchmark(model, tok, plan, args, label=Path(m).name or m, partial=partial,
                                                unit=f"{m} {name}")
             del model
+            release_device_memory(device)
     results, paired = summarise(plans, models, items)
     print(format_table(results, paired))
     write_json_atomic(out, {

@@ -285,18 +285,30 @@ def test_evaluate_examples_counts_and_records(tiny):
     assert "records" not in again
 
 
-def test_generate_cli_compile_times_the_compile_apart_and_decodes_the_same(tiny_dir, capsys):
+def test_generate_cli_compile_times_the_compile_apart_and_decodes_the_same(tiny_dir, capsys, monkeypatch):
+    from torch._dynamo.utils import counters
+
     from r3 import generate as G
 
-    args = ["--model", tiny_dir, "--prompt", "hello there", "--max-new-tokens", "8", "--temperature", "0",
+    args = ["--model", tiny_dir, "--prompt", "hello there", "--max-new-tokens", "40", "--temperature", "0",
             "--dtype", "fp32"]
     rc, plain_out, plain_err = run_main(G.main, args, capsys)
     assert rc == 0, plain_err
+    real, compiles = G.generate, []
+
+    def counted(*a, **kw):  # graphs compiled during each call
+        before = sum(counters["stats"].values()) if "stats" in counters else 0
+        out = real(*a, **kw)
+        compiles.append(sum(counters["stats"].values()) - before)
+        return out
+
+    monkeypatch.setattr(G, "generate", counted)
     rc, comp_out, comp_err = run_main(G.main, args + ["--decode", "compiled"], capsys)
     assert rc == 0, comp_err
     assert comp_out == plain_out and comp_out.strip()  # fp32 greedy: the compiled step gives the same tokens
-    assert "compiled the decode step in" in comp_err and "compiled" not in plain_err
+    assert "compiled the decode step (one untimed run) in" in comp_err and "compiled" not in plain_err
     assert "tokens/s" in comp_err
+    assert len(compiles) == 2 and compiles[0] > 0 and compiles[1] == 0  # nothing compiled in the timed run
 
 
 def test_evaluate_examples_compiled_decode_equals_eager(tiny, monkeypatch):
@@ -576,10 +588,13 @@ def test_out_is_a_directory(tmp_path, capsys):
 @pytest.mark.parametrize("module,args,pattern", [
     ("r3.evaluate", ["--model", "/no/such/model", "--n", "2", "--out", "{tmp}/e.json"], "does not exist"),
     ("r3.failures", ["--n", "2", "--out", "{tmp}/bad.jsonl"], "not valid JSON"),
+    ("r3.evaluate", ["--n", "2", "--out", "{tmp}/e.json", "WORLD_SIZE=2"], "not under torchrun with 2 processes"),
 ])
 def test_subprocess_exit_2_without_traceback(module, args, pattern, tmp_path):
     (tmp_path / "bad.jsonl").write_text("not json\n")
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    env.update(a.split("=", 1) for a in args if a.startswith("WORLD_SIZE="))  # (as torchrun sets it)
+    args = [a for a in args if not a.startswith("WORLD_SIZE=")]
     proc = subprocess.run([sys.executable, "-m", module] + [a.format(tmp=tmp_path) for a in args],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2

@@ -30,3 +30,19 @@ def test_nccl_is_given_the_local_gpu_before_the_group_exists(monkeypatch):
         D.init_distributed()
     gpu = torch.device("cuda", 1)
     assert calls == [("set_device", gpu), ("init_process_group", "nccl", {"device_id": gpu})]
+
+
+def test_release_device_memory_hands_a_gpus_cached_blocks_back(monkeypatch):
+    """After a CLI drops one model: the allocator's cache on a GPU (and compiled code with its
+    CUDA-graph pools after decode="compiled"); on a CPU only a collection."""
+    from r3.distributed import release_device_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("reset"))
+    release_device_memory(torch.device("cpu"), compiled=True)
+    assert calls == []
+    release_device_memory(torch.device("cuda", 1))
+    assert calls == ["empty_cache"]
+    release_device_memory(torch.device("cuda"), compiled=True)
+    assert calls == ["empty_cache", "reset", "empty_cache"]

@@ -77,6 +77,23 @@ def test_the_cli_flag(native, capsys):
     assert ("no native bf16 matmuls" in capsys.readouterr().err) == (not native)
 
 
+def test_one_process_commands_refuse_torchrun_and_an_absent_gpu(monkeypatch):
+    """Under torchrun every process would load the model onto one GPU and append to the same
+    files; a GPU index the machine lacks is named, not an "invalid device ordinal" traceback."""
+    from r3.cli import pick_device_dtype
+    from r3.errors import R3Error
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(R3Error, match="not under torchrun with 8 processes"):
+        pick_device_dtype("cpu", "fp32")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert pick_device_dtype("cpu", "fp32")[1] == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(R3Error, match=r"--device cuda:7: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        pick_device_dtype("cuda:7", "fp32")
+
+
 def test_prepacked_weights_in_fp32_and_where_onednn_runs_bf16(monkeypatch):
     from r3 import packed_linear
     from r3.model import ModelConfig, Transformer
