@@ -30,6 +30,16 @@ def cli_main(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130)
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
+            # a size that does not fit the device: the settings', not a bug (finished work is kept:
+            # checkpoints, an evaluation's finished batches)
+            first = (str(e).strip().splitlines() or ["out of memory"])[0][:300]
+            sys.stderr.write(f"error: out of memory ({first}); lower --batch-size (--micro-batch-size in training) "
+                             "or the token limits, or use a device with more memory, and run the command again\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -41,6 +51,11 @@ def cli_main(fn):
             raise SystemExit(2)
 
     return wrapper
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """torch's ``OutOfMemoryError`` (a GPU's), or its CPU allocator's refusal (a RuntimeError)."""
+    return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
 class ArgumentParser(argparse.ArgumentParser):

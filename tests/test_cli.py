@@ -622,6 +622,35 @@ def test_an_out_file_that_cannot_be_written_fails_before_any_work(tmp_path, monk
         check_out_path(str(tmp_path / "x.json"))
 
 
+def test_out_of_memory_is_one_line_with_what_to_lower(capsys):
+    """A GPU's OutOfMemoryError, or the CPU allocator's refusal, is one line saying what to lower,
+    exit 2; other runtime errors stay tracebacks."""
+    import torch
+
+    from r3.errors import cli_main
+
+    def gpu():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.11 GiB of which 1.02 GiB is free.\nIncluding non-PyTorch memory ...")
+
+    errs = []
+    for fn in (gpu, lambda: torch.empty(2 ** 62, dtype=torch.uint8)):
+        with pytest.raises(SystemExit) as e:
+            cli_main(fn)()
+        assert e.value.code == 2
+        errs.append(capsys.readouterr().err)
+    for err in errs:
+        assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "lower --batch-size" in err
+    assert "Tried to allocate 2.00 GiB" in errs[0] and "Including" not in errs[0]  # (its first line)
+    assert "can't allocate memory" in errs[1]
+
+    def other():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli_main(other)()
+
+
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     """ENOSPC from any write of a CLI (an atomic output, an appended log) is one line naming the
     file, exit 2, nothing half-written; other OS errors stay tracebacks."""
