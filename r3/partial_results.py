@@ -46,11 +46,13 @@ def fingerprint(value) -> str:
 
 
 def device_name(device) -> str:
-    """``device`` as the key records it: ``cuda`` with its index (``--device cuda`` and
-    ``--device cuda:0`` run on the same GPU, so they continue each other's batches)."""
+    """``device`` as the key records it: a GPU by its product name (``cuda (NVIDIA H100 80GB
+    HBM3)``), since another kind of GPU computes other numbers (its kernels), while any GPU of the
+    same kind (``--device cuda``, ``cuda:0``, ``cuda:1``) continues another's batches."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda ({torch.cuda.get_device_name(index)})"
     return str(device)
 
 

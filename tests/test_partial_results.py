@@ -174,9 +174,10 @@ def test_each_batch_keeps_its_time_for_the_rerun(tmp_path, monkeypatch):
     assert PartialResults(tmp_path / "fresh.json", {"k": 1}).seconds_before() == 0
 
 
-def test_cuda_without_an_index_is_keyed_as_the_current_gpu(monkeypatch):
-    """``--device cuda`` and ``--device cuda:0`` are the same GPU: one key, so either continues the
-    other's batches (CUDA is faked here: only the name is computed)."""
+def test_a_gpu_is_keyed_by_its_kind(monkeypatch):
+    """Any GPU of one kind (``--device cuda``, ``cuda:1``, ``cuda:2``) continues another's batches;
+    another kind computes other numbers, so it starts afresh (CUDA is faked here: only the name is
+    computed)."""
     import torch
 
     from r3.partial_results import device_name
@@ -184,5 +185,6 @@ def test_cuda_without_an_index_is_keyed_as_the_current_gpu(monkeypatch):
     assert device_name("cpu") == "cpu" and device_name(torch.device("cpu")) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert device_name("cuda") == "cuda:1" and device_name("cuda:0") == "cuda:0"
-    assert device_name(torch.device("cuda")) == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["NVIDIA A100-SXM4-80GB", "NVIDIA H200", "NVIDIA H200"][i])
+    assert device_name("cuda") == device_name("cuda:2") == device_name(torch.device("cuda")) == "cuda (NVIDIA H200)"
+    assert device_name("cuda:0") == "cuda (NVIDIA A100-SXM4-80GB)"
