@@ -1002,7 +1002,7 @@ def section_train(ctx: Ctx) -> dict:
         # r3.train takes the GPU of its local rank (0) or, with none, the CPU: show it --device's
         if ctx.device.type == "cuda":
             index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
-            visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+            visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
             env["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""

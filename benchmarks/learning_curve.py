@@ -224,7 +224,8 @@ def main():
     if before is None or before.get("key") != json.loads(json.dumps(key)):
         print("evaluating the untrained model", flush=True)
         before = evaluate_model(cfg.model, cfg, args.samples, args.seed, None, args.device)
-        release_device_memory(torch.device(args.device))  # (before the training process needs the GPU)
+        # (before the training process needs the GPU)
+        release_device_memory(torch.device(args.device), compiled=cfg.decode == "compiled")
         before["key"] = key
         _write_json(before_path, before)
     base = before["own_failures"]

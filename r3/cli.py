@@ -45,8 +45,8 @@ def pick_device_dtype(device: str | None, dtype: str | None):
     world = os.environ.get("WORLD_SIZE", "1")
     if world.strip().isdigit() and int(world) > 1:
         raise R3Error(f"this command runs in one process on one device, not under torchrun with {int(world)} "
-                      "processes: run it with python (--device cuda:N picks a GPU; for several GPUs, one process "
-                      "each, each with its own --out)")
+                      "processes (WORLD_SIZE): run it with python (--device cuda:N picks a GPU; for several GPUs, one "
+                      "process each, each with its own --out), or unset WORLD_SIZE if a launcher set it for this one")
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)

@@ -33,11 +33,12 @@ def cli_main(fn):
         except RuntimeError as e:
             if not _out_of_memory(e):
                 raise
-            # a size that does not fit the device: the settings', not a bug (finished work is kept:
-            # checkpoints, an evaluation's finished batches)
-            first = (str(e).strip().splitlines() or ["out of memory"])[0][:300]
-            sys.stderr.write(f"error: out of memory ({first}); lower --batch-size (--micro-batch-size in training) "
-                             "or the token limits, or use a device with more memory, and run the command again\n")
+            # a size that does not fit the device: the settings', not a bug (torch's first line
+            # says how much was asked and is free, up to its pointer to the docs)
+            first = (str(e).strip().splitlines() or ["out of memory"])[0].split("  See documentation")[0].strip()
+            sys.stderr.write(f"error: out of memory ({first}); use smaller batches (--batch-size, --num-samples; "
+                             "--group-size or --micro-batch-size in training) or token limits, or a device with more "
+                             "memory (an evaluation keeps its finished batches for the same --batch-size only)\n")
             sys.stderr.flush()
             raise SystemExit(2)
         except OSError as e:

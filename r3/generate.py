@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--decode", choices=DECODE_MODES, default="eager",
                    help="the decode step as it is, or through torch.compile (faster per token; CUDA graphs on GPU; "
-                        "compiling takes ~1 min once)")
+                        "compiling takes ~1 min, in an untimed first run of the same generation)")
     p.add_argument("--compile", dest="decode", action="store_const", const="compiled", help="= --decode compiled")
     return p.parse_args(argv)
 
