@@ -542,10 +542,13 @@ def _cache_source_unchanged(record: Path) -> bool:
 
 
 def hf_state_dict(model: Transformer, state_dict: dict | None = None, dtype=None) -> dict:
-    """Our parameters under HF names (``model.`` prefix; tied lm_head left out)."""
+    """Our parameters under HF names (``model.`` prefix; tied lm_head left out). A given
+    ``state_dict`` (a gathered copy) is consumed: each entry is dropped once copied, so the copy and
+    the result never both exist whole (an 8B model's fp32 weights are 32 GB of host memory)."""
     sd = state_dict if state_dict is not None else model.state_dict()
     out = {}
-    for name, t in sd.items():
+    for name in list(sd):
+        t = sd.pop(name) if state_dict is not None else sd[name]
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2 shard): gather it
@@ -586,7 +589,8 @@ def save_hf(
 ) -> Path:
     """Write a Hugging Face directory transformers loads: config, safetensors (sharded above
     ``max_shard_bytes``), tokenizer with chat template, generation config. Atomic: written to a
-    temporary directory and renamed, so a crash never leaves half a checkpoint."""
+    temporary directory and renamed, so a crash never leaves half a checkpoint. ``state_dict``
+    (the model's, gathered) is consumed (see :func:`hf_state_dict`)."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -107,6 +107,22 @@ def test_sharded_save_and_load(tiny_dirs, tmp_path):
         assert torch.equal(back(tokens), model(tokens))
 
 
+def test_a_given_state_dict_is_consumed_and_written_as_it_was(tiny_dirs, tmp_path):
+    """The trainer's export hands save_hf a gathered copy of the weights: each entry is dropped once
+    copied (the copy and the export's tensors never both exist whole), and the files hold it."""
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)  # (tied embeddings)
+    sd = {k: v.detach().clone() + 0.01 for k, v in model.state_dict().items()}  # (not the model's own)
+    out = save_hf(model, None, tmp_path / "given", state_dict=sd)
+    assert sd == {}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    back, _ = load(out, tokenizer=False)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))
+
+
 def test_saved_files_get_the_umask_permissions(tiny_dirs, tmp_path):
     """An export is for others to read: every file gets the umask's permissions (safetensors'
     save_file alone makes its file 0600), sharded or not."""
