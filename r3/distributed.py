@@ -52,8 +52,9 @@ def init_distributed() -> Dist:
         else:
             # one process: an in-memory store (nothing on disk, no port); NCCL on a GPU, since
             # FSDP2's collectives over gloo would take CUDA tensors through host memory
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                    world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
+            nccl = device.type == "cuda" and dist.is_nccl_available()
+            dist.init_process_group("nccl" if nccl else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    **({"device_id": device} if nccl else {}))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
