@@ -28,7 +28,11 @@ During the rollout, the KV cache (below). During the update:
   values more per token and block, 5% of ``a`` for Qwen2.5-7B): less in all, so the plan is the
   upper bound;
 * logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
-  work (``r3/kernels/``) -- small next to the rest.
+  work (``r3/kernels/``) -- small next to the rest;
+* or, where that is more, the end of the backward pass, when the activations are freed: the
+  root's gathered bf16 parameters and gradients, the fp32 copy FSDP2 reduce-scatters them from
+  (``reduce_dtype``) and its fp32 output shard. With activation checkpointing this is often the
+  update's peak (an untied 7B/8B model's embeddings and LM head are 1B parameters).
 
 The rollout's KV cache: rows x slots x layers x 2 x kv heads x head dim x 2 bytes, at the rows of one
 rank's reflection batch (its failures x G) and the longest conversation, plus, with
@@ -173,6 +177,9 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
         "its compacted copy (<= 3/4)": 0.75 * rows * slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2,
         "activations (one micro-batch)": act,
         "logits (reflection positions)": targets * V * 2,
+        # the last thing the backward pass does: the root's gathered parameters and bf16 gradients,
+        # copied to fp32 for the reduce-scatter (reduce_dtype), and its fp32 output shard
+        END_OF_BACKWARD: 2 * 2 * n["root"] + 4 * n["root"] * (1 + 1 / world),
     }
     if decode == "compiled":
         static_slots = slots_with_margin(slots)
@@ -180,11 +187,18 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
         parts["static decode cache"] = graph_rows(rows) * static_slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2
     static = sum(parts.get(k, 0.0) for k in STATIC)
     rollout = sum(parts[k] for k in ROLLOUT)
-    update = sum(v for k, v in parts.items() if k not in STATIC and k not in ROLLOUT)
+    # the update's peak: the gradient shards plus the larger of the backward pass's busiest
+    # moments (activations held, or the root's reduce-scatter once they are freed)
+    during = sum(v for k, v in parts.items() if k not in STATIC and k not in ROLLOUT and k != END_OF_BACKWARD
+                 and k != "gradients fp32 shards")
+    update = parts["gradients fp32 shards"] + max(during, parts[END_OF_BACKWARD])
     return {"params": P, "activation_bytes_per_token_layer": a_tok, "rows_per_rank": rows, "slots": slots,
             "micro_batch_tokens": mb_tokens, "parts": parts, "static": static, "rollout_phase": static + rollout,
             "update_phase": static + update, "total": static + max(rollout, update)}
 
+
+#: The alternative to the activations in the update's peak (see :func:`plan`).
+END_OF_BACKWARD = "or, at the end of backward: the root's gradient reduce-scattered in fp32"
 
 #: What every rank holds all the time; the rollout's KV cache and the update's gradients,
 #: gathered parameters, activations and logits exist only during their phase of the step.
@@ -211,7 +225,8 @@ def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
         cells = [f"{results[(n, c)]['parts'][part] / GiB:.1f}" for n in names for c in (False, True)]
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
     for key, label in (("rollout_phase", "during the rollout (all the time + KV cache and its copy)"),
-                       ("update_phase", "during the update (all the time + the update's parts)")):
+                       ("update_phase", "during the update (all the time + gradients + the busier moment: "
+                                        "activations held, or the end of backward)")):
         cells = [f"{results[(n, c)][key] / GiB:.1f}" for n in names for c in (False, True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     cells = [f"**{results[(n, c)]['total'] / GiB:.1f}**" for n in names for c in (False, True)]
@@ -265,7 +280,7 @@ class AllocatedPeak:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.mallinfo2.restype = self._Info
         self._mallinfo = libc.mallinfo2
-        self.every, self.peak, self._stop = every, 0, False
+        self.every, self.peak, self.peak_time, self._stop = every, 0, time.perf_counter(), False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -275,11 +290,13 @@ class AllocatedPeak:
 
     def _run(self):
         while not self._stop:
-            self.peak = max(self.peak, self.now())
+            now = self.now()
+            if now > self.peak:
+                self.peak, self.peak_time = now, time.perf_counter()
             time.sleep(self.every)
 
     def reset(self) -> int:
-        self.peak = self.now()
+        self.peak, self.peak_time = self.now(), time.perf_counter()
         return self.peak
 
     def stop(self):
@@ -341,7 +358,7 @@ def measure(args) -> None:
         dt = time.perf_counter() - t0
         time.sleep(0.05)
         out["phases"].append({"activation_checkpointing": ckpt, "update_peak_growth_gib": (rss.peak - before) / GiB,
-                              "update_s": dt})
+                              "update_s": dt, "peak_at_fraction_of_update": (rss.peak_time - t0) / dt})
     rss.stop()
     # the update's parts: gradients, gathered parameters, activations, logits (AdamW's state
     # exists already after the first run)
@@ -356,7 +373,7 @@ def measure(args) -> None:
         for r in gathered:
             print(f"rank {r['rank']}: models {r['models_measured_gib']:.2f} GiB (formula {r['models_formula_gib']:.2f}); "
                   + "; ".join(f"update{' + AC' if p['activation_checkpointing'] else ''} +{p['update_peak_growth_gib']:.2f} GiB "
-                              f"in {p['update_s']:.1f} s" for p in r["phases"][1:])
+                              f"in {p['update_s']:.1f} s (peak at {p['peak_at_fraction_of_update']:.0%} of it)" for p in r["phases"][1:])
                   + f" (formula {r['formula_update_gib'][False]:.2f} / {r['formula_update_gib'][True]:.2f} GiB)")
         if args.json:
             write_json_atomic(Path(args.json), {"measured": gathered})
