@@ -60,6 +60,7 @@ import copy
 import ctypes
 import ctypes.util
 import json
+import os
 import sys
 import threading
 import time
@@ -401,8 +402,6 @@ def main(argv=None) -> None:
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
     if args.measure:
-        import os
-
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # (it counts host memory: the CPU, even where a GPU is)
         from r3.distributed import run_and_exit
 

@@ -44,8 +44,8 @@ from r3.cli import (
     read_run,
     write_json_atomic,
 )
-from r3.errors import R3Error, cli_main
 from r3.distributed import release_device_memory
+from r3.errors import R3Error, cli_main
 from r3.evals import benchmarks as B
 from r3.evals.data import read_records
 from r3.evals.engine import encode, encode_pair, generate_until, loglikelihoods

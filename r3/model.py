@@ -509,6 +509,12 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as SDPA's additive one (0 where allowed, -inf elsewhere), made
+    once for every layer that shares it (SDPA would convert a boolean one in each call)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def expands_kv_heads(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> bool:
     """Whether :func:`sdpa` repeats the kv heads itself rather than pass ``enable_gqa``. On CUDA only
     flash attention (bf16/fp16, no mask, a square causal mask, head dim <= 256) takes grouped kv
@@ -701,21 +707,20 @@ class Transformer(nn.Module):
             m = slots <= q
             if window is not None:
                 m = m & (slots > q - window)
-            masks[window] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+            masks[window] = _additive(m, dtype)
         return masks
 
     def _segment_masks(self, positions: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype) -> dict:
-        """Additive masks [B, 1, T, T] (0 or -inf, in ``dtype``: SDPA would convert a boolean one in
-        every layer, and keep each copy for the backward pass) of the packed shared-prefix layout,
-        keyed by window size. Padding attends to padding (never to real tokens, and no query row
-        is empty)."""
+        """Additive masks [B, 1, T, T] (:func:`_additive`; a boolean one would be converted, and kept
+        for the backward pass, in every layer) of the packed shared-prefix layout, keyed by window
+        size. Padding attends to padding (never to real tokens, and no query row is empty)."""
         qs, ks = segments[:, None, :, None], segments[:, None, None, :]
         qp, kp = positions[:, None, :, None], positions[:, None, None, :]
         base = ((ks == qs) | ((ks == 0) & (qs > 0))) & (kp <= qp)
         masks = {}
         for w in {layer.self_attn.window for layer in self.layers}:
             m = base if w is None else base & (kp > qp - w)
-            masks[w] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+            masks[w] = _additive(m, dtype)
         return masks
 
     def forward(

@@ -117,13 +117,12 @@ def build_models(cfg: TrainConfig, d: Dist):
     policy, tokenizer = load(cfg.model, dtype=torch.float32, device=d.device)
     policy.train()
     policy.activation_checkpointing = cfg.activation_checkpointing
-    config = policy.config
     shard(policy, d, dtype)
     reference, _ = load(cfg.model, dtype=dtype, device=d.device, tokenizer=False)
     reference.requires_grad_(False)
     shard(reference, d, dtype)
     with torch.device("meta"):
-        rollout = Transformer(config)
+        rollout = Transformer(policy.config)
     rollout = rollout.to_empty(device=d.device).to(dtype)
     rollout.tie_weights()
     rollout.requires_grad_(False).eval()
