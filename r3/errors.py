@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import os
 import sys
+import traceback
 
 
 class R3Error(Exception):
@@ -36,7 +38,7 @@ def cli_main(fn):
             # a size that does not fit the device: the settings', not a bug (torch's first line
             # says how much was asked and is free, up to its pointer to the docs)
             first = (str(e).strip().splitlines() or ["out of memory"])[0].split("  See documentation")[0].strip()
-            sys.stderr.write(f"error: out of memory ({first}); use smaller batches (--batch-size, --num-samples; "
+            sys.stderr.write(f"error: out of memory{_where(e)} ({first}); use smaller batches (--batch-size, --num-samples; "
                              "--group-size or --micro-batch-size in training) or token limits, or a device with more "
                              "memory (an evaluation keeps its finished batches for the same --batch-size only)\n")
             sys.stderr.flush()
@@ -57,6 +59,24 @@ def cli_main(fn):
 def _out_of_memory(e: RuntimeError) -> bool:
     """torch's ``OutOfMemoryError`` (a GPU's), or its CPU allocator's refusal (a RuntimeError)."""
     return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def _where(e: BaseException) -> str:
+    """`` at FILE:LINE in FUNCTION`` for the innermost frame outside torch that raised ``e`` (r3's
+    files relative to the package's parent): an allocation from a bug (a stray [V, V] tensor) is
+    then found without the traceback the one-line message leaves out."""
+    torch_dir = os.path.join(os.path.dirname(os.path.abspath(sys.modules["torch"].__file__)), "") \
+        if "torch" in sys.modules else None
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not (torch_dir and os.path.abspath(f.filename).startswith(torch_dir))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    path = os.path.abspath(f.filename)
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if path.startswith(os.path.join(ours, "r3", "")):
+        path = os.path.relpath(path, ours)
+    return f" at {path}:{f.lineno} in {f.name}"
 
 
 class ArgumentParser(argparse.ArgumentParser):

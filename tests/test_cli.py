@@ -640,17 +640,30 @@ def test_out_of_memory_is_one_line_with_what_to_lower(capsys):
             "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
             "fragmentation.  See documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html)")
 
+    def cache():  # (an allocation inside r3, through torch's Python frames)
+        from r3.model import KVCache, ModelConfig
+
+        cfg = ModelConfig(model_type="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+        KVCache.empty(cfg, 2 ** 20, 2 ** 20, torch.float32, "cpu")
+
     errs = []
-    for fn in (gpu, lambda: torch.empty(2 ** 62, dtype=torch.uint8)):
+    for fn in (gpu, lambda: torch.empty(2 ** 62, dtype=torch.uint8), cache):
         with pytest.raises(SystemExit) as e:
             cli_main(fn)()
         assert e.value.code == 2
         errs.append(capsys.readouterr().err)
     for err in errs:
-        assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "--batch-size" in err
+        assert err.count("\n") == 1 and err.startswith("error: out of memory at ") and "--batch-size" in err
+    # where it was asked for: the innermost frame outside torch, r3's files relative to the checkout
+    here = os.path.abspath(__file__)
+    assert errs[0].startswith(f"error: out of memory at {here}:") and " in gpu (CUDA out of memory. " in errs[0]
+    assert f"{here}:" in errs[1] and " in <lambda> (" in errs[1]
+    assert errs[2].startswith("error: out of memory at r3/model.py:")
+    assert " in <listcomp> (" in errs[2] or " in empty (" in errs[2]  # (Python 3.12 inlines comprehensions)
     assert "Tried to allocate 2.00 GiB" in errs[0] and "expandable_segments:True" in errs[0]
     assert "See documentation" not in errs[0] and "lower" not in errs[0] and "smaller batches" in errs[0]
-    assert "can't allocate memory" in errs[1]
+    assert "can't allocate memory" in errs[1] and "can't allocate memory" in errs[2]
 
     def other():
         raise RuntimeError("shape mismatch")
