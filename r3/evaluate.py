@@ -13,10 +13,10 @@ With several ``--model`` values each is evaluated on the same queries and a tabl
 ``model | acc 1st | acc 2nd | delta`` is printed (with standard errors), plus each later model's
 paired change against the first (mean and standard error of the per-query difference). The JSON
 output holds one entry per model under ``models`` (with per-example ``records`` when ``--records``
-is given), the paired changes under ``paired``, and ``n``; with one model, also its ``model``,
-``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``delta`` at the top level (with
-several there are none: they would read as the first model's, which with ``--run`` is the
-untrained one).
+is given), the paired changes under ``paired``, and ``n``; and at the top level the last model's ``model``,
+``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``delta``: the one model's, or with
+several the model compared against the first (with ``--run``, the export, never the untrained
+base). They are written once every model is done.
 
 ``--run DIR`` evaluates a training run's base model and its export (``DIR/export``) side by side on
 the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
@@ -218,10 +218,12 @@ def main(argv=None) -> int:
                 paired.append({"model": spec, "baseline": base["model"],
                                "first_attempt": paired_difference(base["first_correct"], res["first_correct"]),
                                "second_attempt": paired_difference(base["second_correct"], res["second_correct"])})
-            head = results[0]
-            one = {k: head[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
+            head, last = results[0], results[-1]
+            # the top level is the last model's (with --run the export), named by "model", once every
+            # model is done: an interrupted file never shows the baseline's numbers as the result
+            top = {k: last[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
             write_json_atomic(out, {
-                **(one if len(models) == 1 else {}), "task": st["task"], "task_options": st["options"],
+                **(top if len(results) == len(models) else {}), "task": st["task"], "task_options": st["options"],
                 "task_config": task_config, "run": args.run, "cwd": os.getcwd(), "synthetic_data": bool(getattr(task, "synthetic", False)),
                 "n": head["n"], "settings": settings, "models": results, "paired": paired,
             })

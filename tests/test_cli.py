@@ -367,6 +367,10 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, stop_at=5, **k))
     rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
     assert rc == 130 and f"interrupted: 4 finished batches kept in {partial}; the same command goes on" in err, err
+    # the output so far holds the first model alone, and no top-level result (that is the last model's)
+    early = json.loads(out.read_text())
+    assert [m["model"] for m in early["models"]] == [tiny_dir] and "first_attempt_accuracy" not in early
+    assert whole["model"] == "smollm2-135m" and whole["delta"] == whole["models"][1]["delta"]
     lines = read_lines(partial)
     assert "r3_partial_results" in lines[0] and [(r["unit"], r["batch"]) for r in lines[1:]] == \
         [(tiny_dir, 0), (tiny_dir, 1), (tiny_dir, 2), ("smollm2-135m", 0)]
@@ -426,8 +430,10 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     assert "evaluate smollm2-135m: 3/3" in err and "ETA" in err
     data = json.loads(out.read_text())
     assert {"n", "task", "settings", "models", "paired"} <= set(data)
-    # several models: no accuracy at the top level (it would read as the first model's)
-    assert not {"model", "first_attempt_accuracy", "second_attempt_accuracy", "delta"} & set(data)
+    # several models: the top level is the last one's, named (with --run the export, not the base)
+    assert data["model"] == tiny_dir
+    assert [data[k] for k in ("first_attempt_accuracy", "second_attempt_accuracy", "delta")] == \
+        [data["models"][1][k] for k in ("first_attempt_accuracy", "second_attempt_accuracy", "delta")]
     assert data["n"] == 3 and data["task"] == "countdown"
     assert data["task_options"] == {"difficulty": "easy"} and data["settings"]["temperature"] == 0.0
     assert [m["model"] for m in data["models"]] == ["smollm2-135m", tiny_dir]
