@@ -88,7 +88,9 @@ def same_model(a: str, b: str) -> bool:
 
 
 def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: bool = True):
-    """-> (model, tokenizer). ``spec``: HF directory, ``.gguf`` file, or a built-in name."""
+    """-> (model, tokenizer). ``spec``: HF directory, ``.gguf`` file, or a built-in name. With the
+    tokenizer, the model's ``sampling_vocab_size`` is the tokenizer's vocabulary: what
+    :mod:`r3.sampler` draws from by default (embeddings are often padded past it)."""
     kind, path = resolve(spec)
     if kind == "hf":
         model = _load_hf_model(path, dtype, device)
@@ -98,6 +100,8 @@ def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: b
         model = _load_gguf_model(path, dtype, device, reader)
         tok = _load_gguf_tokenizer(path, reader) if tokenizer else None
     model.eval()
+    if tok is not None:  # (the sampler's default: never a padded embedding row's id)
+        model.sampling_vocab_size = min(len(tok), model.config.vocab_size)
     return model, tok
 
 

@@ -67,8 +67,9 @@ a teacher-forced forward's ``log_softmax`` (over the real vocabulary). With ``te
 (greedy) it is the log-softmax of the raw logits (temperature 1, no filtering) at the argmax.
 Logits are computed in the model's dtype (as ``model(tokens)`` does) and the softmax in float32.
 
-Never samples ids ``>= vocab_size`` (the tokenizer's real vocabulary, ``len(tokenizer)``):
-checkpoints often pad the embedding matrix, and the LM head is applied to the real rows only.
+Never samples ids ``>= vocab_size`` (the tokenizer's real vocabulary, ``len(tokenizer)``; by
+default what :func:`r3.checkpoint.load` recorded from the tokenizer it loaded): checkpoints often
+pad the embedding matrix, and the LM head is applied to the real rows only.
 
 Performance
 -----------
@@ -427,7 +428,8 @@ class Session:
         grows when ``append``/``sample`` need more, at the cost of a copy -- presize it for the
         whole conversation to avoid that; a compiled session on CPU gets up to two KV buckets
         more, see :func:`r3.decode.session_slots`). ``vocab_size``: the tokenizer's real vocabulary
-        (default: the model's). ``seed`` / ``generator``: the random stream of ``sample``
+        (default: ``model.sampling_vocab_size``, which :func:`r3.checkpoint.load` sets from the
+        tokenizer it loads, else the model's, padded rows included). ``seed`` / ``generator``: the random stream of ``sample``
         (shared by sessions made from this one with ``select``/``fork``). ``decode``: ``"eager"``
         or ``"compiled"``, the model's decode step run as it is or through ``torch.compile`` (see
         :mod:`r3.decode`: CUDA graphs on CUDA, inductor on CPU; a one-time compile; speeds in
@@ -439,7 +441,9 @@ class Session:
         if not rows:
             raise SamplingError("no prompts given")
         model_vocab = model.config.vocab_size
-        vocab_size = model_vocab if vocab_size is None else int(vocab_size)
+        if vocab_size is None:  # (a model from r3.checkpoint.load knows its tokenizer's)
+            vocab_size = getattr(model, "sampling_vocab_size", model_vocab)
+        vocab_size = int(vocab_size)
         if not 0 < vocab_size <= model_vocab:
             raise SamplingError(f"vocab_size {vocab_size} must be in [1, {model_vocab}] (the model's vocabulary)")
         for i, r in enumerate(rows):

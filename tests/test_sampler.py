@@ -1445,3 +1445,34 @@ def test_cuda_graph_step_compiles_once_per_static_cache_shape(tiny_dirs, monkeyp
         assert not any(hasattr(t, "_dynamo_weak_dynamic_indices") for t in full.k + full.v)
     assert shapes == [(2, 128), (8, 192), (8, 192), (16, 256)]  # grew twice (each time a quarter at least)
     assert counters["frames"]["ok"] - frames == 3
+
+
+def test_a_loaded_model_samples_only_its_tokenizers_ids_by_default(tmp_path, builtin):
+    """A checkpoint whose embeddings are padded past its tokenizer (Qwen2.5: 151,936 rows for
+    151,665 ids): loaded with its tokenizer, the sampler's default never draws a padded id, even
+    where those ids win every argmax; an explicit vocab_size still decides."""
+    from conftest import make_tiny_hf
+
+    from r3.checkpoint import load
+
+    real = len(builtin[1])
+    hf = make_tiny_hf(tmp_path, "llama", vocab_size=real + 16, tie_word_embeddings=False)
+    with torch.no_grad():  # a residual dimension held at 8 through the blocks, read by the padded rows
+        hf.model.embed_tokens.weight[:, 0] = 8.0
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight[0].zero_()
+            layer.mlp.down_proj.weight[0].zero_()
+        hf.model.norm.weight[0] = 1.0
+        hf.lm_head.weight[real:, 0] = 50.0
+    hf.save_pretrained(str(tmp_path))
+    builtin[1].save_pretrained(str(tmp_path))
+    model, tok = load(tmp_path)
+    assert model.config.vocab_size == real + 16 and model.sampling_vocab_size == len(tok) == real
+    prompts = _rand_prompts(real, [3, 5], seed=2)
+    assert (model(torch.tensor([prompts[0]]))[0].argmax(-1) >= real).all()
+    for kw in (dict(), dict(temperature=0), dict(top_k=50)):
+        out = generate(model, prompts, max_new_tokens=6, num_samples=2, seed=0, **kw)
+        assert max(max(t) for t in out.tokens) < real
+    assert min(generate(model, prompts, max_new_tokens=6, temperature=0, vocab_size=real + 16).tokens[0]) >= real
+    bare, _ = load(tmp_path, tokenizer=False)  # (no tokenizer: the model's whole vocabulary)
+    assert not hasattr(bare, "sampling_vocab_size")
