@@ -55,6 +55,7 @@ from r3.config import TrainConfig  # noqa: E402
 from r3.distributed import init_distributed  # noqa: E402
 from r3.episode import run_episode  # noqa: E402
 from r3.files import write_json_atomic  # noqa: E402
+from r3.flops import matmul_flops_per_token  # noqa: E402
 from r3.tasks import get as get_task  # noqa: E402
 from r3.train import build_models, compute_dtype, resolve_dtype, sync_rollout_weights, update  # noqa: E402
 
@@ -189,11 +190,9 @@ def main(argv=None) -> None:
     policy, reference, rollout_model, tok = build_models(cfg, d)
     sync_rollout_weights(policy, rollout_model)
     mc = rollout_model.config
-    body = sum(p.numel() for n, p in rollout_model.named_parameters() if n.startswith("layers."))
-
     def flops(tokens: int, targets: int) -> float:
         """One forward's matmul FLOPs: the blocks on every token, the LM head on the targets."""
-        return 2 * body * tokens + 2 * mc.hidden_size * mc.vocab_size * targets
+        return matmul_flops_per_token(mc) * tokens + 2 * mc.hidden_size * mc.vocab_size * targets
 
     rate = matmul_rate(mc.hidden_size, mc.intermediate_size, dtype, d.device)
     out = {"device": torch.cuda.get_device_name() if d.device.type == "cuda" else "cpu",

@@ -997,7 +997,8 @@ def section_train(ctx: Ctx) -> dict:
         _tokenizer_dir(ctx, model_dir)
         steps = 2 if ctx.smoke else 3
         keys = ("step", "step_time_s", "rollout_time_s", "reference_time_s", "update_time_s", "rollout_tokens_per_s",
-                "tokens_per_s", "peak_memory_gb", "reflection_tokens", "trained_tokens", "loss", "kl", "grad_norm")
+                "tokens_per_s", "peak_memory_gb", "mfu", "peak_tflops", "reflection_tokens", "trained_tokens", "loss",
+                "kl", "grad_norm")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         # r3.train takes the GPU of its local rank (0) or, with none, the CPU: show it --device's
         if ctx.device.type == "cuda":
@@ -1199,11 +1200,16 @@ def markdown(report: dict) -> str:
         if tr.get("partial"):
             lines += ["**The section was cut short**: what follows is the runs that finished.", ""]
         if tr.get("steps"):
-            lines += ["| step | step s | rollout s | reference s | update s | rollout tok/s | peak GB |", "|---|---|---|---|---|---|---|"]
+            lines += ["| step | step s | rollout s | reference s | update s | rollout tok/s | MFU of reference + update | "
+                      "peak GB |", "|---|---|---|---|---|---|---|---|"]
             for r in tr["steps"]:
+                mfu = r.get("mfu")
                 lines.append(f"| {r['step']} | {_fmt(r['step_time_s'])} | {_fmt(r['rollout_time_s'])} | {_fmt(r['reference_time_s'])} | "
-                             f"{_fmt(r['update_time_s'])} | {_fmt(r['rollout_tokens_per_s'], '.0f')} | {_fmt(r['peak_memory_gb'])} |")
-            lines.append("")
+                             f"{_fmt(r['update_time_s'])} | {_fmt(r['rollout_tokens_per_s'], '.0f')} | "
+                             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_fmt(r['peak_memory_gb'])} |")
+            peak = next((r["peak_tflops"] for r in tr["steps"] if r.get("peak_tflops")), None)
+            lines += ["", f"MFU against {_fmt(peak, '.0f')} TFLOP/s (r3.train's peak for this device: its datasheet's "
+                          "dense bf16 rate where r3 knows the GPU, else a measured matmul).", ""]
         ac = tr.get("activation_checkpointing", {})
         if ac.get("steps") and tr.get("steps"):
             peak = max((r["peak_memory_gb"] or 0) for r in tr["steps"])

@@ -9,9 +9,10 @@
 # then run `bash benchmarks/gpu_check_device.sh` with carry [".gpu_tokenizer"] and a timeout_s of
 # about 590. The JSON, the Markdown and the log land in $OUT (benchmarks/results without it).
 # All sections may not fit in one 10-minute call; split them over calls on the warm machine,
-# `SECTIONS=env,sampler` first (the decode measurements; it compiles the step four times: greedy
-# and sampled, in graph runs and per step), then `SECTIONS=parity,train` (each run's files are
-# named after its sections, and each keeps a log of its own).
+# `SECTIONS=env,parity,sampler` first (parity, then the decode measurements: the step compiles
+# four times, greedy and sampled, in graph runs and per step), then `SECTIONS=train` (the kernel
+# section, unchanged since it was measured, is left out; each run's files are named after its
+# sections, and each keeps a log of its own).
 # SECTIONS (default: all), TRAIN_TIMEOUT (seconds per training run, default 200) and EXTRA (more
 # arguments) adjust it; each section's results are written as soon as it ends.
 set -uo pipefail

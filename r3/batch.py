@@ -202,14 +202,20 @@ def score_micro_batches(mbs: list[MicroBatch], reference, old_policy, temperatur
         reference.reshard()
 
 
+def kept_rows(adv: torch.Tensor, skip_no_signal: bool) -> list[int]:
+    """The episode rows the update trains (``adv``: ``[n_groups, G]``): every row, or with
+    ``skip_no_signal`` those of the groups whose advantages are not all zero."""
+    G = adv.shape[1]
+    keep = [g for g in range(adv.shape[0]) if not (skip_no_signal and (adv[g] == 0).all())]
+    return [g * G + j for g in keep for j in range(G)]
+
+
 def episode_micro_batches(ep, adv: torch.Tensor, size: int, pad_id: int, device, *,
                           skip_no_signal: bool = True, shared_prefix: bool = False) -> list[MicroBatch]:
     """The episode's rows as micro-batches, each with its advantage and the sampler's log-probs
     of its reflection tokens. ``adv``: ``[n_groups, G]``; with ``skip_no_signal`` the groups whose
     advantages are all zero (all-equal rewards: no policy gradient) are left out."""
-    G = adv.shape[1]
-    keep = [g for g in range(adv.shape[0]) if not (skip_no_signal and (adv[g] == 0).all())]
-    idx = [g * G + j for g in keep for j in range(G)]
+    idx = kept_rows(adv, skip_no_signal)
     flat = adv.reshape(-1)
     return make_micro_batches([ep.sequences[i] for i in idx], [ep.spans[i] for i in idx],
                               [float(flat[i]) for i in idx], size, pad_id, device,

@@ -10,10 +10,12 @@ from r3.progress import format_duration
 
 
 def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Dist, *, lr: float,
-                 data_position: int, fresh_attempts: bool) -> dict:
+                 data_position: int, fresh_attempts: bool, flops: float, peak_flops: float) -> dict:
     """The row for ``metrics.jsonl``. ``ep``: this rank's episode; ``adv``: its group advantages;
     ``upd``: what :func:`r3.train.update` returned; ``times``: seconds of the step and of its
-    rollout, reference and update parts. Rates are over all ranks' tokens and retries."""
+    rollout, reference and update parts; ``flops``: this rank's model FLOPs of the reference and
+    update passes, ``peak_flops`` its device's peak rate (:mod:`r3.flops`). Rates are over all
+    ranks' tokens and retries."""
     rewards = ep.rewards
     n_groups = rewards.shape[0]
     signal = sum(1 for g in range(n_groups) if not (adv[g] == 0).all())
@@ -23,6 +25,7 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "rewards": float(rewards.sum()), "retries": float(rewards.numel()), "queries": ep.queries,
         "first_success": ep.first_success, "groups": n_groups, "signal": signal,
         "reflection_tokens": sum(e - s for s, e in ep.spans), "generated": ep.generated_tokens,
+        "flops": float(flops), "peak_flops": float(peak_flops),
     }, d)
     logp_diff_max = all_max(upd["logp_diff_max"], d)
     tokens, retries = g["tokens"], g["retries"]
@@ -55,6 +58,11 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "update_time_s": times["update"],
         "rollout_tokens_per_s": g["generated"] / max(times["rollout"], 1e-9),
         "tokens_per_s": g["generated"] / max(times["step"], 1e-9),
+        # model FLOPs of the reference and update passes over their time and every rank's peak
+        # (the rollout's decoding is bandwidth-bound: its measure is tokens/s); None: no such pass
+        "mfu": g["flops"] / ((times["reference"] + times["update"]) * g["peak_flops"])
+        if g["peak_flops"] and g["flops"] else None,
+        "peak_tflops": g["peak_flops"] / d.world / 1e12 if g["peak_flops"] else None,
         "data_position": data_position,
         # this rank's peak allocated GPU memory during the step (None on CPU)
         "peak_memory_gb": torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None,
@@ -68,6 +76,8 @@ def format_step_line(row: dict, max_steps: int, eta_s: float) -> str:
         f"step {row['step']}/{max_steps} | loss {row['loss']:+.4f} | kl {kl} | "
         f"retry {row['retry_success']:.2f} | first {fts} | signal {row['groups_with_signal']}/{row['groups']} | "
         f"{row['step_time_s']:.1f}s/step (rollout {row['rollout_time_s']:.1f}, ref {row['reference_time_s']:.1f}, "
-        f"update {row['update_time_s']:.1f}) | ETA {format_duration(eta_s)}"
+        f"update {row['update_time_s']:.1f})"
+        + ("" if row.get("mfu") is None else f" | mfu {100 * row['mfu']:.1f}%")
+        + f" | ETA {format_duration(eta_s)}"
         + (" | SKIPPED (non-finite)" if row["skipped"] else "")
     )

@@ -41,6 +41,7 @@ from r3.batch import (
     MicroBatch,
     dummy_micro_batch,
     episode_micro_batches,
+    kept_rows,
     scatter,
     score_micro_batches,
     token_logprobs,
@@ -64,6 +65,7 @@ from r3.distributed import (
 from r3.episode import run_episode
 from r3.errors import R3Error, cli_main
 from r3.failure_data import check_made_for, read_failures
+from r3.flops import forward_flops, peak_flops
 from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
 from r3.model import Transformer, check_token_limits
@@ -312,6 +314,7 @@ class Run:
     tracker: Tracker
     # (groups, retry success) of each step since one had signal; None once warn_without_signal has warned
     steps_without_signal: list | None = field(default_factory=list)
+    peak_flops: float = 0.0  # one device's peak FLOP/s in the compute dtype (r3.flops.peak_flops)
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -320,6 +323,7 @@ def set_up(cfg: TrainConfig) -> Run:
     d = init_distributed()
     with fail_together(d, alike=True):  # (every rank checks; rank 0 says what is wrong)
         resolve_dtype(cfg, d)
+        peak, peak_source = peak_flops(d.device, compute_dtype(cfg))  # (MFU's denominator)
         if cfg.batch_size % d.world:
             raise R3Error(f"config: 'batch_size' ({cfg.batch_size}) must be divisible by the number of ranks "
                           f"({d.world})")
@@ -349,6 +353,7 @@ def set_up(cfg: TrainConfig) -> Run:
             print(f"  {k}: {v}", flush=True)
         base, options = resolve_task(cfg.task, cfg.task_options)
         print(f"  (task {base!r} with options {options})", flush=True)
+        print(f"  (MFU against {peak / 1e12:.1f} TFLOP/s per {d.device.type} device, {peak_source})", flush=True)
         if getattr(task, "stand_in_data", False):
             print(f"note: task {base!r} has no data_path: it trains on generated examples, not on real data "
                   "(pass the real file with --task-option data_path=FILE)", flush=True)
@@ -390,7 +395,7 @@ def set_up(cfg: TrainConfig) -> Run:
                         count_without_signal(without_signal, row)
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
-               start_step, tracker, without_signal)
+               start_step, tracker, without_signal, peak)
 
 
 def rollout(run: Run, step: int):
@@ -446,8 +451,18 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     t_update = time.time()
     times = {"step": t_update - t0, "rollout": t_rollout - t0, "reference": t_ref - t_rollout, "update": t_update - t_ref}
     row = step_metrics(step + 1, ep, adv, upd, times, d, lr=lr_now, data_position=run.stream.position,
-                       fresh_attempts=run.failures is None)
+                       fresh_attempts=run.failures is None, flops=training_flops(run, ep, adv), peak_flops=run.peak_flops)
     return row, ep
+
+
+def training_flops(run: Run, ep, adv: torch.Tensor) -> int:
+    """This rank's model FLOPs of the step's reference and update passes (:mod:`r3.flops`): the
+    reference's and the pre-update policy's forwards where they run, the update's forward and
+    backward in each epoch."""
+    cfg = run.cfg
+    rows = kept_rows(adv, cfg.skip_no_signal_groups)
+    forward = forward_flops(run.rollout_model.config, [ep.sequences[i] for i in rows], [ep.spans[i] for i in rows])
+    return forward * (int(cfg.beta > 0) + int(cfg.update_epochs > 1) + 3 * cfg.update_epochs)
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -4,6 +4,7 @@ bad input. Tiny random models with the built-in tokenizer; a coin-flip task give
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -214,6 +215,9 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     for k in ("step", "loss", "kl", "retry_success", "first_try_success", "groups_with_signal",
               "reflection_tokens", "step_time_s"):
         assert k in a[0]
+    for r in a:  # MFU of the training passes, in the steps that train
+        assert r["peak_tflops"] > 0 and (r["mfu"] is None) == (r["trained_tokens"] == 0), r
+        assert r["mfu"] is None or 0 < r["mfu"] < math.inf
     ea = [json.loads(x) for x in (full / "eval.jsonl").read_text().splitlines()]
     eb = [json.loads(x) for x in (part / "eval.jsonl").read_text().splitlines()]
     assert ea == eb and [r["step"] for r in ea] == [0, 4] and ea[0]["n"] == 4
@@ -657,12 +661,18 @@ def test_checkpoint_io_runs_single_threaded_and_restores_threads():
 
 
 def test_the_example_config_is_the_defaults():
-    """configs/smollm2_countdown_tiny.yaml documents the main command: it must not drift."""
-    from r3.config import TrainConfig, parse_args
+    """configs/smollm2_countdown_tiny.yaml documents the main command, every key written out: it
+    must not drift, nor miss a key the config gains."""
+    import dataclasses
 
+    import yaml
+
+    from r3.config import TrainConfig, parse_args
     from r3.tasks import resolve
 
     path = Path(__file__).parents[1] / "configs" / "smollm2_countdown_tiny.yaml"
+    keys = list(yaml.safe_load(path.read_text()))
+    assert sorted(keys) == sorted(f.name for f in dataclasses.fields(TrainConfig))
     written, default = parse_args(["--config", str(path)]).to_dict(), TrainConfig().validate().to_dict()
     assert resolve(written.pop("task"), written.pop("task_options")) == resolve(default.pop("task"), default.pop("task_options"))
     assert written == default

@@ -1,0 +1,127 @@
+"""Model FLOPs of the training passes and the device's peak rate: the MFU ``metrics.jsonl`` reports.
+
+Counted as the MFU convention counts them (PaLM's appendix B; torchtitan): the forward's matmuls at
+2 FLOPs per multiply-add, the attention's scores and weighted values (4 x heads x head_dim per key
+a query attends to, sliding windows included), a backward pass at twice its forward; biases,
+norms, activations, padding and recomputation (activation checkpointing) are not counted. The
+work is what the loss needs, whatever the layout: each distinct prefix of the step's rows once
+(the shared-prefix layout's saving is not counted as utilisation), each row's reflection up to
+its last target, and the LM head at the reflection's targets only.
+
+The peak is the datasheet's dense bf16/fp16 tensor-core rate for GPUs this module knows, else a
+matmul in the compute dtype measured once at start (on a CPU: the rate it reaches, not a
+datasheet's), or ``R3_PEAK_TFLOPS`` (per device) where it is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+import torch
+
+from r3.errors import R3Error
+from r3.model import ModelConfig
+
+#: Dense bf16/fp16 tensor-core peak FLOP/s by product name (first match wins: more specific
+#: names first), from NVIDIA's datasheets.
+DATASHEET_BF16 = (
+    ("GH200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+)
+
+
+def matmul_flops_per_token(cfg: ModelConfig) -> int:
+    """One token's forward through every block's projections and MLP (no LM head, no attention)."""
+    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return cfg.num_hidden_layers * 2 * (d * q + 2 * d * kv + q * d + 3 * d * cfg.intermediate_size)
+
+
+def _keys(lo: int, hi: int, window: int | None) -> int:
+    """Keys attended to by the queries at positions ``lo .. hi - 1``: ``min(p + 1, window)`` each."""
+    if hi <= lo:
+        return 0
+    if window is None or window >= hi:
+        return (hi * (hi + 1) - lo * (lo + 1)) // 2
+    full = min(hi, window)  # positions below the window's size see every earlier key
+    inside = (full * (full + 1) - lo * (lo + 1)) // 2 if full > lo else 0
+    return inside + window * (hi - max(lo, window))
+
+
+def attention_flops(cfg: ModelConfig, lo: int, hi: int) -> int:
+    """The forward's attention scores and weighted values of positions ``lo .. hi - 1``, all layers."""
+    windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
+    return 4 * cfg.num_attention_heads * cfg.head_dim * sum(_keys(lo, hi, w) for w in windows)
+
+
+def forward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> int:
+    """One forward's model FLOPs for the log-probs of each row's ``span`` (its reflection): each
+    distinct prefix (the tokens before a span) once, then each row's tokens up to its last target,
+    the LM head at the span's ``end - start`` targets."""
+    body, head = matmul_flops_per_token(cfg), 2 * cfg.hidden_size * cfg.vocab_size
+    seen: set = set()
+    total = 0
+    for seq, (start, end) in zip(sequences, spans):
+        key = (start, tuple(seq[:start]))
+        if key not in seen:
+            seen.add(key)
+            total += body * start + attention_flops(cfg, 0, start)
+        last = max(end - 1, start)  # (the span's last token predicts nothing the loss reads)
+        total += body * (last - start) + attention_flops(cfg, start, last) + head * (end - start)
+    return total
+
+
+def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The datasheet's dense peak of a GPU this module knows, in bf16/fp16; else None."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((rate for key, rate in DATASHEET_BF16 if key in name), None)
+
+
+def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.3) -> float:
+    """FLOP/s of the best of repeated ``[n, n] x [n, n]`` matmuls in ``dtype`` (after a warm-up),
+    for about ``seconds``."""
+    n = n or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    a @ b
+    sync(device)
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        dt = time.perf_counter() - t
+        best, spent = min(best, dt), spent + dt
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """-> (peak FLOP/s of one device in ``dtype``, where it comes from: ``R3_PEAK_TFLOPS``,
+    ``datasheet`` or ``measured``)."""
+    given = os.environ.get("R3_PEAK_TFLOPS")
+    if given:
+        try:
+            value = float(given)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf"):
+            raise R3Error(f"R3_PEAK_TFLOPS must be a positive number of TFLOP/s per device, got {given!r}")
+        return value * 1e12, "R3_PEAK_TFLOPS"
+    sheet = datasheet_peak(device, dtype)
+    if sheet is not None:
+        return sheet, "datasheet"
+    return measured_matmul_rate(device, dtype), "measured"

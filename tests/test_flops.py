@@ -1,0 +1,122 @@
+"""r3.flops: the model FLOPs behind metrics.jsonl's MFU, against hand counts, a naive count per
+position, and torch's FLOP counter on the model's own forward; the peak's sources."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import tiny_hf_config
+from r3 import flops as F
+from r3.errors import R3Error
+from r3.model import ModelConfig, Transformer
+
+
+def _cfg(kind="qwen2", **over) -> ModelConfig:
+    return ModelConfig.from_hf(tiny_hf_config(kind, **over).to_dict())
+
+
+def test_matmul_flops_per_token_by_hand():
+    cfg = _cfg("qwen2")  # hidden 64, 4 heads x 16, 2 kv heads, MLP 96, 2 layers
+    q, kv = 4 * 16, 2 * 16
+    per_layer = 2 * (64 * q + 2 * 64 * kv + q * 64 + 3 * 64 * 96)
+    assert F.matmul_flops_per_token(cfg) == 2 * per_layer == 2 * 2 * (4096 + 4096 + 4096 + 18432)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 8, 50])
+def test_keys_attended_equal_a_count_per_position(window):
+    for lo in range(0, 12):
+        for hi in range(lo, 30):
+            naive = sum(min(p + 1, window or 10 ** 9) for p in range(lo, hi))
+            assert F._keys(lo, hi, window) == naive, (lo, hi, window)
+
+
+def test_attention_flops_follow_each_layers_window():
+    cfg = _cfg("mistral")  # sliding window 8 on every layer, head_dim 24
+    assert cfg.layer_windows == [8, 8]
+    per_key = 4 * cfg.num_attention_heads * cfg.head_dim
+    assert F.attention_flops(cfg, 0, 20) == 2 * per_key * sum(min(p + 1, 8) for p in range(20))
+    dense = _cfg("llama")
+    assert F.attention_flops(dense, 5, 9) == 2 * 4 * 4 * 16 * (6 + 7 + 8 + 9)
+
+
+def test_forward_flops_counts_each_prefix_once_and_the_head_at_the_targets():
+    cfg = _cfg("llama")
+    body, head = F.matmul_flops_per_token(cfg), 2 * 64 * 256
+    prefix = [5, 6, 7, 8]
+    seqs = [prefix + [1, 2, 3, 99], prefix + [4, 4, 99], [9, 9] + [1, 2]]
+    spans = [(4, 7), (4, 6), (2, 4)]  # (a span ends before the retry: 99 is never read)
+    want = (body * 4 + F.attention_flops(cfg, 0, 4)  # the shared prefix, once
+            + body * 2 + F.attention_flops(cfg, 4, 6) + head * 3  # row 0: tokens 4, 5 feed targets 5, 6
+            + body * 1 + F.attention_flops(cfg, 4, 5) + head * 2
+            + body * 2 + F.attention_flops(cfg, 0, 2) + body * 1 + F.attention_flops(cfg, 2, 3) + head * 2)
+    assert F.forward_flops(cfg, seqs, spans) == want
+    # the same rows one by one: the prefix is counted per distinct prefix, not per call order
+    assert F.forward_flops(cfg, seqs[::-1], spans[::-1]) == want
+    assert F.forward_flops(cfg, [], []) == 0
+
+
+def test_the_matmuls_equal_torchs_count_of_the_models_forward():
+    """torch's FLOP counter on our forward of one row up to its last target, LM head at the
+    targets: its matmuls are exactly the count (it has no formula for the CPU's fused attention
+    kernel, which the per-position count above checks)."""
+    cfg = _cfg("qwen2")
+    model = Transformer(cfg).eval()
+    seq, (start, end) = list(range(3, 3 + 14)), (9, 14)
+    tokens = torch.tensor([seq[: end - 1]])
+    cols = torch.arange(start - 1, end - 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(tokens, at=(torch.zeros_like(cols), cols))
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(by_op) == {"aten.mm", "aten.addmm"}  # (q/k/v biases: addmm)
+    matmuls = sum(by_op.values())
+    T = end - 1
+    assert matmuls == F.matmul_flops_per_token(cfg) * T + 2 * cfg.hidden_size * cfg.vocab_size * (end - start)
+    assert F.forward_flops(cfg, [seq], [(start, end)]) == matmuls + F.attention_flops(cfg, 0, T)
+
+
+def test_peak_sources(monkeypatch):
+    monkeypatch.setenv("R3_PEAK_TFLOPS", "12.5")
+    assert F.peak_flops(torch.device("cpu"), torch.bfloat16) == (12.5e12, "R3_PEAK_TFLOPS")
+    for bad in ("abc", "0", "-3", "inf", "nan"):
+        monkeypatch.setenv("R3_PEAK_TFLOPS", bad)
+        with pytest.raises(R3Error, match="R3_PEAK_TFLOPS must be a positive number"):
+            F.peak_flops(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.delenv("R3_PEAK_TFLOPS")
+    rate, source = F.peak_flops(torch.device("cpu"), torch.float32)
+    assert source == "measured" and math.isfinite(rate) and rate > 1e8
+    # the datasheet by product name, most specific first; bf16/fp16 only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for name, want in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                       ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3060", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert F.datasheet_peak(cuda, torch.bfloat16) == want, name
+    assert F.datasheet_peak(cuda, torch.float32) is None
+    assert F.datasheet_peak(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_step_metrics_mfu_is_the_flops_over_the_training_passes_time_and_peak():
+    from types import SimpleNamespace
+
+    from r3.distributed import Dist
+    from r3.metrics import format_step_line, step_metrics
+
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0]]), queries=1, first_success=0, spans=[(3, 5), (3, 6)],
+                         generated_tokens=40, times={})
+    upd = {"loss": 0.1, "kl_sum": 0.0, "tokens": 5, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "logp_diff_sum": 0.0,
+           "logp_diff_tokens": 0, "logp_diff_max": 0.0, "grad_norm": 1.0, "skipped": False}
+    times = {"step": 10.0, "rollout": 7.0, "reference": 1.0, "update": 2.0}
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    kw = dict(lr=1e-5, data_position=0, fresh_attempts=True)
+    row = step_metrics(1, ep, torch.tensor([[0.7, -0.7]]), upd, times, d, flops=6e12, peak_flops=4e12, **kw)
+    assert row["mfu"] == pytest.approx(6e12 / (3.0 * 4e12)) and row["peak_tflops"] == pytest.approx(4.0)
+    assert "| mfu 50.0% |" in format_step_line(row, 3, 1.0)
+    none = step_metrics(1, ep, torch.tensor([[0.7, -0.7]]), upd, times, d, flops=6e12, peak_flops=0.0, **kw)
+    assert none["mfu"] is None and none["peak_tflops"] is None and "mfu" not in format_step_line(none, 3, 1.0)
+    idle = step_metrics(1, ep, torch.tensor([[0.0, 0.0]]), upd, times, d, flops=0.0, peak_flops=4e12, **kw)
+    assert idle["mfu"] is None and idle["peak_tflops"] == pytest.approx(4.0)  # (no training pass ran)
