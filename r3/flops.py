@@ -90,7 +90,7 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((rate for key, rate in DATASHEET_BF16 if key in name), None)
 
 
-def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.3) -> float:
+def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.2) -> float:
     """FLOP/s of the best of repeated ``[n, n] x [n, n]`` matmuls in ``dtype`` (after a warm-up),
     for about ``seconds``."""
     n = n or (4096 if device.type == "cuda" else 1024)

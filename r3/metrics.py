@@ -32,7 +32,8 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
     return {
         "step": step,
         "loss": g["loss"],
-        "kl": g["kl"] / tokens if tokens else None,  # None: no token trained this step
+        # None: no token trained this step, or no reference to measure against (beta 0)
+        "kl": g["kl"] / tokens if tokens and upd["kl_scored"] else None,
         "retry_success": g["rewards"] / retries if retries else 0.0,
         "first_try_success": g["first_success"] / g["queries"] if (g["queries"] and fresh_attempts) else None,
         "groups": int(g["groups"]),

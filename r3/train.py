@@ -210,7 +210,8 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
                for mb in real), torch.zeros((), device=d.device))
     if d.world > 1:
         dist.all_reduce(den)
-    stats = {"loss": 0.0, "grad_norm": float("nan"), "skipped": False, "logp_diff_tokens": 0.0}
+    stats = {"loss": 0.0, "grad_norm": float("nan"), "skipped": False, "logp_diff_tokens": 0.0,
+             "kl_scored": cfg.beta > 0}  # (beta 0: no reference scored, no KL to report)
     zero = torch.zeros((), dtype=torch.float64, device=d.device)
     sums = dict.fromkeys(("kl_sum", "clip_low_sum", "clip_high_sum", "tokens"), zero)
     gap_sum = gap_max = torch.zeros((), device=d.device)

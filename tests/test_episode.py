@@ -455,6 +455,7 @@ def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, b
     stats = T.update(model, opt, mbs, len(mbs), cfg, one_rank)
     assert stats["logp_diff_tokens"] == sum(e - s for s, e in ep.spans)
     assert stats["logp_diff_max"] == pytest.approx(worst, abs=1e-6)
+    assert stats["kl_scored"] is False  # (beta 0: metrics.jsonl's kl is None, not a measured 0)
 
 
 class StopAtETask(CoinTask):

@@ -109,7 +109,7 @@ def test_step_metrics_mfu_is_the_flops_over_the_training_passes_time_and_peak():
     ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0]]), queries=1, first_success=0, spans=[(3, 5), (3, 6)],
                          generated_tokens=40, times={})
     upd = {"loss": 0.1, "kl_sum": 0.0, "tokens": 5, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "logp_diff_sum": 0.0,
-           "logp_diff_tokens": 0, "logp_diff_max": 0.0, "grad_norm": 1.0, "skipped": False}
+           "logp_diff_tokens": 0, "logp_diff_max": 0.0, "grad_norm": 1.0, "skipped": False, "kl_scored": True}
     times = {"step": 10.0, "rollout": 7.0, "reference": 1.0, "update": 2.0}
     d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
     kw = dict(lr=1e-5, data_position=0, fresh_attempts=True)
@@ -118,5 +118,8 @@ def test_step_metrics_mfu_is_the_flops_over_the_training_passes_time_and_peak():
     assert "| mfu 50.0% |" in format_step_line(row, 3, 1.0)
     none = step_metrics(1, ep, torch.tensor([[0.7, -0.7]]), upd, times, d, flops=6e12, peak_flops=0.0, **kw)
     assert none["mfu"] is None and none["peak_tflops"] is None and "mfu" not in format_step_line(none, 3, 1.0)
+    no_ref = step_metrics(1, ep, torch.tensor([[0.7, -0.7]]), {**upd, "kl_scored": False}, times, d, flops=6e12,
+                          peak_flops=4e12, **kw)
+    assert row["kl"] == 0.0 and no_ref["kl"] is None  # (beta 0: no reference, so no KL measured)
     idle = step_metrics(1, ep, torch.tensor([[0.0, 0.0]]), upd, times, d, flops=0.0, peak_flops=4e12, **kw)
     assert idle["mfu"] is None and idle["peak_tflops"] == pytest.approx(4.0)  # (no training pass ran)
