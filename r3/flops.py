@@ -16,6 +16,7 @@ datasheet's), or ``R3_PEAK_TFLOPS`` (per device) where it is set.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Sequence
 
@@ -24,8 +25,9 @@ import torch
 from r3.errors import R3Error
 from r3.model import ModelConfig
 
-#: Dense bf16/fp16 tensor-core peak FLOP/s by product name (first match wins: more specific
-#: names first), from NVIDIA's datasheets.
+#: Dense bf16/fp16 tensor-core peak FLOP/s by product name, from NVIDIA's datasheets (their
+#: figures with sparsity halved). A key matches as whole words (``A100`` is not the RTX A1000),
+#: the first match wins: more specific names first.
 DATASHEET_BF16 = (
     ("GH200", 989e12),
     ("H100 NVL", 835e12),
@@ -37,7 +39,6 @@ DATASHEET_BF16 = (
     ("A100", 312e12),
     ("L40S", 362e12),
     ("L40", 181e12),
-    ("A10G", 70e12),
     ("L4", 121e12),
 )
 
@@ -87,7 +88,7 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
-    return next((rate for key, rate in DATASHEET_BF16 if key in name), None)
+    return next((rate for key, rate in DATASHEET_BF16 if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name)), None)
 
 
 def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.2) -> float:

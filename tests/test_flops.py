@@ -93,7 +93,8 @@ def test_peak_sources(monkeypatch):
     cuda = torch.device("cuda", 0)
     for name, want in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
-                       ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3060", None)):
+                       ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA GH200 480GB", 989e12),
+                       ("NVIDIA RTX A1000 6GB Laptop GPU", None), ("NVIDIA GeForce RTX 3060", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert F.datasheet_peak(cuda, torch.bfloat16) == want, name
     assert F.datasheet_peak(cuda, torch.float32) is None
