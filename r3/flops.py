@@ -29,6 +29,7 @@ from r3.model import ModelConfig
 #: figures with sparsity halved). A key matches as whole words (``A100`` is not the RTX A1000),
 #: the first match wins: more specific names first.
 DATASHEET_BF16 = (
+    ("GB200", 2500e12),
     ("GH200", 989e12),
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
@@ -84,29 +85,35 @@ def forward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: S
 
 
 def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The datasheet's dense peak of a GPU this module knows, in bf16/fp16; else None."""
+    """The datasheet's dense peak of a GPU this module knows, in bf16/fp16; else None (also for a
+    MIG slice, which has a part of the chip's rate)."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
+    if re.search(r"(?<!\w)MIG(?!\w)", name):
+        return None
     return next((rate for key, rate in DATASHEET_BF16 if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name)), None)
 
 
 def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.2) -> float:
     """FLOP/s of the best of repeated ``[n, n] x [n, n]`` matmuls in ``dtype`` (after a warm-up),
-    for about ``seconds``."""
-    n = n or (4096 if device.type == "cuda" else 1024)
+    for about ``seconds``; on a GPU timed 20 at a time, so that the launch and the synchronisation
+    are a small part of each timing."""
+    cuda = device.type == "cuda"
+    n, each = n or (8192 if cuda else 1024), 20 if cuda else 1
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    sync = torch.cuda.synchronize if cuda else (lambda *_: None)
     a @ b
     sync(device)
     best, spent = float("inf"), 0.0
     while spent < seconds or best == float("inf"):
         t = time.perf_counter()
-        a @ b
+        for _ in range(each):
+            a @ b
         sync(device)
         dt = time.perf_counter() - t
-        best, spent = min(best, dt), spent + dt
+        best, spent = min(best, dt / each), spent + dt
     return 2 * n ** 3 / best
 
 

@@ -61,7 +61,7 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "tokens_per_s": g["generated"] / max(times["step"], 1e-9),
         # model FLOPs of the reference and update passes over their time and every rank's peak
         # (the rollout's decoding is bandwidth-bound: its measure is tokens/s); None: no such pass
-        "mfu": g["flops"] / ((times["reference"] + times["update"]) * g["peak_flops"])
+        "mfu": g["flops"] / (max(times["reference"] + times["update"], 1e-9) * g["peak_flops"])
         if g["peak_flops"] and g["flops"] else None,
         "peak_tflops": g["peak_flops"] / d.world / 1e12 if g["peak_flops"] else None,
         "data_position": data_position,

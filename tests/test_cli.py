@@ -653,8 +653,17 @@ def test_out_of_memory_is_one_line_with_what_to_lower(capsys):
                           num_attention_heads=2, num_key_value_heads=2, head_dim=16)
         KVCache.empty(cfg, 2 ** 20, 2 ** 20, torch.float32, "cpu")
 
+    def generated():  # (torch's generated code is skipped: FX's modules, inductor's output files)
+        raiser = compile("def call():\n    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 1 GiB.')\n",
+                         "/tmp/torchinductor_someone/ab/cabcdef.py", "exec")
+        fx = compile("def forward():\n    call()\n", "<eval_with_key>.7", "exec")
+        scope = {"torch": torch}
+        exec(raiser, scope)
+        exec(fx, scope)
+        scope["forward"]()
+
     errs = []
-    for fn in (gpu, lambda: torch.empty(2 ** 62, dtype=torch.uint8), cache):
+    for fn in (gpu, lambda: torch.empty(2 ** 62, dtype=torch.uint8), cache, generated):
         with pytest.raises(SystemExit) as e:
             cli_main(fn)()
         assert e.value.code == 2
@@ -670,6 +679,7 @@ def test_out_of_memory_is_one_line_with_what_to_lower(capsys):
     assert "Tried to allocate 2.00 GiB" in errs[0] and "expandable_segments:True" in errs[0]
     assert "See documentation" not in errs[0] and "lower" not in errs[0] and "smaller batches" in errs[0]
     assert "can't allocate memory" in errs[1] and "can't allocate memory" in errs[2]
+    assert errs[3].startswith(f"error: out of memory at {here}:") and " in generated (CUDA out of memory. " in errs[3]
 
     def other():
         raise RuntimeError("shape mismatch")

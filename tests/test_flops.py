@@ -94,7 +94,9 @@ def test_peak_sources(monkeypatch):
     for name, want in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
                        ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA GH200 480GB", 989e12),
-                       ("NVIDIA RTX A1000 6GB Laptop GPU", None), ("NVIDIA GeForce RTX 3060", None)):
+                       ("NVIDIA RTX A1000 6GB Laptop GPU", None), ("NVIDIA GeForce RTX 3060", None),
+                       ("NVIDIA GB200", 2500e12), ("NVIDIA B200", 2250e12),
+                       ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None), ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert F.datasheet_peak(cuda, torch.bfloat16) == want, name
     assert F.datasheet_peak(cuda, torch.float32) is None
@@ -124,3 +126,26 @@ def test_step_metrics_mfu_is_the_flops_over_the_training_passes_time_and_peak():
     assert row["kl"] == 0.0 and no_ref["kl"] is None  # (beta 0: no reference, so no KL measured)
     idle = step_metrics(1, ep, torch.tensor([[0.0, 0.0]]), upd, times, d, flops=0.0, peak_flops=4e12, **kw)
     assert idle["mfu"] is None and idle["peak_tflops"] == pytest.approx(4.0)  # (no training pass ran)
+
+
+@pytest.mark.parametrize("beta,epochs,skip", [(0.001, 1, True), (0.0, 1, True), (0.05, 2, False), (0.0, 3, True)])
+def test_training_flops_count_each_pass_over_the_rows_the_update_keeps(beta, epochs, skip):
+    """The reference's forward (beta > 0), the pre-update policy's (more than one epoch) and the
+    update's forward and backward (3 forwards) per epoch, over the kept rows only."""
+    from types import SimpleNamespace
+
+    from r3.train import training_flops
+
+    cfg = _cfg("llama")
+    prefix_a, prefix_b = [1, 2, 3], [4, 5, 6, 7, 8]
+    ep = SimpleNamespace(sequences=[prefix_a + [9, 9, 9], prefix_a + [8, 8], prefix_b + [7, 7, 7, 7], prefix_b + [6]],
+                         spans=[(3, 6), (3, 5), (5, 9), (5, 6)])
+    adv = torch.tensor([[0.7, -0.7], [0.0, 0.0]])  # the second group has no signal
+    run = SimpleNamespace(cfg=SimpleNamespace(beta=beta, update_epochs=epochs, skip_no_signal_groups=skip),
+                          rollout_model=SimpleNamespace(config=cfg))
+    rows = [0, 1] if skip else [0, 1, 2, 3]
+    forward = F.forward_flops(cfg, [ep.sequences[i] for i in rows], [ep.spans[i] for i in rows])
+    passes = (1 if beta > 0 else 0) + (1 if epochs > 1 else 0) + 3 * epochs
+    assert training_flops(run, ep, adv) == passes * forward > 0
+    nothing = torch.zeros(2, 2)
+    assert training_flops(run, ep, nothing) == (0 if skip else passes * forward)
