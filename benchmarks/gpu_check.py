@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_kernels  # noqa: E402
 import bench_sampler  # noqa: E402
 from memory_plan import SHAPES  # noqa: E402
+from r3.flops import datasheet_peak  # noqa: E402
 
 SECTIONS = ("env", "parity", "kernel", "sampler", "train")
 DATASHEET_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
@@ -146,6 +147,8 @@ def section_env(ctx: Ctx) -> dict:
         out.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda)
         out["datasheet_gbps"] = next((g for k, g in DATASHEET_GBPS.items() if k in props.name), None)
+        sheet = datasheet_peak(ctx.device, torch.bfloat16)  # (the peak r3.train's MFU divides by)
+        out["datasheet_bf16_tflops"] = sheet / 1e12 if sheet else None
     else:
         out.update(device=f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     nbytes = (1 << 20) * (8 if ctx.smoke else 2048)
@@ -1085,7 +1088,8 @@ def markdown(report: dict) -> str:
         lines += ["## Ceilings measured here", "",
                   f"- device-to-device copy: {env['copy_gbps']:.0f} GB/s (read + write; datasheet "
                   f"{_fmt(env.get('datasheet_gbps'), '.0f')} GB/s)",
-                  f"- bf16 matmul 8192^3: {env['bf16_matmul_tflops']:.0f} TFLOP/s",
+                  f"- bf16 matmul 8192^3: {env['bf16_matmul_tflops']:.0f} TFLOP/s (datasheet dense bf16, which "
+                  f"r3.train's MFU divides by: {_fmt(env.get('datasheet_bf16_tflops'), '.0f')} TFLOP/s)",
                   f"- the process group of a plain `python -m r3.train` (no torchrun): {env.get('single_process_group')}",
                   ""]
     if "rows" in s.get("parity", {}):
