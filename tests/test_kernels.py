@@ -4,6 +4,8 @@ The Triton kernels themselves are tested in test_kernels_triton_interpret.py (Tr
 on CPU) and, on a GPU machine, by the same checks run through CUDA.
 """
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -177,9 +179,20 @@ def test_empty_and_bad_arguments():
 
 
 def test_which_devices_compile_triton_kernels():
-    """Compiled (so a C compiler is needed) on CUDA only, and not when the interpreter runs them."""
-    assert not lk.triton_compiles("cpu")
-    assert lk.triton_compiles("cuda") == (lk.triton_available() and not lk._INTERPRETED)
+    """Compiled (so a C compiler is needed) on CUDA only, and not when the interpreter runs them
+    (TRITON_INTERPRET=1 set before the import), where the CPU takes the Triton path instead."""
+    if not lk.triton_available():
+        pytest.skip("needs triton")
+    probe = "from r3.kernels import logprob_kl as lk; print(lk.triton_compiles('cuda'), lk.triton_compiles('cpu'), " \
+            "lk.uses_triton('cpu'))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    seen = {}
+    for interpret in ("", "1"):
+        run_env = dict(env, **({"TRITON_INTERPRET": interpret} if interpret else {}))
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=run_env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[interpret] = proc.stdout.split()
+    assert seen == {"": ["True", "False", "False"], "1": ["False", "False", "True"]}
 
 
 def test_package_exports():

@@ -2,6 +2,7 @@
 path that would run oneDNN's bf16 kernels stays off on a CPU without them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,18 @@ def native(request, monkeypatch):
     return request.param
 
 
-def test_the_cpu_check_is_onednns():
-    assert precision.bf16_is_native("cpu") == (torch.backends.mkldnn.is_available()
-                                               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def test_the_cpu_check_agrees_with_the_cpus_own_flags():
+    """The README's rule, read independently of oneDNN from /proc/cpuinfo: bf16 is native on an x86
+    CPU with AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX (an AVX2-only CPU emulates it)."""
+    import platform
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists() or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("reads an x86 Linux CPU's flags")
+    line = next(x for x in info.read_text().splitlines() if x.startswith("flags"))
+    flags = set(line.split(":", 1)[1].split())
+    want = {"avx512bw", "avx512vl", "avx512dq"} <= flags or bool({"avx_ne_convert", "amx_bf16"} & flags)
+    assert precision.bf16_is_native("cpu") == want
 
 
 def test_auto_is_bf16_only_where_native(native):
