@@ -128,3 +128,26 @@ def test_rows_with_different_prefixes_are_packed_apart_and_spans_must_follow_con
     assert p.rows.tolist() == [0, 1, 0] and p.cols.tolist() == [2, 2, 2]
     with pytest.raises(ValueError, match="must start after at least one context token"):
         B.pack_shared_prefixes([[1, 2]], [(0, 2)], 0, "cpu")
+
+
+def test_micro_batch_boundaries_follow_the_token_budget_exactly():
+    """_chunks by hand: the budget is size x the longest row; a run of rows sharing a prefix costs
+    the prefix once plus its spans; a run over the budget is split by rows, each part paying its
+    prefix; a part may fill the budget exactly."""
+    a, b = [7, 7, 7], [8, 8]
+    seqs = [a + [1, 2, 3], a + [4, 5], a + [6]]
+    spans = [(3, 6), (3, 5), (3, 4)]
+    # size 3: budget 3 x 6 = 18 holds the whole run (3 + 3 + 2 + 1 = 9)
+    assert B._chunks(seqs, spans, 3, shared_prefix=True) == [(0, 3)]
+    assert B._chunks(seqs, spans, 3, shared_prefix=False) == [(0, 3)]
+    # size 1: budget 6; split by rows: 3 + 3 = 6 fits exactly, then 3 + 2 + 1 = 6 fits exactly
+    assert B._chunks(seqs, spans, 1, shared_prefix=True) == [(0, 1), (1, 3)]
+    assert B._chunks(seqs, spans, 1, shared_prefix=False) == [(0, 1), (1, 2), (2, 3)]
+    # two runs: A (cost 3 + 3 + 2 = 8) over the budget of 6 by itself, then B (2 + 2 = 4) alone
+    seqs2, spans2 = [a + [1, 2, 3], a + [4, 5], b + [9, 9]], [(3, 6), (3, 5), (2, 4)]
+    assert B._chunks(seqs2, spans2, 1, shared_prefix=True) == [(0, 1), (1, 2), (2, 3)]
+    # size 2: budget 12 takes both runs (8 + 4 = 12, exactly)
+    assert B._chunks(seqs2, spans2, 2, shared_prefix=True) == [(0, 3)]
+    # equal prefix lengths but other tokens: two runs (3 + 3 and 3 + 2: 11 > 6)
+    seqs3, spans3 = [a + [1, 2, 3], [5, 5, 5] + [4, 5]], [(3, 6), (3, 5)]
+    assert B._chunks(seqs3, spans3, 1, shared_prefix=True) == [(0, 1), (1, 2)]

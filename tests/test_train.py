@@ -1483,3 +1483,32 @@ def test_each_trained_row_gets_its_own_advantage_and_sampler_log_probs():
                     assert mb.rollout_logp[k:k + n].tolist() == pytest.approx(logprobs[row])
                     k += n
             assert seen == ([0, 1, 4, 5] if skip else [0, 1, 2, 3, 4, 5]), (skip, size, shared)
+
+
+def test_scoring_takes_the_reference_and_the_pre_update_policy_each_from_its_own_model():
+    """score_micro_batches: ref_logp from the reference, old_logp from the pre-update policy, both
+    at the rollout temperature, in both layouts; a model not given leaves its log-probs unset."""
+    from r3 import batch as B
+
+    reference, seqs, spans = _policy_and_rows(seed=0)
+    old_policy, _, _ = _policy_and_rows(seed=1)  # (other weights, the same rows)
+    adv = [1.0, -0.5, -0.5, 0.8, -1.2, 0.4]
+    for micro, shared in ((6, False), (2, True)):
+        mbs = B.make_micro_batches(seqs, spans, adv, micro, 0, torch.device("cpu"), shared_prefix=shared)
+        B.score_micro_batches(mbs, reference, old_policy, 0.7)
+        for mb in mbs:
+            ref, old = B.token_logprobs(reference, mb, 0.7)[0], B.token_logprobs(old_policy, mb, 0.7)[0]
+            assert torch.equal(mb.ref_logp, ref) and torch.equal(mb.old_logp, old)
+            assert not torch.allclose(ref, old) and not torch.allclose(ref, B.token_logprobs(reference, mb, 1.0)[0])
+        mbs = B.make_micro_batches(seqs, spans, adv, micro, 0, torch.device("cpu"), shared_prefix=shared)
+        B.score_micro_batches(mbs, None, None, 0.7)
+        assert all(mb.ref_logp is None and mb.old_logp is None for mb in mbs)
+
+
+def test_kept_rows_leave_out_only_groups_whose_advantages_are_all_zero():
+    from r3.batch import kept_rows
+
+    adv = torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    assert kept_rows(adv, True) == [0, 1, 2, 6, 7, 8]
+    assert kept_rows(adv, False) == list(range(9))
+    assert kept_rows(torch.zeros(0, 3), True) == []
