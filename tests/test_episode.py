@@ -402,12 +402,23 @@ class PerExampleTurns(CoinTask):
         return {"role": "user", "content": f"Again, {example['word']}."}
 
 
-def test_episode_asks_with_each_examples_own_turns(tiny):
+class PerExampleTurnsSomePass(PerExampleTurns):
+    """Examples 1 and 4 always pass: the failures are not the first examples in order."""
+
+    def _check(self, example, completion_text):
+        return example["word"] in ("item1", "item4"), "by example"
+
+
+@pytest.mark.parametrize("task", [PerExampleTurns(always=False), PerExampleTurnsSomePass()], ids=["all-fail", "some-pass"])
+def test_episode_asks_with_each_examples_own_turns(tiny, task):
+    """Each group's reflection and retry turns are its own failed example's, also where earlier
+    examples passed (a group's index among the failures is not its example's index)."""
     model, tok, chat = tiny
-    task = PerExampleTurns(always=False)
-    examples = task.examples(n=3)
+    examples = task.examples(n=6 if isinstance(task, PerExampleTurnsSomePass) else 3)
     ep = run_episode(model, tok, task, examples, group_size=2, sampling=SAMPLING, seed=5, chat=chat)
-    assert len(ep.sequences) == 6
+    assert ep.group_indices == ([0, 2, 3, 5] if isinstance(task, PerExampleTurnsSomePass) else [0, 1, 2])
+    assert [e["word"] for e in ep.group_examples] == [examples[i]["word"] for i in ep.group_indices]
+    assert len(ep.sequences) == 2 * len(ep.group_indices)
     for r in range(len(ep.sequences)):
         p = split_row(ep, chat, task, r)
         word = ep.group_examples[r // 2]["word"]
@@ -486,7 +497,8 @@ def test_answer_turns_end_at_the_tasks_stop_strings(tiny):
     assert n_cut >= 3
     for a in ep.first_attempts:
         assert "e" not in chat.decode(a[:-1]) and ("e" in chat.decode(a) or closed(a) or len(a) == 24)
-    assert any("e" in r["reflection"] for r in ep.records)  # reflections are not cut
+    # reflections are not cut: some write an "e" and go on after it
+    assert any("e" in chat.decode(ep.sequences[r][s:e - 1]) for r, (s, e) in enumerate(ep.spans))
     for r, rec in enumerate(ep.records):
         parts = split_row(ep, chat, task, r)
         retry = parts["retry"]
