@@ -464,3 +464,44 @@ def test_fused_kl_from_the_kernel_equals_k3_from_ref_logp(dtype):
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="not both"):
         policy_loss(full(logp), full(old), full(ref), adv, mask, kl=full(kl))
+
+
+def test_dr_grpo_normaliser_takes_max_len_without_a_global_denominator():
+    """seq-mean-token-sum-norm divides by B x max_len (the fixed length, not the batch's T) in
+    aggregate() and in policy_loss() alike when no step-wide denominator is given."""
+    logp, old, ref, adv, mask = _random_batch(7, B=4, T=6)
+    vals = torch.where(mask, logp, torch.zeros_like(logp))
+    assert aggregate(logp, mask, "seq-mean-token-sum-norm", max_len=10).item() == pytest.approx(
+        vals.sum().item() / (4 * 10), rel=1e-12)
+    assert aggregate(logp, mask, "seq-mean-token-sum-norm").item() == pytest.approx(vals.sum().item() / (4 * 6), rel=1e-12)
+    kw = dict(agg="seq-mean-token-sum-norm", beta=0.05)
+    loss, _ = policy_loss(logp, old, ref, adv, mask, max_len=10, **kw)
+    given, _ = policy_loss(logp, old, ref, adv, mask, denominator=torch.tensor(40.0), **kw)
+    assert loss.item() == pytest.approx(given.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_pg_loss_metric_is_on_the_losss_normaliser(agg):
+    """With beta = 0 the loss is its clipped-surrogate part: the pg_loss metric equals it under a
+    step-wide denominator too (it is logged as the loss's share)."""
+    logp, old, ref, adv, mask = _random_batch(8, B=5, T=7)
+    loss, met = policy_loss(logp, old, None, adv, mask, beta=0.0, agg=agg, denominator=torch.tensor(100.0), max_len=9)
+    assert met["pg_loss"].item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-9) and loss.item() != 0.0
+
+
+def test_old_and_reference_log_probs_are_constants():
+    """No gradient flows into old_logp or ref_logp, and old_logp = logp (the first update epoch)
+    still gives the policy gradient -A / n per token (token-mean), not 0."""
+    g = torch.Generator().manual_seed(9)
+    logp = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 4
+    ref = logp + 0.5 * torch.randn(3, 4, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0, -2.0, 0.5], dtype=logp.dtype)
+    lp = logp.clone().requires_grad_()
+    r = ref.clone().requires_grad_()
+    loss, _ = policy_loss(lp, lp, r, adv, mask, beta=0.1)
+    loss.backward()
+    assert r.grad is None or torch.equal(r.grad, torch.zeros_like(r.grad))
+    d = ref - logp  # the k3 term's gradient w.r.t. logp: (1 - exp(d)) x beta / n
+    want = (-adv[:, None] + 0.1 * (1 - torch.exp(d))) / mask.sum()
+    torch.testing.assert_close(lp.grad, want, rtol=1e-10, atol=1e-12)
