@@ -95,12 +95,13 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((rate for key, rate in DATASHEET_BF16 if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name)), None)
 
 
-def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.2) -> float:
+def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, seconds: float = 0.2,
+                         each: int | None = None) -> float:
     """FLOP/s of the best of repeated ``[n, n] x [n, n]`` matmuls in ``dtype`` (after a warm-up),
-    for about ``seconds``; on a GPU timed 20 at a time, so that the launch and the synchronisation
-    are a small part of each timing."""
+    for about ``seconds``, timed ``each`` at a time (default: 20 on a GPU, so that the launch and
+    the synchronisation are a small part of each timing; 1 on a CPU)."""
     cuda = device.type == "cuda"
-    n, each = n or (8192 if cuda else 1024), 20 if cuda else 1
+    n, each = n or (8192 if cuda else 1024), each or (20 if cuda else 1)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if cuda else (lambda *_: None)

@@ -43,6 +43,22 @@ def test_attention_flops_follow_each_layers_window():
     assert F.attention_flops(dense, 5, 9) == 2 * 4 * 4 * 16 * (6 + 7 + 8 + 9)
 
 
+def test_the_measured_rate_is_two_flops_per_multiply_add_over_the_best_timing(monkeypatch):
+    """A clock that advances 1 s per reading: each timing of ``each`` matmuls takes 1 s."""
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(F.time, "perf_counter", lambda: float(next(clock)))
+    for each in (1, 5):
+        rate = F.measured_matmul_rate(torch.device("cpu"), torch.float32, n=64, seconds=0.5, each=each)
+        assert rate == 2 * 64 ** 3 * each
+
+
+def test_rows_with_other_prefixes_of_the_same_length_each_pay_their_prefix():
+    cfg = _cfg("llama")
+    one = F.forward_flops(cfg, [[1, 2, 3, 9, 9]], [(3, 5)])
+    assert F.forward_flops(cfg, [[1, 2, 3, 9, 9], [4, 5, 6, 9, 9]], [(3, 5), (3, 5)]) == 2 * one
+    assert F.forward_flops(cfg, [[1, 2, 3, 9, 9], [1, 2, 3, 8, 8]], [(3, 5), (3, 5)]) < 2 * one
+
+
 def test_forward_flops_counts_each_prefix_once_and_the_head_at_the_targets():
     cfg = _cfg("llama")
     body, head = F.matmul_flops_per_token(cfg), 2 * 64 * 256
@@ -99,7 +115,9 @@ def test_peak_sources(monkeypatch):
                        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None), ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert F.datasheet_peak(cuda, torch.bfloat16) == want, name
-    assert F.datasheet_peak(cuda, torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert F.datasheet_peak(cuda, torch.bfloat16) == 989e12 and F.datasheet_peak(cuda, torch.float16) == 989e12
+    assert F.datasheet_peak(cuda, torch.float32) is None  # (fp32 runs off the tensor cores' bf16 rate)
     assert F.datasheet_peak(torch.device("cpu"), torch.bfloat16) is None
 
 

@@ -119,8 +119,12 @@ def test_negative_targets_are_ignored_and_too_large_targets_are_nan():
     assert torch.equal(x.grad[1], torch.zeros(50))
     assert x.grad[0].abs().sum() > 0
     targets[2] = 50
-    logp, kl = fused_logprob_kl(logits, targets, ref)
+    x.grad = None
+    logp, kl = fused_logprob_kl(x, targets, ref)
     assert torch.isnan(logp[2]) and torch.isfinite(logp[[0, 1, 3]]).all()
+    (logp.sum() + kl[[0, 1, 3]].sum()).backward()  # (a gradient reaches the NaN row too)
+    assert torch.equal(x.grad[1], torch.zeros(50)) and torch.equal(x.grad[2], torch.zeros(50))
+    assert torch.isfinite(x.grad).all() and x.grad[3].abs().sum() > 0
 
 
 def test_caller_logits_not_mutated_and_leading_dims():

@@ -7,6 +7,7 @@ a tie closer than that can legitimately flip); everything after the first such t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -1476,3 +1477,22 @@ def test_a_loaded_model_samples_only_its_tokenizers_ids_by_default(tmp_path, bui
     assert min(generate(model, prompts, max_new_tokens=6, temperature=0, vocab_size=real + 16).tokens[0]) >= real
     bare, _ = load(tmp_path, tokenizer=False)  # (no tokenizer: the model's whole vocabulary)
     assert not hasattr(bare, "sampling_vocab_size")
+
+
+def test_draw_boundaries():
+    """Inverse-CDF edges: u = 0 never draws a token of probability 0 (a -inf logit first in the
+    row); the nucleus keeps the smallest prefix whose mass reaches top_p, a tie at the boundary
+    included (two equal tokens at top_p = 0.5: one kept, as transformers' TopPLogitsWarper); top_p
+    = 1 with top-k is top-k alone."""
+    from r3.sampler import pick_sampled
+
+    tok, lp = pick_sampled(torch.tensor([[float("-inf"), 0.0, 0.0]]), torch.zeros(1, 1), 1.0)
+    assert tok.item() == 1 and lp.item() == pytest.approx(math.log(0.5))
+    for u in (0.0, 0.5, 0.99):
+        tok, lp = pick_tokens(torch.zeros(1, 2), top_p=0.5, u=torch.tensor([[u]]))
+        assert tok.item() == 0 and lp.item() == 0.0
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 3
+    for u in (0.0, 0.5, 1 - 2 ** -24):
+        a = pick_tokens(logits, top_k=10, top_p=1.0, u=torch.full((3, 1), u))
+        b = pick_tokens(logits, top_k=10, u=torch.full((3, 1), u))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
