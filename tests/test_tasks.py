@@ -1321,3 +1321,35 @@ def test_the_readme_own_task_example_works(tmp_path, monkeypatch):
         task.check_example("failures.jsonl, record 1", {"a": "1"})
     assert task.config() == {"data_path": None, "max_num": 9, "reflection_prompt": task.reflection_prompt,
                              "retry_prompt": "Try again. End with the sum alone on the last line."}
+
+
+@pytest.mark.parametrize("text,tags,reason", [
+    # operator symbols glued beside the final equation (the equation would read as another claim)
+    ("5 + 23 = 28 · two", False, "a math symbol the task does not allow next to the equation ('·')"),
+    ("✕ 5 + 23 = 28", False, "a math symbol the task does not allow next to the equation ('✕')"),
+    ("y ➕ 5 + 23 = 28", False, "a math symbol the task does not allow next to the equation ('➕')"),
+    # an exact result: 7 / 2 is 7/2, never 3
+    ("<answer>7 / 2</answer>", True, "evaluates to 7/2, not 3"),
+    ("<answer>5 - 5 = -0</answer>", True, "number with a leading zero or sign: -0"),
+    ("x" * 100_001 + " <answer>5 + 23</answer>", True, "completion longer than 100000 characters"),
+])
+def test_countdown_refuses_wrong_or_malformed_answers_found_by_mutation(text, tags, reason):
+    """Texts that a weakened rule paid (a mutation run): refused by the verifier, with its reason,
+    and by the independent re-check."""
+    from r3.tasks.countdown import check_completion
+    from r3.tasks.recheck import recheck_countdown
+
+    nums, target = ([7, 2], 3) if "7 / 2" in text else ([5, 5], 0) if "5 - 5" in text else ([5, 23], 28)
+    assert check_completion(text, nums, target, tags=tags) == (False, reason)
+    assert not recheck_countdown(text, nums, target, tags=tags)[0]
+    # (the rule still pays the right answers written plainly)
+    assert check_completion("5 + 23 = 28", [5, 23], 28, tags=False) == (True, "correct")
+    assert check_completion("<answer>5 - 5 = 0</answer>", [5, 5], 0) == (True, "correct")
+
+
+def test_final_equation_refuses_a_denied_equation_on_its_own():
+    from r3.tasks.countdown_verify import final_equation
+
+    assert final_equation("5 + 23 would then be the value not 28") == (
+        None, "the equation is denied (a negation before its result)")
+    assert final_equation("so 5 + 23 = 28")[0] == "5 + 23 = 28"

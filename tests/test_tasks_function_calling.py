@@ -61,6 +61,8 @@ def dumps(calls):
         ([1, 2], [1, 2], True), ([1, 2], [2, 1], False), ([1], [1, 1], False), ([1, 2.0], [1.0, 2], True),
         ({"a": [1, {"b": 2}]}, {"a": [1.0, {"b": 2.0}]}, True), ({"a": 1}, {"a": 1, "b": None}, False),
         ({"a": {"b": True}}, {"a": {"b": 1}}, False), ([], {}, False), (float("nan"), float("nan"), False),
+        # numbers equal exactly, never within a tolerance
+        (0.3, 0.1 + 0.2, False), (100, 100.0000001, False), (1e16, 1e16 + 2, False),
     ],
 )
 def test_values_equal(a, b, eq):
@@ -1083,3 +1085,22 @@ def test_visible_removes_exactly_marks_format_and_combining_characters():
                     for _ in range(rng.randint(0, 40)))
         assert _visible(s) == reference(s), repr(s)
     assert _visible("plain ascii") == "plain ascii"
+
+
+def test_parse_refuses_non_json_constants_and_nesting_past_the_cap():
+    """NaN / Infinity are not JSON (a reply writing them is refused, so an Infinity reference is
+    never paid by one); calls nested deeper than MAX_DEPTH are refused, and values that deep are
+    never equal, not even to themselves."""
+    from r3.tasks.function_calling import MAX_DEPTH, parse_calls
+
+    assert parse_calls('[{"name": "f", "arguments": {"x": 1}}]') == [{"name": "f", "arguments": {"x": 1}}]
+    for const in ("NaN", "Infinity", "-Infinity"):
+        assert parse_calls('[{"name": "f", "arguments": {"x": %s}}]' % const) is None, const
+    deep = MAX_DEPTH + 8
+    assert parse_calls('[{"name": "f", "arguments": {"x": ' + "[" * deep + "]" * deep + "}}]") is None
+    shallow = 4
+    assert parse_calls('[{"name": "f", "arguments": {"x": ' + "[" * shallow + "]" * shallow + "}}]") is not None
+    d = 0
+    for _ in range(deep):
+        d = [d]
+    assert not values_equal(d, d) and values_equal([[0]], [[0]])
