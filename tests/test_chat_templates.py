@@ -168,6 +168,12 @@ def test_stop_ids_are_the_end_of_turn_token_and_the_generation_eos(tokenizers, f
         assert len(chat.stop_ids) == 3
     if family == "phi35":  # eos is <|endoftext|>, the turn ends with <|end|>
         assert tok.convert_tokens_to_ids("<|end|>") in chat.stop_ids
+    # a caller's eos ids (r3.generate's --eos-token-id) join them, within the vocabulary only
+    extra = ChatFormat(tok, eos_token_ids=[7, -1, len(tok), 10 ** 9])
+    assert set(extra.stop_ids) == expected | {7}
+    # a turn ends with its end-of-turn token only when that token is its last
+    eot = chat.end_of_turn_id
+    assert chat.ends_turn([5, eot]) and not chat.ends_turn([eot, 5]) and not chat.ends_turn([])
 
 
 def test_qwen3_non_thinking_prompt_and_history(tokenizers):

@@ -1512,3 +1512,47 @@ def test_kept_rows_leave_out_only_groups_whose_advantages_are_all_zero():
     assert kept_rows(adv, True) == [0, 1, 2, 6, 7, 8]
     assert kept_rows(adv, False) == list(range(9))
     assert kept_rows(torch.zeros(0, 3), True) == []
+
+
+def test_checkpoints_are_listed_by_step_and_only_the_last_keep_last_stay(tiny_model, tmp_path):
+    """checkpoint_dirs: complete checkpoints only (a trainer_state.json), in step order (also past
+    six digits); save_checkpoint keeps the last keep_last and can write the same step again."""
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+    from r3.rundir import checkpoint_dirs, save_checkpoint
+
+    root = tmp_path / "listing" / "checkpoints"
+    for name, complete in (("step_1000000", True), ("step_999999", True), ("step_000005", False), ("notes", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "trainer_state.json").write_text("{}")
+    assert [p.name for p in checkpoint_dirs(tmp_path / "listing")] == ["step_999999", "step_1000000"]
+
+    d = T.init_distributed()
+    cfg = TrainConfig(model=str(tiny_model), dtype="fp32", keep_last=2).validate()
+    policy, _ = load(tiny_model, tokenizer=False)
+    T.shard(policy, d, torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
+    stream = T.QueryStream([1, 2, 3], seed=0)
+    for step in (9, 10, 11, 11):
+        save_checkpoint(tmp_path, step, policy, opt, sched, stream, cfg, d)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000010", "step_000011"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010", "step_000011"]
+
+
+def test_resume_keeps_rows_without_a_step_and_rewrites_the_log_atomically(tmp_path, monkeypatch):
+    from r3 import rundir
+    from r3.errors import R3Error
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "start"}\n{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    calls = []
+    real = rundir.write_text_atomic
+    monkeypatch.setattr(rundir, "write_text_atomic", lambda p, text: (calls.append(p), real(p, text)))
+    assert rundir.truncate_jsonl(path, 2) == [{"event": "start"}, {"step": 1}, {"step": 2}]
+    assert path.read_text() == '{"event": "start"}\n{"step": 1}\n{"step": 2}\n' and calls == [path]
+    path.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n')
+    with pytest.raises(R3Error, match=r"metrics.jsonl: line 2 is not a JSON object; repair or remove the file"):
+        rundir.truncate_jsonl(path, 2)
