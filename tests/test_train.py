@@ -694,6 +694,21 @@ def test_resume_trims_logs_and_survives_a_cut_short_last_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]
 
 
+def _trainer_to_checkpoint(model_dir, keep_last: int):
+    """(Dist, config, FSDP policy, AdamW, scheduler, data stream) in this process, for save_checkpoint."""
+    from r3 import train as T
+    from r3.checkpoint import load
+    from r3.config import TrainConfig
+
+    d = T.init_distributed()
+    cfg = TrainConfig(model=str(model_dir), dtype="fp32", keep_last=keep_last).validate()
+    policy, _ = load(model_dir, tokenizer=False)
+    T.shard(policy, d, torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
+    return d, cfg, policy, opt, sched, T.QueryStream([1, 2, 3], seed=0)
+
+
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tiny_model, tmp_path, monkeypatch):
     """A full disk during a save (simulated: ENOSPC from torch.distributed.checkpoint) names the
     checkpoint, leaves no partial directory and keeps the earlier complete checkpoint."""
@@ -701,19 +716,10 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(tin
 
     import torch.distributed.checkpoint as dcp
 
-    from r3 import train as T
-    from r3.checkpoint import load
-    from r3.config import TrainConfig
     from r3.errors import R3Error
     from r3.rundir import checkpoint_dirs, save_checkpoint
 
-    d = T.init_distributed()
-    cfg = TrainConfig(model=str(tiny_model), dtype="fp32", keep_last=2).validate()
-    policy, _ = load(tiny_model, tokenizer=False)
-    T.shard(policy, d, torch.float32)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
-    stream = T.QueryStream([1, 2, 3], seed=0)
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=2)
     save_checkpoint(tmp_path, 1, policy, opt, sched, stream, cfg, d)
 
     real = dcp.save
@@ -1517,9 +1523,6 @@ def test_kept_rows_leave_out_only_groups_whose_advantages_are_all_zero():
 def test_checkpoints_are_listed_by_step_and_only_the_last_keep_last_stay(tiny_model, tmp_path):
     """checkpoint_dirs: complete checkpoints only (a trainer_state.json), in step order (also past
     six digits); save_checkpoint keeps the last keep_last and can write the same step again."""
-    from r3 import train as T
-    from r3.checkpoint import load
-    from r3.config import TrainConfig
     from r3.rundir import checkpoint_dirs, save_checkpoint
 
     root = tmp_path / "listing" / "checkpoints"
@@ -1529,13 +1532,7 @@ def test_checkpoints_are_listed_by_step_and_only_the_last_keep_last_stay(tiny_mo
             (root / name / "trainer_state.json").write_text("{}")
     assert [p.name for p in checkpoint_dirs(tmp_path / "listing")] == ["step_999999", "step_1000000"]
 
-    d = T.init_distributed()
-    cfg = TrainConfig(model=str(tiny_model), dtype="fp32", keep_last=2).validate()
-    policy, _ = load(tiny_model, tokenizer=False)
-    T.shard(policy, d, torch.float32)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg))
-    stream = T.QueryStream([1, 2, 3], seed=0)
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=2)
     for step in (9, 10, 11, 11):
         save_checkpoint(tmp_path, step, policy, opt, sched, stream, cfg, d)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000010", "step_000011"]
