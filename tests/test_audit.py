@@ -94,3 +94,24 @@ def test_a_cut_last_line_is_skipped(tmp_path, capsys):
     rc, stdout, err = run_main([str(run)], capsys)
     assert rc == 0 and "rewarded retries logged: 1" in stdout
     assert "skipping the last line, cut short by an interrupted write" in err
+
+
+def test_a_reward_only_the_recheck_rejects_is_reported_and_fails(tmp_path, capsys, monkeypatch):
+    """Where the verifier still pays a logged reward but the independent re-check does not (a
+    verifier bug the re-check exists to catch), the audit counts it as failing, lists it, and
+    exits 1; the counts keep the two judges apart."""
+    real = A.recheck
+
+    def stricter(task, example, text):  # (stands in for a verifier that pays what it should not)
+        return (False, "re-check refuses") if "19 + 17 = 36" in text else real(task, example, text)
+
+    monkeypatch.setattr(A, "recheck", stricter)
+    run = make_run(tmp_path, [sample(1, "So 19 + 17 = 36.", 1.0), sample(2, "**Answer:** 17 + 19", 1.0)])
+    out = tmp_path / "audit.json"
+    rc, stdout, _ = run_main([str(run), "--out", str(out), "--show", "0"], capsys)
+    assert rc == 1
+    data = json.loads(out.read_text())
+    assert (data["rewarded_pass_verifier"], data["rewarded_pass_recheck"], data["rewarded_failing"]) == (2, 1, 1)
+    (dis,) = data["disagreements"]
+    assert dis["verifier_now"] is True and dis["recheck"] is False and dis["retry"] == "So 19 + 17 = 36."
+    assert "pass the verifier now:         2/2" in stdout and "pass the independent re-check: 1/2" in stdout
