@@ -25,7 +25,7 @@ def model_result(name, records):
     second = [r["attempt_correct"] or bool(r.get("retry_correct")) for r in records]
     return {"model": name, "n": n, "first_correct": first, "second_correct": second,
             "first_attempt_accuracy": sum(first) / n, "second_attempt_accuracy": sum(second) / n,
-            "first_attempt_stderr": 0.1, "second_attempt_stderr": 0.1, "records": records}
+            "first_attempt_stderr": 0.1, "second_attempt_stderr": 0.15, "records": records}
 
 
 @pytest.fixture
@@ -73,8 +73,8 @@ def test_report_page_numbers_and_files(run):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in text
     assert not [p for p in out.iterdir() if "tmp" in p.name]
     # the paper's table: 2/8 and 3/8 -> 3/8 ... computed by hand
-    assert "| untrained | 12.5 ± 10.0 | 37.5 ± 10.0 | +25.0 |" in text
-    assert "| trained | 25.0 ± 10.0 | 62.5 ± 10.0 | +37.5 |" in text
+    assert "| untrained | 12.5 ± 10.0 | 37.5 ± 15.0 | +25.0 |" in text
+    assert "| trained | 25.0 ± 10.0 | 62.5 ± 15.0 | +37.5 |" in text
     assert "after the retry (same 8 queries): +25.0 ± 16.0 points (3 better, 1 worse)" in text
     # training: first 10 steps' retry success 0.01..0.10 -> mean 0.055; last 10: 0.11..0.20 -> 0.155
     assert "retry success (the reward): 0.055 -> 0.155" in text and "20 steps, 10.0 minutes" in text
@@ -197,3 +197,20 @@ def test_report_cli_writes_the_page(run, capsys):
     assert R.main([str(run), "--out", str(run / "rep"), "--examples", "1"]) == 0
     assert capsys.readouterr().out.strip() == str(run / "rep" / "report.md")
     assert Path(run / "rep" / "report.md").read_text().count("### Example") == 1
+
+
+def test_length_errors_and_pair_outcomes_by_hand():
+    """The reflection-length standard error is the sample sd over sqrt(n); only queries both
+    models failed at first are grouped, by which retry passed."""
+    import math
+
+    s = R.length_summary([1, 3, 5, 7], None)
+    assert s["mean"] == 4 and s["stderr"] == pytest.approx(math.sqrt(20 / 3) / 2) and s["median"] == 4
+
+    def rec(first, retry=None):
+        return {"attempt_correct": first, **({} if retry is None else {"reflection": "r", "retry_correct": retry})}
+
+    untrained = {"records": [rec(True), rec(False, True), rec(False, False), rec(False, True), rec(False, False)]}
+    trained = {"records": [rec(False, True), rec(True), rec(False, True), rec(False, True), rec(False, False)]}
+    groups = R.pair_outcomes(untrained, trained)
+    assert {k: len(v) for k, v in groups.items()} == {"trained_only": 1, "untrained_only": 0, "both": 1, "neither": 1}
