@@ -352,6 +352,11 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     assert rc == 0, err
     whole = json.loads((tmp_path / "whole.json").read_text())
     assert all(0 < m["verifier_errors"] < m["verdicts"] for m in whole["models"])  # (read back too)
+    # the paired changes, later model minus the first, at each attempt (the retries changed verdicts)
+    m0, m1 = whole["models"]
+    assert m0["second_correct"] != m0["first_correct"] and m1["second_correct"] != m1["first_correct"]
+    for key in ("first", "second"):
+        assert whole["paired"][0][f"{key}_attempt"] == S.paired_difference(m0[f"{key}_correct"], m1[f"{key}_correct"])
     assert not (tmp_path / "whole.json.partial.jsonl").exists()  # gone once the result is written
 
     real, calls = heldout.evaluate_batch, []
@@ -466,6 +471,8 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     (pair,) = data["paired"]
     a, b = (data["models"][i]["first_correct"] for i in (0, 1))
     assert pair["first_attempt"]["mean"] == pytest.approx((sum(b) - sum(a)) / 3)
+    a2, b2 = (data["models"][i]["second_correct"] for i in (0, 1))
+    assert pair["second_attempt"] == S.paired_difference(a2, b2) and pair["baseline"] == "smollm2-135m"
     assert lines[4].startswith(f"paired, {tiny_dir} minus smollm2-135m (same 3 queries)")
 
 
