@@ -162,6 +162,8 @@ def test_report_without_records_or_forgetting_says_what_is_missing(run):
     (lambda run: _edit_eval(run, lambda ev: ev["models"][1].update(records=5)), "models[1].records is not a list"),
     (lambda run: _edit_eval(run, lambda ev: ev["models"][0].update(first_attempt_accuracy="x")),
      "models[0].first_attempt_accuracy is 'x', not a number"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][1].update(n=7)),
+     "the two models were evaluated on different numbers of queries"),
 ])
 def test_report_bad_input_is_one_line(run, capsys, change, message):
     change(run)
