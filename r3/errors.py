@@ -68,9 +68,10 @@ def _where(e: BaseException) -> str:
     torch_dir = os.path.join(os.path.dirname(os.path.abspath(sys.modules["torch"].__file__)), "") \
         if "torch" in sys.modules else None
 
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
     def generated(path: str) -> bool:  # torch's too: FX's <eval_with_key>, inductor's output files
-        return path.startswith("<") or "torchinductor_" in path or bool(
-            os.environ.get("TORCHINDUCTOR_CACHE_DIR") and path.startswith(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+        return path.startswith("<") or "torchinductor_" in path or bool(cache and path.startswith(cache))
 
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not generated(f.filename)
               and not (torch_dir and os.path.abspath(f.filename).startswith(torch_dir))]

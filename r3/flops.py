@@ -75,7 +75,7 @@ def forward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: S
     seen: set = set()
     total = 0
     for seq, (start, end) in zip(sequences, spans):
-        key = (start, tuple(seq[:start]))
+        key = tuple(seq[:start])
         if key not in seen:
             seen.add(key)
             total += body * start + attention_flops(cfg, 0, start)
