@@ -115,3 +115,20 @@ def test_a_reward_only_the_recheck_rejects_is_reported_and_fails(tmp_path, capsy
     (dis,) = data["disagreements"]
     assert dis["verifier_now"] is True and dis["recheck"] is False and dis["retry"] == "So 19 + 17 = 36."
     assert "pass the verifier now:         2/2" in stdout and "pass the independent re-check: 1/2" in stdout
+
+
+def test_show_prints_the_last_n_rewarded_retries_only(tmp_path, capsys):
+    """``--show N``: the N latest rewarded retries, each with its reflection and reason; an
+    unrewarded sample is never printed as rewarded; the default is 5."""
+    rewarded = [dict(sample(s, "So 19 + 17 = 36.", 1.0), reflection=f"reflection {s}") for s in range(1, 8)]
+    unrewarded = [dict(sample(s, "19 - 17", 0.0), reflection=f"not paid {s}") for s in range(1, 8)]
+    run = make_run(tmp_path, [x for pair in zip(rewarded, unrewarded) for x in pair])
+    rc, stdout, _ = run_main([str(run), "--show", "3"], capsys)
+    assert rc == 0
+    headers = [line for line in stdout.splitlines() if line.startswith("--- rewarded")]
+    assert [h.split(",")[1].strip().split(":")[0] for h in headers] == ["step 5", "step 6", "step 7"]
+    for s in (5, 6, 7):
+        assert f"reflection: 'reflection {s}'" in stdout
+    assert "'reflection 4'" not in stdout and "not paid" not in stdout and stdout.count("reason: logged") == 3
+    rc, stdout, _ = run_main([str(run)], capsys)
+    assert rc == 0 and sum(line.startswith("--- rewarded") for line in stdout.splitlines()) == 5

@@ -274,6 +274,12 @@ def test_evaluate_examples_counts_and_records(tiny):
         if not ok:
             assert r["retry_correct"] == task.verify(r["example"], r["retry"])
             assert 1 <= r["reflection_tokens"] <= 6  # the reflection's span; max_new_tokens bounds it
+    # each reflection's length is its span in the conversation, whose tokens are its text
+    ep = run_episode(model, tok, task, examples, group_size=1, sampling=SIX, seed=0, chat=chat)
+    failed = [r for r in recs if not r["attempt_correct"]]
+    assert [r["reflection_tokens"] for r in failed] == [e - s for s, e in ep.spans]
+    assert [r["reflection"] for r in failed] == [chat.decode(seq[s:e]) for seq, (s, e) in zip(ep.sequences, ep.spans)]
+    assert [chat.decode(seq[s:e + 1]) for seq, (s, e) in zip(ep.sequences, ep.spans)] != [r["reflection"] for r in failed]
     assert res["second_success"] == res["first_success"] + sum(r.get("retry_correct", False) for r in recs)
     assert res["second_attempt_accuracy"] == pytest.approx(res["second_success"] / 10)
     assert res["first_attempt_accuracy"] == pytest.approx(res["first_success"] / 10)

@@ -43,3 +43,27 @@ def test_binomial_and_paired_standard_errors_by_hand():
     assert pair["stderr"] == pytest.approx(math.sqrt(11 / 12) / 2)
     with pytest.raises(ValueError, match="same length"):
         paired_difference([True], [True, False])
+
+
+def test_each_batch_has_its_own_seed_kept_on_resume(monkeypatch):
+    """Batch b samples with seed + b, so its draws do not depend on the other batches, and a
+    resumed evaluation (batch 1 read back) draws exactly what the uninterrupted one drew."""
+    import r3.heldout as H
+
+    seeds = []
+
+    def fake_batch(model, tokenizer, task, batch, sampling, *, seed, chat, records):
+        seeds.append(seed)
+        return _batch([False] * len(batch), [False] * len(batch), 0)
+
+    monkeypatch.setattr(H, "evaluate_batch", fake_batch)
+    examples = [{"id": i} for i in range(5)]
+    kw = dict(batch_size=2, progress=False, chat=SimpleNamespace())
+    evaluate_examples(None, None, _Task(), examples, seed=7, **kw)
+    assert seeds == [7, 8, 9]
+    seeds.clear()
+    evaluate_examples(None, None, _Task(), examples, seed=7, finished={1: _batch([True] * 2, [True] * 2, 0)}, **kw)
+    assert seeds == [7, 9]
+    seeds.clear()
+    evaluate_examples(None, None, _Task(), examples, seed=None, **kw)
+    assert seeds == [None, None, None]

@@ -216,3 +216,53 @@ def test_length_errors_and_pair_outcomes_by_hand():
     trained = {"records": [rec(False, True), rec(True), rec(False, True), rec(False, True), rec(False, False)]}
     groups = R.pair_outcomes(untrained, trained)
     assert {k: len(v) for k, v in groups.items()} == {"trained_only": 1, "untrained_only": 0, "both": 1, "neither": 1}
+
+
+def test_plot_bars_show_each_models_accuracies_and_scores(tmp_path, monkeypatch):
+    """The PNGs' bars: each model's first- and second-attempt accuracy with its own standard error,
+    and each forgetting score under its benchmark, in percent."""
+    figures = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, out: figures.append(fig) or out)
+
+    def bars(fig):
+        ax = fig.axes[0]
+        return [(round(p.get_x() + p.get_width() / 2, 2), round(p.get_height(), 6)) for p in ax.patches]
+
+    def err(fig):  # the error bars' half-lengths, in the bars' order
+        ax = fig.axes[0]
+        return [round((seg[1][1] - seg[0][1]) / 2, 6) for c in ax.containers if hasattr(c, "errorbar")
+                for seg in c.errorbar.lines[2][0].get_segments()]
+
+    ev = {"models": [
+        {"n": 50, "first_attempt_accuracy": 0.2, "second_attempt_accuracy": 0.3, "first_attempt_stderr": 0.01,
+         "second_attempt_stderr": 0.02},
+        {"n": 50, "first_attempt_accuracy": 0.4, "second_attempt_accuracy": 0.7, "first_attempt_stderr": 0.03,
+         "second_attempt_stderr": 0.04}]}
+    R.plot_accuracy(ev, tmp_path / "a.png")
+    # untrained at 0 and 1, trained beside each
+    assert bars(figures[-1]) == [(0.0, 20.0), (1.0, 30.0), (0.38, 40.0), (1.38, 70.0)]
+    assert err(figures[-1]) == [1.0, 2.0, 3.0, 4.0]
+    fg = {"results": [
+        {"benchmark": "gsm8k", "metric": "exact_match,strict", "model": "base", "score": 0.25, "stderr": 0.02},
+        {"benchmark": "gsm8k", "metric": "exact_match,strict", "model": "export", "score": 0.2, "stderr": 0.02},
+        {"benchmark": "hellaswag", "metric": "acc_norm,none", "model": "base", "score": 0.5, "stderr": 0.01},
+        {"benchmark": "hellaswag", "metric": "acc_norm,none", "model": "export", "score": 0.45, "stderr": 0.01}]}
+    R.plot_forgetting(fg, tmp_path, {}, tmp_path / "f.png")
+    assert bars(figures[-1]) == [(0.0, 25.0), (1.0, 50.0), (0.4, 20.0), (1.4, 45.0)]
+    labels = [t.get_text() for t in figures[-1].axes[0].get_xticklabels()]
+    assert labels == ["gsm8k\nexact_match", "hellaswag\nacc_norm"]
+
+
+def test_the_paired_change_printed_is_the_exports(run):
+    """An evaluation with a third model lists that model's paired change too; the page's "trained
+    minus untrained" line is the export's, wherever it sits in the list."""
+    ev = json.loads((run / "evaluation.json").read_text())
+    other = {"model": "other-model", "baseline": "smollm2-135m",
+             "first_attempt": {"mean": -0.5, "stderr": 0.2, "n": 8, "better": 0, "worse": 4},
+             "second_attempt": {"mean": -0.375, "stderr": 0.18, "n": 8, "better": 0, "worse": 3}}
+    ev["models"].append(dict(ev["models"][1], model="other-model"))
+    ev["paired"].insert(0, other)
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    text = R.write_report(run, run / "evaluation.json", run / "forgetting.json", run / "report").read_text()
+    assert "after the retry (same 8 queries): +25.0 ± 16.0 points (3 better, 1 worse)" in text
+    assert "-50.0" not in text and "-37.5" not in text
