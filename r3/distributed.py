@@ -200,19 +200,27 @@ def run_and_exit(main) -> None:
 
 class StopSignals:
     """SIGTERM (what Slurm and Kubernetes send before killing a job) and SIGINT ask the run to
-    stop at the end of the current step, after a checkpoint, instead of at once; a second SIGINT
-    interrupts immediately. Use as a context manager; ``requested(d)`` agrees over all ranks."""
+    stop at the end of the current step, after a checkpoint, instead of at once. A second Ctrl-C
+    interrupts immediately: a SIGINT after any signal, or a SIGTERM after a SIGINT (the second
+    Ctrl-C as torchrun forwards it). A repeated SIGTERM still waits for the checkpoint: Slurm
+    sends one to every process of the job, so a worker gets its own and the launcher's.
+
+    Under torchrun, a launcher that is gone (killed with SIGKILL: its workers live in sessions of
+    their own and would train on, holding the run's lock and devices) counts as a SIGTERM.
+    Use as a context manager; ``requested(d)`` agrees over all ranks."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
+        # the launcher's pid, when torchrun started this process
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+        if self.signum is not None and (signum == signal.SIGINT or self.signum == signal.SIGINT):
             raise KeyboardInterrupt
         self.signum = signum
         print(f"received {signal.Signals(signum).name}: stopping after this step's checkpoint "
-              "(SIGINT again to stop at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -229,4 +237,8 @@ class StopSignals:
 
     def requested(self, d: Dist) -> int:
         """The signal number any rank received (0 if none), the same on every rank."""
+        if self.signum is None and self._launcher is not None and os.getppid() != self._launcher:
+            self.signum = signal.SIGTERM
+            print(f"the launcher (pid {self._launcher}) is gone: stopping after this step's checkpoint",
+                  file=sys.stderr, flush=True)
         return all_max(int(self.signum or 0), d)

@@ -1,4 +1,4 @@
-"""r3.distributed's process-group set-up on a GPU machine, seen through stand-ins for CUDA and
+"""r3.distributed: stop signals, and the process-group set-up on a GPU machine seen through stand-ins for CUDA and
 torch.distributed (this machine has no GPU; the real path runs in benchmarks/gpu_check.py)."""
 
 import pytest
@@ -46,3 +46,49 @@ def test_release_device_memory_hands_a_gpus_cached_blocks_back(monkeypatch):
     assert calls == ["empty_cache"]
     release_device_memory(torch.device("cuda"), compiled=True)
     assert calls == ["empty_cache", "reset", "empty_cache"]
+
+
+ONE_RANK = D.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+
+
+@pytest.mark.parametrize("first, second, at_once", [
+    ("SIGINT", "SIGINT", True),    # Ctrl-C twice
+    ("SIGINT", "SIGTERM", True),   # Ctrl-C twice under r3-torchrun: the launcher forwards the second as SIGTERM
+    ("SIGTERM", "SIGINT", True),   # a preemption, then Ctrl-C
+    ("SIGTERM", "SIGTERM", False),  # Slurm: one to the launcher (forwarded) and one to the worker
+])
+def test_a_second_ctrl_c_stops_at_once_a_second_sigterm_waits(first, second, at_once, capsys):
+    import os
+    import signal
+
+    first, second = getattr(signal, first), getattr(signal, second)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with D.StopSignals() as signals:
+        os.kill(os.getpid(), first)
+        assert signals.requested(ONE_RANK) == first
+        if at_once:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), second)
+        else:
+            os.kill(os.getpid(), second)
+            assert signals.requested(ONE_RANK) == first
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert f"received {first.name}: stopping after this step's checkpoint" in capsys.readouterr().err
+
+
+def test_a_launcher_that_is_gone_stops_its_workers_after_the_step(monkeypatch, capsys):
+    """torchrun starts each worker in a session of its own: with the launcher SIGKILLed they would
+    train on, orphaned, holding the run's lock."""
+    import os
+    import signal
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(os, "getppid", lambda: 4242)
+    with D.StopSignals() as signals:
+        assert signals.requested(ONE_RANK) == 0
+        monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented
+        assert signals.requested(ONE_RANK) == signal.SIGTERM
+    assert "the launcher (pid 4242) is gone" in capsys.readouterr().err
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # plain python: the parent is a shell, never watched
+    with D.StopSignals() as signals:
+        assert signals.requested(ONE_RANK) == 0
