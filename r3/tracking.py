@@ -77,8 +77,10 @@ def tracker_module(report_to: str):
 class TensorBoardTracker(Tracker):
     def __init__(self, out: Path, config: dict, start_step: int):
         SummaryWriter = tracker_module("tensorboard").SummaryWriter
-        # purge_step: after a resume, events past the checkpoint's step are dropped
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        # purge_step: after a resume, events past the checkpoint's step are dropped (from step 0
+        # on a resume before the first checkpoint). A fresh run writes its marker too: TensorBoard's
+        # UI takes a run's first marker as its start, and purges only at the ones after it.
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
         if not start_step:
             self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
 
