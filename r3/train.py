@@ -276,6 +276,14 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each parameter group's lr to this run's schedule at the scheduler's step. A checkpoint
+    holds the lr of the schedule it was written under: a resume that raises --max-steps would
+    otherwise take its first step at the old schedule's lr, and the new one's from the second."""
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
+
+
 def step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
     return (cfg.seed * 1_000_003 + step * 7919 + rank * 104729) % (2**31)
 
@@ -383,6 +391,7 @@ def set_up(cfg: TrainConfig) -> Run:
     stream = QueryStream(queries, cfg.seed)
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)
+    follow_schedule(scheduler)
     without_signal: list = []  # (the streak goes on across a resume)
     with fail_together(d):  # (rewriting a log needs its size free again)
         if d.main:
@@ -447,7 +456,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     t_ref = time.time()
 
     upd = update(run.policy, run.optimizer, padded, len(mbs), cfg, d)
-    lr_now = run.scheduler.get_last_lr()[0]
+    lr_now = run.optimizer.param_groups[0]["lr"]  # (the lr this update used)
     run.scheduler.step()
     t_update = time.time()
     times = {"step": t_update - t0, "rollout": t_rollout - t0, "reference": t_ref - t_rollout, "update": t_update - t_ref}

@@ -997,6 +997,23 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_c
 
 
 
+def test_a_resume_that_raises_max_steps_follows_the_new_schedule(tiny_model, tmp_path):
+    """The checkpoint holds the lr of the schedule it was written under; the resumed steps take
+    the new --max-steps' cosine from the first one on."""
+    from r3.config import TrainConfig
+    from r3.train import lr_lambda
+
+    out = tmp_path / "run"
+    args = BASE + ["--model", str(tiny_model), "--out", str(out), "--warmup-steps", "1", "--min-lr-ratio", "0.1"]
+    run_train(args + ["--max-steps", "2"])
+    run_train(args + ["--max-steps", "4"])
+    lrs = [r["lr"] for r in read_metrics(out)]
+    old = lr_lambda(TrainConfig(max_steps=2, warmup_steps=1, min_lr_ratio=0.1))
+    new = lr_lambda(TrainConfig(max_steps=4, warmup_steps=1, min_lr_ratio=0.1))
+    assert lrs == pytest.approx([1e-3 * old(0), 1e-3 * old(1), 1e-3 * new(2), 1e-3 * new(3)], rel=1e-12)
+    assert 1e-3 * old(2) != pytest.approx(1e-3 * new(2))  # (the two schedules differ at step 3)
+
+
 def test_resuming_on_other_training_examples_is_said(tiny_model, tmp_path):
     """A checkpoint records a fingerprint of the training examples; resuming after the data file
     changed goes on (at the same position of the new data) but says so."""
