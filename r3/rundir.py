@@ -303,6 +303,13 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _holds_steps(out: Path) -> bool:
+    """Whether a run directory holds a logged step or a checkpoint (anything trained)."""
+    metrics = out / "metrics.jsonl"
+    ckpts = out / "checkpoints"
+    return (metrics.exists() and metrics.stat().st_size > 0) or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
 def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     """Check that ``--out`` is new, empty, or holds a run with a compatible config (never
     overwrite), and take its lock: one run per directory. The config is written by
@@ -322,6 +329,13 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                 raise R3Error(f"{saved}: not a config of a previous run (a JSON {type(previous).__name__}, not an "
                               "object); use another --out")
             diff = cfg.incompatible_with(previous)
+            if diff and not _holds_steps(out):
+                # a start that failed after writing its config (in the first step, say): nothing
+                # was trained or logged under it, so a corrected retry starts over
+                if d.main:
+                    print(f"note: --out {out} holds a run that ended before its first step was logged; starting "
+                          "over with this config", flush=True)
+                diff = []
             if diff:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
                 diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))

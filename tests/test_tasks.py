@@ -1317,6 +1317,11 @@ def test_the_readme_own_task_example_works(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(R3Error, match=r"add.jsonl, line 2"):
         examples_of(get("mymodule:AddTask", data_path="add.jsonl"), "train")
+    # a line that parses but is not an example: named with its file, before any model loads (the
+    # README's examples() does not check its rows; examples_of runs check_example on each)
+    data.write_text('{"a": 1, "b": 1}\n{"a": 1, "b": "x"}\n')
+    with pytest.raises(R3Error, match=r"^task 'add' \(add.jsonl\): train example 2: an example needs integers"):
+        examples_of(get("mymodule:AddTask", data_path="add.jsonl"), "train")
     with pytest.raises(R3Error, match="an example needs integers 'a' and 'b'"):
         task.check_example("failures.jsonl, record 1", {"a": "1"})
     assert task.config() == {"data_path": None, "max_num": 9, "reflection_prompt": task.reflection_prompt,

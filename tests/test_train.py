@@ -972,6 +972,31 @@ def test_a_run_directory_without_a_readable_config_object_is_refused(tmp_path):
     _HELD_LOCKS.pop().close()
 
 
+def test_a_start_that_failed_before_its_first_logged_step_does_not_block_a_corrected_retry(tmp_path, capsys):
+    """A run that wrote its config.json and then failed in its first step (a task's data file with
+    a bad field, say) holds nothing trained under that config: a retry with corrected settings
+    starts over. With a logged step or a checkpoint, the other config is still refused."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import _HELD_LOCKS, prepare_out_dir
+
+    d = T.init_distributed()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**TrainConfig().to_dict(), "task_options": {"data_path": "bad.jsonl"}}))
+    (run / "metrics.jsonl").write_text("")  # (opened, nothing written)
+    prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    _HELD_LOCKS.pop().close()
+    assert "holds a run that ended before its first step was logged; starting over" in capsys.readouterr().out
+    for rel, text in (("metrics.jsonl", '{"step": 1}\n'), ("checkpoints/step_000001/x", "")):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(text)
+        with pytest.raises(R3Error, match="holds a run with a different config"):
+            prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+        (run / rel).unlink()
+
+
 def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_config(tiny_model, tmp_path):
     out = tmp_path / "run"
     bad = tmp_path / "bad_model"

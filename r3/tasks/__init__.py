@@ -153,8 +153,12 @@ def get(name: Any, **options: Any) -> Task:
 def examples_of(task, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """``task.examples(split, n, seed)``, checked: a list of JSON objects (a plug-in returning
     anything else failed with a traceback, or after the first step when a run logged an example
-    it could not write as JSON). Any problem is one R3Error naming the task and the example."""
+    it could not write as JSON), each passing the task's ``check_example`` (else a data file's bad
+    field surfaced only as a verifier failing on every completion, after the models loaded). Any
+    problem is one R3Error naming the task, its data file and the example."""
     name = getattr(task, "name", type(task).__name__)
+    source = getattr(task, "data_path", None)
+    check = getattr(task, "check_example", None)
     examples = task.examples(split, n, seed)
     if not isinstance(examples, (list, tuple)):
         raise R3Error(f"task {name!r}: examples({split!r}) must return a list of dicts, got {type(examples).__name__}")
@@ -166,4 +170,6 @@ def examples_of(task, split: str, n: int | None = None, seed: int = 0) -> list[d
         except (TypeError, ValueError) as e:
             raise R3Error(f"task {name!r}: {split} example {i + 1} cannot be written as JSON ({e}); "
                           "examples are logged with every sample") from None
+        if callable(check):
+            check(f"task {name!r}" + (f" ({source})" if source else "") + f": {split} example {i + 1}", ex)
     return list(examples)
