@@ -52,9 +52,29 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: r3's commands that run in one process (see :func:`r3.cli.pick_device_dtype`).
+SINGLE_PROCESS = ("r3.evaluate", "r3.forgetting", "r3.failures", "r3.generate", "r3.audit", "r3.report", "r3.plot")
+
+
+def _single_process_module(argv: list[str]) -> str | None:
+    """The single-process r3 command ``argv`` launches with ``-m``, if any: refused before
+    torchrun's parser reads that command's flags as its own (``--n`` is "ambiguous", matching
+    ``--nnodes`` and ``--nproc-per-node``)."""
+    if not any(a in ("-m", "--module") for a in argv):
+        return None
+    first = next((a for a in argv if a.startswith("r3.")), None)  # (the module; its own flags come after it)
+    return first if first in SINGLE_PROCESS else None
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
-    args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    single = _single_process_module(argv)
+    if single:
+        print(f"error: {single} runs in one process on one device: start it with python -m {single}, not r3-torchrun "
+              "(--device cuda:N picks a GPU; for several GPUs, one process each with its own --out)", file=sys.stderr)
+        raise SystemExit(2)
+    args = torchrun.parse_args(argv)
     try:  # (torchrun: a ValueError or AssertionError traceback)
         nproc = torchrun.determine_local_world_size(args.nproc_per_node)
         why = None if nproc >= 1 else "must be at least 1"

@@ -92,3 +92,20 @@ def test_a_launcher_that_is_gone_stops_its_workers_after_the_step(monkeypatch, c
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # plain python: the parent is a shell, never watched
     with D.StopSignals() as signals:
         assert signals.requested(ONE_RANK) == 0
+
+
+@pytest.mark.parametrize("module", ["r3.evaluate", "r3.generate", "r3.forgetting"])
+def test_r3_torchrun_refuses_the_one_process_commands_before_parsing_their_flags(module, capsys):
+    """torchrun's parser read `--n 2` of r3.evaluate as an abbreviation of its own options
+    ("ambiguous option: --n could match --nnodes, ..."), printed its usage and exited."""
+    from r3 import launch
+
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--nproc_per_node", "1", "-m", module, "--n", "2", "--out", "x.json"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {module} runs in one process on one device: start it with python -m {module}, "
+                                "not r3-torchrun (--device cuda:N picks a GPU; for several GPUs, one process each "
+                                "with its own --out)"]
+    assert launch._single_process_module(["--standalone", "-m", "r3.train", "--out", "r3.evaluate"]) is None
+    assert launch._single_process_module(["r3.evaluate"]) is None  # (a script path, not -m)
