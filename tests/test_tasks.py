@@ -1175,6 +1175,10 @@ def test_a_verdict_must_be_a_bool_and_a_reason(capsys):
     assert t.verify({}, "x") is True
     t._check = lambda ex, s: [False, "wrong"]
     assert t.verify({}, "x") is False and t.diagnose({}, "x") == "wrong"
+    t._check = lambda ex, s: (True, "even length")  # a task's own reason for a pass is kept
+    assert t.verify({}, "x") is True and t.diagnose({}, "x") == "even length"
+    t._check = lambda ex, s: (True, "")
+    assert t.diagnose({}, "x") == "correct"
 
 
 def test_verifier_errors_are_counted_and_warned_once(capsys):

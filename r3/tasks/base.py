@@ -103,8 +103,9 @@ class Task:
             return False
 
     def diagnose(self, example: dict, completion_text: str) -> str:
-        """A short reason for the verdict ("correct" or what is wrong). Never raises. A plug-in that
-        overrides :meth:`verify` but not ``_check`` gets "correct" / "wrong" from its verdict."""
+        """A short reason for the verdict: ``_check``'s own ("correct" for a pass it gives no reason
+        for). Never raises. A plug-in that overrides :meth:`verify` but not ``_check`` gets
+        "correct" / "wrong" from its verdict."""
         try:
             if type(self)._check is Task._check and type(self).verify is not Task.verify:
                 ok = _as_verdict(self.verify(example, completion_text))
@@ -112,7 +113,7 @@ class Task:
                     return "verifier error: verify() returned no bool"
                 return "correct" if ok else "wrong (the task gives no reason)"
             ok, why = self._verdict(example, completion_text)
-            return "correct" if ok else why
+            return (why or "correct") if ok else why
         except Exception as e:  # noqa: BLE001
             return f"verifier error: {type(e).__name__}: {e}"[:300]
 
