@@ -49,6 +49,7 @@ def read_samples(path: Path) -> list[dict]:
 def audit(task, samples: list[dict]) -> dict:
     """Re-judge every sample; returns counts and the disagreements."""
     independent = has_recheck(task)
+    diagnose = getattr(task, "diagnose", None)  # (a duck-typed task may give no reasons)
     rewarded = [s for s in samples if s["reward"] > 0]
     others = [s for s in samples if s["reward"] <= 0]
     out = {"rewarded": len(rewarded), "unrewarded_logged": len(others), "independent_checker": independent,
@@ -65,7 +66,8 @@ def audit(task, samples: list[dict]) -> dict:
             if now != logged or (again is not None and again[0] != logged):
                 out["disagreements"].append({
                     "step": s.get("step"), "row": s.get("row"), "logged_reward": s["reward"],
-                    "verifier_now": now, "recheck": None if again is None else again[0],
+                    "verifier_now": now, "verifier_reason": diagnose(s["example"], s["retry"]) if diagnose else None,
+                    "recheck": None if again is None else again[0],
                     "recheck_reason": None if again is None else again[1],
                     "logged_reason": s.get("reason"), "example": s["example"], "retry": s["retry"],
                 })
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     samples = read_samples(run / "samples.jsonl")
     res = audit(task, samples)
     steps = sorted({s.get("step") for s in samples if isinstance(s.get("step"), int)})
-    span = f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
+    span = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "no steps"
     _, options = resolve(cfg["task"], cfg.get("task_options", {}))
     print(f"run {run}: task {cfg['task']} {json.dumps(options)}")
     print(f"rewarded retries logged: {res['rewarded']} ({span})")
@@ -101,8 +103,10 @@ def main(argv=None) -> int:
     print(f"unrewarded samples logged: {res['unrewarded_logged']}; the re-check passes "
           f"{res['unrewarded_pass_recheck'] if res['independent_checker'] else 'n/a'} of them")
     for dis in res["disagreements"]:
+        recheck = "n/a" if dis["recheck"] is None else f"{dis['recheck']} ({dis['recheck_reason']})"
         print(f"DISAGREEMENT step {dis['step']} row {dis['row']}: logged reward {dis['logged_reward']}, verifier now "
-              f"{dis['verifier_now']}, re-check {dis['recheck']} ({dis['recheck_reason']})\n"
+              f"{dis['verifier_now']}" + (f" ({dis['verifier_reason']})" if dis["verifier_reason"] else "") +
+              f", re-check {recheck}\n"
               f"  example: {json.dumps(dis['example'])[:300]}\n  retry: {dis['retry']!r}")
     shown = [s for s in samples if s["reward"] > 0][-args.show:] if args.show > 0 else []
     for s in shown:

@@ -75,11 +75,12 @@ def format_table(rows: list[dict], paired: list[dict] | None = None) -> str:
     standard errors), then each later model's paired change against the first."""
     names = [str(r["model"]) for r in rows]
     w = max([len("model")] + [len(s) for s in names])
-    lines = [f"{'model':<{w}} |      acc 1st |      acc 2nd |   delta", f"{'-' * w}-+--------------+--------------+---------"]
+    lines = [f"{'model':<{w}} |  acc 1st (%) |  acc 2nd (%) | delta (points)",
+             f"{'-' * w}-+--------------+--------------+---------------"]
     for name, r in zip(names, rows):
         lines.append(f"{name:<{w}} | {100 * r['first_attempt_accuracy']:5.1f} \u00b1 {100 * r['first_attempt_stderr']:4.1f} | "
                      f"{100 * r['second_attempt_accuracy']:5.1f} \u00b1 {100 * r['second_attempt_stderr']:4.1f} | "
-                     f"{100 * r['delta']:+6.1f}%")
+                     f"{100 * r['delta']:+14.1f}")
     for pr in paired or []:
         f, sec = pr["first_attempt"], pr["second_attempt"]
         lines.append(f"paired, {pr['model']} minus {pr['baseline']} (same {f['n']} queries): "

@@ -126,7 +126,7 @@ def evaluate_examples(
         out_records += res.get("records", [])
         if progress and b not in finished:
             progress.update(min(lo + batch_size, len(examples)),
-                            f"acc 1st {first / (lo + len(batch)):.3f}, 2nd {second / (lo + len(batch)):.3f}")
+                            f"acc 1st {100 * first / (lo + len(batch)):.1f}%, 2nd {100 * second / (lo + len(batch)):.1f}%")
     if progress:
         progress.close()
     n = len(examples)

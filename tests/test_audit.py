@@ -55,7 +55,8 @@ def test_a_wrong_reward_is_reported_and_fails(tmp_path, capsys):
     assert "pass the independent re-check: 0/1 (0.0%)" in stdout
     dis = [line for line in stdout.splitlines() if line.startswith("DISAGREEMENT")]
     assert len(dis) == 2  # the wrong reward, and the right answer that was not paid
-    assert "logged reward 1.0, verifier now False, re-check False" in dis[0]
+    assert ("logged reward 1.0, verifier now False (the written result 26 is not the target 36), re-check False "
+            "(the written value is not the target)") in dis[0]
 
 
 def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
@@ -66,6 +67,15 @@ def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
                    task="r3_test_tasks:CoinTask", options={})
     rc, stdout, _ = run_main([str(run)], capsys)
     assert rc == 0 and "independent re-check: none for task" in stdout
+    import hashlib
+
+    ex = {"id": "train-0", "word": "w"}  # a logged reward the coin's verifier refuses now
+    wrong = next(t for t in (f"t{i}" for i in range(100)) if hashlib.sha256(("train-0" + t).encode()).digest()[0] % 2)
+    (tmp_path / "2").mkdir()
+    run = make_run(tmp_path / "2", [sample(1, wrong, 1.0, ex)], task="r3_test_tasks:CoinTask", options={})
+    rc, stdout, _ = run_main([str(run)], capsys)
+    assert rc == 1 and "logged reward 1.0, verifier now False (coin), re-check n/a" in stdout
+    assert "rewarded retries logged: 1 (step 1)" in stdout
 
 
 @pytest.mark.parametrize("setup,pattern", [

@@ -465,7 +465,7 @@ def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
                 assert (r["retry_reason"] == "correct") == r["retry_correct"]
     # the table
     lines = stdout.strip().splitlines()
-    assert [c.strip() for c in lines[0].split("|")[1:]] == ["acc 1st", "acc 2nd", "delta"]
+    assert [c.strip() for c in lines[0].split("|")[1:]] == ["acc 1st (%)", "acc 2nd (%)", "delta (points)"]
     assert lines[2].startswith("smollm2-135m") and lines[3].startswith(tiny_dir)
     first = data["models"][0]
     assert f"{100 * first['first_attempt_accuracy']:5.1f} \u00b1 {100 * first['first_attempt_stderr']:4.1f}" in lines[2]
