@@ -324,6 +324,7 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
         return str(raw)
     except (ValueError, TypeError, json.JSONDecodeError):
         kind = typ.split(" ")[0].split("|")[0]
+        kind = {"dict": "a JSON object", "tuple": f"a JSON list of {len(current or ())} numbers"}.get(kind.split("[")[0], kind)
         raise R3Error(f"{source}: bad value {raw!r} for '{name}' (expected {kind})") from None
 
 

@@ -34,13 +34,14 @@ SHUTDOWN_TIMEOUT_S = "600"
 
 
 class _DropQuietFailure(logging.Filter):
-    """Drop torchrun's "failed (exitcode: N) local_rank: ..." line for the codes above, and its
-    "Sending process P closing signal SIGTERM" lines (the workers say themselves why they stop;
-    a crash still gets the failure summary)."""
+    """Drop torchrun's "failed (exitcode: N) local_rank: ..." line for the codes above, its
+    "Sending process P closing signal SIGTERM" lines and its "Received 15 death signal" line (the
+    workers say themselves why they stop; a crash still gets the failure summary)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
-        if msg.startswith("Sending process") and "closing signal" in msg:
+        if (msg.startswith("Sending process") and "closing signal" in msg) or (
+                msg.startswith("Received") and "death signal" in msg):  # (each worker says it received the signal)
             return False
         return not (msg.startswith("failed (exitcode") and args and args[0] in QUIET_EXIT_CODES)
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropQuietFailure())
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_DropQuietFailure())
     try:
         torchrun.run(args)
     except ChildFailedError as e:

@@ -67,9 +67,12 @@ def pyplot():
 def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (_, title) in zip(axes.flat, PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (steps: no 1.2, 1.4 on a short run)
     drawn = set()
     for run in runs:
         rows = read_metrics(run)
@@ -88,7 +91,8 @@ def plot(runs: list[Path], out: Path, window: int = 1) -> Path:
             ax.grid(alpha=0.3)
     for ax, (key, _) in zip(axes.flat, PANELS):
         if key not in drawn:  # (KL is logged only for steps that trained a token)
-            ax.text(0.5, 0.5, f"no {key} logged yet", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
+            why = " (only a step that trains a token logs it)" if key == "kl" else ""
+            ax.text(0.5, 0.5, f"no {key} logged{why}", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
     if len(runs) > 1:
         drawn_axes = [ax for ax, (key, _) in zip(axes.flat, PANELS) if key in drawn]
         if drawn_axes:

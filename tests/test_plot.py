@@ -56,9 +56,11 @@ def test_a_panel_without_values_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(plot, "save_figure", lambda fig, out: figures.append(fig) or out)
     plot.plot([run], tmp_path / "curves.png")
     axes = {ax.get_title(): ax for ax in figures[0].axes}
-    assert [t.get_text() for t in axes["KL to reference (k3)"].texts] == ["no kl logged yet"]
-    assert axes["first-attempt success"].texts[0].get_text() == "no first_try_success logged yet"
+    assert [t.get_text() for t in axes["KL to reference (k3)"].texts] == ["no kl logged (only a step that trains a token logs it)"]
+    assert axes["first-attempt success"].texts[0].get_text() == "no first_try_success logged"
     assert not axes["loss"].texts and axes["loss"].lines
+    ticks = axes["loss"].get_xticks()  # whole steps only, on a 2-step run
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
     plot.pyplot().close(figures[0])
 
 

@@ -90,8 +90,10 @@ def test_unknown_option_and_bad_values():
         tasks.get("countdown", min_num=50, max_num=10)
     with pytest.raises(R3Error, match="test_fraction"):
         tasks.get("countdown", test_fraction=1.5)
-    with pytest.raises(R3Error, match="no such file"):
+    with pytest.raises(R3Error, match="no such file: /nonexistent/x.jsonl$"):
         tasks.get("countdown", data_path="/nonexistent/x.jsonl")
+    with pytest.raises(R3Error, match=r"no such file: x.jsonl \(relative to the current directory, /"):
+        tasks.get("countdown", data_path="x.jsonl")  # (a config file's relative path is read from here)
     with pytest.raises(R3Error, match="placeholder"):
         tasks.get("countdown", prompt_template="Reach {target}.")
     with pytest.raises(R3Error, match="unknown split"):

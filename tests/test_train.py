@@ -580,8 +580,10 @@ def test_config_file_and_overrides(tmp_path):
     with pytest.raises(R3Error, match="--chat-template-option expects key=value, got 'thinking'"):
         parse_args(["--chat-template-option", "thinking"])
     assert parse_args(["--chat-template-option", "enable_thinking=false"]).chat_template_options == {}  # (the default)
-    with pytest.raises(R3Error, match="bad value '\\[1\\]' for 'chat_template_options'"):
+    with pytest.raises(R3Error, match="bad value '\\[1\\]' for 'chat_template_options' \\(expected a JSON object\\)"):
         parse_args(["--chat-template-options", "[1]"])
+    with pytest.raises(R3Error, match="bad value '0.9' for 'adam_betas' \\(expected a JSON list of 2 numbers\\)"):
+        parse_args(["--adam-betas", "0.9"])
     with pytest.raises(R3Error, match="'tokenize' is an argument r3 gives the chat template itself"):
         parse_args(["--chat-template-option", "tokenize=true"])
     f.write_text("chat_template_options:\n  1: x\n")
@@ -1285,6 +1287,7 @@ def test_sigterm_to_r3_torchrun_reaches_the_worker_which_saves_and_exits_143(tin
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "received SIGTERM" in err and "checkpoint saved" in stdout and "Traceback" not in err, err[-3000:]
+    assert "death signal" not in err and "closing signal" not in err, err[-3000:]  # (the worker says why)
     steps = [r["step"] for r in read_metrics(out)]
     assert 1 <= len(steps) < 50 and (out / "checkpoints" / f"step_{steps[-1]:06d}").is_dir()
 

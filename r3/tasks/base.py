@@ -360,7 +360,8 @@ def opt_path(name: str, value: Any) -> str | None:
         value = os.fspath(value)
     value = opt_str(name, value, allow_empty=False)
     if not os.path.isfile(value):
-        raise R3Error(f"option {name}: no such file: {value}")
+        where = "" if os.path.isabs(value) else f" (relative to the current directory, {os.getcwd()})"
+        raise R3Error(f"option {name}: no such file: {value}{where}")
     return value
 
 
