@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from r3.chat import ChatFormat, template_options, user_template_options
-from r3.checkpoint import load_config
+from r3.checkpoint import load_config, load_tokenizer
 from r3.decode import DECODE_MODES
 from r3.distributed import release_device_memory
 from r3.cli import (
@@ -174,9 +174,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
     device, dtype = pick_device_dtype(args.device, st["dtype"])
     check_toolchain(device, compiled_decode=args.decode == "compiled")
-    for spec in models:  # every path and its positions checked before spending time on the first model
+    for spec in models:  # every path, its positions and its chat template checked before the first model runs
         check_token_limits(load_config(spec), spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
                            retry=st["max_retry"])
+        try:
+            ChatFormat(load_tokenizer(spec), template_options=template_options(st["chat_options"])).prompt(
+                task.messages(examples[0]))
+        except R3Error as e:
+            raise R3Error(f"{spec}: {e}") from None
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
                                max_attempt_tokens=st["max_attempt"], max_reflection_tokens=st["max_reflection"],
                                max_retry_tokens=st["max_retry"], decode=args.decode)

@@ -736,3 +736,21 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(PermissionError):
         cli_main(denied)()
+
+
+def test_evaluate_checks_every_models_chat_template_before_the_first_runs(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A second model without a chat template failed only once the first was evaluated, with a
+    line that did not say which model it was."""
+    bare = tmp_path / "no_template"
+    bare.mkdir()
+    for f in Path(tiny_dir).iterdir():
+        (bare / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((bare / "tokenizer_config.json").read_text())
+    tok.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    monkeypatch.syspath_prepend(str(HERE / "helpers"))
+    rc, _, err = run_main(E.main, ["--model", tiny_dir, "--model", str(bare), "--task", "r3_test_tasks:CoinTask",
+                                   "--n", "2", "--out", str(tmp_path / "e.json"), "--dtype", "fp32"], capsys)
+    assert rc == 2 and "evaluating" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"error: {bare}: the tokenizer has no chat template")
