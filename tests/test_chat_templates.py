@@ -480,7 +480,7 @@ def test_qwen3_thinking_mode_through_the_chat_template_option(tokenizers, tmp_pa
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))  # (the run's plug-in task)
     out = tmp_path / "eval.json"
     assert r3.evaluate.main(["--run", str(run), "--n", "2", "--out", str(out), "--quiet"]) == 0
-    assert made == [{"enable_thinking": True}] * 2  # the base model and the export
+    assert made == [{"enable_thinking": True}] * 4  # the base model and the export: checked first, then run
     assert json.loads(out.read_text())["settings"]["chat_template_options"] == {"enable_thinking": True}
     proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(run), "--out", str(out),
                            "--chat-template-option", "enable_thinking=false"], capture_output=True, text=True)
