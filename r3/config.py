@@ -106,7 +106,7 @@ class TrainConfig:
                      "save_every", "keep_last", "candidates_per_failure", "lr"):
             positive(name)
         for name in ("temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
-                     "eval_every", "eval_n", "eval_temperature", "eval_temperature", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
+                     "eval_every", "eval_n", "eval_temperature", "samples_every", "log_samples", "top_k", "grad_clip", "min_lr_ratio", "stop_after"):
             positive(name, allow_zero=True)
         for name in ("compact_rollouts", "scale_advantages", "skip_no_signal_groups", "shared_prefix",
                      "activation_checkpointing"):

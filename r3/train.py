@@ -276,6 +276,14 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def make_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the run's lr, betas and weight decay (its state made up front), and the lr
+    schedule: linear warmup, then cosine decay to ``lr * min_lr_ratio``."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    init_adamw_state(optimizer)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
 def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Set each parameter group's lr to this run's schedule at the scheduler's step. A checkpoint
     holds the lr of the schedule it was written under: a resume that raises --max-steps would
@@ -385,9 +393,7 @@ def set_up(cfg: TrainConfig) -> Run:
             print(f"note: {opens}: answers are read after its closing tag, and a turn cut off before it has none; turn "
                   f"budgets are {cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
     write_config(cfg, out, d)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    init_adamw_state(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer, scheduler = make_optimizer(cfg, policy.parameters())
     stream = QueryStream(queries, cfg.seed)
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)

@@ -1,0 +1,83 @@
+"""The settings reach the run as documented: the lr schedule (by hand), the optimizer's
+hyper-parameters, the rollouts' sampling, the bounds the config refuses, and which settings a
+resume may change."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from r3.config import TrainConfig
+from r3.errors import R3Error
+from r3.train import lr_lambda, make_optimizer
+
+
+def test_lr_schedule_by_hand():
+    """Linear warmup over 2 steps to the peak, then a cosine over the remaining 8 steps down to
+    lr * min_lr_ratio at max_steps."""
+    f = lr_lambda(TrainConfig(max_steps=10, warmup_steps=2, min_lr_ratio=0.1))
+    assert [f(0), f(1)] == pytest.approx([1 / 3, 2 / 3], rel=1e-12)
+    assert f(2) == pytest.approx(1.0, rel=1e-12)  # the peak, right after warmup
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)), rel=1e-12)  # = 0.55
+    assert f(6) == pytest.approx(0.55, rel=1e-12)
+    assert f(9) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 8)), rel=1e-12)
+    assert f(10) == pytest.approx(0.1, rel=1e-12) and f(12) == pytest.approx(0.1, rel=1e-12)  # the floor
+    g = lr_lambda(TrainConfig(max_steps=4, warmup_steps=0, min_lr_ratio=0.0))
+    assert [g(s) for s in range(5)] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                                      0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0], abs=1e-12)
+
+
+def test_the_optimizer_has_the_runs_settings_and_steps_through_the_schedule():
+    cfg = TrainConfig(lr=2e-3, adam_betas=(0.8, 0.95), weight_decay=0.05, max_steps=4, warmup_steps=1,
+                      min_lr_ratio=0.5)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt, sched = make_optimizer(cfg, [p])
+    (group,) = opt.param_groups
+    assert (group["betas"], group["weight_decay"]) == ((0.8, 0.95), 0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    lrs = []
+    for _ in range(5):
+        lrs.append(group["lr"])
+        opt.step()
+        sched.step()
+    # warmup 1/2, then cosine over 3 steps from 1 to 0.5
+    want = [0.5, 1.0, 0.5 + 0.25 * (1 + math.cos(math.pi / 3)), 0.5 + 0.25 * (1 + math.cos(2 * math.pi / 3)), 0.5]
+    assert lrs == pytest.approx([2e-3 * w for w in want], rel=1e-12)
+    assert TrainConfig().weight_decay == 0.0 and make_optimizer(TrainConfig(), [p])[0].param_groups[0]["weight_decay"] == 0.0
+
+
+def test_the_rollouts_and_the_evaluation_sample_with_the_runs_settings():
+    cfg = TrainConfig(temperature=0.9, top_p=0.8, top_k=7, max_attempt_tokens=5, max_reflection_tokens=6,
+                      max_retry_tokens=7, decode="compiled", compact_rollouts=False)
+    s = cfg.sampling()
+    assert (s.temperature, s.top_p, s.top_k, s.max_attempt_tokens, s.max_reflection_tokens, s.max_retry_tokens,
+            s.decode, s.compact) == (0.9, 0.8, 7, 5, 6, 7, "compiled", False)
+    assert cfg.sampling(0.0).temperature == 0.0  # eval_temperature 0: greedy, not the rollouts' 0.9
+    assert cfg.sampling(cfg.eval_temperature).temperature == 0.0 and cfg.sampling(0.3).temperature == 0.3
+
+
+@pytest.mark.parametrize("name, value", [
+    ("lr", 0.0), ("batch_size", 0), ("max_steps", 0), ("micro_batch_size", 0), ("save_every", 0),
+    ("candidates_per_failure", 0.0), ("candidates_per_failure", -1.0), ("grad_clip", -1.0), ("top_p", 0.0),
+    ("top_p", 1.5), ("eps_low", 1.0), ("eps_high", -0.1), ("weight_decay", -0.01), ("lr", float("nan")),
+    ("min_lr_ratio", 1.5), ("adam_betas", (0.9, 1.0)), ("group_size", 1),
+])
+def test_out_of_range_settings_are_refused_by_name(name, value):
+    with pytest.raises(R3Error, match=f"config: '{name}' must be"):
+        TrainConfig(**{name: value}).validate()
+
+
+def test_edge_values_that_are_allowed():
+    TrainConfig(grad_clip=0.0, top_p=1.0, eps_low=0.99, beta=0.0, warmup_steps=0, min_lr_ratio=1.0, top_k=0,
+                temperature=0.0).validate()
+
+
+def test_a_resume_may_change_only_how_the_work_is_done():
+    stored = TrainConfig().to_dict()
+    for key, value in (("seed", 1), ("lr", 1e-4), ("group_size", 4), ("temperature", 1.0), ("beta", 0.0),
+                       ("top_k", 5), ("warmup_steps", 0), ("weight_decay", 0.1), ("max_reflection_tokens", 64)):
+        assert TrainConfig(**{key: value}).incompatible_with(stored) == [key], key
+    for key, value in (("max_steps", 60), ("save_every", 5), ("decode", "compiled"), ("eval_n", 10)):
+        assert TrainConfig(**{key: value}).incompatible_with(stored) == [], key
