@@ -1505,6 +1505,31 @@ def test_the_update_raises_the_log_probs_of_reflections_with_positive_advantage(
             assert after > before + 1e-3, (sign, micro, shared, before, after)
 
 
+def test_later_update_epochs_take_the_ratio_against_the_pre_update_policy():
+    """With update_epochs 2 the second epoch's ratio is the updated policy over the pre-update one
+    (old_logp, scored before the update): a large first step moves it past the clip range, upwards
+    for positive advantages, and the reported clip fractions and loss are the last epoch's."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    stats = {}
+    for epochs in (1, 2):
+        cfg = TrainConfig(dtype="fp32", beta=0.0, grad_clip=0.0, max_reflection_tokens=8, update_epochs=epochs,
+                          eps_low=0.01, eps_high=0.01, temperature=1.0).validate()
+        model = copy.deepcopy(base)
+        mbs = B.make_micro_batches(seqs, spans, [1.0] * 6, 2, 0, torch.device("cpu"))
+        B.score_micro_batches(mbs, None, model if epochs > 1 else None, 1.0)
+        stats[epochs] = T.update(model, torch.optim.SGD(model.parameters(), lr=0.5), mbs, len(mbs), cfg, one_rank)
+    assert stats[1]["clip_high_sum"] == stats[1]["clip_low_sum"] == 0.0  # one epoch: the ratio is 1
+    assert stats[2]["clip_high_sum"] > 0.5 * stats[2]["tokens"] and stats[2]["clip_low_sum"] == 0.0
+    assert stats[2]["loss"] != pytest.approx(stats[1]["loss"])  # (the last epoch's loss, at ratios past 1 + eps)
+
+
 def test_each_trained_row_gets_its_own_advantage_and_sampler_log_probs():
     """episode_micro_batches pairs each row with its advantage (group-major, [n_groups, G]) and
     with the log-probs its reflection was sampled with, leaving out the groups without signal;
