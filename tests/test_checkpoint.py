@@ -41,6 +41,8 @@ def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, built
     model, _ = load(src, tokenizer=False)
     out = save_hf(model, builtin[1], tmp_path / "export")
     names = set(os.listdir(out))
+    written = json.loads((out / "config.json").read_text())  # the weights' dtype, in both spellings
+    assert written["dtype"] == written["torch_dtype"] == "float32"
     assert {"config.json", "model.safetensors", "generation_config.json"} <= names
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp dirs left
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -78,6 +80,15 @@ def test_builtin_export_round_trip(builtin, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] and cfg["torch_dtype"] == "bfloat16"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    # the GGUF's hyper-parameters, written out (transformers' defaults differ: eps 1e-6, 2048 positions)
+    mc = model.config
+    assert (cfg["rms_norm_eps"], cfg["max_position_embeddings"], cfg["rope_theta"], cfg["dtype"]) == \
+        (mc.rms_norm_eps, mc.max_position_embeddings, mc.rope_theta, "bfloat16")
+    assert mc.rms_norm_eps == pytest.approx(1e-5, rel=1e-6) and mc.max_position_embeddings == 8192  # (SmolLM2-135M's)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # the weights in the dtype asked for
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     text = "<|im_start|>user\nMake 10 from 2, 3, 5.<|im_end|>\n"
@@ -556,3 +567,17 @@ def test_a_tokenizer_transformers_cannot_make_is_a_one_line_error(tmp_path, monk
     first = ("Could not import module 'X'. Are this object's requirements defined correctly?" if wrapped
              else "cannot import name 'CUDAProperties' from 'kernels' (/x/kernels/__init__.py)")
     assert str(e.value) == f"{tmp_path}: cannot load tokenizer ({first})"
+
+
+def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_path):
+    """An HF-sourced model keeps its source's config.json fields; its dtype is the export's (the
+    source's float32 beside bf16 weights made transformers 5, which reads ``dtype``, load them
+    as float32)."""
+    from safetensors import safe_open
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    out = save_hf(model, None, tmp_path / "bf16", dtype=torch.bfloat16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
