@@ -297,11 +297,13 @@ def test_cli_end_to_end_on_small_files(tmp_path):
          "endings": ["whisks them with a fork.", "drives a car to the moon.", "sings.", "is a bowl."], "label": 0},
         {"activity_label": "Swimming", "ctx_a": "A girl jumps into the pool.", "ctx_b": "she",
          "endings": ["swims to the other side.", "eats the water.", "flies.", "reads"], "label": 0},
+        {"activity_label": "Running", "ctx_a": "A man ties his shoes.", "ctx_b": "he",
+         "endings": ["runs down the road.", "eats the shoes.", "flies.", "reads"], "label": 0},  # (past --n 2)
     ])
     gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
     out = tmp_path / "f.json"
-    assert FG.main(["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "12",
-                    "--out", str(out), "--quiet"]) == 0
+    assert FG.main(["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "3",
+                    "--n", "2", "--out", str(out), "--quiet"]) == 0
     data = json.loads(out.read_text())
     rows = {(r["benchmark"], r["metric"]): r for r in data["results"]}
     assert set(rows) == {("hellaswag", "acc"), ("hellaswag", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
@@ -314,6 +316,9 @@ def test_cli_end_to_end_on_small_files(tmp_path):
     assert rows[("hellaswag", "acc")]["score"] == sum(i["correct"] for i in hs_items) / 2
     g = data["items"]["gsm8k"]["smollm2-135m"][0]
     assert isinstance(g["output"], str) and "Question:" not in g["output"]
+    from r3.checkpoint import load_tokenizer
+
+    assert 1 <= len(load_tokenizer("smollm2-135m")(g["output"], add_special_tokens=False)["input_ids"]) <= 3  # --max-gen-toks
     assert data["settings"]["benchmarks"]["gsm8k"]["shots"] == 0 and data["settings"]["chat"] is False
 
 
@@ -419,3 +424,26 @@ def test_cli_chat_end_to_end(tmp_path):
     # the instruct model answers and ends its turn: nothing of the template is left in the text
     assert g and "<|im_end|>" not in g and "<|im_start|>" not in g
     assert len(data["items"]["hellaswag"]["smollm2-135m"][0]["loglikelihoods"]) == 2
+
+
+def test_summarise_by_hand_later_model_minus_the_first():
+    """Scores per benchmark and metric, and the paired change of each later model against the
+    first (the base model): later minus first, better/worse counted from the later model's side."""
+    bench = B.get("gsm8k")
+    strict, flexible = bench.metrics
+
+    def rows(strict_v, flexible_v):
+        return [{"scores": {strict: s, flexible: f}} for s, f in zip(strict_v, flexible_v)]
+
+    items = {"gsm8k": {"base": rows([1, 0, 0, 1], [1, 1, 0, 1]), "trained": rows([1, 1, 1, 0], [1, 1, 1, 1])}}
+    results, paired = FG.summarise([{"bench": bench}], ["base", "trained"], items)
+    scores = {(r["model"], r["metric"]): (r["score"], r["n"]) for r in results}
+    assert scores == {("base", strict): (0.5, 4), ("trained", strict): (0.75, 4),
+                      ("base", flexible): (0.75, 4), ("trained", flexible): (1.0, 4)}
+    by_metric = {p["metric"]: p for p in paired}
+    assert all((p["model"], p["baseline"]) == ("trained", "base") for p in paired)
+    s = by_metric[strict]  # differences +0, +1, +1, -1
+    assert (s["difference"], s["better"], s["worse"], s["n"]) == (pytest.approx(0.25), 2, 1, 4)
+    assert s["stderr"] == pytest.approx(mean_stderr([0, 1, 1, -1]))
+    f = by_metric[flexible]
+    assert (f["difference"], f["better"], f["worse"]) == (pytest.approx(0.25), 1, 0)
