@@ -754,3 +754,17 @@ def test_evaluate_checks_every_models_chat_template_before_the_first_runs(tiny_d
                                    "--n", "2", "--out", str(tmp_path / "e.json"), "--dtype", "fp32"], capsys)
     assert rc == 2 and "evaluating" not in err, err
     assert err.strip().splitlines()[-1].startswith(f"error: {bare}: the tokenizer has no chat template")
+
+
+def test_failures_samples_the_split_asked_for_and_a_rerun_keeps_it(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "f.jsonl"
+    argv = ["--model", tiny_dir, "--task", COIN, "--samples", "1", "--n", "3", "--out", str(out),
+            "--max-new-tokens", "4", "--dtype", "fp32", "--split", "test"]
+    rc, _, err = run_main(F.main, argv, capsys)
+    assert rc == 0, err
+    test_keys = sorted(F.example_key(ex) for ex in coin_task().examples("test", 3))
+    recorded = read_lines(out) + read_lines(F.done_path(out))[1:]
+    assert sorted(r["key"] for r in recorded) == test_keys
+    assert all(r["example"]["id"].startswith("test-") for r in read_lines(out))
+    rc, _, err = run_main(F.main, [a if a != "test" else "train" for a in argv], capsys)
+    assert rc == 2 and "split" in err, err  # (another split into the same file: refused, not appended)
