@@ -581,3 +581,78 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
     assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def _write_gguf(hf, path, arch: str, bf16: bool) -> None:
+    """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
+    for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked."""
+    import gguf
+    import numpy as np
+
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
+                       ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
+                       ("attention.head_count", c.num_attention_heads), ("attention.head_count_kv", c.num_key_value_heads),
+                       ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
+                       ("vocab_size", c.vocab_size)):
+        w.add_uint32(f"{arch}.{key}", int(value))
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
+
+    def permute(t, heads):  # llama.cpp convert_hf_to_gguf.py's permute
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        t = t.detach().float()
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            if arch == "llama" and module == "self_attn.q_proj":
+                t = permute(t, c.num_attention_heads)
+            elif arch == "llama" and module == "self_attn.k_proj":
+                t = permute(t, c.num_key_value_heads)
+            gname = f"blk.{layer}.{block[module]}.{suffix}"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        arr = np.ascontiguousarray(t.numpy())
+        if bf16 and "norm" not in gname and arr.ndim == 2:
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("kind, bf16", [("qwen2", True), ("qwen2", False), ("llama", True)])
+def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, kind, bf16):
+    """A GGUF written the llama.cpp way from a tiny random model (head_dim 24, not hidden / heads):
+    Q/K un-permuted for llama only, bf16 tensors widened exactly, the key length read, biases and
+    an untied head kept. Only the built-in llama GGUF was loaded before."""
+    from conftest import make_tiny_hf
+
+    over = {"head_dim": 24}
+    if kind == "llama":  # plain RoPE (r3 reads GGUF linear scaling only), in transformers 4 and 5 terms
+        over.update(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    hf = make_tiny_hf(tmp_path / "hf", kind, **over)
+    if bf16:  # the reference holds exactly what a bf16 file can
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" not in name and p.dim() == 2:
+                    p.copy_(p.bfloat16().float())
+    path = tmp_path / f"{kind}.gguf"
+    _write_gguf(hf, path, kind, bf16)
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    assert model.config.head_dim == 24 and model.config.model_type == kind
+    tokens = _tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
