@@ -656,3 +656,35 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+
+
+def test_a_tied_checkpoint_that_also_stores_its_head_loads(tiny_dirs, tmp_path):
+    """Some tied checkpoints also save lm_head.weight (a copy of the embeddings): loaded, not
+    refused as an unexpected tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_dirs["llama"][0], src)
+    weights = load_file(str(src / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load(src, tokenizer=False)
+    plain, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+
+
+def test_the_export_stops_at_the_tokenizers_eos_when_the_config_names_none(tiny_dirs, tmp_path, builtin):
+    """generation_config.json takes the tokenizer's eos when the model's config has none, so
+    transformers' generate stops where r3's sampler does."""
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    model.hf_config = {**model.hf_config, "eos_token_id": None} if getattr(model, "hf_config", None) else None
+    model.config.eos_token_id = None
+    tok = builtin[1]
+    out = save_hf(model, tok, tmp_path / "export")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] in (tok.eos_token_id, [tok.eos_token_id]) and tok.eos_token_id is not None
