@@ -1643,3 +1643,38 @@ def test_resume_keeps_rows_without_a_step_and_rewrites_the_log_atomically(tmp_pa
     path.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n')
     with pytest.raises(R3Error, match=r"metrics.jsonl: line 2 is not a JSON object; repair or remove the file"):
         rundir.truncate_jsonl(path, 2)
+
+
+def test_seed_samples_every_and_skip_no_signal_groups_reach_the_run(tiny_model, tmp_path):
+    """--seed orders the training queries; --samples-every 0 logs the rewarded retries only;
+    --skip-no-signal-groups false trains every group's reflections (zero advantage included)."""
+    from r3.config import TrainConfig
+    from r3.train import step_seed
+
+    args = BASE + ["--model", str(tiny_model), "--max-steps", "1", "--log-samples", "100", "--batch-size", "4", "--group-size", "2"]
+    run_train(args + ["--out", str(tmp_path / "a"), "--seed", "1"])
+    run_train(args + ["--out", str(tmp_path / "b"), "--seed", "2"])
+    run_train(args + ["--out", str(tmp_path / "c"), "--seed", "1", "--samples-every", "0", "--skip-no-signal-groups",
+                      "false"])
+
+    def samples(name):
+        return [json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+
+    a, b, c = samples("a"), samples("b"), samples("c")
+    assert any(s["reward"] == 0.0 for s in a) and all(s["reward"] == 1.0 for s in c)
+    from r3.train import QueryStream
+
+    sys.path.insert(0, str(HERE / "helpers"))
+    from r3_test_tasks import CoinTask
+
+    for run, seed in ((a, 1), (b, 2)):  # step 1's 8 candidates are the first 8 of the seed's order
+        taken = {ex["id"] for ex in QueryStream(CoinTask().examples("train"), seed).take(8, 0, 1)}
+        assert {s["example"]["id"] for s in run} <= taken, seed
+    assert {s["example"]["id"] for s in a} != {s["example"]["id"] for s in b}
+    (ra,), (rc,) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "c")
+    assert ra["groups_with_signal"] < ra["groups"]  # (a group without signal, for the next line to mean something)
+    assert ra["trained_tokens"] < rc["trained_tokens"] == rc["reflection_tokens"] == ra["reflection_tokens"]
+    # each rank samples its own rollouts, each step anew, each seed otherwise
+    seeds = {step_seed(cfg, step, rank) for cfg in (TrainConfig(seed=0), TrainConfig(seed=1))
+             for step in range(3) for rank in range(4)}
+    assert len(seeds) == 24
