@@ -91,3 +91,20 @@ def test_generate_until_stops_at_a_special_token_given_as_text(builtin):
     by_text = generate_until(model, tok, prompts, until=["<|im_end|>"], max_new_tokens=48)
     by_id = generate_until(model, tok, prompts, until=[], stop_token_ids=[end], max_new_tokens=48)
     assert by_text == by_id == [tok.decode(t[:t.index(end)], skip_special_tokens=True) for t in free]
+
+
+def test_encode_adds_the_tokenizers_bos_unless_the_prompt_already_starts_with_it():
+    """The harness's Hugging Face backend: default special tokens (a Llama-style BOS), but none on
+    a chat-formatted prompt that already begins with the BOS text (no doubled BOS)."""
+    from r3.evals.engine import encode
+
+    class LlamaStyle:
+        bos_token = "<s>"
+
+        def encode(self, text, add_special_tokens=True):
+            ids = [ord(c) for c in text.replace("<s>", "\x01")]
+            return ([1] if add_special_tokens else []) + ids
+
+    tok = LlamaStyle()
+    assert encode(tok, "hi") == [1, ord("h"), ord("i")]
+    assert encode(tok, "<s>hi") == [1, ord("h"), ord("i")]  # once

@@ -144,6 +144,7 @@ def test_gsm8k_prompt_and_shot_sampling():
         B.fewshot_indices("hellaswag", dup[:1], dup, 2, 0)
     with pytest.raises(R3Error, match="need at least"):
         B.fewshot_indices("gsm8k", docs, pool[:1], 2, 0)
+    assert len(B.fewshot_indices("gsm8k", docs, pool[:2], 2, 0)[0]) == 2  # a pool of exactly that many shots
 
 
 # ----------------------------------------------------------------------------------- MATH
@@ -187,6 +188,9 @@ def test_math_gold_and_answer_extraction():
     assert B.math_scores(doc, ok) == {"exact_match": True, "prediction": "\\frac{2}{3}"}
     cut = "Final Answer: The final answer is $\\frac{2}{3}$"  # stopped before '. I hope': no answer
     assert B.math_scores(doc, cut)["prediction"] == "[invalidanswer]"
+    # an output cut by the stop sequence right after the answer's period is read as the harness
+    # reads it, with "I hope it is correct." appended before matching
+    assert B.math_scores(doc, "Final Answer: The final answer is $\\frac{2}{3}$. ")["exact_match"] is True
     assert B.math_scores(doc, "Final Answer: The final answer is $0.66$. I hope it is correct.")["exact_match"] is False
     assert B.last_boxed_only_string("\\boxed 5$ and more") == "\\boxed 5"
     assert B.remove_boxed("\\boxed 5") == "5"
@@ -246,6 +250,7 @@ def test_mmlu_pro_prompt_and_extraction():
     assert B.mmlu_pro_scores(doc, "the answer is C")["exact_match,custom-extract"] is True
     pool = [dict(shot, category=c) for c in ("math", "computer science", "math", "computer science")]
     assert B.fewshot_indices("mmlu_pro", [doc], pool, 5, 0) == [[1, 3]]  # first ones of its category
+    assert B.fewshot_indices("mmlu_pro", [doc], pool, 1, 0) == [[1]]  # --shots 1: the first one only
     assert B.mmlu_pro_doc({"question": "q", "options": ["a", "b"], "answer_index": 1, "category": "law"}, "f", 0)["answer"] == "B"
 
 
