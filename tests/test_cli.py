@@ -534,6 +534,7 @@ def test_read_failures_for_training(tmp_path):
     hand.write_text('{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 2]}\n')
     assert F.read_failures(hand) == [{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 2]}]
     for bad in ('{"example": {}, "attempt_tokens": []}\n', '{"example": {}, "attempt_tokens": ["a"]}\n',
+                '{"example": {}, "attempt_tokens": [5, -1]}\n', '{"example": {}, "attempt_tokens": [true]}\n',
                 '{"attempt_tokens": [1]}\n', '[1, 2]\n', 'nonsense\n'):
         hand.write_text(bad)
         with pytest.raises(R3Error) as e:
