@@ -324,7 +324,10 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
         return str(raw)
     except (ValueError, TypeError, json.JSONDecodeError):
         kind = typ.split(" ")[0].split("|")[0]
-        kind = {"dict": "a JSON object", "tuple": f"a JSON list of {len(current or ())} numbers"}.get(kind.split("[")[0], kind)
+        if kind.startswith("dict"):
+            kind = "a JSON object"
+        elif kind.startswith("tuple"):
+            kind = f"a JSON list of {len(current)} numbers"
         raise R3Error(f"{source}: bad value {raw!r} for '{name}' (expected {kind})") from None
 
 
