@@ -769,3 +769,29 @@ def test_failures_samples_the_split_asked_for_and_a_rerun_keeps_it(tiny_dir, tmp
     assert all(r["example"]["id"].startswith("test-") for r in read_lines(out))
     rc, _, err = run_main(F.main, [a if a != "test" else "train" for a in argv], capsys)
     assert rc == 2 and "split" in err, err  # (another split into the same file: refused, not appended)
+
+
+def test_failures_never_samples_the_models_padded_rows(monkeypatch):
+    """An embedding padded past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens): the
+    attempts are drawn from the tokenizer's ids only."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_generate(model, prompts, *, num_samples, vocab_size=None, **kw):
+        seen.append(vocab_size)
+        n = len(prompts) * num_samples
+        return SimpleNamespace(tokens=[[1, 0]] * n, finished=[True] * n, new_tokens=2 * n)
+
+    class Task:
+        def messages(self, ex):
+            return [{"role": "user", "content": "x"}]
+
+        def verify(self, ex, text):
+            return False
+
+    chat = SimpleNamespace(prompt=lambda m: [3], decode=lambda t: "t", stop_ids=[0])
+    monkeypatch.setattr(F, "generate", fake_generate)
+    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=128)), list(range(100)), Task(), [{"i": 0}],
+                    samples=2, chat=chat)
+    assert seen and set(seen) == {100}
