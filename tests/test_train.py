@@ -1550,6 +1550,27 @@ def test_later_update_epochs_take_the_ratio_against_the_pre_update_policy():
     assert stats[2]["loss"] != pytest.approx(stats[1]["loss"])  # (the last epoch's loss, at ratios past 1 + eps)
 
 
+def test_logp_diff_max_is_over_every_micro_batch():
+    """logp_diff_max (the trainer's log-prob against the sampler's, before the update) is the
+    largest gap over all trained tokens, not over the last micro-batch's."""
+    from types import SimpleNamespace
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    model, seqs, spans = _policy_and_rows()
+    # row 0 "was sampled" with log-probs of -100: its gap dwarfs every other row's
+    logprobs = [[-100.0 if i == 0 else 0.0] * (e - s) for i, (s, e) in enumerate(spans)]
+    ep = SimpleNamespace(sequences=seqs, spans=spans, reflection_logprobs=logprobs)
+    adv = torch.tensor([[1.0, -1.0], [1.0, -1.0], [1.0, -1.0]])
+    mbs = B.episode_micro_batches(ep, adv, 1, 0, torch.device("cpu"), skip_no_signal=True, shared_prefix=False)
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, max_reflection_tokens=8).validate()
+    stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.0), mbs, len(mbs), cfg, one_rank)
+    assert stats["logp_diff_max"] > 50 and len(mbs) == 6
+
+
 def test_each_trained_row_gets_its_own_advantage_and_sampler_log_probs():
     """episode_micro_batches pairs each row with its advantage (group-major, [n_groups, G]) and
     with the log-probs its reflection was sampled with, leaving out the groups without signal;
