@@ -119,3 +119,20 @@ def tiny_dirs(tmp_path_factory):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out
+
+
+def copy_without_chat_template(src, dst):
+    """A copy of the model directory ``src`` at ``dst`` whose tokenizer has no chat template."""
+    import json
+    from pathlib import Path
+
+    dst = Path(dst)
+    dst.mkdir()
+    for f in Path(src).iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((dst / "tokenizer_config.json").read_text())
+    tok.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok))
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    return dst
+

@@ -742,14 +742,9 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
 def test_evaluate_checks_every_models_chat_template_before_the_first_runs(tiny_dir, tmp_path, capsys, monkeypatch):
     """A second model without a chat template failed only once the first was evaluated, with a
     line that did not say which model it was."""
-    bare = tmp_path / "no_template"
-    bare.mkdir()
-    for f in Path(tiny_dir).iterdir():
-        (bare / f.name).write_bytes(f.read_bytes())
-    tok = json.loads((bare / "tokenizer_config.json").read_text())
-    tok.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(tok))
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    from conftest import copy_without_chat_template
+
+    bare = copy_without_chat_template(tiny_dir, tmp_path / "no_template")
     monkeypatch.syspath_prepend(str(HERE / "helpers"))
     rc, _, err = run_main(E.main, ["--model", tiny_dir, "--model", str(bare), "--task", "r3_test_tasks:CoinTask",
                                    "--n", "2", "--out", str(tmp_path / "e.json"), "--dtype", "fp32"], capsys)

@@ -1081,14 +1081,9 @@ def test_resuming_on_other_training_examples_is_said(tiny_model, tmp_path):
 def test_a_model_without_a_chat_template_fails_before_the_config_is_written(tiny_model, tmp_path):
     """The template is checked on the task's first conversation before config.json is written,
     so the corrected retry on the same --out is not refused as a different config."""
-    out, bare = tmp_path / "run", tmp_path / "no_template"
-    bare.mkdir()
-    for f in Path(tiny_model).iterdir():
-        (bare / f.name).write_bytes(f.read_bytes())
-    tok = json.loads((bare / "tokenizer_config.json").read_text())
-    tok.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(tok))
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    from conftest import copy_without_chat_template
+
+    out, bare = tmp_path / "run", copy_without_chat_template(tiny_model, tmp_path / "no_template")
     args = BASE + ["--max-steps", "1", "--out", str(out)]
     proc = run_train(args + ["--model", str(bare)], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
