@@ -44,8 +44,8 @@ def pick_device_dtype(device: str | None, dtype: str | None):
     refused."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world.strip().isdigit() and int(world) > 1:
-        if os.environ.get("RANK", "0") != "0":  # (every process is refused; the first one says why)
-            raise SystemExit(2)
+        if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0":
+            raise SystemExit(2)  # (torchrun started them all: each is refused, the first one says why)
         raise R3Error(f"this command runs in one process on one device, not under torchrun with {int(world)} "
                       "processes (WORLD_SIZE): run it with python (--device cuda:N picks a GPU; for several GPUs, one "
                       "process each, each with its own --out), or unset WORLD_SIZE if a launcher set it for this one")

@@ -198,6 +198,9 @@ def run_and_exit(main) -> None:
     _exit_hard(0)
 
 
+_PARENT_AT_START = os.getppid()
+
+
 class StopSignals:
     """SIGTERM (what Slurm and Kubernetes send before killing a job) and SIGINT ask the run to
     stop at the end of the current step, after a checkpoint, instead of at once. A second Ctrl-C
@@ -212,12 +215,15 @@ class StopSignals:
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
-        # the launcher's pid, when torchrun started this process
-        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        # the launcher's pid, when torchrun started this process (read when this module was
+        # imported: a launcher killed while the models load is noticed too)
+        self._launcher = _PARENT_AT_START if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum, frame):
         if self.signum is not None and (signum == signal.SIGINT or self.signum == signal.SIGINT):
             raise KeyboardInterrupt
+        if self.signum is not None:  # (the same stop, asked again: said once)
+            return
         self.signum = signum
         print(f"received {signal.Signals(signum).name}: stopping after this step's checkpoint "
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)

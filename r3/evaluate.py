@@ -177,10 +177,10 @@ def main(argv=None) -> int:
     for spec in models:  # every path, its positions and its chat template checked before the first model runs
         check_token_limits(load_config(spec), spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
                            retry=st["max_retry"])
+        tokenizer, messages = load_tokenizer(spec), task.messages(examples[0])
         try:
-            ChatFormat(load_tokenizer(spec), template_options=template_options(st["chat_options"])).prompt(
-                task.messages(examples[0]))
-        except R3Error as e:
+            ChatFormat(tokenizer, template_options=template_options(st["chat_options"])).prompt(messages)
+        except R3Error as e:  # (the template's problem: name the model it came with)
             raise R3Error(f"{spec}: {e}") from None
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
                                max_attempt_tokens=st["max_attempt"], max_reflection_tokens=st["max_reflection"],

@@ -28,6 +28,8 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+#: The signals an r3 worker handles itself (a checkpoint, then exit 128 + the signal).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 #: Exit codes an r3 worker uses after saying why it stopped (see :mod:`r3.errors`, r3.train).
 QUIET_EXIT_CODES = frozenset({2, 128 + signal.SIGINT, 128 + signal.SIGTERM})
 SHUTDOWN_TIMEOUT_S = "600"
@@ -40,9 +42,10 @@ class _DropQuietFailure(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
-        if (msg.startswith("Sending process") and "closing signal" in msg) or (
-                msg.startswith("Received") and "death signal" in msg):  # (each worker says it received the signal)
+        if msg.startswith("Sending process") and "closing signal" in msg:
             return False
+        if msg.startswith("Received") and "death signal" in msg and args and args[0] in STOP_SIGNALS:
+            return False  # (each worker says it received SIGTERM / SIGINT; another signal it does not)
         return not (msg.startswith("failed (exitcode") and args and args[0] in QUIET_EXIT_CODES)
 
 
@@ -60,11 +63,22 @@ SINGLE_PROCESS = ("r3.evaluate", "r3.forgetting", "r3.failures", "r3.generate", 
 def _single_process_module(argv: list[str]) -> str | None:
     """The single-process r3 command ``argv`` launches with ``-m``, if any: refused before
     torchrun's parser reads that command's flags as its own (``--n`` is "ambiguous", matching
-    ``--nnodes`` and ``--nproc-per-node``)."""
-    if not any(a in ("-m", "--module") for a in argv):
-        return None
-    first = next((a for a in argv if a.startswith("r3.")), None)  # (the module; its own flags come after it)
-    return first if first in SINGLE_PROCESS else None
+    ``--nnodes`` and ``--nproc-per-node``). The module is the first argument that is neither one
+    of torchrun's options nor an option's value."""
+    options = torchrun.get_args_parser()._option_string_actions
+    module, i = False, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-"):
+            break
+        action = options.get(a.split("=", 1)[0])
+        module = module or a in ("-m", "--module")
+        i += 1 if action is None or action.nargs == 0 or "=" in a else 2
+    script = argv[i] if i < len(argv) else None
+    return script if module and script in SINGLE_PROCESS else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {single} runs in one process on one device: start it with python -m {single}, not r3-torchrun "
               "(--device cuda:N picks a GPU; for several GPUs, one process each with its own --out)", file=sys.stderr)
         raise SystemExit(2)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and not any(
+            k in os.environ for k in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE")):
+        # started under nohup: torchrun would catch SIGHUP and pass it on to the workers, which
+        # it kills at once (no checkpoint); left ignored, the workers inherit nohup's ignore.
+        # (--signals-to-handle's default, and the variable older torchruns read)
+        os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGQUIT"
     args = torchrun.parse_args(argv)
     try:  # (torchrun: a ValueError or AssertionError traceback)
         nproc = torchrun.determine_local_world_size(args.nproc_per_node)

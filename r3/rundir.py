@@ -317,6 +317,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     corrected retry would be refused for."""
     out = Path(cfg.out)
     saved = out / "config.json"
+    start_over = False
     with fail_together(d, alike=True):  # (every rank checks; rank 0 says what is wrong)
         if out.exists() and not out.is_dir():
             raise R3Error(f"--out {out} is a file, not a directory")
@@ -329,14 +330,10 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                 raise R3Error(f"{saved}: not a config of a previous run (a JSON {type(previous).__name__}, not an "
                               "object); use another --out")
             diff = cfg.incompatible_with(previous)
-            if diff and not _holds_steps(out):
-                # a start that failed after writing its config (in the first step, say): nothing
-                # was trained or logged under it, so a corrected retry starts over
-                if d.main:
-                    print(f"note: --out {out} holds a run that ended before its first step was logged; starting "
-                          "over with this config", flush=True)
-                diff = []
-            if diff:
+            # a start that failed after writing its config (in the first step, say): nothing was
+            # trained or logged under it, so a corrected retry starts over (said once the lock is ours)
+            start_over = bool(diff) and not _holds_steps(out)
+            if diff and not start_over:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
                 diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))
                 shown = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} here" for k in diff[:3])
@@ -378,6 +375,11 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                     raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}"
                                   f"{_free_space_if_full(e, out)})") from None
                 _HELD_LOCKS.append(f)
+            if start_over:
+                print(f"note: --out {out} holds a run that ended before its first step was logged; starting over "
+                      "with this config", flush=True)
+                # (a W&B run id kept would resume the old run's W&B page under the new config)
+                (out / "wandb_run_id").unlink(missing_ok=True)
     return out
 
 

@@ -73,7 +73,7 @@ def test_a_second_ctrl_c_stops_at_once_a_second_sigterm_waits(first, second, at_
             os.kill(os.getpid(), second)
             assert signals.requested(ONE_RANK) == first
     assert {s: signal.getsignal(s) for s in before} == before
-    assert f"received {first.name}: stopping after this step's checkpoint" in capsys.readouterr().err
+    assert capsys.readouterr().err.count(f"received {first.name}: stopping after this step's checkpoint") == 1
 
 
 def test_a_launcher_that_is_gone_stops_its_workers_after_the_step(monkeypatch, capsys):
@@ -83,6 +83,7 @@ def test_a_launcher_that_is_gone_stops_its_workers_after_the_step(monkeypatch, c
     import signal
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(D, "_PARENT_AT_START", 4242)  # (read at import: before the models load)
     monkeypatch.setattr(os, "getppid", lambda: 4242)
     with D.StopSignals() as signals:
         assert signals.requested(ONE_RANK) == 0
@@ -107,5 +108,45 @@ def test_r3_torchrun_refuses_the_one_process_commands_before_parsing_their_flags
     assert err.splitlines() == [f"error: {module} runs in one process on one device: start it with python -m {module}, "
                                 "not r3-torchrun (--device cuda:N picks a GPU; for several GPUs, one process each "
                                 "with its own --out)"]
-    assert launch._single_process_module(["--standalone", "-m", "r3.train", "--out", "r3.evaluate"]) is None
-    assert launch._single_process_module(["r3.evaluate"]) is None  # (a script path, not -m)
+    single = launch._single_process_module
+    assert single(["--standalone", "-m", "r3.train", "--out", "r3.evaluate"]) is None
+    assert single(["r3.evaluate"]) is None  # (a script path, not -m)
+    assert single(["--rdzv-endpoint", "r3.cluster:29400", "-m", "r3.evaluate"]) == "r3.evaluate"  # (an option's value)
+    assert single(["--log-dir", "r3.plot", "-m", "r3.train"]) is None
+    assert single(["--nproc-per-node=2", "--module", "r3.generate", "--n", "1"]) == "r3.generate"
+
+
+def test_r3_torchrun_under_nohup_leaves_sighup_ignored(monkeypatch):
+    """torchrun catches SIGHUP and passes it on to the workers, which it kills at once (no
+    checkpoint), so a run started with nohup died when its terminal closed; r3-torchrun keeps
+    nohup's ignore, which the workers inherit. torchrun's line about a SIGHUP is kept: the workers
+    say nothing about a signal they do not handle."""
+    import logging
+    import signal
+
+    from r3 import launch
+
+    class Parsed(Exception):
+        pass
+
+    def parse_args(argv):
+        raise Parsed
+
+    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
+    monkeypatch.delenv("PET_SIGNALS_TO_HANDLE", raising=False)
+    monkeypatch.setattr(launch.torchrun, "parse_args", parse_args)
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN if s == signal.SIGHUP else real(s))
+    with pytest.raises(Parsed):
+        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
+    import os
+
+    assert os.environ["PET_SIGNALS_TO_HANDLE"] == os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM,SIGINT,SIGQUIT"
+    drop = launch._DropQuietFailure()
+
+    def record(sig):
+        return logging.LogRecord("x", logging.WARNING, "f", 1, "Received %s death signal, shutting down workers",
+                                 (sig,), None)
+
+    assert not drop.filter(record(signal.SIGTERM)) and not drop.filter(record(signal.SIGINT))
+    assert drop.filter(record(signal.SIGHUP))

@@ -96,11 +96,15 @@ def test_one_process_commands_refuse_torchrun_and_an_absent_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     with pytest.raises(R3Error, match="not under torchrun with 8 processes"):
         pick_device_dtype("cpu", "fp32")
-    monkeypatch.setenv("RANK", "3")  # the other processes exit quietly: the line is said once
+    monkeypatch.setenv("RANK", "3")  # another launcher's rank 3 (no rank 0 to say it): said
+    with pytest.raises(R3Error, match="not under torchrun with 8 processes"):
+        pick_device_dtype("cpu", "fp32")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun's: exits quietly, its rank 0 says it once
     with pytest.raises(SystemExit) as e:
         pick_device_dtype("cpu", "fp32")
     assert e.value.code == 2
     monkeypatch.delenv("RANK")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert pick_device_dtype("cpu", "fp32")[1] == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

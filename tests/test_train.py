@@ -1008,9 +1008,11 @@ def test_a_start_that_failed_before_its_first_logged_step_does_not_block_a_corre
     run.mkdir()
     (run / "config.json").write_text(json.dumps({**TrainConfig().to_dict(), "task_options": {"data_path": "bad.jsonl"}}))
     (run / "metrics.jsonl").write_text("")  # (opened, nothing written)
+    (run / "wandb_run_id").write_text("abc123\n")  # (the failed start's W&B run: not resumed under the new config)
     prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
     _HELD_LOCKS.pop().close()
     assert "holds a run that ended before its first step was logged; starting over" in capsys.readouterr().out
+    assert not (run / "wandb_run_id").exists()
     for rel, text in (("metrics.jsonl", '{"step": 1}\n'), ("checkpoints/step_000001/x", "")):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_text(text)

@@ -157,7 +157,7 @@ def examples_of(task, split: str, n: int | None = None, seed: int = 0) -> list[d
     field surfaced only as a verifier failing on every completion, after the models loaded). Any
     problem is one R3Error naming the task, its data file and the example."""
     name = getattr(task, "name", type(task).__name__)
-    source = getattr(task, "data_path", None)
+    source = (split == "test" and getattr(task, "test_data_path", None)) or getattr(task, "data_path", None)
     check = getattr(task, "check_example", None)
     examples = task.examples(split, n, seed)
     if not isinstance(examples, (list, tuple)):
@@ -171,5 +171,6 @@ def examples_of(task, split: str, n: int | None = None, seed: int = 0) -> list[d
             raise R3Error(f"task {name!r}: {split} example {i + 1} cannot be written as JSON ({e}); "
                           "examples are logged with every sample") from None
         if callable(check):
-            check(f"task {name!r}" + (f" ({source})" if source else "") + f": {split} example {i + 1}", ex)
+            check(f"task {name!r}" + (f" ({source})" if source else "") + f": {split} example {i + 1}"
+                  + (f" (id {ex['id']!r})" if "id" in ex else ""), ex)
     return list(examples)
