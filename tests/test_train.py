@@ -1055,7 +1055,8 @@ def test_a_resume_that_raises_max_steps_follows_the_new_schedule(tiny_model, tmp
     out = tmp_path / "run"
     args = BASE + ["--model", str(tiny_model), "--out", str(out), "--warmup-steps", "1", "--min-lr-ratio", "0.1"]
     run_train(args + ["--max-steps", "2"])
-    run_train(args + ["--max-steps", "4"])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # (the last step's, save_every 20)
+    assert "resumed from" in run_train(args + ["--max-steps", "4"]).stdout
     lrs = [r["lr"] for r in read_metrics(out)]
     old = lr_lambda(TrainConfig(max_steps=2, warmup_steps=1, min_lr_ratio=0.1))
     new = lr_lambda(TrainConfig(max_steps=4, warmup_steps=1, min_lr_ratio=0.1))
