@@ -1451,11 +1451,12 @@ def test_steps_without_signal_are_reported_once(tmp_path, capsys):
 
 
 def test_the_streak_without_signal_goes_on_across_a_resume(tiny_model, tmp_path):
-    """A run stopped after 5 steps without reward signal and resumed warns at its 10th such step,
-    in the resumed process, as an uninterrupted run would."""
+    """A run stopped after 5 steps without reward signal and resumed warns at its 10th such step
+    (its last: the 5 steps before the resume count), in the resumed process, as an uninterrupted
+    run would."""
     from r3.train import SIGNAL_LESS_STEPS
 
-    args = BASE + ["--model", str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "11",
+    args = BASE + ["--model", str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "10",
                    "--save-every", "100", "--task-options", '{"fail_first": 1000000}']  # (no answer ever passes)
     first = run_train(args + ["--stop-after", "5"])
     assert "stopping after step 5" in first.stdout and "reward signal" not in first.stderr
@@ -1464,7 +1465,7 @@ def test_the_streak_without_signal_goes_on_across_a_resume(tiny_model, tmp_path)
     assert second.stderr.count(f"no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps") == 1
     assert "no retry passed" in second.stderr
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == list(range(1, 12)) and not any(r["groups_with_signal"] for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, 11)) and not any(r["groups_with_signal"] for r in rows)
 
 
 def _policy_and_rows(seed=0):
