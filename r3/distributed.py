@@ -220,10 +220,10 @@ class StopSignals:
         self._launcher = _PARENT_AT_START if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum, frame):
-        if self.signum is not None and (signum == signal.SIGINT or self.signum == signal.SIGINT):
-            raise KeyboardInterrupt
-        if self.signum is not None:  # (the same stop, asked again: said once)
-            return
+        if self.signum is not None:
+            if signal.SIGINT in (signum, self.signum):
+                raise KeyboardInterrupt
+            return  # (a SIGTERM again: the same stop, said once)
         self.signum = signum
         print(f"received {signal.Signals(signum).name}: stopping after this step's checkpoint "
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)

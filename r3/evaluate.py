@@ -174,12 +174,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
     device, dtype = pick_device_dtype(args.device, st["dtype"])
     check_toolchain(device, compiled_decode=args.decode == "compiled")
+    first_conversation = task.messages(examples[0])
     for spec in models:  # every path, its positions and its chat template checked before the first model runs
         check_token_limits(load_config(spec), spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
                            retry=st["max_retry"])
-        tokenizer, messages = load_tokenizer(spec), task.messages(examples[0])
+        tokenizer = load_tokenizer(spec)
         try:
-            ChatFormat(tokenizer, template_options=template_options(st["chat_options"])).prompt(messages)
+            ChatFormat(tokenizer, template_options=template_options(st["chat_options"])).prompt(first_conversation)
         except R3Error as e:  # (the template's problem: name the model it came with)
             raise R3Error(f"{spec}: {e}") from None
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
