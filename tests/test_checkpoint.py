@@ -583,9 +583,10 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
 
-def _write_gguf(hf, path, arch: str, bf16: bool) -> None:
+def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
-    for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked."""
+    for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
+    ``token_ids`` as ``tokenizer.ggml.<key>`` values."""
     import gguf
     import numpy as np
 
@@ -598,6 +599,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool) -> None:
                        ("vocab_size", c.vocab_size)):
         w.add_uint32(f"{arch}.{key}", int(value))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    for key, value in (token_ids or {}).items():
+        w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
 
     def permute(t, heads):  # llama.cpp convert_hf_to_gguf.py's permute
@@ -656,6 +659,24 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+
+
+def test_a_gguf_files_special_token_ids_reach_the_model_and_its_export(tmp_path):
+    """bos, eos and pad are read from their own GGUF keys (three distinct ids here; SmolLM2's
+    pad equals its eos, so the built-in model cannot tell the keys apart) and the export's
+    config.json and generation_config.json carry them to transformers."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen2", head_dim=24)
+    path = tmp_path / "ids.gguf"
+    _write_gguf(hf, path, "qwen2", bf16=False,
+                token_ids={"bos_token_id": 3, "eos_token_id": 5, "padding_token_id": 7})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (3, 5, 7)
+    out = save_hf(model, None, tmp_path / "export")
+    for name in ("config.json", "generation_config.json"):
+        saved = json.loads((out / name).read_text())
+        assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (3, 5, 7), name
 
 
 def test_a_tied_checkpoint_that_also_stores_its_head_loads(tiny_dirs, tmp_path):
