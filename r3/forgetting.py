@@ -17,7 +17,9 @@ Every model sees the same documents; the table gives each score with its standar
 each later model the paired difference against the first (same items) with its standard error.
 The JSON has ``results`` (rows ``{model, benchmark, metric, score, stderr, n}``), ``paired`` and
 ``items`` (``{benchmark: {model: [{prediction, correct, scores, output | loglikelihoods}]}}`` in
-file order), so numbers can be compared item by item with another harness.
+file order; ``correct`` is the benchmark's first metric: GSM8K's strict match, MATH's and
+MMLU-Pro's exact match, HellaSwag's ``acc``), so numbers can be compared item by item with
+another harness.
 
 Each finished batch is appended to ``OUT.partial.jsonl`` (:mod:`r3.partial_results`): the same
 command run again after an interruption goes on from there; the file goes once ``OUT`` is written.

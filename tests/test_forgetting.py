@@ -327,6 +327,22 @@ def test_cli_end_to_end_on_small_files(tmp_path):
     assert data["settings"]["benchmarks"]["gsm8k"]["shots"] == 0 and data["settings"]["chat"] is False
 
 
+def test_an_items_correct_is_the_benchmarks_first_metric(tmp_path, monkeypatch):
+    """``correct`` in the items is GSM8K's strict match (its first metric, the harness's
+    headline): an answer only the flexible extraction finds is scored there, not here."""
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+                                             {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}])
+    texts = ["2 + 3 makes 5.", "2 + 2 = 4\n#### 4"]
+    monkeypatch.setattr(FG, "generate_until", lambda model, tok, prompts, **k: texts[:len(prompts)])
+    out = tmp_path / "f.json"
+    assert FG.main(["--data", f"gsm8k={gs}", "--shots", "0", "--out", str(out), "--quiet"]) == 0
+    items = json.loads(out.read_text())["items"]["gsm8k"]["smollm2-135m"]
+    assert [i["output"] for i in items] == texts
+    assert [i["scores"] for i in items] == [{"exact_match,strict-match": False, "exact_match,flexible-extract": True},
+                                            {"exact_match,strict-match": True, "exact_match,flexible-extract": True}]
+    assert [i["correct"] for i in items] == [False, True]
+
+
 def test_cli_resumes_from_the_finished_batches(tmp_path, monkeypatch, capsys):
     """Interrupted after its third batch, a rerun of the same command runs only the fourth and
     writes what an uninterrupted run writes (log-likelihoods and texts read back exactly)."""
