@@ -156,9 +156,29 @@ class TrainConfig:
         other["failures"] = absolute_path(other.get("failures"))
         from r3.checkpoint import same_model
 
-        return sorted(k for k in set(mine) | set(other)
+        diff = sorted(k for k in set(mine) | set(other)
                       if k not in self.RESUMABLE_CHANGES and mine.get(k) != other.get(k)
                       and not (k == "model" and isinstance(other.get(k), str) and same_model(other[k], mine[k])))
+        if {"task", "task_options"} & set(diff) and _same_task_in_effect(mine, other):
+            diff = [k for k in diff if k not in ("task", "task_options")]
+        return diff
+
+
+def _same_task_in_effect(mine: dict, other: dict) -> bool:
+    """Whether two configs' tasks, written differently (the ``countdown-tiny`` preset and the
+    same options spelled out, say), are the same task: of one kind with the same options in
+    effect. A task that cannot list its options (no ``config()``), or cannot be built, is not."""
+    from r3.tasks import get
+
+    try:
+        a = get(mine["task"], **mine["task_options"])
+        b = get(other["task"], **other["task_options"])
+    except Exception:  # (R3Error or a plug-in's own: then only the written form decides)
+        return False
+    if type(a) is not type(b) or getattr(a, "name", None) != getattr(b, "name", None):
+        return False
+    ca, cb = getattr(a, "config", None), getattr(b, "config", None)
+    return callable(ca) and callable(cb) and ca() == cb()
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -431,7 +451,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def _help() -> str:
     lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]",
-             "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults)",
+             "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults;",
+             "                                       --task-options '{...}' replaces them whole)",
              "       [--chat-template-option key=value ...]  (merged into chat_template_options)",
              "",
              "--config FILE is JSON or YAML with the same keys; flags override it. Keys (default): what it sets"]

@@ -5,6 +5,7 @@ resume may change."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from r3.config import TrainConfig
 from r3.errors import R3Error
 from r3.train import lr_lambda, make_optimizer
+
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "smollm2_countdown_tiny.yaml"
 
 
 def test_lr_schedule_by_hand():
@@ -81,3 +84,24 @@ def test_a_resume_may_change_only_how_the_work_is_done():
         assert TrainConfig(**{key: value}).incompatible_with(stored) == [key], key
     for key, value in (("max_steps", 60), ("save_every", 5), ("decode", "compiled"), ("eval_n", 10)):
         assert TrainConfig(**{key: value}).incompatible_with(stored) == [], key
+
+
+def test_a_resume_compares_the_task_in_effect_not_as_written(tmp_path):
+    """The countdown-tiny preset and the same options spelled out (the shipped config file) are
+    one task, so either resumes the other; one option more, another kind of task, or a plug-in
+    that cannot list its options is refused by the written form."""
+    import yaml
+
+    from r3.config import parse_args
+
+    spelled = parse_args(["--config", str(CONFIG_FILE)])
+    assert spelled.task == "countdown" and spelled.task_options
+    assert spelled.incompatible_with(TrainConfig().to_dict()) == []
+    assert TrainConfig().incompatible_with(spelled.to_dict()) == []
+    other = yaml.safe_load(CONFIG_FILE.read_text())["task_options"] | {"max_num": 31}
+    assert TrainConfig(task="countdown", task_options=other).incompatible_with(TrainConfig().to_dict()) \
+        == ["task", "task_options"]
+    assert TrainConfig(task="countdown").incompatible_with(TrainConfig().to_dict()) == ["task"]
+    fc = TrainConfig(task="function_calling").to_dict()
+    assert TrainConfig().incompatible_with(fc) == ["task"]
+    assert TrainConfig(task="no_such_module:Task").incompatible_with(TrainConfig().to_dict()) == ["task"]
