@@ -261,7 +261,7 @@ HELP = {
     "eval_n": "held-out queries per evaluation (0 = none)",
     "eval_temperature": "temperature of the held-out evaluation (0 = greedy)",
     "samples_every": "log --log-samples unrewarded samples every N steps, 0 = never (rewarded ones always)",
-    "log_samples": "unrewarded samples logged per logging step",
+    "log_samples": "unrewarded samples logged per rank per logging step",
     "stop_after": "end this process after that step, as if interrupted (0 = run to max_steps)",
     "report_to": "experiment tracking: none, tensorboard (OUT/tensorboard) or wandb (OUT/wandb, offline by default)",
 }

@@ -1,8 +1,8 @@
 """``r3-torchrun``: torchrun whose output ends with r3's own message.
 
 The same flags as ``torchrun`` (this is torchrun's own parser and launcher), e.g.
-``r3-torchrun --nproc_per_node 4 -m r3.train --out runs/r3``. The difference is what happens when
-the workers stop on purpose:
+``r3-torchrun --nproc_per_node 4 -m r3.train --out runs/r3``. It differs in what happens when the
+workers stop on purpose, and in three settings:
 
 - a user error (a worker's one-line ``error: ...``, exit code 2) or a checkpoint after SIGTERM /
   SIGINT (exit code 128 + the signal) ends the launcher with that exit code and nothing after the
@@ -14,7 +14,9 @@ the workers stop on purpose:
   by the number of workers (torchrun sets 1 and prints a banner about it);
 - SIGTERM / SIGINT sent to the launcher reach the workers, which finish their step and save: the
   launcher waits for them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default here 600, torchrun's
-  is 30) before killing them, then exits with 128 + the signal.
+  is 30) before killing them, then exits with 128 + the signal;
+- under ``nohup`` SIGHUP stays ignored (torchrun would pass it on and kill the workers at once);
+- the one-process commands (:data:`SINGLE_PROCESS`) are refused in one line.
 """
 
 from __future__ import annotations
