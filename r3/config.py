@@ -421,6 +421,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         pairs.append((key.replace("-", "_"), val))
         i += 1
     config_file = [v for k, v in pairs if k == "config"]
+    from_file: dict[str, Any] = {}
     if config_file:
         for k, v in _read_config_file(config_file[-1]).items():
             key = str(k).replace("-", "_")
@@ -429,6 +430,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
             if key not in _FIELDS:
                 raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])
+            from_file[key] = v
     for k, v in pairs:
         if k == "config" or k in _REPEATED:
             continue
@@ -446,7 +448,28 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if items:
             kwargs[flag + "s"] = {**kwargs.get(flag + "s", getattr(cfg, flag + "s")),
                                   **parse_task_options(items, "--" + flag.replace("_", "-"))}
-    return TrainConfig(**kwargs).validate()
+    cfg = TrainConfig(**kwargs).validate()
+    _check_file_options_fit_task(cfg, values, from_file, config_file[-1] if config_file else None)
+    return cfg
+
+
+def _check_file_options_fit_task(cfg: TrainConfig, values: dict, from_file: dict, config_file: str | None) -> None:
+    """A config file's ``task_options`` are written for the file's task: with another ``--task``
+    on the command line, an option that task does not take is refused saying where it came from
+    (``--task-options`` replaces them)."""
+    if (config_file is None or values.get("task", (None, None))[1] != "command line"
+            or values.get("task_options", (None, None))[1] != config_file
+            or from_file.get("task") == cfg.task or not from_file.get("task_options")):
+        return
+    from r3.tasks import check_option_names
+
+    try:
+        check_option_names(cfg.task, cfg.task_options)
+    except R3Error as e:
+        if not str(e).startswith("unknown option"):
+            raise
+        raise R3Error(f"{e} ({config_file}'s task_options are written for task {from_file.get('task')!r}; with "
+                      f"--task {cfg.task} pass --task-options '{{...}}' to replace them, '{{}}' for none)") from None
 
 
 def _help() -> str:

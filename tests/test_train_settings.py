@@ -105,3 +105,19 @@ def test_a_resume_compares_the_task_in_effect_not_as_written(tmp_path):
     fc = TrainConfig(task="function_calling").to_dict()
     assert TrainConfig().incompatible_with(fc) == ["task"]
     assert TrainConfig(task="no_such_module:Task").incompatible_with(TrainConfig().to_dict()) == ["task"]
+
+
+def test_a_config_files_task_options_under_another_task_say_where_they_came_from():
+    """The shipped file spells out Countdown options; ``--task function_calling`` over it is
+    refused naming the file and the way out, and ``--task-options '{}'`` is that way."""
+    from r3.config import parse_args
+
+    with pytest.raises(R3Error) as e:
+        parse_args(["--config", str(CONFIG_FILE), "--task", "function_calling"])
+    assert str(e.value).startswith("unknown options answer_tags, difficulty, ")
+    assert f"({CONFIG_FILE}'s task_options are written for task 'countdown'; with --task function_calling pass " \
+           "--task-options '{...}' to replace them, '{}' for none)" in str(e.value)
+    cfg = parse_args(["--config", str(CONFIG_FILE), "--task", "function_calling", "--task-options", "{}"])
+    assert (cfg.task, cfg.task_options) == ("function_calling", {})
+    # options the other task takes pass (the countdown-tiny preset is Countdown)
+    assert parse_args(["--config", str(CONFIG_FILE), "--task", "countdown-tiny"]).task == "countdown-tiny"

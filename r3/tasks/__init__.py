@@ -91,6 +91,38 @@ def _resolve(spec: str, task_name: str) -> Any:
     return obj
 
 
+def _factory(name: Any) -> Any:
+    """The class (or callable) a task name stands for, imported for a plug-in."""
+    if not isinstance(name, str) or not name.strip():
+        raise R3Error(f"task name must be a non-empty string, got {name!r}")
+    key = name.strip()
+    canonical = ALIASES.get(key.lower(), key.lower())
+    if canonical in TASKS:
+        return _resolve(TASKS[canonical], name)
+    if ":" in key:
+        return _resolve(key, name)
+    valid = ", ".join(sorted(TASKS) + sorted(PRESETS) + sorted(ALIASES))
+    raise R3Error(f"unknown task {name!r}; valid tasks: {valid}, or a plug-in 'package.module:ClassName'")
+
+
+def _check_option_names(factory: Any, name: Any, options: dict) -> None:
+    accepted = option_names(factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise R3Error(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for task "
+                          f"{name!r}; valid options: {', '.join(accepted) or '(none)'}")
+
+
+def check_option_names(name: Any, options: dict) -> None:
+    """Raise what :func:`get` raises for an unknown task or option name, without building the
+    task (which may read its data)."""
+    name, options = resolve(name, options)
+    if isinstance(name, Task) or (not isinstance(name, str) and all(hasattr(name, a) for a in _REQUIRED)):
+        return
+    _check_option_names(_factory(name), name, options)
+
+
 def get(name: Any, **options: Any) -> Task:
     """The task called ``name``, built with ``options`` (its keyword arguments, merged over a
     preset's)."""
@@ -99,23 +131,8 @@ def get(name: Any, **options: Any) -> Task:
         if options:
             raise R3Error(f"options {sorted(options)} given with an already-built task {name!r}")
         return name
-    if not isinstance(name, str) or not name.strip():
-        raise R3Error(f"task name must be a non-empty string, got {name!r}")
-    key = name.strip()
-    canonical = ALIASES.get(key.lower(), key.lower())
-    if canonical in TASKS:
-        factory = _resolve(TASKS[canonical], name)
-    elif ":" in key:
-        factory = _resolve(key, name)
-    else:
-        valid = ", ".join(sorted(TASKS) + sorted(PRESETS) + sorted(ALIASES))
-        raise R3Error(f"unknown task {name!r}; valid tasks: {valid}, or a plug-in 'package.module:ClassName'")
-    accepted = option_names(factory)
-    if accepted is not None:
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise R3Error(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for task "
-                          f"{name!r}; valid options: {', '.join(accepted) or '(none)'}")
+    factory = _factory(name)
+    _check_option_names(factory, name, options)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as e:  # e.g. a required option is missing
