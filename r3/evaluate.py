@@ -1,7 +1,7 @@
 """Evaluate: accuracy at the first attempt and after one reflection + retry (the paper's table).
 
 ``python -m r3.evaluate --model M [--model M2 ...] --task T --n N --out F.json``
-``python -m r3.evaluate --run DIR [--n N] --out F.json``
+``python -m r3.evaluate --run DIR [--n N] [--out F.json]`` (default ``DIR/evaluation.json``)
 
 For each test query the model answers (greedy by default); when the answer fails the verifier the
 conversation continues with the task's reflection prompt, the model writes one reflection, then the
@@ -106,7 +106,8 @@ def parse_args(argv=None):
                    help="test queries (default: the task's whole split, e.g. Countdown's test_size)")
     p.add_argument("--split", default="test", help="default: test")
     p.add_argument("--seed", type=int, default=0, help="which examples (and the sampling seed when --temperature > 0)")
-    p.add_argument("--out", required=True, help="the JSON result file")
+    p.add_argument("--out", default=None,
+                   help="the JSON result file (with --run, default: RUN/evaluation.json, what r3.report reads)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="attempt and retry limit (default: 256; with --run, the run's limits)")
     p.add_argument("--max-reflection-tokens", type=int, default=None, help="default: --max-new-tokens")
@@ -159,6 +160,10 @@ def main(argv=None) -> int:
     positive_int("--max-new-tokens", args.max_new_tokens, allow_none=True)
     positive_int("--max-reflection-tokens", args.max_reflection_tokens, allow_none=True)
     positive_int("--batch-size", args.batch_size)
+    if args.out is None:
+        if args.run is None:
+            raise R3Error("--out is required (the JSON result file); with --run it defaults to RUN/evaluation.json")
+        args.out = str(Path(args.run) / "evaluation.json")
     out = check_out_path(args.out)
     st = resolve_settings(args)
     models = st["models"]

@@ -1,6 +1,6 @@
 """``python -m r3.report RUN``: the paper's report of a training run, one Markdown page and its PNGs.
 
-    python -m r3.evaluate --run RUN --records --out RUN/evaluation.json
+    python -m r3.evaluate --run RUN --records          (writes RUN/evaluation.json)
     python -m r3.forgetting --run RUN --data gsm8k=test.jsonl --fewshot-data gsm8k=train.jsonl --out RUN/forgetting.json
     python -m r3.report RUN [--forgetting RUN/forgetting.json] [--out RUN/report]
 

@@ -518,6 +518,10 @@ def test_evaluate_run_refuses_flags_it_takes_from_the_run(tmp_path, capsys):
     one_line_error(rc, err, "no export yet")
     rc, _, err = run_main(E.main, ["--run", str(run), "--task", "countdown", "--out", str(tmp_path / "e.json")], capsys)
     one_line_error(rc, err, "drop --task")
+    rc, _, err = run_main(E.main, ["--run", str(run)], capsys)  # (--out defaults to the run's evaluation.json)
+    one_line_error(rc, err, "no export yet")
+    rc, _, err = run_main(E.main, ["--model", "smollm2-135m"], capsys)
+    one_line_error(rc, err, "--out is required (the JSON result file); with --run it defaults to RUN/evaluation.json")
 
 
 # --------------------------------------------------------------------------------------------

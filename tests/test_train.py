@@ -269,10 +269,11 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
         assert sum(s["reward"] == 0.0 for s in logged) <= 2
         assert all(s["reason"] == "coin" for s in logged)  # (the task's own reason, pass or fail)
     assert sum(s["reward"] == 1.0 for s in sa) > 0
-    # the run's own evaluation (base model and export side by side) and its audit
-    ev = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(full), "--n", "4", "--out", str(ev),
-                           "--quiet"], capture_output=True, text=True, env=ENV, timeout=300)
+    # the run's own evaluation (base model and export side by side; by default into the run,
+    # where r3.report reads it) and its audit
+    ev = full / "evaluation.json"
+    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(full), "--n", "4", "--quiet"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(ev.read_text())
     assert [m["model"] for m in data["models"]] == [str(tiny_model), str(full / "export")]
