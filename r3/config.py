@@ -40,7 +40,7 @@ class TrainConfig:
     # rollout
     batch_size: int = 8  # failed queries per optimizer step (all ranks together)
     group_size: int = 8  # reflections per failed query (the GRPO group)
-    candidates_per_failure: float = 2.0  # first attempts sampled per needed failure (fresh mode)
+    candidates_per_failure: float = 2.0  # first attempts sampled per needed failure (fresh mode; the floor)
     max_new_tokens: int | None = None  # sets the three limits below at once
     max_attempt_tokens: int = 48
     max_reflection_tokens: int = 96  # 48 cut almost every reflection of the built-in model short
@@ -223,7 +223,7 @@ HELP = {
     "out": "run directory: config, metrics, samples, checkpoints, export; rerun with it to resume",
     "batch_size": "failed queries per optimizer step, all ranks together",
     "group_size": "reflections per failed query: the GRPO group (>= 2)",
-    "candidates_per_failure": "first attempts sampled per failure needed (fresh mode)",
+    "candidates_per_failure": "first attempts sampled per failure needed (fresh mode); more, up to 8, when the last steps' first-attempt success asks for it",
     "max_new_tokens": "sets the attempt, reflection and retry limits at once",
     "max_attempt_tokens": "token limit of the first attempt",
     "max_reflection_tokens": "token limit of a reflection (the trained tokens)",
@@ -475,7 +475,7 @@ def _check_file_options_fit_task(cfg: TrainConfig, values: dict, from_file: dict
 def _help() -> str:
     lines = ["usage: torchrun [--nproc_per_node N] -m r3.train [--config FILE] [--key value ...]",
              "       [--task-option key=value ...]  (merged into task_options, over the task's own defaults;",
-             "                                       --task-options '{...}' replaces them whole)",
+             "                                       a JSON object given to --task-options replaces them whole)",
              "       [--chat-template-option key=value ...]  (merged into chat_template_options)",
              "",
              "--config FILE is JSON or YAML with the same keys; flags override it. Keys (default): what it sets"]

@@ -207,6 +207,17 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
         for k in keys:  # (kl is None in a step that trains no token)
             assert (ra[k] is None and rb[k] is None) or ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     assert sum(r["groups_with_signal"] for r in a) > 0 and any(r["grad_norm"] > 0 for r in a)
+    # each step's first attempts: 2 per failure needed, or more after steps that mostly passed
+    # (the coin passes about half), from the logged success, restored on resume
+    from r3.config import TrainConfig
+    from r3.train import candidates_per_failure
+
+    position, recent = 0, []
+    for ra, rb in zip(a, b):
+        position += math.ceil(2 * candidates_per_failure(TrainConfig(), recent))
+        assert ra["data_position"] == rb["data_position"] == position, (ra["step"], recent)
+        recent.append(ra["first_try_success"])
+    assert position > 4 * 4, recent  # (the pool grew in some step, so the rule above was exercised)
     for r in a:  # fp32: the rollout copy and the trainer agree on every trained token's log-prob
         if r["trained_tokens"]:
             assert 0 <= r["logp_diff_mean"] <= r["logp_diff_max"] < 1e-3, r
@@ -224,7 +235,6 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     # the evaluation before training is the base model's, at eval_temperature (not the rollouts'
     # 0.7), on the task's test split, first and second attempt apart: recomputed here
     from r3.chat import ChatFormat
-    from r3.config import TrainConfig
     from r3.heldout import evaluate_examples
     from r3.tasks import examples_of
     from r3.tasks import get as get_task
@@ -1338,6 +1348,38 @@ def test_wait_for_main_holds_the_other_ranks_on_a_gloo_group(tmp_path):
            str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+SHARE_RECENT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from r3.distributed import _exit_hard, init_distributed
+    from r3.train import share_recent
+
+    d = init_distributed()
+    mine = [0.1, 1 / 3, 0.0, 0.7] if d.main else [0.9]  # (rank 0 read metrics.jsonl; the others hold nothing)
+    got = share_recent(mine, d), share_recent([] if d.main else [0.5], d)
+    with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as f:
+        json.dump(got, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_hard(0)
+    """
+)
+
+
+def test_the_resumed_first_attempt_success_reaches_every_rank_exactly(tmp_path):
+    """On resume only rank 0 reads metrics.jsonl; the candidate pool must be sized alike on every
+    rank (each takes its share of one stream), so rank 0's list goes to all, bit for bit."""
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_RECENT_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[0.1, 1 / 3, 0.0, 0.7], []]
 
 
 def test_query_stream_order_is_one_seeded_permutation_per_epoch():

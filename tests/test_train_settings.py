@@ -121,3 +121,26 @@ def test_a_config_files_task_options_under_another_task_say_where_they_came_from
     assert (cfg.task, cfg.task_options) == ("function_calling", {})
     # options the other task takes pass (the countdown-tiny preset is Countdown)
     assert parse_args(["--config", str(CONFIG_FILE), "--task", "countdown-tiny"]).task == "countdown-tiny"
+
+
+def test_the_candidate_pool_grows_with_first_attempt_success():
+    """Fresh mode samples candidates_per_failure first attempts per failure needed, or 1.25 / the
+    failure rate of the last 5 steps when that is more, at most 8: a model that solves half its
+    queries still yields about batch_size failures per step."""
+    from r3.train import MAX_CANDIDATES_PER_FAILURE, candidates_per_failure, remember_first_success
+
+    cfg = TrainConfig()
+    assert cfg.candidates_per_failure == 2.0 and MAX_CANDIDATES_PER_FAILURE == 8.0
+    assert candidates_per_failure(cfg, []) == 2.0
+    assert candidates_per_failure(cfg, [0.1, 0.2]) == 2.0  # 1.25 / 0.85 < 2
+    assert candidates_per_failure(cfg, [0.5]) == pytest.approx(2.5)
+    assert candidates_per_failure(TrainConfig(candidates_per_failure=1.0), [0.0, 0.0, 0.0, 0.0, 0.0, 0.9]) \
+        == pytest.approx(1.25 / 0.82)
+    assert candidates_per_failure(cfg, [0.9, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5]) == pytest.approx(2.5)  # the last 5
+    assert candidates_per_failure(cfg, [1.0]) == 8.0
+    assert candidates_per_failure(cfg, [0.95]) == 8.0
+    assert candidates_per_failure(TrainConfig(candidates_per_failure=10.0), [0.5]) == 10.0  # (a larger floor stays)
+    recent: list = []
+    for row in ({"first_try_success": 0.5}, {"first_try_success": None}, {}, *({"first_try_success": i / 10} for i in range(7))):
+        remember_first_success(recent, row)
+    assert recent == [0.2, 0.3, 0.4, 0.5, 0.6]
