@@ -17,7 +17,9 @@ Files (all lines ASCII JSON, appended whole and flushed after every batch):
 
   ``attempt_tokens`` are the failed attempt's generated token ids (the stop token included when
   it was sampled), exactly as the sampler produced them after the prompt
-  ``ChatFormat(tokenizer, template_options=...).prompt(task.messages(example))``.
+  ``ChatFormat(tokenizer, template_options=...).prompt(task.messages(example))``. An attempt
+  ends where a training attempt does: at a stop id or at the task's stop strings (Countdown with
+  answer tags: the first ``</answer>``).
 * ``F.jsonl.done`` -- a header line ``{"r3_failures": 1, "settings": {...}}`` (model, task, task
   options, chat template options, sampling settings of the first run), then one line ``{"key": "...", "samples": K}``
   per query that passed all its K attempts.
@@ -49,6 +51,7 @@ from r3.cli import (
     pick_device_dtype,
     positive_int,
 )
+from r3.episode import answer_stops
 from r3.errors import R3Error, cli_main
 from r3.failure_data import (  # noqa: F401  (the file format's names, re-exported)
     FORMAT_VERSION,
@@ -104,6 +107,7 @@ def find_failures(
     vocab = min(len(tokenizer), model.config.vocab_size)
     prompts = [chat.prompt(task.messages(ex)) for ex in examples]
     keys = [example_key(ex) for ex in examples]
+    stops = answer_stops(task, chat)  # (the task's stop strings end an attempt, as in training)
     stats = dict(queries=len(examples), failed=0, passed=0, samples_needed=0, samples_drawn=0, generated_tokens=0)
     pending = list(range(len(examples)))
     passed_so_far = 0  # attempts every pending query has passed (the same for all of them)
@@ -117,7 +121,7 @@ def find_failures(
             idx = pending[lo: lo + per_batch]
             out = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, top_k=top_k, num_samples=m, stop_token_ids=chat.stop_ids,
-                           seed=_round_seed(seed, round_, b), vocab_size=vocab)
+                           stop_strings=stops, seed=_round_seed(seed, round_, b), vocab_size=vocab)
             stats["samples_drawn"] += len(out.tokens)
             stats["generated_tokens"] += out.new_tokens
             fails, passes = [], []

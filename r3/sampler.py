@@ -830,12 +830,13 @@ def generate(
     generator: torch.Generator | None = None,
     decode: str = "eager",
     compact: bool = True,
+    stop_strings: StopStrings | None = None,
 ) -> Samples:
     """Sample ``num_samples`` completions per prompt (prompt-major: row ``i`` is prompt
     ``i // num_samples``). Each prompt is prefilled once and its cache forked ``num_samples``
     times. ``temperature=0`` is greedy. ``compact``: drop stopped rows from the decode batch (see
-    :meth:`Session.sample`). See :class:`Samples` for the result and the module docstring for the
-    log-probs."""
+    :meth:`Session.sample`); ``stop_strings`` as there. See :class:`Samples` for the result and
+    the module docstring for the log-probs."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise SamplingError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -848,6 +849,6 @@ def generate(
         _sync(session.device)
         session.prefill_s += time.perf_counter() - t0
     out = session.sample(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_token_ids=stop_token_ids)
+                         stop_token_ids=stop_token_ids, stop_strings=stop_strings)
     out.prefill_s = session.prefill_s
     return out

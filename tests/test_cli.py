@@ -203,6 +203,35 @@ def test_failures_attempt_tokens_are_the_samplers(tiny_dir, tiny, tmp_path, caps
     assert len(read_lines(F.done_path(out))) == 1 + 5 - len(expect)
 
 
+def test_failures_attempts_end_at_the_tasks_stop_strings_as_training_attempts_do(tiny, monkeypatch):
+    """A mined attempt ends where a training attempt would (the task's stop strings), so a file
+    holds only attempts the training rule also fails (tagged Countdown: a first right answer block
+    followed by a wrong one passes in training, and failed here when the attempt ran on)."""
+    from r3.episode import answer_stops
+    from r3.sampler import StopStrings
+
+    model, tok, chat = tiny
+    task = coin_task()
+    task.stop_strings = ("e", "McC")
+    examples = task.examples("train", 6)
+    prompts = [chat.prompt(task.messages(ex)) for ex in examples]
+    stops = answer_stops(task, chat)
+    # generate() passes them to the sampler: each cut attempt is a prefix of the whole one
+    # (per-row streams), ends on the string, and some were cut
+    cut = generate(model, prompts, max_new_tokens=12, temperature=1.0, stop_token_ids=chat.stop_ids, seed=3,
+                   num_samples=4, stop_strings=stops).tokens
+    whole = generate(model, prompts, max_new_tokens=12, temperature=1.0, stop_token_ids=chat.stop_ids, seed=3,
+                     num_samples=4).tokens
+    assert all(w[:len(c)] == c for c, w in zip(cut, whole))
+    shorter = [c for c, w in zip(cut, whole) if len(c) < len(w)]
+    assert shorter and all(any(x in tok.decode(c) for x in task.stop_strings) for c in shorter)
+    seen = []
+    real = F.generate
+    monkeypatch.setattr(F, "generate", lambda *a, **k: seen.append(k["stop_strings"]) or real(*a, **k))
+    F.find_failures(model, tok, task, examples, samples=2, temperature=1.0, max_new_tokens=12, chat=chat)
+    assert seen and all(isinstance(x, StopStrings) and x.strings == ("e", "McC") for x in seen)
+
+
 def test_failures_resume_and_truncated_last_line(tiny_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     base = ["--model", tiny_dir, "--task", COIN, "--samples", "3", "--out", str(out), "--max-new-tokens", "4",
