@@ -62,7 +62,7 @@ class TrainConfig:
     agg: str = "token-mean"
     scale_advantages: bool = True  # False = Dr. GRPO (r - mean)
     micro_batch_size: int = 8  # sequences per forward/backward in the update
-    update_epochs: int = 1  # passes over each rollout batch (old log-probs from the rollout policy)
+    update_epochs: int = 1  # passes over each rollout batch, one optimizer step each (old log-probs: the pre-update policy's)
     grad_clip: float = 1.0
     skip_no_signal_groups: bool = True  # groups with all-equal rewards have zero advantage
     shared_prefix: bool = True  # update and reference encode each group's shared prefix once

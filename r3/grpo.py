@@ -9,8 +9,11 @@ Per masked (reflection) token::
     r      = exp(logp - old_logp)
     k3     = exp(ref - logp) - (ref - logp) - 1
 
-``old_logp`` (the sampler's log-probs) and ``ref_logp`` (the frozen reference model's) are
-constants: they are detached here. Masked-out positions are replaced with zeros *before* any
+``old_logp`` (the log-probs under the policy that sampled the batch, before this step's
+updates; r3.train passes the policy's own detached log-probs in the first epoch, so there r = 1,
+and its pre-update pass in later ones) and ``ref_logp`` (the frozen reference model's) are
+constants: they are detached here. All three are of the same temperature-scaled distribution
+(logits / T, the one the tokens were sampled from), so k3 and r compare what was sampled. Masked-out positions are replaced with zeros *before* any
 arithmetic (``torch.where``, not a multiply), so inf/NaN sitting in padding can neither reach the
 loss nor the gradient.
 
@@ -190,13 +193,13 @@ def policy_loss(
 
     Args:
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (with grad).
-        old_logp: ``[B, T]`` log-probs under the sampling policy (detached here).
+        old_logp: ``[B, T]`` log-probs under the policy before this step's updates (detached here).
         ref_logp: ``[B, T]`` log-probs under the reference model (detached here), or None.
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
         mask: ``[B, T]`` bool or 0/1: the tokens that are trained (reflection tokens).
         eps_low, eps_high: the ratio is clipped to ``[1 - eps_low, 1 + eps_high]`` (DAPO's
             asymmetric "clip-higher" when they differ).
-        beta: KL weight; ``ref_logp=None`` or ``beta=0`` means no KL term in the loss.
+        beta: KL weight; ``beta=0``, or neither ``ref_logp`` nor ``kl``, means no KL term in the loss.
         agg: one of :data:`AGGREGATIONS`.
         denominator: the global normaliser for this optimizer step (module docstring); None:
             this batch's own.
