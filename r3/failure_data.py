@@ -202,7 +202,8 @@ class FailureFile:
         lines and write the header if there is none yet."""
         if self.header is not None:
             old = self.header.get("settings", {})
-            old = {"chat_template_options": {}, **old}  # (files made before the option: the default)
+            # (files made before these settings were recorded: what those versions did)
+            old = {"chat_template_options": {}, "attempt_stop_strings": [], **old}
             for k in ("task", "task_options", "split", "chat_template_options"):
                 if k in old and k in settings and old[k] != settings[k]:
                     raise R3Error(f"{self.out} holds {k} {old[k]!r}, not {settings[k]!r}; use another --out")

@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     settings = {"model": args.model, "task": args.task, "task_options": options, "chat_template_options": chat_options,
                 "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype)}
+                "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype),
+                "attempt_stop_strings": list(getattr(task, "stop_strings", ()) or ())}
     store.open(settings)
     seen = store.keys()
     keys = [example_key(ex) for ex in examples]

@@ -271,10 +271,19 @@ def test_failures_builtin_smoke(tmp_path, capsys):
     fails = read_lines(out)
     head = read_lines(F.done_path(out))[0]
     assert head["settings"]["task_options"] == {"difficulty": "easy"}
+    assert head["settings"]["attempt_stop_strings"] == ["</answer>"]  # (attempts end as training's do)
     assert len(fails) + len(read_lines(F.done_path(out))) - 1 == 3
     for r in fails:
         assert set(r["example"]) >= {"nums", "target"} and 1 <= len(r["attempt_tokens"]) <= 12
     assert "queries failed at least once" in stdout
+    # a file made before attempts ended at the stop strings: resumed, with a warning that says so
+    done = F.done_path(out)
+    lines = done.read_text().splitlines()
+    old = json.loads(lines[0])
+    del old["settings"]["attempt_stop_strings"]
+    done.write_text("\n".join([json.dumps(old)] + lines[1:]) + "\n")
+    rc, _, err = run_main(F.main, argv, capsys)
+    assert rc == 0 and "started with other settings (attempt_stop_strings: [] -> ['</answer>'])" in err, err
 
 
 # --------------------------------------------------------------------------------------------
