@@ -173,12 +173,12 @@ def _same_task_in_effect(mine: dict, other: dict) -> bool:
     try:
         a = get(mine["task"], **mine["task_options"])
         b = get(other["task"], **other["task_options"])
+        if type(a) is not type(b) or getattr(a, "name", None) != getattr(b, "name", None):
+            return False
+        ca, cb = getattr(a, "config", None), getattr(b, "config", None)
+        return callable(ca) and callable(cb) and bool(ca() == cb())
     except Exception:  # (R3Error or a plug-in's own: then only the written form decides)
         return False
-    if type(a) is not type(b) or getattr(a, "name", None) != getattr(b, "name", None):
-        return False
-    ca, cb = getattr(a, "config", None), getattr(b, "config", None)
-    return callable(ca) and callable(cb) and ca() == cb()
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -223,7 +223,7 @@ HELP = {
     "out": "run directory: config, metrics, samples, checkpoints, export; rerun with it to resume",
     "batch_size": "failed queries per optimizer step, all ranks together",
     "group_size": "reflections per failed query: the GRPO group (>= 2)",
-    "candidates_per_failure": "first attempts sampled per failure needed (fresh mode); more, up to 8, when the last steps' first-attempt success asks for it",
+    "candidates_per_failure": "first attempts sampled per failure needed (fresh mode); more (up to 8 and up to group_size) when the last steps' first-attempt success asks for it",
     "max_new_tokens": "sets the attempt, reflection and retry limits at once",
     "max_attempt_tokens": "token limit of the first attempt",
     "max_reflection_tokens": "token limit of a reflection (the trained tokens)",
@@ -457,18 +457,20 @@ def _check_file_options_fit_task(cfg: TrainConfig, values: dict, from_file: dict
     """A config file's ``task_options`` are written for the file's task: with another ``--task``
     on the command line, an option that task does not take is refused saying where it came from
     (``--task-options`` replaces them)."""
+    file_task = from_file.get("task", _FIELDS["task"].default)
+    file_options = from_file.get("task_options")
     if (config_file is None or values.get("task", (None, None))[1] != "command line"
             or values.get("task_options", (None, None))[1] != config_file
-            or from_file.get("task") == cfg.task or not from_file.get("task_options")):
+            or file_task == cfg.task or not isinstance(file_options, dict) or not file_options):
         return
     from r3.tasks import check_option_names
 
-    try:
-        check_option_names(cfg.task, cfg.task_options)
+    try:  # (only the file's own options: a --task-option typo gets the usual error)
+        check_option_names(cfg.task, file_options)
     except R3Error as e:
         if not str(e).startswith("unknown option"):
             raise
-        raise R3Error(f"{e} ({config_file}'s task_options are written for task {from_file.get('task')!r}; with "
+        raise R3Error(f"{e} ({config_file}'s task_options are written for task {file_task!r}; with "
                       f"--task {cfg.task} pass --task-options '{{...}}' to replace them, '{{}}' for none)") from None
 
 

@@ -1,7 +1,8 @@
 """Evaluate: accuracy at the first attempt and after one reflection + retry (the paper's table).
 
 ``python -m r3.evaluate --model M [--model M2 ...] --task T --n N --out F.json``
-``python -m r3.evaluate --run DIR [--n N] [--out F.json]`` (default ``DIR/evaluation.json``)
+``python -m r3.evaluate --run DIR [--n N] [--out F.json]`` (default ``DIR/evaluation.json``, which
+an earlier evaluation there is not replaced by unless ``--out`` names it)
 
 For each test query the model answers (greedy by default); when the answer fails the verifier the
 conversation continues with the task's reflection prompt, the model writes one reflection, then the
@@ -164,6 +165,9 @@ def main(argv=None) -> int:
         if args.run is None:
             raise R3Error("--out is required (the JSON result file); with --run it defaults to RUN/evaluation.json")
         args.out = str(Path(args.run) / "evaluation.json")
+        if Path(args.out).exists() and not Path(args.out + ".partial.jsonl").exists():  # (else: resuming it)
+            raise R3Error(f"{args.out} exists (an earlier evaluation, which r3.report reads); pass --out {args.out} "
+                          "to replace it, or another --out")
     out = check_out_path(args.out)
     st = resolve_settings(args)
     models = st["models"]

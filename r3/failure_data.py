@@ -157,6 +157,11 @@ def check_made_for(path, task, model: str, chat_template_options: dict | None = 
         raise R3Error(f"{path} was sampled with chat template options {theirs}, not this run's {mine}: its attempts "
                       "continue another conversation; pass the same --chat-template-option to r3.train, or make "
                       "the file again")
+    theirs, mine = settings.get("attempt_stop_strings", []), list(getattr(task, "stop_strings", ()) or ())
+    if theirs != mine:  # (files made before attempts ended at the task's stop strings)
+        print(f"warning: {path}'s attempts were not ended at this task's stop strings {mine} (made with {theirs}): "
+              "some may run past an answer a training attempt stops at, and fail where it passes; make the "
+              "file again with this version of r3.failures", file=sys.stderr)
     if settings.get("model") is not None and not same_model(settings["model"], model):
         print(f"warning: {path} holds the first attempts of model {settings['model']!r}; this run trains {model!r}",
               file=sys.stderr)

@@ -108,6 +108,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
             state = {
                 "step": step,
                 "data_position": stream.position,
+                "recent_first_success": stream.recent_first_success,
                 "data_sha256": stream.fingerprint,
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state().tolist(),
@@ -145,6 +146,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, group=None
     scheduler.load_state_dict(trainer["scheduler"])
     stream.position = trainer["data_position"]
     stream.resumed_fingerprint = trainer.get("data_sha256")  # (absent in checkpoints of older versions)
+    stream.recent_first_success = trainer.get("recent_first_success")  # (likewise: then read from the log)
     torch.set_rng_state(torch.tensor(trainer["torch_rng"], dtype=torch.uint8))
     return trainer["step"]
 

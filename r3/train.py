@@ -147,12 +147,16 @@ def sync_rollout_weights(policy, rollout) -> None:
 
 class QueryStream:
     """Deterministic, resumable order over the training examples: a seeded permutation per
-    epoch; ``position`` counts examples consumed (by all ranks together)."""
+    epoch; ``position`` counts examples consumed (by all ranks together).
+    ``recent_first_success``: the first-attempt success of the last steps, which sizes how many
+    queries a step takes in fresh mode (:func:`candidates_per_failure`); checkpointed with the
+    position (None after loading a checkpoint of an older version, which did not record it)."""
 
     def __init__(self, items: list, seed: int, position: int = 0):
         if not items:
             raise R3Error("the task has no training examples")
         self.items, self.seed, self.position = items, seed, position
+        self.recent_first_success: list[float] | None = []
         self._orders: dict[int, list[int]] = {}
         self._fingerprint: str | None = None
 
@@ -332,8 +336,6 @@ class Run:
     # (groups, retry success) of each step since one had signal; None once warn_without_signal has warned
     steps_without_signal: list | None = field(default_factory=list)
     peak_flops: float = 0.0  # one device's peak FLOP/s in the compute dtype (r3.flops.peak_flops)
-    # first_try_success of the last steps (fresh mode), every rank alike: sizes the candidate pool
-    recent_first_success: list = field(default_factory=list)
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -401,7 +403,7 @@ def set_up(cfg: TrainConfig) -> Run:
     start_step = resume(out, policy, optimizer, scheduler, stream, d)
     follow_schedule(scheduler)
     without_signal: list = []  # (the streak goes on across a resume)
-    recent: list = []  # (so does the candidate pool's measure)
+    recent: list = []  # (a checkpoint of an older version: the pool's measure from the log)
     with fail_together(d):  # (rewriting a log needs its size free again)
         if d.main:
             for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
@@ -413,10 +415,11 @@ def set_up(cfg: TrainConfig) -> Run:
                     for row in kept:
                         count_without_signal(without_signal, row)
                         remember_first_success(recent, row)
-    recent = share_recent(recent, d)
+    if stream.recent_first_success is None:
+        stream.recent_first_success = share_recent(recent, d)
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
-               start_step, tracker, without_signal, peak, recent)
+               start_step, tracker, without_signal, peak)
 
 
 #: Steps whose first-attempt success sizes the candidate pool, and the pool's largest size.
@@ -432,8 +435,8 @@ def remember_first_success(recent: list, row: dict) -> None:
 
 
 def share_recent(recent: list, d) -> list:
-    """Rank 0's list (read from metrics.jsonl on resume) on every rank, exactly (float64 sums
-    with zeros)."""
+    """Rank 0's list (read from metrics.jsonl on resuming a checkpoint that did not record it)
+    on every rank, exactly (float64 sums with zeros)."""
     if d.world == 1:
         return recent
     n = int(all_sum([len(recent) if d.main else 0], d)[0])
@@ -445,14 +448,15 @@ def candidates_per_failure(cfg: TrainConfig, recent_first_success: list) -> floa
     """First attempts to sample per failure the step needs (fresh mode): ``candidates_per_failure``,
     or more when the recent first-attempt success says that many would yield fewer than
     ``batch_size`` failures: 1.25 / the failure rate of the last steps, at most
-    :data:`MAX_CANDIDATES_PER_FAILURE` (a model that solves nearly every query gets fewer groups,
-    and ``groups`` in metrics.jsonl shows it)."""
+    :data:`MAX_CANDIDATES_PER_FAILURE` and at most ``group_size``, so that the first attempts
+    never hold more rows (and KV cache) than the reflections that follow. A model that solves
+    nearly every query gets fewer groups, and ``groups`` in metrics.jsonl shows it."""
     rates = [1.0 - s for s in recent_first_success[-RECENT_STEPS:]]
     if not rates:
         return cfg.candidates_per_failure
     fail = sum(rates) / len(rates)
     needed = 1.25 / fail if fail > 0 else math.inf
-    return max(cfg.candidates_per_failure, min(MAX_CANDIDATES_PER_FAILURE, needed))
+    return max(cfg.candidates_per_failure, min(MAX_CANDIDATES_PER_FAILURE, cfg.group_size, needed))
 
 
 def rollout(run: Run, step: int):
@@ -465,7 +469,7 @@ def rollout(run: Run, step: int):
         items = run.stream.take(cfg.batch_size, d.rank, d.world)
         examples, attempts = [r["example"] for r in items], [r["attempt_tokens"] for r in items]
     else:
-        n_cand = math.ceil(local_q * candidates_per_failure(cfg, run.recent_first_success)) * d.world
+        n_cand = math.ceil(local_q * candidates_per_failure(cfg, run.stream.recent_first_success)) * d.world
         examples, attempts = run.stream.take(n_cand, d.rank, d.world), None
     return run_episode(
         run.rollout_model, run.tokenizer, run.task, examples,
@@ -510,7 +514,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     times = {"step": t_update - t0, "rollout": t_rollout - t0, "reference": t_ref - t_rollout, "update": t_update - t_ref}
     row = step_metrics(step + 1, ep, adv, upd, times, d, lr=lr_now, data_position=run.stream.position,
                        fresh_attempts=run.failures is None, flops=training_flops(run, ep, adv), peak_flops=run.peak_flops)
-    remember_first_success(run.recent_first_success, row)
+    remember_first_success(run.stream.recent_first_success, row)
     return row, ep
 
 

@@ -558,6 +558,13 @@ def test_evaluate_run_refuses_flags_it_takes_from_the_run(tmp_path, capsys):
     one_line_error(rc, err, "drop --task")
     rc, _, err = run_main(E.main, ["--run", str(run)], capsys)  # (--out defaults to the run's evaluation.json)
     one_line_error(rc, err, "no export yet")
+    (run / "evaluation.json").write_text("{}")  # (an earlier one, which r3.report reads: not replaced unasked)
+    rc, _, err = run_main(E.main, ["--run", str(run)], capsys)
+    one_line_error(rc, err, f"{run / 'evaluation.json'} exists (an earlier evaluation, which r3.report reads); "
+                            f"pass --out {run / 'evaluation.json'} to replace it, or another --out")
+    (run / "evaluation.json.partial.jsonl").write_text("")  # (an interrupted one: the rerun goes on with it)
+    rc, _, err = run_main(E.main, ["--run", str(run)], capsys)
+    one_line_error(rc, err, "no export yet")
     rc, _, err = run_main(E.main, ["--model", "smollm2-135m"], capsys)
     one_line_error(rc, err, "--out is required (the JSON result file); with --run it defaults to RUN/evaluation.json")
 

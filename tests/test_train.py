@@ -195,8 +195,13 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
     run_train(args + ["--out", str(full), "--max-steps", "4"])
     run_train(args + ["--out", str(part), "--max-steps", "4", "--stop-after", "2"])
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step_000002"]
-    # as an r3 that held q/k/v and gate/up apart wrote it: the resume rewrites it, exactly
+    # as an r3 that held q/k/v and gate/up apart wrote it: the resume rewrites it, exactly; and
+    # as one that did not record the recent first-attempt success: read from metrics.jsonl
     _unfuse_checkpoint(part / "checkpoints" / "step_000002", tiny_model)
+    state_file = part / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("recent_first_success") == [r["first_try_success"] for r in read_metrics(part)]
+    state_file.write_text(json.dumps(state))
     proc = run_train(args + ["--out", str(part), "--max-steps", "4"])
     assert "resumed from" in proc.stdout and "rewriting" in proc.stdout and "warning" not in proc.stderr
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
@@ -207,17 +212,20 @@ def test_train_resume_equals_uninterrupted_and_exports(tiny_model, tmp_path):
         for k in keys:  # (kl is None in a step that trains no token)
             assert (ra[k] is None and rb[k] is None) or ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     assert sum(r["groups_with_signal"] for r in a) > 0 and any(r["grad_norm"] > 0 for r in a)
-    # each step's first attempts: 2 per failure needed, or more after steps that mostly passed
+    # each step's first attempts: 2 per failure needed, or more (at most G = 4) after steps that mostly passed
     # (the coin passes about half), from the logged success, restored on resume
     from r3.config import TrainConfig
     from r3.train import candidates_per_failure
 
     position, recent = 0, []
     for ra, rb in zip(a, b):
-        position += math.ceil(2 * candidates_per_failure(TrainConfig(), recent))
+        position += math.ceil(2 * candidates_per_failure(TrainConfig(group_size=4), recent))
         assert ra["data_position"] == rb["data_position"] == position, (ra["step"], recent)
         recent.append(ra["first_try_success"])
     assert position > 4 * 4, recent  # (the pool grew in some step, so the rule above was exercised)
+    for run in (full, part):  # (checkpointed with the data position: what the next resume reads)
+        assert json.loads((run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())[
+            "recent_first_success"] == recent, run
     for r in a:  # fp32: the rollout copy and the trainer agree on every trained token's log-prob
         if r["trained_tokens"]:
             assert 0 <= r["logp_diff_mean"] <= r["logp_diff_max"] < 1e-3, r
@@ -530,6 +538,16 @@ def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
     with pytest.raises(R3Error, match="holds chat_template_options"):  # adding to it with others
         FailureFile(made).open({"model": "smollm2-135m", "task": "countdown-tiny", "task_options": {}, "split": "train",
                                 "chat_template_options": {}})
+    # attempts that ran past the task's stop strings (a file of an older r3.failures): said
+    tagged = get("countdown", difficulty="easy")
+    old = _failures_made_for(tmp_path / "h.jsonl", "countdown", {"difficulty": "easy"})
+    check_made_for(old, tagged, "smollm2-135m")
+    assert ("h.jsonl's attempts were not ended at this task's stop strings ['</answer>'] (made with [])"
+            in capsys.readouterr().err)
+    new = _failures_made_for(tmp_path / "i.jsonl", "countdown", {"difficulty": "easy"},
+                             attempt_stop_strings=["</answer>"])
+    check_made_for(new, tagged, "smollm2-135m")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("which", ["data_path", "test_data_path"])

@@ -123,10 +123,23 @@ def test_a_config_files_task_options_under_another_task_say_where_they_came_from
     assert parse_args(["--config", str(CONFIG_FILE), "--task", "countdown-tiny"]).task == "countdown-tiny"
 
 
+def test_only_the_files_own_task_options_are_blamed_on_it(tmp_path):
+    from r3.config import parse_args
+
+    shared = tmp_path / "shared.yaml"  # (split_seed: an option of both tasks)
+    shared.write_text("task: countdown\ntask_options:\n  split_seed: 1\n")
+    cfg = parse_args(["--config", str(shared), "--task", "function_calling", "--task-option", "synthetic_sise=100"])
+    assert cfg.task_options == {"split_seed": 1, "synthetic_sise": 100}  # (the typo: the usual error, later)
+    untitled = tmp_path / "untitled.yaml"  # (no task: the file's options were for the default task)
+    untitled.write_text("task_options:\n  difficulty: easy\n")
+    with pytest.raises(R3Error, match=r"untitled.yaml's task_options are written for task 'countdown-tiny'; "):
+        parse_args(["--config", str(untitled), "--task", "function_calling"])
+
+
 def test_the_candidate_pool_grows_with_first_attempt_success():
     """Fresh mode samples candidates_per_failure first attempts per failure needed, or 1.25 / the
-    failure rate of the last 5 steps when that is more, at most 8: a model that solves half its
-    queries still yields about batch_size failures per step."""
+    failure rate of the last 5 steps when that is more, at most 8 and G: a model that solves half
+    its queries still yields about batch_size failures per step."""
     from r3.train import MAX_CANDIDATES_PER_FAILURE, candidates_per_failure, remember_first_success
 
     cfg = TrainConfig()
@@ -140,6 +153,9 @@ def test_the_candidate_pool_grows_with_first_attempt_success():
     assert candidates_per_failure(cfg, [1.0]) == 8.0
     assert candidates_per_failure(cfg, [0.95]) == 8.0
     assert candidates_per_failure(TrainConfig(candidates_per_failure=10.0), [0.5]) == 10.0  # (a larger floor stays)
+    # at most G per failure: the first attempts never hold more rows (KV cache) than the reflections
+    assert candidates_per_failure(TrainConfig(group_size=4), [0.9]) == 4.0
+    assert candidates_per_failure(TrainConfig(group_size=2), [0.9]) == 2.0  # (the floor)
     recent: list = []
     for row in ({"first_try_success": 0.5}, {"first_try_success": None}, {}, *({"first_try_success": i / 10} for i in range(7))):
         remember_first_success(recent, row)
