@@ -167,3 +167,47 @@ def test_training_flops_count_each_pass_over_the_rows_the_update_keeps(beta, epo
     assert training_flops(run, ep, adv) == passes * forward > 0
     nothing = torch.zeros(2, 2)
     assert training_flops(run, ep, nothing) == (0 if skip else passes * forward)
+
+
+def test_step_metrics_row_by_hand_on_two_ranks(monkeypatch):
+    """Every field of a metrics.jsonl row computed by hand, with a stand-in for a second rank
+    holding the same counts (all_sum doubles, all_max keeps the larger): fractions over the
+    right totals, low and high clips apart, per-retry means, stored attempts (no first-attempt
+    success), rates over the rollout's time, the peak per device, and the skip marker."""
+    from types import SimpleNamespace
+
+    import r3.metrics as M
+    from r3.distributed import Dist
+
+    monkeypatch.setattr(M, "all_sum", lambda values, d: {k: 2 * float(v) for k, v in values.items()})
+    monkeypatch.setattr(M, "all_max", lambda value, d: max(value, 0.9))  # (the other rank's max: 0.9)
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0], [0.0, 0.0]]), queries=3, first_success=1,
+                         spans=[(3, 5), (3, 6), (4, 5), (4, 8)], generated_tokens=40, times={"attempt": 1.5})
+    upd = {"loss": 0.1, "kl_sum": 0.6, "tokens": 10, "clip_low_sum": 1.0, "clip_high_sum": 3.0, "logp_diff_sum": 0.5,
+           "logp_diff_tokens": 10, "logp_diff_max": 0.2, "grad_norm": 1.5, "skipped": True, "kl_scored": True}
+    times = {"step": 10.0, "rollout": 8.0, "reference": 0.5, "update": 1.5}
+    d = Dist(rank=0, world=2, local_rank=0, device=torch.device("cpu"), mesh=None)
+    adv = torch.tensor([[0.7, -0.7], [0.0, 0.0]])
+    row = M.step_metrics(3, ep, adv, upd, times, d, lr=1e-5, data_position=64, fresh_attempts=True,
+                         flops=1e12, peak_flops=4e12)
+    assert row["loss"] == pytest.approx(0.2) and row["kl"] == pytest.approx(1.2 / 20)
+    assert (row["clip_frac_low"], row["clip_frac_high"]) == (pytest.approx(2 / 20), pytest.approx(6 / 20))
+    assert row["retry_success"] == pytest.approx(2 / 8) and row["first_try_success"] == pytest.approx(2 / 6)
+    assert (row["groups"], row["groups_with_signal"]) == (4, 2)
+    assert row["reflection_tokens"] == 2 * (2 + 3 + 1 + 4) and row["trained_tokens"] == 20
+    assert row["reflection_len_mean"] == pytest.approx(20 / 8)
+    assert row["logp_diff_mean"] == pytest.approx(1.0 / 20) and row["logp_diff_max"] == 0.9
+    assert row["rollout_tokens_per_s"] == pytest.approx(80 / 8.0) and row["tokens_per_s"] == pytest.approx(80 / 10.0)
+    assert row["mfu"] == pytest.approx(2e12 / (2.0 * 8e12)) and row["peak_tflops"] == pytest.approx(4.0)
+    assert row["attempt_time_s"] == 1.5 and row["data_position"] == 64 and row["lr"] == 1e-5
+    assert row["skipped"] is True and row["grad_norm"] == 1.5
+    assert format_step_line_of(row).endswith(" | SKIPPED (non-finite)")
+    stored = M.step_metrics(3, ep, adv, {**upd, "skipped": False}, times, d, lr=1e-5, data_position=64,
+                            fresh_attempts=False, flops=1e12, peak_flops=4e12)
+    assert stored["first_try_success"] is None and "SKIPPED" not in format_step_line_of(stored)
+
+
+def format_step_line_of(row):
+    from r3.metrics import format_step_line
+
+    return format_step_line(row, 10, 5.0)
