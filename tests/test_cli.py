@@ -781,6 +781,21 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (f"error: No space left on device writing {tmp_path / 'fails.jsonl'}; "
                                        "free space and run the command again\n")
 
+    def quota():  # (a cluster's quota is a full disk too)
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", "/scratch/out.json")
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(quota)()
+    assert e.value.code == 2 and capsys.readouterr().err == \
+        "error: Disk quota exceeded writing /scratch/out.json; free space and run the command again\n"
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(ctrl_c)()
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
     def denied():
         raise PermissionError(errno.EACCES, "Permission denied", "/x")
 

@@ -803,6 +803,7 @@ def test_a_full_disk_at_the_export_or_a_log_is_one_line_naming_the_kept_checkpoi
     real on a 60 MB tmpfs: the rerun wrote the export; a run whose disk filled mid-step resumed from
     its checkpoint with the logs trimmed.)"""
     import errno
+    import io
 
     import safetensors.torch
     from safetensors import SafetensorError
@@ -845,7 +846,15 @@ def test_a_full_disk_at_the_export_or_a_log_is_one_line_naming_the_kept_checkpoi
     with pytest.raises(SafetensorError, match="not contiguous"):  # a bug, not the disk: not a user error
         rundir.export(tmp_path, policy, tok, d)
     monkeypatch.undo()
+    for stale in (".export.tmp-abc", ".export.old-123"):  # (what an export killed half-way left: a whole model)
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model.safetensors").write_bytes(b"x")
     assert (rundir.export(tmp_path, policy, tok, d) / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "export"]
+    # a quota counts as a full disk (the free-space advice), for OS errors and safetensors' alike
+    assert rundir._disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert rundir._disk_full(SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)"))
+    assert not rundir._disk_full(OSError(errno.EACCES, "Permission denied"))
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -866,9 +875,22 @@ def test_a_full_disk_at_the_export_or_a_log_is_one_line_naming_the_kept_checkpoi
     with pytest.raises(R3Error, match=rf"^could not write {tmp_path / 'metrics.jsonl'} \(Permission denied\); rerun with "
                                       "the same --out: it resumes from checkpoint step_000001$"):
         rundir.append_jsonl(tmp_path / "metrics.jsonl", {"step": 2})
-    monkeypatch.setattr(rundir, "write_json_atomic", no_space)  # a run's start on a full disk
+    monkeypatch.undo()
+    (tmp_path / "config.json").write_text('{"lr": 1}')
+    from r3 import files
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, *a, **k: (os.close(fd), Full())[1])
     with pytest.raises(R3Error, match=rf"^could not write {tmp_path / 'config.json'} \(No space left on device; .* GiB free"):
-        rundir.write_config(cfg, tmp_path, d)
+        rundir.write_config(cfg, tmp_path, d)  # (rewriting a resumed run's config on a full disk)
+    assert (tmp_path / "config.json").read_text() == '{"lr": 1}'  # (not truncated: the run stays resumable)
+    monkeypatch.undo()
+    row = {"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "kl": float("-inf"), "lr": 1e-5}
+    rundir.append_jsonl(tmp_path / "nan.jsonl", row)  # (a skipped step's non-finite numbers: JSON null, not NaN)
+    assert (tmp_path / "nan.jsonl").read_text() == '{"step": 3, "loss": null, "grad_norm": null, "kl": null, "lr": 1e-05}\n'
 
 
 def test_a_checkpoint_before_the_first_update_does_not_count_as_an_adamw_step(tiny_model, tmp_path):
