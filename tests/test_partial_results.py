@@ -1,6 +1,7 @@
 """r3.partial_results: the finished batches of an interrupted evaluation, read back by a rerun."""
 
 import json
+import os
 import types
 
 import pytest
@@ -53,6 +54,25 @@ def test_code_fingerprint_covers_r3_and_the_tasks_own_files(tmp_path, monkeypatc
     assert code_fingerprint(task) == before and code_fingerprint() != before
     (tmp_path / "r3_fp_task_mod.py").write_text("class T:\n    def verify(self):\n        return 2\n")
     assert code_fingerprint(task) != before  # the verifier was fixed: another evaluation
+    # a plug-in's base class in another file (its verifier inherited) counts too
+    (tmp_path / "r3_fp_base_mod.py").write_text("class Base:\n    def verify(self):\n        return 1\n")
+    (tmp_path / "r3_fp_child_mod.py").write_text("from r3_fp_base_mod import Base\nclass C(Base):\n    pass\n")
+    import r3_fp_child_mod
+
+    child = r3_fp_child_mod.C()
+    before = code_fingerprint(child)
+    (tmp_path / "r3_fp_base_mod.py").write_text("class Base:\n    def verify(self):\n        return 2\n")
+    assert code_fingerprint(child) != before
+    # and r3's own modules in subpackages (r3.forgetting's scoring lives in r3/evals/)
+    from pathlib import Path
+
+    import r3.evals.engine
+
+    engine = Path(r3.evals.engine.__file__).resolve()
+    real = Path.read_bytes
+    before = code_fingerprint()
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + (b"#" if self == engine else b""))
+    assert code_fingerprint() != before
     assert fingerprint({1: "a", "b": 2}) == fingerprint({1: "a", "b": 2})  # (keys that do not sort together)
 
 
@@ -98,6 +118,12 @@ def test_model_files_change_with_the_weights(tmp_path):
     assert model_files(str(d)) == before
     (d / "model.safetensors").write_bytes(b"12345")
     assert model_files(str(d)) != before
+    # retrained in place: the same size, written later (an export's size never changes)
+    same_size = model_files(str(d))
+    (d / "model.safetensors").write_bytes(b"54321")
+    st = (d / "model.safetensors").stat()
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert model_files(str(d)) != same_size
     assert model_files("smollm2-135m")["spec"] == "smollm2-135m"
     assert fingerprint({"a": [1, 2]}) == fingerprint({"a": [1, 2]}) != fingerprint({"a": [2, 1]})
 
