@@ -1330,6 +1330,19 @@ def test_a_checkpoint_that_fails_on_rank_0_alone_stops_every_rank_with_its_one_l
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
 
 
+@pytest.mark.parametrize("code", [143, 130])
+def test_r3_torchrun_passes_on_a_workers_own_signal_exit_quietly(tmp_path, code):
+    """A worker signalled directly (``kill`` of its pid, a scheduler's signal to every process)
+    saves and exits 128 + the signal: the launcher exits with that code, without torchrun's
+    failure summary (the launcher's own signal goes another way, through SignalException)."""
+    script = tmp_path / "signalled.py"
+    script.write_text(f"import sys\nprint('saved', file=sys.stderr)\nsys.exit({code})\n")
+    proc = subprocess.run(LAUNCH + ["--nproc_per_node", "1", str(script)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "FAILED" not in proc.stderr and "ChildFailedError" not in proc.stderr and "saved" in proc.stderr
+
+
 def test_r3_torchrun_reports_a_crash_with_torchruns_summary_and_exit_1(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text("raise ValueError('boom')\n")
@@ -1394,12 +1407,12 @@ SHARE_RECENT_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch.distributed as dist
-    from r3.distributed import _exit_hard, init_distributed
+    from r3.distributed import _exit_hard, gather_to_main, init_distributed
     from r3.train import share_recent
 
     d = init_distributed()
     mine = [0.1, 1 / 3, 0.0, 0.7] if d.main else [0.9]  # (rank 0 read metrics.jsonl; the others hold nothing)
-    got = share_recent(mine, d), share_recent([] if d.main else [0.5], d)
+    got = share_recent(mine, d), share_recent([] if d.main else [0.5], d), gather_to_main([d.rank, d.rank], d)
     with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as f:
         json.dump(got, f)
     dist.barrier()
@@ -1418,8 +1431,9 @@ def test_the_resumed_first_attempt_success_reaches_every_rank_exactly(tmp_path):
            str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[0.1, 1 / 3, 0.0, 0.7], []]
+    for rank in (0, 1):  # (and samples gathered to rank 0 in rank order)
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == \
+            [[0.1, 1 / 3, 0.0, 0.7], [], [0, 0, 1, 1] if rank == 0 else []]
 
 
 def test_query_stream_order_is_one_seeded_permutation_per_epoch():
