@@ -221,6 +221,42 @@ def test_templates_that_cannot_be_continued_are_refused(builtin, tmp_path):
         ChatFormat(_with_template(builtin[1], tmp_path / "d", raises))
 
 
+_CHATML_TURNS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_writes_text_before_past_assistant_turns_is_refused(builtin, tmp_path):
+    """Text (not whitespace) the template puts before a past assistant message was never part of
+    what the model saw when it sampled that message: r3 cannot reproduce the rendering."""
+    prefixed = _CHATML_TURNS.replace("{{ m.content }}",
+                                     "{% if m.role == 'assistant' %}Answer: {% endif %}{{ m.content }}")
+    with pytest.raises(R3Error, match="the chat template re-renders earlier turns; r3 cannot continue"):
+        ChatFormat(_with_template(builtin[1], tmp_path / "a", prefixed))
+    assert ChatFormat(_with_template(builtin[1], tmp_path / "b", _CHATML_TURNS))  # (the same without: fine)
+
+
+def test_a_template_that_drops_the_system_message_refuses_one(builtin, tmp_path):
+    """A template that leaves system messages out would silently lose the task's system prompt:
+    a prompt with one is refused in one line, a prompt without one is fine."""
+    chat = ChatFormat(_with_template(builtin[1], tmp_path, _CHATML_TURNS.replace(
+        "{% for m in messages %}", "{% for m in messages if m.role != 'system' %}")))
+    with pytest.raises(R3Error, match="does not keep a system message at the start of the conversation"):
+        chat.prompt(_conversation(True))
+    text = chat.tok.decode(chat.prompt(_conversation(False)))
+    assert text == f"<|im_start|>user\n{QUERY}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_user_template_options_are_checked_and_kept_by_type():
+    """Only a value equal to the default and of its type is dropped: the template sees 0 as a
+    number, not as ``false``. apply_chat_template's own arguments are refused."""
+    from r3.chat import user_template_options
+
+    assert user_template_options({"enable_thinking": False, "x": 1}) == {"x": 1}
+    assert user_template_options({"enable_thinking": 0}) == {"enable_thinking": 0}
+    with pytest.raises(R3Error, match="'tokenize' is an argument r3 gives the chat template itself, not a template"):
+        user_template_options({"tokenize": True})
+
+
 def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
     from transformers import AutoTokenizer
 

@@ -709,3 +709,68 @@ def test_the_export_stops_at_the_tokenizers_eos_when_the_config_names_none(tiny_
     out = save_hf(model, tok, tmp_path / "export")
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] in (tok.eos_token_id, [tok.eos_token_id]) and tok.eos_token_id is not None
+
+
+def test_a_checkpoint_that_stores_its_rotary_buffer_loads(tiny_dirs, tmp_path):
+    """Older transformers saved ``rotary_emb.inv_freq`` with the weights: a buffer derived from
+    the config, skipped rather than refused as an unexpected tensor."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # (not what RoPE uses: ignored)
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load(src, tokenizer=False)
+    plain, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+
+
+def test_the_export_keeps_the_tokenizers_list_of_generation_eos_ids(tiny_dirs, tmp_path, builtin):
+    """A base checkpoint whose generation_config.json stops at several ids (Llama 3.x, Phi-3.5,
+    Qwen) exports all of them, so transformers' generate stops where the base model did."""
+    from transformers import AutoTokenizer
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    builtin[1].save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "tok" / "generation_config.json").write_text('{"eos_token_id": [2, 5]}')
+    out = save_hf(model, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+
+
+def test_the_export_drops_the_sources_quantization_config(tiny_dirs, tmp_path):
+    """The export holds plain floating-point weights: a quantization_config copied from the source
+    config.json would make transformers read them as quantised ones."""
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    assert model.hf_config
+    quantized = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    model.hf_config = {**model.hf_config, "quantization_config": quantized}
+    written = json.loads((save_hf(model, None, tmp_path / "export") / "config.json").read_text())
+    assert "quantization_config" not in written and written["model_type"] == "qwen2"
+
+
+def test_an_export_interrupted_while_the_old_one_is_removed_is_whole(tiny_dirs, tmp_path, monkeypatch):
+    """The new export is put in place before the previous one is removed: a Ctrl-C in the middle
+    of that removal leaves a complete export at the path (the new one), never a half-deleted one."""
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    target = save_hf(model, None, tmp_path / "export")
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    real_rmtree, calls = shutil.rmtree, []
+
+    def interrupted(path, *args, **kwargs):  # the first removal is cut short after one file
+        calls.append(path)
+        if len(calls) > 1:
+            return real_rmtree(path, *args, **kwargs)
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(model, None, target)
+    monkeypatch.undo()
+    back, _ = load(target, tokenizer=False)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))

@@ -181,3 +181,36 @@ def test_tensor_table_checks(tmp_path):
     f = read_gguf(path)
     assert [(t.name, t.shape, t.data.shape) for t in f.tensors] == [("a", (4,), (4,)), ("b", (2, 2), (2, 2)),
                                                                     ("c", (0,), (0,))]
+
+
+def _kv_file(*fields: bytes) -> bytes:
+    """A GGUF file without tensors whose metadata are ``fields`` (each key, type and value, encoded)."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(fields)) + b"".join(fields)
+
+
+def _key(name: bytes) -> bytes:
+    return struct.pack("<Q", len(name)) + name
+
+
+def test_strings_inside_arrays_that_are_not_utf8_read_with_replacement_characters(tmp_path):
+    """A vocabulary may hold pieces that are not whole UTF-8 (a split multi-byte character): they
+    read with U+FFFD instead of refusing the model; a string value of its own must still be UTF-8."""
+    path = tmp_path / "t.gguf"
+    items = [b"a", b"\xff", b"\xe2\x96"]
+    array = struct.pack("<IIQ", 9, 8, len(items)) + b"".join(struct.pack("<Q", len(s)) + s for s in items)
+    path.write_bytes(_kv_file(_key(b"tokenizer.ggml.tokens") + array))
+    assert read_gguf(path).fields == {"tokenizer.ggml.tokens": ["a", "\ufffd", "\ufffd"]}
+    path.write_bytes(_kv_file(_key(b"general.name") + struct.pack("<IQ", 8, 1) + b"\xff"))
+    with pytest.raises(GGUFError, match="is not UTF-8"):
+        read_gguf(path)
+
+
+def test_a_metadata_key_given_twice_is_a_gguf_error(tmp_path):
+    """A repeated key would silently keep one of two values: refused, naming the key."""
+    path = tmp_path / "t.gguf"
+    field = _key(b"general.alignment") + struct.pack("<II", 4, 32)
+    path.write_bytes(_kv_file(field, _key(b"general.name") + struct.pack("<IQ", 8, 1) + b"x"))
+    assert read_gguf(path).fields == {"general.alignment": 32, "general.name": "x"}
+    path.write_bytes(_kv_file(field, field))
+    with pytest.raises(GGUFError, match="metadata key 'general.alignment' appears twice"):
+        read_gguf(path)

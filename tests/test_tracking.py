@@ -113,3 +113,78 @@ def test_report_to_without_the_package_fails_before_anything_is_written(tmp_path
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert err == ["error: --report-to wandb needs the wandb package: pip install wandb"], err
     assert not (tmp_path / "o").exists() and "r3.train:" not in proc.stdout  # (nothing loaded or printed)
+
+
+def _tensorboard_tags(directory) -> dict:
+    """The tags TensorBoard's UI reader finds in ``directory`` now (scalars and text are tensors)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    acc = plugin_event_accumulator.EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.tensor_proto) for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+
+
+def test_tensorboard_metrics_are_on_disk_before_the_writer_closes(tmp_path, monkeypatch):
+    """Each step's scalars are flushed when logged: where the event file's writes are buffered
+    until a flush (TensorFlow's gfile, a file system without append), TensorBoard would otherwise
+    show them up to two minutes late, and a run killed with SIGKILL would lose them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.compat import tf
+
+    plain_init = tf.io.gfile.GFile.__init__
+
+    def buffered(self, *args, **kwargs):  # the stub's GFile buffers like this where it cannot append
+        plain_init(self, *args, **kwargs)
+        self.fs_supports_append = False
+
+    monkeypatch.setattr(tf.io.gfile.GFile, "__init__", buffered)
+    t = make_tracker("tensorboard", tmp_path, {"lr": 1e-5}, 0, main=True)
+    try:
+        t.log_metrics({"step": 1, "loss": 0.25}, 1)
+        tags = _tensorboard_tags(tmp_path / "tensorboard")
+        assert [(step, p.float_val[0]) for step, p in tags["train/loss"]] == [(1, 0.25)]
+    finally:
+        t.close()
+
+
+def test_tensorboard_logs_no_samples_table_for_a_step_without_samples(tmp_path):
+    """A step with no logged samples writes no text (not a table of headers only)."""
+    pytest.importorskip("tensorboard")
+    t = make_tracker("tensorboard", tmp_path, {}, 0, main=True)
+    t.log_samples([], 1)
+    t.log_samples([{"reward": 1.0, "reason": "correct", "attempt": "a", "reflection": "b", "retry": "c"}], 2)
+    t.close()
+    tags = _tensorboard_tags(tmp_path / "tensorboard")
+    assert [step for step, _ in tags["samples/text_summary"]] == [2]
+
+
+def _fake_wandb(monkeypatch) -> list:
+    """A stand-in wandb module; returns the list its init(**kwargs) calls are appended to."""
+    inits = []
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or types.SimpleNamespace(),
+                                 util=types.SimpleNamespace(generate_id=lambda: "abc123"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    return inits
+
+
+@pytest.mark.parametrize("env, mode", [({}, "offline"), ({"WANDB_API_KEY": "k"}, "online"),
+                                       ({"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, "offline"),
+                                       ({"WANDB_MODE": "disabled"}, "disabled")])
+def test_wandb_mode_follows_wandb_mode_then_the_api_key(tmp_path, monkeypatch, env, mode):
+    """Offline unless WANDB_API_KEY is set (then online); an explicit WANDB_MODE wins over the key."""
+    inits = _fake_wandb(monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    make_tracker("wandb", tmp_path, {}, 0, main=True)
+    assert [kw["mode"] for kw in inits] == [mode]
+
+
+def test_wandb_project_comes_from_wandb_project(tmp_path, monkeypatch):
+    """WANDB_PROJECT names the W&B project (r3 when unset), as wandb users expect."""
+    inits = _fake_wandb(monkeypatch)
+    make_tracker("wandb", tmp_path, {}, 0, main=True)
+    monkeypatch.setenv("WANDB_PROJECT", "p")
+    make_tracker("wandb", tmp_path, {}, 0, main=True)
+    assert [kw["project"] for kw in inits] == ["r3", "p"]
