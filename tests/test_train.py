@@ -1395,8 +1395,13 @@ WAIT_SCRIPT = textwrap.dedent(
 def test_wait_for_main_holds_the_other_ranks_on_a_gloo_group(tmp_path):
     """Rank 0's long file work (an export, a checkpoint rewrite) is waited for on a gloo group
     with a long timeout, not NCCL's 10 minutes; the other ranks pass only once it is done."""
-    script = tmp_path / "wait.py"
-    script.write_text(WAIT_SCRIPT)
+    _run_on_two_ranks(WAIT_SCRIPT, tmp_path)
+
+
+def _run_on_two_ranks(source: str, tmp_path) -> None:
+    """Run ``source`` as a script on 2 CPU ranks with ``tmp_path`` as its argument; it must exit 0."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(source)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
@@ -1425,12 +1430,7 @@ SHARE_RECENT_SCRIPT = textwrap.dedent(
 def test_the_resumed_first_attempt_success_reaches_every_rank_exactly(tmp_path):
     """On resume only rank 0 reads metrics.jsonl; the candidate pool must be sized alike on every
     rank (each takes its share of one stream), so rank 0's list goes to all, bit for bit."""
-    script = tmp_path / "share.py"
-    script.write_text(SHARE_RECENT_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_on_two_ranks(SHARE_RECENT_SCRIPT, tmp_path)
     for rank in (0, 1):  # (and samples gathered to rank 0 in rank order)
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == \
             [[0.1, 1 / 3, 0.0, 0.7], [], [0, 0, 1, 1] if rank == 0 else []]
