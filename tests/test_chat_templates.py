@@ -445,6 +445,30 @@ def test_reasoning_tags_marked_special_only_as_added_tokens_are_kept(tokenizers,
     assert chat.decode(chat.encode("3 + 11") + [eot_x]) == "3 + 11"
 
 
+def test_reasoning_tags_named_special_but_not_flagged_are_kept(tmp_path):
+    """Tags listed among a tokenizer's named special tokens but not flagged special in
+    ``added_tokens_decoder`` (as ByT5 lists its own ``<pad>``) are dropped by a Python tokenizer's
+    ``skip_special_tokens``, so decode keeps them too."""
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    tok = ByT5Tokenizer(extra_ids=0)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["<think>", "</think>"])
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = (TEMPLATES / "qwen25.jinja").read_text()
+    tok.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] += ["<think>", "</think>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    think = tok.convert_tokens_to_ids("</think>")
+    assert think in tok.all_special_ids and not tok.added_tokens_decoder[think].special
+    chat = ChatFormat(tok)
+    said = chat.encode("<think>\nThe answer is not 11 - 3\n</think>\n\n3 + 11") + [chat.end_of_turn_id]
+    assert tok.decode(said, skip_special_tokens=True) == "\nThe answer is not 11 - 3\n\n\n3 + 11"
+    assert chat.decode(said) == "<think>\nThe answer is not 11 - 3\n</think>\n\n3 + 11"
+
+
 def test_episode_verifies_replies_with_the_opened_reasoning_block(tokenizers, tmp_path):
     """Every text an R1-style episode verifies and records starts inside the opened block."""
     from test_episode import CoinTask, build_tiny_chat_model

@@ -583,10 +583,12 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
 
-def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None) -> None:
+def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
+                rope_scaling: tuple[str, float] | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
-    ``token_ids`` as ``tokenizer.ggml.<key>`` values."""
+    ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
+    ``<arch>.rope.scaling.*``."""
     import gguf
     import numpy as np
 
@@ -602,6 +604,9 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None) 
     for key, value in (token_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
+    if rope_scaling is not None:
+        w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
+        w.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
 
     def permute(t, heads):  # llama.cpp convert_hf_to_gguf.py's permute
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
@@ -661,6 +666,27 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
 
 
+def test_a_gguf_files_linear_rope_scaling_is_read_and_other_scalings_refused(tmp_path):
+    """``rope.scaling.type`` linear with its factor gives the source model's logits (positions
+    divided by the factor); a scaling r3 does not read from GGUF (yarn) is refused in one line
+    rather than loaded as something else."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "llama", rope_scaling={"rope_type": "linear", "factor": 4.0},
+                      rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0})
+    path = tmp_path / "linear.gguf"
+    _write_gguf(hf, path, "llama", bf16=False, rope_scaling=("linear", 4.0))
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    tokens = _tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+    _write_gguf(hf, tmp_path / "yarn.gguf", "llama", bf16=False, rope_scaling=("yarn", 4.0))
+    with pytest.raises(R3Error) as e:
+        load(tmp_path / "yarn.gguf", tokenizer=False)
+    assert str(e.value) == f"{tmp_path / 'yarn.gguf'}: unsupported GGUF rope scaling 'yarn'"
+
+
 def test_a_gguf_files_special_token_ids_reach_the_model_and_its_export(tmp_path):
     """bos, eos and pad are read from their own GGUF keys (three distinct ids here; SmolLM2's
     pad equals its eos, so the built-in model cannot tell the keys apart) and the export's
@@ -679,18 +705,18 @@ def test_a_gguf_files_special_token_ids_reach_the_model_and_its_export(tmp_path)
         assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (3, 5, 7), name
 
 
-def test_a_tied_checkpoint_that_also_stores_its_head_loads(tiny_dirs, tmp_path):
-    """Some tied checkpoints also save lm_head.weight (a copy of the embeddings): loaded, not
-    refused as an unexpected tensor."""
-    import shutil
-
+@pytest.mark.parametrize("extra", ["lm_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"])
+def test_a_checkpoint_that_also_stores_a_derived_tensor_loads(tiny_dirs, tmp_path, extra):
+    """Some tied checkpoints also save lm_head.weight (a copy of the embeddings), and older
+    transformers saved ``rotary_emb.inv_freq`` (derived from the config): loaded with the same
+    logits, not refused as an unexpected tensor."""
     from safetensors.torch import load_file, save_file
 
-    src = tmp_path / "tied"
-    shutil.copytree(tiny_dirs["llama"][0], src)
+    src = _copy(tiny_dirs["llama"][0], tmp_path / "m")
     weights = load_file(str(src / "model.safetensors"))
-    assert "lm_head.weight" not in weights
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    assert extra not in weights
+    weights[extra] = (weights["model.embed_tokens.weight"].clone() if extra == "lm_head.weight"
+                      else torch.ones(8))  # (not what RoPE uses: ignored)
     save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
     model, _ = load(src, tokenizer=False)
     plain, _ = load(tiny_dirs["llama"][0], tokenizer=False)
@@ -709,22 +735,6 @@ def test_the_export_stops_at_the_tokenizers_eos_when_the_config_names_none(tiny_
     out = save_hf(model, tok, tmp_path / "export")
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] in (tok.eos_token_id, [tok.eos_token_id]) and tok.eos_token_id is not None
-
-
-def test_a_checkpoint_that_stores_its_rotary_buffer_loads(tiny_dirs, tmp_path):
-    """Older transformers saved ``rotary_emb.inv_freq`` with the weights: a buffer derived from
-    the config, skipped rather than refused as an unexpected tensor."""
-    from safetensors.torch import load_file, save_file
-
-    src = _copy(tiny_dirs["llama"][0], tmp_path / "m")
-    weights = load_file(str(src / "model.safetensors"))
-    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # (not what RoPE uses: ignored)
-    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
-    model, _ = load(src, tokenizer=False)
-    plain, _ = load(tiny_dirs["llama"][0], tokenizer=False)
-    tokens = _tokens(model.config.vocab_size)
-    with torch.no_grad():
-        assert torch.equal(model(tokens), plain(tokens))
 
 
 def test_the_export_keeps_the_tokenizers_list_of_generation_eos_ids(tiny_dirs, tmp_path, builtin):

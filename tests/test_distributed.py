@@ -155,3 +155,77 @@ def test_r3_torchrun_under_nohup_leaves_sighup_ignored(monkeypatch):
 
     assert not drop.filter(record(signal.SIGTERM)) and not drop.filter(record(signal.SIGINT))
     assert drop.filter(record(signal.SIGHUP))
+
+
+def test_r3_torchrun_keeps_its_shutdown_timeout_default_and_a_users_value(monkeypatch):
+    """torchrun kills the workers 30 s after a SIGTERM to the launcher: too soon for a large
+    model's checkpoint, so r3-torchrun waits 600 s unless TORCH_ELASTIC_SHUTDOWN_TIMEOUT says."""
+    import os
+
+    from r3 import launch
+
+    class Parsed(Exception):
+        pass
+
+    def parse_args(argv):
+        raise Parsed
+
+    monkeypatch.setattr(launch.torchrun, "parse_args", parse_args)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    with pytest.raises(Parsed):
+        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
+    assert os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    with pytest.raises(Parsed):
+        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
+    assert os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "45"
+
+
+SLOW_MAIN_FAILS = '''
+import sys, time
+from r3.distributed import fail_together, init_distributed, run_and_exit
+from r3.errors import R3Error, cli_main
+
+@cli_main
+def main():
+    d = init_distributed()
+    try:
+        with fail_together(d):
+            if d.main and sys.argv[1] == "r3error":
+                raise R3Error("could not write metrics.jsonl (No space left on device)")
+            if d.main:
+                raise ValueError("a bug in rank 0's writes")
+    except Exception:
+        time.sleep(2)  # rank 0 is slow to go (its error on a slow disk, a large traceback)
+        raise
+    raise AssertionError("not reached")
+
+run_and_exit(main)
+'''
+
+
+@pytest.mark.parametrize("kind", ["r3error", "crash"])
+def test_quiet_ranks_wait_for_a_slow_failing_rank_to_say_why(tmp_path, kind):
+    """The ranks that did not fail leave only once the failing rank is gone: exiting at once, their
+    exit 2 was torchrun's first failure, so it stopped rank 0 before its one line (or reported exit 2
+    for rank 0's crash, without its failure summary)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "slow_main_fails.py"
+    script.write_text(SLOW_MAIN_FAILS)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-m", "r3.launch", "--standalone", "--nproc_per_node", "2", str(script),
+                           kind], capture_output=True, text=True, env=env, timeout=300)
+    if kind == "r3error":
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert lines == ["error: could not write metrics.jsonl (No space left on device)"], lines
+    else:
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "ValueError: a bug in rank 0's writes" in proc.stderr
+        root = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+        assert "rank      : 0 (local_rank: 0)" in root and "exitcode  : 1" in root, proc.stderr[-3000:]
