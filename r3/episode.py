@@ -21,7 +21,7 @@ import torch
 from r3.chat import ChatFormat
 from r3.errors import positive_int
 from r3.sampler import Session, StopStrings
-from r3.tasks.base import leading_reasoning_end, passes
+from r3.tasks.base import leading_reasoning_end, passes, stop_strings_of
 
 
 @dataclass
@@ -97,7 +97,7 @@ def answer_stops(task, chat: ChatFormat) -> StopStrings | None:
     message (``chat.decode``: the reply after any reasoning block the generation prompt opened)
     opens a reasoning block, a stop string counts only after the block's first ``</think>``, so
     one written inside the reasoning does not cut it off before its answer."""
-    strings = tuple(getattr(task, "stop_strings", ()) or ())
+    strings = stop_strings_of(task)
     if not strings:
         return None
 

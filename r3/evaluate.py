@@ -59,7 +59,7 @@ from r3.episode import EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.model import check_token_limits
-from r3.partial_results import PartialResults, code_fingerprint, device_name, fingerprint, model_files
+from r3.partial_results import PartialResults, code_fingerprint, device_name, fingerprint, model_files, partial_path
 from r3.sampler import check_sampling_args
 from r3.stats import paired_difference
 from r3.tasks import examples_of
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         if args.run is None:
             raise R3Error("--out is required (the JSON result file); with --run it defaults to RUN/evaluation.json")
         args.out = str(Path(args.run) / "evaluation.json")
-        if Path(args.out).exists() and not Path(args.out + ".partial.jsonl").exists():  # (else: resuming it)
+        if Path(args.out).exists() and not partial_path(args.out).exists():  # (else: resuming it)
             raise R3Error(f"{args.out} exists (an earlier evaluation, which r3.report reads); pass --out {args.out} "
                           "to replace it, or another --out")
     out = check_out_path(args.out)

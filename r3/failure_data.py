@@ -134,6 +134,7 @@ def check_made_for(path, task, model: str, chat_template_options: dict | None = 
     from r3.checkpoint import same_model
     from r3.config import absolute_paths
     from r3.tasks import get
+    from r3.tasks.base import stop_strings_of
 
     settings = recorded_settings(path)
     if settings is None or "task" not in settings:
@@ -157,7 +158,7 @@ def check_made_for(path, task, model: str, chat_template_options: dict | None = 
         raise R3Error(f"{path} was sampled with chat template options {theirs}, not this run's {mine}: its attempts "
                       "continue another conversation; pass the same --chat-template-option to r3.train, or make "
                       "the file again")
-    theirs, mine = settings.get("attempt_stop_strings", []), list(getattr(task, "stop_strings", ()) or ())
+    theirs, mine = settings.get("attempt_stop_strings", []), list(stop_strings_of(task))
     if theirs != mine:  # (files made before attempts ended at the task's stop strings)
         print(f"warning: {path}'s attempts were not ended at this task's stop strings {mine} (made with {theirs}): "
               "some may run past an answer a training attempt stops at, and fail where it passes; make the "

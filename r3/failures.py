@@ -65,7 +65,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
 from r3.model import check_token_limits
 from r3.sampler import check_sampling_args, generate
 from r3.tasks import examples_of
-from r3.tasks.base import passes as task_passes
+from r3.tasks.base import passes as task_passes, stop_strings_of
 
 # --------------------------------------------------------------------------------------------
 # Sampling
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                 "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype),
-                "attempt_stop_strings": list(getattr(task, "stop_strings", ()) or ())}
+                "attempt_stop_strings": list(stop_strings_of(task))}
     store.open(settings)
     seen = store.keys()
     keys = [example_key(ex) for ex in examples]

@@ -13,9 +13,9 @@ Per masked (reflection) token::
 updates; r3.train passes the policy's own detached log-probs in the first epoch, so there r = 1,
 and its pre-update pass in later ones) and ``ref_logp`` (the frozen reference model's) are
 constants: they are detached here. All three are of the same temperature-scaled distribution
-(logits / T, the one the tokens were sampled from), so k3 and r compare what was sampled. Masked-out positions are replaced with zeros *before* any
-arithmetic (``torch.where``, not a multiply), so inf/NaN sitting in padding can neither reach the
-loss nor the gradient.
+(logits / T, the one the tokens were sampled from), so k3 and r compare what was sampled.
+Masked-out positions are replaced with zeros *before* any arithmetic (``torch.where``, not a
+multiply), so inf/NaN sitting in padding can neither reach the loss nor the gradient.
 
 Aggregations (``agg``), for a batch of B sequences with T positions:
 

@@ -33,7 +33,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 #: The signals an r3 worker handles itself (a checkpoint, then exit 128 + the signal).
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 #: Exit codes an r3 worker uses after saying why it stopped (see :mod:`r3.errors`, r3.train).
-QUIET_EXIT_CODES = frozenset({2, 128 + signal.SIGINT, 128 + signal.SIGTERM})
+QUIET_EXIT_CODES = frozenset({2, *(128 + s for s in STOP_SIGNALS)})
 SHUTDOWN_TIMEOUT_S = "600"
 
 

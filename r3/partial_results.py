@@ -56,6 +56,11 @@ def device_name(device) -> str:
     return str(device)
 
 
+def partial_path(out) -> Path:
+    """``OUT.partial.jsonl``: where the finished batches of the command writing ``out`` are kept."""
+    return Path(out).with_name(Path(out).name + ".partial.jsonl")
+
+
 def code_fingerprint(*objects) -> str:
     """A short hash of r3's own source and of the files defining ``objects``' classes (a plug-in
     task and its bases): a fixed verifier or prompt, or another r3, is another evaluation."""
@@ -105,7 +110,7 @@ class PartialResults:
     index in the unit's fixed order. ``key``: everything the results depend on (JSON-able)."""
 
     def __init__(self, out: Path, key: dict):
-        self.path = Path(out).with_name(Path(out).name + ".partial.jsonl")
+        self.path = partial_path(out)
         self.key = json.loads(_json({"format": FORMAT, **key}))  # (as it reads back)
         self.done: dict[tuple[str, int], object] = {}
         self.earlier_s: dict[tuple[str, int], float] = {}  # (each read-back batch's seconds in its run)

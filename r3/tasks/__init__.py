@@ -91,6 +91,11 @@ def _resolve(spec: str, task_name: str) -> Any:
     return obj
 
 
+def _built(name: Any) -> bool:
+    """Whether ``name`` is a task object already (an instance, or anything with a task's methods)."""
+    return isinstance(name, Task) or (not isinstance(name, str) and all(hasattr(name, a) for a in _REQUIRED))
+
+
 def _factory(name: Any) -> Any:
     """The class (or callable) a task name stands for, imported for a plug-in."""
     if not isinstance(name, str) or not name.strip():
@@ -118,16 +123,15 @@ def check_option_names(name: Any, options: dict) -> None:
     """Raise what :func:`get` raises for an unknown task or option name, without building the
     task (which may read its data)."""
     name, options = resolve(name, options)
-    if isinstance(name, Task) or (not isinstance(name, str) and all(hasattr(name, a) for a in _REQUIRED)):
-        return
-    _check_option_names(_factory(name), name, options)
+    if not _built(name):
+        _check_option_names(_factory(name), name, options)
 
 
 def get(name: Any, **options: Any) -> Task:
     """The task called ``name``, built with ``options`` (its keyword arguments, merged over a
     preset's)."""
     name, options = resolve(name, options)
-    if isinstance(name, Task) or (not isinstance(name, str) and all(hasattr(name, a) for a in _REQUIRED)):
+    if _built(name):
         if options:
             raise R3Error(f"options {sorted(options)} given with an already-built task {name!r}")
         return name

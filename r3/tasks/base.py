@@ -179,6 +179,12 @@ def _as_verdict(out: Any) -> bool | None:
     return None
 
 
+def stop_strings_of(task) -> tuple[str, ...]:
+    """The texts that end a task's answer turns (``Task.stop_strings``; a plug-in without the
+    attribute has none)."""
+    return tuple(getattr(task, "stop_strings", ()) or ())
+
+
 def passes(task, example: dict, completion_text: str) -> bool:
     """``task.verify(example, completion_text)`` as r3 reads every verdict: counted, and it must
     be a bool (or the integer 0 or 1). Anything else (a plug-in's ``verify`` returning
