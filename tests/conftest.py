@@ -136,3 +136,24 @@ def copy_without_chat_template(src, dst):
     (dst / "chat_template.jinja").unlink(missing_ok=True)
     return dst
 
+
+
+@pytest.fixture
+def verifier_errors(monkeypatch):
+    """Every verifier error noted during the test (a verifier that raised, or a plug-in ``verify``
+    that returned no bool), kept as counted. ``Task.verify`` never raises: it judges such a text
+    wrong, so a table of texts expected wrong passes on a crash unless someone looks. The test
+    fails if any is left here at its end: a test that expects some checks them and clears the
+    list. The verifier test files use it for every test (``pytestmark``)."""
+    from r3.tasks import base
+
+    seen: list[str] = []
+    counted = base._note_error
+
+    def note(task, error: str) -> None:
+        seen.append(error)
+        counted(task, error)
+
+    monkeypatch.setattr(base, "_note_error", note)
+    yield seen
+    assert not seen, f"{len(seen)} verifier error(s), judged wrong only by the catch-all (first: {seen[0]})"

@@ -25,6 +25,9 @@ from r3.tasks.countdown import (
     solve,
 )
 
+# a verifier that raises judges the text wrong: every test here also fails on one (conftest)
+pytestmark = pytest.mark.usefixtures("verifier_errors")
+
 
 def ans(expr: str) -> str:
     return f"Let me think.\n<answer> {expr} </answer>"
@@ -138,14 +141,16 @@ NOT_CALLABLE = 3
 '''
 
 
-def test_plugin_loading(tmp_path, monkeypatch):
+def test_plugin_loading(tmp_path, monkeypatch, verifier_errors):
     (tmp_path / "r3_test_plugin_mod.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     t = tasks.get("r3_test_plugin_mod:EchoTask", word="yo", retry_prompt="Once more.")
     assert isinstance(t, Task) and t.word == "yo"
     ex = t.examples("train", n=2)[0]
     assert t.verify(ex, " yo ") is True and t.verify(ex, "no") is False
-    assert t.verify(ex, None) is False  # the base class turns exceptions into False
+    assert t.verify(ex, None) is False  # the base class turns exceptions into False, counted
+    assert verifier_errors == ["AttributeError: 'NoneType' object has no attribute 'strip'"]
+    verifier_errors.clear()
     assert t.reflection_message() == {"role": "user", "content": "Why?"}
     assert t.retry_message(ex) == {"role": "user", "content": "Once more."}
     assert tasks.get("r3_test_plugin_mod:make", word="x").word == "x"  # a factory function works too
@@ -234,7 +239,6 @@ E123 = {"nums": [1, 2, 3], "target": 1}
         ([7, 2, 1], 4, ans("7 // 2 + 1"), False),
         ([7, 2, 1], 2, ans("7 % 2 + 1"), False),
         ([1, 2, 3], 6, ans("1.0 + 2 + 3"), False),
-        ([1, 2, 3], 4.5, ans("1.5 + 3"), False),
         ([2000, 1, 2], 2003, ans("2e3 + 1 + 2"), False),
         ([1, 2, 3], 0, ans("-1 - 2 + 3"), False),  # unary minus is rejected ...
         ([1, 2, 3], 0, ans("3 - 2 - 1"), True),  # ... binary minus is fine
@@ -376,12 +380,19 @@ def test_countdown_never_executes(tmp_path):
     assert not marker.exists()
 
 
-def test_countdown_never_raises_on_junk():
+def test_countdown_never_raises_on_junk(verifier_errors):
+    """A completion that is no text is wrong (no verifier error); an example without its fields
+    is a verifier error, counted, so a run on a broken data file says so."""
     for text in (None, b"<answer> 1 </answer>", 42, ["<answer>1</answer>"], "", "<answer></answer>"):
         assert CD.verify(E123, text) is False
-    for ex in ({}, {"nums": [1, 2, 3]}, {"nums": None, "target": 1}, None):
+    assert verifier_errors == []
+    for ex, error in (({}, "KeyError: 'nums'"), ({"nums": [1, 2, 3]}, "KeyError: 'target'"),
+                      ({"nums": None, "target": 1}, "TypeError: 'NoneType' object is not iterable"),
+                      (None, "TypeError: 'NoneType' object is not subscriptable")):
         assert CD.verify(ex, ans("(1 + 2) / 3")) is False
-        assert isinstance(CD.diagnose(ex, ans("1")), str)
+        assert verifier_errors == [error]
+        assert CD.diagnose(ex, ans("1")) == f"verifier error: {error}"
+        verifier_errors.clear()
 
 
 @pytest.mark.parametrize(
@@ -679,11 +690,17 @@ def test_generated_rows_look_like_the_public_export():
     assert Counter(type(x) for x in e["nums"]) == Counter({int: len(e["nums"])})
 
 
-def test_malformed_examples_are_false_not_truncated():
+def test_malformed_examples_are_false_not_truncated(verifier_errors):
+    """A number that is not an integer is an error in the example (counted), never truncated."""
     assert CD.verify({"nums": [1, 2, 3], "target": 6.0}, ans("1 + 2 + 3")) is True
-    assert CD.verify({"nums": [1, 2, 3], "target": 6.5}, ans("1 + 2 + 3")) is False  # not int(6.5) == 6
-    assert CD.verify({"nums": [1, 2, 3.5], "target": 6}, ans("1 + 2 + 3")) is False
-    assert CD.verify({"nums": [True, 2, 3], "target": 6}, ans("1 + 2 + 3")) is False
+    for ex, text, bad in (({"nums": [1, 2, 3], "target": 6.5}, ans("1 + 2 + 3"), "6.5"),  # not int(6.5) == 6
+                          ({"nums": [1, 2, 3], "target": 4.5}, ans("1.5 + 3"), "4.5"),
+                          ({"nums": [1, 2, 3.5], "target": 6}, ans("1 + 2 + 3"), "3.5"),
+                          ({"nums": [True, 2, 3], "target": 6}, ans("1 + 2 + 3"), "True")):
+        assert CD.verify(ex, text) is False
+        assert verifier_errors == [f"TypeError: expected an integer, got {bad}"]
+        verifier_errors.clear()
+        assert recheck(CD, ex, text) == (False, "malformed example")
 
 
 @pytest.mark.parametrize("name,options", [("countdown", {"difficulty": "easy", "max_num": 12}),
@@ -1129,19 +1146,44 @@ def test_countdown_real_model_outputs():
         assert recheck(LENIENT, ex, r["completion"])[0] is r["expected"], r
 
 
-def test_countdown_verifier_and_recheck_agree_on_edge_inputs():
+def test_countdown_verifier_and_recheck_agree_on_edge_inputs(verifier_errors):
     """Cases where the two implementations once disagreed."""
     tags = CountdownTask(difficulty="standard")
     cases = [
         (tags, {"nums": [26, 24], "target": 50}, "<answer>26 +" + " " * 300 + "24</answer>", False),
         (LENIENT, {"nums": [26, 24], "target": 50}, "26 +" + " " * 300 + "24 = 50", False),
         (tags, {"nums": [26, 24], "target": 50}, "<answer>26 + 24" + "\n" * 5000 + "</answer>", False),
-        (LENIENT, {"nums": ["26", "24"], "target": 50}, "26 + 24 = 50", False),  # malformed example
         (LENIENT, {"nums": [26.0, 24], "target": 50.0}, "26 + 24 = 50", True),
     ]
     for task, ex, text, expected in cases:
         assert task.verify(ex, text) is expected, (text[:40], task.diagnose(ex, text))
         assert recheck(task, ex, text)[0] is expected, text[:40]
+    malformed = {"nums": ["26", "24"], "target": 50}
+    assert LENIENT.verify(malformed, "26 + 24 = 50") is False
+    assert verifier_errors == ["TypeError: expected an integer, got '26'"]
+    verifier_errors.clear()
+    assert LENIENT.diagnose(malformed, "26 + 24 = 50") == "verifier error: TypeError: expected an integer, got '26'"
+    assert recheck(LENIENT, malformed, "26 + 24 = 50") == (False, "malformed example")
+
+
+def test_a_bug_in_the_recheck_raises_and_is_not_a_malformed_example(monkeypatch):
+    """Only the example's own fields make "malformed example": an error inside the re-check raises,
+    so a table of texts expected wrong cannot pass on a crash of the independent implementation."""
+    from r3.tasks import recheck as rc
+
+    def broken(*a, **k):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(rc, "recheck_countdown", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        recheck(LENIENT, {"nums": [26, 24], "target": 50}, "26 + 24 = 51")
+    monkeypatch.setattr(rc, "recheck_function_calling", broken)
+    fc = tasks.get("xlam", synthetic_size=10)
+    ex = fc.examples("train", n=1)[0]
+    with pytest.raises(TypeError, match="a bug"):
+        recheck(fc, ex, "[]")
+    for bad in ({**ex, "answers": "[1]"}, {**ex, "answers": "not json"}, {**ex, "tools": 3}, {"tools": "[]"}):
+        assert recheck(fc, bad, "[]") == (False, "malformed example")
 
 
 class _ReturnsText(Task):
@@ -1162,7 +1204,7 @@ class _Raises(Task):
         raise ValueError("bad field")
 
 
-def test_a_verdict_must_be_a_bool_and_a_reason(capsys):
+def test_a_verdict_must_be_a_bool_and_a_reason(capsys, verifier_errors):
     """A _check that returns anything but (bool, str) never pays a reward (a bare string read as
     True rewarded every completion); numpy's bool is a bool."""
     import numpy as np
@@ -1181,9 +1223,11 @@ def test_a_verdict_must_be_a_bool_and_a_reason(capsys):
     assert t.verify({}, "x") is True and t.diagnose({}, "x") == "even length"
     t._check = lambda ex, s: (True, "")
     assert t.diagnose({}, "x") == "correct"
+    assert len(verifier_errors) == 6  # (made on purpose here)
+    verifier_errors.clear()
 
 
-def test_verifier_errors_are_counted_and_warned_once(capsys):
+def test_verifier_errors_are_counted_and_warned_once(capsys, verifier_errors):
     from r3.tasks.base import warn_verifier_errors
 
     from r3.tasks.base import passes
@@ -1197,9 +1241,11 @@ def test_verifier_errors_are_counted_and_warned_once(capsys):
     assert warn_verifier_errors(t, "in step 5") == 0 and capsys.readouterr().err == ""  # reset
     assert t.diagnose({}, "x") == "verifier error: ValueError: bad field"
     assert warn_verifier_errors(object(), "anywhere") == 0  # a duck-typed task without the counter
+    assert len(verifier_errors) == 3  # (made on purpose here)
+    verifier_errors.clear()
 
 
-def test_a_verifier_that_raises_on_every_completion_stops_the_run():
+def test_a_verifier_that_raises_on_every_completion_stops_the_run(verifier_errors):
     """Every verdict an error: nothing can be rewarded or measured, so it is an error, not a warning
     (a run and an evaluation went on at 0% with only a warning line)."""
     from r3.tasks.base import passes, warn_verifier_errors
@@ -1210,6 +1256,8 @@ def test_a_verifier_that_raises_on_every_completion_stops_the_run():
     with pytest.raises(R3Error, match=r"failed on all 5 completions in step 2 \(first: ValueError: bad field\)"):
         warn_verifier_errors(t, "in step 2")
     assert warn_verifier_errors(t, "in step 3") == 0  # (counts reset)
+    assert len(verifier_errors) == 5  # (made on purpose here)
+    verifier_errors.clear()
 
 
 class _VerifyReturnsTuple(Task):
@@ -1230,7 +1278,7 @@ class _VerifyOnly(Task):
         return completion_text == "right"
 
 
-def test_a_verify_override_must_return_a_bool():
+def test_a_verify_override_must_return_a_bool(verifier_errors):
     """r3 reads every verdict through passes(): a verify() returning (False, reason) paid reward 1
     for wrong retries and the audit passed them. Now such a verdict is wrong and a verifier error
     (a run whose every verdict is one stops); numpy's bool and the integers 0 and 1 are verdicts."""
@@ -1253,6 +1301,8 @@ def test_a_verify_override_must_return_a_bool():
         t.verify = lambda ex, s, v=bad: v
         assert passes(t, {}, "x") is False
     assert warn_verifier_errors(t, "in a test") == 4  # (and not all failed: a warning)
+    assert len(verifier_errors) == 6  # (made on purpose here)
+    verifier_errors.clear()
 
 
 @pytest.mark.parametrize("made, message", [

@@ -24,6 +24,9 @@ from r3.tasks.function_calling import (
 )
 from r3.tasks.xlam_synthetic import CATALOGUE, synthetic_xlam
 
+# a verifier that raises judges the text wrong: every test here also fails on one (conftest)
+pytestmark = pytest.mark.usefixtures("verifier_errors")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TOOLS = [
@@ -743,12 +746,20 @@ def test_the_recheck_reads_huge_exponents_without_building_them(monkeypatch):
         assert FC.verify(ex, completion) is True and recheck(FC, ex, completion)[0] is True, amount[:20]
 
 
-def test_verify_never_raises():
+def test_verify_never_raises(verifier_errors):
+    """A completion that is no text is wrong (no verifier error); an example whose fields are
+    missing or not the calls' JSON is a verifier error, counted, so a run on a broken file says so."""
     for text in (None, 3, b"[]", ["x"], {"name": "f"}):
         assert FC.verify(EX, text) is False
-    for ex in ({}, {"answers": "not json"}, {"answers": None}, None, {"answers": "[1]"}):
+    assert verifier_errors == []
+    for ex, error in (({}, "KeyError: 'tools'"), ({"tools": EX["tools"]}, "KeyError: 'answers'"),
+                      ({**EX, "answers": "not json"}, "JSONDecodeError: Expecting value"),
+                      ({**EX, "answers": None}, "TypeError: 'NoneType' object is not iterable"),
+                      ({**EX, "answers": "[1]"}, "TypeError: 'int' object is not subscriptable"),
+                      (None, "TypeError: 'NoneType' object is not subscriptable")):
         assert FC.verify(ex, GOOD) is False
-        assert isinstance(FC.diagnose(ex, GOOD), str)
+        assert len(verifier_errors) == 1 and verifier_errors.pop().startswith(error), ex
+        assert FC.diagnose(ex, GOOD).startswith(f"verifier error: {error}")
 
 
 def test_diagnose():

@@ -1759,17 +1759,24 @@ def has_recheck(task) -> bool:
 
 
 def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
-    """The independent verdict for a built-in task's example, or None for other tasks."""
+    """The independent verdict for a built-in task's example, or None for other tasks. An example
+    without its fields is ``(False, "malformed example")``; an error in the re-check itself raises."""
     name = getattr(task, "name", None)
-    try:
-        if name == "countdown":
-            return recheck_countdown(text, [_whole(x) for x in example["nums"]], _whole(example["target"]),
-                                     tags=task.answer_tags, ops=task.ops)
-        if name == "function_calling":
+    if name == "countdown":
+        try:
+            nums, target = [_whole(x) for x in example["nums"]], _whole(example["target"])
+        except (KeyError, TypeError, ValueError):
+            return False, "malformed example"
+        return recheck_countdown(text, nums, target, tags=task.answer_tags, ops=task.ops)
+    if name == "function_calling":
+        try:
             answers, tools = example["answers"], example.get("tools", "[]")
             tools = json.loads(tools) if isinstance(tools, str) else tools
-            return recheck_function_calling(text, json.loads(answers) if isinstance(answers, str) else answers,
-                                            [t.get("name", "") for t in tools if isinstance(t, dict)])
-    except (KeyError, TypeError, ValueError):
-        return False, "malformed example"
+            reference = json.loads(answers) if isinstance(answers, str) else answers
+            names = [t.get("name", "") for t in tools if isinstance(t, dict)]
+            if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in reference):
+                raise TypeError("a reference call is not {'name': ..., 'arguments': ...}")
+        except (KeyError, TypeError, ValueError):
+            return False, "malformed example"
+        return recheck_function_calling(text, reference, names)
     return None
