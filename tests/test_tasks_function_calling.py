@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,8 @@ def test_duplicate_reference_calls():
         {"name": "convert", "arguments": {"amount": 100.0, "to": "eur"}},  # strings are exact
         {"name": "Convert", "arguments": {"amount": 100.0, "to": "EUR"}},  # names are exact
         {"name": "convert_currency", "arguments": {"amount": 100.0, "to": "EUR"}},
+        {"name": "convert ", "arguments": {"amount": 100.0, "to": "EUR"}},  # (a harness finds no tool "convert ")
+        {"name": " convert", "arguments": {"amount": 100.0, "to": "EUR"}},
     ],
 )
 def test_wrong_call_fails(call):
@@ -131,6 +134,18 @@ def test_single_call_object_and_empty_list():
     none = dict(EX, answers="[]")
     assert FC.verify(none, "[]")
     assert not FC.verify(none, dumps([CALLS[0]]))
+
+
+def test_no_calls_only_through_a_bare_wrapper():
+    """Where the reference makes no calls, "[]" and {"tool_calls": []} are the answer; a wrapper
+    that says more beside its empty list ("type": "function", an id) is no answer: a wrapper
+    yields no calls only as {"tool_calls": []} (the module docstring)."""
+    none = dict(EX, answers="[]")
+    assert FC.verify(none, "[]") and FC.verify(none, '{"tool_calls": []}')
+    assert FC.verify(none, 'No tool fits this question:\n{"tool_calls": []}')
+    for said_more in ('{"type": "function", "function": []}', '{"id": "call_0", "tool_calls": []}',
+                      'No tool fits:\n{"role": "assistant", "content": null, "tool_calls": []}'):
+        assert not FC.verify(none, said_more), said_more
 
 
 # ---------------------------------------------------------------------------------------
@@ -790,6 +805,71 @@ def test_messages():
         FunctionCallingTask(system_prompt="no tools here")
 
 
+@pytest.mark.parametrize(
+    "completion",
+    [
+        # metadata beside a call is a scalar: a structure there may hold another call, which the
+        # hidden-call search does not read inside (its "name" and "arguments" are a call's)
+        GOOD.replace('"arguments"', '"id": {"name": "delete_all", "arguments": {}}, "arguments"', 1),
+        GOOD.replace('"arguments"', '"index": [{"name": "delete_all", "arguments": {}}], "arguments"', 1),
+        # a wrapper holds one structure: a second one under a metadata key is no answer
+        '{"tool_calls": ' + GOOD + ', "id": [{"name": "delete_all", "arguments": {}}]}',
+        '{"tool_calls": ' + GOOD + ', "role": {"name": "delete_all", "arguments": {}}}',
+        # tags pair up: a stray closing tag between blocks is no answer
+        "<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\n</tool_call>\n<tool_call>" + json.dumps(CALLS[1])
+        + "</tool_call>\n<tool_call>" + json.dumps(CALLS[2]) + "</tool_call>",
+        # a "</think>" ends a run: the block it sits in holds "</think>" and the calls, which a
+        # reasoning parser splits at the "</think>", so the calls are outside any block
+        "<tool_call>\n</think>\n\n" + GOOD + "\n</tool_call>",
+        # a call attempt in full-width brackets before the answer, complete: its single-quoted
+        # value holding a bracket is a string ('\uff3d' is no closing bracket)
+        "\uff5b'name'\uff1a 'delete_all'\uff0c 'path'\uff1a '\uff3d'\uff5d\n" + GOOD,
+        # YAML "name:" and "arguments:" lines within 8 lines of each other are a call
+        GOOD + "\n\nIf you also want it cleared:\nname: delete_all\nnote 1\nnote 2\narguments: {}\n",
+        GOOD + "\n\nIf you also want it cleared:\nname: delete_all\n" + "".join(f"note {i}\n" for i in range(7))
+        + "arguments: {}\n",
+    ],
+)
+def test_more_calls_beside_the_answer_are_no_answer(completion):
+    assert FC.verify(EX, completion) is False
+
+
+def test_a_string_ending_in_a_backslash_ends_at_its_quote():
+    """An escaped backslash before a closing quote (a Windows folder, "C:\\Temp\\") does not escape
+    the quote: the answer in prose or a block is read whole, not as a truncated structure."""
+    tools = TOOLS + [{"name": "save_file", "description": "Save.", "parameters": {"path": {"type": "str"}}}]
+    ex = dict(EX, tools=json.dumps(tools),
+              answers=json.dumps([{"name": "save_file", "arguments": {"path": "C:\\Temp\\"}}]))
+    call = '{"name": "save_file", "arguments": {"path": "C:\\\\Temp\\\\"}}'
+    assert json.loads(call)["arguments"]["path"] == "C:\\Temp\\"
+    for completion in ("Sure, saving it:\n[" + call + "]", "<tool_call>\n" + call + "\n</tool_call>",
+                       "```json\n" + call + "\n```\nDone."):
+        assert FC.verify(ex, completion), completion
+
+
+def test_size_and_depth_limits_at_their_bounds():
+    """A structure of MAX_JSON_CHARS characters is read, one more is no answer; a value nested
+    MAX_DEPTH deep is read, one deeper is no answer."""
+    from r3.tasks.function_calling import MAX_DEPTH, MAX_JSON_CHARS
+
+    def padded(n):
+        bare = json.dumps([{"name": "f", "arguments": {"s": ""}}])
+        return json.dumps([{"name": "f", "arguments": {"s": "x" * (n - len(bare))}}])
+
+    assert len(padded(MAX_JSON_CHARS)) == MAX_JSON_CHARS
+    assert parse_calls(padded(MAX_JSON_CHARS)) is not None
+    assert parse_calls(padded(MAX_JSON_CHARS + 1)) is None
+    assert parse_calls("Calls: " + padded(MAX_JSON_CHARS)) is not None
+    assert parse_calls("Calls: " + padded(MAX_JSON_CHARS + 1)) is None
+
+    def nested(depth):  # (the list holding the call is depth 1, the call 2, its arguments 3)
+        k = depth - 3
+        return '[{"name": "f", "arguments": {"x": ' + "[" * k + "]" * k + "}}]"
+
+    assert parse_calls(nested(MAX_DEPTH)) is not None
+    assert parse_calls(nested(MAX_DEPTH + 1)) is None
+
+
 # ---------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------
@@ -812,6 +892,19 @@ def test_load_json_list_and_jsonl(tmp_path):
         assert t.examples("train", n=4, seed=2) == t.examples("train", seed=2)[:4]
         for r in train:
             assert t.verify(r, r["answers"])
+
+
+def test_split_seed_and_an_explicit_test_file(tmp_path):
+    """split_seed moves records between the splits; test_data_path gives the test split as is."""
+    a, b = (tasks.get("xlam", synthetic_size=300, split_seed=s) for s in (0, 1))
+    assert {r["id"] for r in a.examples("test")} != {r["id"] for r in b.examples("test")}
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    recs = synthetic_xlam(12, seed=5)
+    train.write_text("".join(json.dumps(dict(r, id=f"tr{i}")) + "\n" for i, r in enumerate(recs[:8])))
+    test.write_text("".join(json.dumps(dict(r, id=f"te{i}")) + "\n" for i, r in enumerate(recs[8:])))
+    t = tasks.get("xlam", data_path=str(train), test_data_path=str(test))
+    assert sorted(r["id"] for r in t.examples("test")) == ["te0", "te1", "te2", "te3"]
+    assert sorted(r["id"] for r in t.examples("train")) == [f"tr{i}" for i in range(8)]
 
 
 def test_records_with_parsed_fields_are_normalised(tmp_path):
@@ -929,6 +1022,60 @@ def test_synthetic_records_are_well_typed():
                     assert isinstance(v, py_types[typ]) and (typ == "bool" or not isinstance(v, bool)), (p, v, typ)
     assert distractors > 100
     assert 15 <= len(CATALOGUE) <= 40
+
+
+def _written(x):
+    """A number as a synthetic query writes it (an integral float without its ".0")."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+# (tool, optional argument, what the query says when the call passes it)
+_OPTIONAL_PHRASES = [("get_current_weather", "units", r" in fahrenheit\."),
+                     ("sort_numbers", "descending", "from largest to smallest"),
+                     ("count_word_occurrences", "case_sensitive", "case-sensitive"),
+                     ("compound_interest", "compounds_per_year", ", compounded "),
+                     ("translate_text", "source_language", "' from "),
+                     ("join_words", "separator", "using the separator"),
+                     ("web_search", "num_results", " web results about "),
+                     ("search_restaurants", "max_results", "show me "),
+                     ("get_movie_details", "year", r"[0-9]{4} movie '")]
+_IN_ORDER = {"convert_currency": ("from_currency", "to_currency"), "get_exchange_rate": ("base", "target"),
+             "convert_temperature": ("from_unit", "to_unit"), "translate_text": ("source_language", "target_language")}
+
+
+def test_synthetic_labels_state_what_the_query_asks():
+    """Each reference call is what its query asks, so the verifier pays for the right answer: every
+    argument value is written in the query (strings and lists as given, numbers as written, a rate
+    as its percent, a compounding as its word), pairs in their order ("USD to EUR"), optional
+    arguments exactly when the query asks for them; no call is asked twice."""
+    for r in synthetic_xlam(1500, seed=3):
+        q, calls = r["query"], json.loads(r["answers"])
+        for c in calls:
+            args = c["arguments"]
+            for k, v in args.items():
+                if isinstance(v, bool):
+                    assert v is True, (c, q)  # (a flag is given only to turn it on; its phrase below)
+                elif isinstance(v, str):
+                    assert v in q, (k, v, q)
+                elif isinstance(v, list):
+                    assert str(v) in q or json.dumps(v) in q, (k, v, q)
+                elif k == "annual_rate":
+                    assert f"at {_written(round(v * 100, 6))}% annual interest" in q, (k, v, q)
+                elif k == "compounds_per_year":
+                    assert f"compounded {({12: 'monthly', 4: 'quarterly', 365: 'daily'})[v]}" in q, (k, v, q)
+                else:
+                    assert re.search(rf"(?<![0-9.]){re.escape(_written(v))}(?![0-9]|\.[0-9])", q), (k, v, q)
+            if c["name"] in _IN_ORDER:
+                a, b = (args.get(k) for k in _IN_ORDER[c["name"]])
+                assert a is None or f"{a} to {b}" in q or f"{a} in {b}" in q, (c, q)
+            if c["name"] == "calculate_bmi":
+                assert f"{_written(args['weight_kg'])} kg and I am {_written(args['height_m'])} m tall" in q, (c, q)
+            if c["name"] == "get_weather_forecast":
+                assert f"{args['days']}-day weather forecast for {args['location']}" in q, (c, q)
+        for tool, arg, phrase in _OPTIONAL_PHRASES:
+            asked = len(re.findall(phrase, q, flags=re.IGNORECASE))
+            assert asked == sum(c["name"] == tool and arg in c["arguments"] for c in calls), (tool, arg, q, calls)
+        assert len({json.dumps(c, sort_keys=True) for c in calls}) == len(calls), calls
 
 
 def test_synthetic_is_deterministic_and_extends():
