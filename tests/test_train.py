@@ -1778,6 +1778,7 @@ def test_seed_samples_every_and_skip_no_signal_groups_reach_the_run(tiny_model, 
         return [json.loads(x) for x in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
 
     a, b, c = samples("a"), samples("b"), samples("c")
+    assert a and b and c  # (each run logged samples: the subset checks below hold on nothing)
     assert any(s["reward"] == 0.0 for s in a) and all(s["reward"] == 1.0 for s in c)
     from r3.train import QueryStream
 
