@@ -602,14 +602,16 @@ def _answer(text: Any) -> tuple[list[dict] | None, int, list[str], list[tuple[in
 
 def answer_calls(text: Any) -> tuple[list[dict] | None, int]:
     """The calls a completion makes (see the module docstring), or None, and the position where
-    the answer ends. Never raises."""
+    the answer ends. Any text is an answer or None (only a bug in the parser raises, which
+    ``Task.verify`` counts as a verifier error)."""
     calls, end = _answer(text)[:2]
     return calls, end
 
 
 def parse_calls(text: Any) -> list[dict] | None:
     """The calls a completion makes, as ``[{"name", "arguments"}]``, or None if it has no
-    parseable call list (see the module docstring for the rules). Never raises."""
+    parseable call list (see the module docstring for the rules). Raises only on a bug, as
+    :func:`answer_calls`."""
     return answer_calls(text)[0]
 
 
