@@ -88,8 +88,10 @@ def test_an_upgrade_cut_short_is_recovered(tiny_dirs, tmp_path):
     os.replace(path, root / ".step_000002.unfused")
     _recover_upgrades(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_000002"] and _legacy_layout(path)
-    # cut short after them: the rewrite is in place, the original is dropped
+    # cut short after them: the rewrite is in place, the original (legacy, so a restore shows) is dropped
+    shutil.copytree(path, root / ".step_000002.legacy")
     upgrade_fused_layout(path, model.config)
-    shutil.copytree(path, root / ".step_000002.unfused")
+    os.replace(root / ".step_000002.legacy", root / ".step_000002.unfused")
+    assert _legacy_layout(root / ".step_000002.unfused") and not _legacy_layout(path)
     _recover_upgrades(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_000002"] and not _legacy_layout(path)

@@ -137,15 +137,25 @@ def test_r3_torchrun_under_nohup_leaves_sighup_ignored(monkeypatch):
     def parse_args(argv):
         raise Parsed
 
-    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
-    monkeypatch.delenv("PET_SIGNALS_TO_HANDLE", raising=False)
-    monkeypatch.setattr(launch.torchrun, "parse_args", parse_args)
-    real = signal.getsignal
-    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN if s == signal.SIGHUP else real(s))
-    with pytest.raises(Parsed):
-        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
     import os
 
+    names = ("TORCHELASTIC_SIGNALS_TO_HANDLE", "PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    for name in names:  # (set, then removed: the test's end restores them to absent, for later tests)
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(launch.torchrun, "parse_args", parse_args)
+    real = signal.getsignal
+    with pytest.raises(Parsed):  # SIGHUP not ignored: torchrun's own signal handling, untouched
+        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
+    assert "PET_SIGNALS_TO_HANDLE" not in os.environ and "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN if s == signal.SIGHUP else real(s))
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM")  # a user's own choice under nohup is kept
+    with pytest.raises(Parsed):
+        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
+    assert os.environ["PET_SIGNALS_TO_HANDLE"] == "SIGTERM" and "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ
+    monkeypatch.delenv("PET_SIGNALS_TO_HANDLE")
+    with pytest.raises(Parsed):
+        launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
     assert os.environ["PET_SIGNALS_TO_HANDLE"] == os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM,SIGINT,SIGQUIT"
     drop = launch._DropQuietFailure()
 
@@ -171,7 +181,8 @@ def test_r3_torchrun_keeps_its_shutdown_timeout_default_and_a_users_value(monkey
         raise Parsed
 
     monkeypatch.setattr(launch.torchrun, "parse_args", parse_args)
-    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "x")  # (so the test's end restores it to absent)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
     with pytest.raises(Parsed):
         launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
     assert os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"

@@ -23,14 +23,31 @@ def module_name(path: Path) -> str:
 
 
 def imported(path: Path) -> set[str]:
+    """Every module name ``path`` imports: absolute and relative imports (resolved against its
+    package), and a string literal naming an r3 module or ``kernels`` (``importlib.import_module``)."""
     names = set()
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module:
+                names.add(module)
+            names |= {f"{module}.{a.name}" if module else a.name for a in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and (node.value.startswith("r3.") or node.value.split(".")[0] == "kernels"):
+            names.add(node.value)
     return names
+
+
+def test_imported_sees_relative_and_dynamic_imports(tmp_path, monkeypatch):
+    pkg = R3 / "tasks" / "x.py"  # (a name only: nothing is written inside r3)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (
+        "from ..cli import ArgumentParser\nfrom . import base\nimport importlib\n"
+        "importlib.import_module('r3.train')\n"))
+    assert {"r3.cli", "r3.cli.ArgumentParser", "r3.tasks", "r3.tasks.base", "r3.train"} <= imported(pkg)
 
 
 LIBRARY = sorted(p for p in R3.rglob("*.py") if module_name(p) not in CLIS)

@@ -251,6 +251,16 @@ def test_plot_bars_show_each_models_accuracies_and_scores(tmp_path, monkeypatch)
     assert bars(figures[-1]) == [(0.0, 25.0), (1.0, 50.0), (0.4, 20.0), (1.4, 45.0)]
     labels = [t.get_text() for t in figures[-1].axes[0].get_xticklabels()]
     assert labels == ["gsm8k\nexact_match", "hellaswag\nacc_norm"]
+    # the reflection lengths: one histogram per model holding each of its lengths once, the limit line
+    R.plot_lengths({"untrained": [96, 96, 50, 40, 96, 20, 60], "trained": [30, 40, 50, 60, 96, 70]}, 96,
+                   tmp_path / "l.png")
+    ax = figures[-1].axes[0]
+    series = list(ax.containers)
+    assert [round(sum(p.get_height() for p in c)) for c in series] == [7, 6]
+    assert [c[-1].get_height() for c in series] == [3, 1]  # (the last bin ends at the limit: the 96s)
+    assert series[0][-1].get_x() + series[0][-1].get_width() == 96
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["untrained (n = 7)", "trained (n = 6)", "limit"]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[96, 96]]
 
 
 def test_the_paired_change_printed_is_the_exports(run):
