@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r3.tasks import get  # noqa: E402
+from r3.tasks.base import verifier_error_counts  # noqa: E402
 from r3.tasks.recheck import recheck  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
@@ -475,6 +476,7 @@ def run(name: str, task, gen, pool, n: int, seed: int) -> dict:
     for _ in range(20):  # untimed warm-up: one-time work (compiled patterns, a Unicode table) is not a call's
         task.verify(*gen(random.Random(f"warm-up:{name}"), task, pool)[:2])
         task.verify(pool[0], "[] \u0301\uff08")
+    verifier_error_counts(task)  # (from here on: a verifier that raised is judged wrong, and counted here)
     for _ in range(n):
         ex, text, label = gen(rng, task, pool)
         t0 = time.perf_counter()
@@ -495,6 +497,7 @@ def run(name: str, task, gen, pool, n: int, seed: int) -> dict:
             fn_reasons[task.diagnose(ex, text)] += 1
             if len(examples_fn) < 5:
                 examples_fn.append({"text": text, "reason": task.diagnose(ex, text), "example": ex})
+    errors, _, first_error = verifier_error_counts(task)
     times.sort()
     long_t = {}
     for lname, text in long_inputs("function_calling" if name == "function_calling" else "countdown"):
@@ -503,6 +506,7 @@ def run(name: str, task, gen, pool, n: int, seed: int) -> dict:
         long_t[lname] = {"chars": len(text), "ms": round(best * 1e3, 3)}
     return {
         "verifier": name, "n": n, "passes": passes, "wrong_verdicts": wrong,
+        "verifier_errors": errors, "first_verifier_error": first_error,
         "false_positives_vs_label": fp, "false_negatives_vs_label": fn,
         "worst_ms": round(times[-1] * 1e3, 3), "p99_ms": round(times[int(0.99 * (n - 1))] * 1e3, 3),
         "median_ms": round(times[n // 2] * 1e3, 4), "long_inputs": long_t,
@@ -554,6 +558,10 @@ def main(argv=None) -> int:
                      f"{r['worst_ms']} | {slow[0]} ({slow[1]['chars']:,}, {slow[1]['ms']}) |")
     table = "\n".join(lines)
     print(table)
+    for r in rows:
+        if r["verifier_errors"]:
+            print(f"[{r['verifier']}] the verifier raised on {r['verifier_errors']} completions (judged wrong; "
+                  f"first: {r['first_verifier_error']})", file=sys.stderr)
     for r in rows:
         for key in ("wrong_examples", "false_positive_examples", "false_negative_examples"):
             for e in r[key][:3]:

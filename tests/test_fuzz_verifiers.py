@@ -19,6 +19,7 @@ def test_fuzzed_verdicts(seed):
     for name, task, gen, pool in fz.setups(seed):
         row = fz.run(name, task, gen, pool, 400, seed)
         assert row["wrong_verdicts"] == 0, row["wrong_examples"]
+        assert row["verifier_errors"] == 0, row["first_verifier_error"]  # (also without the conftest fixture)
         assert row["false_positives_vs_label"] == 0, row["false_positive_examples"]
         assert row["passes"] > 50  # the generator makes right answers too
         # the only right answers the rule refuses: '!' after a bare expression (a factorial), a
