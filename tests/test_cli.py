@@ -855,3 +855,109 @@ def test_failures_never_samples_the_models_padded_rows(monkeypatch):
     F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=128)), list(range(100)), Task(), [{"i": 0}],
                     samples=2, chat=chat)
     assert seen and set(seen) == {100}
+
+
+# --------------------------------------------------------------------------------------------
+# r3.failures: by hand (rounds' seeds, summary, the file pair)
+# --------------------------------------------------------------------------------------------
+
+
+def test_find_failures_draws_each_round_with_its_own_seed_and_keeps_the_failing_samples_flag(monkeypatch):
+    """Per-row sample streams: a round drawn with round 0's seed would repeat the attempts the
+    query already passed. ``finished`` is the failing sample's own (here: odd attempts finished)."""
+    from types import SimpleNamespace
+
+    seeds, counter = [], {}
+
+    def fake_generate(model, prompts, *, num_samples, seed, **kw):
+        seeds.append(seed)
+        tokens = []
+        for (i,) in prompts:
+            for _ in range(num_samples):
+                tokens.append([i, counter.get(i, 0)])
+                counter[i] = counter.get(i, 0) + 1
+        return SimpleNamespace(tokens=tokens, finished=[t[1] % 2 == 1 for t in tokens], new_tokens=2 * len(tokens))
+
+    class Task:
+        def messages(self, ex):
+            return [{"role": "user", "content": str(ex["i"])}]
+
+        def verify(self, ex, text):
+            return json.loads(text)[1] != ex["fail_at"]
+
+    chat = SimpleNamespace(prompt=lambda m: [int(m[0]["content"])], decode=lambda t: json.dumps(t), stop_ids=[0])
+    monkeypatch.setattr(F, "generate", fake_generate)
+    examples = [{"i": 0, "fail_at": 2}, {"i": 1, "fail_at": None}, {"i": 2, "fail_at": 1}]
+    got = []
+    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=100)), list(range(100)), Task(), examples,
+                    samples=6, batch_size=2, chat=chat, on_batch=lambda fails, passes: got.extend(fails))
+    assert len(seeds) > 3 and len(set(seeds)) == len(seeds)  # every (round, batch) its own seed
+    assert {r["example"]["i"]: r["finished"] for r in got} == {0: False, 2: True}
+
+
+def test_failures_summary_counts_only_the_queries_asked_for(tmp_path):
+    """A rerun with a smaller --n reports the failure rate of its own queries, not the file's."""
+    store = F.FailureFile(tmp_path / "f.jsonl")
+    store.open({"task": "t"})
+    rec = {"example": {}, "attempt_tokens": [1], "attempt_text": "x", "finished": True}
+    store.add([dict(rec, key="a", attempts_before_failure=1, samples=2),
+               dict(rec, key="b", attempts_before_failure=0, samples=1)],
+              [{"key": "c", "samples": 4}, {"key": "d", "samples": 4}])
+    s = F.summarize(store, {"a", "c"}, new=0, drawn=0, elapsed=0.0)
+    assert (s["queries"], s["failed"], s["never_failed"], s["samples_needed"]) == (2, 1, 1, 2 + 4)
+    assert s["failure_rate"] == 0.5
+
+
+def test_example_key_is_the_canonical_json_hash():
+    import hashlib
+
+    assert F.example_key({"a": 1, "b": [2, 3]}) == F.example_key({"b": [2, 3], "a": 1})  # (key order aside)
+    assert F.example_key({"a": 1}) == hashlib.sha256(b'{"a":1}').hexdigest()[:16]
+
+
+def test_failure_file_header_only_first_and_a_headerless_done_keeps_its_records(tmp_path):
+    from r3.errors import R3Error
+    from r3.failure_data import read_jsonl
+
+    out = tmp_path / "f.jsonl"
+    head = json.dumps({"r3_failures": 1, "settings": {"task": "t"}})
+    F.done_path(out).write_text(head + "\n" + head + "\n")  # a second header: not a file r3.failures writes
+    with pytest.raises(R3Error, match="line 2: expected a JSON object with a key"):
+        F.FailureFile(out)
+    F.done_path(out).write_text('{"key": "c", "samples": 3}\n')  # (a .done without its header)
+    store = F.FailureFile(out)
+    store.open({"task": "t"})
+    header, records, _ = read_jsonl(F.done_path(out), header=True)
+    assert header == {"r3_failures": 1, "settings": {"task": "t"}} and records == [{"key": "c", "samples": 3}]
+    assert store.keys() == {"c"}
+
+
+def test_evaluate_run_settings_come_from_the_run_unless_a_flag_overrides_them(tmp_path):
+    """--run: each token limit is the run's own (retry is not the attempt's); --top-p/--top-k
+    override the run's, 0 included (the default of neither flag is a value)."""
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({
+        "model": "base", "task": "countdown", "task_options": {}, "max_attempt_tokens": 10,
+        "max_reflection_tokens": 20, "max_retry_tokens": 30, "top_p": 0.9, "top_k": 5, "dtype": "fp32"}))
+    st = E.resolve_settings(E.parse_args(["--run", str(run)]))
+    assert st["models"] == ["base", str(run / "export")]  # the untrained base first: the baseline
+    assert (st["max_attempt"], st["max_reflection"], st["max_retry"]) == (10, 20, 30)
+    assert (st["top_p"], st["top_k"], st["dtype"]) == (0.9, 5, "fp32")
+    st = E.resolve_settings(E.parse_args(["--run", str(run), "--top-p", "1.0", "--top-k", "0", "--max-new-tokens", "7"]))
+    assert (st["top_p"], st["top_k"]) == (1.0, 0)
+    assert (st["max_attempt"], st["max_reflection"], st["max_retry"]) == (7, 7, 7)
+    assert E.parse_args([]).temperature == 0.0  # greedy unless asked
+
+
+def test_evaluate_table_by_hand():
+    """Each column its own number: 1st-attempt accuracy, 2nd-attempt accuracy (with standard
+    errors), delta; then the paired change, later model minus the first."""
+    rows = [{"model": "base", "first_attempt_accuracy": 0.25, "first_attempt_stderr": 0.125,
+             "second_attempt_accuracy": 0.5, "second_attempt_stderr": 0.0625, "delta": 0.25}]
+    paired = [{"model": "trained", "baseline": "base", "first_attempt": {"mean": 0.1, "stderr": 0.05, "n": 4},
+               "second_attempt": {"mean": -0.2, "stderr": 0.15, "n": 4}}]
+    lines = E.format_table(rows, paired).splitlines()
+    assert lines[2] == "base  |  25.0 \u00b1 12.5 |  50.0 \u00b1  6.2 |          +25.0"
+    assert lines[3] == "paired, trained minus base (same 4 queries): 1st +10.0 \u00b1 5.0, 2nd -20.0 \u00b1 15.0 points"

@@ -108,3 +108,62 @@ def test_encode_adds_the_tokenizers_bos_unless_the_prompt_already_starts_with_it
     tok = LlamaStyle()
     assert encode(tok, "hi") == [1, ord("h"), ord("i")]
     assert encode(tok, "<s>hi") == [1, ord("h"), ord("i")]  # once
+
+
+def test_finished_batches_go_back_to_their_items():
+    """Batches run longest first: a batch read back from an interrupted run belongs to the items
+    of that sorted order, not to the lowest indices (no model runs when every batch is finished)."""
+    from types import SimpleNamespace
+
+    from r3.errors import R3Error
+    from r3.evals.engine import Loglikelihood
+
+    # lengths (context + longest continuation) 3, 2, 5: order [2, 0, 1]; batches [2, 0] and [1]
+    items = [([1, 2], [[1]]), ([1], [[1]]), ([1, 2, 3, 4], [[1], [2]])]
+    finished = {0: [[[-2.0, False], [-3.0, True]], [[-1.0, True]]], 1: [[[-4.0, False]]]}
+    got = loglikelihoods(SimpleNamespace(device="cpu"), items, batch_size=2, finished=finished)
+    assert got == [[Loglikelihood(-1.0, True)], [Loglikelihood(-4.0, False)],
+                   [Loglikelihood(-2.0, False), Loglikelihood(-3.0, True)]]
+    tok = SimpleNamespace()  # (no generation runs either)
+    texts = generate_until(None, tok, [[1, 2], [1], [1, 2, 3, 4]], until=[], max_new_tokens=4, batch_size=2,
+                           finished={0: ["c", "a"], 1: ["b"]})
+    assert texts == ["a", "b", "c"]
+    # a batch read back with more (or fewer) results than its items is a damaged file
+    for bad in ([[[-1.0, True]]] * 3, [[[-1.0, True]]]):
+        with pytest.raises(R3Error, match="damaged"):
+            loglikelihoods(SimpleNamespace(device="cpu"), items, batch_size=2, finished={0: bad, 1: finished[1]})
+
+
+def test_loglikelihoods_scored_in_small_chunks_are_the_same(builtin, monkeypatch):
+    """The LM head runs SCORE_CHUNK positions at a time: chunks that split choices (3 positions)
+    give the numbers of one chunk."""
+    import r3.evals.engine as engine
+
+    model, _ = builtin
+    g = torch.Generator().manual_seed(1)
+    V = model.config.vocab_size
+    items = [(torch.randint(0, V, (4,), generator=g).tolist(), [torch.randint(0, V, (n,), generator=g).tolist()
+                                                                  for n in (2, 5, 1)]) for _ in range(2)]
+    whole = loglikelihoods(model, items)
+    monkeypatch.setattr(engine, "SCORE_CHUNK", 3)
+    chunked = loglikelihoods(model, items)
+    for a, b in zip(whole, chunked):
+        assert [x.greedy for x in a] == [x.greedy for x in b]
+        assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-4)
+
+
+def test_generate_until_texts_go_back_to_their_prompts_and_greedy_means_every_token(builtin):
+    """Prompts run longest first: each text still lands at its own prompt when the shorter comes
+    first. A continuation is ``greedy`` only when every one of its tokens is the argmax."""
+    model, tok = builtin
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("1, 2,", "Once upon a time there was a")]
+    assert len(prompts[0]) < len(prompts[1])
+    got = generate_until(model, tok, prompts, until=[], max_new_tokens=4, batch_size=2)
+    want = [tok.decode(generate(model, [p], max_new_tokens=4, temperature=0.0).tokens[0], skip_special_tokens=True)
+            for p in prompts]
+    assert got == want and got[0] != got[1]
+    ctx = prompts[1]
+    best = generate(model, [ctx], max_new_tokens=2, temperature=0.0).tokens[0]
+    other = (best[1] + 1) % model.config.vocab_size  # not the argmax after the first token
+    (res,) = loglikelihoods(model, [(ctx, [best, [best[0], other], best[:1]])])
+    assert [r.greedy for r in res] == [True, False, True]

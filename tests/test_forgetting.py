@@ -468,3 +468,117 @@ def test_summarise_by_hand_later_model_minus_the_first():
     assert s["stderr"] == pytest.approx(mean_stderr([0, 1, 1, -1]))
     f = by_metric[flexible]
     assert (f["difference"], f["better"], f["worse"]) == (pytest.approx(0.25), 1, 0)
+
+
+# ----------------------------------------------------------------------------------- by hand (mutation gaps)
+
+
+def test_hellaswag_label_must_index_an_ending_and_brackets_go_one_pair_at_a_time():
+    rec = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 2}
+    with pytest.raises(R3Error, match="label 2 is not an index into its 2 endings"):  # (one past the last)
+        B.hellaswag_doc(rec, "f", 0)
+    # each [..] goes by itself: the text between two of them stays
+    assert B.hellaswag_clean("a [x] b [y] c") == "a b c"
+
+
+def test_hellaswag_acc_norm_divides_by_the_endings_characters_and_ties_go_first():
+    # lengths 1 and 4: acc -1.0 > -3.6 picks 0; acc_norm -1.0 < -3.6 / 4 = -0.9 picks 1
+    # (dividing by length + 1, as if the leading space counted, would pick 0: -0.5 > -0.72)
+    s = B.hellaswag_scores({"choices": ["a", "bcde"], "gold": 1}, [-1.0, -3.6])
+    assert (s["acc"], s["acc_norm"], s["prediction"]) == (False, True, 0)
+    # a tie after normalising (-1.0 / 1 == -2.0 / 2) goes to the first choice, as numpy's argmax
+    s = B.hellaswag_scores({"choices": ["a", "bc"], "gold": 0}, [-1.0, -2.0])
+    assert s["acc"] is True and s["acc_norm"] is True
+
+
+@pytest.mark.parametrize("gold,output,strict,flexible", [
+    ("#### 3", " #### 3 and later #### 5", True, False),  # strict: the first '#### N'; flexible: the last number
+    ("#### -4", " so #### -4", True, True),  # the sign is part of the answer
+    ("#### 7", " She has 7", False, True),  # a single digit: the regex's second group
+])
+def test_gsm8k_extraction_first_hashes_sign_and_single_digits(gold, output, strict, flexible):
+    s = B.gsm8k_scores({"question": "q", "answer": gold}, output)
+    assert (s["exact_match,strict-match"], s["exact_match,flexible-extract"]) == (strict, flexible)
+
+
+def test_math_gold_is_normalised_as_the_prediction_is():
+    for record in ({"problem": "p", "answer": "\\frac12"}, {"problem": "p", "solution": "so $\\boxed{\\frac12}$."}):
+        doc = B.math_doc(record, "f", 0)
+        assert doc["answer"] == "\\frac{1}{2}"
+        assert B.math_scores(doc, "Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.")["exact_match"]
+
+
+def test_score_generation_passes_the_math_equivalence_on(monkeypatch):
+    monkeypatch.setattr(B, "is_equiv", lambda a, b: True)  # (a stand-in for sympy's verdict)
+    doc = {"problem": "p", "answer": "\\frac{1}{2}"}
+    text = "Final Answer: The final answer is 0.5. I hope it is correct."
+    assert B.score_generation("math", doc, text)["exact_match"] is False
+    assert B.score_generation("math", doc, text, math_equivalence="sympy")["exact_match"] is True
+
+
+def test_prepare_mmlu_pro_shots_math_default_and_cot_pool(tmp_path):
+    """--fewshot-data mmlu_pro: its records' chains of thought are the shots' answers; without
+    it MMLU-Pro is 0-shot (and says so); MATH runs its four built-in shots by default."""
+    q = {"question": "Q", "options": ["o1", "o2"], "answer": "A", "category": "law"}
+    data = write_jsonl(tmp_path / "m.jsonl", [q])
+    cot = "A: Let's think step by step. So A. The answer is (A)."
+    val = write_jsonl(tmp_path / "v.jsonl", [dict(q, question="V", cot_content=cot)])
+    math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "p", "answer": "1"}])
+    (plan,) = FG.prepare(FG.parse_args(["--data", f"mmlu_pro={data}", "--fewshot-data", f"mmlu_pro={val}", "--out", "o"]))
+    assert plan["shots"] == 5 and plan["messages"][0][2] == {"role": "assistant", "content": "So A. The answer is (A)."}
+    plans = FG.prepare(FG.parse_args(["--data", f"mmlu_pro={data}", "--data", f"math={math}", "--out", "o"]))
+    assert [(p["bench"].name, p["shots"]) for p in plans] == [("mmlu_pro", 0), ("math", 4)]
+    assert len(plans[1]["messages"][0]) == 9  # 4 x (user, assistant) + the question
+
+
+def test_run_benchmark_hellaswag_continuations_and_correct(builtin, monkeypatch):
+    """The continuations scored: " " + ending, or the bare ending after a chat prompt; ``correct``
+    is ``acc`` (the summed log-likelihood), not ``acc_norm``."""
+    from types import SimpleNamespace
+
+    from r3.evals.engine import Loglikelihood
+
+    _, tok = builtin
+    doc = {"query": "Cooking: A man", "choices": ["a", "bcde"], "gold": 1}
+    plan = {"bench": B.get("hellaswag"), "docs": [doc], "messages": [B.chat_messages("hellaswag", doc, [], 0)]}
+    for chat, want in ((False, [" a", " bcde"]), (True, ["a", "bcde"])):
+        seen = []
+        monkeypatch.setattr(FG, "encode_pair", lambda t, ctx, cont: (seen.append(cont), ([1], [2]))[1])
+        monkeypatch.setattr(FG, "loglikelihoods", lambda model, items, **k: [[Loglikelihood(-1.0, False),
+                                                                                Loglikelihood(-3.6, False)]])
+        args = SimpleNamespace(chat=chat, chat_options={}, quiet=True, batch_size=4)
+        (item,) = FG.run_benchmark(None, tok, plan, args, "m")
+        assert seen == want
+        assert item["correct"] is False and item["scores"] == {"acc": False, "acc_norm": True}
+
+
+def test_summarise_stderr_and_table_in_percent():
+    bench = B.get("gsm8k")
+    items = {"gsm8k": {"a": [{"scores": {m: s for m in bench.metrics}} for s in (1, 0, 1, 1)]}}
+    results, _ = FG.summarise([{"bench": bench}], ["a"], items)
+    assert results[0]["score"] == 0.75 and results[0]["stderr"] == pytest.approx(mean_stderr([1, 0, 1, 1])) == 0.25
+    line = FG.format_table(results, []).splitlines()[1]
+    assert "75.00 \u00b1 25.00" in line
+
+
+def test_run_compares_the_export_against_the_untrained_base(builtin, tmp_path, monkeypatch):
+    """--run DIR: the run's base model is the baseline, its export the later model (the paired
+    change is trained minus untrained)."""
+    _, tok = builtin
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
+                                                 "max_attempt_tokens": 8, "max_reflection_tokens": 8,
+                                                 "max_retry_tokens": 8, "dtype": "fp32"}))
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    texts = {"smollm2-135m": "#### 4", str(run / "export"): "#### 5"}
+    loaded = []
+    monkeypatch.setattr(FG, "load_model", lambda m, dtype, device: (loaded.append(m), (m, tok))[1])
+    monkeypatch.setattr(FG, "generate_until", lambda model, tok, prompts, **k: [texts[model]] * len(prompts))
+    out = tmp_path / "f.json"
+    assert FG.main(["--run", str(run), "--data", f"gsm8k={gs}", "--shots", "0", "--out", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    assert loaded == data["settings"]["models"] == ["smollm2-135m", str(run / "export")]
+    p = data["paired"][0]
+    assert (p["model"], p["baseline"], p["difference"], p["better"]) == (str(run / "export"), "smollm2-135m", 1.0, 1)
