@@ -647,6 +647,7 @@ def test_load_explicit_test_file(tmp_path):
         ('{"target": 5, "nums": [1, 4]}\n{"target": 3}\n', r"line 2: missing field 'nums'"),
         ('{"target": 5, "nums": [1, 4]}\n{"target": 5, "nums": "1 4"}\n', r"line 2: field 'nums'"),
         ('{"target": "5", "nums": [1, 4]}\n', r"line 1: field 'target' must be an integer"),
+        ('{"target": 5.5, "nums": [1, 4]}\n', r"line 1: field 'target' must be an integer"),  # never 5
         ('{"target": 5, "nums": [1, -4]}\n', r"line 1: field 'nums' must hold non-negative"),
         ('{"target": 5, "nums": [1, 4.5]}\n', r"line 1: field 'nums'"),
         ('{"target": 5, "nums": [1, 4]}\n{"target": 5, "nums": [1, 4\n', r"line 2: not valid JSON"),
@@ -1414,3 +1415,142 @@ def test_final_equation_refuses_a_denied_equation_on_its_own():
     assert final_equation("5 + 23 would then be the value not 28") == (
         None, "the equation is denied (a negation before its result)")
     assert final_equation("so 5 + 23 = 28")[0] == "5 + 23 = 28"
+
+
+# A later mutation run (newer rules: denials in other languages, later answers, decimals, struck and
+# overlaid text, <sup>/<sub>, number words, a negation earlier in a bare expression's clause):
+# each verdict below flipped under one weakened rule, and the independent re-check agrees.
+@pytest.mark.parametrize(
+    "tags,nums,target,completion,expected",
+    [
+        # a denial after it, in each language the rule names (not only the first words tested above)
+        (False, [5, 23], 28, "5 + 23 = 28. Det blev fel.", False),  # Swedish
+        (False, [5, 23], 28, "5 + 23 = 28. Det er feil.", False),  # Norwegian
+        (False, [5, 23], 28, "5 + 23 = 28. Dat is fout.", False),  # Dutch
+        (False, [5, 23], 28, "5 + 23 = 28. Dat klopt niet.", False),
+        (False, [5, 23], 28, "5 + 23 = 28. Isso est\u00e1 errado.", False),  # Portuguese
+        (False, [5, 23], 28, "5 + 23 = 28. Ce n'est pas correct.", False),  # French
+        (False, [5, 23], 28, "5 + 23 = 28. Eso es incorrecto.", False),  # Spanish
+        (False, [5, 23], 28, "5 + 23 = 28. \u00c8 sbagliato.", False),  # Italian
+        # a denial among the four words before a colon, the third of them; "not" as a label
+        (False, [5, 23], 28, "Incorrect final answer: 5 + 23 = 28", False),
+        (False, [5, 23], 28, "This is not correct: 5 + 23 = 28", False),
+        # four words before it, past quotes standing alone (they are no words)
+        (False, [26, 24], 50, '3 times " the sum of " 26 + 24 = 50', False),
+        (False, [5, 23], 28, "Assuming 5 + 23 = 28, the rest follows.", False),  # a supposition
+        # operator words of another base and of an average
+        (False, [26, 24], 50, "26 + 24 = 50 (base 26)", False),
+        (False, [26, 24], 50, "The average of 26 + 24 = 50", False),
+        # struck-through markup nested in another: struck up to its own closing tag
+        (False, [5, 23], 28, "<del>I wrote <s>5 - 23</s> and then 5 + 23 = 28</del>", False),
+        # a character under a stroke and another overlay mark is overlaid, not just struck
+        (False, [5, 23], 28, "5 + 23 = 28 \u2713\u0336\u0338", False),
+        # raised or lowered text in any case of the tag: another operation (e^(5 + 23), n_28)
+        (False, [5, 23], 28, "e<SUP>5 + 23</SUP> = 28", False),
+        (False, [5, 23], 28, "n<sub>5 + 23</sub> = 28", False),
+        # number words that state another result: after "(", "or", "that is"; ten is 10 or more
+        (False, [5, 23], 28, "5 + 23 = 28, (five)", False),
+        (False, [5, 23], 28, "5 + 23 = 28, or five.", False),
+        (False, [5, 23], 28, "5 + 23 = 28, that is five.", False),
+        (False, [5, 23], 28, "5 + 23 = 28. I count ten.", False),
+        (False, [5, 24], 29, "5 + 24 = 29, which is twenty-nine.", True),  # a tens word joined to 'nine'
+        (False, [5, 23], 28, "5 + 23 = 28, which is twenty\u2011eight.", True),  # ... by a non-breaking hyphen
+        # later answers: "result" as a sentence cue, a subject before its cue, "(" after a cue
+        (False, [5, 23], 28, "5 + 23 = 28. The result is therefore 23.", False),
+        (False, [26, 24], 50, "26 + 24 = 50. 24 is definitely the final answer.", False),  # three words between
+        (False, [26, 24], 50, "26 + 24 = 50. 24 remains the answer.", False),
+        (False, [5, 23], 28, "5 + 23 = 28, which equals (23).", False),
+        (False, [5, 23], 28, "5 + 23 = 28. The answer is 28! 23 and 5 are used.", True),  # '!' ends the sentence
+        # decimals: anywhere after it, and a decimal comma anywhere in an answer's sentence
+        (False, [5, 23], 28, "5 + 23 = 28 or 28.5", False),
+        (False, [2, 3], 5, "2 + 3 = 5. The answer is therefore 5,5", False),
+        # a negation earlier in a bare expression's clause: ended by "but", a comma, "correct"
+        (False, [3, 11], 14, "It isn't 11 - 3 but 3 + 11.", True),
+        (False, [3, 11], 14, "No, it's 3 + 11.", True),
+        (False, [3, 11], 14, "No subtraction needed for the correct sum 3 + 11.", True),
+        # a later answer tag in fullwidth brackets; a cross mark; a '!' glued before it
+        (True, [1, 2, 3], 6, "<answer>1 * 2 * 3</answer> Done. \uff1canswer\uff1e ok", False),
+        (False, [5, 23], 28, "5 + 23 = 28 \u274e", False),
+        (False, [5, 23], 28, "3!5 + 23 = 28", False),
+        # more arithmetic on the result, a few words away; the line before ending in '='
+        (False, [26, 24], 50, "26 + 24 = 50. Then double the final result.", False),
+        (False, [5, 23], 28, "5 * 23 =\n5 + 23 = 28", False),
+        (False, [5, 23], 28, "5 + 23 = 28. Better: the difference of 23 and 5.", False),
+    ],
+)
+def test_countdown_newer_rules_found_by_mutation(tags, nums, target, completion, expected):
+    task = CD if tags else LENIENT
+    ex = {"nums": nums, "target": target}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected  # the independent implementation agrees
+
+
+def test_countdown_presets_are_the_documented_ones():
+    """The README's presets: standard is 3-4 numbers in 1..99, a target in 1..99 and all four
+    operations; easy is 3 numbers in 1..20, a target in 1..50, + and - (a mutation run widened them
+    unnoticed: every other test reads the bounds back from the task itself)."""
+    std, easy = CountdownTask(), CountdownTask(difficulty="easy")
+    assert (std.min_count, std.max_count, std.min_num, std.max_num, std.min_target, std.max_target, std.ops) \
+        == (3, 4, 1, 99, 1, 99, "+-*/")
+    assert (easy.min_count, easy.max_count, easy.min_num, easy.max_num, easy.min_target, easy.max_target,
+            easy.ops) == (3, 3, 1, 20, 1, 50, "+-")
+    assert all(3 <= len(e["nums"]) <= 4 and 1 <= e["target"] <= 99 for e in std.examples("train", n=50))
+
+
+@pytest.mark.parametrize("options,ops_words,tags", [
+    ({}, "+, -, * and /", True),
+    ({"difficulty": "easy"}, "+ and -", True),
+    ({"ops": "*/"}, "* and /", True),
+    ({"difficulty": "easy", "answer_tags": False}, "+ and -", False),
+])
+def test_countdown_prompts_state_the_tasks_operators_and_answer_format(options, ops_words, tags):
+    """The prompt names exactly the task's operations, its worked example uses only them and is
+    itself a correct answer, and the answer format (tags or not) is the one the verifier reads, in
+    the retry prompt too."""
+    t = CountdownTask(**options)
+    text = t.prompt({"nums": [19, 36, 55, 7], "target": 65})
+    assert f"operations {ops_words}, and each number" in text
+    example = text.split("For example,", 1)[1]
+    assert set(example.replace("</answer>", "")) & set("+-*/") <= set(t.ops), example
+    target = int(re.search(r"the target (\d+)", example).group(1))
+    assert t.verify({"nums": [1, 2, 3], "target": target}, text), example  # the example is right
+    assert ("<answer>" in text) is tags and ("<answer>" in t.retry_prompt) is tags
+
+
+def test_countdown_file_split_keeps_a_problem_on_one_side(tmp_path):
+    """A loaded file is split by the sorted numbers and the target: the same problem written in
+    another order never lands on both sides, and test_fraction is the test side's share."""
+    rows = [{"target": a + b, "nums": nums} for a in range(1, 60) for b in (a + 1, a + 2)
+            for nums in ([a, b], [b, a])]
+    p = tmp_path / "cd.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    t = CountdownTask(data_path=str(p), test_fraction=0.25)
+    key = lambda e: (tuple(sorted(e["nums"])), e["target"])  # noqa: E731
+    train, test = {key(e) for e in t.examples("train")}, {key(e) for e in t.examples("test")}
+    assert not train & test
+    assert 0.1 < len(t.examples("test")) / len(rows) < 0.4
+
+
+def test_countdown_solutions_are_exact_where_floats_round():
+    """The generator's float pre-filter offers 1 + 7 / (997 * 998 * 999) ~ 1.000000007 as a way to
+    reach 1 from these numbers, which no expression reaches exactly: a witness used unchecked would
+    store an unsolvable problem with a "solution" that does not verify."""
+    from r3.tasks.countdown import _candidate_targets, _solve_with
+
+    nums = (1, 7, 997, 998, 999)
+    found = _candidate_targets(nums, "+-*/", 1, 9)
+    assert 1 in found and 1 not in reachable_targets(list(nums), lo=1, hi=9)  # (it is not reachable)
+    for target, witness in found.items():
+        solution = _solve_with(nums, target, "+-*/", witness)
+        assert solution is None or check_answer(solution, list(nums), target)[0], (target, solution)
+
+
+def test_generator_draws_over_the_whole_ranges():
+    """Generated problems cover the options' ranges, not a corner of them: both counts of numbers,
+    the smallest and largest number, and many targets (a generator that always took the smallest
+    reachable target made nearly every problem "... equals 1", and every test above still passed)."""
+    std = CountdownTask().examples("train", n=200)
+    assert {len(e["nums"]) for e in std} == {3, 4}
+    assert len({e["target"] for e in std}) > 50
+    easy = [x for e in CountdownTask(difficulty="easy").examples("train", n=300) for x in e["nums"]]
+    assert (min(easy), max(easy)) == (1, 20)
