@@ -1554,3 +1554,41 @@ def test_generator_draws_over_the_whole_ranges():
     assert len({e["target"] for e in std}) > 50
     easy = [x for e in CountdownTask(difficulty="easy").examples("train", n=300) for x in e["nums"]]
     assert (min(easy), max(easy)) == (1, 20)
+
+
+@pytest.mark.parametrize("completion,expected", [
+    # a denial after it in each language the rule names, its common words, read without diacritics
+    ("5 + 23 = 28. Nej, det \u00e4r inte r\u00e4tt.", False),  # Swedish
+    ("5 + 23 = 28. Det \u00e4r galet.", False),
+    ("5 + 23 = 28. Nei, det er ikke riktig.", False),  # Norwegian
+    ("5 + 23 = 28. Det er forkert.", False),  # Danish
+    ("5 + 23 = 28. Non \u00e8 corretto.", False),  # Italian
+    ("5 + 23 = 28. N\u00e3o est\u00e1 certo.", False),  # Portuguese
+    ("5 + 23 = 28. Nao esta certo.", False),
+    ("5 + 23 = 28. C'est inexact.", False),  # French
+    ("5 + 23 = 28. Das ist inkorrekt.", False),  # German
+    ("5 + 23 = 28. Das ist verkehrt.", False),
+    ("5 + 23 = 28. Dat is onjuist.", False),  # Dutch
+    ("5 + 23 = 28. Dat is verkeerd.", False),
+    ("5 + 23 = 28. Est\u00e1 mal.", False),  # Spanish
+    ("5 + 23 = 28. Esto es err\u00f3neo.", False),
+    # ... and what agrees with it stays right, accents or not
+    ("5 + 23 = 28. Est\u00e1 correcto.", True),
+    ("5 + 23 = 28. Das ist richtig.", True),
+    ("5 + 23 = 28, which is twenty-e\u00efght.", True),
+    ("5 + 23 = 28, which is twenty-f\u00efve.", False),
+    # a number word in a parenthesis that opens right after it states another result, as after ", ("
+    ("5 + 23 = 28 (five)", False),
+    ("5 + 23 = 28 (two numbers used)", False),  # (as "5 + 23 = 28. (two numbers used)" always was)
+    ("5 + 23 = 28 (twenty-eight)", True),
+    ("5 + 23 = 28 (using both)", True),
+    ("(5 + 23 = 28)", True),
+    ("**5 + 23 = 28** (five)", False),
+])
+def test_countdown_later_denials_in_other_languages_and_a_parenthesis_after_it(completion, expected):
+    """Found by a mutation run: both implementations paid these denials (words missing from the
+    list, and words with diacritics read as pieces: "Não" as "N", "ã", "o"), and "(five)" right
+    after the equation (the run took the "(" in, so the word after it was not read as stated)."""
+    ex = {"nums": [5, 23], "target": 28}
+    assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
+    assert recheck(LENIENT, ex, completion)[0] is expected

@@ -69,7 +69,8 @@ when
   sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
   eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
-  ``No.``, ``I miscalculated``, ``Scratch that.``).
+  ``No.``, ``I miscalculated``, ``Scratch that.``, ``Não está certo.``: there a letter with
+  diacritics reads as its letter).
 
 Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
@@ -133,6 +134,9 @@ NEGATIONS = frozenset("""
     falsch falsche falscher falsches nicht kein keine faux fausse pas incorrecte incorrecto incorrecta
     incorreto incorreta errado errada erroneo errato errata sbagliato sbagliata falso falsa fout niet
     nein feil fel
+    inkorrekt inkorrekte verkehrt unrichtig fehlerhaft inexact inexacte non nao erronea equivocado
+    equivocada mal onjuist onjuiste verkeerd verkeerde inte nej ikke nei galet galt gal felaktig
+    felaktigt uriktig forkert forkerte
 """.split())
 #: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
 AFTER_DENIALS = frozenset("""
@@ -438,6 +442,19 @@ _TAKE = frozenset("take takes took taking taken".split())
 _NESTED_BRACE = re.compile(r"\{[^{}]*\{")
 
 
+class _LatinBase(dict):
+    """A ``str.translate`` table: a Latin letter with diacritics to its ASCII letter (``ã`` ``a``,
+    ``ó`` ``o``, ``ä`` ``a``), one character for one, so positions stay; anything else kept."""
+
+    def __missing__(self, code: int) -> int:
+        base = [c for c in unicodedata.normalize("NFD", chr(code)) if not unicodedata.combining(c)]
+        self[code] = ord(base[0]) if len(base) == 1 and base[0].isascii() and base[0].isalpha() else code
+        return self[code]
+
+
+_LATIN_BASE = _LatinBase()
+
+
 def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:
     """What after the final equation (from ``end``) changes or contradicts it: a number that is
     neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
@@ -453,6 +470,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     ``\u274c``), more arithmetic on the result (``Then double it``, ``I multiplied 12 by ...``), or
     an unfinished operation at the very end of the text (``... +``, ``Then I added``). One pass over
     the rest of the text."""
+    if not text.isascii():  # words read without their diacritics ("Não", "erróneo", "är")
+        text = text[:end] + text[end:].translate(_LATIN_BASE)
     allowed = {str(n) for n in nums} | {str(target)}
     prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
     plain: list[tuple[str, str]] = []  # (the same, emphasis and quotes left out: a subject's words)
@@ -894,8 +913,8 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
             why = _bare_problem(text, b) or _bare_denied(text, start)
             if why:
                 return None, why
-    if nums is not None:
-        why = _after_problem(text, end, nums, target)
+    if nums is not None:  # (a "(" the run took in, left out of the equation, opens the text after it)
+        why = _after_problem(text, end - 1 if b < end and text[end - 1] == "(" else end, nums, target)
         if why:
             return None, why
     return equation, ""

@@ -51,7 +51,26 @@ _CD_NOT = set("""
     falsch falsche falscher falsches nicht kein keine faux fausse pas incorrecte incorrecto incorrecta
     incorreto incorreta errado errada erroneo errato errata sbagliato sbagliata falso falsa fout niet
     nein feil fel
+    inkorrekt inkorrekte verkehrt unrichtig fehlerhaft inexact inexacte non nao erronea equivocado
+    equivocada mal onjuist onjuiste verkeerd verkeerde inte nej ikke nei galet galt gal felaktig
+    felaktigt uriktig forkert forkerte
 """.split())
+
+
+def _cd_ascii_letter(c: str) -> str | None:
+    """An ASCII letter as itself; a letter whose canonical decomposition is an ASCII letter and
+    combining marks as that letter ("ã", "ó", "ä"); else None."""
+    if c.isascii():
+        return c if c.isalpha() else None
+    parts = unicodedata.decomposition(c).split()
+    if not parts or parts[0].startswith("<"):
+        return None
+    head = _cd_ascii_letter(chr(int(parts[0], 16)))
+    if head is None or not all(unicodedata.combining(chr(int(p, 16))) for p in parts[1:]):
+        return None
+    return head
+
+
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
                     "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
                     "typo", "typos", "disregard", "disregarded"}
@@ -680,7 +699,8 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             why = _cd_bare(text, b) or _cd_bare_denied(text, start)
             if why:
                 return False, why
-    why = _cd_after(text, end, nums, target)
+    # the text after it, with an opening parenthesis the run ended in ("... = 28 (five)")
+    why = _cd_after(text, end - 1 if text[end - 1] == "(" and b < end else end, nums, target)
     if why:
         return False, why
     return _cd_check_equation(core, nums, target, ops)
@@ -796,14 +816,15 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             return "later foreign number"
         elif text.startswith("####", i):
             tok, kind, j = "####", "word", i + 4
-        elif c.isascii() and c.isalpha():
-            while j < n and text[j].isascii() and text[j].isalpha():
+        elif _cd_ascii_letter(c):  # (a letter with diacritics reads as its letter: "Não" is "nao")
+            while j < n and _cd_ascii_letter(text[j]):
                 j += 1
-            if j + 1 < n and text[j] in "'\u2019" and text[j + 1].isascii() and text[j + 1].isalpha():
+            if j + 1 < n and text[j] in "'\u2019" and _cd_ascii_letter(text[j + 1]):
                 j += 1
-                while j < n and text[j].isascii() and text[j].isalpha():
+                while j < n and _cd_ascii_letter(text[j]):
                     j += 1
-            tok, kind = text[i:j].lower().replace("\u2019", "'"), "word"
+            tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
+            tok, kind = tok.lower().replace("\u2019", "'"), "word"
             if tok in _CD_NOT or tok in _CD_DENIED_LATER or (tok == "that" and window[-1:] == [("word", "scratch")]):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
@@ -826,9 +847,9 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 if tok in _CD_TENS:
                     k = j + 1 if j < n and text[j] in "-\u2010\u2011 " else j
                     e = k
-                    while e < n and text[e].isascii() and text[e].isalpha():
+                    while e < n and _cd_ascii_letter(text[e]):
                         e += 1
-                    unit = text[k:e].lower()
+                    unit = "".join(_cd_ascii_letter(ch) for ch in text[k:e]).lower()
                     if 1 <= _CD_WORD_VALUES.get(unit, 0) <= 9 and not (e < n and (text[e].isalnum() or text[e] == "_")):
                         value += _CD_WORD_VALUES[unit]
                         skip_to = e
