@@ -99,7 +99,9 @@ def test_shared_prefix_bf16_within_bound(tiny_dirs):
 def test_shared_prefix_equals_per_row_on_the_builtin_model():
     """fp32, 30 layers: the per-row layout itself moves by up to ~5e-5 of a gradient tensor's
     largest entry when only its micro-batching (padding, summation order) changes; the shared
-    prefix must stay within twice that and within 1e-4 (the tiny models above stay under 1e-6)."""
+    prefix must stay within twice that (at least 5e-5: with one thread that noise is 5e-6 while
+    the shared layout's own summation order moves it 1.5e-5) and within 1e-4 (the tiny models
+    above stay under 1e-6; a wrong mask or position moves it by O(1))."""
     model, _ = load("smollm2-135m", tokenizer=False)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -116,7 +118,7 @@ def test_shared_prefix_equals_per_row_on_the_builtin_model():
     noise = worst(base, grads(3, False))
     for size in (12, 5):
         err = worst(base, grads(size, True))
-        assert err <= max(2 * noise, 1e-5) and err <= 1e-4, (err, noise)
+        assert err <= max(2 * noise, 5e-5) and err <= 1e-4, (err, noise)
 
 
 def test_rows_with_different_prefixes_are_packed_apart_and_spans_must_follow_context():
