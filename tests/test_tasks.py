@@ -1183,8 +1183,11 @@ def test_a_bug_in_the_recheck_raises_and_is_not_a_malformed_example(monkeypatch)
     ex = fc.examples("train", n=1)[0]
     with pytest.raises(TypeError, match="a bug"):
         recheck(fc, ex, "[]")
-    for bad in ({**ex, "answers": "[1]"}, {**ex, "answers": "not json"}, {**ex, "tools": 3}, {"tools": "[]"}):
+    for bad in ({**ex, "answers": "[1]"}, {**ex, "answers": "not json"}, {**ex, "tools": 3}, {"tools": "[]"},
+                {**ex, "tools": '{"name": "x"}'}, {**ex, "answers": "[" * 100_000 + "]" * 100_000}):
         assert recheck(fc, bad, "[]") == (False, "malformed example")
+    for nums in ({5: 1, 23: 1}, iter([5, 23]), "5 23"):
+        assert recheck(LENIENT, {"nums": nums, "target": 28}, "5 + 23 = 28") == (False, "malformed example")
 
 
 class _ReturnsText(Task):
@@ -1572,8 +1575,21 @@ def test_generator_draws_over_the_whole_ranges():
     ("5 + 23 = 28. Dat is verkeerd.", False),
     ("5 + 23 = 28. Est\u00e1 mal.", False),  # Spanish
     ("5 + 23 = 28. Esto es err\u00f3neo.", False),
-    # ... and what agrees with it stays right, accents or not
+    ("5 + 23 = 28. C'est erron\u00e9.", False),
+    ("5 + 23 = 28. Das ist ein Fehler.", False),
+    ("5 + 23 = 28. Das ist ung\u00fcltig.", False),
+    ("5 + 23 = 28. \u00c8 scorretto.", False),
+    ("5 + 23 = 28. Houve um erro.", False),
+    # ... and what agrees with it stays right, accents or not; "non-" is a prefix, not a denial
     ("5 + 23 = 28. Est\u00e1 correcto.", True),
+    ("5 + 23 = 28, using only non-negative numbers.", True),
+    ("5 + 23 = 28 (non-negative).", True),
+    ("5 + 23 = 28. Non-integer results were avoided.", True),
+    ("5 + 23 = 28. Nice, gal!", True),
+    ("5 + 23 = 28 non", False),
+    # a later answer's cue read without its accents, in both implementations
+    ("5 + 23 = 28. 5 \u00efs the answer.", False),
+    ("5 + 23 = 28. 23 is the r\u00e9al answer.", False),
     ("5 + 23 = 28. Das ist richtig.", True),
     ("5 + 23 = 28, which is twenty-e\u00efght.", True),
     ("5 + 23 = 28, which is twenty-f\u00efve.", False),

@@ -847,6 +847,17 @@ def test_a_string_ending_in_a_backslash_ends_at_its_quote():
         assert FC.verify(ex, completion), completion
 
 
+def test_a_number_past_decimals_range_is_no_answer_and_no_error(verifier_errors):
+    """A JSON exponent too large for Decimal (its InvalidOperation is no ValueError) makes no
+    structure, with no verifier error, as any other number that is not exactly a float."""
+    for text in ('[{"name": "get_weather", "arguments": {"x": 1e1000000000000000000}}]',
+                 'Here: [{"name": "get_weather", "arguments": {"x": 1e9999999999999999999999}}]',
+                 '[{"name": "get_weather", "arguments": "{\\"x\\": 0e99999999999999999999999}"}]'):
+        assert parse_calls(text) is None and FC.verify(EX, text) is False, text
+        assert not recheck(FC, EX, text)[0]
+    assert verifier_errors == []
+
+
 def test_size_and_depth_limits_at_their_bounds():
     """A structure of MAX_JSON_CHARS characters is read, one more is no answer; a value nested
     MAX_DEPTH deep is read, one deeper is no answer."""

@@ -134,14 +134,15 @@ NEGATIONS = frozenset("""
     falsch falsche falscher falsches nicht kein keine faux fausse pas incorrecte incorrecto incorrecta
     incorreto incorreta errado errada erroneo errato errata sbagliato sbagliata falso falsa fout niet
     nein feil fel
-    inkorrekt inkorrekte verkehrt unrichtig fehlerhaft inexact inexacte non nao erronea equivocado
-    equivocada mal onjuist onjuiste verkeerd verkeerde inte nej ikke nei galet galt gal felaktig
-    felaktigt uriktig forkert forkerte
+    inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee non nao
+    erronea equivocado equivocada mal scorretto scorretta onjuist onjuiste verkeerd verkeerde inte nej
+    ikke nei galet galt felaktig felaktigt uriktig forkert forkerte
 """.split())
 #: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
 AFTER_DENIALS = frozenset("""
     mistake mistakes mistaken mistakenly error errors erroneous erroneously fallacy miscalculated
     miscalculation miscalculate inaccurate typo typos disregard disregarded
+    erreur erreurs fehler errore errori erro erros
 """.split())
 #: Verbs and nouns of arithmetic that, after the final equation and followed by one of
 #: :data:`RESULT_OBJECTS`, do more arithmetic on it ("Then double it", "multiply the result").
@@ -381,6 +382,7 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
     for pos, step in ((start - 1, -1), (end, +1)):
         words, tokens, i = [], 0, pos
         while len(words) < 4 and tokens < 8:
+            at = i
             kind, value, i = _token(text, i, step)
             tokens += 1
             if kind == "skip":
@@ -397,7 +399,7 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                 return f"'{value} of' before the equation"
             if value in OPERATOR_WORDS:
                 return f"the word {value!r} next to the equation"
-            if value in NEGATIONS:
+            if value in NEGATIONS and not _prefix_non(value, text, i if step > 0 else at + 1):
                 return f"the equation is denied ({value!r} next to it)"
             if step < 0 and value in HYPOTHETICALS:
                 return f"the equation is a supposition ({value!r} before it)"
@@ -455,6 +457,13 @@ class _LatinBase(dict):
 _LATIN_BASE = _LatinBase()
 
 
+def _prefix_non(word: str, text: str, end: int) -> bool:
+    """``non`` ending at ``end`` and joined by a hyphen to the word after it (``non-negative``): a
+    prefix, not the negation ("Non è corretto")."""
+    return (word.lower() == "non" and text[end: end + 1] in ("-", "\u2010", "\u2011")
+            and text[end + 1: end + 2].isalpha())
+
+
 def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:
     """What after the final equation (from ``end``) changes or contradicts it: a number that is
     neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
@@ -501,7 +510,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             kind = "word"
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
-            if tok in NEGATIONS or tok in AFTER_DENIALS or (tok == "that" and prev[-1:] == [("word", "scratch")]):
+            if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
+                    or (tok == "that" and prev[-1:] == [("word", "scratch")]):
                 return f"a denial after the final equation ({tok!r})"
             if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
                 return f"more arithmetic on the result after the final equation ({tok!r})"

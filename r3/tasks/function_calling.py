@@ -185,8 +185,12 @@ def _exact_float(literal: str) -> float:
     written (its shortest decimal is the literal's value: ``1.50``, ``1e2``); a literal with more
     digits than a float holds (``20240101.000000001``) is invalid."""
     value = float(literal)
-    if decimal.Decimal(repr(value)) != decimal.Decimal(literal):
-        raise ValueError(f"{literal} is not exactly a float")
+    try:
+        exact = decimal.Decimal(literal)
+    except decimal.InvalidOperation:  # (an exponent past Decimal's range: 1e1000000000000000000)
+        raise ValueError(f"{literal[:40]} is not exactly a float") from None
+    if decimal.Decimal(repr(value)) != exact:
+        raise ValueError(f"{literal[:40]} is not exactly a float")
     return value
 
 

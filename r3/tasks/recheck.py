@@ -51,9 +51,9 @@ _CD_NOT = set("""
     falsch falsche falscher falsches nicht kein keine faux fausse pas incorrecte incorrecto incorrecta
     incorreto incorreta errado errada erroneo errato errata sbagliato sbagliata falso falsa fout niet
     nein feil fel
-    inkorrekt inkorrekte verkehrt unrichtig fehlerhaft inexact inexacte non nao erronea equivocado
-    equivocada mal onjuist onjuiste verkeerd verkeerde inte nej ikke nei galet galt gal felaktig
-    felaktigt uriktig forkert forkerte
+    inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee non nao
+    erronea equivocado equivocada mal scorretto scorretta onjuist onjuiste verkeerd verkeerde inte nej
+    ikke nei galet galt felaktig felaktigt uriktig forkert forkerte
 """.split())
 
 
@@ -73,7 +73,8 @@ def _cd_ascii_letter(c: str) -> str | None:
 
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
                     "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
-                    "typo", "typos", "disregard", "disregarded"}
+                    "typo", "typos", "disregard", "disregarded", "erreur", "erreurs", "fehler", "errore", "errori",
+                    "erro", "erros"}
 _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless"}
 _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
@@ -415,6 +416,7 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
         for _ in range(8):
             if len(words) >= 4:
                 break
+            at = i
             kind, w, i = _cd_tok(text, i, step)
             if kind == "skip":
                 continue
@@ -430,7 +432,9 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 return "a number word of it"
             if w in _CD_OP_WORDS:
                 return f"operator word {w}"
-            if w in _CD_NOT:
+            after = i if step > 0 else at + 1  # (the word's end: "non" before "-negative" is a prefix)
+            if w in _CD_NOT and not (w == "non" and after + 1 < len(text) and text[after] in "-\u2010\u2011"
+                                     and text[after + 1].isalpha()):
                 return f"negation {w}"
             if step < 0 and w in _CD_IF:
                 return f"supposition {w}"
@@ -739,13 +743,13 @@ def _cd_subject(text: str, begin: int, i: int) -> int | None:
             while j > begin and text[j - 1] in "0123456789":
                 j -= 1
             return int(text[j:k]) if verb else None
-        while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
+        while j > begin and _cd_ascii_letter(text[j - 1]):
             j -= 1
-        if j - 1 > begin and j < k and text[j - 1] in "'\u2019" and text[j - 2].isascii() and text[j - 2].isalpha():
+        if j - 1 > begin and j < k and text[j - 1] in "'\u2019" and _cd_ascii_letter(text[j - 2]):
             j -= 1  # (one apostrophe between letters belongs to the word: "it's", "the'final")
-            while j > begin and text[j - 1].isascii() and text[j - 1].isalpha():
+            while j > begin and _cd_ascii_letter(text[j - 1]):
                 j -= 1
-        word = text[j:k].lower()
+        word = "".join(_cd_ascii_letter(c) or c for c in text[j:k]).lower()
         if not verb and word in _CD_VERBS:
             verb, fillers = True, 0
         elif word in _CD_FILLERS and fillers < (2 if verb else 4):
@@ -825,7 +829,9 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                     j += 1
             tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
             tok, kind = tok.lower().replace("\u2019", "'"), "word"
-            if tok in _CD_NOT or tok in _CD_DENIED_LATER or (tok == "that" and window[-1:] == [("word", "scratch")]):
+            hyphen_prefix = tok == "non" and j + 1 < n and text[j] in "-\u2010\u2011" and text[j + 1].isalpha()
+            if (tok in _CD_NOT and not hyphen_prefix) or tok in _CD_DENIED_LATER \
+                    or (tok == "that" and window[-1:] == [("word", "scratch")]):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
                 return "later arithmetic on the result"
@@ -1785,6 +1791,8 @@ def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
     name = getattr(task, "name", None)
     if name == "countdown":
         try:
+            if not isinstance(example["nums"], (list, tuple)):
+                raise TypeError("nums is not a list")
             nums, target = [_whole(x) for x in example["nums"]], _whole(example["target"])
         except (KeyError, TypeError, ValueError):
             return False, "malformed example"
@@ -1794,10 +1802,12 @@ def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
             answers, tools = example["answers"], example.get("tools", "[]")
             tools = json.loads(tools) if isinstance(tools, str) else tools
             reference = json.loads(answers) if isinstance(answers, str) else answers
+            if not isinstance(tools, list) or not isinstance(reference, list):
+                raise TypeError("tools or answers is not a list")
             names = [t.get("name", "") for t in tools if isinstance(t, dict)]
             if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in reference):
                 raise TypeError("a reference call is not {'name': ..., 'arguments': ...}")
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RecursionError):
             return False, "malformed example"
         return recheck_function_calling(text, reference, names)
     return None
