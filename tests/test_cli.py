@@ -131,25 +131,24 @@ def test_failures_tiny_rounds_records_and_training_reads_them(tiny_dir, tiny, tm
         assert ep.sequences[2 * g][: len(prompt) + len(r["attempt_tokens"])] == prompt + r["attempt_tokens"]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
-    """The round logic against a fake sampler whose k-th attempt at query i is the tokens
-    [i, k]: a query fails exactly at its ``fail_at``-th attempt (0-based), or never."""
+def _fake_failure_sampling(monkeypatch, finished=lambda k: True):
+    """A fake sampler for r3.failures whose k-th attempt at query i is the tokens [i, k] (its
+    ``finished`` flag ``finished(k)``), a task failing query i at its ``fail_at``-th attempt
+    (0-based) or never, and a chat format that passes ids through. Returns (task, chat, model,
+    counter: attempts per query, calls: (prompts, samples) per call, seeds: one per call)."""
     from types import SimpleNamespace
 
-    K = 6
-    fail_at = [0, 1, 2, 3, 5, None, 4, 0, None, 2]
-    counter = {}
-    calls = []
+    counter, calls, seeds = {}, [], []
 
-    def fake_generate(model, prompts, *, num_samples, **kw):
+    def fake_generate(model, prompts, *, num_samples, seed, **kw):
         calls.append((len(prompts), num_samples))
+        seeds.append(seed)
         tokens = []
         for (i,) in prompts:
             for _ in range(num_samples):
                 tokens.append([i, counter.get(i, 0)])
                 counter[i] = counter.get(i, 0) + 1
-        return SimpleNamespace(tokens=tokens, finished=[True] * len(tokens), new_tokens=2 * len(tokens))
+        return SimpleNamespace(tokens=tokens, finished=[finished(t[1]) for t in tokens], new_tokens=2 * len(tokens))
 
     class Task:
         def messages(self, ex):
@@ -159,11 +158,20 @@ def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
             return json.loads(text)[1] != ex["fail_at"]
 
     chat = SimpleNamespace(prompt=lambda m: [int(m[0]["content"])], decode=lambda t: json.dumps(t), stop_ids=[0])
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
     monkeypatch.setattr(F, "generate", fake_generate)
+    return Task(), chat, SimpleNamespace(config=SimpleNamespace(vocab_size=100)), counter, calls, seeds
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
+    """The round logic against a fake sampler whose k-th attempt at query i is the tokens
+    [i, k]: a query fails exactly at its ``fail_at``-th attempt (0-based), or never."""
+    K = 6
+    fail_at = [0, 1, 2, 3, 5, None, 4, 0, None, 2]
+    task, chat, model, counter, calls, _ = _fake_failure_sampling(monkeypatch)
     examples = [{"i": i, "fail_at": f} for i, f in enumerate(fail_at)]
     got = []
-    stats = F.find_failures(model, list(range(100)), Task(), examples, samples=K, batch_size=batch_size, chat=chat,
+    stats = F.find_failures(model, list(range(100)), task, examples, samples=K, batch_size=batch_size, chat=chat,
                             on_batch=lambda fails, passes: got.append((fails, passes)))
     fails = {r["example"]["i"]: r for batch in got for r in batch[0]}
     passes = {r["key"]: r for batch in got for r in batch[1]}
@@ -865,32 +873,11 @@ def test_failures_never_samples_the_models_padded_rows(monkeypatch):
 def test_find_failures_draws_each_round_with_its_own_seed_and_keeps_the_failing_samples_flag(monkeypatch):
     """Per-row sample streams: a round drawn with round 0's seed would repeat the attempts the
     query already passed. ``finished`` is the failing sample's own (here: odd attempts finished)."""
-    from types import SimpleNamespace
-
-    seeds, counter = [], {}
-
-    def fake_generate(model, prompts, *, num_samples, seed, **kw):
-        seeds.append(seed)
-        tokens = []
-        for (i,) in prompts:
-            for _ in range(num_samples):
-                tokens.append([i, counter.get(i, 0)])
-                counter[i] = counter.get(i, 0) + 1
-        return SimpleNamespace(tokens=tokens, finished=[t[1] % 2 == 1 for t in tokens], new_tokens=2 * len(tokens))
-
-    class Task:
-        def messages(self, ex):
-            return [{"role": "user", "content": str(ex["i"])}]
-
-        def verify(self, ex, text):
-            return json.loads(text)[1] != ex["fail_at"]
-
-    chat = SimpleNamespace(prompt=lambda m: [int(m[0]["content"])], decode=lambda t: json.dumps(t), stop_ids=[0])
-    monkeypatch.setattr(F, "generate", fake_generate)
+    task, chat, model, _, _, seeds = _fake_failure_sampling(monkeypatch, finished=lambda k: k % 2 == 1)
     examples = [{"i": 0, "fail_at": 2}, {"i": 1, "fail_at": None}, {"i": 2, "fail_at": 1}]
     got = []
-    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=100)), list(range(100)), Task(), examples,
-                    samples=6, batch_size=2, chat=chat, on_batch=lambda fails, passes: got.extend(fails))
+    F.find_failures(model, list(range(100)), task, examples, samples=6, batch_size=2, chat=chat,
+                    on_batch=lambda fails, passes: got.extend(fails))
     assert len(seeds) > 3 and len(set(seeds)) == len(seeds)  # every (round, batch) its own seed
     assert {r["example"]["i"]: r["finished"] for r in got} == {0: False, 2: True}
 
