@@ -1479,10 +1479,36 @@ def test_final_equation_refuses_a_denied_equation_on_its_own():
         (False, [26, 24], 50, "26 + 24 = 50. Then double the final result.", False),
         (False, [5, 23], 28, "5 * 23 =\n5 + 23 = 28", False),
         (False, [5, 23], 28, "5 + 23 = 28. Better: the difference of 23 and 5.", False),
+        # re-check rules that only these rows hold (each fails a mutant of r3/tasks/recheck.py)
+        (False, [26, 24], 50, "26 + 24 = 50 squared is too big.", False),  # an operator word after it
+        (True, [26, 24], 50, "squared <answer>26 + 24</answer>", False),  # ... and before the block
+        (False, [26, 24], 50, "26 + 24 = 50. Oops, I made a mistake.", False),  # a later "mistake"
+        (False, [26, 24], 50, "26 + 24 = 50. So \\boxed{24}", False),  # \boxed{} is an answer
+        (True, [26, 24], 50, "<answer>26 + 24</answer>. \\boxed{24}", False),
+        (False, [26, 24], 50, "26 + 24 is 50ish.", False),  # letters glued to the stated result
+        (True, [26, 24], 50, "<answer>26 + 24</answer> and then *", False),  # ends in a bare "*"
+        (False, [26, 24], 50, "26 + 24 = 50, then *", False),
     ],
 )
 def test_countdown_newer_rules_found_by_mutation(tags, nums, target, completion, expected):
     task = CD if tags else LENIENT
+    ex = {"nums": nums, "target": target}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected  # the independent implementation agrees
+
+
+@pytest.mark.parametrize(
+    "ops,nums,target,completion,expected",
+    [
+        # an operator outside the task's set, at the top level of the expression (+ and -) too
+        ("*/", [1, 2, 3], 6, "<answer>1 + 2 + 3</answer>", False),
+        ("*/", [2, 3, 4], 24, "<answer>2 * 3 * 4</answer>", True),
+        ("+", [26, 24], 2, "<answer>26 - 24</answer>", False),
+        ("+", [26, 24], 50, "<answer>26 + 24</answer>", True),
+    ],
+)
+def test_countdown_operators_outside_the_tasks_set(ops, nums, target, completion, expected):
+    task = CountdownTask(ops=ops)
     ex = {"nums": nums, "target": target}
     assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
     assert recheck(task, ex, completion)[0] is expected  # the independent implementation agrees

@@ -679,6 +679,36 @@ def test_completion_formats(completion, ok):
     assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
 
 
+DAYS = dict(EX, answers=dumps([{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], "hourly": 1}}]))
+
+
+@pytest.mark.parametrize(
+    "example,completion,ok",
+    [
+        # rules of the independent re-check that only these rows hold (each fails a mutant of it)
+        (DAYS, '[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], "hourly": 1}}]', True),
+        (DAYS, '[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], "hourly": true}}]', False),
+        (DAYS, '[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2, 3], "hourly": 1}}]', False),
+        (DAYS, '[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}]', False),  # one left out
+        (EX, GOOD.replace('"Paris"}}', '"Paris"}, "index": NaN}'), False),  # NaN is not JSON
+        (EX, dumps([{"name": c["name"], "parameters": dumps(c["arguments"])} for c in CALLS]), False),
+        (EX, dumps({"tool_calls": CALLS, "id": ["call_1", "call_2", "call_3"]}), False),  # a second structure
+        (EX, GOOD + "\n\nFor Rome later:\nArguments: city Rome\nUnits stay celsius.\nSame as Paris.\n"
+         "Function: get_weather", False),  # YAML keys, arguments first, four lines apart
+        # a closing tag that says more than its id; a list number glued to a sign inside a block
+        (EX, "\n".join("<tool_call>\n" + dumps(c) + '\n</tool_call id="call_%d">' % k for k, c in enumerate(CALLS)),
+         False),
+        (EX, "\n".join("<tool_call>\n-%d. " % (k + 1) + dumps(c) + "\n</tool_call>" for k, c in enumerate(CALLS)),
+         False),
+        (EX, "\n".join("<tool_call>\n%d. " % (k + 1) + dumps(c) + "\n</tool_call>" for k, c in enumerate(CALLS)),
+         True),
+    ],
+)
+def test_recheck_rules_found_by_mutation(example, completion, ok):
+    assert FC.verify(example, completion) is ok
+    assert recheck(FC, example, completion)[0] is ok  # the independent implementation agrees
+
+
 def test_duplicate_keys_are_a_failed_parse():
     one = dict(EX, answers=dumps([{"name": "f", "arguments": {"x": 1}}]))
     assert FC.verify(one, '[{"name": "f", "arguments": {"x": 1}}]')
