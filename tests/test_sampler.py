@@ -555,6 +555,12 @@ def test_cli_warns_past_the_models_positions():
     r = _cli("--prompt", "What is the capital of France?", "--max-new-tokens", str(limit), "--temperature", "0")
     assert r.returncode == 0, r.stderr  # (it stops at the end of its answer)
     assert f"--max-new-tokens {limit} passes the model's {limit} positions" in r.stderr
+    # exactly filling the positions (the last completion token at position limit - 1) is fine; one more is not
+    n = int(re.search(r"the prompt \((\d+) tokens\)", r.stderr).group(1))
+    prompt = ("--prompt", "What is the capital of France?", "--temperature", "0")
+    exact = _cli(*prompt, "--max-new-tokens", str(limit - n))
+    assert exact.returncode == 0 and "positions" not in exact.stderr, exact.stderr
+    assert f"--max-new-tokens {limit - n + 1} passes" in _cli(*prompt, "--max-new-tokens", str(limit - n + 1)).stderr
 
 
 @pytest.mark.parametrize("args", [("--model", "/no/such/model", "--prompt", "hi"), ("--prompt", "hi", "--top-p", "2")])
@@ -1497,3 +1503,155 @@ def test_draw_boundaries():
         a = pick_tokens(logits, top_k=10, top_p=1.0, u=torch.full((3, 1), u))
         b = pick_tokens(logits, top_k=10, u=torch.full((3, 1), u))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_stop_ids_outside_the_vocabulary_are_ignored(tiny):
+    """Stop ids the sampler can never draw -- negative ones and ``vocab_size`` itself (an eos id
+    in a checkpoint's padded rows) -- stop nothing: not even a row that samples ``vocab_size - 1``
+    (the id a negative index would alias)."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 7, 3], seed=12)
+    first = [t[0] for t in generate(model, prompts, max_new_tokens=1, temperature=0).tokens]
+    v = max(first) + 1  # greedy over ids < v keeps each row's argmax: one row's first token is v - 1
+    ref = generate(model, prompts, max_new_tokens=6, temperature=0, vocab_size=v)
+    assert ref.tokens[first.index(v - 1)][0] == v - 1
+    out = generate(model, prompts, max_new_tokens=6, temperature=0, vocab_size=v, stop_token_ids=[-1, v])
+    assert out.tokens == ref.tokens and out.finished == [False] * 3 and out.steps == 6
+
+
+def test_stop_string_completed_at_the_last_step_finishes_the_row(tiny):
+    """A row whose stop string is completed by its ``max_new_tokens``-th token ended on the stop
+    string: ``finished`` is True (it did not merely hit the limit), also when the last step is
+    not a multiple of ``sync_every``."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    strings = ["QZ", "AB", "YZ", "KE", "MM", "DO"]
+    free = Session.start(model, prompts, seed=8).fork(4).sample(40, temperature=1.0)
+    want = [_cut_at_string(t, strings) for t in free.tokens]
+    r = min((i for i, w in enumerate(want) if w is not None and len(w) >= 2), key=lambda i: len(want[i]))
+    n = len(want[r])
+    for sync_every in (1, n + 1):  # (n + 1: the only check is the one after the last step)
+        got = Session.start(model, prompts, seed=8).fork(4).sample(
+            n, temperature=1.0, stop_strings=StopStrings(strings, _letters), sync_every=sync_every)
+        assert got.tokens[r] == want[r] and got.lengths[r] == n and got.finished[r], sync_every
+        for g, f, w, fin in zip(got.tokens, free.tokens, want, got.finished):  # the rest: cut at n or their string
+            assert fin == (w is not None and len(w) <= n) and g == (w if fin else f[:n])
+
+
+def test_stop_strings_window_covers_multibyte_characters():
+    """The window is counted in UTF-8 bytes (plus one): a one-character stop string whose two
+    bytes are two tokens is found (byte-level tokens, as a byte-BPE tokenizer's)."""
+    by_bytes = StopStrings(["\u00e9"], lambda ids: bytes(ids).decode("utf-8", "replace"))
+    assert by_bytes.completed([0x41, 0xC3, 0xA9])
+    assert not by_bytes.completed([0x41, 0xC3])
+
+
+def test_stop_string_before_a_stop_id_between_checks_wins(tiny):
+    """A row that completes a stop string and then, before the next check (every ``sync_every``
+    steps), samples a stop id is cut at the stop string: rows that stopped on an id since the last
+    check are still searched for stop strings up to that id -- at the first check and at later
+    ones."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    strings = ["QZ", "AB", "YZ", "KE", "MM", "DO"]
+    free = Session.start(model, prompts, seed=8).fork(4).sample(40, temperature=1.0)
+    want = [_cut_at_string(t, strings) for t in free.tokens]
+    # (row, sync_every): the string's last token (index L - 1) and the next one in one check window
+    cases = {}
+    for i, (w, f) in enumerate(zip(want, free.tokens)):
+        if w is not None and len(w) < 40 and f[len(w)] not in w:
+            L = len(w)
+            cases.setdefault("first", (i, 40))
+            later = [s for s in range(2, L) if (L - 1) // s == L // s]
+            if later:
+                cases.setdefault("later", (i, later[0]))
+    assert set(cases) == {"first", "later"}
+    for r, sync_every in cases.values():
+        stop_id = free.tokens[r][len(want[r])]  # the token right after the stop string
+        for compact in (False, True):
+            got = Session.start(model, prompts, seed=8, compact=compact).fork(4).sample(
+                40, temperature=1.0, stop_strings=StopStrings(strings, _letters), stop_token_ids=[stop_id],
+                sync_every=sync_every)
+            assert got.tokens[r] == want[r] and got.finished[r], (r, sync_every, compact)
+            for g, f, w in zip(got.tokens, free.tokens, want):
+                by_id = f[: f.index(stop_id) + 1] if stop_id in f else None
+                ends = [x for x in (w, by_id) if x is not None]
+                assert g == (min(ends, key=len) if ends else f)
+
+
+def test_new_tokens_counts_each_rows_own_tokens(tiny):
+    """``new_tokens`` (the throughput figures' numerator) is the sum of the rows' lengths, not
+    rows x steps: rows that stopped early count only their tokens."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 9, 6], seed=10)
+    free = generate(model, prompts, max_new_tokens=12, seed=5).tokens
+    out = generate(model, prompts, max_new_tokens=12, seed=5, stop_token_ids=[free[0][1]])
+    assert out.lengths[0] <= 2 < max(out.lengths) <= out.steps
+    assert out.new_tokens == sum(len(t) for t in out.tokens) == sum(out.lengths) < len(out.tokens) * out.steps
+    assert out.new_tokens == (out.token_tensor != -1).sum().item()
+
+
+def test_generate_passes_stop_strings_on(tiny):
+    """``generate(stop_strings=...)`` ends rows as ``Session.sample`` does: each row is the free
+    run (same seed) cut at the token that completes a stop string, and finished."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    strings = ["QZ", "AB", "YZ", "KE", "MM", "DO"]
+    free = generate(model, prompts, max_new_tokens=40, num_samples=4, seed=8)
+    want = [_cut_at_string(t, strings) for t in free.tokens]
+    assert sum(w is not None for w in want) >= 6
+    got = generate(model, prompts, max_new_tokens=40, num_samples=4, seed=8, stop_strings=StopStrings(strings, _letters))
+    assert got.tokens == [f if w is None else w for f, w in zip(free.tokens, want)]
+    assert got.finished == [w is not None for w in want]
+
+
+
+def test_cli_samples_the_tokenizers_ids_and_stops_at_the_end_of_turn(builtin, monkeypatch, capsys):
+    """An embedding padded past the tokenizer: the CLI samples from the tokenizer's ids only, and
+    it stops at the template's end-of-turn token."""
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    config = SimpleNamespace(vocab_size=len(tok) + 64, eos_token_id=eos, max_position_embeddings=8192)
+    seen = []
+
+    def fake_generate(model, prompts, *, max_new_tokens, vocab_size=None, stop_token_ids=(), **kw):
+        seen.append((vocab_size, eos in stop_token_ids))
+        return SimpleNamespace(tokens=[[eos]], finished=[True], new_tokens=1, prefill_s=0.0, decode_s=1.0,
+                               tokens_per_s=1.0)
+
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), tok))
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert seen == [(len(tok), True)]
+
+
+def test_top_k_draws_over_tied_logits_in_token_id_order():
+    """With top-k the candidates are laid out as a stable full sort would (logit descending, ties
+    by token id), so the inverse-CDF draw picks the token that order gives, whatever order
+    ``topk`` returned the ties in."""
+    g = torch.Generator().manual_seed(1)
+    V = 49152
+    x = (torch.randn(V, generator=g) * 3).bfloat16().float()  # many tied logits
+    for k in (2000, 3000):
+        vals, ids = torch.sort(x, descending=True, stable=True)
+        cdf = vals[:k].softmax(-1).cumsum(-1)
+        u = torch.rand(200, 1, generator=g)
+        want = ids[torch.searchsorted(cdf, u[:, 0] * cdf[-1], right=True).clamp_max(k - 1)]
+        got, _ = pick_tokens(x.expand(200, V), temperature=1.0, top_k=k, u=u)
+        assert (got == want).float().mean() > 0.99, k
+
+
+def test_greedy_ignores_top_k_and_top_p(tiny):
+    """``temperature=0`` is greedy whatever ``top_k`` / ``top_p`` say: the same tokens and the
+    raw log-softmax log-probs."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 9, 6], seed=14)
+    plain = generate(model, prompts, max_new_tokens=8, temperature=0)
+    for kw in (dict(top_k=5), dict(top_p=0.5), dict(top_k=20, top_p=0.3)):
+        out = generate(model, prompts, max_new_tokens=8, temperature=0, **kw)
+        assert out.tokens == plain.tokens, kw
+        assert torch.allclose(out.logprob_tensor, plain.logprob_tensor, atol=1e-6), kw
