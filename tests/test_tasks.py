@@ -1613,6 +1613,8 @@ def test_generator_draws_over_the_whole_ranges():
     ("5 + 23 = 28. Non-integer results were avoided.", True),
     ("5 + 23 = 28. Nice, gal!", True),
     ("5 + 23 = 28 non", False),
+    ("5 + 23 = 28. That is wrong\u00e9.", False),  # a denial a letter with diacritics is glued to
+    ("5 + 23 = 28. Not\u00e4 correct.", False),
     # a later answer's cue read without its accents, in both implementations
     ("5 + 23 = 28. 5 \u00efs the answer.", False),
     ("5 + 23 = 28. 23 is the r\u00e9al answer.", False),

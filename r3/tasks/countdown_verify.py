@@ -457,6 +457,17 @@ class _LatinBase(dict):
 _LATIN_BASE = _LatinBase()
 
 
+_ASCII_LETTERS = re.compile(r"[A-Za-z]+")
+
+
+def _glued_denial(raw: str, at: int) -> bool:
+    """A denial whose letters a letter with diacritics follows (``wrongé``, ``Notä``): read as the
+    word it starts with, as it reads without the folding."""
+    w = _ASCII_LETTERS.match(raw, at)
+    return (w is not None and w.end() < len(raw) and not raw[w.end()].isascii()
+            and (w.group().lower() in NEGATIONS or w.group().lower() in AFTER_DENIALS))
+
+
 def _prefix_non(word: str, text: str, end: int) -> bool:
     """``non`` ending at ``end`` and joined by a hyphen to the word after it (``non-negative``): a
     prefix, not the negation ("Non è corretto")."""
@@ -479,6 +490,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     ``\u274c``), more arithmetic on the result (``Then double it``, ``I multiplied 12 by ...``), or
     an unfinished operation at the very end of the text (``... +``, ``Then I added``). One pass over
     the rest of the text."""
+    raw = text
     if not text.isascii():  # words read without their diacritics ("Não", "erróneo", "är")
         text = text[:end] + text[end:].translate(_LATIN_BASE)
     allowed = {str(n) for n in nums} | {str(target)}
@@ -511,7 +523,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
             if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
-                    or (tok == "that" and prev[-1:] == [("word", "scratch")]):
+                    or (tok == "that" and prev[-1:] == [("word", "scratch")]) or _glued_denial(raw, m.start()):
                 return f"a denial after the final equation ({tok!r})"
             if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
                 return f"more arithmetic on the result after the final equation ({tok!r})"

@@ -830,8 +830,13 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
             tok, kind = tok.lower().replace("\u2019", "'"), "word"
             hyphen_prefix = tok == "non" and j + 1 < n and text[j] in "-\u2010\u2011" and text[j + 1].isalpha()
+            ascii_end = i
+            while ascii_end < j and text[ascii_end].isascii() and text[ascii_end].isalpha():
+                ascii_end += 1
+            head = text[i:ascii_end].lower()  # (its ASCII letters, when diacritics follow: "wrongé")
             if (tok in _CD_NOT and not hyphen_prefix) or tok in _CD_DENIED_LATER \
-                    or (tok == "that" and window[-1:] == [("word", "scratch")]):
+                    or (tok == "that" and window[-1:] == [("word", "scratch")]) \
+                    or (ascii_end < j and not text[ascii_end].isascii() and (head in _CD_NOT or head in _CD_DENIED_LATER)):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
                 return "later arithmetic on the result"
