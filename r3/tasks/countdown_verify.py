@@ -523,7 +523,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
             if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
-                    or (tok == "that" and prev[-1:] == [("word", "scratch")]) or _glued_denial(raw, m.start()):
+                    or (tok == "that" and prev[-1:] == [("word", "scratch")]) \
+                    or (raw is not text and _glued_denial(raw, m.start())):
                 return f"a denial after the final equation ({tok!r})"
             if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
                 return f"more arithmetic on the result after the final equation ({tok!r})"

@@ -71,6 +71,11 @@ def _cd_ascii_letter(c: str) -> str | None:
     return head
 
 
+def _cd_hyphen_prefix(word: str, text: str, end: int) -> bool:
+    """"non" whose letters end at ``end`` and a hyphen joins to the next word ("non-negative")."""
+    return word == "non" and end + 1 < len(text) and text[end] in "-\u2010\u2011" and text[end + 1].isalpha()
+
+
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
                     "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
                     "typo", "typos", "disregard", "disregarded", "erreur", "erreurs", "fehler", "errore", "errori",
@@ -432,9 +437,7 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 return "a number word of it"
             if w in _CD_OP_WORDS:
                 return f"operator word {w}"
-            after = i if step > 0 else at + 1  # (the word's end: "non" before "-negative" is a prefix)
-            if w in _CD_NOT and not (w == "non" and after + 1 < len(text) and text[after] in "-\u2010\u2011"
-                                     and text[after + 1].isalpha()):
+            if w in _CD_NOT and not _cd_hyphen_prefix(w, text, i if step > 0 else at + 1):
                 return f"negation {w}"
             if step < 0 and w in _CD_IF:
                 return f"supposition {w}"
@@ -829,12 +832,11 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                     j += 1
             tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
             tok, kind = tok.lower().replace("\u2019", "'"), "word"
-            hyphen_prefix = tok == "non" and j + 1 < n and text[j] in "-\u2010\u2011" and text[j + 1].isalpha()
             ascii_end = i
             while ascii_end < j and text[ascii_end].isascii() and text[ascii_end].isalpha():
                 ascii_end += 1
             head = text[i:ascii_end].lower()  # (its ASCII letters, when diacritics follow: "wrongé")
-            if (tok in _CD_NOT and not hyphen_prefix) or tok in _CD_DENIED_LATER \
+            if (tok in _CD_NOT and not _cd_hyphen_prefix(tok, text, j)) or tok in _CD_DENIED_LATER \
                     or (tok == "that" and window[-1:] == [("word", "scratch")]) \
                     or (ascii_end < j and not text[ascii_end].isascii() and (head in _CD_NOT or head in _CD_DENIED_LATER)):
                 return "later denial"
