@@ -1636,3 +1636,27 @@ def test_countdown_later_denials_in_other_languages_and_a_parenthesis_after_it(c
     ex = {"nums": [5, 23], "target": 28}
     assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
     assert recheck(LENIENT, ex, completion)[0] is expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    # a denial or a later answer written in compatibility forms of Latin letters after the equation
+    ("5 + 23 = 28. \uff2e\uff4f.", False),  # full-width "No."
+    ("5 + 23 = 28. That is \uff57\uff52\uff4f\uff4e\uff47.", False),
+    ("5 + 23 = 28. \U0001d40d\U0001d428\U0001d42d correct.", False),  # mathematical bold "Not"
+    ("5 + 23 = 28. It is \u24d8\u24dd\u24d2\u24de\u24e1\u24e1\u24d4\u24d2\u24e3.", False),  # circled
+    ("5 + 23 = 28. \uff34\uff48\uff45\uff4e double it.", False),
+    ("5 + 23 = 28. 23 \uff49\uff53 the answer.", False),
+    # ... and what agrees with it stays right; "non-" before such a letter is still a prefix
+    ("5 + 23 = 28. \uff34\uff48\uff41\uff54 \uff49\uff53 \uff52\uff49\uff47\uff48\uff54.", True),
+    ("5 + 23 = 28, non-\u24dde\u24d6ative.", True),
+    ("5 + 23 = 28. \U0001d5e6\U0001d5fc\U0001d5f9\U0001d5f9\U0001d5f2\U0001d5f1.", True),  # "Solved"
+    # a Roman numeral is a number in another script, not a letter
+    ("5 + 23 = 28. Step \u2170.", False),
+])
+def test_countdown_later_words_in_compatibility_letters(completion, expected):
+    """Full-width, mathematical and circled letters after the equation read as their ASCII letters,
+    as letters with diacritics do: both implementations paid "5 + 23 = 28. Ｎｏ." (the words were
+    read as symbols, each on its own)."""
+    ex = {"nums": [5, 23], "target": 28}
+    assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
+    assert recheck(LENIENT, ex, completion)[0] is expected

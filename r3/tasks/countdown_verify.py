@@ -70,7 +70,7 @@ when
   eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
   ``No.``, ``I miscalculated``, ``Scratch that.``, ``Não está certo.``: there a letter with
-  diacritics reads as its letter).
+  diacritics or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
 
 Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
@@ -446,11 +446,15 @@ _NESTED_BRACE = re.compile(r"\{[^{}]*\{")
 
 class _LatinBase(dict):
     """A ``str.translate`` table: a Latin letter with diacritics to its ASCII letter (``ã`` ``a``,
-    ``ó`` ``o``, ``ä`` ``a``), one character for one, so positions stay; anything else kept."""
+    ``ó`` ``o``, ``ä`` ``a``), and a compatibility form of one to that letter (full-width ``Ｎ``,
+    mathematical ``𝐍``, circled ``ⓝ``), one character for one, so positions stay; anything else
+    kept."""
 
     def __missing__(self, code: int) -> int:
-        base = [c for c in unicodedata.normalize("NFD", chr(code)) if not unicodedata.combining(c)]
-        self[code] = ord(base[0]) if len(base) == 1 and base[0].isascii() and base[0].isalpha() else code
+        c = chr(code)
+        base = [b for b in unicodedata.normalize("NFKD", c) if not unicodedata.combining(b)]
+        letter = len(base) == 1 and base[0].isascii() and base[0].isalpha() and not c.isnumeric()
+        self[code] = ord(base[0]) if letter else code  # (a Roman numeral "ⅰ" stays a number)
         return self[code]
 
 
@@ -472,7 +476,7 @@ def _prefix_non(word: str, text: str, end: int) -> bool:
     """``non`` ending at ``end`` and joined by a hyphen to the word after it (``non-negative``): a
     prefix, not the negation ("Non è corretto")."""
     return (word.lower() == "non" and text[end: end + 1] in ("-", "\u2010", "\u2011")
-            and text[end + 1: end + 2].isalpha())
+            and (text[end + 1: end + 2].isalpha() or text[end + 1: end + 2].translate(_LATIN_BASE).isalpha()))
 
 
 def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:

@@ -58,12 +58,17 @@ _CD_NOT = set("""
 
 
 def _cd_ascii_letter(c: str) -> str | None:
-    """An ASCII letter as itself; a letter whose canonical decomposition is an ASCII letter and
-    combining marks as that letter ("ã", "ó", "ä"); else None."""
+    """An ASCII letter as itself; a letter whose decomposition, canonical or compatibility, is an
+    ASCII letter and combining marks as that letter ("ã", "ó", "ä", full-width "Ｎ", "𝐍", "ⓝ");
+    else None (a Roman numeral, "ⅰ", is a number)."""
     if c.isascii():
         return c if c.isalpha() else None
+    if unicodedata.numeric(c, None) is not None:
+        return None
     parts = unicodedata.decomposition(c).split()
-    if not parts or parts[0].startswith("<"):
+    if parts and parts[0].startswith("<"):
+        parts = parts[1:]
+    if not parts:
         return None
     head = _cd_ascii_letter(chr(int(parts[0], 16)))
     if head is None or not all(unicodedata.combining(chr(int(p, 16))) for p in parts[1:]):
@@ -73,7 +78,8 @@ def _cd_ascii_letter(c: str) -> str | None:
 
 def _cd_hyphen_prefix(word: str, text: str, end: int) -> bool:
     """"non" whose letters end at ``end`` and a hyphen joins to the next word ("non-negative")."""
-    return word == "non" and end + 1 < len(text) and text[end] in "-\u2010\u2011" and text[end + 1].isalpha()
+    return (word == "non" and end + 1 < len(text) and text[end] in "-\u2010\u2011"
+            and (text[end + 1].isalpha() or _cd_ascii_letter(text[end + 1]) is not None))
 
 
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
@@ -823,7 +829,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             return "later foreign number"
         elif text.startswith("####", i):
             tok, kind, j = "####", "word", i + 4
-        elif _cd_ascii_letter(c):  # (a letter with diacritics reads as its letter: "Não" is "nao")
+        elif _cd_ascii_letter(c):  # (a letter with diacritics or full-width reads as its letter: "Não" is "nao")
             while j < n and _cd_ascii_letter(text[j]):
                 j += 1
             if j + 1 < n and text[j] in "'\u2019" and _cd_ascii_letter(text[j + 1]):
