@@ -81,7 +81,8 @@ POISON = [
     ("3 &times; ", ""), ("", " &minus; 2"), ("3 \\cdot ", ""), ("It is _not_ ", ""), ("'not' ", ""),
     ("50% of ", ""), ("1/2 of ", ""), ("A third of ", ""), ("4 added to ", ""), ("", " less 2"),
     ("", " doubled"), ("", " (in base 8)"), ("Move 2 to ", ""), ("Take 1 from ", ""),
-    ("", " (falsch)"), ("", ". C'est faux."), ("", ". The answer is 28,5"),
+    ("", " (falsch)"), ("", ". C'est faux."), ("", ". The answer is 28,5"), ("", ". N\u00e3o est\u00e1 certo."),
+    ("", ". \uff2e\uff4f."), ("", ". \U0001d40d\U0001d428\U0001d42d correct."),
     # arithmetic on the result, an unfinished operation
     ("", "\n\nHowever, when the numbers are multiplied together, they should always equal 9."),
     ("", ". Then double it."), ("", ". Then I add 2 to it."), ("", ", +"), ("Next, I multiplied 3 by both sides of ", ""),
