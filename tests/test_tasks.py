@@ -1660,3 +1660,22 @@ def test_countdown_later_words_in_compatibility_letters(completion, expected):
     ex = {"nums": [5, 23], "target": 28}
     assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
     assert recheck(LENIENT, ex, completion)[0] is expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    # "answer's" is "answer is": a later number in its sentence is an answer
+    ("5 + 23 = 28. The answer's 23.", False),
+    ("5 + 23 = 28. The result\u2019s 5.", False),
+    ("5 + 23 = 28. The answer's 28.", True),
+    ("5 + 23 = 28. The solution's both numbers, once each.", True),
+    # TeX's $ around the number that is made the answer, as quotes and emphasis are
+    ("5 + 23 = 28. $23$ is the final answer.", False),
+    ("5 + 23 = 28. $28$ is the final answer.", True),
+    ("$5 + 23 = 28$ is the final answer.", True),
+])
+def test_countdown_later_answer_after_answers_and_in_tex_dollars(completion, expected):
+    """Both implementations paid a later answer after the contraction "answer's" and a number in
+    TeX dollars made the answer before the word ("$23$ is the final answer")."""
+    ex = {"nums": [5, 23], "target": 28}
+    assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
+    assert recheck(LENIENT, ex, completion)[0] is expected

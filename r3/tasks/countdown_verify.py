@@ -177,11 +177,11 @@ RESULT_LINKS = frozenset("""
 #: final equation (``####`` is the answer marker of GSM8K-style text).
 ANSWER_CUES = frozenset("""
     answer answers result results solution total equals gives makes get gets got yields equation it's final
-    ####
+    answer's result's solution's ####
 """.split())
 #: Cues after which any number in the rest of the sentence is an answer (``The answer is therefore
 #: 23.``, ``The answer is `23`.``).
-SENTENCE_CUES = frozenset("answer answers result results solution total".split())
+SENTENCE_CUES = frozenset("answer answers result results solution total answer's result's solution's".split())
 #: Between a number and a later answer cue, the words that make the number the answer (``24 is
 #: the final answer``, ``24 would then be my answer``): a verb, up to two of these before it and
 #: up to four after it.
@@ -570,7 +570,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             cue_sentence = True
         elif tok in ".!?":
             cue_sentence = False
-        if tok not in _DECORATION and tok not in _QUOTES:  # (a spaced " * " is skipped, as emphasis is)
+        if tok not in _DECORATION and tok not in _QUOTES and tok != "$":  # (also " * ", and TeX's $)
             plain.append((kind, tok))
             if len(plain) > 8:
                 del plain[0]
@@ -609,7 +609,7 @@ def _stated(prev: list[tuple[str, str]]) -> bool:
 
 
 def _answer_subject(prev: list[tuple[str, str]]) -> str | None:
-    """The number the tokens just read (Markdown emphasis and quotes left out) make an answer
+    """The number the tokens just read (Markdown emphasis, quotes and ``$`` left out) make an answer
     before its cue word (``24 is the final`` before ``answer``), or None."""
     verb, fillers = False, 0
     for kind, value in reversed(prev):

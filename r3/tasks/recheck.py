@@ -112,8 +112,9 @@ _CD_LINKS = set("""
     turns turned gave equaled equalled came
 """.split())
 _CD_CUES = {"answer", "answers", "result", "results", "solution", "total", "equals", "gives", "makes", "get",
-            "gets", "got", "yields", "equation", "it's", "final", "####"}
-_CD_SENTENCE_CUES = {"answer", "answers", "result", "results", "solution", "total"}
+            "gets", "got", "yields", "equation", "it's", "final", "####", "answer's", "result's", "solution's"}
+_CD_SENTENCE_CUES = {"answer", "answers", "result", "results", "solution", "total", "answer's", "result's",
+                     "solution's"}
 # a number made the answer by the words before an answer word: "24 is the final answer", "24 would
 # then be my answer" (a verb, up to two of these before it and four after it)
 _CD_FILLERS = set("""
@@ -739,11 +740,11 @@ def _cd_bare_denied(text: str, start: int) -> str | None:
 
 def _cd_subject(text: str, begin: int, i: int) -> int | None:
     """Reading back from ``i`` (an answer word) to ``begin``, over blanks, stars, underscores,
-    straight and curly quotes and backticks: the number that the words between make the answer,
-    or None."""
+    straight and curly quotes, backticks and dollar signs: the number that the words between make
+    the answer, or None."""
     verb, fillers, k = False, 0, i
     while True:
-        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2018\u2019\u201c\u201d\"`"):
+        while k > begin and (text[k - 1].isspace() or text[k - 1] in "*_'\u2018\u2019\u201c\u201d\"`$"):
             k -= 1
         if k <= begin:
             return None
