@@ -348,14 +348,15 @@ CLOSE_TAGS = ["</tool_call>", "</tool_call>", "</tool_call\u200b>", "\uff1c/tool
 DELETE_ALL = '{"name": "delete_all", "arguments": {}}'
 
 
-def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple[str, bool]:
+def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple[str, bool, bool]:
     """A call list written as Hermes / Qwen ``<tool_call>`` blocks (tags in any spelling) or bare
     objects between ``;``, ``,`` or blanks, maybe with prose between two blocks (every block
     counts); or with an extra block of another call, or a malformed run (prose in a block before
-    it, an unclosed block, two objects in one block): no answer."""
+    it, an unclosed block, two objects in one block): no answer. Also whether the text ends in a
+    block left open (what follows is in that block)."""
     if not calls or not all(isinstance(c, dict) and "name" in c and set(c) <= {"name", "arguments", "id"}
                             for c in calls):
-        return json.dumps(calls), ok  # (then ``ok`` is a matter of content alone)
+        return json.dumps(calls), ok, False  # (then ``ok`` is a matter of content alone)
     objects = [json.dumps(c) for c in calls]
     blocks = [rng.choice(OPEN_TAGS) + rng.choice(["", "\n"]) + o + rng.choice(["", "\n"]) + rng.choice(CLOSE_TAGS)
               for o in objects]
@@ -363,22 +364,22 @@ def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple
     kind = rng.randrange(7)
     if kind == 1 and len(blocks) > 1:  # prose between blocks: the blocks on both sides are the calls
         k = rng.randrange(1, len(blocks))
-        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), ok
+        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), ok, False
     if kind == 2:  # bare objects in one run
-        return rng.choice(["; ", ",\n", "\n", " ", "\u037e ", "\uff1b", " {} "]).join(objects), ok
+        return rng.choice(["; ", ",\n", "\n", " ", "\u037e ", "\uff1b", " {} "]).join(objects), ok, False
     if kind == 3:  # another call in an adjacent block
         extra = "<tool_call>" + DELETE_ALL + "</tool_call>"
         k = rng.randrange(len(blocks) + 1)
-        return sep.join(blocks[:k] + [extra] + blocks[k:]), False
+        return sep.join(blocks[:k] + [extra] + blocks[k:]), False, False
     if kind == 4:  # malformed: a block of prose right before, an unclosed block, two objects in a block
         first, rest = rng.choice([("<tool_call>reset()</tool_call>" + sep, blocks),
                                   ("<tool_call>" + DELETE_ALL + sep, blocks),
                                   ("<tool_call>" + DELETE_ALL + " " + objects[0] + "</tool_call>" + sep, blocks[1:])])
-        return first + sep.join(rest), False
+        return first + sep.join(rest), False, False
     text = sep.join(blocks)
     if kind == 5:  # the last block unclosed
         text = text[: text.rindex("<") if text.endswith(">") else text.rindex("\uff1c")]
-    return text, ok
+    return text, ok, kind == 5
 
 
 def _is_attempt(s: str) -> bool:
@@ -392,13 +393,13 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     ex = rng.choice(pool)
     ref = json.loads(ex["answers"])
     final, ok, valid = _fc_mutate(rng, ref)
-    r, hermes = rng.random(), False
+    r, hermes, unclosed = rng.random(), False, False
     if r < 0.15:
         final = '{"tool_calls": ' + final + "}"
     elif r < 0.3:
         final = "```json\n" + final + "\n```"
     elif r < 0.45 and valid and final.lstrip().startswith("["):
-        final, ok = _hermes(rng, json.loads(final), ref, ok)
+        final, ok, unclosed = _hermes(rng, json.loads(final), ref, ok)
         hermes = True
     elif r < 0.55 and ok and valid and final.lstrip().startswith("[") and rng.random() < 0.5:
         # an adjacent earlier attempt (blanks, ';' or ',' between): its calls count too, and an
@@ -411,6 +412,9 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     truncated = not valid and final.count("[") + final.count("{") > final.count("]") + final.count("}")
     label = (ok and valid) if _is_attempt(final + after if truncated else final) else None
     before = rng.choice([b for b in FC_BEFORE if not (hermes and "<tool_call>" in b)])
+    if label and (unclosed or before == "<tool_call>\n") and (after not in ("", "\n</tool_call>")
+                                                             or final.startswith("`")):
+        label = False  # (a block holds its attempt alone: a harness parses the block's text as JSON)
     text = before + final + after
     # a <tool_call> block in the text: an attempt outside the blocks is no answer
     blocks = "<tool_call>" in before or (hermes and final[:1] in "<\uff1c")

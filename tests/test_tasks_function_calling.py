@@ -701,7 +701,7 @@ DAYS = dict(EX, answers=dumps([{"name": "get_weather", "arguments": {"city": "Pa
         (EX, "\n".join("<tool_call>\n-%d. " % (k + 1) + dumps(c) + "\n</tool_call>" for k, c in enumerate(CALLS)),
          False),
         (EX, "\n".join("<tool_call>\n%d. " % (k + 1) + dumps(c) + "\n</tool_call>" for k, c in enumerate(CALLS)),
-         True),
+         False),  # (a block holds its attempt and blanks only: a harness parses its text as JSON)
     ],
 )
 def test_recheck_rules_found_by_mutation(example, completion, ok):
@@ -1305,3 +1305,33 @@ def test_parse_refuses_non_json_constants_and_nesting_past_the_cap():
     for _ in range(deep):
         d = [d]
     assert not values_equal(d, d) and values_equal([[0]], [[0]])
+
+
+def _blocks(calls, inside_before="", inside_after="", close=True) -> str:
+    return "\n".join("<tool_call>\n" + inside_before + json.dumps(c) + inside_after + ("\n</tool_call>" if close else "")
+                     for c in calls)
+
+
+@pytest.mark.parametrize(
+    "completion,ok",
+    [
+        (_blocks(CALLS), True),
+        (_blocks(CALLS, "\u200b", " ;\u3164"), True),  # blank-looking characters are blanks
+        (_blocks(CALLS) + "\nThese get the weather and convert.", True),  # prose after the blocks
+        (_blocks(CALLS[:2]) + "\nWait.\n" + _blocks(CALLS[2:], close=False), True),  # the last one cut off
+        # anything else in a block: a harness parses the block's text as JSON, which fails
+        (_blocks(CALLS[:1], inside_after="\nThis gets the weather.") + "\n" + _blocks(CALLS[1:]), False),
+        (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], inside_after=" // EUR"), False),
+        (_blocks(CALLS, "```json\n", "\n```"), False),
+        (_blocks(CALLS[:1], "<|python_tag|>") + "\n" + _blocks(CALLS[1:]), False),
+        (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], close=False) + "\nThat is all.", False),  # left open
+        (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], close=False) + " [1, 2]", False),
+    ],
+)
+def test_a_tool_call_block_holds_its_call_alone(completion, ok):
+    """Both implementations paid prose, a comment or a code fence after the call inside its block
+    (and after the last block left open), which the Hermes parsers of vLLM and others read as no
+    call: they parse the text between the tags as JSON. Prose before the call in a block was already
+    no answer."""
+    assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
+    assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees

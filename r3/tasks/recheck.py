@@ -1641,8 +1641,8 @@ def _fc_run(text: str, chunks: list, last: int) -> tuple[str, list[int], int, li
         i = start = at
 
 
-def _fc_tags(text: str, spans: list[tuple[int, int, bool]], reasoning: int) -> list[tuple[int, str]]:
-    """(where it starts, ``O`` / ``C`` / ``X``) for each tool_call tag (see
+def _fc_tags(text: str, spans: list[tuple[int, int, bool]], reasoning: int) -> list[tuple[int, str, int]]:
+    """(where it starts, ``O`` / ``C`` / ``X``, where it ends) for each tool_call tag (see
     :func:`_fc_markup_ending_at`) from ``reasoning`` on, outside the bracketed ``spans``."""
     out, gaps, at = [], [], reasoning
     for a, b, _ in spans:
@@ -1655,7 +1655,7 @@ def _fc_tags(text: str, spans: list[tuple[int, int, bool]], reasoning: int) -> l
             if text[i] in _FC_GT:
                 kind, j = _fc_markup_ending_at(text, lo, i + 1)
                 if kind in ("O", "C", "X"):
-                    out.append((j, kind))
+                    out.append((j, kind, i + 1))
     return out
 
 
@@ -1707,7 +1707,7 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         # executes only the blocks: every attempt in one, and each run's last block closed by the
         # next tag after it, unless no tag comes after it (the very last block, cut off)
         tags = _fc_tags(text, spans, reasoning) if good else []
-        if "O" in [kind for _, kind in tags]:
+        if "O" in [kind for _, kind, _ in tags]:
             k = 0
             for (_, run_end), letters in zip(runs, shapes):
                 while k < len(tags) and tags[k][0] < run_end:
@@ -1715,6 +1715,17 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                 if not re.fullmatch(r"(?:OSC)*OS", letters) or (k < len(tags) and tags[k][1] != "C"):
                     good = False
                     break
+            # a harness parses each block's text (up to the next tag, or the end) as JSON: blanks
+            # aside, it is exactly one attempt
+            attempt_spans = {(a, b) for a, b, ok in spans if ok and _fc_is_attempt(text[a:b], ok)}
+            for n_tag, (_, kind, body) in enumerate(tags):
+                if good and kind == "O":
+                    a, b = body, tags[n_tag + 1][0] if n_tag + 1 < len(tags) else len(text)
+                    while a < b and _fc_sep(text[a]):
+                        a += 1
+                    while b > a and _fc_sep(text[b - 1]):
+                        b -= 1
+                    good = (a, b) in attempt_spans
         if good:
             try:
                 calls, none_made = [], False
