@@ -510,7 +510,7 @@ def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tu
         for j, (kind, start, _) in enumerate(items):
             if kind == "call" and (j == 0 or items[j - 1][0] != "open"):
                 return False  # (an attempt outside the blocks: a harness would not make its calls)
-            if kind in ("call", "close") and not _separators(text, items[j - 1][2], start):
+            if kind in ("call", "close") and j > 0 and not _separators(text, items[j - 1][2], start):
                 return False  # (the block holds more than its attempt)
         while t < len(tags) and tags[t][0] < items[-1][2]:
             t += 1
