@@ -1316,7 +1316,10 @@ def _blocks(calls, inside_before="", inside_after="", close=True) -> str:
     "completion,ok",
     [
         (_blocks(CALLS), True),
-        (_blocks(CALLS, "\u200b", " ;\u3164"), True),  # blank-looking characters are blanks
+        (_blocks(CALLS, " \t\r\n", "\r\n\t "), True),  # JSON whitespace
+        (_blocks(CALLS[:1], "\u200b") + "\n" + _blocks(CALLS[1:]), False),  # (json.loads fails on the rest)
+        (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], inside_after=";"), False),
+        (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], inside_after="\u00a0"), False),
         (_blocks(CALLS) + "\nThese get the weather and convert.", True),  # prose after the blocks
         (_blocks(CALLS[:2]) + "\nWait.\n" + _blocks(CALLS[2:], close=False), True),  # the last one cut off
         # anything else in a block: a harness parses the block's text as JSON, which fails

@@ -54,9 +54,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   </tool_call>`` is no answer). A Hermes / Qwen harness runs only the blocks, so when the text
   opens one (after the reasoning block, outside the structures) every attempt must be in a block:
   one before, between or after them (``<tool_call>{a}</tool_call> and {b}``) is no answer, and
-  a block holds its attempt and blanks alone, as a harness parses the text between the tags as
-  JSON (prose, a comment, a list number or a code fence in a block, also after the last block
-  when it stays open, is no answer); structures without a key, blocks apart with prose between,
+  a block holds its attempt and JSON whitespace alone, as a harness parses the text between the
+  tags as JSON (prose, a comment, a list number, a code fence or an invisible character in a
+  block, also after the last block when it stays open, is no answer); structures without a key, blocks apart with prose between,
   and text with no opening tag (a
   bare list, ``{a}; {b}``, labelled calls; a stray ``</tool_call>``) are fine. A broken,
   truncated or invalid attempt anywhere is no answer, and nothing inside a structure is searched
@@ -495,13 +495,19 @@ def _tool_call_tags(text: str, found: list[tuple[int, int, bool]], thought: int)
     return tags
 
 
+def _json_blank(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` is JSON whitespace alone (spaces, tabs, line feeds, carriage
+    returns: what ``json.loads`` reads around a value)."""
+    return not text[start:end].strip(" \t\n\r")
+
+
 def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tuple[int, str]]) -> bool:
     """Where the completion opens a ``<tool_call>`` block (``tags``: :func:`_tool_call_tags`), a
     harness reads only the blocks: then every call attempt of the runs (their items, in order, see
     :func:`_run_items`) must stand right after an opening tag, and the next tag after each run's
     last attempt must close its block: only the very last block of the completion (no tag after
-    it) may stay unclosed. A block holds its attempt and blanks (:func:`_separators`) only: a
-    harness parses the text of the block as JSON, so prose or a code fence in it
+    it) may stay unclosed. A block holds its attempt and JSON whitespace only: a harness parses
+    the text of the block as JSON, so prose, a code fence, a comma or an invisible character in it
     (``<tool_call>{a} Done.</tool_call>``, after the last block when it stays open) is no answer."""
     if not any(kind == "open" for _, kind in tags):
         return True
@@ -510,13 +516,13 @@ def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tu
         for j, (kind, start, _) in enumerate(items):
             if kind == "call" and (j == 0 or items[j - 1][0] != "open"):
                 return False  # (an attempt outside the blocks: a harness would not make its calls)
-            if kind in ("call", "close") and j > 0 and not _separators(text, items[j - 1][2], start):
+            if kind in ("call", "close") and j > 0 and not _json_blank(text, items[j - 1][2], start):
                 return False  # (the block holds more than its attempt)
         while t < len(tags) and tags[t][0] < items[-1][2]:
             t += 1
         if t < len(tags) and tags[t][1] != "close":
             return False  # (an unclosed block before another block: it would swallow the next one)
-        if not _separators(text, items[-1][2], tags[t][0] if t < len(tags) else len(text)):
+        if not _json_blank(text, items[-1][2], tags[t][0] if t < len(tags) else len(text)):
             return False  # (text after the attempt in its block, or after the last block left open)
     return True
 

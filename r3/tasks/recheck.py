@@ -1715,15 +1715,15 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                 if not re.fullmatch(r"(?:OSC)*OS", letters) or (k < len(tags) and tags[k][1] != "C"):
                     good = False
                     break
-            # a harness parses each block's text (up to the next tag, or the end) as JSON: blanks
-            # aside, it is exactly one attempt
+            # a harness parses each block's text (up to the next tag, or the end) as JSON: JSON
+            # whitespace aside, it is exactly one attempt
             attempt_spans = {(a, b) for a, b, ok in spans if ok and _fc_is_attempt(text[a:b], ok)}
             for n_tag, (_, kind, body) in enumerate(tags):
                 if good and kind == "O":
                     a, b = body, tags[n_tag + 1][0] if n_tag + 1 < len(tags) else len(text)
-                    while a < b and _fc_sep(text[a]):
+                    while a < b and text[a] in " \t\n\r":
                         a += 1
-                    while b > a and _fc_sep(text[b - 1]):
+                    while b > a and text[b - 1] in " \t\n\r":
                         b -= 1
                     good = (a, b) in attempt_spans
         if good:
