@@ -358,13 +358,19 @@ def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple
                             for c in calls):
         return json.dumps(calls), ok, False  # (then ``ok`` is a matter of content alone)
     objects = [json.dumps(c) for c in calls]
-    blocks = [rng.choice(OPEN_TAGS) + rng.choice(["", "\n"]) + o + rng.choice(["", "\n"]) + rng.choice(CLOSE_TAGS)
-              for o in objects]
+    blocks, tags = [], []
+    for o in objects:
+        tags.append((rng.choice(OPEN_TAGS), rng.choice(["", "\n"]), rng.choice(["", "\n"]), rng.choice(CLOSE_TAGS)))
+        blocks.append(tags[-1][0] + tags[-1][1] + o + tags[-1][2] + tags[-1][3])
     sep = rng.choice(["", "\n", " ", "\n\n", "\u200b", "\u3164", "\u034f", "<|eom_id|>\n"])
     kind = rng.randrange(7)
+    # a harness finds the blocks by their tags as written: another spelling makes no block (the
+    # closing tag of a last block left open aside)
+    as_written = all(t[0] == "<tool_call>" and (t[3] == "</tool_call>" or (kind == 5 and k == len(tags) - 1))
+                     for k, t in enumerate(tags))
     if kind == 1 and len(blocks) > 1:  # prose between blocks: the blocks on both sides are the calls
         k = rng.randrange(1, len(blocks))
-        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), ok, False
+        return sep.join(blocks[:k]) + "\nWait.\n" + sep.join(blocks[k:]), ok and as_written, False
     if kind == 2:  # bare objects in one run
         return rng.choice(["; ", ",\n", "\n", " ", "\u037e ", "\uff1b", " {} "]).join(objects), ok, False
     if kind == 3:  # another call in an adjacent block
@@ -379,7 +385,7 @@ def _hermes(rng: random.Random, calls: list, ref: list[dict], ok: bool) -> tuple
     text = sep.join(blocks)
     if kind == 5:  # the last block unclosed
         text = text[: text.rindex("<") if text.endswith(">") else text.rindex("\uff1c")]
-    return text, ok, kind == 5
+    return text, ok and as_written, kind == 5
 
 
 def _is_attempt(s: str) -> bool:

@@ -1649,6 +1649,8 @@ def test_countdown_later_denials_in_other_languages_and_a_parenthesis_after_it(c
     # ... and what agrees with it stays right; "non-" before such a letter is still a prefix
     ("5 + 23 = 28. \uff34\uff48\uff41\uff54 \uff49\uff53 \uff52\uff49\uff47\uff48\uff54.", True),
     ("5 + 23 = 28, non-\u24dde\u24d6ative.", True),
+    ("5 + 23 = 28, using only non\u2011negative numbers.", True),  # (Unicode hyphens: the verifier
+    ("5 + 23 = 28. It is non\u2010zero.", True),  # read "non" glued to them as a denial)
     ("5 + 23 = 28. \U0001d5e6\U0001d5fc\U0001d5f9\U0001d5f9\U0001d5f2\U0001d5f1.", True),  # "Solved"
     # a Roman numeral is a number in another script, not a letter
     ("5 + 23 = 28. Step \u2170.", False),

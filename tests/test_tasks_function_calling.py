@@ -260,8 +260,9 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("\n".join("<tool_call>\n" + json.dumps(c) + "\n</tool_call>" for c in CALLS), True),
         ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS) + "\nDone.", True),
         ("".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS)[:-len("</tool_call>")], True),
-        ("\u200b".join("< Tool_Call >" + json.dumps(c) + "</tool_call\u200b>" for c in CALLS), True),
-        ("\n".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS), True),
+        # (tags a harness does not find, as it reads them as written, make no blocks: no answer)
+        ("\u200b".join("< Tool_Call >" + json.dumps(c) + "</tool_call\u200b>" for c in CALLS), False),
+        ("\n".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS), False),
         ("; ".join(json.dumps(c) for c in CALLS), True),
         (dumps(CALLS[:1]) + ",\n" + dumps(CALLS[1:]), True),
         ("<tool_call>" + dumps(CALLS[:1]) + "</tool_call><tool_call>"  # a list in a block
@@ -307,7 +308,7 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
          + "</tool_call>", False),
         ("```json\n" + dumps(CALLS[:1]) + "\n```\n```json\n" + GOOD + "\n```", False),
         ("```json\n" + BAD + "\n```\nWait, fixed:\n```json\n" + GOOD + "\n```", False),  # prose between: five calls
-        ("\n".join('<tool_call id="%d">' % i + json.dumps(c) + "</tool_call >" for i, c in enumerate(CALLS)), True),
+        ("\n".join('<tool_call id="%d">' % i + json.dumps(c) + "</tool_call >" for i, c in enumerate(CALLS)), False),
         ("<|python_tag|>" + "; ".join(json.dumps(c) for c in CALLS) + "<|eom_id|>", True),
         # other models' call syntax after the answer; a digit glued to a name
         (GOOD + "\n<tool_call>delete_all\n<arg_key>path</arg_key>\n<arg_value>/</arg_value>\n</tool_call>", False),
@@ -356,7 +357,7 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ('{"tool_calls": []}\n' + GOOD, False),  # (no calls, then the calls: no answer)
         ('<tool_call id="delete_all()">' + GOOD + "</tool_call>", False),
         ('<tool_call note="x">' + GOOD + "</tool_call>", False),
-        ('<tool_call id="call_1">' + GOOD + "</tool_call>", True),
+        ('<tool_call id="call_1">' + GOOD + "</tool_call>", False),  # (a tag as no harness finds it)
         ("<tool_call>" + GOOD + "</tool_call reset()>", False),  # (a later call)
         (GOOD + "\n- name: delete_all\n  arguments: {}", False),
         (GOOD + "\nname: delete_all\n\narguments: {}", False),
@@ -655,7 +656,7 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         ("\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS[:2]) + "\n```json\n"
          + dumps(CALLS[2:]) + "\n```", False),
         ("<tool_call>" + json.dumps(CALLS[0]) + "</tool_call>\nWait.\n"
-         + "".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS[1:]), True),
+         + "".join("\uff1ctool_call\uff1e" + json.dumps(c) + "\uff1c/tool_call\uff1e" for c in CALLS[1:]), False),
         ("[note] " + "\n".join("<tool_call>" + json.dumps(c) + "</tool_call>" for c in CALLS) + "\n[1, 2] {}", True),
         ("\n".join(dumps([c]) for c in CALLS), True),  # no tags: every attempt counts
         (GOOD + "\n</tool_call>", True),  # (a closing tag alone opens no block)
@@ -1329,12 +1330,20 @@ def _blocks(calls, inside_before="", inside_after="", close=True) -> str:
         (_blocks(CALLS[:1], "<|python_tag|>") + "\n" + _blocks(CALLS[1:]), False),
         (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], close=False) + "\nThat is all.", False),  # left open
         (_blocks(CALLS[:2]) + "\n" + _blocks(CALLS[2:], close=False) + " [1, 2]", False),
+        # a harness finds a block by its tags as written: "<tool_call>" and "</tool_call>"
+        (_blocks(CALLS).replace("</tool_call>", "</TOOL_CALL>", 1) + "\nDone.", False),
+        (_blocks(CALLS).replace("</tool_call>", "</tool_call >", 1), False),
+        (_blocks(CALLS).replace("<tool_call>", "<Tool_Call>", 1), False),
+        (_blocks(CALLS).replace("<tool_call>", '<tool_call id="1">', 1), False),
+        (_blocks(CALLS).replace("</tool_call>", "\uff1c/tool_call\uff1e") + "\nDone.", False),
+        (_blocks(CALLS) + "\nThe </ tool_call > tag ends each block.", True),  # (a tag in prose after them)
     ],
 )
 def test_a_tool_call_block_holds_its_call_alone(completion, ok):
     """Both implementations paid prose, a comment or a code fence after the call inside its block
-    (and after the last block left open), which the Hermes parsers of vLLM and others read as no
-    call: they parse the text between the tags as JSON. Prose before the call in a block was already
+    (and after the last block left open), and blocks whose tags were spelled otherwise, which the
+    Hermes parsers of vLLM and others read as no call: they find the blocks by their tags as
+    written and parse the text between them as JSON. Prose before the call in a block was already
     no answer."""
     assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
     assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees

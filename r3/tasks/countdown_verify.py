@@ -469,7 +469,8 @@ def _glued_denial(raw: str, at: int) -> bool:
     word it starts with, as it reads without the folding."""
     w = _ASCII_LETTERS.match(raw, at)
     return (w is not None and w.end() < len(raw) and not raw[w.end()].isascii()
-            and (w.group().lower() in NEGATIONS or w.group().lower() in AFTER_DENIALS))
+            and (w.group().lower() in NEGATIONS or w.group().lower() in AFTER_DENIALS)
+            and not _prefix_non(w.group(), raw, w.end()))  # ("non\u2011negative": a prefix)
 
 
 def _prefix_non(word: str, text: str, end: int) -> bool:

@@ -48,7 +48,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   calls (``[]``, ``{"tool_calls": []}``) beside one that makes calls is no answer. Tags must pair
   up in each run: a block opens, holds one attempt and closes; a block opened twice or unclosed,
   holding two attempts, a closing tag right before a run (a block of prose before it), or a tag
-  with an attribute other than an ``id`` (``<tool_call name="f">``) makes it no answer. Only the
+  written otherwise than ``<tool_call>`` / ``</tool_call>`` (``<tool_call name="f">``,
+  ``<TOOL_CALL>``, ``</tool_call >``, an ``id`` attribute: a harness finds the tags as written)
+  makes it no answer. Only the
   very last block of the completion may stay unclosed: the next tag after each run's last
   attempt must close its block unless no tag follows (``<tool_call>{a}\\nNext:\\n<tool_call>{b}
   </tool_call>`` is no answer). A Hermes / Qwen harness runs only the blocks, so when the text
@@ -501,6 +503,9 @@ def _json_blank(text: str, start: int, end: int) -> bool:
     return not text[start:end].strip(" \t\n\r")
 
 
+_EXACT_TAG = {"open": "<tool_call>", "close": "</tool_call>"}
+
+
 def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tuple[int, str]]) -> bool:
     """Where the completion opens a ``<tool_call>`` block (``tags``: :func:`_tool_call_tags`), a
     harness reads only the blocks: then every call attempt of the runs (their items, in order, see
@@ -508,20 +513,25 @@ def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tu
     last attempt must close its block: only the very last block of the completion (no tag after
     it) may stay unclosed. A block holds its attempt and JSON whitespace only: a harness parses
     the text of the block as JSON, so prose, a code fence, a comma or an invisible character in it
-    (``<tool_call>{a} Done.</tool_call>``, after the last block when it stays open) is no answer."""
+    (``<tool_call>{a} Done.</tool_call>``, after the last block when it stays open) is no answer.
+    A harness finds a block by its tags as written: a block's tags must be exactly
+    ``<tool_call>`` and ``</tool_call>`` (``<TOOL_CALL>``, ``</tool_call >``, an ``id`` attribute
+    or a full-width bracket is no answer)."""
     if not any(kind == "open" for _, kind in tags):
         return True
     t = 0
     for items in runs:
-        for j, (kind, start, _) in enumerate(items):
+        for j, (kind, start, end) in enumerate(items):
             if kind == "call" and (j == 0 or items[j - 1][0] != "open"):
                 return False  # (an attempt outside the blocks: a harness would not make its calls)
             if kind in ("call", "close") and j > 0 and not _json_blank(text, items[j - 1][2], start):
                 return False  # (the block holds more than its attempt)
+            if kind in ("open", "close") and text[start:end] != _EXACT_TAG[kind]:
+                return False  # (a tag a harness does not find: the block is not one)
         while t < len(tags) and tags[t][0] < items[-1][2]:
             t += 1
-        if t < len(tags) and tags[t][1] != "close":
-            return False  # (an unclosed block before another block: it would swallow the next one)
+        if t < len(tags) and (tags[t][1] != "close" or not text.startswith(_EXACT_TAG["close"], tags[t][0])):
+            return False  # (an unclosed block before another block, or a closing tag as no harness writes it)
         if not _json_blank(text, items[-1][2], tags[t][0] if t < len(tags) else len(text)):
             return False  # (text after the attempt in its block, or after the last block left open)
     return True

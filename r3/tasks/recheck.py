@@ -1718,7 +1718,11 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
             # a harness parses each block's text (up to the next tag, or the end) as JSON: JSON
             # whitespace aside, it is exactly one attempt
             attempt_spans = {(a, b) for a, b, ok in spans if ok and _fc_is_attempt(text[a:b], ok)}
-            for n_tag, (_, kind, body) in enumerate(tags):
+            # (and it finds the blocks by their tags as written: "<tool_call>" and "</tool_call>")
+            for n_tag, (at, kind, body) in enumerate(tags):
+                if good and kind == "O":
+                    good = text[at:body] == "<tool_call>" and (
+                        n_tag + 1 == len(tags) or text[tags[n_tag + 1][0]:tags[n_tag + 1][2]] == "</tool_call>")
                 if good and kind == "O":
                     a, b = body, tags[n_tag + 1][0] if n_tag + 1 < len(tags) else len(text)
                     while a < b and text[a] in " \t\n\r":
