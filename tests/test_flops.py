@@ -211,3 +211,29 @@ def format_step_line_of(row):
     from r3.metrics import format_step_line
 
     return format_step_line(row, 10, 5.0)
+
+
+def test_rows_whose_prefixes_differ_only_in_the_last_token_each_pay_their_prefix():
+    """Found by mutation: the prefix is every token before the span, its last one included."""
+    cfg = _cfg("llama")
+    one = F.forward_flops(cfg, [[1, 2, 3, 9, 9]], [(3, 5)])
+    assert F.forward_flops(cfg, [[1, 2, 3, 9, 9], [1, 2, 4, 9, 9]], [(3, 5), (3, 5)]) == 2 * one
+
+
+def test_the_measured_rate_takes_the_fastest_timing_not_the_last(monkeypatch):
+    """A clock whose timings of one matmul take 1 s, 3 s, 2 s, 4 s (then 10 s, past ``seconds``): the
+    rate is that of the 1 s one."""
+    readings, t = [], 0.0
+    for dt in (1.0, 3.0, 2.0, 4.0):  # (each timing reads the clock twice)
+        readings += [t, t + dt]
+        t += dt
+    clock = iter(readings)
+    monkeypatch.setattr(F.time, "perf_counter", lambda: next(clock))
+    rate = F.measured_matmul_rate(torch.device("cpu"), torch.float32, n=16, seconds=8.5, each=1)
+    assert rate == 2 * 16 ** 3 / 1.0
+
+
+def test_the_datasheet_matches_the_h200_nvl_before_the_h200(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 NVL")
+    assert F.datasheet_peak(torch.device("cuda", 0), torch.bfloat16) == 835e12

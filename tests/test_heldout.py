@@ -67,3 +67,79 @@ def test_each_batch_has_its_own_seed_kept_on_resume(monkeypatch):
     seeds.clear()
     evaluate_examples(None, None, _Task(), examples, seed=None, **kw)
     assert seeds == [None, None, None]
+
+
+def test_a_batch_reads_each_verdict_and_reason_from_its_own_turn(monkeypatch):
+    """evaluate_batch on a made-up episode (no model): the retry rows belong to the failed examples
+    by group index, the second verdict is the first one's or the retry's, each reason is the
+    verifier's for the text it judges (the retry's for retry_reason), and the verifier counts are
+    the task's since the last look."""
+    import torch
+
+    import r3.heldout as H
+
+    ep = SimpleNamespace(first_passed=[True, False, False], group_indices=[1, 2], rewards=torch.tensor([[0.0], [1.0]]),
+                         records=[{"reflection": "r1", "retry": "retry1"}, {"reflection": "r2", "retry": "retry2"}],
+                         spans=[(5, 8), (4, 9)], first_attempts=[[0], [1], [2]], generated_tokens=17)
+    monkeypatch.setattr(H, "run_episode", lambda *a, **k: ep)
+
+    class Said(_Task):
+        def diagnose(self, example, text):
+            return f"why {text}"
+
+    task = Said()
+    task.__dict__.update(_verifier_errors=(1, "boom"), _verify_calls=5)
+    chat = SimpleNamespace(decode=lambda ids: f"attempt{ids[0]}")
+    examples = [{"id": i} for i in range(3)]
+    res = H.evaluate_batch(None, None, task, examples, H.GREEDY, seed=0, chat=chat, records=True)
+    assert res["first_correct"] == [True, False, False] and res["second_correct"] == [True, False, True]
+    assert res["generated_tokens"] == 17 and res["verifier"] == [1, 5, "boom"]
+    first, second, third = res["records"]
+    assert first == {"example": {"id": 0}, "attempt": "attempt0", "attempt_correct": True, "attempt_reason": "why attempt0"}
+    assert second == {"example": {"id": 1}, "attempt": "attempt1", "attempt_correct": False, "attempt_reason": "why attempt1",
+                      "reflection": "r1", "reflection_tokens": 3, "retry": "retry1", "retry_correct": False,
+                      "retry_reason": "why retry1"}
+    assert (third["reflection_tokens"], third["retry_correct"], third["retry_reason"]) == (5, True, "why retry2")
+
+
+def test_verifier_errors_sum_over_batches_and_the_first_is_the_earliest():
+    """The first verifier error quoted is the earliest batch's, and the errors counted after the
+    last batch (by the task since its last look) are included."""
+    examples = [{"id": i} for i in range(4)]
+    finished = {0: {**_batch([False] * 2, [False] * 2, 0), "verifier": [1, 4, "first batch's"]},
+                1: {**_batch([False] * 2, [False] * 2, 0), "verifier": [1, 4, "second batch's"]}}
+    task = _Task()
+    task.__dict__.update(_verifier_errors=(2, "after the last batch"), _verify_calls=3)
+    r = evaluate_examples(None, None, task, examples, batch_size=2, finished=finished, progress=False, chat=SimpleNamespace())
+    assert (r["verifier_errors"], r["verdicts"], r["first_verifier_error"]) == (4, 11, "first batch's")
+    r = evaluate_examples(None, None, _Task(), examples, batch_size=2, finished={0: _batch([False] * 2, [False] * 2, 0),
+                          1: finished[1]}, progress=False, chat=SimpleNamespace())
+    assert r["first_verifier_error"] == "second batch's"
+
+
+def test_a_resumed_progress_bar_starts_at_the_queries_already_evaluated(monkeypatch):
+    """Resuming with the short last batch finished counts its own queries, not a whole batch."""
+    import r3.heldout as H
+
+    calls = []
+
+    class Bar:
+        def resume(self, done):
+            calls.append(("resume", done))
+
+        def update(self, done, extra=""):
+            calls.append(("update", done))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setattr(H, "evaluate_batch", lambda model, tok, task, batch, *a, **k: _batch([True] * len(batch),
+                                                                                             [True] * len(batch), 0))
+    examples = [{"id": i} for i in range(5)]
+    evaluate_examples(None, None, _Task(), examples, batch_size=2, finished={2: _batch([True], [True], 0)},
+                      progress=Bar(), chat=SimpleNamespace())
+    assert calls == [("resume", 1), ("update", 2), ("update", 4), ("close",)]
+
+
+def test_a_paired_difference_of_no_queries_is_zero():
+    assert paired_difference([], []) == {"mean": 0.0, "stderr": 0.0, "n": 0, "better": 0, "worse": 0}

@@ -128,3 +128,46 @@ def test_prepacked_weights_in_fp32_and_where_onednn_runs_bf16(monkeypatch):
     if onednn and precision.bf16_is_native("cpu"):
         monkeypatch.setattr(packed_linear, "bf16_is_native", lambda device: True)
         assert packed_linear.PackedWeights.available(model)
+
+
+def test_native_bf16_by_device_kind(monkeypatch):
+    """Found by mutation: a GPU that only emulates bf16 (before Ampere) is not native, nor is CUDA
+    when no GPU is available; a CPU is native only where oneDNN is built in and its bf16 check
+    passes; another backend's bf16 is taken as given, and its warning names that device."""
+    asked = []
+
+    def supported(including_emulation=True, native=False):
+        asked.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert precision.bf16_is_native("cuda") is False and asked == [False]  # a T4 or V100: emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision.bf16_is_native("cuda:0") is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not precision.bf16_is_native("cuda")
+    assert precision.slow_bf16_warning("cuda").startswith("warning: this cuda device has no native bf16 matmuls")
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert precision.bf16_is_native("cpu") is False
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert precision.bf16_is_native("cpu") is True
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert precision.bf16_is_native("cpu") is False
+
+    assert precision.bf16_is_native("mps") is True and precision.resolve_dtype_name("auto", "mps") == "bf16"
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    assert precision.slow_bf16_warning("mps").startswith("warning: this mps device has no native bf16 matmuls")
+
+
+def test_a_dtype_the_trainer_cannot_run_is_refused_by_the_config():
+    """Only auto, bf16 and fp32 have a compute dtype: fp16 is refused when the config is read, not a
+    KeyError from compute_dtype once the models are loaded."""
+    from r3.errors import R3Error
+
+    assert precision.DTYPE_NAMES == ("auto", "bf16", "fp32")
+    for bad in ("fp16", "float16", "BF16"):
+        with pytest.raises(R3Error, match=rf"'dtype' must be one of auto, bf16, fp32, got '{bad}'"):
+            TrainConfig(dtype=bad).validate()

@@ -1681,3 +1681,262 @@ def test_countdown_later_answer_after_answers_and_in_tex_dollars(completion, exp
     ex = {"nums": [5, 23], "target": 28}
     assert LENIENT.verify(ex, completion) is expected, LENIENT.diagnose(ex, completion)
     assert recheck(LENIENT, ex, completion)[0] is expected
+
+
+# ---------------------------------------------------------------------------------------
+# found by mutation (round 8): option helpers, record files, the registry's one-line errors
+# ---------------------------------------------------------------------------------------
+def test_option_helpers_take_cli_spellings_and_refuse_the_rest(tmp_path):
+    """Each option helper at its bounds and with the spellings a CLI or a JSON config passes:
+    a bound is inclusive, 3.0 is the integer 3 (3.5 is refused, never truncated), NaN and booleans
+    are not numbers, a choice is read case-insensitively and stored as the canonical name, a path
+    may be a ``Path``, n=0 asks for no examples, and a blank retry prompt is refused."""
+    from r3.tasks.base import check_n, opt_bool, opt_choice, opt_float, opt_int, opt_path
+
+    assert opt_int("k", 5, lo=5, hi=5) == 5 and opt_int("k", "5", lo=1, hi=5) == 5
+    with pytest.raises(R3Error, match="option k: must be <= 5, got 6"):
+        opt_int("k", 6, hi=5)
+    assert opt_int("k", 3.0) == 3 and type(opt_int("k", 3.0)) is int
+    with pytest.raises(R3Error, match="option k: expected an integer, got 3.5"):
+        opt_int("k", 3.5)
+    assert opt_float("f", 1, lo=0.0, hi=1.0) == 1.0
+    for bad in (float("nan"), "nan", True):
+        with pytest.raises(R3Error, match="option f: "):
+            opt_float("f", bad, lo=0.0, hi=1.0)
+    with pytest.raises(R3Error, match="test_fraction"):
+        tasks.get("countdown", test_fraction="nan")
+    assert [opt_bool("b", v) for v in ("off", " ON ", "No", "yes", 0, 1, True)] == [False, True, False, True,
+                                                                                   False, True, True]
+    for bad in (2, -1, "maybe"):
+        with pytest.raises(R3Error, match="option b: expected true or false"):
+            opt_bool("b", bad)
+    assert opt_choice("c", " Easy ", ("easy", "standard")) == "easy"
+    assert tasks.get("countdown", difficulty="EASY").difficulty == "easy"
+    f = tmp_path / "cd.jsonl"
+    f.write_text('{"target": 5, "nums": [1, 4]}\n')
+    assert opt_path("p", f) == str(f) and opt_path("p", None) is None
+    assert tasks.get("countdown", data_path=f).data_path == str(f)
+    assert check_n(0) == 0 and check_n("3") == 3 and check_n(None) is None
+    assert CountdownTask().examples("train", n=0) == []
+    with pytest.raises(R3Error, match="option n: must be >= 0"):
+        check_n(-1)
+    with pytest.raises(R3Error, match="option retry_prompt: must not be empty"):
+        tasks.get("countdown", retry_prompt=" \n")
+
+
+def test_long_verifier_errors_are_cut_to_one_short_reason(verifier_errors):
+    """A verifier's exception text may be huge (a whole completion in a KeyError): the reason
+    diagnose() gives and the first error the warning line quotes are each cut to 300 characters."""
+    from r3.tasks.base import passes, verifier_error_counts
+
+    class Huge(Task):
+        name = "huge"
+
+        def _check(self, example, completion_text):
+            raise KeyError("x" * 1000)
+
+    t = Huge()
+    assert len(t.diagnose({}, "a")) == 300 and t.diagnose({}, "a").startswith("verifier error: KeyError: 'xxx")
+    assert passes(t, {}, "a") is False
+    n, calls, first = verifier_error_counts(t)
+    assert (n, calls) == (1, 1) and len(first) == 300 and first.startswith("KeyError: 'xxx")
+    verifier_errors.clear()
+
+
+def test_one_failed_verdict_is_one_completion(capsys, verifier_errors):
+    from r3.tasks.base import passes, warn_verifier_errors
+
+    t = _Raises()
+    assert [passes(t, {}, "fine"), passes(t, {}, "boom")] == [False, False]
+    assert warn_verifier_errors(t, "in step 1") == 1
+    assert capsys.readouterr().err == ("warning: the task's verifier failed on 1 completion in step 1; they count "
+                                       "as wrong (first: ValueError: bad field)\n")
+    verifier_errors.clear()
+
+
+def test_stop_strings_of_a_plugin():
+    """A plug-in's stop_strings may be missing, None or a list: always a tuple."""
+    from types import SimpleNamespace
+
+    from r3.tasks.base import stop_strings_of
+
+    assert stop_strings_of(SimpleNamespace()) == () and stop_strings_of(SimpleNamespace(stop_strings=None)) == ()
+    assert stop_strings_of(SimpleNamespace(stop_strings=["</a>"])) == ("</a>",)
+
+
+def test_config_lists_the_options_the_constructors_declare_with_the_nearest_default():
+    """A subclass whose __init__ takes no **kw declares only its own options (the base class's
+    prompts are not options of it: config() must rebuild it through get()), and an option both a
+    class and its base declare has the subclass's default."""
+    from r3.tasks.base import option_defaults
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    try:
+        from r3_test_tasks import KeywordsTask
+    finally:
+        sys.path.remove(str(Path(__file__).parent / "helpers"))
+
+    class Fixed(Task):
+        name = "fixed"
+
+        def __init__(self, *, word="hi"):
+            super().__init__()
+            self.word = word
+
+    class Sub(KeywordsTask):
+        def __init__(self, *, data_path="sub.jsonl", **kw):
+            super().__init__(data_path=data_path, **kw)
+
+    assert Fixed.option_names() == ["word"] and Fixed().config() == {"word": "hi"}
+    assert option_defaults(Sub)["data_path"] == "sub.jsonl" and Sub().config()["data_path"] == "sub.jsonl"
+
+
+def test_a_reasoning_block_ends_after_its_first_closing_tag():
+    from r3.tasks.base import leading_reasoning_end
+
+    assert leading_reasoning_end("<think>a</think>b</think>c") == len("<think>a</think>")
+    assert leading_reasoning_end("  <think>a</think>") == len("  <think>a</think>")
+    assert leading_reasoning_end("a <think>b</think>") == 0 and leading_reasoning_end("<think>a") is None
+
+
+def test_the_hash_split_and_the_seeded_shuffle_are_pinned():
+    """Which side of the split a record falls on must never change between versions (a resumed run
+    or a later evaluation would see training examples in its test split): pinned values. The shuffle's
+    tag makes lists shuffled under other tags independent."""
+    from r3.tasks.base import in_test_split, shuffled_prefix, stable_unit
+
+    assert stable_unit("split", 0, "x") == 0.8024961669719339
+    assert [int(in_test_split(("countdown", i), split_seed=0, test_fraction=0.5)) for i in range(16)] == \
+        [1, 0, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0]
+    items = list(range(10))
+    assert shuffled_prefix(items, None, 0, "a") == [8, 6, 2, 1, 4, 7, 3, 0, 9, 5]
+    assert shuffled_prefix(items, None, 0, "b") == [4, 8, 3, 5, 1, 7, 6, 2, 9, 0]
+
+
+def test_record_files_in_each_accepted_shape(tmp_path):
+    """read_records: a {"data": [...]} wrapper (one key only: two lists are not guessed between), a
+    .json file holding JSONL, JSON nested too deeply (one line, not a RecursionError), and parquet
+    rows numbered from 0 like JSON records."""
+    from r3.tasks.base import read_records
+
+    rows = [{"target": 5, "nums": [1, 4]}, {"target": 3, "nums": [1, 2]}]
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps({"data": rows}))
+    assert list(read_records(str(p))) == [(f"{p}, record 0", rows[0]), (f"{p}, record 1", rows[1])]
+    p.write_text(json.dumps({"train": rows, "test": rows}))
+    with pytest.raises(R3Error, match=r"w\.json: expected a JSON list of records \(or JSONL\), got dict"):
+        list(read_records(str(p)))
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    assert list(read_records(str(p))) == [(f"{p}, line 1", rows[0]), (f"{p}, line 2", rows[1])]
+    p.write_text("[" * 100_000)
+    with pytest.raises(R3Error, match=r"w\.json: JSON nested too deeply"):
+        list(read_records(str(p)))
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    q = tmp_path / "cd.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), str(q))
+    assert list(read_records(str(q))) == [(f"{q}, row 0", rows[0]), (f"{q}, row 1", rows[1])]
+
+
+_REGISTRY_PLUGIN = '''
+import types
+from r3.tasks import Task
+
+
+class Holder:
+    class Inner(Task):
+        name = "inner"
+
+        def examples(self, split="train", n=None, seed=0):
+            return [{"a": 1}]
+
+        def messages(self, example):
+            return []
+
+        def _check(self, example, completion_text):
+            return True, ""
+
+
+class FixedSize(Holder.Inner):
+    def __init__(self, **kw):
+        super().__init__(reflection_prompt="Why?", **kw)
+
+
+class Buggy(Holder.Inner):
+    def __init__(self, **kw):
+        super().__init__(colour="red", **kw)
+
+
+def bare(**kw):
+    return types.SimpleNamespace(examples=lambda *a: [], messages=lambda ex: [])
+'''
+
+
+def test_the_registrys_one_line_errors(tmp_path, monkeypatch):
+    """A dotted class inside the module is found; every unknown option is named; a missing required
+    option, an option the plug-in also sets itself and a factory that builds no task are each one
+    R3Error; an object with only some of a task's methods is not taken for a built task; and a
+    plug-in's own bad keyword (not one the user passed) stays its TypeError, not blamed on the user."""
+    from types import SimpleNamespace
+
+    (tmp_path / "r3_test_registry_mod.py").write_text(_REGISTRY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    assert tasks.get("r3_test_registry_mod:Holder.Inner").name == "inner"
+    with pytest.raises(R3Error, match=r"unknown options colour, size for task 'countdown'; valid options:"):
+        tasks.get("countdown", colour="red", size=3)
+    with pytest.raises(R3Error, match=r"task 'r3_test_tasks:FileCoinTask': bad options: .*'data_path'"):
+        tasks.get("r3_test_tasks:FileCoinTask")
+    with pytest.raises(R3Error, match=r"task 'r3_test_registry_mod:FixedSize': bad options: .*multiple values for "
+                                      r"keyword argument 'reflection_prompt'"):
+        tasks.get("r3_test_registry_mod:FixedSize", reflection_prompt="How?")
+    with pytest.raises(R3Error, match=r"the object built lacks verify, reflection_prompt, retry_prompt; subclass"):
+        tasks.get("r3_test_registry_mod:bare")
+    with pytest.raises(R3Error, match="task name must be a non-empty string"):
+        tasks.get(SimpleNamespace(examples=None, messages=None, verify=None))
+    with pytest.raises(R3Error, match="task name must be a non-empty string, got ' '"):
+        tasks.get(" ")
+    with pytest.raises(TypeError, match="colour"):
+        tasks.get("r3_test_registry_mod:Buggy")
+
+
+def test_examples_of_names_the_split_file_and_the_example_id():
+    """A bad example of the test split is named with the test data file it came from and its id."""
+    from r3.tasks import examples_of
+
+    class Filed(_Raises):
+        data_path, test_data_path = "train.jsonl", "test.jsonl"
+
+        def examples(self, split="train", n=None, seed=0):
+            return [{"id": f"{split}-7", "a": "x"}]
+
+        def check_example(self, where, example):
+            raise R3Error(f"{where}: field 'a' must be an integer")
+
+    for split, file in (("train", "train.jsonl"), ("test", "test.jsonl")):
+        with pytest.raises(R3Error, match=rf"^task 'raises' \({file}\): {split} example 1 \(id '{split}-7'\): field"):
+            examples_of(Filed(), split)
+
+
+def test_the_default_task_is_the_one_the_readme_describes():
+    """countdown-tiny, the README's task and the setting of its results: 90 held-out queries, two
+    numbers, and a plain prompt that names both numbers, the target, and + or - as the operations."""
+    t = tasks.get("countdown-tiny")
+    test = t.examples("test")
+    assert len(test) == 90 and len(t.examples("train")) == 600
+    assert all(len(e["nums"]) == 2 for e in test) and t.ops == "+-"
+    prompt = t.messages({"nums": [8, 3], "target": 5})[-1]["content"]
+    assert "8" in prompt and "3" in prompt and "5" in prompt and "+ or -" in prompt and "<answer>" not in prompt
+
+
+def test_check_option_names_raises_what_get_would_without_building():
+    from r3.tasks import check_option_names
+
+    check_option_names("Countdown-Tiny", {"max_num": 5})
+    check_option_names(CountdownTask(), {})  # a built task: nothing to check
+    with pytest.raises(R3Error, match="unknown option colour for task 'countdown'"):
+        check_option_names("countdown-tiny", {"colour": "red"})
+    with pytest.raises(R3Error, match="unknown task 'countdwn'"):
+        check_option_names("countdwn", {})
+

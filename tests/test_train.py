@@ -1796,3 +1796,20 @@ def test_seed_samples_every_and_skip_no_signal_groups_reach_the_run(tiny_model, 
     seeds = {step_seed(cfg, step, rank) for cfg in (TrainConfig(seed=0), TrainConfig(seed=1))
              for step in range(3) for rank in range(4)}
     assert len(seeds) == 24
+
+
+def test_scoring_reshards_the_reference_once_after_its_forwards():
+    """FSDP2 keeps the root's parameters gathered after a forward of the frozen reference, whose
+    backward never comes: score_micro_batches reshards it once after scoring (not the policy)."""
+    from r3 import batch as B
+
+    reference, seqs, spans = _policy_and_rows(seed=0)
+    old_policy, _, _ = _policy_and_rows(seed=1)
+    calls = []
+    reference.reshard = lambda: calls.append("reference")
+    old_policy.reshard = lambda: calls.append("policy")
+    mbs = B.make_micro_batches(seqs, spans, [1.0] * 6, 2, 0, torch.device("cpu"))
+    B.score_micro_batches(mbs, reference, old_policy, 1.0)
+    assert calls == ["reference"] and all(mb.ref_logp is not None for mb in mbs)
+    B.score_micro_batches(mbs, None, old_policy, 1.0)
+    assert calls == ["reference"]
