@@ -371,7 +371,7 @@ def _read_config_file(path: str) -> dict:
     if p.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise R3Error(f"config file '{path}': expected a .yaml, .yml or .json file")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")  # (a byte-order mark, as Windows tools write, is not data)
     except (OSError, UnicodeDecodeError) as e:
         raise R3Error(f"config file '{path}': cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:

@@ -1940,3 +1940,21 @@ def test_check_option_names_raises_what_get_would_without_building():
     with pytest.raises(R3Error, match="unknown task 'countdwn'"):
         check_option_names("countdwn", {})
 
+
+
+def test_data_and_config_files_with_a_byte_order_mark_are_read(tmp_path):
+    """Files saved by Windows tools often start with a UTF-8 byte-order mark: task data, benchmark
+    data and a config file are read as without it (the BOM made the first line "not valid JSON")."""
+    from r3.config import parse_args
+    from r3.evals.data import read_records as read_eval_records
+    from r3.tasks.base import read_records
+
+    rows = [{"target": 5, "nums": [1, 4]}, {"target": 3, "nums": [1, 2]}]
+    for name, text in [("d.jsonl", "\n".join(json.dumps(r) for r in rows)), ("d.json", json.dumps(rows))]:
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [r for _, r in read_records(str(p))] == rows
+        assert read_eval_records(p) == rows
+    cfg = tmp_path / "c.json"
+    cfg.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lr": 3e-6}).encode())
+    assert parse_args(["--config", str(cfg)]).lr == 3e-6

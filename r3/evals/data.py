@@ -24,7 +24,7 @@ def read_records(path: str | Path) -> list[dict]:
         records = _read_parquet(path)
     elif suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8", errors="strict") as f:
+        with path.open(encoding="utf-8-sig", errors="strict") as f:  # (a byte-order mark is not data)
             try:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
@@ -37,7 +37,7 @@ def read_records(path: str | Path) -> list[dict]:
                 raise R3Error(f"{path}: not UTF-8 text") from None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError:
             raise R3Error(f"{path}: not UTF-8 text") from None
         except json.JSONDecodeError as e:

@@ -434,7 +434,7 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         yield from _read_parquet(path)
         return
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as Windows tools write, is not data)
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise R3Error(f"{path}: cannot read: {e}") from None
