@@ -221,6 +221,15 @@ def test_templates_that_cannot_be_continued_are_refused(builtin, tmp_path):
         ChatFormat(_with_template(builtin[1], tmp_path / "d", raises))
 
 
+def test_a_template_error_is_named_by_its_first_line(builtin, tmp_path):
+    """A template that raises with a message of several lines: the refusal is one line, the
+    message's first (where the template says what is wrong)."""
+    raises = "{{ raise_exception('roles must alternate user/assistant\\nsee the model card for details') }}"
+    with pytest.raises(R3Error, match="cannot apply the tokenizer's chat template") as e:
+        ChatFormat(_with_template(builtin[1], tmp_path, raises))
+    assert "roles must alternate user/assistant" in str(e.value) and "\n" not in str(e.value)
+
+
 _CHATML_TURNS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -233,6 +242,32 @@ def test_a_template_that_writes_text_before_past_assistant_turns_is_refused(buil
     with pytest.raises(R3Error, match="the chat template re-renders earlier turns; r3 cannot continue"):
         ChatFormat(_with_template(builtin[1], tmp_path / "a", prefixed))
     assert ChatFormat(_with_template(builtin[1], tmp_path / "b", _CHATML_TURNS))  # (the same without: fine)
+
+
+def test_a_first_generation_prompt_that_later_turns_render_otherwise_is_refused(builtin, tmp_path):
+    """A template whose generation prompt for the first answer holds text it writes nowhere else
+    (not before the past answer, not in the next generation prompt) re-renders earlier turns: said
+    so, not reported as a second-round mismatch."""
+    first_only = _CHATML_TURNS.replace("<|im_start|>assistant\n{% endif %}",
+                                       "<|im_start|>assistant\n{% if messages|length == 1 %}First answer:{% endif %}"
+                                       "{% endif %}")
+    assert first_only != _CHATML_TURNS
+    with pytest.raises(R3Error, match="the chat template re-renders earlier turns; r3 cannot continue"):
+        ChatFormat(_with_template(builtin[1], tmp_path, first_only))
+
+
+def test_a_space_before_an_end_of_turn_token_that_absorbs_it_is_refused(builtin, tmp_path):
+    """The template writes a space before its end-of-turn token, a special token that swallows the
+    whitespace before it (lstrip): the ids start with that token, but the text between turns does
+    not start with its text, so cutting the token's text off would leave a wrong turn: refused."""
+    from tokenizers import AddedToken
+
+    tok = _with_template(builtin[1], tmp_path, _CHATML_TURNS.replace("{{ m.content }}<|im_end|>",
+                                                                     "{{ m.content }} <|eot|>"))
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|eot|>", lstrip=True, special=True)]})
+    assert tok(" <|eot|>", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<|eot|>")]
+    with pytest.raises(R3Error, match=r"ends an assistant turn with ' <\|eot\|>.*not with a special token"):
+        ChatFormat(tok)
 
 
 def test_a_template_that_drops_the_system_message_refuses_one(builtin, tmp_path):
@@ -367,6 +402,21 @@ def test_generation_eos_falls_back_to_config_json(tokenizers, tmp_path):
     assert {0, 2} <= set(ChatFormat(tok).stop_ids)
     (tmp_path / "config.json").unlink()
     assert generation_eos_ids(AutoTokenizer.from_pretrained(str(tmp_path))) == []
+
+
+def test_the_end_of_turn_token_stops_where_neither_eos_nor_a_generation_config_names_it(tokenizers, tmp_path):
+    """A base model's tokenizer (Qwen2.5 base: eos ``<|endoftext|>``, the ChatML template, no
+    generation config): the template's end-of-turn token ``<|im_end|>`` is a stop id all the same,
+    or every closed turn would run on to its token limit."""
+    from transformers import AutoTokenizer
+
+    tokenizers["qwen25"].save_pretrained(str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.eos_token = "<|endoftext|>"
+    chat = ChatFormat(tok)
+    im_end, text_end = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert im_end != text_end and chat.end_of_turn_id == im_end
+    assert chat.stop_ids == sorted({im_end, text_end})
 
 
 def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):

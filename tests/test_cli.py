@@ -600,6 +600,49 @@ def test_read_failures_for_training(tmp_path):
         assert "--out" not in str(e.value)  # (training reads it: no advice meant for r3.failures)
 
 
+def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch):
+    """read_json_object / read_run_config / read_run / load_model / parse_chat_template_options:
+    every mistake is an R3Error naming the file or flag (the CLIs print it in one line, exit 2)."""
+    from r3.errors import R3Error
+
+    f = tmp_path / "x.json"
+    for content, pattern in [(None, "x.json: gone"), ("{oops", "x.json: unreadable"),
+                             (b"\xff\xfe{", "x.json: unreadable"), ("[1, 2]", "x.json: not a JSON object")]:
+        if content is not None:
+            f.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(R3Error, match=pattern):
+            C.read_json_object(f, "gone")
+    f.write_text('{"a": 1}')
+    assert C.read_json_object(f) == {"a": 1}
+
+    run = tmp_path / "run"
+    with pytest.raises(R3Error, match="run: no such run directory"):
+        C.read_run_config(run)
+    run.mkdir()
+    for cfg, pattern in [({"task": "countdown"}, "missing field 'task_options'"),
+                         ({"task": "countdown", "task_options": ["a"]}, "'task_options' an object"),
+                         ({"task": 3, "task_options": {}}, "'task' must be a string")]:
+        (run / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(R3Error, match=pattern):
+            C.read_run_config(run)
+    cfg = {"model": "m", "task": "countdown", "task_options": {}, "max_attempt_tokens": 1, "max_reflection_tokens": 1,
+           "max_retry_tokens": 1}
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert C.read_run_config(run) == cfg
+    with pytest.raises(R3Error, match="no export yet"):
+        C.read_run(str(run))
+    (run / "export").mkdir()
+    (run / "export" / "config.json").write_text("{}")
+    assert C.read_run(str(run)) == cfg
+
+    monkeypatch.setattr(C, "load", lambda spec, dtype, device: (object(), None))
+    with pytest.raises(R3Error, match="^some/model: no tokenizer$"):
+        C.load_model("some/model", None, "cpu")
+    with pytest.raises(R3Error, match="^--chat-template-option: 'tokenize' is an argument r3 gives"):
+        C.parse_chat_template_options(["tokenize=true"])
+    assert C.parse_chat_template_options(["enable_thinking=false", "x=1"]) == {"x": 1}
+
+
 def test_parse_task_options():
     assert C.parse_task_options(["a=3", "b=true", "c=easy", "d=0.5", 'e="7"', "f=[1, 2]", "g=", "h=x=y"]) == {
         "a": 3, "b": True, "c": "easy", "d": 0.5, "e": "7", "f": [1, 2], "g": "", "h": "x=y"}

@@ -331,6 +331,46 @@ def test_max_failures_and_all_passed(tiny):
     assert run_episode(model, tok, ok, [], group_size=2, chat=chat).queries == 0
 
 
+def test_sampling_token_limits_must_be_positive():
+    """A zero token limit would sample empty reflections (nothing to reward) or empty answers:
+    refused in one line naming the limit."""
+    from r3.errors import R3Error
+
+    for name in ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
+        for bad in (0, -1, 2.5):
+            with pytest.raises(R3Error, match=f"{name} must be a positive integer"):
+                EpisodeSampling(**{name: bad})
+
+
+def test_the_cache_sized_at_the_start_holds_every_turn_cut_at_its_limit(builtin, tmp_path, monkeypatch):
+    """A model that never ends its turn: every attempt and reflection is cut at its limit, so r3
+    writes the end-of-turn token after each itself. The KV cache allocated at the start still
+    holds the whole conversation; it is never grown (a copy of every row's cache) mid-episode."""
+    from r3.model import KVCache
+
+    model, tok = load(str(build_tiny_chat_model(tmp_path / "model", builtin[1], eos_logit=-30.0)))
+    chat = ChatFormat(tok)
+    grown = []
+    grow = KVCache.grow
+
+    def spy(self, max_len):
+        if max_len > self.max_len:
+            grown.append((self.max_len, max_len))
+        return grow(self, max_len)
+
+    monkeypatch.setattr(KVCache, "grow", spy)
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=3), group_size=2, sampling=SAMPLING, seed=0, chat=chat)
+    assert all(len(a) == SAMPLING.max_attempt_tokens and not closed(a) for a in ep.attempts)
+    assert all(e - s == SAMPLING.max_reflection_tokens for s, e in ep.spans)
+    assert all(e - s == SAMPLING.max_retry_tokens for s, e in ep.retry_spans)
+    assert grown == []
+    stored = run_episode(model, tok, task, ep.group_examples, group_size=2, sampling=SAMPLING, seed=0, chat=chat,
+                         failed_attempts=ep.attempts)
+    assert all(e - s == SAMPLING.max_reflection_tokens for s, e in stored.spans)
+    assert grown == []
+
+
 # --------------------------------------------------------------------------------------------
 # starting from stored failed attempts
 # --------------------------------------------------------------------------------------------
@@ -389,6 +429,11 @@ def test_chat_format_rejects_a_tokenizer_without_template(tiny):
     with pytest.raises(R3Error, match="chat template"):
         ChatFormat(NoTemplate())
     assert ChatFormat(tok).stop_ids == [EOS]
+    no_eos = copy.deepcopy(tok)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None and no_eos.chat_template is not None
+    with pytest.raises(R3Error, match="the tokenizer has no end-of-sequence token"):
+        ChatFormat(no_eos)
 
 
 class PerExampleTurns(CoinTask):

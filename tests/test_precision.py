@@ -113,6 +113,28 @@ def test_one_process_commands_refuse_torchrun_and_an_absent_gpu(monkeypatch):
         pick_device_dtype("cuda:7", "fp32")
 
 
+def test_device_and_dtype_mistakes_are_one_line(monkeypatch):
+    """A device torch cannot parse, CUDA asked for where there is none, a GPU index just past the
+    last, an unknown dtype: each an R3Error naming the flag, not a torch traceback or a KeyError."""
+    from r3.cli import pick_device_dtype
+    from r3.errors import R3Error
+
+    monkeypatch.setenv("WORLD_SIZE", "")  # (set but empty, or not a number: not torchrun's, ignored)
+    assert pick_device_dtype("cpu", "fp32") == (torch.device("cpu"), torch.float32)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(R3Error, match="--device: unknown device 'gpu0'"):
+        pick_device_dtype("gpu0", "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(R3Error, match="--device cuda: CUDA is not available"):
+        pick_device_dtype("cuda", "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(R3Error, match=r"--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$"):
+        pick_device_dtype("cuda:1", "fp32")
+    with pytest.raises(R3Error, match="--dtype must be one of auto, bf16, fp32, fp16, got 'int4'"):
+        pick_device_dtype("cpu", "int4")
+
+
 def test_prepacked_weights_in_fp32_and_where_onednn_runs_bf16(monkeypatch):
     from r3 import packed_linear
     from r3.model import ModelConfig, Transformer
