@@ -419,3 +419,180 @@ def test_repeated_kv_heads_give_the_grouped_attention(tiny_dirs, monkeypatch, dt
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for a, b in zip(grouped + g_grouped, repeated + g_repeated):
         assert (a - b).abs().max().item() <= tol * max(1.0, a.abs().max().item())
+
+
+def _tiny_llama(seed=0, **kw):
+    """A tiny random Llama built from a config (no checkpoint): two layers, grouped kv heads."""
+    cfg = ModelConfig(**{**dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                rms_norm_eps=1e-5), **kw})
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_cached_forward_mistakes_are_clear_errors():
+    """A cached forward without positions, past the cache's slots, or with segments: a clear
+    ValueError (a write past the cache would land in another row's slots)."""
+    model = _tiny_llama()
+    cache = model.new_cache(2, 8)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="positions are required with a KV cache"):
+        model(tokens, cache=cache)
+    with pytest.raises(ValueError, match="positions up to 9 exceed the cache's 8 slots"):
+        model(tokens, positions=torch.tensor([[0, 1, 2], [6, 7, 8]]), cache=cache)
+    with pytest.raises(ValueError, match="positions up to 10 exceed the cache's 8 slots"):
+        model(tokens[:, :1], positions=torch.tensor([[0], [1]]), cache=cache, kv_len=10)
+    with pytest.raises(ValueError, match="segments are for a forward without a KV cache"):
+        model(tokens, positions=torch.arange(3).expand(2, 3), cache=cache, segments=torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_cached_forward_without_kv_len_reads_the_slot_it_writes_at_a_bucket_edge():
+    """kv_len defaults to the largest position + 1: a token at position 64 (the first slot of the
+    second KV bucket) attends to itself, as in the full forward."""
+    model = _tiny_llama()
+    row = _tokens(64, 1, 66, seed=3)
+    with torch.no_grad():
+        full = model(row)[0]
+        cache = model.new_cache(1, 80)
+        model(row[:, :64], positions=torch.arange(64)[None], cache=cache)
+        step = model(row[:, 64:65], positions=torch.tensor([[64]]), cache=cache)[0, 0]
+        two = model(row[:, 65:66], positions=torch.tensor([[65]]), cache=cache)[0, 0]
+    assert (step - full[64]).abs().max().item() <= 1e-4
+    assert (two - full[65]).abs().max().item() <= 1e-4
+
+
+def test_rope_tables_are_computed_in_fp32_for_any_dtype():
+    """cos/sin are computed in fp32 and only then cast (as transformers does): positions past 256
+    are not exact in bf16, and tables made from rounded positions rotate by the wrong angle."""
+    from r3.model import rope_cos_sin
+
+    inv = rope_inv_freq(ModelConfig(model_type="llama", vocab_size=8, hidden_size=32, intermediate_size=8,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16))
+    pos = torch.arange(0, 2000, 7)[None]
+    cos32, sin32 = rope_cos_sin(inv, pos, torch.float32)
+    cos16, sin16 = rope_cos_sin(inv, pos, torch.bfloat16)
+    assert cos16.dtype == sin16.dtype == torch.bfloat16 and cos16.shape == (1, pos.shape[1], 1, 16)
+    assert torch.equal(cos16, cos32.to(torch.bfloat16)) and torch.equal(sin16, sin32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_transformers_bit_for_bit(dtype):
+    """RMSNorm normalises in fp32 with the config's eps and scales in the input dtype, as
+    transformers' LlamaRMSNorm: bit for bit in bf16 too (rounding once after the scale would
+    differ), and a large eps is really used."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from r3.model import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).to(dtype)
+    for eps in (1e-5, 0.5):
+        ours, ref = RMSNorm(64, eps).to(dtype), LlamaRMSNorm(64, eps=eps).to(dtype)
+        with torch.no_grad():
+            w = (1 + 0.3 * torch.randn(64, generator=g)).to(dtype)
+            ours.weight.copy_(w)
+            ref.weight.copy_(w)
+            a, b = ours(x), ref(x)
+        assert a.dtype == dtype and torch.equal(a, b), eps
+
+
+def test_logits_at_positions_stay_in_the_compute_dtype():
+    """forward(at=(rows, cols)): only those positions' logits, [N, V] in the model's dtype (no
+    fp32 copy of them: the loss kernel upcasts per block); the full forward's are fp32."""
+    model = _tiny_llama().to(torch.bfloat16)
+    tokens = _tokens(64, 2, 6)
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([5, 0, 3])
+    with torch.no_grad():
+        some = model(tokens, at=(rows, cols))
+        full = model(tokens)
+    assert some.dtype == torch.bfloat16 and some.shape == (3, 64) and full.dtype == torch.float32
+    assert torch.equal(some.float(), full[rows, cols])
+
+
+def test_config_edge_cases_follow_transformers():
+    """Fields read as transformers reads them: the defaults (eps 1e-6, one kv head per query
+    head), rope_parameters' own theta and rope_type over a top-level rope_theta and an old
+    ``type``, Phi-3's older names for LongRoPE and its original context (the top-level field,
+    else Phi3Config's 4096, not the rope dict's), mlp_bias only for Llama; a partial rotary
+    factor and a layer_types list of the wrong length refused."""
+    from r3.errors import R3Error
+
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=2, num_attention_heads=2)
+    assert ModelConfig.from_hf(base).rms_norm_eps == 1e-6
+    assert ModelConfig.from_hf(base).num_key_value_heads == 2
+    assert ModelConfig.from_hf({**base, "rope_theta": 1e4, "rope_parameters": {"rope_type": "default",
+                                                                              "rope_theta": 5e5}}).rope_theta == 5e5
+    linear = ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "type": "llama3", "factor": 2.0}})
+    assert linear.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert ModelConfig(**{k: v for k, v in ModelConfig.from_hf(base).__dict__.items() if k != "rms_norm_eps"}
+                       ).rms_norm_eps == 1e-6
+    factors = {"short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0]}
+    phi3 = {**base, "model_type": "phi3", "max_position_embeddings": 16384}
+    for name in ("su", "yarn", "longrope"):
+        s = ModelConfig.from_hf({**phi3, "rope_scaling": {"type": name, **factors,
+                                                          "original_max_position_embeddings": 2048}}).rope_scaling
+        assert s["rope_type"] == "longrope" and s["original_max_position_embeddings"] == 4096, name
+    s = ModelConfig.from_hf({**phi3, "original_max_position_embeddings": 1024,
+                             "rope_scaling": {"type": "longrope", **factors}}).rope_scaling
+    assert s["original_max_position_embeddings"] == 1024
+    assert ModelConfig.from_hf({**base, "mlp_bias": True}).mlp_bias
+    for kind in ("qwen2", "mistral", "phi3", "qwen3"):
+        assert not ModelConfig.from_hf({**base, "model_type": kind, "mlp_bias": True}).mlp_bias, kind
+    with pytest.raises(R3Error, match="unsupported partial_rotary_factor"):
+        ModelConfig.from_hf({**base, "partial_rotary_factor": 0.5,
+                             "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    with pytest.raises(R3Error, match="layer_types has 1 entries, expected 2"):
+        ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4,
+                             "layer_types": ["sliding_attention"]})
+    qwen = ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4,
+                                "layer_types": ["full_attention", "sliding_attention"]})
+    assert qwen.layer_windows == [None, 4]
+
+
+def test_incomplete_fused_projection_is_an_error():
+    """A checkpoint with q/k but no v (a missing shard): an error naming the fused parameter."""
+    from r3.errors import R3Error
+    from r3.model import fuse_checkpoint_tensors, split_for_checkpoint
+
+    cfg = _tiny_llama().config
+    state = split_for_checkpoint(cfg, {k: v for k, v in _tiny_llama().state_dict().items() if "layers.0." in k})
+    assert "layers.0.self_attn.v_proj.weight" in state and "layers.0.mlp.up_proj.weight" in state
+    fused = fuse_checkpoint_tensors(cfg, state)
+    assert fused["layers.0.self_attn.qkv_proj.weight"].shape == (64, 32)
+    state.pop("layers.0.self_attn.v_proj.weight")
+    with pytest.raises(R3Error, match=r"incomplete fused projection 'layers\.0\.self_attn\.qkv_proj\.weight'"):
+        fuse_checkpoint_tensors(cfg, state)
+
+
+def test_activation_checkpointing_leaves_cached_forwards_alone():
+    """Activation checkpointing recomputes blocks only in a forward without a KV cache: a cached
+    forward with gradients on (a policy sampled outside no_grad) still writes and reads the cache."""
+    model = _tiny_llama()
+    row = _tokens(64, 1, 12, seed=4)
+    with torch.no_grad():
+        ref = model(row)[0, 8:]
+    model.activation_checkpointing = True
+    cache = model.new_cache(1, 16)
+    model(row[:, :8], positions=torch.arange(8)[None], cache=cache)
+    got = model(row[:, 8:], positions=torch.arange(8, 12)[None], cache=cache)[0]
+    assert cache.k[1][0, :, :12].abs().sum(-1).gt(0).all()
+    assert (got.detach() - ref).abs().max().item() <= 1e-4
+
+
+def test_cached_forward_with_one_row_from_the_start_and_one_continuing():
+    """Only a forward whose every row starts at position 0 is plain causal: with one row from the
+    start and another continuing its own cache, each row gets its full forward's logits."""
+    model = _tiny_llama()
+    a, b = _tokens(64, 1, 6, seed=6)[0], _tokens(64, 1, 9, seed=7)[0]
+    with torch.no_grad():
+        ref_a, ref_b = model(a[None])[0], model(b[None])[0]
+        cache = model.new_cache(2, 12)
+        model(b[None, :3].expand(2, 3), positions=torch.arange(3).expand(2, 3), cache=cache)  # (row 1's start)
+        got = model(torch.stack([a, b[3:]]), positions=torch.stack([torch.arange(6), torch.arange(3, 9)]), cache=cache)
+    assert (got[0] - ref_a).abs().max().item() <= 1e-4
+    assert (got[1] - ref_b[3:]).abs().max().item() <= 1e-4

@@ -1655,3 +1655,149 @@ def test_greedy_ignores_top_k_and_top_p(tiny):
         out = generate(model, prompts, max_new_tokens=8, temperature=0, **kw)
         assert out.tokens == plain.tokens, kw
         assert torch.allclose(out.logprob_tensor, plain.logprob_tensor, atol=1e-6), kw
+
+
+def test_packed_weights_see_an_update_of_the_biases_alone(tiny_dirs):
+    """New bias tensors alone (q/k/v biases: Qwen2; the weights unchanged) are seen too: the packed
+    step then gives the plain step's logits. (An in-place update of a bias is seen anyway: the
+    packed table holds the bias itself.)"""
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    if not PackedWeights.available(model):
+        pytest.skip(PACKED_SKIP)
+    rows = _rand_prompts(256, [7, 4], seed=14)
+    with torch.inference_mode():
+        step = DecodeStep(model, "eager")
+        caches, last, pos = _prefilled(model, rows, 7)
+        with step.active():
+            step(last, pos, caches[0], 7, 256)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("qkv_proj.bias"):
+                p.data = p.data + 2.0
+    with torch.inference_mode():
+        caches, last, pos = _prefilled(model, rows, 7)
+        ref = step_logits(model, last, pos, caches[0], 7, 256)
+        step = DecodeStep(model, "eager")
+        with step.active():
+            got = step(last, pos, caches[1], 7, 256)
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_decode_step_and_graph_run_arguments_are_checked(tiny):
+    """The eager step has no fused pick (a clear error, not a pick silently ignored); a graph run
+    length must divide KV_BUCKET (a run must read one KV bucket)."""
+    model, _ = tiny["llama"]
+    step = DecodeStep(model, "eager")
+    cache = model.new_cache(2, 8)
+    with pytest.raises(ValueError, match="pick is fused only into the compiled step"):
+        step(torch.tensor([1, 2]), torch.tensor([0, 0]), cache, 1, 256, pick=pick_greedy, u=None,
+             temperature=torch.tensor(0.0))
+    with pytest.raises(ValueError, match="decode must be one of eager, compiled, got 'fast'"):
+        DecodeStep(model, "fast")
+    for bad in (0, 1, 3, 48, 128):
+        with pytest.raises(ValueError, match=rf"run_steps must be > 1 and divide KV_BUCKET \(64\), got {bad}"):
+            decode_mod.GraphRuns(cache, bad)
+    assert decode_mod.GraphRuns(cache, 16).run_steps == 16
+
+
+def test_static_cache_holds_its_rows_and_remakes_graph_runs_for_another_run_length(tiny, monkeypatch):
+    """A static cache holds the views of its first rows with every slot (where the step then
+    decodes in place), not another cache nor a view of fewer slots; its graph runs are made
+    again when GRAPH_RUN_STEPS changed (a run length set for a benchmark, or by a test), and
+    kept while it did not."""
+    model, _ = tiny["llama"]
+    sc = StaticKVCache()
+    sc.reserve(model.config, 3, 10, torch.float32, "cpu")
+    assert sc.holds(sc.rows(2)) and not sc.holds(model.new_cache(4, sc.full.max_len))
+    assert not sc.holds(decode_mod.KVCache([t[:, :, :64] for t in sc.full.k], [t[:, :, :64] for t in sc.full.v]))
+    runs = sc.graph_runs()
+    assert runs.run_steps == decode_mod.GRAPH_RUN_STEPS and sc.graph_runs() is runs
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 4)
+    assert sc.graph_runs().run_steps == 4 and sc.graph_runs() is not runs
+
+
+def test_graph_runs_freeze_stopped_rows(tiny_dirs, monkeypatch):
+    """Inside a graph run a row that sampled a stop id repeats that token at its frozen position
+    with log-prob 0 for the rest of the run (the run's state, which the sampler's outputs hide)."""
+    as_on_a_gpu(monkeypatch)
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [9, 6, 4], seed=15)  # the longest at position 8: one run of 8 steps
+    kw = dict(temperature=1.0, seed=3)  # (sampled: a tiny model's greedy pick often repeats its input)
+    first = [row[0] for row in generate(model, prompts, max_new_tokens=1, **kw).tokens]
+    stops = sorted(set(first) - {p[-1] for p in prompts})
+    assert stops, first
+    out = generate(model, prompts, max_new_tokens=8, stop_token_ids=stops, decode="compiled", **kw)
+    runs = static_cache(model).runs
+    assert runs is not None and runs.n == 3
+    ring_tok, ring_lp = runs.ring_tok[:8, :3], runs.ring_lp[:8, :3]
+    for r, p in enumerate(prompts):
+        stopped = first[r] in stops
+        assert out.finished[r] == stopped and ring_tok[0, r].item() == first[r]
+        if stopped:  # (the sampler hides the rest of the run: PAD, log-prob 0)
+            assert (ring_tok[:, r] == first[r]).all() and not ring_lp[1:, r].any() and ring_lp[0, r] < 0
+            assert runs.pos[r].item() == len(p) and runs.done[r].item()
+        else:
+            assert (ring_lp[:, r] < 0).all() and runs.pos[r].item() == len(p) - 1 + 8
+
+
+def test_which_decode_steps_use_cuda_graphs_and_session_slots(monkeypatch):
+    """CUDA graphs: only the compiled step, by default on CUDA devices (forced on or off by the
+    argument or CUDA_GRAPHS). A compiled session on its own cache (no CUDA graphs) gets a bucket
+    of margin; an eager one, or one decoding in the static cache, exactly what it asked for."""
+    uses = decode_mod.uses_cuda_graphs
+    assert uses("compiled", "cuda") and uses("compiled", "cuda:1") and not uses("compiled", "cpu")
+    assert not uses("eager", "cuda") and not uses("eager", "cpu", True) and not uses("compiled", "cuda", False)
+    assert uses("compiled", "cpu", True)
+    assert decode_mod.session_slots("eager", "cpu", 78) == 78
+    assert decode_mod.session_slots("compiled", "cpu", 78) == 192 and decode_mod.session_slots("compiled", "cuda", 78) == 78
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    assert uses("compiled", "cpu") and not uses("eager", "cpu") and decode_mod.session_slots("compiled", "cpu", 78) == 78
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", False)
+    assert not uses("compiled", "cuda") and decode_mod.session_slots("compiled", "cuda", 78) == 192
+
+
+def test_packed_weights_apply_where_onednn_runs_the_dtype(tiny, monkeypatch):
+    """The packed backend applies to a CPU model in fp32 wherever oneDNN has the packed matmul,
+    in bf16 only where oneDNN runs bf16 natively, never on another device (where the copies would
+    cost memory for nothing). (Elsewhere the packed tests above skip: this one does not.)"""
+    from r3 import packed_linear
+    from r3.precision import bf16_is_native
+
+    onednn = (packed_linear._MKLDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+              and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    model, _ = tiny["llama"]
+    assert model.dtype == torch.float32 and PackedWeights.available(model) == onednn
+    bf16 = Transformer(model.config).to(torch.bfloat16)
+    assert PackedWeights.available(bf16) == (onednn and bf16_is_native("cpu"))
+    monkeypatch.setattr(packed_linear, "bf16_is_native", lambda device: False)  # (a CPU that emulates bf16)
+    assert not PackedWeights.available(bf16) and PackedWeights.available(model) == onednn
+    with torch.device("meta"):
+        elsewhere = Transformer(model.config)
+    assert elsewhere.device.type == "meta" and not PackedWeights.available(elsewhere)
+
+
+def test_graph_runs_one_step_at_the_first_slot_of_a_bucket(tiny_dirs, monkeypatch):
+    """A one-step graph at position 64 (a call that ends before a whole run fits there) reads the
+    next KV bucket, where its own slot is: its token and log-prob are the eager sampler's."""
+    as_on_a_gpu(monkeypatch)
+    spy = _Runs(monkeypatch)
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [61, 50], seed=16)  # steps at positions 60..64: one step each
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=2)):
+        eager = generate(model, prompts, max_new_tokens=5, **kw)
+        comp = generate(model, prompts, max_new_tokens=5, decode="compiled", **kw)
+        assert comp.tokens == eager.tokens, kw
+        assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
+    assert (2, 64, 1) in spy.runs
+
+
+def test_compiled_decode_across_a_kv_bucket_equals_eager(tiny_dirs):
+    """The compiled step on the session's cache (no CUDA graphs) reads a longer KV length once a
+    call crosses into the next bucket (positions 59..68 here): the eager sampler's samples."""
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [60, 31], seed=17)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=2)):  # (the pick fused, and not)
+        eager = generate(model, prompts, max_new_tokens=10, **kw)
+        comp = generate(model, prompts, max_new_tokens=10, decode="compiled", **kw)
+        assert comp.tokens == eager.tokens, kw
+        assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
