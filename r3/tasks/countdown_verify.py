@@ -477,7 +477,7 @@ def _prefix_non(word: str, text: str, end: int) -> bool:
     """``non`` ending at ``end`` and joined by a hyphen to the word after it (``non-negative``): a
     prefix, not the negation ("Non è corretto")."""
     return (word.lower() == "non" and text[end: end + 1] in ("-", "\u2010", "\u2011")
-            and (text[end + 1: end + 2].isalpha() or text[end + 1: end + 2].translate(_LATIN_BASE).isalpha()))
+            and text[end + 1: end + 2].translate(_LATIN_BASE).isalpha())  # (a letter, or a form of one: "ⓝ")
 
 
 def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:

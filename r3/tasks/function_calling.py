@@ -50,17 +50,16 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   holding two attempts, a closing tag right before a run (a block of prose before it), or a tag
   written otherwise than ``<tool_call>`` / ``</tool_call>`` (``<tool_call name="f">``,
   ``<TOOL_CALL>``, ``</tool_call >``, an ``id`` attribute: a harness finds the tags as written)
-  makes it no answer. Only the
-  very last block of the completion may stay unclosed: the next tag after each run's last
-  attempt must close its block unless no tag follows (``<tool_call>{a}\\nNext:\\n<tool_call>{b}
-  </tool_call>`` is no answer). A Hermes / Qwen harness runs only the blocks, so when the text
-  opens one (after the reasoning block, outside the structures) every attempt must be in a block:
-  one before, between or after them (``<tool_call>{a}</tool_call> and {b}``) is no answer, and
-  a block holds its attempt and JSON whitespace alone, as a harness parses the text between the
-  tags as JSON (prose, a comment, a list number, a code fence or an invisible character in a
-  block, also after the last block when it stays open, is no answer); structures without a key, blocks apart with prose between,
-  and text with no opening tag (a
-  bare list, ``{a}; {b}``, labelled calls; a stray ``</tool_call>``) are fine. A broken,
+  makes it no answer. Only the very last block of the completion may stay unclosed: the next tag
+  after each run's last attempt must close its block unless no tag follows
+  (``<tool_call>{a}\\nNext:\\n<tool_call>{b}</tool_call>`` is no answer). A Hermes / Qwen harness
+  runs only the blocks, so when the text opens one (after the reasoning block, outside the
+  structures) every attempt must be in a block: one before, between or after them
+  (``<tool_call>{a}</tool_call> and {b}``) is no answer, and a block holds its attempt and JSON
+  whitespace alone, as a harness parses the text between the tags as JSON (prose, a comment, a
+  list number, a code fence or an invisible character in a block, also after the last block when
+  it stays open, is no answer); structures without a key, blocks apart with prose between, and
+  text with no opening tag (a bare list, ``{a}; {b}``, labelled calls; a stray ``</tool_call>``) are fine. A broken,
   truncated or invalid attempt anywhere is no answer, and nothing inside a structure is searched
   separately (``[{right call}, {broken call}]`` is no answer, not the right call alone). A
   leading reasoning block (the completion opens with ``<think>``, up to its first ``</think>``,

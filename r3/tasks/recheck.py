@@ -1715,21 +1715,23 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                 if not re.fullmatch(r"(?:OSC)*OS", letters) or (k < len(tags) and tags[k][1] != "C"):
                     good = False
                     break
-            # a harness parses each block's text (up to the next tag, or the end) as JSON: JSON
+            # a harness finds the blocks by their tags as written ("<tool_call>", "</tool_call>")
+            # and parses each block's text (up to the next tag, or the end) as JSON: JSON
             # whitespace aside, it is exactly one attempt
             attempt_spans = {(a, b) for a, b, ok in spans if ok and _fc_is_attempt(text[a:b], ok)}
-            # (and it finds the blocks by their tags as written: "<tool_call>" and "</tool_call>")
             for n_tag, (at, kind, body) in enumerate(tags):
-                if good and kind == "O":
-                    good = text[at:body] == "<tool_call>" and (
-                        n_tag + 1 == len(tags) or text[tags[n_tag + 1][0]:tags[n_tag + 1][2]] == "</tool_call>")
-                if good and kind == "O":
-                    a, b = body, tags[n_tag + 1][0] if n_tag + 1 < len(tags) else len(text)
-                    while a < b and text[a] in " \t\n\r":
-                        a += 1
-                    while b > a and text[b - 1] in " \t\n\r":
-                        b -= 1
-                    good = (a, b) in attempt_spans
+                if not good:
+                    break
+                if kind != "O":
+                    continue
+                after = tags[n_tag + 1] if n_tag + 1 < len(tags) else None
+                a, b = body, after[0] if after else len(text)
+                while a < b and text[a] in " \t\n\r":
+                    a += 1
+                while b > a and text[b - 1] in " \t\n\r":
+                    b -= 1
+                good = (text[at:body] == "<tool_call>" and (after is None or text[after[0]:after[2]] == "</tool_call>")
+                        and (a, b) in attempt_spans)
         if good:
             try:
                 calls, none_made = [], False
