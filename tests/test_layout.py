@@ -1,9 +1,11 @@
-"""The library never imports a command-line module (the CLIs sit on top of it), and r3 never
-imports the top-level ``kernels`` name, which Hugging Face's ``kernels`` distribution also uses."""
+"""The library never imports a command-line module (the CLIs sit on top of it), r3 never
+imports the top-level ``kernels`` name, which Hugging Face's ``kernels`` distribution also uses,
+and every result file the README and the results' own pages name exists."""
 
 from __future__ import annotations
 
 import ast
+import re
 import importlib.util
 import os
 import subprocess
@@ -276,3 +278,38 @@ print(json.dumps({"wheel": wheel, "finder": finder[0] if finder else ""}))
     tops = {n.split("/")[0] for n in out["wheel"]}
     assert "kernels" not in tops and "r3/kernels/logprob_kl.py" in out["wheel"], sorted(tops)
     assert f"'kernels': '{src / 'kernels'}'" in out["finder"] and f"'r3': '{src / 'r3'}'" in out["finder"], out["finder"]
+
+
+RESULT_NAME = re.compile(r"(?<![\w/.-])(?:benchmarks/results/)?((?:report_demo/[\w.-]+|(?:learning_curve|sampler|kernels"
+                         r"|train_step|memory_plan|forgetting|function_calling|fuzz_verifiers|gpu_check)_[\w.{},*<>-]*)"
+                         r"\.(?:jsonl|json|md|png))")
+
+
+def expand_braces(name: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", name)
+    if not m:
+        return [name]
+    return [x for part in m.group(1).split(",") for x in expand_braces(name[:m.start()] + part + name[m.end():])]
+
+
+def result_names(text: str) -> set[str]:
+    """Every result file a text names, with ``{a,b}`` expanded and ``*`` / ``<commit>`` as globs."""
+    return {re.sub(r"<[^<>]*>", "*", n) for m in RESULT_NAME.finditer(text) for n in expand_braces(m.group(1))}
+
+
+def test_result_names_are_read_with_braces_and_globs():
+    text = ("`benchmarks/results/kernels_cpu.md`, `learning_curve_cpu_b32_seed{0,2}.json`, "
+            "`learning_curve_cpu_seed*_<commit>.json`, [x](benchmarks/results/report_demo/report.md); not "
+            "r3/report.py, RUN/report/report.md, --out forgetting.json or xlam_function_calling_60k.json")
+    assert result_names(text) == {"kernels_cpu.md", "learning_curve_cpu_b32_seed0.json", "report_demo/report.md",
+                                  "learning_curve_cpu_b32_seed2.json", "learning_curve_cpu_seed*_*.json"}
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in (R3.parent / "benchmarks" / "results").glob("*.md"))])
+def test_every_result_file_a_document_names_exists(doc):
+    """A published number points at its source file: a result renamed or removed leaves no dangling name."""
+    results = R3.parent / "benchmarks" / "results"
+    path = R3.parent / doc if doc == "README.md" else results / doc
+    names = result_names(path.read_text(encoding="utf-8"))
+    missing = sorted(n for n in names if not list(results.glob(n)))
+    assert not missing, f"{doc} names result files that do not exist: {missing}"
