@@ -110,6 +110,8 @@ def read_forgetting(path: Path) -> dict:
     fg = read_json_object(path)
     if not isinstance(fg.get("results"), list) or not isinstance(fg.get("paired", []), list):
         raise R3Error(f"{path}: no 'results' list (not an r3.forgetting output?)")
+    if not fg["results"]:
+        raise R3Error(f"{path}: no results (r3.forgetting writes a row per model, benchmark and metric)")
     for i, r in enumerate(fg["results"]):
         if not isinstance(r, dict) or not {"model", "benchmark", "metric", "score", "stderr", "n"} <= set(r):
             raise R3Error(f"{path}: results[{i}] is not a {{model, benchmark, metric, score, stderr, n}} row")
@@ -380,7 +382,7 @@ def write_report(run: Path, evaluation: Path, forgetting: Path | None, out: Path
     if all(lens.values()):
         limit = ev.get("settings", {}).get("max_reflection_tokens") or cfg.get("max_reflection_tokens")
         plot_lengths(lens, limit, out / pngs["reflection_length"])
-    if fg is not None and fg["results"]:
+    if fg is not None:
         plot_forgetting(fg, run, cfg, out / pngs["forgetting"])
     page = out / "report.md"
     write_text_atomic(page, text)

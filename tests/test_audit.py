@@ -88,6 +88,8 @@ def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
                 (p / "samples.jsonl").write_text('oops\n{"a": 1}\n')), "line 1: not valid JSON"),
     (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}'),
                 (p / "samples.jsonl").write_text('{"a": 1}\n')), "line 1: expected an object"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_text('{"task": "countdown", "task_options": {}}'),
+                (p / "samples.jsonl").write_text('{"example": {}, "retry": "1 + 2"}\n')), "line 1: expected an object"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, setup, pattern):
     run = tmp_path / "run"
@@ -142,3 +144,20 @@ def test_show_prints_the_last_n_rewarded_retries_only(tmp_path, capsys):
     assert "'reflection 4'" not in stdout and "not paid" not in stdout and stdout.count("reason: logged") == 3
     rc, stdout, _ = run_main([str(run)], capsys)
     assert rc == 0 and sum(line.startswith("--- rewarded") for line in stdout.splitlines()) == 5
+
+
+def test_summary_names_the_step_span_and_the_unrewarded_samples_the_recheck_passes(tmp_path, capsys, monkeypatch):
+    """The span is the first to the last logged step; the count of unrewarded samples is the
+    independent re-check's (not the verifier's); an unpaid right answer alone is listed but is
+    no wrong reward (exit 0)."""
+    real = A.recheck
+    monkeypatch.setattr(A, "recheck", lambda task, example, text: (False, "re-check refuses")
+                        if text == "19 + 17 = 36" else real(task, example, text))
+    run = make_run(tmp_path, [sample(1, "So 19 + 17 = 36.", 1.0), sample(3, "19 + 17 = 36", 0.0),
+                              sample(3, "19 - 17", 0.0), sample(7, "**Answer:** 17 + 19", 1.0)])
+    rc, stdout, _ = run_main([str(run), "--show", "0"], capsys)
+    assert rc == 0
+    assert "rewarded retries logged: 2 (steps 1-7)" in stdout
+    assert "unrewarded samples logged: 2; the re-check passes 0 of them" in stdout
+    (dis,) = [line for line in stdout.splitlines() if line.startswith("DISAGREEMENT")]
+    assert dis.startswith("DISAGREEMENT step 3 row 0: logged reward 0.0, verifier now True")

@@ -991,3 +991,44 @@ def test_evaluate_table_by_hand():
     lines = E.format_table(rows, paired).splitlines()
     assert lines[2] == "base  |  25.0 \u00b1 12.5 |  50.0 \u00b1  6.2 |          +25.0"
     assert lines[3] == "paired, trained minus base (same 4 queries): 1st +10.0 \u00b1 5.0, 2nd -20.0 \u00b1 15.0 points"
+
+
+def test_evaluate_settings_without_a_run_come_from_the_flags_or_their_defaults(tmp_path, capsys):
+    """The task defaults to countdown; --max-reflection-tokens defaults to --max-new-tokens (then 256); --top-p 0 is refused, not
+    read as unset."""
+    def settings(*flags):
+        st = E.resolve_settings(E.parse_args([*flags, "--out", "x.json"]))
+        return st["max_attempt"], st["max_reflection"], st["max_retry"], st["top_p"], st["top_k"], st["dtype"]
+
+    assert settings() == (256, 256, 256, 1.0, 0, "auto")
+    assert E.resolve_settings(E.parse_args(["--out", "x.json"]))["task"] == "countdown"  # (as --help says)
+    assert settings("--max-new-tokens", "7") == (7, 7, 7, 1.0, 0, "auto")
+    assert settings("--max-new-tokens", "7", "--max-reflection-tokens", "9", "--top-p", "0.5", "--top-k", "3",
+                    "--dtype", "fp32") == (7, 9, 7, 0.5, 3, "fp32")
+    rc, _, err = run_main(E.main, ["--top-p", "0", "--n", "1", "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(rc, err, "top_p must be in (0, 1]")
+
+
+def test_evaluate_run_refuses_chat_template_options_it_takes_from_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
+                                                 "max_attempt_tokens": 8, "max_reflection_tokens": 8,
+                                                 "max_retry_tokens": 8}))
+    rc, _, err = run_main(E.main, ["--run", str(run), "--chat-template-option", "enable_thinking=true",
+                                   "--out", str(tmp_path / "e.json")], capsys)
+    one_line_error(rc, err, "--run takes the models, task and options from the run; drop --chat-template-option")
+
+
+def test_evaluate_run_records_the_runs_own_token_limits(tiny_dir, tmp_path, capsys):
+    """With --run the output's settings hold each of the run's limits (retry is not the attempt's)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "export").symlink_to(tiny_dir, target_is_directory=True)
+    (run / "config.json").write_text(json.dumps({
+        "model": tiny_dir, "task": "countdown", "task_options": {"difficulty": "easy", "test_size": 2},
+        "max_attempt_tokens": 3, "max_reflection_tokens": 4, "max_retry_tokens": 5, "dtype": "fp32"}))
+    rc, _, err = run_main(E.main, ["--run", str(run), "--quiet"], capsys)
+    assert rc == 0, err
+    st = json.loads((run / "evaluation.json").read_text())["settings"]
+    assert (st["max_attempt_tokens"], st["max_reflection_tokens"], st["max_retry_tokens"]) == (3, 4, 5)

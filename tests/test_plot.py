@@ -28,7 +28,7 @@ def test_progress_line_says_n_a_for_what_a_step_did_not_measure():
     assert format_step_line(_row(3, kl=0.0), 3, 0.0).count("kl 0.00e+00") == 1  # a measured zero stays zero
 
 
-@pytest.mark.parametrize("steps, marked", [(5, True), (plot.MARKERS_UP_TO + 1, False)])
+@pytest.mark.parametrize("steps, marked", [(5, True), (plot.MARKERS_UP_TO, True), (plot.MARKERS_UP_TO + 1, False)])
 def test_plot_marks_sparse_series(tmp_path, monkeypatch, steps, marked):
     run = tmp_path / "run"
     run.mkdir()
@@ -82,6 +82,8 @@ def test_read_metrics_skips_a_cut_last_line_and_refuses_a_bad_earlier_one(tmp_pa
     (["[1, 2]"], "line 1 is not a metrics row"),
     (['{"nums": [3, 5], "target": 8}'], "line 1 is not a metrics row"),  # (a data file, not metrics)
     (['{"step": "1"}'], "line 1 is not a metrics row"),
+    (['{"step": true}'], "line 1 is not a metrics row"),
+    ([json.dumps(_row(1, kl=True))], "line 1: 'kl' is True, not a number"),
     ([json.dumps(_row(1)), json.dumps(_row(2, loss="x"))], "line 2: 'loss' is 'x', not a number"),
 ])
 def test_read_metrics_refuses_what_is_not_a_metrics_row(tmp_path, lines, match):
@@ -117,3 +119,48 @@ def test_plot_cli_bad_output_and_options_are_one_line(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"{tmp_path / 'curves.png'}: cannot write (Read-only file system)" in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_smoothing_draws_the_moving_average_over_the_faded_curve(tmp_path, monkeypatch):
+    """--smooth N: each series drawn faded as logged, then its moving average over the last N
+    points (fewer at the start) in the same colour; without it, one opaque line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    values = [0.0, 3.0, 6.0, 0.0, 3.0]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_row(s + 1, retry_success=v)) + "\n"
+                                               for s, v in enumerate(values)))
+    figures = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out: figures.append(fig) or out)
+    for window, want in ((2, [0.0, 1.5, 4.5, 3.0, 1.5]), (3, [0.0, 1.5, 3.0, 3.0, 3.0])):
+        plot.plot([run], tmp_path / "c.png", window)
+        axes = {ax.get_title(): ax for ax in figures[-1].axes}
+        raw, smoothed = axes["retry success (reward)"].lines
+        assert list(raw.get_ydata()) == values and raw.get_alpha() == 0.35
+        assert list(smoothed.get_ydata()) == pytest.approx(want) and smoothed.get_color() == raw.get_color()
+    assert plot.smooth(values, 1) == values
+    plot.plot([run], tmp_path / "c.png")
+    (line,) = {ax.get_title(): ax for ax in figures[-1].axes}["retry success (reward)"].lines
+    assert line.get_alpha() == 1.0
+
+
+def test_several_runs_are_overlaid_with_a_legend_of_their_names(tmp_path, monkeypatch):
+    runs = []
+    for name in ("base", "tuned"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(_row(s)) + "\n" for s in (1, 2, 3)))
+        runs.append(run)
+    figures = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out: figures.append(fig) or out)
+    plot.plot(runs, tmp_path / "c.png")
+    legends = [ax.get_legend() for ax in figures[-1].axes if ax.get_legend() is not None]
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == ["base", "tuned"]
+    plot.plot(runs[:1], tmp_path / "c.png")
+    assert all(ax.get_legend() is None for ax in figures[-1].axes)
+
+
+def test_plot_cli_given_a_metrics_file_writes_beside_it(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_row(1)) + "\n")
+    plot.main([str(tmp_path / "metrics.jsonl")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0

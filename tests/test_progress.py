@@ -58,3 +58,40 @@ def test_resumed_work_is_shown_but_not_in_the_rate(monkeypatch):
 
 def test_format_duration():
     assert [P.format_duration(s) for s in (0.4, 59.6, 61, 3600 + 125, float("inf"))] == ["0s", "1m00s", "1m01s", "1h02m", "?"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_the_line_is_rewritten_in_place_and_closed_once(monkeypatch):
+    clock = iter([0.0, 10.0, 20.0])
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    out = _Terminal()
+    p = P.Progress(2, "evaluate", stream=out)
+    p.update(1)
+    p.update(2)
+    p.close()
+    p.close()  # (a second close adds nothing)
+    assert out.getvalue() == ("\r\033[Kevaluate: 1/2 queries | 0.10 queries/s | ETA 10s | elapsed 10s"
+                              "\r\033[Kevaluate: 2/2 queries | 0.10 queries/s | ETA 0s | elapsed 20s\n")
+
+
+def test_a_disabled_progress_writes_nothing(monkeypatch):
+    out = _Terminal()
+    p = P.Progress(2, "evaluate", stream=out, enabled=False)
+    p.update(1)
+    p.update(2, "extra")
+    p.close()
+    assert out.getvalue() == "" and p.done == 2
+
+
+def test_work_all_resumed_is_done_not_of_unknown_duration(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = P.Progress(8, "failures", stream=out)
+    p.resume(8)
+    p.update(8)
+    assert out.getvalue().startswith("failures: 8/8 queries | 0.00 queries/s | ETA 0s |")

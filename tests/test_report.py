@@ -155,6 +155,7 @@ def test_report_without_records_or_forgetting_says_what_is_missing(run):
     (lambda run: (run / "evaluation.json").write_text(
         (run / "evaluation.json").read_text().replace(str(run), "/elsewhere/run")), "evaluates the run /elsewhere/run"),
     (lambda run: (run / "forgetting.json").write_text('{"results": [{"model": "m"}]}'), "results[0] is not a"),
+    (lambda run: (run / "forgetting.json").write_text('{"results": [], "paired": []}'), "forgetting.json: no results"),
     (lambda run: (run / "config.json").unlink(), "config.json: missing"),
     # records and numbers of another shape: a ValueError/TypeError after the PNGs were written
     (lambda run: _edit_eval(run, lambda ev: ev["models"][0]["records"][0].update(reflection_tokens="x")),
@@ -162,6 +163,10 @@ def test_report_without_records_or_forgetting_says_what_is_missing(run):
     (lambda run: _edit_eval(run, lambda ev: ev["models"][1].update(records=5)), "models[1].records is not a list"),
     (lambda run: _edit_eval(run, lambda ev: ev["models"][0].update(first_attempt_accuracy="x")),
      "models[0].first_attempt_accuracy is 'x', not a number"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][1]["records"][2].update(reflection_tokens=49.5)),
+     "models[1].records[2].reflection_tokens is 49.5, not a token count"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][1].update(second_attempt_stderr=True)),
+     "models[1].second_attempt_stderr is True, not a number"),
     (lambda run: _edit_eval(run, lambda ev: ev["models"][1].update(n=7)),
      "the two models were evaluated on different numbers of queries"),
 ])
@@ -276,3 +281,64 @@ def test_the_paired_change_printed_is_the_exports(run):
     text = R.write_report(run, run / "evaluation.json", run / "forgetting.json", run / "report").read_text()
     assert "after the retry (same 8 queries): +25.0 ± 16.0 points (3 better, 1 worse)" in text
     assert "-50.0" not in text and "-37.5" not in text
+
+
+def test_report_settings_verdicts_and_each_models_own_attempt(run):
+    """The limit the evaluation ran with (not the run's), greedy vs sampled, each example's retry
+    verdict per model, and each model's own first attempt."""
+    ev = json.loads((run / "evaluation.json").read_text())
+    ev["settings"]["max_reflection_tokens"] = 60  # (evaluated with --max-reflection-tokens 60)
+    for i, r in enumerate(ev["models"][1]["records"]):
+        r["attempt"] = f"trained attempt {i}"
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    text = R.write_report(run, run / "evaluation.json", None, run / "report", examples=1).read_text()
+    assert "| model | reflections | mean | median | at the 60-token limit |" in text
+    assert "temperature 0.0 (greedy)" in text
+    example = text.split("### Example 1 (only the trained model's retry passed)")[1]
+    untrained, trained = example.split("**trained**")
+    assert "1 + 2 = 4" in untrained and "retry (failed):" in untrained and "retry (passed)" not in untrained
+    assert "trained attempt 0" in trained and "retry (passed):" in trained and "retry (failed)" not in trained
+    ev["settings"]["temperature"] = 0.7
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "temperature 0.7 (sampled)" in text
+
+
+def test_training_summary_windows_and_steps_without_a_value():
+    """Early vs late: the first and last 10 steps at most; a metric a step did not log (KL on a
+    step that trained no token) is left out of the mean, not counted as 0."""
+    rows = [{"step": s, "retry_success": float(s), "kl": float(s) if s % 2 == 0 else None, "step_time_s": 1.0}
+            for s in range(1, 41)]
+    t = R.training_summary(rows)
+    assert t["window"] == 10 and t["steps"] == 40 and t["step_time_s"] == 40.0
+    assert (t["retry_success_early"], t["retry_success_late"]) == (5.5, 35.5)
+    assert (t["kl_early"], t["kl_late"]) == (6.0, 36.0)
+    assert t["first_try_success_early"] is None  # (never logged: n/a on the page)
+
+
+def test_forgetting_rows_of_another_model_keep_its_name(run):
+    cfg = json.loads((run / "config.json").read_text())
+    assert R.label("smollm2-135m", run, cfg) == "untrained"
+    assert R.label(str(run / "export"), run, cfg) == "trained"
+    assert R.label("Qwen/Qwen3-1.7B", run, cfg) == "Qwen/Qwen3-1.7B"
+
+
+def test_reflection_lengths_of_one_model_only_are_not_plotted(run):
+    """Records for the untrained model but not the trained one: the page says the lengths are not
+    available and no histogram is drawn (plotting one model's None was a TypeError)."""
+    ev = json.loads((run / "evaluation.json").read_text())
+    del ev["models"][1]["records"]
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "Not available: the evaluation has no per-query records" in text
+    assert not (run / "report" / "reflection_length.png").exists()
+
+
+def test_length_histogram_keeps_every_length_whatever_the_limit(tmp_path, monkeypatch):
+    """The bins reach past the longest length for any limit (a limit of 47 tokens: bins of 2;
+    the 47s were dropped when the last edge was 46)."""
+    figures = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, out: figures.append(fig) or out)
+    for limit in (47, 96, 100):
+        R.plot_lengths({"untrained": [limit, 10, limit], "trained": [limit - 1, 5]}, limit, tmp_path / "l.png")
+        assert [round(sum(p.get_height() for p in c)) for c in figures[-1].axes[0].containers] == [3, 2], limit

@@ -160,3 +160,158 @@ def test_the_candidate_pool_grows_with_first_attempt_success():
     for row in ({"first_try_success": 0.5}, {"first_try_success": None}, {}, *({"first_try_success": i / 10} for i in range(7))):
         remember_first_success(recent, row)
     assert recent == [0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+# Each bound the config checks, field by field (a field left out of validate() ran with the bad
+# value: keep_last=0 deleted every checkpoint, update_epochs=0 trained nothing).
+@pytest.mark.parametrize("name", ["batch_size", "group_size", "max_attempt_tokens", "max_reflection_tokens",
+                                  "max_retry_tokens", "micro_batch_size", "update_epochs", "max_steps",
+                                  "save_every", "keep_last", "candidates_per_failure", "lr"])
+def test_a_count_or_rate_that_must_be_positive_refuses_zero_and_true(name):
+    for value in (0, -1, True, float("inf")):
+        with pytest.raises(R3Error, match=f"config: '{name}' must be a finite number > 0, got {value!r}"):
+            TrainConfig(**{name: value}).validate()
+
+
+@pytest.mark.parametrize("name", ["temperature", "beta", "eps_low", "eps_high", "weight_decay", "warmup_steps",
+                                  "eval_every", "eval_n", "eval_temperature", "samples_every", "log_samples",
+                                  "top_k", "grad_clip", "min_lr_ratio", "stop_after"])
+def test_a_setting_where_zero_means_off_refuses_negatives(name):
+    TrainConfig(**{name: 0}).validate()
+    for value in (-1, False, float("nan")):
+        with pytest.raises(R3Error, match=f"config: '{name}' must be a finite number >= 0, got {value!r}"):
+            TrainConfig(**{name: value}).validate()
+
+
+def test_switches_names_and_shapes_are_checked_when_the_config_is_built_in_code():
+    """TrainConfig(...).validate() (the library's way in, no flag parsing) refuses what the
+    flags would: a switch that is not a bool, an unknown tracker, betas of another length, task
+    options that are not a mapping."""
+    for name in ("compact_rollouts", "scale_advantages", "skip_no_signal_groups", "shared_prefix",
+                 "activation_checkpointing"):
+        with pytest.raises(R3Error, match=f"config: '{name}' must be true or false, got 'yes'"):
+            TrainConfig(**{name: "yes"}).validate()
+    with pytest.raises(R3Error, match="config: 'report_to' must be one of none, tensorboard, wandb, got 'mlflow'"):
+        TrainConfig(report_to="mlflow").validate()
+    with pytest.raises(R3Error, match=r"config: 'adam_betas' must be two numbers in \[0, 1\), got \[0.9, 0.99, 0.5\]"):
+        TrainConfig(adam_betas=(0.9, 0.99, 0.5)).validate()
+    with pytest.raises(R3Error, match=r"config: 'task_options' must be a mapping, got \['difficulty=easy'\]"):
+        TrainConfig(task_options=["difficulty=easy"]).validate()
+
+
+def test_a_resume_may_change_when_it_stops_and_where_it_reports():
+    stored = TrainConfig().to_dict()
+    for key, value in (("stop_after", 5), ("report_to", "tensorboard"), ("keep_last", 5), ("log_samples", 0),
+                       ("activation_checkpointing", True), ("compact_rollouts", False), ("shared_prefix", False)):
+        assert TrainConfig(**{key: value}).incompatible_with(stored) == [], key
+
+
+def test_flag_and_file_values_are_read_as_their_fields_types(tmp_path):
+    """Switch spellings in any case, an exponent for a count, and what is not the field's type
+    (2.5 steps, true as a learning rate, a switch of 'maybe', three betas) refused naming it."""
+    from r3.config import parse_args
+
+    assert parse_args(["--compact-rollouts", "off"]).compact_rollouts is False
+    assert parse_args(["--shared-prefix", "FALSE", "--activation-checkpointing", "Yes"]).shared_prefix is False
+    assert parse_args(["--activation-checkpointing", "On"]).activation_checkpointing is True
+    assert parse_args(["--max-steps", "1e3"]).max_steps == 1000
+    f = tmp_path / "c.json"
+    for text, message in (('{"batch_size": 2.5}', "bad value 2.5 for 'batch_size' (expected int)"),
+                          ('{"lr": true}', "bad value True for 'lr' (expected float)"),
+                          ('{"shared_prefix": "maybe"}', "bad value 'maybe' for 'shared_prefix' (expected bool)")):
+        f.write_text(text)
+        with pytest.raises(R3Error) as e:
+            parse_args(["--config", str(f)])
+        assert str(e.value) == f"{f}: {message}"
+    with pytest.raises(R3Error) as e:
+        parse_args(["--adam-betas", "[0.9, 0.99, 0.5]"])
+    assert str(e.value) == "command line: bad value '[0.9, 0.99, 0.5]' for 'adam_betas' (expected a JSON list of 2 numbers)"
+
+
+def test_config_files_empty_dashed_repeated_and_under_flags(tmp_path):
+    """An empty file is the defaults; keys may be written with dashes; of two --config the last
+    counts; a file's task_options are merged under --task-option; an unknown key is named as
+    written."""
+    from r3.config import parse_args
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert parse_args(["--config", str(empty)]).to_dict() == TrainConfig().validate().to_dict()
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("group-size: 4\ntask_options:\n  max_num: 30\n")
+    b.write_text("group_size: 6\n")
+    cfg = parse_args(["--config", str(a)])
+    assert cfg.group_size == 4
+    assert parse_args(["--config", str(a), "--config", str(b)]).group_size == 6
+    assert parse_args(["--config", str(b), "--config", str(a)]).group_size == 4
+    cfg = parse_args(["--config", str(a), "--task-option", "max_num=40", "--task-option", "max_target=60"])
+    assert cfg.task_options == {"max_num": 40, "max_target": 60}
+    b.write_text("grop-size: 6\n")
+    with pytest.raises(R3Error, match=r"unknown key 'grop-size' \(did you mean --group-size\?\)"):
+        parse_args(["--config", str(b)])
+
+
+def test_a_task_that_does_not_exist_is_not_blamed_on_the_files_options(tmp_path):
+    from r3.config import parse_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("task: countdown\ntask_options:\n  difficulty: easy\n")
+    with pytest.raises(R3Error) as e:
+        parse_args(["--config", str(f), "--task", "no_such_task"])
+    assert str(e.value).startswith("unknown task 'no_such_task'") and "written for task" not in str(e.value)
+
+
+def test_task_option_flags_keys_and_path_options(tmp_path, monkeypatch):
+    """key=value: the key stripped, an empty key refused; the option named ``path`` is a path
+    option like any ``*_path`` (made absolute when it names a file here)."""
+    from r3.config import parse_task_options
+
+    assert parse_task_options(["difficulty =easy", " max_num=30"]) == {"difficulty": "easy", "max_num": 30}
+    with pytest.raises(R3Error, match="--task-option expects key=value, got '=5'"):
+        parse_task_options(["=5"])
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(task_options={"path": "data.jsonl"}).validate().task_options == {"path": str(tmp_path / "data.jsonl")}
+
+
+def test_help_under_torchrun_is_printed_by_rank_0_only(capsys, monkeypatch):
+    from r3.config import parse_args
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    for rank, printed in (("0", True), ("1", False), ("2", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            parse_args(["--help"])
+        assert ("--group-size" in capsys.readouterr().out) == printed, rank
+
+
+def test_a_far_off_flag_gets_no_suggestion():
+    """Only a close name is suggested (--resume is not a misspelt --failures)."""
+    from r3.config import parse_args
+
+    for flag in ("--resume", "--gpu", "--bogus"):
+        with pytest.raises(R3Error) as e:
+            parse_args([flag, "1"])
+        assert str(e.value) == f"unknown flag '{flag}'"
+
+
+def test_plug_in_tasks_of_two_classes_are_two_tasks(tmp_path, monkeypatch):
+    """Two task classes with the same name and options are not the same task on resume."""
+    (tmp_path / "r3_twin_tasks.py").write_text(
+        "from r3.tasks.countdown import CountdownTask\n\n"
+        "class A(CountdownTask):\n    pass\n\n"
+        "class B(CountdownTask):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a = TrainConfig(task="r3_twin_tasks:A")
+    assert a.incompatible_with(TrainConfig(task="r3_twin_tasks:A").to_dict()) == []
+    assert a.incompatible_with(TrainConfig(task="r3_twin_tasks:B").to_dict()) == ["task"]
+
+
+def test_the_files_own_task_named_again_on_the_command_line_is_not_another_task(tmp_path):
+    """--task naming the file's own task: the file's options are that task's (a typo among them
+    gets the usual error later, not a hint to replace them for another task)."""
+    from r3.config import parse_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("task: countdown\ntask_options:\n  dificulty: easy\n")
+    assert parse_args(["--config", str(f), "--task", "countdown"]).task_options == {"dificulty": "easy"}
