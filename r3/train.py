@@ -488,12 +488,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     sync_rollout_weights(run.policy, run.rollout_model)
     ep = rollout(run, step)
     errors, calls, first = verifier_error_counts(run.task)
-    errors, calls = all_sum([errors, calls], d)  # (every rank stops together when all raised)
-    if errors:
-        firsts = gather_to_main([first] if first else [], d)
-        if d.main or errors >= calls:
-            report_verifier_errors(errors, calls, firsts[0] if firsts else first,
-                                   f"in step {step + 1}" + (" (all ranks)" if d.world > 1 else ""))
+    say_verifier_errors(errors, calls, first, d, f"in step {step + 1}" + (" (all ranks)" if d.world > 1 else ""))
     t_rollout = time.time()
 
     adv = grpo.group_advantages(ep.rewards, scale=cfg.scale_advantages)  # [n_groups, G]
@@ -516,6 +511,16 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
                        fresh_attempts=run.failures is None, flops=training_flops(run, ep, adv), peak_flops=run.peak_flops)
     remember_first_success(run.stream.recent_first_success, row)
     return row, ep
+
+
+def say_verifier_errors(errors: int, calls: int, first: str | None, d: Dist, during: str) -> None:
+    """The verifier errors of every rank, said once by rank 0 with the first error of any rank;
+    when every verdict of every rank failed, every rank stops together."""
+    errors, calls = all_sum([errors, calls], d)
+    if errors:
+        firsts = gather_to_main([first] if first else [], d)
+        if d.main or errors >= calls:
+            report_verifier_errors(errors, calls, firsts[0] if firsts else first, during)
 
 
 def training_flops(run: Run, ep, adv: torch.Tensor) -> int:
@@ -667,10 +672,9 @@ def held_out_eval(run: Run, step: int) -> dict | None:
         run.rollout_model, run.tokenizer, task, mine, cfg.sampling(cfg.eval_temperature), seed=cfg.seed + 17,
         batch_size=32, chat=run.chat,
     ) if mine else {"n": 0, "first_success": 0, "second_success": 0, "verifier_errors": 0, "verdicts": 0}
-    n, first, second, errors, verdicts = all_sum([res["n"], res["first_success"], res["second_success"],
-                                                  res["verifier_errors"], res["verdicts"]], d)
-    if errors and (d.main or errors >= verdicts):  # (every rank raises together)
-        report_verifier_errors(errors, verdicts, res.get("first_verifier_error"), f"in the evaluation at step {step}")
+    n, first, second = all_sum([res["n"], res["first_success"], res["second_success"]], d)
+    say_verifier_errors(res["verifier_errors"], res["verdicts"], res.get("first_verifier_error"), d,
+                        f"in the evaluation at step {step}")
     row = {"step": step, "n": int(n), "first_attempt_accuracy": first / max(n, 1),
            "second_attempt_accuracy": second / max(n, 1)}
     with fail_together(d):

@@ -240,3 +240,56 @@ def test_quiet_ranks_wait_for_a_slow_failing_rank_to_say_why(tmp_path, kind):
         assert "ValueError: a bug in rank 0's writes" in proc.stderr
         root = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
         assert "rank      : 0 (local_rank: 0)" in root and "exitcode  : 1" in root, proc.stderr[-3000:]
+
+
+def test_cpu_ranks_share_the_cores_of_their_node(monkeypatch):
+    """On a CPU each of a node's LOCAL_WORLD_SIZE ranks takes its share of the cores (torchrun
+    pins one thread a rank otherwise)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(D.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    try:
+        D.init_distributed()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_shard_wraps_each_block_and_reduces_gradients_in_fp32():
+    """shard: every transformer block is its own FSDP unit beside the root, computing in the
+    given dtype and reducing gradients in fp32 (bf16 sums over ranks would lose the small ones)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_hf_config
+
+    from r3.model import ModelConfig, Transformer
+
+    d = D.init_distributed()
+    model = Transformer(ModelConfig.from_hf(tiny_hf_config("qwen2").to_dict()))
+    D.shard(model, d, torch.bfloat16)
+    units = [model, *model.layers]
+    assert len([m for m in model.modules() if hasattr(m, "_get_fsdp_state")]) == len(units) == 3
+    for unit in units:
+        mp = unit._get_fsdp_state()._fsdp_param_group.mp_policy
+        assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+
+
+def test_a_rank_leaves_with_its_exit_code(monkeypatch, capsys):
+    """run_and_exit: the entry point's SystemExit code as the process's (None: 0, a message: 1 as
+    the interpreter would), a crash 1 with its traceback, a return 0."""
+    codes = []
+    monkeypatch.setattr(D.os, "_exit", codes.append)
+
+    def leaves(how):
+        def main():
+            if isinstance(how, BaseException):
+                raise how
+        codes.clear()
+        D.run_and_exit(main)
+        return codes[0]
+
+    assert [leaves(SystemExit(None)), leaves(SystemExit(3)), leaves(SystemExit("stopped: out of data")),
+            leaves(None), leaves(ValueError("bug"))] == [0, 3, 1, 0, 1]
+    assert "ValueError: bug" in capsys.readouterr().err

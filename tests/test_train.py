@@ -1152,6 +1152,8 @@ LAUNCH = [sys.executable, "-m", "r3.launch", "--standalone"]
     (["--lr", "abc"], "error: command line: bad value 'abc' for 'lr' (expected float)"),  # (parsing the flags)
     (["--model", "/no/such/model"], "error: model path '/no/such/model' does not exist"),  # (set_up's checks)
     (["--task", "r3_test_tasks:CoinTask", "--task-options", "{}"], "error: --out {out} is a file"),  # (--out's)
+    (["--batch-size", "3", "--model", "/no/such/model"],  # (the ranks' shares: checked before the model)
+     "error: config: 'batch_size' (3) must be divisible by the number of ranks (2)"),
 ])
 def test_r3_torchrun_ends_with_the_workers_error_line_and_its_exit_code(tmp_path, flags, line):
     """Plain torchrun follows a worker's one-line error with ~30 lines of ChildFailedError and
@@ -1813,3 +1815,600 @@ def test_scoring_reshards_the_reference_once_after_its_forwards():
     assert calls == ["reference"] and all(mb.ref_logp is not None for mb in mbs)
     B.score_micro_batches(mbs, None, old_policy, 1.0)
     assert calls == ["reference"]
+
+
+def test_a_resumed_dtype_falls_back_to_auto_on_a_config_that_is_not_an_object(tmp_path, monkeypatch, capsys):
+    """resolve_dtype reads a resumed run's dtype from config.json; a file that is JSON but not an
+    object (set_up refuses it later, in one line) falls back to auto instead of a traceback. The
+    warning of an emulated bf16 is rank 0's line only."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.precision import resolve_dtype_name
+
+    cpu = torch.device("cpu")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    cfg = TrainConfig(out=str(tmp_path)).validate()
+    T.resolve_dtype(cfg, T.Dist(rank=0, world=1, local_rank=0, device=cpu, mesh=None))
+    assert cfg.dtype == resolve_dtype_name("auto", cpu)
+    capsys.readouterr()
+    monkeypatch.setattr(T, "slow_bf16_warning", lambda device: "warning: emulated bf16")
+    for rank in (1, 0):
+        T.resolve_dtype(TrainConfig(dtype="bf16").validate(), T.Dist(rank=rank, world=2, local_rank=rank, device=cpu,
+                                                                      mesh=None))
+        assert capsys.readouterr().out == ("warning: emulated bf16\n" if rank == 0 else ""), rank
+
+
+def test_build_models_keeps_fp32_master_weights_and_a_tied_rollout_copy_in_the_compute_dtype(tiny_model):
+    """In bf16 the policy's (sharded) master weights stay fp32, the frozen reference and the plain
+    rollout copy are bf16; the copy's head is tied to its embeddings, so after a sync every tensor
+    is the policy's; the activation-checkpointing setting reaches the policy."""
+    from torch.distributed.tensor import DTensor
+
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    d = T.init_distributed()
+    cfg = TrainConfig(model=str(tiny_model), dtype="bf16", activation_checkpointing=True).validate()
+    policy, reference, rollout, _ = T.build_models(cfg, d)
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 and p.requires_grad for p in policy.parameters())
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in reference.parameters())
+    assert all(not isinstance(p, DTensor) and p.dtype == torch.bfloat16 for p in rollout.parameters())
+    assert policy.activation_checkpointing and not reference.activation_checkpointing
+    T.sync_rollout_weights(policy, rollout)
+    full = {k: v.full_tensor() for k, v in policy.state_dict().items()}
+    got = rollout.state_dict()
+    assert got.keys() == full.keys() and "lm_head.weight" in got
+    assert all(torch.equal(got[k], full[k].to(torch.bfloat16)) for k in got)
+
+
+def test_the_fingerprint_of_the_training_examples_is_stable_and_separates_items():
+    """What a checkpoint records of its data: SHA-256 of one sorted-key JSON line per item, the
+    same for the same items read with their keys in another order, other for items that run
+    together ([12, 3] and [1, 23]); items whose keys do not sort (int and str mixed) have one too.
+    A stream needs items."""
+    import hashlib
+
+    from r3 import train as T
+    from r3.errors import R3Error
+
+    assert T.QueryStream([1, {"b": 2, "a": [3]}], 0).fingerprint == \
+        hashlib.sha256(b'1\n{"a": [3], "b": 2}\n').hexdigest()
+    assert T.QueryStream([{"a": 1, "b": 2}], 0).fingerprint == T.QueryStream([{"b": 2, "a": 1}], 5).fingerprint
+    assert T.QueryStream([12, 3], 0).fingerprint != T.QueryStream([1, 23], 0).fingerprint
+    assert len(T.QueryStream([{1: "x", "y": 2}], 0).fingerprint) == 64
+    with pytest.raises(R3Error, match="no training examples"):
+        T.QueryStream([], 0)
+
+
+def test_a_warmup_as_long_as_the_run_has_no_zero_span():
+    """warmup_steps >= max_steps is allowed: the scheduler's step after the last one (and a resume
+    of a finished run) evaluates the schedule at max_steps, past the warmup."""
+    from r3.config import TrainConfig
+    from r3.train import lr_lambda
+
+    f = lr_lambda(TrainConfig(max_steps=2, warmup_steps=2, min_lr_ratio=0.1).validate())
+    assert [f(0), f(1), f(2)] == pytest.approx([1 / 3, 2 / 3, 1.0], rel=1e-12)
+    g = lr_lambda(TrainConfig(max_steps=2, warmup_steps=5, min_lr_ratio=0.1).validate())
+    assert g(5) == pytest.approx(1.0) and g(6) == pytest.approx(0.1)
+
+
+def test_the_update_clips_the_gradient_norm_and_reports_it_before_clipping():
+    """grad_clip bounds the step (plain SGD at lr 1: the weights move by the clipped gradient) and
+    the reported grad_norm is the norm before clipping; grad_clip 0 does not clip."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    moved = {}
+    for clip in (1e-3, 0.0):
+        cfg = TrainConfig(dtype="fp32", beta=0.0, grad_clip=clip, max_reflection_tokens=8).validate()
+        model = copy.deepcopy(base)
+        mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 2, 0, torch.device("cpu"))
+        stats = T.update(model, torch.optim.SGD(model.parameters(), lr=1.0), mbs, len(mbs), cfg, one_rank)
+        moved[clip] = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), base.parameters())]).norm().item()
+        assert stats["grad_norm"] > 1e-2 and not stats["skipped"]
+    assert moved[1e-3] == pytest.approx(1e-3, rel=1e-3)
+    assert moved[0.0] == pytest.approx(stats["grad_norm"], rel=1e-3)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step():
+    """The guard reads the gradient norm as well as the loss: an infinite gradient (the loss
+    itself finite) leaves the weights as they were."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, max_reflection_tokens=8).validate()
+    model = copy.deepcopy(base)
+    next(model.parameters()).register_hook(lambda g: g + float("inf"))
+    mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 6, 0, torch.device("cpu"))
+    stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.1), mbs, len(mbs), cfg, one_rank)
+    assert math.isfinite(stats["loss"]) and not math.isfinite(stats["grad_norm"]) and stats["skipped"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+
+
+def test_temperature_0_rollouts_train_at_temperature_1():
+    """Greedy rollouts (temperature 0) have no temperature to divide by: the update scores their
+    tokens at 1, as it does with temperature 1."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    weights = []
+    for temperature in (0.0, 1.0):
+        cfg = TrainConfig(dtype="fp32", beta=0.0, temperature=temperature, max_reflection_tokens=8).validate()
+        model = copy.deepcopy(base)
+        mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 3, 0, torch.device("cpu"))
+        assert not T.update(model, torch.optim.SGD(model.parameters(), lr=0.1), mbs, len(mbs), cfg, one_rank)["skipped"]
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0], base.parameters()))
+
+
+def test_later_update_epochs_report_the_sampler_gap_before_the_update_and_the_last_epochs_norm(monkeypatch):
+    """With update_epochs 2: logp_diff_* compare the sampler's log-probs with the policy's before
+    the first optimizer step (here the same: ~0, however far the step moves it), each token once;
+    grad_norm is the last epoch's; a step skipped in the first epoch is reported skipped."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, grad_clip=0.0, max_reflection_tokens=8, update_epochs=2,
+                      temperature=1.0).validate()
+    real = torch.nn.utils.clip_grad_norm_
+    for first_bad in (False, True):
+        norms = []
+
+        def clip(params, max_norm, first_bad=first_bad, norms=norms):
+            gn = real(params, max_norm)
+            norms.append(float(gn))
+            return torch.tensor(float("inf")) if first_bad and len(norms) == 1 else gn
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        model = copy.deepcopy(base)
+        mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 2, 0, torch.device("cpu"))
+        with torch.no_grad():
+            for mb in mbs:
+                mb.rollout_logp = B.token_logprobs(model, mb, 1.0)[0].float()
+        B.score_micro_batches(mbs, None, model, 1.0)
+        stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.5), mbs, len(mbs), cfg, one_rank)
+        assert stats["skipped"] == first_bad and len(norms) == 2 and (first_bad or norms[0] != norms[1])
+        assert stats["grad_norm"] == norms[1]
+        assert stats["logp_diff_max"] < 1e-5 and stats["logp_diff_tokens"] == sum(e - s for s, e in spans)
+        if not first_bad:
+            moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), base.parameters()))
+            assert moved > 1e-2  # (the first step moved it: a gap read after it would show)
+
+
+def _stand_in_run(tmp_path, d, **cfg):
+    """A Run of stand-ins (no model) for the loop's bookkeeping: config, ranks, out dir, tracker."""
+    from types import SimpleNamespace
+
+    from r3.config import TrainConfig
+
+    logged = []
+    tracker = SimpleNamespace(log_metrics=lambda row, step, kind="train": logged.append((kind, step, row)),
+                              log_samples=lambda samples, step: logged.append(("samples", step, samples)))
+    return SimpleNamespace(cfg=TrainConfig(**cfg).validate(), d=d, out=tmp_path, task=None, policy="policy",
+                           rollout_model="rollout", tokenizer="tok", chat="chat", optimizer=None, scheduler=None,
+                           stream=None, failures=None, start_step=0, tracker=tracker, steps_without_signal=None,
+                           peak_flops=1.0, logged=logged)
+
+
+def test_each_rank_rolls_out_its_own_share_with_its_own_seed(tmp_path, monkeypatch):
+    """rollout on rank 1 of 2: fresh mode takes ceil(batch_size / ranks * candidates per failure)
+    first attempts for this rank (the pool measured on the recent first-attempt success) and keeps
+    batch_size / ranks failures; stored failures: batch_size / ranks records with their attempts;
+    the seed is this rank's."""
+    from r3 import train as T
+
+    calls = []
+    monkeypatch.setattr(T, "run_episode", lambda *a, **kw: calls.append((a, kw)) or "episode")
+    rank1 = T.Dist(rank=1, world=2, local_rank=1, device=torch.device("cpu"), mesh=None)
+    run = _stand_in_run(tmp_path, rank1, batch_size=2, group_size=4, seed=3)
+    items = [{"id": i} for i in range(40)]
+    run.stream = T.QueryStream(items, seed=3)
+    run.stream.recent_first_success = [0.5]  # 2.5 candidates per failure
+    order = T.QueryStream(items, seed=3).take(40, 0, 1)
+    assert T.rollout(run, 4) == "episode"
+    (args, kw), = calls
+    assert args == ("rollout", "tok", None, order[3:6])  # ceil(1 * 2.5) = 3 per rank, rank 1's
+    assert run.stream.position == 6
+    assert kw["max_failures"] == 1 and kw["group_size"] == 4 and kw["failed_attempts"] is None
+    assert kw["seed"] == T.step_seed(run.cfg, 4, 1) != T.step_seed(run.cfg, 4, 0) and kw["chat"] == "chat"
+    records = [{"example": {"id": i}, "attempt_tokens": [i, i]} for i in range(10)]
+    run.failures, run.stream = records, T.QueryStream(records, seed=3)
+    stored = T.QueryStream(records, seed=3).take(10, 0, 1)
+    T.rollout(run, 0)
+    args, kw = calls[-1]
+    assert args[3] == [stored[1]["example"]] and kw["failed_attempts"] == [stored[1]["attempt_tokens"]]
+    assert run.stream.position == 2 and kw["max_failures"] == 1
+
+
+def test_each_rank_evaluates_its_share_of_the_held_out_queries(tmp_path, monkeypatch):
+    """held_out_eval splits the eval_n test queries over the ranks (rank r: every world-th from r),
+    samples them at eval_temperature with the run's seed + 17 (as r3.train always has), and
+    reduces the counts into accuracies over the queries; only rank 0 writes eval.jsonl."""
+    import contextlib
+
+    from r3 import train as T
+
+    seen = []
+    monkeypatch.setattr(T, "examples_of", lambda task, split, n, seed: list(range(n)))
+
+    def evaluate(model, tok, task, mine, sampling, seed, batch_size, chat):
+        seen.append((mine, sampling.temperature, seed))
+        return {"n": len(mine), "first_success": 1, "second_success": len(mine), "verifier_errors": 0, "verdicts": 9}
+
+    monkeypatch.setattr(T, "evaluate_examples", evaluate)
+    monkeypatch.setattr(T, "all_sum", lambda values, d: [2 * v for v in values])  # (two ranks alike)
+    monkeypatch.setattr(T, "fail_together", lambda d: contextlib.nullcontext())
+    for rank in (1, 0):
+        d = T.Dist(rank=rank, world=2, local_rank=rank, device=torch.device("cpu"), mesh=None)
+        row = T.held_out_eval(_stand_in_run(tmp_path, d, eval_n=5, seed=4, eval_temperature=0.3), 3)
+        assert seen[-1] == (list(range(rank, 5, 2)), 0.3, 21)
+        n = 2 * len(seen[-1][0])
+        assert row == {"step": 3, "n": n, "first_attempt_accuracy": 2 / n, "second_attempt_accuracy": 1.0}
+    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [3]
+    monkeypatch.setattr(T, "all_sum", lambda values, d: values)  # one query in all
+    row = T.held_out_eval(_stand_in_run(tmp_path, d, eval_n=1), 4)
+    assert (row["n"], row["first_attempt_accuracy"], row["second_attempt_accuracy"]) == (1, 1.0, 1.0)
+
+
+def test_step_end_evaluates_saves_and_stops_on_its_cadence(tmp_path, monkeypatch):
+    """step_end over a 5-step run: eval_every 2 and save_every 2 evaluate and save after steps 2
+    and 4 and at the end; stop_after at the last step, or a signal during it, still finishes the
+    run (0: the export follows); a signal earlier saves and returns its number, stop_after -1.
+    Each evaluation syncs the rollout copy first; the ETA counts the steps done."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+
+    saved, evals, etas = [], [], []
+    monkeypatch.setattr(T, "save_checkpoint", lambda out, step, *a: saved.append(step))
+    synced = []
+    monkeypatch.setattr(T, "sync_rollout_weights", lambda policy, rollout: synced.append(len(evals)))
+    monkeypatch.setattr(T, "held_out_eval", lambda run, step: evals.append(step) or {"step": step})
+    monkeypatch.setattr(T, "format_step_line", lambda row, max_steps, eta: f"step {row['step']}")
+    real_eta = T.eta_s
+    monkeypatch.setattr(T, "eta_s", lambda clock, done, total, now: etas.append(done) or real_eta(clock, done, total, now))
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    ep = SimpleNamespace(records=[])
+
+    def steps(signals=(), **cfg):
+        run = _stand_in_run(tmp_path, d, max_steps=5, save_every=2, eval_every=2, eval_n=4, **cfg)
+        saved.clear(), evals.clear(), etas.clear(), synced.clear()
+        out = []
+        for step in range(5):
+            out.append(T.step_end(run, step, {"step": step + 1}, ep, (0.0, 0), 15 if step in signals else 0))
+            if out[-1]:
+                break
+        assert etas == list(range(1, len(out) + 1))
+        assert synced == list(range(len(evals)))  # (each evaluation of the weights just updated)
+        return out
+
+    assert steps() == [0] * 5 and saved == [2, 4, 5] and evals == [2, 4, 5]
+    assert steps(stop_after=5) == [0] * 5 and saved == [2, 4, 5]
+    assert steps(signals=(4,)) == [0] * 5 and saved == [2, 4, 5]
+    assert steps(signals=(0,)) == [15] and saved == [1] and evals == []
+    assert steps(stop_after=3) == [0, 0, -1] and saved == [2, 3] and evals == [2]
+
+
+def test_the_loop_stops_without_an_export_and_times_from_the_second_step(tmp_path, monkeypatch):
+    """train_loop: a fresh run evaluates before its first step (a resumed one does not); stop_after
+    ends the loop with no export; the ETA's clock starts after the process's first step."""
+    from r3 import train as T
+
+    calls = []
+    monkeypatch.setattr(T, "sync_rollout_weights", lambda policy, rollout: calls.append("sync"))
+    monkeypatch.setattr(T, "held_out_eval", lambda run, step: calls.append(("eval", step)) or {"step": step})
+    monkeypatch.setattr(T, "train_step", lambda run, step: ({"step": step + 1}, None))
+    monkeypatch.setattr(T, "export", lambda out, policy, tok, d: calls.append("export") or out / "export")
+
+    def step_end(run, step, row, ep, clock, signum):
+        calls.append(("step", step, clock[1]))
+        return -1 if step + 1 == run.cfg.stop_after else 0
+
+    monkeypatch.setattr(T, "step_end", step_end)
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    run = _stand_in_run(tmp_path, d, max_steps=4, eval_n=2, stop_after=2)
+    assert T.train_loop(run) == {"step": 2}
+    assert calls == ["sync", ("eval", 0), ("step", 0, 0), ("step", 1, 1)]
+    calls.clear()
+    run = _stand_in_run(tmp_path, d, max_steps=4, eval_n=2)
+    run.start_step = 1
+    assert T.train_loop(run) == {"step": 4}
+    assert calls == [("step", 1, 1), ("step", 2, 2), ("step", 3, 2), "export"]
+
+
+def test_samples_keep_every_rewarded_retry_and_the_first_unrewarded_ones_every_n_steps():
+    """sample_records: rewarded retries always; log_samples unrewarded ones at the steps that are
+    multiples of samples_every; each with the verifier's reason for the retry."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    task = SimpleNamespace(diagnose=lambda example, text: f"{example}: {text}")
+    ep = SimpleNamespace(records=[{"example": i, "attempt": f"a{i}", "retry": f"r{i}", "reward": float(i == 3)}
+                                  for i in range(4)])
+    cfg = TrainConfig(samples_every=2, log_samples=2).validate()
+    got = {step: T.sample_records(ep, task, step, cfg, 1) for step in (1, 2, 3, 4)}
+    assert [r["row"] for r in got[1]] == [r["row"] for r in got[3]] == [3]
+    assert [r["row"] for r in got[2]] == [r["row"] for r in got[4]] == [0, 1, 3]
+    assert [r["reason"] for r in got[2]] == ["0: r0", "1: r1", "3: r3"]
+    assert all(r["step"] == 2 and r["rank"] == 1 for r in got[2])
+
+
+REDUCE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from r3.distributed import _exit_hard, all_max, all_sum, init_distributed
+
+    d = init_distributed()
+    got = [all_max(d.rank + 1, d), all_max(0.5 + d.rank, d), all_max(-d.rank, d), all_sum({"a": d.rank + 1, "b": 0.25}, d)]
+    with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as f:
+        json.dump([got, [type(x).__name__ for x in got[:3]]], f)
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_hard(0)
+    """
+)
+
+
+def test_all_max_and_all_sum_agree_on_every_rank(tmp_path):
+    """all_max is the largest value over the ranks (an int stays an int), all_sum the sum, by key."""
+    _run_on_two_ranks(REDUCE_SCRIPT, tmp_path)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == \
+            [[2, 1.5, 0, {"a": 3.0, "b": 0.5}], ["int", "float", "int"]]
+
+
+SYNC_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from conftest import tiny_hf_config
+    from r3 import train as T
+    from r3.distributed import _exit_hard
+    from r3.model import ModelConfig, Transformer
+
+    d = T.init_distributed()
+    torch.manual_seed(0)  # (the same weights on both ranks)
+    cfg = ModelConfig.from_hf(tiny_hf_config("qwen2").to_dict())
+    policy, rollout = Transformer(cfg), Transformer(cfg).to(torch.bfloat16)
+    want = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    T.shard(policy, d, torch.float32)
+    T.sync_rollout_weights(policy, rollout)
+    got = rollout.state_dict()
+    assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want), "rollout copy"
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_hard(0)
+    """
+)
+
+
+def test_the_rollout_copy_gathers_every_ranks_shard(tmp_path):
+    """sync_rollout_weights on 2 ranks: the plain rollout copy holds the whole policy (each rank's
+    shard gathered), in the compute dtype."""
+    script = tmp_path / "sync.py"
+    script.write_text(SYNC_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(HERE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _stand_in_step(tmp_path, monkeypatch, d, got, **cfg):
+    """A Run whose train_step runs on stand-ins (rollout, micro-batches, scoring, update, metrics):
+    what reaches them lands in ``got``."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0]]))
+    monkeypatch.setattr(T, "sync_rollout_weights", lambda policy, rollout: None)
+    monkeypatch.setattr(T, "rollout", lambda run, step: ep)
+    monkeypatch.setattr(T, "verifier_error_counts", lambda task: (0, 2, None))
+    monkeypatch.setattr(T, "all_max", lambda value, d: max(value, 3))  # (another rank has 3 micro-batches)
+    monkeypatch.setattr(T, "episode_micro_batches", lambda *a, **kw: ["real"])
+    monkeypatch.setattr(T, "score_micro_batches", lambda mbs, ref, old, t: got.update(score=(len(mbs), ref, old)))
+    monkeypatch.setattr(T, "update", lambda policy, opt, mbs, n_real, cfg, d: got.update(update=(mbs, n_real)) or {})
+    monkeypatch.setattr(T, "training_flops", lambda run, ep, adv: 0)
+    monkeypatch.setattr(T, "step_metrics", lambda step, *a, lr, **kw: {"step": step, "lr": lr, "first_try_success": 0.5})
+    run = _stand_in_run(tmp_path, d, **cfg)
+    run.reference, run.tokenizer, run.stream = "reference", SimpleNamespace(pad_token_id=0), SimpleNamespace(position=0)
+    run.stream.recent_first_success = []
+    group = {"lr": 0.5}
+    run.optimizer = SimpleNamespace(param_groups=[group])
+    run.scheduler = SimpleNamespace(step=lambda: group.update(lr=0.25))
+    return run
+
+
+def test_a_step_pads_to_the_most_micro_batches_of_any_rank_and_logs_the_lr_it_used(tmp_path, monkeypatch):
+    """train_step: a rank with fewer micro-batches than another adds dummies up to the largest
+    count (FSDP's collectives stay in step), only the real ones counted; the reference scores only
+    where beta > 0, the pre-update policy only with more than one update epoch; the logged lr is
+    the one the update used (read before the scheduler steps); the first-attempt success is kept."""
+    from r3 import train as T
+
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    for beta, epochs in ((0.04, 1), (0.0, 2)):
+        got = {}
+        run = _stand_in_step(tmp_path, monkeypatch, d, got, beta=beta, update_epochs=epochs)
+        row, _ = T.train_step(run, 6)
+        mbs, n_real = got["update"]
+        assert len(mbs) == 3 and mbs[0] == "real" and n_real == 1
+        assert all(mb.mask.sum() == 0 for mb in mbs[1:])
+        assert got["score"] == ((3, "reference", None) if beta else (3, None, "policy"))
+        assert row == {"step": 7, "lr": 0.5, "first_try_success": 0.5} and run.stream.recent_first_success == [0.5]
+
+
+def test_verifier_errors_in_a_step_or_an_evaluation_are_said_by_rank_0(tmp_path, monkeypatch, capsys):
+    """Some verdicts failed (summed over ranks): rank 0 warns once, the other ranks say nothing;
+    all failed: every rank stops with the error."""
+    import contextlib
+
+    from r3 import train as T
+    from r3.errors import R3Error
+
+    monkeypatch.setattr(T, "all_sum", lambda values, d: values)  # (the other rank's counts: none)
+    monkeypatch.setattr(T, "gather_to_main", lambda items, d: items)
+    monkeypatch.setattr(T, "fail_together", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(T, "examples_of", lambda task, split, n, seed: list(range(n)))
+    counts = {}
+    monkeypatch.setattr(T, "evaluate_examples", lambda *a, **kw: {
+        "n": 2, "first_success": 1, "second_success": 1, "verifier_errors": counts["errors"], "verdicts": counts["calls"],
+        "first_verifier_error": "KeyError: 'answr'"})
+    for rank in (0, 1):
+        d = T.Dist(rank=rank, world=2, local_rank=rank, device=torch.device("cpu"), mesh=None)
+        run = _stand_in_step(tmp_path, monkeypatch, d, {}, eval_n=4)
+        for errors, calls in ((1, 4), (4, 4)):
+            counts.update(errors=errors, calls=calls)
+            monkeypatch.setattr(T, "verifier_error_counts", lambda task: (errors, calls, "KeyError: 'answr'"))
+            for what, call in (("in step 3", lambda: T.train_step(run, 2)),
+                               ("in the evaluation at step 5", lambda: T.held_out_eval(run, 5))):
+                if errors < calls:
+                    call()
+                    err = capsys.readouterr().err
+                    assert err == ("" if rank else "warning: the task's verifier failed on 1 completion "
+                                   f"{what}{' (all ranks)' if what == 'in step 3' else ''}; they count as wrong "
+                                   "(first: KeyError: 'answr')\n"), (rank, what)
+                else:
+                    with pytest.raises(R3Error, match=f"failed on all 4 completions {what}"):
+                        call()
+
+
+def test_an_evaluation_names_the_first_verifier_error_of_another_rank(tmp_path, monkeypatch, capsys):
+    """Only rank 1's verifier raised in the held-out evaluation: rank 0 says so with rank 1's
+    first error, as a training step does, not with "first: None"."""
+    import contextlib
+
+    from r3 import train as T
+
+    others = {3: [2, 1, 1], 2: [1, 4]}  # (rank 1's counts, by the length of what is summed)
+    monkeypatch.setattr(T, "all_sum", lambda values, d: [a + b for a, b in zip(values, others[len(values)])])
+    monkeypatch.setattr(T, "gather_to_main", lambda items, d: items + ["ValueError: rank 1's"])
+    monkeypatch.setattr(T, "fail_together", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(T, "examples_of", lambda task, split, n, seed: list(range(n)))
+    monkeypatch.setattr(T, "evaluate_examples", lambda *a, **kw: {
+        "n": 2, "first_success": 1, "second_success": 1, "verifier_errors": 0, "verdicts": 4,
+        "first_verifier_error": None})
+    d = T.Dist(rank=0, world=2, local_rank=0, device=torch.device("cpu"), mesh=None)
+    run = _stand_in_step(tmp_path, monkeypatch, d, {}, eval_n=4)
+    row = T.held_out_eval(run, 5)
+    assert capsys.readouterr().err == ("warning: the task's verifier failed on 1 completion in the evaluation at "
+                                       "step 5; they count as wrong (first: ValueError: rank 1's)\n")
+    assert row == {"step": 5, "n": 4, "first_attempt_accuracy": 0.5, "second_attempt_accuracy": 0.5}
+
+
+UNEVEN_SCRIPT = textwrap.dedent(
+    """
+    import copy, sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from conftest import tiny_hf_config
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.distributed import _exit_hard
+    from r3.model import ModelConfig, Transformer
+
+    d = T.init_distributed()
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig.from_hf(tiny_hf_config("qwen2").to_dict()))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 12, 7, 10)]
+    spans, adv = [(3, 8), (4, 11), (2, 6), (5, 9)], [1.0, -0.5, 0.75, -1.0]
+    cfg = TrainConfig(dtype="fp32", beta=0.0, grad_clip=0.0, max_reflection_tokens=8).validate()
+    mine = slice(0, 3) if d.rank == 0 else slice(3, 4)  # rank 0: 3 micro-batches, rank 1: 1 and 2 dummies
+    start = copy.deepcopy(base.state_dict())
+    policy = copy.deepcopy(base)
+    T.shard(policy, d, torch.float32)
+    mbs = B.make_micro_batches(seqs[mine], spans[mine], adv[mine], 1, 0, d.device)
+    padded = mbs + [T.dummy_micro_batch(d.device) for _ in range(T.all_max(len(mbs), d) - len(mbs))]
+    assert len(padded) == 3
+    T.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), padded, len(mbs), cfg, d)
+    got = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.main:  # the same update on one rank, every row
+        one = T.Dist(rank=0, world=1, local_rank=0, device=d.device, mesh=None)
+        mbs = B.make_micro_batches(seqs, spans, adv, 4, 0, d.device)
+        T.update(base, torch.optim.SGD(base.parameters(), lr=1.0), mbs, len(mbs), cfg, one)
+        for k, v in base.state_dict().items():
+            assert torch.allclose(got[k], v, atol=2e-6, rtol=1e-5), k
+        assert max((got[k] - v).abs().max().item() for k, v in start.items()) > 1e-4  # (it moved)
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_hard(0)
+    """
+)
+
+
+def test_a_rank_with_fewer_micro_batches_trains_in_step_through_dummies(tmp_path):
+    """update on 2 ranks with 3 micro-batches on one and 1 (plus 2 dummies) on the other: the
+    dummies take part in every collective and add nothing, so the update is the 1-rank one."""
+    script = tmp_path / "uneven.py"
+    script.write_text(UNEVEN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(HERE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_dummy_micro_batches_add_nothing_to_the_loss_or_its_denominator(agg):
+    """mbs[n_real:] are dummies (a rank with fewer micro-batches than another): the update and
+    its loss are those without them, in every aggregation (seq-mean-token-sum-norm counts rows)."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, agg=agg, grad_clip=0.0, max_reflection_tokens=8).validate()
+    runs = []
+    for dummies in (0, 2):
+        model = copy.deepcopy(base)
+        mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 3, 0, torch.device("cpu"))
+        padded = mbs + [T.dummy_micro_batch(torch.device("cpu")) for _ in range(dummies)]
+        stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.1), padded, len(mbs), cfg, one_rank)
+        runs.append((stats["loss"], [p.detach().clone() for p in model.parameters()]))
+    (la, wa), (lb, wb) = runs
+    assert la == pytest.approx(lb, rel=1e-6) and all(torch.allclose(a, b, atol=1e-7, rtol=1e-6) for a, b in zip(wa, wb))
+
+
+def test_a_run_that_starts_again_from_no_checkpoint_starts_its_logs_again(tiny_model, tmp_path):
+    """Every checkpoint gone (removed by hand): the run starts at step 1 again, and its logs with
+    it, not appended to the old rows."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "1", "--eval-n", "2"]
+    run_train(args)
+    shutil.rmtree(out / "checkpoints")
+    run_train(args)
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
+    assert {json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()} <= {1}
