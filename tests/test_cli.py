@@ -1032,3 +1032,157 @@ def test_evaluate_run_records_the_runs_own_token_limits(tiny_dir, tmp_path, caps
     assert rc == 0, err
     st = json.loads((run / "evaluation.json").read_text())["settings"]
     assert (st["max_attempt_tokens"], st["max_reflection_tokens"], st["max_retry_tokens"]) == (3, 4, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# r3.files, r3.errors, r3.failure_data and r3.failures: edge cases by hand
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_out_path_under_a_file_and_an_error_naming_its_own_file(tmp_path):
+    import errno
+    import stat
+
+    from r3.errors import R3Error
+    from r3.files import check_out_path, naming_os_errors
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(R3Error, match=f"^--out {tmp_path}/f/x.json: {tmp_path}/f is not a directory$"):
+        check_out_path(str(tmp_path / "f" / "x.json"))
+    with pytest.raises(OSError) as e, naming_os_errors(tmp_path / "out.json"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(tmp_path / "out.json")
+    with pytest.raises(OSError) as e, naming_os_errors(tmp_path / "out.json"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/scratch/other.tmp")  # (it names its own file)
+    assert e.value.filename == "/scratch/other.tmp"
+    from r3.files import current_umask, write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")  # (an ordinary file: the umask's permissions, not mkstemp's 0600)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~current_umask()
+
+
+def test_one_line_errors_without_a_file_name_or_from_a_multi_line_message(capsys):
+    """A full disk whose error names no file is said without one; a multi-line out-of-memory
+    message is said by its first line; a frame inside torch's Python code is not where."""
+    import errno
+
+    import torch
+
+    from r3.errors import cli_main
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.\nException raised from malloc at "
+                                     "CUDACachingAllocator.cpp:1 (most recent call first):\nframe #0: c10::Error")
+
+    torch_file = os.path.join(os.path.dirname(torch.__file__), "nn", "functional.py")
+    scope = {"torch": torch}
+    exec(compile("def inner():\n    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 1 GiB.')\n",
+                 torch_file, "exec"), scope)
+
+    def in_torch():
+        scope["inner"]()
+
+    errs = []
+    for fn in (full, oom, in_torch):
+        with pytest.raises(SystemExit) as e:
+            cli_main(fn)()
+        assert e.value.code == 2
+        errs.append(capsys.readouterr().err)
+    assert errs[0] == "error: No space left on device; free space and run the command again\n"
+    assert errs[1].count("\n") == 1 and "(CUDA out of memory. Tried to allocate 8.00 GiB.); use smaller" in errs[1]
+    assert errs[2].startswith(f"error: out of memory at {os.path.abspath(__file__)}:") and " in in_torch (" in errs[2]
+
+
+def test_positive_int_refuses_bools_and_none_unless_allowed():
+    from r3.errors import R3Error, positive_int
+
+    assert positive_int("--n", 1) == 1 and positive_int("--n", None, allow_none=True) is None
+    for bad in (True, None, 0, 2.0, "3"):
+        with pytest.raises(R3Error, match="--n must be a positive integer"):
+            positive_int("--n", bad)
+
+
+def test_failure_files_appends_are_synced_and_a_cut_second_header_is_refused(tmp_path, monkeypatch):
+    from r3 import failure_data
+    from r3.errors import R3Error
+    from r3.failure_data import append_lines, read_jsonl, recorded_settings
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(failure_data.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    path = tmp_path / "f.jsonl"
+    append_lines(path, [{"key": "a"}, {"key": "b"}])
+    assert path.read_text() == '{"key": "a"}\n{"key": "b"}\n' and len(synced) == 1
+    done = tmp_path / "f.jsonl.done"
+    done.write_text('{"r3_failures": 1, "settings": {"task": "t"}}\n{"key": "a"}\n{"r3_failures": 1, "sett')
+    with pytest.raises(R3Error, match="its last line is not a record"):
+        read_jsonl(done, header=True)
+    done.write_text('{"r3_failures": 1, "settings": "t"}\n')
+    assert recorded_settings(path) is None  # (not a header r3.failures writes)
+
+
+def test_failure_file_refuses_chat_options_an_older_file_did_not_record_and_ignores_a_changed_n(tmp_path, capsys):
+    """A file made before chat template options were recorded was sampled with none; rerunning
+    with other --n is the way to add queries (no warning about it)."""
+    from r3.errors import R3Error
+
+    out = tmp_path / "f.jsonl"
+    F.done_path(out).write_text(json.dumps({"r3_failures": 1, "settings": {"task": "t", "n": 4, "seed": 0}}) + "\n")
+    store = F.FailureFile(out)
+    store.open({"task": "t", "n": 8, "seed": 0, "chat_template_options": {}, "attempt_stop_strings": []})
+    assert capsys.readouterr().err == ""
+    with pytest.raises(R3Error, match="holds chat_template_options {}, not {'enable_thinking': True}"):
+        F.FailureFile(out).open({"task": "t", "chat_template_options": {"enable_thinking": True}})
+
+
+def test_failures_summary_line_by_hand(tmp_path):
+    store = F.FailureFile(tmp_path / "f.jsonl")
+    store.open({"task": "t"})
+    rec = {"example": {}, "attempt_tokens": [1], "attempt_text": "x", "finished": True}
+    store.add([dict(rec, key="a", attempts_before_failure=1, samples=2)], [{"key": "c", "samples": 4}])
+    line = F.summarize(store, {"a", "c"}, new=2, drawn=7, elapsed=1.25)["line"]
+    assert line == ("1/2 queries failed at least once (failure rate 50.0%); samples needed 6 (3.00 per query); "
+                    f"2 sampled in this run (7 samples drawn, 1.2s), 0 resumed; 1 failures in {tmp_path / 'f.jsonl'}")
+
+
+def test_failures_cli_says_the_samples_drawn_and_resumes_only_when_it_does(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The summary's 'samples drawn' is the sampler's count (not the samples needed); a fresh file
+    says nothing of resuming."""
+    def fake(model, tok, task, todo, *, on_batch, progress, **kw):
+        on_batch([], [{"key": F.example_key(ex), "id": ex.get("id"), "samples": 2} for ex in todo])
+        return {"samples_drawn": 11, "samples_needed": 6}
+
+    monkeypatch.setattr(F, "find_failures", fake)
+    rc, stdout, err = run_main(F.main, ["--model", tiny_dir, "--task", COIN, "--samples", "2", "--n", "3", "--out",
+                                        str(tmp_path / "f.jsonl"), "--dtype", "fp32", "--quiet"], capsys)
+    assert rc == 0, err
+    assert "resuming" not in err and "3 sampled in this run (11 samples drawn, " in stdout
+
+
+def test_failures_samples_no_id_past_the_models_embedding(monkeypatch):
+    """A tokenizer longer than the model's embedding (added tokens the model has no row for): the
+    attempts are drawn from the model's ids (the sampler refuses a larger vocab_size)."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_generate(model, prompts, *, num_samples, vocab_size=None, **kw):
+        seen.append(vocab_size)
+        n = len(prompts) * num_samples
+        return SimpleNamespace(tokens=[[1, 0]] * n, finished=[True] * n, new_tokens=2 * n)
+
+    class Task:
+        def messages(self, ex):
+            return [{"role": "user", "content": "x"}]
+
+        def verify(self, ex, text):
+            return False
+
+    chat = SimpleNamespace(prompt=lambda m: [3], decode=lambda t: "t", stop_ids=[0])
+    monkeypatch.setattr(F, "generate", fake_generate)
+    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=128)), list(range(200)), Task(), [{"i": 0}],
+                    samples=2, chat=chat)
+    assert seen and set(seen) == {128}

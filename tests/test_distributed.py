@@ -145,6 +145,8 @@ def test_r3_torchrun_under_nohup_leaves_sighup_ignored(monkeypatch):
         monkeypatch.delenv(name)
     monkeypatch.setattr(launch.torchrun, "parse_args", parse_args)
     real = signal.getsignal
+    # (SIGHUP as a terminal leaves it, also where pytest itself runs under nohup)
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_DFL if s == signal.SIGHUP else real(s))
     with pytest.raises(Parsed):  # SIGHUP not ignored: torchrun's own signal handling, untouched
         launch.main(["--nproc_per_node", "1", "-m", "r3.train"])
     assert "PET_SIGNALS_TO_HANDLE" not in os.environ and "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ
@@ -293,3 +295,78 @@ def test_a_rank_leaves_with_its_exit_code(monkeypatch, capsys):
     assert [leaves(SystemExit(None)), leaves(SystemExit(3)), leaves(SystemExit("stopped: out of data")),
             leaves(None), leaves(ValueError("bug"))] == [0, 3, 1, 0, 1]
     assert "ValueError: bug" in capsys.readouterr().err
+
+
+def _launch_with(monkeypatch, nproc: int, run):
+    """r3.launch.main with torchrun's parser, worker count and run stood in for (``run(args)``)."""
+    import argparse
+
+    from r3 import launch
+
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # (what main sets: restored after the test)
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT")  # (likewise, where SIGHUP is ignored)
+    monkeypatch.setattr(launch.torchrun, "parse_args", lambda argv: argparse.Namespace(nproc_per_node=str(nproc)))
+    monkeypatch.setattr(launch.torchrun, "determine_local_world_size", lambda value: int(value))
+    monkeypatch.setattr(launch.torchrun, "run", run)
+    monkeypatch.setattr(launch, "_cpu_count", lambda: 16)
+    launch.main(["--nproc_per_node", str(nproc), "-m", "r3.train"])  # (parsed by the stand-in)
+
+
+def test_r3_torchrun_divides_the_cpus_among_several_workers_only(monkeypatch):
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")  # (restored as it was after the test)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _launch_with(monkeypatch, 1, lambda args: None)
+    assert "OMP_NUM_THREADS" not in os.environ  # (one worker: torch's own default)
+    _launch_with(monkeypatch, 3, lambda args: None)
+    assert os.environ["OMP_NUM_THREADS"] == "5"  # 16 CPUs // 3 workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    _launch_with(monkeypatch, 4, lambda args: None)
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # (a user's own value is kept)
+
+
+@pytest.mark.parametrize("exitcode, code", [(2, 2), (130, 130), (143, 143), (1, 1), (-9, 1), (137, 1)])
+def test_r3_torchrun_exit_code_after_a_worker_fails(monkeypatch, capsys, exitcode, code):
+    """A worker's own quiet exit (a user error, a checkpoint after SIGINT / SIGTERM) is the
+    launcher's, with nothing printed; any other failure (a crash, a worker killed) prints
+    torchrun's summary and exits 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def failed(args):
+        raise ChildFailedError("r3.train", {0: ProcessFailure(local_rank=0, pid=1234, exitcode=exitcode, error_file="")})
+
+    with pytest.raises(SystemExit) as e:
+        _launch_with(monkeypatch, 1, failed)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert (err == "") if code != 1 else (f"exitcode  : {exitcode}" in err and "r3.train FAILED" in err), err
+    drop = _drop_filter_record("failed (exitcode: %d) local_rank: %s (pid: %s) of binary: %s", (exitcode, 0, 1234, "x"))
+    assert drop == (code == 1)  # (torchrun's own line about the failure: kept for a crash only)
+
+
+def _drop_filter_record(msg, args) -> bool:
+    import logging
+
+    from r3 import launch
+
+    return launch._DropQuietFailure().filter(logging.LogRecord("x", logging.ERROR, "f", 1, msg, args, None))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_r3_torchrun_signalled_itself_exits_128_plus_the_signal(monkeypatch, sig):
+    import signal
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def signalled(args):
+        raise SignalException("Process got signal", sigval=getattr(signal, sig))
+
+    with pytest.raises(SystemExit) as e:
+        _launch_with(monkeypatch, 1, signalled)
+    assert e.value.code == 128 + getattr(signal, sig)
+    assert not _drop_filter_record("Sending process %s closing signal %s", (1234, sig))

@@ -237,3 +237,44 @@ def test_the_datasheet_matches_the_h200_nvl_before_the_h200(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 NVL")
     assert F.datasheet_peak(torch.device("cuda", 0), torch.bfloat16) == 835e12
+
+
+def test_step_metrics_times_signal_and_a_step_without_retries():
+    """The row's times are each part's own (step, reference, update; the rollout's parts from the
+    episode); a group with some advantage not zero has signal; a step whose first attempts all
+    passed (no group, no retry) has retry success 0, and its line prints."""
+    from types import SimpleNamespace
+
+    from r3.distributed import Dist
+    from r3.metrics import format_step_line, step_metrics
+
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    upd = {"loss": 0.0, "kl_sum": 0.0, "tokens": 0, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "logp_diff_sum": 0.0,
+           "logp_diff_tokens": 0, "logp_diff_max": 0.0, "grad_norm": 0.0, "skipped": False, "kl_scored": True}
+    times = {"step": 10.0, "rollout": 7.0, "reference": 1.0, "update": 2.0}
+    kw = dict(lr=1e-5, data_position=0, fresh_attempts=True, flops=0.0, peak_flops=0.0)
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]]), queries=2, first_success=0,
+                         spans=[(3, 5)] * 6, generated_tokens=40,
+                         times={"attempt": 1.5, "reflection": 2.5, "retry": 3.0})
+    row = step_metrics(1, ep, torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]), upd, times, d, **kw)
+    assert (row["groups"], row["groups_with_signal"]) == (2, 1)  # (an advantage of 0 in a group with signal)
+    assert (row["step_time_s"], row["rollout_time_s"], row["reference_time_s"], row["update_time_s"]) == (10.0, 7.0, 1.0, 2.0)
+    assert (row["attempt_time_s"], row["reflection_time_s"], row["retry_time_s"]) == (1.5, 2.5, 3.0)
+    easy = SimpleNamespace(rewards=torch.zeros(0, 3), queries=2, first_success=2, spans=[], generated_tokens=12, times={})
+    row = step_metrics(1, easy, torch.zeros(0, 3), upd, times, d, **kw)
+    assert row["retry_success"] == 0.0 and row["reflection_len_mean"] == 0.0 and row["first_try_success"] == 1.0
+    assert row["groups"] == 0 and row["kl"] is None
+    assert "| retry 0.00 | first 1.00 | signal 0/0 |" in format_step_line(row, 3, 1.0)
+
+
+def test_the_step_line_by_hand():
+    """Every field of the printed line in its place: signal as groups with signal over groups, the
+    four times each its own, the ETA the one given."""
+    from r3.metrics import format_step_line
+
+    row = {"step": 4, "loss": -0.03125, "kl": 0.0123, "retry_success": 0.375, "first_try_success": 0.25,
+           "groups_with_signal": 3, "groups": 8, "step_time_s": 12.34, "rollout_time_s": 8.1, "reference_time_s": 0.6,
+           "update_time_s": 3.2, "mfu": 0.125, "skipped": False}
+    assert format_step_line(row, 10, 3725.0) == (
+        "step 4/10 | loss -0.0312 | kl 1.23e-02 | retry 0.38 | first 0.25 | signal 3/8 | 12.3s/step (rollout 8.1, "
+        "ref 0.6, update 3.2) | mfu 12.5% | ETA 1h02m")

@@ -214,3 +214,53 @@ def test_a_gpu_is_keyed_by_its_kind(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["NVIDIA A100-SXM4-80GB", "NVIDIA H200", "NVIDIA H200"][i])
     assert device_name("cuda") == device_name("cuda:2") == device_name(torch.device("cuda")) == "cuda (NVIDIA H200)"
     assert device_name("cuda:0") == "cuda (NVIDIA A100-SXM4-80GB)"
+
+
+def test_a_key_is_compared_as_it_reads_back_and_a_clean_file_resumes_without_a_warning(tmp_path, capsys):
+    """A key holding tuples or paths (JSON turns them into lists and strings) matches its own file;
+    a file whose last line is whole is resumed without the cut-line warning, and a file holding
+    only its header says nothing of resuming."""
+    from pathlib import Path
+
+    out = tmp_path / "r.json"
+    key = {"settings": {"shape": (2, 3)}, "data": Path("/data/x.jsonl")}
+    p = PartialResults(out, key)
+    p.add("m", 0, "a")
+    again = PartialResults(out, key)
+    assert again.of("m") == {0: "a"}
+    err = capsys.readouterr().err
+    assert "dropping" not in err and "resuming: 1 finished batch read from" in err
+    p.path.write_text(p.path.read_text().splitlines()[0] + "\n")  # (the header only: the batch line was cut)
+    assert PartialResults(out, key).of("m") == {} and capsys.readouterr().err == ""
+
+
+def test_the_refusal_names_keys_gone_from_the_inputs_and_four_at_most(tmp_path):
+    out = tmp_path / "r.json"
+    PartialResults(out, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1, "gone": 1}).add("m", 0, 1)
+    with pytest.raises(R3Error, match=r"other inputs \(gone\): rerun"):
+        PartialResults(out, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1})
+    with pytest.raises(R3Error, match=r"other inputs \(a, b, c, d, \.\.\.\): rerun"):
+        PartialResults(out, {"a": 2, "b": 2, "c": 2, "d": 2, "e": 2, "gone": 1})
+    with pytest.raises(R3Error, match=r"other inputs \(a, b, c, d\): rerun"):
+        PartialResults(out, {"a": 2, "b": 2, "c": 2, "d": 2, "e": 1, "gone": 1})
+
+
+@pytest.mark.parametrize("row", [{"unit": "m", "batch": "0", "result": 1}, {"unit": "m", "batch": 0.0, "result": 1},
+                                 {"unit": 3, "batch": 0, "result": 1}, {"unit": "m", "batch": 0}])
+def test_a_batch_line_of_the_wrong_shape_is_refused(tmp_path, row):
+    out = tmp_path / "r.json"
+    PartialResults(out, {"k": 1}).add("m", 0, "a")
+    path = tmp_path / "r.json.partial.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    with pytest.raises(R3Error, match="line 3: not a finished batch"):
+        PartialResults(out, {"k": 1})
+
+
+def test_a_negative_or_boolean_time_counts_zero(tmp_path):
+    out = tmp_path / "r.json"
+    PartialResults(out, {"k": 1}).add("m", 0, "a")
+    with open(tmp_path / "r.json.partial.jsonl", "a") as f:
+        for b, s in ((1, -5.0), (2, True), (3, 1.5)):
+            f.write(json.dumps({"unit": "m", "batch": b, "result": "x", "s": s}) + "\n")
+    assert PartialResults(out, {"k": 1}).seconds_before("m") == 1.5

@@ -188,3 +188,42 @@ def test_wandb_project_comes_from_wandb_project(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "p")
     make_tracker("wandb", tmp_path, {}, 0, main=True)
     assert [kw["project"] for kw in inits] == ["r3", "p"]
+
+
+def test_wandb_run_is_named_after_the_run_directory_and_logs_no_empty_samples_table(tmp_path, monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or types.SimpleNamespace(log=lambda data, step: calls.append(("log", data, step))),
+        Table=lambda columns, data: ("table", columns, data),
+        util=types.SimpleNamespace(generate_id=lambda: "abc123"),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    run = tmp_path / "my-run"
+    run.mkdir()
+    t = make_tracker("wandb", run, {}, 0, main=True)
+    assert calls[0][1]["name"] == "my-run" and calls[0][1]["project"] == "r3"
+    t.log_samples([], 3)  # (a step without logged samples: no table of headers only)
+    t.log_metrics({"step": 3, "retry_success": 0.5}, 3, prefix="eval")
+    assert calls[1:] == [("log", {"eval/retry_success": 0.5}, 3)]
+
+
+def test_tensorboard_close_writes_what_is_still_buffered(tmp_path, monkeypatch):
+    """The last step's samples (text is not flushed per step) reach the event file when the run
+    closes its tracker, where the file's writes are buffered until a flush."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.compat import tf
+
+    plain_init = tf.io.gfile.GFile.__init__
+
+    def buffered(self, *args, **kwargs):
+        plain_init(self, *args, **kwargs)
+        self.fs_supports_append = False
+
+    monkeypatch.setattr(tf.io.gfile.GFile, "__init__", buffered)
+    t = make_tracker("tensorboard", tmp_path, {"lr": 1e-5}, 0, main=True)
+    t.log_samples([{"reward": 1.0, "reason": "correct", "attempt": "a", "reflection": "b", "retry": "c"}], 1)
+    t.close()
+    tags = _tensorboard_tags(tmp_path / "tensorboard")
+    assert [step for step, _ in tags["samples/text_summary"]] == [1]
+    assert [step for step, _ in tags["config/text_summary"]] == [0]

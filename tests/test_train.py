@@ -2412,3 +2412,154 @@ def test_a_run_that_starts_again_from_no_checkpoint_starts_its_logs_again(tiny_m
     assert [r["step"] for r in read_metrics(out)] == [1]
     assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
     assert {json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()} <= {1}
+
+
+
+def _tiny_trainer_state(tmp_path):
+    """(Dist, config, a one-layer policy, AdamW, scheduler, data stream): enough for
+    save_checkpoint and export to reach their writes, in this process."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    d = T.init_distributed()
+    policy = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return d, TrainConfig(out=str(tmp_path)).validate(), policy, opt, sched, T.QueryStream([1, 2, 3], seed=0)
+
+
+def test_failed_writes_name_the_newest_kept_checkpoint_and_say_free_space_only_for_a_full_disk(tmp_path, monkeypatch):
+    """With several checkpoints kept, a failed checkpoint, log or export write names the newest
+    (what a rerun resumes from); "free space" is advice for a full disk only (a permission error
+    is not cured by it)."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from r3 import rundir
+    from r3.errors import R3Error
+
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / f"step_00000{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_00000{step}" / "trainer_state.json").write_text("{}")
+    d, cfg, policy, opt, sched, stream = _tiny_trainer_state(tmp_path)
+
+    def full_disk(state, checkpoint_id, process_group=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(R3Error, match=r"the last complete one, step_000002, is kept: free space and rerun"):
+        rundir.save_checkpoint(tmp_path, 3, policy, opt, sched, stream, cfg, d)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "open", no_space, raising=False)
+    with pytest.raises(R3Error, match=r"free space and rerun with the same --out: it resumes from checkpoint step_000002$"):
+        rundir.append_jsonl(tmp_path / "metrics.jsonl", {"step": 3})
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(rundir, "save_hf", denied)
+    with pytest.raises(R3Error) as e:
+        rundir.export(tmp_path, policy, None, d)
+    assert str(e.value) == (f"could not write the export {tmp_path / 'export'} ([Errno 13] Permission denied); "
+                            "checkpoint step_000002 is kept: rerun with the same --out to write the export")
+
+
+def test_free_space_is_said_in_gib_and_marked_when_under_one(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from r3 import rundir
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: SimpleNamespace(free=2**29))
+    assert rundir._free_space(tmp_path) == "; 0.50 GiB free on that disk (full?)"
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: SimpleNamespace(free=3 * 2**30))
+    assert rundir._free_space(tmp_path) == "; 3.00 GiB free on that disk"
+
+
+def test_a_checkpoint_error_is_the_last_line_of_the_innermost_error():
+    """DCP raises its own exception with each rank's traceback in the message, the OS error as
+    its context (not its cause): the one line said is the OS error's, its last line."""
+    import errno
+
+    from r3.rundir import _error_line
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("CheckpointException ranks:dict_keys([0])\nTraceback (most recent call last):\n"
+                               "  File \"x.py\", line 1\nOSError: ...") from None
+    except RuntimeError as e:
+        assert _error_line(e) == "[Errno 28] No space left on device"
+    assert _error_line(ValueError("Traceback (most recent call last):\n  File \"x.py\"\nValueError: bad")) == "ValueError: bad"
+    assert _error_line(KeyError()) == "KeyError"
+
+
+def test_resume_skips_blank_lines_of_a_log(tmp_path):
+    from r3.rundir import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n\n  \n{"step": 2}\n{"step": 3}\n')
+    assert truncate_jsonl(path, 2) == [{"step": 1}, {"step": 2}]
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_different_config_is_named_by_its_first_three_differences_task_first(tmp_path):
+    """The refusal names the task (what differs most) first, then settings alphabetically, three
+    at most (then '...'), long values cut at 60 characters, and an older run's config as this
+    version reads it (no chat_template_options: the default)."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import prepare_out_dir
+
+    d = T.init_distributed()
+    run = tmp_path / "run"
+    run.mkdir()
+    theirs = TrainConfig().to_dict()
+    del theirs["chat_template_options"]
+    theirs.update(task="r3_test_tasks:CoinTask", lr=0.5, beta=0.5, group_size=2)
+    (run / "config.json").write_text(json.dumps(theirs))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(R3Error) as e:
+        prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    assert str(e.value) == (f"--out {run} holds a run with a different config (task: 'r3_test_tasks:CoinTask' there, "
+                            "'countdown-tiny' here; beta: 0.5 there, 0.001 here; group_size: 2 there, 8 here; ...); "
+                            "use another --out or the same settings to resume")
+    theirs = TrainConfig().to_dict()
+    del theirs["chat_template_options"]
+    theirs["seed"] = "x" * 59  # (its repr: 61 characters, cut)
+    (run / "config.json").write_text(json.dumps(theirs))
+    mine = TrainConfig(out=str(run), chat_template_options={"enable_thinking": True}).validate()
+    with pytest.raises(R3Error) as e:
+        prepare_out_dir(mine, d)
+    assert str(e.value) == (f"--out {run} holds a run with a different config (chat_template_options: {{}} there, "
+                            '{"enable_thinking": true} here; seed: ' + f"'{'x' * 56}... there, 0 here); "
+                            "use another --out or the same settings to resume")
+    theirs["seed"] = "x" * 58  # (its repr: 60 characters, said whole)
+    (run / "config.json").write_text(json.dumps(theirs))
+    with pytest.raises(R3Error, match=f"seed: '{'x' * 58}' there, 0 here"):
+        prepare_out_dir(mine, d)
+
+
+def test_an_empty_checkpoints_directory_holds_no_steps_and_the_lock_names_one_holder(tmp_path):
+    """A start that failed before its first step may leave an empty checkpoints directory: still
+    nothing trained, so a corrected retry starts over. The lock file names its current holder only
+    (a line per earlier run would make the refusal several lines)."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.rundir import _HELD_LOCKS, prepare_out_dir
+
+    d = T.init_distributed()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**TrainConfig().to_dict(), "lr": 0.5}))
+    prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    _HELD_LOCKS.pop().close()
+    prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    _HELD_LOCKS.pop().close()
+    lines = (run / ".lock").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pid {os.getpid()} on "), lines
