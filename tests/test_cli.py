@@ -882,9 +882,11 @@ def test_failures_samples_the_split_asked_for_and_a_rerun_keeps_it(tiny_dir, tmp
     assert rc == 2 and "split" in err, err  # (another split into the same file: refused, not appended)
 
 
-def test_failures_never_samples_the_models_padded_rows(monkeypatch):
+@pytest.mark.parametrize("tokenizer_len, drawn_from", [(100, 100), (200, 128)])
+def test_failures_never_samples_the_models_padded_rows(monkeypatch, tokenizer_len, drawn_from):
     """An embedding padded past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens): the
-    attempts are drawn from the tokenizer's ids only."""
+    attempts are drawn from the tokenizer's ids only; a tokenizer longer than the embedding (added
+    tokens the model has no row for): from the model's ids (the sampler refuses a larger vocab_size)."""
     from types import SimpleNamespace
 
     seen = []
@@ -903,9 +905,9 @@ def test_failures_never_samples_the_models_padded_rows(monkeypatch):
 
     chat = SimpleNamespace(prompt=lambda m: [3], decode=lambda t: "t", stop_ids=[0])
     monkeypatch.setattr(F, "generate", fake_generate)
-    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=128)), list(range(100)), Task(), [{"i": 0}],
-                    samples=2, chat=chat)
-    assert seen and set(seen) == {100}
+    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=128)), list(range(tokenizer_len)), Task(),
+                    [{"i": 0}], samples=2, chat=chat)
+    assert seen and set(seen) == {drawn_from}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1160,29 +1162,3 @@ def test_failures_cli_says_the_samples_drawn_and_resumes_only_when_it_does(tiny_
                                         str(tmp_path / "f.jsonl"), "--dtype", "fp32", "--quiet"], capsys)
     assert rc == 0, err
     assert "resuming" not in err and "3 sampled in this run (11 samples drawn, " in stdout
-
-
-def test_failures_samples_no_id_past_the_models_embedding(monkeypatch):
-    """A tokenizer longer than the model's embedding (added tokens the model has no row for): the
-    attempts are drawn from the model's ids (the sampler refuses a larger vocab_size)."""
-    from types import SimpleNamespace
-
-    seen = []
-
-    def fake_generate(model, prompts, *, num_samples, vocab_size=None, **kw):
-        seen.append(vocab_size)
-        n = len(prompts) * num_samples
-        return SimpleNamespace(tokens=[[1, 0]] * n, finished=[True] * n, new_tokens=2 * n)
-
-    class Task:
-        def messages(self, ex):
-            return [{"role": "user", "content": "x"}]
-
-        def verify(self, ex, text):
-            return False
-
-    chat = SimpleNamespace(prompt=lambda m: [3], decode=lambda t: "t", stop_ids=[0])
-    monkeypatch.setattr(F, "generate", fake_generate)
-    F.find_failures(SimpleNamespace(config=SimpleNamespace(vocab_size=128)), list(range(200)), Task(), [{"i": 0}],
-                    samples=2, chat=chat)
-    assert seen and set(seen) == {128}

@@ -1400,12 +1400,13 @@ def test_wait_for_main_holds_the_other_ranks_on_a_gloo_group(tmp_path):
     _run_on_two_ranks(WAIT_SCRIPT, tmp_path)
 
 
-def _run_on_two_ranks(source: str, tmp_path) -> None:
-    """Run ``source`` as a script on 2 CPU ranks with ``tmp_path`` as its argument; it must exit 0."""
+def _run_on_two_ranks(source: str, tmp_path, *args) -> None:
+    """Run ``source`` as a script on 2 CPU ranks with ``tmp_path`` (and ``args``) as its arguments;
+    it must exit 0."""
     script = tmp_path / "two_ranks.py"
     script.write_text(source)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path)]
+           str(tmp_path), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -2210,12 +2211,7 @@ SYNC_SCRIPT = textwrap.dedent(
 def test_the_rollout_copy_gathers_every_ranks_shard(tmp_path):
     """sync_rollout_weights on 2 ranks: the plain rollout copy holds the whole policy (each rank's
     shard gathered), in the compute dtype."""
-    script = tmp_path / "sync.py"
-    script.write_text(SYNC_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path), str(HERE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_on_two_ranks(SYNC_SCRIPT, tmp_path, HERE)
 
 
 def _stand_in_step(tmp_path, monkeypatch, d, got, **cfg):
@@ -2367,12 +2363,7 @@ UNEVEN_SCRIPT = textwrap.dedent(
 def test_a_rank_with_fewer_micro_batches_trains_in_step_through_dummies(tmp_path):
     """update on 2 ranks with 3 micro-batches on one and 1 (plus 2 dummies) on the other: the
     dummies take part in every collective and add nothing, so the update is the 1-rank one."""
-    script = tmp_path / "uneven.py"
-    script.write_text(UNEVEN_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path), str(HERE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_on_two_ranks(UNEVEN_SCRIPT, tmp_path, HERE)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
