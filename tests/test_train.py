@@ -2406,20 +2406,8 @@ def test_a_run_that_starts_again_from_no_checkpoint_starts_its_logs_again(tiny_m
 
 
 
-def _tiny_trainer_state(tmp_path):
-    """(Dist, config, a one-layer policy, AdamW, scheduler, data stream): enough for
-    save_checkpoint and export to reach their writes, in this process."""
-    from r3 import train as T
-    from r3.config import TrainConfig
-
-    d = T.init_distributed()
-    policy = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return d, TrainConfig(out=str(tmp_path)).validate(), policy, opt, sched, T.QueryStream([1, 2, 3], seed=0)
-
-
-def test_failed_writes_name_the_newest_kept_checkpoint_and_say_free_space_only_for_a_full_disk(tmp_path, monkeypatch):
+def test_failed_writes_name_the_newest_kept_checkpoint_and_say_free_space_only_for_a_full_disk(
+        tiny_model, tmp_path, monkeypatch):
     """With several checkpoints kept, a failed checkpoint, log or export write names the newest
     (what a rerun resumes from); "free space" is advice for a full disk only (a permission error
     is not cured by it)."""
@@ -2433,7 +2421,7 @@ def test_failed_writes_name_the_newest_kept_checkpoint_and_say_free_space_only_f
     for step in (1, 2):
         (tmp_path / "checkpoints" / f"step_00000{step}").mkdir(parents=True)
         (tmp_path / "checkpoints" / f"step_00000{step}" / "trainer_state.json").write_text("{}")
-    d, cfg, policy, opt, sched, stream = _tiny_trainer_state(tmp_path)
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=3)
 
     def full_disk(state, checkpoint_id, process_group=None):
         raise OSError(errno.ENOSPC, "No space left on device")
