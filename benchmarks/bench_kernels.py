@@ -37,7 +37,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import r3.kernels.logprob_kl as lk  # noqa: E402
 from r3.kernels.logprob_kl import fused_logprob_kl, logprob_kl_reference  # noqa: E402
+from r3.precision import cpu_description  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -237,8 +237,7 @@ def main(argv=None):
         peak = args.peak_gbps or next((g for k, g in PEAK_GBPS if k in dev_name), None)
         r3_path = "triton" if lk.uses_triton(device) else "torch (no triton)"
     else:
-        cpu = platform.processor() or platform.machine()
-        dev_name = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        dev_name = f"CPU {cpu_description()}, {torch.get_num_threads()} torch threads"
         max_bytes = (args.max_gb or 8.0) * 1e9
         peak = args.peak_gbps
         r3_path = "triton interpreter" if lk.uses_triton(device) else "chunked torch"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r3.checkpoint import hf_state_dict, load  # noqa: E402
 from r3.model import ModelConfig, Transformer, fuse_checkpoint_tensors  # noqa: E402
+from r3.precision import cpu_description  # noqa: E402
 from r3.sampler import generate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -248,7 +248,7 @@ def main(argv=None):
 
     device = args.device
     dev_name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else (
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+        f"CPU: {cpu_description()}")
     cases = [(int(b), 1) for b in args.batch.split(",") if b]
     cases += [tuple(int(x) for x in g.split("x")) for g in args.groups.split(",") if g]
     results = {

@@ -56,6 +56,7 @@ from r3.distributed import init_distributed  # noqa: E402
 from r3.episode import run_episode  # noqa: E402
 from r3.files import write_json_atomic  # noqa: E402
 from r3.flops import matmul_flops_per_token  # noqa: E402
+from r3.precision import cpu_description  # noqa: E402
 from r3.tasks import get as get_task  # noqa: E402
 from r3.train import build_models, compute_dtype, resolve_dtype, sync_rollout_weights, update  # noqa: E402
 
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
         return matmul_flops_per_token(mc) * tokens + 2 * mc.hidden_size * mc.vocab_size * targets
 
     rate = matmul_rate(mc.hidden_size, mc.intermediate_size, dtype, d.device)
-    out = {"device": torch.cuda.get_device_name() if d.device.type == "cuda" else "cpu",
+    out = {"device": torch.cuda.get_device_name() if d.device.type == "cuda" else f"cpu ({cpu_description()})",
            "dtype": str(dtype).replace("torch.", ""), "matmul_tflops": rate / 1e12, "rows": []}
     shapes = args.shapes.split(",")
     if "default" in shapes:

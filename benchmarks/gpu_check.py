@@ -71,6 +71,7 @@ import bench_kernels  # noqa: E402
 import bench_sampler  # noqa: E402
 from memory_plan import SHAPES  # noqa: E402
 from r3.flops import datasheet_peak  # noqa: E402
+from r3.precision import cpu_description  # noqa: E402
 
 SECTIONS = ("env", "parity", "kernel", "sampler", "train")
 DATASHEET_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
@@ -150,7 +151,7 @@ def section_env(ctx: Ctx) -> dict:
         sheet = datasheet_peak(ctx.device, torch.bfloat16)  # (the peak r3.train's MFU divides by)
         out["datasheet_bf16_tflops"] = sheet / 1e12 if sheet else None
     else:
-        out.update(device=f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+        out.update(device=f"CPU {cpu_description()}")
     nbytes = (1 << 20) * (8 if ctx.smoke else 2048)
     x = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
     y = torch.empty_like(x)

@@ -7,6 +7,10 @@ orders of magnitude slower than fp32, so a bf16 default would turn a 15-minute r
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 DTYPE_NAMES = ("auto", "bf16", "fp32")
@@ -38,3 +42,27 @@ def slow_bf16_warning(device: torch.device | str) -> str | None:
     what = f"this CPU ({torch.backends.cpu.get_cpu_capability()})" if device.type == "cpu" else f"this {device.type} device"
     return (f"warning: {what} has no native bf16 matmuls: bf16 is emulated and runs many times slower "
             "than fp32 here (dtype auto or fp32 uses fp32)")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """This CPU as a benchmark result names it, e.g. ``AMD EPYC, 2 cores, AVX512, bf16 native, no
+    AMX``: CPU timings depend on the model and on AMX (bf16 matmuls several times faster with it),
+    and ``platform.processor()`` is empty on Linux. ``cpuinfo``: /proc/cpuinfo's text (read here
+    when None; on other systems the model and AMX parts are left out)."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text(errors="replace") if path.exists() else ""
+    model, flags = None, None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = " ".join(value.split())
+        elif key == "flags" and flags is None:
+            flags = set(value.split())
+    parts = [model or platform.processor() or platform.machine(), f"{os.cpu_count()} cores",
+             torch.backends.cpu.get_cpu_capability(),
+             "bf16 native" if bf16_is_native("cpu") else "bf16 emulated"]
+    if flags is not None:
+        parts.append("AMX" if "amx_bf16" in flags else "no AMX")
+    return ", ".join(parts)

@@ -193,3 +193,24 @@ def test_a_dtype_the_trainer_cannot_run_is_refused_by_the_config():
     for bad in ("fp16", "float16", "BF16"):
         with pytest.raises(R3Error, match=rf"'dtype' must be one of auto, bf16, fp32, got '{bad}'"):
             TrainConfig(dtype=bad).validate()
+
+
+def test_cpu_description_names_the_model_the_cores_and_amx(monkeypatch):
+    """What a benchmark result records about the CPU: the first processor's model name and flags."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: True)
+    intel = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)   Platinum 8488C\nflags\t\t: fpu avx512bw amx_bf16 amx_tile\n\n"
+             "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    assert precision.cpu_description(intel) == "Intel(R) Xeon(R) Platinum 8488C, 2 cores, AVX512, bf16 native, AMX"
+    amd = "model name\t: AMD EPYC\nflags\t\t: avx512bw avx512_bf16 amx_tile\n"
+    assert precision.cpu_description(amd) == "AMD EPYC, 2 cores, AVX512, bf16 native, no AMX"
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert precision.cpu_description("model name : AMD EPYC 7B12\nflags : avx2\n") == \
+        "AMD EPYC 7B12, 2 cores, AVX2, bf16 emulated, no AMX"
+    # Without /proc/cpuinfo's fields (another system): the platform's name, and nothing said about AMX.
+    monkeypatch.setattr(precision.platform, "processor", lambda: "arm")
+    assert precision.cpu_description("") == "arm, 2 cores, AVX2, bf16 emulated"
