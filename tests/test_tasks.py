@@ -422,6 +422,10 @@ def test_countdown_moderate_nesting_is_fine():
     assert CD.verify({"nums": [1, 2, 3], "target": 6}, ans(expr)) is True
     assert CD.verify({"nums": [1, 2, 3], "target": 6}, ans("1 + 2 + 3" + " " * (MAX_ANSWER_CHARS + 1))) is True
     assert CD.verify({"nums": [1, 2, 3], "target": 6}, ans("1 +" + " " * MAX_ANSWER_CHARS + "2 + 3")) is False
+    # the bound itself: an answer of exactly MAX_ANSWER_CHARS characters is read, one more is not
+    assert check_answer("1 +" + " " * (MAX_ANSWER_CHARS - 8) + "2 + 3", [1, 2, 3], 6) == (True, "correct")
+    assert check_answer("1 +" + " " * (MAX_ANSWER_CHARS - 7) + "2 + 3", [1, 2, 3], 6) == (
+        False, f"answer longer than {MAX_ANSWER_CHARS} characters")
 
 
 def test_countdown_diagnose_reasons():
@@ -1488,6 +1492,40 @@ def test_final_equation_refuses_a_denied_equation_on_its_own():
         (False, [26, 24], 50, "26 + 24 is 50ish.", False),  # letters glued to the stated result
         (True, [26, 24], 50, "<answer>26 + 24</answer> and then *", False),  # ends in a bare "*"
         (False, [26, 24], 50, "26 + 24 = 50, then *", False),
+        # round 10 of mutation: rules that a weakened verifier broke with every test still passing
+        # an exact value: one that rounds or truncates to the target is not it (5/2, 7/3)
+        (True, [5, 2], 2, "<answer>5 / 2</answer>", False),
+        (False, [7, 3], 2, "7 / 3 = 2", False),
+        # an operator the task does not allow, inside the expression, not only at its top
+        (False, [3, 4, 5], 7, "3 * 4 - 5 = 7", False),
+        # a number sign that is no ASCII digit next to it: a vulgar fraction (half of 26)
+        (False, [26, 24], 50, "\u00bd26 + 24 = 50", False),
+        (True, [26, 24], 50, "\u00bd <answer>26 + 24</answer>", False),
+        # a combining mark inside a denial is read through, as a zero-width space is
+        (False, [5, 23], 28, "5 + 23 = 28. That is n\u0301ot right.", False),
+        # the line before ends in '-' or '/' (neither is a Unicode math symbol)
+        (False, [26, 24], 50, "100 -\n26 + 24 = 50", False),
+        (False, [26, 24], 50, "100 /\n26 + 24 = 50", False),
+        # a denial label in Markdown emphasis before its colon's equation
+        (False, [5, 23], 28, "_Wrong:_ 5 + 23 = 28", False),
+        # a number then a sign after it is more arithmetic, as a sign then a number is
+        (False, [26, 24], 50, "26 + 24 = 50. Then 50 \u00f7 two.", False),
+        # without tags an <answer> tag still reads as the word: a later answer that is not the target
+        (False, [5, 23], 28, "5 + 23 = 28. <answer>23</answer>", False),
+        # a later answer tag spelled 'answer>' after another opening sign
+        (True, [1, 2, 3], 6, "<answer>1 * 2 * 3</answer> or \u2039answer>six\u2039/answer>.", False),
+        # 'for' right after a number before it, as 'of', 'by', 'to', 'from'
+        (False, [5, 23], 28, "Take 3 for 5 + 23 = 28", False),
+        # the text ends in an operator word that is no verb of arithmetic: an unfinished operation
+        (False, [5, 23], 28, "5 + 23 = 28. Then take it modulo", False),
+        # a dash before it, spaced, with no word before it: a minus sign (-5 + 23 is 18, not 28)
+        (False, [5, 23], 28, "Answer: \u2013 5 + 23 = 28", False),
+        (False, [5, 23], 28, "\u2013 5 + 23 = 28", False),
+        # a completion of exactly the length bound is read (one more is not: a row above)
+        (False, [3, 4], 7, "x" * (100_000 - 6) + " 4 + 3", True),
+        # and what stays right: a question before it, a given number written as words after it
+        (False, [5, 23], 28, "Which sum gives 28? 5 + 23 = 28", True),
+        (False, [5, 23], 28, "5 + 23 = 28, using twenty-three and five.", True),
     ],
 )
 def test_countdown_newer_rules_found_by_mutation(tags, nums, target, completion, expected):

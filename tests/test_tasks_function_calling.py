@@ -67,6 +67,8 @@ def dumps(calls):
         ({"a": {"b": True}}, {"a": {"b": 1}}, False), ([], {}, False), (float("nan"), float("nan"), False),
         # numbers equal exactly, never within a tolerance
         (0.3, 0.1 + 0.2, False), (100, 100.0000001, False), (1e16, 1e16 + 2, False),
+        # integers compare exactly, past a float's 53 bits too (JSON reads them as ints)
+        (9007199254740993, 9007199254740992, False), (9007199254740993, 9007199254740992.0, False),
     ],
 )
 def test_values_equal(a, b, eq):
@@ -144,6 +146,7 @@ def test_no_calls_only_through_a_bare_wrapper():
     assert FC.verify(none, "[]") and FC.verify(none, '{"tool_calls": []}')
     assert FC.verify(none, 'No tool fits this question:\n{"tool_calls": []}')
     for said_more in ('{"type": "function", "function": []}', '{"id": "call_0", "tool_calls": []}',
+                      '{"function": []}',  # ("function" holds a call, not a list of none)
                       'No tool fits:\n{"role": "assistant", "content": null, "tool_calls": []}'):
         assert not FC.verify(none, said_more), said_more
 
@@ -673,6 +676,16 @@ DELETE_ALL = json.dumps({"name": "delete_all", "arguments": {"path": "/tmp/cache
         # a number is what it says: more digits than a float holds is no answer
         (GOOD.replace("100.0", "100.000000000000001"), False),
         (GOOD.replace("100.0", "1.00e2"), True),
+        # found by mutation (round 10): each row below was paid by a weakened verifier
+        (GOOD + "\nOr rather: {name = 'delete_all', path = '/'}", False),  # '=' is a key: a later attempt
+        # a call attempt in a loose string beside the calls (not in call syntax)
+        (json.dumps({"tool_calls": CALLS, "id": json.dumps({"name": "delete_all", "arguments": {}})}), False),
+        (GOOD + "\nThen reset(r'/tmp') to clean up.", False),  # a prefixed string opens the arguments
+        # a truncated attempt in full-width forms between two runs (not only after the last)
+        (dumps(CALLS[:1]) + '\nand \uff5b"name"\uff1a "delete_all"\n' + dumps(CALLS[1:]), False),
+        # a call inside a structure a run passes over, beside a lead-in marker (not the marker alone)
+        ("[<|tool_call|> delete_all()]\n" + GOOD, False),
+        (json.dumps([[c] for c in CALLS]), False),  # a list of call lists is none (a harness reads one list)
     ],
 )
 def test_completion_formats(completion, ok):
@@ -681,6 +694,9 @@ def test_completion_formats(completion, ok):
 
 
 DAYS = dict(EX, answers=dumps([{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2], "hourly": 1}}]))
+CAMEL = dict(EX, tools=dumps([dict(TOOLS[0], name="GetWeather")]),
+             answers=dumps([{"name": "GetWeather", "arguments": {"city": "Paris"}}]))
+BIG = dict(EX, answers=dumps([{"name": "convert", "arguments": {"amount": 9007199254740993, "to": "EUR"}}]))
 
 
 @pytest.mark.parametrize(
@@ -703,6 +719,12 @@ DAYS = dict(EX, answers=dumps([{"name": "get_weather", "arguments": {"city": "Pa
          False),
         (EX, "\n".join("<tool_call>\n%d. " % (k + 1) + dumps(c) + "\n</tool_call>" for k, c in enumerate(CALLS)),
          False),  # (a block holds its attempt and blanks only: a harness parses its text as JSON)
+        # found by mutation (round 10): a tool of the example named in capitals is searched folded
+        (CAMEL, dumps(json.loads(CAMEL["answers"])), True),
+        (CAMEL, dumps(json.loads(CAMEL["answers"])) + "\nThen GetWeather (Oslo) too.", False),
+        # an integer argument past a float's 53 bits is compared exactly
+        (BIG, '[{"name": "convert", "arguments": {"amount": 9007199254740993, "to": "EUR"}}]', True),
+        (BIG, '[{"name": "convert", "arguments": {"amount": 9007199254740992, "to": "EUR"}}]', False),
     ],
 )
 def test_recheck_rules_found_by_mutation(example, completion, ok):
@@ -891,8 +913,9 @@ def test_a_number_past_decimals_range_is_no_answer_and_no_error(verifier_errors)
 
 def test_size_and_depth_limits_at_their_bounds():
     """A structure of MAX_JSON_CHARS characters is read, one more is no answer; a value nested
-    MAX_DEPTH deep is read, one deeper is no answer."""
-    from r3.tasks.function_calling import MAX_DEPTH, MAX_JSON_CHARS
+    MAX_DEPTH deep is read, one deeper is no answer; a completion of MAX_COMPLETION_CHARS
+    characters is read, one more is no answer."""
+    from r3.tasks.function_calling import MAX_COMPLETION_CHARS, MAX_DEPTH, MAX_JSON_CHARS
 
     def padded(n):
         bare = json.dumps([{"name": "f", "arguments": {"s": ""}}])
@@ -910,6 +933,11 @@ def test_size_and_depth_limits_at_their_bounds():
 
     assert parse_calls(nested(MAX_DEPTH)) is not None
     assert parse_calls(nested(MAX_DEPTH + 1)) is None
+
+    for text in (GOOD + " " * (MAX_COMPLETION_CHARS - len(GOOD)),
+                 "Calls: " + GOOD + "." * (MAX_COMPLETION_CHARS - 7 - len(GOOD))):
+        assert len(text) == MAX_COMPLETION_CHARS
+        assert FC.verify(EX, text) and not FC.verify(EX, text + " ")
 
 
 # ---------------------------------------------------------------------------------------
