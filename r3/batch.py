@@ -158,7 +158,8 @@ def pack_shared_prefixes(seqs, spans, pad_id: int, device) -> Packed:
     for b, (start, end) in enumerate(spans):
         p, first = where[b]
         rows += [p] * (end - start)
-        cols += [start - 1] + list(range(first, first + end - start - 1))
+        if end > start:  # (an empty span has no target, so no predicting position)
+            cols += [start - 1] + list(range(first, first + end - start - 1))
     return Packed(tokens.to(device), positions.to(device), segments.to(device),
                   torch.tensor(rows, dtype=torch.long).to(device), torch.tensor(cols, dtype=torch.long).to(device))
 

@@ -61,6 +61,26 @@ def test_group_advantages_of_no_groups_is_quiet():
         for scale in (True, False):
             assert group_advantages(torch.zeros(0, 4), scale=scale).shape == (0, 4)
 
+def test_a_group_of_one_gets_zero_advantage_without_a_warning():
+    """G == 1: the unbiased std of one reward is undefined (torch would warn and give NaN); the
+    advantage is an exact 0 and nothing is said on the console, scaled or not."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (True, False):
+            assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0], [0.3]]), scale=scale), torch.zeros(3, 1))
+
+
+def test_group_advantages_default_eps_is_1e_6_added_to_the_std():
+    """The contract's default: (r - mean) / (std + 1e-6). float64 rewards, so that another
+    default (1e-8, or none) shows at 1e-12."""
+    r = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    sd = statistics.stdev([1.0, 0.0, 0.0])  # 1 / sqrt(3)
+    want = [(x - 1 / 3) / (sd + 1e-6) for x in (1.0, 0.0, 0.0)]
+    assert group_advantages(r)[0].tolist() == pytest.approx(want, rel=1e-12, abs=0)
+
+
 def test_group_advantages_g1_and_int_rewards():
     a = group_advantages(torch.tensor([[1.0], [0.0], [0.3]]))
     assert torch.equal(a, torch.zeros(3, 1))
@@ -120,6 +140,9 @@ def test_policy_loss_hand_example(agg, loss_val, grads):
     assert met["tokens"].item() == 3 and met["sequences"].item() == 2
     assert met["kl"].item() == 0.0
     assert met["pg_loss"].item() == pytest.approx(loss_val, abs=1e-6)
+    # advantages given as [B, 1] are read as [B]
+    loss_col, _ = policy_loss(logp.detach(), old, None, adv[:, None], mask, beta=0.5, agg=agg)
+    assert loss_col.item() == pytest.approx(loss_val, abs=1e-12)
 
 
 def test_policy_loss_hand_example_negative_advantage_and_kl():
@@ -144,6 +167,54 @@ def test_policy_loss_hand_example_negative_advantage_and_kl():
     loss0, met0 = policy_loss(logp, old, ref, torch.tensor([-1.0], dtype=torch.float64), mask, beta=0.0)
     assert loss0.item() == pytest.approx(1.5, abs=1e-12)
     assert met0["kl"].item() == pytest.approx(k3 / 2, rel=1e-6)
+
+
+def test_clip_fractions_and_ratio_range_count_only_where_each_clip_binds():
+    """clip_frac_high: A > 0 and r > 1 + eps_high; clip_frac_low: A < 0 and r < 1 - eps_low; a
+    zero advantage binds no clip whatever its ratio, and with eps_low = 0.1, eps_high = 0.3 a ratio
+    of 1.25 is inside and one of 0.8 is clipped. ratio_min / ratio_max are over the trained tokens
+    only (a masked-out position would read as a ratio of 1)."""
+    # token:       A=0 r=2  A=0 r=.5  A=+1 r=1.25  A=+1 r=1.5  A=-1 r=.85  A=-1 r=.8  (masked out: A=+1 r=3)
+    ratios = torch.tensor([[2.0, 0.5, 1.25, 1.5, 0.85, 0.8, 3.0]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, 0.0, 1.0, 1.0, -1.0, -1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True] * 6 + [False]])
+    old = torch.full_like(ratios, -1.0)
+    _, met = policy_loss(old + torch.log(ratios), old, None, adv, mask, eps_low=0.1, eps_high=0.3, beta=0.0)
+    assert met["clip_frac_high"].item() == pytest.approx(1 / 6)  # r = 1.5 only
+    assert met["clip_frac_low"].item() == pytest.approx(2 / 6)  # r = 0.85 and 0.8
+    assert met["ratio_min"].item() == pytest.approx(0.5) and met["ratio_max"].item() == pytest.approx(2.0)
+    # every trained ratio above 1 (below 1): the minimum (maximum) is not the padding's 1
+    for r, key, want in ((torch.tensor([[1.5, 2.0, 1.0]]), "ratio_min", 1.5), (torch.tensor([[0.5, 0.8, 1.0]]), "ratio_max", 0.8)):
+        r = r.double()
+        _, met = policy_loss(torch.log(r), torch.zeros_like(r), None, torch.ones(1), torch.tensor([[1, 1, 0]]))
+        assert met[key].item() == pytest.approx(want)
+
+
+def test_beta_0_leaves_even_an_overflowing_kl_out_of_the_loss():
+    """beta = 0 means no KL term: a reference so far from the policy that k3 overflows float32
+    (d = ref - logp = 100, exp(100) = inf) must not make the loss or its gradient inf or NaN
+    (0 * inf), whether k3 comes from ref_logp or precomputed."""
+    logp = torch.tensor([[-101.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for kw in (dict(ref_logp=ref), dict(ref_logp=None, kl=kl_k3(logp.detach(), ref))):
+        assert torch.isinf(kl_k3(logp.detach(), ref)[0, 0])  # (the premise)
+        logp.grad = None
+        loss, _ = policy_loss(logp, logp.detach(), advantages=torch.tensor([1.0]), mask=mask, beta=0.0, **kw)
+        assert loss.item() == -1.0  # -min(r A, clip(r) A) with r = 1, A = 1, token mean
+        loss.backward()
+        assert torch.equal(logp.grad, torch.tensor([[-0.5, -0.5]]))
+
+
+def test_policy_loss_defaults_are_the_contracts():
+    """DESIGN.md: eps_low = eps_high = 0.2, beta = 0.001, agg = "token-mean" (this batch tells
+    each of them apart from another value)."""
+    logp, old, ref, adv, mask = _random_batch(10)
+    got = policy_loss(logp, old, ref, adv, mask)[0].item()
+    want = policy_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.001, agg="token-mean")[0].item()
+    assert got == want
+    for other in (dict(eps_low=0.1), dict(eps_high=0.28), dict(beta=0.01), dict(beta=0.0), dict(agg="seq-mean-token-mean")):
+        assert policy_loss(logp, old, ref, adv, mask, **other)[0].item() != pytest.approx(got, rel=1e-9, abs=0), other
 
 
 def test_asymmetric_clip():
@@ -325,6 +396,13 @@ def test_bad_arguments():
         policy_loss(x, x, None, torch.zeros(3), x.bool())
     with pytest.raises(ValueError):
         policy_loss(x, x[:, :2], None, torch.zeros(2), x.bool())
+    # an unknown aggregation is refused by every entry point, not read as another one
+    for call in (lambda: loss_denominator(x.bool(), "mean"), lambda: aggregate(x, x.bool(), "mean", denominator=1.0)):
+        with pytest.raises(ValueError, match="unknown agg 'mean'"):
+            call()
+    # a mask of another shape is refused, not broadcast (one row's mask applied to every row)
+    with pytest.raises(ValueError, match=r"mask has shape \(1, 3\), expected \(2, 3\)"):
+        policy_loss(x, x, None, torch.zeros(2), torch.ones(1, 3, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- KL

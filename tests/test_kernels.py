@@ -127,6 +127,17 @@ def test_negative_targets_are_ignored_and_too_large_targets_are_nan():
     assert torch.isfinite(x.grad).all() and x.grad[3].abs().sum() > 0
 
 
+def test_target_id_0_is_a_real_token():
+    """Only negative targets are ignored: id 0 (a real token, e.g. SmolLM2's <|endoftext|>) gets
+    its log-prob, its KL and its gradient like any other id."""
+    logits, targets, ref = make_case(4, 50, torch.float32)
+    targets[1] = 0
+    x = check_against_float64(logits, targets, ref, 1.0, "torch", *GRAD_TOL[torch.float32])
+    assert x.grad[1].abs().sum() > 0
+    logp, kl = fused_logprob_kl(logits, targets, ref, backend="torch")
+    assert logp[1].item() < 0 and kl[1].item() > 0
+
+
 def test_caller_logits_not_mutated_and_leading_dims():
     logits, targets, ref = make_case(12, 97, torch.bfloat16)
     x = logits.view(3, 4, 97).clone().requires_grad_()
@@ -328,6 +339,17 @@ def test_argument_checks_name_what_is_wrong():
     if not lk.uses_triton("cpu"):
         with pytest.raises(RuntimeError, match="Triton backend needs triton and a CUDA tensor"):
             fused_logprob_kl(logits, targets, backend="triton")
+
+
+def test_k3_gradient_stays_finite_far_outside_the_series_range():
+    """Each branch of k3 sees only the values it is used for: at d = -1e6 the Taylor series
+    (its polynomial ~ d^8 / 10!) would overflow float32, and the zero gradient of the unused branch
+    times inf would be NaN. dk3/dd = expm1(d) everywhere."""
+    d = torch.tensor([-1e6, -60.0, -0.3, 0.0, 0.4, 30.0], requires_grad=True)
+    k = lk.k3(d)
+    k.sum().backward()
+    assert torch.isfinite(k).all() and k[0].item() == pytest.approx(1e6 - 1, rel=1e-6)
+    torch.testing.assert_close(d.grad, torch.expm1(d.detach()), rtol=1e-5, atol=1e-7)
 
 
 def test_k3_in_fp32_is_accurate_for_small_and_moderate_differences():

@@ -153,3 +153,59 @@ def test_micro_batch_boundaries_follow_the_token_budget_exactly():
     # equal prefix lengths but other tokens: two runs (3 + 3 and 3 + 2: 11 > 6)
     seqs3, spans3 = [a + [1, 2, 3], [5, 5, 5] + [4, 5]], [(3, 6), (3, 5)]
     assert B._chunks(seqs3, spans3, 1, shared_prefix=True) == [(0, 1), (1, 2)]
+    # runs add up: four one-row runs of cost 2 + 2 = 4 (prefixes all different), budget 2 x 4 = 8
+    # holds two of them, 3 x 4 = 12 three
+    seqs4, spans4 = [[k, k, 5, 6] for k in (1, 2, 3, 4)], [(2, 4)] * 4
+    assert B._chunks(seqs4, spans4, 2, shared_prefix=True) == [(0, 2), (2, 4)]
+    assert B._chunks(seqs4, spans4, 3, shared_prefix=True) == [(0, 3), (3, 4)]
+
+
+def test_segment_masks_let_each_reflection_see_the_prefix_and_its_own_past_only():
+    """The packed layout's attention mask entry by entry: a prefix token sees the earlier prefix;
+    a reflection token sees the prefix and its own reflection's earlier tokens, never another
+    reflection of its group, a later token or padding; a sliding window keeps the keys of the last
+    ``window`` positions (by position, not column); and no query row is empty (padding sees
+    padding), so no softmax row is all -inf."""
+    from conftest import tiny_hf_config
+
+    from r3.model import ModelConfig, Transformer
+
+    seqs = [[1, 2, 3, 4, 5, 6, 0], [1, 2, 3, 7, 0], [1, 2, 3, 8, 9], [5, 5, 5, 5, 5, 1, 0]]
+    spans = [(3, 6), (3, 4), (3, 5), (5, 6)]
+    p = B.pack_shared_prefixes(seqs, spans, 0, "cpu")
+    assert p.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9], [5, 5, 5, 5, 5, 1, 0, 0, 0]]
+    # packed row 0: prefix 0-2, reflection 1 at columns 3-5, reflection 2 at 6, reflection 3 at 7-8
+    visible = [
+        {0: {0}, 1: {0, 1}, 2: {0, 1, 2}, 3: {0, 1, 2, 3}, 4: {0, 1, 2, 3, 4}, 5: {0, 1, 2, 3, 4, 5},
+         6: {0, 1, 2, 6}, 7: {0, 1, 2, 7}, 8: {0, 1, 2, 7, 8}},
+        {**{i: set(range(i + 1)) for i in range(6)}, 6: {6, 7, 8}, 7: {6, 7, 8}, 8: {6, 7, 8}},  # padding: itself
+    ]
+    for window in (None, 3):
+        model = Transformer(ModelConfig.from_hf(tiny_hf_config("mistral", sliding_window=window or 8).to_dict()))
+        masks = model._segment_masks(p.positions, p.segments, torch.float32)
+        assert len(masks) == 1
+        allowed = next(iter(masks.values()))[:, 0] == 0  # [P, L, L]
+        for r, rows in enumerate(visible):
+            pos = p.positions[r].tolist()
+            for q, keys in rows.items():
+                real = p.segments[r, q] >= 0
+                want = {k for k in keys if window is None or not real or pos[k] > pos[q] - window}
+                got = set(allowed[r, q].nonzero().flatten().tolist())
+                assert got == want, (window, r, q, got, want)
+                assert got  # never an empty row
+
+
+def test_a_row_with_an_empty_reflection_span_packs_like_the_per_row_layout():
+    """A row whose reflection span is empty (nothing to train) lists no target in the per-row
+    layout; the packed layout lists none either, so that its (rows, cols) line up one to one
+    with the per-row targets (a stray predicting column for the empty row made 5 columns for 4
+    targets, and token_logprobs failed on the shared-prefix path only)."""
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 6], [1, 2, 3, 7, 8]]
+    spans = [(3, 5), (3, 3), (3, 5)]
+    mb = B.make_micro_batches(seqs, spans, [1.0, 0.0, -1.0], 3, 0, "cpu", shared_prefix=True)[0]
+    assert mb.rows.tolist() == [0, 0, 2, 2] and mb.targets.tolist() == [4, 5, 7, 8]
+    p = mb.packed
+    assert p.tokens.tolist() == [[1, 2, 3, 4, 5, 7, 8]]
+    # row 0's targets 4, 5 are predicted at columns 2 (the prefix's last token) and 3; row 2's
+    # targets 7, 8 at column 2 again and 5
+    assert p.rows.tolist() == [0, 0, 0, 0] and p.cols.tolist() == [2, 3, 2, 5]

@@ -1649,6 +1649,53 @@ def test_later_update_epochs_take_the_ratio_against_the_pre_update_policy():
     assert stats[2]["loss"] != pytest.approx(stats[1]["loss"])  # (the last epoch's loss, at ratios past 1 + eps)
 
 
+def test_the_update_loss_is_the_surrogate_plus_beta_times_k3_at_the_rollout_temperature():
+    """update() with beta > 0: in the first epoch (ratio 1) the loss is, by hand, the mean over
+    the 21 reflection tokens of -A + beta * k3, k3 = exp(d) - d - 1 with d = ref - logp, both
+    log-probs at the rollout temperature (0.7) -- the KL term reaches the update, with the
+    config's beta -- and kl_sum / tokens is the mean k3."""
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    model, seqs, spans = _policy_and_rows()
+    reference, _, _ = _policy_and_rows(seed=1)  # (other weights)
+    adv = [1.0, -0.5, -0.5, 0.8, -1.2, 0.9]
+    mbs = B.make_micro_batches(seqs, spans, adv, 2, 0, torch.device("cpu"), shared_prefix=True)
+    B.score_micro_batches(mbs, reference, None, 0.7)
+    with torch.no_grad():
+        logp = torch.cat([B.token_logprobs(model, mb, 0.7)[0] for mb in mbs]).double()
+    ref = torch.cat([mb.ref_logp for mb in mbs]).double()
+    a = torch.tensor([x for x, (s, e) in zip(adv, spans) for _ in range(e - s)], dtype=torch.float64)
+    d = ref - logp
+    k3 = torch.exp(d) - d - 1
+    assert len(a) == 21 and k3.mean() > 0.01  # (a KL term large enough to see)
+    cfg = TrainConfig(dtype="fp32", beta=0.05, agg="token-mean", grad_clip=0.0, max_reflection_tokens=8,
+                      temperature=0.7).validate()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.0), mbs, len(mbs), cfg, one_rank)
+    assert stats["loss"] == pytest.approx(float((-a + 0.05 * k3).mean()), rel=1e-5)
+    assert stats["kl_sum"] / stats["tokens"] == pytest.approx(float(k3.mean()), rel=1e-4)
+
+
+def test_later_epochs_clip_each_side_at_its_own_epsilon():
+    """eps_low and eps_high reach the loss each on its side: after a large first step the
+    second epoch's ratios move up for positive advantages and down for negative ones; with
+    eps_high = 10 no upper clip binds, with eps_low = 0.01 the lower one does."""
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    model, seqs, spans = _policy_and_rows()
+    cfg = TrainConfig(dtype="fp32", beta=0.0, grad_clip=0.0, max_reflection_tokens=8, update_epochs=2,
+                      eps_low=0.01, eps_high=10.0, temperature=1.0).validate()
+    mbs = B.make_micro_batches(seqs, spans, [1.0, -1.0, 1.0, -1.0, 1.0, -1.0], 2, 0, torch.device("cpu"))
+    B.score_micro_batches(mbs, None, model, 1.0)
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.05), mbs, len(mbs), cfg, one_rank)
+    assert stats["clip_high_sum"] == 0.0 and stats["clip_low_sum"] > 2
+
+
 def test_logp_diff_max_is_over_every_micro_batch():
     """logp_diff_max (the trainer's log-prob against the sampler's, before the update) is the
     largest gap over all trained tokens, not over the last micro-batch's."""
@@ -1686,18 +1733,25 @@ def test_each_trained_row_gets_its_own_advantage_and_sampler_log_probs():
     for skip in (True, False):
         for size, shared in ((1, False), (3, False), (2, True), (6, True)):
             mbs = B.episode_micro_batches(ep, adv, size, 0, torch.device("cpu"), skip_no_signal=skip, shared_prefix=shared)
+            assert all((mb.packed is not None) == shared for mb in mbs)  # (the packed layout when asked for)
             seen = []
             for mb in mbs:
                 k = 0  # (targets are listed row by row)
+                assert mb.advantages.dtype == torch.float32
+                ends = []
                 for b in range(mb.tokens.shape[0]):
                     row = next(i for i, (sq, (s, e)) in enumerate(zip(seqs, spans))
                                if mb.tokens[b, :e].tolist() == sq[:e] and int(mb.mask[b].sum()) == e - s
                                and bool(mb.mask[b, s:e].all()))
                     seen.append(row)
+                    ends.append(spans[row][1])
+                    # the retry after the reflection is not even fed to the update's forward: padding
+                    assert (mb.tokens[b, spans[row][1]:] == 0).all()
                     assert float(mb.advantages[b]) == want.get(row, 0.0)
                     n = spans[row][1] - spans[row][0]
                     assert mb.rollout_logp[k:k + n].tolist() == pytest.approx(logprobs[row])
                     k += n
+                assert mb.tokens.shape[1] == max(ends)  # (as wide as its longest row up to its reflection's end)
             assert seen == ([0, 1, 4, 5] if skip else [0, 1, 2, 3, 4, 5]), (skip, size, shared)
 
 
@@ -1719,6 +1773,44 @@ def test_scoring_takes_the_reference_and_the_pre_update_policy_each_from_its_own
         mbs = B.make_micro_batches(seqs, spans, adv, micro, 0, torch.device("cpu"), shared_prefix=shared)
         B.score_micro_batches(mbs, None, None, 0.7)
         assert all(mb.ref_logp is None and mb.old_logp is None for mb in mbs)
+
+
+def test_a_step_takes_its_advantages_and_micro_batches_as_the_config_says(monkeypatch):
+    """train_step: the group advantages of the episode's rewards, scaled by their std or not
+    (scale_advantages: Dr. GRPO), go to episode_micro_batches with the config's micro-batch size,
+    skip_no_signal_groups and shared_prefix."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def capture(ep, adv, size, pad_id, device, **kw):
+        seen.update(adv=adv, size=size, pad_id=pad_id, **kw)
+        raise Built
+
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+    monkeypatch.setattr(T, "sync_rollout_weights", lambda *a: None)
+    monkeypatch.setattr(T, "rollout", lambda run, step: ep)
+    monkeypatch.setattr(T, "verifier_error_counts", lambda task: (0, 0, None))
+    monkeypatch.setattr(T, "episode_micro_batches", capture)
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    s3 = 1 / math.sqrt(3)  # the unbiased std of (1, 0, 0)
+    for scale, skip, shared, want in ((True, True, True, [2 / 3 / (s3 + 1e-6), -1 / 3 / (s3 + 1e-6)]),
+                                      (False, False, False, [2 / 3, -1 / 3])):
+        cfg = TrainConfig(scale_advantages=scale, skip_no_signal_groups=skip, shared_prefix=shared,
+                          micro_batch_size=5).validate()
+        run = SimpleNamespace(cfg=cfg, d=one_rank, policy=None, rollout_model=None, task=None,
+                              tokenizer=SimpleNamespace(pad_token_id=7))
+        with pytest.raises(Built):
+            T.train_step(run, 0)
+        a, b = want
+        torch.testing.assert_close(seen["adv"], torch.tensor([[a, b, b], [0.0, 0.0, 0.0]]))
+        assert (seen["size"], seen["pad_id"], seen["skip_no_signal"], seen["shared_prefix"]) == (5, 7, skip, shared)
 
 
 def test_kept_rows_leave_out_only_groups_whose_advantages_are_all_zero():
@@ -2388,6 +2480,41 @@ def test_dummy_micro_batches_add_nothing_to_the_loss_or_its_denominator(agg):
         runs.append((stats["loss"], [p.detach().clone() for p in model.parameters()]))
     (la, wa), (lb, wb) = runs
     assert la == pytest.approx(lb, rel=1e-6) and all(torch.allclose(a, b, atol=1e-7, rtol=1e-6) for a, b in zip(wa, wb))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_the_update_is_the_whole_batch_loss_whatever_the_micro_batching(agg):
+    """update() on one rank divides every micro-batch by the step's denominator, so its loss is
+    the whole batch's, by hand: at ratio 1 (first epoch) and beta 0 each reflection token's loss is
+    -A, over 21 tokens in 6 rows, or Dr. GRPO's fixed 6 rows x max_reflection_tokens (8), not the
+    micro-batches' padded widths; and the SGD step is the same for 6 rows per micro-batch, 1, 4
+    (uneven) or shared-prefix packing (in-process; the 2-rank run is in
+    test_update_same_on_1_and_2_ranks_and_any_micro_batching)."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    lengths = [e - s for s, e in spans]
+    assert lengths == [4, 2, 6, 3, 5, 1]
+    adv = [1.0, -0.5, -0.5, 0.8, -1.2, 0.9]
+    weighted = sum(a * n for a, n in zip(adv, lengths))  # -2.7
+    want = {"token-mean": -weighted / 21, "seq-mean-token-mean": -sum(adv) / 6,
+            "seq-mean-token-sum-norm": -weighted / (6 * 8)}[agg]
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, agg=agg, grad_clip=0.0, max_reflection_tokens=8).validate()
+    weights = []
+    for micro, shared in ((6, False), (1, False), (4, False), (2, True)):
+        model = copy.deepcopy(base)
+        mbs = B.make_micro_batches(seqs, spans, adv, micro, 0, torch.device("cpu"), shared_prefix=shared)
+        stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.1), mbs, len(mbs), cfg, one_rank)
+        assert stats["loss"] == pytest.approx(want, rel=1e-5), (micro, shared)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], base.parameters()))  # (the step moved them)
+    for other in weights[1:]:
+        assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(weights[0], other))
 
 
 def test_a_run_that_starts_again_from_no_checkpoint_starts_its_logs_again(tiny_model, tmp_path):
