@@ -167,3 +167,28 @@ def test_generate_until_texts_go_back_to_their_prompts_and_greedy_means_every_to
     other = (best[1] + 1) % model.config.vocab_size  # not the argmax after the first token
     (res,) = loglikelihoods(model, [(ctx, [best, [best[0], other], best[:1]])])
     assert [r.greedy for r in res] == [True, False, True]
+
+
+def test_encode_pair_takes_the_continuation_from_the_whole_text():
+    """A SentencePiece-style tokenizer adds a BOS and encodes a text's first character by itself
+    (its prefix space): the continuation's ids are those after the context's within the whole
+    text, never the continuation encoded alone; trailing whitespace of any kind (a newline too)
+    moves to the continuation."""
+
+    class SentencePieceStyle:
+        bos_token = "<s>"
+
+        def encode(self, text, add_special_tokens=True):
+            ids = [ord(c) + (1000 if k == 0 else 0) for k, c in enumerate(text)]
+            return ([1] if add_special_tokens else []) + ids
+
+    tok = SentencePieceStyle()
+    context = [1, 1000 + ord("A")] + [ord(c) for c in "nswer:"]
+    assert encode_pair(tok, "Answer:", " blue") == (context, [ord(c) for c in " blue"])
+    assert encode_pair(tok, "Answer:\n", "blue") == (context, [ord(c) for c in "\nblue"])
+
+
+def test_cut_at_a_stop_string_that_begins_the_text_and_empty_continuations_are_refused():
+    assert _cut("Question: next", ["Question:"]) == ("", True)  # (an empty answer, not the whole text)
+    with pytest.raises(ValueError, match="item 1: empty context or continuation"):
+        loglikelihoods(None, [([1], [[2]]), ([1], [[2], []])])

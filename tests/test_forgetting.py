@@ -277,6 +277,7 @@ def test_summarise_pairs_the_same_items():
 
 def test_cli_errors_before_loading_a_model(tmp_path, capsys):
     g = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "a\n#### 1"}])
+    m = write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "answer": "1"}])
     cases = [
         ([], "no benchmark given"),
         (["--data", "gsm9k=" + str(g)], "unknown benchmark 'gsm9k'"),
@@ -286,6 +287,10 @@ def test_cli_errors_before_loading_a_model(tmp_path, capsys):
         (["--data", "gsm8k=" + str(g), "--fewshot-data", "math=" + str(g)], "no --data math"),
         (["--data", "gsm8k=/no/such.jsonl"], "no such file"),
         (["--data", "gsm8k=" + str(g), "--chat-template-option", "enable_thinking=false"], "is for --chat"),
+        (["--data", "gsm8k=" + str(g), "--shots", "-1"], "--shots must be >= 0, got -1"),
+        (["--data", "math=" + str(m), "--shots", "5"], "math has 4 built-in examples"),
+        (["--data", "math=" + str(m), "--fewshot-data", "math=" + str(m)], "math's shots are built in"),
+        (["--data", "math=" + str(m), "--model", "/no/such/model"], "the same --model is given twice"),
     ]
     for args, msg in cases:
         with pytest.raises(SystemExit) as e:
@@ -582,3 +587,188 @@ def test_run_compares_the_export_against_the_untrained_base(builtin, tmp_path, m
     assert loaded == data["settings"]["models"] == ["smollm2-135m", str(run / "export")]
     p = data["paired"][0]
     assert (p["model"], p["baseline"], p["difference"], p["better"]) == (str(run / "export"), "smollm2-135m", 1.0, 1)
+
+
+# ----------------------------------------------------------------------------------- by hand (mutation gaps, round 2)
+
+
+def test_hellaswag_title_becomes_period_space_and_bad_labels_and_endings_are_named():
+    # " [title]" -> ". " even when no space follows it (then [..] go, then one pass of double spaces)
+    assert B.hellaswag_clean("How to cook [title]Boil water [step] now") == "How to cook. Boil water now"
+    rec = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x [step] y", "z"], "label": 0}
+    assert B.hellaswag_doc(rec, "f", 0)["choices"] == ["x y", "z"]  # endings are cleaned too
+    with pytest.raises(R3Error, match="label -1 is not an index into its 2 endings"):  # (not the last ending)
+        B.hellaswag_doc(dict(rec, label=-1), "f", 0)
+    with pytest.raises(R3Error, match="'endings' must be a non-empty list of strings"):
+        B.hellaswag_doc(dict(rec, endings=[]), "f", 0)
+
+
+def test_hellaswag_acc_norm_counts_characters_not_bytes():
+    # characters: -3.0 / 4 = -0.75 > -1.8 / 2 = -0.9 picks 0; UTF-8 bytes ("\u00e9\u00e9" is 4) would
+    # give -1.8 / 4 = -0.45 and pick 1
+    s = B.hellaswag_scores({"choices": ["abcd", "\u00e9\u00e9"], "gold": 0}, [-3.0, -1.8])
+    assert (s["acc"], s["acc_norm"]) == (False, True)
+
+
+@pytest.mark.parametrize("gold,output,strict,flexible", [
+    ("#### 5", " so ####5", False, True),  # strict needs '#### ' with its space
+    ("#### 7", " She has 7 apples, so.", False, True),  # a lone ',' or '.' is no number (two characters or a digit)
+    ("#### -1000", " It changes by -1,000 points", False, True),  # the sign stays with a number with commas
+    ("#### -5", " a change of -$5", False, True),  # '$' inside the number, then dropped: -5
+    ("#### 35", " #### 3.5", False, False),  # only a trailing '.' goes: 3.5 is not 35
+])
+def test_gsm8k_extraction_spaces_signs_and_points(gold, output, strict, flexible):
+    s = B.gsm8k_scores({"question": "q", "answer": gold}, output)
+    assert (s["exact_match,strict-match"], s["exact_match,flexible-extract"]) == (strict, flexible)
+
+
+def test_math_last_boxed_space_form_nested_boxed_and_unknown_equivalence():
+    assert B.last_boxed_only_string("\\boxed 3$ then \\boxed 5$ end") == "\\boxed 5"  # the last one
+    assert B.normalize_final_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"  # up to the last '}'
+    with pytest.raises(R3Error, match="unknown MATH equivalence 'numeric'"):
+        B.math_scores({"problem": "p", "answer": "1"}, "x", "numeric")
+
+
+@pytest.mark.parametrize("record,msg", [
+    ({"answer": "AB"}, "must be a letter A-C, got 'AB'"),  # (a substring of the letters is no letter)
+    ({"answer": ""}, "must be a letter A-C, got ''"),
+    ({"answer_index": -1}, "answer_index -1 is not an index into its 3 options"),
+    ({"options": [str(k) for k in range(11)], "answer": "A"}, "1 to 10 strings"),
+])
+def test_mmlu_pro_answers_and_options_are_checked(record, msg):
+    base = {"question": "q", "options": ["a", "b", "c"], "category": "law"}
+    with pytest.raises(R3Error, match=msg):
+        B.mmlu_pro_doc({**base, **record}, "f", 0)
+    assert B.mmlu_pro_doc({**base, "answer": " c "}, "f", 0)["answer"] == "C"  # a lower-case letter is that letter
+
+
+def test_hellaswag_shots_drawn_again_without_a_document_the_pool_holds_twice():
+    """When the document is drawn more than once among the shots + 1, the shots are drawn again
+    from the others, by the same generator (continued, not restarted)."""
+    recs = [{"activity_label": "A", "ctx_a": "c", "ctx_b": "", "endings": ["x"], "label": 0, "ind": i} for i in range(4)]
+    pool = B.make_docs("hellaswag", [recs[0]] + recs, "f")  # the document at 0 and 1
+    for seed in range(100):
+        rnd = random.Random(seed)
+        first = rnd.sample(range(5), 3)
+        want = rnd.sample([2, 3, 4], 2)
+        if {0, 1} <= set(first) and want != [2, 3] and want != random.Random(seed).sample([2, 3, 4], 2):
+            break
+    else:
+        raise AssertionError("no seed shows the case")
+    assert B.fewshot_indices("hellaswag", pool[:1], pool, 2, seed) == [want]
+
+
+def test_run_benchmark_stop_strings_and_token_limits(builtin, monkeypatch):
+    """The harness's generation settings per benchmark: GSM8K stops at 'Question:' (and '</s>',
+    '<|im_end|>'), MATH at 'Problem:', MMLU-Pro at 'Question:'; 256, 256 and 2048 new tokens, or
+    --max-gen-toks."""
+    from types import SimpleNamespace
+
+    _, tok = builtin
+    seen = {}
+    monkeypatch.setattr(FG, "generate_until", lambda model, tok, prompts, **k: (seen.update(k), [""] * len(prompts))[1])
+    docs = {"gsm8k": {"question": "q", "answer": "#### 1"}, "math": {"problem": "p", "answer": "1"},
+            "mmlu_pro": {"question": "q", "options": ["a"], "answer": "A", "category": "law"}}
+    want = {"gsm8k": (("Question:", "</s>", "<|im_end|>"), 256), "math": (("Problem:",), 256),
+            "mmlu_pro": (("Question:",), 2048)}
+    for name, doc in docs.items():
+        plan = {"bench": B.get(name), "docs": [doc], "messages": [B.chat_messages(name, doc, [], 0)]}
+        for limit in (None, 7):
+            args = SimpleNamespace(chat=False, chat_options={}, quiet=True, batch_size=4, max_gen_toks=limit,
+                                   math_equivalence="string")
+            FG.run_benchmark(None, tok, plan, args, "m")
+            assert (tuple(seen["until"]), seen["max_new_tokens"]) == (want[name][0], limit or want[name][1]), name
+
+
+def test_stop_ids_are_the_tokenizers_eos_or_the_chat_formats():
+    from types import SimpleNamespace
+
+    assert FG.stop_ids(SimpleNamespace(eos_token_id=7), None) == [7]  # (no generation config to read)
+    assert FG.stop_ids(SimpleNamespace(eos_token_id=7), SimpleNamespace(stop_ids=[3, 9])) == [3, 9]
+
+
+def test_prepare_draws_gsm8k_shots_with_the_seed_given(tmp_path):
+    docs = write_jsonl(tmp_path / "g.jsonl", [{"question": "q0", "answer": "#### 0"}])
+    train = write_jsonl(tmp_path / "t.jsonl", [{"question": f"t{i}", "answer": f"#### {i}"} for i in range(20)])
+    argv = ["--data", f"gsm8k={docs}", "--fewshot-data", f"gsm8k={train}", "--out", "o"]
+    for extra, seed in (([], 1234), (["--seed", "5"], 5)):  # (1234: the harness's default)
+        (plan,) = FG.prepare(FG.parse_args(argv + extra))
+        first = random.Random(seed).sample(range(20), 5)[0]
+        assert plan["messages"][0][0]["content"] == f"Question: t{first}\nAnswer:", seed
+
+
+def test_format_table_paired_line_is_later_minus_first():
+    row = {"model": "trained", "benchmark": "gsm8k", "metric": "m", "score": 0.5, "stderr": 0.25, "n": 4}
+    lines = FG.format_table([row], [{"model": "trained", "baseline": "base", "benchmark": "gsm8k", "metric": "m",
+                                     "difference": 0.25, "stderr": 0.125, "n": 4, "better": 2, "worse": 1}])
+    assert lines.splitlines()[-1] == "paired gsm8k m: trained minus base = +25.00 \u00b1 12.50 points (n=4, 2 better, 1 worse)"
+
+
+def _two_models(tmp_path, monkeypatch, tok, stop_after=None):
+    """The built-in model and an 'export' (files only): load_model and generation are stand-ins
+    that honour the finished batches and record each batch they generate."""
+    export = tmp_path / "export"
+    export.mkdir(exist_ok=True)
+    (export / "config.json").write_text("{}")
+    texts = {"smollm2-135m": "#### 4", str(export): "#### 5"}
+    generated = []
+
+    def fake_generate(model, tok, prompts, *, finished, on_batch, batch_size, **k):
+        out = []
+        for b, lo in enumerate(range(0, len(prompts), batch_size)):
+            got = finished[b] if b in finished else [texts[model]] * len(prompts[lo: lo + batch_size])
+            if b not in finished:
+                on_batch(b, got)
+                generated.append((model, b))
+                if len(generated) == stop_after:
+                    raise KeyboardInterrupt
+            out += got
+        return out
+
+    monkeypatch.setattr(FG, "load_model", lambda m, dtype, device: (m, tok))
+    monkeypatch.setattr(FG, "generate_until", fake_generate)
+    return export, generated
+
+
+def test_a_later_model_never_reads_the_first_models_batches(builtin, tmp_path, monkeypatch):
+    _, tok = builtin
+    export, generated = _two_models(tmp_path, monkeypatch, tok)
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": f"q{k}", "answer": "#### 5"} for k in range(3)])
+    out = tmp_path / "f.json"
+    assert FG.main(["--model", "smollm2-135m", "--model", str(export), "--data", f"gsm8k={gs}", "--shots", "0",
+                    "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+    assert generated == [("smollm2-135m", 0), ("smollm2-135m", 1), (str(export), 0), (str(export), 1)]
+    data = json.loads(out.read_text())
+    assert [i["output"] for i in data["items"]["gsm8k"][str(export)]] == ["#### 5"] * 3
+    assert data["paired"][0]["difference"] == 1.0
+
+
+def test_a_rerun_with_other_weights_data_or_batches_is_refused(builtin, tmp_path, monkeypatch, capsys):
+    """Finished batches are kept for the same models (their files), the same documents and prompts
+    and the same batches: a rewritten export, a file edited in place or another --batch-size is
+    another evaluation, refused naming what changed, and the file is kept."""
+    _, tok = builtin
+    export, generated = _two_models(tmp_path, monkeypatch, tok, stop_after=1)
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": f"q{k}", "answer": "#### 5"} for k in range(3)])
+    out = tmp_path / "f.json"
+    argv = ["--model", "smollm2-135m", "--model", str(export), "--data", f"gsm8k={gs}", "--shots", "0", "--quiet",
+            "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        FG.main(argv + ["--batch-size", "2"])
+    assert e.value.code == 130
+    capsys.readouterr()
+    kept = (tmp_path / "f.json.partial.jsonl").read_text()
+
+    def refused(extra, what):
+        with pytest.raises(SystemExit) as e:
+            FG.main(argv + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"other inputs ({what})" in err, err
+        assert (tmp_path / "f.json.partial.jsonl").read_text() == kept
+
+    refused(["--batch-size", "3"], "batch_size")
+    write_jsonl(gs, [{"question": f"Q{k}", "answer": "#### 5"} for k in range(3)])  # same path and size
+    refused(["--batch-size", "2"], "data.gsm8k")
+    write_jsonl(gs, [{"question": f"q{k}", "answer": "#### 5"} for k in range(3)])
+    (export / "config.json").write_text('{"retrained": 1}')  # the export rewritten by more training
+    refused(["--batch-size", "2"], "models")

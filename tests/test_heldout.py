@@ -100,6 +100,7 @@ def test_a_batch_reads_each_verdict_and_reason_from_its_own_turn(monkeypatch):
                       "reflection": "r1", "reflection_tokens": 3, "retry": "retry1", "retry_correct": False,
                       "retry_reason": "why retry1"}
     assert (third["reflection_tokens"], third["retry_correct"], third["retry_reason"]) == (5, True, "why retry2")
+    assert third["attempt_correct"] is False  # (the first attempt's verdict, though the retry passed)
 
 
 def test_verifier_errors_sum_over_batches_and_the_first_is_the_earliest():
@@ -143,3 +144,30 @@ def test_a_resumed_progress_bar_starts_at_the_queries_already_evaluated(monkeypa
 
 def test_a_paired_difference_of_no_queries_is_zero():
     assert paired_difference([], []) == {"mean": 0.0, "stderr": 0.0, "n": 0, "better": 0, "worse": 0}
+
+
+def test_no_examples_give_zeros_and_records_sum_over_batches(monkeypatch):
+    """An empty held-out set reports zeros (no division by zero); records of every batch are kept
+    in order; a resumed evaluation that wants records refuses a batch read back without them; the
+    sampling settings given reach every batch."""
+    import r3.heldout as H
+    from r3.errors import R3Error
+
+    r = evaluate_examples(None, None, _Task(), [], progress=False, chat=SimpleNamespace())
+    assert (r["n"], r["first_attempt_accuracy"], r["second_attempt_accuracy"], r["delta"]) == (0, 0.0, 0.0, 0.0)
+    examples = [{"id": i} for i in range(3)]
+    finished = {0: {**_batch([True, False], [True, True], 0), "records": [{"id": 0}, {"id": 1}]},
+                1: {**_batch([False], [False], 0), "records": [{"id": 2}]}}
+    r = evaluate_examples(None, None, _Task(), examples, batch_size=2, finished=finished, records=True,
+                          progress=False, chat=SimpleNamespace())
+    assert r["records"] == [{"id": 0}, {"id": 1}, {"id": 2}]
+    with pytest.raises(R3Error, match="finished batch 1 read back does not hold results for its 1 examples"):
+        evaluate_examples(None, None, _Task(), examples, batch_size=2, finished={0: finished[0], 1: _batch([False], [False], 0)},
+                          records=True, progress=False, chat=SimpleNamespace())
+    seen = []
+    monkeypatch.setattr(H, "evaluate_batch", lambda model, tok, task, batch, sampling, **k: (
+        seen.append(sampling), _batch([False] * len(batch), [False] * len(batch), 0))[1])
+    mine = H.EpisodeSampling(temperature=0.7, max_attempt_tokens=8, max_reflection_tokens=8, max_retry_tokens=8)
+    evaluate_examples(None, None, _Task(), examples, mine, batch_size=2, progress=False, chat=SimpleNamespace())
+    evaluate_examples(None, None, _Task(), examples[:1], progress=False, chat=SimpleNamespace())
+    assert seen == [mine, mine, H.GREEDY]
