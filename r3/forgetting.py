@@ -209,7 +209,7 @@ def summarise(plans: list[dict], models: list[str], items: dict) -> tuple[list[d
 
 def format_table(results: list[dict], paired: list[dict]) -> str:
     names = sorted({r["model"] for r in results}, key=[r["model"] for r in results].index)
-    w = max(len("model"), *(len(n) for n in names))
+    w = max([len("model"), *(len(n) for n in names)])
     lines = [f"{'benchmark':<10} {'metric':<30} {'model':<{w}} {'score':>16} {'n':>6}"]
     for r in results:
         lines.append(f"{r['benchmark']:<10} {r['metric']:<30} {r['model']:<{w}} "

@@ -704,6 +704,10 @@ def test_format_table_paired_line_is_later_minus_first():
     assert lines.splitlines()[-1] == "paired gsm8k m: trained minus base = +25.00 \u00b1 12.50 points (n=4, 2 better, 1 worse)"
 
 
+def test_format_table_of_no_results_is_the_header_only():
+    assert FG.format_table([], []).split() == ["benchmark", "metric", "model", "score", "n"]
+
+
 def _two_models(tmp_path, monkeypatch, tok, stop_after=None):
     """The built-in model and an 'export' (files only): load_model and generation are stand-ins
     that honour the finished batches and record each batch they generate."""
