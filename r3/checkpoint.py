@@ -360,7 +360,7 @@ def _gguf_tensor(t) -> torch.Tensor:
     from gguf import GGMLQuantizationType, quants
 
     shape = tuple(int(s) for s in reversed(t.shape))
-    if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+    if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64):
         arr = np.asarray(t.data)
     elif t.tensor_type == GGMLQuantizationType.BF16:
         raw = np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16

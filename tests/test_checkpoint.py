@@ -894,7 +894,8 @@ def test_a_loaded_gguf_models_weights_are_its_own_not_the_files(tmp_path):
 
 def test_gguf_tensors_r3_has_no_place_for(tmp_path):
     """llama3's ``rope_freqs`` (recomputed from the config) is skipped; another tensor r3 has no
-    place for, or one of a type it cannot read (f64), is one line naming the file and the tensor."""
+    place for, or one of a type it cannot read (integers), is one line naming the file and the tensor.
+    An f64 tensor (a type ggml has, which llama.cpp's converters do not write) loads as its values."""
     import numpy as np
     from conftest import make_tiny_hf
 
@@ -905,9 +906,12 @@ def test_gguf_tensors_r3_has_no_place_for(tmp_path):
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
-    norm = hf.model.norm.weight.detach().double().numpy()
+    norm = hf.model.norm.weight.detach()
+    _write_gguf(hf, path, "qwen2", bf16=False, extra={"output_norm.weight": (norm.double() + 2.0**-40).numpy()})
+    f64, _ = load(path, tokenizer=False, dtype=torch.float64)
+    assert torch.equal(f64.norm.weight, norm.double() + 2.0**-40)
     for extra, message in (({"blk.0.attn_qkv.weight": np.zeros((2, 64), np.float32)}, "unexpected GGUF tensor 'blk.0.attn_qkv.weight'"),
-                           ({"output_norm.weight": norm}, "cannot read tensor 'output_norm.weight' (")):
+                           ({"output_norm.weight": np.ones(norm.shape, np.int32)}, "cannot read tensor 'output_norm.weight' (")):
         _write_gguf(hf, path, "qwen2", bf16=False, extra=extra)
         with pytest.raises(R3Error) as e:
             load(path, tokenizer=False)
