@@ -290,6 +290,32 @@ def test_user_template_options_are_checked_and_kept_by_type():
     assert user_template_options({"enable_thinking": 0}) == {"enable_thinking": 0}
     with pytest.raises(R3Error, match="'tokenize' is an argument r3 gives the chat template itself, not a template"):
         user_template_options({"tokenize": True})
+    # every argument r3 gives apply_chat_template itself is named, not passed on to clash with it
+    # (add_generation_prompt) or to change every prompt unseen (tools, documents)
+    for key in ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                "continue_final_message", "tokenize", "return_dict", "return_assistant_tokens_mask"):
+        with pytest.raises(R3Error, match=f"^--chat-template-option: '{key}' is an argument r3 gives"):
+            user_template_options({"enable_thinking": True, key: False}, "--chat-template-option")
+
+
+def test_a_tokenizer_that_adds_bos_to_every_text_adds_none_inside_a_conversation(tokenizers):
+    """Llama 3's own tokenizer adds <|begin_of_text|> to each text it encodes (its post-processor;
+    these copies lack it) while the template writes it at the start of the conversation: r3 encodes
+    the rendered text as it is, so the conversation holds one, at its start, and no turn adds one."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizers["llama31"])
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
+    assert tok("12 - 7")["input_ids"][0] == bos  # (the tokenizer adds it now)
+    chat = ChatFormat(tok)
+    messages = _conversation(True)
+    ours = _r3_ids(chat, "llama31", messages, closed=True)
+    assert ours == tok(_template_text(tok, "llama31", messages), add_special_tokens=False)["input_ids"]
+    assert ours[0] == bos and ours.count(bos) == 1
 
 
 def test_a_bad_generation_config_is_named(tokenizers, tmp_path):

@@ -539,6 +539,7 @@ def test_evaluate_without_n_takes_the_whole_split(tiny_dir, tmp_path, capsys):
     assert rc == 0, err
     data = json.loads(out.read_text())
     assert data["n"] == 3 and data["model"] == tiny_dir  # one model: its numbers at the top level too
+    assert data["synthetic_data"] is True  # (Countdown's generated problems, not a data file)
     m = data["models"][0]
     assert [data[k] for k in ("first_attempt_accuracy", "second_attempt_accuracy", "delta")] == \
         [m[k] for k in ("first_attempt_accuracy", "second_attempt_accuracy", "delta")]
@@ -565,6 +566,9 @@ def test_evaluate_run_refuses_flags_it_takes_from_the_run(tmp_path, capsys):
     one_line_error(rc, err, "no export yet")
     rc, _, err = run_main(E.main, ["--run", str(run), "--task", "countdown", "--out", str(tmp_path / "e.json")], capsys)
     one_line_error(rc, err, "drop --task")
+    rc, _, err = run_main(E.main, ["--run", str(run), "--model", "m", "--task-option", "a=1", "--out",
+                                   str(tmp_path / "e.json")], capsys)
+    one_line_error(rc, err, "--run takes the models, task and options from the run; drop --model, --task-option")
     rc, _, err = run_main(E.main, ["--run", str(run)], capsys)  # (--out defaults to the run's evaluation.json)
     one_line_error(rc, err, "no export yet")
     (run / "evaluation.json").write_text("{}")  # (an earlier one, which r3.report reads: not replaced unasked)
@@ -631,9 +635,15 @@ def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch):
     assert C.read_run_config(run) == cfg
     with pytest.raises(R3Error, match="no export yet"):
         C.read_run(str(run))
-    (run / "export").mkdir()
+    (run / "export").mkdir()  # (an export cut off before its config.json: the run has not finished either)
+    with pytest.raises(R3Error, match="no export yet"):
+        C.read_run(str(run))
     (run / "export" / "config.json").write_text("{}")
     assert C.read_run(str(run)) == cfg
+    for field in ("model", "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):  # (--run reads each)
+        (run / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != field}))
+        with pytest.raises(R3Error, match=f"config.json: missing field '{field}'$"):
+            C.read_run(str(run))
 
     monkeypatch.setattr(C, "load", lambda spec, dtype, device: (object(), None))
     with pytest.raises(R3Error, match="^some/model: no tokenizer$"):
@@ -661,6 +671,14 @@ def test_parse_task_options():
     ("failures", ["--samples", "4", "--temperature", "0"], "greedy"),
     ("evaluate", ["--temperature", "-1"], "temperature"),
     ("evaluate", ["--split", "dev"], "unknown split 'dev'"),
+    # each count flag is checked before anything else (the unknown task is not reached): unchecked,
+    # a 0 reads as unset (256 tokens), or is refused only once the model has loaded, by no flag's name
+    ("evaluate", ["--max-new-tokens", "0", "--task", "nope"], "--max-new-tokens must be a positive integer, got 0"),
+    ("evaluate", ["--max-reflection-tokens", "0", "--task", "nope"],
+     "--max-reflection-tokens must be a positive integer, got 0"),
+    ("evaluate", ["--batch-size", "0", "--task", "nope"], "--batch-size must be a positive integer, got 0"),
+    ("evaluate", ["--task", "r3_test_tasks:CoinTask", "--task-option", "size=0"],
+     "task 'r3_test_tasks:CoinTask': no test examples"),
     ("failures", ["--model", "/no/such/model", "--n", "2"], "does not exist"),
     ("evaluate", ["--model", "/no/such/model", "--n", "2"], "does not exist"),
     ("failures", ["--dtype", "int4"], "invalid choice"),

@@ -74,6 +74,9 @@ def test_unknown_task_names_the_value_and_lists_valid_ones():
     msg = str(e.value)
     assert "'countdwn'" in msg and "countdown" in msg and "function_calling" in msg
     assert "\n" not in msg
+    # every name get() takes: the tasks, the presets, the aliases, and the plug-in form
+    assert msg == ("unknown task 'countdwn'; valid tasks: countdown, function_calling, countdown-tiny, "
+                   "function-calling, xlam, or a plug-in 'package.module:ClassName'")
     with pytest.raises(R3Error):
         tasks.get("")
     with pytest.raises(R3Error):

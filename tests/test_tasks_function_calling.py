@@ -964,6 +964,32 @@ def test_load_json_list_and_jsonl(tmp_path):
             assert t.verify(r, r["answers"])
 
 
+def test_a_test_query_is_never_a_training_query(tmp_path):
+    """The split hashes each record's query, not its id: the synthetic generator draws some short
+    questions more than once (by id, 118 of the default task's 493 test records were training
+    records), and a data file may repeat a query under other ids. Each query stays on one side,
+    and test_fraction is still about the test side's share of the queries."""
+    t = tasks.get("function_calling")
+    train = {r["query"] for r in t.examples("train")}
+    test = [r["query"] for r in t.examples("test")]
+    assert len(test) > 300 and not train & set(test)
+    recs = synthetic_xlam(400, seed=5)
+    queries = sorted({r["query"] for r in recs})
+    assert len(queries) > 250
+    p = tmp_path / "x.jsonl"
+    # every query three times over, under ids of its own, the copies with padding the split ignores
+    p.write_text("".join(json.dumps(dict(r, id=f"{k}-{i}", query=(" " * k) + r["query"])) + "\n"
+                         for k in range(3) for i, r in enumerate(recs)))
+    f = tasks.get("xlam", data_path=str(p), test_fraction=0.3)
+    sides = {}
+    for split in ("train", "test"):
+        for r in f.examples(split):
+            sides.setdefault(r["query"].strip(), set()).add(split)
+    assert len(sides) == len(queries) and all(len(v) == 1 for v in sides.values())
+    share = sum(v == {"test"} for v in sides.values()) / len(sides)
+    assert 0.2 < share < 0.4, share
+
+
 def test_split_seed_and_an_explicit_test_file(tmp_path):
     """split_seed moves records between the splits; test_data_path gives the test split as is."""
     a, b = (tasks.get("xlam", synthetic_size=300, split_seed=s) for s in (0, 1))
@@ -1152,6 +1178,150 @@ def test_synthetic_is_deterministic_and_extends():
     assert synthetic_xlam(50, seed=3) == synthetic_xlam(50, seed=3)
     assert synthetic_xlam(20, seed=3) == synthetic_xlam(50, seed=3)[:20]
     assert synthetic_xlam(20, seed=3) != synthetic_xlam(20, seed=4)
+
+
+# tool -> {the arguments a call gives (sorted): the sentence that asks for it}, written by hand from
+# what each argument means; a value goes in as the query writes it (_said)
+_SENTENCES = {
+    "get_current_weather": {("location",): "What's the weather like in {location} right now?",
+                            ("location", "units"): "Tell me the current weather in {location} in {units}."},
+    "get_weather_forecast": {("days", "location"): "Give me the {days}-day weather forecast for {location}."},
+    "convert_currency": {("amount", "from_currency", "to_currency"): (
+        "Convert {amount} {from_currency} to {to_currency}.",
+        "How much is {amount} {from_currency} in {to_currency}?")},
+    "get_exchange_rate": {("base", "target"): "What is the exchange rate from {base} to {target}?"},
+    "calculate_bmi": {("height_m", "weight_kg"):
+                      "My weight is {weight_kg} kg and I am {height_m} m tall. What is my BMI?"},
+    "is_prime": {("number",): "Is {number} a prime number?"},
+    "factorial": {("n",): "Compute the factorial of {n}."},
+    "fibonacci_sequence": {("n",): "List the first {n} Fibonacci numbers."},
+    "find_max": {("numbers",): "What is the largest number in {numbers}?"},
+    "sort_numbers": {("numbers",): "Sort the numbers {numbers} in ascending order.",
+                     ("descending", "numbers"): "Sort the numbers {numbers} from largest to smallest."},
+    "calculate_average": {("numbers",): "Calculate the average of {numbers}."},
+    "greatest_common_divisor": {("a", "b"): "What is the greatest common divisor of {a} and {b}?"},
+    "web_search": {("query",): "Search the web for '{query}'.",
+                   ("num_results", "query"): "Find {num_results} web results about '{query}'."},
+    "get_stock_price": {("symbol",): "What's the current price of {symbol} stock?"},
+    "translate_text": {("target_language", "text"): "Translate '{text}' into {target_language}.",
+                       ("source_language", "target_language", "text"):
+                           "Translate '{text}' from {source_language} to {target_language}."},
+    "calculate_tip": {("bill_amount", "tip_percent"):
+                          "How much should I tip on a bill of {bill_amount} dollars at {tip_percent} percent?"},
+    "compound_interest": {("annual_rate", "principal", "years"):
+                              "How much will {principal} dollars grow to in {years} years at {annual_rate}% annual "
+                              "interest?",
+                          ("annual_rate", "compounds_per_year", "principal", "years"):
+                              "How much will {principal} dollars grow to in {years} years at {annual_rate}% annual "
+                              "interest, compounded {compounds_per_year}?"},
+    "search_restaurants": {("city", "cuisine"): "Find {cuisine} restaurants in {city}.",
+                           ("city", "cuisine", "max_results"):
+                               "Show me {max_results} {cuisine} restaurants in {city}."},
+    "get_time_zone": {("city",): "Which time zone is {city} in?"},
+    "send_email": {("body", "subject", "to"):
+                   "Send an email to {to} with the subject '{subject}' and the message '{body}'."},
+    "count_word_occurrences": {("text", "word"): "How many times does the word '{word}' appear in '{text}'?",
+                               ("case_sensitive", "text", "word"):
+                                   "Count the case-sensitive occurrences of '{word}' in '{text}'."},
+    "get_movie_details": {("title",): "Tell me about the movie '{title}'.",
+                          ("title", "year"): "Look up details of the {year} movie '{title}'."},
+    "get_flight_status": {("date", "flight_number"): "Is flight {flight_number} on {date} on time?"},
+    "convert_temperature": {("from_unit", "to_unit", "value"): "Convert {value} degrees {from_unit} to {to_unit}."},
+    "join_words": {("words",): "Join the words {words} into one string.",
+                   ("separator", "words"): "Join the words {words} using the separator '{separator}'."},
+    "is_leap_year": {("year",): "Is {year} a leap year?"},
+}
+
+
+def _said(name, value):
+    """An argument's value as a synthetic query writes it."""
+    if name == "annual_rate":
+        return _written(round(value * 100, 6))
+    if name == "compounds_per_year":
+        return {12: "monthly", 4: "quarterly", 365: "daily"}[value]
+    if name == "words":
+        return json.dumps(value)
+    return _written(value) if isinstance(value, float) else str(value)
+
+
+def _asked(call):
+    """The sentences that ask for ``call`` (a flag's value True is said by its sentence)."""
+    args = call["arguments"]
+    made = _SENTENCES[call["name"]][tuple(sorted(args))]
+    said = {k: _said(k, v) for k, v in args.items()}
+    return [s.format(**said) for s in ((made,) if isinstance(made, str) else made)]
+
+
+def test_synthetic_query_is_exactly_the_sentences_of_its_calls_in_order():
+    """A synthetic query is its calls' sentences in the calls' order, nothing else: the first as
+    written, each later one after a space (as written) or after "Also,", "And" or "Then" (its first
+    letter lowered). So every argument is bound to the value the query gives it (a subject is not
+    the body, gcd(a, b) is not gcd(b, a)), and the query asks for what the call does (the largest
+    number, ascending order)."""
+    for r in synthetic_xlam(1500, seed=3):
+        q, calls, pos = r["query"], json.loads(r["answers"]), 0
+        for i, c in enumerate(calls):
+            options = _asked(c)
+            ways = options if i == 0 else \
+                [" " + s for s in options] + [j + s[0].lower() + s[1:] for s in options
+                                              for j in (" Also, ", " And ", " Then ")]
+            way = next((x for x in ways if q.startswith(x, pos)), None)
+            assert way is not None, (i, c, q[pos:], options)
+            pos += len(way)
+        assert pos == len(q), (q, calls)
+
+
+def test_synthetic_values_are_well_formed_and_pairs_distinct():
+    """Values a tool's description fixes the form of have that form (a YYYY-MM-DD date, a flight
+    number, a counted word without punctuation, lower case unless the count is case-sensitive), and a conversion never goes from a unit,
+    currency or language to itself."""
+    pairs = {"convert_currency": ("from_currency", "to_currency"), "get_exchange_rate": ("base", "target"),
+             "convert_temperature": ("from_unit", "to_unit"), "translate_text": ("source_language", "target_language")}
+    seen = set()
+    for r in synthetic_xlam(1500, seed=4):
+        for c in json.loads(r["answers"]):
+            a = c["arguments"]
+            seen.add(c["name"])
+            if c["name"] == "get_flight_status":
+                assert re.fullmatch(r"2024-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])", a["date"]), a
+                assert re.fullmatch(r"[A-Z]{2}[0-9]{2,4}", a["flight_number"]), a
+            if c["name"] in pairs and pairs[c["name"]][0] in a:
+                x, y = (a[k] for k in pairs[c["name"]])
+                assert x != y, c
+    assert set(pairs) | {"get_flight_status"} <= seen
+    _, makers = next(entry for entry in CATALOGUE if entry[0]["name"] == "count_word_occurrences")
+    for seed in range(400):  # (a word of the sentences is followed by a comma one time in 50)
+        for make in makers:
+            _, args = make(random.Random(seed))
+            assert re.fullmatch(r"[A-Za-z]+" if args.get("case_sensitive") else "[a-z]+", args["word"]), args
+
+
+def test_synthetic_tools_list_each_tool_once_in_a_shuffled_order():
+    """The tools of a record are its calls' tools and distractors, each listed once (a distractor
+    is never a tool the query needs, a tool called twice is not listed twice), in an order that
+    does not give the answer away: the first tool listed is often one the query does not call."""
+    first_not_called = 0
+    for r in synthetic_xlam(800, seed=2):
+        names = [t["name"] for t in json.loads(r["tools"])]
+        called = {c["name"] for c in json.loads(r["answers"])}
+        assert len(names) == len(set(names)), names
+        assert called <= set(names)
+        first_not_called += names[0] not in called
+    assert first_not_called > 80  # (in sorted order, with the distractors last: never)
+
+
+def test_synthetic_catalogue_marks_optional_parameters_and_records_vary():
+    """A parameter has a default exactly when its type says ", optional", as in the xlam data (the
+    tool list is all a model reads to know what it may leave out); parallel calls of one tool come
+    in twos as well as threes; and records differ from one index to the next (1763 distinct
+    queries among the first 2000 of seed 0, the rest short single questions drawn again)."""
+    for tool, _ in CATALOGUE:
+        for name, spec in tool["parameters"].items():
+            assert spec["type"].endswith(", optional") == ("default" in spec), (tool["name"], name, spec)
+    recs = synthetic_xlam(2000, seed=0)
+    assert len({r["query"] for r in recs}) > 1500
+    names = [[c["name"] for c in json.loads(r["answers"])] for r in recs]
+    assert sum(len(ns) == 2 and ns[0] == ns[1] for ns in names) > 50
 
 
 def test_default_task_uses_synthetic_data():

@@ -1019,8 +1019,10 @@ class FunctionCallingTask(Task):
     """Tool calling on xlam records: the tools go in the system message, the query is the user
     turn, and the model answers with a JSON list of calls.
 
-    Train/test partition: a hash of each record's id (with ``split_seed``) puts ``test_fraction``
-    of the records in "test", unless ``test_data_path`` gives the test split explicitly.
+    Train/test partition: a hash of each record's query (with ``split_seed``) puts
+    ``test_fraction`` of the queries in "test", unless ``test_data_path`` gives the test split
+    explicitly. Records that share a query (the synthetic generator draws some short questions
+    more than once) stay on one side, so a test query is never a training query.
     """
 
     name = "function_calling"
@@ -1065,7 +1067,7 @@ class FunctionCallingTask(Task):
                     self.synthetic_size, self.synthetic_seed)
                 splits: dict[str, list[dict]] = {"train": [], "test": []}
                 for r in rows:
-                    t = in_test_split(("xlam", r["id"]), split_seed=self.split_seed,
+                    t = in_test_split(("xlam-query", r["query"].strip()), split_seed=self.split_seed,
                                       test_fraction=self.test_fraction)
                     splits["test" if t else "train"].append(r)
                 self._splits = splits

@@ -327,7 +327,7 @@ _tool("send_email", "Send an email.",
 
 def _count(r):
     t = r.choice(SENTENCES)
-    w = r.choice(t.lower().split())
+    w = r.choice(t.lower().split()).strip(",")
     return f"How many times does the word '{w}' appear in '{t}'?", {"text": t, "word": w}
 
 
