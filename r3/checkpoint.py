@@ -337,6 +337,10 @@ def gguf_config(reader, path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
     }
+    rotary = meta("rope.dimension_count", required=False)
+    if rotary is not None and int(rotary) != cfg["head_dim"]:
+        raise R3Error(f"{path}: unsupported GGUF rope.dimension_count {rotary} (RoPE over part of each "
+                      f"head of {cfg['head_dim']} dims)")
     scaling = meta("rope.scaling.type", required=False)
     if scaling not in (None, "none"):
         if scaling != "linear":

@@ -69,6 +69,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"longrope", ...}; None = default
+    partial_rotary_factor: float = 1.0  # Phi-3 family: RoPE turns the first int(head_dim * f) dims
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
@@ -124,6 +125,20 @@ class ModelConfig:
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
         theta = _positive(theta, "rope_theta", source, integral=False)
+        # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the
+        # factor at the top level, or in rope_parameters / rope_scaling); its other families here
+        # rotate whole heads
+        partial = cfg.get("partial_rotary_factor")
+        for d in (rope, cfg.get("rope_scaling") or {}):
+            partial = d.get("partial_rotary_factor") if partial is None else partial
+        partial = 1.0 if partial is None else _positive(partial, "partial_rotary_factor", source, integral=False)
+        if partial != 1.0:
+            if model_type != "phi3":
+                raise R3Error(f"{source}: unsupported partial_rotary_factor for model_type '{model_type}' (only phi3)")
+            rotary = int(head_dim * partial)
+            if partial > 1.0 or rotary < 2 or rotary % 2:
+                raise R3Error(f"{source}: field 'partial_rotary_factor' {partial!r} does not turn an even number "
+                              f"of the {head_dim} dims per head")
         scaling = cfg.get("rope_scaling") or (rope if rope else None)
         if scaling is not None:
             scaling = dict(scaling)
@@ -136,14 +151,12 @@ class ModelConfig:
                     f"{source}: unsupported rope scaling type '{rope_type}' "
                     f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
                 )
-            if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-                raise R3Error(f"{source}: unsupported partial_rotary_factor")
             scaling["rope_type"] = rope_type
             scaling.pop("type", None)
             if rope_type == "default":
                 scaling = None
             elif rope_type == "longrope":
-                scaling = _longrope(cfg, scaling, model_type, int(head_dim), source)
+                scaling = _longrope(cfg, scaling, model_type, int(head_dim * partial), source)
             else:  # linear, llama3: the fields rope_inv_freq reads
                 keys = ("factor",) if rope_type == "linear" else (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -170,6 +183,7 @@ class ModelConfig:
             rms_norm_eps=number("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
+            partial_rotary_factor=partial,
             max_position_embeddings=integer("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -212,6 +226,8 @@ class ModelConfig:
             "dtype": str(dtype).removeprefix("torch."),
             "use_cache": True,
         }
+        if self.partial_rotary_factor != 1.0:
+            cfg["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"] = self.partial_rotary_factor
         windows = {w for w in self.layer_windows if w is not None}
         if self.model_type == "llama":
             cfg["attention_bias"] = self.qkv_bias
@@ -246,9 +262,10 @@ def _positive(value, key: str, source: str, integral: bool):
     return int(value) if integral else float(value)
 
 
-def _longrope(cfg: dict, scaling: dict, model_type: str, head_dim: int, source: str) -> dict:
+def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, source: str) -> dict:
     """LongRoPE parameters as transformers resolves them: the original context length (Phi-3's
-    top-level field first), both factor lists, and the attention factor that scales cos/sin."""
+    top-level field first), both factor lists (one number per pair of rotary dims), and the
+    attention factor that scales cos/sin."""
     max_pos = _positive(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source, True)
     if cfg.get("original_max_position_embeddings") is not None:
         original = _positive(cfg["original_max_position_embeddings"], "original_max_position_embeddings",
@@ -260,9 +277,9 @@ def _longrope(cfg: dict, scaling: dict, model_type: str, head_dim: int, source: 
                              "rope_scaling.original_max_position_embeddings", source, True)
     for key in ("short_factor", "long_factor"):
         values = scaling.get(key)
-        if not isinstance(values, list) or len(values) != head_dim // 2 or not all(
+        if not isinstance(values, list) or len(values) != rotary_dim // 2 or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
-            raise R3Error(f"{source}: rope scaling '{key}' must be a list of {head_dim // 2} numbers")
+            raise R3Error(f"{source}: rope scaling '{key}' must be a list of {rotary_dim // 2} numbers")
     factor = _positive(scaling.get("factor") or max_pos / original, "rope_scaling.factor", source, False)
     attention = scaling.get("attention_factor")
     if attention is None:
@@ -314,9 +331,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] in fp32, with linear, Llama-3 or LongRoPE (the short
-    factors: r3 stays within the original context) scaling applied."""
-    dim = cfg.head_dim
+    """Inverse frequencies [rotary dims / 2] in fp32 (the rotary dims: the whole head, or the
+    part ``partial_rotary_factor`` says), with linear, Llama-3 or LongRoPE (the short factors: r3
+    stays within the original context) scaling applied."""
+    dim = int(cfg.head_dim * cfg.partial_rotary_factor)
     s = cfg.rope_scaling
     if s and s["rope_type"] == "longrope":
         ext = torch.tensor(s["short_factor"], dtype=torch.float32)
@@ -340,7 +358,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
-    """cos and signed sin [B, T, 1, head_dim] for positions [B, T] (computed in fp32, scaled by the
+    """cos and signed sin [B, T, 1, rotary dims] for positions [B, T] (computed in fp32, scaled by the
     attention factor of LongRoPE, cast like transformers); the sin's first half is negated, as
     :func:`apply_rope` wants it."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
@@ -391,8 +409,13 @@ def check_token_limits(cfg: ModelConfig, model: str, **limits: int) -> None:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on ``x [B, T, heads, D]`` with :func:`rope_cos_sin`'s tables: transformers'
-    ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+    ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``. Tables
+    narrower than D (a partial rotary factor) turn the first dims and pass the rest through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + x.roll(r // 2, -1) * sin
+    head = x[..., :r]
+    return torch.cat((head * cos + head.roll(r // 2, -1) * sin, x[..., r:]), dim=-1)
 
 
 class KVCache:

@@ -704,12 +704,13 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
 
 
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
-                rope_scaling: tuple[str, float] | None = None, extra: dict | None = None) -> None:
+                rope_scaling: tuple[str, float] | None = None, extra: dict | None = None,
+                rope_dims: int | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
-    ``<arch>.rope.scaling.*``. ``extra``: GGUF name -> numpy array, written in place of the
-    model's tensor of that name or after them."""
+    ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
+    name -> numpy array, written in place of the model's tensor of that name or after them."""
     import gguf
     import numpy as np
 
@@ -726,6 +727,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
     for key, value in (token_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
+    if rope_dims is not None:
+        w.add_uint32(f"{arch}.rope.dimension_count", rope_dims)
     if rope_scaling is not None:
         w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
         w.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
@@ -916,6 +919,22 @@ def test_gguf_tensors_r3_has_no_place_for(tmp_path):
         with pytest.raises(R3Error) as e:
             load(path, tokenizer=False)
         assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_a_gguf_with_rope_over_part_of_each_head_is_refused(tmp_path):
+    """``rope.dimension_count`` equal to the head size (what llama.cpp writes for llama and qwen2)
+    loads; a smaller one (RoPE over part of each head, which r3 follows only for Phi-3 configs)
+    is one line naming the file and the field, not a model that rotates whole heads."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen2", head_dim=24)
+    path = tmp_path / "m.gguf"
+    _write_gguf(hf, path, "qwen2", bf16=False, rope_dims=24)
+    assert load(path, tokenizer=False)[0].config.head_dim == 24
+    _write_gguf(hf, path, "qwen2", bf16=False, rope_dims=12)
+    with pytest.raises(R3Error) as e:
+        load(path, tokenizer=False)
+    assert str(e.value).startswith(f"{path}: unsupported GGUF rope.dimension_count 12")
 
 
 @pytest.mark.parametrize("extra", ["lm_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"])

@@ -170,3 +170,78 @@ else:
         (lp_c.sum() + kl_c.sum()).backward()
         torch.testing.assert_close(y.grad, x.grad, rtol=0, atol=0)
         torch.testing.assert_close(z.detach(), x.grad, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_first_and_last_vocab_ids_with_a_one_column_last_block(dtype, monkeypatch):
+        """V = 2 * BLOCK_V + 1, so the last block holds a single column, with most of two rows' mass
+        in it; targets on id 0 (a real token, not an ignored one) and on id V - 1: log-probs, KL and
+        gradients of every row as float64's, and the id-0 column gets its (1 - p) share."""
+        monkeypatch.setitem(lk.TRITON_CONFIG_OVERRIDE, "block_v", 128)
+        logits, _, ref = make_case(4, 257, dtype)
+        logits[1::2, 256] = 12.0
+        targets = torch.tensor([0, 0, 256, 256])
+        w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+        x = logits.clone().requires_grad_()
+        logp, kl = fused_logprob_kl(x, targets, ref, backend="triton")
+        ((logp + kl) * w).sum().backward()
+        x64 = logits.double().requires_grad_()
+        lp64, kl64 = logprob_kl_reference(x64, targets, ref.double())
+        ((lp64 + kl64) * w.double()).sum().backward()
+        torch.testing.assert_close(logp.double(), lp64, rtol=0, atol=5e-6)
+        torch.testing.assert_close(kl.double(), kl64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1])
+        assert (x.grad[:2, 0] != 0).all()
+
+    def test_small_kl_differences_keep_their_relative_precision():
+        """For |ref - logp| << 1, exp(d) - d - 1 (and 1 - exp(d) in the backward) cancels to fp32
+        noise: the kernels take the Taylor series there. KL and a KL-only gradient to 1e-5 relative,
+        against float64 on the kernel's own logp (so only the k3 evaluation is measured)."""
+        logits, targets, _ = make_case(6, 300, torch.float32)
+        logp0, _ = fused_logprob_kl(logits, targets, backend="triton")
+        ref = (logp0.double() + torch.tensor([1e-4, -3e-4, 1e-3, -2e-3, 0.3, -0.45], dtype=torch.float64)).float()
+        d = ref.double() - logp0.double()  # exactly the difference the kernel sees
+        x = logits.clone().requires_grad_()
+        logp, kl = fused_logprob_kl(x, targets, ref, backend="triton")
+        assert torch.equal(logp, logp0)
+        err = (kl.detach().double() / (torch.expm1(d) - d) - 1).abs()
+        assert (err <= 1e-5).all(), err
+        kl.sum().backward()
+        onehot = torch.nn.functional.one_hot(targets, 300).double()
+        want_grad = -torch.expm1(d)[:, None] * (onehot - torch.softmax(logits.double(), -1))
+        torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-5, atol=1e-12)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_logits_far_outside_exps_range(dtype, monkeypatch):
+        """Rows of logits around +1000, -1000 and +500 (several blocks): the forward shifts by the
+        running max and the backward by the saved logsumexp, so nothing overflows and the values
+        are float64's (fp32 spacing near 1250 = 1000 / 0.8 is ~1e-4: looser tolerances)."""
+        monkeypatch.setitem(lk.TRITON_CONFIG_OVERRIDE, "block_v", 128)
+        logits, targets, ref = make_case(4, 300, torch.float32)
+        logits = (logits + torch.tensor([1000.0, -1000.0, 500.0, 0.0])[:, None]).to(dtype)
+        x = logits.clone().requires_grad_()
+        logp, kl = fused_logprob_kl(x, targets, ref, 0.8, backend="triton")
+        (logp.sum() + 0.5 * kl.sum()).backward()
+        x64 = logits.double().requires_grad_()
+        lp64, kl64 = logprob_kl_reference(x64, targets, ref.double(), 0.8)
+        (lp64.sum() + 0.5 * kl64.sum()).backward()
+        assert torch.isfinite(logp).all() and torch.isfinite(x.grad.float()).all()
+        torch.testing.assert_close(logp.double(), lp64, rtol=0, atol=3e-4)
+        rtol = 2e-3 if dtype == torch.float32 else GRAD_TOL[dtype][0]
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=1e-5)
+
+    def test_gradient_of_a_row_strided_view(monkeypatch):
+        """Logits that are a column slice of a wider tensor (a padded vocab cut to size: row stride
+        800, V 700) are read in place; the gradient lands in the slice's columns, zeros elsewhere.
+        The block override checks that the tests' multi-block shapes really take effect."""
+        logits, targets, ref = make_case(5, 700, torch.float32)
+        wide = torch.cat([logits, torch.randn(5, 100)], dim=1).requires_grad_()
+        view = wide[:, :700]
+        monkeypatch.setitem(lk.TRITON_CONFIG_OVERRIDE, "block_v", 256)
+        assert view.stride(0) == 800 and lk._launch_config(700, torch.float32)[0] == 256
+        logp, kl = fused_logprob_kl(view, targets, ref, backend="triton")
+        (logp.sum() + kl.sum()).backward()
+        x64 = logits.double().requires_grad_()
+        lp64, kl64 = logprob_kl_reference(x64, targets, ref.double())
+        (lp64.sum() + kl64.sum()).backward()
+        torch.testing.assert_close(wide.grad[:, :700].double(), x64.grad, rtol=1e-4, atol=1e-6)
+        assert torch.equal(wide.grad[:, 700:], torch.zeros(5, 100))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -47,8 +48,6 @@ def test_config_features_are_really_used(tiny_dirs):
 def test_qwen3_and_phi3_features_are_really_used(tiny_dirs):
     """Qwen3's q/k norms and explicit head_dim, Phi-3's LongRoPE (short factors, attention factor)
     are read and change the output, so the parity tests above cover them."""
-    import math
-
     qwen3, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
     attn = qwen3.layers[0].self_attn
     assert qwen3.config.head_dim == 24 and attn.q_norm.weight.shape == (24,) and attn.k_norm.weight.shape == (24,)
@@ -304,6 +303,13 @@ def test_unsupported_options_are_clear_errors():
     ("rope_scaling", {"rope_type": "linear"}, "field 'rope_scaling.factor' must be a positive number, got None"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": "4"},
      "field 'rope_scaling.high_freq_factor'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+     "field 'rope_scaling.original_max_position_embeddings' must be a positive integer, got None"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16.5},
+     "field 'rope_scaling.original_max_position_embeddings' must be a positive integer, got 16.5"),
+    ("rope_theta", float("inf"), "field 'rope_theta' must be a positive number, got inf"),
+    ("num_hidden_layers", True, "field 'num_hidden_layers' must be a positive integer, got True"),
 ])
 def test_hand_edited_config_fields_are_named(field, value, match):
     # a config.json edited by hand: a one-line error naming the field, not a ValueError deep inside
@@ -379,6 +385,7 @@ def test_kv_heads_are_repeated_where_cuda_would_fall_back_to_the_math_kernel():
     assert expands_kv_heads(*qk(T=16, S=64), None, causal=True)  # a prefill into a longer cache
     assert expands_kv_heads(*qk(dtype=torch.float32), None, causal=True)  # flash has no fp32
     assert expands_kv_heads(*qk(D=512), None, causal=True)
+    assert not expands_kv_heads(*qk(D=256), None, causal=True)  # flash's largest head dim
     assert not expands_kv_heads(*qk(kv=8), mask, causal=False)  # one kv head per query head
     assert not expands_kv_heads(*qk(device="cpu"), torch.zeros(2, 1, 16, 16, dtype=torch.bool), causal=False)
 
@@ -434,6 +441,26 @@ def _tiny_llama(seed=0, **kw):
     return model.eval()
 
 
+def test_three_query_heads_per_kv_head(monkeypatch):
+    """6 query heads over 2 kv heads (a group of 3, unlike the tiny checkpoints' 4 over 2, where
+    group and kv head counts coincide): a ragged decode (one masked token per step, the grouped
+    decode path) and the repeated-heads path (CUDA's) give the full forward's logits."""
+    import r3.model as M
+
+    model = _tiny_llama(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    rows = _tokens(64, 2, 10, seed=9)
+    with torch.no_grad():
+        full = model(rows)
+        cache = model.new_cache(2, 16)
+        got = [model(rows[:, :4], positions=torch.arange(4).expand(2, 4), cache=cache)]
+        for t in range(4, 10):
+            got.append(model(rows[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache, kv_len=t + 1))
+        assert (torch.cat(got, dim=1) - full).abs().max().item() <= 1e-4
+        monkeypatch.setattr(M, "expands_kv_heads", lambda q, k, mask, causal: q.shape[1] != k.shape[1])
+        repeated = model(rows)
+    assert (repeated - full).abs().max().item() <= 1e-5
+
+
 def test_cached_forward_mistakes_are_clear_errors():
     """A cached forward without positions, past the cache's slots, or with segments: a clear
     ValueError (a write past the cache would land in another row's slots)."""
@@ -477,6 +504,16 @@ def test_rope_tables_are_computed_in_fp32_for_any_dtype():
     cos16, sin16 = rope_cos_sin(inv, pos, torch.bfloat16)
     assert cos16.dtype == sin16.dtype == torch.bfloat16 and cos16.shape == (1, pos.shape[1], 1, 16)
     assert torch.equal(cos16, cos32.to(torch.bfloat16)) and torch.equal(sin16, sin32.to(torch.bfloat16))
+
+
+def test_linear_rope_scaling_divides_every_frequency():
+    """head_dim 4, theta 1e4: inverse frequencies theta^(-0/4), theta^(-2/4) = 1, 0.01; a linear
+    factor of 4 divides both (the tiny checkpoints use llama3 and LongRoPE scaling, not linear)."""
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=1, num_attention_heads=2, rope_theta=10000.0)
+    torch.testing.assert_close(rope_inv_freq(ModelConfig.from_hf(base)), torch.tensor([1.0, 0.01]))
+    linear = ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    torch.testing.assert_close(rope_inv_freq(linear), torch.tensor([0.25, 0.0025]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -552,6 +589,162 @@ def test_config_edge_cases_follow_transformers():
     qwen = ModelConfig.from_hf({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4,
                                 "layer_types": ["full_attention", "sliding_attention"]})
     assert qwen.layer_windows == [None, 4]
+
+
+@pytest.mark.parametrize("factor,longrope", [(0.5, False), (0.75, True)], ids=["default", "longrope"])
+def test_phi3_partial_rotary_matches_transformers(tmp_path, factor, longrope):
+    """A Phi-3 config with ``partial_rotary_factor`` (Phi-4-mini: 0.75 with LongRoPE) turns only the
+    first int(head_dim * factor) dims of each head, as transformers does: the same logits in a
+    full forward and through the KV cache, and an export that transformers reads back the same."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from r3.checkpoint import save_hf
+
+    head_dim = 24
+    rotary = int(head_dim * factor)
+    g = torch.Generator().manual_seed(3)
+    scaling = {"rope_type": "longrope", "short_factor": (1 + 2 * torch.rand(rotary // 2, generator=g)).tolist(),
+               "long_factor": (4 + 20 * torch.rand(rotary // 2, generator=g)).tolist()} if longrope else None
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=128, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     original_max_position_embeddings=64, partial_rotary_factor=factor, rope_scaling=scaling,
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    model, _ = load(tmp_path / "hf", tokenizer=False)
+    assert model.config.partial_rotary_factor == factor and rope_inv_freq(model.config).shape == (rotary // 2,)
+    tokens = _tokens(128, 2, 40)
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+        ours = model(tokens)
+        assert (ours - ref).abs().max().item() <= 1e-4
+        whole = Transformer(ModelConfig(**{**model.config.__dict__, "partial_rotary_factor": 1.0,
+                                           "rope_scaling": None}))
+        whole.load_state_dict(model.state_dict())
+        assert (whole(tokens) - ref).abs().max().item() > 1e-3  # (the factor matters here)
+        cached = _prefill_then_decode(model, tokens.tolist(), [30, 25])
+        for b in range(2):
+            assert (cached[b] - ours[b]).abs().max().item() <= 1e-4
+    save_hf(model, None, tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    with torch.no_grad():
+        assert (back(tokens).logits.float() - ref).abs().max().item() <= 1e-4
+    assert load(tmp_path / "export", tokenizer=False)[0].config == model.config
+
+
+def test_partial_rotary_factor_is_read_where_transformers_puts_it():
+    """The factor is read at the top level, in rope_parameters (transformers 5) or in rope_scaling;
+    outside Phi-3, or where it turns no even number of dims, it is a one-line error."""
+    from r3.errors import R3Error
+
+    base = dict(model_type="phi3", vocab_size=10, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2)
+    assert ModelConfig.from_hf(base).partial_rotary_factor == 1.0
+    for cfg in ({**base, "partial_rotary_factor": 0.5},
+                {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+                {**base, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}):
+        c = ModelConfig.from_hf(cfg)
+        assert c.partial_rotary_factor == 0.5 and rope_inv_freq(c).shape == (2,), cfg
+    for kind in ("llama", "qwen2", "qwen3", "mistral"):
+        with pytest.raises(R3Error, match=f"unsupported partial_rotary_factor for model_type '{kind}'"):
+            ModelConfig.from_hf({**base, "model_type": kind, "partial_rotary_factor": 0.5})
+    assert rope_inv_freq(ModelConfig.from_hf({**base, "partial_rotary_factor": 0.3})).shape == (1,)  # int(2.4)
+    for bad in (0.1, 0.375, 1.5, 0, "half"):  # 0 dims, 3 dims, more than the head, not a number
+        with pytest.raises(R3Error, match="partial_rotary_factor"):
+            ModelConfig.from_hf({**base, "partial_rotary_factor": bad})
+
+
+def test_longrope_fields_outside_phi3_follow_transformers():
+    """LongRoPE outside Phi-3: the original context is the rope dict's own field; the factor is
+    max_position_embeddings / original unless given, and the attention factor
+    sqrt(1 + ln(factor) / ln(original)) unless given (1 for a factor of 1)."""
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=4096)
+    lr = {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0],
+          "original_max_position_embeddings": 1024}
+    s = ModelConfig.from_hf({**base, "rope_scaling": lr}).rope_scaling
+    assert s["original_max_position_embeddings"] == 1024
+    assert s["attention_factor"] == pytest.approx(math.sqrt(1.2))  # factor 4: 1 + ln 4 / ln 1024
+    s = ModelConfig.from_hf({**base, "rope_scaling": {**lr, "factor": 16.0}}).rope_scaling
+    assert s["attention_factor"] == pytest.approx(math.sqrt(1.4))
+    assert ModelConfig.from_hf({**base, "rope_scaling": {**lr, "attention_factor": 1.5}}).rope_scaling[
+        "attention_factor"] == 1.5
+    assert ModelConfig.from_hf({**base, "rope_scaling": {**lr, "factor": 1.0}}).rope_scaling["attention_factor"] == 1.0
+
+
+def test_window_bias_and_activation_fields_per_family():
+    """Qwen2's window only with use_sliding_window (and, without layer_types or max_window_layers,
+    Qwen2Config's default of 28 full layers first), Phi-3's on every layer; attention_bias for
+    Llama but never Phi-3; swish is silu."""
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2)
+    qwen = {**base, "model_type": "qwen2", "sliding_window": 4, "max_window_layers": 0}
+    assert ModelConfig.from_hf(qwen).layer_windows == [None, None]
+    assert ModelConfig.from_hf({**qwen, "use_sliding_window": True}).layer_windows == [4, 4]
+    qwen.pop("max_window_layers")
+    assert ModelConfig.from_hf({**qwen, "use_sliding_window": True}).layer_windows == [None, None]
+    assert ModelConfig.from_hf({**base, "model_type": "phi3", "sliding_window": 5}).layer_windows == [5, 5]
+    phi3 = ModelConfig.from_hf({**base, "model_type": "phi3", "attention_bias": True})
+    assert not phi3.qkv_bias and not phi3.o_bias
+    llama = ModelConfig.from_hf({**base, "model_type": "llama", "attention_bias": True})
+    assert llama.qkv_bias and llama.o_bias
+    ModelConfig.from_hf({**base, "model_type": "llama", "hidden_act": "swish"})
+
+
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    """Both fields, disagreeing (a hand-edited transformers-4 config): transformers' config takes
+    ``rope_scaling`` (``rope_parameters = rope_scaling or rope_parameters``), and so does r3."""
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2, rope_theta=10000.0)
+    cfg = ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model_type="llama", qkv_bias=True, o_bias=True, mlp_bias=True),
+    dict(model_type="qwen3", qkv_bias=True, qk_norm=True, tie_word_embeddings=True),
+])
+def test_param_shapes_are_the_models_own(kw):
+    """param_shapes (what a checkpoint is checked against) lists exactly the model's parameters and
+    shapes, with heads * head_dim (24) != hidden_size (16) so q/o shapes cannot be confused; the
+    checkpoint names split q/k/v and gate/up by rows."""
+    from r3.model import param_names_hf, param_shapes
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=20, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=12, **kw)
+    got = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
+        assert got.pop("lm_head.weight") == (16, 16)
+    assert got == param_shapes(cfg)
+    hf = param_names_hf(cfg)
+    assert hf["layers.1.self_attn.q_proj.weight"] == (24, 16) and hf["layers.1.self_attn.k_proj.weight"] == (12, 16)
+    assert hf["layers.1.self_attn.v_proj.bias"] == (12,) and hf["layers.1.mlp.up_proj.weight"] == (20, 16)
+    assert "layers.1.self_attn.qkv_proj.weight" not in hf and ("lm_head.weight" in hf) != cfg.tie_word_embeddings
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "phi3", "qwen2"])
+def test_exported_config_reads_back_as_the_same_architecture(kind):
+    """to_hf writes what from_hf reads back unchanged, whether a reader takes both spellings, only
+    transformers 5's (rope_parameters and layer_types) or only 4.x's (rope_scaling and
+    max_window_layers): biases, windows, rope scaling, LongRoPE's original context."""
+    base = dict(model_type=kind, vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=256, rope_theta=5e5)
+    extra = {"llama": {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True,
+                       "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+             "mistral": {"sliding_window": 8, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+             "phi3": {"sliding_window": 32, "original_max_position_embeddings": 64,
+                      "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0]}},
+             "qwen2": {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention",
+                                                                                     "sliding_attention"]}}[kind]
+    cfg = ModelConfig.from_hf({**base, **extra})
+    assert cfg.layer_windows != [None, None] or kind == "llama"
+    hf = cfg.to_hf()
+    v5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "max_window_layers")}
+    v4 = {k: v for k, v in hf.items() if k not in ("rope_parameters", "layer_types")}
+    for d in (hf, v5, v4):
+        assert ModelConfig.from_hf(d) == cfg
 
 
 def test_incomplete_fused_projection_is_an_error():
