@@ -527,11 +527,12 @@ class Session:
         if len(new_tokens) != len(self):
             raise SamplingError(f"append() got {len(new_tokens)} token lists for {len(self)} rows")
         vocab = self.model.config.vocab_size
-        chunks = []
-        for i, (row, toks) in enumerate(zip(self.rows, new_tokens)):
-            toks = [int(t) for t in toks]
+        turns = [[int(t) for t in toks] for toks in new_tokens]
+        for i, toks in enumerate(turns):  # (all checked before any row changes)
             if toks and (min(toks) < 0 or max(toks) >= vocab):
                 raise SamplingError(f"append(): row {i} has a token id outside [0, {vocab})")
+        chunks = []
+        for row, toks in zip(self.rows, turns):
             chunks.append([row[-1]] + toks[:-1] if toks else [])
             row.extend(toks)
         self._feed(chunks)

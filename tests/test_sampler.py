@@ -250,6 +250,8 @@ def test_num_samples_greedy_all_equal_and_prompt_major(tiny):
     single = generate(model, prompts, max_new_tokens=6, temperature=0)
     grouped = generate(model, prompts, max_new_tokens=6, temperature=0, num_samples=3)
     assert grouped.tokens == [single.tokens[0]] * 3 + [single.tokens[1]] * 3
+    pair = generate(model, prompts, max_new_tokens=6, temperature=0, num_samples=2)
+    assert pair.tokens == [single.tokens[0]] * 2 + [single.tokens[1]] * 2
 
 
 def test_num_samples_differ_at_temperature_one(tiny):
@@ -686,6 +688,7 @@ def test_mul32_and_row_uniforms():
         assert _mul32(x, m).tolist() == [(int(a) * m) % 2 ** 32 for a in x]
     keys = row_keys(2048, g, "cpu")
     assert keys.min() >= 0 and keys.max() < 2 ** 62
+    assert (keys >> 32).max() >= 2 ** 29  # 62-bit keys: the high half the hash mixes in is used
     u = torch.cat([row_uniforms(keys, t) for t in range(32)], 1)  # [rows, steps]
     idx = torch.tensor([7, 3, 2000, 3])
     assert torch.equal(row_uniforms(keys[idx], 5), u[idx, 5:6])
@@ -717,6 +720,7 @@ def test_row_uniforms_pinned_and_tabled():
     for t in (0, 1, 299):
         assert table[t].is_contiguous() and torch.equal(table[t], row_uniforms(keys, t)[:, 0])
     assert torch.equal(table.t(), row_uniforms(keys, torch.arange(300)))
+    assert torch.equal(row_uniforms(keys, 2 ** 64 + 5), row_uniforms(keys, 5))  # a step is taken mod 2**32
 
 
 
@@ -1176,9 +1180,9 @@ def _letters(ids):
     return "".join("YZ" if i == 255 else chr(65 + i % 26) for i in ids)
 
 
-def _cut_at_string(tokens, strings):
+def _cut_at_string(tokens, strings, decode=_letters):
     for j in range(1, len(tokens) + 1):
-        if any(x in _letters(tokens[:j]) for x in strings):
+        if any(x in decode(tokens[:j]) for x in strings):
             return tokens[:j]
     return None
 
@@ -1206,6 +1210,11 @@ def test_stop_strings_cut_the_free_run(tiny, sync_every):
             expect = min(ends, key=len) if ends else f
             assert g == expect and fin == bool(ends)
         assert got.tokens[3] == free.tokens[3][:3] or len(got.tokens[3]) < 3
+        # the tensors are padded past each row's stop, where rows that ran on until a check
+        # sampled more: PAD (-1) tokens and 0.0 log-probs
+        pad = got.token_tensor == -1
+        assert torch.equal(pad, torch.arange(got.steps) >= torch.tensor(got.lengths)[:, None])
+        assert (got.logprob_tensor[pad] == 0).all() and (got.logprob_tensor[~pad] < 0).all()
         turns = _rand_prompts(256, [3, 1, 4, 2] * 4, seed=34)
         s.append(turns)
         hist = [list(r) for r in s.tokens]
@@ -1801,3 +1810,319 @@ def test_compiled_decode_across_a_kv_bucket_equals_eager(tiny_dirs):
         comp = generate(model, prompts, max_new_tokens=10, decode="compiled", **kw)
         assert comp.tokens == eager.tokens, kw
         assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
+
+
+# --------------------------------------------------------------------------------------------
+# streams end to end, compaction thresholds, stop-string windows, appends, KV buckets, timings,
+# argument checks, the CLI's flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_sampled_tokens_follow_the_documented_random_streams(tiny):
+    """The streams as the module docstring states them, end to end: each ``sample`` call draws
+    one key per row from the session's generator (``row_keys(B, generator)``, nothing more), and
+    row ``b``'s token at step ``t`` is the inverse-CDF draw with ``row_uniforms(key_b, t)`` from
+    the distribution its history gives (a teacher-forced forward), its log-prob that draw's."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 2, 8], seed=40)
+    for seed, kw in ((0, dict(temperature=1.0)), (1, dict(temperature=0.7, top_k=30))):
+        s = Session.start(model, prompts, seed=seed)
+        ref = torch.Generator().manual_seed(seed)
+        for n in (5, 4):  # two calls: the second draws the next keys
+            hist = [list(r) for r in s.tokens]
+            out = s.sample(n, **kw)
+            keys = row_keys(len(prompts), ref, "cpu")
+            assert torch.equal(s.generator.get_state(), ref.get_state())
+            for b, (h, toks) in enumerate(zip(hist, out.tokens)):
+                with torch.no_grad():
+                    logits = model(torch.tensor([h + toks]))[0, len(h) - 1: -1].float()
+                for t, tok in enumerate(toks):
+                    want, lp = pick_tokens(logits[t][None], u=row_uniforms(keys[b:b + 1], t), **kw)
+                    assert int(want) == tok, (kw, n, b, t)
+                    assert abs(float(lp) - out.logprobs[b][t]) < 1e-4
+
+
+def _stop_ids_for_ends(rows, ends):
+    """Stop ids under which row ``i`` of ``rows`` (unstopped token lists) stops at its
+    ``ends[i]``-th token (None: never), or None when its tokens make that impossible."""
+    stops = {rows[i][e - 1] for i, e in enumerate(ends) if e}
+    got = [next((j + 1 for j, t in enumerate(r) if t in stops), None) for r in rows]
+    return sorted(stops) if got == list(ends) else None
+
+
+def test_compaction_thresholds(tiny, monkeypatch):
+    """The decode batch is compacted once at least a quarter of it has stopped (exactly a quarter
+    included), never to fewer than 2 rows, and ``sample(compact=)`` overrides the session's
+    setting either way."""
+    import itertools
+
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 6], seed=41)
+    free = Session.start(model, prompts, seed=2).fork(4).sample(12, temperature=1.0).tokens
+    sizes = _BatchSizes(monkeypatch)
+
+    def run(ends, session_compact=True, **kw):
+        stops = next(s for s in (_stop_ids_for_ends(free, e) for e in ends) if s is not None)
+        sizes.sizes.clear()
+        s = Session.start(model, prompts, seed=2, compact=session_compact).fork(4)
+        out = s.sample(12, temperature=1.0, stop_token_ids=stops, **kw)
+        for got, f in zip(out.tokens, free):  # (the samples are the same either way)
+            assert got == f[:len(got)]
+        return list(sizes.sizes)
+
+    def pattern(rows, steps):  # ends: the rows ``rows`` stop at the given steps, in any order
+        for perm in itertools.permutations(steps):
+            ends = [None] * 8
+            for r, e in zip(rows, perm):
+                ends[r] = e
+            yield ends
+
+    quarter = [e for a in range(2, 6) for e in pattern([1, 6], [a, a + 1])]  # 2 of 8 stopped: a quarter
+    assert min(run(quarter)) == 6
+    assert set(run(quarter, compact=False)) == {8}  # the call's setting wins, either way
+    assert min(run(quarter, session_compact=False, compact=True)) == 6
+    assert set(run([e for a in range(2, 9) for e in pattern([3], [a])])) == {8}  # 1 of 8: no
+    # all rows but one stop, one after another: the batch shrinks to 2 rows, never to 1
+    got = run(pattern([0, 1, 2, 3, 4, 5, 7], range(2, 9)))
+    assert min(got) == 2 and got[-1] == 2, got
+
+
+def test_timings_are_carried_and_throughput_counts_them(tiny):
+    """``prefill_s`` is the time spent feeding tokens: a session made by ``select``/``fork``
+    carries its parent's, ``append`` adds to it, and ``generate`` reports it; ``tokens_per_s``
+    divides the completion tokens by prefill + decode time, ``decode_tokens_per_s`` by the
+    decode time alone (inf for no time)."""
+    import dataclasses
+
+    from r3.sampler import Samples
+
+    model, _ = tiny["llama"]
+    s = Session.start(model, [[1, 2, 3], [4, 5]])
+    assert s.prefill_s > 0
+    f = s.fork(2)
+    assert f.prefill_s == s.prefill_s and f.select([3, 0]).prefill_s == s.prefill_s
+    f.append([[7, 8]] * 4)
+    assert f.prefill_s > s.prefill_s
+    out = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=3, num_samples=2, temperature=0)
+    assert out.prefill_s > 0 and out.decode_s > 0
+    samples = Samples(tokens=[[1, 2], [3]], logprobs=[[-1.0, -1.0], [-1.0]], finished=[True, False], lengths=[2, 1],
+                      token_tensor=torch.tensor([[1, 2], [3, -1]]), logprob_tensor=torch.zeros(2, 2), steps=2,
+                      prefill_s=1.0, decode_s=2.0)
+    assert samples.new_tokens == 3 and samples.tokens_per_s == 1.0 and samples.decode_tokens_per_s == 1.5
+    idle = dataclasses.replace(samples, prefill_s=0.0, decode_s=0.0)
+    assert idle.tokens_per_s == idle.decode_tokens_per_s == float("inf")
+
+
+def test_bad_argument_values_and_types_are_clear_errors(tiny):
+    """Arguments of the wrong type or NaN are refused with a SamplingError that names them
+    (not a TypeError from deep inside, nor a silent NaN draw); a bad prompt, row or fork count is
+    named by its index and value."""
+    model, _ = tiny["llama"]
+    nan = float("nan")
+    for kw, name in ((dict(max_new_tokens=2.5), "max_new_tokens"), (dict(top_k=2.5), "top_k"),
+                     (dict(temperature=nan), "temperature"), (dict(top_p=nan), "top_p"),
+                     (dict(num_samples=2.0), "num_samples"), (dict(vocab_size=0), "vocab_size")):
+        with pytest.raises(SamplingError, match=name):
+            generate(model, [[1, 2]], **{"max_new_tokens": 2, **kw})
+    with pytest.raises(SamplingError, match=r"^prompt 1 is empty$"):
+        generate(model, [[1], []], max_new_tokens=2)
+    with pytest.raises(SamplingError, match=r"^prompt 1 has token id -1 outside \[0, 256\)$"):
+        generate(model, [[1], [3, -1]], max_new_tokens=2)
+    with pytest.raises(SamplingError, match=r"^prompt 0 has token id 300 outside \[0, 256\)$"):
+        generate(model, [[300, 2]], max_new_tokens=2)
+    s = Session.start(model, [[1, 2], [3]])
+    for bad in ([[4], [-1]], [[4], [256]]):
+        with pytest.raises(SamplingError, match=r"row 1 has a token id outside \[0, 256\)"):
+            Session.start(model, [[1, 2], [3]]).append(bad)
+    with pytest.raises(SamplingError, match="row -1 out of range"):
+        s.select([-1])
+    with pytest.raises(SamplingError, match=r"fork\(\) needs n >= 1, got 0"):
+        s.fork(0)
+    for kw in (dict(max_new_tokens=0), dict(max_new_tokens=2, top_p=1.5), dict(max_new_tokens=2, temperature=nan)):
+        with pytest.raises(SamplingError):
+            s.sample(**kw)
+    assert s.lengths == [2, 1]  # (nothing was fed or sampled)
+
+
+def _spaced(ids):
+    """A stand-in SentencePiece-like tokenizer: token i is a space when i % 8 == 0, else the
+    letter chr(65 + i % 26); decoding drops the text's leading space (as SentencePiece drops the
+    '▁' that starts the first token it decodes)."""
+    return "".join(" " if i % 8 == 0 else chr(65 + i % 26) for i in ids).removeprefix(" ")
+
+
+def test_stop_strings_window_holds_a_token_before_the_text(tiny):
+    """The window holds one token more than the stop string has bytes, so a decoder whose text
+    for a token depends on the token before it (SentencePiece's leading space) still shows a
+    stop string that begins with a space -- at every check, wherever the string ends in it."""
+    stop = StopStrings([" A", " C"], _spaced)
+    assert stop.window == 3
+    assert stop.completed([1, 8, 2]) and not stop.completed([8, 2])  # "B C"; a completion starting " C" reads "C"
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    strings = [" A", " B", " C", " D", " E"]
+    free = Session.start(model, prompts, seed=8).fork(4).sample(40, temperature=1.0)
+    want = [_cut_at_string(t, strings, _spaced) for t in free.tokens]
+    assert sum(w is not None and len(w) > 3 for w in want) >= 3, want
+    for sync_every in (1, 3):
+        got = Session.start(model, prompts, seed=8).fork(4).sample(
+            40, temperature=1.0, stop_strings=StopStrings(strings, _spaced), sync_every=sync_every)
+        assert got.tokens == [f if w is None else w for f, w in zip(free.tokens, want)], sync_every
+        assert got.finished == [w is not None for w in want]
+
+
+def test_sample_refuses_positions_past_longrope_before_decoding(tiny, monkeypatch):
+    """A request whose last position would pass the model's LongRoPE limit (the tiny phi3's
+    original_max_position_embeddings, 64) is refused up front -- no decode step runs, the rows
+    are unchanged -- which the compiled step, which does not check, relies on; exactly reaching
+    the limit samples."""
+    model, _ = tiny["phi3"]
+    sizes = _BatchSizes(monkeypatch)
+    s = Session.start(model, [[1] * 60, [2] * 30])
+    with pytest.raises(R3Error, match="original_max_position_embeddings = 64"):
+        s.sample(6, temperature=0)  # the 6th token would sit at position 65
+    assert sizes.sizes == [] and s.lengths == [60, 30]
+    assert s.sample(5, temperature=0).lengths == [5, 5]
+
+
+def test_stops_are_noticed_every_sync_every_steps(tiny):
+    """The loop notices stopped rows at every ``sync_every``-th step: once every row has stopped
+    it ends there (``steps``), the tokens the same whatever ``sync_every`` is."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 9, 6], seed=10)
+    free = generate(model, prompts, max_new_tokens=12, seed=5).tokens
+    stops = sorted({free[0][1], free[1][0], free[2][1]})
+    last = max(next(i + 1 for i, t in enumerate(r) if t in stops) for r in free)
+    assert last <= 2
+    for sync_every, steps in ((1, last), (4, 4), (5, 5), (20, 12)):
+        s = Session.start(model, prompts, seed=5)
+        out = s.sample(12, stop_token_ids=stops, sync_every=sync_every)
+        assert out.steps == steps and all(out.finished), sync_every
+        assert out.tokens == [f[: f.index(next(t for t in f if t in stops)) + 1] for f in free]
+
+
+def test_a_refused_append_leaves_every_row_unchanged(tiny):
+    """``append`` checks every row's tokens before it changes any row: after a SamplingError for
+    a bad id in row 1, row 0 has not taken its turn either (its history would otherwise hold
+    tokens that were never fed to the cache, and the session would go on sampling from a
+    history other than the one it reports)."""
+    model, _ = tiny["qwen2"]
+    s = Session.start(model, [[1, 2, 3, 9, 10, 11], [4, 5]], seed=0)
+    with pytest.raises(SamplingError, match="row 1"):
+        s.append([[6, 7, 30, 31], [-1]])
+    assert s.tokens == [[1, 2, 3, 9, 10, 11], [4, 5]]
+    hist = [list(r) for r in s.tokens]
+    got = s.sample(4, temperature=0)
+    fresh = Session.start(model, hist).sample(4, temperature=0)
+    assert got.tokens == fresh.tokens
+    assert torch.allclose(got.logprob_tensor, fresh.logprob_tensor, atol=1e-5)
+
+
+def test_append_with_empty_turns_in_small_prefill_groups_continues_exactly(tiny):
+    """``append`` where some rows' turns are empty (those rows stay as they are, their pending
+    token still pending), fed in prefill groups of a few tokens (``prefill_tokens``): a row
+    longer than a group gets a group of its own, a group whose rows all have empty turns feeds
+    nothing, and one whose first rows are empty feeds the rest at their own positions and cache
+    rows. The session then continues exactly as a fresh prefill of the whole history would."""
+    model, _ = tiny["qwen2"]
+    prompts = _rand_prompts(256, [3, 7, 5, 2, 6], seed=42)
+    for prefill_tokens in (4, 16384):
+        s = Session.start(model, prompts, seed=1, prefill_tokens=prefill_tokens)
+        s.sample(3, temperature=1.0)
+        s.append([[]] * 5)  # nothing at all
+        s.append([[], [9, 10], [], [], [11]])  # (2 tokens: groups of rows 0-1, 2-3, 4 at 4 tokens)
+        s.append([[], [], [], [12, 13, 14, 15, 16, 17], []])  # (6 tokens: a group per row)
+        hist = [list(r) for r in s.tokens]
+        assert [len(h) for h in hist] == [len(p) + 3 + n for p, n in zip(prompts, [0, 2, 0, 6, 1])]
+        got = s.sample(5, temperature=0)
+        fresh = Session.start(model, hist).sample(5, temperature=0)
+        assert got.tokens == fresh.tokens, prefill_tokens
+        assert torch.allclose(got.logprob_tensor, fresh.logprob_tensor, atol=1e-5), prefill_tokens
+
+
+def test_cli_passes_its_flags_on_and_prints_each_sample(builtin, monkeypatch, capsys):
+    """The CLI builds the chat prompt from ``--system`` and ``--prompt``, hands every sampling flag
+    to ``generate`` (defaults: temperature 1, no top-k / top-p, one sample, no seed), stops at a
+    checkpoint's list of eos ids too, caps ``vocab_size`` at the embedding's rows when the
+    tokenizer has more, and prints each sample under a header that says which were cut off.
+    Mistakes are refused before the model loads."""
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    config = SimpleNamespace(vocab_size=len(tok) - 5, eos_token_id=[7, None], max_position_embeddings=8192)
+    seen, loads = [], []
+    paris, lyon = tok("Paris")["input_ids"], tok("Lyon is")["input_ids"]
+
+    def fake_generate(model, prompts, **kw):
+        seen.append((prompts, kw))
+        return SimpleNamespace(tokens=[paris + [eos], lyon], finished=[True, False], new_tokens=3, prefill_s=0.0,
+                               decode_s=1.0, tokens_per_s=1.0)
+
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: loads.append(a) or (SimpleNamespace(config=config), tok))
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--prompt", "Where?", "--system", "Answer in French.", "--max-new-tokens", "4",
+                     "--temperature", "0.5", "--top-k", "7", "--top-p", "0.8", "--num-samples", "2", "--seed", "11",
+                     "--device", "cpu"]) == 0
+    (prompts, kw), = seen
+    text = tok.decode(prompts[0])
+    assert "Answer in French." in text and "Where?" in text
+    flags = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "seed", "vocab_size", "decode")
+    assert {k: kw[k] for k in flags} == dict(max_new_tokens=4, temperature=0.5, top_k=7, top_p=0.8, num_samples=2,
+                                             seed=11, vocab_size=len(tok) - 5, decode="eager")
+    assert {7, eos} <= set(kw["stop_token_ids"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"--- sample 1/2 ({len(paris) + 1} tokens) ---", "Paris",
+        f"--- sample 2/2 ({len(lyon)} tokens, truncated) ---", "Lyon is"]
+    seen.clear()
+    assert cli.main(["--prompt", "Where?", "--device", "cpu"]) == 0
+    (_, kw), = seen
+    assert {k: kw[k] for k in flags[1:6]} == dict(temperature=1.0, top_k=0, top_p=1.0, num_samples=1, seed=None)
+    loads.clear()
+    for flag, value in (("--num-samples", "0"), ("--max-new-tokens", "0")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--prompt", "Where?", "--device", "cpu", flag, value])
+        assert e.value.code == 2 and f"error: {flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert loads == []
+
+
+def test_stop_string_completed_right_after_a_compaction(tiny):
+    """A compaction re-indexes the rows' stop-string state with the batch: a row kept in the
+    compacted batch whose tokens complete a stop string at the very next step is cut there, not
+    a step later (which rows the next check searches follows the rows, not their old places)."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 6], seed=41)
+    free = Session.start(model, prompts, seed=2).fork(4).sample(12, temperature=1.0).tokens
+    case = None
+    for a in range(8):  # rows a < b stop on ids at step 2 (a quarter: the batch is compacted)...
+        for b in range(a + 1, 8):
+            stops = _stop_ids_for_ends(free, [2 if i in (a, b) else None for i in range(8)])
+            kept = [i for i in range(8) if i not in (a, b)]
+            for r in kept[:2]:  # ...and row r, whose new place was a stopped row's, ends on a string at step 3
+                text = _letters(free[r][:3])
+                if stops is not None and kept.index(r) in (a, b) and text[1:] not in text[:2]:
+                    case = case or (stops, r, text[1:])
+    assert case is not None
+    stops, r, string = case
+    got = Session.start(model, prompts, seed=2).fork(4).sample(
+        12, temperature=1.0, stop_token_ids=stops, stop_strings=StopStrings([string], _letters))
+    assert got.tokens[r] == free[r][:3] and got.finished[r]
+    for g, f in zip(got.tokens, free):
+        by_id = next((f[:j + 1] for j, t in enumerate(f) if t in stops), None)
+        ends = [x for x in (_cut_at_string(f, [string]), by_id) if x is not None]
+        assert g == (min(ends, key=len) if ends else f)
+
+
+def test_decode_across_a_kv_bucket_equals_teacher_forcing(builtin, chat):
+    """A decode step reads the KV slots up to and including its own position: the length it
+    asks for is rounded up to a KV bucket (64 slots), so one slot too few would show only at a
+    bucket's first slot (position 64 here), where a step would miss its own key. On a real model
+    (a tiny random one attends almost uniformly) the log-probs across it are a teacher-forced
+    forward's."""
+    model, tok = builtin
+    prompt = (chat[1] * 3)[:60]  # decode positions 59..68
+    out = generate(model, [prompt, chat[0]], max_new_tokens=10, temperature=0, vocab_size=len(tok))
+    for p, t, lp in zip([prompt, chat[0]], out.tokens, out.logprobs):
+        assert max(abs(a - b) for a, b in zip(lp, _teacher_forced(model, p, t))) < 1e-4
