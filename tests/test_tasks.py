@@ -1529,6 +1529,17 @@ def test_final_equation_refuses_a_denied_equation_on_its_own():
         # and what stays right: a question before it, a given number written as words after it
         (False, [5, 23], 28, "Which sum gives 28? 5 + 23 = 28", True),
         (False, [5, 23], 28, "5 + 23 = 28, using twenty-three and five.", True),
+        # round 12 of mutation (r3/tasks/recheck.py): a later "</think>" is text, not a second
+        # reasoning block: a wrong equation between the two is read (and refused)
+        (True, [1, 2, 3], 6, "<think>x</think> 1 + 2 + 4 = 6 </think> <answer>1 * 2 * 3</answer>", False),
+        # a closing tag with no opening tag before it is no answer block, whatever follows it
+        (True, [1, 2, 3], 6, "1 * 2 * 3</answer>\n\n", False),
+        # two opening tags: the block is what follows the last one
+        (True, [1, 2, 3], 6, "<answer><answer>1 * 2 * 3</answer>", True),
+        # a lone Markdown bold marker is no emphasis to strip: "**26" is a power
+        (False, [26, 24], 50, "**26 + 24 = 50", False),
+        # a later number with a leading zero is no given number (nor the target), whatever its value
+        (False, [5, 23], 28, "5 + 23 = 28. Check: 028.", False),
     ],
 )
 def test_countdown_newer_rules_found_by_mutation(tags, nums, target, completion, expected):

@@ -725,6 +725,16 @@ BIG = dict(EX, answers=dumps([{"name": "convert", "arguments": {"amount": 900719
         # an integer argument past a float's 53 bits is compared exactly
         (BIG, '[{"name": "convert", "arguments": {"amount": 9007199254740993, "to": "EUR"}}]', True),
         (BIG, '[{"name": "convert", "arguments": {"amount": 9007199254740992, "to": "EUR"}}]', False),
+        # round 12: a list argument is compared in order, never as a multiset of its items
+        (DAYS, '[{"name": "get_weather", "arguments": {"city": "Paris", "days": [2, 1], "hourly": 1}}]', False),
+        # a function's name is compared exactly, never case-folded
+        (EX, dumps([dict(c, name=c["name"].upper()) for c in CALLS]), False),
+        # metadata beside a call is a scalar: a list or an object there is no call
+        (EX, dumps([dict(c, id=[k]) for k, c in enumerate(CALLS)]), False),
+        (EX, dumps([dict(c, index={"k": k}) for k, c in enumerate(CALLS)]), False),
+        (EX, dumps([dict(c, id="call_%d" % k) for k, c in enumerate(CALLS)]), True),
+        # a reference call whose arguments are null is matched by no call, not by one without arguments
+        (dict(EX, answers=dumps([{"name": "get_weather", "arguments": None}])), '[{"name": "get_weather"}]', False),
     ],
 )
 def test_recheck_rules_found_by_mutation(example, completion, ok):
