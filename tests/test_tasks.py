@@ -1540,6 +1540,9 @@ def test_final_equation_refuses_a_denied_equation_on_its_own():
         (False, [26, 24], 50, "**26 + 24 = 50", False),
         # a later number with a leading zero is no given number (nor the target), whatever its value
         (False, [5, 23], 28, "5 + 23 = 28. Check: 028.", False),
+        # the written result is compared with its sign (a fuzz test alone caught an absolute value)
+        (False, [26, 24], 2, "26 - 24 = -2", False),
+        (True, [26, 24], 2, "<answer>26 - 24 = -2</answer>", False),
     ],
 )
 def test_countdown_newer_rules_found_by_mutation(tags, nums, target, completion, expected):

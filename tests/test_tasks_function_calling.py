@@ -735,6 +735,12 @@ BIG = dict(EX, answers=dumps([{"name": "convert", "arguments": {"amount": 900719
         (EX, dumps([dict(c, id="call_%d" % k) for k, c in enumerate(CALLS)]), True),
         # a reference call whose arguments are null is matched by no call, not by one without arguments
         (dict(EX, answers=dumps([{"name": "get_weather", "arguments": None}])), '[{"name": "get_weather"}]', False),
+        # calls are a multiset: one call twice is not the one reference call, nor is one call two
+        # equal reference calls (before, only the random-completion test caught a mutant here)
+        (dict(EX, answers=dumps(CALLS[:1])), dumps(CALLS[:1] * 2), False),
+        (dict(EX, answers=dumps(CALLS[:1] * 2)), dumps(CALLS[:1]), False),
+        (dict(EX, answers=dumps(CALLS[:1] * 2)), dumps(CALLS[:1] * 2), True),
+        (dict(EX, answers=dumps(CALLS[:2])), dumps(CALLS[:1] * 2), False),  # as many calls, one twice
     ],
 )
 def test_recheck_rules_found_by_mutation(example, completion, ok):
