@@ -2013,3 +2013,199 @@ def test_data_and_config_files_with_a_byte_order_mark_are_read(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lr": 3e-6}).encode())
     assert parse_args(["--config", str(cfg)]).lr == 3e-6
+
+
+# ---------------------------------------------------------------------------------------
+# the problem side, found by mutation (solver edges, generator options, file rows)
+# ---------------------------------------------------------------------------------------
+def test_solver_finds_targets_reached_only_through_fractions():
+    """The float pre-filter of the generator reads each fractional sub-result as a float: targets
+    reached only through one are found (the classic 24s: 5 * (5 - 1 / 5), 8 / (3 - 8 / 3)). With "/"
+    alone three numbers x, y, z reach x * z / y and x / (y * z): 3 * 4 / 6 = 2 and 4 * 6 / 3 = 8."""
+    assert reachable_targets([1, 5, 5, 5], lo=24, hi=24) == [24]
+    assert reachable_targets([3, 3, 8, 8], lo=24, hi=24) == [24]
+    assert reachable_targets([3, 4, 6], "/") == [2, 8]
+    # with - and / alone, 8 / (3 - 8 / 3) = 24 and 8 / (8 / 3 - 3) = -24 divide by a sub-result 1/3
+    # (-1/3) whose inverse no other subset makes: a float pre-filter reading it wrong loses both
+    found = reachable_targets([3, 3, 8, 8], "-/")
+    assert 24 in found and -24 in found
+    assert check_answer(solve([3, 3, 8, 8], 24, "-/"), [3, 3, 8, 8], 24)[0]
+
+
+def test_solver_bounds_are_inclusive_and_one_number_is_itself():
+    """reachable_targets keeps both ends of [lo, hi]: 2 and 3 make 3 - 2 = 1, 2 + 3 = 5 and
+    2 * 3 = 6 in [1, 6]; one number reaches itself only."""
+    assert reachable_targets([2, 3], lo=1, hi=6) == [1, 5, 6]
+    assert reachable_targets([5], lo=5, hi=5) == [5] and reachable_targets([5]) == [5]
+    assert reachable_targets([5], lo=6, hi=9) == [] and reachable_targets([5], lo=1, hi=4) == []
+    assert solve([5], 5) == "5" and solve([5], 4) is None
+
+
+def test_solver_takes_one_to_six_numbers():
+    """MAX_NUMS is 6: six numbers are solved (and allowed in a data file), none or seven raise."""
+    from r3.tasks.countdown import MAX_NUMS, validate_record
+
+    assert MAX_NUMS == 6
+    assert check_answer(solve([1, 2, 3, 4, 5, 6], 21, "+"), [1, 2, 3, 4, 5, 6], 21)[0]
+    assert check_answer(solve([1, 2, 3, 4, 5, 6], 720, "*"), [1, 2, 3, 4, 5, 6], 720)[0]
+    assert validate_record("r", {"target": 21, "nums": [1, 2, 3, 4, 5, 6]}, 0)["nums"] == [1, 2, 3, 4, 5, 6]
+    for nums in ([], [1] * 7):
+        with pytest.raises(R3Error, match="solve: need 1 to 6 numbers"):
+            solve(nums, 7)
+    assert CountdownTask(min_count=6, max_count=6, ops="+").max_count == 6
+
+
+def test_a_reachable_target_whose_float_witness_is_inexact_is_still_found():
+    """The pre-filter's first way to 0 from these numbers is 7 / (997 * 998 * 999) / 1 ~ 7e-9 (not
+    0), yet (999 - 998 - 1) / 997 / 7 is exactly 0: an inexact witness falls back to the exact search
+    (dropping the target instead would lose solvable problems)."""
+    from r3.tasks.countdown import _apply, _candidate_targets, _solve_with
+
+    nums = (1, 7, 997, 998, 999)
+    witness = _candidate_targets(nums, "+-*/", 0, 0)[0]
+    assert _apply(witness[0], witness[2], witness[4]) != 0  # (the premise: the witness is inexact)
+    assert reachable_targets(list(nums), lo=0, hi=0) == [0]
+    solution = _solve_with(nums, 0, "+-*/", witness)
+    assert solution is not None and check_answer(solution, list(nums), 0)[0]
+
+
+def test_generated_targets_reach_both_ends_of_the_target_range():
+    """The target range is inclusive at both ends: a range of one value gives that value, and a
+    range of two gives both."""
+    one = CountdownTask(difficulty="easy", min_target=10, max_target=10).examples("train", n=20)
+    assert {e["target"] for e in one} == {10}
+    two = CountdownTask(difficulty="easy", min_target=1, max_target=2).examples("train", n=30)
+    assert {e["target"] for e in two} == {1, 2}
+
+
+def test_generated_rows_keep_the_drawn_order_and_unique_ids():
+    """nums are stored in the order drawn (not sorted: the public export is not sorted either), and
+    ids name the split, the seed and the position, so two seeds or splits never share an id."""
+    exs = CountdownTask().examples("train", n=40, seed=0)
+    assert any(e["nums"] != sorted(e["nums"]) for e in exs)
+    assert [e["id"] for e in exs[:2]] == ["countdown-train-0-0", "countdown-train-0-1"]
+    ids = [e["id"] for seed in (0, 1) for split in ("train", "test")
+           for e in CountdownTask().examples(split, n=10, seed=seed)]
+    assert len(set(ids)) == len(ids) == 40
+
+
+def test_the_countdown_tiny_data_is_pinned():
+    """The README's results were measured on countdown-tiny's generated problems: a change to the
+    generator (its seeding, draws or target choice) silently changes the benchmark. The first test
+    problem is the README's own prompt example, 8 and 3 make 5."""
+    t = tasks.get("countdown-tiny")
+    assert (t.min_num, t.max_num, t.min_target, t.max_target) == (1, 30, 1, 60)
+    assert [(e["nums"], e["target"]) for e in t.examples("test", n=4)] == \
+        [([8, 3], 5), ([11, 27], 16), ([18, 28], 46), ([10, 18], 28)]
+    assert [(e["nums"], e["target"]) for e in t.examples("train", n=4)] == \
+        [([16, 5], 21), ([20, 23], 3), ([12, 8], 4), ([7, 24], 31)]
+
+
+def test_an_empty_split_is_an_error_only_when_examples_are_asked_for():
+    """test_fraction 1.0 leaves no training problems (and 0.0 no test ones): asking for some says
+    so at once, asking for none gives none."""
+    every = CountdownTask(test_fraction=1.0)
+    with pytest.raises(R3Error, match=r"test_fraction=1.0 leaves the train split empty"):
+        every.examples("train", n=1)
+    assert every.examples("train", n=0) == [] and len(every.examples("test", n=3)) == 3
+    assert CountdownTask(test_fraction=0.0).examples("test", n=0) == []
+
+
+def test_the_generator_gives_up_after_draws_scaled_by_its_splits_share(monkeypatch):
+    """Before "found only" the generator draws (200 n + 2000) / share candidate problems, share being
+    its split's fraction: a split holding a tenth of the problems gets ten times the draws (not a
+    tenth, which gave up while problems were left)."""
+    import r3.tasks.countdown as cd
+
+    calls = []
+    real = cd.in_test_split
+    monkeypatch.setattr(cd, "in_test_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t = CountdownTask(min_count=2, max_count=2, min_num=1, max_num=1, min_target=50, max_target=60,
+                      ops="+", test_fraction=0.9)  # 1 + 1 never reaches 50
+    with pytest.raises(R3Error, match="found only 0"):
+        t.examples("train", n=1)
+    assert len(calls) == 22000  # (200 * 1 + 2000) / 0.1
+
+
+def test_split_seed_repartitions_generated_and_loaded_problems(tmp_path):
+    """split_seed picks another partition, for generated problems and for a file's rows."""
+    def sides(**kw):
+        t = CountdownTask(difficulty="easy", **kw)
+        return {tuple(sorted(e["nums"])) for e in t.examples("test", n=40)}
+
+    assert sides(split_seed=0) != sides(split_seed=1)
+    p = tmp_path / "cd.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in _rows(40)))
+    keys = [{str(e["nums"]) for e in CountdownTask(data_path=str(p), split_seed=s).examples("test")} for s in (0, 1)]
+    assert keys[0] != keys[1]
+
+
+def test_a_files_rows_are_split_by_their_target_too(tmp_path):
+    """Rows are partitioned by (sorted numbers, target): rows with the same numbers but other
+    targets are other problems, and fall on both sides."""
+    rows = [{"target": t, "nums": [3, 5]} for t in range(40)]
+    p = tmp_path / "cd.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    t = CountdownTask(data_path=str(p), test_fraction=0.5)
+    assert t.examples("train") and t.examples("test")
+
+
+def test_loaded_rows_are_copies_and_keep_or_number_their_ids(tmp_path):
+    """A caller editing a returned example does not edit the loaded data; a row's own id is kept and
+    a row without one gets its index from 0."""
+    p = tmp_path / "cd.jsonl"
+    p.write_text('{"target": 5, "nums": [1, 4], "id": "a"}\n{"target": 3, "nums": [1, 2]}\n'
+                 '{"target": 9, "nums": [4, 5]}\n')
+    t = CountdownTask(data_path=str(p), test_data_path=str(p))
+    assert sorted(map(str, (e["id"] for e in t.examples("train")))) == ["1", "2", "a"]
+    t.examples("train")[0]["nums"].append(99)
+    assert all(99 not in e["nums"] for e in t.examples("train"))
+
+
+@pytest.mark.parametrize("rec,clean", [
+    ({"target": 5.0, "nums": [1.0, 4]}, {"target": 5, "nums": [1, 4], "id": 7}),  # integral floats
+    ({"target": 0, "nums": [0, 0]}, {"target": 0, "nums": [0, 0], "id": 7}),  # zero is a number
+    ({"target": 7, "nums": [7], "id": "x", "extra": 1}, {"target": 7, "nums": [7], "id": "x", "extra": 1}),
+])
+def test_validate_record_accepts_and_cleans(rec, clean):
+    from r3.tasks.countdown import validate_record
+
+    row = validate_record("f, line 8", rec, 7)
+    assert row == clean and type(row["target"]) is int and all(type(x) is int for x in row["nums"])
+
+
+@pytest.mark.parametrize("rec,match", [
+    ({"target": 5, "nums": []}, r"f, line 8: field 'nums' must be a list of 1 to 6 integers"),
+    ({"target": 5, "nums": [1] * 7}, r"f, line 8: field 'nums' must be a list of 1 to 6 integers"),
+    ({"target": True, "nums": [1, 4]}, r"f, line 8: field 'target' must be an integer, got True"),
+])
+def test_validate_record_refuses(rec, match):
+    from r3.tasks.countdown import validate_record
+
+    with pytest.raises(R3Error, match=match):
+        validate_record("f, line 8", rec, 7)
+
+
+def test_countdown_range_options_refuse_negative_numbers_and_empty_target_ranges():
+    with pytest.raises(R3Error, match="min_num"):
+        tasks.get("countdown", min_num=-1)
+    with pytest.raises(R3Error, match="max_target"):
+        tasks.get("countdown", min_target=50, max_target=10)
+
+
+def test_countdown_preset_sizes():
+    """The presets' default sizes (the README's): standard 10000/1000, easy 2000/200."""
+    assert (CountdownTask().train_size, CountdownTask().test_size) == (10000, 1000)
+    easy = CountdownTask(difficulty="easy")
+    assert (easy.train_size, easy.test_size) == (2000, 200)
+
+
+def test_reachable_targets_finds_a_product_past_float_precision():
+    """Past 2**52 a float no longer tells integers apart: the float pre-filter would round a*a
+    to a neighbour, whose exact check fails, and drop the value solve() finds. Such values are
+    computed exactly."""
+    a = 2**27 + 1  # a * a = 2**54 + 2**28 + 1: odd, not a float
+    assert check_answer(solve([a, a], a * a, "*"), [a, a], a * a)[0]
+    assert reachable_targets([a, a], "*") == [a * a]
+    assert reachable_targets([a, a, 2], "*", lo=2 * a * a, hi=2 * a * a) == [2 * a * a]
+

@@ -207,6 +207,11 @@ def _candidate_targets(nums: tuple[int, ...], ops: str, lo: int, hi: int) -> dic
                     ("-", a - b if sub_ else None),
                     ("/", a / b if div and b != 0 else None),
                 ):
+                    if v is not None and abs(v) >= 2**52:  # floats no longer tell integers apart
+                        e = _apply(op, exact[s][i], exact[o][j])
+                        if type(e) is int and lo <= e <= hi and e not in found:
+                            found[e] = (op, s, exact[s][i], o, exact[o][j])
+                        continue
                     if v is not None and lo - tol <= v <= hi + tol:
                         r = round(v)
                         if abs(v - r) <= tol and r not in found:
