@@ -197,6 +197,9 @@ def _candidate_targets(nums: tuple[int, ...], ops: str, lo: int, hi: int) -> dic
     found: dict[int, tuple] = {}
     add, sub_, mul, div = ("+" in ops), ("-" in ops), ("*" in ops), ("/" in ops)
     tol = 1e-6
+    # past 2**52 floats no longer tell integers apart: such values are computed exactly (only a
+    # range that reaches near there can hold one)
+    big = max(hi, -lo) >= 2**51
     for s, o, first in _splits(full):
         fo = floats[o]
         for i, a in enumerate(floats[s]):
@@ -207,7 +210,7 @@ def _candidate_targets(nums: tuple[int, ...], ops: str, lo: int, hi: int) -> dic
                     ("-", a - b if sub_ else None),
                     ("/", a / b if div and b != 0 else None),
                 ):
-                    if v is not None and abs(v) >= 2**52:  # floats no longer tell integers apart
+                    if big and v is not None and abs(v) >= 2**52:
                         e = _apply(op, exact[s][i], exact[o][j])
                         if type(e) is int and lo <= e <= hi and e not in found:
                             found[e] = (op, s, exact[s][i], o, exact[o][j])
