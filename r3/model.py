@@ -81,6 +81,11 @@ class ModelConfig:
     eos_token_id: Any = None
     pad_token_id: Any = None
 
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that RoPE turns (the first ones)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
         """Build from a config.json dict; anything we don't implement is an R3Error naming it."""
@@ -132,10 +137,10 @@ class ModelConfig:
         for d in (rope, cfg.get("rope_scaling") or {}):
             partial = d.get("partial_rotary_factor") if partial is None else partial
         partial = 1.0 if partial is None else _positive(partial, "partial_rotary_factor", source, integral=False)
+        rotary = int(head_dim * partial)
         if partial != 1.0:
             if model_type != "phi3":
                 raise R3Error(f"{source}: unsupported partial_rotary_factor for model_type '{model_type}' (only phi3)")
-            rotary = int(head_dim * partial)
             if partial > 1.0 or rotary < 2 or rotary % 2:
                 raise R3Error(f"{source}: field 'partial_rotary_factor' {partial!r} does not turn an even number "
                               f"of the {head_dim} dims per head")
@@ -156,7 +161,7 @@ class ModelConfig:
             if rope_type == "default":
                 scaling = None
             elif rope_type == "longrope":
-                scaling = _longrope(cfg, scaling, model_type, int(head_dim * partial), source)
+                scaling = _longrope(cfg, scaling, model_type, rotary, source)
             else:  # linear, llama3: the fields rope_inv_freq reads
                 keys = ("factor",) if rope_type == "linear" else (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -334,7 +339,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [rotary dims / 2] in fp32 (the rotary dims: the whole head, or the
     part ``partial_rotary_factor`` says), with linear, Llama-3 or LongRoPE (the short factors: r3
     stays within the original context) scaling applied."""
-    dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+    dim = cfg.rotary_dim
     s = cfg.rope_scaling
     if s and s["rope_type"] == "longrope":
         ext = torch.tensor(s["short_factor"], dtype=torch.float32)
