@@ -17,7 +17,9 @@ output holds one entry per model under ``models`` (with per-example ``records`` 
 is given), the paired changes under ``paired``, and ``n``; and at the top level the last model's ``model``,
 ``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``delta``: the one model's, or with
 several the model compared against the first (with ``--run``, the export, never the untrained
-base). They are written once every model is done.
+base). They are written once every model is done. OUT is written after each model, except where a
+file was there already (an earlier evaluation being replaced): that one is replaced only once every
+model is done, so an interruption leaves it whole.
 
 ``--run DIR`` evaluates a training run's base model and its export (``DIR/export``) side by side on
 the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
@@ -169,6 +171,10 @@ def main(argv=None) -> int:
             raise R3Error(f"{args.out} exists (an earlier evaluation, which r3.report reads); pass --out {args.out} "
                           "to replace it, or another --out")
     out = check_out_path(args.out)
+    # a file there already (an earlier evaluation being replaced, or this command's own from an
+    # interrupted run) is replaced once every model is done, not model by model: an interruption
+    # then leaves the earlier result whole, never a file of only the first models
+    write_each_model = not out.exists()
     st = resolve_settings(args)
     models = st["models"]
     check_sampling_args(max(st["max_attempt"], st["max_retry"]), args.temperature, st["top_k"], st["top_p"])
@@ -238,6 +244,8 @@ def main(argv=None) -> int:
             # the top level is the last model's (with --run the export), named by "model", once every
             # model is done: an interrupted file never shows the baseline's numbers as the result
             top = {k: last[k] for k in ("model", "first_attempt_accuracy", "second_attempt_accuracy", "delta")}
+            if len(results) < len(models) and not write_each_model:
+                continue
             write_json_atomic(out, {
                 **(top if len(results) == len(models) else {}), "task": st["task"], "task_options": st["options"],
                 "task_config": task_config, "run": args.run, "cwd": os.getcwd(), "synthetic_data": bool(getattr(task, "synthetic", False)),

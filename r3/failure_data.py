@@ -170,6 +170,33 @@ def check_made_for(path, task, model: str, chat_template_options: dict | None = 
         print(f"warning: {path} holds queries of the {settings['split']!r} split", file=sys.stderr)
 
 
+def without_test_queries(path, task, records: list[dict]) -> list[dict]:
+    """``records`` less those whose query is one of the task's test-split queries, with a
+    warning saying how many: held-out accuracy is read on the test split, so training on its
+    queries would make it a measure of memorisation. A query is what the model is shown
+    (``task.messages``), so a test query under another id is caught too. Such records come from a
+    file made with ``--split test``, or made before the task's split rule changed (function
+    calling once split by id, which put repeated queries on both sides). All of them test
+    queries is an R3Error."""
+    def shown(example: dict) -> str:
+        return json.dumps(task.messages(example), sort_keys=True, ensure_ascii=True, default=str)
+
+    from r3.tasks import examples_of
+
+    test = {shown(ex) for ex in examples_of(task, "test")}
+    kept = [rec for rec in records if shown(rec["example"]) not in test]
+    if len(kept) == len(records):
+        return records
+    if not kept:
+        raise R3Error(f"{path}: all {len(records)} failure records are queries of the task's test split, on which "
+                      "held-out accuracy is measured; make the file from the train split (python -m r3.failures "
+                      "--split train)")
+    print(f"warning: {path}: {len(records) - len(kept)} of {len(records)} failure records are queries of the task's "
+          "test split (the file was made with --split test, or before the task's split changed); training leaves "
+          "them out so held-out accuracy stays held out", file=sys.stderr)
+    return kept
+
+
 def _rendering(options):
     """Chat template options as the template gets them (a file's, read as recorded if malformed)."""
     from r3.chat import template_options

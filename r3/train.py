@@ -64,7 +64,7 @@ from r3.distributed import (
 )
 from r3.episode import run_episode
 from r3.errors import R3Error, cli_main
-from r3.failure_data import check_made_for, read_failures
+from r3.failure_data import check_made_for, read_failures, without_test_queries
 from r3.flops import forward_flops, peak_flops
 from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
@@ -360,6 +360,8 @@ def set_up(cfg: TrainConfig) -> Run:
             check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
         for i, rec in enumerate(failures or []):
             task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
+        if failures:
+            failures = without_test_queries(cfg.failures, task, failures)
         # a bad data file fails here
         queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)
         if not queries:

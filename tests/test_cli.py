@@ -462,6 +462,19 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
     assert rc == 0, err
     assert len(calls) == 6 and _without_times(json.loads(out.read_text())) == _without_times(whole)
+    # replacing an earlier result: interrupted after the first model, the earlier file is left
+    # whole (it was a file of the first model alone, which r3.report cannot read), and the rerun
+    # replaces it once both models are done
+    earlier = out.read_bytes()
+    calls.clear()
+    monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, stop_at=5, **k))
+    assert run_main(E.main, base + ["--out", str(out)], capsys)[0] == 130
+    assert out.read_bytes() == earlier and len(read_lines(partial)) == 5
+    monkeypatch.setattr(heldout, "evaluate_batch", lambda *a, **k: counting(*a, **k))
+    rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)
+    assert rc == 0 and "resuming: 4 finished batches" in err, err
+    assert out.read_bytes() != earlier and _without_times(json.loads(out.read_text())) == _without_times(whole)
+    assert not partial.exists()
     # a file there that is not one of ours is refused, not overwritten
     partial.write_text("hello\n")
     rc, _, err = run_main(E.main, base + ["--out", str(out)], capsys)

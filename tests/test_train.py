@@ -2669,3 +2669,48 @@ def test_an_empty_checkpoints_directory_holds_no_steps_and_the_lock_names_one_ho
     _HELD_LOCKS.pop().close()
     lines = (run / ".lock").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"pid {os.getpid()} on "), lines
+
+
+def test_failure_records_of_test_split_queries_are_left_out(tmp_path, capsys):
+    """Held-out accuracy is read on the test split: a failures file made with --split test, or
+    before the task's split rule changed (function calling once split by id, so a repeated query
+    sat on both sides), must not train on those queries. A query is what the model is shown, so
+    a test query under another id is caught too."""
+    from r3.errors import R3Error
+    from r3.failure_data import without_test_queries
+    from r3.tasks import get
+    from r3.tasks.function_calling import write_synthetic
+
+    tiny = get("countdown-tiny")
+    test, train = tiny.examples("test")[:2], tiny.examples("train")[:3]
+    records = [{"example": ex, "attempt_tokens": [5]} for ex in [train[0], test[0], train[1], test[1], train[2]]]
+    kept = without_test_queries("f.jsonl", tiny, records)
+    assert [r["example"] for r in kept] == train
+    assert capsys.readouterr().err.strip() == (
+        "warning: f.jsonl: 2 of 5 failure records are queries of the task's test split (the file was made with "
+        "--split test, or before the task's split changed); training leaves them out so held-out accuracy stays "
+        "held out")
+    assert without_test_queries("f.jsonl", tiny, records[::2]) == records[::2]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(R3Error, match=r"^f.jsonl: all 2 failure records are queries of the task's test split"):
+        without_test_queries("f.jsonl", tiny, records[1::2])
+    # function calling: a test record's query under another id (as the old id-based split kept it)
+    data = tmp_path / "xlam.json"
+    write_synthetic(str(data), 60)
+    fc = get("function_calling", data_path=str(data))
+    test, train = fc.examples("test"), fc.examples("train")
+    assert test and train
+    renamed = {**test[0], "id": "train-copy"}
+    kept = without_test_queries("g.jsonl", fc, [{"example": e, "attempt_tokens": [5]} for e in (train[0], renamed)])
+    assert [r["example"] for r in kept] == [train[0]] and "1 of 2 failure records" in capsys.readouterr().err
+
+
+def test_training_on_test_split_failures_only_is_refused_before_anything_is_written(tmp_path):
+    fails = tmp_path / "f.jsonl"  # (the first three test examples of r3_test_tasks:CoinTask)
+    fails.write_text("".join(json.dumps({"example": {"id": f"test-{i}", "word": f"item{10_000 + i}"},
+                                         "attempt_tokens": [5, 6]}) + "\n" for i in range(3)))
+    proc = run_train(BASE + ["--out", str(tmp_path / "o"), "--max-steps", "1", "--failures", str(fails)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{fails}: all 3 failure records are queries of the task's test split" in err[0], err
+    assert not (tmp_path / "o").exists()
