@@ -21,7 +21,9 @@ of :mod:`r3.rundir`. Process-group helpers are in :mod:`r3.distributed`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -355,13 +357,16 @@ def set_up(cfg: TrainConfig) -> Run:
                            reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
         if cfg.report_to != "none":
             tracker_module(cfg.report_to)  # (its package is installed)
-        failures = read_failures(cfg.failures) if cfg.failures else None
-        if cfg.failures:
-            check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
-        for i, rec in enumerate(failures or []):
-            task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)", rec["example"])
-        if failures:
-            failures = without_test_queries(cfg.failures, task, failures)
+        # (every rank reads the file; rank 0 says its warnings, once)
+        with contextlib.nullcontext() if d.main else contextlib.redirect_stderr(io.StringIO()):
+            failures = read_failures(cfg.failures) if cfg.failures else None
+            if cfg.failures:
+                check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
+            for i, rec in enumerate(failures or []):
+                task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)",
+                                   rec["example"])
+            if failures:
+                failures = without_test_queries(cfg.failures, task, failures)
         # a bad data file fails here
         queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)
         if not queries:

@@ -2714,3 +2714,19 @@ def test_training_on_test_split_failures_only_is_refused_before_anything_is_writ
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and f"{fails}: all 3 failure records are queries of the task's test split" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_test_split_failure_records_are_left_out_on_every_rank_and_said_once(tiny_model, tmp_path):
+    """Two ranks train on the same records (the queries they share out must agree), and the
+    warning is rank 0's alone, not one per rank."""
+    fails = tmp_path / "f.jsonl"  # (r3_test_tasks:CoinTask's examples: train-i / test-i)
+    rows = [{"id": f"train-{i}", "word": f"item{i}"} for i in range(4)] + [{"id": "test-0", "word": "item10000"}]
+    fails.write_text("".join(json.dumps({"example": ex, "attempt_tokens": [5, 6]}) + "\n" for ex in rows))
+    out = tmp_path / "o"
+    proc = run_train(BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "1", "--failures",
+                             str(fails)], nproc=2)
+    assert proc.stderr.count("failure records are queries of the task's test split") == 1, proc.stderr[-3000:]
+    assert f"warning: {fails}: 1 of 5 failure records" in proc.stderr
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    logged = [json.loads(line)["example"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert logged and all(ex["id"].startswith("train-") for ex in logged)
