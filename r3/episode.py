@@ -170,6 +170,8 @@ def run_episode(
         failed = list(range(len(examples)))
         if max_failures is not None:
             failed = failed[:max_failures]
+        if not failed:
+            return Episode([], [], torch.zeros((0, group_size)), 0, 0, [], 0, times=times)
         attempts = [list(failed_attempts[i]) for i in failed]
         closed = [chat.ends_turn(a) for a in attempts]
         full = [prompts[i] + a for i, a in zip(failed, attempts)]

@@ -582,3 +582,114 @@ def test_episode_with_the_cuda_graph_decode_equals_eager(tiny, monkeypatch):
     assert torch.equal(graphs.rewards, eager.rewards)
     for a, b in zip(graphs.reflection_logprobs, eager.reflection_logprobs):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_a_turn_ended_by_another_stop_id_is_closed_by_the_end_of_turn_token(tiny, tmp_path):
+    """Every stop id ends a turn, not only the end-of-turn token: with the checkpoint's eos
+    (here ``<|endoftext|>``, id 0, which the model favours) among the stop ids, attempts and
+    reflections end at it, the reflection's span keeps it (it was sampled) and stops there, and
+    the next user turn writes ``<|im_end|>`` after it, which no span covers. Sampling on past
+    the eos would train tokens the rollout was meant never to produce."""
+    _, tok, _ = tiny
+    model, tok = load(str(build_tiny_chat_model(tmp_path / "eos0", tok, eos=0, eos_logit=7.5)))
+    chat = ChatFormat(tok, eos_token_ids=[0])
+    assert 0 in chat.stop_ids and chat.end_of_turn_id == EOS
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=4), group_size=2, sampling=SAMPLING, seed=1, chat=chat)
+    assert any(a[-1] == 0 for a in ep.first_attempts)
+    assert all(0 not in a[:-1] for a in ep.first_attempts)
+    ended = 0
+    for r in range(len(ep.sequences)):
+        p = split_row(ep, chat, task, r)
+        assert 0 not in p["reflection"][:-1]
+        if p["attempt"][-1] == 0:
+            assert p["reflect_turn"][0] == EOS
+        if p["reflection"][-1] == 0:
+            ended += 1
+            start, end = ep.spans[r]
+            assert p["seq"][end - 1] == 0 and p["seq"][end] == EOS and p["retry_turn"][0] == EOS
+    assert ended > 0
+
+
+def test_max_failures_zero_keeps_no_failure(tiny):
+    """max_failures caps the failures kept, 0 included: a cap of 0 read as "no cap" would
+    reflect on every failure of the batch (a rank's share of the groups exceeded)."""
+    model, tok, chat = tiny
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=3), group_size=2, max_failures=0, sampling=SAMPLING,
+                     seed=0, chat=chat)
+    assert (ep.queries, ep.first_success, len(ep.first_attempts)) == (3, 0, 3)
+    assert ep.sequences == [] and ep.group_indices == [] and ep.rewards.shape == (0, 2)
+    # stored attempts: the same empty episode (it raised ValueError from max() over no rows)
+    ep = run_episode(model, tok, task, task.examples(n=2), group_size=2, max_failures=0, sampling=SAMPLING,
+                     seed=0, chat=chat, failed_attempts=[[5, 6], [7]])
+    assert (ep.queries, ep.first_success, ep.generated_tokens) == (0, 0, 0)
+    assert ep.sequences == [] and ep.group_indices == [] and ep.rewards.shape == (0, 2)
+
+
+class PlainPromptsTask:
+    """A duck-typed plug-in (not a Task): plain ``reflection_prompt`` / ``retry_prompt``
+    attributes, no ``*_message`` methods, and a verify that fails every answer."""
+
+    name = "plain"
+    reflection_prompt = "Plain reflection prompt."
+    retry_prompt = "Plain retry prompt."
+
+    def messages(self, example):
+        return [{"role": "user", "content": f"Say something about {example['word']}."}]
+
+    def verify(self, example, completion_text):
+        return False
+
+
+def test_a_plug_in_without_turn_methods_is_asked_with_its_plain_prompts(tiny):
+    """A task without ``reflection_message`` / ``retry_message`` gets its ``reflection_prompt``
+    before the reflection and its ``retry_prompt`` before the retry (not one prompt for both)."""
+    model, tok, chat = tiny
+    task = PlainPromptsTask()
+    examples = CoinTask().examples(n=2)
+    ep = run_episode(model, tok, task, examples, group_size=2, sampling=SAMPLING, seed=2, chat=chat)
+    refl = chat.encode(REFLECT_TURN.format(task.reflection_prompt))
+    retry = chat.encode(REFLECT_TURN.format(task.retry_prompt))
+    assert len(ep.sequences) == 4 and ep.rewards.sum() == 0
+    for r in range(4):
+        p = split_row(ep, chat, task, r)
+        assert p["reflect_turn"] == ([] if closed(p["attempt"]) else [EOS]) + refl
+        assert p["retry_turn"] == ([] if closed(p["reflection"]) else [EOS]) + retry
+
+
+def test_an_episode_never_samples_the_checkpoints_padded_vocabulary_rows(builtin, tmp_path):
+    """A checkpoint whose embedding is padded past the tokenizer's vocabulary (here by 32 rows, to
+    which the LM head gives the largest logits): every attempt, reflection and retry samples only
+    the tokenizer's ids (an id past it would decode to nothing, be trained as a reflection token,
+    and break the next prefill's embedding lookup on a checkpoint without the rows)."""
+    from conftest import make_tiny_hf
+
+    tok = builtin[1]
+    hf = make_tiny_hf(tmp_path / "padded", "llama", vocab_size=len(tok) + 32, tie_word_embeddings=False,
+                      max_position_embeddings=1024)
+    with torch.no_grad():
+        hf.lm_head.weight[len(tok):] = 0.0
+        hf.lm_head.weight[len(tok):, 0] = 30.0 * torch.sign(hf.model.norm.weight[0])
+        hf.model.embed_tokens.weight[:, 0] = 8.0
+    hf.save_pretrained(str(tmp_path / "padded"))
+    tok.save_pretrained(str(tmp_path / "padded"))
+    model, tok = load(str(tmp_path / "padded"))
+    assert model.config.vocab_size == len(tok) + 32
+    chat = ChatFormat(tok)
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=2), group_size=2, sampling=SAMPLING, seed=0, chat=chat)
+    assert len(ep.sequences) == 4
+    assert all(max(seq) < len(tok) for seq in ep.sequences + ep.first_attempts)
+
+
+def test_group_size_is_0_for_an_episode_without_groups(tiny):
+    """Episode.group_size is the G of the rows it holds, read from its rewards: an episode whose
+    queries all passed holds no row and says 0, not the G it was asked for; with groups, G."""
+    model, tok, chat = tiny
+    ok = CoinTask(always=True)
+    ep = run_episode(model, tok, ok, ok.examples(n=2), group_size=3, sampling=SAMPLING, seed=0, chat=chat)
+    assert ep.rewards.shape == (0, 3) and ep.group_size == 0
+    bad = CoinTask(always=False)
+    ep = run_episode(model, tok, bad, bad.examples(n=1), group_size=3, sampling=SAMPLING, seed=0, chat=chat)
+    assert ep.group_size == 3 and len(ep.sequences) == 3

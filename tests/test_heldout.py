@@ -171,3 +171,73 @@ def test_no_examples_give_zeros_and_records_sum_over_batches(monkeypatch):
     evaluate_examples(None, None, _Task(), examples, mine, batch_size=2, progress=False, chat=SimpleNamespace())
     evaluate_examples(None, None, _Task(), examples[:1], progress=False, chat=SimpleNamespace())
     assert seen == [mine, mine, H.GREEDY]
+
+
+def test_a_batch_is_one_episode_with_one_reflection_per_failure_of_every_example(monkeypatch):
+    """evaluate_batch runs its batch as one episode with group_size 1, no max_failures, and the
+    sampling, seed and chat it was given: with two reflections per failure, row g would no longer
+    be group g (records and reflection lengths read from another failure's rows, tokens doubled);
+    a failure cap would leave failed queries without their retry."""
+    import torch
+
+    import r3.heldout as H
+
+    ep = SimpleNamespace(first_passed=[False, True], group_indices=[0], rewards=torch.tensor([[1.0]]),
+                         records=[{"reflection": "r", "retry": "t"}], spans=[(3, 5)], first_attempts=[[0], [1]],
+                         generated_tokens=9)
+    calls = []
+    monkeypatch.setattr(H, "run_episode", lambda *a, **k: calls.append((a, k)) or ep)
+    task, chat, examples = _Task(), SimpleNamespace(decode=lambda ids: "a"), [{"id": 0}, {"id": 1}]
+    sampling = H.EpisodeSampling(temperature=0.5, max_attempt_tokens=3, max_reflection_tokens=4, max_retry_tokens=5)
+    res = H.evaluate_batch("model", "tok", task, examples, sampling, seed=11, chat=chat, records=False)
+    assert calls == [(("model", "tok", task, examples), dict(group_size=1, sampling=sampling, seed=11, chat=chat))]
+    assert res["second_correct"] == [True, True] and "records" not in res
+
+
+def test_the_default_sampling_is_greedy_with_256_tokens_for_each_part():
+    """GREEDY (r3.evaluate's default, the paper's table) is what the docs say: temperature 0 and
+    256 tokens for the attempt, the reflection and the retry (a shorter reflection limit would cut
+    reflections that training, at the same settings, lets run on)."""
+    import r3.heldout as H
+
+    g = H.GREEDY
+    assert (g.temperature, g.max_attempt_tokens, g.max_reflection_tokens, g.max_retry_tokens) == (0.0, 256, 256, 256)
+    assert (g.top_p, g.top_k) == (1.0, 0)
+
+
+def test_the_progress_bar_counts_each_batchs_queries_and_ends_at_n(monkeypatch):
+    """Each evaluated batch moves the bar to the queries done so far (the short last batch to n,
+    not past it) and says both accuracies over those queries; a single query's delta is its own."""
+    import r3.heldout as H
+
+    calls = []
+
+    class Bar:
+        def update(self, done, extra=""):
+            calls.append((done, extra))
+
+        def close(self):
+            calls.append("close")
+
+    verdicts = {0: ([True, False], [True, True]), 1: ([False, False], [False, True]), 2: ([False], [False])}
+    seen = iter(range(3))
+    monkeypatch.setattr(H, "evaluate_batch", lambda model, tok, task, batch, *a, **k: _batch(*verdicts[next(seen)], 0))
+    r = evaluate_examples(None, None, _Task(), [{"id": i} for i in range(5)], batch_size=2, progress=Bar(),
+                          chat=SimpleNamespace())
+    assert calls == [(2, "acc 1st 50.0%, 2nd 100.0%"), (4, "acc 1st 25.0%, 2nd 75.0%"), (5, "acc 1st 20.0%, 2nd 60.0%"),
+                     "close"]
+    assert (r["first_success"], r["second_success"]) == (1, 3)
+    one = evaluate_examples(None, None, _Task(), [{"id": 0}], finished={0: _batch([False], [True], 0)},
+                            progress=False, chat=SimpleNamespace())
+    assert (one["first_attempt_accuracy"], one["second_attempt_accuracy"], one["delta"]) == (0.0, 1.0, 1.0)
+
+
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused_in_one_line():
+    """batch_size 0 would fail deep inside range(); a negative one would evaluate no batch at all
+    and report 0% of n queries as if measured: both are refused up front."""
+    from r3.errors import R3Error
+
+    examples = [{"id": 0}, {"id": 1}]
+    for bad in (0, -2):
+        with pytest.raises(R3Error, match="batch_size must be a positive integer"):
+            evaluate_examples(None, None, _Task(), examples, batch_size=bad, progress=False, chat=SimpleNamespace())

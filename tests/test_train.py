@@ -2730,3 +2730,22 @@ def test_test_split_failure_records_are_left_out_on_every_rank_and_said_once(tin
     assert [r["step"] for r in read_metrics(out)] == [1]
     logged = [json.loads(line)["example"] for line in (out / "samples.jsonl").read_text().splitlines()]
     assert logged and all(ex["id"].startswith("train-") for ex in logged)
+
+
+def test_episode_micro_batches_leave_out_groups_without_signal_by_default():
+    """episode_micro_batches' default is the method's: a group whose advantages are all zero (all
+    rewards equal) carries no signal and is left out unless the caller asks to keep it (a default
+    that kept them would spend forwards, and the loss's token-mean denominator, on zero-gradient
+    rows)."""
+    from types import SimpleNamespace
+
+    from r3 import batch as B
+
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7], [1, 2, 6, 8]]
+    spans = [(3, 4)] * 4
+    ep = SimpleNamespace(sequences=seqs, spans=spans, reflection_logprobs=[[-1.0]] * 4)
+    adv = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    (mb,) = B.episode_micro_batches(ep, adv, 4, 0, torch.device("cpu"))
+    assert mb.tokens.tolist() == [[1, 2, 6, 7], [1, 2, 6, 8]] and mb.advantages.tolist() == [1.0, -1.0]
+    (mb,) = B.episode_micro_batches(ep, adv, 4, 0, torch.device("cpu"), skip_no_signal=False)
+    assert mb.tokens.tolist() == seqs
