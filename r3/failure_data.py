@@ -32,14 +32,24 @@ def done_path(out: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True) -> tuple[dict | None, list[dict], int | None]:
+def _an_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+
+
+def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True,
+               whole_last_line: bool = False) -> tuple[dict | None, list[dict], int | None]:
     """-> (header record or None, records, where to cut the file or None) of a file this module
     wrote.
 
     Every complete line must be a JSON object with a ``key`` (unless not ``need_key``; or, as the
     first line when ``header``, an object with ``r3_failures``); anything else is an R3Error naming the line. An
     unterminated last line that starts like one of our records is what a crash mid-write leaves:
-    it is ignored with a warning (the third value is then its offset, to cut the file there)."""
+    it is ignored with a warning (the third value is then its offset, to cut the file there), unless
+    ``whole_last_line`` (a reader: a last line without its newline that is a whole JSON object is
+    a record)."""
     if not path.exists():
         return None, [], None
     if not path.is_file():
@@ -50,6 +60,8 @@ def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True) -> tu
         raise R3Error(f"{path}: cannot read: {e.strerror or e}") from None
     good = data.rfind(b"\n") + 1
     tail = data[good:]
+    if tail and whole_last_line and _an_object(tail):  # (a hand-made file need not end with a newline)
+        data, good, tail = data + b"\n", len(data) + 1, b""
     if tail:
         if not (tail.startswith(_LINE_PREFIX) or (header and good == 0 and tail.startswith(b'{"r3_failures": '))):
             raise R3Error(f"{path}: not a file written by r3.failures (its last line is not a record)")
@@ -93,9 +105,12 @@ def read_failures(path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         raise R3Error(f"failure dataset '{path}' is a directory, not a file written by python -m r3.failures")
+    if not path.is_file() and done_path(path).is_file():  # (r3.failures writes no records when none failed)
+        raise R3Error(f"{path}: no failure records to train on (r3.failures found none: every query in "
+                      f"{done_path(path)} passed)")
     if not path.is_file():
         raise R3Error(f"failure dataset '{path}' does not exist (make one with python -m r3.failures)")
-    return _checked(path, read_jsonl(path, need_key=False)[1])
+    return _checked(path, read_jsonl(path, need_key=False, whole_last_line=True)[1])
 
 
 def _checked(path: Path, records: list[dict]) -> list[dict]:
@@ -176,15 +191,28 @@ def without_test_queries(path, task, records: list[dict]) -> list[dict]:
     queries would make it a measure of memorisation. A query is what the model is shown
     (``task.messages``), so a test query under another id is caught too. Such records come from a
     file made with ``--split test``, or made before the task's split rule changed (function
-    calling once split by id, which put repeated queries on both sides). All of them test
-    queries is an R3Error."""
+    calling once split by id, which put repeated queries on both sides). A task with a rule for
+    it (``on_test_side(example)``: generated Countdown, whose test split is larger than
+    ``examples("test")`` lists) is asked instead. All of them test queries is an R3Error."""
     def shown(example: dict) -> str:
         return json.dumps(task.messages(example), sort_keys=True, ensure_ascii=True, default=str)
 
     from r3.tasks import examples_of
 
-    test = {shown(ex) for ex in examples_of(task, "test")}
-    kept = [rec for rec in records if shown(rec["example"]) not in test]
+    # a task's own rule where it has one (generated Countdown: its test split is larger than
+    # examples("test") lists, and test_fraction 0 lists none), else the listed test split
+    on_test_side, listed = getattr(task, "on_test_side", None), None
+
+    def in_test(example: dict) -> bool:
+        nonlocal listed
+        side = on_test_side(example) if callable(on_test_side) else None
+        if side is not None:
+            return bool(side)
+        if listed is None:
+            listed = {shown(ex) for ex in examples_of(task, "test")}
+        return shown(example) in listed
+
+    kept = [rec for rec in records if not in_test(rec["example"])]
     if len(kept) == len(records):
         return records
     if not kept:

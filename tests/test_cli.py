@@ -481,6 +481,65 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     one_line_error(rc, err, "not a file of finished batches")
 
 
+@pytest.mark.parametrize("changed", ["examples", "models", "records", "code"])
+def test_evaluate_refuses_the_finished_batches_of_other_inputs_under_the_same_flags(tiny_dir, tmp_path, capsys,
+                                                                                    monkeypatch, changed):
+    """What the batches depend on beyond the flags: the data file's examples, the model's files (an
+    export retrained in place), --records (batches without per-example records), and the task's
+    source (a fixed verifier). Any of them changed, the kept batches are another evaluation's."""
+    import shutil
+
+    import r3.heldout as heldout
+
+    model, words, plug = tmp_path / "model", tmp_path / "words.txt", tmp_path / f"plug_{changed}.py"
+    shutil.copytree(tiny_dir, model)
+    words.write_text("alpha beta gamma delta")
+    plug.write_text("from r3_test_tasks import FileCoinTask\n\n\nclass Plug(FileCoinTask):\n    name = 'plug'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["--model", str(model), "--task", f"plug_{changed}:Plug", "--task-option", f"data_path={words}", "--n", "4",
+            "--batch-size", "2", "--max-new-tokens", "3", "--dtype", "fp32", "--quiet", "--out", str(tmp_path / "e.json")]
+    real, calls = heldout.evaluate_batch, []
+
+    def interrupted_at_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(heldout, "evaluate_batch", interrupted_at_the_second)
+    assert run_main(E.main, argv, capsys)[0] == 130
+    monkeypatch.setattr(heldout, "evaluate_batch", real)
+    if changed == "examples":
+        words.write_text("alpha beta gamma omega")
+    elif changed == "models":
+        st = (model / "model.safetensors").stat()
+        os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif changed == "records":
+        argv.append("--records")
+    else:
+        plug.write_text(plug.read_text() + "# (the verifier fixed)\n")
+    rc, _, err = run_main(E.main, argv, capsys)
+    one_line_error(rc, err, f"holds 1 finished batches of an evaluation with other inputs ({changed}")
+
+
+def test_evaluate_pairs_every_later_model_with_the_first(tiny_dir, tmp_path, capsys):
+    """With three models, the third's paired change is against the first (the baseline), not
+    against the model before it."""
+    import shutil
+
+    copies = [str(shutil.copytree(tiny_dir, tmp_path / name)) for name in ("second", "third")]
+    out = tmp_path / "e.json"
+    rc, _, err = run_main(E.main, ["--model", tiny_dir, "--model", copies[0], "--model", copies[1], "--task",
+                                   "r3_test_tasks:CoinTask", "--n", "3", "--max-new-tokens", "3", "--dtype", "fp32",
+                                   "--quiet", "--out", str(out)], capsys)
+    assert rc == 0, err
+    data = json.loads(out.read_text())
+    assert [(p["model"], p["baseline"]) for p in data["paired"]] == [(copies[0], tiny_dir), (copies[1], tiny_dir)]
+    first = data["models"][0]
+    for p, m in zip(data["paired"], data["models"][1:]):
+        assert p["first_attempt"] == S.paired_difference(first["first_correct"], m["first_correct"])
+
+
 def test_evaluate_with_a_verifier_that_always_raises_keeps_no_partial_results(tiny_dir, tmp_path, capsys):
     """Every verdict an error: one line, and no finished batches kept that a rerun with the task
     fixed would have to be told to delete."""
@@ -605,6 +664,11 @@ def test_read_failures_for_training(tmp_path):
 
     with pytest.raises(R3Error, match="does not exist"):
         F.read_failures(tmp_path / "none.jsonl")
+    # r3.failures found no failure: it wrote only the .done file, so the file is not "missing"
+    (tmp_path / "none.jsonl.done").write_text('{"r3_failures": 1, "settings": {}}\n')
+    with pytest.raises(R3Error, match=r"none.jsonl: no failure records to train on \(r3.failures found none: "
+                                      r"every query in .*none.jsonl.done passed\)"):
+        F.read_failures(tmp_path / "none.jsonl")
     hand = tmp_path / "hand.jsonl"  # a hand-made file: no keys needed
     hand.write_text('{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 2]}\n')
     assert F.read_failures(hand) == [{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 2]}]
@@ -615,6 +679,49 @@ def test_read_failures_for_training(tmp_path):
         with pytest.raises(R3Error) as e:
             F.read_failures(hand)
         assert "--out" not in str(e.value)  # (training reads it: no advice meant for r3.failures)
+
+
+def test_read_failures_keeps_a_whole_last_record_written_without_its_newline(tmp_path, capsys):
+    """A hand-made file often ends without a newline ("\\n".join(...)): its last record, whole, was
+    dropped as "an interrupted write" (with a key) or the file refused as not one of ours (without
+    one). A last line a crash cut short is still left out with the warning."""
+    recs = [{"key": "a", "example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5]},
+            {"example": {"nums": [2, 2], "target": 4}, "attempt_tokens": [6, 0]}]
+    hand = tmp_path / "hand.jsonl"
+    for order in (recs, recs[::-1]):
+        hand.write_text("\n".join(json.dumps(r) for r in order))
+        assert F.read_failures(hand) == order and capsys.readouterr().err == ""
+    hand.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[0])[:-1])  # (cut before its last brace)
+    assert F.read_failures(hand) == recs[:1] and "ignoring a truncated last line" in capsys.readouterr().err
+
+
+def test_read_failures_takes_blank_lines_and_token_id_0_and_refuses_an_example_that_is_no_object(tmp_path):
+    """A hand-made file may hold blank lines, and 0 is a token id like any other (often a special
+    token, the stop token included); an 'example' that is a list or a string is no example (it
+    reached the task's checks, or the prompt builder, as something else)."""
+    from r3.errors import R3Error
+
+    recs = [{"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [0]},
+            {"example": {"nums": [2, 2], "target": 4}, "attempt_tokens": [7, 0]}]
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("\n" + json.dumps(recs[0]) + "\n  \n\n" + json.dumps(recs[1]) + "\n\n")
+    assert F.read_failures(hand) == recs
+    for example in ([1, 2], "nums 1 2", None):
+        hand.write_text(json.dumps({"example": example, "attempt_tokens": [5]}) + "\n")
+        with pytest.raises(R3Error, match="record 1 lacks an 'example' object"):
+            F.read_failures(hand)
+
+
+def test_a_failure_file_line_whose_key_is_not_text_is_not_ours(tmp_path):
+    """Every line r3.failures writes has a text key (the example's hash): a null or numeric key is
+    a hand-edited or foreign file, refused before anything is appended to it."""
+    from r3.errors import R3Error
+
+    out = tmp_path / "f.jsonl"
+    for key in (None, 5):
+        out.write_text(json.dumps({"key": key, "example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5]}) + "\n")
+        with pytest.raises(R3Error, match=r"line 1: expected a JSON object with a key; .*use another --out"):
+            F.FailureFile(out)
 
 
 def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch):
@@ -1171,6 +1278,17 @@ def test_failure_file_refuses_chat_options_an_older_file_did_not_record_and_igno
         F.FailureFile(out).open({"task": "t", "chat_template_options": {"enable_thinking": True}})
 
 
+def test_failure_file_of_a_version_that_recorded_no_split_or_task_options_is_added_to(tmp_path, capsys):
+    """A header without 'split' or 'task_options' (versions before they were recorded, which
+    sampled the train split with the options given) says nothing to compare: adding to it goes
+    on, with no warning about them."""
+    out = tmp_path / "f.jsonl"
+    F.done_path(out).write_text(json.dumps({"r3_failures": 1, "settings": {"task": "t", "seed": 0}}) + "\n")
+    F.FailureFile(out).open({"task": "t", "task_options": {"max_num": 9}, "split": "train", "seed": 0,
+                             "chat_template_options": {}, "attempt_stop_strings": []})
+    assert capsys.readouterr().err == ""
+
+
 def test_failures_summary_line_by_hand(tmp_path):
     store = F.FailureFile(tmp_path / "f.jsonl")
     store.open({"task": "t"})
@@ -1179,6 +1297,17 @@ def test_failures_summary_line_by_hand(tmp_path):
     line = F.summarize(store, {"a", "c"}, new=2, drawn=7, elapsed=1.25)["line"]
     assert line == ("1/2 queries failed at least once (failure rate 50.0%); samples needed 6 (3.00 per query); "
                     f"2 sampled in this run (7 samples drawn, 1.2s), 0 resumed; 1 failures in {tmp_path / 'f.jsonl'}")
+
+
+def test_failures_summary_counts_a_query_in_both_files_once_and_reads_a_record_without_samples(tmp_path):
+    """A key in both files (a hand-merged file) is one failed query, not also a query that never
+    failed; a failure record without 'samples' needed its attempts before the failure plus one."""
+    store = F.FailureFile(tmp_path / "f.jsonl")
+    store.open({"task": "t"})
+    rec = {"example": {}, "attempt_tokens": [1], "attempt_text": "x", "finished": True}
+    store.add([dict(rec, key="a", attempts_before_failure=2)], [{"key": "a", "samples": 4}, {"key": "c", "samples": 4}])
+    s = F.summarize(store, {"a", "c"}, new=0, drawn=0, elapsed=0.0)
+    assert (s["queries"], s["failed"], s["never_failed"], s["samples_needed"]) == (2, 1, 1, 3 + 4)
 
 
 def test_failures_cli_says_the_samples_drawn_and_resumes_only_when_it_does(tiny_dir, tmp_path, capsys, monkeypatch):

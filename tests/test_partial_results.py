@@ -128,6 +128,22 @@ def test_model_files_change_with_the_weights(tmp_path):
     assert fingerprint({"a": [1, 2]}) == fingerprint({"a": [1, 2]}) != fingerprint({"a": [2, 1]})
 
 
+def test_a_model_is_keyed_by_its_absolute_path_and_a_value_whatever_its_key_order(tmp_path, monkeypatch):
+    """--model m from two directories names two models (with the same file sizes and times they
+    read as one, and the second resumed the first's batches); ./m and its absolute path are one.
+    Equal dicts written in another key order (a re-exported data file) are the same inputs."""
+    for where in ("one", "two"):
+        (tmp_path / where / "m").mkdir(parents=True)
+        (tmp_path / where / "m" / "config.json").write_text("{}")
+        os.utime(tmp_path / where / "m" / "config.json", ns=(0, 0))
+    monkeypatch.chdir(tmp_path / "one")
+    first = model_files("m")
+    assert first == model_files("./m") == model_files(str(tmp_path / "one" / "m"))
+    monkeypatch.chdir(tmp_path / "two")
+    assert model_files("m") != first and model_files("m")["spec"] == str((tmp_path / "two" / "m").resolve())
+    assert fingerprint([{"nums": [1, 2], "target": 3}]) == fingerprint([{"target": 3, "nums": [1, 2]}])
+
+
 def test_read_back_batches_of_the_wrong_size_are_an_error_not_a_short_result():
     """A damaged file whose header still matches: a batch with fewer results than items would
     otherwise be zipped short (a wrong n, or a KeyError later)."""

@@ -1779,6 +1779,18 @@ def test_option_helpers_take_cli_spellings_and_refuse_the_rest(tmp_path):
         tasks.get("countdown", retry_prompt=" \n")
 
 
+def test_an_option_path_must_be_a_file_and_a_false_spelling_may_carry_blanks(tmp_path):
+    """A directory as data_path is refused when the task is built (it passed, and failed later,
+    when the task first read it); " false " and " Off " read as False as " ON " reads as True."""
+    from r3.tasks.base import opt_bool, opt_path
+
+    with pytest.raises(R3Error, match="option p: no such file: "):
+        opt_path("p", tmp_path)
+    with pytest.raises(R3Error, match="option data_path: no such file"):
+        tasks.get("countdown", data_path=str(tmp_path))
+    assert [opt_bool("b", v) for v in (" false ", " Off\n", "\t0 ")] == [False, False, False]
+
+
 def test_long_verifier_errors_are_cut_to_one_short_reason(verifier_errors):
     """A verifier's exception text may be huge (a whole completion in a KeyError): the reason
     diagnose() gives and the first error the warning line quotes are each cut to 300 characters."""
@@ -1852,6 +1864,20 @@ def test_a_reasoning_block_ends_after_its_first_closing_tag():
     assert leading_reasoning_end("<think>a</think>b</think>c") == len("<think>a</think>")
     assert leading_reasoning_end("  <think>a</think>") == len("  <think>a</think>")
     assert leading_reasoning_end("a <think>b</think>") == 0 and leading_reasoning_end("<think>a") is None
+
+
+def test_config_writes_an_option_default_that_is_not_json_as_its_text():
+    """Run metadata is JSON: an option whose default is a Path (kept by no attribute) is written as
+    its text, not as the Path that json.dumps refuses."""
+
+    class PathTask(Task):
+        name = "path-task"
+
+        def __init__(self, *, where=Path("a") / "b.txt", **kw):
+            super().__init__(**kw)
+
+    config = PathTask().config()
+    assert config["where"] == str(Path("a") / "b.txt") and json.loads(json.dumps(config)) == config
 
 
 def test_the_hash_split_and_the_seeded_shuffle_are_pinned():
@@ -1954,6 +1980,32 @@ def test_the_registrys_one_line_errors(tmp_path, monkeypatch):
         tasks.get(" ")
     with pytest.raises(TypeError, match="colour"):
         tasks.get("r3_test_registry_mod:Buggy")
+
+
+def test_a_jsonl_record_holding_a_unicode_line_separator_is_one_record(tmp_path):
+    """JSON strings hold U+2028, U+2029 and U+0085 as they are (json.dumps(ensure_ascii=False)
+    writes them so, as do most tools): str.splitlines() cut such a record in two and refused a
+    valid file as not valid JSON. Windows line ends are still one line end."""
+    from r3.tasks.base import read_records
+
+    rows = [{"query": "a\u2028b\u2029c\x85d", "n": 1}, {"query": "e", "n": 2}]
+    for name, end in (("d.jsonl", "\n"), ("d.json", "\n"), ("w.jsonl", "\r\n")):
+        p = tmp_path / name
+        p.write_bytes("".join(json.dumps(r, ensure_ascii=False) + end for r in rows).encode("utf-8"))
+        assert list(read_records(str(p))) == [(f"{p}, line 1", rows[0]), (f"{p}, line 2", rows[1])]
+
+
+def test_a_one_record_jsonl_file_by_any_spelling_of_its_extension(tmp_path):
+    """The format is chosen by the extension, in any case: a one-line .ndjson or .JSONL file is one
+    JSONL record (read as one JSON document it was an object, not a list, and refused; as
+    JSON a {"rows": [...]}-shaped record was even taken for a wrapper of records)."""
+    from r3.tasks.base import read_records
+
+    rec = {"rows": [1, 2]}
+    for name in ("one.ndjson", "ONE.JSONL", "One.NDJSON"):
+        p = tmp_path / name
+        p.write_text(json.dumps(rec) + "\n")
+        assert list(read_records(str(p))) == [(f"{p}, line 1", rec)]
 
 
 def test_examples_of_names_the_split_file_and_the_example_id():

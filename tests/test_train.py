@@ -492,6 +492,56 @@ def test_an_empty_failures_file_is_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_failures_check_skips_a_header_without_a_task_and_refuses_another_class_of_the_same_name(tmp_path):
+    """A .done header whose settings name no task (hand-edited, or an early version's) says
+    nothing to check (it failed with a KeyError). A plug-in class that calls itself by a built-in
+    task's name, with the same options, is still another task (another verifier): refused."""
+    from r3.errors import R3Error
+    from r3.failure_data import check_made_for
+    from r3.tasks import get
+    from r3.tasks.countdown import CountdownTask
+
+    fails = tmp_path / "f.jsonl"
+    fails.write_text("{}\n")
+    (tmp_path / "f.jsonl.done").write_text(json.dumps({"r3_failures": 1, "settings": {"model": "m"}}) + "\n")
+    check_made_for(fails, get("countdown"), "m")
+
+    class LookAlike(CountdownTask):
+        pass
+
+    made = _failures_made_for(tmp_path / "g.jsonl", "countdown")
+    check_made_for(made, CountdownTask(), "smollm2-135m")
+    with pytest.raises(R3Error, match=r"task 'countdown' \(r3.tasks.countdown.CountdownTask\) there, 'countdown' \(.*LookAlike\) here"):
+        check_made_for(made, LookAlike(), "smollm2-135m")
+
+
+def test_failures_check_compares_chat_template_options_as_the_template_gets_them(tmp_path, capsys):
+    """enable_thinking=false is r3's default: a file sampled with no chat template options and a
+    run that spells the default out render the same conversation, so training goes on."""
+    from r3.failure_data import check_made_for
+    from r3.tasks import get
+
+    made = _failures_made_for(tmp_path / "f.jsonl", "countdown-tiny")
+    check_made_for(made, get("countdown-tiny"), "smollm2-135m", {"enable_thinking": False})
+    spelled = _failures_made_for(tmp_path / "g.jsonl", "countdown-tiny", chat_template_options={"enable_thinking": False})
+    check_made_for(spelled, get("countdown-tiny"), "smollm2-135m")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failures_file_that_recorded_no_split_is_taken_as_the_train_split(tmp_path, capsys):
+    """r3.failures recorded no split before it had --split, when it sampled the train split only:
+    no warning about "the None split"."""
+    from r3.failure_data import check_made_for
+    from r3.tasks import get
+
+    fails = tmp_path / "f.jsonl"
+    fails.write_text("{}\n")
+    (tmp_path / "f.jsonl.done").write_text(json.dumps({"r3_failures": 1, "settings": {
+        "model": "smollm2-135m", "task": "countdown-tiny", "task_options": {}}}) + "\n")
+    check_made_for(fails, get("countdown-tiny"), "smollm2-135m")
+    assert capsys.readouterr().err == ""
+
+
 def test_failures_task_check_compares_the_options_in_effect(tmp_path, capsys):
     from r3.errors import R3Error
     from r3.failure_data import check_made_for
@@ -2703,6 +2753,56 @@ def test_failure_records_of_test_split_queries_are_left_out(tmp_path, capsys):
     renamed = {**test[0], "id": "train-copy"}
     kept = without_test_queries("g.jsonl", fc, [{"example": e, "attempt_tokens": [5]} for e in (train[0], renamed)])
     assert [r["example"] for r in kept] == [train[0]] and "1 of 2 failure records" in capsys.readouterr().err
+
+
+def test_generated_countdown_test_problems_drawn_at_another_seed_or_past_test_size_are_left_out(capsys):
+    """Generated Countdown's test split is every problem whose numbers hash to the test side;
+    examples("test") lists only seed 0's first test_size of them. A file made with --split test
+    --seed 1 (what held-out evaluation at --seed 1 asks), or past test_size (evaluation with a
+    larger --n), was kept whole: 54 of countdown-tiny's 90 seed-1 test problems, all 200 of
+    countdown's first 200."""
+    from r3.failure_data import without_test_queries
+    from r3.tasks import get
+
+    tiny = get("countdown-tiny", test_size=10)
+    listed = {(tuple(ex["nums"]), ex["target"]) for ex in tiny.examples("test")}
+    unlisted = [ex for ex in tiny.examples("test", n=20, seed=1) + tiny.examples("test", n=20)[10:]
+                if (tuple(ex["nums"]), ex["target"]) not in listed]
+    train = tiny.examples("train")[:2]
+    assert len(unlisted) > 10
+    records = [{"example": ex, "attempt_tokens": [5]} for ex in [train[0]] + unlisted + [train[1]]]
+    assert [r["example"] for r in without_test_queries("f.jsonl", tiny, records)] == train
+    assert f"{len(unlisted)} of {len(records)} failure records are queries of the task's test split" in \
+        capsys.readouterr().err
+
+
+def test_failures_of_a_countdown_task_without_a_test_split_are_all_kept(capsys):
+    """test_fraction 0 puts every generated problem on the train side (and r3.train asks for no
+    test examples unless eval_n): leaving out test queries listed the test split, which is an
+    error there ("test_fraction=0.0 leaves the test split empty"), so --failures could not train."""
+    from r3.failure_data import without_test_queries
+    from r3.tasks import get
+
+    task = get("countdown-tiny", test_fraction=0)
+    records = [{"example": ex, "attempt_tokens": [5]} for ex in task.examples("train", n=3)]
+    assert without_test_queries("f.jsonl", task, records) == records and capsys.readouterr().err == ""
+
+
+def test_every_test_query_is_left_out_not_only_the_first_ones_listed(tmp_path, capsys):
+    """The whole test split is compared, not a prefix of it: the last test query of a function
+    calling file (and one under another id) is left out as the first is."""
+    from r3.failure_data import without_test_queries
+    from r3.tasks import get
+    from r3.tasks.function_calling import write_synthetic
+
+    data = tmp_path / "xlam.json"
+    write_synthetic(str(data), 200)
+    fc = get("function_calling", data_path=str(data))
+    test, train = fc.examples("test"), fc.examples("train")
+    assert len(test) > 10
+    records = [{"example": ex, "attempt_tokens": [5]} for ex in (train[0], test[-1], {**test[-2], "id": "x"}, train[1])]
+    assert [r["example"] for r in without_test_queries("f.jsonl", fc, records)] == train[:2]
+    assert "2 of 4 failure records" in capsys.readouterr().err
 
 
 def test_training_on_test_split_failures_only_is_refused_before_anything_is_written(tmp_path):

@@ -461,7 +461,8 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(path: str, text: str) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # (by newline alone: str.splitlines also splits at U+2028, U+2029 and U+0085, which JSON strings hold as they are)
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path}, line {lineno}"

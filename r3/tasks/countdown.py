@@ -470,6 +470,15 @@ class CountdownTask(Task):
     def check_example(self, where: str, example: Any) -> None:
         validate_record(where, example, 0)
 
+    def on_test_side(self, example: dict) -> bool | None:
+        """Whether ``example`` is a test-split problem, for generated problems: by the split rule
+        (its numbers), whatever seed or ``n`` drew it, as ``examples("test")`` lists only one
+        seed's first ``test_size``. None where the split is a file's, listed whole."""
+        if self.data_path is not None:
+            return None
+        return in_test_split(tuple(sorted(example["nums"])), split_seed=self.split_seed,
+                             test_fraction=self.test_fraction)
+
     # ---- prompts ------------------------------------------------------------------------
     def ops_text(self) -> str:
         """The allowed operations in words: ``+ and -`` or ``+, -, * and /``."""
