@@ -2753,6 +2753,19 @@ def test_failure_records_of_test_split_queries_are_left_out(tmp_path, capsys):
     renamed = {**test[0], "id": "train-copy"}
     kept = without_test_queries("g.jsonl", fc, [{"example": e, "attempt_tokens": [5]} for e in (train[0], renamed)])
     assert [r["example"] for r in kept] == [train[0]] and "1 of 2 failure records" in capsys.readouterr().err
+    # ... and with other tools listed (another prompt, the same query: the split is by query text)
+    retooled = {**test[0], "id": "train-copy", "query": "  " + test[0]["query"] + " ", "tools": list(
+        reversed(test[0]["tools"])) + [{"name": "extra_tool", "description": "An extra tool.", "parameters": {}}]}
+    assert fc.messages(retooled) != fc.messages(test[0])
+    kept = without_test_queries("g.jsonl", fc, [{"example": e, "attempt_tokens": [5]} for e in (train[0], retooled)])
+    assert [r["example"] for r in kept] == [train[0]] and "1 of 2 failure records" in capsys.readouterr().err
+    # a separate test file is listed whole: only its own queries are test queries
+    split = tmp_path / "test.json"
+    split.write_text(json.dumps(test))
+    fc = get("function_calling", data_path=str(data), test_data_path=str(split))
+    assert fc.on_test_side(retooled) is None
+    assert without_test_queries("g.jsonl", fc, [{"example": e, "attempt_tokens": [5]} for e in (train[0], retooled)]) \
+        == [{"example": e, "attempt_tokens": [5]} for e in (train[0], retooled)]
 
 
 def test_generated_countdown_test_problems_drawn_at_another_seed_or_past_test_size_are_left_out(capsys):

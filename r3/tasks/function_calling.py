@@ -1073,6 +1073,14 @@ class FunctionCallingTask(Task):
                 self._splits = splits
         return self._splits
 
+    def on_test_side(self, example: dict) -> bool | None:
+        """Whether ``example``'s query is a test query by the split rule (its text, stripped),
+        whatever tools it lists; None with a ``test_data_path``, whose test split is listed whole."""
+        if self.test_data_path:
+            return None
+        return in_test_split(("xlam-query", example["query"].strip()), split_seed=self.split_seed,
+                             test_fraction=self.test_fraction)
+
     def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
         """Records of ``split`` in a seeded order, truncated to ``n`` (all when None, or when
         fewer exist); a smaller ``n`` gives a prefix of a larger one with the same seed."""
