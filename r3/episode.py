@@ -205,14 +205,14 @@ def run_episode(
     rewards, records = [], []
     for r, (toks, ref_toks) in enumerate(zip(retry.tokens, refl.tokens)):
         ex = group_examples[r // group_size]
-        retry_text = chat.decode(toks)
-        ok = passes(task, ex, retry_text)
+        reply = chat.decode(toks)
+        ok = passes(task, ex, reply)
         rewards.append(1.0 if ok else 0.0)
         records.append({
             "example": ex,
             "attempt": chat.decode(attempts[r // group_size]),
             "reflection": chat.decode(ref_toks),
-            "retry": retry_text,
+            "retry": reply,
             "reward": 1.0 if ok else 0.0,
         })
     return Episode(

@@ -40,16 +40,16 @@ def _an_object(line: bytes) -> bool:
 
 
 def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True,
-               whole_last_line: bool = False) -> tuple[dict | None, list[dict], int | None]:
+               hand_made: bool = False) -> tuple[dict | None, list[dict], int | None]:
     """-> (header record or None, records, where to cut the file or None) of a file this module
     wrote.
 
     Every complete line must be a JSON object with a ``key`` (unless not ``need_key``; or, as the
     first line when ``header``, an object with ``r3_failures``); anything else is an R3Error naming the line. An
     unterminated last line that starts like one of our records is what a crash mid-write leaves:
-    it is ignored with a warning (the third value is then its offset, to cut the file there), unless
-    ``whole_last_line`` (a reader: a last line without its newline that is a whole JSON object is
-    a record)."""
+    it is ignored with a warning (the third value is then its offset, to cut the file there).
+    ``hand_made`` (reading only, never to append to): a last line without its newline that is a
+    whole JSON object is a record, and a UTF-8 byte-order mark (as Windows tools write) is skipped."""
     if not path.exists():
         return None, [], None
     if not path.is_file():
@@ -58,9 +58,11 @@ def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True,
         data = path.read_bytes()
     except OSError as e:
         raise R3Error(f"{path}: cannot read: {e.strerror or e}") from None
+    if hand_made and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     good = data.rfind(b"\n") + 1
     tail = data[good:]
-    if tail and whole_last_line and _an_object(tail):  # (a hand-made file need not end with a newline)
+    if tail and hand_made and _an_object(tail):  # (a hand-made file need not end with a newline)
         data, good, tail = data + b"\n", len(data) + 1, b""
     if tail:
         if not (tail.startswith(_LINE_PREFIX) or (header and good == 0 and tail.startswith(b'{"r3_failures": '))):
@@ -110,7 +112,7 @@ def read_failures(path) -> list[dict]:
                       f"{done_path(path)} passed)")
     if not path.is_file():
         raise R3Error(f"failure dataset '{path}' does not exist (make one with python -m r3.failures)")
-    return _checked(path, read_jsonl(path, need_key=False, whole_last_line=True)[1])
+    return _checked(path, read_jsonl(path, need_key=False, hand_made=True)[1])
 
 
 def _checked(path: Path, records: list[dict]) -> list[dict]:

@@ -693,6 +693,9 @@ def test_read_failures_keeps_a_whole_last_record_written_without_its_newline(tmp
         assert F.read_failures(hand) == order and capsys.readouterr().err == ""
     hand.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[0])[:-1])  # (cut before its last brace)
     assert F.read_failures(hand) == recs[:1] and "ignoring a truncated last line" in capsys.readouterr().err
+    # a byte-order mark (Windows tools write one) is skipped, as task data files' is
+    hand.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in recs).encode())
+    assert F.read_failures(hand) == recs and capsys.readouterr().err == ""
 
 
 def test_read_failures_takes_blank_lines_and_token_id_0_and_refuses_an_example_that_is_no_object(tmp_path):
