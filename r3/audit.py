@@ -42,6 +42,9 @@ def read_samples(path: Path) -> list[dict]:
     for lineno, rec in read_json_lines(path, lambda n, e: R3Error(f"{path}, line {n}: not valid JSON ({e.msg})")):
         if not isinstance(rec, dict) or any(f not in rec for f in ("example", "retry", "reward")):
             raise R3Error(f"{path}, line {lineno}: expected an object with example, retry and reward")
+        reward = rec["reward"]  # (a NaN is neither > 0 nor <= 0: its retry would be checked by nobody)
+        if not isinstance(reward, (int, float)) or reward != reward:
+            raise R3Error(f"{path}, line {lineno}: the reward {reward!r} is not a number")
         rows.append(rec)
     return rows
 
@@ -65,7 +68,7 @@ def audit(task, samples: list[dict]) -> dict:
             out["rewarded_failing"] += logged and not (now and (again is None or again[0]))
             if now != logged or (again is not None and again[0] != logged):
                 out["disagreements"].append({
-                    "step": s.get("step"), "row": s.get("row"), "logged_reward": s["reward"],
+                    "step": s.get("step"), "rank": s.get("rank"), "row": s.get("row"), "logged_reward": s["reward"],
                     "verifier_now": now, "verifier_reason": diagnose(s["example"], s["retry"]) if diagnose else None,
                     "recheck": None if again is None else again[0],
                     "recheck_reason": None if again is None else again[1],
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
           f"{res['unrewarded_pass_recheck'] if res['independent_checker'] else 'n/a'} of them")
     for dis in res["disagreements"]:
         recheck = "n/a" if dis["recheck"] is None else f"{dis['recheck']} ({dis['recheck_reason']})"
-        print(f"DISAGREEMENT step {dis['step']} row {dis['row']}: logged reward {dis['logged_reward']}, verifier now "
+        rank = f" rank {dis['rank']}" if dis["rank"] else ""  # (rows are numbered per rank; rank 0 unnamed)
+        print(f"DISAGREEMENT step {dis['step']}{rank} row {dis['row']}: logged reward {dis['logged_reward']}, verifier now "
               f"{dis['verifier_now']}" + (f" ({dis['verifier_reason']})" if dis["verifier_reason"] else "") +
               f", re-check {recheck}\n"
               f"  example: {json.dumps(dis['example'])[:300]}\n  retry: {dis['retry']!r}")

@@ -333,7 +333,8 @@ def plot_lengths(lens: dict[str, list[int]], limit: int | None, out: Path) -> Pa
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     top = max([limit or 0] + [max(v) for v in lens.values() if v])
-    bins = range(0, top + 2, max(1, (top + 1) // 24))
+    width = max(1, (top + 1) // 24)
+    bins = range(0, max(top, 1) + width, width)  # (up to the first edge at or past top: the longest is counted)
     for name, v in lens.items():
         ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n = {len(v)})")
     if limit:

@@ -161,3 +161,77 @@ def test_summary_names_the_step_span_and_the_unrewarded_samples_the_recheck_pass
     assert "unrewarded samples logged: 2; the re-check passes 0 of them" in stdout
     (dis,) = [line for line in stdout.splitlines() if line.startswith("DISAGREEMENT")]
     assert dis.startswith("DISAGREEMENT step 3 row 0: logged reward 0.0, verifier now True")
+
+
+def test_a_disagreement_names_its_rank(tmp_path, capsys):
+    """Rows are numbered per rank: two ranks' rows 0 of one step are two samples, so a
+    disagreement names its rank (rank 0 unnamed, as one-process runs have only it)."""
+    rows = [sample(3, "19 + 17 = 36", 0.0), {**sample(3, "17 + 19 = 36", 0.0), "rank": 1}]
+    rc, stdout, _ = run_main([str(make_run(tmp_path, rows)), "--show", "0", "--out", str(tmp_path / "a.json")], capsys)
+    assert rc == 0
+    dis = [line for line in stdout.splitlines() if line.startswith("DISAGREEMENT")]
+    assert [d.split(":")[0] for d in dis] == ["DISAGREEMENT step 3 row 0", "DISAGREEMENT step 3 rank 1 row 0"]
+    assert [d["rank"] for d in json.loads((tmp_path / "a.json").read_text())["disagreements"]] == [0, 1]
+
+
+@pytest.mark.parametrize("reward", ['"1.0"', "null", "[1]", "NaN"])
+def test_a_reward_that_is_not_a_number_is_bad_input(tmp_path, capsys, reward):
+    """A logged reward that is not a number is a malformed file: one line and exit 2 (it was a
+    TypeError traceback, whose exit status 1 reads as 'a wrong reward'; a NaN was counted
+    neither rewarded nor unrewarded, so its retry went unchecked and the audit passed)."""
+    run = make_run(tmp_path, [sample(1, "So 19 + 17 = 36.", 1.0)])
+    with open(run / "samples.jsonl", "a") as f:
+        f.write(json.dumps(sample(2, "19 + 17 = 26", 1.0)).replace('"reward": 1.0', f'"reward": {reward}') + "\n")
+        f.write(json.dumps(sample(3, "17 + 19", 1.0)) + "\n")
+    rc, _, err = run_main([str(run)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "line 2: the reward" in lines[0] and "not a number" in lines[0], err
+
+
+def test_the_json_keeps_each_judges_counts_the_logged_reason_and_the_options(tmp_path, capsys):
+    """``--out``: the verifier's count of a wrong reward is 0 of 1 (not one per sample read), an
+    unpaid right answer is counted on the unrewarded side, each disagreement keeps the reason
+    logged at training time, and the task options the run was judged with are written."""
+    run = make_run(tmp_path, [sample(1, "The answer is 19 + 17 = 26.", 1.0), sample(2, "19 + 17 = 36", 0.0),
+                              sample(2, "19 - 17", 0.0)])
+    out = tmp_path / "audit.json"
+    rc, stdout, _ = run_main([str(run), "--out", str(out), "--show", "0"], capsys)
+    assert rc == 1 and "pass the verifier now:         0/1 (0.0%)" in stdout
+    data = json.loads(out.read_text())
+    assert (data["rewarded_pass_verifier"], data["unrewarded_pass_verifier"], data["rewarded_failing"]) == (0, 1, 1)
+    assert [d["logged_reason"] for d in data["disagreements"]] == ["logged", "logged"]
+    assert data["task"] == "countdown" and data["task_options"] == OPTIONS
+
+
+def test_a_right_reward_of_a_task_without_recheck_passes(tmp_path, capsys, monkeypatch):
+    """A plug-in task has no independent re-check: a reward its verifier still pays is no failure
+    (exit 0, no disagreement); only the verifier judges it."""
+    import hashlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    ex = {"id": "train-0", "word": "w"}
+    right = next(t for t in (f"t{i}" for i in range(100))
+                 if not hashlib.sha256(("train-0" + t).encode()).digest()[0] % 2)
+    run = make_run(tmp_path, [sample(1, right, 1.0, ex)], task="r3_test_tasks:CoinTask", options={})
+    out = tmp_path / "audit.json"
+    rc, stdout, _ = run_main([str(run), "--out", str(out)], capsys)
+    assert rc == 0 and "DISAGREEMENT" not in stdout and "pass the verifier now:         1/1 (100.0%)" in stdout
+    data = json.loads(out.read_text())
+    assert data["rewarded_failing"] == 0 and data["independent_checker"] is False
+
+
+def test_show_0_prints_no_rewarded_retry(tmp_path, capsys):
+    """``--show 0`` prints none of the rewarded retries (a slice ``[-0:]`` would print them all)."""
+    run = make_run(tmp_path, [sample(s, "So 19 + 17 = 36.", 1.0) for s in (1, 2, 3)])
+    rc, stdout, _ = run_main([str(run), "--show", "0"], capsys)
+    assert rc == 0 and "rewarded retries logged: 3" in stdout and "--- rewarded" not in stdout
+
+
+def test_a_sample_without_its_retry_is_bad_input(tmp_path, capsys):
+    """A logged sample without its ``retry`` is one line naming the file and line, exit 2 (not a
+    KeyError traceback, whose status 1 reads as a wrong reward)."""
+    run = make_run(tmp_path, [sample(1, "So 19 + 17 = 36.", 1.0), {"step": 2, "example": EX, "reward": 1.0}])
+    rc, _, err = run_main([str(run)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "line 2: expected an object with example, retry and reward" in lines[0], err

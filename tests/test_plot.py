@@ -164,3 +164,38 @@ def test_plot_cli_given_a_metrics_file_writes_beside_it(tmp_path, capsys):
     plot.main([str(tmp_path / "metrics.jsonl")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_metrics_file_without_rows_is_one_line_and_an_upper_case_png_is_a_png(tmp_path, capsys):
+    """A metrics.jsonl with no rows yet (only blank lines) is an error naming it, not an empty
+    picture; ``--out CURVES.PNG`` is a PNG name like ``curves.png``."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n\n")
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{run / 'metrics.jsonl'}: no rows yet" in err and err.count("\n") == 1
+    assert not (run / "curves.png").exists()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_row(s)) + "\n" for s in (1, 2)))
+    plot.main([str(run), "--out", str(tmp_path / "CURVES.PNG")])
+    assert (tmp_path / "CURVES.PNG").stat().st_size > 0
+
+
+def test_the_legend_of_several_runs_is_on_a_panel_that_has_their_lines(tmp_path, monkeypatch):
+    """Runs that never logged retry success (no first attempt failed): the legend naming the runs
+    goes to the first panel with lines, not to the empty first panel (an empty legend)."""
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [_row(s, retry_success=None, first_try_success=0.5) for s in (1, 2)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    figures = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out: figures.append(fig) or out)
+    plot.plot(runs, tmp_path / "c.png")
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    assert axes["retry success (reward)"].get_legend() is None
+    assert [t.get_text() for t in axes["first-attempt success"].get_legend().get_texts()] == ["a", "b"]
+    plot.pyplot().close("all")  # (figures kept from save_figure: closed, as save_figure would)

@@ -342,3 +342,88 @@ def test_length_histogram_keeps_every_length_whatever_the_limit(tmp_path, monkey
     for limit in (47, 96, 100):
         R.plot_lengths({"untrained": [limit, 10, limit], "trained": [limit - 1, 5]}, limit, tmp_path / "l.png")
         assert [round(sum(p.get_height() for p in c)) for c in figures[-1].axes[0].containers] == [3, 2], limit
+
+
+def test_length_histogram_keeps_the_reflections_at_a_power_of_two_limit(tmp_path, monkeypatch):
+    """The reflections cut at the limit are in the histogram for the usual limits too (128, 256,
+    512 tokens: bins of 5, 10 and 21 ended at 125, 250 and 504, so every reflection at the limit,
+    the ones the table counts as cut short, was left out of the picture)."""
+    figures = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, out: figures.append(fig) or out)
+    for limit in (73, 128, 256, 512, 1024):
+        R.plot_lengths({"untrained": [limit, 10, limit, limit - 1], "trained": [limit, 5]}, limit, tmp_path / "l.png")
+        assert [round(sum(p.get_height() for p in c)) for c in figures[-1].axes[0].containers] == [4, 2], limit
+    R.pyplot().close("all")  # (figures kept from save_figure: closed, as save_figure would)
+
+
+def test_training_summary_of_a_short_run_compares_halves_and_names_the_last_step():
+    """A run of 6 steps compares its first 3 with its last 3 (windows of 6 would both be the whole
+    run, early = late); the step count is the last step logged (a log starting at step 5 reached
+    step 10, not 6 steps)."""
+    rows = [{"step": s, "retry_success": float(s)} for s in range(1, 7)]
+    t = R.training_summary(rows)
+    assert t["window"] == 3 and (t["retry_success_early"], t["retry_success_late"]) == (2.0, 5.0)
+    t = R.training_summary([{"step": s, "retry_success": 0.5} for s in range(5, 11)])
+    assert t["steps"] == 10
+
+
+def test_forgetting_bars_error_bars_are_in_percent(tmp_path, monkeypatch):
+    """The forgetting bars' error bars are in percent like the scores (a standard error of 0.02
+    drawn as 0.02 points would vanish under a 25% bar)."""
+    figures = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, out: figures.append(fig) or out)
+    fg = {"results": [
+        {"benchmark": "gsm8k", "metric": "exact_match,strict", "model": "base", "score": 0.25, "stderr": 0.02},
+        {"benchmark": "gsm8k", "metric": "exact_match,strict", "model": "export", "score": 0.2, "stderr": 0.03}]}
+    R.plot_forgetting(fg, tmp_path, {}, tmp_path / "f.png")
+    ax = figures[-1].axes[0]
+    half = [round((seg[1][1] - seg[0][1]) / 2, 6) for c in ax.containers if hasattr(c, "errorbar")
+            for seg in c.errorbar.lines[2][0].get_segments()]
+    assert half == [2.0, 3.0]
+    R.pyplot().close("all")  # (figures kept from save_figure: closed, as save_figure would)
+
+
+@pytest.mark.parametrize("change, message", [
+    # an evaluation without "run" (older r3): its second model must be the run's export
+    (lambda run: _edit_eval(run, lambda ev: (ev.pop("run"), ev["models"][1].update(model="other-model"))),
+     "its second model is other-model, not"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][0]["records"][1].update(reflection_tokens=True)),
+     "models[0].records[1].reflection_tokens is True, not a token count"),
+    (lambda run: _edit_eval(run, lambda ev: ev["models"][1].pop("second_correct")),
+     "models[1] has no 'second_correct' (not an r3.evaluate output?)"),
+])
+def test_report_refuses_an_evaluation_of_another_model_or_shape(run, capsys, change, message):
+    """What would put another model's numbers under "trained", count a boolean as a token, or read
+    a file that is not an r3.evaluate output is one line, exit 2, nothing written."""
+    change(run)
+    with pytest.raises(SystemExit) as e:
+        R.main([str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (run / "report").exists()
+
+
+def test_a_failed_query_one_model_did_not_reflect_on_is_left_out_of_the_pairs(run):
+    """A record whose first attempt failed but that holds no reflection (a hand-made or cut
+    evaluation) is no pair to show: it is not counted, and the page is still written (it was a
+    KeyError on the missing reflection)."""
+    def edit(ev):
+        for k in ("reflection", "reflection_tokens", "retry", "retry_correct"):
+            ev["models"][1]["records"][0].pop(k)
+    _edit_eval(run, edit)
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "Of the 5 queries both models failed at first: only the trained model's retry passed: 1;" in text
+
+
+def test_the_length_histogram_marks_the_limit_the_evaluation_ran_with(run, monkeypatch):
+    """The histogram's limit line is the evaluation's ``max_reflection_tokens`` (as the table's
+    column), not the training run's; the accuracy chart names its number of queries."""
+    figures = []
+    monkeypatch.setattr(R, "save_figure", lambda fig, out: figures.append(fig) or out)
+    _edit_eval(run, lambda ev: ev["settings"].update(max_reflection_tokens=60))
+    R.write_report(run, run / "evaluation.json", None, run / "report")
+    (lengths,) = [f.axes[0] for f in figures if f.axes[0].get_xlabel() == "reflection length (tokens)"]
+    assert [list(line.get_xdata()) for line in lengths.lines] == [[60, 60]]
+    (accuracy,) = [f.axes[0] for f in figures if f.axes[0].get_ylabel().startswith("accuracy")]
+    assert accuracy.get_ylabel() == "accuracy (%), n = 8"
+    R.pyplot().close("all")  # (figures kept from save_figure: closed, as save_figure would)
