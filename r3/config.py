@@ -224,7 +224,8 @@ HELP = {
     "batch_size": "failed queries per optimizer step, all ranks together",
     "group_size": "reflections per failed query: the GRPO group (>= 2)",
     "candidates_per_failure": "first attempts sampled per failure needed (fresh mode); more (up to 8 and up to group_size) when the last steps' first-attempt success asks for it",
-    "max_new_tokens": "sets the attempt, reflection and retry limits at once",
+    "max_new_tokens": "sets the attempt, reflection and retry limits at once (a limit of its own given as "
+                      "high up, or higher, wins: flag over file)",
     "max_attempt_tokens": "token limit of the first attempt",
     "max_reflection_tokens": "token limit of a reflection (the trained tokens)",
     "max_retry_tokens": "token limit of the retry",
@@ -325,9 +326,10 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
                 raise ValueError
             return value
         if typ.startswith("int") and "float" not in typ:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+            number = float(raw) if isinstance(raw, str) and "e" in raw.lower() else raw  # (1e3)
+            if isinstance(raw, bool) or (isinstance(number, float) and not number.is_integer()):
+                raise ValueError  # (2.5e0 is not 2, and 1e400 not an OverflowError)
+            return int(number)
         if typ.startswith("float"):
             if isinstance(raw, bool):
                 raise ValueError
@@ -392,6 +394,7 @@ def _read_config_file(path: str) -> dict:
 
 _REPEATED = ("task_option", "chat_template_option")  # key=value flags, merged into <name>s
 _FLAGS = (*_FIELDS, "config", *_REPEATED)  # every flag name, as a key
+_LIMITS = ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")  # what max_new_tokens sets
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
@@ -448,6 +451,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if items:
             kwargs[flag + "s"] = {**kwargs.get(flag + "s", getattr(cfg, flag + "s")),
                                   **parse_task_options(items, "--" + flag.replace("_", "-"))}
+    if kwargs.get("max_new_tokens") is not None:  # (it sets the three limits below any of them given as high up)
+        by_flag = values["max_new_tokens"][1] == "command line"
+        own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
+        if any(v != kwargs["max_new_tokens"] for v in own.values()):
+            kwargs.update({n: kwargs["max_new_tokens"] for n in _LIMITS}, **own, max_new_tokens=None)
     cfg = TrainConfig(**kwargs).validate()
     _check_file_options_fit_task(cfg, values, from_file, config_file[-1] if config_file else None)
     return cfg

@@ -130,7 +130,11 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[: -cfg.keep_last]:
+        # (one past this step is from steps being redone after a resume skipped it, damaged:
+        # kept, it would outrank the checkpoints written now and be the one left)
+        done = checkpoint_dirs(out)
+        stale = [p for p in done if int(p.name.split("_")[1]) > step]
+        for old in stale + [p for p in done if p not in stale][: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     wait_for_main(d)  # (rank 0 renamed it and removed old checkpoints alone)
 

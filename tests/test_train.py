@@ -1891,6 +1891,25 @@ def test_checkpoints_are_listed_by_step_and_only_the_last_keep_last_stay(tiny_mo
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000010", "step_000011"]
 
 
+def test_checkpoints_written_after_resuming_past_a_damaged_newer_one_are_kept(tiny_model, tmp_path):
+    """A resume that skips a damaged newest checkpoint redoes its steps: the checkpoints it then
+    writes must stay, not be pruned in favour of the damaged one (which sorts last): with
+    keep_last 1 every new checkpoint was deleted as it was written, and the next interruption
+    found nothing readable; a later resume would also jump past steps whose log rows were dropped."""
+    from r3.rundir import checkpoint_dirs, resume, save_checkpoint
+
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=2)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, policy, opt, sched, stream, cfg, d)
+    shard = next((tmp_path / "checkpoints" / "step_000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert resume(tmp_path, policy, opt, sched, stream, d) == 2
+    cfg.keep_last = 1  # (a setting a resume may change)
+    save_checkpoint(tmp_path, 3, policy, opt, sched, stream, cfg, d)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000003"]
+    assert resume(tmp_path, policy, opt, sched, stream, d) == 3
+
+
 def test_resume_keeps_rows_without_a_step_and_rewrites_the_log_atomically(tmp_path, monkeypatch):
     from r3 import rundir
     from r3.errors import R3Error
@@ -2862,3 +2881,167 @@ def test_episode_micro_batches_leave_out_groups_without_signal_by_default():
     assert mb.tokens.tolist() == [[1, 2, 6, 7], [1, 2, 6, 8]] and mb.advantages.tolist() == [1.0, -1.0]
     (mb,) = B.episode_micro_batches(ep, adv, 4, 0, torch.device("cpu"), skip_no_signal=False)
     assert mb.tokens.tolist() == seqs
+
+
+def test_checkpoint_io_gives_back_a_thread_count_other_than_one():
+    """The thread count DCP ran under comes back: checked from 2 threads, so that it tests
+    something when the suite itself runs with OMP_NUM_THREADS=1 (then 'restored' and 'left at
+    one' look the same)."""
+    from r3.rundir import _one_intra_op_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _one_intra_op_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_checkpoint_restores_the_data_position_the_schedule_and_the_rng(tiny_model, tmp_path, capsys):
+    """What a resume needs besides the weights comes back from the checkpoint: the stream's
+    position (else the resumed run trains on the first examples again), the recent first-attempt
+    success (the candidate pool's size), the lr schedule and
+    torch's RNG state; a stale temporary directory of an interrupted save of that step leaves
+    nothing in the checkpoint; a damaged newest checkpoint falls back to the one before, and none
+    readable is an error, not a fresh start over the old run."""
+    from r3 import train as T
+    from r3.errors import R3Error
+    from r3.rundir import checkpoint_dirs, resume, save_checkpoint
+
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=2)
+    stale = tmp_path / "checkpoints" / ".step_000003.tmp"
+    stale.mkdir(parents=True)
+    (stale / "left_by_a_killed_save").write_text("x")
+    stream.position, stream.recent_first_success = 5, [0.25, 0.5]
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)  # (an older one: the newest is used)
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    save_checkpoint(tmp_path, 3, policy, opt, sched, stream, cfg, d)
+    assert not (checkpoint_dirs(tmp_path)[-1] / "left_by_a_killed_save").exists()
+    torch.manual_seed(99)
+    opt2 = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, T.lr_lambda(cfg))
+    stream2 = T.QueryStream([1, 2, 3], seed=0)
+    assert resume(tmp_path, policy, opt2, sched2, stream2, d) == 3
+    assert "not those" not in capsys.readouterr().err
+    stream2 = T.QueryStream([1, 2, 4], seed=0)  # (other training examples: said)
+    assert resume(tmp_path, policy, opt2, sched2, stream2, d) == 3
+    assert "the training examples are not those" in capsys.readouterr().err
+    assert stream2.position == 5 and stream2.recent_first_success == [0.25, 0.5] and sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == sched.get_last_lr()[0]
+    assert torch.equal(torch.get_rng_state(), rng)
+    for step in (3, 2):  # damaged: the one before it, then none that reads is one line
+        shard = next((tmp_path / "checkpoints" / f"step_{step:06d}").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        if step == 3:
+            assert resume(tmp_path, policy, opt2, sched2, stream2, d) == 2
+    with pytest.raises(R3Error, match="no checkpoint in .* can be read"):
+        resume(tmp_path, policy, opt2, sched2, stream2, d)
+
+
+def test_a_rewrite_cut_short_puts_the_original_checkpoint_back(tmp_path):
+    """What upgrade_fused_layout leaves when killed between its two renames: the original
+    (.step_N.unfused) goes back to step_N when the rewritten one is not in place, and is dropped
+    only when it is; partial files are removed."""
+    from r3.rundir import _recover_upgrades, checkpoint_dirs
+
+    root = tmp_path / "checkpoints"
+    for name in (".step_000002.unfused", ".step_000004.unfused", "step_000004", ".step_000006.fused.tmp"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer_state.json").write_text(json.dumps({"from": name}))
+    (root / ".step_000006.whole.pt").write_bytes(b"x")
+    _recover_upgrades(tmp_path)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000002", "step_000004"]
+    assert json.loads((root / "step_000002" / "trainer_state.json").read_text()) == {"from": ".step_000002.unfused"}
+    assert json.loads((root / "step_000004" / "trainer_state.json").read_text()) == {"from": "step_000004"}
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_a_run_directory_whose_config_json_was_cut_short_is_refused_in_one_line(tmp_path):
+    """A config.json that is not JSON (cut short by a full disk in an older version, or edited
+    by hand) is the one-line refusal, not a JSONDecodeError traceback."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import prepare_out_dir
+
+    d = T.init_distributed()
+    run = tmp_path / "cut"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": "smollm2-135m", "ta')
+    with pytest.raises(R3Error, match="unreadable config of a previous run; use another --out"):
+        prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+
+
+def test_an_out_directory_holding_other_files_is_not_written_into(tmp_path):
+    """--out pointed at a directory of other things (a notes file, a dataset) is refused before
+    anything is written there: only a new or empty directory, or one holding just an export and
+    the lock, starts a run."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import prepare_out_dir
+
+    d = T.init_distributed()
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("my notes")
+    with pytest.raises(R3Error, match="exists and is not an r3 run directory"):
+        prepare_out_dir(TrainConfig(out=str(run)).validate(), d)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_the_written_config_is_the_whole_config_and_resumes_itself(tmp_path):
+    """config.json is every setting as the run has it (what a resume and r3.evaluate --run read):
+    written whole, it is compatible with the config that wrote it."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.rundir import write_config
+
+    d = T.init_distributed()
+    cfg = TrainConfig(out=str(tmp_path), seed=7, lr=3e-6, task_options={"max_num": 30}).validate()
+    write_config(cfg, tmp_path, d)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == cfg.to_dict() and cfg.incompatible_with(written) == []
+
+
+def test_the_metrics_row_and_step_line_by_hand():
+    """Every field of a one-rank metrics row from its counts, worked out by hand: a group with a
+    zero advantage among non-zero ones still has signal; rates divide by their own denominators
+    (retries, trained tokens, the rollout's or the passes' time); kl is None without a scored
+    reference and first_try_success None when the first attempts were stored failures."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+    from r3.metrics import format_step_line, step_metrics
+
+    d = T.init_distributed()
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0, 0.5], [1.0, 1.0, 1.0]]), queries=4, first_success=1,
+                         spans=[(2, 5), (3, 4), (0, 2), (1, 2), (1, 3), (0, 1)], generated_tokens=60,
+                         times={"attempt": 0.5, "reflection": 0.25, "retry": 0.125})
+    adv = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    upd = {"loss": 0.5, "kl_sum": 0.3, "tokens": 6.0, "clip_low_sum": 3.0, "clip_high_sum": 1.5, "logp_diff_sum": 1.2,
+           "logp_diff_tokens": 4.0, "logp_diff_max": 0.7, "kl_scored": True, "grad_norm": 2.0, "skipped": False}
+    times = {"step": 4.0, "rollout": 2.0, "reference": 0.5, "update": 1.5}
+    row = step_metrics(3, ep, adv, upd, times, d, lr=1e-5, data_position=12, fresh_attempts=True, flops=1e9,
+                       peak_flops=1e10)
+    want = {"step": 3, "loss": 0.5, "kl": 0.05, "retry_success": 4.5 / 6, "first_try_success": 0.25, "groups": 2,
+            "groups_with_signal": 1, "reflection_tokens": 10, "trained_tokens": 6, "reflection_len_mean": 10 / 6,
+            "clip_frac_low": 0.5, "clip_frac_high": 0.25, "logp_diff_mean": 0.3, "logp_diff_max": 0.7, "grad_norm": 2.0,
+            "lr": 1e-5, "skipped": False, "step_time_s": 4.0, "rollout_time_s": 2.0, "attempt_time_s": 0.5,
+            "reflection_time_s": 0.25, "retry_time_s": 0.125, "reference_time_s": 0.5, "update_time_s": 1.5,
+            "rollout_tokens_per_s": 30.0, "tokens_per_s": 15.0, "mfu": 1e9 / (2.0 * 1e10), "peak_tflops": 0.01,
+            "data_position": 12, "peak_memory_gb": None}
+    assert row.keys() == want.keys()
+    assert row == {k: pytest.approx(v) if isinstance(v, float) else v for k, v in want.items()}
+    stored = step_metrics(3, ep, adv, {**upd, "kl_scored": False}, times, d, lr=1e-5, data_position=12,
+                          fresh_attempts=False, flops=0.0, peak_flops=0.0)
+    assert (stored["kl"], stored["first_try_success"], stored["mfu"], stored["peak_tflops"]) == (None, None, None, None)
+    line = format_step_line({**row, "skipped": True}, 10, 60.0)
+    assert line.startswith("step 3/10 | loss +0.5000 | kl 5.00e-02 | retry 0.75 | first 0.25 | signal 1/2 | ")
+    assert "mfu 5.0%" in line and line.endswith(" | SKIPPED (non-finite)")
+    assert "SKIPPED" not in format_step_line(row, 10, 60.0)

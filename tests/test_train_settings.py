@@ -315,3 +315,59 @@ def test_the_files_own_task_named_again_on_the_command_line_is_not_another_task(
     f = tmp_path / "c.yaml"
     f.write_text("task: countdown\ntask_options:\n  dificulty: easy\n")
     assert parse_args(["--config", str(f), "--task", "countdown"]).task_options == {"dificulty": "easy"}
+
+
+def test_a_flag_for_one_token_limit_overrides_max_new_tokens_from_the_file(tmp_path):
+    """Flags override the config file: a file's max_new_tokens (which sets the three limits) must
+    not silently win over --max-reflection-tokens, nor a flag's max_new_tokens over a more specific
+    flag given with it; the recorded config builds the same limits again (r3.evaluate --run)."""
+    from r3.config import parse_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("max_new_tokens: 64\n")
+    cfg = parse_args(["--config", str(f), "--max-reflection-tokens", "128"])
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (64, 128, 64)
+    again = TrainConfig(**cfg.to_dict())
+    assert (again.max_attempt_tokens, again.max_reflection_tokens, again.max_retry_tokens) == (64, 128, 64)
+    cfg = parse_args(["--max-new-tokens", "32", "--max-retry-tokens", "16"])
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (32, 32, 16)
+    f.write_text("max_reflection_tokens: 128\n")  # a flag's max_new_tokens is above the file's limit
+    cfg = parse_args(["--config", str(f), "--max-new-tokens", "32"])
+    assert (cfg.max_new_tokens, cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (32, 32, 32, 32)
+
+
+def test_a_resume_names_the_model_by_another_path_to_the_same_files(tmp_path, monkeypatch):
+    """A run started with a relative --model path resumes with the absolute one (or from another
+    directory): the same files are the same model; a different directory is another model."""
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")  # (all a model spec needs to name a directory)
+    monkeypatch.chdir(tmp_path)
+    stored = TrainConfig(model="m").to_dict()
+    assert TrainConfig(model=str(model_dir)).incompatible_with(stored) == []
+    assert TrainConfig(model=str(tmp_path / "other")).incompatible_with(stored) == ["model"]
+
+
+def test_a_config_file_must_be_yaml_or_json_and_may_start_with_a_byte_order_mark(tmp_path):
+    """Another suffix is refused before it is read (a .txt or .toml file is not parsed as JSON by
+    chance); a JSON file saved by a Windows tool with a byte-order mark is read."""
+    from r3.config import parse_args
+
+    f = tmp_path / "c.txt"
+    f.write_text('{"max_steps": 3}')
+    with pytest.raises(R3Error, match=r"expected a \.yaml, \.yml or \.json file"):
+        parse_args(["--config", str(f)])
+    g = tmp_path / "c.json"
+    g.write_text('\ufeff{"max_steps": 3}', encoding="utf-8")
+    assert parse_args(["--config", str(g)]).max_steps == 3
+
+
+def test_an_integer_flag_in_e_notation_must_be_a_whole_finite_number():
+    """``--max-steps 1e3`` is 1000, but ``--group-size 2.5e0`` was silently 2 and ``--max-steps
+    1e400`` an OverflowError traceback: both are the usual one-line error naming the key."""
+    from r3.config import parse_args
+
+    assert parse_args(["--max-steps", "1e3"]).max_steps == 1000
+    for flag, value in (("--group-size", "2.5e0"), ("--max-steps", "1e400"), ("--batch-size", "-inf")):
+        with pytest.raises(R3Error, match=f"bad value '{value}' for '{flag[2:].replace('-', '_')}'"):
+            parse_args([flag, value])
