@@ -39,7 +39,11 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(done, key=_step_of)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[1])
 
 
 @contextlib.contextmanager
@@ -133,7 +137,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         # (one past this step is from steps being redone after a resume skipped it, damaged:
         # kept, it would outrank the checkpoints written now and be the one left)
         done = checkpoint_dirs(out)
-        stale = [p for p in done if int(p.name.split("_")[1]) > step]
+        stale = [p for p in done if _step_of(p) > step]
         for old in stale + [p for p in done if p not in stale][: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     wait_for_main(d)  # (rank 0 renamed it and removed old checkpoints alone)

@@ -434,7 +434,7 @@ class CountdownTask(Task):
             count = rng.randint(self.min_count, self.max_count)
             nums = [rng.randint(self.min_num, self.max_num) for _ in range(count)]
             key = tuple(sorted(nums))
-            if in_test_split(key, split_seed=self.split_seed, test_fraction=self.test_fraction) != want_test:
+            if self._key_on_test_side(key) != want_test:
                 continue
             found = _candidate_targets(key, self.ops, self.min_target, self.max_target)
             candidates = sorted(t for t in found if (key, t) not in seen)
@@ -462,8 +462,7 @@ class CountdownTask(Task):
                 split = {"train": [], "test": []}
                 for r in load_file(self.data_path):
                     key = (tuple(sorted(r["nums"])), r["target"])
-                    t = in_test_split(key, split_seed=self.split_seed, test_fraction=self.test_fraction)
-                    split["test" if t else "train"].append(r)
+                    split["test" if self._key_on_test_side(key) else "train"].append(r)
                 self._loaded = split
         return self._loaded
 
@@ -474,10 +473,11 @@ class CountdownTask(Task):
         """Whether ``example`` is a test-split problem, for generated problems: by the split rule
         (its numbers), whatever seed or ``n`` drew it, as ``examples("test")`` lists only one
         seed's first ``test_size``. None where the split is a file's, listed whole."""
-        if self.data_path is not None:
-            return None
-        return in_test_split(tuple(sorted(example["nums"])), split_seed=self.split_seed,
-                             test_fraction=self.test_fraction)
+        return None if self.data_path is not None else self._key_on_test_side(tuple(sorted(example["nums"])))
+
+    def _key_on_test_side(self, key: tuple) -> bool:
+        """The split rule: a problem's key (its sorted numbers; in a data file, with its target)."""
+        return in_test_split(key, split_seed=self.split_seed, test_fraction=self.test_fraction)
 
     # ---- prompts ------------------------------------------------------------------------
     def ops_text(self) -> str:

@@ -1067,18 +1067,17 @@ class FunctionCallingTask(Task):
                     self.synthetic_size, self.synthetic_seed)
                 splits: dict[str, list[dict]] = {"train": [], "test": []}
                 for r in rows:
-                    t = in_test_split(("xlam-query", r["query"].strip()), split_seed=self.split_seed,
-                                      test_fraction=self.test_fraction)
-                    splits["test" if t else "train"].append(r)
+                    splits["test" if self._query_on_test_side(r) else "train"].append(r)
                 self._splits = splits
         return self._splits
 
     def on_test_side(self, example: dict) -> bool | None:
         """Whether ``example``'s query is a test query by the split rule (its text, stripped),
         whatever tools it lists; None with a ``test_data_path``, whose test split is listed whole."""
-        if self.test_data_path:
-            return None
-        return in_test_split(("xlam-query", example["query"].strip()), split_seed=self.split_seed,
+        return None if self.test_data_path else self._query_on_test_side(example)
+
+    def _query_on_test_side(self, record: dict) -> bool:
+        return in_test_split(("xlam-query", record["query"].strip()), split_seed=self.split_seed,
                              test_fraction=self.test_fraction)
 
     def examples(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[dict]:
