@@ -97,10 +97,10 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         def positive(name, allow_zero=False):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-                raise R3Error(f"config: '{name}' must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+            _check_positive(name, getattr(self, name), allow_zero)
 
+        if self.max_new_tokens is not None:
+            positive("max_new_tokens")
         for name in ("batch_size", "group_size", "max_attempt_tokens", "max_reflection_tokens",
                      "max_retry_tokens", "micro_batch_size", "update_epochs", "max_steps",
                      "save_every", "keep_last", "candidates_per_failure", "lr"):
@@ -305,6 +305,11 @@ def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> 
     return absolute_paths(out)
 
 
+def _check_positive(name: str, v, allow_zero: bool = False) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise R3Error(f"config: '{name}' must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
 def suggest(name: str, choices) -> str:
     """`` (did you mean --x?)`` for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
@@ -326,9 +331,10 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
                 raise ValueError
             return value
         if typ.startswith("int") and "float" not in typ:
-            number = float(raw) if isinstance(raw, str) and "e" in raw.lower() else raw  # (1e3)
+            written_as_float = isinstance(raw, str) and any(c in raw.lower() for c in ".e")
+            number = float(raw) if written_as_float else raw  # (1e3 and 2.0, as a config file may hold)
             if isinstance(raw, bool) or (isinstance(number, float) and not number.is_integer()):
-                raise ValueError  # (2.5e0 is not 2, and 1e400 not an OverflowError)
+                raise ValueError  # (2.5 is not 2, and 1e400 not an OverflowError)
             return int(number)
         if typ.startswith("float"):
             if isinstance(raw, bool):
@@ -452,6 +458,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
             kwargs[flag + "s"] = {**kwargs.get(flag + "s", getattr(cfg, flag + "s")),
                                   **parse_task_options(items, "--" + flag.replace("_", "-"))}
     if kwargs.get("max_new_tokens") is not None:  # (it sets the three limits below any of them given as high up)
+        _check_positive("max_new_tokens", kwargs["max_new_tokens"])
         by_flag = values["max_new_tokens"][1] == "command line"
         own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
         if any(v != kwargs["max_new_tokens"] for v in own.values()):

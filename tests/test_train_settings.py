@@ -371,3 +371,36 @@ def test_an_integer_flag_in_e_notation_must_be_a_whole_finite_number():
     for flag, value in (("--group-size", "2.5e0"), ("--max-steps", "1e400"), ("--batch-size", "-inf")):
         with pytest.raises(R3Error, match=f"bad value '{value}' for '{flag[2:].replace('-', '_')}'"):
             parse_args([flag, value])
+
+
+def test_an_integer_flag_written_with_a_decimal_point_is_read_as_a_config_file_reads_it(tmp_path):
+    """``keep_last: 2.0`` in a YAML file is 2, and so was ``--keep-last 2e0``, but ``--keep-last
+    2.0`` was refused: the same number is read the same way wherever it is written; a fraction
+    is still refused in one line."""
+    from r3.config import parse_args
+
+    f = tmp_path / "c.yaml"
+    f.write_text("keep_last: 2.0\n")
+    assert parse_args(["--config", str(f)]).keep_last == 2
+    assert parse_args(["--keep-last", "2.0"]).keep_last == 2
+    assert parse_args(["--max-steps", "30."]).max_steps == 30
+    for value in ("2.5", "nan", "1.0e400"):
+        with pytest.raises(R3Error, match=f"bad value '{value}' for 'keep_last'"):
+            parse_args(["--keep-last", value])
+
+
+def test_a_zero_max_new_tokens_is_refused_under_its_own_name(tmp_path):
+    """``--max-new-tokens 0`` was refused as "'max_attempt_tokens' must be ... > 0" (the limit it
+    had set), a flag the user never gave; alongside a limit of its own it named another one."""
+    from r3.config import parse_args
+
+    for argv in (["--max-new-tokens", "0"], ["--max-new-tokens", "0", "--max-attempt-tokens", "10"],
+                 ["--max-new-tokens", "-4"]):
+        with pytest.raises(R3Error, match="'max_new_tokens' must be a finite number > 0"):
+            parse_args(argv)
+    f = tmp_path / "c.yaml"
+    f.write_text("max_new_tokens: 0\n")
+    with pytest.raises(R3Error, match="'max_new_tokens' must be"):
+        parse_args(["--config", str(f)])
+    with pytest.raises(R3Error, match="'max_new_tokens' must be"):
+        TrainConfig(max_new_tokens=0).validate()
