@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from r3.errors import R3Error
-from r3.files import current_umask
+from r3.files import current_umask, fsync_directory, fsync_tree
 from r3.gguf_file import GGUFFile, read_gguf
 from r3.model import CheckpointAssembler, ModelConfig, Transformer, param_names_hf, split_for_checkpoint
 
@@ -494,6 +494,7 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
         tok.save_pretrained(str(tmp))
         (tmp / _CACHE_SOURCE).write_text(json.dumps(source))
+        fsync_tree(tmp)
         os.replace(tmp, cached)
     except OSError:
         # A cache is an optimisation: a read-only or full home, or another process that cached
@@ -575,11 +576,13 @@ def _atomic_dir(path: Path):
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result is a normal directory
 
     def commit():
+        fsync_tree(tmp)  # (the older copy is deleted next: this one must be on the disk)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

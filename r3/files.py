@@ -32,6 +32,36 @@ def naming_os_errors(path: Path):
         raise
 
 
+def fsync_directory(path) -> None:
+    """Flush a directory's entries (a rename into it, a file made in it) to the disk. Some file
+    systems cannot sync a directory; there it is what they give."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """Flush every file under ``root``, and its directories, to the disk. Call it before a rename
+    publishes ``root``: a file system may commit the rename before the data, so that after a power
+    cut the published name holds empty files (and the older copy deleted after it is gone)."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            with naming_os_errors(Path(dirpath) / name):
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_directory(dirpath)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
     path = Path(path)
@@ -42,6 +72,8 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() would not
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # (before the rename: see fsync_tree)
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

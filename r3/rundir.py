@@ -31,7 +31,7 @@ from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
 from r3.distributed import Dist, all_max, exit_after_failing_ranks, fail_together, wait_for_main
 from r3.errors import R3Error
-from r3.files import write_json_atomic, write_text_atomic
+from r3.files import fsync_directory, fsync_tree, write_json_atomic, write_text_atomic
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -133,7 +133,9 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     if d.main:
         if final.exists():
             shutil.rmtree(final)
+        fsync_tree(tmp)  # (the older checkpoints are deleted next: this one must be on the disk)
         os.replace(tmp, final)
+        fsync_directory(root)
         # (one past this step is from steps being redone after a resume skipped it, damaged:
         # kept, it would outrank the checkpoints written now and be the one left)
         done = checkpoint_dirs(out)
@@ -218,9 +220,11 @@ def upgrade_fused_layout(path: Path, cfg) -> None:
     with _one_intra_op_thread():
         dcp.save({"model": state["model"], "optim": optim}, checkpoint_id=str(tmp), no_dist=True)
     shutil.copy2(path / "trainer_state.json", tmp / "trainer_state.json")
+    fsync_tree(tmp)
     old = path.parent / f".{path.name}.unfused"
     os.replace(path, old)
     os.replace(tmp, path)
+    fsync_directory(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

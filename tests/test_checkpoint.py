@@ -1032,3 +1032,30 @@ def test_an_export_interrupted_while_the_old_one_is_removed_is_whole(tiny_dirs, 
     tokens = _tokens(model.config.vocab_size)
     with torch.no_grad():
         assert torch.equal(back(tokens), model(tokens))
+
+
+def test_an_export_and_a_file_written_whole_are_on_the_disk_before_they_are_published(tiny_dirs, tmp_path, monkeypatch):
+    """Renamed into place without a flush, an export (or config.json, a report) could be empty
+    files after a power cut, the older copy already deleted: each file and the temporary
+    directory are flushed before the rename, the directory holding it after, then the old copy goes."""
+    from r3.files import write_text_atomic
+
+    model, _ = load(tiny_dirs["llama"][0], tokenizer=False)
+    target = save_hf(model, None, tmp_path / "export")
+    events = []
+    fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(a), str(b))), replace(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (events.append(("remove", str(p))), rmtree(p, **k))[1])
+    save_hf(model, None, target)
+    [publish] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(target)]
+    tmp = events[publish][1]
+    flushed = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    assert {str(Path(tmp) / p.name) for p in target.iterdir()} | {tmp} <= flushed
+    [removed] = [i for i, e in enumerate(events) if e[0] == "remove" and ".export.old-" in e[1]]
+    assert ("fsync", str(tmp_path)) in events[publish:removed]
+
+    events.clear()
+    write_text_atomic(tmp_path / "config.json", "{}\n")
+    [(_, src, dst)] = [e for e in events if e[0] == "rename"]
+    assert events.index(("fsync", src)) < events.index(("rename", src, dst))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -178,8 +179,6 @@ def _unfuse_checkpoint(path, model_dir):
     for group in optim["param_groups"]:
         group["params"] = [p for n in group["params"] for p in _parts_of(n)]
     trainer = (Path(path) / "trainer_state.json").read_text()
-    import shutil
-
     shutil.rmtree(path)
     dcp.save({"model": model, "optim": optim}, checkpoint_id=str(path), no_dist=True)
     (Path(path) / "trainer_state.json").write_text(trainer)
@@ -2589,8 +2588,6 @@ def test_the_update_is_the_whole_batch_loss_whatever_the_micro_batching(agg):
 def test_a_run_that_starts_again_from_no_checkpoint_starts_its_logs_again(tiny_model, tmp_path):
     """Every checkpoint gone (removed by hand): the run starts at step 1 again, and its logs with
     it, not appended to the old rows."""
-    import shutil
-
     out = tmp_path / "run"
     args = BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "1", "--eval-n", "2"]
     run_train(args)
@@ -3045,3 +3042,50 @@ def test_the_metrics_row_and_step_line_by_hand():
     assert line.startswith("step 3/10 | loss +0.5000 | kl 5.00e-02 | retry 0.75 | first 0.25 | signal 1/2 | ")
     assert "mfu 5.0%" in line and line.endswith(" | SKIPPED (non-finite)")
     assert "SKIPPED" not in format_step_line(row, 10, 60.0)
+
+
+def _disk_events(monkeypatch):
+    """Record, in order, each fsync (by the path it flushed), rename and tree removal."""
+    events = []
+    fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def on_fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return fsync(fd)
+
+    def on_replace(src, dst, **kw):
+        events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+        return replace(src, dst, **kw)
+
+    def on_rmtree(path, *a, **kw):
+        events.append(("remove", os.path.realpath(path)))
+        return rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(os, "fsync", on_fsync)
+    monkeypatch.setattr(os, "replace", on_replace)
+    monkeypatch.setattr(shutil, "rmtree", on_rmtree)
+    return events
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_older_one_deleted(tiny_model, tmp_path, monkeypatch):
+    """The checkpoint was renamed into place and the older one deleted without a flush: a file
+    system may commit the rename and the deletion before the new files' data, so a power cut
+    could leave an empty newest checkpoint and no older one. Every file and directory of the new
+    one is flushed before the rename, the directory holding it after, then the old one goes."""
+    from r3.rundir import checkpoint_dirs, save_checkpoint
+
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=1)
+    save_checkpoint(tmp_path, 1, policy, opt, sched, stream, cfg, d)
+    events = _disk_events(monkeypatch)
+    save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)
+    root = os.path.realpath(tmp_path / "checkpoints")
+    final, old = root + "/step_000002", root + "/step_000001"
+    [publish] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == final]
+    tmp = events[publish][1]
+    flushed = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    files = {os.path.join(p, n).replace(final, tmp) for p, _, names in os.walk(final) for n in names}
+    assert len(files) >= 3 and files <= flushed  # (the DCP shards, its metadata, trainer_state.json)
+    assert tmp in flushed
+    [removed] = [i for i, e in enumerate(events) if e == ("remove", old)]
+    assert any(e == ("fsync", root) for e in events[publish:removed])
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000002"]
