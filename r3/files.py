@@ -47,18 +47,23 @@ def fsync_directory(path) -> None:
         os.close(fd)
 
 
+def fsync_file(path) -> None:
+    """Flush a file's data to the disk (one written through another handle, or by another process)."""
+    with naming_os_errors(Path(path)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def fsync_tree(root) -> None:
     """Flush every file under ``root``, and its directories, to the disk. Call it before a rename
     publishes ``root``: a file system may commit the rename before the data, so that after a power
     cut the published name holds empty files (and the older copy deleted after it is gone)."""
     for dirpath, _, names in os.walk(root):
         for name in names:
-            with naming_os_errors(Path(dirpath) / name):
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            fsync_file(os.path.join(dirpath, name))
         fsync_directory(dirpath)
 
 

@@ -31,7 +31,7 @@ from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
 from r3.distributed import Dist, all_max, exit_after_failing_ranks, fail_together, wait_for_main
 from r3.errors import R3Error
-from r3.files import fsync_directory, fsync_tree, write_json_atomic, write_text_atomic
+from r3.files import fsync_directory, fsync_file, fsync_tree, write_json_atomic, write_text_atomic
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -133,6 +133,8 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     if d.main:
         if final.exists():
             shutil.rmtree(final)
+        for log in out.glob("*.jsonl"):  # (the rows up to this step, which a resume keeps)
+            fsync_file(log)
         fsync_tree(tmp)  # (the older checkpoints are deleted next: this one must be on the disk)
         os.replace(tmp, final)
         fsync_directory(root)

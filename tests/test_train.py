@@ -3071,11 +3071,13 @@ def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_older_one_de
     """The checkpoint was renamed into place and the older one deleted without a flush: a file
     system may commit the rename and the deletion before the new files' data, so a power cut
     could leave an empty newest checkpoint and no older one. Every file and directory of the new
-    one is flushed before the rename, the directory holding it after, then the old one goes."""
-    from r3.rundir import checkpoint_dirs, save_checkpoint
+    one, and the run's logs, are flushed before the rename, the directory holding it after, then
+    the old one goes."""
+    from r3.rundir import append_jsonl, checkpoint_dirs, save_checkpoint
 
     d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=1)
     save_checkpoint(tmp_path, 1, policy, opt, sched, stream, cfg, d)
+    append_jsonl(tmp_path / "metrics.jsonl", {"step": 2})
     events = _disk_events(monkeypatch)
     save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)
     root = os.path.realpath(tmp_path / "checkpoints")
@@ -3085,7 +3087,7 @@ def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_older_one_de
     flushed = {e[1] for e in events[:publish] if e[0] == "fsync"}
     files = {os.path.join(p, n).replace(final, tmp) for p, _, names in os.walk(final) for n in names}
     assert len(files) >= 3 and files <= flushed  # (the DCP shards, its metadata, trainer_state.json)
-    assert tmp in flushed
+    assert tmp in flushed and os.path.realpath(tmp_path / "metrics.jsonl") in flushed  # (the rows a resume keeps)
     [removed] = [i for i, e in enumerate(events) if e == ("remove", old)]
     assert any(e == ("fsync", root) for e in events[publish:removed])
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000002"]
