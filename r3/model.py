@@ -1,9 +1,15 @@
 """A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5, Qwen3 (dense),
-Mistral and Phi-3 / Phi-3.5.
+Mistral, Phi-3 / Phi-3.5 and Gemma 3 (text-only: gemma-3-270m, gemma-3-1b).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
-grouped-query attention through SDPA (with Qwen3's per-head RMSNorm on q and k), SwiGLU, tied or
-untied embeddings, and a static, preallocated KV cache.
+grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
+SwiGLU (GeGLU for Gemma), tied or untied embeddings, and a static, preallocated KV cache.
+
+Gemma 3 differs in six places: its RMSNorm scales by ``1 + w`` (in fp32, then rounds), the
+embeddings are multiplied by sqrt(hidden size), every block norms the attention and MLP outputs
+too (four norms), the MLP gates with tanh-approximated GELU, attention scores are scaled by
+``query_pre_attn_scalar ** -0.5``, and sliding-window layers turn RoPE with their own base
+(``rope_local_base_freq``) while full-attention layers use ``rope_theta`` and its scaling.
 
 Parameter names follow the Hugging Face state dict minus its ``model.`` prefix (see
 ``r3.checkpoint``), with one difference: every family holds q/k/v as one fused ``qkv_proj`` and
@@ -42,10 +48,11 @@ from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
+                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 KV_BUCKET = 64
 
 
@@ -77,9 +84,17 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     layer_windows: list = field(default_factory=list)  # per layer: None or sliding-window size
+    hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power (None: head_dim's)
+    local_rope_theta: float | None = None  # Gemma 3: sliding-window layers' RoPE base, unscaled
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's (1 + w) norms, scaled embeddings and four norms per block (see the module docstring)."""
+        return self.model_type == "gemma3_text"
 
     @property
     def rotary_dim(self) -> int:
@@ -104,14 +119,23 @@ class ModelConfig:
             return default if value is None else _positive(value, key, source, integral=False)
 
         model_type = need("model_type")
+        if model_type == "gemma3":
+            raise R3Error(f"{source}: model_type 'gemma3' is Gemma 3 with its vision tower (4b and larger); "
+                          "r3 loads the text-only Gemma 3 checkpoints (model_type 'gemma3_text': gemma-3-270m, "
+                          "gemma-3-1b)")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise R3Error(
                 f"{source}: unsupported model_type '{model_type}' "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        act = cfg.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise R3Error(f"{source}: unsupported hidden_act '{act}' (only silu)")
+        gemma = model_type == "gemma3_text"
+        act_key = "hidden_activation" if gemma and cfg.get("hidden_activation") is not None else "hidden_act"
+        act = cfg.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in _ACTIVATIONS or (_ACTIVATIONS[act] == "silu") == gemma:
+            raise R3Error(f"{source}: unsupported {act_key} '{act}' for model_type '{model_type}' "
+                          f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
+        if gemma:
+            _check_gemma_extras(cfg, source)
         n_layers = integer("num_hidden_layers")
         n_heads = integer("num_attention_heads")
         hidden = integer("hidden_size")
@@ -128,7 +152,10 @@ class ModelConfig:
             if cfg.get(key) is not None and not isinstance(cfg[key], dict):
                 raise R3Error(f"{source}: field '{key}' must be an object, got {cfg[key]!r}")
         rope = dict(cfg.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+        local_theta = None
+        if gemma:  # rope_parameters per layer type (transformers 5), or rope_theta / rope_local_base_freq
+            rope, local_theta = _gemma_rope(cfg, rope, source)
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or (1_000_000.0 if gemma else 10000.0)
         theta = _positive(theta, "rope_theta", source, integral=False)
         # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the
         # factor at the top level, or in rope_parameters / rope_scaling); its other families here
@@ -189,13 +216,16 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             partial_rotary_factor=partial,
-            max_position_embeddings=integer("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=integer("max_position_embeddings", 131_072 if gemma else 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # (transformers' defaults)
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             layer_windows=windows,
+            hidden_act=_ACTIVATIONS[act],
+            query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0) if gemma else None,
+            local_rope_theta=local_theta,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
@@ -216,7 +246,7 @@ class ModelConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             # Both spellings, so transformers 4.x (rope_theta/rope_scaling) and 5.x read it.
             "rope_theta": self.rope_theta,
@@ -241,6 +271,17 @@ class ModelConfig:
             cfg["sliding_window"] = windows.pop() if windows else None
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
                 cfg["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
+        elif self.gemma:
+            cfg["hidden_activation"] = self.hidden_act
+            q = self.query_pre_attn_scalar  # (an int where it is one: transformers' field is typed int)
+            cfg["query_pre_attn_scalar"] = int(q) if float(q).is_integer() else q
+            cfg["attention_bias"] = self.qkv_bias
+            cfg["sliding_window"] = windows.pop() if windows else None
+            cfg["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
+            cfg["rope_local_base_freq"] = self.local_rope_theta
+            cfg["rope_parameters"] = {"full_attention": rope_parameters,
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}}
+            cfg["final_logit_softcapping"] = cfg["attn_logit_softcapping"] = None
         elif self.model_type in ("qwen2", "qwen3"):
             if self.model_type == "qwen3":
                 cfg["attention_bias"] = self.qkv_bias
@@ -295,6 +336,36 @@ def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, source
             "original_max_position_embeddings": original, "attention_factor": float(attention)}
 
 
+def _check_gemma_extras(cfg: dict, source: str) -> None:
+    """Refuse what Gemma 3 configs may set and r3 does not compute (Gemma 2's softcapping, the
+    bidirectional attention of embedding models)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise R3Error(f"{source}: field '{key}' {cfg[key]!r} is not supported (only null, as Gemma 3 ships)")
+    if cfg.get("use_bidirectional_attention"):
+        raise R3Error(f"{source}: field 'use_bidirectional_attention' true is not supported (a causal LM only)")
+
+
+def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
+    """Gemma 3's RoPE as (the full-attention layers' parameters, in the single-type layout the
+    caller reads; the sliding-window layers' base). transformers 5 writes ``rope_parameters``
+    keyed by layer type; older configs have ``rope_theta`` (full), ``rope_local_base_freq``
+    (sliding) and ``rope_scaling`` (full layers only)."""
+    if "full_attention" in rope or "sliding_attention" in rope:
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        for name, d in (("full_attention", full), ("sliding_attention", local)):
+            if not isinstance(d, dict):
+                raise R3Error(f"{source}: field 'rope_parameters.{name}' must be an object, got {d!r}")
+        local_type = local.get("rope_type", local.get("type", "default"))
+        if local_type != "default":
+            raise R3Error(f"{source}: unsupported rope scaling type '{local_type}' for the sliding-window layers "
+                          "(rope_parameters.sliding_attention; only default)")
+        local_theta = local.get("rope_theta") or cfg.get("rope_local_base_freq") or 10_000.0
+        return dict(full), _positive(local_theta, "rope_parameters.sliding_attention.rope_theta", source, False)
+    local_theta = cfg.get("rope_local_base_freq") or 10_000.0
+    return rope, _positive(local_theta, "rope_local_base_freq", source, False)
+
+
 def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> list:
     """Per-layer sliding-window size (None = full attention), as transformers applies it."""
     window = cfg.get("sliding_window")
@@ -304,6 +375,20 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
         window = _positive(window, "sliding_window", source, integral=True)
     if model_type in ("mistral", "phi3"):
         return [window or None] * n_layers
+    if model_type == "gemma3_text":  # layer_types, else every sliding_window_pattern-th layer is full
+        layer_types = cfg.get("layer_types")
+        if layer_types is None:
+            pattern = cfg.get("sliding_window_pattern", 6)
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+                raise R3Error(f"{source}: field 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
+            layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
+        if not isinstance(layer_types, list) or len(layer_types) != n_layers or not set(layer_types) <= {
+                "full_attention", "sliding_attention"}:
+            raise R3Error(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' "
+                          f"for each of the {n_layers} layers")
+        if "sliding_attention" in layer_types and not window:
+            window = 4096  # (Gemma3TextConfig's default)
+        return [window if t == "sliding_attention" else None for t in layer_types]
     # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers.
     layer_types = cfg.get("layer_types")
     if not cfg.get("use_sliding_window") or not window:
@@ -324,22 +409,27 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:  # Gemma: scale by (1 + w) in fp32, then round once
+            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
         # Normalise in fp32, scale in the input dtype: the order transformers uses.
         # (F.rms_norm is that in one op: it normalises in fp32 and rounds once, bit for bit)
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     """Inverse frequencies [rotary dims / 2] in fp32 (the rotary dims: the whole head, or the
     part ``partial_rotary_factor`` says), with linear, Llama-3 or LongRoPE (the short factors: r3
-    stays within the original context) scaling applied."""
+    stays within the original context) scaling applied. ``local``: Gemma 3's sliding-window
+    layers (their own base, no scaling)."""
     dim = cfg.rotary_dim
+    if local:
+        return 1.0 / (cfg.local_rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     s = cfg.rope_scaling
     if s and s["rope_type"] == "longrope":
         ext = torch.tensor(s["short_factor"], dtype=torch.float32)
@@ -492,11 +582,13 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = window
         h, d = cfg.hidden_size, cfg.head_dim
+        # (None: SDPA's own 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma)
 
     def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len):
         B, T, _ = x.shape
@@ -525,15 +617,16 @@ class Attention(nn.Module):
         if mask is None:
             if layer_cache is not None:  # a prefill from the start: no query may see a slot >= T,
                 k, v = k[:, :, :T], v[:, :, :T]  # so square (flash attention takes grouped heads then)
-            out = sdpa(q, k, v, None, causal=T > 1)
+            out = sdpa(q, k, v, None, causal=T > 1, scale=self.scale)
         elif T == 1 and self.n_kv != self.n_heads:
             # One token per row (decode): the query heads sharing a kv head go in as that head's
             # "query positions", which share the row's mask. The same math as enable_gqa, which
             # expands the cache to every query head (a copy per step).
-            out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask,
+                                                 scale=self.scale)
             out = out.reshape(B, self.n_heads, 1, self.head_dim)
         else:
-            out = sdpa(q, k, v, mask, causal=False)
+            out = sdpa(q, k, v, mask, causal=False, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -557,7 +650,8 @@ def expands_kv_heads(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     return not flash
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+         scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of ``q`` ``[B, heads, T, D]`` over ``k``/``v`` ``[B, kv
     heads, S, D]`` (query head ``h`` reads kv head ``h // (heads / kv heads)``), on a fused kernel
     where one applies (:func:`expands_kv_heads`). A causal mask with ``T < S`` is aligned at the
@@ -565,7 +659,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     if expands_kv_heads(q, k, mask, causal):
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -575,22 +669,36 @@ class MLP(nn.Module):
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = Linear(h, 2 * i, bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)
 
 
 class Block(nn.Module):
+    """Pre-norm attention and MLP. Gemma norms each one's output too: its
+    ``post_attention_layernorm`` is on the attention's output (Llama's is the MLP's input norm,
+    which Gemma calls ``pre_feedforward_layernorm``)."""
+
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        h, eps, g = cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma
+        self.input_layernorm = RMSNorm(h, eps, g)
         self.self_attn = Attention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, eps, g)
         self.mlp = MLP(cfg)
+        self.sandwich = g
+        if g:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, g)
+            self.post_feedforward_layernorm = RMSNorm(h, eps, g)
 
     def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -608,11 +716,15 @@ class Transformer(nn.Module):
         windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, w) for w in windows)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq: dict[tuple, torch.Tensor] = {}
+        # Gemma: sqrt(hidden size) rounded to each compute dtype, as transformers multiplies by it
+        # (a Python number here, so a compiled step holds no tensor made on the fly)
+        self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
+                             for dt in (torch.float32, torch.bfloat16, torch.float16)}
         # Activation checkpointing: with gradients on, each block keeps only its input for the
         # backward pass and runs its forward again there (less memory, about a third more compute).
         self.activation_checkpointing = False
@@ -629,11 +741,14 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def inv_freq(self, device) -> torch.Tensor:
+    def inv_freq(self, device, local: bool = False) -> torch.Tensor:
+        """:func:`rope_inv_freq` on ``device``, made once (Gemma 3's local one with the global)."""
         device = torch.device(device)
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+        if (device, local) not in self._inv_freq:
+            self._inv_freq[(device, False)] = rope_inv_freq(self.config).to(device)
+            if self.config.local_rope_theta is not None:
+                self._inv_freq[(device, True)] = rope_inv_freq(self.config, local=True).to(device)
+        return self._inv_freq[(device, local)]
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         return KVCache.empty(self.config, batch_size, max_len, dtype or self.dtype, device or self.device)
@@ -668,7 +783,13 @@ class Transformer(nn.Module):
             # without reading them back from the device)
             self.check_positions(kv_len if cache is not None and isinstance(kv_len, int) else int(positions.max()) + 1)
         x = self.embed_tokens(tokens)
+        if self.config.gemma:
+            x = x * self._embed_scale[x.dtype]
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype, rope_scale(self.config))
+        ropes = {w: (cos, sin) for w in self._windows()}  # per window size: each layer's RoPE tables
+        if self.config.local_rope_theta is not None:  # (Gemma 3: sliding-window layers turn by their own base)
+            local = rope_cos_sin(self.inv_freq(dev, local=True), positions, x.dtype)
+            ropes.update({w: local for w in ropes if w is not None})
         if cache is not None:
             if kv_len is None:
                 kv_len = int(positions.max()) + 1
@@ -687,6 +808,7 @@ class Transformer(nn.Module):
         write_at = self._cache_writes(cache, positions) if cache is not None else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
+            cos, sin = ropes[layer.self_attn.window]
             if recompute:
                 x = checkpoint(layer, x, cos, sin, masks[layer.self_attn.window], None, None, None,
                                use_reentrant=False)
@@ -708,6 +830,9 @@ class Transformer(nn.Module):
         rows = torch.arange(B, device=positions.device)[:, None, None] * n_kv + heads  # [B, 1, n_kv]
         return None, (rows * S + positions[:, :, None]).reshape(-1)
 
+    def _windows(self) -> set:
+        return {layer.self_attn.window for layer in self.layers}
+
     def check_positions(self, n: int) -> None:
         """Refuse ``n`` positions where r3 cannot follow transformers (LongRoPE past its original
         context; see the module docstring)."""
@@ -726,7 +851,7 @@ class Transformer(nn.Module):
         T = positions.shape[1]
         from_start = kv_len is not None and T > 1 and bool(
             (positions == torch.arange(T, device=positions.device)).all())
-        for window in {layer.self_attn.window for layer in self.layers}:
+        for window in self._windows():
             if (kv_len is None or from_start) and (window is None or window >= T):
                 masks[window] = None
                 continue
@@ -746,7 +871,7 @@ class Transformer(nn.Module):
         qp, kp = positions[:, None, :, None], positions[:, None, None, :]
         base = ((ks == qs) | ((ks == 0) & (qs > 0))) & (kp <= qp)
         masks = {}
-        for w in {layer.self_attn.window for layer in self.layers}:
+        for w in self._windows():
             m = base if w is None else base & (kp > qp - w)
             masks[w] = _additive(m, dtype)
         return masks
@@ -785,6 +910,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         shapes.update({
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
+            **({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
+               if cfg.gemma else {}),
             p + "self_attn.qkv_proj.weight": (nq + 2 * nkv, h),
             p + "self_attn.o_proj.weight": (h, nq),
             p + "mlp.gate_up_proj.weight": (2 * i, h),

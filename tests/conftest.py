@@ -86,6 +86,16 @@ def tiny_hf_config(kind: str, **overrides):
                          rope_scaling={"type": "longrope",
                                        "short_factor": (1 + 2 * torch.rand(half, generator=g)).tolist(),
                                        "long_factor": (4 + 20 * torch.rand(half, generator=g)).tolist()})
+    elif kind == "gemma3":  # (1 + w) norms, four per block, GeGLU, scaled embeddings, a query scale
+        # unlike head_dim's, sliding and full layers with their own RoPE (linear scaling on full only)
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(**{**common, "head_dim": 24}, tie_word_embeddings=True, query_pre_attn_scalar=20,
+                               sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                               bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                   "rope_theta": 1000000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     else:
         raise ValueError(kind)
     for k, v in overrides.items():
@@ -112,10 +122,10 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3 and phi3."""
+    """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3 and gemma3."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3"):
+    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

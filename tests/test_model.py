@@ -11,7 +11,7 @@ import torch
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -196,7 +196,7 @@ def test_kv_cache_ragged_decode_equals_full_forward(tiny_dirs, kind):
             assert (got - full).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])  # mistral: a sliding window of 8 < T
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma3"])  # mistral, gemma3: a sliding window of 8 < T
 def test_prefill_from_the_start_is_plain_causal(tiny_dirs, kind):
     """A cached forward whose rows all sit at positions 0..T-1 runs SDPA's causal path (no mask);
     it must equal the masked path, which a forward starting at position 1 takes."""
@@ -789,3 +789,120 @@ def test_cached_forward_with_one_row_from_the_start_and_one_continuing():
         got = model(torch.stack([a, b[3:]]), positions=torch.stack([torch.arange(6), torch.arange(3, 9)]), cache=cache)
     assert (got[0] - ref_a).abs().max().item() <= 1e-4
     assert (got[1] - ref_b[3:]).abs().max().item() <= 1e-4
+
+
+GEMMA3 = dict(model_type="gemma3_text", vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=12,
+              hidden_activation="gelu_pytorch_tanh", sliding_window=4)
+
+
+def test_gemma3_configs_of_each_layout_read_as_transformers_reads_them():
+    """A hub config.json of Gemma 3 (rope_theta, rope_local_base_freq, rope_scaling, a
+    sliding_window_pattern and no layer_types) and transformers 5's own layout (rope_parameters
+    per layer type, layer_types) give the layers, windows and RoPE transformers computes: full
+    layers every pattern-th, the scaling on the full layers only, each kind its own base."""
+    from transformers import Gemma3TextConfig
+
+    hub = {**GEMMA3, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 3,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    theirs = Gemma3TextConfig(**hub)
+    for cfg in (hub, theirs.to_dict()):
+        c = ModelConfig.from_hf(cfg)
+        assert c.layer_windows == [4 if t == "sliding_attention" else None for t in theirs.layer_types]
+        assert c.layer_windows == [4, 4, None, 4, 4, None]
+        assert (c.rope_theta, c.local_rope_theta, c.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
+        assert (c.query_pre_attn_scalar, c.hidden_act, c.tie_word_embeddings, c.qk_norm) == (
+            12.0, "gelu_pytorch_tanh", True, True)
+    assert theirs.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert theirs.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}
+    # What transformers fills in when a field is left out: every 6th layer full, the 4096 window,
+    # the bases 1e6 / 1e4, a query scale of 256, tied embeddings
+    bare = {k: v for k, v in GEMMA3.items() if k not in ("query_pre_attn_scalar", "sliding_window")}
+    c, t = ModelConfig.from_hf(bare), Gemma3TextConfig(**bare)
+    assert c.layer_windows == [t.sliding_window if k == "sliding_attention" else None for k in t.layer_types]
+    assert (c.rope_theta, c.local_rope_theta, c.query_pre_attn_scalar) == (
+        t.rope_parameters["full_attention"]["rope_theta"], t.rope_parameters["sliding_attention"]["rope_theta"],
+        t.query_pre_attn_scalar)
+    # (r3's export writes both layouts; transformers reads it back the same)
+    again = Gemma3TextConfig(**{k: v for k, v in c.to_hf().items() if k not in ("architectures",)})
+    assert again.layer_types == t.layer_types and again.rope_parameters == t.rope_parameters
+    assert ModelConfig.from_hf(c.to_hf()) == c
+
+
+def test_gemma3_local_and_global_rope_differ_by_layer():
+    """Sliding-window layers turn by rope_local_base_freq, unscaled; full layers by rope_theta
+    with the linear factor (one table for both would pass a test whose positions stay small)."""
+    c = ModelConfig.from_hf({**GEMMA3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                             "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    dims = torch.arange(0, 8, 2).float() / 8
+    assert torch.allclose(rope_inv_freq(c, local=True), 1.0 / (1e4 ** dims))
+    assert torch.allclose(rope_inv_freq(c), 1.0 / (1e6 ** dims) / 8.0)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "gemma3"}, "model_type 'gemma3' is Gemma 3 with its vision tower"),
+    ({"model_type": "gemma2"}, "unsupported model_type 'gemma2'"),
+    ({"final_logit_softcapping": 30.0}, "field 'final_logit_softcapping' 30.0 is not supported"),
+    ({"attn_logit_softcapping": 50.0}, "field 'attn_logit_softcapping' 50.0 is not supported"),
+    ({"use_bidirectional_attention": True}, "field 'use_bidirectional_attention' true is not supported"),
+    ({"hidden_activation": "silu"}, "unsupported hidden_activation 'silu' for model_type 'gemma3_text'"),
+    ({"layer_types": ["full_attention"] * 5}, "field 'layer_types' must list"),
+    ({"layer_types": ["full_attention"] * 5 + ["chunked_attention"]}, "field 'layer_types' must list"),
+    ({"sliding_window_pattern": 0}, "field 'sliding_window_pattern' must be a positive integer"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "unsupported rope scaling type 'linear' for the sliding-window layers"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "unsupported rope scaling type 'yarn'"),
+])
+def test_gemma3_configs_r3_cannot_follow_are_refused_by_name(change, match):
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match=re.escape(match)):
+        ModelConfig.from_hf({**GEMMA3, **change})
+    with pytest.raises(R3Error, match=re.escape("unsupported hidden_act 'gelu_pytorch_tanh' for model_type 'llama'")):
+        ModelConfig.from_hf({**GEMMA3, "model_type": "llama", "hidden_act": "gelu_pytorch_tanh"})
+
+
+def test_gemma3_bf16_logits_equal_transformers(tiny_dirs):
+    """In bf16 the Gemma-specific rounding shows: its norms scale by (1 + w) in fp32 and round
+    once, and the embeddings are multiplied by sqrt(hidden) rounded to bf16. Ours equal
+    transformers' bit for bit, and differ from fp32."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_dirs["gemma3"]
+    theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    ours, _ = load(path, dtype=torch.bfloat16, tokenizer=False)
+    tokens = _tokens(256, 3, 40)
+    with torch.no_grad():
+        want = theirs(tokens).logits.float()
+        assert torch.equal(ours(tokens), want)
+        assert not torch.equal(load(path, tokenizer=False)[0](tokens), want)
+
+
+def test_the_published_gemma3_1b_config_builds_the_same_model_as_transformers():
+    """google/gemma-3-1b-it's config.json as published (transformers 4.52 wrote it): the same
+    layers, windows (every sixth layer full), and parameters, 999,885,952 (embeddings tied), as
+    transformers builds from it."""
+    import math
+
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from r3.model import param_shapes
+
+    published = {
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+        "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+        "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "transformers_version": "4.52.4", "use_cache": True, "vocab_size": 262144}
+    ours = ModelConfig.from_hf(published)
+    theirs = Gemma3TextConfig(**{k: v for k, v in published.items() if k != "architectures"})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(theirs)
+    assert sum(math.prod(s) for s in param_shapes(ours).values()) == sum(p.numel() for p in hf.parameters()) == 999_885_952
+    assert ours.layer_windows == [512 if t == "sliding_attention" else None for t in theirs.layer_types]
+    assert sum(w is None for w in ours.layer_windows) == 4 and ours.tie_word_embeddings
+    assert (ours.rope_theta, ours.local_rope_theta, ours.rope_scaling, ours.eos_token_id) == (1e6, 1e4, None, [1, 106])
