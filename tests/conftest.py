@@ -90,12 +90,15 @@ def tiny_hf_config(kind: str, **overrides):
         # unlike head_dim's, sliding and full layers with their own RoPE (linear scaling on full only)
         from transformers import Gemma3TextConfig
 
-        cfg = Gemma3TextConfig(**{**common, "head_dim": 24}, tie_word_embeddings=True, query_pre_attn_scalar=20,
+        # (hidden 48: sqrt(48) is not a bf16 number, so rounding the embedding scale shows; a
+        # local base unlike transformers' default)
+        cfg = Gemma3TextConfig(**{**common, "hidden_size": 48, "head_dim": 24}, tie_word_embeddings=True,
+                               query_pre_attn_scalar=20,
                                sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                bos_token_id=2, eos_token_id=1, pad_token_id=0,
                                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                    "rope_theta": 1000000.0},
-                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}})
     else:
         raise ValueError(kind)
     for k, v in overrides.items():
