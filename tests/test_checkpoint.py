@@ -1059,3 +1059,57 @@ def test_an_export_and_a_file_written_whole_are_on_the_disk_before_they_are_publ
     write_text_atomic(tmp_path / "config.json", "{}\n")
     [(_, src, dst)] = [e for e in events if e[0] == "rename"]
     assert events.index(("fsync", src)) < events.index(("rename", src, dst))
+
+
+def test_gemma3_with_a_vision_tower_loads_trains_and_exports_its_language_model(tmp_path):
+    """Gemma 3 4b and larger ship as Gemma3ForConditionalGeneration (model_type gemma3, a
+    text_config, the vision tower's tensors beside the language model's). r3 reads the language
+    model, in either tensor layout transformers has written (language_model.model.* and
+    model.language_model.*), with the checkpoint's own eos list; its logits on text equal
+    transformers' vision-language model's; the export is a text-only Gemma3ForCausalLM."""
+    from safetensors.torch import load_file, save_file
+    from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              SiglipVisionConfig)
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+                            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                            max_position_embeddings=256)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       image_token_index=299, boi_token_index=297, eoi_token_index=298, eos_token_id=[1, 106])
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    src = tmp_path / "gemma3-mm"
+    hf.save_pretrained(str(src))
+    names = list(load_file(src / "model.safetensors"))
+    assert any(n.startswith("vision_tower.") for n in names) and any(n.startswith("language_model.model.") for n in names)
+    other = _copy(src, tmp_path / "gemma3-mm-452")  # transformers 4.52 to 4.57 wrote this layout
+    tensors = load_file(other / "model.safetensors")
+    save_file({("model." + n.replace("language_model.model.", "language_model.")
+                if n.startswith("language_model.model.") else "model." + n): t for n, t in tensors.items()},
+              str(other / "model.safetensors"), metadata={"format": "pt"})
+    tokens = _tokens(296)
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+        for path in (src, other):
+            model, _ = load(path, tokenizer=False)
+            assert model.config.model_type == "gemma3_text" and model.config.eos_token_id == [1, 106]
+            assert torch.equal(model(tokens), want), path
+        out = save_hf(model, None, tmp_path / "export")
+        written = json.loads((out / "config.json").read_text())
+        assert written["model_type"] == "gemma3_text" and written["architectures"] == ["Gemma3ForCausalLM"]
+        assert not any(n.startswith(("vision_tower", "multi_modal", "language_model")) for n in load_file(out / "model.safetensors"))
+        again = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        assert type(again).__name__ == "Gemma3ForCausalLM" and torch.equal(again(tokens).logits, want)
+    broken = _copy(src, tmp_path / "no-text-config")
+    raw = json.loads((broken / "config.json").read_text())
+    del raw["text_config"]
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(R3Error, match="model_type 'gemma3' without a 'text_config' object"):
+        load(broken, tokenizer=False)

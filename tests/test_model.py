@@ -840,7 +840,7 @@ def test_gemma3_local_and_global_rope_differ_by_layer():
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "gemma3"}, "model_type 'gemma3' is Gemma 3 with its vision tower"),
+    ({"model_type": "gemma3"}, "model_type 'gemma3' without a 'text_config' object"),
     ({"model_type": "gemma2"}, "unsupported model_type 'gemma2'"),
     ({"final_logit_softcapping": 30.0}, "field 'final_logit_softcapping' 30.0 is not supported"),
     ({"attn_logit_softcapping": 50.0}, "field 'attn_logit_softcapping' 50.0 is not supported"),
