@@ -4,6 +4,7 @@ crash) never sees half of one; and JSON-lines logs read back after a crash may h
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -47,12 +48,27 @@ def fsync_directory(path) -> None:
         os.close(fd)
 
 
+# What a file system that cannot sync answers (some FUSE and network mounts): nothing to flush there
+_CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _fsync(fd: int) -> None:
+    """``os.fsync``; a failed flush (a full disk, EIO) raises, a file system that cannot sync is
+    left as it is."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC:
+            raise
+
+
 def fsync_file(path) -> None:
-    """Flush a file's data to the disk (one written through another handle, or by another process)."""
+    """Flush a file's data to the disk (one written through another handle, or by another
+    process); an error names the file."""
     with naming_os_errors(Path(path)):
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            _fsync(fd)
         finally:
             os.close(fd)
 
@@ -78,7 +94,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
-                os.fsync(f.fileno())  # (before the rename: see fsync_tree)
+                _fsync(f.fileno())  # (before the rename: see fsync_tree)
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

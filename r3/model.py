@@ -54,6 +54,13 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
+# Gemma3TextConfig's defaults for the fields r3 would otherwise need or derive another way:
+# transformers writes a sub-config as its difference from these, so the text_config of the vision
+# checkpoints (google/gemma-3-4b-it: hidden_size, intermediate_size, num_hidden_layers,
+# rope_scaling, sliding_window and nothing more) leaves them out
+_GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                         "head_dim": 256}
 KV_BUCKET = 64
 
 
@@ -127,6 +134,8 @@ class ModelConfig:
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         gemma = model_type == "gemma3_text"
+        if gemma:  # (what transformers fills in where a field is left out)
+            cfg = {**cfg, **{k: v for k, v in _GEMMA3_TEXT_DEFAULTS.items() if cfg.get(k) is None}}
         act_key = "hidden_activation" if gemma and cfg.get("hidden_activation") is not None else "hidden_act"
         act = cfg.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in _ACTIVATIONS or (_ACTIVATIONS[act] == "silu") == gemma:
@@ -276,6 +285,9 @@ class ModelConfig:
             cfg["attention_bias"] = self.qkv_bias
             cfg["sliding_window"] = windows.pop() if windows else None
             cfg["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
+            pattern = _sliding_window_pattern(self.layer_windows)
+            if pattern is not None:  # (transformers 4.50 to 4.52 read this, not layer_types)
+                cfg["sliding_window_pattern"] = pattern
             cfg["rope_local_base_freq"] = self.local_rope_theta
             cfg["rope_parameters"] = {"full_attention": rope_parameters,
                                       "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}}
@@ -349,6 +361,14 @@ def language_model_config(cfg: dict, source: str = "config.json") -> dict:
         if cfg.get(key) is not None:
             out[key] = cfg[key]
     return out
+
+
+def _sliding_window_pattern(windows: list) -> int | None:
+    """k where every k-th layer is full and the others slide (Gemma 3's older config field), or
+    None for a layout no k gives."""
+    full = [i for i, w in enumerate(windows) if w is None]
+    k = full[0] + 1 if full else len(windows) + 1
+    return k if all((w is None) == ((i + 1) % k == 0) for i, w in enumerate(windows)) else None
 
 
 def _check_gemma_extras(cfg: dict, source: str) -> None:
@@ -499,7 +519,8 @@ def position_limit(cfg: ModelConfig) -> tuple[int, str]:
     if longrope is not None:  # (the forward refuses more: see check_positions)
         return longrope, "original_max_position_embeddings, as far as r3 follows LongRoPE"
     s = cfg.rope_scaling
-    if s and s["rope_type"] == "linear":  # (some checkpoints keep the unscaled length there)
+    # (some checkpoints keep the unscaled length there; Gemma 3's is the scaled one, 131072)
+    if s and s["rope_type"] == "linear" and not cfg.gemma:
         n = int(cfg.max_position_embeddings * max(1.0, float(s["factor"])))
         return n, "max_position_embeddings x the linear rope scaling factor"
     return cfg.max_position_embeddings, "max_position_embeddings"

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from r3.errors import ArgumentParser, R3Error, cli_main
-from r3.files import check_out_path, read_json_lines
+from r3.files import check_out_path, fsync_file, read_json_lines
 
 PANELS = (
     ("retry_success", "retry success (reward)"),
@@ -109,6 +109,7 @@ def save_figure(fig, out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
+        fsync_file(tmp)  # (before the rename: see r3.files.fsync_tree)
         os.replace(tmp, out)
     except OSError as e:
         raise R3Error(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None

@@ -118,6 +118,12 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
                 "torch_rng": torch.get_rng_state().tolist(),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
+            # On the disk before it is published (the older checkpoints are deleted next), with
+            # the logs' rows up to this step, which a resume keeps. Inside the try: a delayed
+            # write error (ENOSPC, EDQUOT, EIO) surfaces at the flush, and is a failed write too.
+            for log in out.glob("*.jsonl"):
+                fsync_file(log)
+            fsync_tree(tmp)
     except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP wraps the OS error; its type is a BaseException)
         failure = e
     if all_max(1 if failure is not None else 0, d):  # (rank 0's trainer state is its own write)
@@ -133,9 +139,6 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
     if d.main:
         if final.exists():
             shutil.rmtree(final)
-        for log in out.glob("*.jsonl"):  # (the rows up to this step, which a resume keeps)
-            fsync_file(log)
-        fsync_tree(tmp)  # (the older checkpoints are deleted next: this one must be on the disk)
         os.replace(tmp, final)
         fsync_directory(root)
         # (one past this step is from steps being redone after a resume skipped it, damaged:

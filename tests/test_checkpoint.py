@@ -1113,3 +1113,40 @@ def test_gemma3_with_a_vision_tower_loads_trains_and_exports_its_language_model(
     (broken / "config.json").write_text(json.dumps(raw))
     with pytest.raises(R3Error, match="model_type 'gemma3' without a 'text_config' object"):
         load(broken, tokenizer=False)
+
+
+def test_a_file_system_that_cannot_sync_is_left_as_it_is_and_a_failed_flush_is_an_error(tmp_path, monkeypatch):
+    """Some FUSE and network mounts answer EINVAL or ENOTSUP to fsync: files written whole, plots
+    and checkpoints are still written there (the flush is what the file system gives). A flush
+    that fails for want of space is an error naming the file, not a silent success."""
+    import errno
+
+    from r3.files import fsync_tree, write_text_atomic
+    from r3.plot import pyplot, save_figure
+
+    real = os.fsync
+    calls = []
+
+    def refuses(fd):
+        calls.append(fd)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refuses)
+    write_text_atomic(tmp_path / "a.json", "{}\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("1")
+    fsync_tree(tmp_path / "d")
+    fig = pyplot().figure()
+    save_figure(fig, tmp_path / "p.png")
+    assert (tmp_path / "a.json").read_text() == "{}\n" and (tmp_path / "p.png").stat().st_size > 0 and len(calls) >= 4
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left on device.*b.json"):
+        write_text_atomic(tmp_path / "b.json", "{}\n")
+    assert not (tmp_path / "b.json").exists() and not list(tmp_path.glob("b.json.*"))
+    with pytest.raises(OSError, match="No space left on device.*x"):
+        fsync_tree(tmp_path / "d")
+    monkeypatch.setattr(os, "fsync", real)

@@ -906,3 +906,61 @@ def test_the_published_gemma3_1b_config_builds_the_same_model_as_transformers():
     assert ours.layer_windows == [512 if t == "sliding_attention" else None for t in theirs.layer_types]
     assert sum(w is None for w in ours.layer_windows) == 4 and ours.tie_word_embeddings
     assert (ours.rope_theta, ours.local_rope_theta, ours.rope_scaling, ours.eos_token_id) == (1e6, 1e4, None, [1, 106])
+
+
+@pytest.mark.parametrize("text_config", [
+    # the text_config of google/gemma-3-{4b,12b,27b}-it's config.json as published (4.50.0.dev0
+    # wrote it: only the fields that differ from Gemma3TextConfig's defaults)
+    {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+     "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+    {"hidden_size": 3840, "intermediate_size": 15360, "model_type": "gemma3_text", "num_attention_heads": 16,
+     "num_hidden_layers": 48, "num_key_value_heads": 8, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+     "sliding_window": 1024},
+    {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
+     "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16, "query_pre_attn_scalar": 168,
+     "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+], ids=["4b", "12b", "27b"])
+def test_the_published_gemma3_vision_configs_read_as_transformers_reads_them(text_config):
+    """The vision checkpoints' text_config leaves out what equals Gemma3TextConfig's defaults
+    (vocab_size, the head counts, head_dim): r3 reads the defaults transformers fills in, not
+    'missing field' nor head_dim = hidden_size / heads (240 for the 12b, whose heads are 256)."""
+    import copy
+    import math
+
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from r3.model import param_shapes
+
+    published = {"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+                 "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+                 "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+                 "text_config": text_config, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0"}
+    ours = ModelConfig.from_hf(copy.deepcopy(published))
+    theirs = Gemma3Config(**{k: v for k, v in copy.deepcopy(published).items()
+                             if k not in ("architectures", "torch_dtype", "transformers_version")}).text_config
+    assert (ours.vocab_size, ours.num_attention_heads, ours.num_key_value_heads, ours.head_dim,
+            ours.query_pre_attn_scalar) == (theirs.vocab_size, theirs.num_attention_heads,
+                                            theirs.num_key_value_heads, theirs.head_dim, theirs.query_pre_attn_scalar)
+    assert ours.layer_windows == [1024 if t == "sliding_attention" else None for t in theirs.layer_types]
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(theirs)
+    assert sum(math.prod(s) for s in param_shapes(ours).values()) == sum(p.numel() for p in hf.parameters())
+
+
+def test_gemma3_position_limit_and_the_older_layer_pattern_field():
+    """Gemma 3's max_position_embeddings (131072) is already the scaled length: its linear RoPE
+    factor does not multiply it (token limits up to 1M passed the check on the 4b). The export
+    also writes sliding_window_pattern, which transformers 4.50 to 4.52 read instead of
+    layer_types, where one k gives the layout."""
+    from r3.model import position_limit
+
+    c = ModelConfig.from_hf({**GEMMA3, "max_position_embeddings": 131072,
+                             "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert position_limit(c) == (131072, "max_position_embeddings")
+    llama = ModelConfig.from_hf({**GEMMA3, "model_type": "llama", "hidden_act": "silu", "max_position_embeddings": 4096,
+                                 "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert position_limit(llama)[0] == 8192  # (other families may keep the unscaled length there)
+    assert ModelConfig.from_hf({**GEMMA3, "sliding_window_pattern": 3}).to_hf()["sliding_window_pattern"] == 3
+    assert ModelConfig.from_hf(GEMMA3).to_hf()["sliding_window_pattern"] == 6
+    odd = ModelConfig.from_hf({**GEMMA3, "layer_types": ["full_attention"] + ["sliding_attention"] * 5})
+    assert "sliding_window_pattern" not in odd.to_hf()

@@ -3091,3 +3091,31 @@ def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_older_one_de
     [removed] = [i for i, e in enumerate(events) if e == ("remove", old)]
     assert any(e == ("fsync", root) for e in events[publish:removed])
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000002"]
+
+
+@pytest.mark.parametrize("flushed", ["trainer_state.json", ".metadata"])
+def test_a_checkpoint_whose_flush_fails_is_a_failed_write(tiny_model, tmp_path, monkeypatch, flushed):
+    """A delayed write error (a full disk or quota on NFS, thin storage, EIO) surfaces at fsync, not
+    at the write: the flush before the publishing rename is part of the write, so its failure is
+    the one-line 'could not write checkpoint', the partial directory is removed and the earlier
+    checkpoint kept (it was a traceback with .step_N.tmp left behind, on rank 0 alone)."""
+    import errno
+
+    from r3.errors import R3Error
+    from r3.rundir import checkpoint_dirs, save_checkpoint
+
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=2)
+    save_checkpoint(tmp_path, 1, policy, opt, sched, stream, cfg, d)
+    real = os.fsync
+
+    def full_at_flush(fd):  # (DCP flushes its shards itself; these two files only r3 flushes)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f".step_000002.tmp/{flushed}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_at_flush)
+    with pytest.raises(R3Error, match=r"could not write checkpoint .*step_000002 \(.*No space left on device.*"
+                                      r"the last complete one, step_000001, is kept"):
+        save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001"]
