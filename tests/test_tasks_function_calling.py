@@ -1561,3 +1561,173 @@ def test_a_tool_call_block_holds_its_call_alone(completion, ok):
     no answer."""
     assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
     assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
+
+
+# ---------------------------------------------------------------------------------------
+# mutation round 14: rows that only these tests hold (each fails a mutant of the verifier)
+# ---------------------------------------------------------------------------------------
+BLOCK = "<tool_call>\n" + json.dumps(CALLS[0]) + "\n</tool_call>"
+ONE = dict(EX, answers=dumps(CALLS[:1]))
+NONE = dict(EX, answers="[]")
+PING = dict(EX, answers=dumps([{"name": "ping", "arguments": {}}]))
+
+
+@pytest.mark.parametrize(
+    "example,completion,ok",
+    [
+        # a single quote that opens a string must close on its line; an escaped quote does not
+        # close it: "['a\\']" is a complete list, and the answer after it is read
+        (EX, "Pattern ['a\\']\n" + GOOD, True),
+        # ... and a carriage return ends the line too ("'90s]\r...that's" is no string)
+        (EX, "Decades [80s, '90s]\rthat's all\n" + GOOD, True),
+        # a broken full-width structure with a key before the first run is prose, no call attempt
+        # (the module docstring: broken or truncated only after the first run)
+        (EX, '\uff5b"note"\uff1a 1\uff3d\n' + GOOD, True),
+        # an empty block is no block: a harness parses "" as JSON and fails
+        (ONE, BLOCK, True),
+        (ONE, "<tool_call></tool_call>\n" + BLOCK, False),
+        (ONE, "<tool_call>\n</tool_call>\n" + BLOCK, False),
+        # a </think> ends a run: a stray closing tag before it is not "a block of prose" before the run
+        (EX, "</tool_call>\n</think>\n" + GOOD, True),
+        (EX, "</tool_call>\n" + GOOD, False),
+        # ... and so does a broken structure without a key (prose): the tag is not before the run
+        (EX, "</tool_call>\n[see above}\n" + GOOD, True),
+        # ... and so does a symbol (prose), but not a <think> tag with an attribute (other markup)
+        (EX, "</tool_call> \u2713 " + GOOD, True),
+        (EX, '</tool_call>\n<think mode="fast">\n' + GOOD, False),
+        # a single-quoted value after ":" is a string in the re-check too: a full-width call attempt
+        # before the answer whose value holds a closing bracket stays complete (and is refused)
+        (EX, "\uff5b'name'\uff1a 'delete_all'\uff0c 'path'\uff1a '\uff3d'\uff5d\n" + GOOD, False),
+        # a wrapper yields no calls only as {"tool_calls": []}, in the re-check too: one that says
+        # more beside its empty list is no answer
+        (NONE, '{"tool_calls": []}', True),
+        (NONE, '{"type": "function", "function": []}', False),
+        (NONE, '{"id": "call_0", "tool_calls": []}', False),
+        # arguments null is no arguments object: no call, in the re-check too (not "no arguments")
+        (PING, '[{"name": "ping", "arguments": {}}]', True),
+        (PING, '[{"name": "ping", "arguments": null}]', False),
+        (PING, 'Calling: {"name": "ping", "arguments": null}', False),
+    ],
+)
+def test_rows_found_by_mutation_round_14(example, completion, ok):
+    """Rules only these rows hold (each failed a mutant of the verifier that the suite let live):
+    a structure scanner that read an escaped quote or a lone carriage return as the end of a
+    single-quoted string's line, or a broken full-width structure as a complete one, swallowed
+    the answer after it or refused prose before it; a block check that let a block hold no attempt
+    paid an empty block a harness cannot parse; a run that went on past a </think> refused an
+    answer for a closing tag before it."""
+    assert FC.verify(example, completion) is ok, FC.diagnose(example, completion)
+    assert recheck(FC, example, completion)[0] is ok  # the independent implementation agrees
+
+
+def test_the_split_reads_each_query_stripped_at_both_ends(tmp_path):
+    """The split rule reads the query stripped at both ends: a copy of a record whose query
+    carries trailing blanks or a line break (or both ends padded) stays on its query's side,
+    and on_test_side says the side examples() put it on. A rule that stripped only the front
+    (or nothing) put such copies of test queries into the training split."""
+    recs = synthetic_xlam(300, seed=7)
+    pads = [("", ""), ("", " \n"), ("\t", "  "), ("", "\r\n\r\n")]
+    p = tmp_path / "x.jsonl"
+    p.write_text("".join(json.dumps(dict(r, id=f"{k}-{i}", query=a + r["query"] + b)) + "\n"
+                         for k, (a, b) in enumerate(pads) for i, r in enumerate(recs)))
+    t = tasks.get("xlam", data_path=str(p), test_fraction=0.3)
+    sides = {}
+    for split in ("train", "test"):
+        for r in t.examples(split):
+            sides.setdefault(r["query"].strip(), set()).add(split)
+            assert t.on_test_side(r) is (split == "test"), r["id"]
+    assert all(len(v) == 1 for v in sides.values()) and {"train"} in sides.values() and {"test"} in sides.values()
+    # padded at the back only: the side of the bare query
+    test_query = next(q for q, v in sides.items() if v == {"test"})
+    assert t.on_test_side({"query": test_query + " \n"}) is True
+    assert t.on_test_side({"query": "\n" + test_query + "\t"}) is True
+
+
+def test_on_test_side_is_none_with_an_explicit_test_file(tmp_path):
+    """With test_data_path the test split is that file, listed whole: on_test_side answers None
+    (the caller lists the split) rather than the hash rule, which would call queries of the
+    training file test queries and the test file's queries training ones."""
+    recs = synthetic_xlam(40, seed=5)
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in recs[:30]))
+    test.write_text("".join(json.dumps(r) + "\n" for r in recs[30:]))
+    t = tasks.get("xlam", data_path=str(train), test_data_path=str(test), test_fraction=0.5)
+    assert all(t.on_test_side(r) is None for r in recs)
+    hashed = tasks.get("xlam", data_path=str(train), test_fraction=0.5)
+    assert {hashed.on_test_side(r) for r in recs} == {True, False}
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"id": True, "query": "q", "tools": "[]", "answers": "[]"}, r"field 'id'"),  # (a bool is no integer id)
+        ({"id": 7, "query": " \n\t", "tools": "[]", "answers": "[]"}, r"\(id 7\): field 'query'"),  # blank
+        ({"id": 7, "query": "q", "tools": '[{"name": "", "parameters": {}}]', "answers": "[]"},
+         r"\(id 7\): field 'tools', item 0"),  # a tool without a name
+    ],
+)
+def test_malformed_record_fields_found_by_mutation(tmp_path, bad, match):
+    """Records the loader let through when its checks were weakened: a boolean id (True == 1 as a
+    key), a blank query (every blank query would share one split side and one prompt), a tool
+    named "" (no call can name it; the system prompt would list a nameless function)."""
+    p = tmp_path / "data.json"
+    p.write_text(json.dumps([_records(1)[0], bad]))
+    with pytest.raises(R3Error, match=match) as e:
+        load_file(str(p))
+    assert str(e.value).startswith(f"{p}, record 1") and "\n" not in str(e.value)
+
+
+def test_a_test_file_needs_a_training_file_and_examples_are_copies(tmp_path):
+    """test_data_path alone is refused (the training split would be the synthetic stand-in, silently
+    mixed with real test data); and examples() hands out copies: a caller that edits an example
+    (a trainer filling in fields) does not change the task's records for the next caller."""
+    p = tmp_path / "test.json"
+    p.write_text(json.dumps(_records(3)))
+    with pytest.raises(R3Error, match="test_data_path needs data_path"):
+        FunctionCallingTask(test_data_path=str(p))
+    t = FunctionCallingTask(synthetic_size=20)
+    first = t.examples("train")[0]
+    query = first["query"]
+    first["query"] = "changed"
+    first["answers"] = "[]"
+    assert t.examples("train")[0]["query"] == query and t.examples("train")[0]["answers"] != "[]"
+
+
+def test_synthetic_optional_parameters_are_sometimes_left_out():
+    """Each optional parameter of the catalogue is left out by some reference calls and given by
+    others: one every query states is a required parameter marked optional (the tool list would
+    tell the model it may leave out what the reference always has)."""
+    given, left_out = set(), set()
+    for r in synthetic_xlam(2000, seed=0):
+        tools = {t["name"]: t for t in json.loads(r["tools"])}
+        for c in json.loads(r["answers"]):
+            for p, spec in tools[c["name"]]["parameters"].items():
+                if "default" in spec:
+                    (given if p in c["arguments"] else left_out).add((c["name"], p))
+    optional = {(t["name"], p) for t, _ in CATALOGUE for p, spec in t["parameters"].items() if "default" in spec}
+    assert given == optional and left_out == optional, (optional - given, optional - left_out)
+
+
+def test_the_recheck_keeps_the_same_size_and_depth_bounds():
+    """The independent re-check reads a structure of MAX_JSON_CHARS characters, a value nested
+    MAX_DEPTH deep and a completion of MAX_COMPLETION_CHARS characters, and refuses one more of
+    each, as the verifier does (test_size_and_depth_limits_at_their_bounds asserts the verifier
+    alone): a re-check one character or one level more lenient agreed with a verifier that was."""
+    from r3.tasks.function_calling import MAX_COMPLETION_CHARS, MAX_DEPTH, MAX_JSON_CHARS
+
+    def padded(n):
+        bare = json.dumps([{"name": "f", "arguments": {"s": ""}}])
+        return json.dumps([{"name": "f", "arguments": {"s": "x" * (n - len(bare))}}])
+
+    def nested(depth):  # (the list holding the call is depth 1, the call 2, its arguments 3)
+        k = depth - 3
+        return '[{"name": "f", "arguments": {"x": ' + "[" * k + "]" * k + "}}]"
+
+    for make, bound in ((padded, MAX_JSON_CHARS), (nested, MAX_DEPTH)):
+        for size, ok in ((bound, True), (bound + 1, False)):
+            for text in (make(size), "Calls: " + make(size)):
+                ex = dict(EX, answers=make(size))
+                assert FC.verify(ex, text) is ok and recheck(FC, ex, text)[0] is ok, (make.__name__, size)
+    text = GOOD + " " * (MAX_COMPLETION_CHARS - len(GOOD))
+    assert FC.verify(EX, text) and recheck(FC, EX, text)[0]
+    assert not FC.verify(EX, text + " ") and not recheck(FC, EX, text + " ")[0]
