@@ -87,9 +87,11 @@ class ChatFormat:
         shape = _continuation(one, two)
         if isinstance(shape, str):
             raise R3Error(f"the chat template {shape}; r3 cannot continue conversations with it")
+        self._shape = shape
         self.history_drops, lead, glue, self._tail = shape
         self.end_of_turn_id, end_text = self._end_of_turn(glue)
         self._between = glue[len(end_text):]  # e.g. "\n<|im_start|>user\n" after <|im_end|>
+        self._end_text = end_text
         # A second round must render like the first (earlier turns as the template renders them).
         three = self._probe([q, a, u, {"role": "assistant", "content": _PROBE_R},
                              {"role": "user", "content": _PROBE_V}])
@@ -137,6 +139,10 @@ class ChatFormat:
             return ("the chat template does not keep a system message at the start of the conversation (Mistral "
                     "v0.3's moves it to the last user turn; some drop it), so a conversation with one cannot be "
                     "continued exactly; use the task without a system message")
+        if shape != self._shape:
+            return ("the chat template renders the turns that follow a system message differently from those "
+                    "of a conversation without one, so a conversation with one cannot be continued exactly; use "
+                    "the task without a system message")
         return None
 
     def _render(self, messages, generation: bool) -> str:
@@ -163,8 +169,11 @@ class ChatFormat:
         return bool(ids) and ids[-1] == self.end_of_turn_id
 
     def user_turn(self, text: str, closed: bool = True) -> list[int]:
-        ids = [] if closed else [self.end_of_turn_id]
-        return ids + self.encode(self._between + text + self._tail)
+        # Encoded after the end-of-turn token, as the turn stands in the conversation: encoded
+        # alone, its first text would keep the whitespace an rstrip end token absorbs (Phi-3's
+        # <|end|>\n) or get the '▁' a SentencePiece pre-tokenizer puts at a text's start only.
+        ids = self.encode(self._end_text + self._between + text + self._tail)
+        return ids[1:] if closed else ids
 
     def decode(self, ids: list[int]) -> str:
         """The text of the assistant message that ``ids`` (a sampled reply) complete: the

@@ -157,6 +157,53 @@ def test_continuation_is_the_templates_rendering(tokenizers, family, system, clo
                                                            enable_thinking=False, return_dict=False)
 
 
+@pytest.mark.parametrize("scheme", ["first", "always"])
+def test_a_turn_encodes_as_inside_the_conversation_under_a_sentencepiece_pre_tokenizer(scheme):
+    """transformers converts SentencePiece vocabularies (Llama, Mistral) without ``legacy`` to a
+    Metaspace pre-tokenizer that marks only the start of the whole text with '▁' (prepend_scheme
+    'first'). The text between turns (Phi-3.5's '\\n<|user|>\\n' after <|end|>) never starts the
+    conversation: encoded alone it became '▁\\n', a token the template's rendering does not hold
+    there, and every later turn of the episode was one the model never sees at inference."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    spm.train_from_iterator([QUERY, ATTEMPT, REFLECT, REFLECTION, RETRY] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
+                                                initial_alphabet=["\n", "▁"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": FAMILIES["phi35"][0][1:]})
+    tok.eos_token = "<|endoftext|>"
+    tok.chat_template = (TEMPLATES / "phi35.jinja").read_text()
+    chat = ChatFormat(tok)
+    messages = _conversation(False) + [{"role": "assistant", "content": ATTEMPT}, {"role": "user", "content": REFLECT}]
+    whole = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+    after_attempt = [k for k, i in enumerate(whole) if i == chat.end_of_turn_id][1]
+    assert chat.user_turn(REFLECT) == whole[after_attempt + 1:]
+    assert chat.user_turn(REFLECT, closed=False) == whole[after_attempt:]
+
+
+def test_a_turn_after_an_end_token_that_strips_the_whitespace_after_it_encodes_as_inside_the_conversation(
+        builtin, tmp_path):
+    """Phi-3's special tokens are added with ``rstrip``: inside the conversation the newline the
+    template writes after <|end|> is absorbed by it. A turn encoded without the token in front kept
+    that newline as a token of its own, one the template's rendering never holds."""
+    from tokenizers import AddedToken
+
+    tok = _with_template(builtin[1], tmp_path, (TEMPLATES / "phi35.jinja").read_text())
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, rstrip=True, special=True, normalized=False)
+                                                          for t in ("<|end|>", "<|user|>", "<|assistant|>")]})
+    chat = ChatFormat(tok)
+    messages = _conversation(False) + [{"role": "assistant", "content": ATTEMPT}, {"role": "user", "content": REFLECT}]
+    whole = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    after_attempt = [k for k, i in enumerate(whole) if i == chat.end_of_turn_id][1]
+    assert chat.user_turn(REFLECT) == whole[after_attempt + 1:]
+    assert chat.user_turn(REFLECT, closed=False) == whole[after_attempt:]
+
+
 @pytest.mark.parametrize("family", [*FAMILIES, "smollm2"])
 def test_stop_ids_are_the_end_of_turn_token_and_the_generation_eos(tokenizers, family):
     tok = tokenizers[family]
@@ -222,6 +269,27 @@ def test_templates_that_cannot_be_continued_are_refused(builtin, tmp_path):
         ChatFormat(_with_template(builtin[1], tmp_path / "d", raises))
 
 
+def test_a_generation_prompt_that_ends_in_a_space_keeps_it_in_every_turn(builtin, tmp_path):
+    """A template whose generation prompt ends in a space ("<|im_start|>assistant: "): the turns
+    r3 appends end with it too, as the template renders the conversation, not trimmed."""
+    spaced = _CHATML_TURNS.replace("{{ m.role }}\n", "{{ m.role }}: ").replace("assistant\n", "assistant: ")
+    tok = _with_template(builtin[1], tmp_path, spaced)
+    chat = ChatFormat(tok)
+    messages = _conversation(False) + [{"role": "assistant", "content": ATTEMPT}, {"role": "user", "content": REFLECT}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant: ")
+    assert tok.decode(chat.user_turn(REFLECT)) == text[text.index(ATTEMPT) + len(ATTEMPT) + len("<|im_end|>"):]
+
+
+def test_a_template_that_leaves_out_the_first_message_is_refused(builtin, tmp_path):
+    """A template written for conversations that open with a system message renders
+    ``messages[1:]``: the task's query would vanish from every prompt while the rest of the
+    conversation still continues. Refused when the ChatFormat is made, naming what it drops."""
+    drops_first = _CHATML_TURNS.replace("{% for m in messages %}", "{% for m in messages[1:] %}")
+    with pytest.raises(R3Error, match="drops messages of a plain user / assistant / user conversation"):
+        ChatFormat(_with_template(builtin[1], tmp_path, drops_first))
+
+
 def test_a_template_error_is_named_by_its_first_line(builtin, tmp_path):
     """A template that raises with a message of several lines: the refusal is one line, the
     message's first (where the template says what is wrong)."""
@@ -282,6 +350,25 @@ def test_a_template_that_drops_the_system_message_refuses_one(builtin, tmp_path)
     assert text == f"<|im_start|>user\n{QUERY}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_a_template_whose_turns_change_after_a_system_message_refuses_one(builtin, tmp_path):
+    """A template that separates every turn otherwise when the conversation opens with a system
+    message: the turns r3 derived without one would continue a conversation with one unlike the
+    template (one newline between turns where the template writes two), so a prompt with a system
+    message is refused in one line; one without is fine."""
+    template = ("{% if messages[0].role == 'system' %}{% set sep = '\\n\\n' %}{% else %}{% set sep = '\\n' %}{% endif %}"
+                + _CHATML_TURNS.replace("<|im_end|>\n{% endfor %}", "<|im_end|>{{ sep }}{% endfor %}"))
+    tok = _with_template(builtin[1], tmp_path, template)
+    with_system = tok.apply_chat_template(_conversation(True) + [{"role": "assistant", "content": ATTEMPT}],
+                                          tokenize=False)
+    assert f"{ATTEMPT}<|im_end|>\n\n" in with_system  # (the template's turns after a system message)
+    chat = ChatFormat(tok)
+    assert chat.tok.decode(chat.user_turn(REFLECT)) == f"\n<|im_start|>user\n{REFLECT}<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(R3Error, match="renders the turns that follow a system message differently") as e:
+        chat.prompt(_conversation(True))
+    assert "\n" not in str(e.value)
+    assert chat.prompt(_conversation(False))
+
+
 def test_user_template_options_are_checked_and_kept_by_type():
     """Only a value equal to the default and of its type is dropped: the template sees 0 as a
     number, not as ``false``. apply_chat_template's own arguments are refused."""
@@ -297,6 +384,29 @@ def test_user_template_options_are_checked_and_kept_by_type():
                 "continue_final_message", "tokenize", "return_dict", "return_assistant_tokens_mask"):
         with pytest.raises(R3Error, match=f"^--chat-template-option: '{key}' is an argument r3 gives"):
             user_template_options({"enable_thinking": True, key: False}, "--chat-template-option")
+
+
+def test_template_options_with_keys_that_are_not_strings_are_refused():
+    """A YAML config's ``chat_template_options: {1: true}`` has an integer key: refused where the
+    options are read, not passed on to fail as keyword arguments inside the template."""
+    from r3.chat import user_template_options
+
+    with pytest.raises(R3Error, match="chat_template_options must be a mapping with string keys"):
+        user_template_options({1: True})
+    with pytest.raises(R3Error, match="must be a mapping with string keys"):
+        user_template_options({"enable_thinking": True, ("a",): 1})
+
+
+def test_a_template_that_raises_on_a_system_message_refuses_one_in_one_line(builtin, tmp_path):
+    """Gemma's template raises 'System role not supported': conversations without a system
+    message work, and a prompt with one is refused with the template's reason (not the template's
+    exception from deep inside the first prompt of a run)."""
+    template = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                + _CHATML_TURNS)
+    chat = ChatFormat(_with_template(builtin[1], tmp_path, template))
+    assert chat.prompt(_conversation(False))
+    with pytest.raises(R3Error, match=r"does not take a system message \(System role not supported\)"):
+        chat.prompt(_conversation(True))
 
 
 def test_a_tokenizer_that_adds_bos_to_every_text_adds_none_inside_a_conversation(tokenizers):
@@ -431,6 +541,21 @@ def test_generation_eos_falls_back_to_config_json(tokenizers, tmp_path):
     assert generation_eos_ids(AutoTokenizer.from_pretrained(str(tmp_path))) == []
 
 
+def test_generation_config_eos_comes_before_config_json(tokenizers, tmp_path):
+    """Where both name eos ids (Qwen2.5-Instruct: config.json <|im_end|> alone, generation_config.json
+    it and <|endoftext|>), generate stops at generation_config.json's: so do r3's stop ids."""
+    from transformers import AutoTokenizer
+
+    from r3.checkpoint import generation_eos_ids
+
+    tokenizers["qwen25"].save_pretrained(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [0, 2]}')
+    (tmp_path / "config.json").write_text('{"eos_token_id": 5}')
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert generation_eos_ids(tok) == [0, 2]
+    assert 5 not in ChatFormat(tok).stop_ids
+
+
 def test_the_end_of_turn_token_stops_where_neither_eos_nor_a_generation_config_names_it(tokenizers, tmp_path):
     """A base model's tokenizer (Qwen2.5 base: eos ``<|endoftext|>``, the ChatML template, no
     generation config): the template's end-of-turn token ``<|im_end|>`` is a stop id all the same,
@@ -520,6 +645,21 @@ def test_reasoning_tags_marked_special_only_as_added_tokens_are_kept(tokenizers,
     said = chat.encode("<think>\nThe answer is not 11 - 3\n</think>\n\n3 + 11") + [eot_x, chat.end_of_turn_id]
     assert chat.decode(said) == "<think>\nThe answer is not 11 - 3\n</think>\n\n3 + 11"
     assert chat.decode(chat.encode("3 + 11") + [eot_x]) == "3 + 11"
+
+
+def test_a_reply_with_special_reasoning_tags_starts_with_the_opened_block(builtin, tmp_path):
+    """A generation prompt that opens the reasoning block, and a tokenizer that marks the tags
+    special: the decoded reply keeps its ``</think>`` and still starts with the opening the
+    prompt wrote (without it a verifier reads the reasoning as the answer)."""
+    template = _CHATML_TURNS.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+    tok = _with_template(builtin[1], tmp_path, template)
+    tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+    chat = ChatFormat(tok)
+    assert chat.reply_prefix == "<think>\n" and chat.history_drops == "<think>\n"
+    said = chat.encode("12 - 7 is 5, not 19\n</think>\n\n12 + 7") + [chat.end_of_turn_id]
+    assert tok.convert_tokens_to_ids("</think>") in said
+    assert chat.decode(said) == "<think>\n12 - 7 is 5, not 19\n</think>\n\n12 + 7"
+    assert chat.decode(chat.encode("12 + 7")) == "<think>\n12 + 7"
 
 
 def test_reasoning_tags_named_special_but_not_flagged_are_kept(tmp_path):

@@ -138,6 +138,43 @@ def test_sharded_save_and_load(tiny_dirs, tmp_path):
         assert torch.equal(back(tokens), model(tokens))
 
 
+def test_shards_are_packed_as_transformers_packs_them(tiny_dirs, tmp_path):
+    """A shard takes tensors while its bytes stay within max_shard_bytes (huggingface_hub's rule: a
+    tensor that fills it exactly still joins it), and a tensor larger than the limit gets a shard
+    of its own, with no empty shard written before it."""
+    from r3.checkpoint import hf_state_dict
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    tensors = hf_state_dict(model)
+    names, sizes = list(tensors), [t.numel() * t.element_size() for t in tensors.values()]
+    out = save_hf(model, None, tmp_path / "exact", max_shard_bytes=sizes[0] + sizes[1])
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map[names[0]] == weight_map[names[1]] != weight_map[names[2]]
+    out = save_hf(model, None, tmp_path / "one_each", max_shard_bytes=1)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == len(names) and sorted(set(weight_map.values())) == shards
+
+
+def test_a_sharded_state_dict_is_gathered_whole(tiny_dirs, tmp_path):
+    """FSDP2 hands the export DTensors: each is gathered (``full_tensor()``) before it is written,
+    so the files hold the whole weights, not a shard (or, as here, fail on a tensor they cannot read)."""
+    class Sharded:  # (what hf_state_dict needs of a DTensor)
+        def __init__(self, t):
+            self.t = t
+
+        def full_tensor(self):
+            return self.t
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    sd = {k: Sharded(v.detach().clone()) for k, v in model.state_dict().items()}
+    out = save_hf(model, None, tmp_path / "gathered", state_dict=sd)
+    back, _ = load(out, tokenizer=False)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))
+
+
 def test_a_given_state_dict_is_consumed_and_written_as_it_was(tiny_dirs, tmp_path):
     """The trainer's export hands save_hf a gathered copy of the weights: each entry is dropped once
     copied (the copy and the export's tensors never both exist whole), and the files hold it."""
@@ -233,6 +270,18 @@ def test_loads_straight_into_place_without_a_second_copy(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Bad input: one clear line naming the file, tensor or field
 # ------------------------------------------------------------------------------------------
+
+
+def test_a_loaded_models_parameters_are_trainable(tiny_dirs):
+    """r3.train trains the model ``load`` gives as it is (only the reference and rollout copies are
+    frozen): every parameter requires grad, and a tied head is the embedding itself."""
+    for kind in ("qwen2", "llama"):
+        model, _ = load(tiny_dirs[kind][0], tokenizer=False)
+        assert all(p.requires_grad for p in model.parameters()), kind
+        if model.config.tie_word_embeddings:
+            assert model.lm_head.weight is model.embed_tokens.weight
+        else:
+            assert model.lm_head.weight is not model.embed_tokens.weight
 
 
 def test_missing_path():
@@ -366,6 +415,15 @@ def test_directories_without_readable_weights_say_why(tiny_dirs, tmp_path):
     assert str(e.value) == f"{d / 'model.safetensors.index.json'}: missing field 'weight_map'"
 
 
+def test_a_directory_with_consolidated_pth_weights_alone_says_so(tiny_dirs, tmp_path):
+    """Mistral's original releases ship ``consolidated.00.pth``: named as PyTorch weights r3 does
+    not read, not as a directory without weights."""
+    d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
+    (d / "model.safetensors").rename(d / "consolidated.00.pth")
+    with pytest.raises(R3Error, match=r"only PyTorch .bin weights found; r3 reads safetensors"):
+        load(d, tokenizer=False)
+
+
 def test_missing_shard(tiny_dirs, tmp_path):
     d = _copy(tiny_dirs["qwen2"][0], tmp_path / "m")
     os.remove(sorted(d.glob("model-*.safetensors"))[0])
@@ -443,6 +501,17 @@ def test_gguf_tokenizer_special_tokens_are_the_files(tmp_path, monkeypatch):
     assert tok.encode("hi") == tok("hi", add_special_tokens=False)["input_ids"]
     tok.eos_token = "<|endoftext|>"
     assert checkpoint._gguf_tokenizer_settings(tok, src).eos_token_id == 2
+
+
+def test_a_gguf_tokenizer_decodes_without_the_wordpiece_space_clean_up():
+    """Some transformers versions convert a GGUF vocabulary with ``clean_up_tokenization_spaces``
+    set (5.17 does for SmolLM2), which turns "a , b ." into "a, b." where llama.cpp decodes the
+    text as written: the file's settings turn it off whatever the conversion made."""
+    tok = checkpoint.load_tokenizer("smollm2-135m")
+    tok.clean_up_tokenization_spaces = True  # (as such a conversion leaves it)
+    checkpoint._gguf_tokenizer_settings(tok, checkpoint.builtin_gguf("smollm2-135m"))
+    assert tok.clean_up_tokenization_spaces is False
+    assert tok.decode(tok.encode("a , b .", add_special_tokens=False)) == "a , b ."
 
 
 def test_gguf_byte_level_vocabulary_decodes_by_its_byte_map(tmp_path, monkeypatch):
