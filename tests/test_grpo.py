@@ -586,3 +586,137 @@ def test_old_and_reference_log_probs_are_constants():
     d = ref - logp  # the k3 term's gradient w.r.t. logp: (1 - exp(d)) x beta / n
     want = (-adv[:, None] + 0.1 * (1 - torch.exp(d))) / mask.sum()
     torch.testing.assert_close(lp.grad, want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- mutation round 14a
+
+
+def test_loss_denominator_is_a_float32_scalar_on_the_masks_device_for_every_agg():
+    """The contract: a 0-d float32 tensor on mask's device, whatever the aggregation (an int64
+    count, a float64 or a CPU tensor for a CUDA mask would make the step's all-reduce sum mix
+    dtypes or devices); the default aggregation is token-mean; a mask that is not [B, T] is
+    refused, not counted."""
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]])
+    for agg in AGGREGATIONS:
+        den = loss_denominator(mask, agg)
+        assert den.dtype == torch.float32 and den.dim() == 0, agg
+        meta = loss_denominator(torch.ones(2, 3, dtype=torch.bool, device="meta"), agg)
+        assert meta.device.type == "meta" and meta.dtype == torch.float32, agg
+    assert loss_denominator(mask).item() == 5  # token-mean
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\]"):
+        loss_denominator(torch.ones(4, dtype=torch.bool))
+
+
+def test_aggregate_defaults_to_token_mean_and_honours_any_positive_denominator():
+    """aggregate()'s default is token-mean like policy_loss's; a given denominator is used as it
+    is (0.5 doubles the sum: only a zero one becomes 1) and is a constant (no gradient reaches a
+    denominator tensor that requires one)."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]], requires_grad=True)
+    m = torch.tensor([[True, True, True], [True, False, False]])
+    assert aggregate(x, m).item() == pytest.approx(10.0 / 4)  # seq-mean-token-mean would be 3.0
+    assert aggregate(x, m, denominator=0.5).item() == pytest.approx(20.0)
+    den = torch.tensor(8.0, requires_grad=True)
+    aggregate(x, m, denominator=den).backward()
+    assert den.grad is None
+    assert torch.equal(x.grad, m.float() / 8)
+
+
+def test_policy_loss_refuses_reference_kl_and_advantages_of_the_wrong_shape():
+    """ref_logp and a precomputed kl must be [B, T] like logp (not broadcast from one row), and
+    advantages [B] or [B, 1]/[B, T]: one row of advantages for B rows, a width other than 1 or T,
+    or a scalar would be broadcast silently over the batch; logp must be [B, T]."""
+    x = torch.zeros(2, 3)
+    adv = torch.zeros(2)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"ref_logp has shape \(1, 3\)"):
+        policy_loss(x, x, torch.zeros(1, 3), adv, m)
+    with pytest.raises(ValueError, match=r"kl has shape \(1, 3\)"):
+        policy_loss(x, x, None, adv, m, kl=torch.zeros(1, 3))
+    for bad in (torch.zeros(1, 3), torch.zeros(2, 2), torch.tensor(1.0), torch.zeros(2, 3, 1)):
+        with pytest.raises(ValueError, match=r"advantages must be \[B\] or \[B, T\]"):
+            policy_loss(x, x, None, bad, m)
+    with pytest.raises(ValueError, match=r"logp must be \[B, T\]"):
+        policy_loss(torch.zeros(6), torch.zeros(6), None, torch.zeros(6), torch.ones(6, dtype=torch.bool))
+
+
+def test_advantages_are_constants():
+    """Advantages that carry a graph (computed from something with grad) get no gradient from
+    the loss: they weigh the policy gradient, they are not trained."""
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([1.5], requires_grad=True)
+    loss, _ = policy_loss(logp, logp.detach(), None, adv * 1.0, torch.ones(1, 2), beta=0.0)
+    loss.backward()
+    assert adv.grad is None
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.75, -0.75]]))
+
+
+def test_a_ratio_exactly_on_a_clip_bound_is_not_clipped():
+    """At r == 1 - eps_low (A < 0) or r == 1 + eps_high (A > 0) the clip does not bind: the
+    gradient is the unclipped -A r / n (torch.clamp passes it at the bound) and the clip fractions
+    count neither token (they count r strictly outside the range, as the gradient does)."""
+    old = torch.tensor([[-1.0, -0.5]])
+    logp = torch.tensor([[-1.3, -0.2]], requires_grad=True)
+    r = torch.exp(logp.detach() - old)  # the ratios exactly as policy_loss computes them
+    eps_low, eps_high = 1.0 - r[0, 0].item(), r[0, 1].item() - 1.0  # (both exact in float64)
+    assert 1.0 - eps_low == r[0, 0].item() and 1.0 + eps_high == r[0, 1].item()
+    loss, met = policy_loss(logp, old, None, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2),
+                            eps_low=eps_low, eps_high=eps_high, beta=0.0)
+    assert met["clip_frac_low"].item() == 0.0 and met["clip_frac_high"].item() == 0.0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[r[0, 0].item() / 2, -r[0, 1].item() / 2]]))
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_a_batch_of_no_rows_gives_zero_loss_and_metrics(agg):
+    """A micro-batch with no rows ([0, T]: a rank whose share of the step is empty) gives a zero
+    loss that backward accepts and every metric 0, as a batch with nothing masked does."""
+    lp = torch.zeros(0, 5, requires_grad=True)
+    loss, met = policy_loss(lp, lp.detach(), lp.detach(), torch.zeros(0), torch.zeros(0, 5, dtype=torch.bool), agg=agg)
+    loss.backward()
+    assert loss.item() == 0.0 and lp.grad.shape == (0, 5)
+    assert {k: v.item() for k, v in met.items()} == dict.fromkeys(met, 0.0)
+
+
+def test_bf16_log_probs_against_float32_old_log_probs_compare_in_float32():
+    """old_logp is upcast to the computation dtype (float32), not rounded to logp's bf16: the
+    ratio of a bf16 logp to a float32 old_logp is exp(logp - old) in float32 (bf16 rounding of
+    old_logp ~ -3.1 moves the ratio by up to ~1%)."""
+    logp = torch.tensor([[-3.125, -2.0, -5.0]], dtype=torch.bfloat16, requires_grad=True)
+    old = torch.tensor([[-3.1, -2.01, -4.97]])
+    adv = torch.tensor([1.0])
+    loss, met = policy_loss(logp, old, None, adv, torch.ones(1, 3), beta=0.0, eps_low=10.0, eps_high=10.0)
+    r = torch.exp(logp.detach().double() - old.double())
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(-r.mean().item(), rel=1e-6)
+    assert met["ratio_max"].item() == pytest.approx(r.max().item(), rel=1e-6)
+
+
+def test_kl_k3_is_differentiable_in_the_reference_too():
+    """kl_k3 (a pure function, unlike policy_loss which detaches ref_logp) is differentiable in
+    both arguments: d k3 / d ref = exp(ref - logp) - 1."""
+    lp = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64)
+    ref = torch.tensor([-1.3, -1.95, -0.5, -0.2], dtype=torch.float64, requires_grad=True)
+    kl_k3(lp, ref).sum().backward()
+    torch.testing.assert_close(ref.grad, torch.expm1(ref.detach() - lp), rtol=1e-9, atol=1e-15)
+
+
+def test_pg_loss_metric_leaves_the_kl_term_out():
+    """pg_loss is the clipped-surrogate part of the loss only: with beta > 0 the loss is pg_loss
+    plus beta times the aggregated k3, and pg_loss is the loss that beta = 0 gives."""
+    logp, old, ref, adv, mask = _random_batch(11, B=5, T=7)
+    for agg in AGGREGATIONS:
+        loss, met = policy_loss(logp, old, ref, adv, mask, beta=0.5, agg=agg)
+        loss0, _ = policy_loss(logp, old, ref, adv, mask, beta=0.0, agg=agg)
+        klagg = aggregate(kl_k3(torch.where(mask, logp, 0.0), torch.where(mask, ref, 0.0)), mask, agg)
+        assert klagg.item() > 1e-3
+        assert met["pg_loss"].item() == pytest.approx(loss0.item(), rel=1e-6, abs=1e-9), agg
+        assert loss.item() == pytest.approx(loss0.item() + 0.5 * klagg.item(), rel=1e-9, abs=1e-12), agg
+
+
+def test_pg_loss_metric_takes_max_len_without_a_global_denominator():
+    """Dr. GRPO without a step-wide denominator: the loss divides by B x max_len, and so does the
+    pg_loss metric logged beside it (not by B x T, the padded width)."""
+    logp, old, _, adv, mask = _random_batch(12, B=4, T=6)
+    loss, met = policy_loss(logp, old, None, adv, mask, beta=0.0, agg="seq-mean-token-sum-norm", max_len=10)
+    assert loss.item() != 0.0
+    assert met["pg_loss"].item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-9)

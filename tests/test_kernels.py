@@ -360,3 +360,53 @@ def test_k3_in_fp32_is_accurate_for_small_and_moderate_differences():
     want = torch.expm1(d.double()) - d.double()
     rel = ((lk.k3(d).double() - want).abs() / want.abs()).max().item()
     assert rel < 5e-7, rel
+
+
+# ----------------------------------------------------------------------------- mutation round 14a
+
+
+def test_a_chunk_budget_below_one_row_still_takes_one_row_per_chunk(monkeypatch):
+    """With a vocabulary whose one fp32 row exceeds CPU_CHUNK_BYTES (V > 2M at the default 8 MB)
+    each chunk is one row: the same values and gradients, not a zero-row step (an endless or
+    refused loop)."""
+    monkeypatch.setattr(lk, "CPU_CHUNK_BYTES", 16)
+    assert lk._chunk_rows(300) == 1
+    logits, targets, ref = make_case(5, 300, torch.float32)
+    check_against_float64(logits, targets, ref, 0.8, "torch", *GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("ref_dtype", [torch.float64, torch.bfloat16])
+def test_a_reference_in_another_dtype_still_gives_float32_results(ref_dtype):
+    """The contract's results are fp32 whatever the reference's dtype (a float64 ref_logp must
+    not turn the KL into float64, where the caller's fp32 buffers expect fp32), with the values
+    and gradients of the reference as given, to fp32 accuracy."""
+    logits, targets, ref = make_case(7, 129, torch.float32)
+    x = logits.clone().requires_grad_()
+    logp, kl = fused_logprob_kl(x, targets, ref.to(ref_dtype), 0.9, backend="torch")
+    assert logp.dtype == torch.float32 and kl.dtype == torch.float32
+    (logp.sum() + kl.sum()).backward()
+    x64 = logits.double().requires_grad_()
+    lp64, kl64 = logprob_kl_reference(x64, targets, ref.to(ref_dtype).double(), 0.9)
+    (lp64.sum() + kl64.sum()).backward()
+    torch.testing.assert_close(kl.double(), kl64, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_k3_in_fp32_is_accurate_on_both_sides_of_the_series_bound():
+    """Beyond |d| = 0.5 the closed form takes over: the truncated series (to d^10 / 10!) used
+    further out would be off by ~6e-4 of k3 at d = -1.9; across [-8, 8] the fp32 k3 stays within
+    1e-6 of float64."""
+    d = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float32)
+    d = d[d != 0]
+    want = torch.expm1(d.double()) - d.double()
+    rel = ((lk.k3(d).double() - want).abs() / want.abs()).max().item()
+    assert rel < 1e-6, rel
+
+
+def test_a_reference_of_the_right_size_but_another_shape_is_refused():
+    """ref_logp must have the targets' shape, not just their number of elements: a [2, 3]
+    reference for [3, 2] targets would be flattened in the wrong order and pair each token
+    with another token's reference log-prob."""
+    logits, targets, ref = make_case(6, 10, torch.float32)
+    with pytest.raises(ValueError, match=r"ref_logp shape \(2, 3\) != \(3, 2\)"):
+        fused_logprob_kl(logits.view(3, 2, 10), targets.view(3, 2), ref.view(2, 3))

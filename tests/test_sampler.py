@@ -1698,6 +1698,35 @@ def test_packed_weights_see_an_update_of_the_biases_alone(tiny_dirs):
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
+def test_packed_weights_are_one_table_per_model_repacked_only_when_a_weight_changes(tiny_dirs):
+    """PackedWeights.get gives the model's one table (the same slots every time: a compiled step
+    keeps slot numbers as constants) and repacks only when a weight changed: an unchanged model
+    is not repacked on each get (a decode step per generate call would copy every weight again);
+    after an in-place update the new copies go into the same slots."""
+    from r3 import packed_linear
+
+    model, _ = load(tiny_dirs["qwen2"][0], dtype=torch.float32, tokenizer=False)
+    if not PackedWeights.available(model):
+        pytest.skip(PACKED_SKIP)
+    first = PackedWeights.get(model)
+    slots = list(first.slots)
+    packed = [packed_linear._SLOTS[s][0] for s in slots]
+    again = PackedWeights.get(model)
+    assert again is first and again.slots == slots
+    assert all(packed_linear._SLOTS[s][0] is w for s, w in zip(slots, packed))  # not repacked
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    assert PackedWeights.get(model) is first and first.slots == slots
+    assert any(packed_linear._SLOTS[s][0] is not w for s, w in zip(slots, packed))
+
+
+def test_packed_weights_do_not_apply_to_float16_models(tiny_dirs):
+    """Only fp32 and (where oneDNN runs it) bf16 are packed: an fp16 CPU model keeps the plain
+    matmuls (oneDNN's fp16 path on a CPU without native fp16 is emulated or missing)."""
+    model, _ = load(tiny_dirs["llama"][0], dtype=torch.float16, tokenizer=False)
+    assert model.dtype == torch.float16 and not PackedWeights.available(model)
+
+
 def test_decode_step_and_graph_run_arguments_are_checked(tiny):
     """The eager step has no fused pick (a clear error, not a pick silently ignored); a graph run
     length must divide KV_BUCKET (a run must read one KV bucket)."""
