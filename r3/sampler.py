@@ -118,7 +118,9 @@ class StopStrings:
     keeps every token up to the one that completes the text, which may carry a few characters
     after it. ``decode``: token ids -> text (the tokenizer's). Each step decodes only a row's last
     ``window`` tokens (a text of n bytes spans at most n tokens, plus one for a character split
-    across tokens), so the check costs the same at any length.
+    across tokens), so the check costs the same at any length. Tokens whose own text is empty (the
+    special tokens a decoder skips) do not count toward the window: a row that holds some decodes
+    back past them.
 
     ``confirm``: optional, the row's tokens so far -> whether a stop string it now completes
     counts (a task's stop string written inside a reasoning block does not); asked only when the
@@ -131,16 +133,32 @@ class StopStrings:
         self.decode = decode
         self.confirm = confirm
         self.window = max(len(x.encode("utf-8")) for x in self.strings) + 1
+        self._text: set[int] = set()  # token ids whose own text is not empty (others: below)
+        self._blank: set[int] = set()  # token ids whose own text is empty
 
     def completed(self, tokens: Sequence[int], whole=None) -> bool:
         """Whether ``tokens`` (a row's sampled tokens so far, or at least their last ``window``)
         end in a stop string's occurrence that counts, i.e. hold one that is not in
         ``tokens[:-1]``, given that ``tokens[:-1]`` holds none that counted. ``whole``: a
-        function that returns all of the row's tokens, for ``confirm`` (default: ``tokens``)."""
-        text = self.decode(list(tokens[-self.window:]))
+        function that returns all of the row's tokens, for ``confirm`` and for a window that
+        holds empty tokens (default: ``tokens``)."""
+        toks = list(tokens[-self.window:])
+        if not self._text.issuperset(toks) and any(self._is_blank(t) for t in toks):  # (counted in tokens with text)
+            toks = list(tokens if whole is None else whole())
+            start, n = len(toks), 0
+            while start > 0 and n < self.window:
+                start -= 1
+                n += not self._is_blank(toks[start])
+            toks = toks[start:]
+        text = self.decode(toks)
         if not any(x in text for x in self.strings):
             return False
         return self.confirm is None or bool(self.confirm(list(tokens if whole is None else whole())))
+
+    def _is_blank(self, token: int) -> bool:
+        if token not in self._text and token not in self._blank:
+            (self._text if self.decode([token]) else self._blank).add(token)
+        return token in self._blank
 
 
 @dataclass

@@ -2161,3 +2161,220 @@ def test_decode_across_a_kv_bucket_equals_teacher_forcing(builtin, chat):
     out = generate(model, [prompt, chat[0]], max_new_tokens=10, temperature=0, vocab_size=len(tok))
     for p, t, lp in zip([prompt, chat[0]], out.tokens, out.logprobs):
         assert max(abs(a - b) for a, b in zip(lp, _teacher_forced(model, p, t))) < 1e-4
+
+
+def test_stop_strings_window_counts_every_byte_of_a_multibyte_text():
+    """The window is the stop string's UTF-8 bytes (plus one), not its characters: "\u00e9\u00e9" (two
+    characters, four bytes) as four byte tokens is found; a window of characters (three tokens)
+    would start inside the first character and read "\ufffd\u00e9"."""
+    by_bytes = StopStrings(["\u00e9\u00e9"], lambda ids: bytes(ids).decode("utf-8", "replace"))
+    assert by_bytes.window == 5
+    assert by_bytes.completed([0xC3, 0xA9, 0xC3, 0xA9]) and by_bytes.completed([0x41, 0xC3, 0xA9, 0xC3, 0xA9])
+    assert not by_bytes.completed([0xA9, 0xC3, 0xA9])
+
+
+def test_stop_string_completed_inside_a_token_with_text_after_it():
+    """A token whose text completes a stop string and goes on past it ends the row: the string
+    need only be in the window's text, not end it (token 255 reads "YZ": it completes "Y" and
+    "XY" after an X)."""
+    stop = StopStrings(["Y", "XY"], _letters)
+    assert stop.completed([0, 255]) and stop.completed([23, 255]) and not stop.completed([0, 25])
+
+
+def _with_blanks(ids):
+    """A stand-in tokenizer decoding without special tokens: token i is the letter
+    chr(65 + i % 26), and no text at all when i % 4 == 0 (a special token the decoder skips)."""
+    return "".join("" if i % 4 == 0 else chr(65 + i % 26) for i in ids)
+
+
+def test_stop_strings_window_does_not_count_tokens_without_text(tiny):
+    """Tokens that decode to no text (special tokens, skipped as episodes and evaluations decode)
+    do not count toward the window: a two-letter stop string whose letters have two such tokens
+    between them is found (a window of 3 tokens read only the second letter, and the row ran on
+    past it, to a later occurrence or to the limit)."""
+    stop = StopStrings(["AB"], _with_blanks)
+    assert stop.completed([26, 4, 8, 1]) and stop.completed([5, 26, 4, 8, 12, 1]) and not stop.completed([26, 4, 8, 3])
+    assert stop.completed([4, 8, 1], lambda: [26, 4, 8, 1])  # (the sampler passes a block, and the whole row)
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [5, 9, 2, 12], seed=33)
+    free = Session.start(model, prompts, seed=8).fork(4).sample(40, temperature=1.0).tokens
+    strings = ["OR", "OJ", "TQ"]  # (each in a row of this free run with two blank tokens inside it)
+    want = [_cut_at_string(t, strings, _with_blanks) for t in free]
+    spread = [w for w in want if w and len(w) >= 4 and all(t % 4 == 0 for t in w[-3:-1])]
+    assert len(spread) >= 2, want
+    for sync_every in (1, 3):
+        got = Session.start(model, prompts, seed=8).fork(4).sample(
+            40, temperature=1.0, stop_strings=StopStrings(strings, _with_blanks), sync_every=sync_every)
+        assert got.tokens == [f if w is None else w for f, w in zip(free, want)], sync_every
+        assert got.finished == [w is not None for w in want]
+
+
+def test_start_and_generate_presize_the_cache_so_sampling_never_grows_it(tiny, monkeypatch):
+    """``Session.start(max_len=)`` allocates that many slots now, and ``generate`` sizes its
+    session for the longest prompt plus ``max_new_tokens``: sampling then never grows the cache
+    (a copy of every row's cache, prefix and forks included)."""
+    from r3.model import KVCache
+
+    model, _ = tiny["llama"]
+    grown = []
+    grow = KVCache.grow
+    monkeypatch.setattr(KVCache, "grow", lambda self, n: grown.append((self.max_len, n)) or grow(self, n))
+    prompts = _rand_prompts(256, [3, 7, 5], seed=4)
+    s = Session.start(model, prompts, max_len=7 + 6, seed=0)
+    assert s.cache.max_len >= 13
+    s.sample(6, temperature=1.0)
+    out = generate(model, prompts, max_new_tokens=9, num_samples=2, seed=0)
+    assert out.steps == 9 and grown == []
+    Session.start(model, prompts, seed=0).sample(2, temperature=0)  # (not presized: it grows)
+    assert len(grown) == 1
+
+
+def test_no_compaction_at_the_check_after_the_last_step(tiny, monkeypatch):
+    """The decode batch is compacted only while steps remain: at the check after the last step
+    (a quarter of the rows stopped, the rest at the limit) no live row's cache is copied out, to
+    be written straight back. With a check at every step the same rows are compacted (the spy
+    sees compactions)."""
+    import r3.sampler as sampler_mod
+
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 6], seed=41)
+    free = Session.start(model, prompts, seed=2).fork(4).sample(8, temperature=1.0).tokens
+    stops, ends = _stop_set_with_ragged_finish(free, 8)
+    assert sum(e is not None for e in ends) >= 2 and sum(e is None for e in ends) >= 2, ends
+    copies = []
+    view = sampler_mod._slots_view
+    monkeypatch.setattr(sampler_mod, "_slots_view", lambda cache, n: copies.append(n) or view(cache, n))
+    got = Session.start(model, prompts, seed=2).fork(4).sample(8, temperature=1.0, stop_token_ids=stops, sync_every=8)
+    assert copies == [] and got.steps == 8
+    assert got.tokens == [f if e is None else f[:e] for f, e in zip(free, ends)]
+    Session.start(model, prompts, seed=2).fork(4).sample(8, temperature=1.0, stop_token_ids=stops, sync_every=1)
+    assert copies
+
+
+def test_generate_counts_the_forks_copy_as_prefill_time(tiny, monkeypatch):
+    """``generate``'s ``prefill_s`` is the prompts' prefill plus the fork that copies each prompt's
+    cache ``num_samples`` times (a clock that ticks once per reading: one interval each)."""
+    import itertools
+    from types import SimpleNamespace
+
+    import r3.sampler as sampler_mod
+
+    model, _ = tiny["llama"]
+    ticks = itertools.count()
+    monkeypatch.setattr(sampler_mod, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    prompts = [[1, 2, 3], [4, 5]]
+    assert generate(model, prompts, max_new_tokens=2, num_samples=1, temperature=0).prefill_s == 1.0
+    assert generate(model, prompts, max_new_tokens=2, num_samples=3, temperature=0).prefill_s == 2.0
+
+
+def test_prefill_groups_hold_as_many_rows_as_fit(tiny, monkeypatch):
+    """Rows are prefilled in groups of as many rows as fit in ``prefill_tokens`` padded tokens:
+    six 4-token feeds at 8 tokens per group are three forwards of two rows, six 2-token feeds
+    (an appended turn of 2: the pending token and the turn's first) are one of four and one of two."""
+    model, _ = tiny["llama"]
+    calls = []
+    forward = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda toks, **kw: calls.append(tuple(toks.shape)) or forward(toks, **kw))
+    s = Session.start(model, _rand_prompts(256, [5] * 6, seed=3), prefill_tokens=8)
+    assert calls == [(2, 4)] * 3
+    calls.clear()
+    s.append([[1, 2]] * 6)
+    assert calls == [(4, 2), (2, 2)]
+
+
+def test_sampling_argument_boundaries():
+    """Each sampling argument's edge: ``top_k`` -1 is refused and 0 (off) taken, ``top_p`` 0 is
+    refused and 1 (off) taken, ``temperature`` 0 (greedy) taken, ``max_new_tokens`` 1 taken and 0
+    refused."""
+    from r3.sampler import check_sampling_args
+
+    check_sampling_args(1, 0.0, 0, 1.0)
+    for bad in (dict(top_k=-1), dict(top_p=0.0), dict(max_new_tokens=0), dict(temperature=-1e-9)):
+        kw = {**dict(max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0), **bad}
+        with pytest.raises(SamplingError, match=next(iter(bad))):
+            check_sampling_args(**kw)
+
+
+def test_static_cache_rows_grow_by_a_quarter_and_are_all_served(tiny):
+    """Rows grow by at least a quarter too where the padding does not hide it: from 40 rows, 41
+    make 56 (a quarter more, 50, padded), not 48 (41 padded); slots grow by a quarter with them.
+    ``rows(n)`` serves every row the cache holds, all of them included (a decode batch of exactly
+    the padded size, as 8 or 16 rows, runs in the whole cache)."""
+    model, _ = tiny["llama"]
+    sc = StaticKVCache()
+    sc.reserve(model.config, 40, 10, torch.float32, "cpu")
+    assert (sc.full.batch_size, sc.full.max_len) == (40, 128)
+    assert sc.rows(40).k[0].shape[0] == 40 and sc.holds(sc.rows(40))
+    sc.reserve(model.config, 41, 10, torch.float32, "cpu")
+    assert (sc.full.batch_size, sc.full.max_len) == (56, 192)
+    sc.reserve(model.config, 8, 10, torch.float32, "cpu")  # (fits: kept)
+    assert sc.rows(56).k[0].shape[0] == 56
+
+
+def test_a_compacted_batch_copies_only_the_slots_the_call_reaches(tiny, monkeypatch):
+    """A compaction copies each live row's cache up to the slots this call can reach (the
+    longest row's start plus ``max_new_tokens``), not every slot of a session presized for a whole
+    conversation (an episode's: attempts, reflections and retries): a rollout's copy stays the
+    size of what it decodes."""
+    import r3.sampler as sampler_mod
+
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 6], seed=41)
+    free = Session.start(model, prompts, seed=2).fork(4).sample(8, temperature=1.0).tokens
+    stops, _ = _stop_set_with_ragged_finish(free, 8)
+    copies = []
+    view = sampler_mod._slots_view
+    monkeypatch.setattr(sampler_mod, "_slots_view", lambda cache, n: copies.append(n) or view(cache, n))
+    s = Session.start(model, prompts, seed=2, max_len=200).fork(4)
+    assert s.cache.max_len == 200
+    s.sample(8, temperature=1.0, stop_token_ids=stops)
+    assert copies and set(copies) == {5 + 8}  # (the longest row's start, 5, plus 8 steps)
+
+
+def test_graph_runs_notice_stops_at_the_run_that_reaches_each_multiple(tiny_dirs, monkeypatch):
+    """In graph runs (runs of 8 steps start at positions that are multiples of 8) the host checks
+    for stops at the end of the run that reaches each multiple of ``sync_every``, not only where
+    a run ends exactly on one: with the longest row's first step at position 5, runs end at steps
+    3, 11, 19, ..., and a batch whose rows have all stopped by step 11 ends there, not at
+    ``max_new_tokens``."""
+    as_on_a_gpu(monkeypatch)
+    model, _ = load(tiny_dirs["qwen3"][0], tokenizer=False)
+    prompts = _rand_prompts(256, [6, 4], seed=3)
+    free = Session.start(model, prompts).sample(40, temperature=0).tokens
+    stops = sorted({free[0][1], free[1][1]})
+    ends = [next(i + 1 for i, t in enumerate(f) if t in stops) for f in free]
+    assert max(ends) <= 11, ends
+    out = Session.start(model, prompts, max_len=6 + 40 + 8, decode="compiled").sample(
+        40, temperature=0, stop_token_ids=stops, sync_every=8)
+    assert out.tokens == [f[:e] for f, e in zip(free, ends)] and out.steps == 11
+
+
+def test_generate_forks_only_for_several_samples(tiny, monkeypatch):
+    """``generate`` with one sample per prompt decodes in the prefilled session itself: no fork,
+    which would copy every prompt's cache for nothing; with several, one fork."""
+    model, _ = tiny["llama"]
+    forks = []
+    fork = Session.fork
+    monkeypatch.setattr(Session, "fork", lambda self, n: forks.append(n) or fork(self, n))
+    prompts = [[1, 2, 3], [4, 5]]
+    one = generate(model, prompts, max_new_tokens=3, seed=1)
+    assert forks == [] and len(one.tokens) == 2
+    generate(model, prompts, max_new_tokens=3, num_samples=2, seed=1)
+    assert forks == [2]
+
+
+def test_cli_prints_a_single_sample_without_a_header(builtin, monkeypatch, capsys):
+    """With one sample (the default) the CLI prints the completion alone: the '--- sample i/n ---'
+    headers are for several samples."""
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+    config = SimpleNamespace(vocab_size=len(tok), eos_token_id=None, max_position_embeddings=8192)
+    paris = tok("Paris")["input_ids"]
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), tok))
+    monkeypatch.setattr(cli, "generate", lambda model, prompts, **kw: SimpleNamespace(
+        tokens=[paris], finished=[False], new_tokens=len(paris), prefill_s=0.0, decode_s=1.0, tokens_per_s=1.0))
+    assert cli.main(["--prompt", "Where?", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["Paris"]
