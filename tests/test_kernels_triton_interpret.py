@@ -170,6 +170,14 @@ else:
         (lp_c.sum() + kl_c.sum()).backward()
         torch.testing.assert_close(y.grad, x.grad, rtol=0, atol=0)
         torch.testing.assert_close(z.detach(), x.grad, rtol=0, atol=0)
+        # another node still needs the logits: the kernel writes through a raw pointer, so only the
+        # version bump it makes lets autograd refuse (a wrong gradient otherwise)
+        w = torch.randn(700, requires_grad=True)
+        z = logits.clone().requires_grad_() * 1.0
+        other = (z * w).sum()  # saves z
+        lp_d, _ = fused_logprob_kl(z, targets, inplace_backward=True, backend="triton")
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (lp_d.sum() + other).backward()
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_first_and_last_vocab_ids_with_a_one_column_last_block(dtype, monkeypatch):
