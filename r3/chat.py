@@ -89,9 +89,8 @@ class ChatFormat:
             raise R3Error(f"the chat template {shape}; r3 cannot continue conversations with it")
         self._shape = shape
         self.history_drops, lead, glue, self._tail = shape
-        self.end_of_turn_id, end_text = self._end_of_turn(glue)
-        self._between = glue[len(end_text):]  # e.g. "\n<|im_start|>user\n" after <|im_end|>
-        self._end_text = end_text
+        self.end_of_turn_id = self._end_of_turn(glue)
+        self._glue = glue  # from the end of a turn to the next user text: "<|im_end|>\n<|im_start|>user\n"
         # A second round must render like the first (earlier turns as the template renders them).
         three = self._probe([q, a, u, {"role": "assistant", "content": _PROBE_R},
                              {"role": "user", "content": _PROBE_V}])
@@ -117,7 +116,7 @@ class ChatFormat:
         except Exception as e:  # a template that raises on a plain user/assistant conversation
             raise R3Error(f"cannot apply the tokenizer's chat template ({_first_line(e)})") from None
 
-    def _end_of_turn(self, glue: str) -> tuple[int, str]:
+    def _end_of_turn(self, glue: str) -> int:
         ids = self.encode(glue)
         added = getattr(self.tok, "added_tokens_decoder", {}) or {}
         token = added.get(ids[0]) if ids else None
@@ -125,7 +124,7 @@ class ChatFormat:
         if text is None or not glue.startswith(text):
             raise R3Error(f"the chat template ends an assistant turn with {glue[:40]!r}, not with a special "
                           "token; r3 needs an end-of-turn token to stop generating at")
-        return ids[0], text
+        return ids[0]
 
     def _check_system(self, q, a, u) -> str | None:
         s = {"role": "system", "content": _PROBE_SYSTEM}
@@ -172,7 +171,7 @@ class ChatFormat:
         # Encoded after the end-of-turn token, as the turn stands in the conversation: encoded
         # alone, its first text would keep the whitespace an rstrip end token absorbs (Phi-3's
         # <|end|>\n) or get the '▁' a SentencePiece pre-tokenizer puts at a text's start only.
-        ids = self.encode(self._end_text + self._between + text + self._tail)
+        ids = self.encode(self._glue + text + self._tail)
         return ids[1:] if closed else ids
 
     def decode(self, ids: list[int]) -> str:
