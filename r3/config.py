@@ -431,11 +431,16 @@ def parse_args(argv: list[str]) -> TrainConfig:
         i += 1
     config_file = [v for k, v in pairs if k == "config"]
     from_file: dict[str, Any] = {}
+    written: dict[str, str] = {}  # field -> the key the file spelled it with
     if config_file:
         for k, v in _read_config_file(config_file[-1]).items():
             key = str(k).replace("-", "_")
             if key in _RENAMED:
                 key, v = _RENAMED[key][0], _RENAMED[key][1](v)
+            if key in from_file and from_file[key] != v:  # (a key and its old name, or - for _)
+                raise R3Error(f"{config_file[-1]}: '{written[key]}' and '{k}' both set '{key}', to "
+                              f"different values (keep one)")
+            written[key] = k
             if key not in _FIELDS:
                 raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])

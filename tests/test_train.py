@@ -660,6 +660,16 @@ def test_config_file_and_overrides(tmp_path):
     assert parse_args(["--compile-decode", "true"]).decode == "compiled"
     f.write_text("compile_decode: false\n")
     assert parse_args(["--config", str(f)]).decode == "eager"
+    # a file that gives a key twice (its old name, or - for _) with different values: neither is taken silently
+    f.write_text("decode: compiled\ncompile_decode: true\nmax-steps: 3\nmax_steps: 3\n")
+    assert parse_args(["--config", str(f)]).decode == "compiled"
+    for text in ("decode: compiled\ncompile_decode: false\n", "compile_decode: false\ndecode: compiled\n"):
+        f.write_text(text)
+        with pytest.raises(Exception, match="both set 'decode', to different values"):
+            parse_args(["--config", str(f)])
+    f.write_text("max-steps: 3\nmax_steps: 4\n")
+    with pytest.raises(Exception, match="'max-steps' and 'max_steps' both set 'max_steps'"):
+        parse_args(["--config", str(f)])
     old = {**TrainConfig().to_dict(), "compile_decode": True}
     del old["decode"]
     assert TrainConfig().incompatible_with(old) == []  # decode may change on resume
