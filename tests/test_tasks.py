@@ -1738,6 +1738,98 @@ def test_countdown_later_answer_after_answers_and_in_tex_dollars(completion, exp
     assert recheck(LENIENT, ex, completion)[0] is expected
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a denial or supposition in parentheses next to the answer: the final equation's run takes a
+    # "(" or ")" in and reads past it, the word windows around an answer block and before a
+    # colon stopped at it
+    pytest.param(True, "(wrong) <answer>5 + 23 = 28</answer>", False, id="tags-wrong-in-parens-before"),
+    pytest.param(True, "(not) <answer>5 + 23 = 28</answer>", False, id="tags-not-in-parens-before"),
+    pytest.param(True, "Wrong) <answer>5 + 23 = 28</answer>", False, id="tags-wrong-paren-before"),
+    pytest.param(True, "(If) <answer>5 + 23 = 28</answer>", False, id="tags-if-in-parens-before"),
+    pytest.param(True, "If (hypothetically) <answer>5 + 23 = 28</answer>", False, id="tags-if-parenthetical"),
+    pytest.param(True, "Answer (wrong): <answer>5 + 23 = 28</answer>", False, id="tags-label-wrong-in-parens"),
+    pytest.param(True, "Old (incorrect) answer: <answer>5 + 23 = 28</answer>", False, id="tags-label-incorrect"),
+    pytest.param(False, "(Wrong): 5 + 23 = 28", False, id="label-wrong-in-parens"),
+    pytest.param(False, "Answer (wrong): 5 + 23 = 28", False, id="label-wrong-in-parens-after-word"),
+    pytest.param(False, "Old (incorrect) answer: 5 + 23 = 28", False, id="label-incorrect-in-parens"),
+    pytest.param(False, "The (false) answer: 5 + 23 = 28", False, id="label-false-in-parens"),
+    pytest.param(False, "Answer (not correct): 5 + 23 = 28", False, id="label-not-correct-in-parens"),
+    pytest.param(False, "If (hypothetically) 5 + 23 = 28", False, id="if-parenthetical"),
+    # ... or a denial label that ends the line before it (the colon is still just before it)
+    pytest.param(False, "Wrong:\n5 + 23 = 28", False, id="label-wrong-line-before"),
+    pytest.param(False, "Incorrect equation:\n\n5 + 23 = 28", False, id="label-incorrect-blank-line-before"),
+    pytest.param(False, "This is NOT the answer:\n5 + 23 = 28", False, id="label-not-line-before"),
+    pytest.param(True, "Wrong:\n<answer>5 + 23 = 28</answer>", False, id="tags-label-wrong-line-before"),
+    pytest.param(True, "**Wrong answer:**\n<answer>5 + 23 = 28</answer>", False, id="tags-label-bold-line-before"),
+    pytest.param(False, "Here's the final answer to the equation: 3x + Incorrect:\n\\boxed{5 + 23 = 28}", False,
+                 id="label-after-a-sentence-line-before"),
+    # ... or written before the "answer" that <answer> and \\boxed{ read as (the final equation's
+    # mode): "3 * <answer>...", "Wrong:" and an operator the line before end there too
+    pytest.param(False, "3 * \\boxed{5 + 23 = 28}", False, id="times-boxed"),
+    pytest.param(False, "2 - \\boxed{5 + 23 = 28}", False, id="minus-boxed"),
+    pytest.param(False, "x + \\boxed{5 + 23}", False, id="variable-plus-boxed"),
+    pytest.param(False, "2 ** \\boxed{5 + 23}", False, id="power-boxed"),
+    pytest.param(False, "Wrong: \\boxed{5 + 23 = 28}", False, id="label-wrong-boxed"),
+    pytest.param(False, "**Wrong:** \\boxed{5 + 23 = 28}", False, id="label-bold-wrong-boxed"),
+    pytest.param(False, "3 *\n\\boxed{5 + 23}", False, id="operator-line-before-boxed"),
+    pytest.param(False, "3 * <answer>5 + 23 = 28</answer>", False, id="times-answer-tag-plain-mode"),
+    pytest.param(False, "Wrong: <answer>5 + 23 = 28</answer>", False, id="label-wrong-answer-tag-plain-mode"),
+    # a retraction after it: "Scratch that." and its synonyms, and words that take it back
+    pytest.param(False, "5 + 23 = 28. Forget that.", False, id="forget-that"),
+    pytest.param(False, "5 + 23 = 28. Ignore that.", False, id="ignore-that"),
+    pytest.param(False, "5 + 23 = 28. Strike that.", False, id="strike-that"),
+    pytest.param(False, "5 + 23 = 28. Just kidding.", False, id="just-kidding"),
+    pytest.param(False, "5 + 23 = 28 jk", False, id="jk"),
+    pytest.param(False, "5 + 23 = 28. Nah.", False, id="nah"),
+    pytest.param(False, "5 + 23 = 28. Nevermind.", False, id="nevermind"),
+    pytest.param(False, "5 + 23 = 28. I take it back.", False, id="take-it-back"),
+    pytest.param(False, "5 + 23 = 28. I retract that.", False, id="retract"),
+    pytest.param(False, "5 + 23 = 28. My bad.", False, id="my-bad"),
+    pytest.param(False, "5 + 23 = 28. Oops.", False, id="oops"),
+    pytest.param(False, "5 + 23 = 28. I misspoke.", False, id="misspoke"),
+    pytest.param(False, "5 + 23 = 28 unless I miscounted.", False, id="miscounted"),
+    pytest.param(False, "5 + 23 = 28. I goofed.", False, id="goofed"),
+    pytest.param(False, "5 + 23 = 28. Bogus.", False, id="bogus"),
+    pytest.param(False, "5 + 23 = 28. Nonsense.", False, id="nonsense"),
+    pytest.param(False, "5 + 23 = 28. I lied.", False, id="lied"),
+    pytest.param(False, "5 + 23 = 28. That is a lie.", False, id="a-lie"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> Just kidding.", False, id="tags-just-kidding"),
+    # ... and prose in parentheses, or after it, that does not deny it stays right
+    pytest.param(True, "(using both numbers) <answer>5 + 23 = 28</answer>", True, id="tags-parenthetical-prose"),
+    pytest.param(True, "The answer (using + only): <answer>5 + 23 = 28</answer>", True, id="tags-label-prose"),
+    pytest.param(False, "Answer (final): 5 + 23 = 28", True, id="label-final-in-parens"),
+    pytest.param(False, "(Correct) 5 + 23 = 28", True, id="correct-in-parens"),
+    pytest.param(False, "Answer:\n5 + 23 = 28", True, id="label-answer-line-before"),
+    pytest.param(False, "**Answer:** \\boxed{5 + 23}", True, id="bold-label-boxed"),
+    pytest.param(False, "**Final answer** \\boxed{5 + 23 = 28}", True, id="bold-heading-boxed"),
+    pytest.param(False, "- \\boxed{5 + 23}", True, id="bullet-boxed"),
+    pytest.param(False, "> <answer>5 + 23</answer>", True, id="quote-answer-tag-plain-mode"),
+    pytest.param(False, "Result = \\boxed{5 + 23}", True, id="result-equals-boxed"),
+    pytest.param(False, "The answer is \\boxed{5 + 23}.", True, id="answer-is-boxed"),
+    pytest.param(True, "The final answer:\n\n<answer>5 + 23 = 28</answer>", True, id="tags-label-answer-line-before"),
+    pytest.param(False, "I was wrong before. Corrected:\n5 + 23 = 28", True, id="label-corrected-line-before"),
+    pytest.param(False, "Here's a rewritten equation that avoids the issue of the original equation being "
+                 "incorrect:\n\n5 + 23", True, id="logged-retry-long-line-before"),  # (a logged run paid it, with 22 + 7)
+    pytest.param(False, "5 + 23 = 28 (I think)", True, id="i-think-after"),
+    pytest.param(False, "5 + 23 = 28. That is it.", True, id="that-is-it"),
+    pytest.param(False, "5 + 23 = 28. Take it or leave it.", True, id="take-it-or-leave-it"),
+    pytest.param(False, "5 + 23 = 28. Both numbers lie in the list.", True, id="lie-as-a-verb"),
+])
+def test_countdown_parenthesised_denials_and_retractions_found_by_differential_fuzzing(tags, completion, expected):
+    """A differential fuzz seeded by real model output found both implementations paying these:
+    a denial or supposition in parentheses next to an answer block or in a label before a colon
+    (``(wrong) <answer>...``, ``Answer (wrong): 5 + 23 = 28``), which the final equation refused
+    as ``(wrong) 5 + 23 = 28``, a denial label ending the line before it (``Wrong:\\n5 + 23 = 28``),
+    an operator or a denial label before ``\\boxed{`` or ``<answer>`` in the final equation's mode
+    (both read as the word "answer", which hid them: ``3 * \\boxed{5 + 23 = 28}``), and retractions
+    after it (``Forget that.``, ``Just kidding.``, ``I take it back.``) that the denial words after
+    it missed."""
+    task = CD if tags else LENIENT
+    ex = {"nums": [5, 23], "target": 28}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------

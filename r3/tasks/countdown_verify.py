@@ -36,10 +36,12 @@ when
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
-  among the four words before or after it (apart by spaces, quotes or Markdown emphasis), a
-  supposition (``if``, ``suppose``, ... :data:`HYPOTHETICALS`) is among the four words before it,
-  a denial (``Wrong:``, ``This is false:``, :data:`LABEL_DENIALS`) is among the four words before
-  a colon just before it, or
+  among the four words before or after it (apart by spaces, quotes, parentheses or Markdown
+  emphasis: ``(wrong) 5 + 23 = 28``), a supposition (``if``, ``suppose``, ...
+  :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
+  false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) is among the four words before a colon just
+  before it, on its line or ending a heading of up to eight words on the line before
+  (``Wrong:\n5 + 23 = 28``), or
   ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
@@ -69,8 +71,13 @@ when
   sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
   eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
-  ``No.``, ``I miscalculated``, ``Scratch that.``, ``Não está certo.``: there a letter with
-  diacritics or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
+  ``No.``, ``I miscalculated``, ``Scratch that.``, ``Forget that.``, ``Just kidding.``, ``I take it
+  back.``, ``My bad.``, ``That is a lie.``, ``Não está certo.``: there a letter with diacritics
+  or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
+
+What stands before ``<answer>`` or ``\\boxed{`` (read as the word "answer") is checked as if it
+stood before the equation itself: ``3 * \\boxed{5 + 23 = 28}`` and ``Wrong: <answer>5 + 23 =
+28</answer>`` are wrong.
 
 Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
@@ -143,7 +150,12 @@ AFTER_DENIALS = frozenset("""
     mistake mistakes mistaken mistakenly error errors erroneous erroneously fallacy miscalculated
     miscalculation miscalculate inaccurate typo typos disregard disregarded
     erreur erreurs fehler errore errori erro erros
+    nah nevermind kidding jk retract retracted retracts misspoke miscounted miscount goofed bogus nonsense
+    lied oops whoops oopsie
 """.split())
+#: Verbs that, followed by ``that`` after the final equation, take it back (``Scratch that.``,
+#: ``Forget that.``); ``I take it back``, ``My bad`` and ``That is a lie`` likewise.
+_TAKE_BACK = frozenset("scratch forget ignore strike cancel erase delete scrap".split())
 #: Verbs and nouns of arithmetic that, after the final equation and followed by one of
 #: :data:`RESULT_OBJECTS`, do more arithmetic on it ("Then double it", "multiply the result").
 ARITHMETIC_ACTIONS = frozenset("""
@@ -225,6 +237,7 @@ _RUN = re.compile(r"[0-9+\-*/()= \t]+")
 _HAS_DIGIT = re.compile(r"[0-9]")
 _HAS_OP = re.compile(r"[+\-*/=]")
 _SPACE = " \t"
+_WORD_PARENS = "()"  # read past by the word windows around the answer
 _DISALLOWED_ASCII = frozenset("^%|~\\[]{}<>")
 _SENTENCE = frozenset(".,;:!?\"'\u201c\u201d\u2018\u2019\u00ab\u00bb")
 _DECORATION = "_'\u2019*\"`"  # quotes and Markdown emphasis around a word
@@ -385,6 +398,9 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
             at = i
             kind, value, i = _token(text, i, step)
             tokens += 1
+            if kind is None and 0 <= i < len(text) and text[i] in _WORD_PARENS:
+                i += step  # a parenthesis around words: "(wrong) <answer>...", "If (hypothetically) 5 + 23"
+                continue
             if kind == "skip":
                 continue
             if kind == "number":
@@ -528,7 +544,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
             if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
-                    or (tok == "that" and prev[-1:] == [("word", "scratch")]) \
+                    or (tok == "that" and prev[-1:] and prev[-1][0] == "word" and prev[-1][1] in _TAKE_BACK) \
+                    or (tok == "back" and prev[-2:] == [("word", "take"), ("word", "it")]) \
+                    or (tok == "bad" and prev[-1:] == [("word", "my")]) \
+                    or (tok == "lie" and prev[-1:] == [("word", "a")]) \
                     or (raw is not text and _glued_denial(raw, m.start())):
                 return f"a denial after the final equation ({tok!r})"
             if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
@@ -712,6 +731,8 @@ def _operand_beyond(text: str, pos: int, step: int) -> bool:
 
 
 _STARS = re.compile(r"\*+")
+_ASCII_WORD_RUN = re.compile(r"[A-Za-z']+")
+_CLAUSE_MARK = re.compile(r"[.!?:;](?=\s)")
 _ASCII_WORD = re.compile(r"[A-Za-z]{2}")
 
 
@@ -772,14 +793,26 @@ def _denied_label(text: str, start: int) -> str | None:
     """A word of :data:`LABEL_DENIALS` among the four words before a colon just before the final
     equation starting at ``start`` (``Wrong: 5 + 23 = 28``), or None."""
     i = start - 1
-    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION):
+    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in "\n\r"):
         i -= 1
     if i < 0 or text[i] != ":":
         return None
+    if "\n" in text[i:start] or "\r" in text[i:start]:
+        # a label that ends the line before counts when it is a short heading, of up to eight
+        # words after the line's last sentence mark ("Wrong:\n5 + 23 = 28"; a logged, rightly paid
+        # retry wrote "Here's a rewritten equation that avoids the issue of the original equation
+        # being incorrect:\n\n22 + 7")
+        line = text[max(text.rfind("\n", 0, i), text.rfind("\r", 0, i)) + 1: i]
+        clause = _CLAUSE_MARK.split(line)[-1]
+        if len(_ASCII_WORD_RUN.findall(clause)) > 8:
+            return None
     words, tokens, i = 0, 0, i - 1
     while words < 4 and tokens < 8:
         kind, value, i = _token(text, i, -1)
         tokens += 1
+        if kind is None and 0 <= i < len(text) and text[i] in _WORD_PARENS:
+            i -= 1  # "Answer (wrong): 5 + 23 = 28"
+            continue
         if kind == "skip":
             continue
         if kind != "word":
@@ -931,6 +964,9 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
            or _continues_from_previous_line(text, start) or _operand_problem(text, start))
     if why:
         return None, why
+    why = _before_answer_word(text, start, "=" in equation)
+    if why:
+        return None, why
     if "=" not in equation:
         result, negated = _number_after(text, end, strict=True)
         if negated:
@@ -946,6 +982,30 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
         if why:
             return None, why
     return equation, ""
+
+
+def _before_answer_word(text: str, start: int, written: bool) -> str | None:
+    """The checks of the text before the equation, again before the word ``answer`` just before
+    it: :func:`normalise` reads ``<answer>`` and ``\\boxed{`` as that word, which must not hide
+    what is written before them (``3 * \\boxed{21 - 19}``, ``Wrong: <answer>5 + 23 = 28</answer>``)."""
+    i = start - 1
+    while i >= 0 and text[i] in _SPACE:
+        i -= 1
+    left = i - 5
+    if left < 0 or text[left:i + 1].lower() != "answer" or (left > 0 and _wordish(text[left - 1])):
+        return None
+    j = left - 1
+    while j >= 0 and text[j] in _SPACE:
+        j -= 1
+    k = j
+    while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
+        k -= 1  # Markdown emphasis closing a label ("**Answer:** \\boxed{...}"), unless an operand precedes it
+    plain = (k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()")))
+    why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
+           else _neighbour_problem(text, j, j == left - 1, False, written))
+    why = why or (_denied_label(text, left) or _continues_from_previous_line(text, left)
+                  or _operand_problem(text, left))
+    return why.replace("the equation", "the answer") if why else None
 
 
 # ---------------------------------------------------------------------------------------

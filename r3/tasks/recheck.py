@@ -85,7 +85,10 @@ def _cd_hyphen_prefix(word: str, text: str, end: int) -> bool:
 _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "errors", "erroneous",
                     "erroneously", "fallacy", "miscalculated", "miscalculation", "miscalculate", "inaccurate",
                     "typo", "typos", "disregard", "disregarded", "erreur", "erreurs", "fehler", "errore", "errori",
-                    "erro", "erros"}
+                    "erro", "erros", "nah", "nevermind", "kidding", "jk", "retract", "retracted", "retracts",
+                    "misspoke", "miscounted", "miscount", "goofed", "bogus", "nonsense", "lied", "oops", "whoops",
+                    "oopsie"}
+_CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap"}
 _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless"}
 _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
@@ -430,6 +433,9 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 break
             at = i
             kind, w, i = _cd_tok(text, i, step)
+            if kind is None and 0 <= i < len(text) and text[i] in "()":
+                i += step  # words in parentheses are still words around it
+                continue
             if kind == "skip":
                 continue
             if kind == "number":
@@ -526,15 +532,25 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
 def _cd_colon_label(text: str, start: int) -> str | None:
     """``Wrong: 5 + 23 = 28``: a denial among the four words before a colon right before it."""
     k = start - 1
-    while k >= 0 and text[k] in " \t" + _CD_DECOR:
+    while k >= 0 and text[k] in " \t\n\r" + _CD_DECOR:
         k -= 1
     if k < 0 or text[k] != ":":
         return None
+    if any(c in "\n\r" for c in text[k:start]):  # a label on the line before: a heading of <= 8 words
+        line_start = k
+        while line_start > 0 and text[line_start - 1] not in "\n\r":
+            line_start -= 1
+        label = re.split(r"[.!?:;](?=\s)", text[line_start:k])[-1]  # (after the line's last sentence mark)
+        if len(re.findall(r"[A-Za-z']+", label)) > 8:
+            return None
     seen, k = 0, k - 1
     for _ in range(8):
         if seen == 4:
             break
         kind, w, k = _cd_tok(text, k, -1)
+        if kind is None and 0 <= k < len(text) and text[k] in "()":
+            k -= 1
+            continue
         if kind == "skip":
             continue
         if kind != "word":
@@ -703,6 +719,25 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
            or _cd_operand(text, start))
     if why:
         return False, why
+    # "<answer>" and "\boxed{" read as the word "answer": what is before that word is still next to it
+    k = start - 1
+    while k >= 0 and text[k] in " \t":
+        k -= 1
+    if k >= 5 and text[k - 5:k + 1].lower() == "answer" and not (k > 5 and (text[k - 6].isalpha() or text[k - 6] in _CD_DECOR)):
+        w = k - 5
+        m = w - 1
+        while m >= 0 and text[m] in " \t":
+            m -= 1
+        e = m
+        while e >= 0 and text[e] in "*_ \t":
+            e -= 1
+        emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()"))
+        line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
+        side = (None if m < 0 or emphasis or line_start or text[m] == "="
+                else _cd_side_problem(text, m, m == w - 1, False, "=" in core))
+        why = side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
+        if why:
+            return False, why
     if "=" not in core:
         result, negated = _cd_number_after(text, end, strict=True)
         if negated:
@@ -844,7 +879,10 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 ascii_end += 1
             head = text[i:ascii_end].lower()  # (its ASCII letters, when diacritics follow: "wrongé")
             if (tok in _CD_NOT and not _cd_hyphen_prefix(tok, text, j)) or tok in _CD_DENIED_LATER \
-                    or (tok == "that" and window[-1:] == [("word", "scratch")]) \
+                    or (tok == "that" and len(window) > 0 and window[-1][0] == "word" and window[-1][1] in _CD_TAKE_BACK) \
+                    or (tok == "back" and window[-2:] == [("word", "take"), ("word", "it")]) \
+                    or (tok == "bad" and window[-1:] == [("word", "my")]) \
+                    or (tok == "lie" and window[-1:] == [("word", "a")]) \
                     or (ascii_end < j and not text[ascii_end].isascii() and (head in _CD_NOT or head in _CD_DENIED_LATER)):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
