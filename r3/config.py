@@ -134,6 +134,11 @@ class TrainConfig:
         if not isinstance(self.task_options, dict):
             raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
         self.chat_template_options = user_template_options(self.chat_template_options, "config: 'chat_template_options'")
+        if not self.out:  # (an empty --out wrote the run into the current directory)
+            raise R3Error("config: 'out' cannot be empty")
+        # (a config file's paths pass no shell: 'out: ~/runs/x' made a directory named '~' here)
+        self.out = os.path.expanduser(self.out)
+        self.failures = os.path.expanduser(self.failures) if self.failures else self.failures
         self.task_options = absolute_paths(self.task_options)
         self.failures = absolute_path(self.failures)  # (read again by a resume from another directory)
         return self

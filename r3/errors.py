@@ -32,12 +32,12 @@ def cli_main(fn):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130)
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             if not _out_of_memory(e):
                 raise
             # a size that does not fit the device: the settings', not a bug (torch's first line
             # says how much was asked and is free, up to its pointer to the docs)
-            first = (str(e).strip().splitlines() or ["out of memory"])[0].split("  See documentation")[0].strip()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split("  See documentation")[0].strip()
             sys.stderr.write(f"error: out of memory{_where(e)} ({first}); use smaller batches (--batch-size, --num-samples; "
                              "--group-size or --micro-batch-size in training) or token limits, or a device with more "
                              "memory (an evaluation keeps its finished batches for the same --batch-size only)\n")
@@ -56,9 +56,11 @@ def cli_main(fn):
     return wrapper
 
 
-def _out_of_memory(e: RuntimeError) -> bool:
-    """torch's ``OutOfMemoryError`` (a GPU's), or its CPU allocator's refusal (a RuntimeError)."""
-    return type(e).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate memory" in str(e)
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's ``OutOfMemoryError`` (a GPU's), its CPU allocator's refusal (a RuntimeError), or
+    Python's (a MemoryError: a list of a --batch-size typo's size)."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 def _where(e: BaseException) -> str:

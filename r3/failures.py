@@ -65,7 +65,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
 from r3.model import check_token_limits
 from r3.sampler import check_sampling_args, generate
 from r3.tasks import examples_of
-from r3.tasks.base import passes as task_passes, stop_strings_of
+from r3.tasks.base import passes as task_passes, report_verifier_errors, stop_strings_of, verifier_error_counts
 
 # --------------------------------------------------------------------------------------------
 # Sampling
@@ -110,6 +110,9 @@ def find_failures(
     stops = answer_stops(task, chat)  # (the task's stop strings end an attempt, as in training)
     stats = dict(queries=len(examples), failed=0, passed=0, samples_needed=0, samples_drawn=0, generated_tokens=0)
     pending = list(range(len(examples)))
+    verifier_error_counts(task)  # (counted from here)
+    errors = verdicts = 0
+    first_error = None
     passed_so_far = 0  # attempts every pending query has passed (the same for all of them)
     round_ = 0
     resolved = 0
@@ -143,6 +146,10 @@ def find_failures(
                         stats["samples_needed"] += samples
                     else:
                         survivors.append(i)
+            n, calls, first = verifier_error_counts(task)
+            errors, verdicts, first_error = errors + n, verdicts + calls, first_error or first
+            if errors and errors >= verdicts:  # (every verdict so far an error: stop before writing them as failures)
+                report_verifier_errors(errors, verdicts, first_error, "while sampling failures")
             stats["failed"] += len(fails)
             stats["passed"] += len(passes)
             resolved += len(fails) + len(passes)
@@ -157,6 +164,7 @@ def find_failures(
         round_ += 1
     if progress is not None:
         progress.close()
+    report_verifier_errors(errors, verdicts, first_error, "while sampling failures")
     return stats
 
 

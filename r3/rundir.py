@@ -154,6 +154,8 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, stream, group=None
     """``group``: the process group of DCP's own collectives (the default one when None)."""
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    if not (path / ".metadata").is_file():  # (DCP would log two tracebacks on the root logger, then fail)
+        raise FileNotFoundError(f"no {path / '.metadata'}")
     with _one_intra_op_thread():
         dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -348,6 +350,10 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             if not isinstance(previous, dict):
                 raise R3Error(f"{saved}: not a config of a previous run (a JSON {type(previous).__name__}, not an "
                               "object); use another --out")
+            if "model_type" in previous or not {"model", "task"} <= set(previous):  # (a model's own config.json)
+                raise R3Error(f"--out {out} exists and is not an r3 run directory ({saved} is not a run's config: "
+                              f"{'a model directory?' if 'model_type' in previous else 'no model and task'}); "
+                              "choose an empty or new directory")
             diff = cfg.incompatible_with(previous)
             # a start that failed after writing its config (in the first step, say): nothing was
             # trained or logged under it, so a corrected retry starts over (said once the lock is ours)

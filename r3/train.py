@@ -353,7 +353,8 @@ def set_up(cfg: TrainConfig) -> Run:
         check_toolchain(d.device, compiled_decode=cfg.decode == "compiled", triton_kernels=triton_compiles(d.device))
         task = get_task(cfg.task, **cfg.task_options)
         cfg.model = canonical_model(cfg.model)  # (a bad model path fails before anything is written)
-        check_token_limits(load_config(cfg.model), cfg.model, attempt=cfg.max_attempt_tokens,
+        model_config = load_config(cfg.model)
+        check_token_limits(model_config, cfg.model, attempt=cfg.max_attempt_tokens,
                            reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
         if cfg.report_to != "none":
             tracker_module(cfg.report_to)  # (its package is installed)
@@ -365,6 +366,10 @@ def set_up(cfg: TrainConfig) -> Run:
             for i, rec in enumerate(failures or []):
                 task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)",
                                    rec["example"])
+                if max(rec["attempt_tokens"]) >= model_config.vocab_size:  # (another model's tokens)
+                    raise R3Error(f"{cfg.failures}: record {i + 1}: 'attempt_tokens' holds token id "
+                                  f"{max(rec['attempt_tokens'])}, past the {model_config.vocab_size} ids of "
+                                  f"{cfg.model} (made with another model?)")
             if failures:
                 failures = without_test_queries(cfg.failures, task, failures)
         # a bad data file fails here
@@ -372,8 +377,8 @@ def set_up(cfg: TrainConfig) -> Run:
         if not queries:
             raise R3Error(f"{cfg.failures}: no failure records to train on" if failures is not None
                           else f"task {cfg.task!r}: no training examples")
-        if cfg.eval_n:
-            examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed)
+        if cfg.eval_n and not examples_of(task, "test", n=cfg.eval_n, seed=cfg.seed):
+            raise R3Error(f"task {cfg.task!r}: no test examples for --eval-n {cfg.eval_n}")
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)

@@ -551,6 +551,23 @@ def test_evaluate_with_a_verifier_that_always_raises_keeps_no_partial_results(ti
     assert not out.exists() and not (tmp_path / "e.json.partial.jsonl").exists()
 
 
+def test_failures_with_a_verifier_that_always_raises_writes_no_failures(tiny_dir, tmp_path, capsys):
+    """Every verdict an error: r3.failures took each for a failed attempt and wrote every query
+    to the dataset as a failure, exit 0 and not a word; now one line and no record. A verifier
+    that raises now and then is said once, as in r3.evaluate."""
+    argv = ["--model", tiny_dir, "--samples", "2", "--max-new-tokens", "4", "--dtype", "fp32", "--quiet"]
+    out = tmp_path / "f.jsonl"
+    rc, _, err = run_main(F.main, argv + ["--task", "r3_test_tasks:RaisingTask", "--n", "3", "--out", str(out)], capsys)
+    assert rc == 2 and err.splitlines()[-1] == ("error: the task's verifier failed on all 3 completions while "
+                                                "sampling failures (first: KeyError: 'answr'); fix the task: its "
+                                                "_check returns (bool, reason) and never raises"), err
+    assert not out.exists() or not out.read_text()
+    rc, _, err = run_main(F.main, argv + ["--task", "r3_test_tasks:FlakyTask", "--n", "8",
+                                          "--out", str(tmp_path / "g.jsonl")], capsys)
+    assert rc == 0 and err.count("warning: the task's verifier failed on ") == 1, err
+    assert "while sampling failures; they count as wrong (first: KeyError: 'answr')" in err
+
+
 def test_evaluate_cli_two_models_builtin_and_tiny(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sub" / "eval.json"
     argv = ["--model", "smollm2-135m", "--model", tiny_dir, "--task", "countdown", "--task-option", "difficulty=easy",
@@ -885,6 +902,22 @@ def test_an_out_file_that_cannot_be_written_fails_before_any_work(tmp_path, monk
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(R3Error, match=f"--out {tmp_path}/x.json: cannot write in {tmp_path} \\(Read-only file system\\)"):
         check_out_path(str(tmp_path / "x.json"))
+
+
+def test_pythons_own_memory_error_is_one_line_with_what_to_lower(capsys):
+    """Python's allocator refusing (a MemoryError: r3.train's query list for a --batch-size typo of
+    1e9) was a traceback, though the CPU allocator's refusal in torch is one line."""
+    from r3.errors import cli_main
+
+    def queries():
+        raise MemoryError
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(queries)()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: out of memory at {os.path.abspath(__file__)}:") and " in queries (MemoryError); " in err
+    assert "--batch-size" in err
 
 
 def test_out_of_memory_is_one_line_with_what_to_lower(capsys):

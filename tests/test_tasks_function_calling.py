@@ -1387,6 +1387,26 @@ def test_cli_as_module(tmp_path):
     assert r.returncode == 0 and "SYNTHETIC" in r.stdout
 
 
+def test_a_synthetic_file_cut_short_by_a_full_disk_leaves_the_old_file_whole(tmp_path):
+    """The file was written in place: a full disk half-way left cut-off JSON where the earlier
+    file was ("not valid JSON ... Unterminated string" when a run then read it). A limit on file
+    size stands in for the full disk (a write past it fails with EFBIG)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    out = tmp_path / "syn.json"
+    out.write_text("[1]\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "r3.tasks.function_calling", "--synthetic", "2000", "--out", str(out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    assert out.read_text() == "[1]\n" and [p.name for p in tmp_path.iterdir()] == ["syn.json"]
+    assert r.returncode == 2 and r.stderr == f"error: {out}: cannot write: File too large\n", r.stderr
+
+
 def test_reference_without_arguments_means_none():
     ex = dict(EX, answers=json.dumps([{"name": "ping"}]))
     assert FC.verify(ex, '[{"name": "ping"}]') and recheck(FC, ex, '[{"name": "ping"}]')[0]

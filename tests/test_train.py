@@ -4,6 +4,7 @@ bad input. Tiny random models with the built-in tokenizer; a coin-flip task give
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -400,6 +401,28 @@ def test_bad_input_is_one_line_exit_2(tmp_path, extra, message):
     assert not (tmp_path / "o").exists()  # (so the corrected command is not refused as another run's)
 
 
+def test_eval_n_with_no_test_examples_is_one_line_before_anything_is_written(tmp_path):
+    """A task whose test split is empty (a plug-in that reads a train file only): with --eval-n
+    the run logged first- and second-attempt accuracy 0.000 over n=0 queries at every
+    evaluation, as if measured."""
+    (tmp_path / "notest_task.py").write_text(textwrap.dedent("""
+        from r3_test_tasks import CoinTask
+
+
+        class NoTestTask(CoinTask):
+            def examples(self, split="train", n=None, seed=0):
+                return [] if split == "test" else super().examples(split, n, seed)
+        """))
+    args = [a if a != "r3_test_tasks:CoinTask" else "notest_task:NoTestTask" for a in BASE]
+    proc = subprocess.run([sys.executable, "-m", "r3.train", *args, "--out", str(tmp_path / "o"), "--max-steps", "1",
+                           "--eval-n", "2"], capture_output=True, text=True, timeout=600,
+                          env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert err == ["error: task 'notest_task:NoTestTask': no test examples for --eval-n 2"], err
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_values_and_files_are_checked_before_anything_runs(tmp_path, monkeypatch):
     """Values the optimizer or schedule would refuse (or silently misuse) are config errors, a
     config file must be one r3 reads, and a flag followed by another flag has no value."""
@@ -440,6 +463,22 @@ def test_config_values_and_files_are_checked_before_anything_runs(tmp_path, monk
     assert TrainConfig(failures="/no/such.jsonl").validate().failures == "/no/such.jsonl"
 
 
+def test_out_and_failures_from_a_config_file_expand_the_home_directory(tmp_path, monkeypatch):
+    """A config file's values pass no shell: 'out: ~/runs/x' made a directory named '~' in the
+    current directory (the run's last line said '~/runs/x', as if in the home directory), while
+    'model: ~/...' was expanded. An empty --out wrote the run into the current directory."""
+    from r3.config import parse_args
+    from r3.errors import R3Error
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "f.jsonl").write_text("")
+    (tmp_path / "c.yaml").write_text("out: ~/runs/x\nfailures: ~/f.jsonl\n")
+    cfg = parse_args(["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.out, cfg.failures) == (str(tmp_path / "runs" / "x"), str(tmp_path / "f.jsonl"))
+    with pytest.raises(R3Error, match="config: 'out' cannot be empty"):
+        parse_args(["--out", ""])
+
+
 @pytest.mark.parametrize("example, field", [({"target": 5}, "missing field 'nums'"),
                                             ({"nums": [1, "2"], "target": 3}, "field 'nums' must hold"),
                                             ({"query": "q", "tools": "[]", "answers": "[]"}, "missing field 'target'")])
@@ -451,6 +490,21 @@ def test_a_failure_record_from_another_task_is_one_line_before_anything_is_writt
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and f"{fails}: record 2: 'example' (not a countdown-tiny example): {field}" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_attempts_in_another_models_token_ids_are_one_line_before_anything_is_written(tmp_path):
+    """Attempts sampled by a model with a larger vocabulary (Qwen's 151k ids, trained on the
+    built-in model's 49k): the run loaded its models, wrote its config and stopped in the first
+    rollout with "prompt 0 has token id 151000 outside [0, 49152)", naming neither file nor record."""
+    fails = tmp_path / "f.jsonl"
+    good = {"example": {"nums": [1, 2], "target": 3}, "attempt_tokens": [5, 6]}
+    fails.write_text(json.dumps(good) + "\n" + json.dumps({**good, "attempt_tokens": [5, 151000]}) + "\n")
+    proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--failures", str(fails)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert err == [f"error: {fails}: record 2: 'attempt_tokens' holds token id 151000, past the 49152 ids of "
+                   "smollm2-135m (made with another model?)"], err
     assert not (tmp_path / "o").exists()
 
 
@@ -1102,6 +1156,28 @@ def test_a_run_directory_without_a_readable_config_object_is_refused(tmp_path):
     (empty / "export").mkdir(parents=True)  # (an export alone is no run: still allowed)
     prepare_out_dir(TrainConfig(out=str(empty)).validate(), d)
     _HELD_LOCKS.pop().close()
+
+
+def test_a_model_directory_given_as_out_is_refused_and_left_untouched(tmp_path):
+    """--out naming a Hugging Face model directory (the model being trained, or another run's
+    export): its config.json, a JSON object, was taken for the config of a run that ended before
+    its first step, so the run started over there and wrote its own config.json over the model's
+    (which then no longer loaded: "missing field 'model_type'")."""
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.errors import R3Error
+    from r3.rundir import prepare_out_dir
+
+    d = T.init_distributed()
+    model = tmp_path / "model"
+    model.mkdir()
+    text = json.dumps({"model_type": "llama", "hidden_size": 64})
+    (model / "config.json").write_text(text)
+    (model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(R3Error, match=rf"--out {model} exists and is not an r3 run directory \({model}/config.json "
+                                      r"is not a run's config: a model directory\?\)"):
+        prepare_out_dir(TrainConfig(out=str(model)).validate(), d)
+    assert (model / "config.json").read_text() == text and not (model / ".lock").exists()
 
 
 def test_a_start_that_failed_before_its_first_logged_step_does_not_block_a_corrected_retry(tmp_path, capsys):
@@ -1917,6 +1993,25 @@ def test_checkpoints_written_after_resuming_past_a_damaged_newer_one_are_kept(ti
     save_checkpoint(tmp_path, 3, policy, opt, sched, stream, cfg, d)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000003"]
     assert resume(tmp_path, policy, opt, sched, stream, d) == 3
+
+
+def test_a_checkpoint_without_its_metadata_file_is_skipped_without_a_traceback(tiny_model, tmp_path, caplog, capsys):
+    """A checkpoint copied without its hidden .metadata (``cp step_N/* ...`` skips it): DCP logged
+    two Python tracebacks on the root logger (global, then rank-local metadata not found) before
+    r3's one-line warning."""
+    from r3.rundir import resume, save_checkpoint
+
+    d, cfg, policy, opt, sched, stream = _trainer_to_checkpoint(tiny_model, keep_last=2)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, policy, opt, sched, stream, cfg, d)
+    newest = tmp_path / "checkpoints" / "step_000004"
+    (newest / ".metadata").unlink()
+    capsys.readouterr()
+    caplog.clear()
+    assert resume(tmp_path, policy, opt, sched, stream, d) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"warning: checkpoint {newest} cannot be read (no {newest / '.metadata'}); trying the one before it"]
 
 
 def test_resume_keeps_rows_without_a_step_and_rewrites_the_log_atomically(tmp_path, monkeypatch):

@@ -125,13 +125,13 @@ import decimal
 import functools
 import html
 import json
-import os
 import re
 import sys
 import unicodedata
 from typing import Any
 
 from r3.errors import ArgumentParser, R3Error, cli_main
+from r3.files import write_text_atomic
 from r3.tasks.base import (
     Task,
     check_n,
@@ -1164,18 +1164,14 @@ def write_synthetic(path: str, n: int, seed: int = 0) -> int:
     """Write ``n`` SYNTHETIC xlam-format records to ``path`` (JSONL if it ends in .jsonl, else a
     JSON list like the real file). Returns n."""
     records = synthetic_xlam(n, seed)
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            if path.lower().endswith((".jsonl", ".ndjson")):
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            else:
-                json.dump(records, f, ensure_ascii=False, indent=1)
-                f.write("\n")
+    if path.lower().endswith((".jsonl", ".ndjson")):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    try:  # (through a temporary file: a full disk leaves no half-written file, and the old one whole)
+        write_text_atomic(path, text)
     except OSError as e:
-        raise R3Error(f"{path}: cannot write: {e}") from None
+        raise R3Error(f"{path}: cannot write: {e.strerror or e}") from None
     return n
 
 
