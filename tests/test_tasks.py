@@ -1391,6 +1391,13 @@ def test_the_readme_own_task_example_works(tmp_path, monkeypatch):
         examples_of(get("mymodule:AddTask", data_path="add.jsonl"), "train")
     with pytest.raises(R3Error, match="an example needs integers 'a' and 'b'"):
         task.check_example("failures.jsonl, record 1", {"a": "1"})
+    # a data file is split: no row is both a training and a test query (held-out evaluation and
+    # r3.train --failures, which leaves test queries out, rely on it)
+    data.write_text("".join(f'{{"a": {i}, "b": {i % 7}}}\n' for i in range(200)))
+    file_task = get("mymodule:AddTask", data_path="add.jsonl")
+    train, test = examples_of(file_task, "train"), examples_of(file_task, "test")
+    assert len(train) + len(test) == 200 and 5 <= len(test) <= 40
+    assert not {repr(r) for r in train} & {repr(r) for r in test}
     assert task.config() == {"data_path": None, "max_num": 9, "reflection_prompt": task.reflection_prompt,
                              "retry_prompt": "Try again. End with the sum alone on the last line."}
 
