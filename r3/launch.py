@@ -60,6 +60,7 @@ def _cpu_count() -> int:
 
 #: r3's commands that run in one process (see :func:`r3.cli.pick_device_dtype`).
 SINGLE_PROCESS = ("r3.evaluate", "r3.forgetting", "r3.failures", "r3.generate", "r3.audit", "r3.report", "r3.plot")
+_NO_MODEL = ("r3.audit", "r3.report", "r3.plot")  # (no --device: they read files)
 
 
 def _single_process_module(argv: list[str]) -> str | None:
@@ -88,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     single = _single_process_module(argv)
     if single:
-        print(f"error: {single} runs in one process on one device: start it with python -m {single}, not r3-torchrun "
-              "(--device cuda:N picks a GPU; for several GPUs, one process each with its own --out)", file=sys.stderr)
+        runs_model = single not in _NO_MODEL
+        print(f"error: {single} runs in one process{' on one device' if runs_model else ''}: start it with python -m "
+              f"{single}, not r3-torchrun" + (" (--device cuda:N picks a GPU; for several GPUs, one process each with "
+                                              "its own --out)" if runs_model else ""), file=sys.stderr)
         raise SystemExit(2)
     if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and not any(
             k in os.environ for k in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE")):

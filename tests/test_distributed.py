@@ -113,6 +113,10 @@ def test_r3_torchrun_refuses_the_one_process_commands_before_parsing_their_flags
     assert err.splitlines() == [f"error: {module} runs in one process on one device: start it with python -m {module}, "
                                 "not r3-torchrun (--device cuda:N picks a GPU; for several GPUs, one process each "
                                 "with its own --out)"]
+    with pytest.raises(SystemExit):  # (a command that runs no model is not told about --device, which it lacks)
+        launch.main(["--nproc_per_node", "1", "-m", "r3.audit", "runs/r3"])
+    assert capsys.readouterr().err.splitlines() == [
+        "error: r3.audit runs in one process: start it with python -m r3.audit, not r3-torchrun"]
     single = launch._single_process_module
     assert single(["--standalone", "-m", "r3.train", "--out", "r3.evaluate"]) is None
     assert single(["r3.evaluate"]) is None  # (a script path, not -m)
