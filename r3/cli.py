@@ -97,12 +97,17 @@ def read_json_object(path: Path, missing: str = "missing") -> dict:
     return data
 
 
+def check_run_dir(run) -> None:
+    """One line when ``run`` is not a directory (missing, or a file)."""
+    if not Path(run).is_dir():
+        raise R3Error(f"{run}: not a run directory (a file)" if Path(run).exists() else f"{run}: no such run directory")
+
+
 def read_run_config(run, fields=("task", "task_options")) -> dict:
     """A training run's resolved config (``RUN/config.json``), with ``fields`` checked."""
     path = Path(run)
     cfg_path = path / "config.json"
-    if not path.is_dir():
-        raise R3Error(f"{run}: no such run directory")
+    check_run_dir(run)
     cfg = read_json_object(cfg_path, f"missing (is {run} a directory written by r3.train?)")
     for field in fields:
         if field not in cfg:

@@ -47,6 +47,7 @@ from r3.cli import (
     ArgumentParser,
     Progress,
     check_out_path,
+    check_run_dir,
     dtype_name,
     load_model,
     load_task,
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     positive_int("--max-new-tokens", args.max_new_tokens, allow_none=True)
     positive_int("--max-reflection-tokens", args.max_reflection_tokens, allow_none=True)
     positive_int("--batch-size", args.batch_size)
+    if args.run is not None:
+        check_run_dir(args.run)  # (before --out, which defaults to a path inside it)
     if args.out is None:
         if args.run is None:
             raise R3Error("--out is required (the JSON result file); with --run it defaults to RUN/evaluation.json")

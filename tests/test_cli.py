@@ -744,7 +744,7 @@ def test_a_failure_file_line_whose_key_is_not_text_is_not_ours(tmp_path):
             F.FailureFile(out)
 
 
-def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch):
+def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch, capsys):
     """read_json_object / read_run_config / read_run / load_model / parse_chat_template_options:
     every mistake is an R3Error naming the file or flag (the CLIs print it in one line, exit 2)."""
     from r3.errors import R3Error
@@ -762,6 +762,15 @@ def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch):
     run = tmp_path / "run"
     with pytest.raises(R3Error, match="run: no such run directory"):
         C.read_run_config(run)
+    run.write_text("")  # (a file given for the run: said so, not "no such")
+    with pytest.raises(R3Error, match=r"run: not a run directory \(a file\)"):
+        C.read_run_config(run)
+    from r3.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit):
+        evaluate_main(["--run", str(run)])
+    assert capsys.readouterr().err.strip().endswith("run: not a run directory (a file)")  # (not "--out run/evaluation.json: ...")
+    run.unlink()
     run.mkdir()
     for cfg, pattern in [({"task": "countdown"}, "missing field 'task_options'"),
                          ({"task": "countdown", "task_options": ["a"]}, "'task_options' an object"),
