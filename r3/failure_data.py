@@ -270,7 +270,13 @@ class FailureFile:
             for k in ("task", "task_options", "split", "chat_template_options"):
                 if k in old and k in settings and old[k] != settings[k]:
                     raise R3Error(f"{self.out} holds {k} {old[k]!r}, not {settings[k]!r}; use another --out")
-            changed = [k for k in settings if k in old and old[k] != settings[k] and k != "n"]
+            from r3.checkpoint import same_model
+
+            if isinstance(old.get("model"), str) and isinstance(settings.get("model"), str) \
+                    and not same_model(old["model"], settings["model"]):  # (its header would name the first alone)
+                raise R3Error(f"{self.out} holds the failures of model {old['model']!r}, not {settings['model']!r} "
+                              "(its attempts are that model's tokens); use another --out")
+            changed = [k for k in settings if k in old and old[k] != settings[k] and k not in ("n", "model")]
             if changed:
                 print(f"warning: {self.out} was started with other settings "
                       f"({', '.join(f'{k}: {old[k]!r} -> {settings[k]!r}' for k in changed)}); "

@@ -25,7 +25,8 @@ Files (all lines ASCII JSON, appended whole and flushed after every batch):
   per query that passed all its K attempts.
 
 ``key`` is a hash of the example's canonical JSON. A rerun with the same ``--out`` skips every query
-whose key is in either file (resume). A crash can at worst leave the last line of a file cut short:
+whose key is in either file (resume); with another model, task, task options, split or chat
+template options it is refused, with other sampling settings it warns. A crash can at worst leave the last line of a file cut short:
 it is dropped, with a warning, when the file is next opened. Prints the failure rate and how many
 samples it took.
 """
@@ -37,7 +38,7 @@ import sys
 import time
 
 from r3.chat import ChatFormat, template_options
-from r3.checkpoint import load_config
+from r3.checkpoint import canonical_model, load_config
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     check_token_limits(load_config(args.model), args.model, attempt=args.max_new_tokens)
     store = FailureFile(out)
     chat_options = parse_chat_template_options(args.chat_template_option)
-    settings = {"model": args.model, "task": args.task, "task_options": options, "chat_template_options": chat_options,
+    settings = {"model": canonical_model(args.model), "task": args.task, "task_options": options, "chat_template_options": chat_options,
                 "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype),

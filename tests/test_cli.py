@@ -293,6 +293,18 @@ def test_failures_builtin_smoke(tmp_path, capsys):
     done.write_text("\n".join([json.dumps(old)] + lines[1:]) + "\n")
     rc, _, err = run_main(F.main, argv, capsys)
     assert rc == 0 and "started with other settings (attempt_stop_strings: [] -> ['</answer>'])" in err, err
+    # another model's failures are not appended to the file (its header would name the first alone)
+    assert head["settings"]["model"] == "smollm2-135m"
+    from r3.checkpoint import resolve
+
+    gguf = str(resolve("smollm2-135m")[1])
+    rc, _, err = run_main(F.main, argv + ["--model", gguf], capsys)  # (the same files, spelled otherwise)
+    assert rc == 0 and "model" not in err, err
+    done.write_text(done.read_text().replace('"model": "smollm2-135m"', f'"model": "{tmp_path / "other.gguf"}"', 1))
+    before = (out.read_bytes(), done.read_bytes())
+    rc, _, err = run_main(F.main, argv, capsys)
+    assert rc == 2 and f"holds the failures of model '{tmp_path / 'other.gguf'}', not 'smollm2-135m'" in err, err
+    assert (out.read_bytes(), done.read_bytes()) == before
 
 
 # --------------------------------------------------------------------------------------------
