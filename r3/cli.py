@@ -123,6 +123,12 @@ def read_run(run: str) -> dict:
                                 "max_retry_tokens"))
     export = Path(run) / "export"
     if not (export / "config.json").is_file():
+        from r3.rundir import training_holder
+
+        holder = training_holder(run)
+        if holder:
+            raise R3Error(f"--run {run}: no export yet ({export}); the run is still training ({holder}): "
+                          "evaluate it when it ends")
         raise R3Error(f"--run {run}: no export yet ({export}); the run has not finished: rerun "
                       f"r3.train with --out {run} to finish it")
     return cfg

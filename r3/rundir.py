@@ -331,6 +331,20 @@ def _holds_steps(out: Path) -> bool:
     return (metrics.exists() and metrics.stat().st_size > 0) or (ckpts.is_dir() and any(ckpts.iterdir()))
 
 
+def training_holder(out) -> str | None:
+    """Who holds the run directory ``out``'s lock (``pid N on HOST``) while r3.train runs there;
+    None when no run holds it."""
+    try:
+        with open(Path(out) / ".lock", "r") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "unknown"
+    except OSError:
+        pass
+    return None
+
+
 def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     """Check that ``--out`` is new, empty, or holds a run with a compatible config (never
     overwrite), and take its lock: one run per directory. The config is written by

@@ -794,7 +794,19 @@ def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch, cap
            "max_retry_tokens": 1}
     (run / "config.json").write_text(json.dumps(cfg))
     assert C.read_run_config(run) == cfg
-    with pytest.raises(R3Error, match="no export yet"):
+    with pytest.raises(R3Error, match="the run has not finished: rerun r3.train with --out"):
+        C.read_run(str(run))
+    import fcntl
+
+    with open(run / ".lock", "a+") as held:  # (r3.train still running there: said, not "rerun r3.train")
+        held.write("pid 123 on node7\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = ("import sys; from r3.cli import read_run\ntry: read_run(sys.argv[1])\n"
+                "except Exception as e: print(e)")
+        said = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True).stdout
+    assert said.strip().endswith("the run is still training (pid 123 on node7): evaluate it when it ends"), said
+    with pytest.raises(R3Error, match="the run has not finished"):  # (released: a lock file alone is no run)
         C.read_run(str(run))
     (run / "export").mkdir()  # (an export cut off before its config.json: the run has not finished either)
     with pytest.raises(R3Error, match="no export yet"):
