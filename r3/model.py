@@ -61,6 +61,9 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pyto
 _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
+# transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
+_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5}
+_DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096}
 KV_BUCKET = 64
 
 
@@ -162,14 +165,15 @@ class ModelConfig:
         local_theta = None
         if gemma:  # rope_parameters per layer type (transformers 5), or rope_theta / rope_local_base_freq
             rope, local_theta = _gemma_rope(cfg, rope, source)
+        if cfg.get("rope_scaling"):  # the dict transformers keeps: rope_scaling over rope_parameters
+            rope = {**rope, **cfg["rope_scaling"]} if gemma else dict(cfg["rope_scaling"])  # (Gemma 3: merged)
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or (1_000_000.0 if gemma else 10000.0)
         theta = _positive(theta, "rope_theta", source, integral=False)
         # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the
-        # factor at the top level, or in rope_parameters / rope_scaling); its other families here
-        # rotate whole heads
-        partial = cfg.get("partial_rotary_factor")
-        for d in (rope, cfg.get("rope_scaling") or {}):
-            partial = d.get("partial_rotary_factor") if partial is None else partial
+        # factor in the rope dict it keeps, else the top-level one); its other families here rotate
+        # whole heads
+        partial = rope.get("partial_rotary_factor")
+        partial = cfg.get("partial_rotary_factor") if partial is None else partial
         partial = 1.0 if partial is None else _positive(partial, "partial_rotary_factor", source, integral=False)
         rotary = int(head_dim * partial)
         if partial != 1.0:
@@ -178,7 +182,7 @@ class ModelConfig:
             if partial > 1.0 or rotary < 2 or rotary % 2:
                 raise R3Error(f"{source}: field 'partial_rotary_factor' {partial!r} does not turn an even number "
                               f"of the {head_dim} dims per head")
-        scaling = cfg.get("rope_scaling") or (rope if rope else None)
+        scaling = rope if rope else None
         if scaling is not None:
             scaling = dict(scaling)
             scaling.pop("rope_theta", None)
@@ -219,11 +223,11 @@ class ModelConfig:
             num_attention_heads=n_heads,
             num_key_value_heads=n_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=number("rms_norm_eps", 1e-6),
+            rms_norm_eps=number("rms_norm_eps", _DEFAULT_RMS_NORM_EPS.get(model_type, 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
             partial_rotary_factor=partial,
-            max_position_embeddings=integer("max_position_embeddings", 131_072 if gemma else 2048),
+            max_position_embeddings=integer("max_position_embeddings", _DEFAULT_MAX_POSITIONS.get(model_type, 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # (transformers' defaults)
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -322,7 +326,9 @@ def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, source
     """LongRoPE parameters as transformers resolves them: the original context length (Phi-3's
     top-level field first), both factor lists (one number per pair of rotary dims), and the
     attention factor that scales cos/sin."""
-    max_pos = _positive(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source, True)
+    max_pos = cfg.get("max_position_embeddings")
+    max_pos = _positive(_DEFAULT_MAX_POSITIONS.get(model_type, 2048) if max_pos is None else max_pos,
+                        "max_position_embeddings", source, True)
     if cfg.get("original_max_position_embeddings") is not None:
         original = _positive(cfg["original_max_position_embeddings"], "original_max_position_embeddings",
                              source, True)
@@ -760,7 +766,7 @@ class Transformer(nn.Module):
         # Gemma: sqrt(hidden size) rounded to each compute dtype, as transformers multiplies by it
         # (a Python number here, so a compiled step holds no tensor made on the fly)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
-                             for dt in (torch.float32, torch.bfloat16, torch.float16)}
+                             for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
         # Activation checkpointing: with gradients on, each block keeps only its input for the
         # backward pass and runs its forward again there (less memory, about a third more compute).
         self.activation_checkpointing = False

@@ -1184,6 +1184,34 @@ def test_gemma3_with_a_vision_tower_loads_trains_and_exports_its_language_model(
         load(broken, tokenizer=False)
 
 
+def test_gemma3_with_a_vision_tower_and_untied_embeddings_keeps_its_own_lm_head(tmp_path):
+    """A Gemma3ForConditionalGeneration whose top-level config unties the embeddings while its
+    text_config keeps Gemma3TextConfig's tie_word_embeddings true (what transformers writes):
+    transformers builds and saves a separate lm_head (language_model.lm_head.weight), and so must
+    r3. Read from the text_config alone, the LM head was skipped as a tied copy and the logits
+    were the embeddings'."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+                            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                            max_position_embeddings=256)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       image_token_index=299, boi_token_index=297, eoi_token_index=298, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(str(tmp_path))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False and written["text_config"].get("tie_word_embeddings", True)
+    model, _ = load(tmp_path, tokenizer=False)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight
+    tokens = _tokens(296)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf(input_ids=tokens).logits)
+
+
 def test_a_file_system_that_cannot_sync_is_left_as_it_is_and_a_failed_flush_is_an_error(tmp_path, monkeypatch):
     """Some FUSE and network mounts answer EINVAL or ENOTSUP to fsync: files written whole, plots
     and checkpoints are still written there (the flush is what the file system gives). A flush

@@ -853,6 +853,12 @@ def test_gemma3_local_and_global_rope_differ_by_layer():
                           "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "unsupported rope scaling type 'linear' for the sliding-window layers"),
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "unsupported rope scaling type 'yarn'"),
+    # (transformers reads an old "type" key too, and would scale the sliding layers; more layer
+    # types than layers would build a layer too many)
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"type": "linear", "factor": 2.0}}},
+     "unsupported rope scaling type 'linear' for the sliding-window layers"),
+    ({"layer_types": ["sliding_attention"] * 5 + ["full_attention"] * 2}, "field 'layer_types' must list"),
 ])
 def test_gemma3_configs_r3_cannot_follow_are_refused_by_name(change, match):
     from r3.errors import R3Error
@@ -964,3 +970,261 @@ def test_gemma3_position_limit_and_the_older_layer_pattern_field():
     assert ModelConfig.from_hf(GEMMA3).to_hf()["sliding_window_pattern"] == 6
     odd = ModelConfig.from_hf({**GEMMA3, "layer_types": ["full_attention"] + ["sliding_attention"] * 5})
     assert "sliding_window_pattern" not in odd.to_hf()
+
+
+def test_a_gemma3_config_of_defaults_only_builds_the_default_model_transformers_builds():
+    """A gemma3_text config.json that leaves every field to Gemma3TextConfig's defaults (a vision
+    checkpoint's text_config leaves out whatever equals them): r3 fills in what transformers fills
+    in. A default off by one (a hidden or MLP size, a layer count, the 4096 window, the bases, the
+    query scale, untied embeddings) builds another model, silently: nothing is missing."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from r3.model import param_names_hf
+
+    ours, theirs = ModelConfig.from_hf({"model_type": "gemma3_text"}), Gemma3TextConfig()
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_hidden_layers,
+            ours.num_attention_heads, ours.num_key_value_heads, ours.head_dim) == (
+        theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers,
+        theirs.num_attention_heads, theirs.num_key_value_heads, theirs.head_dim)
+    assert (ours.max_position_embeddings, ours.rms_norm_eps, ours.query_pre_attn_scalar, ours.tie_word_embeddings,
+            ours.hidden_act) == (theirs.max_position_embeddings, theirs.rms_norm_eps, theirs.query_pre_attn_scalar,
+                                 theirs.tie_word_embeddings, theirs.hidden_activation)
+    assert ours.layer_windows == [theirs.sliding_window if t == "sliding_attention" else None
+                                  for t in theirs.layer_types]
+    assert (ours.rope_theta, ours.local_rope_theta, ours.rope_scaling) == (
+        theirs.rope_parameters["full_attention"]["rope_theta"],
+        theirs.rope_parameters["sliding_attention"]["rope_theta"], None)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(theirs)
+    assert {k: tuple(v.shape) for k, v in hf.model.state_dict().items() if "rotary" not in k and "embed_scale" not in k
+            } == param_names_hf(ours)  # (tied: no lm_head in either)
+
+
+@pytest.mark.parametrize("rope", ["longrope", "llama3"])
+def test_gemma3_scaled_global_rope_leaves_the_local_layers_alone(tmp_path, rope):
+    """Gemma 3 with LongRoPE or Llama-3 scaling on its full-attention layers (rope_parameters per
+    layer type): transformers scales only the full layers' RoPE (LongRoPE's attention factor too);
+    the sliding layers keep their own plain base. The same logits, full forward and cached."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    g = torch.Generator().manual_seed(5)
+    full = {"longrope": {"rope_type": "longrope", "short_factor": (1 + 2 * torch.rand(12, generator=g)).tolist(),
+                         "long_factor": (4 + 20 * torch.rand(12, generator=g)).tolist(),
+                         "original_max_position_embeddings": 64, "factor": 16.0},
+            "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}}[rope]
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
+                           query_pre_attn_scalar=20, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"] * 2,
+                           rope_parameters={"full_attention": {**full, "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(str(tmp_path))
+    model, _ = load(tmp_path, tokenizer=False)
+    assert model.config.rope_scaling["rope_type"] == rope and model.config.local_rope_theta == 2e4
+    tokens = _tokens(64, 2, 40)
+    with torch.no_grad():
+        ours, want = model(tokens), hf(tokens).logits.float()
+        assert (ours - want).abs().max().item() <= 1e-4
+        cached = _prefill_then_decode(model, tokens.tolist(), [30, 25])
+        for b in range(2):
+            assert (cached[b] - ours[b]).abs().max().item() <= 1e-4
+
+
+def test_gemma3_export_config_reads_back_in_every_layout_transformers_has_read():
+    """to_hf for Gemma 3 (the config of an export without the source's config.json) writes what
+    each reader takes: transformers 5 (rope_parameters per layer type, layer_types), 4.53 to 4.57
+    (rope_theta, rope_local_base_freq, rope_scaling, layer_types) and 4.50 to 4.52
+    (sliding_window_pattern instead of layer_types). Each reads back the same layers, window,
+    bases, scaling and q/k/v/o biases (left out, transformers builds a model without them); an
+    all-sliding layout's pattern is one past the layers. transformers builds the same tensors."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from r3.model import param_names_hf
+
+    for layout in ([4, 4, None, 4, 4, None], [None] * 6, [4] * 6, [4, None] * 3):
+        c = ModelConfig.from_hf({**GEMMA3, "layer_types": ["full_attention" if w is None else "sliding_attention"
+                                                            for w in layout],
+                                 "rope_theta": 5e5, "rope_local_base_freq": 2e4, "attention_bias": True,
+                                 "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+        assert c.layer_windows == layout and c.qkv_bias and c.o_bias
+        hf = c.to_hf()
+        v4 = {k: v for k, v in hf.items() if k not in ("rope_parameters",)}
+        v450 = {k: v for k, v in v4.items() if k != "layer_types"}
+        for d in (hf, {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta", "rope_local_base_freq",
+                                                                 "sliding_window_pattern")}, v4, v450):
+            assert ModelConfig.from_hf(d) == c, (layout, sorted(d))
+        for d in (hf, v450):
+            theirs = Gemma3TextConfig(**{k: v for k, v in copy.deepcopy(d).items() if k not in ("architectures",)})
+            assert theirs.layer_types == ["full_attention" if w is None else "sliding_attention" for w in layout]
+            assert (theirs.sliding_window, theirs.query_pre_attn_scalar, theirs.rope_parameters) == (
+                4 if 4 in layout else None, 12,
+                {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(theirs)
+        assert {k.removeprefix("model."): tuple(v.shape) for k, v in model.state_dict().items()
+                if "rotary" not in k and "embed_scale" not in k and k != "lm_head.weight"} == param_names_hf(c)
+
+
+def test_phi3_fields_left_out_take_phi3configs_defaults(tiny_dirs, tmp_path):
+    """A Phi-3 config.json without rms_norm_eps or max_position_embeddings: transformers fills in
+    Phi3Config's 1e-5 and 4096, not LlamaConfig's 1e-6 and 2048. The eps is in every norm, and the
+    length sets LongRoPE's attention factor (sqrt(1 + ln(4096 / 64) / ln 64) on the tiny model):
+    with Llama's defaults the logits moved by up to 1e-2 and 2e-3."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src, _ = tiny_dirs["phi3"]
+    for field in ("rms_norm_eps", "max_position_embeddings"):
+        d = shutil.copytree(src, tmp_path / field)
+        raw = json.loads((d / "config.json").read_text())
+        del raw[field]
+        (d / "config.json").write_text(json.dumps(raw))
+        hf = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+        model, _ = load(d, tokenizer=False)
+        want = (1e-5, 256) if field == "rms_norm_eps" else (1e-5, 4096)
+        assert (model.config.rms_norm_eps, model.config.max_position_embeddings) == (
+            hf.config.rms_norm_eps, hf.config.max_position_embeddings) == want
+        tokens = _tokens(256, 2, 40)
+        with torch.no_grad():
+            assert (model(tokens) - hf(tokens).logits.float()).abs().max().item() <= 1e-4, field
+
+
+def test_gemma3_runs_in_float64_as_transformers_does(tiny_dirs):
+    """A Gemma 3 model loaded in float64 (load takes any float dtype; other families run in it):
+    the embedding scale was kept for fp32, bf16 and fp16 only, and the forward died on a bare
+    KeyError. It multiplies by sqrt(hidden) in float64, as transformers' float64 model does."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_dirs["gemma3"]
+    ours, _ = load(path, dtype=torch.float64, tokenizer=False)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64).eval()
+    tokens = _tokens(256, 2, 30)
+    with torch.no_grad():
+        want = theirs(tokens).logits
+        assert (ours(tokens).double() - want).abs().max().item() <= 1e-6  # (r3's logits are fp32)
+        assert ours.hidden_states(tokens).dtype == torch.float64
+
+
+_PHI3_HALF = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 4.0, 5.0, 6.0]}
+
+
+@pytest.mark.parametrize("kind,fields", [
+    ("llama", {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+               "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("llama", {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}}),
+    ("phi3", {"partial_rotary_factor": 0.5,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}),
+    ("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": _PHI3_HALF,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},
+                     "rope_scaling": {"factor": 4.0}}),
+    ("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}, "rope_theta": 1e5}),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},
+                     "rope_local_base_freq": 5e3}),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default"},
+                                         "sliding_attention": {"rope_type": "default"}},
+                     "rope_local_base_freq": 3e4, "rope_theta": 2e5}),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default"}}}),
+], ids=["llama-theta-beside-scaling", "llama-theta-in-scaling", "phi3-partial-in-dict", "phi3-partial-top-level",
+        "gemma3-merged", "gemma3-theta-in-scaling", "gemma3-local-theta-in-dict", "gemma3-bases-at-the-top-level",
+        "gemma3-default-bases"])
+def test_rope_fields_in_two_places_read_as_transformers_reads_them(kind, fields):
+    """Hand-edited configs with RoPE fields in two places that disagree. transformers keeps the
+    rope_scaling dict whole over rope_parameters (its rope_theta and partial_rotary_factor with it;
+    the top-level fields only where the kept dict has none), and for Gemma 3 merges rope_scaling
+    into the full-attention dict (the sliding layers' base: their own dict's rope_theta, else
+    rope_local_base_freq, else 1e4). r3 took rope_parameters' theta beside a rope_scaling, dropped a
+    rope_theta inside rope_scaling and preferred a top-level partial factor to the dict's: another
+    RoPE than transformers' (a Phi-3 with 0.5 at the top and 0.75 in rope_parameters: its logits
+    moved by 5e-3)."""
+    import copy
+
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "gemma3_text":
+        base.update(head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    theirs = AutoConfig.for_model(kind, **base, **copy.deepcopy(fields))  # (transformers fills in the dicts it gets)
+    rope = theirs.rope_parameters["full_attention"] if kind == "gemma3_text" else theirs.rope_parameters
+    ours = ModelConfig.from_hf({"model_type": kind, **base, **copy.deepcopy(fields)})
+    assert ours.rope_theta == rope["rope_theta"]
+    assert ours.partial_rotary_factor == rope.get("partial_rotary_factor", 1.0)
+    assert (ours.rope_scaling or {}).get("rope_type", "default") == rope["rope_type"]
+    assert (ours.rope_scaling or {}).get("factor") == rope.get("factor")
+    if kind == "gemma3_text":  # (the sliding layers' base: their own dict's, else rope_local_base_freq, else 1e4)
+        assert ours.local_rope_theta == theirs.rope_parameters["sliding_attention"]["rope_theta"]
+
+
+def test_phi3_partial_factor_of_the_rope_dict_wins_in_the_logits(tmp_path):
+    """The logits behind the config test above: a Phi-3 config.json with a top-level
+    partial_rotary_factor 0.5 and 0.75 in rope_parameters runs as transformers runs it (0.75)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, partial_rotary_factor=0.75,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["rope_parameters"]["partial_rotary_factor"] == 0.75
+    raw["partial_rotary_factor"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ours, _ = load(tmp_path, tokenizer=False)
+    tokens = _tokens(64, 2, 40)
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits.float()).abs().max().item() <= 1e-4
+
+
+def test_phi3_export_config_keeps_the_partial_factor_for_every_reader():
+    """to_hf of a Phi-3 with a partial rotary factor and LongRoPE (Phi-4-mini's layout) writes the
+    factor at the top level as well as in rope_parameters: transformers keeps the rope_scaling dict
+    whole (it has no factor) and fills it in from the top-level field; without that field, it and
+    r3 read back RoPE over whole heads."""
+    import copy
+
+    from transformers import Phi3Config
+
+    lr = {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5], "long_factor": [4.0] * 6}
+    c = ModelConfig.from_hf(dict(model_type="phi3", vocab_size=10, hidden_size=32, intermediate_size=16,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256,
+                                 original_max_position_embeddings=64, partial_rotary_factor=0.75, rope_scaling=lr))
+    assert c.rotary_dim == 12
+    hf = c.to_hf()
+    for d in (hf, {k: v for k, v in hf.items() if k != "rope_scaling"}, {k: v for k, v in hf.items()
+                                                                        if k != "rope_parameters"}):
+        assert ModelConfig.from_hf(d) == c
+        theirs = Phi3Config(**{k: v for k, v in copy.deepcopy(d).items() if k not in ("architectures", "model_type")})
+        assert theirs.rope_parameters["partial_rotary_factor"] == 0.75
+        assert theirs.rope_parameters["short_factor"] == lr["short_factor"]
+
+
+def test_a_gemma3_model_built_from_its_config_starts_with_identity_norms():
+    """Gemma's norms scale by (1 + w): a model built from a config (no checkpoint) holds w = 0, as
+    transformers initialises them, so each norm is a plain RMS normalisation; the ones every other
+    family starts with would double every norm's output."""
+    from r3.model import RMSNorm
+
+    model = Transformer(ModelConfig.from_hf(GEMMA3))
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 1 + 6 * 6
+    assert all(m.offset and torch.equal(m.weight, torch.zeros_like(m.weight)) for m in norms)
+    x = torch.randn(2, 3, 16)
+    assert torch.allclose(model.norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-6)
