@@ -403,6 +403,9 @@ def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
                           "(rope_parameters.sliding_attention; only default)")
         local_theta = local.get("rope_theta") or cfg.get("rope_local_base_freq") or 10_000.0
         return dict(full), _positive(local_theta, "rope_parameters.sliding_attention.rope_theta", source, False)
+    if rope:  # (transformers reads no flat dict here: it would run the default RoPE)
+        raise R3Error(f"{source}: field 'rope_parameters' of a Gemma 3 config is keyed by layer type "
+                      f"('full_attention', 'sliding_attention'), got the keys {sorted(rope)}")
     local_theta = cfg.get("rope_local_base_freq") or 10_000.0
     return rope, _positive(local_theta, "rope_local_base_freq", source, False)
 
@@ -428,6 +431,9 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
             raise R3Error(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' "
                           f"for each of the {n_layers} layers")
         if "sliding_attention" in layer_types and not window:
+            if "sliding_window" in cfg:  # (null or 0: transformers cannot build such a model either)
+                raise R3Error(f"{source}: field 'sliding_window' is {cfg['sliding_window']!r}, but layers use "
+                              "sliding_attention; give their window size")
             window = 4096  # (Gemma3TextConfig's default)
         return [window if t == "sliding_attention" else None for t in layer_types]
     # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers.

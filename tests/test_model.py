@@ -859,6 +859,11 @@ def test_gemma3_local_and_global_rope_differ_by_layer():
                           "sliding_attention": {"type": "linear", "factor": 2.0}}},
      "unsupported rope scaling type 'linear' for the sliding-window layers"),
     ({"layer_types": ["sliding_attention"] * 5 + ["full_attention"] * 2}, "field 'layer_types' must list"),
+    # (a flat dict transformers does not read for Gemma 3: its logits moved by 0.92 with r3 applying
+    # it; a null window transformers cannot build a model with)
+    ({"rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
+     "field 'rope_parameters' of a Gemma 3 config is keyed by layer type"),
+    ({"sliding_window": None}, "field 'sliding_window' is None, but layers use sliding_attention"),
 ])
 def test_gemma3_configs_r3_cannot_follow_are_refused_by_name(change, match):
     from r3.errors import R3Error
