@@ -1130,15 +1130,10 @@ def test_an_export_and_a_file_written_whole_are_on_the_disk_before_they_are_publ
     assert events.index(("fsync", src)) < events.index(("rename", src, dst))
 
 
-def test_gemma3_with_a_vision_tower_loads_trains_and_exports_its_language_model(tmp_path):
-    """Gemma 3 4b and larger ship as Gemma3ForConditionalGeneration (model_type gemma3, a
-    text_config, the vision tower's tensors beside the language model's). r3 reads the language
-    model, in either tensor layout transformers has written (language_model.model.* and
-    model.language_model.*), with the checkpoint's own eos list; its logits on text equal
-    transformers' vision-language model's; the export is a text-only Gemma3ForCausalLM."""
-    from safetensors.torch import load_file, save_file
-    from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
-                              SiglipVisionConfig)
+def _tiny_gemma3_vision_config(**top):
+    """A tiny Gemma3ForConditionalGeneration config (two text layers, one sliding, one full; a
+    one-layer vision tower), with ``top`` set on the top-level config."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     text = Gemma3TextConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
@@ -1146,8 +1141,20 @@ def test_gemma3_with_a_vision_tower_loads_trains_and_exports_its_language_model(
                             max_position_embeddings=256)
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=28, patch_size=14)
-    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                       image_token_index=299, boi_token_index=297, eoi_token_index=298, eos_token_id=[1, 106])
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                        image_token_index=299, boi_token_index=297, eoi_token_index=298, **top)
+
+
+def test_gemma3_with_a_vision_tower_loads_trains_and_exports_its_language_model(tmp_path):
+    """Gemma 3 4b and larger ship as Gemma3ForConditionalGeneration (model_type gemma3, a
+    text_config, the vision tower's tensors beside the language model's). r3 reads the language
+    model, in either tensor layout transformers has written (language_model.model.* and
+    model.language_model.*), with the checkpoint's own eos list; its logits on text equal
+    transformers' vision-language model's; the export is a text-only Gemma3ForCausalLM."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    cfg = _tiny_gemma3_vision_config(eos_token_id=[1, 106])
     torch.manual_seed(0)
     hf = Gemma3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -1190,16 +1197,9 @@ def test_gemma3_with_a_vision_tower_and_untied_embeddings_keeps_its_own_lm_head(
     transformers builds and saves a separate lm_head (language_model.lm_head.weight), and so must
     r3. Read from the text_config alone, the LM head was skipped as a tied copy and the logits
     were the embeddings'."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import Gemma3ForConditionalGeneration
 
-    text = Gemma3TextConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
-                            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                            max_position_embeddings=256)
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
-    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                       image_token_index=299, boi_token_index=297, eoi_token_index=298, tie_word_embeddings=False)
+    cfg = _tiny_gemma3_vision_config(tie_word_embeddings=False)
     torch.manual_seed(0)
     hf = Gemma3ForConditionalGeneration(cfg).eval()
     hf.save_pretrained(str(tmp_path))
