@@ -194,7 +194,14 @@ def main(argv=None) -> int:
     check_toolchain(device, compiled_decode=args.decode == "compiled")
     first_conversation = task.messages(examples[0])
     for spec in models:  # every path, its positions and its chat template checked before the first model runs
-        check_token_limits(load_config(spec), spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
+        try:
+            config = load_config(spec)
+        except R3Error as e:  # (--run: a path the user never typed, read from the run's config)
+            if args.run is None:
+                raise
+            raise R3Error(f"{Path(args.run) / 'config.json'}: the run's "
+                          f"{'base model' if spec == models[0] else 'export'}: {e}") from None
+        check_token_limits(config, spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
                            retry=st["max_retry"])
         tokenizer = load_tokenizer(spec)
         try:

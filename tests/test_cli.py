@@ -1171,7 +1171,7 @@ def test_failure_file_header_only_first_and_a_headerless_done_keeps_its_records(
     assert store.keys() == {"c"}
 
 
-def test_evaluate_run_settings_come_from_the_run_unless_a_flag_overrides_them(tmp_path):
+def test_evaluate_run_settings_come_from_the_run_unless_a_flag_overrides_them(tmp_path, capsys):
     """--run: each token limit is the run's own (retry is not the attempt's); --top-p/--top-k
     override the run's, 0 included (the default of neither flag is a value)."""
     run = tmp_path / "run"
@@ -1184,6 +1184,9 @@ def test_evaluate_run_settings_come_from_the_run_unless_a_flag_overrides_them(tm
     assert st["models"] == ["base", str(run / "export")]  # the untrained base first: the baseline
     assert (st["max_attempt"], st["max_reflection"], st["max_retry"]) == (10, 20, 30)
     assert (st["top_p"], st["top_k"], st["dtype"]) == (0.9, 5, "fp32")
+    rc, _, err = run_main(E.main, ["--run", str(run), "--out", str(tmp_path / "e.json"), "--n", "1"], capsys)
+    assert rc == 2 and err.startswith(f"error: {run / 'config.json'}: the run's base model: model path 'base' "
+                                      "does not exist"), err  # (moved since the run: said where it comes from)
     st = E.resolve_settings(E.parse_args(["--run", str(run), "--top-p", "1.0", "--top-k", "0", "--max-new-tokens", "7"]))
     assert (st["top_p"], st["top_k"]) == (1.0, 0)
     assert (st["max_attempt"], st["max_reflection"], st["max_retry"]) == (7, 7, 7)
