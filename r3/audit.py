@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--show", type=int, default=5, help="print the last N rewarded retries (default 5)")
     p.add_argument("--out", help="write the audit as JSON")
     args = p.parse_args(argv)
+    if args.show < 0:
+        raise R3Error(f"--show must be >= 0, got {args.show}")
     run = Path(args.run)
     out_path = check_out_path(args.out) if args.out else None
     cfg, task = read_run_task(run)

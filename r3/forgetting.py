@@ -119,6 +119,8 @@ def prepare(args) -> list[dict]:
     for name, path in data.items():
         bench = B.get(name)
         docs = B.make_docs(name, read_records(path), path)[:n]
+        if n is not None and len(docs) < n:  # (as r3.evaluate says of a short split)
+            print(f"note: {path} has only {len(docs)} {name} documents, not --n {n}", file=sys.stderr)
         pool = B.make_docs(name, read_records(fewshot[name]), fewshot[name], fewshot=True) if name in fewshot else []
         shots = bench.default_shots if args.shots is None else args.shots
         if name == "mmlu_pro" and not pool:

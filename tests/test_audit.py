@@ -144,6 +144,8 @@ def test_show_prints_the_last_n_rewarded_retries_only(tmp_path, capsys):
     assert "'reflection 4'" not in stdout and "not paid" not in stdout and stdout.count("reason: logged") == 3
     rc, stdout, _ = run_main([str(run)], capsys)
     assert rc == 0 and sum(line.startswith("--- rewarded") for line in stdout.splitlines()) == 5
+    rc, _, err = run_main([str(run), "--show", "-1"], capsys)  # (accepted, it showed none)
+    assert rc == 2 and err.strip() == "error: --show must be >= 0, got -1"
 
 
 def test_summary_names_the_step_span_and_the_unrewarded_samples_the_recheck_passes(tmp_path, capsys, monkeypatch):

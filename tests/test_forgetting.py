@@ -301,7 +301,7 @@ def test_cli_errors_before_loading_a_model(tmp_path, capsys):
     assert not (tmp_path / "o.json").exists()
 
 
-def test_cli_end_to_end_on_small_files(tmp_path):
+def test_cli_end_to_end_on_small_files(tmp_path, capsys):
     hs = write_jsonl(tmp_path / "hs.jsonl", [
         {"activity_label": "Cooking", "ctx_a": "A man cracks two eggs into a bowl.", "ctx_b": "he",
          "endings": ["whisks them with a fork.", "drives a car to the moon.", "sings.", "is a bowl."], "label": 0},
@@ -314,6 +314,9 @@ def test_cli_end_to_end_on_small_files(tmp_path):
     out = tmp_path / "f.json"
     assert FG.main(["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--max-gen-toks", "3",
                     "--n", "2", "--out", str(out), "--quiet"]) == 0
+    # (gsm8k holds one document, fewer than --n: said, as r3.evaluate says of a short split)
+    err = capsys.readouterr().err
+    assert f"note: {gs} has only 1 gsm8k documents, not --n 2" in err and "hellaswag documents" not in err
     data = json.loads(out.read_text())
     rows = {(r["benchmark"], r["metric"]): r for r in data["results"]}
     assert set(rows) == {("hellaswag", "acc"), ("hellaswag", "acc_norm"), ("gsm8k", "exact_match,strict-match"),
