@@ -2329,6 +2329,11 @@ def test_validate_record_accepts_and_cleans(rec, clean):
     ({"target": 5, "nums": []}, r"f, line 8: field 'nums' must be a list of 1 to 6 integers"),
     ({"target": 5, "nums": [1] * 7}, r"f, line 8: field 'nums' must be a list of 1 to 6 integers"),
     ({"target": True, "nums": [1, 4]}, r"f, line 8: field 'target' must be an integer, got True"),
+    # (a long value is cut in its one-line error: a 1,000-number row printed every number)
+    ({"target": 5, "nums": list(range(1000))},
+     r"f, line 8: field 'nums' must be a list of 1 to 6 integers, got \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, \.\.\.\] "
+     r"\(1000 items\)$"),
+    ({"target": "9" * 500, "nums": [1]}, r"got '9{27}\.\.\.9{28}'$"),
 ])
 def test_validate_record_refuses(rec, match):
     from r3.tasks.countdown import validate_record

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import random
+import reprlib
 from math import gcd
 from typing import Any
 
@@ -528,6 +529,11 @@ def _strict_int(v: Any) -> int:
     return v
 
 
+_SHORT = reprlib.Repr()  # (a value in a one-line error: a 1,000-number list is not printed whole)
+_SHORT.maxlist = _SHORT.maxtuple = 12
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
 def validate_record(where: str, rec: Any, index: int) -> dict:
     """One Countdown row with integer ``target`` and ``nums`` (integral floats become ints) and an
     ``id`` (the index when the record has none). Raises R3Error naming ``where`` and the field."""
@@ -540,15 +546,16 @@ def validate_record(where: str, rec: Any, index: int) -> dict:
     if isinstance(target, float) and target.is_integer():
         target = int(target)
     if type(target) is not int:
-        raise R3Error(f"{where}: field 'target' must be an integer, got {target!r}")
+        raise R3Error(f"{where}: field 'target' must be an integer, got {_SHORT.repr(target)}")
     if not isinstance(nums, (list, tuple)) or not 1 <= len(nums) <= MAX_NUMS:
-        raise R3Error(f"{where}: field 'nums' must be a list of 1 to {MAX_NUMS} integers, got {nums!r}")
+        raise R3Error(f"{where}: field 'nums' must be a list of 1 to {MAX_NUMS} integers, got {_SHORT.repr(nums)}"
+                      + (f" ({len(nums)} items)" if isinstance(nums, (list, tuple)) else ""))
     clean = []
     for x in nums:
         if isinstance(x, float) and x.is_integer():
             x = int(x)
         if type(x) is not int or x < 0:
-            raise R3Error(f"{where}: field 'nums' must hold non-negative integers, got {x!r}")
+            raise R3Error(f"{where}: field 'nums' must hold non-negative integers, got {_SHORT.repr(x)}")
         clean.append(x)
     row = dict(rec)
     row["nums"], row["target"] = clean, target
