@@ -399,9 +399,12 @@ def set_up(cfg: TrainConfig) -> Run:
     # the model's chat template renders the task's conversations (else a failed start would leave
     # a config.json that a corrected retry is refused for)
     with fail_together(d, alike=True):
-        chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
-        if queries:
-            chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
+        try:
+            chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
+            if queries:
+                chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
+        except R3Error as e:  # (the template's problem: name the model it came with, as r3.evaluate does)
+            raise R3Error(f"{cfg.model}: {e}") from None
         opens = (f"the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r})"
                  if chat.reply_prefix else "enable_thinking is on: the model may open a reasoning block"
                  if chat.template_options.get("enable_thinking") else None)

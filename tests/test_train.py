@@ -1276,7 +1276,7 @@ def test_a_model_without_a_chat_template_fails_before_the_config_is_written(tiny
     args = BASE + ["--max-steps", "1", "--out", str(out)]
     proc = run_train(args + ["--model", str(bare)], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "the tokenizer has no chat template" in proc.stderr
+    assert f"error: {bare}: the tokenizer has no chat template" in proc.stderr  # (named with its model)
     assert not (out / "config.json").exists()
     run_train(args + ["--model", str(tiny_model)])
 
