@@ -5,6 +5,8 @@ probe conversations. Training, evaluation, failure mining, forgetting (``--chat`
 
 from __future__ import annotations
 
+import reprlib
+
 from r3.checkpoint import generation_eos_ids
 from r3.errors import R3Error
 
@@ -153,6 +155,12 @@ class ChatFormat:
 
     def prompt_text(self, messages: list[dict]) -> str:
         """The first turn(s) with the generation prompt, as text."""
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):  # (a plug-in's messages(): a template error or a traceback otherwise)
+            got = reprlib.repr(messages)
+            raise R3Error(f"chat messages must be a non-empty list of {{'role': str, 'content': str}} objects (what a "
+                          f"task's messages() returns), got {got}")
         if self._system_problem and any(m.get("role") == "system" for m in messages):
             raise R3Error(self._system_problem)
         return self._render(messages, generation=True)

@@ -233,6 +233,18 @@ def test_stop_ids_are_the_end_of_turn_token_and_the_generation_eos(tokenizers, f
     assert chat.ends_turn([5, eot]) and not chat.ends_turn([eot, 5]) and not chat.ends_turn([])
 
 
+def test_messages_of_another_shape_are_one_line_not_a_template_traceback(tokenizers):
+    """A plug-in's messages() returning a string, a message without its role, or content that is
+    not text: one R3Error, where the template raised a transformers TypeError or a jinja
+    UndefinedError traceback."""
+    chat = ChatFormat(tokenizers["qwen25"])
+    for bad in ("What is 2 + 3?", [], [{"content": "hi"}], [{"role": "user", "content": None}], ["hi"]):
+        with pytest.raises(R3Error, match=r"^chat messages must be a non-empty list of \{'role': str, 'content': "
+                                          r"str\} objects \(what a task's messages\(\) returns\), got "):
+            chat.prompt(bad)
+    assert chat.prompt([{"role": "user", "content": "hi"}])
+
+
 def test_qwen3_non_thinking_prompt_and_history(tokenizers):
     chat = ChatFormat(tokenizers["qwen3"])
     text = chat.tok.decode(chat.prompt(_conversation(False)), skip_special_tokens=False)
