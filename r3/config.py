@@ -138,9 +138,9 @@ class TrainConfig:
             raise R3Error("config: 'out' cannot be empty")
         # (a config file's paths pass no shell: 'out: ~/runs/x' made a directory named '~' here)
         self.out = os.path.expanduser(self.out)
-        self.failures = os.path.expanduser(self.failures) if self.failures else self.failures
         self.task_options = absolute_paths(self.task_options)
-        self.failures = absolute_path(self.failures)  # (read again by a resume from another directory)
+        # (read again by a resume from another directory)
+        self.failures = absolute_path(os.path.expanduser(self.failures) if self.failures else self.failures)
         return self
 
     def to_dict(self) -> dict:

@@ -182,6 +182,7 @@ class ModelConfig:
             if partial > 1.0 or rotary < 2 or rotary % 2:
                 raise R3Error(f"{source}: field 'partial_rotary_factor' {partial!r} does not turn an even number "
                               f"of the {head_dim} dims per head")
+        max_positions = integer("max_position_embeddings", _DEFAULT_MAX_POSITIONS.get(model_type, 2048))
         scaling = rope if rope else None
         if scaling is not None:
             scaling = dict(scaling)
@@ -199,7 +200,7 @@ class ModelConfig:
             if rope_type == "default":
                 scaling = None
             elif rope_type == "longrope":
-                scaling = _longrope(cfg, scaling, model_type, rotary, source)
+                scaling = _longrope(cfg, scaling, model_type, rotary, max_positions, source)
             else:  # linear, llama3: the fields rope_inv_freq reads
                 keys = ("factor",) if rope_type == "linear" else (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -227,7 +228,7 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             partial_rotary_factor=partial,
-            max_position_embeddings=integer("max_position_embeddings", _DEFAULT_MAX_POSITIONS.get(model_type, 2048)),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # (transformers' defaults)
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -322,13 +323,10 @@ def _positive(value, key: str, source: str, integral: bool):
     return int(value) if integral else float(value)
 
 
-def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, source: str) -> dict:
+def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, max_pos: int, source: str) -> dict:
     """LongRoPE parameters as transformers resolves them: the original context length (Phi-3's
     top-level field first), both factor lists (one number per pair of rotary dims), and the
-    attention factor that scales cos/sin."""
-    max_pos = cfg.get("max_position_embeddings")
-    max_pos = _positive(_DEFAULT_MAX_POSITIONS.get(model_type, 2048) if max_pos is None else max_pos,
-                        "max_position_embeddings", source, True)
+    attention factor that scales cos/sin. ``max_pos``: the model's max_position_embeddings."""
     if cfg.get("original_max_position_embeddings") is not None:
         original = _positive(cfg["original_max_position_embeddings"], "original_max_position_embeddings",
                              source, True)

@@ -961,10 +961,8 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
         if why:
             return None, why
     why = (_words_problem(text, start, end) or _denied_label(text, start)
-           or _continues_from_previous_line(text, start) or _operand_problem(text, start))
-    if why:
-        return None, why
-    why = _before_answer_word(text, start, "=" in equation)
+           or _continues_from_previous_line(text, start) or _operand_problem(text, start)
+           or _before_answer_word(text, start, "=" in equation))
     if why:
         return None, why
     if "=" not in equation:
