@@ -1837,6 +1837,59 @@ def test_countdown_parenthesised_denials_and_retractions_found_by_differential_f
     assert recheck(task, ex, completion)[0] is expected
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a question within four words after it, in its sentence (only a "?" right after it was read)
+    pytest.param(False, "5 + 23 = 28 maybe?", False, id="maybe-question"),
+    pytest.param(False, "5 + 23 = 28, right?", False, id="right-question"),
+    pytest.param(False, "Does 5 + 23 = 28 work?", False, id="does-it-work-question"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> maybe?", False, id="tags-maybe-question"),
+    pytest.param(False, "5 + 23 = 28. Or is it?", False, id="or-is-it"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> Or was that?", False, id="tags-or-was-that"),
+    # a denial word alone as the label before a colon
+    pytest.param(False, "Mistake: 5 + 23 = 28", False, id="label-mistake-alone"),
+    pytest.param(False, "**Error:** 5 + 23 = 28", False, id="label-error-bold"),
+    pytest.param(False, "### Typo:\n5 + 23 = 28", False, id="label-typo-heading-line-before"),
+    pytest.param(False, "Done. Error: 5 + 23 = 28", False, id="label-error-after-a-sentence"),
+    pytest.param(True, "Mistake: <answer>5 + 23 = 28</answer>", False, id="tags-label-mistake-alone"),
+    # a dash with a one-letter variable on either side, as "n * <answer>" already was
+    pytest.param(True, "n - <answer>5 + 23 = 28</answer>", False, id="tags-variable-minus-before"),
+    pytest.param(True, "<answer>5 + 23</answer> - x.", False, id="tags-minus-variable-after"),
+    pytest.param(False, "5 + 23 = 28 \u2014 n", False, id="em-dash-variable-after"),
+    # more retractions after it
+    pytest.param(False, "5 + 23 = 28. That fails.", False, id="that-fails"),
+    pytest.param(False, "5 + 23 = 28. Flawed.", False, id="flawed"),
+    pytest.param(False, "5 + 23 = 28. Disproved.", False, id="disproved"),
+    pytest.param(False, "5 + 23 = 28. Yikes.", False, id="yikes"),
+    pytest.param(False, "5 + 23 = 28. Try again.", False, id="try-again"),
+    pytest.param(False, "5 + 23 = 28. Uh oh.", False, id="uh-oh"),
+    pytest.param(False, "5 + 23 = 28. Back to the drawing board.", False, id="drawing-board"),
+    # ... while these stay right: a question five words on or in a later sentence, a longer
+    # label that names the fix, a prose dash before "a" or "I", a word in another phrase
+    pytest.param(False, "5 + 23 = 28 uses each of the numbers once? Yes.", True, id="question-five-words-on"),
+    pytest.param(False, "5 + 23 = 28. Right? Yes.", True, id="question-later-sentence"),
+    pytest.param(False, "5 + 23 = 28\nDoes it use both numbers? Yes.", True, id="question-next-line"),
+    pytest.param(False, "Fixing the mistake: 5 + 23 = 28", True, id="label-fixing-the-mistake"),
+    pytest.param(False, "A mistake. 5 + 23 = 28", True, id="mistake-in-an-earlier-sentence"),
+    pytest.param(False, "Mistake fixed: 5 + 23 = 28", True, id="label-mistake-fixed"),
+    pytest.param(True, "So - <answer>5 + 23 = 28</answer>", True, id="tags-prose-dash-before"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> - I am sure.", True, id="tags-prose-dash-i"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> - a good one.", True, id="tags-prose-dash-a"),
+    pytest.param(True, "n's - <answer>5 + 23 = 28</answer>", True, id="tags-dash-after-possessive"),
+    pytest.param(False, "5 + 23 = 28. Or is it 28? It is.", True, id="or-is-it-with-the-target"),
+    pytest.param(False, "5 + 23 = 28. My board is drawing.", True, id="drawing-board-reversed"),
+])
+def test_countdown_questions_bare_labels_dashes_and_retractions_the_fuzz_left_open(tags, completion, expected):
+    """Cases a differential fuzz found both implementations paying, which stop 62 decided: a
+    ``?`` within four words after the equation in its sentence (``5 + 23 = 28, right?``; only one
+    right after it was read), ``Or is it?``, ``Mistake:``/``Error:``/``Typo:`` as the whole label
+    before it, a dash with a one-letter variable (``n - <answer>``, as ``n * <answer>``), and
+    retractions (``That fails.``, ``Try again.``, ``Back to the drawing board.``)."""
+    task = CD if tags else LENIENT
+    ex = {"nums": [5, 23], "target": 28}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------

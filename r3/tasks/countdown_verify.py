@@ -41,7 +41,8 @@ when
   :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
   false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
-  (``Wrong:\n5 + 23 = 28``), or
+  (``Wrong:\n5 + 23 = 28``), or one of :data:`BARE_LABEL_DENIALS` as the whole label
+  (``Mistake: 5 + 23 = 28``), or
   ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
@@ -51,7 +52,9 @@ when
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
   sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
   (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after
-  it; a ``?`` after it (a question: ``Is 5 + 23 = 28?``);
+  it; a ``?`` after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
+  28?``, ``5 + 23 = 28, right?``); a dash with a one-letter variable past it (``n - <answer>``;
+  ``a`` and ``I`` are words);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
   ``26 + 24 = 50`` on the next line);
@@ -72,7 +75,8 @@ when
   eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
   ``No.``, ``I miscalculated``, ``Scratch that.``, ``Forget that.``, ``Just kidding.``, ``I take it
-  back.``, ``My bad.``, ``That is a lie.``, ``Não está certo.``: there a letter with diacritics
+  back.``, ``My bad.``, ``That is a lie.``, ``That fails.``, ``Try again.``, ``Or is it?``,
+  ``Não está certo.``: there a letter with diacritics
   or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
 
 What stands before ``<answer>`` or ``\\boxed{`` (read as the word "answer") is checked as if it
@@ -151,11 +155,18 @@ AFTER_DENIALS = frozenset("""
     miscalculation miscalculate inaccurate typo typos disregard disregarded
     erreur erreurs fehler errore errori erro erros
     nah nevermind kidding jk retract retracted retracts misspoke miscounted miscount goofed bogus nonsense
-    lied oops whoops oopsie
+    lied oops whoops oopsie fails flawed faulty refuted debunked disproved yikes
 """.split())
 #: Verbs that, followed by ``that`` after the final equation, take it back (``Scratch that.``,
-#: ``Forget that.``); ``I take it back``, ``My bad`` and ``That is a lie`` likewise.
+#: ``Forget that.``); ``I take it back`` and the word pairs of :data:`DENIAL_PAIRS` likewise.
 _TAKE_BACK = frozenset("scratch forget ignore strike cancel erase delete scrap".split())
+#: Two words that, after the final equation, take it back (``My bad.``, ``That is a lie.``,
+#: ``Try again.``, ``Uh oh.``, ``Back to the drawing board.``).
+DENIAL_PAIRS = frozenset({("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board")})
+#: A label of one of these words alone before a colon just before the final equation denies it
+#: (``Mistake: 5 + 23 = 28``, ``**Error:**``); in a longer label they name what a retry fixes
+#: ("Fixing the mistake: ..."), so only a bare one counts.
+BARE_LABEL_DENIALS = frozenset("mistake error typo erroneous bogus fallacy miscalculation".split())
 #: Verbs and nouns of arithmetic that, after the final equation and followed by one of
 #: :data:`RESULT_OBJECTS`, do more arithmetic on it ("Then double it", "multiply the result").
 ARITHMETIC_ACTIONS = frozenset("""
@@ -518,11 +529,13 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     prev: list[tuple[str, str]] = []  # (kind, value) of the tokens read so far
     plain: list[tuple[str, str]] = []  # (the same, emphasis and quotes left out: a subject's words)
     cue_sentence = False  # one of SENTENCE_CUES came earlier in the current sentence and line
+    own_sentence = True  # still in the final equation's sentence and line, within four words of it
+    words_after = 0
     gap_from, unit_until = end, -1
     for m in _REST_TOKEN.finditer(text, end):
         tok = m.group()
         if any(c in _LINE_BREAKS for c in text[gap_from:m.start()]):
-            cue_sentence = False
+            cue_sentence = own_sentence = False
         gap_from = m.end()
         if tok[0] in "0123456789":
             kind = "number"
@@ -543,11 +556,12 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             kind = "word"
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
+            words_after += 1
+            own_sentence = own_sentence and words_after <= 4
             if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
                     or (tok == "that" and prev[-1:] and prev[-1][0] == "word" and prev[-1][1] in _TAKE_BACK) \
                     or (tok == "back" and prev[-2:] == [("word", "take"), ("word", "it")]) \
-                    or (tok == "bad" and prev[-1:] == [("word", "my")]) \
-                    or (tok == "lie" and prev[-1:] == [("word", "a")]) \
+                    or (prev[-1:] and prev[-1][0] == "word" and (prev[-1][1], tok) in DENIAL_PAIRS) \
                     or (raw is not text and _glued_denial(raw, m.start())):
                 return f"a denial after the final equation ({tok!r})"
             if tok in RESULT_OBJECTS and any(k == "word" and v in ARITHMETIC_ACTIONS for k, v in prev[-5:]):
@@ -570,6 +584,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
                     return f"a number written as a word after the final equation ({tok!r}) is not the target"
         elif tok in DENIAL_MARKS:
             return f"a denial after the final equation ({tok!r})"
+        elif tok == "?" and own_sentence:
+            return "the equation is a question (a '?' within four words after it)"
+        elif tok == "?" and _doubt(prev):
+            return "a denial after the final equation ('Or is it?')"
         else:
             kind = ("sign" if (tok in "^%~/" or tok in _OPERATOR_SYMBOLS or unicodedata.category(tok) in ("Sm", "Pd")
                               or (tok == "*" and text[m.start() - 1: m.start()].isspace()
@@ -589,7 +607,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
                 return f"a later answer ({subject}) is not the target {target}"
             cue_sentence = True
         elif tok in ".!?":
-            cue_sentence = False
+            cue_sentence = own_sentence = False
         if tok not in _DECORATION and tok not in _QUOTES and tok != "$":  # (also " * ", and TeX's $)
             plain.append((kind, tok))
             if len(plain) > 8:
@@ -602,6 +620,13 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     if prev and prev[-1][0] == "word" and (prev[-1][1] in ARITHMETIC_ACTIONS or prev[-1][1] in OPERATOR_WORDS):
         return f"the text ends in an unfinished operation ({prev[-1][1]!r})"
     return None
+
+
+def _doubt(prev: list[tuple[str, str]]) -> bool:
+    """Whether the tokens just read, before a ``?``, end in ``or is it`` (``was``, ``that``,
+    ``this``): a question that doubts the final equation."""
+    return (len(prev) >= 3 and prev[-3] == ("word", "or") and prev[-2] in (("word", "is"), ("word", "was"))
+            and prev[-1] in (("word", "it"), ("word", "that"), ("word", "this")))
 
 
 def _of_operation(prev: list[tuple[str, str]]) -> bool:
@@ -702,6 +727,8 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
         return f"a symbol between the equation and more arithmetic ({ch!r})"
     if ch in "+*/" and _operand_beyond(text, pos, 1 if after else -1):
         return f"an operation on the equation ({ch!r} and a number or variable past it)"
+    if cat == "Pd" and _variable_beyond(text, pos, 1 if after else -1):
+        return f"an operation on the equation ({ch!r} and a variable past it)"
     return None
 
 
@@ -728,6 +755,18 @@ def _operand_beyond(text: str, pos: int, step: int) -> bool:
         j += step
     word = text[i:j] if step > 0 else text[j + 1:i + 1]
     return word.lower() in _WORD_VALUE or len(word) == 1  # (one letter: a variable, ``n * ``)
+
+
+def _variable_beyond(text: str, pos: int, step: int) -> bool:
+    """Whether past the dash at ``pos`` (spaces and quotes apart) comes a one-letter variable
+    (``n - <answer>``); the one-letter words ``a`` and ``I`` are prose (``- I am sure``)."""
+    i = pos + step
+    while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _QUOTES):
+        i += step
+    if not (0 <= i < len(text) and text[i].isascii() and text[i].isalpha() and text[i] not in "aAI"):
+        return False
+    nxt = text[i + step] if 0 <= i + step < len(text) else ""
+    return not nxt or not (nxt.isalnum() or nxt in "'\u2019_")
 
 
 _STARS = re.compile(r"\*+")
@@ -817,10 +856,18 @@ def _denied_label(text: str, start: int) -> str | None:
             continue
         if kind != "word":
             return None
-        if value in LABEL_DENIALS:
+        if value in LABEL_DENIALS or (words == 0 and value in BARE_LABEL_DENIALS and _starts_label(text, i)):
             return f"the equation is denied ({value!r} before it)"
         words += 1
     return None
+
+
+def _starts_label(text: str, i: int) -> bool:
+    """Whether the word ending (read backwards) at ``i`` starts its text, line or sentence, blanks,
+    emphasis and heading marks apart (``**Error:**``, ``### Mistake:``)."""
+    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in "#>-"):
+        i -= 1
+    return i < 0 or text[i] in _LINE_BREAKS or text[i] in ".!?"
 
 
 def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:

@@ -87,7 +87,9 @@ _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "e
                     "typo", "typos", "disregard", "disregarded", "erreur", "erreurs", "fehler", "errore", "errori",
                     "erro", "erros", "nah", "nevermind", "kidding", "jk", "retract", "retracted", "retracts",
                     "misspoke", "miscounted", "miscount", "goofed", "bogus", "nonsense", "lied", "oops", "whoops",
-                    "oopsie"}
+                    "oopsie", "fails", "flawed", "faulty", "refuted", "debunked", "disproved", "yikes"}
+_CD_DENIED_PAIRS = {("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board")}
+_CD_LABEL_ALONE = {"mistake", "error", "typo", "erroneous", "bogus", "fallacy", "miscalculation"}
 _CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap"}
 _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless"}
 _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
@@ -526,6 +528,15 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
             return "operation on a number word"
         if len(word) == 1:
             return "operation on a variable"
+    if unicodedata.category(c) == "Pd":  # "n - <answer>": a dash and a one-letter variable ("a", "I": words)
+        step = 1 if right else -1
+        j = k + step
+        while 0 <= j < len(text) and text[j] in " \t'\"`\u2018\u2019\u201c\u201d":
+            j += step
+        if 0 <= j < len(text) and text[j].isascii() and text[j].isalpha() and text[j] not in "aAI":
+            e = j + step
+            if not (0 <= e < len(text) and (text[e].isalnum() or text[e] in "'\u2019_")):
+                return "a dash and a variable"
     return None
 
 
@@ -557,6 +568,12 @@ def _cd_colon_label(text: str, start: int) -> str | None:
             return None
         if w in _CD_LABEL_NOT:
             return f"denied by {w}"
+        if seen == 0 and w in _CD_LABEL_ALONE:  # "Mistake: 5 + 23 = 28", the word alone as the label
+            b = k
+            while b >= 0 and text[b] in " \t_'\u2019*\"`#>-":
+                b -= 1
+            if b < 0 or text[b] in "\n\r\u2028\u2029\x85.!?":
+                return f"denied by {w} alone"
         seen += 1
     return None
 
@@ -814,6 +831,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
     n = len(text)
     begin = i
     answer_sentence = False
+    near = 0  # words read in the equation's own sentence; -1 once it ended or a fifth word came
     skip_to = -1  # the unit word of "thirty-two" was read with "thirty"
 
     def after_cue() -> bool:
@@ -842,7 +860,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
         c = text[i]
         if c.isspace():
             if c in "\n\r\u2028\u2029\x85":
-                answer_sentence = False
+                answer_sentence, near = False, -1
             i += 1
             continue
         j = i + 1
@@ -874,6 +892,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                     j += 1
             tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
             tok, kind = tok.lower().replace("\u2019", "'"), "word"
+            if near >= 0:
+                near = near + 1 if near < 4 else -1
             ascii_end = i
             while ascii_end < j and text[ascii_end].isascii() and text[ascii_end].isalpha():
                 ascii_end += 1
@@ -881,8 +901,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             if (tok in _CD_NOT and not _cd_hyphen_prefix(tok, text, j)) or tok in _CD_DENIED_LATER \
                     or (tok == "that" and len(window) > 0 and window[-1][0] == "word" and window[-1][1] in _CD_TAKE_BACK) \
                     or (tok == "back" and window[-2:] == [("word", "take"), ("word", "it")]) \
-                    or (tok == "bad" and window[-1:] == [("word", "my")]) \
-                    or (tok == "lie" and window[-1:] == [("word", "a")]) \
+                    or (len(window) > 0 and window[-1][0] == "word" and (window[-1][1], tok) in _CD_DENIED_PAIRS) \
                     or (ascii_end < j and not text[ascii_end].isascii() and (head in _CD_NOT or head in _CD_DENIED_LATER)):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
@@ -916,6 +935,11 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                     return "later number word"
         elif c in _CD_CROSSES:
             return "later cross mark"
+        elif c == "?" and near >= 0:
+            return "a question right after it"
+        elif c == "?" and [v2 for k2, v2 in window[-3:] if k2 == "word"] in (
+                [a, b, d] for a in ["or"] for b in ("is", "was") for d in ("it", "that", "this")):
+            return "later doubt (or is it?)"
         else:
             tok = c
             # "/" is division; "*" with blanks on both sides is multiplication (Markdown emphasis never is)
@@ -939,7 +963,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 return "later answer before its cue"
             answer_sentence = True
         elif tok in (".", "!", "?"):
-            answer_sentence = False
+            answer_sentence, near = False, -1
         window = (window + [(kind, tok)])[-8:]
         i = j
     if window:
