@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from r3.errors import R3Error
-from r3.files import naming_os_errors, write_text_atomic
+from r3.files import fsync_fd, naming_os_errors, write_text_atomic
 
 FORMAT_VERSION = 1
 _LINE_PREFIX = b'{"key": '  # every line r3.failures writes (the header line aside) starts so
@@ -96,7 +95,7 @@ def append_lines(path: Path, records: list[dict]) -> None:
     with naming_os_errors(path), open(path, "a", encoding="ascii") as f:
         f.write(blob)
         f.flush()
-        os.fsync(f.fileno())
+        fsync_fd(f.fileno())
 
 
 def read_failures(path) -> list[dict]:

@@ -52,7 +52,7 @@ def fsync_directory(path) -> None:
 _CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-def _fsync(fd: int) -> None:
+def fsync_fd(fd: int) -> None:
     """``os.fsync``; a failed flush (a full disk, EIO) raises, a file system that cannot sync is
     left as it is."""
     try:
@@ -68,7 +68,7 @@ def fsync_file(path) -> None:
     with naming_os_errors(Path(path)):
         fd = os.open(path, os.O_RDONLY)
         try:
-            _fsync(fd)
+            fsync_fd(fd)
         finally:
             os.close(fd)
 
@@ -94,7 +94,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
-                _fsync(f.fileno())  # (before the rename: see fsync_tree)
+                fsync_fd(f.fileno())  # (before the rename: see fsync_tree)
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1318,16 +1318,25 @@ def test_positive_int_refuses_bools_and_none_unless_allowed():
 
 
 def test_failure_files_appends_are_synced_and_a_cut_second_header_is_refused(tmp_path, monkeypatch):
-    from r3 import failure_data
     from r3.errors import R3Error
     from r3.failure_data import append_lines, read_jsonl, recorded_settings
 
     synced = []
     real = os.fsync
-    monkeypatch.setattr(failure_data.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
     path = tmp_path / "f.jsonl"
     append_lines(path, [{"key": "a"}, {"key": "b"}])
     assert path.read_text() == '{"key": "a"}\n{"key": "b"}\n' and len(synced) == 1
+
+    import errno
+
+    def cannot_sync(fd):  # (a file system without fsync, as the other writes of r3 allow)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", cannot_sync)
+    append_lines(path, [{"key": "c"}])
+    assert path.read_text().endswith('{"key": "c"}\n')
+    monkeypatch.setattr(os, "fsync", real)
     done = tmp_path / "f.jsonl.done"
     done.write_text('{"r3_failures": 1, "settings": {"task": "t"}}\n{"key": "a"}\n{"r3_failures": 1, "sett')
     with pytest.raises(R3Error, match="its last line is not a record"):
