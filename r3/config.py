@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -473,7 +474,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
         own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
         if any(v != kwargs["max_new_tokens"] for v in own.values()):
             kwargs.update({n: kwargs["max_new_tokens"] for n in _LIMITS}, **own, max_new_tokens=None)
-    cfg = TrainConfig(**kwargs).validate()
+    try:
+        cfg = TrainConfig(**kwargs).validate()
+    except R3Error as e:  # a value the config file gave is named with the file, as a bad type is
+        field = re.match(r"config: '(\w+)'", str(e))
+        source = values.get(field.group(1), (None, "command line"))[1] if field else "command line"
+        if source == "command line":
+            raise
+        raise R3Error(source + str(e)[len("config"):]) from None
     _check_file_options_fit_task(cfg, values, from_file, config_file[-1] if config_file else None)
     return cfg
 

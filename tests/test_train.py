@@ -762,6 +762,28 @@ def test_config_file_and_overrides(tmp_path):
         parse_args(["--config", str(f)])
 
 
+def test_a_config_files_value_out_of_range_is_named_with_the_file(tmp_path):
+    """A value of the right type but out of range (``group_size: 1``) was refused as ``config:
+    'group_size' ...`` whether it came from the file or a flag; a bad type already named the file.
+    A flag that overrides the file's value is the one refused, without the file."""
+    import re
+
+    from r3.config import parse_args
+    from r3.errors import R3Error
+
+    f = tmp_path / "my.yaml"
+    f.write_text("group_size: 1\nagg: foo\n")
+    with pytest.raises(R3Error, match=f"^{re.escape(str(f))}: 'group_size' must be >= 2"):
+        parse_args(["--config", str(f)])
+    with pytest.raises(R3Error, match=f"^{re.escape(str(f))}: 'agg' must be one of"):
+        parse_args(["--config", str(f), "--group-size", "4"])
+    with pytest.raises(R3Error, match="^config: 'group_size' must be >= 2"):
+        parse_args(["--config", str(f), "--group-size", "1"])
+    f.write_text("top_p: 0\nlr: -1\n")
+    with pytest.raises(R3Error, match=f"^{re.escape(str(f))}: 'lr' must be a finite number > 0"):
+        parse_args(["--config", str(f)])
+
+
 @pytest.mark.parametrize("flag, hint", [
     ("--max-step", "--max-steps"), ("--lrr", "--lr"), ("--group_sise", "--group-size"),
     ("--max-reflection-token", "--max-reflection-tokens"), ("--task-opton", "--task-option"),
