@@ -219,10 +219,13 @@ def main(argv=None) -> int:
         "retry_prompt": task.retry_prompt, "decode": args.decode, "chat_template_options": st["chat_options"],
     }
     task_config = task.config() if hasattr(task, "config") else st["options"]
+    identities = [model_files(m) for m in models]
     partial = PartialResults(out, {
         "settings": settings, "task": st["task"], "task_options": st["options"], "task_config": task_config,
-        "examples": fingerprint(examples), "records": args.records, "models": [model_files(m) for m in models],
+        "examples": fingerprint(examples), "records": args.records, "models": identities,
         "code": code_fingerprint(task)})
+    # (what r3.report recognises the run's export by when the run directory is moved with it)
+    run_identity = {"export_files": identities[-1]["files"]} if args.run else {}
     results: list[dict] = []
     paired: list[dict] = []
     with partial.interrupted_note():  # (says that a rerun goes on from the finished batches)
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
             write_json_atomic(out, {
                 **(top if len(results) == len(models) else {}), "task": st["task"], "task_options": st["options"],
                 "task_config": task_config, "run": args.run, "cwd": os.getcwd(), "synthetic_data": bool(getattr(task, "synthetic", False)),
-                "n": head["n"], "settings": settings, "models": results, "paired": paired,
+                "n": head["n"], "settings": settings, "models": results, "paired": paired, **run_identity,
             })
     partial.finish()
     print(format_table(results, paired))

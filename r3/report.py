@@ -39,6 +39,7 @@ from r3.cli import (
     write_text_atomic,
 )
 from r3.errors import R3Error, cli_main
+from r3.partial_results import model_files
 from r3.plot import plot as plot_curves
 from r3.plot import pyplot, read_metrics, save_figure
 
@@ -71,6 +72,34 @@ def _same_path(a, b, cwd: str | None = None) -> bool:
     return a.resolve() == b or bool(cwd and not a.is_absolute() and (Path(cwd) / a).resolve() == b)
 
 
+def _moved_with_its_run(path: Path, ev: dict, run: Path) -> bool:
+    """Whether the evaluation file lies in ``run`` and ``run/export`` is the export it evaluated
+    (each file's size and modification time, which ``mv`` and ``cp -a`` keep): the run directory
+    was moved or renamed with its evaluation."""
+    recorded = ev.get("export_files")
+    if not isinstance(recorded, dict) or Path(path).resolve().parent != Path(run).resolve():
+        return False
+    try:
+        return model_files(str(Path(run) / "export"))["files"] == recorded
+    except (OSError, R3Error):
+        return False
+
+
+def relocated(fg: dict, ev: dict, run: Path) -> dict:
+    """``fg`` with the models it names by the run's place when ``ev`` was made (a run moved since,
+    with its evaluation) named by ``run``, so its rows are labelled "trained" as before the move."""
+    if ev.get("run") is None or _same_path(ev["run"], run, ev.get("cwd")):
+        return fg
+    old_export = Path(ev.get("cwd") or ".") / ev["run"] / "export"
+
+    def here(model):
+        return str(run / "export") if isinstance(model, str) and _same_path(model, old_export, fg.get("cwd")) else model
+
+    return {**fg, "results": [{**r, "model": here(r["model"])} for r in fg["results"]],
+            "paired": [{**p, "model": here(p.get("model")), "baseline": here(p.get("baseline"))}
+                       for p in fg.get("paired", [])]}
+
+
 def read_evaluation(path: Path, run: Path) -> dict:
     """An ``r3.evaluate`` JSON of this run: its first model the untrained one, its second the export."""
     ev = read_json_object(path, f"missing: make it with python -m r3.evaluate --run {run} --records --out {path}")
@@ -96,8 +125,9 @@ def read_evaluation(path: Path, run: Path) -> dict:
                 raise R3Error(f"{path}: models[{i}].records[{j}].reflection_tokens is {t!r}, not a token count")
     cwd = _recorded_cwd(path, ev)
     if ev.get("run") is not None:
-        if not _same_path(ev["run"], run, cwd):
-            raise R3Error(f"{path}: evaluates the run {ev['run']}" + (f" (from {cwd})" if cwd else "") + f", not {run}")
+        if not _same_path(ev["run"], run, cwd) and not _moved_with_its_run(path, ev, run):
+            raise R3Error(f"{path}: evaluates the run {ev['run']}" + (f" (from {cwd})" if cwd else "")
+                          + f", not {run}; evaluate it with python -m r3.evaluate --run {run} --records")
     elif not _same_path(models[1]["model"], run / "export", cwd):
         raise R3Error(f"{path}: its second model is {models[1]['model']}, not {run / 'export'}; "
                       f"evaluate with --run {run}")
@@ -371,7 +401,7 @@ def write_report(run: Path, evaluation: Path, forgetting: Path | None, out: Path
     """Read the run and its evaluations, write ``out/report.md`` and its PNGs; returns the page."""
     cfg = read_run_config(run, ("model", "task", "task_options"))
     ev = read_evaluation(evaluation, run)
-    fg = read_forgetting(forgetting) if forgetting is not None else None
+    fg = relocated(read_forgetting(forgetting), ev, run) if forgetting is not None else None
     metrics = read_metrics(run) if (run / "metrics.jsonl").is_file() else None
     pngs = {"accuracy": "accuracy.png", "curves": "curves.png", "reflection_length": "reflection_length.png",
             "forgetting": "forgetting.png"}

@@ -784,7 +784,10 @@ def test_qwen3_thinking_mode_through_the_chat_template_option(tokenizers, tmp_pa
     out = tmp_path / "eval.json"
     assert r3.evaluate.main(["--run", str(run), "--n", "2", "--out", str(out), "--quiet"]) == 0
     assert made == [{"enable_thinking": True}] * 4  # the base model and the export: checked first, then run
-    assert json.loads(out.read_text())["settings"]["chat_template_options"] == {"enable_thinking": True}
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["chat_template_options"] == {"enable_thinking": True}
+    from r3.partial_results import model_files  # (what r3.report knows the run by once it is moved)
+    assert doc["export_files"] == model_files(str(run / "export"))["files"] and "config.json" in doc["export_files"]
     proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(run), "--out", str(out),
                            "--chat-template-option", "enable_thinking=false"], capture_output=True, text=True)
     assert proc.returncode == 2 and "drop --chat-template-option" in proc.stderr

@@ -126,6 +126,35 @@ def test_paths_recorded_relative_to_where_their_command_ran(run, tmp_path, monke
         R.write_report(run, run / "evaluation.json", None, run / "report2")
 
 
+def test_a_run_moved_with_its_evaluation_is_recognised_by_its_export(run, tmp_path):
+    """Renaming a run directory (``mv runs/r3 runs/r3-lr1e5``) made r3.report refuse its own
+    evaluation ("evaluates the run runs/r3, not runs/r3-lr1e5"), so a rename meant evaluating again.
+    The evaluation lies in the run and records its export's files (size and modification time,
+    which ``mv`` keeps): that run, moved, is reported, its forgetting rows still "trained". An
+    export rewritten since, or the file outside the run, is still refused."""
+    import os
+
+    from r3.partial_results import model_files
+
+    ev = json.loads((run / "evaluation.json").read_text())
+    ev["export_files"] = model_files(str(run / "export"))["files"]
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    moved = tmp_path / "renamed"
+    os.rename(run, moved)
+    text = R.write_report(moved, moved / "evaluation.json", moved / "forgetting.json", moved / "report").read_text()
+    assert "| gsm8k | exact_match,strict-match | trained | 4.0 ± 1.4 | 50 |" in text
+    assert "trained minus untrained: +2.0 ± 2.0 points" in text
+    assert "| trained | 25.0 ± 10.0 | 62.5 ± 15.0 | +37.5 |" in text
+
+    outside = tmp_path / "evaluation.json"
+    outside.write_text((moved / "evaluation.json").read_text())
+    with pytest.raises(R3Error, match=f"evaluates the run {run}, not {moved}; evaluate it with"):
+        R.write_report(moved, outside, None, moved / "report2")
+    (moved / "export" / "config.json").write_text('{"retrained": true}')  # (more training rewrote the export)
+    with pytest.raises(R3Error, match=f"evaluates the run {run}, not {moved}"):
+        R.write_report(moved, moved / "evaluation.json", None, moved / "report3")
+
+
 def test_pick_examples_takes_each_outcome_in_turn():
     groups = {"trained_only": ["t1", "t2", "t3"], "untrained_only": [], "both": ["b1"], "neither": ["n1", "n2"]}
     groups = {k: [(x, x) for x in v] for k, v in groups.items()}
