@@ -376,6 +376,38 @@ def _parse_problem(e: Exception) -> str:
     return str(e).splitlines()[0]
 
 
+class _KeyTwice(ValueError):
+    """A config file that sets one key twice in a mapping (YAML and JSON keep the last silently)."""
+
+
+def _json_object_once_per_key(pairs: list) -> dict:
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _KeyTwice(f"key {k!r} is given twice (keep one)")
+        seen[k] = v
+    return seen
+
+
+def _load_yaml_once_per_key(text: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in lines:
+                    raise _KeyTwice(f"key {key!r} is given twice, on lines {lines[key]} and {line} (keep one)")
+                lines.setdefault(key, line)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # (a SafeLoader: builds plain Python objects only)
+
+
 def _read_config_file(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
@@ -390,11 +422,11 @@ def _read_config_file(path: str) -> dict:
         raise R3Error(f"config file '{path}': cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml_once_per_key(text)
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_object_once_per_key)
+    except _KeyTwice as e:
+        raise R3Error(f"{path}: {e}") from None
     except Exception as e:
         raise R3Error(f"{path}: cannot parse ({_parse_problem(e)})") from None
     if data is None:

@@ -784,6 +784,28 @@ def test_a_config_files_value_out_of_range_is_named_with_the_file(tmp_path):
         parse_args(["--config", str(f)])
 
 
+def test_a_config_file_that_sets_a_key_twice_is_refused(tmp_path):
+    """YAML and JSON keep the last of two equal keys silently (``lr: 1e-5`` ... ``lr: 2e-5`` trained
+    at 2e-5), while ``--task-option k=..`` twice was already refused; a YAML merge key (``<<``) is
+    not a second key."""
+    from r3.config import parse_args
+    from r3.errors import R3Error
+
+    f = tmp_path / "my.yaml"
+    f.write_text("lr: 1e-5\ngroup_size: 4\nlr: 2e-5\n")
+    with pytest.raises(R3Error, match=r"my.yaml: key 'lr' is given twice, on lines 1 and 3 \(keep one\)$"):
+        parse_args(["--config", str(f)])
+    f.write_text("task_options:\n  difficulty: easy\n  difficulty: standard\n")
+    with pytest.raises(R3Error, match="key 'difficulty' is given twice, on lines 2 and 3"):
+        parse_args(["--config", str(f)])
+    f.write_text("task_options: &opts\n  difficulty: easy\nchat_template_options:\n  <<: {}\n")
+    assert parse_args(["--config", str(f)]).task_options == {"difficulty": "easy"}
+    j = tmp_path / "my.json"
+    j.write_text('{"lr": 1e-5, "lr": 2e-5}')
+    with pytest.raises(R3Error, match=r"my.json: key 'lr' is given twice \(keep one\)$"):
+        parse_args(["--config", str(j)])
+
+
 @pytest.mark.parametrize("flag, hint", [
     ("--max-step", "--max-steps"), ("--lrr", "--lr"), ("--group_sise", "--group-size"),
     ("--max-reflection-token", "--max-reflection-tokens"), ("--task-opton", "--task-option"),
