@@ -28,6 +28,9 @@ def user_template_options(options: dict | None, where: str = "chat_template_opti
     reserved = [k for k in options if k in _RESERVED]
     if reserved:
         raise R3Error(f"{where}: {reserved[0]!r} is an argument r3 gives the chat template itself, not a template option")
+    for k, v in options.items():  # (a string is truthy in a template: enable_thinking=maybe turned thinking on)
+        if isinstance(DEFAULT_TEMPLATE_OPTIONS.get(k), bool) and not isinstance(v, bool):
+            raise R3Error(f"{where}: {k!r} must be true or false, got {v!r}")
     return {k: v for k, v in options.items() if k not in DEFAULT_TEMPLATE_OPTIONS or DEFAULT_TEMPLATE_OPTIONS[k] != v
             or type(DEFAULT_TEMPLATE_OPTIONS[k]) is not type(v)}
 

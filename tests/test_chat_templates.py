@@ -391,12 +391,17 @@ def test_a_template_whose_turns_change_after_a_system_message_refuses_one(builti
 
 
 def test_user_template_options_are_checked_and_kept_by_type():
-    """Only a value equal to the default and of its type is dropped: the template sees 0 as a
-    number, not as ``false``. apply_chat_template's own arguments are refused."""
+    """Only a value equal to the default and of its type is dropped. A default that is true or false
+    takes only true or false: Qwen3's template tests ``enable_thinking is false``, so 0, "no" or
+    "maybe" turned thinking on (they were passed on as given). apply_chat_template's own arguments
+    are refused."""
     from r3.chat import user_template_options
 
     assert user_template_options({"enable_thinking": False, "x": 1}) == {"x": 1}
-    assert user_template_options({"enable_thinking": 0}) == {"enable_thinking": 0}
+    for value in (0, "maybe", "no", None):
+        with pytest.raises(R3Error, match=f"^--chat-template-option: 'enable_thinking' must be true or false, got {value!r}$"):
+            user_template_options({"enable_thinking": value}, "--chat-template-option")
+    assert user_template_options({"enable_thinking": True, "x": "maybe"}) == {"enable_thinking": True, "x": "maybe"}
     with pytest.raises(R3Error, match="'tokenize' is an argument r3 gives the chat template itself, not a template"):
         user_template_options({"tokenize": True})
     # every argument r3 gives apply_chat_template itself is named, not passed on to clash with it
