@@ -35,6 +35,16 @@ def user_template_options(options: dict | None, where: str = "chat_template_opti
             or type(DEFAULT_TEMPLATE_OPTIONS[k]) is not type(v)}
 
 
+def check_messages(messages) -> None:
+    """Chat messages as a task's ``messages()`` must return them (a plug-in's other shapes were a
+    template error or a traceback)."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise R3Error(f"chat messages must be a non-empty list of {{'role': str, 'content': str}} objects (what a "
+                      f"task's messages() returns), got {reprlib.repr(messages)}")
+
+
 def template_options(user: dict | None = None) -> dict:
     """The options r3 renders a chat template with: ``user``'s (``--chat-template-option``) over
     :data:`DEFAULT_TEMPLATE_OPTIONS`."""
@@ -158,12 +168,7 @@ class ChatFormat:
 
     def prompt_text(self, messages: list[dict]) -> str:
         """The first turn(s) with the generation prompt, as text."""
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):  # (a plug-in's messages(): a template error or a traceback otherwise)
-            got = reprlib.repr(messages)
-            raise R3Error(f"chat messages must be a non-empty list of {{'role': str, 'content': str}} objects (what a "
-                          f"task's messages() returns), got {got}")
+        check_messages(messages)
         if self._system_problem and any(m.get("role") == "system" for m in messages):
             raise R3Error(self._system_problem)
         return self._render(messages, generation=True)

@@ -48,7 +48,7 @@ from r3.batch import (
     score_micro_batches,
     token_logprobs,
 )
-from r3.chat import ChatFormat, template_options
+from r3.chat import ChatFormat, check_messages, template_options
 from r3.checkpoint import canonical_model, load, load_config
 from r3.config import TrainConfig, parse_args
 from r3.distributed import (
@@ -399,10 +399,16 @@ def set_up(cfg: TrainConfig) -> Run:
     # the model's chat template renders the task's conversations (else a failed start would leave
     # a config.json that a corrected retry is refused for)
     with fail_together(d, alike=True):
+        messages = task.messages(queries[0]["example"] if failures is not None else queries[0]) if queries else None
+        if messages is not None:
+            try:
+                check_messages(messages)
+            except R3Error as e:  # (the task's problem, not the model's)
+                raise R3Error(f"task {cfg.task}: {e}") from None
         try:
             chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
-            if queries:
-                chat.prompt(task.messages(queries[0]["example"] if failures is not None else queries[0]))
+            if messages is not None:
+                chat.prompt(messages)
         except R3Error as e:  # (the template's problem: name the model it came with, as r3.evaluate does)
             raise R3Error(f"{cfg.model}: {e}") from None
         opens = (f"the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r})"

@@ -352,6 +352,19 @@ def test_a_broken_verifier_stops_training_in_one_line(tiny_model, tmp_path, task
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
+def test_a_plugin_whose_messages_are_not_messages_is_named_not_the_model(tiny_model, tmp_path):
+    """A plug-in's messages() returning a string was refused with the model's name in front ("error:
+    MODEL: chat messages must be ..."), as a chat template's own problem is; the task is named."""
+    args = [a if a != "r3_test_tasks:CoinTask" else "r3_test_tasks:StringMessagesTask" for a in BASE]
+    proc = run_train(args + ["--model", str(tiny_model), "--out", str(tmp_path / "run"), "--max-steps", "1"],
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("error: task r3_test_tasks:StringMessagesTask: chat messages must be a non-empty list of "
+            "{'role': str, 'content': str} objects (what a task's messages() returns), got 'Say something about "
+            "item") in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_nan_guard_skips_the_step(tiny_model, tmp_path):
     """A non-finite loss never reaches the weights (nor a checkpoint)."""
     from r3 import batch as B

@@ -87,3 +87,11 @@ class PopTask(CoinTask):
     def __init__(self, **kw):
         self.source = kw.pop("source", "built-in")
         super().__init__(**kw)
+
+
+class StringMessagesTask(CoinTask):
+    """messages() returns the question as a string, not a list of messages."""
+    name = "string-messages"
+
+    def messages(self, example):
+        return f"Say something about {example['word']}."
