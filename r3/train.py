@@ -72,6 +72,7 @@ from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
 from r3.model import Transformer, check_token_limits
 from r3.precision import resolve_dtype_name, slow_bf16_warning
+from r3.rollout_memory import available_bytes, kv_cache_bytes, local_ranks, rollout_memory_warning, rollout_rows
 from r3.rundir import (
     append_jsonl,
     export,
@@ -417,6 +418,8 @@ def set_up(cfg: TrainConfig) -> Run:
         if d.main and opens:
             print(f"note: {opens}: answers are read after its closing tag, and a turn cut off before it has none; turn "
                   f"budgets are {cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
+    if d.main and messages is not None:
+        say_if_rollout_too_big(cfg, d, rollout_model, len(chat.prompt(messages)), fresh=failures is None)
     write_config(cfg, out, d)
     optimizer, scheduler = make_optimizer(cfg, policy.parameters())
     stream = QueryStream(queries, cfg.seed)
@@ -441,6 +444,17 @@ def set_up(cfg: TrainConfig) -> Run:
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
                start_step, tracker, without_signal, peak)
+
+
+def say_if_rollout_too_big(cfg: TrainConfig, d: Dist, model, prompt_tokens: int, fresh: bool) -> None:
+    """Warn when the first rollout's KV cache alone (its most rows at once, each as long as the
+    first query's prompt and the three turn limits) is more than this rank's memory."""
+    rows = rollout_rows(cfg.batch_size, cfg.group_size, d.world, cfg.candidates_per_failure if fresh else None)
+    positions = prompt_tokens + cfg.max_attempt_tokens + cfg.max_reflection_tokens + cfg.max_retry_tokens
+    need = kv_cache_bytes(model.config, rows, positions, next(model.parameters()).element_size())
+    warning = rollout_memory_warning(need, available_bytes(d.device, local_ranks()), rows, positions, d.device)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 #: Steps whose first-attempt success sizes the candidate pool, and the pool's largest size.
