@@ -16,6 +16,7 @@ from r3.checkpoint import load
 from r3.cli import DTYPES, parse_chat_template_options, pick_device_dtype
 from r3.decode import DECODE_MODES
 from r3.errors import ArgumentParser, R3Error, cli_main
+from r3.progress import Progress
 from r3.sampler import check_sampling_args, generate
 from r3.toolchain import check_toolchain
 
@@ -42,6 +43,27 @@ def parse_args(argv=None):
                         "compiling takes ~1 min, in an untimed first run of the same generation)")
     p.add_argument("--compile", dest="decode", action="store_const", const="compiled", help="= --decode compiled")
     return p.parse_args(argv)
+
+
+class DecodeProgress:
+    """The decode steps done, on stderr, for a generation that runs a while: nothing in its first
+    :data:`QUIET_S` seconds, then a line at most every :data:`EVERY_S` seconds (rewritten in place
+    on a terminal)."""
+
+    QUIET_S, EVERY_S = 2.0, 1.0
+
+    def __init__(self, total: int, stream=None):
+        self.line = Progress(total, "decoding", unit="steps", stream=stream)
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, steps: int) -> None:
+        now = time.perf_counter()
+        if now - self.t0 >= self.QUIET_S and now - self.last >= (self.EVERY_S if self.line.tty else 10 * self.EVERY_S):
+            self.line.update(steps)
+            self.last = now
+
+    def close(self) -> None:
+        self.line.close()
 
 
 @cli_main
@@ -80,7 +102,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         generate(model, [prompt], max_new_tokens=args.max_new_tokens, stop_token_ids=stops, **kw)
         print(f"[compiled the decode step (one untimed run) in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
-    out = generate(model, [prompt], max_new_tokens=args.max_new_tokens, stop_token_ids=stops, **kw)
+    bar = DecodeProgress(args.max_new_tokens)
+    try:
+        out = generate(model, [prompt], max_new_tokens=args.max_new_tokens, stop_token_ids=stops, progress=bar, **kw)
+    finally:
+        bar.close()
     for i, (toks, fin) in enumerate(zip(out.tokens, out.finished)):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} ({len(toks)} tokens{'' if fin else ', truncated'}) ---")

@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -603,6 +603,7 @@ class Session:
         sync_every: int | None = None,
         compact: bool | None = None,
         stop_strings: StopStrings | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Samples:
         """Sample up to ``max_new_tokens`` tokens for every row, append them to the rows (stop
         token included) and return them. A row that samples one of ``stop_token_ids``, or whose
@@ -619,7 +620,8 @@ class Session:
         the live rows only (their cache rows copied out, and written back at the end); the
         samples are the same either way. Stop strings are checked at the same points (every step
         on CPU), so with ``sync_every > 1`` a row may run a few steps past its stop string before
-        it is stopped; its tokens are cut at the stop all the same.
+        it is stopped; its tokens are cut at the stop all the same. ``progress``: called with the
+        steps done so far at the same points (no host sync of its own), for a progress line.
         """
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         device = self.device
@@ -714,9 +716,11 @@ class Session:
                         out_tok[live, t], out_lp[live, t] = nxt, lp
                     tok = nxt
                     t += 1
+                checks = t // sync_every != (t - k) // sync_every  # (a multiple of sync_every reached)
+                if progress is not None and (checks or t == N):
+                    progress(t)
                 if not has_stop:
                     continue
-                checks = t // sync_every != (t - k) // sync_every  # (a multiple of sync_every reached)
                 if stop_strings is not None and (checks or t == N):
                     _find_stop_strings(stop_strings, stop_ids, out_tok, live, done, was_done, checked, t, string_end)
                     checked, was_done = t, done.clone()
@@ -850,12 +854,13 @@ def generate(
     decode: str = "eager",
     compact: bool = True,
     stop_strings: StopStrings | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Samples:
     """Sample ``num_samples`` completions per prompt (prompt-major: row ``i`` is prompt
     ``i // num_samples``). Each prompt is prefilled once and its cache forked ``num_samples``
     times. ``temperature=0`` is greedy. ``compact``: drop stopped rows from the decode batch (see
     :meth:`Session.sample`); ``stop_strings`` as there. See :class:`Samples` for the result and
-    the module docstring for the log-probs."""
+    the module docstring for the log-probs. ``progress``: see :meth:`Session.sample`."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise SamplingError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -868,6 +873,6 @@ def generate(
         _sync(session.device)
         session.prefill_s += time.perf_counter() - t0
     out = session.sample(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_token_ids=stop_token_ids, stop_strings=stop_strings)
+                         stop_token_ids=stop_token_ids, stop_strings=stop_strings, progress=progress)
     out.prefill_s = session.prefill_s
     return out

@@ -2123,6 +2123,45 @@ def test_cli_passes_its_flags_on_and_prints_each_sample(builtin, monkeypatch, ca
     assert loads == []
 
 
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_progress_is_told_the_steps_at_each_check_and_changes_no_sample(tiny, sync_every):
+    """``progress`` hears the steps done at each check (every ``sync_every`` steps and the last),
+    up to the step the loop stopped at, with stops and without; the samples are the same."""
+    model, _ = tiny["llama"]
+    prompts = _rand_prompts(256, [4, 6, 5], seed=7)
+    plain = Session.start(model, prompts, seed=3).sample(10, temperature=1.0)
+    heard = []
+    told = Session.start(model, prompts, seed=3).sample(10, temperature=1.0, sync_every=sync_every,
+                                                        progress=heard.append)
+    assert told.tokens == plain.tokens
+    assert heard == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10] if sync_every == 1 else [4, 8, 10])
+    stop = [t for row in plain.tokens for t in row[2:3]]  # (each row stops at its third token at the latest)
+    heard.clear()
+    out = generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=3, stop_token_ids=stop,
+                   progress=heard.append)
+    assert heard == list(range(1, out.steps + 1)) and out.steps <= 3
+
+
+def test_r3_generate_says_how_far_a_long_decode_is(monkeypatch):
+    """r3.generate printed nothing while it decoded (a --max-new-tokens 100000 run sat 34 s
+    silent): after its first seconds, a line of the steps done, at most one a second on a
+    terminal and one every ten seconds in a log."""
+    import io
+
+    import r3.generate as cli
+
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    log = io.StringIO()
+    bar = cli.DecodeProgress(500, stream=log)
+    for t, steps in ((1.0, 10), (2.5, 30), (5.0, 60), (12.0, 140), (13.0, 150), (22.6, 250)):
+        clock[0] = 100.0 + t
+        bar(steps)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["decoding: 140/500 steps", "decoding: 250/500 steps"], lines
+
+
 def test_stop_string_completed_right_after_a_compaction(tiny):
     """A compaction re-indexes the rows' stop-string state with the batch: a row kept in the
     compacted batch whose tokens complete a stop string at the very next step is cut there, not
