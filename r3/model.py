@@ -63,7 +63,7 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
                          "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
 _DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5}
-_DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096}
+_DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072}
 KV_BUCKET = 64
 
 

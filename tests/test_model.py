@@ -1106,6 +1106,28 @@ def test_phi3_fields_left_out_take_phi3configs_defaults(tiny_dirs, tmp_path):
             assert (model(tokens) - hf(tokens).logits.float()).abs().max().item() <= 1e-4, field
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "gemma3"])
+def test_a_config_without_max_position_embeddings_takes_its_familys_default(tiny_dirs, tmp_path, kind):
+    """Without the field, transformers fills in each config class's own default (Llama 2048, Qwen2
+    and Qwen3 32768, Mistral 131072, Gemma 3 131072); r3 took Llama's 2048 for Qwen and Mistral, so
+    its token-limit check refused or warned about prompts the model takes."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    d = shutil.copytree(tiny_dirs[kind][0], tmp_path / kind)
+    raw = json.loads((d / "config.json").read_text())
+    del raw["max_position_embeddings"]
+    (d / "config.json").write_text(json.dumps(raw))
+    model, _ = load(d, tokenizer=False)
+    hf = AutoConfig.from_pretrained(str(d))
+    hf = getattr(hf, "text_config", hf)
+    assert model.config.max_position_embeddings == hf.max_position_embeddings
+    assert model.config.max_position_embeddings == {"llama": 2048, "qwen2": 32768, "mistral": 131072, "qwen3": 32768,
+                                                    "gemma3": 131072}[kind]
+
+
 def test_gemma3_runs_in_float64_as_transformers_does(tiny_dirs):
     """A Gemma 3 model loaded in float64 (load takes any float dtype; other families run in it):
     the embedding scale was kept for fp32, bf16 and fp16 only, and the forward died on a bare
