@@ -166,7 +166,12 @@ class ModelConfig:
         if gemma:  # rope_parameters per layer type (transformers 5), or rope_theta / rope_local_base_freq
             rope, local_theta = _gemma_rope(cfg, rope, source)
         if cfg.get("rope_scaling"):  # the dict transformers keeps: rope_scaling over rope_parameters
-            rope = {**rope, **cfg["rope_scaling"]} if gemma else dict(cfg["rope_scaling"])  # (Gemma 3: merged)
+            old = cfg["rope_scaling"]
+            if gemma and "rope_type" not in old and old.get("type", "default") != "default":
+                # (transformers 5 merges it under the full layers' rope_type "default": no scaling; 4.x scaled)
+                raise R3Error(f"{source}: field 'rope_scaling' of a Gemma 3 config names its type as 'type' "
+                              f"({old['type']!r}), which transformers 5 ignores and 4.x applies: write 'rope_type'")
+            rope = {**rope, **old} if gemma else dict(old)  # (Gemma 3: merged)
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or (1_000_000.0 if gemma else 10000.0)
         theta = _positive(theta, "rope_theta", source, integral=False)
         # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the

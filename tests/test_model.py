@@ -864,6 +864,9 @@ def test_gemma3_local_and_global_rope_differ_by_layer():
     ({"rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
      "field 'rope_parameters' of a Gemma 3 config is keyed by layer type"),
     ({"sliding_window": None}, "field 'sliding_window' is None, but layers use sliding_attention"),
+    # (an old-style scaling type: transformers 5 merges it under "default" and scales nothing, 4.x scaled)
+    ({"rope_scaling": {"type": "linear", "factor": 8.0}},
+     "field 'rope_scaling' of a Gemma 3 config names its type as 'type' ('linear'), which transformers 5 ignores"),
 ])
 def test_gemma3_configs_r3_cannot_follow_are_refused_by_name(change, match):
     from r3.errors import R3Error
