@@ -25,7 +25,7 @@ from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_a
 from r3.errors import R3Error, cli_main
 from r3.files import read_json_lines
 from r3.tasks import get, resolve
-from r3.tasks.base import passes
+from r3.tasks.base import judge
 from r3.tasks.recheck import has_recheck, recheck
 
 
@@ -52,7 +52,6 @@ def read_samples(path: Path) -> list[dict]:
 def audit(task, samples: list[dict]) -> dict:
     """Re-judge every sample; returns counts and the disagreements."""
     independent = has_recheck(task)
-    diagnose = getattr(task, "diagnose", None)  # (a duck-typed task may give no reasons)
     rewarded = [s for s in samples if s["reward"] > 0]
     others = [s for s in samples if s["reward"] <= 0]
     out = {"rewarded": len(rewarded), "unrewarded_logged": len(others), "independent_checker": independent,
@@ -60,7 +59,7 @@ def audit(task, samples: list[dict]) -> dict:
            "unrewarded_pass_recheck": 0, "rewarded_failing": 0, "disagreements": []}
     for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
         for s in group:
-            now = passes(task, s["example"], s["retry"])
+            now, why = judge(task, s["example"], s["retry"])  # (why: this verdict's own; None from a duck-typed task)
             again = recheck(task, s["example"], s["retry"]) if independent else None
             out[f"{key}_pass_verifier"] += now
             out[f"{key}_pass_recheck"] += bool(again and again[0])
@@ -69,7 +68,7 @@ def audit(task, samples: list[dict]) -> dict:
             if now != logged or (again is not None and again[0] != logged):
                 out["disagreements"].append({
                     "step": s.get("step"), "rank": s.get("rank"), "row": s.get("row"), "logged_reward": s["reward"],
-                    "verifier_now": now, "verifier_reason": diagnose(s["example"], s["retry"]) if diagnose else None,
+                    "verifier_now": now, "verifier_reason": why,
                     "recheck": None if again is None else again[0],
                     "recheck_reason": None if again is None else again[1],
                     "logged_reason": s.get("reason"), "example": s["example"], "retry": s["retry"],

@@ -271,6 +271,20 @@ def generation_eos_ids(tokenizer) -> list[int]:
     return []
 
 
+def _source_generation_config(tokenizer) -> dict:
+    """The ``generation_config.json`` beside the tokenizer's files (the base checkpoint's), as a
+    dict; ``{}`` when there is none (a GGUF's cached tokenizer) or it is no JSON object."""
+    name = getattr(tokenizer, "name_or_path", None)
+    path = Path(name) / "generation_config.json" if name else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # (generation_eos_ids names an unreadable file when the chat format is built)
+    return data if isinstance(data, dict) else {}
+
+
 def _load_hf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -656,7 +670,11 @@ def save_hf(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-        gen = {k: hf_cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        # The base checkpoint's generation settings (do_sample, temperature, top_p, ...) carry over,
+        # so transformers' generate() samples the export as it sampled the base; the ids follow.
+        gen = _source_generation_config(tokenizer) if tokenizer is not None else {}
+        gen.update({k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None})
+        gen.setdefault("eos_token_id", None)
         if tokenizer is not None:
             source_eos = generation_eos_ids(tokenizer)  # the base checkpoint's list (Llama 3.x, Phi-3.5, Qwen)
             if source_eos:

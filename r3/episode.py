@@ -21,7 +21,7 @@ import torch
 from r3.chat import ChatFormat
 from r3.errors import positive_int
 from r3.sampler import Session, StopStrings
-from r3.tasks.base import leading_reasoning_end, passes, stop_strings_of
+from r3.tasks.base import judge, leading_reasoning_end, stop_strings_of
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Episode:
     # Every first attempt made and its verdict, one per example (empty with ``failed_attempts``).
     first_attempts: list[list[int]] = field(default_factory=list)
     first_passed: list[bool] = field(default_factory=list)
+    first_reasons: list[str | None] = field(default_factory=list)  # the verifier's reason for each first_passed
     # Per row: the sampler's log-prob of each reflection / retry token (see r3.sampler), and
     # the retry tokens' span [start, end) in the sequence (the retry runs to the sequence's end).
     reflection_logprobs: list[list[float]] = field(default_factory=list)
@@ -152,15 +153,18 @@ def run_episode(
         first = session.sample(sampling.max_attempt_tokens, **answer_kw)
         times["attempt"] = session.prefill_s + first.decode_s
         generated += first.new_tokens
-        passed = [passes(task, ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
+        verdicts = [judge(task, ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
+        passed = [ok for ok, _ in verdicts]
         failed = [i for i, ok in enumerate(passed) if not ok]
         if max_failures is not None:
             failed = failed[:max_failures]
         queries, first_success = len(examples), sum(passed)
         first_attempts, first_passed = [list(t) for t in first.tokens], passed
+        first_reasons = [why for _, why in verdicts]
         if not failed:
             return Episode([], [], torch.zeros((0, group_size)), queries, first_success, [], generated,
-                           first_attempts=first_attempts, first_passed=first_passed, times=times)
+                           first_attempts=first_attempts, first_passed=first_passed, first_reasons=first_reasons,
+                           times=times)
         attempts = [first.tokens[i] for i in failed]
         closed = [chat.ends_turn(first.tokens[i]) for i in failed]
         session = session.select(failed)
@@ -180,7 +184,7 @@ def run_episode(
                                 decode=sampling.decode, compact=sampling.compact)
         times["attempt"] = session.prefill_s  # the stored attempts' prefill
         queries, first_success = 0, 0
-        first_attempts, first_passed = [], []
+        first_attempts, first_passed, first_reasons = [], [], []
 
     # Reflect: one prefill of [task, failed attempt, reflection prompt] per failure, then G forks.
     t_prefill = session.prefill_s
@@ -206,7 +210,7 @@ def run_episode(
     for r, (toks, ref_toks) in enumerate(zip(retry.tokens, refl.tokens)):
         ex = group_examples[r // group_size]
         reply = chat.decode(toks)
-        ok = passes(task, ex, reply)
+        ok, why = judge(task, ex, reply)  # (the reason logged is this verdict's own)
         rewards.append(1.0 if ok else 0.0)
         records.append({
             "example": ex,
@@ -214,6 +218,7 @@ def run_episode(
             "reflection": chat.decode(ref_toks),
             "retry": reply,
             "reward": 1.0 if ok else 0.0,
+            "reason": why,
         })
     return Episode(
         sequences=[list(t) for t in session.tokens],
@@ -228,6 +233,7 @@ def run_episode(
         attempts=attempts,
         first_attempts=first_attempts,
         first_passed=first_passed,
+        first_reasons=first_reasons,
         reflection_logprobs=refl.logprobs,
         retry_logprobs=retry.logprobs,
         retry_spans=[(s, s + n) for s, n in zip(retry_starts, retry.lengths)],

@@ -229,9 +229,15 @@ def main(argv=None) -> int:
     store.open(settings)
     seen = store.keys()
     keys = [example_key(ex) for ex in examples]
-    todo = [ex for ex, k in zip(examples, keys) if k not in seen]
-    if len(todo) < len(examples):
-        print(f"resuming {out}: {len(examples) - len(todo)} of {len(examples)} queries already done, "
+    distinct: dict[str, dict] = {}  # key -> example, in order (a repeated example is one query, one record)
+    for k, ex in zip(keys, examples):
+        distinct.setdefault(k, ex)
+    if len(distinct) < len(examples):  # (a data file with repeated rows)
+        print(f"note: {len(examples) - len(distinct)} of the {len(examples)} {args.split} queries repeat an "
+              "earlier one (the same example); each distinct query is sampled once", file=sys.stderr)
+    todo = [ex for k, ex in distinct.items() if k not in seen]
+    if len(todo) < len(distinct):
+        print(f"resuming {out}: {len(distinct) - len(todo)} of {len(distinct)} queries already done, "
               f"{len(todo)} to sample", file=sys.stderr)
     t0 = time.perf_counter()
     drawn = 0

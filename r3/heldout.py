@@ -29,20 +29,19 @@ def evaluate_batch(model, tokenizer, task, batch: list[dict], sampling: EpisodeS
     first_correct = [bool(ep.first_passed[i]) for i in range(len(batch))]
     second_correct = [first_correct[i] or (i in by_index and retry_ok[by_index[i]]) for i in range(len(batch))]
     out_records = []
-    if records:
-        diagnose = getattr(task, "diagnose", None)  # the verifier's reason (a duck-typed task may not say)
+    if records:  # (each reason is its verdict's own; None: a duck-typed task that gives none)
         for i, ex in enumerate(batch):
             attempt = chat.decode(ep.first_attempts[i])
             rec = {"example": ex, "attempt": attempt, "attempt_correct": first_correct[i]}
-            if callable(diagnose):
-                rec["attempt_reason"] = diagnose(ex, attempt)
+            if ep.first_reasons[i] is not None:
+                rec["attempt_reason"] = ep.first_reasons[i]
             if i in by_index:
                 row = ep.records[by_index[i]]  # group_size 1: group g is row g
                 start, end = ep.spans[by_index[i]]
                 rec.update(reflection=row["reflection"], reflection_tokens=end - start, retry=row["retry"],
                            retry_correct=retry_ok[by_index[i]])
-                if callable(diagnose):
-                    rec["retry_reason"] = diagnose(ex, row["retry"])
+                if row["reason"] is not None:
+                    rec["retry_reason"] = row["reason"]
             out_records.append(rec)
     result = {"first_correct": first_correct, "second_correct": second_correct,
               "generated_tokens": int(ep.generated_tokens), "verifier": list(verifier_error_counts(task))}

@@ -683,7 +683,8 @@ def warn_without_signal(run: Run, row: dict) -> None:
 def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dict]:
     """What ``samples.jsonl`` keeps of a rank's episode: every retry rewarded 1 (so that every
     reward can be audited: ``python -m r3.audit``), plus the first ``log_samples`` others every
-    ``samples_every`` steps; each with the verifier's reason for its verdict."""
+    ``samples_every`` steps; each with the verifier's reason for its verdict (from the call that
+    gave the reward, :func:`r3.tasks.base.judge`)."""
     unrewarded = cfg.log_samples if cfg.samples_every and step % cfg.samples_every == 0 else 0
     out = []
     for row, rec in enumerate(ep.records):
@@ -691,8 +692,7 @@ def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dic
             if unrewarded <= 0:
                 continue
             unrewarded -= 1
-        out.append({"step": step, "rank": rank, "row": row, **rec,
-                    "reason": task.diagnose(rec["example"], rec["retry"])})
+        out.append({"step": step, "rank": rank, "row": row, **rec})  # (its reason: the verdict's own)
     return out
 
 

@@ -1065,6 +1065,21 @@ def test_the_export_keeps_the_tokenizers_list_of_generation_eos_ids(tiny_dirs, t
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 5  # (the last export kept)
 
 
+def test_the_export_keeps_the_base_checkpoints_generation_settings(tiny_dirs, tmp_path, builtin):
+    """The base checkpoint's generation_config.json settings (Llama 3.x's do_sample, temperature
+    0.6, top_p 0.9) carry over to the export, so transformers' generate() samples the export as it
+    sampled the base (it wrote the token ids alone: greedy decoding)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model, _ = load(tiny_dirs["qwen2"][0], tokenizer=False)
+    builtin[1].save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "tok" / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 5]}))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    gen = GenerationConfig.from_pretrained(str(save_hf(model, tok, tmp_path / "export")))
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.eos_token_id) == (True, 0.6, 0.9, [2, 5])
+
+
 def test_the_export_drops_the_sources_quantization_config(tiny_dirs, tmp_path):
     """The export holds plain floating-point weights: a quantization_config copied from the source
     config.json would make transformers read them as quantised ones."""

@@ -1391,6 +1391,33 @@ def test_failures_summary_counts_a_query_in_both_files_once_and_reads_a_record_w
     assert (s["queries"], s["failed"], s["never_failed"], s["samples_needed"]) == (2, 1, 1, 3 + 4)
 
 
+def test_failures_samples_a_repeated_example_once(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A data set that holds an example twice (a repeated row) has one query for it: sampled once,
+    one record, and the summary counts distinct queries (it sampled and stored both, and said
+    '-1 resumed')."""
+    sampled = []
+
+    def fake(model, tok, task, todo, *, on_batch, progress, **kw):
+        sampled.extend(ex["id"] for ex in todo)
+        on_batch([], [{"key": F.example_key(ex), "id": ex.get("id"), "samples": 2} for ex in todo])
+        return {"samples_drawn": 4, "samples_needed": 4}
+
+    monkeypatch.setattr(F, "find_failures", fake)
+    listed = F.examples_of
+    monkeypatch.setattr(F, "examples_of", lambda *a, **k: listed(*a, **k) + listed(*a, **k)[:1])
+    argv = ["--model", tiny_dir, "--task", COIN, "--samples", "2", "--n", "2", "--out", str(tmp_path / "f.jsonl"),
+            "--dtype", "fp32", "--quiet"]
+    rc, stdout, err = run_main(F.main, argv, capsys)
+    assert rc == 0, err
+    assert sampled == ["train-0", "train-1"]
+    assert "note: 1 of the 3 train queries repeat an earlier one" in err
+    assert "0/2 queries failed" in stdout and "2 sampled in this run (4 samples drawn, " in stdout and ", 0 resumed;" in stdout
+    rc, stdout, err = run_main(F.main, argv, capsys)
+    assert rc == 0 and sampled == ["train-0", "train-1"]
+    assert "resuming" in err and "2 of 2 queries already done, 0 to sample" in err
+    assert "0 sampled in this run" in stdout and ", 2 resumed;" in stdout
+
+
 def test_failures_cli_says_the_samples_drawn_and_resumes_only_when_it_does(tiny_dir, tmp_path, capsys, monkeypatch):
     """The summary's 'samples drawn' is the sampler's count (not the samples needed); a fresh file
     says nothing of resuming."""

@@ -294,6 +294,51 @@ def test_rewards_are_the_verdicts_on_the_retries_group_major(tiny, episode):
     assert ep.rewards.dtype == torch.float32
 
 
+class SecondThoughtsTask(CoinTask):
+    """A verifier that judges a text otherwise when asked about it again (a judge model, a time
+    limit): the coin, flipped on every later look; its reason says which verdict it gave."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.looks = {}
+
+    def _check(self, example, completion_text):
+        key = (example["id"], completion_text)
+        self.looks[key] = self.looks.get(key, 0) + 1
+        ok = super()._check(example, completion_text)[0] != (self.looks[key] % 2 == 0)
+        return ok, f"look {self.looks[key]}: {'pass' if ok else 'fail'}"
+
+
+def test_each_reason_logged_is_its_verdicts_own(tiny):
+    """The reason beside a reward in samples.jsonl, and beside each verdict of an evaluation's
+    records, comes from the verifier call that gave that verdict, not from a second call that may
+    judge otherwise (a reward of 1 was logged with the reason of a fail); a duck-typed task with no
+    ``diagnose`` logs no reason (training stopped with an AttributeError)."""
+    from types import SimpleNamespace
+
+    from r3.heldout import evaluate_batch
+    from r3.train import sample_records
+
+    model, tok, chat = tiny
+    task = SecondThoughtsTask()
+    examples = task.examples(n=6)
+    ep = run_episode(model, tok, task, examples, group_size=2, sampling=SAMPLING, seed=3, chat=chat)
+    cfg = SimpleNamespace(log_samples=len(ep.records), samples_every=1)
+    rows = sample_records(ep, task, 1, cfg, 0)
+    assert len(rows) == len(ep.records) and {r["reward"] for r in rows} == {0.0, 1.0}
+    assert all(r["reason"].endswith("pass" if r["reward"] else "fail") for r in rows)
+    assert all(why.endswith("pass" if ok else "fail") for ok, why in zip(ep.first_passed, ep.first_reasons))
+    res = evaluate_batch(model, tok, task, examples, SAMPLING, seed=3, chat=chat, records=True)
+    assert sum("retry" in rec for rec in res["records"]) > 0
+    for rec in res["records"]:
+        assert rec["attempt_reason"].endswith("pass" if rec["attempt_correct"] else "fail")
+        if "retry" in rec:
+            assert rec["retry_reason"].endswith("pass" if rec["retry_correct"] else "fail")
+    duck = PlainPromptsTask()
+    ep = run_episode(model, tok, duck, CoinTask().examples(n=2), group_size=2, sampling=SAMPLING, seed=2, chat=chat)
+    assert [r["reason"] for r in sample_records(ep, duck, 1, cfg, 0)] == [None] * 4
+
+
 def test_group_reflections_differ_and_share_their_context(tiny, episode):
     _, _, chat = tiny
     task, _, ep = episode

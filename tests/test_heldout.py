@@ -72,20 +72,22 @@ def test_each_batch_has_its_own_seed_kept_on_resume(monkeypatch):
 def test_a_batch_reads_each_verdict_and_reason_from_its_own_turn(monkeypatch):
     """evaluate_batch on a made-up episode (no model): the retry rows belong to the failed examples
     by group index, the second verdict is the first one's or the retry's, each reason is the
-    verifier's for the text it judges (the retry's for retry_reason), and the verifier counts are
-    the task's since the last look."""
+    verifier's for the text it judges (the retry's for retry_reason), given with the verdict by the
+    episode, and the verifier counts are the task's since the last look."""
     import torch
 
     import r3.heldout as H
 
     ep = SimpleNamespace(first_passed=[True, False, False], group_indices=[1, 2], rewards=torch.tensor([[0.0], [1.0]]),
-                         records=[{"reflection": "r1", "retry": "retry1"}, {"reflection": "r2", "retry": "retry2"}],
+                         records=[{"reflection": "r1", "retry": "retry1", "reason": "why retry1"},
+                                  {"reflection": "r2", "retry": "retry2", "reason": "why retry2"}],
+                         first_reasons=["why attempt0", "why attempt1", "why attempt2"],
                          spans=[(5, 8), (4, 9)], first_attempts=[[0], [1], [2]], generated_tokens=17)
     monkeypatch.setattr(H, "run_episode", lambda *a, **k: ep)
 
     class Said(_Task):
-        def diagnose(self, example, text):
-            return f"why {text}"
+        def diagnose(self, example, text):  # (not asked again: the episode's reasons are the verdicts' own)
+            return "a second opinion"
 
     task = Said()
     task.__dict__.update(_verifier_errors=(1, "boom"), _verify_calls=5)

@@ -1316,6 +1316,28 @@ def test_a_verify_override_must_return_a_bool(verifier_errors):
     verifier_errors.clear()
 
 
+class _DuckRaises:
+    """A duck-typed plug-in (no Task): its own verify() raises on a text it cannot read."""
+    name = "duck"
+
+    def verify(self, example, completion_text):
+        return int(completion_text) == example["sum"]
+
+
+def test_a_plug_ins_own_verify_that_raises_counts_as_wrong(verifier_errors):
+    """A verify() of a plug-in's own (a duck-typed task's) that raises is a wrong answer and a
+    verifier error, as an exception of _check is (it was a traceback that ended the run at the
+    first completion it could not read)."""
+    from r3.tasks.base import judge, passes, warn_verifier_errors
+
+    t = _DuckRaises()
+    assert passes(t, {"sum": 3}, "3") is True and passes(t, {"sum": 3}, "three") is False
+    assert judge(t, {"sum": 3}, "three") == (False, None)  # (no diagnose: no reason)
+    assert warn_verifier_errors(t, "in a test") == 2  # (and not all failed: a warning)
+    assert len(verifier_errors) == 2 and verifier_errors[0].startswith("ValueError: invalid literal")
+    verifier_errors.clear()
+
+
 @pytest.mark.parametrize("made, message", [
     (5, "examples('train') must return a list of dicts, got int"),
     ([{"a": 1}, "text"], "train example 2 is a str, not a dict"),

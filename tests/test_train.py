@@ -2462,15 +2462,16 @@ def test_the_loop_stops_without_an_export_and_times_from_the_second_step(tmp_pat
 
 def test_samples_keep_every_rewarded_retry_and_the_first_unrewarded_ones_every_n_steps():
     """sample_records: rewarded retries always; log_samples unrewarded ones at the steps that are
-    multiples of samples_every; each with the verifier's reason for the retry."""
+    multiples of samples_every; each with the verifier's reason for the retry (the episode's, given
+    with the verdict: the verifier is not asked again)."""
     from types import SimpleNamespace
 
     from r3 import train as T
     from r3.config import TrainConfig
 
-    task = SimpleNamespace(diagnose=lambda example, text: f"{example}: {text}")
-    ep = SimpleNamespace(records=[{"example": i, "attempt": f"a{i}", "retry": f"r{i}", "reward": float(i == 3)}
-                                  for i in range(4)])
+    task = SimpleNamespace(diagnose=lambda example, text: "a second opinion")
+    ep = SimpleNamespace(records=[{"example": i, "attempt": f"a{i}", "retry": f"r{i}", "reward": float(i == 3),
+                                   "reason": f"{i}: r{i}"} for i in range(4)])
     cfg = TrainConfig(samples_every=2, log_samples=2).validate()
     got = {step: T.sample_records(ep, task, step, cfg, 1) for step in (1, 2, 3, 4)}
     assert [r["row"] for r in got[1]] == [r["row"] for r in got[3]] == [3]

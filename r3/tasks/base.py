@@ -190,11 +190,16 @@ def passes(task, example: dict, completion_text: str) -> bool:
     be a bool (or the integer 0 or 1). Anything else (a plug-in's ``verify`` returning
     ``(False, reason)``, which is truthy, would pay every completion) is a wrong answer and a
     verifier error, so a verifier that never returns a bool stops the run
-    (:func:`report_verifier_errors`)."""
+    (:func:`report_verifier_errors`). So is a ``verify`` of a plug-in's own (a duck-typed task's)
+    that raises, as :meth:`Task.verify` counts an exception of ``_check``."""
     counters = getattr(task, "__dict__", None)
     if counters is not None:
         counters["_verify_calls"] = counters.get("_verify_calls", 0) + 1
-    out = task.verify(example, completion_text)
+    try:
+        out = task.verify(example, completion_text)
+    except Exception as e:  # noqa: BLE001 -- a verify() of a plug-in's own that raises: as Task.verify
+        _note_error(task, f"{type(e).__name__}: {e}")
+        return False
     ok = _as_verdict(out)
     if ok is not None:
         return ok
@@ -202,6 +207,30 @@ def passes(task, example: dict, completion_text: str) -> bool:
                       f"{out!r:.80}, not a bool (a Task subclass implements _check(example, text) -> "
                       "(bool, reason) and leaves verify() to the base class)")
     return False
+
+
+def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
+    """:func:`passes` and the verifier's reason for that same verdict: ``(verdict, reason)``. For a
+    :class:`Task` whose ``verify`` and ``diagnose`` are the base class's, both come from one
+    ``_check`` call, so a verifier that can judge the same text twice otherwise (a judge model, a
+    time limit) never logs a reason that contradicts the reward beside it. Other tasks: their
+    ``diagnose`` after the verdict, or no reason (None) for a duck-typed task without one."""
+    if isinstance(task, Task) and type(task).verify is Task.verify and type(task).diagnose is Task.diagnose:
+        task.__dict__["_verify_calls"] = task.__dict__.get("_verify_calls", 0) + 1
+        try:
+            ok, why = task._verdict(example, completion_text)
+        except Exception as e:  # noqa: BLE001 -- as Task.verify: judged wrong, counted
+            _note_error(task, f"{type(e).__name__}: {e}")
+            return False, f"verifier error: {type(e).__name__}: {e}"[:300]
+        return ok, (why or "correct") if ok else why
+    ok = passes(task, example, completion_text)
+    diagnose = getattr(task, "diagnose", None)
+    if not callable(diagnose):
+        return ok, None
+    try:
+        return ok, diagnose(example, completion_text)
+    except Exception as e:  # noqa: BLE001 -- a plug-in's own diagnose
+        return ok, f"verifier error: {type(e).__name__}: {e}"[:300]
 
 
 def verifier_error_counts(task) -> tuple[int, int, str | None]:
