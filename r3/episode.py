@@ -14,6 +14,7 @@ included when sampled).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -153,7 +154,9 @@ def run_episode(
         first = session.sample(sampling.max_attempt_tokens, **answer_kw)
         times["attempt"] = session.prefill_s + first.decode_s
         generated += first.new_tokens
+        t_verify = time.perf_counter()
         verdicts = [judge(task, ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
+        times["verify"] = time.perf_counter() - t_verify
         passed = [ok for ok, _ in verdicts]
         failed = [i for i, ok in enumerate(passed) if not ok]
         if max_failures is not None:
@@ -210,7 +213,9 @@ def run_episode(
     for r, (toks, ref_toks) in enumerate(zip(retry.tokens, refl.tokens)):
         ex = group_examples[r // group_size]
         reply = chat.decode(toks)
+        t_verify = time.perf_counter()
         ok, why = judge(task, ex, reply)  # (the reason logged is this verdict's own)
+        times["verify"] = times.get("verify", 0.0) + time.perf_counter() - t_verify
         rewards.append(1.0 if ok else 0.0)
         records.append({
             "example": ex,

@@ -51,10 +51,11 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "skipped": upd["skipped"],
         "step_time_s": times["step"],
         "rollout_time_s": times["rollout"],
-        # this rank's rollout by part: first attempts, reflections, retries (prefill + decode)
+        # this rank's rollout by part: first attempts, reflections, retries (prefill + decode), verdicts
         "attempt_time_s": ep.times.get("attempt", 0.0),
         "reflection_time_s": ep.times.get("reflection", 0.0),
         "retry_time_s": ep.times.get("retry", 0.0),
+        "verify_time_s": ep.times.get("verify", 0.0),  # (the verifier's calls: a slow plug-in shows here)
         "reference_time_s": times["reference"],
         "update_time_s": times["update"],
         "rollout_tokens_per_s": g["generated"] / max(times["rollout"], 1e-9),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -337,6 +338,21 @@ def test_each_reason_logged_is_its_verdicts_own(tiny):
     duck = PlainPromptsTask()
     ep = run_episode(model, tok, duck, CoinTask().examples(n=2), group_size=2, sampling=SAMPLING, seed=2, chat=chat)
     assert [r["reason"] for r in sample_records(ep, duck, 1, cfg, 0)] == [None] * 4
+
+
+def test_the_verifiers_time_is_its_own_part_of_the_rollout(tiny, monkeypatch):
+    """A slow plug-in verifier hid inside rollout_time_s (its attempt, reflection and retry parts
+    summed to 0.94 s of 4.0 s): ``times["verify"]`` counts the verdict calls, those of the first
+    attempts and of each retry (a clock that ticks once per reading: one span for the first
+    attempts, one per retry)."""
+    import r3.episode as E
+
+    model, tok, chat = tiny
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(E, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    ep = run_episode(model, tok, CoinTask(), CoinTask().examples(n=6), group_size=2, sampling=SAMPLING, seed=3,
+                     chat=chat)
+    assert ep.records and ep.times["verify"] == 1.0 + len(ep.records)
 
 
 def test_group_reflections_differ_and_share_their_context(tiny, episode):
