@@ -26,6 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--raw", action="store_true",
+                   help="the prompt as plain text, without the chat template (a base model without one): "
+                        "the model continues it, stopping at its eos ids")
     p.add_argument("--chat-template-option", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to the chat template, over enable_thinking=false (Qwen3's thinking mode: "
                         "enable_thinking=true); repeatable")
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
     if args.num_samples < 1:
         raise R3Error(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.raw and (args.system is not None or args.chat_template_option):
+        raise R3Error(f"--raw samples without the chat template: drop "
+                      f"{'--system' if args.system is not None else '--chat-template-option'}")
     chat_options = template_options(parse_chat_template_options(args.chat_template_option))
     device, dtype = pick_device_dtype(args.device, args.dtype)
     check_toolchain(device, compiled_decode=args.decode == "compiled")
@@ -81,14 +87,26 @@ def main(argv=None) -> int:
     model, tok = load(args.model, dtype=dtype, device=device)
     if tok is None:
         raise R3Error(f"{args.model}: no tokenizer")
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
-    ]
     eos = model.config.eos_token_id  # a GGUF's or a config-only checkpoint's eos ids stop it too
-    chat = ChatFormat(tok, eos_token_ids=[e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None],
-                      template_options=chat_options)
-    prompt = chat.prompt(messages)
-    stops = chat.stop_ids
+    eos_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    if args.raw:
+        prompt = tok(args.prompt)["input_ids"]  # (with the BOS the tokenizer adds)
+        if not prompt:
+            raise R3Error("--prompt is empty: a raw prompt needs at least one token")
+        stops = sorted({int(e) for e in eos_ids + [tok.eos_token_id] if e is not None and 0 <= int(e) < len(tok)})
+        decode_reply = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        try:
+            chat = ChatFormat(tok, eos_token_ids=eos_ids, template_options=chat_options)
+        except R3Error as e:
+            hint = "; --raw samples without one" if "no chat template" in str(e) else ""
+            raise R3Error(f"{args.model}: {e}{hint}") from None
+        prompt = chat.prompt(messages)
+        stops = chat.stop_ids
+        decode_reply = chat.decode  # (the assistant message: a reasoning block's tags kept)
     limit = model.config.max_position_embeddings
     if len(prompt) + args.max_new_tokens > limit:
         print(f"warning: the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} passes the "
@@ -110,7 +128,8 @@ def main(argv=None) -> int:
     for i, (toks, fin) in enumerate(zip(out.tokens, out.finished)):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} ({len(toks)} tokens{'' if fin else ', truncated'}) ---")
-        print(chat.decode(toks).strip())  # (the assistant message: a reasoning block's tags kept)
+        text = decode_reply(toks)
+        print(text if args.raw else text.strip())  # (a raw continuation as it was sampled, spaces included)
     print(
         f"[{out.new_tokens} tokens, prompt {len(prompt)} tokens; prefill {out.prefill_s:.2f}s, "
         f"decode {out.decode_s:.2f}s, {out.tokens_per_s:.1f} tokens/s; {args.model} {str(dtype).removeprefix('torch.')} on {device}]",

@@ -2162,6 +2162,48 @@ def test_r3_generate_says_how_far_a_long_decode_is(monkeypatch):
     assert [line.split(" |")[0] for line in lines] == ["decoding: 140/500 steps", "decoding: 250/500 steps"], lines
 
 
+def test_r3_generate_raw_samples_a_model_without_a_chat_template(builtin, monkeypatch, capsys):
+    """A base model without a chat template was refused ("the tokenizer has no chat template"),
+    although the README showed r3.generate as sampling from any model. ``--raw`` encodes the prompt
+    as plain text (the tokenizer's BOS included), stops at the eos ids and prints the continuation
+    as sampled; without it the refusal names --raw. --system or template options with --raw are
+    refused."""
+    import copy
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    config = SimpleNamespace(vocab_size=len(tok), eos_token_id=[7], max_position_embeddings=8192)
+    seen = []
+    cont = tok(" Paris.")["input_ids"]
+
+    def fake_generate(model, prompts, **kw):
+        seen.append((prompts, kw))
+        return SimpleNamespace(tokens=[cont + [tok.eos_token_id]], finished=[True], new_tokens=3, prefill_s=0.0,
+                               decode_s=1.0, tokens_per_s=1.0)
+
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), bare))
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--raw", "--prompt", "The capital of France is", "--device", "cpu"]) == 0
+    (prompts, kw), = seen
+    assert prompts == [tok("The capital of France is")["input_ids"]]
+    assert kw["stop_token_ids"] == sorted({7, tok.eos_token_id})
+    assert capsys.readouterr().out == " Paris.\n"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--prompt", "The capital of France is", "--device", "cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith("the tokenizer has no chat template (r3 needs one to build "
+                                                     "conversations); --raw samples without one")
+    for extra, flag in ((["--system", "Be brief."], "--system"),
+                        (["--chat-template-option", "enable_thinking=true"], "--chat-template-option")):
+        with pytest.raises(SystemExit):
+            cli.main(["--raw", "--prompt", "x", "--device", "cpu", *extra])
+        assert capsys.readouterr().err == f"error: --raw samples without the chat template: drop {flag}\n"
+
+
 def test_stop_string_completed_right_after_a_compaction(tiny):
     """A compaction re-indexes the rows' stop-string state with the batch: a row kept in the
     compacted batch whose tokens complete a stop string at the very next step is cut there, not
