@@ -6,6 +6,7 @@ import argparse
 import errno
 import functools
 import os
+import signal
 import sys
 import traceback
 
@@ -22,8 +23,14 @@ def cli_main(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = _raise_on_sigterm()
         try:
             return fn(*args, **kwargs)
+        except Terminated:
+            # (a preemption outside a part that handles it: loading, an evaluation, the export;
+            # every write is atomic or resumable, so a rerun of the same command goes on)
+            print("terminated", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM)
         except R3Error as e:
             # one write call: ranks that fail together do not interleave their lines
             sys.stderr.write(f"error: {e}\n")
@@ -52,8 +59,30 @@ def cli_main(fn):
             sys.stderr.write(f"error: {e.strerror}{where}; free space and run the command again\n")
             sys.stderr.flush()
             raise SystemExit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+class Terminated(BaseException):
+    """SIGTERM (a preemption, ``kill``), raised where the work is, as Ctrl-C raises
+    KeyboardInterrupt: :func:`cli_main` says so in one line and exits with 128 + SIGTERM."""
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` (its default ends the process at once, without a
+    word) unless someone else handles it; returns the handler to restore, or None."""
+    def terminated(signum, frame):
+        raise Terminated
+
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None
+        return signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # (not the main thread: signals are left alone)
+        return None
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -4,8 +4,10 @@ tolerated, checking records, appending whole lines, and the pair ``F.jsonl`` + `
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -246,11 +248,29 @@ def _options_in_effect(task) -> dict:
     return config() if callable(config) else {}
 
 
+def _stat_or_none(path: Path):
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+_HELD_LOCKS: dict = {}  # (device, inode) -> open file: the OS releases the locks when the process ends
+
+
 class FailureFile:
     """``F.jsonl`` (failures) plus ``F.jsonl.done`` (header + queries that never failed)."""
 
     def __init__(self, out: Path):
         self.out, self.done = out, done_path(out)
+        self._locks: set = set()  # the held files' (device, inode), in _HELD_LOCKS
+        self._read()
+
+    def _stamp(self) -> list:
+        return [(st.st_size, st.st_mtime_ns) if st else None for st in map(_stat_or_none, (self.done, self.out))]
+
+    def _read(self) -> None:
+        self._read_at = self._stamp()
         try:
             self.header, self.done_records, cut_done = read_jsonl(self.done, header=True)
             _, failures, cut_out = read_jsonl(self.out)
@@ -261,7 +281,11 @@ class FailureFile:
 
     def open(self, settings: dict) -> None:
         """Check ``settings`` against the header (the task must match), drop any truncated last
-        lines and write the header if there is none yet."""
+        lines and write the header if there is none yet. One process at a time: the files are
+        read again once this one holds them (another that ended meanwhile may have added to them)."""
+        self._lock()
+        if self._stamp() != self._read_at:
+            self._read()
         if self.header is not None:
             old = self.header.get("settings", {})
             # (files made before these settings were recorded: what those versions did)
@@ -289,6 +313,39 @@ class FailureFile:
             self.header = {"r3_failures": FORMAT_VERSION, "settings": settings}
             body = self.done.read_text(encoding="utf-8") if self.done.exists() else ""
             write_text_atomic(self.done, json.dumps(self.header, ensure_ascii=True) + "\n" + body)
+            self._lock()  # (the file just written replaced the one held)
+
+    def _lock(self) -> None:
+        """Hold ``F.jsonl.done`` until this process ends: two processes on the same --out would
+        each sample the queries left and append every record twice (each query twice in the
+        file training reads)."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.done, "a")
+        key = (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino)
+        if key in _HELD_LOCKS:  # (this process holds it already)
+            f.close()
+            self._locks.add(key)
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = key[1] == os.stat(self.done).st_ino  # (not one replaced meanwhile)
+        except OSError:
+            held = False
+        if not held:
+            f.close()
+            raise R3Error(f"{self.out} is being written by another process (r3.failures with the same --out); "
+                          "wait for it to end or use another --out")
+        _HELD_LOCKS[key] = f
+        self._locks.add(key)
+
+    def close(self) -> None:
+        """Let other processes write the files again (the hold :meth:`open` took; a process that
+        ends lets go of it too)."""
+        for key in self._locks:
+            f = _HELD_LOCKS.pop(key, None)
+            if f is not None:
+                f.close()
+        self._locks.clear()
 
     def keys(self) -> set[str]:
         return {r["key"] for r in self.failures} | {r["key"] for r in self.done_records}

@@ -227,6 +227,15 @@ def main(argv=None) -> int:
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype),
                 "attempt_stop_strings": list(stop_strings_of(task))}
     store.open(settings)
+    try:
+        return _sample_the_rest(args, task, examples, out, store, dtype, device, chat_options)
+    finally:
+        store.close()
+
+
+def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, dtype, device,
+                     chat_options: dict) -> int:
+    """The queries the files do not hold yet, sampled and appended; prints the summary."""
     seen = store.keys()
     keys = [example_key(ex) for ex in examples]
     distinct: dict[str, dict] = {}  # key -> example, in order (a repeated example is one query, one record)

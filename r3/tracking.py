@@ -15,10 +15,12 @@ few others) as text. Only rank 0 tracks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 from r3.errors import R3Error
@@ -80,21 +82,62 @@ class TensorBoardTracker(Tracker):
         # purge_step: after a resume, events past the checkpoint's step are dropped (from step 0
         # on a resume before the first checkpoint). A fresh run writes its marker too: TensorBoard's
         # UI takes a run's first marker as its start, and purges only at the ones after it.
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
-        if not start_step:
-            self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
+        self.out, self.failed = out, False
+        _quiet_writer_thread_errors()
+        with self._writing():
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
+            if not start_step:
+                self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (a full disk; TensorBoard's writer thread meets it, the next call here
+        raises it) is one line naming the directory, as a failed write of a log is."""
+        try:
+            yield
+        except OSError as e:
+            from r3.rundir import _free_space_if_full, checkpoint_dirs
+
+            self.failed = True
+            kept = checkpoint_dirs(self.out)
+            raise R3Error(f"could not write {self.out / 'tensorboard'} ({e.strerror or e}"
+                          f"{_free_space_if_full(e, self.out)}); free space and rerun with the same --out: "
+                          + (f"it resumes from checkpoint {kept[-1].name}" if kept
+                             else "there is no checkpoint yet, so it starts again")) from None
 
     def log_metrics(self, row: dict, step: int, prefix: str = "train") -> None:
-        for k, v in scalars(row).items():
-            self.writer.add_scalar(f"{prefix}/{k}", v, step)
-        self.writer.flush()
+        with self._writing():
+            for k, v in scalars(row).items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
 
     def log_samples(self, records: list[dict], step: int) -> None:
         if records:
-            self.writer.add_text("samples", samples_markdown(records), step)
+            with self._writing():
+                self.writer.add_text("samples", samples_markdown(records), step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.failed:  # (said already; the writer raises the same error again)
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            return
+        with self._writing():
+            self.writer.close()
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard's writer thread prints the traceback of a failed write before the next call
+    raises it in the main thread: that call says it in one line (see ``_writing``)."""
+    previous = threading.excepthook
+    if getattr(previous, "r3_quiet", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.r3_quiet = True
+    threading.excepthook = hook
 
 
 class WandbTracker(Tracker):

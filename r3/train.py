@@ -591,7 +591,7 @@ def train_loop(run: Run) -> dict:
     with StopSignals() as signals:
         for step in range(run.start_step, cfg.max_steps):
             row, ep = train_step(run, step)
-            stopped = step_end(run, step, row, ep, clock, signals.requested(d))
+            stopped = step_end(run, step, row, ep, clock, lambda: signals.requested(d))
             if step == run.start_step:  # (it compiles, warms up and allocates: slower than the rest)
                 clock = (time.time(), step + 1)
             if stopped:
@@ -606,10 +606,12 @@ def train_loop(run: Run) -> dict:
     return row
 
 
-def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], signum: int) -> int:
+def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], requested) -> int:
     """Log the step, evaluate and checkpoint when due. Returns 0 to go on, the signal number when
     a signal stopped the run (after a checkpoint), or -1 for ``stop_after``. ``clock``: (time,
-    steps done then), where the ETA's rate starts."""
+    steps done then), where the ETA's rate starts. ``requested()``: the stop signal received so far
+    (0 if none; a collective), asked after the evaluation and again after a checkpoint, so that a
+    signal that came while they ran stops the run here, not after one more step."""
     cfg, d, out = run.cfg, run.d, run.out
     logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
     with fail_together(d):
@@ -628,8 +630,10 @@ def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], signu
         run.tracker.log_metrics(evaluation, step + 1, "eval")
     last = step + 1 == cfg.max_steps
     stop_after = bool(cfg.stop_after and step + 1 == cfg.stop_after and not last)
+    signum = requested()
     if (step + 1) % cfg.save_every == 0 or last or stop_after or signum:
         save_checkpoint(out, step + 1, run.policy, run.optimizer, run.scheduler, run.stream, cfg, d)
+        signum = signum or (0 if last else requested())  # (one during the write: that checkpoint is the stop's)
     if (stop_after or signum) and not last:
         if d.main:
             why = "stop_after" if stop_after else signal.Signals(signum).name

@@ -1062,6 +1062,44 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
         cli_main(denied)()
 
 
+def test_sigterm_outside_a_handled_part_is_one_line_exit_143(tmp_path):
+    """SIGTERM (a preemption) where no part of r3 handles it -- r3.failures at any time, r3.train
+    while its models load, in the first held-out evaluation or in the export -- ended the process
+    at once without a word (killed by the signal); it is "terminated" and exit 128 + 15, as Ctrl-C
+    is "interrupted" and 130. A handler someone else set is left alone, and the default is back
+    after the command."""
+    script = tmp_path / "term.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from r3.errors import cli_main\n"
+        "def main():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "try:\n"
+        "    cli_main(main)()\n"
+        "except SystemExit as e:\n"
+        "    print('restored', signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n"
+        "    raise\n")
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (143, "terminated\n", "restored True\n")
+
+    from r3.errors import cli_main
+
+    def own(signum, frame):
+        raise KeyboardInterrupt
+
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        seen = []
+        cli_main(lambda: seen.append(signal.getsignal(signal.SIGTERM)))()
+        assert seen == [own] and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_evaluate_checks_every_models_chat_template_before_the_first_runs(tiny_dir, tmp_path, capsys, monkeypatch):
     """A second model without a chat template failed only once the first was evaluated, with a
     line that did not say which model it was."""
@@ -1357,6 +1395,36 @@ def test_failure_file_refuses_chat_options_an_older_file_did_not_record_and_igno
     assert capsys.readouterr().err == ""
     with pytest.raises(R3Error, match="holds chat_template_options {}, not {'enable_thinking': True}"):
         F.FailureFile(out).open({"task": "t", "chat_template_options": {"enable_thinking": True}})
+
+
+def test_a_second_process_on_the_same_failure_file_is_refused_until_the_first_ends(tmp_path):
+    """Two r3.failures on the same --out at once each sampled every query left and appended it:
+    each query twice in the file training reads, both summaries counting half of it. The second
+    is refused in one line while the first holds the file, and goes on once it has ended."""
+    from r3.errors import R3Error
+
+    out = tmp_path / "f.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from r3.failure_data import FailureFile; "
+         f"FailureFile(Path({str(out)!r})).open({{'task': 't'}}); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(R3Error, match=f"{out} is being written by another process .* wait for it to end or use another --out"):
+            F.FailureFile(out).open({"task": "t"})
+    finally:
+        holder.communicate("", timeout=60)
+    store = F.FailureFile(out)  # (the first ended: its lock went with it)
+    store.open({"task": "t"})
+    store.add([], [{"key": "c", "samples": 4}])
+    F.FailureFile(out).open({"task": "t"})  # (this process holds it: another object of its own goes on)
+    assert F.FailureFile(out).keys() == {"c"}
+    store.close()  # (as r3.failures does when it ends: a process running it in-process lets go)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from pathlib import Path; from r3.failure_data import FailureFile; "
+         f"FailureFile(Path({str(out)!r})).open({{'task': 't'}}); print('held')"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)}, timeout=120)
+    assert proc.stdout == "held\n", proc.stderr
 
 
 def test_failure_file_of_a_version_that_recorded_no_split_or_task_options_is_added_to(tmp_path, capsys):

@@ -158,6 +158,31 @@ def test_tensorboard_logs_no_samples_table_for_a_step_without_samples(tmp_path):
     assert [step for step, _ in tags["samples/text_summary"]] == [2]
 
 
+def test_a_full_disk_under_tensorboard_is_one_line_naming_its_directory(tmp_path, monkeypatch, capsys):
+    """TensorBoard's writer thread met ENOSPC, printed its traceback, and the next call raised the
+    bare OSError: "error: No space left on device" naming no file and no checkpoint to resume from.
+    It is one line as a log's failed write is, without the thread's traceback."""
+    pytest.importorskip("tensorboard")
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    t = make_tracker("tensorboard", tmp_path, {"lr": 1e-5}, 0, main=True)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000002" / "trainer_state.json").write_text("{}")
+    with pytest.raises(R3Error) as e:
+        t.log_metrics({"step": 3, "loss": 0.25}, 3)
+    assert str(e.value).startswith(f"could not write {tmp_path / 'tensorboard'} (No space left on device; ")
+    assert str(e.value).endswith("); free space and rerun with the same --out: it resumes from checkpoint step_000002")
+    t.close()  # (said once: closing does not raise it again)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def _fake_wandb(monkeypatch) -> list:
     """A stand-in wandb module; returns the list its init(**kwargs) calls are appended to."""
     inits = []

@@ -1133,6 +1133,31 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     assert [r["step"] for r in read_metrics(part)] == [1, 2, 3, 4]
 
 
+def test_a_signal_during_a_checkpoint_stops_the_run_at_that_checkpoint(tiny_model, tmp_path):
+    """SIGTERM while step 2's checkpoint was written (or its evaluation ran) was seen only after
+    step 3: one more step and a second checkpoint before stopping, time a scheduler's grace period
+    may not give. The checkpoint being written is the stop's."""
+    script = tmp_path / "term_in_save.py"
+    script.write_text(textwrap.dedent("""
+        import os, runpy, signal, sys
+        import torch.distributed.checkpoint as dcp
+        real = dcp.save
+        def save(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)  # (a preemption while the checkpoint is written)
+            return real(*a, **k)
+        dcp.save = save
+        sys.argv = ["r3.train"] + sys.argv[1:]
+        runpy.run_module("r3.train", run_name="__main__")
+    """))
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, str(script)] + BASE + ["--model", str(tiny_model), "--max-steps", "4",
+                          "--save-every", "2", "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert "stopping after step 2 (SIGTERM); checkpoint saved" in proc.stdout, proc.stdout[-2000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+
+
 def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     from r3 import train as T
     from r3.config import TrainConfig
@@ -2419,7 +2444,7 @@ def test_step_end_evaluates_saves_and_stops_on_its_cadence(tmp_path, monkeypatch
         saved.clear(), evals.clear(), etas.clear(), synced.clear()
         out = []
         for step in range(5):
-            out.append(T.step_end(run, step, {"step": step + 1}, ep, (0.0, 0), 15 if step in signals else 0))
+            out.append(T.step_end(run, step, {"step": step + 1}, ep, (0.0, 0), lambda s=step: 15 if s in signals else 0))
             if out[-1]:
                 break
         assert etas == list(range(1, len(out) + 1))
