@@ -430,6 +430,10 @@ def set_up(cfg: TrainConfig) -> Run:
     recent: list = []  # (a checkpoint of an older version: the pool's measure from the log)
     with fail_together(d):  # (rewriting a log needs its size free again)
         if d.main:
+            logged = _logged_steps(out / "metrics.jsonl") if start_step == 0 else 0
+            if logged:
+                print(f"note: {out} has no complete checkpoint to resume from (checkpoints/): starting at step 1; "
+                      f"the {logged} logged step{'s are' if logged > 1 else ' is'} trained again", flush=True)
             for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
                 if start_step == 0:
                     (out / name).unlink(missing_ok=True)
@@ -455,6 +459,15 @@ def say_if_rollout_too_big(cfg: TrainConfig, d: Dist, model, prompt_tokens: int,
     warning = rollout_memory_warning(need, available_bytes(d.device, local_ranks()), rows, positions, d.device)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+def _logged_steps(path: Path) -> int:
+    """The lines of a metrics log (0 when there is none or it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
 
 
 #: Steps whose first-attempt success sizes the candidate pool, and the pool's largest size.

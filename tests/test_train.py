@@ -2774,13 +2774,15 @@ def test_the_update_is_the_whole_batch_loss_whatever_the_micro_batching(agg):
 
 
 def test_a_run_that_starts_again_from_no_checkpoint_starts_its_logs_again(tiny_model, tmp_path):
-    """Every checkpoint gone (removed by hand): the run starts at step 1 again, and its logs with
-    it, not appended to the old rows."""
+    """Every checkpoint gone (removed by hand, or a run killed while writing its first): the run
+    starts at step 1 again, and its logs with it, not appended to the old rows; it says so (the
+    logged steps went without a word)."""
     out = tmp_path / "run"
     args = BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "1", "--eval-n", "2"]
-    run_train(args)
+    assert "no complete checkpoint" not in run_train(args).stdout
     shutil.rmtree(out / "checkpoints")
-    run_train(args)
+    assert (f"note: {out} has no complete checkpoint to resume from (checkpoints/): starting at step 1; the 1 "
+            "logged step is trained again") in run_train(args).stdout
     assert [r["step"] for r in read_metrics(out)] == [1]
     assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
     assert {json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()} <= {1}
