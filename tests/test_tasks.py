@@ -1767,6 +1767,14 @@ def test_countdown_later_answer_after_answers_and_in_tex_dollars(completion, exp
     assert recheck(LENIENT, ex, completion)[0] is expected
 
 
+def _both_implementations_say(tags: bool, completion: str, expected: bool) -> None:
+    """The verifier's verdict and the independent re-check's, on 5 and 23 with target 28."""
+    task = CD if tags else LENIENT
+    ex = {"nums": [5, 23], "target": 28}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected
+
+
 @pytest.mark.parametrize("tags,completion,expected", [
     # a denial or supposition in parentheses next to the answer: the final equation's run takes a
     # "(" or ")" in and reads past it, the word windows around an answer block and before a
@@ -1853,10 +1861,7 @@ def test_countdown_parenthesised_denials_and_retractions_found_by_differential_f
     (both read as the word "answer", which hid them: ``3 * \\boxed{5 + 23 = 28}``), and retractions
     after it (``Forget that.``, ``Just kidding.``, ``I take it back.``) that the denial words after
     it missed."""
-    task = CD if tags else LENIENT
-    ex = {"nums": [5, 23], "target": 28}
-    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
-    assert recheck(task, ex, completion)[0] is expected
+    _both_implementations_say(tags, completion, expected)
 
 
 @pytest.mark.parametrize("tags,completion,expected", [
@@ -1906,10 +1911,7 @@ def test_countdown_questions_bare_labels_dashes_and_retractions_the_fuzz_left_op
     right after it was read), ``Or is it?``, ``Mistake:``/``Error:``/``Typo:`` as the whole label
     before it, a dash with a one-letter variable (``n - <answer>``, as ``n * <answer>``), and
     retractions (``That fails.``, ``Try again.``, ``Back to the drawing board.``)."""
-    task = CD if tags else LENIENT
-    ex = {"nums": [5, 23], "target": 28}
-    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
-    assert recheck(task, ex, completion)[0] is expected
+    _both_implementations_say(tags, completion, expected)
 
 
 # ---------------------------------------------------------------------------------------
