@@ -201,6 +201,11 @@ def run_and_exit(main) -> None:
 _PARENT_AT_START = os.getppid()
 
 
+def _first_rank() -> bool:
+    """Whether this process is rank 0 (or was not started by torchrun): it says what every rank does."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class StopSignals:
     """SIGTERM (what Slurm and Kubernetes send before killing a job) and SIGINT ask the run to
     stop at the end of the current step, after a checkpoint, instead of at once. A second Ctrl-C
@@ -225,8 +230,9 @@ class StopSignals:
                 raise KeyboardInterrupt
             return  # (a SIGTERM again: the same stop, said once)
         self.signum = signum
-        print(f"received {signal.Signals(signum).name}: stopping after this step's checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if _first_rank():  # (every rank gets the launcher's signal: said once)
+            print(f"received {signal.Signals(signum).name}: stopping after this step's checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -245,6 +251,7 @@ class StopSignals:
         """The signal number any rank received (0 if none), the same on every rank."""
         if self.signum is None and self._launcher is not None and os.getppid() != self._launcher:
             self.signum = signal.SIGTERM
-            print(f"the launcher (pid {self._launcher}) is gone: stopping after this step's checkpoint",
-                  file=sys.stderr, flush=True)
+            if _first_rank():
+                print(f"the launcher (pid {self._launcher}) is gone: stopping after this step's checkpoint",
+                      file=sys.stderr, flush=True)
         return all_max(int(self.signum or 0), d)

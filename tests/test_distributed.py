@@ -76,6 +76,26 @@ def test_a_second_ctrl_c_stops_at_once_a_second_sigterm_waits(first, second, at_
     assert capsys.readouterr().err.count(f"received {first.name}: stopping after this step's checkpoint") == 1
 
 
+def test_a_stop_is_said_by_rank_0_only(monkeypatch, capsys):
+    """Every rank gets the launcher's signal, and sees a launcher gone: with two ranks each line
+    was printed twice. Rank 0 says it; the others stop as quietly as they agree."""
+    import os
+    import signal
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(D, "_PARENT_AT_START", 4242)
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    for rank, said in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with D.StopSignals() as signals:
+            signals._handle(signal.SIGTERM, None)
+        with D.StopSignals() as signals:
+            assert signals.requested(ONE_RANK) == signal.SIGTERM
+        err = capsys.readouterr().err
+        assert err.count("received SIGTERM: stopping after this step's checkpoint") == said, (rank, err)
+        assert err.count("the launcher (pid 4242) is gone") == said, (rank, err)
+
+
 def test_a_launcher_that_is_gone_stops_its_workers_after_the_step(monkeypatch, capsys):
     """torchrun starts each worker in a session of its own: with the launcher SIGKILLed they would
     train on, orphaned, holding the run's lock."""
