@@ -28,6 +28,10 @@ def done_path(out: Path) -> Path:
     return out.with_name(out.name + ".done")
 
 
+def progress_path(out: Path) -> Path:
+    return out.with_name(out.name + ".progress")
+
+
 # --------------------------------------------------------------------------------------------
 # Reading and appending JSONL safely
 # --------------------------------------------------------------------------------------------
@@ -262,12 +266,13 @@ class FailureFile:
     """``F.jsonl`` (failures) plus ``F.jsonl.done`` (header + queries that never failed)."""
 
     def __init__(self, out: Path):
-        self.out, self.done = out, done_path(out)
+        self.out, self.done, self.progress_file = out, done_path(out), progress_path(out)
         self._locks: set = set()  # the held files' (device, inode), in _HELD_LOCKS
         self._read()
 
     def _stamp(self) -> list:
-        return [(st.st_size, st.st_mtime_ns) if st else None for st in map(_stat_or_none, (self.done, self.out))]
+        return [(st.st_size, st.st_mtime_ns) if st else None
+                for st in map(_stat_or_none, (self.done, self.out, self.progress_file))]
 
     def _read(self) -> None:
         self._read_at = self._stamp()
@@ -275,9 +280,15 @@ class FailureFile:
             self.header, self.done_records, cut_done = read_jsonl(self.done, header=True)
             _, failures, cut_out = read_jsonl(self.out)
             self.failures = _checked(self.out, failures)
+            _, progress, cut_progress = read_jsonl(self.progress_file)
         except R3Error as e:  # (r3.failures would append to it)
             raise R3Error(f"{e}; use another --out") from None
-        self._cuts = [(p, c) for p, c in ((self.done, cut_done), (self.out, cut_out)) if c is not None]
+        # attempts passed so far by queries still being sampled when a run stopped (the last line wins)
+        self.progress = {r["key"]: r["passed"] for r in progress
+                         if isinstance(r.get("passed"), int) and not isinstance(r["passed"], bool) and r["passed"] > 0}
+        self.progress_lines = len(progress)
+        self._cuts = [(p, c) for p, c in ((self.done, cut_done), (self.out, cut_out), (self.progress_file, cut_progress))
+                      if c is not None]
 
     def open(self, settings: dict) -> None:
         """Check ``settings`` against the header (the task must match), drop any truncated last
@@ -355,3 +366,18 @@ class FailureFile:
         append_lines(self.done, passed)  # kinds are still recognised as processed
         self.failures.extend(failures)
         self.done_records.extend(passed)
+
+    def add_progress(self, surviving: list[dict]) -> None:
+        """``{"key", "passed"}`` (``F.jsonl.progress``) for each query of a batch that passed all
+        its attempts so far and is sampled again: a run stopped before its next round goes on from
+        there, not from its first attempt."""
+        append_lines(self.progress_file, surviving)
+        self.progress.update({r["key"]: r["passed"] for r in surviving})
+        self.progress_lines += len(surviving)
+
+    def finished(self) -> None:
+        """The queries asked for are all in ``F.jsonl`` or ``F.jsonl.done``: the progress file goes
+        once it holds no other query (one of a larger --n still to sample keeps it)."""
+        if not set(self.progress) - self.keys():
+            self.progress_file.unlink(missing_ok=True)
+            self.progress, self.progress_lines = {}, 0

@@ -24,8 +24,14 @@ Files (all lines ASCII JSON, appended whole and flushed after every batch):
   options, chat template options, sampling settings of the first run), then one line ``{"key": "...", "samples": K}``
   per query that passed all its K attempts.
 
+* ``F.jsonl.progress`` -- while a run goes on, one line ``{"key": "...", "passed": n}`` per query
+  that passed all ``n`` attempts drawn so far and is sampled again in a later round (the last
+  line of a key wins); removed when every query is in one of the two files above.
+
 ``key`` is a hash of the example's canonical JSON. A rerun with the same ``--out`` skips every query
-whose key is in either file (resume); with another model, task, task options, split or chat
+whose key is in either file (resume), and a query in the progress file goes on from the attempts
+it passed, in the round an uninterrupted run would be in (other seeds: ``_round_seed``'s salt), so
+its record counts all its attempts, at most K (only the batch in flight at the stop is drawn again); with another model, task, task options, split or chat
 template options it is refused, with other sampling settings it warns. A crash can at worst leave the last line of a file cut short:
 it is dropped, with a warning, when the file is next opened. Prints the failure rate and how many
 samples it took.
@@ -60,6 +66,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
     append_lines,
     done_path,
     example_key,
+    progress_path,
     read_failures,
     read_jsonl,
 )
@@ -73,8 +80,21 @@ from r3.tasks.base import passes as task_passes, report_verifier_errors, stop_st
 # --------------------------------------------------------------------------------------------
 
 
-def _round_seed(seed: int, round_: int, batch: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"r3.failures:{seed}:{round_}:{batch}".encode()).digest()[:7], "big")
+def _round_seed(seed: int, round_: int, batch: int, salt: int = 0) -> int:
+    """A batch's sampling seed; ``salt`` (a resumed run's: how much the files held) keeps it from
+    repeating the seeds of the run it goes on from for other queries."""
+    tail = f":{salt}" if salt else ""
+    return int.from_bytes(hashlib.sha256(f"r3.failures:{seed}:{round_}:{batch}{tail}".encode()).digest()[:7], "big")
+
+
+def _rounds_before(passed: int, batch_size: int) -> int:
+    """The rounds after which a query has passed ``passed`` attempts (rounds draw 1, 2, 4, ...
+    attempts, at most ``batch_size``); where no count of rounds gives exactly that, the first after."""
+    rounds = done = 0
+    while done < passed:
+        done += min(2**rounds, batch_size)
+        rounds += 1
+    return rounds
 
 
 def find_failures(
@@ -93,12 +113,18 @@ def find_failures(
     on_batch=None,
     progress: Progress | None = None,
     chat=None,
+    passed_before: dict[str, int] | None = None,
+    on_progress=None,
+    seed_salt: int = 0,
 ) -> dict:
     """Sample up to ``samples`` attempts per example, stopping at each example's first failure.
 
     After every batch, ``on_batch(failures, passed)`` gets the new failure records (see the
     module docstring) and the records ``{"key", "id", "samples"}`` of examples that passed all
-    their attempts. Returns ``{"queries", "failed", "passed", "samples_needed", "samples_drawn",
+    their attempts, and ``on_progress(records)`` ``{"key", "passed"}`` for those that passed
+    every attempt so far and go on to the next round. ``passed_before``: key -> attempts a stopped
+    run's query already passed (it goes on from there; ``seed_salt`` then keeps the seeds from
+    repeating that run's). Returns ``{"queries", "failed", "passed", "samples_needed", "samples_drawn",
     "generated_tokens"}``; ``samples_needed`` counts attempts up to and including each first
     failure (``samples`` for queries that never failed), ``samples_drawn`` all attempts sampled
     (rounds of several samples per query may draw a few past the first failure)."""
@@ -110,59 +136,76 @@ def find_failures(
     keys = [example_key(ex) for ex in examples]
     stops = answer_stops(task, chat)  # (the task's stop strings end an attempt, as in training)
     stats = dict(queries=len(examples), failed=0, passed=0, samples_needed=0, samples_drawn=0, generated_tokens=0)
-    pending = list(range(len(examples)))
     verifier_error_counts(task)  # (counted from here)
     errors = verdicts = 0
     first_error = None
-    passed_so_far = 0  # attempts every pending query has passed (the same for all of them)
-    round_ = 0
     resolved = 0
-    while pending:
-        m = min(2**round_, samples - passed_so_far, batch_size)  # samples per query this round
-        per_batch = max(1, batch_size // m)
-        survivors = []
-        for b, lo in enumerate(range(0, len(pending), per_batch)):
-            idx = pending[lo: lo + per_batch]
-            out = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, top_k=top_k, num_samples=m, stop_token_ids=chat.stop_ids,
-                           stop_strings=stops, seed=_round_seed(seed, round_, b), vocab_size=vocab)
-            stats["samples_drawn"] += len(out.tokens)
-            stats["generated_tokens"] += out.new_tokens
-            fails, passes = [], []
-            for j, i in enumerate(idx):
-                ex = examples[i]
-                for s in range(m):
-                    toks = out.tokens[j * m + s]
-                    text = chat.decode(toks)
-                    if not task_passes(task, ex, text):
-                        k = passed_so_far + s
-                        fails.append({"key": keys[i], "example": ex, "attempt_tokens": list(toks), "attempt_text": text,
-                                      "attempts_before_failure": k, "samples": k + 1,
-                                      "finished": bool(out.finished[j * m + s])})
-                        stats["samples_needed"] += k + 1
-                        break
-                else:
-                    if passed_so_far + m >= samples:
-                        passes.append({"key": keys[i], "id": ex.get("id"), "samples": samples})
-                        stats["samples_needed"] += samples
-                    else:
-                        survivors.append(i)
-            n, calls, first = verifier_error_counts(task)
-            errors, verdicts, first_error = errors + n, verdicts + calls, first_error or first
-            if errors and errors >= verdicts:  # (every verdict so far an error: stop before writing them as failures)
-                report_verifier_errors(errors, verdicts, first_error, "while sampling failures")
-            stats["failed"] += len(fails)
+    # Queries a stopped run had already sampled go on from the attempts they passed (a group per
+    # count, each from the round an uninterrupted run would be in); a fresh run is one group at 0.
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(int((passed_before or {}).get(k, 0)), []).append(i)
+    for start in sorted(groups):
+        pending = groups[start]
+        passed_so_far = start  # attempts every pending query of the group has passed
+        round_ = _rounds_before(start, batch_size)
+        if passed_so_far >= samples:  # (a rerun that asks for fewer attempts than these passed)
+            passes = [{"key": keys[i], "id": examples[i].get("id"), "samples": passed_so_far} for i in pending]
             stats["passed"] += len(passes)
-            resolved += len(fails) + len(passes)
+            stats["samples_needed"] += passed_so_far * len(passes)
+            resolved += len(passes)
             if on_batch is not None:
-                on_batch(fails, passes)
-            if progress is not None:
-                progress.update(resolved, f"round {round_ + 1} ({m} sample{'s' if m > 1 else ''}/query), "
-                                f"failed {stats['failed']}, never failed {stats['passed']}, "
-                                f"{stats['samples_drawn']} samples drawn")
-        pending = survivors
-        passed_so_far += m
-        round_ += 1
+                on_batch([], passes)
+            continue
+        while pending:
+            m = min(2**round_, samples - passed_so_far, batch_size)  # samples per query this round
+            per_batch = max(1, batch_size // m)
+            survivors = []
+            for b, lo in enumerate(range(0, len(pending), per_batch)):
+                idx = pending[lo: lo + per_batch]
+                out = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, num_samples=m, stop_token_ids=chat.stop_ids,
+                               stop_strings=stops, seed=_round_seed(seed, round_, b, seed_salt), vocab_size=vocab)
+                stats["samples_drawn"] += len(out.tokens)
+                stats["generated_tokens"] += out.new_tokens
+                fails, passes, going_on = [], [], []
+                for j, i in enumerate(idx):
+                    ex = examples[i]
+                    for s in range(m):
+                        toks = out.tokens[j * m + s]
+                        text = chat.decode(toks)
+                        if not task_passes(task, ex, text):
+                            k = passed_so_far + s
+                            fails.append({"key": keys[i], "example": ex, "attempt_tokens": list(toks), "attempt_text": text,
+                                          "attempts_before_failure": k, "samples": k + 1,
+                                          "finished": bool(out.finished[j * m + s])})
+                            stats["samples_needed"] += k + 1
+                            break
+                    else:
+                        if passed_so_far + m >= samples:
+                            passes.append({"key": keys[i], "id": ex.get("id"), "samples": samples})
+                            stats["samples_needed"] += samples
+                        else:
+                            going_on.append(i)
+                survivors += going_on
+                n, calls, first = verifier_error_counts(task)
+                errors, verdicts, first_error = errors + n, verdicts + calls, first_error or first
+                if errors and errors >= verdicts:  # (every verdict so far an error: stop before writing them as failures)
+                    report_verifier_errors(errors, verdicts, first_error, "while sampling failures")
+                stats["failed"] += len(fails)
+                stats["passed"] += len(passes)
+                resolved += len(fails) + len(passes)
+                if on_batch is not None:
+                    on_batch(fails, passes)
+                if on_progress is not None and going_on:
+                    on_progress([{"key": keys[i], "passed": passed_so_far + m} for i in going_on])
+                if progress is not None:
+                    progress.update(resolved, f"round {round_ + 1} ({m} sample{'s' if m > 1 else ''}/query), "
+                                    f"failed {stats['failed']}, never failed {stats['passed']}, "
+                                    f"{stats['samples_drawn']} samples drawn")
+            pending = survivors
+            passed_so_far += m
+            round_ += 1
     if progress is not None:
         progress.close()
     report_verifier_errors(errors, verdicts, first_error, "while sampling failures")
@@ -245,9 +288,12 @@ def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, 
         print(f"note: {len(examples) - len(distinct)} of the {len(examples)} {args.split} queries repeat an "
               "earlier one (the same example); each distinct query is sampled once", file=sys.stderr)
     todo = [ex for k, ex in distinct.items() if k not in seen]
-    if len(todo) < len(distinct):
+    todo_keys = {k for k in distinct if k not in seen}
+    going_on = {k: v for k, v in store.progress.items() if k in todo_keys}
+    if len(todo) < len(distinct) or going_on:
         print(f"resuming {out}: {len(distinct) - len(todo)} of {len(distinct)} queries already done, "
-              f"{len(todo)} to sample", file=sys.stderr)
+              f"{len(todo)} to sample" + (f" ({len(going_on)} go on from the attempts they passed)" if going_on else ""),
+              file=sys.stderr)
     t0 = time.perf_counter()
     drawn = 0
     if todo:
@@ -260,7 +306,10 @@ def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, 
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,
             seed=args.seed, on_batch=store.add, chat=ChatFormat(tok, template_options=template_options(chat_options)),
             progress=Progress(len(todo), "failures", enabled=not args.quiet),
+            passed_before=going_on, on_progress=store.add_progress,
+            seed_salt=len(seen) + store.progress_lines,
         )["samples_drawn"]
+    store.finished()
     summary = summarize(store, set(keys), new=len(todo), drawn=drawn, elapsed=time.perf_counter() - t0)
     print(summary["line"])
     return 0

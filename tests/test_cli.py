@@ -194,6 +194,69 @@ def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
             assert counter[i] == next(b for b in bounds if b > f)
 
 
+@pytest.mark.parametrize("stop_at", [1, 2, 3])
+def test_a_resumed_failures_run_goes_on_from_the_attempts_each_query_passed(monkeypatch, tmp_path, stop_at):
+    """A run stopped between rounds lost what its surviving queries had passed: the rerun drew
+    each from its first attempt again (more than K attempts in all, and 'samples needed' of 45-48
+    where the uninterrupted run's was 56). Each batch's survivors are written to F.jsonl.progress
+    with the attempts they passed; the rerun goes on from there, so every record equals the
+    uninterrupted run's (the fake sampler's k-th attempt at a query is the same in both), no query
+    is drawn past K, the seeds differ from the first run's, and the progress file goes at the end."""
+    K = 6
+    fail_at = [0, 1, 2, 3, 5, None, 4, 0, None, 2]
+    task, chat, model, counter, calls, seeds = _fake_failure_sampling(monkeypatch)
+    examples = [{"i": i, "fail_at": f} for i, f in enumerate(fail_at)]
+    keys = [F.example_key(ex) for ex in examples]
+    out = tmp_path / "f.jsonl"
+    store = F.FailureFile(out)
+    store.open({"task": "t"})
+    told = []
+
+    def then_stop(records):
+        store.add_progress(records)
+        told.append(records)
+        if len(told) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        F.find_failures(model, list(range(100)), task, examples, samples=K, batch_size=3, chat=chat,
+                        on_batch=store.add, on_progress=then_stop)
+    first_seeds = list(seeds)
+    store = F.FailureFile(out)  # (a new process: the files as the first left them)
+    store.open({"task": "t"})
+    seen = store.keys()
+    before = {k: v for k, v in store.progress.items() if k not in seen}
+    assert before and all(0 < v < K for v in before.values())
+    todo = [ex for ex, k in zip(examples, keys) if k not in seen]
+    counter.clear()
+    counter.update({ex["i"]: before.get(F.example_key(ex), 0) for ex in todo})  # (what the model had drawn)
+    seeds.clear()
+    F.find_failures(model, list(range(100)), task, todo, samples=K, batch_size=3, chat=chat, on_batch=store.add,
+                    on_progress=store.add_progress, passed_before=before, seed_salt=len(seen) + store.progress_lines)
+    store.finished()
+    fails = {r["example"]["i"]: r for r in store.failures}
+    assert {i: r["attempts_before_failure"] for i, r in fails.items()} == {
+        i: f for i, f in enumerate(fail_at) if f is not None}
+    assert all(r["samples"] == fail_at[i] + 1 for i, r in fails.items())
+    assert sorted(r["key"] for r in store.done_records) == sorted(k for k, f in zip(keys, fail_at) if f is None)
+    assert all(r["samples"] == K for r in store.done_records) and len(store.keys()) == len(examples)
+    assert max(counter.values()) <= K
+    assert not set(seeds) & set(first_seeds)
+    assert not F.progress_path(out).exists()
+
+
+def test_rounds_before_and_the_seeds_of_a_fresh_run():
+    """The round a query that passed n attempts is in (rounds draw 1, 2, 4, ... capped by the
+    batch); a fresh run's seeds are those of earlier versions (no salt), a resumed run's others."""
+    import hashlib
+
+    assert [F._rounds_before(n, 16) for n in (0, 1, 3, 7, 15, 31)] == [0, 1, 2, 3, 4, 5]
+    assert [F._rounds_before(n, 4) for n in (0, 1, 3, 7, 11, 15)] == [0, 1, 2, 3, 4, 5]
+    assert F._rounds_before(2, 16) == 2  # (no round ends at 2: the first after)
+    old = int.from_bytes(hashlib.sha256(b"r3.failures:0:1:2").digest()[:7], "big")
+    assert F._round_seed(0, 1, 2) == F._round_seed(0, 1, 2, 0) == old != F._round_seed(0, 1, 2, 5)
+
+
 def test_failures_attempt_tokens_are_the_samplers(tiny_dir, tiny, tmp_path, capsys):
     """Greedy, one sample: the stored attempt is exactly the sampler's continuation of
     ChatFormat(tokenizer).prompt(task.messages(example))."""
