@@ -12,7 +12,6 @@ import difflib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -112,31 +111,35 @@ class TrainConfig:
         for name in ("compact_rollouts", "scale_advantages", "skip_no_signal_groups", "shared_prefix",
                      "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
-                raise R3Error(f"config: {name!r} must be true or false, got {getattr(self, name)!r}")
+                raise InvalidValue(name, f" must be true or false, got {getattr(self, name)!r}")
         if self.group_size < 2:
-            raise R3Error(f"config: 'group_size' must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
+            raise InvalidValue("group_size", f" must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
         if not 0 < self.top_p <= 1:
-            raise R3Error(f"config: 'top_p' must be in (0, 1], got {self.top_p}")
+            raise InvalidValue("top_p", f" must be in (0, 1], got {self.top_p}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise R3Error(f"config: 'adam_betas' must be two numbers in [0, 1), got {list(self.adam_betas)}")
+            raise InvalidValue("adam_betas", f" must be two numbers in [0, 1), got {list(self.adam_betas)}")
         if self.min_lr_ratio > 1:
-            raise R3Error(f"config: 'min_lr_ratio' must be <= 1 (the cosine decays from lr to lr * min_lr_ratio), "
-                          f"got {self.min_lr_ratio}")
+            raise InvalidValue("min_lr_ratio", " must be <= 1 (the cosine decays from lr to lr * min_lr_ratio), "
+                                               f"got {self.min_lr_ratio}")
         if self.eps_low >= 1:
-            raise R3Error(f"config: 'eps_low' must be < 1, got {self.eps_low}")
+            raise InvalidValue("eps_low", f" must be < 1, got {self.eps_low}")
         if self.agg not in AGGREGATIONS:
-            raise R3Error(f"config: 'agg' must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
+            raise InvalidValue("agg", f" must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
         if self.report_to not in REPORT_TO:
-            raise R3Error(f"config: 'report_to' must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+            raise InvalidValue("report_to", f" must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.decode not in DECODE_MODES:
-            raise R3Error(f"config: 'decode' must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+            raise InvalidValue("decode", f" must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.dtype not in DTYPE_NAMES:
-            raise R3Error(f"config: 'dtype' must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+            raise InvalidValue("dtype", f" must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
-            raise R3Error(f"config: 'task_options' must be a mapping, got {self.task_options!r}")
-        self.chat_template_options = user_template_options(self.chat_template_options, "config: 'chat_template_options'")
+            raise InvalidValue("task_options", f" must be a mapping, got {self.task_options!r}")
+        where = "config: 'chat_template_options'"
+        try:
+            self.chat_template_options = user_template_options(self.chat_template_options, where)
+        except R3Error as e:
+            raise InvalidValue("chat_template_options", str(e)[len(where):]) from None
         if not self.out:  # (an empty --out wrote the run into the current directory)
-            raise R3Error("config: 'out' cannot be empty")
+            raise InvalidValue("out", " cannot be empty")
         # (a config file's paths pass no shell: 'out: ~/runs/x' made a directory named '~' here)
         self.out = os.path.expanduser(self.out)
         self.task_options = absolute_paths(self.task_options)
@@ -311,9 +314,18 @@ def parse_task_options(items: list[str] | None, flag: str = "--task-option") -> 
     return absolute_paths(out)
 
 
+class InvalidValue(R3Error):
+    """A config value :meth:`TrainConfig.validate` refuses, with its field: ``config: 'FIELD'
+    PROBLEM`` (:func:`parse_args` names the config file that gave it instead)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"config: '{field}'{problem}")
+        self.field, self.problem = field, problem
+
+
 def _check_positive(name: str, v, allow_zero: bool = False) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise R3Error(f"config: '{name}' must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+        raise InvalidValue(name, f" must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 
 def suggest(name: str, choices) -> str:
@@ -508,12 +520,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
             kwargs.update({n: kwargs["max_new_tokens"] for n in _LIMITS}, **own, max_new_tokens=None)
     try:
         cfg = TrainConfig(**kwargs).validate()
-    except R3Error as e:  # a value the config file gave is named with the file, as a bad type is
-        field = re.match(r"config: '(\w+)'", str(e))
-        source = values.get(field.group(1), (None, "command line"))[1] if field else "command line"
+    except InvalidValue as e:  # a value the config file gave is named with the file, as a bad type is
+        source = values.get(e.field, (None, "command line"))[1]
         if source == "command line":
             raise
-        raise R3Error(source + str(e)[len("config"):]) from None
+        raise R3Error(f"{source}: '{e.field}'{e.problem}") from None
     _check_file_options_fit_task(cfg, values, from_file, config_file[-1] if config_file else None)
     return cfg
 

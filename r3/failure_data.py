@@ -286,7 +286,6 @@ class FailureFile:
         # attempts passed so far by queries still being sampled when a run stopped (the last line wins)
         self.progress = {r["key"]: r["passed"] for r in progress
                          if isinstance(r.get("passed"), int) and not isinstance(r["passed"], bool) and r["passed"] > 0}
-        self.progress_lines = len(progress)
         self._cuts = [(p, c) for p, c in ((self.done, cut_done), (self.out, cut_out), (self.progress_file, cut_progress))
                       if c is not None]
 
@@ -373,11 +372,10 @@ class FailureFile:
         there, not from its first attempt."""
         append_lines(self.progress_file, surviving)
         self.progress.update({r["key"]: r["passed"] for r in surviving})
-        self.progress_lines += len(surviving)
 
     def finished(self) -> None:
         """The queries asked for are all in ``F.jsonl`` or ``F.jsonl.done``: the progress file goes
         once it holds no other query (one of a larger --n still to sample keeps it)."""
         if not set(self.progress) - self.keys():
             self.progress_file.unlink(missing_ok=True)
-            self.progress, self.progress_lines = {}, 0
+            self.progress = {}

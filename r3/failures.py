@@ -288,8 +288,7 @@ def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, 
         print(f"note: {len(examples) - len(distinct)} of the {len(examples)} {args.split} queries repeat an "
               "earlier one (the same example); each distinct query is sampled once", file=sys.stderr)
     todo = [ex for k, ex in distinct.items() if k not in seen]
-    todo_keys = {k for k in distinct if k not in seen}
-    going_on = {k: v for k, v in store.progress.items() if k in todo_keys}
+    going_on = {k: v for k, v in store.progress.items() if k in distinct and k not in seen}
     if len(todo) < len(distinct) or going_on:
         print(f"resuming {out}: {len(distinct) - len(todo)} of {len(distinct)} queries already done, "
               f"{len(todo)} to sample" + (f" ({len(going_on)} go on from the attempts they passed)" if going_on else ""),
@@ -307,7 +306,7 @@ def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, 
             seed=args.seed, on_batch=store.add, chat=ChatFormat(tok, template_options=template_options(chat_options)),
             progress=Progress(len(todo), "failures", enabled=not args.quiet),
             passed_before=going_on, on_progress=store.add_progress,
-            seed_salt=len(seen) + store.progress_lines,
+            seed_salt=len(seen) + len(store.progress),
         )["samples_drawn"]
     store.finished()
     summary = summarize(store, set(keys), new=len(todo), drawn=drawn, elapsed=time.perf_counter() - t0)

@@ -408,8 +408,7 @@ def set_up(cfg: TrainConfig) -> Run:
                 raise R3Error(f"task {cfg.task}: {e}") from None
         try:
             chat = ChatFormat(tokenizer, template_options=template_options(cfg.chat_template_options))
-            if messages is not None:
-                chat.prompt(messages)
+            first_prompt = chat.prompt(messages) if messages is not None else None
         except R3Error as e:  # (the template's problem: name the model it came with, as r3.evaluate does)
             raise R3Error(f"{cfg.model}: {e}") from None
         opens = (f"the chat template's generation prompt opens a reasoning block ({chat.reply_prefix.strip()!r})"
@@ -418,8 +417,8 @@ def set_up(cfg: TrainConfig) -> Run:
         if d.main and opens:
             print(f"note: {opens}: answers are read after its closing tag, and a turn cut off before it has none; turn "
                   f"budgets are {cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
-    if d.main and messages is not None:
-        say_if_rollout_too_big(cfg, d, rollout_model, len(chat.prompt(messages)), fresh=failures is None)
+    if d.main and first_prompt is not None:
+        say_if_rollout_too_big(cfg, d, rollout_model, len(first_prompt), fresh=failures is None)
     write_config(cfg, out, d)
     optimizer, scheduler = make_optimizer(cfg, policy.parameters())
     stream = QueryStream(queries, cfg.seed)
@@ -626,7 +625,7 @@ def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], reque
     (0 if none; a collective), asked after the evaluation and again after a checkpoint, so that a
     signal that came while they ran stops the run here, not after one more step."""
     cfg, d, out = run.cfg, run.d, run.out
-    logged = gather_to_main(sample_records(ep, run.task, step + 1, cfg, d.rank), d)
+    logged = gather_to_main(sample_records(ep, step + 1, cfg, d.rank), d)
     with fail_together(d):
         if d.main:
             append_jsonl(out / "metrics.jsonl", row)
@@ -697,7 +696,7 @@ def warn_without_signal(run: Run, row: dict) -> None:
     run.steps_without_signal = None
 
 
-def sample_records(ep, task, step: int, cfg: TrainConfig, rank: int) -> list[dict]:
+def sample_records(ep, step: int, cfg: TrainConfig, rank: int) -> list[dict]:
     """What ``samples.jsonl`` keeps of a rank's episode: every retry rewarded 1 (so that every
     reward can be audited: ``python -m r3.audit``), plus the first ``log_samples`` others every
     ``samples_every`` steps; each with the verifier's reason for its verdict (from the call that

@@ -232,7 +232,7 @@ def test_a_resumed_failures_run_goes_on_from_the_attempts_each_query_passed(monk
     counter.update({ex["i"]: before.get(F.example_key(ex), 0) for ex in todo})  # (what the model had drawn)
     seeds.clear()
     F.find_failures(model, list(range(100)), task, todo, samples=K, batch_size=3, chat=chat, on_batch=store.add,
-                    on_progress=store.add_progress, passed_before=before, seed_salt=len(seen) + store.progress_lines)
+                    on_progress=store.add_progress, passed_before=before, seed_salt=len(seen) + len(store.progress))
     store.finished()
     fails = {r["example"]["i"]: r for r in store.failures}
     assert {i: r["attempts_before_failure"] for i, r in fails.items()} == {

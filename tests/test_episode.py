@@ -325,7 +325,7 @@ def test_each_reason_logged_is_its_verdicts_own(tiny):
     examples = task.examples(n=6)
     ep = run_episode(model, tok, task, examples, group_size=2, sampling=SAMPLING, seed=3, chat=chat)
     cfg = SimpleNamespace(log_samples=len(ep.records), samples_every=1)
-    rows = sample_records(ep, task, 1, cfg, 0)
+    rows = sample_records(ep, 1, cfg, 0)
     assert len(rows) == len(ep.records) and {r["reward"] for r in rows} == {0.0, 1.0}
     assert all(r["reason"].endswith("pass" if r["reward"] else "fail") for r in rows)
     assert all(why.endswith("pass" if ok else "fail") for ok, why in zip(ep.first_passed, ep.first_reasons))
@@ -337,7 +337,7 @@ def test_each_reason_logged_is_its_verdicts_own(tiny):
             assert rec["retry_reason"].endswith("pass" if rec["retry_correct"] else "fail")
     duck = PlainPromptsTask()
     ep = run_episode(model, tok, duck, CoinTask().examples(n=2), group_size=2, sampling=SAMPLING, seed=2, chat=chat)
-    assert [r["reason"] for r in sample_records(ep, duck, 1, cfg, 0)] == [None] * 4
+    assert [r["reason"] for r in sample_records(ep, 1, cfg, 0)] == [None] * 4
 
 
 def test_the_verifiers_time_is_its_own_part_of_the_rollout(tiny, monkeypatch):

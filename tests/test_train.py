@@ -2494,11 +2494,10 @@ def test_samples_keep_every_rewarded_retry_and_the_first_unrewarded_ones_every_n
     from r3 import train as T
     from r3.config import TrainConfig
 
-    task = SimpleNamespace(diagnose=lambda example, text: "a second opinion")
     ep = SimpleNamespace(records=[{"example": i, "attempt": f"a{i}", "retry": f"r{i}", "reward": float(i == 3),
                                    "reason": f"{i}: r{i}"} for i in range(4)])
     cfg = TrainConfig(samples_every=2, log_samples=2).validate()
-    got = {step: T.sample_records(ep, task, step, cfg, 1) for step in (1, 2, 3, 4)}
+    got = {step: T.sample_records(ep, step, cfg, 1) for step in (1, 2, 3, 4)}
     assert [r["row"] for r in got[1]] == [r["row"] for r in got[3]] == [3]
     assert [r["row"] for r in got[2]] == [r["row"] for r in got[4]] == [0, 1, 3]
     assert [r["reason"] for r in got[2]] == ["0: r0", "1: r1", "3: r3"]

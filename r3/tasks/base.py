@@ -115,7 +115,7 @@ class Task:
             ok, why = self._verdict(example, completion_text)
             return (why or "correct") if ok else why
         except Exception as e:  # noqa: BLE001
-            return f"verifier error: {type(e).__name__}: {e}"[:300]
+            return _error_reason(e)
 
     def _verdict(self, example: dict, completion_text: str) -> tuple[bool, str]:
         """``_check``'s result, which must be ``(bool, str)``: anything else (a plug-in returning a
@@ -163,6 +163,16 @@ class Task:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+def _error_reason(e: BaseException) -> str:
+    return f"verifier error: {type(e).__name__}: {e}"[:300]
+
+
+def _count_call(task) -> None:
+    counters = getattr(task, "__dict__", None)
+    if counters is not None:
+        counters["_verify_calls"] = counters.get("_verify_calls", 0) + 1
+
+
 def _note_error(task, error: str) -> None:
     counters = getattr(task, "__dict__", None)
     if counters is not None:
@@ -192,9 +202,7 @@ def passes(task, example: dict, completion_text: str) -> bool:
     verifier error, so a verifier that never returns a bool stops the run
     (:func:`report_verifier_errors`). So is a ``verify`` of a plug-in's own (a duck-typed task's)
     that raises, as :meth:`Task.verify` counts an exception of ``_check``."""
-    counters = getattr(task, "__dict__", None)
-    if counters is not None:
-        counters["_verify_calls"] = counters.get("_verify_calls", 0) + 1
+    _count_call(task)
     try:
         out = task.verify(example, completion_text)
     except Exception as e:  # noqa: BLE001 -- a verify() of a plug-in's own that raises: as Task.verify
@@ -216,12 +224,12 @@ def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     time limit) never logs a reason that contradicts the reward beside it. Other tasks: their
     ``diagnose`` after the verdict, or no reason (None) for a duck-typed task without one."""
     if isinstance(task, Task) and type(task).verify is Task.verify and type(task).diagnose is Task.diagnose:
-        task.__dict__["_verify_calls"] = task.__dict__.get("_verify_calls", 0) + 1
+        _count_call(task)
         try:
             ok, why = task._verdict(example, completion_text)
         except Exception as e:  # noqa: BLE001 -- as Task.verify: judged wrong, counted
             _note_error(task, f"{type(e).__name__}: {e}")
-            return False, f"verifier error: {type(e).__name__}: {e}"[:300]
+            return False, _error_reason(e)
         return ok, (why or "correct") if ok else why
     ok = passes(task, example, completion_text)
     diagnose = getattr(task, "diagnose", None)
@@ -230,7 +238,7 @@ def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     try:
         return ok, diagnose(example, completion_text)
     except Exception as e:  # noqa: BLE001 -- a plug-in's own diagnose
-        return ok, f"verifier error: {type(e).__name__}: {e}"[:300]
+        return ok, _error_reason(e)
 
 
 def verifier_error_counts(task) -> tuple[int, int, str | None]:
