@@ -13,6 +13,7 @@ import importlib.util
 import json
 import operator
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -51,12 +52,52 @@ def builtin_gguf(name: str) -> Path:
     raise R3Error(f"built-in model '{name}': no .gguf file inside the {dist} package")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of a Hugging Face model id (its ``main`` revision), or None when the
+    cache does not hold it. Looked up on this disk only: r3 never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # (transformers brings it; without it there is no cache to read)
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (OSError, ValueError):  # (not cached / not a valid repo id)
+        return None
+
+
+def _hub_cache_model(spec: str, snapshot: Path) -> tuple[str, Path]:
+    """A cached hub snapshot as a model: its directory when it has a config.json, else its one
+    GGUF file (a GGUF repository holds several quantisations: the user names one)."""
+    if (snapshot / "config.json").is_file():
+        return "hf", snapshot
+    ggufs = sorted(snapshot.rglob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if ggufs:
+        names = ", ".join(str(g.relative_to(snapshot)) for g in ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
+        raise R3Error(f"model '{spec}' (Hugging Face cache, {snapshot}) holds {len(ggufs)} GGUF files "
+                      f"({names}): name one with --model {snapshot}/FILE")
+    raise R3Error(f"model '{spec}' (Hugging Face cache, {snapshot}): no config.json and no .gguf file "
+                  f"(was the download complete?)")
+
+
 def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
-    """-> ("hf", directory) or ("gguf", file)."""
+    """-> ("hf", directory) or ("gguf", file). A name that is no path here but reads as a hub id
+    (``Qwen/Qwen2.5-0.5B-Instruct``) is looked up in the local Hugging Face cache."""
     if isinstance(spec, str) and spec in BUILTIN_MODELS:
         return "gguf", builtin_gguf(spec)
     path = Path(spec).expanduser()
     if not path.exists():
+        if isinstance(spec, str) and _HUB_ID.fullmatch(spec):
+            snapshot = hub_cache_snapshot(spec)
+            if snapshot is not None:
+                return _hub_cache_model(spec, snapshot)
+            raise R3Error(f"model '{spec}' is not a path here, nor in the Hugging Face cache "
+                          f"({_hub_cache_dir()}); r3 never downloads: fetch it first "
+                          f"(`hf download {spec}`) or give its directory")
         hint = f" (built-in models: {', '.join(BUILTIN_MODELS)})"
         raise R3Error(f"model path '{spec}' does not exist{hint}")
     if path.is_dir():
@@ -68,14 +109,28 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
     raise R3Error(f"{path}: expected a Hugging Face directory or a .gguf file")
 
 
+def _hub_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return "~/.cache/huggingface/hub"
+
+
 def canonical_model(spec: str) -> str:
     """How a run records its model: a built-in name as it is, a path absolute (so a resume or
     ``r3.evaluate --run`` from another directory finds the same files, and another spelling of
     the same path is the same model). Raises like :func:`resolve` when there is no such model."""
-    resolve(spec)
+    kind, found = resolve(spec)
     if isinstance(spec, str) and spec in BUILTIN_MODELS:
         return spec
-    return str(Path(spec).expanduser().resolve())
+    path = Path(spec).expanduser()
+    if not path.exists():  # (a hub id: the cached snapshot, which names its revision)
+        return str(found)
+    # The folder resolved, the last name kept: a GGUF file in the Hugging Face cache is a link to
+    # a blob named by its hash, without the .gguf that says what it is.
+    return str(path.absolute().parent.resolve() / path.name) if path.name not in ("", ".", "..") \
+        else str(path.resolve())
 
 
 def same_model(a: str, b: str) -> bool:

@@ -730,6 +730,79 @@ def test_a_run_records_its_model_path_absolute(tiny_dirs, tmp_path, monkeypatch)
     assert not same_model("nope", "model") and not same_model("model", "nope")  # (one is not here)
 
 
+def _hub_cache(root: Path, repo_id: str, files: dict[str, Path], revision: str = "0123abcd") -> Path:
+    """A Hugging Face cache as `hf download` leaves it: blobs named by hash, a snapshot of links
+    to them, refs/main naming the snapshot."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for i, (name, src) in enumerate(files.items()):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copyfile(src, blob)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(blob)
+    return snapshot
+
+
+def test_a_hub_id_is_found_in_the_local_hugging_face_cache(tiny_dirs, tmp_path, monkeypatch):
+    """`--model org/name` loads the cached snapshot, as transformers would, without a download:
+    a model directory, a GGUF repository with one file, and clear errors for a GGUF repository
+    with several (name one) and for a model the cache does not hold (fetch it first). The run
+    records the snapshot (its revision), and a GGUF file's link keeps its .gguf name."""
+    import huggingface_hub.constants
+
+    from r3.checkpoint import builtin_gguf, canonical_model, load_config, resolve, same_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    src = tiny_dirs["llama"][0]
+    snapshot = _hub_cache(tmp_path / "hub", "org/tiny-llama", {f.name: f for f in src.iterdir() if f.is_file()})
+    monkeypatch.chdir(tmp_path)
+    assert resolve("org/tiny-llama") == ("hf", snapshot)
+    assert load_config("org/tiny-llama") == load_config(src)
+    assert canonical_model("org/tiny-llama") == str(snapshot) and same_model("org/tiny-llama", str(snapshot))
+
+    gguf = builtin_gguf("smollm2-135m")
+    one = _hub_cache(tmp_path / "hub", "org/one-GGUF", {"m-Q8_0.gguf": gguf, "README.md": tmp_path / "hub" / "models--org--tiny-llama" / "refs" / "main"})
+    assert resolve("org/one-GGUF") == ("gguf", one / "m-Q8_0.gguf")
+    recorded = canonical_model("org/one-GGUF")
+    assert recorded.endswith("m-Q8_0.gguf") and resolve(recorded)[0] == "gguf"
+    assert canonical_model(str(one / "m-Q8_0.gguf")) == str(one / "m-Q8_0.gguf")  # (the link, not its blob)
+    _hub_cache(tmp_path / "hub", "org/two-GGUF", {"a-Q4.gguf": gguf, "b-Q8.gguf": gguf})
+    with pytest.raises(R3Error, match=r"'org/two-GGUF' .* holds 2 GGUF files \(a-Q4.gguf, b-Q8.gguf\): name one"):
+        resolve("org/two-GGUF")
+    with pytest.raises(R3Error, match=r"'org/absent' is not a path here, nor in the Hugging Face cache .*hub\); "
+                                      r"r3 never downloads"):
+        resolve("org/absent")
+    with pytest.raises(R3Error, match="model path 'a/b/c' does not exist"):  # (not a hub id)
+        resolve("a/b/c")
+    (tmp_path / "org" / "tiny-llama").mkdir(parents=True)  # a directory here wins over the cache
+    with pytest.raises(R3Error, match="no config.json"):
+        resolve("org/tiny-llama")
+
+
+def test_the_cli_loads_a_model_from_the_hugging_face_cache(builtin, tmp_path):
+    """r3.generate --model org/name with HF_HUB_CACHE set runs the cached model; an uncached id
+    is one line naming the cache and exit 2."""
+    from conftest import make_tiny_hf
+
+    src = tmp_path / "model"
+    make_tiny_hf(src, "llama", vocab_size=49152, num_hidden_layers=1)
+    builtin[1].save_pretrained(str(src))
+    _hub_cache(tmp_path / "hub", "org/tiny-llama", {f.name: f for f in src.iterdir() if f.is_file()})
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["--prompt", "hi", "--max-new-tokens", "2", "--raw"]
+    ok = subprocess.run([sys.executable, "-m", "r3.generate", "--model", "org/tiny-llama", *args],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "r3.generate", "--model", "org/absent", *args],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and f"nor in the Hugging Face cache ({tmp_path / 'hub'})" in bad.stderr
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_a_tokenizer_transformers_cannot_make_is_a_one_line_error(tmp_path, monkeypatch, wrapped):
     """transformers' error (also one raised from another, as its import errors are) gives the
