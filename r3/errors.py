@@ -55,7 +55,7 @@ def cli_main(fn):
                 raise
             # a full disk or quota: the machine's state, not a bug (runs and outputs are written
             # atomically or resumably, so a rerun after freeing space loses nothing)
-            where = f" writing {e.filename}" if e.filename else ""
+            where = f" writing {e.filename}{free_space_at(e.filename)}" if e.filename else ""
             sys.stderr.write(f"error: {e.strerror}{where}; free space and run the command again\n")
             sys.stderr.flush()
             raise SystemExit(2)
@@ -64,6 +64,20 @@ def cli_main(fn):
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def free_space_at(path) -> str:
+    """`` (N GiB free on that disk)`` for the disk that holds ``path`` (or its nearest existing
+    folder: a failed write may have left no file), or nothing when that cannot be read."""
+    import shutil
+
+    where = os.path.abspath(os.fsdecode(path))
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    try:
+        return f" ({shutil.disk_usage(where).free / 2**30:.2f} GiB free on that disk)"
+    except OSError:
+        return ""
 
 
 class Terminated(BaseException):

@@ -69,6 +69,16 @@ def _error_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
+def _write_failure(e: BaseException) -> str:
+    """:func:`_error_line` for a failed write. torch's zip writer reports a short write (a full
+    disk, a quota) as ``[enforce fail at inline_container.cc:N] . unexpected pos 704 vs 598``,
+    the OS error lost: said as what it is."""
+    line = _error_line(e)
+    if "unexpected pos" in line or "file write failed" in line:
+        return f"a write came up short: {line.split('] . ')[-1]}"
+    return line
+
+
 def _disk_full(e: BaseException) -> bool:
     """Whether a write failed for want of space (or quota): safetensors reports the OS error in
     its message."""
@@ -133,7 +143,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         if failure is None:
             exit_after_failing_ranks(d)  # (the rank that failed says why)
         kept = checkpoint_dirs(out)
-        raise R3Error(f"could not write checkpoint {final} ({_error_line(failure)}{free}); "
+        raise R3Error(f"could not write checkpoint {final} ({_write_failure(failure)}{free}); "
                       + (f"the last complete one, {kept[-1].name}, is kept: free space and rerun with the same --out"
                          if kept else "no earlier checkpoint")) from None
     if d.main:
@@ -310,7 +320,7 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
                     raise  # (a serialisation bug, not the disk)
                 kept = checkpoint_dirs(out)
                 full = _disk_full(e)
-                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space_if_full(e, out)}); "
+                raise R3Error(f"could not write the export {out / 'export'} ({_write_failure(e)}{_free_space_if_full(e, out)}); "
                               + (f"checkpoint {kept[-1].name} is kept: {'free space and ' if full else ''}rerun with the "
                                  "same --out to write the export" if kept else "no checkpoint was written")) from None
     return path
