@@ -4,15 +4,13 @@ tolerated, checking records, appending whole lines, and the pair ``F.jsonl`` + `
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from r3.errors import R3Error
-from r3.files import fsync_fd, naming_os_errors, write_text_atomic
+from r3.files import fsync_fd, hold_lock, naming_os_errors, release_lock, write_text_atomic
 
 FORMAT_VERSION = 1
 _LINE_PREFIX = b'{"key": '  # every line r3.failures writes (the header line aside) starts so
@@ -259,15 +257,12 @@ def _stat_or_none(path: Path):
         return None
 
 
-_HELD_LOCKS: dict = {}  # (device, inode) -> open file: the OS releases the locks when the process ends
-
-
 class FailureFile:
     """``F.jsonl`` (failures) plus ``F.jsonl.done`` (header + queries that never failed)."""
 
     def __init__(self, out: Path):
         self.out, self.done, self.progress_file = out, done_path(out), progress_path(out)
-        self._locks: set = set()  # the held files' (device, inode), in _HELD_LOCKS
+        self._locks: set = set()  # the held files' keys (r3.files.hold_lock)
         self._read()
 
     def _stamp(self) -> list:
@@ -330,31 +325,17 @@ class FailureFile:
         each sample the queries left and append every record twice (each query twice in the
         file training reads)."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.done, "a")
-        key = (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino)
-        if key in _HELD_LOCKS:  # (this process holds it already)
-            f.close()
-            self._locks.add(key)
-            return
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = key[1] == os.stat(self.done).st_ino  # (not one replaced meanwhile)
-        except OSError:
-            held = False
-        if not held:
-            f.close()
+        key = hold_lock(self.done)
+        if key is None:
             raise R3Error(f"{self.out} is being written by another process (r3.failures with the same --out); "
                           "wait for it to end or use another --out")
-        _HELD_LOCKS[key] = f
         self._locks.add(key)
 
     def close(self) -> None:
         """Let other processes write the files again (the hold :meth:`open` took; a process that
         ends lets go of it too)."""
         for key in self._locks:
-            f = _HELD_LOCKS.pop(key, None)
-            if f is not None:
-                f.close()
+            release_lock(key)
         self._locks.clear()
 
     def keys(self) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import sys
@@ -142,3 +143,34 @@ def check_out_path(out: str, what: str = "--out") -> Path:
     except OSError as e:
         raise R3Error(f"{what} {out}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
     return path
+
+
+_HELD_LOCKS: dict = {}  # (device, inode) -> open file: the OS lets go of the locks when the process ends
+
+
+def hold_lock(path: Path) -> tuple | None:
+    """An exclusive hold on ``path`` (made if missing) for this process, until
+    :func:`release_lock`: its (device, inode), or None when another process holds it. One a
+    process holds already is its again (the same key)."""
+    f = open(path, "a")
+    st = os.fstat(f.fileno())
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD_LOCKS:
+        f.close()
+        return key
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = key[1] == os.stat(path).st_ino  # (not a file replaced or removed meanwhile)
+    except OSError:
+        held = False
+    if not held:
+        f.close()
+        return None
+    _HELD_LOCKS[key] = f
+    return key
+
+
+def release_lock(key: tuple) -> None:
+    f = _HELD_LOCKS.pop(key, None)
+    if f is not None:
+        f.close()

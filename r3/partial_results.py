@@ -28,6 +28,7 @@ import torch
 from r3.checkpoint import BUILTIN_MODELS, resolve
 from r3.errors import R3Error
 from r3.failure_data import append_lines
+from r3.files import hold_lock, release_lock
 
 HEADER = "r3_partial_results"
 FORMAT = 1  # (a key of another format never matches)
@@ -116,8 +117,10 @@ class PartialResults:
         self.earlier_s: dict[tuple[str, int], float] = {}  # (each read-back batch's seconds in its run)
         self._since: float | None = None
         self._header_written = False
+        self._held: tuple | None = None
         if not self.path.exists():
             return
+        self._hold()  # (before reading: another process may be appending to it)
         data = self.path.read_bytes()
         ours = b'{"' + HEADER.encode() + b'"'  # (how our first line starts; a crash may have cut even that)
         # a line cut short by a crash: appending would glue onto it
@@ -133,7 +136,7 @@ class PartialResults:
                 raise R3Error(f"{self.path}, line {n}: not valid JSON ({e.msg}); not a file of finished batches "
                               "written by r3: delete it or use another --out") from None
         if not rows:
-            self.path.unlink()
+            self._remove()
             return
         head = rows[0][1]
         if not (isinstance(head, dict) and HEADER in head):
@@ -157,6 +160,26 @@ class PartialResults:
             print(f"resuming: {len(self.done)} finished batch{'es' if len(self.done) != 1 else ''} read from "
                   f"{self.path}", file=sys.stderr)
 
+    def _hold(self) -> None:
+        """Hold ``OUT.partial.jsonl`` until :meth:`finish` (or this process ends): two commands
+        with the same --out would append their batches to one file, the second's header in the
+        middle of the first's lines."""
+        if self._held is None:
+            self._held = hold_lock(self.path)
+            if self._held is None:
+                raise R3Error(f"{self.path.with_name(self.path.name.removesuffix('.partial.jsonl'))} is being "
+                              f"written by another process ({self.path} is held by it: the same command with the "
+                              "same --out?); wait for it to end or use another --out")
+
+    def _remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        if self._held is not None:
+            release_lock(self._held)
+            self._held = None
+
     def of(self, unit: str) -> dict[int, object]:
         """The finished batches of ``unit``, by batch index."""
         return {b: r for (u, b), r in self.done.items() if u == unit}
@@ -177,6 +200,7 @@ class PartialResults:
         lines = [] if self._header_written else [{HEADER: 1, "key": self.key}]
         if not self._header_written:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # (as the result file's write makes it)
+            self._hold()
         row = {"unit": unit, "batch": batch, "result": result}
         now = time.perf_counter()
         if self._since is not None:
@@ -213,7 +237,4 @@ class PartialResults:
 
     def finish(self) -> None:
         """The result file is written: the finished batches are no longer needed."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._remove()

@@ -29,6 +29,40 @@ def test_batches_read_back_by_a_rerun_with_the_same_key(tmp_path, capsys):
     again.finish()  # (nothing left to remove)
 
 
+def test_a_file_another_process_writes_is_refused(tmp_path):
+    """Two commands with the same --out appended to one file (the second's header among the
+    first's lines: every later rerun refused it). The file is held from the first batch to
+    finish(); another holder (a separate open file, as another process's) is refused at the
+    start when the file is there, or at the first batch when it came meanwhile, and the file is
+    left as the holder wrote it."""
+    import fcntl
+
+    out = tmp_path / "r.json"
+    late = PartialResults(out, {"k": 1})  # (no file yet: nothing to hold)
+    first = PartialResults(out, {"k": 1})
+    first.add("m", 0, "a")
+    with open(first.path) as other:
+        with pytest.raises(BlockingIOError):  # (held by `first`)
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.finish()
+    with open(first.path, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (let go by finish: another process's now)
+        other.write(json.dumps({"r3_partial_results": 1, "key": {"format": 1, "k": 1}}) + "\n")
+        other.flush()
+        kept = first.path.read_bytes()
+        with pytest.raises(R3Error, match=r"r.json is being written by another process \(.*r.json.partial.jsonl is "
+                                          r"held by it: the same command with the same --out\?\); wait for it"):
+            PartialResults(out, {"k": 1})
+        with pytest.raises(R3Error, match="is being written by another process"):
+            late.add("m", 0, "b")
+        assert first.path.read_bytes() == kept
+    again = PartialResults(out, {"k": 1})  # (the other ended: its file is read and held)
+    again.add("m", 0, "c")
+    assert again.of("m") == {0: "c"}
+    again.finish()
+    assert not first.path.exists()
+
+
 def test_other_inputs_are_refused_naming_what_changed(tmp_path):
     out = tmp_path / "r.json"
     first = PartialResults(out, {"settings": {"seed": 0, "n": 4}, "models": ["a"]})
