@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from r3.checkpoint import BUILTIN_MODELS, resolve
+from r3.checkpoint import canonical_model, resolve
 from r3.errors import R3Error
 from r3.failure_data import append_lines
 from r3.files import hold_lock, release_lock
@@ -86,7 +86,7 @@ def model_files(spec: str) -> dict:
     time (an export rewritten by more training is another model)."""
     _, path = resolve(spec)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return {"spec": spec if spec in BUILTIN_MODELS else str(Path(spec).expanduser().resolve()),
+    return {"spec": canonical_model(spec),
             "files": {p.name: [st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]}}
 
 

@@ -763,6 +763,9 @@ def test_a_hub_id_is_found_in_the_local_hugging_face_cache(tiny_dirs, tmp_path, 
     assert resolve("org/tiny-llama") == ("hf", snapshot)
     assert load_config("org/tiny-llama") == load_config(src)
     assert canonical_model("org/tiny-llama") == str(snapshot) and same_model("org/tiny-llama", str(snapshot))
+    from r3.partial_results import model_files  # (an evaluation's key: the snapshot, from any directory)
+
+    assert model_files("org/tiny-llama")["spec"] == str(snapshot) and "config.json" in model_files("org/tiny-llama")["files"]
 
     gguf = builtin_gguf("smollm2-135m")
     one = _hub_cache(tmp_path / "hub", "org/one-GGUF", {"m-Q8_0.gguf": gguf, "README.md": tmp_path / "hub" / "models--org--tiny-llama" / "refs" / "main"})
