@@ -33,7 +33,7 @@ def test_read_records_formats_and_errors(tmp_path):
     cases = [
         ("missing.jsonl", None, "no such file"),
         ("bad.jsonl", '{"a": 1}\n{"a": \n', "bad.jsonl:2: not valid JSON"),
-        ("list.jsonl", '[1, 2]\n', "record 0 is not an object"),
+        ("list.jsonl", '[1, 2]\n', "record 1 is not an object"),
         ("empty.jsonl", "\n", "no records"),
         ("x.csv", "a,b\n", "unknown format '.csv'"),
         ("two.json", json.dumps({"a": [], "b": []}), "exactly one list"),
@@ -55,7 +55,7 @@ def test_parquet_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("name,record,msg", [
-    ("gsm8k", {"question": "q"}, "record 0 has no field 'answer'"),
+    ("gsm8k", {"question": "q"}, "record 1 has no field 'answer'"),
     ("gsm8k", {"question": "q", "answer": "42"}, "no '#### N'"),
     ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x"], "label": 3}, "label 3 is not an index"),
     ("hellaswag", {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": "x", "label": 0}, "'endings' must be a list"),
@@ -283,7 +283,7 @@ def test_cli_errors_before_loading_a_model(tmp_path, capsys):
         (["--data", "gsm9k=" + str(g)], "unknown benchmark 'gsm9k'"),
         (["--data", "gsm8k=" + str(g)], "5-shot prompts need --fewshot-data gsm8k"),
         (["--data", "gsm8k=" + str(g), "--data", "gsm8k=" + str(g)], "given twice"),
-        (["--data", "math=" + str(g), "--shots", "0"], "record 0 has no field 'problem'"),
+        (["--data", "math=" + str(g), "--shots", "0"], "record 1 has no field 'problem'"),
         (["--data", "gsm8k=" + str(g), "--fewshot-data", "math=" + str(g)], "no --data math"),
         (["--data", "gsm8k=/no/such.jsonl"], "no such file"),
         (["--data", "gsm8k=" + str(g), "--chat-template-option", "enable_thinking=false"], "is for --chat"),

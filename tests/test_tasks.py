@@ -672,7 +672,7 @@ def test_load_malformed_rows(tmp_path, content, match):
 def test_load_malformed_json_list(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps([{"target": 5, "nums": [1, 4]}, {"target": 5, "nums": [True, 4]}]))
-    with pytest.raises(R3Error, match=r"bad\.json, record 1: field 'nums'"):
+    with pytest.raises(R3Error, match=r"bad\.json, record 2: field 'nums'"):
         CountdownTask(data_path=str(p)).examples("train")
     p.write_text('{"target": 5')
     with pytest.raises(R3Error, match=r"bad\.json: not valid JSON"):
@@ -2079,7 +2079,7 @@ def test_record_files_in_each_accepted_shape(tmp_path):
     rows = [{"target": 5, "nums": [1, 4]}, {"target": 3, "nums": [1, 2]}]
     p = tmp_path / "w.json"
     p.write_text(json.dumps({"data": rows}))
-    assert list(read_records(str(p))) == [(f"{p}, record 0", rows[0]), (f"{p}, record 1", rows[1])]
+    assert list(read_records(str(p))) == [(f"{p}, record 1", rows[0]), (f"{p}, record 2", rows[1])]
     p.write_text(json.dumps({"train": rows, "test": rows}))
     with pytest.raises(R3Error, match=r"w\.json: expected a JSON list of records \(or JSONL\), got dict"):
         list(read_records(str(p)))

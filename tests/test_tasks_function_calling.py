@@ -1033,9 +1033,9 @@ def test_records_with_parsed_fields_are_normalised(tmp_path):
     "bad,match",
     [
         ({"id": 7, "query": "q", "tools": "[]", "answers": "[{oops"},
-         r"record 1 \(id 7\): field 'answers' is not valid JSON"),
-        ({"id": 7, "query": "q", "tools": "[]"}, r"record 1 \(id 7\): missing field 'answers'"),
-        ({"id": 7, "tools": "[]", "answers": "[]"}, r"record 1 \(id 7\): field 'query'"),
+         r"record 2 \(id 7\): field 'answers' is not valid JSON"),
+        ({"id": 7, "query": "q", "tools": "[]"}, r"record 2 \(id 7\): missing field 'answers'"),
+        ({"id": 7, "tools": "[]", "answers": "[]"}, r"record 2 \(id 7\): field 'query'"),
         ({"id": 7, "query": "q", "tools": "{}", "answers": "[]"}, r"\(id 7\): field 'tools' must be a JSON list"),
         ({"id": 7, "query": "q", "tools": '[{"description": "x"}]', "answers": "[]"},
          r"\(id 7\): field 'tools', item 0"),
@@ -1045,7 +1045,7 @@ def test_records_with_parsed_fields_are_normalised(tmp_path):
         ({"id": 7, "query": "q", "tools": "[]", "answers": '[{"name": "f", "arguments": []}]'},
          r"field 'answers', item 0"),
         ({"id": [7], "query": "q", "tools": "[]", "answers": "[]"}, r"field 'id'"),
-        ("just a string", r"record 1: expected an object"),
+        ("just a string", r"record 2: expected an object"),
     ],
 )
 def test_malformed_record_names_file_record_and_field(tmp_path, bad, match):
@@ -1053,7 +1053,7 @@ def test_malformed_record_names_file_record_and_field(tmp_path, bad, match):
     p.write_text(json.dumps([_records(1)[0], bad]))
     with pytest.raises(R3Error, match=match) as e:
         load_file(str(p))
-    assert str(e.value).startswith(f"{p}, record 1") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{p}, record 2") and "\n" not in str(e.value)  # (the second)
     with pytest.raises(R3Error, match=match):
         FunctionCallingTask(data_path=str(p)).examples("train")
 
@@ -1372,7 +1372,7 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--check", str(bad)])
     assert e.value.code == 2
-    assert "bad.json, record 0" in capsys.readouterr().err
+    assert "bad.json, record 1" in capsys.readouterr().err
 
 
 def test_cli_as_module(tmp_path):
@@ -1694,7 +1694,7 @@ def test_malformed_record_fields_found_by_mutation(tmp_path, bad, match):
     p.write_text(json.dumps([_records(1)[0], bad]))
     with pytest.raises(R3Error, match=match) as e:
         load_file(str(p))
-    assert str(e.value).startswith(f"{p}, record 1") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{p}, record 2") and "\n" not in str(e.value)  # (the second)
 
 
 def test_a_test_file_needs_a_training_file_and_examples_are_copies(tmp_path):

@@ -303,10 +303,11 @@ def get(name: str) -> Benchmark:
 
 def make_docs(name: str, records: list[dict], path: str | Path, *, fewshot: bool = False) -> list[dict]:
     """The documents of ``records`` (from ``path``); ``fewshot``: the file holds few-shot examples
-    (MMLU-Pro's then need ``cot_content``)."""
+    (MMLU-Pro's then need ``cot_content``). Errors name a record by its number from 1 (in a
+    JSONL file without blank lines, its line)."""
     if name == "mmlu_pro":
-        return [mmlu_pro_doc(r, path, i, with_cot=fewshot) for i, r in enumerate(records)]
-    return [_DOC[name](r, path, i) for i, r in enumerate(records)]
+        return [mmlu_pro_doc(r, path, i, with_cot=fewshot) for i, r in enumerate(records, 1)]
+    return [_DOC[name](r, path, i) for i, r in enumerate(records, 1)]
 
 
 def _record(doc: dict):

@@ -52,7 +52,7 @@ def read_records(path: str | Path) -> list[dict]:
         records = data
     else:
         raise R3Error(f"{path}: unknown format {suffix or '(no suffix)'!r}; expected .jsonl, .json or .parquet")
-    for i, r in enumerate(records):
+    for i, r in enumerate(records, 1):  # (numbered from 1, as every message about a record)
         if not isinstance(r, dict):
             raise R3Error(f"{path}: record {i} is not an object")
     if not records:

@@ -493,7 +493,7 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         data = next(iter(data.values()))  # {"data": [...]}-style wrapper
     if not isinstance(data, list):
         raise R3Error(f"{path}: expected a JSON list of records (or JSONL), got {type(data).__name__}")
-    for i, rec in enumerate(data):
+    for i, rec in enumerate(data, 1):  # (numbered from 1, as every message about a record)
         yield f"{path}, record {i}", rec
 
 
