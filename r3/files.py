@@ -148,6 +148,28 @@ def check_out_path(out: str, what: str = "--out") -> Path:
 _HELD_LOCKS: dict = {}  # (device, inode) -> open file: the OS lets go of the locks when the process ends
 
 
+def try_flock(f, *, shared: bool = False) -> bool:
+    """``flock`` without waiting: False when another open file holds it. A file system that
+    cannot lock (Lustre mounted ``noflock``, some FUSE and network mounts: ENOSYS, EOPNOTSUPP,
+    ENOLCK) counts as locked, with a warning once per file system, since refusing would stop
+    every run there while nothing holds the file."""
+    try:
+        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        device = os.fstat(f.fileno()).st_dev
+        if device not in _UNLOCKABLE:
+            _UNLOCKABLE.add(device)
+            print(f"warning: {f.name}: this file system cannot lock files ({e.strerror or e}); nothing stops "
+                  "two commands writing the same output there at once", file=sys.stderr, flush=True)
+        return True
+
+
+_UNLOCKABLE: set = set()  # (devices whose file systems cannot lock: warned once)
+
+
 def hold_lock(path: Path) -> tuple | None:
     """An exclusive hold on ``path`` (made if missing) for this process, until
     :func:`release_lock`: its (device, inode), or None when another process holds it. One a
@@ -159,9 +181,8 @@ def hold_lock(path: Path) -> tuple | None:
         f.close()
         return key
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held = key[1] == os.stat(path).st_ino  # (not a file replaced or removed meanwhile)
-    except OSError:
+        held = try_flock(f) and key[1] == os.stat(path).st_ino  # (not a file replaced or removed meanwhile)
+    except OSError:  # (removed meanwhile)
         held = False
     if not held:
         f.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
 from r3.distributed import Dist, all_max, exit_after_failing_ranks, fail_together, wait_for_main
 from r3.errors import R3Error
-from r3.files import fsync_directory, fsync_file, fsync_tree, write_json_atomic, write_text_atomic
+from r3.files import fsync_directory, fsync_file, fsync_tree, try_flock, write_json_atomic, write_text_atomic
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -346,9 +345,7 @@ def training_holder(out) -> str | None:
     None when no run holds it."""
     try:
         with open(Path(out) / ".lock", "r") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
+            if not try_flock(f, shared=True):
                 return f.read().strip() or "unknown"
     except OSError:
         pass
@@ -404,9 +401,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                 f = open(out / ".lock", "a+")
             except OSError as e:
                 raise R3Error(f"--out {out}: cannot write there ({e.strerror or type(e).__name__})") from None
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            if not try_flock(f):
                 f.seek(0)
                 holder = f.read().strip() or "unknown"
                 f.close()

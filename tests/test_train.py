@@ -1209,6 +1209,37 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     assert not any(lock.name == str(tmp_path / "full" / ".lock") for lock in _HELD_LOCKS)  # (not held)
 
 
+def test_a_file_system_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Lustre mounted noflock (and some FUSE or network mounts) answer flock with ENOSYS: that
+    was read as 'in use by another run (unknown)', so r3.train, r3.failures and r3.evaluate could
+    never run there. Now only a lock another file holds refuses; the rest is one warning per file
+    system, and a run there is not 'still training' to r3.evaluate."""
+    import errno
+    import fcntl
+
+    from r3 import files
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.files import hold_lock, release_lock
+    from r3.rundir import _HELD_LOCKS, prepare_out_dir, training_holder
+
+    def noflock(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", noflock)
+    monkeypatch.setattr(files, "_UNLOCKABLE", set())
+    d = T.init_distributed()
+    out = prepare_out_dir(TrainConfig(out=str(tmp_path / "run")).validate(), d)
+    _HELD_LOCKS.pop().close()
+    assert training_holder(out) is None
+    key = hold_lock(tmp_path / "r.json.partial.jsonl")
+    assert key is not None
+    release_lock(key)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {out / '.lock'}: this file system cannot lock files "
+                                                     "(Function not implemented); nothing stops two commands")
+
+
 def test_a_run_directory_without_a_readable_config_object_is_refused(tmp_path):
     """Without config.json nothing says which config a run's steps were trained with: resuming
     it under any config (another task, another lr) was accepted; a config.json holding a JSON
