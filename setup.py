@@ -20,7 +20,7 @@ setup(
         "torch>=2.9",  # the suite passes on 2.11 and 2.13; on 2.9 all but the compiled bf16 CPU decode; 2.6 fails
         # From 5.25 on transformers imports Hugging Face's `kernels`, whose import name the checkout's
         # top-level `kernels/` shares; run from the checkout, that package loads theirs in its place.
-        "transformers>=4.45",
+        "transformers>=4.56",  # (4.51.3 lacks Gemma 3's layer_types and the dtype= argument the tests use)
         "safetensors",
         "sentencepiece",
         "numpy",

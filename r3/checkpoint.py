@@ -298,6 +298,11 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
         except (SafetensorError, OSError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+    if (vision_language and not tied and "lm_head.weight" not in loaded
+            and raw["text_config"].get("tie_word_embeddings", True)):
+        # transformers 4.x ties the head by the text_config's flag whatever the top-level one says,
+        # and writes none: the model it wrote and loads is the tied one
+        model.config.tie_word_embeddings = hf_cfg["tie_word_embeddings"] = True
     return _finish(model, loaded, str(path))
 
 
@@ -679,6 +684,15 @@ def _atomic_dir(path: Path):
     return tmp, commit
 
 
+# RoPE as transformers 4.x reads it (rope_theta, rope_scaling, partial_rotary_factor, Phi-3's
+# original_max_position_embeddings, Gemma 3's rope_local_base_freq) and as 5.x does (rope_parameters).
+# An export writes them from the model r3 runs, not from the source's config.json: a config written
+# by transformers 5 has rope_parameters alone, which 4.x does not read (Llama 3's 500000 base and
+# its scaling became the default 10000, unscaled), and fields in two places may disagree.
+_ROPE_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+                "original_max_position_embeddings", "rope_local_base_freq")
+
+
 def save_hf(
     model: Transformer,
     tokenizer,
@@ -699,7 +713,17 @@ def save_hf(
     out_dtype = dtype or model.dtype
     tmp, commit = _atomic_dir(path)
     try:
-        hf_cfg = dict(getattr(model, "hf_config", None) or model.config.to_hf(out_dtype))
+        fresh = model.config.to_hf(out_dtype)
+        hf_cfg = dict(getattr(model, "hf_config", None) or fresh)
+        for key in _ROPE_FIELDS:  # (the source's, as r3 read them, in the fields each version reads)
+            if key in fresh:
+                hf_cfg[key] = fresh[key]
+            elif key == "partial_rotary_factor":  # (r3's is 1: a source's other one goes)
+                hf_cfg.pop(key, None)
+        if model.config.gemma:  # (its layers: layer_types from 4.53 on, sliding_window_pattern in 4.50 to 4.52)
+            hf_cfg["layer_types"] = fresh["layer_types"]
+            hf_cfg.pop("sliding_window_pattern", None)
+            hf_cfg.update({k: fresh[k] for k in ("sliding_window_pattern",) if k in fresh})
         hf_cfg.pop("quantization_config", None)
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(out_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -287,7 +287,16 @@ class ModelConfig:
         elif self.model_type in ("mistral", "phi3"):
             cfg["sliding_window"] = windows.pop() if windows else None
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
-                cfg["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
+                s = self.rope_scaling
+                cfg["original_max_position_embeddings"] = s["original_max_position_embeddings"]
+                factor = self.max_position_embeddings / s["original_max_position_embeddings"]
+                default = 1.0 if factor <= 1.0 else math.sqrt(
+                    1 + math.log(factor) / math.log(s["original_max_position_embeddings"]))
+                if self.model_type == "phi3" and math.isclose(s["attention_factor"], default, rel_tol=1e-12):
+                    # transformers 4.x's Phi3Config takes these three keys and no more (ValueError
+                    # otherwise); every reader derives the rest from the top-level fields
+                    cfg["rope_scaling"] = {"type": "longrope", "short_factor": list(s["short_factor"]),
+                                           "long_factor": list(s["long_factor"])}
         elif self.gemma:
             cfg["hidden_activation"] = self.hidden_act
             q = self.query_pre_attn_scalar  # (an int where it is one: transformers' field is typed int)

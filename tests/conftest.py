@@ -45,6 +45,30 @@ def builtin_hf():
     return AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name).eval()
 
 
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def hf_rope(config) -> dict:
+    """The RoPE parameters a transformers config runs with, as transformers 5 lists them in
+    ``rope_parameters`` (Gemma 3: per layer type). transformers 4.x has no such field: its
+    rotary embeddings read ``rope_theta``, ``rope_scaling`` and ``partial_rotary_factor``, and
+    Gemma 3's sliding layers ``rope_local_base_freq`` with no scaling."""
+    if transformers_major() >= 5:
+        return config.rope_parameters
+    full = dict(config.rope_scaling or {})
+    full["rope_type"] = full.pop("rope_type", full.pop("type", "default"))
+    full["rope_theta"] = config.rope_theta
+    if getattr(config, "partial_rotary_factor", None) is not None:
+        full["partial_rotary_factor"] = config.partial_rotary_factor
+    if config.model_type != "gemma3_text":
+        return full
+    return {"full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_base_freq}}
+
+
 def tiny_hf_config(kind: str, **overrides):
     """A tiny random config of one of the supported families, made with transformers' classes."""
     from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
@@ -92,13 +116,16 @@ def tiny_hf_config(kind: str, **overrides):
 
         # (hidden 48: sqrt(48) is not a bf16 number, so rounding the embedding scale shows; a
         # local base unlike transformers' default)
+        # (transformers 4.x takes the same RoPE as rope_theta, rope_scaling and rope_local_base_freq:
+        # it keeps a rope_parameters it is given as an unread extra field)
+        rope = dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}
+                    ) if transformers_major() >= 5 else dict(
+            rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_local_base_freq=20000.0)
         cfg = Gemma3TextConfig(**{**common, "hidden_size": 48, "head_dim": 24}, tie_word_embeddings=True,
                                query_pre_attn_scalar=20,
                                sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                               bos_token_id=2, eos_token_id=1, pad_token_id=0,
-                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
-                                                                   "rope_theta": 1000000.0},
-                                                "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}})
+                               bos_token_id=2, eos_token_id=1, pad_token_id=0, **rope)
     else:
         raise ValueError(kind)
     for k, v in overrides.items():

@@ -706,7 +706,11 @@ def test_reasoning_tags_named_special_but_not_flagged_are_kept(tmp_path):
     tok.chat_template = (TEMPLATES / "qwen25.jinja").read_text()
     tok.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["extra_special_tokens"] += ["<think>", "</think>"]
+    # (transformers 5 lists them in extra_special_tokens; 4.x in additional_special_tokens, beside
+    # an extra_special_tokens dict of named ones)
+    named = ("extra_special_tokens" if isinstance(config.get("extra_special_tokens"), list)
+             else "additional_special_tokens")
+    config[named] += ["<think>", "</think>"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     think = tok.convert_tokens_to_ids("</think>")

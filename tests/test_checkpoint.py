@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import transformers_major
 from r3 import checkpoint
 from r3.checkpoint import load, save_hf
 from r3.errors import R3Error
@@ -85,6 +86,49 @@ def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, built
     fused = {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"}
     split = {f"model.layers.0.{n}.weight" for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
     assert (fused <= names and not names & split) if kind == "phi3" else (split <= names and not names & fused)
+
+
+def _rope_as_transformers5_writes(raw: dict) -> dict:
+    """A config.json dict with its RoPE in transformers 5's layout, ``rope_parameters`` alone
+    (per layer type for Gemma 3), as 5.x saves every config; unchanged where it already is."""
+    raw = dict(raw)
+    if "rope_theta" not in raw:
+        return raw
+    rope = dict(raw.pop("rope_scaling", None) or {})
+    rope["rope_type"] = rope.pop("rope_type", rope.pop("type", "default"))
+    rope["rope_theta"] = raw.pop("rope_theta")
+    if raw["model_type"] == "gemma3_text":
+        rope = {"full_attention": rope,
+                "sliding_attention": {"rope_type": "default", "rope_theta": raw.pop("rope_local_base_freq")}}
+    raw["rope_parameters"] = rope
+    return raw
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3", "gemma3"])
+def test_an_export_of_a_transformers5_config_reads_the_same_in_transformers4(tiny_dirs, tmp_path, kind):
+    """A source config.json as transformers 5 writes it (RoPE in rope_parameters alone): the export
+    also writes rope_theta, rope_scaling and rope_local_base_freq, the fields transformers 4.x reads.
+    Copied as they were, a 4.x user loaded another model than r3 trained: the Llama's base 500000
+    and its llama3 scaling became 10000 unscaled, the Phi-3 lost LongRoPE, the Gemma 3's linear
+    scaling and sliding base went (under 4.57 the logits moved by 9e-3, 6e-3 and 0.6); and the
+    Gemma 3's sliding_window_pattern (4.50 to 4.52 read no layer_types) stayed the source's."""
+    from transformers import AutoModelForCausalLM
+
+    src = _copy(tiny_dirs[kind][0], tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(_rope_as_transformers5_writes(raw)))
+    model, _ = load(src, tokenizer=False)
+    assert model.config.rope_scaling  # (each scales its RoPE: a reader that drops it shows)
+    out = save_hf(model, None, tmp_path / "export")
+    written = json.loads((out / "config.json").read_text())
+    four = {k: v for k, v in written.items() if k != "rope_parameters"}  # (what transformers 4.x reads)
+    assert checkpoint.ModelConfig.from_hf(four) == checkpoint.ModelConfig.from_hf(written) == model.config
+    if kind == "gemma3":  # (4.50 to 4.52 read the layers from sliding_window_pattern: its default 6 made both slide)
+        assert checkpoint.ModelConfig.from_hf({k: v for k, v in four.items() if k != "layer_types"}) == model.config
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
 
 
 def test_builtin_export_round_trip(builtin, tmp_path):
@@ -591,10 +635,11 @@ def test_gguf_tokenizer_cache_is_per_transformers_version(tmp_path, monkeypatch)
     checkpoint.load_tokenizer("smollm2-135m")
     checkpoint.load_tokenizer("smollm2-135m")
     assert len(list(cache.iterdir())) == 1
-    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    # (versions unlike the running ones: a fixed "4.57.6" is no other version under 4.57.6)
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".other")
     checkpoint.load_tokenizer("smollm2-135m")
     assert len(list(cache.iterdir())) == 2
-    monkeypatch.setattr(tokenizers, "__version__", "0.22.2")
+    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".other")
     checkpoint.load_tokenizer("smollm2-135m")
     assert len(list(cache.iterdir())) == 3
 
@@ -842,8 +887,9 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
     source = json.loads((tiny_dirs["qwen2"][0] / "config.json").read_text())
-    dtypes = ("dtype", "torch_dtype")
+    dtypes = ("dtype", "torch_dtype", *checkpoint._ROPE_FIELDS)  # (RoPE: written in both versions' fields)
     assert {k: v for k, v in cfg.items() if k not in dtypes} == {k: v for k, v in source.items() if k not in dtypes}
+    assert checkpoint.ModelConfig.from_hf(cfg) == checkpoint.ModelConfig.from_hf(source)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
@@ -1297,10 +1343,38 @@ def test_gemma3_with_a_vision_tower_and_untied_embeddings_keeps_its_own_lm_head(
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["tie_word_embeddings"] is False and written["text_config"].get("tie_word_embeddings", True)
     model, _ = load(tmp_path, tokenizer=False)
-    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight
+    tied = transformers_major() < 5  # (4.x ties it by the text_config's flag and saves no lm_head: next test)
+    assert model.config.tie_word_embeddings == tied and (model.lm_head.weight is model.embed_tokens.weight) == tied
     tokens = _tokens(296)
     with torch.no_grad():
         assert torch.equal(model(tokens), hf(input_ids=tokens).logits)
+
+
+def test_gemma3_with_a_vision_tower_that_transformers4_saved_tied_loads_tied(tmp_path):
+    """transformers 4.x ties a Gemma3ForConditionalGeneration's LM head by its text_config's
+    tie_word_embeddings (true by default) whatever the top-level one says, and saves no lm_head: a
+    checkpoint it writes with the top-level flag false loads there with the head tied. r3 read the
+    top-level flag alone and refused the file ("missing tensor 'lm_head.weight'")."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3ForConditionalGeneration
+
+    cfg = _tiny_gemma3_vision_config(tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # (the head 4.x runs: there it is the embeddings already)
+        hf.lm_head.weight.copy_(hf.get_input_embeddings().weight)
+    hf.save_pretrained(str(tmp_path))
+    f = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(f)).items() if not k.endswith("lm_head.weight")}, str(f),
+              metadata={"format": "pt"})  # (as 4.x saves it)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    model, _ = load(tmp_path, tokenizer=False)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.embed_tokens.weight
+    tokens = _tokens(296)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf(input_ids=tokens).logits)
+    out = save_hf(model, None, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_a_file_system_that_cannot_sync_is_left_as_it_is_and_a_failed_flush_is_an_error(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
@@ -137,7 +138,10 @@ def test_builtin_matches_transformers_gguf(builtin, builtin_hf):
 
 
 def test_builtin_tokenizer_ids_identical(builtin):
-    """Our (cached) tokenizer gives transformers' GGUF tokenizer's ids, chat template included."""
+    """Our (cached) tokenizer gives transformers' GGUF tokenizer's ids, chat template included,
+    with a bos only where the file says to add one (``tokenizer.ggml.add_bos_token``; SmolLM2's says
+    not to, and transformers 4.57's conversion adds one anyway: a prompt with ``<|im_start|>`` in front)."""
+    import gguf
     from transformers import AutoTokenizer
 
     from r3.checkpoint import builtin_gguf
@@ -145,9 +149,11 @@ def test_builtin_tokenizer_ids_identical(builtin):
     _, ours = builtin
     f = builtin_gguf("smollm2-135m")
     ref = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    add_bos = bool(gguf.GGUFReader(str(f)).fields["tokenizer.ggml.add_bos_token"].contents())
+    bos = [int(gguf.GGUFReader(str(f)).fields["tokenizer.ggml.bos_token_id"].contents())] if add_bos else []
     texts = ["hello world", "  (12 + 7) * 3 = 57\n<answer> 1 </answer>", "naïve café — ünïcödé 🙂", ""]
     for t in texts:
-        assert ours(t)["input_ids"] == ref(t)["input_ids"]
+        assert ours(t)["input_ids"] == bos + ref(t, add_special_tokens=False)["input_ids"]
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     a = ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     b = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -603,7 +609,8 @@ def test_phi3_partial_rotary_matches_transformers(tmp_path, factor, longrope):
     head_dim = 24
     rotary = int(head_dim * factor)
     g = torch.Generator().manual_seed(3)
-    scaling = {"rope_type": "longrope", "short_factor": (1 + 2 * torch.rand(rotary // 2, generator=g)).tolist(),
+    # (under "type", as Phi-3.5 and Phi-4-mini ship it: transformers 4.x's Phi3Config refuses "rope_type")
+    scaling = {"type": "longrope", "short_factor": (1 + 2 * torch.rand(rotary // 2, generator=g)).tolist(),
                "long_factor": (4 + 20 * torch.rand(rotary // 2, generator=g)).tolist()} if longrope else None
     torch.manual_seed(0)
     cfg = Phi3Config(vocab_size=128, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
@@ -813,19 +820,19 @@ def test_gemma3_configs_of_each_layout_read_as_transformers_reads_them():
         assert (c.rope_theta, c.local_rope_theta, c.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
         assert (c.query_pre_attn_scalar, c.hidden_act, c.tie_word_embeddings, c.qk_norm) == (
             12.0, "gelu_pytorch_tanh", True, True)
-    assert theirs.rope_parameters["full_attention"]["rope_theta"] == 1e6
-    assert theirs.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}
+    assert hf_rope(theirs)["full_attention"]["rope_theta"] == 1e6
+    assert hf_rope(theirs)["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}
     # What transformers fills in when a field is left out: every 6th layer full, the 4096 window,
     # the bases 1e6 / 1e4, a query scale of 256, tied embeddings
     bare = {k: v for k, v in GEMMA3.items() if k not in ("query_pre_attn_scalar", "sliding_window")}
     c, t = ModelConfig.from_hf(bare), Gemma3TextConfig(**bare)
     assert c.layer_windows == [t.sliding_window if k == "sliding_attention" else None for k in t.layer_types]
     assert (c.rope_theta, c.local_rope_theta, c.query_pre_attn_scalar) == (
-        t.rope_parameters["full_attention"]["rope_theta"], t.rope_parameters["sliding_attention"]["rope_theta"],
+        hf_rope(t)["full_attention"]["rope_theta"], hf_rope(t)["sliding_attention"]["rope_theta"],
         t.query_pre_attn_scalar)
     # (r3's export writes both layouts; transformers reads it back the same)
     again = Gemma3TextConfig(**{k: v for k, v in c.to_hf().items() if k not in ("architectures",)})
-    assert again.layer_types == t.layer_types and again.rope_parameters == t.rope_parameters
+    assert again.layer_types == t.layer_types and hf_rope(again) == hf_rope(t)
     assert ModelConfig.from_hf(c.to_hf()) == c
 
 
@@ -1000,15 +1007,19 @@ def test_a_gemma3_config_of_defaults_only_builds_the_default_model_transformers_
     assert ours.layer_windows == [theirs.sliding_window if t == "sliding_attention" else None
                                   for t in theirs.layer_types]
     assert (ours.rope_theta, ours.local_rope_theta, ours.rope_scaling) == (
-        theirs.rope_parameters["full_attention"]["rope_theta"],
-        theirs.rope_parameters["sliding_attention"]["rope_theta"], None)
+        hf_rope(theirs)["full_attention"]["rope_theta"],
+        hf_rope(theirs)["sliding_attention"]["rope_theta"], None)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(theirs)
     assert {k: tuple(v.shape) for k, v in hf.model.state_dict().items() if "rotary" not in k and "embed_scale" not in k
             } == param_names_hf(ours)  # (tied: no lm_head in either)
 
 
-@pytest.mark.parametrize("rope", ["longrope", "llama3"])
+@pytest.mark.parametrize("rope", [
+    pytest.param("longrope", marks=pytest.mark.skipif(
+        transformers_major() < 5, reason="transformers 4.x's LongRoPE outside Phi-3 ignores rope_scaling's "
+        "original_max_position_embeddings (64) for max_position_embeddings (256): another attention factor")),
+    "llama3"])
 def test_gemma3_scaled_global_rope_leaves_the_local_layers_alone(tmp_path, rope):
     """Gemma 3 with LongRoPE or Llama-3 scaling on its full-attention layers (rope_parameters per
     layer type): transformers scales only the full layers' RoPE (LongRoPE's attention factor too);
@@ -1025,8 +1036,10 @@ def test_gemma3_scaled_global_rope_leaves_the_local_layers_alone(tmp_path, rope)
                            num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
                            query_pre_attn_scalar=20, sliding_window=8,
                            layer_types=["sliding_attention", "full_attention"] * 2,
-                           rope_parameters={"full_attention": {**full, "rope_theta": 1e6},
-                                            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
+                           **(dict(rope_parameters={"full_attention": {**full, "rope_theta": 1e6},
+                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
+                              if transformers_major() >= 5 else  # (4.x: the same RoPE in its own fields)
+                              dict(rope_theta=1e6, rope_scaling=full, rope_local_base_freq=2e4)))
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
@@ -1073,7 +1086,7 @@ def test_gemma3_export_config_reads_back_in_every_layout_transformers_has_read()
         for d in (hf, v450):
             theirs = Gemma3TextConfig(**{k: v for k, v in copy.deepcopy(d).items() if k not in ("architectures",)})
             assert theirs.layer_types == ["full_attention" if w is None else "sliding_attention" for w in layout]
-            assert (theirs.sliding_window, theirs.query_pre_attn_scalar, theirs.rope_parameters) == (
+            assert (theirs.sliding_window, theirs.query_pre_attn_scalar, hf_rope(theirs)) == (
                 4 if 4 in layout else None, 12,
                 {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
                  "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
@@ -1147,24 +1160,46 @@ def test_gemma3_runs_in_float64_as_transformers_does(tiny_dirs):
         assert ours.hidden_states(tokens).dtype == torch.float64
 
 
+def _needs_5(reason):
+    """Skipped under transformers 4.x, which reads the case otherwise (``reason``); r3 follows 5.x."""
+    return pytest.mark.skipif(transformers_major() < 5, reason="transformers 4.x: " + reason)
+
+
 _PHI3_HALF = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 4.0, 5.0, 6.0]}
 
 
 @pytest.mark.parametrize("kind,fields", [
     ("llama", {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
                "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-    ("llama", {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}}),
-    ("phi3", {"partial_rotary_factor": 0.5,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}),
-    ("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": _PHI3_HALF,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}),
-    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5},
-                                         "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},
-                     "rope_scaling": {"factor": 4.0}}),
-    ("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}, "rope_theta": 1e5}),
-    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                         "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},
-                     "rope_local_base_freq": 5e3}),
+    pytest.param("llama", {"rope_theta": 1e4,
+                           "rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3e5}},
+                 marks=_needs_5(
+                     "reads rope_theta at the top level only (1e4), not the one in rope_scaling (3e5)")),
+    pytest.param("phi3", {"partial_rotary_factor": 0.5,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                              "partial_rotary_factor": 0.75}},
+                 marks=_needs_5(
+                     "does not read rope_parameters: its partial factor is the top-level 0.5, not 0.75")),
+    pytest.param("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": _PHI3_HALF,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                              "partial_rotary_factor": 0.75}},
+                 marks=_needs_5(
+                     "Phi3Config refuses a rope_scaling whose type is under 'rope_type' (ValueError)")),
+    pytest.param("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                        "rope_theta": 5e5},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},
+                                 "rope_scaling": {"factor": 4.0}},
+                 marks=_needs_5(
+                     "refuses a rope_scaling without a type (KeyError) and does not read rope_parameters")),
+    pytest.param("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3e5},
+                                 "rope_theta": 1e5},
+                 marks=_needs_5(
+                     "reads rope_theta at the top level only (1e5), not the one in rope_scaling (3e5)")),
+    pytest.param("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}},
+                                 "rope_local_base_freq": 5e3},
+                 marks=_needs_5(
+                     "does not read rope_parameters: bases 1e6 (its default) and rope_local_base_freq 5e3")),
     ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default"},
                                          "sliding_attention": {"rope_type": "default"}},
                      "rope_local_base_freq": 3e4, "rope_theta": 2e5}),
@@ -1190,16 +1225,18 @@ def test_rope_fields_in_two_places_read_as_transformers_reads_them(kind, fields)
     if kind == "gemma3_text":
         base.update(head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
     theirs = AutoConfig.for_model(kind, **base, **copy.deepcopy(fields))  # (transformers fills in the dicts it gets)
-    rope = theirs.rope_parameters["full_attention"] if kind == "gemma3_text" else theirs.rope_parameters
+    rope = hf_rope(theirs)["full_attention"] if kind == "gemma3_text" else hf_rope(theirs)
     ours = ModelConfig.from_hf({"model_type": kind, **base, **copy.deepcopy(fields)})
     assert ours.rope_theta == rope["rope_theta"]
     assert ours.partial_rotary_factor == rope.get("partial_rotary_factor", 1.0)
     assert (ours.rope_scaling or {}).get("rope_type", "default") == rope["rope_type"]
     assert (ours.rope_scaling or {}).get("factor") == rope.get("factor")
     if kind == "gemma3_text":  # (the sliding layers' base: their own dict's, else rope_local_base_freq, else 1e4)
-        assert ours.local_rope_theta == theirs.rope_parameters["sliding_attention"]["rope_theta"]
+        assert ours.local_rope_theta == hf_rope(theirs)["sliding_attention"]["rope_theta"]
 
 
+@pytest.mark.skipif(transformers_major() < 5, reason="transformers 4.x writes no rope_parameters and reads none: "
+                    "the top-level factor (0.5) is the one it runs")
 def test_phi3_partial_factor_of_the_rope_dict_wins_in_the_logits(tmp_path):
     """The logits behind the config test above: a Phi-3 config.json with a top-level
     partial_rotary_factor 0.5 and 0.75 in rope_parameters runs as transformers runs it (0.75)."""
@@ -1238,12 +1275,16 @@ def test_phi3_export_config_keeps_the_partial_factor_for_every_reader():
                                  original_max_position_embeddings=64, partial_rotary_factor=0.75, rope_scaling=lr))
     assert c.rotary_dim == 12
     hf = c.to_hf()
+    # (the three keys transformers 4.x's Phi3Config takes: with more, it refused to load the export)
+    assert hf["rope_scaling"] == {k: lr[k] for k in ("type", "short_factor", "long_factor")}
     for d in (hf, {k: v for k, v in hf.items() if k != "rope_scaling"}, {k: v for k, v in hf.items()
                                                                         if k != "rope_parameters"}):
         assert ModelConfig.from_hf(d) == c
+        if transformers_major() < 5 and "rope_scaling" not in d:
+            continue  # (rope_parameters alone: transformers 5's layout, which 4.x does not read)
         theirs = Phi3Config(**{k: v for k, v in copy.deepcopy(d).items() if k not in ("architectures", "model_type")})
-        assert theirs.rope_parameters["partial_rotary_factor"] == 0.75
-        assert theirs.rope_parameters["short_factor"] == lr["short_factor"]
+        assert hf_rope(theirs)["partial_rotary_factor"] == 0.75
+        assert hf_rope(theirs)["short_factor"] == lr["short_factor"]
 
 
 def test_a_gemma3_model_built_from_its_config_starts_with_identity_norms():
