@@ -3360,3 +3360,222 @@ def test_a_checkpoint_whose_flush_fails_is_a_failed_write(tiny_model, tmp_path, 
         save_checkpoint(tmp_path, 2, policy, opt, sched, stream, cfg, d)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_000001"]
+
+
+def test_a_skipped_step_leaves_no_gradient_for_the_next_one():
+    """A step skipped for a non-finite gradient must not leave its gradient behind: the next
+    update would add it to its own (inf or NaN there: every later step skipped too; a finite
+    gradient of a step skipped for its loss would be applied twice). After the skip, one more
+    update moves the weights exactly as the same update from a fresh start does."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, grad_clip=0.0, max_reflection_tokens=8).validate()
+    adv = [1.0, -0.5, -0.5, 0.8, -1.2, 0.4]
+    results = []
+    for skip_first in (True, False):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if skip_first:
+            hook = next(model.parameters()).register_hook(lambda g: g + float("inf"))
+            mbs = B.make_micro_batches(seqs, spans, adv, 3, 0, torch.device("cpu"))
+            assert T.update(model, opt, mbs, len(mbs), cfg, one_rank)["skipped"]
+            hook.remove()
+        mbs = B.make_micro_batches(seqs, spans, adv, 3, 0, torch.device("cpu"))
+        stats = T.update(model, opt, mbs, len(mbs), cfg, one_rank)
+        assert not stats["skipped"]
+        results.append(([p.detach().clone() for p in model.parameters()], stats["grad_norm"]))
+    (wa, ga), (wb, gb) = results
+    assert ga == pytest.approx(gb, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-6) for a, b in zip(wa, wb))
+    assert any(not torch.equal(a, b) for a, b in zip(wa, base.parameters()))  # (the second update moved them)
+
+
+def test_a_step_syncs_the_rollout_copy_before_its_rollout_and_reports_the_data_mode(tmp_path, monkeypatch):
+    """train_step gathers the policy into the rollout copy before the rollout samples (else the
+    rollouts come from the weights before the last update, or from the copy's uninitialised
+    memory at the first step); the metrics row is told whether first attempts were fresh (stored
+    failures: no first-attempt success) and the data position after this step's queries."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    for failures in (None, [{"example": 1, "attempt_tokens": [1]}]):
+        got, order = {}, []
+        run = _stand_in_step(tmp_path, monkeypatch, d, got)
+        run.failures = failures
+        ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0]]))
+
+        def rollout(run, step, ep=ep):
+            order.append("rollout")
+            run.stream.position += 4
+            return ep
+
+        monkeypatch.setattr(T, "sync_rollout_weights", lambda policy, rollout: order.append(("sync", policy, rollout)))
+        monkeypatch.setattr(T, "rollout", rollout)
+        monkeypatch.setattr(T, "step_metrics", lambda step, *a, **kw: got.update(metrics=kw) or {"step": step})
+        T.train_step(run, 0)
+        assert order == [("sync", "policy", "rollout"), "rollout"]
+        assert got["metrics"]["fresh_attempts"] is (failures is None) and got["metrics"]["data_position"] == 4
+
+
+STOP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch.distributed as dist
+    from r3.distributed import StopSignals, _exit_hard, init_distributed
+
+    d = init_distributed()
+    os.environ.pop("TORCHELASTIC_RUN_ID", None)  # (no launcher to watch: only the signal counts)
+    with StopSignals() as signals:
+        before = signals.requested(d)
+        if d.rank == 1:
+            signals._handle(signal.SIGTERM, None)  # (rank 1 alone got it)
+        after = signals.requested(d)
+    with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as f:
+        json.dump([before, after], f)
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_hard(0)
+    """
+)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """StopSignals.requested agrees over the ranks: a SIGTERM that reached rank 1 only stops rank 0
+    too (else rank 1 alone would save and leave, and rank 0 hang in its next collective)."""
+    _run_on_two_ranks(STOP_SCRIPT, tmp_path)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [0, 15], rank
+
+
+def test_a_non_finite_loss_with_a_finite_gradient_skips_the_step(monkeypatch):
+    """The guard reads the loss as well as the gradient norm (its docstring: either skips the
+    step): a loss that is infinite while its gradient is finite (here an infinite constant added
+    to the real loss) leaves the weights as they were, and the next step trains."""
+    import copy
+
+    from r3 import batch as B
+    from r3 import grpo
+    from r3 import train as T
+    from r3.config import TrainConfig
+
+    base, seqs, spans = _policy_and_rows()
+    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, max_reflection_tokens=8).validate()
+    model = copy.deepcopy(base)
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **kw: (lambda lm: (lm[0] + float("inf"), lm[1]))(real(*a, **kw)))
+    mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 3, 0, torch.device("cpu"))
+    stats = T.update(model, torch.optim.SGD(model.parameters(), lr=0.1), mbs, len(mbs), cfg, one_rank)
+    assert not math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert stats["skipped"] and all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+
+
+SKIP_TOGETHER_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from conftest import tiny_hf_config
+    from r3 import batch as B
+    from r3 import grpo
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.distributed import _exit_hard
+    from r3.model import ModelConfig, Transformer
+
+    d = T.init_distributed()
+    torch.manual_seed(0)
+    policy = Transformer(ModelConfig.from_hf(tiny_hf_config("qwen2").to_dict()))
+    T.shard(policy, d, torch.float32)
+    before = {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
+    if d.rank == 1:  # rank 1's loss is infinite, its gradient finite (an infinite constant added)
+        real = grpo.policy_loss
+        grpo.policy_loss = lambda *a, **kw: (lambda lm: (lm[0] + float("inf"), lm[1]))(real(*a, **kw))
+    g = torch.Generator().manual_seed(d.rank)
+    seqs = [torch.randint(0, 256, (9,), generator=g).tolist() for _ in range(2)]
+    mbs = B.make_micro_batches(seqs, [(3, 8), (4, 9)], [1.0, -1.0], 2, 0, d.device)
+    cfg = TrainConfig(dtype="fp32", beta=0.0, max_reflection_tokens=8).validate()
+    stats = T.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), mbs, len(mbs), cfg, d)
+    assert stats["skipped"], d.rank
+    after = {k: v.full_tensor() for k, v in policy.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before), d.rank
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_hard(0)
+    """
+)
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The guard agrees over the ranks: rank 1's loss is not finite (its gradient, and so the
+    global norm, is): every rank skips, else rank 0 would step its shards and rank 1 not (a model
+    half updated)."""
+    _run_on_two_ranks(SKIP_TOGETHER_SCRIPT, tmp_path, HERE)
+
+
+def test_a_signal_during_the_checkpoint_stops_at_it_and_a_resume_past_stop_after_goes_on(tmp_path, monkeypatch):
+    """step_end asks for a stop again after writing a checkpoint: a signal that came during the
+    write stops the run there (not one step and one checkpoint later). stop_after stops at that
+    step only: a run resumed past it (the same config) trains on instead of stopping after
+    every step."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+
+    saved = []
+    monkeypatch.setattr(T, "save_checkpoint", lambda out, step, *a: saved.append(step))
+    monkeypatch.setattr(T, "format_step_line", lambda row, max_steps, eta: "")
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    ep = SimpleNamespace(records=[])
+    run = _stand_in_run(tmp_path, d, max_steps=10, save_every=2)
+    asked = iter([0, 15])  # none before the checkpoint, SIGTERM once it was written
+    assert T.step_end(run, 3, {"step": 4}, ep, (0.0, 0), lambda: next(asked)) == 15 and saved == [4]
+    saved.clear()
+    run = _stand_in_run(tmp_path, d, max_steps=10, save_every=5, stop_after=3)
+    assert [T.step_end(run, step, {"step": step + 1}, ep, (0.0, 3), lambda: 0) for step in (3, 4, 5)] == [0, 0, 0]
+    assert saved == [5]
+
+
+def test_a_signal_ends_the_loop_with_128_plus_its_number_and_no_export(tmp_path, monkeypatch):
+    """train_loop: step_end's signal number ends the run as a process killed by it would (SIGTERM:
+    exit 143, which schedulers read as preempted), with no export; not exit 0 (a finished run)
+    nor the bare signal number."""
+    import signal
+
+    from r3 import train as T
+
+    calls = []
+    monkeypatch.setattr(T, "train_step", lambda run, step: ({"step": step + 1}, None))
+    monkeypatch.setattr(T, "export", lambda out, policy, tok, d: calls.append("export") or out / "export")
+    monkeypatch.setattr(T, "step_end", lambda run, step, row, ep, clock, signum: calls.append(step) or
+                        (signal.SIGTERM if step == 1 else 0))
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    with pytest.raises(SystemExit) as stopped:
+        T.train_loop(_stand_in_run(tmp_path, d, max_steps=4))
+    assert stopped.value.code == 128 + signal.SIGTERM and calls == [0, 1]
+
+
+def test_step_end_logs_the_step_it_finished_to_the_files_and_the_tracker(tmp_path, monkeypatch):
+    """step_end after the loop's step index 2 (the 3rd step): samples.jsonl and the tracker's
+    metrics and samples are all at step 3, the row's own step (an index off by one would put a
+    run's samples and its W&B curve one step before its metrics.jsonl)."""
+    from types import SimpleNamespace
+
+    from r3 import train as T
+
+    monkeypatch.setattr(T, "format_step_line", lambda row, max_steps, eta: "")
+    d = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    run = _stand_in_run(tmp_path, d, max_steps=10, save_every=5)
+    ep = SimpleNamespace(records=[{"example": 1, "reward": 1.0, "reason": "ok"}])
+    assert T.step_end(run, 2, {"step": 3}, ep, (0.0, 0), lambda: 0) == 0
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [3]
+    assert [(kind, step) for kind, step, _ in run.logged] == [("train", 3), ("samples", 3)]

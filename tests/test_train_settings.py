@@ -404,3 +404,46 @@ def test_a_zero_max_new_tokens_is_refused_under_its_own_name(tmp_path):
         parse_args(["--config", str(f)])
     with pytest.raises(R3Error, match="'max_new_tokens' must be"):
         TrainConfig(max_new_tokens=0).validate()
+
+
+def test_follow_schedule_sets_the_lr_of_this_runs_schedule_at_the_resumed_step():
+    """On resume the scheduler's state (its step) comes from the checkpoint with the lr of the
+    schedule it was written under; follow_schedule puts this run's schedule at that step in every
+    parameter group (not the step before, not the old schedule's lr)."""
+    from r3.train import follow_schedule
+
+    old_cfg = TrainConfig(lr=1e-3, max_steps=2, warmup_steps=1, min_lr_ratio=0.1)
+    new_cfg = TrainConfig(lr=1e-3, max_steps=6, warmup_steps=1, min_lr_ratio=0.1)
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    opt, sched = make_optimizer(old_cfg, [p])
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    opt2, sched2 = make_optimizer(new_cfg, [{"params": [p]}, {"params": [q]}])
+    sched2.load_state_dict({**sched.state_dict(), "base_lrs": [1e-3, 1e-3], "_last_lr": [sched.get_last_lr()[0]] * 2})
+    for group in opt2.param_groups:
+        group["lr"] = opt.param_groups[0]["lr"]  # (what the checkpoint's optimizer state holds)
+    assert sched2.last_epoch == 2
+    follow_schedule(sched2)
+    want = 1e-3 * lr_lambda(new_cfg)(2)
+    assert want != pytest.approx(1e-3 * lr_lambda(old_cfg)(2)) and want != pytest.approx(1e-3 * lr_lambda(new_cfg)(1))
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([want, want], rel=1e-12)
+    fresh_opt, fresh = make_optimizer(new_cfg, [q])
+    follow_schedule(fresh)  # (a fresh start: step 0, the warmup's first lr)
+    assert fresh_opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5, rel=1e-12)
+
+
+def test_the_optimizer_state_is_made_up_front_and_each_rollout_seed_is_salted():
+    """make_optimizer gives AdamW its state before any step (step 0, zero moments), as
+    init_adamw_state does: a checkpoint before the first update would otherwise have DCP take an
+    empty AdamW step, which changes the weights (--save-every would). step_seed differs for every
+    run seed, step and rank (a seed not salted by the step repeats the same rollouts every step;
+    by the run seed, --seed would not change them), and is a valid generator seed."""
+    from r3.train import step_seed
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt, _ = make_optimizer(TrainConfig(), [p])
+    state = opt.state[p]
+    assert float(state["step"]) == 0.0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    seeds = [step_seed(TrainConfig(seed=seed), step, rank) for seed in (0, 1, 7) for step in range(4) for rank in range(3)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**31 for s in seeds)
