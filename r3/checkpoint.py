@@ -127,10 +127,13 @@ def canonical_model(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():  # (a hub id: the cached snapshot, which names its revision)
         return str(found)
-    # The folder resolved, the last name kept: a GGUF file in the Hugging Face cache is a link to
-    # a blob named by its hash, without the .gguf that says what it is.
-    return str(path.absolute().parent.resolve() / path.name) if path.name not in ("", ".", "..") \
-        else str(path.resolve())
+    real = path.resolve()
+    if kind == "gguf" and real.suffix.lower() != ".gguf":
+        # The folder resolved, the last name kept: a GGUF file in the Hugging Face cache is a link
+        # to a blob named by its hash, without the .gguf that says what it is. Any other link is
+        # followed: a link moved on to another model (``current``) must not read as the same model.
+        return str(path.absolute().parent.resolve() / path.name)
+    return str(real)
 
 
 def same_model(a: str, b: str) -> bool:

@@ -148,25 +148,27 @@ def check_out_path(out: str, what: str = "--out") -> Path:
 _HELD_LOCKS: dict = {}  # (device, inode) -> open file: the OS lets go of the locks when the process ends
 
 
-def try_flock(f, *, shared: bool = False) -> bool:
-    """``flock`` without waiting: False when another open file holds it. A file system that
-    cannot lock (Lustre mounted ``noflock``, some FUSE and network mounts: ENOSYS, EOPNOTSUPP,
-    ENOLCK) counts as locked, with a warning once per file system, since refusing would stop
-    every run there while nothing holds the file."""
+def try_flock(f, *, shared: bool = False, quiet: bool = False) -> bool:
+    """``flock`` without waiting: False when another open file holds it (EWOULDBLOCK; EACCES,
+    as some network mounts answer). A file system that cannot lock (Lustre mounted ``noflock``,
+    some FUSE and network mounts: ENOSYS, EOPNOTSUPP, ENOLCK) counts as locked, with a warning
+    once per file system unless ``quiet`` (a probe that only reads), since refusing would stop
+    every run there while nothing holds the file. Any other error reads as held."""
     try:
         fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
-    except BlockingIOError:
-        return False
     except OSError as e:
+        if e.errno not in _CANNOT_LOCK:
+            return False
         device = os.fstat(f.fileno()).st_dev
-        if device not in _UNLOCKABLE:
+        if not quiet and device not in _UNLOCKABLE:
             _UNLOCKABLE.add(device)
             print(f"warning: {f.name}: this file system cannot lock files ({e.strerror or e}); nothing stops "
                   "two commands writing the same output there at once", file=sys.stderr, flush=True)
         return True
 
 
+_CANNOT_LOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK}
 _UNLOCKABLE: set = set()  # (devices whose file systems cannot lock: warned once)
 
 

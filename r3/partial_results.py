@@ -121,6 +121,14 @@ class PartialResults:
         if not self.path.exists():
             return
         self._hold()  # (before reading: another process may be appending to it)
+        try:
+            self._read()
+        except BaseException:  # (a file refused: let go of it at once, not when the process ends)
+            release_lock(self._held)
+            self._held = None
+            raise
+
+    def _read(self) -> None:
         data = self.path.read_bytes()
         ours = b'{"' + HEADER.encode() + b'"'  # (how our first line starts; a crash may have cut even that)
         # a line cut short by a crash: appending would glue onto it

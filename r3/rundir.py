@@ -319,7 +319,7 @@ def export(out: Path, policy, tokenizer, d: Dist) -> Path | None:
                     raise  # (a serialisation bug, not the disk)
                 kept = checkpoint_dirs(out)
                 full = _disk_full(e)
-                raise R3Error(f"could not write the export {out / 'export'} ({_write_failure(e)}{_free_space_if_full(e, out)}); "
+                raise R3Error(f"could not write the export {out / 'export'} ({_error_line(e)}{_free_space_if_full(e, out)}); "
                               + (f"checkpoint {kept[-1].name} is kept: {'free space and ' if full else ''}rerun with the "
                                  "same --out to write the export" if kept else "no checkpoint was written")) from None
     return path
@@ -345,7 +345,7 @@ def training_holder(out) -> str | None:
     None when no run holds it."""
     try:
         with open(Path(out) / ".lock", "r") as f:
-            if not try_flock(f, shared=True):
+            if not try_flock(f, shared=True, quiet=True):
                 return f.read().strip() or "unknown"
     except OSError:
         pass

@@ -775,6 +775,27 @@ def test_a_run_records_its_model_path_absolute(tiny_dirs, tmp_path, monkeypatch)
     assert not same_model("nope", "model") and not same_model("model", "nope")  # (one is not here)
 
 
+def test_a_run_records_the_model_a_link_names_not_the_link(tiny_dirs, tmp_path, monkeypatch):
+    """A model directory named by a link (``current``) is recorded as the directory it names: when
+    the link moves on to another model, a resume with it is another model, one with the model the
+    run trained is the same, and an evaluation's key is the same through the link or not."""
+    from r3.checkpoint import canonical_model
+    from r3.config import TrainConfig
+    from r3.partial_results import model_files
+
+    for name in ("first", "second"):
+        shutil.copytree(tiny_dirs["llama"][0], tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "current").symlink_to("first")
+    assert canonical_model("current") == canonical_model("first") == str(tmp_path / "first")
+    assert model_files("current") == model_files("first")
+    stored = TrainConfig(model=canonical_model("current")).to_dict()
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").symlink_to("second")
+    assert TrainConfig(model=canonical_model("current")).incompatible_with(stored) == ["model"]
+    assert TrainConfig(model=canonical_model("first")).incompatible_with(stored) == []
+
+
 def _hub_cache(root: Path, repo_id: str, files: dict[str, Path], revision: str = "0123abcd") -> Path:
     """A Hugging Face cache as `hf download` leaves it: blobs named by hash, a snapshot of links
     to them, refs/main naming the snapshot."""

@@ -56,6 +56,10 @@ def test_a_file_another_process_writes_is_refused(tmp_path):
         with pytest.raises(R3Error, match="is being written by another process"):
             late.add("m", 0, "b")
         assert first.path.read_bytes() == kept
+    with pytest.raises(R3Error, match="other inputs"):  # (a refused file is let go of at once)
+        PartialResults(out, {"k": 2})
+    with open(first.path) as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     again = PartialResults(out, {"k": 1})  # (the other ended: its file is read and held)
     again.add("m", 0, "c")
     assert again.of("m") == {0: "c"}

@@ -2073,7 +2073,7 @@ def test_the_hash_split_and_the_seeded_shuffle_are_pinned():
 def test_record_files_in_each_accepted_shape(tmp_path):
     """read_records: a {"data": [...]} wrapper (one key only: two lists are not guessed between), a
     .json file holding JSONL, JSON nested too deeply (one line, not a RecursionError), and parquet
-    rows numbered from 0 like JSON records."""
+    rows numbered from 1 like JSON records."""
     from r3.tasks.base import read_records
 
     rows = [{"target": 5, "nums": [1, 4]}, {"target": 3, "nums": [1, 2]}]
@@ -2093,7 +2093,7 @@ def test_record_files_in_each_accepted_shape(tmp_path):
 
     q = tmp_path / "cd.parquet"
     pq.write_table(pa.Table.from_pylist(rows), str(q))
-    assert list(read_records(str(q))) == [(f"{q}, row 0", rows[0]), (f"{q}, row 1", rows[1])]
+    assert list(read_records(str(q))) == [(f"{q}, row 1", rows[0]), (f"{q}, row 2", rows[1])]
 
 
 _REGISTRY_PLUGIN = '''

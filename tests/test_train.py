@@ -1220,6 +1220,7 @@ def test_a_file_system_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatc
     from r3 import files
     from r3 import train as T
     from r3.config import TrainConfig
+    from r3.errors import R3Error
     from r3.files import hold_lock, release_lock
     from r3.rundir import _HELD_LOCKS, prepare_out_dir, training_holder
 
@@ -1229,6 +1230,10 @@ def test_a_file_system_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatc
     monkeypatch.setattr(fcntl, "flock", noflock)
     monkeypatch.setattr(files, "_UNLOCKABLE", set())
     d = T.init_distributed()
+    (tmp_path / ".lock").write_text("pid 1 on node7\n")
+    assert training_holder(tmp_path) is None  # (r3.evaluate's probe only reads: no warning)
+    (tmp_path / ".lock").unlink()
+    assert capsys.readouterr().err == ""
     out = prepare_out_dir(TrainConfig(out=str(tmp_path / "run")).validate(), d)
     _HELD_LOCKS.pop().close()
     assert training_holder(out) is None
@@ -1238,6 +1243,14 @@ def test_a_file_system_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"warning: {out / '.lock'}: this file system cannot lock files "
                                                      "(Function not implemented); nothing stops two commands")
+
+    def conflict(f, op):  # (a network mount's answer to a lock another client holds)
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fcntl, "flock", conflict)
+    with pytest.raises(R3Error, match="is in use by another run"):
+        prepare_out_dir(TrainConfig(out=str(tmp_path / "run")).validate(), d)
+    assert hold_lock(tmp_path / "r.json.partial.jsonl") is None
 
 
 def test_a_run_directory_without_a_readable_config_object_is_refused(tmp_path):

@@ -524,5 +524,5 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # noqa: BLE001 -- pyarrow raises many types
         raise R3Error(f"{path}: cannot read parquet: {e}".splitlines()[0]) from None
-    for i, rec in enumerate(rows):
+    for i, rec in enumerate(rows, 1):  # (numbered from 1, as every message about a record)
         yield f"{path}, row {i}", rec
