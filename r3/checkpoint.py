@@ -52,18 +52,20 @@ def builtin_gguf(name: str) -> Path:
     raise R3Error(f"built-in model '{name}': no .gguf file inside the {dist} package")
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
 
-def hub_cache_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot of a Hugging Face model id (its ``main`` revision), or None when the
-    cache does not hold it. Looked up on this disk only: r3 never downloads."""
+def hub_cache_snapshot(spec: str) -> Path | None:
+    """The cached snapshot of a Hugging Face model id, ``org/name`` (its ``main`` revision) or
+    ``org/name@REVISION`` (a branch, tag or commit), or None when the cache does not hold it.
+    Looked up on this disk only: r3 never downloads."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # (transformers brings it; without it there is no cache to read)
         return None
+    match = _HUB_ID.fullmatch(spec)
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(match["repo"], revision=match["revision"], local_files_only=True))
     except (OSError, ValueError):  # (not cached / not a valid repo id)
         return None
 
@@ -97,7 +99,7 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
                 return _hub_cache_model(spec, snapshot)
             raise R3Error(f"model '{spec}' is not a path here, nor in the Hugging Face cache "
                           f"({_hub_cache_dir()}); r3 never downloads: fetch it first "
-                          f"(`hf download {spec}`) or give its directory")
+                          f"(`hf download {_download_args(spec)}`) or give its directory")
         hint = f" (built-in models: {', '.join(BUILTIN_MODELS)})"
         raise R3Error(f"model path '{spec}' does not exist{hint}")
     if path.is_dir():
@@ -107,6 +109,11 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
     if path.suffix.lower() == ".gguf":
         return "gguf", path
     raise R3Error(f"{path}: expected a Hugging Face directory or a .gguf file")
+
+
+def _download_args(spec: str) -> str:
+    match = _HUB_ID.fullmatch(spec)
+    return match["repo"] + (f" --revision {match['revision']}" if match["revision"] else "")
 
 
 def _hub_cache_dir() -> str:

@@ -796,7 +796,7 @@ def test_a_run_records_the_model_a_link_names_not_the_link(tiny_dirs, tmp_path, 
     assert TrainConfig(model=canonical_model("first")).incompatible_with(stored) == []
 
 
-def _hub_cache(root: Path, repo_id: str, files: dict[str, Path], revision: str = "0123abcd") -> Path:
+def _hub_cache(root: Path, repo_id: str, files: dict[str, Path], revision: str = "0123abcd" * 5) -> Path:
     """A Hugging Face cache as `hf download` leaves it: blobs named by hash, a snapshot of links
     to them, refs/main naming the snapshot."""
     repo = root / ("models--" + repo_id.replace("/", "--"))
@@ -827,6 +827,12 @@ def test_a_hub_id_is_found_in_the_local_hugging_face_cache(tiny_dirs, tmp_path, 
     snapshot = _hub_cache(tmp_path / "hub", "org/tiny-llama", {f.name: f for f in src.iterdir() if f.is_file()})
     monkeypatch.chdir(tmp_path)
     assert resolve("org/tiny-llama") == ("hf", snapshot)
+    assert resolve(f"org/tiny-llama@{snapshot.name}") == ("hf", snapshot)  # (a commit the cache holds)
+    with pytest.raises(R3Error, match=r"'org/tiny-llama@v2' is not a path here, nor in the Hugging Face cache .*"
+                                      r"\(`hf download org/tiny-llama --revision v2`\)"):
+        resolve("org/tiny-llama@v2")
+    (snapshot.parent.parent / "refs" / "v2").write_text(snapshot.name)  # (a tag fetched with --revision v2)
+    assert resolve("org/tiny-llama@v2") == ("hf", snapshot)
     assert load_config("org/tiny-llama") == load_config(src)
     assert canonical_model("org/tiny-llama") == str(snapshot) and same_model("org/tiny-llama", str(snapshot))
     from r3.partial_results import model_files  # (an evaluation's key: the snapshot, from any directory)
