@@ -130,7 +130,14 @@ def fail_together(d: Dist, *, alike: bool = False):
 def exit_after_failing_ranks(d: Dist) -> NoReturn:
     """Leave with exit code 2 and nothing printed, once the ranks that failed are gone (this
     barrier breaks when they exit): the launcher then reports their exit code and error first, and
-    does not stop them, on this rank's exit, before they have said why."""
+    does not stop them, on this rank's exit, before they have said why. The SIGTERM the launcher
+    sends once a failed rank has exited leaves quietly too (it said 'terminated' under the failed
+    rank's line when it came before this rank was gone)."""
+    def leave(signum, frame):
+        raise SystemExit(2)
+
+    with contextlib.suppress(ValueError):  # (not the main thread: signals are left alone)
+        signal.signal(signal.SIGTERM, leave)
     with contextlib.suppress(Exception):
         dist.barrier(group=d.cpu_group)
     raise SystemExit(2)

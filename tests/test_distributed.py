@@ -241,6 +241,28 @@ run_and_exit(main)
 '''
 
 
+def test_the_launchers_sigterm_to_a_quiet_rank_says_nothing(monkeypatch, capsys):
+    """Once the failed rank exits, torchrun sends SIGTERM to the others: one still waiting to leave
+    quietly printed 'terminated' (exit 143) under the failed rank's one line (a race CI met)."""
+    import os
+    import signal
+    import types
+
+    from r3 import distributed
+    from r3.errors import cli_main
+
+    def barrier_broken_by_the_launcher(group=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(distributed.dist, "barrier", barrier_broken_by_the_launcher)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: distributed.exit_after_failing_ranks(types.SimpleNamespace(cpu_group=None)))()
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    assert signal.getsignal(signal.SIGTERM) is before  # (cli_main puts its handler back)
+
+
 @pytest.mark.parametrize("kind", ["r3error", "crash"])
 def test_quiet_ranks_wait_for_a_slow_failing_rank_to_say_why(tmp_path, kind):
     """The ranks that did not fail leave only once the failing rank is gone: exiting at once, their
