@@ -55,17 +55,16 @@ def builtin_gguf(name: str) -> Path:
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
 
-def hub_cache_snapshot(spec: str) -> Path | None:
-    """The cached snapshot of a Hugging Face model id, ``org/name`` (its ``main`` revision) or
-    ``org/name@REVISION`` (a branch, tag or commit), or None when the cache does not hold it.
-    Looked up on this disk only: r3 never downloads."""
+def hub_cache_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The cached snapshot of a Hugging Face model id ``org/name`` at ``revision`` (a branch, tag
+    or commit; None: ``main``), or None when the cache does not hold it. Looked up on this disk
+    only: r3 never downloads."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # (transformers brings it; without it there is no cache to read)
         return None
-    match = _HUB_ID.fullmatch(spec)
     try:
-        return Path(snapshot_download(match["repo"], revision=match["revision"], local_files_only=True))
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except (OSError, ValueError):  # (not cached / not a valid repo id)
         return None
 
@@ -83,7 +82,7 @@ def _hub_cache_model(spec: str, snapshot: Path) -> tuple[str, Path]:
         raise R3Error(f"model '{spec}' (Hugging Face cache, {snapshot}) holds {len(ggufs)} GGUF files "
                       f"({names}): name one with --model {snapshot}/FILE")
     raise R3Error(f"model '{spec}' (Hugging Face cache, {snapshot}): no config.json and no .gguf file "
-                  f"(was the download complete?)")
+                  "(was the download complete?)")
 
 
 def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
@@ -93,13 +92,15 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
         return "gguf", builtin_gguf(spec)
     path = Path(spec).expanduser()
     if not path.exists():
-        if isinstance(spec, str) and _HUB_ID.fullmatch(spec):
-            snapshot = hub_cache_snapshot(spec)
+        hub = _HUB_ID.fullmatch(spec) if isinstance(spec, str) else None
+        if hub:
+            snapshot = hub_cache_snapshot(hub["repo"], hub["revision"])
             if snapshot is not None:
                 return _hub_cache_model(spec, snapshot)
+            fetch = hub["repo"] + (f" --revision {hub['revision']}" if hub["revision"] else "")
             raise R3Error(f"model '{spec}' is not a path here, nor in the Hugging Face cache "
                           f"({_hub_cache_dir()}); r3 never downloads: fetch it first "
-                          f"(`hf download {_download_args(spec)}`) or give its directory")
+                          f"(`hf download {fetch}`) or give its directory")
         hint = f" (built-in models: {', '.join(BUILTIN_MODELS)})"
         raise R3Error(f"model path '{spec}' does not exist{hint}")
     if path.is_dir():
@@ -109,11 +110,6 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
     if path.suffix.lower() == ".gguf":
         return "gguf", path
     raise R3Error(f"{path}: expected a Hugging Face directory or a .gguf file")
-
-
-def _download_args(spec: str) -> str:
-    match = _HUB_ID.fullmatch(spec)
-    return match["repo"] + (f" --revision {match['revision']}" if match["revision"] else "")
 
 
 def _hub_cache_dir() -> str:
@@ -731,9 +727,11 @@ def save_hf(
             elif key == "partial_rotary_factor":  # (r3's is 1: a source's other one goes)
                 hf_cfg.pop(key, None)
         if model.config.gemma:  # (its layers: layer_types from 4.53 on, sliding_window_pattern in 4.50 to 4.52)
-            hf_cfg["layer_types"] = fresh["layer_types"]
-            hf_cfg.pop("sliding_window_pattern", None)
-            hf_cfg.update({k: fresh[k] for k in ("sliding_window_pattern",) if k in fresh})
+            for key in ("layer_types", "sliding_window_pattern"):
+                if key in fresh:
+                    hf_cfg[key] = fresh[key]
+                else:
+                    hf_cfg.pop(key, None)
         hf_cfg.pop("quantization_config", None)
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(out_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -6,6 +6,7 @@ import argparse
 import errno
 import functools
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -69,8 +70,6 @@ def cli_main(fn):
 def free_space_at(path) -> str:
     """`` (N GiB free on that disk)`` for the disk that holds ``path`` (or its nearest existing
     folder: a failed write may have left no file), or nothing when that cannot be read."""
-    import shutil
-
     where = os.path.abspath(os.fsdecode(path))
     while not os.path.exists(where) and os.path.dirname(where) != where:
         where = os.path.dirname(where)

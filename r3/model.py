@@ -289,9 +289,8 @@ class ModelConfig:
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
                 s = self.rope_scaling
                 cfg["original_max_position_embeddings"] = s["original_max_position_embeddings"]
-                factor = self.max_position_embeddings / s["original_max_position_embeddings"]
-                default = 1.0 if factor <= 1.0 else math.sqrt(
-                    1 + math.log(factor) / math.log(s["original_max_position_embeddings"]))
+                default = _longrope_attention(self.max_position_embeddings / s["original_max_position_embeddings"],
+                                              s["original_max_position_embeddings"])
                 if self.model_type == "phi3" and math.isclose(s["attention_factor"], default, rel_tol=1e-12):
                     # transformers 4.x's Phi3Config takes these three keys and no more (ValueError
                     # otherwise); every reader derives the rest from the top-level fields
@@ -337,6 +336,12 @@ def _positive(value, key: str, source: str, integral: bool):
     return int(value) if integral else float(value)
 
 
+def _longrope_attention(factor: float, original: int) -> float:
+    """LongRoPE's attention factor when the config gives none, as transformers derives it from
+    the context's extension factor."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, max_pos: int, source: str) -> dict:
     """LongRoPE parameters as transformers resolves them: the original context length (Phi-3's
     top-level field first), both factor lists (one number per pair of rotary dims), and the
@@ -357,7 +362,7 @@ def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, max_po
     factor = _positive(scaling.get("factor") or max_pos / original, "rope_scaling.factor", source, False)
     attention = scaling.get("attention_factor")
     if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        attention = _longrope_attention(factor, original)
     attention = _positive(attention, "rope_scaling.attention_factor", source, False)
     return {"rope_type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
             "long_factor": [float(x) for x in scaling["long_factor"]],

@@ -111,7 +111,7 @@ class PartialResults:
     index in the unit's fixed order. ``key``: everything the results depend on (JSON-able)."""
 
     def __init__(self, out: Path, key: dict):
-        self.path = partial_path(out)
+        self.out, self.path = Path(out), partial_path(out)
         self.key = json.loads(_json({"format": FORMAT, **key}))  # (as it reads back)
         self.done: dict[tuple[str, int], object] = {}
         self.earlier_s: dict[tuple[str, int], float] = {}  # (each read-back batch's seconds in its run)
@@ -175,9 +175,8 @@ class PartialResults:
         if self._held is None:
             self._held = hold_lock(self.path)
             if self._held is None:
-                raise R3Error(f"{self.path.with_name(self.path.name.removesuffix('.partial.jsonl'))} is being "
-                              f"written by another process ({self.path} is held by it: the same command with the "
-                              "same --out?); wait for it to end or use another --out")
+                raise R3Error(f"{self.out} is being written by another process ({self.path} is held by it: "
+                              "the same command with the same --out?); wait for it to end or use another --out")
 
     def _remove(self) -> None:
         try:
