@@ -56,7 +56,10 @@ def cli_main(fn):
                 raise
             # a full disk or quota: the machine's state, not a bug (runs and outputs are written
             # atomically or resumably, so a rerun after freeing space loses nothing)
-            where = f" writing {e.filename}{free_space_at(e.filename)}" if e.filename else ""
+            where = ""
+            if e.filename:
+                free = free_space_at(e.filename)
+                where = f" writing {e.filename}" + (f" ({free})" if free else "")
             sys.stderr.write(f"error: {e.strerror}{where}; free space and run the command again\n")
             sys.stderr.flush()
             raise SystemExit(2)
@@ -67,16 +70,18 @@ def cli_main(fn):
     return wrapper
 
 
-def free_space_at(path) -> str:
-    """`` (N GiB free on that disk)`` for the disk that holds ``path`` (or its nearest existing
-    folder: a failed write may have left no file), or nothing when that cannot be read."""
+def free_space_at(path, *, mark_low: bool = False) -> str:
+    """``N GiB free on that disk`` for the disk that holds ``path`` (or its nearest existing
+    folder: a failed write may have left no file), with ``(full?)`` under 1 GiB if ``mark_low``
+    (for a reason that may not say the disk is full), or nothing when that cannot be read."""
     where = os.path.abspath(os.fsdecode(path))
     while not os.path.exists(where) and os.path.dirname(where) != where:
         where = os.path.dirname(where)
     try:
-        return f" ({shutil.disk_usage(where).free / 2**30:.2f} GiB free on that disk)"
+        free = shutil.disk_usage(where).free
     except OSError:
         return ""
+    return f"{free / 2**30:.2f} GiB free on that disk" + (" (full?)" if mark_low and free < 2**30 else "")
 
 
 class Terminated(BaseException):

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from r3.checkpoint import save_hf
 from r3.config import TrainConfig, upgrade_config_dict
 from r3.distributed import Dist, all_max, exit_after_failing_ranks, fail_together, wait_for_main
-from r3.errors import R3Error
+from r3.errors import R3Error, free_space_at
 from r3.files import fsync_directory, fsync_file, fsync_tree, try_flock, write_json_atomic, write_text_atomic
 
 
@@ -92,11 +92,9 @@ def _free_space_if_full(e: BaseException, where: Path) -> str:
 
 
 def _free_space(where: Path) -> str:
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return ""
-    return f"; {free / 2**30:.2f} GiB free on that disk" + (" (full?)" if free < 2**30 else "")
+    """``; N GiB free on that disk (full?)`` to follow a failed write's reason, or nothing."""
+    free = free_space_at(where, mark_low=True)
+    return f"; {free}" if free else ""
 
 
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, cfg: TrainConfig, d: Dist):

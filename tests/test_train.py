@@ -2874,14 +2874,30 @@ def test_failed_writes_name_the_newest_kept_checkpoint_and_say_free_space_only_f
 
 
 def test_free_space_is_said_in_gib_and_marked_when_under_one(tmp_path, monkeypatch):
+    """One measure of free space for every failed write: the disk of the nearest existing folder
+    (a failed write may leave no file), nothing when unreadable; a checkpoint's line marks under
+    1 GiB, as its reason may not say the disk is full."""
     from types import SimpleNamespace
 
-    from r3 import rundir
+    from r3 import errors, rundir
 
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: SimpleNamespace(free=2**29))
+    seen = []
+
+    def usage(free):
+        return lambda p: seen.append(p) or SimpleNamespace(free=free)
+
+    monkeypatch.setattr(errors.shutil, "disk_usage", usage(2**29))
     assert rundir._free_space(tmp_path) == "; 0.50 GiB free on that disk (full?)"
-    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: SimpleNamespace(free=3 * 2**30))
-    assert rundir._free_space(tmp_path) == "; 3.00 GiB free on that disk"
+    monkeypatch.setattr(errors.shutil, "disk_usage", usage(3 * 2**30))
+    assert rundir._free_space(tmp_path / "gone" / "step_1") == "; 3.00 GiB free on that disk"
+    assert errors.free_space_at(tmp_path / "gone" / "x.json") == "3.00 GiB free on that disk"
+    assert seen[1:] == [str(tmp_path)] * 2
+
+    def unreadable(p):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(errors.shutil, "disk_usage", unreadable)
+    assert rundir._free_space(tmp_path) == "" and errors.free_space_at(tmp_path) == ""
 
 
 def test_a_checkpoint_error_is_the_last_line_of_the_innermost_error():
