@@ -192,3 +192,29 @@ def test_cut_at_a_stop_string_that_begins_the_text_and_empty_continuations_are_r
     assert _cut("Question: next", ["Question:"]) == ("", True)  # (an empty answer, not the whole text)
     with pytest.raises(ValueError, match="item 1: empty context or continuation"):
         loglikelihoods(None, [([1], [[2]]), ([1], [[2], []])])
+
+
+def test_loglikelihoods_a_continuation_reaching_past_a_kv_bucket_sees_its_own_last_token(builtin):
+    """The choices' forward reads the cache up to its last position + 1: a continuation whose
+    last fed token sits at position 64 (one past a 64-slot KV bucket) is scored as the full
+    forward scores it, not with that token blind to itself."""
+    model, _ = builtin
+    g = torch.Generator().manual_seed(3)
+    V = model.config.vocab_size
+    ctx = torch.randint(0, V, (60,), generator=g).tolist()
+    cont = torch.randint(0, V, (6,), generator=g).tolist()  # fed at positions 60..64
+    (res,) = loglikelihoods(model, [(ctx, [cont])])
+    assert res[0].logprob == pytest.approx(naive_loglikelihood(model, ctx, cont)[0], abs=2e-3, rel=1e-4)
+
+
+def test_generate_until_and_loglikelihoods_report_progress_up_to_the_item_count(builtin):
+    """The progress callback gets the documents done so far: a last, partial batch ends at the
+    number of documents, never past it."""
+    model, tok = builtin
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("1, 2,", "a b", "Once upon")]
+    seen = []
+    generate_until(model, tok, prompts, until=[], max_new_tokens=1, batch_size=2, progress=seen.append)
+    assert seen == [2, 3]
+    seen = []
+    loglikelihoods(model, [(p, [[5]]) for p in prompts], batch_size=2, progress=seen.append)
+    assert seen == [2, 3]

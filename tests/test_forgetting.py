@@ -779,3 +779,217 @@ def test_a_rerun_with_other_weights_data_or_batches_is_refused(builtin, tmp_path
     write_jsonl(gs, [{"question": f"q{k}", "answer": "#### 5"} for k in range(3)])
     (export / "config.json").write_text('{"retrained": 1}')  # the export rewritten by more training
     refused(["--batch-size", "2"], "models")
+
+
+# ----------------------------------------------------------------------------------- by hand (mutation round 18a)
+
+
+def test_gsm8k_gold_needs_its_hashes_with_the_space():
+    """A gold answer written '####18' is refused: the gold loses only '#### ' (with its space),
+    so the whole worked solution would be the gold and every prediction would score wrong."""
+    with pytest.raises(R3Error, match="no '#### N' final answer"):
+        B.gsm8k_doc({"question": "q", "answer": "9 * 2 = 18\n####18"}, "f", 1)
+
+
+def test_minerva_units_spare_a_latex_command_of_that_name_and_thousands_need_the_whole_answer():
+    # 'square' goes as a word, never out of \square (a bare backslash would be left)
+    assert B.normalize_final_answer("\\square") == "\\square"
+    assert B.normalize_final_answer("4 square feet") == "4"
+    # commas go only when the whole answer is one number in thousands groups: a list stays
+    assert B.normalize_final_answer("100,200,3") == "100,200,3"
+    assert B.normalize_final_answer("-1,234,567") == "-1234567"
+
+
+def test_minerva_answer_is_the_first_on_its_line_and_stripped():
+    """A model repeating itself on one line is scored on its first final answer (the harness's
+    lazy match), not on the text up to the last 'I hope it is correct.'; the answer is stripped
+    of any whitespace, not only spaces."""
+    text = ("Final Answer: The final answer is $5$. I hope it is correct. "
+            "Final Answer: The final answer is $6$. I hope it is correct.")
+    assert B.minerva_answer(text) == "$5$"
+    assert B.math_scores({"problem": "p", "answer": "5"}, text)["exact_match"] is True
+    assert B.minerva_answer("Final Answer: The final answer is\t7. I hope it is correct.") == "7"
+
+
+def test_mmlu_pro_answer_letter_is_a_capital_so_an_article_is_no_answer():
+    """'answer is a bit ...' is English, not the letter A: the harness's regex takes capitals
+    only, so the first answer is the later '(C)'."""
+    doc = {"question": "q", "options": list("abcd"), "answer": "C", "category": "law"}
+    s = B.mmlu_pro_scores(doc, " The answer is a bit subtle. Checking each option, the answer is (C).")
+    assert s["prediction"] == "C" and s["exact_match,custom-extract"] is True
+
+
+def test_mmlu_pro_ten_options_and_an_index_one_past_the_last():
+    """MMLU-Pro's questions have ten options (A-J): all ten are taken; an answer_index equal to
+    the number of options names no option."""
+    base = {"question": "q", "options": [f"o{k}" for k in range(10)], "category": "law"}
+    assert B.mmlu_pro_doc({**base, "answer_index": 9}, "f", 1)["answer"] == "J"
+    assert B.mmlu_pro_question(B.mmlu_pro_doc({**base, "answer": "J"}, "f", 1)).endswith(
+        "J. o9\nAnswer: Let's think step by step.")
+    with pytest.raises(R3Error, match="answer_index 3 is not an index into its 3 options"):
+        B.mmlu_pro_doc({**base, "options": ["a", "b", "c"], "answer_index": 3}, "f", 1)
+
+
+def test_hellaswag_shots_need_one_more_example_than_the_shots():
+    """HellaSwag draws shots + 1 (then drops the document): a pool of exactly `shots` examples is
+    one line naming the need, not a ValueError from random.sample."""
+    docs = [{"question": f"q{i}"} for i in range(2)]
+    pool = [{"query": f"t{i}", "choices": ["x"], "gold": 0} for i in range(2)]
+    with pytest.raises(R3Error, match="2 shots need at least 3 few-shot examples, the file has 2"):
+        B.fewshot_indices("hellaswag", docs, pool, 2, 1234)
+    assert len(B.fewshot_indices("gsm8k", docs, pool, 2, 1234)[0]) == 2  # GSM8K draws exactly the shots
+
+
+def test_math_sympy_comparison_runs_under_a_5_second_alarm_and_restores_the_handler(monkeypatch):
+    """Each sympy comparison runs under SIGALRM set to the harness's 5 seconds, cleared after,
+    with the caller's SIGALRM handler put back (a pathological answer must not hang the run, nor
+    leave our handler behind)."""
+    pytest.importorskip("sympy")
+    import signal
+
+    from r3.evals import math_equivalence
+
+    alarms = []
+    monkeypatch.setattr(signal, "alarm", lambda s: alarms.append(s) or 0)
+    monkeypatch.setattr("sympy.parsing.latex.parse_latex", lambda s: int(s))  # (no ANTLR needed)
+    mine = lambda signum, frame: None  # noqa: E731
+    old = signal.signal(signal.SIGALRM, mine)
+    try:
+        assert math_equivalence.is_equiv("1", "2") is False
+        assert signal.getsignal(signal.SIGALRM) is mine
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert alarms == [5, 0]
+
+
+def test_math_sympy_without_its_latex_parser_is_an_error_not_a_wrong_answer(monkeypatch):
+    """An ImportError from sympy's LaTeX parser (no ANTLR runtime) propagates: counting every
+    answer wrong would report a model's MATH score as 0."""
+    pytest.importorskip("sympy")
+    from r3.evals import math_equivalence
+
+    def no_antlr(s):
+        raise ImportError("LaTeX parsing requires the antlr4 Python package")
+
+    monkeypatch.setattr("sympy.parsing.latex.parse_latex", no_antlr)
+    with pytest.raises(ImportError, match="antlr4"):
+        math_equivalence.is_equiv("1", "2")
+
+
+def test_read_records_skips_a_byte_order_mark(tmp_path):
+    """A file saved with a UTF-8 byte-order mark (Windows tools, Excel's export) reads as the
+    same records, JSONL and JSON alike: the mark is no part of the first record."""
+    recs = [{"question": "q", "answer": "a\n#### 1"}, {"question": "r", "answer": "b\n#### 2"}]
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in recs).encode())
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(recs).encode())
+    assert read_records(tmp_path / "b.jsonl") == recs
+    assert read_records(tmp_path / "b.json") == recs
+
+
+def test_a_data_flag_without_its_file_is_refused_as_such():
+    """'--data gsm8k=' (the path forgotten) is the NAME=FILE mistake, not a search for a file
+    named '.'."""
+    for item in ("gsm8k=", "=x.jsonl", "gsm8k"):
+        with pytest.raises(R3Error, match="--data expects NAME=FILE"):
+            FG._pairs([item], "--data")
+
+
+def test_hellaswag_shots_without_a_train_file_say_which_flag_gives_them(tmp_path):
+    """--shots 1 on HellaSwag without its train file names --fewshot-data hellaswag (as GSM8K's
+    does), not 'the file has 0' of a file never given."""
+    rec = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["x", "y"], "label": 0}
+    h = write_jsonl(tmp_path / "h.jsonl", [rec])
+    with pytest.raises(R3Error, match=r"hellaswag: 1-shot prompts need --fewshot-data hellaswag=FILE \(train split\)"):
+        FG.prepare(FG.parse_args(["--data", f"hellaswag={h}", "--shots", "1", "--out", "o"]))
+
+
+def test_run_takes_the_runs_dtype_unless_dtype_is_given(builtin, tmp_path, monkeypatch):
+    """--run DIR: both models load in the run's dtype by default, in --dtype when given (the JSON
+    says which): a flag silently overridden would compare other numbers than asked for."""
+    _, tok = builtin
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
+                                                 "max_attempt_tokens": 8, "max_reflection_tokens": 8,
+                                                 "max_retry_tokens": 8, "dtype": "fp16"}))
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    dtypes = []
+    monkeypatch.setattr(FG, "load_model", lambda m, dtype, device: (dtypes.append(dtype), (m, tok))[1])
+    monkeypatch.setattr(FG, "generate_until", lambda model, tok, prompts, **k: ["#### 5"] * len(prompts))
+    for extra, want in (([], "float16"), (["--dtype", "fp32"], "float32")):
+        dtypes.clear()
+        out = tmp_path / f"f{len(extra)}.json"
+        assert FG.main(["--run", str(run), "--data", f"gsm8k={gs}", "--shots", "0", "--device", "cpu", "--out",
+                        str(out), "--quiet", *extra]) == 0
+        assert [str(d) for d in dtypes] == [f"torch.{want}"] * 2
+        assert json.loads(out.read_text())["settings"]["dtype"] == want
+
+
+def test_a_rerun_after_the_shots_file_changed_is_refused_and_the_kept_time_counts(builtin, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The finished batches are keyed by the prompts themselves: a GSM8K train file edited in
+    place (same path and size, other shots) is another evaluation, refused as data.gsm8k and
+    the file kept. A resumed run's time_s adds the time its read-back batches took."""
+    _, tok = builtin
+    export, generated = _two_models(tmp_path, monkeypatch, tok, stop_after=1)
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": f"q{k}", "answer": "#### 5"} for k in range(3)])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"t{k}", "answer": f"#### {k}"} for k in range(3)])
+    out, part = tmp_path / "f.json", tmp_path / "f.json.partial.jsonl"
+    argv = ["--model", "smollm2-135m", "--model", str(export), "--data", f"gsm8k={gs}", "--fewshot-data",
+            f"gsm8k={train}", "--shots", "1", "--batch-size", "2", "--quiet", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        FG.main(argv)
+    assert e.value.code == 130
+    kept = part.read_text()
+    write_jsonl(train, [{"question": f"T{k}", "answer": f"#### {k}"} for k in range(3)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        FG.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other inputs (data.gsm8k)" in err, err
+    assert part.read_text() == kept
+    # the shots the batch was made with again: it is read back, with the time it took then
+    write_jsonl(train, [{"question": f"t{k}", "answer": f"#### {k}"} for k in range(3)])
+    head, row = kept.splitlines()
+    part.write_text(head + "\n" + json.dumps({**json.loads(row), "s": 1000.0}) + "\n")
+    assert FG.main(argv) == 0
+    assert generated[1:] == [("smollm2-135m", 1), (str(export), 0), (str(export), 1)]
+    assert json.loads(out.read_text())["time_s"] >= 1000
+
+
+def test_a_resumed_benchmarks_progress_starts_at_the_documents_already_done(builtin, tmp_path, monkeypatch):
+    """The progress bar of a resumed benchmark starts at the documents its read-back batches
+    hold (2 + 2 of 5), not at the number of batches; the read-back texts are scored in place."""
+    _, tok = builtin
+    gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": f"q{k}", "answer": "#### 5"} for k in range(5)])
+    args = FG.parse_args(["--data", f"gsm8k={gs}", "--shots", "0", "--batch-size", "2", "--out", "o", "--quiet"])
+    args.chat_options = {}
+    (plan,) = FG.prepare(args)
+    resumed = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            pass
+
+        def resume(self, n):
+            resumed.append(n)
+
+        def update(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    class Partial:
+        def start(self, unit):
+            return {0: ["#### 5", "#### 5"], 1: ["#### 4", "#### 5"]}
+
+        def add(self, unit, b, result):
+            pass
+
+    monkeypatch.setattr(FG, "Progress", Bar)
+    monkeypatch.setattr(FG, "generate_until", lambda model, tok, prompts, *, finished, **k:
+                        [t for b in sorted(finished) for t in finished[b]] + ["#### 5"])
+    items = FG.run_benchmark(None, tok, plan, args, "m", partial=Partial(), unit="u")
+    assert resumed == [4] and [i["correct"] for i in items] == [True, True, False, True, True]

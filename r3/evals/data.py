@@ -1,7 +1,7 @@
 """Reading benchmark files in their public formats (JSONL, JSON or parquet) from a local path.
 
 Nothing is downloaded. Every mistake is one :class:`R3Error` line naming the file and, where it
-applies, the record (0-based, in file order) and the field.
+applies, the record (numbered from 1, in file order) and the field.
 """
 
 from __future__ import annotations

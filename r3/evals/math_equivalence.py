@@ -2,7 +2,11 @@
 compares them for its ``exact_match``: equal when the two normalised strings are identical, or
 when sympy parses both as LaTeX (its ANTLR parser, which needs ``antlr4-python3-runtime`` 4.11)
 and simplifies their difference to 0 within 5 seconds. Anything that fails to parse, subtract or
-simplify counts as different. Optional: ``pip install 'r3[math]'``."""
+simplify counts as different. Optional: ``pip install 'r3[math]'``.
+
+The identity rule is the released harness's (0.4.13 on PyPI: its ``is_equiv`` returns True for
+identical non-empty strings before parsing, since sympy cannot parse an interval, a tuple or a
+matrix); the harness's repository before that release had no such rule."""
 
 from __future__ import annotations
 
