@@ -42,6 +42,12 @@ def _an_object(line: bytes) -> bool:
         return False
 
 
+def _cut_short(tail: bytes, prefix: bytes) -> bool:
+    """``tail`` is what a write of a line starting with ``prefix`` can leave when cut short: at any
+    byte, also inside the prefix itself (``{"ke``)."""
+    return tail.startswith(prefix) or prefix.startswith(tail)
+
+
 def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True,
                hand_made: bool = False) -> tuple[dict | None, list[dict], int | None]:
     """-> (header record or None, records, where to cut the file or None) of a file this module
@@ -68,7 +74,7 @@ def read_jsonl(path: Path, *, header: bool = False, need_key: bool = True,
     if tail and hand_made and _an_object(tail):  # (a hand-made file need not end with a newline)
         data, good, tail = data + b"\n", len(data) + 1, b""
     if tail:
-        if not (tail.startswith(_LINE_PREFIX) or (header and good == 0 and tail.startswith(b'{"r3_failures": '))):
+        if not (_cut_short(tail, _LINE_PREFIX) or (header and good == 0 and _cut_short(tail, b'{"r3_failures": '))):
             raise R3Error(f"{path}: not a file written by r3.failures (its last line is not a record)")
         print(f"warning: {path}: ignoring a truncated last line (an interrupted write)", file=sys.stderr)
     head, records = None, []

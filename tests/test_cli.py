@@ -258,6 +258,47 @@ def test_rounds_before_and_the_seeds_of_a_fresh_run():
     assert F._round_seed(0, 1, 2) == F._round_seed(0, 1, 2, 0) == old != F._round_seed(0, 1, 2, 5)
 
 
+def test_a_resumed_query_goes_on_in_its_round_and_one_past_a_smaller_k_is_recorded_as_it_passed(monkeypatch):
+    """A query that passed 3 attempts before a stop goes on in the round an uninterrupted run is
+    in (4 samples, then the 1 left of K=8, with those rounds' seeds), not in rounds of 1 and 2 again.
+    A rerun asking for fewer attempts than some queries already passed (K=4 after 4 or 6) records
+    them as never failed with the attempts they passed, each counted once, and samples them no
+    more (they were left out of both files, or met a round of 0 samples). The generated tokens are
+    those of every call, not the last one's."""
+    task, chat, model, counter, calls, seeds = _fake_failure_sampling(monkeypatch)
+    ex = [{"i": i, "fail_at": None} for i in range(4)]
+    keys = [F.example_key(e) for e in ex]
+    got = []
+    stats = F.find_failures(model, list(range(100)), task, ex[:1], samples=8, batch_size=16, chat=chat,
+                            passed_before={keys[0]: 3}, seed_salt=5, on_batch=lambda f, p: got.append(p))
+    assert calls == [(1, 4), (1, 1)] and seeds == [F._round_seed(0, 2, 0, 5), F._round_seed(0, 3, 0, 5)]
+    assert got[-1] == [{"key": keys[0], "id": None, "samples": 8}]
+    assert (stats["passed"], stats["samples_needed"], stats["samples_drawn"], stats["generated_tokens"]) == (1, 8, 5, 10)
+    calls.clear()
+    got.clear()
+    stats = F.find_failures(model, list(range(100)), task, ex[1:], samples=4, batch_size=16, chat=chat,
+                            passed_before={keys[1]: 4, keys[2]: 6}, seed_salt=5, on_batch=lambda f, p: got.append(p))
+    assert calls == [(1, 1), (1, 2), (1, 1)]  # (the fresh query alone is sampled)
+    passed = sorted((r["key"], r["samples"]) for batch in got for r in batch)
+    assert passed == sorted([(keys[1], 4), (keys[2], 6), (keys[3], 4)])
+    assert (stats["passed"], stats["failed"], stats["samples_needed"]) == (3, 0, 4 + 4 + 6)
+
+
+def test_find_failures_refuses_a_batch_size_or_samples_below_1(monkeypatch):
+    """find_failures(batch_size=0) died in a ZeroDivisionError (rounds of 0 samples), and
+    samples=0 recorded every query as never failed after 0 attempts: each is an R3Error naming
+    the argument, before anything is sampled or recorded."""
+    from r3.errors import R3Error
+
+    task, chat, model, counter, calls, _ = _fake_failure_sampling(monkeypatch)
+    got = []
+    for kw, name in ((dict(samples=4, batch_size=0), "batch_size"), (dict(samples=0), "samples")):
+        with pytest.raises(R3Error, match=f"{name} must be a positive integer, got 0"):
+            F.find_failures(model, list(range(100)), task, [{"i": 0, "fail_at": 0}], chat=chat,
+                            on_batch=lambda f, p: got.append((f, p)), **kw)
+    assert got == [] and calls == []
+
+
 def test_failures_attempt_tokens_are_the_samplers(tiny_dir, tiny, tmp_path, capsys):
     """Greedy, one sample: the stored attempt is exactly the sampler's continuation of
     ChatFormat(tokenizer).prompt(task.messages(example))."""
@@ -331,6 +372,46 @@ def test_failures_resume_and_truncated_last_line(tiny_dir, tmp_path, capsys):
     # another task into the same file is refused
     rc, _, err = run_main(F.main, base + ["--n", "2", "--task-option", "size=10"], capsys)
     one_line_error(rc, err, "task_options")
+
+
+@pytest.mark.parametrize("cut", [1, 4, 7, 8, 30])
+def test_a_line_cut_inside_its_first_bytes_is_dropped_as_any_cut_line(tmp_path, capsys, cut):
+    """A crash or a full disk can cut an appended line at any byte, also inside its first eight
+    (``{"ke``): such a file was refused as "not a file written by r3.failures (its last line is not
+    a record); use another --out", so neither a rerun nor r3.train could use what it held. The cut
+    line is dropped with a warning, in each of the three files, as one cut later is."""
+    out = tmp_path / "f.jsonl"
+    store = F.FailureFile(out)
+    store.open({"task": "t"})
+    rec = {"key": "a" * 16, "example": {"i": 1}, "attempt_tokens": [1], "attempt_text": "x",
+           "attempts_before_failure": 0, "samples": 1, "finished": True}
+    store.add([rec], [{"key": "c" * 16, "samples": 4}])
+    store.add_progress([{"key": "d" * 16, "passed": 1}])
+    store.close()
+    whole = {p: p.read_bytes() for p in (out, F.done_path(out), F.progress_path(out))}
+    line = json.dumps(dict(rec, key="b" * 16), ensure_ascii=True).encode()
+    for path in whole:
+        path.write_bytes(whole[path] + line[:cut])
+        assert F.read_failures(out) == [rec]  # (what r3.train reads)
+        store = F.FailureFile(out)
+        store.open({"task": "t"})  # (a rerun: the cut line is dropped from the file)
+        store.close()
+        assert path.read_bytes() == whole[path]
+        assert "ignoring a truncated last line" in capsys.readouterr().err
+        assert store.keys() == {"a" * 16, "c" * 16} and store.progress == {"d" * 16: 1}
+
+
+def test_failures_refuses_greedy_with_two_samples_and_a_split_without_queries(tmp_path, capsys):
+    """--temperature 0 draws the same attempt K times (all but one wasted, and counted in 'samples
+    needed'): refused for --samples 2 as for more. A split with no queries is an error, not a
+    dataset of a header alone and a '0/0 queries failed' summary."""
+    out = tmp_path / "f.jsonl"
+    rc, _, err = run_main(F.main, ["--task", COIN, "--temperature", "0", "--samples", "2", "--n", "1",
+                                   "--max-new-tokens", "1", "--out", str(out)], capsys)
+    one_line_error(rc, err, "--temperature 0 is greedy")
+    rc, _, err = run_main(F.main, ["--task", COIN, "--task-option", "size=0", "--out", str(out)], capsys)
+    one_line_error(rc, err, f"task {COIN!r}: no train examples")
+    assert not F.done_path(out).exists() and not out.exists()
 
 
 def test_failures_builtin_smoke(tmp_path, capsys):
@@ -1564,3 +1645,38 @@ def test_failures_cli_says_the_samples_drawn_and_resumes_only_when_it_does(tiny_
                                         str(tmp_path / "f.jsonl"), "--dtype", "fp32", "--quiet"], capsys)
     assert rc == 0, err
     assert "resuming" not in err and "3 sampled in this run (11 samples drawn, " in stdout
+
+
+def test_failures_cli_hands_a_stopped_runs_progress_on_with_a_seed_salt_and_says_it_resumes(tiny_dir, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A rerun hands find_failures the attempts each unfinished query passed (not those of a query
+    already in a file: a progress line outlives its query's record), a seed salt of what the files
+    held (else its batches drew the first run's seeds again), and says it resumes also when the
+    queries left are all queries going on; a data set without repeated rows gets no note of them.
+    A rerun with a smaller --n sums up the queries it was asked for, not the whole file."""
+    handed = []
+
+    def fake(model, tok, task, todo, *, on_batch, progress, **kw):
+        handed.append(([ex["id"] for ex in todo], kw["passed_before"], kw["seed_salt"]))
+        on_batch([], [{"key": F.example_key(ex), "id": ex.get("id"), "samples": 4} for ex in todo])
+        return {"samples_drawn": 1, "samples_needed": 1}
+
+    monkeypatch.setattr(F, "find_failures", fake)
+    out = tmp_path / "f.jsonl"
+    keys = [F.example_key(ex) for ex in coin_task().examples("train", 3)]
+    F.done_path(out).write_text(json.dumps({"r3_failures": 1, "settings": {"task": COIN}}) + "\n")
+    F.progress_path(out).write_text(json.dumps({"key": keys[1], "passed": 3}) + "\n")
+    argv = ["--model", tiny_dir, "--task", COIN, "--samples", "4", "--out", str(out), "--dtype", "fp32", "--quiet"]
+    rc, _, err = run_main(F.main, argv + ["--n", "2"], capsys)
+    assert rc == 0, err
+    assert handed == [(["train-0", "train-1"], {keys[1]: 3}, 1)]
+    assert "0 of 2 queries already done, 2 to sample (1 go on from the attempts they passed)" in err
+    assert "repeat" not in err and not F.progress_path(out).exists()
+    F.progress_path(out).write_text(json.dumps({"key": keys[0], "passed": 1}) + "\n"
+                                    + json.dumps({"key": keys[2], "passed": 2}) + "\n")
+    rc, _, err = run_main(F.main, argv + ["--n", "3"], capsys)
+    assert rc == 0, err
+    assert handed[1] == (["train-2"], {keys[2]: 2}, 2 + 2)  # (2 queries done, 2 keys in the progress file)
+    assert "2 of 3 queries already done, 1 to sample (1 go on from the attempts they passed)" in err
+    rc, stdout, _ = run_main(F.main, argv + ["--n", "1"], capsys)  # (the summary: the queries asked for only)
+    assert rc == 0 and stdout.startswith("0/1 queries failed at least once") and ", 1 resumed;" in stdout

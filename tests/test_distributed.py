@@ -416,3 +416,71 @@ def test_r3_torchrun_signalled_itself_exits_128_plus_the_signal(monkeypatch, sig
         _launch_with(monkeypatch, 1, signalled)
     assert e.value.code == 128 + getattr(signal, sig)
     assert not _drop_filter_record("Sending process %s closing signal %s", (1234, sig))
+
+
+def test_r3_torchrun_gives_each_worker_at_least_one_thread(monkeypatch):
+    """More workers than CPUs (8 CPU ranks on a 4-core node): the CPUs divided by the workers
+    were 0, and OMP_NUM_THREADS=0 is no thread count (torch refuses or ignores it)."""
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")  # (restored as it was after the test)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _launch_with(monkeypatch, 32, lambda args: None)  # (16 CPUs)
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_r3_torchrun_counts_the_cpus_this_process_may_use(monkeypatch):
+    """A container or `taskset` limits the CPUs a process may run on: dividing the machine's count
+    gave each worker more threads than the CPUs it has (they then compete for them). Without
+    sched_getaffinity (not Linux) the machine's count, at least 1."""
+    import os
+
+    from r3 import launch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert launch._cpu_count() == 3
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert launch._cpu_count() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # ("undetermined")
+    assert launch._cpu_count() == 1
+
+
+def test_r3_torchrun_finds_every_one_process_command_however_the_module_is_given(capsys):
+    """The module is found after `--`, after options that follow -m, and for each of the one-process
+    commands (r3.failures too); a command that runs no model is not told about --device."""
+    from r3 import launch
+
+    single = launch._single_process_module
+    assert single(["--nproc-per-node", "2", "-m", "--", "r3.evaluate", "--n", "2"]) == "r3.evaluate"
+    assert single(["-m", "--standalone", "--nproc-per-node", "2", "r3.failures", "--n", "2"]) == "r3.failures"
+    assert single(["--", "r3.evaluate"]) is None  # (a script path, not -m)
+    for module in launch.SINGLE_PROCESS:
+        assert single(["--nproc_per_node", "1", "-m", module]) == module
+    assert {"r3.evaluate", "r3.forgetting", "r3.failures", "r3.generate", "r3.audit", "r3.report", "r3.plot"} <= set(
+        launch.SINGLE_PROCESS)
+    for module in ("r3.report", "r3.plot"):
+        with pytest.raises(SystemExit) as e:
+            launch.main(["--nproc_per_node", "1", "-m", module, "runs/r3"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {module} runs in one process: start it with python -m {module}, not r3-torchrun"]
+
+
+def test_r3_torchrun_exit_code_is_the_first_failed_workers(monkeypatch, capsys):
+    """Rank 0 stops with its one-line error (exit 2); torchrun then SIGTERMs rank 1, which fails
+    later with -15: the launcher's exit code is the first failure's (2, quiet), not the last one's
+    (a crash summary and exit 1 under the user error)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    first = ProcessFailure(local_rank=0, pid=1234, exitcode=2, error_file="")
+    later = ProcessFailure(local_rank=1, pid=1235, exitcode=-15, error_file="")
+    first.timestamp, later.timestamp = 1000, 1005
+
+    def failed(args):
+        raise ChildFailedError("r3.train", {0: first, 1: later})
+
+    with pytest.raises(SystemExit) as e:
+        _launch_with(monkeypatch, 2, failed)
+    assert e.value.code == 2 and capsys.readouterr().err == ""

@@ -1621,6 +1621,114 @@ def test_generate_passes_stop_strings_on(tiny):
 
 
 
+def test_r3_generate_renders_the_chat_template_with_its_options(builtin, monkeypatch, capsys):
+    """--chat-template-option reaches the template (Qwen3's enable_thinking=true: the prompt of a
+    thinking turn), as in training; without it the template gets r3's default
+    (enable_thinking=false). An empty --system is still a --system to --raw; a template that fails
+    is not answered with --raw (which is for a tokenizer without one)."""
+    import copy
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+    thinking = copy.deepcopy(tok)
+    thinking.chat_template = "{% if enable_thinking %}THINKING {% endif %}" + tok.chat_template
+    config = SimpleNamespace(vocab_size=len(tok), eos_token_id=None, max_position_embeddings=8192)
+    seen = []
+
+    def fake_generate(model, prompts, **kw):
+        seen.append(tok.decode(prompts[0]))
+        return SimpleNamespace(tokens=[[]], finished=[False], new_tokens=0, prefill_s=0.0, decode_s=1.0,
+                               tokens_per_s=0.0)
+
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), thinking))
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--prompt", "hi", "--device", "cpu", "--chat-template-option", "enable_thinking=true"]) == 0
+    assert cli.main(["--prompt", "hi", "--device", "cpu"]) == 0
+    assert seen[0].startswith("THINKING <|im_start|>") and seen[1].startswith("<|im_start|>"), seen
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["--raw", "--prompt", "x", "--device", "cpu", "--system", ""])
+    assert capsys.readouterr().err == "error: --raw samples without the chat template: drop --system\n"
+    broken = copy.deepcopy(tok)  # (a template there is, which fails: --raw is no fix for it)
+    broken.chat_template = "{{ raise_exception('no system turns here') }}"
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), broken))
+    with pytest.raises(SystemExit):
+        cli.main(["--prompt", "hi", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "cannot apply the tokenizer's chat template" in err and "--raw" not in err, err
+
+
+def test_r3_generate_raw_keeps_the_tokenizers_bos_and_refuses_a_prompt_of_no_tokens(builtin, monkeypatch, capsys):
+    """--raw encodes the prompt as the tokenizer encodes text (the BOS it adds included: a Llama
+    base model continues text after its BOS, and drifts without it); a prompt of no tokens (an
+    empty --prompt with a tokenizer that adds none) is one line, not a sampler error."""
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+
+    class WithBos:  # (a tokenizer that adds a BOS, as Llama's does; SmolLM2's adds none)
+        chat_template, eos_token_id = None, tok.eos_token_id
+
+        def __init__(self, bos):
+            self.bos = bos
+
+        def __len__(self):
+            return len(tok)
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": (self.bos if add_special_tokens else []) + tok(text)["input_ids"]}
+
+        def decode(self, ids, skip_special_tokens=False):
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    config = SimpleNamespace(vocab_size=len(tok), eos_token_id=None, max_position_embeddings=8192)
+    seen = []
+
+    def fake_generate(model, prompts, **kw):
+        seen.append(prompts[0])
+        return SimpleNamespace(tokens=[[]], finished=[False], new_tokens=0, prefill_s=0.0, decode_s=1.0,
+                               tokens_per_s=0.0)
+
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), WithBos([1])))
+    assert cli.main(["--raw", "--prompt", "Once upon", "--device", "cpu"]) == 0
+    assert seen == [[1] + tok("Once upon")["input_ids"]]
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), WithBos([])))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--raw", "--prompt", "", "--device", "cpu"])
+    assert e.value.code == 2 and len(seen) == 1
+    assert capsys.readouterr().err == "error: --prompt is empty: a raw prompt needs at least one token\n"
+
+
+def test_r3_generate_counts_its_decode_steps_out_of_max_new_tokens(builtin, monkeypatch, capsys):
+    """The line of a long decode says the steps done out of --max-new-tokens (the most it decodes),
+    not out of the number of samples."""
+    from types import SimpleNamespace
+
+    import r3.generate as cli
+
+    _, tok = builtin
+    config = SimpleNamespace(vocab_size=len(tok), eos_token_id=None, max_position_embeddings=8192)
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+
+    def fake_generate(model, prompts, *, progress, **kw):
+        clock[0] += 30.0  # (past the quiet start)
+        progress(120)
+        return SimpleNamespace(tokens=[[], []], finished=[False, False], new_tokens=0, prefill_s=0.0, decode_s=1.0,
+                               tokens_per_s=0.0)
+
+    monkeypatch.setattr(cli, "load", lambda *a, **kw: (SimpleNamespace(config=config), tok))
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--prompt", "hi", "--device", "cpu", "--max-new-tokens", "300", "--num-samples", "2"]) == 0
+    assert "decoding: 120/300 steps" in capsys.readouterr().err
+
+
 def test_cli_samples_the_tokenizers_ids_and_stops_at_the_end_of_turn(builtin, monkeypatch, capsys):
     """An embedding padded past the tokenizer: the CLI samples from the tokenizer's ids only, and
     it stops at the template's end-of-turn token."""

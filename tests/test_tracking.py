@@ -252,3 +252,93 @@ def test_tensorboard_close_writes_what_is_still_buffered(tmp_path, monkeypatch):
     tags = _tensorboard_tags(tmp_path / "tensorboard")
     assert [step for step, _ in tags["samples/text_summary"]] == [1]
     assert [step for step, _ in tags["config/text_summary"]] == [0]
+
+
+def test_a_full_disk_under_tensorboard_names_the_latest_checkpoint_or_none(tmp_path, monkeypatch):
+    """The one line says where a rerun resumes: the last checkpoint (by step, not the first of
+    several), or that there is none yet."""
+    pytest.importorskip("tensorboard")
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    for steps, end in (((), "there is no checkpoint yet, so it starts again"),
+                       ((2, 10, 4), "it resumes from checkpoint step_000010")):
+        out = tmp_path / f"run{len(steps)}"
+        out.mkdir()
+        t = make_tracker("tensorboard", out, {}, 0, main=True)
+        for step in steps:
+            (out / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+            (out / "checkpoints" / f"step_{step:06d}" / "trainer_state.json").write_text("{}")
+        with monkeypatch.context() as m:
+            m.setattr(record_writer.RecordWriter, "write",
+                      lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+            with pytest.raises(R3Error) as e:
+                t.log_metrics({"step": 3, "loss": 0.25}, 3)
+            t.close()
+        assert str(e.value).endswith(f"); free space and rerun with the same --out: {end}"), str(e.value)
+
+
+def test_only_tensorboards_writer_thread_oserrors_are_kept_quiet(monkeypatch):
+    """The writer thread's failed write is said by the next call (one line); any other thread's
+    exception, and any other exception of that thread (a bug), still reaches the hook there was,
+    which is wrapped once however many trackers are made."""
+    import threading
+
+    from r3 import tracking
+
+    heard = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: heard.append(
+        (type(args.thread).__name__, type(args.exc_value).__name__)))
+    tracking._quiet_writer_thread_errors()
+    hook = threading.excepthook
+    tracking._quiet_writer_thread_errors()
+    assert threading.excepthook is hook
+
+    class _AsyncWriterThread(threading.Thread):  # (TensorBoard's writer thread, by name)
+        pass
+
+    class Worker(threading.Thread):
+        pass
+
+    for thread, exc in ((_AsyncWriterThread, OSError(28, "No space left on device")), (_AsyncWriterThread, ValueError("bug")),
+                        (Worker, OSError(5, "Input/output error"))):
+        threading.excepthook(types.SimpleNamespace(thread=thread(), exc_type=type(exc), exc_value=exc, exc_traceback=None))
+    assert heard == [("_AsyncWriterThread", "ValueError"), ("Worker", "OSError")]
+
+
+def test_tensorboard_rerun_before_the_first_checkpoint_drops_the_first_runs_events(tmp_path):
+    """A run stopped before its first checkpoint starts again from step 0: its events (the config,
+    the step-0 evaluation, the steps done) are dropped, as metrics.jsonl is restarted, so step 0
+    is not there twice with two values."""
+    pytest.importorskip("tensorboard")
+    for accuracy, steps in ((0.25, (1, 2)), (0.5, (1,))):
+        t = make_tracker("tensorboard", tmp_path, {"lr": 1e-5}, 0, main=True)
+        t.log_metrics({"step": 0, "first_attempt_accuracy": accuracy}, 0, "eval")
+        for step in steps:
+            t.log_metrics({"step": step, "loss": accuracy + step}, step)
+        t.close()
+    tags = _tensorboard_tags(tmp_path / "tensorboard")
+    assert [(step, p.float_val[0]) for step, p in tags["eval/first_attempt_accuracy"]] == [(0, 0.5)]
+    assert [(step, p.float_val[0]) for step, p in tags["train/loss"]] == [(1, 1.5)]
+    assert [step for step, _ in tags["config/text_summary"]] == [0]
+
+
+def test_a_full_disk_when_tensorboard_closes_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """The last samples are written when the tracker closes (text is not flushed per step): a full
+    disk met there is the same one line as one met while logging, not a bare OSError."""
+    pytest.importorskip("tensorboard")
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    t = make_tracker("tensorboard", tmp_path, {}, 0, main=True)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    t.log_samples([{"reward": 1.0, "reason": "correct", "attempt": "a", "reflection": "b", "retry": "c"}], 1)
+    with pytest.raises(R3Error, match=f"^could not write {tmp_path / 'tensorboard'} \\(No space left on device"):
+        t.close()
+    assert "Traceback" not in capsys.readouterr().err
