@@ -25,7 +25,9 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m r3.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or built-in name (default: smollm2-135m)")
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--system", default=None,
+                   help="a system message; --system '' sends an empty one (templates that add a default "
+                        "system message when there is none, as SmolLM2's and Qwen2.5's, then add none)")
     p.add_argument("--raw", action="store_true",
                    help="the prompt as plain text, without the chat template (a base model without one): "
                         "the model continues it, stopping at its eos ids")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         stops = sorted({int(e) for e in eos_ids + [tok.eos_token_id] if e is not None and 0 <= int(e) < len(tok)})
         decode_reply = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
             {"role": "user", "content": args.prompt}
         ]
         try:

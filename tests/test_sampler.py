@@ -1624,7 +1624,8 @@ def test_generate_passes_stop_strings_on(tiny):
 def test_r3_generate_renders_the_chat_template_with_its_options(builtin, monkeypatch, capsys):
     """--chat-template-option reaches the template (Qwen3's enable_thinking=true: the prompt of a
     thinking turn), as in training; without it the template gets r3's default
-    (enable_thinking=false). An empty --system is still a --system to --raw; a template that fails
+    (enable_thinking=false). An empty --system is a system message (to the template and to --raw,
+    which refuses it); a template that fails
     is not answered with --raw (which is for a tokenizer without one)."""
     import copy
     from types import SimpleNamespace
@@ -1647,6 +1648,10 @@ def test_r3_generate_renders_the_chat_template_with_its_options(builtin, monkeyp
     assert cli.main(["--prompt", "hi", "--device", "cpu", "--chat-template-option", "enable_thinking=true"]) == 0
     assert cli.main(["--prompt", "hi", "--device", "cpu"]) == 0
     assert seen[0].startswith("THINKING <|im_start|>") and seen[1].startswith("<|im_start|>"), seen
+    # --system '' is an empty system message, not none: the built-in template's default one
+    # (added when a conversation has no system message) is then left out, as the user asked
+    assert cli.main(["--prompt", "hi", "--device", "cpu", "--system", ""]) == 0
+    assert "SmolLM" in seen[1] and seen[2].startswith("<|im_start|>system\n<|im_end|>") and "SmolLM" not in seen[2], seen
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["--raw", "--prompt", "x", "--device", "cpu", "--system", ""])
