@@ -77,11 +77,18 @@ def _single_process_module(argv: list[str]) -> str | None:
             break
         if not a.startswith("-"):
             break
-        action = options.get(a.split("=", 1)[0])
+        name = a.split("=", 1)[0]
+        # (an abbreviation, as torchrun's parser takes it: --nproc for --nproc-per-node)
+        action = options.get(name) or _unique({act for o, act in options.items() if name.startswith("--") and
+                                               o.startswith(name)})
         module = module or a in ("-m", "--module")
         i += 1 if action is None or action.nargs == 0 or "=" in a else 2
     script = argv[i] if i < len(argv) else None
     return script if module and script in SINGLE_PROCESS else None
+
+
+def _unique(found: set):
+    return next(iter(found)) if len(found) == 1 else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -455,6 +455,10 @@ def test_r3_torchrun_finds_every_one_process_command_however_the_module_is_given
     assert single(["--nproc-per-node", "2", "-m", "--", "r3.evaluate", "--n", "2"]) == "r3.evaluate"
     assert single(["-m", "--standalone", "--nproc-per-node", "2", "r3.failures", "--n", "2"]) == "r3.failures"
     assert single(["--", "r3.evaluate"]) is None  # (a script path, not -m)
+    # an abbreviated option, as torchrun's parser takes it: its value is not the module
+    assert single(["--nproc", "2", "-m", "r3.evaluate", "--n", "2"]) == "r3.evaluate"
+    assert single(["--nproc=2", "--stand", "-m", "r3.failures"]) == "r3.failures"
+    assert single(["--nproc", "2", "-m", "r3.train"]) is None
     for module in launch.SINGLE_PROCESS:
         assert single(["--nproc_per_node", "1", "-m", module]) == module
     assert {"r3.evaluate", "r3.forgetting", "r3.failures", "r3.generate", "r3.audit", "r3.report", "r3.plot"} <= set(
