@@ -208,6 +208,12 @@ class PartialResults:
         if not self._header_written:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # (as the result file's write makes it)
             self._hold()
+            if self.path.stat().st_size:  # (another command's lines, written since this one started)
+                release_lock(self._held)
+                self._held = None
+                raise R3Error(f"{self.out}: {self.path} was written by another command since this one "
+                              "started (the same command with the same --out?); rerun this command to go on "
+                              "from its finished batches, or use another --out")
         row = {"unit": unit, "batch": batch, "result": result}
         now = time.perf_counter()
         if self._since is not None:

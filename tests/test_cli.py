@@ -1458,6 +1458,54 @@ def test_an_out_path_under_a_file_and_an_error_naming_its_own_file(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~current_umask()
 
 
+
+def test_a_file_written_whole_is_synced_in_full_and_an_interruption_leaves_no_temp_file(tmp_path, monkeypatch):
+    """The flush before the rename must sync the whole text (left in Python's buffer until the
+    close, an fsync syncs an empty file: after a power cut the published name is empty); Ctrl-C
+    (or SIGTERM's Terminated) between the write and the rename left a NAME.*.tmp beside it and
+    the old file as it was; a JSON file ends its last line; missing folders are made."""
+    import shutil
+
+    from r3.files import write_json_atomic, write_text_atomic
+
+    real, synced = os.fsync, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real(fd))[1])
+    write_text_atomic(tmp_path / "a.txt", "x" * 100)
+    assert synced[0] == 100
+    monkeypatch.setattr(os, "fsync", real)
+    write_json_atomic(tmp_path / "b.json", {"a": [1]})
+    assert (tmp_path / "b.json").read_text() == '{\n  "a": [\n    1\n  ]\n}\n'
+    write_text_atomic(tmp_path / "c" / "d" / "e.txt", "z")  # (its folders made, as r3's outputs expect)
+    assert (tmp_path / "c" / "d" / "e.txt").read_text() == "z"
+    shutil.rmtree(tmp_path / "c")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(tmp_path / "a.txt", "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.json"]
+    assert (tmp_path / "a.txt").read_text() == "x" * 100
+
+
+def test_a_json_lines_log_skips_blank_lines_and_forgives_only_its_last_line_cut_short(tmp_path, capsys):
+    """read_json_lines (r3.plot's and r3.audit's logs): blank lines are no rows; a last line that
+    is not JSON (a run killed mid-write; blank lines after it are still the end) is skipped with
+    a warning, while one before other rows is the caller's error, with its line number."""
+    from r3.files import read_json_lines
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"a": 1}\n\n{"b": 2}\n{"c": \n\n')
+    assert read_json_lines(log, lambda n, e: ValueError(n)) == [(1, {"a": 1}), (3, {"b": 2})]
+    warning = f"warning: {log}: skipping the last line, cut short by an interrupted write\n"
+    assert capsys.readouterr().err == warning
+    log.write_text('{"a": 1}\n{"c": \n{"b": 2}\n')
+    with pytest.raises(ValueError, match="^2$"):
+        read_json_lines(log, lambda n, e: ValueError(n))
+    log.write_text("\n")
+    assert read_json_lines(log, lambda n, e: ValueError(n)) == [] and capsys.readouterr().err == ""
+
 def test_one_line_errors_without_a_file_name_or_from_a_multi_line_message(capsys):
     """A full disk whose error names no file is said without one; a multi-line out-of-memory
     message is said by its first line; a frame inside torch's Python code is not where."""

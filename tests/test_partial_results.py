@@ -318,3 +318,88 @@ def test_a_negative_or_boolean_time_counts_zero(tmp_path):
         for b, s in ((1, -5.0), (2, True), (3, 1.5)):
             f.write(json.dumps({"unit": "m", "batch": b, "result": "x", "s": s}) + "\n")
     assert PartialResults(out, {"k": 1}).seconds_before("m") == 1.5
+
+
+def test_a_file_another_command_wrote_and_left_meanwhile_is_not_appended_to(tmp_path):
+    """A command that found no file at its start, whose first batch came after another command
+    with the same --out had written batches and ended (killed: its lock let go), appended its own
+    header after the other's lines: every rerun refused the file ('not a finished batch'), and
+    this command's finish() deleted the other's batches. It is refused, the file left as it was."""
+    from r3.files import release_lock
+
+    out = tmp_path / "r.json"
+    late = PartialResults(out, {"k": 1})  # (no file yet: nothing to hold)
+    other = PartialResults(out, {"k": 1})
+    other.add("m", 0, "a")
+    release_lock(other._held)  # (the other command killed: the OS lets go of its lock)
+    kept = other.path.read_bytes()
+    with pytest.raises(R3Error, match="was written by another command since this one started"):
+        late.add("m", 0, "b")
+    assert other.path.read_bytes() == kept
+    again = PartialResults(out, {"k": 1})  # (a rerun goes on from the other's batches; nothing held)
+    assert again.of("m") == {0: "a"}
+    again.add("m", 1, "c")
+    again.finish()
+
+
+@pytest.mark.parametrize("text,warned", [("", False), ('{"r3_par', True),
+                                         ('{"r3_partial_results": 1, "ke', True)])
+def test_an_empty_file_or_a_header_cut_short_is_started_afresh(tmp_path, capsys, text, warned):
+    """A crash during the first write leaves an empty file or a header cut anywhere, even before
+    the header's name is whole: that is a fresh start (the cut dropped, with a warning), not a
+    refusal of a file 'not written by r3'; an empty file is no cut line to warn about."""
+    out = tmp_path / "r.json"
+    (tmp_path / "r.json.partial.jsonl").write_text(text)
+    p = PartialResults(out, {"k": 1})
+    assert p.of("m") == {} and not p.path.exists()
+    assert ("cut short by an interrupted write" in capsys.readouterr().err) == warned
+    p.add("m", 0, "a")
+    assert PartialResults(out, {"k": 1}).of("m") == {0: "a"}
+
+
+def test_sigterm_is_handled_only_inside_the_interrupted_note(tmp_path):
+    """The SIGTERM handler that raises where the work is stays only for the evaluation inside:
+    after it (a normal end too) the handler before it is back, or a later SIGTERM would raise an
+    exception nothing catches."""
+    import signal
+
+    p = PartialResults(tmp_path / "r.json", {"k": 1})
+
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with p.interrupted_note():
+            assert signal.getsignal(signal.SIGTERM) is not own
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_refusal_names_a_value_that_became_an_object_or_stopped_being_one(tmp_path):
+    """A key's value recorded as a number or absent (an older r3's key) where it is an object now,
+    or the other way round, is named by its key: it is not compared part by part (a TypeError
+    traceback instead of the refusal)."""
+    out = tmp_path / "r.json"
+    PartialResults(out, {"settings": 3, "same": {"x": 1}}).add("m", 0, 1)
+    with pytest.raises(R3Error, match=r"other inputs \(settings\): rerun"):
+        PartialResults(out, {"settings": {"seed": 0}, "same": {"x": 1}})
+    with pytest.raises(R3Error, match=r"other inputs \(same, settings\): rerun"):
+        PartialResults(out, {"settings": {"seed": 0}, "same": "x"})
+    with pytest.raises(R3Error, match=r"other inputs \(new, same.x\): rerun"):
+        PartialResults(out, {"settings": 3, "same": {"x": 2}, "new": {"y": 1}})
+
+
+def test_finish_lets_go_of_the_file_it_held(tmp_path):
+    """The file held from the first batch is let go of at finish() (and when an empty file is
+    removed), not when the process ends: a process evaluating one output after another (a
+    notebook, a sweep script) kept an open file for each."""
+    fds = len(os.listdir("/proc/self/fd"))
+    for i in range(5):
+        p = PartialResults(tmp_path / f"r{i}.json", {"k": 1})
+        p.add("m", 0, "a")
+        p.finish()
+        (tmp_path / f"e{i}.json.partial.jsonl").write_text("")
+        PartialResults(tmp_path / f"e{i}.json", {"k": 1})
+    assert len(os.listdir("/proc/self/fd")) == fds and list(tmp_path.iterdir()) == []

@@ -1253,6 +1253,78 @@ def test_a_file_system_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatc
     assert hold_lock(tmp_path / "r.json.partial.jsonl") is None
 
 
+
+def test_a_lock_is_held_until_released_and_never_on_a_file_replaced_or_removed_meanwhile(tmp_path,
+                                                                                        monkeypatch):
+    """hold_lock: held exclusively (a shared lock by another open file, as another process's,
+    is refused too) until release_lock; this process asking again gets its key, not a refusal by
+    its own lock; shared probes (try_flock shared) hold together. A file replaced or removed
+    between the open and the lock is not held: the lock would be on a file no other process
+    opens, and two commands would write the same output."""
+    import fcntl
+
+    from r3 import files
+
+    path = tmp_path / "r.json.partial.jsonl"
+    key = files.hold_lock(path)
+    assert key is not None and files.hold_lock(path) == key
+    with open(path) as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert not files.try_flock(other) and not files.try_flock(other, shared=True)
+    files.release_lock(key)
+    files.release_lock(key)  # (let go of already: nothing)
+    with open(path) as a, open(path) as b:
+        assert files.try_flock(a, shared=True) and files.try_flock(b, shared=True)
+        assert files.hold_lock(path) is None
+    real = files.try_flock
+    (tmp_path / "new").write_text("")
+
+    def replaced_meanwhile(f, **k):
+        os.replace(tmp_path / "new", path)
+        return real(f, **k)
+
+    monkeypatch.setattr(files, "try_flock", replaced_meanwhile)
+    assert files.hold_lock(path) is None
+
+    def removed_meanwhile(f, **k):
+        path.unlink()
+        return real(f, **k)
+
+    monkeypatch.setattr(files, "try_flock", removed_meanwhile)
+    assert files.hold_lock(path) is None
+    monkeypatch.setattr(files, "try_flock", real)
+    key = files.hold_lock(path)  # (the file there now: held)
+    assert key == (path.stat().st_dev, path.stat().st_ino)
+    files.release_lock(key)
+
+
+@pytest.mark.parametrize("code,locked", [("ENOSYS", True), ("EOPNOTSUPP", True), ("ENOTSUP", True),
+                                         ("ENOLCK", True), ("EWOULDBLOCK", False), ("EACCES", False),
+                                         ("EIO", False)])
+def test_try_flock_reads_a_file_system_that_cannot_lock_as_locked_and_any_other_error_as_held(
+        code, locked, tmp_path, monkeypatch, capsys):
+    """A lock the file system cannot take (Lustre noflock answers ENOLCK, FUSE ENOSYS or
+    EOPNOTSUPP) runs with one warning per file system (none for a quiet probe); another holder's
+    answer (EWOULDBLOCK, a network mount's EACCES) or any other error is a refusal."""
+    import errno
+    import fcntl
+
+    from r3 import files
+
+    def fails(f, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", fails)
+    monkeypatch.setattr(files, "_UNLOCKABLE", set())
+    with open(tmp_path / "x", "a") as f:
+        assert files.try_flock(f, quiet=True) is locked
+        assert capsys.readouterr().err == ""
+        assert files.try_flock(f) is locked and files.try_flock(f, shared=True) is locked
+    err = capsys.readouterr().err
+    assert err.count("cannot lock files") == (1 if locked else 0)
+    assert err.count("\n") == err.count("warning")
+
 def test_a_run_directory_without_a_readable_config_object_is_refused(tmp_path):
     """Without config.json nothing says which config a run's steps were trained with: resuming
     it under any config (another task, another lr) was accepted; a config.json holding a JSON
@@ -2899,6 +2971,20 @@ def test_free_space_is_said_in_gib_and_marked_when_under_one(tmp_path, monkeypat
     monkeypatch.setattr(errors.shutil, "disk_usage", unreadable)
     assert rundir._free_space(tmp_path) == "" and errors.free_space_at(tmp_path) == ""
 
+
+
+def test_free_space_is_marked_only_under_one_gib_and_only_where_asked(tmp_path, monkeypatch):
+    """``(full?)`` is for a failed checkpoint whose reason may not say the disk is full (under
+    1 GiB, not at it); a full disk's own one-line error (mark_low False) already says so."""
+    from types import SimpleNamespace
+
+    from r3 import errors
+
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: SimpleNamespace(free=2**30))
+    assert errors.free_space_at(tmp_path, mark_low=True) == "1.00 GiB free on that disk"
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: SimpleNamespace(free=2**29))
+    assert errors.free_space_at(tmp_path) == "0.50 GiB free on that disk"
+    assert errors.free_space_at(tmp_path, mark_low=True) == "0.50 GiB free on that disk (full?)"
 
 def test_a_checkpoint_error_is_the_last_line_of_the_innermost_error():
     """DCP raises its own exception with each rank's traceback in the message, the OS error as
