@@ -57,13 +57,30 @@ def init_distributed() -> Dist:
                                     **({"device_id": device} if nccl else {}))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        # torchrun pins OMP threads to 1; share the cores among the local ranks instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpu_threads(os.environ, int(os.environ.get("LOCAL_WORLD_SIZE", world)), _cpus()))
 
     mesh = init_device_mesh(device.type, (world,))
     cpu_group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT) if world > 1 else None
     return Dist(rank, world, local_rank, device, mesh, cpu_group)
+
+
+def cpu_threads(env, local_world: int, cpus: int) -> int:
+    """Intra-op threads for each of a node's ``local_world`` CPU ranks: ``OMP_NUM_THREADS`` where
+    the user set it (fewer threads than CPUs are what a CPU shared with other work needs: a
+    parallel op waits for its slowest thread), else the ``cpus`` this process may use, shared
+    among the ranks. The ``1`` torchrun sets for several ranks on its own is not a user's choice."""
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1 and not (given == "1" and local_world > 1):
+        return int(given)
+    return max(1, cpus // local_world)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (a container's or ``taskset``'s limit), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not Linux)
+        return os.cpu_count() or 1
 
 
 #: How long the other ranks wait for rank 0's work on files (see :func:`wait_for_main`).

@@ -294,13 +294,30 @@ def test_cpu_ranks_share_the_cores_of_their_node(monkeypatch):
     """On a CPU each of a node's LOCAL_WORLD_SIZE ranks takes its share of the cores (torchrun
     pins one thread a rank otherwise)."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(D.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(D, "_cpus", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         D.init_distributed()
         assert torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # (the user's choice)
+        D.init_distributed()
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_users_omp_num_threads_is_kept_and_torchruns_one_is_not():
+    """OMP_NUM_THREADS set by the user was overridden by the CPU count: on a CPU other work
+    shares, 2 threads where 1 core is free ran a step ~7x slower, and the variable that should fix
+    it did nothing. torchrun's own 1 (set for several ranks when unset) still gives way to a share
+    of the CPUs; unset or unreadable, the share of the CPUs this process may use."""
+    assert D.cpu_threads({"OMP_NUM_THREADS": "1"}, 1, 2) == 1
+    assert D.cpu_threads({"OMP_NUM_THREADS": "6"}, 2, 16) == 6
+    assert D.cpu_threads({"OMP_NUM_THREADS": "1"}, 4, 16) == 4  # (torchrun's)
+    assert D.cpu_threads({}, 1, 2) == 2 and D.cpu_threads({}, 3, 16) == 5 and D.cpu_threads({}, 4, 2) == 1
+    for junk in ("", "0", "two", "-1"):
+        assert D.cpu_threads({"OMP_NUM_THREADS": junk}, 2, 8) == 4
 
 
 def test_shard_wraps_each_block_and_reduces_gradients_in_fp32():
