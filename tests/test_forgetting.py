@@ -569,16 +569,23 @@ def test_summarise_stderr_and_table_in_percent():
     assert "75.00 \u00b1 25.00" in line
 
 
-def test_run_compares_the_export_against_the_untrained_base(builtin, tmp_path, monkeypatch):
-    """--run DIR: the run's base model is the baseline, its export the later model (the paired
-    change is trained minus untrained)."""
-    _, tok = builtin
+def _run_dir(tmp_path, dtype: str):
+    """A run directory with its config (the built-in model, countdown, 8-token limits) and an
+    export folder."""
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     (run / "export" / "config.json").write_text("{}")
     (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
                                                  "max_attempt_tokens": 8, "max_reflection_tokens": 8,
-                                                 "max_retry_tokens": 8, "dtype": "fp32"}))
+                                                 "max_retry_tokens": 8, "dtype": dtype}))
+    return run
+
+
+def test_run_compares_the_export_against_the_untrained_base(builtin, tmp_path, monkeypatch):
+    """--run DIR: the run's base model is the baseline, its export the later model (the paired
+    change is trained minus untrained)."""
+    _, tok = builtin
+    run = _run_dir(tmp_path, "fp32")
     gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
     texts = {"smollm2-135m": "#### 4", str(run / "export"): "#### 5"}
     loaded = []
@@ -907,12 +914,7 @@ def test_run_takes_the_runs_dtype_unless_dtype_is_given(builtin, tmp_path, monke
     """--run DIR: both models load in the run's dtype by default, in --dtype when given (the JSON
     says which): a flag silently overridden would compare other numbers than asked for."""
     _, tok = builtin
-    run = tmp_path / "run"
-    (run / "export").mkdir(parents=True)
-    (run / "export" / "config.json").write_text("{}")
-    (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "task": "countdown", "task_options": {},
-                                                 "max_attempt_tokens": 8, "max_reflection_tokens": 8,
-                                                 "max_retry_tokens": 8, "dtype": "fp16"}))
+    run = _run_dir(tmp_path, "fp16")
     gs = write_jsonl(tmp_path / "gs.jsonl", [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}])
     dtypes = []
     monkeypatch.setattr(FG, "load_model", lambda m, dtype, device: (dtypes.append(dtype), (m, tok))[1])
