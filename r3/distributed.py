@@ -57,7 +57,7 @@ def init_distributed() -> Dist:
                                     **({"device_id": device} if nccl else {}))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(os.environ, int(os.environ.get("LOCAL_WORLD_SIZE", world)), _cpus()))
+        torch.set_num_threads(cpu_threads(os.environ, int(os.environ.get("LOCAL_WORLD_SIZE", world)), available_cpus()))
 
     mesh = init_device_mesh(device.type, (world,))
     cpu_group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT) if world > 1 else None
@@ -75,7 +75,7 @@ def cpu_threads(env, local_world: int, cpus: int) -> int:
     return max(1, cpus // local_world)
 
 
-def _cpus() -> int:
+def available_cpus() -> int:
     """The CPUs this process may run on (a container's or ``taskset``'s limit), at least 1."""
     try:
         return len(os.sched_getaffinity(0))

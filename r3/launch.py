@@ -30,6 +30,8 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from r3.distributed import available_cpus, cpu_threads
+
 #: The signals an r3 worker handles itself (a checkpoint, then exit 128 + the signal).
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 #: Exit codes an r3 worker uses after saying why it stopped (see :mod:`r3.errors`, r3.train).
@@ -49,13 +51,6 @@ class _DropQuietFailure(logging.Filter):
         if msg.startswith("Received") and "death signal" in msg and args and args[0] in STOP_SIGNALS:
             return False  # (each worker says it received SIGTERM / SIGINT; another signal it does not)
         return not (msg.startswith("failed (exitcode") and args and args[0] in QUIET_EXIT_CODES)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 #: r3's commands that run in one process (see :func:`r3.cli.pick_device_dtype`).
@@ -79,16 +74,12 @@ def _single_process_module(argv: list[str]) -> str | None:
             break
         name = a.split("=", 1)[0]
         # (an abbreviation, as torchrun's parser takes it: --nproc for --nproc-per-node)
-        action = options.get(name) or _unique({act for o, act in options.items() if name.startswith("--") and
-                                               o.startswith(name)})
+        matches = {act for o, act in options.items() if o.startswith(name)} if name.startswith("--") else set()
+        action = options.get(name) or (matches.pop() if len(matches) == 1 else None)
         module = module or a in ("-m", "--module")
         i += 1 if action is None or action.nargs == 0 or "=" in a else 2
     script = argv[i] if i < len(argv) else None
     return script if module and script in SINGLE_PROCESS else None
-
-
-def _unique(found: set):
-    return next(iter(found)) if len(found) == 1 else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: --nproc_per_node {args.nproc_per_node!r}: {why}", file=sys.stderr)
         raise SystemExit(2)
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(cpu_threads({}, nproc, available_cpus()))
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(name).addFilter(_DropQuietFailure())
     try:

@@ -294,7 +294,7 @@ def test_cpu_ranks_share_the_cores_of_their_node(monkeypatch):
     """On a CPU each of a node's LOCAL_WORLD_SIZE ranks takes its share of the cores (torchrun
     pins one thread a rank otherwise)."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(D, "_cpus", lambda: 8)
+    monkeypatch.setattr(D, "available_cpus", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
@@ -371,7 +371,7 @@ def _launch_with(monkeypatch, nproc: int, run):
     monkeypatch.setattr(launch.torchrun, "parse_args", lambda argv: argparse.Namespace(nproc_per_node=str(nproc)))
     monkeypatch.setattr(launch.torchrun, "determine_local_world_size", lambda value: int(value))
     monkeypatch.setattr(launch.torchrun, "run", run)
-    monkeypatch.setattr(launch, "_cpu_count", lambda: 16)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 16)
     launch.main(["--nproc_per_node", str(nproc), "-m", "r3.train"])  # (parsed by the stand-in)
 
 
@@ -456,11 +456,11 @@ def test_r3_torchrun_counts_the_cpus_this_process_may_use(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert launch._cpu_count() == 3
+    assert launch.available_cpus() == 3
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
-    assert launch._cpu_count() == 64
+    assert launch.available_cpus() == 64
     monkeypatch.setattr(os, "cpu_count", lambda: None)  # ("undetermined")
-    assert launch._cpu_count() == 1
+    assert launch.available_cpus() == 1
 
 
 def test_r3_torchrun_finds_every_one_process_command_however_the_module_is_given(capsys):
