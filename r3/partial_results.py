@@ -91,13 +91,15 @@ def model_files(spec: str) -> dict:
 
 
 def _differences(old, new) -> list[str]:
-    """The keys whose values differ between two keys (``settings.seed``: one level down)."""
+    """The keys whose values differ between two keys (``settings.seed``: one level down); a key
+    that holds null in one and is absent from the other differs too."""
     old = old if isinstance(old, dict) else {}
+    gone = object()
     out = []
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, gone), new.get(k, gone)
         if a != b:
-            out += ([f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+            out += ([f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s, gone) != b.get(s, gone)]
                     if isinstance(a, dict) and isinstance(b, dict) else [k])
     return out
 

@@ -391,6 +391,19 @@ def test_the_refusal_names_a_value_that_became_an_object_or_stopped_being_one(tm
         PartialResults(out, {"settings": 3, "same": {"x": 2}, "new": {"y": 1}})
 
 
+def test_the_refusal_names_a_key_that_held_null_and_is_now_absent(tmp_path):
+    """A key recorded as null and now absent (or absent and now null), at the top or one level
+    down, is named: ``.get`` read both as None, and the refusal named nothing ("other inputs ()")."""
+    out = tmp_path / "r.json"
+    PartialResults(out, {"limit": None, "settings": {"seed": 0, "n": None}}).add("m", 0, 1)
+    with pytest.raises(R3Error, match=r"other inputs \(limit\): rerun"):
+        PartialResults(out, {"settings": {"seed": 0, "n": None}})
+    with pytest.raises(R3Error, match=r"other inputs \(settings.n\): rerun"):
+        PartialResults(out, {"limit": None, "settings": {"seed": 0}})
+    with pytest.raises(R3Error, match=r"other inputs \(extra\): rerun"):
+        PartialResults(out, {"limit": None, "settings": {"seed": 0, "n": None}, "extra": None})
+
+
 def test_finish_lets_go_of_the_file_it_held(tmp_path):
     """The file held from the first batch is let go of at finish() (and when an empty file is
     removed), not when the process ends: a process evaluating one output after another (a
