@@ -1865,6 +1865,57 @@ def test_countdown_parenthesised_denials_and_retractions_found_by_differential_f
 
 
 @pytest.mark.parametrize("tags,completion,expected", [
+    # a denial, supposition or operation before it, with quotes, "$", a bullet or an emoji between
+    # (the words before it were read only up to the first such symbol)
+    pytest.param(False, "Wrong: $5 + 23 = 28$", False, id="label-wrong-dollars"),
+    pytest.param(False, "This is not right: $5 + 23 = 28$.", False, id="not-right-dollars"),
+    pytest.param(False, "If $$5 + 23 = 28$$", False, id="if-display-dollars"),
+    pytest.param(False, "Suppose \u201c5 + 23 = 28\u201d.", False, id="suppose-curly-quotes"),
+    pytest.param(False, "Not \u00ab5 + 23 = 28\u00bb", False, id="not-guillemets"),
+    pytest.param(False, "Incorrect: \u300c5 + 23 = 28\u300d", False, id="label-incorrect-corner-brackets"),
+    pytest.param(False, "Wrong: \u2022 5 + 23 = 28", False, id="label-wrong-bullet"),
+    pytest.param(False, "If \U0001F449 5 + 23 = 28", False, id="if-emoji"),
+    pytest.param(False, "Wrong answer:\n# 5 + 23 = 28", False, id="label-line-before-heading-mark"),
+    pytest.param(False, "Wrong: $\\boxed{5 + 23 = 28}$", False, id="label-wrong-dollars-boxed"),
+    pytest.param(False, "2 * \u201c5 + 23 = 28\u201d", False, id="times-curly-quotes"),
+    pytest.param(False, "Wrong: \\boxed{$5 + 23 = 28$}", False, id="label-wrong-boxed-dollars"),
+    pytest.param(False, "3 * \\boxed{$5 + 23$}", False, id="times-boxed-dollars"),
+    pytest.param(False, "2 * $$5 + 23 = 28$$", False, id="times-display-dollars"),
+    pytest.param(False, "half of \u201c5 + 23 = 28\u201d", False, id="half-of-curly-quotes"),
+    pytest.param(True, "Wrong: $<answer>5 + 23 = 28</answer>$", False, id="tags-label-wrong-dollars"),
+    pytest.param(True, "If \u00ab<answer>5 + 23 = 28</answer>\u00bb", False, id="tags-if-guillemets"),
+    pytest.param(True, "Not \U0001F449 <answer>5 + 23 = 28</answer>", False, id="tags-not-emoji"),
+    pytest.param(True, "Wrong: (<answer>5 + 23 = 28</answer>)", False, id="tags-label-wrong-paren"),
+    pytest.param(True, "2 * \u201c<answer>5 + 23</answer>\u201d", False, id="tags-times-curly-quotes"),
+    # a denial label in another language, or "Nope:", which denied it without the colon
+    pytest.param(False, "Falsch: 5 + 23 = 28", False, id="label-falsch"),
+    pytest.param(False, "Faux : 5 + 23 = 28", False, id="label-faux-spaced-colon"),
+    pytest.param(False, "Incorrecto: 5 + 23 = 28", False, id="label-incorrecto"),
+    pytest.param(False, "Nope: 5 + 23 = 28", False, id="label-nope"),
+    pytest.param(True, "Sbagliato: <answer>5 + 23 = 28</answer>", False, id="tags-label-sbagliato"),
+    # ... while wrapped answers without them stay right
+    pytest.param(False, "So $5 + 23 = 28$.", True, id="so-dollars"),
+    pytest.param(False, "Answer: \u201c5 + 23 = 28\u201d", True, id="label-curly-quotes"),
+    pytest.param(False, "\u2022 5 + 23 = 28", True, id="bullet"),
+    pytest.param(False, "I was wrong before. Now: $5 + 23 = 28$", True, id="denial-in-an-earlier-sentence-dollars"),
+    pytest.param(False, "The answer is \u00ab5 + 23 = 28\u00bb.", True, id="answer-is-guillemets"),
+    pytest.param(False, "**Answer:** \\boxed{$5 + 23 = 28$}", True, id="bold-label-boxed-dollars"),
+    pytest.param(True, "\U0001F449 <answer>5 + 23 = 28</answer>", True, id="tags-emoji"),
+    pytest.param(True, "The answer (<answer>5 + 23 = 28</answer>).", True, id="tags-in-parens"),
+    pytest.param(True, "**Answer:** \u201c<answer>5 + 23 = 28</answer>\u201d", True, id="tags-bold-label-curly-quotes"),
+])
+def test_countdown_denials_before_quotes_dollars_and_bullets(tags, completion, expected):
+    """An independent differential fuzz found both implementations paying a denial, supposition
+    or operation before the equation when a symbol stood between them (``Wrong: $5 + 23 = 28$``,
+    ``If \u201c5 + 23 = 28\u201d``, ``Not \u2022 5 + 23 = 28``, ``2 * \u201c5 + 23 = 28\u201d``), as without
+    the symbol they refuse: the words before it were read only up to the first quote, ``$``,
+    bullet or emoji, so a model could be rewarded for an equation it denies or doubles. A denial
+    label in another language (``Falsch: 5 + 23 = 28``) was paid too, although ``Falsch 5 + 23 =
+    28`` was refused: the labels before a colon were English only."""
+    _both_implementations_say(tags, completion, expected)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
     # a question within four words after it, in its sentence (only a "?" right after it was read)
     pytest.param(False, "5 + 23 = 28 maybe?", False, id="maybe-question"),
     pytest.param(False, "5 + 23 = 28, right?", False, id="right-question"),

@@ -37,7 +37,8 @@ when
   ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
   among the four words before or after it (apart by spaces, quotes, parentheses or Markdown
-  emphasis: ``(wrong) 5 + 23 = 28``), a supposition (``if``, ``suppose``, ...
+  emphasis: ``(wrong) 5 + 23 = 28``; before it also past quotes of any script, ``$``, bullets
+  and other symbols that wrap or mark it: ``Wrong: $5 + 23 = 28$``), a supposition (``if``, ``suppose``, ...
   :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
   false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
@@ -221,8 +222,16 @@ _STATING = frozenset("which that would will should must".split())
 #: Before the final equation, within four words, words that make it a supposition, not an answer.
 HYPOTHETICALS = frozenset("if whether suppose supposing assume assuming unless".split())
 #: Words that, among the four words before a colon just before the final equation, deny it
-#: (``Wrong:``, ``This is false:``).
-LABEL_DENIALS = frozenset("wrong incorrect incorrectly false invalid untrue not isn't wasn't".split())
+#: (``Wrong:``, ``This is false:``, ``Nope:``, and the other languages' words for "wrong" of
+#: :data:`NEGATIONS`: ``Falsch:``, ``Faux :``, ``Incorrecto:``, which denied it without the colon).
+LABEL_DENIALS = frozenset("""
+    wrong incorrect incorrectly false invalid untrue not isn't wasn't
+    nope falsch falsche falscher falsches faux fausse incorrecte incorrecto incorrecta incorreto
+    incorreta errado errada erroneo errato sbagliato sbagliata falso falsa fout feil fel
+    inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee
+    erronea equivocado equivocada scorretto scorretta onjuist onjuiste verkeerd verkeerde galet
+    galt felaktig felaktigt uriktig forkert forkerte
+""".split())
 #: Words that, followed by ``of`` and a number after the final equation, name more arithmetic
 #: (``the difference of 23 and 5``, ``28 to the power of 5``).
 OF_OPERATIONS = frozenset("""
@@ -1009,7 +1018,8 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
             return None, why
     why = (_words_problem(text, start, end) or _denied_label(text, start)
            or _continues_from_previous_line(text, start) or _operand_problem(text, start)
-           or _before_answer_word(text, start, "=" in equation))
+           or _before_answer_word(text, start, "=" in equation)
+           or _wrapped_problem(text, start, "=" in equation))
     if why:
         return None, why
     if "=" not in equation:
@@ -1029,7 +1039,43 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
     return equation, ""
 
 
-def _before_answer_word(text: str, start: int, written: bool) -> str | None:
+_NOT_WRAPPERS = frozenset(".,;:!?+-*/=()^%|~\\[]{}<>" + DENIAL_MARKS)
+
+
+def _wrapper(ch: str) -> bool:
+    """Whether ``ch`` only wraps or marks the equation (quotes of any script, ``$``, ``#``,
+    bullets, emoji, full-width or CJK brackets): punctuation or a symbol that is not a sentence
+    mark, an operator, a bracket the task reads, a dash or a math sign."""
+    if ch in _NOT_WRAPPERS or ch.isalnum() or ch.isspace():
+        return False
+    cat = unicodedata.category(ch)
+    return cat[0] in "PS" and cat not in ("Sm", "Pd")
+
+
+def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -> str | None:
+    """The checks of the text before the equation (or answer block) starting at ``start`` again,
+    past the wrapper symbols and blanks just before it (:func:`_wrapper`): ``Wrong: $5 + 23 = 28$``,
+    ``If \u201c5 + 23 = 28\u201d``, ``Not \u2022 5 + 23 = 28`` and ``2 * \u201c5 + 23 = 28\u201d`` are
+    read as without them (they stopped the reading, so the equation was paid); ``again``: also
+    before an "answer" word just past them (``Wrong: \\boxed{$5 + 23 = 28$}``), one level deep."""
+    outer = start
+    while outer > 0 and (text[outer - 1] in _SPACE or text[outer - 1] == "(" or _wrapper(text[outer - 1])):
+        outer -= 1  # (a parenthesis before an answer block: "Wrong: (<answer>...</answer>)")
+    if outer == start or not any(c == "(" or _wrapper(c) for c in text[outer:start]):
+        return None
+    j = outer - 1
+    k = j
+    while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
+        k -= 1  # Markdown emphasis closing a label ("**Answer:** $5 + 23 = 28$"), unless an operand precedes it
+    plain = k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()"))
+    why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j))
+           else _neighbour_problem(text, j, text[outer] not in _SPACE, False, written))
+    return why or (_words_problem(text, outer, len(text)) or _denied_label(text, outer)
+                   or _continues_from_previous_line(text, outer)
+                   or (_before_answer_word(text, outer, written, again=False) if again else None))
+
+
+def _before_answer_word(text: str, start: int, written: bool, again: bool = True) -> str | None:
     """The checks of the text before the equation, again before the word ``answer`` just before
     it: :func:`normalise` reads ``<answer>`` and ``\\boxed{`` as that word, which must not hide
     what is written before them (``3 * \\boxed{21 - 19}``, ``Wrong: <answer>5 + 23 = 28</answer>``)."""
@@ -1049,7 +1095,7 @@ def _before_answer_word(text: str, start: int, written: bool) -> str | None:
     why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
            else _neighbour_problem(text, j, j == left - 1, False, written))
     why = why or (_denied_label(text, left) or _continues_from_previous_line(text, left)
-                  or _operand_problem(text, left))
+                  or _operand_problem(text, left) or _wrapped_problem(text, left, written, again))
     return why.replace("the equation", "the answer") if why else None
 
 
@@ -1182,7 +1228,7 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
             why = _neighbour_problem(view, pos, glued, is_after, True)  # "!" after the closing tag is prose
             if why:
                 return False, why.replace("the equation", "the answer block")
-        why = (_words_problem(view, block, end) or _denied_label(view, block)
+        why = (_words_problem(view, block, end) or _denied_label(view, block) or _wrapped_problem(view, block, True)
                or _continues_from_previous_line(view, block) or _after_problem(view, end, nums, target))
         if why:
             return False, why.replace("the equation", "the answer block")

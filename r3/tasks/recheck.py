@@ -92,7 +92,13 @@ _CD_DENIED_PAIRS = {("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"),
 _CD_LABEL_ALONE = {"mistake", "error", "typo", "erroneous", "bogus", "fallacy", "miscalculation"}
 _CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap"}
 _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless"}
-_CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't"}
+_CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't", *"""
+    nope falsch falsche falscher falsches faux fausse incorrecte incorrecto incorrecta incorreto
+    incorreta errado errada erroneo errato sbagliato sbagliata falso falsa fout feil fel
+    inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee
+    erronea equivocado equivocada scorretto scorretta onjuist onjuiste verkeerd verkeerde galet
+    galt felaktig felaktigt uriktig forkert forkerte
+""".split()}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
 _CD_OP_SYMBOLS = set("\u00b7\u2715\u2716\u2795\u2796\u2797")
 _CD_ACTIONS = set()
@@ -540,6 +546,58 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
     return None
 
 
+def _cd_wrapping(c: str) -> bool:
+    """Quotes of any script, ``$``, ``#``, bullets, emoji, CJK brackets: symbols that only wrap or
+    mark the equation (not a sentence mark, an operator, a bracket, a dash or a math sign)."""
+    if c.isalnum() or c.isspace() or c in ".,;:!?+-*/=()^%|~\\[]{}<>" or c in _CD_CROSSES:
+        return False
+    cat = unicodedata.category(c)
+    return cat[0] in "PS" and cat not in ("Sm", "Pd")
+
+
+def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) -> str | None:
+    """``Wrong: $5 + 23 = 28$``, ``If \u201c5 + 23 = 28\u201d``, ``2 * \u00ab<answer>...``: the text before
+    the wrapper symbols (and an opening parenthesis) just before it, read as if they were not there."""
+    k = start - 1
+    while k >= 0 and (text[k] in " \t" or text[k] == "(" or _cd_wrapping(text[k])):
+        k -= 1
+    if not any(c == "(" or _cd_wrapping(c) for c in text[k + 1:start]):
+        return None
+    e = k
+    while e >= 0 and text[e] in "*_ \t":
+        e -= 1
+    emphasis = e < k and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()"))
+    line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
+    side = (None if k < 0 or emphasis or line_start
+            else _cd_side_problem(text, k, text[k + 1] not in " \t", False, has_result))
+    return (side or _cd_words_problem(text, k + 1, len(text)) or _cd_colon_label(text, k + 1)
+            or _cd_previous_line(text, k + 1) or (_cd_answer_word(text, k + 1, has_result) if nested else None))
+
+
+def _cd_answer_word(text: str, start: int, has_result: bool) -> str | None:
+    """Before the word "answer" (``<answer>``, ``\\boxed{``) just before ``start``: what stands there
+    is next to the equation (``3 * \\boxed{$5 + 23$}``, ``Wrong: \\boxed{$5 + 23 = 28$}``)."""
+    k = start - 1
+    while k >= 0 and text[k] in " \t":
+        k -= 1
+    if not (k >= 5 and text[k - 5:k + 1].lower() == "answer"
+            and not (k > 5 and (text[k - 6].isalpha() or text[k - 6] in _CD_DECOR))):
+        return None
+    w = k - 5
+    m = w - 1
+    while m >= 0 and text[m] in " \t":
+        m -= 1
+    e = m
+    while e >= 0 and text[e] in "*_ \t":
+        e -= 1
+    emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()"))
+    line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
+    side = (None if m < 0 or emphasis or line_start or text[m] == "="
+            else _cd_side_problem(text, m, m == w - 1, False, has_result))
+    return (side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
+            or _cd_wrapped(text, w, has_result, nested=False))
+
+
 def _cd_colon_label(text: str, start: int) -> str | None:
     """``Wrong: 5 + 23 = 28``: a denial among the four words before a colon right before it."""
     k = start - 1
@@ -673,6 +731,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             if why:
                 return False, why
         why = (_cd_words_problem(around, start, end) or _cd_colon_label(around, start)
+               or _cd_wrapped(around, start, True)
                or _cd_previous_line(around, start) or _cd_after(around, end, nums, target))
         if why:
             return False, why
@@ -733,7 +792,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         if why:
             return False, why
     why = (_cd_words_problem(text, start, end) or _cd_colon_label(text, start) or _cd_previous_line(text, start)
-           or _cd_operand(text, start))
+           or _cd_operand(text, start) or _cd_wrapped(text, start, "=" in core))
     if why:
         return False, why
     # "<answer>" and "\boxed{" read as the word "answer": what is before that word is still next to it
@@ -752,7 +811,8 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
         side = (None if m < 0 or emphasis or line_start or text[m] == "="
                 else _cd_side_problem(text, m, m == w - 1, False, "=" in core))
-        why = side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
+        why = (side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
+               or _cd_wrapped(text, w, "=" in core))
         if why:
             return False, why
     if "=" not in core:
