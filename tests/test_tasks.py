@@ -1965,6 +1965,100 @@ def test_countdown_questions_bare_labels_dashes_and_retractions_the_fuzz_left_op
     _both_implementations_say(tags, completion, expected)
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a denial, supposition or operation before a code fence, "$$" or "\\[" that opens the block
+    # holding it on the next line (the words before it stopped at the line break)
+    pytest.param(False, "If ```\n5 + 23 = 28\n```", False, id="if-code-fence"),
+    pytest.param(False, "Suppose ```python\n5 + 23 = 28\n```", False, id="suppose-code-fence-info-string"),
+    pytest.param(False, "Not $$\n5 + 23 = 28\n$$", False, id="not-display-dollars-over-lines"),
+    pytest.param(False, "If \\[\n5 + 23 = 28\n\\]", False, id="if-display-brackets-over-lines"),
+    pytest.param(False, "half of ```\n5 + 23\n```", False, id="half-of-code-fence"),
+    pytest.param(False, "3 * ```\n5 + 23\n```", False, id="times-code-fence"),
+    pytest.param(True, "If ```\n<answer>5 + 23 = 28</answer>\n```", False, id="tags-if-code-fence"),
+    pytest.param(True, "Wrong: $$\n<answer>5 + 23 = 28</answer>\n$$", False, id="tags-label-wrong-display-dollars"),
+    # ... a question after the fence that closes its block (its sentence goes on past the line break)
+    pytest.param(False, "```\n5 + 23 = 28\n```, right?", False, id="right-question-after-code-fence"),
+    pytest.param(False, "```\n5 + 23 = 28\n```?", False, id="question-after-code-fence"),
+    pytest.param(False, "\\[\n5 + 23 = 28\n\\], right?", False, id="right-question-after-display-brackets"),
+    pytest.param(True, "```\n<answer>5 + 23 = 28</answer>\n```, right?", False, id="tags-question-after-code-fence"),
+    # ... a decimal glued on past a closing tag or wrapper
+    pytest.param(False, "<code>5 + 23</code>.5", False, id="decimal-past-closing-tag"),
+    pytest.param(False, "\\(5 + 23\\).5", False, id="decimal-past-latex-delimiter"),
+    pytest.param(False, "$5 + 23$.5", False, id="decimal-past-dollar"),
+    pytest.param(True, "<answer>5 + 23</answer> .5", False, id="tags-spaced-decimal-after-block"),
+    # ... a denial or supposition before a bullet, or before a dash or star between blanks
+    pytest.param(True, "Assume - <answer>5 + 23 = 28</answer>", False, id="tags-assume-dash"),
+    pytest.param(True, "Can't be - <answer>5 + 23 = 28</answer>", False, id="tags-cant-be-dash"),
+    pytest.param(True, "Not \u2014 <answer>5 + 23 = 28</answer>", False, id="tags-not-em-dash"),
+    pytest.param(False, "Wrong \u2014 $5 + 23 = 28$", False, id="wrong-em-dash-dollars"),
+    pytest.param(False, "Not - \\boxed{5 + 23}", False, id="not-dash-boxed"),
+    pytest.param(False, "\u274c * \\boxed{5 + 23}", False, id="cross-star-boxed"),
+    pytest.param(False, "2 \u00d7 * \\boxed{5 + 23}", False, id="times-sign-star-boxed"),
+    pytest.param(False, "Wrong answer:\n- \\boxed{5 + 23}", False, id="label-line-before-dash-bullet-boxed"),
+    pytest.param(False, "Wrong answer:\n> '$5 + 23 = 28$'", False, id="label-line-before-quote-mark"),
+    pytest.param(False, "2 \u00d7 > **\\boxed{5 + 23}**", False, id="times-sign-greater-bold-boxed"),
+    # ... while a fence, a bullet or a prose dash before a right answer stays right
+    pytest.param(False, "Answer:\n```\n5 + 23 = 28\n```", True, id="label-code-fence"),
+    pytest.param(False, "```\n5 + 23 = 28\n```\nIt uses both numbers.", True, id="code-fence-then-prose"),
+    pytest.param(False, "So \\[\n5 + 23 = 28\n\\]", True, id="display-brackets-over-lines"),
+    pytest.param(False, "```python\nx = 1\n```\n5 + 23 = 28", True, id="after-an-earlier-code-block"),
+    pytest.param(False, "5 + 23 = 28. 5 and 23 are used.", True, id="sentence-then-given-number"),
+    pytest.param(True, "So - <answer>5 + 23 = 28</answer>", True, id="tags-prose-dash"),
+    pytest.param(False, "- \\boxed{5 + 23}", True, id="dash-bullet-boxed"),
+])
+def test_countdown_fences_bullets_and_glued_decimals_the_symbol_fix_left_open(tags, completion, expected):
+    """After the fix of denials behind a symbol, both implementations still paid a denial,
+    supposition or operation before a code fence, ``$$`` or ``\\[`` that opens the block on the
+    line before the equation (``If`` and a fence: the words stopped at the line break), a question
+    after the fence that closes it (the line break ended the sentence), a decimal glued on past a
+    closing tag or wrapper (``<code>5 + 23</code>.5``) and a denial before a bullet or a dash
+    between blanks (``Assume - <answer>...``, ``Wrong answer:`` and ``- \\boxed{...}``): a model
+    could be rewarded for an equation it supposes, questions or changes."""
+    _both_implementations_say(tags, completion, expected)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
+    # Markdown emphasis around a label, a sentence, a wrapped equation or the equation itself
+    pytest.param(False, "**Answer:** $5 + 23 = 28$", True, id="bold-label-dollars"),
+    pytest.param(False, "Final equation: **$5 + 23 = 28$**", True, id="bold-around-dollars"),
+    pytest.param(False, "**Answer:** `5 + 23 = 28`", True, id="bold-label-backquotes"),
+    pytest.param(False, "**So 5 + 23 = 28.**", True, id="bold-sentence"),
+    pytest.param(False, "*The answer is 5 + 23 = 28*", True, id="italic-sentence"),
+    pytest.param(False, "*5 + 23 = 28*", True, id="italic-stars"),
+    pytest.param(False, "_5 + 23 = 28_", True, id="italic-underscores"),
+    pytest.param(False, "__5 + 23 = 28__", True, id="bold-underscores"),
+    pytest.param(False, "**Answer:** *5 + 23 = 28*", True, id="bold-label-italic-equation"),
+    pytest.param(False, "**5 + 23** (using both numbers)", True, id="bold-then-prose-parenthesis"),
+    pytest.param(True, "**Answer:** **$<answer>5 + 23 = 28</answer>$**", True, id="tags-bold-around-dollars"),
+    # ... but never read away where it may be the power operator, nor past a denial or operator
+    pytest.param(False, "2**5 + 23", False, id="power-glued"),
+    pytest.param(False, "5 + 23 = 28**2", False, id="power-after-result"),
+    pytest.param(False, "two **5 + 23 = 28**", False, id="number-word-power"),
+    pytest.param(False, "n **5 + 23 = 28 is it**", False, id="variable-power-into-a-bold-sentence"),
+    pytest.param(False, "two **$5 + 23$**", False, id="number-word-power-dollars"),
+    pytest.param(False, "**$5 + 23$** (2)", False, id="dollars-power-parenthesised-number"),
+    pytest.param(False, "2 * *5 + 23*", False, id="times-italic"),
+    pytest.param(False, "2 \u00d7 *5 + 23*", False, id="times-sign-italic"),
+    pytest.param(False, "2 * _5 + 23_", False, id="times-italic-underscores"),
+    pytest.param(False, "x_5 + 23 = 28_", False, id="subscript-underscore"),
+    pytest.param(False, "_5 + 23 = 28_.5", False, id="italic-underscores-decimal"),
+    pytest.param(False, "Wrong: **5 + 23 = 28**", False, id="label-wrong-bold"),
+    pytest.param(False, "**Wrong:** $5 + 23 = 28$", False, id="bold-label-wrong-dollars"),
+    pytest.param(False, "If *5 + 23 = 28*", False, id="if-italic"),
+    pytest.param(False, "**Not 5 + 23 = 28.**", False, id="bold-sentence-not"),
+    pytest.param(True, "2 **$<answer>5 + 23 = 28</answer>$**", False, id="tags-number-power-dollars"),
+])
+def test_countdown_markdown_emphasis_around_a_right_final_equation(tags, completion, expected):
+    """In the final equation's mode both implementations refused common Markdown around a right
+    answer (``**Answer:** $5 + 23 = 28$``, ``**$5 + 23 = 28$**``, ``**So 5 + 23 = 28.**``,
+    ``*5 + 23 = 28*``, ``_5 + 23 = 28_``): the ``**`` of a bold label or sentence was read as the
+    power operator once a ``$``, a backquote or a full stop stood between it and the equation, so a
+    right retry earned nothing. Emphasis is now read away as around an answer block, but never a
+    star run with an operand on its far side (``two **5 + 23 = 28**``: a power), and the words
+    before it are still read (``**Wrong:** $5 + 23 = 28$``)."""
+    _both_implementations_say(tags, completion, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------
@@ -2493,3 +2587,67 @@ def test_reachable_targets_finds_a_product_past_float_precision():
     assert reachable_targets([a, a], "*") == [a * a]
     assert reachable_targets([a, a, 2], "*", lo=2 * a * a, hi=2 * a * a) == [2 * a * a]
 
+
+
+def _python_lines_run(fn, *args) -> int:
+    """The number of Python lines ``fn(*args)`` runs in r3's task modules: a count of work that,
+    unlike a clock, does not depend on the machine or its load."""
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def tracer(frame, event, arg):
+        return local if "/r3/tasks/" in frame.f_code.co_filename.replace("\\", "/") else None
+
+    sys.settrace(tracer)
+    try:
+        fn(*args)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+_COUNTDOWN_SHAPES = {
+    "blank-lines": lambda n: "5 + 23 = 28" + "\n" * n + "x",
+    "blank-lines-spaced": lambda n: "5 + 23 = 28" + "\n " * n + "x",
+    "fences": lambda n: "If ```\n" * n + "5 + 23 = 28",
+    "display-math": lambda n: "\\[\n" * n + "5 + 23 = 28",
+    "dollar-lines": lambda n: "$$\n" * n + "5 + 23 = 28",
+    "dashes": lambda n: "Assume - " * n + "5 + 23 = 28",
+    "bullets": lambda n: "- " * n + "5 + 23 = 28",
+    "wrappers": lambda n: "\u201c" * n + "5 + 23 = 28",
+    "stars": lambda n: "**" * n + "5 + 23 = 28",
+    "emphasis": lambda n: "*a* " * n + "5 + 23 = 28",
+    "bold-numbers": lambda n: "5 + 23 = 28 " + "**1 + 1** " * n,
+    "underscores": lambda n: "_" * n + "5 + 23 = 28___",
+    "decimals": lambda n: "5 + 23 = 28 " + ".5 " * n,
+    "many-runs": lambda n: "1 a " * n + "5 + 23 = 28",
+    "plus-paren": lambda n: "(+" * n,
+    "blocks": lambda n: "<answer> 1 </answer>" * n,
+    "open-tags": lambda n: "<answer>" * n + "5 + 23 = 28",
+    "boxed": lambda n: "\\boxed{$" * n + "5 + 23 = 28",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_COUNTDOWN_SHAPES))
+@pytest.mark.parametrize("tags", [False, True])
+def test_countdown_work_grows_linearly_with_the_text(shape, tags):
+    """Doubling a long adversarial text about doubles the Python lines both implementations run
+    (a quadratic loop quadruples them): a look-ahead over the blanks after each line break once
+    made the re-checker take 158 s on 90,000 line breaks, which r3.audit would sit in, and a
+    verifier that slow stalls a training step."""
+    task, ex = CD if tags else LENIENT, {"nums": [5, 23], "target": 28}
+
+    def text(n):
+        t = _COUNTDOWN_SHAPES[shape](n)
+        if not tags:
+            return t
+        return t.replace("5 + 23 = 28", "<answer>5 + 23 = 28</answer>") if "5 + 23 = 28" in t else t + "<answer>5 + 23</answer>"
+
+    for name, fn in (("verifier", task.verify), ("recheck", lambda e, t: recheck(task, e, t))):
+        small, large = (_python_lines_run(fn, ex, text(n)) for n in (600, 1200))
+        assert large <= 3 * max(small, 50), (name, shape, small, large)

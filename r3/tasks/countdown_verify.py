@@ -24,7 +24,8 @@ U+0338: ``=\u0338``; a double solidus, a vertical line, a tilde) reads as ``\u22
 entities are decoded, struck-through markup (``<del>``, ``<s>``, ``<strike>`` up to its closing
 tag) becomes a space, superscript and subscript tags read as ``^`` and other HTML-like tags
 become spaces (``<answer>`` reads as the word "answer"),
-``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces; bidirectional control
+``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces (but a ``\\[`` that ends
+its line and a ``\\]`` that starts one read as ``$$``: display math over lines); bidirectional control
 characters make the completion wrong. The final equation is then the last run of arithmetic text
 (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
 ``+ - * / =``: anything after it that is another equation makes the final equation that one, and a
@@ -38,8 +39,11 @@ when
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
   among the four words before or after it (apart by spaces, quotes, parentheses or Markdown
   emphasis: ``(wrong) 5 + 23 = 28``; before it also past quotes of any script, ``$``, bullets
-  and other symbols that wrap or mark it: ``Wrong: $5 + 23 = 28$``), a supposition (``if``, ``suppose``, ...
-  :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
+  and other symbols that wrap or mark it: ``Wrong: $5 + 23 = 28$``, past a code fence or ``$$``
+  that ends the line before, opening the block that holds it (``If`` and a fence, the equation on
+  the next line), and then past a bullet, or a dash or star between blanks, that stands there:
+  ``Assume - <answer>...``, ``Wrong answer:`` and ``- \\boxed{...}`` on the next line), a supposition
+  (``if``, ``suppose``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
   false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
   (``Wrong:\n5 + 23 = 28``), or one of :data:`BARE_LABEL_DENIALS` as the whole label
@@ -54,9 +58,12 @@ when
   sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
   (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after
   it; a ``?`` after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
-  28?``, ``5 + 23 = 28, right?``); a dash with a one-letter variable past it (``n - <answer>``;
+  28?``, ``5 + 23 = 28, right?``; a code fence, ``$$`` or ``\\]`` closing its block on the next
+  line goes on with its sentence: the fence, then ``, right?``); a dash with a one-letter variable
+  past it (``n - <answer>``;
   ``a`` and ``I`` are words);
-* a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``);
+* a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``), as does a ``.``
+  and digits just after it past a tag or a symbol (``<code>5 + 23</code>.5``, ``$5 + 23$.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
   ``26 + 24 = 50`` on the next line);
 * the text after it mentions a number that is neither a given number nor the target
@@ -84,7 +91,12 @@ What stands before ``<answer>`` or ``\\boxed{`` (read as the word "answer") is c
 stood before the equation itself: ``3 * \\boxed{5 + 23 = 28}`` and ``Wrong: <answer>5 + 23 =
 28</answer>`` are wrong.
 
-Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
+Markdown emphasis is left out: a pair of ``*``, ``**`` or ``***`` on a line around words
+(``**Answer:** $5 + 23 = 28$``, ``**So 5 + 23 = 28.**``) or around a wrapped equation
+(``**$5 + 23 = 28$**``), as around an answer block (:func:`_without_emphasis`), and ``**``, ``*``,
+``_``, ``__`` around the equation itself (``*5 + 23 = 28*``, ``_5 + 23 = 28_``), but never a run of
+stars with an operand past it, which may be a power (``two **5 + 23 = 28**``, ``n **5 + 23 = 28 is
+it**``, ``2**5 + 23``). Markdown bold around it (``**5 + 23 = 28**``), parentheses around a whole equation
 (``(5 + 23 = 28)``) and a parenthesis that opens or closes prose next to it (``5 + 23 = 28 (using
 both)``) are not part of it. A result written in words after an expression is its written value:
 ``5 + 12 equals 17``, ``5 + 12 is 17``, ``5 + 12, which is exactly 17`` read as ``5 + 12 = 17``
@@ -289,6 +301,10 @@ _OVERLAID = re.compile(f"[^{OVERLAY_MARKS}\n\r\u2028\u2029\x85]?[{OVERLAY_MARKS}
 _STROKE_ONLY = re.compile("[\u0335\u0336]+")
 _BOXED = re.compile(r"\\boxed\{([^{}\n]*)\}")
 _LATEX_DELIMITERS = re.compile(r"\\[()\[\]]")
+# display math over lines: a "\[" that ends its line and a "\]" that starts one read as "$$", which
+# a person sees opening and closing a block around the equation (``If \[`` on the line before it)
+_DISPLAY_OPEN = re.compile(r"\\\[(?=[ \t]*(?:\n|$))")
+_DISPLAY_CLOSE = re.compile(r"(?m)^([ \t]*)\\\]")
 
 
 class _Reject(Exception):
@@ -352,6 +368,7 @@ def normalise(text: str) -> tuple[str | None, str]:
     text = _TAG.sub(_read_tag, text)
     if "\\" in text:
         text = _BOXED.sub(lambda m: " answer " + m.group(1) + " ", text)
+        text = _DISPLAY_CLOSE.sub(r"\1$$", _DISPLAY_OPEN.sub("$$", text))
         text = _LATEX_DELIMITERS.sub(" ", text)
     return text, ""
 
@@ -475,6 +492,7 @@ def _number_after(text: str, i: int, *, strict: bool) -> tuple[str | None, bool]
         i = j
 
 
+_FENCES = ("```", "~~~", "$$")  # closing a block on the line after the final equation
 _REST_TOKEN = re.compile(r"[0-9]+|[A-Za-z]+(?:['\u2019][A-Za-z]+)?|####|\S")
 _TAKE = frozenset("take takes took taking taken".split())
 _NESTED_BRACE = re.compile(r"\{[^{}]*\{")
@@ -543,8 +561,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     gap_from, unit_until = end, -1
     for m in _REST_TOKEN.finditer(text, end):
         tok = m.group()
-        if any(c in _LINE_BREAKS for c in text[gap_from:m.start()]):
-            cue_sentence = own_sentence = False
+        if any(c in _LINE_BREAKS for c in text[gap_from:m.start()]) and not text.startswith(_FENCES, m.start()):
+            cue_sentence = own_sentence = False  # (a code fence or "$$" closing its block goes on with it)
         gap_from = m.end()
         if tok[0] in "0123456789":
             kind = "number"
@@ -554,6 +572,9 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
                 return f"a later answer ({tok}) is not the target {target}"
             if text[m.end(): m.end() + 1] == "." and text[m.end() + 1: m.end() + 2].isdigit():
                 return f"a decimal number after the final equation ({tok}.)"
+            if text[m.start() - 1: m.start()] == "." and not (m.start() > 1 and (text[m.start() - 2].isdigit()
+                                                                                   or text[m.start() - 2] == ".")):
+                return f"a decimal number after the final equation (.{tok})"  # (past a tag or "$": "</code>.5")
             if (text[m.end(): m.end() + 1] == "," and text[m.end() + 1: m.end() + 2].isdigit()
                     and (cue_sentence or _after_cue(prev))):
                 return f"a decimal comma in a later answer ({tok},)"
@@ -785,12 +806,14 @@ _ASCII_WORD = re.compile(r"[A-Za-z]{2}")
 
 
 def _without_emphasis(view: str) -> str:
-    """The text around an answer block (the block one NUL) without Markdown emphasis: a pair of
-    ``*``, ``**`` or ``***`` on one line around words (``**Answer:** <answer>``, ``**Final
-    Answer**`` on the line before) or around the block itself (``**<answer>...</answer>**``),
-    opening and closing as Markdown's do, with a word inside (two ASCII letters together). Read
-    as arithmetic, ``**`` next to the block rejected every such reply. Consecutive runs of stars
-    are paired left to right: linear time."""
+    """The text around an answer block (the block one NUL), or the whole text in the final
+    equation's mode, without Markdown emphasis: a pair of ``*``, ``**`` or ``***`` on one line
+    around words (``**Answer:** <answer>``, ``**Final Answer**`` on the line before, ``**So 5 + 23
+    = 28.**``), around the block itself (``**<answer>...</answer>**``) or around a wrapped equation
+    (``**$5 + 23 = 28$**``), opening and closing as Markdown's do, with a word inside (two ASCII
+    letters together), and with no operand past a marker whose inner side is one (``two **5 + 23 =
+    28 is it**``: a power). Read as arithmetic, ``**`` next to the block rejected every such reply.
+    Consecutive runs of stars are paired left to right: linear time."""
     runs = list(_STARS.finditer(view))
     out, at, k = [], 0, 0
     while k + 1 < len(runs):
@@ -814,7 +837,41 @@ def _emphasis_pair(view: str, opening: re.Match, closing: re.Match) -> bool:
     after = view[closing.end()] if closing.end() < len(view) else ""
     if (before and (before.isalnum() or before == "_")) or (after and (after.isalnum() or after == "_")):
         return False  # (2**3**: digits or letters glued outside)
-    return inner == "\0" or _ASCII_WORD.search(inner) is not None  # (*n* may be a variable)
+    # a word inside (*n* may be a variable), the answer block, or a wrapped equation: **$5 + 23 = 28$**
+    if not (inner == "\0" or _ASCII_WORD.search(inner) is not None
+            or (len(inner) > 2 and _wrapper(inner[0]) and _wrapper(inner[-1]))):
+        return False
+    # ... and no operand on both sides of a marker: it may be the power operator ("n **5 + 23 = 28 is it**")
+    if _operand_edge(inner[0]) and _operand_next(view, opening.start(), -1):
+        return False
+    return not (_operand_edge(inner[-1]) and _operand_next(view, closing.end() - 1, 1))
+
+
+def _operand_edge(ch: str) -> bool:
+    """Whether ``ch``, at the edge of a text in emphasis, can be or hold an operand."""
+    return ch.isdigit() or ch in "()" or (not ch.isalpha() and _wrapper(ch))
+
+
+def _operand_next(text: str, pos: int, step: int) -> bool:
+    """Whether past ``pos`` in direction ``step`` (spaces, tabs and quotes apart) stands an
+    operand: a number, a bracket closing (before) or opening (after) a number, a number word or a
+    one-letter variable (``a``, ``A`` and ``I`` are words). A run of stars between it and the
+    equation may be the power operator (``two **5 + 23 = 28**``), not emphasis."""
+    i = pos + step
+    while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _QUOTES):
+        i += step
+    if not 0 <= i < len(text):
+        return False
+    if text[i] in (")]}" if step < 0 else "([{"):  # a bracket around a number, not around prose ("(using both)")
+        past = _beyond(text, i, step)
+        return past != "" and (past.isnumeric() or past in ")]}([{")
+    if text[i].isnumeric():
+        return True
+    j = i
+    while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
+        j += step
+    word = text[i:j] if step > 0 else text[j + 1:i + 1]
+    return word.lower() in _WORD_VALUE or (len(word) == 1 and word not in "aAI")
 
 
 def _continues_from_previous_line(text: str, start: int) -> str | None:
@@ -894,10 +951,17 @@ def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:
 
     for _ in range(3):  # each step can uncover the next: **(5 + 23 = 28)** (using both)
         before = a, b
-        if b - a >= 2 and text.startswith("**", a) and (a == 0 or not text[a - 1].isalnum()) and is_markup(a):
+        if (b - a >= 2 and text.startswith("**", a) and (a == 0 or not text[a - 1].isalnum()) and is_markup(a)
+                and not _operand_next(text, a, -1)):  # (two **5 + 23 = 28**: maybe a power)
             a += 2
-        if b - a >= 2 and text.startswith("**", b - 2) and (b >= len(text) or not text[b].isalnum()) and is_markup(b - 2):
+        if (b - a >= 2 and text.startswith("**", b - 2) and (b >= len(text) or not text[b].isalnum())
+                and is_markup(b - 2) and not _operand_next(text, b - 1, 1)):
             b -= 2
+        if (b - a >= 3 and text[a] == "*" == text[b - 1] and text[a + 1] not in "* \t" and text[b - 2] not in "* \t"
+                and (a == 0 or not (text[a - 1].isalnum() or text[a - 1] in "_*"))
+                and (b >= len(text) or not (text[b].isalnum() or text[b] in "_*"))
+                and not _operand_next(text, a, -1) and not _operand_next(text, b - 1, 1)):
+            a, b = a + 1, b - 1  # one "*" of emphasis on each side: *5 + 23 = 28*
         a, b = _trim(text, a, b)
         if b - a > 1 and text[a] == ")" and a > 0 and (_is_letter(text[a - 1]) or text[a - 1] in ".,:;!?'\""):
             a += 1
@@ -909,6 +973,18 @@ def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:
         if (a, b) == before:
             break
     return a, b
+
+
+def _underscores_around(text: str, start: int, end: int) -> int:
+    """The length of the ``_``, ``__`` or ``___`` that emphasises the run ``text[start:end]`` on both
+    sides, glued to it and to nothing outside (``_5 + 23 = 28_``; not ``x_5 + 23_``), or 0."""
+    n = 0
+    while n < 4 and start - n > 0 and text[start - n - 1] == "_":
+        n += 1
+    if not 0 < n <= 3 or text[end: end + n] != "_" * n or text[start] in _SPACE or text[end - 1] in _SPACE:
+        return 0
+    outside = (text[start - n - 1] if start > n else "", text[end + n: end + n + 1])
+    return 0 if any(c and (c.isalnum() or c == "_") for c in outside) else n
 
 
 def _outer_parens(text: str, a: int, b: int) -> bool:
@@ -1012,7 +1088,8 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
     # The characters just outside the run; "glued" = no space between them and the equation.
     glued_left = not any(c in _SPACE for c in text[start:a])
     glued_right = not any(c in _SPACE for c in text[b:end])
-    for pos, glued, after in ((start - 1, glued_left, False), (end, glued_right, True)):
+    emphasis = _underscores_around(text, start, end)  # (read past: _5 + 23 = 28_)
+    for pos, glued, after in ((start - 1 - emphasis, glued_left, False), (end + emphasis, glued_right, True)):
         why = _neighbour_problem(text, pos, glued, after, "=" in equation)
         if why:
             return None, why
@@ -1033,7 +1110,7 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
             if why:
                 return None, why
     if nums is not None:  # (a "(" the run took in, left out of the equation, opens the text after it)
-        why = _after_problem(text, end - 1 if b < end and text[end - 1] == "(" else end, nums, target)
+        why = _after_problem(text, end - 1 if b < end and text[end - 1] == "(" else end + emphasis, nums, target)
         if why:
             return None, why
     return equation, ""
@@ -1052,27 +1129,78 @@ def _wrapper(ch: str) -> bool:
     return cat[0] in "PS" and cat not in ("Sm", "Pd")
 
 
+def _fence_start(text: str, nl: int) -> int:
+    """Where the code fence (three or more backquotes or tildes, maybe an info string after them,
+    as ``python``) or the ``$$`` that ends the line before the line break at ``nl`` starts, blanks
+    and blank lines apart, or -1: the block it opens holds what follows, as a person reads it."""
+    k = nl
+    while k > 0 and text[k - 1].isspace():
+        k -= 1
+    m = k
+    while m > 0 and k - m < 20 and text[m - 1].isascii() and text[m - 1].isalnum():
+        m -= 1  # (an info string: "```python")
+    fence = text[m - 1: m] if m > 0 else ""
+    if fence not in ("`", "~", "$") or (fence == "$" and m < k):
+        return -1
+    i = m
+    while i > 0 and text[i - 1] == fence:
+        i -= 1
+    return i if m - i >= (2 if fence == "$" else 3) else -1
+
+
+def _past_wrapping(text: str, i: int) -> int:
+    """The start of the blanks, opening parentheses and wrapper symbols (:func:`_wrapper`) just
+    before ``i``, read on past a line break that a code fence or ``$$`` opening the block ends
+    (``If`` and a fence, then ``5 + 23 = 28`` on the next line): one pass back, linear."""
+    while True:
+        while i > 0 and (text[i - 1] in _SPACE or text[i - 1] == "(" or _wrapper(text[i - 1])):
+            i -= 1  # (a parenthesis before an answer block: "Wrong: (<answer>...</answer>)")
+        fence = _fence_start(text, i - 1) if i > 0 and text[i - 1] == "\n" else -1
+        if fence < 0:
+            return i
+        i = fence
+
+
+def _standalone_mark(text: str, j: int) -> bool:
+    """Whether the dash, ``*``, ``+`` or ``>`` at ``j`` stands alone between words and the equation:
+    a list bullet or quote mark that starts its line (``- \\boxed{...}``), or a dash or star with
+    blanks on both sides (``Assume - <answer>``); as an operator it was read already."""
+    ch = text[j]
+    if not (ch in "*>+" or unicodedata.category(ch) == "Pd") or text[j + 1: j + 2] not in (" ", "\t"):
+        return False
+    return _bullet(text, j) or (ch not in ">+" and j > 0 and text[j - 1] in _SPACE)
+
+
 def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -> str | None:
     """The checks of the text before the equation (or answer block) starting at ``start`` again,
-    past the wrapper symbols and blanks just before it (:func:`_wrapper`): ``Wrong: $5 + 23 = 28$``,
-    ``If \u201c5 + 23 = 28\u201d``, ``Not \u2022 5 + 23 = 28`` and ``2 * \u201c5 + 23 = 28\u201d`` are
-    read as without them (they stopped the reading, so the equation was paid); ``again``: also
-    before an "answer" word just past them (``Wrong: \\boxed{$5 + 23 = 28$}``), one level deep."""
-    outer = start
-    while outer > 0 and (text[outer - 1] in _SPACE or text[outer - 1] == "(" or _wrapper(text[outer - 1])):
-        outer -= 1  # (a parenthesis before an answer block: "Wrong: (<answer>...</answer>)")
-    if outer == start or not any(c == "(" or _wrapper(c) for c in text[outer:start]):
-        return None
-    j = outer - 1
-    k = j
-    while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
-        k -= 1  # Markdown emphasis closing a label ("**Answer:** $5 + 23 = 28$"), unless an operand precedes it
-    plain = k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()"))
-    why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j))
-           else _neighbour_problem(text, j, text[outer] not in _SPACE, False, written))
-    return why or (_words_problem(text, outer, len(text)) or _denied_label(text, outer)
-                   or _continues_from_previous_line(text, outer)
-                   or (_before_answer_word(text, outer, written, again=False) if again else None))
+    past the wrapper symbols and blanks just before it (:func:`_past_wrapping`): ``Wrong: $5 + 23 =
+    28$``, ``If \u201c5 + 23 = 28\u201d``, ``Not \u2022 5 + 23 = 28``, ``2 * \u201c5 + 23 = 28\u201d`` and
+    a code fence opened after ``If`` are read as without them (they stopped the reading, so the
+    equation was paid); then once more past a dash, star or ``>`` that stands alone there, a
+    bullet or a prose dash (``Assume - <answer>``, ``Wrong answer:\n- \\boxed{...}``), once its own
+    check as a neighbour has passed. ``again``: also before an "answer" word just past them
+    (``Wrong: \\boxed{$5 + 23 = 28$}``), one level deep."""
+    outer = _past_wrapping(text, start)
+    read = outer < start and any(c == "(" or c == "\n" or _wrapper(c) for c in text[outer:start])
+    for _ in range(2):
+        j = outer - 1
+        if read:
+            k = j
+            while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
+                k -= 1  # Markdown emphasis closing a label ("**Answer:** $5 + 23 = 28$"), unless an operand precedes it
+            plain = k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
+                                               or unicodedata.category(text[k]) == "Sm"))
+            why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j))
+                   else _neighbour_problem(text, j, text[outer] not in _SPACE, False, written))
+            why = why or (_words_problem(text, outer, len(text)) or _denied_label(text, outer)
+                          or _continues_from_previous_line(text, outer)
+                          or (_before_answer_word(text, outer, written, again=False) if again else None))
+            if why:
+                return why
+        if not (j >= 0 and _standalone_mark(text, j)):
+            return None
+        outer, read = _past_wrapping(text, j), True
+    return None
 
 
 def _before_answer_word(text: str, start: int, written: bool, again: bool = True) -> str | None:
@@ -1091,7 +1219,8 @@ def _before_answer_word(text: str, start: int, written: bool, again: bool = True
     k = j
     while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
         k -= 1  # Markdown emphasis closing a label ("**Answer:** \\boxed{...}"), unless an operand precedes it
-    plain = (k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()")))
+    plain = (k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
+                                        or unicodedata.category(text[k]) == "Sm")))
     why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
            else _neighbour_problem(text, j, j == left - 1, False, written))
     why = why or (_denied_label(text, left) or _continues_from_previous_line(text, left)
@@ -1236,7 +1365,7 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
     text, why = normalise(text)
     if text is None:
         return False, why
-    equation, why = final_equation(text, nums, target)
+    equation, why = final_equation(_without_emphasis(text), nums, target)
     if equation is None:
         return False, why
     return check_answer(equation, nums, target, ops)

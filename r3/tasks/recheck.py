@@ -358,7 +358,12 @@ def _cd_read(text: str) -> str | None:
         out, i = [], 0
         while i < len(text):
             if text[i] == "\\" and text[i + 1:i + 2] in ("(", ")", "[", "]") and i + 1 < len(text):
-                out.append(" ")
+                # \[ ending its line, \] starting one: display math over lines, a block like "$$ ... $$"
+                k, step = (i + 2, 1) if text[i + 1] == "[" else (i - 1, -1)
+                while 0 <= k < len(text) and text[k] in " \t":
+                    k += step
+                ends = not 0 <= k < len(text) or text[k] == "\n"
+                out.append("$$" if text[i + 1] in "[]" and ends else " ")
                 i += 2
                 continue
             out.append(text[i])
@@ -555,23 +560,62 @@ def _cd_wrapping(c: str) -> bool:
     return cat[0] in "PS" and cat not in ("Sm", "Pd")
 
 
+def _cd_back_over_wrapping(text: str, k: int) -> int:
+    """From ``k`` back over blanks, opening parentheses and wrapping symbols; a line break is crossed
+    when the line before it ends in a code fence (three backquotes or tildes, maybe a language
+    name after them) or in ``$$``, which open a block holding the equation. Returns the index of
+    the first character before them (-1 at the start of the text)."""
+    while True:
+        while k >= 0 and (text[k] in " \t" or text[k] == "(" or _cd_wrapping(text[k])):
+            k -= 1
+        if k < 0 or text[k] != "\n":
+            return k
+        e = k
+        while e >= 0 and text[e].isspace():
+            e -= 1
+        name = e
+        while name >= 0 and e - name < 20 and text[name].isascii() and text[name].isalnum():
+            name -= 1  # ("```python")
+        mark = text[name] if name >= 0 else ""
+        f = name
+        while f >= 0 and text[f] == mark:
+            f -= 1
+        if mark in ("`", "~") and name - f >= 3 or mark == "$" and name == e and name - f >= 2:
+            k = f
+        else:
+            return k
+
+
 def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) -> str | None:
-    """``Wrong: $5 + 23 = 28$``, ``If \u201c5 + 23 = 28\u201d``, ``2 * \u00ab<answer>...``: the text before
-    the wrapper symbols (and an opening parenthesis) just before it, read as if they were not there."""
-    k = start - 1
-    while k >= 0 and (text[k] in " \t" or text[k] == "(" or _cd_wrapping(text[k])):
-        k -= 1
-    if not any(c == "(" or _cd_wrapping(c) for c in text[k + 1:start]):
-        return None
-    e = k
-    while e >= 0 and text[e] in "*_ \t":
-        e -= 1
-    emphasis = e < k and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()"))
-    line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
-    side = (None if k < 0 or emphasis or line_start
-            else _cd_side_problem(text, k, text[k + 1] not in " \t", False, has_result))
-    return (side or _cd_words_problem(text, k + 1, len(text)) or _cd_colon_label(text, k + 1)
-            or _cd_previous_line(text, k + 1) or (_cd_answer_word(text, k + 1, has_result) if nested else None))
+    """``Wrong: $5 + 23 = 28$``, ``If \u201c5 + 23 = 28\u201d``, ``2 * \u00ab<answer>...``, ``If`` and a
+    code fence on the line before: the text before the wrapper symbols (and an opening
+    parenthesis) just before it, read as if they were not there; and then, once, the text before
+    a bullet (``-``, ``*``, ``+`` or ``>`` starting its line) or a dash or star between blanks
+    found there (``Assume - <answer>...``, ``Wrong answer:\n- \\boxed{...}``)."""
+    k = _cd_back_over_wrapping(text, start - 1)
+    between = text[k + 1:start]
+    for round_ in range(2):
+        if round_ == 1 or any(c == "(" or c == "\n" or _cd_wrapping(c) for c in between):
+            e = k
+            while e >= 0 and text[e] in "*_ \t":
+                e -= 1
+            emphasis = e < k and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
+            line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
+            side = (None if k < 0 or emphasis or line_start
+                    else _cd_side_problem(text, k, text[k + 1] not in " \t", False, has_result))
+            why = (side or _cd_words_problem(text, k + 1, len(text)) or _cd_colon_label(text, k + 1)
+                   or _cd_previous_line(text, k + 1) or (_cd_answer_word(text, k + 1, has_result) if nested else None))
+            if why:
+                return why
+        # a bullet, or a dash or star with blanks on both sides, stands alone: read past it once
+        if not (k >= 0 and text[k + 1:k + 2] in (" ", "\t")
+                and (text[k] in "*>+" or unicodedata.category(text[k]) == "Pd")):
+            return None
+        bullet = text[:k].rstrip(" \t")[-1:] in ("", "\n")
+        if not (bullet or (text[k] not in ">+" and k > 0 and text[k - 1] in " \t")):
+            return None
+        k = _cd_back_over_wrapping(text, k - 1)
+    return None
 
 
 def _cd_answer_word(text: str, start: int, has_result: bool) -> str | None:
@@ -590,7 +634,7 @@ def _cd_answer_word(text: str, start: int, has_result: bool) -> str | None:
     e = m
     while e >= 0 and text[e] in "*_ \t":
         e -= 1
-    emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()"))
+    emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
     line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
     side = (None if m < 0 or emphasis or line_start or text[m] == "="
             else _cd_side_problem(text, m, m == w - 1, False, has_result))
@@ -658,8 +702,11 @@ def _cd_unemphasised(text: str) -> str:
     """Markdown emphasis markers dropped: star runs of one to three, taken in order, where one
     opens (no letter, digit or _ glued before it, no blank after it) and the next run on the same
     line is the same and closes (no blank before it, no letter, digit or _ glued after it), with
-    two ASCII letters in a row between them (a word; *n* may be a variable) or only the answer
-    block (the NUL)."""
+    two ASCII letters in a row between them (a word; *n* may be a variable), only the answer
+    block (the NUL) or a wrapped equation (``**$5 + 23 = 28$**``) between them, and no operand
+    outside a marker whose inside edge is a digit, a parenthesis or a wrapping symbol (``two
+    **5 + 23 = 28 is it**`` may be a power). Used around an answer block and, in the final
+    equation's mode, on the whole text."""
     stars = []  # (start, end) of each maximal run of "*"
     i = 0
     while i < len(text):
@@ -680,13 +727,40 @@ def _cd_unemphasised(text: str) -> str:
             b1 < len(text) and (text[b1].isalnum() or text[b1] == "_"))
         if (a1 - a0 == b1 - b0 <= 3 and inner and "\n" not in inner and not inner[0].isspace()
                 and not inner[-1].isspace() and not glued_out
-                and (inner == "\0" or re.search("[a-zA-Z][a-zA-Z]", inner))):
+                and not ((inner[0].isdigit() or inner[0] in "()" or _cd_wrapping(inner[0]))
+                         and _cd_operand_next(text, a0 - 1, -1))  # (n **5 + 23 = 28 is it**: maybe a power)
+                and not ((inner[-1].isdigit() or inner[-1] in "()" or _cd_wrapping(inner[-1]))
+                         and _cd_operand_next(text, b1, 1))
+                and (inner == "\0" or re.search("[a-zA-Z][a-zA-Z]", inner)
+                     or (len(inner) > 2 and _cd_wrapping(inner[0]) and _cd_wrapping(inner[-1])))):
             drop.update(range(a0, a1))
             drop.update(range(b0, b1))
             k += 2
         else:
             k += 1
     return "".join(c for n, c in enumerate(text) if n not in drop)
+
+
+def _cd_operand_next(text: str, k: int, step: int) -> bool:
+    """Whether from ``k`` on in direction ``step``, blanks and quotes apart, an operand stands: a
+    digit, a bracket that closes (before) or opens (after) a number, a number word or a one-letter
+    variable; a run of stars next to it could be the power operator (``two **5 + 23 = 28**``)."""
+    while 0 <= k < len(text) and text[k] in " \t'\"`\u2018\u2019\u201c\u201d":
+        k += step
+    if not 0 <= k < len(text):
+        return False
+    if text[k] in (")]}" if step < 0 else "([{"):  # (around a number; "(using both)" is prose)
+        k += step
+        while 0 <= k < len(text) and text[k] in " \t":
+            k += step
+        return 0 <= k < len(text) and (text[k].isnumeric() or text[k] in "()[]{}")
+    if text[k].isnumeric():
+        return True
+    word = ""
+    while 0 <= k < len(text) and text[k].isascii() and text[k].isalpha():
+        word = word + text[k] if step > 0 else text[k] + word
+        k += step
+    return (len(word) == 1 and word not in "aAI") or word.lower() in _CD_WORD_VALUES  # ("a", "I": words)
 
 
 def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = True,
@@ -739,6 +813,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     text = _cd_read(text)
     if text is None:
         return False, "bidirectional controls"
+    text = _cd_unemphasised(text)  # (as around an answer block: "**Answer:** $5 + 23 = 28$", "**So 5 + 23 = 28.**")
     span = _cd_final_run(text)
     if span is None:
         return False, "no equation"
@@ -761,10 +836,18 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
 
     for _ in range(3):
         old_ab = (a, b)
-        if b - a >= 2 and text[a:a + 2] == "**" and a in paired and (a == 0 or not text[a - 1].isalnum()):
+        if (b - a >= 2 and text[a:a + 2] == "**" and a in paired and (a == 0 or not text[a - 1].isalnum())
+                and not _cd_operand_next(text, a - 1, -1)):  # ("two **5 + 23 = 28**": maybe a power)
             a += 2
-        if b - a >= 2 and text[b - 2:b] == "**" and b - 2 in paired and (b == len(text) or not text[b].isalnum()):
+        if (b - a >= 2 and text[b - 2:b] == "**" and b - 2 in paired and (b == len(text) or not text[b].isalnum())
+                and not _cd_operand_next(text, b, 1)):
             b -= 2
+        # a single star of emphasis glued to each end, nothing glued outside: *5 + 23 = 28*
+        if (b - a >= 3 and text[a] == "*" and text[b - 1] == "*" and text[a + 1] not in "* \t"
+                and text[b - 2] not in "* \t" and not (a > 0 and (text[a - 1].isalnum() or text[a - 1] in "_*"))
+                and not (b < len(text) and (text[b].isalnum() or text[b] in "_*"))
+                and not _cd_operand_next(text, a - 1, -1) and not _cd_operand_next(text, b, 1)):
+            a, b = a + 1, b - 1
         a, b = trim(a, b)
         if b - a > 1 and text[a] == ")" and a > 0 and (_letter(text[a - 1]) or text[a - 1] in ".,:;!?'\""):
             a += 1
@@ -787,7 +870,16 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         return False, "no equation"
     glued_l = all(c not in " \t" for c in text[start:a])
     glued_r = all(c not in " \t" for c in text[b:end])
-    for k, glued, right in ((start - 1, glued_l, False), (end, glued_r, True)):
+    # _5 + 23 = 28_: the same one to three underscores glued to both ends and to nothing outside
+    under = 0
+    for size in (3, 2, 1):
+        if (start >= size and text[start - size:start] == "_" * size and text[end:end + size] == "_" * size
+                and text[start] not in " \t" and text[end - 1] not in " \t"
+                and not (start > size and (text[start - size - 1].isalnum() or text[start - size - 1] == "_"))
+                and not (end + size < len(text) and (text[end + size].isalnum() or text[end + size] == "_"))):
+            under = size
+            break
+    for k, glued, right in ((start - 1 - under, glued_l, False), (end + under, glued_r, True)):
         why = _cd_side_problem(text, k, glued, right, "=" in core)
         if why:
             return False, why
@@ -807,7 +899,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         e = m
         while e >= 0 and text[e] in "*_ \t":
             e -= 1
-        emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()"))
+        emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
         line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
         side = (None if m < 0 or emphasis or line_start or text[m] == "="
                 else _cd_side_problem(text, m, m == w - 1, False, "=" in core))
@@ -826,7 +918,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             if why:
                 return False, why
     # the text after it, with an opening parenthesis the run ended in ("... = 28 (five)")
-    why = _cd_after(text, end - 1 if text[end - 1] == "(" and b < end else end, nums, target)
+    why = _cd_after(text, end - 1 if text[end - 1] == "(" and b < end else end + under, nums, target)
     if why:
         return False, why
     return _cd_check_equation(core, nums, target, ops)
@@ -920,7 +1012,13 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
         c = text[i]
         if c.isspace():
             if c in "\n\r\u2028\u2029\x85":
-                answer_sentence, near = False, -1
+                e = i + 1
+                while e < n and text[e].isspace():
+                    e += 1
+                if not text.startswith(("```", "~~~", "$$"), e):  # (a fence closing the block: its sentence goes on)
+                    answer_sentence, near = False, -1
+                i = e  # (the rest of the blanks read at once: each line break would look ahead again)
+                continue
             i += 1
             continue
         j = i + 1
@@ -934,6 +1032,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 return "later answer"
             if j + 1 < n and text[j] == "." and text[j + 1].isdigit():
                 return "later decimal"
+            if i > 0 and text[i - 1] == "." and not (i > 1 and (text[i - 2].isdigit() or text[i - 2] == ".")):
+                return "later decimal without its integer part (.5)"
             if j + 1 < n and text[j] == "," and text[j + 1].isdigit() and (answer_sentence or after_cue()):
                 return "later answer with a decimal comma"
             if of_operation():
