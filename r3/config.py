@@ -516,6 +516,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
         _check_positive("max_new_tokens", kwargs["max_new_tokens"])
         by_flag = values["max_new_tokens"][1] == "command line"
         own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
+        source = values["max_new_tokens"][1]
+        if (len(own) == len(_LIMITS) and any(v != kwargs["max_new_tokens"] for v in own.values())
+                and all(values[n][1] == source for n in own)):  # (it would set nothing, silently)
+            name = (lambda k: "--" + k.replace("_", "-")) if by_flag else (lambda k: k)
+            raise R3Error(f"{'' if by_flag else source + ': '}{name('max_new_tokens')} {kwargs['max_new_tokens']} sets "
+                          f"no limit: {', '.join(name(n) for n in _LIMITS[:2])} and {name(_LIMITS[2])} are all given "
+                          f"{'on the command line' if by_flag else 'in ' + source} too, and each wins over it; "
+                          f"remove them to use {name('max_new_tokens')}, or remove it")
         if any(v != kwargs["max_new_tokens"] for v in own.values()):
             kwargs.update({n: kwargs["max_new_tokens"] for n in _LIMITS}, **own, max_new_tokens=None)
     try:

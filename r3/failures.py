@@ -232,8 +232,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default="train", help="default: train")
     p.add_argument("--seed", type=int, default=0, help="which examples, and the sampling seed (default: 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="default: 1.0")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="attempt length limit (default: 256)")
     p.add_argument("--batch-size", type=int, default=16, help="sampled rows per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",

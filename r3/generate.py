@@ -34,12 +34,12 @@ def parse_args(argv=None):
     p.add_argument("--chat-template-option", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to the chat template, over enable_thinking=false (Qwen3's thinking mode: "
                         "enable_thinking=true); repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--num-samples", type=int, default=1, help="completions to sample (one shared prefill)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="the sampling seed (default: a new one each run)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="default: auto, bf16 where the device multiplies it natively, else fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -16,15 +16,19 @@ workers stop on purpose, and in three settings:
   launcher waits for them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default here 600, torchrun's
   is 30) before killing them, then exits with 128 + the signal;
 - under ``nohup`` SIGHUP stays ignored (torchrun would pass it on and kill the workers at once);
-- the one-process commands (:data:`SINGLE_PROCESS`) are refused in one line.
+- the one-process commands (:data:`SINGLE_PROCESS`), and an ``r3.`` module that does not exist
+  (``-m r3.trian``), are refused in one line.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import SignalException
@@ -61,7 +65,29 @@ _NO_MODEL = ("r3.audit", "r3.report", "r3.plot")  # (no --device: they read file
 def _single_process_module(argv: list[str]) -> str | None:
     """The single-process r3 command ``argv`` launches with ``-m``, if any: refused before
     torchrun's parser reads that command's flags as its own (``--n`` is "ambiguous", matching
-    ``--nnodes`` and ``--nproc-per-node``). The module is the first argument that is neither one
+    ``--nnodes`` and ``--nproc-per-node``)."""
+    script = _launched_module(argv)
+    return script if script in SINGLE_PROCESS else None
+
+
+def _missing_r3_module(argv: list[str]) -> str | None:
+    """The ``r3.`` module ``argv`` launches with ``-m`` when no such module exists (a typo such as
+    ``r3.trian``): each worker would fail to start and torchrun add its failure summary."""
+    script = _launched_module(argv)
+    if not script or script.split(".")[0] != "r3":
+        return None
+    here = Path.cwd()  # (python -m puts it first: a checkout there is the r3 the workers import)
+    if (here / "r3" / "__init__.py").is_file():
+        path = here.joinpath(*script.split("."))
+        return None if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file() else script
+    try:
+        return None if importlib.util.find_spec(script) is not None else script
+    except (ImportError, ValueError):  # (r3.nosuch.x: its parent package is missing)
+        return script
+
+
+def _launched_module(argv: list[str]) -> str | None:
+    """The module ``argv`` launches with ``-m``, if any: the first argument that is neither one
     of torchrun's options nor an option's value."""
     options = torchrun.get_args_parser()._option_string_actions
     module, i = False, 0
@@ -79,7 +105,7 @@ def _single_process_module(argv: list[str]) -> str | None:
         module = module or a in ("-m", "--module")
         i += 1 if action is None or action.nargs == 0 or "=" in a else 2
     script = argv[i] if i < len(argv) else None
-    return script if module and script in SINGLE_PROCESS else None
+    return script if module else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {single} runs in one process{' on one device' if runs_model else ''}: start it with python -m "
               f"{single}, not r3-torchrun" + (" (--device cuda:N picks a GPU; for several GPUs, one process each with "
                                               "its own --out)" if runs_model else ""), file=sys.stderr)
+        raise SystemExit(2)
+    missing = _missing_r3_module(argv)
+    if missing:
+        close = difflib.get_close_matches(missing, ("r3.train", *SINGLE_PROCESS), n=1)
+        print(f"error: no module named {missing}" + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
         raise SystemExit(2)
     if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and not any(
             k in os.environ for k in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE")):

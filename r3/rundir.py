@@ -358,6 +358,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
     out = Path(cfg.out)
     saved = out / "config.json"
     start_over = False
+    previous_steps = None  # (the max_steps of the run being resumed, when this one gives another)
     with fail_together(d, alike=True):  # (every rank checks; rank 0 says what is wrong)
         if out.exists() and not out.is_dir():
             raise R3Error(f"--out {out} is a file, not a directory")
@@ -377,6 +378,8 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             # a start that failed after writing its config (in the first step, say): nothing was
             # trained or logged under it, so a corrected retry starts over (said once the lock is ours)
             start_over = bool(diff) and not _holds_steps(out)
+            if not start_over and previous.get("max_steps", cfg.max_steps) != cfg.max_steps and _holds_steps(out):
+                previous_steps = previous["max_steps"]
             if diff and not start_over:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
                 diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))
@@ -422,6 +425,10 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
                       "with this config", flush=True)
                 # (a W&B run id kept would resume the old run's W&B page under the new config)
                 (out / "wandb_run_id").unlink(missing_ok=True)
+            elif previous_steps is not None:  # (a resume without the run's --max-steps takes the default)
+                print(f"note: --out {out} was run with --max-steps {previous_steps}, this run with {cfg.max_steps}: the "
+                      f"lr schedule is recomputed for {cfg.max_steps} steps (pass --max-steps {previous_steps} to keep "
+                      "it)", flush=True)
     return out
 
 

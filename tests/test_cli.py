@@ -1728,3 +1728,24 @@ def test_failures_cli_hands_a_stopped_runs_progress_on_with_a_seed_salt_and_says
     assert "2 of 3 queries already done, 1 to sample (1 go on from the attempts they passed)" in err
     rc, stdout, _ = run_main(F.main, argv + ["--n", "1"], capsys)  # (the summary: the queries asked for only)
     assert rc == 0 and stdout.startswith("0/1 queries failed at least once") and ", 1 resumed;" in stdout
+
+
+@pytest.mark.parametrize("module", ["r3.evaluate", "r3.failures", "r3.generate", "r3.forgetting", "r3.audit",
+                                    "r3.report", "r3.plot"])
+def test_every_flag_of_a_command_says_what_it_does(module, monkeypatch):
+    """--help is where a new user looks for a default: r3.generate's --max-new-tokens (256) and
+    --seed, and r3.failures' --top-p and --top-k, were listed without a word on them."""
+    import argparse
+    import importlib
+
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main([])
+    bare = [a.option_strings[-1] for a in parsers[0]._actions if a.option_strings and not a.help]
+    assert not bare, f"python -m {module} --help says nothing about {bare}"

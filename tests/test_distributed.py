@@ -145,6 +145,31 @@ def test_r3_torchrun_refuses_the_one_process_commands_before_parsing_their_flags
     assert single(["--nproc-per-node=2", "--module", "r3.generate", "--n", "1"]) == "r3.generate"
 
 
+def test_r3_torchrun_refuses_an_r3_module_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    """A typo in the module (`-m r3.trian`) started the workers, each failed with "No module named
+    r3.trian", and torchrun added its failure summary (17 lines), exit 1; now it is one line, exit
+    2, before any worker starts. What the workers would import decides: a checkout in the current
+    directory, which python -m puts first, else the r3 installed."""
+    from r3 import launch
+
+    monkeypatch.chdir(tmp_path)
+    missing = launch._missing_r3_module
+    assert missing(["-m", "r3.trian"]) == "r3.trian" and missing(["-m", "r3.nosuch.x"]) == "r3.nosuch.x"
+    assert missing(["--nproc_per_node", "1", "-m", "r3.train"]) is None
+    assert missing(["-m", "r3.tasks.function_calling"]) is None
+    assert missing(["-m", "other.module"]) is None and missing(["r3.trian"]) is None  # (not r3's; a script)
+    for module, line in (("r3.trian", "error: no module named r3.trian (did you mean r3.train?)"),
+                         ("r3.nosuch.x", "error: no module named r3.nosuch.x")):
+        with pytest.raises(SystemExit) as e:
+            launch.main(["--nproc_per_node", "1", "-m", module, "--out", "x"])
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "__init__.py").write_text("")
+    (tmp_path / "r3" / "newcmd.py").write_text("")
+    assert missing(["-m", "r3.newcmd"]) is None  # (the checkout here has it)
+    assert missing(["-m", "r3.train"]) == "r3.train"  # (and lacks this one: so would the workers)
+
+
 def test_r3_torchrun_under_nohup_leaves_sighup_ignored(monkeypatch):
     """torchrun catches SIGHUP and passes it on to the workers, which it kills at once (no
     checkpoint), so a run started with nohup died when its terminal closed; r3-torchrun keeps

@@ -313,3 +313,14 @@ def test_every_result_file_a_document_names_exists(doc):
     names = result_names(path.read_text(encoding="utf-8"))
     missing = sorted(n for n in names if not list(results.glob(n)))
     assert not missing, f"{doc} names result files that do not exist: {missing}"
+
+
+def test_the_readme_layout_names_every_r3_module():
+    """The README's Layout table is where a new reader finds which file does what: five modules
+    (errors, partial_results, precision, toolchain, tracking) were missing from it."""
+    text = (R3.parent / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout"):text.index("\n## ", text.index("## Layout") + 1)]
+    modules = [f"r3/{p.name}" for p in sorted(R3.glob("*.py")) if p.name != "__init__.py"]
+    packages = [f"r3/{p.name}/" for p in sorted(R3.iterdir()) if (p / "__init__.py").is_file()]
+    missing = [name for name in modules + packages if f"`{name}`" not in layout]
+    assert not missing, f"the README's Layout table does not name {missing}"

@@ -1209,6 +1209,30 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
     assert not any(lock.name == str(tmp_path / "full" / ".lock") for lock in _HELD_LOCKS)  # (not held)
 
 
+def test_a_resume_with_another_max_steps_says_so(tmp_path, capsys):
+    """The README's resume line left the run's --max-steps out: the default (30) then resumed a
+    20-step run as a 30-step one, its lr schedule recomputed, without a word. A resume whose
+    max_steps differs from the run's says so in a note; the same max_steps says nothing, and so
+    does a directory with nothing trained in it yet."""
+    import json
+
+    from r3 import train as T
+    from r3.config import TrainConfig
+    from r3.rundir import _HELD_LOCKS, prepare_out_dir
+
+    d = T.init_distributed()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(TrainConfig(out=str(out), max_steps=20).validate().to_dict()))
+    for logged, steps, said in ((False, 30, False), (True, 20, False), (True, 30, True)):
+        (out / "metrics.jsonl").write_text('{"step": 1}\n' if logged else "")
+        prepare_out_dir(TrainConfig(out=str(out), max_steps=steps).validate(), d)
+        _HELD_LOCKS.pop().close()
+        printed = capsys.readouterr().out
+        assert ("note: --out " in printed and "was run with --max-steps 20, this run with 30: the lr schedule is "
+                "recomputed for 30 steps (pass --max-steps 20 to keep it)" in printed) == said, printed
+
+
 def test_a_file_system_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatch, capsys):
     """Lustre mounted noflock (and some FUSE or network mounts) answer flock with ENOSYS: that
     was read as 'in use by another run (unknown)', so r3.train, r3.failures and r3.evaluate could

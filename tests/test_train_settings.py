@@ -336,6 +336,32 @@ def test_a_flag_for_one_token_limit_overrides_max_new_tokens_from_the_file(tmp_p
     assert (cfg.max_new_tokens, cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (32, 32, 32, 32)
 
 
+def test_a_max_new_tokens_that_sets_no_limit_is_refused(tmp_path):
+    """The README's way to a config is a copy of configs/smollm2_countdown_tiny.yaml, which writes
+    the three token limits out: max_new_tokens set in that copy was dropped without a word (recorded
+    as null, the limits left at 48 / 96 / 48), so the edit did nothing. Refused in one line, as is
+    --max-new-tokens beside all three limit flags; it still sets what no limit as high up sets."""
+    from r3.config import parse_args
+
+    f = tmp_path / "my.yaml"
+    f.write_text(CONFIG_FILE.read_text().replace("max_new_tokens: null ", "max_new_tokens: 16   ", 1))
+    with pytest.raises(R3Error, match=f"^{f}: max_new_tokens 16 sets no limit: max_attempt_tokens, "):
+        parse_args(["--config", str(f)])
+    with pytest.raises(R3Error, match="^--max-new-tokens 5 sets no limit: --max-attempt-tokens, "):
+        parse_args(["--max-new-tokens", "5", "--max-attempt-tokens", "4", "--max-reflection-tokens", "4",
+                    "--max-retry-tokens", "4"])
+    limits = ("--max-attempt-tokens", "7", "--max-reflection-tokens", "7", "--max-retry-tokens", "7")
+    cfg = parse_args(["--config", str(f), *limits])  # (flags over the file: its max_new_tokens gives way)
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (7, 7, 7)
+    cfg = parse_args(["--max-new-tokens", "7", *limits])  # (the same limits: nothing is lost)
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (7, 7, 7)
+    cfg = parse_args(["--config", str(CONFIG_FILE), "--max-new-tokens", "16"])
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (16, 16, 16)
+    f.write_text("max_new_tokens: 16\nmax_attempt_tokens: 8\nmax_retry_tokens: 8\n")
+    cfg = parse_args(["--config", str(f)])
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (8, 16, 8)
+
+
 def test_a_resume_names_the_model_by_another_path_to_the_same_files(tmp_path, monkeypatch):
     """A run started with a relative --model path resumes with the absolute one (or from another
     directory): the same files are the same model; a different directory is another model."""
