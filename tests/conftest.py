@@ -27,6 +27,37 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
+def python_lines_run():
+    """``run(fn, *args)``: the number of Python lines ``fn(*args)`` runs in r3's task modules, a
+    count of work that, unlike a clock, does not depend on the machine or its load (a test of
+    linear time doubles a text and expects about twice the lines, not four times). The call is
+    made twice, and the second counted."""
+    import sys
+
+    def run(fn, *args) -> int:
+        fn(*args)  # (once untraced: one-time work, a table built on first use, is not the input's)
+        count = 0
+
+        def local(frame, event, arg):
+            nonlocal count
+            if event == "line":
+                count += 1
+            return local
+
+        def tracer(frame, event, arg):
+            return local if "/r3/tasks/" in frame.f_code.co_filename.replace("\\", "/") else None
+
+        sys.settrace(tracer)
+        try:
+            fn(*args)
+        finally:
+            sys.settrace(None)
+        return count
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def builtin():
     """(model, tokenizer) of the built-in smollm2-135m in fp32."""
     from r3.checkpoint import load

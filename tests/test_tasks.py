@@ -2589,28 +2589,6 @@ def test_reachable_targets_finds_a_product_past_float_precision():
 
 
 
-def _python_lines_run(fn, *args) -> int:
-    """The number of Python lines ``fn(*args)`` runs in r3's task modules: a count of work that,
-    unlike a clock, does not depend on the machine or its load."""
-    count = 0
-
-    def local(frame, event, arg):
-        nonlocal count
-        if event == "line":
-            count += 1
-        return local
-
-    def tracer(frame, event, arg):
-        return local if "/r3/tasks/" in frame.f_code.co_filename.replace("\\", "/") else None
-
-    sys.settrace(tracer)
-    try:
-        fn(*args)
-    finally:
-        sys.settrace(None)
-    return count
-
-
 _COUNTDOWN_SHAPES = {
     "blank-lines": lambda n: "5 + 23 = 28" + "\n" * n + "x",
     "blank-lines-spaced": lambda n: "5 + 23 = 28" + "\n " * n + "x",
@@ -2635,7 +2613,7 @@ _COUNTDOWN_SHAPES = {
 
 @pytest.mark.parametrize("shape", sorted(_COUNTDOWN_SHAPES))
 @pytest.mark.parametrize("tags", [False, True])
-def test_countdown_work_grows_linearly_with_the_text(shape, tags):
+def test_countdown_work_grows_linearly_with_the_text(shape, tags, python_lines_run):
     """Doubling a long adversarial text about doubles the Python lines both implementations run
     (a quadratic loop quadruples them): a look-ahead over the blanks after each line break once
     made the re-checker take 158 s on 90,000 line breaks, which r3.audit would sit in, and a
@@ -2649,5 +2627,5 @@ def test_countdown_work_grows_linearly_with_the_text(shape, tags):
         return t.replace("5 + 23 = 28", "<answer>5 + 23 = 28</answer>") if "5 + 23 = 28" in t else t + "<answer>5 + 23</answer>"
 
     for name, fn in (("verifier", task.verify), ("recheck", lambda e, t: recheck(task, e, t))):
-        small, large = (_python_lines_run(fn, ex, text(n)) for n in (600, 1200))
+        small, large = (python_lines_run(fn, ex, text(n)) for n in (600, 1200))
         assert large <= 3 * max(small, 50), (name, shape, small, large)

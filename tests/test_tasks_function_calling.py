@@ -1751,3 +1751,39 @@ def test_the_recheck_keeps_the_same_size_and_depth_bounds():
     text = GOOD + " " * (MAX_COMPLETION_CHARS - len(GOOD))
     assert FC.verify(EX, text) and recheck(FC, EX, text)[0]
     assert not FC.verify(EX, text + " ") and not recheck(FC, EX, text + " ")[0]
+
+
+_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+_FC_SHAPES = {
+    "calls": lambda n: "[" + ", ".join([_CALL] * n) + "]",
+    "deep-list": lambda n: "[" * n + "]" * n,
+    "open-brackets": lambda n: "[" * n,
+    "prose-brackets": lambda n: "text [" * n,
+    "quotes": lambda n: '["' * n,
+    "padding": lambda n: "[0] " * n + "[" + _CALL + "]",
+    "combining": lambda n: "[" + _CALL + "]a" + "\u0301\u0316" * n,
+    "expanding": lambda n: "[" + _CALL + "]" + "\ufdfa" * n,
+    "expanding-markup": lambda n: ("<" + "\ufdfa" * 20 + ">") * (n // 10) + "[" + _CALL + "]",
+    "single-quotes": lambda n: "[" + ", '" * n,
+    "tool-call-blocks": lambda n: ("<tool_call>" + _CALL + "</tool_call>\n") * (n // 10),
+    "empty-lists": lambda n: "[]" * n,
+    "bullets": lambda n: "- " * n + "[" + _CALL + "]",
+    "unclosed-think": lambda n: "[" + _CALL + "]" + "<think>" * n,
+    "think-then-call": lambda n: "<think>" + "a " * n + "</think>" + "[" + _CALL + "]",
+    "dotted-run": lambda n: "[" + _CALL + "]\n" + "a." * n,
+    "blank-lines": lambda n: "[" + _CALL + "]" + "\n" * n + "x",
+    "fences": lambda n: "```json\n" * n + "[" + _CALL + "]",
+    "prose-calls": lambda n: "get_weather(city='Paris') " * (n // 10),
+    "loose-string": lambda n: '{"tool_calls": [' + _CALL + '], "note": "' + "a_b (" * n + '"}',
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_FC_SHAPES))
+def test_function_calling_work_grows_linearly_with_the_text(shape, python_lines_run):
+    """Doubling a long adversarial completion about doubles the Python lines the verifier and the
+    re-checker run (a quadratic loop quadruples them; no clock): a verifier that slows down with
+    the square of its input stalls a training step on one long sample, and r3.audit with it."""
+    ex = {**EX, "answers": json.dumps([CALLS[0]])}
+    for name, fn in (("verifier", FC.verify), ("recheck", lambda e, t: recheck(FC, e, t))):
+        small, large = (python_lines_run(fn, ex, _FC_SHAPES[shape](n)) for n in (400, 800))
+        assert large <= 3 * max(small, 50), (name, shape, small, large)
