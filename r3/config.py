@@ -480,6 +480,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
         pairs.append((key.replace("-", "_"), val))
         i += 1
     config_file = [v for k, v in pairs if k == "config"]
+    if len(config_file) > 1:  # (only the last would be read: the others' settings dropped without a word)
+        raise R3Error(f"--config given {len(config_file)} times ({', '.join(config_file)}): one file per run, "
+                      "not merged; put the settings in one file, or override some with flags")
     from_file: dict[str, Any] = {}
     written: dict[str, str] = {}  # field -> the key the file spelled it with
     if config_file:

@@ -229,8 +229,9 @@ def test_flag_and_file_values_are_read_as_their_fields_types(tmp_path):
 
 
 def test_config_files_empty_dashed_repeated_and_under_flags(tmp_path):
-    """An empty file is the defaults; keys may be written with dashes; of two --config the last
-    counts; a file's task_options are merged under --task-option; an unknown key is named as
+    """An empty file is the defaults; keys may be written with dashes; two --config are refused
+    (only the last was read, the first one's settings dropped without a word: a user may expect
+    them merged); a file's task_options are merged under --task-option; an unknown key is named as
     written."""
     from r3.config import parse_args
 
@@ -242,8 +243,10 @@ def test_config_files_empty_dashed_repeated_and_under_flags(tmp_path):
     b.write_text("group_size: 6\n")
     cfg = parse_args(["--config", str(a)])
     assert cfg.group_size == 4
-    assert parse_args(["--config", str(a), "--config", str(b)]).group_size == 6
-    assert parse_args(["--config", str(b), "--config", str(a)]).group_size == 4
+    with pytest.raises(R3Error, match=r"^--config given 2 times \(.*a\.yaml, .*b\.yaml\): one file per run, not merged"):
+        parse_args(["--config", str(a), "--config", str(b)])
+    with pytest.raises(R3Error, match="--config given 3 times"):
+        parse_args(["--config", str(b), "--lr", "1e-5", "--config", str(a), f"--config={a}"])
     cfg = parse_args(["--config", str(a), "--task-option", "max_num=40", "--task-option", "max_target=60"])
     assert cfg.task_options == {"max_num": 40, "max_target": 60}
     b.write_text("grop-size: 6\n")
