@@ -104,14 +104,14 @@ def main(argv=None) -> int:
         print(f"  pass the independent re-check: {_rate(res['rewarded_pass_recheck'], res['rewarded'])}")
     else:
         print(f"  independent re-check: none for task {cfg['task']!r} (built-in tasks only)")
-    print(f"unrewarded samples logged: {res['unrewarded_logged']}; the re-check passes "
-          f"{res['unrewarded_pass_recheck'] if res['independent_checker'] else 'n/a'} of them")
+    print(f"unrewarded samples logged: {res['unrewarded_logged']}" + (
+        f"; the re-check passes {res['unrewarded_pass_recheck']} of them" if res["independent_checker"] else ""))
     for dis in res["disagreements"]:
-        recheck = "n/a" if dis["recheck"] is None else f"{dis['recheck']} ({dis['recheck_reason']})"
+        recheck = "" if dis["recheck"] is None else f", re-check {dis['recheck']} ({dis['recheck_reason']})"
         rank = f" rank {dis['rank']}" if dis["rank"] else ""  # (rows are numbered per rank; rank 0 unnamed)
         print(f"DISAGREEMENT step {dis['step']}{rank} row {dis['row']}: logged reward {dis['logged_reward']}, verifier now "
               f"{dis['verifier_now']}" + (f" ({dis['verifier_reason']})" if dis["verifier_reason"] else "") +
-              f", re-check {recheck}\n"
+              f"{recheck}\n"
               f"  example: {json.dumps(dis['example'])[:300]}\n  retry: {dis['retry']!r}")
     shown = [s for s in samples if s["reward"] > 0][-args.show:] if args.show > 0 else []
     for s in shown:

@@ -67,6 +67,7 @@ def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
                    task="r3_test_tasks:CoinTask", options={})
     rc, stdout, _ = run_main([str(run)], capsys)
     assert rc == 0 and "independent re-check: none for task" in stdout
+    assert "unrewarded samples logged: 1\n" in stdout and "n/a" not in stdout  # (no re-check to name)
     import hashlib
 
     ex = {"id": "train-0", "word": "w"}  # a logged reward the coin's verifier refuses now
@@ -74,7 +75,7 @@ def test_plugin_task_without_recheck(tmp_path, capsys, monkeypatch):
     (tmp_path / "2").mkdir()
     run = make_run(tmp_path / "2", [sample(1, wrong, 1.0, ex)], task="r3_test_tasks:CoinTask", options={})
     rc, stdout, _ = run_main([str(run)], capsys)
-    assert rc == 1 and "logged reward 1.0, verifier now False (coin), re-check n/a" in stdout
+    assert rc == 1 and "logged reward 1.0, verifier now False (coin)\n" in stdout and "n/a" not in stdout
     assert "rewarded retries logged: 1 (step 1)" in stdout
 
 
