@@ -116,6 +116,11 @@ class TrainConfig:
             raise InvalidValue("group_size", f" must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
         if not 0 < self.top_p <= 1:
             raise InvalidValue("top_p", f" must be in (0, 1], got {self.top_p}")
+        for name, greedy in (("temperature", 0), ("top_k", 1)):  # (a whole run trained nothing, said only as a warning)
+            if getattr(self, name) == greedy:
+                raise InvalidValue(name, f" {getattr(self, name)} samples greedily: the G reflections of a group would be one "
+                                         "text, so no group could carry signal (eval_temperature sets the held-out "
+                                         "evaluation's)")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise InvalidValue("adam_betas", f" must be two numbers in [0, 1), got {list(self.adam_betas)}")
         if self.min_lr_ratio > 1:
@@ -238,9 +243,9 @@ HELP = {
     "max_attempt_tokens": "token limit of the first attempt",
     "max_reflection_tokens": "token limit of a reflection (the trained tokens)",
     "max_retry_tokens": "token limit of the retry",
-    "temperature": "sampling temperature of the rollouts",
+    "temperature": "sampling temperature of the rollouts (> 0: greedy rollouts give a group no signal)",
     "top_p": "nucleus sampling of the rollouts (1 = off)",
-    "top_k": "top-k sampling of the rollouts (0 = off)",
+    "top_k": "top-k sampling of the rollouts (0 = off; not 1, greedy)",
     "decode": "eager, or compiled: the rollouts' decode step through torch.compile (compiles once; on GPU with CUDA "
               "graphs, in a static KV cache held for the whole run: see the README's memory plan)",
     "compact_rollouts": "drop rows that have stopped from the rollouts' decode batches (the same samples, faster)",

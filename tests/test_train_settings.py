@@ -74,7 +74,16 @@ def test_out_of_range_settings_are_refused_by_name(name, value):
 
 def test_edge_values_that_are_allowed():
     TrainConfig(grad_clip=0.0, top_p=1.0, eps_low=0.99, beta=0.0, warmup_steps=0, min_lr_ratio=1.0, top_k=0,
-                temperature=0.0).validate()
+                temperature=0.01, eval_temperature=0.0).validate()
+    TrainConfig(top_k=2).validate()
+
+
+@pytest.mark.parametrize("name,value", [("temperature", 0), ("temperature", 0.0), ("top_k", 1)])
+def test_greedy_rollouts_are_refused(name, value):
+    """Greedy rollouts make a group's G reflections one text: no group could ever carry signal, and
+    a whole run trained nothing with only the no-signal warning to say so."""
+    with pytest.raises(R3Error, match=f"config: '{name}' {value} samples greedily: the G reflections of a group"):
+        TrainConfig(**{name: value}).validate()
 
 
 def test_a_resume_may_change_only_how_the_work_is_done():
@@ -177,7 +186,8 @@ def test_a_count_or_rate_that_must_be_positive_refuses_zero_and_true(name):
                                   "eval_every", "eval_n", "eval_temperature", "samples_every", "log_samples",
                                   "top_k", "grad_clip", "min_lr_ratio", "stop_after"])
 def test_a_setting_where_zero_means_off_refuses_negatives(name):
-    TrainConfig(**{name: 0}).validate()
+    if name != "temperature":  # (0 is greedy there: refused, test_greedy_rollouts_are_refused)
+        TrainConfig(**{name: 0}).validate()
     for value in (-1, False, float("nan")):
         with pytest.raises(R3Error, match=f"config: '{name}' must be a finite number >= 0, got {value!r}"):
             TrainConfig(**{name: value}).validate()
