@@ -600,6 +600,9 @@ def train_loop(run: Run) -> dict:
     if d.main and run.start_step >= cfg.max_steps:
         print(f"note: {out} is already at step {run.start_step} of --max-steps {cfg.max_steps}: nothing to train "
               "(raise --max-steps to train on); writing the export", flush=True)
+    if d.main and run.start_step < cfg.max_steps:  # (else the first line comes after the whole first step)
+        print(f"starting step {run.start_step + 1}/{cfg.max_steps} (the first also warms up, so it is slower than the "
+              "rest; a line per step follows)", flush=True)
     with StopSignals() as signals:
         for step in range(run.start_step, cfg.max_steps):
             row, ep = train_step(run, step)

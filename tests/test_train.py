@@ -1446,9 +1446,15 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_failed_start_leaves_no_c
     proc = run_train(args + ["--model", str(tiny_model)])
     assert "checkpoint" in proc.stderr and "step_000003 cannot be read" in proc.stderr
     assert "resumed from" in proc.stdout and "(step 2)" in proc.stdout
+    # (a line before the first step of this process, which also warms up: silence until it ended)
+    lines = proc.stdout.splitlines()
+    starting = lines.index("starting step 3/4 (the first also warms up, so it is slower than the rest; a line per "
+                           "step follows)")
+    assert lines[starting + 1].startswith("step 3/4 | ") and proc.stdout.count("starting step") == 1
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4] and (out / "export").is_dir()
     proc = run_train(args + ["--model", str(tiny_model)])  # (already done: said, not silently re-exported)
     assert f"note: {out} is already at step 4 of --max-steps 4: nothing to train" in proc.stdout
+    assert "starting step" not in proc.stdout
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
 
