@@ -770,21 +770,28 @@ def _bullet(text: str, pos: int) -> bool:
     return i < 0 or text[i] == "\n"
 
 
-def _operand_beyond(text: str, pos: int, step: int) -> bool:
+def _operand_beyond(text: str, pos: int, step: int, *, emphasis: bool = False) -> bool:
     """Whether past the operator at ``pos`` (spaces and quotes apart) comes a number, digits, a
-    number word or a one-letter variable (``* two``, ``/'2'``, ``two*``, ``n * ``)."""
+    number word or a one-letter variable (``* two``, ``/'2'``, ``two*``, ``n * ``). ``emphasis``:
+    past a run of stars that may be emphasis or a power (:func:`_operand_next`), where a bracket
+    closing (before) or opening (after) a number is an operand too, and ``a``, ``A``, ``I`` are
+    words."""
     i = pos + step
     while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _QUOTES):
         i += step
     if not 0 <= i < len(text):
         return False
+    if emphasis and text[i] in (")]}" if step < 0 else "([{"):  # a bracket around a number, not around prose ("(using both)")
+        past = _beyond(text, i, step)
+        return past != "" and (past.isnumeric() or past in ")]}([{")
     if text[i].isnumeric():
         return True
     j = i
     while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
         j += step
     word = text[i:j] if step > 0 else text[j + 1:i + 1]
-    return word.lower() in _WORD_VALUE or len(word) == 1  # (one letter: a variable, ``n * ``)
+    # (one letter: a variable, ``n * ``)
+    return word.lower() in _WORD_VALUE or (len(word) == 1 and not (emphasis and word in "aAI"))
 
 
 def _variable_beyond(text: str, pos: int, step: int) -> bool:
@@ -857,21 +864,7 @@ def _operand_next(text: str, pos: int, step: int) -> bool:
     operand: a number, a bracket closing (before) or opening (after) a number, a number word or a
     one-letter variable (``a``, ``A`` and ``I`` are words). A run of stars between it and the
     equation may be the power operator (``two **5 + 23 = 28**``), not emphasis."""
-    i = pos + step
-    while 0 <= i < len(text) and (text[i] in _SPACE or text[i] in _QUOTES):
-        i += step
-    if not 0 <= i < len(text):
-        return False
-    if text[i] in (")]}" if step < 0 else "([{"):  # a bracket around a number, not around prose ("(using both)")
-        past = _beyond(text, i, step)
-        return past != "" and (past.isnumeric() or past in ")]}([{")
-    if text[i].isnumeric():
-        return True
-    j = i
-    while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
-        j += step
-    word = text[i:j] if step > 0 else text[j + 1:i + 1]
-    return word.lower() in _WORD_VALUE or (len(word) == 1 and word not in "aAI")
+    return _operand_beyond(text, pos, step, emphasis=True)
 
 
 def _continues_from_previous_line(text: str, start: int) -> str | None:

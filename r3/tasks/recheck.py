@@ -618,9 +618,10 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
     return None
 
 
-def _cd_answer_word(text: str, start: int, has_result: bool) -> str | None:
+def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = False) -> str | None:
     """Before the word "answer" (``<answer>``, ``\\boxed{``) just before ``start``: what stands there
-    is next to the equation (``3 * \\boxed{$5 + 23$}``, ``Wrong: \\boxed{$5 + 23 = 28$}``)."""
+    is next to the equation (``3 * \\boxed{$5 + 23$}``, ``Wrong: \\boxed{$5 + 23 = 28$}``); ``nested``:
+    past wrapping symbols there, the word "answer" is looked for once more (:func:`_cd_wrapped`)."""
     k = start - 1
     while k >= 0 and text[k] in " \t":
         k -= 1
@@ -639,7 +640,7 @@ def _cd_answer_word(text: str, start: int, has_result: bool) -> str | None:
     side = (None if m < 0 or emphasis or line_start or text[m] == "="
             else _cd_side_problem(text, m, m == w - 1, False, has_result))
     return (side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
-            or _cd_wrapped(text, w, has_result, nested=False))
+            or _cd_wrapped(text, w, has_result, nested=nested))
 
 
 def _cd_colon_label(text: str, start: int) -> str | None:
@@ -888,25 +889,9 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     if why:
         return False, why
     # "<answer>" and "\boxed{" read as the word "answer": what is before that word is still next to it
-    k = start - 1
-    while k >= 0 and text[k] in " \t":
-        k -= 1
-    if k >= 5 and text[k - 5:k + 1].lower() == "answer" and not (k > 5 and (text[k - 6].isalpha() or text[k - 6] in _CD_DECOR)):
-        w = k - 5
-        m = w - 1
-        while m >= 0 and text[m] in " \t":
-            m -= 1
-        e = m
-        while e >= 0 and text[e] in "*_ \t":
-            e -= 1
-        emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
-        line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
-        side = (None if m < 0 or emphasis or line_start or text[m] == "="
-                else _cd_side_problem(text, m, m == w - 1, False, "=" in core))
-        why = (side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
-               or _cd_wrapped(text, w, "=" in core))
-        if why:
-            return False, why
+    why = _cd_answer_word(text, start, "=" in core, nested=True)
+    if why:
+        return False, why
     if "=" not in core:
         result, negated = _cd_number_after(text, end, strict=True)
         if negated:
