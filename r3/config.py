@@ -116,7 +116,7 @@ class TrainConfig:
             raise InvalidValue("group_size", f" must be >= 2 (GRPO compares samples within a group), got {self.group_size}")
         if not 0 < self.top_p <= 1:
             raise InvalidValue("top_p", f" must be in (0, 1], got {self.top_p}")
-        for name, greedy in (("temperature", 0), ("top_k", 1)):  # (a whole run trained nothing, said only as a warning)
+        for name, greedy in (("temperature", 0), ("top_k", 1)):  # (a group of G identical texts never carries signal)
             if getattr(self, name) == greedy:
                 raise InvalidValue(name, f" {getattr(self, name)} samples greedily: the G reflections of a group would be one "
                                          "text, so no group could carry signal (eval_temperature sets the held-out "
@@ -525,12 +525,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
         by_flag = values["max_new_tokens"][1] == "command line"
         own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
         source = values["max_new_tokens"][1]
+        where = {values[n][1] for n in own}  # (flags that give all three limits over a file's moot it: not refused)
         if (len(own) == len(_LIMITS) and any(v != kwargs["max_new_tokens"] for v in own.values())
-                and all(values[n][1] == source for n in own)):  # (it would set nothing, silently)
+                and source in where):  # (it would set nothing, silently)
             name = (lambda k: "--" + k.replace("_", "-")) if by_flag else (lambda k: k)
             raise R3Error(f"{'' if by_flag else source + ': '}{name('max_new_tokens')} {kwargs['max_new_tokens']} sets "
                           f"no limit: {', '.join(name(n) for n in _LIMITS[:2])} and {name(_LIMITS[2])} are all given "
-                          f"{'on the command line' if by_flag else 'in ' + source} too, and each wins over it; "
+                          f"{'on the command line' if by_flag else 'in ' + source}"
+                          f"{' or on the command line' if len(where) > 1 else ''} too, and each wins over it; "
                           f"remove them to use {name('max_new_tokens')}, or remove it")
         if any(v != kwargs["max_new_tokens"] for v in own.values()):
             kwargs.update({n: kwargs["max_new_tokens"] for n in _LIMITS}, **own, max_new_tokens=None)

@@ -76,12 +76,17 @@ def _missing_r3_module(argv: list[str]) -> str | None:
     script = _launched_module(argv)
     if not script or script.split(".")[0] != "r3":
         return None
+    if "" in script.split("."):  # (r3..train: python -m refuses it)
+        return script
     here = Path.cwd()  # (python -m puts it first: a checkout there is the r3 the workers import)
     if (here / "r3" / "__init__.py").is_file():
         path = here.joinpath(*script.split("."))
-        return None if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file() else script
+        return None if path.with_suffix(".py").is_file() or (path / "__main__.py").is_file() else script
     try:
-        return None if importlib.util.find_spec(script) is not None else script
+        spec = importlib.util.find_spec(script)
+        if spec is not None and spec.submodule_search_locations is not None:  # (a package runs its __main__)
+            spec = importlib.util.find_spec(script + ".__main__")
+        return None if spec is not None else script
     except (ImportError, ValueError):  # (r3.nosuch.x: its parent package is missing)
         return script
 
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = _missing_r3_module(argv)
     if missing:
         close = difflib.get_close_matches(missing, ("r3.train", *SINGLE_PROCESS), n=1)
-        print(f"error: no module named {missing}" + (f" (did you mean {close[0]}?)" if close else ""), file=sys.stderr)
+        hint = "" if not close else (f" (did you mean {close[0]}?)" if close[0] not in SINGLE_PROCESS else
+                                     f" (did you mean python -m {close[0]}? it runs as one process, not under r3-torchrun)")
+        print(f"error: no module named {missing}{hint}", file=sys.stderr)
         raise SystemExit(2)
     if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and not any(
             k in os.environ for k in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE")):

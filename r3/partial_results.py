@@ -91,7 +91,7 @@ def model_files(spec: str) -> dict:
 
 
 def _differences(old, new) -> list[str]:
-    """The keys whose values differ between two keys (``settings.seed``: one level down); a key
+    """The keys whose values differ between two key dicts (``settings.seed``: one level down); a key
     that holds null in one and is absent from the other differs too."""
     old = old if isinstance(old, dict) else {}
     gone = object()

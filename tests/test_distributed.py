@@ -158,8 +158,12 @@ def test_r3_torchrun_refuses_an_r3_module_that_does_not_exist(tmp_path, monkeypa
     assert missing(["--nproc_per_node", "1", "-m", "r3.train"]) is None
     assert missing(["-m", "r3.tasks.function_calling"]) is None
     assert missing(["-m", "other.module"]) is None and missing(["r3.trian"]) is None  # (not r3's; a script)
+    # a package without __main__, empty parts: python -m would refuse them too
+    assert [missing(["-m", m]) for m in ("r3", "r3.tasks", "r3..train")] == ["r3", "r3.tasks", "r3..train"]
     for module, line in (("r3.trian", "error: no module named r3.trian (did you mean r3.train?)"),
-                         ("r3.nosuch.x", "error: no module named r3.nosuch.x")):
+                         ("r3.nosuch.x", "error: no module named r3.nosuch.x"),
+                         ("r3.evalute", "error: no module named r3.evalute (did you mean python -m r3.evaluate? it "
+                                        "runs as one process, not under r3-torchrun)")):
         with pytest.raises(SystemExit) as e:
             launch.main(["--nproc_per_node", "1", "-m", module, "--out", "x"])
         assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
@@ -168,6 +172,9 @@ def test_r3_torchrun_refuses_an_r3_module_that_does_not_exist(tmp_path, monkeypa
     (tmp_path / "r3" / "newcmd.py").write_text("")
     assert missing(["-m", "r3.newcmd"]) is None  # (the checkout here has it)
     assert missing(["-m", "r3.train"]) == "r3.train"  # (and lacks this one: so would the workers)
+    assert missing(["-m", "r3"]) == "r3" and missing(["-m", "r3.newcmd."]) == "r3.newcmd."
+    (tmp_path / "r3" / "__main__.py").write_text("")
+    assert missing(["-m", "r3"]) is None
 
 
 def test_r3_torchrun_under_nohup_leaves_sighup_ignored(monkeypatch):

@@ -2005,6 +2005,8 @@ def test_countdown_questions_bare_labels_dashes_and_retractions_the_fuzz_left_op
     pytest.param(False, "5 + 23 = 28. 5 and 23 are used.", True, id="sentence-then-given-number"),
     pytest.param(True, "So - <answer>5 + 23 = 28</answer>", True, id="tags-prose-dash"),
     pytest.param(False, "- \\boxed{5 + 23}", True, id="dash-bullet-boxed"),
+    pytest.param(False, "5 + 23 = 28 (see eq.5)", True, id="abbreviation-then-number"),  # (a letter: not a decimal)
+    pytest.param(False, "5 + 23 = 28 (p.5)", True, id="page-number"),
 ])
 def test_countdown_fences_bullets_and_glued_decimals_the_symbol_fix_left_open(tags, completion, expected):
     """After the fix of denials behind a symbol, both implementations still paid a denial,
@@ -2056,6 +2058,70 @@ def test_countdown_markdown_emphasis_around_a_right_final_equation(tags, complet
     right retry earned nothing. Emphasis is now read away as around an answer block, but never a
     star run with an operand on its far side (``two **5 + 23 = 28**``: a power), and the words
     before it are still read (``**Wrong:** $5 + 23 = 28$``)."""
+    _both_implementations_say(tags, completion, expected)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
+    # an operator or denial a blank away from "_..._" emphasis around the equation
+    pytest.param(False, "_5 + 23 = 28_ ^ n", False, id="italic-underscores-power-variable"),
+    pytest.param(False, "_5 + 23 = 28_ / two", False, id="italic-underscores-divided-number-word"),
+    pytest.param(False, "_5 + 23 = 28_ \u00f7 n", False, id="italic-underscores-division-sign"),
+    pytest.param(False, "__5 + 23 = 28__ % n", False, id="bold-underscores-modulo"),
+    pytest.param(False, "n * _5 + 23 = 28_", False, id="variable-times-italic-underscores"),
+    pytest.param(False, "two ** _5 + 23 = 28_", False, id="number-word-power-italic-underscores"),
+    # a "*" with a blank or an operand before it is an operator, not emphasis closing a label
+    pytest.param(False, "n * \u201c5 + 23 = 28\u201d", False, id="variable-times-curly-quotes"),
+    pytest.param(False, "two * \u201c5 + 23 = 28\u201d", False, id="number-word-times-curly-quotes"),
+    pytest.param(False, "n * \\boxed{5 + 23 = 28}", False, id="variable-times-boxed"),
+    pytest.param(True, "n * \u201c<answer>5 + 23 = 28</answer>\u201d", False, id="tags-variable-times-curly-quotes"),
+    # ... while a right answer in them stays right
+    pytest.param(False, "So _5 + 23 = 28_ (using both).", True, id="italic-underscores-then-prose"),
+    pytest.param(False, "Then _5 + 23 = 28_ !", True, id="italic-underscores-spaced-exclamation"),
+    pytest.param(False, "**Answer:** \u201c5 + 23 = 28\u201d", True, id="bold-label-curly-quotes"),
+    pytest.param(False, "**Answer:** \\boxed{5 + 23 = 28}", True, id="bold-label-boxed"),
+    pytest.param(False, "Final equation: **\\boxed{5 + 23}**", True, id="label-bold-boxed"),
+    pytest.param(False, "Here it is: **\\boxed{5 + 23 = 28}** is the final equation.", True, id="bold-boxed-in-prose"),
+    pytest.param(False, "n ** \\boxed{5 + 23}", False, id="variable-power-boxed"),
+])
+def test_countdown_operations_a_blank_past_underscores_or_behind_a_spaced_star(tags, completion, expected):
+    """Both implementations paid ``_5 + 23 = 28_ ^ n``, ``n * _5 + 23 = 28_`` and ``_5 + 23 = 28_
+    / two``: the characters next to ``_..._`` emphasis were read just past the underscores, so a
+    blank there hid the operator that the equation's own run would have reached; and ``n *
+    \u201c5 + 23 = 28\u201d`` or ``n * \\boxed{...}``: a star after a word was taken for emphasis
+    closing a label (``**Answer:**``) even with an operand as the word. A model could be rewarded
+    for an equation it raises, divides or multiplies. Bold opening around ``\\boxed{}`` after a
+    label stays emphasis (``Final equation: **\\boxed{5 + 23}**``: refused by a first fix that
+    took only stars glued to the word before them as emphasis)."""
+    _both_implementations_say(tags, completion, expected)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
+    # an operator word or sign after the equation, past the quotes or "$" that close it
+    pytest.param(False, "$5 + 23 = 28$ mod n", False, id="dollars-mod"),
+    pytest.param(False, "\u201c5 + 23 = 28\u201d times two", False, id="curly-quotes-times-number-word"),
+    pytest.param(False, "\u00ab5 + 23 = 28\u00bb \u00d7 n", False, id="guillemets-times-sign"),
+    pytest.param(False, "$$5 + 23 = 28$$ ^ n", False, id="display-dollars-power"),
+    pytest.param(False, "**$5 + 23 = 28$** mod n", False, id="bold-dollars-mod"),
+    pytest.param(True, "$<answer>5 + 23 = 28</answer>$ mod n", False, id="tags-dollars-mod"),
+    pytest.param(True, "\u201c<answer>5 + 23 = 28</answer>\u201d ^ n", False, id="tags-curly-quotes-power"),
+    # an operator-like symbol (middle dot, heavy plus, multiplication X) is no wrapper to read past
+    pytest.param(False, "n \u00b7 $5 + 23 = 28$", False, id="variable-middle-dot-dollars"),
+    pytest.param(False, "two \u2715 \u201c5 + 23 = 28\u201d", False, id="number-word-multiplication-x-curly-quotes"),
+    pytest.param(True, "n \u2795 \u201c<answer>5 + 23 = 28</answer>\u201d", False, id="tags-variable-heavy-plus"),
+    # ... while prose, an exclamation or a bullet past them stays right
+    pytest.param(False, "The answer is $5 + 23$!", True, id="dollars-bare-exclamation"),
+    pytest.param(False, "\u201c5 + 23 = 28\u201d (using both).", True, id="curly-quotes-then-prose"),
+    pytest.param(False, "$5 + 23 = 28$ \U0001F389 done", True, id="dollars-emoji-prose"),
+    pytest.param(False, "\u2022 $5 + 23 = 28$", True, id="bullet-dollars"),
+    pytest.param(True, "\u201c<answer>5 + 23 = 28</answer>\u201d.", True, id="tags-curly-quotes-full-stop"),
+])
+def test_countdown_operations_after_a_wrapper_and_behind_an_operator_symbol(tags, completion, expected):
+    """The fix of denials and operations behind a symbol read past quotes, ``$`` and bullets only
+    before the equation: both implementations still paid ``$5 + 23 = 28$ mod n``, ``\u201c5 + 23 =
+    28\u201d times two`` and ``$$5 + 23 = 28$$ ^ n`` (refused without the symbols), and, once bold
+    was read away, ``**$5 + 23 = 28$** mod n``; and an operator-like symbol (``\u00b7 \u2715
+    \u2795``) counted as a wrapper, so ``n \u00b7 $5 + 23 = 28$`` was read past it and paid. A model
+    could be rewarded for an equation it multiplies or reduces."""
     _both_implementations_say(tags, completion, expected)
 
 
@@ -2615,8 +2681,8 @@ _COUNTDOWN_SHAPES = {
 @pytest.mark.parametrize("tags", [False, True])
 def test_countdown_work_grows_linearly_with_the_text(shape, tags, python_lines_run):
     """Doubling a long adversarial text about doubles the Python lines both implementations run
-    (a quadratic loop quadruples them): a look-ahead over the blanks after each line break once
-    made the re-checker take 158 s on 90,000 line breaks, which r3.audit would sit in, and a
+    (a quadratic loop quadruples them): a look-ahead over the blanks after each line break in the
+    re-checker made a text of many line breaks take minutes, which r3.audit would sit in, and a
     verifier that slow stalls a training step."""
     task, ex = CD if tags else LENIENT, {"nums": [5, 23], "target": 28}
 

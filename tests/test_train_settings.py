@@ -375,6 +375,25 @@ def test_a_max_new_tokens_that_sets_no_limit_is_refused(tmp_path):
     assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (8, 16, 8)
 
 
+def test_a_max_new_tokens_that_sets_no_limit_is_refused_with_a_limit_flag_beside_the_file(tmp_path):
+    """A copy of the example config with max_new_tokens set (the three limits written out) was
+    refused, but not once one limit flag came with it: ``--max-attempt-tokens 7`` took that limit
+    and the file's other two still won over its max_new_tokens, which again set nothing without
+    a word (the limits 7 / 96 / 48). Refused too; flags that give all three limits still moot it."""
+    from r3.config import parse_args
+
+    f = tmp_path / "my.yaml"
+    f.write_text(CONFIG_FILE.read_text().replace("max_new_tokens: null ", "max_new_tokens: 16   ", 1))
+    with pytest.raises(R3Error, match=f"^{f}: max_new_tokens 16 sets no limit: .* are all given in {f} or on the "
+                                      "command line too"):
+        parse_args(["--config", str(f), "--max-attempt-tokens", "7"])
+    f.write_text("max_new_tokens: 16\nmax_attempt_tokens: 8\nmax_reflection_tokens: 8\n")
+    with pytest.raises(R3Error, match="max_new_tokens 16 sets no limit"):
+        parse_args(["--config", str(f), "--max-retry-tokens", "7"])
+    cfg = parse_args(["--config", str(f), "--max-attempt-tokens", "7"])  # (the retry limit is still its)
+    assert (cfg.max_attempt_tokens, cfg.max_reflection_tokens, cfg.max_retry_tokens) == (7, 8, 16)
+
+
 def test_a_resume_names_the_model_by_another_path_to_the_same_files(tmp_path, monkeypatch):
     """A run started with a relative --model path resumes with the absolute one (or from another
     directory): the same files are the same model; a different directory is another model."""

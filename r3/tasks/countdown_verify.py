@@ -42,7 +42,9 @@ when
   and other symbols that wrap or mark it: ``Wrong: $5 + 23 = 28$``, past a code fence or ``$$``
   that ends the line before, opening the block that holds it (``If`` and a fence, the equation on
   the next line), and then past a bullet, or a dash or star between blanks, that stands there:
-  ``Assume - <answer>...``, ``Wrong answer:`` and ``- \\boxed{...}`` on the next line), a supposition
+  ``Assume - <answer>...``, ``Wrong answer:`` and ``- \\boxed{...}`` on the next line; after it
+  also past quotes, ``$`` and such symbols, where an operator sign past them is next to it too:
+  ``$5 + 23 = 28$ mod n``, ``\u201c5 + 23 = 28\u201d \u00d7 n``), a supposition
   (``if``, ``suppose``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
   false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
@@ -572,7 +574,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
                 return f"a later answer ({tok}) is not the target {target}"
             if text[m.end(): m.end() + 1] == "." and text[m.end() + 1: m.end() + 2].isdigit():
                 return f"a decimal number after the final equation ({tok}.)"
-            if text[m.start() - 1: m.start()] == "." and not (m.start() > 1 and (text[m.start() - 2].isdigit()
+            if text[m.start() - 1: m.start()] == "." and not (m.start() > 1 and (text[m.start() - 2].isalnum()
                                                                                    or text[m.start() - 2] == ".")):
                 return f"a decimal number after the final equation (.{tok})"  # (past a tag or "$": "</code>.5")
             if (text[m.end(): m.end() + 1] == "," and text[m.end() + 1: m.end() + 2].isdigit()
@@ -1082,14 +1084,21 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
     glued_left = not any(c in _SPACE for c in text[start:a])
     glued_right = not any(c in _SPACE for c in text[b:end])
     emphasis = _underscores_around(text, start, end)  # (read past: _5 + 23 = 28_)
-    for pos, glued, after in ((start - 1 - emphasis, glued_left, False), (end + emphasis, glued_right, True)):
+    left, right = start - 1 - emphasis, end + emphasis
+    if emphasis:  # ... and past the blanks beyond them, as the run takes in its own: "_5 + 23 = 28_ ^ n"
+        while left >= 0 and text[left] in _SPACE:
+            left -= 1
+        while right < len(text) and text[right] in _SPACE:
+            right += 1
+        glued_left, glued_right = left == start - 1 - emphasis, right == end + emphasis
+    for pos, glued, after in ((left, glued_left, False), (right, glued_right, True)):
         why = _neighbour_problem(text, pos, glued, after, "=" in equation)
         if why:
             return None, why
     why = (_words_problem(text, start, end) or _denied_label(text, start)
            or _continues_from_previous_line(text, start) or _operand_problem(text, start)
            or _before_answer_word(text, start, "=" in equation)
-           or _wrapped_problem(text, start, "=" in equation))
+           or _wrapped_problem(text, start, "=" in equation) or _wrapped_after_problem(text, end))
     if why:
         return None, why
     if "=" not in equation:
@@ -1109,7 +1118,7 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
     return equation, ""
 
 
-_NOT_WRAPPERS = frozenset(".,;:!?+-*/=()^%|~\\[]{}<>" + DENIAL_MARKS)
+_NOT_WRAPPERS = frozenset(".,;:!?+-*/=()^%|~\\[]{}<>" + DENIAL_MARKS + _OPERATOR_SYMBOLS)  # (· ✕ ➕: operators)
 
 
 def _wrapper(ch: str) -> bool:
@@ -1183,6 +1192,8 @@ def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -
                 k -= 1  # Markdown emphasis closing a label ("**Answer:** $5 + 23 = 28$"), unless an operand precedes it
             plain = k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
                                                or unicodedata.category(text[k]) == "Sm"))
+            # emphasis only after a word that is no operand ("n * $5 + 23$" is a product)
+            plain = plain and not _operand_next(text, k + 1, -1)
             why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j))
                    else _neighbour_problem(text, j, text[outer] not in _SPACE, False, written))
             why = why or (_words_problem(text, outer, len(text)) or _denied_label(text, outer)
@@ -1194,6 +1205,20 @@ def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -
             return None
         outer, read = _past_wrapping(text, j), True
     return None
+
+
+def _wrapped_after_problem(text: str, end: int) -> str | None:
+    """The checks of the text after the equation (or answer block) ending at ``end`` again, past
+    the blanks and wrapper symbols (:func:`_wrapper`) just after it: ``$5 + 23 = 28$ mod n``,
+    ``\u201c5 + 23 = 28\u201d \u00d7 n`` and ``\u201c<answer>...</answer>\u201d ^ n`` are read as
+    without them (the symbol stopped the reading, so the equation was paid). A ``!`` there is
+    prose, past the symbol that closes the equation: ``The answer is $5 + 23$!``."""
+    i = end
+    while i < len(text) and (text[i] in _SPACE or _wrapper(text[i])):
+        i += 1
+    if not any(_wrapper(c) for c in text[end:i]):
+        return None
+    return _neighbour_problem(text, i, False, True, True) or _words_problem(text, 0, i)
 
 
 def _before_answer_word(text: str, start: int, written: bool, again: bool = True) -> str | None:
@@ -1214,6 +1239,8 @@ def _before_answer_word(text: str, start: int, written: bool, again: bool = True
         k -= 1  # Markdown emphasis closing a label ("**Answer:** \\boxed{...}"), unless an operand precedes it
     plain = (k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
                                         or unicodedata.category(text[k]) == "Sm")))
+    # emphasis only after a word that is no operand ("n * \\boxed{5 + 23}" is a product)
+    plain = plain and not _operand_next(text, k + 1, -1)
     why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
            else _neighbour_problem(text, j, j == left - 1, False, written))
     why = why or (_denied_label(text, left) or _continues_from_previous_line(text, left)
@@ -1351,6 +1378,7 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
             if why:
                 return False, why.replace("the equation", "the answer block")
         why = (_words_problem(view, block, end) or _denied_label(view, block) or _wrapped_problem(view, block, True)
+               or _wrapped_after_problem(view, end)
                or _continues_from_previous_line(view, block) or _after_problem(view, end, nums, target))
         if why:
             return False, why.replace("the equation", "the answer block")

@@ -554,7 +554,7 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
 def _cd_wrapping(c: str) -> bool:
     """Quotes of any script, ``$``, ``#``, bullets, emoji, CJK brackets: symbols that only wrap or
     mark the equation (not a sentence mark, an operator, a bracket, a dash or a math sign)."""
-    if c.isalnum() or c.isspace() or c in ".,;:!?+-*/=()^%|~\\[]{}<>" or c in _CD_CROSSES:
+    if c.isalnum() or c.isspace() or c in ".,;:!?+-*/=()^%|~\\[]{}<>" or c in _CD_CROSSES or c in _CD_OP_SYMBOLS:
         return False
     cat = unicodedata.category(c)
     return cat[0] in "PS" and cat not in ("Sm", "Pd")
@@ -600,6 +600,8 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
             while e >= 0 and text[e] in "*_ \t":
                 e -= 1
             emphasis = e < k and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
+            # emphasis only after a word that is no operand ("n * $5 + 23$" is a product)
+            emphasis = emphasis and not _cd_operand_next(text, e, -1)
             line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
             side = (None if k < 0 or emphasis or line_start
                     else _cd_side_problem(text, k, text[k + 1] not in " \t", False, has_result))
@@ -616,6 +618,18 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
             return None
         k = _cd_back_over_wrapping(text, k - 1)
     return None
+
+
+def _cd_wrapped_after(text: str, end: int) -> str | None:
+    """``$5 + 23 = 28$ mod n``, ``\u201c5 + 23 = 28\u201d \u00d7 n``: the text after the wrapping
+    symbols (and blanks) just after the equation or block ending at ``end``, read as if they were
+    not there; a "!" past them ends the sentence (``The answer is $5 + 23$!``)."""
+    k = end
+    while k < len(text) and (text[k] in " \t" or _cd_wrapping(text[k])):
+        k += 1
+    if not any(_cd_wrapping(c) for c in text[end:k]):
+        return None
+    return _cd_side_problem(text, k, False, True, True) or _cd_words_problem(text, 0, k)
 
 
 def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = False) -> str | None:
@@ -636,6 +650,8 @@ def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = Fals
     while e >= 0 and text[e] in "*_ \t":
         e -= 1
     emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
+    # emphasis only after a word that is no operand ("n * \\boxed{5 + 23}" is a product)
+    emphasis = emphasis and not _cd_operand_next(text, e, -1)
     line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
     side = (None if m < 0 or emphasis or line_start or text[m] == "="
             else _cd_side_problem(text, m, m == w - 1, False, has_result))
@@ -757,10 +773,10 @@ def _cd_operand_next(text: str, k: int, step: int) -> bool:
         return 0 <= k < len(text) and (text[k].isnumeric() or text[k] in "()[]{}")
     if text[k].isnumeric():
         return True
-    word = ""
-    while 0 <= k < len(text) and text[k].isascii() and text[k].isalpha():
-        word = word + text[k] if step > 0 else text[k] + word
-        k += step
+    j = k
+    while 0 <= j < len(text) and text[j].isascii() and text[j].isalpha():
+        j += step
+    word = text[k:j] if step > 0 else text[j + 1:k + 1]  # (one slice: a word built letter by letter is quadratic)
     return (len(word) == 1 and word not in "aAI") or word.lower() in _CD_WORD_VALUES  # ("a", "I": words)
 
 
@@ -806,7 +822,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             if why:
                 return False, why
         why = (_cd_words_problem(around, start, end) or _cd_colon_label(around, start)
-               or _cd_wrapped(around, start, True)
+               or _cd_wrapped(around, start, True) or _cd_wrapped_after(around, end)
                or _cd_previous_line(around, start) or _cd_after(around, end, nums, target))
         if why:
             return False, why
@@ -880,12 +896,20 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
                 and not (end + size < len(text) and (text[end + size].isalnum() or text[end + size] == "_"))):
             under = size
             break
-    for k, glued, right in ((start - 1 - under, glued_l, False), (end + under, glued_r, True)):
+    lk, rk = start - 1 - under, end + under
+    if under:  # and the blanks past them, as the run takes in its own ("_5 + 23 = 28_ ^ n")
+        while lk >= 0 and text[lk] in " \t":
+            lk -= 1
+        while rk < len(text) and text[rk] in " \t":
+            rk += 1
+        glued_l, glued_r = lk == start - 1 - under, rk == end + under
+    for k, glued, right in ((lk, glued_l, False), (rk, glued_r, True)):
         why = _cd_side_problem(text, k, glued, right, "=" in core)
         if why:
             return False, why
     why = (_cd_words_problem(text, start, end) or _cd_colon_label(text, start) or _cd_previous_line(text, start)
-           or _cd_operand(text, start) or _cd_wrapped(text, start, "=" in core))
+           or _cd_operand(text, start) or _cd_wrapped(text, start, "=" in core)
+           or _cd_wrapped_after(text, end))
     if why:
         return False, why
     # "<answer>" and "\boxed{" read as the word "answer": what is before that word is still next to it
@@ -1017,7 +1041,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                 return "later answer"
             if j + 1 < n and text[j] == "." and text[j + 1].isdigit():
                 return "later decimal"
-            if i > 0 and text[i - 1] == "." and not (i > 1 and (text[i - 2].isdigit() or text[i - 2] == ".")):
+            if i > 0 and text[i - 1] == "." and not (i > 1 and (text[i - 2].isalnum() or text[i - 2] == ".")):
                 return "later decimal without its integer part (.5)"
             if j + 1 < n and text[j] == "," and text[j + 1].isdigit() and (answer_sentence or after_cue()):
                 return "later answer with a decimal comma"
