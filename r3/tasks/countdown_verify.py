@@ -1187,13 +1187,7 @@ def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -
     for _ in range(2):
         j = outer - 1
         if read:
-            k = j
-            while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
-                k -= 1  # Markdown emphasis closing a label ("**Answer:** $5 + 23 = 28$"), unless an operand precedes it
-            plain = k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
-                                               or unicodedata.category(text[k]) == "Sm"))
-            # emphasis only after a word that is no operand ("n * $5 + 23$" is a product)
-            plain = plain and not _operand_next(text, k + 1, -1)
+            plain = _closes_emphasis(text, j)  # ("**Answer:** $5 + 23 = 28$")
             why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j))
                    else _neighbour_problem(text, j, text[outer] not in _SPACE, False, written))
             why = why or (_words_problem(text, outer, len(text)) or _denied_label(text, outer)
@@ -1205,6 +1199,18 @@ def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -
             return None
         outer, read = _past_wrapping(text, j), True
     return None
+
+
+def _closes_emphasis(text: str, j: int) -> bool:
+    """Whether the run of ``*`` and ``_`` (blanks among them) ending at ``j`` is Markdown emphasis
+    closing a label (``**Answer:** $5 + 23 = 28$``), not an operator: no digit, operator or math
+    sign before it, and no operand word (``n * $5 + 23$`` is a product)."""
+    k = j
+    while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
+        k -= 1
+    return (k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
+                                       or unicodedata.category(text[k]) == "Sm"))
+            and not _operand_next(text, k + 1, -1))
 
 
 def _wrapped_after_problem(text: str, end: int) -> str | None:
@@ -1234,13 +1240,7 @@ def _before_answer_word(text: str, start: int, written: bool, again: bool = True
     j = left - 1
     while j >= 0 and text[j] in _SPACE:
         j -= 1
-    k = j
-    while k >= 0 and (text[k] in "*_" or text[k] in _SPACE):
-        k -= 1  # Markdown emphasis closing a label ("**Answer:** \\boxed{...}"), unless an operand precedes it
-    plain = (k < j and not (k >= 0 and (text[k].isdigit() or text[k] in "+-*/=()" or text[k] in _DISALLOWED_ASCII
-                                        or unicodedata.category(text[k]) == "Sm")))
-    # emphasis only after a word that is no operand ("n * \\boxed{5 + 23}" is a product)
-    plain = plain and not _operand_next(text, k + 1, -1)
+    plain = _closes_emphasis(text, j)  # ("**Answer:** \\boxed{...}")
     why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
            else _neighbour_problem(text, j, j == left - 1, False, written))
     why = why or (_denied_label(text, left) or _continues_from_previous_line(text, left)

@@ -596,12 +596,7 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
     between = text[k + 1:start]
     for round_ in range(2):
         if round_ == 1 or any(c == "(" or c == "\n" or _cd_wrapping(c) for c in between):
-            e = k
-            while e >= 0 and text[e] in "*_ \t":
-                e -= 1
-            emphasis = e < k and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
-            # emphasis only after a word that is no operand ("n * $5 + 23$" is a product)
-            emphasis = emphasis and not _cd_operand_next(text, e, -1)
+            emphasis = _cd_emphasis_ends_at(text, k)
             line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
             side = (None if k < 0 or emphasis or line_start
                     else _cd_side_problem(text, k, text[k + 1] not in " \t", False, has_result))
@@ -618,6 +613,17 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
             return None
         k = _cd_back_over_wrapping(text, k - 1)
     return None
+
+
+def _cd_emphasis_ends_at(text: str, k: int) -> bool:
+    """Whether the run of ``*`` and ``_`` (blanks among them) ending at ``k`` closes Markdown
+    emphasis around a label (``**Answer:** $5 + 23 = 28$``) rather than being an operator: no
+    digit, operator or math sign before it, and no operand word (``n * $5 + 23$`` is a product)."""
+    e = k
+    while e >= 0 and text[e] in "*_ \t":
+        e -= 1
+    return (e < k and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
+            and not _cd_operand_next(text, e, -1))
 
 
 def _cd_wrapped_after(text: str, end: int) -> str | None:
@@ -646,12 +652,7 @@ def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = Fals
     m = w - 1
     while m >= 0 and text[m] in " \t":
         m -= 1
-    e = m
-    while e >= 0 and text[e] in "*_ \t":
-        e -= 1
-    emphasis = e < m and not (e >= 0 and (text[e].isdigit() or text[e] in "+-*/=()" or _math_sign(text[e])))
-    # emphasis only after a word that is no operand ("n * \\boxed{5 + 23}" is a product)
-    emphasis = emphasis and not _cd_operand_next(text, e, -1)
+    emphasis = _cd_emphasis_ends_at(text, m)
     line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
     side = (None if m < 0 or emphasis or line_start or text[m] == "="
             else _cd_side_problem(text, m, m == w - 1, False, has_result))
