@@ -210,7 +210,7 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
     sampler drew them with (same weights); ``logp_diff_sum`` / ``logp_diff_max`` / ``logp_diff_tokens``
     measure how far apart they are (precision of the rollout copy; a masking or alignment bug
     shows up as a jump)."""
-    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    temperature = cfg.temperature  # (> 0: greedy rollouts are refused by TrainConfig.validate)
     real = mbs[:n_real]
     # Sums are kept on the device and read once per optimizer step: no host sync per micro-batch.
     den = sum((grpo.loss_denominator(mb.mask, cfg.agg, max_len=cfg.max_reflection_tokens).to(d.device)
@@ -543,7 +543,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     mbs = episode_micro_batches(ep, adv, cfg.micro_batch_size, pad_id, d.device,
                                 skip_no_signal=cfg.skip_no_signal_groups, shared_prefix=cfg.shared_prefix)
     padded = mbs + [dummy_micro_batch(d.device) for _ in range(all_max(len(mbs), d) - len(mbs))]
-    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    temperature = cfg.temperature  # (> 0: greedy rollouts are refused by TrainConfig.validate)
     score_micro_batches(padded, run.reference if cfg.beta > 0 else None,
                         run.policy if cfg.update_epochs > 1 else None, temperature)
     synchronize(d.device)  # (the reference pass is queued work on a GPU until then)

@@ -2429,28 +2429,6 @@ def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
 
 
-def test_temperature_0_rollouts_train_at_temperature_1():
-    """Greedy rollouts (temperature 0) have no temperature to divide by: the update scores their
-    tokens at 1, as it does with temperature 1."""
-    import copy
-
-    from r3 import batch as B
-    from r3 import train as T
-    from r3.config import TrainConfig
-
-    base, seqs, spans = _policy_and_rows()
-    one_rank = T.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None)
-    weights = []
-    for temperature in (0.0, 1.0):
-        cfg = TrainConfig(dtype="fp32", beta=0.0, temperature=temperature, max_reflection_tokens=8).validate()
-        model = copy.deepcopy(base)
-        mbs = B.make_micro_batches(seqs, spans, [1.0, -0.5, -0.5, 0.8, -1.2, 0.4], 3, 0, torch.device("cpu"))
-        assert not T.update(model, torch.optim.SGD(model.parameters(), lr=0.1), mbs, len(mbs), cfg, one_rank)["skipped"]
-        weights.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*weights))
-    assert any(not torch.equal(a, b) for a, b in zip(weights[0], base.parameters()))
-
-
 def test_later_update_epochs_report_the_sampler_gap_before_the_update_and_the_last_epochs_norm(monkeypatch):
     """With update_epochs 2: logp_diff_* compare the sampler's log-probs with the policy's before
     the first optimizer step (here the same: ~0, however far the step moves it), each token once;
