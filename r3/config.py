@@ -522,9 +522,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
                                   **parse_task_options(items, "--" + flag.replace("_", "-"))}
     if kwargs.get("max_new_tokens") is not None:  # (it sets the three limits below any of them given as high up)
         _check_positive("max_new_tokens", kwargs["max_new_tokens"])
-        by_flag = values["max_new_tokens"][1] == "command line"
-        own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
         source = values["max_new_tokens"][1]
+        by_flag = source == "command line"
+        own = {n: kwargs[n] for n in _LIMITS if n in values and (values[n][1] == "command line" or not by_flag)}
         where = {values[n][1] for n in own}  # (flags that give all three limits over a file's moot it: not refused)
         if (len(own) == len(_LIMITS) and any(v != kwargs["max_new_tokens"] for v in own.values())
                 and source in where):  # (it would set nothing, silently)

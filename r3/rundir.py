@@ -377,8 +377,9 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             diff = cfg.incompatible_with(previous)
             # a start that failed after writing its config (in the first step, say): nothing was
             # trained or logged under it, so a corrected retry starts over (said once the lock is ours)
-            start_over = bool(diff) and not _holds_steps(out)
-            if not start_over and previous.get("max_steps", cfg.max_steps) != cfg.max_steps and _holds_steps(out):
+            trained = _holds_steps(out)
+            start_over = bool(diff) and not trained
+            if trained and previous.get("max_steps", cfg.max_steps) != cfg.max_steps:
                 previous_steps = previous["max_steps"]
             if diff and not start_over:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)

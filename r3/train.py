@@ -210,7 +210,6 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
     sampler drew them with (same weights); ``logp_diff_sum`` / ``logp_diff_max`` / ``logp_diff_tokens``
     measure how far apart they are (precision of the rollout copy; a masking or alignment bug
     shows up as a jump)."""
-    temperature = cfg.temperature  # (> 0: greedy rollouts are refused by TrainConfig.validate)
     real = mbs[:n_real]
     # Sums are kept on the device and read once per optimizer step: no host sync per micro-batch.
     den = sum((grpo.loss_denominator(mb.mask, cfg.agg, max_len=cfg.max_reflection_tokens).to(d.device)
@@ -226,7 +225,7 @@ def update(policy, optimizer, mbs: list[MicroBatch], n_real: int, cfg: TrainConf
         last = epoch == cfg.update_epochs - 1
         loss_sum = zero
         for i, mb in enumerate(mbs):
-            logp, kl = token_logprobs(policy, mb, temperature, mb.ref_logp if i < n_real else None)
+            logp, kl = token_logprobs(policy, mb, cfg.temperature, mb.ref_logp if i < n_real else None)
             if i >= n_real:
                 (logp.sum() * 0.0).backward()
                 continue
@@ -543,9 +542,8 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     mbs = episode_micro_batches(ep, adv, cfg.micro_batch_size, pad_id, d.device,
                                 skip_no_signal=cfg.skip_no_signal_groups, shared_prefix=cfg.shared_prefix)
     padded = mbs + [dummy_micro_batch(d.device) for _ in range(all_max(len(mbs), d) - len(mbs))]
-    temperature = cfg.temperature  # (> 0: greedy rollouts are refused by TrainConfig.validate)
     score_micro_batches(padded, run.reference if cfg.beta > 0 else None,
-                        run.policy if cfg.update_epochs > 1 else None, temperature)
+                        run.policy if cfg.update_epochs > 1 else None, cfg.temperature)
     synchronize(d.device)  # (the reference pass is queued work on a GPU until then)
     t_ref = time.time()
 
@@ -600,7 +598,7 @@ def train_loop(run: Run) -> dict:
     if d.main and run.start_step >= cfg.max_steps:
         print(f"note: {out} is already at step {run.start_step} of --max-steps {cfg.max_steps}: nothing to train "
               "(raise --max-steps to train on); writing the export", flush=True)
-    if d.main and run.start_step < cfg.max_steps:  # (else the first line comes after the whole first step)
+    elif d.main:  # (else the first line comes after the whole first step)
         print(f"starting step {run.start_step + 1}/{cfg.max_steps} (the first also warms up, so it is slower than the "
               "rest; a line per step follows)", flush=True)
     with StopSignals() as signals:
