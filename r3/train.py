@@ -51,6 +51,7 @@ from r3.batch import (
 from r3.chat import ChatFormat, check_messages, template_options
 from r3.checkpoint import canonical_model, load, load_config
 from r3.config import TrainConfig, parse_args
+from r3.cpu_share import CpuShareWatch
 from r3.distributed import (
     Dist,
     StopSignals,
@@ -601,10 +602,16 @@ def train_loop(run: Run) -> dict:
     elif d.main:  # (else the first line comes after the whole first step)
         print(f"starting step {run.start_step + 1}/{cfg.max_steps} (the first also warms up, so it is slower than the "
               "rest; a line per step follows)", flush=True)
+    watch = cpu_share_watch(d)
     with StopSignals() as signals:
         for step in range(run.start_step, cfg.max_steps):
+            if watch:
+                watch.start()
             row, ep = train_step(run, step)
             stopped = step_end(run, step, row, ep, clock, lambda: signals.requested(d))
+            note = watch and watch.stop(f"step {step + 1}")
+            if note:
+                print(note, flush=True)
             if step == run.start_step:  # (it compiles, warms up and allocates: slower than the rest)
                 clock = (time.time(), step + 1)
             if stopped:
@@ -617,6 +624,13 @@ def train_loop(run: Run) -> dict:
         print(f"done: metrics {out / 'metrics.jsonl'}, samples {out / 'samples.jsonl'}, checkpoints "
               f"{out / 'checkpoints'}, Hugging Face export {path}", flush=True)
     return row
+
+
+def cpu_share_watch(d: Dist) -> CpuShareWatch | None:
+    """Rank 0's watch on other work slowing a CPU run's steps (one process on the machine only:
+    a multi-process run's other ranks are themselves other work)."""
+    one_process = local_ranks() == 1
+    return CpuShareWatch(torch.get_num_threads()) if d.main and d.device.type == "cpu" and one_process else None
 
 
 def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], requested) -> int:
