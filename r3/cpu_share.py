@@ -155,6 +155,16 @@ class CpuShareWatch:
         return note
 
 
+def watch_for(device) -> CpuShareWatch | None:
+    """A watch over one process's work on ``device`` (a ``torch.device``): None on a GPU (or for
+    no device)."""
+    if device is None or device.type != "cpu":
+        return None
+    import torch  # (this module's arithmetic needs no torch)
+
+    return CpuShareWatch(torch.get_num_threads())
+
+
 def _affinity() -> set[int]:
     try:
         return set(os.sched_getaffinity(0))

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import load_config, load_tokenizer
+from r3.cpu_share import watch_for
 from r3.decode import DECODE_MODES
 from r3.distributed import release_device_memory
 from r3.cli import (
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
             model, tok = load_model(spec, dtype, device)
             res = evaluate_examples(
                 model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
-                progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet),
+                progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet, watch=watch_for(device)),
                 chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
                 finished=partial.start(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
             )

@@ -45,6 +45,7 @@ import time
 
 from r3.chat import ChatFormat, template_options
 from r3.checkpoint import canonical_model, load_config
+from r3.cpu_share import watch_for
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -304,7 +305,7 @@ def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, 
             model, tok, task, todo, samples=args.samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size,
             seed=args.seed, on_batch=store.add, chat=ChatFormat(tok, template_options=template_options(chat_options)),
-            progress=Progress(len(todo), "failures", enabled=not args.quiet),
+            progress=Progress(len(todo), "failures", enabled=not args.quiet, watch=watch_for(device)),
             passed_before=going_on, on_progress=store.add_progress,
             seed_salt=len(seen) + len(store.progress),
         )["samples_drawn"]

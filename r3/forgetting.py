@@ -34,6 +34,7 @@ from pathlib import Path
 
 from r3.chat import ChatFormat, template_options, user_template_options
 from r3.checkpoint import generation_eos_ids
+from r3.cpu_share import watch_for
 from r3.cli import (
     DTYPES,
     ArgumentParser,
@@ -160,7 +161,8 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str, partial: Parti
             raise R3Error("--chat: this model's tokenizer has no chat template")
         chat = ChatFormat(tokenizer, template_options=template_options(args.chat_options))
     prompts = [chat.prompt_text(m) if chat else B.plain_text(m) for m in plan["messages"]]
-    progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet)
+    progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet,
+                        watch=watch_for(next(model.parameters()).device if hasattr(model, "parameters") else None))
     if finished:
         progress.resume(sum(len(r) for r in finished.values()))
     try:

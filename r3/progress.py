@@ -24,10 +24,16 @@ class Progress:
     compiled decode step compiles in the first batch).
     """
 
-    def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True):
+    def __init__(self, total: int, label: str, unit: str = "queries", stream=None, enabled: bool = True,
+                 watch=None):
+        """``watch``: an :class:`r3.cpu_share.CpuShareWatch` asked at each update whether other
+        processes slowed the work since the last one (its note goes on its own line)."""
         self.total, self.label, self.unit = total, label, unit
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
+        self.watch = watch if enabled else None
+        if self.watch is not None:
+            self.watch.start()
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self.done = self._resumed = 0
@@ -56,6 +62,12 @@ class Progress:
             self._open = True
         else:
             self.stream.write(line + "\n")
+        note = self.watch.stop("the last batch") if self.watch is not None else None
+        if note:
+            self.stream.write(("\n" if self.tty else "") + note + "\n")
+            self._open = False
+        elif self.watch is not None:
+            self.watch.start()
         self.stream.flush()
 
     def resume(self, done: int) -> None:

@@ -51,7 +51,7 @@ from r3.batch import (
 from r3.chat import ChatFormat, check_messages, template_options
 from r3.checkpoint import canonical_model, load, load_config
 from r3.config import TrainConfig, parse_args
-from r3.cpu_share import CpuShareWatch
+from r3.cpu_share import CpuShareWatch, watch_for
 from r3.distributed import (
     Dist,
     StopSignals,
@@ -629,8 +629,7 @@ def train_loop(run: Run) -> dict:
 def cpu_share_watch(d: Dist) -> CpuShareWatch | None:
     """Rank 0's watch on other work slowing a CPU run's steps (one process on the machine only:
     a multi-process run's other ranks are themselves other work)."""
-    one_process = local_ranks() == 1
-    return CpuShareWatch(torch.get_num_threads()) if d.main and d.device.type == "cpu" and one_process else None
+    return watch_for(d.device) if d.main and local_ranks() == 1 else None
 
 
 def step_end(run: Run, step: int, row: dict, ep, clock: tuple[float, int], requested) -> int:

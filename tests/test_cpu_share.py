@@ -156,3 +156,51 @@ def test_the_training_loop_prints_the_note_once_after_the_step_line(tmp_path, mo
     assert T.cpu_share_watch(d) is None
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert isinstance(T.cpu_share_watch(d), C.CpuShareWatch)
+
+
+class _Said:
+    """A watch that says its note at the given calls of stop()."""
+
+    def __init__(self, at):
+        self.at, self.calls, self.starts = at, 0, 0
+
+    def start(self):
+        self.starts += 1
+
+    def stop(self, what):
+        self.calls += 1
+        return f"note: slowed during {what}" if self.calls in self.at else None
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_a_progress_line_puts_the_watch_s_note_on_a_line_of_its_own(tty):
+    """Progress asks its watch at each update: the note goes on its own line after the progress
+    line (on a terminal, after ending the line being rewritten, so the next update does not
+    overwrite it); a disabled progress line asks nothing."""
+    import io
+
+    from r3.progress import Progress
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    out = Stream()
+    watch = _Said(at={2})
+    p = Progress(3, "evaluate", stream=out, watch=watch)
+    for done in (1, 2, 3):
+        p.update(done)
+    p.close()
+    text = out.getvalue()
+    assert text.count("note: slowed during the last batch\n") == 1 and watch.calls == 3
+    before, after = text.split("note: slowed during the last batch\n")
+    assert before.endswith("\n") and "2/3 queries" in before and "2/3" not in after and "3/3 queries" in after
+    assert watch.starts == 3  # (at the start, then after each update that said nothing)
+    quiet = _Said(at={1})
+    Progress(3, "evaluate", stream=Stream(), watch=quiet, enabled=False).update(1)
+    assert quiet.calls == 0 and quiet.starts == 0
+
+
+def test_the_clis_watch_only_a_cpu():
+    assert C.watch_for(torch.device("cuda")) is None and C.watch_for(None) is None
+    assert isinstance(C.watch_for(torch.device("cpu")), C.CpuShareWatch)
