@@ -1583,6 +1583,57 @@ def test_a_tool_call_block_holds_its_call_alone(completion, ok):
     assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
 
 
+def _with_id(call: dict, id_: str) -> str:
+    return json.dumps(dict(call, id=id_))
+
+
+@pytest.mark.parametrize(
+    "completion,ok",
+    [
+        (_blocks(CALLS), True),
+        ("\n".join("<tool_call>" + _with_id(c, "call_%d" % k) + "</tool_call>" for k, c in enumerate(CALLS)), True),
+        # a closing tag in an attempt's string: a harness's block ends there, and its text is no JSON
+        ("\n".join("<tool_call>" + _with_id(c, "</tool_call>") + "</tool_call>" for c in CALLS), False),
+        (_blocks(CALLS[:2]) + "\n<tool_call>" + _with_id(CALLS[2], "x</tool_call>"), False),  # the last, open
+        (_blocks(CALLS[:2]) + "\n" + _blocks([dict(CALLS[2], id="</tool_call>")], close=False), False),
+        # without blocks no harness looks for the tags; a tag in another case does not end a block
+        (dumps([dict(c, id="</tool_call>") for c in CALLS]), True),
+        ("\n".join("<tool_call>" + _with_id(c, "</TOOL_CALL>") + "</tool_call>" for c in CALLS), True),
+    ],
+)
+def test_a_closing_tag_inside_a_blocks_call_is_no_answer(completion, ok):
+    """Both implementations paid blocks whose call held "</tool_call>" in a string (an "id"),
+    which a Hermes parser (vLLM's: the first "</tool_call>" after the opening tag ends the block)
+    reads as a block of broken JSON: no call made, yet the reward paid."""
+    assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
+    assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
+
+
+@pytest.mark.parametrize(
+    "completion,ok",
+    [
+        # Llama's <|python_tag|> before the calls is part of the answer
+        ("<|python_tag|>" + GOOD, True),
+        ("<|python_tag|>" + "; ".join(json.dumps(c) for c in CALLS) + "<|eom_id|>", True),
+        ("<| python_tag |>\n" + GOOD + "<|eom_id|>", True),
+        # anywhere else it starts code for Llama's interpreter: another call
+        (GOOD + "\n<|python_tag|>exec(chr(105) + chr(109))<|eom_id|>", False),
+        (GOOD + "\n<|python_tag|>x = 2 ** 100", False),
+        ("<|python_tag|>import math\n" + GOOD, False),
+        ("<|python_tag|>Sure: " + GOOD, False),
+        (GOOD + "\n\uff1c|python_tag|\uff1e print(1)", False),  # full-width
+        (dumps([dict(c, id="<|python_tag|>") for c in CALLS]), False),  # in a string beside the calls
+    ],
+)
+def test_python_tag_outside_the_answer_is_another_call(completion, ok):
+    """Both implementations paid the right calls beside "<|python_tag|>" and code that the call
+    search reads as prose (exec(chr(105)), x = 2 ** 100): in Llama 3's format that tag starts a
+    call of the code interpreter (llama-models reads a reply that opens with it and holds no JSON
+    call as code to run), so the reward paid for a reply that also asks to run code."""
+    assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
+    assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
+
+
 # ---------------------------------------------------------------------------------------
 # mutation round 14: rows that only these tests hold (each fails a mutant of the verifier)
 # ---------------------------------------------------------------------------------------

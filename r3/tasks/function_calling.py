@@ -30,10 +30,11 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   to the first prose: anything but blank-looking characters (blanks, control, unassigned and
   private-use characters, characters that fold to nothing such as zero-width and combining ones,
   ``,`` and ``;`` in any form, Hangul fillers), other markup in angle brackets
-  (``<|python_tag|>``), code fences, list numbers and bullets (``1.``, ``2)``, ``-``, ``*``) and
-  complete structures without a key; a call may not hide in what a run passes over (as in loose
-  strings, below; markup that wraps JSON calls is fine: Mistral's ``[TOOL_CALLS]``,
-  ``<tool_calls>``, Granite's ``<function_call>`` and ``<|tool_call|>``). So Hermes / Qwen blocks
+  (``<|python_tag|>`` where it leads into calls), code fences, list numbers and bullets (``1.``,
+  ``2)``, ``-``, ``*``) and complete structures without a key; a call may not hide in what a run
+  passes over (as in loose strings, below; markup that wraps JSON calls is fine: Mistral's
+  ``[TOOL_CALLS]``, ``<tool_calls>``, Granite's ``<function_call>`` and ``<|tool_call|>``, Llama's
+  ``<|python_tag|>``). So Hermes / Qwen blocks
   (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's ``{a}; {b}`` and
   ``[a]\\n[b]`` are one run each. The answer is the calls of all attempts, in order. Each must be
   complete valid JSON and a call list (``[]`` included), a single call object, or a wrapper (an
@@ -58,7 +59,8 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (``<tool_call>{a}</tool_call> and {b}``) is no answer, and a block holds its attempt and JSON
   whitespace alone, as a harness parses the text between the tags as JSON (prose, a comment, a
   list number, a code fence or an invisible character in a block, also after the last block when
-  it stays open, is no answer); structures without a key, blocks apart with prose between, and
+  it stays open, is no answer, and so is ``</tool_call>`` in a string of its attempt, where the
+  harness's block ends: ``"id": "</tool_call>"``); structures without a key, blocks apart with prose between, and
   text with no opening tag (a bare list, ``{a}; {b}``, labelled calls; a stray ``</tool_call>``) are fine. A broken,
   truncated or invalid attempt anywhere is no answer, and nothing inside a structure is searched
   separately (``[{right call}, {broken call}]`` is no answer, not the right call alone). A
@@ -87,7 +89,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   parenthesis closes at once or opens with a string, list, object or keyword argument
   (``reset()``, ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an
   opening ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
-  ``<|recipient|>``, ``Action Input:``, DeepSeek's and gpt-oss's markers, ``✿FUNCTION✿``,
+  ``<|recipient|>``, Llama's ``<|python_tag|>`` (what follows it outside the runs is code for its
+  interpreter: ``<|python_tag|>exec(s)``), ``Action Input:``, DeepSeek's and gpt-oss's markers,
+  ``✿FUNCTION✿``,
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
   ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:``, ``Tool Name:`` /
   ``Tool Input:`` and the like (``-`` and one blank between words read as ``_``), as (nested)
@@ -512,10 +516,11 @@ def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tu
     last attempt must close its block: only the very last block of the completion (no tag after
     it) may stay unclosed. A block holds its attempt and JSON whitespace only: a harness parses
     the text of the block as JSON, so prose, a code fence, a comma or an invisible character in it
-    (``<tool_call>{a} Done.</tool_call>``, after the last block when it stays open) is no answer.
-    A harness finds a block by its tags as written: a block's tags must be exactly
-    ``<tool_call>`` and ``</tool_call>`` (``<TOOL_CALL>``, ``</tool_call >``, an ``id`` attribute
-    or a full-width bracket is no answer)."""
+    (``<tool_call>{a} Done.</tool_call>``, after the last block when it stays open) is no answer,
+    and so is an attempt holding ``</tool_call>`` in a string (``"id": "</tool_call>"``: the
+    harness's block ends there). A harness finds a block by its tags as written: a block's tags
+    must be exactly ``<tool_call>`` and ``</tool_call>`` (``<TOOL_CALL>``, ``</tool_call >``, an
+    ``id`` attribute or a full-width bracket is no answer)."""
     if not any(kind == "open" for _, kind in tags):
         return True
     t = 0
@@ -523,6 +528,8 @@ def _blocks_fit(text: str, runs: list[list[tuple[str, int, int]]], tags: list[tu
         for j, (kind, start, end) in enumerate(items):
             if kind == "call" and (j == 0 or items[j - 1][0] != "open"):
                 return False  # (an attempt outside the blocks: a harness would not make its calls)
+            if kind == "call" and text.find(_EXACT_TAG["close"], start, end) >= 0:
+                return False  # (a closing tag in the attempt's strings: a harness's block ends there)
             if kind in ("call", "close") and j > 0 and not _json_blank(text, items[j - 1][2], start):
                 return False  # (the block holds more than its attempt)
             if kind in ("open", "close") and text[start:end] != _EXACT_TAG[kind]:
@@ -684,10 +691,12 @@ _KEYWORD_OPENER = re.compile(r"\)|[a-z_][a-z0-9_]*\s*=(?!=)")
 # Other models' tool-call syntax: Llama 3's <function=name> (any <function ...> tag), an opening
 # <tool_call> or <tool_calls> tag (Hermes, GLM's "<tool_call>name"), Anthropic's <invoke>,
 # <function_calls>, Mistral's [TOOL_CALLS], Kimi's <|tool_call...|>, functionary's ">>>name" and
-# <|recipient|>, ReAct's "Action Input:", DeepSeek's tool▁call, gpt-oss's "to=functions.",
-# Qwen-Agent's ✿FUNCTION✿; and "name: f" and "arguments:" lines (YAML, :func:`_yaml_call`).
+# <|recipient|>, Llama's <|python_tag|> (code for its interpreter where no call follows), ReAct's
+# "Action Input:", DeepSeek's tool▁call, gpt-oss's "to=functions.", Qwen-Agent's ✿FUNCTION✿; and
+# "name: f" and "arguments:" lines (YAML, :func:`_yaml_call`).
 _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(?![a-z0-9_])"
-                          r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient)|>>>\s*[a-z_]|action\s*input\s*:"
+                          r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient|python_tag)|>>>\s*[a-z_]"
+                          r"|action\s*input\s*:"
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
 # (a key of up to three words with one space between them: "Tool Name:", LangChain's "Tool Input:")
@@ -812,7 +821,8 @@ def called_later(text: str, end: int, tool_names: list[str]) -> str | None:
       keyword argument: ``reset()``, ``reset("all")``, ``reset({})``, ``shutdown(force=True)``;
     * other models' tool-call syntax: ``<function=name>`` (Llama 3), an opening ``<tool_call>``
       tag (Hermes; GLM's ``<tool_call>name``), ``<invoke``, ``<function_calls>``, ``[TOOL_CALLS]``
-      (Mistral), ``<|tool_call...`` (Kimi), ``>>>name`` (functionary), ``Action Input:`` (ReAct).
+      (Mistral), ``<|tool_call...`` (Kimi), ``>>>name`` (functionary), ``<|python_tag|>`` (Llama's
+      code interpreter), ``Action Input:`` (ReAct).
 
     Prose stays prose: ``f(x)``, ``value(s)``, ``g(x == 1)``, ``word (note: ...)``, ``3(4)``,
     ``e.g. (this)``, and words in other scripts before a full-width parenthesis
@@ -877,8 +887,10 @@ def _attempt_in(folded: str) -> str | None:
 
 
 # Markup that wraps JSON calls and is part of the answer where a run passes over it: Mistral's
-# [TOOL_CALLS], Jamba's and MiniMax's <tool_calls>, Granite's <function_call> and <|tool_call|>.
-_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_calls?)\s*>|<\|\s*tool_call\s*\|>")
+# [TOOL_CALLS], Jamba's and MiniMax's <tool_calls>, Granite's <function_call> and <|tool_call|>, Llama's
+# <|python_tag|>.
+_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_calls?)\s*>"
+                      r"|<\|\s*(?:tool_call|python_tag)\s*\|>")
 
 
 def _reasoning_end(text: str) -> int:

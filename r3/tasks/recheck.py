@@ -1567,8 +1567,8 @@ def _fc_opens_like_a_call(folded: str, j: int) -> bool:
 
 def _fc_marker(folded: str, quoted: bool) -> bool:
     """Another model's tool-call syntax: an opening <tool_call>, <invoke or <function_calls tag,
-    [tool_calls], <|tool_call, >>> before a name, "action input:"; YAML keys (``quoted``: also in
-    quotes, as JSON without braces)."""
+    [tool_calls], <|tool_call, <|recipient, <|python_tag, >>> before a name, "action input:"; YAML
+    keys (``quoted``: also in quotes, as JSON without braces)."""
     def skip_blanks(j):
         while j < len(folded) and folded[j].isspace():
             j += 1
@@ -1577,8 +1577,9 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
     for k, ch in enumerate(folded):
         if ch == "<":
             j = skip_blanks(k + 1)
-            if folded.startswith("|", k + 1) and (folded.startswith("tool_call", skip_blanks(k + 2))
-                                                   or folded.startswith("recipient", skip_blanks(k + 2))):
+            # (Llama's <|python_tag|> leads into code for its interpreter where no call follows)
+            if folded.startswith("|", k + 1) and any(folded.startswith(word, skip_blanks(k + 2))
+                                                     for word in ("tool_call", "recipient", "python_tag")):
                 return True
             for word in ("tool_call", "tool_calls", "invoke", "function_calls", "function_call", "function"):
                 after = folded[j + len(word):j + len(word) + 1]
@@ -1949,7 +1950,8 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                     break
             # a harness finds the blocks by their tags as written ("<tool_call>", "</tool_call>")
             # and parses each block's text (up to the next tag, or the end) as JSON: JSON
-            # whitespace aside, it is exactly one attempt
+            # whitespace aside, it is exactly one attempt, with no "</tool_call>" in its strings
+            # (the harness's block would end there)
             attempt_spans = {(a, b) for a, b, ok in spans if ok and _fc_is_attempt(text[a:b], ok)}
             for n_tag, (at, kind, body) in enumerate(tags):
                 if not good:
@@ -1963,7 +1965,7 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
                 while b > a and text[b - 1] in " \t\n\r":
                     b -= 1
                 good = (text[at:body] == "<tool_call>" and (after is None or text[after[0]:after[2]] == "</tool_call>")
-                        and (a, b) in attempt_spans)
+                        and (a, b) in attempt_spans and "</tool_call>" not in text[a:b])
         if good:
             try:
                 calls, none_made = [], False
@@ -2009,7 +2011,8 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     for p in passed:
         f = _fc_fold(p)
         if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
-                                  "</function_call>", "<function_calls>", "</function_calls>", "<|tool_call|>") \
+                                  "</function_call>", "<function_calls>", "</function_calls>", "<|tool_call|>",
+                                  "<|python_tag|>") \
                 and not re.search(r"[a-z_]\s+[a-z_]|<\s+\||\|\s+>", f):
             continue  # (markup that wraps JSON calls, blanks never inside its words: part of the answer)
         if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)) or _fc_named_call_after(f, names) \
