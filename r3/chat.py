@@ -120,7 +120,7 @@ class ChatFormat:
         self.reply_prefix = self._tail[opened:] if opened > self._tail.rfind("</think>") else ""
         # Reasoning tags that a tokenizer marks special would vanish from the decoded reply; they
         # delimit what verifiers read, so decode keeps them.
-        self._kept = _special_think_tags(tokenizer)
+        self._kept = _kept_special_tokens(tokenizer)
         extra = set() if eos_token_ids is None else {int(i) for i in eos_token_ids}
         ids = {self.end_of_turn_id, int(tokenizer.eos_token_id)} | extra | set(generation_eos_ids(tokenizer))
         self.stop_ids = sorted(i for i in ids if 0 <= i < len(tokenizer))
@@ -192,8 +192,9 @@ class ChatFormat:
 
     def decode(self, ids: list[int]) -> str:
         """The text of the assistant message that ``ids`` (a sampled reply) complete: the
-        ``reply_prefix`` the generation prompt opened, then the reply without special tokens
-        (``<think>`` and ``</think>`` kept where the tokenizer marks them special)."""
+        ``reply_prefix`` the generation prompt opened, then the reply without special tokens,
+        except those of :data:`KEPT_SPECIAL_TOKENS` (reasoning and tool-call markup, which
+        reasoning and tool-call parsers read)."""
         if not self._kept or not any(i in self._kept for i in ids):
             return self.reply_prefix + self.tok.decode(ids, skip_special_tokens=True)
         parts, piece = [self.reply_prefix], []
@@ -206,15 +207,23 @@ class ChatFormat:
         return "".join(parts) + self.tok.decode(piece, skip_special_tokens=True)
 
 
-def _special_think_tags(tokenizer) -> dict[int, str]:
-    """``{id: text}`` of ``<think>`` / ``</think>`` where the tokenizer marks them special (as an
-    added token flagged special, or among its named special tokens), which decoding would drop."""
+#: Special tokens a reply's text keeps: where a reasoning block ends (a verifier reads the answer
+#: after it) and tool-call markup that a harness's parser reads (Llama 3's ``<|python_tag|>``, which
+#: starts code for its interpreter, Mistral's ``[TOOL_CALLS]``, Hermes blocks, Granite's
+#: ``<|tool_call|>``): without them the verifier would judge another text than the one a harness runs.
+KEPT_SPECIAL_TOKENS = ("<think>", "</think>", "<|python_tag|>", "[TOOL_CALLS]", "<tool_call>", "</tool_call>",
+                       "<|tool_call|>")
+
+
+def _kept_special_tokens(tokenizer) -> dict[int, str]:
+    """``{id: text}`` of the :data:`KEPT_SPECIAL_TOKENS` the tokenizer marks special (as an added
+    token flagged special, or among its named special tokens), which decoding would drop."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     named = set(getattr(tokenizer, "all_special_ids", None) or [])
     out = {}
     for i, token in added.items():
         text = getattr(token, "content", None)
-        if text in ("<think>", "</think>") and (getattr(token, "special", False) or i in named):
+        if text in KEPT_SPECIAL_TOKENS and (getattr(token, "special", False) or i in named):
             out[int(i)] = text
     return out
 

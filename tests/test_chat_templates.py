@@ -818,3 +818,29 @@ def test_qwen3_thinking_mode_through_the_chat_template_option(tokenizers, tmp_pa
         r3.forgetting.main(["--run", str(run), "--chat", "--chat-template-option", "enable_thinking=false", *bench,
                             "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_tool_call_markup_marked_special_is_kept_in_the_reply_s_text(builtin, tmp_path):
+    """Llama 3's ``<|python_tag|>`` is a special token that starts code for its interpreter, and
+    Mistral's ``[TOOL_CALLS]`` one that starts its calls. Decoding without special tokens gave the
+    verifier ``[right calls]exec(...)`` for a reply that asks the harness to run that code after
+    the calls, and both verifiers paid it; with the token kept, the extra code is another call.
+    A tag right before the calls stays part of the answer."""
+    from r3.tasks.function_calling import FunctionCallingTask
+    from r3.tasks.recheck import recheck
+
+    tok = _with_template(builtin[1], tmp_path, _CHATML_TURNS)
+    tok.add_tokens(["<|python_tag|>", "[TOOL_CALLS]", "<|eot_x|>"], special_tokens=True)
+    tag, eot_x = tok.convert_tokens_to_ids("<|python_tag|>"), tok.convert_tokens_to_ids("<|eot_x|>")
+    chat = ChatFormat(tok)
+    task = FunctionCallingTask()
+    example = task.examples("train", n=1)[0]
+    right = json.dumps(task.reference_calls(example))
+    code = chat.decode(chat.encode(right) + [tag] + chat.encode("exec(chr(105))") + [eot_x])
+    assert code == right + "<|python_tag|>exec(chr(105))"
+    assert not task.verify(example, code) and not recheck(task, example, code)[0]
+    lead = chat.decode([tag] + chat.encode(right) + [chat.end_of_turn_id])
+    assert lead == "<|python_tag|>" + right
+    assert task.verify(example, lead) and recheck(task, example, lead)[0]
+    calls = chat.decode(chat.encode("[TOOL_CALLS]" + right))
+    assert calls == "[TOOL_CALLS]" + right and task.verify(example, calls)
