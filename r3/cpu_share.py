@@ -87,18 +87,22 @@ def _read(path: str) -> str | None:
 
 
 def take_sample(cpus: set[int]) -> CpuSample | None:
-    """This moment's counters; None where ``/proc`` is not there (not Linux)."""
-    tick = 1.0 / os.sysconf("SC_CLK_TCK")
-    proc_stat = _read("/proc/stat")
-    if proc_stat is None:
+    """This moment's counters; None where ``/proc`` is not there (not Linux) or cannot be read as
+    expected (a note is never worth stopping a run for)."""
+    try:
+        tick = 1.0 / os.sysconf("SC_CLK_TCK")
+        proc_stat = _read("/proc/stat")
+        if proc_stat is None:
+            return None
+        stats = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                text = _read(f"/proc/{name}/stat")
+                if text is not None:
+                    stats[int(name)] = text
+        return CpuSample(time.monotonic(), busy_seconds(proc_stat, cpus, tick), tree_seconds(stats, os.getpid(), tick))
+    except (OSError, ValueError, AttributeError):  # (no sysconf name, an unexpected field)
         return None
-    stats = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            text = _read(f"/proc/{name}/stat")
-            if text is not None:
-                stats[int(name)] = text
-    return CpuSample(time.monotonic(), busy_seconds(proc_stat, cpus, tick), tree_seconds(stats, os.getpid(), tick))
 
 
 def others_cores(before: CpuSample, after: CpuSample) -> float:

@@ -204,3 +204,13 @@ def test_a_progress_line_puts_the_watch_s_note_on_a_line_of_its_own(tty):
 def test_the_clis_watch_only_a_cpu():
     assert C.watch_for(torch.device("cuda")) is None and C.watch_for(None) is None
     assert isinstance(C.watch_for(torch.device("cpu")), C.CpuShareWatch)
+
+
+def test_an_unexpected_proc_gives_no_sample_not_an_error(monkeypatch):
+    """A /proc/stat in another format, or a /proc that cannot be listed, makes the watch silent:
+    a note is never worth stopping a run for."""
+    monkeypatch.setattr(C, "_read", lambda path: "cpu0 1 2 x\n" if path == "/proc/stat" else None)
+    assert C.take_sample({0}) is None
+    monkeypatch.setattr(C, "_read", lambda path: PROC_STAT)
+    monkeypatch.setattr(C.os, "listdir", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert C.take_sample({0}) is None
