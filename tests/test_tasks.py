@@ -361,12 +361,13 @@ def test_countdown_verifier_cases(nums, target, completion, expected):
 
 def test_countdown_overlay_marks_are_unicodes_combining_class_1():
     """Both readings of an overlaid character cover every overlay mark Unicode names (the verifier
-    lists them, the re-check asks unicodedata): none is dropped as a plain accent."""
+    lists them, the re-check asks unicodedata), and the enclosing circle backslash (U+20E0, a
+    prohibition sign drawn over it): none is dropped as a plain accent."""
     import unicodedata
 
     from r3.tasks.countdown_verify import OVERLAY_MARKS
 
-    overlays = {chr(c) for c in range(0x110000) if unicodedata.combining(chr(c)) == 1}
+    overlays = {chr(c) for c in range(0x110000) if unicodedata.combining(chr(c)) == 1} | {"\u20e0"}
     listed = {m.group() for c in map(chr, range(0x110000))
               for m in [re.fullmatch(f"[{OVERLAY_MARKS}]", c)] if m}
     assert listed == overlays
@@ -2125,6 +2126,79 @@ def test_countdown_operations_after_a_wrapper_and_behind_an_operator_symbol(tags
     _both_implementations_say(tags, completion, expected)
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # the other forms of * / % ^ - (full-width, small, low, Arabic, per mille): operators as theirs
+    pytest.param(False, "5 + 23 = 28 \uff0a two", False, id="fullwidth-asterisk-number-word"),
+    pytest.param(False, "n \uff0a (5 + 23) = 28", False, id="variable-fullwidth-asterisk"),
+    pytest.param(False, "5 + 23 = 28 \uff0f two", False, id="fullwidth-solidus-number-word"),
+    pytest.param(False, "5 + 23 = 28\uff05", False, id="fullwidth-percent"),
+    pytest.param(False, "5 + 23 = 28 \uff3e n", False, id="fullwidth-caret-variable"),
+    pytest.param(False, "5 + 23 = 28 \uff0d n", False, id="fullwidth-minus-variable"),
+    pytest.param(False, "5 + 23 = 28 \ufe61 n", False, id="small-asterisk-variable"),
+    pytest.param(False, "two \u204e 5 + 23 = 28", False, id="number-word-low-asterisk"),
+    pytest.param(False, "two \u066d 5 + 23 = 28", False, id="number-word-arabic-star"),
+    pytest.param(False, "5 + 23 = 28\u2030", False, id="per-mille"),
+    pytest.param(False, "5 + 23 = 28\u066a", False, id="arabic-percent"),
+    pytest.param(False, "5 + 23 = 28. So 28 \uff05 5 too.", False, id="later-fullwidth-percent"),
+    pytest.param(True, "n \uff0a <answer>5 + 23 = 28</answer>", False, id="tags-variable-fullwidth-asterisk"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\uff05", False, id="tags-fullwidth-percent"),
+    # ... and an operator-like symbol that ends the line before, as an operator sign does
+    pytest.param(False, "two \u2715\n5 + 23 = 28", False, id="multiplication-x-line-before"),
+    pytest.param(False, "two \uff0a\n5 + 23 = 28", False, id="fullwidth-asterisk-line-before"),
+    pytest.param(True, "two \u2715\n<answer>5 + 23 = 28</answer>", False, id="tags-multiplication-x-line-before"),
+    # the other forms of "?" make it a question as "?" does; a full-width "!" is "!"
+    pytest.param(False, "5 + 23 = 28\uff1f", False, id="fullwidth-question-mark"),
+    pytest.param(False, "5 + 23 = 28, right\u2753", False, id="emoji-question-mark-right"),
+    pytest.param(False, "Is 5 + 23 = 28 \u2047", False, id="double-question-mark"),
+    pytest.param(False, "5 + 23 = 28\u203d", False, id="interrobang"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\uff1f", False, id="tags-fullwidth-question-mark"),
+    pytest.param(False, "The answer is 5 + 23\uff01", False, id="fullwidth-factorial"),
+    # a prohibition sign drawn over it (U+20E0, enclosing circle backslash), as a solidus overlay
+    pytest.param(False, "5 + 23 =\u20e0 28", False, id="equals-in-prohibition-sign"),
+    pytest.param(False, "5 + 23 = 28\u20e0", False, id="result-in-prohibition-sign"),
+    # a number word in emphasis next to it: maybe a power, as "two **5 + 23 = 28**"
+    pytest.param(False, "5 + 23 = 28 **two**", False, id="bold-number-word-after"),
+    pytest.param(False, "5 + 23 = 28 *two*", False, id="italic-number-word-after"),
+    # the other marks that say "no" (a ballot box with an X, prohibited, thumbs down), as a cross mark
+    pytest.param(False, "5 + 23 = 28 \u2612", False, id="ballot-box-with-x-after"),
+    pytest.param(False, "\U0001f6ab 5 + 23 = 28", False, id="prohibited-before"),
+    pytest.param(False, "5 + 23 = 28. Both used once \u26d4", False, id="no-entry-later"),
+    pytest.param(False, "5 + 23 = 28 \U0001f44e", False, id="thumbs-down-after"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> \U0001f44e", False, id="tags-thumbs-down-after"),
+    # a number word after an operator word: more arithmetic on the result, as with digits ("times 2")
+    pytest.param(False, "5 + 23 = 28. Then times two.", False, id="later-times-number-word"),
+    pytest.param(False, "5 + 23 = 28. Then minus five.", False, id="later-minus-number-word"),
+    pytest.param(False, "5 + 23 = 28. Better: twenty-three minus five.", False, id="later-restated-difference-in-words"),
+    pytest.param(False, "5 + 23 = 28, divided by two", False, id="later-divided-by-number-word"),
+    pytest.param(False, "5 + 23 = 28. Therefore twenty-three less five.", False, id="later-less-number-word"),
+    # ... while plain answers, an exclamation, bullets, emoji and emphasised words stay right
+    pytest.param(False, "So the answer is 5 + 23 = 28.", True, id="plain"),
+    pytest.param(False, "5 + 23 = 28. I checked it two times.", True, id="number-word-before-times"),
+    pytest.param(False, "5 + 23 = 28. Let me add one more note.", True, id="add-one-more-note"),
+    pytest.param(False, "\u2612 30 - 2 = 28\n\u2611 5 + 23 = 28 \U0001f44d", True, id="checked-box-after-a-crossed-one"),
+    pytest.param(False, "**Answer:** $5 + 23 = 28$", True, id="bold-label-dollars"),
+    pytest.param(False, "5 + 23 = 28\uff01", True, id="fullwidth-exclamation-after-result"),
+    pytest.param(False, "\u2022 5 + 23 = 28 \u2728", True, id="bullet-and-emoji"),
+    pytest.param(False, "Step **one**: 5 + 23 = 28", True, id="bold-number-word-in-label"),
+    pytest.param(False, "**Two** numbers: 5 + 23 = 28", True, id="bold-number-word-heading"),
+    pytest.param(False, "5 + 23 = 28 **correct**", True, id="bold-word-after"),
+    pytest.param(True, "**Answer:** <answer>5 + 23 = 28</answer>", True, id="tags-bold-label"),
+])
+def test_countdown_operator_and_question_forms_found_by_a_white_box_review(tags, completion, expected):
+    """A white-box review found both implementations paying these: full-width, small and other
+    forms of ``* / % ^ -`` (``\uff0a \uff0f \uff05 \u204e \u2030``) counted as wrappers, not
+    operators, so ``5 + 23 = 28 \uff0a two`` and ``5 + 23 = 28\uff05`` were paid where the ASCII
+    signs are refused; an operator-like symbol ending the line before (``two \u2715``) was not
+    read as continuing it; ``\uff1f \u2753 \u2047 \u203d`` were not questions as ``?`` is; the
+    prohibition sign U+20E0 over ``=`` (shown as a crossed-out equals) was dropped; the marks
+    ``\u2612 \U0001f6ab \u26d4 \U0001f44e`` were not cross marks; and a number
+    word in emphasis just after it was read as emphasis, not as a possible power, unlike ``two
+    **5 + 23 = 28**``; and a number word after ``times``, ``minus`` or ``divided by`` (``Then times
+    two.``) was paid where digits (``Then times 2.``) are refused. A model could be paid for a
+    percentage, a power, a question or more arithmetic on its result."""
+    _both_implementations_say(tags, completion, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------
@@ -2667,6 +2741,7 @@ _COUNTDOWN_SHAPES = {
     "stars": lambda n: "**" * n + "5 + 23 = 28",
     "emphasis": lambda n: "*a* " * n + "5 + 23 = 28",
     "bold-numbers": lambda n: "5 + 23 = 28 " + "**1 + 1** " * n,
+    "bold-number-words": lambda n: "5 + 23 = 28 " + "1 **two** " * n,
     "underscores": lambda n: "_" * n + "5 + 23 = 28___",
     "decimals": lambda n: "5 + 23 = 28 " + ".5 " * n,
     "many-runs": lambda n: "1 a " * n + "5 + 23 = 28",

@@ -55,11 +55,12 @@ when
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
   written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``) or
-  operator-like symbol (``· ✕ ➕ ➖``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
+  operator-like symbol (``· ✕ ➕ ➖``, and the full-width, small and other forms of ``* / % ^ -``:
+  ``＊ ／ ％ ＾ ﹡ ⁎ ‰``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
   sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
-  (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖``, :data:`DENIAL_MARKS`) before or after
-  it; a ``?`` after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
+  (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖ ☒ 🚫 👎``, :data:`DENIAL_MARKS`) before or after
+  it; a ``?`` (or another form of it: ``？ ❓ ⁇ ‽``) after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
   28?``, ``5 + 23 = 28, right?``; a code fence, ``$$`` or ``\\]`` closing its block on the next
   line goes on with its sentence: the fence, then ``, right?``); a dash with a one-letter variable
   past it (``n - <answer>``;
@@ -78,7 +79,8 @@ when
   (``Actually 24 is the final answer.``, ``26 would then be the result``), a decimal (``50.5``;
   after a cue also ``28,5``), a number in another script, a number next to an operator sign or
   word (``26 \u2212 24``, ``/3``, a spaced `` * 2``, ``I added 26``, ``26 take away 24``) or after
-  an operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), LaTeX ``\\frac``,
+  an operation and ``of`` (``the product of 26 and 24``, ``to the power of 2``), a number word
+  after ``times``, ``plus``, ``minus``, ``less`` or ``divided by`` (``Then times two.``), LaTeX ``\\frac``,
   ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
   answer cue, a number word (``thirty-two`` is 32) whose value is not the target in such a
   sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
@@ -261,10 +263,17 @@ _WORD_VALUE = {w: v for v, w in enumerate(_UNITS)} | {w: 20 + 10 * k for k, w in
     "hundred": 100, "thousand": 1000, "million": 1000000}
 NUMBER_WORDS = frozenset(_WORD_VALUE)
 _TENS_UNIT = re.compile(r"[-\u2010\u2011 ]?([A-Za-z]+)\b")  # a unit word if its letters are one of _UNITS[1:10]
-#: Marks that deny what they touch: a cross next to the final equation, or anywhere after it.
-DENIAL_MARKS = "\u274c\u274e\u2717\u2718\u2716"
-#: Symbols that read as an operation though they are not Unicode math symbols.
-_OPERATOR_SYMBOLS = "\u00b7\u2715\u2716\u2795\u2796\u2797"
+#: Marks that deny what they touch: a cross next to the final equation, or anywhere after it (also a
+#: ballot box with an X, a saltire, a prohibited sign, a no-entry sign and a thumbs down).
+DENIAL_MARKS = ("\u274c\u274e\u2717\u2718\u2716"
+                "\u2612\u2613\u2bbd\U0001f5f5\U0001f5f7\U0001f6ab\u26d4\U0001f44e")
+#: Symbols that read as an operation though they are not Unicode math symbols: the dot and crosses,
+#: and the other forms of ``* / % ^ \\ -`` (full-width ``\uff0a \uff0f \uff05 \uff3e``, small
+#: ``\ufe61 \ufe6a``, the low asterisk ``\u204e``, Arabic ``\u066d \u066a``, per mille ``\u2030``,
+#: modifier ``\u02d6 \u02d7``, the caret ``\u2038``), which read as their ASCII operators.
+_OPERATOR_SYMBOLS = ("\u00b7\u2715\u2716\u2795\u2796\u2797"
+                     "\uff0a\uff0f\uff05\uff3e\uff3c\uff0d\ufe61\ufe6a\ufe68\ufe63\u204e\u066d\u066a"
+                     "\u2030\u2031\u0609\u060a\u02d6\u02d7\u2038")
 
 
 _RUN = re.compile(r"[0-9+\-*/()= \t]+")
@@ -286,6 +295,11 @@ _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _MAX_WORD = 32  # listed words are short; reading a longer word stops there
 _LINE_BREAKS = "\n\r\u2028\u2029\x85"
 _BLANKS = "\u2800\u3164\u115f\u1160\uffa0"  # characters that print as nothing
+#: Other forms of ``?`` (full-width, small, vertical, emoji, ``\u2047 \u2048 \u2049 \u203d``, Arabic,
+#: reversed) and of ``!`` (full-width, small, vertical): read as ``?`` and ``!``, so that ``5 + 23 =
+#: 28\uff1f`` and ``5 + 23 = 28, right\u2753`` are questions as with ``?``.
+QUESTION_MARKS = "\uff1f\ufe56\ufe16\u2753\u2754\u2047\u2048\u2049\u203d\u061f\u2e2e"
+EXCLAMATION_MARKS = "\uff01\ufe57\ufe15"
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _NON_ASCII_OR_CONTROL = re.compile(r"[^\x20-\x7e\n]")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,20}>")
@@ -295,8 +309,9 @@ _STRUCK_TAG = re.compile(r"(?ai)<(/?)(del|s|strike)>")
 # A character overlaid with marks (Unicode's overlay marks, canonical combining class 1), with
 # the marks on it: struck through by a stroke (U+0335, U+0336) it is not read; under any other
 # overlay (a solidus, U+0338: ``=\u0338`` shows as ``\u2260``; a double solidus, a vertical line,
-# a tilde, a ring) it is no longer itself and reads as ``\u2260``.
-OVERLAY_MARKS = ("\u0334-\u0338\u1cd4\u1ce2-\u1ce8\u20d2\u20d3\u20d8-\u20da\u20e5\u20e6\u20ea\u20eb"
+# a tilde, a ring, and the enclosing circle backslash U+20E0, a prohibition sign over it: ``=\u20e0``)
+# it is no longer itself and reads as ``\u2260``.
+OVERLAY_MARKS = ("\u0334-\u0338\u1cd4\u1ce2-\u1ce8\u20d2\u20d3\u20d8-\u20da\u20e0\u20e5\u20e6\u20ea\u20eb"
                  "\U00010a39\U00016af0-\U00016af4\U0001bc9e\U0001d167-\U0001d169")
 _OVERLAY_MARK = re.compile(f"[{OVERLAY_MARKS}]")
 _OVERLAID = re.compile(f"[^{OVERLAY_MARKS}\n\r\u2028\u2029\x85]?[{OVERLAY_MARKS}]+")
@@ -319,6 +334,8 @@ class _Reject(Exception):
 def _visible(ch: str) -> str:
     if ch in _LINE_BREAKS:
         return "\n"
+    if ch in QUESTION_MARKS or ch in EXCLAMATION_MARKS:
+        return "?" if ch in QUESTION_MARKS else "!"
     if ch.isspace() or ch in _BLANKS:
         return " "
     if unicodedata.category(ch) in ("Cf", "Cc", "Mn", "Me"):
@@ -606,6 +623,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
                 return f"LaTeX \\{tok} after the final equation"
             if tok == "boxed" and prev[-1:] == [("other", "\\")] and _NESTED_BRACE.match(text, m.end()):
                 return "a \\boxed{} holding braces after the final equation"
+            if tok in _WORD_VALUE and _word_operation(prev):
+                return f"more arithmetic after the final equation (a number word, {tok!r}, after {prev[-1][1]!r})"
             if tok in _WORD_VALUE and m.start() >= unit_until:
                 value = _WORD_VALUE[tok]
                 unit = _TENS_UNIT.match(text, m.end()) if tok in _TENS else None
@@ -652,6 +671,23 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     if prev and prev[-1][0] == "word" and (prev[-1][1] in ARITHMETIC_ACTIONS or prev[-1][1] in OPERATOR_WORDS):
         return f"the text ends in an unfinished operation ({prev[-1][1]!r})"
     return None
+
+
+#: Operator words that apply a number word right after them to what came before (``Then times
+#: two.``, ``minus five``, ``less five``); ``divided`` and ``multiplied`` with ``by`` between
+#: (``divided by two``).
+WORD_OPERATIONS = frozenset("times plus minus less".split())
+_BY_OPERATIONS = frozenset("divided multiplied".split())
+
+
+def _word_operation(prev: list[tuple[str, str]]) -> bool:
+    """Whether the tokens just read end in one of :data:`WORD_OPERATIONS`, or ``divided by`` /
+    ``multiplied by``: a number word next is an operand (digits there are caught as next to an
+    operator word)."""
+    if prev and prev[-1][0] == "word" and prev[-1][1] in WORD_OPERATIONS:
+        return True
+    return (len(prev) >= 2 and prev[-1] == ("word", "by") and prev[-2][0] == "word"
+            and prev[-2][1] in _BY_OPERATIONS)
 
 
 def _doubt(prev: list[tuple[str, str]]) -> bool:
@@ -850,10 +886,21 @@ def _emphasis_pair(view: str, opening: re.Match, closing: re.Match) -> bool:
     if not (inner == "\0" or _ASCII_WORD.search(inner) is not None
             or (len(inner) > 2 and _wrapper(inner[0]) and _wrapper(inner[-1]))):
         return False
-    # ... and no operand on both sides of a marker: it may be the power operator ("n **5 + 23 = 28 is it**")
-    if _operand_edge(inner[0]) and _operand_next(view, opening.start(), -1):
+    # ... and no operand on both sides of a marker: it may be the power operator ("n **5 + 23 = 28 is it**",
+    # "5 + 23 = 28 **two**": a number word inside is an operand too)
+    if (_operand_edge(inner[0]) or _number_word_edge(inner, +1)) and _operand_next(view, opening.start(), -1):
         return False
-    return not (_operand_edge(inner[-1]) and _operand_next(view, closing.end() - 1, 1))
+    return not ((_operand_edge(inner[-1]) or _number_word_edge(inner, -1))
+                and _operand_next(view, closing.end() - 1, 1))
+
+
+def _number_word_edge(inner: str, step: int) -> bool:
+    """Whether ``inner`` starts (``step`` 1) or ends (-1) with a number word (``two``, ``Twenty``)."""
+    i = 0 if step > 0 else len(inner) - 1
+    j = i
+    while 0 <= j < len(inner) and abs(j - i) <= _MAX_WORD and inner[j].isascii() and inner[j].isalpha():
+        j += step
+    return (inner[i:j] if step > 0 else inner[j + 1:i + 1]).lower() in _WORD_VALUE
 
 
 def _operand_edge(ch: str) -> bool:
@@ -881,7 +928,7 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
     if i < 0:
         return None
     ch = text[i]
-    if ch in "+-*/=(" or ch in _DISALLOWED_ASCII or unicodedata.category(ch) == "Sm":
+    if ch in "+-*/=(" or ch in _DISALLOWED_ASCII or unicodedata.category(ch) == "Sm" or ch in _OPERATOR_SYMBOLS:
         return f"the equation continues the line before, which ends in {ch!r}"
     kind, value, _ = _token(text, i, -1)
     if kind == "word" and value in OPERATOR_WORDS:

@@ -100,7 +100,17 @@ _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untru
     galt felaktig felaktigt uriktig forkert forkerte
 """.split()}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
+# ... and the other marks that say "no": ballot boxes with an X, the saltire, prohibited, no entry, thumbs down
+_CD_CROSSES |= {"\u2612", "\u2613", "\u2bbd", "\U0001f5f5", "\U0001f5f7", "\U0001f6ab", "\u26d4", "\U0001f44e"}
+_CD_QUESTIONS = {"\uff1f", "\ufe56", "\ufe16", "\u2753", "\u2754", "\u2047", "\u2048", "\u2049", "\u203d",
+                 "\u061f", "\u2e2e"}
+_CD_BANGS = {"\uff01", "\ufe57", "\ufe15"}
 _CD_OP_SYMBOLS = set("\u00b7\u2715\u2716\u2795\u2796\u2797")
+# the operators' other forms, read as the operators: full-width and small * / % ^ \\ -, the low
+# asterisk, the Arabic star and percent, per mille and per ten thousand, modifier plus and minus, caret
+_CD_OP_SYMBOLS |= {chr(0xFF00 + k) for k in (0x0A, 0x0F, 0x05, 0x3E, 0x3C, 0x0D)}
+_CD_OP_SYMBOLS |= {chr(0xFE00 + k) for k in (0x61, 0x6A, 0x68, 0x63)}
+_CD_OP_SYMBOLS |= set("\u204e\u066d\u066a\u2030\u2031\u0609\u060a\u02d6\u02d7\u2038")
 _CD_ACTIONS = set()
 for _stem, _forms in (("add", "s ed ing"), ("subtract", "s ed ing"), ("multipl", "y ies ied ying ication"),
                       ("divid", "e es ed ing"), ("doubl", "e es ed ing"), ("tripl", "e es ed ing"),
@@ -284,23 +294,29 @@ def _cd_later_tag(rest: str) -> bool:
     return False
 
 
+def _cd_overlay(c: str) -> bool:
+    """An overlay mark: combining class 1, or the enclosing circle backslash (U+20E0), a
+    prohibition sign drawn over the character before it."""
+    return unicodedata.combining(c) == 1 or c == "\u20e0"
+
+
 def _cd_read(text: str) -> str | None:
     """The text as a person reads it, or None (bidirectional controls)."""
     if any("\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069" for c in text):
         return None
     if "&" in text:
         text = html.unescape(text)
-    if any(unicodedata.combining(c) == 1 for c in text):
+    if any(_cd_overlay(c) for c in text):
         # an overlay mark (combining class 1) on a character: strokes alone (U+0335, U+0336) strike
         # it out; any other (a solidus, U+0338, a double solidus, a vertical line) negates it: \u2260
         out, i = [], 0
         while i < len(text):
-            if unicodedata.combining(text[i]) != 1:
+            if not _cd_overlay(text[i]):
                 out.append(text[i])
                 i += 1
                 continue
             j = i
-            while j < len(text) and unicodedata.combining(text[j]) == 1:
+            while j < len(text) and _cd_overlay(text[j]):
                 j += 1
             if out and out[-1] not in "\n\r\u2028\u2029\x85" and i > 0 and text[i - 1] == out[-1]:
                 out.pop()
@@ -318,6 +334,10 @@ def _cd_read(text: str) -> str | None:
             out.append(c)
         elif c.isspace() or c in "\u2800\u3164\u115f\u1160\uffa0":
             out.append(" ")
+        elif c in _CD_QUESTIONS:  # ？ ﹖ ❓ ⁇ ‽ ؟ ...: a question, as "?"
+            out.append("?")
+        elif c in _CD_BANGS:  # ！ ﹗ ︕: "!"
+            out.append("!")
         elif unicodedata.category(c) not in ("Cf", "Cc", "Mn", "Me"):
             out.append(c)
     text = "".join(out)
@@ -708,7 +728,7 @@ def _cd_previous_line(text: str, start: int) -> str | None:
         k -= 1
     if k < 0:
         return None
-    if text[k] in "+-*/=(" or _math_sign(text[k]):
+    if text[k] in "+-*/=(" or _math_sign(text[k]) or text[k] in _CD_OP_SYMBOLS:
         return "continues the line before"
     kind, w, _ = _cd_tok(text, k, -1)
     if kind == "word" and w in _CD_OP_WORDS:
@@ -745,9 +765,11 @@ def _cd_unemphasised(text: str) -> str:
             b1 < len(text) and (text[b1].isalnum() or text[b1] == "_"))
         if (a1 - a0 == b1 - b0 <= 3 and inner and "\n" not in inner and not inner[0].isspace()
                 and not inner[-1].isspace() and not glued_out
-                and not ((inner[0].isdigit() or inner[0] in "()" or _cd_wrapping(inner[0]))
+                and not ((inner[0].isdigit() or inner[0] in "()" or _cd_wrapping(inner[0])
+                          or _cd_word_at_edge(inner, True))
                          and _cd_operand_next(text, a0 - 1, -1))  # (n **5 + 23 = 28 is it**: maybe a power)
-                and not ((inner[-1].isdigit() or inner[-1] in "()" or _cd_wrapping(inner[-1]))
+                and not ((inner[-1].isdigit() or inner[-1] in "()" or _cd_wrapping(inner[-1])
+                          or _cd_word_at_edge(inner, False))  # (5 + 23 = 28 **two**)
                          and _cd_operand_next(text, b1, 1))
                 and (inner == "\0" or re.search("[a-zA-Z][a-zA-Z]", inner)
                      or (len(inner) > 2 and _cd_wrapping(inner[0]) and _cd_wrapping(inner[-1])))):
@@ -757,6 +779,18 @@ def _cd_unemphasised(text: str) -> str:
         else:
             k += 1
     return "".join(c for n, c in enumerate(text) if n not in drop)
+
+
+def _cd_word_at_edge(inner: str, first: bool) -> bool:
+    """Whether the letters at the start (``first``) or end of ``inner`` spell a number word."""
+    n = 0
+    while n < min(len(inner), 40):
+        c = inner[n] if first else inner[len(inner) - 1 - n]
+        if not (c.isascii() and c.isalpha()):
+            break
+        n += 1
+    word = inner[:n] if first else inner[len(inner) - n:]
+    return n > 0 and word.lower() in _CD_WORD_VALUES
 
 
 def _cd_operand_next(text: str, k: int, step: int) -> bool:
@@ -1089,6 +1123,10 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                         return "later nested \\boxed"
             if tok == "away" and window and window[-1][1] in ("take", "takes", "took", "taking", "taken"):
                 tok = "take away"
+            if tok in _CD_WORD_VALUES and (  # "Then times two.", "minus five", "divided by three"
+                    (window[-1:] and window[-1][0] == "word" and window[-1][1] in ("times", "plus", "minus", "less"))
+                    or window[-2:] in ([("word", "divided"), ("word", "by")], [("word", "multiplied"), ("word", "by")])):
+                return "later arithmetic on a number word"
             if tok in _CD_WORD_VALUES and i >= skip_to:
                 value = _CD_WORD_VALUES[tok]
                 if tok in _CD_TENS:
