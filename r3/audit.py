@@ -56,7 +56,10 @@ def audit(task, samples: list[dict]) -> dict:
     others = [s for s in samples if s["reward"] <= 0]
     out = {"rewarded": len(rewarded), "unrewarded_logged": len(others), "independent_checker": independent,
            "rewarded_pass_verifier": 0, "rewarded_pass_recheck": 0, "unrewarded_pass_verifier": 0,
-           "unrewarded_pass_recheck": 0, "rewarded_failing": 0, "disagreements": []}
+           "unrewarded_pass_recheck": 0, "rewarded_failing": 0, "disagreements": [],
+           # (rewarded retries that hit the retry token limit; None for samples that do not record it)
+           "rewarded_cut": (sum(s["retry_cut"] is True for s in rewarded)
+                            if rewarded and all("retry_cut" in s for s in rewarded) else None)}
     for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
         for s in group:
             now, why = judge(task, s["example"], s["retry"])  # (why: this verdict's own; None from a duck-typed task)
@@ -104,6 +107,9 @@ def main(argv=None) -> int:
         print(f"  pass the independent re-check: {_rate(res['rewarded_pass_recheck'], res['rewarded'])}")
     else:
         print(f"  independent re-check: none for task {cfg['task']!r} (built-in tasks only)")
+    if res["rewarded_cut"]:
+        print(f"  cut off at the retry token limit: {_rate(res['rewarded_cut'], res['rewarded'])} (paid for the text "
+              "where the limit fell; read them, the model may not have been done: --show marks them)")
     print(f"unrewarded samples logged: {res['unrewarded_logged']}" + (
         f"; the re-check passes {res['unrewarded_pass_recheck']} of them" if res["independent_checker"] else ""))
     for dis in res["disagreements"]:
@@ -115,7 +121,8 @@ def main(argv=None) -> int:
               f"  example: {json.dumps(dis['example'])[:300]}\n  retry: {dis['retry']!r}")
     shown = [s for s in samples if s["reward"] > 0][-args.show:] if args.show > 0 else []
     for s in shown:
-        print(f"--- rewarded, step {s.get('step')}: {json.dumps(s['example'])[:200]}\n"
+        cut = " (retry cut off at the token limit)" if s.get("retry_cut") is True else ""
+        print(f"--- rewarded, step {s.get('step')}{cut}: {json.dumps(s['example'])[:200]}\n"
               f"reflection: {s.get('reflection', '')!r}\nretry: {s['retry']!r}\nreason: {s.get('reason')}")
     if out_path:
         write_json_atomic(out_path, {"run": str(run), "task": cfg["task"], "task_options": cfg.get("task_options", {}),

@@ -224,6 +224,10 @@ def run_episode(
             "retry": reply,
             "reward": 1.0 if ok else 0.0,
             "reason": why,
+            # (cut off by the token limit, not ended by the model: a cut retry's final equation is
+            # where the limit fell, which may not be where the model would have ended)
+            "reflection_cut": not refl.finished[r],
+            "retry_cut": not retry.finished[r],
         })
     return Episode(
         sequences=[list(t) for t in session.tokens],

@@ -755,3 +755,37 @@ def test_group_size_is_0_for_an_episode_without_groups(tiny):
     bad = CoinTask(always=False)
     ep = run_episode(model, tok, bad, bad.examples(n=1), group_size=3, sampling=SAMPLING, seed=0, chat=chat)
     assert ep.group_size == 3 and len(ep.sequences) == 3
+
+
+def test_records_say_which_reflections_and_retries_the_token_limit_cut_off(tiny, monkeypatch):
+    """``reflection_cut`` / ``retry_cut`` in each record: the row's own ``finished`` of the sample
+    call that wrote it, negated (a cut retry's final equation is where the limit fell, and
+    ``r3.audit`` counts the rewarded ones); row r of the records is row r of the group-forked
+    session, whose reflections and retries run as r // group_size's failure."""
+    from r3 import sampler as S
+
+    model, tok, chat = tiny
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=3), group_size=2, sampling=SAMPLING, seed=0, chat=chat)
+
+    def cut(spans, limit):  # (ran to the limit without ending on a stop id: CoinTask has no stop strings)
+        return [e - s == limit and ep.sequences[r][e - 1] not in chat.stop_ids for r, (s, e) in enumerate(spans)]
+
+    assert [r["reflection_cut"] for r in ep.records] == cut(ep.spans, SAMPLING.max_reflection_tokens)
+    assert [r["retry_cut"] for r in ep.records] == cut(ep.retry_spans, SAMPLING.max_retry_tokens)
+    assert {r["retry_cut"] for r in ep.records} == {True, False}  # (this seed has both)
+
+    sample = S.Session.sample
+    calls = []
+
+    def marked(self, *args, **kw):
+        out = sample(self, *args, **kw)
+        calls.append(len(calls))
+        out.finished = [(i + len(calls)) % 3 == 0 for i in range(len(out.finished))]  # (another pattern per call)
+        return out
+
+    monkeypatch.setattr(S.Session, "sample", marked)
+    ep = run_episode(model, tok, task, task.examples(n=3), group_size=2, sampling=SAMPLING, seed=0, chat=chat)
+    assert len(calls) == 3  # attempt, reflection, retry
+    assert [r["reflection_cut"] for r in ep.records] == [(r + 2) % 3 != 0 for r in range(len(ep.records))]
+    assert [r["retry_cut"] for r in ep.records] == [(r + 3) % 3 != 0 for r in range(len(ep.records))]
