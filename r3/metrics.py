@@ -25,6 +25,7 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "rewards": float(rewards.sum()), "retries": float(rewards.numel()), "queries": ep.queries,
         "first_success": ep.first_success, "groups": n_groups, "signal": signal,
         "reflection_tokens": sum(e - s for s, e in ep.spans), "generated": ep.generated_tokens,
+        "reflections_cut": sum(r["reflection_cut"] for r in ep.records), "retries_cut": sum(r["retry_cut"] for r in ep.records),
         "flops": float(flops), "peak_flops": float(peak_flops),
     }, d)
     logp_diff_max = all_max(upd["logp_diff_max"], d)
@@ -41,6 +42,10 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "reflection_tokens": int(g["reflection_tokens"]),
         "trained_tokens": int(tokens),
         "reflection_len_mean": g["reflection_tokens"] / retries if retries else 0.0,
+        # the shares the token limits cut off (not ended by the model): a limit that binds often
+        # cuts reflections short, and a cut retry is judged where the limit fell
+        "reflection_cut_frac": g["reflections_cut"] / retries if retries else 0.0,
+        "retry_cut_frac": g["retries_cut"] / retries if retries else 0.0,
         "clip_frac_low": g["clip_low"] / tokens if tokens else 0.0,
         "clip_frac_high": g["clip_high"] / tokens if tokens else 0.0,
         # the sampler's vs the trainer's log-prob of each trained token, before the update

@@ -127,7 +127,7 @@ def test_step_metrics_mfu_is_the_flops_over_the_training_passes_time_and_peak():
     from r3.distributed import Dist
     from r3.metrics import format_step_line, step_metrics
 
-    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0]]), queries=1, first_success=0, spans=[(3, 5), (3, 6)],
+    ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0]]), queries=1, first_success=0, spans=[(3, 5), (3, 6)], records=[],
                          generated_tokens=40, times={})
     upd = {"loss": 0.1, "kl_sum": 0.0, "tokens": 5, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "logp_diff_sum": 0.0,
            "logp_diff_tokens": 0, "logp_diff_max": 0.0, "grad_norm": 1.0, "skipped": False, "kl_scored": True}
@@ -182,7 +182,8 @@ def test_step_metrics_row_by_hand_on_two_ranks(monkeypatch):
     monkeypatch.setattr(M, "all_sum", lambda values, d: {k: 2 * float(v) for k, v in values.items()})
     monkeypatch.setattr(M, "all_max", lambda value, d: max(value, 0.9))  # (the other rank's max: 0.9)
     ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0], [0.0, 0.0]]), queries=3, first_success=1,
-                         spans=[(3, 5), (3, 6), (4, 5), (4, 8)], generated_tokens=40, times={"attempt": 1.5})
+                         spans=[(3, 5), (3, 6), (4, 5), (4, 8)], generated_tokens=40, times={"attempt": 1.5},
+                         records=[{"reflection_cut": k < 3, "retry_cut": k == 1} for k in range(4)])
     upd = {"loss": 0.1, "kl_sum": 0.6, "tokens": 10, "clip_low_sum": 1.0, "clip_high_sum": 3.0, "logp_diff_sum": 0.5,
            "logp_diff_tokens": 10, "logp_diff_max": 0.2, "grad_norm": 1.5, "skipped": True, "kl_scored": True}
     times = {"step": 10.0, "rollout": 8.0, "reference": 0.5, "update": 1.5}
@@ -196,6 +197,7 @@ def test_step_metrics_row_by_hand_on_two_ranks(monkeypatch):
     assert (row["groups"], row["groups_with_signal"]) == (4, 2)
     assert row["reflection_tokens"] == 2 * (2 + 3 + 1 + 4) and row["trained_tokens"] == 20
     assert row["reflection_len_mean"] == pytest.approx(20 / 8)
+    assert row["reflection_cut_frac"] == pytest.approx(6 / 8) and row["retry_cut_frac"] == pytest.approx(2 / 8)
     assert row["logp_diff_mean"] == pytest.approx(1.0 / 20) and row["logp_diff_max"] == 0.9
     assert row["rollout_tokens_per_s"] == pytest.approx(80 / 8.0) and row["tokens_per_s"] == pytest.approx(80 / 10.0)
     assert row["mfu"] == pytest.approx(2e12 / (2.0 * 8e12)) and row["peak_tflops"] == pytest.approx(4.0)
@@ -254,15 +256,17 @@ def test_step_metrics_times_signal_and_a_step_without_retries():
     times = {"step": 10.0, "rollout": 7.0, "reference": 1.0, "update": 2.0}
     kw = dict(lr=1e-5, data_position=0, fresh_attempts=True, flops=0.0, peak_flops=0.0)
     ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]]), queries=2, first_success=0,
-                         spans=[(3, 5)] * 6, generated_tokens=40,
+                         spans=[(3, 5)] * 6, generated_tokens=40, records=[{"reflection_cut": False, "retry_cut": False}] * 6,
                          times={"attempt": 1.5, "reflection": 2.5, "retry": 3.0})
     row = step_metrics(1, ep, torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]), upd, times, d, **kw)
     assert (row["groups"], row["groups_with_signal"]) == (2, 1)  # (an advantage of 0 in a group with signal)
     assert (row["step_time_s"], row["rollout_time_s"], row["reference_time_s"], row["update_time_s"]) == (10.0, 7.0, 1.0, 2.0)
     assert (row["attempt_time_s"], row["reflection_time_s"], row["retry_time_s"]) == (1.5, 2.5, 3.0)
-    easy = SimpleNamespace(rewards=torch.zeros(0, 3), queries=2, first_success=2, spans=[], generated_tokens=12, times={})
+    easy = SimpleNamespace(rewards=torch.zeros(0, 3), queries=2, first_success=2, spans=[], generated_tokens=12, times={},
+                           records=[])
     row = step_metrics(1, easy, torch.zeros(0, 3), upd, times, d, **kw)
     assert row["retry_success"] == 0.0 and row["reflection_len_mean"] == 0.0 and row["first_try_success"] == 1.0
+    assert row["reflection_cut_frac"] == row["retry_cut_frac"] == 0.0
     assert row["groups"] == 0 and row["kl"] is None
     assert "| retry 0.00 | first 1.00 | signal 0/0 |" in format_step_line(row, 3, 1.0)
 

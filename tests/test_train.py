@@ -3369,6 +3369,7 @@ def test_the_metrics_row_and_step_line_by_hand():
     d = T.init_distributed()
     ep = SimpleNamespace(rewards=torch.tensor([[1.0, 0.0, 0.5], [1.0, 1.0, 1.0]]), queries=4, first_success=1,
                          spans=[(2, 5), (3, 4), (0, 2), (1, 2), (1, 3), (0, 1)], generated_tokens=60,
+                         records=[{"reflection_cut": k == 0, "retry_cut": k in (2, 5)} for k in range(6)],
                          times={"attempt": 0.5, "reflection": 0.25, "retry": 0.125, "verify": 0.0625})
     adv = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     upd = {"loss": 0.5, "kl_sum": 0.3, "tokens": 6.0, "clip_low_sum": 3.0, "clip_high_sum": 1.5, "logp_diff_sum": 1.2,
@@ -3378,6 +3379,7 @@ def test_the_metrics_row_and_step_line_by_hand():
                        peak_flops=1e10)
     want = {"step": 3, "loss": 0.5, "kl": 0.05, "retry_success": 4.5 / 6, "first_try_success": 0.25, "groups": 2,
             "groups_with_signal": 1, "reflection_tokens": 10, "trained_tokens": 6, "reflection_len_mean": 10 / 6,
+            "reflection_cut_frac": 1 / 6, "retry_cut_frac": 2 / 6,
             "clip_frac_low": 0.5, "clip_frac_high": 0.25, "logp_diff_mean": 0.3, "logp_diff_max": 0.7, "grad_norm": 2.0,
             "lr": 1e-5, "skipped": False, "step_time_s": 4.0, "rollout_time_s": 2.0, "attempt_time_s": 0.5,
             "reflection_time_s": 0.25, "retry_time_s": 0.125, "verify_time_s": 0.0625, "reference_time_s": 0.5,
