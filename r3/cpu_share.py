@@ -80,7 +80,8 @@ def tree_seconds(stats: dict[int, str], root: int, tick: float) -> float:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
+        # (a process name is bytes, cut at 15 of them, maybe inside a character: not always UTF-8)
+        with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
     except OSError:  # (a process that ended while we read)
         return None

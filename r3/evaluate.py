@@ -229,13 +229,14 @@ def main(argv=None) -> int:
     run_identity = {"export_files": identities[-1]["files"]} if args.run else {}
     results: list[dict] = []
     paired: list[dict] = []
+    watch = watch_for(device)  # (one for all models: its note is said once)
     with partial.interrupted_note():  # (says that a rerun goes on from the finished batches)
         for spec in models:
             print(f"evaluating {spec} on {st['task']} ({len(examples)} {args.split} queries)", file=sys.stderr)
             model, tok = load_model(spec, dtype, device)
             res = evaluate_examples(
                 model, tok, task, examples, sampling, batch_size=args.batch_size, seed=args.seed, records=args.records,
-                progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet, watch=watch_for(device)),
+                progress=Progress(len(examples), f"evaluate {spec}", enabled=not args.quiet, watch=watch),
                 chat=ChatFormat(tok, template_options=template_options(st["chat_options"])),
                 finished=partial.start(spec), on_batch=lambda b, r, spec=spec: partial.add(spec, b, r),
             )

@@ -149,9 +149,11 @@ def stop_ids(tokenizer, chat) -> list[int]:
 
 
 def run_benchmark(model, tokenizer, plan: dict, args, label: str, partial: PartialResults | None = None,
-                  unit: str = "") -> list[dict]:
+                  unit: str = "", watch=None) -> list[dict]:
     """One model on one benchmark: an item record per document. With ``partial``, the batches
-    ``unit`` finished in an interrupted run are read back and each batch run here is recorded."""
+    ``unit`` finished in an interrupted run are read back and each batch run here is recorded.
+    ``watch``: the run's :class:`r3.cpu_share.CpuShareWatch` (one for all benchmarks and models,
+    so that its note is said once)."""
     bench, docs = plan["bench"], plan["docs"]
     finished = partial.start(unit) if partial is not None else {}
     resume = dict(finished=finished, on_batch=(lambda b, r: partial.add(unit, b, r)) if partial is not None else None)
@@ -161,8 +163,7 @@ def run_benchmark(model, tokenizer, plan: dict, args, label: str, partial: Parti
             raise R3Error("--chat: this model's tokenizer has no chat template")
         chat = ChatFormat(tokenizer, template_options=template_options(args.chat_options))
     prompts = [chat.prompt_text(m) if chat else B.plain_text(m) for m in plan["messages"]]
-    progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet,
-                        watch=watch_for(next(model.parameters()).device if hasattr(model, "parameters") else None))
+    progress = Progress(len(docs), f"{label} {bench.name}", unit="docs", enabled=not args.quiet, watch=watch)
     if finished:
         progress.resume(sum(len(r) for r in finished.values()))
     try:
@@ -264,13 +265,14 @@ def main(argv=None) -> int:
         "data": {p["bench"].name: fingerprint([p["docs"], p["messages"]]) for p in plans}})
     items: dict = {p["bench"].name: {} for p in plans}
     t0 = time.perf_counter()
+    watch = watch_for(device)
     with partial.interrupted_note():  # (says that a rerun goes on from the finished batches)
         for m in models:
             model, tok = load_model(m, dtype, device)
             for plan in plans:
                 name = plan["bench"].name
                 items[name][m] = run_benchmark(model, tok, plan, args, label=Path(m).name or m, partial=partial,
-                                               unit=f"{m} {name}")
+                                               unit=f"{m} {name}", watch=watch)
             del model
             release_device_memory(device)
     results, paired = summarise(plans, models, items)

@@ -697,6 +697,29 @@ def test_evaluate_pairs_every_later_model_with_the_first(tiny_dir, tmp_path, cap
         assert p["first_attempt"] == S.paired_difference(first["first_correct"], m["first_correct"])
 
 
+def test_evaluate_says_the_cpu_share_note_once_for_all_its_models(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Each model's progress line had a watch of its own, so a machine shared all along got the
+    note again for every model (the README: "it prints once"); one watch now serves the run."""
+    import shutil
+    from itertools import count
+
+    import torch
+
+    from r3 import cpu_share as C
+
+    clock = count()
+    monkeypatch.setattr(C, "take_sample", lambda cpus: C.CpuSample(10.0 * next(clock), 0.0, 0.0))  # (10 s apart)
+    monkeypatch.setattr(C, "others_cores", lambda before, after: 1.0)  # (every batch: one core taken)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(C, "_affinity", lambda: {0, 1})
+    copy = str(shutil.copytree(tiny_dir, tmp_path / "second"))
+    rc, _, err = run_main(E.main, ["--model", tiny_dir, "--model", copy, "--task", "r3_test_tasks:CoinTask", "--n", "2",
+                                   "--max-new-tokens", "3", "--dtype", "fp32", "--device", "cpu",
+                                   "--out", str(tmp_path / "e.json")], capsys)
+    assert rc == 0, err
+    assert err.count("note: other processes kept 1.0 of the 2 CPU cores busy") == 1, err
+
+
 def test_evaluate_with_a_verifier_that_always_raises_keeps_no_partial_results(tiny_dir, tmp_path, capsys):
     """Every verdict an error: one line, and no finished batches kept that a rerun with the task
     fixed would have to be told to delete."""

@@ -127,6 +127,22 @@ def test_a_child_s_cpu_time_is_the_run_s_own_while_it_runs_and_after_it_ended():
     assert ended.busy >= before.busy and ended.wall > before.wall
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/comm"), reason="Linux /proc only")
+def test_a_process_name_that_is_not_utf8_does_not_silence_the_watch():
+    """A process's name in /proc/<pid>/stat is bytes, cut at 15 of them (maybe inside a
+    character: ``café`` cut inside its ``é``): read as strict UTF-8 it raised, the sample was None,
+    and while any such process ran on the machine the watch said nothing."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nopen('/proc/self/comm', 'wb').write(b'caf\\xc3')\n"
+                              "sys.stdout.write('x'); sys.stdout.flush(); time.sleep(30)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.read(1) == b"x"
+        sample = C.take_sample(C._affinity())
+    finally:
+        child.kill()
+        child.wait()
+    assert sample is not None and sample.own > 0
+
+
 def test_the_training_loop_prints_the_note_once_after_the_step_line(tmp_path, monkeypatch, capsys):
     """train_loop asks rank 0's watch after each step and prints what it says, after that step's
     own line; a CUDA run, another rank, or several ranks on the machine get no watch."""
@@ -214,3 +230,38 @@ def test_an_unexpected_proc_gives_no_sample_not_an_error(monkeypatch):
     monkeypatch.setattr(C, "_read", lambda path: PROC_STAT)
     monkeypatch.setattr(C.os, "listdir", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
     assert C.take_sample({0}) is None
+
+
+def test_r3_forgetting_says_the_note_once_for_all_its_benchmarks(tmp_path, monkeypatch, capsys):
+    """Each benchmark's progress line had a watch of its own, so a machine shared all along got the
+    note again for every benchmark of every model (the README: "it prints once"); one watch now
+    serves the whole run."""
+    import json
+
+    from r3 import forgetting as FG
+    from r3.evals.engine import Loglikelihood
+
+    def fake_lls(model, items, batch_size, progress=None, **k):
+        progress(len(items))
+        return [[Loglikelihood(-1.0, True) for _ in conts] for _, conts in items]
+
+    def fake_generate(model, tok, prompts, progress=None, **k):
+        progress(len(prompts))
+        return ["#### 5"] * len(prompts)
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(C, "take_sample", lambda cpus: C.CpuSample(10.0 * next(clock), 0.0, 0.0))  # (10 s apart)
+    monkeypatch.setattr(C, "others_cores", lambda before, after: 1.0)  # (every batch: one core taken)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(C, "_affinity", lambda: {0, 1})
+    monkeypatch.setattr(FG, "loglikelihoods", fake_lls)
+    monkeypatch.setattr(FG, "generate_until", fake_generate)
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text(json.dumps({"activity_label": "Cooking", "ctx_a": "A man cracks two eggs.", "ctx_b": "he",
+                              "endings": ["whisks them.", "flies.", "sings.", "reads."], "label": 0}) + "\n")
+    gs = tmp_path / "gs.jsonl"
+    gs.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    assert FG.main(["--data", f"hellaswag={hs}", "--data", f"gsm8k={gs}", "--shots", "0", "--device", "cpu",
+                    "--out", str(tmp_path / "f.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: other processes kept 1.0 of the 2 CPU cores busy") == 1, err
