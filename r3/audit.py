@@ -57,9 +57,10 @@ def audit(task, samples: list[dict]) -> dict:
     out = {"rewarded": len(rewarded), "unrewarded_logged": len(others), "independent_checker": independent,
            "rewarded_pass_verifier": 0, "rewarded_pass_recheck": 0, "unrewarded_pass_verifier": 0,
            "unrewarded_pass_recheck": 0, "rewarded_failing": 0, "disagreements": [],
-           # (rewarded retries that hit the retry token limit; None for samples that do not record it)
-           "rewarded_cut": (sum(s["retry_cut"] is True for s in rewarded)
-                            if rewarded and all("retry_cut" in s for s in rewarded) else None)}
+           # (rewarded retries that hit the retry token limit, of those whose sample records it:
+           # a run resumed across the upgrade that added the field has some without it)
+           "rewarded_cut": sum(s.get("retry_cut") is True for s in rewarded),
+           "rewarded_recording_cut": sum("retry_cut" in s for s in rewarded)}
     for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
         for s in group:
             now, why = judge(task, s["example"], s["retry"])  # (why: this verdict's own; None from a duck-typed task)
@@ -108,8 +109,10 @@ def main(argv=None) -> int:
     else:
         print(f"  independent re-check: none for task {cfg['task']!r} (built-in tasks only)")
     if res["rewarded_cut"]:
-        print(f"  cut off at the retry token limit: {_rate(res['rewarded_cut'], res['rewarded'])} (paid for the text "
-              "where the limit fell; read them, the model may not have been done: --show marks them)")
+        of = res["rewarded_recording_cut"]
+        print(f"  cut off at the retry token limit: {_rate(res['rewarded_cut'], of)}"
+              + (f" of the {of} whose samples record it" if of < res["rewarded"] else "")
+              + " (paid for the text where the limit fell; read them, the model may not have been done: --show marks them)")
     print(f"unrewarded samples logged: {res['unrewarded_logged']}" + (
         f"; the re-check passes {res['unrewarded_pass_recheck']} of them" if res["independent_checker"] else ""))
     for dis in res["disagreements"]:

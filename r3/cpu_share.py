@@ -22,8 +22,8 @@ from dataclasses import dataclass
 #: Cores' worth of other work, averaged over a step, below which nothing is said (a system's own
 #: background is a few hundredths).
 NOTICEABLE_CORES = 0.25
-#: Stretches shorter than this are not judged: the counters tick every 10 ms or so, and a short
-#: step costs little however slow.
+#: Work is judged over at least this long (shorter stretches add up): the counters tick every
+#: 10 ms or so.
 MIN_SECONDS = 5.0
 
 
@@ -123,39 +123,51 @@ def free_threads(others: float, cpus: int) -> int:
 
 
 def contention_note(others: float, cpus: int, threads: int, what: str) -> str | None:
-    """One line saying that other work left too few free cores for torch's ``threads``, and what
-    to set; None when nothing worth saying was measured."""
+    """One line saying that other work left too few free cores for torch's ``threads`` during
+    ``what``, and what to set; None when nothing worth saying was measured."""
     free = free_threads(others, cpus)
     if others < NOTICEABLE_CORES or free >= threads:
         return None
     return (f"note: other processes kept {others:.1f} of the {cpus} CPU cores busy during {what}, and each of torch's "
-            f"{threads} threads waits for the slowest: set OMP_NUM_THREADS={free} (r3 keeps the value you set) to "
-            "use only the free cores (on a 2-core machine with one core busy, the README measured steps 11x faster)")
+            f"{threads} threads waits for the slowest: set OMP_NUM_THREADS={free} or fewer (r3 keeps the value you "
+            "set) to use only the free cores (on a 2-core machine with one core busy, the README measured steps 11x "
+            "faster)")
 
 
 class CpuShareWatch:
-    """Measures other processes' share of this run's CPUs over each stretch of work
-    (:meth:`start`, :meth:`stop`) and returns a note the first time it slows the run."""
+    """Measures other processes' share of this run's CPUs over stretches of work (:meth:`start`,
+    :meth:`stop`; the time between them is not counted) and returns a note the first time it
+    slows the run. Stretches shorter than :data:`MIN_SECONDS` add up until they are that long."""
 
     def __init__(self, threads: int, cpus: set[int] | None = None):
         self.cpus = cpus if cpus is not None else _affinity()
         self.threads = threads
         self.said = False
         self._start: CpuSample | None = None
+        self._held = CpuSample(0.0, 0.0, 0.0)  # (the short stretches so far, summed: wall, busy, own)
+        self._stretches = 0
 
     def start(self) -> None:
         if not self.said:
             self._start = take_sample(self.cpus)
 
     def stop(self, what: str) -> str | None:
-        """The note, once; None otherwise."""
+        """The note, once; None otherwise. ``what``: the stretch just ended (``step 3``), named
+        in the note when it alone was judged."""
         if self.said or self._start is None:
             return None
         end = take_sample(self.cpus)
         before, self._start = self._start, None
-        if end is None or end.wall - before.wall < MIN_SECONDS:
+        if end is None:
             return None
-        note = contention_note(others_cores(before, end), len(self.cpus), self.threads, what)
+        held = self._held = CpuSample(self._held.wall + end.wall - before.wall, self._held.busy + end.busy - before.busy,
+                                      self._held.own + end.own - before.own)
+        self._stretches += 1
+        if held.wall < MIN_SECONDS:
+            return None
+        stretches, self._held, self._stretches = self._stretches, CpuSample(0.0, 0.0, 0.0), 0
+        span = what if stretches == 1 else f"the last {held.wall:.0f} s of work (up to {what})"
+        note = contention_note(others_cores(CpuSample(0.0, 0.0, 0.0), held), len(self.cpus), self.threads, span)
         self.said = note is not None
         return note
 

@@ -243,7 +243,8 @@ def test_a_sample_without_its_retry_is_bad_input(tmp_path, capsys):
 def test_rewarded_retries_the_token_limit_cut_off_are_counted_and_marked(tmp_path, capsys):
     """A retry cut off right after `19 + 17` is paid by the answer rule, though the model may have
     gone on to write `= 26`: the audit counts those rewards and marks them in --show, so a reader
-    looks at them; samples logged before the flag existed get no count (not a false 0)."""
+    looks at them; samples logged before the flag existed are not counted as whole (not a false
+    0 of all)."""
     cut = {**sample(1, "I used 19 + 17 = 26 first. Then I used 19 + 17", 1.0), "retry_cut": True}
     whole = {**sample(2, "So 19 + 17 = 36.", 1.0), "retry_cut": False}
     out = tmp_path / "audit.json"
@@ -255,4 +256,7 @@ def test_rewarded_retries_the_token_limit_cut_off_are_counted_and_marked(tmp_pat
     (tmp_path / "old").mkdir()
     old = {k: v for k, v in cut.items() if k != "retry_cut"}
     rc, stdout, _ = run_main([str(make_run(tmp_path / "old", [old, whole])), "--out", str(out)], capsys)
-    assert "cut off" not in stdout and json.loads(out.read_text())["rewarded_cut"] is None
+    assert "cut off" not in stdout and json.loads(out.read_text())["rewarded_recording_cut"] == 1
+    (tmp_path / "resumed").mkdir()  # (a run resumed across the upgrade: some samples without the field)
+    rc, stdout, _ = run_main([str(make_run(tmp_path / "resumed", [old, cut, whole]))], capsys)
+    assert "  cut off at the retry token limit: 1/2 (50.0%) of the 2 whose samples record it (paid" in stdout

@@ -84,10 +84,11 @@ def test_no_note_when_the_threads_fit_or_the_other_work_is_noise(others, cpus, t
 
 
 def test_the_watch_says_it_once_and_only_of_stretches_long_enough_to_judge(monkeypatch):
-    """A step shorter than MIN_SECONDS is not judged (10 ms ticks over a short wall time read as
-    several cores); the first long step with other work gets the note; later ones stay quiet."""
-    samples = iter([C.CpuSample(0.0, 0.0, 0.0), C.CpuSample(1.0, 2.0, 0.0),        # 1 s: not judged
-                    C.CpuSample(10.0, 0.0, 0.0), C.CpuSample(20.0, 20.0, 19.0),    # 0.1 cores: noise
+    """A step shorter than MIN_SECONDS is not judged alone (10 ms ticks over a short wall time read
+    as several cores); the first long enough stretch with other work gets the note; later ones
+    stay quiet."""
+    samples = iter([C.CpuSample(0.0, 0.0, 0.0), C.CpuSample(1.0, 0.5, 0.0),        # 1 s: held
+                    C.CpuSample(10.0, 0.0, 0.0), C.CpuSample(20.0, 20.0, 19.0),    # with it, 1.5 / 11 s: noise
                     C.CpuSample(20.0, 0.0, 0.0), C.CpuSample(30.0, 20.0, 10.0),    # 1 core: said
                     C.CpuSample(30.0, 0.0, 0.0), C.CpuSample(40.0, 20.0, 10.0)])
     monkeypatch.setattr(C, "take_sample", lambda cpus: next(samples))
@@ -265,3 +266,24 @@ def test_r3_forgetting_says_the_note_once_for_all_its_benchmarks(tmp_path, monke
                     "--out", str(tmp_path / "f.json")]) == 0
     err = capsys.readouterr().err
     assert err.count("note: other processes kept 1.0 of the 2 CPU cores busy") == 1, err
+
+
+def test_short_stretches_add_up_and_the_time_between_them_is_left_out(monkeypatch):
+    """Batches of 1.5 s each, slowed by a core of other work: none is judged alone, but four of
+    them (6 s) are, and the note says over how long; the 100 s between stretches (logging, a
+    checkpoint, an idle machine) count neither way."""
+    samples = []
+    for k in range(6):
+        t = 101.5 * k
+        samples += [C.CpuSample(t, 10.0 * k, 5.0 * k), C.CpuSample(t + 1.5, 10.0 * k + 3.0, 5.0 * k + 1.5)]
+    samples = iter(samples)
+    monkeypatch.setattr(C, "take_sample", lambda cpus: next(samples))
+    watch = C.CpuShareWatch(threads=2, cpus={0, 1})
+    said = []
+    for batch in range(1, 6):
+        watch.start()
+        said.append(watch.stop(f"batch {batch}"))
+    assert said[:3] == [None, None, None] and said[4] is None
+    assert said[3].startswith("note: other processes kept 1.0 of the 2 CPU cores busy during the last 6 s of work "
+                              "(up to batch 4), and each of torch's 2 threads waits for the slowest: set "
+                              "OMP_NUM_THREADS=1 or fewer")
