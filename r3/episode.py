@@ -64,6 +64,7 @@ class Episode:
     first_attempts: list[list[int]] = field(default_factory=list)
     first_passed: list[bool] = field(default_factory=list)
     first_reasons: list[str | None] = field(default_factory=list)  # the verifier's reason for each first_passed
+    first_cut: list[bool] = field(default_factory=list)  # each first attempt cut off by the token limit
     # Per row: the sampler's log-prob of each reflection / retry token (see r3.sampler), and
     # the retry tokens' span [start, end) in the sequence (the retry runs to the sequence's end).
     reflection_logprobs: list[list[float]] = field(default_factory=list)
@@ -164,9 +165,11 @@ def run_episode(
         queries, first_success = len(examples), sum(passed)
         first_attempts, first_passed = [list(t) for t in first.tokens], passed
         first_reasons = [why for _, why in verdicts]
+        first_cut = [not f for f in first.finished]
         if not failed:
             return Episode([], [], torch.zeros((0, group_size)), queries, first_success, [], generated,
                            first_attempts=first_attempts, first_passed=first_passed, first_reasons=first_reasons,
+                           first_cut=first_cut,
                            times=times)
         attempts = [first.tokens[i] for i in failed]
         closed = [chat.ends_turn(first.tokens[i]) for i in failed]
@@ -187,7 +190,7 @@ def run_episode(
                                 decode=sampling.decode, compact=sampling.compact)
         times["attempt"] = session.prefill_s  # the stored attempts' prefill
         queries, first_success = 0, 0
-        first_attempts, first_passed, first_reasons = [], [], []
+        first_attempts, first_passed, first_reasons, first_cut = [], [], [], []
 
     # Reflect: one prefill of [task, failed attempt, reflection prompt] per failure, then G forks.
     t_prefill = session.prefill_s
@@ -243,6 +246,7 @@ def run_episode(
         first_attempts=first_attempts,
         first_passed=first_passed,
         first_reasons=first_reasons,
+        first_cut=first_cut,
         reflection_logprobs=refl.logprobs,
         retry_logprobs=retry.logprobs,
         retry_spans=[(s, s + n) for s, n in zip(retry_starts, retry.lengths)],

@@ -122,7 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: auto, bf16 where the device multiplies it natively, else fp32 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--records", action="store_true", help="keep per-example texts and verdicts in the JSON")
+    p.add_argument("--records", action="store_true", help="keep per-example texts and verdicts in the JSON (attempt_cut, reflection_cut, "
+                        "retry_cut: the token limit ended that text, not the model)")
     p.add_argument("--decode", choices=DECODE_MODES, default="eager",
                    help="the decode step as it is, or through torch.compile (faster per token; CUDA graphs on GPU; "
                         "compiling takes ~1 min once)")

@@ -32,14 +32,15 @@ def evaluate_batch(model, tokenizer, task, batch: list[dict], sampling: EpisodeS
     if records:  # (each reason is its verdict's own; None: a duck-typed task that gives none)
         for i, ex in enumerate(batch):
             attempt = chat.decode(ep.first_attempts[i])
-            rec = {"example": ex, "attempt": attempt, "attempt_correct": first_correct[i]}
+            rec = {"example": ex, "attempt": attempt, "attempt_correct": first_correct[i], "attempt_cut": ep.first_cut[i]}
             if ep.first_reasons[i] is not None:
                 rec["attempt_reason"] = ep.first_reasons[i]
             if i in by_index:
                 row = ep.records[by_index[i]]  # group_size 1: group g is row g
                 start, end = ep.spans[by_index[i]]
                 rec.update(reflection=row["reflection"], reflection_tokens=end - start, retry=row["retry"],
-                           retry_correct=retry_ok[by_index[i]])
+                           retry_correct=retry_ok[by_index[i]], reflection_cut=row["reflection_cut"],
+                           retry_cut=row["retry_cut"])
                 if row["reason"] is not None:
                     rec["retry_reason"] = row["reason"]
             out_records.append(rec)

@@ -774,6 +774,13 @@ def test_records_say_which_reflections_and_retries_the_token_limit_cut_off(tiny,
     assert [r["reflection_cut"] for r in ep.records] == cut(ep.spans, SAMPLING.max_reflection_tokens)
     assert [r["retry_cut"] for r in ep.records] == cut(ep.retry_spans, SAMPLING.max_retry_tokens)
     assert {r["retry_cut"] for r in ep.records} == {True, False}  # (this seed has both)
+    assert ep.first_cut == [len(a) == SAMPLING.max_attempt_tokens and a[-1] not in chat.stop_ids
+                            for a in ep.first_attempts]
+    from r3.heldout import evaluate_batch
+
+    recs = evaluate_batch(model, tok, task, task.examples(n=3), SAMPLING, seed=0, chat=chat, records=True)["records"]
+    assert all(isinstance(r["attempt_cut"], bool) for r in recs)
+    assert all(isinstance(r["reflection_cut"], bool) and isinstance(r["retry_cut"], bool) for r in recs if "retry" in r)
 
     sample = S.Session.sample
     calls = []

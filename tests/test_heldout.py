@@ -79,9 +79,11 @@ def test_a_batch_reads_each_verdict_and_reason_from_its_own_turn(monkeypatch):
     import r3.heldout as H
 
     ep = SimpleNamespace(first_passed=[True, False, False], group_indices=[1, 2], rewards=torch.tensor([[0.0], [1.0]]),
-                         records=[{"reflection": "r1", "retry": "retry1", "reason": "why retry1"},
-                                  {"reflection": "r2", "retry": "retry2", "reason": "why retry2"}],
-                         first_reasons=["why attempt0", "why attempt1", "why attempt2"],
+                         records=[{"reflection": "r1", "retry": "retry1", "reason": "why retry1", "reflection_cut": True,
+                                   "retry_cut": False},
+                                  {"reflection": "r2", "retry": "retry2", "reason": "why retry2", "reflection_cut": False,
+                                   "retry_cut": True}],
+                         first_reasons=["why attempt0", "why attempt1", "why attempt2"], first_cut=[False, True, False],
                          spans=[(5, 8), (4, 9)], first_attempts=[[0], [1], [2]], generated_tokens=17)
     monkeypatch.setattr(H, "run_episode", lambda *a, **k: ep)
 
@@ -97,11 +99,13 @@ def test_a_batch_reads_each_verdict_and_reason_from_its_own_turn(monkeypatch):
     assert res["first_correct"] == [True, False, False] and res["second_correct"] == [True, False, True]
     assert res["generated_tokens"] == 17 and res["verifier"] == [1, 5, "boom"]
     first, second, third = res["records"]
-    assert first == {"example": {"id": 0}, "attempt": "attempt0", "attempt_correct": True, "attempt_reason": "why attempt0"}
+    assert first == {"example": {"id": 0}, "attempt": "attempt0", "attempt_correct": True, "attempt_reason": "why attempt0",
+                     "attempt_cut": False}
     assert second == {"example": {"id": 1}, "attempt": "attempt1", "attempt_correct": False, "attempt_reason": "why attempt1",
-                      "reflection": "r1", "reflection_tokens": 3, "retry": "retry1", "retry_correct": False,
-                      "retry_reason": "why retry1"}
+                      "attempt_cut": True, "reflection": "r1", "reflection_tokens": 3, "retry": "retry1",
+                      "retry_correct": False, "retry_reason": "why retry1", "reflection_cut": True, "retry_cut": False}
     assert (third["reflection_tokens"], third["retry_correct"], third["retry_reason"]) == (5, True, "why retry2")
+    assert (third["attempt_cut"], third["reflection_cut"], third["retry_cut"]) == (False, False, True)
     assert third["attempt_correct"] is False  # (the first attempt's verdict, though the retry passed)
 
 
