@@ -240,9 +240,17 @@ def countdown_pool(task, n: int, seed: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 # Function calling
 # ---------------------------------------------------------------------------------------
-def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> tuple[str, bool, bool]:
+def _int_declared(tools: list[dict]) -> set[tuple[str, str]]:
+    """(function, parameter) pairs the tools declare as integers (``int``, ``int, optional``)."""
+    return {(t["name"], k) for t in tools for k, spec in t.get("parameters", {}).items()
+            if isinstance(spec, dict) and spec.get("type", "").split(",")[0].strip() in ("int", "integer")}
+
+
+def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True,
+               ints: set[tuple[str, str]] = frozenset()) -> tuple[str, bool, bool]:
     """(JSON text, correct by construction, valid JSON call list). ``truncate=False``: the text is
-    always a balanced structure (a truncated one would swallow what follows it)."""
+    always a balanced structure (a truncated one would swallow what follows it). ``ints``: the
+    parameters declared as integers, where a float (``3.0``) is another value."""
     calls = json.loads(json.dumps(calls))
     kind = rng.randrange(17)
     if kind == 10 and not truncate:
@@ -254,7 +262,8 @@ def _fc_mutate(rng: random.Random, calls: list[dict], truncate: bool = True) -> 
         for c in calls:
             for k, v in c["arguments"].items():
                 if type(v) is int:
-                    c["arguments"][k] = float(v)  # 100 == 100.0
+                    c["arguments"][k] = float(v)  # 100 == 100.0, except where an integer is declared
+                    ok = ok and (c["name"], k) not in ints
     elif kind == 3:
         calls = calls[:-1] if len(calls) > 1 else calls + calls
         ok = False
@@ -398,7 +407,8 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     or truncated attempt anywhere is no answer; an earlier attempt adds its calls)."""
     ex = rng.choice(pool)
     ref = json.loads(ex["answers"])
-    final, ok, valid = _fc_mutate(rng, ref)
+    ints = _int_declared(json.loads(ex["tools"]))
+    final, ok, valid = _fc_mutate(rng, ref, ints=ints)
     r, hermes, unclosed = rng.random(), False, False
     if r < 0.15:
         final = '{"tool_calls": ' + final + "}"
@@ -426,7 +436,7 @@ def function_calling_case(rng: random.Random, task, pool: list[dict]) -> tuple[d
     blocks = "<tool_call>" in before or (hermes and final[:1] in "<\uff1c")
     r = rng.random()
     if r < 0.35:  # an earlier call list (right or wrong), maybe far away: its calls count too
-        decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False)
+        decoy, ok_d, valid_d = _fc_mutate(rng, ref, truncate=False, ints=ints)
         pad = " [0]" * rng.choice([0, 0, 255, 256, 600])
         text = decoy + pad + "\nWait, let me fix that. " + text
         if label is None and _is_attempt(decoy):  # (then an opening <tool_call> after it is a later call)

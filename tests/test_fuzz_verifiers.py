@@ -21,7 +21,7 @@ def test_fuzzed_verdicts(seed):
         assert row["wrong_verdicts"] == 0, row["wrong_examples"]
         assert row["verifier_errors"] == 0, row["first_verifier_error"]  # (also without the conftest fixture)
         assert row["false_positives_vs_label"] == 0, row["false_positive_examples"]
-        assert row["passes"] > 50  # the generator makes right answers too
+        assert row["passes"] > 40  # the generator makes right answers too
         # the only right answers the rule refuses: '!' after a bare expression (a factorial), a
         # bidirectional override anywhere in the text, and a bare expression followed in its
         # sentence by more than the few words an answer allows ("20 + 6 ✓ So the result is 26")

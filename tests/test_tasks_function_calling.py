@@ -126,6 +126,47 @@ def test_bool_is_not_a_number_in_calls():
     assert not FC.verify(ex, '[{"name": "f", "arguments": {"flag": "true", "n": 1}}]')
 
 
+INT_TOOLS = [
+    {"name": "forecast", "description": "Forecast.",
+     "parameters": {"days": {"description": "Days.", "type": "int"},
+                    "hours": {"description": "Hours.", "type": "int, optional", "default": 0},
+                    "ratio": {"description": "Ratio.", "type": "float"},
+                    "sizes": {"description": "Sizes.", "type": "List[int]"}}},
+    {"name": "schema", "description": "JSON Schema parameters.",
+     "parameters": {"type": "object", "properties": {"n": {"type": "integer"}, "m": {"type": "Optional[int]"}}}},
+]
+
+
+@pytest.mark.parametrize("answer,reference,paid", [
+    ({"days": 3}, {"days": 3}, True),
+    ({"days": 3.0}, {"days": 3}, False),   # range(3.0) raises; BFCL refuses a float for an int
+    ({"days": 3e0}, {"days": 3}, False),
+    ({"days": 3, "hours": 2.0}, {"days": 3, "hours": 2}, False),  # (int, optional)
+    ({"days": 3, "ratio": 25}, {"days": 3, "ratio": 25.0}, True),  # an int where a float is declared: fine
+    ({"days": 3, "ratio": 25.0}, {"days": 3, "ratio": 25}, True),  # (the reference writes a float-typed value as an int)
+    ({"days": 3.0}, {"days": 3.0}, True),  # (the reference itself writes a float there: no stricter than it)
+    ({"days": 3, "sizes": [1.0, 2]}, {"days": 3, "sizes": [1, 2]}, True),  # (top-level parameters only)
+])
+def test_an_integer_parameter_written_as_a_float_is_not_paid(answer, reference, paid):
+    """A parameter the tool declares as an integer (xlam's ``int``, ``int, optional``) holding
+    ``3.0`` where the reference holds ``3`` was paid as the same number; a Python tool given it
+    fails (``range(3.0)``) and BFCL's checker refuses it. Numbers still compare by value
+    elsewhere. Both implementations."""
+    ex = dict(EX, tools=json.dumps(INT_TOOLS), answers=dumps([{"name": "forecast", "arguments": reference}]))
+    text = dumps([{"name": "forecast", "arguments": answer}])
+    assert FC.verify(ex, text) is paid and recheck(FC, ex, text)[0] is paid
+    if not paid:
+        assert FC.diagnose(ex, text) == "an argument declared as an integer written as a float (3.0 for 3)"
+
+
+@pytest.mark.parametrize("answer,paid", [({"n": 2, "m": 1}, True), ({"n": 2.0, "m": 1}, False),
+                                         ({"n": 2, "m": 1.0}, False)])
+def test_integer_parameters_in_json_schema_form(answer, paid):
+    ex = dict(EX, tools=json.dumps(INT_TOOLS), answers=dumps([{"name": "schema", "arguments": {"n": 2, "m": 1}}]))
+    text = dumps([{"name": "schema", "arguments": answer}])
+    assert FC.verify(ex, text) is paid and recheck(FC, ex, text)[0] is paid
+
+
 def test_single_call_object_and_empty_list():
     ex = dict(EX, answers=dumps([CALLS[0]]))
     assert FC.verify(ex, json.dumps(CALLS[0]))  # a bare object counts as one call

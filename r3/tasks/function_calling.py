@@ -114,8 +114,10 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   key is never a wrapper;
 * correct iff the calls equal the reference calls as a multiset (order of calls does not matter):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
-  numbers compare by value (``100 == 100.0``) but booleans are not numbers (``true != 1``); strings
-  compare exactly; lists in order; objects recursively;
+  numbers compare by value (``100 == 100.0``), except that a parameter the tool declares as an
+  integer (``int``, ``int, optional``, ``integer``) must hold an integer where the reference
+  does (``3.0`` for ``3`` fails in a harness: ``range(3.0)``; BFCL refuses it), and booleans are
+  not numbers (``true != 1``); strings compare exactly; lists in order; objects recursively;
 * completions over ``MAX_COMPLETION_CHARS``, structures over ``MAX_JSON_CHARS`` or nested deeper
   than ``MAX_DEPTH`` are wrong.
 
@@ -151,8 +153,8 @@ from r3.tasks.base import (
 )
 from r3.tasks.xlam_synthetic import synthetic_xlam
 
-__all__ = ["FunctionCallingTask", "answer_calls", "parse_calls", "calls_match", "values_equal", "load_file",
-           "synthetic_xlam", "write_synthetic"]
+__all__ = ["FunctionCallingTask", "answer_calls", "parse_calls", "calls_match", "values_equal", "integer_parameters",
+           "load_file", "synthetic_xlam", "write_synthetic"]
 
 MAX_COMPLETION_CHARS = 100_000
 MAX_JSON_CHARS = 20_000
@@ -942,14 +944,57 @@ def values_equal(a: Any, b: Any, _depth: int = 0) -> bool:
     return False
 
 
-def calls_match(predicted: list[dict], reference: list[dict]) -> bool:
-    """Multiset equality of calls by (name, arguments) under :func:`values_equal`."""
+def _integer_type(spec: Any) -> bool:
+    """Whether a parameter's spec declares an integer: xlam's ``int`` / ``int, optional``, JSON
+    Schema's ``integer``, ``Optional[int]``."""
+    t = spec.get("type") if isinstance(spec, dict) else None
+    if not isinstance(t, str):
+        return False
+    t = t.strip().lower().removesuffix(", optional").strip()
+    if t.startswith("optional[") and t.endswith("]"):
+        t = t[len("optional["):-1].strip()
+    return t in ("int", "integer")
+
+
+def integer_parameters(tools: Any) -> dict[str, frozenset[str]]:
+    """``{function name: its top-level parameters declared as integers}`` from a tools list (xlam's
+    ``parameters: {name: {"type": ...}}`` or JSON Schema's ``properties``). Where the reference
+    gives such a parameter an integer, a float (``3.0``) is another value to a harness: Python's
+    ``range(3.0)`` raises, and BFCL refuses it."""
+    out: dict[str, frozenset[str]] = {}
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            continue
+        params = tool.get("parameters")
+        if isinstance(params, dict) and isinstance(params.get("properties"), dict):
+            params = params["properties"]
+        if isinstance(params, dict):
+            ints = frozenset(k for k, v in params.items() if _integer_type(v))
+            if ints:
+                out[tool["name"]] = out.get(tool["name"], frozenset()) | ints
+    return out
+
+
+def _integers_kept(p: dict, r: dict, integers: dict[str, frozenset[str]]) -> bool:
+    """No parameter declared as an integer holds a float where the reference holds an integer."""
+    for key in integers.get(r["name"], ()):
+        want, got = r["arguments"].get(key), p["arguments"].get(key)
+        if isinstance(want, int) and not isinstance(want, bool) and isinstance(got, float):
+            return False
+    return True
+
+
+def calls_match(predicted: list[dict], reference: list[dict], integers: dict[str, frozenset[str]] | None = None) -> bool:
+    """Multiset equality of calls by (name, arguments) under :func:`values_equal`; with
+    ``integers`` (:func:`integer_parameters`), an integer parameter the reference gives an integer
+    must hold an integer (``3``, not ``3.0``)."""
     if len(predicted) != len(reference):
         return False
     unused = list(reference)
     for p in predicted:
         for k, r in enumerate(unused):
-            if p["name"] == r["name"] and values_equal(p["arguments"], r["arguments"]):
+            if p["name"] == r["name"] and values_equal(p["arguments"], r["arguments"]) \
+                    and _integers_kept(p, r, integers or {}):
                 del unused[k]
                 break
         else:
@@ -1155,8 +1200,10 @@ class FunctionCallingTask(Task):
         if hidden:
             return False, f"a call {hidden[:60]!r} in a string beside the calls"
         ref = self.reference_calls(example)
-        if calls_match(calls, ref):
+        if calls_match(calls, ref, integer_parameters(_field(example, "tools"))):
             return True, "correct"
+        if calls_match(calls, ref):
+            return False, "an argument declared as an integer written as a float (3.0 for 3)"
         if sorted(c["name"] for c in calls) != sorted(c["name"] for c in ref):
             return False, f"called {_names(calls)}, expected {_names(ref)}"
         return False, "right functions, wrong arguments"

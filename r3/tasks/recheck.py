@@ -1930,7 +1930,28 @@ def _fc_tags(text: str, spans: list[tuple[int, int, bool]], reasoning: int) -> l
     return out
 
 
-def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = ()) -> tuple[bool, str]:
+def _fc_int_params(tools: list) -> set[tuple[str, str]]:
+    """(function, parameter) pairs whose declared type is an integer (``int``, ``int, optional``,
+    ``integer``, ``Optional[int]``), in xlam's parameter dict or under JSON Schema's properties."""
+    out = set()
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        params = tool.get("parameters")
+        if isinstance(params, dict) and isinstance(params.get("properties"), dict):
+            params = params["properties"]
+        for key, spec in (params.items() if isinstance(params, dict) else ()):
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if isinstance(kind, str):
+                kind = re.sub(r"\s*,\s*optional$", "", kind.strip().lower())
+                kind = re.sub(r"^optional\[\s*(.*?)\s*\]$", r"\1", kind)
+                if kind in ("int", "integer"):
+                    out.add((tool.get("name"), key))
+    return out
+
+
+def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = (),
+                             int_params: set[tuple[str, str]] = frozenset()) -> tuple[bool, str]:
     """The function-calling rule (see :mod:`r3.tasks.function_calling`), implemented separately."""
     if not isinstance(text, str) or len(text) > 100_000:
         return False, "not a string or too long"
@@ -2068,7 +2089,10 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     left = list(ref)
     for name, args in calls:
         for k, (rn, ra) in enumerate(left):
-            if rn == name and _fc_same(args, ra):
+            # (an integer parameter the reference gives an integer must hold one: 3, not 3.0)
+            floated = isinstance(ra, dict) and any((rn, key) in int_params and type(ra[key]) is int
+                                                   and type(args.get(key)) is float for key in ra)
+            if rn == name and _fc_same(args, ra) and not floated:
                 del left[k]
                 break
         else:
@@ -2109,9 +2133,10 @@ def recheck(task, example: dict, text: str) -> tuple[bool, str] | None:
             if not isinstance(tools, list) or not isinstance(reference, list):
                 raise TypeError("tools or answers is not a list")
             names = [t.get("name", "") for t in tools if isinstance(t, dict)]
+            whole_only = _fc_int_params(tools)
             if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in reference):
                 raise TypeError("a reference call is not {'name': ..., 'arguments': ...}")
         except (KeyError, TypeError, ValueError, RecursionError):
             return False, "malformed example"
-        return recheck_function_calling(text, reference, names)
+        return recheck_function_calling(text, reference, names, whole_only)
     return None
