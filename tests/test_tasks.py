@@ -2199,6 +2199,75 @@ def test_countdown_operator_and_question_forms_found_by_a_white_box_review(tags,
     _both_implementations_say(tags, completion, expected)
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a label in another alphabet before a colon just before it (without the colon it was refused)
+    pytest.param(False, "\u041d\u0435\u0432\u0435\u0440\u043d\u043e: 5 + 23 = 28", False, id="russian-label"),
+    pytest.param(False, "**\u041d\u0435\u0432\u0435\u0440\u043d\u043e:** 5 + 23 = 28", False, id="russian-bold-label"),
+    pytest.param(False, "\u041d\u0435\u0432\u0435\u0440\u043d\u043e:\n5 + 23 = 28", False, id="russian-heading"),
+    pytest.param(False, "\u9519\u8bef: 5 + 23 = 28", False, id="chinese-label"),
+    pytest.param(False, "\u039b\u03ac\u03b8\u03bf\u03c2: 5 + 23 = 28", False, id="greek-label"),
+    pytest.param(True, "\u041d\u0435\u0432\u0435\u0440\u043d\u043e: <answer>5 + 23 = 28</answer>", False,
+                 id="tags-russian-label"),
+    # a supposition in a language whose denials are read ("if", "suppose")
+    pytest.param(False, "Wenn 5 + 23 = 28", False, id="german-if"),
+    pytest.param(False, "Angenommen 5 + 23 = 28", False, id="german-suppose"),
+    pytest.param(False, "Si 5 + 23 = 28, alors ...", False, id="french-if"),
+    pytest.param(False, "Supposons que 5 + 23 = 28", False, id="french-suppose"),
+    pytest.param(False, "Supongamos que 5 + 23 = 28", False, id="spanish-suppose"),
+    pytest.param(False, "Hvis 5 + 23 = 28", False, id="danish-if"),
+    pytest.param(True, "Wenn <answer>5 + 23 = 28</answer>", False, id="tags-german-if"),
+    # a word in another alphabet after it, past a comma, colon or full stop ("Incorrect.", "wrong")
+    pytest.param(False, "5 + 23 = 28. \u041d\u0435\u0432\u0435\u0440\u043d\u043e.", False, id="russian-after-sentence"),
+    pytest.param(False, "5 + 23 = 28, \u043d\u0435\u0432\u0435\u0440\u043d\u043e.", False, id="russian-after-comma"),
+    pytest.param(False, "5 + 23 = 28: \u03bb\u03ac\u03b8\u03bf\u03c2", False, id="greek-after-colon"),
+    pytest.param(False, "5 + 23 = 28. \u9519\u8bef\u3002", False, id="chinese-after"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>. \u041d\u0435\u0432\u0435\u0440\u043d\u043e.", False,
+                 id="tags-russian-after"),
+    # LaTeX's logical "not" (shown as \u00ac, which is refused) before it
+    pytest.param(False, r"$\neg (5 + 23 = 28)$", False, id="latex-neg-parenthesised"),
+    pytest.param(False, r"$\neg 5 + 23 = 28$", False, id="latex-neg"),
+    pytest.param(False, r"$\lnot (5 + 23 = 28)$", False, id="latex-lnot"),
+    pytest.param(True, r"\neg (<answer>5 + 23 = 28</answer>)", False, id="tags-latex-neg"),
+    # a take-back verb with "it" or "this", as with "that"
+    pytest.param(False, "5 + 23 = 28. Forget it.", False, id="forget-it"),
+    pytest.param(False, "5 + 23 = 28. Ignore this.", False, id="ignore-this"),
+    pytest.param(False, "5 + 23 = 28. Scrap it.", False, id="scrap-it"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> Forget it.", False, id="tags-forget-it"),
+    # a question within four words after a result written in words (the linking words are not
+    # among them, as "=" is not), and still paid five words after it, as after "= 28"
+    pytest.param(False, "5 + 23 gives us 28, is that correct?", False, id="question-after-gives-us"),
+    pytest.param(False, "5 + 23, which is exactly 28, is that right?", False, id="question-after-which-is-exactly"),
+    pytest.param(False, "5 + 23 is 28 is that right?", False, id="question-after-is"),
+    pytest.param(False, "5 + 23 gives us 28, which uses both numbers once?", True, id="question-five-words-after"),
+    pytest.param(False, "5 + 23 gives us 28.", True, id="result-in-words"),
+    # still paid: Latin words (with diacritics, or letters no diacritic folds), a "yes" in an
+    # earlier clause, a plain label
+    pytest.param(False, "R\u00e9ponse : 5 + 23 = 28", True, id="french-label-latin"),
+    pytest.param(False, "L\u00f6sung: 5 + 23 = 28", True, id="german-label-latin"),
+    pytest.param(False, "Gro\u00dfe Summe: 5 + 23 = 28", True, id="german-sharp-s-label"),
+    pytest.param(False, "S\u00ed, 5 + 23 = 28", True, id="spanish-yes-earlier-clause"),
+    pytest.param(False, "5 + 23 = 28. Das ist gro\u00df.", True, id="german-sharp-s-after"),
+    pytest.param(False, "5 + 23 = 28. Do\u011fru.", True, id="turkish-after"),
+    pytest.param(False, "5 + 23 = 28. C'est la r\u00e9ponse.", True, id="french-after"),
+    pytest.param(False, "Answer: 5 + 23 = 28", True, id="english-label"),
+    pytest.param(True, "Answer: <answer>5 + 23 = 28</answer>", True, id="tags-english-label"),
+])
+def test_countdown_foreign_labels_and_suppositions_found_by_a_differential_fuzz(tags, completion, expected):
+    """A black-box differential fuzz found both implementations paying a denial in another
+    alphabet written as a label (``\u041d\u0435\u0432\u0435\u0440\u043d\u043e: 5 + 23 = 28``,
+    "Incorrect:"), which the word window refused without the colon but the label rule did not
+    read, or after the equation past a comma, colon or full stop (``5 + 23 = 28.
+    \u041d\u0435\u0432\u0435\u0440\u043d\u043e.``), where only the listed languages' denials are
+    read, and a supposition in German, French, Spanish or Danish (``Wenn 5 + 23 = 28``, "if"),
+    whose denials are read but whose "if" was not, and LaTeX's ``\\neg`` / ``\\lnot`` (shown
+    as the refused \u00ac) before it, and a take-back verb with ``it`` (``Forget it.``; ``Forget
+    that.`` was refused), and a question after a result written in words, whose linking words
+    counted among the four words after it (``5 + 23 gives us 28, is that correct?``): a model
+    could be paid for an equation it called wrong, negated, took back, questioned or only
+    supposed."""
+    _both_implementations_say(tags, completion, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------

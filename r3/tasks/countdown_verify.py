@@ -35,7 +35,7 @@ when
 
 * a letter is glued to it (``4x + 3``, ``log(3 + 4)``, ``21 - 2x``), or an operator word
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
-  ``cdot``, ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
+  ``cdot``, LaTeX's ``neg`` (``\\neg (5 + 23 = 28)``), ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
   among the four words before or after it (apart by spaces, quotes, parentheses or Markdown
   emphasis: ``(wrong) 5 + 23 = 28``; before it also past quotes of any script, ``$``, bullets
@@ -45,8 +45,9 @@ when
   ``Assume - <answer>...``, ``Wrong answer:`` and ``- \\boxed{...}`` on the next line; after it
   also past quotes, ``$`` and such symbols, where an operator sign past them is next to it too:
   ``$5 + 23 = 28$ mod n``, ``\u201c5 + 23 = 28\u201d \u00d7 n``), a supposition
-  (``if``, ``suppose``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial (``Wrong:``, ``This is
-  false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) is among the four words before a colon just
+  (``if``, ``suppose``, ``wenn``, ``si``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial
+  (``Wrong:``, ``This is false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) or a word in another
+  alphabet (``\u041d\u0435\u0432\u0435\u0440\u043d\u043e:``; a Latin letter with diacritics is Latin) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
   (``Wrong:\n5 + 23 = 28``), or one of :data:`BARE_LABEL_DENIALS` as the whole label
   (``Mistake: 5 + 23 = 28``), or
@@ -61,7 +62,7 @@ when
   sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
   (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖ ☒ 🚫 👎``, :data:`DENIAL_MARKS`) before or after
   it; a ``?`` (or another form of it: ``？ ❓ ⁇ ‽``) after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
-  28?``, ``5 + 23 = 28, right?``; a code fence, ``$$`` or ``\\]`` closing its block on the next
+  28?``, ``5 + 23 = 28, right?``, counted from a result written in words: ``5 + 23 gives us 28, is it?``; a code fence, ``$$`` or ``\\]`` closing its block on the next
   line goes on with its sentence: the fence, then ``, right?``); a dash with a one-letter variable
   past it (``n - <answer>``;
   ``a`` and ``I`` are words);
@@ -70,7 +71,8 @@ when
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
   ``26 + 24 = 50`` on the next line);
 * the text after it mentions a number that is neither a given number nor the target
-  (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a number after an answer cue
+  (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a word in another alphabet (Cyrillic,
+  Greek, CJK, ...: their denials are not read), a number after an answer cue
   (``answer``, ``result``, ``total``, ``equals``, ``gives``, ``get``, ``equation``, ``it's``,
   ``final``, ``####``, ... :data:`ANSWER_CUES`, over linking words, quotes and brackets) that is
   not the target (``The answer is 24.``, ``Final: 24``), a number that is not the target anywhere
@@ -86,7 +88,7 @@ when
   sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
   eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
-  ``No.``, ``I miscalculated``, ``Scratch that.``, ``Forget that.``, ``Just kidding.``, ``I take it
+  ``No.``, ``I miscalculated``, ``Scratch that.``, ``Forget that.``, ``Forget it.``, ``Just kidding.``, ``I take it
   back.``, ``My bad.``, ``That is a lie.``, ``That fails.``, ``Try again.``, ``Or is it?``,
   ``Não está certo.``: there a letter with diacritics
   or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
@@ -151,6 +153,7 @@ OPERATOR_WORDS = frozenset("""
     fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths multiply
     multiplying multiplication divide dividing division negate negated halve raised reduced
     deducted dozen hundred thousand million average mean max maximum min minimum
+    neg lnot
 """.split())
 #: Words that, within four words of the final equation, deny it ("26 + 24 is not 50").
 NEGATIONS = frozenset("""
@@ -174,9 +177,10 @@ AFTER_DENIALS = frozenset("""
     nah nevermind kidding jk retract retracted retracts misspoke miscounted miscount goofed bogus nonsense
     lied oops whoops oopsie fails flawed faulty refuted debunked disproved yikes
 """.split())
-#: Verbs that, followed by ``that`` after the final equation, take it back (``Scratch that.``,
-#: ``Forget that.``); ``I take it back`` and the word pairs of :data:`DENIAL_PAIRS` likewise.
+#: Verbs that, followed by ``that``, ``it`` or ``this`` after the final equation, take it back
+#: (``Scratch that.``, ``Forget it.``); ``I take it back`` and the word pairs of :data:`DENIAL_PAIRS` likewise.
 _TAKE_BACK = frozenset("scratch forget ignore strike cancel erase delete scrap".split())
+_TAKEN_BACK = frozenset("that it this".split())  # ("Forget it.", "Ignore this.", as "Forget that.")
 #: Two words that, after the final equation, take it back (``My bad.``, ``That is a lie.``,
 #: ``Try again.``, ``Uh oh.``, ``Back to the drawing board.``).
 DENIAL_PAIRS = frozenset({("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board")})
@@ -236,7 +240,13 @@ _SUBJECT_FILLERS = frozenset("""
 STATING_WORDS = frozenset("equals equal makes gives yields or".split())
 _STATING = frozenset("which that would will should must".split())
 #: Before the final equation, within four words, words that make it a supposition, not an answer.
-HYPOTHETICALS = frozenset("if whether suppose supposing assume assuming unless".split())
+#: (also the other languages' words for "if" and "suppose" beside a listed denial language's:
+#: ``Wenn 5 + 23 = 28``, ``Si 5 + 23 = 28``, ``Supongamos que 5 + 23 = 28``)
+HYPOTHETICALS = frozenset("""
+    if whether suppose supposing assume assuming unless
+    wenn angenommen si supposons supposant admettons supongamos suponiendo supongo supponiamo
+    supponendo suponhamos supondo suponha indien aangenomen hvis dersom ifall antag antaget
+""".split())
 #: Words that, among the four words before a colon just before the final equation, deny it
 #: (``Wrong:``, ``This is false:``, ``Nope:``, and the other languages' words for "wrong" of
 #: :data:`NEGATIONS`: ``Falsch:``, ``Faux :``, ``Incorrecto:``, which denied it without the colon).
@@ -553,7 +563,7 @@ def _prefix_non(word: str, text: str, end: int) -> bool:
             and text[end + 1: end + 2].translate(_LATIN_BASE).isalpha())  # (a letter, or a form of one: "ⓝ")
 
 
-def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | None:
+def _after_problem(text: str, end: int, nums: list[int], target: int, linked: int = 0) -> str | None:
     """What after the final equation (from ``end``) changes or contradicts it: a number that is
     neither a given number nor the target (``The answer is 48``, ``50 minus 2``), a number after an
     answer cue that is not the target (``The answer is 24``) or, after one of :data:`SENTENCE_CUES`,
@@ -576,7 +586,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
     plain: list[tuple[str, str]] = []  # (the same, emphasis and quotes left out: a subject's words)
     cue_sentence = False  # one of SENTENCE_CUES came earlier in the current sentence and line
     own_sentence = True  # still in the final equation's sentence and line, within four words of it
-    words_after = 0
+    words_after = -linked  # (the words linking a result written in words: "5 + 23 gives us 28, is it?")
     gap_from, unit_until = end, -1
     for m in _REST_TOKEN.finditer(text, end):
         tok = m.group()
@@ -603,12 +613,15 @@ def _after_problem(text: str, end: int, nums: list[int], target: int) -> str | N
             return f"a number in another script after the final equation ({tok!r})"
         elif tok == "####":
             kind = "word"
+        elif tok.isalpha() and not tok.isascii() and "LATIN" not in unicodedata.name(tok, ""):
+            # (its denials are not read: "5 + 23 = 28. \u041d\u0435\u0432\u0435\u0440\u043d\u043e.")
+            return f"a word in another alphabet after the final equation ({tok!r})"
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
             words_after += 1
             own_sentence = own_sentence and words_after <= 4
             if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
-                    or (tok == "that" and prev[-1:] and prev[-1][0] == "word" and prev[-1][1] in _TAKE_BACK) \
+                    or (tok in _TAKEN_BACK and prev[-1:] and prev[-1][0] == "word" and prev[-1][1] in _TAKE_BACK) \
                     or (tok == "back" and prev[-2:] == [("word", "take"), ("word", "it")]) \
                     or (prev[-1:] and prev[-1][0] == "word" and (prev[-1][1], tok) in DENIAL_PAIRS) \
                     or (raw is not text and _glued_denial(raw, m.start())):
@@ -966,6 +979,9 @@ def _denied_label(text: str, start: int) -> str | None:
             return None
         if value in LABEL_DENIALS or (words == 0 and value in BARE_LABEL_DENIALS and _starts_label(text, i)):
             return f"the equation is denied ({value!r} before it)"
+        if any(c.isalpha() and not c.isascii() and "LATIN" not in unicodedata.name(c, "")
+               for c in value.translate(_LATIN_BASE)):  # "Неверно: 5 + 23 = 28", as without the colon
+            return f"a word in another alphabet in the label before the equation ({value!r})"
         words += 1
     return None
 
@@ -1148,18 +1164,22 @@ def final_equation(text: str, nums: list[int] | None = None, target: int | None 
            or _wrapped_problem(text, start, "=" in equation) or _wrapped_after_problem(text, end))
     if why:
         return None, why
+    linked = 0  # words between the expression and its result written in words
     if "=" not in equation:
         result, negated = _number_after(text, end, strict=True)
         if negated:
             return None, "the equation is denied (a negation before its result)"
         if result is not None:
             equation += " = " + result
+            if result.isdigit():
+                linked = sum(1 for m in _REST_TOKEN.finditer(text, end, text.find(result, end)) if m.group()[0].isalpha())
         else:
             why = _bare_problem(text, b) or _bare_denied(text, start)
             if why:
                 return None, why
     if nums is not None:  # (a "(" the run took in, left out of the equation, opens the text after it)
-        why = _after_problem(text, end - 1 if b < end and text[end - 1] == "(" else end + emphasis, nums, target)
+        why = _after_problem(text, end - 1 if b < end and text[end - 1] == "(" else end + emphasis, nums, target,
+                             linked)
         if why:
             return None, why
     return equation, ""

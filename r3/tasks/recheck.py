@@ -41,6 +41,7 @@ _CD_OP_WORDS = set("""
     pm mp fois mal halves thirds quarters fourth fourths fifth fifths sixth sixths seventh sevenths eighth
     eighths ninth ninths tenth tenths multiply multiplying multiplication divide dividing division negate
     negated halve raised reduced deducted dozen hundred thousand million average mean max maximum min minimum
+    neg lnot
 """.split()) | {"\u0445"}
 _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
@@ -91,7 +92,11 @@ _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "e
 _CD_DENIED_PAIRS = {("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board")}
 _CD_LABEL_ALONE = {"mistake", "error", "typo", "erroneous", "bogus", "fallacy", "miscalculation"}
 _CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap"}
-_CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless"}
+_CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless",
+          # German, French, Spanish, Italian, Portuguese, Dutch, Scandinavian
+          "wenn", "angenommen", "si", "supposons", "supposant", "admettons", "supongamos", "suponiendo",
+          "supongo", "supponiamo", "supponendo", "suponhamos", "supondo", "suponha", "indien", "aangenomen",
+          "hvis", "dersom", "ifall", "antag", "antaget"}
 _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untrue", "not", "isn't", "wasn't", *"""
     nope falsch falsche falscher falsches faux fausse incorrecte incorrecto incorrecta incorreto
     incorreta errado errada erroneo errato sbagliato sbagliata falso falsa fout feil fel
@@ -708,6 +713,8 @@ def _cd_colon_label(text: str, start: int) -> str | None:
             return None
         if w in _CD_LABEL_NOT:
             return f"denied by {w}"
+        if any(ch.isalpha() and _cd_ascii_letter(ch) is None and "LATIN" not in unicodedata.name(ch, "") for ch in w):
+            return f"label word in another alphabet {w}"
         if seen == 0 and w in _CD_LABEL_ALONE:  # "Mistake: 5 + 23 = 28", the word alone as the label
             b = k
             while b >= 0 and text[b] in " \t_'\u2019*\"`#>-":
@@ -951,18 +958,22 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     why = _cd_answer_word(text, start, "=" in core, nested=True)
     if why:
         return False, why
+    linked = 0
     if "=" not in core:
         result, negated = _cd_number_after(text, end, strict=True)
         if negated:
             return False, "negated result"
         if result is not None:
             core = f"{core} = {result}"
+            # the linking words ("gives us") are not among the four words after it: the result ends it
+            if result.isdigit():
+                linked = len(re.findall(r"[A-Za-z]+(?:['\u2019][A-Za-z]+)?", text[end:text.find(result, end)]))
         else:
             why = _cd_bare(text, b) or _cd_bare_denied(text, start)
             if why:
                 return False, why
     # the text after it, with an opening parenthesis the run ended in ("... = 28 (five)")
-    why = _cd_after(text, end - 1 if text[end - 1] == "(" and b < end else end + under, nums, target)
+    why = _cd_after(text, end - 1 if text[end - 1] == "(" and b < end else end + under, nums, target, linked)
     if why:
         return False, why
     return _cd_check_equation(core, nums, target, ops)
@@ -1017,7 +1028,7 @@ def _cd_subject(text: str, begin: int, i: int) -> int | None:
         k = j
 
 
-def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
+def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) -> str | None:
     """The tokens after the final equation: only the given numbers and the target, no decimals, no
     arithmetic (signs, operator words, "<operation> of", LaTeX fractions), no other answer after a
     cue (next to it, or later in an answer/result sentence), no number word stating another value,
@@ -1087,6 +1098,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
             return "later foreign number"
         elif text.startswith("####", i):
             tok, kind, j = "####", "word", i + 4
+        elif c.isalpha() and _cd_ascii_letter(c) is None and "LATIN" not in unicodedata.name(c, ""):
+            return "later word in another alphabet"  # (Cyrillic, Greek, CJK: their denials are not read)
         elif _cd_ascii_letter(c):  # (a letter with diacritics or full-width reads as its letter: "Não" is "nao")
             while j < n and _cd_ascii_letter(text[j]):
                 j += 1
@@ -1096,14 +1109,17 @@ def _cd_after(text: str, i: int, nums: list[int], target: int) -> str | None:
                     j += 1
             tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
             tok, kind = tok.lower().replace("\u2019", "'"), "word"
-            if near >= 0:
+            if linked > 0:  # a word linking the expression to its result in words
+                linked -= 1
+            elif near >= 0:
                 near = near + 1 if near < 4 else -1
             ascii_end = i
             while ascii_end < j and text[ascii_end].isascii() and text[ascii_end].isalpha():
                 ascii_end += 1
             head = text[i:ascii_end].lower()  # (its ASCII letters, when diacritics follow: "wrongé")
             if (tok in _CD_NOT and not _cd_hyphen_prefix(tok, text, j)) or tok in _CD_DENIED_LATER \
-                    or (tok == "that" and len(window) > 0 and window[-1][0] == "word" and window[-1][1] in _CD_TAKE_BACK) \
+                    or (tok in ("that", "it", "this") and len(window) > 0 and window[-1][0] == "word"
+                        and window[-1][1] in _CD_TAKE_BACK) \
                     or (tok == "back" and window[-2:] == [("word", "take"), ("word", "it")]) \
                     or (len(window) > 0 and window[-1][0] == "word" and (window[-1][1], tok) in _CD_DENIED_PAIRS) \
                     or (ascii_end < j and not text[ascii_end].isascii() and (head in _CD_NOT or head in _CD_DENIED_LATER)):
