@@ -38,6 +38,9 @@ class CpuSample:
     own: float
 
 
+_NOTHING = CpuSample(0.0, 0.0, 0.0)  # (no time: the start of a sum of stretches)
+
+
 def busy_seconds(proc_stat: str, cpus: set[int], tick: float) -> float:
     """Seconds the ``cpus`` spent working, from the text of ``/proc/stat`` (its ``cpuN`` lines:
     user, nice, system, idle, iowait, irq, softirq, steal, ... in ticks of ``tick`` seconds).
@@ -144,7 +147,7 @@ class CpuShareWatch:
         self.threads = threads
         self.said = False
         self._start: CpuSample | None = None
-        self._held = CpuSample(0.0, 0.0, 0.0)  # (the short stretches so far, summed: wall, busy, own)
+        self._held = _NOTHING  # (the short stretches so far, summed: wall, busy, own)
         self._stretches = 0
 
     def start(self) -> None:
@@ -165,9 +168,9 @@ class CpuShareWatch:
         self._stretches += 1
         if held.wall < MIN_SECONDS:
             return None
-        stretches, self._held, self._stretches = self._stretches, CpuSample(0.0, 0.0, 0.0), 0
+        stretches, self._held, self._stretches = self._stretches, _NOTHING, 0
         span = what if stretches == 1 else f"the last {held.wall:.0f} s of work (up to {what})"
-        note = contention_note(others_cores(CpuSample(0.0, 0.0, 0.0), held), len(self.cpus), self.threads, span)
+        note = contention_note(others_cores(_NOTHING, held), len(self.cpus), self.threads, span)
         self.said = note is not None
         return note
 

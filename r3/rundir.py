@@ -379,10 +379,10 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             # trained or logged under it, so a corrected retry starts over (said once the lock is ours)
             trained = _holds_steps(out)
             start_over = bool(diff) and not trained
-            saved_steps = checkpoint_dirs(out)
-            past = bool(saved_steps) and _step_of(saved_steps[-1]) >= cfg.max_steps  # (nothing left to train)
-            if trained and previous.get("max_steps", cfg.max_steps) != cfg.max_steps and not past:
-                previous_steps = previous["max_steps"]
+            if trained and previous.get("max_steps", cfg.max_steps) != cfg.max_steps:
+                saved_steps = checkpoint_dirs(out)
+                if not (saved_steps and _step_of(saved_steps[-1]) >= cfg.max_steps):  # (else nothing left to train)
+                    previous_steps = previous["max_steps"]
             if diff and not start_over:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
                 diff.sort(key=lambda k: (k not in ("model", "task", "task_options"), k not in theirs, k))

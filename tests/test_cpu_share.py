@@ -83,6 +83,18 @@ def test_no_note_when_the_threads_fit_or_the_other_work_is_noise(others, cpus, t
     assert C.contention_note(others, cpus, threads, "step 1") is None
 
 
+def _said(monkeypatch, samples, stretches: list[str]) -> list[str | None]:
+    """What a watch of 2 threads on 2 CPUs says after each stretch, the counters read from
+    ``samples`` (two per stretch: its start and its end)."""
+    monkeypatch.setattr(C, "take_sample", lambda cpus: next(samples))
+    watch = C.CpuShareWatch(threads=2, cpus={0, 1})
+    said = []
+    for what in stretches:
+        watch.start()
+        said.append(watch.stop(what))
+    return said
+
+
 def test_the_watch_says_it_once_and_only_of_stretches_long_enough_to_judge(monkeypatch):
     """A step shorter than MIN_SECONDS is not judged alone (10 ms ticks over a short wall time read
     as several cores); the first long enough stretch with other work gets the note; later ones
@@ -91,12 +103,7 @@ def test_the_watch_says_it_once_and_only_of_stretches_long_enough_to_judge(monke
                     C.CpuSample(10.0, 0.0, 0.0), C.CpuSample(20.0, 20.0, 19.0),    # with it, 1.5 / 11 s: noise
                     C.CpuSample(20.0, 0.0, 0.0), C.CpuSample(30.0, 20.0, 10.0),    # 1 core: said
                     C.CpuSample(30.0, 0.0, 0.0), C.CpuSample(40.0, 20.0, 10.0)])
-    monkeypatch.setattr(C, "take_sample", lambda cpus: next(samples))
-    watch = C.CpuShareWatch(threads=2, cpus={0, 1})
-    said = []
-    for step in range(1, 5):
-        watch.start()
-        said.append(watch.stop(f"step {step}"))
+    said = _said(monkeypatch, samples, [f"step {step}" for step in range(1, 5)])
     assert said[:2] == [None, None] and said[3] is None
     assert said[2].startswith("note: other processes kept 1.0 of the 2 CPU cores busy during step 3")
 
@@ -276,13 +283,7 @@ def test_short_stretches_add_up_and_the_time_between_them_is_left_out(monkeypatc
     for k in range(6):
         t = 101.5 * k
         samples += [C.CpuSample(t, 10.0 * k, 5.0 * k), C.CpuSample(t + 1.5, 10.0 * k + 3.0, 5.0 * k + 1.5)]
-    samples = iter(samples)
-    monkeypatch.setattr(C, "take_sample", lambda cpus: next(samples))
-    watch = C.CpuShareWatch(threads=2, cpus={0, 1})
-    said = []
-    for batch in range(1, 6):
-        watch.start()
-        said.append(watch.stop(f"batch {batch}"))
+    said = _said(monkeypatch, iter(samples), [f"batch {batch}" for batch in range(1, 6)])
     assert said[:3] == [None, None, None] and said[4] is None
     assert said[3].startswith("note: other processes kept 1.0 of the 2 CPU cores busy during the last 6 s of work "
                               "(up to batch 4), and each of torch's 2 threads waits for the slowest: set "

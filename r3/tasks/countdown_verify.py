@@ -544,6 +544,12 @@ class _LatinBase(dict):
 _LATIN_BASE = _LatinBase()
 
 
+def _other_alphabet(c: str) -> bool:
+    """Whether the character ``c`` is a letter of another alphabet than Latin (Cyrillic, Greek,
+    CJK, ...), whose denials are not read; Latin letters with diacritics are Latin."""
+    return c.isalpha() and not c.isascii() and "LATIN" not in unicodedata.name(c, "")
+
+
 _ASCII_LETTERS = re.compile(r"[A-Za-z]+")
 
 
@@ -613,7 +619,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
             return f"a number in another script after the final equation ({tok!r})"
         elif tok == "####":
             kind = "word"
-        elif tok.isalpha() and not tok.isascii() and "LATIN" not in unicodedata.name(tok, ""):
+        elif _other_alphabet(tok):
             # (its denials are not read: "5 + 23 = 28. \u041d\u0435\u0432\u0435\u0440\u043d\u043e.")
             return f"a word in another alphabet after the final equation ({tok!r})"
         elif tok[0].isascii() and tok[0].isalpha():
@@ -979,8 +985,7 @@ def _denied_label(text: str, start: int) -> str | None:
             return None
         if value in LABEL_DENIALS or (words == 0 and value in BARE_LABEL_DENIALS and _starts_label(text, i)):
             return f"the equation is denied ({value!r} before it)"
-        if any(c.isalpha() and not c.isascii() and "LATIN" not in unicodedata.name(c, "")
-               for c in value.translate(_LATIN_BASE)):  # "Неверно: 5 + 23 = 28", as without the colon
+        if any(map(_other_alphabet, value.translate(_LATIN_BASE))):  # "Неверно: 5 + 23 = 28", as without the colon
             return f"a word in another alphabet in the label before the equation ({value!r})"
         words += 1
     return None

@@ -77,6 +77,11 @@ def _cd_ascii_letter(c: str) -> str | None:
     return head
 
 
+def _cd_foreign_letter(c: str) -> bool:
+    """A letter of a non-Latin script (Cyrillic, Greek, CJK: denials written in it are not read)."""
+    return c.isalpha() and _cd_ascii_letter(c) is None and "LATIN" not in unicodedata.name(c, "")
+
+
 def _cd_hyphen_prefix(word: str, text: str, end: int) -> bool:
     """"non" whose letters end at ``end`` and a hyphen joins to the next word ("non-negative")."""
     return (word == "non" and end + 1 < len(text) and text[end] in "-\u2010\u2011"
@@ -713,7 +718,7 @@ def _cd_colon_label(text: str, start: int) -> str | None:
             return None
         if w in _CD_LABEL_NOT:
             return f"denied by {w}"
-        if any(ch.isalpha() and _cd_ascii_letter(ch) is None and "LATIN" not in unicodedata.name(ch, "") for ch in w):
+        if any(map(_cd_foreign_letter, w)):
             return f"label word in another alphabet {w}"
         if seen == 0 and w in _CD_LABEL_ALONE:  # "Mistake: 5 + 23 = 28", the word alone as the label
             b = k
@@ -1098,7 +1103,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
             return "later foreign number"
         elif text.startswith("####", i):
             tok, kind, j = "####", "word", i + 4
-        elif c.isalpha() and _cd_ascii_letter(c) is None and "LATIN" not in unicodedata.name(c, ""):
+        elif _cd_foreign_letter(c):
             return "later word in another alphabet"  # (Cyrillic, Greek, CJK: their denials are not read)
         elif _cd_ascii_letter(c):  # (a letter with diacritics or full-width reads as its letter: "Não" is "nao")
             while j < n and _cd_ascii_letter(text[j]):
@@ -2106,9 +2111,8 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     for name, args in calls:
         for k, (rn, ra) in enumerate(left):
             # (an integer parameter the reference gives an integer must hold one: 3, not 3.0)
-            floated = isinstance(ra, dict) and any((rn, key) in int_params and type(ra[key]) is int
-                                                   and type(args.get(key)) is float for key in ra)
-            if rn == name and _fc_same(args, ra) and not floated:
+            if rn == name and _fc_same(args, ra) and not any(
+                    (rn, key) in int_params and type(ra[key]) is int and type(args[key]) is float for key in ra):
                 del left[k]
                 break
         else:
