@@ -2268,6 +2268,45 @@ def test_countdown_foreign_labels_and_suppositions_found_by_a_differential_fuzz(
     _both_implementations_say(tags, completion, expected)
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a Markdown list item: "-", "*" or "+" first on its line with a blank after it
+    pytest.param(False, "- 5 + 23 = 28", True, id="dash-bullet"),
+    pytest.param(False, "The answer:\n- 5 + 23 = 28", True, id="dash-bullet-after-label"),
+    pytest.param(False, "  - 23 + 5 = 28", True, id="indented-bullet"),
+    pytest.param(False, "* 5 + 23 = 28", True, id="star-bullet"),
+    pytest.param(False, "+ 5 + 23 = 28", True, id="plus-bullet"),
+    pytest.param(False, "- **5 + 23 = 28**", True, id="bullet-bold"),
+    pytest.param(False, "* **5 + 23 = 28**", True, id="star-bullet-bold"),
+    pytest.param(False, "- $5 + 23 = 28$", True, id="bullet-dollars"),
+    pytest.param(False, "- 5 + 23", True, id="bullet-expression"),
+    # ... read as a bullet, never as an operation, so it cannot make a wrong sum right
+    pytest.param(False, "- 5 + 23 = 18", False, id="bullet-not-a-minus"),
+    pytest.param(False, "Answer:\n- $5 + 23 = 18$", False, id="bullet-dollars-not-a-minus"),
+    # not bullets: a unary sign glued to a number, a second dash, a tab-less glued letter,
+    # a sign that continues the line before, a denial in the item
+    pytest.param(False, "-5 + 23 = 28", False, id="unary-minus"),
+    pytest.param(False, "- - 5 + 23 = 28", False, id="bullet-then-minus"),
+    pytest.param(False, "2 *\n- 5 + 23 = 28", False, id="continues-line-before"),
+    pytest.param(False, "Wrong:\n- 5 + 23 = 28", False, id="bullet-under-denial"),
+    pytest.param(False, "- Wrong: 5 + 23 = 28", False, id="denial-in-item"),
+    pytest.param(False, "x - 5 + 23 = 28", False, id="minus-mid-line"),
+    # "!=" after it says the equation does not hold, though a "!" after a written result is prose
+    pytest.param(False, "5 + 23 = 28 != target", False, id="not-equal-after"),
+    pytest.param(False, "5 + 23 = 28!= target", False, id="not-equal-glued"),
+    pytest.param(False, "$5 + 23 = 28$ != target", False, id="not-equal-after-dollars"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> != target", False, id="tags-not-equal"),
+    pytest.param(False, "5 + 23 = 28!", True, id="exclamation-after-result"),
+    pytest.param(False, "- <answer>5 + 23 = 28</answer>", True, id="bullet-before-block"),
+    pytest.param(True, "- <answer>5 + 23 = 28</answer>", True, id="tags-bullet"),
+])
+def test_countdown_markdown_bullets_and_not_equal(tags, completion, expected):
+    """Both implementations refused a right equation written as a Markdown list item (``- 5 + 23
+    = 28``, ``* **5 + 23 = 28**``, ``- $5 + 23 = 28$``), reading the bullet as a unary minus or a
+    product, although a bullet before a wrapped or tagged answer was already read as one; and both
+    paid ``5 + 23 = 28 != target``, reading the ``!`` after a written result as an exclamation."""
+    _both_implementations_say(tags, completion, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------

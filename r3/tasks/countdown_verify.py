@@ -55,7 +55,7 @@ when
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
   number in another script: ``^ % | ~ \\ [ ] { } < >``, ``!`` after it (unless it follows a
-  written result: ``= 7!``) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``) or
+  written result: ``= 7!``; ``= 7 != n`` is refused) or glued before it, any Unicode math symbol (``× ÷ − √ ≥ ≈ →``) or
   operator-like symbol (``· ✕ ➕ ➖``, and the full-width, small and other forms of ``* / % ^ -``:
   ``＊ ／ ％ ＾ ﹡ ⁎ ‰``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
@@ -96,6 +96,10 @@ when
 What stands before ``<answer>`` or ``\\boxed{`` (read as the word "answer") is checked as if it
 stood before the equation itself: ``3 * \\boxed{5 + 23 = 28}`` and ``Wrong: <answer>5 + 23 =
 28</answer>`` are wrong.
+
+A Markdown list bullet (``-``, ``*`` or ``+`` first on its line, a blank after it) before the
+final equation or answer block is not part of it: ``- 5 + 23 = 28`` and ``* **5 + 23 = 28**`` are
+list items, not a unary minus or a product (``-5 + 23`` is a unary minus).
 
 Markdown emphasis is left out: a pair of ``*``, ``**`` or ``***`` on a line around words
 (``**Answer:** $5 + 23 = 28$``, ``**So 5 + 23 = 28.**``) or around a wrapped equation
@@ -783,7 +787,7 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     """Why the character at ``pos`` (just outside the final equation's run, on its right when
     ``after``) changes the equation's meaning, or None when it is harmless prose. ``written``: the
     equation ends in a written result (``= 7``), after which ``!`` is an exclamation."""
-    if pos < 0 or pos >= len(text):
+    if pos < 0 or pos >= len(text) or (not after and _list_bullet(text, pos)):  # (- <answer>...: a list item)
         return None
     ch = text[pos]
     if ch.isspace():  # a line break: the equation's line ends here
@@ -802,6 +806,8 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     cat = unicodedata.category(ch)
     if cat == "Sm" or ch in _OPERATOR_SYMBOLS:
         return f"a math symbol the task does not allow next to the equation ({ch!r})"
+    if ch == "!" and after and text[pos + 1: pos + 2] == "=":
+        return "the equation is denied ('!=' after it)"
     if ch == "!" and (after or glued) and not (after and written):
         return "a '!' next to the equation"
     if ch in ".," and glued and text[pos + 1: pos + 2].isdigit():
@@ -809,9 +815,10 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     beyond = _beyond(text, pos, 1 if after else -1)
     if cat == "Pd" and not after and (glued or not _is_letter(beyond)):
         return f"a dash before the equation ({ch!r})"
-    if ch not in _SENTENCE and beyond and (beyond.isnumeric() or beyond in "+-*/=()" or beyond in _DISALLOWED_ASCII
-                                           or unicodedata.category(beyond) == "Sm"):
-        return f"a symbol between the equation and more arithmetic ({ch!r})"
+    if (ch not in _SENTENCE and beyond and (beyond.isnumeric() or beyond in "+-*/=()" or beyond in _DISALLOWED_ASCII
+                                            or unicodedata.category(beyond) == "Sm")
+            and not (beyond in "-*+" and not after and _list_bullet(text, text.rindex(beyond, 0, pos)))):
+        return f"a symbol between the equation and more arithmetic ({ch!r})"  # (- $5 + 23 = 28$: a bullet)
     if ch in "+*/" and _operand_beyond(text, pos, 1 if after else -1):
         return f"an operation on the equation ({ch!r} and a number or variable past it)"
     if cat == "Pd" and _variable_beyond(text, pos, 1 if after else -1):
@@ -825,6 +832,12 @@ def _bullet(text: str, pos: int) -> bool:
     while i >= 0 and text[i] in _SPACE:
         i -= 1
     return i < 0 or text[i] == "\n"
+
+
+def _list_bullet(text: str, pos: int) -> bool:
+    """Whether the ``-``, ``*`` or ``+`` at ``pos`` is a Markdown list bullet: it starts its line
+    and a blank follows it (``- 5 + 23 = 28``; ``-5 + 23`` is a unary minus)."""
+    return text[pos] in "-*+" and text[pos + 1: pos + 2] in (" ", "\t") and _bullet(text, pos)
 
 
 def _operand_beyond(text: str, pos: int, step: int, *, emphasis: bool = False) -> bool:
@@ -1012,6 +1025,8 @@ def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:
     def is_markup(k: int) -> bool:
         return text.count("**", line_start, k) < paired
 
+    if b - a > 2 and _list_bullet(text, a):  # a Markdown list item: - 5 + 23 = 28
+        a, b = _trim(text, a + 1, b)
     for _ in range(3):  # each step can uncover the next: **(5 + 23 = 28)** (using both)
         before = a, b
         if (b - a >= 2 and text.startswith("**", a) and (a == 0 or not text[a - 1].isalnum()) and is_markup(a)

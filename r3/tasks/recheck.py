@@ -529,7 +529,7 @@ def _cd_number_after(text: str, i: int, strict: bool) -> tuple[str | None, bool]
 
 
 def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bool) -> str | None:
-    if not 0 <= k < len(text) or text[k].isspace():
+    if not 0 <= k < len(text) or text[k].isspace() or (not right and _cd_list_bullet(text, k)):
         return None
     c = text[k]
     if _letter(c):
@@ -542,6 +542,8 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
         return "a question"
     if _math_sign(c) or c in _CD_OP_SYMBOLS:
         return "operator symbol"
+    if c == "!" and right and text[k + 1:k + 2] == "=":
+        return "not equal"
     if c == "!" and (glued or right) and not (right and has_result):
         return "factorial"
     if c in ".," and glued and k + 1 < len(text) and text[k + 1].isdigit():
@@ -552,7 +554,8 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
     far = text[j] if 0 <= j < len(text) else ""
     if not right and unicodedata.category(c) == "Pd" and (glued or not _letter(far)):
         return "dash"
-    if c not in _CD_PUNCT and far and (far.isnumeric() or far in "+-*/=()" or _math_sign(far)):
+    if (c not in _CD_PUNCT and far and (far.isnumeric() or far in "+-*/=()" or _math_sign(far))
+            and not (not right and _cd_list_bullet(text, j))):
         return "symbol before more arithmetic"
     if c in "+*/":  # an operator with a number past it, spaces and quotes apart: "* two", "/'2'", "two*"
         step = 1 if right else -1
@@ -579,6 +582,12 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
             if not (0 <= e < len(text) and (text[e].isalnum() or text[e] in "'\u2019_")):
                 return "a dash and a variable"
     return None
+
+
+def _cd_list_bullet(text: str, k: int) -> bool:
+    """A Markdown list marker: ``-``, ``*`` or ``+`` first on its line (blanks apart), a blank after it."""
+    return (0 <= k < len(text) and text[k] in "-*+" and text[k + 1:k + 2] in (" ", "\t")
+            and text[:k].rstrip(" \t")[-1:] in ("", "\n"))
 
 
 def _cd_wrapping(c: str) -> bool:
@@ -898,6 +907,8 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             b -= 1
         return a, b
 
+    if b - a > 2 and _cd_list_bullet(text, a):  # "- 5 + 23 = 28": a list item, not a unary minus
+        a, b = trim(a + 1, b)
     for _ in range(3):
         old_ab = (a, b)
         if (b - a >= 2 and text[a:a + 2] == "**" and a in paired and (a == 0 or not text[a - 1].isalnum())
