@@ -1,10 +1,12 @@
-"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), Qwen2/2.5, Qwen3 (dense),
-Mistral, Phi-3 / Phi-3.5 and Gemma 3 (its language model; 4b and larger also hold a vision tower,
-which r3 leaves out).
+"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Qwen2/2.5, Qwen3
+(dense), Mistral, Phi-3 / Phi-3.5 and Gemma 3 (its language model; 4b and larger also hold a
+vision tower, which r3 leaves out).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
 SwiGLU (GeGLU for Gemma), tied or untied embeddings, and a static, preallocated KV cache.
+SmolLM3 is Llama-shaped with NoPE layers: every fourth layer (``no_rope_layers``) attends without
+RoPE.
 
 Gemma 3 differs in six places: its RMSNorm scales by ``1 + w`` (in fp32, then rounds), the
 embeddings are multiplied by sqrt(hidden size), every block norms the attention and MLP outputs
@@ -49,9 +51,10 @@ from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 # Gemma3TextConfig's defaults for the fields r3 would otherwise need or derive another way:
@@ -63,7 +66,10 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
                          "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
 _DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5}
-_DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072}
+_DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
+                          "smollm3": 32_768}
+_DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0}
+_TIED_BY_DEFAULT = ("gemma3_text", "smollm3")
 KV_BUCKET = 64
 
 
@@ -95,6 +101,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     layer_windows: list = field(default_factory=list)  # per layer: None or sliding-window size
+    nope_layers: list = field(default_factory=list)  # SmolLM3: the layers that attend without RoPE
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power (None: head_dim's)
     local_rope_theta: float | None = None  # Gemma 3: sliding-window layers' RoPE base, unscaled
@@ -172,7 +179,7 @@ class ModelConfig:
                 raise R3Error(f"{source}: field 'rope_scaling' of a Gemma 3 config names its type as 'type' "
                               f"({old['type']!r}), which transformers 5 ignores and 4.x applies: write 'rope_type'")
             rope = {**rope, **old} if gemma else dict(old)  # (Gemma 3: merged)
-        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or (1_000_000.0 if gemma else 10000.0)
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULT_ROPE_THETA.get(model_type, 10000.0)
         theta = _positive(theta, "rope_theta", source, integral=False)
         # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the
         # factor in the rope dict it keeps, else the top-level one); its other families here rotate
@@ -213,7 +220,8 @@ class ModelConfig:
                     scaling[key] = _positive(scaling.get(key), f"rope_scaling.{key}", source,
                                              integral=key == "original_max_position_embeddings")
 
-        windows = _layer_windows(cfg, model_type, n_layers, source)
+        nope = _nope_layers(cfg, n_layers, source) if model_type == "smollm3" else []
+        windows = _layer_windows(cfg, model_type, n_layers, source, nope)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         elif model_type == "phi3":
@@ -234,12 +242,13 @@ class ModelConfig:
             rope_scaling=scaling,
             partial_rotary_factor=partial,
             max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),  # (transformers' defaults)
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),  # (transformers' defaults)
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
             qk_norm=model_type in ("qwen3", "gemma3_text"),
             layer_windows=windows,
+            nope_layers=nope,
             hidden_act=_ACTIVATIONS[act],
             query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0) if gemma else None,
             local_rope_theta=local_theta,
@@ -281,9 +290,15 @@ class ModelConfig:
         if self.partial_rotary_factor != 1.0:
             cfg["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"] = self.partial_rotary_factor
         windows = {w for w in self.layer_windows if w is not None}
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "smollm3"):
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = self.mlp_bias
+            if self.model_type == "smollm3":
+                cfg["no_rope_layers"] = [int(i not in self.nope_layers) for i in range(self.num_hidden_layers)]
+                cfg["use_sliding_window"] = bool(windows)
+                cfg["sliding_window"] = windows.pop() if windows else None
+                cfg["layer_types"] = ["full_attention" if w is None else "sliding_attention"
+                                      for w in self.layer_windows]
         elif self.model_type in ("mistral", "phi3"):
             cfg["sliding_window"] = windows.pop() if windows else None
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
@@ -427,8 +442,25 @@ def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
     return rope, _positive(local_theta, "rope_local_base_freq", source, False)
 
 
-def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> list:
-    """Per-layer sliding-window size (None = full attention), as transformers applies it."""
+def _nope_layers(cfg: dict, n_layers: int, source: str) -> list:
+    """SmolLM3's layers without RoPE, in order: the zeros of ``no_rope_layers`` (one 1 or 0 per
+    layer, 1 = RoPE; a longer list's extra entries are not read), else every
+    ``no_rope_layer_interval``-th layer (4 by default), as transformers reads them."""
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", 4)
+        interval = 4 if interval is None else _positive(interval, "no_rope_layer_interval", source, integral=True)
+        return [i for i in range(n_layers) if (i + 1) % interval == 0]
+    if (not isinstance(flags, list) or len(flags) < n_layers
+            or any(type(f) is not int or f not in (0, 1) for f in flags)):  # (True is not a layer's 1)
+        raise R3Error(f"{source}: field 'no_rope_layers' must list 1 (RoPE) or 0 (none) for each of the "
+                      f"{n_layers} layers, got {flags!r}")
+    return [i for i in range(n_layers) if flags[i] == 0]
+
+
+def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope: list = ()) -> list:
+    """Per-layer sliding-window size (None = full attention), as transformers applies it
+    (``nope``: SmolLM3's layers without RoPE, which hold its windows unless ``layer_types`` says)."""
     window = cfg.get("sliding_window")
     if model_type == "llama":
         return [None] * n_layers
@@ -453,7 +485,8 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
                               "sliding_attention; give their window size")
             window = 4096  # (Gemma3TextConfig's default)
         return [window if t == "sliding_attention" else None for t in layer_types]
-    # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers.
+    # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers;
+    # smollm3: to its NoPE layers
     layer_types = cfg.get("layer_types")
     if not cfg.get("use_sliding_window") or not window:
         return [None] * n_layers
@@ -461,6 +494,8 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str) -> li
         if len(layer_types) != n_layers:
             raise R3Error(f"{source}: layer_types has {len(layer_types)} entries, expected {n_layers}")
         return [window if t == "sliding_attention" else None for t in layer_types]
+    if model_type == "smollm3":
+        return [window if i in nope else None for i in range(n_layers)]
     first = cfg.get("max_window_layers", n_layers)
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise R3Error(f"{source}: field 'max_window_layers' must be an integer >= 0, got {first!r}")
@@ -642,10 +677,11 @@ class Linear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None):
+    def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.window = window
+        self.rope = rope  # (False: a SmolLM3 NoPE layer)
         h, d = cfg.hidden_size, cfg.head_dim
         # (None: SDPA's own 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
@@ -662,6 +698,8 @@ class Attention(nn.Module):
         v = qkv[:, :, nh + nkv:]
         if hasattr(self, "q_norm"):
             q, k = apply_rope(self.q_norm(qkv[:, :, :nh]), cos, sin), apply_rope(self.k_norm(qkv[:, :, nh:nh + nkv]), cos, sin)
+        elif not self.rope:
+            q, k = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv]
         else:  # RoPE on q and k at once
             qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)
             q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -746,11 +784,11 @@ class Block(nn.Module):
     ``post_attention_layernorm`` is on the attention's output (Llama's is the MLP's input norm,
     which Gemma calls ``pre_feedforward_layernorm``)."""
 
-    def __init__(self, cfg: ModelConfig, window: int | None):
+    def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True):
         super().__init__()
         h, eps, g = cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma
         self.input_layernorm = RMSNorm(h, eps, g)
-        self.self_attn = Attention(cfg, window)
+        self.self_attn = Attention(cfg, window, rope)
         self.post_attention_layernorm = RMSNorm(h, eps, g)
         self.mlp = MLP(cfg)
         self.sandwich = g
@@ -780,7 +818,7 @@ class Transformer(nn.Module):
         self.config = cfg
         windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, w) for w in windows)
+        self.layers = nn.ModuleList(Block(cfg, w, i not in cfg.nope_layers) for i, w in enumerate(windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

@@ -127,6 +127,13 @@ def tiny_hf_config(kind: str, **overrides):
             },
             rope_theta=500000.0,
         )
+    elif kind == "smollm3":  # a NoPE layer (no_rope_layers 0) holding a sliding window of 8, attention and
+        # MLP biases, embeddings tied by SmolLM3Config's default, weights large enough that RoPE matters
+        from transformers import SmolLM3Config
+
+        cfg = SmolLM3Config(**common, no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
+                            attention_bias=True, mlp_bias=True, rope_theta=500000.0,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
     elif kind == "qwen2":  # q/k/v bias, untied
         cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
     elif kind == "mistral":  # sliding window that matters at the test lengths
@@ -183,10 +190,11 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
-    """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3 and gemma3."""
+    """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3, gemma3
+    and smollm3."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"):
+    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

@@ -47,6 +47,8 @@ FAMILIES = {
               ["<|end|>", "<|assistant|>", "<|endoftext|>"]),
     "mistral_v03": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", ["</s>"]),
     "gemma3": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
+    "smollm3": (["<|im_start|>", "<|im_end|>", "<|end_of_text|>", "<think>", "</think>"], None, "<|im_end|>",
+                ["<|im_end|>"]),
     "deepseek_r1_distill": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
                             "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["<｜end▁of▁sentence｜>"]),
 }
@@ -56,7 +58,7 @@ RSTRIP = {"phi35": {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"}}
 # Tokens added as plain (not special) tokens, as in the family's tokenizer: decoding keeps them.
 PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 # What the template writes after an assistant message (the token r3 must stop at).
-END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "llama31": "<|eot_id|>",
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "llama31": "<|eot_id|>",
                "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>",
                "gemma3": "<end_of_turn>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
 # Text the template writes between the generation prompt and the assistant's message (the model
@@ -468,7 +470,8 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
 
 
 @pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
-                                                   ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0)])
+                                                   ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0),
+                                                   ("smollm3", "smollm3", 9.0)])
 def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, family, kind, eos_logit):
     """A whole Reflect-Retry episode on a tiny random model of the family, its tokenizer carrying
     the real template: every sequence is the prompt, the attempt, the reflection turn, the
@@ -534,10 +537,10 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
 
     # A turn stopped by another stop id (the tokenizer's eos here, or a generation-config id)
     # is closed with the end-of-turn token after it, as the template closes every turn.
-    other = next(i for i in chat.stop_ids if i != eot)
+    # (SmolLM3's template and tokenizer stop at <|im_end|> alone)
     said = chat.encode("Item 1 is fine.")
-    attempts = [said + [other], said + [eot], said]
-    ep = run_episode(model, tok, task, examples[:3], group_size=2, sampling=sampling, seed=5, chat=chat,
+    attempts = [said + [i] for i in chat.stop_ids if i != eot][:1] + [said + [eot], said]
+    ep = run_episode(model, tok, task, examples[:len(attempts)], group_size=2, sampling=sampling, seed=5, chat=chat,
                      failed_attempts=attempts)
     for g, a in enumerate(attempts):
         seq = ep.sequences[2 * g]

@@ -61,7 +61,7 @@ def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0
     from conftest import make_tiny_hf
 
     hf = make_tiny_hf(path, kind, seed=seed, vocab_size=len(tokenizer), tie_word_embeddings=False,
-                      max_position_embeddings=1024, **overrides)
+                      max_position_embeddings=1024, **{"initializer_range": 0.02, **overrides})
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("proj.weight") or (kind == "gemma3" and ".post_" in name):
@@ -71,8 +71,10 @@ def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0
         emb.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
         emb[:, 0] = 8.0
         for layer in hf.model.layers:
-            layer.self_attn.o_proj.weight[0].zero_()
-            layer.mlp.down_proj.weight[0].zero_()
+            for out in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                out.weight[0].zero_()
+                if out.bias is not None:  # (SmolLM3's tiny config has biases)
+                    out.bias[0] = 0.0
         hf.model.norm.weight[0] = 1.0
         hf.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
         hf.lm_head.weight[eos].zero_()

@@ -12,7 +12,7 @@ from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -67,6 +67,69 @@ def test_qwen3_and_phi3_features_are_really_used(tiny_dirs):
         phi3.config.rope_scaling = {**s, "attention_factor": 1.0}
         assert (phi3(tokens) - ours).abs().max() > 1e-3
         phi3.config.rope_scaling = s
+
+
+def test_smollm3_nope_layers_and_their_windows_are_really_used(tiny_dirs):
+    """SmolLM3's NoPE layer (``no_rope_layers`` 0) attends without RoPE and holds the sliding
+    window, its attention and MLP biases and tied embeddings are read: turning RoPE on in that
+    layer, or dropping its window, moves the logits far past the parity tests' tolerance."""
+    path, hf = tiny_dirs["smollm3"]
+    model, _ = load(path, tokenizer=False)
+    cfg = model.config
+    assert cfg.nope_layers == [1] and cfg.layer_windows == [None, 8] and cfg.rope_theta == 500000.0
+    assert [layer.self_attn.rope for layer in model.layers] == [True, False]
+    attn = model.layers[0].self_attn
+    assert attn.qkv_proj.bias is not None and attn.o_proj.bias is not None
+    assert model.layers[0].mlp.down_proj.bias is not None and model.lm_head.weight is model.embed_tokens.weight
+    tokens = _tokens(256, 2, 30)
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+        assert (model(tokens) - ref).abs().max() <= 1e-4
+        model.layers[1].self_attn.rope = True
+        assert (model(tokens) - ref).abs().max() > 1e-2
+        model.layers[1].self_attn.rope, model.layers[1].self_attn.window = False, None
+        assert (model(tokens) - ref).abs().max() > 1e-2
+
+
+def test_smollm3_config_fields_as_transformers_reads_them():
+    """Without ``no_rope_layers`` every ``no_rope_layer_interval``-th layer (4 by default) is NoPE;
+    windows go to the NoPE layers unless ``layer_types`` says; SmolLM3Config's defaults (tied
+    embeddings, base 2e6) apply; a malformed list is one clear error."""
+    from r3.errors import R3Error
+
+    base = dict(model_type="smollm3", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=8,
+                num_attention_heads=2)
+    cfg = ModelConfig.from_hf(base)
+    assert cfg.nope_layers == [3, 7] and cfg.layer_windows == [None] * 8
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 2_000_000.0 and cfg.max_position_embeddings == 32_768
+    assert ModelConfig.from_hf({**base, "no_rope_layer_interval": 3}).nope_layers == [2, 5]
+    windowed = ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 16})
+    assert windowed.layer_windows == [None, None, None, 16, None, None, None, 16]
+    typed = ModelConfig.from_hf({**base, "use_sliding_window": True, "sliding_window": 16,
+                                 "layer_types": ["sliding_attention"] + ["full_attention"] * 7})
+    assert typed.layer_windows == [16] + [None] * 7
+    assert ModelConfig.from_hf({**base, "no_rope_layers": [1, 0] * 4 + [1, 1]}).nope_layers == [1, 3, 5, 7]
+    for bad in ([1] * 7, [1, 2] * 4, [True] * 8, "1111"):
+        with pytest.raises(R3Error, match=r"^config.json: field 'no_rope_layers' must list 1 \(RoPE\) or 0 "
+                                          r"\(none\) for each of the 8 layers, got "):
+            ModelConfig.from_hf({**base, "no_rope_layers": bad})
+    again = ModelConfig.from_hf(windowed.to_hf())
+    assert again == windowed and windowed.to_hf()["no_rope_layers"] == [1, 1, 1, 0, 1, 1, 1, 0]
+
+
+def test_smollm3_3b_shapes_build_transformers_parameter_count():
+    """SmolLM3Config's defaults are SmolLM3-3B's shapes: r3 builds the same 3,075,098,624
+    parameters as transformers (on the meta device: nothing is allocated)."""
+    from transformers import AutoModelForCausalLM, SmolLM3Config
+
+    from r3.model import param_shapes
+
+    hf_cfg = SmolLM3Config()
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg)
+    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    assert cfg.nope_layers == list(range(3, 36, 4))
+    assert sum(math.prod(s) for s in param_shapes(cfg).values()) == sum(p.numel() for p in hf.parameters()) == 3_075_098_624
 
 
 def test_longrope_past_the_original_context_is_refused(tiny_dirs):
