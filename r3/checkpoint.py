@@ -387,7 +387,9 @@ _GGUF_BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "smollm3": "smollm3"}
+# Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses)
+_GGUF_PERMUTED = ("llama", "smollm3")
 
 
 def _gguf_reader(path: Path) -> GGUFFile:
@@ -438,6 +440,8 @@ def gguf_config(reader, path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
     }
+    if arch == "smollm3":  # (no GGUF key: llama.cpp hard-codes every fourth layer as NoPE, as SmolLM3Config's default)
+        cfg["no_rope_layer_interval"] = 4
     rotary = meta("rope.dimension_count", required=False)
     if rotary is not None and int(rotary) != cfg["head_dim"]:
         raise R3Error(f"{path}: unsupported GGUF rope.dimension_count {rotary} (RoPE over part of each "
@@ -485,7 +489,7 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     model = _empty_model(cfg)
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)
-    permute = cfg.model_type == "llama"
+    permute = cfg.model_type in _GGUF_PERMUTED
     for t in reader.tensors:
         name = _GGUF_NAMES.get(t.name)
         if name is None and t.name.startswith("blk."):

@@ -964,9 +964,9 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
-            if arch == "llama" and module == "self_attn.q_proj":
+            if arch in ("llama", "smollm3") and module == "self_attn.q_proj":
                 t = permute(t, c.num_attention_heads)
-            elif arch == "llama" and module == "self_attn.k_proj":
+            elif arch in ("llama", "smollm3") and module == "self_attn.k_proj":
                 t = permute(t, c.num_key_value_heads)
             gname = f"blk.{layer}.{block[module]}.{suffix}"
         else:
@@ -988,7 +988,7 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
     w.close()
 
 
-@pytest.mark.parametrize("kind, bf16", [("qwen2", True), ("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize("kind, bf16", [("qwen2", True), ("qwen2", False), ("llama", True), ("smollm3", False)])
 def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, kind, bf16):
     """A GGUF written the llama.cpp way from a tiny random model (head_dim 24, not hidden / heads):
     Q/K un-permuted for llama only, bf16 tensors widened exactly, the key length read, biases and
@@ -998,6 +998,9 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     over = {"head_dim": 24}
     if kind == "llama":  # plain RoPE (r3 reads GGUF linear scaling only), in transformers 4 and 5 terms
         over.update(rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if kind == "smollm3":  # as SmolLM3-3B: the fourth layer NoPE (llama.cpp's fixed step), no window, no biases
+        over.update(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], layer_types=["full_attention"] * 4,
+                    use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False)
     hf = make_tiny_hf(tmp_path / "hf", kind, **over)
     if bf16:  # the reference holds exactly what a bf16 file can
         with torch.no_grad():
@@ -1008,6 +1011,7 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     _write_gguf(hf, path, kind, bf16)
     model, _ = load(path, tokenizer=False, dtype=torch.float32)
     assert model.config.head_dim == 24 and model.config.model_type == kind
+    assert model.config.nope_layers == ([3] if kind == "smollm3" else [])
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
