@@ -2307,6 +2307,84 @@ def test_countdown_markdown_bullets_and_not_equal(tags, completion, expected):
     _both_implementations_say(tags, completion, expected)
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a denial in a label chained before the answer's own label on its line
+    pytest.param(False, "Wrong: Answer: 5 + 23 = 28", False, id="chained-label-wrong"),
+    pytest.param(False, "**Incorrect attempt:** **Solution:** 5 + 23 = 28", False, id="chained-label-bold"),
+    pytest.param(False, "This is wrong: the answer: 5 + 23 = 28", False, id="chained-label-sentence"),
+    pytest.param(False, "> \u274c Wrong: - **Result:** 5 + 23 = 28", False, id="chained-label-quote-bullet"),
+    pytest.param(True, "**Incorrect attempt:** **Final Answer:** <answer>5 + 23 = 28</answer>", False,
+                 id="tags-chained-label"),
+    pytest.param(True, "> \u274c Wrong: > **Result:** <answer>5 + 23 = 28</answer>", False, id="tags-chained-quote"),
+    # ... or in a heading above the line the answer (or its label) starts: a Markdown heading, a
+    # short line in bold, a label ending the line, blank lines apart
+    pytest.param(False, "### Wrong answer\n\n5 + 23 = 28", False, id="heading-wrong"),
+    pytest.param(False, "### Wrong answer\n5 + 23 = 28", False, id="heading-wrong-next-line"),
+    pytest.param(False, "**Wrong answer**\n\n5 + 23 = 28", False, id="bold-line-wrong"),
+    pytest.param(False, "### Wrong answer\n\n**Answer:** 5 + 23 = 28", False, id="heading-then-label"),
+    pytest.param(False, "Wrong:\n\n**Answer:** 5 + 23 = 28", False, id="colon-heading-then-label"),
+    pytest.param(False, "### Incorrect\n\n`5 + 23 = 28`", False, id="heading-then-code"),
+    pytest.param(False, "### Wrong answer\n\n\\[\n5 + 23 = 28\n\\]", False, id="heading-then-display"),
+    pytest.param(False, "### Mistake\n\n5 + 23 = 28", False, id="heading-mistake-alone"),
+    pytest.param(False, "This does not work: Result:\n5 + 23 = 28", False, id="chained-heading-labels"),
+    pytest.param(True, "### Wrong answer\n\n**Answer:** <answer>5 + 23 = 28</answer>", False, id="tags-heading"),
+    pytest.param(True, "> \u274c Wrong: Answer:\n<answer>5 + 23 = 28</answer>", False, id="tags-heading-chain"),
+    # still paid: a heading that denies nothing, a denial that is a sentence, a long label
+    pytest.param(False, "### Correct answer\n\n**Answer:** 5 + 23 = 28", True, id="heading-correct"),
+    pytest.param(False, "### Fixing the mistake\n\n5 + 23 = 28", True, id="heading-fixing-mistake"),
+    pytest.param(False, "That was wrong.\n\n5 + 23 = 28", True, id="denial-sentence-before"),
+    pytest.param(False, "I was wrong before: the correct equation is: 5 + 23 = 28", True, id="long-label-after-denial"),
+    # a Markdown blockquote mark opening the line is not a comparison
+    pytest.param(False, "> 5 + 23 = 28", True, id="blockquote"),
+    pytest.param(False, "> **Answer:** 5 + 23 = 28", True, id="blockquote-label"),
+    pytest.param(False, "> > 5 + 23 = 28", True, id="blockquote-nested"),
+    pytest.param(False, ">> 5 + 23 = 28", True, id="blockquote-nested-glued"),
+    pytest.param(False, "> - 5 + 23 = 28", True, id="blockquote-bullet"),
+    pytest.param(True, "> <answer>5 + 23 = 28</answer>", True, id="tags-blockquote"),
+    pytest.param(False, "> 5 + 23 = 18", False, id="blockquote-wrong-sum"),
+    pytest.param(False, ">5 + 23 = 28", False, id="greater-than-glued"),
+    pytest.param(False, "> -5 + 23 = 28", False, id="blockquote-unary-minus"),
+    pytest.param(False, "Wrong:\n> 5 + 23 = 28", False, id="blockquote-under-denial"),
+    pytest.param(False, "3 *\n> 5 + 23 = 28", False, id="blockquote-continues-line-before"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> > 5", False, id="tags-greater-than-after"),
+    # a Markdown table row ending the line before does not leave a bar open
+    pytest.param(False, "| Step | Result |\n|---|---|\n| 5 + 23 | 28 |\n\n5 + 23 = 28", True, id="table-before"),
+    pytest.param(False, "| a | b |\n|---|---|\n5 + 23 = 28", True, id="table-divider-before"),
+    pytest.param(True, "| 1 | 5 + 23 | 28 |\n\n<answer>5 + 23 = 28</answer>", True, id="tags-table-before"),
+    pytest.param(False, "|3 - 5| + |\n5 + 23 = 28", False, id="open-bar-before"),
+    pytest.param(False, "|\n5 + 23 = 28", False, id="lone-bar-before"),
+    pytest.param(False, "2 * |\n5 + 23 = 28|", False, id="abs-bars-around"),
+    # a verification line that only restates the result, or repeats the answer block, is not
+    # another equation ("Verification: 28 = 28" became the final equation; after a block it was
+    # "more arithmetic")
+    pytest.param(False, "5 + 23 = 28\n\nVerification: 28 = 28", True, id="verification-target"),
+    pytest.param(False, "5 + 23 = 28\n\nResult = 28", True, id="result-equals-target"),
+    pytest.param(False, "5 + 23 = 28\n\n**Verification:** $28 = 28$ \u2713", True, id="verification-dollars"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\n\nCheck: 5 + 23 = 28 \u2713", True, id="tags-check-repeat"),
+    pytest.param(True, "<answer>5 + 23</answer>\n\nCheck: 5 + 23 = 28 \u2713", True, id="tags-check-with-result"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\n\nVerification: 28 = 28", True, id="tags-verification-target"),
+    # ... but not another equation, a different result, or more arithmetic on it
+    pytest.param(False, "5 + 23 = 29\n\nVerification: 28 = 28", False, id="verification-after-wrong"),
+    pytest.param(False, "5 + 23 = 28\n\n28 = 29", False, id="verification-other-value"),
+    pytest.param(False, "5 + 23 = 28\n\nVerification: 28 = 28 is false", False, id="verification-denied"),
+    pytest.param(False, "5 + 23 = 28\n\n= 28.5", False, id="verification-decimal"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\n\nCheck: 23 + 5 = 28 \u2713", False, id="tags-check-other-order"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\n\nCheck: 5 + 23 = 28 * 2", False, id="tags-check-times-two"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\n\nCheck: 5 + 23 = 28.5", False, id="tags-check-decimal"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\n\nCheck: (5 + 23 = 28)^2", False, id="tags-check-power"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer> = 28", False, id="tags-equals-glued-to-block"),
+])
+def test_countdown_markdown_structure(tags, completion, expected):
+    """Markdown structure as instruct models write it (a black-box fuzz round): a denial in a
+    label chained before the answer's label (``Wrong: Answer: 5 + 23 = 28``) or in a heading on
+    the line before it (``### Wrong answer``, blank lines apart) was paid, as a model could be for
+    an equation it called wrong; a blockquote mark (``> 5 + 23 = 28``) read as a comparison, a
+    table row ending the line before (``| 5 + 23 | 28 |``) as an open bar, and a verification line
+    after the answer that restates it (``Verification: 28 = 28``, ``Check: 5 + 23 = 28 \u2713``
+    after the block) as another equation refused right answers."""
+    _both_implementations_say(tags, completion, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ its line and a ``\\]`` that starts one read as ``$$``: display math over lines);
 characters make the completion wrong. The final equation is then the last run of arithmetic text
 (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
 ``+ - * / =``: anything after it that is another equation makes the final equation that one, and a
-line break ends a run. Prose around it is fine ("The answer is 5 + 23 = 28."), but not what would
+line break ends a run. A run standing alone (:func:`_restatement`) that only restates the result
+(``Verification: 28 = 28``, ``Result = 28``), or after an answer block repeats its equation
+(``Check: 5 + 23 = 28 ✓``), is not another equation: it is read as blanks. Prose around it is fine ("The answer is 5 + 23 = 28."), but not what would
 change its meaning, so the final equation is rejected (never skipped in favour of an earlier one)
 when
 
@@ -50,7 +52,11 @@ when
   alphabet (``\u041d\u0435\u0432\u0435\u0440\u043d\u043e:``; a Latin letter with diacritics is Latin) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
   (``Wrong:\n5 + 23 = 28``), or one of :data:`BARE_LABEL_DENIALS` as the whole label
-  (``Mistake: 5 + 23 = 28``), or
+  (``Mistake: 5 + 23 = 28``), also before the colon of a short label chained before it on its
+  line (``Wrong: Answer: 5 + 23 = 28``, ``**Incorrect:** - **Result:** ...``) or in a heading on
+  the last line before the line that it, its labels or bullets start, blank lines apart: ending
+  in a colon, a Markdown heading (``### Wrong answer``) or up to four words ending in no ``. ! ?``
+  (``**Wrong answer**``), or
   ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
@@ -99,7 +105,10 @@ stood before the equation itself: ``3 * \\boxed{5 + 23 = 28}`` and ``Wrong: <ans
 
 A Markdown list bullet (``-``, ``*`` or ``+`` first on its line, a blank after it) before the
 final equation or answer block is not part of it: ``- 5 + 23 = 28`` and ``* **5 + 23 = 28**`` are
-list items, not a unary minus or a product (``-5 + 23`` is a unary minus).
+list items, not a unary minus or a product (``-5 + 23`` is a unary minus). Blockquote marks that
+open a line (``> 5 + 23 = 28``, ``> > ...``, ``>> ...``; not ``>5``, glued) are read as blanks,
+not a comparison, and a Markdown table row (``| 5 + 23 | 28 |``: it starts with a bar, holds three,
+its last cell does not end in an operator) ending the line before leaves no bar open.
 
 Markdown emphasis is left out: a pair of ``*``, ``**`` or ``***`` on a line around words
 (``**Answer:** $5 + 23 = 28$``, ``**So 5 + 23 = 28.**``) or around a wrapped equation
@@ -882,6 +891,21 @@ _CLAUSE_MARK = re.compile(r"[.!?:;](?=\s)")
 _ASCII_WORD = re.compile(r"[A-Za-z]{2}")
 
 
+_QUOTE_MARKS = re.compile(r"(?m)^[ \t]*>[> \t]*")
+
+
+def _unquoted(view: str) -> str:
+    """``view`` with the Markdown blockquote marks that open its lines (``> ``, ``> > ``, ``>> ``)
+    read as blanks: ``> 5 + 23 = 28`` is a quoted line, not a comparison. A ``>`` glued to what
+    follows it on the line (``>5``) is left as it is. The start of ``view`` is a line's start."""
+    def blank(m: re.Match) -> str:
+        marks = m.group()
+        if marks.endswith(">") and m.end() < len(view) and not view[m.end()].isspace():
+            return marks
+        return " " * len(marks)
+    return _QUOTE_MARKS.sub(blank, view) if ">" in view else view
+
+
 def _without_emphasis(view: str) -> str:
     """The text around an answer block (the block one NUL), or the whole text in the final
     equation's mode, without Markdown emphasis: a pair of ``*``, ``**`` or ``***`` on one line
@@ -960,6 +984,8 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
     if i < 0:
         return None
     ch = text[i]
+    if ch == "|" and _table_row(text, i):
+        return None
     if ch in "+-*/=(" or ch in _DISALLOWED_ASCII or unicodedata.category(ch) == "Sm" or ch in _OPERATOR_SYMBOLS:
         return f"the equation continues the line before, which ends in {ch!r}"
     kind, value, _ = _token(text, i, -1)
@@ -968,39 +994,105 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
     return None
 
 
+def _table_row(text: str, end: int) -> bool:
+    """Whether the line whose last character, a ``|``, is at ``end`` is a Markdown table row: it
+    starts with ``|`` (blanks apart), holds at least three, and its last cell does not end in an
+    operator (``| 1 | 6 * 50 | 300 |``, ``|---|---|``; not ``|3 - 5| + |``, an open bar)."""
+    first = max(text.rfind("\n", 0, end), text.rfind("\r", 0, end)) + 1
+    row = text[first:end + 1].strip(" \t")
+    if not row.startswith("|") or row.count("|") < 3:
+        return False
+    cell = row[:-1].rstrip(" \t")
+    return not cell.endswith(("+", "*", "/", "=", "(")) and (not cell.endswith("-") or not row.strip("|-: \t"))
+
+
 def _denied_label(text: str, start: int) -> str | None:
     """A word of :data:`LABEL_DENIALS` among the four words before a colon just before the final
-    equation starting at ``start`` (``Wrong: 5 + 23 = 28``), or None."""
+    equation starting at ``start`` (``Wrong: 5 + 23 = 28``), or None. Labels chained on its line
+    are each read (``Wrong: Answer: 5 + 23 = 28``, ``**Incorrect:** - **Result:** ...``), and a
+    label chain (or nothing) that starts the line is read on past a heading on the line before,
+    blank lines apart: a short line ending in a colon, a Markdown heading (``### Wrong answer``)
+    or a line of up to four words with no sentence mark at its end (``**Wrong answer**``), each
+    read as a label ending in a colon."""
     i = start - 1
-    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in "\n\r"):
+    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in _LABEL_MARKS):
         i -= 1
-    if i < 0 or text[i] != ":":
+    crossed = False  # past a line break: the label read now is a heading on a line before
+    if i < 0 or text[i] in "\n\r":
+        i, crossed = _heading_end(text, i), True
+        if i is None:
+            return None
+    elif text[i] != ":":
         return None
-    if "\n" in text[i:start] or "\r" in text[i:start]:
-        # a label that ends the line before counts when it is a short heading, of up to eight
-        # words after the line's last sentence mark ("Wrong:\n5 + 23 = 28"; a logged, rightly paid
-        # retry wrote "Here's a rewritten equation that avoids the issue of the original equation
-        # being incorrect:\n\n22 + 7")
-        line = text[max(text.rfind("\n", 0, i), text.rfind("\r", 0, i)) + 1: i]
-        clause = _CLAUSE_MARK.split(line)[-1]
-        if len(_ASCII_WORD_RUN.findall(clause)) > 8:
+    elif "\n" in text[i:start] or "\r" in text[i:start]:
+        crossed = True
+    for _ in range(len(text)):  # (one label after another, back along the text: linear)
+        if crossed:
+            # a label that ends the line before counts when it is a short heading, of up to eight
+            # words after the line's last sentence mark ("Wrong:\n5 + 23 = 28"; a logged, rightly paid
+            # retry wrote "Here's a rewritten equation that avoids the issue of the original equation
+            # being incorrect:\n\n22 + 7")
+            line = text[max(text.rfind("\n", 0, i), text.rfind("\r", 0, i)) + 1: i]
+            clause = _CLAUSE_MARK.split(line)[-1]
+            if len(_ASCII_WORD_RUN.findall(clause)) > 8:
+                return None
+        words, tokens, i = 0, 0, i - 1
+        while words < 4 and tokens < 8:
+            kind, value, i = _token(text, i, -1)
+            tokens += 1
+            if kind is None and 0 <= i < len(text) and text[i] in _WORD_PARENS:
+                i -= 1  # "Answer (wrong): 5 + 23 = 28"
+                continue
+            if kind == "skip":
+                continue
+            if kind != "word":
+                break
+            if value in LABEL_DENIALS or (words == 0 and value in BARE_LABEL_DENIALS and _starts_label(text, i)):
+                return f"the equation is denied ({value!r} before it)"
+            if any(map(_other_alphabet, value.translate(_LATIN_BASE))):  # "Неверно: 5 + 23 = 28", as without the colon
+                return f"a word in another alphabet in the label before the equation ({value!r})"
+            words += 1
+        if words >= 4 or tokens >= 8:
             return None
-    words, tokens, i = 0, 0, i - 1
-    while words < 4 and tokens < 8:
-        kind, value, i = _token(text, i, -1)
-        tokens += 1
-        if kind is None and 0 <= i < len(text) and text[i] in _WORD_PARENS:
-            i -= 1  # "Answer (wrong): 5 + 23 = 28"
-            continue
-        if kind == "skip":
-            continue
-        if kind != "word":
+        # the label read was short: another label before it on its line (bullets, quote marks,
+        # emphasis apart), or the line's start and a heading on the line before (one heading)
+        while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in _LABEL_MARKS):
+            i -= 1
+        if i < 0 or text[i] in "\n\r":
+            if crossed:
+                return None
+            i, crossed = _heading_end(text, i), True
+            if i is None:
+                return None
+        elif text[i] != ":":
             return None
-        if value in LABEL_DENIALS or (words == 0 and value in BARE_LABEL_DENIALS and _starts_label(text, i)):
-            return f"the equation is denied ({value!r} before it)"
-        if any(map(_other_alphabet, value.translate(_LATIN_BASE))):  # "Неверно: 5 + 23 = 28", as without the colon
-            return f"a word in another alphabet in the label before the equation ({value!r})"
-        words += 1
+    return None
+
+
+_LABEL_MARKS = "-+>#$"  # list bullets, quote and heading marks, math dollars between labels
+
+
+def _heading_end(text: str, i: int) -> int | None:
+    """For the line break at ``i`` (-1: the text's start), where the label on the last line before
+    it that is not blank ends, read as ending in a colon: its colon, the end of a Markdown heading
+    (``### Wrong answer``) or of a line of up to four words that ends in no sentence mark
+    (``**Wrong answer**``, its emphasis left out); None for other lines."""
+    while i >= 0 and text[i].isspace():
+        i -= 1
+    if i < 0:
+        return None
+    end = i + 1
+    while i >= 0 and text[i] in _DECORATION:
+        i -= 1
+    if i >= 0 and text[i] == ":":
+        return i
+    first = max(text.rfind("\n", 0, end), text.rfind("\r", 0, end)) + 1
+    while first < end and text[first] in _SPACE:
+        first += 1
+    line = text[first:end]
+    if line.startswith("#") or (line.rstrip(_DECORATION)[-1:] not in (".", "!", "?")
+                                and len(_ASCII_WORD_RUN.findall(line)) <= 4):
+        return end  # (Markdown bold around the line was read as emphasis and left out)
     return None
 
 
@@ -1144,6 +1236,49 @@ def _bare_denied(text: str, start: int) -> str | None:
         elif word in NEGATIONS:
             denial = denial or word
     return f"the expression is denied earlier in its clause ({denial!r})" if denial else None
+
+
+def _restatement(text: str, m: re.Match, answers: tuple[str, ...], target: int) -> bool:
+    """Whether the arithmetic run ``m`` of ``text`` only restates the result (``28 = 28``,
+    ``Result = 28``: the target alone, with ``=``) or, spaces apart, is one of ``answers`` (the
+    answer block's equation, with or without ``= target``: ``Check: 5 + 23 = 28 ✓``), standing
+    alone: after a line break, a colon, emphasis, a backquote, ``$`` or a word and a blank, and
+    before a line break, emphasis, a backquote, ``$``, a check mark or a sentence mark that
+    starts no decimal. Such a run is not another equation."""
+    run = m.group()
+    key = run.replace(" ", "").replace("\t", "")
+    if key not in answers:
+        if "=" not in key or any(part not in ("", str(target)) for part in key.split("=")):
+            return False
+        if key.count(str(target)) == 0:
+            return False
+    a, b = m.start(), m.end()
+    before = text[a - 1] if a > 0 else ""
+    if not (before in ("\n", "\r", ":", "*", "_", "`", "$")
+            or (before.isalpha() and run[0] in _SPACE)):
+        return False
+    after = text[b] if b < len(text) else ""
+    return (after in ("", "\n", "\r", "*", "_", "`", "$", "\u2713", "\u2705", "\u2714")
+            or (after in ".," and not text[b + 1: b + 2].isdigit()))
+
+
+def _without_restatements(rest: str, content: str | None, target: int) -> str:
+    """``rest`` with each run that restates the result or the answer block's equation ``content``
+    (None without tags) read as blanks (:func:`_restatement`): it is not another equation."""
+    answers: tuple[str, ...] = ()
+    if content is not None:
+        key = content.replace(" ", "").replace("\t", "")
+        bare = key.split("=")[0]
+        answers = (key, bare, f"{bare}={target}")
+    out, at = [], 0
+    for m in _RUN.finditer(rest):
+        s = m.group()
+        if _HAS_OP.search(s) and _HAS_DIGIT.search(s) and _restatement(rest, m, answers, target):
+            out.append(rest[at:m.start()])
+            out.append(" " * len(s))
+            at = m.end()
+    out.append(rest[at:])
+    return "".join(out)
 
 
 def final_equation(text: str, nums: list[int] | None = None, target: int | None = None) -> tuple[str | None, str]:
@@ -1451,7 +1586,7 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         rest, why_rest = normalise(text[after:])
         if before is None or rest is None:
             return False, why or why_rest
-        view = _without_emphasis(before + "\0" + rest)
+        view = _without_emphasis(_unquoted(before) + "\0" + _without_restatements(rest, content, target))
         block = view.index("\0")
         end = block + 1
         left = block - 1
@@ -1473,7 +1608,8 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
     text, why = normalise(text)
     if text is None:
         return False, why
-    equation, why = final_equation(_without_emphasis(text), nums, target)
+    equation, why = final_equation(_without_emphasis(_without_restatements(_unquoted(text), None, target)),
+                                   nums, target)
     if equation is None:
         return False, why
     return check_answer(equation, nums, target, ops)

@@ -700,42 +700,92 @@ def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = Fals
 
 
 def _cd_colon_label(text: str, start: int) -> str | None:
-    """``Wrong: 5 + 23 = 28``: a denial among the four words before a colon right before it."""
+    """``Wrong: 5 + 23 = 28``: a denial among the four words before a colon right before it; each
+    of the short labels chained before it on its line too (``Wrong: Answer: ...``), and, when the
+    labels (or bullets and marks alone) start the line, a heading on the last line before that is
+    not blank: ending in a colon, a ``#`` heading, or up to four words ending in no ``. ! ?``."""
     k = start - 1
-    while k >= 0 and text[k] in " \t\n\r" + _CD_DECOR:
+    while k >= 0 and text[k] in " \t\n\r" + _CD_DECOR + "-+>#$":
         k -= 1
-    if k < 0 or text[k] != ":":
+    heading = k < 0 or "\n" in text[k:start] or "\r" in text[k:start]
+    if heading:
+        k = _cd_heading_colon(text, start - 1)
+        if k is None:
+            return None
+    elif text[k] != ":":
         return None
-    if any(c in "\n\r" for c in text[k:start]):  # a label on the line before: a heading of <= 8 words
-        line_start = k
-        while line_start > 0 and text[line_start - 1] not in "\n\r":
-            line_start -= 1
-        label = re.split(r"[.!?:;](?=\s)", text[line_start:k])[-1]  # (after the line's last sentence mark)
-        if len(re.findall(r"[A-Za-z']+", label)) > 8:
+    while True:
+        if heading:  # a label on a line before: a heading of <= 8 words
+            line_start = k
+            while line_start > 0 and text[line_start - 1] not in "\n\r":
+                line_start -= 1
+            label = re.split(r"[.!?:;](?=\s)", text[line_start:k])[-1]  # (after the line's last sentence mark)
+            if len(re.findall(r"[A-Za-z']+", label)) > 8:
+                return None
+        seen, k, stopped = 0, k - 1, False
+        for _ in range(8):
+            if seen == 4:
+                break
+            kind, w, k = _cd_tok(text, k, -1)
+            if kind is None and 0 <= k < len(text) and text[k] in "()":
+                k -= 1
+                continue
+            if kind == "skip":
+                continue
+            if kind != "word":
+                stopped = True
+                break
+            if w in _CD_LABEL_NOT:
+                return f"denied by {w}"
+            if any(map(_cd_foreign_letter, w)):
+                return f"label word in another alphabet {w}"
+            if seen == 0 and w in _CD_LABEL_ALONE:  # "Mistake: 5 + 23 = 28", the word alone as the label
+                b = k
+                while b >= 0 and text[b] in " \t_'\u2019*\"`#>-":
+                    b -= 1
+                if b < 0 or text[b] in "\n\r\u2028\u2029\x85.!?":
+                    return f"denied by {w} alone"
+            seen += 1
+        if not stopped:
             return None
-    seen, k = 0, k - 1
-    for _ in range(8):
-        if seen == 4:
-            break
-        kind, w, k = _cd_tok(text, k, -1)
-        if kind is None and 0 <= k < len(text) and text[k] in "()":
-            k -= 1
-            continue
-        if kind == "skip":
-            continue
-        if kind != "word":
+        # a short label: the label before it on the line, or a heading above a line it starts
+        j = k
+        while j >= 0 and text[j] in " \t" + _CD_DECOR + "-+>#$":
+            j -= 1
+        if j < 0 or text[j] in "\n\r":
+            if heading:  # (one heading line)
+                return None
+            heading, k = True, _cd_heading_colon(text, j)
+            if k is None:
+                return None
+        elif text[j] == ":":
+            k = j
+        else:
             return None
-        if w in _CD_LABEL_NOT:
-            return f"denied by {w}"
-        if any(map(_cd_foreign_letter, w)):
-            return f"label word in another alphabet {w}"
-        if seen == 0 and w in _CD_LABEL_ALONE:  # "Mistake: 5 + 23 = 28", the word alone as the label
-            b = k
-            while b >= 0 and text[b] in " \t_'\u2019*\"`#>-":
-                b -= 1
-            if b < 0 or text[b] in "\n\r\u2028\u2029\x85.!?":
-                return f"denied by {w} alone"
-        seen += 1
+
+
+def _cd_heading_colon(text: str, k: int) -> int | None:
+    """The index read as a heading's colon on the last line at or before ``k`` that is not blank
+    (``k`` is at a line break, or -1): the line's own final colon (emphasis apart), or just past a
+    ``#`` heading or a line of at most four words not ending in ``. ! ?``; None otherwise."""
+    while k >= 0 and text[k] in " \t\n\r":
+        k -= 1
+    if k < 0:
+        return None
+    last = k
+    while k >= 0 and text[k] in _CD_DECOR:
+        k -= 1
+    if k >= 0 and text[k] == ":":
+        return k
+    lo = last
+    while lo > 0 and text[lo - 1] not in "\n\r":
+        lo -= 1
+    line = text[lo:last + 1].strip(" \t")
+    if line[:1] == "#":
+        return last + 1
+    ends = line.rstrip(_CD_DECOR)[-1:]
+    if ends not in (".", "!", "?") and len(re.findall(r"[A-Za-z']+", line)) <= 4:
+        return last + 1
     return None
 
 
@@ -749,12 +799,79 @@ def _cd_previous_line(text: str, start: int) -> str | None:
         k -= 1
     if k < 0:
         return None
+    if text[k] == "|":  # a Markdown table row ("| 1 | 6 * 50 | 300 |") ends the line before: no bar left open
+        lo = k
+        while lo > 0 and text[lo - 1] not in "\n\r":
+            lo -= 1
+        cells = text[lo:k].strip(" \t")
+        last = cells.rstrip(" \t")[-1:]
+        divider = all(c in "|-: \t" for c in cells)
+        if cells[:1] == "|" and cells.count("|") >= 2 and (divider or last not in ("+", "-", "*", "/", "=", "(")):
+            return None
     if text[k] in "+-*/=(" or _math_sign(text[k]) or text[k] in _CD_OP_SYMBOLS:
         return "continues the line before"
     kind, w, _ = _cd_tok(text, k, -1)
     if kind == "word" and w in _CD_OP_WORDS:
         return "continues the line before"
     return None
+
+
+def _cd_unquote(text: str) -> str:
+    """Blockquote marks (``>``, nested ``> >`` or ``>>``) opening a line, blanks around them, become
+    blanks, unless the last one is glued to the text after it (``>5``). The text starts a line."""
+    if ">" not in text:
+        return text
+    out = []
+    for line in text.split("\n"):
+        j = 0
+        while j < len(line) and line[j] in " \t":
+            j += 1
+        if j < len(line) and line[j] == ">":
+            while j < len(line) and line[j] in "> \t":
+                j += 1
+            if line[j - 1] == ">" and j < len(line) and not line[j].isspace():
+                j = 0  # ">5": not a quote mark
+            line = " " * j + line[j:]
+        out.append(line)
+    return "\n".join(out)
+
+
+def _cd_drop_restated(text: str, answer: str | None, target: int) -> str:
+    """Blank out each arithmetic run that only says the result again (``28 = 28``, ``Result =
+    28``: nothing but the target and ``=``) or, spaces apart, repeats the answer block's
+    equation ``answer`` (with or without ``= target``; None: no block), when it stands alone:
+    preceded by a line break, ``:``, ``*``, ``_``, a backquote, ``$`` or a word and a blank, and
+    followed by the end, a line break, ``*``, ``_``, a backquote, ``$``, a check mark, or ``.``
+    / ``,`` with no digit after it."""
+    same = set()
+    if answer is not None:
+        squeezed = "".join(c for c in answer if c not in " \t")
+        expression = squeezed.partition("=")[0]
+        same = {squeezed, expression, expression + "=" + str(target)}
+    goal = str(target)
+    chars = list(text)
+    i, n = 0, len(text)
+    while i < n:
+        if not _arith(text[i]):
+            i += 1
+            continue
+        j = i
+        while j < n and _arith(text[j]):
+            j += 1
+        run = text[i:j]
+        squeezed = "".join(c for c in run if c not in " \t")
+        sides = squeezed.split("=")
+        only_result = len(sides) > 1 and goal in sides and all(x in ("", goal) for x in sides)
+        if (squeezed in same or only_result) and any(c.isdigit() for c in run):
+            left = text[i - 1] if i else ""
+            right = text[j] if j < n else ""
+            alone_left = left in ("\n", "\r", ":", "*", "_", "`", "$") or (left.isalpha() and run[0] in " \t")
+            alone_right = (right in ("", "\n", "\r", "*", "_", "`", "$", "\u2713", "\u2714", "\u2705")
+                           or (right in (".", ",") and not text[j + 1:j + 2].isdigit()))
+            if alone_left and alone_right:
+                chars[i:j] = [" "] * (j - i)
+        i = j
+    return "".join(chars)
 
 
 def _cd_unemphasised(text: str) -> str:
@@ -864,7 +981,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         head, tail = _cd_read(text[:start]), _cd_read(rest)
         if head is None or tail is None:
             return False, "bidirectional controls"
-        around = _cd_unemphasised(f"{head}\0{tail}")
+        around = _cd_unemphasised(f"{_cd_unquote(head)}\0{_cd_drop_restated(tail, content, target)}")
         start = around.index("\0")
         end = start + 1
         k1 = start - 1
@@ -886,7 +1003,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     text = _cd_read(text)
     if text is None:
         return False, "bidirectional controls"
-    text = _cd_unemphasised(text)  # (as around an answer block: "**Answer:** $5 + 23 = 28$", "**So 5 + 23 = 28.**")
+    text = _cd_unemphasised(_cd_drop_restated(_cd_unquote(text), None, target))  # (as around an answer block: "**Answer:** $5 + 23 = 28$", "**So 5 + 23 = 28.**")
     span = _cd_final_run(text)
     if span is None:
         return False, "no equation"
