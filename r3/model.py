@@ -1,12 +1,14 @@
 """A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Qwen2/2.5, Qwen3
-(dense), Mistral, Phi-3 / Phi-3.5 and Gemma 3 (its language model; 4b and larger also hold a
-vision tower, which r3 leaves out).
+(dense), Mistral, Phi-3 / Phi-3.5, OLMo 2 and Gemma 3 (its language model; 4b and larger also hold
+a vision tower, which r3 leaves out).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
 SwiGLU (GeGLU for Gemma), tied or untied embeddings, and a static, preallocated KV cache.
 SmolLM3 is Llama-shaped with NoPE layers: every fourth layer (``no_rope_layers``) attends without
-RoPE.
+RoPE. OLMo 2 norms each block's attention and MLP outputs instead of their inputs (no
+``input_layernorm``), norms q and k over the whole projection (not per head) before RoPE, and
+scales every norm in fp32 before rounding.
 
 Gemma 3 differs in six places: its RMSNorm scales by ``1 + w`` (in fp32, then rounds), the
 embeddings are multiplied by sqrt(hidden size), every block norms the attention and MLP outputs
@@ -51,11 +53,12 @@ from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                     "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 # Gemma3TextConfig's defaults for the fields r3 would otherwise need or derive another way:
 # transformers writes a sub-config as its difference from these, so the text_config of the vision
@@ -65,7 +68,7 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
-_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5}
+_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5}
 _DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
                           "smollm3": 32_768}
 _DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0}
@@ -99,7 +102,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE; OLMo 2: over all heads
     layer_windows: list = field(default_factory=list)  # per layer: None or sliding-window size
     nope_layers: list = field(default_factory=list)  # SmolLM3: the layers that attend without RoPE
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
@@ -113,6 +116,16 @@ class ModelConfig:
     def gemma(self) -> bool:
         """Gemma's (1 + w) norms, scaled embeddings and four norms per block (see the module docstring)."""
         return self.model_type == "gemma3_text"
+
+    @property
+    def olmo(self) -> bool:
+        """OLMo 2's output norms, q/k norms over all heads and fp32-scaled norms (module docstring)."""
+        return self.model_type == "olmo2"
+
+    @property
+    def norm_style(self) -> str:
+        """How this family's RMSNorm scales (:class:`RMSNorm`)."""
+        return "gemma" if self.gemma else "olmo" if self.olmo else ""
 
     @property
     def rotary_dim(self) -> int:
@@ -246,7 +259,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"),
             layer_windows=windows,
             nope_layers=nope,
             hidden_act=_ACTIVATIONS[act],
@@ -299,6 +312,8 @@ class ModelConfig:
                 cfg["sliding_window"] = windows.pop() if windows else None
                 cfg["layer_types"] = ["full_attention" if w is None else "sliding_attention"
                                       for w in self.layer_windows]
+        elif self.olmo:
+            cfg["attention_bias"] = self.qkv_bias
         elif self.model_type in ("mistral", "phi3"):
             cfg["sliding_window"] = windows.pop() if windows else None
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
@@ -462,7 +477,7 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
     """Per-layer sliding-window size (None = full attention), as transformers applies it
     (``nope``: SmolLM3's layers without RoPE, which hold its windows unless ``layer_types`` says)."""
     window = cfg.get("sliding_window")
-    if model_type == "llama":
+    if model_type in ("llama", "olmo2"):
         return [None] * n_layers
     if window:
         window = _positive(window, "sliding_window", source, integral=True)
@@ -508,14 +523,19 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, offset: bool = False):
+    """``style``: "" (Llama and most families), "gemma" (scale by ``1 + w``, weights start at 0) or
+    "olmo" (scale by ``w``); both of the latter scale in fp32 and round once."""
+
+    def __init__(self, dim: int, eps: float, style: str = ""):
         super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.style = eps, style
+        self.offset = style == "gemma"
+        self.weight = nn.Parameter(torch.zeros(dim) if self.offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.offset:  # Gemma: scale by (1 + w) in fp32, then round once
-            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+        if self.style:
+            w = self.weight.float()
+            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + w if self.offset else w)).to(x.dtype)
         # Normalise in fp32, scale in the input dtype: the order transformers uses.
         # (F.rms_norm is that in one op: it normalises in fp32 and rounds once, bit for bit)
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
@@ -607,10 +627,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``. Tables
     narrower than D (a partial rotary factor) turn the first dims and pass the rest through."""
     r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + x.roll(r // 2, -1) * sin
+    if r == x.shape[-1]:  # (fp32 tables: turned in fp32, rounded once; OLMo 2)
+        return (x * cos + x.roll(r // 2, -1) * sin).to(x.dtype)
     head = x[..., :r]
-    return torch.cat((head * cos + head.roll(r // 2, -1) * sin, x[..., r:]), dim=-1)
+    return torch.cat(((head * cos + head.roll(r // 2, -1) * sin).to(x.dtype), x[..., r:]), dim=-1)
 
 
 class KVCache:
@@ -687,16 +707,22 @@ class Attention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
+        self.qk_norm_all_heads = cfg.olmo
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma)
+            q_dim, k_dim = (self.n_heads * d, self.n_kv * d) if cfg.olmo else (d, d)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_style)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_style)
 
     def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len):
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # [B, T, heads, D]
         v = qkv[:, :, nh + nkv:]
-        if hasattr(self, "q_norm"):
+        if self.qk_norm_all_heads:  # (OLMo 2: one norm over each token's q, and one over its k)
+            q = self.q_norm(qkv[:, :, :nh].reshape(B, T, -1)).view(B, T, nh, self.head_dim)
+            k = self.k_norm(qkv[:, :, nh:nh + nkv].reshape(B, T, -1)).view(B, T, nkv, self.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        elif hasattr(self, "q_norm"):
             q, k = apply_rope(self.q_norm(qkv[:, :, :nh]), cos, sin), apply_rope(self.k_norm(qkv[:, :, nh:nh + nkv]), cos, sin)
         elif not self.rope:
             q, k = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv]
@@ -782,21 +808,28 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm attention and MLP. Gemma norms each one's output too: its
     ``post_attention_layernorm`` is on the attention's output (Llama's is the MLP's input norm,
-    which Gemma calls ``pre_feedforward_layernorm``)."""
+    which Gemma calls ``pre_feedforward_layernorm``). OLMo 2 norms only the outputs (its
+    ``post_attention_layernorm`` and ``post_feedforward_layernorm``)."""
 
     def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True):
         super().__init__()
-        h, eps, g = cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma
-        self.input_layernorm = RMSNorm(h, eps, g)
+        h, eps, style = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style
+        self.post_norm = cfg.olmo
+        if not self.post_norm:
+            self.input_layernorm = RMSNorm(h, eps, style)
         self.self_attn = Attention(cfg, window, rope)
-        self.post_attention_layernorm = RMSNorm(h, eps, g)
+        self.post_attention_layernorm = RMSNorm(h, eps, style)
         self.mlp = MLP(cfg)
-        self.sandwich = g
-        if g:
-            self.pre_feedforward_layernorm = RMSNorm(h, eps, g)
-            self.post_feedforward_layernorm = RMSNorm(h, eps, g)
+        self.sandwich = cfg.gemma
+        if cfg.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(h, eps, style)
+        if cfg.gemma or cfg.olmo:
+            self.post_feedforward_layernorm = RMSNorm(h, eps, style)
 
     def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None):
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, layer_cache, write_at, kv_len))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
@@ -819,7 +852,7 @@ class Transformer(nn.Module):
         windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, w, i not in cfg.nope_layers) for i, w in enumerate(windows))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -888,7 +921,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         if self.config.gemma:
             x = x * self._embed_scale[x.dtype]
-        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype, rope_scale(self.config))
+        # (OLMo 2 keeps its tables in fp32 and turns q and k in fp32, as transformers does)
+        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, torch.float32 if self.config.olmo else x.dtype,
+                                rope_scale(self.config))
         ropes = {w: (cos, sin) for w in self._windows()}  # per window size: each layer's RoPE tables
         if self.config.local_rope_theta is not None:  # (Gemma 3: sliding-window layers turn by their own base)
             local = rope_cos_sin(self.inv_freq(dev, local=True), positions, x.dtype)
@@ -1011,10 +1046,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     for n in range(cfg.num_hidden_layers):
         p = f"layers.{n}."
         shapes.update({
-            p + "input_layernorm.weight": (h,),
+            **({} if cfg.olmo else {p + "input_layernorm.weight": (h,)}),
             p + "post_attention_layernorm.weight": (h,),
-            **({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
-               if cfg.gemma else {}),
+            **({p + "pre_feedforward_layernorm.weight": (h,)} if cfg.gemma else {}),
+            **({p + "post_feedforward_layernorm.weight": (h,)} if cfg.gemma or cfg.olmo else {}),
             p + "self_attn.qkv_proj.weight": (nq + 2 * nkv, h),
             p + "self_attn.o_proj.weight": (h, nq),
             p + "mlp.gate_up_proj.weight": (2 * i, h),
@@ -1027,7 +1062,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         if cfg.mlp_bias:
             shapes.update({p + "mlp.gate_up_proj.bias": (2 * i,), p + "mlp.down_proj.bias": (h,)})
         if cfg.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+            q_dim, k_dim = (nq, nkv) if cfg.olmo else (d, d)
+            shapes.update({p + "self_attn.q_norm.weight": (q_dim,), p + "self_attn.k_norm.weight": (k_dim,)})
     return shapes
 
 

@@ -12,7 +12,7 @@ from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -117,19 +117,53 @@ def test_smollm3_config_fields_as_transformers_reads_them():
     assert again == windowed and windowed.to_hf()["no_rope_layers"] == [1, 1, 1, 0, 1, 1, 1, 0]
 
 
-def test_smollm3_3b_shapes_build_transformers_parameter_count():
-    """SmolLM3Config's defaults are SmolLM3-3B's shapes: r3 builds the same 3,075,098,624
-    parameters as transformers (on the meta device: nothing is allocated)."""
-    from transformers import AutoModelForCausalLM, SmolLM3Config
+@pytest.mark.parametrize("name,params", [("SmolLM3Config", 3_075_098_624), ("Olmo2Config", 6_888_624_128)])
+def test_default_shapes_build_transformers_parameter_names_and_count(name, params):
+    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's a 7B's: r3 builds the same
+    parameters as transformers, name for name (q/k/v and gate/up apart, as in a checkpoint) and in
+    number (on the meta device: nothing is allocated)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    from r3.model import param_shapes
+    from r3.model import param_names_hf
 
-    hf_cfg = SmolLM3Config()
+    hf_cfg = getattr(transformers, name)()
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_cfg)
+    theirs = {k.removeprefix("model."): tuple(v.shape) for k, v in hf.state_dict().items()}
     cfg = ModelConfig.from_hf(hf_cfg.to_dict())
-    assert cfg.nope_layers == list(range(3, 36, 4))
-    assert sum(math.prod(s) for s in param_shapes(cfg).values()) == sum(p.numel() for p in hf.parameters()) == 3_075_098_624
+    if cfg.tie_word_embeddings:
+        theirs.pop("lm_head.weight")
+    assert param_names_hf(cfg) == theirs
+    assert sum(math.prod(s) for s in theirs.values()) == sum(p.numel() for p in hf.parameters()) == params
+    if name == "SmolLM3Config":
+        assert cfg.nope_layers == list(range(3, 36, 4))
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_olmo2_output_norms_and_all_head_qk_norms_are_really_used(tiny_dirs):
+    """OLMo 2 norms each block's attention and MLP outputs (no input norm), norms q and k over all
+    heads at once, and scales its norms and turns RoPE in fp32: in bf16 its logits equal
+    transformers' bit for bit, and per-head q/k norms instead of whole-projection ones move them."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = tiny_dirs["olmo2"]
+    model, _ = load(path, tokenizer=False, dtype=torch.bfloat16)
+    block = model.layers[0]
+    assert not hasattr(block, "input_layernorm") and block.post_feedforward_layernorm.style == "olmo"
+    assert block.self_attn.q_norm.weight.shape == (64,) and block.self_attn.k_norm.weight.shape == (32,)
+    assert block.self_attn.o_proj.bias is not None and model.lm_head.weight is not model.embed_tokens.weight
+    theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    tokens = _tokens(256, 3, 40)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), theirs(tokens).logits.float())
+        model, _ = load(path, tokenizer=False)  # (fp32: the parity tests' tolerance is 1e-4)
+        want = model(tokens)
+        for layer in model.layers:
+            layer.self_attn.qk_norm_all_heads = False  # (the norms' weights then broadcast per head: wrong)
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight = torch.nn.Parameter(norm.weight[:16].clone())
+        assert (model(tokens) - want).abs().max() > 1e-3
 
 
 def test_longrope_past_the_original_context_is_refused(tiny_dirs):
