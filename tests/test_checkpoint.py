@@ -1080,7 +1080,8 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     untied = config({**base, "llama.vocab_size": 320}, [GGUFTensor("output.weight", None, (64, 320), None)])
     assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
     for fields, message in (
-        ({**base, "general.architecture": "gpt2"}, "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2)"),
+        ({**base, "general.architecture": "gpt2"},
+         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, smollm3)"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({**base, "llama.rope.scaling.type": "linear"}, "missing GGUF field 'llama.rope.scaling.factor'"),
     ):
