@@ -2385,6 +2385,72 @@ def test_countdown_markdown_structure(tags, completion, expected):
     _both_implementations_say(tags, completion, expected)
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a restatement that something acts on: the target stays where the run starts, so the word or
+    # sign before it is read as acting on a number (blanked, "Then minus 28 = 28" left "Then minus")
+    pytest.param(False, "5 + 23 = 28\nThen minus 28 = 28. Done.", False, id="restated-after-minus"),
+    pytest.param(False, "5 + 23 = 28, squared 28 = 28.", False, id="restated-after-squared"),
+    pytest.param(False, "5 + 23 = 28 which \u2260\n28 = 28.", False, id="restated-after-not-equal-sign"),
+    pytest.param(True, "<answer>5 + 23</answer>\nThen times 5 + 23 = 28.", False, id="tags-repeat-after-times"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\nminus (5 + 23) = 28.", False, id="tags-repeat-after-minus"),
+    pytest.param(False, "5 + 23 = 28\nResult = 2 8", False, id="restated-digits-apart"),
+    # ... a result written apart from its expression still leaves nothing behind
+    pytest.param(False, "`23 + 5` = 28", True, id="result-after-code-span"),
+    pytest.param(False, "23 + 5 $= 28", True, id="result-after-dollar"),
+    pytest.param(False, "`23 + 5` = 29", False, id="wrong-result-after-code-span"),
+    # a table row whose last cell ends in an operator of any form leaves a bar open
+    pytest.param(False, "| 3 | 2 \u2212 |\n5 + 23 = 28", False, id="table-cell-unicode-minus"),
+    pytest.param(False, "| 3 | 2 ^ |\n5 + 23 = 28", False, id="table-cell-caret"),
+    pytest.param(False, "| 3 | 2 % |\n5 + 23 = 28", False, id="table-cell-percent"),
+    pytest.param(False, "| 5, 23 | Add |\n\n5 + 23 = 28", True, id="table-cell-word"),
+    pytest.param(True, "| 3 | 2 \u00d7 |\n<answer>5 + 23 = 28</answer>", False, id="tags-table-cell-times"),
+    pytest.param(False, "| Step | Result |\n|---|---|\n| 1 | 5 + 23 |\n5 + 23 = 28", True, id="table-cell-expression"),
+    pytest.param(False, "| a | |\n5 + 23 = 28", True, id="table-empty-last-cell"),
+    # a line of marks alone (a rule, a quote) between a denial and the answer is a blank line
+    pytest.param(False, "Wrong:\n___\n5 + 23 = 28", False, id="denial-rule-line"),
+    pytest.param(False, "Wrong:\n\"\n5 + 23 = 28", False, id="denial-quote-line"),
+    pytest.param(True, "Wrong:\n___\n<answer>5 + 23 = 28</answer>", False, id="tags-denial-rule-line"),
+    pytest.param(True, "### Wrong answer\n''\n<answer>5 + 23 = 28</answer>", False, id="tags-heading-quote-line"),
+    # a mark glued before the block on its line (the re-check read the heading from that mark)
+    pytest.param(True, "Wrong:\n\n*<answer>5 + 23 = 28</answer>", False, id="tags-denial-star-glued"),
+    pytest.param(True, "### Incorrect\n\n> *<answer>5 + 23 = 28</answer>$", False, id="tags-heading-quote-star"),
+    # a ">" glued to the block opening the line is a comparison, as ">5 + 23 = 28"
+    pytest.param(True, "><answer>5 + 23 = 28</answer>", False, id="tags-greater-than-glued"),
+    # a numbered list item's number between a denial and the answer
+    pytest.param(False, "### Wrong answer\n\n1. 5 + 23 = 28", False, id="heading-numbered-item"),
+    pytest.param(False, "Wrong:\n2. **Answer:** 5 + 23 = 28", False, id="label-numbered-item-label"),
+    pytest.param(False, "Wrong: 1. 5 + 23 = 28", False, id="label-numbered-item"),
+    pytest.param(True, "### Wrong answer\n\n1. <answer>5 + 23 = 28</answer>", False, id="tags-heading-numbered-item"),
+    pytest.param(False, "### Final answer\n\n1. 5 + 23 = 28", True, id="heading-numbered-item-paid"),
+    # a number in a label does not end it, and a bare denial chained after a label is a label
+    pytest.param(False, "Incorrect: Step 2: 5 + 23 = 28", False, id="chained-label-with-number"),
+    pytest.param(False, "Wrong step 2: 5 + 23 = 28", False, id="label-denial-before-number"),
+    pytest.param(False, "Wrong answer #2: 5 + 23 = 28", False, id="label-denial-before-hash-number"),
+    pytest.param(False, "### Incorrect\n- Step 2: 5 + 23 = 28", False, id="heading-then-numbered-label"),
+    pytest.param(True, "Incorrect: Step 2: <answer>5 + 23 = 28</answer>", False, id="tags-chained-label-with-number"),
+    pytest.param(False, "Answer: Mistake: 5 + 23 = 28", False, id="chained-bare-denial"),
+    pytest.param(True, "- Answer: **Mistake:** <answer>5 + 23 = 28</answer>", False, id="tags-chained-bare-denial"),
+    pytest.param(False, "Step 2: 5 + 23 = 28", True, id="label-with-number"),
+    pytest.param(False, "Attempt #2: 5 + 23 = 28", True, id="label-with-hash-number"),
+    # a line with a digit or a sentence mark is no heading: it says the earlier answer was wrong
+    pytest.param(False, "23 + 5 = 29 is wrong\n\n5 + 23 = 28", True, id="earlier-equation-called-wrong"),
+    pytest.param(False, "Oops, wrong\n5 + 23 = 28", True, id="interjection-with-comma"),
+    pytest.param(False, "Not 27\n5 + 23 = 28", True, id="earlier-number-denied"),
+    pytest.param(True, "Oops, wrong\n<answer>5 + 23 = 28</answer>", True, id="tags-interjection-with-comma"),
+    pytest.param(False, "Wrong answer\n5 + 23 = 28", False, id="plain-heading"),
+    pytest.param(False, "Not quite\n\n5 + 23 = 28", False, id="plain-heading-not"),
+])
+def test_countdown_markdown_structure_white_box(tags, completion, expected):
+    """A white-box review of the Markdown structure rules: blanking a restatement dropped the
+    number that a word or sign before it acts on (``Then minus 28 = 28`` read as ``Then minus``);
+    a table row's last cell ending in a Unicode operator, ``^`` or ``%`` counted as closed; a line
+    of marks alone (``___``) hid the denial above it, and the re-check read a mark glued before
+    the block (``*<answer>``) as the heading; ``><answer>`` lost its ``>``; a numbered item's
+    number, a number in a label and a bare denial chained after a label stopped the label
+    reading: all were paid. ``28 = 2 8`` was a restatement."""
+    _both_implementations_say(tags, completion, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------
@@ -2935,6 +3001,17 @@ _COUNTDOWN_SHAPES = {
     "blocks": lambda n: "<answer> 1 </answer>" * n,
     "open-tags": lambda n: "<answer>" * n + "5 + 23 = 28",
     "boxed": lambda n: "\\boxed{$" * n + "5 + 23 = 28",
+    "label-chain": lambda n: "a: " * n + "5 + 23 = 28",
+    "label-chain-heading": lambda n: "a: " * n + "\n5 + 23 = 28",
+    "label-chain-numbers": lambda n: "a 1: " * n + "\n5 + 23 = 28",
+    "quote-lines": lambda n: "> 1\n" * n + "5 + 23 = 28",
+    "quote-marks": lambda n: "> " * n + "5 + 23 = 28",
+    "table-rows": lambda n: "| 1 | 2 \u2212 |\n" * n + "5 + 23 = 28",
+    "headings": lambda n: "### Wrong\n\n" * n + "5 + 23 = 28",
+    "mark-lines": lambda n: "Wrong:\n" + "___\n" * n + "5 + 23 = 28",
+    "list-numbers": lambda n: "1. " * n + "5 + 23 = 28",
+    "restatements": lambda n: "5 + 23 = 28\n" + "Result = 28\n" * n,
+    "restatements-glued": lambda n: "5 + 23 = 28 " + "a 28 = 28" * n,
 }
 
 

@@ -31,7 +31,9 @@ characters make the completion wrong. The final equation is then the last run of
 ``+ - * / =``: anything after it that is another equation makes the final equation that one, and a
 line break ends a run. A run standing alone (:func:`_restatement`) that only restates the result
 (``Verification: 28 = 28``, ``Result = 28``), or after an answer block repeats its equation
-(``Check: 5 + 23 = 28 ✓``), is not another equation: it is read as blanks. Prose around it is fine ("The answer is 5 + 23 = 28."), but not what would
+(``Check: 5 + 23 = 28 ✓``), is not another equation: it is read as blanks, but one opening with
+a number leaves the target there (``Then minus 28 = 28`` is more arithmetic on the result), and a
+run with digits apart (``= 2 8``) restates nothing. Prose around it is fine ("The answer is 5 + 23 = 28."), but not what would
 change its meaning, so the final equation is rejected (never skipped in favour of an earlier one)
 when
 
@@ -55,8 +57,10 @@ when
   (``Mistake: 5 + 23 = 28``), also before the colon of a short label chained before it on its
   line (``Wrong: Answer: 5 + 23 = 28``, ``**Incorrect:** - **Result:** ...``) or in a heading on
   the last line before the line that it, its labels or bullets start, blank lines apart: ending
-  in a colon, a Markdown heading (``### Wrong answer``) or up to four words ending in no ``. ! ?``
-  (``**Wrong answer**``), or
+  in a colon, a Markdown heading (``### Wrong answer``) or up to four words with no digit or ``. , ; ! ?``
+  (``**Wrong answer**``); lines of marks alone (``___``) count as blank, a numbered item's number
+  (``1.``, ``2)``) as a bullet, a number in a label as one of its words (``Wrong step 2:``), and
+  a bare denial chained after another label as the whole label (``Answer: Mistake:``), or
   ``of`` / ``by`` / ``to`` / ``from`` / ``for`` right after a number (``50% of``, ``1/2 of``,
   ``two of``, ``3 by``, ``add 29 + 13 to``) comes just before it;
 * next to it (spaces apart or glued) is a symbol of an operation the task does not allow or a
@@ -106,9 +110,10 @@ stood before the equation itself: ``3 * \\boxed{5 + 23 = 28}`` and ``Wrong: <ans
 A Markdown list bullet (``-``, ``*`` or ``+`` first on its line, a blank after it) before the
 final equation or answer block is not part of it: ``- 5 + 23 = 28`` and ``* **5 + 23 = 28**`` are
 list items, not a unary minus or a product (``-5 + 23`` is a unary minus). Blockquote marks that
-open a line (``> 5 + 23 = 28``, ``> > ...``, ``>> ...``; not ``>5``, glued) are read as blanks,
-not a comparison, and a Markdown table row (``| 5 + 23 | 28 |``: it starts with a bar, holds three,
-its last cell does not end in an operator) ending the line before leaves no bar open.
+open a line (``> 5 + 23 = 28``, ``> > ...``, ``>> ...``; not ``>5`` or ``><answer>``, glued) are
+read as blanks, not a comparison, and a Markdown table row (``| 5 + 23 | 28 |``: it starts with a
+bar, holds three, its last cell does not end in an operator of any form, ``| 2 \u00d7 |``) ending
+the line before leaves no bar open.
 
 Markdown emphasis is left out: a pair of ``*``, ``**`` or ``***`` on a line around words
 (``**Answer:** $5 + 23 = 28$``, ``**So 5 + 23 = 28.**``) or around a wrapped equation
@@ -141,6 +146,7 @@ completion is capped at :data:`MAX_COMPLETION_CHARS`.
 from __future__ import annotations
 
 import ast
+import bisect
 import html
 import re
 import unicodedata
@@ -997,13 +1003,23 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
 def _table_row(text: str, end: int) -> bool:
     """Whether the line whose last character, a ``|``, is at ``end`` is a Markdown table row: it
     starts with ``|`` (blanks apart), holds at least three, and its last cell does not end in an
-    operator (``| 1 | 6 * 50 | 300 |``, ``|---|---|``; not ``|3 - 5| + |``, an open bar)."""
+    operator symbol of any form or a dash (``| 1 | 6 * 50 | 300 |``, ``|---|---|``; not ``|3 - 5|
+    + |``, ``| 3 | 2 \u00d7 |``, ``| 3 | 2 ^ |``: an open bar)."""
     first = max(text.rfind("\n", 0, end), text.rfind("\r", 0, end)) + 1
     row = text[first:end + 1].strip(" \t")
     if not row.startswith("|") or row.count("|") < 3:
         return False
-    cell = row[:-1].rstrip(" \t")
-    return not cell.endswith(("+", "*", "/", "=", "(")) and (not cell.endswith("-") or not row.strip("|-: \t"))
+    if not row.strip("|-: \t"):
+        return True  # a divider row, |---|:--:|
+    j = end - 1
+    while j > first and text[j] in _SPACE:
+        j -= 1
+    ch = text[j]  # the last cell's end: no operator of any form (| 3 | 2 \u2212 |, | 2 ^ |)
+    if ch == "|":
+        return True  # (an empty last cell)
+    # (a word ending it is a cell, "| 5, 23 | Add |", as a word ends a line before)
+    return not (ch in "+-*/=(" or ch in _DISALLOWED_ASCII or unicodedata.category(ch) in ("Sm", "Pd")
+                or ch in _OPERATOR_SYMBOLS)
 
 
 def _denied_label(text: str, start: int) -> str | None:
@@ -1012,11 +1028,10 @@ def _denied_label(text: str, start: int) -> str | None:
     are each read (``Wrong: Answer: 5 + 23 = 28``, ``**Incorrect:** - **Result:** ...``), and a
     label chain (or nothing) that starts the line is read on past a heading on the line before,
     blank lines apart: a short line ending in a colon, a Markdown heading (``### Wrong answer``)
-    or a line of up to four words with no sentence mark at its end (``**Wrong answer**``), each
+    or a line of up to four words with no digit or sentence mark (``**Wrong answer**``), each
     read as a label ending in a colon."""
     i = start - 1
-    while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in _LABEL_MARKS):
-        i -= 1
+    i = _past_marks(text, i)
     crossed = False  # past a line break: the label read now is a heading on a line before
     if i < 0 or text[i] in "\n\r":
         i, crossed = _heading_end(text, i), True
@@ -1026,24 +1041,35 @@ def _denied_label(text: str, start: int) -> str | None:
         return None
     elif "\n" in text[i:start] or "\r" in text[i:start]:
         crossed = True
+    heading: tuple[list[int], list[int]] | None = None  # the heading line's sentence marks and words
     for _ in range(len(text)):  # (one label after another, back along the text: linear)
         if crossed:
             # a label that ends the line before counts when it is a short heading, of up to eight
             # words after the line's last sentence mark ("Wrong:\n5 + 23 = 28"; a logged, rightly paid
             # retry wrote "Here's a rewritten equation that avoids the issue of the original equation
-            # being incorrect:\n\n22 + 7")
-            line = text[max(text.rfind("\n", 0, i), text.rfind("\r", 0, i)) + 1: i]
-            clause = _CLAUSE_MARK.split(line)[-1]
-            if len(_ASCII_WORD_RUN.findall(clause)) > 8:
+            # being incorrect:\n\n22 + 7"); the line is read once for all the labels chained on it
+            if heading is None:
+                first = max(text.rfind("\n", 0, i), text.rfind("\r", 0, i)) + 1
+                heading = ([m.start() for m in _CLAUSE_MARK.finditer(text, first, i)],
+                           [m.start() for m in _ASCII_WORD_RUN.finditer(text, first, i)])
+            marks, word_starts = heading
+            clause = first
+            n_marks = bisect.bisect_left(marks, i - 1)  # (a mark just before i has no blank after it in text[:i])
+            if n_marks:
+                clause = marks[n_marks - 1] + 1
+            if bisect.bisect_left(word_starts, i) - bisect.bisect_left(word_starts, clause) > 8:
                 return None
         words, tokens, i = 0, 0, i - 1
         while words < 4 and tokens < 8:
             kind, value, i = _token(text, i, -1)
             tokens += 1
-            if kind is None and 0 <= i < len(text) and text[i] in _WORD_PARENS:
-                i -= 1  # "Answer (wrong): 5 + 23 = 28"
+            if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] == "#"):
+                i -= 1  # "Answer (wrong): 5 + 23 = 28", "Wrong answer #2: ..."
                 continue
             if kind == "skip":
+                continue
+            if kind == "number":  # a number in the label, a word of it ("Wrong step 2:", "Incorrect: Step 2:")
+                words += 1
                 continue
             if kind != "word":
                 break
@@ -1056,8 +1082,7 @@ def _denied_label(text: str, start: int) -> str | None:
             return None
         # the label read was short: another label before it on its line (bullets, quote marks,
         # emphasis apart), or the line's start and a heading on the line before (one heading)
-        while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in _LABEL_MARKS):
-            i -= 1
+        i = _past_marks(text, i)
         if i < 0 or text[i] in "\n\r":
             if crossed:
                 return None
@@ -1072,12 +1097,33 @@ def _denied_label(text: str, start: int) -> str | None:
 _LABEL_MARKS = "-+>#$"  # list bullets, quote and heading marks, math dollars between labels
 
 
+def _past_marks(text: str, i: int) -> int:
+    """The index of the last character at or before ``i`` that is not a blank, emphasis, one of
+    :data:`_LABEL_MARKS` or the number of a numbered list item (``1.`` or ``2)`` with a blank
+    after it: ``### Wrong answer\n\n1. 5 + 23 = 28``, ``Wrong: 1. <answer>``)."""
+    while i >= 0:
+        ch = text[i]
+        if ch in _SPACE or ch in _DECORATION or ch in _LABEL_MARKS:
+            i -= 1
+            continue
+        if ch in ".)" and text[i + 1: i + 2] in (" ", "\t") and i > 0 and text[i - 1] in "0123456789":
+            j = i - 1
+            while j >= 0 and i - j <= 3 and text[j] in "0123456789":
+                j -= 1
+            if j < 0 or not (text[j].isalnum() or text[j] in ".,"):
+                i = j  # (the item number, 1 to 3 digits)
+                continue
+        break
+    return i
+
+
 def _heading_end(text: str, i: int) -> int | None:
     """For the line break at ``i`` (-1: the text's start), where the label on the last line before
     it that is not blank ends, read as ending in a colon: its colon, the end of a Markdown heading
-    (``### Wrong answer``) or of a line of up to four words that ends in no sentence mark
-    (``**Wrong answer**``, its emphasis left out); None for other lines."""
-    while i >= 0 and text[i].isspace():
+    (``### Wrong answer``) or of a line of up to four words and no digit or sentence mark
+    (``**Wrong answer**``, its emphasis left out; :data:`_PLAIN_HEADING`); None for other lines. Lines of marks alone
+    (``___``, ``"``) are passed, as blank ones."""
+    while i >= 0 and (text[i].isspace() or text[i] in _DECORATION or text[i] in _LABEL_MARKS):
         i -= 1
     if i < 0:
         return None
@@ -1090,18 +1136,24 @@ def _heading_end(text: str, i: int) -> int | None:
     while first < end and text[first] in _SPACE:
         first += 1
     line = text[first:end]
-    if line.startswith("#") or (line.rstrip(_DECORATION)[-1:] not in (".", "!", "?")
-                                and len(_ASCII_WORD_RUN.findall(line)) <= 4):
+    if line.startswith("#") or (_PLAIN_HEADING.fullmatch(line) and len(_ASCII_WORD_RUN.findall(line)) <= 4):
         return end  # (Markdown bold around the line was read as emphasis and left out)
     return None
 
 
+#: A line read as a heading without a colon or ``#``: words alone, no digit and no sentence or
+#: clause mark (``**Wrong answer**``, ``Not quite``; not ``Oops, wrong`` or ``23 + 5 = 29 is
+#: wrong``, which say the earlier answer was wrong, before the right one on the next line)
+_PLAIN_HEADING = re.compile(r"[A-Za-z' \t()_*\"\u2019-]+")
+
+
 def _starts_label(text: str, i: int) -> bool:
-    """Whether the word ending (read backwards) at ``i`` starts its text, line or sentence, blanks,
-    emphasis and heading marks apart (``**Error:**``, ``### Mistake:``)."""
+    """Whether the word ending (read backwards) at ``i`` starts its text, line, sentence or a label
+    chained after another one, blanks, emphasis and heading marks apart (``**Error:**``, ``###
+    Mistake:``, ``Answer: Mistake:``)."""
     while i >= 0 and (text[i] in _SPACE or text[i] in _DECORATION or text[i] in "#>-"):
         i -= 1
-    return i < 0 or text[i] in _LINE_BREAKS or text[i] in ".!?"
+    return i < 0 or text[i] in _LINE_BREAKS or text[i] in ".!?:"
 
 
 def _strip_markup(text: str, a: int, b: int) -> tuple[int, int]:
@@ -1246,6 +1298,8 @@ def _restatement(text: str, m: re.Match, answers: tuple[str, ...], target: int) 
     before a line break, emphasis, a backquote, ``$``, a check mark or a sentence mark that
     starts no decimal. Such a run is not another equation."""
     run = m.group()
+    if _SPLIT_NUMBER.search(run):  # ("Result = 2 8" writes two numbers, not the target)
+        return False
     key = run.replace(" ", "").replace("\t", "")
     if key not in answers:
         if "=" not in key or any(part not in ("", str(target)) for part in key.split("=")):
@@ -1262,9 +1316,16 @@ def _restatement(text: str, m: re.Match, answers: tuple[str, ...], target: int) 
             or (after in ".," and not text[b + 1: b + 2].isdigit()))
 
 
+_SPLIT_NUMBER = re.compile(r"[0-9][ \t]+[0-9]")
+
+
 def _without_restatements(rest: str, content: str | None, target: int) -> str:
     """``rest`` with each run that restates the result or the answer block's equation ``content``
-    (None without tags) read as blanks (:func:`_restatement`): it is not another equation."""
+    (None without tags) read as blanks (:func:`_restatement`): it is not another equation. A run
+    that starts with a number or a bracket leaves the target where it starts, so what the text
+    does to that number is still read after the final equation (``Then minus 28 = 28``, ``times
+    28 = 28``, ``\u2260\n28 = 28``: an operation on a number); one that starts with ``=`` is the
+    result written apart (```5 + 23` = 28``) and leaves nothing."""
     answers: tuple[str, ...] = ()
     if content is not None:
         key = content.replace(" ", "").replace("\t", "")
@@ -1273,9 +1334,12 @@ def _without_restatements(rest: str, content: str | None, target: int) -> str:
     out, at = [], 0
     for m in _RUN.finditer(rest):
         s = m.group()
-        if _HAS_OP.search(s) and _HAS_DIGIT.search(s) and _restatement(rest, m, answers, target):
+        body = s.lstrip(_SPACE)
+        result = str(target) if body[:1] in "0123456789(" else ""
+        if (_HAS_OP.search(s) and _HAS_DIGIT.search(s) and len(result) < len(body.rstrip(_SPACE))
+                and _restatement(rest, m, answers, target)):
             out.append(rest[at:m.start()])
-            out.append(" " * len(s))
+            out.append(" " * (len(s) - len(body)) + result.ljust(len(body)))
             at = m.end()
     out.append(rest[at:])
     return "".join(out)
@@ -1586,7 +1650,8 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         rest, why_rest = normalise(text[after:])
         if before is None or rest is None:
             return False, why or why_rest
-        view = _without_emphasis(_unquoted(before) + "\0" + _without_restatements(rest, content, target))
+        # (the block glued to a ">" that opens its line, "><answer>", leaves it a comparison, as ">5")
+        view = _without_emphasis(_unquoted(before + "\0") + _without_restatements(rest, content, target))
         block = view.index("\0")
         end = block + 1
         left = block - 1

@@ -703,34 +703,35 @@ def _cd_colon_label(text: str, start: int) -> str | None:
     """``Wrong: 5 + 23 = 28``: a denial among the four words before a colon right before it; each
     of the short labels chained before it on its line too (``Wrong: Answer: ...``), and, when the
     labels (or bullets and marks alone) start the line, a heading on the last line before that is
-    not blank: ending in a colon, a ``#`` heading, or up to four words ending in no ``. ! ?``."""
-    k = start - 1
-    while k >= 0 and text[k] in " \t\n\r" + _CD_DECOR + "-+>#$":
-        k -= 1
-    heading = k < 0 or "\n" in text[k:start] or "\r" in text[k:start]
-    if heading:
-        k = _cd_heading_colon(text, start - 1)
+    not blank: ending in a colon, a ``#`` heading, or up to four words with no digit or sentence mark."""
+    k = _cd_skip_marks(text, start - 1)
+    heading = k < 0 or text[k] in "\n\r"
+    if heading:  # (from the line break that the answer's line, marks apart, starts after)
+        k = _cd_heading_colon(text, k)
         if k is None:
             return None
     elif text[k] != ":":
         return None
+    clause_words: list[int] = []  # the heading line's words after its last sentence mark, by position
     while True:
         if heading:  # a label on a line before: a heading of <= 8 words
-            line_start = k
-            while line_start > 0 and text[line_start - 1] not in "\n\r":
-                line_start -= 1
-            label = re.split(r"[.!?:;](?=\s)", text[line_start:k])[-1]  # (after the line's last sentence mark)
-            if len(re.findall(r"[A-Za-z']+", label)) > 8:
+            if not clause_words:
+                clause_words = _cd_clause_words(text, k)
+                line_start = k - len(clause_words) + 1
+            if clause_words[k - line_start] > 8:  # (after the line's last sentence mark)
                 return None
         seen, k, stopped = 0, k - 1, False
         for _ in range(8):
             if seen == 4:
                 break
             kind, w, k = _cd_tok(text, k, -1)
-            if kind is None and 0 <= k < len(text) and text[k] in "()":
+            if kind is None and 0 <= k < len(text) and text[k] in "()#":  # "Answer (wrong):", "Attempt #2:"
                 k -= 1
                 continue
             if kind == "skip":
+                continue
+            if kind == "number":  # "Wrong step 2:", "Incorrect: Step 2:": the label goes on past a number
+                seen += 1
                 continue
             if kind != "word":
                 stopped = True
@@ -743,15 +744,13 @@ def _cd_colon_label(text: str, start: int) -> str | None:
                 b = k
                 while b >= 0 and text[b] in " \t_'\u2019*\"`#>-":
                     b -= 1
-                if b < 0 or text[b] in "\n\r\u2028\u2029\x85.!?":
+                if b < 0 or text[b] in "\n\r\u2028\u2029\x85.!?:":  # (":": chained, "Answer: Mistake:")
                     return f"denied by {w} alone"
             seen += 1
         if not stopped:
             return None
         # a short label: the label before it on the line, or a heading above a line it starts
-        j = k
-        while j >= 0 and text[j] in " \t" + _CD_DECOR + "-+>#$":
-            j -= 1
+        j = _cd_skip_marks(text, k)
         if j < 0 or text[j] in "\n\r":
             if heading:  # (one heading line)
                 return None
@@ -764,11 +763,53 @@ def _cd_colon_label(text: str, start: int) -> str | None:
             return None
 
 
+def _cd_skip_marks(text: str, k: int) -> int:
+    """Back from k past blanks, emphasis, bullets, quote, heading and dollar marks, and a numbered
+    list item's number ("1. ", "12) ": "### Wrong answer\n\n1. 5 + 23 = 28")."""
+    while k >= 0:
+        if text[k] in " \t" + _CD_DECOR + "-+>#$":
+            k -= 1
+        elif text[k] in ".)" and k + 1 < len(text) and text[k + 1] in " \t":
+            d = k - 1
+            while d >= 0 and d > k - 4 and "0" <= text[d] <= "9":
+                d -= 1
+            if d == k - 1 or (d >= 0 and (text[d].isalnum() or text[d] in ".,")):
+                return k  # (no digits, or a number inside other text: "3.", "v2.")
+            k = d
+        else:
+            return k
+    return k
+
+
+def _cd_clause_words(text: str, end: int) -> list[int]:
+    """For each place p from the start of the line holding ``end`` to ``end`` (one list, the line
+    read once): how many words (``[A-Za-z']+``) the line's text before p holds after its last
+    sentence mark (one of ``. ! ? : ;`` with a blank after it, both before p)."""
+    lo = end
+    while lo > 0 and text[lo - 1] not in "\n\r":
+        lo -= 1
+    counts, words, in_word, mark = [], 0, False, False
+    for p in range(lo, end + 1):
+        counts.append(words)
+        if p == end:
+            break
+        c = text[p]
+        if mark and c.isspace():
+            words = 0  # a sentence mark and a blank: a new clause
+        mark = c in ".!?:;"
+        letter = c == "'" or ("a" <= c <= "z") or ("A" <= c <= "Z")
+        if letter and not in_word:
+            words += 1
+        in_word = letter
+    return counts
+
+
 def _cd_heading_colon(text: str, k: int) -> int | None:
     """The index read as a heading's colon on the last line at or before ``k`` that is not blank
     (``k`` is at a line break, or -1): the line's own final colon (emphasis apart), or just past a
-    ``#`` heading or a line of at most four words not ending in ``. ! ?``; None otherwise."""
-    while k >= 0 and text[k] in " \t\n\r":
+    ``#`` heading or a line of at most four words with no digit or sentence mark; None otherwise. A line
+    of nothing but emphasis, quotes or marks (``___``) counts as blank."""
+    while k >= 0 and text[k] in " \t\n\r" + _CD_DECOR + "-+>#$":
         k -= 1
     if k < 0:
         return None
@@ -783,8 +824,10 @@ def _cd_heading_colon(text: str, k: int) -> int | None:
     line = text[lo:last + 1].strip(" \t")
     if line[:1] == "#":
         return last + 1
-    ends = line.rstrip(_CD_DECOR)[-1:]
-    if ends not in (".", "!", "?") and len(re.findall(r"[A-Za-z']+", line)) <= 4:
+    # words alone: a digit or a sentence mark ("Oops, wrong", "23 + 5 = 29 is wrong") says an
+    # earlier answer was wrong, not the one on the next line
+    if all(c.isascii() and (c.isalpha() or c in " \t'()_*\"-") or c == "\u2019" for c in line) and len(
+            re.findall(r"[A-Za-z']+", line)) <= 4:
         return last + 1
     return None
 
@@ -806,7 +849,9 @@ def _cd_previous_line(text: str, start: int) -> str | None:
         cells = text[lo:k].strip(" \t")
         last = cells.rstrip(" \t")[-1:]
         divider = all(c in "|-: \t" for c in cells)
-        if cells[:1] == "|" and cells.count("|") >= 2 and (divider or last not in ("+", "-", "*", "/", "=", "(")):
+        operation = (last in ("+", "-", "*", "/", "=", "(") or (last != "|" and _math_sign(last))
+                     or last in _CD_OP_SYMBOLS or unicodedata.category(last or " ") == "Pd")  # (| 2 \u00d7 |, | 2 ^ |)
+        if cells[:1] == "|" and cells.count("|") >= 2 and (divider or not operation):
             return None
     if text[k] in "+-*/=(" or _math_sign(text[k]) or text[k] in _CD_OP_SYMBOLS:
         return "continues the line before"
@@ -842,7 +887,9 @@ def _cd_drop_restated(text: str, answer: str | None, target: int) -> str:
     equation ``answer`` (with or without ``= target``; None: no block), when it stands alone:
     preceded by a line break, ``:``, ``*``, ``_``, a backquote, ``$`` or a word and a blank, and
     followed by the end, a line break, ``*``, ``_``, a backquote, ``$``, a check mark, or ``.``
-    / ``,`` with no digit after it."""
+    / ``,`` with no digit after it. A run opening with a digit or ``(`` leaves the target where it
+    opens (what comes before it, ``minus 28 = 28``, acts on a number); one opening with ``=``
+    (```5 + 23` = 28``) leaves only blanks. A run holding digits apart (``= 2 8``) is kept."""
     same = set()
     if answer is not None:
         squeezed = "".join(c for c in answer if c not in " \t")
@@ -862,7 +909,18 @@ def _cd_drop_restated(text: str, answer: str | None, target: int) -> str:
         squeezed = "".join(c for c in run if c not in " \t")
         sides = squeezed.split("=")
         only_result = len(sides) > 1 and goal in sides and all(x in ("", goal) for x in sides)
-        if (squeezed in same or only_result) and any(c.isdigit() for c in run):
+        digits_apart, gap = False, False  # ("= 2 8": a digit, blanks, a digit)
+        for p in range(1, len(run)):
+            if run[p] in " \t":
+                gap = gap or run[p - 1].isdigit()
+            else:
+                digits_apart = digits_apart or (gap and run[p].isdigit())
+                gap = False
+        lead = len(run) - len(run.lstrip(" \t"))
+        body = len(run.rstrip(" \t")) - lead
+        left_digits = goal if run[lead:lead + 1].isdigit() or run[lead:lead + 1] == "(" else ""
+        if ((squeezed in same or only_result) and any(c.isdigit() for c in run) and not digits_apart
+                and len(left_digits) < body):
             left = text[i - 1] if i else ""
             right = text[j] if j < n else ""
             alone_left = left in ("\n", "\r", ":", "*", "_", "`", "$") or (left.isalpha() and run[0] in " \t")
@@ -870,6 +928,7 @@ def _cd_drop_restated(text: str, answer: str | None, target: int) -> str:
                            or (right in (".", ",") and not text[j + 1:j + 2].isdigit()))
             if alone_left and alone_right:
                 chars[i:j] = [" "] * (j - i)
+                chars[i + lead:i + lead + len(left_digits)] = list(left_digits)
         i = j
     return "".join(chars)
 
@@ -981,7 +1040,8 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         head, tail = _cd_read(text[:start]), _cd_read(rest)
         if head is None or tail is None:
             return False, "bidirectional controls"
-        around = _cd_unemphasised(f"{_cd_unquote(head)}\0{_cd_drop_restated(tail, content, target)}")
+        # (unquoted with the NUL: "><answer>" keeps its ">", glued as in ">5")
+        around = _cd_unemphasised(_cd_unquote(head + "\0") + _cd_drop_restated(tail, content, target))
         start = around.index("\0")
         end = start + 1
         k1 = start - 1
