@@ -419,9 +419,9 @@ def _cd_unstrike(text: str) -> str:
     return "".join(out)
 
 
-def _cd_final_run(text: str) -> tuple[int, int] | None:
-    """Start and end of the last maximal arithmetic run holding a digit and an operator or '='."""
-    best, i, n = None, 0, len(text)
+def _cd_runs(text: str):
+    """(start, end) of each maximal run of arithmetic characters, in order."""
+    i, n = 0, len(text)
     while i < n:
         if not _arith(text[i]):
             i += 1
@@ -429,10 +429,17 @@ def _cd_final_run(text: str) -> tuple[int, int] | None:
         j = i
         while j < n and _arith(text[j]):
             j += 1
+        yield i, j
+        i = j
+
+
+def _cd_final_run(text: str) -> tuple[int, int] | None:
+    """Start and end of the last maximal arithmetic run holding a digit and an operator or '='."""
+    best = None
+    for i, j in _cd_runs(text):
         seg = text[i:j]
         if any(c.isdigit() for c in seg) and any(c in "+-*/=" for c in seg):
             best = (i, j)
-        i = j
     return best
 
 
@@ -897,14 +904,8 @@ def _cd_drop_restated(text: str, answer: str | None, target: int) -> str:
         same = {squeezed, expression, expression + "=" + str(target)}
     goal = str(target)
     chars = list(text)
-    i, n = 0, len(text)
-    while i < n:
-        if not _arith(text[i]):
-            i += 1
-            continue
-        j = i
-        while j < n and _arith(text[j]):
-            j += 1
+    n = len(text)
+    for i, j in _cd_runs(text):
         run = text[i:j]
         squeezed = "".join(c for c in run if c not in " \t")
         sides = squeezed.split("=")
@@ -929,7 +930,6 @@ def _cd_drop_restated(text: str, answer: str | None, target: int) -> str:
             if alone_left and alone_right:
                 chars[i:j] = [" "] * (j - i)
                 chars[i + lead:i + lead + len(left_digits)] = list(left_digits)
-        i = j
     return "".join(chars)
 
 
