@@ -49,6 +49,7 @@ FAMILIES = {
     "gemma3": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
     "smollm3": (["<|im_start|>", "<|im_end|>", "<|end_of_text|>", "<think>", "</think>"], None, "<|im_end|>",
                 ["<|im_end|>"]),
+    "olmo2": (["<|endoftext|>", "<|pad|>"], "<|endoftext|>", "<|endoftext|>", ["<|endoftext|>"]),
     "deepseek_r1_distill": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
                             "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["<｜end▁of▁sentence｜>"]),
 }
@@ -58,7 +59,7 @@ RSTRIP = {"phi35": {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"}}
 # Tokens added as plain (not special) tokens, as in the family's tokenizer: decoding keeps them.
 PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 # What the template writes after an assistant message (the token r3 must stop at).
-END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "llama31": "<|eot_id|>",
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "llama31": "<|eot_id|>",
                "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>",
                "gemma3": "<end_of_turn>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
 # Text the template writes between the generation prompt and the assistant's message (the model
@@ -70,7 +71,7 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT = {"qwen2": QWEN_SPLIT, "qwen25": QWEN_SPLIT, "qwen3": QWEN_SPLIT, "llama31": LLAMA3_SPLIT,
-         "llama32": LLAMA3_SPLIT, "deepseek_r1_distill": QWEN_SPLIT}
+         "llama32": LLAMA3_SPLIT, "olmo2": LLAMA3_SPLIT, "deepseek_r1_distill": QWEN_SPLIT}
 
 QUERY = "Write an equation that uses 12 and 7 once each and equals 19."
 ATTEMPT = "12 - 7 = 5"
