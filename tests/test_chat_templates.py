@@ -472,7 +472,7 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
 
 @pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
                                                    ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0),
-                                                   ("smollm3", "smollm3", 9.0)])
+                                                   ("smollm3", "smollm3", 9.0), ("olmo2", "olmo2", 4.0)])
 def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, family, kind, eos_logit):
     """A whole Reflect-Retry episode on a tiny random model of the family, its tokenizer carrying
     the real template: every sequence is the prompt, the attempt, the reflection turn, the
