@@ -65,7 +65,7 @@ def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_
     """Logits ``[B, vocab_size]`` of one token per row (``tok``/``pos``: ``[B]``); writes each
     row's keys/values at ``pos`` and attends to its slots ``< kv_len``."""
     h = model.hidden_states(tok[:, None], positions=pos[:, None], cache=cache, kv_len=kv_len)
-    logits = model.lm_head(h[:, 0])
+    logits = model.logits(h[:, 0])
     return logits[:, :vocab_size] if vocab_size < logits.shape[-1] else logits
 
 

@@ -1,6 +1,6 @@
-"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Qwen2/2.5, Qwen3
-(dense), Mistral, Phi-3 / Phi-3.5, OLMo 2 and Gemma 3 (its language model; 4b and larger also hold
-a vision tower, which r3 leaves out).
+"""A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Granite 3, Qwen2/2.5,
+Qwen3 (dense), Mistral, Phi-3 / Phi-3.5, OLMo 2 and Gemma 3 (its language model; 4b and larger also
+hold a vision tower, which r3 leaves out).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
@@ -8,7 +8,10 @@ SwiGLU (GeGLU for Gemma), tied or untied embeddings, and a static, preallocated 
 SmolLM3 is Llama-shaped with NoPE layers: every fourth layer (``no_rope_layers``) attends without
 RoPE. OLMo 2 norms each block's attention and MLP outputs instead of their inputs (no
 ``input_layernorm``), norms q and k over the whole projection (not per head) before RoPE, and
-scales every norm in fp32 before rounding.
+scales every norm in fp32 before rounding. Granite 3 is Llama-shaped with four scalars: the
+embeddings are multiplied by ``embedding_multiplier``, attention scores scaled by
+``attention_multiplier`` (not 1/sqrt(head_dim)), each block's attention and MLP outputs by
+``residual_multiplier`` before they join the residual, and the logits divided by ``logits_scaling``.
 
 Gemma 3 differs in six places: its RMSNorm scales by ``1 + w`` (in fp32, then rounds), the
 embeddings are multiplied by sqrt(hidden size), every block norms the attention and MLP outputs
@@ -53,9 +56,9 @@ from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM"}
@@ -108,6 +111,11 @@ class ModelConfig:
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power (None: head_dim's)
     local_rope_theta: float | None = None  # Gemma 3: sliding-window layers' RoPE base, unscaled
+    # Granite 3 (module docstring): 1.0 and None elsewhere
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -258,13 +266,14 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),  # (transformers' defaults)
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3", "granite") else False,
             qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"),
             layer_windows=windows,
             nope_layers=nope,
             hidden_act=_ACTIVATIONS[act],
             query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0) if gemma else None,
             local_rope_theta=local_theta,
+            **({key: number(key, 1.0) for key in _GRANITE_SCALARS} if model_type == "granite" else {}),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
@@ -303,9 +312,11 @@ class ModelConfig:
         if self.partial_rotary_factor != 1.0:
             cfg["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"] = self.partial_rotary_factor
         windows = {w for w in self.layer_windows if w is not None}
-        if self.model_type in ("llama", "smollm3"):
+        if self.model_type in ("llama", "smollm3", "granite"):
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = self.mlp_bias
+            if self.model_type == "granite":
+                cfg.update({key: getattr(self, key) for key in _GRANITE_SCALARS})
             if self.model_type == "smollm3":
                 cfg["no_rope_layers"] = [int(i not in self.nope_layers) for i in range(self.num_hidden_layers)]
                 cfg["use_sliding_window"] = bool(windows)
@@ -352,6 +363,9 @@ class ModelConfig:
                 "full_attention" if w is None else "sliding_attention" for w in self.layer_windows
             ]
         return cfg
+
+
+_GRANITE_SCALARS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
 
 
 def _positive(value, key: str, source: str, integral: bool):
@@ -477,7 +491,7 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
     """Per-layer sliding-window size (None = full attention), as transformers applies it
     (``nope``: SmolLM3's layers without RoPE, which hold its windows unless ``layer_types`` says)."""
     window = cfg.get("sliding_window")
-    if model_type in ("llama", "olmo2"):
+    if model_type in ("llama", "granite", "olmo2"):
         return [None] * n_layers
     if window:
         window = _positive(window, "sliding_window", source, integral=True)
@@ -703,8 +717,8 @@ class Attention(nn.Module):
         self.window = window
         self.rope = rope  # (False: a SmolLM3 NoPE layer)
         h, d = cfg.hidden_size, cfg.head_dim
-        # (None: SDPA's own 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5)
-        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        # (None: SDPA's own 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5; Granite: its multiplier)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.attention_multiplier
         self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
         self.qk_norm_all_heads = cfg.olmo
@@ -821,6 +835,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, eps, style)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.gemma
+        self.residual_scale = cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else None  # (Granite)
         if cfg.gemma:
             self.pre_feedforward_layernorm = RMSNorm(h, eps, style)
         if cfg.gemma or cfg.olmo:
@@ -834,6 +849,9 @@ class Block(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        if self.residual_scale is not None:
+            x = x + attn * self.residual_scale
+            return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -921,6 +939,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         if self.config.gemma:
             x = x * self._embed_scale[x.dtype]
+        elif self.config.embedding_multiplier != 1.0:  # (Granite: by the Python number, as transformers)
+            x = x * self.config.embedding_multiplier
         # (OLMo 2 keeps its tables in fp32 and turns q and k in fp32, as transformers does)
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, torch.float32 if self.config.olmo else x.dtype,
                                 rope_scale(self.config))
@@ -1029,8 +1049,14 @@ class Transformer(nn.Module):
         through a fused kernel that upcasts per block: no [B, T, V] fp32 tensor is built)."""
         h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len, segments=segments)
         if at is not None:
-            return self.lm_head(h[at])
-        return self.lm_head(h).float()
+            return self.logits(h[at])
+        return self.logits(h).float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states, in the compute dtype (Granite: divided by its
+        ``logits_scaling``, as transformers divides them)."""
+        out = self.lm_head(h)
+        return out / self.config.logits_scaling if self.config.logits_scaling != 1.0 else out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

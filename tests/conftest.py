@@ -134,6 +134,13 @@ def tiny_hf_config(kind: str, **overrides):
         cfg = SmolLM3Config(**common, no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
                             attention_bias=True, mlp_bias=True, rope_theta=500000.0,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    elif kind == "granite":  # its four scalars as Granite 3.3 ships them (2b), attention and MLP biases, tied
+        from transformers import GraniteConfig
+
+        cfg = GraniteConfig(**common, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                            embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                            logits_scaling=8.0, rope_theta=10000000.0, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0, initializer_range=0.2)
     elif kind == "olmo2":  # norms on the outputs only, q/k norms over all heads, attention biases, untied,
         # weights large enough that attention (so how q and k are normed) matters
         from transformers import Olmo2Config
@@ -197,10 +204,10 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3, gemma3,
-    smollm3 and olmo2."""
+    smollm3, olmo2 and granite."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2"):
+    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "granite"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

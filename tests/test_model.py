@@ -12,7 +12,7 @@ from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "granite")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -117,11 +117,12 @@ def test_smollm3_config_fields_as_transformers_reads_them():
     assert again == windowed and windowed.to_hf()["no_rope_layers"] == [1, 1, 1, 0, 1, 1, 1, 0]
 
 
-@pytest.mark.parametrize("name,params", [("SmolLM3Config", 3_075_098_624), ("Olmo2Config", 6_888_624_128)])
+@pytest.mark.parametrize("name,params", [("SmolLM3Config", 3_075_098_624), ("Olmo2Config", 6_888_624_128),
+                                         ("GraniteConfig", 6_738_415_616)])
 def test_default_shapes_build_transformers_parameter_names_and_count(name, params):
-    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's a 7B's: r3 builds the same
-    parameters as transformers, name for name (q/k/v and gate/up apart, as in a checkpoint) and in
-    number (on the meta device: nothing is allocated)."""
+    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's and GraniteConfig's 7B ones:
+    r3 builds the same parameters as transformers, name for name (q/k/v and gate/up apart, as in a
+    checkpoint) and in number (on the meta device: nothing is allocated)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -164,6 +165,34 @@ def test_olmo2_output_norms_and_all_head_qk_norms_are_really_used(tiny_dirs):
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 norm.weight = torch.nn.Parameter(norm.weight[:16].clone())
         assert (model(tokens) - want).abs().max() > 1e-3
+
+
+def test_granite_scalars_are_really_used(tiny_dirs):
+    """Granite 3's embedding, attention, residual and logit scalars (Granite 3.3's values in the tiny
+    config) are read, and each moves the logits far past the parity tests' tolerance when left
+    out; in bf16 its logits equal transformers' bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    path, hf = tiny_dirs["granite"]
+    model, _ = load(path, tokenizer=False)
+    cfg = model.config
+    assert (cfg.embedding_multiplier, cfg.attention_multiplier, cfg.residual_multiplier, cfg.logits_scaling) == (
+        12.0, 0.015625, 0.22, 8.0)
+    tokens = _tokens(256, 3, 40)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        for layer in model.layers:
+            layer.self_attn.scale = None  # (SDPA's 1/sqrt(head_dim))
+        assert (model(tokens) - want).abs().max() > 1e-2
+        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            model, _ = load(path, tokenizer=False)
+            setattr(model.config, key, 1.0)
+            for layer in model.layers:
+                layer.residual_scale = None if key == "residual_multiplier" else layer.residual_scale
+            assert (model(tokens) - want).abs().max() > 1e-2, key
+        theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+        ours, _ = load(path, tokenizer=False, dtype=torch.bfloat16)
+        assert torch.equal(ours(tokens), theirs(tokens).logits.float())
 
 
 def test_longrope_past_the_original_context_is_refused(tiny_dirs):

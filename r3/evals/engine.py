@@ -65,7 +65,7 @@ def _score_positions(model, hidden: torch.Tensor, targets: torch.Tensor) -> tupl
     ``[N, V]`` logits never exist together."""
     lps, greedy = [], []
     for lo in range(0, hidden.shape[0], SCORE_CHUNK):
-        logits = model.lm_head(hidden[lo: lo + SCORE_CHUNK])
+        logits = model.logits(hidden[lo: lo + SCORE_CHUNK])
         t = targets[lo: lo + SCORE_CHUNK]
         top, argmax = logits.max(-1)  # the first index of the largest logit, as argmax gives it
         tok = logits.gather(-1, t[:, None]).squeeze(-1).float()
