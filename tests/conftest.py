@@ -134,7 +134,7 @@ def tiny_hf_config(kind: str, **overrides):
         cfg = SmolLM3Config(**common, no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
                             attention_bias=True, mlp_bias=True, rope_theta=500000.0,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
-    elif kind == "granite":  # its four scalars as Granite 3.3 ships them (2b), attention and MLP biases, tied
+    elif kind == "granite":  # its four scalars at values published 2b-class Granite configs use, biases, tied
         from transformers import GraniteConfig
 
         cfg = GraniteConfig(**common, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,

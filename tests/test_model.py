@@ -168,9 +168,9 @@ def test_olmo2_output_norms_and_all_head_qk_norms_are_really_used(tiny_dirs):
 
 
 def test_granite_scalars_are_really_used(tiny_dirs):
-    """Granite 3's embedding, attention, residual and logit scalars (Granite 3.3's values in the tiny
-    config) are read, and each moves the logits far past the parity tests' tolerance when left
-    out; in bf16 its logits equal transformers' bit for bit."""
+    """Granite 3's embedding, attention, residual and logit scalars (in the tiny config, values that
+    published 2b-class configs use) are read, and each moves the logits far past the parity tests'
+    tolerance when left out; in bf16 its logits equal transformers' bit for bit."""
     from transformers import AutoModelForCausalLM
 
     path, hf = tiny_dirs["granite"]
