@@ -387,9 +387,12 @@ _GGUF_BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "smollm3": "smollm3"}
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "smollm3": "smollm3", "granite": "granite"}
 # Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses)
-_GGUF_PERMUTED = ("llama", "smollm3")
+_GGUF_PERMUTED = ("llama", "smollm3", "granite")
+# Granite's scalars: the GGUF key (after the architecture) -> the config.json field
+_GGUF_GRANITE_SCALARS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
+                         "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 
 
 def _gguf_reader(path: Path) -> GGUFFile:
@@ -442,6 +445,8 @@ def gguf_config(reader, path: Path) -> dict:
     }
     if arch == "smollm3":  # (no GGUF key: llama.cpp hard-codes every fourth layer as NoPE, as SmolLM3Config's default)
         cfg["no_rope_layer_interval"] = 4
+    if arch == "granite":  # (llama.cpp's converter leaves out a scalar that is absent; 1 is GraniteConfig's default)
+        cfg.update({field: float(meta(key, 1.0)) for key, field in _GGUF_GRANITE_SCALARS.items()})
     rotary = meta("rope.dimension_count", required=False)
     if rotary is not None and int(rotary) != cfg["head_dim"]:
         raise R3Error(f"{path}: unsupported GGUF rope.dimension_count {rotary} (RoPE over part of each "

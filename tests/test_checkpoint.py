@@ -923,12 +923,13 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
 
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                 rope_scaling: tuple[str, float] | None = None, extra: dict | None = None,
-                rope_dims: int | None = None) -> None:
+                rope_dims: int | None = None, floats: dict | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
     ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
-    name -> numpy array, written in place of the model's tensor of that name or after them."""
+    name -> numpy array, written in place of the model's tensor of that name or after them;
+    ``floats``: more ``<arch>.<key>`` float32 fields."""
     import gguf
     import numpy as np
 
@@ -942,6 +943,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                        ("vocab_size", c.vocab_size)):
         w.add_uint32(f"{arch}.{key}", int(value))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    for key, value in (floats or {}).items():
+        w.add_float32(f"{arch}.{key}", value)
     for key, value in (token_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
@@ -964,9 +967,9 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
-            if arch in ("llama", "smollm3") and module == "self_attn.q_proj":
+            if arch in ("llama", "smollm3", "granite") and module == "self_attn.q_proj":
                 t = permute(t, c.num_attention_heads)
-            elif arch in ("llama", "smollm3") and module == "self_attn.k_proj":
+            elif arch in ("llama", "smollm3", "granite") and module == "self_attn.k_proj":
                 t = permute(t, c.num_key_value_heads)
             gname = f"blk.{layer}.{block[module]}.{suffix}"
         else:
@@ -988,7 +991,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
     w.close()
 
 
-@pytest.mark.parametrize("kind, bf16", [("qwen2", True), ("qwen2", False), ("llama", True), ("smollm3", False)])
+@pytest.mark.parametrize("kind, bf16", [("qwen2", True), ("qwen2", False), ("llama", True), ("smollm3", False),
+                                       ("granite", False)])
 def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, kind, bf16):
     """A GGUF written the llama.cpp way from a tiny random model (head_dim 24, not hidden / heads):
     Q/K un-permuted for llama only, bf16 tensors widened exactly, the key length read, biases and
@@ -1001,6 +1005,11 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     if kind == "smollm3":  # as SmolLM3-3B: the fourth layer NoPE (llama.cpp's fixed step), no window, no biases
         over.update(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], layer_types=["full_attention"] * 4,
                     use_sliding_window=False, sliding_window=None, attention_bias=False, mlp_bias=False)
+    # Granite: its scalars as llama.cpp's converter writes them (float32 fields; the source's values
+    # are float32 numbers too, so the file holds them exactly), no biases
+    scalars = {"embedding_scale": 12.0, "attention.scale": 0.015625, "residual_scale": 0.25, "logit_scale": 8.0}
+    if kind == "granite":
+        over.update(attention_bias=False, mlp_bias=False, residual_multiplier=0.25)
     hf = make_tiny_hf(tmp_path / "hf", kind, **over)
     if bf16:  # the reference holds exactly what a bf16 file can
         with torch.no_grad():
@@ -1008,10 +1017,12 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
                 if "norm" not in name and p.dim() == 2:
                     p.copy_(p.bfloat16().float())
     path = tmp_path / f"{kind}.gguf"
-    _write_gguf(hf, path, kind, bf16)
+    _write_gguf(hf, path, kind, bf16, floats=scalars if kind == "granite" else None)
     model, _ = load(path, tokenizer=False, dtype=torch.float32)
     assert model.config.head_dim == 24 and model.config.model_type == kind
     assert model.config.nope_layers == ([3] if kind == "smollm3" else [])
+    assert (model.config.embedding_multiplier, model.config.attention_multiplier, model.config.residual_multiplier,
+            model.config.logits_scaling) == ((12.0, 0.015625, 0.25, 8.0) if kind == "granite" else (1.0, None, 1.0, 1.0))
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
@@ -1081,7 +1092,7 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
-         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, smollm3)"),
+         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, smollm3, granite)"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({**base, "llama.rope.scaling.type": "linear"}, "missing GGUF field 'llama.rope.scaling.factor'"),
     ):
