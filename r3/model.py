@@ -543,8 +543,12 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, style: str = ""):
         super().__init__()
         self.eps, self.style = eps, style
-        self.offset = style == "gemma"
         self.weight = nn.Parameter(torch.zeros(dim) if self.offset else torch.ones(dim))
+
+    @property
+    def offset(self) -> bool:
+        """Gemma's: the weight is added to 1."""
+        return self.style == "gemma"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style:
@@ -641,10 +645,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``. Tables
     narrower than D (a partial rotary factor) turn the first dims and pass the rest through."""
     r = cos.shape[-1]
-    if r == x.shape[-1]:  # (fp32 tables: turned in fp32, rounded once; OLMo 2)
-        return (x * cos + x.roll(r // 2, -1) * sin).to(x.dtype)
-    head = x[..., :r]
-    return torch.cat(((head * cos + head.roll(r // 2, -1) * sin).to(x.dtype), x[..., r:]), dim=-1)
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    out = x * cos + x.roll(r // 2, -1) * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # (fp32 tables: turned in fp32, rounded once; OLMo 2)
 
 
 class KVCache:

@@ -3,6 +3,7 @@ note is said, and the training loop saying it once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -115,20 +116,27 @@ def test_the_watch_stays_silent_without_proc(monkeypatch):
     assert watch.stop("step 1") is None
 
 
+@contextlib.contextmanager
+def _child_running(code: str):
+    """A child Python process that runs ``code`` and then waits; the block runs once it got there,
+    and the child is killed and waited for after it."""
+    child = subprocess.Popen([sys.executable, "-c", code + "\nimport sys, time\nsys.stdout.write('x'); "
+                              "sys.stdout.flush(); time.sleep(30)"], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.read(1) == b"x"
+        yield
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="Linux /proc only")
 def test_a_child_s_cpu_time_is_the_run_s_own_while_it_runs_and_after_it_ended():
     """On the real /proc: a child that burns CPU counts in this process's tree, before and after
     it is waited for (a compile worker's time is not 'other work')."""
     before = C.take_sample(C._affinity())
-    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass\n"
-                              "import sys; sys.stdout.write('x'); sys.stdout.flush(); time.sleep(30)"],
-                             stdout=subprocess.PIPE)
-    try:
-        assert child.stdout.read(1) == b"x"
+    with _child_running("import time\nwhile time.process_time() < 0.5: pass"):
         alive = C.take_sample(C._affinity())
-    finally:
-        child.kill()
-        child.wait()
     ended = C.take_sample(C._affinity())
     assert alive.own - before.own >= 0.45
     assert ended.own - before.own >= 0.45
@@ -140,14 +148,8 @@ def test_a_process_name_that_is_not_utf8_does_not_silence_the_watch():
     """A process's name in /proc/<pid>/stat is bytes, cut at 15 of them (maybe inside a
     character: ``café`` cut inside its ``é``): read as strict UTF-8 it raised, the sample was None,
     and while any such process ran on the machine the watch said nothing."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nopen('/proc/self/comm', 'wb').write(b'caf\\xc3')\n"
-                              "sys.stdout.write('x'); sys.stdout.flush(); time.sleep(30)"], stdout=subprocess.PIPE)
-    try:
-        assert child.stdout.read(1) == b"x"
+    with _child_running("open('/proc/self/comm', 'wb').write(b'caf\\xc3')"):
         sample = C.take_sample(C._affinity())
-    finally:
-        child.kill()
-        child.wait()
     assert sample is not None and sample.own > 0
 
 

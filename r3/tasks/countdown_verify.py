@@ -1030,8 +1030,7 @@ def _denied_label(text: str, start: int) -> str | None:
     blank lines apart: a short line ending in a colon, a Markdown heading (``### Wrong answer``)
     or a line of up to four words with no digit or sentence mark (``**Wrong answer**``), each
     read as a label ending in a colon."""
-    i = start - 1
-    i = _past_marks(text, i)
+    i = _past_marks(text, start - 1)
     crossed = False  # past a line break: the label read now is a heading on a line before
     if i < 0 or text[i] in "\n\r":
         i, crossed = _heading_end(text, i), True
@@ -1301,11 +1300,8 @@ def _restatement(text: str, m: re.Match, answers: tuple[str, ...], target: int) 
     if _SPLIT_NUMBER.search(run):  # ("Result = 2 8" writes two numbers, not the target)
         return False
     key = run.replace(" ", "").replace("\t", "")
-    if key not in answers:
-        if "=" not in key or any(part not in ("", str(target)) for part in key.split("=")):
-            return False
-        if key.count(str(target)) == 0:
-            return False
+    if key not in answers and ("=" not in key or any(part not in ("", str(target)) for part in key.split("="))):
+        return False  # (the caller's runs hold a digit: the target is there)
     a, b = m.start(), m.end()
     before = text[a - 1] if a > 0 else ""
     if not (before in ("\n", "\r", ":", "*", "_", "`", "$")

@@ -854,7 +854,7 @@ def _cd_previous_line(text: str, start: int) -> str | None:
         while lo > 0 and text[lo - 1] not in "\n\r":
             lo -= 1
         cells = text[lo:k].strip(" \t")
-        last = cells.rstrip(" \t")[-1:]
+        last = cells[-1:]
         divider = all(c in "|-: \t" for c in cells)
         operation = (last in ("+", "-", "*", "/", "=", "(") or (last != "|" and _math_sign(last))
                      or last in _CD_OP_SYMBOLS or unicodedata.category(last or " ") == "Pd")  # (| 2 \u00d7 |, | 2 ^ |)
