@@ -396,6 +396,12 @@ _GGUF_GRANITE_SCALARS = {"embedding_scale": "embedding_multiplier", "attention.s
                          "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 
 
+# llama.cpp's YaRN fields beyond transformers' -> the values that leave its RoPE as transformers'
+# (ext_factor -1: llama.cpp's "from the type", 1 for YaRN)
+_GGUF_YARN_NEUTRAL = {"attn_factor": (1.0,), "yarn_attn_factor": (1.0,), "yarn_ext_factor": (1.0, -1.0),
+                      "yarn_log_multiplier": (0.0,)}
+
+
 def _gguf_reader(path: Path) -> GGUFFile:
     try:
         return read_gguf(path)
@@ -454,9 +460,23 @@ def gguf_config(reader, path: Path) -> dict:
                       f"head of {cfg['head_dim']} dims)")
     scaling = meta("rope.scaling.type", required=False)
     if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}'")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+        if scaling not in ("linear", "yarn"):
+            raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}' (supported: linear, yarn)")
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(meta("rope.scaling.factor"))}
+    if scaling == "yarn":
+        original = meta("rope.scaling.original_context_length", required=False)
+        if original is not None:
+            cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
+        for key in ("beta_fast", "beta_slow"):
+            value = meta(f"rope.scaling.yarn_{key}", required=False)
+            if value is not None:
+                cfg["rope_scaling"][key] = float(value)
+        # (llama.cpp's own adjustments, which transformers' YaRN has no field for: refused unless neutral)
+        for key, neutral in _GGUF_YARN_NEUTRAL.items():
+            value = meta(f"rope.scaling.{key}", required=False)
+            if value is not None and float(value) not in neutral:
+                raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.{key}' {value!r} "
+                              f"(r3 runs YaRN as transformers does, with {key} {neutral[0]:g})")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:  # (llama.cpp's converter writes Llama 3's scaling as this tensor, not as keys)
         if "rope_scaling" in cfg:

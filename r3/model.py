@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from r3.errors import R3Error
 
 SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma3_text")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
@@ -98,7 +98,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"longrope", ...}; None = default
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"longrope"|"yarn", ...}; None = default
     partial_rotary_factor: float = 1.0  # Phi-3 family: RoPE turns the first int(head_dim * f) dims
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -234,6 +234,8 @@ class ModelConfig:
                 scaling = None
             elif rope_type == "longrope":
                 scaling = _longrope(cfg, scaling, model_type, rotary, max_positions, source)
+            elif rope_type == "yarn":
+                scaling = _yarn(cfg, scaling, max_positions, source)
             else:  # linear, llama3: the fields rope_inv_freq reads
                 keys = ("factor",) if rope_type == "linear" else (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -413,6 +415,44 @@ def _longrope(cfg: dict, scaling: dict, model_type: str, rotary_dim: int, max_po
             "original_max_position_embeddings": original, "attention_factor": float(attention)}
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context extended ``factor`` times (its paper's 0.1 ln s + 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str) -> dict:
+    """YaRN parameters as transformers 5 resolves them: the original context length (a top-level
+    field first, else the rope dict's, else max_position_embeddings), the factor (else their
+    ratio), the attention factor that scales cos/sin (else from ``mscale`` and ``mscale_all_dim``,
+    else from the factor), ``beta_fast`` / ``beta_slow`` (32 and 1 when left out or 0) and
+    ``truncate`` (true)."""
+    original = cfg.get("original_max_position_embeddings")
+    key = "original_max_position_embeddings"
+    if original is None:
+        original, key = scaling.get("original_max_position_embeddings") or max_pos, "rope_scaling." + key
+    original = _positive(original, key, source, True)
+    factor = scaling.get("factor")
+    factor = _positive(max_pos / original if factor is None else factor, "rope_scaling.factor", source, False)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and all_dim:
+            mscale = _positive(mscale, "rope_scaling.mscale", source, False)
+            all_dim = _positive(all_dim, "rope_scaling.mscale_all_dim", source, False)
+            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim)
+        else:
+            attention = _yarn_mscale(factor)
+    attention = _positive(attention, "rope_scaling.attention_factor", source, False)
+    betas = {}
+    for name, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        betas[name] = _positive(scaling.get(name) or default, f"rope_scaling.{name}", source, False)
+    truncate = scaling.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise R3Error(f"{source}: field 'rope_scaling.truncate' must be true or false, got {truncate!r}")
+    return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original,
+            "attention_factor": float(attention), **betas, "truncate": truncate}
+
+
 def language_model_config(cfg: dict, source: str = "config.json") -> dict:
     """The config of the language model a checkpoint holds: ``cfg`` itself, or for Gemma 3 with
     its vision tower (``model_type`` ``gemma3``: 4b and larger) its ``text_config`` as the
@@ -561,7 +601,7 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     """Inverse frequencies [rotary dims / 2] in fp32 (the rotary dims: the whole head, or the
-    part ``partial_rotary_factor`` says), with linear, Llama-3 or LongRoPE (the short factors: r3
+    part ``partial_rotary_factor`` says), with linear, Llama-3, YaRN or LongRoPE (the short factors: r3
     stays within the original context) scaling applied. ``local``: Gemma 3's sliding-window
     layers (their own base, no scaling)."""
     dim = cfg.rotary_dim
@@ -574,6 +614,8 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     inv_freq = default_inv_freq(cfg.rope_theta, dim)
     if not s:
         return inv_freq
+    if s["rope_type"] == "yarn":
+        return yarn_inv_freq(cfg.rope_theta, dim, s)
     if s["rope_type"] == "linear":
         return inv_freq / float(s["factor"])
     return llama3_inv_freq(inv_freq, float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"]),
@@ -583,6 +625,27 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
 def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
     """Unscaled inverse frequencies [dim / 2] in fp32, as transformers computes them."""
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def yarn_inv_freq(theta: float, dim: int, s: dict) -> torch.Tensor:
+    """YaRN's inverse frequencies: the pairs of dims that turn fewer than ``beta_slow`` times over
+    the original context are interpolated (divided by ``factor``), those that turn more than
+    ``beta_fast`` times kept, with a linear ramp between, as transformers computes them."""
+    factor, original = float(s["factor"]), float(s["original_max_position_embeddings"])
+
+    def dim_for(turns):  # the (fractional) pair of dims that turns ``turns`` times over the original context
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_for(float(s["beta_fast"])), dim_for(float(s["beta_slow"]))
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (transformers' guard against a zero-width ramp)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: float, old_len: float) -> torch.Tensor:
@@ -599,7 +662,7 @@ def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: flo
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
     """cos and signed sin [B, T, 1, rotary dims] for positions [B, T] (computed in fp32, scaled by the
-    attention factor of LongRoPE, cast like transformers); the sin's first half is negated, as
+    attention factor of LongRoPE or YaRN, cast like transformers); the sin's first half is negated, as
     :func:`apply_rope` wants it."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -612,9 +675,9 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def rope_scale(cfg: ModelConfig) -> float:
-    """The factor cos/sin are scaled by (LongRoPE's attention factor; 1 otherwise)."""
+    """The factor cos/sin are scaled by (LongRoPE's and YaRN's attention factor; 1 otherwise)."""
     s = cfg.rope_scaling
-    return float(s["attention_factor"]) if s and s["rope_type"] == "longrope" else 1.0
+    return float(s["attention_factor"]) if s and s["rope_type"] in ("longrope", "yarn") else 1.0
 
 
 def rope_max_positions(cfg: ModelConfig) -> int | None:

@@ -923,13 +923,13 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
 
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                 rope_scaling: tuple[str, float] | None = None, extra: dict | None = None,
-                rope_dims: int | None = None, floats: dict | None = None) -> None:
+                rope_dims: int | None = None, floats: dict | None = None, ints: dict | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
     ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
     name -> numpy array, written in place of the model's tensor of that name or after them;
-    ``floats``: more ``<arch>.<key>`` float32 fields."""
+    ``floats`` / ``ints``: more ``<arch>.<key>`` float32 / uint32 fields."""
     import gguf
     import numpy as np
 
@@ -945,6 +945,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     for key, value in (floats or {}).items():
         w.add_float32(f"{arch}.{key}", value)
+    for key, value in (ints or {}).items():
+        w.add_uint32(f"{arch}.{key}", value)
     for key, value in (token_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
@@ -1093,10 +1095,11 @@ def test_a_gguf_files_llama3_rope_freqs_give_the_source_models_logits(tmp_path, 
         assert str(e.value) == f"{path}: GGUF tensor 'rope_freqs.weight' {message}"
 
 
-def test_a_gguf_files_linear_rope_scaling_is_read_and_other_scalings_refused(tmp_path):
-    """``rope.scaling.type`` linear with its factor gives the source model's logits (positions
-    divided by the factor); a scaling r3 does not read from GGUF (yarn) is refused in one line
-    rather than loaded as something else."""
+def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_refused(tmp_path):
+    """``rope.scaling.type`` linear with its factor, or yarn with its factor, original context and
+    betas (llama.cpp's converter writes Qwen's YaRN so), gives the source model's logits over 200
+    positions. A scaling r3 does not read (longrope), or a YaRN field of llama.cpp's own that
+    transformers has no counterpart for, is refused in one line rather than loaded as something else."""
     from conftest import make_tiny_hf
 
     hf = make_tiny_hf(tmp_path / "hf", "llama", rope_scaling={"rope_type": "linear", "factor": 4.0},
@@ -1108,10 +1111,31 @@ def test_a_gguf_files_linear_rope_scaling_is_read_and_other_scalings_refused(tmp
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
-    _write_gguf(hf, tmp_path / "yarn.gguf", "llama", bf16=False, rope_scaling=("yarn", 4.0))
-    with pytest.raises(R3Error) as e:
-        load(tmp_path / "yarn.gguf", tokenizer=False)
-    assert str(e.value) == f"{tmp_path / 'yarn.gguf'}: unsupported GGUF rope scaling 'yarn'"
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0}
+    hf = make_tiny_hf(tmp_path / "hf_yarn", "qwen2", head_dim=32, rope_scaling=dict(yarn),
+                      rope_parameters={**yarn, "rope_theta": 10000.0})
+    path = tmp_path / "yarn.gguf"
+    _write_gguf(hf, path, "qwen2", bf16=False, rope_scaling=("yarn", 4.0),
+                ints={"rope.scaling.original_context_length": 64}, floats={"rope.scaling.yarn_beta_fast": 16.0})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    assert {k: model.config.rope_scaling[k] for k in yarn} == yarn
+    tokens = _tokens(hf.config.vocab_size, T=200)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-5
+
+    for scaling, floats, message in (
+            (("longrope", 4.0), {}, "unsupported GGUF rope scaling 'longrope' (supported: linear, yarn)"),
+            (("yarn", 4.0), {"rope.scaling.yarn_log_multiplier": 0.1},
+             "unsupported GGUF field 'qwen2.rope.scaling.yarn_log_multiplier' 0.1"),
+            (("yarn", 4.0), {"rope.scaling.attn_factor": 0.5}, "unsupported GGUF field 'qwen2.rope.scaling.attn_factor' 0.5")):
+        _write_gguf(hf, path, "qwen2", bf16=False, rope_scaling=scaling, floats=floats)
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value).startswith(f"{path}: {message}")
+    _write_gguf(hf, path, "qwen2", bf16=False, rope_scaling=("yarn", 4.0),
+                floats={"rope.scaling.yarn_ext_factor": -1.0, "rope.scaling.attn_factor": 1.0})
+    assert load(path, tokenizer=False)[0].config.rope_scaling["original_max_position_embeddings"] == 256
 
 
 def test_a_gguf_files_special_token_ids_reach_the_model_and_its_export(tmp_path):

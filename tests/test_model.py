@@ -403,8 +403,8 @@ def test_unsupported_options_are_clear_errors():
     ModelConfig.from_hf(base)
     with pytest.raises(R3Error, match="unsupported model_type 'gpt2'"):
         ModelConfig.from_hf({**base, "model_type": "gpt2"})
-    with pytest.raises(R3Error, match="unsupported rope scaling type 'yarn'"):
-        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(R3Error, match="unsupported rope scaling type 'dynamic'"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
     with pytest.raises(R3Error, match="hidden_act 'gelu'"):
         ModelConfig.from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(R3Error, match="'short_factor' must be a list of 2 numbers"):
@@ -766,6 +766,86 @@ def test_phi3_partial_rotary_matches_transformers(tmp_path, factor, longrope):
     assert load(tmp_path / "export", tokenizer=False)[0].config == model.config
 
 
+@pytest.mark.parametrize("kind, scaling", [
+    ("qwen3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),  # as Qwen3's model card
+    ("llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 8.0,
+               "beta_slow": 2.0, "truncate": False}),
+    ("qwen2", {"type": "yarn", "factor": 2.5, "mscale": 0.8, "mscale_all_dim": 0.5}),  # (old key, factor's mscale)
+    ("mistral", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                 "attention_factor": 1.5}),
+])
+def test_yarn_matches_transformers(tmp_path, kind, scaling):
+    """YaRN (Qwen2.5 and Qwen3 ship it for contexts past 32k): the same inverse frequencies and
+    attention factor as transformers computes, the same logits over 200 positions in a full forward
+    and through the KV cache, and an export transformers reads back the same. Without the scaling
+    the logits move by more than 1e-3 (100 times the tolerance)."""
+    from conftest import make_tiny_hf
+    from transformers import AutoModelForCausalLM
+
+    from r3.checkpoint import save_hf
+    from r3.model import rope_scale
+
+    rope = {k: v for k, v in scaling.items() if k != "type"}
+    rope["rope_type"] = "yarn"
+    hf = make_tiny_hf(tmp_path / "hf", kind, head_dim=32, rope_scaling=dict(scaling),
+                      rope_parameters={**rope, "rope_theta": 10000.0}, tie_word_embeddings=False)
+    model, _ = load(tmp_path / "hf", tokenizer=False)
+    rotary = hf.model.rotary_emb
+    assert model.config.rope_scaling["rope_type"] == "yarn"
+    torch.testing.assert_close(rope_inv_freq(model.config), rotary.inv_freq, rtol=0, atol=0)
+    assert rope_scale(model.config) == pytest.approx(rotary.attention_scaling, rel=1e-12)
+    tokens = _tokens(hf.config.vocab_size, 2, 200)
+    with torch.no_grad():
+        ref = hf(tokens).logits.float()
+        ours = model(tokens)
+        assert (ours - ref).abs().max().item() <= 1e-5
+        plain = Transformer(ModelConfig(**{**model.config.__dict__, "rope_scaling": None}))
+        plain.load_state_dict(model.state_dict())
+        assert (plain(tokens) - ref).abs().max().item() > 1e-3
+        cached = _prefill_then_decode(model, tokens.tolist(), [150, 120])
+        for b in range(2):
+            assert (cached[b] - ours[b]).abs().max().item() <= 1e-4
+    save_hf(model, None, tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    with torch.no_grad():
+        assert (back(tokens).logits.float() - ref).abs().max().item() <= 1e-5
+    assert load(tmp_path / "export", tokenizer=False)[0].config == model.config
+
+
+def test_yarn_fields_resolve_as_in_transformers():
+    """The original context: a top-level field, else the rope dict's, else max_position_embeddings;
+    the factor: given, else their ratio; the attention factor: given, else 0.1 ln(factor) + 1 (1 for
+    a factor of 1), or from mscale / mscale_all_dim when both are set; beta_fast and beta_slow: 32 and
+    1 when left out or 0. A bad field is one line naming it."""
+    from r3.errors import R3Error
+
+    base = dict(model_type="qwen3", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=4096)
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    s = ModelConfig.from_hf({**base, "rope_scaling": yarn}).rope_scaling
+    assert s == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                 "attention_factor": pytest.approx(0.1 * math.log(4) + 1), "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": True}
+    s = ModelConfig.from_hf({**base, "original_max_position_embeddings": 512,
+                             "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 1024,
+                                              "beta_fast": 0, "beta_slow": None}}).rope_scaling
+    assert (s["original_max_position_embeddings"], s["factor"], s["beta_fast"], s["beta_slow"]) == (512, 8.0, 32.0, 1.0)
+    s = ModelConfig.from_hf({**base, "rope_scaling": {**yarn, "mscale": 2.0, "mscale_all_dim": 1.0}}).rope_scaling
+    assert s["attention_factor"] == pytest.approx((0.2 * math.log(4) + 1) / (0.1 * math.log(4) + 1))
+    assert ModelConfig.from_hf({**base, "rope_scaling": {**yarn, "factor": 1.0}}).rope_scaling["attention_factor"] == 1.0
+    assert ModelConfig.from_hf({**base, "rope_parameters": {**yarn, "attention_factor": 1.25, "rope_theta": 1e6}}
+                               ).rope_scaling["attention_factor"] == 1.25
+    for bad, message in (({"factor": "4"}, "field 'rope_scaling.factor' must be a positive number, got '4'"),
+                         ({"original_max_position_embeddings": 10.5},
+                          "field 'rope_scaling.original_max_position_embeddings' must be a positive integer"),
+                         ({"attention_factor": -1.0}, "field 'rope_scaling.attention_factor' must be a positive number"),
+                         ({"beta_fast": "x"}, "field 'rope_scaling.beta_fast' must be a positive number"),
+                         ({"truncate": "yes"}, "field 'rope_scaling.truncate' must be true or false, got 'yes'")):
+        with pytest.raises(R3Error) as e:
+            ModelConfig.from_hf({**base, "rope_scaling": {**yarn, **bad}})
+        assert message in str(e.value)
+
+
 def test_partial_rotary_factor_is_read_where_transformers_puts_it():
     """The factor is read at the top level, in rope_parameters (transformers 5) or in rope_scaling;
     outside Phi-3, or where it turns no even number of dims, it is a one-line error."""
@@ -856,7 +936,7 @@ def test_param_shapes_are_the_models_own(kw):
     assert "layers.1.self_attn.qkv_proj.weight" not in hf and ("lm_head.weight" in hf) != cfg.tie_word_embeddings
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "phi3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "phi3", "qwen2", "qwen3"])
 def test_exported_config_reads_back_as_the_same_architecture(kind):
     """to_hf writes what from_hf reads back unchanged, whether a reader takes both spellings, only
     transformers 5's (rope_parameters and layer_types) or only 4.x's (rope_scaling and
@@ -870,9 +950,11 @@ def test_exported_config_reads_back_as_the_same_architecture(kind):
              "phi3": {"sliding_window": 32, "original_max_position_embeddings": 64,
                       "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0]}},
              "qwen2": {"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention",
-                                                                                     "sliding_attention"]}}[kind]
+                                                                                     "sliding_attention"]},
+             "qwen3": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                        "beta_fast": 16}}}[kind]
     cfg = ModelConfig.from_hf({**base, **extra})
-    assert cfg.layer_windows != [None, None] or kind == "llama"
+    assert cfg.layer_windows != [None, None] or kind in ("llama", "qwen3")
     hf = cfg.to_hf()
     v5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "max_window_layers")}
     v4 = {k: v for k, v in hf.items() if k not in ("rope_parameters", "layer_types")}
@@ -985,7 +1067,7 @@ def test_gemma3_local_and_global_rope_differ_by_layer():
     ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                           "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "unsupported rope scaling type 'linear' for the sliding-window layers"),
-    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "unsupported rope scaling type 'yarn'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "dynamic", "factor": 2.0}}}, "unsupported rope scaling type 'dynamic'"),
     # (transformers reads an old "type" key too, and would scale the sliding layers; more layer
     # types than layers would build a layer too many)
     ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
