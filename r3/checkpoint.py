@@ -817,7 +817,8 @@ def save_hf(
                 hf_cfg[key] = fresh[key]
             elif key == "partial_rotary_factor":  # (r3's is 1: a source's other one goes)
                 hf_cfg.pop(key, None)
-        if model.config.gemma:  # (its layers: layer_types from 4.53 on, sliding_window_pattern in 4.50 to 4.52)
+        if model.config.gemma or model.config.model_type == "olmo3":
+            # (their layers: layer_types; Gemma 3's sliding_window_pattern in transformers 4.50 to 4.52)
             for key in ("layer_types", "sliding_window_pattern"):
                 if key in fresh:
                     hf_cfg[key] = fresh[key]

@@ -1,14 +1,15 @@
 """A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Granite 3, Qwen2/2.5,
-Qwen3 (dense), Mistral, Phi-3 / Phi-3.5, OLMo 2 and Gemma 3 (its language model; 4b and larger also
-hold a vision tower, which r3 leaves out).
+Qwen3 (dense), Mistral, Phi-3 / Phi-3.5, OLMo 2 and 3, and Gemma 3 (its language model; 4b and larger
+also hold a vision tower, which r3 leaves out).
 
-One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3 and LongRoPE scaling),
+One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3, YaRN and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
 SwiGLU (GeGLU for Gemma), tied or untied embeddings, and a static, preallocated KV cache.
 SmolLM3 is Llama-shaped with NoPE layers: every fourth layer (``no_rope_layers``) attends without
 RoPE. OLMo 2 norms each block's attention and MLP outputs instead of their inputs (no
 ``input_layernorm``), norms q and k over the whole projection (not per head) before RoPE, and
-scales every norm in fp32 before rounding. Granite 3 is Llama-shaped with four scalars: the
+scales every norm in fp32 before rounding; OLMo 3 adds sliding-window layers (three of every four)
+that turn RoPE unscaled with their own base. Granite 3 is Llama-shaped with four scalars: the
 embeddings are multiplied by ``embedding_multiplier``, attention scores scaled by
 ``attention_multiplier`` (not 1/sqrt(head_dim)), each block's attention and MLP outputs by
 ``residual_multiplier`` before they join the residual, and the logits divided by ``logits_scaling``.
@@ -56,11 +57,13 @@ from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "olmo3",
+                         "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                     "olmo3": "Olmo3ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 # Gemma3TextConfig's defaults for the fields r3 would otherwise need or derive another way:
@@ -71,10 +74,10 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
-_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5}
+_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5}
 _DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
                           "smollm3": 32_768}
-_DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0}
+_DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0, "olmo3": 500_000.0}
 _TIED_BY_DEFAULT = ("gemma3_text", "smollm3")
 KV_BUCKET = 64
 
@@ -110,7 +113,7 @@ class ModelConfig:
     nope_layers: list = field(default_factory=list)  # SmolLM3: the layers that attend without RoPE
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power (None: head_dim's)
-    local_rope_theta: float | None = None  # Gemma 3: sliding-window layers' RoPE base, unscaled
+    local_rope_theta: float | None = None  # Gemma 3, OLMo 3: sliding-window layers' RoPE base, unscaled
     # Granite 3 (module docstring): 1.0 and None elsewhere
     embedding_multiplier: float = 1.0
     attention_multiplier: float | None = None
@@ -127,8 +130,8 @@ class ModelConfig:
 
     @property
     def olmo(self) -> bool:
-        """OLMo 2's output norms, q/k norms over all heads and fp32-scaled norms (module docstring)."""
-        return self.model_type == "olmo2"
+        """OLMo 2's and 3's output norms, q/k norms over all heads and fp32-scaled norms (module docstring)."""
+        return self.model_type in ("olmo2", "olmo3")
 
     @property
     def norm_style(self) -> str:
@@ -191,15 +194,19 @@ class ModelConfig:
                 raise R3Error(f"{source}: field '{key}' must be an object, got {cfg[key]!r}")
         rope = dict(cfg.get("rope_parameters") or {})
         local_theta = None
+        layered = model_type in ("gemma3_text", "olmo3")  # (RoPE per layer type)
         if gemma:  # rope_parameters per layer type (transformers 5), or rope_theta / rope_local_base_freq
             rope, local_theta = _gemma_rope(cfg, rope, source)
+        elif layered:
+            rope, local_theta = _olmo3_rope(cfg, rope, source)
         if cfg.get("rope_scaling"):  # the dict transformers keeps: rope_scaling over rope_parameters
             old = cfg["rope_scaling"]
-            if gemma and "rope_type" not in old and old.get("type", "default") != "default":
+            if layered and "rope_type" not in old and old.get("type", "default") != "default":
                 # (transformers 5 merges it under the full layers' rope_type "default": no scaling; 4.x scaled)
-                raise R3Error(f"{source}: field 'rope_scaling' of a Gemma 3 config names its type as 'type' "
+                family = "Gemma 3" if gemma else "OLMo 3"
+                raise R3Error(f"{source}: field 'rope_scaling' of a {family} config names its type as 'type' "
                               f"({old['type']!r}), which transformers 5 ignores and 4.x applies: write 'rope_type'")
-            rope = {**rope, **old} if gemma else dict(old)  # (Gemma 3: merged)
+            rope = {**rope, **old} if layered else dict(old)  # (Gemma 3, OLMo 3: merged into the full layers')
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULT_ROPE_THETA.get(model_type, 10000.0)
         theta = _positive(theta, "rope_theta", source, integral=False)
         # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the
@@ -269,7 +276,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3", "granite") else False,
-            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
             layer_windows=windows,
             nope_layers=nope,
             hidden_act=_ACTIVATIONS[act],
@@ -327,6 +334,12 @@ class ModelConfig:
                                       for w in self.layer_windows]
         elif self.olmo:
             cfg["attention_bias"] = self.qkv_bias
+            if self.model_type == "olmo3":
+                cfg["sliding_window"] = windows.pop() if windows else None
+                cfg["layer_types"] = ["full_attention" if w is None else "sliding_attention"
+                                      for w in self.layer_windows]
+                cfg["rope_parameters"] = {"full_attention": rope_parameters, "sliding_attention": {
+                    "rope_type": "default", "rope_theta": self.local_rope_theta}}
         elif self.model_type in ("mistral", "phi3"):
             cfg["sliding_window"] = windows.pop() if windows else None
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
@@ -511,6 +524,32 @@ def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
     return rope, _positive(local_theta, "rope_local_base_freq", source, False)
 
 
+def _olmo3_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
+    """OLMo 3's RoPE as (the full-attention layers' parameters, the sliding-window layers' base),
+    as transformers 5 reads them: ``rope_parameters`` keyed by layer type, or ``rope_theta`` (and
+    ``rope_scaling``) for the full layers with 500000 for the sliding ones. A ``rope_theta`` that
+    transformers 4.x gives the sliding layers too is refused where the two would differ."""
+    if "full_attention" in rope or "sliding_attention" in rope:
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        for name, d in (("full_attention", full), ("sliding_attention", local)):
+            if not isinstance(d, dict):
+                raise R3Error(f"{source}: field 'rope_parameters.{name}' must be an object, got {d!r}")
+        local_type = local.get("rope_type", local.get("type", "default"))
+        if local_type != "default":
+            raise R3Error(f"{source}: unsupported rope scaling type '{local_type}' for the sliding-window layers "
+                          "(rope_parameters.sliding_attention; only default)")
+        return dict(full), _positive(local.get("rope_theta") or 500_000.0,
+                                     "rope_parameters.sliding_attention.rope_theta", source, False)
+    if rope:  # (transformers reads no flat dict here: it would run the default RoPE)
+        raise R3Error(f"{source}: field 'rope_parameters' of an OLMo 3 config is keyed by layer type "
+                      f"('full_attention', 'sliding_attention'), got the keys {sorted(rope)}")
+    theta = cfg.get("rope_theta")
+    if theta is not None and theta != 500_000.0 and "sliding_attention" in (cfg.get("layer_types") or ["sliding_attention"]):
+        raise R3Error(f"{source}: field 'rope_theta' {theta!r} of an OLMo 3 config: transformers 5 turns the "
+                      "sliding-window layers by 500000 and 4.x by rope_theta; give rope_parameters per layer type")
+    return rope, 500_000.0
+
+
 def _nope_layers(cfg: dict, n_layers: int, source: str) -> list:
     """SmolLM3's layers without RoPE, in order: the zeros of ``no_rope_layers`` (one 1 or 0 per
     layer, 1 = RoPE; a longer list's extra entries are not read), else every
@@ -537,10 +576,11 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
         window = _positive(window, "sliding_window", source, integral=True)
     if model_type in ("mistral", "phi3"):
         return [window or None] * n_layers
-    if model_type == "gemma3_text":  # layer_types, else every sliding_window_pattern-th layer is full
+    if model_type in ("gemma3_text", "olmo3"):  # layer_types, else every k-th layer is full (Gemma 3:
+        # k = sliding_window_pattern, 6 by default; OLMo 3: 4)
         layer_types = cfg.get("layer_types")
         if layer_types is None:
-            pattern = cfg.get("sliding_window_pattern", 6)
+            pattern = cfg.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else 4
             if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
                 raise R3Error(f"{source}: field 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
@@ -552,7 +592,7 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
             if "sliding_window" in cfg:  # (null or 0: transformers cannot build such a model either)
                 raise R3Error(f"{source}: field 'sliding_window' is {cfg['sliding_window']!r}, but layers use "
                               "sliding_attention; give their window size")
-            window = 4096  # (Gemma3TextConfig's default)
+            window = 4096  # (Gemma3TextConfig's and Olmo3Config's default)
         return [window if t == "sliding_attention" else None for t in layer_types]
     # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers;
     # smollm3: to its NoPE layers
@@ -1016,12 +1056,12 @@ class Transformer(nn.Module):
             x = x * self._embed_scale[x.dtype]
         elif self.config.embedding_multiplier != 1.0:  # (Granite: by the Python number, as transformers)
             x = x * self.config.embedding_multiplier
-        # (OLMo 2 keeps its tables in fp32 and turns q and k in fp32, as transformers does)
-        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, torch.float32 if self.config.olmo else x.dtype,
-                                rope_scale(self.config))
+        # (OLMo keeps its tables in fp32 and turns q and k in fp32, as transformers does)
+        table_dtype = torch.float32 if self.config.olmo else x.dtype
+        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, table_dtype, rope_scale(self.config))
         ropes = {w: (cos, sin) for w in self._windows()}  # per window size: each layer's RoPE tables
-        if self.config.local_rope_theta is not None:  # (Gemma 3: sliding-window layers turn by their own base)
-            local = rope_cos_sin(self.inv_freq(dev, local=True), positions, x.dtype)
+        if self.config.local_rope_theta is not None:  # (Gemma 3, OLMo 3: sliding-window layers turn by their own base)
+            local = rope_cos_sin(self.inv_freq(dev, local=True), positions, table_dtype)
             ropes.update({w: local for w in ropes if w is not None})
         if cache is not None:
             if kv_len is None:

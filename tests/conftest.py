@@ -147,6 +147,16 @@ def tiny_hf_config(kind: str, **overrides):
 
         cfg = Olmo2Config(**common, attention_bias=True, rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
                           pad_token_id=0, initializer_range=0.2)
+    elif kind == "olmo3":  # OLMo 2's layout with a sliding-window layer (window 8) turning RoPE by its own
+        # base, and a full layer with YaRN (OLMo 3 7B's scaling, over a small original context)
+        from transformers import Olmo3Config
+
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                                   "rope_theta": 500000.0}}
+        cfg = Olmo3Config(**common, attention_bias=True, layer_types=["sliding_attention", "full_attention"],
+                          sliding_window=8, rope_parameters=rope, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                          initializer_range=0.2)
     elif kind == "qwen2":  # q/k/v bias, untied
         cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
     elif kind == "mistral":  # sliding window that matters at the test lengths
@@ -204,10 +214,10 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3, gemma3,
-    smollm3, olmo2 and granite."""
+    smollm3, olmo2, olmo3 and granite."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "granite"):
+    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

@@ -50,6 +50,8 @@ FAMILIES = {
     "smollm3": (["<|im_start|>", "<|im_end|>", "<|end_of_text|>", "<think>", "</think>"], None, "<|im_end|>",
                 ["<|im_end|>"]),
     "olmo2": (["<|endoftext|>", "<|pad|>"], "<|endoftext|>", "<|endoftext|>", ["<|endoftext|>"]),
+    # (the generation eos is <|endoftext|> alone here: the template's <|im_end|> must become a stop id by itself)
+    "olmo31": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"], None, "<|endoftext|>", ["<|endoftext|>"]),
     "granite33": (["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"], "<|end_of_text|>",
                   "<|end_of_text|>", ["<|end_of_text|>"]),
     "deepseek_r1_distill": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
@@ -61,7 +63,7 @@ RSTRIP = {"phi35": {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"}}
 # Tokens added as plain (not special) tokens, as in the family's tokenizer: decoding keeps them.
 PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 # What the template writes after an assistant message (the token r3 must stop at).
-END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "granite33": "<|end_of_text|>", "llama31": "<|eot_id|>",
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "olmo31": "<|im_end|>", "granite33": "<|end_of_text|>", "llama31": "<|eot_id|>",
                "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>",
                "gemma3": "<end_of_turn>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
 # Text the template writes between the generation prompt and the assistant's message (the model
@@ -73,7 +75,7 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLIT = {"qwen2": QWEN_SPLIT, "qwen25": QWEN_SPLIT, "qwen3": QWEN_SPLIT, "llama31": LLAMA3_SPLIT,
-         "llama32": LLAMA3_SPLIT, "olmo2": LLAMA3_SPLIT, "deepseek_r1_distill": QWEN_SPLIT}
+         "llama32": LLAMA3_SPLIT, "olmo2": LLAMA3_SPLIT, "olmo31": LLAMA3_SPLIT, "deepseek_r1_distill": QWEN_SPLIT}
 
 QUERY = "Write an equation that uses 12 and 7 once each and equals 19."
 ATTEMPT = "12 - 7 = 5"
@@ -475,6 +477,7 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
 @pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
                                                    ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0),
                                                    ("smollm3", "smollm3", 9.0), ("olmo2", "olmo2", 4.0),
+                                                   ("olmo31", "olmo3", 4.0),
                                                    ("granite33", "granite", 13.0)])
 def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, family, kind, eos_logit):
     """A whole Reflect-Retry episode on a tiny random model of the family, its tokenizer carrying

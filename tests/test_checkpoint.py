@@ -50,7 +50,7 @@ def test_a_tokenizer_larger_than_the_embeddings_samples_only_the_models_ids(tiny
     assert len(tok) > model.config.vocab_size == 256 and model.sampling_vocab_size == 256
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "granite"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite"])
 def test_export_round_trip_through_transformers(tiny_dirs, tmp_path, kind, builtin):
     from transformers import AutoModelForCausalLM
 

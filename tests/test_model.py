@@ -12,7 +12,7 @@ from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "granite")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -165,6 +165,69 @@ def test_olmo2_output_norms_and_all_head_qk_norms_are_really_used(tiny_dirs):
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 norm.weight = torch.nn.Parameter(norm.weight[:16].clone())
         assert (model(tokens) - want).abs().max() > 1e-3
+
+
+def test_olmo3_windows_and_rope_per_layer_type_are_really_used(tiny_dirs):
+    """OLMo 3's tiny config: a sliding-window layer (window 8) turning RoPE by its own base (10000)
+    and a full layer with YaRN on a base of 500000. In bf16 its logits equal transformers' bit for
+    bit; dropping the window, the sliding layer's own base or the full layer's YaRN each moves the
+    fp32 logits far past the parity tests' tolerance. The export reads back the same in r3 and in
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from r3.checkpoint import save_hf
+
+    path, hf = tiny_dirs["olmo3"]
+    model, _ = load(path, tokenizer=False, dtype=torch.bfloat16)
+    cfg = model.config
+    assert cfg.layer_windows == [8, None] and cfg.local_rope_theta == 10000.0 and cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.rope_scaling["original_max_position_embeddings"] == 32
+    assert not hasattr(model.layers[0], "input_layernorm") and model.layers[0].self_attn.q_norm.weight.shape == (64,)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    tokens = _tokens(256, 3, 60)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), theirs(tokens).logits.float())
+        model, _ = load(path, tokenizer=False)
+        want = model(tokens)
+        for change in ({"layer_windows": [None, None]}, {"local_rope_theta": 500000.0}, {"rope_scaling": None}):
+            other = Transformer(ModelConfig(**{**cfg.__dict__, **change}))
+            other.load_state_dict(model.state_dict())
+            assert (other(tokens) - want).abs().max().item() > 1e-3, change
+    save_hf(model, None, path.parent / "olmo3_export")
+    back = AutoModelForCausalLM.from_pretrained(str(path.parent / "olmo3_export")).eval()
+    with torch.no_grad():
+        assert (back(tokens).logits.float() - hf(tokens).logits.float()).abs().max().item() <= 1e-5
+    assert load(path.parent / "olmo3_export", tokenizer=False)[0].config == cfg
+
+
+def test_olmo3_rope_fields_follow_transformers_5():
+    """Without rope_parameters per layer type, transformers 5 turns the full layers by rope_theta
+    (with rope_scaling) and the sliding ones by 500000, while 4.x turns both by rope_theta: r3 reads
+    the first, and refuses a rope_theta where the two differ. Every fourth layer is full unless
+    layer_types says otherwise; a bad field is one line naming it."""
+    from r3.errors import R3Error
+
+    base = dict(model_type="olmo3", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=4,
+                num_attention_heads=2)
+    cfg = ModelConfig.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "yarn", "factor": 8.0,
+                                                                              "original_max_position_embeddings": 8192}})
+    assert cfg.layer_windows == [4096, 4096, 4096, None] and (cfg.rope_theta, cfg.local_rope_theta) == (5e5, 5e5)
+    assert cfg.rope_scaling["factor"] == 8.0 and cfg.rms_norm_eps == 1e-5 and not cfg.tie_word_embeddings
+    nested = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
+    cfg = ModelConfig.from_hf({**base, "rope_parameters": nested, "layer_types": ["full_attention"] * 4})
+    assert cfg.layer_windows == [None] * 4 and (cfg.rope_theta, cfg.local_rope_theta) == (1e6, 1e4)
+    for change, message in (
+            ({"rope_theta": 10000.0}, "field 'rope_theta' 10000.0 of an OLMo 3 config: transformers 5 turns"),
+            ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+             "field 'rope_parameters' of an OLMo 3 config is keyed by layer type"),
+            ({"rope_parameters": {**nested, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+             "unsupported rope scaling type 'linear' for the sliding-window layers"),
+            ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "names its type as 'type' ('yarn')"),
+            ({"sliding_window": None}, "field 'sliding_window' is None, but layers use sliding_attention"),
+            ({"layer_types": ["full_attention"] * 3}, "field 'layer_types' must list")):
+        with pytest.raises(R3Error) as e:
+            ModelConfig.from_hf({**base, **change})
+        assert message in str(e.value), str(e.value)
 
 
 def test_granite_scalars_are_really_used(tiny_dirs):
