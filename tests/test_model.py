@@ -118,9 +118,9 @@ def test_smollm3_config_fields_as_transformers_reads_them():
 
 
 @pytest.mark.parametrize("name,params", [("SmolLM3Config", 3_075_098_624), ("Olmo2Config", 6_888_624_128),
-                                         ("GraniteConfig", 6_738_415_616)])
+                                         ("Olmo3Config", 6_888_624_128), ("GraniteConfig", 6_738_415_616)])
 def test_default_shapes_build_transformers_parameter_names_and_count(name, params):
-    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's and GraniteConfig's 7B ones:
+    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's, Olmo3Config's and GraniteConfig's 7B ones:
     r3 builds the same parameters as transformers, name for name (q/k/v and gate/up apart, as in a
     checkpoint) and in number (on the meta device: nothing is allocated)."""
     import transformers
@@ -139,6 +139,8 @@ def test_default_shapes_build_transformers_parameter_names_and_count(name, param
     assert sum(math.prod(s) for s in theirs.values()) == sum(p.numel() for p in hf.parameters()) == params
     if name == "SmolLM3Config":
         assert cfg.nope_layers == list(range(3, 36, 4))
+    if name == "Olmo3Config":
+        assert cfg.layer_windows == [None if i % 4 == 3 else 4096 for i in range(32)]
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
