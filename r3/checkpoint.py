@@ -8,6 +8,7 @@ no config.json, corrupt safetensors, missing or misshapen tensor, unknown archit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -650,6 +651,50 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
         backend.decoder = decoders.ByteLevel()
 
 
+# GGUF architectures whose files transformers reads a tokenizer from (it refuses the others
+# before looking at the vocabulary)
+_TRANSFORMERS_GGUF_TOKENIZER_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@contextlib.contextmanager
+def _gguf_tokenizer_source(path: Path, reader: GGUFFile):
+    """-> (folder, file name) of a GGUF file transformers converts ``path``'s tokenizer from: the
+    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2) a
+    temporary file holding only its ``tokenizer.*`` metadata under architecture ``llama``. Which
+    tokenizer transformers builds is decided by the vocabulary's own fields (``tokenizer.ggml.model``
+    and ``.pre``), so the stand-in converts to the same one."""
+    arch = reader.fields.get("general.architecture")
+    if arch in _TRANSFORMERS_GGUF_TOKENIZER_ARCHS:
+        yield str(path.parent), path.name
+        return
+    import gguf
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="r3-gguf-tokenizer-") as folder:
+        writer = gguf.GGUFWriter(str(Path(folder) / "tokenizer.gguf"), "llama")
+        for key, value in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            if isinstance(value, list):
+                if value:  # (an empty array has no item type to write)
+                    writer.add_array(key, value)
+            elif isinstance(value, bool):
+                writer.add_bool(key, value)
+            elif isinstance(value, int):
+                (writer.add_uint32 if 0 <= value < 2**32 else writer.add_int64)(key, value)
+            elif isinstance(value, float):
+                writer.add_float32(key, value)
+            elif isinstance(value, str):
+                writer.add_string(key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        yield folder, "tokenizer.gguf"
+
+
 def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
     """transformers converts the GGUF vocabulary (seconds); cache the result by file identity and
     by the converting versions, so that upgrading transformers (whose conversions differ from
@@ -674,8 +719,10 @@ def _load_gguf_tokenizer(path: Path, reader: GGUFFile | None = None):
             except OSError:
                 pass
             return tok
+    reader = reader or _gguf_reader(path)
     try:
-        tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path, reader)
+        with _gguf_tokenizer_source(path, reader) as (folder, name):
+            tok = _gguf_tokenizer_settings(AutoTokenizer.from_pretrained(folder, gguf_file=name), path, reader)
     except R3Error:
         raise
     except Exception as e:

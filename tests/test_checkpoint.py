@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -923,13 +924,15 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
 
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                 rope_scaling: tuple[str, float] | None = None, extra: dict | None = None,
-                rope_dims: int | None = None, floats: dict | None = None, ints: dict | None = None) -> None:
+                rope_dims: int | None = None, floats: dict | None = None, ints: dict | None = None,
+                tokenizer_from=None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
     ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
     name -> numpy array, written in place of the model's tensor of that name or after them;
-    ``floats`` / ``ints``: more ``<arch>.<key>`` float32 / uint32 fields."""
+    ``floats`` / ``ints``: more ``<arch>.<key>`` float32 / uint32 fields; ``tokenizer_from``: a GGUF
+    file whose ``tokenizer.*`` fields are copied, as llama.cpp writes them."""
     import gguf
     import numpy as np
 
@@ -947,6 +950,16 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         w.add_float32(f"{arch}.{key}", value)
     for key, value in (ints or {}).items():
         w.add_uint32(f"{arch}.{key}", value)
+    if tokenizer_from is not None:
+        src = gguf.GGUFReader(str(tokenizer_from))
+        for key, field in src.fields.items():
+            if key.startswith("tokenizer."):
+                kind = field.types[0]
+                value = field.contents()
+                if kind == gguf.GGUFValueType.ARRAY:
+                    w.add_array(key, value)
+                else:
+                    w.add_key_value(key, value, kind)
     for key, value in (token_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
@@ -1093,6 +1106,40 @@ def test_a_gguf_files_llama3_rope_freqs_give_the_source_models_logits(tmp_path, 
         with pytest.raises(R3Error) as e:
             load(path, tokenizer=False)
         assert str(e.value) == f"{path}: GGUF tensor 'rope_freqs.weight' {message}"
+
+
+@pytest.mark.parametrize("kind", ["granite", "smollm3"])
+def test_a_gguf_tokenizer_is_read_for_architectures_transformers_does_not_load(tmp_path, kind, monkeypatch):
+    """transformers reads a tokenizer only from GGUF files of architectures it loads, and refuses
+    granite and smollm3 before looking at the vocabulary. r3 converts their vocabulary (here
+    SmolLM2's, copied field by field) through a stand-in file: the same ids, chat template and
+    special tokens as the built-in model's tokenizer, and ``load`` returns model and tokenizer."""
+    from conftest import make_tiny_hf
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # (where the stand-in is written)
+    src = checkpoint.builtin_gguf("smollm2-135m")
+    over = dict(vocab_size=49152, head_dim=16, attention_bias=False, mlp_bias=False)
+    if kind == "smollm3":  # (as llama.cpp runs it: every fourth layer NoPE, no window)
+        over.update(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], layer_types=["full_attention"] * 4,
+                    use_sliding_window=False, sliding_window=None)
+    hf = make_tiny_hf(tmp_path / "hf", kind, **over)
+    path = tmp_path / f"{kind}.gguf"
+    _write_gguf(hf, path, kind, bf16=False, tokenizer_from=src)
+    with pytest.raises(Exception, match=f"architecture {kind} is not supported"):
+        AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    model, tok = load(path)
+    ref = checkpoint.load_tokenizer("smollm2-135m")
+    text = ref.apply_chat_template([{"role": "user", "content": "Use 3, 5 and 7 to make 22."}], tokenize=False,
+                                   add_generation_prompt=True) + "3 * 5 + 7 = 22<|im_end|>"
+    assert tok(text)["input_ids"] == ref(text)["input_ids"] and len(tok) == len(ref)
+    assert tok.chat_template == ref.chat_template
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+    assert tok.decode(ref(text)["input_ids"]) == ref.decode(ref(text)["input_ids"])
+    assert model.sampling_vocab_size == len(ref)
+    assert not list((tmp_path / "tmp").glob("r3-gguf-tokenizer-*"))  # (the stand-in is gone)
 
 
 def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_refused(tmp_path):
