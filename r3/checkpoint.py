@@ -388,8 +388,13 @@ _GGUF_BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # (Qwen3: per head; OLMo 2: over the whole projection)
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_post_norm": "post_attention_layernorm",  # (OLMo 2: its norms on the block's outputs)
+    "ffn_post_norm": "post_feedforward_layernorm",
 }
-_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "smollm3": "smollm3", "granite": "granite"}
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
+               "olmo2": "olmo2"}
 # Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses)
 _GGUF_PERMUTED = ("llama", "smollm3", "granite")
 # Granite's scalars: the GGUF key (after the architecture) -> the config.json field
@@ -451,6 +456,9 @@ def gguf_config(reader, path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
     }
+    if arch == "olmo2" and meta("attention.sliding_window", required=False) is not None:
+        raise R3Error(f"{path}: unsupported GGUF file: architecture olmo2 with sliding-window layers (OLMo 3; "
+                      "load its Hugging Face directory instead)")
     if arch == "smollm3":  # (no GGUF key: llama.cpp hard-codes every fourth layer as NoPE, as SmolLM3Config's default)
         cfg["no_rope_layer_interval"] = 4
     if arch == "granite":  # (llama.cpp's converter leaves out a scalar that is absent; 1 is GraniteConfig's default)

@@ -974,7 +974,10 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
 
     block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    if arch == "olmo2":  # (its norms sit on the attention's and the MLP's outputs)
+        block.update({"post_attention_layernorm": "attn_post_norm", "post_feedforward_layernorm": "ffn_post_norm"})
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -1007,7 +1010,7 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
 
 
 @pytest.mark.parametrize("kind, bf16", [("qwen2", True), ("qwen2", False), ("llama", True), ("smollm3", False),
-                                       ("granite", False)])
+                                       ("granite", False), ("qwen3", True), ("olmo2", False)])
 def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, kind, bf16):
     """A GGUF written the llama.cpp way from a tiny random model (head_dim 24, not hidden / heads):
     Q/K un-permuted for llama only, bf16 tensors widened exactly, the key length read, biases and
@@ -1025,6 +1028,8 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     scalars = {"embedding_scale": 12.0, "attention.scale": 0.015625, "residual_scale": 0.25, "logit_scale": 8.0}
     if kind == "granite":
         over.update(attention_bias=False, mlp_bias=False, residual_multiplier=0.25)
+    if kind == "olmo2":  # (OLMo 2 ships without biases; its q/k norms span all heads, as llama.cpp writes them)
+        over.update(attention_bias=False)
     hf = make_tiny_hf(tmp_path / "hf", kind, **over)
     if bf16:  # the reference holds exactly what a bf16 file can
         with torch.no_grad():
@@ -1108,10 +1113,10 @@ def test_a_gguf_files_llama3_rope_freqs_give_the_source_models_logits(tmp_path, 
         assert str(e.value) == f"{path}: GGUF tensor 'rope_freqs.weight' {message}"
 
 
-@pytest.mark.parametrize("kind", ["granite", "smollm3"])
+@pytest.mark.parametrize("kind", ["granite", "smollm3", "olmo2"])
 def test_a_gguf_tokenizer_is_read_for_architectures_transformers_does_not_load(tmp_path, kind, monkeypatch):
     """transformers reads a tokenizer only from GGUF files of architectures it loads, and refuses
-    granite and smollm3 before looking at the vocabulary. r3 converts their vocabulary (here
+    granite, smollm3 and olmo2 before looking at the vocabulary. r3 converts their vocabulary (here
     SmolLM2's, copied field by field) through a stand-in file: the same ids, chat template and
     special tokens as the built-in model's tokenizer, and ``load`` returns model and tokenizer."""
     from conftest import make_tiny_hf
@@ -1121,7 +1126,8 @@ def test_a_gguf_tokenizer_is_read_for_architectures_transformers_does_not_load(t
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # (where the stand-in is written)
     src = checkpoint.builtin_gguf("smollm2-135m")
-    over = dict(vocab_size=49152, head_dim=16, attention_bias=False, mlp_bias=False)
+    over = dict(vocab_size=49152, head_dim=16, attention_bias=False,
+                **({} if kind == "olmo2" else {"mlp_bias": False}))
     if kind == "smollm3":  # (as llama.cpp runs it: every fourth layer NoPE, no window)
         over.update(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], layer_types=["full_attention"] * 4,
                     use_sliding_window=False, sliding_window=None)
@@ -1140,6 +1146,20 @@ def test_a_gguf_tokenizer_is_read_for_architectures_transformers_does_not_load(t
     assert tok.decode(ref(text)["input_ids"]) == ref.decode(ref(text)["input_ids"])
     assert model.sampling_vocab_size == len(ref)
     assert not list((tmp_path / "tmp").glob("r3-gguf-tokenizer-*"))  # (the stand-in is gone)
+
+
+def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
+    """llama.cpp writes OLMo 3 as architecture olmo2 with sliding-window keys; r3 does not follow
+    its sliding layers' RoPE there, so such a file is one line, not an OLMo 2 without windows."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "olmo2", attention_bias=False, head_dim=16)
+    path = tmp_path / "olmo3.gguf"
+    _write_gguf(hf, path, "olmo2", bf16=False, ints={"attention.sliding_window": 8})
+    with pytest.raises(R3Error) as e:
+        load(path, tokenizer=False)
+    assert str(e.value) == (f"{path}: unsupported GGUF file: architecture olmo2 with sliding-window layers "
+                            "(OLMo 3; load its Hugging Face directory instead)")
 
 
 def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_refused(tmp_path):
