@@ -501,11 +501,10 @@ def _check_gemma_extras(cfg: dict, source: str) -> None:
         raise R3Error(f"{source}: field 'use_bidirectional_attention' true is not supported (a causal LM only)")
 
 
-def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
-    """Gemma 3's RoPE as (the full-attention layers' parameters, in the single-type layout the
-    caller reads; the sliding-window layers' base). transformers 5 writes ``rope_parameters``
-    keyed by layer type; older configs have ``rope_theta`` (full), ``rope_local_base_freq``
-    (sliding) and ``rope_scaling`` (full layers only)."""
+def _rope_per_layer_type(rope: dict, family: str, source: str) -> tuple[dict, dict] | None:
+    """(full-attention, sliding-window) parameters of a ``rope_parameters`` keyed by layer type,
+    the sliding one unscaled; None for an empty dict. A flat dict is refused: transformers reads
+    none for these families (it would run the default RoPE)."""
     if "full_attention" in rope or "sliding_attention" in rope:
         full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
         for name, d in (("full_attention", full), ("sliding_attention", local)):
@@ -515,11 +514,23 @@ def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
         if local_type != "default":
             raise R3Error(f"{source}: unsupported rope scaling type '{local_type}' for the sliding-window layers "
                           "(rope_parameters.sliding_attention; only default)")
-        local_theta = local.get("rope_theta") or cfg.get("rope_local_base_freq") or 10_000.0
-        return dict(full), _positive(local_theta, "rope_parameters.sliding_attention.rope_theta", source, False)
-    if rope:  # (transformers reads no flat dict here: it would run the default RoPE)
-        raise R3Error(f"{source}: field 'rope_parameters' of a Gemma 3 config is keyed by layer type "
+        return dict(full), local
+    if rope:
+        raise R3Error(f"{source}: field 'rope_parameters' of {family} config is keyed by layer type "
                       f"('full_attention', 'sliding_attention'), got the keys {sorted(rope)}")
+    return None
+
+
+def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
+    """Gemma 3's RoPE as (the full-attention layers' parameters, in the single-type layout the
+    caller reads; the sliding-window layers' base). transformers 5 writes ``rope_parameters``
+    keyed by layer type; older configs have ``rope_theta`` (full), ``rope_local_base_freq``
+    (sliding) and ``rope_scaling`` (full layers only)."""
+    layered = _rope_per_layer_type(rope, "a Gemma 3", source)
+    if layered is not None:
+        full, local = layered
+        local_theta = local.get("rope_theta") or cfg.get("rope_local_base_freq") or 10_000.0
+        return full, _positive(local_theta, "rope_parameters.sliding_attention.rope_theta", source, False)
     local_theta = cfg.get("rope_local_base_freq") or 10_000.0
     return rope, _positive(local_theta, "rope_local_base_freq", source, False)
 
@@ -529,20 +540,11 @@ def _olmo3_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
     as transformers 5 reads them: ``rope_parameters`` keyed by layer type, or ``rope_theta`` (and
     ``rope_scaling``) for the full layers with 500000 for the sliding ones. A ``rope_theta`` that
     transformers 4.x gives the sliding layers too is refused where the two would differ."""
-    if "full_attention" in rope or "sliding_attention" in rope:
-        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-        for name, d in (("full_attention", full), ("sliding_attention", local)):
-            if not isinstance(d, dict):
-                raise R3Error(f"{source}: field 'rope_parameters.{name}' must be an object, got {d!r}")
-        local_type = local.get("rope_type", local.get("type", "default"))
-        if local_type != "default":
-            raise R3Error(f"{source}: unsupported rope scaling type '{local_type}' for the sliding-window layers "
-                          "(rope_parameters.sliding_attention; only default)")
-        return dict(full), _positive(local.get("rope_theta") or 500_000.0,
-                                     "rope_parameters.sliding_attention.rope_theta", source, False)
-    if rope:  # (transformers reads no flat dict here: it would run the default RoPE)
-        raise R3Error(f"{source}: field 'rope_parameters' of an OLMo 3 config is keyed by layer type "
-                      f"('full_attention', 'sliding_attention'), got the keys {sorted(rope)}")
+    layered = _rope_per_layer_type(rope, "an OLMo 3", source)
+    if layered is not None:
+        full, local = layered
+        return full, _positive(local.get("rope_theta") or 500_000.0,
+                               "rope_parameters.sliding_attention.rope_theta", source, False)
     theta = cfg.get("rope_theta")
     if theta is not None and theta != 500_000.0 and "sliding_attention" in (cfg.get("layer_types") or ["sliding_attention"]):
         raise R3Error(f"{source}: field 'rope_theta' {theta!r} of an OLMo 3 config: transformers 5 turns the "
