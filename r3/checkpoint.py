@@ -393,8 +393,10 @@ _GGUF_BLOCK_NAMES = {
     "attn_post_norm": "post_attention_layernorm",  # (OLMo 2: its norms on the block's outputs)
     "ffn_post_norm": "post_feedforward_layernorm",
 }
+# Phi-3's projections, fused in its checkpoints as in llama.cpp's files (which name both MLP halves ffn_up)
+_GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
-               "olmo2": "olmo2"}
+               "olmo2": "olmo2", "phi3": "phi3"}
 # Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses)
 _GGUF_PERMUTED = ("llama", "smollm3", "granite")
 # Granite's scalars: the GGUF key (after the architecture) -> the config.json field
@@ -464,7 +466,9 @@ def gguf_config(reader, path: Path) -> dict:
     if arch == "granite":  # (llama.cpp's converter leaves out a scalar that is absent; 1 is GraniteConfig's default)
         cfg.update({field: float(meta(key, 1.0)) for key, field in _GGUF_GRANITE_SCALARS.items()})
     rotary = meta("rope.dimension_count", required=False)
-    if rotary is not None and int(rotary) != cfg["head_dim"]:
+    if arch == "phi3":
+        _gguf_phi3(reader, path, cfg, meta, rotary)
+    elif rotary is not None and int(rotary) != cfg["head_dim"]:
         raise R3Error(f"{path}: unsupported GGUF rope.dimension_count {rotary} (RoPE over part of each "
                       f"head of {cfg['head_dim']} dims)")
     scaling = meta("rope.scaling.type", required=False)
@@ -502,6 +506,37 @@ def gguf_config(reader, path: Path) -> dict:
         if value is not None:
             cfg[key] = int(value)
     return cfg
+
+
+def _gguf_phi3(reader, path: Path, cfg: dict, meta, rotary) -> None:
+    """Phi-3's fields as llama.cpp's converter writes them: RoPE over the first
+    ``rope.dimension_count`` dims of each head, the sliding window (0: none), and LongRoPE as the
+    tensors ``rope_factors_short`` / ``rope_factors_long`` with the original context and the
+    attention factor under ``rope.scaling.*``."""
+    if rotary is not None:
+        cfg["partial_rotary_factor"] = int(rotary) / cfg["head_dim"]
+    window = meta("attention.sliding_window", required=False)
+    cfg["sliding_window"] = int(window) if window else None
+    original = meta("rope.scaling.original_context_length", required=False)
+    if original is not None:
+        cfg["original_max_position_embeddings"] = int(original)
+    tensors = {t.name: t for t in reader.tensors}
+    names = ("rope_factors_short.weight", "rope_factors_long.weight")
+    if not any(n in tensors for n in names):
+        return
+    factors = {}
+    for name in names:
+        if name not in tensors:
+            raise R3Error(f"{path}: GGUF tensor '{name}' is missing (LongRoPE needs both factor lists)")
+        try:
+            factors[name] = _gguf_tensor(tensors[name]).double().tolist()
+        except Exception as e:
+            raise R3Error(f"{path}: cannot read tensor '{name}' ({e})") from None
+    cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors[names[0]],
+                           "long_factor": factors[names[1]]}
+    attention = meta("rope.scaling.attn_factor", required=False)
+    if attention is not None:
+        cfg["rope_scaling"]["attention_factor"] = float(attention)
 
 
 # Llama 3.x's scaling parameters (low_freq_factor, high_freq_factor, original_max_position_embeddings),
@@ -586,15 +621,17 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)
     permute = cfg.model_type in _GGUF_PERMUTED
+    block_names = {**_GGUF_BLOCK_NAMES, **(_GGUF_PHI3_BLOCK_NAMES if cfg.model_type == "phi3" else {})}
     for t in reader.tensors:
         name = _GGUF_NAMES.get(t.name)
         if name is None and t.name.startswith("blk."):
             _, layer, kind, suffix = t.name.split(".", 3)
-            if kind in _GGUF_BLOCK_NAMES:
-                name = f"layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.{suffix}"
+            if kind in block_names:
+                name = f"layers.{layer}.{block_names[kind]}.{suffix}"
         if name is None:
-            if t.name == "rope_freqs.weight":
-                continue  # (read by gguf_config as the config's Llama 3 scaling)
+            if t.name == "rope_freqs.weight" or (cfg.model_type == "phi3" and t.name in (
+                    "rope_factors_short.weight", "rope_factors_long.weight")):
+                continue  # (read by gguf_config as the config's RoPE scaling)
             raise R3Error(f"{path}: unexpected GGUF tensor '{t.name}'")
         try:
             tensor = _gguf_tensor(t)
@@ -661,13 +698,14 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
 
 # GGUF architectures whose files transformers reads a tokenizer from (it refuses the others
 # before looking at the vocabulary)
-_TRANSFORMERS_GGUF_TOKENIZER_ARCHS = ("llama", "qwen2", "qwen3")
+_TRANSFORMERS_GGUF_TOKENIZER_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
 
 
 @contextlib.contextmanager
 def _gguf_tokenizer_source(path: Path, reader: GGUFFile):
     """-> (folder, file name) of a GGUF file transformers converts ``path``'s tokenizer from: the
-    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2) a
+    file itself (Phi-3's SentencePiece vocabulary is converted its own way), or for an architecture
+    transformers does not read (granite, smollm3, olmo2) a
     temporary file holding only its ``tokenizer.*`` metadata under architecture ``llama``. Which
     tokenizer transformers builds is decided by the vocabulary's own fields (``tokenizer.ggml.model``
     and ``.pre``), so the stand-in converts to the same one."""

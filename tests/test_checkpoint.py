@@ -978,6 +978,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     if arch == "olmo2":  # (its norms sit on the attention's and the MLP's outputs)
         block.update({"post_attention_layernorm": "attn_post_norm", "post_feedforward_layernorm": "ffn_post_norm"})
+    if arch == "phi3":  # (its fused projections, kept fused)
+        block.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -1148,6 +1150,55 @@ def test_a_gguf_tokenizer_is_read_for_architectures_transformers_does_not_load(t
     assert not list((tmp_path / "tmp").glob("r3-gguf-tokenizer-*"))  # (the stand-in is gone)
 
 
+@pytest.mark.parametrize("partial, longrope, tied", [(1.0, True, False), (0.75, True, True), (1.0, False, False)],
+                         ids=["phi35-mini", "phi4-mini", "phi3-mini-4k"])
+def test_a_phi3_gguf_gives_the_source_models_logits(tmp_path, partial, longrope, tied):
+    """Phi-3 as llama.cpp's converter writes it: fused qkv and gate/up tensors (``attn_qkv``,
+    ``ffn_up``), RoPE over ``rope.dimension_count`` dims of each head (Phi-4-mini: 3/4), LongRoPE
+    as the tensors ``rope_factors_short`` / ``rope_factors_long`` with the original context and
+    attention factor as keys, and the sliding window (0 for none). The logits over 60 positions
+    (within the original context of 64) are the source's."""
+    import math
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    head_dim, hidden, heads = 16, 64, 4
+    rotary = int(head_dim * partial)
+    g = torch.Generator().manual_seed(3)
+    short = (1 + 2 * torch.rand(rotary // 2, generator=g)).tolist()
+    long = (4 + 20 * torch.rand(rotary // 2, generator=g)).tolist()
+    scaling = {"type": "longrope", "short_factor": short, "long_factor": long} if longrope else None
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=128, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256,
+                     original_max_position_embeddings=64, partial_rotary_factor=partial, rope_scaling=scaling,
+                     sliding_window=None if longrope else 16, tie_word_embeddings=tied, bos_token_id=1,
+                     eos_token_id=2, pad_token_id=2)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf.config.head_dim = head_dim
+    path = tmp_path / "phi3.gguf"
+    extra = {"rope_factors_short.weight": np.array(short, np.float32),
+             "rope_factors_long.weight": np.array(long, np.float32)} if longrope else {}
+    floats = {"rope.scaling.attn_factor": math.sqrt(1 + math.log(4) / math.log(64))} if longrope else {}
+    _write_gguf(hf, path, "phi3", bf16=False, rope_dims=rotary, extra=extra, floats=floats,
+                ints={"rope.scaling.original_context_length": 64, "attention.sliding_window": 0 if longrope else 16})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    c = model.config
+    assert (c.model_type, c.partial_rotary_factor, c.tie_word_embeddings) == ("phi3", partial, tied)
+    assert c.layer_windows == ([None, None] if longrope else [16, 16])
+    assert (c.rope_scaling or {}).get("rope_type") == ("longrope" if longrope else None)
+    tokens = _tokens(128, T=60)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-5
+    if longrope:
+        _write_gguf(hf, path, "phi3", bf16=False, rope_dims=rotary,
+                    extra={"rope_factors_short.weight": np.array(short, np.float32)})
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value) == f"{path}: GGUF tensor 'rope_factors_long.weight' is missing (LongRoPE needs both factor lists)"
+
+
 def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
     """llama.cpp writes OLMo 3 as architecture olmo2 with sliding-window keys; r3 does not follow
     its sliding layers' RoPE there, so such a file is one line, not an OLMo 2 without windows."""
@@ -1248,7 +1299,7 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
-         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, smollm3, granite)"),
+         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3)"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({**base, "llama.rope.scaling.type": "linear"}, "missing GGUF field 'llama.rope.scaling.factor'"),
     ):
