@@ -404,10 +404,12 @@ _GGUF_GRANITE_SCALARS = {"embedding_scale": "embedding_multiplier", "attention.s
                          "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 
 
-# llama.cpp's YaRN fields beyond transformers' -> the values that leave its RoPE as transformers'
-# (ext_factor -1: llama.cpp's "from the type", 1 for YaRN)
-_GGUF_YARN_NEUTRAL = {"attn_factor": (1.0,), "yarn_attn_factor": (1.0,), "yarn_ext_factor": (1.0, -1.0),
-                      "yarn_log_multiplier": (0.0,)}
+# llama.cpp reads rope.scaling.yarn_* only for other architectures than r3's GGUF ones: for those
+# it runs YaRN with these values whatever the file says (yarn_attn_factor: the cos/sin factor
+# 0.1 ln(factor) + 1, as transformers' default), so another value in the file is refused, being
+# what the source model ran and not what llama.cpp runs (ext_factor -1: "from the type", 1 for YaRN)
+_GGUF_YARN_UNREAD = {"yarn_beta_fast": (32.0,), "yarn_beta_slow": (1.0,), "yarn_ext_factor": (1.0, -1.0),
+                     "yarn_log_multiplier": (0.0,)}
 
 
 def _gguf_reader(path: Path) -> GGUFFile:
@@ -471,25 +473,39 @@ def gguf_config(reader, path: Path) -> dict:
     elif rotary is not None and int(rotary) != cfg["head_dim"]:
         raise R3Error(f"{path}: unsupported GGUF rope.dimension_count {rotary} (RoPE over part of each "
                       f"head of {cfg['head_dim']} dims)")
+    # (llama.cpp: the factor from rope.scaling.factor, else the older rope.scale_linear; the type
+    # linear where the file names none)
+    factor = meta("rope.scaling.factor", required=False)
+    factor = meta("rope.scale_linear", required=False) if factor is None else factor
     scaling = meta("rope.scaling.type", required=False)
+    if scaling is None and factor is not None and float(factor) not in (0.0, 1.0):
+        scaling = "linear"
+    longrope = "rope_scaling" in cfg  # (Phi-3's, from its factor tensors)
     if scaling not in (None, "none"):
         if scaling not in ("linear", "yarn"):
             raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}' (supported: linear, yarn)")
-        cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(meta("rope.scaling.factor"))}
+        if longrope:
+            raise R3Error(f"{path}: GGUF tensors 'rope_factors_short/long.weight' and rope scaling '{scaling}' "
+                          "both scale RoPE")
+        cfg["rope_scaling"] = {"rope_type": scaling,
+                               "factor": float(meta("rope.scaling.factor") if factor is None else factor)}
+    # (llama.cpp multiplies cos/sin by it for every architecture and scaling; transformers has no
+    # such field but LongRoPE's attention factor, which Phi-3's files keep here)
+    attn_factor = meta("rope.scaling.attn_factor", required=False)
+    if attn_factor is not None and float(attn_factor) != 1.0 and not longrope:
+        raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.attn_factor' {attn_factor!r} "
+                      "(llama.cpp scales cos/sin by it; r3 runs 1)")
     if scaling == "yarn":
         original = meta("rope.scaling.original_context_length", required=False)
         if original is not None:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
-        for key in ("beta_fast", "beta_slow"):
-            value = meta(f"rope.scaling.yarn_{key}", required=False)
-            if value is not None:
-                cfg["rope_scaling"][key] = float(value)
-        # (llama.cpp's own adjustments, which transformers' YaRN has no field for: refused unless neutral)
-        for key, neutral in _GGUF_YARN_NEUTRAL.items():
+        f = cfg["rope_scaling"]["factor"]
+        unread = {**_GGUF_YARN_UNREAD, "yarn_attn_factor": (0.1 * math.log(f) + 1 if f > 1 else 1.0,)}
+        for key, runs in unread.items():
             value = meta(f"rope.scaling.{key}", required=False)
-            if value is not None and float(value) not in neutral:
-                raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.{key}' {value!r} "
-                              f"(r3 runs YaRN as transformers does, with {key} {neutral[0]:g})")
+            if value is not None and not any(math.isclose(float(value), v, rel_tol=1e-6) for v in runs):
+                raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.{key}' {value!r} (llama.cpp "
+                              f"does not read it for architecture '{arch}' and runs {runs[0]:g})")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:  # (llama.cpp's converter writes Llama 3's scaling as this tensor, not as keys)
         if "rope_scaling" in cfg:

@@ -203,8 +203,8 @@ class ModelConfig:
             old = cfg["rope_scaling"]
             if layered and "rope_type" not in old and old.get("type", "default") != "default":
                 # (transformers 5 merges it under the full layers' rope_type "default": no scaling; 4.x scaled)
-                family = "Gemma 3" if gemma else "OLMo 3"
-                raise R3Error(f"{source}: field 'rope_scaling' of a {family} config names its type as 'type' "
+                family = "a Gemma 3" if gemma else "an OLMo 3"
+                raise R3Error(f"{source}: field 'rope_scaling' of {family} config names its type as 'type' "
                               f"({old['type']!r}), which transformers 5 ignores and 4.x applies: write 'rope_type'")
             rope = {**rope, **old} if layered else dict(old)  # (Gemma 3, OLMo 3: merged into the full layers')
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULT_ROPE_THETA.get(model_type, 10000.0)
@@ -222,6 +222,8 @@ class ModelConfig:
             if partial > 1.0 or rotary < 2 or rotary % 2:
                 raise R3Error(f"{source}: field 'partial_rotary_factor' {partial!r} does not turn an even number "
                               f"of the {head_dim} dims per head")
+        elif rotary % 2:  # (transformers: "RoPE requires an even rotary dimension")
+            raise R3Error(f"{source}: head_dim {head_dim} is odd, and RoPE turns pairs of dims")
         max_positions = integer("max_position_embeddings", _DEFAULT_MAX_POSITIONS.get(model_type, 2048))
         scaling = rope if rope else None
         if scaling is not None:
@@ -242,7 +244,7 @@ class ModelConfig:
             elif rope_type == "longrope":
                 scaling = _longrope(cfg, scaling, model_type, rotary, max_positions, source)
             elif rope_type == "yarn":
-                scaling = _yarn(cfg, scaling, max_positions, source)
+                scaling = _yarn(cfg, scaling, max_positions, source, layered)
             else:  # linear, llama3: the fields rope_inv_freq reads
                 keys = ("factor",) if rope_type == "linear" else (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -433,17 +435,23 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str) -> dict:
+def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str, layered: bool = False) -> dict:
     """YaRN parameters as transformers 5 resolves them: the original context length (a top-level
-    field first, else the rope dict's, else max_position_embeddings), the factor (else their
-    ratio), the attention factor that scales cos/sin (else from ``mscale`` and ``mscale_all_dim``,
-    else from the factor), ``beta_fast`` / ``beta_slow`` (32 and 1 when left out or 0) and
-    ``truncate`` (true)."""
-    original = cfg.get("original_max_position_embeddings")
+    field first, else the rope dict's, else max_position_embeddings), the factor (a key it
+    requires; null: their ratio), the attention factor that scales cos/sin (else from ``mscale``
+    and ``mscale_all_dim``, else from the factor), ``beta_fast`` / ``beta_slow`` (32 and 1 when left
+    out or 0) and ``truncate`` (true). ``layered``: Gemma 3's and OLMo 3's full layers, whose
+    parameters transformers 5 keeps per layer type: it reads no top-level original context there,
+    and reads ``truncate`` from the outer dict, so runs true whatever the full layers' dict says
+    (4.x honours it: a false one is refused)."""
+    original = None if layered else cfg.get("original_max_position_embeddings")
     key = "original_max_position_embeddings"
     if original is None:
         original, key = scaling.get("original_max_position_embeddings") or max_pos, "rope_scaling." + key
     original = _positive(original, key, source, True)
+    if "factor" not in scaling:  # (transformers: "Missing required keys ... {'factor'}")
+        raise R3Error(f"{source}: rope scaling 'yarn' without a 'factor' (null for max_position_embeddings / "
+                      "original_max_position_embeddings)")
     factor = scaling.get("factor")
     factor = _positive(max_pos / original if factor is None else factor, "rope_scaling.factor", source, False)
     attention = scaling.get("attention_factor")
@@ -462,6 +470,9 @@ def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str) -> dict:
     truncate = scaling.get("truncate", True)
     if not isinstance(truncate, bool):
         raise R3Error(f"{source}: field 'rope_scaling.truncate' must be true or false, got {truncate!r}")
+    if layered and not truncate:
+        raise R3Error(f"{source}: field 'truncate' false in the full-attention layers' YaRN, which transformers 5 "
+                      "ignores (it truncates) and 4.x applies; leave it out")
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original,
             "attention_factor": float(attention), **betas, "truncate": truncate}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -1191,12 +1192,19 @@ def test_a_phi3_gguf_gives_the_source_models_logits(tmp_path, partial, longrope,
     tokens = _tokens(128, T=60)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-5
-    if longrope:
+    if longrope:  # (one factor list; the factors and a scaling type together)
         _write_gguf(hf, path, "phi3", bf16=False, rope_dims=rotary,
                     extra={"rope_factors_short.weight": np.array(short, np.float32)})
         with pytest.raises(R3Error) as e:
             load(path, tokenizer=False)
         assert str(e.value) == f"{path}: GGUF tensor 'rope_factors_long.weight' is missing (LongRoPE needs both factor lists)"
+        _write_gguf(hf, path, "phi3", bf16=False, rope_dims=rotary, extra=extra, rope_scaling=("linear", 2.0))
+        with pytest.raises(R3Error, match="'rope_factors_short/long.weight' and rope scaling 'linear' both scale RoPE"):
+            load(path, tokenizer=False)
+    else:  # (an attention factor is LongRoPE's alone: without its factors, llama.cpp would scale cos/sin)
+        _write_gguf(hf, path, "phi3", bf16=False, rope_dims=rotary, floats={"rope.scaling.attn_factor": 1.5})
+        with pytest.raises(R3Error, match="unsupported GGUF field 'phi3.rope.scaling.attn_factor' 1.5"):
+            load(path, tokenizer=False)
 
 
 def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
@@ -1214,28 +1222,38 @@ def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
 
 
 def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_refused(tmp_path):
-    """``rope.scaling.type`` linear with its factor, or yarn with its factor, original context and
-    betas (llama.cpp's converter writes Qwen's YaRN so), gives the source model's logits over 200
-    positions. A scaling r3 does not read (longrope), or a YaRN field of llama.cpp's own that
-    transformers has no counterpart for, is refused in one line rather than loaded as something else."""
+    """``rope.scaling.type`` linear with its factor (also a factor with no type, or in the older
+    ``rope.scale_linear``, which llama.cpp runs as linear), or yarn with its factor and original
+    context (llama.cpp's converter writes Qwen's YaRN so), gives the source model's logits over 200
+    positions. What llama.cpp would run otherwise than the file says is refused in one line rather
+    than loaded as something else: a scaling r3 does not read (longrope); ``attn_factor``, which
+    llama.cpp multiplies cos/sin by whatever the scaling; and the ``yarn_*`` fields, which it
+    reads for other architectures only (running beta_fast 32, beta_slow 1 and cos/sin scaled by
+    0.1 ln(factor) + 1), unless they hold those values."""
     from conftest import make_tiny_hf
 
     hf = make_tiny_hf(tmp_path / "hf", "llama", rope_scaling={"rope_type": "linear", "factor": 4.0},
                       rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0})
     path = tmp_path / "linear.gguf"
-    _write_gguf(hf, path, "llama", bf16=False, rope_scaling=("linear", 4.0))
-    model, _ = load(path, tokenizer=False, dtype=torch.float32)
-    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     tokens = _tokens(hf.config.vocab_size)
-    with torch.no_grad():
-        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+    for scaling, floats in ((("linear", 4.0), {}), (None, {"rope.scaling.factor": 4.0}), (None, {"rope.scale_linear": 4.0})):
+        _write_gguf(hf, path, "llama", bf16=False, rope_scaling=scaling, floats=floats)
+        model, _ = load(path, tokenizer=False, dtype=torch.float32)
+        assert model.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+        with torch.no_grad():
+            assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+    _write_gguf(hf, path, "llama", bf16=False, rope_scaling=("none", 4.0))
+    assert load(path, tokenizer=False)[0].config.rope_scaling is None
 
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16.0}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     hf = make_tiny_hf(tmp_path / "hf_yarn", "qwen2", head_dim=32, rope_scaling=dict(yarn),
                       rope_parameters={**yarn, "rope_theta": 10000.0})
     path = tmp_path / "yarn.gguf"
+    # (the values llama.cpp runs, as its converter writes them from a config that spells them out)
     _write_gguf(hf, path, "qwen2", bf16=False, rope_scaling=("yarn", 4.0),
-                ints={"rope.scaling.original_context_length": 64}, floats={"rope.scaling.yarn_beta_fast": 16.0})
+                ints={"rope.scaling.original_context_length": 64},
+                floats={"rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
+                        "rope.scaling.yarn_attn_factor": 0.1 * math.log(4) + 1, "rope.scaling.attn_factor": 1.0})
     model, _ = load(path, tokenizer=False, dtype=torch.float32)
     assert {k: model.config.rope_scaling[k] for k in yarn} == yarn
     tokens = _tokens(hf.config.vocab_size, T=200)
@@ -1246,7 +1264,17 @@ def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_r
             (("longrope", 4.0), {}, "unsupported GGUF rope scaling 'longrope' (supported: linear, yarn)"),
             (("yarn", 4.0), {"rope.scaling.yarn_log_multiplier": 0.1},
              "unsupported GGUF field 'qwen2.rope.scaling.yarn_log_multiplier' 0.1"),
-            (("yarn", 4.0), {"rope.scaling.attn_factor": 0.5}, "unsupported GGUF field 'qwen2.rope.scaling.attn_factor' 0.5")):
+            (("yarn", 4.0), {"rope.scaling.yarn_beta_fast": 16.0},
+             "unsupported GGUF field 'qwen2.rope.scaling.yarn_beta_fast' 16.0 (llama.cpp does not read it for "
+             "architecture 'qwen2' and runs 32)"),
+            (("yarn", 4.0), {"rope.scaling.yarn_beta_slow": 2.0}, "unsupported GGUF field 'qwen2.rope.scaling.yarn_beta_slow' 2.0"),
+            (("yarn", 4.0), {"rope.scaling.yarn_attn_factor": 1.0},
+             "unsupported GGUF field 'qwen2.rope.scaling.yarn_attn_factor' 1.0 (llama.cpp does not read it for "
+             "architecture 'qwen2' and runs 1.13863)"),
+            (("yarn", 4.0), {"rope.scaling.attn_factor": 0.5}, "unsupported GGUF field 'qwen2.rope.scaling.attn_factor' 0.5"),
+            (("linear", 4.0), {"rope.scaling.attn_factor": 0.5}, "unsupported GGUF field 'qwen2.rope.scaling.attn_factor' 0.5"),
+            (None, {"rope.scaling.attn_factor": 1.25},
+             "unsupported GGUF field 'qwen2.rope.scaling.attn_factor' 1.25 (llama.cpp scales cos/sin by it; r3 runs 1)")):
         _write_gguf(hf, path, "qwen2", bf16=False, rope_scaling=scaling, floats=floats)
         with pytest.raises(R3Error) as e:
             load(path, tokenizer=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -470,6 +471,9 @@ def test_unsupported_options_are_clear_errors():
         ModelConfig.from_hf({**base, "model_type": "gpt2"})
     with pytest.raises(R3Error, match="unsupported rope scaling type 'dynamic'"):
         ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    for scaling in (None, {"rope_type": "yarn", "factor": 4.0}):  # (odd: a crash in RoPE before)
+        with pytest.raises(R3Error, match="head_dim 5 is odd, and RoPE turns pairs of dims"):
+            ModelConfig.from_hf({**base, "head_dim": 5, "rope_scaling": scaling})
     with pytest.raises(R3Error, match="hidden_act 'gelu'"):
         ModelConfig.from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(R3Error, match="'short_factor' must be a list of 2 numbers"):
@@ -892,7 +896,7 @@ def test_yarn_fields_resolve_as_in_transformers():
                  "attention_factor": pytest.approx(0.1 * math.log(4) + 1), "beta_fast": 32.0, "beta_slow": 1.0,
                  "truncate": True}
     s = ModelConfig.from_hf({**base, "original_max_position_embeddings": 512,
-                             "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 1024,
+                             "rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024,
                                               "beta_fast": 0, "beta_slow": None}}).rope_scaling
     assert (s["original_max_position_embeddings"], s["factor"], s["beta_fast"], s["beta_slow"]) == (512, 8.0, 32.0, 1.0)
     s = ModelConfig.from_hf({**base, "rope_scaling": {**yarn, "mscale": 2.0, "mscale_all_dim": 1.0}}).rope_scaling
@@ -900,6 +904,8 @@ def test_yarn_fields_resolve_as_in_transformers():
     assert ModelConfig.from_hf({**base, "rope_scaling": {**yarn, "factor": 1.0}}).rope_scaling["attention_factor"] == 1.0
     assert ModelConfig.from_hf({**base, "rope_parameters": {**yarn, "attention_factor": 1.25, "rope_theta": 1e6}}
                                ).rope_scaling["attention_factor"] == 1.25
+    with pytest.raises(R3Error, match="rope scaling 'yarn' without a 'factor'"):  # (transformers: a KeyError)
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 1024}})
     for bad, message in (({"factor": "4"}, "field 'rope_scaling.factor' must be a positive number, got '4'"),
                          ({"original_max_position_embeddings": 10.5},
                           "field 'rope_scaling.original_max_position_embeddings' must be a positive integer"),
@@ -909,6 +915,44 @@ def test_yarn_fields_resolve_as_in_transformers():
         with pytest.raises(R3Error) as e:
             ModelConfig.from_hf({**base, "rope_scaling": {**yarn, **bad}})
         assert message in str(e.value)
+
+
+@pytest.mark.parametrize("model_type", ["olmo3", "gemma3_text"])
+def test_yarn_of_the_full_layers_resolves_as_in_transformers(model_type):
+    """Gemma 3's and OLMo 3's full layers keep their YaRN per layer type, where transformers 5 reads
+    no top-level original_max_position_embeddings (the rope dict's, else max_position_embeddings)
+    and ignores the rope dict's truncate (it reads it from the outer dict: always true): r3 gives
+    the same inverse frequencies and attention factor, and refuses a truncate false, which 4.x
+    would apply."""
+    import importlib
+
+    from transformers import CONFIG_MAPPING
+
+    from r3.errors import R3Error
+    from r3.model import rope_scale
+
+    module = importlib.import_module(f"transformers.models.{model_type.removesuffix('_text')}.modeling_"
+                                     f"{model_type.removesuffix('_text')}")
+    rotary = getattr(module, f"{'Olmo3' if model_type == 'olmo3' else 'Gemma3'}RotaryEmbedding")
+    base = dict(model_type=model_type, vocab_size=10, hidden_size=64, intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    sliding = {"rope_type": "default", "rope_theta": 10000.0}
+    for change in ({"original_max_position_embeddings": 64,
+                    "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6},
+                                        "sliding_attention": sliding}},
+                   {"original_max_position_embeddings": 64, "rope_theta": 500000.0,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}}):
+        config = {**base, **change}
+        hf = rotary(CONFIG_MAPPING[model_type].from_dict(json.loads(json.dumps(config))))
+        cfg = ModelConfig.from_hf(json.loads(json.dumps(config)))
+        torch.testing.assert_close(rope_inv_freq(cfg), hf.full_attention_inv_freq, rtol=0, atol=0)
+        assert rope_scale(cfg) == pytest.approx(hf.full_attention_attention_scaling, rel=1e-12)
+    full = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "truncate": False}
+    for change in ({"rope_parameters": {"full_attention": {**full, "rope_theta": 1e6}, "sliding_attention": sliding}},
+                   {"rope_theta": 500000.0, "rope_scaling": full}):
+        with pytest.raises(R3Error, match="field 'truncate' false in the full-attention layers' YaRN"):
+            ModelConfig.from_hf({**base, **change})
 
 
 def test_partial_rotary_factor_is_read_where_transformers_puts_it():
