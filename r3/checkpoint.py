@@ -390,8 +390,8 @@ _GGUF_BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",  # (Qwen3: per head; OLMo 2: over the whole projection)
     "attn_k_norm": "self_attn.k_norm",
-    "attn_post_norm": "post_attention_layernorm",  # (OLMo 2: its norms on the block's outputs)
-    "ffn_post_norm": "post_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",  # (OLMo 2: its norms on the block's outputs)
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 # Phi-3's projections, fused in its checkpoints as in llama.cpp's files (which name both MLP halves ffn_up)
 _GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}

@@ -973,29 +973,18 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
     def permute(t, heads):  # llama.cpp convert_hf_to_gguf.py's permute
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
-    block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-    if arch == "olmo2":  # (its norms sit on the attention's and the MLP's outputs)
-        block.update({"post_attention_layernorm": "attn_post_norm", "post_feedforward_layernorm": "ffn_post_norm"})
-    if arch == "phi3":  # (its fused projections, kept fused)
-        block.update({"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})
+    # (the names llama.cpp's converter gives each tensor of the architecture: gguf's own map)
+    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], c.num_hidden_layers)
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         t = t.detach().float()
-        if name.startswith("model.layers."):
-            _, _, layer, rest = name.split(".", 3)
-            module, suffix = rest.rsplit(".", 1)
-            if arch in ("llama", "smollm3", "granite") and module == "self_attn.q_proj":
-                t = permute(t, c.num_attention_heads)
-            elif arch in ("llama", "smollm3", "granite") and module == "self_attn.k_proj":
-                t = permute(t, c.num_key_value_heads)
-            gname = f"blk.{layer}.{block[module]}.{suffix}"
-        else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}[name]
+        if arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.q_proj.weight"):
+            t = permute(t, c.num_attention_heads)
+        elif arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.k_proj.weight"):
+            t = permute(t, c.num_key_value_heads)
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gname is not None, name
         arr = np.ascontiguousarray(t.numpy())
         if gname in extra:
             arr = extra.pop(gname)
