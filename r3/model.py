@@ -180,7 +180,9 @@ class ModelConfig:
         n_layers = integer("num_hidden_layers")
         n_heads = integer("num_attention_heads")
         hidden = integer("hidden_size")
-        head_dim = integer("head_dim", hidden // n_heads) if cfg.get("head_dim") else hidden // n_heads
+        # (Qwen3Config's default is 128, not hidden / heads: Qwen3-0.6B's heads are 128 wide, 1024 / 16 = 64)
+        default_head_dim = 128 if model_type == "qwen3" else hidden // n_heads
+        head_dim = integer("head_dim", default_head_dim) if cfg.get("head_dim") else default_head_dim
         if head_dim < 1:
             raise R3Error(f"{source}: hidden_size {hidden} is smaller than num_attention_heads {n_heads}")
         n_kv_heads = integer("num_key_value_heads", n_heads) if cfg.get("num_key_value_heads") else n_heads

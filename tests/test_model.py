@@ -955,6 +955,23 @@ def test_yarn_of_the_full_layers_resolves_as_in_transformers(model_type):
             ModelConfig.from_hf({**base, **change})
 
 
+def test_a_qwen3_config_without_head_dim_takes_transformers_default():
+    """Qwen3Config's head_dim is 128 unless given (not hidden / heads, as for the other families):
+    a config.json without it builds the model transformers builds."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    raw = dict(model_type="qwen3", vocab_size=32, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1)
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.head_dim == 128 and ModelConfig.from_hf({**raw, "model_type": "llama"}).head_dim == 32
+    from r3.model import param_names_hf
+
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(Qwen3Config(**{k: v for k, v in raw.items() if k != "model_type"}))
+    theirs = {k.removeprefix("model."): tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert param_names_hf(cfg) == theirs
+
+
 def test_partial_rotary_factor_is_read_where_transformers_puts_it():
     """The factor is read at the top level, in rope_parameters (transformers 5) or in rope_scaling;
     outside Phi-3, or where it turns no even number of dims, it is a one-line error."""
