@@ -584,7 +584,7 @@ def _nope_layers(cfg: dict, n_layers: int, source: str) -> list:
 def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope: list = ()) -> list:
     """Per-layer sliding-window size (None = full attention), as transformers applies it
     (``nope``: SmolLM3's layers without RoPE, which hold its windows unless ``layer_types`` says)."""
-    window = cfg.get("sliding_window")
+    window = cfg.get("sliding_window", 4096 if model_type == "mistral" else None)  # (MistralConfig's default)
     if model_type in ("llama", "granite", "olmo2"):
         return [None] * n_layers
     if window:

@@ -955,6 +955,27 @@ def test_yarn_of_the_full_layers_resolves_as_in_transformers(model_type):
             ModelConfig.from_hf({**base, **change})
 
 
+@pytest.mark.parametrize("model_type", ["llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2",
+                                        "olmo3", "gemma3_text"])
+def test_a_config_json_that_leaves_fields_out_reads_as_transformers_defaults_them(model_type):
+    """A config.json with only the sizes: r3 fills in what transformers' config class does (head
+    width, norm epsilon, RoPE base and scaling, context length, windows, biases, tying, the Granite
+    and Gemma scalars), so the architecture equals the one read from the config transformers writes
+    out in full. (Qwen3's heads are 128 wide and Mistral's window 4096 unless given.)"""
+    from transformers import CONFIG_MAPPING
+
+    from r3.model import SUPPORTED_MODEL_TYPES
+
+    assert model_type in SUPPORTED_MODEL_TYPES
+    sizes = dict(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2)
+    full = json.loads(json.dumps(CONFIG_MAPPING[model_type](**sizes).to_dict()))
+    ours, theirs = ModelConfig.from_hf({"model_type": model_type, **sizes}), ModelConfig.from_hf(full)
+    skip = ("bos_token_id", "eos_token_id", "pad_token_id")  # (r3 takes these from the tokenizer's files)
+    assert {k: v for k, v in ours.__dict__.items() if k not in skip} == {
+        k: v for k, v in theirs.__dict__.items() if k not in skip}
+
+
 def test_a_qwen3_config_without_head_dim_takes_transformers_default():
     """Qwen3Config's head_dim is 128 unless given (not hidden / heads, as for the other families):
     a config.json without it builds the model transformers builds."""
