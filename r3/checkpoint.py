@@ -530,7 +530,12 @@ def _gguf_phi3(reader, path: Path, cfg: dict, meta, rotary) -> None:
     tensors ``rope_factors_short`` / ``rope_factors_long`` with the original context and the
     attention factor under ``rope.scaling.*``."""
     if rotary is not None:
-        cfg["partial_rotary_factor"] = int(rotary) / cfg["head_dim"]
+        # (transformers and r3 turn int(head_dim * factor) dims: the quotient can round to just below
+        # the count, 44 * (30 / 44) = 29.999..., so the next float up then gives the count itself)
+        factor = int(rotary) / cfg["head_dim"]
+        if int(cfg["head_dim"] * factor) != int(rotary):
+            factor = math.nextafter(factor, math.inf)
+        cfg["partial_rotary_factor"] = factor
     window = meta("attention.sliding_window", required=False)
     cfg["sliding_window"] = int(window) if window else None
     original = meta("rope.scaling.original_context_length", required=False)
@@ -712,21 +717,22 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
         backend.decoder = decoders.ByteLevel()
 
 
-# GGUF architectures whose files transformers reads a tokenizer from (it refuses the others
-# before looking at the vocabulary)
-_TRANSFORMERS_GGUF_TOKENIZER_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
+# r3's GGUF architectures whose files transformers reads no tokenizer from: it refuses them before
+# looking at the vocabulary. Every other file goes to transformers as it is, since for some
+# architectures it builds another tokenizer from the same fields (Gemma's and Phi-3's
+# SentencePiece vocabularies: a stand-in under llama would convert those differently)
+_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2")
 
 
 @contextlib.contextmanager
 def _gguf_tokenizer_source(path: Path, reader: GGUFFile):
     """-> (folder, file name) of a GGUF file transformers converts ``path``'s tokenizer from: the
-    file itself (Phi-3's SentencePiece vocabulary is converted its own way), or for an architecture
-    transformers does not read (granite, smollm3, olmo2) a
+    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2) a
     temporary file holding only its ``tokenizer.*`` metadata under architecture ``llama``. Which
-    tokenizer transformers builds is decided by the vocabulary's own fields (``tokenizer.ggml.model``
-    and ``.pre``), so the stand-in converts to the same one."""
+    tokenizer transformers builds for those is decided by the vocabulary's own fields
+    (``tokenizer.ggml.model`` and ``.pre``), so the stand-in converts to the same one."""
     arch = reader.fields.get("general.architecture")
-    if arch in _TRANSFORMERS_GGUF_TOKENIZER_ARCHS:
+    if arch not in _GGUF_TOKENIZER_STAND_IN_ARCHS:
         yield str(path.parent), path.name
         return
     import gguf

@@ -79,6 +79,25 @@ _DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768,
                           "smollm3": 32_768}
 _DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0, "olmo3": 500_000.0}
 _TIED_BY_DEFAULT = ("gemma3_text", "smollm3")
+# Fields that config.json may leave out (r3 then fills in transformers' default) but not write as
+# null: transformers 5 cannot build the model from such a config (its config classes reject the
+# null, or the model fails on it), so r3 refuses it rather than guess a value (tie_word_embeddings
+# null, say, reads as untied in transformers 4.x but as tied by default in r3)
+_NULL_REFUSED = ("rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
+_NULL_REFUSED_BY_TYPE = {
+    "llama": ("hidden_act", "rope_theta", "attention_bias", "mlp_bias"),
+    "smollm3": ("hidden_act", "rope_theta", "head_dim", "attention_bias", "mlp_bias", "use_sliding_window",
+                "no_rope_layer_interval"),
+    "granite": ("hidden_act", "rope_theta", "head_dim", "attention_bias", "mlp_bias", "embedding_multiplier",
+                "attention_multiplier", "residual_multiplier", "logits_scaling"),
+    "qwen2": ("hidden_act", "rope_theta", "head_dim", "use_sliding_window", "max_window_layers"),
+    "qwen3": ("hidden_act", "rope_theta", "head_dim", "attention_bias", "use_sliding_window", "max_window_layers"),
+    "mistral": ("hidden_act", "rope_theta", "num_key_value_heads"),
+    "phi3": ("hidden_act", "rope_theta", "head_dim", "partial_rotary_factor", "original_max_position_embeddings"),
+    "olmo2": ("hidden_act", "rope_theta", "head_dim", "attention_bias"),
+    "olmo3": ("hidden_act", "rope_theta", "head_dim", "attention_bias"),
+    "gemma3_text": ("head_dim", "num_key_value_heads", "attention_bias", "query_pre_attn_scalar"),
+}
 KV_BUCKET = 64
 
 
@@ -167,6 +186,12 @@ class ModelConfig:
                 f"{source}: unsupported model_type '{model_type}' "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        for key in (*_NULL_REFUSED, *_NULL_REFUSED_BY_TYPE[model_type]):
+            if key in cfg and cfg[key] is None and not (
+                    key == "rope_theta" and isinstance(cfg.get("rope_parameters"), dict)
+                    and cfg["rope_parameters"].get("rope_theta") is not None):
+                raise R3Error(f"{source}: field '{key}' is null, from which transformers cannot build a "
+                              f"'{model_type}' model either: give its value or leave the field out")
         gemma = model_type == "gemma3_text"
         if gemma:  # (what transformers fills in where a field is left out)
             cfg = {**cfg, **{k: v for k, v in _GEMMA3_TEXT_DEFAULTS.items() if cfg.get(k) is None}}

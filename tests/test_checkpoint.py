@@ -1196,6 +1196,32 @@ def test_a_phi3_gguf_gives_the_source_models_logits(tmp_path, partial, longrope,
             load(path, tokenizer=False)
 
 
+def test_a_phi3_gguf_turns_exactly_its_rope_dimension_count(tmp_path):
+    """r3 turns int(head_dim * partial_rotary_factor) dims, as transformers' Phi-3 does, and took the
+    factor as rope.dimension_count / head_dim: for some head widths that product rounds below the
+    count (44 * (30 / 44) = 29.999...), so such a file was refused as turning an odd number of
+    dims. Here heads 44 wide of which transformers turns int(44 * 0.682) = 30, the count llama.cpp's
+    converter writes (int(0.682 * 176) // 4): the logits are the source's."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=128, hidden_size=176, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     partial_rotary_factor=0.682, sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf.config.head_dim = 44
+    rotary = int(0.682 * 176) // 4
+    assert rotary == 30 and int(44 * (rotary / 44)) == 29
+    path = tmp_path / "phi3.gguf"
+    _write_gguf(hf, path, "phi3", bf16=False, rope_dims=rotary,
+                ints={"rope.scaling.original_context_length": 64, "attention.sliding_window": 0})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    assert model.config.rotary_dim == 30
+    tokens = _tokens(128, T=40)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-5
+
+
 def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
     """llama.cpp writes OLMo 3 as architecture olmo2 with sliding-window keys; r3 does not follow
     its sliding layers' RoPE there, so such a file is one line, not an OLMo 2 without windows."""
@@ -1208,6 +1234,37 @@ def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
         load(path, tokenizer=False)
     assert str(e.value) == (f"{path}: unsupported GGUF file: architecture olmo2 with sliding-window layers "
                             "(OLMo 3; load its Hugging Face directory instead)")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "phi3", "qwen2"])
+def test_a_gguf_tokenizer_of_an_architecture_transformers_reads_is_its_own(tmp_path, arch, monkeypatch):
+    """Only the architectures transformers refuses go through the llama stand-in. transformers
+    converts a SentencePiece vocabulary by the file's architecture for Gemma (GemmaTokenizer: no
+    prefix space) and Phi-3: ``load_tokenizer`` on a gemma3 file went through the stand-in and gave
+    other ids ("Hello world" began with an extra "▁") than transformers' tokenizer of the same file."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁he", "ll", "▁hell", "▁hello", "▁w", "or", "▁world"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    path = tmp_path / f"{arch}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    tok = checkpoint.load_tokenizer(path)
+    for text in ("Hello world", "hello world", " hello", "a , b ."):
+        assert tok(text)["input_ids"] == ref(text)["input_ids"], text
 
 
 def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_refused(tmp_path):

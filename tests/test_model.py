@@ -976,6 +976,47 @@ def test_a_config_json_that_leaves_fields_out_reads_as_transformers_defaults_the
         k: v for k, v in theirs.__dict__.items() if k not in skip}
 
 
+_NULLABLE_FIELDS = ("head_dim", "sliding_window", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+                    "max_position_embeddings", "num_key_value_heads", "rope_scaling", "rope_parameters",
+                    "partial_rotary_factor", "use_sliding_window", "max_window_layers", "hidden_act", "attention_bias",
+                    "mlp_bias", "query_pre_attn_scalar", "no_rope_layers", "no_rope_layer_interval",
+                    "embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling",
+                    "original_max_position_embeddings")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2",
+                                        "olmo3", "gemma3_text"])
+def test_a_config_json_field_written_as_null_reads_as_transformers_or_is_refused(model_type):
+    """A field present but null ("head_dim": null, "rms_norm_eps": null, ...): where transformers
+    builds and runs the model from such a config, r3 reads the architecture it builds (the one of
+    the config it writes out in full); where transformers cannot (its config class rejects the null,
+    or the model fails on it), r3 refuses it in one line naming the field, where it used to put in
+    its own default (a null tie_word_embeddings, say, is untied in transformers 4.x)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from r3.errors import R3Error
+
+    sizes = dict(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0)
+    skip = ("bos_token_id", "eos_token_id", "pad_token_id")
+    for key in _NULLABLE_FIELDS:
+        raw = {"model_type": model_type, **sizes, key: None}
+        try:
+            hf_cfg = CONFIG_MAPPING[model_type](**{k: v for k, v in raw.items() if k != "model_type"})
+            torch.manual_seed(0)
+            with torch.no_grad():
+                AutoModelForCausalLM.from_config(hf_cfg)(torch.tensor([[1, 2, 3]]))
+        except Exception:
+            with pytest.raises(R3Error) as e:
+                ModelConfig.from_hf(raw)
+            assert str(e.value).startswith(f"config.json: field '{key}' is null") or key in str(e.value), key
+            continue
+        ours = ModelConfig.from_hf(raw)
+        theirs = ModelConfig.from_hf(json.loads(json.dumps(hf_cfg.to_dict())))
+        assert {k: v for k, v in ours.__dict__.items() if k not in skip} == {
+            k: v for k, v in theirs.__dict__.items() if k not in skip}, key
+
+
 def test_a_qwen3_config_without_head_dim_takes_transformers_default():
     """Qwen3Config's head_dim is 128 unless given (not hidden / heads, as for the other families):
     a config.json without it builds the model transformers builds."""
