@@ -444,7 +444,7 @@ def gguf_config(reader, path: Path) -> dict:
     vocab = meta("vocab_size", required=False)
     if vocab is None:
         vocab = len(_gguf_field(reader, "tokenizer.ggml.tokens", path))
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     cfg = {
         "model_type": _GGUF_ARCHS[arch],
         "vocab_size": int(vocab),
@@ -457,7 +457,7 @@ def gguf_config(reader, path: Path) -> dict:
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta("context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in names,
+        "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
     }
     if arch == "olmo2" and meta("attention.sliding_window", required=False) is not None:
@@ -469,7 +469,7 @@ def gguf_config(reader, path: Path) -> dict:
         cfg.update({field: float(meta(key, 1.0)) for key, field in _GGUF_GRANITE_SCALARS.items()})
     rotary = meta("rope.dimension_count", required=False)
     if arch == "phi3":
-        _gguf_phi3(reader, path, cfg, meta, rotary)
+        _gguf_phi3(tensors, path, cfg, meta, rotary)
     elif rotary is not None and int(rotary) != cfg["head_dim"]:
         raise R3Error(f"{path}: unsupported GGUF rope.dimension_count {rotary} (RoPE over part of each "
                       f"head of {cfg['head_dim']} dims)")
@@ -506,14 +506,10 @@ def gguf_config(reader, path: Path) -> dict:
             if value is not None and not any(math.isclose(float(value), v, rel_tol=1e-6) for v in runs):
                 raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.{key}' {value!r} (llama.cpp "
                               f"does not read it for architecture '{arch}' and runs {runs[0]:g})")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None:  # (llama.cpp's converter writes Llama 3's scaling as this tensor, not as keys)
+    if "rope_freqs.weight" in tensors:  # (llama.cpp's converter writes Llama 3's scaling as this tensor, not as keys)
         if "rope_scaling" in cfg:
             raise R3Error(f"{path}: GGUF tensor 'rope_freqs.weight' and rope.scaling.type '{scaling}' both scale RoPE")
-        try:
-            factors = _gguf_tensor(freqs).double()
-        except Exception as e:
-            raise R3Error(f"{path}: cannot read tensor 'rope_freqs.weight' ({e})") from None
+        factors = _read_gguf_tensor(tensors["rope_freqs.weight"], path).double()
         llama3 = _llama3_scaling(factors, cfg["rope_theta"], cfg["head_dim"], path)
         if llama3 is not None:
             cfg["rope_scaling"] = llama3
@@ -524,7 +520,7 @@ def gguf_config(reader, path: Path) -> dict:
     return cfg
 
 
-def _gguf_phi3(reader, path: Path, cfg: dict, meta, rotary) -> None:
+def _gguf_phi3(tensors: dict, path: Path, cfg: dict, meta, rotary) -> None:
     """Phi-3's fields as llama.cpp's converter writes them: RoPE over the first
     ``rope.dimension_count`` dims of each head, the sliding window (0: none), and LongRoPE as the
     tensors ``rope_factors_short`` / ``rope_factors_long`` with the original context and the
@@ -541,7 +537,6 @@ def _gguf_phi3(reader, path: Path, cfg: dict, meta, rotary) -> None:
     original = meta("rope.scaling.original_context_length", required=False)
     if original is not None:
         cfg["original_max_position_embeddings"] = int(original)
-    tensors = {t.name: t for t in reader.tensors}
     names = ("rope_factors_short.weight", "rope_factors_long.weight")
     if not any(n in tensors for n in names):
         return
@@ -549,10 +544,7 @@ def _gguf_phi3(reader, path: Path, cfg: dict, meta, rotary) -> None:
     for name in names:
         if name not in tensors:
             raise R3Error(f"{path}: GGUF tensor '{name}' is missing (LongRoPE needs both factor lists)")
-        try:
-            factors[name] = _gguf_tensor(tensors[name]).double().tolist()
-        except Exception as e:
-            raise R3Error(f"{path}: cannot read tensor '{name}' ({e})") from None
+        factors[name] = _read_gguf_tensor(tensors[name], path).double().tolist()
     cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors[names[0]],
                            "long_factor": factors[names[1]]}
     attention = meta("rope.scaling.attn_factor", required=False)
@@ -634,6 +626,14 @@ def _gguf_tensor(t) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _read_gguf_tensor(t, path: Path) -> torch.Tensor:
+    """:func:`_gguf_tensor`, a failure as one line naming the file and the tensor."""
+    try:
+        return _gguf_tensor(t)
+    except Exception as e:
+        raise R3Error(f"{path}: cannot read tensor '{t.name}' ({e})") from None
+
+
 def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) -> Transformer:
     reader = reader or _gguf_reader(path)
     hf_cfg = gguf_config(reader, path)
@@ -654,10 +654,7 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
                     "rope_factors_short.weight", "rope_factors_long.weight")):
                 continue  # (read by gguf_config as the config's RoPE scaling)
             raise R3Error(f"{path}: unexpected GGUF tensor '{t.name}'")
-        try:
-            tensor = _gguf_tensor(t)
-        except Exception as e:
-            raise R3Error(f"{path}: cannot read tensor '{t.name}' ({e})") from None
+        tensor = _read_gguf_tensor(t, path)
         if permute and name.endswith("q_proj.weight"):
             tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
