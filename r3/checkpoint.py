@@ -396,7 +396,11 @@ _GGUF_BLOCK_NAMES = {
 # Phi-3's projections, fused in its checkpoints as in llama.cpp's files (which name both MLP halves ffn_up)
 _GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
-               "olmo2": "olmo2", "phi3": "phi3"}
+               "olmo2": "olmo2", "phi3": "phi3", "gemma3": "gemma3_text"}
+# Gemma 3's norms (its converter stores each weight w as 1 + w, which llama.cpp multiplies by) and
+# the names llama.cpp gives its four norms per block
+_GGUF_GEMMA3_BLOCK_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                            "post_ffw_norm": "post_feedforward_layernorm"}
 # Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses)
 _GGUF_PERMUTED = ("llama", "smollm3", "granite")
 # Granite's scalars: the GGUF key (after the architecture) -> the config.json field
@@ -467,6 +471,8 @@ def gguf_config(reader, path: Path) -> dict:
         cfg["no_rope_layer_interval"] = 4
     if arch == "granite":  # (llama.cpp's converter leaves out a scalar that is absent; 1 is GraniteConfig's default)
         cfg.update({field: float(meta(key, 1.0)) for key, field in _GGUF_GRANITE_SCALARS.items()})
+    if arch == "gemma3":
+        _gguf_gemma3(path, cfg, meta)
     rotary = meta("rope.dimension_count", required=False)
     if arch == "phi3":
         _gguf_phi3(tensors, path, cfg, meta, rotary)
@@ -482,8 +488,9 @@ def gguf_config(reader, path: Path) -> dict:
         scaling = "linear"
     longrope = "rope_scaling" in cfg  # (Phi-3's, from its factor tensors)
     if scaling not in (None, "none"):
-        if scaling not in ("linear", "yarn"):
-            raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}' (supported: linear, yarn)")
+        supported = "linear" if arch == "gemma3" else "linear, yarn"  # (llama.cpp: Gemma 3's sliding layers unscaled)
+        if scaling not in supported.split(", "):
+            raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}' for architecture {arch} (supported: {supported})")
         if longrope:
             raise R3Error(f"{path}: GGUF tensors 'rope_factors_short/long.weight' and rope scaling '{scaling}' "
                           "both scale RoPE")
@@ -550,6 +557,41 @@ def _gguf_phi3(tensors: dict, path: Path, cfg: dict, meta, rotary) -> None:
     attention = meta("rope.scaling.attn_factor", required=False)
     if attention is not None:
         cfg["rope_scaling"]["attention_factor"] = float(attention)
+
+
+# llama.cpp's Gemma 3 (its gemma3 architecture): every sixth layer full and the others sliding, and
+# those turning RoPE by base 10000 unscaled, whatever the file says; fields it does not read for
+# gemma3 are accepted only at these values
+_GGUF_GEMMA3_PATTERN = 6
+_GGUF_GEMMA3_UNREAD = {"rope.freq_base_swa": 10000.0, "attention.sliding_window_pattern": _GGUF_GEMMA3_PATTERN}
+
+
+def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
+    """Gemma 3 as llama.cpp runs a gemma3 file: GeGLU; the sliding window from
+    ``attention.sliding_window`` over five layers of every six, turning RoPE by base 10000; the
+    full layers by ``rope.freq_base`` and the file's linear scaling; queries scaled by
+    head_dim ** -1/2, or for 62 layers (Gemma 3 27B) by (hidden / heads) ** -1/2, which is what
+    Gemma3Config's ``query_pre_attn_scalar`` holds for each size. A file without a window (no
+    Gemma 3: llama.cpp then runs full attention and a final logit softcap) is refused."""
+    window = meta("attention.sliding_window", required=False)
+    if not window:
+        raise R3Error(f"{path}: unsupported GGUF file: architecture gemma3 without "
+                      "'gemma3.attention.sliding_window' (Gemma 3 has sliding-window layers)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if meta(key, required=False) is not None:
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma3.{key}' (Gemma 3 has no softcapping)")
+    for key, runs in _GGUF_GEMMA3_UNREAD.items():
+        value = meta(key, required=False)
+        if value is not None and value != runs and not (
+                isinstance(value, list) and value == [(i + 1) % runs != 0 for i in range(cfg["num_hidden_layers"])]):
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma3.{key}' {value!r} (llama.cpp does not read it "
+                          f"for architecture 'gemma3' and runs {runs:g})")
+    n_layers = cfg["num_hidden_layers"]
+    cfg.update(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), rope_local_base_freq=10000.0,
+               layer_types=["full_attention" if (i + 1) % _GGUF_GEMMA3_PATTERN == 0 else "sliding_attention"
+                            for i in range(n_layers)],
+               query_pre_attn_scalar=(cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 62
+                                      else cfg["head_dim"]))
 
 
 # Llama 3.x's scaling parameters (low_freq_factor, high_freq_factor, original_max_position_embeddings),
@@ -642,7 +684,8 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)
     permute = cfg.model_type in _GGUF_PERMUTED
-    block_names = {**_GGUF_BLOCK_NAMES, **(_GGUF_PHI3_BLOCK_NAMES if cfg.model_type == "phi3" else {})}
+    block_names = {**_GGUF_BLOCK_NAMES, **(_GGUF_PHI3_BLOCK_NAMES if cfg.model_type == "phi3" else {}),
+                   **(_GGUF_GEMMA3_BLOCK_NAMES if cfg.gemma else {})}
     for t in reader.tensors:
         name = _GGUF_NAMES.get(t.name)
         if name is None and t.name.startswith("blk."):
@@ -655,6 +698,8 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
                 continue  # (read by gguf_config as the config's RoPE scaling)
             raise R3Error(f"{path}: unexpected GGUF tensor '{t.name}'")
         tensor = _read_gguf_tensor(t, path)
+        if cfg.gemma and t.name.endswith("norm.weight"):  # (stored as 1 + w, as llama.cpp multiplies)
+            tensor = tensor.float() - 1.0
         if permute and name.endswith("q_proj.weight"):
             tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):

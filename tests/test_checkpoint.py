@@ -963,7 +963,9 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                     w.add_key_value(key, value, kind)
     for key, value in (token_ids or {}).items():
         w.add_uint32(f"tokenizer.ggml.{key}", value)
-    w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta if hasattr(c, "rope_theta") else c.rope_parameters["rope_theta"]))
+    rope = getattr(c, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # (Gemma 3: the full layers' base, as llama.cpp's converter writes it)
+    w.add_float32(f"{arch}.rope.freq_base", float(rope["rope_theta"] if "rope_theta" in rope else c.rope_theta))
     if rope_dims is not None:
         w.add_uint32(f"{arch}.rope.dimension_count", rope_dims)
     if rope_scaling is not None:
@@ -979,6 +981,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         t = t.detach().float()
+        if arch == "gemma3" and name.endswith("norm.weight"):  # (its converter: Gemma's norms scale by 1 + w)
+            t = t + 1
         if arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.q_proj.weight"):
             t = permute(t, c.num_attention_heads)
         elif arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.k_proj.weight"):
@@ -1038,6 +1042,138 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("layers, bf16", [(6, True), (62, False)])
+def test_a_gemma3_gguf_file_gives_the_source_models_logits(tmp_path, layers, bf16):
+    """llama.cpp's converter writes Gemma 3's norms as 1 + w, and leaves out what llama.cpp's
+    runtime hard-codes for gemma3: five sliding layers of every six, turning RoPE by base 10000
+    unscaled, and the query scale (head_dim ** -1/2, or (hidden / heads) ** -1/2 for 62 layers:
+    Gemma 3 27B's query_pre_attn_scalar). A tiny Gemma 3 built that way (window 8, the full
+    layers' base 1e6 with linear scaling 8) gives its logits over 40 positions from the file; with
+    the norms read as written, or the query scale of the other size, they differ."""
+    from conftest import make_tiny_hf, transformers_major
+
+    q = 12 if layers == 62 else 24  # (hidden 48 / 4 heads; head_dim 24)
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    rope = dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+                ) if transformers_major() >= 5 else dict(rope_local_base_freq=10000.0)
+    hf = make_tiny_hf(tmp_path / "hf", "gemma3", num_hidden_layers=layers, layer_types=types,
+                      query_pre_attn_scalar=q, **rope)
+    if bf16:  # the reference holds exactly what a bf16 file can
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" not in name and p.dim() == 2:
+                    p.copy_(p.bfloat16().float())
+    path = tmp_path / "gemma3.gguf"
+    _write_gguf(hf, path, "gemma3", bf16, rope_scaling=("linear", 8.0), ints={"attention.sliding_window": 8})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    c = model.config
+    assert (c.model_type, c.hidden_act, c.query_pre_attn_scalar, c.local_rope_theta) == (
+        "gemma3_text", "gelu_pytorch_tanh", q, 10000.0)
+    assert c.layer_windows == [None if t == "full_attention" else 8 for t in types]
+    assert c.rope_scaling == {"rope_type": "linear", "factor": 8.0} and c.rope_theta == 1000000.0
+    tokens = _tokens(hf.config.vocab_size, T=40)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-4
+        norm = model.layers[0].input_layernorm.weight
+        norm.add_(1.0)  # (the norm as the file holds it)
+        assert (want - model(tokens)).abs().max().item() > 1e-2
+        norm.sub_(1.0)
+        for block in model.layers:
+            block.self_attn.scale = (36 - q) ** -0.5  # (the other size's query scale: 12 <-> 24)
+        assert (want - model(tokens)).abs().max().item() > 1e-2
+    if layers == 6:  # the export is the same model to transformers
+        from transformers import AutoModelForCausalLM
+
+        model, _ = load(path, tokenizer=False, dtype=torch.float32)
+        out = save_hf(model, None, tmp_path / "export")
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
+            assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_a_gemma3_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path, monkeypatch):
+    """A Gemma 3 GGUF carries a SentencePiece vocabulary (converted by transformers, which reads
+    gemma3 files) and Gemma's chat template: ``load`` returns the model and a tokenizer whose
+    prompts are the template's text tokenized, ending turns and stopping at ``<end_of_turn>``
+    though the file's eos is ``<eos>``."""
+    import gguf
+    from conftest import make_tiny_hf
+
+    from r3.chat import ChatFormat
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "u", "s", "m", "\n", "▁h", "▁he", "ll", "▁hell", "▁hello",
+              "▁w", "or", "▁world", "user", "model"]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+              *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    vocab = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(vocab), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 262 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([3, 3, 3, 2, 3, 3] + [6] * 256 + [1] * len(pieces))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template((Path(__file__).parent / "data" / "chat_templates" / "gemma3.jinja").read_text())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(6)]
+    hf = make_tiny_hf(tmp_path / "hf", "gemma3", num_hidden_layers=6, layer_types=types, vocab_size=len(tokens))
+    path = tmp_path / "gemma3.gguf"
+    _write_gguf(hf, path, "gemma3", False, ints={"attention.sliding_window": 8}, tokenizer_from=vocab)
+    model, tok = load(path)
+    assert model.config.vocab_size == len(tokens)
+    assert tok.convert_ids_to_tokens(tok("hello world")["input_ids"])[0] == "<bos>"
+    chat = ChatFormat(tok)
+    messages = [{"role": "user", "content": "hello world"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<bos><start_of_turn>user\nhello world<end_of_turn>\n<start_of_turn>model\n"
+    assert chat.prompt(messages) == tok(text, add_special_tokens=False)["input_ids"]
+    assert chat.end_of_turn_id == 5 and set(chat.stop_ids) == {1, 5}
+
+
+def test_gemma3_gguf_files_llama_cpp_would_run_otherwise_are_refused(tmp_path):
+    """What llama.cpp does not read for gemma3 (it runs five sliding layers of six at base 10000)
+    is accepted only at those values, and what r3 cannot run as llama.cpp does is refused in one
+    line: no sliding window (llama.cpp then runs full attention and a logit softcap), softcapping,
+    a scaling other than linear (llama.cpp keeps the sliding layers unscaled)."""
+    from conftest import make_tiny_hf
+
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(6)]
+    hf = make_tiny_hf(tmp_path / "hf", "gemma3", num_hidden_layers=6, layer_types=types)
+    path = tmp_path / "gemma3.gguf"
+    window = {"attention.sliding_window": 8}
+    for ints, floats in (({**window, "attention.sliding_window_pattern": 6}, {"rope.freq_base_swa": 10000.0}),):
+        _write_gguf(hf, path, "gemma3", False, ints=ints, floats=floats)
+        assert load(path, tokenizer=False)[0].config.layer_windows == [8, 8, 8, 8, 8, None]
+    for ints, floats, scaling, message in (
+            ({}, {}, None, "unsupported GGUF file: architecture gemma3 without 'gemma3.attention.sliding_window' "
+                           "(Gemma 3 has sliding-window layers)"),
+            ({"attention.sliding_window": 0}, {}, None, "unsupported GGUF file: architecture gemma3 without"),
+            (window, {"final_logit_softcapping": 30.0}, None,
+             "unsupported GGUF field 'gemma3.final_logit_softcapping' (Gemma 3 has no softcapping)"),
+            (window, {"rope.freq_base_swa": 20000.0}, None, "unsupported GGUF field 'gemma3.rope.freq_base_swa' "
+             "20000.0 (llama.cpp does not read it for architecture 'gemma3' and runs 10000)"),
+            ({**window, "attention.sliding_window_pattern": 4}, {}, None,
+             "unsupported GGUF field 'gemma3.attention.sliding_window_pattern' 4"),
+            (window, {}, ("yarn", 4.0),
+             "unsupported GGUF rope scaling 'yarn' for architecture gemma3 (supported: linear)")):
+        _write_gguf(hf, path, "gemma3", False, ints=ints, floats=floats, rope_scaling=scaling)
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value).startswith(f"{path}: {message}")
 
 
 def _llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, old_len: int):
@@ -1307,7 +1443,7 @@ def test_a_gguf_files_linear_and_yarn_rope_scaling_are_read_and_other_scalings_r
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-5
 
     for scaling, floats, message in (
-            (("longrope", 4.0), {}, "unsupported GGUF rope scaling 'longrope' (supported: linear, yarn)"),
+            (("longrope", 4.0), {}, "unsupported GGUF rope scaling 'longrope' for architecture qwen2 (supported: linear, yarn)"),
             (("yarn", 4.0), {"rope.scaling.yarn_log_multiplier": 0.1},
              "unsupported GGUF field 'qwen2.rope.scaling.yarn_log_multiplier' 0.1"),
             (("yarn", 4.0), {"rope.scaling.yarn_beta_fast": 16.0},
@@ -1373,7 +1509,7 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
-         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3)"),
+         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma3)"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({**base, "llama.rope.scaling.type": "linear"}, "missing GGUF field 'llama.rope.scaling.factor'"),
     ):
