@@ -434,6 +434,32 @@ def _gguf_field(reader: GGUFFile, key: str, path: Path, default=None, required=T
     return value
 
 
+def _gguf_integer(value) -> bool:
+    """Whether a GGUF value is an integer (of any width; not a bool, float or string)."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _gguf_count(value, key: str, path: Path, n_layers: int | None = None) -> int:
+    """A GGUF count (layers, heads, widths): a positive integer, or where llama.cpp also takes one
+    value per layer (``n_layers``: head counts, the MLP width) an array of ``n_layers`` equal ones;
+    anything else is one line naming the field (not a traceback)."""
+    import numpy as np
+
+    if isinstance(value, (list, np.ndarray)) and n_layers is not None:
+        items = value.tolist() if isinstance(value, np.ndarray) else value
+        if len(items) == n_layers and items and all(_gguf_integer(v) and v == items[0] for v in items):
+            value = items[0]
+        elif len(items) == n_layers and all(_gguf_integer(v) for v in items):
+            raise R3Error(f"{path}: unsupported GGUF field '{key}' {items!r} (one value per layer; r3 runs the "
+                          "same for every layer)")
+    if not _gguf_integer(value) or value <= 0:
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        raise R3Error(f"{path}: GGUF field '{key}' must be a positive integer, got {shown!r}")
+    return int(value)
+
+
 def gguf_config(reader, path: Path) -> dict:
     """The HF config.json dict that a GGUF file's metadata describes."""
     arch = _gguf_field(reader, "general.architecture", path)
@@ -443,24 +469,28 @@ def gguf_config(reader, path: Path) -> dict:
     def meta(key, default=None, required=True):
         return _gguf_field(reader, f"{arch}.{key}", path, default, required)
 
-    n_heads = int(meta("attention.head_count"))
-    hidden = int(meta("embedding_length"))
+    def count(key, default=None, per_layer=False):
+        return _gguf_count(meta(key, default), f"{arch}.{key}", path, n_layers if per_layer else None)
+
+    n_layers = count("block_count")
+    n_heads = count("attention.head_count", per_layer=True)
+    hidden = count("embedding_length")
     vocab = meta("vocab_size", required=False)
     if vocab is None:
         vocab = len(_gguf_field(reader, "tokenizer.ggml.tokens", path))
     tensors = {t.name: t for t in reader.tensors}
     cfg = {
         "model_type": _GGUF_ARCHS[arch],
-        "vocab_size": int(vocab),
+        "vocab_size": _gguf_count(vocab, f"{arch}.vocab_size", path),
         "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length")),
-        "num_hidden_layers": int(meta("block_count")),
+        "intermediate_size": count("feed_forward_length", per_layer=True),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(meta("attention.head_count_kv", n_heads)),
-        "head_dim": int(meta("attention.key_length", hidden // n_heads)),
+        "num_key_value_heads": count("attention.head_count_kv", n_heads, per_layer=True),
+        "head_dim": count("attention.key_length", hidden // n_heads),
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(meta("context_length", 2048)),
+        "max_position_embeddings": count("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
     }
@@ -573,20 +603,33 @@ def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
     head_dim ** -1/2, or for 62 layers (Gemma 3 27B) by (hidden / heads) ** -1/2, which is what
     Gemma3Config's ``query_pre_attn_scalar`` holds for each size. A file without a window (no
     Gemma 3: llama.cpp then runs full attention and a final logit softcap) is refused."""
+    import numpy as np
+
     window = meta("attention.sliding_window", required=False)
-    if not window:
+    if window is None or (_gguf_integer(window) and window == 0):
         raise R3Error(f"{path}: unsupported GGUF file: architecture gemma3 without "
                       "'gemma3.attention.sliding_window' (Gemma 3 has sliding-window layers)")
+    if not _gguf_integer(window) or window < 0:  # (llama.cpp reads it as one unsigned integer)
+        shown = window.tolist() if isinstance(window, np.ndarray) else window
+        raise R3Error(f"{path}: GGUF field 'gemma3.attention.sliding_window' must be a positive integer, got {shown!r}")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if meta(key, required=False) is not None:
             raise R3Error(f"{path}: unsupported GGUF field 'gemma3.{key}' (Gemma 3 has no softcapping)")
+    n_layers = cfg["num_hidden_layers"]
+    sliding = [(i + 1) % _GGUF_GEMMA3_PATTERN != 0 for i in range(n_layers)]
     for key, runs in _GGUF_GEMMA3_UNREAD.items():
         value = meta(key, required=False)
-        if value is not None and value != runs and not (
-                isinstance(value, list) and value == [(i + 1) % runs != 0 for i in range(cfg["num_hidden_layers"])]):
+        if isinstance(value, np.ndarray):  # (numeric arrays come as numpy arrays)
+            value = value.tolist()
+        if isinstance(value, list):  # (the pattern as one flag per layer, true for sliding, as llama.cpp writes it)
+            same = (key == "attention.sliding_window_pattern" and len(value) == n_layers
+                    and all(isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(value, sliding)))
+        else:
+            same = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == runs)
+        if not same:
             raise R3Error(f"{path}: unsupported GGUF field 'gemma3.{key}' {value!r} (llama.cpp does not read it "
-                          f"for architecture 'gemma3' and runs {runs:g})")
-    n_layers = cfg["num_hidden_layers"]
+                          f"for architecture 'gemma3' and runs {runs:g}"
+                          f"{': every sixth layer full' if key == 'attention.sliding_window_pattern' else ''})")
     cfg.update(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), rope_local_base_freq=10000.0,
                layer_types=["full_attention" if (i + 1) % _GGUF_GEMMA3_PATTERN == 0 else "sliding_attention"
                             for i in range(n_layers)],
@@ -727,6 +770,7 @@ def _gguf_tokenizer_settings(tok, path: Path, reader: GGUFFile | None = None):
     tok.clean_up_tokenization_spaces = False
     reader = reader or _gguf_reader(path)
     _byte_level_decoding(tok, reader, path)
+    _whitespace_user_tokens(tok, reader)
     for attr in ("add_bos_token", "add_eos_token"):
         value = _gguf_field(reader, f"tokenizer.ggml.{attr}", path, required=False)
         if isinstance(value, bool) and hasattr(tok, attr):
@@ -742,6 +786,36 @@ def _gguf_tokenizer_settings(tok, path: Path, reader: GGUFFile | None = None):
         if token is not None and getattr(tok, attr) != token:
             setattr(tok, attr, token)
     return tok
+
+
+def _whitespace_user_tokens(tok, reader: GGUFFile) -> None:
+    """llama.cpp matches every user-defined token (type 4) whole in the text, longest first, as
+    SentencePiece matches its user-defined pieces. Gemma's runs of spaces are such tokens, which
+    llama.cpp's converter writes as real spaces ("    "); transformers respells them "▁▁▁▁" for
+    its merges and then adds only the user-defined tokens it finds under the file's spelling, so
+    these were cut by merges instead (9 spaces then x came out as ▁▁▁▁ ▁▁▁▁▁ x where llama.cpp and
+    SentencePiece give ▁▁▁▁▁▁▁▁ ▁x, with ▁ runs up to 8). Each is added under its respelling,
+    matched in the normalized text, where the vocabulary holds it at the file's id."""
+    from tokenizers import AddedToken
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    types = reader.fields.get("tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or types is None or len(types) != len(tokens):
+        return
+    added = tok.get_added_vocab()
+    vocab = None
+    missing = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if int(kind) != 4 or not isinstance(token, str) or not token or token.strip(" "):
+            continue
+        respelled = "\u2581" * len(token)
+        if token in added or respelled in added:
+            continue
+        vocab = vocab if vocab is not None else tok.get_vocab()
+        if vocab.get(respelled) == i:
+            missing.append(AddedToken(respelled, normalized=True, special=False))
+    if missing:
+        tok.add_tokens(missing)
 
 
 def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:

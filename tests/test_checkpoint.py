@@ -926,13 +926,14 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                 rope_scaling: tuple[str, float] | None = None, extra: dict | None = None,
                 rope_dims: int | None = None, floats: dict | None = None, ints: dict | None = None,
-                tokenizer_from=None) -> None:
+                tokenizer_from=None, arrays: dict | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
     ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
     name -> numpy array, written in place of the model's tensor of that name or after them;
-    ``floats`` / ``ints``: more ``<arch>.<key>`` float32 / uint32 fields; ``tokenizer_from``: a GGUF
+    ``floats`` / ``ints``: more ``<arch>.<key>`` float32 / uint32 fields; ``arrays``: ``<arch>.<key>``
+    arrays (gguf's writer picks the item type: bool, int or float); ``tokenizer_from``: a GGUF
     file whose ``tokenizer.*`` fields are copied, as llama.cpp writes them."""
     import gguf
     import numpy as np
@@ -951,6 +952,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         w.add_float32(f"{arch}.{key}", value)
     for key, value in (ints or {}).items():
         w.add_uint32(f"{arch}.{key}", value)
+    for key, value in (arrays or {}).items():
+        w.add_array(f"{arch}.{key}", value)
     if tokenizer_from is not None:
         src = gguf.GGUFReader(str(tokenizer_from))
         for key, field in src.fields.items():
@@ -1144,6 +1147,47 @@ def test_a_gemma3_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path,
     assert chat.end_of_turn_id == 5 and set(chat.stop_ids) == {1, 5}
 
 
+def test_a_gemma3_gguf_vocabulary_matches_its_runs_of_spaces_whole_as_llama_cpp(tmp_path, monkeypatch):
+    """Gemma's runs of spaces are user-defined tokens, which llama.cpp's converter writes as real
+    spaces and llama.cpp (as SentencePiece) matches whole in the text, longest first: 9 spaces
+    before y are the token of 8 spaces and then ▁y, 17 two of 8 and ▁y. transformers respells
+    them ▁▁... for its merges and did not add them, so merges cut the run otherwise (▁▁▁▁ ▁▁▁▁▁ y);
+    also when the tokenizer comes from the cache a converted file left."""
+    import gguf
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    spaces = [" " * k for k in range(2, 9)]
+    pieces = ["▁", "x", "y", "z", "▁x", "▁y", "▁z", "xy"]
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", *spaces,
+              *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([-1000.0] * (7 + len(spaces)) + [0.0] * 256 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types([3, 3, 3, 2, 3, 3, 4] + [4] * len(spaces) + [6] * 256 + [1] * len(pieces))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = {token.replace(" ", "▁"): i for i, token in enumerate(tokens)}
+    for _ in range(2):  # (converted, then from the cache)
+        tok = checkpoint.load_tokenizer(path)
+        for text, want in (("x" + " " * 9 + "y", ["x", "▁" * 8, "▁y"]), ("x" + " " * 5 + "y", ["x", "▁" * 5, "y"]),
+                           ("x" + " " * 17 + "y\n   z", ["x", "▁" * 8, "▁" * 8, "▁y", "\n", "▁▁▁", "z"]),
+                           ("x y", ["x", "▁y"]), ("x  y", ["x", "▁▁", "y"])):
+            got = tok(text, add_special_tokens=False)["input_ids"]
+            assert got == [ids[t] for t in want], (text, tok.convert_ids_to_tokens(got))
+            assert tok.decode(got) == text
+
+
 def test_gemma3_gguf_files_llama_cpp_would_run_otherwise_are_refused(tmp_path):
     """What llama.cpp does not read for gemma3 (it runs five sliding layers of six at base 10000)
     is accepted only at those values, and what r3 cannot run as llama.cpp does is refused in one
@@ -1174,6 +1218,77 @@ def test_gemma3_gguf_files_llama_cpp_would_run_otherwise_are_refused(tmp_path):
         with pytest.raises(R3Error) as e:
             load(path, tokenizer=False)
         assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_gemma3_gguf_array_and_mistyped_fields_load_or_are_refused_in_one_line(tmp_path):
+    """A GGUF array comes back as a numpy array: the sliding-window pattern written as one flag
+    per layer (true for sliding, bools or 0/1 ints, as llama.cpp's converters write it for other
+    architectures) loads when it is llama.cpp's every-sixth-layer pattern, and is refused in one
+    line when it is another (or another length); a window that is not one positive integer
+    (llama.cpp reads it as one uint32) is refused, not truncated (8.5 ran as 8) nor a traceback."""
+    from conftest import make_tiny_hf
+
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(6)]
+    hf = make_tiny_hf(tmp_path / "hf", "gemma3", num_hidden_layers=6, layer_types=types)
+    path = tmp_path / "gemma3.gguf"
+    window = {"attention.sliding_window": 8}
+    for flags in ([True] * 5 + [False], [1] * 5 + [0]):
+        _write_gguf(hf, path, "gemma3", False, ints=window, arrays={"attention.sliding_window_pattern": flags})
+        assert load(path, tokenizer=False)[0].config.layer_windows == [8, 8, 8, 8, 8, None]
+    pattern = "unsupported GGUF field 'gemma3.attention.sliding_window_pattern'"
+    for ints, floats, arrays, message in (
+            (window, {}, {"attention.sliding_window_pattern": [True] * 4 + [False] * 2},
+             f"{pattern} [True, True, True, True, False, False] (llama.cpp does not read it for architecture "
+             "'gemma3' and runs 6: every sixth layer full)"),
+            (window, {}, {"attention.sliding_window_pattern": [True] * 5}, f"{pattern} [True, True, True, True, True]"),
+            (window, {}, {"rope.freq_base_swa": [10000.0] * 6}, "unsupported GGUF field 'gemma3.rope.freq_base_swa' "
+             "[10000.0, 10000.0, 10000.0, 10000.0, 10000.0, 10000.0]"),
+            ({}, {"attention.sliding_window": 8.5}, {},
+             "GGUF field 'gemma3.attention.sliding_window' must be a positive integer, got 8.5"),
+            ({}, {}, {"attention.sliding_window": [8] * 6},
+             "GGUF field 'gemma3.attention.sliding_window' must be a positive integer, got [8, 8, 8, 8, 8, 8]")):
+        _write_gguf(hf, path, "gemma3", False, ints=ints, floats=floats, arrays=arrays)
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value) == f"{path}: {message}" or str(e.value).startswith(f"{path}: {message} (")
+
+
+def test_gguf_counts_given_per_layer_or_out_of_range_read_as_llama_cpp_or_are_refused(tmp_path):
+    """llama.cpp takes the head counts and the MLP width as one value or one per layer: an array of
+    equal values reads as that value, one of differing values is refused (r3 runs one for every
+    layer), and a count that is zero, negative, a float or a string is one line naming the field
+    (a head count of 0 was a ZeroDivisionError, an array a TypeError)."""
+    import numpy as np
+
+    from r3.gguf_file import GGUFFile
+
+    path = tmp_path / "m.gguf"
+    base = {"general.architecture": "gemma3", "gemma3.attention.head_count": 4, "gemma3.embedding_length": 48,
+            "gemma3.feed_forward_length": 96, "gemma3.block_count": 6, "tokenizer.ggml.tokens": ["a"] * 300,
+            "gemma3.attention.sliding_window": 8, "gemma3.attention.head_count_kv": 2}
+
+    def config(**fields):
+        return checkpoint.gguf_config(GGUFFile(path, 3, {**base, **fields}, []), path)
+
+    same = config(**{f"gemma3.{k}": np.array([v] * 6, dtype=np.uint32) for k, v in (
+        ("attention.head_count", 4), ("attention.head_count_kv", 2), ("feed_forward_length", 96))})
+    assert {k: v for k, v in same.items() if k in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
+                                                    "head_dim")} == {
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "head_dim": 12}
+    for fields, message in (
+            ({"gemma3.attention.head_count_kv": np.array([2, 2, 2, 2, 2, 4], dtype=np.uint32)},
+             "unsupported GGUF field 'gemma3.attention.head_count_kv' [2, 2, 2, 2, 2, 4] (one value per layer; "
+             "r3 runs the same for every layer)"),
+            ({"gemma3.attention.head_count": 0}, "GGUF field 'gemma3.attention.head_count' must be a positive integer, got 0"),
+            ({"gemma3.attention.head_count": np.array([4, 4], dtype=np.uint32)},
+             "GGUF field 'gemma3.attention.head_count' must be a positive integer, got [4, 4]"),
+            ({"gemma3.block_count": -2}, "GGUF field 'gemma3.block_count' must be a positive integer, got -2"),
+            ({"gemma3.embedding_length": 48.0}, "GGUF field 'gemma3.embedding_length' must be a positive integer, got 48.0"),
+            ({"gemma3.attention.key_length": 0}, "GGUF field 'gemma3.attention.key_length' must be a positive integer, got 0"),
+            ({"gemma3.context_length": "4096"}, "GGUF field 'gemma3.context_length' must be a positive integer, got '4096'")):
+        with pytest.raises(R3Error) as e:
+            config(**fields)
+        assert str(e.value) == f"{path}: {message}"
 
 
 def _llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, old_len: int):
