@@ -145,7 +145,8 @@ INT_TOOLS = [
     ({"days": 3, "ratio": 25}, {"days": 3, "ratio": 25.0}, True),  # an int where a float is declared: fine
     ({"days": 3, "ratio": 25.0}, {"days": 3, "ratio": 25}, True),  # (the reference writes a float-typed value as an int)
     ({"days": 3.0}, {"days": 3.0}, True),  # (the reference itself writes a float there: no stricter than it)
-    ({"days": 3, "sizes": [1.0, 2]}, {"days": 3, "sizes": [1, 2]}, True),  # (top-level parameters only)
+    ({"days": 3, "sizes": [1, 2]}, {"days": 3, "sizes": [1, 2]}, True),
+    ({"days": 3, "sizes": [1.0, 2]}, {"days": 3, "sizes": [1, 2]}, False),  # (List[int]: each item as well)
 ])
 def test_an_integer_parameter_written_as_a_float_is_not_paid(answer, reference, paid):
     """A parameter the tool declares as an integer (xlam's ``int``, ``int, optional``) holding
@@ -165,6 +166,105 @@ def test_integer_parameters_in_json_schema_form(answer, paid):
     ex = dict(EX, tools=json.dumps(INT_TOOLS), answers=dumps([{"name": "schema", "arguments": {"n": 2, "m": 1}}]))
     text = dumps([{"name": "schema", "arguments": answer}])
     assert FC.verify(ex, text) is paid and recheck(FC, ex, text)[0] is paid
+
+
+LIST_TOOLS = [
+    {"name": "grid", "description": "Integer lists.",
+     "parameters": {"row": {"description": "A row.", "type": "List[int]"},
+                    "rows": {"description": "Rows.", "type": "List[List[int]], optional", "default": []},
+                    "maybe": {"description": "Maybe.", "type": "Optional[List[int]]"},
+                    "values": {"description": "Values.", "type": "List[float]"},
+                    "mixed": {"description": "Mixed.", "type": "List[Union[int, float]]"}}},
+    {"name": "schema_grid", "description": "JSON Schema.",
+     "parameters": {"type": "object", "properties": {
+         "ks": {"type": "array", "items": {"type": "integer"}},
+         "xs": {"type": "array", "items": {"type": "number"}}}}},
+]
+
+
+@pytest.mark.parametrize("name,answer,reference,paid", [
+    ("grid", {"row": [55, 51]}, {"row": [55, 51]}, True),
+    ("grid", {"row": [55.0, 51.0]}, {"row": [55, 51]}, False),  # a float where List[int] has an integer
+    ("grid", {"row": [55, 51e0]}, {"row": [55, 51]}, False),
+    ("grid", {"row": [1], "rows": [[1, 2], [3.0]]}, {"row": [1], "rows": [[1, 2], [3]]}, False),  # nested
+    ("grid", {"maybe": [2.0]}, {"maybe": [2]}, False),  # (Optional[List[int]])
+    ("grid", {"values": [1.0, 2.0]}, {"values": [1, 2]}, True),  # (List[float]: by value, as before)
+    ("grid", {"mixed": [1.0]}, {"mixed": [1]}, True),  # (not declared as integers alone)
+    ("grid", {"row": [2.5]}, {"row": [2.5]}, True),  # (no stricter than the reference)
+    ("schema_grid", {"ks": [1.0], "xs": [1.0]}, {"ks": [1], "xs": [1]}, False),
+    ("schema_grid", {"ks": [1], "xs": [1.0]}, {"ks": [1], "xs": [1]}, True),
+])
+def test_an_integer_item_of_a_list_of_integers_written_as_a_float_is_not_paid(name, answer, reference, paid):
+    """Both implementations paid ``[55.0, 51.0]`` for a ``List[int]`` parameter whose reference is
+    ``[55, 51]``: the integer rule read only top-level parameters, while a Python tool given those
+    items fails the same way (``range(55.0)``, ``xs[1.0]``) and BFCL's checker refuses a float item
+    in an integer array as it does a float for an integer."""
+    ex = dict(EX, tools=json.dumps(LIST_TOOLS), answers=dumps([{"name": name, "arguments": reference}]))
+    text = dumps([{"name": name, "arguments": answer}])
+    assert FC.verify(ex, text) is paid, FC.diagnose(ex, text)
+    assert recheck(FC, ex, text)[0] is paid  # the independent implementation agrees
+
+
+@pytest.mark.parametrize("declared,paid", [
+    ("int, optional", False), ("int,optional", False), ("int ,optional", False), ("INT , Optional", False),
+    ("Optional[int]", False), ("int, optional, optional", True), ("int optional", True), ("str, optional", True),
+])
+def test_an_integer_declared_without_the_usual_blank_is_one_in_both(declared, paid):
+    """The verifier read ``int,optional`` (no blank after the comma) as no integer type and paid
+    ``3.0`` for ``3``, while the re-check refused it: the two disagreed on such a declaration."""
+    ex = dict(EX, tools=json.dumps([{"name": "f", "description": "", "parameters": {"x": {"type": declared}}}]),
+              answers=dumps([{"name": "f", "arguments": {"x": 3}}]))
+    text = dumps([{"name": "f", "arguments": {"x": 3.0}}])
+    assert FC.verify(ex, text) is paid and recheck(FC, ex, text)[0] is paid
+
+
+def test_integer_types_agree_with_the_recheck_on_random_declarations():
+    """The two implementations read the same declared types as integers (or lists of them) on
+    random type strings and JSON Schema specs built from the pieces that matter."""
+    import random
+
+    pieces = ["List[", "list[", "Optional[", "int", "integer", "Int", "]", " ", ", optional", "float", "[", "Union[",
+              ",optional", " ,", ",", "\t", "Optional"]
+    rng = random.Random(2)
+    for _ in range(3_000):
+        if rng.random() < 0.8:
+            spec = {"type": "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))}
+        else:
+            spec = {"type": rng.choice(["integer", "int", "number", "List[int]", "Array"])}
+            for _ in range(rng.randint(1, 3)):
+                spec = {"type": rng.choice(["array", "Array", " array", "list"]), "items": spec}
+        for ref, answer in (([1, 2], [1.0, 2]), (3, 3.0), ([[1]], [[1.0]])):
+            ex = dict(EX, tools=json.dumps([{"name": "f", "description": "", "parameters": {"x": spec}}]),
+                      answers=dumps([{"name": "f", "arguments": {"x": ref}}]))
+            text = dumps([{"name": "f", "arguments": {"x": answer}}])
+            assert FC.verify(ex, text) == recheck(FC, ex, text)[0], spec
+
+
+ONE_CALL = dict(EX, answers=dumps(CALLS[:1]))
+NO_CALLS = dict(EX, answers="[]")
+
+
+@pytest.mark.parametrize("example,completion,ok", [
+    # OpenAI's legacy assistant message: one call under "function_call" (arguments as a JSON string)
+    (ONE_CALL, json.dumps({"function_call": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}), True),
+    (ONE_CALL, json.dumps({"role": "assistant", "content": None, "function_call": CALLS[0]}), True),
+    (ONE_CALL, "Sure.\n" + json.dumps({"Function_Call": CALLS[0]}), True),
+    (EX, json.dumps([{"function_call": c} for c in CALLS]), True),
+    # ... with the rules of any wrapper: nothing else beside it, a wrong call stays wrong
+    (ONE_CALL, json.dumps({"function_call": CALLS[0], "dry_run": True}), False),
+    (ONE_CALL, json.dumps({"function_call": CALLS[0], "content": "Calling it."}), False),
+    (ONE_CALL, json.dumps({"function_call": CALLS[1]}), False),
+    (ONE_CALL, json.dumps({"function_call": CALLS[0], "tool_calls": [CALLS[0]]}), False),
+    (NO_CALLS, json.dumps({"function_call": []}), False),  # (no calls: only {"tool_calls": []})
+    (ONE_CALL, json.dumps({"function_call": {"name": "get_weather", "arguments": {"city": "Paris"},
+                                             "then": "reset()"}}), False),
+])
+def test_openai_legacy_function_call_wrapper(example, completion, ok):
+    """Both implementations refused OpenAI's legacy ``{"function_call": {call}}`` message (the
+    right call under a wrapper key they did not know), which an OpenAI-style harness runs as that
+    one call; it now reads as the other wrappers do."""
+    assert FC.verify(example, completion) is ok, FC.diagnose(example, completion)
+    assert recheck(FC, example, completion)[0] is ok  # the independent implementation agrees
 
 
 def test_single_call_object_and_empty_list():
@@ -1488,7 +1588,7 @@ def test_later_call_search_agrees_with_the_recheck_on_random_text():
         "tool_call", "<tool_call", "function_calls", "9", "1get_weather", "tool\u2581call", "to=functions.", "to",
         "\u273ffunction\u273f", "name:", "\narguments:", "parameters :", "\n", "- ", "function:", "args:", "<function",
         "<|recipient", "input :", "\n  \n", "tool:", "&lt;", "&gt;", "&#40;", "&#x28;", "&", "\\", "</", "<convert",
-        "<get_weather>", "/>", "&lt;tool_call&gt;"]
+        "<get_weather>", "/>", "&lt;tool_call&gt;", "```", "~~~", "tool_code", "\uff54ool_code", "\u200b"]
     names = ["get_weather", "convert", "is_valid", "strasse_info", "get_offers"]
     rng = random.Random(0)
     verdicts = []
@@ -1673,6 +1773,76 @@ def test_python_tag_outside_the_answer_is_another_call(completion, ok):
     call as code to run), so the reward paid for a reply that also asks to run code."""
     assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
     assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
+
+
+@pytest.mark.parametrize(
+    "completion,ok",
+    [
+        # Gemma 3's ```tool_code fence holds Python its harness evaluates: beside the JSON answer a
+        # call there that the call search reads as prose elsewhere ("wipe(1)") is run instead
+        ("```json\n" + GOOD + "\n```", True),
+        (GOOD + "\n```tool_code\nwipe(1)\n```", False),
+        ("```tool_code\nshutdown(now)\n```\n" + GOOD, False),
+        ("```json\n" + GOOD + "\n```\n```tool_code\nprint(x)\n```", False),
+        (GOOD + "\n~~~ TOOL_CODE\nwipe(1)\n~~~", False),
+        (GOOD + "\n```\uff54\uff4f\uff4f\uff4c_code\nwipe(1)\n```", False),  # (full-width)
+        ("```tool_code\n" + GOOD + "\n```", False),  # (evaluated as Python: a list of dicts, no call)
+        (dumps([dict(c, id="```tool_code") for c in CALLS]), False),  # (in a string beside the calls)
+        (GOOD + "\nNo tool_code was needed.", True),  # (the word in prose)
+        (GOOD + "\n```python\nwipe(1)\n```", True),  # (a python fence is shown, not run: prose as before)
+        # OLMo 3's <function_calls> block holds Python calls, one a line: its harness reads no JSON
+        # there, and a line beside the JSON ("wipe(1)") is a call
+        ("<function_calls>\n" + "\n".join(json.dumps(c) for c in CALLS) + "\nwipe(1)\n</function_calls>", False),
+        ("<function_calls>\n" + GOOD + "\n</function_calls>", False),
+        ("<tool_calls>\n" + GOOD + "\n</tool_calls>\nwipe(1)", True),  # (Jamba's / MiniMax's JSON block)
+        ("\n".join("<function_call> " + json.dumps(c) for c in CALLS), True),  # (Granite's)
+        # Llama's <|python_tag|> opens a message for its code interpreter: text after the calls is code
+        ("<|python_tag|>" + "; ".join(json.dumps(c) for c in CALLS) + "<|eom_id|>", True),
+        ("Sure.\n<|python_tag|>" + GOOD + " <|eot_id|>\n", True),  # (the reply's text before the tag)
+        ("<|python_tag|>" + GOOD + "\nwipe(1)", False),
+        ("<|python_tag|>" + "; ".join(json.dumps(c) for c in CALLS) + "; wipe(1)", False),
+        ("<|python_tag|>" + GOOD + "\nprint(x)<|eom_id|>", False),
+        ("<| Python_Tag |>" + GOOD + "\n\nI hope this helps.", False),
+        # ... and so is what a run passes over after it: only markup may stand there
+        ("<|python_tag|>[wipe(1)]; " + "; ".join(json.dumps(c) for c in CALLS), False),
+        ("<|python_tag|>[wipe(1)] " + GOOD, False),
+        ("<|python_tag|>```json\n" + GOOD + "\n```", False),
+        ("<|python_tag|>[TOOL_CALLS] " + GOOD, False),
+        ("<|python_tag|><|start|>" + GOOD + "<|eom_id|>", True),
+        (GOOD + "\nwipe(1)", True),  # (without the tag, "f(x)" after the answer stays prose)
+    ],
+)
+def test_code_a_models_harness_runs_beside_the_calls_is_no_answer(completion, ok):
+    """Both implementations paid the right JSON calls beside code that the call search reads as
+    prose ("wipe(1)", "print(x)": a name, a parenthesis, a number or a bare name) where a family r3
+    trains has its harness run it: in Gemma 3's ```tool_code fence (its harness evaluates the
+    Python there), in OLMo 3's <function_calls> block (Python calls, one a line; r3 passed over that
+    tag as markup that wraps JSON) and after Llama's <|python_tag|> (the rest of the message is
+    code for its interpreter, as the module docstring said; only code before the calls was read)."""
+    assert FC.verify(EX, completion) is ok, FC.diagnose(EX, completion)
+    assert recheck(FC, EX, completion)[0] is ok  # the independent implementation agrees
+
+
+def test_code_contexts_agree_with_the_recheck_on_random_completions():
+    """The two implementations agree on random completions built from the pieces the rules above
+    read: <|python_tag|> in several spellings, markup, blanks, prose and "wipe(1)" beside the
+    calls, fences with and without tool_code, <function_calls>, reasoning blocks."""
+    calls = [json.dumps(c) for c in CALLS]
+    pieces = calls * 3 + [GOOD] * 3 + [
+        "<|python_tag|>", "<| python_tag |>", "<|Python_Tag|>", "\uff1c|python_tag|\uff1e", "<|python_tag",
+        "<|eom_id|>", "<|eot_id|>", "<x>", "<", ">", "<>", " ", "\n", "; ", ",", "\u200b", "\u00a0", "wipe(1)",
+        "print(x)", "Done.", "```tool_code\n", "``` tool_code\n", "~~~TOOL_CODE\n", "```\n", "```json\n",
+        "```python\n", "tool_code", "```tool_codes\n", "`tool_code`", "<function_calls>", "</function_calls>",
+        "<function_call>", "<tool_calls>", "<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]",
+        "<" + "x" * 200 + ">", "<" + "x" * 199 + ">", "\uff1ceom\uff1e", "\ufe64x\ufe65"]
+    rng = random.Random(1)
+    paid = 0
+    for _ in range(4_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        ok = FC.verify(EX, text)
+        paid += ok
+        assert ok == recheck(FC, EX, text)[0], repr(text)
+    assert paid > 100  # (the pieces make right answers too)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1867,6 +2037,9 @@ _FC_SHAPES = {
     "fences": lambda n: "```json\n" * n + "[" + _CALL + "]",
     "prose-calls": lambda n: "get_weather(city='Paris') " * (n // 10),
     "loose-string": lambda n: '{"tool_calls": [' + _CALL + '], "note": "' + "a_b (" * n + '"}',
+    "python-tag-markup": lambda n: "<|python_tag|>[" + _CALL + "]" + " <|eom_id|>" * (n // 5) + "<" * n,
+    "python-tag-scan": lambda n: "<|python_tag|>[" + _CALL + "]\n" + "<|  \t" * n,
+    "tool-code-fences": lambda n: "[" + _CALL + "]\n" + "```  \t" * n + "~~~" * n,
 }
 
 

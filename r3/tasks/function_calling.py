@@ -34,13 +34,14 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   ``2)``, ``-``, ``*``) and complete structures without a key; a call may not hide in what a run
   passes over (as in loose strings, below; markup that wraps JSON calls is fine: Mistral's
   ``[TOOL_CALLS]``, ``<tool_calls>``, Granite's ``<function_call>`` and ``<|tool_call|>``, Llama's
-  ``<|python_tag|>``). So Hermes / Qwen blocks
+  ``<|python_tag|>``; not OLMo 3's ``<function_calls>``, a block of Python calls). So Hermes / Qwen
+  blocks
   (``<tool_call>{a}</tool_call>\\n<tool_call>{b}</tool_call>``), Llama's ``{a}; {b}`` and
   ``[a]\\n[b]`` are one run each. The answer is the calls of all attempts, in order. Each must be
   complete valid JSON and a call list (``[]`` included), a single call object, or a wrapper (an
   object without a ``"name"`` whose one object-or-list value is one, under a key of
   :data:`_WRAPPER_KEYS` in any letter case: ``{"tool_calls": [...]}``, ``{"type": "function",
-  "function": {call}}``, also nested; beside it only ``id`` and ``role`` with a string, number,
+  "function": {call}}``, OpenAI's legacy ``{"function_call": {call}}``, also nested; beside it only ``id`` and ``role`` with a string, number,
   boolean or null, ``type`` as ``"function"`` and ``content`` as null or ``""``: any other key may
   negate or change the calls, ``"dry_run": true``, ``"tool_choice": "none"``, or hold another call,
   so it is no answer, as are ``{"do_not_call": [...]}`` and ``{"function": "f", "args": []}``; a
@@ -64,9 +65,9 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   text with no opening tag (a bare list, ``{a}; {b}``, labelled calls; a stray ``</tool_call>``) are fine. A broken,
   truncated or invalid attempt anywhere is no answer, and nothing inside a structure is searched
   separately (``[{right call}, {broken call}]`` is no answer, not the right call alone). A
-  leading reasoning block (the completion opens with ``<think>``, up to its first ``</think>``,
-  where a reasoning parser splits it) is reasoning, not calls: its attempts are not read, so an
-  answer only inside it is no answer, a bracket left open in it (``[0, 100)``) reaches no further
+  leading reasoning block (the completion opens with ``<think>``, after blanks, up to its first
+  ``</think>``, where a reasoning parser splits it) is reasoning, not calls: its attempts are not
+  read, so an answer only inside it is no answer, a bracket left open in it (``[0, 100)``) reaches no further
   than its end, and a block never closed leaves no answer. A ``</think>``
   without that opening is text (r3 renders Qwen3 prompts with the think block closed; where a
   generation prompt opens it, as DeepSeek-R1-Distill's ``<think>\\n``, the reply's text starts
@@ -90,7 +91,13 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   (``reset()``, ``delete_files(path="/")``), other models' call syntax (``<function=name>``, an
   opening ``<tool_call>`` tag, ``<function ...>``, ``<invoke``, ``[TOOL_CALLS]``, ``>>>name``,
   ``<|recipient|>``, Llama's ``<|python_tag|>`` (what follows it outside the runs is code for its
-  interpreter: ``<|python_tag|>exec(s)``), ``Action Input:``, DeepSeek's and gpt-oss's markers,
+  interpreter: ``<|python_tag|>exec(s)``; with one anywhere after the reasoning block, the text
+  outside the runs after the first one holds only blank-looking characters and markup in angle
+  brackets, and the runs pass over markup alone: ``<|python_tag|>{a}\\nwipe(1)``,
+  ``<|python_tag|>{a} Done.`` and ``<|python_tag|>[wipe(1)] {a}`` are no answer), OLMo 3's
+  ``<function_calls>`` (a block of Python calls, one a line: JSON in it is no answer), Gemma 3's
+  code fence opened as ``tool_code`` (three backquotes or tildes: Python its harness evaluates,
+  so ``wipe(1)`` in one beside the answer is a call), ``Action Input:``, DeepSeek's and gpt-oss's markers,
   ``✿FUNCTION✿``,
   ``name:`` and ``arguments:`` lines within 8 lines of each other, also ``method:`` /
   ``params:``, ``tool:`` / ``tool_input:``, ``toolName:`` / ``toolArgs:``, ``Tool Name:`` /
@@ -116,7 +123,10 @@ Verifier rules (see :func:`parse_calls` and :func:`calls_match`):
   same name and same arguments -- no missing or extra argument (even one equal to its default);
   numbers compare by value (``100 == 100.0``), except that a parameter the tool declares as an
   integer (``int``, ``int, optional``, ``integer``) must hold an integer where the reference
-  does (``3.0`` for ``3`` fails in a harness: ``range(3.0)``; BFCL refuses it), and booleans are
+  does (``3.0`` for ``3`` fails in a harness: ``range(3.0)``; BFCL refuses it), and so must each
+  item the reference gives an integer in one declared as a list of integers (``List[int]``,
+  ``List[List[int]]``, JSON Schema's array of ``integer``: ``[55.0, 51]`` for ``[55, 51]``
+  fails), and booleans are
   not numbers (``true != 1``); strings compare exactly; lists in order; objects recursively;
 * completions over ``MAX_COMPLETION_CHARS``, structures over ``MAX_JSON_CHARS`` or nested deeper
   than ``MAX_DEPTH`` are wrong.
@@ -343,8 +353,9 @@ _NAME_KEYS = frozenset({"function", "function_name", "functionname", "func", "fn
 # The keys a wrapper of no calls may have ({"tool_calls": []}).
 _EMPTY_WRAPPER_KEYS = frozenset({"tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools"})
 # The keys (any letter case) a wrapper may hold its calls under ({"type": "function", "function": {call}}
-# too), and the keys beside them: scalars, "type" only as "function", "content" only null or "".
-_WRAPPER_KEYS = _EMPTY_WRAPPER_KEYS | {"function"}
+# too, and OpenAI's legacy {"role": "assistant", "content": null, "function_call": {call}}), and the
+# keys beside them: scalars, "type" only as "function", "content" only null or "".
+_WRAPPER_KEYS = _EMPTY_WRAPPER_KEYS | {"function", "function_call"}
 _WRAPPER_META = frozenset({"id", "type", "role", "content"})
 _BLANK_LIST = re.compile(r"\[[\s\u200b-\u200f\u2060\ufeff]*\]")
 
@@ -692,12 +703,15 @@ _KEYWORD_OPENER = re.compile(r"\)|[a-z_][a-z0-9_]*\s*=(?!=)")
 
 # Other models' tool-call syntax: Llama 3's <function=name> (any <function ...> tag), an opening
 # <tool_call> or <tool_calls> tag (Hermes, GLM's "<tool_call>name"), Anthropic's <invoke>,
-# <function_calls>, Mistral's [TOOL_CALLS], Kimi's <|tool_call...|>, functionary's ">>>name" and
-# <|recipient|>, Llama's <|python_tag|> (code for its interpreter where no call follows), ReAct's
+# <function_calls> (also OLMo 3's block of Python calls, one a line: JSON in it is not what its
+# harness reads, and "wipe(1)" beside it is a call there), Gemma 3's ```tool_code fence (Python
+# its harness evaluates, "wipe(1)" too), Mistral's [TOOL_CALLS], Kimi's <|tool_call...|>,
+# functionary's ">>>name" and <|recipient|>, Llama's <|python_tag|> (code for its interpreter where no call follows), ReAct's
 # "Action Input:", DeepSeek's tool▁call, gpt-oss's "to=functions.", Qwen-Agent's ✿FUNCTION✿; and
 # "name: f" and "arguments:" lines (YAML, :func:`_yaml_call`).
 _CALL_MARKER = re.compile(r"<\s*(?:tool_calls?|invoke|function_calls?|function)(?![a-z0-9_])"
                           r"|\[\s*tool_calls\s*\]|<\|\s*(?:tool_call|recipient|python_tag)|>>>\s*[a-z_]"
+                          r"|(?:```|~~~)[ \t]*tool_code"
                           r"|action\s*input\s*:"
                           r"|tool\u2581call|\bto\s*=\s*functions\.|\u273ffunction\u273f")
 _YAML_MARK = re.compile(r"[-*+>\u2022]|[0-9]{1,3}[.)]")  # (a list item or a quote)
@@ -890,8 +904,9 @@ def _attempt_in(folded: str) -> str | None:
 
 # Markup that wraps JSON calls and is part of the answer where a run passes over it: Mistral's
 # [TOOL_CALLS], Jamba's and MiniMax's <tool_calls>, Granite's <function_call> and <|tool_call|>, Llama's
-# <|python_tag|>.
-_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_calls?)\s*>"
+# <|python_tag|>. (Not <function_calls>: OLMo 3's harness reads Python calls in that block, not JSON.)
+_PYTHON_TAG = re.compile(r"<\|\s*python_tag")  # (in folded text)
+_LEAD_IN = re.compile(r"\[\s*tool_calls\s*\]|<\s*/?\s*(?:tool_calls|function_call)\s*>"
                       r"|<\|\s*(?:tool_call|python_tag)\s*\|>")
 
 
@@ -944,23 +959,31 @@ def values_equal(a: Any, b: Any, _depth: int = 0) -> bool:
     return False
 
 
-def _integer_type(spec: Any) -> bool:
-    """Whether a parameter's spec declares an integer: xlam's ``int`` / ``int, optional``, JSON
-    Schema's ``integer``, ``Optional[int]``."""
+def _integer_type(spec: Any, _depth: int = 0) -> bool:
+    """Whether a parameter's spec declares an integer or a list of them (nested too): xlam's ``int``
+    / ``int, optional``, JSON Schema's ``integer``, ``Optional[int]``; ``List[int]``,
+    ``List[List[int]]``, JSON Schema's ``array`` whose ``items`` are integers."""
     t = spec.get("type") if isinstance(spec, dict) else None
     if not isinstance(t, str):
         return False
-    t = t.strip().lower().removesuffix(", optional").strip()
+    if t.strip().lower() == "array" and _depth < MAX_DEPTH:
+        return _integer_type(spec.get("items"), _depth + 1)
+    t = t.strip().lower()
+    head, comma, tail = t.rpartition(",")
+    if comma and tail.strip() == "optional":  # ("int, optional", also "int,optional")
+        t = head.strip()
     if t.startswith("optional[") and t.endswith("]"):
         t = t[len("optional["):-1].strip()
+    while t.startswith("list[") and t.endswith("]"):
+        t = t[len("list["):-1].strip()
     return t in ("int", "integer")
 
 
 def integer_parameters(tools: Any) -> dict[str, frozenset[str]]:
-    """``{function name: its top-level parameters declared as integers}`` from a tools list (xlam's
-    ``parameters: {name: {"type": ...}}`` or JSON Schema's ``properties``). Where the reference
-    gives such a parameter an integer, a float (``3.0``) is another value to a harness: Python's
-    ``range(3.0)`` raises, and BFCL refuses it."""
+    """``{function name: its top-level parameters declared as integers or lists of them}`` from a
+    tools list (xlam's ``parameters: {name: {"type": ...}}`` or JSON Schema's ``properties``).
+    Where the reference gives such a parameter an integer (or a list item one), a float (``3.0``)
+    is another value to a harness: Python's ``range(3.0)`` raises, and BFCL refuses it."""
     out: dict[str, frozenset[str]] = {}
     for tool in tools if isinstance(tools, list) else ():
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
@@ -975,11 +998,20 @@ def integer_parameters(tools: Any) -> dict[str, frozenset[str]]:
     return out
 
 
+def _whole_where_whole(got: Any, want: Any) -> bool:
+    """``got`` (equal in value to ``want``) holds an integer wherever ``want`` does, list items too."""
+    if isinstance(want, int) and not isinstance(want, bool):
+        return not isinstance(got, float)
+    if isinstance(want, list) and isinstance(got, list):
+        return all(_whole_where_whole(g, w) for g, w in zip(got, want))
+    return True
+
+
 def _integers_kept(p: dict, r: dict, integers: dict[str, frozenset[str]]) -> bool:
-    """No parameter declared as an integer holds a float where the reference holds an integer."""
+    """No parameter declared as an integer (or a list of them) holds a float where the reference
+    holds an integer."""
     for key in integers.get(r["name"], ()):
-        want, got = r["arguments"].get(key), p["arguments"].get(key)
-        if isinstance(want, int) and not isinstance(want, bool) and isinstance(got, float):
+        if not _whole_where_whole(p["arguments"].get(key), r["arguments"].get(key)):
             return False
     return True
 
@@ -1179,6 +1211,14 @@ class FunctionCallingTask(Task):
             other = "name: ... arguments: ..."
         if other:
             return False, f"another call of {other[:60]!r} in call syntax"
+        # Llama's <|python_tag|> opens a message for its code interpreter: all the text after it is
+        # code ("wipe(1)" too), so with one anywhere after the reasoning block, nothing but blanks
+        # and markup (<|eom_id|>) may stand outside the runs after the first one, and a run passes
+        # over nothing but markup (no "[wipe(1)]" before a call, no fence, list mark or tag id)
+        beside = not all(_separators(m, 0, len(m)) for m in (_ANGLED.sub("", f) for f in outside[1:]))
+        if (beside or any(p and p[0] not in "<\ufe64\uff1c" for p in passed)) \
+                and _PYTHON_TAG.search(_fold(completion_text[bounds[0]:])):
+            return False, "text beside the calls after <|python_tag|> (code for Llama's interpreter)"
         within = _hidden_in_folded([f for f in map(_fold, passed) if not _LEAD_IN.fullmatch(f)], names)
         if within:
             return False, f"a call {within[:60]!r} between the calls"

@@ -1650,7 +1650,7 @@ def _fc_yield(v):
             return None
         holder = structures[0]
         if holder.casefold() not in ("tool_calls", "calls", "function_calls", "functions", "tool_uses", "tools",
-                                     "function"):
+                                     "function", "function_call"):  # (the last: OpenAI's legacy message)
             return None  # ({"do_not_call": [...]}, {"rejected_calls": [...]}: not calls)
         for key, x in v.items():
             if key == holder:
@@ -1814,7 +1814,8 @@ def _fc_opens_like_a_call(folded: str, j: int) -> bool:
 
 def _fc_marker(folded: str, quoted: bool) -> bool:
     """Another model's tool-call syntax: an opening <tool_call>, <invoke or <function_calls tag,
-    [tool_calls], <|tool_call, <|recipient, <|python_tag, >>> before a name, "action input:"; YAML
+    [tool_calls], <|tool_call, <|recipient, <|python_tag, >>> before a name, "action input:", a
+    ```tool_code (or ~~~tool_code) fence, Gemma 3's; YAML
     keys (``quoted``: also in quotes, as JSON without braces)."""
     def skip_blanks(j):
         while j < len(folded) and folded[j].isspace():
@@ -1854,6 +1855,13 @@ def _fc_marker(folded: str, quoted: bool) -> bool:
                 return True
         elif ch == "\u273f" and folded.startswith("\u273ffunction\u273f", k):
             return True
+        elif ch in "`~" and folded.startswith(ch * 3, k):
+            # Gemma 3's ```tool_code fence: its harness evaluates the Python in it ("wipe(1)" too)
+            j = k + 3
+            while j < len(folded) and folded[j] in " \t":
+                j += 1
+            if folded.startswith("tool_code", j):  # (also glued to what follows: a harness's regex is)
+                return True
     return _fc_yaml(folded, quoted)
 
 
@@ -2141,7 +2149,8 @@ def _fc_tags(text: str, spans: list[tuple[int, int, bool]], reasoning: int) -> l
 
 def _fc_int_params(tools: list) -> set[tuple[str, str]]:
     """(function, parameter) pairs whose declared type is an integer (``int``, ``int, optional``,
-    ``integer``, ``Optional[int]``), in xlam's parameter dict or under JSON Schema's properties."""
+    ``integer``, ``Optional[int]``) or a list of them (``List[int]``, nested, or a JSON Schema
+    array of integers), in xlam's parameter dict or under JSON Schema's properties."""
     out = set()
     for tool in tools:
         if not isinstance(tool, dict):
@@ -2150,13 +2159,34 @@ def _fc_int_params(tools: list) -> set[tuple[str, str]]:
         if isinstance(params, dict) and isinstance(params.get("properties"), dict):
             params = params["properties"]
         for key, spec in (params.items() if isinstance(params, dict) else ()):
+            # (JSON Schema: an array's items, nested, down to their type)
+            hops = 0
+            while isinstance(spec, dict) and isinstance(spec.get("type"), str) \
+                    and spec["type"].strip().lower() == "array" and hops < 32:
+                spec, hops = spec.get("items"), hops + 1
             kind = spec.get("type") if isinstance(spec, dict) else None
             if isinstance(kind, str):
                 kind = re.sub(r"\s*,\s*optional$", "", kind.strip().lower())
                 kind = re.sub(r"^optional\[\s*(.*?)\s*\]$", r"\1", kind)
-                if kind in ("int", "integer"):
+                # (xlam's lists of integers, nested: List[int], List[List[int]])
+                m = re.fullmatch(r"((?:list\[\s*)*)(int|integer)((?:\s*\])*)", kind)
+                if m and m.group(1).count("[") == m.group(3).count("]"):
                     out.add((tool.get("name"), key))
     return out
+
+
+def _fc_float_for_int(args, ref) -> bool:
+    """Whether ``args`` writes a float where ``ref`` (equal in value) has an integer, at the top or
+    inside lists (walked with a stack)."""
+    todo = [(args, ref)]
+    while todo:
+        a, r = todo.pop()
+        if type(r) is int:
+            if type(a) is float:
+                return True
+        elif type(r) is list and type(a) is list:
+            todo.extend(zip(a, r))
+    return False
 
 
 def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[str] = (),
@@ -2276,11 +2306,35 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
     for a, b, ok in _fc_spans(around):
         if ok and a not in stand_ins and _fc_is_attempt(around[a:b], ok):
             return False, "a call attempt outside the answer"
+    # after Llama's <|python_tag|> (anywhere past the reasoning) the message is code for its
+    # interpreter: outside the runs, after the first, only blank-looking characters and <...> markup;
+    # and what the runs passed over is markup alone (a close tag leaves nothing in "passed")
+    beside = any(p[:1] not in _FC_LT for p in passed)
+    for f in outside[1:]:
+        i = 0
+        while i < len(f) and not beside:
+            if f[i] == "<":
+                e = f.find(">", i + 1, i + 202)
+                if e > i + 1 and "<" not in f[i + 1:e]:
+                    i = e + 1
+                    continue
+            beside = not _fc_sep(f[i])
+            i += 1
+    if beside:
+        lowered = _fc_fold(text[reasoning:])
+        k = lowered.find("<|")
+        while k != -1:
+            j = k + 2
+            while j < len(lowered) and lowered[j].isspace():
+                j += 1
+            if lowered.startswith("python_tag", j):
+                return False, "text beside the calls after <|python_tag|>"
+            k = lowered.find("<|", k + 1)
     for p in passed:
         f = _fc_fold(p)
+        # (not <function_calls>: OLMo 3's block of Python calls, where a harness reads no JSON)
         if "".join(f.split()) in ("[tool_calls]", "<tool_calls>", "</tool_calls>", "<function_call>",
-                                  "</function_call>", "<function_calls>", "</function_calls>", "<|tool_call|>",
-                                  "<|python_tag|>") \
+                                  "</function_call>", "<|tool_call|>", "<|python_tag|>") \
                 and not re.search(r"[a-z_]\s+[a-z_]|<\s+\||\|\s+>", f):
             continue  # (markup that wraps JSON calls, blanks never inside its words: part of the answer)
         if any(_fc_is_attempt(c, ok) for c, ok in _fc_top_level(f)) or _fc_named_call_after(f, names) \
@@ -2300,7 +2354,7 @@ def recheck_function_calling(text: Any, reference: list[dict], tool_names: list[
         for k, (rn, ra) in enumerate(left):
             # (an integer parameter the reference gives an integer must hold one: 3, not 3.0)
             if rn == name and _fc_same(args, ra) and not any(
-                    (rn, key) in int_params and type(ra[key]) is int and type(args[key]) is float for key in ra):
+                    (rn, key) in int_params and _fc_float_for_int(args[key], ra[key]) for key in ra):
                 del left[k]
                 break
         else:
