@@ -134,7 +134,7 @@ def run_episode(
     failure and one retry per reflection; reward = the retry passes."""
     sampling = sampling or EpisodeSampling()
     chat = chat or ChatFormat(tokenizer)
-    vocab = len(tokenizer)
+    vocab = min(len(tokenizer), model.config.vocab_size)  # (ids either side lacks are never sampled)
     stops = chat.stop_ids
     kw = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stops)
     # Answer turns (attempt, retry) also end at the task's stop strings; reflections do not.

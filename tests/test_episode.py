@@ -747,6 +747,26 @@ def test_an_episode_never_samples_the_checkpoints_padded_vocabulary_rows(builtin
     assert all(max(seq) < len(tok) for seq in ep.sequences + ep.first_attempts)
 
 
+def test_an_episode_runs_with_a_tokenizer_longer_than_the_models_vocabulary(builtin, tmp_path):
+    """A tokenizer may hold ids the model has no row for (transformers adds ``<mask>`` to a Gemma
+    GGUF vocabulary that lacks it): an episode samples only ids both have. Before, it stopped at
+    its first step with "vocab_size 49153 must be in [1, 49152]"."""
+    from conftest import make_tiny_hf
+
+    tok = builtin[1]
+    n = len(tok)
+    make_tiny_hf(tmp_path / "short", "llama", vocab_size=n, max_position_embeddings=1024)
+    tok.save_pretrained(str(tmp_path / "short"))
+    model, tok = load(str(tmp_path / "short"))
+    tok.add_tokens(["<extra_past_the_model>"])
+    assert len(tok) == n + 1 and model.config.vocab_size == n
+    task = CoinTask(always=False)
+    ep = run_episode(model, tok, task, task.examples(n=2), group_size=2, sampling=SAMPLING, seed=0,
+                     chat=ChatFormat(tok))
+    assert len(ep.sequences) == 4
+    assert all(max(seq) < n for seq in ep.sequences + ep.first_attempts)
+
+
 def test_group_size_is_0_for_an_episode_without_groups(tiny):
     """Episode.group_size is the G of the rows it holds, read from its rewards: an episode whose
     queries all passed holds no row and says 0, not the G it was asked for; with groups, G."""
