@@ -488,7 +488,7 @@ def gguf_config(reader, path: Path) -> dict:
         "num_attention_heads": n_heads,
         "num_key_value_heads": count("attention.head_count_kv", n_heads, per_layer=True),
         "head_dim": count("attention.key_length", hidden // n_heads),
-        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),  # (required by llama.cpp too: no guess)
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
         "max_position_embeddings": count("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,

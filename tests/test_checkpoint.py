@@ -1265,7 +1265,8 @@ def test_gguf_counts_given_per_layer_or_out_of_range_read_as_llama_cpp_or_are_re
     path = tmp_path / "m.gguf"
     base = {"general.architecture": "gemma3", "gemma3.attention.head_count": 4, "gemma3.embedding_length": 48,
             "gemma3.feed_forward_length": 96, "gemma3.block_count": 6, "tokenizer.ggml.tokens": ["a"] * 300,
-            "gemma3.attention.sliding_window": 8, "gemma3.attention.head_count_kv": 2}
+            "gemma3.attention.sliding_window": 8, "gemma3.attention.head_count_kv": 2,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6}
 
     def config(**fields):
         return checkpoint.gguf_config(GGUFFile(path, 3, {**base, **fields}, []), path)
@@ -1601,16 +1602,18 @@ def test_a_gguf_files_special_token_ids_reach_the_model_and_its_export(tmp_path)
 
 def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     """Fields a GGUF header may omit read as llama.cpp reads them: as many kv heads as heads, a key
-    length of hidden / heads, eps 1e-6, rope base 10000, 2048 positions, the vocabulary's length,
-    tied embeddings without ``output.weight``, rope scaling "none" as none; a token id 0 is an id.
-    An architecture r3 does not run, a required field missing, or a linear scaling without its
-    factor is one line naming the file and the field."""
+    length of hidden / heads, rope base 10000, 2048 positions, the vocabulary's length, tied
+    embeddings without ``output.weight``, rope scaling "none" as none; a token id 0 is an id.
+    An architecture r3 does not run, a required field missing (the norm epsilon too, which
+    llama.cpp requires: r3 used to guess 1e-6, where SmolLM2 runs 1e-5), or a linear scaling
+    without its factor is one line naming the file and the field."""
     from r3.gguf_file import GGUFFile, GGUFTensor
 
     path = tmp_path / "m.gguf"
     base = {"general.architecture": "llama", "llama.attention.head_count": 4, "llama.embedding_length": 64,
             "llama.feed_forward_length": 96, "llama.block_count": 2, "tokenizer.ggml.tokens": ["a"] * 300,
-            "llama.rope.scaling.type": "none", "tokenizer.ggml.bos_token_id": 0}
+            "llama.rope.scaling.type": "none", "tokenizer.ggml.bos_token_id": 0,
+            "llama.attention.layer_norm_rms_epsilon": 1e-6}
 
     def config(fields, tensors=()):
         return checkpoint.gguf_config(GGUFFile(path, 3, fields, list(tensors)), path)
@@ -1626,6 +1629,8 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
         ({**base, "general.architecture": "gpt2"},
          "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma3)"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
+        ({k: v for k, v in base.items() if k != "llama.attention.layer_norm_rms_epsilon"},
+         "missing GGUF field 'llama.attention.layer_norm_rms_epsilon'"),
         ({**base, "llama.rope.scaling.type": "linear"}, "missing GGUF field 'llama.rope.scaling.factor'"),
     ):
         with pytest.raises(R3Error) as e:
@@ -1637,6 +1642,7 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     for key, value in (("block_count", 1), ("embedding_length", 8), ("feed_forward_length", 16),
                        ("attention.head_count", 2), ("attention.head_count_kv", 3), ("vocab_size", 10)):
         w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
