@@ -195,28 +195,32 @@ def _empty_model(cfg: ModelConfig) -> Transformer:
 
 
 def _place(model: Transformer, assembler: CheckpointAssembler, name: str, tensor: torch.Tensor, dtype, device,
-           source: str) -> None:
+           source: str, label: str | None = None) -> None:
     """Put one checkpoint tensor (checkpoint layout, no ``model.`` prefix) into the meta-built
-    model, checking its shape; parts of a fused projection are kept until all have come."""
+    model, checking its shape; parts of a fused projection are kept until all have come.
+    ``label``: how errors name the tensor (a GGUF file's own name for it), ``'name'`` by default."""
+    label = label or f"'{name}'"
     expected = assembler.expected.get(name)
     if expected is None:
-        raise R3Error(f"{source}: unexpected tensor '{name}'")
+        raise R3Error(f"{source}: unexpected tensor {label}")
     if tuple(tensor.shape) != expected:
         raise R3Error(
-            f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {expected}"
+            f"{source}: tensor {label} has shape {tuple(tensor.shape)}, expected {expected}"
         )
     if not torch.is_floating_point(tensor):
-        raise R3Error(f"{source}: tensor '{name}' has non-float dtype {tensor.dtype}")
+        raise R3Error(f"{source}: tensor {label} has non-float dtype {tensor.dtype}")
     for ours, t in assembler.add(name, tensor.to(device=device, dtype=dtype)):
         module_name, _, attr = ours.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=True))
 
 
-def _finish(model: Transformer, loaded: set[str], source: str) -> Transformer:
+def _finish(model: Transformer, loaded: set[str], source: str, label=None) -> Transformer:
+    """Tie the head where the config says so, or refuse a checkpoint with a tensor missing
+    (``label``: how the error names it, as for :func:`_place`)."""
     missing = sorted(set(param_names_hf(model.config)) - loaded)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise R3Error(f"{source}: missing tensor '{missing[0]}'{more}")
+        raise R3Error(f"{source}: missing tensor {(label or repr)(missing[0])}{more}")
     model.tie_weights()
     return model
 
@@ -747,9 +751,24 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
             tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             tensor = _unpermute_qk(tensor, cfg.num_key_value_heads)
-        _place(model, assembler, name, tensor, dtype, device, str(path))
+        _place(model, assembler, name, tensor, dtype, device, str(path), label=f"'{t.name}' ({name!r} in r3)")
         loaded.add(name)
-    return _finish(model, loaded, str(path))
+    # r3's names -> the file's, to name a missing tensor (llama.cpp calls the norm before the MLP
+    # ffn_norm, and OLMo's norm after attention post_attention_norm)
+    gguf_names = {v: k for k, v in _GGUF_NAMES.items()}
+    for k, v in block_names.items():
+        gguf_names.setdefault(v, k)
+    if cfg.olmo:
+        gguf_names["post_attention_layernorm"] = "post_attention_norm"
+
+    def label(name: str) -> str:
+        layer, _, rest = name.removeprefix("layers.").partition(".")
+        kind, _, suffix = rest.rpartition(".")
+        if name.startswith("layers.") and kind in gguf_names:
+            return f"'blk.{layer}.{gguf_names[kind]}.{suffix}' ({name!r} in r3)"
+        return f"'{gguf_names[name]}' ({name!r} in r3)" if name in gguf_names else repr(name)
+
+    return _finish(model, loaded, str(path), label)
 
 
 def _cache_dir() -> Path:

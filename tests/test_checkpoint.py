@@ -931,7 +931,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
     for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
     ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
-    name -> numpy array, written in place of the model's tensor of that name or after them;
+    name -> numpy array, written in place of the model's tensor of that name or after them (None:
+    the tensor left out);
     ``floats`` / ``ints``: more ``<arch>.<key>`` float32 / uint32 fields; ``arrays``: ``<arch>.<key>``
     arrays (gguf's writer picks the item type: bool, int or float); ``tokenizer_from``: a GGUF
     file whose ``tokenizer.*`` fields are copied, as llama.cpp writes them."""
@@ -995,6 +996,8 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         arr = np.ascontiguousarray(t.numpy())
         if gname in extra:
             arr = extra.pop(gname)
+            if arr is None:  # (left out of the file)
+                continue
         if bf16 and "norm" not in gname and arr.ndim == 2:
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16)
             w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
@@ -1290,6 +1293,40 @@ def test_gguf_counts_given_per_layer_or_out_of_range_read_as_llama_cpp_or_are_re
         with pytest.raises(R3Error) as e:
             config(**fields)
         assert str(e.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("kind, norm", [("llama", "ffn_norm"), ("olmo2", "post_attention_norm"),
+                                        ("gemma3", "post_attention_norm"), ("qwen3", "ffn_norm")])
+def test_a_gguf_files_missing_or_misshapen_tensor_is_named_as_the_file_names_it(tmp_path, kind, norm):
+    """Errors about a GGUF file's tensors name them as the file does (with r3's name beside it):
+    a user looks for ``blk.1.ffn_norm.weight`` in the file, not r3's
+    ``layers.1.post_attention_layernorm.weight`` (which llama.cpp's ``ffn_norm`` is for Llama, but
+    its ``post_attention_norm`` for OLMo 2 and Gemma 3)."""
+    import numpy as np
+    from conftest import make_tiny_hf
+
+    over = {"num_hidden_layers": 2, **({} if kind == "gemma3" else {"head_dim": 16})}
+    if kind == "gemma3":
+        over.update(layer_types=["sliding_attention", "sliding_attention"])
+    if kind == "olmo2":  # (OLMo 2 ships without biases, and its GGUF files have none)
+        over.update(attention_bias=False)
+    hf = make_tiny_hf(tmp_path / "hf", kind, **over)
+    path = tmp_path / f"{kind}.gguf"
+    ints = {"attention.sliding_window": 8} if kind == "gemma3" else None
+    ours = "post_attention_layernorm"
+    _write_gguf(hf, path, kind, False, ints=ints, extra={f"blk.1.{norm}.weight": None})
+    with pytest.raises(R3Error) as e:
+        load(path, tokenizer=False)
+    assert str(e.value) == f"{path}: missing tensor 'blk.1.{norm}.weight' ('layers.1.{ours}.weight' in r3)"
+    _write_gguf(hf, path, kind, False, ints=ints, extra={f"blk.1.{norm}.weight": np.ones(5, np.float32)})
+    with pytest.raises(R3Error) as e:
+        load(path, tokenizer=False)
+    assert str(e.value) == (f"{path}: tensor 'blk.1.{norm}.weight' ('layers.1.{ours}.weight' in r3) has shape (5,), "
+                            f"expected ({hf.config.hidden_size},)")
+    _write_gguf(hf, path, kind, False, ints=ints, extra={"output_norm.weight": None})
+    with pytest.raises(R3Error) as e:
+        load(path, tokenizer=False)
+    assert str(e.value) == f"{path}: missing tensor 'output_norm.weight' ('norm.weight' in r3)"
 
 
 def _llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float, old_len: int):
