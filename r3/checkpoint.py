@@ -107,6 +107,14 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
         raise R3Error(f"model path '{spec}' does not exist{hint}")
     if path.is_dir():
         if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))  # (a GGUF repository downloaded with --local-dir)
+            if len(ggufs) == 1:
+                raise R3Error(f"{path}: not a Hugging Face model directory (no config.json); it holds the GGUF "
+                              f"file {ggufs[0].name}: pass --model {ggufs[0]}")
+            if ggufs:
+                names = ", ".join(g.name for g in ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
+                raise R3Error(f"{path}: not a Hugging Face model directory (no config.json); it holds {len(ggufs)} "
+                              f"GGUF files ({names}): name one with --model {path}/FILE")
             raise R3Error(f"{path}: not a Hugging Face model directory (no config.json)")
         return "hf", path
     if path.suffix.lower() == ".gguf":
@@ -343,6 +351,19 @@ def generation_eos_ids(tokenizer) -> list[int]:
     return []
 
 
+def _template_end_of_turn(tokenizer) -> int | None:
+    """The end-of-turn id of the tokenizer's chat template (:class:`r3.chat.ChatFormat`'s), or
+    None without a template r3 can continue."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    from .chat import ChatFormat
+
+    try:
+        return ChatFormat(tokenizer).end_of_turn_id
+    except R3Error:
+        return None
+
+
 def _source_generation_config(tokenizer) -> dict:
     """The ``generation_config.json`` beside the tokenizer's files (the base checkpoint's), as a
     dict; ``{}`` when there is none (a GGUF's cached tokenizer) or it is no JSON object."""
@@ -468,7 +489,9 @@ def gguf_config(reader, path: Path) -> dict:
     """The HF config.json dict that a GGUF file's metadata describes."""
     arch = _gguf_field(reader, "general.architecture", path)
     if arch not in _GGUF_ARCHS:
-        raise R3Error(f"{path}: unsupported GGUF architecture '{arch}' (supported: {', '.join(_GGUF_ARCHS)})")
+        # (a vision projector, llama.cpp's mmproj-*.gguf beside Gemma 3 4b+, Qwen2.5-VL, ...: no language model)
+        hint = "; a vision projector (mmproj) file: pass the language model's .gguf" if arch == "clip" else ""
+        raise R3Error(f"{path}: unsupported GGUF architecture '{arch}' (supported: {', '.join(_GGUF_ARCHS)}){hint}")
 
     def meta(key, default=None, required=True):
         return _gguf_field(reader, f"{arch}.{key}", path, default, required)
@@ -1111,6 +1134,12 @@ def save_hf(
             tokenizer.save_pretrained(str(tmp))
             if gen["eos_token_id"] is None and tokenizer.eos_token_id is not None:
                 gen["eos_token_id"] = tokenizer.eos_token_id
+            if not source_eos and tokenizer.eos_token_id is not None and gen["eos_token_id"] == tokenizer.eos_token_id:
+                # No list to carry (a GGUF file names one eos): the template's end of turn joins
+                # it, where r3's sampler and llama.cpp stop (Gemma's <end_of_turn> beside <eos>)
+                eot = _template_end_of_turn(tokenizer)
+                if eot is not None and eot != gen["eos_token_id"]:
+                    gen["eos_token_id"] = [gen["eos_token_id"], eot]
         gen = {k: v for k, v in gen.items() if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         mode = 0o666 & ~current_umask()  # ordinary files (safetensors' save_file makes them 0600)

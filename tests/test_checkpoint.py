@@ -43,6 +43,24 @@ def test_a_gguf_file_is_known_by_its_suffix_in_any_case(tmp_path):
     assert checkpoint.load_config(link).model_type == "llama"
 
 
+def test_a_directory_holding_gguf_files_names_them(tmp_path):
+    """A GGUF repository downloaded with ``hf download --local-dir DIR`` has no config.json: the
+    error names its GGUF file(s) and the --model that loads one, as for the hub cache (it said
+    only "no config.json")."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(R3Error, match=r"empty: not a Hugging Face model directory \(no config.json\)$"):
+        checkpoint.resolve(tmp_path / "empty")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "m-Q4_0.gguf").symlink_to(checkpoint.builtin_gguf("smollm2-135m"))
+    with pytest.raises(R3Error, match=rf"one: not a Hugging Face model directory \(no config.json\); it holds the "
+                                      rf"GGUF file m-Q4_0.gguf: pass --model {one}/m-Q4_0.gguf$"):
+        checkpoint.resolve(one)
+    (one / "m-Q8_0.gguf").symlink_to(checkpoint.builtin_gguf("smollm2-135m"))
+    with pytest.raises(R3Error, match=r"holds 2 GGUF files \(m-Q4_0.gguf, m-Q8_0.gguf\): name one with --model .*one/FILE$"):
+        checkpoint.resolve(one)
+
+
 def test_a_tokenizer_larger_than_the_embeddings_samples_only_the_models_ids(tiny_dirs, tmp_path, builtin):
     """The sampler's default vocabulary is the smaller of the tokenizer's and the model's: never an
     id past the embeddings (a tokenizer with more ids than the model has rows)."""
@@ -1105,7 +1123,7 @@ def test_a_gemma3_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path,
     """A Gemma 3 GGUF carries a SentencePiece vocabulary (converted by transformers, which reads
     gemma3 files) and Gemma's chat template: ``load`` returns the model and a tokenizer whose
     prompts are the template's text tokenized, ending turns and stopping at ``<end_of_turn>``
-    though the file's eos is ``<eos>``."""
+    though the file's eos is ``<eos>``; the export's generation_config.json stops at both."""
     import gguf
     from conftest import make_tiny_hf
 
@@ -1148,6 +1166,12 @@ def test_a_gemma3_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path,
     assert text == "<bos><start_of_turn>user\nhello world<end_of_turn>\n<start_of_turn>model\n"
     assert chat.prompt(messages) == tok(text, add_special_tokens=False)["input_ids"]
     assert chat.end_of_turn_id == 5 and set(chat.stop_ids) == {1, 5}
+    # the export stops at <end_of_turn> too, in transformers' generate (the file names only
+    # <eos>; it stopped at that alone, running past the end of the turn)
+    from transformers import GenerationConfig
+
+    out = save_hf(model, tok, tmp_path / "export")
+    assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [1, 5]
 
 
 def test_a_gemma3_gguf_vocabulary_matches_its_runs_of_spaces_whole_as_llama_cpp(tmp_path, monkeypatch):
@@ -1665,6 +1689,9 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
          "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma3)"),
+        ({**base, "general.architecture": "clip"},  # (the mmproj-*.gguf beside a Gemma 3 4b+ file)
+         "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma3); "
+         "a vision projector (mmproj) file: pass the language model's .gguf"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({k: v for k, v in base.items() if k != "llama.attention.layer_norm_rms_epsilon"},
          "missing GGUF field 'llama.attention.layer_norm_rms_epsilon'"),
