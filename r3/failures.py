@@ -72,7 +72,7 @@ from r3.failure_data import (  # noqa: F401  (the file format's names, re-export
     read_jsonl,
 )
 from r3.model import check_token_limits
-from r3.sampler import check_sampling_args, generate
+from r3.sampler import check_sampling_args, generate, sampling_vocab_size
 from r3.tasks import examples_of
 from r3.tasks.base import passes as task_passes, report_verifier_errors, stop_strings_of, verifier_error_counts
 
@@ -132,7 +132,7 @@ def find_failures(
     samples = positive_int("samples", samples)
     batch_size = positive_int("batch_size", batch_size)
     chat = chat or ChatFormat(tokenizer)
-    vocab = min(len(tokenizer), model.config.vocab_size)
+    vocab = sampling_vocab_size(model, tokenizer)
     prompts = [chat.prompt(task.messages(ex)) for ex in examples]
     keys = [example_key(ex) for ex in examples]
     stops = answer_stops(task, chat)  # (the task's stop strings end an attempt, as in training)

@@ -17,7 +17,7 @@ from r3.cli import DTYPES, parse_chat_template_options, pick_device_dtype
 from r3.decode import DECODE_MODES
 from r3.errors import ArgumentParser, R3Error, cli_main
 from r3.progress import Progress
-from r3.sampler import check_sampling_args, generate
+from r3.sampler import check_sampling_args, generate, sampling_vocab_size
 from r3.toolchain import check_toolchain
 
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         print(f"warning: the prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} passes the "
               f"model's {limit} positions (max_position_embeddings); text past them is unreliable", file=sys.stderr)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples,
-              seed=args.seed, vocab_size=min(len(tok), model.config.vocab_size), decode=args.decode)
+              seed=args.seed, vocab_size=sampling_vocab_size(model, tok), decode=args.decode)
     if args.decode == "compiled":
         # Compile outside the timed run, so tokens/s is the decoding speed: the same call once
         # (same seed, same draws), so every shape the timed run meets (the static cache's size,

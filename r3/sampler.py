@@ -67,9 +67,9 @@ a teacher-forced forward's ``log_softmax`` (over the real vocabulary). With ``te
 (greedy) it is the log-softmax of the raw logits (temperature 1, no filtering) at the argmax.
 Logits are computed in the model's dtype (as ``model(tokens)`` does) and the softmax in float32.
 
-Never samples ids ``>= vocab_size`` (the tokenizer's real vocabulary, ``len(tokenizer)``; by
-default what :func:`r3.checkpoint.load` recorded from the tokenizer it loaded): checkpoints often
-pad the embedding matrix, and the LM head is applied to the real rows only.
+Never samples ids ``>= vocab_size`` (:func:`sampling_vocab_size`: the ids both the tokenizer and
+the model have; by default what :func:`r3.checkpoint.load` recorded from the tokenizer it loaded):
+checkpoints often pad the embedding matrix, and the LM head is applied to the real rows only.
 
 Performance
 -----------
@@ -107,6 +107,13 @@ COMPACT_FRACTION = 0.25
 #: samples across runs by seed (the learning-curve benchmark's stored untrained evaluation) record
 #: it, so a change of streams is not mistaken for the same draws.
 RANDOM_STREAMS = "per-row-fmix32-v1"
+
+
+def sampling_vocab_size(model, tokenizer) -> int:
+    """The ids a sampler may draw: those both the tokenizer and the model have (an embedding
+    padded past the tokenizer has rows no text decodes from; a tokenizer may hold tokens the model
+    has no row for, as transformers adds ``<mask>`` to a Gemma GGUF vocabulary that lacks it)."""
+    return min(len(tokenizer), model.config.vocab_size)
 
 
 class SamplingError(R3Error, ValueError):
