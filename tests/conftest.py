@@ -157,6 +157,15 @@ def tiny_hf_config(kind: str, **overrides):
         cfg = Olmo3Config(**common, attention_bias=True, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=8, rope_parameters=rope, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                           initializer_range=0.2)
+    elif kind == "ministral3":  # Mistral's layout with Ministral 3's YaRN (mscale = mscale_all_dim: cos/sin
+        # unscaled) and its queries scaled past a small original context (16: the test lengths pass it)
+        from transformers import Ministral3Config
+
+        rope = {"type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16,
+                "max_position_embeddings": 256, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
+        cfg = Ministral3Config(**{**common, "head_dim": 16}, tie_word_embeddings=False, rope_parameters=rope,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
     elif kind == "qwen2":  # q/k/v bias, untied
         cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
     elif kind == "mistral":  # sliding window that matters at the test lengths
@@ -214,10 +223,11 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3, gemma3,
-    smollm3, olmo2, olmo3 and granite."""
+    smollm3, olmo2, olmo3, granite and ministral3."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite"):
+    for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite",
+                 "ministral3"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

@@ -46,6 +46,8 @@ FAMILIES = {
     "phi35": (["<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"], "<s>", "<|endoftext|>",
               ["<|end|>", "<|assistant|>", "<|endoftext|>"]),
     "mistral_v03": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", ["</s>"]),
+    "mistral_small31": (["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"], "<s>", "</s>",
+                        ["</s>"]),
     "gemma3": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
     "smollm3": (["<|im_start|>", "<|im_end|>", "<|end_of_text|>", "<think>", "</think>"], None, "<|im_end|>",
                 ["<|im_end|>"]),
@@ -64,7 +66,8 @@ RSTRIP = {"phi35": {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"}}
 PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 # What the template writes after an assistant message (the token r3 must stop at).
 END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "olmo31": "<|im_end|>", "granite33": "<|end_of_text|>", "llama31": "<|eot_id|>",
-               "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "smollm2": "<|im_end|>",
+               "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "mistral_small31": "</s>",
+               "smollm2": "<|im_end|>",
                "gemma3": "<end_of_turn>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
 # Text the template writes between the generation prompt and the assistant's message (the model
 # writes it itself: Mistral puts a space before the answer).
@@ -477,7 +480,7 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
 @pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
                                                    ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0),
                                                    ("smollm3", "smollm3", 9.0), ("olmo2", "olmo2", 4.0),
-                                                   ("olmo31", "olmo3", 4.0),
+                                                   ("olmo31", "olmo3", 4.0), ("mistral_small31", "ministral3", 9.0),
                                                    ("granite33", "granite", 13.0)])
 def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, family, kind, eos_logit):
     """A whole Reflect-Retry episode on a tiny random model of the family, its tokenizer carrying

@@ -2022,6 +2022,119 @@ def test_gemma3_with_a_vision_tower_that_transformers4_saved_tied_loads_tied(tmp
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
 
 
+def _tiny_mistral3(text_type: str, **top):
+    """A tiny Mistral3ForConditionalGeneration (Ministral 3, or Mistral Small 3.1 with a mistral
+    text_config: two text layers, a one-layer Pixtral vision tower), random weights large enough
+    that every part matters, with ``top`` set on the top-level config."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(model_type=text_type, vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                bos_token_id=1, eos_token_id=2)
+    if text_type == "ministral3":  # (queries scaled past position 8: the test's 40 tokens pass it)
+        text["rope_parameters"] = {"type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 8,
+                                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                   "llama_4_scaling_beta": 0.1, "max_position_embeddings": 128}
+    else:
+        text["sliding_window"] = 8
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
+                  image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    hf = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision, **top)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+        hf.tie_weights()
+    return hf
+
+
+@pytest.mark.parametrize("text_type,tied", [("ministral3", False), ("ministral3", True), ("mistral", False)])
+def test_mistral3_with_a_vision_tower_loads_and_exports_its_language_model(tmp_path, text_type, tied):
+    """Ministral 3 and Mistral Small 3.1 / 3.2 ship as Mistral3ForConditionalGeneration (model_type
+    mistral3, a text_config of type ministral3 or mistral, the Pixtral tower's tensors beside the
+    language model's). r3 reads the language model: its logits on text equal transformers' (the
+    query scaling included), tied or not as the checkpoint is, and the export is a text-only
+    Ministral3ForCausalLM / MistralForCausalLM that transformers loads with the same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf = _tiny_mistral3(text_type, tie_word_embeddings=tied)
+    src = tmp_path / "mistral3"
+    hf.save_pretrained(str(src))
+    assert any(n.startswith("vision_tower.") for n in load_file(src / "model.safetensors"))
+    tokens = _tokens(64, 2, 40)
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+        model, _ = load(src, tokenizer=False)
+        assert model.config.model_type == text_type and model.config.tie_word_embeddings == tied
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+        assert torch.equal(model(tokens), want)
+        out = save_hf(model, None, tmp_path / "export")
+        written = json.loads((out / "config.json").read_text())
+        arch = {"ministral3": "Ministral3ForCausalLM", "mistral": "MistralForCausalLM"}[text_type]
+        assert written["model_type"] == text_type and written["architectures"] == [arch]
+        assert not any(n.startswith(("vision_tower", "multi_modal", "language_model")) for n in load_file(out / "model.safetensors"))
+        again = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        assert type(again).__name__ == arch and torch.equal(again(tokens).logits, want)
+
+
+def test_mistral3_whose_flag_ties_a_head_it_holds_keeps_that_head_as_transformers_does(tmp_path):
+    """Mistral3Config ties the LM head by its top-level tie_word_embeddings (true by default), but
+    transformers 5 leaves a head the checkpoint holds, unlike the embeddings, untied: so does r3
+    (skipping it as a tied copy ran the embeddings as the head). A text_config of another type is
+    refused by name."""
+    hf = _tiny_mistral3("ministral3", tie_word_embeddings=False)
+    hf.save_pretrained(str(tmp_path))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["tie_word_embeddings"]
+    raw["text_config"]["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model, _ = load(tmp_path, tokenizer=False)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight
+    tokens = _tokens(64, 2, 40)
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+        assert torch.equal(model(tokens), want)
+        if transformers_major() >= 5:
+            from transformers import Mistral3ForConditionalGeneration
+
+            again = Mistral3ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+            assert torch.equal(again(input_ids=tokens).logits, want)
+    raw["text_config"]["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(R3Error, match="unsupported text_config model_type 'llama' in a 'mistral3' checkpoint"):
+        load(tmp_path, tokenizer=False)
+
+
+@pytest.mark.parametrize("where", ["top", "text_config"])
+def test_a_quantized_checkpoint_is_refused_in_one_line(tiny_dirs, tmp_path, where):
+    """FP8, bitsandbytes, GPTQ or AWQ weights are integers or float8 with scales beside them: read
+    as plain floats they are another model. r3 refuses the config's quantization_config, and a
+    float8 tensor without one, naming what it found."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(tiny_dirs["mistral"][0], tmp_path / "fp8")
+    raw = json.loads((src / "config.json").read_text())
+    q = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    if where == "top":
+        raw["quantization_config"] = q
+    else:
+        raw = {"model_type": "mistral3", "text_config": {**raw, "quantization_config": q}}
+    (src / "config.json").write_text(json.dumps(raw))
+    prefix = "" if where == "top" else "text_config."
+    with pytest.raises(R3Error, match=f"field '{prefix}quantization_config' says the weights are quantized "
+                                      r"\(fp8\); r3 reads and trains bf16, fp16 or fp32 weights"):
+        load(src, tokenizer=False)
+    plain = _copy(tiny_dirs["mistral"][0], tmp_path / "f8-tensor")
+    f = plain / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(R3Error, match=r"tensor 'layers.0.mlp.down_proj.weight' is quantized \(torch.float8_e4m3fn\)"):
+        load(plain, tokenizer=False)
+
+
 def test_a_file_system_that_cannot_sync_is_left_as_it_is_and_a_failed_flush_is_an_error(tmp_path, monkeypatch):
     """Some FUSE and network mounts answer EINVAL or ENOTSUP to fsync: files written whole, plots
     and checkpoints are still written there (the flush is what the file system gives). A flush

@@ -11,9 +11,9 @@ import torch
 
 from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
-from r3.model import ModelConfig, Transformer, rope_inv_freq
+from r3.model import ModelConfig, Transformer, rope_inv_freq, rope_scale
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -1695,3 +1695,130 @@ def test_a_gemma3_model_built_from_its_config_starts_with_identity_norms():
     assert all(m.offset and torch.equal(m.weight, torch.zeros_like(m.weight)) for m in norms)
     x = torch.randn(2, 3, 16)
     assert torch.allclose(model.norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Ministral 3
+# --------------------------------------------------------------------------------------------
+
+MINISTRAL3 = dict(model_type="ministral3", vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
+# Ministral 3's published RoPE (8B), as its config.json's text_config writes it
+MINISTRAL3_ROPE = {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 16.0, "llama_4_scaling_beta": 0.1, "mscale": 1.0,
+                   "mscale_all_dim": 1.0, "original_max_position_embeddings": 16384, "max_position_embeddings": 262144,
+                   "rope_theta": 1000000.0, "rope_type": "yarn", "type": "yarn"}
+
+
+def _hf_yarn_factor(config) -> tuple:
+    """(inverse frequencies, cos/sin factor) transformers computes for a config's RoPE."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = hf_rope(config).get("rope_type", "default")
+    if rope_type == "default":
+        return None, 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({"rope_parameters": MINISTRAL3_ROPE}, id="published"),
+    pytest.param({}, id="defaults"),
+    # (transformers ignores a top-level rope_theta when there are no RoPE parameters: its default YaRN)
+    pytest.param({"rope_theta": 5e5}, id="theta-alone"),
+    pytest.param({"rope_parameters": {**MINISTRAL3_ROPE, "factor": 4.0, "mscale_all_dim": 0.5,
+                                      "original_max_position_embeddings": 64, "llama_4_scaling_beta": 0.3}},
+                 id="other-factors"),
+    pytest.param({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "llama_4_scaling_beta": 0.1,
+                                      "original_max_position_embeddings": 32}, "sliding_window": 16},
+                 id="unscaled-with-window"),
+    pytest.param({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "llama_4_scaling_beta": 0.2,
+                                   "original_max_position_embeddings": 8}, "rope_theta": 1e4}, id="rope-scaling"),
+    pytest.param({k: None for k in ("vocab_size", "hidden_size", "num_hidden_layers")}, id="dims-left-to-defaults"),
+])
+def test_ministral3_configs_read_as_transformers_reads_them(fields):
+    """Ministral3Config's fields as transformers 5 resolves them: its defaults where a field is left
+    out (head_dim 128 and 8 kv heads, not hidden / heads; YaRN with the query scaling), the RoPE
+    from rope_parameters or rope_scaling, a window on every layer, and the query scaling's beta and
+    length read from the RoPE parameters. The export reads back the same."""
+    from transformers import Ministral3Config
+
+    cfg = {k: v for k, v in {**MINISTRAL3, **fields}.items() if v is not None}
+    if fields == {}:
+        cfg = {k: v for k, v in cfg.items() if k not in ("head_dim", "num_key_value_heads", "num_attention_heads")}
+    theirs = Ministral3Config(**{k: v for k, v in cfg.items() if k != "model_type"})
+    c = ModelConfig.from_hf(cfg)
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (
+        theirs.vocab_size, theirs.hidden_size, theirs.num_hidden_layers, theirs.num_attention_heads)
+    assert (c.head_dim, c.num_key_value_heads, c.rms_norm_eps, c.max_position_embeddings) == (
+        theirs.head_dim, theirs.num_key_value_heads, theirs.rms_norm_eps, theirs.max_position_embeddings)
+    assert c.layer_windows == [theirs.sliding_window] * c.num_hidden_layers
+    assert not c.tie_word_embeddings and not c.qkv_bias and c.hidden_act == "silu"
+    rope = hf_rope(theirs)
+    assert c.rope_theta == rope["rope_theta"]
+    assert (c.query_scaling_beta, c.query_scaling_length) == (
+        rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+    inv_freq, factor = _hf_yarn_factor(theirs)
+    if inv_freq is not None:
+        assert torch.allclose(rope_inv_freq(c), inv_freq.float(), rtol=1e-6, atol=0)
+        assert rope_scale(c) == pytest.approx(factor, abs=1e-12)
+    else:
+        assert c.rope_scaling is None
+    again = ModelConfig.from_hf(c.to_hf())
+    assert again == c
+    back = Ministral3Config(**{k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type")})
+    assert hf_rope(back)["llama_4_scaling_beta"] == c.query_scaling_beta
+    assert hf_rope(back)["original_max_position_embeddings"] == c.query_scaling_length
+    if inv_freq is not None:
+        inv_back, factor_back = _hf_yarn_factor(back)
+        assert torch.equal(inv_back, inv_freq) and factor_back == factor
+
+
+def test_ministral3_queries_are_scaled_past_the_original_context_as_transformers_scales_them(tiny_dirs):
+    """Ministral 3 multiplies each query, after RoPE, by 1 + beta ln(1 + floor(p / length)): exactly
+    1 before position ``length`` (16 in the tiny model), 1 + 0.1 ln 2 from 16, 1 + 0.1 ln 3 from 32.
+    The tiny model's logits equal transformers' past both steps in fp32 and bf16, and without the
+    scaling they would move at those positions only."""
+    from transformers import AutoModelForCausalLM
+
+    from r3.model import query_scale
+
+    path, hf = tiny_dirs["ministral3"]
+    model, _ = load(path, tokenizer=False)
+    c = model.config
+    assert (c.query_scaling_beta, c.query_scaling_length) == (0.1, 16) and c.rope_scaling["rope_type"] == "yarn"
+    scale = query_scale(c, torch.arange(40)[None], torch.float32)[0, :, 0, 0]
+    assert torch.equal(scale[:16], torch.ones(16))
+    assert scale[16].item() == pytest.approx(1 + 0.1 * math.log(2)) and scale[32].item() == pytest.approx(1 + 0.1 * math.log(3))
+    tokens = _tokens(256, 2, 40)
+    plain = Transformer(ModelConfig(**{**c.__dict__, "query_scaling_beta": 0.0})).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want, unscaled = hf(tokens).logits, plain(tokens)
+        assert (model(tokens) - want).abs().max().item() <= 1e-5
+        assert torch.equal(unscaled[:, :16], model(tokens)[:, :16])
+        assert (unscaled[:, 16:] - want[:, 16:]).abs().amax(-1).min().item() > 1e-3
+        theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+        ours, _ = load(path, dtype=torch.bfloat16, tokenizer=False)
+        assert torch.equal(ours(tokens), theirs(tokens).logits.float())
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+     "a ministral3 config's RoPE parameters need 'llama_4_scaling_beta'"),
+    ({"rope_parameters": {**MINISTRAL3_ROPE, "original_max_position_embeddings": None}},
+     "a ministral3 config's RoPE parameters need 'original_max_position_embeddings'"),
+    ({"rope_parameters": {**MINISTRAL3_ROPE, "llama_4_scaling_beta": -0.1}},
+     "field 'llama_4_scaling_beta' must be a number >= 0, got -0.1"),
+    ({"rope_parameters": {**MINISTRAL3_ROPE, "llama_4_scaling_beta": "0.1"}},
+     "field 'llama_4_scaling_beta' must be a number >= 0, got '0.1'"),
+    ({"rope_parameters": {**MINISTRAL3_ROPE, "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings"),
+    ({"head_dim": None}, "field 'head_dim' is null"),
+    ({"num_key_value_heads": None}, "field 'num_key_value_heads' is null"),
+])
+def test_ministral3_configs_transformers_cannot_run_are_refused_by_name(change, match):
+    """transformers' Ministral 3 fails on a config whose RoPE parameters lack the query scaling's
+    beta or length (a TypeError in its forward), and refuses these nulls: r3 says which field."""
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match=re.escape(match)):
+        ModelConfig.from_hf({**MINISTRAL3, "rope_parameters": MINISTRAL3_ROPE, **change})

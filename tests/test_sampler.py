@@ -27,7 +27,7 @@ from r3.sampler import (Session, SamplingError, StopStrings, _mul32, _top_p_cand
                         pick_tokens,
                         RANDOM_STREAMS, row_keys, row_uniforms, uniform_table)
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -658,8 +658,9 @@ def test_compiled_step_tells_models_apart_and_keeps_none_alive(tiny_dirs):
     assert ref() is None
 
 
-# plain; q/k norms; LongRoPE; RoPE over half of each head; Gemma 3 (two RoPE bases, sliding layers)
-@pytest.mark.parametrize("kind", ("llama", "qwen3", "phi3", "phi3-partial", "gemma3"))
+# plain; q/k norms; LongRoPE; RoPE over half of each head; Gemma 3 (two RoPE bases, sliding layers);
+# Ministral 3 (queries scaled past position 16)
+@pytest.mark.parametrize("kind", ("llama", "qwen3", "phi3", "phi3-partial", "gemma3", "ministral3"))
 def test_compiled_generate_equals_eager(tiny_dirs, kind):
     """generate(decode="compiled"): greedy and seeded sampling (the pick fused into the graph)
     give the eager sampler's tokens and log-probs; top-p falls back to the eager pick."""
