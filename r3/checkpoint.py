@@ -562,9 +562,10 @@ def gguf_config(reader, path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
     }
-    if arch == "olmo2" and meta("attention.sliding_window", required=False) is not None:
-        raise R3Error(f"{path}: unsupported GGUF file: architecture olmo2 with sliding-window layers (OLMo 3; "
-                      "load its Hugging Face directory instead)")
+    if arch == "olmo2":  # (llama.cpp: a window above 0 makes it OLMo 3; none or 0, OLMo 2)
+        window = meta("attention.sliding_window", required=False)
+        if window is not None and not (_gguf_integer(window) and window == 0):
+            _gguf_olmo3(path, cfg, meta, window)
     if arch == "smollm3":  # (no GGUF key: llama.cpp hard-codes every fourth layer as NoPE, as SmolLM3Config's default)
         cfg["no_rope_layer_interval"] = 4
     if arch == "granite":  # (llama.cpp's converter leaves out a scalar that is absent; 1 is GraniteConfig's default)
@@ -595,9 +596,15 @@ def gguf_config(reader, path: Path) -> dict:
         cfg["rope_scaling"] = {"rope_type": scaling,
                                "factor": float(meta("rope.scaling.factor") if factor is None else factor)}
     # (llama.cpp multiplies cos/sin by it for every architecture and scaling; transformers has no
-    # such field but LongRoPE's attention factor, which Phi-3's files keep here)
+    # such field but LongRoPE's attention factor, which Phi-3's files keep here, and YaRN's, which
+    # for olmo2 (whose graph r3 follows there) is this times the 0.1 ln(factor) + 1 that llama.cpp's
+    # YaRN multiplies in on top)
     attn_factor = meta("rope.scaling.attn_factor", required=False)
-    if attn_factor is not None and float(attn_factor) != 1.0 and not longrope:
+    olmo_yarn = arch == "olmo2" and scaling == "yarn"
+    if olmo_yarn and attn_factor is not None and not _gguf_number(attn_factor):
+        raise R3Error(f"{path}: GGUF field '{arch}.rope.scaling.attn_factor' must be a positive number, "
+                      f"got {_gguf_shown(attn_factor)!r}")
+    if attn_factor is not None and float(attn_factor) != 1.0 and not longrope and not olmo_yarn:
         raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.attn_factor' {attn_factor!r} "
                       "(llama.cpp scales cos/sin by it; r3 runs 1)")
     if scaling == "yarn":
@@ -605,6 +612,10 @@ def gguf_config(reader, path: Path) -> dict:
         if original is not None:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
         f = cfg["rope_scaling"]["factor"]
+        if olmo_yarn and attn_factor is not None and float(attn_factor) != 1.0:
+            # (OLMo 3 files of llama.cpp's first OLMo 3 converter hold the source's attention factor
+            # 0.1 ln 8 + 1 here: llama.cpp then runs (0.1 ln 8 + 1) ** 2 = 1.459, not transformers' 1.208)
+            cfg["rope_scaling"]["attention_factor"] = float(attn_factor) * (0.1 * math.log(f) + 1 if f > 1 else 1.0)
         unread = {**_GGUF_YARN_UNREAD, "yarn_attn_factor": (0.1 * math.log(f) + 1 if f > 1 else 1.0,)}
         for key, runs in unread.items():
             value = meta(f"rope.scaling.{key}", required=False)
@@ -704,6 +715,65 @@ def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
                                       else cfg["head_dim"]))
 
 
+# llama.cpp's OLMo 3 (architecture olmo2 with a sliding window above 0): every fourth layer full and
+# the others sliding, those turning RoPE by rope.freq_base unscaled (frequency scale 1, no YaRN,
+# attention factor 1), whatever the file says; fields it does not read so are accepted only at
+# these values
+_GGUF_OLMO3_PATTERN = 4
+
+
+def _gguf_number(value) -> bool:
+    """Whether a GGUF value is one finite number above 0 (not a bool, string or array)."""
+    import numpy as np
+
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)) and float(value) > 0)
+
+
+def _gguf_shown(value):
+    import numpy as np
+
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _gguf_olmo3(path: Path, cfg: dict, meta, window) -> None:
+    """OLMo 3 as llama.cpp runs an olmo2 file with ``attention.sliding_window`` above 0 (how its
+    converter writes Olmo3ForCausalLM): that window over three layers of every four (the pattern
+    llama.cpp sets, 4, whatever ``attention.sliding_window_pattern`` holds: its converter writes
+    one flag per layer, which llama.cpp's scalar read leaves unread), those turning RoPE by
+    ``rope.freq_base`` unscaled (its graph passes the full layers' base, frequency scale 1, no YaRN
+    and attention factor 1 there); the full layers by ``rope.freq_base`` with the file's scaling.
+    As transformers' Olmo3Config: model_type olmo3, ``rope_parameters`` per layer type."""
+    import numpy as np
+
+    if not _gguf_integer(window) or window < 0:  # (llama.cpp reads it as one unsigned integer)
+        raise R3Error(f"{path}: GGUF field 'olmo2.attention.sliding_window' must be a positive integer, "
+                      f"got {_gguf_shown(window)!r}")
+    n_layers = cfg["num_hidden_layers"]
+    sliding = [i % _GGUF_OLMO3_PATTERN < _GGUF_OLMO3_PATTERN - 1 for i in range(n_layers)]
+    pattern = meta("attention.sliding_window_pattern", required=False)
+    value = pattern.tolist() if isinstance(pattern, np.ndarray) else pattern
+    if isinstance(value, list):  # (one flag per layer, true for sliding, as llama.cpp's converter writes it)
+        same = len(value) == n_layers and all(
+            isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(value, sliding))
+    else:
+        same = value is None or (_gguf_integer(value) and value == _GGUF_OLMO3_PATTERN)
+    if not same:
+        raise R3Error(f"{path}: unsupported GGUF field 'olmo2.attention.sliding_window_pattern' {value!r} "
+                      "(llama.cpp runs every fourth layer full for its converter's flags or 4, and reads other values "
+                      "differently across versions)")
+    theta = cfg["rope_theta"]
+    swa_base = meta("rope.freq_base_swa", required=False)
+    if swa_base is not None and not (_gguf_number(swa_base) and float(swa_base) == theta):
+        raise R3Error(f"{path}: unsupported GGUF field 'olmo2.rope.freq_base_swa' {_gguf_shown(swa_base)!r} "
+                      f"(llama.cpp turns the sliding-window layers by rope.freq_base, {theta:g}; it reads this "
+                      "field only to shift its cache)")
+    cfg.update(model_type="olmo3", sliding_window=int(window),
+               layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+               rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": theta},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": theta}})
+
+
 # Llama 3.x's scaling parameters (low_freq_factor, high_freq_factor, original_max_position_embeddings),
 # which llama.cpp's converter also assumes where a config leaves them out
 _LLAMA3_DEFAULTS = (1.0, 4.0, 8192)
@@ -790,6 +860,13 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     reader = reader or _gguf_reader(path)
     hf_cfg = gguf_config(reader, path)
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path))
+    yarn = cfg.rope_scaling or {}
+    if cfg.model_type == "olmo3" and yarn.get("rope_type") == "yarn" and not math.isclose(
+            yarn["attention_factor"], 0.1 * math.log(yarn["factor"]) + 1 if yarn["factor"] > 1 else 1.0):
+        print(f"note: {path} holds rope.scaling.attn_factor, as llama.cpp's first OLMo 3 converter wrote it: llama.cpp, "
+              f"and so r3, run YaRN's attention factor as {yarn['attention_factor']:.4g}, not the source model's "
+              f"{0.1 * math.log(yarn['factor']) + 1:.4g}; reconvert the file, or load the Hugging Face directory, "
+              "for the source model", file=sys.stderr)
     model = _empty_model(cfg)
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)

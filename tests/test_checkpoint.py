@@ -1535,18 +1535,131 @@ def test_a_phi3_gguf_turns_exactly_its_rope_dimension_count(tmp_path):
         assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-5
 
 
-def test_an_olmo3_gguf_is_refused_in_one_line(tmp_path):
-    """llama.cpp writes OLMo 3 as architecture olmo2 with sliding-window keys; r3 does not follow
-    its sliding layers' RoPE there, so such a file is one line, not an OLMo 2 without windows."""
+def _olmo3_for_gguf(path, attention: float | None = None):
+    """A tiny OLMo 3 as llama.cpp runs one: 8 layers, every fourth full, window 8, both layer types
+    turning RoPE by one base (llama.cpp's olmo2 graph gives its sliding layers rope.freq_base) and
+    the full layers YaRN 8 over an original context of 16 (``attention``: its attention factor,
+    transformers' 0.1 ln 8 + 1 by default)."""
     from conftest import make_tiny_hf
 
-    hf = make_tiny_hf(tmp_path / "hf", "olmo2", attention_bias=False, head_dim=16)
+    types = ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(8)]
+    full = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
+            "beta_fast": 32.0, "beta_slow": 1.0, **({} if attention is None else {"attention_factor": attention})}
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": full}
+    return make_tiny_hf(path, "olmo3", num_hidden_layers=8, layer_types=types, attention_bias=False, head_dim=16,
+                        max_position_embeddings=128, rope_parameters=rope)
+
+
+_OLMO3_MSCALE = 0.1 * math.log(8) + 1  # (YaRN's attention factor for factor 8: 1.2079...)
+
+
+@pytest.mark.parametrize("converter", ["current", "first"])
+def test_an_olmo3_gguf_file_runs_as_llama_cpp_runs_it(tmp_path, converter, capsys):
+    """llama.cpp's converter writes Olmo3ForCausalLM as architecture olmo2 with
+    ``attention.sliding_window`` (and the sliding flags per layer, which llama.cpp leaves unread:
+    it sets every fourth layer full); its olmo2 graph turns the sliding layers by rope.freq_base
+    unscaled and the full ones with the file's YaRN, multiplying cos/sin by rope.scaling.attn_factor
+    times YaRN's 0.1 ln 8 + 1. The current converter writes the source's attention factor 1.2079 as
+    yarn_attn_factor, which llama.cpp does not read for olmo2: the file runs as transformers'
+    model. Its first OLMo 3 converter wrote it as rope.scaling.attn_factor: llama.cpp then runs
+    1.2079 ** 2 = 1.459, and so does r3 (transformers' model with that attention factor). Over 48
+    positions (window 8) fp32 logits agree within 1e-4, and dropping the window, a sliding base of
+    500000, no YaRN or the file's attention factor each moves them far past it."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from r3.model import ModelConfig, Transformer
+
+    hf = _olmo3_for_gguf(tmp_path / "hf", _OLMO3_MSCALE)
     path = tmp_path / "olmo3.gguf"
-    _write_gguf(hf, path, "olmo2", bf16=False, ints={"attention.sliding_window": 8})
-    with pytest.raises(R3Error) as e:
-        load(path, tokenizer=False)
-    assert str(e.value) == (f"{path}: unsupported GGUF file: architecture olmo2 with sliding-window layers "
-                            "(OLMo 3; load its Hugging Face directory instead)")
+    flags = [(i + 1) % 4 != 0 for i in range(8)]
+    floats = ({"rope.scaling.yarn_attn_factor": _OLMO3_MSCALE, "rope.scaling.yarn_beta_fast": 32.0,
+               "rope.scaling.yarn_beta_slow": 1.0} if converter == "current" else
+              {"rope.scaling.attn_factor": _OLMO3_MSCALE})
+    _write_gguf(hf, path, "olmo2", False, rope_scaling=("yarn", 8.0), floats=floats,
+                ints={"attention.sliding_window": 8, "rope.scaling.original_context_length": 16},
+                arrays={"attention.sliding_window_pattern": flags})
+    if converter == "first":  # (the reference: the same weights with llama.cpp's attention factor)
+        hf = _olmo3_for_gguf(tmp_path / "hf_llama_cpp", float(np.float32(_OLMO3_MSCALE)) * _OLMO3_MSCALE)
+        hf.load_state_dict(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).state_dict())
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    note = capsys.readouterr().err  # (the first converter's file is not the source model: a note says so)
+    assert ("run YaRN's attention factor as 1.459, not the source model's 1.208" in note) == (converter == "first")
+    c = model.config
+    assert (c.model_type, c.rope_theta, c.local_rope_theta) == ("olmo3", 10000.0, 10000.0)
+    assert c.layer_windows == [8, 8, 8, None, 8, 8, 8, None]
+    assert c.rope_scaling["rope_type"] == "yarn" and c.rope_scaling["original_max_position_embeddings"] == 16
+    assert math.isclose(c.rope_scaling["attention_factor"], _OLMO3_MSCALE ** (1 if converter == "current" else 2),
+                        rel_tol=1e-6)
+    tokens = _tokens(hf.config.vocab_size, T=48)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-4
+        for change in ({"layer_windows": [None] * 8}, {"local_rope_theta": 500000.0}, {"rope_scaling": None},
+                       {"rope_scaling": {**c.rope_scaling, "attention_factor": _OLMO3_MSCALE ** (
+                           2 if converter == "current" else 1)}}):
+            other = Transformer(ModelConfig(**{**c.__dict__, **change}))
+            other.load_state_dict(model.state_dict())
+            assert (want - other(tokens)).abs().max().item() > 1e-2, change
+    out = save_hf(model, None, tmp_path / "export")  # (the export is the same model to transformers)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
+        assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_olmo3_gguf_fields_llama_cpp_would_run_otherwise_are_refused(tmp_path):
+    """What llama.cpp does not read for an OLMo 3 file is accepted at what it runs (the pattern 4 or
+    the converter's flags, rope.freq_base_swa equal to rope.freq_base, the yarn_* fields at its
+    values), and anything else is one line naming the field: another pattern (llama.cpp versions
+    read a scalar differently), a sliding base of its own (llama.cpp's graph turns the sliding layers
+    by rope.freq_base and reads it only to shift its cache), a window that is no positive integer,
+    betas or an attention factor it does not read, an attention factor that is no number, a
+    scaling other than linear or yarn. A window of 0 is OLMo 2, as in llama.cpp."""
+    hf = _olmo3_for_gguf(tmp_path / "hf")
+    path = tmp_path / "olmo3.gguf"
+    window = {"attention.sliding_window": 8}
+    yarn = ("yarn", 8.0)
+    for ints, floats, arrays in (({**window, "attention.sliding_window_pattern": 4}, {"rope.freq_base_swa": 10000.0}, {}),
+                                 (window, {}, {"attention.sliding_window_pattern": [1, 1, 1, 0] * 2})):
+        _write_gguf(hf, path, "olmo2", False, ints=ints, floats=floats, arrays=arrays, rope_scaling=yarn)
+        c = load(path, tokenizer=False)[0].config
+        assert c.model_type == "olmo3" and c.layer_windows == [8, 8, 8, None] * 2
+    _write_gguf(hf, path, "olmo2", False, ints={"attention.sliding_window": 0})
+    c = load(path, tokenizer=False)[0].config
+    assert c.model_type == "olmo2" and c.layer_windows == [None] * 8 and c.rope_scaling is None
+    pattern = "unsupported GGUF field 'olmo2.attention.sliding_window_pattern'"
+    for ints, floats, arrays, scaling, message in (
+            ({**window, "attention.sliding_window_pattern": 2}, {}, {}, yarn,
+             f"{pattern} 2 (llama.cpp runs every fourth layer full for its converter's flags or 4, and reads "
+             "other values differently across versions)"),
+            (window, {}, {"attention.sliding_window_pattern": [True, True, False, True] * 2}, yarn,
+             f"{pattern} [True, True, False, True, True, True, False, True]"),
+            (window, {}, {"attention.sliding_window_pattern": [True, True, True, False]}, yarn,
+             f"{pattern} [True, True, True, False]"),
+            (window, {"rope.freq_base_swa": 500000.0}, {}, yarn,
+             "unsupported GGUF field 'olmo2.rope.freq_base_swa' 500000.0 (llama.cpp turns the sliding-window "
+             "layers by rope.freq_base, 10000; it reads this field only to shift its cache)"),
+            ({}, {"attention.sliding_window": 8.5}, {}, yarn,
+             "GGUF field 'olmo2.attention.sliding_window' must be a positive integer, got 8.5"),
+            ({}, {}, {"attention.sliding_window": [8] * 8}, yarn,
+             "GGUF field 'olmo2.attention.sliding_window' must be a positive integer, got [8, 8, 8, 8, 8, 8, 8, 8]"),
+            (window, {"rope.scaling.yarn_beta_fast": 16.0}, {}, yarn,
+             "unsupported GGUF field 'olmo2.rope.scaling.yarn_beta_fast' 16.0 (llama.cpp does not read it for "
+             "architecture 'olmo2' and runs 32)"),
+            (window, {"rope.scaling.yarn_attn_factor": 1.0}, {}, yarn,
+             "unsupported GGUF field 'olmo2.rope.scaling.yarn_attn_factor' 1.0 (llama.cpp does not read it for "
+             "architecture 'olmo2' and runs 1.20794)"),
+            (window, {"rope.scaling.attn_factor": -1.0}, {}, yarn,
+             "GGUF field 'olmo2.rope.scaling.attn_factor' must be a positive number, got -1.0"),
+            (window, {"rope.scaling.attn_factor": 1.5}, {}, ("linear", 8.0),
+             "unsupported GGUF field 'olmo2.rope.scaling.attn_factor' 1.5 (llama.cpp scales cos/sin by it; r3 runs 1)"),
+            (window, {}, {}, ("longrope", 8.0),
+             "unsupported GGUF rope scaling 'longrope' for architecture olmo2 (supported: linear, yarn)")):
+        _write_gguf(hf, path, "olmo2", False, ints=ints, floats=floats, arrays=arrays, rope_scaling=scaling)
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value) == f"{path}: {message}" or str(e.value).startswith(f"{path}: {message} ("), str(e.value)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "gemma2", "phi3", "qwen2"])
