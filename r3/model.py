@@ -58,24 +58,26 @@ from torch.utils.checkpoint import checkpoint
 from r3.errors import R3Error
 
 SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "olmo2",
-                         "olmo3", "gemma3_text")
+                         "olmo3", "gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                      "olmo3": "Olmo3ForCausalLM",
-                     "gemma3_text": "Gemma3ForCausalLM"}
+                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 # Gemma3TextConfig's defaults for the fields r3 would otherwise need or derive another way:
 # transformers writes a sub-config as its difference from these, so the text_config of the vision
 # checkpoints (google/gemma-3-4b-it: hidden_size, intermediate_size, num_hidden_layers,
 # rope_scaling, sliding_window and nothing more) leaves them out
+_GEMMA2_DEFAULTS = {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
 _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
 _DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}
-_DEFAULT_MAX_POSITIONS = {"gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
+_DEFAULT_MAX_POSITIONS = {"gemma2": 8192, "gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
                           "smollm3": 32_768, "ministral3": 262_144}
 # Ministral3Config's RoPE where a config gives none: YaRN, and Llama 4's query scaling past the
 # original context
@@ -85,7 +87,9 @@ _MINISTRAL3_DEFAULT_ROPE = {"type": "yarn", "rope_theta": 1_000_000.0, "factor":
                             "original_max_position_embeddings": 16_384, "beta_fast": 32.0, "beta_slow": 1.0,
                             "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
 _DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0, "olmo3": 500_000.0}
-_TIED_BY_DEFAULT = ("gemma3_text", "smollm3")
+_TIED_BY_DEFAULT = ("gemma2", "gemma3_text", "smollm3")
+# Gemma2Config's tanh caps on the attention scores and on the logits (Gemma 3's are null)
+_DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0)}
 # Fields that config.json may leave out (r3 then fills in transformers' default) but not write as
 # null: transformers 5 cannot build the model from such a config (its config classes reject the
 # null, or the model fails on it), so r3 refuses it rather than guess a value (tie_word_embeddings
@@ -104,6 +108,8 @@ _NULL_REFUSED_BY_TYPE = {
     "phi3": ("hidden_act", "rope_theta", "head_dim", "partial_rotary_factor", "original_max_position_embeddings"),
     "olmo2": ("hidden_act", "rope_theta", "head_dim", "attention_bias"),
     "olmo3": ("hidden_act", "rope_theta", "head_dim", "attention_bias"),
+    "gemma2": ("hidden_activation", "rope_theta", "head_dim", "num_key_value_heads", "attention_bias",
+               "query_pre_attn_scalar"),
     "gemma3_text": ("head_dim", "num_key_value_heads", "attention_bias", "query_pre_attn_scalar"),
 }
 KV_BUCKET = 64
@@ -141,6 +147,9 @@ class ModelConfig:
     hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU)
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power (None: head_dim's)
     local_rope_theta: float | None = None  # Gemma 3, OLMo 3: sliding-window layers' RoPE base, unscaled
+    # Gemma 2 (and a Gemma 3 config that sets them): scores, and the logits, put through c * tanh(x / c)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     # Ministral 3 (Llama 4's attention temperature): queries scaled by 1 + beta ln(1 + floor(p / length))
     # at position p, so by exactly 1 before position ``length``; beta 0 is none
     query_scaling_beta: float = 0.0
@@ -157,7 +166,7 @@ class ModelConfig:
     @property
     def gemma(self) -> bool:
         """Gemma's (1 + w) norms, scaled embeddings and four norms per block (see the module docstring)."""
-        return self.model_type == "gemma3_text"
+        return self.model_type in ("gemma2", "gemma3_text")
 
     @property
     def olmo(self) -> bool:
@@ -204,9 +213,10 @@ class ModelConfig:
                     and cfg["rope_parameters"].get("rope_theta") is not None):
                 raise R3Error(f"{source}: field '{key}' is null, from which transformers cannot build a "
                               f"'{model_type}' model either: give its value or leave the field out")
-        gemma = model_type == "gemma3_text"
-        if gemma or model_type == "ministral3":  # (what transformers fills in where a field is left out)
-            defaults = _GEMMA3_TEXT_DEFAULTS if gemma else _MINISTRAL3_DEFAULTS
+        gemma = model_type in ("gemma2", "gemma3_text")
+        defaults = {"gemma2": _GEMMA2_DEFAULTS, "gemma3_text": _GEMMA3_TEXT_DEFAULTS,
+                    "ministral3": _MINISTRAL3_DEFAULTS}.get(model_type)
+        if defaults:  # (what transformers fills in where a field is left out)
             cfg = {**cfg, **{k: v for k, v in defaults.items() if cfg.get(k) is None}}
         act_key = "hidden_activation" if gemma and cfg.get("hidden_activation") is not None else "hidden_act"
         act = cfg.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
@@ -215,6 +225,7 @@ class ModelConfig:
                           f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
         if gemma:
             _check_gemma_extras(cfg, source)
+        softcaps = _softcaps(cfg, model_type, source)
         n_layers = integer("num_hidden_layers")
         n_heads = integer("num_attention_heads")
         hidden = integer("hidden_size")
@@ -237,7 +248,7 @@ class ModelConfig:
             rope = dict(_MINISTRAL3_DEFAULT_ROPE)  # (Ministral3Config's, whatever a top-level rope_theta says)
         local_theta = None
         layered = model_type in ("gemma3_text", "olmo3")  # (RoPE per layer type)
-        if gemma:  # rope_parameters per layer type (transformers 5), or rope_theta / rope_local_base_freq
+        if model_type == "gemma3_text":  # per layer type (transformers 5), or rope_theta / rope_local_base_freq
             rope, local_theta = _gemma_rope(cfg, rope, source)
         elif layered:
             rope, local_theta = _olmo3_rope(cfg, rope, source)
@@ -322,6 +333,8 @@ class ModelConfig:
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3", "granite") else False,
             qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
+            attn_logit_softcapping=softcaps[0],
+            final_logit_softcapping=softcaps[1],
             layer_windows=windows,
             nope_layers=nope,
             hidden_act=_ACTIVATIONS[act],
@@ -414,13 +427,15 @@ class ModelConfig:
             cfg["attention_bias"] = self.qkv_bias
             cfg["sliding_window"] = windows.pop() if windows else None
             cfg["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows]
-            pattern = _sliding_window_pattern(self.layer_windows)
-            if pattern is not None:  # (transformers 4.50 to 4.52 read this, not layer_types)
-                cfg["sliding_window_pattern"] = pattern
-            cfg["rope_local_base_freq"] = self.local_rope_theta
-            cfg["rope_parameters"] = {"full_attention": rope_parameters,
-                                      "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}}
-            cfg["final_logit_softcapping"] = cfg["attn_logit_softcapping"] = None
+            cfg["attn_logit_softcapping"] = self.attn_logit_softcapping
+            cfg["final_logit_softcapping"] = self.final_logit_softcapping
+            if self.model_type == "gemma3_text":
+                pattern = _sliding_window_pattern(self.layer_windows)
+                if pattern is not None:  # (transformers 4.50 to 4.52 read this, not layer_types)
+                    cfg["sliding_window_pattern"] = pattern
+                cfg["rope_local_base_freq"] = self.local_rope_theta
+                cfg["rope_parameters"] = {"full_attention": rope_parameters, "sliding_attention": {
+                    "rope_type": "default", "rope_theta": self.local_rope_theta}}
         elif self.model_type in ("qwen2", "qwen3"):
             if self.model_type == "qwen3":
                 cfg["attention_bias"] = self.qkv_bias
@@ -594,12 +609,28 @@ def _sliding_window_pattern(windows: list) -> int | None:
     return k if all((w is None) == ((i + 1) % k == 0) for i, w in enumerate(windows)) else None
 
 
+def _softcaps(cfg: dict, model_type: str, source: str) -> tuple[float | None, float | None]:
+    """(attention, final) logit softcapping as transformers reads them: a field left out takes the
+    family's default (Gemma 2's 50 and 30; none elsewhere), null is none. Only Gemma has them, and
+    Gemma 3 only the final one (a score cap there is refused: transformers 5 does not apply it)."""
+    defaults = _DEFAULT_SOFTCAPS.get(model_type, (None, None))
+    out = []
+    for key, default in zip(("attn_logit_softcapping", "final_logit_softcapping"), defaults):
+        value = cfg.get(key, default)
+        if value is not None:
+            if model_type not in ("gemma2", "gemma3_text"):
+                raise R3Error(f"{source}: unsupported field '{key}' for model_type '{model_type}' (only Gemma)")
+            value = _positive(value, key, source, integral=False)
+            if model_type == "gemma3_text" and key == "attn_logit_softcapping":  # (4.x's passed it on)
+                raise R3Error(f"{source}: field '{key}' {value!r} of a Gemma 3 config: transformers 5's Gemma 3 "
+                              "attention leaves it unread; write null")
+        out.append(None if value is None else float(value))
+    return out[0], out[1]
+
+
 def _check_gemma_extras(cfg: dict, source: str) -> None:
-    """Refuse what Gemma 3 configs may set and r3 does not compute (Gemma 2's softcapping, the
-    bidirectional attention of embedding models)."""
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if cfg.get(key) is not None:
-            raise R3Error(f"{source}: field '{key}' {cfg[key]!r} is not supported (only null, as Gemma 3 ships)")
+    """Refuse what Gemma configs may set and r3 does not compute (the bidirectional attention of
+    embedding models)."""
     if cfg.get("use_bidirectional_attention"):
         raise R3Error(f"{source}: field 'use_bidirectional_attention' true is not supported (a causal LM only)")
 
@@ -681,11 +712,12 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
         window = _positive(window, "sliding_window", source, integral=True)
     if model_type in ("mistral", "ministral3", "phi3"):
         return [window or None] * n_layers
-    if model_type in ("gemma3_text", "olmo3"):  # layer_types, else every k-th layer is full (Gemma 3:
-        # k = sliding_window_pattern, 6 by default; OLMo 3: 4)
+    if model_type in ("gemma2", "gemma3_text", "olmo3"):  # layer_types, else every k-th layer is full
+        # (Gemma 3: k = sliding_window_pattern, 6 by default; OLMo 3: 4; Gemma 2: 2)
         layer_types = cfg.get("layer_types")
         if layer_types is None:
-            pattern = cfg.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else 4
+            pattern = cfg.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else (
+                2 if model_type == "gemma2" else 4)
             if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
                 raise R3Error(f"{source}: field 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
@@ -951,6 +983,7 @@ class Attention(nn.Module):
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.attention_multiplier
         self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
+        self.softcap = cfg.attn_logit_softcapping
         self.qk_norm_all_heads = cfg.olmo
         if cfg.qk_norm:
             q_dim, k_dim = (self.n_heads * d, self.n_kv * d) if cfg.olmo else (d, d)
@@ -989,7 +1022,11 @@ class Attention(nn.Module):
         if q_scale is not None:  # (Ministral 3: after RoPE, as transformers scales them)
             q = q * q_scale
         q = q.transpose(1, 2)
-        if mask is None:
+        if self.softcap is not None:  # (Gemma 2: no fused kernel caps the scores)
+            if mask is None and layer_cache is not None:
+                k, v = k[:, :, :T], v[:, :, :T]
+            out = softcapped_attention(q, k, v, mask, mask is None and T > 1, self.scale, self.softcap)
+        elif mask is None:
             if layer_cache is not None:  # a prefill from the start: no query may see a slot >= T,
                 k, v = k[:, :, :T], v[:, :, :T]  # so square (flash attention takes grouped heads then)
             out = sdpa(q, k, v, None, causal=T > 1, scale=self.scale)
@@ -1036,6 +1073,25 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                         scale: float | None, cap: float) -> torch.Tensor:
+    """Attention whose scores go through ``cap * tanh(scores / cap)`` before the mask and softmax
+    (Gemma 2), computed as transformers' eager attention computes it: scores in the compute dtype,
+    softmax in fp32. Shapes as :func:`sdpa`; ``mask`` additive, else ``causal`` (top-left aligned)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = scores + mask
+    elif causal:
+        T, S = scores.shape[-2:]
+        hidden = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class MLP(nn.Module):
@@ -1287,9 +1343,12 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states, in the compute dtype (Granite: divided by its
-        ``logits_scaling``, as transformers divides them)."""
+        ``logits_scaling``; Gemma 2: capped by ``final_logit_softcapping``, as transformers does)."""
         out = self.lm_head(h)
-        return out / self.config.logits_scaling if self.config.logits_scaling != 1.0 else out
+        if self.config.logits_scaling != 1.0:
+            out = out / self.config.logits_scaling
+        cap = self.config.final_logit_softcapping
+        return out if cap is None else torch.tanh(out / cap) * cap
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -157,6 +157,14 @@ def tiny_hf_config(kind: str, **overrides):
         cfg = Olmo3Config(**common, attention_bias=True, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=8, rope_parameters=rope, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                           initializer_range=0.2)
+    elif kind == "gemma2":  # Gemma 3's block without q/k norms, one RoPE base, sliding layers every other
+        # one, and its caps: scores and logits through c * tanh(x / c), small enough here to bite
+        from transformers import Gemma2Config
+
+        cfg = Gemma2Config(**{**common, "hidden_size": 48, "head_dim": 24}, tie_word_embeddings=True,
+                           query_pre_attn_scalar=20, sliding_window=8, attn_logit_softcapping=3.0,
+                           final_logit_softcapping=4.0, rope_theta=10000.0, bos_token_id=2, eos_token_id=1,
+                           pad_token_id=0, initializer_range=0.2)
     elif kind == "ministral3":  # Mistral's layout with Ministral 3's YaRN (mscale = mscale_all_dim: cos/sin
         # unscaled) and its queries scaled past a small original context (16: the test lengths pass it)
         from transformers import Ministral3Config
@@ -223,11 +231,11 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3, gemma3,
-    smollm3, olmo2, olmo3, granite and ministral3."""
+    smollm3, olmo2, olmo3, granite, ministral3 and gemma2."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
     for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite",
-                 "ministral3"):
+                 "ministral3", "gemma2"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

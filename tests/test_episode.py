@@ -64,7 +64,7 @@ def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0
                       max_position_embeddings=1024, **{"initializer_range": 0.02, **overrides})
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith("proj.weight") or (kind == "gemma3" and ".post_" in name):
+            if name.endswith("proj.weight") or (kind in ("gemma3", "gemma2") and ".post_" in name):
                 p.mul_(10.0)  # context matters: attention and MLP outputs are not negligible
                 # (Gemma norms them: their norms' scale, 1 + w, is what makes them so)
         emb = hf.model.embed_tokens.weight

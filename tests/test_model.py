@@ -13,7 +13,8 @@ from conftest import hf_rope, transformers_major
 from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq, rope_scale
 
-KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3")
+KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3",
+         "gemma2")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -119,9 +120,11 @@ def test_smollm3_config_fields_as_transformers_reads_them():
 
 
 @pytest.mark.parametrize("name,params", [("SmolLM3Config", 3_075_098_624), ("Olmo2Config", 6_888_624_128),
-                                         ("Olmo3Config", 6_888_624_128), ("GraniteConfig", 6_738_415_616)])
+                                         ("Olmo3Config", 6_888_624_128), ("GraniteConfig", 6_738_415_616),
+                                         ("Gemma2Config", 2_614_341_888), ("Ministral3Config", 8_489_553_920)])
 def test_default_shapes_build_transformers_parameter_names_and_count(name, params):
-    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's, Olmo3Config's and GraniteConfig's 7B ones:
+    """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's, Olmo3Config's and GraniteConfig's 7B ones,
+    Gemma2Config's gemma-2-2b's and Ministral3Config's an 8B's:
     r3 builds the same parameters as transformers, name for name (q/k/v and gate/up apart, as in a
     checkpoint) and in number (on the meta device: nothing is allocated)."""
     import transformers
@@ -142,6 +145,9 @@ def test_default_shapes_build_transformers_parameter_names_and_count(name, param
         assert cfg.nope_layers == list(range(3, 36, 4))
     if name == "Olmo3Config":
         assert cfg.layer_windows == [None if i % 4 == 3 else 4096 for i in range(32)]
+    if name == "Gemma2Config":
+        assert cfg.layer_windows == [None if i % 2 else 4096 for i in range(26)]
+        assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.query_pre_attn_scalar) == (50.0, 30.0, 256)
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
@@ -1244,9 +1250,10 @@ def test_gemma3_local_and_global_rope_differ_by_layer():
 
 @pytest.mark.parametrize("change,match", [
     ({"model_type": "gemma3"}, "model_type 'gemma3' without a 'text_config' object"),
-    ({"model_type": "gemma2"}, "unsupported model_type 'gemma2'"),
-    ({"final_logit_softcapping": 30.0}, "field 'final_logit_softcapping' 30.0 is not supported"),
-    ({"attn_logit_softcapping": 50.0}, "field 'attn_logit_softcapping' 50.0 is not supported"),
+    ({"model_type": "gemma"}, "unsupported model_type 'gemma'"),
+    ({"final_logit_softcapping": 0.0}, "field 'final_logit_softcapping' must be a positive number, got 0.0"),
+    ({"attn_logit_softcapping": "50"}, "field 'attn_logit_softcapping' must be a positive number, got '50'"),
+    ({"attn_logit_softcapping": 50.0}, "field 'attn_logit_softcapping' 50.0 of a Gemma 3 config: transformers 5's"),
     ({"use_bidirectional_attention": True}, "field 'use_bidirectional_attention' true is not supported"),
     ({"hidden_activation": "silu"}, "unsupported hidden_activation 'silu' for model_type 'gemma3_text'"),
     ({"layer_types": ["full_attention"] * 5}, "field 'layer_types' must list"),
@@ -1822,3 +1829,81 @@ def test_ministral3_configs_transformers_cannot_run_are_refused_by_name(change, 
 
     with pytest.raises(R3Error, match=re.escape(match)):
         ModelConfig.from_hf({**MINISTRAL3, "rope_parameters": MINISTRAL3_ROPE, **change})
+
+
+# --------------------------------------------------------------------------------------------
+# Gemma 2
+# --------------------------------------------------------------------------------------------
+
+GEMMA2 = dict(model_type="gemma2", vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=12,
+              hidden_activation="gelu_pytorch_tanh", sliding_window=4)
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({}, id="defaults"),
+    pytest.param({"layer_types": ["full_attention", "sliding_attention"] * 2, "rope_theta": 5e5}, id="layer-types"),
+    pytest.param({"attn_logit_softcapping": None, "final_logit_softcapping": 12.5}, id="one-cap"),
+    pytest.param({"attn_logit_softcapping": None, "final_logit_softcapping": None}, id="no-caps"),
+    # (Gemma 2 has no sliding_window_pattern: transformers alternates whatever it says)
+    pytest.param({"sliding_window_pattern": 3}, id="pattern-unread"),
+])
+def test_gemma2_configs_read_as_transformers_reads_them(fields):
+    """Gemma2Config's fields as transformers 5 resolves them: even layers slide and odd ones are
+    full unless layer_types says, one RoPE base for all, the caps 50 (scores) and 30 (logits)
+    where left out and none where null, tied embeddings. The export reads back the same."""
+    from transformers import Gemma2Config
+
+    cfg = {**GEMMA2, **fields}
+    theirs = Gemma2Config(**{k: v for k, v in cfg.items() if k != "model_type"})
+    c = ModelConfig.from_hf(cfg)
+    assert c.layer_windows == [4 if t == "sliding_attention" else None for t in theirs.layer_types]
+    assert (c.attn_logit_softcapping, c.final_logit_softcapping) == (
+        theirs.attn_logit_softcapping, theirs.final_logit_softcapping)
+    assert (c.rope_theta, c.local_rope_theta, c.rope_scaling) == (hf_rope(theirs)["rope_theta"], None, None)
+    assert (c.query_pre_attn_scalar, c.hidden_act, c.tie_word_embeddings, c.qk_norm, c.gemma) == (
+        12.0, "gelu_pytorch_tanh", True, False, True)
+    assert ModelConfig.from_hf(c.to_hf()) == c
+    back = Gemma2Config(**{k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type")})
+    assert back.layer_types == theirs.layer_types and hf_rope(back) == hf_rope(theirs)
+    assert (back.attn_logit_softcapping, back.final_logit_softcapping) == (
+        theirs.attn_logit_softcapping, theirs.final_logit_softcapping)
+
+
+def test_gemma2_caps_are_really_used_and_bf16_logits_equal_transformers(tiny_dirs):
+    """The tiny Gemma 2's caps (3 on the scores, 4 on the logits) bite: without either the logits
+    move far from transformers'; with both they equal transformers' bit for bit in bf16 (scores in
+    bf16, softmax in fp32, the logits capped in bf16, as its eager attention and head compute them)."""
+    from transformers import AutoModelForCausalLM
+
+    path, hf = tiny_dirs["gemma2"]
+    model, _ = load(path, tokenizer=False)
+    c = model.config
+    assert (c.attn_logit_softcapping, c.final_logit_softcapping) == (3.0, 4.0)
+    assert c.layer_windows == [8, None] and not c.qk_norm
+    tokens = _tokens(256, 2, 40)
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert want.abs().max() <= 4.0 and (model(tokens) - want).abs().max().item() <= 1e-5
+        for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}):
+            other = Transformer(ModelConfig(**{**c.__dict__, **change})).eval()
+            other.load_state_dict(model.state_dict())
+            assert (other(tokens) - want).abs().max().item() > 1e-2, change
+        theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+        ours, _ = load(path, dtype=torch.bfloat16, tokenizer=False)
+        assert torch.equal(ours(tokens), theirs(tokens).logits.float())
+
+
+def test_a_gemma3_config_with_a_final_softcap_runs_as_transformers_runs_it(tmp_path):
+    """Gemma 3 ships without caps, but transformers' Gemma 3 caps the logits where a config sets
+    final_logit_softcapping (its attention leaves attn_logit_softcapping unread, so r3 refuses
+    that one): r3 follows, where it refused both before."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path, "gemma3", final_logit_softcapping=4.0)
+    model, _ = load(tmp_path, tokenizer=False)
+    assert (model.config.attn_logit_softcapping, model.config.final_logit_softcapping) == (None, 4.0)
+    tokens = _tokens(256, 2, 40)
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert want.abs().max() <= 4.0 and (model(tokens) - want).abs().max().item() <= 1e-5

@@ -67,7 +67,7 @@ def compare(model, reference, seqs, spans, adv, agg, *, micro_packed: int, rtol:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite",
-                                  "ministral3"])
+                                  "ministral3", "gemma2"])
 @pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
 def test_shared_prefix_equals_per_row_fp32(tiny_dirs, kind, agg):
     path, _ = tiny_dirs[kind]
