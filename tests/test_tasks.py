@@ -2451,6 +2451,88 @@ def test_countdown_markdown_structure_white_box(tags, completion, expected):
     _both_implementations_say(tags, completion, expected)
 
 
+STANDARD_PLAIN = CountdownTask(answer_tags=False)
+
+
+@pytest.mark.parametrize("tags,nums,target,completion,expected", [
+    # LaTeX's multiplication and division signs and sized parentheses, as larger models write them
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 - 3 = 97$", True, id="times-in-dollars"),
+    pytest.param(False, [25, 4, 3], 97, "So the answer is $(25 \\cdot 4) - 3 = 97$.", True, id="cdot-sentence"),
+    pytest.param(False, [25, 4, 3], 97, "\\[\n\\left( 25 \\times 4 \\right) - 3 = 97\n\\]", True, id="left-right-display"),
+    pytest.param(False, [25, 4, 3], 97, "The final answer is: $\\boxed{25 \\times 4 - 3}$", True, id="times-in-boxed"),
+    pytest.param(False, [100, 4, 3], 28, "Therefore, \\( 100 \\div 4 + 3 = 28 \\).", True, id="div-inline-math"),
+    pytest.param(False, [25, 4, 3], 97, "$$25\\times4-3=97$$", True, id="times-glued"),
+    pytest.param(True, [25, 4, 3], 97, "$25 \\times 4 - 3 = 97$\n\n<answer>25 * 4 - 3 = 97</answer>", True,
+                 id="tags-times-before-block"),
+    # ... read as the ASCII signs, so everything the rule says of those still holds
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 - 3 = 98$", False, id="times-wrong-value"),
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 \\div 3 = 97$", False, id="div-wrong-value"),
+    pytest.param(False, [25, 4, 3], 97, "$2 \\times (25 \\times 4 - 3) = 97$", False, id="times-a-number-not-given"),
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 - 3 = 97 \\times 1$", False, id="times-after-the-result"),
+    pytest.param(False, [25, 4, 3], 97, "2 \\cdot $25 \\times 4 - 3 = 97$", False, id="cdot-before-dollars"),
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 - 3 + \\cdots = 97$", False, id="cdots-is-no-cdot"),
+    pytest.param(False, [25, 4, 3], 97, "$25 \\timesx 4 - 3 = 97$", False, id="longer-command"),
+    pytest.param(False, [25, 4, 3], 97, "$\\left| 25 \\times 4 - 3 \\right| = 97$", False, id="left-bar"),
+    pytest.param(False, [25, 4, 3], 97, "$\\left( 25 \\times 4 - 3 = 97$", False, id="left-unclosed"),
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 - 3 \\neq 97$", False, id="times-then-neq"),
+    pytest.param(False, [25, 4, 3], 97, "$\\frac{25 \\times 4 - 3}{1} = 97$", False, id="times-in-frac"),
+    pytest.param(False, [25, 4, 3], 97, "$25 \\times 4 - 3 = 97$. Then \\div 2.", False, id="div-after"),
+    pytest.param(True, [25, 4, 3], 97, "<answer>25 \\times 4 - 3</answer>", False, id="tags-times-inside-block"),
+    pytest.param(True, [25, 4, 3], 97, "$2 \\times$ <answer>25 * 4 - 3</answer>", False, id="tags-times-before-block-op"),
+    # a Markdown thematic break (a line of three or more of one of - * _) is a rule, not an operator
+    pytest.param(False, [5, 23], 28, "5 + 23 = 28\n\n---", True, id="rule-after"),
+    pytest.param(False, [5, 23], 28, "5 + 23 = 28\n\n* * *\n\nHope this helps!", True, id="spaced-star-rule-after"),
+    pytest.param(False, [5, 23], 28, "Let me think.\n\n___\n5 + 23 = 28", True, id="underscore-rule-before"),
+    pytest.param(True, [5, 23], 28, "**Answer:** 5 + 23 = 28\n\n---\n\n<answer>5 + 23 = 28</answer>", True,
+                 id="tags-rule-before-block"),
+    pytest.param(True, [5, 23], 28, "<answer>5 + 23 = 28</answer>\n\n---", True, id="tags-rule-after-block"),
+    # ... blank, so the line above it is read as the line before, and short dashes stay operators
+    pytest.param(False, [5, 23], 28, "3 *\n---\n5 + 23 = 28", False, id="operator-above-rule"),
+    pytest.param(True, [5, 23], 28, "3 -\n\n---\n\n<answer>5 + 23 = 28</answer>", False, id="tags-operator-above-rule"),
+    pytest.param(False, [5, 23], 28, "Wrong answer\n---\n5 + 23 = 28", False, id="denial-heading-above-rule"),
+    pytest.param(False, [5, 23], 28, "5 + 23 = 28\n--", False, id="two-dashes-unfinished"),
+    pytest.param(False, [5, 23], 28, "5 + 23 = 28\n---\nWrong.", False, id="denial-below-rule"),
+    pytest.param(False, [5, 23], 28, "5 + 23 = 28\n- - -\n2", False, id="number-below-rule"),
+    pytest.param(True, [5, 23], 28, "<answer>5 + 23 = 28</answer>\n\n---\n\n**Answer:** 27", False,
+                 id="tags-other-answer-below-rule"),
+    pytest.param(False, [5, 23], 28, "5 + 23 = 28\n---*", False, id="mixed-marks-unfinished"),
+    pytest.param(True, [5, 23], 28, "---<answer>5 + 23 = 28</answer>", False, id="tags-dashes-on-the-blocks-line"),
+    pytest.param(True, [5, 23], 28, "<answer>5 + 23 = 28</answer> ***", False, id="tags-stars-on-the-blocks-line"),
+    # a LaTeX sign reads as one only after an operand: opening a line it would read as a bullet
+    pytest.param(False, [25, 4, 3], 97, "\\cdot 25 * 4 - 3 = 97", False, id="cdot-opening-the-line"),
+    pytest.param(False, [25, 4, 3], 97, "\\[ \\times 25 * 4 - 3 = 97 \\]", False, id="times-opening-display-math"),
+    pytest.param(True, [25, 4, 3], 97, "\\cdot <answer>25 * 4 - 3</answer>", False, id="tags-cdot-before-block"),
+    # an operator inside a math or code span that ends the line before (both paid these before)
+    pytest.param(False, [25, 4, 3], 97, "$2 \\times$\n25 * 4 - 3 = 97", False, id="times-span-ends-line-before"),
+    pytest.param(False, [25, 4, 3], 97, "$2 *$\n25 * 4 - 3 = 97", False, id="star-span-ends-line-before"),
+    pytest.param(False, [25, 4, 3], 97, "`2 *`\n25 * 4 - 3 = 97", False, id="code-span-ends-line-before"),
+    pytest.param(True, [25, 4, 3], 97, "$2 \\cdot$\n\n<answer>25 * 4 - 3</answer>", False, id="tags-cdot-span-line-before"),
+    pytest.param(True, [25, 4, 3], 97, "`2 -`\n<answer>25 * 4 - 3</answer>", False, id="tags-code-span-line-before"),
+    pytest.param(True, [25, 4, 3], 97, "$2 \\cdot$\n\n---\n\n<answer>25 * 4 - 3</answer>", False,
+                 id="tags-cdot-span-above-rule"),
+    pytest.param(False, [25, 4, 3], 97, "We need $97$.\n25 * 4 - 3 = 97", True, id="number-span-ends-line-before"),
+    pytest.param(True, [25, 4, 3], 97, "$\\boxed{25 \\times 4 - 3 = 97}$\n\n<answer>25 * 4 - 3</answer>", True,
+                 id="tags-boxed-span-line-before"),
+    pytest.param(True, [25, 4, 3], 97, "$\\cancel{25 - 4 - 3}$\n\n<answer>25 * 4 - 3</answer>", True,
+                 id="tags-brace-span-line-before"),
+    pytest.param(True, [25, 4, 3], 97, "Using `25`, `4` and `3`:\n<answer>25 * 4 - 3</answer>", True,
+                 id="tags-code-spans-line-before"),
+])
+def test_countdown_latex_operators_and_thematic_breaks_larger_models_write(tags, nums, target, completion, expected):
+    """A fuzz of how 1.5B-8B models write Countdown answers found both implementations refusing
+    right final equations in LaTeX (``$25 \\times 4 - 3 = 97$``, ``\\left( ... \\right)``,
+    ``\\boxed{25 \\times 4 - 3}``, ``\\div``, ``\\cdot``: read as the words "times", "div", "cdot"
+    or a backslash next to it) and around a Markdown thematic break (``---`` after the equation
+    read as an unfinished operation, above an answer block as an operator ending the line before).
+    Both now read as a person sees them; with tags, the block itself must still be bare. The same
+    fuzz found both paying an operator inside a math or code span that ends the line before the
+    equation or block (``$2 \\times$`` then ``25 * 4 - 3 = 97``): it continues that line too."""
+    task = (CD if tags else STANDARD_PLAIN)
+    ex = {"nums": nums, "target": target}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,11 @@ entities are decoded, struck-through markup (``<del>``, ``<s>``, ``<strike>`` up
 tag) becomes a space, superscript and subscript tags read as ``^`` and other HTML-like tags
 become spaces (``<answer>`` reads as the word "answer"),
 ``\\boxed{...}`` reads as "answer ..." and LaTeX's ``\\( \\) \\[ \\]`` are spaces (but a ``\\[`` that ends
-its line and a ``\\]`` that starts one read as ``$$``: display math over lines); bidirectional control
+its line and a ``\\]`` that starts one read as ``$$``: display math over lines), LaTeX's ``\\times``
+and ``\\cdot`` read as ``*``, ``\\div`` as ``/`` and ``\\left(`` / ``\\right)`` as parentheses (a longer
+command, ``\\cdots``, is none of them; ``\\frac`` stays another operation; inside an answer block
+with tags they are markup, no answer), a Markdown thematic break (a line of three or more of one of
+``- * _``, blanks between: ``---``, ``* * *``) reads as an empty line; bidirectional control
 characters make the completion wrong. The final equation is then the last run of arithmetic text
 (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
 ``+ - * / =``: anything after it that is another equation makes the final equation that one, and a
@@ -79,7 +83,8 @@ when
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``), as does a ``.``
   and digits just after it past a tag or a symbol (``<code>5 + 23</code>.5``, ``$5 + 23$.5``);
 * it starts its line and the line before ends in an operator or an operator word (``3 *`` then
-  ``26 + 24 = 50`` on the next line);
+  ``26 + 24 = 50`` on the next line), also one inside a math or code span that ends that line
+  (``$2 \\times$``, or ``2 *`` in backquotes);
 * the text after it mentions a number that is neither a given number nor the target
   (``26 + 24 = 50. The answer is 48.``, ``... 50 minus 2``), a word in another alphabet (Cyrillic,
   Greek, CJK, ...: their denials are not read), a number after an answer cue
@@ -351,6 +356,25 @@ _LATEX_DELIMITERS = re.compile(r"\\[()\[\]]")
 # a person sees opening and closing a block around the equation (``If \[`` on the line before it)
 _DISPLAY_OPEN = re.compile(r"\\\[(?=[ \t]*(?:\n|$))")
 _DISPLAY_CLOSE = re.compile(r"(?m)^([ \t]*)\\\]")
+# LaTeX's multiplication and division signs read as the ASCII ones (``25 \\times 4``, ``3 \\cdot 5``,
+# ``56 \\div 28``) and its sized parentheses as parentheses (``\\left( ... \\right)``); a longer
+# command (``\\cdots``, ``\\timesx``) is none of them, and ``\\frac`` stays another operation
+_LATEX_OPERATOR = re.compile(r"\\(?:(times|cdot|div)(?![A-Za-z])|left\(|right\))")
+
+
+def _read_latex_operator(text: str, m: re.Match) -> str:
+    """The sign a LaTeX command reads as: a ``\\times``, ``\\cdot`` or ``\\div`` only after an operand
+    (a digit, ``)`` or ``}``, blanks apart), where it joins two; anywhere else (``\\cdot 5 + 23``
+    opening a line, which would read as a list bullet) it stays the command, an operator word."""
+    name = m.group(1)
+    if name is None:
+        return m.group()[-1]  # \left( or \right)
+    k = m.start() - 1
+    while k >= 0 and text[k] in _SPACE:
+        k -= 1
+    if k < 0 or not (text[k] in "0123456789)}"):
+        return m.group()
+    return " / " if name == "div" else " * "
 
 
 class _Reject(Exception):
@@ -401,6 +425,21 @@ def _unstruck(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
+def _without_thematic_breaks(text: str) -> str:
+    """``text`` (read by :func:`normalise`) with each Markdown thematic break blanked: a line of
+    three or more of the same ``-``, ``*`` or ``_`` and blanks alone (``---``, ``* * *``), a divider
+    a person reads as a rule, not as an operator ending the line (``5 + 23 = 28`` then ``---``, or
+    ``---`` above an answer). A whole line only: with tags it is read with the block in place, so
+    marks on the block's own line (``---<answer>``) stay next to it."""
+    lines = text.split("\n")
+    for k, line in enumerate(lines):
+        if len(line) >= 3 and line.lstrip(" \t")[:1] in ("-", "*", "_"):
+            marks = line.replace(" ", "").replace("\t", "")
+            if len(marks) >= 3 and marks == marks[0] * len(marks):
+                lines[k] = ""
+    return "\n".join(lines)
+
+
 def normalise(text: str) -> tuple[str | None, str]:
     """``(text as a person reads it, "")``, or ``(None, reason)`` (see the module docstring)."""
     if _BIDI.search(text):
@@ -416,6 +455,7 @@ def normalise(text: str) -> tuple[str | None, str]:
     text = _TAG.sub(_read_tag, text)
     if "\\" in text:
         text = _BOXED.sub(lambda m: " answer " + m.group(1) + " ", text)
+        text = _LATEX_OPERATOR.sub(lambda m: _read_latex_operator(text, m), text)
         text = _DISPLAY_CLOSE.sub(r"\1$$", _DISPLAY_OPEN.sub("$$", text))
         text = _LATEX_DELIMITERS.sub(" ", text)
     return text, ""
@@ -994,6 +1034,14 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
         return None
     if ch in "+-*/=(" or ch in _DISALLOWED_ASCII or unicodedata.category(ch) == "Sm" or ch in _OPERATOR_SYMBOLS:
         return f"the equation continues the line before, which ends in {ch!r}"
+    if ch in "$`":  # a math or code span closing the line: an operator inside it ends it too ($2 \\times$)
+        while i >= 0 and (text[i] in "$`" or text[i] in _SPACE):
+            i -= 1
+        if i < 0 or text[i] == "\n":
+            return None
+        ch = text[i]
+        if ch in "+-*/=(" or unicodedata.category(ch) == "Sm" or ch in _OPERATOR_SYMBOLS:
+            return f"the equation continues the line before, which ends in {ch!r} inside a span"
     kind, value, _ = _token(text, i, -1)
     if kind == "word" and value in OPERATOR_WORDS:
         return f"the equation continues the line before, which ends in {value!r}"
@@ -1646,6 +1694,9 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         rest, why_rest = normalise(text[after:])
         if before is None or rest is None:
             return False, why or why_rest
+        joined = _without_thematic_breaks(before + "\0" + rest)  # (normalise drops any NUL of the text)
+        cut = joined.index("\0")
+        before, rest = joined[:cut], joined[cut + 1:]
         # (the block glued to a ">" that opens its line, "><answer>", leaves it a comparison, as ">5")
         view = _without_emphasis(_unquoted(before + "\0") + _without_restatements(rest, content, target))
         block = view.index("\0")
@@ -1669,6 +1720,7 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
     text, why = normalise(text)
     if text is None:
         return False, why
+    text = _without_thematic_breaks(text)
     equation, why = final_equation(_without_emphasis(_without_restatements(_unquoted(text), None, target)),
                                    nums, target)
     if equation is None:

@@ -385,6 +385,28 @@ def _cd_read(text: str) -> str | None:
             out.append(text[i])
             i += 1
         text = "".join(out)
+        # LaTeX's operator signs as ASCII (\\times and \\cdot a "*", \\div a "/", not \\cdots), its
+        # sized parentheses \\left( and \\right) as parentheses
+        out, i = [], 0
+        while i < len(text):
+            if text[i] == "\\":
+                word = next((w for w in ("times", "cdot", "div") if text.startswith(w, i + 1)), None)
+                after = i + 1 + len(word) if word else i
+                j = i - 1  # only between operands: after a digit, ")" or "}" (blanks apart)
+                while word and j >= 0 and text[j] in " \t":
+                    j -= 1
+                operand = j >= 0 and text[j] in "0123456789)}"
+                if word and operand and not (after < len(text) and text[after].isascii() and text[after].isalpha()):
+                    out.append(" / " if word == "div" else " * ")
+                    i = after
+                    continue
+                if text.startswith("left(", i + 1) or text.startswith("right)", i + 1):
+                    out.append(text[i + 5] if text[i + 1] == "l" else text[i + 6])
+                    i += 6 if text[i + 1] == "l" else 7
+                    continue
+            out.append(text[i])
+            i += 1
+        text = "".join(out)
         out, i = [], 0
         while i < len(text):
             if text[i] == "\\" and text[i + 1:i + 2] in ("(", ")", "[", "]") and i + 1 < len(text):
@@ -400,6 +422,17 @@ def _cd_read(text: str) -> str | None:
             i += 1
         text = "".join(out)
     return text
+
+
+def _cd_without_rules(text: str) -> str:
+    """A Markdown thematic break (a whole line of 3+ of one of - * _, blanks between) is a rule, not
+    an operator ending its line: it reads as an empty line. (With tags the block stands in the text
+    as a NUL, so marks on its line are never a whole line of marks.)"""
+    kept = []
+    for line in text.split("\n"):
+        bare = "".join(c for c in line if c not in " \t")
+        kept.append("" if len(bare) >= 3 and bare[0] in "-*_" and bare.count(bare[0]) == len(bare) else line)
+    return "\n".join(kept)
 
 
 def _cd_unstrike(text: str) -> str:
@@ -862,6 +895,13 @@ def _cd_previous_line(text: str, start: int) -> str | None:
             return None
     if text[k] in "+-*/=(" or _math_sign(text[k]) or text[k] in _CD_OP_SYMBOLS:
         return "continues the line before"
+    if text[k] in "$`":  # "$2 \\times$", "`2 *`" ending the line: the operator in the span ends it
+        while k >= 0 and text[k] in "$` \t":
+            k -= 1
+        if k < 0 or text[k] == "\n":
+            return None
+        if text[k] in "+-*/=(" or unicodedata.category(text[k]) == "Sm" or text[k] in _CD_OP_SYMBOLS:
+            return "continues the line before (an operator in a span)"
     kind, w, _ = _cd_tok(text, k, -1)
     if kind == "word" and w in _CD_OP_WORDS:
         return "continues the line before"
@@ -1040,6 +1080,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         head, tail = _cd_read(text[:start]), _cd_read(rest)
         if head is None or tail is None:
             return False, "bidirectional controls"
+        head, _, tail = _cd_without_rules(head + "\0" + tail).partition("\0")  # (_cd_read drops NULs)
         # (unquoted with the NUL: "><answer>" keeps its ">", glued as in ">5")
         around = _cd_unemphasised(_cd_unquote(head + "\0") + _cd_drop_restated(tail, content, target))
         start = around.index("\0")
@@ -1063,6 +1104,7 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
     text = _cd_read(text)
     if text is None:
         return False, "bidirectional controls"
+    text = _cd_without_rules(text)
     text = _cd_unemphasised(_cd_drop_restated(_cd_unquote(text), None, target))  # (as around an answer block: "**Answer:** $5 + 23 = 28$", "**So 5 + 23 = 28.**")
     span = _cd_final_run(text)
     if span is None:
