@@ -462,7 +462,7 @@ _GGUF_BLOCK_NAMES = {
 # Phi-3's projections, fused in its checkpoints as in llama.cpp's files (which name both MLP halves ffn_up)
 _GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
-               "olmo2": "olmo2", "phi3": "phi3", "gemma3": "gemma3_text"}
+               "olmo2": "olmo2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 # Gemma 3's norms (its converter stores each weight w as 1 + w, which llama.cpp multiplies by) and
 # the names llama.cpp gives its four norms per block
 _GGUF_GEMMA3_BLOCK_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
@@ -570,6 +570,8 @@ def gguf_config(reader, path: Path) -> dict:
         cfg["no_rope_layer_interval"] = 4
     if arch == "granite":  # (llama.cpp's converter leaves out a scalar that is absent; 1 is GraniteConfig's default)
         cfg.update({field: float(meta(key, 1.0)) for key, field in _GGUF_GRANITE_SCALARS.items()})
+    if arch == "gemma2":
+        _gguf_gemma2(path, cfg, meta, tensors)
     if arch == "gemma3":
         _gguf_gemma3(path, cfg, meta)
     rotary = meta("rope.dimension_count", required=False)
@@ -712,6 +714,59 @@ def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
     cfg.update(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), rope_local_base_freq=10000.0,
                layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
                query_pre_attn_scalar=(cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 62
+                                      else cfg["head_dim"]))
+
+
+# llama.cpp's Gemma 2: every other layer sliding (the even ones), both kinds turning RoPE by
+# rope.freq_base; the window and both caps default to Gemma 2's
+_GGUF_GEMMA2_PATTERN = 2
+
+
+def _gguf_gemma2(path: Path, cfg: dict, meta, tensors: dict) -> None:
+    """Gemma 2 as llama.cpp runs a gemma2 file: GeGLU, norms stored as ``1 + w`` (as for Gemma 3),
+    the embeddings as the output layer, ``attention.sliding_window`` (4096 where absent) over the
+    even layers, one RoPE for all layers, the caps ``attn_logit_softcapping`` and
+    ``final_logit_softcapping`` (50 and 30 where absent), queries scaled by head_dim ** -1/2, or
+    for 46 layers (Gemma 2 27B) by (hidden / heads) ** -1/2: Gemma2Config's
+    ``query_pre_attn_scalar`` for each size. What llama.cpp reads differently across versions
+    (a scalar ``attention.sliding_window_pattern``, ``rope.freq_base_swa``) is accepted only at
+    what every version runs, and an ``output.weight`` (which it leaves unread) is refused."""
+    import numpy as np
+
+    def shown(value):
+        return value.tolist() if isinstance(value, np.ndarray) else value
+
+    window = meta("attention.sliding_window", 4096)
+    if not _gguf_integer(window) or window <= 0:
+        raise R3Error(f"{path}: GGUF field 'gemma2.attention.sliding_window' must be a positive integer, "
+                      f"got {shown(window)!r}")
+    n_layers = cfg["num_hidden_layers"]
+    sliding = [i % _GGUF_GEMMA2_PATTERN == 0 for i in range(n_layers)]
+    pattern = shown(meta("attention.sliding_window_pattern", required=False))
+    if isinstance(pattern, list):  # (one flag per layer, true for sliding, as llama.cpp's converters write them)
+        same = len(pattern) == n_layers and all(
+            isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(pattern, sliding))
+    else:
+        same = pattern is None or (_gguf_integer(pattern) and pattern == _GGUF_GEMMA2_PATTERN)
+    if not same:
+        raise R3Error(f"{path}: unsupported GGUF field 'gemma2.attention.sliding_window_pattern' {pattern!r} "
+                      "(llama.cpp runs every other layer sliding, and reads other values differently across versions)")
+    swa_base = shown(meta("rope.freq_base_swa", required=False))
+    if swa_base is not None and swa_base != cfg["rope_theta"]:
+        raise R3Error(f"{path}: unsupported GGUF field 'gemma2.rope.freq_base_swa' {swa_base!r} (llama.cpp "
+                      f"versions differ on it; Gemma 2 turns every layer by rope.freq_base, {cfg['rope_theta']:g})")
+    if "output.weight" in tensors:
+        raise R3Error(f"{path}: unsupported GGUF tensor 'output.weight' in a gemma2 file (llama.cpp runs Gemma 2 "
+                      "with the embeddings as its output layer and leaves it unread)")
+    caps = {}
+    for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+        value = shown(meta(key, default))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise R3Error(f"{path}: GGUF field 'gemma2.{key}' must be a positive number, got {value!r}")
+        caps[key] = float(value)
+    cfg.update(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), **caps,
+               layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+               query_pre_attn_scalar=(cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 46
                                       else cfg["head_dim"]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 import math
 import os
@@ -1003,7 +1004,7 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         t = t.detach().float()
-        if arch == "gemma3" and name.endswith("norm.weight"):  # (its converter: Gemma's norms scale by 1 + w)
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # (its converter: Gemma's norms scale by 1 + w)
             t = t + 1
         if arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.q_proj.weight"):
             t = permute(t, c.num_attention_heads)
@@ -1117,6 +1118,71 @@ def test_a_gemma3_gguf_file_gives_the_source_models_logits(tmp_path, layers, bf1
         with torch.no_grad():
             got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
             assert (want - got).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("layers, bf16", [(4, True), (46, False)])
+def test_a_gemma2_gguf_file_gives_the_source_models_logits(tmp_path, layers, bf16):
+    """llama.cpp's converter writes Gemma 2's norms as 1 + w and its caps and window as fields, and
+    no output tensor; llama.cpp runs the even layers sliding and scales queries by head_dim ** -1/2,
+    or (hidden / heads) ** -1/2 for 46 layers (Gemma 2 27B's query_pre_attn_scalar). A tiny Gemma 2
+    (window 8, caps 3 and 4) gives its logits over 40 positions from the file; without either cap,
+    or with the other size's query scale, they differ. What llama.cpp would run otherwise is refused."""
+    from conftest import make_tiny_hf
+
+    from r3.model import Transformer
+
+    q = 12 if layers == 46 else 24  # (hidden 48 / 4 heads; head_dim 24)
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    hf = make_tiny_hf(tmp_path / "hf", "gemma2", num_hidden_layers=layers, layer_types=types, query_pre_attn_scalar=q)
+    if bf16:  # the reference holds exactly what a bf16 file can
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" not in name and p.dim() == 2:
+                    p.copy_(p.bfloat16().float())
+    path = tmp_path / "gemma2.gguf"
+    caps = {"attn_logit_softcapping": 3.0, "final_logit_softcapping": 4.0}
+    _write_gguf(hf, path, "gemma2", bf16, floats=caps, ints={"attention.sliding_window": 8})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    c = model.config
+    assert (c.model_type, c.hidden_act, c.query_pre_attn_scalar, c.attn_logit_softcapping,
+            c.final_logit_softcapping) == ("gemma2", "gelu_pytorch_tanh", q, 3.0, 4.0)
+    assert c.layer_windows == [8 if t == "sliding_attention" else None for t in types] and c.tie_word_embeddings
+    tokens = _tokens(hf.config.vocab_size, T=40)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-4
+        for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
+                       {"query_pre_attn_scalar": 36 - q}):
+            other = Transformer(dataclasses.replace(c, **change)).eval()
+            other.load_state_dict(model.state_dict())
+            assert (want - other(tokens)).abs().max().item() > 1e-2, change
+    if layers == 46:
+        return
+    out = save_hf(model, None, tmp_path / "export")  # (the export is the same model to transformers)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
+        assert (want - got).abs().max().item() <= 1e-4
+    # the defaults llama.cpp takes where a field is left out (window 4096, caps 50 and 30), and refusals
+    bare = tmp_path / "bare.gguf"
+    _write_gguf(hf, bare, "gemma2", False)
+    c = load(bare, tokenizer=False)[0].config
+    assert (c.layer_windows[0], c.attn_logit_softcapping, c.final_logit_softcapping) == (4096, 50.0, 30.0)
+    embed = hf.model.embed_tokens.weight.detach().numpy()
+    for kw, message in [
+        (dict(ints={"attention.sliding_window_pattern": 3}), "unsupported GGUF field 'gemma2.attention.sliding_window_pattern' 3"),
+        (dict(arrays={"attention.sliding_window_pattern": [False, True, False, True]}),
+         "unsupported GGUF field 'gemma2.attention.sliding_window_pattern' [False, True, False, True]"),
+        (dict(floats={"rope.freq_base_swa": 20000.0}), "unsupported GGUF field 'gemma2.rope.freq_base_swa' 20000.0"),
+        (dict(floats={"final_logit_softcapping": 0.0}), "GGUF field 'gemma2.final_logit_softcapping' must be a positive number"),
+        (dict(ints={"attention.sliding_window": 0}), "GGUF field 'gemma2.attention.sliding_window' must be a positive integer"),
+        (dict(extra={"output.weight": embed}), "unsupported GGUF tensor 'output.weight' in a gemma2 file"),
+    ]:
+        bad = tmp_path / "bad.gguf"
+        _write_gguf(hf, bad, "gemma2", False, **kw)
+        with pytest.raises(R3Error, match=re.escape(message)):
+            load(bad, tokenizer=False)
 
 
 def test_a_gemma3_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path, monkeypatch):
@@ -1801,9 +1867,9 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
-         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma3)"),
+         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, gemma3)"),
         ({**base, "general.architecture": "clip"},  # (the mmproj-*.gguf beside a Gemma 3 4b+ file)
-         "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma3); "
+         "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, gemma3); "
          "a vision projector (mmproj) file: pass the language model's .gguf"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({k: v for k, v in base.items() if k != "llama.attention.layer_norm_rms_epsilon"},
