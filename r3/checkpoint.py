@@ -244,6 +244,17 @@ _LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.", "l
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """Say ``message`` on stderr the first time this process loads what it is about (a run loads a
+    model more than once: the policy and its reference)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(message, file=sys.stderr)
+
+
 def _refuse_quantized(cfg: dict, source: str) -> None:
     """Refuse a quantized checkpoint (fp8, bitsandbytes, GPTQ, AWQ, compressed-tensors ...): its
     weights are integers or float8 with scales beside them, which r3 neither reads nor trains
@@ -316,8 +327,8 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
     hf_cfg = language_model_config(raw, source=str(path / "config.json"))
     vision_language = hf_cfg is not raw
     if vision_language:
-        print(f"note: {path} is {vision_language_name(raw)} with a vision tower: r3 loads, trains and exports its "
-              f"language model (an export is a text-only {hf_cfg['architectures'][0]} checkpoint)", file=sys.stderr)
+        _note_once(f"note: {path} is {vision_language_name(raw)} with a vision tower: r3 loads, trains and exports "
+                   f"its language model (an export is a text-only {hf_cfg['architectures'][0]} checkpoint)")
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path / "config.json"))
     files = _safetensors_files(path)
     if vision_language and cfg.tie_word_embeddings and _own_head(files):
@@ -918,10 +929,10 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     yarn = cfg.rope_scaling or {}
     if cfg.model_type == "olmo3" and yarn.get("rope_type") == "yarn" and not math.isclose(
             yarn["attention_factor"], 0.1 * math.log(yarn["factor"]) + 1 if yarn["factor"] > 1 else 1.0):
-        print(f"note: {path} holds rope.scaling.attn_factor, as llama.cpp's first OLMo 3 converter wrote it: llama.cpp, "
-              f"and so r3, run YaRN's attention factor as {yarn['attention_factor']:.4g}, not the source model's "
-              f"{0.1 * math.log(yarn['factor']) + 1:.4g}; reconvert the file, or load the Hugging Face directory, "
-              "for the source model", file=sys.stderr)
+        _note_once(f"note: {path} holds rope.scaling.attn_factor, as llama.cpp's first OLMo 3 converter wrote it: "
+                   f"llama.cpp, and so r3, run YaRN's attention factor as {yarn['attention_factor']:.4g}, not the "
+                   f"source model's {0.1 * math.log(yarn['factor']) + 1:.4g}; reconvert the file, or load the Hugging "
+                   "Face directory, for the source model")
     model = _empty_model(cfg)
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)

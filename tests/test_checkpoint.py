@@ -2228,7 +2228,7 @@ def _tiny_mistral3(text_type: str, **top):
 
 
 @pytest.mark.parametrize("text_type,tied", [("ministral3", False), ("ministral3", True), ("mistral", False)])
-def test_mistral3_with_a_vision_tower_loads_and_exports_its_language_model(tmp_path, text_type, tied):
+def test_mistral3_with_a_vision_tower_loads_and_exports_its_language_model(tmp_path, text_type, tied, capsys):
     """Ministral 3 and Mistral Small 3.1 / 3.2 ship as Mistral3ForConditionalGeneration (model_type
     mistral3, a text_config of type ministral3 or mistral, the Pixtral tower's tensors beside the
     language model's). r3 reads the language model: its logits on text equal transformers' (the
@@ -2248,6 +2248,8 @@ def test_mistral3_with_a_vision_tower_loads_and_exports_its_language_model(tmp_p
         assert model.config.model_type == text_type and model.config.tie_word_embeddings == tied
         assert (model.lm_head.weight is model.embed_tokens.weight) == tied
         assert torch.equal(model(tokens), want)
+        load(src, tokenizer=False)  # (a run loads it twice, policy and reference: one note)
+        assert capsys.readouterr().err.count("is Mistral 3 with a vision tower: r3 loads, trains and exports") == 1
         out = save_hf(model, None, tmp_path / "export")
         written = json.loads((out / "config.json").read_text())
         arch = {"ministral3": "Ministral3ForCausalLM", "mistral": "MistralForCausalLM"}[text_type]
