@@ -2517,6 +2517,42 @@ STANDARD_PLAIN = CountdownTask(answer_tags=False)
                  id="tags-brace-span-line-before"),
     pytest.param(True, [25, 4, 3], 97, "Using `25`, `4` and `3`:\n<answer>25 * 4 - 3</answer>", True,
                  id="tags-code-spans-line-before"),
+    # (review) LaTeX's spaces are spaces, no clause mark hiding a denial or supposition before them
+    pytest.param(False, [25, 4, 3], 97, "$\\text{wrong} \\; 25 \\times 4 - 3 = 97$", False,
+                 id="wrong-latex-semicolon-space"),
+    pytest.param(False, [25, 4, 3], 97, "Wrong \\quad 25 \\times 4 - 3 = 97", False, id="wrong-quad"),
+    pytest.param(False, [25, 4, 3], 97, "$\\mathrm{not}\\,25 \\times 4 - 3 = 97$", False, id="not-thin-space"),
+    pytest.param(False, [25, 4, 3], 97, "$\\text{if} \\qquad 25 \\times 4 - 3 = 97$", False, id="if-qquad"),
+    pytest.param(True, [25, 4, 3], 97, "wrong \\; <answer>25 * 4 - 3</answer>", False, id="tags-wrong-latex-space"),
+    pytest.param(False, [25, 4, 3], 97, "So \\quad $25 \\times 4 - 3 = 97$", True, id="quad-before-right-answer"),
+    # (review) ... and its style switches, which show nothing, hide nothing before them either
+    pytest.param(False, [25, 4, 3], 97, "Wrong: $\\displaystyle 25 \\times 4 - 3 = 97$", False, id="wrong-displaystyle"),
+    pytest.param(False, [25, 4, 3], 97, "2 \\times $\\displaystyle 25 \\times 4 - 3 = 97$", False, id="times-displaystyle"),
+    pytest.param(False, [25, 4, 3], 97, "If \\(\\textstyle 25 \\times 4 - 3 = 97\\)", False, id="if-textstyle"),
+    pytest.param(False, [25, 4, 3], 97, "Not \\enspace 25 * 4 - 3 = 97", False, id="not-enspace"),
+    pytest.param(True, [25, 4, 3], 97, "Wrong: $\\displaystyle$ <answer>25 * 4 - 3</answer>", False,
+                 id="tags-wrong-displaystyle"),
+    pytest.param(False, [25, 4, 3], 97, "$\\displaystyle 25 \\times 4 - 3 = 97$", True, id="displaystyle-right"),
+    # (review) dashes right under a line of text make it a Markdown (setext) heading, a denial there too
+    pytest.param(False, [25, 4, 3], 97, "This answer is definitely wrong\n---\n25 * 4 - 3 = 97", False,
+                 id="setext-denial-heading"),
+    pytest.param(False, [25, 4, 3], 97, "The following is not the answer\n---\n$25 \\times 4 - 3 = 97$", False,
+                 id="setext-not-heading"),
+    pytest.param(True, [25, 4, 3], 97, "Here is a wrong attempt\n---\n<answer>25 * 4 - 3</answer>", False,
+                 id="tags-setext-denial-heading"),
+    pytest.param(False, [25, 4, 3], 97, "This answer is definitely wrong\r\n---\r\n25 * 4 - 3 = 97", False,
+                 id="setext-denial-heading-crlf"),
+    pytest.param(True, [25, 4, 3], 97, "This is a wrong one\r\n---\r\n<answer>25 * 4 - 3</answer>", False,
+                 id="tags-setext-denial-heading-crlf"),
+    pytest.param(False, [25, 4, 3], 97, "The final answer\n---\n25 * 4 - 3 = 97", True, id="setext-answer-heading"),
+    pytest.param(False, [25, 4, 3], 97, "25 * 4 - 3 = 97\n---", True, id="setext-equation-heading"),
+    pytest.param(True, [25, 4, 3], 97, "**Answer:** 25 * 4 - 3 = 97\n---\n<answer>25 * 4 - 3</answer>", True,
+                 id="tags-setext-answer-heading"),
+    # (review) a function's name before \left( is another operation, as before a parenthesis
+    pytest.param(False, [25, 4, 3], 97, "$\\arctan \\left(25 \\times 4 - 3\\right) = 97$", False, id="arctan-left"),
+    pytest.param(False, [25, 4, 3], 97, "$\\sinh \\left( 25 \\times 4 - 3 \\right) = 97$", False, id="sinh-left"),
+    pytest.param(False, [25, 4, 3], 97, "$\\det (25 * 4 - 3) = 97$", False, id="det-parenthesis"),
+    pytest.param(True, [25, 4, 3], 97, "\\cot \\left( <answer>25 * 4 - 3</answer> \\right)", False, id="tags-cot-left"),
 ])
 def test_countdown_latex_operators_and_thematic_breaks_larger_models_write(tags, nums, target, completion, expected):
     """A fuzz of how 1.5B-8B models write Countdown answers found both implementations refusing

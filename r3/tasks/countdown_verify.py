@@ -28,8 +28,14 @@ become spaces (``<answer>`` reads as the word "answer"),
 its line and a ``\\]`` that starts one read as ``$$``: display math over lines), LaTeX's ``\\times``
 and ``\\cdot`` read as ``*``, ``\\div`` as ``/`` and ``\\left(`` / ``\\right)`` as parentheses (a longer
 command, ``\\cdots``, is none of them; ``\\frac`` stays another operation; inside an answer block
-with tags they are markup, no answer), a Markdown thematic break (a line of three or more of one of
-``- * _``, blanks between: ``---``, ``* * *``) reads as an empty line; bidirectional control
+with tags they are markup, no answer), LaTeX's spaces and style switches, which show nothing
+(``\\, \\: \\; \\! \\quad \\qquad \\enspace \\thinspace \\displaystyle \\textstyle`` ...), as a space
+(``$\\text{wrong} \\; 25 \\times 4 - 3 = 97$`` and ``Wrong: $\\displaystyle 25 \\times 4 - 3 = 97$`` are
+denied), a Markdown thematic break (a line of three or more of one of
+``- * _``, blanks between: ``---``, ``* * *``) reads as an empty line, but dashes alone right under
+a line of text underline it, a Markdown (setext) heading, which reads as one (``This answer is
+definitely wrong`` then ``---``: ``# This answer is definitely wrong``), and a CRLF is one line
+break; bidirectional control
 characters make the completion wrong. The final equation is then the last run of arithmetic text
 (ASCII digits, ``+ - * /``, parentheses, ``=``, spaces and tabs) that holds a digit and one of
 ``+ - * / =``: anything after it that is another equation makes the final equation that one, and a
@@ -178,6 +184,7 @@ OPERATOR_WORDS = frozenset("""
     multiplying multiplication divide dividing division negate negated halve raised reduced
     deducted dozen hundred thousand million average mean max maximum min minimum
     neg lnot
+    arcsin arccos arctan arcsec arccsc arccot sinh cosh tanh coth sech csch sec csc cot gcd lcm det
 """.split())
 #: Words that, within four words of the final equation, deny it ("26 + 24 is not 50").
 NEGATIONS = frozenset("""
@@ -358,14 +365,21 @@ _DISPLAY_OPEN = re.compile(r"\\\[(?=[ \t]*(?:\n|$))")
 _DISPLAY_CLOSE = re.compile(r"(?m)^([ \t]*)\\\]")
 # LaTeX's multiplication and division signs read as the ASCII ones (``25 \\times 4``, ``3 \\cdot 5``,
 # ``56 \\div 28``) and its sized parentheses as parentheses (``\\left( ... \\right)``); a longer
-# command (``\\cdots``, ``\\timesx``) is none of them, and ``\\frac`` stays another operation
-_LATEX_OPERATOR = re.compile(r"\\(?:(times|cdot|div)(?![A-Za-z])|left\(|right\))")
+# command (``\\cdots``, ``\\timesx``) is none of them, and ``\\frac`` stays another operation; its
+# spaces (``\\, \\: \\; \\! \\quad \\qquad \\enspace \\thinspace ...``) and style switches
+# (``\\displaystyle``, ``\\textstyle``), which show nothing, read as a space, so nothing before
+# them is hidden (``$\\text{wrong} \\; 25 \\times 4 - 3 = 97$``: the ``;`` is no clause mark;
+# ``Wrong: $\\displaystyle 25 \\times 4 - 3 = 97$``, ``2 \\times $\\displaystyle ...$``)
+_LATEX_OPERATOR = re.compile(r"\\(?:(times|cdot|div)(?![A-Za-z])|left\(|right\)|([,:;!]|(?:q?quad|displaystyle|textstyle"
+                             r"|scriptstyle|scriptscriptstyle|(?:neg)?(?:thin|med|thick)space|enspace)(?![A-Za-z])))")
 
 
 def _read_latex_operator(text: str, m: re.Match) -> str:
     """The sign a LaTeX command reads as: a ``\\times``, ``\\cdot`` or ``\\div`` only after an operand
     (a digit, ``)`` or ``}``, blanks apart), where it joins two; anywhere else (``\\cdot 5 + 23``
     opening a line, which would read as a list bullet) it stays the command, an operator word."""
+    if m.group(2) is not None:
+        return " "  # a LaTeX space or style switch (\\; \\quad \\displaystyle): not a semicolon, no word
     name = m.group(1)
     if name is None:
         return m.group()[-1]  # \left( or \right)
@@ -430,13 +444,21 @@ def _without_thematic_breaks(text: str) -> str:
     three or more of the same ``-``, ``*`` or ``_`` and blanks alone (``---``, ``* * *``), a divider
     a person reads as a rule, not as an operator ending the line (``5 + 23 = 28`` then ``---``, or
     ``---`` above an answer). A whole line only: with tags it is read with the block in place, so
-    marks on the block's own line (``---<answer>``) stay next to it."""
+    marks on the block's own line (``---<answer>``) stay next to it. Dashes alone (no blank among
+    them) right under a line of text are that line's underline, a setext heading: it reads as a
+    ``#`` heading, so a denial there is one (``This answer is definitely wrong`` then ``---``)."""
     lines = text.split("\n")
     for k, line in enumerate(lines):
         if len(line) >= 3 and line.lstrip(" \t")[:1] in ("-", "*", "_"):
             marks = line.replace(" ", "").replace("\t", "")
             if len(marks) >= 3 and marks == marks[0] * len(marks):
                 lines[k] = ""
+                # dashes alone right under a line of text underline it: a Markdown (setext) heading,
+                # read as one (``This answer is wrong`` then ``---``: ``# This answer is wrong``)
+                above = lines[k - 1] if k > 0 else ""
+                if (marks[0] == "-" and "-" * len(marks) == line.strip(" \t") and above.strip(" \t")
+                        and "\0" not in above and not above.lstrip(" \t").startswith("#")):
+                    lines[k - 1] = "# " + above
     return "\n".join(lines)
 
 
@@ -444,6 +466,7 @@ def normalise(text: str) -> tuple[str | None, str]:
     """``(text as a person reads it, "")``, or ``(None, reason)`` (see the module docstring)."""
     if _BIDI.search(text):
         return None, "bidirectional control characters"
+    text = text.replace("\r\n", "\n")  # one line break, as Markdown reads it (``Text`` CRLF ``---``: a heading)
     if "&" in text:
         text = html.unescape(text)
     if _OVERLAY_MARK.search(text):

@@ -42,6 +42,7 @@ _CD_OP_WORDS = set("""
     eighths ninth ninths tenth tenths multiply multiplying multiplication divide dividing division negate
     negated halve raised reduced deducted dozen hundred thousand million average mean max maximum min minimum
     neg lnot
+    arcsin arccos arctan arcsec arccsc arccot sinh cosh tanh coth sech csch sec csc cot gcd lcm det
 """.split()) | {"\u0445"}
 _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
@@ -310,10 +311,17 @@ def _cd_overlay(c: str) -> bool:
     return unicodedata.combining(c) == 1 or c == "\u20e0"
 
 
+# LaTeX commands that show only blank space (named spaces, math style switches): read as a space
+_CD_LATEX_BLANKS = ("quad", "qquad", "enspace", "thinspace", "medspace", "thickspace", "negthinspace",
+                    "negmedspace", "negthickspace", "displaystyle", "textstyle", "scriptstyle",
+                    "scriptscriptstyle")
+
+
 def _cd_read(text: str) -> str | None:
     """The text as a person reads it, or None (bidirectional controls)."""
     if any("\u202a" <= c <= "\u202e" or "\u2066" <= c <= "\u2069" for c in text):
         return None
+    text = "\n".join(text.split("\r\n"))  # CRLF: one line break (a setext heading's underline follows it)
     if "&" in text:
         text = html.unescape(text)
     if any(_cd_overlay(c) for c in text):
@@ -400,6 +408,18 @@ def _cd_read(text: str) -> str | None:
                     out.append(" / " if word == "div" else " * ")
                     i = after
                     continue
+                # LaTeX's spaces (\\, \\: \\; \\!) are spaces: "\\text{wrong}\\;25 ..." is no clause break
+                if text[i + 1:i + 2] in (",", ":", ";", "!") and i + 1 < len(text):
+                    out.append(" ")
+                    i += 2
+                    continue
+                # ... as are its named spaces and style switches, which show nothing ("Wrong: $\\displaystyle 25 ...")
+                blank = next((w for w in _CD_LATEX_BLANKS if text.startswith(w, i + 1)), None)
+                after = i + 1 + len(blank) if blank else i
+                if blank and not (after < len(text) and text[after].isascii() and text[after].isalpha()):
+                    out.append(" ")
+                    i = after
+                    continue
                 if text.startswith("left(", i + 1) or text.startswith("right)", i + 1):
                     out.append(text[i + 5] if text[i + 1] == "l" else text[i + 6])
                     i += 6 if text[i + 1] == "l" else 7
@@ -428,10 +448,16 @@ def _cd_without_rules(text: str) -> str:
     """A Markdown thematic break (a whole line of 3+ of one of - * _, blanks between) is a rule, not
     an operator ending its line: it reads as an empty line. (With tags the block stands in the text
     as a NUL, so marks on its line are never a whole line of marks.)"""
-    kept = []
+    kept: list[str] = []
     for line in text.split("\n"):
         bare = "".join(c for c in line if c not in " \t")
-        kept.append("" if len(bare) >= 3 and bare[0] in "-*_" and bare.count(bare[0]) == len(bare) else line)
+        rule = len(bare) >= 3 and bare[0] in "-*_" and bare.count(bare[0]) == len(bare)
+        # a setext underline: dashes alone (no blank among them) under a line of text make it a
+        # Markdown heading, read as "# ..." ("This answer is wrong" then "---")
+        if (rule and bare[0] == "-" and line.strip(" \t") == bare and kept and kept[-1].strip(" \t")
+                and "\0" not in kept[-1] and kept[-1].lstrip(" \t")[:1] != "#"):
+            kept[-1] = "# " + kept[-1]
+        kept.append("" if rule else line)
     return "\n".join(kept)
 
 
