@@ -473,13 +473,16 @@ _GGUF_BLOCK_NAMES = {
 # Phi-3's projections, fused in its checkpoints as in llama.cpp's files (which name both MLP halves ffn_up)
 _GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
-               "olmo2": "olmo2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+               "olmo2": "olmo2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text",
+               "mistral3": "ministral3"}
 # Gemma 3's norms (its converter stores each weight w as 1 + w, which llama.cpp multiplies by) and
 # the names llama.cpp gives its four norms per block
 _GGUF_GEMMA3_BLOCK_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                             "post_ffw_norm": "post_feedforward_layernorm"}
-# Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses)
-_GGUF_PERMUTED = ("llama", "smollm3", "granite")
+# Q/K rows permuted for rotary halves by llama.cpp's converter (its LlamaModel and subclasses; a
+# mistral3 file loads as ministral3, or as mistral without query scaling: its converter's
+# Ministral3Model is a LlamaModel, and the mistral-format one writes Mistral's own rows, already so)
+_GGUF_PERMUTED = ("llama", "smollm3", "granite", "ministral3", "mistral")
 # Granite's scalars: the GGUF key (after the architecture) -> the config.json field
 _GGUF_GRANITE_SCALARS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
                          "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
@@ -585,6 +588,7 @@ def gguf_config(reader, path: Path) -> dict:
         _gguf_gemma2(path, cfg, meta, tensors)
     if arch == "gemma3":
         _gguf_gemma3(path, cfg, meta)
+    query_scaling = _gguf_mistral3(path, cfg, meta) if arch == "mistral3" else None
     rotary = meta("rope.dimension_count", required=False)
     if arch == "phi3":
         _gguf_phi3(tensors, path, cfg, meta, rotary)
@@ -600,7 +604,9 @@ def gguf_config(reader, path: Path) -> dict:
         scaling = "linear"
     longrope = "rope_scaling" in cfg  # (Phi-3's, from its factor tensors)
     if scaling not in (None, "none"):
-        supported = "linear" if arch == "gemma3" else "linear, yarn"  # (llama.cpp: Gemma 3's sliding layers unscaled)
+        # (llama.cpp: Gemma 3's sliding layers unscaled; Ministral 3 has YaRN, and r3 scales its queries
+        # only beside a YaRN or no scaling)
+        supported = "linear" if arch == "gemma3" else "yarn" if arch == "mistral3" else "linear, yarn"
         if scaling not in supported.split(", "):
             raise R3Error(f"{path}: unsupported GGUF rope scaling '{scaling}' for architecture {arch} (supported: {supported})")
         if longrope:
@@ -614,10 +620,11 @@ def gguf_config(reader, path: Path) -> dict:
     # YaRN multiplies in on top)
     attn_factor = meta("rope.scaling.attn_factor", required=False)
     olmo_yarn = arch == "olmo2" and scaling == "yarn"
-    if olmo_yarn and attn_factor is not None and not _gguf_number(attn_factor):
+    mistral_yarn = arch == "mistral3" and scaling == "yarn"
+    if (olmo_yarn or mistral_yarn) and attn_factor is not None and not _gguf_number(attn_factor):
         raise R3Error(f"{path}: GGUF field '{arch}.rope.scaling.attn_factor' must be a positive number, "
                       f"got {_gguf_shown(attn_factor)!r}")
-    if attn_factor is not None and float(attn_factor) != 1.0 and not longrope and not olmo_yarn:
+    if attn_factor is not None and float(attn_factor) != 1.0 and not longrope and not olmo_yarn and not mistral_yarn:
         raise R3Error(f"{path}: unsupported GGUF field '{arch}.rope.scaling.attn_factor' {attn_factor!r} "
                       "(llama.cpp scales cos/sin by it; r3 runs 1)")
     if scaling == "yarn":
@@ -630,6 +637,10 @@ def gguf_config(reader, path: Path) -> dict:
             # 0.1 ln 8 + 1 here: llama.cpp then runs (0.1 ln 8 + 1) ** 2 = 1.459, not transformers' 1.208)
             cfg["rope_scaling"]["attention_factor"] = float(attn_factor) * (0.1 * math.log(f) + 1 if f > 1 else 1.0)
         unread = {**_GGUF_YARN_UNREAD, "yarn_attn_factor": (0.1 * math.log(f) + 1 if f > 1 else 1.0,)}
+        if mistral_yarn:  # (llama.cpp reads the betas and yarn_log_multiplier for mistral3)
+            _gguf_mistral3_yarn(path, cfg["rope_scaling"], meta, attn_factor)
+            unread = {"yarn_ext_factor": _GGUF_YARN_UNREAD["yarn_ext_factor"],
+                      "yarn_attn_factor": (cfg["rope_scaling"]["attention_factor"],)}
         for key, runs in unread.items():
             value = meta(f"rope.scaling.{key}", required=False)
             if value is not None and not any(math.isclose(float(value), v, rel_tol=1e-6) for v in runs):
@@ -641,7 +652,15 @@ def gguf_config(reader, path: Path) -> dict:
         factors = _read_gguf_tensor(tensors["rope_freqs.weight"], path).double()
         llama3 = _llama3_scaling(factors, cfg["rope_theta"], cfg["head_dim"], path)
         if llama3 is not None:
+            if query_scaling is not None:  # (Ministral3Config reads the query scaling's length from the same field)
+                raise R3Error(f"{path}: unsupported GGUF file: tensor 'rope_freqs.weight' (Llama 3's RoPE scaling) "
+                              "beside 'mistral3.attention.temperature_scale'; r3 runs Ministral 3's query scaling "
+                              "with YaRN or no RoPE scaling")
             cfg["rope_scaling"] = llama3
+    if query_scaling is not None:  # (where transformers' Ministral3Config reads them: beside the RoPE parameters)
+        beta, length = query_scaling
+        cfg["rope_scaling"] = {**(cfg.get("rope_scaling") or {"rope_type": "default"}),
+                               "llama_4_scaling_beta": beta, "original_max_position_embeddings": length}
     for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
         if value is not None:
@@ -796,6 +815,14 @@ def _gguf_number(value) -> bool:
             and math.isfinite(float(value)) and float(value) > 0)
 
 
+def _gguf_real(value) -> bool:
+    """Whether a GGUF value is one finite number (not a bool, string or array)."""
+    import numpy as np
+
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)))
+
+
 def _gguf_shown(value):
     import numpy as np
 
@@ -838,6 +865,72 @@ def _gguf_olmo3(path: Path, cfg: dict, meta, window) -> None:
                layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": theta},
                                 "sliding_attention": {"rope_type": "default", "rope_theta": theta}})
+
+
+# llama.cpp's mistral3 (Ministral 3; Mistral Small 3.x from its converter of March 2026 on): fields
+# it does not read for mistral3, accepted only at what it runs (no sliding window, the query scale
+# head_dim ** -1/2, queries scaled from position rope.scaling.original_context_length on)
+_GGUF_MISTRAL3_UNREAD = ("attention.sliding_window", "attention.scale", "attention.temperature_length")
+
+
+def _gguf_mistral3(path: Path, cfg: dict, meta) -> tuple[float, int] | None:
+    """A mistral3 file as llama.cpp runs it (its llm_build_mistral3: Llama's layout, no sliding
+    window): with ``attention.temperature_scale`` beta above 0, Ministral 3 (model_type
+    ministral3), its queries scaled after RoPE by 1 + beta ln(1 + floor(p / L)) at position p, L
+    the original context (``rope.scaling.original_context_length``, else ``context_length``);
+    without one (absent or 0: llama.cpp then scales nothing), Mistral's layout (model_type
+    mistral), as the converter writes Mistral Small 3.1 / 3.2. -> (beta, L), or None."""
+    cfg["sliding_window"] = None
+    beta = meta("attention.temperature_scale", required=False)
+    if beta is not None and not (_gguf_real(beta) and float(beta) >= 0):
+        raise R3Error(f"{path}: GGUF field 'mistral3.attention.temperature_scale' must be a number >= 0, "
+                      f"got {_gguf_shown(beta)!r}")
+    original = meta("rope.scaling.original_context_length", required=False)
+    if original is not None and (not _gguf_integer(original) or original <= 0):
+        # (llama.cpp: YaRN's original context, and the length of the query scaling's steps; 0 it refuses)
+        raise R3Error(f"{path}: GGUF field 'mistral3.rope.scaling.original_context_length' must be a positive "
+                      f"integer, got {_gguf_shown(original)!r}")
+    length = int(original) if original is not None else cfg["max_position_embeddings"]
+    runs = {"attention.sliding_window": (0,), "attention.scale": (0.0, cfg["head_dim"] ** -0.5),
+            "attention.temperature_length": (length,)}
+    for key in _GGUF_MISTRAL3_UNREAD:
+        value = meta(key, required=False)
+        if value is None:
+            continue
+        if not _gguf_real(value) or not any(math.isclose(float(value), v, rel_tol=1e-6) for v in runs[key]):
+            shown = {"attention.sliding_window": "no sliding window",
+                     "attention.scale": f"the query scale head_dim ** -1/2 ({cfg['head_dim'] ** -0.5:.6g})",
+                     "attention.temperature_length": f"query scaling steps of {length} positions "
+                                                     "(rope.scaling.original_context_length)"}[key]
+            raise R3Error(f"{path}: unsupported GGUF field 'mistral3.{key}' {_gguf_shown(value)!r} (llama.cpp does "
+                          f"not read it for architecture 'mistral3' and runs {shown})")
+    if beta is None or float(beta) == 0:
+        cfg["model_type"] = "mistral"
+        return None
+    return float(beta), length
+
+
+def _gguf_mistral3_yarn(path: Path, scaling: dict, meta, attn_factor) -> None:
+    """YaRN as llama.cpp runs it for mistral3: the betas ``rope.scaling.yarn_beta_fast`` /
+    ``yarn_beta_slow`` (32 and 1 where left out), and cos/sin scaled by (0.1 ln f + 1) /
+    (0.1 m ln f + 1) for ``rope.scaling.yarn_log_multiplier`` m (its converter writes the source's
+    ``mscale_all_dim`` there, taking ``mscale`` as 1: so 1 for Ministral 3; 0.1 ln f + 1 where m is
+    absent or 0), times ``rope.scaling.attn_factor``: llama.cpp's context computes that factor and
+    divides out the 0.1 ln f + 1 its YaRN kernel multiplies in."""
+    for key, default in (("yarn_beta_fast", 32.0), ("yarn_beta_slow", 1.0)):
+        value = meta(f"rope.scaling.{key}", required=False)
+        if value is not None and not _gguf_number(value):
+            raise R3Error(f"{path}: GGUF field 'mistral3.rope.scaling.{key}' must be a positive number, "
+                          f"got {_gguf_shown(value)!r}")
+        scaling[key.removeprefix("yarn_")] = default if value is None else float(value)
+    f = scaling["factor"]
+    log_mul = meta("rope.scaling.yarn_log_multiplier", required=False)
+    if log_mul is not None and not (_gguf_real(log_mul) and float(log_mul) >= 0):
+        raise R3Error(f"{path}: GGUF field 'mistral3.rope.scaling.yarn_log_multiplier' must be a number >= 0, "
+                      f"got {_gguf_shown(log_mul)!r}")
+    mscale = 0.1 * math.log(f) + 1 if f > 1 else 1.0
+    attention = mscale / (0.1 * float(log_mul) * math.log(f) + 1 if f > 1 else 1.0) if log_mul else mscale
+    scaling["attention_factor"] = attention * (1.0 if attn_factor is None else float(attn_factor))
 
 
 # Llama 3.x's scaling parameters (low_freq_factor, high_freq_factor, original_max_position_embeddings),
@@ -933,6 +1026,12 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
                    f"llama.cpp, and so r3, run YaRN's attention factor as {yarn['attention_factor']:.4g}, not the "
                    f"source model's {0.1 * math.log(yarn['factor']) + 1:.4g}; reconvert the file, or load the Hugging "
                    "Face directory, for the source model")
+    if cfg.model_type == "ministral3" and yarn.get("rope_type") == "yarn" and not math.isclose(
+            yarn["attention_factor"], 1.0, rel_tol=1e-6):
+        _note_once(f"note: {path} runs YaRN's attention factor as {yarn['attention_factor']:.4g}, as llama.cpp, and so "
+                   "r3, compute it from rope.scaling.yarn_log_multiplier and rope.scaling.attn_factor; Ministral 3 as "
+                   "published (mscale = mscale_all_dim, which llama.cpp's converter writes as yarn_log_multiplier) "
+                   "runs 1")
     model = _empty_model(cfg)
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)
@@ -1062,13 +1161,13 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
 # looking at the vocabulary. Every other file goes to transformers as it is, since for some
 # architectures it builds another tokenizer from the same fields (Gemma's and Phi-3's
 # SentencePiece vocabularies: a stand-in under llama would convert those differently)
-_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2")
+_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2", "mistral3")
 
 
 @contextlib.contextmanager
 def _gguf_tokenizer_source(path: Path, reader: GGUFFile):
     """-> (folder, file name) of a GGUF file transformers converts ``path``'s tokenizer from: the
-    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2) a
+    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2, mistral3) a
     temporary file holding only its ``tokenizer.*`` metadata under architecture ``llama``. Which
     tokenizer transformers builds for those is decided by the vocabulary's own fields
     (``tokenizer.ggml.model`` and ``.pre``), so the stand-in converts to the same one."""

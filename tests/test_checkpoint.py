@@ -947,7 +947,7 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                 rope_dims: int | None = None, floats: dict | None = None, ints: dict | None = None,
                 tokenizer_from=None, arrays: dict | None = None) -> None:
     """``hf``'s weights as llama.cpp's converter writes them: its tensor names, Q/K rows permuted
-    for rotary halves in llama (not qwen2), norms in f32 and the rest in bf16 when asked;
+    for rotary halves in llama and mistral3 (not qwen2), norms in f32 and the rest in bf16 when asked;
     ``token_ids`` as ``tokenizer.ggml.<key>`` values; ``rope_scaling`` (type, factor) as
     ``<arch>.rope.scaling.*``; ``rope_dims`` as ``<arch>.rope.dimension_count``. ``extra``: GGUF
     name -> numpy array, written in place of the model's tensor of that name or after them (None:
@@ -1006,9 +1006,9 @@ def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
         t = t.detach().float()
         if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # (its converter: Gemma's norms scale by 1 + w)
             t = t + 1
-        if arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.q_proj.weight"):
+        if arch in ("llama", "smollm3", "granite", "mistral3") and name.endswith("self_attn.q_proj.weight"):
             t = permute(t, c.num_attention_heads)
-        elif arch in ("llama", "smollm3", "granite") and name.endswith("self_attn.k_proj.weight"):
+        elif arch in ("llama", "smollm3", "granite", "mistral3") and name.endswith("self_attn.k_proj.weight"):
             t = permute(t, c.num_key_value_heads)
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gname is not None, name
@@ -1728,6 +1728,245 @@ def test_olmo3_gguf_fields_llama_cpp_would_run_otherwise_are_refused(tmp_path):
         assert "\n" not in str(e.value)
 
 
+def _ministral3_for_gguf(path, **over):
+    """A tiny Ministral 3 (conftest's: YaRN 16 over an original context of 16, queries scaled from
+    position 16 on by beta 0.1) and the fields llama.cpp's converter writes for it (its
+    Ministral3Model, a LlamaModel: the YaRN keys from rope_parameters, yarn_log_multiplier from
+    mscale_all_dim, attention.temperature_scale from llama_4_scaling_beta), named as gguf's writer
+    names them (yarn_log_multiplier: a test writing "yarn_log_mul" passed beside code reading that
+    key, which no converter writes)."""
+    import gguf
+    from conftest import make_tiny_hf
+
+    def key(name):  # (gguf's key, after the architecture)
+        return name.format(arch="mistral3").removeprefix("mistral3.")
+
+    hf = make_tiny_hf(path, "ministral3", **over)
+    rope = hf.config.rope_parameters
+    k = gguf.Keys
+    floats = {key(k.Rope.SCALING_YARN_BETA_FAST): rope["beta_fast"], key(k.Rope.SCALING_YARN_BETA_SLOW): rope["beta_slow"],
+              key(k.Rope.SCALING_YARN_LOG_MUL): rope["mscale_all_dim"],
+              key(k.Attention.TEMPERATURE_SCALE): rope["llama_4_scaling_beta"]}
+    assert set(floats) == {"rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+                           "rope.scaling.yarn_log_multiplier", "attention.temperature_scale"}
+    ints = {"rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+            "rope.dimension_count": hf.config.head_dim}
+    return hf, floats, ints
+
+
+_MINISTRAL3_MSCALE = 0.1 * math.log(16) + 1  # (YaRN's 0.1 ln f + 1 for factor 16: 1.2773)
+
+
+@pytest.mark.parametrize("tied, bf16", [(False, False), (True, True)])
+def test_a_mistral3_gguf_file_runs_as_llama_cpp_runs_it(tmp_path, tied, bf16, monkeypatch):
+    """llama.cpp's converter writes Ministral 3 (Mistral3ForConditionalGeneration's language model,
+    or Ministral3ForCausalLM) as architecture mistral3: Q/K rows permuted as for llama, YaRN with
+    its betas, yarn_log_multiplier = mscale_all_dim and attention.temperature_scale = beta. llama.cpp's
+    mistral3 graph turns RoPE with that YaRN, cos/sin scaled by (0.1 ln 16 + 1) / (0.1 * 1 * ln 16
+    + 1) = 1 (its context divides out the 0.1 ln f + 1 its YaRN kernel multiplies in), then scales
+    the queries by 1 + beta ln(1 + floor(p / L)), L the original context: transformers' model. Over
+    48 positions (L 16) fp32 logits agree within 1e-4 (bf16 weights widened exactly, a tied head
+    from token_embd), and no query scaling, cos/sin scaled by 0.1 ln 16 + 1 (llama.cpp before
+    2025-12-14) or the Q/K rows left permuted each moves them far past it; the export is the same
+    model to transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from r3.model import ModelConfig, Transformer
+
+    hf, floats, ints = _ministral3_for_gguf(tmp_path / "hf", tie_word_embeddings=tied)
+    if bf16:  # the reference holds exactly what a bf16 file can
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" not in name and p.dim() == 2:
+                    p.copy_(p.bfloat16().float())
+    path = tmp_path / "ministral3.gguf"
+    _write_gguf(hf, path, "mistral3", bf16, rope_scaling=("yarn", 16.0), floats=floats, ints=ints)
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    c = model.config
+    assert (c.model_type, c.rope_theta, c.query_scaling_length, c.tie_word_embeddings) == (
+        "ministral3", 1000000.0, 16, tied)
+    assert math.isclose(c.query_scaling_beta, 0.1, rel_tol=1e-6) and c.layer_windows == [None] * c.num_hidden_layers
+    keys = ("rope_type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow")
+    assert {k: c.rope_scaling[k] for k in keys} == {
+        "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16, "attention_factor": 1.0,
+        "beta_fast": 32.0, "beta_slow": 1.0}
+    tokens = _tokens(hf.config.vocab_size, T=48)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-4
+        for change in ({"query_scaling_beta": 0.0},
+                       {"rope_scaling": {**c.rope_scaling, "attention_factor": _MINISTRAL3_MSCALE}}):
+            other = Transformer(ModelConfig(**{**c.__dict__, **change}))
+            other.load_state_dict(model.state_dict())
+            assert (want - other(tokens)).abs().max().item() > 1e-2, change
+        monkeypatch.setattr(checkpoint, "_GGUF_PERMUTED", ())  # (the rows as the file holds them)
+        permuted, _ = load(path, tokenizer=False, dtype=torch.float32)
+        assert (want - permuted(tokens)).abs().max().item() > 1e-2
+    out = save_hf(model, None, tmp_path / "export")
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
+        assert (want - got).abs().max().item() <= 1e-4
+
+
+def test_a_mistral3_gguf_file_without_query_scaling_is_mistral(tmp_path):
+    """llama.cpp's converter (its Ministral3Model since March 2026) also writes Mistral Small 3.1 /
+    3.2, whose text model is Mistral's, as mistral3, with no temperature scale and no RoPE scaling:
+    llama.cpp's graph then scales no query and runs full attention. It loads as model_type mistral
+    without a sliding window (Mistral's layout), with transformers' MistralForCausalLM's logits."""
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "mistral", sliding_window=None)
+    path = tmp_path / "mistral3.gguf"
+    _write_gguf(hf, path, "mistral3", False, ints={"rope.dimension_count": hf.config.head_dim},
+                floats={"attention.temperature_scale": 0.0})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    c = model.config
+    assert (c.model_type, c.query_scaling_beta, c.rope_scaling) == ("mistral", 0.0, None)
+    assert c.layer_windows == [None] * c.num_hidden_layers
+    tokens = _tokens(hf.config.vocab_size, T=40)
+    with torch.no_grad():
+        assert (hf(tokens).logits.float() - model(tokens)).abs().max().item() <= 1e-4
+
+
+def test_a_mistral3_gguf_files_yarn_is_llama_cpps(tmp_path, capsys):
+    """The cos/sin factor llama.cpp computes for a mistral3 file: (0.1 ln f + 1) / (0.1 m ln f + 1)
+    for yarn_log_multiplier m, 0.1 ln f + 1 without one, times rope.scaling.attn_factor; and the betas it
+    reads from the file (here 16 and 0.25, which move YaRN's ramp). A file without yarn_log_multiplier and
+    with attn_factor 1.1 runs 1.2773 * 1.1, with a note that Ministral 3 as published runs 1:
+    transformers' Ministral 3 with that attention factor and those betas gives its logits, and
+    YaRN's default betas move them far off."""
+    import numpy as np
+    from conftest import tiny_hf_config
+    from transformers import AutoModelForCausalLM
+
+    from r3.model import ModelConfig, Transformer
+
+    rope = {**tiny_hf_config("ministral3").rope_parameters, "beta_fast": 16.0, "beta_slow": 0.25}
+    hf, floats, ints = _ministral3_for_gguf(tmp_path / "hf", rope_parameters=rope)
+    del floats["rope.scaling.yarn_log_multiplier"]
+    path = tmp_path / "ministral3.gguf"
+    _write_gguf(hf, path, "mistral3", False, rope_scaling=("yarn", 16.0),
+                floats={**floats, "rope.scaling.attn_factor": 1.1}, ints=ints)
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    factor = _MINISTRAL3_MSCALE * float(np.float32(1.1))
+    c = model.config
+    assert math.isclose(c.rope_scaling["attention_factor"], factor, rel_tol=1e-9)
+    assert (c.rope_scaling["beta_fast"], c.rope_scaling["beta_slow"]) == (16.0, 0.25)
+    assert "runs YaRN's attention factor as 1.405" in capsys.readouterr().err
+    ref, _, _ = _ministral3_for_gguf(tmp_path / "ref", rope_parameters={
+        **hf.config.rope_parameters, "attention_factor": factor})
+    ref.load_state_dict(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).state_dict())
+    tokens = _tokens(hf.config.vocab_size, T=48)
+    with torch.no_grad():
+        want = ref(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-4
+        assert (want - hf(tokens).logits.float()).abs().max().item() > 1e-2  # (the factor matters)
+        other = Transformer(ModelConfig(**{**c.__dict__, "rope_scaling": {**c.rope_scaling, "beta_fast": 32.0,
+                                                                          "beta_slow": 1.0}}))
+        other.load_state_dict(model.state_dict())
+        assert (want - other(tokens)).abs().max().item() > 1e-2  # (so do the betas)
+
+
+def test_mistral3_gguf_fields_llama_cpp_would_run_otherwise_are_refused(tmp_path):
+    """What llama.cpp does not read for mistral3 is accepted at what it runs (no sliding window, the
+    query scale head_dim ** -1/2, temperature steps of the original context, yarn_attn_factor at the
+    factor it computes), and anything else is one line naming the field; so are a temperature scale
+    below 0, an original context of 0 (llama.cpp refuses it), betas or yarn_log_multiplier that are no
+    positive number, a scaling other than yarn, and Llama 3's rope_freqs beside the query scaling."""
+    import numpy as np
+
+    hf, floats, ints = _ministral3_for_gguf(tmp_path / "hf")
+    path = tmp_path / "ministral3.gguf"
+    yarn = ("yarn", 16.0)
+    _write_gguf(hf, path, "mistral3", False, rope_scaling=yarn,
+                floats={**floats, "attention.scale": 0.25, "rope.scaling.yarn_attn_factor": 1.0,
+                        "rope.scaling.attn_factor": 1.0, "rope.scaling.yarn_ext_factor": -1.0},
+                ints={**ints, "attention.sliding_window": 0, "attention.temperature_length": 16})
+    c = load(path, tokenizer=False)[0].config
+    assert c.model_type == "ministral3" and c.rope_scaling["attention_factor"] == 1.0
+    field = "unsupported GGUF field 'mistral3."
+    unread = "(llama.cpp does not read it for architecture 'mistral3' and runs"
+    for extra_floats, extra_ints, scaling, message in (
+            ({}, {"attention.sliding_window": 8}, yarn,
+             f"{field}attention.sliding_window' 8 {unread} no sliding window)"),
+            ({"attention.scale": 0.5}, {}, yarn,
+             f"{field}attention.scale' 0.5 {unread} the query scale head_dim ** -1/2 (0.25))"),
+            ({}, {"attention.temperature_length": 32}, yarn,
+             f"{field}attention.temperature_length' 32 {unread} query scaling steps of 16 positions "
+             "(rope.scaling.original_context_length))"),
+            ({"rope.scaling.yarn_attn_factor": _MINISTRAL3_MSCALE}, {}, yarn,
+             f"{field}rope.scaling.yarn_attn_factor' {float(np.float32(_MINISTRAL3_MSCALE))!r} {unread} 1)"),
+            ({"rope.scaling.yarn_ext_factor": 0.5}, {}, yarn, f"{field}rope.scaling.yarn_ext_factor' 0.5 {unread} 1)"),
+            ({"attention.temperature_scale": -0.1}, {}, yarn,
+             "GGUF field 'mistral3.attention.temperature_scale' must be a number >= 0, got -0.10000000149011612"),
+            ({}, {"rope.scaling.original_context_length": 0}, yarn,
+             "GGUF field 'mistral3.rope.scaling.original_context_length' must be a positive integer, got 0"),
+            ({"rope.scaling.yarn_beta_fast": 0.0}, {}, yarn,
+             "GGUF field 'mistral3.rope.scaling.yarn_beta_fast' must be a positive number, got 0.0"),
+            ({"rope.scaling.yarn_log_multiplier": -1.0}, {}, yarn,
+             "GGUF field 'mistral3.rope.scaling.yarn_log_multiplier' must be a number >= 0, got -1.0"),
+            ({"rope.scaling.attn_factor": 0.0}, {}, yarn,
+             "GGUF field 'mistral3.rope.scaling.attn_factor' must be a positive number, got 0.0"),
+            ({}, {}, ("linear", 16.0),
+             "unsupported GGUF rope scaling 'linear' for architecture mistral3 (supported: yarn)")):
+        _write_gguf(hf, path, "mistral3", False, rope_scaling=scaling, floats={**floats, **extra_floats},
+                    ints={**ints, **extra_ints})
+        with pytest.raises(R3Error) as e:
+            load(path, tokenizer=False)
+        assert str(e.value) == f"{path}: {message}", str(e.value)
+    # (Llama 3's scaling as the tensor rope_freqs, which r3 cannot run beside the query scaling)
+    _write_gguf(hf, path, "mistral3", False, floats=floats, ints=ints,
+                extra={"rope_freqs.weight": _llama_cpp_rope_freqs(1000000.0, 16, 8.0, 1.0, 4.0, 8192)})
+    with pytest.raises(R3Error) as e:
+        load(path, tokenizer=False)
+    assert str(e.value) == (f"{path}: unsupported GGUF file: tensor 'rope_freqs.weight' (Llama 3's RoPE scaling) beside "
+                            "'mistral3.attention.temperature_scale'; r3 runs Ministral 3's query scaling with YaRN or "
+                            "no RoPE scaling")
+
+
+def test_a_mistral3_gguf_tokenizer_is_its_tekken_vocabulary(tmp_path, monkeypatch):
+    """transformers reads no tokenizer from a mistral3 file (it refuses the architecture), so r3
+    hands it the vocabulary alone under llama: a tekken-style byte-level BPE (tokenizer.ggml.model
+    gpt2, pre tekken, as llama.cpp's converter writes Ministral 3's) converts as transformers
+    converts that vocabulary, split by tekken's pattern (digits one by one, case changes apart),
+    with the file's bos added and its control tokens whole."""
+    import gguf
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    spelled = bytes_to_unicode()
+    merges = ["H e", "He l", "Hel l", "Hell o", "W o", "Wo r", "Wor l", "Worl d", "Ġ w", "Ġw o", "Ġwo r", "Ġwor l",
+              "Ġworl d", "1 2", "12 3"]
+    tokens = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", *(spelled[b] for b in range(256)),
+              *(m.replace(" ", "") for m in merges)]
+    for arch in ("mistral3", "llama"):
+        w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("tekken")
+        w.add_token_list(tokens)
+        w.add_token_types([3] * 5 + [1] * (len(tokens) - 5))
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    tok = checkpoint.load_tokenizer(tmp_path / "mistral3.gguf")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="llama.gguf")
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
+    for text in ("Hello world", "HelloWorld 123", "[INST] Hello [/INST]", " world1234"):
+        assert tok(text)["input_ids"] == ref(text)["input_ids"], text
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    ids = tok("HelloWorld 123")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "Hello", "World", "Ġ", "1", "2", "3"]
+    assert tok.convert_ids_to_tokens(tok("[INST] Hello [/INST]")["input_ids"])[:2] == ["<s>", "[INST]"]
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "gemma2", "phi3", "qwen2"])
 def test_a_gguf_tokenizer_of_an_architecture_transformers_reads_is_its_own(tmp_path, arch, monkeypatch):
     """Only the architectures transformers refuses go through the llama stand-in. transformers
@@ -1867,9 +2106,11 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     assert untied["vocab_size"] == 320 and untied["tie_word_embeddings"] is False
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
-         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, gemma3)"),
+         "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, "
+         "gemma3, mistral3)"),
         ({**base, "general.architecture": "clip"},  # (the mmproj-*.gguf beside a Gemma 3 4b+ file)
-         "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, gemma3); "
+         "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, "
+         "gemma3, mistral3); "
          "a vision projector (mmproj) file: pass the language model's .gguf"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({k: v for k, v in base.items() if k != "llama.attention.layer_norm_rms_epsilon"},
