@@ -183,7 +183,9 @@ def load_config(spec) -> ModelConfig:
     """The model's config alone: config.json or the GGUF header, no weights read."""
     kind, path = resolve(spec)
     if kind == "hf":
-        return ModelConfig.from_hf(_read_json(path / "config.json"), source=str(path / "config.json"))
+        raw = _read_json(path / "config.json")
+        _refuse_quantized(raw, str(path / "config.json"))  # (r3.train's checks before --out is taken)
+        return ModelConfig.from_hf(raw, source=str(path / "config.json"))
     return ModelConfig.from_hf(gguf_config(_gguf_reader(path), path), source=str(path))
 
 
@@ -331,8 +333,9 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
                    f"its language model (an export is a text-only {hf_cfg['architectures'][0]} checkpoint)")
     cfg = ModelConfig.from_hf(hf_cfg, source=str(path / "config.json"))
     files = _safetensors_files(path)
-    if vision_language and cfg.tie_word_embeddings and _own_head(files):
-        # (transformers 5 leaves a head the checkpoint holds untied when it differs from the embeddings)
+    if cfg.tie_word_embeddings and _own_head(files, vision_language):
+        # (transformers 5 leaves a head the checkpoint holds untied when it differs from the
+        # embeddings, a text-only checkpoint's as a vision-language one's)
         cfg.tie_word_embeddings = hf_cfg["tie_word_embeddings"] = False
     model = _empty_model(cfg)
     model.hf_config = hf_cfg
@@ -359,23 +362,36 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
     return _finish(model, loaded, str(path))
 
 
-def _own_head(files: list[Path]) -> bool:
-    """Whether a vision-language checkpoint holds an LM head unlike its embeddings."""
+def _own_head(files: list[Path], vision_language: bool = False) -> bool:
+    """Whether a checkpoint holds an LM head unlike its embeddings (the two tensors are read only
+    when the head is there: most tied checkpoints hold none)."""
     from safetensors import SafetensorError, safe_open
 
-    found = {}
+    where = {}
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for hf_name in f.keys():
-                    name = _hf_name(hf_name, vision_language=True)
+                    name = _hf_name(hf_name, vision_language)
                     if name in ("lm_head.weight", "embed_tokens.weight"):
-                        found[name] = f.get_tensor(hf_name)
+                        where[name] = (file, hf_name)
         except (SafetensorError, OSError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
-    head, embed = found.get("lm_head.weight"), found.get("embed_tokens.weight")
-    return head is not None and not (embed is not None and head.shape == embed.shape and torch.equal(head, embed))
+    if "lm_head.weight" not in where:
+        return False
+    if "embed_tokens.weight" not in where:
+        return True
+    found = {}
+    for name, (file, hf_name) in where.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                found[name] = f.get_tensor(hf_name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+    head, embed = found["lm_head.weight"], found["embed_tokens.weight"]
+    return not (head.shape == embed.shape and torch.equal(head, embed))
 
 
 def generation_eos_ids(tokenizer) -> list[int]:

@@ -573,6 +573,11 @@ def language_model_config(cfg: dict, source: str = "config.json") -> dict:
     if text_type not in types:
         raise R3Error(f"{source}: unsupported text_config model_type '{text_type}' in a '{kind}' checkpoint "
                       f"(supported: {', '.join(types)})")
+    if kind == "gemma3" and text.get("final_logit_softcapping") is not None:
+        # (Gemma3ForCausalLM caps its logits by it; the wrapper, the model this checkpoint is, does not)
+        raise R3Error(f"{source}: field 'text_config.final_logit_softcapping' {text['final_logit_softcapping']!r} of a "
+                      "Gemma 3 checkpoint with a vision tower: transformers' Gemma3ForConditionalGeneration leaves it "
+                      "unread; write null")
     out = {**(_MISTRAL_DEFAULTS if text_type == "mistral" else {}), **text, "model_type": text_type,
            "architectures": [_HF_ARCHITECTURES[text_type]]}
     if tie_default is not None:

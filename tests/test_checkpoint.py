@@ -2528,6 +2528,58 @@ def test_mistral3_whose_flag_ties_a_head_it_holds_keeps_that_head_as_transformer
         load(tmp_path, tokenizer=False)
 
 
+@pytest.mark.parametrize("kind", ["ministral3", "mistral"])
+def test_a_text_only_checkpoint_whose_flag_ties_a_head_it_holds_keeps_that_head_as_transformers_does(
+        tiny_dirs, tmp_path, kind):
+    """transformers 5 leaves a head the checkpoint holds, unlike the embeddings, untied whatever
+    tie_word_embeddings says, a text-only checkpoint's as a Mistral 3 wrapper's: so does r3 (it
+    skipped the head as a tied copy and ran the embeddings as the head). A head equal to the
+    embeddings still loads tied, and the export writes the flag it ran."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(tiny_dirs[kind][0], tmp_path / "m")
+    raw = json.loads((src / "config.json").read_text())
+    assert raw["tie_word_embeddings"] is False
+    raw["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(raw))
+    tokens = _tokens(raw["vocab_size"], 2, 40)
+    model, _ = load(src, tokenizer=False)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight
+    with torch.no_grad():
+        want = tiny_dirs[kind][1](tokens).logits
+        assert torch.equal(model(tokens), want)
+        if transformers_major() >= 5:
+            from transformers import AutoModelForCausalLM
+
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(str(src)).eval()(tokens).logits, want)
+        out = save_hf(model, None, tmp_path / "export")
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    weights = load_file(str(src / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load(src, tokenizer=False)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_gemma3_with_a_vision_tower_whose_text_config_caps_the_logits_is_refused(tmp_path):
+    """Gemma3ForCausalLM caps its logits by final_logit_softcapping, but Gemma3ForConditionalGeneration,
+    the model a checkpoint with a vision tower is, leaves its text_config's unread: r3 ran the cap
+    (and exported a Gemma3ForCausalLM that runs it), logits far from transformers'. Refused in one
+    line naming the field, as the attention cap transformers leaves unread is."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    cfg = _tiny_gemma3_vision_config()
+    cfg.text_config.final_logit_softcapping = 3.0
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(cfg).save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["final_logit_softcapping"] == 3.0
+    with pytest.raises(R3Error, match=re.escape("field 'text_config.final_logit_softcapping' 3.0 of a Gemma 3 "
+                                                "checkpoint with a vision tower: transformers' "
+                                                "Gemma3ForConditionalGeneration leaves it unread; write null")) as e:
+        load(tmp_path, tokenizer=False)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("where", ["top", "text_config"])
 def test_a_quantized_checkpoint_is_refused_in_one_line(tiny_dirs, tmp_path, where):
     """FP8, bitsandbytes, GPTQ or AWQ weights are integers or float8 with scales beside them: read
@@ -2544,9 +2596,11 @@ def test_a_quantized_checkpoint_is_refused_in_one_line(tiny_dirs, tmp_path, wher
         raw = {"model_type": "mistral3", "text_config": {**raw, "quantization_config": q}}
     (src / "config.json").write_text(json.dumps(raw))
     prefix = "" if where == "top" else "text_config."
-    with pytest.raises(R3Error, match=f"field '{prefix}quantization_config' says the weights are quantized "
-                                      r"\(fp8\); r3 reads and trains bf16, fp16 or fp32 weights"):
-        load(src, tokenizer=False)
+    for read in (lambda: load(src, tokenizer=False), lambda: checkpoint.load_config(src)):  # (load_config:
+        # r3.train's checks, before --out is taken)
+        with pytest.raises(R3Error, match=f"field '{prefix}quantization_config' says the weights are quantized "
+                                          r"\(fp8\); r3 reads and trains bf16, fp16 or fp32 weights"):
+            read()
     plain = _copy(tiny_dirs["mistral"][0], tmp_path / "f8-tensor")
     f = plain / "model.safetensors"
     tensors = load_file(str(f))
