@@ -763,6 +763,16 @@ def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
                                       else cfg["head_dim"]))
 
 
+def _gguf_pattern_runs(value, sliding: list[bool], period: int) -> bool:
+    """Whether a file's ``attention.sliding_window_pattern`` (numpy arrays as lists) is the layout
+    llama.cpp runs, ``sliding`` per layer: absent, ``period`` as one integer, or one flag per
+    layer, true for sliding, as llama.cpp's converters write it."""
+    if isinstance(value, list):
+        return len(value) == len(sliding) and all(
+            isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(value, sliding))
+    return value is None or (_gguf_integer(value) and value == period)
+
+
 # llama.cpp's Gemma 2: every other layer sliding (the even ones), both kinds turning RoPE by
 # rope.freq_base; the window and both caps default to Gemma 2's
 _GGUF_GEMMA2_PATTERN = 2
@@ -777,11 +787,7 @@ def _gguf_gemma2(path: Path, cfg: dict, meta, tensors: dict) -> None:
     ``query_pre_attn_scalar`` for each size. What llama.cpp reads differently across versions
     (a scalar ``attention.sliding_window_pattern``, ``rope.freq_base_swa``) is accepted only at
     what every version runs, and an ``output.weight`` (which it leaves unread) is refused."""
-    import numpy as np
-
-    def shown(value):
-        return value.tolist() if isinstance(value, np.ndarray) else value
-
+    shown = _gguf_shown
     window = meta("attention.sliding_window", 4096)
     if not _gguf_integer(window) or window <= 0:
         raise R3Error(f"{path}: GGUF field 'gemma2.attention.sliding_window' must be a positive integer, "
@@ -789,12 +795,7 @@ def _gguf_gemma2(path: Path, cfg: dict, meta, tensors: dict) -> None:
     n_layers = cfg["num_hidden_layers"]
     sliding = [i % _GGUF_GEMMA2_PATTERN == 0 for i in range(n_layers)]
     pattern = shown(meta("attention.sliding_window_pattern", required=False))
-    if isinstance(pattern, list):  # (one flag per layer, true for sliding, as llama.cpp's converters write them)
-        same = len(pattern) == n_layers and all(
-            isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(pattern, sliding))
-    else:
-        same = pattern is None or (_gguf_integer(pattern) and pattern == _GGUF_GEMMA2_PATTERN)
-    if not same:
+    if not _gguf_pattern_runs(pattern, sliding, _GGUF_GEMMA2_PATTERN):
         raise R3Error(f"{path}: unsupported GGUF field 'gemma2.attention.sliding_window_pattern' {pattern!r} "
                       "(llama.cpp runs every other layer sliding, and reads other values differently across versions)")
     swa_base = shown(meta("rope.freq_base_swa", required=False))
@@ -853,21 +854,13 @@ def _gguf_olmo3(path: Path, cfg: dict, meta, window) -> None:
     ``rope.freq_base`` unscaled (its graph passes the full layers' base, frequency scale 1, no YaRN
     and attention factor 1 there); the full layers by ``rope.freq_base`` with the file's scaling.
     As transformers' Olmo3Config: model_type olmo3, ``rope_parameters`` per layer type."""
-    import numpy as np
-
     if not _gguf_integer(window) or window < 0:  # (llama.cpp reads it as one unsigned integer)
         raise R3Error(f"{path}: GGUF field 'olmo2.attention.sliding_window' must be a positive integer, "
                       f"got {_gguf_shown(window)!r}")
     n_layers = cfg["num_hidden_layers"]
     sliding = [i % _GGUF_OLMO3_PATTERN < _GGUF_OLMO3_PATTERN - 1 for i in range(n_layers)]
-    pattern = meta("attention.sliding_window_pattern", required=False)
-    value = pattern.tolist() if isinstance(pattern, np.ndarray) else pattern
-    if isinstance(value, list):  # (one flag per layer, true for sliding, as llama.cpp's converter writes it)
-        same = len(value) == n_layers and all(
-            isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(value, sliding))
-    else:
-        same = value is None or (_gguf_integer(value) and value == _GGUF_OLMO3_PATTERN)
-    if not same:
+    value = _gguf_shown(meta("attention.sliding_window_pattern", required=False))
+    if not _gguf_pattern_runs(value, sliding, _GGUF_OLMO3_PATTERN):
         raise R3Error(f"{path}: unsupported GGUF field 'olmo2.attention.sliding_window_pattern' {value!r} "
                       "(llama.cpp runs every fourth layer full for its converter's flags or 4, and reads other values "
                       "differently across versions)")
