@@ -1,6 +1,7 @@
 """A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Granite 3, Qwen2/2.5,
-Qwen3 (dense), Mistral, Phi-3 / Phi-3.5, OLMo 2 and 3, and Gemma 3 (its language model; 4b and larger
-also hold a vision tower, which r3 leaves out).
+Qwen3 (dense), Mistral, Ministral 3, Phi-3 / Phi-3.5, OLMo 2 and 3, Gemma 2 and Gemma 3 (its language
+model; 4b and larger also hold a vision tower, which r3 leaves out, as Ministral 3's and Mistral
+Small 3.x's).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3, YaRN and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
@@ -13,12 +14,17 @@ that turn RoPE unscaled with their own base. Granite 3 is Llama-shaped with four
 embeddings are multiplied by ``embedding_multiplier``, attention scores scaled by
 ``attention_multiplier`` (not 1/sqrt(head_dim)), each block's attention and MLP outputs by
 ``residual_multiplier`` before they join the residual, and the logits divided by ``logits_scaling``.
+Ministral 3 is Mistral-shaped with each query scaled after RoPE by 1 + beta ln(1 + floor(p / L)) at
+position p (Llama 4's attention temperature: exactly 1 before position L).
 
 Gemma 3 differs in six places: its RMSNorm scales by ``1 + w`` (in fp32, then rounds), the
 embeddings are multiplied by sqrt(hidden size), every block norms the attention and MLP outputs
 too (four norms), the MLP gates with tanh-approximated GELU, attention scores are scaled by
 ``query_pre_attn_scalar ** -0.5``, and sliding-window layers turn RoPE with their own base
 (``rope_local_base_freq``) while full-attention layers use ``rope_theta`` and its scaling.
+Gemma 2 has the same block without the q/k norms and with one RoPE base, and caps the attention
+scores and the logits with ``c * tanh(x / c)``: capped scores take no fused SDPA kernel, so its
+attention is :func:`softcapped_attention`, computed as transformers' eager attention is.
 
 Parameter names follow the Hugging Face state dict minus its ``model.`` prefix (see
 ``r3.checkpoint``), with one difference: every family holds q/k/v as one fused ``qkv_proj`` and
