@@ -584,6 +584,10 @@ def language_model_config(cfg: dict, source: str = "config.json") -> dict:
         raise R3Error(f"{source}: field 'text_config.final_logit_softcapping' {text['final_logit_softcapping']!r} of a "
                       "Gemma 3 checkpoint with a vision tower: transformers' Gemma3ForConditionalGeneration leaves it "
                       "unread; write null")
+    if kind == "mistral3" and "tie_word_embeddings" in cfg and cfg["tie_word_embeddings"] is None:
+        # (Mistral3Config refuses it: its head is tied by this flag, true by default)
+        raise R3Error(f"{source}: field 'tie_word_embeddings' is null, from which transformers cannot build a "
+                      "'mistral3' model either: give its value or leave the field out")
     out = {**(_MISTRAL_DEFAULTS if text_type == "mistral" else {}), **text, "model_type": text_type,
            "architectures": [_HF_ARCHITECTURES[text_type]]}
     if tie_default is not None:

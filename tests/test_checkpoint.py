@@ -2522,6 +2522,11 @@ def test_mistral3_whose_flag_ties_a_head_it_holds_keeps_that_head_as_transformer
 
             again = Mistral3ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
             assert torch.equal(again(input_ids=tokens).logits, want)
+    raw["tie_word_embeddings"] = None  # (Mistral3Config refuses a null flag)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(R3Error, match="field 'tie_word_embeddings' is null, from which transformers cannot build "
+                                      "a 'mistral3' model either"):
+        load(tmp_path, tokenizer=False)
     raw["text_config"]["model_type"] = "llama"
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(R3Error, match="unsupported text_config model_type 'llama' in a 'mistral3' checkpoint"):
