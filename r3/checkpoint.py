@@ -270,6 +270,19 @@ def _refuse_quantized(cfg: dict, source: str) -> None:
                           "use the model's full-precision release")
 
 
+@contextlib.contextmanager
+def _safetensors(file: Path):
+    """``safe_open`` of one checkpoint file, its read errors as one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+
+
 def _hf_name(name: str, vision_language: bool = False) -> str | None:
     """HF state-dict name -> ours (None for tensors that carry nothing, like rotary buffers, and
     for a vision-language checkpoint's vision tensors)."""
@@ -322,8 +335,6 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _load_hf_model(path: Path, dtype, device) -> Transformer:
-    from safetensors import SafetensorError, safe_open
-
     raw = _read_json(path / "config.json")
     _refuse_quantized(raw, str(path / "config.json"))
     hf_cfg = language_model_config(raw, source=str(path / "config.json"))
@@ -343,17 +354,13 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
     loaded: set[str] = set()
     assembler = CheckpointAssembler(cfg)
     for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for hf_name in f.keys():
-                    name = _hf_name(hf_name, vision_language)
-                    if name is None or (tied and name == "lm_head.weight"):
-                        continue
-                    _place(model, assembler, name, f.get_tensor(hf_name), dtype, device, str(file))
-                    loaded.add(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+        with _safetensors(file) as f:
+            for hf_name in f.keys():
+                name = _hf_name(hf_name, vision_language)
+                if name is None or (tied and name == "lm_head.weight"):
+                    continue
+                _place(model, assembler, name, f.get_tensor(hf_name), dtype, device, str(file))
+                loaded.add(name)
     if (vision_language and not tied and "lm_head.weight" not in loaded
             and raw["text_config"].get("tie_word_embeddings", raw["model_type"] == "gemma3")):
         # transformers 4.x ties the head by the text_config's flag whatever the top-level one says,
@@ -365,31 +372,21 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
 def _own_head(files: list[Path], vision_language: bool = False) -> bool:
     """Whether a checkpoint holds an LM head unlike its embeddings (the two tensors are read only
     when the head is there: most tied checkpoints hold none)."""
-    from safetensors import SafetensorError, safe_open
-
     where = {}
     for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for hf_name in f.keys():
-                    name = _hf_name(hf_name, vision_language)
-                    if name in ("lm_head.weight", "embed_tokens.weight"):
-                        where[name] = (file, hf_name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+        with _safetensors(file) as f:
+            for hf_name in f.keys():
+                name = _hf_name(hf_name, vision_language)
+                if name in ("lm_head.weight", "embed_tokens.weight"):
+                    where[name] = (file, hf_name)
     if "lm_head.weight" not in where:
         return False
     if "embed_tokens.weight" not in where:
         return True
     found = {}
     for name, (file, hf_name) in where.items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                found[name] = f.get_tensor(hf_name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise R3Error(f"{file}: corrupt or truncated safetensors file ({msg})") from None
+        with _safetensors(file) as f:
+            found[name] = f.get_tensor(hf_name)
     head, embed = found["lm_head.weight"], found["embed_tokens.weight"]
     return not (head.shape == embed.shape and torch.equal(head, embed))
 
@@ -551,8 +548,7 @@ def _gguf_count(value, key: str, path: Path, n_layers: int | None = None) -> int
             raise R3Error(f"{path}: unsupported GGUF field '{key}' {items!r} (one value per layer; r3 runs the "
                           "same for every layer)")
     if not _gguf_integer(value) or value <= 0:
-        shown = value.tolist() if isinstance(value, np.ndarray) else value
-        raise R3Error(f"{path}: GGUF field '{key}' must be a positive integer, got {shown!r}")
+        raise R3Error(f"{path}: GGUF field '{key}' must be a positive integer, got {_gguf_shown(value)!r}")
     return int(value)
 
 
@@ -730,24 +726,20 @@ def _gguf_gemma3(path: Path, cfg: dict, meta) -> None:
     head_dim ** -1/2, or for 62 layers (Gemma 3 27B) by (hidden / heads) ** -1/2, which is what
     Gemma3Config's ``query_pre_attn_scalar`` holds for each size. A file without a window (no
     Gemma 3: llama.cpp then runs full attention and a final logit softcap) is refused."""
-    import numpy as np
-
     window = meta("attention.sliding_window", required=False)
     if window is None or (_gguf_integer(window) and window == 0):
         raise R3Error(f"{path}: unsupported GGUF file: architecture gemma3 without "
                       "'gemma3.attention.sliding_window' (Gemma 3 has sliding-window layers)")
     if not _gguf_integer(window) or window < 0:  # (llama.cpp reads it as one unsigned integer)
-        shown = window.tolist() if isinstance(window, np.ndarray) else window
-        raise R3Error(f"{path}: GGUF field 'gemma3.attention.sliding_window' must be a positive integer, got {shown!r}")
+        raise R3Error(f"{path}: GGUF field 'gemma3.attention.sliding_window' must be a positive integer, "
+                      f"got {_gguf_shown(window)!r}")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if meta(key, required=False) is not None:
             raise R3Error(f"{path}: unsupported GGUF field 'gemma3.{key}' (Gemma 3 has no softcapping)")
     n_layers = cfg["num_hidden_layers"]
     sliding = [(i + 1) % _GGUF_GEMMA3_PATTERN != 0 for i in range(n_layers)]
     for key, runs in _GGUF_GEMMA3_UNREAD.items():
-        value = meta(key, required=False)
-        if isinstance(value, np.ndarray):  # (numeric arrays come as numpy arrays)
-            value = value.tolist()
+        value = _gguf_shown(meta(key, required=False))  # (numeric arrays come as numpy arrays)
         if isinstance(value, list):  # (the pattern as one flag per layer, true for sliding, as llama.cpp writes it)
             same = (key == "attention.sliding_window_pattern" and len(value) == n_layers
                     and all(isinstance(v, (bool, int)) and v in (0, 1) and bool(v) == s for v, s in zip(value, sliding)))
@@ -808,7 +800,7 @@ def _gguf_gemma2(path: Path, cfg: dict, meta, tensors: dict) -> None:
     caps = {}
     for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
         value = shown(meta(key, default))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not _gguf_number(value):
             raise R3Error(f"{path}: GGUF field 'gemma2.{key}' must be a positive number, got {value!r}")
         caps[key] = float(value)
     cfg.update(hidden_act="gelu_pytorch_tanh", sliding_window=int(window), **caps,
@@ -826,10 +818,7 @@ _GGUF_OLMO3_PATTERN = 4
 
 def _gguf_number(value) -> bool:
     """Whether a GGUF value is one finite number above 0 (not a bool, string or array)."""
-    import numpy as np
-
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(float(value)) and float(value) > 0)
+    return _gguf_real(value) and float(value) > 0
 
 
 def _gguf_real(value) -> bool:

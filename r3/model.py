@@ -72,12 +72,13 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM
                      "olmo3": "Olmo3ForCausalLM",
                      "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
+# Gemma2Config's defaults (gemma-2-2b's shapes) for the fields r3 would otherwise need
+_GEMMA2_DEFAULTS = {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
 # Gemma3TextConfig's defaults for the fields r3 would otherwise need or derive another way:
 # transformers writes a sub-config as its difference from these, so the text_config of the vision
 # checkpoints (google/gemma-3-4b-it: hidden_size, intermediate_size, num_hidden_layers,
 # rope_scaling, sliding_window and nothing more) leaves them out
-_GEMMA2_DEFAULTS = {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
 _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
@@ -85,10 +86,11 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
 _DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}
 _DEFAULT_MAX_POSITIONS = {"gemma2": 8192, "gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
                           "smollm3": 32_768, "ministral3": 262_144}
-# Ministral3Config's RoPE where a config gives none: YaRN, and Llama 4's query scaling past the
-# original context
+# Ministral3Config's defaults (heads 128 wide and 8 kv heads, not hidden / heads and all heads)
 _MINISTRAL3_DEFAULTS = {"vocab_size": 131_072, "hidden_size": 4096, "intermediate_size": 14_336,
                         "num_hidden_layers": 34, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+# Ministral3Config's RoPE where a config gives none: YaRN, and Llama 4's query scaling past the
+# original context
 _MINISTRAL3_DEFAULT_ROPE = {"type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
                             "original_max_position_embeddings": 16_384, "beta_fast": 32.0, "beta_slow": 1.0,
                             "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
@@ -551,11 +553,11 @@ def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str, layered: bool = F
             "attention_factor": float(attention), **betas, "truncate": truncate}
 
 
-# The vision-language wrappers whose language model r3 loads: model_type -> the text model types
-# it may hold (the first when text_config names none), and the default of the top-level
-# tie_word_embeddings (transformers 5 ties the head by that flag)
-_VISION_LANGUAGE = {"gemma3": (("gemma3_text",), None), "mistral3": (("mistral", "ministral3"), True)}
-_VISION_LANGUAGE_NAMES = {"gemma3": "Gemma 3", "mistral3": "Mistral 3"}
+# The vision-language wrappers whose language model r3 loads: model_type -> (what it is, the text
+# model types it may hold (the first when text_config names none), the default of the top-level
+# tie_word_embeddings (transformers 5 ties the head by that flag))
+_VISION_LANGUAGE = {"gemma3": ("Gemma 3", ("gemma3_text",), None),
+                    "mistral3": ("Mistral 3", ("mistral", "ministral3"), True)}
 # MistralConfig's defaults for the fields r3 otherwise needs: a wrapper's text_config is written as
 # its difference from them
 _MISTRAL_DEFAULTS = {"vocab_size": 32_000, "hidden_size": 4096, "intermediate_size": 14_336, "num_hidden_layers": 32,
@@ -574,7 +576,7 @@ def language_model_config(cfg: dict, source: str = "config.json") -> dict:
     text = cfg.get("text_config")
     if not isinstance(text, dict):
         raise R3Error(f"{source}: model_type '{kind}' without a 'text_config' object")
-    types, tie_default = _VISION_LANGUAGE[kind]
+    _, types, tie_default = _VISION_LANGUAGE[kind]
     text_type = text.get("model_type") or types[0]
     if text_type not in types:
         raise R3Error(f"{source}: unsupported text_config model_type '{text_type}' in a '{kind}' checkpoint "
@@ -600,7 +602,8 @@ def language_model_config(cfg: dict, source: str = "config.json") -> dict:
 
 def vision_language_name(cfg: dict) -> str | None:
     """What a checkpoint with a vision tower is (``Gemma 3``), or None for a text-only config."""
-    return _VISION_LANGUAGE_NAMES.get(cfg.get("model_type"))
+    kind = _VISION_LANGUAGE.get(cfg.get("model_type"))
+    return kind[0] if kind else None
 
 
 def _query_scaling(rope: dict, source: str) -> tuple[float, int]:
@@ -1037,13 +1040,11 @@ class Attention(nn.Module):
         if q_scale is not None:  # (Ministral 3: after RoPE, as transformers scales them)
             q = q * q_scale
         q = q.transpose(1, 2)
+        if mask is None and layer_cache is not None:  # a prefill from the start: no query may see a
+            k, v = k[:, :, :T], v[:, :, :T]  # slot >= T, so square (flash attention takes grouped heads then)
         if self.softcap is not None:  # (Gemma 2: no fused kernel caps the scores)
-            if mask is None and layer_cache is not None:
-                k, v = k[:, :, :T], v[:, :, :T]
             out = softcapped_attention(q, k, v, mask, mask is None and T > 1, self.scale, self.softcap)
         elif mask is None:
-            if layer_cache is not None:  # a prefill from the start: no query may see a slot >= T,
-                k, v = k[:, :, :T], v[:, :, :T]  # so square (flash attention takes grouped heads then)
             out = sdpa(q, k, v, None, causal=T > 1, scale=self.scale)
         elif T == 1 and self.n_kv != self.n_heads:
             # One token per row (decode): the query heads sharing a kv head go in as that head's
