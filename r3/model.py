@@ -1,7 +1,7 @@
 """A decoder-only transformer for the Llama family (Llama 3.x, SmolLM2), SmolLM3, Granite 3, Qwen2/2.5,
-Qwen3 (dense), Mistral, Ministral 3, Phi-3 / Phi-3.5, OLMo 2 and 3, Gemma 2 and Gemma 3 (its language
-model; 4b and larger also hold a vision tower, which r3 leaves out, as Ministral 3's and Mistral
-Small 3.x's).
+Qwen3 (dense), Mistral, Ministral 3, Phi-3 / Phi-3.5, OLMo 2 and 3, Gemma 2, 3 and 4 (their language
+models; Gemma 3 4b and larger, and Gemma 4, also hold a vision tower, which r3 leaves out, as
+Ministral 3's and Mistral Small 3.x's).
 
 One file, read in one sitting: RMSNorm, RoPE (default, linear, Llama-3, YaRN and LongRoPE scaling),
 grouped-query attention through SDPA (with Qwen3's and Gemma 3's per-head RMSNorm on q and k),
@@ -25,6 +25,14 @@ too (four norms), the MLP gates with tanh-approximated GELU, attention scores ar
 Gemma 2 has the same block without the q/k norms and with one RoPE base, and caps the attention
 scores and the logits with ``c * tanh(x / c)``: capped scores take no fused SDPA kernel, so its
 attention is :func:`softcapped_attention`, computed as transformers' eager attention is.
+Gemma 4 (dense) has Gemma 3's block with plain-weight norms (scaled in fp32), its values normed
+too (no weight) and its scores scaled by 1, and varies it per layer: the full-attention layers have
+heads of their own size and kv heads (their keys their values too where ``attention_k_eq_v``) and
+turn RoPE proportionally (the first pairs at base ``theta ** (-2j / head_dim)``, the rest not at
+all); its last ``kv_shared_layers`` layers compute no keys or values and attend over those of the
+last earlier layer of their kind (so they hold no KV cache); each block adds a per-layer input
+(a token's row of a per-layer table plus a projection of its embedding, gated by the block's
+output) and is scaled by a fixed ``layer_scalar``.
 
 Parameter names follow the Hugging Face state dict minus its ``model.`` prefix (see
 ``r3.checkpoint``), with one difference: every family holds q/k/v as one fused ``qkv_proj`` and
@@ -53,6 +61,7 @@ row's next real tokens before anything can attend to them).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,13 +73,14 @@ from torch.utils.checkpoint import checkpoint
 from r3.errors import R3Error
 
 SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "olmo2",
-                         "olmo3", "gemma2", "gemma3_text")
+                         "olmo3", "gemma2", "gemma3_text", "gemma4_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                      "olmo3": "Olmo3ForCausalLM",
-                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                     "gemma4_text": "Gemma4ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 # Gemma2Config's defaults (gemma-2-2b's shapes) for the fields r3 would otherwise need
 _GEMMA2_DEFAULTS = {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -82,9 +92,14 @@ _GEMMA2_DEFAULTS = {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_si
 _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
+# Gemma4TextConfig's defaults for the fields r3 would otherwise need (a wrapper's text_config is
+# written as its difference from them)
+_GEMMA4_TEXT_DEFAULTS = {"vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216,
+                         "num_hidden_layers": 30, "num_attention_heads": 8, "num_key_value_heads": 4,
+                         "head_dim": 256}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
 _DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}
-_DEFAULT_MAX_POSITIONS = {"gemma2": 8192, "gemma3_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
+_DEFAULT_MAX_POSITIONS = {"gemma2": 8192, "gemma3_text": 131_072, "gemma4_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
                           "smollm3": 32_768, "ministral3": 262_144}
 # Ministral3Config's defaults (heads 128 wide and 8 kv heads, not hidden / heads and all heads)
 _MINISTRAL3_DEFAULTS = {"vocab_size": 131_072, "hidden_size": 4096, "intermediate_size": 14_336,
@@ -95,7 +110,7 @@ _MINISTRAL3_DEFAULT_ROPE = {"type": "yarn", "rope_theta": 1_000_000.0, "factor":
                             "original_max_position_embeddings": 16_384, "beta_fast": 32.0, "beta_slow": 1.0,
                             "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
 _DEFAULT_ROPE_THETA = {"gemma3_text": 1_000_000.0, "smollm3": 2_000_000.0, "olmo3": 500_000.0}
-_TIED_BY_DEFAULT = ("gemma2", "gemma3_text", "smollm3")
+_TIED_BY_DEFAULT = ("gemma2", "gemma3_text", "gemma4_text", "smollm3")
 # Gemma2Config's tanh caps on the attention scores and on the logits (Gemma 3's are null)
 _DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0)}
 # Fields that config.json may leave out (r3 then fills in transformers' default) but not write as
@@ -119,6 +134,8 @@ _NULL_REFUSED_BY_TYPE = {
     "gemma2": ("hidden_activation", "rope_theta", "head_dim", "num_key_value_heads", "attention_bias",
                "query_pre_attn_scalar"),
     "gemma3_text": ("head_dim", "num_key_value_heads", "attention_bias", "query_pre_attn_scalar"),
+    "gemma4_text": ("head_dim", "num_key_value_heads", "attention_bias", "hidden_activation", "num_kv_shared_layers",
+                    "attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "hidden_size_per_layer_input"),
 }
 KV_BUCKET = 64
 
@@ -165,6 +182,18 @@ class ModelConfig:
     # Granite 3 (module docstring): 1.0 and None elsewhere
     embedding_multiplier: float = 1.0
     attention_multiplier: float | None = None
+    # Gemma 4 (module docstring): the full-attention layers' head size and kv heads (None: head_dim,
+    # num_key_value_heads), their keys taken as their values too, the last ``kv_shared_layers``
+    # layers attending over the keys/values of an earlier layer (:meth:`kv_source`) with an MLP
+    # twice as wide if ``double_wide_mlp``, and per-layer inputs of ``per_layer_input_size`` dims
+    # per layer from a table of ``per_layer_vocab_size`` tokens (0: none)
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     bos_token_id: Any = None
@@ -173,8 +202,42 @@ class ModelConfig:
 
     @property
     def gemma(self) -> bool:
-        """Gemma's (1 + w) norms, scaled embeddings and four norms per block (see the module docstring)."""
-        return self.model_type in ("gemma2", "gemma3_text")
+        """Gemma's scaled embeddings, four norms per block and GeGLU (see the module docstring)."""
+        return self.model_type in ("gemma2", "gemma3_text", "gemma4_text")
+
+    @property
+    def gemma4(self) -> bool:
+        return self.model_type == "gemma4_text"
+
+    def full_attention(self, i: int) -> bool:
+        return not self.layer_windows or self.layer_windows[i] is None
+
+    def layer_head_dim(self, i: int) -> int:
+        return self.global_head_dim if self.global_head_dim and self.full_attention(i) else self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        return self.global_kv_heads if self.global_kv_heads and self.full_attention(i) else self.num_key_value_heads
+
+    def layer_k_eq_v(self, i: int) -> bool:
+        """Whether layer ``i``'s keys are its values too (Gemma 4's full-attention layers with
+        ``attention_k_eq_v``: one projection, normed two ways)."""
+        return self.attention_k_eq_v and self.full_attention(i)
+
+    def layer_intermediate_size(self, i: int) -> int:
+        return self.intermediate_size * (2 if self.double_wide_mlp and self.kv_source(i) != i else 1)
+
+    def kv_source(self, i: int) -> int:
+        """The layer whose keys and values layer ``i`` attends over: itself, or for one of Gemma 4's
+        last ``kv_shared_layers`` layers the last earlier layer of its kind (sliding or full)."""
+        first = self.num_hidden_layers - self.kv_shared_layers
+        if i < first:
+            return i
+        return max(j for j in range(first) if self.full_attention(j) == self.full_attention(i))
+
+    def cache_layers(self) -> list[int]:
+        """The layers that hold keys and values in a KV cache, in order (every layer but Gemma 4's
+        shared ones)."""
+        return [i for i in range(self.num_hidden_layers) if self.kv_source(i) == i]
 
     @property
     def olmo(self) -> bool:
@@ -184,7 +247,7 @@ class ModelConfig:
     @property
     def norm_style(self) -> str:
         """How this family's RMSNorm scales (:class:`RMSNorm`)."""
-        return "gemma" if self.gemma else "olmo" if self.olmo else ""
+        return "gemma4" if self.gemma4 else "gemma" if self.gemma else "olmo" if self.olmo else ""
 
     @property
     def rotary_dim(self) -> int:
@@ -221,8 +284,8 @@ class ModelConfig:
                     and cfg["rope_parameters"].get("rope_theta") is not None):
                 raise R3Error(f"{source}: field '{key}' is null, from which transformers cannot build a "
                               f"'{model_type}' model either: give its value or leave the field out")
-        gemma = model_type in ("gemma2", "gemma3_text")
-        defaults = {"gemma2": _GEMMA2_DEFAULTS, "gemma3_text": _GEMMA3_TEXT_DEFAULTS,
+        gemma = model_type in ("gemma2", "gemma3_text", "gemma4_text")
+        defaults = {"gemma2": _GEMMA2_DEFAULTS, "gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma4_text": _GEMMA4_TEXT_DEFAULTS,
                     "ministral3": _MINISTRAL3_DEFAULTS}.get(model_type)
         if defaults:  # (what transformers fills in where a field is left out)
             cfg = {**cfg, **{k: v for k, v in defaults.items() if cfg.get(k) is None}}
@@ -232,7 +295,7 @@ class ModelConfig:
             raise R3Error(f"{source}: unsupported {act_key} '{act}' for model_type '{model_type}' "
                           f"(only {'gelu_pytorch_tanh' if gemma else 'silu'})")
         if gemma:
-            _check_gemma_extras(cfg, source)
+            _check_gemma_extras(cfg, model_type, source)
         softcaps = _softcaps(cfg, model_type, source)
         n_layers = integer("num_hidden_layers")
         n_heads = integer("num_attention_heads")
@@ -254,9 +317,12 @@ class ModelConfig:
         rope = dict(cfg.get("rope_parameters") or {})
         if model_type == "ministral3" and not rope and not cfg.get("rope_scaling"):
             rope = dict(_MINISTRAL3_DEFAULT_ROPE)  # (Ministral3Config's, whatever a top-level rope_theta says)
-        local_theta = None
+        local_theta = gemma4_scaling = None
         layered = model_type in ("gemma3_text", "olmo3")  # (RoPE per layer type)
-        if model_type == "gemma3_text":  # per layer type (transformers 5), or rope_theta / rope_local_base_freq
+        if model_type == "gemma4_text":
+            gemma4_scaling, theta, local_theta = _gemma4_rope(cfg, rope, source)
+            rope = {"rope_theta": theta}
+        elif model_type == "gemma3_text":  # per layer type (transformers 5), or rope_theta / rope_local_base_freq
             rope, local_theta = _gemma_rope(cfg, rope, source)
         elif layered:
             rope, local_theta = _olmo3_rope(cfg, rope, source)
@@ -314,8 +380,11 @@ class ModelConfig:
                     scaling[key] = _positive(scaling.get(key), f"rope_scaling.{key}", source,
                                              integral=key == "original_max_position_embeddings")
 
+        if gemma4_scaling is not None:
+            scaling = gemma4_scaling
         nope = _nope_layers(cfg, n_layers, source) if model_type == "smollm3" else []
         windows = _layer_windows(cfg, model_type, n_layers, source, nope)
+        gemma4 = _gemma4_layers(cfg, windows, head_dim, n_kv_heads, n_heads, source) if model_type == "gemma4_text" else {}
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         elif model_type in ("phi3", "ministral3"):
@@ -340,17 +409,20 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3", "granite") else False,
-            qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2", "olmo3"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3"),
             attn_logit_softcapping=softcaps[0],
             final_logit_softcapping=softcaps[1],
             layer_windows=windows,
             nope_layers=nope,
             hidden_act=_ACTIVATIONS[act],
-            query_pre_attn_scalar=number("query_pre_attn_scalar", 256.0) if gemma else None,
+            # (Gemma 4 scales scores by 1: its q and k are normed)
+            query_pre_attn_scalar=(1.0 if model_type == "gemma4_text" else number("query_pre_attn_scalar", 256.0))
+            if gemma else None,
             local_rope_theta=local_theta,
             query_scaling_beta=query_scaling[0],
             query_scaling_length=query_scaling[1],
             **({key: number(key, 1.0) for key in _GRANITE_SCALARS} if model_type == "granite" else {}),
+            **gemma4,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
@@ -428,6 +500,8 @@ class ModelConfig:
                     # otherwise); every reader derives the rest from the top-level fields
                     cfg["rope_scaling"] = {"type": "longrope", "short_factor": list(s["short_factor"]),
                                            "long_factor": list(s["long_factor"])}
+        elif self.gemma4:
+            return self._gemma4_hf(cfg, windows)
         elif self.gemma:
             cfg["hidden_activation"] = self.hidden_act
             q = self.query_pre_attn_scalar  # (an int where it is one: transformers' field is typed int)
@@ -455,6 +529,38 @@ class ModelConfig:
             cfg["layer_types"] = [
                 "full_attention" if w is None else "sliding_attention" for w in self.layer_windows
             ]
+        return cfg
+
+
+    def _gemma4_hf(self, cfg: dict, windows: set) -> dict:
+        """:meth:`to_hf`'s dict for Gemma 4 (Gemma4TextConfig reads RoPE only per layer type, and
+        takes no top-level rope_theta or rope_scaling)."""
+        for key in ("rope_theta", "rope_scaling", "hidden_act"):
+            cfg.pop(key)
+        s = self.rope_scaling
+        full = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if s:
+            full.update(rope_type="proportional", partial_rotary_factor=s["partial_rotary_factor"])
+            if s["factor"] != 1.0:
+                full["factor"] = s["factor"]
+        head_dim = self.global_head_dim or self.head_dim
+        cfg.update({
+            "hidden_activation": self.hidden_act, "attention_bias": self.qkv_bias,
+            "sliding_window": windows.pop() if windows else None,
+            "layer_types": ["full_attention" if w is None else "sliding_attention" for w in self.layer_windows],
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}},
+            "attention_k_eq_v": self.attention_k_eq_v, "num_kv_shared_layers": self.kv_shared_layers,
+            "use_double_wide_mlp": self.double_wide_mlp, "enable_moe_block": False,
+            "hidden_size_per_layer_input": self.per_layer_input_size,
+            "vocab_size_per_layer_input": self.per_layer_vocab_size or self.vocab_size,
+        })
+        if self.global_kv_heads is None or self.attention_k_eq_v:
+            cfg.update(global_head_dim=head_dim, num_global_key_value_heads=self.global_kv_heads)
+        else:  # (kv heads of their own on full layers whose keys are not the values: only this says so)
+            kv = {"head_dim": head_dim, "num_key_value_heads": self.global_kv_heads}
+            cfg["per_layer_config"] = {str(i): dict(kv) for i, w in enumerate(self.layer_windows) if w is None}
         return cfg
 
 
@@ -557,6 +663,7 @@ def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str, layered: bool = F
 # model types it may hold (the first when text_config names none), the default of the top-level
 # tie_word_embeddings (transformers 5 ties the head by that flag))
 _VISION_LANGUAGE = {"gemma3": ("Gemma 3", ("gemma3_text",), None),
+                    "gemma4": ("Gemma 4", ("gemma4_text",), True),
                     "mistral3": ("Mistral 3", ("mistral", "ministral3"), True)}
 # MistralConfig's defaults for the fields r3 otherwise needs: a wrapper's text_config is written as
 # its difference from them
@@ -636,21 +743,28 @@ def _softcaps(cfg: dict, model_type: str, source: str) -> tuple[float | None, fl
     for key, default in zip(("attn_logit_softcapping", "final_logit_softcapping"), defaults):
         value = cfg.get(key, default)
         if value is not None:
-            if model_type not in ("gemma2", "gemma3_text"):
+            if model_type not in ("gemma2", "gemma3_text", "gemma4_text"):
                 raise R3Error(f"{source}: unsupported field '{key}' for model_type '{model_type}' (only Gemma)")
             value = _positive(value, key, source, integral=False)
-            if model_type == "gemma3_text" and key == "attn_logit_softcapping":  # (4.x's passed it on)
-                raise R3Error(f"{source}: field '{key}' {value!r} of a Gemma 3 config: transformers 5's Gemma 3 "
+            if model_type != "gemma2" and key == "attn_logit_softcapping":  # (Gemma 3: 4.x's passed it on)
+                name = "Gemma 3" if model_type == "gemma3_text" else "Gemma 4"
+                raise R3Error(f"{source}: field '{key}' {value!r} of a {name} config: transformers 5's {name} "
                               "attention leaves it unread; write null")
         out.append(None if value is None else float(value))
     return out[0], out[1]
 
 
-def _check_gemma_extras(cfg: dict, source: str) -> None:
-    """Refuse what Gemma configs may set and r3 does not compute (the bidirectional attention of
-    embedding models)."""
-    if cfg.get("use_bidirectional_attention"):
-        raise R3Error(f"{source}: field 'use_bidirectional_attention' true is not supported (a causal LM only)")
+def _check_gemma_extras(cfg: dict, model_type: str, source: str) -> None:
+    """Refuse what Gemma configs may set and r3 does not compute: the bidirectional attention of
+    embedding models (Gemma 4's "vision" makes only image tokens bidirectional: text stays causal),
+    Gemma 4's mixture-of-experts blocks."""
+    both = cfg.get("use_bidirectional_attention")
+    if both and not (model_type == "gemma4_text" and both == "vision"):
+        shown = "true" if both is True else repr(both)
+        raise R3Error(f"{source}: field 'use_bidirectional_attention' {shown} is not supported (a causal LM only)")
+    if model_type == "gemma4_text" and cfg.get("enable_moe_block"):
+        raise R3Error(f"{source}: field 'enable_moe_block' true: Gemma 4's mixture-of-experts models (26B-A4B) are "
+                      "not supported (r3 runs the dense ones: E2B, E4B, 31B)")
 
 
 def _rope_per_layer_type(rope: dict, family: str, source: str) -> tuple[dict, dict] | None:
@@ -685,6 +799,100 @@ def _gemma_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
         return full, _positive(local_theta, "rope_parameters.sliding_attention.rope_theta", source, False)
     local_theta = cfg.get("rope_local_base_freq") or 10_000.0
     return rope, _positive(local_theta, "rope_local_base_freq", source, False)
+
+
+def _gemma4_rope(cfg: dict, rope: dict, source: str) -> tuple[dict | None, float, float]:
+    """Gemma 4's RoPE as (the full-attention layers' scaling: None or proportional, their base, the
+    sliding-window layers' base). ``rope_parameters`` is keyed by layer type; Gemma4TextConfig's
+    default (none given) is proportional RoPE turning a quarter of the full layers' dims at base
+    1e6, and the default at 10000 for the sliding ones. Proportional RoPE's frequencies are
+    ``theta ** (-2j / head_dim)`` for the first ``int(partial * head_dim // 2)`` pairs and 0 (no turn)
+    for the rest, divided by ``factor``."""
+    if cfg.get("rope_scaling"):
+        raise R3Error(f"{source}: field 'rope_scaling' of a Gemma 4 config, which transformers does not read: "
+                      "give rope_parameters per layer type")
+    if not rope:
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
+    layered = _rope_per_layer_type(rope, "a Gemma 4", source)
+    full, local = layered
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in ("default", "proportional"):
+        raise R3Error(f"{source}: unsupported rope scaling type '{kind}' for Gemma 4's full-attention layers "
+                      "(rope_parameters.full_attention; only default and proportional)")
+    theta = _positive(full.get("rope_theta") or 10_000.0, "rope_parameters.full_attention.rope_theta", source, False)
+    local_theta = _positive(local.get("rope_theta") or 10_000.0, "rope_parameters.sliding_attention.rope_theta",
+                            source, False)
+    if kind == "default":
+        if full.get("partial_rotary_factor", 1.0) != 1.0:  # (the default RoPE turns every dim)
+            raise R3Error(f"{source}: field 'rope_parameters.full_attention.partial_rotary_factor' with rope_type "
+                          "default, which transformers does not read: use rope_type proportional")
+        return None, theta, local_theta
+    partial = full.get("partial_rotary_factor", 1.0)
+    partial = _positive(1.0 if partial is None else partial, "rope_parameters.full_attention.partial_rotary_factor",
+                        source, False)
+    if partial > 1:
+        raise R3Error(f"{source}: field 'rope_parameters.full_attention.partial_rotary_factor' {partial!r} is above 1")
+    factor = _positive(full.get("factor") or 1.0, "rope_parameters.full_attention.factor", source, False)
+    return {"rope_type": "proportional", "partial_rotary_factor": float(partial), "factor": float(factor)}, theta, local_theta
+
+
+def _gemma4_layers(cfg: dict, windows: list, head_dim: int, n_kv: int, n_heads: int, source: str) -> dict:
+    """Gemma 4's per-layer fields of :class:`ModelConfig`, as Gemma4TextConfig reads them: the
+    full-attention layers' head size and kv heads (``per_layer_config``, else ``global_head_dim``,
+    512 by default, and ``num_global_key_value_heads`` where ``attention_k_eq_v``), the shared
+    KV layers (each kind of layer they hold needs an earlier one that computes its keys), the
+    per-layer inputs (256 dims per layer by default; null or 0 is none)."""
+    n = len(windows)
+    full = [i for i, w in enumerate(windows) if w is None]
+    k_eq_v = cfg.get("attention_k_eq_v", False)
+    if not isinstance(k_eq_v, bool):
+        raise R3Error(f"{source}: field 'attention_k_eq_v' must be true or false, got {k_eq_v!r}")
+    overrides = cfg.get("per_layer_config")
+    if overrides is not None:  # (what transformers 5.2x writes: {"3": {"head_dim": 512, ...}, ...})
+        if not isinstance(overrides, dict):
+            raise R3Error(f"{source}: field 'per_layer_config' must be an object, got {overrides!r}")
+        by_layer = {}
+        for key, value in overrides.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < n) or not isinstance(value, dict) or \
+                    not set(value) <= {"head_dim", "num_key_value_heads"}:
+                raise R3Error(f"{source}: field 'per_layer_config' entry {key!r}: r3 reads a layer index below {n} "
+                              f"with head_dim and num_key_value_heads, got {value!r}")
+            by_layer[int(key)] = value
+        seen = {(by_layer.get(i, {}).get("head_dim"), by_layer.get(i, {}).get("num_key_value_heads")) for i in full}
+        if len(seen) > 1 or any(i in by_layer for i in range(n) if windows[i] is not None):
+            raise R3Error(f"{source}: field 'per_layer_config' gives layers of one kind different shapes; r3 runs "
+                          "one shape for the sliding-window layers and one for the full-attention layers")
+        global_dim, global_kv = seen.pop() if seen else (None, None)
+    else:
+        global_dim = cfg.get("global_head_dim", 512)
+        global_kv = cfg.get("num_global_key_value_heads") if k_eq_v else None
+    global_dim = head_dim if global_dim is None else _positive(global_dim, "global_head_dim", source, integral=True)
+    global_kv = n_kv if global_kv is None else _positive(global_kv, "num_global_key_value_heads", source, integral=True)
+    if global_dim % 2:
+        raise R3Error(f"{source}: global_head_dim {global_dim} is odd, and RoPE turns pairs of dims")
+    if n_heads % global_kv:
+        raise R3Error(f"{source}: num_attention_heads {n_heads} is not a multiple of the full-attention layers' "
+                      f"{global_kv} kv heads")
+    shared = cfg.get("num_kv_shared_layers", 0) or 0
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared < n:
+        raise R3Error(f"{source}: field 'num_kv_shared_layers' must be an integer from 0 to {n - 1}, got {shared!r}")
+    own = windows[:n - shared]
+    if {w is None for w in own} != {w is None for w in windows}:
+        raise R3Error(f"{source}: field 'num_kv_shared_layers' {shared}: a kind of layer (sliding or full) among the "
+                      "shared layers has no earlier layer of its kind to share keys and values with")
+    ple = cfg.get("hidden_size_per_layer_input", 256) or 0
+    ple = _positive(ple, "hidden_size_per_layer_input", source, integral=True) if ple else 0
+    ple_vocab = cfg.get("vocab_size_per_layer_input", 262_144)
+    ple_vocab = _positive(ple_vocab, "vocab_size_per_layer_input", source, integral=True) if ple else 0
+    for key in ("use_double_wide_mlp",):
+        if not isinstance(cfg.get(key, False), bool):
+            raise R3Error(f"{source}: field '{key}' must be true or false, got {cfg[key]!r}")
+    return {"global_head_dim": global_dim if global_dim != head_dim else None,
+            "global_kv_heads": global_kv if global_kv != n_kv else None,
+            "attention_k_eq_v": k_eq_v, "kv_shared_layers": shared,
+            "double_wide_mlp": bool(cfg.get("use_double_wide_mlp", False)),
+            "per_layer_input_size": ple, "per_layer_vocab_size": ple_vocab}
 
 
 def _olmo3_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
@@ -730,12 +938,12 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
         window = _positive(window, "sliding_window", source, integral=True)
     if model_type in ("mistral", "ministral3", "phi3"):
         return [window or None] * n_layers
-    if model_type in ("gemma2", "gemma3_text", "olmo3"):  # layer_types, else every k-th layer is full
-        # (Gemma 3: k = sliding_window_pattern, 6 by default; OLMo 3: 4; Gemma 2: 2)
+    if model_type in ("gemma2", "gemma3_text", "gemma4_text", "olmo3"):  # layer_types, else every k-th layer is full
+        # (Gemma 3: k = sliding_window_pattern, 6 by default; Gemma 4: 6; OLMo 3: 4; Gemma 2: 2)
         layer_types = cfg.get("layer_types")
         if layer_types is None:
             pattern = cfg.get("sliding_window_pattern", 6) if model_type == "gemma3_text" else (
-                2 if model_type == "gemma2" else 4)
+                2 if model_type == "gemma2" else 6 if model_type == "gemma4_text" else 4)
             if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
                 raise R3Error(f"{source}: field 'sliding_window_pattern' must be a positive integer, got {pattern!r}")
             layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
@@ -743,11 +951,13 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
                 "full_attention", "sliding_attention"}:
             raise R3Error(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' "
                           f"for each of the {n_layers} layers")
+        if model_type == "gemma4_text" and layer_types and layer_types[-1] != "full_attention":
+            layer_types = [*layer_types[:-1], "full_attention"]  # (Gemma4TextConfig makes the last layer full)
         if "sliding_attention" in layer_types and not window:
             if "sliding_window" in cfg:  # (null or 0: transformers cannot build such a model either)
                 raise R3Error(f"{source}: field 'sliding_window' is {cfg['sliding_window']!r}, but layers use "
                               "sliding_attention; give their window size")
-            window = 4096  # (Gemma3TextConfig's and Olmo3Config's default)
+            window = 512 if model_type == "gemma4_text" else 4096  # (the config classes' defaults)
         return [window if t == "sliding_attention" else None for t in layer_types]
     # qwen2, qwen3: windows apply only with use_sliding_window, to layers >= max_window_layers;
     # smollm3: to its NoPE layers
@@ -772,13 +982,19 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
 
 
 class RMSNorm(nn.Module):
-    """``style``: "" (Llama and most families), "gemma" (scale by ``1 + w``, weights start at 0) or
-    "olmo" (scale by ``w``); both of the latter scale in fp32 and round once."""
+    """``style``: "" (Llama and most families), "gemma" (scale by ``1 + w``, weights start at 0),
+    "olmo" (scale by ``w``) or "gemma4" (OLMo's, with Gemma 4's own normalisation: ``x *
+    (mean(x^2) + eps) ** -1/2``, which rounds apart from ``rms_norm``'s reciprocal square root);
+    the latter three scale in fp32 and round once. ``weight=False``: no scale (Gemma 4's norm of
+    the values)."""
 
-    def __init__(self, dim: int, eps: float, style: str = ""):
+    def __init__(self, dim: int, eps: float, style: str = "", weight: bool = True):
         super().__init__()
         self.eps, self.style = eps, style
-        self.weight = nn.Parameter(torch.zeros(dim) if self.offset else torch.ones(dim))
+        if weight:
+            self.weight = nn.Parameter(torch.zeros(dim) if self.offset else torch.ones(dim))
+        else:
+            self.weight = None
 
     @property
     def offset(self) -> bool:
@@ -786,6 +1002,10 @@ class RMSNorm(nn.Module):
         return self.style == "gemma"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "gemma4":
+            x32 = x.float()
+            out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+            return (out if self.weight is None else out * self.weight.float()).to(x.dtype)
         if self.style:
             w = self.weight.float()
             return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + w if self.offset else w)).to(x.dtype)
@@ -803,6 +1023,12 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     if local:
         return default_inv_freq(cfg.local_rope_theta, dim)
     s = cfg.rope_scaling
+    if cfg.global_head_dim:  # (Gemma 4: the full-attention layers' heads)
+        dim = cfg.global_head_dim
+    if s and s["rope_type"] == "proportional":  # (Gemma 4: a table as wide as the head, pairs past the turned ones still)
+        turned = int(s["partial_rotary_factor"] * dim // 2)
+        inv_freq = default_inv_freq(cfg.rope_theta, dim)[:turned]
+        return torch.cat((inv_freq, torch.zeros(dim // 2 - turned))) / s["factor"]
     if s and s["rope_type"] == "longrope":
         ext = torch.tensor(s["short_factor"], dtype=torch.float32)
         return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -940,11 +1166,11 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device) -> "KVCache":
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        n = cfg.num_hidden_layers
+        """One entry per layer of :meth:`ModelConfig.cache_layers` (Gemma 4's shared layers hold none)."""
+        shapes = [(batch_size, cfg.layer_kv_heads(i), max_len, cfg.layer_head_dim(i)) for i in cfg.cache_layers()]
         return cls(
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
+            [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
         )
 
     @property
@@ -991,24 +1217,51 @@ class Linear(nn.Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True):
+    """Layer ``index``'s attention. Gemma 4's (:attr:`ModelConfig.gemma4`) differs: its own head
+    size and kv heads on full-attention layers, values normed without a scale (and taken from the
+    keys' projection where ``attention_k_eq_v``), and on its shared layers no keys or values of its
+    own: ``forward`` then takes the source layer's (``shared_kv``), and a layer others read returns
+    its own beside its output (:attr:`shares_kv`, :attr:`stores_kv`)."""
+
+    def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True, index: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.layer_kv_heads(index), cfg.layer_head_dim(index)
         self.window = window
         self.rope = rope  # (False: a SmolLM3 NoPE layer)
-        h, d = cfg.hidden_size, cfg.head_dim
+        h, d = cfg.hidden_size, self.head_dim
+        self.gemma4 = cfg.gemma4
+        self.shares_kv = cfg.kv_source(index) != index
+        self.stores_kv = any(cfg.kv_source(j) == index for j in range(index + 1, cfg.num_hidden_layers))
+        self.k_eq_v = cfg.layer_k_eq_v(index)
+        kv_rows = 0 if self.shares_kv else self.n_kv * d * (1 if self.k_eq_v else 2)
         # (None: SDPA's own 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5; Granite: its multiplier)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.attention_multiplier
-        self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=cfg.qkv_bias)
+        self.qkv_proj = Linear(h, self.n_heads * d + kv_rows, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
         self.softcap = cfg.attn_logit_softcapping
         self.qk_norm_all_heads = cfg.olmo
         if cfg.qk_norm:
             q_dim, k_dim = (self.n_heads * d, self.n_kv * d) if cfg.olmo else (d, d)
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_style)
-            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_style)
+            if not self.shares_kv:
+                self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_style)
+        if cfg.gemma4 and not self.shares_kv:
+            self.v_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_style, weight=False)
 
-    def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len, q_scale=None):
+    def _gemma4_qkv(self, x, cos, sin):
+        """Gemma 4's q, k, v ``[B, T, heads, D]`` (k and v None on a shared layer)."""
+        B, T, _ = x.shape
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)
+        q = apply_rope(self.q_norm(qkv[..., :nh * d].view(B, T, nh, d)), cos, sin)
+        if self.shares_kv:
+            return q, None, None
+        k = qkv[..., nh * d:(nh + nkv) * d].view(B, T, nkv, d)
+        v = k if self.k_eq_v else qkv[..., (nh + nkv) * d:].view(B, T, nkv, d)
+        return q, apply_rope(self.k_norm(k), cos, sin), self.v_norm(v)
+
+    def _qkv(self, x, cos, sin):
+        """q, k, v ``[B, T, heads, D]``, q and k normed (Qwen3, Gemma 2/3, OLMo) and turned."""
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, self.head_dim)  # [B, T, heads, D]
@@ -1024,9 +1277,17 @@ class Attention(nn.Module):
         else:  # RoPE on q and k at once
             qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)
             q, k = qk[:, :, :nh], qk[:, :, nh:]
-        if layer_cache is not None:
+        return q, k, v
+
+    def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len, q_scale=None, shared_kv=None):
+        B, T, _ = x.shape
+        nkv = self.n_kv
+        q, k, v = self._gemma4_qkv(x, cos, sin) if self.gemma4 else self._qkv(x, cos, sin)
+        if self.shares_kv:  # (the source layer's, read from the cache or computed in this forward)
+            k, v = shared_kv
+        elif layer_cache is not None:
             k_cache, v_cache = layer_cache
-            rows, positions = write_at
+            rows, positions = write_at[nkv]
             if rows is None:  # one flat index into the contiguous cache's [B * n_kv * S] rows
                 d = self.head_dim
                 k_cache.view(-1, d).index_copy_(0, positions, k.reshape(-1, d).to(k_cache.dtype))
@@ -1042,6 +1303,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)
         if mask is None and layer_cache is not None:  # a prefill from the start: no query may see a
             k, v = k[:, :, :T], v[:, :, :T]  # slot >= T, so square (flash attention takes grouped heads then)
+        kv = (k, v) if self.stores_kv else None
         if self.softcap is not None:  # (Gemma 2: no fused kernel caps the scores)
             out = softcapped_attention(q, k, v, mask, mask is None and T > 1, self.scale, self.softcap)
         elif mask is None:
@@ -1055,7 +1317,8 @@ class Attention(nn.Module):
             out = out.reshape(B, self.n_heads, 1, self.head_dim)
         else:
             out = sdpa(q, k, v, mask, causal=False, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return out if kv is None else (out, kv)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1111,9 +1374,9 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h, i = cfg.hidden_size, intermediate_size or cfg.intermediate_size
         self.gate_up_proj = Linear(h, 2 * i, bias=cfg.mlp_bias)
         self.down_proj = Linear(i, h, bias=cfg.mlp_bias)
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
@@ -1127,17 +1390,27 @@ class Block(nn.Module):
     """Pre-norm attention and MLP. Gemma norms each one's output too: its
     ``post_attention_layernorm`` is on the attention's output (Llama's is the MLP's input norm,
     which Gemma calls ``pre_feedforward_layernorm``). OLMo 2 norms only the outputs (its
-    ``post_attention_layernorm`` and ``post_feedforward_layernorm``)."""
+    ``post_attention_layernorm`` and ``post_feedforward_layernorm``). Gemma 4 then adds its
+    per-layer input (gated by the block's output, projected, normed) and scales the whole by a
+    fixed ``layer_scalar``; a block whose keys and values later layers read returns them too."""
 
-    def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True):
+    def __init__(self, cfg: ModelConfig, window: int | None, rope: bool = True, index: int = 0):
         super().__init__()
         h, eps, style = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style
         self.post_norm = cfg.olmo
         if not self.post_norm:
             self.input_layernorm = RMSNorm(h, eps, style)
-        self.self_attn = Attention(cfg, window, rope)
+        self.self_attn = Attention(cfg, window, rope, index)
         self.post_attention_layernorm = RMSNorm(h, eps, style)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.layer_intermediate_size(index))
+        self.gemma4 = cfg.gemma4
+        if cfg.per_layer_input_size:
+            p = cfg.per_layer_input_size
+            self.per_layer_input_gate = Linear(h, p, bias=False)
+            self.per_layer_projection = Linear(p, h, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(h, eps, style)
+        if cfg.gemma4:  # (a checkpoint's buffer: read and written, never trained)
+            self.register_buffer("layer_scalar", torch.ones(1))
         self.sandwich = cfg.gemma
         self.residual_scale = cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else None  # (Granite)
         if cfg.gemma:
@@ -1145,7 +1418,18 @@ class Block(nn.Module):
         if cfg.gemma or cfg.olmo:
             self.post_feedforward_layernorm = RMSNorm(h, eps, style)
 
-    def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None, q_scale=None):
+    def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None, q_scale=None, shared_kv=None,
+                per_layer_input=None):
+        if self.gemma4:
+            attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len, None, shared_kv)
+            attn, kv = attn if self.self_attn.stores_kv else (attn, None)
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            if per_layer_input is not None:
+                gate = F.gelu(self.per_layer_input_gate(x), approximate="tanh")
+                x = x + self.post_per_layer_input_norm(self.per_layer_projection(gate * per_layer_input))
+            x = x * self.layer_scalar
+            return x if kv is None else (x, kv)
         if self.post_norm:
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, layer_cache, write_at, kv_len))
             return x + self.post_feedforward_layernorm(self.mlp(x))
@@ -1173,7 +1457,17 @@ class Transformer(nn.Module):
         self.config = cfg
         windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, w, i not in cfg.nope_layers) for i, w in enumerate(windows))
+        self.layers = nn.ModuleList(Block(cfg, w, i not in cfg.nope_layers, i) for i, w in enumerate(windows))
+        # (each layer's entry in a KV cache: its own, or for a Gemma 4 shared layer its source's)
+        own = cfg.cache_layers()
+        self._kv_source = [cfg.kv_source(i) for i in range(cfg.num_hidden_layers)]
+        self._cache_entry = [own.index(j) for j in self._kv_source]
+        self._kv_kinds = sorted({layer.self_attn.n_kv for layer in self.layers})  # (Gemma 4: two; one elsewhere)
+        if cfg.per_layer_input_size:  # (Gemma 4's per-layer inputs: every layer's, packed in one row)
+            width = cfg.num_hidden_layers * cfg.per_layer_input_size
+            self.embed_tokens_per_layer = nn.Embedding(cfg.per_layer_vocab_size, width)
+            self.per_layer_model_projection = Linear(cfg.hidden_size, width, bias=False)
+            self.per_layer_projection_norm = RMSNorm(cfg.per_layer_input_size, cfg.rms_norm_eps, cfg.norm_style)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_style)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -1183,6 +1477,8 @@ class Transformer(nn.Module):
         # (a Python number here, so a compiled step holds no tensor made on the fly)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+        self._per_layer_scale = {dt: torch.tensor(cfg.per_layer_input_size ** 0.5, dtype=dt, device="cpu").item()
+                                 for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
         # Activation checkpointing: with gradients on, each block keeps only its input for the
         # backward pass and runs its forward again there (less memory, about a third more compute).
         self.activation_checkpointing = False
@@ -1269,29 +1565,53 @@ class Transformer(nn.Module):
             masks = self._masks(positions, kv_len if cache is not None else None, x.dtype)
         write_at = self._cache_writes(cache, positions) if cache is not None else None
         q_scale = query_scale(self.config, positions, x.dtype)
+        per_layer = self._per_layer_inputs(tokens, x) if self.config.per_layer_input_size else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        shared = {}  # Gemma 4: layer -> the keys and values (each [B, kv heads, S, D]) later layers read
         for i, layer in enumerate(self.layers):
-            cos, sin = ropes[layer.self_attn.window]
+            attn = layer.self_attn
+            cos, sin = ropes[attn.window]
+            source_kv = shared[self._kv_source[i]] if attn.shares_kv else None
+            ple = per_layer[:, :, i] if per_layer is not None else None
             if recompute:
-                x = checkpoint(layer, x, cos, sin, masks[layer.self_attn.window], None, None, None, q_scale,
+                x = checkpoint(layer, x, cos, sin, masks[attn.window], None, None, None, q_scale, source_kv, ple,
                                use_reentrant=False)
-                continue
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, cos, sin, masks[layer.self_attn.window], layer_cache, write_at, kv_len, q_scale)
+            else:
+                j = self._cache_entry[i]
+                layer_cache = (cache.k[j], cache.v[j]) if cache is not None and not attn.shares_kv else None
+                x = layer(x, cos, sin, masks[attn.window], layer_cache, write_at, kv_len, q_scale, source_kv, ple)
+            if attn.stores_kv:
+                x, shared[i] = x
         return self.norm(x)
 
+    def _per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's per-layer inputs ``[B, T, layers, dims]``: each token's own row of the per-layer
+        table (scaled by sqrt(dims)) and a projection of its embedding ``x`` (scaled by
+        hidden ** -1/2, normed per layer), averaged as transformers does (sum times 2 ** -1/2)."""
+        B, T = tokens.shape
+        cfg = self.config
+        shape = (B, T, cfg.num_hidden_layers, cfg.per_layer_input_size)
+        own = (self.embed_tokens_per_layer(tokens) * self._per_layer_scale[x.dtype]).reshape(shape)
+        projected = self.per_layer_model_projection(x) * cfg.hidden_size ** -0.5
+        return (self.per_layer_projection_norm(projected.reshape(shape)) + own) * 2.0 ** -0.5
+
     def _cache_writes(self, cache: KVCache, positions: torch.Tensor) -> tuple:
-        """Where each layer writes the new keys/values: ``(rows [B, 1], positions)`` for indexing,
-        or, for a contiguous cache outside torch.compile, ``(None, flat)``: one index into the
-        cache's ``[B * n_kv * S]`` rows, in the order of ``k [B, T, n_kv, D]`` (built once per
-        forward; each layer's write is then one ``index_copy_``)."""
+        """Where each layer writes the new keys/values, keyed by its kv heads: ``(rows [B, 1],
+        positions)`` for indexing, or, for a contiguous cache outside torch.compile, ``(None, flat)``:
+        one index into the cache's ``[B * n_kv * S]`` rows, in the order of ``k [B, T, n_kv, D]``
+        (built once per forward; each layer's write is then one ``index_copy_``)."""
         B, T = positions.shape
+        kinds = self._kv_kinds
         if torch.compiler.is_compiling() or not cache.contiguous:
-            return torch.arange(B, device=positions.device)[:, None], positions
-        n_kv, S = self.config.num_key_value_heads, cache.max_len
-        heads = torch.arange(n_kv, device=positions.device)
-        rows = torch.arange(B, device=positions.device)[:, None, None] * n_kv + heads  # [B, 1, n_kv]
-        return None, (rows * S + positions[:, :, None]).reshape(-1)
+            at = torch.arange(B, device=positions.device)[:, None], positions
+            return dict.fromkeys(kinds, at)
+        S = cache.max_len
+        out = {}
+        for n_kv in kinds:
+            heads = torch.arange(n_kv, device=positions.device)
+            rows = torch.arange(B, device=positions.device)[:, None, None] * n_kv + heads  # [B, 1, n_kv]
+            out[n_kv] = None, (rows * S + positions[:, :, None]).reshape(-1)
+        return out
 
     def _windows(self) -> set:
         return {layer.self_attn.window for layer in self.layers}
@@ -1371,34 +1691,75 @@ class Transformer(nn.Module):
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Our parameter name -> shape (tied ``lm_head`` left out)."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    nq, nkv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    """Our parameter name -> shape (tied ``lm_head`` left out), with Gemma 4's ``layer_scalar``
+    buffers (a checkpoint holds them)."""
+    h = cfg.hidden_size
     shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    ple = cfg.per_layer_input_size
+    if ple:
+        shapes.update({"embed_tokens_per_layer.weight": (cfg.per_layer_vocab_size, cfg.num_hidden_layers * ple),
+                       "per_layer_model_projection.weight": (cfg.num_hidden_layers * ple, h),
+                       "per_layer_projection_norm.weight": (ple,)})
     for n in range(cfg.num_hidden_layers):
         p = f"layers.{n}."
+        i, d = cfg.layer_intermediate_size(n), cfg.layer_head_dim(n)
+        nq = cfg.num_attention_heads * d
+        nkv = sum(rows for _, rows in _layer_qkv_rows(cfg, n)[1:])  # (k and v rows: none on a Gemma 4 shared layer)
         shapes.update({
             **({} if cfg.olmo else {p + "input_layernorm.weight": (h,)}),
             p + "post_attention_layernorm.weight": (h,),
             **({p + "pre_feedforward_layernorm.weight": (h,)} if cfg.gemma else {}),
             **({p + "post_feedforward_layernorm.weight": (h,)} if cfg.gemma or cfg.olmo else {}),
-            p + "self_attn.qkv_proj.weight": (nq + 2 * nkv, h),
+            p + "self_attn.qkv_proj.weight": (nq + nkv, h),
             p + "self_attn.o_proj.weight": (h, nq),
             p + "mlp.gate_up_proj.weight": (2 * i, h),
             p + "mlp.down_proj.weight": (h, i),
         })
         if cfg.qkv_bias:
-            shapes[p + "self_attn.qkv_proj.bias"] = (nq + 2 * nkv,)
+            shapes[p + "self_attn.qkv_proj.bias"] = (nq + nkv,)
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if cfg.mlp_bias:
             shapes.update({p + "mlp.gate_up_proj.bias": (2 * i,), p + "mlp.down_proj.bias": (h,)})
         if cfg.qk_norm:
-            q_dim, k_dim = (nq, nkv) if cfg.olmo else (d, d)
-            shapes.update({p + "self_attn.q_norm.weight": (q_dim,), p + "self_attn.k_norm.weight": (k_dim,)})
+            q_dim, k_dim = (nq, nkv // 2) if cfg.olmo else (d, d)
+            shapes[p + "self_attn.q_norm.weight"] = (q_dim,)
+            if nkv:
+                shapes[p + "self_attn.k_norm.weight"] = (k_dim,)
+        if ple:
+            shapes.update({p + "per_layer_input_gate.weight": (ple, h), p + "per_layer_projection.weight": (h, ple),
+                           p + "post_per_layer_input_norm.weight": (h,)})
+        if cfg.gemma4:
+            shapes[p + "layer_scalar"] = (1,)
     return shapes
+
+
+def _layer_qkv_rows(cfg: ModelConfig, n: int) -> list[tuple[str, int]]:
+    """Layer ``n``'s fused q/k/v: the checkpoint projections it holds, in order, and their rows
+    (Gemma 4: no v where the keys are the values, only q on a shared layer)."""
+    d, kv = cfg.layer_head_dim(n), cfg.layer_kv_heads(n)
+    parts = [("self_attn.q_proj", cfg.num_attention_heads * d)]
+    if cfg.kv_source(n) == n:
+        parts.append(("self_attn.k_proj", kv * d))
+        if not cfg.layer_k_eq_v(n):
+            parts.append(("self_attn.v_proj", kv * d))
+    return parts
+
+
+def checkpoint_ignores(cfg: ModelConfig, name: str) -> bool:
+    """Whether a checkpoint tensor (no ``model.`` prefix) is one that transformers leaves unread:
+    Gemma 4's published checkpoints hold keys and values for the shared layers, which use their
+    source layer's."""
+    if not cfg.kv_shared_layers:
+        return False
+    m = _LAYER.match(name)
+    return bool(m and cfg.kv_source(int(m.group(1))) != int(m.group(1)) and name[m.end():].startswith(
+        ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")))
+
+
+_LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\.")
 
 
 # Our fused projections and the checkpoint tensors they hold, in order (transformers' order for
@@ -1412,22 +1773,25 @@ def _checkpoint_fuses(cfg: ModelConfig) -> bool:
     return cfg.model_type == "phi3"
 
 
-def _part_sizes(cfg: ModelConfig, fused: str) -> list[int]:
-    d = cfg.head_dim
+def _fused_parts(cfg: ModelConfig, fused: str, name: str) -> list[tuple[str, int]]:
+    """The checkpoint projections (and their rows) of our fused ``fused`` in the layer ``name`` names."""
+    m = _LAYER.match(name)
+    n = int(m.group(1)) if m else 0
     if fused == "self_attn.qkv_proj":
-        return [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
-    return [cfg.intermediate_size, cfg.intermediate_size]
+        return _layer_qkv_rows(cfg, n)
+    i = cfg.layer_intermediate_size(n)
+    return [("mlp.gate_proj", i), ("mlp.up_proj", i)]
 
 
 def _checkpoint_parts(cfg: ModelConfig, name: str) -> list[tuple[str, int]] | None:
     """``layers.3.self_attn.qkv_proj.weight`` -> the checkpoint names of its parts and their rows,
     ``[("layers.3.self_attn.q_proj.weight", 1536), ...]``; None for a parameter we do not fuse."""
-    for fused, parts in _FUSED.items():
+    for fused in _FUSED:
         for kind in ("weight", "bias"):
             tail = f"{fused}.{kind}"
             if name.endswith(tail):
                 prefix = name[: -len(tail)]
-                return [(f"{prefix}{part}.{kind}", rows) for part, rows in zip(parts, _part_sizes(cfg, fused))]
+                return [(f"{prefix}{part}.{kind}", rows) for part, rows in _fused_parts(cfg, fused, name)]
     return None
 
 
@@ -1480,7 +1844,8 @@ def fused_target(cfg: ModelConfig, name: str, always: bool = False) -> tuple[str
             for kind in ("weight", "bias"):
                 tail = f"{part}.{kind}"
                 if name.endswith(tail):
-                    return f"{name[: -len(tail)]}{fused}.{kind}", part, parts
+                    held = tuple(p for p, _ in _fused_parts(cfg, fused, name))
+                    return f"{name[: -len(tail)]}{fused}.{kind}", part, held
     return None
 
 

@@ -16,9 +16,9 @@ GIB = 1024 ** 3
 
 def kv_cache_bytes(model_cfg, rows: int, positions: int, element_size: int) -> int:
     """Bytes of a static KV cache (:class:`r3.model.KVCache`) of ``rows`` x ``positions``: keys and
-    values of every layer."""
-    return (2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * model_cfg.head_dim
-            * rows * positions * element_size)
+    values of every layer that holds them (Gemma 4: per-layer shapes, none on shared layers)."""
+    per_position = sum(model_cfg.layer_kv_heads(n) * model_cfg.layer_head_dim(n) for n in model_cfg.cache_layers())
+    return 2 * per_position * rows * positions * element_size
 
 
 def rollout_rows(batch_size: int, group_size: int, world: int, candidates_per_failure: float | None) -> int:

@@ -137,11 +137,15 @@ def build_models(cfg: TrainConfig, d: Dist):
 
 @torch.no_grad()
 def sync_rollout_weights(policy, rollout) -> None:
-    """Gather the sharded fp32 policy once per step into the plain compute-dtype rollout copy."""
+    """Gather the sharded fp32 policy once per step into the plain compute-dtype rollout copy (its
+    buffers too: Gemma 4's layer scalars, which the copy, made empty, holds no value of)."""
     target = dict(rollout.named_parameters())
     for name, p in policy.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         target[name].copy_(full)
+    buffers = dict(rollout.named_buffers())
+    for name, b in policy.named_buffers():
+        buffers[name].copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
 
 
 # --------------------------------------------------------------------------------------------

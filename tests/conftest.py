@@ -204,6 +204,22 @@ def tiny_hf_config(kind: str, **overrides):
                                query_pre_attn_scalar=20,
                                sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                bos_token_id=2, eos_token_id=1, pad_token_id=0, **rope)
+    elif kind == "gemma4":  # Gemma 4 E2B's and 31B's parts at once: full layers with heads of their own
+        # size and one kv head whose keys are the values, proportional RoPE, the last two layers
+        # reading earlier layers' keys and values with MLPs twice as wide, per-layer inputs, a
+        # final cap small enough to bite
+        from transformers import Gemma4TextConfig
+
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
+        cfg = Gemma4TextConfig(**{**common, "hidden_size": 48, "head_dim": 16, "num_hidden_layers": 5},
+                               global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                            "sliding_attention", "full_attention"],
+                               num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+                               vocab_size_per_layer_input=256, sliding_window=8, final_logit_softcapping=4.0,
+                               rope_parameters=rope, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                               pad_token_id=0, initializer_range=0.2)
     else:
         raise ValueError(kind)
     for k, v in overrides.items():
@@ -223,6 +239,9 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.3 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):  # (Gemma 4's: 1 at init would hide a loader that skips it)
+                b.copy_(0.5 + torch.rand_like(b))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), **kwargs)
     return model
@@ -231,11 +250,11 @@ def make_tiny_hf(path, kind: str, seed: int = 0, max_shard_size=None, **override
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """kind -> (directory, transformers model) for llama, qwen2 (sharded), mistral, qwen3, phi3, gemma3,
-    smollm3, olmo2, olmo3, granite, ministral3 and gemma2."""
+    smollm3, olmo2, olmo3, granite, ministral3, gemma2 and gemma4."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
     for kind in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite",
-                 "ministral3", "gemma2"):
+                 "ministral3", "gemma2", "gemma4"):
         shard = "100KB" if kind == "qwen2" else None
         out[kind] = (root / kind, make_tiny_hf(root / kind, kind, max_shard_size=shard))
     return out

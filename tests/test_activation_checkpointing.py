@@ -10,7 +10,8 @@ import torch
 from r3 import batch as B
 from r3.checkpoint import load
 
-KINDS = ("llama", "mistral", "qwen3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3", "gemma2")
+KINDS = ("llama", "mistral", "qwen3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3", "gemma2",
+         "gemma4")
 
 
 def _saved_bytes_and_grads(model, mbs, recompute: bool):

@@ -50,6 +50,9 @@ FAMILIES = {
                         ["</s>"]),
     "gemma3": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
     "gemma2": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
+    "gemma4": (["<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<|tool>", "<tool|>",
+                "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'], "<bos>", "<eos>",
+               ["<eos>", "<turn|>"]),
     "smollm3": (["<|im_start|>", "<|im_end|>", "<|end_of_text|>", "<think>", "</think>"], None, "<|im_end|>",
                 ["<|im_end|>"]),
     "olmo2": (["<|endoftext|>", "<|pad|>"], "<|endoftext|>", "<|endoftext|>", ["<|endoftext|>"]),
@@ -69,7 +72,7 @@ PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "olmo31": "<|im_end|>", "granite33": "<|end_of_text|>", "llama31": "<|eot_id|>",
                "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "mistral_small31": "</s>",
                "smollm2": "<|im_end|>",
-               "gemma3": "<end_of_turn>", "gemma2": "<end_of_turn>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
+               "gemma3": "<end_of_turn>", "gemma2": "<end_of_turn>", "gemma4": "<turn|>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
 # Text the template writes between the generation prompt and the assistant's message (the model
 # writes it itself: Mistral puts a space before the answer).
 LEAD = {"mistral_v03": " "}
@@ -153,6 +156,11 @@ def _template_text(tok, family: str, messages) -> str:
         parts = text.split(header)
         text = parts[0] + "".join(header + ("" if p.startswith("<think>") else "<think>\n\n</think>\n\n") + p
                                   for p in parts[1:])
+    if family == "gemma4":
+        # Gemma 4's leaves the empty thought channel of its generation prompt out of past model turns
+        header, empty = "<|turn>model\n", "<|channel>thought\n<channel|>"
+        parts = text.split(header)
+        text = parts[0] + "".join(header + ("" if p.startswith(empty) else empty) + p for p in parts[1:])
     if family == "deepseek_r1_distill":
         # Its generation prompt opens the reasoning block, which past assistant turns leave out.
         text = text.replace("<｜Assistant｜>", "<｜Assistant｜><think>\n").replace("<think>\n<think>\n", "<think>\n")
@@ -489,7 +497,7 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
 
 @pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
                                                    ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0),
-                                                   ("gemma2", "gemma2", 4.0),
+                                                   ("gemma2", "gemma2", 4.0), ("gemma4", "gemma4", 2.0),
                                                    ("smollm3", "smollm3", 9.0), ("olmo2", "olmo2", 4.0),
                                                    ("olmo31", "olmo3", 4.0), ("mistral_small31", "ministral3", 9.0),
                                                    ("granite33", "granite", 13.0)])
@@ -507,8 +515,10 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
     tok = tokenizers[family]
     eot = ChatFormat(tok).end_of_turn_id
     extra = {"original_max_position_embeddings": 1024} if kind == "phi3" else {}
-    if kind == "gemma2":  # (Gemma 2's own logit cap, 30: the tiny kind's 4 would cap the end-of-turn logit)
+    if kind in ("gemma2", "gemma4"):  # (Gemma 2's own logit cap, 30: the tiny kind's 4 would cap the end-of-turn logit)
         extra = {"final_logit_softcapping": 30.0}
+    if kind == "gemma4":  # (no per-layer inputs: they would feed the dimension that sets the end-of-turn logit)
+        extra["hidden_size_per_layer_input"] = 0
     build_tiny_chat_model(tmp_path, tok, eos_logit=eos_logit, kind=kind, eos=eot, **extra)
     gen = [tok.convert_tokens_to_ids(t) for t in FAMILIES[family][3]]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": gen}))
@@ -532,7 +542,7 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
         built = (chat.prompt(task.messages(ex)) + attempt + chat.user_turn(task.reflection_prompt, shut[0]) + refl
                  + chat.user_turn(task.retry_prompt, shut[1]) + retry)
         assert built == seq
-        if family in ("llama31", "gemma3", "gemma2"):
+        if family in ("llama31", "gemma3", "gemma2", "gemma4"):
             continue  # their templates trim message text; random tokens have edge whitespace
 
         def content(ids):
@@ -554,7 +564,7 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
             got, want = after.sub(r"\1", got), after.sub(r"\1", want)
         assert got == want
         compared += 1
-    assert compared > 0 or family in ("llama31", "gemma3", "gemma2")
+    assert compared > 0 or family in ("llama31", "gemma3", "gemma2", "gemma4")
     assert closed_turns > 0  # both the closed and the cut-off path are exercised
     assert closed_turns < 2 * len(ep.sequences)
 

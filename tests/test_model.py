@@ -14,7 +14,7 @@ from r3.checkpoint import load
 from r3.model import ModelConfig, Transformer, rope_inv_freq, rope_scale
 
 KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3",
-         "gemma2")
+         "gemma2", "gemma4")
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -121,12 +121,14 @@ def test_smollm3_config_fields_as_transformers_reads_them():
 
 @pytest.mark.parametrize("name,params", [("SmolLM3Config", 3_075_098_624), ("Olmo2Config", 6_888_624_128),
                                          ("Olmo3Config", 6_888_624_128), ("GraniteConfig", 6_738_415_616),
-                                         ("Gemma2Config", 2_614_341_888), ("Ministral3Config", 8_489_553_920)])
+                                         ("Gemma2Config", 2_614_341_888), ("Ministral3Config", 8_489_553_920),
+                                         ("Gemma4TextConfig", 5_077_177_856)])
 def test_default_shapes_build_transformers_parameter_names_and_count(name, params):
     """SmolLM3Config's defaults are SmolLM3-3B's shapes, Olmo2Config's, Olmo3Config's and GraniteConfig's 7B ones,
-    Gemma2Config's gemma-2-2b's and Ministral3Config's an 8B's:
-    r3 builds the same parameters as transformers, name for name (q/k/v and gate/up apart, as in a
-    checkpoint) and in number (on the meta device: nothing is allocated)."""
+    Gemma2Config's gemma-2-2b's, Ministral3Config's an 8B's and Gemma4TextConfig's a 5B with
+    per-layer inputs and 512-wide full-attention heads: r3 builds the same parameters as
+    transformers, name for name (q/k/v and gate/up apart, as in a checkpoint; Gemma 4's
+    layer_scalar buffers too) and in number (on the meta device: nothing is allocated)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -140,11 +142,15 @@ def test_default_shapes_build_transformers_parameter_names_and_count(name, param
     if cfg.tie_word_embeddings:
         theirs.pop("lm_head.weight")
     assert param_names_hf(cfg) == theirs
-    assert sum(math.prod(s) for s in theirs.values()) == sum(p.numel() for p in hf.parameters()) == params
+    counted = [s for k, s in theirs.items() if not k.endswith("layer_scalar")]  # (a buffer, not a parameter)
+    assert sum(math.prod(s) for s in counted) == sum(p.numel() for p in hf.parameters()) == params
     if name == "SmolLM3Config":
         assert cfg.nope_layers == list(range(3, 36, 4))
     if name == "Olmo3Config":
         assert cfg.layer_windows == [None if i % 4 == 3 else 4096 for i in range(32)]
+    if name == "Gemma4TextConfig":
+        assert cfg.layer_windows == [None if i % 6 == 5 else 512 for i in range(30)]
+        assert (cfg.global_head_dim, cfg.per_layer_input_size, cfg.rope_scaling["partial_rotary_factor"]) == (512, 256, 0.25)
     if name == "Gemma2Config":
         assert cfg.layer_windows == [None if i % 2 else 4096 for i in range(26)]
         assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.query_pre_attn_scalar) == (50.0, 30.0, 256)
@@ -561,8 +567,9 @@ def test_cache_writes_into_contiguous_and_strided_caches_alike(tiny_dirs):
     big = model.new_cache(3, 24)
     strided = KVCache([t[:, :, :16] for t in big.k], [t[:, :, :16] for t in big.v])
     assert all(t.is_contiguous() for t in flat.k) and not any(t.is_contiguous() for t in strided.k)
-    assert model._cache_writes(flat, torch.zeros(3, 1, dtype=torch.long))[0] is None
-    assert model._cache_writes(strided, torch.zeros(3, 1, dtype=torch.long))[0] is not None
+    n_kv = model.config.num_key_value_heads  # (where layers of that many kv heads write)
+    assert model._cache_writes(flat, torch.zeros(3, 1, dtype=torch.long))[n_kv][0] is None
+    assert model._cache_writes(strided, torch.zeros(3, 1, dtype=torch.long))[n_kv][0] is not None
     out = []
     with torch.no_grad():
         for cache in (flat, strided):
@@ -1907,3 +1914,179 @@ def test_a_gemma3_config_with_a_final_softcap_runs_as_transformers_runs_it(tmp_p
     with torch.no_grad():
         want = hf(tokens).logits
         assert want.abs().max() <= 4.0 and (model(tokens) - want).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Gemma 4
+# --------------------------------------------------------------------------------------------
+
+GEMMA4 = dict(model_type="gemma4_text", vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+              hidden_size_per_layer_input=4, vocab_size_per_layer_input=32)
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({}, id="defaults"),
+    pytest.param({"attention_k_eq_v": True, "num_global_key_value_heads": 1, "global_head_dim": 16}, id="k-eq-v"),
+    pytest.param({"attention_k_eq_v": False, "num_global_key_value_heads": 1}, id="global-kv-unread"),
+    pytest.param({"num_kv_shared_layers": 3, "use_double_wide_mlp": True,
+                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                                  "sliding_attention", "sliding_attention"]}, id="shared-last-made-full"),
+    pytest.param({"per_layer_config": {"5": {"head_dim": 12, "num_key_value_heads": 1}}, "global_head_dim": 64},
+                 id="per-layer-config"),
+    pytest.param({"hidden_size_per_layer_input": 0, "final_logit_softcapping": 30.0,
+                  "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                                      "full_attention": {"rope_type": "default", "rope_theta": 2e5}}},
+                 id="no-ple-default-rope"),
+    pytest.param({"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                      "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                                         "partial_rotary_factor": 0.5, "factor": 2.0}}},
+                 id="proportional-factor"),
+])
+def test_gemma4_configs_read_as_transformers_reads_them(fields):
+    """Gemma4TextConfig's fields as transformers 5 resolves them: every sixth layer full (the last
+    one always), the full layers' head size (global_head_dim, 512 by default, or per_layer_config)
+    and kv heads (num_global_key_value_heads only with attention_k_eq_v), the shared layers'
+    sources (kv_sharing_modes), per-layer inputs (256 dims by default), proportional RoPE's
+    frequencies per layer type, tied embeddings. The export reads back the same, in r3 and in
+    transformers."""
+    from transformers import Gemma4TextConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+
+    cfg = {**GEMMA4, **fields}
+    theirs = Gemma4TextConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    c = ModelConfig.from_hf(cfg)
+    n = theirs.num_hidden_layers
+    assert c.layer_windows == [4 if t == "sliding_attention" else None for t in theirs.layer_types]
+    assert [c.layer_head_dim(i) for i in range(n)] == [theirs.per_layer_config[i].head_dim for i in range(n)]
+    assert [c.layer_kv_heads(i) for i in range(n)] == [theirs.per_layer_config[i].num_key_value_heads for i in range(n)]
+    modes = theirs.kv_sharing_modes
+    assert [c.kv_source(i) != i for i in range(n)] == [m == "reuse" for m in modes]
+    for i in range(n):  # (a shared layer reads the last "store" layer of its type)
+        if modes[i] == "reuse":
+            j = c.kv_source(i)
+            assert modes[j] == "store" and theirs.layer_types[j] == theirs.layer_types[i]
+    assert (c.per_layer_input_size, c.final_logit_softcapping, c.tie_word_embeddings, c.query_pre_attn_scalar) == (
+        theirs.hidden_size_per_layer_input or 0, theirs.final_logit_softcapping, True, 1.0)
+    for local, kind in ((False, "full_attention"), (True, "sliding_attention")):
+        rope_type = theirs.rope_parameters[kind]["rope_type"]
+        fn = (Gemma4TextRotaryEmbedding.compute_default_rope_parameters if rope_type == "default"
+              else ROPE_INIT_FUNCTIONS[rope_type])
+        want = fn(theirs.per_layer_config[kind], None, layer_type=kind)[0]
+        assert torch.equal(rope_inv_freq(c, local=local), want), kind
+    assert ModelConfig.from_hf(c.to_hf()) == c
+    back = Gemma4TextConfig(**{k: v for k, v in c.to_hf().items() if k not in ("architectures", "model_type")})
+    assert back.layer_types == theirs.layer_types and back.rope_parameters == theirs.rope_parameters
+    assert [(back.per_layer_config[i].head_dim, back.per_layer_config[i].num_key_value_heads) for i in range(n)] == [
+        (theirs.per_layer_config[i].head_dim, theirs.per_layer_config[i].num_key_value_heads) for i in range(n)]
+    assert back.kv_sharing_modes == modes
+
+
+def test_gemma4_parts_are_really_used_and_bf16_logits_equal_transformers(tiny_dirs):
+    """The tiny Gemma 4 (see conftest) holds what it claims, and each part changes the logits:
+    the layer scalars, the per-layer inputs, proportional RoPE (not the default one) on the full
+    layers, the shared layers reading their sources' keys and values (not their own layer's
+    input again), the full layers' keys as values. In bf16 the logits equal transformers' bit for
+    bit."""
+    from transformers import AutoModelForCausalLM
+
+    path, hf = tiny_dirs["gemma4"]
+    model, _ = load(path, tokenizer=False)
+    c = model.config
+    assert (c.global_head_dim, c.global_kv_heads, c.attention_k_eq_v, c.kv_shared_layers, c.double_wide_mlp,
+            c.per_layer_input_size) == (32, 1, True, 2, True, 8)
+    assert [c.kv_source(i) for i in range(5)] == [0, 1, 2, 2, 1] and c.cache_layers() == [0, 1, 2]
+    assert model.layers[4].mlp.down_proj.weight.shape == (48, 192) and model.layers[1].self_attn.qkv_proj.weight.shape == (
+        4 * 32 + 32, 48)
+    assert not any(torch.equal(layer.layer_scalar, torch.ones(1)) for layer in model.layers)
+    tokens = _tokens(256, 2, 40)
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert (model(tokens) - want).abs().max().item() <= 1e-5
+
+        def far(other):
+            return (other(tokens) - want).abs().max().item() > 1e-2
+
+        for change in ({"rope_scaling": None}, {"final_logit_softcapping": None}):
+            other = Transformer(ModelConfig(**{**c.__dict__, **change})).eval()
+            other.load_state_dict(model.state_dict())
+            assert far(other), change
+        other = Transformer(c).eval()
+        other.load_state_dict(model.state_dict())
+        for layer in other.layers:
+            layer.layer_scalar.fill_(1.0)
+        assert far(other)
+        other.load_state_dict(model.state_dict())
+        other._per_layer_inputs = lambda tokens, x: torch.zeros(*tokens.shape, 5, 8)
+        assert far(other)
+        theirs = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+        ours, _ = load(path, dtype=torch.bfloat16, tokenizer=False)
+        assert torch.equal(ours(tokens), theirs(tokens).logits.float())
+
+
+def test_gemma4_export_and_the_vision_language_checkpoint_load_as_transformers_does(tiny_dirs, tmp_path):
+    """A Gemma 4 checkpoint as published (Gemma4ForConditionalGeneration: the language model under
+    model.language_model., vision and audio towers beside it, and keys and values for the shared
+    layers, which transformers leaves unread) loads as the text model it holds; its export is a
+    Gemma4ForCausalLM that transformers loads with the same logits."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from r3.checkpoint import save_hf
+
+    path, hf = tiny_dirs["gemma4"]
+    text = json.loads((path / "config.json").read_text())
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    (wrapped / "config.json").write_text(json.dumps({
+        "model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"], "text_config": text,
+        "vision_config": {"model_type": "gemma4_vision"}, "tie_word_embeddings": True}))
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.language_model.{k.removeprefix('model.')}": v.contiguous()
+               for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    tensors.update({"model.vision_tower.patch_embedder.weight": torch.randn(4, 8, generator=g),
+                    "model.audio_tower.conv.weight": torch.randn(4, 8, generator=g),
+                    "model.embed_vision.embedding_projection.weight": torch.randn(4, 8, generator=g)})
+    for i in (3, 4):  # (the published checkpoints' keys and values of the shared layers)
+        d = 16 if i == 3 else 32
+        for name, shape in (("k_proj.weight", (d * (2 if i == 3 else 1), 48)), ("v_proj.weight", (d * 2, 48)),
+                            ("k_norm.weight", (d,))):
+            tensors[f"model.language_model.layers.{i}.self_attn.{name}"] = torch.randn(shape, generator=g)
+    save_file(tensors, str(wrapped / "model.safetensors"))
+    model, _ = load(wrapped, tokenizer=False)
+    tokens = _tokens(256, 2, 40)
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert (model(tokens) - want).abs().max().item() <= 1e-5
+        out = save_hf(model, None, tmp_path / "export")
+        back = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        assert type(back).__name__ == "Gemma4ForCausalLM"
+        assert (back(tokens).logits - want).abs().max().item() <= 1e-5
+    assert set(back.state_dict()) == set(hf.state_dict())
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"enable_moe_block": True}, "field 'enable_moe_block' true: Gemma 4's mixture-of-experts"),
+    ({"use_bidirectional_attention": "all"}, "field 'use_bidirectional_attention' 'all' is not supported"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "field 'rope_scaling' of a Gemma 4 config"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}, "sliding_attention": {}}},
+     "unsupported rope scaling type 'yarn' for Gemma 4's full-attention layers"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "partial_rotary_factor": 0.5},
+                          "sliding_attention": {}}}, "partial_rotary_factor' with rope_type default"),
+    ({"attn_logit_softcapping": 50.0}, "of a Gemma 4 config: transformers 5's Gemma 4 attention leaves it unread"),
+    ({"num_kv_shared_layers": 6}, "field 'num_kv_shared_layers' must be an integer from 0 to 5, got 6"),
+    ({"num_kv_shared_layers": 1}, "has no earlier layer of its kind"),
+    ({"per_layer_config": {"5": {"head_dim": 12}, "0": {"head_dim": 12}}}, "gives layers of one kind different shapes"),
+    ({"per_layer_config": {"5": {"sliding_window": 12}}}, "field 'per_layer_config' entry '5'"),
+    ({"global_head_dim": 15}, "global_head_dim 15 is odd"),
+    ({"attention_k_eq_v": True, "num_global_key_value_heads": 3}, "not a multiple of the full-attention layers' 3"),
+])
+def test_gemma4_configs_r3_cannot_run_are_refused_in_one_line(change, match):
+    from r3.errors import R3Error
+
+    cfg = {**GEMMA4, "layer_types": ["sliding_attention"] * 5 + ["full_attention"], **change}
+    with pytest.raises(R3Error, match=re.escape(match)):
+        ModelConfig.from_hf(cfg)

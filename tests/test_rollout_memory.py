@@ -23,6 +23,18 @@ def test_kv_cache_bytes_by_hand_and_as_the_cache_allocates():
     assert M.kv_cache_bytes(smol, 1, 1, 2) == 23040
 
 
+def test_kv_cache_bytes_of_a_gemma4_with_shared_layers_and_wider_full_heads():
+    """Gemma 4's cache: the sliding layers' kv heads, the full layers' own (wider, fewer), none
+    for the layers that read an earlier layer's."""
+    from conftest import tiny_hf_config
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("gemma4").to_dict())  # layers: sliding, full, sliding, shared x 2
+    # 2 (k, v) x (2 sliding layers x 2 kv heads x 16 + 1 full layer x 1 kv head x 32) x 5 x 7 x 2 bytes
+    assert M.kv_cache_bytes(cfg, rows=5, positions=7, element_size=2) == 2 * (2 * 2 * 16 + 32) * 5 * 7 * 2 == 13440
+    cache = KVCache.empty(cfg, batch_size=5, max_len=7, dtype=torch.bfloat16, device="cpu")
+    assert len(cache.k) == 3 and cache.nbytes() == 13440
+
+
 def test_rollout_rows_are_the_first_attempts_or_the_reflections_whichever_is_more():
     assert M.rollout_rows(8, 8, 1, 2.0) == 64  # 16 first attempts, then 8 failures x G = 8
     assert M.rollout_rows(8, 2, 1, 4.0) == 32  # 32 first attempts, then 8 x 2

@@ -28,7 +28,7 @@ from r3.sampler import (Session, SamplingError, StopStrings, _mul32, _top_p_cand
                         RANDOM_STREAMS, row_keys, row_uniforms, uniform_table)
 
 KINDS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite", "ministral3",
-         "gemma2")
+         "gemma2", "gemma4")
 ROOT = Path(__file__).resolve().parents[1]
 
 

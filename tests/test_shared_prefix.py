@@ -67,7 +67,7 @@ def compare(model, reference, seqs, spans, adv, agg, *, micro_packed: int, rtol:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3", "smollm3", "olmo2", "olmo3", "granite",
-                                  "ministral3", "gemma2"])
+                                  "ministral3", "gemma2", "gemma4"])
 @pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
 def test_shared_prefix_equals_per_row_fp32(tiny_dirs, kind, agg):
     path, _ = tiny_dirs[kind]
@@ -77,9 +77,11 @@ def test_shared_prefix_equals_per_row_fp32(tiny_dirs, kind, agg):
         for p in reference.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     seqs, spans, adv = groups(model.config.vocab_size)
+    # (Gemma 4's tiny model is five layers deep, the others two: its first layer's gradients differ
+    # by up to 1.2e-5 of their largest entry; with fp64 weights every family's differ by about 1e-7)
+    rtol = 3e-5 if kind == "gemma4" else 1e-5
     for micro in (12, 5, 1):  # whole groups, groups split over micro-batches, one row each
-        compare(model, reference, seqs, spans, adv, agg, micro_packed=micro,
-                                  rtol=1e-5, atol=1e-6)
+        compare(model, reference, seqs, spans, adv, agg, micro_packed=micro, rtol=rtol, atol=1e-6)
     one = B.make_micro_batches(seqs, spans, adv, 12, 0, "cpu", shared_prefix=True)[0].packed
     assert one.tokens.shape == (3, 17 + 7 + 5 + 8 + 6)  # a row per group: its prefix once, then its spans
 

@@ -2339,15 +2339,23 @@ def test_a_resumed_dtype_falls_back_to_auto_on_a_config_that_is_not_an_object(tm
         assert capsys.readouterr().out == ("warning: emulated bf16\n" if rank == 0 else ""), rank
 
 
-def test_build_models_keeps_fp32_master_weights_and_a_tied_rollout_copy_in_the_compute_dtype(tiny_model):
+@pytest.mark.parametrize("kind", ["llama", "gemma4"])
+def test_build_models_keeps_fp32_master_weights_and_a_tied_rollout_copy_in_the_compute_dtype(tiny_model, builtin,
+                                                                                           tmp_path, kind):
     """In bf16 the policy's (sharded) master weights stay fp32, the frozen reference and the plain
     rollout copy are bf16; the copy's head is tied to its embeddings, so after a sync every tensor
-    is the policy's; the activation-checkpointing setting reaches the policy."""
+    is the policy's (Gemma 4's layer-scalar buffers too, which the empty copy held no value of);
+    the activation-checkpointing setting reaches the policy."""
     from torch.distributed.tensor import DTensor
 
+    from conftest import make_tiny_hf
     from r3 import train as T
     from r3.config import TrainConfig
 
+    if kind == "gemma4":
+        tiny_model = tmp_path / "gemma4"
+        make_tiny_hf(tiny_model, "gemma4", vocab_size=49152, vocab_size_per_layer_input=49152)
+        builtin[1].save_pretrained(str(tiny_model))
     d = T.init_distributed()
     cfg = TrainConfig(model=str(tiny_model), dtype="bf16", activation_checkpointing=True).validate()
     policy, reference, rollout, _ = T.build_models(cfg, d)
@@ -2356,10 +2364,12 @@ def test_build_models_keeps_fp32_master_weights_and_a_tied_rollout_copy_in_the_c
     assert all(not isinstance(p, DTensor) and p.dtype == torch.bfloat16 for p in rollout.parameters())
     assert policy.activation_checkpointing and not reference.activation_checkpointing
     T.sync_rollout_weights(policy, rollout)
-    full = {k: v.full_tensor() for k, v in policy.state_dict().items()}
+    full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in policy.state_dict().items()}
     got = rollout.state_dict()
     assert got.keys() == full.keys() and "lm_head.weight" in got
     assert all(torch.equal(got[k], full[k].to(torch.bfloat16)) for k in got)
+    if kind == "gemma4":
+        assert not torch.equal(got["layers.0.layer_scalar"], torch.ones(1, dtype=torch.bfloat16))
 
 
 def test_the_fingerprint_of_the_training_examples_is_stable_and_separates_items():
