@@ -2569,6 +2569,90 @@ def test_countdown_latex_operators_and_thematic_breaks_larger_models_write(tags,
     assert recheck(task, ex, completion)[0] is expected
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # any LaTeX command that is no operator or denial word, between a denial, supposition or
+    # operation and the equation, is read past as a blank (it stopped the reading: paid)
+    pytest.param(False, "Wrong: $\\mathbf 25 \\times 4 - 3 = 97$", False, id="wrong-mathbf"),
+    pytest.param(True, "Wrong: $\\mathbf <answer>25 * 4 - 3 = 97</answer>$", False, id="tags-wrong-mathbf"),
+    pytest.param(False, "Wrong: $\\large 25 \\times 4 - 3 = 97$", False, id="wrong-large"),
+    pytest.param(True, "Wrong: \\large <answer>25 * 4 - 3</answer>", False, id="tags-wrong-large"),
+    pytest.param(False, "Wrong: $\\therefore 25 \\times 4 - 3 = 97$", False, id="wrong-therefore"),
+    pytest.param(True, "Wrong: $\\therefore <answer>25 * 4 - 3 = 97</answer>$", False, id="tags-wrong-therefore"),
+    pytest.param(False, "Wrong: $\\bf 25 \\times 4 - 3 = 97$", False, id="wrong-bf"),
+    pytest.param(False, "Wrong: $\\Large \\mathrm 25 \\times 4 - 3 = 97$", False, id="wrong-two-commands"),
+    pytest.param(False, "Incorrect: \\Rightarrow 25 * 4 - 3 = 97", False, id="incorrect-rightarrow"),
+    pytest.param(False, "This is not right \\implies 25 * 4 - 3 = 97", False, id="not-right-implies"),
+    pytest.param(True, "This is not right \\implies <answer>25 * 4 - 3</answer>", False, id="tags-not-implies"),
+    pytest.param(False, "Not \\because 25 * 4 - 3 = 97", False, id="not-because"),
+    pytest.param(False, "If \\mathbf \\Large 25 * 4 - 3 = 97", False, id="if-two-commands"),
+    pytest.param(False, "2 * \\mathbf 25 * 4 - 3 = 97", False, id="times-mathbf"),
+    pytest.param(True, "2 * \\boldsymbol <answer>25 * 4 - 3</answer>", False, id="tags-times-boldsymbol"),
+    pytest.param(False, "Wrong: \\bf \\boxed{25 \\times 4 - 3 = 97}", False, id="wrong-bf-boxed"),
+    # ... in a label, past a label's colon, ending the line before (a heading or an operator)
+    pytest.param(False, "Wrong \\bf answer: 25 * 4 - 3 = 97", False, id="label-word-bf"),
+    pytest.param(False, "Wrong: \\bf Answer: 25 * 4 - 3 = 97", False, id="chained-label-bf"),
+    pytest.param(True, "Wrong: \\bf Answer: <answer>25 * 4 - 3</answer>", False, id="tags-chained-label-bf"),
+    pytest.param(False, "Wrong: \\bf\n25 * 4 - 3 = 97", False, id="heading-bf-line-before"),
+    pytest.param(False, "2 * \\bf\n25 * 4 - 3 = 97", False, id="operator-bf-line-before"),
+    pytest.param(True, "2 *\n\\mathbf <answer>25 * 4 - 3</answer>", False, id="tags-operator-line-before-mathbf"),
+    # ... and an operator or denial command is still read as its word, past the others
+    pytest.param(False, "\\sqrt \\mathbf 25 * 4 - 3 = 97", False, id="sqrt-past-mathbf"),
+    # ... in the four words before it, which read on past commands and TeX's "$" (no words)
+    pytest.param(False, "Not \\mathbf so 25 * 4 - 3 = 97", False, id="not-mathbf-word"),
+    pytest.param(False, "If $\\huge so 25 \\times 4 - 3 = 97$", False, id="if-dollar-huge-word"),
+    pytest.param(True, "sqrt $\\noindent thus <answer>25 * 4 - 3</answer>$", False, id="tags-sqrt-dollar-word"),
+    # ... and LaTeX's \not ending the line before draws its solidus over the equation
+    pytest.param(False, "**Incorrect:** \\not\n25 * 4 - 3 = 97", False, id="not-ending-line-before"),
+    pytest.param(True, "2 * \\not\n<answer>25 * 4 - 3</answer>", False, id="tags-not-ending-line-before"),
+    pytest.param(False, "$\\neg$ $\\mathbf 25 \\times 4 - 3 = 97$", False, id="neg-past-mathbf"),
+    # a one-letter function (or variable) before the parenthesis that opens it: an argument
+    pytest.param(False, "f (25 * 4 - 3) = 97", False, id="function-f-spaced"),
+    pytest.param(False, "So f (25 * 4 - 3) = 97", False, id="function-f-after-prose"),
+    pytest.param(False, "$f \\left( 25 \\times 4 - 3 \\right) = 97$", False, id="function-f-left"),
+    pytest.param(False, "g $(25 \\times 4 - 3) = 97$", False, id="function-g-dollar"),
+    pytest.param(False, "f \\boxed{(25 \\times 4 - 3)}", False, id="function-f-boxed"),
+    pytest.param(True, "f <answer>(25 * 4 - 3)</answer>", False, id="tags-function-f"),
+    # a tag question ending its sentence, at any distance, a "?" after an ellipsis, and ", right?"
+    # opening the line after a display block
+    pytest.param(False, "25 * 4 - 3 = 97 is my final answer, right?", False, id="tag-question-far"),
+    pytest.param(True, "<answer>25 * 4 - 3 = 97</answer> is what I get in the end, correct?", False,
+                 id="tags-tag-question-far"),
+    pytest.param(False, "25 * 4 - 3 = 97 (using all three numbers), is that right?", False, id="tag-question-parens"),
+    pytest.param(False, "25 * 4 - 3 = 97, right...?", False, id="ellipsis-question"),
+    pytest.param(False, "25 * 4 - 3 = 97... right?", False, id="ellipsis-pause-question"),
+    pytest.param(True, "<answer>25 * 4 - 3 = 97</answer> is what I get... right?", False, id="tags-ellipsis-tag-question"),
+    pytest.param(False, "25 * 4 - 3 = 97!?", False, id="interrobang-marks"),
+    pytest.param(False, "$$\n25 \\times 4 - 3 = 97\n$$\n, right?", False, id="comma-line-after-display"),
+    pytest.param(True, "$$\n<answer>25 * 4 - 3 = 97</answer>\n$$\n, right?", False, id="tags-comma-line-after-display"),
+    # ... while these stay right: a command with no denial, a one-letter word, a question that
+    # is no tag or in a later sentence, an ellipsis that ends the sentence
+    pytest.param(False, "$\\therefore 25 \\times 4 - 3 = 97$", True, id="therefore-right"),
+    pytest.param(False, "We get \\Rightarrow 25 * 4 - 3 = 97", True, id="rightarrow-right"),
+    pytest.param(True, "Answer: \\bf <answer>25 * 4 - 3</answer>", True, id="tags-bf-right"),
+    pytest.param(False, "Wrong before. \\mathbf 25 * 4 - 3 = 97", True, id="denial-earlier-sentence-mathbf"),
+    pytest.param(False, "(a) 25 * 4 - 3 = 97", True, id="item-a"),
+    pytest.param(False, "So (25 * 4 - 3) = 97", True, id="prose-before-parenthesis"),
+    pytest.param(False, "It's (25 * 4 - 3) = 97", True, id="possessive-s-before-parenthesis"),
+    pytest.param(False, "25 * 4 - 3 = 97, which uses all of the given numbers once?", True, id="question-no-tag"),
+    pytest.param(False, "25 * 4 - 3 = 97. Right? Yes.", True, id="question-later-sentence"),
+    pytest.param(False, "25 * 4 - 3 = 97... and that is it.", True, id="ellipsis-statement"),
+    pytest.param(False, "So, the answer is 25 * 4 - 3 = 97.", True, id="comma-before"),
+])
+def test_countdown_latex_commands_functions_and_tag_questions(tags, completion, expected):
+    """A review of the LaTeX reading found both implementations paying what they refuse without the
+    markup: a denial, supposition or operation before a LaTeX command other than the spaces and
+    style switches read as blanks (``Wrong: $\\mathbf 25 \\times 4 - 3 = 97$``, ``\\large``,
+    ``\\therefore``, ``\\implies``: the word windows stopped at the backslash); a one-letter function
+    applied to the equation with a blank before its parenthesis (``f (25 * 4 - 3) = 97``, refused
+    glued); and a question ending its sentence as a tag more than four words on (``... is my final
+    answer, right?``), after an ellipsis (``right...?``) or on the line after a display block
+    (``$$`` then ``, right?``)."""
+    task = CD if tags else STANDARD_PLAIN
+    ex = {"nums": [25, 4, 3], "target": 97}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------
@@ -3130,7 +3214,17 @@ _COUNTDOWN_SHAPES = {
     "list-numbers": lambda n: "1. " * n + "5 + 23 = 28",
     "restatements": lambda n: "5 + 23 = 28\n" + "Result = 28\n" * n,
     "restatements-glued": lambda n: "5 + 23 = 28 " + "a 28 = 28" * n,
+    "latex-commands": lambda n: "Wrong: " + "\\bf " * n + "5 + 23 = 28",
+    "latex-commands-glued": lambda n: "Wrong: $" + "\\bf" * n + " 5 + 23 = 28",
+    "latex-long-command": lambda n: "\\" + "b" * n + " 5 + 23 = 28",
+    "latex-label-words": lambda n: "Wrong " + "\\bf a: " * n + "5 + 23 = 28",
+    "latex-line-ends": lambda n: "2 * \\bf\n" * n + "5 + 23 = 28",
+    "one-letter-words": lambda n: "f " * n + "(5 + 23) = 28",
+    "tag-commas": lambda n: "5 + 23 = 28" + " is, it" * n + "?",
+    "ellipsis": lambda n: "5 + 23 = 28, right" + "." * n + "?",
+    "comma-lines": lambda n: "5 + 23 = 28" + "\n," * n + " right?",
 }
+
 
 
 @pytest.mark.parametrize("shape", sorted(_COUNTDOWN_SHAPES))

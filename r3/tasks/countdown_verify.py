@@ -31,7 +31,11 @@ command, ``\\cdots``, is none of them; ``\\frac`` stays another operation; insid
 with tags they are markup, no answer), LaTeX's spaces and style switches, which show nothing
 (``\\, \\: \\; \\! \\quad \\qquad \\enspace \\thinspace \\displaystyle \\textstyle`` ...), as a space
 (``$\\text{wrong} \\; 25 \\times 4 - 3 = 97$`` and ``Wrong: $\\displaystyle 25 \\times 4 - 3 = 97$`` are
-denied), a Markdown thematic break (a line of three or more of one of
+denied), and any other LaTeX command (a backslash and letters) is read past, as a blank, by every
+reading of the words, labels and signs before the equation, unless its name is an operator,
+negation or supposition word (``\\sqrt``, ``\\log``, ``\\neg``, ``\\not``), which reads as that word
+(``Wrong: $\\mathbf 25 \\times 4 - 3 = 97$``, ``Not \\therefore ...``, ``2 * \\large ...``, ``Wrong \\bf
+answer: ...`` are refused; ``\\not`` ending the line before draws its solidus over the equation), a Markdown thematic break (a line of three or more of one of
 ``- * _``, blanks between: ``---``, ``* * *``) reads as an empty line, but dashes alone right under
 a line of text underline it, a Markdown (setext) heading, which reads as one (``This answer is
 definitely wrong`` then ``---``: ``# This answer is definitely wrong``), and a CRLF is one line
@@ -51,8 +55,9 @@ when
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, LaTeX's ``neg`` (``\\neg (5 + 23 = 28)``), ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
-  among the four words before or after it (apart by spaces, quotes, parentheses or Markdown
-  emphasis: ``(wrong) 5 + 23 = 28``; before it also past quotes of any script, ``$``, bullets
+  among the four words before or after it (apart by spaces, quotes, parentheses, TeX's ``$``, LaTeX
+  commands, which are no words of the four, or Markdown emphasis: ``(wrong) 5 + 23 = 28``, ``If
+  $\\huge so 5 + 23 = 28$``; before it also past quotes of any script, ``$``, bullets
   and other symbols that wrap or mark it: ``Wrong: $5 + 23 = 28$``, past a code fence or ``$$``
   that ends the line before, opening the block that holds it (``If`` and a fence, the equation on
   the next line), and then past a bullet, or a dash or star between blanks, that stands there:
@@ -80,10 +85,17 @@ when
   ``＊ ／ ％ ＾ ﹡ ⁎ ‰``), superscript or non-ASCII digit (``² ½ ٣``), a dash before
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
   sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
-  (``* two``, ``/'2'``, ``n *``); a cross mark (``❌ ✗ ✘ ✖ ☒ 🚫 👎``, :data:`DENIAL_MARKS`) before or after
+  (``* two``, ``/'2'``, ``n *``), a one-letter variable (not ``a``, ``A`` or ``I``) before it
+  that opens with a parenthesis, blanks and wrapping symbols apart (``f (5 + 23) = 28``, ``g
+  $(5 + 23)$``, ``f <answer>(5 + 23)</answer>``: a function applied, or a product; glued,
+  ``f(5 + 23)``, it is a letter glued to it); a cross mark (``❌ ✗ ✘ ✖ ☒ 🚫 👎``, :data:`DENIAL_MARKS`) before or after
   it; a ``?`` (or another form of it: ``？ ❓ ⁇ ‽``) after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
   28?``, ``5 + 23 = 28, right?``, counted from a result written in words: ``5 + 23 gives us 28, is it?``; a code fence, ``$$`` or ``\\]`` closing its block on the next
-  line goes on with its sentence: the fence, then ``, right?``); a dash with a one-letter variable
+  line goes on with its sentence: the fence, then ``, right?``, as does a line that opens with a
+  comma; the last of a run of marks ends a sentence, ``!?`` and ``...?`` ask, and an ellipsis,
+  ``...`` or ``\u2026``, is a pause that ends none), or a tag question ending its sentence at any
+  distance: a ``?`` up to three words after a comma, semicolon, dash or ellipsis (``5 + 23 = 28 is
+  my final answer, right?``); a dash with a one-letter variable
   past it (``n - <answer>``;
   ``a`` and ``I`` are words);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``), as does a ``.``
@@ -539,15 +551,29 @@ def _token(text: str, i: int, step: int) -> tuple[str | None, str, int]:
 
 def _words_problem(text: str, start: int, end: int) -> str | None:
     """An operator word or negation among the four words on each side of ``text[start:end]``, or
-    ``of``, ``by``, ``to``, ``from`` or ``for`` right after a number just before it (``add 3 to 26 + 24``)."""
+    ``of``, ``by``, ``to``, ``from`` or ``for`` right after a number just before it (``add 3 to 26 + 24``).
+    A LaTeX command's name is read as a word (``\\sqrt``, ``\\neg``) but is none of the four: the
+    window reads on past it (``Not \\mathbf so 5 + 23 = 28``), as past TeX's ``$``."""
     for pos, step in ((start - 1, -1), (end, +1)):
         words, tokens, i = [], 0, pos
+        command = False  # (reading forward: the next word is a LaTeX command's name)
         while len(words) < 4 and tokens < 8:
             at = i
             kind, value, i = _token(text, i, step)
             tokens += 1
-            if kind is None and 0 <= i < len(text) and text[i] in _WORD_PARENS:
-                i += step  # a parenthesis around words: "(wrong) <answer>...", "If (hypothetically) 5 + 23"
+            if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] == "$"):
+                # a parenthesis around words ("(wrong) <answer>...", "If (hypothetically) 5 + 23") or TeX's
+                # "$", which shows nothing ("If $\\huge so 5 + 23 = 28$")
+                i += step
+                continue
+            if kind is None and 0 <= i < len(text) and text[i] == "\\" and _ASCII_LETTER.match(text, i + 1):
+                # a LaTeX command: its name, read (backwards) or to read (forwards), is no word of the window
+                if step < 0 and words:
+                    words.pop()
+                    tokens -= 2
+                elif step > 0:
+                    command, tokens = True, tokens - 1
+                i += step
                 continue
             if kind == "skip":
                 continue
@@ -567,6 +593,9 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
                 return f"the equation is denied ({value!r} next to it)"
             if step < 0 and value in HYPOTHETICALS:
                 return f"the equation is a supposition ({value!r} before it)"
+            if command:
+                command, tokens = False, tokens - 1
+                continue
             words.append(value)
     return None
 
@@ -633,6 +662,7 @@ def _other_alphabet(c: str) -> bool:
 
 
 _ASCII_LETTERS = re.compile(r"[A-Za-z]+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
 
 
 def _glued_denial(raw: str, at: int) -> bool:
@@ -674,12 +704,16 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
     plain: list[tuple[str, str]] = []  # (the same, emphasis and quotes left out: a subject's words)
     cue_sentence = False  # one of SENTENCE_CUES came earlier in the current sentence and line
     own_sentence = True  # still in the final equation's sentence and line, within four words of it
+    eq_sentence = True  # still in the final equation's sentence and line, at any distance
+    tag_words = -1  # words since the last clause mark (, ; or a dash) in that sentence; -1: none yet
     words_after = -linked  # (the words linking a result written in words: "5 + 23 gives us 28, is it?")
     gap_from, unit_until = end, -1
     for m in _REST_TOKEN.finditer(text, end):
         tok = m.group()
-        if any(c in _LINE_BREAKS for c in text[gap_from:m.start()]) and not text.startswith(_FENCES, m.start()):
-            cue_sentence = own_sentence = False  # (a code fence or "$$" closing its block goes on with it)
+        if (any(c in _LINE_BREAKS for c in text[gap_from:m.start()]) and not text.startswith(_FENCES, m.start())
+                and tok != ","):
+            # (a code fence or "$$" closing its block goes on with it, as does a comma opening the line)
+            cue_sentence = own_sentence = eq_sentence = False
         gap_from = m.end()
         if tok[0] in "0123456789":
             kind = "number"
@@ -707,6 +741,7 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
         elif tok[0].isascii() and tok[0].isalpha():
             kind, tok = "word", tok.lower().replace("\u2019", "'")
             words_after += 1
+            tag_words += tag_words >= 0
             own_sentence = own_sentence and words_after <= 4
             if (tok in NEGATIONS and not _prefix_non(tok, text, m.end())) or tok in AFTER_DENIALS \
                     or (tok in _TAKEN_BACK and prev[-1:] and prev[-1][0] == "word" and prev[-1][1] in _TAKE_BACK) \
@@ -738,6 +773,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
             return f"a denial after the final equation ({tok!r})"
         elif tok == "?" and own_sentence:
             return "the equation is a question (a '?' within four words after it)"
+        elif tok == "?" and eq_sentence and 0 < tag_words <= 3:
+            return "the equation is a question (a tag question ends its sentence: ', right?')"
         elif tok == "?" and _doubt(prev):
             return "a denial after the final equation ('Or is it?')"
         else:
@@ -758,8 +795,13 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
             if subject is not None and subject != str(target):
                 return f"a later answer ({subject}) is not the target {target}"
             cue_sentence = True
-        elif tok in ".!?":
-            cue_sentence = own_sentence = False
+        elif tok in ".!?" and not (tok != "?" and text[m.end(): m.end() + 1] in (".", "!", "?")) \
+                and not (tok == "." and text[m.start() - 1: m.start()] == "."):
+            # (the last mark of a run ends it, "!?" and "...?" ask; an ellipsis, "...", is a pause, as "\u2026")
+            cue_sentence = own_sentence = eq_sentence = False
+        if eq_sentence and (tok in TAG_MARKS or (tok == "." and "." in (text[m.start() - 1: m.start()],
+                                                                           text[m.end(): m.end() + 1]))):
+            tag_words = 0  # (an ellipsis too: "... is what I get... right?")
         if tok not in _DECORATION and tok not in _QUOTES and tok != "$":  # (also " * ", and TeX's $)
             plain.append((kind, tok))
             if len(plain) > 8:
@@ -774,6 +816,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
     return None
 
 
+#: Marks after which up to three words and a ``?`` ending the final equation's sentence are a tag
+#: question, at any distance from it (``25 * 4 - 3 = 97 is my final answer, right?``); an ellipsis
+#: (``...``) is one too.
+TAG_MARKS = frozenset(",;\u2013\u2014\u2026")
 #: Operator words that apply a number word right after them to what came before (``Then times
 #: two.``, ``minus five``, ``less five``); ``divided`` and ``multiplied`` with ``by`` between
 #: (``divided by two``).
@@ -871,6 +917,8 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     if ch.isspace():  # a line break: the equation's line ends here
         return None
     if _is_letter(ch):
+        if not glued and not after and _applied_variable(text, pos, "("):
+            return f"a function or variable applied to the equation ({ch!r} before its parenthesis)"
         return f"letters glued to the equation ({ch!r})" if glued else None
     if ch.isdigit() or ch.isnumeric():
         return f"a number sign the task does not allow next to the equation ({ch!r})"
@@ -902,6 +950,21 @@ def _neighbour_problem(text: str, pos: int, glued: bool, after: bool, written: b
     if cat == "Pd" and _variable_beyond(text, pos, 1 if after else -1):
         return f"an operation on the equation ({ch!r} and a variable past it)"
     return None
+
+
+def _applied_variable(text: str, pos: int, opening: str) -> bool:
+    """Whether the letter at ``pos`` is a one-letter variable (an ASCII letter alone, not the words
+    ``a``, ``A``, ``I``) and what follows it, blanks and wrapper symbols apart, starts with
+    ``opening``: ``f (25 * 4 - 3) = 97`` applies a function ``f`` (or multiplies by ``f``), as
+    ``f(25 * 4 - 3)`` does; the expression is an argument, not the answer."""
+    ch = text[pos]
+    if not (ch.isascii() and ch.isalpha()) or ch in "aAI" or (pos > 0 and (text[pos - 1].isalnum()
+                                                                          or text[pos - 1] in "_'\u2019\\")):
+        return False
+    i = pos + 1
+    while i < len(text) and (text[i] in _SPACE or _wrapper(text[i])):
+        i += 1
+    return text.startswith(opening, i)
 
 
 def _bullet(text: str, pos: int) -> bool:
@@ -1048,8 +1111,13 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
         i -= 1
     if i >= 0 and text[i] != "\n":
         return None  # the equation does not start its line
-    while i >= 0 and text[i].isspace():
-        i -= 1
+    while i >= 0:
+        if text[i].isspace():
+            i -= 1
+        elif _latex_command_back(text, i) >= 0:  # (a LaTeX command ending it: "2 * \\bf")
+            i = _latex_command_back(text, i) - 1
+        else:
+            break
     if i < 0:
         return None
     ch = text[i]
@@ -1065,9 +1133,12 @@ def _continues_from_previous_line(text: str, start: int) -> str | None:
         ch = text[i]
         if ch in "+-*/=(" or unicodedata.category(ch) == "Sm" or ch in _OPERATOR_SYMBOLS:
             return f"the equation continues the line before, which ends in {ch!r} inside a span"
-    kind, value, _ = _token(text, i, -1)
+    kind, value, j = _token(text, i, -1)
     if kind == "word" and value in OPERATOR_WORDS:
         return f"the equation continues the line before, which ends in {value!r}"
+    if kind == "word" and value == "not" and j >= 0 and text[j] == "\\":
+        # (LaTeX's \\not draws a solidus over what follows it, as U+0338 does: over the equation's first sign)
+        return "the equation continues the line before, which ends in LaTeX's \\not"
     return None
 
 
@@ -1136,6 +1207,9 @@ def _denied_label(text: str, start: int) -> str | None:
             if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] == "#"):
                 i -= 1  # "Answer (wrong): 5 + 23 = 28", "Wrong answer #2: ..."
                 continue
+            if kind is None and words and 0 <= i < len(text) and text[i] == "\\" and _ASCII_LETTER.match(text, i + 1):
+                i, words = i - 1, words - 1  # (the word read was a LaTeX command's name: "Wrong \\bf answer:")
+                continue
             if kind == "skip":
                 continue
             if kind == "number":  # a number in the label, a word of it ("Wrong step 2:", "Incorrect: Step 2:")
@@ -1176,6 +1250,9 @@ def _past_marks(text: str, i: int) -> int:
         if ch in _SPACE or ch in _DECORATION or ch in _LABEL_MARKS:
             i -= 1
             continue
+        if ch.isascii() and ch.isalpha() and _latex_command_back(text, i) >= 0:
+            i = _latex_command_back(text, i) - 1  # (a LaTeX command: "Wrong: \\bf 5 + 23 = 28")
+            continue
         if ch in ".)" and text[i + 1: i + 2] in (" ", "\t") and i > 0 and text[i - 1] in "0123456789":
             j = i - 1
             while j >= 0 and i - j <= 3 and text[j] in "0123456789":
@@ -1193,8 +1270,13 @@ def _heading_end(text: str, i: int) -> int | None:
     (``### Wrong answer``) or of a line of up to four words and no digit or sentence mark
     (``**Wrong answer**``, its emphasis left out; :data:`_PLAIN_HEADING`); None for other lines. Lines of marks alone
     (``___``, ``"``) are passed, as blank ones."""
-    while i >= 0 and (text[i].isspace() or text[i] in _DECORATION or text[i] in _LABEL_MARKS):
-        i -= 1
+    while i >= 0:
+        if text[i].isspace() or text[i] in _DECORATION or text[i] in _LABEL_MARKS:
+            i -= 1
+        elif _latex_command_back(text, i) >= 0:  # (a LaTeX command ending the line: "Wrong: \\bf")
+            i = _latex_command_back(text, i) - 1
+        else:
+            break
     if i < 0:
         return None
     end = i + 1
@@ -1503,13 +1585,41 @@ def _fence_start(text: str, nl: int) -> int:
     return i if m - i >= (2 if fence == "$" else 3) else -1
 
 
+#: Names of LaTeX commands that the readers before the equation stop at, as words: they change
+#: what it means (``\\sqrt``, ``\\log``, ``\\neg``, ``\\not``); any other command (``\\mathbf``, ``\\large``,
+#: ``\\therefore``, ``\\implies``, ``\\Rightarrow``) is markup or a symbol between words and is read past.
+_LATEX_WORDS = OPERATOR_WORDS | NEGATIONS | HYPOTHETICALS | LABEL_DENIALS
+
+
+def _latex_command_back(text: str, i: int) -> int:
+    """Where the LaTeX command (a backslash and ASCII letters) whose last letter is at ``i`` starts,
+    or -1 when ``text[i]`` ends no command or the command's name is one of :data:`_LATEX_WORDS`
+    (read as that word). The readers before the final equation (or answer block) read past it as
+    past a blank: a command between a denial and the equation hides nothing (``Wrong: $\\mathbf
+    25 \\times 4 - 3 = 97$``, ``Not \\therefore 25 * 4 - 3 = 97``). One pass over its letters."""
+    j = i
+    while j >= 0 and text[j].isascii() and text[j].isalpha():
+        j -= 1
+    if j == i or j < 0 or text[j] != "\\" or text[j + 1:i + 1].lower() in _LATEX_WORDS:
+        return -1
+    return j
+
+
 def _past_wrapping(text: str, i: int) -> int:
-    """The start of the blanks, opening parentheses and wrapper symbols (:func:`_wrapper`) just
-    before ``i``, read on past a line break that a code fence or ``$$`` opening the block ends
-    (``If`` and a fence, then ``5 + 23 = 28`` on the next line): one pass back, linear."""
+    """The start of the blanks, opening parentheses, wrapper symbols (:func:`_wrapper`) and LaTeX
+    commands that are no operator or denial (:func:`_latex_command_back`: ``\\mathbf``,
+    ``\\therefore``) just before ``i``, read on past a line break that a code fence or ``$$``
+    opening the block ends (``If`` and a fence, then ``5 + 23 = 28`` on the next line): one pass
+    back, linear."""
     while True:
-        while i > 0 and (text[i - 1] in _SPACE or text[i - 1] == "(" or _wrapper(text[i - 1])):
-            i -= 1  # (a parenthesis before an answer block: "Wrong: (<answer>...</answer>)")
+        while i > 0:
+            c = text[i - 1]
+            if c in _SPACE or c == "(" or _wrapper(c):
+                i -= 1  # (a parenthesis before an answer block: "Wrong: (<answer>...</answer>)")
+            elif c.isascii() and c.isalpha() and _latex_command_back(text, i - 1) >= 0:
+                i = _latex_command_back(text, i - 1)
+            else:
+                break
         fence = _fence_start(text, i - 1) if i > 0 and text[i - 1] == "\n" else -1
         if fence < 0:
             return i
@@ -1536,7 +1646,7 @@ def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -
     check as a neighbour has passed. ``again``: also before an "answer" word just past them
     (``Wrong: \\boxed{$5 + 23 = 28$}``), one level deep."""
     outer = _past_wrapping(text, start)
-    read = outer < start and any(c == "(" or c == "\n" or _wrapper(c) for c in text[outer:start])
+    read = outer < start and any(c in "(\n\\" or _wrapper(c) for c in text[outer:start])  # (\\: a LaTeX command)
     for _ in range(2):
         j = outer - 1
         if read:
@@ -1596,6 +1706,8 @@ def _before_answer_word(text: str, start: int, written: bool, again: bool = True
     plain = _closes_emphasis(text, j)  # ("**Answer:** \\boxed{...}")
     why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
            else _neighbour_problem(text, j, j == left - 1, False, written))
+    if not why and j >= 0 and _beyond(text, start - 1, 1) == "(" and _applied_variable(text, j, "answer"):
+        why = f"a function or variable applied to the equation ({text[j]!r} before its parenthesis)"  # (f \\boxed{(...)})
     why = why or (_denied_label(text, left) or _continues_from_previous_line(text, left)
                   or _operand_problem(text, left) or _wrapped_problem(text, left, written, again))
     return why.replace("the equation", "the answer") if why else None
@@ -1734,6 +1846,8 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
             why = _neighbour_problem(view, pos, glued, is_after, True)  # "!" after the closing tag is prose
             if why:
                 return False, why.replace("the equation", "the answer block")
+        if left >= 0 and content.strip().startswith("(") and _applied_variable(view, left, "\0"):
+            return False, f"a function or variable applied to the answer block ({view[left]!r} before it)"
         why = (_words_problem(view, block, end) or _denied_label(view, block) or _wrapped_problem(view, block, True)
                or _wrapped_after_problem(view, end)
                or _continues_from_previous_line(view, block) or _after_problem(view, end, nums, target))

@@ -534,16 +534,32 @@ def _cd_tok(text: str, i: int, step: int):
 
 
 def _cd_words_problem(text: str, start: int, end: int) -> str | None:
+    """Operator words, negations, suppositions and other alphabets among the four words on each side
+    (parentheses and TeX's ``$`` apart); a LaTeX command's name is read (``\\sqrt``) but not counted
+    among them (``Not \\bf so ...``)."""
     for pos, step in ((start - 1, -1), (end, 1)):
         words = []
         i = pos
-        for _ in range(8):
+        budget = 8  # tokens read, LaTeX commands aside
+        name_next = False
+        while budget > 0:
+            budget -= 1
             if len(words) >= 4:
                 break
             at = i
             kind, w, i = _cd_tok(text, i, step)
-            if kind is None and 0 <= i < len(text) and text[i] in "()":
-                i += step  # words in parentheses are still words around it
+            if kind is None and 0 <= i < len(text) and text[i] in "()$":
+                i += step  # words in parentheses are still words around it, and TeX's $ shows nothing
+                continue
+            if (kind is None and 0 <= i < len(text) and text[i] == "\\" and i + 1 < len(text)
+                    and text[i + 1].isascii() and text[i + 1].isalpha()):
+                if step > 0:
+                    name_next = True  # the word after the backslash is the command's name
+                    budget += 1
+                elif words:
+                    words = words[:-1]  # the word just read was the command's name
+                    budget += 2
+                i += step
                 continue
             if kind == "skip":
                 continue
@@ -563,6 +579,10 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 return f"negation {w}"
             if step < 0 and w in _CD_IF:
                 return f"supposition {w}"
+            if name_next:
+                name_next = False
+                budget += 1
+                continue
             words.append(w)
     return None
 
@@ -599,6 +619,8 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
         return None
     c = text[k]
     if _letter(c):
+        if not glued and not right and _cd_function_letter(text, k) and _cd_next_after_wrapping(text, k + 1) == "(":
+            return "a function or variable applied to it"
         return "glued letters" if glued else None
     if c.isnumeric():
         return "foreign number"
@@ -650,6 +672,22 @@ def _cd_side_problem(text: str, k: int, glued: bool, right: bool, has_result: bo
     return None
 
 
+def _cd_function_letter(text: str, k: int) -> bool:
+    """An ASCII letter standing alone as a word at ``k`` (not ``a``, ``A`` or ``I``): a variable or
+    a function's name, ``f (25 * 4 - 3) = 97``."""
+    c = text[k]
+    before = text[k - 1] if k > 0 else " "
+    return (("a" <= c <= "z" or "A" <= c <= "Z") and c not in ("a", "A", "I")
+            and not (before.isalnum() or before in ("_", "'", "\u2019", "\\")))
+
+
+def _cd_next_after_wrapping(text: str, k: int) -> str:
+    """The first character from ``k`` on that is no blank or wrapping symbol ("" at the end)."""
+    while k < len(text) and (text[k] in " \t" or _cd_wrapping(text[k])):
+        k += 1
+    return text[k] if k < len(text) else ""
+
+
 def _cd_list_bullet(text: str, k: int) -> bool:
     """A Markdown list marker: ``-``, ``*`` or ``+`` first on its line (blanks apart), a blank after it."""
     return (0 <= k < len(text) and text[k] in "-*+" and text[k + 1:k + 2] in (" ", "\t")
@@ -665,14 +703,39 @@ def _cd_wrapping(c: str) -> bool:
     return cat[0] in "PS" and cat not in ("Sm", "Pd")
 
 
+def _cd_skipped_command(text: str, k: int) -> int | None:
+    """``text[k]`` the last letter of a LaTeX command (``\\`` then ASCII letters) that the readers
+    before the equation pass over as a blank (``\\mathbf``, ``\\large``, ``\\therefore``,
+    ``\\implies``): the index of its backslash. None when there is no such command there, or when
+    its name is an operator, negation, supposition or label denial word, which is read as that word
+    (``\\sqrt``, ``\\neg``, ``\\not``)."""
+    if not (0 <= k < len(text) and "a" <= text[k].lower() <= "z"):
+        return None
+    b = k
+    while b >= 0 and text[b].isascii() and text[b].isalpha():
+        b -= 1
+    if b < 0 or text[b] != "\\":
+        return None
+    name = text[b + 1:k + 1].lower()
+    if name in _CD_OP_WORDS or name in _CD_NOT or name in _CD_IF or name in _CD_LABEL_NOT:
+        return None
+    return b
+
+
 def _cd_back_over_wrapping(text: str, k: int) -> int:
     """From ``k`` back over blanks, opening parentheses and wrapping symbols; a line break is crossed
     when the line before it ends in a code fence (three backquotes or tildes, maybe a language
     name after them) or in ``$$``, which open a block holding the equation. Returns the index of
     the first character before them (-1 at the start of the text)."""
     while True:
-        while k >= 0 and (text[k] in " \t" or text[k] == "(" or _cd_wrapping(text[k])):
-            k -= 1
+        while k >= 0:
+            if text[k] in " \t" or text[k] == "(" or _cd_wrapping(text[k]):
+                k -= 1
+                continue
+            b = _cd_skipped_command(text, k)  # ("Wrong: $\\mathbf 25 ...": a command shows no word)
+            if b is None:
+                break
+            k = b - 1
         if k < 0 or text[k] != "\n":
             return k
         e = k
@@ -700,7 +763,7 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
     k = _cd_back_over_wrapping(text, start - 1)
     between = text[k + 1:start]
     for round_ in range(2):
-        if round_ == 1 or any(c == "(" or c == "\n" or _cd_wrapping(c) for c in between):
+        if round_ == 1 or any(c == "(" or c == "\n" or c == "\\" or _cd_wrapping(c) for c in between):
             emphasis = _cd_emphasis_ends_at(text, k)
             line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
             side = (None if k < 0 or emphasis or line_start
@@ -761,6 +824,12 @@ def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = Fals
     line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
     side = (None if m < 0 or emphasis or line_start or text[m] == "="
             else _cd_side_problem(text, m, m == w - 1, False, has_result))
+    opens = start
+    while opens < len(text) and text[opens] in " \t":
+        opens += 1
+    if (not side and m >= 0 and m < w - 1 and opens < len(text) and text[opens] == "(" and _cd_function_letter(text, m)
+            and _cd_next_after_wrapping(text, m + 1) == "a" and text[w:w + 6].lower() == "answer"):
+        side = "a function or variable applied to it (before the word answer)"  # ("f \\boxed{(25 * 4 - 3)}")
     return (side or _cd_colon_label(text, w) or _cd_previous_line(text, w) or _cd_operand(text, w)
             or _cd_wrapped(text, w, has_result, nested=nested))
 
@@ -792,6 +861,11 @@ def _cd_colon_label(text: str, start: int) -> str | None:
                 break
             kind, w, k = _cd_tok(text, k, -1)
             if kind is None and 0 <= k < len(text) and text[k] in "()#":  # "Answer (wrong):", "Attempt #2:"
+                k -= 1
+                continue
+            if kind is None and seen > 0 and 0 <= k < len(text) and text[k] == "\\" and k + 1 < len(text) \
+                    and text[k + 1].isascii() and text[k + 1].isalpha():
+                seen -= 1  # the word just read was a LaTeX command's name, no word of the label ("Wrong \\bf answer:")
                 k -= 1
                 continue
             if kind == "skip":
@@ -835,6 +909,8 @@ def _cd_skip_marks(text: str, k: int) -> int:
     while k >= 0:
         if text[k] in " \t" + _CD_DECOR + "-+>#$":
             k -= 1
+        elif _cd_skipped_command(text, k) is not None:  # "Wrong: \\bf Answer: ..."
+            k = _cd_skipped_command(text, k) - 1
         elif text[k] in ".)" and k + 1 < len(text) and text[k + 1] in " \t":
             d = k - 1
             while d >= 0 and d > k - 4 and "0" <= text[d] <= "9":
@@ -875,8 +951,13 @@ def _cd_heading_colon(text: str, k: int) -> int | None:
     (``k`` is at a line break, or -1): the line's own final colon (emphasis apart), or just past a
     ``#`` heading or a line of at most four words with no digit or sentence mark; None otherwise. A line
     of nothing but emphasis, quotes or marks (``___``) counts as blank."""
-    while k >= 0 and text[k] in " \t\n\r" + _CD_DECOR + "-+>#$":
-        k -= 1
+    while k >= 0:
+        if text[k] in " \t\n\r" + _CD_DECOR + "-+>#$":
+            k -= 1
+        elif _cd_skipped_command(text, k) is not None:  # ("Wrong: \\bf" ending the line)
+            k = _cd_skipped_command(text, k) - 1
+        else:
+            break
     if k < 0:
         return None
     last = k
@@ -904,8 +985,8 @@ def _cd_previous_line(text: str, start: int) -> str | None:
         k -= 1
     if k >= 0 and text[k] != "\n":
         return None
-    while k >= 0 and text[k].isspace():
-        k -= 1
+    while k >= 0 and (text[k].isspace() or _cd_skipped_command(text, k) is not None):
+        k = k - 1 if text[k].isspace() else _cd_skipped_command(text, k) - 1  # ("2 * \\bf" ending it)
     if k < 0:
         return None
     if text[k] == "|":  # a Markdown table row ("| 1 | 6 * 50 | 300 |") ends the line before: no bar left open
@@ -928,9 +1009,11 @@ def _cd_previous_line(text: str, start: int) -> str | None:
             return None
         if text[k] in "+-*/=(" or unicodedata.category(text[k]) == "Sm" or text[k] in _CD_OP_SYMBOLS:
             return "continues the line before (an operator in a span)"
-    kind, w, _ = _cd_tok(text, k, -1)
+    kind, w, b = _cd_tok(text, k, -1)
     if kind == "word" and w in _CD_OP_WORDS:
         return "continues the line before"
+    if kind == "word" and w == "not" and b >= 0 and text[b] == "\\":  # LaTeX's \\not: a solidus over what follows
+        return "continues the line before (\\not)"
     return None
 
 
@@ -1121,6 +1204,9 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
             why = _cd_side_problem(around, k, glued, right, True)
             if why:
                 return False, why
+        if (content.strip()[:1] == "(" and k1 >= 0 and k1 < start - 1 and _cd_function_letter(around, k1)
+                and _cd_next_after_wrapping(around, k1 + 1) == "\0"):
+            return False, "a function or variable applied to the block"
         why = (_cd_words_problem(around, start, end) or _cd_colon_label(around, start)
                or _cd_wrapped(around, start, True) or _cd_wrapped_after(around, end)
                or _cd_previous_line(around, start) or _cd_after(around, end, nums, target))
@@ -1300,6 +1386,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
     begin = i
     answer_sentence = False
     near = 0  # words read in the equation's own sentence; -1 once it ended or a fifth word came
+    same_sentence = True  # the equation's sentence and line go on (any number of words)
+    tag: int | None = None  # words after the last ", ; \u2013 \u2014" or ellipsis in that sentence ("..., right?")
     skip_to = -1  # the unit word of "thirty-two" was read with "thirty"
 
     def after_cue() -> bool:
@@ -1331,8 +1419,9 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
                 e = i + 1
                 while e < n and text[e].isspace():
                     e += 1
-                if not text.startswith(("```", "~~~", "$$"), e):  # (a fence closing the block: its sentence goes on)
-                    answer_sentence, near = False, -1
+                # (a fence closing the block: its sentence goes on; so does a line that opens with a comma)
+                if not text.startswith(("```", "~~~", "$$", ","), e):
+                    answer_sentence, near, same_sentence = False, -1, False
                 i = e  # (the rest of the blanks read at once: each line break would look ahead again)
                 continue
             i += 1
@@ -1370,6 +1459,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
                     j += 1
             tok = "".join(_cd_ascii_letter(ch) or ch for ch in text[i:j])
             tok, kind = tok.lower().replace("\u2019", "'"), "word"
+            if tag is not None:
+                tag += 1
             if linked > 0:  # a word linking the expression to its result in words
                 linked -= 1
             elif near >= 0:
@@ -1422,6 +1513,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
             return "later cross mark"
         elif c == "?" and near >= 0:
             return "a question right after it"
+        elif c == "?" and same_sentence and tag is not None and 1 <= tag <= 3:
+            return "a tag question ends its sentence"
         elif c == "?" and [v2 for k2, v2 in window[-3:] if k2 == "word"] in (
                 [a, b, d] for a in ["or"] for b in ("is", "was") for d in ("it", "that", "this")):
             return "later doubt (or is it?)"
@@ -1447,8 +1540,13 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
             if subject is not None and subject != target:
                 return "later answer before its cue"
             answer_sentence = True
-        elif tok in (".", "!", "?"):
-            answer_sentence, near = False, -1
+        elif (tok in (".", "!", "?") and not (tok in (".", "!") and j < n and text[j] in ".!?")
+              and not (tok == "." and i > 0 and text[i - 1] == ".")):
+            # ("right...?", "!?": the run's last mark ends it; "..." is a pause, as the one character "\u2026")
+            answer_sentence, near, same_sentence = False, -1, False
+        ellipsis = tok == "\u2026" or (tok == "." and ((i > 0 and text[i - 1] == ".") or (j < n and text[j] == ".")))
+        if same_sentence and (tok in (",", ";", "\u2013", "\u2014") or ellipsis):
+            tag = 0
         window = (window + [(kind, tok)])[-8:]
         i = j
     if window:
