@@ -212,19 +212,24 @@ class ChatFormat:
 #: starts code for its interpreter, Mistral's ``[TOOL_CALLS]``, Hermes blocks, Granite's
 #: ``<|tool_call|>``): without them the verifier would judge another text than the one a harness runs.
 KEPT_SPECIAL_TOKENS = ("<think>", "</think>", "<|python_tag|>", "[TOOL_CALLS]", "<tool_call>", "</tool_call>",
-                       "<|tool_call|>")
+                       "<|tool_call|>", "<|channel>", "<channel|>")
+#: Kept tokens a reply's text spells as another family's: Gemma 4's thought channel (its thinking
+#: mode's ``<|channel>thought ... <channel|>`` before the answer) is a reasoning block, which
+#: verifiers read as ``<think> ... </think>``.
+SPELLED_AS = {"<|channel>": "<think>", "<channel|>": "</think>"}
 
 
 def _kept_special_tokens(tokenizer) -> dict[int, str]:
     """``{id: text}`` of the :data:`KEPT_SPECIAL_TOKENS` the tokenizer marks special (as an added
-    token flagged special, or among its named special tokens), which decoding would drop."""
+    token flagged special, or among its named special tokens), which decoding would drop; the
+    text as :data:`SPELLED_AS` spells it."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     named = set(getattr(tokenizer, "all_special_ids", None) or [])
     out = {}
     for i, token in added.items():
         text = getattr(token, "content", None)
         if text in KEPT_SPECIAL_TOKENS and (getattr(token, "special", False) or i in named):
-            out[int(i)] = text
+            out[int(i)] = SPELLED_AS.get(text, text)
     return out
 
 

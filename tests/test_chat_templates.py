@@ -714,6 +714,37 @@ def test_reasoning_tags_marked_special_only_as_added_tokens_are_kept(tokenizers,
     assert chat.decode(chat.encode("3 + 11") + [eot_x]) == "3 + 11"
 
 
+def test_gemma4_s_thought_channel_is_read_as_a_reasoning_block(tokenizers):
+    """Gemma 4's thinking mode (enable_thinking: ``<|think|>`` in the system turn, no empty channel
+    in the generation prompt) has the model write ``<|channel>thought ... <channel|>`` before its
+    answer: the reply's text spells it ``<think> ... </think>``, so a verifier reads only the answer
+    after it (a right equation left in the thoughts of a reply that never answers is not paid) and
+    a stop string inside it does not cut the reply. Without thinking the channel is closed by the
+    generation prompt, before the reply."""
+    from r3.episode import answer_stops
+    from r3.tasks import get
+
+    tok = tokenizers["gemma4"]
+    chat = ChatFormat(tok)
+    assert chat.prompt_text([{"role": "user", "content": "Hi"}]).endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    thinking = ChatFormat(tok, template_options={"enable_thinking": True})
+    assert thinking.prompt_text([{"role": "user", "content": "Hi"}]).endswith("<|turn>model\n")
+    assert thinking.reply_prefix == "" and "<|think|>" in thinking.prompt_text([{"role": "user", "content": "Hi"}])
+    channel = tok.convert_tokens_to_ids("<|channel>")
+    said = thinking.encode("<|channel>thought\n25 * 4 - 3 = 97 works<channel|>I give up.") + [thinking.end_of_turn_id]
+    assert channel in said
+    text = thinking.decode(said)
+    assert text == "<think>thought\n25 * 4 - 3 = 97 works</think>I give up."
+    task = get("countdown", answer_tags=False)
+    ex = {"nums": [25, 4, 3], "target": 97}
+    assert not task.verify(ex, text)
+    assert task.verify(ex, thinking.decode(thinking.encode("<|channel>thought\nno<channel|>25 * 4 - 3 = 97")))
+    tagged = get("countdown")
+    stops = answer_stops(tagged, thinking)
+    inside = thinking.encode("<|channel>thought\n<answer>1 + 2</answer>")
+    assert stops is not None and not stops.confirm(inside)
+
+
 def test_a_reply_with_special_reasoning_tags_starts_with_the_opened_block(builtin, tmp_path):
     """A generation prompt that opens the reasoning block, and a tokenizer that marks the tags
     special: the decoded reply keeps its ``</think>`` and still starts with the opening the
