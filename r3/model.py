@@ -866,6 +866,9 @@ def _gemma4_layers(cfg: dict, windows: list, head_dim: int, n_kv: int, n_heads: 
         global_dim, global_kv = seen.pop() if seen else (None, None)
     else:
         global_dim = cfg.get("global_head_dim", 512)
+        if global_dim is None:  # (Gemma4TextConfig overrides the full layers' head_dim with it: null is refused)
+            raise R3Error(f"{source}: field 'global_head_dim' is null, from which transformers cannot build a "
+                          "'gemma4_text' model either: give its value or leave the field out")
         global_kv = cfg.get("num_global_key_value_heads") if k_eq_v else None
     global_dim = head_dim if global_dim is None else _positive(global_dim, "global_head_dim", source, integral=True)
     global_kv = n_kv if global_kv is None else _positive(global_kv, "num_global_key_value_heads", source, integral=True)
@@ -885,6 +888,9 @@ def _gemma4_layers(cfg: dict, windows: list, head_dim: int, n_kv: int, n_heads: 
     ple = _positive(ple, "hidden_size_per_layer_input", source, integral=True) if ple else 0
     ple_vocab = cfg.get("vocab_size_per_layer_input", 262_144)
     ple_vocab = _positive(ple_vocab, "vocab_size_per_layer_input", source, integral=True) if ple else 0
+    if ple and ple_vocab < cfg["vocab_size"]:  # (transformers looks every token up unmasked, and fails there too)
+        raise R3Error(f"{source}: field 'vocab_size_per_layer_input' {ple_vocab} is below vocab_size {cfg['vocab_size']}: "
+                      f"a token id from {ple_vocab} up, which r3 may sample, has no row in the per-layer table")
     for key in ("use_double_wide_mlp",):
         if not isinstance(cfg.get(key, False), bool):
             raise R3Error(f"{source}: field '{key}' must be true or false, got {cfg[key]!r}")
@@ -1428,7 +1434,7 @@ class Block(nn.Module):
             if per_layer_input is not None:
                 gate = F.gelu(self.per_layer_input_gate(x), approximate="tanh")
                 x = x + self.post_per_layer_input_norm(self.per_layer_projection(gate * per_layer_input))
-            x = x * self.layer_scalar
+            x = x * self.layer_scalar.to(x.dtype)  # (FSDP2 casts parameters to bf16, not buffers)
             return x if kv is None else (x, kv)
         if self.post_norm:
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, layer_cache, write_at, kv_len))

@@ -2083,6 +2083,10 @@ def test_gemma4_export_and_the_vision_language_checkpoint_load_as_transformers_d
     ({"per_layer_config": {"5": {"sliding_window": 12}}}, "field 'per_layer_config' entry '5'"),
     ({"global_head_dim": 15}, "global_head_dim 15 is odd"),
     ({"attention_k_eq_v": True, "num_global_key_value_heads": 3}, "not a multiple of the full-attention layers' 3"),
+    # (Gemma4TextConfig fails on a null global_head_dim; transformers' model on a token id past the
+    # per-layer table, which r3 read as the sliding layers' head size and met mid-rollout)
+    ({"global_head_dim": None}, "field 'global_head_dim' is null, from which transformers cannot build"),
+    ({"vocab_size_per_layer_input": 31}, "field 'vocab_size_per_layer_input' 31 is below vocab_size 32: a token id"),
 ])
 def test_gemma4_configs_r3_cannot_run_are_refused_in_one_line(change, match):
     from r3.errors import R3Error

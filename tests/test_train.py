@@ -2370,6 +2370,15 @@ def test_build_models_keeps_fp32_master_weights_and_a_tied_rollout_copy_in_the_c
     assert all(torch.equal(got[k], full[k].to(torch.bfloat16)) for k in got)
     if kind == "gemma4":
         assert not torch.equal(got["layers.0.layer_scalar"], torch.ones(1, dtype=torch.bfloat16))
+    # the sharded policy computes in bf16 as the reference does (FSDP2 casts its parameters, not its
+    # buffers: Gemma 4's fp32 layer scalars made the stream fp32 after the first block, and the next
+    # block's bf16 matmul refused it), through activation checkpointing too, and its loss backpropagates
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = policy(tokens)
+    with torch.no_grad():
+        assert torch.equal(logits.detach(), reference(tokens))
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in policy.parameters())
 
 
 def test_the_fingerprint_of_the_training_examples_is_stable_and_separates_items():
