@@ -2653,6 +2653,69 @@ def test_countdown_latex_commands_functions_and_tag_questions(tags, completion, 
     assert recheck(task, ex, completion)[0] is expected
 
 
+@pytest.mark.parametrize("tags,completion,expected", [
+    # LaTeX's negated relations deny the equation as their Unicode sign does ("\u2260 ..." is refused)
+    pytest.param(False, "\\ne 25 * 4 - 3 = 97", False, id="latex-ne"),
+    pytest.param(False, "$\\neq 25 \\times 4 - 3 = 97$", False, id="latex-neq"),
+    pytest.param(True, "\\nRightarrow <answer>25 * 4 - 3 = 97</answer>", False, id="tags-latex-nrightarrow"),
+    # ... and relations, brackets and operators change it as theirs do ("\u223c", "\u230a", "\u2261")
+    pytest.param(False, "\\sim 25 * 4 - 3 = 97", False, id="latex-sim"),
+    pytest.param(False, "$\\lfloor 25 \\times 4 - 3 = 97$", False, id="latex-lfloor"),
+    pytest.param(True, "\\equiv <answer>25 * 4 - 3 = 97</answer>", False, id="tags-latex-equiv"),
+    # a denial label in braces, brackets or TeX's "$" before its colon
+    pytest.param(False, "\\text{Wrong}: 25 * 4 - 3 = 97", False, id="label-text-braces"),
+    pytest.param(False, "$\\textbf{Incorrect answer}$: 25 * 4 - 3 = 97", False, id="label-textbf-dollar"),
+    pytest.param(True, "\\mathrm{wrong}: <answer>25 * 4 - 3 = 97</answer>", False, id="tags-label-mathrm"),
+    pytest.param(False, "[Wrong]: 25 * 4 - 3 = 97", False, id="label-brackets"),
+    pytest.param(False, "\\textbf{Wrong}: \\textbf{Answer}: 25 * 4 - 3 = 97", False, id="label-chained-textbf"),
+    # ... and a denial or supposition in a LaTeX group or brackets among the four words before it
+    pytest.param(False, "\\text{Wrong} is 25 * 4 - 3 = 97", False, id="window-text-braces"),
+    pytest.param(True, "$\\text{If} we take <answer>25 * 4 - 3 = 97</answer>$", False, id="tags-window-text-if"),
+    pytest.param(False, "{\\bf Not} so 25 * 4 - 3 = 97", False, id="window-bf-group"),
+    pytest.param(False, "[Not] so 25 * 4 - 3 = 97", False, id="window-brackets"),
+    # a dash that starts the line glued to a LaTeX command is a minus sign, no list bullet
+    pytest.param(False, "-\\bf 25 * 4 - 3 = 97", False, id="line-dash-bf"),
+    pytest.param(True, "-\\mathbf <answer>25 * 4 - 3 = 97</answer>", False, id="tags-line-dash-mathbf"),
+    # a one-letter function past a LaTeX command before its parenthesis
+    pytest.param(False, "f \\bf (25 * 4 - 3) = 97", False, id="function-past-bf"),
+    pytest.param(True, "g \\mathbf (<answer>25 * 4 - 3 = 97</answer>)", False, id="tags-function-past-mathbf"),
+    # a tag question after a colon, an opening parenthesis or an ASCII dash
+    pytest.param(False, "25 * 4 - 3 = 97 is my final answer -- right?", False, id="tag-after-double-hyphen"),
+    pytest.param(False, "25 * 4 - 3 = 97 is my final answer - right?", False, id="tag-after-spaced-hyphen"),
+    pytest.param(True, "<answer>25 * 4 - 3 = 97</answer> is my final answer (right?)", False, id="tags-tag-in-parens"),
+    pytest.param(False, "25 * 4 - 3 = 97 is my final answer: right?", False, id="tag-after-colon"),
+    # with tags, an answer block struck through by HTML, as the equation is without them
+    pytest.param(True, "<del><answer>25 * 4 - 3 = 97</answer></del>", False, id="tags-struck-del"),
+    pytest.param(True, "<s>Answer: <answer>25 * 4 - 3 = 97</answer></s>", False, id="tags-struck-s"),
+    pytest.param(True, "<STRIKE> <answer>25 * 4 - 3 = 97</answer> </STRIKE>", False, id="tags-struck-strike"),
+    pytest.param(False, "<del>25 * 4 - 3 = 97</del>", False, id="struck-del"),
+    # ... while these stay right
+    pytest.param(False, "\\text{Answer}: 25 * 4 - 3 = 97", True, id="label-text-answer-right"),
+    pytest.param(True, "[Final answer]: <answer>25 * 4 - 3 = 97</answer>", True, id="tags-label-brackets-right"),
+    pytest.param(False, "$\\text{So} the answer is 25 \\times 4 - 3 = 97$", True, id="window-text-so-right"),
+    pytest.param(False, "- 25 * 4 - 3 = 97", True, id="list-bullet-right"),
+    pytest.param(False, "\\Rightarrow 25 * 4 - 3 = 97", True, id="rightarrow-still-right"),
+    pytest.param(False, "25 * 4 - 3 = 97 is my answer -- it uses each number once.", True, id="double-hyphen-statement"),
+    pytest.param(False, "25 * 4 - 3 = 97 (each number once).", True, id="parenthesis-statement"),
+    pytest.param(True, "<s>First try</s> <answer>25 * 4 - 3 = 97</answer>", True, id="tags-struck-before-right"),
+])
+def test_countdown_latex_relations_braced_labels_and_more_tag_marks(tags, completion, expected):
+    """A second review of the LaTeX reading found both implementations paying: LaTeX's negated
+    relations, relations and brackets before the equation (``\\ne``, ``\\nRightarrow``, ``\\sim``,
+    ``\\lfloor``, ``\\equiv``: read as blanks where their Unicode signs are refused), a denial label
+    whose word is in braces, brackets or ``$`` (``\\text{Wrong}: ...``: the label reading stopped at
+    the ``}``), a denial or supposition in braces or brackets among the four words before it
+    (``\\text{If} we take ...``: so did the word window), a dash starting the line glued to a command read as a list bullet (``-\\bf 25 ...``),
+    a one-letter function with a command before its parenthesis (``f \\bf (...)``), and tag questions
+    after ``--``, `` - ``, ``(`` or ``:`` (``... is my final answer -- right?``); and, with tags, an
+    answer block struck through by ``<del>``, ``<s>`` or ``<strike>`` (struck text is no answer
+    without tags)."""
+    task = CD if tags else STANDARD_PLAIN
+    ex = {"nums": [25, 4, 3], "target": 97}
+    assert task.verify(ex, completion) is expected, task.diagnose(ex, completion)
+    assert recheck(task, ex, completion)[0] is expected
+
+
 # ---------------------------------------------------------------------------------------
 # found by mutation (round 8): option helpers, record files, the registry's one-line errors
 # ---------------------------------------------------------------------------------------
@@ -3223,6 +3286,11 @@ _COUNTDOWN_SHAPES = {
     "tag-commas": lambda n: "5 + 23 = 28" + " is, it" * n + "?",
     "ellipsis": lambda n: "5 + 23 = 28, right" + "." * n + "?",
     "comma-lines": lambda n: "5 + 23 = 28" + "\n," * n + " right?",
+    "label-braces": lambda n: "Wrong" + "{}" * n + ": 5 + 23 = 28",
+    "function-commands": lambda n: "f " + "\\bf " * n + "(5 + 23) = 28",
+    "tag-dashes": lambda n: "5 + 23 = 28" + " --" * n + " right?",
+    "struck-tags": lambda n: "<s>" * n + "5 + 23 = 28" + "</s>" * n,
+    "latex-groups": lambda n: "Not " + "{}" * n + " so 5 + 23 = 28",
 }
 
 

@@ -8,7 +8,8 @@ the reply.)
 
 **With tags** (``answer_tags=True``) the answer is the content of the last complete ``<answer> ...
 </answer>`` block. It is no answer when a later answer tag follows it (an unclosed ``<answer>``, or
-one in another spelling: ``<Answer>``, ``< answer >``, ``&lt;answer&gt;``), or when what is next to
+one in another spelling: ``<Answer>``, ``< answer >``, ``&lt;answer&gt;``), when a struck-through span
+(``<del>``, ``<s>``, ``<strike>`` up to its closing tag) holds it, or when what is next to
 the block or after it changes its meaning, by the same rules as the final equation's below, the
 text around the block read as a person sees it (``3 * <answer>...``, ``<answer>...</answer>^2``,
 ``not <answer>...``, ``n\u200bot <answer>...``, ``3 *`` ending the line before, a later answer
@@ -33,7 +34,9 @@ with tags they are markup, no answer), LaTeX's spaces and style switches, which 
 (``$\\text{wrong} \\; 25 \\times 4 - 3 = 97$`` and ``Wrong: $\\displaystyle 25 \\times 4 - 3 = 97$`` are
 denied), and any other LaTeX command (a backslash and letters) is read past, as a blank, by every
 reading of the words, labels and signs before the equation, unless its name is an operator,
-negation or supposition word (``\\sqrt``, ``\\log``, ``\\neg``, ``\\not``), which reads as that word
+negation or supposition word (``\\sqrt``, ``\\log``, ``\\neg``, ``\\not``; also LaTeX's negated relations,
+relations and brackets, refused as their Unicode signs are: ``\\ne``, ``\\nRightarrow``, ``\\sim``,
+``\\equiv``, ``\\lfloor``), which reads as that word
 (``Wrong: $\\mathbf 25 \\times 4 - 3 = 97$``, ``Not \\therefore ...``, ``2 * \\large ...``, ``Wrong \\bf
 answer: ...`` are refused; ``\\not`` ending the line before draws its solidus over the equation), a Markdown thematic break (a line of three or more of one of
 ``- * _``, blanks between: ``---``, ``* * *``) reads as an empty line, but dashes alone right under
@@ -55,7 +58,8 @@ when
   (``mod``, ``log``, ``root``, ``power``, ``squared``, ``times``, ``multiple``, ``from``, ``x``,
   ``cdot``, LaTeX's ``neg`` (``\\neg (5 + 23 = 28)``), ... :data:`OPERATOR_WORDS`), a negation or denial (``not``, ``isn't``, ``wrong``, ...
   :data:`NEGATIONS`, also ``falsch``, ``faux``, ``sbagliato``, ...) or a word in another alphabet is
-  among the four words before or after it (apart by spaces, quotes, parentheses, TeX's ``$``, LaTeX
+  among the four words before or after it (apart by spaces, quotes, parentheses, LaTeX groups and
+  brackets, ``\\text{If} we take 5 + 23 = 28``, TeX's ``$``, LaTeX
   commands, which are no words of the four, or Markdown emphasis: ``(wrong) 5 + 23 = 28``, ``If
   $\\huge so 5 + 23 = 28$``; before it also past quotes of any script, ``$``, bullets
   and other symbols that wrap or mark it: ``Wrong: $5 + 23 = 28$``, past a code fence or ``$$``
@@ -65,7 +69,7 @@ when
   also past quotes, ``$`` and such symbols, where an operator sign past them is next to it too:
   ``$5 + 23 = 28$ mod n``, ``\u201c5 + 23 = 28\u201d \u00d7 n``), a supposition
   (``if``, ``suppose``, ``wenn``, ``si``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial
-  (``Wrong:``, ``This is false:``, ``Answer (wrong):``, :data:`LABEL_DENIALS`) or a word in another
+  (``Wrong:``, ``This is false:``, ``Answer (wrong):``, ``\\text{Wrong}:``, ``[Wrong]:``, :data:`LABEL_DENIALS`) or a word in another
   alphabet (``\u041d\u0435\u0432\u0435\u0440\u043d\u043e:``; a Latin letter with diacritics is Latin) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
   (``Wrong:\n5 + 23 = 28``), or one of :data:`BARE_LABEL_DENIALS` as the whole label
@@ -86,7 +90,7 @@ when
   it (``‐5``), or any other symbol between it and more arithmetic (a number, an operator, a math
   sign), ``*`` or ``/`` with a number, number word or one-letter variable past it, quotes apart
   (``* two``, ``/'2'``, ``n *``), a one-letter variable (not ``a``, ``A`` or ``I``) before it
-  that opens with a parenthesis, blanks and wrapping symbols apart (``f (5 + 23) = 28``, ``g
+  that opens with a parenthesis, blanks, wrapping symbols and LaTeX commands apart (``f (5 + 23) = 28``, ``f \\bf (5 + 23) = 28``, ``g
   $(5 + 23)$``, ``f <answer>(5 + 23)</answer>``: a function applied, or a product; glued,
   ``f(5 + 23)``, it is a letter glued to it); a cross mark (``❌ ✗ ✘ ✖ ☒ 🚫 👎``, :data:`DENIAL_MARKS`) before or after
   it; a ``?`` (or another form of it: ``？ ❓ ⁇ ‽``) after it or within four words after it in its sentence (a question: ``Is 5 + 23 =
@@ -94,8 +98,9 @@ when
   line goes on with its sentence: the fence, then ``, right?``, as does a line that opens with a
   comma; the last of a run of marks ends a sentence, ``!?`` and ``...?`` ask, and an ellipsis,
   ``...`` or ``\u2026``, is a pause that ends none), or a tag question ending its sentence at any
-  distance: a ``?`` up to three words after a comma, semicolon, dash or ellipsis (``5 + 23 = 28 is
-  my final answer, right?``); a dash with a one-letter variable
+  distance: a ``?`` up to three words after a comma, semicolon, colon, dash (also ``--`` or a ``-``
+  after a blank), opening parenthesis or ellipsis (``5 + 23 = 28 is my final answer, right?``,
+  ``... -- right?``, ``... (right?)``); a dash with a one-letter variable
   past it (``n - <answer>``;
   ``a`` and ``I`` are words);
 * a ``.`` or ``,`` glued to it continues a number (``36.5``, ``1,000``, ``.5``), as does a ``.``
@@ -132,7 +137,8 @@ stood before the equation itself: ``3 * \\boxed{5 + 23 = 28}`` and ``Wrong: <ans
 
 A Markdown list bullet (``-``, ``*`` or ``+`` first on its line, a blank after it) before the
 final equation or answer block is not part of it: ``- 5 + 23 = 28`` and ``* **5 + 23 = 28**`` are
-list items, not a unary minus or a product (``-5 + 23`` is a unary minus). Blockquote marks that
+list items, not a unary minus or a product (``-5 + 23`` is a unary minus, and so is ``-\\bf 5 + 23``,
+a dash glued to a LaTeX command). Blockquote marks that
 open a line (``> 5 + 23 = 28``, ``> > ...``, ``>> ...``; not ``>5`` or ``><answer>``, glued) are
 read as blanks, not a comparison, and a Markdown table row (``| 5 + 23 | 28 |``: it starts with a
 bar, holds three, its last cell does not end in an operator of any form, ``| 2 \u00d7 |``) ending
@@ -196,6 +202,7 @@ OPERATOR_WORDS = frozenset("""
     multiplying multiplication divide dividing division negate negated halve raised reduced
     deducted dozen hundred thousand million average mean max maximum min minimum
     neg lnot
+    sim simeq approxeq cong equiv propto lfloor rfloor lceil rceil lvert rvert setminus oplus ominus otimes odot
     arcsin arccos arctan arcsec arccsc arccot sinh cosh tanh coth sech csch sec csc cot gcd lcm det
 """.split())
 #: Words that, within four words of the final equation, deny it ("26 + 24 is not 50").
@@ -211,6 +218,7 @@ NEGATIONS = frozenset("""
     inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee non nao
     erronea equivocado equivocada mal scorretto scorretta onjuist onjuiste verkeerd verkeerde inte nej
     ikke nei galet galt felaktig felaktigt uriktig forkert forkerte
+    ne neq nequiv ncong nsim napprox nrightarrow nleftarrow nleftrightarrow nexists
 """.split())
 #: Words that, after the final equation, say it is mistaken ("26 + 24 = 50. I made an error.").
 AFTER_DENIALS = frozenset("""
@@ -451,6 +459,23 @@ def _unstruck(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
+def _struck_over(text: str, start: int, end: int) -> bool:
+    """Whether a struck-through span (:func:`_unstruck`: ``<del>``, ``<s>`` or ``<strike>`` up to
+    its closing tag) opens before ``start`` and closes at or after ``end``: what lies between is
+    struck through. One pass over the tags."""
+    opened = None
+    for m in _STRUCK_TAG.finditer(text):
+        closing, name = m.group(1), m.group(2).lower()
+        if opened is None:
+            if not closing:
+                opened = (m.start(), name)
+        elif closing and name == opened[1]:
+            if opened[0] < start and m.start() >= end:
+                return True
+            opened = None
+    return False
+
+
 def _without_thematic_breaks(text: str) -> str:
     """``text`` (read by :func:`normalise`) with each Markdown thematic break blanked: a line of
     three or more of the same ``-``, ``*`` or ``_`` and blanks alone (``---``, ``* * *``), a divider
@@ -561,9 +586,10 @@ def _words_problem(text: str, start: int, end: int) -> str | None:
             at = i
             kind, value, i = _token(text, i, step)
             tokens += 1
-            if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] == "$"):
-                # a parenthesis around words ("(wrong) <answer>...", "If (hypothetically) 5 + 23") or TeX's
-                # "$", which shows nothing ("If $\\huge so 5 + 23 = 28$")
+            if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] in "${}[]"):
+                # a parenthesis around words ("(wrong) <answer>...", "If (hypothetically) 5 + 23"), TeX's
+                # "$", which shows nothing ("If $\\huge so 5 + 23 = 28$"), or a LaTeX group or bracket around
+                # words ("\\text{Wrong} is 5 + 23 = 28", "[Not] so ...")
                 i += step
                 continue
             if kind is None and 0 <= i < len(text) and text[i] == "\\" and _ASCII_LETTER.match(text, i + 1):
@@ -800,7 +826,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
             # (the last mark of a run ends it, "!?" and "...?" ask; an ellipsis, "...", is a pause, as "\u2026")
             cue_sentence = own_sentence = eq_sentence = False
         if eq_sentence and (tok in TAG_MARKS or (tok == "." and "." in (text[m.start() - 1: m.start()],
-                                                                           text[m.end(): m.end() + 1]))):
+                                                                           text[m.end(): m.end() + 1]))
+                            or (tok == "-" and text[m.start() - 1: m.start()] in (" ", "\t", "-"))):
             tag_words = 0  # (an ellipsis too: "... is what I get... right?")
         if tok not in _DECORATION and tok not in _QUOTES and tok != "$":  # (also " * ", and TeX's $)
             plain.append((kind, tok))
@@ -817,9 +844,10 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
 
 
 #: Marks after which up to three words and a ``?`` ending the final equation's sentence are a tag
-#: question, at any distance from it (``25 * 4 - 3 = 97 is my final answer, right?``); an ellipsis
-#: (``...``) is one too.
-TAG_MARKS = frozenset(",;\u2013\u2014\u2026")
+#: question, at any distance from it (``25 * 4 - 3 = 97 is my final answer, right?``, ``...: right?``,
+#: ``... (right?)``); an ellipsis (``...``) is one too, and an ASCII dash after a blank or a dash
+#: (``... -- right?``, ``... - right?``).
+TAG_MARKS = frozenset(",;:(\u2013\u2014\u2026")
 #: Operator words that apply a number word right after them to what came before (``Then times
 #: two.``, ``minus five``, ``less five``); ``divided`` and ``multiplied`` with ``by`` between
 #: (``divided by two``).
@@ -962,8 +990,18 @@ def _applied_variable(text: str, pos: int, opening: str) -> bool:
                                                                           or text[pos - 1] in "_'\u2019\\")):
         return False
     i = pos + 1
-    while i < len(text) and (text[i] in _SPACE or _wrapper(text[i])):
-        i += 1
+    while i < len(text):
+        if text[i] in _SPACE or _wrapper(text[i]):
+            i += 1
+        elif text[i] == "\\" and _ASCII_LETTER.match(text, i + 1):  # a LaTeX command, read past ("f \\bf (...)")
+            j = i + 1
+            while j < len(text) and text[j].isascii() and text[j].isalpha():
+                j += 1
+            if text[i + 1:j].lower() in _LATEX_WORDS:
+                return False
+            i = j
+        else:
+            break
     return text.startswith(opening, i)
 
 
@@ -973,6 +1011,13 @@ def _bullet(text: str, pos: int) -> bool:
     while i >= 0 and text[i] in _SPACE:
         i -= 1
     return i < 0 or text[i] == "\n"
+
+
+def _bullet_blank(text: str, pos: int) -> bool:
+    """Whether the mark at ``pos`` that starts its line can be a bullet: a ``*`` or ``>`` (also
+    emphasis or a quote mark), or a ``-`` or ``+`` with a blank after it; glued to what follows
+    (``-\\bf 25 * 4 - 3 = 97``, a LaTeX command read past) a dash is a minus sign."""
+    return text[pos] in "*>" or text[pos + 1: pos + 2] in (" ", "\t")
 
 
 def _list_bullet(text: str, pos: int) -> bool:
@@ -1204,8 +1249,8 @@ def _denied_label(text: str, start: int) -> str | None:
         while words < 4 and tokens < 8:
             kind, value, i = _token(text, i, -1)
             tokens += 1
-            if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] == "#"):
-                i -= 1  # "Answer (wrong): 5 + 23 = 28", "Wrong answer #2: ..."
+            if kind is None and 0 <= i < len(text) and (text[i] in _WORD_PARENS or text[i] in "#{}[]$"):
+                i -= 1  # "Answer (wrong): 5 + 23 = 28", "Wrong answer #2: ...", "\\text{Wrong}: ...", "[Wrong]: ..."
                 continue
             if kind is None and words and 0 <= i < len(text) and text[i] == "\\" and _ASCII_LETTER.match(text, i + 1):
                 i, words = i - 1, words - 1  # (the word read was a LaTeX command's name: "Wrong \\bf answer:")
@@ -1651,7 +1696,7 @@ def _wrapped_problem(text: str, start: int, written: bool, again: bool = True) -
         j = outer - 1
         if read:
             plain = _closes_emphasis(text, j)  # ("**Answer:** $5 + 23 = 28$")
-            why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j))
+            why = (None if j < 0 or plain or (text[j] in "-*+>" and _bullet(text, j) and _bullet_blank(text, j))
                    else _neighbour_problem(text, j, text[outer] not in _SPACE, False, written))
             why = why or (_words_problem(text, outer, len(text)) or _denied_label(text, outer)
                           or _continues_from_previous_line(text, outer)
@@ -1704,7 +1749,7 @@ def _before_answer_word(text: str, start: int, written: bool, again: bool = True
     while j >= 0 and text[j] in _SPACE:
         j -= 1
     plain = _closes_emphasis(text, j)  # ("**Answer:** \\boxed{...}")
-    why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j))
+    why = (None if j < 0 or plain or text[j] == "=" or (text[j] in "-*+>" and _bullet(text, j) and _bullet_blank(text, j))
            else _neighbour_problem(text, j, j == left - 1, False, written))
     if not why and j >= 0 and _beyond(text, start - 1, 1) == "(" and _applied_variable(text, j, "answer"):
         why = f"a function or variable applied to the equation ({text[j]!r} before its parenthesis)"  # (f \\boxed{(...)})
@@ -1824,6 +1869,8 @@ def check_completion(text: Any, nums: list[int], target: int, *, tags: bool = Tr
         if _LATER_TAG.search(text, after):
             return False, "a later answer tag in another spelling"
         content = text[opening + len("<answer>"): close]
+        if _struck_over(text, opening, after):  # ("<del><answer>...</answer></del>": taken back, as without tags)
+            return False, "the answer block is struck through (<del>, <s> or <strike> around it)"
         # The text around the block, read as a person sees it; the block is one NUL between them.
         before, why = normalise(text[:opening])
         rest, why_rest = normalise(text[after:])

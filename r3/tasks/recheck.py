@@ -44,6 +44,9 @@ _CD_OP_WORDS = set("""
     neg lnot
     arcsin arccos arctan arcsec arccsc arccot sinh cosh tanh coth sech csch sec csc cot gcd lcm det
 """.split()) | {"\u0445"}
+# LaTeX's relations, brackets and operators that change the equation as their Unicode signs do (\sim 25 * 4 - 3 = 97)
+_CD_OP_WORDS |= {"sim", "simeq", "approxeq", "cong", "equiv", "propto", "lfloor", "rfloor", "lceil", "rceil",
+                 "lvert", "rvert", "setminus", "oplus", "ominus", "otimes", "odot"}
 _CD_NOT = set("""
     not no never nor neither cannot isn't wasn't aren't weren't doesn't don't didn't can't won't
     wouldn't shouldn't couldn't isnt wasnt doesnt dont didnt cant wont wrong incorrect false invalid nope
@@ -57,6 +60,8 @@ _CD_NOT = set("""
     erronea equivocado equivocada mal scorretto scorretta onjuist onjuiste verkeerd verkeerde inte nej
     ikke nei galet galt felaktig felaktigt uriktig forkert forkerte
 """.split())
+# LaTeX's negated relations: \ne, \neq, \nRightarrow 25 * 4 - 3 = 97 deny it as "\u2260" does
+_CD_NOT |= {"ne", "neq", "nequiv", "ncong", "nsim", "napprox", "nrightarrow", "nleftarrow", "nleftrightarrow", "nexists"}
 
 
 def _cd_ascii_letter(c: str) -> str | None:
@@ -548,8 +553,8 @@ def _cd_words_problem(text: str, start: int, end: int) -> str | None:
                 break
             at = i
             kind, w, i = _cd_tok(text, i, step)
-            if kind is None and 0 <= i < len(text) and text[i] in "()$":
-                i += step  # words in parentheses are still words around it, and TeX's $ shows nothing
+            if kind is None and 0 <= i < len(text) and text[i] in "()${}[]":
+                i += step  # words in parentheses, braces or brackets are still words around it ("\\text{If} we"), and TeX's $ shows nothing
                 continue
             if (kind is None and 0 <= i < len(text) and text[i] == "\\" and i + 1 < len(text)
                     and text[i + 1].isascii() and text[i + 1].isalpha()):
@@ -683,8 +688,20 @@ def _cd_function_letter(text: str, k: int) -> bool:
 
 def _cd_next_after_wrapping(text: str, k: int) -> str:
     """The first character from ``k`` on that is no blank or wrapping symbol ("" at the end)."""
-    while k < len(text) and (text[k] in " \t" or _cd_wrapping(text[k])):
-        k += 1
+    while k < len(text):
+        if text[k] in " \t" or _cd_wrapping(text[k]):
+            k += 1
+            continue
+        if text[k] == "\\" and k + 1 < len(text) and text[k + 1].isascii() and text[k + 1].isalpha():
+            e = k + 1  # a LaTeX command shows no character ("f \\bf (25 * 4 - 3) = 97"), unless it names an operation
+            while e < len(text) and text[e].isascii() and text[e].isalpha():
+                e += 1
+            name = text[k + 1:e].lower()
+            if name in _CD_OP_WORDS or name in _CD_NOT or name in _CD_IF or name in _CD_LABEL_NOT:
+                return "\\"
+            k = e
+            continue
+        break
     return text[k] if k < len(text) else ""
 
 
@@ -765,7 +782,8 @@ def _cd_wrapped(text: str, start: int, has_result: bool, nested: bool = True) ->
     for round_ in range(2):
         if round_ == 1 or any(c == "(" or c == "\n" or c == "\\" or _cd_wrapping(c) for c in between):
             emphasis = _cd_emphasis_ends_at(text, k)
-            line_start = k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
+            line_start = (k >= 0 and text[k] in "-*+>" and text[:k].rstrip(" \t")[-1:] in ("", "\n")
+                          and (text[k] in "*>" or text[k + 1:k + 2] in (" ", "\t")))  # ("-\\bf 25 ...": a minus)
             side = (None if k < 0 or emphasis or line_start
                     else _cd_side_problem(text, k, text[k + 1] not in " \t", False, has_result))
             why = (side or _cd_words_problem(text, k + 1, len(text)) or _cd_colon_label(text, k + 1)
@@ -821,7 +839,8 @@ def _cd_answer_word(text: str, start: int, has_result: bool, nested: bool = Fals
     while m >= 0 and text[m] in " \t":
         m -= 1
     emphasis = _cd_emphasis_ends_at(text, m)
-    line_start = m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
+    line_start = (m >= 0 and text[m] in "-*+>" and text[:m].rstrip(" \t")[-1:] in ("", "\n")
+                  and (text[m] in "*>" or text[m + 1:m + 2] in (" ", "\t")))
     side = (None if m < 0 or emphasis or line_start or text[m] == "="
             else _cd_side_problem(text, m, m == w - 1, False, has_result))
     opens = start
@@ -860,7 +879,7 @@ def _cd_colon_label(text: str, start: int) -> str | None:
             if seen == 4:
                 break
             kind, w, k = _cd_tok(text, k, -1)
-            if kind is None and 0 <= k < len(text) and text[k] in "()#":  # "Answer (wrong):", "Attempt #2:"
+            if kind is None and 0 <= k < len(text) and text[k] in "()#{}[]$":  # "Answer (wrong):", "Attempt #2:", "\\text{Wrong}:"
                 k -= 1
                 continue
             if kind is None and seen > 0 and 0 <= k < len(text) and text[k] == "\\" and k + 1 < len(text) \
@@ -1185,6 +1204,9 @@ def recheck_countdown(text: Any, nums: list[int], target: int, *, tags: bool = T
         start += chunks[-2].rfind("<answer>")
         end = len(text) - len(rest)
         content = chunks[-2].split("<answer>")[-1]
+        outside = text[:start] + "\0" + text[end:]
+        if _cd_unstrike(outside).count("\0") < outside.count("\0"):  # the span struck out took the block's NUL
+            return False, "answer block struck through"
         # read what is around the block as a person does; the block itself stands as one NUL
         head, tail = _cd_read(text[:start]), _cd_read(rest)
         if head is None or tail is None:
@@ -1545,7 +1567,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
             # ("right...?", "!?": the run's last mark ends it; "..." is a pause, as the one character "\u2026")
             answer_sentence, near, same_sentence = False, -1, False
         ellipsis = tok == "\u2026" or (tok == "." and ((i > 0 and text[i - 1] == ".") or (j < n and text[j] == ".")))
-        if same_sentence and (tok in (",", ";", "\u2013", "\u2014") or ellipsis):
+        ascii_dash = tok == "-" and i > 0 and text[i - 1] in " \t-"  # ("... -- right?", "... - right?")
+        if same_sentence and (tok in (",", ";", ":", "(", "\u2013", "\u2014") or ellipsis or ascii_dash):
             tag = 0
         window = (window + [(kind, tok)])[-8:]
         i = j
