@@ -494,7 +494,7 @@ _GGUF_BLOCK_NAMES = {
 _GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
                "olmo2": "olmo2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text",
-               "mistral3": "ministral3"}
+               "gemma4": "gemma4_text", "mistral3": "ministral3"}
 # Gemma 3's norms (its converter stores each weight w as 1 + w, which llama.cpp multiplies by) and
 # the names llama.cpp gives its four norms per block
 _GGUF_GEMMA3_BLOCK_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
@@ -584,10 +584,11 @@ def gguf_config(reader, path: Path) -> dict:
         "model_type": _GGUF_ARCHS[arch],
         "vocab_size": _gguf_count(vocab, f"{arch}.vocab_size", path),
         "hidden_size": hidden,
-        "intermediate_size": count("feed_forward_length", per_layer=True),
+        # (Gemma 4: one value per layer for both, read by _gguf_gemma4)
+        "intermediate_size": None if arch == "gemma4" else count("feed_forward_length", per_layer=True),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": count("attention.head_count_kv", n_heads, per_layer=True),
+        "num_key_value_heads": None if arch == "gemma4" else count("attention.head_count_kv", n_heads, per_layer=True),
         "head_dim": count("attention.key_length", hidden // n_heads),
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),  # (required by llama.cpp too: no guess)
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
@@ -607,6 +608,9 @@ def gguf_config(reader, path: Path) -> dict:
         _gguf_gemma2(path, cfg, meta, tensors)
     if arch == "gemma3":
         _gguf_gemma3(path, cfg, meta)
+    if arch == "gemma4":  # (its RoPE, scaling and all, is read there: nothing below applies)
+        _gguf_gemma4(path, cfg, meta, tensors)
+        return _gguf_special_tokens(reader, path, cfg)
     query_scaling = _gguf_mistral3(path, cfg, meta) if arch == "mistral3" else None
     rotary = meta("rope.dimension_count", required=False)
     if arch == "phi3":
@@ -680,6 +684,10 @@ def gguf_config(reader, path: Path) -> dict:
         beta, length = query_scaling
         cfg["rope_scaling"] = {**(cfg.get("rope_scaling") or {"rope_type": "default"}),
                                "llama_4_scaling_beta": beta, "original_max_position_embeddings": length}
+    return _gguf_special_tokens(reader, path, cfg)
+
+
+def _gguf_special_tokens(reader, path: Path, cfg: dict) -> dict:
     for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         value = _gguf_field(reader, f"tokenizer.ggml.{field}", path, required=False)
         if value is not None:
@@ -814,6 +822,167 @@ def _gguf_gemma2(path: Path, cfg: dict, meta, tensors: dict) -> None:
                layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
                query_pre_attn_scalar=(cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 46
                                       else cfg["head_dim"]))
+
+
+# llama.cpp's Gemma 4 (its gemma4 architecture, src/models/gemma4.cpp): the sliding layers flagged
+# one per layer (attention.sliding_window_pattern), heads of key_length_swa dims there and of
+# key_length on the full layers, kv heads per layer, the MLP width per layer (twice as wide on the
+# shared-KV layers of use_double_wide_mlp), scores scaled by 1, norms as stored (no 1 + w), RoPE at
+# rope.freq_base_swa on the sliding layers and at rope.freq_base on the full ones with the
+# rope_freqs factors (1: turned, 1e30: left still: proportional RoPE), the last
+# attention.shared_kv_layers layers reading the keys and values of layer n - 2 (sliding) or n - 1
+# (full), n the first shared layer
+_GGUF_GEMMA4_MOE = ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
+                    "pre_ffw_norm_2", "post_ffw_norm_1", "post_ffw_norm_2")
+# a rope_freqs factor this large or larger leaves its pair still for any position a context holds
+# (llama.cpp divides the pair's frequency by it; the converter writes 1e30)
+_GGUF_GEMMA4_STILL = 1e20
+# Gemma 4's per-layer inputs and layer scalars: llama.cpp's names -> r3's
+_GGUF_GEMMA4_BLOCK_NAMES = {"inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+                            "post_norm": "post_per_layer_input_norm", "layer_output_scale": "layer_scalar"}
+_GGUF_GEMMA4_NAMES = {"per_layer_token_embd.weight": "embed_tokens_per_layer.weight",
+                      "per_layer_model_proj.weight": "per_layer_model_projection.weight",
+                      "per_layer_proj_norm.weight": "per_layer_projection_norm.weight"}
+
+
+def _gguf_gemma4(path: Path, cfg: dict, meta, tensors: dict) -> None:
+    """Gemma 4 (dense: E2B, E4B, 31B) as llama.cpp runs a gemma4 file, as the config.json that
+    transformers reads with the same numbers (model_type gemma4_text): the full layers' shape as
+    ``per_layer_config``, keys as values where the full layers have no ``attn_v`` (llama.cpp's test,
+    per layer), proportional RoPE from the ``rope_freqs`` factors. What llama.cpp would run
+    otherwise than transformers (its shared-KV layers read fixed layers; it leaves RoPE scaling
+    fields and a score cap unread here), and the mixture-of-experts model (26B-A4B), are refused."""
+    import numpy as np
+
+    shown = _gguf_shown
+    n = cfg["num_hidden_layers"]
+    experts = meta("expert_count", required=False)
+    moe = sorted(name for name in tensors if name.startswith("blk.") and name.split(".")[2] in _GGUF_GEMMA4_MOE)
+    if moe or (experts is not None and not (_gguf_integer(experts) and experts == 0)):
+        what = f"tensor '{moe[0]}'" if moe else f"field 'gemma4.expert_count' {shown(experts)!r}"
+        raise R3Error(f"{path}: unsupported GGUF {what}: Gemma 4's mixture-of-experts model (26B-A4B) is not "
+                      "supported (r3 runs the dense ones: E2B, E4B, 31B)")
+    pattern = shown(meta("attention.sliding_window_pattern"))  # (required by llama.cpp too)
+    if not (isinstance(pattern, list) and len(pattern) == n
+            and all(isinstance(v, (bool, int, np.bool_, np.integer)) and v in (0, 1) for v in pattern)):
+        raise R3Error(f"{path}: unsupported GGUF field 'gemma4.attention.sliding_window_pattern' {pattern!r} "
+                      f"(r3 reads one flag per layer, {n} of them, true for sliding, as llama.cpp's converter writes it)")
+    sliding = [bool(v) for v in pattern]
+    window = meta("attention.sliding_window")
+    if not _gguf_integer(window) or window <= 0:
+        raise R3Error(f"{path}: GGUF field 'gemma4.attention.sliding_window' must be a positive integer, "
+                      f"got {shown(window)!r}")
+    full_dim = cfg["head_dim"]  # (key_length: the full layers' heads; key_length_swa the sliding ones')
+    swa_dim = _gguf_count(meta("attention.key_length_swa"), "gemma4.attention.key_length_swa", path)
+    for key, want in (("attention.value_length", full_dim), ("attention.value_length_swa", swa_dim)):
+        value = meta(key, required=False)
+        if value is not None and not (_gguf_integer(value) and value == want):
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma4.{key}' {shown(value)!r} (llama.cpp runs Gemma 4 "
+                          f"with values as wide as keys: {want})")
+    shared = meta("attention.shared_kv_layers", 0)
+    if not _gguf_integer(shared) or not 0 <= shared < n:
+        raise R3Error(f"{path}: GGUF field 'gemma4.attention.shared_kv_layers' must be an integer from 0 to {n - 1}, "
+                      f"got {shown(shared)!r}")
+    shared, first = int(shared), n - int(shared)
+
+    def per_kind(key, default=None):  # -> (sliding layers' value, full layers' value)
+        value = shown(meta(key, default))
+        if not isinstance(value, list):
+            value = _gguf_count(value, f"gemma4.{key}", path)
+            return value, value
+        if len(value) != n or not all(_gguf_integer(v) and v > 0 for v in value):
+            raise R3Error(f"{path}: GGUF field 'gemma4.{key}' must be a positive integer or {n} of them, got {value!r}")
+        kinds = [{v for v, s in zip(value, sliding) if s == kind} for kind in (True, False)]
+        if any(len(k) > 1 for k in kinds):
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma4.{key}' {value!r} (r3 runs one value for the "
+                          "sliding layers and one for the full ones)")
+        swa, full = (k.pop() if k else None for k in kinds)
+        return int(swa or full), int(full or swa)
+
+    swa_kv, full_kv = per_kind("attention.head_count_kv", cfg["num_attention_heads"])
+    ff = shown(meta("feed_forward_length"))
+    double = False
+    if isinstance(ff, list) and len(ff) == n and ff and all(_gguf_integer(v) and v > 0 for v in ff):
+        double = shared > 0 and ff[first:] == [2 * ff[0]] * shared and ff[:first] == [ff[0]] * first
+        if not double and ff != [ff[0]] * n:
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma4.feed_forward_length' {ff!r} (r3 runs one width, "
+                          "or twice it on the shared-KV layers: use_double_wide_mlp)")
+        ff = ff[0]
+    ff = _gguf_count(ff, "gemma4.feed_forward_length", path)
+    # llama.cpp's shared layers read layer first - 2 (sliding) or first - 1 (full); transformers'
+    # (and r3's) the last earlier layer of their kind: refused where the two differ
+    for i in range(first, n):
+        ours = max((j for j in range(first) if sliding[j] == sliding[i]), default=None)
+        theirs = first - (2 if sliding[i] else 1)
+        if ours != theirs:
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma4.attention.shared_kv_layers' {shared}: llama.cpp's "
+                          f"shared {'sliding' if sliding[i] else 'full'} layer {i} reads the keys and values of layer "
+                          f"{theirs}, transformers' those of layer {ours}, the last earlier one of its kind")
+    # keys as values: llama.cpp takes a layer without attn_v so (a shared layer reads its source's)
+    without_v = {i for i in range(first) if f"blk.{i}.attn_v.weight" not in tensors}
+    full_own = {i for i in range(first) if not sliding[i]}
+    if without_v - full_own or (without_v and without_v != full_own):
+        i = min((without_v - full_own) or (full_own - without_v) or without_v)
+        has = "has" if i not in without_v else "has no"
+        raise R3Error(f"{path}: unsupported GGUF file: layer {i} {has} tensor 'blk.{i}.attn_v.weight' (r3 runs keys as "
+                      "values on every full-attention layer or on none, and never on the sliding ones)")
+    theta = cfg["rope_theta"]
+    swa_theta = meta("rope.freq_base_swa", theta)  # (llama.cpp's default: rope.freq_base)
+    if not _gguf_number(swa_theta):
+        raise R3Error(f"{path}: GGUF field 'gemma4.rope.freq_base_swa' must be a positive number, got {shown(swa_theta)!r}")
+    for key, want in (("rope.dimension_count", full_dim), ("rope.dimension_count_swa", swa_dim)):
+        value = meta(key, required=False)
+        if value is None and key.endswith("_swa") and swa_dim != full_dim:
+            raise R3Error(f"{path}: missing GGUF field 'gemma4.{key}' (the sliding layers' heads of {swa_dim} dims "
+                          f"differ from the full layers' {full_dim})")
+        if value is not None and not (_gguf_integer(value) and value == want):
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma4.{key}' {shown(value)!r} (r3 runs RoPE over the "
+                          f"whole head, {want} dims, with the full layers' pairs left still by 'rope_freqs.weight')")
+    # (fields llama.cpp reads for every architecture, or not for gemma4: accepted at what runs as transformers does)
+    for key, runs in (("rope.scaling.type", ("none",)), ("rope.scaling.factor", (0, 1)), ("rope.scale_linear", (0, 1)),
+                      ("rope.scaling.attn_factor", (1,)), ("attn_logit_softcapping", (0,))):
+        value = shown(meta(key, required=False))
+        if value is not None and (isinstance(value, (bool, list)) or value not in runs):
+            raise R3Error(f"{path}: unsupported GGUF field 'gemma4.{key}' {value!r} (Gemma 4 as llama.cpp's "
+                          "converter writes it has neither RoPE scaling nor a score cap)")
+    rope_full = {"rope_type": "proportional", "partial_rotary_factor": 1.0, "rope_theta": theta}
+    if not all(sliding):
+        if "rope_freqs.weight" not in tensors:  # (llama.cpp requires it for the full layers)
+            raise R3Error(f"{path}: missing GGUF tensor 'rope_freqs.weight' (Gemma 4's proportional RoPE)")
+        factors = _read_gguf_tensor(tensors["rope_freqs.weight"], path).double()
+        if tuple(factors.shape) != (full_dim // 2,):
+            raise R3Error(f"{path}: GGUF tensor 'rope_freqs.weight' has shape {tuple(factors.shape)}, expected "
+                          f"({full_dim // 2},) (one factor per pair of the full layers' heads)")
+        turned = int((factors == 1).long().cumprod(0).sum())
+        if not bool((factors[turned:] >= _GGUF_GEMMA4_STILL).all()):
+            raise R3Error(f"{path}: GGUF tensor 'rope_freqs.weight' holds RoPE frequency factors other than Gemma 4's "
+                          f"proportional RoPE (1 for the first pairs, 1e30 for the rest: from {float(factors.min()):g} "
+                          f"to {float(factors.max()):g}); r3 cannot run them")
+        partial = 2 * turned / full_dim
+        if int(partial * full_dim // 2) != turned:  # (as _gguf_phi3: the quotient may round below the count)
+            partial = math.nextafter(partial, math.inf)
+        rope_full["partial_rotary_factor"] = partial
+    cap = shown(meta("final_logit_softcapping", required=False))
+    if cap is not None and not (_gguf_real(cap) and float(cap) >= 0):
+        raise R3Error(f"{path}: GGUF field 'gemma4.final_logit_softcapping' must be a number >= 0, got {cap!r}")
+    ple = meta("embedding_length_per_layer_input")  # (required by llama.cpp too; 0: none)
+    if not _gguf_integer(ple) or ple < 0:
+        raise R3Error(f"{path}: GGUF field 'gemma4.embedding_length_per_layer_input' must be an integer >= 0, "
+                      f"got {shown(ple)!r}")
+    table = tensors.get("per_layer_token_embd.weight")
+    if ple and table is not None and tuple(table.shape) != (ple * n, cfg["vocab_size"]):
+        raise R3Error(f"{path}: GGUF tensor 'per_layer_token_embd.weight' has shape {tuple(table.shape)}, expected "
+                      f"{(ple * n, cfg['vocab_size'])} (llama.cpp reads one row of per-layer inputs per token)")
+    cfg.pop("rope_theta")
+    cfg.update(hidden_act="gelu_pytorch_tanh", intermediate_size=ff, num_key_value_heads=swa_kv, head_dim=swa_dim,
+               per_layer_config={str(i): {"head_dim": full_dim, "num_key_value_heads": full_kv}
+                                 for i in range(n) if not sliding[i]},
+               attention_k_eq_v=bool(without_v), num_kv_shared_layers=shared, use_double_wide_mlp=double,
+               hidden_size_per_layer_input=int(ple), vocab_size_per_layer_input=cfg["vocab_size"],
+               layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+               sliding_window=int(window), final_logit_softcapping=float(cap) if cap else None,
+               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": float(swa_theta)},
+                                "full_attention": rope_full})
 
 
 # llama.cpp's OLMo 3 (architecture olmo2 with a sliding window above 0): every fourth layer full and
@@ -1042,20 +1211,25 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     assembler = CheckpointAssembler(cfg)
     permute = cfg.model_type in _GGUF_PERMUTED
     block_names = {**_GGUF_BLOCK_NAMES, **(_GGUF_PHI3_BLOCK_NAMES if cfg.model_type == "phi3" else {}),
-                   **(_GGUF_GEMMA3_BLOCK_NAMES if cfg.gemma else {})}
+                   **(_GGUF_GEMMA3_BLOCK_NAMES if cfg.gemma else {}), **(_GGUF_GEMMA4_BLOCK_NAMES if cfg.gemma4 else {})}
+    names = {**_GGUF_NAMES, **(_GGUF_GEMMA4_NAMES if cfg.gemma4 else {})}
     for t in reader.tensors:
-        name = _GGUF_NAMES.get(t.name)
+        name = names.get(t.name)
         if name is None and t.name.startswith("blk."):
             _, layer, kind, suffix = t.name.split(".", 3)
             if kind in block_names:
                 name = f"layers.{layer}.{block_names[kind]}.{suffix}"
+            if cfg.gemma4 and kind == "layer_output_scale" and suffix == "weight":  # (a buffer: no .weight in r3)
+                name = f"layers.{layer}.layer_scalar"
         if name is None:
             if t.name == "rope_freqs.weight" or (cfg.model_type == "phi3" and t.name in (
                     "rope_factors_short.weight", "rope_factors_long.weight")):
                 continue  # (read by gguf_config as the config's RoPE scaling)
             raise R3Error(f"{path}: unexpected GGUF tensor '{t.name}'")
+        if checkpoint_ignores(cfg, name):  # (Gemma 4's shared layers: llama.cpp reads their source's keys, not these)
+            continue
         tensor = _read_gguf_tensor(t, path)
-        if cfg.gemma and t.name.endswith("norm.weight"):  # (stored as 1 + w, as llama.cpp multiplies)
+        if cfg.gemma and not cfg.gemma4 and t.name.endswith("norm.weight"):  # (stored as 1 + w, as llama.cpp multiplies)
             tensor = tensor.float() - 1.0
         if permute and name.endswith("q_proj.weight"):
             tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
@@ -1063,9 +1237,14 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
             tensor = _unpermute_qk(tensor, cfg.num_key_value_heads)
         _place(model, assembler, name, tensor, dtype, device, str(path), label=f"'{t.name}' ({name!r} in r3)")
         loaded.add(name)
+    if cfg.gemma4:  # (llama.cpp scales a Gemma 4 block by its layer_output_scale where the file holds one, else by 1)
+        for i in range(cfg.num_hidden_layers):
+            if f"layers.{i}.layer_scalar" not in loaded:
+                _place(model, assembler, f"layers.{i}.layer_scalar", torch.ones(1), dtype, device, str(path))
+                loaded.add(f"layers.{i}.layer_scalar")
     # r3's names -> the file's, to name a missing tensor (llama.cpp calls the norm before the MLP
     # ffn_norm, and OLMo's norm after attention post_attention_norm)
-    gguf_names = {v: k for k, v in _GGUF_NAMES.items()}
+    gguf_names = {v: k for k, v in names.items()}
     for k, v in block_names.items():
         gguf_names.setdefault(v, k)
     if cfg.olmo:
@@ -1163,16 +1342,19 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
 
 
 # r3's GGUF architectures whose files transformers reads no tokenizer from: it refuses them before
-# looking at the vocabulary. Every other file goes to transformers as it is, since for some
-# architectures it builds another tokenizer from the same fields (Gemma's and Phi-3's
-# SentencePiece vocabularies: a stand-in under llama would convert those differently)
-_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2", "mistral3")
+# looking at the vocabulary (gemma4: transformers 5.25 reads its config first, and refuses the MLP
+# widths and kv heads per layer that E2B's and 31B's files hold; its vocabulary, tokenizer model
+# gemma4, converts by that name whatever the architecture). Every other file goes to transformers as it
+# is, since for some architectures it builds another tokenizer from the same fields (Gemma 2/3's
+# and Phi-3's SentencePiece vocabularies, tokenizer model llama: a stand-in under llama would
+# convert those differently)
+_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2", "mistral3", "gemma4")
 
 
 @contextlib.contextmanager
 def _gguf_tokenizer_source(path: Path, reader: GGUFFile):
     """-> (folder, file name) of a GGUF file transformers converts ``path``'s tokenizer from: the
-    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2, mistral3) a
+    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2, mistral3, gemma4) a
     temporary file holding only its ``tokenizer.*`` metadata under architecture ``llama``. Which
     tokenizer transformers builds for those is decided by the vocabulary's own fields
     (``tokenizer.ggml.model`` and ``.pre``), so the stand-in converts to the same one."""

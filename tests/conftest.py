@@ -212,10 +212,12 @@ def tiny_hf_config(kind: str, **overrides):
 
         rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
-        cfg = Gemma4TextConfig(**{**common, "hidden_size": 48, "head_dim": 16, "num_hidden_layers": 5},
+        # (layer_types: read by Gemma4TextConfig's constructor, so an override goes in here, not after)
+        types = overrides.pop("layer_types", ["sliding_attention", "full_attention", "sliding_attention",
+                                              "sliding_attention", "full_attention"])
+        cfg = Gemma4TextConfig(**{**common, "hidden_size": 48, "head_dim": 16, "num_hidden_layers": len(types)},
                                global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-                               layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                                            "sliding_attention", "full_attention"],
+                               layer_types=types,
                                num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
                                vocab_size_per_layer_input=256, sliding_window=8, final_logit_softcapping=4.0,
                                rope_parameters=rope, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,

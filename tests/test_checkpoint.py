@@ -1185,6 +1185,307 @@ def test_a_gemma2_gguf_file_gives_the_source_models_logits(tmp_path, layers, bf1
             load(bad, tokenizer=False)
 
 
+# Gemma 4 E2B's layout in small: full layers every third, the last non-shared layer full and the one
+# before it sliding (as E2B's 20th and 19th, E4B's 24th and 23rd), which is where llama.cpp's
+# shared-KV layers read
+_GEMMA4_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def _write_gemma4_gguf(hf, path, drop=(), fields=None, extra=None):
+    """A gemma4 file as llama.cpp's converter (conversion/gemma.py's Gemma4Model) writes one: norms
+    as they are (no 1 + w), the full layers' head size as key_length and the sliding ones' as
+    key_length_swa, kv heads and MLP widths per layer, the sliding flags per layer, the shared-KV
+    layer count, the per-layer input width, the full layers' proportional RoPE as the rope_freqs
+    factors (1 for the turned pairs, 1e30 for the rest), each layer_scalar as layer_output_scale.
+    ``drop``: keys or tensors left out; ``fields``: keys (after ``gemma4.``) written otherwise."""
+    import gguf
+    import numpy as np
+
+    c = hf.config
+    n, first = c.num_hidden_layers, c.num_hidden_layers - c.num_kv_shared_layers
+    swa = [t == "sliding_attention" for t in c.layer_types]
+    full_rope = c.rope_parameters["full_attention"]
+    # (a published config.json's global_head_dim and num_global_key_value_heads, which transformers
+    # 5.2x holds per layer)
+    full, local = c.per_layer_config[swa.index(False)], c.per_layer_config[swa.index(True)]
+    global_dim, global_kv, head_dim = full.head_dim, full.num_key_value_heads, local.head_dim
+    turned = int(global_dim * full_rope["partial_rotary_factor"] / 2)
+    keys = {
+        "context_length": ("uint32", c.max_position_embeddings), "embedding_length": ("uint32", c.hidden_size),
+        "block_count": ("uint32", n), "vocab_size": ("uint32", c.vocab_size),
+        "feed_forward_length": ("array", [c.intermediate_size * (2 if i >= first else 1) for i in range(n)])
+        if c.use_double_wide_mlp else ("uint32", c.intermediate_size),
+        "attention.head_count": ("uint32", c.num_attention_heads),
+        "attention.head_count_kv": ("array", [local.num_key_value_heads if s else global_kv for s in swa]),
+        "attention.layer_norm_rms_epsilon": ("float32", c.rms_norm_eps),
+        "attention.key_length": ("uint32", global_dim), "attention.value_length": ("uint32", global_dim),
+        "attention.key_length_swa": ("uint32", head_dim), "attention.value_length_swa": ("uint32", head_dim),
+        "rope.freq_base": ("float32", full_rope["rope_theta"]),
+        "rope.freq_base_swa": ("float32", c.rope_parameters["sliding_attention"]["rope_theta"]),
+        "rope.dimension_count": ("uint32", global_dim), "rope.dimension_count_swa": ("uint32", head_dim),
+        "final_logit_softcapping": ("float32", c.final_logit_softcapping),
+        "attention.sliding_window": ("uint32", c.sliding_window),
+        "attention.shared_kv_layers": ("uint32", c.num_kv_shared_layers),
+        "embedding_length_per_layer_input": ("uint32", c.hidden_size_per_layer_input or 0),
+        "attention.sliding_window_pattern": ("array", swa),
+        **(fields or {}),
+    }
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    for key, (kind, value) in keys.items():
+        if key not in drop:
+            {"uint32": w.add_uint32, "float32": w.add_float32, "array": w.add_array,
+             "string": w.add_string}[kind](f"gemma4.{key}", value)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n)
+    tensors = {"rope_freqs.weight": np.array([1.0] * turned + [1e30] * (global_dim // 2 - turned), np.float32)}
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gname is not None, name
+        # (the converter names a layer_scalar, which has no suffix, layer_output_scale.weight)
+        tensors[gname if gname.endswith((".weight", ".bias")) else gname + ".weight"] = t.detach().float().numpy()
+    tensors.update(extra or {})
+    for gname, arr in tensors.items():
+        if gname not in drop:
+            w.add_tensor(gname, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gemma4_gguf_file_gives_the_source_models_logits_as_llama_cpp_runs_it(tmp_path):
+    """llama.cpp runs a gemma4 file (its converter's) as transformers runs the source model: norms as
+    stored, scores scaled by 1, values normed without a scale and taken from the keys where a full
+    layer has no attn_v, the full layers' own head size and kv heads, proportional RoPE from the
+    rope_freqs factors, the sliding layers at rope.freq_base_swa, the shared-KV layers reading the
+    last non-shared layers, per-layer inputs (their table scaled by sqrt(width), the projection by
+    hidden ** -1/2, the sum by 2 ** -1/2), each block scaled by its layer_output_scale, the final
+    cap. A tiny Gemma 4 with all of these gives its logits over 40 positions from the file; with a
+    norm read as 1 + w, a layer scalar left at 1, RoPE turning every pair of the full layers, or the
+    sliding layers at the full layers' base, they differ. The export reloads in transformers."""
+    from conftest import make_tiny_hf
+    from transformers import AutoModelForCausalLM
+
+    from r3.model import Transformer
+
+    hf = make_tiny_hf(tmp_path / "hf", "gemma4", layer_types=_GEMMA4_TYPES)
+    path = tmp_path / "gemma4.gguf"
+    # (published checkpoints hold keys and values for the shared layers too: llama.cpp leaves them unread)
+    k = hf.model.layers[0].self_attn.k_proj.weight.detach().numpy()
+    _write_gemma4_gguf(hf, path, extra={"blk.3.attn_k.weight": k, "blk.3.attn_v.weight": k})
+    model, _ = load(path, tokenizer=False, dtype=torch.float32)
+    c = model.config
+    assert (c.model_type, c.hidden_act, c.query_pre_attn_scalar, c.final_logit_softcapping) == (
+        "gemma4_text", "gelu_pytorch_tanh", 1.0, 4.0)
+    assert (c.head_dim, c.global_head_dim, c.num_key_value_heads, c.global_kv_heads, c.attention_k_eq_v) == (
+        16, 32, 2, 1, True)
+    assert (c.kv_shared_layers, c.double_wide_mlp, c.per_layer_input_size, c.per_layer_vocab_size) == (2, True, 8, 256)
+    assert c.layer_windows == [8, 8, None, 8, None] and [c.kv_source(i) for i in range(5)] == [0, 1, 2, 1, 2]
+    assert c.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 1.0}
+    assert (c.rope_theta, c.local_rope_theta) == (1e6, 20000.0)
+    tokens = _tokens(hf.config.vocab_size, T=40)
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        assert (want - model(tokens)).abs().max().item() <= 1e-4
+        norm = model.layers[1].input_layernorm.weight
+        norm.add_(1.0)  # (the norm as Gemma 2/3 files hold it: llama.cpp's Gemma 4 converter adds nothing)
+        assert (want - model(tokens)).abs().max().item() > 1e-2
+        norm.sub_(1.0)
+        scalar = model.layers[2].layer_scalar.clone()
+        model.layers[2].layer_scalar.fill_(1.0)  # (a loader that skips layer_output_scale)
+        assert (want - model(tokens)).abs().max().item() > 1e-2
+        model.layers[2].layer_scalar.copy_(scalar)
+        for change in ({"rope_scaling": {**c.rope_scaling, "partial_rotary_factor": 1.0}},  # (every pair turned)
+                       {"local_rope_theta": c.rope_theta}):  # (the sliding layers at the full layers' base)
+            other = Transformer(dataclasses.replace(c, **change)).eval()
+            other.load_state_dict(model.state_dict())
+            assert (want - other(tokens)).abs().max().item() > 1e-2, change
+    out = save_hf(model, None, tmp_path / "export")  # (the export is the same model to transformers)
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)(tokens).logits
+        assert (want - got).abs().max().item() <= 1e-4
+    # llama.cpp scales a block by 1 where the file holds no layer_output_scale
+    bare = tmp_path / "bare.gguf"
+    _write_gemma4_gguf(hf, bare, drop={f"blk.{i}.layer_output_scale.weight" for i in range(5)})
+    assert all(float(b.layer_scalar) == 1.0 for b in load(bare, tokenizer=False)[0].layers)
+
+
+def test_gemma4_gguf_files_llama_cpp_would_run_otherwise_are_refused_in_one_line(tmp_path):
+    """What llama.cpp runs otherwise than transformers, or r3 cannot run, is one line naming the
+    field or tensor: shared-KV layers whose source llama.cpp fixes at other layers (the first shared
+    layer minus 2 for sliding, minus 1 for full) than transformers' last of their kind, the
+    mixture-of-experts model, RoPE factors that are not proportional RoPE, RoPE scaling, a score cap,
+    values narrower than keys, a width per layer other than use_double_wide_mlp's, keys as values
+    on a sliding layer."""
+    import numpy as np
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", "gemma4", layer_types=_GEMMA4_TYPES)
+    dim = 32 // 2  # (the full layers' heads)
+    router = np.zeros((4, 48), np.float32)
+    cases = [
+        (dict(fields={"expert_count": ("uint32", 8)}), "unsupported GGUF field 'gemma4.expert_count' 8: Gemma 4's "
+         "mixture-of-experts model (26B-A4B) is not supported"),
+        (dict(extra={"blk.0.ffn_gate_inp.weight": router}), "unsupported GGUF tensor 'blk.0.ffn_gate_inp.weight': "
+         "Gemma 4's mixture-of-experts model"),
+        (dict(extra={"rope_freqs.weight": np.array([1.0] * 4 + [2.0] * (dim - 4), np.float32)}),
+         "GGUF tensor 'rope_freqs.weight' holds RoPE frequency factors other than Gemma 4's proportional RoPE"),
+        (dict(drop={"rope_freqs.weight"}), "missing GGUF tensor 'rope_freqs.weight'"),
+        (dict(fields={"rope.scaling.type": ("string", "linear")}), "unsupported GGUF field 'gemma4.rope.scaling.type' "
+         "'linear'"),
+        (dict(fields={"rope.scaling.factor": ("float32", 8.0)}), "unsupported GGUF field 'gemma4.rope.scaling.factor' 8.0"),
+        (dict(fields={"attn_logit_softcapping": ("float32", 50.0)}),
+         "unsupported GGUF field 'gemma4.attn_logit_softcapping' 50.0"),
+        (dict(fields={"attention.value_length_swa": ("uint32", 8)}),
+         "unsupported GGUF field 'gemma4.attention.value_length_swa' 8"),
+        (dict(fields={"rope.dimension_count_swa": ("uint32", 8)}),
+         "unsupported GGUF field 'gemma4.rope.dimension_count_swa' 8"),
+        (dict(fields={"feed_forward_length": ("array", [96, 96, 96, 96, 144])}),
+         "unsupported GGUF field 'gemma4.feed_forward_length' [96, 96, 96, 96, 144]"),
+        (dict(fields={"attention.head_count_kv": ("array", [2, 1, 1, 2, 1])}),
+         "unsupported GGUF field 'gemma4.attention.head_count_kv' [2, 1, 1, 2, 1]"),
+        (dict(fields={"attention.sliding_window_pattern": ("uint32", 1)}),
+         "unsupported GGUF field 'gemma4.attention.sliding_window_pattern' 1"),
+        (dict(drop={"attention.sliding_window"}), "missing GGUF field 'gemma4.attention.sliding_window'"),
+        (dict(drop={"embedding_length_per_layer_input"}), "missing GGUF field 'gemma4.embedding_length_per_layer_input'"),
+        (dict(drop={"blk.0.attn_v.weight"}), "unsupported GGUF file: layer 0 has no tensor 'blk.0.attn_v.weight' "
+         "(r3 runs keys as values on every full-attention layer or on none, and never on the sliding ones)"),
+    ]
+    for kw, message in cases:
+        bad = tmp_path / "bad.gguf"
+        _write_gemma4_gguf(hf, bad, **kw)
+        with pytest.raises(R3Error, match=re.escape(message)) as e:
+            load(bad, tokenizer=False)
+        assert "\n" not in str(e.value), message
+    # the tiny Gemma 4 of the other tests: its shared sliding layer reads layer 2 in transformers,
+    # but layer 1 (a full one) in llama.cpp
+    other = make_tiny_hf(tmp_path / "other", "gemma4")
+    _write_gemma4_gguf(other, tmp_path / "other.gguf")
+    with pytest.raises(R3Error, match=re.escape(
+            "unsupported GGUF field 'gemma4.attention.shared_kv_layers' 2: llama.cpp's shared sliding layer 3 reads "
+            "the keys and values of layer 1, transformers' those of layer 2")):
+        load(tmp_path / "other.gguf", tokenizer=False)
+
+
+def test_a_gemma4_e2b_shaped_gguf_header_reads_as_its_config(tmp_path):
+    """Gemma 4 E2B's shapes as llama.cpp's converter writes them (35 layers, every fifth full, the
+    last 20 reading layers 13 and 14, one kv head, heads of 256 and 512 dims, MLPs of 6144 and
+    twice that on the shared layers, per-layer inputs of 256, a cap of 30, RoPE at 10000 and 1e6
+    with a quarter of the full layers' pairs turned): the config is E2B's, and where llama.cpp's
+    shared layers read (the first shared layer minus 2 and minus 1) is where transformers' read."""
+    import gguf
+    import numpy as np
+
+    n, shared = 35, 20
+    swa = [(i + 1) % 5 != 0 for i in range(n)]
+    w = gguf.GGUFWriter(str(tmp_path / "e2b.gguf"), "gemma4")
+    for key, value in (("block_count", n), ("context_length", 131072), ("embedding_length", 1536),
+                       ("attention.head_count", 8), ("attention.head_count_kv", 1), ("attention.key_length", 512),
+                       ("attention.value_length", 512), ("attention.key_length_swa", 256),
+                       ("attention.value_length_swa", 256), ("rope.dimension_count", 512),
+                       ("rope.dimension_count_swa", 256), ("attention.sliding_window", 512),
+                       ("attention.shared_kv_layers", shared), ("embedding_length_per_layer_input", 256),
+                       ("vocab_size", 262144)):
+        w.add_uint32(f"gemma4.{key}", value)
+    for key, value in (("attention.layer_norm_rms_epsilon", 1e-6), ("rope.freq_base", 1e6),
+                       ("rope.freq_base_swa", 10000.0), ("final_logit_softcapping", 30.0)):
+        w.add_float32(f"gemma4.{key}", value)
+    w.add_array("gemma4.feed_forward_length", [6144] * (n - shared) + [12288] * shared)
+    w.add_array("gemma4.attention.sliding_window_pattern", swa)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * 64 + [1e30] * 192, np.float32))
+    for i in range(n - shared):  # (E2B's full layers have their own values: not keys as values)
+        w.add_tensor(f"blk.{i}.attn_v.weight", np.zeros(1, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    c = checkpoint.load_config(tmp_path / "e2b.gguf")
+    assert (c.model_type, c.num_hidden_layers, c.head_dim, c.global_head_dim, c.num_key_value_heads) == (
+        "gemma4_text", 35, 256, 512, 1)
+    assert (c.intermediate_size, c.double_wide_mlp, c.kv_shared_layers, c.per_layer_input_size) == (6144, True, 20, 256)
+    assert (c.attention_k_eq_v, c.final_logit_softcapping, c.rope_theta, c.local_rope_theta) == (False, 30.0, 1e6, 1e4)
+    assert c.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 1.0}
+    assert c.layer_windows == [512 if s else None for s in swa]
+    assert [c.kv_source(i) for i in range(15, n)] == [13 if s else 14 for s in swa[15:]]
+
+
+def test_a_gemma4_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path, monkeypatch):
+    """Gemma 4's vocabulary in GGUF is tokenizer model ``gemma4`` (llama.cpp's converter: BPE over
+    SentencePiece-style pieces, with its merges, the chat-parser tokens user-defined), which
+    transformers 5 converts; r3 adds the ``<bos>`` the file asks for, as llama.cpp does (transformers
+    leaves it out, since the template writes one), so ``load`` gives a tokenizer whose prompts are
+    the template's text tokenized, turns ending and generation stopping at ``<turn|>``."""
+    import gguf
+    from conftest import make_tiny_hf
+
+    from r3.chat import ChatFormat
+
+    monkeypatch.setenv("R3_CACHE_DIR", str(tmp_path / "cache"))
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "u", "s", "m", "\n", "▁h", "▁he", "ll", "▁hell", "▁hello",
+              "▁w", "or", "▁world", "user", "model"]
+    merges = ["▁ h", "▁h e", "l l", "▁he ll", "▁hell o", "h e", "he ll", "hell o", "▁ w", "o r", "▁w or", "▁wor l",
+              "▁worl d", "u s", "us e", "use r", "m o", "mo d", "mod e", "mode l"]
+    pieces += ["he", "hell", "hello", "▁wor", "▁worl", "us", "use", "mo", "mod", "mode"]
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>"]
+    tokens = [*special, *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    vocab = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(vocab), "gemma4")
+    w.add_tokenizer_model("gemma4")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    # (control tokens, then the chat-parser ones the converter makes user-defined, bytes, pieces)
+    w.add_token_types([3, 3, 3, 2, 3, 3, 4, 4] + [6] * 256 + [1] * len(pieces))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_space_prefix(False)
+    w.add_add_bos_token(True)
+    w.add_chat_template((Path(__file__).parent / "data" / "chat_templates" / "gemma4.jinja").read_text())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    hf = make_tiny_hf(tmp_path / "hf", "gemma4", layer_types=_GEMMA4_TYPES, vocab_size=len(tokens),
+                      vocab_size_per_layer_input=len(tokens))
+    path = tmp_path / "gemma4.gguf"
+    _write_gemma4_gguf(hf, path)
+    src = gguf.GGUFReader(str(vocab))  # (the vocabulary's fields beside the model's)
+    body = tmp_path / "body.gguf"
+    path.rename(body)
+    r = gguf.GGUFReader(str(body))
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    for reader in (r, src):
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture" or (reader is r) == key.startswith("tokenizer."):
+                continue
+            kind = field.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                w.add_array(key, field.contents())
+            else:
+                w.add_key_value(key, field.contents(), kind)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model, tok = load(path)
+    assert model.config.vocab_size == len(tokens)
+    ids = tok("hello world")["input_ids"]
+    # (no space before the first word: the converter writes add_space_prefix false, as Gemma 4's own tokenizer)
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "hello", "▁world"]
+    assert tok.decode(ids, skip_special_tokens=True) == "hello world"
+    chat = ChatFormat(tok)
+    messages = [{"role": "user", "content": "hello world"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<bos><|turn>user\nhello world<turn|>\n<|turn>model\n"), text
+    assert chat.prompt(messages) == tok(text, add_special_tokens=False)["input_ids"]
+    assert chat.end_of_turn_id == 5 and 5 in chat.stop_ids
+
+
 def test_a_gemma3_gguf_file_loads_with_its_tokenizer_and_chat_template(tmp_path, monkeypatch):
     """A Gemma 3 GGUF carries a SentencePiece vocabulary (converted by transformers, which reads
     gemma3 files) and Gemma's chat template: ``load`` returns the model and a tokenizer whose
@@ -2107,10 +2408,10 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
          "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, "
-         "gemma3, mistral3)"),
+         "gemma3, gemma4, mistral3)"),
         ({**base, "general.architecture": "clip"},  # (the mmproj-*.gguf beside a Gemma 3 4b+ file)
          "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, "
-         "gemma3, mistral3); "
+         "gemma3, gemma4, mistral3); "
          "a vision projector (mmproj) file: pass the language model's .gguf"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({k: v for k, v in base.items() if k != "llama.attention.layer_norm_rms_epsilon"},
