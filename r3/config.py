@@ -67,6 +67,9 @@ class TrainConfig:
     skip_no_signal_groups: bool = True  # groups with all-equal rewards have zero advantage
     shared_prefix: bool = True  # update and reference encode each group's shared prefix once
     activation_checkpointing: bool = False  # the update recomputes each block's activations in backward
+    # parameters the update leaves as they are: comma-separated patterns over r3's parameter names
+    # (fnmatch: embed_tokens.weight, layers.0.*, embed_tokens_per_layer.weight); "" = train all
+    freeze: str = ""
     # precision and runtime
     dtype: str = "auto"  # compute dtype (auto: bf16 where the hardware has it); master weights and optimizer state stay fp32
     seed: int = 0
@@ -143,6 +146,9 @@ class TrainConfig:
             self.chat_template_options = user_template_options(self.chat_template_options, where)
         except R3Error as e:
             raise InvalidValue("chat_template_options", str(e)[len(where):]) from None
+        if not isinstance(self.freeze, str) or (self.freeze and any(not p.strip() for p in self.freeze.split(","))):
+            raise InvalidValue("freeze", " must be comma-separated parameter name patterns (e.g. "
+                                         f"'embed_tokens.weight,layers.0.*'), got {self.freeze!r}")
         if not self.out:  # (an empty --out wrote the run into the current directory)
             raise InvalidValue("out", " cannot be empty")
         # (a config file's paths pass no shell: 'out: ~/runs/x' made a directory named '~' here)
@@ -224,6 +230,7 @@ def upgrade_config_dict(d: dict) -> dict:
         if old in d:
             d[new] = convert(d.pop(old))
     d.setdefault("chat_template_options", {})  # (runs before the option rendered with the default)
+    d.setdefault("freeze", "")  # (runs before the option trained every parameter)
     return d
 
 # One line per knob for ``--help`` (a test checks that every field has one).
@@ -266,6 +273,8 @@ HELP = {
     "shared_prefix": "update and reference encode each group's shared prefix once (same loss and gradients)",
     "activation_checkpointing": "the update keeps only each block's input and recomputes the rest in backward "
                                 "(same gradients, less memory, ~1/3 more update compute)",
+    "freeze": "parameters the update leaves as they are: comma-separated patterns over r3's names "
+              "(embed_tokens.weight, layers.0.*; Gemma 4's per-layer table: embed_tokens_per_layer.weight)",
     "dtype": "compute dtype: bf16, fp32, or auto (bf16 where the GPU or CPU multiplies bf16 natively, else fp32; "
              "a resumed run keeps its own); master weights and optimizer state stay fp32",
     "seed": "seed of data order, sampling and initialisation",
@@ -363,6 +372,8 @@ def _coerce(name: str, raw: Any, current: Any, source: str):
             if isinstance(raw, bool):
                 raise ValueError
             return float(raw)
+        if name == "freeze" and isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return ",".join(raw)  # (a config file's list of patterns)
         if typ.startswith("dict") or typ.startswith("tuple"):
             value = json.loads(raw) if isinstance(raw, str) else raw
             if typ.startswith("dict") and not isinstance(value, dict):

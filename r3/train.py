@@ -121,6 +121,11 @@ def build_models(cfg: TrainConfig, d: Dist):
     # Each model is sharded before the next one loads: at most one whole model (the fp32 policy,
     # 4 bytes a parameter) sits on a device beside the shards, not all three (8 bytes a parameter).
     policy, tokenizer = load(cfg.model, dtype=torch.float32, device=d.device)
+    frozen = freeze_parameters(policy, cfg.freeze)
+    if d.main and frozen:
+        total = sum(p.numel() for p in policy.parameters())
+        print(f"note: --freeze {cfg.freeze}: {frozen:,} of the model's {total:,} parameters "
+              f"({100 * frozen / total:.1f}%) stay as they are", flush=True)
     policy.train()
     policy.activation_checkpointing = cfg.activation_checkpointing
     shard(policy, d, dtype)
@@ -133,6 +138,29 @@ def build_models(cfg: TrainConfig, d: Dist):
     rollout.tie_weights()
     rollout.requires_grad_(False).eval()
     return policy, reference, rollout, tokenizer
+
+
+def freeze_parameters(model, patterns: str) -> int:
+    """Hold the parameters whose names match one of ``patterns`` (comma-separated ``fnmatch``
+    patterns over r3's names: fused ``qkv_proj`` / ``gate_up_proj``; a tied ``lm_head.weight`` is
+    ``embed_tokens.weight``) fixed: no gradient, no optimizer state. Returns how many numbers are
+    frozen. A pattern that matches no parameter is an R3Error naming it, with names that exist."""
+    import fnmatch
+
+    if not patterns:
+        return 0
+    named = list(model.named_parameters(remove_duplicate=False))
+    frozen = {}
+    for pattern in (p.strip() for p in patterns.split(",")):
+        hits = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            names = [n for n, _ in named]
+            shown = ", ".join(names[:3] + (["...", names[-1]] if len(names) > 3 else []))
+            raise R3Error(f"config: 'freeze' pattern {pattern!r} matches no parameter of the model (r3's names: {shown})")
+        frozen.update({id(p): p for _, p in hits})
+    for p in frozen.values():
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())
 
 
 @torch.no_grad()
@@ -424,7 +452,7 @@ def set_up(cfg: TrainConfig) -> Run:
     if d.main and first_prompt is not None:
         say_if_rollout_too_big(cfg, d, rollout_model, len(first_prompt), fresh=failures is None)
     write_config(cfg, out, d)
-    optimizer, scheduler = make_optimizer(cfg, policy.parameters())
+    optimizer, scheduler = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
     stream = QueryStream(queries, cfg.seed)
 
     start_step = resume(out, policy, optimizer, scheduler, stream, d)

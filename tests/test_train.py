@@ -3730,3 +3730,56 @@ def test_step_end_logs_the_step_it_finished_to_the_files_and_the_tracker(tmp_pat
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [3]
     assert [(kind, step) for kind, step, _ in run.logged] == [("train", 3), ("samples", 3)]
+
+
+def test_frozen_parameters_stay_as_they_are_on_two_ranks_and_a_resume_keeps_them(tiny_model, tmp_path):
+    """--freeze: the parameters its patterns name stay bit for bit as loaded through training on
+    two ranks (FSDP2 shards hold frozen and trained parameters side by side), the others move; the
+    run says how many are frozen; a resume with other patterns is refused in one line."""
+    from r3.checkpoint import load, split_for_checkpoint
+
+    out = tmp_path / "run"
+    args = BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "2",
+                   "--freeze", "embed_tokens.weight, layers.0.*"]
+    proc = run_train(args, nproc=2)
+    assert "stay as they are" in proc.stdout and "--freeze embed_tokens.weight, layers.0.*" in proc.stdout
+    assert sum(r["groups_with_signal"] for r in read_metrics(out)) > 0
+    start, _ = load(tiny_model, tokenizer=False)
+    before = {f"model.{k}": v for k, v in split_for_checkpoint(start.config, start.state_dict()).items()}
+    after = load_weights(out / "export")
+    frozen = [k for k in after if k.startswith(("model.embed_tokens.", "model.layers.0."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    moved = [k for k in after if k not in frozen and k in before and not torch.equal(after[k], before[k])]
+    assert any(".layers.1." in k for k in moved)
+    proc = run_train(BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "3",
+                             "--freeze", "embed_tokens.weight"], check=False)
+    assert proc.returncode == 2 and "freeze" in proc.stderr
+
+
+def test_freeze_patterns_name_r3_s_parameters_and_one_matching_none_is_refused(tiny_model):
+    """Patterns are fnmatch patterns over r3's names (fused qkv_proj; a tied head's weight is the
+    embeddings'); one that matches nothing names itself and names that exist; a config file's
+    list of patterns reads as the comma-separated string; an older run's config (no freeze) is
+    compatible with the default."""
+    from r3.checkpoint import load
+    from r3.config import InvalidValue, TrainConfig, _coerce
+    from r3.errors import R3Error
+    from r3.train import freeze_parameters
+
+    model, _ = load(tiny_model, tokenizer=False)
+    n = freeze_parameters(model, "layers.*.self_attn.qkv_proj.weight,norm.weight")
+    held = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    assert held == ["layers.0.self_attn.qkv_proj.weight", "layers.1.self_attn.qkv_proj.weight", "norm.weight"]
+    assert n == sum(p.numel() for name, p in model.named_parameters() if name in held)
+    with pytest.raises(R3Error, match=r"'freeze' pattern '\*\.q_proj\.\*' matches no parameter of the model "
+                                      r"\(r3's names: embed_tokens\.weight, "):
+        freeze_parameters(model, "norm.weight, *.q_proj.*")
+    assert freeze_parameters(model, "") == 0
+    assert _coerce("freeze", ["embed_tokens.weight", "layers.0.*"], "", "f.yaml") == "embed_tokens.weight,layers.0.*"
+    for bad in (",", "a,,b", 3):
+        with pytest.raises(InvalidValue, match="'freeze' must be comma-separated parameter name patterns"):
+            TrainConfig(freeze=bad).validate()
+    old = TrainConfig().validate().to_dict()
+    old.pop("freeze")
+    assert TrainConfig().validate().incompatible_with(old) == []
+    assert TrainConfig(freeze="norm.weight").validate().incompatible_with(old) == ["freeze"]
