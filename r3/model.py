@@ -814,8 +814,7 @@ def _gemma4_rope(cfg: dict, rope: dict, source: str) -> tuple[dict | None, float
     if not rope:
         rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
-    layered = _rope_per_layer_type(rope, "a Gemma 4", source)
-    full, local = layered
+    full, local = _rope_per_layer_type(rope, "a Gemma 4", source)
     kind = full.get("rope_type", full.get("type", "default"))
     if kind not in ("default", "proportional"):
         raise R3Error(f"{source}: unsupported rope scaling type '{kind}' for Gemma 4's full-attention layers "
@@ -842,7 +841,7 @@ def _gemma4_layers(cfg: dict, windows: list, head_dim: int, n_kv: int, n_heads: 
     full-attention layers' head size and kv heads (``per_layer_config``, else ``global_head_dim``,
     512 by default, and ``num_global_key_value_heads`` where ``attention_k_eq_v``), the shared
     KV layers (each kind of layer they hold needs an earlier one that computes its keys), the
-    per-layer inputs (256 dims per layer by default; null or 0 is none)."""
+    per-layer inputs (256 dims per layer by default; 0 is none)."""
     n = len(windows)
     full = [i for i, w in enumerate(windows) if w is None]
     k_eq_v = cfg.get("attention_k_eq_v", False)
@@ -1712,27 +1711,27 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         p = f"layers.{n}."
         i, d = cfg.layer_intermediate_size(n), cfg.layer_head_dim(n)
         nq = cfg.num_attention_heads * d
-        nkv = sum(rows for _, rows in _layer_qkv_rows(cfg, n)[1:])  # (k and v rows: none on a Gemma 4 shared layer)
+        kv_rows = sum(rows for _, rows in _layer_qkv_rows(cfg, n)[1:])  # (k and v: none on a Gemma 4 shared layer)
         shapes.update({
             **({} if cfg.olmo else {p + "input_layernorm.weight": (h,)}),
             p + "post_attention_layernorm.weight": (h,),
             **({p + "pre_feedforward_layernorm.weight": (h,)} if cfg.gemma else {}),
             **({p + "post_feedforward_layernorm.weight": (h,)} if cfg.gemma or cfg.olmo else {}),
-            p + "self_attn.qkv_proj.weight": (nq + nkv, h),
+            p + "self_attn.qkv_proj.weight": (nq + kv_rows, h),
             p + "self_attn.o_proj.weight": (h, nq),
             p + "mlp.gate_up_proj.weight": (2 * i, h),
             p + "mlp.down_proj.weight": (h, i),
         })
         if cfg.qkv_bias:
-            shapes[p + "self_attn.qkv_proj.bias"] = (nq + nkv,)
+            shapes[p + "self_attn.qkv_proj.bias"] = (nq + kv_rows,)
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if cfg.mlp_bias:
             shapes.update({p + "mlp.gate_up_proj.bias": (2 * i,), p + "mlp.down_proj.bias": (h,)})
         if cfg.qk_norm:
-            q_dim, k_dim = (nq, nkv // 2) if cfg.olmo else (d, d)
+            q_dim, k_dim = (nq, kv_rows // 2) if cfg.olmo else (d, d)
             shapes[p + "self_attn.q_norm.weight"] = (q_dim,)
-            if nkv:
+            if kv_rows:
                 shapes[p + "self_attn.k_norm.weight"] = (k_dim,)
         if ple:
             shapes.update({p + "per_layer_input_gate.weight": (ple, h), p + "per_layer_projection.weight": (h, ple),
