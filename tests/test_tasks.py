@@ -1967,6 +1967,59 @@ def test_countdown_questions_bare_labels_dashes_and_retractions_the_fuzz_left_op
 
 
 @pytest.mark.parametrize("tags,completion,expected", [
+    # a right equation that the retry then takes back in words the lists missed
+    pytest.param(False, "Final answer: 5 + 23 = 28\nWait, I think I messed up.", False, id="messed-up"),
+    pytest.param(False, "5 + 23 = 28. Hmm, that overshoots.", False, id="overshoots"),
+    pytest.param(False, "5 + 23 = 28. That undershot.", False, id="undershot"),
+    pytest.param(False, "5 + 23 = 28. Hmm, let me recalculate.", False, id="recalculate"),
+    pytest.param(False, "5 + 23 = 28. Wait, recalculating...", False, id="recalculating"),
+    pytest.param(False, "$5 + 23 = 28$\nLet me reconsider.", False, id="reconsider"),
+    pytest.param(False, "5 + 23 = 28. Let me redo this.", False, id="redo"),
+    pytest.param(False, "5 + 23 = 28. Let me rethink this.", False, id="rethink"),
+    pytest.param(False, "5 + 23 = 28. Hmm, I think I made an arithmetic slip.", False, id="slip"),
+    pytest.param(False, "5 + 23 = 28. Let me reevaluate.", False, id="reevaluate"),
+    pytest.param(False, "5 + 23 = 28. Hmm, I need to recount.", False, id="recount"),
+    pytest.param(False, "5 + 23 = 28. That overcounts.", False, id="overcounts"),
+    pytest.param(False, "5 + 23 = 28. Hmm, let me rework this.", False, id="rework"),
+    pytest.param(False, "**Answer:** 5 + 23 = 28\n\nLet me start over.", False, id="start-over"),
+    pytest.param(False, "5 + 23 = 28. Let me try another approach.", False, id="try-another"),
+    pytest.param(False, "5 + 23 = 28. That's way off.", False, id="way-off"),
+    pytest.param(False, "5 + 23 = 28. Hold on, that's off.", False, id="thats-off"),
+    pytest.param(False, "5 + 23 = 28. Hmm, something's off.", False, id="somethings-off"),
+    pytest.param(False, "5 + 23 = 28. Wait, it is off by a bit.", False, id="off-by"),
+    pytest.param(False, "5 + 23 = 28. That's too high.", False, id="too-high"),
+    pytest.param(False, "5 + 23 = 28. Too small.", False, id="too-small"),
+    pytest.param(False, "5 + 23 = 28. Hmm, that's a dead end.", False, id="dead-end"),
+    pytest.param(False, "5 + 23 = 28. That attempt failed.", False, id="attempt-failed"),
+    pytest.param(False, "5 + 23 = 28. Let's try something else.", False, id="something-else"),
+    pytest.param(False, "5 + 23 = 28. Back to square one.", False, id="square-one"),
+    pytest.param(False, "5 + 23 = 28. Let me try a different combination.", False, id="different-combination"),
+    pytest.param(False, "5 + 23 = 28. Let me think again.", False, id="think-again"),
+    pytest.param(False, "5 + 23 = 28. That's a miss.", False, id="a-miss"),
+    pytest.param(False, "5 + 23 = 28\nLet me think about this differently.", False, id="differently"),
+    pytest.param(False, "5 + 23 = 28\n\nI'm unable to find an equation that equals 28.", False, id="unable"),
+    pytest.param(True, "<answer>5 + 23</answer>\n\nHmm, that's a dead end.", False, id="tags-dead-end"),
+    pytest.param(True, "<answer>5 + 23 = 28</answer>\nHmm, something's off.", False, id="tags-somethings-off"),
+    pytest.param(True, "<answer>5 + 23</answer> Let me reconsider.", False, id="tags-reconsider"),
+    pytest.param(True, "<answer>5 + 23</answer> Wait, I think I messed up.", False, id="tags-messed-up"),
+    # ... while these stay right: the words in other phrases
+    pytest.param(False, "5 + 23 = 28. I used a different approach this time.", True, id="different-approach"),
+    pytest.param(False, "5 + 23 = 28. The start is over.", True, id="start-is-over-reversed"),
+    pytest.param(False, "5 + 23 = 28, with 5 and 23 used once.", True, id="plain-closing"),
+    pytest.param(False, "5 + 23 = 28. It works, off we go.", True, id="off-we-go"),
+    pytest.param(True, "<answer>5 + 23</answer> This uses each number once.", True, id="tags-plain-closing"),
+])
+def test_countdown_retractions_larger_models_write(tags, completion, expected):
+    """A review from whole completions of 1.5B-8B instruct and reasoning models (a retry after a
+    reflection, a right equation, then a line that takes it back) found both implementations
+    paying the equation when the take-back was in words the lists missed: ``I messed up``,
+    ``that overshoots``, ``Let me reconsider / recalculate / redo / start over``, ``That's way
+    off``, ``something's off``, ``too high``, ``a dead end``, ``back to square one``, ``Let me try
+    another approach``. The words now deny it after the equation, as ``Try again.`` did."""
+    _both_implementations_say(tags, completion, expected)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
     # a denial, supposition or operation before a code fence, "$$" or "\\[" that opens the block
     # holding it on the next line (the words before it stopped at the line break)
     pytest.param(False, "If ```\n5 + 23 = 28\n```", False, id="if-code-fence"),

@@ -127,7 +127,8 @@ when
   eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
   ``No.``, ``I miscalculated``, ``Scratch that.``, ``Forget that.``, ``Forget it.``, ``Just kidding.``, ``I take it
-  back.``, ``My bad.``, ``That is a lie.``, ``That fails.``, ``Try again.``, ``Or is it?``,
+  back.``, ``My bad.``, ``That is a lie.``, ``That fails.``, ``Try again.``, ``Let me start over.``,
+  ``I messed up.``, ``That's way off.``, ``Or is it?``,
   ``Não está certo.``: there a letter with diacritics
   or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
 
@@ -227,14 +228,24 @@ AFTER_DENIALS = frozenset("""
     erreur erreurs fehler errore errori erro erros
     nah nevermind kidding jk retract retracted retracts misspoke miscounted miscount goofed bogus nonsense
     lied oops whoops oopsie fails flawed faulty refuted debunked disproved yikes
+    messed overshoots overshot undershoots undershot recalculate recalculating reconsider reconsidering
+    redo redoing rethink rethinking slip slipped reevaluate recount overcounts undercounts rework unable differently
 """.split())
 #: Verbs that, followed by ``that``, ``it`` or ``this`` after the final equation, take it back
 #: (``Scratch that.``, ``Forget it.``); ``I take it back`` and the word pairs of :data:`DENIAL_PAIRS` likewise.
 _TAKE_BACK = frozenset("scratch forget ignore strike cancel erase delete scrap".split())
 _TAKEN_BACK = frozenset("that it this".split())  # ("Forget it.", "Ignore this.", as "Forget that.")
 #: Two words that, after the final equation, take it back (``My bad.``, ``That is a lie.``,
-#: ``Try again.``, ``Uh oh.``, ``Back to the drawing board.``).
-DENIAL_PAIRS = frozenset({("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board")})
+#: ``Try again.``, ``Uh oh.``, ``Back to the drawing board.``; and what retries write when they
+#: take the equation back: ``Let me start over.``, ``Let me try another approach.``, ``That's way
+#: off.``, ``Hmm, something's off.``, ``That's too high.``).
+DENIAL_PAIRS = frozenset({("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board"),
+                          ("start", "over"), ("try", "another"), ("way", "off"), ("that's", "off"),
+                          ("it's", "off"), ("something's", "off"), ("is", "off"), ("was", "off"), ("seems", "off"),
+                          ("looks", "off"), ("off", "by"), ("too", "high"), ("too", "low"), ("too", "big"),
+                          ("too", "small"), ("too", "large"), ("dead", "end"), ("attempt", "failed"),
+                          ("something", "else"), ("square", "one"), ("different", "combination"),
+                          ("think", "again"), ("a", "miss")})
 #: A label of one of these words alone before a colon just before the final equation denies it
 #: (``Mistake: 5 + 23 = 28``, ``**Error:**``); in a longer label they name what a retry fixes
 #: ("Fixing the mistake: ..."), so only a bare one counts.

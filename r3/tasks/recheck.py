@@ -99,8 +99,19 @@ _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "e
                     "typo", "typos", "disregard", "disregarded", "erreur", "erreurs", "fehler", "errore", "errori",
                     "erro", "erros", "nah", "nevermind", "kidding", "jk", "retract", "retracted", "retracts",
                     "misspoke", "miscounted", "miscount", "goofed", "bogus", "nonsense", "lied", "oops", "whoops",
-                    "oopsie", "fails", "flawed", "faulty", "refuted", "debunked", "disproved", "yikes"}
-_CD_DENIED_PAIRS = {("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board")}
+                    "oopsie", "fails", "flawed", "faulty", "refuted", "debunked", "disproved", "yikes",
+                    # (a retry taking its equation back: "I messed up.", "That overshoots.", "Let me reconsider.")
+                    "messed", "overshoots", "overshot", "undershoots", "undershot", "recalculate", "recalculating",
+                    "reconsider", "reconsidering", "redo", "redoing", "rethink", "rethinking", "slip", "slipped",
+                    "reevaluate", "recount", "overcounts", "undercounts", "rework", "unable",
+                    "differently"}
+_CD_DENIED_PAIRS = {("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board"),
+                    # ("Let me start over.", "Let me try another approach.", "That's way off.", "Too high.")
+                    ("start", "over"), ("try", "another"), ("off", "by"), ("too", "high"), ("too", "low"),
+                    ("too", "big"), ("too", "small"), ("too", "large"), ("dead", "end"), ("attempt", "failed"),
+                    ("something", "else"), ("square", "one"), ("different", "combination"), ("think", "again"),
+                    ("a", "miss")}
+_CD_OFF_AFTER = {"way", "that's", "it's", "something's", "is", "was", "seems", "looks"}  # "... is off"
 _CD_LABEL_ALONE = {"mistake", "error", "typo", "erroneous", "bogus", "fallacy", "miscalculation"}
 _CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap"}
 _CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless",
@@ -1496,6 +1507,7 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
                         and window[-1][1] in _CD_TAKE_BACK) \
                     or (tok == "back" and window[-2:] == [("word", "take"), ("word", "it")]) \
                     or (len(window) > 0 and window[-1][0] == "word" and (window[-1][1], tok) in _CD_DENIED_PAIRS) \
+                    or (tok == "off" and len(window) > 0 and window[-1][0] == "word" and window[-1][1] in _CD_OFF_AFTER) \
                     or (ascii_end < j and not text[ascii_end].isascii() and (head in _CD_NOT or head in _CD_DENIED_LATER)):
                 return "later denial"
             if tok in _CD_OBJECTS and any(k2 == "word" and v2 in _CD_ACTIONS for k2, v2 in window[-5:]):
