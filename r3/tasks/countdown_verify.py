@@ -455,25 +455,9 @@ def _read_overlaid(m: re.Match) -> str:
     return "" if _STROKE_ONLY.fullmatch(marks) else "\u2260"
 
 
-def _unstruck(text: str) -> str:
-    """``text`` without struck-through spans: each ``<del>``, ``<s>`` or ``<strike>`` up to its
-    closing tag becomes a space (an unclosed one is left to the tag rule)."""
-    out, pos, opened = [], 0, None
-    for m in _STRUCK_TAG.finditer(text):
-        closing, name = m.group(1), m.group(2).lower()
-        if opened is None:
-            if not closing:
-                opened = (m.start(), name)
-        elif closing and name == opened[1]:
-            out += [text[pos:opened[0]], " "]
-            pos, opened = m.end(), None
-    return "".join(out) + text[pos:]
-
-
-def _struck_over(text: str, start: int, end: int) -> bool:
-    """Whether a struck-through span (:func:`_unstruck`: ``<del>``, ``<s>`` or ``<strike>`` up to
-    its closing tag) opens before ``start`` and closes at or after ``end``: what lies between is
-    struck through. One pass over the tags."""
+def _struck_spans(text: str):
+    """``(start, inner end, end)`` of each struck-through span: a ``<del>``, ``<s>`` or ``<strike>``
+    up to its closing tag (an unclosed one is left to the tag rule). One pass over the tags."""
     opened = None
     for m in _STRUCK_TAG.finditer(text):
         closing, name = m.group(1), m.group(2).lower()
@@ -481,10 +465,23 @@ def _struck_over(text: str, start: int, end: int) -> bool:
             if not closing:
                 opened = (m.start(), name)
         elif closing and name == opened[1]:
-            if opened[0] < start and m.start() >= end:
-                return True
+            yield opened[0], m.start(), m.end()
             opened = None
-    return False
+
+
+def _unstruck(text: str) -> str:
+    """``text`` with each struck-through span (:func:`_struck_spans`) a space."""
+    out, pos = [], 0
+    for start, _, end in _struck_spans(text):
+        out += [text[pos:start], " "]
+        pos = end
+    return "".join(out) + text[pos:]
+
+
+def _struck_over(text: str, start: int, end: int) -> bool:
+    """Whether a struck-through span (:func:`_struck_spans`) opens before ``start`` and closes at
+    or after ``end``: what lies between is struck through."""
+    return any(s < start and inner >= end for s, inner, _ in _struck_spans(text))
 
 
 def _without_thematic_breaks(text: str) -> str:
