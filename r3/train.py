@@ -158,6 +158,8 @@ def freeze_parameters(model, patterns: str) -> int:
             shown = ", ".join(names[:3] + (["...", names[-1]] if len(names) > 3 else []))
             raise R3Error(f"config: 'freeze' pattern {pattern!r} matches no parameter of the model (r3's names: {shown})")
         frozen.update({id(p): p for _, p in hits})
+    if len(frozen) == len({id(p) for _, p in named}):
+        raise R3Error(f"config: 'freeze' {patterns!r} matches every parameter of the model: nothing is left to train")
     for p in frozen.values():
         p.requires_grad_(False)
     return sum(p.numel() for p in frozen.values())

@@ -3775,6 +3775,8 @@ def test_freeze_patterns_name_r3_s_parameters_and_one_matching_none_is_refused(t
                                       r"\(r3's names: embed_tokens\.weight, "):
         freeze_parameters(model, "norm.weight, *.q_proj.*")
     assert freeze_parameters(model, "") == 0
+    with pytest.raises(R3Error, match=r"'freeze' '\*' matches every parameter of the model: nothing is left to train"):
+        freeze_parameters(model, "*")
     assert _coerce("freeze", ["embed_tokens.weight", "layers.0.*"], "", "f.yaml") == "embed_tokens.weight,layers.0.*"
     for bad in (",", "a,,b", 3):
         with pytest.raises(InvalidValue, match="'freeze' must be comma-separated parameter name patterns"):
