@@ -839,7 +839,7 @@ _GGUF_GEMMA4_MOE = ("ffn_gate_inp", "ffn_gate_up_exps", "ffn_gate_exps", "ffn_up
 _GGUF_GEMMA4_STILL = 1e20
 # Gemma 4's per-layer inputs and layer scalars: llama.cpp's names -> r3's
 _GGUF_GEMMA4_BLOCK_NAMES = {"inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
-                            "post_norm": "post_per_layer_input_norm", "layer_output_scale": "layer_scalar"}
+                            "post_norm": "post_per_layer_input_norm"}
 _GGUF_GEMMA4_NAMES = {"per_layer_token_embd.weight": "embed_tokens_per_layer.weight",
                       "per_layer_model_proj.weight": "per_layer_model_projection.weight",
                       "per_layer_proj_norm.weight": "per_layer_projection_norm.weight"}
@@ -1219,7 +1219,7 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
             _, layer, kind, suffix = t.name.split(".", 3)
             if kind in block_names:
                 name = f"layers.{layer}.{block_names[kind]}.{suffix}"
-            if cfg.gemma4 and kind == "layer_output_scale" and suffix == "weight":  # (a buffer: no .weight in r3)
+            elif cfg.gemma4 and kind == "layer_output_scale" and suffix == "weight":  # (r3's buffer: no .weight)
                 name = f"layers.{layer}.layer_scalar"
         if name is None:
             if t.name == "rope_freqs.weight" or (cfg.model_type == "phi3" and t.name in (

@@ -942,6 +942,14 @@ def test_an_export_in_another_dtype_says_so_in_both_spellings(tiny_dirs, tmp_pat
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
 
 
+def _round_matrices_to_bf16(hf) -> None:
+    """Round the model's weight matrices (not its norms) to bf16 in place: what a bf16 GGUF file holds."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" not in name and p.dim() == 2:
+                p.copy_(p.bfloat16().float())
+
+
 def _write_gguf(hf, path, arch: str, bf16: bool, token_ids: dict | None = None,
                 rope_scaling: tuple[str, float] | None = None, extra: dict | None = None,
                 rope_dims: int | None = None, floats: dict | None = None, ints: dict | None = None,
@@ -1053,10 +1061,7 @@ def test_gguf_files_of_each_family_load_with_the_source_models_logits(tmp_path, 
         over.update(attention_bias=False)
     hf = make_tiny_hf(tmp_path / "hf", kind, **over)
     if bf16:  # the reference holds exactly what a bf16 file can
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if "norm" not in name and p.dim() == 2:
-                    p.copy_(p.bfloat16().float())
+        _round_matrices_to_bf16(hf)
     path = tmp_path / f"{kind}.gguf"
     _write_gguf(hf, path, kind, bf16, floats=scalars if kind == "granite" else None)
     model, _ = load(path, tokenizer=False, dtype=torch.float32)
@@ -1087,10 +1092,7 @@ def test_a_gemma3_gguf_file_gives_the_source_models_logits(tmp_path, layers, bf1
     hf = make_tiny_hf(tmp_path / "hf", "gemma3", num_hidden_layers=layers, layer_types=types,
                       query_pre_attn_scalar=q, **rope)
     if bf16:  # the reference holds exactly what a bf16 file can
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if "norm" not in name and p.dim() == 2:
-                    p.copy_(p.bfloat16().float())
+        _round_matrices_to_bf16(hf)
     path = tmp_path / "gemma3.gguf"
     _write_gguf(hf, path, "gemma3", bf16, rope_scaling=("linear", 8.0), ints={"attention.sliding_window": 8})
     model, _ = load(path, tokenizer=False, dtype=torch.float32)
@@ -1135,10 +1137,7 @@ def test_a_gemma2_gguf_file_gives_the_source_models_logits(tmp_path, layers, bf1
     types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     hf = make_tiny_hf(tmp_path / "hf", "gemma2", num_hidden_layers=layers, layer_types=types, query_pre_attn_scalar=q)
     if bf16:  # the reference holds exactly what a bf16 file can
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if "norm" not in name and p.dim() == 2:
-                    p.copy_(p.bfloat16().float())
+        _round_matrices_to_bf16(hf)
     path = tmp_path / "gemma2.gguf"
     caps = {"attn_logit_softcapping": 3.0, "final_logit_softcapping": 4.0}
     _write_gguf(hf, path, "gemma2", bf16, floats=caps, ints={"attention.sliding_window": 8})
@@ -2076,10 +2075,7 @@ def test_a_mistral3_gguf_file_runs_as_llama_cpp_runs_it(tmp_path, tied, bf16, mo
 
     hf, floats, ints = _ministral3_for_gguf(tmp_path / "hf", tie_word_embeddings=tied)
     if bf16:  # the reference holds exactly what a bf16 file can
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if "norm" not in name and p.dim() == 2:
-                    p.copy_(p.bfloat16().float())
+        _round_matrices_to_bf16(hf)
     path = tmp_path / "ministral3.gguf"
     _write_gguf(hf, path, "mistral3", bf16, rope_scaling=("yarn", 16.0), floats=floats, ints=ints)
     model, _ = load(path, tokenizer=False, dtype=torch.float32)
