@@ -121,6 +121,23 @@ def _install(tmp_path: Path, base_tok, family: str):
     return AutoTokenizer.from_pretrained(str(d))
 
 
+@pytest.fixture(autouse=True)
+def fixed_date(monkeypatch):
+    """Templates that write the day's date (Mistral Small 3.1, Granite 3.3, SmolLM3) render the same
+    prompt every day: the tiny models' episodes sample from it, and what they sample (whether a
+    turn is ever closed, say) must not change at midnight."""
+    import datetime as dt
+
+    from transformers.utils import chat_template_utils
+
+    class Day(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Day)
+
+
 @pytest.fixture(scope="module")
 def tokenizers(builtin, tmp_path_factory):
     base = builtin[1]
