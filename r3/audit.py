@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_atomic
+from r3.episode import CUT_ANSWERS, CUT_REASON
 from r3.errors import R3Error, cli_main
 from r3.files import read_json_lines
 from r3.tasks import get, resolve
@@ -49,8 +50,9 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
-def audit(task, samples: list[dict]) -> dict:
-    """Re-judge every sample; returns counts and the disagreements."""
+def audit(task, samples: list[dict], cut_answers: str = "judge") -> dict:
+    """Re-judge every sample by the run's ``cut_answers`` rule (with "fail", a retry its sample
+    records as cut off fails both checks unread); returns counts and the disagreements."""
     independent = has_recheck(task)
     rewarded = [s for s in samples if s["reward"] > 0]
     others = [s for s in samples if s["reward"] <= 0]
@@ -63,8 +65,10 @@ def audit(task, samples: list[dict]) -> dict:
            "rewarded_recording_cut": sum("retry_cut" in s for s in rewarded)}
     for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
         for s in group:
-            now, why = judge(task, s["example"], s["retry"])  # (why: this verdict's own; None from a duck-typed task)
-            again = recheck(task, s["example"], s["retry"]) if independent else None
+            cut = s.get("retry_cut") is True and cut_answers == "fail"
+            # (why: this verdict's own; None from a duck-typed task)
+            now, why = (False, CUT_REASON) if cut else judge(task, s["example"], s["retry"])
+            again = ((False, CUT_REASON) if cut else recheck(task, s["example"], s["retry"])) if independent else None
             out[f"{key}_pass_verifier"] += now
             out[f"{key}_pass_recheck"] += bool(again and again[0])
             logged = s["reward"] > 0
@@ -97,7 +101,10 @@ def main(argv=None) -> int:
     out_path = check_out_path(args.out) if args.out else None
     cfg, task = read_run_task(run)
     samples = read_samples(run / "samples.jsonl")
-    res = audit(task, samples)
+    cut_answers = cfg.get("cut_answers", "judge")  # (runs from before the option judged cut retries)
+    if cut_answers not in CUT_ANSWERS:
+        raise R3Error(f"{run / 'config.json'}: 'cut_answers' must be one of {', '.join(CUT_ANSWERS)}, got {cut_answers!r}")
+    res = audit(task, samples, cut_answers)
     steps = sorted({s.get("step") for s in samples if isinstance(s.get("step"), int)})
     span = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "no steps"
     _, options = resolve(cfg["task"], cfg.get("task_options", {}))
@@ -112,7 +119,9 @@ def main(argv=None) -> int:
         of = res["rewarded_recording_cut"]
         print(f"  cut off at the retry token limit: {_rate(res['rewarded_cut'], of)}"
               + (f" of the {of} whose samples record it" if of < res["rewarded"] else "")
-              + " (paid for the text where the limit fell; read them, the model may not have been done: --show marks them)")
+              + (" (the run fails cut answers: these should not have been paid)" if cut_answers == "fail" else
+                 " (paid for the text where the limit fell; read them, the model may not have been done: --show marks "
+                 "them; --cut-answers fail pays only answers the model ended)"))
     print(f"unrewarded samples logged: {res['unrewarded_logged']}" + (
         f"; the re-check passes {res['unrewarded_pass_recheck']} of them" if res["independent_checker"] else ""))
     for dis in res["disagreements"]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from r3.chat import user_template_options
 from r3.decode import DECODE_MODES
-from r3.episode import EpisodeSampling
+from r3.episode import CUT_ANSWERS, EpisodeSampling
 from r3.errors import R3Error
 from r3.grpo import AGGREGATIONS
 from r3.precision import DTYPE_NAMES
@@ -50,6 +50,8 @@ class TrainConfig:
     top_k: int = 0
     decode: str = "eager"  # eager | compiled: the rollouts' decode step through torch.compile (r3.decode)
     compact_rollouts: bool = True  # decode batches drop rows that have stopped (the same samples)
+    # an attempt or retry the token limit cut off: "judge" reads it as it stands; "fail" fails it
+    cut_answers: str = "judge"
     # optimisation
     lr: float = 1.5e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
     warmup_steps: int = 2
@@ -95,7 +97,7 @@ class TrainConfig:
                                top_p=self.top_p, top_k=self.top_k, max_attempt_tokens=self.max_attempt_tokens,
                                max_reflection_tokens=self.max_reflection_tokens,
                                max_retry_tokens=self.max_retry_tokens, decode=self.decode,
-                               compact=self.compact_rollouts)
+                               compact=self.compact_rollouts, cut_answers=self.cut_answers)
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -137,6 +139,8 @@ class TrainConfig:
             raise InvalidValue("report_to", f" must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         if self.decode not in DECODE_MODES:
             raise InvalidValue("decode", f" must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if self.cut_answers not in CUT_ANSWERS:
+            raise InvalidValue("cut_answers", f" must be one of {', '.join(CUT_ANSWERS)}, got {self.cut_answers!r}")
         if self.dtype not in DTYPE_NAMES:
             raise InvalidValue("dtype", f" must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not isinstance(self.task_options, dict):
@@ -231,6 +235,7 @@ def upgrade_config_dict(d: dict) -> dict:
             d[new] = convert(d.pop(old))
     d.setdefault("chat_template_options", {})  # (runs before the option rendered with the default)
     d.setdefault("freeze", "")  # (runs before the option trained every parameter)
+    d.setdefault("cut_answers", "judge")  # (runs before the option judged cut answers as they stood)
     return d
 
 # One line per knob for ``--help`` (a test checks that every field has one).
@@ -256,6 +261,8 @@ HELP = {
     "decode": "eager, or compiled: the rollouts' decode step through torch.compile (compiles once; on GPU with CUDA "
               "graphs, in a static KV cache held for the whole run: see the README's memory plan)",
     "compact_rollouts": "drop rows that have stopped from the rollouts' decode batches (the same samples, faster)",
+    "cut_answers": "an attempt or retry the token limit cut off: judge (read it as it stands: a retry cut right after "
+                   "'28 + 12' passes for target 40) or fail (only answers the model ended can pass)",
     "lr": "peak learning rate (AdamW)",
     "warmup_steps": "linear warmup steps, then cosine decay",
     "min_lr_ratio": "the cosine decays to lr * min_lr_ratio",

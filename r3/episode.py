@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from r3.chat import ChatFormat
-from r3.errors import positive_int
+from r3.errors import R3Error, positive_int
 from r3.sampler import Session, StopStrings, sampling_vocab_size
 from r3.tasks.base import judge, leading_reasoning_end, stop_strings_of
 
@@ -38,10 +38,28 @@ class EpisodeSampling:
     max_retry_tokens: int = 256
     decode: str = "eager"  # eager | compiled: the sampler's decode step (see r3.decode)
     compact: bool = True  # drop stopped rows from decode batches (the same samples, less work)
+    cut_answers: str = "judge"  # judge | fail: how an attempt or retry the token limit cut off is judged
 
     def __post_init__(self):
         for name in ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
             positive_int(name, getattr(self, name))
+        if self.cut_answers not in CUT_ANSWERS:
+            raise R3Error(f"cut_answers must be one of {', '.join(CUT_ANSWERS)}, got {self.cut_answers!r}")
+
+
+# How an answer (first attempt or retry) that the token limit ended is judged: "judge" reads the
+# text as it stands, so a retry cut right after "28 + 12" passes for target 40 although the model
+# might have gone on; "fail" counts it as failed, unread: only answers the model ended are paid.
+CUT_ANSWERS = ("judge", "fail")
+CUT_REASON = "cut off at the token limit before the model ended it (cut_answers: fail)"
+
+
+def judge_answer(task, example: dict, text: str, finished: bool, cut_answers: str) -> tuple[bool, str | None]:
+    """The verdict on one answer: :func:`r3.tasks.base.judge`, or, with ``cut_answers="fail"``,
+    a failure without reading the text when the token limit ended it (``finished`` false)."""
+    if not finished and cut_answers == "fail":
+        return False, CUT_REASON
+    return judge(task, example, text)
 
 
 @dataclass
@@ -156,7 +174,8 @@ def run_episode(
         times["attempt"] = session.prefill_s + first.decode_s
         generated += first.new_tokens
         t_verify = time.perf_counter()
-        verdicts = [judge(task, ex, chat.decode(t)) for ex, t in zip(examples, first.tokens)]
+        verdicts = [judge_answer(task, ex, chat.decode(t), fin, sampling.cut_answers)
+                     for ex, t, fin in zip(examples, first.tokens, first.finished)]
         times["verify"] = time.perf_counter() - t_verify
         passed = [ok for ok, _ in verdicts]
         failed = [i for i, ok in enumerate(passed) if not ok]
@@ -217,7 +236,7 @@ def run_episode(
         ex = group_examples[r // group_size]
         reply = chat.decode(toks)
         t_verify = time.perf_counter()
-        ok, why = judge(task, ex, reply)  # (the reason logged is this verdict's own)
+        ok, why = judge_answer(task, ex, reply, retry.finished[r], sampling.cut_answers)  # (the reason logged is this verdict's own)
         times["verify"] = times.get("verify", 0.0) + time.perf_counter() - t_verify
         rewards.append(1.0 if ok else 0.0)
         records.append({

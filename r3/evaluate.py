@@ -59,7 +59,7 @@ from r3.cli import (
     read_run,
     write_json_atomic,
 )
-from r3.episode import EpisodeSampling
+from r3.episode import CUT_ANSWERS, EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.model import check_token_limits
@@ -119,6 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="default: 1.0 (with --run, the run's)")
     p.add_argument("--top-k", type=int, default=None, help="default: 0 (with --run, the run's)")
+    p.add_argument("--cut-answers", choices=CUT_ANSWERS, default=None,
+                   help="an attempt or retry the token limit cut off: judge it as it stands, or fail it "
+                        "(default: judge; with --run, the run's)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: auto, bf16 where the device multiplies it natively, else fp32 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -141,7 +144,7 @@ def resolve_settings(args) -> dict:
                     max_attempt=args.max_new_tokens or 256, max_retry=args.max_new_tokens or 256,
                     max_reflection=args.max_reflection_tokens or args.max_new_tokens or 256,
                     top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
-                    dtype=args.dtype or "auto")
+                    dtype=args.dtype or "auto", cut_answers=args.cut_answers or "judge")
     clashes = [flag for flag, v in (("--model", args.model), ("--task", args.task), ("--task-option", args.task_option),
                                     ("--chat-template-option", args.chat_template_option)) if v is not None]
     if clashes:
@@ -156,7 +159,17 @@ def resolve_settings(args) -> dict:
                 max_reflection=args.max_reflection_tokens or args.max_new_tokens or cfg["max_reflection_tokens"],
                 top_p=cfg.get("top_p", 1.0) if args.top_p is None else args.top_p,
                 top_k=cfg.get("top_k", 0) if args.top_k is None else args.top_k,
-                dtype=args.dtype or cfg.get("dtype", "auto"))
+                dtype=args.dtype or cfg.get("dtype", "auto"),
+                cut_answers=args.cut_answers or run_cut_answers(args.run, cfg))
+
+
+def run_cut_answers(run: str, cfg: dict) -> str:
+    """The run's ``cut_answers`` ("judge" for runs from before the option), checked."""
+    value = cfg.get("cut_answers", "judge")
+    if value not in CUT_ANSWERS:
+        raise R3Error(f"{Path(run) / 'config.json'}: 'cut_answers' must be one of {', '.join(CUT_ANSWERS)}, "
+                      f"got {value!r}")
+    return value
 
 
 @cli_main
@@ -212,13 +225,14 @@ def main(argv=None) -> int:
             raise R3Error(f"{spec}: {e}") from None
     sampling = EpisodeSampling(temperature=args.temperature, top_p=st["top_p"], top_k=st["top_k"],
                                max_attempt_tokens=st["max_attempt"], max_reflection_tokens=st["max_reflection"],
-                               max_retry_tokens=st["max_retry"], decode=args.decode)
+                               max_retry_tokens=st["max_retry"], decode=args.decode, cut_answers=st["cut_answers"])
     settings = {
         "split": args.split, "seed": args.seed, "temperature": args.temperature, "top_p": st["top_p"],
         "top_k": st["top_k"], "max_attempt_tokens": st["max_attempt"], "max_retry_tokens": st["max_retry"],
         "max_reflection_tokens": st["max_reflection"], "dtype": dtype_name(dtype), "device": device_name(device),
         "batch_size": args.batch_size, "reflection_prompt": task.reflection_prompt,
         "retry_prompt": task.retry_prompt, "decode": args.decode, "chat_template_options": st["chat_options"],
+        "cut_answers": st["cut_answers"],
     }
     task_config = task.config() if hasattr(task, "config") else st["options"]
     identities = [model_files(m) for m in models]

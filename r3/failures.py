@@ -59,7 +59,7 @@ from r3.cli import (
     pick_device_dtype,
     positive_int,
 )
-from r3.episode import answer_stops
+from r3.episode import CUT_ANSWERS, answer_stops
 from r3.errors import R3Error, cli_main
 from r3.failure_data import (  # noqa: F401  (the file format's names, re-exported)
     FORMAT_VERSION,
@@ -117,6 +117,7 @@ def find_failures(
     passed_before: dict[str, int] | None = None,
     on_progress=None,
     seed_salt: int = 0,
+    cut_answers: str = "judge",
 ) -> dict:
     """Sample up to ``samples`` attempts per example, stopping at each example's first failure.
 
@@ -128,8 +129,12 @@ def find_failures(
     repeating that run's). Returns ``{"queries", "failed", "passed", "samples_needed", "samples_drawn",
     "generated_tokens"}``; ``samples_needed`` counts attempts up to and including each first
     failure (``samples`` for queries that never failed), ``samples_drawn`` all attempts sampled
-    (rounds of several samples per query may draw a few past the first failure)."""
+    (rounds of several samples per query may draw a few past the first failure). ``cut_answers``:
+    as in training (:data:`r3.episode.CUT_ANSWERS`), "fail" counts an attempt the token limit cut
+    off as a failure unread."""
     samples = positive_int("samples", samples)
+    if cut_answers not in CUT_ANSWERS:
+        raise R3Error(f"cut_answers must be one of {', '.join(CUT_ANSWERS)}, got {cut_answers!r}")
     batch_size = positive_int("batch_size", batch_size)
     chat = chat or ChatFormat(tokenizer)
     vocab = sampling_vocab_size(model, tokenizer)
@@ -175,11 +180,12 @@ def find_failures(
                     for s in range(m):
                         toks = out.tokens[j * m + s]
                         text = chat.decode(toks)
-                        if not task_passes(task, ex, text):
+                        finished = bool(out.finished[j * m + s])
+                        if not (task_passes(task, ex, text) if finished or cut_answers == "judge" else False):
                             k = passed_so_far + s
                             fails.append({"key": keys[i], "example": ex, "attempt_tokens": list(toks), "attempt_text": text,
                                           "attempts_before_failure": k, "samples": k + 1,
-                                          "finished": bool(out.finished[j * m + s])})
+                                          "finished": finished})
                             stats["samples_needed"] += k + 1
                             break
                     else:
@@ -236,6 +242,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="attempt length limit (default: 256)")
+    p.add_argument("--cut-answers", choices=CUT_ANSWERS, default="judge",
+                   help="an attempt the token limit cut off: judge it as it stands (default), or count it as failed")
     p.add_argument("--batch-size", type=int, default=16, help="sampled rows per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="default: auto, bf16 where the device multiplies it natively, else fp32")
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
                 "split": args.split,
                 "seed": args.seed, "n": args.n, "samples": args.samples, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "dtype": dtype_name(dtype),
-                "attempt_stop_strings": list(stop_strings_of(task))}
+                "attempt_stop_strings": list(stop_strings_of(task)), "cut_answers": args.cut_answers}
     store.open(settings)
     try:
         return _sample_the_rest(args, task, examples, out, store, dtype, device, chat_options)
@@ -307,7 +315,7 @@ def _sample_the_rest(args, task, examples: list[dict], out, store: FailureFile, 
             seed=args.seed, on_batch=store.add, chat=ChatFormat(tok, template_options=template_options(chat_options)),
             progress=Progress(len(todo), "failures", enabled=not args.quiet, watch=watch_for(device)),
             passed_before=going_on, on_progress=store.add_progress,
-            seed_salt=len(seen) + len(store.progress),
+            seed_salt=len(seen) + len(store.progress), cut_answers=args.cut_answers,
         )["samples_drawn"]
     store.finished()
     summary = summarize(store, set(keys), new=len(todo), drawn=drawn, elapsed=time.perf_counter() - t0)

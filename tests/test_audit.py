@@ -13,10 +13,10 @@ OPTIONS = {"difficulty": "easy", "answer_tags": False, "min_count": 2, "max_coun
 EX = {"id": "x", "nums": [19, 17], "target": 36}
 
 
-def make_run(tmp_path, samples, task="countdown", options=OPTIONS):
+def make_run(tmp_path, samples, task="countdown", options=OPTIONS, **config):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"task": task, "task_options": options, "model": "m"}))
+    (run / "config.json").write_text(json.dumps({"task": task, "task_options": options, "model": "m", **config}))
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return run
 
@@ -260,3 +260,27 @@ def test_rewarded_retries_the_token_limit_cut_off_are_counted_and_marked(tmp_pat
     (tmp_path / "resumed").mkdir()  # (a run resumed across the upgrade: some samples without the field)
     rc, stdout, _ = run_main([str(make_run(tmp_path / "resumed", [old, cut, whole]))], capsys)
     assert "  cut off at the retry token limit: 1/2 (50.0%) of the 2 whose samples record it (paid" in stdout
+
+
+def test_a_run_that_fails_cut_answers_has_each_rewarded_cut_retry_reported_and_fails(tmp_path, capsys):
+    """A run trained with ``cut_answers: fail`` pays no retry the limit cut off: a rewarded one in
+    its samples (a right equation read where the limit fell) is a wrong reward by the run's own
+    rule, failing both checks; a cut retry it did not pay is no disagreement."""
+    cut = {**sample(1, "So 19 + 17 = 36", 1.0), "retry_cut": True}
+    unpaid = {**sample(1, "So 17 + 19 = 36", 0.0), "retry_cut": True}
+    whole = {**sample(2, "So 19 + 17 = 36.", 1.0), "retry_cut": False}
+    out = tmp_path / "audit.json"
+    rc, stdout, _ = run_main([str(make_run(tmp_path, [cut, unpaid, whole], cut_answers="fail")), "--out", str(out)],
+                             capsys)
+    assert rc == 1
+    assert "pass the verifier now:         1/2 (50.0%)" in stdout and "re-check: 1/2 (50.0%)" in stdout
+    assert "(the run fails cut answers: these should not have been paid)" in stdout
+    data = json.loads(out.read_text())
+    assert data["rewarded_failing"] == 1 and len(data["disagreements"]) == 1
+    assert data["disagreements"][0]["verifier_reason"].startswith("cut off at the token limit")
+    (tmp_path / "judged").mkdir()  # (the same samples under the default rule: all three right)
+    rc, stdout, _ = run_main([str(make_run(tmp_path / "judged", [cut, whole], cut_answers="judge"))], capsys)
+    assert rc == 0 and "--cut-answers fail pays only answers the model ended" in stdout
+    (tmp_path / "bad").mkdir()
+    rc, _, err = run_main([str(make_run(tmp_path / "bad", [whole], cut_answers="drop"))], capsys)
+    assert rc == 2 and "'cut_answers' must be one of judge, fail, got 'drop'" in err

@@ -195,6 +195,27 @@ def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
             assert counter[i] == next(b for b in bounds if b > f)
 
 
+def test_find_failures_with_cut_answers_fail_counts_an_attempt_the_limit_cut_off_as_failed(monkeypatch):
+    """``cut_answers="fail"``: a query's attempt the token limit cut off (here every third one)
+    is its failure even where the verifier would pass it, recorded with ``finished`` false; the
+    default judges it, so the same queries then fail only where the verifier says."""
+    fail_at = [None, 0, 4, None]
+    for rule, expect in (("judge", {1: 0, 2: 4}), ("fail", {0: 2, 1: 0, 2: 2, 3: 2})):
+        task, chat, model, *_ = _fake_failure_sampling(monkeypatch, finished=lambda k: k % 3 != 2)
+        got = []
+        stats = F.find_failures(model, list(range(100)), task, [{"i": i, "fail_at": f} for i, f in enumerate(fail_at)],
+                                samples=6, batch_size=16, chat=chat, cut_answers=rule,
+                                on_batch=lambda fails, passes: got.extend(fails))
+        assert {r["example"]["i"]: r["attempts_before_failure"] for r in got} == expect, rule
+        assert [r["finished"] for r in got] == [r["attempts_before_failure"] % 3 != 2 for r in got]
+        assert stats["passed"] == len(fail_at) - len(expect)
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match="cut_answers must be one of judge, fail, got 'maybe'"):
+        F.find_failures(model, list(range(100)), task, [{"i": 0, "fail_at": None}], samples=1, chat=chat,
+                        cut_answers="maybe")
+
+
 @pytest.mark.parametrize("stop_at", [1, 2, 3])
 def test_a_resumed_failures_run_goes_on_from_the_attempts_each_query_passed(monkeypatch, tmp_path, stop_at):
     """A run stopped between rounds lost what its surviving queries had passed: the rerun drew
@@ -1399,6 +1420,26 @@ def test_evaluate_run_settings_come_from_the_run_unless_a_flag_overrides_them(tm
     assert (st["top_p"], st["top_k"]) == (1.0, 0)
     assert (st["max_attempt"], st["max_reflection"], st["max_retry"]) == (7, 7, 7)
     assert E.parse_args([]).temperature == 0.0  # greedy unless asked
+
+
+def test_evaluate_judges_cut_answers_by_the_runs_rule_unless_the_flag_says(tmp_path, capsys):
+    """--cut-answers: the run's own rule with --run (judge for runs from before the option), the
+    flag over it; judge without a run; a run's bad value is one line naming its config."""
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text("{}")
+    cfg = {"model": "base", "task": "countdown", "task_options": {}, "max_attempt_tokens": 10,
+           "max_reflection_tokens": 20, "max_retry_tokens": 30}
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert E.resolve_settings(E.parse_args(["--run", str(run)]))["cut_answers"] == "judge"
+    (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "fail"}))
+    assert E.resolve_settings(E.parse_args(["--run", str(run)]))["cut_answers"] == "fail"
+    assert E.resolve_settings(E.parse_args(["--run", str(run), "--cut-answers", "judge"]))["cut_answers"] == "judge"
+    assert E.resolve_settings(E.parse_args(["--out", "x.json"]))["cut_answers"] == "judge"
+    assert E.resolve_settings(E.parse_args(["--out", "x.json", "--cut-answers", "fail"]))["cut_answers"] == "fail"
+    (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "skip"}))
+    rc, _, err = run_main(E.main, ["--run", str(run), "--out", str(tmp_path / "e.json"), "--n", "1"], capsys)
+    one_line_error(rc, err, f"{run / 'config.json'}: 'cut_answers' must be one of judge, fail, got 'skip'")
 
 
 def test_evaluate_table_by_hand():

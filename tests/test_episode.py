@@ -818,3 +818,37 @@ def test_records_say_which_reflections_and_retries_the_token_limit_cut_off(tiny,
     assert len(calls) == 3  # attempt, reflection, retry
     assert [r["reflection_cut"] for r in ep.records] == [(r + 2) % 3 != 0 for r in range(len(ep.records))]
     assert [r["retry_cut"] for r in ep.records] == [(r + 3) % 3 != 0 for r in range(len(ep.records))]
+
+
+def test_cut_answers_fail_fails_every_answer_the_token_limit_cut_off_and_judges_the_rest(tiny):
+    """``cut_answers="fail"``: a first attempt or retry that ran to its limit without the model
+    ending it fails unread, with its own reason; every answer the model ended is judged as with
+    "judge", and the samples are the same (the rule judges, it does not sample)."""
+    from dataclasses import replace
+
+    from r3.episode import CUT_REASON
+
+    model, tok, chat = tiny
+    task = CoinTask(always=True)  # (every text passes when it is read)
+    examples = task.examples(n=6)
+    judged = run_episode(model, tok, task, examples, group_size=2, sampling=SAMPLING, seed=0, chat=chat)
+    assert judged.first_passed == [True] * 6 and judged.first_success == 6 and judged.records == []
+    assert any(judged.first_cut), "this seed must cut some first attempt off"
+    failing = run_episode(model, tok, task, examples, group_size=2, sampling=replace(SAMPLING, cut_answers="fail"),
+                          seed=0, chat=chat)
+    assert failing.first_attempts == judged.first_attempts and failing.first_cut == judged.first_cut
+    assert failing.first_passed == [not c for c in judged.first_cut]
+    assert failing.first_reasons == [CUT_REASON if c else "forced" for c in judged.first_cut]
+    assert failing.group_indices == [i for i, c in enumerate(judged.first_cut) if c]
+    cut = [r["retry_cut"] for r in failing.records]
+    assert set(cut) == {True, False}, "this seed must have retries cut off and retries ended"
+    assert failing.rewards.flatten().tolist() == [0.0 if c else 1.0 for c in cut]
+    assert [r["reason"] for r in failing.records] == [CUT_REASON if c else "forced" for c in cut]
+    assert all(r["reward"] == (0.0 if c else 1.0) for r, c in zip(failing.records, cut))
+
+
+def test_cut_answers_must_be_judge_or_fail():
+    from r3.errors import R3Error
+
+    with pytest.raises(R3Error, match="cut_answers must be one of judge, fail, got 'drop'"):
+        EpisodeSampling(cut_answers="drop")

@@ -3785,3 +3785,39 @@ def test_freeze_patterns_name_r3_s_parameters_and_one_matching_none_is_refused(t
     old.pop("freeze")
     assert TrainConfig().validate().incompatible_with(old) == []
     assert TrainConfig(freeze="norm.weight").validate().incompatible_with(old) == ["freeze"]
+
+
+def test_cut_answers_is_a_setting_of_the_run_and_an_older_run_judged_cut_answers():
+    """``cut_answers`` reaches the rollouts' and the held-out evaluation's sampling; a bad value
+    is refused naming the field; a run from before the option (no key) resumes under "judge"
+    and not under "fail", which would pay other retries."""
+    from r3.config import InvalidValue, TrainConfig, parse_args
+
+    cfg = parse_args(["--cut-answers", "fail"])
+    assert cfg.cut_answers == "fail" and cfg.sampling().cut_answers == "fail"
+    assert cfg.sampling(0.0).cut_answers == "fail" and TrainConfig().sampling().cut_answers == "judge"
+    with pytest.raises(InvalidValue, match="'cut_answers' must be one of judge, fail, got 'pay'"):
+        TrainConfig(cut_answers="pay").validate()
+    old = TrainConfig().validate().to_dict()
+    old.pop("cut_answers")
+    assert TrainConfig().validate().incompatible_with(old) == []
+    assert TrainConfig(cut_answers="fail").validate().incompatible_with(old) == ["cut_answers"]
+
+
+def test_a_run_that_fails_cut_answers_pays_no_retry_the_limit_cut_off(tiny_model, tmp_path):
+    """End to end, with limits that cut most answers off: every logged retry that ran to its
+    limit is unpaid with the cut-off reason, the run's config records the rule, and r3.audit
+    re-judges the samples by it and passes."""
+    from r3.episode import CUT_REASON
+
+    out = tmp_path / "run"
+    run_train(BASE + ["--model", str(tiny_model), "--out", str(out), "--max-steps", "2", "--cut-answers", "fail",
+                      "--max-retry-tokens", "3", "--log-samples", "8"])
+    assert json.loads((out / "config.json").read_text())["cut_answers"] == "fail"
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    cut = [s for s in samples if s["retry_cut"]]
+    assert cut and all(s["reward"] == 0.0 and s["reason"] == CUT_REASON for s in cut)
+    assert all(s["reason"] == "coin" for s in samples if not s["retry_cut"])
+    proc = subprocess.run([sys.executable, "-m", "r3.audit", str(out)], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
