@@ -3,7 +3,10 @@
 Counted as the MFU convention counts them (PaLM's appendix B; torchtitan): the forward's matmuls at
 2 FLOPs per multiply-add, the attention's scores and weighted values (4 x heads x head_dim per key
 a query attends to, sliding windows included), a backward pass at twice its forward; biases,
-norms, activations, padding and recomputation (activation checkpointing) are not counted. The
+norms, activations, padding and recomputation (activation checkpointing) are not counted. With
+frozen parameters (``--freeze``) the backward pass counts what autograd runs: each matmul's
+weight gradient where its weight trains, and its input gradient (the attention's backward too)
+where a trainable parameter enters the forward before it (:func:`backward_flops`). The
 work is what the loss needs, whatever the layout: each distinct prefix of the step's rows once
 (the shared-prefix layout's saving is not counted as utilisation), each row's reflection up to
 its last target, and the LM head at the reflection's targets only.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -79,15 +82,90 @@ def forward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: S
     distinct prefix (the tokens before a span) once, then each row's tokens up to its last target,
     the LM head at the span's ``end - start`` targets."""
     body, head = matmul_flops_per_token(cfg), 2 * cfg.hidden_size * cfg.vocab_size
+    return sum(body * (hi - lo) + attention_flops(cfg, lo, hi) + head * targets
+               for lo, hi, targets in _passes(sequences, spans))
+
+
+def _passes(sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]):
+    """The positions the passes run over, as ``(lo, hi, LM-head targets)``: each distinct prefix
+    (the tokens before a span) once, then each row's tokens up to its span's last target."""
     seen: set = set()
-    total = 0
     for seq, (start, end) in zip(sequences, spans):
         key = tuple(seq[:start])
         if key not in seen:
             seen.add(key)
-            total += body * start + attention_flops(cfg, 0, start)
+            yield 0, start, 0
         last = max(end - 1, start)  # (the span's last token predicts nothing the loss reads)
-        total += body * (last - start) + attention_flops(cfg, start, last) + head * (end - start)
+        yield start, last, end - start
+
+
+# Where each parameter enters the forward: (layer, order within the layer) by the name's suffix;
+# the root's embeddings at layer -1, the final norm and LM head at layer L. A matmul's input
+# gradient runs where a trainable parameter enters before it. Gemma 4's per-layer inputs enter
+# at layer 0's gate product (between its per-layer gate and projection); the projection that
+# computes them reads the embeddings at (-1, 1).
+_IN_LAYER = (("input_layernorm.", 0), ("self_attn.qkv_proj.", 1), ("self_attn.q_norm.", 2), ("self_attn.k_norm.", 2),
+             ("self_attn.o_proj.", 4), ("post_attention_layernorm.", 5), ("pre_feedforward_layernorm.", 6),
+             ("mlp.gate_up_proj.", 7), ("mlp.down_proj.", 8), ("post_feedforward_layernorm.", 9),
+             ("per_layer_input_gate.", 10), ("per_layer_projection.", 12), ("post_per_layer_input_norm.", 13))
+_ATTENTION = 3  # the scores and weighted values, between the q/k norms and o_proj
+_PER_LAYER_INPUTS = (0, 11)
+_ROOT = {"embed_tokens.weight": (-1, 0), "per_layer_model_projection.weight": _PER_LAYER_INPUTS,
+         "embed_tokens_per_layer.weight": _PER_LAYER_INPUTS, "per_layer_projection_norm.weight": _PER_LAYER_INPUTS}
+
+
+def parameter_position(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    """Where parameter ``name`` (r3's names) enters the forward, as (layer, order within it)."""
+    if name in _ROOT:
+        return _ROOT[name]
+    if name in ("norm.weight", "lm_head.weight"):
+        return cfg.num_hidden_layers, 0 if name == "norm.weight" else 1
+    layer, _, rest = name.removeprefix("layers.").partition(".")
+    if name.startswith("layers.") and layer.isdigit():
+        for prefix, order in _IN_LAYER:
+            if rest.startswith(prefix):
+                return int(layer), order
+    raise R3Error(f"r3.flops: no place in the forward known for parameter {name!r}")
+
+
+def backward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                   trainable: Iterable[str] | None = None) -> int:
+    """One backward pass's model FLOPs for the rows of :func:`forward_flops`: twice the forward
+    when every parameter trains (``trainable`` None); else, per matmul, its weight gradient (its
+    forward's FLOPs) where its weight is in ``trainable`` (r3's names; a tied LM head is
+    ``lm_head.weight`` beside ``embed_tokens.weight``) and its input gradient (as many) where a
+    trainable parameter enters before it; the attention's backward (twice its forward) likewise."""
+    if trainable is None:
+        return 2 * forward_flops(cfg, sequences, spans)
+    trainable = set(trainable)
+    first = min((parameter_position(cfg, n) for n in trainable), default=(cfg.num_hidden_layers + 1, 0))
+    L, d = cfg.num_hidden_layers, cfg.hidden_size
+
+    def matmul(name: str, at: tuple[int, int], flops: int) -> int:  # weight gradient + input gradient
+        return flops * ((name in trainable) + (first < at))
+
+    body = 0  # per token
+    for n in range(L):
+        q = cfg.num_attention_heads * cfg.layer_head_dim(n)
+        kv = cfg.layer_kv_heads(n) * cfg.layer_head_dim(n)
+        kv_out = 0 if cfg.kv_source(n) != n else kv if cfg.layer_k_eq_v(n) else 2 * kv
+        i, p, pre = cfg.layer_intermediate_size(n), cfg.per_layer_input_size, f"layers.{n}."
+        body += (matmul(pre + "self_attn.qkv_proj.weight", (n, 1), 2 * d * (q + kv_out))
+                 + matmul(pre + "self_attn.o_proj.weight", (n, 4), 2 * q * d)
+                 + matmul(pre + "mlp.gate_up_proj.weight", (n, 7), 4 * d * i)
+                 + matmul(pre + "mlp.down_proj.weight", (n, 8), 2 * i * d))
+        if p:
+            body += (matmul(pre + "per_layer_input_gate.weight", (n, 10), 2 * d * p)
+                     + matmul(pre + "per_layer_projection.weight", (n, 12), 2 * p * d))
+    if cfg.per_layer_input_size:
+        body += matmul("per_layer_model_projection.weight", (-1, 1), 2 * d * L * cfg.per_layer_input_size)
+    head = matmul("lm_head.weight", (L, 1), 2 * d * cfg.vocab_size)
+    windows = cfg.layer_windows or [None] * L
+    layers = [n for n in range(L) if first < (n, _ATTENTION)]
+    total = 0
+    for lo, hi, targets in _passes(sequences, spans):
+        total += body * (hi - lo) + head * targets
+        total += 2 * 4 * cfg.num_attention_heads * sum(cfg.layer_head_dim(n) * _keys(lo, hi, windows[n]) for n in layers)
     return total
 
 

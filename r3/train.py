@@ -68,7 +68,7 @@ from r3.distributed import (
 from r3.episode import run_episode
 from r3.errors import R3Error, cli_main
 from r3.failure_data import check_made_for, read_failures, without_test_queries
-from r3.flops import forward_flops, peak_flops
+from r3.flops import backward_flops, forward_flops, peak_flops
 from r3.heldout import evaluate_examples
 from r3.metrics import format_step_line, step_metrics
 from r3.model import Transformer, check_token_limits
@@ -606,11 +606,15 @@ def say_verifier_errors(errors: int, calls: int, first: str | None, d: Dist, dur
 def training_flops(run: Run, ep, adv: torch.Tensor) -> int:
     """This rank's model FLOPs of the step's reference and update passes (:mod:`r3.flops`): the
     reference's and the pre-update policy's forwards where they run, the update's forward and
-    backward in each epoch."""
+    backward in each epoch (the backward of what trains, with ``--freeze``)."""
     cfg = run.cfg
     rows = kept_rows(adv, cfg.skip_no_signal_groups)
-    forward = forward_flops(run.rollout_model.config, [ep.sequences[i] for i in rows], [ep.spans[i] for i in rows])
-    return forward * (int(cfg.beta > 0) + int(cfg.update_epochs > 1) + 3 * cfg.update_epochs)
+    sequences, spans = [ep.sequences[i] for i in rows], [ep.spans[i] for i in rows]
+    forward = forward_flops(run.rollout_model.config, sequences, spans)
+    trainable = ({n for n, p in run.policy.named_parameters(remove_duplicate=False) if p.requires_grad}
+                 if cfg.freeze else None)  # (a tied head's two names both)
+    backward = backward_flops(run.rollout_model.config, sequences, spans, trainable) if forward else 0
+    return forward * (int(cfg.beta > 0) + int(cfg.update_epochs > 1) + cfg.update_epochs) + backward * cfg.update_epochs
 
 
 def train(cfg: TrainConfig) -> dict:

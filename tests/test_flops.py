@@ -95,6 +95,96 @@ def test_the_matmuls_equal_torchs_count_of_the_models_forward(kind):
     assert F.forward_flops(cfg, [seq], [(start, end)]) == matmuls + F.attention_flops(cfg, 0, T)
 
 
+def _freeze_all_but(model, keep: set[str]) -> None:
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in keep:
+            p.requires_grad_(False)
+    for name, p in model.named_parameters(remove_duplicate=False):  # (a tied head: its embeddings' name kept)
+        if name in keep:
+            p.requires_grad_(True)
+
+
+# (kind, parameters left to train: None = all; else names, or a prefix of names)
+FREEZES = [
+    ("qwen2", None),
+    ("qwen2", {"lm_head.weight"}),  # the head's weight gradient only
+    ("qwen2", {"norm.weight"}),  # the head's input gradient only
+    ("qwen2", {"layers.1.mlp.down_proj.weight"}),  # one matmul: the head's and that matmul's gradients
+    ("qwen2", "layers.1."),  # the top block
+    ("qwen2", {"layers.0.self_attn.qkv_proj.bias"}),  # a bias: everything after it, not its matmul's input
+    ("qwen3", {"layers.1.self_attn.q_norm.weight"}),  # after qkv, before the attention
+    ("llama", {"embed_tokens.weight"}),  # tied: the embeddings are the head
+    ("llama", "layers."),  # tied head frozen, every block trains
+    ("olmo2", {"layers.0.post_attention_layernorm.weight"}),
+    ("gemma3", {"layers.1.pre_feedforward_layernorm.weight"}),
+    ("gemma4", None),
+    ("gemma4", {"per_layer_model_projection.weight"}),  # per-layer inputs enter at layer 0's gate product
+    ("gemma4", {"embed_tokens_per_layer.weight", "layers.2.self_attn.o_proj.weight"}),
+    ("gemma4", {"layers.3.self_attn.qkv_proj.weight"}),  # (layer 3 reads its own keys and values)
+]
+
+
+@pytest.mark.parametrize("kind,keep", FREEZES)
+def test_the_backward_equals_torchs_count_of_what_autograd_runs_with_frozen_parameters(kind, keep):
+    """torch's FLOP counter on our forward and backward of one row, some parameters frozen: its
+    matmuls in the backward are exactly ``backward_flops`` less the attention's backward (which
+    it has no formula for on the CPU, and which runs in the layers where a trainable parameter
+    enters before it); with every parameter training, the backward is twice the forward."""
+    cfg = _cfg(kind)
+    model = Transformer(cfg)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    if keep is not None:
+        keep = {n for n in names if n.startswith(keep)} if isinstance(keep, str) else keep
+        assert keep <= set(names) and keep
+        _freeze_all_but(model, keep)
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    seq, (start, end) = list(range(3, 3 + 14)), (9, 14)
+    tokens = torch.tensor([seq[: end - 1]])
+    cols = torch.arange(start - 1, end - 1)
+    logits = model(tokens, at=(torch.zeros_like(cols), cols))
+    with FlopCounterMode(display=False) as counter:
+        logits.float().square().sum().backward()
+    counted = sum(counter.get_flop_counts()["Global"].values())
+    T = end - 1
+    first = min(F.parameter_position(cfg, n) for n in trainable)
+    windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
+    attention = 2 * 4 * cfg.num_attention_heads * sum(cfg.layer_head_dim(n) * F._keys(0, T, windows[n])
+                                                      for n in range(cfg.num_hidden_layers) if first < (n, 3))
+    got = F.backward_flops(cfg, [seq], [(start, end)], trainable)
+    assert got - attention == counted > 0
+    assert F.backward_flops(cfg, [seq], [(start, end)], set(names)) == F.backward_flops(cfg, [seq], [(start, end)]) \
+        == 2 * F.forward_flops(cfg, [seq], [(start, end)])
+    if keep is None:
+        assert got == 2 * F.forward_flops(cfg, [seq], [(start, end)])
+    else:
+        assert got < 2 * F.forward_flops(cfg, [seq], [(start, end)])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma4", "olmo2", "olmo3",
+                                  "granite", "smollm3", "mistral", "ministral3"])
+def test_every_parameter_of_every_family_has_a_place_in_the_forward(kind):
+    cfg = _cfg(kind)
+    for name, _ in Transformer(cfg).named_parameters(remove_duplicate=False):
+        F.parameter_position(cfg, name)
+    with pytest.raises(R3Error, match="no place in the forward known for parameter 'layers.0.adapter.weight'"):
+        F.parameter_position(cfg, "layers.0.adapter.weight")
+
+
+def test_backward_flops_over_a_shared_prefix_and_nothing_trainable():
+    """The backward runs over the rows' passes as the forward does (each prefix once); frozen
+    blocks below the first trainable one cost nothing, and a step with nothing trainable none."""
+    cfg = _cfg("llama")  # 2 blocks, tied
+    prefix = [5, 6, 7, 8]
+    seqs, spans = [prefix + [1, 2, 3], prefix + [4, 4]], [(4, 7), (4, 6)]
+    top = {n for n, _ in Transformer(cfg).named_parameters() if n.startswith("layers.1.")}
+    block = F.matmul_flops_per_token(cfg) // 2  # (both blocks have one shape)
+    tokens = 4 + 2 + 1  # the prefix once, then each row to its last target
+    attention_1 = 2 * 4 * 4 * 16 * (F._keys(0, 4, None) + F._keys(4, 6, None) + F._keys(4, 5, None))
+    head = 2 * 64 * 256 * (3 + 2)  # its input gradient, at the targets: the tied head does not train
+    assert F.backward_flops(cfg, seqs, spans, top) == 2 * block * tokens + attention_1 + head
+    assert F.backward_flops(cfg, seqs, spans, set()) == 0
+
+
 def test_peak_sources(monkeypatch):
     monkeypatch.setenv("R3_PEAK_TFLOPS", "12.5")
     assert F.peak_flops(torch.device("cpu"), torch.bfloat16) == (12.5e12, "R3_PEAK_TFLOPS")
@@ -160,7 +250,7 @@ def test_training_flops_count_each_pass_over_the_rows_the_update_keeps(beta, epo
     ep = SimpleNamespace(sequences=[prefix_a + [9, 9, 9], prefix_a + [8, 8], prefix_b + [7, 7, 7, 7], prefix_b + [6]],
                          spans=[(3, 6), (3, 5), (5, 9), (5, 6)])
     adv = torch.tensor([[0.7, -0.7], [0.0, 0.0]])  # the second group has no signal
-    run = SimpleNamespace(cfg=SimpleNamespace(beta=beta, update_epochs=epochs, skip_no_signal_groups=skip),
+    run = SimpleNamespace(cfg=SimpleNamespace(beta=beta, update_epochs=epochs, skip_no_signal_groups=skip, freeze=""),
                           rollout_model=SimpleNamespace(config=cfg))
     rows = [0, 1] if skip else [0, 1, 2, 3]
     forward = F.forward_flops(cfg, [ep.sequences[i] for i in rows], [ep.spans[i] for i in rows])
@@ -283,3 +373,30 @@ def test_the_step_line_by_hand():
     assert format_step_line(row, 10, 3725.0) == (
         "step 4/10 | loss -0.0312 | kl 1.23e-02 | retry 0.38 | first 0.25 | signal 3/8 | 12.3s/step (rollout 8.1, "
         "ref 0.6, update 3.2) | mfu 12.5% | ETA 1h02m")
+
+
+def test_training_flops_with_frozen_parameters_count_the_backward_of_what_trains():
+    """With --freeze the update's backward is ``backward_flops`` over the policy's trainable
+    parameters (a tied head under both its names); the forwards are as without it."""
+    from types import SimpleNamespace
+
+    from r3.train import freeze_parameters, training_flops
+
+    cfg = _cfg("llama")  # tied
+    policy = Transformer(cfg)
+    freeze_parameters(policy, "embed_tokens.weight,layers.0.*")
+    ep = SimpleNamespace(sequences=[[1, 2, 3, 9, 9, 9], [1, 2, 3, 8, 8]], spans=[(3, 6), (3, 5)])
+    adv = torch.tensor([[0.7, -0.7]])
+    run = SimpleNamespace(cfg=SimpleNamespace(beta=0.001, update_epochs=2, skip_no_signal_groups=True,
+                                              freeze="embed_tokens.weight,layers.0.*"),
+                          rollout_model=SimpleNamespace(config=cfg), policy=policy)
+    forward = F.forward_flops(cfg, ep.sequences, ep.spans)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith(("embed_tokens", "lm_head", "layers.0.")) for n in trainable)
+    backward = F.backward_flops(cfg, ep.sequences, ep.spans, trainable)
+    assert 0 < backward < 2 * forward
+    assert training_flops(run, ep, adv) == forward * (1 + 1 + 2) + backward * 2
+    run.cfg.freeze = ""
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    assert training_flops(run, ep, adv) == forward * (1 + 1 + 3 * 2)
