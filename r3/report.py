@@ -252,9 +252,11 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
               f"- task: `{cfg['task']}`, options `{cfg.get('task_options', {})}`"
               + (f"; chat template options `{cfg['chat_template_options']}`" if cfg.get("chat_template_options") else ""),
               f"- training: lr {cfg.get('lr')}, {cfg.get('batch_size')} failed queries x G={cfg.get('group_size')} "
-              f"reflections per step, reflections up to {cfg.get('max_reflection_tokens')} tokens, seed {cfg.get('seed')}",
+              f"reflections per step, reflections up to {cfg.get('max_reflection_tokens')} tokens, seed {cfg.get('seed')}"
+              + ("; answers the token limit cut off failed (cut_answers: fail)" if cfg.get("cut_answers") == "fail" else ""),
               f"- evaluation: {base['n']} {st.get('split', 'test')} queries, temperature {st.get('temperature', 0.0)} "
-              f"({'greedy' if not st.get('temperature') else 'sampled'}), dtype {st.get('dtype', '?')}", ""]
+              f"({'greedy' if not st.get('temperature') else 'sampled'}), dtype {st.get('dtype', '?')}"
+              + ("; answers the token limit cut off failed" if st.get("cut_answers") == "fail" else ""), ""]
 
     lines += ["## Accuracy after one and two attempts", "",
               "| model | first attempt (%) | after reflect + retry (%) | gain from the retry (points) |",

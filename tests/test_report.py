@@ -456,3 +456,20 @@ def test_the_length_histogram_marks_the_limit_the_evaluation_ran_with(run, monke
     (accuracy,) = [f.axes[0] for f in figures if f.axes[0].get_ylabel().startswith("accuracy")]
     assert accuracy.get_ylabel() == "accuracy (%), n = 8"
     R.pyplot().close("all")  # (figures kept from save_figure: closed, as save_figure would)
+
+
+def test_the_report_says_where_answers_cut_off_by_the_token_limit_failed(run):
+    """cut_answers: fail, in training (the run's config) and in the evaluation (its settings),
+    is said on the page; the default (judge) adds nothing."""
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "cut off" not in text
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "fail"}))
+    ev = json.loads((run / "evaluation.json").read_text())
+    ev["settings"]["cut_answers"] = "fail"
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    training = next(line for line in text.splitlines() if line.startswith("- training:"))
+    evaluation = next(line for line in text.splitlines() if line.startswith("- evaluation:"))
+    assert training.endswith("; answers the token limit cut off failed (cut_answers: fail)")
+    assert evaluation.endswith("dtype bf16; answers the token limit cut off failed")
