@@ -65,7 +65,8 @@ def rate(k: int, n: int) -> dict:
 
 
 def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tuple[list[int], bool]]:
-    """One sampled first attempt per example: (attempt token ids, passed)."""
+    """One sampled first attempt per example: (attempt token ids, passed), judged as the run
+    judges (``sampling.cut_answers``: with "fail", an attempt the token limit cut off fails)."""
     out = []
     for i in range(0, len(examples), CHUNK):
         batch = examples[i:i + CHUNK]
@@ -73,7 +74,8 @@ def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tup
         got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                        top_k=sampling.top_k, stop_token_ids=chat.stop_ids,
                        stop_strings=answer_stops(task, chat))
-        out += [(list(t), passes(task, ex, chat.decode(t))) for ex, t in zip(batch, got.tokens)]
+        out += [(list(t), (fin or sampling.cut_answers != "fail") and passes(task, ex, chat.decode(t)))
+                for ex, t, fin in zip(batch, got.tokens, got.finished)]
     return out
 
 
@@ -183,6 +185,22 @@ def _fmt(r: dict) -> str:
     return f"{r['rate']:.3f} \u00b1 {r['stderr'] or 0:.3f} (n={r['n']})"
 
 
+def untrained_key(cfg, samples: int, seed: int, device: str) -> dict:
+    """What the untrained model's evaluation (``OUT/before.json``) depends on, not the training
+    knobs: it is reused only where this matches."""
+    key = {k: getattr(cfg, k) for k in ("model", "task", "task_options", "temperature", "top_p", "top_k", "dtype",
+                                        "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")}
+    key.update(samples=samples, seed=seed, random_streams=RANDOM_STREAMS)
+    # (these only where they are not the default: the cached evaluations of earlier runs stay valid)
+    if cfg.chat_template_options:
+        key["chat_template_options"] = cfg.chat_template_options
+    if cfg.cut_answers != "judge":  # (another verdict on every cut attempt and retry)
+        key["cut_answers"] = cfg.cut_answers
+    if torch.device(device).type != "cpu":  # (a GPU draws other samples: its generator and kernels)
+        key["device"] = torch.device(device).type
+    return key
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/learning_curve")
@@ -211,14 +229,7 @@ def main():
     out = Path(args.out)
     run = out / "run"
     out.mkdir(parents=True, exist_ok=True)
-    # what the untrained model's evaluation depends on (not the training knobs)
-    key = {k: getattr(cfg, k) for k in ("model", "task", "task_options", "temperature", "top_p", "top_k", "dtype",
-                                        "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")}
-    key.update(samples=args.samples, seed=args.seed, random_streams=RANDOM_STREAMS)
-    if cfg.chat_template_options:  # (only then: the cached evaluations of earlier runs stay valid)
-        key["chat_template_options"] = cfg.chat_template_options
-    if torch.device(args.device).type != "cpu":  # (a GPU draws other samples: its generator and kernels)
-        key["device"] = torch.device(args.device).type
+    key = untrained_key(cfg, args.samples, args.seed, args.device)
     before_path = out / "before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     if before is None or before.get("key") != json.loads(json.dumps(key)):

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
               f"reflection: {s.get('reflection', '')!r}\nretry: {s['retry']!r}\nreason: {s.get('reason')}")
     if out_path:
         write_json_atomic(out_path, {"run": str(run), "task": cfg["task"], "task_options": cfg.get("task_options", {}),
-                                     **res})
+                                     "cut_answers": cut_answers, **res})
     return 1 if res["rewarded_failing"] else 0
 
 

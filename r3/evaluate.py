@@ -22,8 +22,8 @@ file was there already (an earlier evaluation being replaced): that one is repla
 model is done, so an interruption leaves it whole.
 
 ``--run DIR`` evaluates a training run's base model and its export (``DIR/export``) side by side on
-the run's own task, task options (hence its prompts), token limits, top-p/top-k and dtype, read
-from ``DIR/config.json``.
+the run's own task, task options (hence its prompts), token limits, top-p/top-k, dtype and
+``cut_answers`` rule, read from ``DIR/config.json``.
 
 Each finished batch is appended to ``OUT.partial.jsonl`` (:mod:`r3.partial_results`): the same
 command run again after an interruption goes on from there; the file goes once ``OUT`` is written.

@@ -149,14 +149,16 @@ def recorded_settings(path) -> dict | None:
     return header["settings"]
 
 
-def check_made_for(path, task, model: str, chat_template_options: dict | None = None) -> None:
+def check_made_for(path, task, model: str, chat_template_options: dict | None = None,
+                   cut_answers: str = "judge") -> None:
     """Refuse to train on failures of another task: the records' examples and attempts are
     judged with the run's task, so a file made for another task (other numbers, operators or
     answer format) would reward against the wrong rule. Compares the task's name and every
     option in effect with what ``r3.failures`` recorded, and the chat template options (the
     stored attempts continue the conversation they were sampled in); warns when the model
-    differs (the attempts are another model's, in its tokens) or the queries are not from the
-    train split."""
+    differs (the attempts are another model's, in its tokens), the queries are not from the
+    train split, or the file counted attempts the token limit cut off as failures (``--cut-answers
+    fail``) where the run (``cut_answers``) reads them as they stand."""
     from r3.checkpoint import same_model
     from r3.config import absolute_paths
     from r3.tasks import get
@@ -189,6 +191,10 @@ def check_made_for(path, task, model: str, chat_template_options: dict | None = 
         print(f"warning: {path}'s attempts were not ended at this task's stop strings {mine} (made with {theirs}): "
               "some may run past an answer a training attempt stops at, and fail where it passes; make the "
               "file again with this version of r3.failures", file=sys.stderr)
+    if settings.get("cut_answers", "judge") == "fail" and cut_answers == "judge":
+        print(f"warning: {path} was made with --cut-answers fail: some of its failures may be attempts the token "
+              "limit cut off that this run (cut_answers judge) would pass as they stand, and reflects on as failed; "
+              "train with --cut-answers fail, or make the file again with --cut-answers judge", file=sys.stderr)
     if settings.get("model") is not None and not same_model(settings["model"], model):
         print(f"warning: {path} holds the first attempts of model {settings['model']!r}; this run trains {model!r}",
               file=sys.stderr)
@@ -300,7 +306,7 @@ class FailureFile:
         if self.header is not None:
             old = self.header.get("settings", {})
             # (files made before these settings were recorded: what those versions did)
-            old = {"chat_template_options": {}, "attempt_stop_strings": [], **old}
+            old = {"chat_template_options": {}, "attempt_stop_strings": [], "cut_answers": "judge", **old}
             for k in ("task", "task_options", "split", "chat_template_options"):
                 if k in old and k in settings and old[k] != settings[k]:
                     raise R3Error(f"{self.out} holds {k} {old[k]!r}, not {settings[k]!r}; use another --out")

@@ -243,6 +243,17 @@ def label(model: str, run: Path, cfg: dict, cwd: str | None = None) -> str:
     return "untrained" if model == cfg.get("model") else model
 
 
+def _cut_answers_note(st: dict, cfg: dict) -> str:
+    """How the evaluation judged answers the token limit cut off (evaluations of older r3 did
+    not record it: nothing said), and the run's own rule where that was another."""
+    rule = st.get("cut_answers")
+    if rule is None:
+        return ""
+    trained = cfg.get("cut_answers", "judge")  # (runs before the option judged them)
+    return f", cut-off answers {'failed' if rule == 'fail' else 'judged as they stand'} (cut_answers {rule}" + (
+        f"; the run trained with {trained})" if trained != rule else ")")
+
+
 def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict | None, pngs: dict,
            examples: int) -> str:
     base, trained = ev["models"][0], ev["models"][1]
@@ -256,7 +267,7 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
               + ("; answers the token limit cut off failed (cut_answers: fail)" if cfg.get("cut_answers") == "fail" else ""),
               f"- evaluation: {base['n']} {st.get('split', 'test')} queries, temperature {st.get('temperature', 0.0)} "
               f"({'greedy' if not st.get('temperature') else 'sampled'}), dtype {st.get('dtype', '?')}"
-              + ("; answers the token limit cut off failed" if st.get("cut_answers") == "fail" else ""), ""]
+              + _cut_answers_note(st, cfg), ""]
 
     lines += ["## Accuracy after one and two attempts", "",
               "| model | first attempt (%) | after reflect + retry (%) | gain from the retry (points) |",

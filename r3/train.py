@@ -397,7 +397,7 @@ def set_up(cfg: TrainConfig) -> Run:
         with contextlib.nullcontext() if d.main else contextlib.redirect_stderr(io.StringIO()):
             failures = read_failures(cfg.failures) if cfg.failures else None
             if cfg.failures:
-                check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options)
+                check_made_for(cfg.failures, task, cfg.model, cfg.chat_template_options, cfg.cut_answers)
             for i, rec in enumerate(failures or []):
                 task.check_example(f"{cfg.failures}: record {i + 1}: 'example' (not a {cfg.task} example)",
                                    rec["example"])
@@ -741,6 +741,9 @@ def warn_without_signal(run: Run, row: dict) -> None:
     else:
         why = ("no retry passed: the task may be too hard for this model, or its verifier never pays "
                f"(read {run.out / 'samples.jsonl'} and the verifier's reasons)")
+        if getattr(run.cfg, "cut_answers", "judge") == "fail":
+            why += ("; with --cut-answers fail no retry that --max-retry-tokens cut off can pass (retry_cut_frac in "
+                    "metrics.jsonl: how many were)")
     if any(groups for groups, _ in seen) and run.cfg.beta > 0 and not run.cfg.skip_no_signal_groups:
         why += "; only the KL penalty trained on those steps (--skip-no-signal-groups false)"
     print(f"warning: no group had a reward signal in the last {SIGNAL_LESS_STEPS} steps; {why}",

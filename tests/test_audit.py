@@ -284,3 +284,15 @@ def test_a_run_that_fails_cut_answers_has_each_rewarded_cut_retry_reported_and_f
     (tmp_path / "bad").mkdir()
     rc, _, err = run_main([str(make_run(tmp_path / "bad", [whole], cut_answers="drop"))], capsys)
     assert rc == 2 and "'cut_answers' must be one of judge, fail, got 'drop'" in err
+
+
+def test_the_audit_file_records_the_rule_it_judged_cut_retries_by(tmp_path, capsys):
+    """``--out``: the rule the samples were re-judged by is in the file (the same disagreements
+    mean other things under judge and fail); a run from before the option is audited under judge."""
+    cut = {**sample(1, "So 19 + 17 = 36", 1.0), "retry_cut": True}
+    for rule, want in (("fail", "fail"), (None, "judge")):
+        (tmp_path / str(rule)).mkdir()
+        out = tmp_path / f"{rule}.json"
+        run_main([str(make_run(tmp_path / str(rule), [cut], **({"cut_answers": rule} if rule else {}))),
+                  "--out", str(out)], capsys)
+        assert json.loads(out.read_text())["cut_answers"] == want

@@ -1656,6 +1656,18 @@ def test_failure_file_refuses_chat_options_an_older_file_did_not_record_and_igno
         F.FailureFile(out).open({"task": "t", "chat_template_options": {"enable_thinking": True}})
 
 
+def test_a_failure_file_from_before_cut_answers_resumed_under_fail_says_its_rule_changed(tmp_path, capsys):
+    """A file made before --cut-answers judged cut attempts as they stood: going on with
+    --cut-answers fail mixes two rules in one file, which is said as any other changed setting
+    is (it was not: the old header has no key to compare); going on under judge says nothing."""
+    out = tmp_path / "f.jsonl"
+    F.done_path(out).write_text(json.dumps({"r3_failures": 1, "settings": {"task": "t", "seed": 0}}) + "\n")
+    F.FailureFile(out).open({"task": "t", "seed": 0, "cut_answers": "judge"})
+    assert capsys.readouterr().err == ""
+    F.FailureFile(out).open({"task": "t", "seed": 0, "cut_answers": "fail"})
+    assert "started with other settings (cut_answers: 'judge' -> 'fail')" in capsys.readouterr().err
+
+
 def test_a_second_process_on_the_same_failure_file_is_refused_until_the_first_ends(tmp_path):
     """Two r3.failures on the same --out at once each sampled every query left and appended it:
     each query twice in the file training reads, both summaries counting half of it. The second

@@ -61,3 +61,41 @@ def test_signal_estimate_against_hand_computed_values():
     one = lc.signal_estimate([1], samples=16, group_size=8, batch_size=8)
     assert math.isclose(one["p_group_has_signal"], 1 - (15 / 16) ** 8 - (1 / 16) ** 8)
     assert lc.signal_estimate([], samples=16, group_size=8, batch_size=8)["p_group_has_signal"] == 0.0
+
+
+def test_first_attempts_are_judged_by_the_runs_cut_answers_rule(monkeypatch):
+    """The untrained and trained models' sampled first attempts (which become the stored
+    failures) are judged as the run judges: with ``cut_answers: fail`` an attempt the token limit
+    cut off fails unread, as in training's rollouts and the retries on those failures; "judge"
+    reads it as it stands."""
+    from types import SimpleNamespace
+
+    from r3.config import TrainConfig
+
+    class FakeSession:
+        @staticmethod
+        def start(model, prompts, **kw):
+            return SimpleNamespace(sample=lambda n, **kw: SimpleNamespace(
+                tokens=[[i] for i in range(len(prompts))], finished=[i % 2 == 0 for i in range(len(prompts))]))
+
+    monkeypatch.setattr(lc, "Session", FakeSession)
+    monkeypatch.setattr(lc, "answer_stops", lambda task, chat: None)
+    monkeypatch.setattr(lc, "passes", lambda task, ex, text: True)  # (every text passes when read)
+    chat = SimpleNamespace(prompt=lambda m: [1], decode=lambda t: "x", stop_ids=[0])
+    task = SimpleNamespace(messages=lambda ex: [])
+    examples = [{"i": i} for i in range(4)]
+    for rule, want in (("judge", [True] * 4), ("fail", [True, False, True, False])):
+        sampling = TrainConfig(cut_answers=rule).validate().sampling()
+        got = lc.first_attempts(None, [0] * 10, chat, task, examples, sampling, seed=0)
+        assert [ok for _, ok in got] == want, rule
+
+
+def test_the_untrained_evaluation_is_reused_only_under_the_same_cut_answers_rule():
+    """``before.json`` judged under one rule is not the untrained model's numbers under the other;
+    the default adds nothing to the key, so evaluations cached before the option stay valid."""
+    from r3.config import TrainConfig
+
+    judged = lc.untrained_key(TrainConfig().validate(), 16, 1234, "cpu")
+    assert "cut_answers" not in judged
+    failing = lc.untrained_key(TrainConfig(cut_answers="fail").validate(), 16, 1234, "cpu")
+    assert failing != judged and failing["cut_answers"] == "fail"

@@ -458,18 +458,21 @@ def test_the_length_histogram_marks_the_limit_the_evaluation_ran_with(run, monke
     R.pyplot().close("all")  # (figures kept from save_figure: closed, as save_figure would)
 
 
-def test_the_report_says_where_answers_cut_off_by_the_token_limit_failed(run):
-    """cut_answers: fail, in training (the run's config) and in the evaluation (its settings),
-    is said on the page; the default (judge) adds nothing."""
+def test_the_page_says_how_the_evaluation_judged_cut_answers_and_the_runs_rule_where_another(run):
+    """The evaluation's ``cut_answers`` is on the page beside its other settings, with the run's
+    own rule where ``r3.evaluate --cut-answers`` overrode it; the training line says a run's
+    ``fail``; an evaluation of older r3 (no key) and a run that judges add nothing."""
     text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
-    assert "cut off" not in text
-    cfg = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "fail"}))
+    assert "cut_answers" not in text and "cut-off answers" not in text and "cut off" not in text
     ev = json.loads((run / "evaluation.json").read_text())
     ev["settings"]["cut_answers"] = "fail"
     (run / "evaluation.json").write_text(json.dumps(ev))
     text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert ", cut-off answers failed (cut_answers fail; the run trained with judge)" in text
+    assert "(cut_answers: fail)" not in text
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "fail"}))
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert ", cut-off answers failed (cut_answers fail)\n" in text
     training = next(line for line in text.splitlines() if line.startswith("- training:"))
-    evaluation = next(line for line in text.splitlines() if line.startswith("- evaluation:"))
     assert training.endswith("; answers the token limit cut off failed (cut_answers: fail)")
-    assert evaluation.endswith("dtype bf16; answers the token limit cut off failed")

@@ -582,6 +582,33 @@ def test_failures_check_skips_a_header_without_a_task_and_refuses_another_class_
         check_made_for(made, LookAlike(), "smollm2-135m")
 
 
+def test_a_failures_file_that_failed_cut_attempts_is_said_when_the_run_judges_them(tmp_path, capsys):
+    """r3.failures --cut-answers fail stores attempts the token limit cut off as failures, also
+    ones the verifier passes as they stand: a run that judges cut answers reflects on them as
+    failed, which is said (in training's start, before the models load). A file made under
+    "judge" (or before the option) holds failures under either rule: nothing to say."""
+    from r3.failure_data import check_made_for
+    from r3.tasks import get
+
+    tiny = get("countdown-tiny")
+    failing = _failures_made_for(tmp_path / "f.jsonl", "countdown-tiny", cut_answers="fail")
+    check_made_for(failing, tiny, "smollm2-135m")
+    err = capsys.readouterr().err
+    assert f"warning: {failing} was made with --cut-answers fail" in err and "train with --cut-answers fail" in err
+    check_made_for(failing, tiny, "smollm2-135m", cut_answers="fail")
+    judged = _failures_made_for(tmp_path / "j.jsonl", "countdown-tiny", cut_answers="judge")
+    check_made_for(judged, tiny, "smollm2-135m", cut_answers="fail")
+    check_made_for(_failures_made_for(tmp_path / "o.jsonl", "countdown-tiny"), tiny, "smollm2-135m", cut_answers="fail")
+    assert capsys.readouterr().err == ""
+    # r3.train passes its rule (a record that is no task example stops it right after the check)
+    failing.write_text(json.dumps({"key": "k", "example": {"x": 1}, "attempt_tokens": [5]}) + "\n")
+    for rule, said in (("judge", True), ("fail", False)):
+        proc = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", "--failures", str(failing),
+                          "--cut-answers", rule], check=False)
+        assert proc.returncode == 2 and "record 1: 'example'" in proc.stderr, proc.stderr[-2000:]
+        assert ("was made with --cut-answers fail" in proc.stderr) == said, (rule, proc.stderr[-2000:])
+
+
 def test_failures_check_compares_chat_template_options_as_the_template_gets_them(tmp_path, capsys):
     """enable_thinking=false is r3's default: a file sampled with no chat template options and a
     run that spells the default out render the same conversation, so training goes on."""
@@ -1906,6 +1933,9 @@ def test_steps_without_signal_are_reported_once(tmp_path, capsys):
     err = warnings([quiet] * n, skip_no_signal_groups=False)  # the groups stayed in: the KL term trained on them
     assert "no retry passed" in err and "only the KL penalty trained on those steps" in err
     assert "KL" not in warnings([quiet] * n, skip_no_signal_groups=False, beta=0.0)
+    assert "--cut-answers" not in err
+    err = warnings([quiet] * n, cut_answers="fail")  # (the limit may be what fails them all)
+    assert "no retry passed" in err and "with --cut-answers fail no retry that --max-retry-tokens cut off" in err
     err = warnings([quiet] * 3 + [{**quiet, "retry_success": 1.0}] + [quiet] * (n - 4))
     assert "some retries passed, but in each group all passed or all failed" in err and "no retry passed" not in err
     # a resumed run's streak (read back from metrics.jsonl) can be longer: the last 10 steps are judged
