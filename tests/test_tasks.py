@@ -3366,3 +3366,60 @@ def test_countdown_work_grows_linearly_with_the_text(shape, tags, python_lines_r
     for name, fn in (("verifier", task.verify), ("recheck", lambda e, t: recheck(task, e, t))):
         small, large = (python_lines_run(fn, ex, text(n)) for n in (600, 1200))
         assert large <= 3 * max(small, 50), (name, shape, small, large)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
+    # a given number in digits stated as the result or as another answer after the final equation,
+    # as a number word there already was ("which is five", ", or five")
+    pytest.param(False, "5 + 23 = 28, which is 23.", False, id="which-is-digits"),
+    pytest.param(False, "5 + 23 = 28, or 23.", False, id="or-digits"),
+    pytest.param(False, "5 + 23 = 28 which would be 5", False, id="which-would-be-digits"),
+    pytest.param(True, "<answer>5 + 23</answer> or 5", False, id="tags-or-digits"),
+    # ... also with a hedge between ("or maybe", "or rather"), digits or words
+    pytest.param(False, "5 + 23 = 28, or maybe 23.", False, id="or-maybe-digits"),
+    pytest.param(False, "5 + 23 = 28, or rather 5.", False, id="or-rather-digits"),
+    pytest.param(False, "5 + 23 = 28, or maybe five.", False, id="or-maybe-word"),
+    pytest.param(True, "<answer>5 + 23</answer> or maybe 23", False, id="tags-or-maybe-digits"),
+    # ... while the target there, and the numbers named in a parenthesis, stay right
+    pytest.param(False, "5 + 23 = 28, or 28.", True, id="or-the-target"),
+    pytest.param(False, "5 + 23 = 28, which is 28.", True, id="which-is-the-target"),
+    pytest.param(False, "5 + 23 = 28 (using 5 and 23 once each).", True, id="parenthesis-names-the-numbers"),
+    pytest.param(False, "5 + 23 = 28, using 5 and 23.", True, id="using-the-numbers"),
+])
+def test_countdown_a_given_number_stated_as_the_result_after_it(tags, completion, expected):
+    """An adversarial round found both implementations paying a right equation followed by
+    another result in digits: a number word after ``, or`` or ``which is`` was refused, but digits
+    there (a given number, so no "other number") were paid (``5 + 23 = 28, which is 23.``, ``...,
+    or 23.``), and ``or maybe`` / ``or rather`` put a hedge between, in either spelling."""
+    _both_implementations_say(tags, completion, expected)
+
+
+@pytest.mark.parametrize("tags,completion,expected", [
+    # the answer taken back in words the lists missed: "fails" was read, not its other forms
+    pytest.param(False, "5 + 23 = 28. That failed.", False, id="that-failed"),
+    pytest.param(False, "5 + 23 = 28 (fail)", False, id="parenthesised-fail"),
+    pytest.param(False, "5 + 23 = 28\nCheck: failed", False, id="check-failed"),
+    pytest.param(False, "5 + 23 = 28 was rejected.", False, id="was-rejected"),
+    # ("none" alone is no denial: "None of the numbers is used twice." follows right answers)
+    pytest.param(False, "5 + 23 = 28. None of the numbers is used twice.", True, id="none-of-the-numbers"),
+    pytest.param(False, "5 + 23 = 28. I give up.", False, id="give-up"),
+    pytest.param(False, "5 + 23 = 28. Discard that.", False, id="discard-that"),
+    # ... a label that says the attempt failed or was rejected
+    pytest.param(False, "Failed attempt: 5 + 23 = 28", False, id="label-failed-attempt"),
+    pytest.param(False, "Rejected: 5 + 23 = 28", False, id="label-rejected"),
+    pytest.param(True, "Failed attempt: <answer>5 + 23</answer>", False, id="tags-label-failed-attempt"),
+    # ... a supposition word before it
+    pytest.param(False, "Hypothetically 5 + 23 = 28.", False, id="hypothetically"),
+    pytest.param(False, "Imagine 5 + 23 = 28.", False, id="imagine"),
+    pytest.param(True, "Pretend <answer>5 + 23</answer>", False, id="tags-pretend"),
+    # ... while a failure before the final equation, said of an earlier try, stays right
+    pytest.param(False, "I tried 23 - 5 and it failed. Now 5 + 23 = 28.", True, id="failed-earlier-try"),
+    pytest.param(False, "None of my earlier tries worked, but 5 + 23 = 28.", True, id="none-earlier"),
+    pytest.param(False, "My previous answer was rejected. This time: 5 + 23 = 28", True, id="rejected-earlier"),
+])
+def test_countdown_answers_called_failed_or_rejected_and_suppositions(tags, completion, expected):
+    """An adversarial round found both implementations paying a right equation that the
+    text then calls failed or rejected (``That failed.``, ``I give up.``,
+    ``Discard that.``), labels ``Failed attempt:`` / ``Rejected:``, and suppositions
+    ``Hypothetically`` / ``Imagine`` / ``Pretend`` before it."""
+    _both_implementations_say(tags, completion, expected)

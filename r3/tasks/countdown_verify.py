@@ -68,8 +68,8 @@ when
   ``Assume - <answer>...``, ``Wrong answer:`` and ``- \\boxed{...}`` on the next line; after it
   also past quotes, ``$`` and such symbols, where an operator sign past them is next to it too:
   ``$5 + 23 = 28$ mod n``, ``\u201c5 + 23 = 28\u201d \u00d7 n``), a supposition
-  (``if``, ``suppose``, ``wenn``, ``si``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial
-  (``Wrong:``, ``This is false:``, ``Answer (wrong):``, ``\\text{Wrong}:``, ``[Wrong]:``, :data:`LABEL_DENIALS`) or a word in another
+  (``if``, ``suppose``, ``hypothetically``, ``imagine``, ``wenn``, ``si``, ... :data:`HYPOTHETICALS`) is among the four words before it, a denial
+  (``Wrong:``, ``This is false:``, ``Answer (wrong):``, ``Failed attempt:``, ``Rejected:``, ``\\text{Wrong}:``, ``[Wrong]:``, :data:`LABEL_DENIALS`) or a word in another
   alphabet (``\u041d\u0435\u0432\u0435\u0440\u043d\u043e:``; a Latin letter with diacritics is Latin) is among the four words before a colon just
   before it, on its line or ending a heading of up to eight words on the line before
   (``Wrong:\n5 + 23 = 28``), or one of :data:`BARE_LABEL_DENIALS` as the whole label
@@ -124,10 +124,13 @@ when
   ``\\dfrac``, ``\\tfrac``, ``\\div`` or a ``\\boxed{}`` holding braces, a number word after an
   answer cue, a number word (``thirty-two`` is 32) whose value is not the target in such a
   sentence, after ``(``, ``or``, ``equals``, ``makes``, ``gives``, ``which is``, ... (``, or
-  eighteen``, ``which is five``) or when it is 10 or more and not a given number, a cross mark, or
+  eighteen``, ``which is five``) or when it is 10 or more and not a given number, a given number
+  in digits that is not the target after those words but ``(`` (``, which is 23``, ``, or 23``;
+  a hedge between them counts too, ``or maybe 23``, :data:`HEDGES`), a cross mark, or
   a negation or denial anywhere (``23 + 11 = 34, is indeed wrong``, ``The answer is not 34``,
   ``No.``, ``I miscalculated``, ``Scratch that.``, ``Forget that.``, ``Forget it.``, ``Just kidding.``, ``I take it
-  back.``, ``My bad.``, ``That is a lie.``, ``That fails.``, ``Try again.``, ``Let me start over.``,
+  back.``, ``My bad.``, ``That is a lie.``, ``That fails.``, ``Try again.``, ``Let me start over.``, ``That failed.``, ``It was rejected.``,
+  ``I give up.``, ``Discard that.``,
   ``I messed up.``, ``That's way off.``, ``Or is it?``,
   ``Não está certo.``: there a letter with diacritics
   or in a compatibility form, as full-width ``Ｎｏ``, reads as its letter).
@@ -230,10 +233,11 @@ AFTER_DENIALS = frozenset("""
     lied oops whoops oopsie fails flawed faulty refuted debunked disproved yikes
     messed overshoots overshot undershoots undershot recalculate recalculating reconsider reconsidering
     redo redoing rethink rethinking slip slipped reevaluate recount overcounts undercounts rework unable differently
+    fail failed failure failures reject rejected rejects
 """.split())
 #: Verbs that, followed by ``that``, ``it`` or ``this`` after the final equation, take it back
 #: (``Scratch that.``, ``Forget it.``); ``I take it back`` and the word pairs of :data:`DENIAL_PAIRS` likewise.
-_TAKE_BACK = frozenset("scratch forget ignore strike cancel erase delete scrap".split())
+_TAKE_BACK = frozenset("scratch forget ignore strike cancel erase delete scrap discard".split())
 _TAKEN_BACK = frozenset("that it this".split())  # ("Forget it.", "Ignore this.", as "Forget that.")
 #: Two words that, after the final equation, take it back (``My bad.``, ``That is a lie.``,
 #: ``Try again.``, ``Uh oh.``, ``Back to the drawing board.``; and what retries write when they
@@ -245,7 +249,7 @@ DENIAL_PAIRS = frozenset({("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", 
                           ("looks", "off"), ("off", "by"), ("too", "high"), ("too", "low"), ("too", "big"),
                           ("too", "small"), ("too", "large"), ("dead", "end"), ("attempt", "failed"),
                           ("something", "else"), ("square", "one"), ("different", "combination"),
-                          ("think", "again"), ("a", "miss")})
+                          ("think", "again"), ("a", "miss"), ("give", "up"), ("gave", "up"), ("giving", "up")})
 #: A label of one of these words alone before a colon just before the final equation denies it
 #: (``Mistake: 5 + 23 = 28``, ``**Error:**``); in a longer label they name what a retry fixes
 #: ("Fixing the mistake: ..."), so only a bare one counts.
@@ -297,15 +301,17 @@ _SUBJECT_FILLERS = frozenset("""
     thus so actually really clearly indeed also definitely certainly surely probably will would should
     must could might
 """.split())
-#: Words just before a number word that make it a stated result (``, or eighteen``, ``which is
-#: five``); ``is``, ``was`` and ``be`` only after :data:`_STATING`.
+#: Words just before a number (word or digits) that make it a stated result (``, or eighteen``,
+#: ``which is five``, ``, which is 23``, ``or 23``); ``is``, ``was`` and ``be`` only after
+#: :data:`_STATING`, and one of :data:`HEDGES` may stand between (``or maybe 23``, ``or rather 23``).
 STATING_WORDS = frozenset("equals equal makes gives yields or".split())
 _STATING = frozenset("which that would will should must".split())
+HEDGES = frozenset("maybe perhaps possibly probably rather even actually really".split())
 #: Before the final equation, within four words, words that make it a supposition, not an answer.
 #: (also the other languages' words for "if" and "suppose" beside a listed denial language's:
 #: ``Wenn 5 + 23 = 28``, ``Si 5 + 23 = 28``, ``Supongamos que 5 + 23 = 28``)
 HYPOTHETICALS = frozenset("""
-    if whether suppose supposing assume assuming unless
+    if whether suppose supposing assume assuming unless hypothetically imagine imagining pretend pretending
     wenn angenommen si supposons supposant admettons supongamos suponiendo supongo supponiamo
     supponendo suponhamos supondo suponha indien aangenomen hvis dersom ifall antag antaget
 """.split())
@@ -318,7 +324,7 @@ LABEL_DENIALS = frozenset("""
     incorreta errado errada erroneo errato sbagliato sbagliata falso falsa fout feil fel
     inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee
     erronea equivocado equivocada scorretto scorretta onjuist onjuiste verkeerd verkeerde galet
-    galt felaktig felaktigt uriktig forkert forkerte
+    galt felaktig felaktigt uriktig forkert forkerte failed rejected
 """.split())
 #: Words that, followed by ``of`` and a number after the final equation, name more arithmetic
 #: (``the difference of 23 and 5``, ``28 to the power of 5``).
@@ -755,6 +761,8 @@ def _after_problem(text: str, end: int, nums: list[int], target: int, linked: in
                 return f"a number after the final equation ({tok[:12]}) is neither a given number nor the target"
             if tok != str(target) and (cue_sentence or _after_cue(prev)):
                 return f"a later answer ({tok}) is not the target {target}"
+            if tok != str(target) and _stated(prev, parenthesis=False):
+                return f"a later result ({tok}) is not the target {target} (after {prev[-1][1]!r})"
             if text[m.end(): m.end() + 1] == "." and text[m.end() + 1: m.end() + 2].isdigit():
                 return f"a decimal number after the final equation ({tok}.)"
             if text[m.start() - 1: m.start()] == "." and not (m.start() > 1 and (text[m.start() - 2].isalnum()
@@ -885,20 +893,24 @@ def _of_operation(prev: list[tuple[str, str]]) -> bool:
     return len(prev) >= 2 and prev[-1] == ("word", "of") and prev[-2][0] == "word" and prev[-2][1] in OF_OPERATIONS
 
 
-def _stated(prev: list[tuple[str, str]]) -> bool:
-    """Whether the tokens just read (quotes, emphasis and commas aside) end in ``(``, one of
-    :data:`STATING_WORDS`, or ``is`` / ``was`` / ``be`` after one of :data:`_STATING`."""
+def _stated(prev: list[tuple[str, str]], parenthesis: bool = True) -> bool:
+    """Whether the tokens just read (quotes, emphasis and commas aside) end in ``(`` (only with
+    ``parenthesis``: a number word there, ``(eighteen)``, states a value; digits there name the
+    numbers used, ``(5 and 23 once each)``), one of :data:`STATING_WORDS`, or ``is`` / ``was`` /
+    ``be`` after one of :data:`_STATING`, one of :data:`HEDGES` apart (``or maybe``)."""
     words: list[str] = []
     for kind, value in reversed(prev):
         if kind == "other" and value in ",\"'*_`\u201c\u201d":
             continue
         if kind == "other" and value == "(" and not words:
-            return True
+            return parenthesis
         if kind != "word":
             break
         words.append(value)
-        if len(words) == 2:
+        if len(words) == 3:
             break
+    if words and words[0] in HEDGES:
+        del words[0]
     if not words:
         return False
     return words[0] in STATING_WORDS or (words[0] in ("is", "was", "be") and words[1:] != [] and words[1] in _STATING)

@@ -104,17 +104,20 @@ _CD_DENIED_LATER = {"mistake", "mistakes", "mistaken", "mistakenly", "error", "e
                     "messed", "overshoots", "overshot", "undershoots", "undershot", "recalculate", "recalculating",
                     "reconsider", "reconsidering", "redo", "redoing", "rethink", "rethinking", "slip", "slipped",
                     "reevaluate", "recount", "overcounts", "undercounts", "rework", "unable",
-                    "differently"}
+                    "differently",
+                    # (and "That failed.", "It was rejected.")
+                    "fail", "failed", "failure", "failures", "reject", "rejected", "rejects"}
 _CD_DENIED_PAIRS = {("my", "bad"), ("a", "lie"), ("try", "again"), ("uh", "oh"), ("drawing", "board"),
                     # ("Let me start over.", "Let me try another approach.", "That's way off.", "Too high.")
                     ("start", "over"), ("try", "another"), ("off", "by"), ("too", "high"), ("too", "low"),
                     ("too", "big"), ("too", "small"), ("too", "large"), ("dead", "end"), ("attempt", "failed"),
                     ("something", "else"), ("square", "one"), ("different", "combination"), ("think", "again"),
-                    ("a", "miss")}
+                    ("a", "miss"), ("give", "up"), ("gave", "up"), ("giving", "up")}
 _CD_OFF_AFTER = {"way", "that's", "it's", "something's", "is", "was", "seems", "looks"}  # "... is off"
 _CD_LABEL_ALONE = {"mistake", "error", "typo", "erroneous", "bogus", "fallacy", "miscalculation"}
-_CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap"}
-_CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless",
+_CD_TAKE_BACK = {"scratch", "forget", "ignore", "strike", "cancel", "erase", "delete", "scrap", "discard"}
+_CD_IF = {"if", "whether", "suppose", "supposing", "assume", "assuming", "unless", "hypothetically", "imagine",
+          "imagining", "pretend", "pretending",
           # German, French, Spanish, Italian, Portuguese, Dutch, Scandinavian
           "wenn", "angenommen", "si", "supposons", "supposant", "admettons", "supongamos", "suponiendo",
           "supongo", "supponiamo", "supponendo", "suponhamos", "supondo", "suponha", "indien", "aangenomen",
@@ -124,7 +127,7 @@ _CD_LABEL_NOT = {"wrong", "incorrect", "incorrectly", "false", "invalid", "untru
     incorreta errado errada erroneo errato sbagliato sbagliata falso falsa fout feil fel
     inkorrekt inkorrekte verkehrt unrichtig ungultig fehlerhaft inexact inexacte errone erronee
     erronea equivocado equivocada scorretto scorretta onjuist onjuiste verkeerd verkeerde galet
-    galt felaktig felaktigt uriktig forkert forkerte
+    galt felaktig felaktigt uriktig forkert forkerte failed rejected
 """.split()}
 _CD_CROSSES = set("\u274c\u274e\u2717\u2718\u2716")
 # ... and the other marks that say "no": ballot boxes with an X, the saltire, prohibited, no entry, thumbs down
@@ -172,6 +175,7 @@ _CD_FILLERS = set("""
 _CD_VERBS = {"is", "was", "be", "becomes", "remains", "s"}  # ("24's the answer")
 _CD_STATES = {"equals", "equal", "makes", "gives", "yields", "or"}
 _CD_STATES_BEFORE_IS = {"which", "that", "would", "will", "should", "must"}
+_CD_HEDGES = {"maybe", "perhaps", "possibly", "probably", "rather", "even", "actually", "really"}
 _CD_OF_OPS = set("""
     product products quotient difference differences ratio power powers square squares cube cubes root roots
     half double triple twice reciprocal inverse log logarithm factorial remainder multiple multiples exponent
@@ -1435,10 +1439,15 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
         return (len(window) >= 2 and window[-1] == ("word", "of") and window[-2][0] == "word"
                 and window[-2][1] in _CD_OF_OPS)
 
-    def states() -> bool:
-        seen = [(k2, v2) for k2, v2 in window if not (k2 == "other" and v2 in ",\"'*_`\u201c\u201d")][-2:]
+    def states(paren: bool = True) -> bool:
+        # ("(" before a number word only: "(eighteen)" states a value, "(5 and 23 ...)" names the numbers;
+        # a hedge may stand after the stating word: "or maybe 23", "or rather 23")
+        seen = [(k2, v2) for k2, v2 in window if not (k2 == "other" and v2 in ",\"'*_`\u201c\u201d")][-3:]
         if seen and seen[-1] == ("other", "("):
-            return True
+            return paren
+        if seen and seen[-1][0] == "word" and seen[-1][1] in _CD_HEDGES:
+            seen = seen[:-1]
+        seen = seen[-2:]
         if not seen or seen[-1][0] != "word":
             return False
         last = seen[-1][1]
@@ -1468,6 +1477,8 @@ def _cd_after(text: str, i: int, nums: list[int], target: int, linked: int = 0) 
                 return f"later number {tok[:12]}"
             if int(tok) != target and (answer_sentence or after_cue()):
                 return "later answer"
+            if int(tok) != target and states(paren=False):
+                return "later stated result"
             if j + 1 < n and text[j] == "." and text[j + 1].isdigit():
                 return "later decimal"
             if i > 0 and text[i - 1] == "." and not (i > 1 and (text[i - 2].isalnum() or text[i - 2] == ".")):
