@@ -244,13 +244,13 @@ def _finish(model: Transformer, loaded: set[str], source: str, label=None) -> Tr
     return model
 
 
-# Gemma 3 with its vision tower: where each transformers version put the language model's tensors
+# Gemma 3 (and Gemma 4, Mistral 3, Qwen 3.5) with a vision tower: where each transformers version put the language model's tensors
 # (4.x before 4.52 and 5.x: language_model.model.*; 4.52 to 4.57: model.language_model.*), and the
 # vision tensors r3 leaves out
 _LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
                     "model.audio_tower.", "model.embed_vision.", "model.embed_audio.", "audio_tower.", "embed_vision.",
-                    "embed_audio.")
+                    "embed_audio.", "model.visual.", "visual.")
 
 
 _NOTED: set[str] = set()

@@ -71,16 +71,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
+from r3.linear_attention import causal_conv, gated_delta_rule, gated_rms_norm, qk_normalize
 
 SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "olmo2",
-                         "olmo3", "gemma2", "gemma3_text", "gemma4_text")
+                         "olmo3", "gemma2", "gemma3_text", "gemma4_text", "qwen3_5_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                      "mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                      "olmo3": "Olmo3ForCausalLM",
                      "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                     "gemma4_text": "Gemma4ForCausalLM"}
+                     "gemma4_text": "Gemma4ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh"}
 # Gemma2Config's defaults (gemma-2-2b's shapes) for the fields r3 would otherwise need
 _GEMMA2_DEFAULTS = {"vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -97,9 +98,16 @@ _GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermedia
 _GEMMA4_TEXT_DEFAULTS = {"vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 30, "num_attention_heads": 8, "num_key_value_heads": 4,
                          "head_dim": 256}
+# Qwen3_5TextConfig's defaults (Qwen3.5-9B's shapes) for the fields r3 would otherwise need; its
+# linear-attention layers' are in _QWEN35_LINEAR_DEFAULTS
+_QWEN35_TEXT_DEFAULTS = {"vocab_size": 248_320, "hidden_size": 4096, "intermediate_size": 12_288,
+                         "num_hidden_layers": 32, "num_attention_heads": 16, "num_key_value_heads": 4,
+                         "head_dim": 256}
+_QWEN35_LINEAR_DEFAULTS = {"linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                           "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4}
 # transformers' config defaults where they differ from LlamaConfig's (eps 1e-6, 2048 positions)
 _DEFAULT_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "ministral3": 1e-5}
-_DEFAULT_MAX_POSITIONS = {"gemma2": 8192, "gemma3_text": 131_072, "gemma4_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "mistral": 131_072,
+_DEFAULT_MAX_POSITIONS = {"gemma2": 8192, "gemma3_text": 131_072, "gemma4_text": 131_072, "phi3": 4096, "qwen2": 32_768, "qwen3": 32_768, "qwen3_5_text": 32_768, "mistral": 131_072,
                           "smollm3": 32_768, "ministral3": 262_144}
 # Ministral3Config's defaults (heads 128 wide and 8 kv heads, not hidden / heads and all heads)
 _MINISTRAL3_DEFAULTS = {"vocab_size": 131_072, "hidden_size": 4096, "intermediate_size": 14_336,
@@ -136,6 +144,7 @@ _NULL_REFUSED_BY_TYPE = {
     "gemma3_text": ("head_dim", "num_key_value_heads", "attention_bias", "query_pre_attn_scalar"),
     "gemma4_text": ("head_dim", "num_key_value_heads", "attention_bias", "hidden_activation", "num_kv_shared_layers",
                     "attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "hidden_size_per_layer_input"),
+    "qwen3_5_text": ("hidden_act", "head_dim", "num_key_value_heads", "attention_bias", *_QWEN35_LINEAR_DEFAULTS),
 }
 KV_BUCKET = 64
 
@@ -194,6 +203,16 @@ class ModelConfig:
     double_wide_mlp: bool = False
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0
+    # Qwen 3.5: the layers that are Gated DeltaNets (a causal conv and the gated delta rule over a
+    # recurrent state, :mod:`r3.linear_attention`) instead of attention, their heads and conv
+    # kernel; its attention layers gate their output by a sigmoid of a second query projection
+    linear_layers: list = field(default_factory=list)
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv_kernel: int = 0
+    attn_output_gate: bool = False
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     bos_token_id: Any = None
@@ -208,6 +227,14 @@ class ModelConfig:
     @property
     def gemma4(self) -> bool:
         return self.model_type == "gemma4_text"
+
+    @property
+    def qwen35(self) -> bool:
+        return self.model_type == "qwen3_5_text"
+
+    def linear(self, i: int) -> bool:
+        """Whether layer ``i`` is a Gated DeltaNet (Qwen 3.5), not attention."""
+        return i in self.linear_layers
 
     def full_attention(self, i: int) -> bool:
         return not self.layer_windows or self.layer_windows[i] is None
@@ -237,7 +264,7 @@ class ModelConfig:
     def cache_layers(self) -> list[int]:
         """The layers that hold keys and values in a KV cache, in order (every layer but Gemma 4's
         shared ones)."""
-        return [i for i in range(self.num_hidden_layers) if self.kv_source(i) == i]
+        return [i for i in range(self.num_hidden_layers) if self.kv_source(i) == i and not self.linear(i)]
 
     @property
     def olmo(self) -> bool:
@@ -247,7 +274,7 @@ class ModelConfig:
     @property
     def norm_style(self) -> str:
         """How this family's RMSNorm scales (:class:`RMSNorm`)."""
-        return "gemma4" if self.gemma4 else "gemma" if self.gemma else "olmo" if self.olmo else ""
+        return "gemma4" if self.gemma4 else "gemma" if self.gemma or self.qwen35 else "olmo" if self.olmo else ""
 
     @property
     def rotary_dim(self) -> int:
@@ -286,7 +313,7 @@ class ModelConfig:
                               f"'{model_type}' model either: give its value or leave the field out")
         gemma = model_type in ("gemma2", "gemma3_text", "gemma4_text")
         defaults = {"gemma2": _GEMMA2_DEFAULTS, "gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma4_text": _GEMMA4_TEXT_DEFAULTS,
-                    "ministral3": _MINISTRAL3_DEFAULTS}.get(model_type)
+                    "ministral3": _MINISTRAL3_DEFAULTS, "qwen3_5_text": _QWEN35_TEXT_DEFAULTS}.get(model_type)
         if defaults:  # (what transformers fills in where a field is left out)
             cfg = {**cfg, **{k: v for k, v in defaults.items() if cfg.get(k) is None}}
         act_key = "hidden_activation" if gemma and cfg.get("hidden_activation") is not None else "hidden_act"
@@ -342,17 +369,22 @@ class ModelConfig:
         # whole heads
         partial = rope.get("partial_rotary_factor")
         partial = cfg.get("partial_rotary_factor") if partial is None else partial
+        if partial is None and model_type == "qwen3_5_text":
+            partial = 0.25  # (Qwen3_5TextConfig's default)
         partial = 1.0 if partial is None else _positive(partial, "partial_rotary_factor", source, integral=False)
         rotary = int(head_dim * partial)
         if partial != 1.0:
-            if model_type != "phi3":
-                raise R3Error(f"{source}: unsupported partial_rotary_factor for model_type '{model_type}' (only phi3)")
+            if model_type not in ("phi3", "qwen3_5_text"):
+                raise R3Error(f"{source}: unsupported partial_rotary_factor for model_type '{model_type}' "
+                              "(only phi3 and qwen3_5_text)")
             if partial > 1.0 or rotary < 2 or rotary % 2:
                 raise R3Error(f"{source}: field 'partial_rotary_factor' {partial!r} does not turn an even number "
                               f"of the {head_dim} dims per head")
         elif rotary % 2:  # (transformers: "RoPE requires an even rotary dimension")
             raise R3Error(f"{source}: head_dim {head_dim} is odd, and RoPE turns pairs of dims")
         max_positions = integer("max_position_embeddings", _DEFAULT_MAX_POSITIONS.get(model_type, 2048))
+        if model_type == "qwen3_5_text":
+            rope = _qwen35_rope(rope, source)
         scaling = rope if rope else None
         if scaling is not None:
             scaling = dict(scaling)
@@ -385,6 +417,7 @@ class ModelConfig:
         nope = _nope_layers(cfg, n_layers, source) if model_type == "smollm3" else []
         windows = _layer_windows(cfg, model_type, n_layers, source, nope)
         gemma4 = _gemma4_layers(cfg, windows, head_dim, n_kv_heads, n_heads, source) if model_type == "gemma4_text" else {}
+        qwen35 = _qwen35_layers(cfg, n_layers, source) if model_type == "qwen3_5_text" else {}
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         elif model_type in ("phi3", "ministral3"):
@@ -409,7 +442,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type in ("llama", "smollm3", "granite") else False,
-            qk_norm=model_type in ("qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "gemma4_text", "olmo2", "olmo3", "qwen3_5_text"),
             attn_logit_softcapping=softcaps[0],
             final_logit_softcapping=softcaps[1],
             layer_windows=windows,
@@ -423,6 +456,7 @@ class ModelConfig:
             query_scaling_length=query_scaling[1],
             **({key: number(key, 1.0) for key in _GRANITE_SCALARS} if model_type == "granite" else {}),
             **gemma4,
+            **qwen35,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
@@ -518,6 +552,13 @@ class ModelConfig:
                 cfg["rope_local_base_freq"] = self.local_rope_theta
                 cfg["rope_parameters"] = {"full_attention": rope_parameters, "sliding_attention": {
                     "rope_type": "default", "rope_theta": self.local_rope_theta}}
+        elif self.qwen35:
+            cfg["attention_bias"] = self.qkv_bias
+            cfg["layer_types"] = ["linear_attention" if self.linear(i) else "full_attention"
+                                  for i in range(self.num_hidden_layers)]
+            cfg.update(linear_num_key_heads=self.linear_key_heads, linear_num_value_heads=self.linear_value_heads,
+                       linear_key_head_dim=self.linear_key_dim, linear_value_head_dim=self.linear_value_dim,
+                       linear_conv_kernel_dim=self.linear_conv_kernel)
         elif self.model_type in ("qwen2", "qwen3"):
             if self.model_type == "qwen3":
                 cfg["attention_bias"] = self.qkv_bias
@@ -662,7 +703,7 @@ def _yarn(cfg: dict, scaling: dict, max_pos: int, source: str, layered: bool = F
 # The vision-language wrappers whose language model r3 loads: model_type -> (what it is, the text
 # model types it may hold (the first when text_config names none), the default of the top-level
 # tie_word_embeddings (transformers 5 ties the head by that flag))
-_VISION_LANGUAGE = {"gemma3": ("Gemma 3", ("gemma3_text",), None),
+_VISION_LANGUAGE = {"gemma3": ("Gemma 3", ("gemma3_text",), None), "qwen3_5": ("Qwen 3.5", ("qwen3_5_text",), None),
                     "gemma4": ("Gemma 4", ("gemma4_text",), True),
                     "mistral3": ("Mistral 3", ("mistral", "ministral3"), True)}
 # MistralConfig's defaults for the fields r3 otherwise needs: a wrapper's text_config is written as
@@ -917,6 +958,44 @@ def _olmo3_rope(cfg: dict, rope: dict, source: str) -> tuple[dict, float]:
     return rope, 500_000.0
 
 
+def _qwen35_rope(rope: dict, source: str) -> dict:
+    """Qwen 3.5's RoPE parameters without its multimodal sections: r3 feeds text alone, whose three
+    position axes (time, height, width) are one position, so every section turns by it and the
+    layout (``mrope_section``, ``mrope_interleaved``) changes nothing."""
+    rope = dict(rope)
+    section = rope.pop("mrope_section", None)
+    rope.pop("mrope_interleaved", None)
+    if section is not None and (not isinstance(section, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in section)):
+        raise R3Error(f"{source}: field 'rope_parameters.mrope_section' must be a list of integers, got {section!r}")
+    return rope
+
+
+def _qwen35_layers(cfg: dict, n_layers: int, source: str) -> dict:
+    """Qwen 3.5's layer kinds (``layer_types``, else every ``full_attention_interval``-th layer is
+    attention, 4 by default) and its Gated DeltaNets' shapes."""
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        interval = cfg.get("full_attention_interval", 4)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise R3Error(f"{source}: field 'full_attention_interval' must be a positive integer, got {interval!r}")
+        kinds = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
+    if not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"linear_attention", "full_attention"}:
+        raise R3Error(f"{source}: field 'layer_types' must list 'linear_attention' or 'full_attention' for each of the "
+                      f"{n_layers} layers")
+    dims = {}
+    for key, default in _QWEN35_LINEAR_DEFAULTS.items():
+        value = cfg.get(key)
+        dims[key] = default if value is None else _positive(value, key, source, integral=True)
+    if dims["linear_num_value_heads"] % dims["linear_num_key_heads"]:
+        raise R3Error(f"{source}: linear_num_value_heads {dims['linear_num_value_heads']} is not a multiple of "
+                      f"linear_num_key_heads {dims['linear_num_key_heads']}")
+    return dict(linear_layers=[i for i, kind in enumerate(kinds) if kind == "linear_attention"],
+                linear_key_heads=dims["linear_num_key_heads"], linear_value_heads=dims["linear_num_value_heads"],
+                linear_key_dim=dims["linear_key_head_dim"], linear_value_dim=dims["linear_value_head_dim"],
+                linear_conv_kernel=dims["linear_conv_kernel_dim"], attn_output_gate=True)
+
+
 def _nope_layers(cfg: dict, n_layers: int, source: str) -> list:
     """SmolLM3's layers without RoPE, in order: the zeros of ``no_rope_layers`` (one 1 or 0 per
     layer, 1 = RoPE; a longer list's extra entries are not read), else every
@@ -937,7 +1016,7 @@ def _layer_windows(cfg: dict, model_type: str, n_layers: int, source: str, nope:
     """Per-layer sliding-window size (None = full attention), as transformers applies it
     (``nope``: SmolLM3's layers without RoPE, which hold its windows unless ``layer_types`` says)."""
     window = cfg.get("sliding_window", 4096 if model_type == "mistral" else None)  # (MistralConfig's default)
-    if model_type in ("llama", "granite", "olmo2"):
+    if model_type in ("llama", "granite", "olmo2", "qwen3_5_text"):
         return [None] * n_layers
     if window:
         window = _positive(window, "sliding_window", source, integral=True)
@@ -1128,7 +1207,11 @@ def position_limit(cfg: ModelConfig) -> tuple[int, str]:
 def check_token_limits(cfg: ModelConfig, model: str, **limits: int) -> None:
     """Refuse sampling limits whose sum alone passes the model's positions: the text past them is
     not what the model was trained for, and the KV cache sized for them can exhaust memory before
-    anything else fails. ``limits``: what each limit is for -> tokens, e.g. ``reflection=96``."""
+    anything else fails. ``limits``: what each limit is for -> tokens, e.g. ``reflection=96``.
+    A model whose layers r3's sampler cannot drive yet (Qwen 3.5's Gated DeltaNets) is refused."""
+    if cfg.linear_layers:
+        raise R3Error(f"{model}: Qwen 3.5's linear-attention (Gated DeltaNet) layers: r3 loads, runs and exports this "
+                      "model, but its sampler does not yet carry their recurrent state, so it cannot sample from it")
     n = sum(limits.values())
     limit, field = position_limit(cfg)
     if n > limit:
@@ -1239,9 +1322,10 @@ class Attention(nn.Module):
         self.stores_kv = any(cfg.kv_source(j) == index for j in range(index + 1, cfg.num_hidden_layers))
         self.k_eq_v = cfg.layer_k_eq_v(index)
         kv_rows = 0 if self.shares_kv else self.n_kv * d * (1 if self.k_eq_v else 2)
+        self.gated = cfg.attn_output_gate  # (Qwen 3.5: each head's query rows are followed by its gate's)
         # (None: SDPA's own 1/sqrt(head_dim); Gemma: query_pre_attn_scalar ** -0.5; Granite: its multiplier)
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.attention_multiplier
-        self.qkv_proj = Linear(h, self.n_heads * d + kv_rows, bias=cfg.qkv_bias)
+        self.qkv_proj = Linear(h, self.n_heads * d * (2 if self.gated else 1) + kv_rows, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=cfg.o_bias)
         self.softcap = cfg.attn_logit_softcapping
         self.qk_norm_all_heads = cfg.olmo
@@ -1265,6 +1349,18 @@ class Attention(nn.Module):
         v = k if self.k_eq_v else qkv[..., (nh + nkv) * d:].view(B, T, nkv, d)
         return q, apply_rope(self.k_norm(k), cos, sin), self.v_norm(v)
 
+    def _gated_qkv(self, x, cos, sin):
+        """Qwen 3.5's q, k, v ``[B, T, heads, D]`` (normed per head, turned) and the output gate
+        ``[B, T, heads * D]``: its query projection holds each head's query and gate rows in turn."""
+        B, T, _ = x.shape
+        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)
+        qg = qkv[..., :2 * nh * d].view(B, T, nh, 2 * d)
+        kv = qkv[..., 2 * nh * d:].view(B, T, 2 * nkv, d)
+        q = apply_rope(self.q_norm(qg[..., :d]), cos, sin)
+        k = apply_rope(self.k_norm(kv[:, :, :nkv]), cos, sin)
+        return q, k, kv[:, :, nkv:], qg[..., d:].reshape(B, T, nh * d)
+
     def _qkv(self, x, cos, sin):
         """q, k, v ``[B, T, heads, D]``, q and k normed (Qwen3, Gemma 2/3, OLMo) and turned."""
         B, T, _ = x.shape
@@ -1287,7 +1383,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, layer_cache, write_at, kv_len, q_scale=None, shared_kv=None):
         B, T, _ = x.shape
         nkv = self.n_kv
-        q, k, v = self._gemma4_qkv(x, cos, sin) if self.gemma4 else self._qkv(x, cos, sin)
+        gate = None
+        if self.gated:
+            q, k, v, gate = self._gated_qkv(x, cos, sin)
+        else:
+            q, k, v = self._gemma4_qkv(x, cos, sin) if self.gemma4 else self._qkv(x, cos, sin)
         if self.shares_kv:  # (the source layer's, read from the cache or computed in this forward)
             k, v = shared_kv
         elif layer_cache is not None:
@@ -1322,8 +1422,62 @@ class Attention(nn.Module):
             out = out.reshape(B, self.n_heads, 1, self.head_dim)
         else:
             out = sdpa(q, k, v, mask, causal=False, scale=self.scale)
-        out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        out = self.o_proj(out)
         return out if kv is None else (out, kv)
+
+
+class GatedRMSNorm(nn.Module):
+    """Qwen 3.5's norm of each Gated DeltaNet head's output, scaled by a weight and gated by
+    ``silu(z)`` (:func:`r3.linear_attention.gated_rms_norm`)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+class LinearAttention(nn.Module):
+    """Qwen 3.5's Gated DeltaNet, a layer's token mixer in place of attention: q, k and v from one
+    projection through a causal depthwise conv with SiLU, keys and queries L2-normed, then the
+    gated delta rule over a state per value head (decay ``exp(g)``, ``g = -exp(A_log) *
+    softplus(a + dt_bias)``; write strength ``beta = sigmoid(b)``); each head's output normed and
+    gated by ``silu(z)``. Names as transformers' (``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``,
+    ``in_proj_a``, ``conv1d``, ``dt_bias``, ``A_log``, ``norm``, ``out_proj``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.nk, self.nv, self.dk, self.dv = (cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_key_dim,
+                                              cfg.linear_value_dim)
+        conv_dim = 2 * self.nk * self.dk + self.nv * self.dv
+        self.in_proj_qkv = Linear(h, conv_dim, bias=False)
+        self.in_proj_z = Linear(h, self.nv * self.dv, bias=False)
+        self.in_proj_b = Linear(h, self.nv, bias=False)
+        self.in_proj_a = Linear(h, self.nv, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.linear_conv_kernel, groups=conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.nv))
+        self.A_log = nn.Parameter(torch.zeros(self.nv))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = Linear(self.nv * self.dv, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A whole sequence from the start (right padding is harmless: nothing real follows it)."""
+        B, T, _ = x.shape
+        mixed, _ = causal_conv(self.in_proj_qkv(x), self.conv1d.weight[:, 0])
+        kd = self.nk * self.dk
+        q, k = qk_normalize(mixed[..., :kd].view(B, T, self.nk, self.dk), mixed[..., kd:2 * kd].view(B, T, self.nk, self.dk))
+        v = mixed[..., 2 * kd:].view(B, T, self.nv, self.dv)
+        beta = self.in_proj_b(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        out, _ = gated_delta_rule(q, k, v, g, beta)
+        out = self.norm(out.to(x.dtype), self.in_proj_z(x).view(B, T, self.nv, self.dv))
+        return self.out_proj(out.reshape(B, T, self.nv * self.dv))
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1405,7 +1559,11 @@ class Block(nn.Module):
         self.post_norm = cfg.olmo
         if not self.post_norm:
             self.input_layernorm = RMSNorm(h, eps, style)
-        self.self_attn = Attention(cfg, window, rope, index)
+        self.linear = cfg.linear(index)
+        if self.linear:
+            self.linear_attn = LinearAttention(cfg)
+        else:
+            self.self_attn = Attention(cfg, window, rope, index)
         self.post_attention_layernorm = RMSNorm(h, eps, style)
         self.mlp = MLP(cfg, cfg.layer_intermediate_size(index))
         self.gemma4 = cfg.gemma4
@@ -1425,6 +1583,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None, q_scale=None, shared_kv=None,
                 per_layer_input=None):
+        if self.linear:  # (Qwen 3.5's Gated DeltaNet: no RoPE, mask or KV cache)
+            x = x + self.linear_attn(self.input_layernorm(x))
+            return x + self.mlp(self.post_attention_layernorm(x))
         if self.gemma4:
             attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len, None, shared_kv)
             attn, kv = attn if self.self_attn.stores_kv else (attn, None)
@@ -1466,8 +1627,8 @@ class Transformer(nn.Module):
         # (each layer's entry in a KV cache: its own, or for a Gemma 4 shared layer its source's)
         own = cfg.cache_layers()
         self._kv_source = [cfg.kv_source(i) for i in range(cfg.num_hidden_layers)]
-        self._cache_entry = [own.index(j) for j in self._kv_source]
-        self._kv_kinds = sorted({layer.self_attn.n_kv for layer in self.layers})  # (Gemma 4: two; one elsewhere)
+        self._cache_entry = [own.index(j) if j in own else None for j in self._kv_source]  # (None: a Gated DeltaNet)
+        self._kv_kinds = sorted({layer.self_attn.n_kv for layer in self.layers if not layer.linear})  # (Gemma 4: two)
         if cfg.per_layer_input_size:  # (Gemma 4's per-layer inputs: every layer's, packed in one row)
             width = cfg.num_hidden_layers * cfg.per_layer_input_size
             self.embed_tokens_per_layer = nn.Embedding(cfg.per_layer_vocab_size, width)
@@ -1573,7 +1734,13 @@ class Transformer(nn.Module):
         per_layer = self._per_layer_inputs(tokens, x) if self.config.per_layer_input_size else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         shared = {}  # Gemma 4: layer -> the keys and values (each [B, kv heads, S, D]) later layers read
+        if self.config.linear_layers and (cache is not None or segments is not None):
+            raise R3Error("Qwen 3.5's linear-attention layers: r3 does not yet carry their recurrent state in a "
+                          "KV cache or across packed segments")
         for i, layer in enumerate(self.layers):
+            if layer.linear:  # (a Gated DeltaNet: only the hidden states)
+                x = checkpoint(layer, x, None, None, None, use_reentrant=False) if recompute else layer(x, None, None, None)
+                continue
             attn = layer.self_attn
             cos, sin = ropes[attn.window]
             source_kv = shared[self._kv_source[i]] if attn.shares_kv else None
@@ -1619,7 +1786,7 @@ class Transformer(nn.Module):
         return out
 
     def _windows(self) -> set:
-        return {layer.self_attn.window for layer in self.layers}
+        return {None if layer.linear else layer.self_attn.window for layer in self.layers}
 
     def check_positions(self, n: int) -> None:
         """Refuse ``n`` positions where r3 cannot follow transformers (LongRoPE past its original
@@ -1709,6 +1876,9 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
                        "per_layer_projection_norm.weight": (ple,)})
     for n in range(cfg.num_hidden_layers):
         p = f"layers.{n}."
+        if cfg.linear(n):
+            shapes.update(_linear_layer_shapes(cfg, p))
+            continue
         i, d = cfg.layer_intermediate_size(n), cfg.layer_head_dim(n)
         nq = cfg.num_attention_heads * d
         kv_rows = sum(rows for _, rows in _layer_qkv_rows(cfg, n)[1:])  # (k and v: none on a Gemma 4 shared layer)
@@ -1717,13 +1887,13 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
             p + "post_attention_layernorm.weight": (h,),
             **({p + "pre_feedforward_layernorm.weight": (h,)} if cfg.gemma else {}),
             **({p + "post_feedforward_layernorm.weight": (h,)} if cfg.gemma or cfg.olmo else {}),
-            p + "self_attn.qkv_proj.weight": (nq + kv_rows, h),
+            p + "self_attn.qkv_proj.weight": (_layer_qkv_rows(cfg, n)[0][1] + kv_rows, h),
             p + "self_attn.o_proj.weight": (h, nq),
             p + "mlp.gate_up_proj.weight": (2 * i, h),
             p + "mlp.down_proj.weight": (h, i),
         })
         if cfg.qkv_bias:
-            shapes[p + "self_attn.qkv_proj.bias"] = (nq + kv_rows,)
+            shapes[p + "self_attn.qkv_proj.bias"] = (_layer_qkv_rows(cfg, n)[0][1] + kv_rows,)
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
         if cfg.mlp_bias:
@@ -1741,11 +1911,26 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
+def _linear_layer_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple]:
+    """A Qwen 3.5 Gated DeltaNet layer's parameter shapes (prefix ``p``), its norms and MLP too."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    keys, values = cfg.linear_key_heads * cfg.linear_key_dim, cfg.linear_value_heads * cfg.linear_value_dim
+    conv = 2 * keys + values
+    a = p + "linear_attn."
+    return {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            a + "in_proj_qkv.weight": (conv, h), a + "in_proj_z.weight": (values, h),
+            a + "in_proj_b.weight": (cfg.linear_value_heads, h), a + "in_proj_a.weight": (cfg.linear_value_heads, h),
+            a + "conv1d.weight": (conv, 1, cfg.linear_conv_kernel), a + "dt_bias": (cfg.linear_value_heads,),
+            a + "A_log": (cfg.linear_value_heads,), a + "norm.weight": (cfg.linear_value_dim,),
+            a + "out_proj.weight": (h, values),
+            p + "mlp.gate_up_proj.weight": (2 * i, h), p + "mlp.down_proj.weight": (h, i)}
+
+
 def _layer_qkv_rows(cfg: ModelConfig, n: int) -> list[tuple[str, int]]:
     """Layer ``n``'s fused q/k/v: the checkpoint projections it holds, in order, and their rows
     (Gemma 4: no v where the keys are the values, only q on a shared layer)."""
     d, kv = cfg.layer_head_dim(n), cfg.layer_kv_heads(n)
-    parts = [("self_attn.q_proj", cfg.num_attention_heads * d)]
+    parts = [("self_attn.q_proj", cfg.num_attention_heads * d * (2 if cfg.attn_output_gate else 1))]
     if cfg.kv_source(n) == n:
         parts.append(("self_attn.k_proj", kv * d))
         if not cfg.layer_k_eq_v(n):
@@ -1756,7 +1941,10 @@ def _layer_qkv_rows(cfg: ModelConfig, n: int) -> list[tuple[str, int]]:
 def checkpoint_ignores(cfg: ModelConfig, name: str) -> bool:
     """Whether a checkpoint tensor (no ``model.`` prefix) is one that transformers leaves unread:
     Gemma 4's published checkpoints hold keys and values for the shared layers, which use their
-    source layer's."""
+    source layer's; Qwen 3.5's hold a multi-token prediction head (``mtp.*``), which its causal LM
+    does not run."""
+    if cfg.qwen35 and name.startswith("mtp."):
+        return True
     if not cfg.kv_shared_layers:
         return False
     m = _LAYER.match(name)

@@ -222,6 +222,18 @@ def tiny_hf_config(kind: str, **overrides):
                                vocab_size_per_layer_input=256, sliding_window=8, final_logit_softcapping=4.0,
                                rope_parameters=rope, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
                                pad_token_id=0, initializer_range=0.2)
+    elif kind == "qwen35":  # Qwen 3.5: Gated DeltaNet layers (more value heads than key heads) around a gated
+        # attention layer turning a quarter of each head, (1 + w) norms, untied
+        from transformers import Qwen3_5TextConfig
+
+        types = overrides.pop("layer_types", ["linear_attention", "linear_attention", "full_attention",
+                                              "linear_attention"])
+        cfg = Qwen3_5TextConfig(**{**common, "num_hidden_layers": len(types)}, head_dim=16, layer_types=types,
+                                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                linear_value_head_dim=12, linear_conv_kernel_dim=4, tie_word_embeddings=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+                                                 "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+                                bos_token_id=2, eos_token_id=1, pad_token_id=0)
     else:
         raise ValueError(kind)
     for k, v in overrides.items():

@@ -1,0 +1,233 @@
+"""The math of Qwen 3.5's linear-attention layers (Gated DeltaNet), as small pure tensor functions.
+
+Qwen 3.5 (transformers ``qwen3_5``) interleaves full-attention layers with "linear_attention"
+layers. Such a layer projects the hidden states to a fused q/k/v, runs it through a causal
+depthwise conv (kernel 4, no bias) with SiLU (:func:`causal_conv`), l2-normalises q and k and
+scales q by ``dk ** -0.5`` (:func:`qk_normalize`), and mixes the tokens with the *gated delta
+rule* (:func:`gated_delta_rule`, one token at a time :func:`gated_delta_step`), whose output is
+normed and gated by ``silu(z)`` (:func:`gated_rms_norm`). This module holds that math only; the
+projections, the cache and the sampler are the model's.
+
+The gated delta rule keeps a state ``S [dk, dv]`` per row and value head and, at each position t
+(g_t <= 0 is a log decay, beta_t in (0, 1) a write strength), in fp32::
+
+    S <- exp(g_t) S;   delta_t = beta_t (v_t - S^T k_t);   S <- S + k_t delta_t^T;   o_t = S^T q_t
+
+Over a chunk of C positions that start from S0, with c_t = g_1 + ... + g_t, Gamma_t = exp(c_t),
+L_ij = beta_i (k_i . k_j) exp(c_i - c_j) for j < i (0 elsewhere) and D_ti = exp(c_t - c_i) for
+i <= t (0 elsewhere), unrolling the recurrence gives, in matrices with one row per position::
+
+    (I + L) Delta = V_beta - (K_beta * Gamma) S0     (rows beta_i v_i and beta_i Gamma_i k_i)
+    O   = (Q * Gamma) S0 + (Q K^T * D) Delta
+    S_C = Gamma_C S0 + (K * exp(c_C - c))^T Delta
+
+so a chunk costs two triangular solves and a few matmuls, and only the state crosses chunks.
+
+Contracts. Value head h reads key head ``h // (Hv // Hk)`` (transformers' ``repeat_interleave``).
+States are ``[B, Hv, dk, dv]`` in fp32 and outputs fp32, whatever the input dtype (fp64 inputs
+compute in fp64, for gradcheck). ``lengths`` marks right padding: a position at or beyond
+``lengths[b]`` leaves row b's state unchanged (it is run with g = 0, beta = 0 and zero q/k/v), so
+the final state is the state after the row's last valid token, and its output there is
+unspecified but finite. :func:`causal_conv` likewise returns the last ``K - 1`` valid inputs as
+its state. Everything is differentiable, the states passed in included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["qk_normalize", "gated_delta_rule", "gated_delta_step", "causal_conv", "gated_rms_norm"]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64 (so gradcheck can run in double)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def qk_normalize(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as Qwen 3.5 feeds them to the delta rule: each head vector divided by
+    ``sqrt(|x|^2 + eps)`` (transformers' ``l2norm``, FLA's convention), and q then scaled by
+    ``dk ** -0.5``; in fp32. Kept apart from :func:`gated_delta_rule` so the rule itself takes q
+    and k as given (the caller may fuse or skip this)."""
+    dtype = _compute_dtype(q)
+    q, k = q.to(dtype), k.to(dtype)
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + eps)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + eps)
+    return q * q.shape[-1] ** -0.5, k
+
+
+def _check_heads(q, k, v, g, beta) -> tuple[int, int]:
+    """The shapes shared by the full call and the step: returns (Hk, Hv)."""
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    Hk, Hv = q.shape[-2], v.shape[-2]
+    if Hv % Hk:
+        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
+    if g.shape != v.shape[:-1] or beta.shape != v.shape[:-1]:
+        raise ValueError(f"g and beta must be v's shape without its last dim, {tuple(v.shape[:-1])}")
+    return Hk, Hv
+
+
+def _segment_sums(g: torch.Tensor) -> torch.Tensor:
+    """``[..., C] -> [..., C, C]``: entry (i, j) is g_{j+1} + ... + g_i = c_i - c_j for j <= i (0 on
+    the diagonal) and -inf above it. Summed per pair rather than as a difference of cumulative
+    sums, so that two nearby positions deep into a strongly decaying chunk (|c| large) keep their
+    small difference to fp32 precision instead of to the precision of |c|."""
+    C = g.shape[-1]
+    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
+    # x[..., i, j] = g_i where i > j: summing down column j through row i adds g_{j+1} .. g_i
+    x = g.unsqueeze(-1).expand(*g.shape, C).masked_fill(~strictly_lower, 0.0)
+    return x.cumsum(-2).masked_fill(strictly_lower.T, float("-inf"))
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over a whole sequence, in chunks (the prefill and the training
+    forward).
+
+    q, k ``[B, T, Hk, dk]`` (used as given: see :func:`qk_normalize`), v ``[B, T, Hv, dv]``,
+    g and beta ``[B, T, Hv]``; ``state`` ``[B, Hv, dk, dv]`` or None (zeros); ``lengths`` ``[B]``
+    or None (all T valid). Returns (o ``[B, T, Hv, dv]``, final state ``[B, Hv, dk, dv]``), fp32.
+    The result does not depend on ``chunk_size`` beyond rounding; a chunk is never longer than T.
+    """
+    Hk, Hv = _check_heads(q, k, v, g, beta)
+    B, T, _, dk = q.shape
+    dv = v.shape[-1]
+    dtype = _compute_dtype(q)
+    if lengths is not None:
+        # Right padding becomes the identity step: g = 0 keeps S, beta = 0 writes nothing, and the
+        # zeroed q/k/v keep whatever the caller left there (even inf or nan) out of every product.
+        valid = torch.arange(T, device=q.device) < lengths.to(q.device)[:, None]  # [B, T]
+        q, k, v = (torch.where(valid[:, :, None, None], x, 0) for x in (q, k, v))
+        g, beta = (torch.where(valid[:, :, None], x, 0) for x in (g, beta))
+    rep = Hv // Hk
+    # [B, T, H, d] -> [B, Hv, T, d] in the compute dtype, key heads repeated per value head
+    q, k = (x.to(dtype).repeat_interleave(rep, dim=2).transpose(1, 2) for x in (q, k))
+    v = v.to(dtype).transpose(1, 2)
+    g, beta = (x.to(dtype).transpose(1, 2) for x in (g, beta))
+    S = torch.zeros(B, Hv, dk, dv, dtype=dtype, device=q.device) if state is None else state.to(dtype)
+
+    # Pad T to whole chunks with identity steps (zero q/k/v, g = beta = 0), then split into chunks.
+    C = max(1, min(chunk_size, T))
+    N = -(-T // C)
+    pad = N * C - T
+    q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, Hv, N, C, -1) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)).reshape(B, Hv, N, C) for x in (g, beta))
+
+    # Everything inside a chunk at once, for all chunks: [B, Hv, N, C, ...]
+    c = g.cumsum(-1)  # c_t, the log decay from the chunk's start through t
+    decay = _segment_sums(g).exp()  # D_ij = exp(c_i - c_j) for j <= i, else 0 (exp(-inf))
+    L = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    # Solve (I + L) [U | W] = [V_beta | K_beta * Gamma] in one go: Delta = U - W S0 per chunk
+    rhs = torch.cat([v * beta.unsqueeze(-1), k * (beta * c.exp()).unsqueeze(-1)], dim=-1)
+    UW = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+    U, W = UW[..., :dv], UW[..., dv:]
+    attn = (q @ k.transpose(-1, -2)) * decay  # Q K^T * D, causal within the chunk
+    q_decayed = q * c.exp().unsqueeze(-1)  # Q * Gamma reads the state at the chunk's start
+    k_to_end = k * decay[..., -1, :].unsqueeze(-1)  # K * exp(c_C - c): the last row of D
+    chunk_decay = c[..., -1].exp()[..., None, None]  # Gamma_C
+
+    # Only the state crosses chunks: one short sequential scan.
+    outs = []
+    for n in range(N):
+        delta = U[:, :, n] - W[:, :, n] @ S
+        outs.append(q_decayed[:, :, n] @ S + attn[:, :, n] @ delta)
+        S = chunk_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ delta
+    o = torch.stack(outs, dim=2).reshape(B, Hv, N * C, dv)[:, :, :T]
+    return o.transpose(1, 2).contiguous(), S
+
+
+def gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    live: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step: the recurrence itself, one token per row.
+
+    q, k ``[B, Hk, dk]``, v ``[B, Hv, dv]``, g and beta ``[B, Hv]``, ``state`` ``[B, Hv, dk, dv]``.
+    ``live`` ``[B]`` bool or None (all live): a row that is not live keeps its state bit for bit
+    (the sampler keeps stepping rows that have stopped); its output is unspecified. Returns
+    (o ``[B, Hv, dv]``, new state), fp32. With ``inplace=True`` the new state is written into
+    ``state`` and that same tensor returned (fixed buffers, as CUDA graphs want; no autograd).
+    """
+    Hk, Hv = _check_heads(q, k, v, g, beta)
+    dtype = _compute_dtype(q)
+    rep = Hv // Hk
+    q, k = (x.to(dtype).repeat_interleave(rep, dim=1) for x in (q, k))
+    v, g, beta = v.to(dtype), g.to(dtype), beta.to(dtype)
+    S = state.to(dtype) * g.exp()[..., None, None]
+    delta = beta.unsqueeze(-1) * (v - (S * k.unsqueeze(-1)).sum(-2))  # beta (v - S^T k)
+    S = S + k.unsqueeze(-1) * delta.unsqueeze(-2)  # + k delta^T
+    o = (S * q.unsqueeze(-1)).sum(-2)  # S^T q
+    if live is not None:
+        S = torch.where(live.to(S.device)[:, None, None, None], S, state)
+    if inplace:
+        state.copy_(S)
+        return o, state
+    return o, S
+
+
+def causal_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen 3.5's depthwise causal conv1d followed by SiLU, over ``x [B, T, C]`` (time second, as
+    the projections produce it; transformers runs ``[B, C, T]``).
+
+    ``weight`` ``[C, K]`` (the checkpoint's ``conv1d.weight [C, 1, K]`` squeezed; no bias).
+    ``state`` ``[B, C, K - 1]``: the K - 1 inputs before x, oldest first (None: zeros, the start of
+    a sequence). ``lengths`` ``[B]`` or None (all T valid). Returns (y ``[B, T, C]`` in x's dtype,
+    new state ``[B, C, K - 1]`` in x's dtype): the new state holds each row's last K - 1 valid
+    inputs, the old state counting as earlier inputs (lengths 1, K = 4: the old state's last two
+    columns, then x's first). Outputs at padded positions are unspecified. As transformers'
+    ``causal_conv1d_fn``/``causal_conv1d_update``: the conv and SiLU run in the weight's dtype.
+    """
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    # The whole input history: [B, C, K - 1 + T], the old state (or K - 1 zeros) first
+    old = x.new_zeros(B, C, K - 1) if state is None else state.to(x.dtype)
+    xs = torch.cat([old, x.transpose(1, 2)], dim=-1)
+    if state is None:
+        # At the start of a sequence, conv as causal_conv1d_fn does (its zero padding; bit for bit:
+        # convolving the concatenated zeros instead can differ in the last place)
+        y = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight.unsqueeze(1), padding=K - 1, groups=C)[..., :T]
+    else:
+        y = F.conv1d(xs.to(weight.dtype), weight.unsqueeze(1), groups=C)  # as causal_conv1d_update
+    y = F.silu(y)  # [B, C, T]
+    if lengths is None:
+        new_state = xs[:, :, T:]
+    else:
+        # Row b's valid history ends at column K - 2 + lengths[b]: keep the K - 1 columns up to it
+        cols = lengths.to(x.device)[:, None] + torch.arange(K - 1, device=x.device)  # [B, K - 1]
+        new_state = xs.gather(-1, cols[:, None, :].expand(B, C, K - 1))
+    return y.to(x.dtype).transpose(1, 2), new_state
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Qwen3_5RMSNormGated: RMS-normalise x over its last dim in fp32, round to x's dtype and
+    multiply by ``weight``, multiply by ``silu(gate)`` in fp32, round to x's dtype. (Each rounding
+    is the reference's, so bf16 results match it bit for bit.)"""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = weight * h.to(dtype)
+    return (h * F.silu(gate.float())).to(dtype)
