@@ -61,10 +61,12 @@ CUDA_GRAPHS: bool | None = None
 GRAPH_RUN_STEPS = 8
 
 
-def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len, vocab_size: int) -> torch.Tensor:
+def step_logits(model, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, kv_len, vocab_size: int,
+                live: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, vocab_size]`` of one token per row (``tok``/``pos``: ``[B]``); writes each
-    row's keys/values at ``pos`` and attends to its slots ``< kv_len``."""
-    h = model.hidden_states(tok[:, None], positions=pos[:, None], cache=cache, kv_len=kv_len)
+    row's keys/values at ``pos`` and attends to its slots ``< kv_len`` (``live``: the rows whose
+    Gated DeltaNet states take the token, Qwen 3.5's; None: all)."""
+    h = model.hidden_states(tok[:, None], positions=pos[:, None], cache=cache, kv_len=kv_len, live=live)
     logits = model.logits(h[:, 0])
     return logits[:, :vocab_size] if vocab_size < logits.shape[-1] else logits
 
@@ -529,11 +531,13 @@ class DecodeStep:
         return self.packed.active() if self.packed is not None else contextlib.nullcontext()
 
     def __call__(self, tok, pos, cache: KVCache, kv_len: int, vocab_size: int, *, pick=None, u=None,
-                 temperature=None):
+                 temperature=None, live=None):
         if not self.compiled:
             if pick is not None:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
-            return step_logits(self.model, tok, pos, cache, kv_len, vocab_size)
+            return step_logits(self.model, tok, pos, cache, kv_len, vocab_size, live=live)
+        if live is not None:
+            raise ValueError("DecodeStep: live rows are for the eager step (Qwen 3.5's states)")
         if self._cuda is None:
             self._cuda = self.uses_cuda_graphs(tok.device)
         cuda = self._cuda

@@ -47,15 +47,38 @@ DATASHEET_BF16 = (
 )
 
 
+def linear_mixer_flops_per_token(cfg: ModelConfig) -> int:
+    """One token through a Qwen 3.5 Gated DeltaNet's causal conv (2 FLOPs per tap and channel) and
+    delta rule, counted as its recurrence: per value head, ``S^T k``, ``k delta^T`` and ``S^T q``,
+    each ``2 dk dv`` (the chunked form computes the same with other matmuls)."""
+    channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim
+    return 2 * cfg.linear_conv_kernel * channels + 6 * cfg.linear_value_heads * cfg.linear_key_dim * cfg.linear_value_dim
+
+
+def _linear_projections(cfg: ModelConfig) -> dict[str, int]:
+    """A Gated DeltaNet layer's projections (names under ``linear_attn.``) -> forward FLOPs per token."""
+    d = cfg.hidden_size
+    keys, values = cfg.linear_key_heads * cfg.linear_key_dim, cfg.linear_value_heads * cfg.linear_value_dim
+    return {"in_proj_qkv": 2 * d * (2 * keys + values), "in_proj_z": 2 * d * values,
+            "in_proj_b": 2 * d * cfg.linear_value_heads, "in_proj_a": 2 * d * cfg.linear_value_heads,
+            "out_proj": 2 * values * d}
+
+
 def matmul_flops_per_token(cfg: ModelConfig) -> int:
     """One token's forward through every block's projections and MLP (no LM head, no attention;
-    Gemma 4's per-layer shapes, and its per-layer inputs' projections)."""
+    Gemma 4's per-layer shapes, and its per-layer inputs' projections; Qwen 3.5's Gated DeltaNet
+    layers with their conv and delta rule, whose work grows with the tokens, not the context)."""
     d, total = cfg.hidden_size, 0
     for n in range(cfg.num_hidden_layers):
+        if cfg.linear(n):
+            total += (sum(_linear_projections(cfg).values()) + linear_mixer_flops_per_token(cfg)
+                      + 6 * d * cfg.layer_intermediate_size(n))
+            continue
         q = cfg.num_attention_heads * cfg.layer_head_dim(n)
+        gate = q if cfg.attn_output_gate else 0  # (Qwen 3.5: the output gate's rows beside the queries')
         kv = cfg.layer_kv_heads(n) * cfg.layer_head_dim(n)
         kv_out = 0 if cfg.kv_source(n) != n else kv if cfg.layer_k_eq_v(n) else 2 * kv
-        total += 2 * (d * q + d * kv_out + q * d + 3 * d * cfg.layer_intermediate_size(n)
+        total += 2 * (d * (q + gate) + d * kv_out + q * d + 3 * d * cfg.layer_intermediate_size(n)
                       + 2 * d * cfg.per_layer_input_size)
     return total + 2 * d * cfg.num_hidden_layers * cfg.per_layer_input_size
 
@@ -74,7 +97,8 @@ def _keys(lo: int, hi: int, window: int | None) -> int:
 def attention_flops(cfg: ModelConfig, lo: int, hi: int) -> int:
     """The forward's attention scores and weighted values of positions ``lo .. hi - 1``, all layers."""
     windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
-    return 4 * cfg.num_attention_heads * sum(cfg.layer_head_dim(n) * _keys(lo, hi, w) for n, w in enumerate(windows))
+    return 4 * cfg.num_attention_heads * sum(cfg.layer_head_dim(n) * _keys(lo, hi, w) for n, w in enumerate(windows)
+                                             if not cfg.linear(n))
 
 
 def forward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> int:
@@ -107,7 +131,11 @@ def _passes(sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
 _IN_LAYER = (("input_layernorm.", 0), ("self_attn.qkv_proj.", 1), ("self_attn.q_norm.", 2), ("self_attn.k_norm.", 2),
              ("self_attn.o_proj.", 4), ("post_attention_layernorm.", 5), ("pre_feedforward_layernorm.", 6),
              ("mlp.gate_up_proj.", 7), ("mlp.down_proj.", 8), ("post_feedforward_layernorm.", 9),
-             ("per_layer_input_gate.", 10), ("per_layer_projection.", 12), ("post_per_layer_input_norm.", 13))
+             ("per_layer_input_gate.", 10), ("per_layer_projection.", 12), ("post_per_layer_input_norm.", 13),
+             # (Qwen 3.5's Gated DeltaNet: the projections, the conv and the decay's parameters
+             # before its mixer at _ATTENTION, the gated norm between it and out_proj)
+             ("linear_attn.in_proj_", 1), ("linear_attn.conv1d.", 2), ("linear_attn.A_log", 2),
+             ("linear_attn.dt_bias", 2), ("linear_attn.norm.", 3.5), ("linear_attn.out_proj.", 4))
 _ATTENTION = 3  # the scores and weighted values, between the q/k norms and o_proj
 _PER_LAYER_INPUTS = (0, 11)
 _ROOT = {"embed_tokens.weight": (-1, 0), "per_layer_model_projection.weight": _PER_LAYER_INPUTS,
@@ -146,11 +174,21 @@ def backward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: 
 
     body = 0  # per token
     for n in range(L):
+        if cfg.linear(n):
+            pre = f"layers.{n}."
+            i = cfg.layer_intermediate_size(n)
+            body += sum(matmul(f"{pre}linear_attn.{name}.weight", (n, 4 if name == "out_proj" else 1), flops)
+                        for name, flops in _linear_projections(cfg).items())
+            body += linear_mixer_flops_per_token(cfg) * 2 * (first < (n, _ATTENTION))  # (its backward: twice)
+            body += (matmul(pre + "mlp.gate_up_proj.weight", (n, 7), 4 * d * i)
+                     + matmul(pre + "mlp.down_proj.weight", (n, 8), 2 * i * d))
+            continue
         q = cfg.num_attention_heads * cfg.layer_head_dim(n)
         kv = cfg.layer_kv_heads(n) * cfg.layer_head_dim(n)
         kv_out = 0 if cfg.kv_source(n) != n else kv if cfg.layer_k_eq_v(n) else 2 * kv
         i, p, pre = cfg.layer_intermediate_size(n), cfg.per_layer_input_size, f"layers.{n}."
-        body += (matmul(pre + "self_attn.qkv_proj.weight", (n, 1), 2 * d * (q + kv_out))
+        gate = q if cfg.attn_output_gate else 0
+        body += (matmul(pre + "self_attn.qkv_proj.weight", (n, 1), 2 * d * (q + gate + kv_out))
                  + matmul(pre + "self_attn.o_proj.weight", (n, 4), 2 * q * d)
                  + matmul(pre + "mlp.gate_up_proj.weight", (n, 7), 4 * d * i)
                  + matmul(pre + "mlp.down_proj.weight", (n, 8), 2 * i * d))
@@ -161,7 +199,7 @@ def backward_flops(cfg: ModelConfig, sequences: Sequence[Sequence[int]], spans: 
         body += matmul("per_layer_model_projection.weight", (-1, 1), 2 * d * L * cfg.per_layer_input_size)
     head = matmul("lm_head.weight", (L, 1), 2 * d * cfg.vocab_size)
     windows = cfg.layer_windows or [None] * L
-    layers = [n for n in range(L) if first < (n, _ATTENTION)]
+    layers = [n for n in range(L) if first < (n, _ATTENTION) and not cfg.linear(n)]
     total = 0
     for lo, hi, targets in _passes(sequences, spans):
         total += body * (hi - lo) + head * targets

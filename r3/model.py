@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
-from r3.linear_attention import causal_conv, gated_delta_rule, gated_rms_norm, qk_normalize
+from r3.linear_attention import causal_conv, gated_delta_rule, gated_delta_step, gated_rms_norm, qk_normalize
 
 SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "olmo2",
                          "olmo3", "gemma2", "gemma3_text", "gemma4_text", "qwen3_5_text")
@@ -1207,11 +1207,7 @@ def position_limit(cfg: ModelConfig) -> tuple[int, str]:
 def check_token_limits(cfg: ModelConfig, model: str, **limits: int) -> None:
     """Refuse sampling limits whose sum alone passes the model's positions: the text past them is
     not what the model was trained for, and the KV cache sized for them can exhaust memory before
-    anything else fails. ``limits``: what each limit is for -> tokens, e.g. ``reflection=96``.
-    A model whose layers r3's sampler cannot drive yet (Qwen 3.5's Gated DeltaNets) is refused."""
-    if cfg.linear_layers:
-        raise R3Error(f"{model}: Qwen 3.5's linear-attention (Gated DeltaNet) layers: r3 loads, runs and exports this "
-                      "model, but its sampler does not yet carry their recurrent state, so it cannot sample from it")
+    anything else fails. ``limits``: what each limit is for -> tokens, e.g. ``reflection=96``."""
     n = sum(limits.values())
     limit, field = position_limit(cfg)
     if n > limit:
@@ -1246,46 +1242,74 @@ class KVCache:
 
     Slot ``p`` of a row holds that row's token at position ``p``. The cache owns no notion of
     lengths: whoever drives it (the sampler) tracks each row's length and passes positions.
+
+    Qwen 3.5's Gated DeltaNet layers hold no keys or values but a state per row that every token
+    fed changes: ``conv`` (the last ``kernel - 1`` inputs of the layer's causal conv, ``[B,
+    channels, kernel - 1]``, the compute dtype) and ``ssm`` (the delta rule's ``[B, value heads,
+    key dim, value dim]``, fp32), one of each per such layer. Unlike a slot, a state cannot be
+    written twice: each token must be fed exactly once (the sampler's contract).
     """
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], conv: list[torch.Tensor] | None = None,
+                 ssm: list[torch.Tensor] | None = None):
         self.k, self.v = k, v
+        self.conv, self.ssm = conv or [], ssm or []
         self.contiguous = all(t.is_contiguous() for t in k + v)  # (views of a cache may not be)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device) -> "KVCache":
-        """One entry per layer of :meth:`ModelConfig.cache_layers` (Gemma 4's shared layers hold none)."""
+        """One entry per layer of :meth:`ModelConfig.cache_layers` (Gemma 4's shared layers hold none),
+        and the states of Qwen 3.5's Gated DeltaNet layers."""
         shapes = [(batch_size, cfg.layer_kv_heads(i), max_len, cfg.layer_head_dim(i)) for i in cfg.cache_layers()]
+        n = len(cfg.linear_layers)
+        channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim
         return cls(
             [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
             [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
+            [torch.zeros(batch_size, channels, cfg.linear_conv_kernel - 1, dtype=dtype, device=device) for _ in range(n)],
+            [torch.zeros(batch_size, cfg.linear_value_heads, cfg.linear_key_dim, cfg.linear_value_dim,
+                         dtype=torch.float32, device=device) for _ in range(n)],
         )
 
     @property
+    def states(self) -> list[torch.Tensor]:
+        return self.conv + self.ssm
+
+    @property
     def batch_size(self) -> int:
-        return self.k[0].shape[0]
+        return (self.k or self.ssm)[0].shape[0]
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.states)
 
     def select(self, rows: torch.Tensor | list[int]) -> "KVCache":
         """A new cache holding the given rows (repeats allowed: forking a row into G copies)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k[0].device)
-        return KVCache([t.index_select(0, rows) for t in self.k], [t.index_select(0, rows) for t in self.v])
+        rows = torch.as_tensor(rows, dtype=torch.long, device=(self.k or self.ssm)[0].device)
+        pick = lambda ts: [t.index_select(0, rows) for t in ts]  # noqa: E731
+        return KVCache(pick(self.k), pick(self.v), pick(self.conv), pick(self.ssm))
+
+    def rows_view(self, lo: int, hi: int) -> "KVCache":
+        """Rows ``lo:hi`` as views (writes go to this cache)."""
+        view = lambda ts: [t[lo:hi] for t in ts]  # noqa: E731
+        return KVCache(view(self.k), view(self.v), view(self.conv), view(self.ssm))
+
+    def slots_view(self, n: int) -> "KVCache":
+        """The first ``n`` slots of every row (views; the states whole)."""
+        return KVCache([k[:, :, :n] for k in self.k], [v[:, :, :n] for v in self.v], self.conv, self.ssm)
 
     def grow(self, max_len: int) -> "KVCache":
-        """A copy with room for ``max_len`` positions (never shrinks)."""
+        """A copy with room for ``max_len`` positions (never shrinks; the states are carried over)."""
         if max_len <= self.max_len:
             return self
 
         def pad(t):
             return F.pad(t, (0, 0, 0, max_len - t.shape[2]))
 
-        return KVCache([pad(t) for t in self.k], [pad(t) for t in self.v])
+        return KVCache([pad(t) for t in self.k], [pad(t) for t in self.v], self.conv, self.ssm)
 
 
 class Linear(nn.Linear):
@@ -1466,16 +1490,34 @@ class LinearAttention(nn.Module):
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = Linear(self.nv * self.dv, h, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A whole sequence from the start (right padding is harmless: nothing real follows it)."""
+    def forward(self, x: torch.Tensor, state: tuple | None = None, lengths: torch.Tensor | None = None,
+                live: torch.Tensor | None = None) -> torch.Tensor:
+        """Without ``state``: a whole sequence from the start (right padding is harmless: nothing
+        real follows it). With ``state`` (a cache's ``(conv, ssm)`` of these rows, updated in
+        place): ``x`` continues each row; ``lengths [B]``: the tokens of each row that are real
+        (the rest right padding, which leaves the state as it is); ``live [B]`` (one token per
+        row): rows that take their token (the others keep their state)."""
         B, T, _ = x.shape
-        mixed, _ = causal_conv(self.in_proj_qkv(x), self.conv1d.weight[:, 0])
+        weight = self.conv1d.weight[:, 0]
+        conv_state, ssm = state if state is not None else (None, None)
+        mixed, conv_new = causal_conv(self.in_proj_qkv(x), weight, state=conv_state, lengths=lengths)
         kd = self.nk * self.dk
         q, k = qk_normalize(mixed[..., :kd].view(B, T, self.nk, self.dk), mixed[..., kd:2 * kd].view(B, T, self.nk, self.dk))
         v = mixed[..., 2 * kd:].view(B, T, self.nv, self.dv)
         beta = self.in_proj_b(x).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        out, _ = gated_delta_rule(q, k, v, g, beta)
+        if state is not None and T == 1 and lengths is None:
+            out, ssm_new = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], ssm, live)
+            out = out[:, None]
+            if live is not None:
+                conv_new = torch.where(live[:, None, None], conv_new, conv_state)
+        else:
+            if live is not None:
+                raise ValueError("live is for one token per row")
+            out, ssm_new = gated_delta_rule(q, k, v, g, beta, state=ssm, lengths=lengths)
+        if state is not None:
+            conv_state.copy_(conv_new)
+            ssm.copy_(ssm_new)
         out = self.norm(out.to(x.dtype), self.in_proj_z(x).view(B, T, self.nv, self.dv))
         return self.out_proj(out.reshape(B, T, self.nv * self.dv))
 
@@ -1582,9 +1624,9 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, eps, style)
 
     def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None, q_scale=None, shared_kv=None,
-                per_layer_input=None):
-        if self.linear:  # (Qwen 3.5's Gated DeltaNet: no RoPE, mask or KV cache)
-            x = x + self.linear_attn(self.input_layernorm(x))
+                per_layer_input=None, lengths=None, live=None):
+        if self.linear:  # (Qwen 3.5's Gated DeltaNet: no RoPE or mask; its cache entry is its state)
+            x = x + self.linear_attn(self.input_layernorm(x), layer_cache, lengths, live)
             return x + self.mlp(self.post_attention_layernorm(x))
         if self.gemma4:
             attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len, None, shared_kv)
@@ -1628,6 +1670,7 @@ class Transformer(nn.Module):
         own = cfg.cache_layers()
         self._kv_source = [cfg.kv_source(i) for i in range(cfg.num_hidden_layers)]
         self._cache_entry = [own.index(j) if j in own else None for j in self._kv_source]  # (None: a Gated DeltaNet)
+        self._linear_entry = {i: n for n, i in enumerate(cfg.linear_layers)}  # (its state's entry in a cache)
         self._kv_kinds = sorted({layer.self_attn.n_kv for layer in self.layers if not layer.linear})  # (Gemma 4: two)
         if cfg.per_layer_input_size:  # (Gemma 4's per-layer inputs: every layer's, packed in one row)
             width = cfg.num_hidden_layers * cfg.per_layer_input_size
@@ -1681,6 +1724,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         kv_len: int | None = None,
         segments: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        live: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H]; the LM head is left to the caller.
 
@@ -1691,6 +1736,11 @@ class Transformer(nn.Module):
         cache; see :class:`r3.batch.Packed`): a token of segment 0 attends to the earlier tokens
         of segment 0, a token of segment k >= 1 to segment 0 and to the earlier tokens of segment
         k, by ``positions`` (sliding windows included); -1 marks padding.
+
+        Qwen 3.5's Gated DeltaNet layers carry a state in the cache that each token changes once:
+        with a cache, ``lengths [B]`` says how many of each row's T tokens are real (the rest is
+        right padding, which must not reach the state) and ``live [B]`` (one token per row) which
+        rows take their token (a row that has stopped keeps its state).
         """
         B, T = tokens.shape
         dev = tokens.device
@@ -1734,12 +1784,18 @@ class Transformer(nn.Module):
         per_layer = self._per_layer_inputs(tokens, x) if self.config.per_layer_input_size else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         shared = {}  # Gemma 4: layer -> the keys and values (each [B, kv heads, S, D]) later layers read
-        if self.config.linear_layers and (cache is not None or segments is not None):
-            raise R3Error("Qwen 3.5's linear-attention layers: r3 does not yet carry their recurrent state in a "
-                          "KV cache or across packed segments")
+        if self.config.linear_layers and segments is not None:
+            raise R3Error("Qwen 3.5's linear-attention layers: a packed layout (segments that continue one "
+                          "shared prefix) needs each segment to start from the prefix's recurrent state; use the "
+                          "per-row layout")
         for i, layer in enumerate(self.layers):
-            if layer.linear:  # (a Gated DeltaNet: only the hidden states)
-                x = checkpoint(layer, x, None, None, None, use_reentrant=False) if recompute else layer(x, None, None, None)
+            if layer.linear:  # (a Gated DeltaNet: its state, not keys and values)
+                if recompute:
+                    x = checkpoint(layer, x, None, None, None, use_reentrant=False)
+                else:
+                    j = self._linear_entry[i]
+                    state = (cache.conv[j], cache.ssm[j]) if cache is not None else None
+                    x = layer(x, None, None, None, state, lengths=lengths, live=live)
                 continue
             attn = layer.self_attn
             cos, sin = ropes[attn.window]

@@ -421,7 +421,12 @@ class Session:
                  prefill_tokens: int = PREFILL_TOKENS, decode: str = "eager", compact: bool = True):
         if decode not in DECODE_MODES:
             raise SamplingError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        if decode == "compiled" and model.config.linear_layers:
+            raise SamplingError("decode compiled does not run Qwen 3.5's linear-attention layers yet; use decode eager")
         self.model = model
+        # Qwen 3.5's Gated DeltaNet layers keep a state each token changes once: padding and rows
+        # that have stopped must not reach it (see KVCache)
+        self.stateful = bool(model.config.linear_layers)
         self.compact = compact
         self.decode = decode
         self.cache = cache
@@ -532,7 +537,7 @@ class Session:
 
     @property
     def device(self) -> torch.device:
-        return self.cache.k[0].device
+        return (self.cache.k or self.cache.ssm)[0].device
 
     def reserve(self, max_len: int) -> None:
         """Make sure every row has ``max_len`` cache slots (grows, by a copy, when needed; a
@@ -591,7 +596,9 @@ class Session:
                 pos = start[:, None] + torch.arange(Tc)
                 kv_len = max(starts[lo:hi]) + Tc
                 sub = _rows_view(self.cache, lo, hi)
-                self.model.hidden_states(toks.to(device), positions=pos.to(device), cache=sub, kv_len=kv_len)
+                lengths = torch.tensor([len(chunks[i]) for i in range(lo, hi)], device=device) if self.stateful else None
+                self.model.hidden_states(toks.to(device), positions=pos.to(device), cache=sub, kv_len=kv_len,
+                                         lengths=lengths)
         _sync(device)
         self.prefill_s += time.perf_counter() - t0
 
@@ -636,6 +643,8 @@ class Session:
         B, N = len(self), max_new_tokens
         if sync_every is None:
             sync_every = 1 if device.type == "cpu" else 8
+        if self.stateful and stop_strings is not None:
+            sync_every = 1  # (a row must stop at its stop string's step: a state cannot take back tokens)
         compact = self.compact if compact is None else compact
         t0 = time.perf_counter()
         starts = [len(r) - 1 for r in self.rows]
@@ -706,7 +715,10 @@ class Session:
                         nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u,
                                        temperature=temp_t)
                     else:
-                        logits = step(tok, pos, cache, base + t + 1, self.vocab_size)
+                        # (a stateful model: rows that have stopped keep their state; each row's
+                        # last token stays pending, as its last slot does)
+                        live_rows = ~done if self.stateful and has_stop else None
+                        logits = step(tok, pos, cache, base + t + 1, self.vocab_size, live=live_rows)
                         nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
                     if has_stop:
                         # Stopped rows repeat their stop token at a frozen position (see module docstring).
@@ -804,6 +816,11 @@ class Session:
                 dst[:, :, lo:hi] = src[:, :, lo:hi]
             else:
                 dst[rows, :, lo:hi] = src[:, :, lo:hi]
+        for dst, src in zip(self.cache.states, cache.states):  # (Qwen 3.5's: each row's whole state)
+            if rows is None:
+                dst.copy_(src)
+            else:
+                dst[rows] = src
 
 
 def _find_stop_strings(strings: StopStrings, stop_ids: set, out_tok: torch.Tensor, live, done: torch.Tensor,
@@ -830,14 +847,14 @@ def _find_stop_strings(strings: StopStrings, stop_ids: set, out_tok: torch.Tenso
 
 def _slots_view(cache, n: int):
     """The first ``n`` slots of every row (views): what a compacted decode batch copies."""
-    return type(cache)([k[:, :, :n] for k in cache.k], [v[:, :, :n] for v in cache.v])
+    return cache.slots_view(n)
 
 
 def _rows_view(cache, lo: int, hi: int):
     """The cache rows ``lo:hi`` as views (writes go to the original)."""
     if lo == 0 and hi == cache.batch_size:
         return cache
-    return type(cache)([k[lo:hi] for k in cache.k], [v[lo:hi] for v in cache.v])
+    return cache.rows_view(lo, hi)
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_the_backward_equals_torchs_count_of_what_autograd_runs_with_frozen_para
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gemma4", "olmo2", "olmo3",
-                                  "granite", "smollm3", "mistral", "ministral3"])
+                                  "granite", "smollm3", "mistral", "ministral3", "qwen35"])
 def test_every_parameter_of_every_family_has_a_place_in_the_forward(kind):
     cfg = _cfg(kind)
     for name, _ in Transformer(cfg).named_parameters(remove_duplicate=False):
@@ -400,3 +400,26 @@ def test_training_flops_with_frozen_parameters_count_the_backward_of_what_trains
     for p in policy.parameters():
         p.requires_grad_(True)
     assert training_flops(run, ep, adv) == forward * (1 + 1 + 3 * 2)
+
+
+def test_qwen35_counts_its_gated_deltanets_and_gated_attention_by_hand():
+    """Qwen 3.5 (layers 0, 1, 3 Gated DeltaNets, 2 attention): a DeltaNet's projections, conv
+    (2 FLOPs a tap and channel) and delta rule (6 dk dv per value head and token) per token, and
+    no attention scores; the attention layer's query projection twice as wide (its output gate).
+    The backward with every parameter training is twice the forward."""
+    cfg = _cfg("qwen35")  # hidden 64, 4 heads x 16, 2 kv heads, MLP 96; DeltaNet 2 key heads x 8, 4 value heads x 12
+    attention = 2 * (64 * (64 + 64) + 64 * 64 + 64 * 64 + 3 * 64 * 96)
+    conv = 2 * 16 + 48  # q, k and v channels
+    deltanet = (2 * 64 * conv + 2 * 64 * 48 + 2 * 2 * 64 * 4 + 2 * 48 * 64  # in_proj_qkv, z, b and a; out_proj
+                + 2 * 4 * conv + 6 * 4 * 8 * 12 + 6 * 64 * 96)  # conv, delta rule; MLP
+    assert F.matmul_flops_per_token(cfg) == 3 * deltanet + attention == 3 * 63360 + 69632
+    assert F.attention_flops(cfg, 0, 10) == 4 * 4 * 16 * F._keys(0, 10, None)  # (layer 2 alone)
+    seqs, spans = [list(range(20))], [(12, 20)]
+    names = [n for n, _ in Transformer(cfg).named_parameters(remove_duplicate=False)]
+    assert F.backward_flops(cfg, seqs, spans, set(names)) == 2 * F.forward_flops(cfg, seqs, spans)
+    top = {n for n in names if n.startswith("layers.3.mlp.")}  # (only the last DeltaNet's MLP trains)
+    # per token (19: the prefix's 12, then the row's 7 to its last target): gate_up's weight
+    # gradient (nothing trains before it: no input gradient), down's weight and input gradients;
+    # the head's input gradient at the 8 targets
+    per_token = 4 * 64 * 96 + 2 * (2 * 96 * 64)
+    assert F.backward_flops(cfg, seqs, spans, top) == per_token * 19 + 2 * 64 * 256 * 8

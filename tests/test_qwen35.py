@@ -1,7 +1,7 @@
 """Qwen 3.5's text model (transformers ``qwen3_5_text``, and the ``qwen3_5`` wrapper with a vision
 tower): its Gated DeltaNet layers and gated attention against transformers on the same weights,
-loading and exporting Hugging Face directories, and the one-line refusal of sampling, which r3's
-sampler cannot drive yet (no recurrent state in its KV cache)."""
+loading and exporting Hugging Face directories, and the sampler carrying each row's recurrent
+state (its log-probs against a forward over each whole row)."""
 
 from __future__ import annotations
 
@@ -175,15 +175,119 @@ def test_a_directory_and_the_vision_language_wrapper_load_and_export(tmp_path):
         assert torch.allclose(back(tokens).logits, want, atol=1e-5)
 
 
-def test_sampling_is_refused_in_one_line(pair):
-    """r3's sampler keeps keys and values, not a Gated DeltaNet's recurrent state: every command
-    that samples refuses the model before it starts, and a forward with a KV cache is an R3Error."""
-    from r3.model import check_token_limits
+def _stateful_model():
+    """A tiny Qwen 3.5 in fp32 whose stop token 5 is sampled now and then."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_hf(tiny_hf_config("qwen35").to_dict())
+    model = _perturbed(Transformer(cfg)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[5] += 0.5
+    return model
+
+
+def _teacher_forced(model, row: list[int], start: int, tokens: list[int]) -> list[float]:
+    """Log-probs of ``tokens`` (row[start + 1 + j] = tokens[j]) by one forward over the row."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([row])).float(), -1)[0]
+    return [lp[start + j, t].item() for j, t in enumerate(tokens)]
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_sampled_log_probs_equal_a_forward_over_each_whole_row(compact):
+    """The sampler carries each row's Gated DeltaNet state through a ragged prefill (right
+    padding kept out of it), forks, stops (a row that has stopped keeps its state while others
+    decode), appended turns of different lengths (an empty one too) and compaction: every
+    sampled token's log-prob equals a forward over the whole row."""
+    from r3.sampler import Session
+
+    model = _stateful_model()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 20, [4, 4, 4, 4, 4]]
+    session = Session.start(model, prompts, seed=0, compact=compact, prefill_tokens=16).fork(2)
+    first = session.sample(12, temperature=1.0, stop_token_ids=[5])
+    session.append([[7, 7, 7] if i % 3 else [] for i in range(len(session))])
+    second = session.sample(10, temperature=1.0, stop_token_ids=[5])
+    assert set(first.finished) == {True, False} and set(second.finished) == {True, False}
+    for i, row in enumerate(session.tokens):
+        start = len(prompts[i // 2]) - 1
+        assert first.logprobs[i] == pytest.approx(_teacher_forced(model, row, start, first.tokens[i]), abs=1e-5)
+        n = len(second.tokens[i])
+        assert second.logprobs[i] == pytest.approx(_teacher_forced(model, row, len(row) - n - 1, second.tokens[i]),
+                                                   abs=1e-5)
+    if compact:  # (the same samples as without compaction)
+        again = Session.start(model, prompts, seed=0, compact=False, prefill_tokens=16).fork(2)
+        assert again.sample(12, temperature=1.0, stop_token_ids=[5]).tokens == first.tokens
+
+
+def test_a_stop_string_ends_a_row_at_its_step_and_its_state_there():
+    """A row stopped by a stop string keeps the state of the tokens it keeps (checked every step
+    for a stateful model, on any device): what it samples next follows its kept text."""
+    from r3.sampler import Session, StopStrings
+
+    model = _stateful_model()
+    strings = StopStrings(["|"], lambda ids: "".join("|" if t == 5 else "x" for t in ids))
+    session = Session.start(model, [[1, 2, 3], [4, 5, 6, 7]], seed=1)
+    out = session.sample(15, temperature=1.0, stop_strings=strings, sync_every=4)
+    assert any(out.finished), "a row must meet the stop string"
+    session.append([[7, 8], [7]])
+    more = session.sample(6, temperature=1.0)
+    for i, row in enumerate(session.tokens):
+        n = len(more.tokens[i])
+        assert more.logprobs[i] == pytest.approx(_teacher_forced(model, row, len(row) - n - 1, more.tokens[i]), abs=1e-5)
+
+
+def test_compiled_decode_is_refused_in_one_line():
+    from r3.sampler import Session
+
+    with pytest.raises(R3Error, match="decode compiled does not run Qwen 3.5's linear-attention layers yet; use decode eager"):
+        Session.start(_stateful_model(), [[1, 2]], decode="compiled")
+    model = _stateful_model()
+    with pytest.raises(R3Error, match="a packed layout"):
+        model.hidden_states(torch.zeros(1, 4, dtype=torch.long), segments=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_rollout_memory_check_counts_the_deltanet_states(pair):
+    from r3.rollout_memory import kv_cache_bytes
 
     _, ours = pair
-    with pytest.raises(R3Error, match="Qwen 3.5's linear-attention \\(Gated DeltaNet\\) layers: r3 loads, runs and "
-                                      "exports this model, but its sampler does not yet carry their recurrent state"):
-        check_token_limits(ours.config, "m", attempt=8)
-    cache = ours.new_cache(1, 16)
-    with pytest.raises(R3Error, match="does not yet carry their recurrent state"):
-        ours.hidden_states(torch.zeros(1, 3, dtype=torch.long), positions=torch.arange(3)[None], cache=cache)
+    cache = ours.new_cache(3, 40, dtype=torch.bfloat16)
+    assert kv_cache_bytes(ours.config, 3, 40, 2) == cache.nbytes()
+
+
+def test_r3_train_and_evaluate_run_a_tiny_qwen35(tmp_path, builtin):
+    """Through the commands: two training steps on two ranks (FSDP2 shards the Gated DeltaNet
+    blocks; the update encodes each row whole) with a resume, then r3.evaluate --run; the export
+    loads in transformers as Qwen3_5ForCausalLM."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": f"{here / 'helpers'}{os.pathsep}{here.parent}", "OMP_NUM_THREADS": "1"}
+    model_dir = tmp_path / "model"
+    make_tiny_hf(model_dir, "qwen35", vocab_size=49152)
+    builtin[1].save_pretrained(str(model_dir))
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "r3.train",
+            "--task", "r3_test_tasks:CoinTask", "--task-options", "{}", "--batch-size", "2", "--group-size", "4",
+            "--max-new-tokens", "6", "--dtype", "fp32", "--lr", "1e-3", "--micro-batch-size", "3",
+            "--warmup-steps", "0", "--model", str(model_dir), "--out", str(out)]
+    proc = subprocess.run(base + ["--max-steps", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.run(base + ["--max-steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["logp_diff_max"] < 1e-4 for r in rows if r.get("logp_diff_max") is not None)
+    assert sum(r["groups_with_signal"] for r in rows) > 0
+    back = AutoModelForCausalLM.from_pretrained(str(out / "export"))
+    assert type(back).__name__ == "Qwen3_5ForCausalLM"
+    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(out), "--n", "3", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((out / "evaluation.json").read_text())["n"] == 3
+    single = [sys.executable] + base[base.index("-m", 2):]  # (one process: its own exit status)
+    proc = subprocess.run(single + ["--max-steps", "3", "--decode", "compiled"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 2 and "--decode compiled does not run Qwen 3.5's linear-attention layers yet" in proc.stderr
