@@ -983,6 +983,8 @@ def _qwen35_layers(cfg: dict, n_layers: int, source: str) -> dict:
     if not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"linear_attention", "full_attention"}:
         raise R3Error(f"{source}: field 'layer_types' must list 'linear_attention' or 'full_attention' for each of the "
                       f"{n_layers} layers")
+    if "full_attention" not in kinds:  # (the sampler's KV cache, which sizes its slots, would hold no layer)
+        raise R3Error(f"{source}: unsupported Qwen 3.5 layout: no 'full_attention' layer (r3 needs at least one)")
     dims = {}
     for key, default in _QWEN35_LINEAR_DEFAULTS.items():
         value = cfg.get(key)

@@ -63,6 +63,8 @@ def test_config_reads_the_layer_kinds_the_deltanet_shapes_and_a_quarter_rotary()
     ({"linear_conv_kernel_dim": None}, "field 'linear_conv_kernel_dim' is null, from which transformers cannot build"),
     ({"linear_key_head_dim": 0}, "linear_key_head_dim"),
     ({"full_attention_interval": 0, "layer_types": None}, "field 'full_attention_interval' must be a positive integer"),
+    ({"layer_types": ["linear_attention"] * 4}, "unsupported Qwen 3.5 layout: no 'full_attention' layer"),
+    ({"full_attention_interval": 5, "layer_types": None}, "unsupported Qwen 3.5 layout: no 'full_attention' layer"),
 ])
 def test_bad_qwen35_fields_are_one_line_errors(change, message):
     d = {**tiny_hf_config("qwen35").to_dict(), **change}
@@ -167,6 +169,8 @@ def test_a_directory_and_the_vision_language_wrapper_load_and_export(tmp_path):
     vl, _ = load(str(tmp_path / "vl"), tokenizer=False)
     with torch.no_grad():
         assert torch.allclose(vl(tokens), want, atol=1e-5)
+        # the wrapper's own text path (its 4-row positions: text, and time/height/width for mrope)
+        assert torch.allclose(vl(tokens), wrapper(input_ids=tokens).logits, atol=1e-5)
     save_hf(vl, None, tmp_path / "export")
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3_5ForCausalLM"] and cfg["model_type"] == "qwen3_5_text"
@@ -174,6 +178,77 @@ def test_a_directory_and_the_vision_language_wrapper_load_and_export(tmp_path):
     with torch.no_grad():
         assert torch.allclose(back(tokens).logits, want, atol=1e-5)
 
+
+
+def _hub_config(hidden, intermediate, layers, heads, kv_heads, value_heads, tied):
+    """A config.json as the Qwen3.5 hub checkpoints write it (Qwen3_5ForConditionalGeneration: the
+    text model's fields with the multi-token-prediction head's, mrope sections, rope_theta 1e7)."""
+    text = {"attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "bos_token_id": 248044,
+            "dtype": "bfloat16", "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256,
+            "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": intermediate,
+            "layer_types": ["linear_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)],
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+            "linear_num_value_heads": value_heads, "linear_value_head_dim": 128, "mamba_ssm_dtype": "float32",
+            "max_position_embeddings": 262144, "model_type": "qwen3_5_text", "mtp_num_hidden_layers": 1,
+            "mtp_use_dedicated_embeddings": False, "num_attention_heads": heads, "num_hidden_layers": layers,
+            "num_key_value_heads": kv_heads, "output_gate_type": "swish", "pad_token_id": None,
+            "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06,
+            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25,
+                                "rope_theta": 10000000, "rope_type": "default"},
+            "tie_word_embeddings": tied, "use_cache": True, "vocab_size": 248320}
+    return {"architectures": ["Qwen3_5ForConditionalGeneration"], "image_token_id": 248056, "model_type": "qwen3_5",
+            "text_config": text, "tie_word_embeddings": tied, "video_token_id": 248057,
+            "vision_config": {"depth": 27, "hidden_size": 1152, "model_type": "qwen3_5_vision",
+                              "out_hidden_size": hidden},
+            "vision_end_token_id": 248054, "vision_start_token_id": 248053}
+
+
+@pytest.mark.parametrize("shape", [(1024, 3584, 24, 8, 2, 16, True), (5120, 17408, 64, 24, 4, 48, False)],
+                         ids=["0.8B", "27B"])
+def test_a_hub_shaped_config_builds_transformers_parameters_and_exports_its_semantics(shape):
+    """Qwen3.5-0.8B's and -27B's shapes as their config.json gives them (on the meta device): r3's
+    parameters are transformers' causal LM's, fused; RoPE turns 64 dims at theta 1e7; the export's
+    config.json builds the same text config."""
+    import copy
+
+    from transformers import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    raw = _hub_config(*shape)
+    cfg = ModelConfig.from_hf(copy.deepcopy(raw))
+    hf_cfg = Qwen3_5Config(**copy.deepcopy(raw)).text_config
+    assert (cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling) == (64, 1e7, None)
+    assert cfg.tie_word_embeddings == shape[-1] and cfg.max_position_embeddings == 262144
+    assert cfg.linear_layers == [i for i in range(shape[2]) if (i + 1) % 4]
+    with torch.device("meta"):
+        hf, ours = Qwen3_5ForCausalLM(hf_cfg), Transformer(cfg)
+    hf_shapes = {k.removeprefix("model."): v.shape for k, v in hf.state_dict().items()}
+    fused = fuse_checkpoint_tensors(cfg, {k: torch.empty(s, device="meta") for k, s in hf_shapes.items()
+                                          if not (cfg.tie_word_embeddings and k == "lm_head.weight")})
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()
+                   if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    assert {k: tuple(v.shape) for k, v in fused.items()} == ours_shapes
+    back = Qwen3_5TextConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    for key in ("layer_types", "head_dim", "tie_word_embeddings", "linear_num_value_heads", "linear_num_key_heads",
+                "eos_token_id", "max_position_embeddings", "attention_bias", "rms_norm_eps", "vocab_size"):
+        assert getattr(back, key) == getattr(hf_cfg, key), key
+    drop = ("mrope_section", "mrope_interleaved")  # (text alone: one position on every axis)
+    assert ({k: v for k, v in back.rope_parameters.items() if k not in drop}
+            == {k: v for k, v in hf_cfg.rope_parameters.items() if k not in drop})
+
+
+def test_loglikelihoods_of_a_batch_keep_each_contexts_padding_out_of_the_states():
+    """r3.evals.engine.loglikelihoods (r3.forgetting's multiple choice) prefills a batch's contexts
+    right-padded to the longest: a shorter context's Gated DeltaNet states must not take that
+    padding, or its choices' later tokens are scored from a state that read it."""
+    from r3.evals.engine import loglikelihoods
+
+    model = _stateful_model()
+    items = [([1, 2, 3, 4, 5, 6, 7, 8, 9], [[3, 4], [5]]), ([9, 8], [[7, 7, 7], [1]]), ([6], [[2, 2, 2, 2]])]
+    got = loglikelihoods(model, items, batch_size=8)
+    for (ctx, conts), scores in zip(items, got):
+        for cont, score in zip(conts, scores):
+            want = sum(_teacher_forced(model, ctx + cont, len(ctx) - 1, cont))
+            assert score.logprob == pytest.approx(want, abs=1e-4), (ctx, cont)
 
 def _stateful_model():
     """A tiny Qwen 3.5 in fp32 whose stop token 5 is sampled now and then."""

@@ -117,7 +117,10 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         cache = model.new_cache(len(batch), C + L)
         toks = torch.tensor([c + [0] * (C - len(c)) for c in contexts], device=device)
         pos = torch.arange(C, device=device).expand(len(batch), C)
-        h = model.hidden_states(toks, positions=pos, cache=cache, kv_len=C)
+        # (Qwen 3.5's Gated DeltaNet states must not take the padding: lengths keeps it out)
+        stateful = bool(model.config.linear_layers)
+        lengths = torch.tensor([len(c) for c in contexts], device=device) if stateful else None
+        h = model.hidden_states(toks, positions=pos, cache=cache, kv_len=C, lengths=lengths)
         last = torch.tensor([len(c) - 1 for c in contexts], device=device)
         first_h = h[torch.arange(len(batch), device=device), last]  # [items, D]: predicts each choice's token 0
         # One row per choice: feed its tokens but the last, at positions len(context)...
@@ -132,7 +135,8 @@ def loglikelihoods(model, items: Sequence[tuple[list[int], list[list[int]]]], *,
         if T > 1:
             feed = targets[:, :-1]
             fpos = starts[:, None] + torch.arange(T - 1, device=device)
-            h = model.hidden_states(feed, positions=fpos, cache=cache, kv_len=int(fpos.max()) + 1)
+            fed = torch.tensor([len(k) - 1 for k in conts], device=device) if stateful else None
+            h = model.hidden_states(feed, positions=fpos, cache=cache, kv_len=int(fpos.max()) + 1, lengths=fed)
             hidden = torch.cat([hidden, h], dim=1)  # [choices, T, D]
         # score only the real (unpadded) positions
         tok_lp, tok_greedy = _score_positions(model, hidden[valid], targets[valid])
