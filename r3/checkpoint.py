@@ -494,7 +494,7 @@ _GGUF_BLOCK_NAMES = {
 _GGUF_PHI3_BLOCK_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3", "granite": "granite",
                "olmo2": "olmo2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text",
-               "gemma4": "gemma4_text", "mistral3": "ministral3"}
+               "gemma4": "gemma4_text", "mistral3": "ministral3", "qwen35": "qwen3_5_text"}
 # Gemma 3's norms (its converter stores each weight w as 1 + w, which llama.cpp multiplies by) and
 # the names llama.cpp gives its four norms per block
 _GGUF_GEMMA3_BLOCK_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
@@ -610,6 +610,9 @@ def gguf_config(reader, path: Path) -> dict:
         _gguf_gemma3(path, cfg, meta)
     if arch == "gemma4":  # (its RoPE, scaling and all, is read there: nothing below applies)
         _gguf_gemma4(path, cfg, meta, tensors)
+        return _gguf_special_tokens(reader, path, cfg)
+    if arch == "qwen35":  # (its layers, Gated DeltaNets and RoPE are read there: nothing below applies)
+        _gguf_qwen35(path, cfg, meta)
         return _gguf_special_tokens(reader, path, cfg)
     query_scaling = _gguf_mistral3(path, cfg, meta) if arch == "mistral3" else None
     rotary = meta("rope.dimension_count", required=False)
@@ -985,6 +988,104 @@ def _gguf_gemma4(path: Path, cfg: dict, meta, tensors: dict) -> None:
                                 "full_attention": rope_full})
 
 
+# llama.cpp's Qwen 3.5 (architecture qwen35: its converter's Qwen3_5TextModel, a Qwen3NextModel,
+# convert_hf_to_gguf.py; its runtime src/models/qwen35.cpp). The Gated DeltaNet layers' tensors under
+# the names below, A_log as -exp(A_log) ('ssm_a', no suffix), dt_bias as 'ssm_dt.bias', the conv
+# kernel squeezed to (channels, kernel), the (1 + w) norms stored as 1 + w (all but 'ssm_norm'), the
+# value heads reordered from grouped by key head to tiled (value head j of key head g, transformers'
+# g * r + j, at j * key_heads + g) on every tensor with a row or column per value head, and the
+# attention layers' q projection as transformers' (each head's query rows, then its gate's)
+_GGUF_QWEN35_LINEAR_NAMES = {"attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
+                             "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a",
+                             "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm",
+                             "ssm_out": "linear_attn.out_proj"}
+_GGUF_QWEN35_ATTENTION_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm")
+# the norms its converter writes as 1 + w (every one named ...norm.weight but linear_attn.norm)
+_GGUF_QWEN35_OFFSET_NORMS = ("attn_norm", "post_attention_norm", "attn_q_norm", "attn_k_norm")
+# fields llama.cpp reads for qwen35 (or for every architecture) that r3 runs only at these values:
+# no RoPE scaling (Qwen 3.5 has none, and its converter writes none), scores scaled by head_dim ** -1/2
+_GGUF_QWEN35_UNSCALED = {"rope.scaling.type": ("none",), "rope.scaling.factor": (0.0, 1.0),
+                         "rope.scale_linear": (0.0, 1.0), "rope.scaling.attn_factor": (1.0,)}
+
+
+def _gguf_qwen35(path: Path, cfg: dict, meta) -> None:
+    """Qwen 3.5 as llama.cpp reads a qwen35 file, as the config.json transformers reads with the same
+    numbers (model_type qwen3_5_text): the decoder layers ``block_count`` less
+    ``nextn_predict_layers`` (the multi-token prediction block, left unread as transformers' causal LM
+    leaves it), the Gated DeltaNets every layer but each ``full_attention_interval``-th (4 where absent)
+    or as ``attention.recurrent_layers`` flags them, their shapes from ``ssm.*``, RoPE over
+    ``rope.dimension_count`` dims of each head (the multimodal sections turn text by one position).
+    What llama.cpp would run otherwise than transformers is refused."""
+    shown = _gguf_shown
+    n_all = cfg["num_hidden_layers"]
+    nextn = meta("nextn_predict_layers", 0)
+    if not _gguf_integer(nextn) or not 0 <= nextn < n_all:
+        raise R3Error(f"{path}: GGUF field 'qwen35.nextn_predict_layers' must be an integer from 0 to {n_all - 1}, "
+                      f"got {shown(nextn)!r}")
+    n = n_all - int(nextn)
+    ssm = {key: _gguf_count(meta(f"ssm.{key}"), f"qwen35.ssm.{key}", path)  # (all required by llama.cpp too)
+           for key in ("conv_kernel", "state_size", "group_count", "time_step_rank", "inner_size")}
+    if ssm["inner_size"] % ssm["time_step_rank"]:
+        raise R3Error(f"{path}: GGUF field 'qwen35.ssm.inner_size' {ssm['inner_size']} is not a multiple of "
+                      f"'qwen35.ssm.time_step_rank' {ssm['time_step_rank']} (the value heads)")
+    flags = shown(meta("attention.recurrent_layers", required=False))
+    if flags is None:
+        interval = meta("full_attention_interval", 4)
+        if not _gguf_integer(interval) or interval <= 0:
+            raise R3Error(f"{path}: GGUF field 'qwen35.full_attention_interval' must be a positive integer, "
+                          f"got {shown(interval)!r}")
+        linear = [(i + 1) % int(interval) != 0 for i in range(n)]
+    else:  # (llama.cpp: one flag per block, the multi-token prediction block's false, or one for all)
+        if not isinstance(flags, list):
+            flags = [flags] * n_all
+        if not (len(flags) == n_all and all(isinstance(v, (bool, int)) and v in (0, 1) for v in flags)
+                and not any(flags[n:])):
+            raise R3Error(f"{path}: unsupported GGUF field 'qwen35.attention.recurrent_layers' {flags!r} (r3 reads "
+                          f"one flag per block, {n_all} of them, false on the multi-token prediction block)")
+        linear = [bool(v) for v in flags[:n]]
+    head_dim = cfg["head_dim"]
+    value = meta("attention.value_length", required=False)
+    if value is not None and not (_gguf_integer(value) and value == head_dim):
+        raise R3Error(f"{path}: unsupported GGUF field 'qwen35.attention.value_length' {shown(value)!r} (llama.cpp "
+                      f"runs Qwen 3.5 with values as wide as keys: {head_dim})")
+    rotary = meta("rope.dimension_count", head_dim)  # (llama.cpp: the whole head where absent)
+    if not _gguf_integer(rotary) or not 2 <= rotary <= head_dim or rotary % 2:
+        raise R3Error(f"{path}: GGUF field 'qwen35.rope.dimension_count' must be an even number of dims from 2 to "
+                      f"{head_dim}, got {shown(rotary)!r}")
+    partial = int(rotary) / head_dim
+    if int(head_dim * partial) != int(rotary):  # (as _gguf_phi3: the quotient may round below the count)
+        partial = math.nextafter(partial, math.inf)
+    runs = {**_GGUF_QWEN35_UNSCALED, "attention.scale": (0.0, head_dim ** -0.5)}
+    for key, values in runs.items():
+        value = shown(meta(key, required=False))
+        if value is None:
+            continue
+        if isinstance(value, str) and value in values:
+            continue
+        if not _gguf_real(value) or not any(math.isclose(float(value), v, rel_tol=1e-6) for v in values
+                                            if not isinstance(v, str)):
+            raise R3Error(f"{path}: unsupported GGUF field 'qwen35.{key}' {value!r} (r3 runs Qwen 3.5 without RoPE "
+                          "scaling and with scores scaled by head_dim ** -1/2, as its converter writes it)")
+    cfg.update(num_hidden_layers=n, partial_rotary_factor=partial,
+               layer_types=["linear_attention" if lin else "full_attention" for lin in linear],
+               linear_conv_kernel_dim=ssm["conv_kernel"], linear_key_head_dim=ssm["state_size"],
+               linear_num_key_heads=ssm["group_count"], linear_num_value_heads=ssm["time_step_rank"],
+               linear_value_head_dim=ssm["inner_size"] // ssm["time_step_rank"])
+
+
+def _gguf_qwen35_untile(t: torch.Tensor, dim: int, cfg: ModelConfig, width: int, offset: int = 0) -> torch.Tensor:
+    """Undo llama.cpp's converter's value-head reorder along ``dim`` (from ``offset`` on: the values
+    of a fused q/k/v): heads of ``width`` rows in tiled order (value head j of key head g at
+    j * key_heads + g) back to transformers' grouped order (at g * r + j, r value heads per key head)."""
+    k = cfg.linear_key_heads
+    r = cfg.linear_value_heads // k
+    if r == 1:
+        return t
+    head, tail = t.narrow(dim, 0, offset), t.narrow(dim, offset, t.shape[dim] - offset)
+    tail = tail.unflatten(dim, (r, k, width)).transpose(dim, dim + 1).flatten(dim, dim + 2)
+    return torch.cat([head, tail], dim) if offset else tail.contiguous()
+
+
 # llama.cpp's OLMo 3 (architecture olmo2 with a sliding window above 0): every fourth layer full and
 # the others sliding, those turning RoPE by rope.freq_base unscaled (frequency scale 1, no YaRN,
 # attention factor 1), whatever the file says; fields it does not read so are accepted only at
@@ -1213,7 +1314,15 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
     block_names = {**_GGUF_BLOCK_NAMES, **(_GGUF_PHI3_BLOCK_NAMES if cfg.model_type == "phi3" else {}),
                    **(_GGUF_GEMMA3_BLOCK_NAMES if cfg.gemma else {}), **(_GGUF_GEMMA4_BLOCK_NAMES if cfg.gemma4 else {})}
     names = {**_GGUF_NAMES, **(_GGUF_GEMMA4_NAMES if cfg.gemma4 else {})}
+    nextn = int(reader.fields.get("qwen35.nextn_predict_layers", 0)) if cfg.qwen35 else 0  # (checked by gguf_config)
     for t in reader.tensors:
+        if cfg.qwen35 and t.name.startswith("blk."):
+            named = _gguf_qwen35_tensor(t, path, cfg, assembler, nextn)
+            if named is not None:
+                name, tensor = named
+                _place(model, assembler, name, tensor, dtype, device, str(path), label=f"'{t.name}' ({name!r} in r3)")
+                loaded.add(name)
+            continue
         name = names.get(t.name)
         if name is None and t.name.startswith("blk."):
             _, layer, kind, suffix = t.name.split(".", 3)
@@ -1229,7 +1338,8 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
         if checkpoint_ignores(cfg, name):  # (Gemma 4's shared layers: llama.cpp reads their source's keys, not these)
             continue
         tensor = _read_gguf_tensor(t, path)
-        if cfg.gemma and not cfg.gemma4 and t.name.endswith("norm.weight"):  # (stored as 1 + w, as llama.cpp multiplies)
+        if (cfg.gemma and not cfg.gemma4 or cfg.qwen35) and t.name.endswith("norm.weight"):
+            # (stored as 1 + w, as llama.cpp multiplies; Qwen 3.5: output_norm, its blocks' in _gguf_qwen35_tensor)
             tensor = tensor.float() - 1.0
         if permute and name.endswith("q_proj.weight"):
             tensor = _unpermute_qk(tensor, cfg.num_attention_heads)
@@ -1252,12 +1362,86 @@ def _load_gguf_model(path: Path, dtype, device, reader: GGUFFile | None = None) 
 
     def label(name: str) -> str:
         layer, _, rest = name.removeprefix("layers.").partition(".")
+        if cfg.qwen35 and name.startswith("layers.") and rest in _GGUF_QWEN35_R3_NAMES:
+            return f"'blk.{layer}.{_GGUF_QWEN35_R3_NAMES[rest]}' ({name!r} in r3)"
         kind, _, suffix = rest.rpartition(".")
         if name.startswith("layers.") and kind in gguf_names:
             return f"'blk.{layer}.{gguf_names[kind]}.{suffix}' ({name!r} in r3)"
         return f"'{gguf_names[name]}' ({name!r} in r3)" if name in gguf_names else repr(name)
 
     return _finish(model, loaded, str(path), label)
+
+
+# r3's names in a Qwen 3.5 Gated DeltaNet layer -> llama.cpp's (to name a missing tensor)
+_GGUF_QWEN35_R3_NAMES = {**{f"{v}.weight": f"{k}.weight" for k, v in _GGUF_QWEN35_LINEAR_NAMES.items()},
+                         "linear_attn.A_log": "ssm_a", "linear_attn.dt_bias": "ssm_dt.bias"}
+
+
+def _gguf_qwen35_tensor(t, path: Path, cfg: ModelConfig, assembler, nextn: int) -> tuple[str, torch.Tensor] | None:
+    """A qwen35 file's block tensor ``t`` -> (r3's checkpoint name, the tensor as transformers holds
+    it), or None for the multi-token prediction block's (left unread). Names are checked against
+    the layer's kind, shapes before anything is reordered; the reorders, offsets and signs of
+    :data:`_GGUF_QWEN35_LINEAR_NAMES`' comment are undone."""
+    where = f"{path}: unexpected GGUF tensor '{t.name}'"
+    parts = t.name.split(".")
+    if len(parts) < 3 or not parts[1].isdigit():
+        raise R3Error(where)
+    i, kind, suffix = int(parts[1]), parts[2], ".".join(parts[3:])
+    if i >= cfg.num_hidden_layers:
+        if i < cfg.num_hidden_layers + nextn:
+            return None  # (the multi-token prediction block, blk.N.*: transformers' causal LM leaves it unread)
+        raise R3Error(f"{where} (layer {i} of a model of {cfg.num_hidden_layers} layers)")
+    linear = cfg.linear(i)
+    p = f"layers.{i}."
+    if kind == "ssm_a" and not suffix:
+        name = p + "linear_attn.A_log"
+    elif kind == "ssm_dt" and suffix == "bias":
+        name = p + "linear_attn.dt_bias"
+    elif kind in _GGUF_QWEN35_LINEAR_NAMES:
+        name = f"{p}{_GGUF_QWEN35_LINEAR_NAMES[kind]}.{suffix}"
+    elif kind in _GGUF_BLOCK_NAMES and (kind in _GGUF_QWEN35_ATTENTION_KINDS or kind in (
+            "attn_norm", "post_attention_norm", "ffn_gate", "ffn_up", "ffn_down")):
+        name = f"{p}{_GGUF_BLOCK_NAMES[kind]}.{suffix}"
+    else:
+        raise R3Error(where)
+    label = f"'{t.name}' ({name!r} in r3)"
+    expected = assembler.expected.get(name)
+    if expected is None:
+        what = "a Gated DeltaNet" if linear else "an attention layer"
+        raise R3Error(f"{where} (layer {i} is {what}: {', '.join(_gguf_qwen35_kinds(cfg, i))})")
+    tensor = _read_gguf_tensor(t, path)
+    if not torch.is_floating_point(tensor):
+        raise R3Error(f"{path}: tensor {label} has non-float dtype {tensor.dtype}")
+    stored = expected[:1] + expected[2:] if kind == "ssm_conv1d" else expected  # (its converter squeezes the 1)
+    if tuple(tensor.shape) != stored:
+        raise R3Error(f"{path}: tensor {label} has shape {tuple(tensor.shape)}, expected {stored}")
+    tensor = tensor.float()
+    keys = 2 * cfg.linear_key_heads * cfg.linear_key_dim
+    dv = cfg.linear_value_dim
+    if kind in _GGUF_QWEN35_OFFSET_NORMS:
+        tensor = tensor - 1.0
+    elif kind == "ssm_a":
+        if not bool((tensor < 0).all()) or not bool(torch.isfinite(tensor).all()):
+            raise R3Error(f"{path}: GGUF tensor {label} must hold -exp(A_log), below 0, as llama.cpp's converter "
+                          f"writes it; it holds values from {float(tensor.min()):g} to {float(tensor.max()):g}")
+        tensor = _gguf_qwen35_untile(torch.log(-tensor), 0, cfg, 1)
+    elif kind in ("ssm_dt", "ssm_beta", "ssm_alpha"):
+        tensor = _gguf_qwen35_untile(tensor, 0, cfg, 1)
+    elif kind == "attn_gate":
+        tensor = _gguf_qwen35_untile(tensor, 0, cfg, dv)
+    elif kind in ("attn_qkv", "ssm_conv1d"):
+        tensor = _gguf_qwen35_untile(tensor, 0, cfg, dv, offset=keys)
+        if kind == "ssm_conv1d":
+            tensor = tensor.unsqueeze(1)
+    elif kind == "ssm_out":
+        tensor = _gguf_qwen35_untile(tensor, 1, cfg, dv)
+    return name, tensor
+
+
+def _gguf_qwen35_kinds(cfg: ModelConfig, i: int) -> list[str]:
+    """llama.cpp's tensor kinds for layer ``i`` of a qwen35 file."""
+    own = ["ssm_a", "ssm_dt.bias", *_GGUF_QWEN35_LINEAR_NAMES] if cfg.linear(i) else [*_GGUF_QWEN35_ATTENTION_KINDS]
+    return ["attn_norm", *own, "post_attention_norm", "ffn_gate", "ffn_up", "ffn_down"]
 
 
 def _cache_dir() -> Path:
@@ -1347,15 +1531,17 @@ def _byte_level_decoding(tok, reader: GGUFFile, path: Path) -> None:
 # gemma4, converts by that name whatever the architecture). Every other file goes to transformers as it
 # is, since for some architectures it builds another tokenizer from the same fields (Gemma 2/3's
 # and Phi-3's SentencePiece vocabularies, tokenizer model llama: a stand-in under llama would
-# convert those differently)
-_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2", "mistral3", "gemma4")
+# convert those differently). qwen35: transformers reads it from 5.25 on (a byte-level vocabulary, which
+# converts by its fields whatever the architecture), r3's older ones refuse it
+_GGUF_TOKENIZER_STAND_IN_ARCHS = ("granite", "smollm3", "olmo2", "mistral3", "gemma4", "qwen35")
 
 
 @contextlib.contextmanager
 def _gguf_tokenizer_source(path: Path, reader: GGUFFile):
     """-> (folder, file name) of a GGUF file transformers converts ``path``'s tokenizer from: the
-    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2, mistral3, gemma4) a
-    temporary file holding only its ``tokenizer.*`` metadata under architecture ``llama``. Which
+    file itself, or for an architecture transformers does not read (granite, smollm3, olmo2, mistral3, gemma4;
+    qwen35 before 5.25) a temporary file holding only its ``tokenizer.*`` metadata under architecture
+    ``llama``. Which
     tokenizer transformers builds for those is decided by the vocabulary's own fields
     (``tokenizer.ggml.model`` and ``.pre``), so the stand-in converts to the same one."""
     arch = reader.fields.get("general.architecture")

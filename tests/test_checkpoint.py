@@ -2404,10 +2404,10 @@ def test_what_a_gguf_header_leaves_out_takes_llama_cpps_defaults(tmp_path):
     for fields, message in (
         ({**base, "general.architecture": "gpt2"},
          "unsupported GGUF architecture 'gpt2' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, "
-         "gemma3, gemma4, mistral3)"),
+         "gemma3, gemma4, mistral3, qwen35)"),
         ({**base, "general.architecture": "clip"},  # (the mmproj-*.gguf beside a Gemma 3 4b+ file)
          "unsupported GGUF architecture 'clip' (supported: llama, qwen2, qwen3, smollm3, granite, olmo2, phi3, gemma2, "
-         "gemma3, gemma4, mistral3); "
+         "gemma3, gemma4, mistral3, qwen35); "
          "a vision projector (mmproj) file: pass the language model's .gguf"),
         ({k: v for k, v in base.items() if k != "llama.block_count"}, "missing GGUF field 'llama.block_count'"),
         ({k: v for k, v in base.items() if k != "llama.attention.layer_norm_rms_epsilon"},
