@@ -610,7 +610,8 @@ def shared_prefix(run: Run) -> bool:
     """Whether the update encodes each group's shared prefix once: ``--shared-prefix``, except for
     Qwen 3.5, whose Gated DeltaNet layers would have each row start from the prefix's state (not
     built yet): its rows are encoded whole (the same loss, more compute)."""
-    return run.cfg.shared_prefix and not run.rollout_model.config.linear_layers
+    config = getattr(run.rollout_model, "config", None)  # (a stand-in in the tests may hold none)
+    return run.cfg.shared_prefix and not getattr(config, "linear_layers", None)
 
 
 def training_flops(run: Run, ep, adv: torch.Tensor) -> int:
