@@ -169,14 +169,23 @@ def gated_delta_step(
     Hk, Hv = _check_heads(q, k, v, g, beta)
     dtype = _compute_dtype(q)
     rep = Hv // Hk
+    B, dk, dv = q.shape[0], q.shape[-1], v.shape[-1]
     q, k = (x.to(dtype).repeat_interleave(rep, dim=1) for x in (q, k))
     v, g, beta = v.to(dtype), g.to(dtype), beta.to(dtype)
-    S = state.to(dtype) * g.exp()[..., None, None]
-    delta = beta.unsqueeze(-1) * (v - (S * k.unsqueeze(-1)).sum(-2))  # beta (v - S^T k)
-    S = S + k.unsqueeze(-1) * delta.unsqueeze(-2)  # + k delta^T
-    o = (S * q.unsqueeze(-1)).sum(-2)  # S^T q
     if live is not None:
-        S = torch.where(live.to(S.device)[:, None, None, None], S, state)
+        # a row that is not live takes the identity step: decay exp(0) = 1 and nothing written
+        # (k and v zeroed too, so that nothing the caller left there reaches the state)
+        on = live.to(q.device)
+        g, beta = (torch.where(on[:, None], x, 0) for x in (g, beta))
+        k, v = (torch.where(on[:, None, None], x, 0) for x in (k, v))
+    # As batched matrix products over [B * Hv] states: the state is read three times and written
+    # once per step (elementwise products and sums made more passes over it)
+    S = (state.to(dtype) * g.exp()[..., None, None]).view(B * Hv, dk, dv)
+    k3 = k.reshape(B * Hv, 1, dk)
+    delta = beta.reshape(B * Hv, 1, 1) * (v.reshape(B * Hv, 1, dv) - torch.bmm(k3, S))  # beta (v - S^T k)
+    S = torch.baddbmm(S, k3.transpose(1, 2), delta)  # + k delta^T
+    o = torch.bmm(q.reshape(B * Hv, 1, dk), S).view(B, Hv, dv)  # S^T q
+    S = S.view(B, Hv, dk, dv)
     if inplace:
         state.copy_(S)
         return o, state
