@@ -49,7 +49,7 @@ from r3.config import parse_args as parse_train_args  # noqa: E402
 from r3.distributed import release_device_memory  # noqa: E402
 from r3.precision import resolve_dtype_name  # noqa: E402
 from r3.chat import ChatFormat, template_options  # noqa: E402
-from r3.episode import answer_stops, run_episode  # noqa: E402
+from r3.episode import answer_stops, failed_unread, run_episode  # noqa: E402
 from r3.evaluate import evaluate_examples  # noqa: E402
 from r3.sampler import RANDOM_STREAMS, Session  # noqa: E402
 from r3.stats import paired_difference  # noqa: E402
@@ -74,7 +74,7 @@ def first_attempts(model, tok, chat, task, examples, sampling, seed) -> list[tup
         got = s.sample(sampling.max_attempt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                        top_k=sampling.top_k, stop_token_ids=chat.stop_ids,
                        stop_strings=answer_stops(task, chat))
-        out += [(list(t), (fin or sampling.cut_answers != "fail") and passes(task, ex, chat.decode(t)))
+        out += [(list(t), not failed_unread(fin, sampling.cut_answers) and passes(task, ex, chat.decode(t)))
                 for ex, t, fin in zip(batch, got.tokens, got.finished)]
     return out
 

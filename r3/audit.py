@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from r3.cli import ArgumentParser, check_out_path, read_run_config, write_json_atomic
-from r3.episode import CUT_ANSWERS, CUT_REASON
+from r3.cli import ArgumentParser, check_out_path, read_run_config, run_cut_answers, write_json_atomic
+from r3.episode import CUT_REASON, failed_unread
 from r3.errors import R3Error, cli_main
 from r3.files import read_json_lines
 from r3.tasks import get, resolve
@@ -65,7 +65,7 @@ def audit(task, samples: list[dict], cut_answers: str = "judge") -> dict:
            "rewarded_recording_cut": sum("retry_cut" in s for s in rewarded)}
     for group, key in ((rewarded, "rewarded"), (others, "unrewarded")):
         for s in group:
-            cut = s.get("retry_cut") is True and cut_answers == "fail"
+            cut = failed_unread(s.get("retry_cut") is not True, cut_answers)
             # (why: this verdict's own; None from a duck-typed task)
             now, why = (False, CUT_REASON) if cut else judge(task, s["example"], s["retry"])
             again = ((False, CUT_REASON) if cut else recheck(task, s["example"], s["retry"])) if independent else None
@@ -101,9 +101,7 @@ def main(argv=None) -> int:
     out_path = check_out_path(args.out) if args.out else None
     cfg, task = read_run_task(run)
     samples = read_samples(run / "samples.jsonl")
-    cut_answers = cfg.get("cut_answers", "judge")  # (runs from before the option judged cut retries)
-    if cut_answers not in CUT_ANSWERS:
-        raise R3Error(f"{run / 'config.json'}: 'cut_answers' must be one of {', '.join(CUT_ANSWERS)}, got {cut_answers!r}")
+    cut_answers = run_cut_answers(run, cfg)
     res = audit(task, samples, cut_answers)
     steps = sorted({s.get("step") for s in samples if isinstance(s.get("step"), int)})
     span = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "no steps"

@@ -117,6 +117,17 @@ def read_run_config(run, fields=("task", "task_options")) -> dict:
     return cfg
 
 
+def run_cut_answers(run, cfg: dict) -> str:
+    """A run's ``cut_answers`` from its config.json (``judge`` for runs from before the option), checked."""
+    from r3.episode import CUT_ANSWERS
+
+    value = cfg.get("cut_answers", "judge")
+    if value not in CUT_ANSWERS:
+        raise R3Error(f"{Path(run) / 'config.json'}: 'cut_answers' must be one of {', '.join(CUT_ANSWERS)}, "
+                      f"got {value!r}")
+    return value
+
+
 def read_run(run: str) -> dict:
     """A training run's config for ``--run``, with its export checked."""
     cfg = read_run_config(run, ("model", "task", "task_options", "max_attempt_tokens", "max_reflection_tokens",

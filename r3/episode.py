@@ -54,10 +54,16 @@ CUT_ANSWERS = ("judge", "fail")
 CUT_REASON = "cut off at the token limit before the model ended it (cut_answers: fail)"
 
 
+def failed_unread(finished: bool, cut_answers: str) -> bool:
+    """Whether an answer fails without its text being read: the token limit ended it (``finished``
+    false) under ``cut_answers="fail"``."""
+    return not finished and cut_answers == "fail"
+
+
 def judge_answer(task, example: dict, text: str, finished: bool, cut_answers: str) -> tuple[bool, str | None]:
-    """The verdict on one answer: :func:`r3.tasks.base.judge`, or, with ``cut_answers="fail"``,
-    a failure without reading the text when the token limit ended it (``finished`` false)."""
-    if not finished and cut_answers == "fail":
+    """The verdict on one answer: :func:`r3.tasks.base.judge`, or :data:`CUT_REASON`'s failure
+    where :func:`failed_unread`."""
+    if failed_unread(finished, cut_answers):
         return False, CUT_REASON
     return judge(task, example, text)
 

@@ -57,6 +57,7 @@ from r3.cli import (
     pick_device_dtype,
     positive_int,
     read_run,
+    run_cut_answers,
     write_json_atomic,
 )
 from r3.episode import CUT_ANSWERS, EpisodeSampling
@@ -161,15 +162,6 @@ def resolve_settings(args) -> dict:
                 top_k=cfg.get("top_k", 0) if args.top_k is None else args.top_k,
                 dtype=args.dtype or cfg.get("dtype", "auto"),
                 cut_answers=args.cut_answers or run_cut_answers(args.run, cfg))
-
-
-def run_cut_answers(run: str, cfg: dict) -> str:
-    """The run's ``cut_answers`` ("judge" for runs from before the option), checked."""
-    value = cfg.get("cut_answers", "judge")
-    if value not in CUT_ANSWERS:
-        raise R3Error(f"{Path(run) / 'config.json'}: 'cut_answers' must be one of {', '.join(CUT_ANSWERS)}, "
-                      f"got {value!r}")
-    return value
 
 
 @cli_main

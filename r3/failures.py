@@ -59,7 +59,7 @@ from r3.cli import (
     pick_device_dtype,
     positive_int,
 )
-from r3.episode import CUT_ANSWERS, answer_stops
+from r3.episode import CUT_ANSWERS, answer_stops, failed_unread
 from r3.errors import R3Error, cli_main
 from r3.failure_data import (  # noqa: F401  (the file format's names, re-exported)
     FORMAT_VERSION,
@@ -181,7 +181,7 @@ def find_failures(
                         toks = out.tokens[j * m + s]
                         text = chat.decode(toks)
                         finished = bool(out.finished[j * m + s])
-                        if not (task_passes(task, ex, text) if finished or cut_answers == "judge" else False):
+                        if failed_unread(finished, cut_answers) or not task_passes(task, ex, text):
                             k = passed_so_far + s
                             fails.append({"key": keys[i], "example": ex, "attempt_tokens": list(toks), "attempt_text": text,
                                           "attempts_before_failure": k, "samples": k + 1,

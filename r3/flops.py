@@ -18,6 +18,7 @@ datasheet's), or ``R3_PEAK_TFLOPS`` (per device) where it is set.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -26,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 
 from r3.errors import R3Error
-from r3.model import ModelConfig
+from r3.model import ModelConfig, _linear_layer_shapes
 
 #: Dense bf16/fp16 tensor-core peak FLOP/s by product name, from NVIDIA's datasheets (their
 #: figures with sparsity halved). A key matches as whole words (``A100`` is not the RTX A1000),
@@ -51,17 +52,15 @@ def linear_mixer_flops_per_token(cfg: ModelConfig) -> int:
     """One token through a Qwen 3.5 Gated DeltaNet's causal conv (2 FLOPs per tap and channel) and
     delta rule, counted as its recurrence: per value head, ``S^T k``, ``k delta^T`` and ``S^T q``,
     each ``2 dk dv`` (the chunked form computes the same with other matmuls)."""
-    channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim
-    return 2 * cfg.linear_conv_kernel * channels + 6 * cfg.linear_value_heads * cfg.linear_key_dim * cfg.linear_value_dim
+    return 2 * cfg.linear_conv_kernel * cfg.linear_conv_channels + 6 * cfg.linear_value_heads * cfg.linear_key_dim * cfg.linear_value_dim
 
 
 def _linear_projections(cfg: ModelConfig) -> dict[str, int]:
-    """A Gated DeltaNet layer's projections (names under ``linear_attn.``) -> forward FLOPs per token."""
-    d = cfg.hidden_size
-    keys, values = cfg.linear_key_heads * cfg.linear_key_dim, cfg.linear_value_heads * cfg.linear_value_dim
-    return {"in_proj_qkv": 2 * d * (2 * keys + values), "in_proj_z": 2 * d * values,
-            "in_proj_b": 2 * d * cfg.linear_value_heads, "in_proj_a": 2 * d * cfg.linear_value_heads,
-            "out_proj": 2 * values * d}
+    """A Gated DeltaNet layer's projections (names under ``linear_attn.``) -> forward FLOPs per token:
+    2 per weight (its shapes are the model's, :func:`r3.model.param_shapes`')."""
+    shapes = _linear_layer_shapes(cfg, "")
+    return {name: 2 * math.prod(shapes[f"linear_attn.{name}.weight"])
+            for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")}
 
 
 def matmul_flops_per_token(cfg: ModelConfig) -> int:

@@ -236,6 +236,11 @@ class ModelConfig:
         """Whether layer ``i`` is a Gated DeltaNet (Qwen 3.5), not attention."""
         return i in self.linear_layers
 
+    @property
+    def linear_conv_channels(self) -> int:
+        """A Gated DeltaNet's fused q, k and v: the channels of its causal conv and conv state."""
+        return 2 * self.linear_key_heads * self.linear_key_dim + self.linear_value_heads * self.linear_value_dim
+
     def full_attention(self, i: int) -> bool:
         return not self.layer_windows or self.layer_windows[i] is None
 
@@ -1263,8 +1268,7 @@ class KVCache:
         """One entry per layer of :meth:`ModelConfig.cache_layers` (Gemma 4's shared layers hold none),
         and the states of Qwen 3.5's Gated DeltaNet layers."""
         shapes = [(batch_size, cfg.layer_kv_heads(i), max_len, cfg.layer_head_dim(i)) for i in cfg.cache_layers()]
-        n = len(cfg.linear_layers)
-        channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim
+        n, channels = len(cfg.linear_layers), cfg.linear_conv_channels
         return cls(
             [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
             [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes],
@@ -1481,7 +1485,7 @@ class LinearAttention(nn.Module):
         h = cfg.hidden_size
         self.nk, self.nv, self.dk, self.dv = (cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_key_dim,
                                               cfg.linear_value_dim)
-        conv_dim = 2 * self.nk * self.dk + self.nv * self.dv
+        conv_dim = cfg.linear_conv_channels
         self.in_proj_qkv = Linear(h, conv_dim, bias=False)
         self.in_proj_z = Linear(h, self.nv * self.dv, bias=False)
         self.in_proj_b = Linear(h, self.nv, bias=False)
@@ -1972,8 +1976,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 def _linear_layer_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple]:
     """A Qwen 3.5 Gated DeltaNet layer's parameter shapes (prefix ``p``), its norms and MLP too."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    keys, values = cfg.linear_key_heads * cfg.linear_key_dim, cfg.linear_value_heads * cfg.linear_value_dim
-    conv = 2 * keys + values
+    values, conv = cfg.linear_value_heads * cfg.linear_value_dim, cfg.linear_conv_channels
     a = p + "linear_attn."
     return {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
             a + "in_proj_qkv.weight": (conv, h), a + "in_proj_z.weight": (values, h),

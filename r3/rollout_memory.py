@@ -20,10 +20,9 @@ def kv_cache_bytes(model_cfg, rows: int, positions: int, element_size: int) -> i
     the states of Qwen 3.5's Gated DeltaNet layers (per row, whatever the positions: the delta
     rule's in fp32, the conv's in the compute dtype)."""
     per_position = sum(model_cfg.layer_kv_heads(n) * model_cfg.layer_head_dim(n) for n in model_cfg.cache_layers())
-    channels = 2 * model_cfg.linear_key_heads * model_cfg.linear_key_dim + model_cfg.linear_value_heads * model_cfg.linear_value_dim
     state = len(model_cfg.linear_layers) * (
         4 * model_cfg.linear_value_heads * model_cfg.linear_key_dim * model_cfg.linear_value_dim
-        + element_size * channels * max(0, model_cfg.linear_conv_kernel - 1))
+        + element_size * model_cfg.linear_conv_channels * max(0, model_cfg.linear_conv_kernel - 1))
     return 2 * per_position * rows * positions * element_size + rows * state
 
 
