@@ -103,24 +103,26 @@ def _tensor_and_state_guards(entries) -> list[bool]:
 
 
 def _compile(vocab_size: int, pick, cuda: bool, lean_guards: bool = False):
-    """``run(model, tok, pos, ks, vs, slots, u, temperature)`` through torch.compile: the logits,
+    """``run(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature)`` through torch.compile: the logits,
     or ``pick(logits, u, temperature)`` in the same graph when ``pick`` is given. ``slots``:
     ``arange(kv_len)`` (a tensor, so that kv_len is a dynamic size, not a constant). ``ks``/``vs``
     may hold more rows than ``tok`` (a :class:`StaticKVCache`'s): the step runs in their first
     ``len(tok)`` rows (the model writes rows ``arange(len(tok))`` and reads ``[:len(tok)]``; a
     slice taken before the write would make inductor copy the cache out and back at every step).
+    ``conv``/``ssm``: Qwen 3.5's Gated DeltaNet states (empty lists for other models), updated in
+    place in their first ``len(tok)`` rows, those of the ``live`` rows only (None: all).
     ``lean_guards``: keep only :func:`_tensor_and_state_guards`."""
 
-    def logits(model, tok, pos, ks, vs, slots):
-        return step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
+    def logits(model, tok, pos, ks, vs, conv, ssm, slots, live):
+        return step_logits(model, tok, pos, KVCache(ks, vs, conv, ssm), slots.shape[0], vocab_size, live=live)
 
     # Two functions, so the two kinds of graph do not share one code object's recompile budget.
     if pick is None:
-        def run(model, tok, pos, ks, vs, slots, u, temperature):
-            return logits(model, tok, pos, ks, vs, slots)
+        def run(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature):
+            return logits(model, tok, pos, ks, vs, conv, ssm, slots, live)
     else:
-        def run_and_pick(model, tok, pos, ks, vs, slots, u, temperature):
-            return pick(logits(model, tok, pos, ks, vs, slots), u, temperature)
+        def run_and_pick(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature):
+            return pick(logits(model, tok, pos, ks, vs, conv, ssm, slots, live), u, temperature)
         run = run_and_pick
     return _torch_compile(run, cuda, lean_guards)
 
@@ -145,18 +147,20 @@ def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
 
 
 def _compile_step_in_place(vocab_size: int, pick, lean_guards: bool):
-    """``step_in_place(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp)``
+    """``step_in_place(model, tok, pos, done, is_stop, ks, vs, conv, ssm, slots, u, temperature, out_tok, out_lp)``
     through torch.compile, without inductor's CUDA graphs (:class:`GraphRuns` records its own):
     one decode step with ``pick`` fused, as :func:`_compile`'s, and the sampler's bookkeeping of
     that step, in place: a stopped row (``done``) repeats its token at its frozen position with
     log-prob 0; ``out_tok``/``out_lp`` get the step's tokens and log-probs; ``tok`` the next
     tokens, ``pos`` advances for the rows that had not stopped, ``done`` adds the rows whose token
-    is a stop id (``is_stop[token]``). It must be one graph: a graph break would put Python
+    is a stop id (``is_stop[token]``); a stopped row's Gated DeltaNet states (``conv``/``ssm``,
+    Qwen 3.5's) stay as they are. It must be one graph: a graph break would put Python
     between its pieces, which a CUDA graph does not replay (tests check every architecture; not
     ``fullgraph``, which raises where dynamo skips the frame, e.g. under a dispatch mode)."""
 
-    def step_in_place(model, tok, pos, done, is_stop, ks, vs, slots, u, temperature, out_tok, out_lp):
-        logits = step_logits(model, tok, pos, KVCache(ks, vs), slots.shape[0], vocab_size)
+    def step_in_place(model, tok, pos, done, is_stop, ks, vs, conv, ssm, slots, u, temperature, out_tok, out_lp):
+        live = ~done if ssm else None
+        logits = step_logits(model, tok, pos, KVCache(ks, vs, conv, ssm), slots.shape[0], vocab_size, live=live)
         nxt, lp = pick(logits, u, temperature)
         nxt = torch.where(done, tok, nxt)
         out_tok.copy_(nxt)
@@ -239,7 +243,7 @@ class StaticKVCache:
         slots = kv_bucket_ceil(slots)
         self.full, self._rows, self.runs = None, {}, None  # (the old one, and its graphs, freed first)
         self.full = KVCache.empty(cfg, rows, slots, dtype, device)
-        for t in self.full.k + self.full.v:  # (the compiled step writes into them in place)
+        for t in self.full.k + self.full.v + self.full.states:  # (the compiled step writes into them in place)
             torch._dynamo.mark_static_address(t, guard=False)
 
     def graph_runs(self) -> "GraphRuns":
@@ -261,22 +265,28 @@ class StaticKVCache:
         if view is None:
             if not 0 < n <= self.full.batch_size:
                 raise ValueError(f"StaticKVCache holds {self.full.batch_size} rows, asked for {n}")
-            view = self._rows[n] = KVCache([t[:n] for t in self.full.k], [t[:n] for t in self.full.v])
+            view = self._rows[n] = self.full.rows_view(0, n)
         return view
 
     def copy_in(self, cache: KVCache, slots: int) -> KVCache:
-        """Copy slots ``[0, slots)`` of every row of ``cache`` into rows ``[0, B)``; returns them."""
+        """Copy slots ``[0, slots)`` of every row of ``cache`` (and its Gated DeltaNet states) into
+        rows ``[0, B)``; returns them."""
         dst = self.rows(cache.batch_size)
         if slots > 0:
             for d, s in zip(dst.k + dst.v, cache.k + cache.v):
                 d[:, :, :slots].copy_(s[:, :, :slots])
+        for d, s in zip(dst.states, cache.states):
+            d.copy_(s)
         return dst
 
     def keep_rows(self, keep: torch.Tensor, slots: int) -> KVCache:
-        """Move rows ``keep`` (ascending) to rows ``[0, len(keep))``, slots ``[0, slots)``; returns them."""
+        """Move rows ``keep`` (ascending) to rows ``[0, len(keep))``, slots ``[0, slots)`` and their
+        states; returns them."""
         dst = self.rows(len(keep))
         for d, s in zip(dst.k + dst.v, self.full.k + self.full.v):
             d[:, :, :slots].copy_(s[:, :, :slots].index_select(0, keep))
+        for d, s in zip(dst.states, self.full.states):
+            d.copy_(s.index_select(0, keep))
         return dst
 
 
@@ -297,7 +307,8 @@ class GraphRuns:
     padded rows, KV bucket, k) the first time it is needed: run once uncaptured (compiling and
     autotuning; on CUDA on the stream the captures use), the state put back, then captured into
     one memory pool that all of them share (they never run at once). The run writes only cache slots the rows
-    have not reached, so running it once changes nothing that is read. A run of ``k`` steps
+    have not reached, so running it once changes nothing that is read but Qwen 3.5's Gated DeltaNet
+    states, which are put back too. A run of ``k`` steps
     starts at a multiple of ``k``, so its steps read one KV bucket (``k`` divides ``KV_BUCKET``);
     steps before and after it run as one-step graphs.
 
@@ -314,7 +325,7 @@ class GraphRuns:
             raise ValueError(f"GraphRuns: run_steps must be > 1 and divide KV_BUCKET ({KV_BUCKET}), got {run_steps}")
         self.run_steps = run_steps
         rows, device = cache.batch_size, cache.k[0].device
-        self.ks, self.vs = cache.k, cache.v
+        self.ks, self.vs, self.conv, self.ssm = cache.k, cache.v, cache.conv, cache.ssm
         self.cuda = device.type == "cuda"
         # (the ring's and the uniforms' rows start 64-byte aligned: each step writes, or reads, one)
         cols = -(-rows // 16) * 16
@@ -406,9 +417,10 @@ class GraphRuns:
         fn = fns[compiled_key]
         state = self.tok[:rows], self.pos[:rows], self.done[:rows]
         slots = self.slots[:kv]
-        steps = [state + (self.is_stop[vocab_size], self.ks, self.vs, slots, self.uniforms[i, :rows], self.temperature,
-                          self.ring_tok[i, :rows], self.ring_lp[i, :rows]) for i in range(k)]
-        for t in (*state, slots, *(a for args in steps for a in (args[7], args[9], args[10]))):
+        per_step = [(self.uniforms[i, :rows], self.ring_tok[i, :rows], self.ring_lp[i, :rows]) for i in range(k)]
+        steps = [state + (self.is_stop[vocab_size], self.ks, self.vs, self.conv, self.ssm, slots, u, self.temperature,
+                          out_tok, out_lp) for u, out_tok, out_lp in per_step]
+        for t in (*state, slots, *(a for ts in per_step for a in ts)):
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
         def body():  # (the graphs are the model's: they hold no model alive)
@@ -416,9 +428,12 @@ class GraphRuns:
             for args in steps:
                 fn(m, *args)
 
-        saved = [t.clone() for t in state]
+        # (the warm-up's steps are undone: its tokens, positions and stop flags, and the Gated
+        # DeltaNet states its tokens went into; its cache slots are rewritten by the run)
+        kept = (*state, *(t[:rows] for t in self.conv + self.ssm))
+        saved = [t.clone() for t in kept]
         self._warm_up(body)
-        for t, s in zip(state, saved):
+        for t, s in zip(kept, saved):
             t.copy_(s)
         return self._capture(body) if self.cuda else body
 
@@ -483,11 +498,13 @@ def release_static_cache(model) -> None:
     _STATIC.pop(model, None)
 
 
-def _mark(t: torch.Tensor, cuda: bool) -> None:
-    """A cache tensor ``[B, n_kv, max_len, D]`` for the compiler: rows and slots dynamic; with CUDA
-    graphs, a static address (the step writes into it in place; no guard on the address)."""
+def _mark(t: torch.Tensor, cuda: bool, slots: bool = True) -> None:
+    """A cache tensor ``[B, n_kv, max_len, D]`` (``slots``; else a Gated DeltaNet state, rows
+    first) for the compiler: rows and slots dynamic; with CUDA graphs, a static address (the step
+    writes into it in place; no guard on the address)."""
     torch._dynamo.maybe_mark_dynamic(t, 0)
-    torch._dynamo.maybe_mark_dynamic(t, 2)
+    if slots:
+        torch._dynamo.maybe_mark_dynamic(t, 2)
     if cuda:
         torch._dynamo.mark_static_address(t, guard=False)
 
@@ -532,12 +549,11 @@ class DecodeStep:
 
     def __call__(self, tok, pos, cache: KVCache, kv_len: int, vocab_size: int, *, pick=None, u=None,
                  temperature=None, live=None):
+        """``live [B]``: the rows whose Gated DeltaNet states (Qwen 3.5's) take their token (None: all)."""
         if not self.compiled:
             if pick is not None:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
             return step_logits(self.model, tok, pos, cache, kv_len, vocab_size, live=live)
-        if live is not None:
-            raise ValueError("DecodeStep: live rows are for the eager step (Qwen 3.5's states)")
         if self._cuda is None:
             self._cuda = self.uses_cuda_graphs(tok.device)
         cuda = self._cuda
@@ -565,22 +581,28 @@ class DecodeStep:
         slots = self._slots[:kv_len]
         if in_static:
             # The step runs in the static cache's first rows, padded to graph_rows: token 0 at
-            # position 0, so each padding row attends only to the slot it writes.
+            # position 0, so each padding row attends only to the slot it writes (and keeps its
+            # Gated DeltaNet state).
             if graph_rows(n) != n:
                 pad = graph_rows(n) - n
                 tok, pos = F.pad(tok, (0, pad)), F.pad(pos, (0, pad))
                 u = None if u is None else F.pad(u, (0, 0, 0, pad))
+                live = None if live is None else torch.cat([live, live.new_zeros(pad)])
             cache = static.full
-        for t in (tok, pos, slots) if u is None else (tok, pos, slots, u):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for t in (tok, pos, slots, u, live):
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         if not in_static and (self._marked is None or self._marked() is not cache):  # a new cache:
             for t in cache.k + cache.v:  # mark it once
                 _mark(t, cuda)
+            for t in cache.states:
+                _mark(t, cuda, slots=False)
             self._marked = weakref.ref(cache)
+        args = (self.model, tok, pos, cache.k, cache.v, cache.conv, cache.ssm, slots, live, u, temperature)
         if not cuda:
-            return fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
+            return fn(*args)
         torch.compiler.cudagraph_mark_step_begin()
-        out = fn(self.model, tok, pos, cache.k, cache.v, slots, u, temperature)
+        out = fn(*args)
         # The graph's outputs live in its memory pool and are overwritten by the next replay; the
         # padding rows' are dropped.
         return tuple(t[:n].clone() for t in out) if isinstance(out, tuple) else out[:n].clone()

@@ -208,9 +208,6 @@ def main(argv=None) -> int:
                 raise
             raise R3Error(f"{Path(args.run) / 'config.json'}: the run's "
                           f"{'base model' if spec == models[0] else 'export'}: {e}") from None
-        if config.linear_layers and args.decode == "compiled":
-            raise R3Error(f"{spec}: --decode compiled does not run Qwen 3.5's linear-attention layers yet; use "
-                          "--decode eager")
         check_token_limits(config, spec, attempt=st["max_attempt"], reflection=st["max_reflection"],
                            retry=st["max_retry"])
         tokenizer = load_tokenizer(spec)

@@ -219,6 +219,12 @@ def causal_conv(
         # At the start of a sequence, conv as causal_conv1d_fn does (its zero padding; bit for bit:
         # convolving the concatenated zeros instead can differ in the last place)
         y = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight.unsqueeze(1), padding=K - 1, groups=C)[..., :T]
+    elif T == 1 and torch.compiler.is_compiling():
+        # A compiled decode step: each channel's dot product of its K inputs, summed in fp32 and
+        # rounded once as the conv does (to its last bit or so); dynamo's shape rules for a conv
+        # guard on the batch size, which the step keeps dynamic
+        acc = _compute_dtype(weight)
+        y = (xs.to(acc) * weight.to(acc)).sum(-1, keepdim=True).to(weight.dtype)
     else:
         y = F.conv1d(xs.to(weight.dtype), weight.unsqueeze(1), groups=C)  # as causal_conv1d_update
     y = F.silu(y)  # [B, C, T]

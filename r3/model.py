@@ -1499,13 +1499,15 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple | None = None, lengths: torch.Tensor | None = None,
                 live: torch.Tensor | None = None) -> torch.Tensor:
         """Without ``state``: a whole sequence from the start (right padding is harmless: nothing
-        real follows it). With ``state`` (a cache's ``(conv, ssm)`` of these rows, updated in
-        place): ``x`` continues each row; ``lengths [B]``: the tokens of each row that are real
+        real follows it). With ``state`` (a cache's ``(conv, ssm)``, whose first ``B`` rows are
+        these rows', updated in place): ``x`` continues each row; ``lengths [B]``: the tokens of each row that are real
         (the rest right padding, which leaves the state as it is); ``live [B]`` (one token per
         row): rows that take their token (the others keep their state)."""
         B, T, _ = x.shape
         weight = self.conv1d.weight[:, 0]
         conv_state, ssm = state if state is not None else (None, None)
+        if state is not None:  # (rows [0, B) of a larger cache: the sampler's static one)
+            conv_state, ssm = conv_state[:B], ssm[:B]
         mixed, conv_new = causal_conv(self.in_proj_qkv(x), weight, state=conv_state, lengths=lengths)
         kd = self.nk * self.dk
         q, k = qk_normalize(mixed[..., :kd].view(B, T, self.nk, self.dk), mixed[..., kd:2 * kd].view(B, T, self.nk, self.dk))

@@ -421,8 +421,6 @@ class Session:
                  prefill_tokens: int = PREFILL_TOKENS, decode: str = "eager", compact: bool = True):
         if decode not in DECODE_MODES:
             raise SamplingError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-        if decode == "compiled" and model.config.linear_layers:
-            raise SamplingError("decode compiled does not run Qwen 3.5's linear-attention layers yet; use decode eager")
         self.model = model
         # Qwen 3.5's Gated DeltaNet layers keep a state each token changes once: padding and rows
         # that have stopped must not reach it (see KVCache)
@@ -693,8 +691,10 @@ class Session:
         # With CUDA graphs and the pick fused, runs of GRAPH_RUN_STEPS steps replay one graph each
         # (r3.decode.GraphRuns), which advances its own tokens, positions and stop flags: these
         # are views of them.
+        # (not for a stateful model with stop strings: they are checked at every step, see above)
         runs = None
-        if static is not None and fused is not None and decode_mod.GRAPH_RUN_STEPS > 1:
+        if (static is not None and fused is not None and decode_mod.GRAPH_RUN_STEPS > 1
+                and not (self.stateful and stop_strings is not None)):
             runs = static.graph_runs()
             tok, pos, done = runs.start(self.model, tok, pos, is_stop, temperature, fused, step.lean_guards(device))
         t = 0  # the steps done
@@ -711,13 +711,13 @@ class Session:
                 else:
                     k = 1
                     u = None if uniforms is None else uniforms[t][:, None]
+                    # (a stateful model: rows that have stopped keep their state; each row's last
+                    # token stays pending, as its last slot does)
+                    live_rows = ~done if self.stateful and has_stop else None
                     if fused is not None:
                         nxt, lp = step(tok, pos, cache, base + t + 1, self.vocab_size, pick=fused, u=u,
-                                       temperature=temp_t)
+                                       temperature=temp_t, live=live_rows)
                     else:
-                        # (a stateful model: rows that have stopped keep their state; each row's
-                        # last token stays pending, as its last slot does)
-                        live_rows = ~done if self.stateful and has_stop else None
                         logits = step(tok, pos, cache, base + t + 1, self.vocab_size, live=live_rows)
                         nxt, lp = pick_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u)
                     if has_stop:

@@ -391,9 +391,6 @@ def set_up(cfg: TrainConfig) -> Run:
         model_config = load_config(cfg.model)
         check_token_limits(model_config, cfg.model, attempt=cfg.max_attempt_tokens,
                            reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
-        if model_config.linear_layers and cfg.decode == "compiled":
-            raise R3Error(f"{cfg.model}: --decode compiled does not run Qwen 3.5's linear-attention layers yet; "
-                          "use --decode eager")
         if cfg.report_to != "none":
             tracker_module(cfg.report_to)  # (its package is installed)
         # (every rank reads the file; rank 0 says its warnings, once)

@@ -310,11 +310,87 @@ def test_a_stop_string_ends_a_row_at_its_step_and_its_state_there():
         assert more.logprobs[i] == pytest.approx(_teacher_forced(model, row, len(row) - n - 1, more.tokens[i]), abs=1e-5)
 
 
-def test_compiled_decode_is_refused_in_one_line():
+def _compiled_equals_eager(model, prompts, turns):
+    """Samples of ``turns`` (each: (max_new_tokens, sampling kwargs, appended tokens or None)) from
+    a session of ``prompts`` forked in two, eager and compiled: the same tokens, stops and
+    log-probs; returns the compiled session."""
     from r3.sampler import Session
 
-    with pytest.raises(R3Error, match="decode compiled does not run Qwen 3.5's linear-attention layers yet; use decode eager"):
-        Session.start(_stateful_model(), [[1, 2]], decode="compiled")
+    sessions = [Session.start(model, prompts, seed=0, decode=d, prefill_tokens=16).fork(2) for d in ("eager", "compiled")]
+    for n, kw, append in turns:
+        eager, comp = (s.sample(n, **kw) for s in sessions)
+        assert comp.tokens == eager.tokens and comp.finished == eager.finished, kw
+        assert torch.allclose(comp.logprob_tensor, eager.logprob_tensor, atol=1e-5), kw
+        if append is not None:
+            for s in sessions:
+                s.append([append if i % 3 else [] for i in range(len(s))])
+    return sessions[1]
+
+
+_TURNS = [(12, dict(temperature=1.0, stop_token_ids=[5]), [7, 7, 7]),
+          (10, dict(temperature=1.0, stop_token_ids=[5], top_k=20), [3]),  # (top-k: the pick outside the step)
+          (9, dict(temperature=0), None)]
+
+
+def test_compiled_decode_equals_eager_through_stops_forks_turns_and_compaction():
+    """decode="compiled" on a CPU (inductor on the session's own cache): the step carries each
+    row's Gated DeltaNet states (rows that have stopped keep theirs), with the pick fused or not;
+    the samples and log-probs equal the eager sampler's, and the states it leaves are the ones a
+    forward over each whole row gives (the next turn's log-probs)."""
+    model = _stateful_model()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 20, [4, 4, 4, 4, 4]]
+    session = _compiled_equals_eager(model, prompts, _TURNS)
+    more = session.sample(5, temperature=1.0)
+    for i, row in enumerate(session.tokens):
+        n = len(more.tokens[i])
+        assert more.logprobs[i] == pytest.approx(_teacher_forced(model, row, len(row) - n - 1, more.tokens[i]), abs=1e-5)
+
+
+@pytest.mark.parametrize("run_steps", [0, 8])
+def test_cuda_graph_decode_carries_the_states_through_the_static_cache(monkeypatch, run_steps):
+    """The decode path a GPU takes (CUDA graphs forced on this CPU, where a recording is the steps
+    run again): the states are copied into the model's static cache with the rows' keys and
+    values, moved with them by compactions, and written back; per-step replays and graph runs (a
+    run's warm-up, which feeds its tokens to the states, is undone before it runs) sample as the
+    eager sampler does. A stop string keeps graph runs off (each row must stop at its step). A
+    batch of fewer rows in the same static cache compiles nothing again (no guard on the rows:
+    the one-token conv runs without F.conv1d under compile), and the step is one graph."""
+    from torch._dynamo.utils import counters
+
+    import r3.decode as decode_mod
+    from r3.packed_linear import PackedWeights
+    from r3.sampler import StopStrings
+
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", run_steps)
+    runs = []
+    run = decode_mod.GraphRuns.run
+    monkeypatch.setattr(decode_mod.GraphRuns, "run", lambda self, kv_len, k, u: runs.append(k) or run(self, kv_len, k, u))
+    model = _stateful_model()
+    breaks, frames = sum(counters["graph_break"].values()), counters["frames"]["ok"]
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 20, [4, 4, 4, 4, 4], [2] * 9, [6, 1], [8, 8, 8], [1]]
+    _compiled_equals_eager(model, prompts, _TURNS)
+    assert static_rows(model) == 16
+    assert (8 in runs) == (run_steps == 8)
+    compiled = counters["frames"]["ok"] - frames
+    _compiled_equals_eager(model, prompts[:3], _TURNS)  # (6 rows in the same static cache)
+    assert static_rows(model) == 16 and counters["frames"]["ok"] - frames == compiled
+    runs.clear()
+    strings = StopStrings(["|"], lambda ids: "".join("|" if t == 5 else "x" for t in ids))
+    _compiled_equals_eager(model, prompts[:3], [(15, dict(temperature=1.0, stop_strings=strings, sync_every=4), [7]),
+                                                (6, dict(temperature=1.0, stop_token_ids=[5]), None)])
+    assert 8 not in runs  # (the turn with the stop string: one step at a time)
+    assert sum(counters["graph_break"].values()) == breaks
+
+
+def static_rows(model) -> int:
+    from r3.decode import static_cache
+
+    return static_cache(model).full.batch_size
+
+
+def test_packed_layouts_are_refused_in_one_line():
     model = _stateful_model()
     with pytest.raises(R3Error, match="a packed layout"):
         model.hidden_states(torch.zeros(1, 4, dtype=torch.long), segments=torch.zeros(1, 4, dtype=torch.long))
@@ -362,7 +438,11 @@ def test_r3_train_and_evaluate_run_a_tiny_qwen35(tmp_path, builtin):
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((out / "evaluation.json").read_text())["n"] == 3
-    single = [sys.executable] + base[base.index("-m", 2):]  # (one process: its own exit status)
-    proc = subprocess.run(single + ["--max-steps", "3", "--decode", "compiled"], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 2 and "--decode compiled does not run Qwen 3.5's linear-attention layers yet" in proc.stderr
+    records = {}
+    for decode in ("eager", "compiled"):  # (fp32, greedy: the compiled step gives the same samples)
+        proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(out), "--n", "3", "--quiet", "--records",
+                               "--decode", decode, "--out", str(tmp_path / f"{decode}.json")],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        records[decode] = [m["records"] for m in json.loads((tmp_path / f"{decode}.json").read_text())["models"]]
+    assert records["compiled"] == records["eager"] and len(records["eager"]) == 2

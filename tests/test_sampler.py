@@ -972,9 +972,9 @@ def test_cuda_graph_decode_runs_in_one_static_cache(tiny_dirs, monkeypatch):
         assert cuda and lean_guards
         fn = compile_(vocab_size, pick, cuda, lean_guards)
 
-        def run(model, tok, pos, ks, vs, slots, u, temperature):
+        def run(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature):
             calls.append((ks[0].data_ptr(), tuple(ks[0].shape), tok.shape[0], slots.shape[0]))
-            return fn(model, tok, pos, ks, vs, slots, u, temperature)
+            return fn(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature)
         return run
 
     monkeypatch.setattr(decode_mod, "_compile", spy)
