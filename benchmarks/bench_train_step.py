@@ -30,6 +30,10 @@ task's stop string (answer turns end at ``</answer>``; the default task has none
 the final equation can come at any point). Stop strings change the samples (turns are cut), so
 that row is compared on time only.
 
+``--model DIR --shapes paper --no-rollouts``: another model's reference pass and update on the
+paper shape (e.g. a random Qwen 3.5-shaped checkpoint, whose Gated DeltaNet layers run each
+reflection from the state its prefix ended in).
+
 What it does not show: the optimizer step (the same in both), or a GPU (it runs there on CUDA
 when one is present).
 """
@@ -182,10 +186,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rollout-repeats", type=int, default=1, help="repeats of the paper-shaped rollouts")
     ap.add_argument("--micro-batch-size", type=int, default=None, help="default: the config's")
+    ap.add_argument("--model", default=None, help="default: the config's (the built-in model)")
+    ap.add_argument("--no-rollouts", action="store_true",
+                    help="the paper shape's reference pass and update only (no rollouts: e.g. random weights)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     d = init_distributed()
-    cfg = TrainConfig(**({"micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {})).validate()
+    cfg = TrainConfig(**({"micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {}),
+                      **({"model": args.model} if args.model else {})).validate()
     resolve_dtype(cfg, d)
     dtype = compute_dtype(cfg)
     policy, reference, rollout_model, tok = build_models(cfg, d)
@@ -197,8 +205,10 @@ def main(argv=None) -> None:
 
     rate = matmul_rate(mc.hidden_size, mc.intermediate_size, dtype, d.device)
     out = {"device": torch.cuda.get_device_name() if d.device.type == "cuda" else f"cpu ({cpu_description()})",
-           "dtype": str(dtype).replace("torch.", ""), "matmul_tflops": rate / 1e12, "rows": []}
+           "model": cfg.model, "dtype": str(dtype).replace("torch.", ""), "matmul_tflops": rate / 1e12, "rows": []}
     shapes = args.shapes.split(",")
+    if "default" in shapes and args.no_rollouts:
+        raise SystemExit("--no-rollouts: the default shape is a real rollout; use --shapes paper")
     if "default" in shapes:
         task = get_task(cfg.task, **cfg.task_options)
         examples = task.examples("train", seed=0)
@@ -213,7 +223,7 @@ def main(argv=None) -> None:
         out["mean_length"] = mean_lengths(ep)
         out["rows"] += measure("default", ep.sequences, ep.spans, cfg.group_size, policy, reference, cfg, d,
                                flops, rate, args.repeats)
-    if "paper" in shapes:
+    if "paper" in shapes and not args.no_rollouts:
         # Countdown with answer tags (its own defaults: 3-4 numbers, all four operators) at the
         # paper's token limits; the answer turns may end at </answer>.
         pcfg = replace(cfg, max_attempt_tokens=256, max_reflection_tokens=128, max_retry_tokens=256)

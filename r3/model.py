@@ -1497,37 +1497,110 @@ class LinearAttention(nn.Module):
         self.out_proj = Linear(self.nv * self.dv, h, bias=False)
 
     def forward(self, x: torch.Tensor, state: tuple | None = None, lengths: torch.Tensor | None = None,
-                live: torch.Tensor | None = None) -> torch.Tensor:
+                live: torch.Tensor | None = None, runs: "SegmentRuns | None" = None) -> torch.Tensor:
         """Without ``state``: a whole sequence from the start (right padding is harmless: nothing
         real follows it). With ``state`` (a cache's ``(conv, ssm)``, whose first ``B`` rows are
-        these rows', updated in place): ``x`` continues each row; ``lengths [B]``: the tokens of each row that are real
-        (the rest right padding, which leaves the state as it is); ``live [B]`` (one token per
-        row): rows that take their token (the others keep their state)."""
+        these rows', updated in place): ``x`` continues each row; ``lengths [B]``: the tokens of
+        each row that are real (the rest right padding, which leaves the state as it is); ``live
+        [B]`` (one token per row): rows that take their token (the others keep their state). With
+        ``runs`` (no state): ``x`` is a packed layout's rows, mixed segment by segment."""
         B, T, _ = x.shape
-        weight = self.conv1d.weight[:, 0]
-        conv_state, ssm = state if state is not None else (None, None)
-        if state is not None:  # (rows [0, B) of a larger cache: the sampler's static one)
-            conv_state, ssm = conv_state[:B], ssm[:B]
-        mixed, conv_new = causal_conv(self.in_proj_qkv(x), weight, state=conv_state, lengths=lengths)
+        qkv = self.in_proj_qkv(x)
+        beta = self.in_proj_b(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        if runs is not None:
+            out = runs.mix(self._mix, qkv, beta, g)
+        else:
+            conv_state, ssm = state if state is not None else (None, None)
+            if state is not None:  # (rows [0, B) of a larger cache: the sampler's static one)
+                conv_state, ssm = conv_state[:B], ssm[:B]
+            out, conv_new, ssm_new = self._mix(qkv, beta, g, conv_state, ssm, lengths, live)
+            if state is not None:
+                conv_state.copy_(conv_new)
+                ssm.copy_(ssm_new)
+        out = self.norm(out.to(x.dtype), self.in_proj_z(x).view(B, T, self.nv, self.dv))
+        return self.out_proj(out.reshape(B, T, self.nv * self.dv))
+
+    def _mix(self, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, conv_state: torch.Tensor | None = None,
+             ssm: torch.Tensor | None = None, lengths: torch.Tensor | None = None, live: torch.Tensor | None = None):
+        """The token mixing of rows ``[B, T]`` from these states (None: the start): the causal conv
+        of the projected ``qkv``, q and k normed, the gated delta rule. Returns (out ``[B, T, Hv,
+        dv]`` fp32, the conv's new state, the rule's new state)."""
+        B, T, _ = qkv.shape
+        mixed, conv_new = causal_conv(qkv, self.conv1d.weight[:, 0], state=conv_state, lengths=lengths)
         kd = self.nk * self.dk
         q, k = qk_normalize(mixed[..., :kd].view(B, T, self.nk, self.dk), mixed[..., kd:2 * kd].view(B, T, self.nk, self.dk))
         v = mixed[..., 2 * kd:].view(B, T, self.nv, self.dv)
-        beta = self.in_proj_b(x).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        if state is not None and T == 1 and lengths is None:
+        if ssm is not None and T == 1 and lengths is None:
             out, ssm_new = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], ssm, live)
-            out = out[:, None]
             if live is not None:
                 conv_new = torch.where(live[:, None, None], conv_new, conv_state)
-        else:
-            if live is not None:
-                raise ValueError("live is for one token per row")
-            out, ssm_new = gated_delta_rule(q, k, v, g, beta, state=ssm, lengths=lengths)
-        if state is not None:
-            conv_state.copy_(conv_new)
-            ssm.copy_(ssm_new)
-        out = self.norm(out.to(x.dtype), self.in_proj_z(x).view(B, T, self.nv, self.dv))
-        return self.out_proj(out.reshape(B, T, self.nv * self.dv))
+            return out[:, None], conv_new, ssm_new
+        if live is not None:
+            raise ValueError("live is for one token per row")
+        out, ssm_new = gated_delta_rule(q, k, v, g, beta, state=ssm, lengths=lengths)
+        return out, conv_new, ssm_new
+
+
+@dataclass
+class SegmentRuns:
+    """A packed layout's rows (see :meth:`Transformer.hidden_states`' ``segments``) as the Gated
+    DeltaNet layers run them: each row's segment 0 (the shared prefix) from the start, then each
+    later segment from the state the prefix ended in (the conv's and the delta rule's), as the
+    per-row layout would reach its continuation. Gathered once per forward for every such layer:
+    flat indices into the ``[P * L]`` positions, right-padded (with index 0, which ``lengths``
+    keeps out of the states and which is never scattered back), in column order."""
+
+    shape: tuple[int, int]  # (P, L)
+    prefix: torch.Tensor  # [P, Lp] each row's segment-0 positions
+    prefix_len: torch.Tensor  # [P]
+    segment: torch.Tensor  # [S, Ls] each later segment's positions
+    segment_len: torch.Tensor  # [S]
+    segment_row: torch.Tensor  # [S] the row each later segment continues
+
+    @classmethod
+    def of(cls, segments: torch.Tensor) -> "SegmentRuns":
+        """From ``segments [P, L]`` (0: prefix, k >= 1: the k-th continuation, -1: padding; one
+        read to the host)."""
+        P, L = segments.shape
+        prefix, runs, rows = [[] for _ in range(P)], {}, []
+        for r, row in enumerate(segments.tolist()):
+            for c, k in enumerate(row):
+                if k == 0:
+                    prefix[r].append(r * L + c)
+                elif k > 0:
+                    if (r, k) not in runs:
+                        runs[r, k] = []
+                        rows.append(r)
+                    runs[r, k].append(r * L + c)
+        dev = segments.device
+
+        def padded(lists):
+            width = max([1] + [len(x) for x in lists])
+            out = torch.tensor([x + [0] * (width - len(x)) for x in lists] or [[0]], dtype=torch.long)
+            return out.to(dev), torch.tensor([len(x) for x in lists], dtype=torch.long).to(dev)
+
+        prefix_t, prefix_len = padded(prefix)
+        segment_t, segment_len = padded(list(runs.values()))
+        return cls((P, L), prefix_t, prefix_len, segment_t[:len(runs)], segment_len,
+                   torch.tensor(rows, dtype=torch.long).to(dev))
+
+    def mix(self, mix, *per_token: torch.Tensor) -> torch.Tensor:
+        """``mix(*per_token rows, conv_state, ssm, lengths)`` (:meth:`LinearAttention._mix`) over
+        the prefixes, then the continuations from their prefixes' states; its outputs put back at
+        their positions ``[P, L, ...]`` (zero at padding)."""
+        P, L = self.shape
+        flat = [t.reshape(P * L, *t.shape[2:]) for t in per_token]
+        out_p, conv, ssm = mix(*(t[self.prefix] for t in flat), lengths=self.prefix_len)
+        out = out_p.new_zeros(P * L, *out_p.shape[2:])
+        valid = torch.arange(self.prefix.shape[1], device=out.device) < self.prefix_len[:, None]
+        out = out.index_put((self.prefix[valid],), out_p[valid])
+        if len(self.segment_row):
+            out_s, _, _ = mix(*(t[self.segment] for t in flat), conv_state=conv[self.segment_row],
+                              ssm=ssm[self.segment_row], lengths=self.segment_len)
+            valid = torch.arange(self.segment.shape[1], device=out.device) < self.segment_len[:, None]
+            out = out.index_put((self.segment[valid],), out_s[valid])
+        return out.view(P, L, *out.shape[1:])
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1632,9 +1705,9 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, eps, style)
 
     def forward(self, x, cos, sin, mask, layer_cache=None, write_at=None, kv_len=None, q_scale=None, shared_kv=None,
-                per_layer_input=None, lengths=None, live=None):
+                per_layer_input=None, lengths=None, live=None, runs=None):
         if self.linear:  # (Qwen 3.5's Gated DeltaNet: no RoPE or mask; its cache entry is its state)
-            x = x + self.linear_attn(self.input_layernorm(x), layer_cache, lengths, live)
+            x = x + self.linear_attn(self.input_layernorm(x), layer_cache, lengths, live, runs)
             return x + self.mlp(self.post_attention_layernorm(x))
         if self.gemma4:
             attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, write_at, kv_len, None, shared_kv)
@@ -1743,7 +1816,9 @@ class Transformer(nn.Module):
         ``positions.max() + 1``) bounds the slots attention reads. With ``segments [B, T]`` (no
         cache; see :class:`r3.batch.Packed`): a token of segment 0 attends to the earlier tokens
         of segment 0, a token of segment k >= 1 to segment 0 and to the earlier tokens of segment
-        k, by ``positions`` (sliding windows included); -1 marks padding.
+        k, by ``positions`` (sliding windows included); -1 marks padding. Qwen 3.5's Gated DeltaNet
+        layers read segment 0 from the start and each later segment, in column order, from the
+        state segment 0 ended in (:class:`SegmentRuns`).
 
         Qwen 3.5's Gated DeltaNet layers carry a state in the cache that each token changes once:
         with a cache, ``lengths [B]`` says how many of each row's T tokens are real (the rest is
@@ -1792,18 +1867,17 @@ class Transformer(nn.Module):
         per_layer = self._per_layer_inputs(tokens, x) if self.config.per_layer_input_size else None
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         shared = {}  # Gemma 4: layer -> the keys and values (each [B, kv heads, S, D]) later layers read
-        if self.config.linear_layers and segments is not None:
-            raise R3Error("Qwen 3.5's linear-attention layers: a packed layout (segments that continue one "
-                          "shared prefix) needs each segment to start from the prefix's recurrent state; use the "
-                          "per-row layout")
+        # (Qwen 3.5's Gated DeltaNet layers run a packed layout's segments apart, each continuation
+        # from its prefix's state)
+        runs = SegmentRuns.of(segments) if self.config.linear_layers and segments is not None else None
         for i, layer in enumerate(self.layers):
             if layer.linear:  # (a Gated DeltaNet: its state, not keys and values)
                 if recompute:
-                    x = checkpoint(layer, x, None, None, None, use_reentrant=False)
+                    x = checkpoint(layer, x, None, None, None, runs=runs, use_reentrant=False)
                 else:
                     j = self._linear_entry[i]
                     state = (cache.conv[j], cache.ssm[j]) if cache is not None else None
-                    x = layer(x, None, None, None, state, lengths=lengths, live=live)
+                    x = layer(x, None, None, None, state, lengths=lengths, live=live, runs=runs)
                 continue
             attn = layer.self_attn
             cos, sin = ropes[attn.window]

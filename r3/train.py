@@ -575,7 +575,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     adv = grpo.group_advantages(ep.rewards, scale=cfg.scale_advantages)  # [n_groups, G]
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     mbs = episode_micro_batches(ep, adv, cfg.micro_batch_size, pad_id, d.device,
-                                skip_no_signal=cfg.skip_no_signal_groups, shared_prefix=shared_prefix(run))
+                                skip_no_signal=cfg.skip_no_signal_groups, shared_prefix=cfg.shared_prefix)
     padded = mbs + [dummy_micro_batch(d.device) for _ in range(all_max(len(mbs), d) - len(mbs))]
     score_micro_batches(padded, run.reference if cfg.beta > 0 else None,
                         run.policy if cfg.update_epochs > 1 else None, cfg.temperature)
@@ -601,14 +601,6 @@ def say_verifier_errors(errors: int, calls: int, first: str | None, d: Dist, dur
         firsts = gather_to_main([first] if first else [], d)
         if d.main or errors >= calls:
             report_verifier_errors(errors, calls, firsts[0] if firsts else first, during)
-
-
-def shared_prefix(run: Run) -> bool:
-    """Whether the update encodes each group's shared prefix once: ``--shared-prefix``, except for
-    Qwen 3.5, whose Gated DeltaNet layers would have each row start from the prefix's state (not
-    built yet): its rows are encoded whole (the same loss, more compute)."""
-    config = getattr(run.rollout_model, "config", None)  # (a stand-in in the tests may hold none)
-    return run.cfg.shared_prefix and not getattr(config, "linear_layers", None)
 
 
 def training_flops(run: Run, ep, adv: torch.Tensor) -> int:

@@ -390,12 +390,6 @@ def static_rows(model) -> int:
     return static_cache(model).full.batch_size
 
 
-def test_packed_layouts_are_refused_in_one_line():
-    model = _stateful_model()
-    with pytest.raises(R3Error, match="a packed layout"):
-        model.hidden_states(torch.zeros(1, 4, dtype=torch.long), segments=torch.zeros(1, 4, dtype=torch.long))
-
-
 def test_the_rollout_memory_check_counts_the_deltanet_states(pair):
     from r3.rollout_memory import kv_cache_bytes
 
@@ -446,3 +440,38 @@ def test_r3_train_and_evaluate_run_a_tiny_qwen35(tmp_path, builtin):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         records[decode] = [m["records"] for m in json.loads((tmp_path / f"{decode}.json").read_text())["models"]]
     assert records["compiled"] == records["eager"] and len(records["eager"]) == 2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_shared_prefix_layout_equals_the_per_row_layout(checkpointing):
+    """The update's shared-prefix layout (each group's prefix once, its reflections after it):
+    the Gated DeltaNet layers run each reflection from the states its prefix ended in, so the
+    log-probs, the KL, the loss and every gradient equal the per-row layout's (fp32, every
+    aggregation, whole groups, groups split over micro-batches, one row each; with activation
+    checkpointing too)."""
+    from r3 import grpo
+    from test_shared_prefix import compare, groups
+
+    model, reference = _stateful_model(), _stateful_model()
+    model.activation_checkpointing = checkpointing
+    with torch.no_grad():  # a reference that differs, so the KL term has a gradient
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    seqs, spans, adv = groups(model.config.vocab_size)
+    for agg in grpo.AGGREGATIONS if not checkpointing else grpo.AGGREGATIONS[:1]:
+        for micro in (12, 5, 1):
+            compare(model, reference, seqs, spans, adv, agg, micro_packed=micro, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_runs_gather_each_segment_in_column_order():
+    """SegmentRuns of a packed layout: each row's prefix, and each later segment with the row it
+    continues, as flat positions in column order (padding -1 left out; a row without later
+    segments has none)."""
+    from r3.model import SegmentRuns
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1], [0, 0, 1, 2, 2, 2, 1], [0, -1, -1, -1, -1, -1, -1]])
+    runs = SegmentRuns.of(seg)
+    assert runs.prefix_len.tolist() == [3, 2, 1]
+    assert [r[:n] for r, n in zip(runs.prefix.tolist(), runs.prefix_len.tolist())] == [[0, 1, 2], [7, 8], [14]]
+    assert runs.segment_row.tolist() == [0, 0, 1, 1]
+    assert [r[:n] for r, n in zip(runs.segment.tolist(), runs.segment_len.tolist())] == [[3, 4], [5], [9, 13], [10, 11, 12]]
