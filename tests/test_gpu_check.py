@@ -35,6 +35,10 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     expected = {"backend": "nccl", "device": "cuda"} if torch.cuda.is_available() else {"backend": "gloo", "device": "cpu"}
     assert sections["env"]["single_process_group"] == dict(expected, all_reduce_ok=True)
     assert all(r["greedy_prefix_agreement"] == 1.0 for r in sections["parity"]["rows"] if r["dtype"] == "fp32")
+    compiled = [r["compiled_equals_eager"] for r in sections["parity"]["rows"] if "compiled_equals_eager" in r]
+    assert len(compiled) == 1 and compiled[0]["tokens"] is True and compiled[0]["finished"] is True  # (Qwen 3.5)
+    assert 0 < compiled[0]["rows_stopped"] < compiled[0]["rows"]  # (rows that stopped while others decoded)
+    assert compiled[0]["logprob_max_abs_diff"] < 1e-4 and "the compiled sampler against eager" in md
     # the compiled sampler's repeated rollouts ran through the static cache (graphs are CUDA only)
     rr = sections["sampler"]["repeated_rollouts"]
     assert [r["call"] for r in rr] == [1, 2] and all(r["steps"] > 0 and r["graphs"] is None for r in rr)
