@@ -285,7 +285,7 @@ def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
             row["inv_freq_max_rel_diff"] = float(((ours.inv_freq(ctx.device) - rotary.inv_freq.float()).abs()
                                                   / rotary.inv_freq.float().abs()).max())
         if ours.config.linear_layers and dtype == torch.float32:
-            row["compiled_equals_eager"] = _or_error("the compiled sampler", lambda: _compiled_equals_eager(ours, ids, n))
+            row["compiled_equals_eager"] = _or_error("the compiled sampler", lambda m=ours: _compiled_equals_eager(m, ids, n))
         rows.append(row)
         print(f"parity {name} {dname}: {row}", flush=True)
         del ours
