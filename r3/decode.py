@@ -305,12 +305,12 @@ class GraphRuns:
     positions, stop flags (padding rows: token 0 at position 0, stopped), the stop table, the
     temperature, a run's uniforms, the ring. A graph is recorded for each (vocabulary, pick,
     padded rows, KV bucket, k) the first time it is needed: run once uncaptured (compiling and
-    autotuning; on CUDA on the stream the captures use), the state put back, then captured into
-    one memory pool that all of them share (they never run at once). The run writes only cache slots the rows
-    have not reached, so running it once changes nothing that is read but Qwen 3.5's Gated DeltaNet
-    states, which are put back too. A run of ``k`` steps
-    starts at a multiple of ``k``, so its steps read one KV bucket (``k`` divides ``KV_BUCKET``);
-    steps before and after it run as one-step graphs.
+    autotuning; on CUDA on the stream the captures use) with every row stopped, the state put back,
+    then captured into one memory pool that all of them share (they never run at once). Stopped,
+    the rows write only the cache slot of their pending token (which the run writes first) and
+    feed no Gated DeltaNet state (Qwen 3.5's), so running it once changes nothing that is read. A
+    run of ``k`` steps starts at a multiple of ``k``, so its steps read one KV bucket (``k``
+    divides ``KV_BUCKET``); steps before and after it run as one-step graphs.
 
     A graph replays the addresses it was recorded with: :meth:`start` checks the model's
     parameters' addresses (an optimizer that updates them in place keeps the graphs; new tensors
@@ -428,12 +428,14 @@ class GraphRuns:
             for args in steps:
                 fn(m, *args)
 
-        # (the warm-up's steps are undone: its tokens, positions and stop flags, and the Gated
-        # DeltaNet states its tokens went into; its cache slots are rewritten by the run)
-        kept = (*state, *(t[:rows] for t in self.conv + self.ssm))
-        saved = [t.clone() for t in kept]
+        # (the warm-up runs with every row stopped: each step writes a row's token at its
+        # position, the slot the run writes first, and no Gated DeltaNet state takes a token, so
+        # nothing but the tokens, positions and stop flags needs putting back: no copy of the
+        # states, which can be as large as the KV cache)
+        saved = [t.clone() for t in state]
+        state[2].fill_(True)
         self._warm_up(body)
-        for t, s in zip(kept, saved):
+        for t, s in zip(state, saved):
             t.copy_(s)
         return self._capture(body) if self.cuda else body
 

@@ -351,7 +351,7 @@ def test_cuda_graph_decode_carries_the_states_through_the_static_cache(monkeypat
     """The decode path a GPU takes (CUDA graphs forced on this CPU, where a recording is the steps
     run again): the states are copied into the model's static cache with the rows' keys and
     values, moved with them by compactions, and written back; per-step replays and graph runs (a
-    run's warm-up, which feeds its tokens to the states, is undone before it runs) sample as the
+    run's warm-up runs with every row stopped: it feeds no state) sample as the
     eager sampler does. A stop string keeps graph runs off (each row must stop at its step). A
     batch of fewer rows in the same static cache compiles nothing again (no guard on the rows:
     the one-token conv runs without F.conv1d under compile), and the step is one graph."""
@@ -384,6 +384,49 @@ def test_cuda_graph_decode_carries_the_states_through_the_static_cache(monkeypat
     assert sum(counters["graph_break"].values()) == breaks
 
 
+def test_a_graph_run_recording_copies_no_state(monkeypatch):
+    """A graph run's warm-up (the steps run once before the capture) feeds no token to the Gated
+    DeltaNet states, so its recording copies none of them to put them back: the states can be as
+    large as the KV cache (Qwen3.5-0.8B's: 18.6 MiB per row, 4.7 GiB for 256 rows), and each
+    (rows, KV bucket, run length) recorded would otherwise hold a second copy of them for a
+    moment. The samples still equal the eager sampler's."""
+    import r3.decode as decode_mod
+    from r3.packed_linear import PackedWeights
+
+    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
+    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 8)
+    cloned, fed, clone = [], [], torch.Tensor.clone
+    record, warm_up = decode_mod.GraphRuns._record, decode_mod.GraphRuns._warm_up
+
+    def counting_clone(t, *args, **kwargs):
+        cloned.append(t.numel() * t.element_size())
+        return clone(t, *args, **kwargs)
+
+    def spied_record(self, model_ref, key):
+        monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+        try:
+            return record(self, model_ref, key)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "clone", clone)
+
+    def spied_warm_up(self, body):
+        monkeypatch.setattr(torch.Tensor, "clone", clone)  # (the compiled steps run as they would)
+        before = [t.clone() for t in self.conv + self.ssm]
+        warm_up(self, body)
+        fed.append(any(not torch.equal(a, b) for a, b in zip(before, self.conv + self.ssm)))
+        monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+
+    monkeypatch.setattr(decode_mod.GraphRuns, "_record", spied_record)
+    monkeypatch.setattr(decode_mod.GraphRuns, "_warm_up", spied_warm_up)
+    model = _stateful_model()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 20, [4, 4, 4, 4, 4]]
+    _compiled_equals_eager(model, prompts, _TURNS[:1] + _TURNS[2:])
+    state_row = sum(t[0].numel() * t[0].element_size() for t in decode_mod.static_cache(model).full.states)
+    assert fed and not any(fed)
+    assert max(cloned) < state_row, (max(cloned), state_row)
+
+
 def static_rows(model) -> int:
     from r3.decode import static_cache
 
@@ -400,8 +443,9 @@ def test_the_rollout_memory_check_counts_the_deltanet_states(pair):
 
 def test_r3_train_and_evaluate_run_a_tiny_qwen35(tmp_path, builtin):
     """Through the commands: two training steps on two ranks (FSDP2 shards the Gated DeltaNet
-    blocks; the update encodes each row whole) with a resume, then r3.evaluate --run; the export
-    loads in transformers as Qwen3_5ForCausalLM."""
+    blocks; the update's shared-prefix layout runs each reflection from its prefix's states) with
+    a resume, then r3.evaluate --run, eager and compiled (the same records); the export loads in
+    transformers as Qwen3_5ForCausalLM."""
     import os
     import subprocess
     import sys
