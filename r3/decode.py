@@ -103,8 +103,9 @@ def _tensor_and_state_guards(entries) -> list[bool]:
 
 
 def _compile(vocab_size: int, pick, cuda: bool, lean_guards: bool = False):
-    """``run(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature)`` through torch.compile: the logits,
-    or ``pick(logits, u, temperature)`` in the same graph when ``pick`` is given. ``slots``:
+    """``run(model, tok, pos, ks, vs, conv, ssm, slots, live, u, temperature)`` through
+    torch.compile: the logits, or ``pick(logits, u, temperature)`` in the same graph when ``pick``
+    is given. ``slots``:
     ``arange(kv_len)`` (a tensor, so that kv_len is a dynamic size, not a constant). ``ks``/``vs``
     may hold more rows than ``tok`` (a :class:`StaticKVCache`'s): the step runs in their first
     ``len(tok)`` rows (the model writes rows ``arange(len(tok))`` and reads ``[:len(tok)]``; a
@@ -147,8 +148,8 @@ def _torch_compile(fn, cudagraphs: bool, lean_guards: bool):
 
 
 def _compile_step_in_place(vocab_size: int, pick, lean_guards: bool):
-    """``step_in_place(model, tok, pos, done, is_stop, ks, vs, conv, ssm, slots, u, temperature, out_tok, out_lp)``
-    through torch.compile, without inductor's CUDA graphs (:class:`GraphRuns` records its own):
+    """``step_in_place(model, tok, pos, done, is_stop, ks, vs, conv, ssm, slots, u, temperature,
+    out_tok, out_lp)`` through torch.compile, without inductor's CUDA graphs (:class:`GraphRuns` records its own):
     one decode step with ``pick`` fused, as :func:`_compile`'s, and the sampler's bookkeeping of
     that step, in place: a stopped row (``done``) repeats its token at its frozen position with
     log-prob 0; ``out_tok``/``out_lp`` get the step's tokens and log-probs; ``tok`` the next
@@ -551,7 +552,8 @@ class DecodeStep:
 
     def __call__(self, tok, pos, cache: KVCache, kv_len: int, vocab_size: int, *, pick=None, u=None,
                  temperature=None, live=None):
-        """``live [B]``: the rows whose Gated DeltaNet states (Qwen 3.5's) take their token (None: all)."""
+        """``live [B]``: the rows whose Gated DeltaNet states (Qwen 3.5's) take their token (None:
+        all)."""
         if not self.compiled:
             if pick is not None:
                 raise ValueError("DecodeStep: pick is fused only into the compiled step")
