@@ -327,9 +327,8 @@ def _compiled_equals_eager(model, prompts, turns):
     return sessions[1]
 
 
-_TURNS = [(12, dict(temperature=1.0, stop_token_ids=[5]), [7, 7, 7]),
-          (10, dict(temperature=1.0, stop_token_ids=[5], top_k=20), [3]),  # (top-k: the pick outside the step)
-          (9, dict(temperature=0), None)]
+_TURNS = [(20, dict(temperature=1.0, stop_token_ids=[5]), [7, 7, 7]),
+          (10, dict(temperature=1.0, stop_token_ids=[5], top_k=20), None)]  # (top-k: the pick outside the step)
 
 
 def test_compiled_decode_equals_eager_through_stops_forks_turns_and_compaction():
@@ -351,8 +350,8 @@ def test_cuda_graph_decode_carries_the_states_through_the_static_cache(monkeypat
     """The decode path a GPU takes (CUDA graphs forced on this CPU, where a recording is the steps
     run again): the states are copied into the model's static cache with the rows' keys and
     values, moved with them by compactions, and written back; per-step replays and graph runs (a
-    run's warm-up runs with every row stopped: it feeds no state) sample as the
-    eager sampler does. A stop string keeps graph runs off (each row must stop at its step). A
+    run's warm-up runs with every row stopped: it feeds no state, and no state is copied) sample
+    as the eager sampler does. A stop string keeps graph runs off (each row must stop at its step). A
     batch of fewer rows in the same static cache compiles nothing again (no guard on the rows:
     the one-token conv runs without F.conv1d under compile), and the step is one graph."""
     from torch._dynamo.utils import counters
@@ -367,12 +366,17 @@ def test_cuda_graph_decode_carries_the_states_through_the_static_cache(monkeypat
     runs = []
     run = decode_mod.GraphRuns.run
     monkeypatch.setattr(decode_mod.GraphRuns, "run", lambda self, kv_len, k, u: runs.append(k) or run(self, kv_len, k, u))
+    cloned, fed = _spy_recordings(monkeypatch)
     model = _stateful_model()
     breaks, frames = sum(counters["graph_break"].values()), counters["frames"]["ok"]
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 20, [4, 4, 4, 4, 4], [2] * 9, [6, 1], [8, 8, 8], [1]]
     _compiled_equals_eager(model, prompts, _TURNS)
     assert static_rows(model) == 16
-    assert (8 in runs) == (run_steps == 8)
+    assert (8 in runs) == (run_steps == 8) == bool(fed)
+    # A recording's warm-up feeds no state, so it copies none to put back: the states can be as
+    # large as the KV cache (Qwen3.5-0.8B's: 18.6 MiB a row, 4.7 GiB for 256 rows).
+    state_row = sum(t[0].numel() * t[0].element_size() for t in decode_mod.static_cache(model).full.states)
+    assert not any(fed) and max(cloned, default=0) < state_row
     compiled = counters["frames"]["ok"] - frames
     _compiled_equals_eager(model, prompts[:3], _TURNS)  # (6 rows in the same static cache)
     assert static_rows(model) == 16 and counters["frames"]["ok"] - frames == compiled
@@ -384,18 +388,11 @@ def test_cuda_graph_decode_carries_the_states_through_the_static_cache(monkeypat
     assert sum(counters["graph_break"].values()) == breaks
 
 
-def test_a_graph_run_recording_copies_no_state(monkeypatch):
-    """A graph run's warm-up (the steps run once before the capture) feeds no token to the Gated
-    DeltaNet states, so its recording copies none of them to put them back: the states can be as
-    large as the KV cache (Qwen3.5-0.8B's: 18.6 MiB per row, 4.7 GiB for 256 rows), and each
-    (rows, KV bucket, run length) recorded would otherwise hold a second copy of them for a
-    moment. The samples still equal the eager sampler's."""
+def _spy_recordings(monkeypatch):
+    """Per graph-run recording: whether its warm-up (the steps run once before the capture) fed
+    any Gated DeltaNet state, and the bytes of every tensor the recording cloned."""
     import r3.decode as decode_mod
-    from r3.packed_linear import PackedWeights
 
-    monkeypatch.setattr(decode_mod, "CUDA_GRAPHS", True)
-    monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
-    monkeypatch.setattr(decode_mod, "GRAPH_RUN_STEPS", 8)
     cloned, fed, clone = [], [], torch.Tensor.clone
     record, warm_up = decode_mod.GraphRuns._record, decode_mod.GraphRuns._warm_up
 
@@ -419,12 +416,7 @@ def test_a_graph_run_recording_copies_no_state(monkeypatch):
 
     monkeypatch.setattr(decode_mod.GraphRuns, "_record", spied_record)
     monkeypatch.setattr(decode_mod.GraphRuns, "_warm_up", spied_warm_up)
-    model = _stateful_model()
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [3] * 20, [4, 4, 4, 4, 4]]
-    _compiled_equals_eager(model, prompts, _TURNS[:1] + _TURNS[2:])
-    state_row = sum(t[0].numel() * t[0].element_size() for t in decode_mod.static_cache(model).full.states)
-    assert fed and not any(fed)
-    assert max(cloned) < state_row, (max(cloned), state_row)
+    return cloned, fed
 
 
 def static_rows(model) -> int:
