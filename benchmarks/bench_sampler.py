@@ -54,16 +54,21 @@ SHAPES = {"qwen2.5-1.5b": PUBLIC_SHAPES["qwen2.5-1.5b"],
                                                                    "partial_rotary_factor": 0.25})}
 
 
-def random_pair(spec: dict, dtype, device, name: str = "random", seed: int = 0):
-    """-> (our model, transformers model) of a hub-style config ``spec`` with random weights.
-
-    Ours aliases transformers' tensors (no second copy of a big model)."""
+def random_hf(spec: dict, dtype, device="cpu", seed: int = 0):
+    """A transformers causal LM of a hub-style config ``spec`` with random weights (seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_cfg = AutoConfig.for_model(**spec)
     torch.manual_seed(seed)
     with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+
+
+def random_pair(spec: dict, dtype, device, name: str = "random", seed: int = 0):
+    """-> (our model, transformers model) of a hub-style config ``spec`` with random weights.
+
+    Ours aliases transformers' tensors (no second copy of a big model)."""
+    hf = random_hf(spec, dtype, device, seed)
     return ours_from_hf(hf, name), hf
 
 

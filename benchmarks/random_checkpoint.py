@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sampler import SHAPES  # noqa: E402
+from bench_sampler import SHAPES, random_hf  # noqa: E402
 from r3.checkpoint import load_tokenizer  # noqa: E402
 
 
@@ -30,15 +30,11 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     spec = dict(SHAPES[args.shape])
     if args.num_layers is not None:
         spec["num_hidden_layers"] = args.num_layers
-        spec.pop("layer_types", None)  # (derived again from the layer count)
-    torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), dtype=dtype)
+    model = random_hf(spec, dtype, seed=args.seed)
     model.save_pretrained(args.out)
     load_tokenizer("smollm2-135m").save_pretrained(args.out)
     n = sum(p.numel() for p in model.parameters())

@@ -434,7 +434,7 @@ class GraphRuns:
         # nothing but the tokens, positions and stop flags needs putting back: no copy of the
         # states, which can be as large as the KV cache)
         saved = [t.clone() for t in state]
-        state[2].fill_(True)
+        self.done[:rows].fill_(True)
         self._warm_up(body)
         for t, s in zip(state, saved):
             t.copy_(s)

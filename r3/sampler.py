@@ -641,8 +641,11 @@ class Session:
         B, N = len(self), max_new_tokens
         if sync_every is None:
             sync_every = 1 if device.type == "cpu" else 8
-        if self.stateful and stop_strings is not None:
-            sync_every = 1  # (a row must stop at its stop string's step: a state cannot take back tokens)
+        # (a stateful model's row must stop at its stop string's step: a state cannot take back
+        # tokens, so stop strings are checked at every step, and graph runs are off)
+        stop_each_step = self.stateful and stop_strings is not None
+        if stop_each_step:
+            sync_every = 1
         compact = self.compact if compact is None else compact
         t0 = time.perf_counter()
         starts = [len(r) - 1 for r in self.rows]
@@ -691,10 +694,8 @@ class Session:
         # With CUDA graphs and the pick fused, runs of GRAPH_RUN_STEPS steps replay one graph each
         # (r3.decode.GraphRuns), which advances its own tokens, positions and stop flags: these
         # are views of them.
-        # (not for a stateful model with stop strings: they are checked at every step, see above)
         runs = None
-        if (static is not None and fused is not None and decode_mod.GRAPH_RUN_STEPS > 1
-                and not (self.stateful and stop_strings is not None)):
+        if static is not None and fused is not None and decode_mod.GRAPH_RUN_STEPS > 1 and not stop_each_step:
             runs = static.graph_runs()
             tok, pos, done = runs.start(self.model, tok, pos, is_stop, temperature, fused, step.lean_guards(device))
         t = 0  # the steps done
