@@ -45,13 +45,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 SHAPES = {"qwen2.5-1.5b": PUBLIC_SHAPES["qwen2.5-1.5b"],
           # Qwen3.5-0.8B's text model (its config.json's text_config): Gated DeltaNet layers three in four
-          "qwen3.5-0.8b": dict(model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024, intermediate_size=3584,
-                               num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
-                               linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
-                               linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
-                               max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                               hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 1e7,
-                                                                   "partial_rotary_factor": 0.25})}
+          "qwen3.5-0.8b": PUBLIC_SHAPES["qwen3.5-0.8b"]}
 
 
 def random_hf(spec: dict, dtype, device="cpu", seed: int = 0):

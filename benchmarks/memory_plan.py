@@ -2,31 +2,39 @@
 
     python benchmarks/memory_plan.py                                  # the plan: 1.5B, 7B, 8B on 8 ranks
     python benchmarks/memory_plan.py --json F --markdown F.md
+    python benchmarks/memory_plan.py --shape path/to/model --world 4 --freeze 'embed_tokens*'
     torchrun --nproc_per_node 2 benchmarks/memory_plan.py --measure   # check it: 0.5B shape, 2 CPU ranks
 
-What one rank holds (``P`` parameters, ``W`` ranks, compute in bf16, fp32 master weights). All the
-time:
+What one rank holds (``P`` parameters of which ``P_t`` trained (``--freeze``), ``W`` ranks, compute
+in bf16, fp32 master weights). All the time:
 
-* policy: fp32 shards ``4P/W``; AdamW's two moments ``8P/W``;
+* policy: fp32 shards ``4P/W``; AdamW's two moments ``8P_t/W``;
 * reference: bf16 shards ``2P/W``;
 * rollout copy: the whole policy in bf16 on every rank, ``2P`` (the sampler runs unsharded).
 
 During the rollout, the KV cache (below). During the update:
 
-* gradients, fp32 shards ``4P/W`` (freed after the optimizer step);
+* gradients, fp32 shards ``4P_t/W`` (freed after the optimizer step);
 * parameters gathered for compute: bf16, the root module's (embeddings, final norm, LM head: FSDP2
-  keeps the root gathered through forward and backward) plus two blocks (the one computing and the
-  one prefetched), and their bf16 gradients before the reduce-scatter;
+  keeps the root gathered through forward and backward) plus the two largest blocks (the one
+  computing and the one prefetched), and the bf16 gradients of their trained parameters before
+  the reduce-scatter;
 * activations of one micro-batch (the update's forward saves them for the backward pass): per
-  token and layer, ``a`` bytes; with activation checkpointing every block keeps only its input
-  (``2h`` bytes per token) and one block's full activations exist at a time during backward. ``a``
-  is measured, not guessed: the bytes autograd saves in one block of the real shape on a few
-  tokens (``saved_tensors_hooks``), divided by the tokens. Counted for the per-row layout (every
-  row its own prompt and attempt); the shared-prefix layout (the default) encodes each group's
-  prefix once (27% of the tokens in bench_train_step's paper-shaped groups), and on CUDA keeps
-  its kv heads repeated for the memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16
-  values more per token and block, 5% of ``a`` for Qwen2.5-7B): less in all, so the plan is the
-  upper bound;
+  token and layer ``l``, ``a_l`` bytes; with activation checkpointing every block keeps only its
+  input (``2h`` bytes per token) and one block's full activations exist at a time during backward
+  (the largest ``a_l``). ``a_l`` is measured, not guessed: the bytes autograd saves
+  (``saved_tensors_hooks``) in each block of the real shape on one row of a few hundred tokens,
+  divided by the tokens, each saved tensor counted in the block whose op made it (the RoPE tables
+  and masks every block reads are the root's, made once). Layers of different kinds differ (Qwen
+  3.5's Gated DeltaNets keep 2.45x the bytes of its attention layers at Qwen3.5-0.8B's shapes;
+  Gemma 4's full, sliding and shared layers): one block of each kind is measured, in the model's
+  own forward cut to those blocks and a small vocabulary. Frozen parameters change no activation:
+  the plan keeps them all (an upper bound where a frozen bottom of the model needs no backward
+  pass). Counted for the per-row layout (every row its own prompt and attempt); the
+  shared-prefix layout (the default) encodes each group's prefix once (27% of the tokens in
+  bench_train_step's paper-shaped groups), and on CUDA keeps its kv heads repeated for the
+  memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16 values more per token and
+  block, 5% of ``a_l`` for Qwen2.5-7B): less in all, so the plan is the upper bound;
 * logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
   work (``r3/kernels/``) -- small next to the rest;
 * or, where that is more, the end of the backward pass, when the activations are freed: the
@@ -34,8 +42,10 @@ During the rollout, the KV cache (below). During the update:
   (``reduce_dtype``) and its fp32 output shard. With activation checkpointing this is often the
   update's peak (an untied 7B/8B model's embeddings and LM head are 1B parameters).
 
-The rollout's KV cache: rows x slots x layers x 2 x kv heads x head dim x 2 bytes, at the rows of one
-rank's reflection batch (its failures x G) and the longest conversation, plus, with
+The rollout's KV cache (r3.model.KVCache, bf16): per layer that holds keys and values, rows x slots
+x 2 x its kv heads x its head dim x 2 bytes (Gemma 4's shared layers hold none), and per Qwen 3.5
+Gated DeltaNet its conv and delta-rule states, the same for any slots; at the rows of one rank's
+reflection batch (its failures x G) and the longest conversation, plus, with
 ``compact_rollouts`` (the default), a copy of at most three quarters of it (the live rows once a
 quarter has stopped). With ``--decode compiled`` on CUDA (CUDA graphs) the sampler instead decodes
 in a static cache of the same size that is held all the time (see :func:`plan`). The peak is
@@ -71,7 +81,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from r3.files import write_json_atomic  # noqa: E402
+from r3.errors import cli_main  # noqa: E402
+from r3.files import write_json_atomic, write_text_atomic  # noqa: E402
 from r3.decode import graph_rows, slots_with_margin  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
 
@@ -95,52 +106,165 @@ SHAPES = {
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
                          tie_word_embeddings=False, hidden_act="silu"),
+    # a hybrid: 18 Gated DeltaNet and 6 attention layers (Qwen/Qwen3.5-0.8B's text model)
+    "qwen3.5-0.8b": dict(model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024, intermediate_size=3584,
+                         num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+                         max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 1e7,
+                                                             "partial_rotary_factor": 0.25}),
 }
+
+#: The plan's models by default: the paper's sizes.
+PLAN_SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b", "llama-3.1-8b")
 
 # The paper-shaped run the plan is for: 256 failures per step over all ranks, G=8, attempts and
 # retries up to 256 tokens, reflections up to 128, a ~150-token prompt; micro-batches of 8 rows.
 PAPER = dict(batch_size=256, group_size=8, prompt=150, attempt=256, reflection=128, retry=256, micro_batch_size=8)
 
 
-def param_counts(mc: ModelConfig) -> dict:
-    """Parameter counts from a meta-device model: total, one block, the root (the rest)."""
+def param_counts(mc: ModelConfig, freeze: str = "") -> dict:
+    """Parameter counts from a meta-device model: total, each block's, the root's (the rest: the
+    embeddings, the final norm, an untied LM head, Gemma 4's per-layer tables), and of each the
+    trained part (``freeze``: r3.train's comma-separated patterns over r3's names)."""
+    from r3.train import freeze_parameters
+
     with torch.device("meta"):
         m = Transformer(mc)
-    total = sum(p.numel() for p in m.parameters())  # tied weights counted once
-    block = sum(p.numel() for p in m.layers[0].parameters())
-    return {"total": total, "block": block, "root": total - block * mc.num_hidden_layers}
+    freeze_parameters(m, freeze)
+
+    def count(params, trained=False):
+        seen = {id(p): p for p in params}  # tied weights counted once
+        return sum(p.numel() for p in seen.values() if p.requires_grad or not trained)
+
+    blocks = [count(b.parameters()) for b in m.layers]
+    blocks_trained = [count(b.parameters(), True) for b in m.layers]
+    total, trained = count(m.parameters()), count(m.parameters(), True)
+    return {"total": total, "trained": trained, "blocks": blocks, "blocks_trained": blocks_trained,
+            "root": total - sum(blocks), "root_trained": trained - sum(blocks_trained)}
 
 
-def activation_bytes_per_token(shape: dict, tokens: int, dtype=torch.bfloat16) -> float:
-    """Bytes autograd saves per token in one block of this shape, for one row of ``tokens``
-    tokens, causal attention (forward in ``dtype``; each storage once; the block's input left
-    out: activation checkpointing keeps it, and it is counted apart). A fused attention kernel
-    keeps its output and log-sum-exp, not the ``tokens x tokens`` probabilities; the
-    shared-prefix layout adds one additive mask per row, shared by all blocks."""
-    from r3.model import Block, rope_cos_sin, rope_inv_freq, rope_scale
+def layer_kind(mc: ModelConfig, i: int) -> tuple:
+    """What decides the shapes of layer ``i``'s activations: a Gated DeltaNet or attention, full or
+    sliding (Gemma 4's full layers have their own head size and kv heads), RoPE or not (SmolLM3's
+    NoPE layers), its own keys and values or an earlier layer's (Gemma 4's shared layers, whose MLP
+    may be twice as wide)."""
+    return (mc.linear(i), mc.full_attention(i), i in mc.nope_layers, mc.kv_source(i) != i)
 
+
+def _reduced_config(mc: ModelConfig, vocab: int = 1024) -> tuple[ModelConfig, list[int]]:
+    """A model of the same shapes with one layer of each kind, in their order, and a small
+    vocabulary; and which real layers those are. Activations per token of a block depend on
+    neither the vocabulary nor the other blocks. (A Gemma 4 shared layer reads the last earlier
+    layer of its kind with keys and values of its own: the first such layer is kept, and comes
+    before it.)"""
+    import dataclasses
+
+    first: dict[tuple, int] = {}
+    for i in range(mc.num_hidden_layers):
+        first.setdefault(layer_kind(mc, i), i)
+    keep = sorted(first.values())
+    small = dataclasses.replace(
+        mc, vocab_size=min(mc.vocab_size, vocab), num_hidden_layers=len(keep),
+        layer_windows=[mc.layer_windows[i] for i in keep] if mc.layer_windows else [],
+        nope_layers=[n for n, i in enumerate(keep) if i in mc.nope_layers],
+        linear_layers=[n for n, i in enumerate(keep) if i in mc.linear_layers],
+        kv_shared_layers=sum(mc.kv_source(i) != i for i in keep),
+        per_layer_vocab_size=min(mc.per_layer_vocab_size, vocab))
+    assert [layer_kind(small, n) for n in range(len(keep))] == [layer_kind(mc, i) for i in keep], "reduction"
+    return small, keep
+
+
+def activation_bytes_per_layer(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: bool = True) -> list[float]:
+    """Bytes autograd saves per token in each block of this shape (a list, one per layer), for one
+    row of ``tokens`` tokens, causal attention (forward in ``dtype``; each storage once, counted in
+    the block whose op made it, or where no op handed it out, in the block that saved it; the
+    block's input left out: activation checkpointing keeps it, and it is counted apart). A fused attention kernel keeps its output and log-sum-exp, not the
+    ``tokens x tokens`` probabilities; the shared-prefix layout adds one additive mask per row,
+    shared by all blocks. Layers differ where their kinds do (:func:`layer_kind`: Qwen 3.5's
+    Gated DeltaNets and attention, Gemma 4's full, sliding and shared layers): ``reduce`` measures
+    one layer of each kind, in the model's own forward (:func:`_reduced_config`)."""
     mc = ModelConfig.from_hf(shape)
+    small, keep = _reduced_config(mc) if reduce else (mc, list(range(mc.num_hidden_layers)))
     with torch.device("meta"):
-        block = Block(mc, None)
-    block = block.to_empty(device="cpu").to(dtype)
+        model = Transformer(small)
+    model = model.to_empty(device="cpu").to(dtype)
     with torch.no_grad():
-        for prm in block.parameters():
+        for prm in model.parameters():
             prm.normal_(0, 0.02)
-    x = torch.randn(1, tokens, mc.hidden_size, dtype=dtype, requires_grad=True)
-    pos = torch.arange(tokens)[None]
-    cos, sin = rope_cos_sin(rope_inv_freq(mc), pos, dtype, rope_scale(mc))
-    storages: dict[int, int] = {}
-    skip = {x.untyped_storage().data_ptr()} | {q.untyped_storage().data_ptr() for q in block.parameters()}
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    skip = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    made: dict[int, int | None] = {}  # storage -> the block whose op made it (None: the root)
+    saved: dict[int, tuple[int | None, int]] = {}  # storage -> (the block that saved it first, bytes)
+    current: list = [None]
+    alive = []  # every op's output, held to the end: no storage's address is reused meanwhile
+
+    class Makers(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            alive.append(out)
+            ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins:  # (not a view)
+                    made[t.untyped_storage().data_ptr()] = current[0]
+            return out
+
+    def enter(block_index):
+        def hook(module, args):
+            current[0] = block_index
+            skip.add(args[0].untyped_storage().data_ptr())  # (its input: counted apart)
+        return hook
+
+    def leave(module, args, out):
+        current[0] = None
+
+    def final_norm(module, args):
+        skip.add(args[0].untyped_storage().data_ptr())  # (the last block's output, as the inputs)
+
+    handles = [b.register_forward_pre_hook(enter(n)) for n, b in enumerate(model.layers)]
+    handles += [b.register_forward_hook(leave) for b in model.layers]
+    handles.append(model.norm.register_forward_pre_hook(final_norm))
 
     def pack(t):  # activations only (weights saved for the backward pass are the parameters'
         st = t.untyped_storage()  # storage); a tensor saved by several ops, or views of it, once
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() not in skip and st.data_ptr() not in saved:
+            saved[st.data_ptr()] = (current[0], st.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin, None, None, None, None)  # causal attention without a mask tensor
-    return sum(storages.values()) / tokens
+    tok = torch.randint(0, small.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Makers():
+            model.hidden_states(tok)
+    finally:
+        for h in handles:
+            h.remove()
+    # each storage in the block that made it: the RoPE tables, masks and Gemma 4's per-layer inputs
+    # are the root's (made once, read by every block); the keys and values a Gemma 4 layer shares
+    # are the block's that made them
+    per_kept = [0.0] * len(keep)
+    for ptr, (saver, nbytes) in saved.items():
+        block = made.get(ptr, saver)  # (a storage no op handed out, made inside a kernel: its saver's)
+        if block is not None:
+            per_kept[block] += nbytes / tokens
+    alive.clear()
+    if not reduce:
+        return per_kept
+    by_kind = {layer_kind(mc, i): per_kept[n] for n, i in enumerate(keep)}
+    return [by_kind[layer_kind(mc, i)] for i in range(mc.num_hidden_layers)]
+
+
+def kv_cache_bytes(mc: ModelConfig, rows: int, slots: int) -> int:
+    """The sampler's cache (r3.model.KVCache) for ``rows`` rows of ``slots`` slots, bf16: keys and
+    values of every layer that holds them (per layer: its kv heads and head size), and Qwen 3.5's
+    Gated DeltaNet states (the conv's in bf16, the delta rule's in fp32), which do not grow with
+    the slots."""
+    from r3.model import KVCache
+
+    return KVCache.empty(mc, rows, slots, torch.bfloat16, "meta").nbytes()
 
 
 def row_tokens(run: dict) -> int:
@@ -148,44 +272,50 @@ def row_tokens(run: dict) -> int:
     return run["prompt"] + run["attempt"] + run["reflection"] + 20
 
 
-def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float | None = None,
-         decode: str = "eager") -> dict:
-    """Bytes per rank, by part (see the module docstring). ``decode="compiled"``: the CUDA-graph
-    decode step's static cache (r3.decode.StaticKVCache: the reflection batch's rows padded to
-    ``graph_rows``, slots rounded up to a multiple of 64, plus 64) is held all the time, and compactions
-    happen in it (no separate copy). Not counted: the cache grows by at least a quarter when a
-    request outgrows it (so it can end up to ~1.25x the rows and slots counted here, if sizes
-    creep up), and the memory pool of the recorded CUDA graphs."""
+def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_layers: list[float] | None = None,
+         decode: str = "eager", freeze: str = "") -> dict:
+    """Bytes per rank, by part (see the module docstring). ``a_layers``: each layer's activation
+    bytes per token (:func:`activation_bytes_per_layer`, measured when not given). ``freeze``:
+    r3.train's ``freeze`` patterns (frozen parameters have no gradients and no AdamW state).
+    ``decode="compiled"``: the CUDA-graph decode step's static cache (r3.decode.StaticKVCache: the
+    reflection batch's rows padded to ``graph_rows``, slots rounded up to a multiple of 64, plus
+    64) is held all the time, and compactions happen in it (no separate copy). Not counted: the
+    cache grows by at least a quarter when a request outgrows it (so it can end up to ~1.25x the
+    rows and slots counted here, if sizes creep up), and the memory pool of the recorded CUDA
+    graphs."""
     mc = ModelConfig.from_hf(shape)
-    n = param_counts(mc)
-    P = n["total"]
+    n = param_counts(mc, freeze)
+    P, trained = n["total"], n["trained"]
     L, h, V = mc.num_hidden_layers, mc.hidden_size, mc.vocab_size
-    if a_tok is None:
-        a_tok = activation_bytes_per_token(shape, row_tokens(run))
+    if a_layers is None:
+        a_layers = activation_bytes_per_layer(shape, row_tokens(run))
     rows = run["batch_size"] // world * run["group_size"]
     slots = run["prompt"] + run["attempt"] + run["reflection"] + run["retry"] + 40  # + the two user turns
     mb_tokens = run["micro_batch_size"] * row_tokens(run)
     targets = run["micro_batch_size"] * run["reflection"]
-    act = mb_tokens * L * 2 * h + mb_tokens * a_tok if checkpointing else mb_tokens * L * a_tok
+    act = mb_tokens * L * 2 * h + mb_tokens * max(a_layers) if checkpointing else mb_tokens * sum(a_layers)
+    # the two largest blocks gathered at once (the one computing and the one prefetched)
+    two = sorted(range(L), key=lambda i: n["blocks"][i])[-2:]
+    kv = kv_cache_bytes(mc, rows, slots)
     parts = {
         "policy fp32 shards": 4 * P / world,
-        "AdamW state": 8 * P / world,
+        "AdamW state": 8 * trained / world,
         "reference bf16 shards": 2 * P / world,
         "rollout copy bf16": 2 * P,
-        "gradients fp32 shards": 4 * P / world,
-        "gathered params + their grads (bf16)": 2 * 2 * (n["root"] + 2 * n["block"]),
-        "rollout KV cache": rows * slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2,
-        "its compacted copy (<= 3/4)": 0.75 * rows * slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2,
+        "gradients fp32 shards": 4 * trained / world,
+        "gathered params + their grads (bf16)": 2 * (n["root"] + sum(n["blocks"][i] for i in two))
+                                                + 2 * (n["root_trained"] + sum(n["blocks_trained"][i] for i in two)),
+        "rollout KV cache": kv,
+        "its compacted copy (<= 3/4)": 0.75 * kv,
         "activations (one micro-batch)": act,
         "logits (reflection positions)": targets * V * 2,
         # the last thing the backward pass does: the root's gathered parameters and bf16 gradients,
         # copied to fp32 for the reduce-scatter (reduce_dtype), and its fp32 output shard
-        END_OF_BACKWARD: 2 * 2 * n["root"] + 4 * n["root"] * (1 + 1 / world),
+        END_OF_BACKWARD: 2 * n["root"] + 2 * n["root_trained"] + 4 * n["root_trained"] * (1 + 1 / world),
     }
     if decode == "compiled":
-        static_slots = slots_with_margin(slots)
         parts["its compacted copy (<= 3/4)"] = 0.0
-        parts["static decode cache"] = graph_rows(rows) * static_slots * L * 2 * mc.num_key_value_heads * mc.head_dim * 2
+        parts["static decode cache"] = kv_cache_bytes(mc, graph_rows(rows), slots_with_margin(slots))
     static = sum(parts.get(k, 0.0) for k in STATIC)
     rollout = sum(parts[k] for k in ROLLOUT)
     # the update's peak: the gradient shards plus the larger of the backward pass's busiest
@@ -193,7 +323,8 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_tok: float |
     during = sum(v for k, v in parts.items() if k not in STATIC and k not in ROLLOUT and k != END_OF_BACKWARD
                  and k != "gradients fp32 shards")
     update = parts["gradients fp32 shards"] + max(during, parts[END_OF_BACKWARD])
-    return {"params": P, "activation_bytes_per_token_layer": a_tok, "rows_per_rank": rows, "slots": slots,
+    return {"params": P, "trained_params": trained, "activation_bytes_per_token_layer": sum(a_layers) / L,
+            "activation_bytes_per_token_by_layer": list(a_layers), "rows_per_rank": rows, "slots": slots,
             "micro_batch_tokens": mb_tokens, "parts": parts, "static": static, "rollout_phase": static + rollout,
             "update_phase": static + update, "total": static + max(rollout, update)}
 
@@ -207,19 +338,23 @@ STATIC = ("policy fp32 shards", "AdamW state", "reference bf16 shards", "rollout
 ROLLOUT = ("rollout KV cache", "its compacted copy (<= 3/4)")
 
 
-def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
+def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: str = "") -> tuple[list[dict], str]:
+    """The plan of each of ``shapes`` (name -> config.json fields; the paper's 1.5B, 7B and 8B when
+    None) as rows for JSON and a Markdown table."""
+    shapes = shapes or {name: SHAPES[name] for name in PLAN_SHAPES}
     rows, lines = [], []
     lines.append(f"Per-rank memory (GiB), {world} ranks, FSDP2, bf16 compute, fp32 master weights and AdamW, the "
                  f"paper-shaped run ({PAPER['batch_size']} failures x G={PAPER['group_size']} per step, attempts/"
                  f"retries <= {PAPER['attempt']} tokens, reflections <= {PAPER['reflection']}, micro-batches of "
-                 f"{PAPER['micro_batch_size']} rows):")
+                 f"{PAPER['micro_batch_size']} rows)" + (f", parameters matching {freeze!r} frozen" if freeze else "")
+                 + ":")
     lines.append("")
-    names = list(SHAPES)[1:]
+    names = list(shapes)
     results = {}
     for name in names:
-        a = activation_bytes_per_token(SHAPES[name], row_tokens(PAPER))
+        a = activation_bytes_per_layer(shapes[name], row_tokens(PAPER))
         for ckpt in (False, True):
-            results[(name, ckpt)] = plan(SHAPES[name], world, PAPER, ckpt, a)
+            results[(name, ckpt)] = plan(shapes[name], world, PAPER, ckpt, a, freeze=freeze)
     head = "| part | " + " | ".join(f"{n} | {n} + AC" for n in names) + " |"
     lines += [head, "|---|" + "---|" * (2 * len(names))]
     for part in results[(names[0], False)]["parts"]:
@@ -246,10 +381,13 @@ def plan_table(world: int, gpu_gb: float) -> tuple[list[dict], str]:
             if no_copy <= budget:
                 text += (f"; with activation checkpointing and --compact-rollouts false it needs "
                          f"{no_copy / GiB:.1f} GiB and fits (or lower --batch-size)")
-        lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters; {r['activation_bytes_per_token_layer']:.0f} "
+        a = r["activation_bytes_per_token_by_layer"]
+        per_block = (f"{a[0]:.0f}" if len(set(a)) == 1 else
+                     " / ".join(f"{v:.0f} ({a.count(v)} blocks)" for v in sorted(set(a), key=a.index)))
+        trained = "" if r["trained_params"] == r["params"] else f" ({r['trained_params'] / 1e9:.2f}B trained)"
+        lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters{trained}; {per_block} "
                      f"bytes saved per token per block (measured); {text}.")
-        a = r["activation_bytes_per_token_layer"]
-        comp = {c: plan(SHAPES[name], world, PAPER, c, a, decode="compiled") for c in (False, True)}
+        comp = {c: plan(shapes[name], world, PAPER, c, a, decode="compiled", freeze=freeze) for c in (False, True)}
         fits = [c for c in (False, True) if comp[c]["total"] <= budget]
         lines.append(f"  With `--decode compiled` on CUDA the static decode cache "
                      f"({comp[False]['parts']['static decode cache'] / GiB:.1f} GiB) is held all the time, in place "
@@ -311,7 +449,7 @@ def measure(args) -> None:
     from r3.distributed import shard
 
     d = T.init_distributed()
-    shape = SHAPES[args.shape] if args.shape in SHAPES else json.loads(Path(args.shape).read_text())
+    shape = load_shape(args.shape or "qwen2.5-0.5b")
     mc = ModelConfig.from_hf(shape)
     # --micro-batches micro-batches of 8 rows of --tokens / 8 tokens, the last 128 of each
     # trained; as a run for plan(): its update terms are the formula checked here (no rollout is
@@ -320,12 +458,13 @@ def measure(args) -> None:
     rows, per = 8, args.tokens // 8
     run = dict(batch_size=d.world, group_size=1, prompt=per - 128 - 20, attempt=0, reflection=128, retry=0,
                micro_batch_size=rows)
-    formula = {ckpt: plan(shape, d.world, run, ckpt) for ckpt in (False, True)}
+    formula = {ckpt: plan(shape, d.world, run, ckpt, freeze=args.freeze) for ckpt in (False, True)}
     rss = AllocatedPeak()
     out = {"shape": args.shape, "world": d.world, "tokens": args.tokens, "rank": d.rank, "phases": []}
     base = rss.reset()
     torch.manual_seed(0)
     policy = Transformer(mc)
+    T.freeze_parameters(policy, args.freeze)
     reference = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False)
     with torch.device("meta"):
         rollout = Transformer(mc)
@@ -342,7 +481,7 @@ def measure(args) -> None:
     out["models_measured_gib"] = models / GiB
     parts = formula[False]["parts"]
     out["models_formula_gib"] = sum(parts.get(k, 0.0) for k in STATIC if k != "AdamW state") / GiB
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     g = torch.Generator().manual_seed(d.rank)
     n_rows = rows * args.micro_batches
     seqs = [torch.randint(0, mc.vocab_size, (per,), generator=g).tolist() for _ in range(n_rows)]
@@ -381,6 +520,29 @@ def measure(args) -> None:
     dist_barrier(d)
 
 
+def load_shape(name: str) -> dict:
+    """A shape of :data:`SHAPES` by name, or the fields of a config.json (or of a checkpoint
+    directory's); what r3 cannot read is an R3Error naming the file and field."""
+    from r3.errors import R3Error  # (main() prints it in one line)
+
+    if name in SHAPES:
+        return SHAPES[name]
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise R3Error(f"--shape {name!r}: neither one of {', '.join(SHAPES)} nor a config.json file "
+                      "(or a directory holding one)")
+    try:
+        shape = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise R3Error(f"{path}: not JSON ({e})") from None
+    if not isinstance(shape, dict):
+        raise R3Error(f"{path}: a config.json holds a JSON object, got {type(shape).__name__}")
+    ModelConfig.from_hf(shape, source=str(path))  # (an R3Error naming the field)
+    return shape
+
+
 def dist_barrier(d):
     import torch.distributed as dist
 
@@ -388,11 +550,16 @@ def dist_barrier(d):
         dist.barrier()
 
 
+@cli_main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--measure", action="store_true", help="measure on this machine (run under torchrun)")
-    ap.add_argument("--shape", default="qwen2.5-0.5b",
-                    help=f"--measure's model shape: one of {', '.join(SHAPES)}, or a config.json file")
+    ap.add_argument("--shape", default=None,
+                    help=f"the model: one of {', '.join(SHAPES)}, or a config.json (or a checkpoint directory "
+                         f"holding one); the plan's default: {', '.join(PLAN_SHAPES)}; --measure's: qwen2.5-0.5b")
+    ap.add_argument("--freeze", default="",
+                    help="r3.train's freeze patterns (comma-separated, over r3's parameter names): frozen "
+                         "parameters have no gradients and no AdamW state")
     ap.add_argument("--tokens", type=int, default=4096, help="--measure's micro-batch tokens")
     ap.add_argument("--micro-batches", type=int, default=2,
                     help="--measure's micro-batches per update (from the second on, gradients are held too)")
@@ -406,12 +573,19 @@ def main(argv=None) -> None:
         from r3.distributed import run_and_exit
 
         run_and_exit(lambda: measure(args))  # (leaves without gloo's teardown)
-    rows, text = plan_table(args.world, args.gpu_gb)
+    shapes = None
+    if args.shape:
+        shape = load_shape(args.shape)
+        path = Path(args.shape)
+        name = args.shape if args.shape in SHAPES else path.name if path.is_dir() else (
+            path.parent.resolve().name if path.name == "config.json" else path.stem)
+        shapes = {name: shape}
+    rows, text = plan_table(args.world, args.gpu_gb, shapes, args.freeze)
     print(text)
     if args.json:
         write_json_atomic(Path(args.json), {"plan": rows, "run": PAPER})
     if args.markdown:
-        Path(args.markdown).write_text("# Memory plan\n\n" + text + "\n")
+        write_text_atomic(Path(args.markdown), "# Memory plan\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

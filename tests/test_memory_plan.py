@@ -30,9 +30,10 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     assert plain["total"] == plain["static"] + max(1.75 * kv, update)
     # without checkpointing every block keeps its activations; with it, every block its input and
     # one block all of its activations (during its recomputation)
-    n, a, L, h = plain["micro_batch_tokens"], plain["activation_bytes_per_token_layer"], 3, 64
-    assert plain["parts"]["activations (one micro-batch)"] == n * L * a
-    assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * a
+    n, a, L, h = plain["micro_batch_tokens"], plain["activation_bytes_per_token_by_layer"], 3, 64
+    assert len(a) == L and len(set(a)) == 1 and plain["activation_bytes_per_token_layer"] == a[0]
+    assert plain["parts"]["activations (one micro-batch)"] == n * L * a[0]
+    assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * a[0]
     assert ac["parts"]["rollout KV cache"] == plain["parts"]["rollout KV cache"]
     # compiled decode on CUDA: the static cache (64 rows; 830 slots rounded up to 832, plus one
     # bucket: 896) is held all the time, and compactions happen in it
@@ -54,14 +55,14 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
 
 def test_activation_term_matches_the_bytes_a_forward_keeps():
     """Whole tiny model, bf16: the per-token, per-block coefficient times tokens and blocks is
-    the memory the forward pass leaves allocated for backward, up to what lies outside the
-    blocks (the final norm's float32 input and statistics, and the positions: 69 kB, about two
-    [T, hidden] bf16 tensors, against the blocks' 2.3 MB here, so a coefficient 2% off fails)."""
+    the memory the forward pass leaves allocated for backward, but for what lies outside the
+    blocks, to the byte: the positions, the RoPE tables every block reads (made once), and the
+    final norm's float32 input, statistics and bf16 output."""
     import memory_plan as mp
     from r3.model import ModelConfig, Transformer
 
     T = 256
-    a = mp.activation_bytes_per_token(TINY, T)
+    (a,) = set(mp.activation_bytes_per_layer(TINY, T))
     mc = ModelConfig.from_hf(TINY)
     torch.manual_seed(0)
     model = Transformer(mc).to(torch.bfloat16)
@@ -78,17 +79,30 @@ def test_activation_term_matches_the_bytes_a_forward_keeps():
         model.hidden_states(torch.randint(0, 512, (1, T)))
     blocks = a * T * mc.num_hidden_layers
     outside = sum(kept.values()) - blocks
-    assert T * mc.hidden_size * 2 <= outside <= 3 * T * mc.hidden_size * 2
+    positions, tables, final_norm = 8 * T, 2 * T * mc.head_dim * 2, T * (4 * mc.hidden_size + 4 + 2 * mc.hidden_size)
+    assert outside == positions + tables + final_norm
 
 
-def test_measure_runs_and_the_formula_matches_what_an_update_allocates(tmp_path):
+QWEN35_SMALL = dict(model_type="qwen3_5_text", vocab_size=4096, hidden_size=256, intermediate_size=704,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                    linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
+                    linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=4,
+                    max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param(dict(TINY, vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4), id="qwen2"),
+    pytest.param(QWEN35_SMALL, id="qwen35"),
+])
+def test_measure_runs_and_the_formula_matches_what_an_update_allocates(tmp_path, shape):
     """``--measure`` as a user runs it (one process here, a small shape given as a config.json):
     the models and an update of two micro-batches (the second holds the first's gradients), with
-    and without activation checkpointing, allocate what the formula says, within a quarter."""
+    and without activation checkpointing, allocate what the formula says, within a quarter. Qwen
+    3.5's Gated DeltaNet blocks keep about 2.5x the bytes per token of its attention block here."""
     import json
     import subprocess
 
-    shape = dict(TINY, vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4)
     (tmp_path / "config.json").write_text(json.dumps(shape))
     out = tmp_path / "measured.json"
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
@@ -104,3 +118,101 @@ def test_measure_runs_and_the_formula_matches_what_an_update_allocates(tmp_path)
     assert abs(plain["update_peak_growth_gib"] / r["formula_update_gib"]["false"] - 1) < 0.25
     assert abs(ac["update_peak_growth_gib"] / r["formula_update_gib"]["true"] - 1) < 0.25
     assert ac["update_peak_growth_gib"] < 0.6 * plain["update_peak_growth_gib"]
+
+
+@pytest.mark.parametrize("family,fields,kinds", [
+    pytest.param("qwen35", {}, 2, id="qwen35"),
+    pytest.param("gemma4", {}, 4, id="gemma4"),
+    pytest.param("smollm3", {}, 2, id="smollm3"),
+    pytest.param("smollm3", {"use_sliding_window": False, "sliding_window": None,
+                             "layer_types": ["full_attention"] * 2}, 2, id="smollm3-nope-only"),
+    pytest.param("gemma2", {}, 2, id="gemma2"),
+])
+def test_one_layer_of_each_kind_measures_every_layer_of_the_whole_model(family, fields, kinds):
+    """The plan measures one block of each kind (Qwen 3.5's Gated DeltaNets and attention; Gemma
+    4's sliding, full and shared layers; SmolLM3's NoPE layer, also where it differs from the
+    others in nothing else; Gemma 2's sliding and global layers) in a model cut to those: per
+    layer, the bytes the whole model's blocks keep."""
+    import memory_plan as mp
+    from conftest import tiny_hf_config
+
+    shape = {**tiny_hf_config(family).to_dict(), **fields}
+    whole = mp.activation_bytes_per_layer(shape, 64, reduce=False)
+    assert mp.activation_bytes_per_layer(shape, 64) == whole
+    assert len(set(whole)) == kinds  # (the layers' kinds do differ)
+    small, keep = mp._reduced_config(__import__("r3.model", fromlist=["ModelConfig"]).ModelConfig.from_hf(shape))
+    assert small.vocab_size <= 1024 and len(keep) <= len(whole)
+
+
+def test_the_rollout_cache_holds_each_layers_own_keys_values_and_states():
+    """Qwen 3.5: keys and values for its attention layer, and for each Gated DeltaNet the conv's
+    and the delta rule's states (fixed, whatever the slots); Gemma 4: none for its shared layers,
+    its full layers' own head size and kv heads. Counted from the config's fields by hand."""
+    import memory_plan as mp
+    from conftest import tiny_hf_config
+
+    run = dict(mp.PAPER, batch_size=16)
+    rows, slots = 64, 830  # (16 failures / 2 ranks x G=8; 150 + 256 + 128 + 256 + 40)
+    q = mp.plan(tiny_hf_config("qwen35").to_dict(), 2, run, False, a_layers=[1.0] * 4)
+    attention = 2 * 2 * 16 * 2  # k and v, 2 kv heads of 16, bf16: per slot
+    conv = (4 - 1) * (2 * 2 * 8 + 4 * 12) * 2  # kernel - 1 inputs of q, k and v's channels, bf16
+    delta = 4 * 8 * 12 * 4  # per value head a key dim x value dim state, fp32
+    assert (q["rows_per_rank"], q["slots"]) == (rows, slots)
+    assert q["parts"]["rollout KV cache"] == rows * (slots * attention + 3 * (conv + delta))
+    g = mp.plan(tiny_hf_config("gemma4").to_dict(), 2, run, False, a_layers=[1.0] * 5)
+    sliding, full = 2 * 2 * 16 * 2, 2 * 1 * 32 * 2  # (layers 3 and 4 read layers 2's and 1's)
+    assert g["parts"]["rollout KV cache"] == rows * slots * (2 * sliding + full)
+    comp = mp.plan(tiny_hf_config("qwen35").to_dict(), 2, run, False, a_layers=[1.0] * 4, decode="compiled")
+    assert comp["parts"]["static decode cache"] == rows * (896 * attention + 3 * (conv + delta))
+
+
+def test_frozen_parameters_have_no_gradients_and_no_adamw_state():
+    import memory_plan as mp
+
+    run = dict(mp.PAPER, batch_size=16)
+    a = [1000.0] * 3
+    full = mp.plan(TINY, 2, run, False, a)
+    frozen = mp.plan(TINY, 2, run, False, a, freeze="embed_tokens.weight,layers.0.*")
+    P, V, h = full["params"], 512, 64
+    block = (P - V * h - h) // 3  # (tied embeddings, the final norm)
+    trained = P - V * h - block
+    assert frozen["params"] == P and frozen["trained_params"] == trained
+    parts, before = frozen["parts"], full["parts"]
+    assert parts["AdamW state"] == 8 * trained / 2 and parts["gradients fp32 shards"] == 4 * trained / 2
+    for same in ("policy fp32 shards", "reference bf16 shards", "rollout copy bf16", "activations (one micro-batch)"):
+        assert parts[same] == before[same]
+    root = V * h + h
+    assert parts["gathered params + their grads (bf16)"] == 2 * (root + 2 * block) + 2 * (h + 2 * block)
+    assert parts[mp.END_OF_BACKWARD] == 2 * root + 2 * h + 4 * h * 1.5
+    with pytest.raises(Exception, match="matches no parameter"):
+        mp.plan(TINY, 2, run, False, a, freeze="no_such.*")
+
+
+def test_the_plan_of_a_users_config_and_bad_shapes(tmp_path):
+    """``--shape`` takes a checkpoint directory (its config.json): a table for that model, its
+    layers' kinds measured apart; a file r3 cannot read is one line naming it, exit 2."""
+    import json
+    import subprocess
+
+    from conftest import tiny_hf_config
+
+    model = tmp_path / "my-qwen35"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(tiny_hf_config("qwen35").to_dict()))
+    script = str(ROOT / "benchmarks" / "memory_plan.py")
+    out = subprocess.run([sys.executable, script, "--shape", str(model), "--world", "2", "--json",
+                          str(tmp_path / "p.json"), "--freeze", "embed_tokens.weight"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| part | my-qwen35 | my-qwen35 + AC |" in out.stdout
+    assert "blocks) / " in out.stdout and "parameters matching 'embed_tokens.weight' frozen" in out.stdout
+    rows = json.loads((tmp_path / "p.json").read_text())["plan"]
+    assert {r["model"] for r in rows} == {"my-qwen35"} and len(rows) == 4
+    assert all(r["trained_params"] < r["params"] for r in rows)
+    (tmp_path / "bad.json").write_text(json.dumps({"model_type": "qwen2"}))
+    for shape, message in ((tmp_path / "bad.json", "bad.json: missing field"),
+                           (tmp_path / "nothing", "neither one of qwen2.5-0.5b")):
+        out = subprocess.run([sys.executable, script, "--shape", str(shape)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
