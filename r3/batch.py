@@ -11,11 +11,12 @@ per-row layout, which the micro-batch keeps for the loss."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from r3.kernels import fused_logprob_kl
+from r3.model import SegmentRuns
 
 
 @dataclass
@@ -27,6 +28,16 @@ class Packed:
     segments: torch.Tensor  # [P, L] 0 = prefix, k >= 1 = the k-th reflection, -1 = padding
     rows: torch.Tensor  # [N] packed row of each target's predicting position
     cols: torch.Tensor  # [N] packed column of it
+    segments_host: torch.Tensor | None = None  # ``segments`` on the host, where they were made
+    _runs: SegmentRuns | None = field(default=None, repr=False)
+
+    def runs(self) -> SegmentRuns:
+        """The layout as Gated DeltaNet layers run it (Qwen 3.5), made once from the host copy:
+        no forward waits for the device to read ``segments`` back."""
+        if self._runs is None:
+            host = self.segments_host if self.segments_host is not None else self.segments
+            self._runs = SegmentRuns.of(host, device=self.segments.device)
+        return self._runs
 
 
 @dataclass
@@ -161,7 +172,8 @@ def pack_shared_prefixes(seqs, spans, pad_id: int, device) -> Packed:
         if end > start:  # (an empty span has no target, so no predicting position)
             cols += [start - 1] + list(range(first, first + end - start - 1))
     return Packed(tokens.to(device), positions.to(device), segments.to(device),
-                  torch.tensor(rows, dtype=torch.long).to(device), torch.tensor(cols, dtype=torch.long).to(device))
+                  torch.tensor(rows, dtype=torch.long).to(device), torch.tensor(cols, dtype=torch.long).to(device),
+                  segments_host=segments)
 
 
 def dummy_micro_batch(device) -> MicroBatch:
@@ -176,7 +188,8 @@ def token_logprobs(model, mb: MicroBatch, temperature: float, ref_logp: torch.Te
     given ``ref_logp``, their k3 KL to it from the same fused pass (else None)."""
     if mb.packed is not None:
         p = mb.packed
-        logits = model(p.tokens, positions=p.positions, segments=p.segments, at=(p.rows, p.cols))
+        runs = p.runs() if model.config.linear_layers else None
+        logits = model(p.tokens, positions=p.positions, segments=p.segments, at=(p.rows, p.cols), runs=runs)
     else:
         logits = model(mb.tokens, at=(mb.rows, mb.cols))
     return fused_logprob_kl(logits, mb.targets, ref_logp, temperature=temperature)

@@ -1559,9 +1559,9 @@ class SegmentRuns:
     segment_row: torch.Tensor  # [S] the row each later segment continues
 
     @classmethod
-    def of(cls, segments: torch.Tensor) -> "SegmentRuns":
+    def of(cls, segments: torch.Tensor, device=None) -> "SegmentRuns":
         """From ``segments [P, L]`` (0: prefix, k >= 1: the k-th continuation, -1: padding; one
-        read to the host)."""
+        read to the host), on ``device`` (default: the layout's)."""
         P, L = segments.shape
         prefix, runs, rows = [[] for _ in range(P)], {}, []
         for r, row in enumerate(segments.tolist()):
@@ -1573,7 +1573,7 @@ class SegmentRuns:
                         runs[r, k] = []
                         rows.append(r)
                     runs[r, k].append(r * L + c)
-        dev = segments.device
+        dev = segments.device if device is None else device
 
         def padded(lists):
             width = max([1] + [len(x) for x in lists])
@@ -1807,6 +1807,7 @@ class Transformer(nn.Module):
         segments: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         live: torch.Tensor | None = None,
+        runs: "SegmentRuns | None" = None,
     ) -> torch.Tensor:
         """Final (normed) hidden states [B, T, H]; the LM head is left to the caller.
 
@@ -1818,7 +1819,8 @@ class Transformer(nn.Module):
         of segment 0, a token of segment k >= 1 to segment 0 and to the earlier tokens of segment
         k, by ``positions`` (sliding windows included); -1 marks padding. Qwen 3.5's Gated DeltaNet
         layers read segment 0 from the start and each later segment, in column order, from the
-        state segment 0 ended in (:class:`SegmentRuns`).
+        state segment 0 ended in (:class:`SegmentRuns`: ``runs``, made on the host from the same
+        layout, else read from ``segments``, which waits for the device).
 
         Qwen 3.5's Gated DeltaNet layers carry a state in the cache that each token changes once:
         with a cache, ``lengths [B]`` says how many of each row's T tokens are real (the rest is
@@ -1869,7 +1871,10 @@ class Transformer(nn.Module):
         shared = {}  # Gemma 4: layer -> the keys and values (each [B, kv heads, S, D]) later layers read
         # (Qwen 3.5's Gated DeltaNet layers run a packed layout's segments apart, each continuation
         # from its prefix's state)
-        runs = SegmentRuns.of(segments) if self.config.linear_layers and segments is not None else None
+        if not self.config.linear_layers or segments is None:
+            runs = None
+        elif runs is None:
+            runs = SegmentRuns.of(segments)
         for i, layer in enumerate(self.layers):
             if layer.linear:  # (a Gated DeltaNet: its state, not keys and values)
                 if recompute:
@@ -1978,11 +1983,12 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         segments: torch.Tensor | None = None,
         at: tuple[torch.Tensor, torch.Tensor] | None = None,
+        runs: "SegmentRuns | None" = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in fp32; or, with ``at=(rows, cols)``, only the logits at those
         positions, [N, V] in the compute dtype (the loss needs a few positions, and reads them
         through a fused kernel that upcasts per block: no [B, T, V] fp32 tensor is built)."""
-        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len, segments=segments)
+        h = self.hidden_states(tokens, positions=positions, cache=cache, kv_len=kv_len, segments=segments, runs=runs)
         if at is not None:
             return self.logits(h[at])
         return self.logits(h).float()

@@ -499,6 +499,33 @@ def test_the_shared_prefix_layout_equals_the_per_row_layout(checkpointing):
             compare(model, reference, seqs, spans, adv, agg, micro_packed=micro, rtol=1e-5, atol=1e-6)
 
 
+def test_the_update_reads_each_packed_layout_from_the_host_copy_once(monkeypatch):
+    """A packed micro-batch's SegmentRuns come from the host copy of its layout that
+    pack_shared_prefixes made, once (the reference pass and the policy's share them): no forward
+    waits to read ``segments`` back from the device. The log-probs are those of the forward that
+    reads them."""
+    from r3 import batch as B
+    from r3.model import SegmentRuns
+    from test_shared_prefix import groups
+
+    model = _stateful_model()
+    seqs, spans, adv = groups(model.config.vocab_size)
+    mbs = B.make_micro_batches(seqs, spans, adv, 1, 0, "cpu", shared_prefix=True)
+    for mb in mbs:  # (a device copy apart from the host's, as on a GPU)
+        mb.packed.segments = mb.packed.segments.clone()
+    real, calls = SegmentRuns.of.__func__, []
+    monkeypatch.setattr(SegmentRuns, "of", classmethod(lambda cls, seg, device=None: calls.append(seg) or real(cls, seg, device)))
+    with torch.no_grad():
+        got = [(B.token_logprobs(model, mb, 1.0)[0], B.token_logprobs(model, mb, 1.0)[0]) for mb in mbs]
+        assert len(calls) == len(mbs) > 1 and all(c is mb.packed.segments_host for c, mb in zip(calls, mbs))
+        for (a, b), mb in zip(got, mbs):
+            p = mb.packed
+            direct = model(p.tokens, positions=p.positions, segments=p.segments, at=(p.rows, p.cols))
+            expected = torch.log_softmax(direct.float(), -1).gather(-1, mb.targets[:, None])[:, 0]
+            assert torch.equal(a, b) and torch.allclose(a, expected, atol=1e-6)
+    assert len(calls) == 2 * len(mbs)  # (the direct forwards read their layouts)
+
+
 def test_segment_runs_gather_each_segment_in_column_order():
     """SegmentRuns of a packed layout: each row's prefix, and each later segment with the row it
     continues, as flat positions in column order (padding -1 left out; a row without later
