@@ -570,14 +570,17 @@ def _without_times(data):
     return json.loads(json.dumps(data), object_hook=lambda d: {k: v for k, v in d.items() if k != "time_s"})
 
 
-def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, capsys, monkeypatch):
+def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path_factory, builtin, tmp_path, capsys,
+                                                        monkeypatch):
     """Interrupted in the second model's second batch, a rerun of the same command evaluates only
     the batches not finished and writes what an uninterrupted run writes (verdicts, verifier errors
     and records); another command to the same --out is refused, naming what differs; a line cut
     short by the crash is dropped."""
     import r3.heldout as heldout
+    from test_episode import build_tiny_chat_model
 
-    base = ["--model", tiny_dir, "--model", "smollm2-135m", "--task", "r3_test_tasks:FlakyTask", "--n", "7",
+    second = str(build_tiny_chat_model(tmp_path_factory.mktemp("cli") / "second", builtin[1], seed=1))
+    base = ["--model", tiny_dir, "--model", second, "--task", "r3_test_tasks:FlakyTask", "--n", "7",
             "--batch-size", "3", "--max-new-tokens", "6", "--dtype", "fp32", "--records", "--quiet"]
     rc, _, err = run_main(E.main, base + ["--out", str(tmp_path / "whole.json")], capsys)
     assert rc == 0, err
@@ -606,10 +609,10 @@ def test_evaluate_cli_resumes_from_the_finished_batches(tiny_dir, tmp_path, caps
     # the output so far holds the first model alone, and no top-level result (that is the last model's)
     early = json.loads(out.read_text())
     assert [m["model"] for m in early["models"]] == [tiny_dir] and "first_attempt_accuracy" not in early
-    assert whole["model"] == "smollm2-135m" and whole["delta"] == whole["models"][1]["delta"]
+    assert whole["model"] == second and whole["delta"] == whole["models"][1]["delta"]
     lines = read_lines(partial)
     assert "r3_partial_results" in lines[0] and [(r["unit"], r["batch"]) for r in lines[1:]] == \
-        [(tiny_dir, 0), (tiny_dir, 1), (tiny_dir, 2), ("smollm2-135m", 0)]
+        [(tiny_dir, 0), (tiny_dir, 1), (tiny_dir, 2), (second, 0)]
     assert all(r["s"] >= 0 for r in lines[1:])  # (each batch's time, for the rerun's time_s)
     kept_s = sum(r["s"] for r in lines[1:4])
     # the crash cut its last line short
