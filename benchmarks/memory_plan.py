@@ -20,12 +20,14 @@ During the rollout, the KV cache (below). During the update:
   computing and the one prefetched), and the bf16 gradients of their trained parameters before
   the reduce-scatter;
 * activations of one micro-batch (the update's forward saves them for the backward pass): per
-  token and layer ``l``, ``a_l`` bytes; with activation checkpointing every block keeps only its
-  input (``2h`` bytes per token) and one block's full activations exist at a time during backward
-  (the largest ``a_l``). ``a_l`` is measured, not guessed: the bytes autograd saves
-  (``saved_tensors_hooks``) in each block of the real shape on one row of a few hundred tokens,
-  divided by the tokens, each saved tensor counted in the block whose op made it (the RoPE tables
-  and masks every block reads are the root's, made once). Layers of different kinds differ (Qwen
+  token and layer ``l``, ``a_l`` bytes, plus ``i_l``, the layer's input where the block keeps it
+  (OLMo), plus ``r``, what lies outside the blocks (the RoPE tables and masks every block reads,
+  Gemma 4's per-layer inputs, the final norm's); with activation checkpointing every block keeps
+  only its input (``2h`` bytes per token) and one block's full activations exist at a time
+  during backward (the largest ``a_l``), plus ``r``. They are measured, not guessed: the bytes
+  autograd saves (``saved_tensors_hooks``) in a forward of the real shape on one row of a few
+  hundred tokens, divided by the tokens, each saved tensor counted in the block whose op made it
+  (``r``: the root's, made once). Layers of different kinds differ (Qwen
   3.5's Gated DeltaNets keep 2.45x the bytes of its attention layers at Qwen3.5-0.8B's shapes;
   Gemma 4's full, sliding and shared layers): one block of each kind is measured, in the model's
   own forward cut to those blocks and a small vocabulary. Frozen parameters change no activation:
@@ -153,18 +155,20 @@ def layer_kind(mc: ModelConfig, i: int) -> tuple:
     return (mc.linear(i), mc.full_attention(i), i in mc.nope_layers, mc.kv_source(i) != i)
 
 
-def _reduced_config(mc: ModelConfig, vocab: int = 1024) -> tuple[ModelConfig, list[int]]:
+def _reduced_config(mc: ModelConfig, vocab: int = 1024, extra: bool = False) -> tuple[ModelConfig, list[int]]:
     """A model of the same shapes with one layer of each kind, in their order, and a small
     vocabulary; and which real layers those are. Activations per token of a block depend on
     neither the vocabulary nor the other blocks. (A Gemma 4 shared layer reads the last earlier
     layer of its kind with keys and values of its own: the first such layer is kept, and comes
-    before it.)"""
+    before it.) ``extra``: the first layer twice, for what outside the blocks grows with them."""
     import dataclasses
 
     first: dict[tuple, int] = {}
     for i in range(mc.num_hidden_layers):
         first.setdefault(layer_kind(mc, i), i)
     keep = sorted(first.values())
+    if extra:
+        keep = keep[:1] + keep
     small = dataclasses.replace(
         mc, vocab_size=min(mc.vocab_size, vocab), num_hidden_layers=len(keep),
         layer_windows=[mc.layer_windows[i] for i in keep] if mc.layer_windows else [],
@@ -176,29 +180,22 @@ def _reduced_config(mc: ModelConfig, vocab: int = 1024) -> tuple[ModelConfig, li
     return small, keep
 
 
-def activation_bytes_per_layer(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: bool = True) -> list[float]:
-    """Bytes autograd saves per token in each block of this shape (a list, one per layer), for one
-    row of ``tokens`` tokens, causal attention (forward in ``dtype``; each storage once, counted in
-    the block whose op made it, or where no op handed it out, in the block that saved it; the
-    block's input left out: activation checkpointing keeps it, and it is counted apart). A fused attention kernel keeps its output and log-sum-exp, not the
-    ``tokens x tokens`` probabilities; the shared-prefix layout adds one additive mask per row,
-    shared by all blocks. Layers differ where their kinds do (:func:`layer_kind`: Qwen 3.5's
-    Gated DeltaNets and attention, Gemma 4's full, sliding and shared layers): ``reduce`` measures
-    one layer of each kind, in the model's own forward (:func:`_reduced_config`)."""
-    mc = ModelConfig.from_hf(shape)
-    small, keep = _reduced_config(mc) if reduce else (mc, list(range(mc.num_hidden_layers)))
+def _saved_bytes(mc: ModelConfig, tokens: int, dtype) -> dict:
+    """One forward of a random model of ``mc`` over one row of ``tokens`` tokens, the bytes per
+    token autograd saves for the backward pass (each storage once; parameters are not
+    activations), split by who holds them (see :func:`activation_bytes`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
     with torch.device("meta"):
-        model = Transformer(small)
+        model = Transformer(mc)
     model = model.to_empty(device="cpu").to(dtype)
     with torch.no_grad():
         for prm in model.parameters():
             prm.normal_(0, 0.02)
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    skip = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
     made: dict[int, int | None] = {}  # storage -> the block whose op made it (None: the root)
+    inputs: dict[int, int | None] = {}  # the residual stream: storage -> the block (None: the final norm) it enters
     saved: dict[int, tuple[int | None, int]] = {}  # storage -> (the block that saved it first, bytes)
     current: list = [None]
     alive = []  # every op's output, held to the end: no storage's address is reused meanwhile
@@ -216,45 +213,78 @@ def activation_bytes_per_layer(shape: dict, tokens: int, dtype=torch.bfloat16, r
     def enter(block_index):
         def hook(module, args):
             current[0] = block_index
-            skip.add(args[0].untyped_storage().data_ptr())  # (its input: counted apart)
+            inputs[args[0].untyped_storage().data_ptr()] = block_index
         return hook
 
     def leave(module, args, out):
         current[0] = None
 
-    def final_norm(module, args):
-        skip.add(args[0].untyped_storage().data_ptr())  # (the last block's output, as the inputs)
-
     handles = [b.register_forward_pre_hook(enter(n)) for n, b in enumerate(model.layers)]
     handles += [b.register_forward_hook(leave) for b in model.layers]
-    handles.append(model.norm.register_forward_pre_hook(final_norm))
+    handles.append(model.norm.register_forward_pre_hook(
+        lambda module, args: inputs.setdefault(args[0].untyped_storage().data_ptr(), None)))
 
-    def pack(t):  # activations only (weights saved for the backward pass are the parameters'
-        st = t.untyped_storage()  # storage); a tensor saved by several ops, or views of it, once
-        if st.data_ptr() not in skip and st.data_ptr() not in saved:
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in saved:
             saved[st.data_ptr()] = (current[0], st.nbytes())
         return t
 
-    tok = torch.randint(0, small.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    tok = torch.randint(0, mc.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Makers():
             model.hidden_states(tok)
     finally:
         for h in handles:
             h.remove()
-    # each storage in the block that made it: the RoPE tables, masks and Gemma 4's per-layer inputs
-    # are the root's (made once, read by every block); the keys and values a Gemma 4 layer shares
-    # are the block's that made them
-    per_kept = [0.0] * len(keep)
+    out = {"blocks": [0.0] * mc.num_hidden_layers, "inputs": [0.0] * mc.num_hidden_layers, "root": 0.0}
     for ptr, (saver, nbytes) in saved.items():
-        block = made.get(ptr, saver)  # (a storage no op handed out, made inside a kernel: its saver's)
-        if block is not None:
-            per_kept[block] += nbytes / tokens
+        if ptr in inputs and saver is not None and saver == inputs[ptr]:  # (a block keeping its own input: OLMo)
+            out["inputs"][saver] += nbytes / tokens
+            continue
+        # each other storage in the block that made it (the RoPE tables, masks and Gemma 4's
+        # per-layer inputs are the root's, made once and read by every block; the keys and values a
+        # Gemma 4 layer shares are the block's that made them); one no op handed out (made inside
+        # a kernel), in the block that saved it
+        block = saver if ptr in inputs else made.get(ptr, saver)
+        if block is None:
+            out["root"] += nbytes / tokens
+        else:
+            out["blocks"][block] += nbytes / tokens
     alive.clear()
+    return out
+
+
+def activation_bytes(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: bool = True) -> dict:
+    """Bytes per token autograd saves for the backward pass, for one row of ``tokens`` tokens,
+    causal attention, forward in ``dtype``: ``blocks``, each block's (a list, one per layer),
+    what each block made; ``inputs``, each block's own input where the block keeps it (OLMo's
+    attention reads its input unnormed), which activation checkpointing keeps anyway; ``root``,
+    what lies outside the blocks (the RoPE tables, masks, Gemma 4's per-layer inputs, the final
+    norm's). A fused attention kernel keeps its output and log-sum-exp, not the ``tokens x
+    tokens`` probabilities; the shared-prefix layout adds one additive mask per row, shared by all
+    blocks. Layers differ where their kinds do (:func:`layer_kind`: Qwen 3.5's Gated DeltaNets and
+    attention, Gemma 4's full, sliding and shared layers): ``reduce`` measures one layer of each
+    kind in the model's own forward (:func:`_reduced_config`), and a second time with one more
+    layer for the root's part that grows with the layers (Gemma 4's per-layer inputs)."""
+    mc = ModelConfig.from_hf(shape)
     if not reduce:
-        return per_kept
-    by_kind = {layer_kind(mc, i): per_kept[n] for n, i in enumerate(keep)}
-    return [by_kind[layer_kind(mc, i)] for i in range(mc.num_hidden_layers)]
+        return _saved_bytes(mc, tokens, dtype)
+    small, keep = _reduced_config(mc)
+    got = _saved_bytes(small, tokens, dtype)
+    root = got["root"]
+    if len(keep) < mc.num_hidden_layers:
+        more = _saved_bytes(_reduced_config(mc, extra=True)[0], tokens, dtype)["root"]
+        root += (mc.num_hidden_layers - len(keep)) * (more - got["root"])
+    by_kind = {layer_kind(mc, i): n for n, i in enumerate(keep)}
+    pick = lambda key: [got[key][by_kind[layer_kind(mc, i)]] for i in range(mc.num_hidden_layers)]  # noqa: E731
+    return {"blocks": pick("blocks"), "inputs": pick("inputs"), "root": root}
+
+
+def activation_bytes_of(result: dict) -> dict:
+    """The activation bytes a :func:`plan` result was made with (to plan again without measuring)."""
+    return {"blocks": result["activation_bytes_per_token_by_layer"],
+            "inputs": result["activation_bytes_per_token_inputs"], "root": result["activation_bytes_per_token_root"]}
 
 
 def kv_cache_bytes(mc: ModelConfig, rows: int, slots: int) -> int:
@@ -272,10 +302,10 @@ def row_tokens(run: dict) -> int:
     return run["prompt"] + run["attempt"] + run["reflection"] + 20
 
 
-def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_layers: list[float] | None = None,
+def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dict | None = None,
          decode: str = "eager", freeze: str = "") -> dict:
-    """Bytes per rank, by part (see the module docstring). ``a_layers``: each layer's activation
-    bytes per token (:func:`activation_bytes_per_layer`, measured when not given). ``freeze``:
+    """Bytes per rank, by part (see the module docstring). ``act_bytes``: the activations' bytes
+    per token (:func:`activation_bytes`, measured when not given). ``freeze``:
     r3.train's ``freeze`` patterns (frozen parameters have no gradients and no AdamW state).
     ``decode="compiled"``: the CUDA-graph decode step's static cache (r3.decode.StaticKVCache: the
     reflection batch's rows padded to ``graph_rows``, slots rounded up to a multiple of 64, plus
@@ -287,13 +317,16 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_layers: list
     n = param_counts(mc, freeze)
     P, trained = n["total"], n["trained"]
     L, h, V = mc.num_hidden_layers, mc.hidden_size, mc.vocab_size
-    if a_layers is None:
-        a_layers = activation_bytes_per_layer(shape, row_tokens(run))
+    if act_bytes is None:
+        act_bytes = activation_bytes(shape, row_tokens(run))
+    blocks, inputs, root = act_bytes["blocks"], act_bytes["inputs"], act_bytes["root"]
     rows = run["batch_size"] // world * run["group_size"]
     slots = run["prompt"] + run["attempt"] + run["reflection"] + run["retry"] + 40  # + the two user turns
     mb_tokens = run["micro_batch_size"] * row_tokens(run)
     targets = run["micro_batch_size"] * run["reflection"]
-    act = mb_tokens * L * 2 * h + mb_tokens * max(a_layers) if checkpointing else mb_tokens * sum(a_layers)
+    # (with checkpointing every block keeps its input, and one block its activations while it is
+    # recomputed; without, every block keeps its activations, and its input where it saves it)
+    act = mb_tokens * ((L * 2 * h + max(blocks)) if checkpointing else sum(blocks) + sum(inputs)) + mb_tokens * root
     # the two largest blocks gathered at once (the one computing and the one prefetched)
     two = sorted(range(L), key=lambda i: n["blocks"][i])[-2:]
     kv = kv_cache_bytes(mc, rows, slots)
@@ -323,8 +356,9 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, a_layers: list
     during = sum(v for k, v in parts.items() if k not in STATIC and k not in ROLLOUT and k != END_OF_BACKWARD
                  and k != "gradients fp32 shards")
     update = parts["gradients fp32 shards"] + max(during, parts[END_OF_BACKWARD])
-    return {"params": P, "trained_params": trained, "activation_bytes_per_token_layer": sum(a_layers) / L,
-            "activation_bytes_per_token_by_layer": list(a_layers), "rows_per_rank": rows, "slots": slots,
+    return {"params": P, "trained_params": trained, "activation_bytes_per_token_layer": sum(blocks) / L,
+            "activation_bytes_per_token_by_layer": list(blocks), "activation_bytes_per_token_inputs": list(inputs),
+            "activation_bytes_per_token_root": root, "rows_per_rank": rows, "slots": slots,
             "micro_batch_tokens": mb_tokens, "parts": parts, "static": static, "rollout_phase": static + rollout,
             "update_phase": static + update, "total": static + max(rollout, update)}
 
@@ -352,7 +386,7 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
     names = list(shapes)
     results = {}
     for name in names:
-        a = activation_bytes_per_layer(shapes[name], row_tokens(PAPER))
+        a = activation_bytes(shapes[name], row_tokens(PAPER))
         for ckpt in (False, True):
             results[(name, ckpt)] = plan(shapes[name], world, PAPER, ckpt, a, freeze=freeze)
     head = "| part | " + " | ".join(f"{n} | {n} + AC" for n in names) + " |"
@@ -381,12 +415,13 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
             if no_copy <= budget:
                 text += (f"; with activation checkpointing and --compact-rollouts false it needs "
                          f"{no_copy / GiB:.1f} GiB and fits (or lower --batch-size)")
-        a = r["activation_bytes_per_token_by_layer"]
-        per_block = (f"{a[0]:.0f}" if len(set(a)) == 1 else
-                     " / ".join(f"{v:.0f} ({a.count(v)} blocks)" for v in sorted(set(a), key=a.index)))
+        b = [x + y for x, y in zip(r["activation_bytes_per_token_by_layer"], r["activation_bytes_per_token_inputs"])]
+        per_block = (f"{b[0]:.0f}" if len(set(b)) == 1 else
+                     " / ".join(f"{v:.0f} ({b.count(v)} blocks)" for v in sorted(set(b), key=b.index)))
         trained = "" if r["trained_params"] == r["params"] else f" ({r['trained_params'] / 1e9:.2f}B trained)"
-        lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters{trained}; {per_block} "
-                     f"bytes saved per token per block (measured); {text}.")
+        lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters{trained}; {per_block} bytes saved per token "
+                     f"per block, {r['activation_bytes_per_token_root']:.0f} outside them (measured); {text}.")
+        a = activation_bytes_of(r)
         comp = {c: plan(shapes[name], world, PAPER, c, a, decode="compiled", freeze=freeze) for c in (False, True)}
         fits = [c for c in (False, True) if comp[c]["total"] <= budget]
         lines.append(f"  With `--decode compiled` on CUDA the static decode cache "
@@ -572,12 +607,14 @@ def main(argv=None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # (it counts host memory: the CPU, even where a GPU is)
         from r3.distributed import run_and_exit
 
-        run_and_exit(lambda: measure(args))  # (leaves without gloo's teardown)
+        # (leaves without gloo's teardown; an R3Error, a --shape or --freeze it cannot use, is one line
+        # and exit 2, as the plan's: run_and_exit would print it as a crash)
+        run_and_exit(lambda: cli_main(measure)(args))
     shapes = None
     if args.shape:
         shape = load_shape(args.shape)
         path = Path(args.shape)
-        name = args.shape if args.shape in SHAPES else path.name if path.is_dir() else (
+        name = args.shape if args.shape in SHAPES else path.resolve().name if path.is_dir() else (
             path.parent.resolve().name if path.name == "config.json" else path.stem)
         shapes = {name: shape}
     rows, text = plan_table(args.world, args.gpu_gb, shapes, args.freeze)

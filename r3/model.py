@@ -1575,15 +1575,18 @@ class SegmentRuns:
                     runs[r, k].append(r * L + c)
         dev = segments.device if device is None else device
 
+        def put(t):  # (to a GPU from pinned memory: a copy the host need not wait for)
+            return t.pin_memory().to(dev, non_blocking=True) if torch.device(dev).type == "cuda" else t.to(dev)
+
         def padded(lists):
             width = max([1] + [len(x) for x in lists])
             out = torch.tensor([x + [0] * (width - len(x)) for x in lists] or [[0]], dtype=torch.long)
-            return out.to(dev), torch.tensor([len(x) for x in lists], dtype=torch.long).to(dev)
+            return put(out), put(torch.tensor([len(x) for x in lists], dtype=torch.long))
 
         prefix_t, prefix_len = padded(prefix)
         segment_t, segment_len = padded(list(runs.values()))
         return cls((P, L), prefix_t, prefix_len, segment_t[:len(runs)], segment_len,
-                   torch.tensor(rows, dtype=torch.long).to(dev))
+                   put(torch.tensor(rows, dtype=torch.long)))
 
     def mix(self, mix, *per_token: torch.Tensor) -> torch.Tensor:
         """``mix(*per_token rows, conv_state, ssm, lengths)`` (:meth:`LinearAttention._mix`) over

@@ -29,11 +29,18 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     assert plain["parts"]["its compacted copy (<= 3/4)"] == 0.75 * kv
     assert plain["total"] == plain["static"] + max(1.75 * kv, update)
     # without checkpointing every block keeps its activations; with it, every block its input and
-    # one block all of its activations (during its recomputation)
+    # one block all of its activations (during its recomputation); both, what lies outside them
     n, a, L, h = plain["micro_batch_tokens"], plain["activation_bytes_per_token_by_layer"], 3, 64
+    root = plain["activation_bytes_per_token_root"]
     assert len(a) == L and len(set(a)) == 1 and plain["activation_bytes_per_token_layer"] == a[0]
-    assert plain["parts"]["activations (one micro-batch)"] == n * L * a[0]
-    assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * a[0]
+    assert plain["activation_bytes_per_token_inputs"] == [0.0] * L and root > 0  # (Qwen2 norms its input first)
+    assert plain["parts"]["activations (one micro-batch)"] == n * L * a[0] + n * root
+    assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * a[0] + n * root
+    # blocks that keep their own input (OLMo's) and blocks of other kinds: without checkpointing
+    # all of it, with it the inputs anyway and the largest block's activations
+    given = {"blocks": [10.0, 30.0, 20.0], "inputs": [2.0] * 3, "root": 5.0}
+    assert mp.plan(TINY, 2, run, False, given)["parts"]["activations (one micro-batch)"] == n * (60 + 6 + 5)
+    assert mp.plan(TINY, 2, run, True, given)["parts"]["activations (one micro-batch)"] == n * (L * 2 * h + 30 + 5)
     assert ac["parts"]["rollout KV cache"] == plain["parts"]["rollout KV cache"]
     # compiled decode on CUDA: the static cache (64 rows; 830 slots rounded up to 832, plus one
     # bucket: 896) is held all the time, and compactions happen in it
@@ -53,17 +60,22 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
             + parts["logits (reflection positions)"], parts[mp.END_OF_BACKWARD]), rel=1e-12)
 
 
-def test_activation_term_matches_the_bytes_a_forward_keeps():
-    """Whole tiny model, bf16: the per-token, per-block coefficient times tokens and blocks is
-    the memory the forward pass leaves allocated for backward, but for what lies outside the
-    blocks, to the byte: the positions, the RoPE tables every block reads (made once), and the
-    final norm's float32 input, statistics and bf16 output."""
+@pytest.mark.parametrize("family", ["qwen2", "olmo2", "gemma4", "qwen35"])
+def test_activation_terms_are_the_bytes_a_forward_keeps(family):
+    """Whole tiny model, bf16: the per-token terms (each block's, the inputs blocks keep, what
+    lies outside them), measured on one block of each kind, times the tokens are the memory the
+    whole model's forward pass leaves allocated for backward, to the byte. Qwen2's outside: the
+    positions, the RoPE tables every block reads (made once), and the final norm's float32 input,
+    statistics and bf16 output; OLMo 2's attention reads its block's input unnormed and keeps
+    it; Gemma 4's per-layer inputs grow with the layers."""
     import memory_plan as mp
+    from conftest import tiny_hf_config
     from r3.model import ModelConfig, Transformer
 
     T = 256
-    (a,) = set(mp.activation_bytes_per_layer(TINY, T))
-    mc = ModelConfig.from_hf(TINY)
+    shape = TINY if family == "qwen2" else tiny_hf_config(family).to_dict()
+    got = mp.activation_bytes(shape, T)
+    mc = ModelConfig.from_hf(shape)
     torch.manual_seed(0)
     model = Transformer(mc).to(torch.bfloat16)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -76,11 +88,12 @@ def test_activation_term_matches_the_bytes_a_forward_keeps():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden_states(torch.randint(0, 512, (1, T)))
-    blocks = a * T * mc.num_hidden_layers
-    outside = sum(kept.values()) - blocks
-    positions, tables, final_norm = 8 * T, 2 * T * mc.head_dim * 2, T * (4 * mc.hidden_size + 4 + 2 * mc.hidden_size)
-    assert outside == positions + tables + final_norm
+        model.hidden_states(torch.randint(0, mc.vocab_size, (1, T)))
+    assert (sum(got["blocks"]) + sum(got["inputs"]) + got["root"]) * T == sum(kept.values())
+    assert (sum(got["inputs"]) > 0) == (family == "olmo2")
+    if family == "qwen2":
+        positions, tables, final_norm = 8 * T, 2 * T * mc.head_dim * 2, T * (4 * mc.hidden_size + 4 + 2 * mc.hidden_size)
+        assert got["root"] * T == positions + tables + final_norm
 
 
 QWEN35_SMALL = dict(model_type="qwen3_5_text", vocab_size=4096, hidden_size=256, intermediate_size=704,
@@ -135,13 +148,14 @@ def test_one_layer_of_each_kind_measures_every_layer_of_the_whole_model(family, 
     layer, the bytes the whole model's blocks keep."""
     import memory_plan as mp
     from conftest import tiny_hf_config
+    from r3.model import ModelConfig
 
     shape = {**tiny_hf_config(family).to_dict(), **fields}
-    whole = mp.activation_bytes_per_layer(shape, 64, reduce=False)
-    assert mp.activation_bytes_per_layer(shape, 64) == whole
-    assert len(set(whole)) == kinds  # (the layers' kinds do differ)
-    small, keep = mp._reduced_config(__import__("r3.model", fromlist=["ModelConfig"]).ModelConfig.from_hf(shape))
-    assert small.vocab_size <= 1024 and len(keep) <= len(whole)
+    whole = mp.activation_bytes(shape, 64, reduce=False)
+    assert mp.activation_bytes(shape, 64) == whole
+    assert len(set(whole["blocks"])) == kinds  # (the layers' kinds do differ)
+    small, keep = mp._reduced_config(ModelConfig.from_hf(shape))
+    assert small.vocab_size <= 1024 and len(keep) == kinds
 
 
 def test_the_rollout_cache_holds_each_layers_own_keys_values_and_states():
@@ -153,16 +167,17 @@ def test_the_rollout_cache_holds_each_layers_own_keys_values_and_states():
 
     run = dict(mp.PAPER, batch_size=16)
     rows, slots = 64, 830  # (16 failures / 2 ranks x G=8; 150 + 256 + 128 + 256 + 40)
-    q = mp.plan(tiny_hf_config("qwen35").to_dict(), 2, run, False, a_layers=[1.0] * 4)
+    ones = lambda n: {"blocks": [1.0] * n, "inputs": [0.0] * n, "root": 1.0}  # noqa: E731
+    q = mp.plan(tiny_hf_config("qwen35").to_dict(), 2, run, False, ones(4))
     attention = 2 * 2 * 16 * 2  # k and v, 2 kv heads of 16, bf16: per slot
     conv = (4 - 1) * (2 * 2 * 8 + 4 * 12) * 2  # kernel - 1 inputs of q, k and v's channels, bf16
     delta = 4 * 8 * 12 * 4  # per value head a key dim x value dim state, fp32
     assert (q["rows_per_rank"], q["slots"]) == (rows, slots)
     assert q["parts"]["rollout KV cache"] == rows * (slots * attention + 3 * (conv + delta))
-    g = mp.plan(tiny_hf_config("gemma4").to_dict(), 2, run, False, a_layers=[1.0] * 5)
+    g = mp.plan(tiny_hf_config("gemma4").to_dict(), 2, run, False, ones(5))
     sliding, full = 2 * 2 * 16 * 2, 2 * 1 * 32 * 2  # (layers 3 and 4 read layers 2's and 1's)
     assert g["parts"]["rollout KV cache"] == rows * slots * (2 * sliding + full)
-    comp = mp.plan(tiny_hf_config("qwen35").to_dict(), 2, run, False, a_layers=[1.0] * 4, decode="compiled")
+    comp = mp.plan(tiny_hf_config("qwen35").to_dict(), 2, run, False, ones(4), decode="compiled")
     assert comp["parts"]["static decode cache"] == rows * (896 * attention + 3 * (conv + delta))
 
 
@@ -170,7 +185,7 @@ def test_frozen_parameters_have_no_gradients_and_no_adamw_state():
     import memory_plan as mp
 
     run = dict(mp.PAPER, batch_size=16)
-    a = [1000.0] * 3
+    a = {"blocks": [1000.0] * 3, "inputs": [0.0] * 3, "root": 100.0}
     full = mp.plan(TINY, 2, run, False, a)
     frozen = mp.plan(TINY, 2, run, False, a, freeze="embed_tokens.weight,layers.0.*")
     P, V, h = full["params"], 512, 64
@@ -216,3 +231,36 @@ def test_the_plan_of_a_users_config_and_bad_shapes(tmp_path):
                              timeout=300)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_measure_says_a_bad_shape_or_freeze_in_one_line(tmp_path):
+    """``--measure`` (run_and_exit, as under torchrun) with a shape or freeze pattern r3 cannot
+    use: the plan's one line and exit 2, not a traceback and exit 1."""
+    import json
+    import subprocess
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
+    script = str(ROOT / "benchmarks" / "memory_plan.py")
+    for extra, message in ((["--shape", str(tmp_path / "nothing")], "neither one of qwen2.5-0.5b"),
+                           (["--shape", str(tmp_path / "config.json"), "--freeze", "no_such.*"], "matches no parameter")):
+        out = subprocess.run([sys.executable, script, "--measure", *extra], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_plan_names_a_model_given_as_the_current_directory(tmp_path):
+    """``--shape .`` (a checkpoint directory by a name with no last part): the table and the
+    JSON name the directory, not an empty string."""
+    import json
+    import subprocess
+
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--shape", ".", "--world", "2",
+                          "--json", str(tmp_path / "p.json")], cwd=model, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| part | my-model | my-model + AC |" in out.stdout
+    assert {r["model"] for r in json.loads((tmp_path / "p.json").read_text())["plan"]} == {"my-model"}
