@@ -1034,6 +1034,22 @@ def _tokenizer_dir(ctx: Ctx, dest: Path) -> None:
     load_tokenizer("smollm2-135m").save_pretrained(str(dest))
 
 
+def _memory_plan_of_run(spec: dict, config: Path) -> dict:
+    """benchmarks/memory_plan.py's plan of one r3.train run (its config.json's batch, group, token
+    limits, micro-batches, checkpointing, decode and frozen parameters; one rank), to set beside
+    the peak memory the run measured. The plan is an upper bound: it takes every prompt to be 150
+    tokens, every generation as long as its limit, and the per-row layout."""
+    from memory_plan import plan
+
+    cfg = json.loads(config.read_text())
+    run = dict(batch_size=cfg["batch_size"], group_size=cfg["group_size"], prompt=150,
+               attempt=cfg["max_attempt_tokens"], reflection=cfg["max_reflection_tokens"],
+               retry=cfg["max_retry_tokens"], micro_batch_size=cfg["micro_batch_size"])
+    p = plan(spec, 1, run, bool(cfg["activation_checkpointing"]), decode=cfg["decode"], freeze=cfg.get("freeze") or "")
+    return {"run": run, "peak_gb": p["total"] / 1e9, "rollout_phase_gb": p["rollout_phase"] / 1e9,
+            "update_phase_gb": p["update_phase"] / 1e9}
+
+
 def section_train(ctx: Ctx) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -1087,6 +1103,8 @@ def section_train(ctx: Ctx) -> dict:
             if metrics.is_file():
                 rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
                 res["steps"] = [{k: r.get(k) for k in keys} for r in rows]
+            if (run_dir / "config.json").is_file():
+                res["memory_plan"] = _memory_plan_of_run(spec, run_dir / "config.json")
             for line in log:
                 if line.startswith("step "):
                     print("train: " + line, flush=True)
@@ -1267,6 +1285,20 @@ def markdown(report: dict) -> str:
             peak = next((r["peak_tflops"] for r in tr["steps"] if r.get("peak_tflops")), None)
             lines += ["", f"MFU against {_fmt(peak, '.0f')} TFLOP/s (r3.train's peak for this device: its datasheet's "
                           "dense bf16 rate where r3 knows the GPU, else a measured matmul).", ""]
+        runs = [("default", tr), ("--activation-checkpointing true", tr.get("activation_checkpointing", {})),
+                ("--decode compiled", tr.get("compiled_decode", {}))]
+        planned = [(name, r) for name, r in runs if r.get("memory_plan") and r.get("steps")]
+        if planned:
+            lines += ["Peak memory against `benchmarks/memory_plan.py`'s plan of the same settings (an upper bound: "
+                      "it takes 150-token prompts, every generation at its limit and the per-row layout):", "",
+                      "| run | measured peak GB | planned peak GB (rollout / update phase) |", "|---|---|---|"]
+            for name, r in planned:
+                mp = r["memory_plan"]
+                measured = max((x["peak_memory_gb"] or 0) for x in r["steps"]) if any(
+                    x["peak_memory_gb"] for x in r["steps"]) else None
+                lines.append(f"| {name} | {_fmt(measured)} | {mp['peak_gb']:.2f} ({mp['rollout_phase_gb']:.2f} / "
+                             f"{mp['update_phase_gb']:.2f}) |")
+            lines.append("")
         ac = tr.get("activation_checkpointing", {})
         if ac.get("steps") and tr.get("steps"):
             peak = max((r["peak_memory_gb"] or 0) for r in tr["steps"])

@@ -85,6 +85,12 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     for a, b in zip(ac["steps"], train["steps"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-9)
+    # each run beside memory_plan.py's plan of its own settings (the smoke run's limits: 8 tokens)
+    plans = train["memory_plan"], ac["memory_plan"]
+    assert all(p["run"]["batch_size"] == 2 and p["run"]["reflection"] == 8 for p in plans)
+    assert all(0 < p["rollout_phase_gb"] <= p["peak_gb"] and p["update_phase_gb"] <= p["peak_gb"] for p in plans)
+    assert ac["memory_plan"]["update_phase_gb"] <= train["memory_plan"]["update_phase_gb"]
+    assert "| default | - | " in md and "| --activation-checkpointing true | - | " in md
 
 
 def test_a_long_section_cut_short_keeps_what_finished(tmp_path):
