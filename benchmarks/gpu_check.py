@@ -1036,16 +1036,17 @@ def _tokenizer_dir(ctx: Ctx, dest: Path) -> None:
 
 def _memory_plan_of_run(spec: dict, config: Path) -> dict:
     """benchmarks/memory_plan.py's plan of one r3.train run (its config.json's batch, group, token
-    limits, micro-batches, checkpointing, decode and frozen parameters; one rank), to set beside
-    the peak memory the run measured. The plan is an upper bound: it takes every prompt to be 150
-    tokens, every generation as long as its limit, and the per-row layout."""
+    limits, micro-batches, layout, checkpointing, decode and frozen parameters; one rank), to set
+    beside the peak memory the run measured. The plan is an upper bound: it takes every prompt to
+    be 150 tokens and every generation as long as its limit."""
     from memory_plan import plan
 
     cfg = json.loads(config.read_text())
     run = dict(batch_size=cfg["batch_size"], group_size=cfg["group_size"], prompt=150,
                attempt=cfg["max_attempt_tokens"], reflection=cfg["max_reflection_tokens"],
                retry=cfg["max_retry_tokens"], micro_batch_size=cfg["micro_batch_size"])
-    p = plan(spec, 1, run, bool(cfg["activation_checkpointing"]), decode=cfg["decode"], freeze=cfg.get("freeze") or "")
+    p = plan(spec, 1, run, bool(cfg["activation_checkpointing"]), decode=cfg["decode"], freeze=cfg.get("freeze") or "",
+             shared_prefix=bool(cfg.get("shared_prefix", True)))
     return {"run": run, "peak_gb": p["total"] / 1e9, "rollout_phase_gb": p["rollout_phase"] / 1e9,
             "update_phase_gb": p["update_phase"] / 1e9}
 
@@ -1290,7 +1291,7 @@ def markdown(report: dict) -> str:
         planned = [(name, r) for name, r in runs if r.get("memory_plan") and r.get("steps")]
         if planned:
             lines += ["Peak memory against `benchmarks/memory_plan.py`'s plan of the same settings (an upper bound: "
-                      "it takes 150-token prompts, every generation at its limit and the per-row layout):", "",
+                      "it takes 150-token prompts and every generation at its limit):", "",
                       "| run | measured peak GB | planned peak GB (rollout / update phase) |", "|---|---|---|"]
             for name, r in planned:
                 mp = r["memory_plan"]

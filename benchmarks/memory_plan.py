@@ -32,13 +32,15 @@ During the rollout, the KV cache (below). During the update:
   Gemma 4's full, sliding and shared layers): one block of each kind is measured, in the model's
   own forward cut to those blocks and a small vocabulary. Frozen parameters change no activation:
   the plan keeps them all (an upper bound where a frozen bottom of the model needs no backward
-  pass). Counted for the per-row layout (every row its own prompt and attempt); the
-  shared-prefix layout (the default) encodes each group's prefix once (27% of the tokens in
-  bench_train_step's paper-shaped groups), and on CUDA keeps its kv heads repeated for the
-  memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16 values more per token and
-  block, 5% of ``a_l`` for Qwen2.5-7B): less in all, so the plan is the upper bound;
-* logits at the reflection positions, bf16, plus the fused log-prob kernel's float32 per-chunk
-  work (``r3/kernels/``) -- small next to the rest;
+  pass). Counted for the trainer's default layout, the shared prefix (:func:`micro_batch_layout`):
+  a micro-batch holds as many whole groups, each its prefix once, as fit in the tokens of
+  ``micro_batch_size`` per-row rows -- about as many tokens as the per-row layout, and in the
+  paper-shaped run 3x the trained rows (3 groups of 8) -- and on CUDA each attention block keeps
+  its kv heads repeated for the memory-efficient kernel (``2 (heads - kv heads) head_dim`` bf16
+  values more per token, 5% of ``a_l`` for Qwen2.5-7B) and each packed row an additive ``[L, L]``
+  mask; ``shared_prefix=False`` (``--measure``) counts the per-row layout;
+* logits at the micro-batch's reflection positions, bf16, plus the fused log-prob kernel's float32
+  per-chunk work (``r3/kernels/``) -- small next to the rest;
 * or, where that is more, the end of the backward pass, when the activations are freed: the
   root's gathered bf16 parameters and gradients, the fp32 copy FSDP2 reduce-scatters them from
   (``reduce_dtype``) and its fp32 output shard. With activation checkpointing this is often the
@@ -302,8 +304,27 @@ def row_tokens(run: dict) -> int:
     return run["prompt"] + run["attempt"] + run["reflection"] + 20
 
 
+def micro_batch_layout(run: dict, shared_prefix: bool) -> dict:
+    """The update's largest micro-batch: its ``tokens`` (what the forward encodes), ``targets``
+    (the reflection positions whose logits it takes), ``rows`` and ``length`` of its forward rows.
+    Per row: ``micro_batch_size`` rows. Shared prefix (r3.batch's ``_chunks``): as many whole
+    groups, each its prefix once and its G reflections, as fit in the tokens of
+    ``micro_batch_size`` rows of the per-row layout; a group over that alone is split by rows,
+    its prefix in each part."""
+    size, per_row, refl = run["micro_batch_size"], row_tokens(run), run["reflection"]
+    if not shared_prefix:
+        return {"tokens": size * per_row, "targets": size * refl, "rows": size, "length": per_row}
+    budget, prefix = size * per_row, per_row - refl
+    group = prefix + run["group_size"] * refl
+    if group <= budget:
+        groups = budget // group
+        return {"tokens": groups * group, "targets": groups * run["group_size"] * refl, "rows": groups, "length": group}
+    part = max(1, (budget - prefix) // refl)
+    return {"tokens": prefix + part * refl, "targets": part * refl, "rows": 1, "length": prefix + part * refl}
+
+
 def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dict | None = None,
-         decode: str = "eager", freeze: str = "") -> dict:
+         decode: str = "eager", freeze: str = "", shared_prefix: bool = True) -> dict:
     """Bytes per rank, by part (see the module docstring). ``act_bytes``: the activations' bytes
     per token (:func:`activation_bytes`, measured when not given). ``freeze``:
     r3.train's ``freeze`` patterns (frozen parameters have no gradients and no AdamW state).
@@ -322,11 +343,19 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
     blocks, inputs, root = act_bytes["blocks"], act_bytes["inputs"], act_bytes["root"]
     rows = run["batch_size"] // world * run["group_size"]
     slots = run["prompt"] + run["attempt"] + run["reflection"] + run["retry"] + 40  # + the two user turns
-    mb_tokens = run["micro_batch_size"] * row_tokens(run)
-    targets = run["micro_batch_size"] * run["reflection"]
+    mb = micro_batch_layout(run, shared_prefix)
+    mb_tokens, targets = mb["tokens"], mb["targets"]
+    held, held_root = blocks, root
+    if shared_prefix:
+        # the packed layout's attention on CUDA: one additive mask per packed row and window size,
+        # and the kv heads repeated for the memory-efficient kernel (kept for backward per block)
+        windows = len(set(mc.layer_windows)) if mc.layer_windows else 1
+        held_root = root + mb["rows"] * mb["length"] ** 2 * 2 * windows / mb_tokens
+        held = [b + (0 if mc.linear(i) else 2 * (mc.num_attention_heads - mc.layer_kv_heads(i))
+                     * mc.layer_head_dim(i) * 2) for i, b in enumerate(blocks)]
     # (with checkpointing every block keeps its input, and one block its activations while it is
     # recomputed; without, every block keeps its activations, and its input where it saves it)
-    act = mb_tokens * ((L * 2 * h + max(blocks)) if checkpointing else sum(blocks) + sum(inputs)) + mb_tokens * root
+    act = mb_tokens * ((L * 2 * h + max(held)) if checkpointing else sum(held) + sum(inputs)) + mb_tokens * held_root
     # the two largest blocks gathered at once (the one computing and the one prefetched)
     two = sorted(range(L), key=lambda i: n["blocks"][i])[-2:]
     kv = kv_cache_bytes(mc, rows, slots)
@@ -359,7 +388,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
     return {"params": P, "trained_params": trained, "activation_bytes_per_token_layer": sum(blocks) / L,
             "activation_bytes_per_token_by_layer": list(blocks), "activation_bytes_per_token_inputs": list(inputs),
             "activation_bytes_per_token_root": root, "rows_per_rank": rows, "slots": slots,
-            "micro_batch_tokens": mb_tokens, "parts": parts, "static": static, "rollout_phase": static + rollout,
+            "micro_batch_tokens": mb_tokens, "micro_batch_targets": targets, "parts": parts, "static": static, "rollout_phase": static + rollout,
             "update_phase": static + update, "total": static + max(rollout, update)}
 
 
@@ -493,7 +522,7 @@ def measure(args) -> None:
     rows, per = 8, args.tokens // 8
     run = dict(batch_size=d.world, group_size=1, prompt=per - 128 - 20, attempt=0, reflection=128, retry=0,
                micro_batch_size=rows)
-    formula = {ckpt: plan(shape, d.world, run, ckpt, freeze=args.freeze) for ckpt in (False, True)}
+    formula = {ckpt: plan(shape, d.world, run, ckpt, freeze=args.freeze, shared_prefix=False) for ckpt in (False, True)}
     rss = AllocatedPeak()
     out = {"shape": args.shape, "world": d.world, "tokens": args.tokens, "rank": d.rank, "phases": []}
     base = rss.reset()

@@ -19,8 +19,8 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     import memory_plan as mp
 
     run = dict(mp.PAPER, batch_size=16)
-    plain = mp.plan(TINY, 2, run, False)
-    ac = mp.plan(TINY, 2, run, True)
+    plain = mp.plan(TINY, 2, run, False, shared_prefix=False)
+    ac = mp.plan(TINY, 2, run, True, shared_prefix=False)
     P = plain["params"]
     assert plain["parts"]["policy fp32 shards"] == 4 * P / 2 and plain["parts"]["rollout copy bf16"] == 2 * P
     assert plain["static"] == sum(plain["parts"].get(k, 0) for k in mp.STATIC)
@@ -39,12 +39,12 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     # blocks that keep their own input (OLMo's) and blocks of other kinds: without checkpointing
     # all of it, with it the inputs anyway and the largest block's activations
     given = {"blocks": [10.0, 30.0, 20.0], "inputs": [2.0] * 3, "root": 5.0}
-    assert mp.plan(TINY, 2, run, False, given)["parts"]["activations (one micro-batch)"] == n * (60 + 6 + 5)
-    assert mp.plan(TINY, 2, run, True, given)["parts"]["activations (one micro-batch)"] == n * (L * 2 * h + 30 + 5)
+    act = lambda ckpt: mp.plan(TINY, 2, run, ckpt, given, shared_prefix=False)["parts"]["activations (one micro-batch)"]  # noqa: E731
+    assert act(False) == n * (60 + 6 + 5) and act(True) == n * (L * 2 * h + 30 + 5)
     assert ac["parts"]["rollout KV cache"] == plain["parts"]["rollout KV cache"]
     # compiled decode on CUDA: the static cache (64 rows; 830 slots rounded up to 832, plus one
     # bucket: 896) is held all the time, and compactions happen in it
-    comp = mp.plan(TINY, 2, run, False, decode="compiled")
+    comp = mp.plan(TINY, 2, run, False, decode="compiled", shared_prefix=False)
     assert plain["rows_per_rank"] == 64 and plain["slots"] == 830
     assert comp["parts"]["static decode cache"] == kv * 896 / 830
     assert comp["parts"]["its compacted copy (<= 3/4)"] == 0
@@ -58,6 +58,43 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
         assert p["update_phase"] - p["static"] == pytest.approx(parts["gradients fp32 shards"] + max(
             parts["gathered params + their grads (bf16)"] + parts["activations (one micro-batch)"]
             + parts["logits (reflection positions)"], parts[mp.END_OF_BACKWARD]), rel=1e-12)
+
+
+def test_the_shared_prefix_layout_packs_whole_groups_into_the_per_row_budget():
+    """The trainer's default layout (r3.batch._chunks): a micro-batch holds as many whole groups as
+    fit in the tokens of 8 per-row rows (8 x 554), each its 426-token prefix once and its 8
+    reflections of 128: 3 groups, 4350 tokens, 3 x 8 x 128 targets (3x the per-row layout's
+    logits). On CUDA each attention block keeps its kv heads repeated (2 x 2 more heads of 16,
+    bf16, per token), and each packed row an additive [L, L] mask. A group over the budget alone
+    is split by rows, its prefix in each part."""
+    import memory_plan as mp
+
+    run = dict(mp.PAPER, batch_size=16)
+    given = {"blocks": [1000.0] * 3, "inputs": [0.0] * 3, "root": 100.0}
+    assert mp.micro_batch_layout(run, False) == {"tokens": 8 * 554, "targets": 8 * 128, "rows": 8, "length": 554}
+    assert mp.micro_batch_layout(run, True) == {"tokens": 4350, "targets": 3072, "rows": 3, "length": 1450}
+    assert mp.micro_batch_layout(dict(run, group_size=64), True) == {
+        "tokens": 426 + 31 * 128, "targets": 31 * 128, "rows": 1, "length": 426 + 31 * 128}
+    # as the trainer batches such groups (r3.batch.make_micro_batches)
+    from r3 import batch as B
+
+    for group_size in (8, 64):
+        seqs = [[g + 1] * 426 + [7] * 128 for g in range(4) for _ in range(group_size)]
+        spans = [(426, 554)] * len(seqs)
+        mbs = B.make_micro_batches(seqs, spans, [1.0] * len(seqs), 8, 0, "cpu", shared_prefix=True)
+        biggest = max(mbs, key=lambda m: m.packed.tokens.numel())
+        want = mp.micro_batch_layout(dict(run, group_size=group_size), True)
+        assert int((biggest.packed.segments >= 0).sum()) == want["tokens"] and len(biggest.targets) == want["targets"]
+        assert tuple(biggest.packed.tokens.shape) == (want["rows"], want["length"])
+    for ckpt in (False, True):
+        p = mp.plan(TINY, 2, run, ckpt, given)
+        held = 1000 + 2 * 2 * 16 * 2
+        blocks = 3 * 2 * 64 + held if ckpt else 3 * held
+        mask = 3 * 1450 ** 2 * 2
+        assert p["micro_batch_tokens"] == 4350 and p["micro_batch_targets"] == 3072
+        assert p["parts"]["activations (one micro-batch)"] == pytest.approx(4350 * (blocks + 100) + mask, rel=1e-12)
+        assert p["parts"]["logits (reflection positions)"] == 3072 * 512 * 2
+        assert p["activation_bytes_per_token_by_layer"] == given["blocks"]  # (as measured: planned again as given)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "olmo2", "gemma4", "qwen35"])
