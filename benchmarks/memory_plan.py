@@ -401,7 +401,8 @@ STATIC = ("policy fp32 shards", "AdamW state", "reference bf16 shards", "rollout
 ROLLOUT = ("rollout KV cache", "its compacted copy (<= 3/4)")
 
 
-def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: str = "") -> tuple[list[dict], str]:
+def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: str = "",
+               shared_prefix: bool = True) -> tuple[list[dict], str]:
     """The plan of each of ``shapes`` (name -> config.json fields; the paper's 1.5B, 7B and 8B when
     None) as rows for JSON and a Markdown table."""
     shapes = shapes or {name: SHAPES[name] for name in PLAN_SHAPES}
@@ -409,15 +410,15 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
     lines.append(f"Per-rank memory (GiB), {world} ranks, FSDP2, bf16 compute, fp32 master weights and AdamW, the "
                  f"paper-shaped run ({PAPER['batch_size']} failures x G={PAPER['group_size']} per step, attempts/"
                  f"retries <= {PAPER['attempt']} tokens, reflections <= {PAPER['reflection']}, micro-batches of "
-                 f"{PAPER['micro_batch_size']} rows)" + (f", parameters matching {freeze!r} frozen" if freeze else "")
-                 + ":")
+                 f"{PAPER['micro_batch_size']} rows, {'shared-prefix' if shared_prefix else 'per-row'} layout)"
+                 + (f", parameters matching {freeze!r} frozen" if freeze else "") + ":")
     lines.append("")
     names = list(shapes)
     results = {}
     for name in names:
         a = activation_bytes(shapes[name], row_tokens(PAPER))
         for ckpt in (False, True):
-            results[(name, ckpt)] = plan(shapes[name], world, PAPER, ckpt, a, freeze=freeze)
+            results[(name, ckpt)] = plan(shapes[name], world, PAPER, ckpt, a, freeze=freeze, shared_prefix=shared_prefix)
     head = "| part | " + " | ".join(f"{n} | {n} + AC" for n in names) + " |"
     lines += [head, "|---|" + "---|" * (2 * len(names))]
     for part in results[(names[0], False)]["parts"]:
@@ -451,7 +452,8 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
         lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters{trained}; {per_block} bytes saved per token "
                      f"per block, {r['activation_bytes_per_token_root']:.0f} outside them (measured); {text}.")
         a = activation_bytes_of(r)
-        comp = {c: plan(shapes[name], world, PAPER, c, a, decode="compiled", freeze=freeze) for c in (False, True)}
+        comp = {c: plan(shapes[name], world, PAPER, c, a, decode="compiled", freeze=freeze, shared_prefix=shared_prefix)
+                for c in (False, True)}
         fits = [c for c in (False, True) if comp[c]["total"] <= budget]
         lines.append(f"  With `--decode compiled` on CUDA the static decode cache "
                      f"({comp[False]['parts']['static decode cache'] / GiB:.1f} GiB) is held all the time, in place "
@@ -624,6 +626,8 @@ def main(argv=None) -> None:
     ap.add_argument("--freeze", default="",
                     help="r3.train's freeze patterns (comma-separated, over r3's parameter names): frozen "
                          "parameters have no gradients and no AdamW state")
+    ap.add_argument("--shared-prefix", choices=("true", "false"), default="true",
+                    help="the plan's update layout, as r3.train's --shared-prefix (--measure runs the per-row one)")
     ap.add_argument("--tokens", type=int, default=4096, help="--measure's micro-batch tokens")
     ap.add_argument("--micro-batches", type=int, default=2,
                     help="--measure's micro-batches per update (from the second on, gradients are held too)")
@@ -646,7 +650,7 @@ def main(argv=None) -> None:
         name = args.shape if args.shape in SHAPES else path.resolve().name if path.is_dir() else (
             path.parent.resolve().name if path.name == "config.json" else path.stem)
         shapes = {name: shape}
-    rows, text = plan_table(args.world, args.gpu_gb, shapes, args.freeze)
+    rows, text = plan_table(args.world, args.gpu_gb, shapes, args.freeze, args.shared_prefix == "true")
     print(text)
     if args.json:
         write_json_atomic(Path(args.json), {"plan": rows, "run": PAPER})

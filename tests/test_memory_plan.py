@@ -261,6 +261,11 @@ def test_the_plan_of_a_users_config_and_bad_shapes(tmp_path):
     rows = json.loads((tmp_path / "p.json").read_text())["plan"]
     assert {r["model"] for r in rows} == {"my-qwen35"} and len(rows) == 4
     assert all(r["trained_params"] < r["params"] for r in rows)
+    assert "shared-prefix layout" in out.stdout and rows[0]["micro_batch_targets"] == 3 * 8 * 128
+    per_row = subprocess.run([sys.executable, script, "--shape", str(model), "--world", "2", "--shared-prefix", "false",
+                              "--json", str(tmp_path / "q.json")], capture_output=True, text=True, timeout=300)
+    assert per_row.returncode == 0 and "per-row layout" in per_row.stdout, per_row.stderr[-2000:]
+    assert json.loads((tmp_path / "q.json").read_text())["plan"][0]["micro_batch_targets"] == 8 * 128
     (tmp_path / "bad.json").write_text(json.dumps({"model_type": "qwen2"}))
     for shape, message in ((tmp_path / "bad.json", "bad.json: missing field"),
                            (tmp_path / "nothing", "neither one of qwen2.5-0.5b")):
