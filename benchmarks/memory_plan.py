@@ -46,10 +46,11 @@ During the rollout, the KV cache (below). During the update:
   (``reduce_dtype``) and its fp32 output shard. With activation checkpointing this is often the
   update's peak (an untied 7B/8B model's embeddings and LM head are 1B parameters).
 
-The rollout's KV cache (r3.model.KVCache, bf16): per layer that holds keys and values, rows x slots
-x 2 x its kv heads x its head dim x 2 bytes (Gemma 4's shared layers hold none), and per Qwen 3.5
-Gated DeltaNet its conv and delta-rule states, the same for any slots; at the rows of one rank's
-reflection batch (its failures x G) and the longest conversation, plus, with
+The rollout's KV cache (r3.model.KVCache, bf16, as r3.rollout_memory counts it): per layer that
+holds keys and values, rows x slots x 2 x its kv heads x its head dim x 2 bytes (Gemma 4's shared
+layers hold none), and per Qwen 3.5 Gated DeltaNet its conv and delta-rule states, the same for
+any slots; at the rows of one rank's reflection batch (its failures x G) and the longest
+conversation, plus, with
 ``compact_rollouts`` (the default), a copy of at most three quarters of it (the live rows once a
 quarter has stopped). With ``--decode compiled`` on CUDA (CUDA graphs) the sampler instead decodes
 in a static cache of the same size that is held all the time (see :func:`plan`). The peak is
@@ -89,6 +90,7 @@ from r3.errors import cli_main  # noqa: E402
 from r3.files import write_json_atomic, write_text_atomic  # noqa: E402
 from r3.decode import graph_rows, slots_with_margin  # noqa: E402
 from r3.model import ModelConfig, Transformer  # noqa: E402
+from r3.rollout_memory import kv_cache_bytes  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -289,16 +291,6 @@ def activation_bytes_of(result: dict) -> dict:
             "inputs": result["activation_bytes_per_token_inputs"], "root": result["activation_bytes_per_token_root"]}
 
 
-def kv_cache_bytes(mc: ModelConfig, rows: int, slots: int) -> int:
-    """The sampler's cache (r3.model.KVCache) for ``rows`` rows of ``slots`` slots, bf16: keys and
-    values of every layer that holds them (per layer: its kv heads and head size), and Qwen 3.5's
-    Gated DeltaNet states (the conv's in bf16, the delta rule's in fp32), which do not grow with
-    the slots."""
-    from r3.model import KVCache
-
-    return KVCache.empty(mc, rows, slots, torch.bfloat16, "meta").nbytes()
-
-
 def row_tokens(run: dict) -> int:
     """One trained row: prompt, attempt, the reflection turn's ~20 tokens, the reflection."""
     return run["prompt"] + run["attempt"] + run["reflection"] + 20
@@ -358,7 +350,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
     act = mb_tokens * ((L * 2 * h + max(held)) if checkpointing else sum(held) + sum(inputs)) + mb_tokens * held_root
     # the two largest blocks gathered at once (the one computing and the one prefetched)
     two = sorted(range(L), key=lambda i: n["blocks"][i])[-2:]
-    kv = kv_cache_bytes(mc, rows, slots)
+    kv = kv_cache_bytes(mc, rows, slots, 2)  # (bf16)
     parts = {
         "policy fp32 shards": 4 * P / world,
         "AdamW state": 8 * trained / world,
@@ -377,7 +369,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
     }
     if decode == "compiled":
         parts["its compacted copy (<= 3/4)"] = 0.0
-        parts["static decode cache"] = kv_cache_bytes(mc, graph_rows(rows), slots_with_margin(slots))
+        parts["static decode cache"] = kv_cache_bytes(mc, graph_rows(rows), slots_with_margin(slots), 2)
     static = sum(parts.get(k, 0.0) for k in STATIC)
     rollout = sum(parts[k] for k in ROLLOUT)
     # the update's peak: the gradient shards plus the larger of the backward pass's busiest

@@ -28,15 +28,14 @@ class Packed:
     segments: torch.Tensor  # [P, L] 0 = prefix, k >= 1 = the k-th reflection, -1 = padding
     rows: torch.Tensor  # [N] packed row of each target's predicting position
     cols: torch.Tensor  # [N] packed column of it
-    segments_host: torch.Tensor | None = None  # ``segments`` on the host, where they were made
+    segments_host: torch.Tensor  # ``segments`` on the host, where they were made
     _runs: SegmentRuns | None = field(default=None, repr=False)
 
     def runs(self) -> SegmentRuns:
         """The layout as Gated DeltaNet layers run it (Qwen 3.5), made once from the host copy:
         no forward waits for the device to read ``segments`` back."""
         if self._runs is None:
-            host = self.segments_host if self.segments_host is not None else self.segments
-            self._runs = SegmentRuns.of(host, device=self.segments.device)
+            self._runs = SegmentRuns.of(self.segments_host, device=self.segments.device)
         return self._runs
 
 
@@ -173,7 +172,7 @@ def pack_shared_prefixes(seqs, spans, pad_id: int, device) -> Packed:
             cols += [start - 1] + list(range(first, first + end - start - 1))
     return Packed(tokens.to(device), positions.to(device), segments.to(device),
                   torch.tensor(rows, dtype=torch.long).to(device), torch.tensor(cols, dtype=torch.long).to(device),
-                  segments_host=segments)
+                  segments)
 
 
 def dummy_micro_batch(device) -> MicroBatch:
