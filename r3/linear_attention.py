@@ -138,11 +138,13 @@ def gated_delta_rule(
     chunk_decay = c[..., -1].exp()[..., None, None]  # Gamma_C
 
     # Only the state crosses chunks: one short sequential scan.
+    # (Each tensor unbound into its chunks once: indexing chunk n inside the loop would make the
+    # backward pass zero-fill and accumulate a whole [B, Hv, N, ...] gradient per chunk.)
     outs = []
-    for n in range(N):
-        delta = U[:, :, n] - W[:, :, n] @ S
-        outs.append(q_decayed[:, :, n] @ S + attn[:, :, n] @ delta)
-        S = chunk_decay[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ delta
+    for U_n, W_n, q_n, attn_n, k_n, decay_n in zip(*(x.unbind(2) for x in (U, W, q_decayed, attn, k_to_end, chunk_decay))):
+        delta = U_n - W_n @ S
+        outs.append(q_n @ S + attn_n @ delta)
+        S = decay_n * S + k_n.transpose(-1, -2) @ delta
     o = torch.stack(outs, dim=2).reshape(B, Hv, N * C, dv)[:, :, :T]
     return o.transpose(1, 2).contiguous(), S
 
