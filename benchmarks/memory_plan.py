@@ -28,9 +28,14 @@ During the rollout, the KV cache (below). During the update:
   autograd saves (``saved_tensors_hooks``) in a forward of the real shape on one row of a few
   hundred tokens, divided by the tokens, each saved tensor counted in the block whose op made it
   (``r``: the root's, made once). Layers of different kinds differ (Qwen
-  3.5's Gated DeltaNets keep 2.45x the bytes of its attention layers at Qwen3.5-0.8B's shapes;
+  3.5's Gated DeltaNets keep 1.75x the bytes of its attention layers at Qwen3.5-0.8B's shapes;
   Gemma 4's full, sliding and shared layers): one block of each kind is measured, in the model's
-  own forward cut to those blocks and a small vocabulary. Frozen parameters change no activation:
+  own forward cut to those blocks and a small vocabulary. While block ``l``'s backward pass runs
+  it allocates a working set ``w_l`` on top (its gradients and temporaries; a Gated DeltaNet's
+  recomputes the delta rule's chunk intermediates, which its forward does not keep), measured in
+  the same model as the most bytes allocated during that block's backward beyond what was
+  allocated when it began: the activations are ``max_l (a_1 + i_1 + ... + a_l + i_l + w_l)``
+  without checkpointing, ``L 2h + max_l (a_l + w_l)`` with it. Frozen parameters change no activation:
   the plan keeps them all (an upper bound where a frozen bottom of the model needs no backward
   pass). Counted for the trainer's default layout, the shared prefix (:func:`micro_batch_layout`):
   a micro-batch holds as many whole groups, each its prefix once, as fit in the tokens of
@@ -184,10 +189,13 @@ def _reduced_config(mc: ModelConfig, vocab: int = 1024, extra: bool = False) -> 
     return small, keep
 
 
-def _saved_bytes(mc: ModelConfig, tokens: int, dtype) -> dict:
+def _saved_bytes(mc: ModelConfig, tokens: int, dtype, backward: bool = False) -> dict:
     """One forward of a random model of ``mc`` over one row of ``tokens`` tokens, the bytes per
     token autograd saves for the backward pass (each storage once; parameters are not
-    activations), split by who holds them (see :func:`activation_bytes`)."""
+    activations), split by who holds them (see :func:`activation_bytes`). ``backward``: then a
+    backward pass to the first block's input (no parameter gradients: the plan counts those
+    apart), and for each block the most bytes allocated while its backward runs beyond what was
+    allocated when it began (the process's, ``mallinfo2`` after each op): ``backward``, per token."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -198,6 +206,9 @@ def _saved_bytes(mc: ModelConfig, tokens: int, dtype) -> dict:
         for prm in model.parameters():
             prm.normal_(0, 0.02)
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    tok = torch.randint(0, mc.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    if backward:  # (once before: what kernels allocate on a first call and keep is no block's working set)
+        torch.autograd.grad(model.hidden_states(tok).float().sum(), next(model.layers[0].parameters()))
     made: dict[int, int | None] = {}  # storage -> the block whose op made it (None: the root)
     inputs: dict[int, int | None] = {}  # the residual stream: storage -> the block (None: the final norm) it enters
     saved: dict[int, tuple[int | None, int]] = {}  # storage -> (the block that saved it first, bytes)
@@ -234,10 +245,38 @@ def _saved_bytes(mc: ModelConfig, tokens: int, dtype) -> dict:
             saved[st.data_ptr()] = (current[0], st.nbytes())
         return t
 
-    tok = torch.randint(0, mc.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    first_input: list = []
+    handles.append(model.layers[0].register_forward_pre_hook(lambda module, args: first_input.append(args[0])))
+    window: list = [None]  # during a block's backward: [the block, bytes allocated as it began, the most since]
+    extra = [0.0] * mc.num_hidden_layers
+    if backward:
+        def began(block_index):
+            def hook(module, grad_output):
+                window[0] = [block_index, allocated_bytes(), 0]
+            return hook
+
+        def ended(module, grad_input, grad_output):
+            block_index, start, most = window[0]
+            extra[block_index] = max(0, most - start) / tokens
+            window[0] = None
+
+        handles += [b.register_full_backward_pre_hook(began(n)) for n, b in enumerate(model.layers)]
+        handles += [b.register_full_backward_hook(ended) for b in model.layers]
+
+    class Peaks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if window[0] is not None:
+                window[0][2] = max(window[0][2], allocated_bytes())
+            return out
+
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Makers():
-            model.hidden_states(tok)
+            hidden = model.hidden_states(tok)
+        alive.clear()
+        if backward:
+            with Peaks():
+                torch.autograd.grad(hidden.float().sum(), first_input[0])
     finally:
         for h in handles:
             h.remove()
@@ -255,11 +294,13 @@ def _saved_bytes(mc: ModelConfig, tokens: int, dtype) -> dict:
             out["root"] += nbytes / tokens
         else:
             out["blocks"][block] += nbytes / tokens
-    alive.clear()
+    if backward:
+        out["backward"] = extra
     return out
 
 
-def activation_bytes(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: bool = True) -> dict:
+def activation_bytes(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: bool = True,
+                     backward: bool = False) -> dict:
     """Bytes per token autograd saves for the backward pass, for one row of ``tokens`` tokens,
     causal attention, forward in ``dtype``: ``blocks``, each block's (a list, one per layer),
     what each block made; ``inputs``, each block's own input where the block keeps it (OLMo's
@@ -270,25 +311,32 @@ def activation_bytes(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: boo
     blocks. Layers differ where their kinds do (:func:`layer_kind`: Qwen 3.5's Gated DeltaNets and
     attention, Gemma 4's full, sliding and shared layers): ``reduce`` measures one layer of each
     kind in the model's own forward (:func:`_reduced_config`), and a second time with one more
-    layer for the root's part that grows with the layers (Gemma 4's per-layer inputs)."""
+    layer for the root's part that grows with the layers (Gemma 4's per-layer inputs).
+    ``backward``: also ``backward``, each block's working set in its backward pass beyond what it
+    saved (measured, so approximate: what a recomputing backward, such as the Gated DeltaNet's,
+    allocates again, gradients, temporaries)."""
     mc = ModelConfig.from_hf(shape)
     if not reduce:
-        return _saved_bytes(mc, tokens, dtype)
+        return _saved_bytes(mc, tokens, dtype, backward)
     small, keep = _reduced_config(mc)
-    got = _saved_bytes(small, tokens, dtype)
+    got = _saved_bytes(small, tokens, dtype, backward)
     root = got["root"]
     if len(keep) < mc.num_hidden_layers:
         more = _saved_bytes(_reduced_config(mc, extra=True)[0], tokens, dtype)["root"]
         root += (mc.num_hidden_layers - len(keep)) * (more - got["root"])
     by_kind = {layer_kind(mc, i): n for n, i in enumerate(keep)}
     pick = lambda key: [got[key][by_kind[layer_kind(mc, i)]] for i in range(mc.num_hidden_layers)]  # noqa: E731
-    return {"blocks": pick("blocks"), "inputs": pick("inputs"), "root": root}
+    out = {"blocks": pick("blocks"), "inputs": pick("inputs"), "root": root}
+    if backward:
+        out["backward"] = pick("backward")
+    return out
 
 
 def activation_bytes_of(result: dict) -> dict:
     """The activation bytes a :func:`plan` result was made with (to plan again without measuring)."""
     return {"blocks": result["activation_bytes_per_token_by_layer"],
-            "inputs": result["activation_bytes_per_token_inputs"], "root": result["activation_bytes_per_token_root"]}
+            "inputs": result["activation_bytes_per_token_inputs"], "root": result["activation_bytes_per_token_root"],
+            "backward": result["activation_bytes_per_token_backward"]}
 
 
 def row_tokens(run: dict) -> int:
@@ -331,8 +379,9 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
     P, trained = n["total"], n["trained"]
     L, h, V = mc.num_hidden_layers, mc.hidden_size, mc.vocab_size
     if act_bytes is None:
-        act_bytes = activation_bytes(shape, row_tokens(run))
+        act_bytes = activation_bytes(shape, row_tokens(run), backward=True)
     blocks, inputs, root = act_bytes["blocks"], act_bytes["inputs"], act_bytes["root"]
+    working = act_bytes.get("backward") or [0.0] * len(blocks)
     rows = run["batch_size"] // world * run["group_size"]
     slots = run["prompt"] + run["attempt"] + run["reflection"] + run["retry"] + 40  # + the two user turns
     mb = micro_batch_layout(run, shared_prefix)
@@ -346,8 +395,14 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
         held = [b + (0 if mc.linear(i) else 2 * (mc.num_attention_heads - mc.layer_kv_heads(i))
                      * mc.layer_head_dim(i) * 2) for i, b in enumerate(blocks)]
     # (with checkpointing every block keeps its input, and one block its activations while it is
-    # recomputed; without, every block keeps its activations, and its input where it saves it)
-    act = mb_tokens * ((L * 2 * h + max(held)) if checkpointing else sum(held) + sum(inputs)) + mb_tokens * held_root
+    # recomputed; without, every block keeps its activations, and its input where it saves it;
+    # either way, block l's backward pass allocates its working set while blocks 0..l keep theirs)
+    if checkpointing:
+        per_token = L * 2 * h + max(a + w for a, w in zip(held, working))
+    else:
+        kept = [sum(held[:i + 1]) + sum(inputs[:i + 1]) for i in range(L)]
+        per_token = max(k + w for k, w in zip(kept, working))
+    act = mb_tokens * per_token + mb_tokens * held_root
     # the two largest blocks gathered at once (the one computing and the one prefetched)
     two = sorted(range(L), key=lambda i: n["blocks"][i])[-2:]
     kv = kv_cache_bytes(mc, rows, slots, 2)  # (bf16)
@@ -379,6 +434,7 @@ def plan(shape: dict, world: int, run: dict, checkpointing: bool, act_bytes: dic
     update = parts["gradients fp32 shards"] + max(during, parts[END_OF_BACKWARD])
     return {"params": P, "trained_params": trained, "activation_bytes_per_token_layer": sum(blocks) / L,
             "activation_bytes_per_token_by_layer": list(blocks), "activation_bytes_per_token_inputs": list(inputs),
+            "activation_bytes_per_token_backward": list(working),
             "activation_bytes_per_token_root": root, "rows_per_rank": rows, "slots": slots,
             "micro_batch_tokens": mb_tokens, "micro_batch_targets": targets, "parts": parts, "static": static, "rollout_phase": static + rollout,
             "update_phase": static + update, "total": static + max(rollout, update)}
@@ -408,7 +464,7 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
     names = list(shapes)
     results = {}
     for name in names:
-        a = activation_bytes(shapes[name], row_tokens(PAPER))
+        a = activation_bytes(shapes[name], row_tokens(PAPER), backward=True)
         for ckpt in (False, True):
             results[(name, ckpt)] = plan(shapes[name], world, PAPER, ckpt, a, freeze=freeze, shared_prefix=shared_prefix)
     head = "| part | " + " | ".join(f"{n} | {n} + AC" for n in names) + " |"
@@ -442,7 +498,9 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
                      " / ".join(f"{v:.0f} ({b.count(v)} blocks)" for v in sorted(set(b), key=b.index)))
         trained = "" if r["trained_params"] == r["params"] else f" ({r['trained_params'] / 1e9:.2f}B trained)"
         lines.append(f"- {name}: {r['params'] / 1e9:.2f}B parameters{trained}; {per_block} bytes saved per token "
-                     f"per block, {r['activation_bytes_per_token_root']:.0f} outside them (measured); {text}.")
+                     f"per block, {r['activation_bytes_per_token_root']:.0f} outside them, up to "
+                     f"{max(r['activation_bytes_per_token_backward']):.0f} more while a block's backward pass runs "
+                     f"(measured); {text}.")
         a = activation_bytes_of(r)
         comp = {c: plan(shapes[name], world, PAPER, c, a, decode="compiled", freeze=freeze, shared_prefix=shared_prefix)
                 for c in (False, True)}
@@ -464,26 +522,37 @@ def plan_table(world: int, gpu_gb: float, shapes: dict | None = None, freeze: st
 # ------------------------------------------------------------------------------------ measure
 
 
-class AllocatedPeak:
-    """Samples the bytes this process has allocated (glibc ``mallinfo2``: mmapped blocks plus the
-    heap in use; torch's CPU tensors come from malloc) every ``every`` seconds; ``peak`` since
-    ``reset``. Unlike resident memory it does not count what the allocator keeps after a free."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    class _Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+_mallinfo2 = None
+
+
+def allocated_bytes() -> int:
+    """The bytes this process has allocated now (glibc ``mallinfo2``: mmapped blocks plus the heap
+    in use; torch's CPU tensors come from malloc). Unlike resident memory it does not count what
+    the allocator keeps after a free."""
+    global _mallinfo2
+    if _mallinfo2 is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallinfo2.restype = _MallInfo2
+        _mallinfo2 = libc.mallinfo2
+    m = _mallinfo2()
+    return m.hblkhd + m.uordblks
+
+
+class AllocatedPeak:
+    """Samples :func:`allocated_bytes` every ``every`` seconds; ``peak`` since ``reset``."""
 
     def __init__(self, every: float = 0.002):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallinfo2.restype = self._Info
-        self._mallinfo = libc.mallinfo2
         self.every, self.peak, self.peak_time, self._stop = every, 0, time.perf_counter(), False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def now(self) -> int:
-        m = self._mallinfo()
-        return m.hblkhd + m.uordblks
+        return allocated_bytes()
 
     def _run(self):
         while not self._stop:

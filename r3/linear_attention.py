@@ -21,7 +21,9 @@ i <= t (0 elsewhere), unrolling the recurrence gives, in matrices with one row p
     O   = (Q * Gamma) S0 + (Q K^T * D) Delta
     S_C = Gamma_C S0 + (K * exp(c_C - c))^T Delta
 
-so a chunk costs two triangular solves and a few matmuls, and only the state crosses chunks.
+so a chunk costs one triangular solve (the inverse of I + L) and a few matmuls, and only the state
+crosses chunks. Training keeps only the inputs and each chunk's starting state for the backward
+pass, which recomputes the rest (:class:`_ChunkedRule`).
 
 Contracts. Value head h reads key head ``h // (Hv // Hk)`` (transformers' ``repeat_interleave``).
 States are ``[B, Hv, dk, dv]`` in fp32 and outputs fp32, whatever the input dtype (fp64 inputs
@@ -81,6 +83,91 @@ def _segment_sums(g: torch.Tensor) -> torch.Tensor:
     return x.cumsum(-2).masked_fill(strictly_lower.T, float("-inf"))
 
 
+def _chunk_parts(q, k, v, g, beta) -> tuple[torch.Tensor, ...]:
+    """Everything inside a chunk, for all chunks at once (``[B, Hv, N, C, ...]`` in): what the scan
+    across chunks reads, (U, W, Q * Gamma, Q K^T * D, K * exp(c_C - c), Gamma_C)."""
+    c = g.cumsum(-1)  # c_t, the log decay from the chunk's start through t
+    decay = _segment_sums(g).exp()  # D_ij = exp(c_i - c_j) for j <= i, else 0 (exp(-inf))
+    L = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    # (I + L) [U | W] = [V_beta | K_beta * Gamma], so Delta = U - W S0 per chunk: by the inverse of
+    # I + L (a solve against C columns instead of dk + dv, and batched matrix products)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    inverse = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True)
+    U = inverse @ (v * beta.unsqueeze(-1))
+    W = inverse @ (k * (beta * c.exp()).unsqueeze(-1))
+    attn = (q @ k.transpose(-1, -2)) * decay  # Q K^T * D, causal within the chunk
+    q_decayed = q * c.exp().unsqueeze(-1)  # Q * Gamma reads the state at the chunk's start
+    k_to_end = k * decay[..., -1, :].unsqueeze(-1)  # K * exp(c_C - c): the last row of D
+    chunk_decay = c[..., -1].exp()[..., None, None]  # Gamma_C
+    return U, W, q_decayed, attn, k_to_end, chunk_decay
+
+
+def _scan(parts, S: torch.Tensor, starts: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the state crosses chunks: one short sequential scan over :func:`_chunk_parts` from the
+    state ``S``. Returns (outputs ``[B, Hv, N, C, dv]``, the final state); appends each chunk's
+    starting state to ``starts`` if given. (Each part is unbound into its chunks once: indexing
+    chunk n inside the loop would make autograd zero-fill and accumulate a whole ``[B, Hv, N,
+    ...]`` gradient per chunk.)"""
+    outs = []
+    for U_n, W_n, q_n, attn_n, k_n, decay_n in zip(*(x.unbind(2) for x in parts)):
+        if starts is not None:
+            starts.append(S)
+        delta = U_n - W_n @ S
+        outs.append(q_n @ S + attn_n @ delta)
+        S = decay_n * S + k_n.transpose(-1, -2) @ delta
+    return torch.stack(outs, dim=2), S
+
+
+class _ChunkedRule(torch.autograd.Function):
+    """:func:`_scan` of :func:`_chunk_parts` for training: the backward pass keeps only the inputs
+    and each chunk's starting state (autograd would keep every chunk intermediate: the decays, L,
+    the solve, in fp32, about 3.5x as many bytes) and recomputes the parts from them.
+
+    Backward: with lam_n the loss's gradient by the state at chunk n's end (lam_N the final
+    state's), chunk by chunk from the last, d Delta_n = attn_n^T dO_n + K_end_n lam_n and
+    lam_{n-1} = Gamma_C,n lam_n + (Q Gamma)_n^T dO_n - W_n^T d Delta_n; the parts' gradients are
+    then one autograd pass over every chunk's outputs and end state as functions of its parts with
+    its starting state held fixed, the outputs' gradients dO and the end states' the lams."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, S):
+        starts = []
+        out, S = _scan(_chunk_parts(q, k, v, g, beta), S, starts)
+        ctx.save_for_backward(q, k, v, g, beta, torch.stack(starts, dim=2))
+        return out, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_end):
+        *inputs, starts = ctx.saved_tensors
+        if d_out is None:
+            d_out = starts.new_zeros(*starts.shape[:3], inputs[0].shape[-2], starts.shape[-1])
+        lam = torch.zeros_like(starts[:, :, 0]) if d_end is None else d_end
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(needs) for x, needs in zip(inputs, ctx.needs_input_grad)]
+            U, W, q_decayed, attn, k_to_end, chunk_decay = parts = _chunk_parts(*inputs)
+        # lam, chunk by chunk from the last, and the gradient of each chunk's Delta
+        ends, d_deltas = [], []
+        chunks = zip(*(x.detach().unbind(2) for x in (W, q_decayed, attn, k_to_end, chunk_decay)), d_out.unbind(2))
+        for W_n, q_n, attn_n, k_n, decay_n, d_out_n in reversed(list(chunks)):
+            ends.append(lam)
+            d_delta = attn_n.transpose(-1, -2) @ d_out_n + k_n @ lam
+            d_deltas.append(d_delta)
+            lam = decay_n * lam + q_n.transpose(-1, -2) @ d_out_n - W_n.transpose(-1, -2) @ d_delta
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(())
+        if wanted:
+            # Each chunk's parts' gradients, its starting state held fixed, for all chunks at once
+            ends, d_delta = torch.stack(ends[::-1], dim=2), torch.stack(d_deltas[::-1], dim=2)
+            starts_t = starts.transpose(-1, -2)
+            delta = U.detach() - W.detach() @ starts
+            d_parts = (d_delta, -d_delta @ starts_t, d_out @ starts_t, d_out @ delta.transpose(-1, -2),
+                       delta @ ends.transpose(-1, -2), (starts * ends).sum((-1, -2), keepdim=True))
+            linked = [(x, d) for x, d in zip(parts, d_parts) if x.requires_grad]  # (the parts the wanted reach)
+            grads = iter(torch.autograd.grad([x for x, _ in linked], wanted, [d for _, d in linked]))
+        return (*(next(grads) if x.requires_grad else None for x in inputs), lam if ctx.needs_input_grad[5] else None)
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -124,28 +211,11 @@ def gated_delta_rule(
     q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, Hv, N, C, -1) for x in (q, k, v))
     g, beta = (F.pad(x, (0, pad)).reshape(B, Hv, N, C) for x in (g, beta))
 
-    # Everything inside a chunk at once, for all chunks: [B, Hv, N, C, ...]
-    c = g.cumsum(-1)  # c_t, the log decay from the chunk's start through t
-    decay = _segment_sums(g).exp()  # D_ij = exp(c_i - c_j) for j <= i, else 0 (exp(-inf))
-    L = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * decay).tril(-1)
-    # Solve (I + L) [U | W] = [V_beta | K_beta * Gamma] in one go: Delta = U - W S0 per chunk
-    rhs = torch.cat([v * beta.unsqueeze(-1), k * (beta * c.exp()).unsqueeze(-1)], dim=-1)
-    UW = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-    U, W = UW[..., :dv], UW[..., dv:]
-    attn = (q @ k.transpose(-1, -2)) * decay  # Q K^T * D, causal within the chunk
-    q_decayed = q * c.exp().unsqueeze(-1)  # Q * Gamma reads the state at the chunk's start
-    k_to_end = k * decay[..., -1, :].unsqueeze(-1)  # K * exp(c_C - c): the last row of D
-    chunk_decay = c[..., -1].exp()[..., None, None]  # Gamma_C
-
-    # Only the state crosses chunks: one short sequential scan.
-    # (Each tensor unbound into its chunks once: indexing chunk n inside the loop would make the
-    # backward pass zero-fill and accumulate a whole [B, Hv, N, ...] gradient per chunk.)
-    outs = []
-    for U_n, W_n, q_n, attn_n, k_n, decay_n in zip(*(x.unbind(2) for x in (U, W, q_decayed, attn, k_to_end, chunk_decay))):
-        delta = U_n - W_n @ S
-        outs.append(q_n @ S + attn_n @ delta)
-        S = decay_n * S + k_n.transpose(-1, -2) @ delta
-    o = torch.stack(outs, dim=2).reshape(B, Hv, N * C, dv)[:, :, :T]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, S)):
+        o, S = _ChunkedRule.apply(q, k, v, g, beta, S)
+    else:
+        o, S = _scan(_chunk_parts(q, k, v, g, beta), S)
+    o = o.reshape(B, Hv, N * C, dv)[:, :, :T]
     return o.transpose(1, 2).contiguous(), S
 
 

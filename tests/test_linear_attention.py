@@ -140,6 +140,82 @@ def test_gradients_match_naive_loop():
         assert _rel(a, b) < 1e-5, name
 
 
+def _autograd_through_the_chunks(monkeypatch):
+    """gated_delta_rule with autograd recording every chunk intermediate (the path the training
+    backward replaces)."""
+    import r3.linear_attention as la
+
+    monkeypatch.setattr(la._ChunkedRule, "apply", lambda q, k, v, g, beta, S: la._scan(la._chunk_parts(q, k, v, g, beta), S))
+
+
+@pytest.mark.parametrize("uses", ["both", "outputs", "state"])
+@pytest.mark.parametrize("trained", ["all", "v", "state", "q,g"])
+def test_training_backward_equals_autograd_through_the_chunks(monkeypatch, uses, trained):
+    """The recomputing backward gives autograd's gradients (float64, to rounding): several chunks
+    and a short last one, key heads shared, right padding, an initial state; a loss on the outputs,
+    on the final state or on both; any subset of the inputs requiring grad."""
+    q, k, v, g, beta, S0 = _inputs(B=2, T=45, Hk=1, Hv=2, seed=21, dtype=torch.float64, g_scale=2.0)
+    q, k = qk_normalize(q, k)
+    lengths = torch.tensor([45, 30])
+    gen = torch.Generator().manual_seed(22)
+    w_o, w_S = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (v, S0))
+    names = ("q", "k", "v", "g", "beta", "state")
+    wants = names if trained == "all" else trained.split(",")
+
+    def grads():
+        xs = [x.detach().clone().requires_grad_(n in wants) for n, x in zip(names, (q, k, v, g, beta, S0))]
+        o, S = gated_delta_rule(*xs[:5], state=xs[5], lengths=lengths, chunk_size=8)
+        loss = (o * w_o).sum() * (uses != "state") + (S * w_S).sum() * (uses != "outputs")
+        got = torch.autograd.grad(loss, [x for x in xs if x.requires_grad], allow_unused=True)
+        return [torch.zeros_like(q) if x is None else x for x in got]
+
+    ours = grads()
+    _autograd_through_the_chunks(monkeypatch)
+    ref = grads()
+    for name, a, b in zip(wants, ours, ref):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max().clamp_min(1e-30), name
+    if uses == "state" and trained != "state":
+        assert any(b.abs().max() > 0 for b in ref)  # (the final state still reaches the inputs)
+
+
+def test_training_forward_keeps_only_its_inputs_and_each_chunks_starting_state():
+    """What the training forward holds for backward: the chunked q, k, v, g, beta (fp32) and the
+    state at each chunk's start; autograd through the chunks would hold over three times more."""
+    B, T, Hk, Hv, dk, dv, C = 2, 40, 2, 4, 8, 6, 16
+    q, k, v, g, beta, S0 = _inputs(B=B, T=T, Hk=Hk, Hv=Hv, dk=dk, dv=dv, seed=23)
+    xs = [x.requires_grad_() for x in (*qk_normalize(q, k), v.bfloat16(), g, beta.bfloat16())]
+
+    def saved_bytes():
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gated_delta_rule(*xs, chunk_size=C)
+        return sum(seen.values())
+
+    N = -(-T // C)
+    per_chunk_position = B * Hv * N * C * 4
+    assert saved_bytes() == per_chunk_position * (dk + dk + dv + 2) + B * Hv * N * dk * dv * 4
+    import r3.linear_attention as la
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(la._ChunkedRule, "apply", lambda q, k, v, g, beta, S: la._scan(la._chunk_parts(q, k, v, g, beta), S))
+        assert saved_bytes() > 3 * (per_chunk_position * (dk + dk + dv + 2) + B * Hv * N * dk * dv * 4)
+
+
+def test_no_grad_forward_takes_the_plain_scan(monkeypatch):
+    """Prefill (no grad) does not stack every chunk's state for a backward pass that never comes."""
+    import r3.linear_attention as la
+
+    monkeypatch.setattr(la._ChunkedRule, "apply", lambda *a: pytest.fail("the training path under no_grad"))
+    q, k, v, g, beta, S0 = (x.requires_grad_() for x in _inputs(T=20, seed=24))
+    with torch.no_grad():
+        gated_delta_rule(q, k, v, g, beta, state=S0)
+
+
 # ----------------------------------------------------------------------------- invariances
 
 
