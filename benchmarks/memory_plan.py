@@ -81,6 +81,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -716,7 +717,17 @@ def main(argv=None) -> None:
     if args.json:
         write_json_atomic(Path(args.json), {"plan": rows, "run": PAPER})
     if args.markdown:
-        write_text_atomic(Path(args.markdown), "# Memory plan\n\n" + text + "\n")
+        command = " ".join(["python benchmarks/memory_plan.py", *map(shlex.quote, sys.argv[1:])])
+        write_text_atomic(Path(args.markdown), "# Memory plan\n\n" + text + "\n\n" + MARKDOWN_FOOTER.format(command=command))
+
+
+#: How a written plan was made and what it leaves out.
+MARKDOWN_FOOTER = """Made with `{command}` (activations measured on this machine's CPU in the model's own bf16
+forward and backward; the rest counted). It does not show a GPU allocator's caching and
+fragmentation, NCCL's buffers, CUDA graphs' memory pool, or a frozen bottom of the model that
+needs no backward pass (counted as if it did). Checked against measured allocations on CPU ranks:
+`torchrun --nproc_per_node 2 benchmarks/memory_plan.py --measure`.
+"""
 
 
 if __name__ == "__main__":

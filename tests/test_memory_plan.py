@@ -295,8 +295,13 @@ def test_the_plan_of_a_users_config_and_bad_shapes(tmp_path):
     assert all(r["trained_params"] < r["params"] for r in rows)
     assert "shared-prefix layout" in out.stdout and rows[0]["micro_batch_targets"] == 3 * 8 * 128
     per_row = subprocess.run([sys.executable, script, "--shape", str(model), "--world", "2", "--shared-prefix", "false",
-                              "--json", str(tmp_path / "q.json")], capture_output=True, text=True, timeout=300)
+                              "--json", str(tmp_path / "q.json"), "--markdown", str(tmp_path / "q.md")],
+                             capture_output=True, text=True, timeout=300)
     assert per_row.returncode == 0 and "per-row layout" in per_row.stdout, per_row.stderr[-2000:]
+    md = (tmp_path / "q.md").read_text()  # (the table, how it was made and what it leaves out)
+    assert md.startswith("# Memory plan") and "| part | my-qwen35 | my-qwen35 + AC |" in md
+    assert f"Made with `python benchmarks/memory_plan.py --shape {model} --world 2 --shared-prefix false" in md
+    assert "It does not show a GPU allocator's" in md
     assert json.loads((tmp_path / "q.json").read_text())["plan"][0]["micro_batch_targets"] == 8 * 128
     (tmp_path / "bad.json").write_text(json.dumps({"model_type": "qwen2"}))
     for shape, message in ((tmp_path / "bad.json", "bad.json: missing field"),
