@@ -16,7 +16,8 @@ after every section, so a run cut short keeps what it measured):
   (max / mean absolute difference, top-1 agreement) and greedy decoding through the KV cache
   against transformers ``generate`` (fraction of tokens equal before the first difference); for
   Qwen 3.5 in fp32 also the compiled sampler (CUDA graphs) against the eager one, sampled with a
-  stop id (the same tokens; the largest log-prob difference).
+  stop id (the same tokens; the largest log-prob difference), and the training gradients against
+  transformers' (the Gated DeltaNets' recomputing backward pass on the device).
 * ``kernel``: ``r3.kernels.fused_logprob_kl`` (Triton on CUDA) against the PyTorch reference: values
   and gradients in fp32 and bf16; then forward and forward + backward GB/s at V = 151,936 against
   torch eager, ``torch.compile`` of the reference, and the measured copy bandwidth.
@@ -252,7 +253,7 @@ def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
     """fp32: ours against transformers. bf16: each against the fp32 transformers logits of the
     same weights, since two bf16 implementations may both be right and differ from each other
     (a GPU kernel choice, a last-ulp RoPE frequency): ours should be no further from fp32."""
-    B, T, n = (2, 16, 8) if ctx.smoke else (4, 256, 32)
+    B, T, n = (2, 136, 8) if ctx.smoke else (4, 256, 32)  # (Qwen 3.5: three chunks of the delta rule even so)
     vocab = hf.config.vocab_size
     ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(0)).to(ctx.device)
     rows = []
@@ -286,10 +287,46 @@ def _parity(hf, ctx: Ctx, name: str) -> list[dict]:
                                                   / rotary.inv_freq.float().abs()).max())
         if ours.config.linear_layers and dtype == torch.float32:
             row["compiled_equals_eager"] = _or_error("the compiled sampler", lambda m=ours: _compiled_equals_eager(m, ids, n))
+            row["gradients"] = _or_error("the gradients", lambda m=ours: _gradients_against(m, hf, ids))
         rows.append(row)
         print(f"parity {name} {dname}: {row}", flush=True)
         del ours
     return rows
+
+
+def _gradients_against(ours, hf, ids: torch.Tensor) -> dict:
+    """fp32 training gradients, ours against transformers' (for Qwen 3.5: the Gated DeltaNets'
+    recomputing backward pass on this device), of the mean squared logit: for each parameter both
+    name alike (all but the fused projections), the largest absolute difference over the largest
+    absolute gradient; ``ok`` where every one is within 1e-3. The decays are made slow first
+    (``A_log`` -6 in both: a state keeps most of itself over a chunk), else random weights decay a
+    state to nothing within a chunk and no gradient would cross from one chunk to the next."""
+    decays = [(p, q) for name, p in ours.named_parameters() if name.endswith("A_log")
+              for q in [hf.get_parameter("model." + name)]]
+    kept = [q.detach().clone() for _, q in decays]
+    with torch.no_grad():
+        for p, q in decays:
+            p.fill_(-6.0), q.fill_(-6.0)
+    ours.zero_grad(), hf.zero_grad()
+    try:
+        ours(ids).float().square().mean().backward()
+        hf(ids).logits.float().square().mean().backward()
+    finally:
+        with torch.no_grad():
+            for (p, q), old in zip(decays, kept):
+                p.copy_(old), q.copy_(old)
+    theirs = dict(hf.named_parameters())
+    worst, name_worst, compared = 0.0, None, 0
+    for name, p in ours.named_parameters():
+        q = theirs.get("model." + name)
+        if q is None or q.shape != p.shape or p.grad is None or q.grad is None:
+            continue
+        rel = float((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30))
+        compared += 1
+        if rel >= worst:
+            worst, name_worst = rel, name
+    ours.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+    return {"compared": compared, "max_rel_diff": worst, "worst": name_worst, "ok": compared > 0 and worst <= 1e-3}
 
 
 def _compiled_equals_eager(model, ids: torch.Tensor, n: int) -> dict:
@@ -1180,6 +1217,8 @@ def markdown(report: dict) -> str:
                   "(ours through the KV cache against transformers `generate`); random weights have many near-ties."]
         lines += [f"- {r['model']}, fp32, the compiled sampler against eager (sampled, a stop id): "
                   f"{r['compiled_equals_eager']}" for r in par["rows"] if "compiled_equals_eager" in r]
+        lines += [f"- {r['model']}, fp32, training gradients against transformers' (each parameter named alike: "
+                  f"largest difference / largest gradient): {r['gradients']}" for r in par["rows"] if "gradients" in r]
         fa = par.get("fused_attention") or {}
         if "parts" in fa:
             lines.append(f"- attention with SDPA's math kernel off ({fa['gqa']}, bf16): "

@@ -125,9 +125,12 @@ class _ChunkedRule(torch.autograd.Function):
 
     Backward: with lam_n the loss's gradient by the state at chunk n's end (lam_N the final
     state's), chunk by chunk from the last, d Delta_n = attn_n^T dO_n + K_end_n lam_n and
-    lam_{n-1} = Gamma_C,n lam_n + (Q Gamma)_n^T dO_n - W_n^T d Delta_n; the parts' gradients are
-    then one autograd pass over every chunk's outputs and end state as functions of its parts with
-    its starting state held fixed, the outputs' gradients dO and the end states' the lams."""
+    lam_{n-1} = Gamma_C,n lam_n + (Q Gamma)_n^T dO_n - W_n^T d Delta_n; chunk n's parts are
+    recomputed as it is reached and their gradients are one autograd pass over its outputs and end
+    state as functions of its parts with its starting state held fixed (the outputs' gradients dO_n,
+    the end state's lam_n), so that one chunk's intermediates are alive at a time: recomputing every
+    chunk's at once would hold what autograd through the chunks keeps, and more, while the block's
+    backward runs (with activation checkpointing, more than autograd through the chunks at its peak)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S):
@@ -143,29 +146,31 @@ class _ChunkedRule(torch.autograd.Function):
         if d_out is None:
             d_out = starts.new_zeros(*starts.shape[:3], inputs[0].shape[-2], starts.shape[-1])
         lam = torch.zeros_like(starts[:, :, 0]) if d_end is None else d_end
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(needs) for x, needs in zip(inputs, ctx.needs_input_grad)]
-            U, W, q_decayed, attn, k_to_end, chunk_decay = parts = _chunk_parts(*inputs)
-        # lam, chunk by chunk from the last, and the gradient of each chunk's Delta
-        ends, d_deltas = [], []
-        chunks = zip(*(x.detach().unbind(2) for x in (W, q_decayed, attn, k_to_end, chunk_decay)), d_out.unbind(2))
-        for W_n, q_n, attn_n, k_n, decay_n, d_out_n in reversed(list(chunks)):
-            ends.append(lam)
+        needs = ctx.needs_input_grad[:5]
+        grads = [torch.empty_like(x) if need else None for x, need in zip(inputs, needs)]
+        # Chunk by chunk from the last: recompute the chunk's parts (the chunks' parts are
+        # independent, so one chunk's intermediates are alive at a time, not every chunk's), the
+        # gradient of its Delta, its parts' gradients (one autograd pass over this chunk's outputs
+        # and end state as functions of its parts, its starting state held fixed), then lam
+        for n in reversed(range(starts.shape[2])):
+            with torch.enable_grad():
+                xs = [x[:, :, n].detach().requires_grad_(need) for x, need in zip(inputs, needs)]
+                parts = _chunk_parts(*xs)
+            U, W, q_n, attn_n, k_n, decay_n = (x.detach() for x in parts)
+            S, d_out_n = starts[:, :, n], d_out[:, :, n]
             d_delta = attn_n.transpose(-1, -2) @ d_out_n + k_n @ lam
-            d_deltas.append(d_delta)
-            lam = decay_n * lam + q_n.transpose(-1, -2) @ d_out_n - W_n.transpose(-1, -2) @ d_delta
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(())
-        if wanted:
-            # Each chunk's parts' gradients, its starting state held fixed, for all chunks at once
-            ends, d_delta = torch.stack(ends[::-1], dim=2), torch.stack(d_deltas[::-1], dim=2)
-            starts_t = starts.transpose(-1, -2)
-            delta = U.detach() - W.detach() @ starts
-            d_parts = (d_delta, -d_delta @ starts_t, d_out @ starts_t, d_out @ delta.transpose(-1, -2),
-                       delta @ ends.transpose(-1, -2), (starts * ends).sum((-1, -2), keepdim=True))
-            linked = [(x, d) for x, d in zip(parts, d_parts) if x.requires_grad]  # (the parts the wanted reach)
-            grads = iter(torch.autograd.grad([x for x, _ in linked], wanted, [d for _, d in linked]))
-        return (*(next(grads) if x.requires_grad else None for x in inputs), lam if ctx.needs_input_grad[5] else None)
+            if any(needs):
+                S_t = S.transpose(-1, -2)
+                delta = U - W @ S
+                d_parts = (d_delta, -d_delta @ S_t, d_out_n @ S_t, d_out_n @ delta.transpose(-1, -2),
+                           delta @ lam.transpose(-1, -2), (S * lam).sum((-1, -2), keepdim=True))
+                linked = [(x, d) for x, d in zip(parts, d_parts) if x.requires_grad]  # (the parts the wanted reach)
+                wanted = [i for i, need in enumerate(needs) if need]
+                got = torch.autograd.grad([x for x, _ in linked], [xs[i] for i in wanted], [d for _, d in linked])
+                for i, grad in zip(wanted, got):
+                    grads[i][:, :, n] = grad
+            lam = decay_n * lam + q_n.transpose(-1, -2) @ d_out_n - W.transpose(-1, -2) @ d_delta
+        return (*grads, lam if ctx.needs_input_grad[5] else None)
 
 
 def gated_delta_rule(

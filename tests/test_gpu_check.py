@@ -36,6 +36,8 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert sections["env"]["single_process_group"] == dict(expected, all_reduce_ok=True)
     assert all(r["greedy_prefix_agreement"] == 1.0 for r in sections["parity"]["rows"] if r["dtype"] == "fp32")
     compiled = [r["compiled_equals_eager"] for r in sections["parity"]["rows"] if "compiled_equals_eager" in r]
+    (grads,) = [r["gradients"] for r in sections["parity"]["rows"] if "gradients" in r]  # (Qwen 3.5, fp32)
+    assert grads["ok"] is True and grads["compared"] > 20 and grads["max_rel_diff"] < 1e-4, grads
     assert len(compiled) == 1 and compiled[0]["tokens"] is True and compiled[0]["finished"] is True  # (Qwen 3.5)
     assert 0 < compiled[0]["rows_stopped"] < compiled[0]["rows"]  # (rows that stopped while others decoded)
     assert compiled[0]["logprob_max_abs_diff"] < 1e-4 and "the compiled sampler against eager" in md

@@ -181,10 +181,12 @@ def test_measure_runs_and_the_formula_matches_what_an_update_allocates(tmp_path,
     assert ac["update_peak_growth_gib"] < 0.7 * plain["update_peak_growth_gib"]
 
 
-def test_a_blocks_backward_working_set_holds_what_the_delta_rule_recomputes(monkeypatch):
+def test_a_blocks_backward_working_set_holds_one_chunk_of_what_the_delta_rule_recomputes(monkeypatch):
     """Qwen 3.5's Gated DeltaNet backward pass recomputes the delta rule's chunk intermediates its
-    forward does not keep: the working set measured for such a block holds at least those bytes
-    (what autograd would keep through the chunks), and more than the attention block's."""
+    forward does not keep, one chunk at a time: the working set measured for such a block is less
+    than those bytes (what autograd would keep through the chunks), and the block's peak while its
+    backward runs (what it keeps and its working set, as with activation checkpointing) is below
+    autograd-through-the-chunks' own."""
     import memory_plan as mp
     import r3.linear_attention as la
     from r3.model import ModelConfig
@@ -195,11 +197,13 @@ def test_a_blocks_backward_working_set_holds_what_the_delta_rule_recomputes(monk
     got = mp.activation_bytes(QWEN35_SMALL, 256, backward=True)
     with monkeypatch.context() as m:
         m.setattr(la._ChunkedRule, "apply", lambda q, k, v, g, beta, S: la._scan(la._chunk_parts(q, k, v, g, beta), S))
-        through_the_chunks = mp.activation_bytes(QWEN35_SMALL, 256)
+        through_the_chunks = mp.activation_bytes(QWEN35_SMALL, 256, backward=True)
     recomputed = through_the_chunks["blocks"][linear] - got["blocks"][linear]
     assert recomputed > 0.4 * got["blocks"][linear]
-    assert got["backward"][linear] >= recomputed
-    assert got["backward"][linear] > got["backward"][attention] > 0
+    assert 0 < got["backward"][linear] < 0.5 * recomputed
+    peak = lambda r: r["blocks"][linear] + r["backward"][linear]  # noqa: E731
+    assert peak(got) < 0.75 * peak(through_the_chunks)
+    assert got["backward"][attention] > 0
 
 
 @pytest.mark.parametrize("family,fields,kinds", [
