@@ -143,9 +143,7 @@ class _ChunkedRule(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_end):
         *inputs, starts = ctx.saved_tensors
-        if d_out is None:
-            d_out = starts.new_zeros(*starts.shape[:3], inputs[0].shape[-2], starts.shape[-1])
-        lam = torch.zeros_like(starts[:, :, 0]) if d_end is None else d_end
+        lam = d_end  # (an output the loss does not use gets zeros: autograd materializes them)
         needs = ctx.needs_input_grad[:5]
         grads = [torch.empty_like(x) if need else None for x, need in zip(inputs, needs)]
         # Chunk by chunk from the last: recompute the chunk's parts (the chunks' parts are
