@@ -84,8 +84,9 @@ def _segment_sums(g: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_parts(q, k, v, g, beta) -> tuple[torch.Tensor, ...]:
-    """Everything inside a chunk, for all chunks at once (``[B, Hv, N, C, ...]`` in): what the scan
-    across chunks reads, (U, W, Q * Gamma, Q K^T * D, K * exp(c_C - c), Gamma_C)."""
+    """Everything inside a chunk (``[..., C, d]`` q, k, v and ``[..., C]`` g, beta in: every chunk at
+    once, ``[B, Hv, N, C, ...]``, or one): what the scan across chunks reads, (U, W, Q * Gamma,
+    Q K^T * D, K * exp(c_C - c), Gamma_C)."""
     c = g.cumsum(-1)  # c_t, the log decay from the chunk's start through t
     decay = _segment_sums(g).exp()  # D_ij = exp(c_i - c_j) for j <= i, else 0 (exp(-inf))
     L = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * decay).tril(-1)
