@@ -247,10 +247,11 @@ def _saved_bytes(mc: ModelConfig, tokens: int, dtype, backward: bool = False) ->
         return t
 
     first_input: list = []
-    handles.append(model.layers[0].register_forward_pre_hook(lambda module, args: first_input.append(args[0])))
     window: list = [None]  # during a block's backward: [the block, bytes allocated as it began, the most since]
     extra = [0.0] * mc.num_hidden_layers
     if backward:
+        handles.append(model.layers[0].register_forward_pre_hook(lambda module, args: first_input.append(args[0])))
+
         def began(block_index):
             def hook(module, grad_output):
                 window[0] = [block_index, allocated_bytes(), 0]

@@ -146,6 +146,7 @@ class _ChunkedRule(torch.autograd.Function):
         *inputs, starts = ctx.saved_tensors
         lam = d_end  # (an output the loss does not use gets zeros: autograd materializes them)
         needs = ctx.needs_input_grad[:5]
+        wanted = [i for i, need in enumerate(needs) if need]
         grads = [torch.empty_like(x) if need else None for x, need in zip(inputs, needs)]
         # Chunk by chunk from the last: recompute the chunk's parts (the chunks' parts are
         # independent, so one chunk's intermediates are alive at a time, not every chunk's), the
@@ -158,13 +159,12 @@ class _ChunkedRule(torch.autograd.Function):
             U, W, q_n, attn_n, k_n, decay_n = (x.detach() for x in parts)
             S, d_out_n = starts[:, :, n], d_out[:, :, n]
             d_delta = attn_n.transpose(-1, -2) @ d_out_n + k_n @ lam
-            if any(needs):
+            if wanted:
                 S_t = S.transpose(-1, -2)
                 delta = U - W @ S
                 d_parts = (d_delta, -d_delta @ S_t, d_out_n @ S_t, d_out_n @ delta.transpose(-1, -2),
                            delta @ lam.transpose(-1, -2), (S * lam).sum((-1, -2), keepdim=True))
                 linked = [(x, d) for x, d in zip(parts, d_parts) if x.requires_grad]  # (the parts the wanted reach)
-                wanted = [i for i, need in enumerate(needs) if need]
                 got = torch.autograd.grad([x for x, _ in linked], [xs[i] for i in wanted], [d for _, d in linked])
                 for i, grad in zip(wanted, got):
                     grads[i][:, :, n] = grad
