@@ -12,6 +12,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*non-writable.*")
 
 
+_IN_FRESH_PROCESS = "R3_TEST_IN_FRESH_PROCESS"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "fresh_process: run the test alone in a new Python process (tests that read glibc's "
+        "mallinfo2 after every op: its cost grows with the free chunks of a heap that earlier tests fragmented, "
+        "from microseconds to milliseconds a call)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A ``fresh_process`` test runs as ``python -m pytest <its id>`` in a new process; its output
+    is shown if it fails."""
+    if pyfuncitem.get_closest_marker("fresh_process") is None or os.environ.get(_IN_FRESH_PROCESS):
+        return None
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+                          cwd=str(pyfuncitem.config.rootpath), env={**os.environ, _IN_FRESH_PROCESS: "1"},
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{pyfuncitem.nodeid} failed in a fresh process:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}",
+                    pytrace=False)
+    return True
+
+
 def pytest_terminal_summary(terminalreporter):
     """The versions a failure may depend on, next to the result line (also under ``-q``, in CI)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -204,6 +204,7 @@ def test_training_forward_keeps_only_its_inputs_and_each_chunks_starting_state()
         assert saved_bytes() > 3 * (per_chunk_position * (dk + dk + dv + 2) + B * Hv * N * dk * dv * 4)
 
 
+@pytest.mark.fresh_process
 def test_training_backward_holds_one_chunks_intermediates_at_a_time():
     """The backward pass recomputes each chunk's parts as it reaches the chunk: what it allocates
     beyond what was allocated when it began (glibc mallinfo2 after each op) stays within a few

@@ -151,6 +151,7 @@ QWEN35_SMALL = dict(model_type="qwen3_5_text", vocab_size=4096, hidden_size=256,
                     rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})
 
 
+@pytest.mark.fresh_process
 @pytest.mark.parametrize("shape", [
     pytest.param(dict(TINY, vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4), id="qwen2"),
     pytest.param(QWEN35_SMALL, id="qwen35"),
@@ -181,6 +182,7 @@ def test_measure_runs_and_the_formula_matches_what_an_update_allocates(tmp_path,
     assert ac["update_peak_growth_gib"] < 0.7 * plain["update_peak_growth_gib"]
 
 
+@pytest.mark.fresh_process
 def test_a_blocks_backward_working_set_holds_one_chunk_of_what_the_delta_rule_recomputes(monkeypatch):
     """Qwen 3.5's Gated DeltaNet backward pass recomputes the delta rule's chunk intermediates its
     forward does not keep, one chunk at a time: the working set measured for such a block is less
