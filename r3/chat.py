@@ -61,7 +61,8 @@ class ChatFormat:
     ``prompt(messages)`` renders the first turn with the generation prompt. ``user_turn(text,
     closed)`` is what follows an assistant message the model produced: the end-of-turn token if
     the model did not emit one (it hit its token limit), the template's text between turns, the
-    user message and the next assistant header. All of it is derived from the template by
+    user message as the template writes it (trimmed, by Llama 3's, Gemma's and Qwen 3.5's) and the
+    next assistant header. All of it is derived from the template by
     rendering probe conversations, never guessed from token names:
 
     - the end-of-turn token is the special token the template puts right after an assistant
@@ -106,6 +107,7 @@ class ChatFormat:
         self.history_drops, lead, glue, self._tail = shape
         self.end_of_turn_id = self._end_of_turn(glue)
         self._glue = glue  # from the end of a turn to the next user text: "<|im_end|>\n<|im_start|>user\n"
+        self._user_texts: dict[str, str] = {}
         # A second round must render like the first (earlier turns as the template renders them).
         three = self._probe([q, a, u, {"role": "assistant", "content": _PROBE_R},
                              {"role": "user", "content": _PROBE_V}])
@@ -187,8 +189,29 @@ class ChatFormat:
         # Encoded after the end-of-turn token, as the turn stands in the conversation: encoded
         # alone, its first text would keep the whitespace an rstrip end token absorbs (Phi-3's
         # <|end|>\n) or get the '▁' a SentencePiece pre-tokenizer puts at a text's start only.
-        ids = self.encode(self._glue + text + self._tail)
+        ids = self.encode(self._glue + self._user_text(text) + self._tail)
         return ids[1:] if closed else ids
+
+    def _user_text(self, text: str) -> str:
+        """``text`` as the template writes a user message: Llama 3's, Gemma's and Qwen 3.5's trim
+        it (a prompt read from a YAML block scalar ends in a newline). Read from a rendering of
+        [Q, A, text]; ``text`` itself where that rendering does not keep the probes' frame."""
+        written = self._user_texts.get(text)
+        if written is None:
+            try:
+                two = self._render([{"role": "user", "content": _PROBE_Q}, {"role": "assistant", "content": _PROBE_A},
+                                    {"role": "user", "content": text}], generation=True)
+            except Exception:
+                two = ""
+            # (found from the probe answer on: the text before it holds a date in some templates)
+            mark, end = _PROBE_A + self._glue, len(two) - len(self._tail)
+            at = two.find(mark) + len(mark)
+            framed = at >= len(mark) and at <= end and two.endswith(self._tail)
+            written = two[at:end] if framed else text
+            if len(self._user_texts) >= 4096:
+                self._user_texts.clear()
+            self._user_texts[text] = written
+        return written
 
     def decode(self, ids: list[int]) -> str:
         """The text of the assistant message that ``ids`` (a sampled reply) complete: the

@@ -37,6 +37,8 @@ FAMILIES = {
     "qwen25": (["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"]),
     "qwen3": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"], None, "<|im_end|>",
               ["<|im_end|>", "<|endoftext|>"]),
+    "qwen35": (["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<|vision_start|>",
+                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], None, "<|im_end|>", ["<|im_end|>", "<|endoftext|>"]),
     "llama31": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                  "<|eom_id|>", "<|python_tag|>"], "<|begin_of_text|>", "<|eot_id|>",
                 ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
@@ -69,10 +71,12 @@ RSTRIP = {"phi35": {"<|end|>", "<|user|>", "<|assistant|>", "<|system|>"}}
 # Tokens added as plain (not special) tokens, as in the family's tokenizer: decoding keeps them.
 PLAIN_ADDED = {"deepseek_r1_distill": ["<think>", "</think>"]}
 # What the template writes after an assistant message (the token r3 must stop at).
-END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "olmo31": "<|im_end|>", "granite33": "<|end_of_text|>", "llama31": "<|eot_id|>",
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "qwen35": "<|im_end|>", "smollm3": "<|im_end|>", "olmo2": "<|endoftext|>", "olmo31": "<|im_end|>", "granite33": "<|end_of_text|>", "llama31": "<|eot_id|>",
                "llama32": "<|eot_id|>", "phi35": "<|end|>", "mistral_v03": "</s>", "mistral_small31": "</s>",
                "smollm2": "<|im_end|>",
                "gemma3": "<end_of_turn>", "gemma2": "<end_of_turn>", "gemma4": "<turn|>", "deepseek_r1_distill": "<｜end▁of▁sentence｜>"}
+# Templates that trim the text of every message (the model's replies too).
+TRIMS = ("llama31", "llama32", "gemma3", "gemma2", "gemma4", "qwen35")
 # Text the template writes between the generation prompt and the assistant's message (the model
 # writes it itself: Mistral puts a space before the answer).
 LEAD = {"mistral_v03": " "}
@@ -81,7 +85,9 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLIT = {"qwen2": QWEN_SPLIT, "qwen25": QWEN_SPLIT, "qwen3": QWEN_SPLIT, "llama31": LLAMA3_SPLIT,
+# (Qwen 3.5 gets Qwen 2-3's pattern: its own tokenizer.json was not reachable; what matters here is
+# that a run of newlines stays one piece, which its generation prompt's "</think>\n\n" relies on)
+SPLIT = {"qwen2": QWEN_SPLIT, "qwen25": QWEN_SPLIT, "qwen3": QWEN_SPLIT, "qwen35": QWEN_SPLIT, "llama31": LLAMA3_SPLIT,
          "llama32": LLAMA3_SPLIT, "olmo2": LLAMA3_SPLIT, "olmo31": LLAMA3_SPLIT, "deepseek_r1_distill": QWEN_SPLIT}
 
 QUERY = "Write an equation that uses 12 and 7 once each and equals 19."
@@ -152,23 +158,24 @@ def _conversation(system: bool):
     return msgs + [{"role": "user", "content": QUERY}]
 
 
-def _r3_ids(chat: ChatFormat, family: str, messages, closed: bool) -> list[int]:
+def _r3_ids(chat: ChatFormat, family: str, messages, closed: bool, reflect: str = REFLECT,
+            retry: str = RETRY) -> list[int]:
     lead = LEAD.get(family, "")
 
     def said(text):  # what the model generated: its text, and the end-of-turn token unless cut off
         return chat.encode(lead + text) + ([chat.end_of_turn_id] if closed else [])
 
-    return (chat.prompt(messages) + said(ATTEMPT) + chat.user_turn(REFLECT, closed) + said(REFLECTION)
-            + chat.user_turn(RETRY, closed))
+    return (chat.prompt(messages) + said(ATTEMPT) + chat.user_turn(reflect, closed) + said(REFLECTION)
+            + chat.user_turn(retry, closed))
 
 
-def _template_text(tok, family: str, messages) -> str:
-    full = messages + [{"role": "assistant", "content": ATTEMPT}, {"role": "user", "content": REFLECT},
-                       {"role": "assistant", "content": REFLECTION}, {"role": "user", "content": RETRY}]
+def _template_text(tok, family: str, messages, reflect: str = REFLECT, retry: str = RETRY) -> str:
+    full = messages + [{"role": "assistant", "content": ATTEMPT}, {"role": "user", "content": reflect},
+                       {"role": "assistant", "content": REFLECTION}, {"role": "user", "content": retry}]
     text = tok.apply_chat_template(full, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-    if family == "qwen3":
-        # Qwen3 leaves the empty think block of its non-thinking generation prompt out of past
-        # assistant turns; the model saw it when it wrote them, and r3 keeps it there.
+    if family in ("qwen3", "qwen35"):
+        # Qwen3 and 3.5 leave the empty think block of their non-thinking generation prompt out of
+        # past assistant turns; the model saw it when it wrote them, and r3 keeps it there.
         header = "<|im_start|>assistant\n"
         parts = text.split(header)
         text = parts[0] + "".join(header + ("" if p.startswith("<think>") else "<think>\n\n</think>\n\n") + p
@@ -200,6 +207,22 @@ def test_continuation_is_the_templates_rendering(tokenizers, family, system, clo
     assert tok(text, add_special_tokens=False)["input_ids"] == ours
     assert chat.prompt(messages) == tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                            enable_thinking=False, return_dict=False)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "smollm2"])
+def test_a_user_turn_holds_the_message_as_the_template_writes_it(tokenizers, family):
+    """Templates that trim message text (Llama 3, Gemma, Qwen 3.5) write a reflection or retry
+    prompt with edge whitespace (a YAML block scalar ends in a newline) without it: the user turns
+    r3 builds hold the message as the template writes it, so the conversation is still the
+    template's rendering, token for token."""
+    tok = tokenizers[family]
+    chat = ChatFormat(tok)
+    messages = _conversation(False)
+    for reflect, retry in [(REFLECT + "\n", "  " + RETRY + " \n\n"), ("\n" + REFLECT, RETRY + "\t")]:
+        for closed in (True, False):
+            ours = _r3_ids(chat, family, messages, closed, reflect, retry)
+            text = _template_text(tok, family, messages, reflect, retry)
+            assert tok(text, add_special_tokens=False)["input_ids"] == ours, (reflect, retry, closed)
 
 
 @pytest.mark.parametrize("scheme", ["first", "always"])
@@ -369,6 +392,20 @@ _CHATML_TURNS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content 
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def test_a_user_message_the_template_will_not_write_is_kept_as_it_is(builtin, tmp_path):
+    """Where rendering the message raises or rewrites the turns around it, the user turn holds the
+    text as given (the text between turns stays the probes')."""
+    odd = (_CHATML_TURNS.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>{{ 'bot' if 'reframe' in "
+                                 "messages[-1].content else 'assistant' }}\n{% endif %}")
+           .replace("{{ m.content }}", "{% if 'raise' in m.content %}{{ raise_exception('no') }}{% endif %}"
+                    "{{ m.content | trim }}"))
+    assert odd.count("reframe") == 1
+    chat = ChatFormat(_with_template(builtin[1], tmp_path, odd))
+    glue, tail = "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    for text, written in [(" Try again.\n", "Try again."), ("raise it ", "raise it "), (" reframe", " reframe")]:
+        assert chat.user_turn(text) == chat.encode(glue + written + tail)[1:]
+
+
 def test_a_template_that_writes_text_before_past_assistant_turns_is_refused(builtin, tmp_path):
     """Text (not whitespace) the template puts before a past assistant message was never part of
     what the model saw when it sampled that message: r3 cannot reproduce the rendering."""
@@ -513,6 +550,7 @@ def test_a_bad_generation_config_is_named(tokenizers, tmp_path):
 
 
 @pytest.mark.parametrize("family,kind,eos_logit", [("phi35", "phi3", 9.0), ("qwen3", "qwen3", 10.0),
+                                                   ("qwen35", "qwen35", 35.0),
                                                    ("llama31", "llama", 9.0), ("gemma3", "gemma3", 4.0),
                                                    ("gemma2", "gemma2", 4.0), ("gemma4", "gemma4", 2.0),
                                                    ("smollm3", "smollm3", 9.0), ("olmo2", "olmo2", 4.0),
@@ -523,7 +561,8 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
     the real template: every sequence is the prompt, the attempt, the reflection turn, the
     reflection, the retry turn and the retry, ids exactly as ChatFormat builds them; the
     end-of-turn token closes turns; without trimming templates (Phi-3.5, Qwen3) the text equals
-    the template's rendering of the conversation (Qwen3 with its think blocks, as sampled)."""
+    the template's rendering of the conversation (Qwen3 with its think blocks, as sampled).
+    Qwen 3.5's model is a tiny one of its own architecture (Gated DeltaNet layers)."""
     from test_episode import CoinTask, build_tiny_chat_model
 
     from r3.checkpoint import load
@@ -559,7 +598,7 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
         built = (chat.prompt(task.messages(ex)) + attempt + chat.user_turn(task.reflection_prompt, shut[0]) + refl
                  + chat.user_turn(task.retry_prompt, shut[1]) + retry)
         assert built == seq
-        if family in ("llama31", "gemma3", "gemma2", "gemma4"):
+        if family in TRIMS:
             continue  # their templates trim message text; random tokens have edge whitespace
 
         def content(ids):
@@ -571,7 +610,7 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
         if any("<think>" in m["content"] or "</think>" in m["content"] for m in messages):
             continue
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        if family == "qwen3":
+        if family in ("qwen3", "qwen35"):
             text = text.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n")
             text = text.replace("<think>\n\n</think>\n\n<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n")
         got = tok.decode(seq, skip_special_tokens=False)
@@ -581,7 +620,7 @@ def test_episode_on_a_tiny_model_with_the_family_template(tokenizers, tmp_path, 
             got, want = after.sub(r"\1", got), after.sub(r"\1", want)
         assert got == want
         compared += 1
-    assert compared > 0 or family in ("llama31", "gemma3", "gemma2", "gemma4")
+    assert compared > 0 or family in TRIMS
     assert closed_turns > 0  # both the closed and the cut-off path are exercised
     assert closed_turns < 2 * len(ep.sequences)
 
@@ -664,9 +703,14 @@ def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
     chat = ChatFormat(tokenizers["deepseek_r1_distill"])
     assert chat.tok.decode(chat.prompt(_conversation(True))).endswith("<｜Assistant｜><think>\n")
     assert chat.reply_prefix == "<think>\n" and chat.history_drops == "<think>\n"
-    for family in ("qwen3", "qwen25", "llama31", "smollm2"):
+    for family in ("qwen3", "qwen35", "qwen25", "llama31", "smollm2"):
         assert ChatFormat(tokenizers[family]).reply_prefix == ""
     assert ChatFormat(tokenizers["qwen3"], template_options={}).reply_prefix == ""
+    # Qwen 3.5 thinks unless told not to: its generation prompt then opens the block, as R1's does.
+    assert ChatFormat(tokenizers["qwen35"]).history_drops == "<think>\n\n</think>\n\n"
+    for options in ({}, {"enable_thinking": True}):
+        qwen35 = ChatFormat(tokenizers["qwen35"], template_options=options)
+        assert qwen35.reply_prefix == "<think>\n" and qwen35.history_drops == "<think>\n"
 
     # Reasoning tags a tokenizer marks special (this Qwen3 copy does) stay in the decoded reply;
     # other special tokens do not.

@@ -70,8 +70,9 @@ def build_tiny_chat_model(path, tokenizer, eos_logit: float = 7.5, seed: int = 0
         emb = hf.model.embed_tokens.weight
         emb.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
         emb[:, 0] = 8.0
-        for layer in hf.model.layers:
-            for out in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        for layer in hf.model.layers:  # (Qwen 3.5's Gated DeltaNet layers write through linear_attn.out_proj)
+            mixer = layer.self_attn.o_proj if hasattr(layer, "self_attn") else layer.linear_attn.out_proj
+            for out in (mixer, layer.mlp.down_proj):
                 out.weight[0].zero_()
                 if out.bias is not None:  # (SmolLM3's tiny config has biases)
                     out.bias[0] = 0.0
