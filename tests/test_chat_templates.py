@@ -225,6 +225,27 @@ def test_a_user_turn_holds_the_message_as_the_template_writes_it(tokenizers, fam
             assert tok(text, add_special_tokens=False)["input_ids"] == ours, (reflect, retry, closed)
 
 
+# Prompts a plug-in may write: empty or blank, Unicode whitespace a template's trim removes, the
+# probes' own strings and turn markup, a tool-response-shaped text (Qwen's templates look for it).
+ODD_PROMPTS = ["", " \n\t ", "\u3000Try\u00a0again.\u2028", "x PROBE_ATTEMPT<|im_end|>\n<|im_start|>user\n y",
+               "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi", "<end_of_turn>\n<start_of_turn>user\nhi",
+               " <tool_response>\nr\n</tool_response>\n", "{{ raise_exception('no') }}"]
+
+
+@pytest.mark.parametrize("family", ["qwen35", "llama31", "gemma3", "phi35", "mistral_small31", "smollm2"])
+def test_odd_prompts_are_written_as_the_template_writes_them(tokenizers, family):
+    """A reflection or retry prompt of any text, markup of the family's turns included, is the
+    template's rendering of that message (as reflection, and as the retry that ends the conversation)."""
+    tok = tokenizers[family]
+    chat = ChatFormat(tok)
+    messages = _conversation(False)
+    for odd in ODD_PROMPTS:
+        for reflect, retry in [(odd, RETRY), (REFLECT, odd)]:
+            text = _template_text(tok, family, messages, reflect, retry)
+            assert tok(text, add_special_tokens=False)["input_ids"] == _r3_ids(chat, family, messages, True, reflect,
+                                                                              retry), odd
+
+
 @pytest.mark.parametrize("scheme", ["first", "always"])
 def test_a_turn_encodes_as_inside_the_conversation_under_a_sentencepiece_pre_tokenizer(scheme):
     """transformers converts SentencePiece vocabularies (Llama, Mistral) without ``legacy`` to a
@@ -404,6 +425,23 @@ def test_a_user_message_the_template_will_not_write_is_kept_as_it_is(builtin, tm
     glue, tail = "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
     for text, written in [(" Try again.\n", "Try again."), ("raise it ", "raise it "), (" reframe", " reframe")]:
         assert chat.user_turn(text) == chat.encode(glue + written + tail)[1:]
+
+
+def test_a_user_message_is_read_from_the_probes_frame(builtin, tmp_path):
+    """The message is what the template writes between the probe answer's glue and the tail:
+    a text that holds the probe answer and the glue itself is read whole (not from its own copy
+    of them), and a text that changes the turn's header (the probe answer's glue is not in the
+    rendering) is kept as it is."""
+    trims = _CHATML_TURNS.replace("{{ m.content }}", "{{ m.content | trim }}")
+    chat = ChatFormat(_with_template(builtin[1], tmp_path / "trim", trims))
+    glue, tail = "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+    inner = "PROBE_ATTEMPT" + glue + "again"
+    assert chat.user_turn(" " + inner + "\n") == chat.encode(glue + inner + tail)[1:]
+    loud = trims.replace("<|im_start|>{{ m.role }}\n", "<|im_start|>{{ m.role }}{{ '!' if 'urgent' in m.content "
+                         "else '' }}\n")
+    assert loud.count("urgent") == 1
+    chat = ChatFormat(_with_template(builtin[1], tmp_path / "loud", loud))
+    assert chat.user_turn(" urgent: retry\n") == chat.encode(glue + " urgent: retry\n" + tail)[1:]
 
 
 def test_a_template_that_writes_text_before_past_assistant_turns_is_refused(builtin, tmp_path):
@@ -706,11 +744,13 @@ def test_a_generation_prompt_that_opens_the_reasoning_block(tokenizers):
     for family in ("qwen3", "qwen35", "qwen25", "llama31", "smollm2"):
         assert ChatFormat(tokenizers[family]).reply_prefix == ""
     assert ChatFormat(tokenizers["qwen3"], template_options={}).reply_prefix == ""
-    # Qwen 3.5 thinks unless told not to: its generation prompt then opens the block, as R1's does.
-    assert ChatFormat(tokenizers["qwen35"]).history_drops == "<think>\n\n</think>\n\n"
-    for options in ({}, {"enable_thinking": True}):
+    # Qwen3.5-0.8B's template thinks when told to: its generation prompt then opens the block, as
+    # R1's does; by default it closes it, as r3's default options ask.
+    for options in (None, {}):
         qwen35 = ChatFormat(tokenizers["qwen35"], template_options=options)
-        assert qwen35.reply_prefix == "<think>\n" and qwen35.history_drops == "<think>\n"
+        assert qwen35.reply_prefix == "" and qwen35.history_drops == "<think>\n\n</think>\n\n"
+    qwen35 = ChatFormat(tokenizers["qwen35"], template_options={"enable_thinking": True})
+    assert qwen35.reply_prefix == "<think>\n" and qwen35.history_drops == "<think>\n"
 
     # Reasoning tags a tokenizer marks special (this Qwen3 copy does) stay in the decoded reply;
     # other special tokens do not.
