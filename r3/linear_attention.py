@@ -22,8 +22,9 @@ i <= t (0 elsewhere), unrolling the recurrence gives, in matrices with one row p
     S_C = Gamma_C S0 + (K * exp(c_C - c))^T Delta
 
 so a chunk costs one triangular solve (the inverse of I + L) and a few matmuls, and only the state
-crosses chunks. Training keeps only the inputs and each chunk's starting state for the backward
-pass, which recomputes the rest (:class:`_ChunkedRule`).
+crosses chunks. Training keeps only the inputs (in their own dtype, q and k before
+:func:`qk_normalize` where the rule applies it: ``normalize_qk``) and each chunk's starting state
+for the backward pass, which recomputes the rest (:class:`_ChunkedRule`).
 
 Contracts. Value head h reads key head ``h // (Hv // Hk)`` (transformers' ``repeat_interleave``).
 States are ``[B, Hv, dk, dv]`` in fp32 and outputs fp32, whatever the input dtype (fp64 inputs
@@ -119,10 +120,28 @@ def _scan(parts, S: torch.Tensor, starts: list | None = None) -> tuple[torch.Ten
     return torch.stack(outs, dim=2), S
 
 
+def _prepared(q, k, v, g, beta, normalize_qk: bool, rep: int) -> tuple[torch.Tensor, ...]:
+    """The rule's inputs in the compute dtype, q and k ``[B, Hk, ...]`` through
+    :func:`qk_normalize` if asked and repeated to the value heads (``rep`` each)."""
+    dtype = _compute_dtype(q)
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    if normalize_qk:
+        q, k = qk_normalize(q, k)
+    return q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1), v, g, beta
+
+
+def _rule(q, k, v, g, beta, S, normalize_qk: bool, rep: int, starts: list | None = None):
+    """The chunked rule from the chunked inputs as given (:func:`_prepared`), autograd recording
+    every intermediate: the no-grad path, and what :class:`_ChunkedRule` computes."""
+    return _scan(_chunk_parts(*_prepared(q, k, v, g, beta, normalize_qk, rep)), S, starts)
+
+
 class _ChunkedRule(torch.autograd.Function):
-    """:func:`_scan` of :func:`_chunk_parts` for training: the backward pass keeps only the inputs
-    and each chunk's starting state (autograd would keep every chunk intermediate: the decays, L,
-    the solve, in fp32, about 3.5x as many bytes) and recomputes the parts from them.
+    """:func:`_rule` for training: the backward pass keeps only the inputs as given (bf16 from a
+    bf16 model; q and k once per key head, before :func:`qk_normalize` where the rule applies it)
+    and each chunk's starting state, where autograd would keep every chunk intermediate (the
+    decays, L, the solve, in fp32, about 3.5x as many bytes) and the normalisation's fp32 copies;
+    it recomputes the parts from them.
 
     Backward: with lam_n the loss's gradient by the state at chunk n's end (lam_N the final
     state's), chunk by chunk from the last, d Delta_n = attn_n^T dO_n + K_end_n lam_n and
@@ -134,10 +153,11 @@ class _ChunkedRule(torch.autograd.Function):
     backward runs (with activation checkpointing, more than autograd through the chunks at its peak)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, S):
+    def forward(ctx, q, k, v, g, beta, S, normalize_qk, rep):
         starts = []
-        out, S = _scan(_chunk_parts(q, k, v, g, beta), S, starts)
+        out, S = _rule(q, k, v, g, beta, S, normalize_qk, rep, starts)
         ctx.save_for_backward(q, k, v, g, beta, torch.stack(starts, dim=2))
+        ctx.prepare = (normalize_qk, rep)
         return out, S
 
     @staticmethod
@@ -155,7 +175,7 @@ class _ChunkedRule(torch.autograd.Function):
         for n in reversed(range(starts.shape[2])):
             with torch.enable_grad():
                 xs = [x[:, :, n].detach().requires_grad_(need) for x, need in zip(inputs, needs)]
-                parts = _chunk_parts(*xs)
+                parts = _chunk_parts(*_prepared(*xs, *ctx.prepare))
             U, W, q_n, attn_n, k_n, decay_n = (x.detach() for x in parts)
             S, d_out_n = starts[:, :, n], d_out[:, :, n]
             d_delta = attn_n.transpose(-1, -2) @ d_out_n + k_n @ lam
@@ -169,7 +189,7 @@ class _ChunkedRule(torch.autograd.Function):
                 for i, grad in zip(wanted, got):
                     grads[i][:, :, n] = grad
             lam = decay_n * lam + q_n.transpose(-1, -2) @ d_out_n - W.transpose(-1, -2) @ d_delta
-        return (*grads, lam if ctx.needs_input_grad[5] else None)
+        return (*grads, lam if ctx.needs_input_grad[5] else None, None, None)
 
 
 def gated_delta_rule(
@@ -182,14 +202,18 @@ def gated_delta_rule(
     state: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     chunk_size: int = 64,
+    normalize_qk: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over a whole sequence, in chunks (the prefill and the training
     forward).
 
-    q, k ``[B, T, Hk, dk]`` (used as given: see :func:`qk_normalize`), v ``[B, T, Hv, dv]``,
-    g and beta ``[B, T, Hv]``; ``state`` ``[B, Hv, dk, dv]`` or None (zeros); ``lengths`` ``[B]``
-    or None (all T valid). Returns (o ``[B, T, Hv, dv]``, final state ``[B, Hv, dk, dv]``), fp32.
-    The result does not depend on ``chunk_size`` beyond rounding; a chunk is never longer than T.
+    q, k ``[B, T, Hk, dk]`` (used as given, or through :func:`qk_normalize` first with
+    ``normalize_qk``: then training keeps q and k as given for backward, not their fp32
+    normalised copies), v ``[B, T, Hv, dv]``, g and beta ``[B, T, Hv]``; ``state`` ``[B, Hv, dk,
+    dv]`` or None (zeros); ``lengths`` ``[B]`` or None (all T valid). Returns (o ``[B, T, Hv,
+    dv]``, final state ``[B, Hv, dk, dv]``), fp32 (the math runs in fp32 whatever the inputs'
+    dtype). The result does not depend on ``chunk_size`` beyond rounding; a chunk is never longer
+    than T.
     """
     Hk, Hv = _check_heads(q, k, v, g, beta)
     B, T, _, dk = q.shape
@@ -201,24 +225,23 @@ def gated_delta_rule(
         valid = torch.arange(T, device=q.device) < lengths.to(q.device)[:, None]  # [B, T]
         q, k, v = (torch.where(valid[:, :, None, None], x, 0) for x in (q, k, v))
         g, beta = (torch.where(valid[:, :, None], x, 0) for x in (g, beta))
-    rep = Hv // Hk
-    # [B, T, H, d] -> [B, Hv, T, d] in the compute dtype, key heads repeated per value head
-    q, k = (x.to(dtype).repeat_interleave(rep, dim=2).transpose(1, 2) for x in (q, k))
-    v = v.to(dtype).transpose(1, 2)
-    g, beta = (x.to(dtype).transpose(1, 2) for x in (g, beta))
+    # [B, T, H, d] -> [B, H, T, d] in the inputs' dtypes, key heads not yet repeated per value
+    # head (both inside the rule: training keeps them so)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    g, beta = (x.transpose(1, 2) for x in (g, beta))
     S = torch.zeros(B, Hv, dk, dv, dtype=dtype, device=q.device) if state is None else state.to(dtype)
 
     # Pad T to whole chunks with identity steps (zero q/k/v, g = beta = 0), then split into chunks.
     C = max(1, min(chunk_size, T))
     N = -(-T // C)
     pad = N * C - T
-    q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, Hv, N, C, -1) for x in (q, k, v))
+    q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, x.shape[1], N, C, -1) for x in (q, k, v))
     g, beta = (F.pad(x, (0, pad)).reshape(B, Hv, N, C) for x in (g, beta))
 
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, S)):
-        o, S = _ChunkedRule.apply(q, k, v, g, beta, S)
+        o, S = _ChunkedRule.apply(q, k, v, g, beta, S, normalize_qk, Hv // Hk)
     else:
-        o, S = _scan(_chunk_parts(q, k, v, g, beta), S)
+        o, S = _rule(q, k, v, g, beta, S, normalize_qk, Hv // Hk)
     o = o.reshape(B, Hv, N * C, dv)[:, :, :T]
     return o.transpose(1, 2).contiguous(), S
 

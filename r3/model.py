@@ -1529,16 +1529,17 @@ class LinearAttention(nn.Module):
         B, T, _ = qkv.shape
         mixed, conv_new = causal_conv(qkv, self.conv1d.weight[:, 0], state=conv_state, lengths=lengths)
         kd = self.nk * self.dk
-        q, k = qk_normalize(mixed[..., :kd].view(B, T, self.nk, self.dk), mixed[..., kd:2 * kd].view(B, T, self.nk, self.dk))
+        q, k = mixed[..., :kd].view(B, T, self.nk, self.dk), mixed[..., kd:2 * kd].view(B, T, self.nk, self.dk)
         v = mixed[..., 2 * kd:].view(B, T, self.nv, self.dv)
         if ssm is not None and T == 1 and lengths is None:
+            q, k = qk_normalize(q, k)
             out, ssm_new = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], ssm, live)
             if live is not None:
                 conv_new = torch.where(live[:, None, None], conv_new, conv_state)
             return out[:, None], conv_new, ssm_new
         if live is not None:
             raise ValueError("live is for one token per row")
-        out, ssm_new = gated_delta_rule(q, k, v, g, beta, state=ssm, lengths=lengths)
+        out, ssm_new = gated_delta_rule(q, k, v, g, beta, state=ssm, lengths=lengths, normalize_qk=True)
         return out, conv_new, ssm_new
 
 

@@ -145,17 +145,20 @@ def _autograd_through_the_chunks(monkeypatch):
     backward replaces)."""
     import r3.linear_attention as la
 
-    monkeypatch.setattr(la._ChunkedRule, "apply", lambda q, k, v, g, beta, S: la._scan(la._chunk_parts(q, k, v, g, beta), S))
+    monkeypatch.setattr(la._ChunkedRule, "apply", la._rule)
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["given", "normalized_inside"])
 @pytest.mark.parametrize("uses", ["both", "outputs", "state"])
 @pytest.mark.parametrize("trained", ["all", "v", "state", "q,g"])
-def test_training_backward_equals_autograd_through_the_chunks(monkeypatch, uses, trained):
+def test_training_backward_equals_autograd_through_the_chunks(monkeypatch, uses, trained, normalize):
     """The recomputing backward gives autograd's gradients (float64, to rounding): several chunks
     and a short last one, key heads shared, right padding, an initial state; a loss on the outputs,
-    on the final state or on both; any subset of the inputs requiring grad."""
+    on the final state or on both; any subset of the inputs requiring grad; q and k normalised
+    before the call or inside it (``normalize_qk``: the gradients then reach the raw q and k)."""
     q, k, v, g, beta, S0 = _inputs(B=2, T=45, Hk=1, Hv=2, seed=21, dtype=torch.float64, g_scale=2.0)
-    q, k = qk_normalize(q, k)
+    if not normalize:
+        q, k = qk_normalize(q, k)
     lengths = torch.tensor([45, 30])
     gen = torch.Generator().manual_seed(22)
     w_o, w_S = (torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (v, S0))
@@ -164,7 +167,7 @@ def test_training_backward_equals_autograd_through_the_chunks(monkeypatch, uses,
 
     def grads():
         xs = [x.detach().clone().requires_grad_(n in wants) for n, x in zip(names, (q, k, v, g, beta, S0))]
-        o, S = gated_delta_rule(*xs[:5], state=xs[5], lengths=lengths, chunk_size=8)
+        o, S = gated_delta_rule(*xs[:5], state=xs[5], lengths=lengths, chunk_size=8, normalize_qk=normalize)
         loss = (o * w_o).sum() * (uses != "state") + (S * w_S).sum() * (uses != "outputs")
         got = torch.autograd.grad(loss, [x for x in xs if x.requires_grad], allow_unused=True)
         return [torch.zeros_like(q) if x is None else x for x in got]
@@ -178,12 +181,17 @@ def test_training_backward_equals_autograd_through_the_chunks(monkeypatch, uses,
         assert any(b.abs().max() > 0 for b in ref)  # (the final state still reaches the inputs)
 
 
-def test_training_forward_keeps_only_its_inputs_and_each_chunks_starting_state():
-    """What the training forward holds for backward: the chunked q, k, v, g, beta (fp32) and the
-    state at each chunk's start; autograd through the chunks would hold over three times more."""
+@pytest.mark.parametrize("normalize", [False, True], ids=["given", "normalized_inside"])
+def test_training_forward_keeps_only_its_inputs_and_each_chunks_starting_state(normalize):
+    """What the training forward holds for backward: the chunked q, k, v, g, beta in their own
+    dtypes (bf16 v and beta here; q and k fp32 as normalised outside, bf16 as given with
+    ``normalize_qk``, whose fp32 normalised copies are not kept; q and k once per key head, not
+    per value head) and the state at each chunk's start; autograd through the chunks would hold
+    over three times more."""
     B, T, Hk, Hv, dk, dv, C = 2, 40, 2, 4, 8, 6, 16
     q, k, v, g, beta, S0 = _inputs(B=B, T=T, Hk=Hk, Hv=Hv, dk=dk, dv=dv, seed=23)
-    xs = [x.requires_grad_() for x in (*qk_normalize(q, k), v.bfloat16(), g, beta.bfloat16())]
+    qk = (q.bfloat16(), k.bfloat16()) if normalize else qk_normalize(q, k)
+    xs = [x.requires_grad_() for x in (*qk, v.bfloat16(), g, beta.bfloat16())]
 
     def saved_bytes():
         seen = {}
@@ -193,15 +201,36 @@ def test_training_forward_keeps_only_its_inputs_and_each_chunks_starting_state()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            gated_delta_rule(*xs, chunk_size=C)
+            gated_delta_rule(*xs, chunk_size=C, normalize_qk=normalize)
         return sum(seen.values())
 
     N = -(-T // C)
-    per_chunk_position = B * Hv * N * C * 4
-    assert saved_bytes() == per_chunk_position * (dk + dk + dv + 2) + B * Hv * N * dk * dv * 4
+    qk_bytes = 2 if normalize else 4  # (per key head: repeated per value head inside)
+    kept = B * N * C * (Hk * 2 * dk * qk_bytes + Hv * (dv * 2 + 4 + 2)) + B * Hv * N * dk * dv * 4
+    assert saved_bytes() == kept
     with pytest.MonkeyPatch.context() as mp:
         _autograd_through_the_chunks(mp)
-        assert saved_bytes() > 3 * (per_chunk_position * (dk + dk + dv + 2) + B * Hv * N * dk * dv * 4)
+        assert saved_bytes() > 3 * kept
+
+
+def test_normalizing_inside_equals_normalizing_before():
+    """``normalize_qk`` is :func:`qk_normalize` then the rule: outputs, final state and the raw
+    q and k's gradients (fp64, to rounding), in training and under no_grad."""
+    q, k, v, g, beta, S0 = _inputs(B=2, T=37, Hk=2, Hv=4, seed=26, dtype=torch.float64)
+    lengths = torch.tensor([37, 20])
+
+    def run(inside):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, S0)]
+        qk = xs[:2] if inside else qk_normalize(*xs[:2])
+        o, S = gated_delta_rule(*qk, *xs[2:5], state=xs[5], lengths=lengths, chunk_size=8, normalize_qk=inside)
+        (o.sin().sum() + S.cos().sum()).backward()
+        with torch.no_grad():
+            qk = xs[:2] if inside else qk_normalize(*xs[:2])
+            o2, S2 = gated_delta_rule(*qk, *xs[2:5], state=xs[5], lengths=lengths, chunk_size=8, normalize_qk=inside)
+        return [o, S, o2, S2] + [x.grad for x in xs]
+
+    for a, b in zip(run(True), run(False)):
+        assert _rel(a, b) < 1e-12
 
 
 @pytest.mark.fresh_process
