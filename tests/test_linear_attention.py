@@ -387,6 +387,28 @@ def test_bf16_inputs():
     assert o_t.dtype == S_t.dtype == torch.float32 and _rel(o_t, o[:, 0]) < 1e-5
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["given", "normalized_inside"])
+def test_bf16_gradients_are_the_fp32_upcasts_rounded_once(normalize):
+    """bf16 inputs are computed in fp32, the backward too: each input's gradient is its fp32
+    upcast's gradient rounded to bf16 once (no bf16 sums of per-use or per-value-head pieces), with
+    key heads shared, right padding and an initial state."""
+    q, k, v, g, beta, S0 = _inputs(B=2, T=45, Hk=1, Hv=4, seed=27, g_scale=2.0)
+    if not normalize:
+        q, k = qk_normalize(q, k)
+    xs16 = [x.bfloat16() for x in (q, k, v, g, beta)]
+    gen = torch.Generator().manual_seed(28)
+    w_o, w_S = torch.randn(v.shape, generator=gen), torch.randn(S0.shape, generator=gen)
+
+    def grads(xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        o, S = gated_delta_rule(*xs, state=S0, lengths=torch.tensor([45, 30]), chunk_size=8, normalize_qk=normalize)
+        ((o * w_o).sum() + (S * w_S).sum()).backward()
+        return [x.grad for x in xs]
+
+    for name, got, want in zip("q k v g beta".split(), grads(xs16), grads([x.float() for x in xs16])):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16()), name
+
+
 def test_shape_errors():
     q, k, v, g, beta, _ = _inputs(Hk=3, Hv=4)
     with pytest.raises(ValueError, match="multiple"):
