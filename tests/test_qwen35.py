@@ -464,17 +464,16 @@ def test_r3_train_and_evaluate_run_a_tiny_qwen35(tmp_path, builtin):
     assert sum(r["groups_with_signal"] for r in rows) > 0
     back = AutoModelForCausalLM.from_pretrained(str(out / "export"))
     assert type(back).__name__ == "Qwen3_5ForCausalLM"
-    proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(out), "--n", "3", "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert json.loads((out / "evaluation.json").read_text())["n"] == 3
     records = {}
-    for decode in ("eager", "compiled"):  # (fp32, greedy: the compiled step gives the same samples)
+    for decode, written in (("eager", out / "evaluation.json"), ("compiled", tmp_path / "compiled.json")):
+        # (fp32, greedy: the compiled step gives the same samples; --run writes into the run by default)
+        where = [] if decode == "eager" else ["--out", str(written)]
         proc = subprocess.run([sys.executable, "-m", "r3.evaluate", "--run", str(out), "--n", "3", "--quiet", "--records",
-                               "--decode", decode, "--out", str(tmp_path / f"{decode}.json")],
-                              capture_output=True, text=True, env=env, timeout=600)
+                               "--decode", decode, *where], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        records[decode] = [m["records"] for m in json.loads((tmp_path / f"{decode}.json").read_text())["models"]]
+        doc = json.loads(written.read_text())
+        assert doc["n"] == 3
+        records[decode] = [m["records"] for m in doc["models"]]
     assert records["compiled"] == records["eager"] and len(records["eager"]) == 2
 
 
