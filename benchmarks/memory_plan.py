@@ -21,8 +21,9 @@ During the rollout, the KV cache (below). During the update:
   the reduce-scatter;
 * activations of one micro-batch (the update's forward saves them for the backward pass): per
   token and layer ``l``, ``a_l`` bytes, plus ``i_l``, the layer's input where the block keeps it
-  (OLMo), plus ``r``, what lies outside the blocks (the RoPE tables and masks every block reads,
-  Gemma 4's per-layer inputs, the final norm's); with activation checkpointing every block keeps
+  (its input norm, r3.rms_norm, or OLMo's attention, which reads it unnormed), plus ``r``, what
+  lies outside the blocks (the RoPE tables and masks every block reads, Gemma 4's per-layer
+  inputs, the final norm's); with activation checkpointing every block keeps
   only its input (``2h`` bytes per token) and one block's full activations exist at a time
   during backward (the largest ``a_l``), plus ``r``. They are measured, not guessed: the bytes
   autograd saves (``saved_tensors_hooks``) in a forward of the real shape on one row of a few
@@ -242,8 +243,12 @@ def _saved_bytes(mc: ModelConfig, tokens: int, dtype, backward: bool = False) ->
 
     def pack(t):
         st = t.untyped_storage()
-        if st.data_ptr() not in params and st.data_ptr() not in saved:
-            saved[st.data_ptr()] = (current[0], st.nbytes())
+        ptr = st.data_ptr()
+        # (a block that keeps its own input holds it, whoever saved it first: Gemma 4's root
+        # keeps the embeddings its per-layer inputs are projected from, the first block's input)
+        own_input = current[0] is not None and inputs.get(ptr, -1) == current[0]
+        if ptr not in params and (ptr not in saved or own_input):
+            saved[ptr] = (current[0], st.nbytes())
         return t
 
     first_input: list = []
@@ -284,7 +289,8 @@ def _saved_bytes(mc: ModelConfig, tokens: int, dtype, backward: bool = False) ->
             h.remove()
     out = {"blocks": [0.0] * mc.num_hidden_layers, "inputs": [0.0] * mc.num_hidden_layers, "root": 0.0}
     for ptr, (saver, nbytes) in saved.items():
-        if ptr in inputs and saver is not None and saver == inputs[ptr]:  # (a block keeping its own input: OLMo)
+        # (a block keeping its own input: its input norm, OLMo's attention)
+        if ptr in inputs and saver is not None and saver == inputs[ptr]:
             out["inputs"][saver] += nbytes / tokens
             continue
         # each other storage in the block that made it (the RoPE tables, masks and Gemma 4's
@@ -305,9 +311,9 @@ def activation_bytes(shape: dict, tokens: int, dtype=torch.bfloat16, reduce: boo
                      backward: bool = False) -> dict:
     """Bytes per token autograd saves for the backward pass, for one row of ``tokens`` tokens,
     causal attention, forward in ``dtype``: ``blocks``, each block's (a list, one per layer),
-    what each block made; ``inputs``, each block's own input where the block keeps it (OLMo's
-    attention reads its input unnormed), which activation checkpointing keeps anyway; ``root``,
-    what lies outside the blocks (the RoPE tables, masks, Gemma 4's per-layer inputs, the final
+    what each block made; ``inputs``, each block's own input where the block keeps it (its input
+    norm, r3.rms_norm; OLMo's attention, which reads it unnormed), which activation checkpointing
+    keeps anyway; ``root``, what lies outside the blocks (the RoPE tables, masks, Gemma 4's per-layer inputs, the final
     norm's). A fused attention kernel keeps its output and log-sum-exp, not the ``tokens x
     tokens`` probabilities; the shared-prefix layout adds one additive mask per row, shared by all
     blocks. Layers differ where their kinds do (:func:`layer_kind`: Qwen 3.5's Gated DeltaNets and

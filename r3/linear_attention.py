@@ -5,7 +5,7 @@ layers. Such a layer projects the hidden states to a fused q/k/v, runs it throug
 depthwise conv (kernel 4, no bias) with SiLU (:func:`causal_conv`), l2-normalises q and k and
 scales q by ``dk ** -0.5`` (:func:`qk_normalize`), and mixes the tokens with the *gated delta
 rule* (:func:`gated_delta_rule`, one token at a time :func:`gated_delta_step`), whose output is
-normed and gated by ``silu(z)`` (:func:`gated_rms_norm`). This module holds that math only; the
+normed and gated by ``silu(z)`` (:func:`r3.rms_norm.gated_rms_norm`, imported here). This module holds that math; the
 projections, the cache and the sampler are the model's.
 
 The gated delta rule keeps a state ``S [dk, dv]`` per row and value head and, at each position t
@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from r3.rms_norm import gated_rms_norm
 
 __all__ = ["qk_normalize", "gated_delta_rule", "gated_delta_step", "causal_conv", "gated_rms_norm"]
 
@@ -334,14 +336,3 @@ def causal_conv(
         cols = lengths.to(x.device)[:, None] + torch.arange(K - 1, device=x.device)  # [B, K - 1]
         new_state = xs.gather(-1, cols[:, None, :].expand(B, C, K - 1))
     return y.to(x.dtype).transpose(1, 2), new_state
-
-
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Qwen3_5RMSNormGated: RMS-normalise x over its last dim in fp32, round to x's dtype and
-    multiply by ``weight``, multiply by ``silu(gate)`` in fp32, round to x's dtype. (Each rounding
-    is the reference's, so bf16 results match it bit for bit.)"""
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = weight * h.to(dtype)
-    return (h * F.silu(gate.float())).to(dtype)

@@ -71,7 +71,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from r3.errors import R3Error
-from r3.linear_attention import causal_conv, gated_delta_rule, gated_delta_step, gated_rms_norm, qk_normalize
+from r3.linear_attention import causal_conv, gated_delta_rule, gated_delta_step, qk_normalize
+from r3.rms_norm import gated_rms_norm, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "smollm3", "granite", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "olmo2",
                          "olmo3", "gemma2", "gemma3_text", "gemma4_text", "qwen3_5_text")
@@ -1093,16 +1094,7 @@ class RMSNorm(nn.Module):
         return self.style == "gemma"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.style == "gemma4":
-            x32 = x.float()
-            out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-            return (out if self.weight is None else out * self.weight.float()).to(x.dtype)
-        if self.style:
-            w = self.weight.float()
-            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + w if self.offset else w)).to(x.dtype)
-        # Normalise in fp32, scale in the input dtype: the order transformers uses.
-        # (F.rms_norm is that in one op: it normalises in fp32 and rounds once, bit for bit)
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return rms_norm(x, self.weight, self.eps, self.style)
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
@@ -1461,7 +1453,7 @@ class Attention(nn.Module):
 
 class GatedRMSNorm(nn.Module):
     """Qwen 3.5's norm of each Gated DeltaNet head's output, scaled by a weight and gated by
-    ``silu(z)`` (:func:`r3.linear_attention.gated_rms_norm`)."""
+    ``silu(z)`` (:func:`r3.rms_norm.gated_rms_norm`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

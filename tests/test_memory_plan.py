@@ -33,11 +33,12 @@ def test_plan_parts_add_up_and_checkpointing_shrinks_activations():
     n, a, L, h = plain["micro_batch_tokens"], plain["activation_bytes_per_token_by_layer"], 3, 64
     root = plain["activation_bytes_per_token_root"]
     assert len(a) == L and len(set(a)) == 1 and plain["activation_bytes_per_token_layer"] == a[0]
-    assert plain["activation_bytes_per_token_inputs"] == [0.0] * L and root > 0  # (Qwen2 norms its input first)
+    i = plain["activation_bytes_per_token_inputs"]
+    assert i == [2.0 * h] * L and root > 0  # (each block's input norm keeps its bf16 input: r3.rms_norm)
     # and while the last block's backward pass runs (or, with checkpointing, any one's), its working set
     w = plain["activation_bytes_per_token_backward"]
     assert len(set(w)) == 1 and 0 < w[0] < a[0]
-    assert plain["parts"]["activations (one micro-batch)"] == n * (L * a[0] + w[0]) + n * root
+    assert plain["parts"]["activations (one micro-batch)"] == n * (L * (a[0] + i[0]) + w[0]) + n * root
     w = ac["activation_bytes_per_token_backward"]  # (measured again: allocations, not to the byte)
     assert ac["parts"]["activations (one micro-batch)"] == n * L * 2 * h + n * (a[0] + w[0]) + n * root
     # blocks that keep their own input (OLMo's) and blocks of other kinds: without checkpointing
@@ -112,9 +113,9 @@ def test_activation_terms_are_the_bytes_a_forward_keeps(family):
     """Whole tiny model, bf16: the per-token terms (each block's, the inputs blocks keep, what
     lies outside them), measured on one block of each kind, times the tokens are the memory the
     whole model's forward pass leaves allocated for backward, to the byte. Qwen2's outside: the
-    positions, the RoPE tables every block reads (made once), and the final norm's float32 input,
-    statistics and bf16 output; OLMo 2's attention reads its block's input unnormed and keeps
-    it; Gemma 4's per-layer inputs grow with the layers."""
+    positions, the RoPE tables every block reads (made once), and the final norm's bf16 input
+    and statistics; every block keeps its input (its input norm, r3.rms_norm; OLMo 2's
+    attention, which reads it unnormed); Gemma 4's per-layer inputs grow with the layers."""
     import memory_plan as mp
     from conftest import tiny_hf_config
     from r3.model import ModelConfig, Transformer
@@ -137,9 +138,9 @@ def test_activation_terms_are_the_bytes_a_forward_keeps(family):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.hidden_states(torch.randint(0, mc.vocab_size, (1, T)))
     assert (sum(got["blocks"]) + sum(got["inputs"]) + got["root"]) * T == sum(kept.values())
-    assert (sum(got["inputs"]) > 0) == (family == "olmo2")
+    assert got["inputs"] == [2.0 * mc.hidden_size] * mc.num_hidden_layers  # (bf16: an input norm's, OLMo's attention's)
     if family == "qwen2":
-        positions, tables, final_norm = 8 * T, 2 * T * mc.head_dim * 2, T * (4 * mc.hidden_size + 4 + 2 * mc.hidden_size)
+        positions, tables, final_norm = 8 * T, 2 * T * mc.head_dim * 2, T * (2 * mc.hidden_size + 4)
         assert got["root"] * T == positions + tables + final_norm
 
 
