@@ -13,7 +13,8 @@ keeps for the backward pass per value of the input (saved_tensors_hooks; paramet
 Cases: a Qwen2.5-1.5B / 7B block's input norm (Llama style, widths 1536 / 3584), Qwen 3.5's
 (1 + w) norm (width 1024) and its gated norm over 16 heads of 128 values per token.
 
-  python benchmarks/bench_rms_norm.py --json benchmarks/results/rms_norm_cpu.json --md benchmarks/results/rms_norm_cpu.md
+  python benchmarks/bench_rms_norm.py --json benchmarks/results/rms_norm_cpu.json \
+      --md benchmarks/results/rms_norm_cpu.md
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def main(argv=None) -> dict:
         write_text_atomic(args.md, (
             f"# RMS norms: recomputed against autograd through the plain ops\n\n"
             f"Forward + backward (gradients of the input, weight and gate) on {device_name}, {threads} threads, "
-            f"torch {torch.__version__}, the best of {args.rounds} rounds of {args.repeats} runs (the two in turn); bytes kept: what autograd "
-            f"saves for the backward pass per input value (parameters excluded).\n\n{table}\n\n"
+            f"torch {torch.__version__}, the best of {args.rounds} rounds of {args.repeats} runs (the two in turn); "
+            f"bytes kept: what autograd saves for the backward pass per input value (parameters excluded).\n\n{table}\n\n"
             f"Made with `python benchmarks/bench_rms_norm.py --rounds {args.rounds} --repeats {args.repeats} --json "
             f"{args.json} --md {args.md}`. It does not show a "
             f"GPU, a whole block, or the backward pass's temporaries (the recomputed norm's fp32 working set).\n"))

@@ -1,13 +1,15 @@
 """RMS norms that keep their input for the backward pass, not their fp32 intermediates.
 
-Written as tensor ops, an RMS norm of a bf16 input makes autograd keep its fp32 upcast (4 bytes
-per value) and its normalised values (2 bytes rounded, 4 in fp32; Qwen 3.5's gated norm also its
-gate in fp32 and the gate's SiLU). :func:`rms_norm` and :func:`gated_rms_norm` compute the same
-values bit for bit and, when autograd records them, keep only their input (2 bytes per value; and
-the gate) and the reciprocal RMS of each row: 2 (no weight) to 12 (gated) bytes per value fewer.
-The backward pass recomputes the normalised values from those, as Liger's RMSNorm does, in fp32,
-and rounds each gradient once to its input's dtype. Without autograd (decoding) the plain ops run,
-which compiled decode steps trace as before.
+Written as tensor ops, an RMS norm of a bf16 input makes autograd keep its fp32 upcast (4 bytes per
+value) and its normalised values (2 bytes rounded, 4 in fp32; Qwen 3.5's gated norm also its gate
+in fp32 and the gate's SiLU). :func:`rms_norm` and :func:`gated_rms_norm` compute the same values
+with the same ops (so bit for bit, with autograd or without, on any device) and, when autograd
+records them, keep only their input (2 bytes per value; and the gate) and the reciprocal RMS of
+each row: 2 (no weight) to 12 (gated) bytes per value fewer. The backward pass recomputes the
+normalised values from those, as Liger's RMSNorm does, in fp32, and rounds each gradient once to
+its input's dtype; it writes in place only into tensors it made (on a CPU a fresh tensor of tens of
+MB costs more than the op that fills it), and is not differentiable again (``create_graph`` is
+refused).
 
 Styles (:class:`r3.model.RMSNorm`): ``""`` normalises in fp32, rounds, then scales in the input
 dtype (Llama, transformers' order); ``"gemma"`` scales by ``1 + w`` and ``"olmo"`` by ``w`` in
@@ -29,11 +31,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _reciprocal_rms(x32: torch.Tensor, eps: float, style: str) -> torch.Tensor:
-    """``1 / sqrt(mean(x^2) + eps)`` per row of fp32 ``x32`` (``[..., 1]``), as each style's
-    reference rounds it."""
-    mean_square = x32.pow(2).mean(-1, keepdim=True) + eps
-    return torch.pow(mean_square, -0.5) if style == "gemma4" else torch.rsqrt(mean_square)
+def _reciprocal_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` per row of ``x`` (``[..., 1]``) in fp32 (fp64 for fp64 ``x``),
+    for the backward pass: one read of ``x``, no fp32 copy of it. (The forward's values come from
+    the plain ops, whose own statistics may round otherwise in the last bit.)"""
+    up = torch.float64 if x.dtype == torch.float64 else torch.float32
+    square_sum = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=up).square_()
+    return square_sum.div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, style: str) -> torch.Tensor:
@@ -66,9 +70,10 @@ def _scale32(weight: torch.Tensor | None, style: str) -> torch.Tensor | float:
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """``t`` upcast (:func:`_upcast`) into a tensor of its own, which the backward pass may write."""
-    up = _upcast(t)
-    return up.clone() if up.data_ptr() == t.data_ptr() else up
+    """``t`` upcast (:func:`_upcast`) into a tensor of its own, which the backward pass may write.
+    (Always a copy, by dtype, not by comparing data pointers, which torch.compile cannot trace: a
+    graph break in the backward pass, and ``fullgraph=True`` refused.)"""
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32, copy=True)
 
 
 def _column_sums(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -85,23 +90,22 @@ class _RecomputedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps, style):
-        x32 = _upcast(x)
-        r = _reciprocal_rms(x32, eps, style)
-        normed = x32 * r
-        if gate is not None:
-            y = ((weight * normed.to(x.dtype)) * F.silu(_upcast(gate))).to(x.dtype)
-        elif style:
-            y = (normed * _scale32(weight, style)).to(x.dtype)
-        else:
-            y = normed.to(x.dtype)
-            y = y if weight is None else weight * y
-        ctx.save_for_backward(x, weight, gate, r)
+        # (the plain ops' values, which a forward pass without autograd gives too, on any device:
+        # on CUDA F.rms_norm is a fused kernel that sums in its own order)
+        y = _plain_rms_norm(x, weight, eps, style) if gate is None else _plain_gated_rms_norm(x, gate, weight, eps)
+        ctx.save_for_backward(x, weight, gate, _reciprocal_rms(x, eps))
         ctx.style = style
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, gate, r = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gy, x, weight, gate)):
+            # (create_graph=True: these gradients hold r, the reciprocal RMS, as a constant, and some
+            # of them, the gate's, would be differentiated again without an error, and wrongly)
+            raise RuntimeError("r3.rms_norm: a double backward (create_graph=True) through the RMS norm is not "
+                               "supported: its backward pass recomputes the normalised values and is not "
+                               "differentiable")
         style = ctx.style
         normed = _fresh(x).mul_(r)
         g_normed = _fresh(gy)  # (d loss / d normed, once scaled below)

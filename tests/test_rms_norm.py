@@ -172,3 +172,87 @@ def test_the_benchmark_writes_its_table_and_json(tmp_path):
         assert r["recomputed_saved_bytes_per_value"] == pytest.approx(kept)
         assert r["plain_saved_bytes_per_value"] > r["recomputed_saved_bytes_per_value"]
     assert "| Qwen 3.5 gated norm |" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize("style,weighted", CASES)
+def test_an_fp32_weight_and_gate_on_bf16_inputs(style, weighted):
+    """Mixed precision (bf16 x, fp32 weight and gate): the values are the plain ops' bit for bit,
+    and the fp32 weight's and gate's gradients autograd's through them to fp32 rounding, which pins
+    what the weight and the gate scale: the values rounded to x's dtype (Llama's and the gated
+    norm's order), not the fp32 normalised values (0.1% apart, within bf16 test tolerances)."""
+    x, w, z = _inputs(style, weighted, torch.bfloat16, shape=(64, 256), seed=5)
+    w = w.float() if w is not None else None
+    z = z.float() if z is not None else None
+    out_dtype = _plain(style, x, w, z).dtype  # (Llama's: the fp32 weight's, as the reference's)
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(out_dtype)
+    y, ours = _grads(_ours, style, x, w, z, gy)
+    ref_y, ref = _grads(_plain, style, x, w, z, gy)
+    assert y.dtype == out_dtype and torch.equal(y, ref_y)
+    for a, b in zip(ours[1:], ref[1:], strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+    assert ours[0].dtype == torch.bfloat16
+    torch.testing.assert_close(ours[0].float(), ref[0].float(), rtol=0, atol=8e-3 * ref[0].abs().max().item())
+
+
+@pytest.mark.parametrize("style,weighted", CASES)
+def test_the_plain_ops_run_without_autograd_and_the_function_for_any_trained_input(style, weighted, monkeypatch):
+    """Without autograd (no_grad, or nothing that needs a gradient) the plain ops run (what decoding
+    and its compiled step trace); a trained weight or gate alone (a frozen x: the first block's
+    norm over frozen embeddings) records the function, which keeps x, not its fp32 intermediates."""
+    x, w, z = _inputs(style, weighted, torch.bfloat16)
+    trained = [i for i, t in enumerate((x, w, z)) if t is not None]
+    for i in trained:
+        leaves = [t.clone().requires_grad_(j == i) if t is not None else None for j, t in enumerate((x, w, z))]
+        assert type(_ours(style, *leaves).grad_fn).__name__ == "_RecomputedRMSNormBackward", i
+
+    def refused(*args):
+        raise AssertionError("the recomputing function ran without autograd")
+
+    monkeypatch.setattr(rn._RecomputedRMSNorm, "forward", staticmethod(refused))
+    with torch.no_grad():
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, z)]
+        assert torch.equal(_ours(style, *leaves), _plain(style, x, w, z))
+    assert _ours(style, x, w, z).grad_fn is None
+
+
+@pytest.mark.parametrize("style,weighted", CASES)
+def test_the_callers_tensors_are_left_as_they_were(style, weighted):
+    """fp32 (where the upcasts are the tensors themselves): the backward pass writes into none of
+    gy, x, the weight or the gate, also for a summed output (gy an expanded scalar, stride 0)."""
+    x, w, z = _inputs(style, weighted, torch.float32)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, z)]
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    kept = [t.detach().clone() if t is not None else None for t in (*leaves, gy)]
+    torch.autograd.grad(_ours(style, *leaves), [t for t in leaves if t is not None], gy)
+    for a, b in zip((*leaves, gy), kept, strict=True):
+        assert a is None or torch.equal(a.detach(), b)
+    _, ours = _grads(_ours, style, x, w, z, torch.ones(x.shape).expand(x.shape))
+    summed = [t.clone().requires_grad_() if t is not None else None for t in (x, w, z)]
+    _ours(style, *summed).sum().backward()
+    for a, t in zip(ours, [t for t in summed if t is not None], strict=True):
+        assert torch.equal(a, t.grad)
+
+
+def test_a_double_backward_is_refused():
+    """Its backward pass is not differentiable (the reciprocal RMS is kept as a constant): a
+    create_graph backward is refused, not differentiated wrongly (the gate's gradient would be)."""
+    x, w, z = _inputs("gated", True, torch.float64)
+    x, w, z = (t.requires_grad_() for t in (x, w, z))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(rn.gated_rms_norm(x, z, w), z, torch.ones(x.shape, dtype=x.dtype), create_graph=True)
+    (gz,) = torch.autograd.grad(rn.gated_rms_norm(x, z, w), z, torch.ones(x.shape, dtype=x.dtype))
+    assert gz.grad_fn is None
+
+
+@pytest.mark.parametrize("style", ["", "gated"])
+def test_torch_compile_traces_it_whole(style):
+    """With autograd, under torch.compile(fullgraph=True): no graph break (the backward pass
+    compares no data pointers), the same values and gradients as eagerly."""
+    x, w, z = _inputs(style, True, torch.bfloat16, shape=(4, 32))
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(x.dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(_ours, backend="eager", fullgraph=True)
+    y, got = _grads(lambda *a, eps: compiled(*a, eps=eps), style, x, w, z, gy)
+    ref_y, ref = _grads(_ours, style, x, w, z, gy)
+    assert torch.equal(y, ref_y) and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
