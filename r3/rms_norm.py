@@ -26,17 +26,21 @@ __all__ = ["STYLES", "rms_norm", "gated_rms_norm"]
 STYLES = ("", "gemma", "olmo", "gemma4")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision the norm computes in: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the precision the norm computes in: fp32, or fp64 for fp64 inputs (gradcheck)."""
-    return x if x.dtype == torch.float64 else x.float()
+    """``x`` in :func:`_compute_dtype` (``x`` itself where it already is)."""
+    return x.to(_compute_dtype(x))
 
 
 def _reciprocal_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 / sqrt(mean(x^2) + eps)`` per row of ``x`` (``[..., 1]``) in fp32 (fp64 for fp64 ``x``),
     for the backward pass: one read of ``x``, no fp32 copy of it. (The forward's values come from
     the plain ops, whose own statistics may round otherwise in the last bit.)"""
-    up = torch.float64 if x.dtype == torch.float64 else torch.float32
-    square_sum = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=up).square_()
+    square_sum = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_compute_dtype(x)).square_()
     return square_sum.div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
@@ -73,7 +77,7 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     """``t`` upcast (:func:`_upcast`) into a tensor of its own, which the backward pass may write.
     (Always a copy, by dtype, not by comparing data pointers, which torch.compile cannot trace: a
     graph break in the backward pass, and ``fullgraph=True`` refused.)"""
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32, copy=True)
+    return t.to(_compute_dtype(t), copy=True)
 
 
 def _column_sums(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -85,8 +89,7 @@ def _column_sums(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.
 
 class _RecomputedRMSNorm(torch.autograd.Function):
     """:func:`rms_norm` (``gate`` None) and :func:`gated_rms_norm`, keeping ``x``, ``gate`` and the
-    reciprocal RMS per row for the backward pass. (The backward pass writes in place into the
-    tensors it makes: on a CPU a fresh tensor of tens of MB costs more than the op that fills it.)"""
+    reciprocal RMS per row for the backward pass (module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, gate, eps, style):
