@@ -94,14 +94,36 @@ def builtin():
 
 
 @pytest.fixture(scope="session")
-def builtin_hf():
-    """transformers' own GGUF loading of the built-in model: the reference."""
-    from transformers import AutoModelForCausalLM
+def builtin_hf(tmp_path_factory):
+    """transformers' own GGUF loading of the built-in model: the reference. Reading the GGUF takes
+    transformers ~17 s, so under pytest-xdist the first worker that needs it saves the loaded
+    weights and config for the others (transformers will not save a GGUF-loaded model itself)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from r3.checkpoint import builtin_gguf
 
-    f = builtin_gguf("smollm2-135m")
-    return AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name).eval()
+    def from_gguf():
+        f = builtin_gguf("smollm2-135m")
+        return AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name).eval()
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return from_gguf()
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "builtin_hf"  # (the workers' common folder)
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "weights.pt").exists():
+            model = from_gguf()
+            shared.mkdir(exist_ok=True)
+            model.config.save_pretrained(shared)
+            torch.save(model.state_dict(), shared / "weights.tmp")
+            os.replace(shared / "weights.tmp", shared / "weights.pt")
+            return model
+    state = torch.load(shared / "weights.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shared), dtype=state["lm_head.weight"].dtype)
+    model.load_state_dict(state)
+    model.tie_weights()
+    return model.eval()
 
 
 def transformers_major() -> int:

@@ -548,22 +548,30 @@ def test_cli_prints_a_completion():
     assert r.stdout.strip() and "tokens/s" in r.stderr and "warning" not in r.stderr
 
 
-def test_cli_warns_past_the_models_positions():
+def test_cli_warns_past_the_models_positions(builtin, monkeypatch, capsys):
+    """In process, on the session's built-in model (the command itself runs in
+    test_cli_prints_a_completion): the warning names the prompt's tokens and the limit."""
+    import r3.generate as G
     from r3.checkpoint import builtin_gguf, gguf_config
     from r3.gguf_file import read_gguf
 
     path = builtin_gguf("smollm2-135m")
     limit = gguf_config(read_gguf(path), path)["max_position_embeddings"]
-    assert limit == 8192
-    r = _cli("--prompt", "What is the capital of France?", "--max-new-tokens", str(limit), "--temperature", "0")
-    assert r.returncode == 0, r.stderr  # (it stops at the end of its answer)
-    assert f"--max-new-tokens {limit} passes the model's {limit} positions" in r.stderr
+    assert limit == 8192 == builtin[0].config.max_position_embeddings
+    monkeypatch.setattr(G, "load", lambda *a, **k: builtin)
+
+    def cli(*args):
+        rc = G.main(["--prompt", "What is the capital of France?", "--temperature", "0", *args])
+        out, err = capsys.readouterr()
+        assert rc == 0 and out.strip(), err  # (it stops at the end of its answer)
+        return err
+
+    err = cli("--max-new-tokens", str(limit))
+    assert f"--max-new-tokens {limit} passes the model's {limit} positions" in err
     # exactly filling the positions (the last completion token at position limit - 1) is fine; one more is not
-    n = int(re.search(r"the prompt \((\d+) tokens\)", r.stderr).group(1))
-    prompt = ("--prompt", "What is the capital of France?", "--temperature", "0")
-    exact = _cli(*prompt, "--max-new-tokens", str(limit - n))
-    assert exact.returncode == 0 and "positions" not in exact.stderr, exact.stderr
-    assert f"--max-new-tokens {limit - n + 1} passes" in _cli(*prompt, "--max-new-tokens", str(limit - n + 1)).stderr
+    n = int(re.search(r"the prompt \((\d+) tokens\)", err).group(1))
+    assert "positions" not in cli("--max-new-tokens", str(limit - n))
+    assert f"--max-new-tokens {limit - n + 1} passes" in cli("--max-new-tokens", str(limit - n + 1))
 
 
 @pytest.mark.parametrize("args", [("--model", "/no/such/model", "--prompt", "hi"), ("--prompt", "hi", "--top-p", "2")])
