@@ -194,7 +194,7 @@ def untrained_key(cfg, samples: int, seed: int, device: str) -> dict:
     # (these only where they are not the default: the cached evaluations of earlier runs stay valid)
     if cfg.chat_template_options:
         key["chat_template_options"] = cfg.chat_template_options
-    if cfg.cut_answers != "judge":  # (another verdict on every cut attempt and retry)
+    if cfg.cut_answers != "judge":  # (the rule before "fail" was the default: another verdict on every cut answer)
         key["cut_answers"] = cfg.cut_answers
     if torch.device(device).type != "cpu":  # (a GPU draws other samples: its generator and kernels)
         key["device"] = torch.device(device).type

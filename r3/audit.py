@@ -50,7 +50,7 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
-def audit(task, samples: list[dict], cut_answers: str = "judge") -> dict:
+def audit(task, samples: list[dict], cut_answers: str = "fail") -> dict:
     """Re-judge every sample by the run's ``cut_answers`` rule (with "fail", a retry its sample
     records as cut off fails both checks unread); returns counts and the disagreements."""
     independent = has_recheck(task)

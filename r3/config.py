@@ -50,8 +50,8 @@ class TrainConfig:
     top_k: int = 0
     decode: str = "eager"  # eager | compiled: the rollouts' decode step through torch.compile (r3.decode)
     compact_rollouts: bool = True  # decode batches drop rows that have stopped (the same samples)
-    # an attempt or retry the token limit cut off: "judge" reads it as it stands; "fail" fails it
-    cut_answers: str = "judge"
+    # an attempt or retry the token limit cut off: "fail" fails it unread; "judge" reads it as it stands
+    cut_answers: str = "fail"
     # optimisation
     lr: float = 1.5e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
     warmup_steps: int = 2
@@ -261,8 +261,8 @@ HELP = {
     "decode": "eager, or compiled: the rollouts' decode step through torch.compile (compiles once; on GPU with CUDA "
               "graphs, in a static KV cache held for the whole run: see the README's memory plan)",
     "compact_rollouts": "drop rows that have stopped from the rollouts' decode batches (the same samples, faster)",
-    "cut_answers": "an attempt or retry the token limit cut off: judge (read it as it stands: a retry cut right after "
-                   "'28 + 12' passes for target 40) or fail (only answers the model ended can pass)",
+    "cut_answers": "an attempt or retry the token limit cut off: fail (only answers the model ended can pass) or "
+                   "judge (read it as it stands: a retry cut right after '28 + 12' passes for target 40)",
     "lr": "peak learning rate (AdamW)",
     "warmup_steps": "linear warmup steps, then cosine decay",
     "min_lr_ratio": "the cosine decays to lr * min_lr_ratio",

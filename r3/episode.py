@@ -38,7 +38,7 @@ class EpisodeSampling:
     max_retry_tokens: int = 256
     decode: str = "eager"  # eager | compiled: the sampler's decode step (see r3.decode)
     compact: bool = True  # drop stopped rows from decode batches (the same samples, less work)
-    cut_answers: str = "judge"  # judge | fail: how an attempt or retry the token limit cut off is judged
+    cut_answers: str = "fail"  # fail | judge: how an attempt or retry the token limit cut off is judged
 
     def __post_init__(self):
         for name in ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
@@ -47,9 +47,10 @@ class EpisodeSampling:
             raise R3Error(f"cut_answers must be one of {', '.join(CUT_ANSWERS)}, got {self.cut_answers!r}")
 
 
-# How an answer (first attempt or retry) that the token limit ended is judged: "judge" reads the
+# How an answer (first attempt or retry) that the token limit ended is judged: "fail" (the
+# default) counts it as failed, unread: only answers the model ended are paid. "judge" reads the
 # text as it stands, so a retry cut right after "28 + 12" passes for target 40 although the model
-# might have gone on; "fail" counts it as failed, unread: only answers the model ended are paid.
+# might have gone on (to "= 41", or past a wrong answer it wrote before the cut).
 CUT_ANSWERS = ("judge", "fail")
 CUT_REASON = "cut off at the token limit before the model ended it (cut_answers: fail)"
 

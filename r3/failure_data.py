@@ -150,7 +150,7 @@ def recorded_settings(path) -> dict | None:
 
 
 def check_made_for(path, task, model: str, chat_template_options: dict | None = None,
-                   cut_answers: str = "judge") -> None:
+                   cut_answers: str = "fail") -> None:
     """Refuse to train on failures of another task: the records' examples and attempts are
     judged with the run's task, so a file made for another task (other numbers, operators or
     answer format) would reward against the wrong rule. Compares the task's name and every

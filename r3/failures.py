@@ -117,7 +117,7 @@ def find_failures(
     passed_before: dict[str, int] | None = None,
     on_progress=None,
     seed_salt: int = 0,
-    cut_answers: str = "judge",
+    cut_answers: str = "fail",
 ) -> dict:
     """Sample up to ``samples`` attempts per example, stopping at each example's first failure.
 
@@ -242,8 +242,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="attempt length limit (default: 256)")
-    p.add_argument("--cut-answers", choices=CUT_ANSWERS, default="judge",
-                   help="an attempt the token limit cut off: judge it as it stands (default), or count it as failed")
+    p.add_argument("--cut-answers", choices=CUT_ANSWERS, default="fail",
+                   help="an attempt the token limit cut off: count it as failed (default), or judge it as it stands")
     p.add_argument("--batch-size", type=int, default=16, help="sampled rows per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="default: auto, bf16 where the device multiplies it natively, else fp32")

@@ -43,8 +43,8 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
         "trained_tokens": int(tokens),
         "reflection_len_mean": g["reflection_tokens"] / retries if retries else 0.0,
         # the shares the token limits cut off (not ended by the model): a limit that binds often
-        # cuts reflections short, and a cut retry is judged where the limit fell (cut_answers
-        # judge) or fails unread (fail)
+        # cuts reflections short, and a cut retry fails unread (cut_answers fail) or is judged
+        # where the limit fell (judge)
         "reflection_cut_frac": g["reflections_cut"] / retries if retries else 0.0,
         "retry_cut_frac": g["retries_cut"] / retries if retries else 0.0,
         "clip_frac_low": g["clip_low"] / tokens if tokens else 0.0,

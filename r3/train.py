@@ -742,7 +742,7 @@ def warn_without_signal(run: Run, row: dict) -> None:
         why = ("no retry passed: the task may be too hard for this model, or its verifier never pays "
                f"(read {run.out / 'samples.jsonl'} and the verifier's reasons)")
         if getattr(run.cfg, "cut_answers", "judge") == "fail":
-            why += ("; with --cut-answers fail no retry that --max-retry-tokens cut off can pass (retry_cut_frac in "
+            why += ("; under cut_answers fail no retry that --max-retry-tokens cut off can pass (retry_cut_frac in "
                     "metrics.jsonl: how many were)")
     if any(groups for groups, _ in seen) and run.cfg.beta > 0 and not run.cfg.skip_no_signal_groups:
         why += "; only the KL penalty trained on those steps (--skip-no-signal-groups false)"

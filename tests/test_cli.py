@@ -91,7 +91,8 @@ def test_failures_tiny_rounds_records_and_training_reads_them(tiny_dir, tiny, tm
     model, tok, chat = tiny
     out = tmp_path / "f.jsonl"
     argv = ["--model", tiny_dir, "--task", COIN, "--samples", "6", "--n", "12", "--out", str(out),
-            "--max-new-tokens", "6", "--batch-size", "8", "--dtype", "fp32", "--seed", "1"]
+            "--max-new-tokens", "6", "--batch-size", "8", "--dtype", "fp32", "--seed", "1",
+            "--cut-answers", "judge"]  # (every attempt read by the verifier: most run to the 6-token limit)
     rc, stdout, err = run_main(F.main, argv, capsys)
     assert rc == 0, err
     assert "failures: " in err and "ETA" in err  # the progress line
@@ -197,8 +198,8 @@ def test_find_failures_rounds_count_attempts_exactly(monkeypatch, batch_size):
 
 def test_find_failures_with_cut_answers_fail_counts_an_attempt_the_limit_cut_off_as_failed(monkeypatch):
     """``cut_answers="fail"``: a query's attempt the token limit cut off (here every third one)
-    is its failure even where the verifier would pass it, recorded with ``finished`` false; the
-    default judges it, so the same queries then fail only where the verifier says."""
+    is its failure even where the verifier would pass it, recorded with ``finished`` false (the
+    default); "judge" reads it, so the same queries then fail only where the verifier says."""
     fail_at = [None, 0, 4, None]
     for rule, expect in (("judge", {1: 0, 2: 4}), ("fail", {0: 2, 1: 0, 2: 2, 3: 2})):
         task, chat, model, *_ = _fake_failure_sampling(monkeypatch, finished=lambda k: k % 3 != 2)
@@ -759,7 +760,8 @@ def test_failures_with_a_verifier_that_always_raises_writes_no_failures(tiny_dir
     """Every verdict an error: r3.failures took each for a failed attempt and wrote every query
     to the dataset as a failure, exit 0 and not a word; now one line and no record. A verifier
     that raises now and then is said once, as in r3.evaluate."""
-    argv = ["--model", tiny_dir, "--samples", "2", "--max-new-tokens", "4", "--dtype", "fp32", "--quiet"]
+    argv = ["--model", tiny_dir, "--samples", "2", "--max-new-tokens", "4", "--dtype", "fp32", "--quiet",
+            "--cut-answers", "judge"]  # (the verifier reads every attempt, cut off or not)
     out = tmp_path / "f.jsonl"
     rc, _, err = run_main(F.main, argv + ["--task", "r3_test_tasks:RaisingTask", "--n", "3", "--out", str(out)], capsys)
     assert rc == 2 and err.splitlines()[-1] == ("error: the task's verifier failed on all 3 completions while "
@@ -1427,7 +1429,7 @@ def test_evaluate_run_settings_come_from_the_run_unless_a_flag_overrides_them(tm
 
 def test_evaluate_judges_cut_answers_by_the_runs_rule_unless_the_flag_says(tmp_path, capsys):
     """--cut-answers: the run's own rule with --run (judge for runs from before the option), the
-    flag over it; judge without a run; a run's bad value is one line naming its config."""
+    flag over it; fail without a run; a run's bad value is one line naming its config."""
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)
     (run / "export" / "config.json").write_text("{}")
@@ -1438,8 +1440,8 @@ def test_evaluate_judges_cut_answers_by_the_runs_rule_unless_the_flag_says(tmp_p
     (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "fail"}))
     assert E.resolve_settings(E.parse_args(["--run", str(run)]))["cut_answers"] == "fail"
     assert E.resolve_settings(E.parse_args(["--run", str(run), "--cut-answers", "judge"]))["cut_answers"] == "judge"
-    assert E.resolve_settings(E.parse_args(["--out", "x.json"]))["cut_answers"] == "judge"
-    assert E.resolve_settings(E.parse_args(["--out", "x.json", "--cut-answers", "fail"]))["cut_answers"] == "fail"
+    assert E.resolve_settings(E.parse_args(["--out", "x.json"]))["cut_answers"] == "fail"
+    assert E.resolve_settings(E.parse_args(["--out", "x.json", "--cut-answers", "judge"]))["cut_answers"] == "judge"
     (run / "config.json").write_text(json.dumps({**cfg, "cut_answers": "skip"}))
     rc, _, err = run_main(E.main, ["--run", str(run), "--out", str(tmp_path / "e.json"), "--n", "1"], capsys)
     one_line_error(rc, err, f"{run / 'config.json'}: 'cut_answers' must be one of judge, fail, got 'skip'")

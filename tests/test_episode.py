@@ -92,7 +92,10 @@ def tiny(tmp_path_factory, builtin):
     return model, tok, ChatFormat(tok)
 
 
-SAMPLING = EpisodeSampling(temperature=1.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+# (cut_answers="judge": the tiny model's answers mostly run to these limits, and the tests here
+# are of the verdicts the tasks give them; "fail", the default, has its own test below)
+SAMPLING = EpisodeSampling(temperature=1.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10,
+                           cut_answers="judge")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +220,7 @@ def test_sequences_equal_the_tokenized_rendering_when_canonical(tiny):
     task = CoinTask(always=False)
     examples = task.examples(n=6)
     attempts = [chat.encode(f"Item {i} is a fine thing.") + ([EOS] if i % 2 else []) for i in range(6)]
-    sampling = EpisodeSampling(temperature=1.0, max_reflection_tokens=1, max_retry_tokens=1)
+    sampling = EpisodeSampling(temperature=1.0, max_reflection_tokens=1, max_retry_tokens=1, cut_answers="judge")
     ep = run_episode(model, tok, task, examples, group_size=3, sampling=sampling, seed=1,
                      failed_attempts=attempts, chat=chat)
     checked = 0
@@ -262,7 +265,7 @@ def test_greedy_continuation_equals_fresh_prefill(tiny):
     model, tok, chat = tiny
     task = CoinTask(always=False)
     examples = task.examples(n=5, seed=1)
-    sampling = EpisodeSampling(temperature=0.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+    sampling = EpisodeSampling(temperature=0.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10, cut_answers="judge")
     ep = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, chat=chat)
     assert ep.first_success == 0 and ep.group_indices == list(range(5))
     for g in range(5):
@@ -447,7 +450,7 @@ def test_failed_attempts_mode_builds_the_same_conversations(tiny):
     model, tok, chat = tiny
     task = CoinTask()
     examples = task.examples(n=8, seed=2)
-    sampling = EpisodeSampling(temperature=0.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+    sampling = EpisodeSampling(temperature=0.0, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10, cut_answers="judge")
     fresh = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, chat=chat)
     assert 0 < len(fresh.group_examples) < 8
     stored = run_episode(model, tok, task, fresh.group_examples, group_size=2, sampling=sampling, chat=chat,
@@ -550,7 +553,7 @@ def test_trainer_logprobs_of_reflection_tokens_equal_the_samplers(tiny, dtype, b
     model, tok, chat = tiny
     model = copy.deepcopy(model).to(dtype)  # the fixture's fp32 weights stay as they are
     task = CoinTask()
-    sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10)
+    sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=10, max_reflection_tokens=8, max_retry_tokens=10, cut_answers="judge")
     ep = run_episode(model, tok, task, task.examples(n=6), group_size=3, sampling=sampling, seed=5, chat=chat)
     assert sum(e - s for s, e in ep.spans) > 20
     mbs = B.make_micro_batches(ep.sequences, ep.spans, [1.0] * len(ep.sequences), 5, 0, "cpu",
@@ -591,7 +594,7 @@ def test_answer_turns_end_at_the_tasks_stop_strings(tiny):
     end-of-turn token before the reflection turn, and the verdict reads the cut retry."""
     model, tok, chat = tiny
     examples = CoinTask().examples(n=12, seed=4)
-    sampling = EpisodeSampling(temperature=1.0, max_attempt_tokens=24, max_reflection_tokens=24, max_retry_tokens=24)
+    sampling = EpisodeSampling(temperature=1.0, max_attempt_tokens=24, max_reflection_tokens=24, max_retry_tokens=24, cut_answers="judge")
     free = run_episode(model, tok, CoinTask(), examples, group_size=2, sampling=sampling, seed=5, chat=chat)
     task = StopAtETask()
     ep = run_episode(model, tok, task, examples, group_size=2, sampling=sampling, seed=5, chat=chat)
@@ -634,7 +637,7 @@ def test_episode_with_the_cuda_graph_decode_equals_eager(tiny, monkeypatch):
     examples = CoinTask().examples(n=12, seed=6)
     # (T = 0.7: at T = 1 this sharp model puts a few draws so near a boundary of the CDF that
     # the compiled step's rounding -- any batch size, graphs or not -- flips them)
-    sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=16, max_reflection_tokens=12, max_retry_tokens=16)
+    sampling = EpisodeSampling(temperature=0.7, max_attempt_tokens=16, max_reflection_tokens=12, max_retry_tokens=16, cut_answers="judge")
     eager = run_episode(model, tok, StopAtETask(), examples, group_size=3, sampling=sampling, seed=7, chat=chat)
     monkeypatch.setattr(r3.decode, "CUDA_GRAPHS", True)  # (the decode path a GPU takes: no prepacked weights)
     monkeypatch.setattr(PackedWeights, "available", staticmethod(lambda model: False))
@@ -850,6 +853,8 @@ def test_cut_answers_fail_fails_every_answer_the_token_limit_cut_off_and_judges_
 
 def test_cut_answers_must_be_judge_or_fail():
     from r3.errors import R3Error
+
+    assert EpisodeSampling().cut_answers == "fail"  # (only answers the model ended are paid by default)
 
     with pytest.raises(R3Error, match="cut_answers must be one of judge, fail, got 'drop'"):
         EpisodeSampling(cut_answers="drop")

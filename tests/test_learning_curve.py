@@ -92,10 +92,11 @@ def test_first_attempts_are_judged_by_the_runs_cut_answers_rule(monkeypatch):
 
 def test_the_untrained_evaluation_is_reused_only_under_the_same_cut_answers_rule():
     """``before.json`` judged under one rule is not the untrained model's numbers under the other;
-    the default adds nothing to the key, so evaluations cached before the option stay valid."""
+    "judge", the rule before the option, adds nothing to the key, so evaluations cached before it
+    stay valid for runs that judge, and the default ("fail") does not reuse them."""
     from r3.config import TrainConfig
 
-    judged = lc.untrained_key(TrainConfig().validate(), 16, 1234, "cpu")
+    judged = lc.untrained_key(TrainConfig(cut_answers="judge").validate(), 16, 1234, "cpu")
     assert "cut_answers" not in judged
-    failing = lc.untrained_key(TrainConfig(cut_answers="fail").validate(), 16, 1234, "cpu")
+    failing = lc.untrained_key(TrainConfig().validate(), 16, 1234, "cpu")
     assert failing != judged and failing["cut_answers"] == "fail"

@@ -1933,9 +1933,9 @@ def test_steps_without_signal_are_reported_once(tmp_path, capsys):
     err = warnings([quiet] * n, skip_no_signal_groups=False)  # the groups stayed in: the KL term trained on them
     assert "no retry passed" in err and "only the KL penalty trained on those steps" in err
     assert "KL" not in warnings([quiet] * n, skip_no_signal_groups=False, beta=0.0)
-    assert "--cut-answers" not in err
+    assert "cut_answers" not in err  # (judged as they stood)
     err = warnings([quiet] * n, cut_answers="fail")  # (the limit may be what fails them all)
-    assert "no retry passed" in err and "with --cut-answers fail no retry that --max-retry-tokens cut off" in err
+    assert "no retry passed" in err and "under cut_answers fail no retry that --max-retry-tokens cut off" in err
     err = warnings([quiet] * 3 + [{**quiet, "retry_success": 1.0}] + [quiet] * (n - 4))
     assert "some retries passed, but in each group all passed or all failed" in err and "no retry passed" not in err
     # a resumed run's streak (read back from metrics.jsonl) can be longer: the last 10 steps are judged
@@ -3818,20 +3818,21 @@ def test_freeze_patterns_name_r3_s_parameters_and_one_matching_none_is_refused(t
 
 
 def test_cut_answers_is_a_setting_of_the_run_and_an_older_run_judged_cut_answers():
-    """``cut_answers`` reaches the rollouts' and the held-out evaluation's sampling; a bad value
-    is refused naming the field; a run from before the option (no key) resumes under "judge"
-    and not under "fail", which would pay other retries."""
+    """``cut_answers`` reaches the rollouts' and the held-out evaluation's sampling, "fail" by
+    default; a bad value is refused naming the field; a run from before the option (no key)
+    resumes under "judge", as it trained, and not under "fail", which would pay other retries."""
     from r3.config import InvalidValue, TrainConfig, parse_args
 
-    cfg = parse_args(["--cut-answers", "fail"])
-    assert cfg.cut_answers == "fail" and cfg.sampling().cut_answers == "fail"
-    assert cfg.sampling(0.0).cut_answers == "fail" and TrainConfig().sampling().cut_answers == "judge"
+    cfg = parse_args(["--cut-answers", "judge"])
+    assert cfg.cut_answers == "judge" and cfg.sampling().cut_answers == "judge"
+    assert cfg.sampling(0.0).cut_answers == "judge" and TrainConfig().sampling().cut_answers == "fail"
+    assert parse_args([]).cut_answers == "fail"
     with pytest.raises(InvalidValue, match="'cut_answers' must be one of judge, fail, got 'pay'"):
         TrainConfig(cut_answers="pay").validate()
     old = TrainConfig().validate().to_dict()
     old.pop("cut_answers")
-    assert TrainConfig().validate().incompatible_with(old) == []
-    assert TrainConfig(cut_answers="fail").validate().incompatible_with(old) == ["cut_answers"]
+    assert TrainConfig(cut_answers="judge").validate().incompatible_with(old) == []
+    assert TrainConfig().validate().incompatible_with(old) == ["cut_answers"]
 
 
 def test_a_run_that_fails_cut_answers_pays_no_retry_the_limit_cut_off(tiny_model, tmp_path):
