@@ -349,10 +349,13 @@ def _check_positive(name: str, v, allow_zero: bool = False) -> None:
         raise InvalidValue(name, f" must be a finite number {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 
-def suggest(name: str, choices) -> str:
-    """`` (did you mean --x?)`` for the closest choice, or '' when none is close."""
+def suggest(name: str, choices, flag: bool = True) -> str:
+    """`` (did you mean --x?)`` for the closest choice (a config file's key: `` (did you mean
+    x_y?)``), or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+    if not close:
+        return ""
+    return f" (did you mean --{close[0].replace('_', '-')}?)" if flag else f" (did you mean {close[0]}?)"
 
 
 def _coerce(name: str, raw: Any, current: Any, source: str):
@@ -518,7 +521,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
                               f"different values (keep one)")
             written[key] = k
             if key not in _FIELDS:
-                raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS) or ' (see python -m r3.train --help)'}")
+                raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS, flag=False) or ' (see python -m r3.train --help)'}")
             values[key] = (v, config_file[-1])
             from_file[key] = v
     for k, v in pairs:
@@ -566,11 +569,22 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 def _check_file_options_fit_task(cfg: TrainConfig, values: dict, from_file: dict, config_file: str | None) -> None:
-    """A config file's ``task_options`` are written for the file's task: with another ``--task``
-    on the command line, an option that task does not take is refused saying where it came from
-    (``--task-options`` replaces them)."""
+    """A config file's ``task_options`` are written for the file's task: an option the task does
+    not take is refused naming the file, and with another ``--task`` on the command line saying
+    where it came from (``--task-options`` replaces them)."""
     file_task = from_file.get("task", _FIELDS["task"].default)
     file_options = from_file.get("task_options")
+    if (config_file is not None and file_task == cfg.task and isinstance(file_options, dict) and file_options
+            and values.get("task_options", (None, None))[1] == config_file):
+        from r3.tasks import check_option_names
+
+        try:
+            check_option_names(cfg.task, file_options)
+        except R3Error as e:
+            if not str(e).startswith("unknown option"):
+                raise
+            raise R3Error(f"{config_file}: task_options: {e}") from None
+        return
     if (config_file is None or values.get("task", (None, None))[1] != "command line"
             or values.get("task_options", (None, None))[1] != config_file
             or file_task == cfg.task or not isinstance(file_options, dict) or not file_options):

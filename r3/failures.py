@@ -45,6 +45,7 @@ import time
 
 from r3.chat import ChatFormat, template_options
 from r3.checkpoint import canonical_model, load_config
+from r3.config import TrainConfig
 from r3.cpu_share import watch_for
 from r3.cli import (
     DTYPES,
@@ -238,10 +239,14 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=None, help="queries (default: the task's whole split)")
     p.add_argument("--split", default="train", help="default: train")
     p.add_argument("--seed", type=int, default=0, help="which examples, and the sampling seed (default: 0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="default: 1.0")
+    # (sampled as r3.train samples its first attempts by default, so the failures are the ones a
+    # training run meets: at temperature 1 and 256 tokens the built-in model's attempts are noise)
+    p.add_argument("--temperature", type=float, default=TrainConfig.temperature,
+                   help=f"default: {TrainConfig.temperature}, as r3.train's rollouts")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="attempt length limit (default: 256)")
+    p.add_argument("--max-new-tokens", type=int, default=TrainConfig.max_attempt_tokens,
+                   help=f"attempt length limit (default: {TrainConfig.max_attempt_tokens}, r3.train's --max-attempt-tokens)")
     p.add_argument("--cut-answers", choices=CUT_ANSWERS, default="fail",
                    help="an attempt the token limit cut off: count it as failed (default), or judge it as it stands")
     p.add_argument("--batch-size", type=int, default=16, help="sampled rows per batch (default: 16)")

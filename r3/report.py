@@ -133,7 +133,26 @@ def read_evaluation(path: Path, run: Path) -> dict:
                       f"evaluate with --run {run}")
     if models[0]["n"] != models[1]["n"]:
         raise R3Error(f"{path}: the two models were evaluated on different numbers of queries")
+    changed = _export_changed_since(ev, run)
+    if changed:
+        raise R3Error(f"{path}: evaluates an earlier export of {run} (rewritten since, by more training or a "
+                      f"resume: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); evaluate it again "
+                      f"with python -m r3.evaluate --run {run} --records")
     return ev
+
+
+def _export_changed_since(ev: dict, run: Path) -> list[str]:
+    """The files of ``run/export`` whose size or modification time differ from those the
+    evaluation recorded of the export it evaluated (none where it recorded none, as older r3
+    did, or where the export is gone)."""
+    recorded = ev.get("export_files")
+    if ev.get("run") is None or not isinstance(recorded, dict):
+        return []
+    try:
+        now = model_files(str(Path(run) / "export"))["files"]
+    except (OSError, R3Error):
+        return []
+    return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
 
 
 def read_forgetting(path: Path) -> dict:
@@ -264,7 +283,8 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
               + (f"; chat template options `{cfg['chat_template_options']}`" if cfg.get("chat_template_options") else ""),
               f"- training: lr {cfg.get('lr')}, {cfg.get('batch_size')} failed queries x G={cfg.get('group_size')} "
               f"reflections per step, reflections up to {cfg.get('max_reflection_tokens')} tokens, seed {cfg.get('seed')}"
-              + ("; answers the token limit cut off failed (cut_answers: fail)" if cfg.get("cut_answers") == "fail" else ""),
+              + ("; answers the token limit cut off failed (cut_answers: fail)" if cfg.get("cut_answers") == "fail" else
+                 "; answers the token limit cut off were judged as they stood (cut_answers: judge)"),
               f"- evaluation: {base['n']} {st.get('split', 'test')} queries, temperature {st.get('temperature', 0.0)} "
               f"({'greedy' if not st.get('temperature') else 'sampled'}), dtype {st.get('dtype', '?')}"
               + _cut_answers_note(st, cfg), ""]

@@ -1363,7 +1363,7 @@ def test_find_failures_draws_each_round_with_its_own_seed_and_keeps_the_failing_
     examples = [{"i": 0, "fail_at": 2}, {"i": 1, "fail_at": None}, {"i": 2, "fail_at": 1}]
     got = []
     F.find_failures(model, list(range(100)), task, examples, samples=6, batch_size=2, chat=chat,
-                    on_batch=lambda fails, passes: got.extend(fails))
+                    cut_answers="judge", on_batch=lambda fails, passes: got.extend(fails))
     assert len(seeds) > 3 and len(set(seeds)) == len(seeds)  # every (round, batch) its own seed
     assert {r["example"]["i"]: r["finished"] for r in got} == {0: False, 2: True}
 

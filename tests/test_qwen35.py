@@ -454,7 +454,7 @@ def test_r3_train_and_evaluate_run_a_tiny_qwen35(tmp_path, builtin):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "r3.train",
             "--task", "r3_test_tasks:CoinTask", "--task-options", "{}", "--batch-size", "2", "--group-size", "4",
             "--max-new-tokens", "6", "--dtype", "fp32", "--lr", "1e-3", "--micro-batch-size", "3",
-            "--warmup-steps", "0", "--model", str(model_dir), "--out", str(out)]
+            "--warmup-steps", "0", "--cut-answers", "judge", "--model", str(model_dir), "--out", str(out)]
     proc = subprocess.run(base + ["--max-steps", "1"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     proc = subprocess.run(base + ["--max-steps", "2"], capture_output=True, text=True, env=env, timeout=600)

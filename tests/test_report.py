@@ -155,6 +155,34 @@ def test_a_run_moved_with_its_evaluation_is_recognised_by_its_export(run, tmp_pa
         R.write_report(moved, moved / "evaluation.json", None, moved / "report3")
 
 
+def test_an_evaluation_of_an_export_rewritten_since_is_refused(run):
+    """A run resumed for more steps after its evaluation rewrites its export: the report put the
+    earlier export's numbers under the longer run's training, without a word. The evaluation
+    records the export's files (size and modification time): where they changed, the report
+    refuses it with the command that evaluates the export as it is; an evaluation that recorded
+    none (older r3), or an export that is gone, is read as before."""
+    import os
+
+    from r3.partial_results import model_files
+
+    ev = json.loads((run / "evaluation.json").read_text())
+    ev["export_files"] = model_files(str(run / "export"))["files"]
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    assert R.write_report(run, run / "evaluation.json", None, run / "report").is_file()  # (the same export)
+    weights = run / "export" / "config.json"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # (rewritten: same size, later)
+    with pytest.raises(R3Error) as e:
+        R.write_report(run, run / "evaluation.json", None, run / "report2")
+    assert str(e.value) == (f"{run / 'evaluation.json'}: evaluates an earlier export of {run} (rewritten since, by "
+                            f"more training or a resume: config.json); evaluate it again with python -m r3.evaluate "
+                            f"--run {run} --records")
+    assert not (run / "report2").exists()
+    del ev["export_files"]  # (older r3 recorded no files: nothing to compare)
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    assert R.write_report(run, run / "evaluation.json", None, run / "report3").is_file()
+
+
 def test_pick_examples_takes_each_outcome_in_turn():
     groups = {"trained_only": ["t1", "t2", "t3"], "untrained_only": [], "both": ["b1"], "neither": ["n1", "n2"]}
     groups = {k: [(x, x) for x in v] for k, v in groups.items()}
@@ -460,10 +488,12 @@ def test_the_length_histogram_marks_the_limit_the_evaluation_ran_with(run, monke
 
 def test_the_page_says_how_the_evaluation_judged_cut_answers_and_the_runs_rule_where_another(run):
     """The evaluation's ``cut_answers`` is on the page beside its other settings, with the run's
-    own rule where ``r3.evaluate --cut-answers`` overrode it; the training line says a run's
-    ``fail``; an evaluation of older r3 (no key) and a run that judges add nothing."""
+    own rule where ``r3.evaluate --cut-answers`` overrode it; the training line says the run's
+    rule (a run from before the option judged); an evaluation of older r3 (no key) adds nothing."""
     text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
-    assert "cut_answers" not in text and "cut-off answers" not in text and "cut off" not in text
+    training = next(line for line in text.splitlines() if line.startswith("- training:"))
+    assert training.endswith("; answers the token limit cut off were judged as they stood (cut_answers: judge)")
+    assert text.count("cut_answers") == 1 and "cut-off answers" not in text
     ev = json.loads((run / "evaluation.json").read_text())
     ev["settings"]["cut_answers"] = "fail"
     (run / "evaluation.json").write_text(json.dumps(ev))

@@ -145,6 +145,21 @@ def test_only_the_files_own_task_options_are_blamed_on_it(tmp_path):
         parse_args(["--config", str(untitled), "--task", "function_calling"])
 
 
+def test_a_config_files_unknown_task_option_names_the_file(tmp_path):
+    """A typo in a config file's task_options (its own task's) is refused naming the file, as a
+    bad key of the file is; a --task-option typo beside it is not blamed on the file."""
+    from r3.config import parse_args
+
+    f = tmp_path / "my.yaml"
+    f.write_text("task: countdown\ntask_options:\n  max_numb: 40\n")
+    with pytest.raises(R3Error) as e:
+        parse_args(["--config", str(f)])
+    assert str(e.value).startswith(f"{f}: task_options: unknown option max_numb for task 'countdown'; valid options: ")
+    f.write_text("task: countdown\ntask_options:\n  max_num: 40\n")
+    cfg = parse_args(["--config", str(f), "--task-option", "max_targett=60"])  # (the usual error, when it is built)
+    assert cfg.task_options == {"max_num": 40, "max_targett": 60}
+
+
 def test_the_candidate_pool_grows_with_first_attempt_success():
     """Fresh mode samples candidates_per_failure first attempts per failure needed, or 1.25 / the
     failure rate of the last 5 steps when that is more, at most 8 and G: a model that solves half
@@ -260,7 +275,7 @@ def test_config_files_empty_dashed_repeated_and_under_flags(tmp_path):
     cfg = parse_args(["--config", str(a), "--task-option", "max_num=40", "--task-option", "max_target=60"])
     assert cfg.task_options == {"max_num": 40, "max_target": 60}
     b.write_text("grop-size: 6\n")
-    with pytest.raises(R3Error, match=r"unknown key 'grop-size' \(did you mean --group-size\?\)"):
+    with pytest.raises(R3Error, match=r"unknown key 'grop-size' \(did you mean group_size\?\)"):
         parse_args(["--config", str(b)])
 
 
@@ -322,12 +337,17 @@ def test_plug_in_tasks_of_two_classes_are_two_tasks(tmp_path, monkeypatch):
 
 def test_the_files_own_task_named_again_on_the_command_line_is_not_another_task(tmp_path):
     """--task naming the file's own task: the file's options are that task's (a typo among them
-    gets the usual error later, not a hint to replace them for another task)."""
+    is the file's, not a hint to replace them for another task)."""
     from r3.config import parse_args
 
     f = tmp_path / "c.yaml"
     f.write_text("task: countdown\ntask_options:\n  dificulty: easy\n")
-    assert parse_args(["--config", str(f), "--task", "countdown"]).task_options == {"dificulty": "easy"}
+    with pytest.raises(R3Error) as e:
+        parse_args(["--config", str(f), "--task", "countdown"])
+    assert str(e.value).startswith(f"{f}: task_options: unknown option dificulty for task 'countdown'")
+    assert "written for task" not in str(e.value)
+    f.write_text("task: countdown\ntask_options:\n  difficulty: easy\n")
+    assert parse_args(["--config", str(f), "--task", "countdown"]).task_options == {"difficulty": "easy"}
 
 
 def test_a_flag_for_one_token_limit_overrides_max_new_tokens_from_the_file(tmp_path):
