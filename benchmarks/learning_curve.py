@@ -191,10 +191,10 @@ def untrained_key(cfg, samples: int, seed: int, device: str) -> dict:
     key = {k: getattr(cfg, k) for k in ("model", "task", "task_options", "temperature", "top_p", "top_k", "dtype",
                                         "max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens")}
     key.update(samples=samples, seed=seed, random_streams=RANDOM_STREAMS)
-    # (these only where they are not the default: the cached evaluations of earlier runs stay valid)
+    # (these only where they differ from what earlier r3 always used: their cached evaluations stay valid)
     if cfg.chat_template_options:
         key["chat_template_options"] = cfg.chat_template_options
-    if cfg.cut_answers != "judge":  # (the rule before "fail" was the default: another verdict on every cut answer)
+    if cfg.cut_answers != "judge":  # (the rule before "fail", now the default: another verdict on every cut answer)
         key["cut_answers"] = cfg.cut_answers
     if torch.device(device).type != "cpu":  # (a GPU draws other samples: its generator and kernels)
         key["device"] = torch.device(device).type
