@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from r3.cli import ArgumentParser, check_out_path, read_run_config, run_cut_answers, write_json_atomic
-from r3.episode import CUT_REASON, failed_unread
+from r3.episode import CUT_REASON, DEFAULT_CUT_ANSWERS, failed_unread
 from r3.errors import R3Error, cli_main
 from r3.files import read_json_lines
 from r3.tasks import get, resolve
@@ -50,7 +50,7 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
-def audit(task, samples: list[dict], cut_answers: str = "fail") -> dict:
+def audit(task, samples: list[dict], cut_answers: str = DEFAULT_CUT_ANSWERS) -> dict:
     """Re-judge every sample by the run's ``cut_answers`` rule (with "fail", a retry its sample
     records as cut off fails both checks unread); returns counts and the disagreements."""
     independent = has_recheck(task)

@@ -18,7 +18,7 @@ from typing import Any
 
 from r3.chat import user_template_options
 from r3.decode import DECODE_MODES
-from r3.episode import CUT_ANSWERS, EpisodeSampling
+from r3.episode import CUT_ANSWERS, DEFAULT_CUT_ANSWERS, EpisodeSampling
 from r3.errors import R3Error
 from r3.grpo import AGGREGATIONS
 from r3.precision import DTYPE_NAMES
@@ -51,7 +51,7 @@ class TrainConfig:
     decode: str = "eager"  # eager | compiled: the rollouts' decode step through torch.compile (r3.decode)
     compact_rollouts: bool = True  # decode batches drop rows that have stopped (the same samples)
     # an attempt or retry the token limit cut off: "fail" fails it unread; "judge" reads it as it stands
-    cut_answers: str = "fail"
+    cut_answers: str = DEFAULT_CUT_ANSWERS
     # optimisation
     lr: float = 1.5e-5  # for the built-in model (README: learning curve); the paper used 5e-7 on 1.5B-8B models
     warmup_steps: int = 2
@@ -574,20 +574,8 @@ def _check_file_options_fit_task(cfg: TrainConfig, values: dict, from_file: dict
     where it came from (``--task-options`` replaces them)."""
     file_task = from_file.get("task", _FIELDS["task"].default)
     file_options = from_file.get("task_options")
-    if (config_file is not None and file_task == cfg.task and isinstance(file_options, dict) and file_options
-            and values.get("task_options", (None, None))[1] == config_file):
-        from r3.tasks import check_option_names
-
-        try:
-            check_option_names(cfg.task, file_options)
-        except R3Error as e:
-            if not str(e).startswith("unknown option"):
-                raise
-            raise R3Error(f"{config_file}: task_options: {e}") from None
-        return
-    if (config_file is None or values.get("task", (None, None))[1] != "command line"
-            or values.get("task_options", (None, None))[1] != config_file
-            or file_task == cfg.task or not isinstance(file_options, dict) or not file_options):
+    if (config_file is None or values.get("task_options", (None, None))[1] != config_file
+            or not isinstance(file_options, dict) or not file_options):
         return
     from r3.tasks import check_option_names
 
@@ -596,6 +584,9 @@ def _check_file_options_fit_task(cfg: TrainConfig, values: dict, from_file: dict
     except R3Error as e:
         if not str(e).startswith("unknown option"):
             raise
+        if file_task == cfg.task:
+            raise R3Error(f"{config_file}: task_options: {e}") from None
+        # (cfg.task differs from the file's only where --task gave it on the command line)
         raise R3Error(f"{e} ({config_file}'s task_options are written for task {file_task!r}; with "
                       f"--task {cfg.task} pass --task-options '{{...}}' to replace them, '{{}}' for none)") from None
 

@@ -25,6 +25,15 @@ from r3.sampler import Session, StopStrings, sampling_vocab_size
 from r3.tasks.base import judge, leading_reasoning_end, stop_strings_of
 
 
+# How an answer (first attempt or retry) that the token limit ended is judged: "fail" (the
+# default) counts it as failed, unread: only answers the model ended are paid. "judge" reads the
+# text as it stands, so a retry cut right after "28 + 12" passes for target 40 although the model
+# might have gone on (to "= 41", or past a wrong answer it wrote before the cut).
+CUT_ANSWERS = ("judge", "fail")
+DEFAULT_CUT_ANSWERS = "fail"
+CUT_REASON = "cut off at the token limit before the model ended it (cut_answers: fail)"
+
+
 @dataclass
 class EpisodeSampling:
     """How every part of an episode is sampled: one object for training's rollouts, its held-out
@@ -38,21 +47,13 @@ class EpisodeSampling:
     max_retry_tokens: int = 256
     decode: str = "eager"  # eager | compiled: the sampler's decode step (see r3.decode)
     compact: bool = True  # drop stopped rows from decode batches (the same samples, less work)
-    cut_answers: str = "fail"  # fail | judge: how an attempt or retry the token limit cut off is judged
+    cut_answers: str = DEFAULT_CUT_ANSWERS  # how an answer the token limit cut off is judged
 
     def __post_init__(self):
         for name in ("max_attempt_tokens", "max_reflection_tokens", "max_retry_tokens"):
             positive_int(name, getattr(self, name))
         if self.cut_answers not in CUT_ANSWERS:
             raise R3Error(f"cut_answers must be one of {', '.join(CUT_ANSWERS)}, got {self.cut_answers!r}")
-
-
-# How an answer (first attempt or retry) that the token limit ended is judged: "fail" (the
-# default) counts it as failed, unread: only answers the model ended are paid. "judge" reads the
-# text as it stands, so a retry cut right after "28 + 12" passes for target 40 although the model
-# might have gone on (to "= 41", or past a wrong answer it wrote before the cut).
-CUT_ANSWERS = ("judge", "fail")
-CUT_REASON = "cut off at the token limit before the model ended it (cut_answers: fail)"
 
 
 def failed_unread(finished: bool, cut_answers: str) -> bool:

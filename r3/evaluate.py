@@ -60,7 +60,7 @@ from r3.cli import (
     run_cut_answers,
     write_json_atomic,
 )
-from r3.episode import CUT_ANSWERS, EpisodeSampling
+from r3.episode import CUT_ANSWERS, DEFAULT_CUT_ANSWERS, EpisodeSampling
 from r3.errors import R3Error, cli_main
 from r3.heldout import evaluate_examples
 from r3.model import check_token_limits
@@ -122,7 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="default: 0 (with --run, the run's)")
     p.add_argument("--cut-answers", choices=CUT_ANSWERS, default=None,
                    help="an attempt or retry the token limit cut off: fail it unread, or judge it as it stands "
-                        "(default: fail; with --run, the run's)")
+                        f"(default: {DEFAULT_CUT_ANSWERS}; with --run, the run's)")
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: auto, bf16 where the device multiplies it natively, else fp32 (with --run, the run's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -145,7 +145,7 @@ def resolve_settings(args) -> dict:
                     max_attempt=args.max_new_tokens or 256, max_retry=args.max_new_tokens or 256,
                     max_reflection=args.max_reflection_tokens or args.max_new_tokens or 256,
                     top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0,
-                    dtype=args.dtype or "auto", cut_answers=args.cut_answers or "fail")
+                    dtype=args.dtype or "auto", cut_answers=args.cut_answers or DEFAULT_CUT_ANSWERS)
     clashes = [flag for flag, v in (("--model", args.model), ("--task", args.task), ("--task-option", args.task_option),
                                     ("--chat-template-option", args.chat_template_option)) if v is not None]
     if clashes:

@@ -60,7 +60,7 @@ from r3.cli import (
     pick_device_dtype,
     positive_int,
 )
-from r3.episode import CUT_ANSWERS, answer_stops, failed_unread
+from r3.episode import CUT_ANSWERS, DEFAULT_CUT_ANSWERS, answer_stops, failed_unread
 from r3.errors import R3Error, cli_main
 from r3.failure_data import (  # noqa: F401  (the file format's names, re-exported)
     FORMAT_VERSION,
@@ -118,7 +118,7 @@ def find_failures(
     passed_before: dict[str, int] | None = None,
     on_progress=None,
     seed_salt: int = 0,
-    cut_answers: str = "fail",
+    cut_answers: str = DEFAULT_CUT_ANSWERS,
 ) -> dict:
     """Sample up to ``samples`` attempts per example, stopping at each example's first failure.
 
@@ -247,7 +247,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=TrainConfig.max_attempt_tokens,
                    help=f"attempt length limit (default: {TrainConfig.max_attempt_tokens}, r3.train's --max-attempt-tokens)")
-    p.add_argument("--cut-answers", choices=CUT_ANSWERS, default="fail",
+    p.add_argument("--cut-answers", choices=CUT_ANSWERS, default=DEFAULT_CUT_ANSWERS,
                    help="an attempt the token limit cut off: count it as failed (default), or judge it as it stands")
     p.add_argument("--batch-size", type=int, default=16, help="sampled rows per batch (default: 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",

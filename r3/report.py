@@ -79,10 +79,16 @@ def _moved_with_its_run(path: Path, ev: dict, run: Path) -> bool:
     recorded = ev.get("export_files")
     if not isinstance(recorded, dict) or Path(path).resolve().parent != Path(run).resolve():
         return False
+    return _export_files(run) == recorded
+
+
+def _export_files(run: Path) -> dict | None:
+    """``run/export``'s files as :func:`r3.partial_results.model_files` identifies them (None where
+    it cannot be read)."""
     try:
-        return model_files(str(Path(run) / "export"))["files"] == recorded
+        return model_files(str(Path(run) / "export"))["files"]
     except (OSError, R3Error):
-        return False
+        return None
 
 
 def relocated(fg: dict, ev: dict, run: Path) -> dict:
@@ -146,11 +152,8 @@ def _export_changed_since(ev: dict, run: Path) -> list[str]:
     evaluation recorded of the export it evaluated (none where it recorded none, as older r3
     did, or where the export is gone)."""
     recorded = ev.get("export_files")
-    if ev.get("run") is None or not isinstance(recorded, dict):
-        return []
-    try:
-        now = model_files(str(Path(run) / "export"))["files"]
-    except (OSError, R3Error):
+    now = _export_files(run) if ev.get("run") is not None and isinstance(recorded, dict) else None
+    if now is None:
         return []
     return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
 

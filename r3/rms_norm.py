@@ -103,7 +103,7 @@ class _RecomputedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, gate, r = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gy, x, weight, gate)):
+        if _records(gy, x, weight, gate):
             # (create_graph=True: these gradients hold r, the reciprocal RMS, as a constant, and some
             # of them, the gate's, would be differentiated again without an error, and wrongly)
             raise RuntimeError("r3.rms_norm: a double backward (create_graph=True) through the RMS norm is not "
