@@ -17,7 +17,8 @@ Writes ``OUT/report.md`` with, as in the paper's Sections 5.1-5.2:
 - reflections before vs after: queries both models failed at first, the untrained and the trained
   model's reflection and retry with their verdicts, taken in turn from each outcome (only the
   trained retry passed, only the untrained one, both, neither) so the page does not show only
-  successes.
+  successes;
+- the task's options in effect and its prompts, as the evaluation recorded them.
 
 The report reads files and runs no model; each missing or malformed input is one line naming the
 file. PNGs: ``accuracy.png``, ``reflection_length.png``, ``forgetting.png``, ``curves.png``.
@@ -276,13 +277,39 @@ def _cut_answers_note(st: dict, cfg: dict) -> str:
         f"; the run trained with {trained})" if trained != rule else ")")
 
 
+def _is_prompt(option: str) -> bool:
+    return option.endswith("prompt") or option == "prompt_template"
+
+
+def _options_in_effect(ev: dict) -> str:
+    """The task's options as the evaluation ran it (a preset's included), prompts aside: a run's
+    ``task_options`` hold only what was given (``{}`` for a preset)."""
+    cfg = ev.get("task_config")
+    if not isinstance(cfg, dict):
+        return ""
+    shown = ", ".join(f"{k}={v}" for k, v in cfg.items() if not _is_prompt(k) and v is not None)
+    return f"; in effect `{shown}`" if shown else ""
+
+
+def _prompt_lines(ev: dict) -> list[str]:
+    """The task's prompts the model saw, verbatim (``{nums}``-style placeholders as the task fills them)."""
+    cfg = ev.get("task_config")
+    prompts = [(k, v) for k, v in cfg.items() if _is_prompt(k) and isinstance(v, str)] if isinstance(cfg, dict) else []
+    if not prompts:
+        return []
+    lines = ["## The task's prompts", ""]
+    for k, v in prompts:
+        lines += [f"`{k}`:", "", fenced(v), ""]
+    return lines
+
+
 def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict | None, pngs: dict,
            examples: int) -> str:
     base, trained = ev["models"][0], ev["models"][1]
     st = ev.get("settings", {})
     lines = [f"# r3 report: `{run}`", ""]
     lines += [f"- untrained model: `{base['model']}`; trained: `{trained['model']}`",
-              f"- task: `{cfg['task']}`, options `{cfg.get('task_options', {})}`"
+              f"- task: `{cfg['task']}`, options `{cfg.get('task_options', {})}`" + _options_in_effect(ev)
               + (f"; chat template options `{cfg['chat_template_options']}`" if cfg.get("chat_template_options") else ""),
               f"- training: lr {cfg.get('lr')}, {cfg.get('batch_size')} failed queries x G={cfg.get('group_size')} "
               f"reflections per step, reflections up to {cfg.get('max_reflection_tokens')} tokens, seed {cfg.get('seed')}"
@@ -376,6 +403,7 @@ def render(run: Path, cfg: dict, ev: dict, metrics: list[dict] | None, fg: dict 
                 lines += [f"**{name}**, first attempt (failed):", "", fenced(rec["attempt"]), "",
                           "reflection:", "", fenced(rec["reflection"]), "",
                           f"retry ({verdict}):", "", fenced(rec.get("retry", "")), ""]
+    lines += _prompt_lines(ev)
     return "\n".join(lines).rstrip() + "\n"
 
 

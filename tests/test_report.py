@@ -506,3 +506,22 @@ def test_the_page_says_how_the_evaluation_judged_cut_answers_and_the_runs_rule_w
     assert ", cut-off answers failed (cut_answers fail)\n" in text
     training = next(line for line in text.splitlines() if line.startswith("- training:"))
     assert training.endswith("; answers the token limit cut off failed (cut_answers: fail)")
+
+
+def test_the_page_names_a_presets_options_in_effect_and_its_prompts(run):
+    """A preset's run records ``task_options: {}``; the page shows the options the evaluation ran
+    the task with and its prompts verbatim (a fence longer than the backticks inside)."""
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "- task: `countdown-tiny`, options `{}`\n" in text and "## The task's prompts" not in text
+    ev = json.loads((run / "evaluation.json").read_text())
+    ev["task_config"] = {"difficulty": "easy", "ops": "+-", "data_path": None, "system_prompt": None,
+                         "prompt_template": "Make {target} from {nums}.",
+                         "retry_prompt": "Now try again with ``` fences."}
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    text = R.write_report(run, run / "evaluation.json", None, run / "report").read_text()
+    assert "- task: `countdown-tiny`, options `{}`; in effect `difficulty=easy, ops=+-`\n" in text
+    prompts = text.split("## The task's prompts")[1]
+    assert "`prompt_template`:\n\n```\nMake {target} from {nums}.\n```" in prompts
+    assert "`retry_prompt`:\n\n````\nNow try again with ``` fences.\n````" in prompts
+    assert "system_prompt" not in prompts
+    assert text.index("## The task's prompts") > text.index("### Example 1")
