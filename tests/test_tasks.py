@@ -3423,3 +3423,37 @@ def test_countdown_answers_called_failed_or_rejected_and_suppositions(tags, comp
     ``Discard that.``), labels ``Failed attempt:`` / ``Rejected:``, and suppositions
     ``Hypothetically`` / ``Imagine`` / ``Pretend`` before it."""
     _both_implementations_say(tags, completion, expected)
+
+
+def test_a_data_file_of_problems_with_no_solution_is_refused_or_warned_about(tmp_path, capsys, monkeypatch):
+    """A sample spread over a data file is solved with the task's operations: none solvable (a file
+    made for other operations) is refused naming an example row; some is one warning line; the
+    rows are checked with ``ops``, and at most SOLVABLE_SAMPLE of them."""
+    from r3.tasks import countdown as C
+
+    products = [{"target": a * b, "nums": [a, b]} for a in range(3, 40) for b in range(5, 9)]  # a*b != a+b here
+    p = tmp_path / "mul.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in products))
+    assert len(CountdownTask(data_path=str(p)).examples("train")) + len(CountdownTask(data_path=str(p)).examples("test")) == 148
+    assert capsys.readouterr().err == ""
+    with pytest.raises(R3Error, match=r"mul\.jsonl: none of the 64 records checked across the file can be solved with "
+                                      r"the operations '\+-' \(e\.g\. line 1: 15 from \[3, 5\]\); is the file made for "
+                                      r"other operations \(task option ops\)\?"):
+        CountdownTask(data_path=str(p), ops="+-").examples("train")
+    mixed = [{"target": a + 1, "nums": [a, 1]} if a % 4 else {"target": 10 * a + 7, "nums": [a, 1]} for a in range(1, 41)]
+    q = tmp_path / "mixed.jsonl"
+    q.write_text("\n".join(json.dumps(r) for r in mixed))
+    t = CountdownTask(data_path=str(q), test_data_path=str(p))
+    assert len(t.examples("train")) == 40  # (kept: they are the user's problems)
+    err = capsys.readouterr().err
+    assert err == (f"warning: {q}: 10 of the 40 records checked across the file cannot be solved with the operations "
+                   "'+-*/' (e.g. line 4: 47 from [4, 1]); such problems can never be rewarded\n")
+    seen = []
+    monkeypatch.setattr(C, "solve", lambda nums, target, ops: seen.append(ops) or "x")
+    C.load_file(str(p), ops="+*")
+    assert seen == ["+*"] * 64
+    six = tmp_path / "six.jsonl"
+    six.write_text("\n".join(json.dumps({"target": 9, "nums": [1, 1, 1, 1, 1, 4]}) for _ in range(10)))
+    seen.clear()
+    C.load_file(str(six))
+    assert len(seen) == C.SOLVABLE_SAMPLE_SIX

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import random
 import reprlib
+import sys
 from math import gcd
 from typing import Any
 
@@ -458,10 +459,11 @@ class CountdownTask(Task):
     def _load(self) -> dict[str, list[dict]]:
         if self._loaded is None:
             if self.test_data_path:
-                self._loaded = {"train": load_file(self.data_path), "test": load_file(self.test_data_path)}
+                self._loaded = {"train": load_file(self.data_path, self.ops),
+                                "test": load_file(self.test_data_path, self.ops)}
             else:
                 split = {"train": [], "test": []}
-                for r in load_file(self.data_path):
+                for r in load_file(self.data_path, self.ops):
                     key = (tuple(sorted(r["nums"])), r["target"])
                     split["test" if self._key_on_test_side(key) else "train"].append(r)
                 self._loaded = split
@@ -563,10 +565,41 @@ def validate_record(where: str, rec: Any, index: int) -> dict:
     return row
 
 
-def load_file(path: str) -> list[dict]:
+SOLVABLE_SAMPLE = 64  # records of a data file solved at load, spread over it (<1 ms each up to 5 numbers)
+SOLVABLE_SAMPLE_SIX = 4  # of them, at most this many with 6 numbers (~0.3 s each)
+
+
+def load_file(path: str, ops: str = "+-*/") -> list[dict]:
     """Countdown rows from a JSON list / JSONL / parquet file with fields ``target`` and ``nums``
-    (the public Countdown-Tasks export); extra fields are kept."""
-    rows = [validate_record(where, rec, i) for i, (where, rec) in enumerate(read_records(path))]
-    if not rows:
+    (the public Countdown-Tasks export); extra fields are kept. A sample of the rows is solved with
+    ``ops`` (:func:`check_solvable`)."""
+    read = [(where, validate_record(where, rec, i)) for i, (where, rec) in enumerate(read_records(path))]
+    if not read:
         raise R3Error(f"{path}: no records")
-    return rows
+    check_solvable(path, read, ops)
+    return [row for _, row in read]
+
+
+def check_solvable(path: str, read: list[tuple[str, dict]], ops: str) -> int:
+    """Solve up to :data:`SOLVABLE_SAMPLE` rows spread evenly over a file: a problem with no
+    solution can never be rewarded, and a file made for other operations than the task's ``ops``
+    is mostly such problems. Raises R3Error when none of them has a solution, prints one warning
+    line when some have none; returns how many have none. (Every row would cost minutes on the
+    public 490k-row file.)"""
+    picked = [read[i * len(read) // SOLVABLE_SAMPLE] for i in range(min(SOLVABLE_SAMPLE, len(read)))]
+    checked, six = [], 0
+    for where, row in picked:
+        six += len(row["nums"]) == MAX_NUMS
+        if len(row["nums"]) < MAX_NUMS or six <= SOLVABLE_SAMPLE_SIX:
+            checked.append((where, row))
+    bad = [(where, row) for where, row in checked if solve(row["nums"], row["target"], ops) is None]
+    if not bad:
+        return 0
+    where, row = bad[0]
+    eg = f"e.g. {where.removeprefix(f'{path}, ')}: {row['target']} from {row['nums']}"
+    if len(bad) == len(checked):
+        raise R3Error(f"{path}: none of the {len(checked)} records checked across the file can be solved with the "
+                      f"operations {ops!r} ({eg}); is the file made for other operations (task option ops)?")
+    print(f"warning: {path}: {len(bad)} of the {len(checked)} records checked across the file cannot be solved "
+          f"with the operations {ops!r} ({eg}); such problems can never be rewarded", file=sys.stderr, flush=True)
+    return len(bad)
