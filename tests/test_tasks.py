@@ -1421,6 +1421,14 @@ def test_the_readme_own_task_example_works(tmp_path, monkeypatch):
     train, test = examples_of(file_task, "train"), examples_of(file_task, "test")
     assert len(train) + len(test) == 200 and 5 <= len(test) <= 40
     assert not {repr(r) for r in train} & {repr(r) for r in test}
+    # ... by the question, not the row: the same question under another id is on one side only
+    # (hashing the whole row put 42 of 44 test rows' questions in training), generated ones too
+    data.write_text("".join(f'{{"id": {i}, "a": {i % 100}, "b": {i % 100 // 10}}}\n' for i in range(400)))
+    question = lambda r: (r["a"], r["b"])  # noqa: E731
+    for t in (get("mymodule:AddTask", data_path="add.jsonl"), task):
+        train, test = examples_of(t, "train", seed=1), examples_of(t, "test", seed=2)
+        assert test and not {question(r) for r in train} & {question(r) for r in test}
+    assert len(examples_of(task, "train")) + len(examples_of(task, "test")) == 100
     assert task.config() == {"data_path": None, "max_num": 9, "reflection_prompt": task.reflection_prompt,
                              "retry_prompt": "Try again. End with the sum alone on the last line."}
 

@@ -417,25 +417,40 @@ def test_bad_input_is_one_line_exit_2(tmp_path, extra, message):
     assert not (tmp_path / "o").exists()  # (so the corrected command is not refused as another run's)
 
 
-def test_eval_n_with_no_test_examples_is_one_line_before_anything_is_written(tmp_path):
-    """A task whose test split is empty (a plug-in that reads a train file only): with --eval-n
-    the run logged first- and second-attempt accuracy 0.000 over n=0 queries at every
-    evaluation, as if measured."""
-    (tmp_path / "notest_task.py").write_text(textwrap.dedent("""
-        from r3_test_tasks import CoinTask
-
-
+@pytest.mark.parametrize("plugin,flags,message", [
+    ("""
         class NoTestTask(CoinTask):
             def examples(self, split="train", n=None, seed=0):
                 return [] if split == "test" else super().examples(split, n, seed)
-        """))
+        """, ["--eval-n", "2"], "error: task 'notest_task:NoTestTask': no test examples for --eval-n 2"),
+    ("""
+        from r3.errors import R3Error
+
+
+        class NoTestTask(CoinTask):  # a test row the task refuses (the run is not held-out evaluated)
+            def examples(self, split="train", n=None, seed=0):
+                rows = super().examples(split, n, seed)
+                return rows + [{"id": "bad"}] if split == "test" else rows
+
+            def check_example(self, where, example):
+                if "word" not in example:
+                    raise R3Error(f"{where}: an example needs a 'word'")
+        """, [], "error: task 'coin': test example 65 (id 'bad'): an example needs a 'word'"),
+])
+def test_a_test_split_that_is_empty_for_eval_n_or_bad_is_one_line_before_anything_is_written(tmp_path, plugin, flags,
+                                                                                            message):
+    """A task whose test split is empty (a plug-in that reads a train file only): with --eval-n
+    the run logged first- and second-attempt accuracy 0.000 over n=0 queries at every
+    evaluation, as if measured. A bad test row, checked only with --eval-n, surfaced in
+    r3.evaluate --run after training."""
+    (tmp_path / "notest_task.py").write_text("from r3_test_tasks import CoinTask\n" + textwrap.dedent(plugin))
     args = [a if a != "r3_test_tasks:CoinTask" else "notest_task:NoTestTask" for a in BASE]
     proc = subprocess.run([sys.executable, "-m", "r3.train", *args, "--out", str(tmp_path / "o"), "--max-steps", "1",
-                           "--eval-n", "2"], capture_output=True, text=True, timeout=600,
+                           *flags], capture_output=True, text=True, timeout=600,
                           env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert err == ["error: task 'notest_task:NoTestTask': no test examples for --eval-n 2"], err
+    assert err == [message], err
     assert not (tmp_path / "o").exists()
 
 
