@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     shown = [s for s in samples if s["reward"] > 0][-args.show:] if args.show > 0 else []
     for s in shown:
         cut = " (retry cut off at the token limit)" if s.get("retry_cut") is True else ""
+        failed_as = f" (failed: {s['attempt_reason']})" if s.get("attempt_reason") else ""
         print(f"--- rewarded, step {s.get('step')}{cut}: {json.dumps(s['example'])[:200]}\n"
+              f"attempt{failed_as}: {s.get('attempt', '')!r}\n"
               f"reflection: {s.get('reflection', '')!r}\nretry: {s['retry']!r}\nreason: {s.get('reason')}")
     if out_path:
         write_json_atomic(out_path, {"run": str(run), "task": cfg["task"], "task_options": cfg.get("task_options", {}),

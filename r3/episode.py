@@ -247,9 +247,14 @@ def run_episode(
         ok, why = judge_answer(task, ex, reply, retry.finished[r], sampling.cut_answers)  # (the reason logged is this verdict's own)
         times["verify"] = times.get("verify", 0.0) + time.perf_counter() - t_verify
         rewards.append(1.0 if ok else 0.0)
+        g = r // group_size
         records.append({
             "example": ex,
-            "attempt": chat.decode(attempts[r // group_size]),
+            "attempt": chat.decode(attempts[g]),
+            # (why the attempt failed, where this rollout sampled it: an attempt the limit cut off
+            # fails unread under cut_answers fail, so its text alone may read as right)
+            **({"attempt_reason": first_reasons[failed[g]], "attempt_cut": first_cut[failed[g]]}
+               if first_reasons else {}),
             "reflection": chat.decode(ref_toks),
             "retry": reply,
             "reward": 1.0 if ok else 0.0,

@@ -454,6 +454,8 @@ def set_up(cfg: TrainConfig) -> Run:
                   f"budgets are {cfg.max_attempt_tokens} (attempt) / {cfg.max_retry_tokens} (retry) tokens", flush=True)
     if d.main and first_prompt is not None:
         say_if_rollout_too_big(cfg, d, rollout_model, len(first_prompt), fresh=failures is None)
+    if d.main and failures is None and (note := retry_budget_note(cfg)):
+        print(note, flush=True)
     write_config(cfg, out, d)
     optimizer, scheduler = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
     stream = QueryStream(queries, cfg.seed)
@@ -482,6 +484,17 @@ def set_up(cfg: TrainConfig) -> Run:
     tracker = make_tracker(cfg.report_to, out, cfg.to_dict(), start_step, d.main)
     return Run(cfg, d, task, failures, out, policy, reference, rollout_model, tokenizer, chat, optimizer, scheduler, stream,
                start_step, tracker, without_signal, peak)
+
+
+def retry_budget_note(cfg: TrainConfig) -> str | None:
+    """Where a retry may run longer than the attempt before it and cut answers fail: an attempt
+    the limit cut off fails unread, and a retry that writes the same answer within its larger
+    budget is paid, so the reflection is credited for the budget, not for what it said."""
+    if cfg.cut_answers != "fail" or cfg.max_retry_tokens <= cfg.max_attempt_tokens:
+        return None
+    return (f"note: --max-retry-tokens {cfg.max_retry_tokens} is above --max-attempt-tokens {cfg.max_attempt_tokens}: "
+            f"an attempt cut off at {cfg.max_attempt_tokens} tokens fails unread (cut_answers fail), and a retry "
+            "that writes the same answer within the larger budget is paid, crediting the reflection for the budget")
 
 
 def say_if_rollout_too_big(cfg: TrainConfig, d: Dist, model, prompt_tokens: int, fresh: bool) -> None:

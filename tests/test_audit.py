@@ -142,11 +142,17 @@ def test_show_prints_the_last_n_rewarded_retries_only(tmp_path, capsys):
     assert [h.split(",")[1].strip().split(":")[0] for h in headers] == ["step 5", "step 6", "step 7"]
     for s in (5, 6, 7):
         assert f"reflection: 'reflection {s}'" in stdout
+    assert stdout.count("\nattempt: 'a'\n") == 3  # (the failed attempt, and why where the sample says)
     assert "'reflection 4'" not in stdout and "not paid" not in stdout and stdout.count("reason: logged") == 3
     rc, stdout, _ = run_main([str(run)], capsys)
     assert rc == 0 and sum(line.startswith("--- rewarded") for line in stdout.splitlines()) == 5
     rc, _, err = run_main([str(run), "--show", "-1"], capsys)  # (accepted, it showed none)
     assert rc == 2 and err.strip() == "error: --show must be >= 0, got -1"
+    rewarded[6].update(attempt="19 + 17 = 36 and so on", attempt_reason="cut off at the token limit", attempt_cut=True)
+    (tmp_path / "why").mkdir()
+    run = make_run(tmp_path / "why", [x for pair in zip(rewarded, unrewarded) for x in pair])
+    rc, stdout, _ = run_main([str(run), "--show", "1"], capsys)
+    assert rc == 0 and "\nattempt (failed: cut off at the token limit): '19 + 17 = 36 and so on'\n" in stdout
 
 
 def test_summary_names_the_step_span_and_the_unrewarded_samples_the_recheck_passes(tmp_path, capsys, monkeypatch):

@@ -849,6 +849,11 @@ def test_cut_answers_fail_fails_every_answer_the_token_limit_cut_off_and_judges_
     assert failing.rewards.flatten().tolist() == [0.0 if c else 1.0 for c in cut]
     assert [r["reason"] for r in failing.records] == [CUT_REASON if c else "forced" for c in cut]
     assert all(r["reward"] == (0.0 if c else 1.0) for r, c in zip(failing.records, cut))
+    # each record says why its attempt failed: cut off, so it was never read (its text may pass)
+    assert [(r["attempt_cut"], r["attempt_reason"]) for r in failing.records] == [(True, CUT_REASON)] * len(cut)
+    stored = run_episode(model, tok, task, examples[:2], group_size=2, sampling=replace(SAMPLING, cut_answers="fail"),
+                         seed=0, chat=chat, failed_attempts=judged.first_attempts[:2])
+    assert stored.records and not any("attempt_cut" in r or "attempt_reason" in r for r in stored.records)
 
 
 def test_cut_answers_must_be_judge_or_fail():

@@ -3834,6 +3834,21 @@ def test_freeze_patterns_name_r3_s_parameters_and_one_matching_none_is_refused(t
     assert TrainConfig(freeze="norm.weight").validate().incompatible_with(old) == ["freeze"]
 
 
+def test_a_retry_budget_above_the_attempts_is_noted_where_cut_answers_fail():
+    """An attempt cut off at its limit fails unread; a retry repeating its answer within a larger
+    budget is paid for the budget, not the reflection."""
+    from r3.config import TrainConfig
+    from r3.train import retry_budget_note
+
+    assert retry_budget_note(TrainConfig()) is None  # (48 and 48)
+    assert retry_budget_note(TrainConfig(max_retry_tokens=96, cut_answers="judge")) is None
+    assert retry_budget_note(TrainConfig(max_attempt_tokens=96, max_retry_tokens=64)) is None
+    assert retry_budget_note(TrainConfig(max_retry_tokens=96)) == (
+        "note: --max-retry-tokens 96 is above --max-attempt-tokens 48: an attempt cut off at 48 tokens fails unread "
+        "(cut_answers fail), and a retry that writes the same answer within the larger budget is paid, crediting the "
+        "reflection for the budget")
+
+
 def test_cut_answers_is_a_setting_of_the_run_and_an_older_run_judged_cut_answers():
     """``cut_answers`` reaches the rollouts' and the held-out evaluation's sampling, "fail" by
     default; a bad value is refused naming the field; a run from before the option (no key)
