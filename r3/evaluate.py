@@ -92,6 +92,10 @@ def format_table(rows: list[dict], paired: list[dict] | None = None) -> str:
         lines.append(f"paired, {pr['model']} minus {pr['baseline']} (same {f['n']} queries): "
                      f"1st {100 * f['mean']:+.1f} \u00b1 {100 * f['stderr']:.1f}, "
                      f"2nd {100 * sec['mean']:+.1f} \u00b1 {100 * sec['stderr']:.1f} points")
+    for name, r in zip(names, rows):  # (beside the numbers they lower, not only in a warning above)
+        if r.get("verifier_errors"):
+            lines.append(f"{name}: the task's verifier failed on {r['verifier_errors']} of {r['verdicts']} verdicts; "
+                         "each counts as wrong in these accuracies")
     return "\n".join(lines)
 
 

@@ -583,7 +583,7 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     sync_rollout_weights(run.policy, run.rollout_model)
     ep = rollout(run, step)
     errors, calls, first = verifier_error_counts(run.task)
-    say_verifier_errors(errors, calls, first, d, f"in step {step + 1}" + (" (all ranks)" if d.world > 1 else ""))
+    errors = say_verifier_errors(errors, calls, first, d, f"in step {step + 1}" + (" (all ranks)" if d.world > 1 else ""))
     t_rollout = time.time()
 
     adv = grpo.group_advantages(ep.rewards, scale=cfg.scale_advantages)  # [n_groups, G]
@@ -603,18 +603,20 @@ def train_step(run: Run, step: int) -> tuple[dict, object]:
     times = {"step": t_update - t0, "rollout": t_rollout - t0, "reference": t_ref - t_rollout, "update": t_update - t_ref}
     row = step_metrics(step + 1, ep, adv, upd, times, d, lr=lr_now, data_position=run.stream.position,
                        fresh_attempts=run.failures is None, flops=training_flops(run, ep, adv), peak_flops=run.peak_flops)
+    row["verifier_errors"] = errors
     remember_first_success(run.stream.recent_first_success, row)
     return row, ep
 
 
-def say_verifier_errors(errors: int, calls: int, first: str | None, d: Dist, during: str) -> None:
+def say_verifier_errors(errors: int, calls: int, first: str | None, d: Dist, during: str) -> int:
     """The verifier errors of every rank, said once by rank 0 with the first error of any rank;
-    when every verdict of every rank failed, every rank stops together."""
+    when every verdict of every rank failed, every rank stops together. Returns all ranks' count."""
     errors, calls = all_sum([errors, calls], d)
     if errors:
         firsts = gather_to_main([first] if first else [], d)
         if d.main or errors >= calls:
             report_verifier_errors(errors, calls, firsts[0] if firsts else first, during)
+    return int(errors)
 
 
 def training_flops(run: Run, ep, adv: torch.Tensor) -> int:

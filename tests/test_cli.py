@@ -1457,6 +1457,9 @@ def test_evaluate_table_by_hand():
     lines = E.format_table(rows, paired).splitlines()
     assert lines[2] == "base  |  25.0 \u00b1 12.5 |  50.0 \u00b1  6.2 |          +25.0"
     assert lines[3] == "paired, trained minus base (same 4 queries): 1st +10.0 \u00b1 5.0, 2nd -20.0 \u00b1 15.0 points"
+    assert len(lines) == 4 and len(E.format_table([dict(rows[0], verifier_errors=0, verdicts=6)]).splitlines()) == 3
+    lines = E.format_table([dict(rows[0], verifier_errors=2, verdicts=6)]).splitlines()
+    assert lines[3] == "base: the task's verifier failed on 2 of 6 verdicts; each counts as wrong in these accuracies"
 
 
 def test_evaluate_settings_without_a_run_come_from_the_flags_or_their_defaults(tmp_path, capsys):

@@ -2800,7 +2800,8 @@ def test_a_step_pads_to_the_most_micro_batches_of_any_rank_and_logs_the_lr_it_us
         assert len(mbs) == 3 and mbs[0] == "real" and n_real == 1
         assert all(mb.mask.sum() == 0 for mb in mbs[1:])
         assert got["score"] == ((3, "reference", None) if beta else (3, None, "policy"))
-        assert row == {"step": 7, "lr": 0.5, "first_try_success": 0.5} and run.stream.recent_first_success == [0.5]
+        assert row == {"step": 7, "lr": 0.5, "first_try_success": 0.5, "verifier_errors": 0}
+        assert run.stream.recent_first_success == [0.5]
 
 
 def test_verifier_errors_in_a_step_or_an_evaluation_are_said_by_rank_0(tmp_path, monkeypatch, capsys):
@@ -2828,7 +2829,9 @@ def test_verifier_errors_in_a_step_or_an_evaluation_are_said_by_rank_0(tmp_path,
             for what, call in (("in step 3", lambda: T.train_step(run, 2)),
                                ("in the evaluation at step 5", lambda: T.held_out_eval(run, 5))):
                 if errors < calls:
-                    call()
+                    got = call()
+                    if what == "in step 3":  # (the step's row counts them, on every rank: all ranks' sum)
+                        assert got[0]["verifier_errors"] == 1
                     err = capsys.readouterr().err
                     assert err == ("" if rank else "warning: the task's verifier failed on 1 completion "
                                    f"{what}{' (all ranks)' if what == 'in step 3' else ''}; they count as wrong "
