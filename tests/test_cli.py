@@ -1002,6 +1002,14 @@ def test_run_directory_and_json_mistakes_are_one_line(tmp_path, monkeypatch, cap
     assert said.strip().endswith("the run is still training (pid 123 on node7): evaluate it when it ends"), said
     with pytest.raises(R3Error, match="the run has not finished"):  # (released: a lock file alone is no run)
         C.read_run(str(run))
+    for step in (20, 40):  # (a stopped run: its last complete checkpoint can be exported as it stands)
+        (run / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step}" / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "step_60").mkdir()  # (cut short: no trainer state)
+    with pytest.raises(R3Error) as e:
+        C.read_run(str(run))
+    assert str(e.value).endswith(f"rerun r3.train with --out {run} to finish it, or with --max-steps 40 as well to "
+                                 "export its last checkpoint (step 40)")
     (run / "export").mkdir()  # (an export cut off before its config.json: the run has not finished either)
     with pytest.raises(R3Error, match="no export yet"):
         C.read_run(str(run))
