@@ -337,7 +337,9 @@ def _safetensors_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if list(path.glob("*.bin")) or list(path.glob("*.pth")):
-        raise R3Error(f"{path}: only PyTorch .bin weights found; r3 reads safetensors (re-save with safe_serialization)")
+        raise R3Error(f"{path}: only PyTorch .bin weights found; r3 reads safetensors (re-save the model: transformers' "
+                      "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors; copy the tokenizer "
+                      "files beside them)")
     raise R3Error(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 

@@ -468,7 +468,9 @@ def test_directories_without_readable_weights_say_why(tiny_dirs, tmp_path):
         load(d, tokenizer=False)
     (d / "config.json").write_text(config)
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
-    with pytest.raises(R3Error, match=r"only PyTorch .bin weights found"):
+    with pytest.raises(R3Error, match=r"only PyTorch .bin weights found; r3 reads safetensors \(re-save the model: "
+                                      r"transformers' AutoModelForCausalLM.from_pretrained\(DIR\).save_pretrained\(NEW_DIR\) "
+                                      r"writes safetensors; copy the tokenizer files beside them\)$"):
         load(d, tokenizer=False)
     (d / "pytorch_model.bin").unlink()
     with pytest.raises(R3Error) as e:
