@@ -77,13 +77,21 @@ def step_metrics(step: int, ep, adv: torch.Tensor, upd: dict, times: dict, d: Di
     }
 
 
+def _verify_part(row: dict) -> str:
+    """The verifier's share of the rollout where it is a tenth or more: a slow plug-in verifier
+    is otherwise hidden in the rollout's time."""
+    verify, rollout = row.get("verify_time_s") or 0.0, row["rollout_time_s"]
+    return f" of which verify {verify:.1f}" if rollout > 0 and verify >= 0.1 * rollout else ""
+
+
 def format_step_line(row: dict, max_steps: int, eta_s: float) -> str:
     fts = "  n/a" if row["first_try_success"] is None else f"{row['first_try_success']:.2f}"
     kl = "     n/a" if row["kl"] is None else f"{row['kl']:.2e}"  # None: no token trained this step
     return (
         f"step {row['step']}/{max_steps} | loss {row['loss']:+.4f} | kl {kl} | "
         f"retry {row['retry_success']:.2f} | first {fts} | signal {row['groups_with_signal']}/{row['groups']} | "
-        f"{row['step_time_s']:.1f}s/step (rollout {row['rollout_time_s']:.1f}, ref {row['reference_time_s']:.1f}, "
+        f"{row['step_time_s']:.1f}s/step (rollout {row['rollout_time_s']:.1f}{_verify_part(row)}, "
+        f"ref {row['reference_time_s']:.1f}, "
         f"update {row['update_time_s']:.1f})"
         + ("" if row.get("mfu") is None else f" | mfu {100 * row['mfu']:.1f}%")
         + f" | ETA {format_duration(eta_s)}"

@@ -298,6 +298,10 @@ def test_step_metrics_row_by_hand_on_two_ranks(monkeypatch):
     stored = M.step_metrics(3, ep, adv, {**upd, "skipped": False}, times, d, lr=1e-5, data_position=64,
                             fresh_attempts=False, flops=1e12, peak_flops=4e12)
     assert stored["first_try_success"] is None and "SKIPPED" not in format_step_line_of(stored)
+    # the verifier's time is said where it is a tenth of the rollout or more (a slow plug-in)
+    assert "of which verify" not in format_step_line_of(dict(row, rollout_time_s=8.0, verify_time_s=0.79))
+    assert "(rollout 8.0 of which verify 0.8, ref " in format_step_line_of(dict(row, rollout_time_s=8.0,
+                                                                                verify_time_s=0.8))
 
 
 def format_step_line_of(row):
