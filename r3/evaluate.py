@@ -17,7 +17,8 @@ output holds one entry per model under ``models`` (with per-example ``records`` 
 is given), the paired changes under ``paired``, and ``n``; and at the top level the last model's ``model``,
 ``first_attempt_accuracy``, ``second_attempt_accuracy`` and ``delta``: the one model's, or with
 several the model compared against the first (with ``--run``, the export, never the untrained
-base). They are written once every model is done. OUT is written after each model, except where a
+base). They are written once every model is done. ``first_query_messages`` holds the first query's
+messages as the task wrote them (before the chat template), for the report. OUT is written after each model, except where a
 file was there already (an earlier evaluation being replaced): that one is replaced only once every
 model is done, so an interruption leaves it whole.
 
@@ -276,6 +277,7 @@ def main(argv=None) -> int:
                 **(top if len(results) == len(models) else {}), "task": st["task"], "task_options": st["options"],
                 "task_config": task_config, "run": args.run, "cwd": os.getcwd(), "synthetic_data": bool(getattr(task, "synthetic", False)),
                 "n": head["n"], "settings": settings, "models": results, "paired": paired, **run_identity,
+                "first_query_messages": first_conversation,
             })
     partial.finish()
     print(format_table(results, paired))

@@ -292,14 +292,22 @@ def _options_in_effect(ev: dict) -> str:
 
 
 def _prompt_lines(ev: dict) -> list[str]:
-    """The task's prompts the model saw, verbatim (``{nums}``-style placeholders as the task fills them)."""
+    """The task's prompts the model saw, verbatim (``{nums}``-style placeholders as the task fills
+    them), and the first evaluation query's messages as the task wrote them (a plug-in's prompt
+    is its ``messages()``, not an option)."""
     cfg = ev.get("task_config")
     prompts = [(k, v) for k, v in cfg.items() if _is_prompt(k) and isinstance(v, str)] if isinstance(cfg, dict) else []
-    if not prompts:
+    first = ev.get("first_query_messages")
+    first = first if isinstance(first, list) and all(isinstance(m, dict) for m in first) else []
+    if not prompts and not first:
         return []
     lines = ["## The task's prompts", ""]
     for k, v in prompts:
         lines += [f"`{k}`:", "", fenced(v), ""]
+    if first:
+        lines += ["The first evaluation query's messages, before the chat template:", ""]
+        for m in first:
+            lines += [f"{m.get('role', '?')}:", "", fenced(str(m.get("content", ""))), ""]
     return lines
 
 

@@ -525,3 +525,9 @@ def test_the_page_names_a_presets_options_in_effect_and_its_prompts(run):
     assert "`retry_prompt`:\n\n````\nNow try again with ``` fences.\n````" in prompts
     assert "system_prompt" not in prompts
     assert text.index("## The task's prompts") > text.index("### Example 1")
+    ev["first_query_messages"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Make 3."}]
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    prompts = R.write_report(run, run / "evaluation.json", None, run / "report").read_text().split(
+        "## The task's prompts")[1]
+    assert prompts.endswith("The first evaluation query's messages, before the chat template:\n\nsystem:\n\n```\n"
+                            "Be brief.\n```\n\nuser:\n\n```\nMake 3.\n```\n")
