@@ -393,7 +393,7 @@ def set_up(cfg: TrainConfig) -> Run:
                            reflection=cfg.max_reflection_tokens, retry=cfg.max_retry_tokens)
         if cfg.report_to != "none":
             tracker_module(cfg.report_to)  # (its package is installed)
-        # (every rank reads the file; rank 0 says its warnings, once)
+        # (every rank reads the files; rank 0 says their warnings, once)
         with contextlib.nullcontext() if d.main else contextlib.redirect_stderr(io.StringIO()):
             failures = read_failures(cfg.failures) if cfg.failures else None
             if cfg.failures:
@@ -407,14 +407,14 @@ def set_up(cfg: TrainConfig) -> Run:
                                   f"{cfg.model} (made with another model?)")
             if failures:
                 failures = without_test_queries(cfg.failures, task, failures)
-        # a bad data file fails here, the test split's too (else it failed in r3.evaluate, after training)
-        queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)
-        source = f" ({task.data_path})" if getattr(task, "data_path", None) else ""
-        if not queries:
-            raise R3Error(f"{cfg.failures}: no failure records to train on" if failures is not None
-                          else f"task {cfg.task!r}{source}: no training examples")
-        if not examples_of(task, "test", seed=cfg.seed) and cfg.eval_n:
-            raise R3Error(f"task {cfg.task!r}{source}: no test examples for --eval-n {cfg.eval_n}")
+            # a bad data file fails here, the test split's too (else it failed in r3.evaluate, after training)
+            queries = failures if failures is not None else examples_of(task, "train", seed=cfg.seed)
+            source = f" ({task.data_path})" if getattr(task, "data_path", None) else ""
+            if not queries:
+                raise R3Error(f"{cfg.failures}: no failure records to train on" if failures is not None
+                              else f"task {cfg.task!r}{source}: no training examples")
+            if not examples_of(task, "test", seed=cfg.seed) and cfg.eval_n:
+                raise R3Error(f"task {cfg.task!r}{source}: no test examples for --eval-n {cfg.eval_n}")
     out = prepare_out_dir(cfg, d)
     if d.main:
         print(f"r3.train: {d.world} rank(s) on {d.device.type}; config:", flush=True)
