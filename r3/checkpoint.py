@@ -336,10 +336,14 @@ def _safetensors_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
-    if list(path.glob("*.bin")) or list(path.glob("*.pth")):
+    if list(path.glob("*.bin")):
         raise R3Error(f"{path}: only PyTorch .bin weights found; r3 reads safetensors (re-save the model: transformers' "
                       "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors; copy the tokenizer "
                       "files beside them)")
+    if list(path.glob("*.pth")):
+        raise R3Error(f"{path}: only PyTorch .pth weights found (an original, not a Hugging Face, release); r3 reads a "
+                      "Hugging Face checkpoint's safetensors: use the model's Hugging Face release, or convert these "
+                      "with transformers' conversion script for the family")
     raise R3Error(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 

@@ -487,7 +487,8 @@ def test_a_directory_with_consolidated_pth_weights_alone_says_so(tiny_dirs, tmp_
     not read, not as a directory without weights."""
     d = _copy(tiny_dirs["llama"][0], tmp_path / "m")
     (d / "model.safetensors").rename(d / "consolidated.00.pth")
-    with pytest.raises(R3Error, match=r"only PyTorch .bin weights found; r3 reads safetensors"):
+    with pytest.raises(R3Error, match=r"only PyTorch .pth weights found \(an original, not a Hugging Face, release\); "
+                                      r"r3 reads a Hugging Face checkpoint's safetensors"):
         load(d, tokenizer=False)
 
 

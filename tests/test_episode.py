@@ -858,6 +858,33 @@ def test_cut_answers_fail_fails_every_answer_the_token_limit_cut_off_and_judges_
     assert stored.records and not any("attempt_cut" in r or "attempt_reason" in r for r in stored.records)
 
 
+def test_each_record_names_its_own_attempts_verdict_past_max_failures(tiny, monkeypatch):
+    """``attempt_reason`` / ``attempt_cut`` of record r are those of the example its group
+    reflects on (``group_indices[r // G]``), also where the failures are not the first examples
+    and ``max_failures`` keeps only some."""
+    from r3 import episode as E
+
+    model, tok, chat = tiny
+    task = CoinTask()
+    examples = task.examples(n=7)
+    first_pass = {"calls": 0}
+
+    def verdict(task, example, text, finished, cut_answers):  # (first attempts: 3, 4 and 6 fail, each its own why)
+        first_pass["calls"] += 1
+        if first_pass["calls"] <= len(examples):
+            return int(example["id"].rsplit("-", 1)[1]) not in (3, 4, 6), f"why {example['id']}"
+        return True, "retry"
+
+    monkeypatch.setattr(E, "judge_answer", verdict)
+    ep = run_episode(model, tok, task, examples, group_size=2, max_failures=2, sampling=SAMPLING, seed=0, chat=chat)
+    assert ep.group_indices == [3, 4] and len(ep.records) == 4
+    assert ep.first_cut[3] != ep.first_cut[4], "this seed must cut one of the two attempts and end the other"
+    for r, rec in enumerate(ep.records):
+        i = ep.group_indices[r // 2]
+        assert rec["example"] == examples[i] and rec["attempt_reason"] == f"why {examples[i]['id']}"
+        assert rec["attempt_cut"] == ep.first_cut[i]
+
+
 def test_cut_answers_must_be_judge_or_fail():
     from r3.errors import R3Error
 

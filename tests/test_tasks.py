@@ -3200,6 +3200,10 @@ def test_an_empty_split_is_an_error_only_when_examples_are_asked_for():
         every.examples("train", n=1)
     assert every.examples("train", n=0) == [] and len(every.examples("test", n=3)) == 3
     assert CountdownTask(test_fraction=0.0).examples("test", n=0) == []
+    # the whole test split of 0.0 is none (r3.train checks the test split's rows at the start)
+    assert CountdownTask(test_fraction=0.0).examples("test") == []
+    with pytest.raises(R3Error, match=r"test_fraction=0.0 leaves the test split empty"):
+        CountdownTask(test_fraction=0.0).examples("test", n=1)
 
 
 def test_the_generator_gives_up_after_draws_scaled_by_its_splits_share(monkeypatch):
@@ -3456,6 +3460,18 @@ def test_a_data_file_of_problems_with_no_solution_is_refused_or_warned_about(tmp
     err = capsys.readouterr().err
     assert err == (f"warning: {q}: 10 of the 40 records checked across the file cannot be solved with the operations "
                    "'+-*/' (e.g. line 4: 47 from [4, 1]); such problems can never be rewarded\n")
+    # spread over the file: unsolvable rows only near the end of a long file are found, and a short
+    # file's every row is checked once (not its first rows over and over)
+    tail = [{"target": a + 1, "nums": [a, 1]} for a in range(1, 901)] + [{"target": 999, "nums": [a, 1]} for a in range(100)]
+    q.write_text("\n".join(json.dumps(r) for r in tail))
+    C.load_file(str(q))
+    err = capsys.readouterr().err
+    k = int(err.split(".jsonl: ")[1].split(" of the 64 ")[0])
+    assert 3 <= k <= 8 and int(err.split("(e.g. line ")[1].split(":")[0]) > 900, err
+    short = [{"target": 10 * a + 7, "nums": [a, 1]} for a in (1, 2)] + [{"target": a + 1, "nums": [a, 1]} for a in range(3, 11)]
+    q.write_text("\n".join(json.dumps(r) for r in short))
+    C.load_file(str(q))
+    assert "2 of the 10 records checked" in capsys.readouterr().err
     seen = []
     monkeypatch.setattr(C, "solve", lambda nums, target, ops: seen.append(ops) or "x")
     C.load_file(str(p), ops="+*")
