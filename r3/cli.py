@@ -134,14 +134,14 @@ def read_run(run: str) -> dict:
                                 "max_retry_tokens"))
     export = Path(run) / "export"
     if not (export / "config.json").is_file():
-        from r3.rundir import checkpoint_dirs, training_holder
+        from r3.rundir import checkpoint_dirs, step_of, training_holder
 
         holder = training_holder(run)
         if holder:
             raise R3Error(f"--run {run}: no export yet ({export}); the run is still training ({holder}): "
                           "evaluate it when it ends")
         saved = checkpoint_dirs(Path(run))
-        step = int(saved[-1].name.split("_")[1]) if saved else None
+        step = step_of(saved[-1]) if saved else None
         raise R3Error(f"--run {run}: no export yet ({export}); the run has not finished: rerun "
                       f"r3.train with --out {run} to finish it"
                       + (f", or with --max-steps {step} as well to export its last checkpoint (step {step})" if step else ""))

@@ -281,13 +281,16 @@ def _is_prompt(option: str) -> bool:
     return option.endswith("prompt") or option == "prompt_template"
 
 
+def _task_config(ev: dict) -> dict:
+    """The task's options the evaluation recorded as in effect ({} where it recorded none)."""
+    cfg = ev.get("task_config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def _options_in_effect(ev: dict) -> str:
     """The task's options as the evaluation ran it (a preset's included), prompts aside: a run's
     ``task_options`` hold only what was given (``{}`` for a preset)."""
-    cfg = ev.get("task_config")
-    if not isinstance(cfg, dict):
-        return ""
-    shown = ", ".join(f"{k}={v}" for k, v in cfg.items() if not _is_prompt(k) and v is not None)
+    shown = ", ".join(f"{k}={v}" for k, v in _task_config(ev).items() if not _is_prompt(k) and v is not None)
     return f"; in effect `{shown}`" if shown else ""
 
 
@@ -295,8 +298,7 @@ def _prompt_lines(ev: dict) -> list[str]:
     """The task's prompts the model saw, verbatim (``{nums}``-style placeholders as the task fills
     them), and the first evaluation query's messages as the task wrote them (a plug-in's prompt
     is its ``messages()``, not an option)."""
-    cfg = ev.get("task_config")
-    prompts = [(k, v) for k, v in cfg.items() if _is_prompt(k) and isinstance(v, str)] if isinstance(cfg, dict) else []
+    prompts = [(k, v) for k, v in _task_config(ev).items() if _is_prompt(k) and isinstance(v, str)]
     first = ev.get("first_query_messages")
     first = first if isinstance(first, list) and all(isinstance(m, dict) for m in first) else []
     if not prompts and not first:

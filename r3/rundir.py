@@ -38,10 +38,10 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=_step_of)
+    return sorted(done, key=step_of)
 
 
-def _step_of(checkpoint: Path) -> int:
+def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("_")[1])
 
 
@@ -151,7 +151,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stream, 
         # (one past this step is from steps being redone after a resume skipped it, damaged:
         # kept, it would outrank the checkpoints written now and be the one left)
         done = checkpoint_dirs(out)
-        stale = [p for p in done if _step_of(p) > step]
+        stale = [p for p in done if step_of(p) > step]
         for old in stale + [p for p in done if p not in stale][: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     wait_for_main(d)  # (rank 0 renamed it and removed old checkpoints alone)
@@ -381,7 +381,7 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> Path:
             start_over = bool(diff) and not trained
             if trained and previous.get("max_steps", cfg.max_steps) != cfg.max_steps:
                 saved_steps = checkpoint_dirs(out)
-                if not (saved_steps and _step_of(saved_steps[-1]) >= cfg.max_steps):  # (else nothing left to train)
+                if not (saved_steps and step_of(saved_steps[-1]) >= cfg.max_steps):  # (else nothing left to train)
                     previous_steps = previous["max_steps"]
             if diff and not start_over:
                 mine, theirs = cfg.to_dict(), upgrade_config_dict(previous)
