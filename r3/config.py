@@ -512,6 +512,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     from_file: dict[str, Any] = {}
     written: dict[str, str] = {}  # field -> the key the file spelled it with
     if config_file:
+        unknown = []  # (every mistyped key in one error, not one per run)
         for k, v in _read_config_file(config_file[-1]).items():
             key = str(k).replace("-", "_")
             if key in _RENAMED:
@@ -521,9 +522,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
                               f"different values (keep one)")
             written[key] = k
             if key not in _FIELDS:
-                raise R3Error(f"{config_file[-1]}: unknown key '{k}'{suggest(key, _FIELDS, flag=False) or ' (see python -m r3.train --help)'}")
+                unknown.append(f"'{k}'{suggest(key, _FIELDS, flag=False)}")
+                continue
             values[key] = (v, config_file[-1])
             from_file[key] = v
+        if unknown:
+            help_hint = "" if len(unknown) == 1 and "did you mean" in unknown[0] else " (see python -m r3.train --help)"
+            raise R3Error(f"{config_file[-1]}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(unknown)}{help_hint}")
     for k, v in pairs:
         if k == "config" or k in _REPEATED:
             continue

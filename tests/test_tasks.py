@@ -3481,3 +3481,117 @@ def test_a_data_file_of_problems_with_no_solution_is_refused_or_warned_about(tmp
     seen.clear()
     C.load_file(str(six))
     assert len(seen) == C.SOLVABLE_SAMPLE_SIX
+
+
+class _Hangs(Task):
+    """A verifier that hangs on the texts named: "loop" spins, "swallow" sleeps in a loop that
+    catches every Exception, "late" returns True after its time is up."""
+
+    name = "hangs"
+    verify_timeout = 0.2
+
+    def _check(self, example, completion_text):
+        import time
+
+        if completion_text == "loop":
+            while True:
+                pass
+        if completion_text == "swallow":
+            while True:
+                try:
+                    time.sleep(10)
+                except Exception:  # noqa: BLE001 -- (what a careless verifier does)
+                    pass
+        if completion_text == "late":
+            time.sleep(1)
+            return True, "correct"
+        return True, "correct"
+
+
+def test_a_verdict_past_the_tasks_verify_timeout_is_wrong_counted_and_said_once(capsys, verifier_errors):
+    """A verifier that hangs, even one that catches every Exception, cannot stall a run: its
+    verdict is interrupted at verify_timeout and counts as wrong and as a verifier error; one that
+    would have paid after the limit pays nothing. The first timeout is said at once."""
+    from r3.tasks.base import judge, passes, verifier_error_counts
+
+    t = _Hangs()
+    for text in ("loop", "swallow", "late"):
+        ok, why = judge(t, {}, text)
+        assert ok is False and "VerifierTimeout" in why and "verify_timeout of 0.2 s" in why
+        assert passes(t, {}, text) is False
+    assert judge(t, {}, "fine") == (True, "correct") and passes(t, {}, "fine") is True
+    n, calls, first = verifier_error_counts(t)
+    assert (n, calls) == (6, 8) and first.startswith("VerifierTimeout: the verdict took longer")
+    assert capsys.readouterr().err.count("warning:") == 1
+    assert len(verifier_errors) == 6
+    verifier_errors.clear()
+
+
+def test_a_plug_ins_own_verify_and_diagnose_are_limited_too(verifier_errors):
+    """A duck-typed task (no Task base) gets the default limit on its verify and its diagnose."""
+    import signal
+
+    from r3.tasks import base
+    from r3.tasks.base import judge
+
+    armed = {}
+
+    class Duck:
+        name = "duck"
+        verify_timeout = 0.2
+
+        def verify(self, example, text):
+            armed["verify"] = signal.getitimer(signal.ITIMER_REAL)[0]
+            while text == "loop":
+                pass
+            return True
+
+        def diagnose(self, example, text):
+            armed["diagnose"] = signal.getitimer(signal.ITIMER_REAL)[0]
+            while True:
+                pass
+
+    assert judge(Duck(), {}, "ok") == (True, "verifier error: VerifierTimeout: the verdict took longer than the "
+                                             "task's verify_timeout of 0.2 s")
+    assert 0 < armed["verify"] <= 0.2 and 0 < armed["diagnose"] <= 0.2
+    assert judge(Duck(), {}, "loop")[0] is False
+    assert len(verifier_errors) == 1
+    verifier_errors.clear()
+    del Duck.verify_timeout  # (a duck without the attribute: the default)
+    judge(Duck(), {}, "ok")
+    assert base.VERIFY_TIMEOUT_S - 1 < armed["verify"] <= base.VERIFY_TIMEOUT_S
+
+
+def test_verify_timeout_none_sets_no_timer_and_the_default_is_a_minute():
+    import signal
+
+    armed = []
+
+    class Timed(_Hangs):
+        def _check(self, example, completion_text):
+            armed.append(signal.getitimer(signal.ITIMER_REAL)[0])
+            return True, "correct"
+
+    t = Timed()
+    t.verify_timeout = None
+    assert t.diagnose({}, "x") == "correct" and armed == [0.0]  # (a direct call: r3 sets no limit)
+    from r3.tasks.base import judge
+
+    assert judge(t, {}, "x") == (True, "correct") and armed[-1] == 0.0
+    assert Task.verify_timeout == 60
+    judge(tasks.get("countdown-tiny"), {"nums": [1, 2], "target": 3}, "1 + 2 = 3")
+
+
+@pytest.mark.parametrize("value", ["60", 0, -1, float("nan"), True])
+def test_a_bad_verify_timeout_is_one_error_when_the_task_is_built(value, tmp_path, monkeypatch):
+    mod = tmp_path / "badtimeout.py"
+    mod.write_text("from r3.tasks import Task\n"
+                   "class T(Task):\n"
+                   "    name = 't'\n"
+                   f"    verify_timeout = {value!r}\n"
+                   "    def examples(self, split='train', n=None, seed=0): return [{'q': 1}]\n"
+                   "    def messages(self, ex): return [{'role': 'user', 'content': 'q'}]\n"
+                   "    def _check(self, ex, text): return True, ''\n".replace("nan", "float('nan')"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(R3Error, match=r"task 't': verify_timeout must be a number of seconds > 0, or None"):
+        tasks.get("badtimeout:T")

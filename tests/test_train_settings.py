@@ -275,7 +275,14 @@ def test_config_files_empty_dashed_repeated_and_under_flags(tmp_path):
     cfg = parse_args(["--config", str(a), "--task-option", "max_num=40", "--task-option", "max_target=60"])
     assert cfg.task_options == {"max_num": 40, "max_target": 60}
     b.write_text("grop-size: 6\n")
-    with pytest.raises(R3Error, match=r"unknown key 'grop-size' \(did you mean group_size\?\)"):
+    with pytest.raises(R3Error, match=r"unknown key 'grop-size' \(did you mean group_size\?\)$"):
+        parse_args(["--config", str(b)])
+    b.write_text("grop-size: 6\nlr: 1e-5\nxyzzy: 1\nbatch_sise: 4\n")  # (every typo at once, not one per run)
+    with pytest.raises(R3Error, match=r"b\.yaml: unknown keys 'grop-size' \(did you mean group_size\?\), 'xyzzy', "
+                                      r"'batch_sise' \(did you mean batch_size\?\) \(see python -m r3.train --help\)$"):
+        parse_args(["--config", str(b)])
+    b.write_text("xyzzy: 1\n")
+    with pytest.raises(R3Error, match=r"b\.yaml: unknown key 'xyzzy' \(see python -m r3.train --help\)$"):
         parse_args(["--config", str(b)])
 
 

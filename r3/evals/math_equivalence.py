@@ -10,12 +10,10 @@ matrix); the harness's repository before that release had no such rule."""
 
 from __future__ import annotations
 
-import signal
-import threading
-from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from r3.errors import R3Error
+from r3.time_limit import time_limit
 
 TIMEOUT_S = 5  # the harness's limit per comparison
 
@@ -34,25 +32,6 @@ def require() -> None:
                       f"does{found}: pip install 'r3[math]'")
 
 
-@contextmanager
-def _time_limit(seconds: int):
-    """SIGALRM after ``seconds`` (main thread on POSIX only; elsewhere no limit)."""
-    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise TimeoutError
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def is_equiv(x1: str, x2: str) -> bool:
     """Whether two normalised answers are the same (identical, or equal as sympy expressions)."""
     if x1 and x1 == x2:
@@ -61,7 +40,7 @@ def is_equiv(x1: str, x2: str) -> bool:
     from sympy.parsing.latex import parse_latex
 
     try:
-        with _time_limit(TIMEOUT_S):
+        with time_limit(TIMEOUT_S):
             a, b = parse_latex(x1), parse_latex(x2)
             return bool(sympy.simplify(a - b) == 0)
     except ImportError:  # sympy's LaTeX parser without its ANTLR runtime: not an answer's fault

@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 from r3.errors import R3Error
-from r3.tasks.base import Task, declared_options, option_names
+from r3.tasks.base import Task, declared_options, option_names, verify_timeout_of
 
 __all__ = ["Task", "get", "resolve", "available", "TASKS", "ALIASES", "PRESETS", "R3Error"]
 
@@ -156,6 +156,7 @@ def get(name: Any, **options: Any) -> Task:
     missing = [a for a in _REQUIRED if not hasattr(task, a)]
     if missing:
         raise R3Error(f"task {name!r}: the object built lacks {', '.join(missing)}; subclass r3.tasks.Task")
+    verify_timeout_of(task)  # (a bad value is the plug-in's mistake: said now, not at the first verdict)
     if isinstance(task, Task):
         # (Task's own methods raise NotImplementedError; verify or _verdict may stand in for _check;
         # a method may be an attribute of the instance)

@@ -29,8 +29,15 @@ import sys
 from typing import Any, Iterator
 
 from r3.errors import R3Error
+from r3.time_limit import time_limit
 
 SPLITS = ("train", "test")
+VERIFY_TIMEOUT_S = 60.0  # Task.verify_timeout's default
+
+
+class VerifierTimeout(BaseException):
+    """Raised inside a verifier that runs past its task's ``verify_timeout``. Not an Exception, so
+    a plug-in's ``except Exception`` cannot swallow it and keep the run waiting."""
 
 
 class Task:
@@ -55,6 +62,12 @@ class Task:
     #: the model or opened by the generation prompt) one counts only after the block's first
     #: ``</think>``. Empty: an answer runs to the end-of-turn token or the limit.
     stop_strings: tuple[str, ...] = ()
+    #: Seconds r3 gives one verdict (a ``verify`` or ``diagnose`` call on one completion): one
+    #: still running then is interrupted and counts as a wrong answer and a verifier error, so a
+    #: verifier that hangs cannot stall a run. None: no limit. The limit takes SIGALRM, so it
+    #: holds on the main thread of a POSIX process and interrupts Python code, ``re`` and
+    #: ``time.sleep``, not a C call that never checks for signals.
+    verify_timeout: float | None = VERIFY_TIMEOUT_S
 
     def __init__(self, *, reflection_prompt: str | None = None, retry_prompt: str | None = None):
         self.reflection_prompt = (
@@ -180,6 +193,37 @@ def _note_error(task, error: str) -> None:
         counters["_verifier_errors"] = (n + 1, first or error[:300])
 
 
+def verify_timeout_of(task) -> float | None:
+    """A task's ``verify_timeout`` in seconds (:data:`VERIFY_TIMEOUT_S` for a task without one;
+    None: no limit); R3Error for anything but a positive number or None."""
+    value = getattr(task, "verify_timeout", VERIFY_TIMEOUT_S)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or value != value:
+        raise R3Error(f"task {getattr(task, 'name', type(task).__name__)!r}: verify_timeout must be a number of "
+                      f"seconds > 0, or None for no limit, got {value!r}")
+    return float(value)
+
+
+def verdict_time_limit(task):
+    """The time limit r3 puts on one of ``task``'s verdicts: :class:`VerifierTimeout` raised in the
+    block after ``verify_timeout`` seconds."""
+    limit = verify_timeout_of(task)
+    return time_limit(limit, lambda: VerifierTimeout(f"the verdict took longer than the task's verify_timeout "
+                                                     f"of {limit:g} s"))
+
+
+def _note_timeout(task, e: VerifierTimeout) -> None:
+    """Count a timed-out verdict as a verifier error, and say so at once the first time (the
+    step's summary of verifier errors comes only when the step ends)."""
+    _note_error(task, f"{type(e).__name__}: {e}")
+    counters = getattr(task, "__dict__", None)
+    if counters is not None and not counters.get("_timeout_said"):
+        counters["_timeout_said"] = True
+        print(f"warning: {e} on a completion: it counts as wrong (a verifier that needs longer sets "
+              "verify_timeout on its task class)", file=sys.stderr, flush=True)
+
+
 def _as_verdict(out: Any) -> bool | None:
     """A verdict as a bool: a bool (numpy's too) or the integer 0 or 1; None for anything else."""
     if isinstance(out, bool) or type(out).__name__ in ("bool", "bool_"):
@@ -203,8 +247,13 @@ def passes(task, example: dict, completion_text: str) -> bool:
     (:func:`report_verifier_errors`). So is a ``verify`` of a plug-in's own (a duck-typed task's)
     that raises, as :meth:`Task.verify` counts an exception of ``_check``."""
     _count_call(task)
+    limit = verdict_time_limit(task)
     try:
-        out = task.verify(example, completion_text)
+        with limit:
+            out = task.verify(example, completion_text)
+    except VerifierTimeout as e:
+        _note_timeout(task, e)
+        return False
     except Exception as e:  # noqa: BLE001 -- a verify() of a plug-in's own that raises: as Task.verify
         _note_error(task, f"{type(e).__name__}: {e}")
         return False
@@ -225,8 +274,13 @@ def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     ``diagnose`` after the verdict, or no reason (None) for a duck-typed task without one."""
     if isinstance(task, Task) and type(task).verify is Task.verify and type(task).diagnose is Task.diagnose:
         _count_call(task)
+        limit = verdict_time_limit(task)
         try:
-            ok, why = task._verdict(example, completion_text)
+            with limit:
+                ok, why = task._verdict(example, completion_text)
+        except VerifierTimeout as e:
+            _note_timeout(task, e)
+            return False, _error_reason(e)
         except Exception as e:  # noqa: BLE001 -- as Task.verify: judged wrong, counted
             _note_error(task, f"{type(e).__name__}: {e}")
             return False, _error_reason(e)
@@ -235,9 +289,11 @@ def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     diagnose = getattr(task, "diagnose", None)
     if not callable(diagnose):
         return ok, None
+    limit = verdict_time_limit(task)
     try:
-        return ok, diagnose(example, completion_text)
-    except Exception as e:  # noqa: BLE001 -- a plug-in's own diagnose
+        with limit:
+            return ok, diagnose(example, completion_text)
+    except (Exception, VerifierTimeout) as e:  # noqa: BLE001 -- a plug-in's own diagnose
         return ok, _error_reason(e)
 
 
