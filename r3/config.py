@@ -522,14 +522,15 @@ def parse_args(argv: list[str]) -> TrainConfig:
                               f"different values (keep one)")
             written[key] = k
             if key not in _FIELDS:
-                unknown.append(f"'{k}'{suggest(key, _FIELDS, flag=False)}")
+                if key not in (u for u, _ in unknown):  # (grop-size and grop_size: one typo)
+                    unknown.append((key, f"'{k}'{suggest(key, _FIELDS, flag=False)}"))
                 continue
             values[key] = (v, config_file[-1])
             from_file[key] = v
         if unknown:
-            help_hint = "" if len(unknown) == 1 and "did you mean" in unknown[0] else " (see python -m r3.train --help)"
-            raise R3Error(f"{config_file[-1]}: unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(unknown)}{help_hint}")
+            named = [text for _, text in unknown]
+            help_hint = "" if len(named) == 1 and "did you mean" in named[0] else " (see python -m r3.train --help)"
+            raise R3Error(f"{config_file[-1]}: unknown key{'s' if len(named) > 1 else ''} {', '.join(named)}{help_hint}")
     for k, v in pairs:
         if k == "config" or k in _REPEATED:
             continue

@@ -857,7 +857,7 @@ def test_math_sympy_comparison_runs_under_a_5_second_alarm_and_restores_the_hand
     from r3.evals import math_equivalence
 
     alarms = []
-    monkeypatch.setattr(signal, "setitimer", lambda which, s: alarms.append((which, s)) or (0.0, 0.0))
+    monkeypatch.setattr(signal, "setitimer", lambda which, s, *interval: alarms.append((which, s)) or (0.0, 0.0))
     monkeypatch.setattr("sympy.parsing.latex.parse_latex", lambda s: int(s))  # (no ANTLR needed)
     mine = lambda signum, frame: None  # noqa: E731
     old = signal.signal(signal.SIGALRM, mine)

@@ -3483,58 +3483,111 @@ def test_a_data_file_of_problems_with_no_solution_is_refused_or_warned_about(tmp
     assert len(seen) == C.SOLVABLE_SAMPLE_SIX
 
 
+
+def _spin_then(seconds: float, value):
+    """Busy for ``seconds``, then ``value``: a hang that ends, so a broken limit fails a test
+    rather than hanging it."""
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return value
+
+
 class _Hangs(Task):
-    """A verifier that hangs on the texts named: "loop" spins, "swallow" sleeps in a loop that
-    catches every Exception, "late" returns True after its time is up."""
+    """A verifier that runs past its limit on the texts named, then (if still running) says
+    correct: "loop" spins; "swallow" spins in a loop that catches everything; "cases" runs test
+    cases under a bare except and calls the answer right when none failed (the case that fails it
+    comes after the limit); "late" sleeps; "own alarm" cancels the limit's timer with an alarm of
+    its own. Any other text is correct at once."""
 
     name = "hangs"
     verify_timeout = 0.2
 
     def _check(self, example, completion_text):
+        import signal
         import time
 
         if completion_text == "loop":
-            while True:
-                pass
-        if completion_text == "swallow":
-            while True:
+            return _spin_then(3, (True, "correct"))
+        if completion_text == "swallow":  # (can only be left to end: 1 s)
+            end = time.monotonic() + 1
+            while time.monotonic() < end:
                 try:
-                    time.sleep(10)
-                except Exception:  # noqa: BLE001 -- (what a careless verifier does)
+                    _spin_then(0.05, None)
+                except BaseException:  # noqa: BLE001 -- (what careless grading code does)
                     pass
+        if completion_text == "cases":
+            try:
+                for case in range(3000):
+                    time.sleep(0.001)
+                    if case == 1500:
+                        return False, "fails case 1500"
+            except:  # noqa: E722
+                pass
         if completion_text == "late":
             time.sleep(1)
-            return True, "correct"
+        if completion_text == "own alarm":
+            signal.alarm(0)
+            _spin_then(0.5, None)
         return True, "correct"
 
 
-def test_a_verdict_past_the_tasks_verify_timeout_is_wrong_counted_and_said_once(capsys, verifier_errors):
-    """A verifier that hangs, even one that catches every Exception, cannot stall a run: its
-    verdict is interrupted at verify_timeout and counts as wrong and as a verifier error; one that
-    would have paid after the limit pays nothing. The first timeout is said at once."""
+@pytest.mark.parametrize("text", ["loop", "swallow", "cases", "late", "own alarm"])
+def test_a_verdict_past_the_tasks_verify_timeout_is_wrong_whatever_the_verifier_returns(text, capsys,
+                                                                                         verifier_errors):
+    """A verifier that runs out of time cannot stall a run, nor get paid: its verdict is wrong and
+    a verifier error, even when it caught the interruption (a bare except) and went on to say
+    correct, or cancelled the timer. The first timeout is said at once."""
+    import time
+
     from r3.tasks.base import judge, passes, verifier_error_counts
 
     t = _Hangs()
-    for text in ("loop", "swallow", "late"):
-        ok, why = judge(t, {}, text)
-        assert ok is False and "VerifierTimeout" in why and "verify_timeout of 0.2 s" in why
-        assert passes(t, {}, text) is False
+    start = time.monotonic()
+    ok, why = judge(t, {}, text)
+    assert ok is False and why == "verifier error: VerifierTimeout: the verdict took longer than the task's " \
+                                  "verify_timeout of 0.2 s"
+    assert passes(t, {}, text) is False
+    assert time.monotonic() - start < 2.5 or text in ("own alarm", "swallow")  # (interrupted, not run to its end)
     assert judge(t, {}, "fine") == (True, "correct") and passes(t, {}, "fine") is True
     n, calls, first = verifier_error_counts(t)
-    assert (n, calls) == (6, 8) and first.startswith("VerifierTimeout: the verdict took longer")
+    assert (n, calls) == (2, 4) and first.startswith("VerifierTimeout: the verdict took longer")
     assert capsys.readouterr().err.count("warning:") == 1
-    assert len(verifier_errors) == 6
+    assert len(verifier_errors) == 2
     verifier_errors.clear()
 
 
-def test_a_plug_ins_own_verify_and_diagnose_are_limited_too(verifier_errors):
-    """A duck-typed task (no Task base) gets the default limit on its verify and its diagnose."""
+def test_verdicts_that_run_out_of_time_in_a_row_stop_the_run_with_one_line(verifier_errors):
+    """Each costs the whole limit, so TIMEOUTS_IN_A_ROW in a row stop the run, naming the last
+    completion; a verdict in time between them starts the count again."""
+    from r3.tasks.base import TIMEOUTS_IN_A_ROW, judge, passes
+
+    t = _Hangs()
+    t.verify_timeout = 0.05
+    for _ in range(TIMEOUTS_IN_A_ROW - 1):
+        assert passes(t, {}, "loop") is False
+    assert passes(t, {}, "fine") is True
+    for _ in range(TIMEOUTS_IN_A_ROW - 1):
+        assert judge(t, {}, "loop")[0] is False
+    with pytest.raises(R3Error, match=rf"^the task's verifier ran out of time on {TIMEOUTS_IN_A_ROW} completions in a "
+                                      r"row \(the verdict took longer than the task's verify_timeout of 0.05 s; the "
+                                      r"last began 'loop'\); fix the verifier, or give it longer with verify_timeout"):
+        passes(t, {}, "loop")
+    verifier_errors.clear()
+
+
+def test_a_plug_ins_own_verify_and_diagnose_run_under_the_limit(capsys, verifier_errors):
+    """A duck-typed task (no Task base): its verify runs under the limit, and when that ran out of
+    time its diagnose is not asked; a diagnose that runs out of time leaves the verdict as it was,
+    with a reason that agrees with it, said once, not counted as a verifier error."""
     import signal
 
-    from r3.tasks import base
     from r3.tasks.base import judge
 
     armed = {}
+    calls = []
 
     class Duck:
         name = "duck"
@@ -3542,28 +3595,58 @@ def test_a_plug_ins_own_verify_and_diagnose_are_limited_too(verifier_errors):
 
         def verify(self, example, text):
             armed["verify"] = signal.getitimer(signal.ITIMER_REAL)[0]
-            while text == "loop":
-                pass
-            return True
+            return _spin_then(3, True) if text == "loop" else text != "bad"
 
         def diagnose(self, example, text):
+            calls.append(text)
             armed["diagnose"] = signal.getitimer(signal.ITIMER_REAL)[0]
-            while True:
-                pass
+            if text == "broken":
+                raise KeyError("x")
+            return _spin_then(3, "slow reason") if text in ("ok", "bad") else "fast reason"
 
-    assert judge(Duck(), {}, "ok") == (True, "verifier error: VerifierTimeout: the verdict took longer than the "
-                                             "task's verify_timeout of 0.2 s")
+    reason = "its reason ran out of time: diagnose() took longer than the task's verify_timeout of 0.2 s"
+    duck = Duck()
+    assert judge(duck, {}, "ok") == (True, f"correct ({reason})")
+    assert judge(duck, {}, "bad") == (False, f"wrong ({reason})")
     assert 0 < armed["verify"] <= 0.2 and 0 < armed["diagnose"] <= 0.2
-    assert judge(Duck(), {}, "loop")[0] is False
+    assert capsys.readouterr().err.count("diagnose() took longer") == 1 and verifier_errors == []
+    assert judge(duck, {}, "loop") == (False, "verifier error: VerifierTimeout: the verdict took longer than the "
+                                              "task's verify_timeout of 0.2 s")
+    assert calls == ["ok", "bad"]  # (not asked for a verdict that ran out of time)
+    assert judge(duck, {}, "quick") == (True, "fast reason")
+    assert judge(duck, {}, "broken") == (True, "correct (diagnose() failed: KeyError: 'x')")
     assert len(verifier_errors) == 1
     verifier_errors.clear()
     del Duck.verify_timeout  # (a duck without the attribute: the default)
-    judge(Duck(), {}, "ok")
+    judge(Duck(), {}, "quick")
+    from r3.tasks import base
+
     assert base.VERIFY_TIMEOUT_S - 1 < armed["verify"] <= base.VERIFY_TIMEOUT_S
 
 
-def test_verify_timeout_none_sets_no_timer_and_the_default_is_a_minute():
+def test_a_task_that_overrides_verify_alone_is_judged_once(verifier_errors):
+    """Its reason comes from the one verdict: asking diagnose() would call verify a second time,
+    which near the limit can give the other verdict (a reward logged beside a contradicting
+    reason)."""
+    from r3.tasks.base import judge
+
+    class Once(Task):
+        name = "once"
+        calls = 0
+
+        def verify(self, example, completion_text):
+            Once.calls += 1
+            return Once.calls == 1
+
+    t = Once()
+    assert judge(t, {}, "x") == (True, "correct") and Once.calls == 1
+    assert judge(t, {}, "x") == (False, "wrong (the task gives no reason)") and Once.calls == 2
+
+
+def test_verify_timeout_none_sets_no_timer_and_the_default_is_ten_seconds():
     import signal
+
+    from r3.tasks.base import judge
 
     armed = []
 
@@ -3575,14 +3658,14 @@ def test_verify_timeout_none_sets_no_timer_and_the_default_is_a_minute():
     t = Timed()
     t.verify_timeout = None
     assert t.diagnose({}, "x") == "correct" and armed == [0.0]  # (a direct call: r3 sets no limit)
-    from r3.tasks.base import judge
-
     assert judge(t, {}, "x") == (True, "correct") and armed[-1] == 0.0
-    assert Task.verify_timeout == 60
-    judge(tasks.get("countdown-tiny"), {"nums": [1, 2], "target": 3}, "1 + 2 = 3")
+    del t.verify_timeout
+    Timed.verify_timeout = Task.verify_timeout
+    assert judge(t, {}, "x") == (True, "correct") and 9 < armed[-1] <= 10 == Task.verify_timeout
+    assert judge(tasks.get("countdown-tiny"), {"nums": [1, 2], "target": 3}, "1 + 2 = 3")[0] is True
 
 
-@pytest.mark.parametrize("value", ["60", 0, -1, float("nan"), True])
+@pytest.mark.parametrize("value", ["60", 0, -1, float("nan"), float("inf"), 1e10, True])
 def test_a_bad_verify_timeout_is_one_error_when_the_task_is_built(value, tmp_path, monkeypatch):
     mod = tmp_path / "badtimeout.py"
     mod.write_text("from r3.tasks import Task\n"
@@ -3591,7 +3674,8 @@ def test_a_bad_verify_timeout_is_one_error_when_the_task_is_built(value, tmp_pat
                    f"    verify_timeout = {value!r}\n"
                    "    def examples(self, split='train', n=None, seed=0): return [{'q': 1}]\n"
                    "    def messages(self, ex): return [{'role': 'user', 'content': 'q'}]\n"
-                   "    def _check(self, ex, text): return True, ''\n".replace("nan", "float('nan')"))
+                   "    def _check(self, ex, text): return True, ''\n".replace("nan", "float('nan')")
+                   .replace("inf", "float('inf')"))
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(R3Error, match=r"task 't': verify_timeout must be a number of seconds > 0, or None"):
         tasks.get("badtimeout:T")

@@ -281,6 +281,9 @@ def test_config_files_empty_dashed_repeated_and_under_flags(tmp_path):
     with pytest.raises(R3Error, match=r"b\.yaml: unknown keys 'grop-size' \(did you mean group_size\?\), 'xyzzy', "
                                       r"'batch_sise' \(did you mean batch_size\?\) \(see python -m r3.train --help\)$"):
         parse_args(["--config", str(b)])
+    b.write_text("xyzzy: 1\nxyzzy_: 2\nxyzzy-: 2\n")  # (one key spelled with - and with _: one typo)
+    with pytest.raises(R3Error, match=r"b\.yaml: unknown keys 'xyzzy', 'xyzzy_' \(see python -m r3.train --help\)$"):
+        parse_args(["--config", str(b)])
     b.write_text("xyzzy: 1\n")
     with pytest.raises(R3Error, match=r"b\.yaml: unknown key 'xyzzy' \(see python -m r3.train --help\)$"):
         parse_args(["--config", str(b)])

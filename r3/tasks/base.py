@@ -32,12 +32,15 @@ from r3.errors import R3Error
 from r3.time_limit import time_limit
 
 SPLITS = ("train", "test")
-VERIFY_TIMEOUT_S = 60.0  # Task.verify_timeout's default
+VERIFY_TIMEOUT_S = 10.0  # Task.verify_timeout's default
+TIMEOUTS_IN_A_ROW = 8  # verdicts in a row that ran out of time stop the run
 
 
 class VerifierTimeout(BaseException):
-    """Raised inside a verifier that runs past its task's ``verify_timeout``. Not an Exception, so
-    a plug-in's ``except Exception`` cannot swallow it and keep the run waiting."""
+    """Raised inside a verifier that runs past its task's ``verify_timeout`` (and again every
+    :data:`r3.time_limit.REFIRE_S` while it runs on). Not an Exception, so a plug-in's ``except
+    Exception`` does not swallow it; a verdict that ran out of time is wrong even when the verifier
+    caught it and returned something."""
 
 
 class Task:
@@ -62,11 +65,13 @@ class Task:
     #: the model or opened by the generation prompt) one counts only after the block's first
     #: ``</think>``. Empty: an answer runs to the end-of-turn token or the limit.
     stop_strings: tuple[str, ...] = ()
-    #: Seconds r3 gives one verdict (a ``verify`` or ``diagnose`` call on one completion): one
-    #: still running then is interrupted and counts as a wrong answer and a verifier error, so a
-    #: verifier that hangs cannot stall a run. None: no limit. The limit takes SIGALRM, so it
-    #: holds on the main thread of a POSIX process and interrupts Python code, ``re`` and
-    #: ``time.sleep``, not a C call that never checks for signals.
+    #: Seconds r3 gives one verdict (a ``verify`` call on one completion; a ``diagnose`` of the
+    #: task's own gets as long again): a verdict that runs longer is interrupted and is a wrong
+    #: answer and a verifier error, whatever it returns, and :data:`TIMEOUTS_IN_A_ROW` of them in a
+    #: row stop the run, so a verifier that hangs cannot stall it. None: no limit. The limit
+    #: takes SIGALRM (:mod:`r3.time_limit`): it interrupts Python code, ``re`` and ``time.sleep`` on
+    #: the main thread, not a C call that never checks for signals, and a verifier that sets its
+    #: own ``signal.alarm`` cancels it (its verdict is still judged by the time it took).
     verify_timeout: float | None = VERIFY_TIMEOUT_S
 
     def __init__(self, *, reflection_prompt: str | None = None, retry_prompt: str | None = None):
@@ -195,33 +200,63 @@ def _note_error(task, error: str) -> None:
 
 def verify_timeout_of(task) -> float | None:
     """A task's ``verify_timeout`` in seconds (:data:`VERIFY_TIMEOUT_S` for a task without one;
-    None: no limit); R3Error for anything but a positive number or None."""
+    None: no limit); R3Error for anything but a finite number > 0 or None."""
     value = getattr(task, "verify_timeout", VERIFY_TIMEOUT_S)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1e9:
         raise R3Error(f"task {getattr(task, 'name', type(task).__name__)!r}: verify_timeout must be a number of "
                       f"seconds > 0, or None for no limit, got {value!r}")
     return float(value)
 
 
-def verdict_time_limit(task):
-    """The time limit r3 puts on one of ``task``'s verdicts: :class:`VerifierTimeout` raised in the
-    block after ``verify_timeout`` seconds."""
-    limit = verify_timeout_of(task)
-    return time_limit(limit, lambda: VerifierTimeout(f"the verdict took longer than the task's verify_timeout "
-                                                     f"of {limit:g} s"))
+def _limited(task, call) -> tuple[str, Any]:
+    """``call()`` under ``task``'s ``verify_timeout``: ``("ok", its value)``, ``("error", the
+    exception)``, or ``("timeout", the reason)`` when it ran past the limit, whether the
+    interruption came through or the call caught it and returned or raised something else."""
+    seconds = verify_timeout_of(task)
+    reason = f"the verdict took longer than the task's verify_timeout of {seconds or 0:g} s"
+    limit = None
+    try:
+        with time_limit(seconds, lambda: VerifierTimeout(reason)) as limit:
+            value = call()
+    except VerifierTimeout:
+        return "timeout", reason
+    except Exception as e:  # noqa: BLE001 -- the caller counts it
+        return ("timeout", reason) if limit is not None and limit.expired else ("error", e)
+    return ("timeout", reason) if limit.expired else ("ok", value)
 
 
-def _note_timeout(task, e: VerifierTimeout) -> None:
-    """Count a timed-out verdict as a verifier error, and say so at once the first time (the
-    step's summary of verifier errors comes only when the step ends)."""
-    _note_error(task, f"{type(e).__name__}: {e}")
+def _say_timeout_once(task, what: str, reason: str, outcome: str) -> None:
+    """One warning line per task and ``what`` ran out of time (``verify``, ``diagnose``)."""
     counters = getattr(task, "__dict__", None)
-    if counters is not None and not counters.get("_timeout_said"):
-        counters["_timeout_said"] = True
-        print(f"warning: {e} on a completion: it counts as wrong (a verifier that needs longer sets "
-              "verify_timeout on its task class)", file=sys.stderr, flush=True)
+    if counters is not None and not counters.get(f"_timeout_said_{what}"):
+        counters[f"_timeout_said_{what}"] = True
+        print(f"warning: {reason} on a completion: {outcome} (a verifier that needs longer sets verify_timeout on "
+              "its task class)", file=sys.stderr, flush=True)
+
+
+def _note_timeout(task, reason: str, completion_text: str) -> None:
+    """Count a verdict that ran out of time as a verifier error; say so at once the first time (the
+    step's summary of verifier errors comes only when the step ends); stop the run with one line
+    after :data:`TIMEOUTS_IN_A_ROW` in a row, as each costs the whole limit."""
+    _note_error(task, f"VerifierTimeout: {reason}")
+    _say_timeout_once(task, "verify", reason, "it counts as wrong")
+    counters = getattr(task, "__dict__", None)
+    if counters is None:
+        return
+    counters["_timeouts_in_a_row"] = n = counters.get("_timeouts_in_a_row", 0) + 1
+    if n >= TIMEOUTS_IN_A_ROW:
+        counters["_timeouts_in_a_row"] = 0
+        raise R3Error(f"the task's verifier ran out of time on {n} completions in a row ({reason}; the last began "
+                      f"{completion_text[:60]!r}); fix the verifier, or give it longer with verify_timeout on "
+                      "its task class (None: no limit)")
+
+
+def _verdict_in_time(task) -> None:
+    counters = getattr(task, "__dict__", None)
+    if counters is not None:
+        counters["_timeouts_in_a_row"] = 0
 
 
 def _as_verdict(out: Any) -> bool | None:
@@ -240,61 +275,73 @@ def stop_strings_of(task) -> tuple[str, ...]:
 
 
 def passes(task, example: dict, completion_text: str) -> bool:
-    """``task.verify(example, completion_text)`` as r3 reads every verdict: counted, and it must
-    be a bool (or the integer 0 or 1). Anything else (a plug-in's ``verify`` returning
-    ``(False, reason)``, which is truthy, would pay every completion) is a wrong answer and a
-    verifier error, so a verifier that never returns a bool stops the run
-    (:func:`report_verifier_errors`). So is a ``verify`` of a plug-in's own (a duck-typed task's)
-    that raises, as :meth:`Task.verify` counts an exception of ``_check``."""
+    """``task.verify(example, completion_text)`` as r3 reads every verdict: counted, within the
+    task's ``verify_timeout``, and it must be a bool (or the integer 0 or 1). Anything else (a
+    plug-in's ``verify`` returning ``(False, reason)``, which is truthy, would pay every
+    completion) is a wrong answer and a verifier error, so a verifier that never returns a bool
+    stops the run (:func:`report_verifier_errors`). So is a ``verify`` of a plug-in's own (a
+    duck-typed task's) that raises, as :meth:`Task.verify` counts an exception of ``_check``, and
+    one that runs out of time."""
+    return _passes(task, example, completion_text)[0]
+
+
+def _passes(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
+    """:func:`passes`, and the reason when the verdict ran out of time (else None)."""
     _count_call(task)
-    limit = verdict_time_limit(task)
-    try:
-        with limit:
-            out = task.verify(example, completion_text)
-    except VerifierTimeout as e:
-        _note_timeout(task, e)
-        return False
-    except Exception as e:  # noqa: BLE001 -- a verify() of a plug-in's own that raises: as Task.verify
-        _note_error(task, f"{type(e).__name__}: {e}")
-        return False
+    kind, out = _limited(task, lambda: task.verify(example, completion_text))
+    if kind == "timeout":
+        _note_timeout(task, out, completion_text)
+        return False, out
+    _verdict_in_time(task)
+    if kind == "error":  # a verify() of a plug-in's own that raises: as Task.verify
+        _note_error(task, f"{type(out).__name__}: {out}")
+        return False, None
     ok = _as_verdict(out)
     if ok is not None:
-        return ok
+        return ok, None
     _note_error(task, f"{getattr(task, 'name', type(task).__name__)}: verify() returned {type(out).__name__} "
                       f"{out!r:.80}, not a bool (a Task subclass implements _check(example, text) -> "
                       "(bool, reason) and leaves verify() to the base class)")
-    return False
+    return False, None
 
 
 def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     """:func:`passes` and the verifier's reason for that same verdict: ``(verdict, reason)``. For a
     :class:`Task` whose ``verify`` and ``diagnose`` are the base class's, both come from one
     ``_check`` call, so a verifier that can judge the same text twice otherwise (a judge model, a
-    time limit) never logs a reason that contradicts the reward beside it. Other tasks: their
-    ``diagnose`` after the verdict, or no reason (None) for a duck-typed task without one."""
+    time limit) never logs a reason that contradicts the reward beside it. A Task that overrides
+    ``verify`` alone gets "correct" / "wrong" from that one verdict. Other tasks: their
+    ``diagnose`` after the verdict (a reason it fails to give, or gives too late, is said as the
+    verdict and why), or no reason (None) for a duck-typed task without one."""
     if isinstance(task, Task) and type(task).verify is Task.verify and type(task).diagnose is Task.diagnose:
         _count_call(task)
-        limit = verdict_time_limit(task)
-        try:
-            with limit:
-                ok, why = task._verdict(example, completion_text)
-        except VerifierTimeout as e:
-            _note_timeout(task, e)
-            return False, _error_reason(e)
-        except Exception as e:  # noqa: BLE001 -- as Task.verify: judged wrong, counted
-            _note_error(task, f"{type(e).__name__}: {e}")
-            return False, _error_reason(e)
+        kind, out = _limited(task, lambda: task._verdict(example, completion_text))
+        if kind == "timeout":
+            _note_timeout(task, out, completion_text)
+            return False, f"verifier error: VerifierTimeout: {out}"
+        _verdict_in_time(task)
+        if kind == "error":  # as Task.verify: judged wrong, counted
+            _note_error(task, f"{type(out).__name__}: {out}")
+            return False, _error_reason(out)
+        ok, why = out
         return ok, (why or "correct") if ok else why
-    ok = passes(task, example, completion_text)
+    ok, timed_out = _passes(task, example, completion_text)
+    if timed_out:
+        return False, f"verifier error: VerifierTimeout: {timed_out}"
+    if isinstance(task, Task) and type(task).diagnose is Task.diagnose and type(task)._check is Task._check:
+        return ok, "correct" if ok else "wrong (the task gives no reason)"  # (diagnose() would call verify again)
     diagnose = getattr(task, "diagnose", None)
     if not callable(diagnose):
         return ok, None
-    limit = verdict_time_limit(task)
-    try:
-        with limit:
-            return ok, diagnose(example, completion_text)
-    except (Exception, VerifierTimeout) as e:  # noqa: BLE001 -- a plug-in's own diagnose
-        return ok, _error_reason(e)
+    kind, out = _limited(task, lambda: diagnose(example, completion_text))
+    verdict = "correct" if ok else "wrong"
+    if kind == "timeout":
+        out = out.replace("the verdict", "diagnose()")
+        _say_timeout_once(task, "diagnose", out, "the verdict stands, without its reason")
+        return ok, f"{verdict} (its reason ran out of time: {out})"
+    if kind == "error":
+        return ok, f"{verdict} (diagnose() failed: {type(out).__name__}: {out})"[:300]
+    return ok, out
 
 
 def verifier_error_counts(task) -> tuple[int, int, str | None]:
