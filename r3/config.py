@@ -512,7 +512,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     from_file: dict[str, Any] = {}
     written: dict[str, str] = {}  # field -> the key the file spelled it with
     if config_file:
-        unknown = []  # (every mistyped key in one error, not one per run)
+        unknown: dict[str, str] = {}  # key -> as written (every mistyped key in one error, not one per run)
         for k, v in _read_config_file(config_file[-1]).items():
             key = str(k).replace("-", "_")
             if key in _RENAMED:
@@ -522,13 +522,12 @@ def parse_args(argv: list[str]) -> TrainConfig:
                               f"different values (keep one)")
             written[key] = k
             if key not in _FIELDS:
-                if key not in (u for u, _ in unknown):  # (grop-size and grop_size: one typo)
-                    unknown.append((key, f"'{k}'{suggest(key, _FIELDS, flag=False)}"))
+                unknown.setdefault(key, f"'{k}'{suggest(key, _FIELDS, flag=False)}")  # (grop-size, grop_size: one)
                 continue
             values[key] = (v, config_file[-1])
             from_file[key] = v
         if unknown:
-            named = [text for _, text in unknown]
+            named = list(unknown.values())
             help_hint = "" if len(named) == 1 and "did you mean" in named[0] else " (see python -m r3.train --help)"
             raise R3Error(f"{config_file[-1]}: unknown key{'s' if len(named) > 1 else ''} {', '.join(named)}{help_hint}")
     for k, v in pairs:

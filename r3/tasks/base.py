@@ -210,12 +210,12 @@ def verify_timeout_of(task) -> float | None:
     return float(value)
 
 
-def _limited(task, call) -> tuple[str, Any]:
+def _limited(task, call, what: str = "the verdict") -> tuple[str, Any]:
     """``call()`` under ``task``'s ``verify_timeout``: ``("ok", its value)``, ``("error", the
     exception)``, or ``("timeout", the reason)`` when it ran past the limit, whether the
     interruption came through or the call caught it and returned or raised something else."""
     seconds = verify_timeout_of(task)
-    reason = f"the verdict took longer than the task's verify_timeout of {seconds or 0:g} s"
+    reason = f"{what} took longer than the task's verify_timeout of {seconds or 0:g} s"
     limit = None
     try:
         with time_limit(seconds, lambda: VerifierTimeout(reason)) as limit:
@@ -253,10 +253,20 @@ def _note_timeout(task, reason: str, completion_text: str) -> None:
                       "its task class (None: no limit)")
 
 
-def _verdict_in_time(task) -> None:
+def _counted_verdict(task, call, completion_text: str) -> tuple[str, Any]:
+    """:func:`_limited` for one verdict, counted: a timeout or an exception noted as a verifier
+    error, a verdict in time ending a run of timeouts."""
+    _count_call(task)
+    kind, out = _limited(task, call)
+    if kind == "timeout":
+        _note_timeout(task, out, completion_text)
+        return kind, out
     counters = getattr(task, "__dict__", None)
     if counters is not None:
         counters["_timeouts_in_a_row"] = 0
+    if kind == "error":
+        _note_error(task, f"{type(out).__name__}: {out}")
+    return kind, out
 
 
 def _as_verdict(out: Any) -> bool | None:
@@ -287,15 +297,9 @@ def passes(task, example: dict, completion_text: str) -> bool:
 
 def _passes(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     """:func:`passes`, and the reason when the verdict ran out of time (else None)."""
-    _count_call(task)
-    kind, out = _limited(task, lambda: task.verify(example, completion_text))
-    if kind == "timeout":
-        _note_timeout(task, out, completion_text)
-        return False, out
-    _verdict_in_time(task)
-    if kind == "error":  # a verify() of a plug-in's own that raises: as Task.verify
-        _note_error(task, f"{type(out).__name__}: {out}")
-        return False, None
+    kind, out = _counted_verdict(task, lambda: task.verify(example, completion_text), completion_text)
+    if kind != "ok":  # (a verify() of a plug-in's own that raised, as Task.verify counts _check's)
+        return False, out if kind == "timeout" else None
     ok = _as_verdict(out)
     if ok is not None:
         return ok, None
@@ -314,29 +318,22 @@ def judge(task, example: dict, completion_text: str) -> tuple[bool, str | None]:
     ``diagnose`` after the verdict (a reason it fails to give, or gives too late, is said as the
     verdict and why), or no reason (None) for a duck-typed task without one."""
     if isinstance(task, Task) and type(task).verify is Task.verify and type(task).diagnose is Task.diagnose:
-        _count_call(task)
-        kind, out = _limited(task, lambda: task._verdict(example, completion_text))
-        if kind == "timeout":
-            _note_timeout(task, out, completion_text)
-            return False, f"verifier error: VerifierTimeout: {out}"
-        _verdict_in_time(task)
-        if kind == "error":  # as Task.verify: judged wrong, counted
-            _note_error(task, f"{type(out).__name__}: {out}")
-            return False, _error_reason(out)
+        kind, out = _counted_verdict(task, lambda: task._verdict(example, completion_text), completion_text)
+        if kind != "ok":  # as Task.verify: judged wrong, counted
+            return False, _error_reason(VerifierTimeout(out) if kind == "timeout" else out)
         ok, why = out
         return ok, (why or "correct") if ok else why
     ok, timed_out = _passes(task, example, completion_text)
     if timed_out:
-        return False, f"verifier error: VerifierTimeout: {timed_out}"
+        return False, _error_reason(VerifierTimeout(timed_out))
     if isinstance(task, Task) and type(task).diagnose is Task.diagnose and type(task)._check is Task._check:
         return ok, "correct" if ok else "wrong (the task gives no reason)"  # (diagnose() would call verify again)
     diagnose = getattr(task, "diagnose", None)
     if not callable(diagnose):
         return ok, None
-    kind, out = _limited(task, lambda: diagnose(example, completion_text))
+    kind, out = _limited(task, lambda: diagnose(example, completion_text), "diagnose()")
     verdict = "correct" if ok else "wrong"
     if kind == "timeout":
-        out = out.replace("the verdict", "diagnose()")
         _say_timeout_once(task, "diagnose", out, "the verdict stands, without its reason")
         return ok, f"{verdict} (its reason ran out of time: {out})"
     if kind == "error":
